@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what the tests and the demo need, each only when missing:
+#   etcd       Debian's etcd-server (needs root and apt-get)
+#   iproute2   `ip`, for network namespaces when running as root
+#   staticcheck into the given bin directory
+set -euo pipefail
+
+bin="$1"
+staticcheck_version="$2"
+mkdir -p "${bin}"
+
+apt_install() {
+	if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+		echo "install-tools: $1 is missing and cannot be installed automatically (needs root and apt-get): install Debian package $2" >&2
+		exit 1
+	fi
+	echo "install-tools: installing $2 with apt-get" >&2
+	if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2"; } >/tmp/isthmus-apt.log 2>&1; then
+		echo "install-tools: apt-get install $2 failed; see /tmp/isthmus-apt.log" >&2
+		tail -5 /tmp/isthmus-apt.log >&2
+		exit 1
+	fi
+}
+
+command -v etcd >/dev/null 2>&1 || apt_install etcd etcd-server
+if [[ "$(id -u)" == 0 ]]; then
+	command -v ip >/dev/null 2>&1 || apt_install ip iproute2
+fi
+
+if [[ ! -x "${bin}/staticcheck" ]] || ! "${bin}/staticcheck" -version 2>/dev/null | grep -q "(${staticcheck_version#v})"; then
+	echo "install-tools: go install staticcheck ${staticcheck_version}" >&2
+	if ! GOBIN="${bin}" go install "honnef.co/go/tools/cmd/staticcheck@${staticcheck_version}"; then
+		echo "install-tools: could not install staticcheck ${staticcheck_version} from the Go module proxy" >&2
+		exit 1
+	fi
+fi
