@@ -1,0 +1,17 @@
+// Package kube is the federator's view of its own cluster: it watches
+// Services, EndpointSlices, Nodes and MCS ServiceExports with client-go
+// informers and keeps the local catalog of exported services up to date.
+//
+//	ServiceExport ─┐
+//	Service ───────┼─► work queue (namespace/name) ─► reconcile ─► catalog.Builder ─► (coalesced) catalog.Store
+//	EndpointSlice ─┤                                    │
+//	Node ──────────┘ (locality labels only)             └─► ServiceExport status (Valid, Ready)
+//
+// The loop is level-triggered: every event only enqueues the key of the
+// exported service it may affect, and the worker reads the current state
+// from the informer caches, so missed or repeated events cannot leave the
+// catalog wrong. Deny by default: a Service enters the catalog only while a
+// ServiceExport of the same namespace and name exists.
+//
+// This is the only package that uses client-go informers.
+package kube

@@ -1,0 +1,440 @@
+package kube
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/util/workqueue"
+	mcsv1alpha1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
+	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
+	mcsinformers "sigs.k8s.io/mcs-api/pkg/client/informers/externalversions"
+	mcslisters "sigs.k8s.io/mcs-api/pkg/client/listers/apis/v1alpha1"
+
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+)
+
+// indexByService indexes EndpointSlices by "namespace/service-name".
+const indexByService = "service"
+
+// Condition reasons this controller sets beyond the ones the MCS API defines.
+const (
+	// ReasonInvalidService: the Service exists but cannot be exported as it
+	// is (for example it has no ports).
+	ReasonInvalidService mcsv1alpha1.ServiceExportConditionReason = "InvalidService"
+)
+
+// Options tunes an Exporter. The zero value of every field means its
+// documented default.
+type Options struct {
+	// ClusterName names this cluster in the catalog. Required.
+	ClusterName string
+	// Logger receives lifecycle logs at Info and per-event logs at Debug;
+	// nil discards them.
+	Logger *slog.Logger
+	// FlushDelay is how long changes are collected before a new catalog
+	// snapshot is published; default 50ms.
+	FlushDelay time.Duration
+	// ResyncPeriod is how often informers replay their whole cache, so
+	// that a lost status update is retried; default 10 minutes.
+	ResyncPeriod time.Duration
+	// Workers is the number of reconcile workers; default 2.
+	Workers int
+}
+
+// Exporter keeps catalog.LocalSource in a Store equal to the cluster's
+// exported services, and reports on each ServiceExport in its status.
+type Exporter struct {
+	opts  Options
+	log   *slog.Logger
+	kube  kubernetes.Interface
+	mcs   mcsclient.Interface
+	store *catalog.Store
+
+	kubeInformers informers.SharedInformerFactory
+	mcsInformers  mcsinformers.SharedInformerFactory
+	services      corelisters.ServiceLister
+	sliceIndex    cache.Indexer
+	nodes         corelisters.NodeLister
+	exports       mcslisters.ServiceExportLister
+	synced        []cache.InformerSynced
+
+	queue workqueue.TypedRateLimitingInterface[catalog.ServiceKey]
+	dirty chan struct{}
+	ready atomic.Bool
+
+	// mu guards builder, the catalog being assembled.
+	mu      sync.Mutex
+	builder *catalog.Builder
+}
+
+// NewExporter wires informers for the cluster behind kube and mcs; nothing
+// runs until Run.
+func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *catalog.Store, opts Options) (*Exporter, error) {
+	if opts.ClusterName == "" {
+		return nil, errors.New("kube exporter: cluster name is required")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.FlushDelay <= 0 {
+		opts.FlushDelay = 50 * time.Millisecond
+	}
+	if opts.ResyncPeriod <= 0 {
+		opts.ResyncPeriod = 10 * time.Minute
+	}
+	if opts.Workers <= 0 {
+		opts.Workers = 2
+	}
+	e := &Exporter{
+		opts:          opts,
+		log:           opts.Logger.With("component", "kube-exporter"),
+		kube:          kube,
+		mcs:           mcs,
+		store:         store,
+		kubeInformers: informers.NewSharedInformerFactory(kube, opts.ResyncPeriod),
+		mcsInformers:  mcsinformers.NewSharedInformerFactory(mcs, opts.ResyncPeriod),
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
+			workqueue.DefaultTypedControllerRateLimiter[catalog.ServiceKey](),
+			workqueue.TypedRateLimitingQueueConfig[catalog.ServiceKey]{Name: "serviceexports"}),
+		dirty:   make(chan struct{}, 1),
+		builder: catalog.NewBuilder(catalog.LocalSource),
+	}
+
+	svcInf := e.kubeInformers.Core().V1().Services()
+	sliceInf := e.kubeInformers.Discovery().V1().EndpointSlices()
+	nodeInf := e.kubeInformers.Core().V1().Nodes()
+	exportInf := e.mcsInformers.Multicluster().V1alpha1().ServiceExports()
+	if err := sliceInf.Informer().AddIndexers(cache.Indexers{indexByService: sliceServiceIndex}); err != nil {
+		return nil, fmt.Errorf("kube exporter: index endpoint slices: %w", err)
+	}
+	e.services = svcInf.Lister()
+	e.sliceIndex = sliceInf.Informer().GetIndexer()
+	e.nodes = nodeInf.Lister()
+	e.exports = exportInf.Lister()
+
+	keyHandler := func(key func(obj any) (catalog.ServiceKey, bool)) cache.ResourceEventHandler {
+		enqueue := func(obj any) {
+			if k, ok := key(obj); ok {
+				e.queue.Add(k)
+			}
+		}
+		return cache.ResourceEventHandlerFuncs{
+			AddFunc:    enqueue,
+			UpdateFunc: func(old, obj any) { enqueue(old); enqueue(obj) },
+			DeleteFunc: enqueue,
+		}
+	}
+	handlers := []struct {
+		inf cache.SharedIndexInformer
+		h   cache.ResourceEventHandler
+	}{
+		{svcInf.Informer(), keyHandler(objectKey)},
+		{exportInf.Informer(), keyHandler(objectKey)},
+		{sliceInf.Informer(), keyHandler(sliceKey)},
+		{nodeInf.Informer(), cache.ResourceEventHandlerFuncs{
+			AddFunc: func(any) { e.enqueueAllExports() },
+			UpdateFunc: func(old, obj any) {
+				o, ok1 := old.(*corev1.Node)
+				n, ok2 := obj.(*corev1.Node)
+				if !ok1 || !ok2 || nodeLocality(o) != nodeLocality(n) {
+					e.enqueueAllExports()
+				}
+			},
+			DeleteFunc: func(any) { e.enqueueAllExports() },
+		}},
+	}
+	for _, h := range handlers {
+		if _, err := h.inf.AddEventHandler(h.h); err != nil {
+			return nil, fmt.Errorf("kube exporter: add event handler: %w", err)
+		}
+		e.synced = append(e.synced, h.inf.HasSynced)
+	}
+	return e, nil
+}
+
+// Ready reports whether the informers have synced and the first complete
+// catalog has been published.
+func (e *Exporter) Ready() bool { return e.ready.Load() }
+
+// Run starts the informers, builds the full catalog once the caches are
+// synced, publishes it, and then keeps it current until ctx ends. It
+// returns nil on a clean shutdown, after every goroutine it started has
+// stopped.
+func (e *Exporter) Run(ctx context.Context) error {
+	defer utilruntime.HandleCrash()
+	defer e.queue.ShutDown()
+
+	e.log.Info("starting", "cluster", e.opts.ClusterName)
+	e.kubeInformers.Start(ctx.Done())
+	e.mcsInformers.Start(ctx.Done())
+	defer e.kubeInformers.Shutdown()
+	defer e.mcsInformers.Shutdown()
+	if !cache.WaitForCacheSync(ctx.Done(), e.synced...) {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return errors.New("kube exporter: informer caches did not sync")
+	}
+
+	// Build the whole catalog before serving it, so a restarted federator
+	// never publishes a partial view. Events queued meanwhile are
+	// reconciled again by the workers; that is harmless.
+	exports, err := e.exports.List(labels.Everything())
+	if err != nil {
+		return fmt.Errorf("kube exporter: list service exports: %w", err)
+	}
+	for _, se := range exports {
+		key := catalog.ServiceKey{Namespace: se.Namespace, Name: se.Name}
+		if err := e.reconcile(ctx, key); err != nil {
+			e.log.Debug("initial reconcile failed, will retry", "export", key, "error", err)
+			e.queue.AddRateLimited(key)
+		}
+	}
+	e.flush()
+	e.ready.Store(true)
+	e.log.Info("catalog ready", "exported", e.store.Get(catalog.LocalSource).Len())
+
+	var wg sync.WaitGroup
+	for i := 0; i < e.opts.Workers; i++ {
+		wg.Go(func() { e.worker(ctx) })
+	}
+	wg.Go(func() { e.flusher(ctx) })
+	<-ctx.Done()
+	e.queue.ShutDown()
+	wg.Wait()
+	e.log.Info("stopped")
+	return nil
+}
+
+// worker drains the queue until it shuts down.
+func (e *Exporter) worker(ctx context.Context) {
+	for {
+		key, quit := e.queue.Get()
+		if quit {
+			return
+		}
+		err := e.reconcile(ctx, key)
+		switch {
+		case err == nil:
+			e.queue.Forget(key)
+		case ctx.Err() != nil:
+			e.queue.Forget(key)
+		default:
+			e.log.Debug("reconcile failed, retrying", "export", key, "error", err)
+			e.queue.AddRateLimited(key)
+		}
+		e.queue.Done(key)
+	}
+}
+
+// flusher publishes the catalog a short while after it changes, so a burst
+// of changes becomes one snapshot.
+func (e *Exporter) flusher(ctx context.Context) {
+	timer := time.NewTimer(0)
+	if !timer.Stop() {
+		<-timer.C
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return
+		case <-e.dirty:
+			timer.Reset(e.opts.FlushDelay)
+			select {
+			case <-ctx.Done():
+				timer.Stop()
+				return
+			case <-timer.C:
+			}
+			e.flush()
+		}
+	}
+}
+
+func (e *Exporter) flush() {
+	e.mu.Lock()
+	snap := e.builder.Build()
+	e.mu.Unlock()
+	if e.store.Set(snap) {
+		e.log.Debug("catalog published", "version", snap.Version(), "services", snap.Len())
+	}
+}
+
+func (e *Exporter) markDirty() {
+	select {
+	case e.dirty <- struct{}{}:
+	default:
+	}
+}
+
+func (e *Exporter) put(svc catalog.Service) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.builder.Put(svc); err != nil {
+		return err
+	}
+	e.markDirty()
+	return nil
+}
+
+func (e *Exporter) remove(key catalog.ServiceKey) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.builder.Has(key) {
+		e.builder.Delete(key)
+		e.markDirty()
+	}
+}
+
+// reconcile makes the catalog entry and the ServiceExport status for key
+// match the current state of the cluster.
+func (e *Exporter) reconcile(ctx context.Context, key catalog.ServiceKey) error {
+	se, err := e.exports.ServiceExports(key.Namespace).Get(key.Name)
+	if apierrors.IsNotFound(err) {
+		e.remove(key)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	svc, err := e.services.Services(key.Namespace).Get(key.Name)
+	if apierrors.IsNotFound(err) {
+		e.remove(key)
+		return e.setConditions(ctx, se, invalid(mcsv1alpha1.ServiceExportReasonNoService,
+			fmt.Sprintf("Service %s not found", key)))
+	}
+	if err != nil {
+		return err
+	}
+	if svc.Spec.Type == corev1.ServiceTypeExternalName {
+		e.remove(key)
+		return e.setConditions(ctx, se, invalid(mcsv1alpha1.ServiceExportReasonInvalidServiceType,
+			fmt.Sprintf("Service %s is of type ExternalName, which cannot be exported", key)))
+	}
+	objs, err := e.sliceIndex.ByIndex(indexByService, key.String())
+	if err != nil {
+		return err
+	}
+	endpointSlices := make([]*discoveryv1.EndpointSlice, 0, len(objs))
+	for _, o := range objs {
+		if s, ok := o.(*discoveryv1.EndpointSlice); ok {
+			endpointSlices = append(endpointSlices, s)
+		}
+	}
+	entry := serviceFromObjects(e.opts.ClusterName, svc, endpointSlices, parsePeers(se.Annotations[AnnotationPeers]), e.locate)
+	if err := e.put(entry); err != nil {
+		e.remove(key)
+		return e.setConditions(ctx, se, invalid(ReasonInvalidService, err.Error()))
+	}
+	return e.setConditions(ctx, se, []metav1.Condition{
+		condition(mcsv1alpha1.ServiceExportConditionValid, metav1.ConditionTrue, mcsv1alpha1.ServiceExportReasonValid,
+			fmt.Sprintf("Service %s is exported from cluster %s", key, e.opts.ClusterName)),
+		condition(mcsv1alpha1.ServiceExportConditionReady, metav1.ConditionTrue, mcsv1alpha1.ServiceExportReasonExported,
+			fmt.Sprintf("in the catalog with %d ready endpoints", entry.ReadyEndpoints())),
+	})
+}
+
+func (e *Exporter) locate(node string) (catalog.Locality, bool) {
+	n, err := e.nodes.Get(node)
+	if err != nil {
+		return catalog.Locality{}, false
+	}
+	return nodeLocality(n), true
+}
+
+func (e *Exporter) enqueueAllExports() {
+	exports, err := e.exports.List(labels.Everything())
+	if err != nil {
+		return
+	}
+	for _, se := range exports {
+		e.queue.Add(catalog.ServiceKey{Namespace: se.Namespace, Name: se.Name})
+	}
+}
+
+func condition(t mcsv1alpha1.ServiceExportConditionType, s metav1.ConditionStatus, r mcsv1alpha1.ServiceExportConditionReason, msg string) metav1.Condition {
+	return metav1.Condition{Type: string(t), Status: s, Reason: string(r), Message: msg}
+}
+
+func invalid(reason mcsv1alpha1.ServiceExportConditionReason, msg string) []metav1.Condition {
+	return []metav1.Condition{
+		condition(mcsv1alpha1.ServiceExportConditionValid, metav1.ConditionFalse, reason, msg),
+		condition(mcsv1alpha1.ServiceExportConditionReady, metav1.ConditionFalse, mcsv1alpha1.ServiceExportReasonFailed,
+			"not exported: "+msg),
+	}
+}
+
+// setConditions writes the conditions to the ServiceExport's status when
+// they differ from what is there, so steady state costs no API calls.
+func (e *Exporter) setConditions(ctx context.Context, se *mcsv1alpha1.ServiceExport, conds []metav1.Condition) error {
+	updated := se.DeepCopy()
+	changed := false
+	for _, c := range conds {
+		c.ObservedGeneration = se.Generation
+		if meta.SetStatusCondition(&updated.Status.Conditions, c) {
+			changed = true
+		}
+	}
+	if !changed {
+		return nil
+	}
+	_, err := e.mcs.MulticlusterV1alpha1().ServiceExports(se.Namespace).UpdateStatus(ctx, updated, metav1.UpdateOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("update status of ServiceExport %s/%s: %w", se.Namespace, se.Name, err)
+	}
+	return nil
+}
+
+func objectKey(obj any) (catalog.ServiceKey, bool) {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = t.Obj
+	}
+	m, err := meta.Accessor(obj)
+	if err != nil {
+		return catalog.ServiceKey{}, false
+	}
+	return catalog.ServiceKey{Namespace: m.GetNamespace(), Name: m.GetName()}, true
+}
+
+func sliceKey(obj any) (catalog.ServiceKey, bool) {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = t.Obj
+	}
+	s, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return catalog.ServiceKey{}, false
+	}
+	name := s.Labels[discoveryv1.LabelServiceName]
+	if name == "" {
+		return catalog.ServiceKey{}, false
+	}
+	return catalog.ServiceKey{Namespace: s.Namespace, Name: name}, true
+}
+
+func sliceServiceIndex(obj any) ([]string, error) {
+	k, ok := sliceKey(obj)
+	if !ok {
+		return nil, nil
+	}
+	return []string{k.String()}, nil
+}

@@ -1,0 +1,124 @@
+package kube
+
+import (
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+)
+
+// Node labels that place an endpoint. Region and zone are the Kubernetes
+// well-known labels; subzone is Istio's.
+const (
+	LabelRegion  = corev1.LabelTopologyRegion
+	LabelZone    = corev1.LabelTopologyZone
+	LabelSubzone = "topology.istio.io/subzone"
+)
+
+// AnnotationPeers on a ServiceExport narrows the export to a comma-separated
+// list of peer cluster names. Without it the service is exported to every
+// peer.
+const AnnotationPeers = "federation.isthmus.dev/peers"
+
+// localityFunc returns the locality of a node by name; ok is false when the
+// node is unknown.
+type localityFunc func(node string) (catalog.Locality, bool)
+
+// nodeLocality reads a node's topology labels.
+func nodeLocality(n *corev1.Node) catalog.Locality {
+	return catalog.Locality{
+		Region:  n.Labels[LabelRegion],
+		Zone:    n.Labels[LabelZone],
+		Subzone: n.Labels[LabelSubzone],
+	}
+}
+
+// parsePeers splits the peers annotation, dropping blanks.
+func parsePeers(v string) []string {
+	var out []string
+	for p := range strings.SplitSeq(v, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// serviceFromObjects translates a Service and its EndpointSlices into the
+// catalog model. Endpoints that appear in several slices (dual stack, or a
+// slice being split) count once, keyed by the Pod they point at, else by
+// their first address. The zone of an endpoint comes from the slice (set
+// by the EndpointSlice controller from the node) and falls back to the
+// node; region and subzone always come from the node. The result is not
+// yet normalized: catalog.Builder.Put sorts and validates it.
+func serviceFromObjects(cluster string, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, peers []string, locate localityFunc) catalog.Service {
+	out := catalog.Service{
+		Namespace: svc.Namespace,
+		Name:      svc.Name,
+		Cluster:   cluster,
+		Ports:     make([]catalog.Port, 0, len(svc.Spec.Ports)),
+		Peers:     peers,
+	}
+	for _, p := range svc.Spec.Ports {
+		port := catalog.Port{Name: p.Name, Port: p.Port, Protocol: catalog.Protocol(p.Protocol)}
+		if p.AppProtocol != nil {
+			port.AppProtocol = *p.AppProtocol
+		}
+		out.Ports = append(out.Ports, port)
+	}
+
+	// Services have endpoints in a handful of localities, so a short slice
+	// searched linearly beats a map here; the dedupe set is only needed
+	// when there is more than one slice.
+	out.Endpoints = make([]catalog.LocalityEndpoints, 0, 4)
+	var seen map[string]struct{}
+	if len(endpointSlices) > 1 {
+		seen = make(map[string]struct{}, 16)
+	}
+	for _, s := range endpointSlices {
+		if s.AddressType == discoveryv1.AddressTypeFQDN {
+			continue
+		}
+		for i := range s.Endpoints {
+			ep := &s.Endpoints[i]
+			if len(ep.Addresses) == 0 {
+				continue
+			}
+			if seen != nil {
+				id := ep.Addresses[0]
+				if ref := ep.TargetRef; ref != nil && ref.Kind == "Pod" {
+					id = "pod/" + ref.Namespace + "/" + ref.Name
+				}
+				if _, dup := seen[id]; dup {
+					continue
+				}
+				seen[id] = struct{}{}
+			}
+
+			var loc catalog.Locality
+			if ep.NodeName != nil {
+				loc, _ = locate(*ep.NodeName)
+			}
+			if ep.Zone != nil && *ep.Zone != "" {
+				loc.Zone = *ep.Zone
+			}
+			j := 0
+			for j < len(out.Endpoints) && out.Endpoints[j].Locality != loc {
+				j++
+			}
+			if j == len(out.Endpoints) {
+				out.Endpoints = append(out.Endpoints, catalog.LocalityEndpoints{Locality: loc})
+			}
+			// A nil Ready condition means unknown, which consumers are
+			// told to treat as ready.
+			if ep.Conditions.Ready == nil || *ep.Conditions.Ready {
+				out.Endpoints[j].Ready++
+			} else {
+				out.Endpoints[j].NotReady++
+			}
+		}
+	}
+	return out
+}
