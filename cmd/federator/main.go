@@ -1,0 +1,94 @@
+// Command federator is Isthmus's per-cluster control plane and the
+// operator's CLI for it.
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"k8s.io/klog/v2"
+
+	"github.com/isthmus-mesh/isthmus/pkg/federator"
+	"github.com/isthmus-mesh/isthmus/pkg/version"
+)
+
+func main() {
+	if err := newRootCommand().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "federator:", err)
+		os.Exit(1)
+	}
+}
+
+func newRootCommand() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "federator",
+		Short:         "Isthmus per-cluster control plane",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.AddCommand(newRunCommand(), newVersionCommand())
+	return root
+}
+
+func newRunCommand() *cobra.Command {
+	cfg := federator.DefaultConfig()
+	var logLevel slog.Level
+	var logJSON bool
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run the federator until SIGINT or SIGTERM",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := cfg.Validate(); err != nil {
+				return err
+			}
+			log := newLogger(logLevel, logJSON)
+			log.Info("configuration", "cluster", cfg.ClusterName, "kubeconfig", cfg.Kubeconfig,
+				"monitoringAddr", cfg.MonitoringAddr, "shutdownTimeout", cfg.ShutdownTimeout, "version", version.Version)
+			f, err := federator.New(cfg, log)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return f.Run(ctx)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&cfg.ClusterName, "cluster-name", cfg.ClusterName, "this cluster's unique name in the mesh (a DNS label)")
+	fl.StringVar(&cfg.Kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "path to a kubeconfig; empty means in-cluster configuration")
+	fl.StringVar(&cfg.MonitoringAddr, "monitoring-addr", cfg.MonitoringAddr, "address for /healthz, /readyz, /metrics and /debug/catalog")
+	fl.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", cfg.ShutdownTimeout, "bound on graceful shutdown")
+	fl.TextVar(&logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn or error")
+	fl.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
+	return cmd
+}
+
+func newVersionCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the version",
+		Args:  cobra.NoArgs,
+		Run: func(cmd *cobra.Command, _ []string) {
+			fmt.Fprintln(cmd.OutOrStdout(), version.Version)
+		},
+	}
+}
+
+// newLogger builds the process logger and routes client-go's klog output
+// into it, so there is one log stream with one format.
+func newLogger(level slog.Level, asJSON bool) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: level}
+	var h slog.Handler = slog.NewTextHandler(os.Stderr, opts)
+	if asJSON {
+		h = slog.NewJSONHandler(os.Stderr, opts)
+	}
+	log := slog.New(h)
+	klog.SetSlogLogger(log.With("component", "client-go"))
+	return log
+}
+
