@@ -2,6 +2,7 @@
 # Installs what the tests and the demo need, each only when missing:
 #   etcd       Debian's etcd-server (needs root and apt-get)
 #   iproute2   `ip`, for network namespaces when running as root
+#   iptables   keeps each simulated cluster's API server off the shared WAN
 #   staticcheck into the given bin directory
 set -euo pipefail
 
@@ -25,6 +26,7 @@ apt_install() {
 command -v etcd >/dev/null 2>&1 || apt_install etcd etcd-server
 if [[ "$(id -u)" == 0 ]]; then
 	command -v ip >/dev/null 2>&1 || apt_install ip iproute2
+	command -v iptables >/dev/null 2>&1 || apt_install iptables iptables
 fi
 
 if [[ ! -x "${bin}/staticcheck" ]] || ! "${bin}/staticcheck" -version 2>/dev/null | grep -q "(${staticcheck_version#v})"; then

@@ -376,7 +376,7 @@ func (c *Cluster) setupNetwork(ctx context.Context) error {
 	node := netip.PrefixFrom(c.NodeIP(), 16).String()
 	up := func(a netip.Addr) string { return netip.PrefixFrom(a, 30).String() }
 	wanPeer := "n" + strconv.Itoa(c.idx)
-	return ipBatch(ctx,
+	err := ipBatch(ctx,
 		[]string{"-n", ns, "link", "add", "br0", "type", "bridge"},
 		[]string{"-n", ns, "addr", "add", node, "dev", "br0"},
 		[]string{"-n", ns, "link", "set", "br0", "up"},
@@ -393,6 +393,25 @@ func (c *Cluster) setupNetwork(ctx context.Context) error {
 		[]string{"-n", ns, "addr", "add", netip.PrefixFrom(c.WANIP(), 24).String(), "dev", "wan0"},
 		[]string{"-n", ns, "link", "set", "wan0", "up"},
 	)
+	if err != nil {
+		return err
+	}
+	return c.guardControlPlane(ctx)
+}
+
+// guardControlPlane keeps the cluster's control plane off the WAN: the
+// API server listens on every address of the node namespace, but no other
+// cluster may reach it, as in a real deployment where only the east-west
+// gateway faces other clusters.
+func (c *Cluster) guardControlPlane(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, ipTimeout)
+	defer cancel()
+	_, err := runBounded(ctx, "ip", "netns", "exec", c.netns,
+		"iptables", "-w", "5", "-A", "INPUT", "-i", "wan0", "-p", "tcp", "--dport", "6443", "-j", "REJECT", "--reject-with", "tcp-reset")
+	if err != nil {
+		return fmt.Errorf("keep the API server off the WAN (is iptables installed?): %w", err)
+	}
+	return nil
 }
 
 // etcdAddr is where etcd listens: loopback of the node namespace, or the

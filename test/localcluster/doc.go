@@ -43,7 +43,9 @@
 // ([Cluster.InClusterAPIServerURL]); pods reach pods of their own cluster over
 // br0, and nothing else: a pod's packets to another cluster or to the WAN die
 // at its node, which does not forward. Only processes in node namespaces
-// (gateways, federators) reach the WAN, at 10.254.0.0/24. The test process
+// (gateways, federators) reach the WAN, at 10.254.0.0/24, and an iptables
+// rule in each node namespace rejects the API server port on wan0, so no
+// cluster ever reaches another's API server. The test process
 // itself has no route to pod or WAN addresses; [Cluster.DialContext] and
 // [Workload.DialContext] dial from inside a node's or a pod's namespace, and
 // [Cluster.Command] and [Workload.Command] run helpers there.

@@ -320,9 +320,20 @@ func testReachability(t *testing.T, env *Env, a, b *Cluster) {
 
 	// From Go, through the namespaces: nodes reach their own pods and each
 	// other over the WAN; pods reach neither the WAN nor other nodes.
-	wanB := netip.AddrPortFrom(b.WANIP(), apiServerPort).String()
+	// A server in node b listening on its WAN address, as a gateway will.
+	gw, err := b.StartProcess(ctx, ProcessSpec{Name: "wan-serve", Command: []string{os.Args[0]},
+		Env: []string{roleEnv + "=" + roleServe, "POD_IP=" + b.WANIP().String(), "POD_NAME=wan-serve"}})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = gw.Stop(5 * time.Second) })
+	wanB := netip.AddrPortFrom(b.WANIP(), 8080).String()
+	require.Eventually(t, func() bool { return dialGo(ctx, a.DialContext, wanB) == nil }, 10*time.Second, 50*time.Millisecond,
+		"node a → node b over the WAN")
 	require.NoError(t, dial(ctx, a.Command, wanB), "a process in node a → node b over the WAN")
-	require.NoError(t, dialGo(ctx, a.DialContext, wanB), "node a → node b over the WAN")
+	// The API server listens on every address of its node, but the WAN
+	// never reaches it: no cluster can talk to another's API server.
+	err = dialGo(ctx, a.DialContext, netip.AddrPortFrom(b.WANIP(), apiServerPort).String())
+	require.Error(t, err, "node a reached node b's API server over the WAN")
+	t.Logf("node a → b's API server over the WAN, as expected: %v", err)
 	podA := netip.AddrPortFrom(webA.IP, 8080).String()
 	require.NoError(t, dialGo(ctx, a.DialContext, podA), "node a → its pod")
 	err = dialGo(ctx, b.DialContext, podA)
