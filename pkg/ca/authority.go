@@ -1,0 +1,258 @@
+package ca
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"math/big"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/utils/clock"
+)
+
+// Defaults for certificate lifetimes.
+const (
+	DefaultCertTTL = 24 * time.Hour
+	DefaultMaxTTL  = 48 * time.Hour
+	DefaultRootTTL = 10 * 365 * 24 * time.Hour
+	// backdate is how far NotBefore is set in the past, to tolerate clock
+	// skew between the federator and the workloads.
+	backdate = time.Minute
+)
+
+// keySet is the CA's signing material at one moment. It is immutable and
+// replaced as a whole, so a signature never mixes two generations.
+type keySet struct {
+	key  crypto.Signer
+	cert *x509.Certificate
+	// chain is what follows a leaf up to, not including, the root: empty
+	// for a self-signed root; for a plugged-in CA, its signing certificate
+	// and any intermediates above it.
+	chain []*x509.Certificate
+	// roots is the trust bundle: every root a valid chain may end in.
+	roots []*x509.Certificate
+	// sequence numbers the bundle; it grows whenever roots change.
+	sequence uint64
+}
+
+// Authority signs X.509 SVIDs for one trust domain. Its keys come from a
+// Keeper (pkg/ca's Secret-backed store in production). It is safe for
+// concurrent use.
+type Authority struct {
+	td      spiffeid.TrustDomain
+	clock   clock.PassiveClock
+	defTTL  time.Duration
+	maxTTL  time.Duration
+	current atomic.Pointer[keySet]
+
+	// mu guards subs.
+	mu   sync.Mutex
+	subs map[chan struct{}]struct{}
+}
+
+// AuthorityOptions tunes an Authority; zero values mean the defaults.
+type AuthorityOptions struct {
+	// DefaultTTL is the lifetime of a certificate when the caller does not
+	// ask for one; default 24h.
+	DefaultTTL time.Duration
+	// MaxTTL caps every lifetime; default 48h. A root rotation retires the
+	// old root MaxTTL after the new one starts signing.
+	MaxTTL time.Duration
+	// Clock is the time source; default the real clock.
+	Clock clock.PassiveClock
+}
+
+var _ Signer = (*Authority)(nil)
+
+func newAuthority(td spiffeid.TrustDomain, opts AuthorityOptions) *Authority {
+	if opts.DefaultTTL <= 0 {
+		opts.DefaultTTL = DefaultCertTTL
+	}
+	if opts.MaxTTL <= 0 {
+		opts.MaxTTL = DefaultMaxTTL
+	}
+	if opts.DefaultTTL > opts.MaxTTL {
+		opts.DefaultTTL = opts.MaxTTL
+	}
+	if opts.Clock == nil {
+		opts.Clock = clock.RealClock{}
+	}
+	return &Authority{td: td, clock: opts.Clock, defTTL: opts.DefaultTTL, maxTTL: opts.MaxTTL, subs: map[chan struct{}]struct{}{}}
+}
+
+// TrustDomain is the trust domain the authority issues for.
+func (a *Authority) TrustDomain() spiffeid.TrustDomain { return a.td }
+
+// MaxTTL is the longest lifetime the authority issues.
+func (a *Authority) MaxTTL() time.Duration { return a.maxTTL }
+
+// Bundle is the current trust bundle of the trust domain.
+func (a *Authority) Bundle() *x509bundle.Bundle {
+	return x509bundle.FromX509Authorities(a.td, a.current.Load().roots)
+}
+
+// BundleSequence numbers the current bundle; it grows whenever the roots
+// change.
+func (a *Authority) BundleSequence() uint64 { return a.current.Load().sequence }
+
+// SigningCertificate is the certificate whose key signs new SVIDs.
+func (a *Authority) SigningCertificate() *x509.Certificate { return a.current.Load().cert }
+
+// Subscribe returns a channel that is signalled (coalesced, capacity one)
+// whenever the signing key or the bundle changes, and a function ending
+// the subscription.
+func (a *Authority) Subscribe() (<-chan struct{}, func()) {
+	ch := make(chan struct{}, 1)
+	a.mu.Lock()
+	a.subs[ch] = struct{}{}
+	a.mu.Unlock()
+	return ch, func() {
+		a.mu.Lock()
+		delete(a.subs, ch)
+		a.mu.Unlock()
+	}
+}
+
+func (a *Authority) set(ks *keySet) {
+	old := a.current.Swap(ks)
+	if old != nil && old.cert.Equal(ks.cert) && sameCerts(old.roots, ks.roots) && old.sequence == ks.sequence {
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for ch := range a.subs {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func sameCerts(a, b []*x509.Certificate) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if !a[i].Equal(b[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// CheckCSR verifies a CSR's signature and key, and that the only identity
+// it may ask for is id. It is what Sign checks first.
+func CheckCSR(csr *x509.CertificateRequest, id spiffeid.ID) error {
+	if csr == nil {
+		return fmt.Errorf("%w: no CSR", ErrInvalidCSR)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return fmt.Errorf("%w: signature does not verify: %v", ErrInvalidCSR, err)
+	}
+	switch k := csr.PublicKey.(type) {
+	case *ecdsa.PublicKey:
+		if k.Curve != elliptic.P256() && k.Curve != elliptic.P384() {
+			return fmt.Errorf("%w: ECDSA curve %s is not supported (use P-256 or P-384)", ErrInvalidCSR, k.Curve.Params().Name)
+		}
+	case *rsa.PublicKey:
+		if k.N.BitLen() < 2048 {
+			return fmt.Errorf("%w: RSA key of %d bits is too small (at least 2048)", ErrInvalidCSR, k.N.BitLen())
+		}
+	default:
+		return fmt.Errorf("%w: key type %T is not supported (use ECDSA P-256/P-384 or RSA >= 2048)", ErrInvalidCSR, csr.PublicKey)
+	}
+	if len(csr.DNSNames) > 0 || len(csr.IPAddresses) > 0 || len(csr.EmailAddresses) > 0 {
+		return fmt.Errorf("%w: only a SPIFFE ID is issued; the CSR also asks for DNS names, IP or email addresses", ErrInvalidCSR)
+	}
+	switch len(csr.URIs) {
+	case 0:
+	case 1:
+		if csr.URIs[0].String() != id.String() {
+			return fmt.Errorf("%w: CSR asks for %s, caller is %s", ErrIdentityMismatch, csr.URIs[0], id)
+		}
+	default:
+		return fmt.Errorf("%w: CSR asks for %d URIs, an SVID has exactly one", ErrInvalidCSR, len(csr.URIs))
+	}
+	return nil
+}
+
+// Sign implements Signer.
+func (a *Authority) Sign(_ context.Context, csr *x509.CertificateRequest, id spiffeid.ID, ttl time.Duration) ([]*x509.Certificate, error) {
+	if !id.MemberOf(a.td) {
+		return nil, fmt.Errorf("%w: %s is not in trust domain %s", ErrIdentityMismatch, id, a.td)
+	}
+	if err := CheckCSR(csr, id); err != nil {
+		return nil, err
+	}
+	return a.issue(csr.PublicKey, id, ttl)
+}
+
+// issue makes a leaf for pub with the SPIFFE ID as its only SAN.
+func (a *Authority) issue(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration) ([]*x509.Certificate, error) {
+	ks := a.current.Load()
+	if ks == nil {
+		return nil, errors.New("certificate authority not initialized")
+	}
+	switch {
+	case ttl <= 0:
+		ttl = a.defTTL
+	case ttl > a.maxTTL:
+		ttl = a.maxTTL
+	}
+	now := a.clock.Now()
+	notAfter := now.Add(ttl)
+	if notAfter.After(ks.cert.NotAfter) {
+		notAfter = ks.cert.NotAfter
+	}
+	serial, err := randomSerial()
+	if err != nil {
+		return nil, err
+	}
+	u := id.URL()
+	usage := x509.KeyUsageDigitalSignature
+	if _, ok := pub.(*rsa.PublicKey); ok {
+		usage |= x509.KeyUsageKeyEncipherment
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{Organization: []string{a.td.Name()}},
+		NotBefore:             now.Add(-backdate),
+		NotAfter:              notAfter,
+		URIs:                  []*url.URL{u},
+		KeyUsage:              usage,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		BasicConstraintsValid: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ks.cert, pub, ks.key)
+	if err != nil {
+		return nil, fmt.Errorf("sign certificate for %s: %w", id, err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, err
+	}
+	chain := make([]*x509.Certificate, 0, 1+len(ks.chain))
+	chain = append(chain, leaf)
+	chain = append(chain, ks.chain...)
+	return chain, nil
+}
+
+func randomSerial() (*big.Int, error) {
+	s, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 128))
+	if err != nil {
+		return nil, fmt.Errorf("serial number: %w", err)
+	}
+	return s.Add(s, big.NewInt(1)), nil
+}

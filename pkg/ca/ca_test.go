@@ -1,0 +1,364 @@
+package ca
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
+	"net/url"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	kubefake "k8s.io/client-go/kubernetes/fake"
+	clocktesting "k8s.io/utils/clock/testing"
+)
+
+var (
+	td       = spiffeid.RequireTrustDomainFromString("a.mesh")
+	clientID = spiffeid.RequireFromString("spiffe://a.mesh/ns/demo/sa/client")
+)
+
+func newCSR(t testing.TB, key crypto.Signer, uris ...string) *x509.CertificateRequest {
+	t.Helper()
+	tmpl := &x509.CertificateRequest{}
+	for _, u := range uris {
+		tmpl.URIs = append(tmpl.URIs, mustURL(t, u))
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
+	require.NoError(t, err)
+	csr, err := x509.ParseCertificateRequest(der)
+	require.NoError(t, err)
+	return csr
+}
+
+func mustURL(t testing.TB, s string) *url.URL {
+	u, err := url.Parse(s)
+	require.NoError(t, err)
+	return u
+}
+
+func ecKey(t testing.TB) *ecdsa.PrivateKey {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	return k
+}
+
+func newCA(t *testing.T, client kubernetes.Interface, clk *clocktesting.FakeClock) *CA {
+	t.Helper()
+	c, err := New(t.Context(), client, Options{
+		TrustDomain: td, Namespace: "isthmus-system", Clock: clk,
+		PublishDelay: time.Hour, SyncInterval: 10 * time.Second,
+	})
+	require.NoError(t, err)
+	return c
+}
+
+// verify checks a chain the way a workload does: go-spiffe's X509-SVID
+// verification against the trust domain's bundle.
+func verify(t *testing.T, c *CA, chain []*x509.Certificate, at time.Time) spiffeid.ID {
+	t.Helper()
+	id, _, err := x509svid.Verify(chain, c.Bundle(), x509svid.WithTime(at))
+	require.NoError(t, err)
+	return id
+}
+
+func TestRootIsGeneratedOnceAndShared(t *testing.T) {
+	client := kubefake.NewClientset()
+	clk := clocktesting.NewFakeClock(time.Now())
+	first := newCA(t, client, clk)
+	sec, err := client.CoreV1().Secrets("isthmus-system").Get(t.Context(), DefaultSecretName, metav1.GetOptions{})
+	require.NoError(t, err)
+	require.NotEmpty(t, sec.Data[KeyCAKey])
+
+	// A restart, or a second replica, uses the same root.
+	second := newCA(t, client, clk)
+	require.True(t, first.SigningCertificate().Equal(second.SigningCertificate()))
+	require.False(t, second.Plugged())
+
+	root := first.SigningCertificate()
+	require.True(t, root.IsCA)
+	require.IsType(t, &ecdsa.PublicKey{}, root.PublicKey)
+	require.Equal(t, elliptic.P256(), root.PublicKey.(*ecdsa.PublicKey).Curve)
+}
+
+func TestSignIssuesOnlyTheCallersIdentity(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCA(t, kubefake.NewClientset(), clk)
+
+	for _, tc := range []struct {
+		name string
+		csr  *x509.CertificateRequest
+	}{
+		{"no SAN in CSR", newCSR(t, ecKey(t))},
+		{"matching SAN in CSR", newCSR(t, ecKey(t), clientID.String())},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			chain, err := c.Sign(t.Context(), tc.csr, clientID, 0)
+			require.NoError(t, err)
+			require.Len(t, chain, 1)
+			leaf := chain[0]
+			require.Len(t, leaf.URIs, 1)
+			require.Equal(t, clientID.String(), leaf.URIs[0].String())
+			require.Empty(t, leaf.DNSNames)
+			require.False(t, leaf.IsCA)
+			require.Equal(t, DefaultCertTTL+backdate, leaf.NotAfter.Sub(leaf.NotBefore))
+			require.Equal(t, clientID, verify(t, c, chain, clk.Now()))
+		})
+	}
+
+	chain, err := c.Sign(t.Context(), newCSR(t, ecKey(t)), clientID, 30*24*time.Hour)
+	require.NoError(t, err)
+	require.Equal(t, DefaultMaxTTL+backdate, chain[0].NotAfter.Sub(chain[0].NotBefore), "lifetime capped at the maximum")
+}
+
+func TestSignRefusesBadRequests(t *testing.T) {
+	c := newCA(t, kubefake.NewClientset(), clocktesting.NewFakeClock(time.Now()))
+	rsa1024, err := rsa.GenerateKey(rand.Reader, 1024)
+	require.NoError(t, err)
+	_, edKey, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	p224, err := ecdsa.GenerateKey(elliptic.P224(), rand.Reader)
+	require.NoError(t, err)
+	tampered := newCSR(t, ecKey(t))
+	tampered.Signature[len(tampered.Signature)-1] ^= 0xff
+	withDNS := func() *x509.CertificateRequest {
+		der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{DNSNames: []string{"evil.example"}}, ecKey(t))
+		require.NoError(t, err)
+		csr, err := x509.ParseCertificateRequest(der)
+		require.NoError(t, err)
+		return csr
+	}()
+
+	tests := []struct {
+		name    string
+		csr     *x509.CertificateRequest
+		id      spiffeid.ID
+		wantErr error
+		want    string
+	}{
+		{"another identity", newCSR(t, ecKey(t), "spiffe://a.mesh/ns/kube-system/sa/admin"), clientID, ErrIdentityMismatch, "asks for spiffe://a.mesh/ns/kube-system/sa/admin"},
+		{"another trust domain", newCSR(t, ecKey(t)), spiffeid.RequireFromString("spiffe://b.mesh/ns/demo/sa/client"), ErrIdentityMismatch, "not in trust domain a.mesh"},
+		{"two URIs", newCSR(t, ecKey(t), clientID.String(), "spiffe://a.mesh/x"), clientID, ErrInvalidCSR, "2 URIs"},
+		{"DNS names", withDNS, clientID, ErrInvalidCSR, "DNS names"},
+		{"RSA 1024", newCSR(t, rsa1024), clientID, ErrInvalidCSR, "1024 bits is too small"},
+		{"Ed25519", newCSR(t, edKey), clientID, ErrInvalidCSR, "ed25519"},
+		{"P-224", newCSR(t, p224), clientID, ErrInvalidCSR, "P-224 is not supported"},
+		{"bad signature", tampered, clientID, ErrInvalidCSR, "signature does not verify"},
+		{"nil", nil, clientID, ErrInvalidCSR, "no CSR"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			chain, err := c.Sign(t.Context(), tc.csr, tc.id, 0)
+			require.ErrorIs(t, err, tc.wantErr)
+			require.ErrorContains(t, err, tc.want)
+			require.Nil(t, chain)
+		})
+	}
+}
+
+// testPKI is an operator's own CA: a root and an intermediate that signs.
+type testPKI struct {
+	rootKey, interKey *ecdsa.PrivateKey
+	root, inter       *x509.Certificate
+}
+
+func newTestPKI(t *testing.T, interIsCA bool) testPKI {
+	t.Helper()
+	p := testPKI{rootKey: ecKey(t), interKey: ecKey(t)}
+	now := time.Now()
+	rootTmpl := &x509.Certificate{SerialNumber: mustSerial(t), Subject: pkix.Name{CommonName: "corp root"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * 365 * time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, rootTmpl, rootTmpl, p.rootKey.Public(), p.rootKey)
+	require.NoError(t, err)
+	p.root, err = x509.ParseCertificate(der)
+	require.NoError(t, err)
+	interTmpl := &x509.Certificate{SerialNumber: mustSerial(t), Subject: pkix.Name{CommonName: "a.mesh intermediate"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * 90 * time.Hour), IsCA: interIsCA, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature}
+	der, err = x509.CreateCertificate(rand.Reader, interTmpl, p.root, p.interKey.Public(), p.rootKey)
+	require.NoError(t, err)
+	p.inter, err = x509.ParseCertificate(der)
+	require.NoError(t, err)
+	return p
+}
+
+func mustSerial(t *testing.T) *big.Int {
+	s, err := randomSerial()
+	require.NoError(t, err)
+	return s
+}
+
+func (p testPKI) secret(t *testing.T) *corev1.Secret {
+	key, err := encodeKey(p.interKey)
+	require.NoError(t, err)
+	return &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "isthmus-system", Name: PluggedSecretName},
+		Data: map[string][]byte{
+			KeyCACert:    encodeCerts(p.inter),
+			KeyCAKey:     key,
+			KeyRootCert:  encodeCerts(p.root),
+			KeyCertChain: encodeCerts(p.inter, p.root),
+		},
+	}
+}
+
+func TestPluggedCA(t *testing.T) {
+	p := newTestPKI(t, true)
+	client := kubefake.NewClientset(p.secret(t))
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCA(t, client, clk)
+	require.True(t, c.Plugged())
+
+	chain, err := c.Sign(t.Context(), newCSR(t, ecKey(t)), clientID, 0)
+	require.NoError(t, err)
+	require.Len(t, chain, 2, "leaf and the intermediate; never the root")
+	require.True(t, chain[1].Equal(p.inter))
+	require.Equal(t, clientID, verify(t, c, chain, clk.Now()))
+	require.True(t, c.Bundle().HasX509Authority(p.root))
+
+	_, err = client.CoreV1().Secrets("isthmus-system").Get(t.Context(), DefaultSecretName, metav1.GetOptions{})
+	require.Error(t, err, "no self-signed root is generated when a CA is plugged in")
+	require.ErrorContains(t, RequestRotation(t.Context(), client, "isthmus-system", ""), "plugged-in CA")
+}
+
+func TestPluggedCARefusesBadMaterial(t *testing.T) {
+	good := newTestPKI(t, true)
+	other := newTestPKI(t, true)
+	notCA := newTestPKI(t, false)
+	otherKey, err := encodeKey(ecKey(t))
+	require.NoError(t, err)
+	tests := []struct {
+		name string
+		mut  func(*corev1.Secret)
+		want string
+	}{
+		{"key does not match", func(s *corev1.Secret) { s.Data[KeyCAKey] = otherKey }, "ca-key.pem does not match"},
+		{"not a CA", func(s *corev1.Secret) { *s = *notCA.secret(t) }, "not a CA certificate"},
+		{"wrong root", func(s *corev1.Secret) { s.Data[KeyRootCert] = encodeCerts(other.root) }, "does not chain to root-cert.pem"},
+		{"garbage cert", func(s *corev1.Secret) { s.Data[KeyCACert] = []byte("not pem") }, "ca-cert.pem: no PEM certificate"},
+		{"missing key", func(s *corev1.Secret) { delete(s.Data, KeyCAKey) }, "ca-key.pem: no PEM private key"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			sec := good.secret(t)
+			tc.mut(sec)
+			_, err := New(t.Context(), kubefake.NewClientset(sec), Options{TrustDomain: td, Namespace: "isthmus-system"})
+			require.ErrorIs(t, err, ErrInvalidCA)
+			require.ErrorContains(t, err, "Secret isthmus-system/cacerts")
+			require.ErrorContains(t, err, tc.want)
+		})
+	}
+}
+
+func TestRootRotation(t *testing.T) {
+	ctx := t.Context()
+	client := kubefake.NewClientset()
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCA(t, client, clk)
+	replica := newCA(t, client, clk)
+	oldRoot := c.SigningCertificate()
+	seq0 := c.BundleSequence()
+	oldLeaf, err := c.Sign(ctx, newCSR(t, ecKey(t)), clientID, 0)
+	require.NoError(t, err)
+
+	require.NoError(t, RequestRotation(ctx, client, "isthmus-system", ""))
+	require.NoError(t, RequestRotation(ctx, client, "isthmus-system", ""), "a second request before the first is taken is harmless")
+	require.NoError(t, c.Reconcile(ctx))
+	require.NoError(t, replica.Reconcile(ctx))
+
+	// Prepared: both roots trusted, the old one still signs.
+	require.Len(t, c.Bundle().X509Authorities(), 2)
+	require.Greater(t, c.BundleSequence(), seq0)
+	require.True(t, c.SigningCertificate().Equal(oldRoot), "the new root signs nothing before PublishDelay")
+	require.True(t, replica.Bundle().Equal(c.Bundle()), "replicas agree")
+	st, err := c.RotationStatus(ctx)
+	require.NoError(t, err)
+	require.Equal(t, phasePrepared, st.Phase)
+	require.ErrorContains(t, RequestRotation(ctx, client, "isthmus-system", ""), "already in progress")
+
+	clk.Step(30 * time.Minute)
+	require.NoError(t, c.Reconcile(ctx))
+	require.True(t, c.SigningCertificate().Equal(oldRoot))
+
+	// Active: the new root signs; certificates from the old one still verify.
+	clk.Step(31 * time.Minute)
+	require.NoError(t, c.Reconcile(ctx))
+	require.NoError(t, replica.Reconcile(ctx))
+	newRoot := c.SigningCertificate()
+	require.False(t, newRoot.Equal(oldRoot))
+	require.True(t, replica.SigningCertificate().Equal(newRoot))
+	newLeaf, err := c.Sign(ctx, newCSR(t, ecKey(t)), clientID, 0)
+	require.NoError(t, err)
+	verify(t, c, newLeaf, clk.Now())
+	verify(t, c, oldLeaf, clk.Now())
+
+	// Not yet retired while old certificates may live.
+	clk.Step(DefaultMaxTTL - time.Hour)
+	require.NoError(t, c.Reconcile(ctx))
+	require.Len(t, c.Bundle().X509Authorities(), 2)
+
+	// Retired: only the new root remains, after every old leaf expired.
+	clk.Step(2 * time.Hour)
+	require.True(t, clk.Now().After(oldLeaf[0].NotAfter))
+	require.NoError(t, c.Reconcile(ctx))
+	require.Equal(t, []*x509.Certificate{newRoot}, c.Bundle().X509Authorities())
+	fresh, err := c.Sign(ctx, newCSR(t, ecKey(t)), clientID, 0)
+	require.NoError(t, err)
+	verify(t, c, fresh, clk.Now())
+	_, _, err = x509svid.Verify(oldLeaf, c.Bundle(), x509svid.WithTime(oldLeaf[0].NotBefore.Add(time.Minute)))
+	require.Error(t, err, "the old root is no longer trusted")
+	st, err = c.RotationStatus(ctx)
+	require.NoError(t, err)
+	require.Empty(t, st.Phase)
+	require.Equal(t, 1, st.Roots)
+}
+
+func TestSelfSourceRenews(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCA(t, kubefake.NewClientset(), clk)
+	fedID := spiffeid.RequireFromString("spiffe://a.mesh/ns/isthmus-system/sa/isthmus-federator")
+	s, err := NewSelfSource(c.Authority, fedID, clk)
+	require.NoError(t, err)
+	first, err := s.GetX509SVID()
+	require.NoError(t, err)
+	require.Equal(t, fedID, first.ID)
+
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	require.Eventually(t, clk.HasWaiters, 5*time.Second, time.Millisecond)
+	clk.Step(DefaultCertTTL/2 + time.Minute)
+	require.Eventually(t, func() bool {
+		svid, _ := s.GetX509SVID()
+		return !svid.Certificates[0].Equal(first.Certificates[0])
+	}, 5*time.Second, time.Millisecond)
+	cancel()
+	require.NoError(t, <-done)
+}
+
+func BenchmarkSign(b *testing.B) {
+	c, err := New(b.Context(), kubefake.NewClientset(), Options{TrustDomain: td, Namespace: "isthmus-system"})
+	require.NoError(b, err)
+	csr := newCSR(b, ecKey(b), clientID.String())
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		if _, err := c.Sign(b.Context(), csr, clientID, 0); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "certs/s")
+}
