@@ -3,11 +3,12 @@
 #   etcd       Debian's etcd-server (needs root and apt-get)
 #   iproute2   `ip`, for network namespaces when running as root
 #   iptables   keeps each simulated cluster's API server off the shared WAN
-#   staticcheck into the given bin directory
+#   staticcheck and kustomize into the given bin directory
 set -euo pipefail
 
 bin="$1"
 staticcheck_version="$2"
+kustomize_version="$3"
 mkdir -p "${bin}"
 
 apt_install() {
@@ -33,6 +34,14 @@ if [[ ! -x "${bin}/staticcheck" ]] || ! "${bin}/staticcheck" -version 2>/dev/nul
 	echo "install-tools: go install staticcheck ${staticcheck_version}" >&2
 	if ! GOBIN="${bin}" go install "honnef.co/go/tools/cmd/staticcheck@${staticcheck_version}"; then
 		echo "install-tools: could not install staticcheck ${staticcheck_version} from the Go module proxy" >&2
+		exit 1
+	fi
+fi
+
+if [[ ! -x "${bin}/kustomize" ]] || ! "${bin}/kustomize" version 2>/dev/null | grep -q "${kustomize_version}"; then
+	echo "install-tools: go install kustomize ${kustomize_version}" >&2
+	if ! GOBIN="${bin}" go install "sigs.k8s.io/kustomize/kustomize/v5@${kustomize_version}"; then
+		echo "install-tools: could not install kustomize ${kustomize_version} from the Go module proxy" >&2
 		exit 1
 	fi
 fi

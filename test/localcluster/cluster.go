@@ -209,6 +209,11 @@ func (c *Cluster) CAFile() string { return c.pki.caCertFile }
 // CAPEM is the cluster CA certificate.
 func (c *Cluster) CAPEM() []byte { return slices.Clone(c.pki.caPEM) }
 
+// ServiceAccountSigningKeyFile is the PEM private key the API server signs
+// ServiceAccount tokens with; tests use it to forge tokens the API server
+// would accept but for one chosen defect (expired, wrong audience...).
+func (c *Cluster) ServiceAccountSigningKeyFile() string { return c.pki.saKeyFile }
+
 // Dir is the cluster's directory under the environment's work directory.
 func (c *Cluster) Dir() string { return c.dir }
 

@@ -1,0 +1,73 @@
+# The Makefile is Isthmus's interface: `make help` lists the targets.
+# Every target installs what it needs (Go tools into bin/, etcd from
+# Debian when running as root, kube-apiserver built from the Go module
+# proxy into a cache outside the clone).
+
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+BIN        := $(CURDIR)/bin
+VERSION    ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS    := -X github.com/isthmus-mesh/isthmus/pkg/version.Version=$(VERSION)
+GO_TEST    ?= go test -race -count=1 -timeout 30m
+STATICCHECK_VERSION := v0.8.2
+KUSTOMIZE_VERSION   := v5.8.1
+
+export PATH := $(BIN):$(PATH)
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: build
+build: ## Build the binaries into bin/
+	go build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
+
+.PHONY: tools
+tools: ## Install what tests and the demo need (etcd, iptables, staticcheck, kustomize)
+	@hack/install-tools.sh "$(BIN)" "$(STATICCHECK_VERSION)" "$(KUSTOMIZE_VERSION)"
+
+.PHONY: kube-binaries
+kube-binaries: ## Build (once, cached) kube-apiserver and kube-controller-manager
+	@hack/kube-binaries.sh >/dev/null
+
+.PHONY: test
+test: tools kube-binaries ## Run every test, including real kube-apiservers (root: network namespaces)
+	go vet ./...
+	ISTHMUS_KUBE_BIN_DIR="$$(hack/kube-binaries.sh)" $(GO_TEST) ./...
+
+.PHONY: lint
+lint: tools ## go vet and staticcheck
+	go vet ./...
+	go vet -tags kind ./test/kind/...
+	$(BIN)/staticcheck ./...
+
+.PHONY: generate
+generate: ## Regenerate checked-in generated files (CRDs from the MCS module)
+	cp "$$(go list -m -f '{{.Dir}}' sigs.k8s.io/mcs-api)"/config/crd/multicluster.x-k8s.io_service{exports,imports}.yaml deploy/crds/
+	chmod 644 deploy/crds/*.yaml
+
+.PHONY: verify
+verify: generate lint ## Fail when generated files are stale or lint finds something
+	git diff --exit-code -- deploy/crds
+
+.PHONY: e2e
+e2e: tools kube-binaries ## Run only the end-to-end tests on the local multi-cluster harness
+	ISTHMUS_KUBE_BIN_DIR="$$(hack/kube-binaries.sh)" $(GO_TEST) -v ./test/e2e/
+
+.PHONY: e2e-kind
+e2e-kind: ## Run the kind suite (needs docker, kind and kubectl; not run in CI)
+	go test -tags kind -v -timeout 30m ./test/kind/
+
+.PHONY: bench
+bench: ## Run the Go benchmarks
+	go test -run '^$$' -bench . -benchmem ./...
+
+.PHONY: demo
+demo: build tools kube-binaries ## Start two local clusters with federators, export a service, show the catalogs (Ctrl-C ends it)
+	ISTHMUS_KUBE_BIN_DIR="$$(hack/kube-binaries.sh)" go run ./test/demo --bin-dir "$(BIN)" $(DEMO_ARGS)
+
+.PHONY: clean
+clean: ## Remove bin/ (the kube-apiserver cache stays)
+	rm -rf $(BIN)

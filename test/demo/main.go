@@ -1,0 +1,228 @@
+// Command demo is what `make demo` runs: it starts local clusters on real
+// kube-apiservers (test/localcluster), installs Isthmus from deploy/, runs
+// a federator in each cluster, exports an echo service from the first
+// cluster, and prints what each federator's catalog holds. It then waits
+// for Ctrl-C (or --exit-after) and tears everything down.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	mcsv1alpha1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
+	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
+
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/test/fedproc"
+	"github.com/isthmus-mesh/isthmus/test/install"
+	"github.com/isthmus-mesh/isthmus/test/localcluster"
+)
+
+func main() {
+	binDir := flag.String("bin-dir", "bin", "directory holding the federator binary (make build)")
+	echoBin := flag.String("echo", "", "echo workload binary; empty builds test/echo into the bin dir")
+	exitAfter := flag.Duration("exit-after", 0, "end the demo after this long instead of waiting for Ctrl-C (0: wait)")
+	verbose := flag.Bool("v", false, "log the harness's debug messages")
+	flag.Parse()
+
+	level := slog.LevelInfo
+	if *verbose {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, log, *binDir, *echoBin, *exitAfter); err != nil {
+		fmt.Fprintln(os.Stderr, "demo:", err)
+		os.Exit(1)
+	}
+}
+
+func step(format string, args ...any) {
+	fmt.Printf("\n\033[1m==> "+format+"\033[0m\n", args...)
+}
+
+func run(ctx context.Context, log *slog.Logger, binDir, echoBin string, exitAfter time.Duration) (err error) {
+	binDir, err = filepath.Abs(binDir)
+	if err != nil {
+		return err
+	}
+	if echoBin == "" {
+		echoBin = filepath.Join(binDir, "echo")
+		if err := buildEcho(ctx, echoBin); err != nil {
+			return err
+		}
+	}
+
+	step("starting clusters a and b (real kube-apiserver, etcd and kube-controller-manager each)")
+	env, err := localcluster.Start(ctx, localcluster.Options{
+		Clusters: []localcluster.ClusterOptions{{Name: "a"}, {Name: "b"}},
+		Logger:   log,
+	})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		step("tearing down")
+		if cerr := env.Close(); cerr != nil {
+			err = errors.Join(err, cerr)
+		} else {
+			fmt.Println("every process, network namespace and file of the demo is gone")
+		}
+	}()
+	fmt.Printf("2 clusters up in %s; isolated by network namespaces: %t\n", env.StartupDuration().Round(time.Millisecond), env.Isolated())
+	for _, c := range env.Clusters() {
+		host, _, _ := c.KubeconfigFor(localcluster.UserAdmin)
+		fmt.Printf("  cluster %s: API %s  kubeconfig %s\n", c.Name(), c.APIServerURL(), host)
+	}
+
+	step("installing Isthmus from deploy/ (CRDs, namespace, least-privilege RBAC)")
+	for _, c := range env.Clusters() {
+		cfg, err := c.RESTConfig(localcluster.UserAdmin)
+		if err != nil {
+			return err
+		}
+		if err := install.Isthmus(ctx, cfg, "system:isthmus:federator"); err != nil {
+			return fmt.Errorf("install into %s: %w", c.Name(), err)
+		}
+	}
+
+	step("starting a federator in each cluster")
+	feds := map[string]*fedproc.Federator{}
+	for _, c := range env.Clusters() {
+		f, err := fedproc.Start(ctx, c, binDir)
+		if err != nil {
+			return err
+		}
+		defer func() { _ = f.Stop(10 * time.Second) }()
+		feds[c.Name()] = f
+		fmt.Printf("  federator %s ready: %s/debug/catalog  (log %s)\n", c.Name(), f.Monitoring, f.Proc.LogPath())
+	}
+
+	a := env.Cluster("a")
+	step("cluster a: two echo pods, Service demo/echo, and a ServiceExport for it")
+	for i := range 2 {
+		w, err := a.RunWorkload(ctx, localcluster.WorkloadSpec{
+			Name: fmt.Sprintf("echo-%d", i), Namespace: "demo", Labels: map[string]string{"app": "echo"},
+			Command: []string{echoBin}, Env: []string{"CLUSTER_NAME=a"},
+		})
+		if err != nil {
+			return err
+		}
+		fmt.Printf("  pod demo/%s running at %s\n", w.Name, w.IP)
+	}
+	if err := exportEcho(ctx, a); err != nil {
+		return err
+	}
+	svc, err := waitForService(ctx, feds["a"], "demo", "echo", 30*time.Second)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("  federator a exports demo/echo with %d ready endpoints\n", svc.ReadyEndpoints())
+
+	for _, name := range []string{"a", "b"} {
+		step("federator %s's catalog", name)
+		d, err := feds[name].Catalog(ctx)
+		if err != nil {
+			return err
+		}
+		out, _ := json.MarshalIndent(d, "", "  ")
+		fmt.Println(string(out))
+	}
+	fmt.Println("\nCluster b's catalog holds only its own exports (none): linking clusters with")
+	fmt.Println("`federator token create` / `federator join` is the next step on the roadmap.")
+
+	if exitAfter > 0 {
+		step("demo ends in %s", exitAfter)
+		select {
+		case <-ctx.Done():
+		case <-time.After(exitAfter):
+		}
+	} else {
+		step("clusters keep running; press Ctrl-C to end the demo")
+		<-ctx.Done()
+	}
+	return nil
+}
+
+func buildEcho(ctx context.Context, out string) error {
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "github.com/isthmus-mesh/isthmus/test/echo")
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("build echo workload: %w", err)
+	}
+	return nil
+}
+
+func exportEcho(ctx context.Context, c *localcluster.Cluster) error {
+	_, err := c.Client().CoreV1().Services("demo").Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "demo", Name: "echo"},
+		Spec: corev1.ServiceSpec{
+			Selector: map[string]string{"app": "echo"},
+			Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080),
+				Protocol: corev1.ProtocolTCP, AppProtocol: new("http")}},
+		},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return fmt.Errorf("create Service demo/echo: %w", err)
+	}
+	cfg, err := c.RESTConfig(localcluster.UserAdmin)
+	if err != nil {
+		return err
+	}
+	mcs, err := mcsclient.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	_, err = mcs.MulticlusterV1alpha1().ServiceExports("demo").Create(ctx,
+		&mcsv1alpha1.ServiceExport{ObjectMeta: metav1.ObjectMeta{Namespace: "demo", Name: "echo"}}, metav1.CreateOptions{})
+	if err != nil {
+		return fmt.Errorf("create ServiceExport demo/echo: %w", err)
+	}
+	return nil
+}
+
+// waitForService waits until f's local catalog holds ns/name with every
+// endpoint ready.
+func waitForService(ctx context.Context, f *fedproc.Federator, ns, name string, bound time.Duration) (catalog.Service, error) {
+	ctx, cancel := context.WithTimeout(ctx, bound)
+	defer cancel()
+	var last string
+	for {
+		d, err := f.Catalog(ctx)
+		if err == nil {
+			if s, ok := fedproc.LocalService(d, ns, name); ok && s.ReadyEndpoints() > 0 {
+				notReady := 0
+				for _, e := range s.Endpoints {
+					notReady += e.NotReady
+				}
+				if notReady == 0 {
+					return s, nil
+				}
+			}
+			last = fmt.Sprintf("%d sources", len(d.Sources))
+		} else {
+			last = err.Error()
+		}
+		select {
+		case <-ctx.Done():
+			return catalog.Service{}, fmt.Errorf("%s/%s not in federator %s's catalog after %s (last: %s)",
+				ns, name, f.Cluster.Name(), bound, strings.TrimSpace(last))
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}

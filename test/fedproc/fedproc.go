@@ -1,0 +1,178 @@
+// Package fedproc runs the real federator binary inside a harness cluster
+// (test/localcluster) and talks to its monitoring port, for the e2e tests
+// and the demo.
+package fedproc
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"path/filepath"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/pkg/federator"
+	"github.com/isthmus-mesh/isthmus/test/localcluster"
+)
+
+// The federator's ports.
+const (
+	MonitoringPort     = "15014" // Istio's monitoring port
+	CAPort             = "15012" // certificate service, gRPC over TLS
+	BundleEndpointPort = "8443"  // SPIFFE bundle endpoint
+)
+
+// Federator is a federator process running in a cluster's node network.
+type Federator struct {
+	Cluster *localcluster.Cluster
+	Proc    *localcluster.Process
+	// Host is the address the host (the test process) reaches it at.
+	Host string
+	// Monitoring is the base URL of its monitoring port, CAAddr its
+	// certificate service, BundleEndpoint its SPIFFE bundle endpoint, as
+	// the host reaches them.
+	Monitoring, CAAddr, BundleEndpoint string
+}
+
+// Start runs binDir/federator in cluster c as the least-privileged
+// federator user and waits, at most a minute, until it is ready.
+func Start(ctx context.Context, c *localcluster.Cluster, binDir string, extraArgs ...string) (*Federator, error) {
+	_, kubeconfig, err := c.KubeconfigFor(localcluster.UserFederator)
+	if err != nil {
+		return nil, err
+	}
+	host, err := HostAddr(c)
+	if err != nil {
+		return nil, err
+	}
+	// In its own network namespace the federator listens on every address
+	// so the host reaches it over the uplink; sharing the host network it
+	// listens on the cluster's own loopback address.
+	bind := host
+	if c.NetNS() != "" {
+		bind = "0.0.0.0"
+	}
+	args := append([]string{filepath.Join(binDir, "federator"), "run",
+		"--cluster-name", c.Name(), "--kubeconfig", kubeconfig,
+		"--monitoring-addr", net.JoinHostPort(bind, MonitoringPort),
+		"--ca-addr", net.JoinHostPort(bind, CAPort),
+		"--bundle-endpoint-addr", net.JoinHostPort(bind, BundleEndpointPort)}, extraArgs...)
+	p, err := c.StartProcess(ctx, localcluster.ProcessSpec{Name: "federator", Command: args})
+	if err != nil {
+		return nil, err
+	}
+	f := &Federator{
+		Cluster:        c,
+		Proc:           p,
+		Host:           host,
+		Monitoring:     "http://" + net.JoinHostPort(host, MonitoringPort),
+		CAAddr:         net.JoinHostPort(host, CAPort),
+		BundleEndpoint: "https://" + net.JoinHostPort(host, BundleEndpointPort),
+	}
+	if err := f.waitReady(ctx, time.Minute); err != nil {
+		_ = p.Stop(5 * time.Second)
+		return nil, err
+	}
+	return f, nil
+}
+
+func (f *Federator) waitReady(ctx context.Context, bound time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, bound)
+	defer cancel()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	var lastErr error
+	for {
+		if exited, err := f.Proc.Exited(); exited {
+			return fmt.Errorf("federator in cluster %s exited: %v\n%s", f.Cluster.Name(), err, f.Proc.Tail(30))
+		}
+		if _, lastErr = f.get(ctx, "/readyz"); lastErr == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("federator in cluster %s not ready after %s: %v\n%s", f.Cluster.Name(), bound, lastErr, f.Proc.Tail(30))
+		case <-tick.C:
+		}
+	}
+}
+
+// HostAddr is the address of c's node network that the host reaches: the
+// host side of the API server URL.
+func HostAddr(c *localcluster.Cluster) (string, error) {
+	u, err := url.Parse(c.APIServerURL())
+	if err != nil {
+		return "", err
+	}
+	return u.Hostname(), nil
+}
+
+var client = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{Proxy: nil}}
+
+func (f *Federator) get(ctx context.Context, path string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, f.Monitoring+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s: %s: %s", path, resp.Status, body)
+	}
+	return body, nil
+}
+
+// Catalog fetches /debug/catalog.
+func (f *Federator) Catalog(ctx context.Context) (federator.CatalogDump, error) {
+	var d federator.CatalogDump
+	body, err := f.get(ctx, "/debug/catalog")
+	if err != nil {
+		return d, err
+	}
+	return d, json.Unmarshal(body, &d)
+}
+
+// Metrics fetches /metrics.
+func (f *Federator) Metrics(ctx context.Context) (string, error) {
+	body, err := f.get(ctx, "/metrics")
+	return string(body), err
+}
+
+// Stop ends the federator with SIGTERM, then SIGKILL after grace.
+func (f *Federator) Stop(grace time.Duration) error { return f.Proc.Stop(grace) }
+
+// LocalService finds namespace/name among the local (exported) services.
+func LocalService(d federator.CatalogDump, ns, name string) (catalog.Service, bool) {
+	for _, src := range d.Sources {
+		if src.Source != catalog.LocalSource {
+			continue
+		}
+		for _, s := range src.Services {
+			if s.Namespace == ns && s.Name == name {
+				return s, true
+			}
+		}
+	}
+	return catalog.Service{}, false
+}
+
+// LocalVersion is the content version of the local catalog.
+func LocalVersion(d federator.CatalogDump) string {
+	for _, src := range d.Sources {
+		if src.Source == catalog.LocalSource {
+			return src.Version
+		}
+	}
+	return ""
+}
