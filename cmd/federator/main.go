@@ -30,7 +30,7 @@ func newRootCommand() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newRunCommand(), newVersionCommand())
+	root.AddCommand(newRunCommand(), newCACommand(), newVersionCommand())
 	return root
 }
 
@@ -49,12 +49,12 @@ func newRunCommand() *cobra.Command {
 			log := newLogger(logLevel, logJSON)
 			log.Info("configuration", "cluster", cfg.ClusterName, "kubeconfig", cfg.Kubeconfig,
 				"monitoringAddr", cfg.MonitoringAddr, "shutdownTimeout", cfg.ShutdownTimeout, "version", version.Version)
-			f, err := federator.New(cfg, log)
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			f, err := federator.New(ctx, cfg, log)
 			if err != nil {
 				return err
 			}
-			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
 			return f.Run(ctx)
 		},
 	}
@@ -63,9 +63,25 @@ func newRunCommand() *cobra.Command {
 	fl.StringVar(&cfg.Kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "path to a kubeconfig; empty means in-cluster configuration")
 	fl.StringVar(&cfg.MonitoringAddr, "monitoring-addr", cfg.MonitoringAddr, "address for /healthz, /readyz, /metrics and /debug/catalog")
 	fl.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", cfg.ShutdownTimeout, "bound on graceful shutdown")
+	fl.StringVar(&cfg.TrustDomain, "trust-domain", cfg.TrustDomain, "SPIFFE trust domain of this cluster (default <cluster-name>.mesh)")
+	fl.StringVar(&cfg.Namespace, "namespace", envOr("POD_NAMESPACE", cfg.Namespace), "namespace the federator runs in and keeps its CA Secret in")
+	fl.StringVar(&cfg.ServiceAccount, "service-account", cfg.ServiceAccount, "the federator's ServiceAccount (its SPIFFE ID's last segment)")
+	fl.StringVar(&cfg.CAAddr, "ca-addr", cfg.CAAddr, "address of the certificate service (gRPC over TLS)")
+	fl.StringVar(&cfg.BundleEndpointAddr, "bundle-endpoint-addr", cfg.BundleEndpointAddr, "address of the SPIFFE bundle endpoint (https_spiffe); empty disables it")
+	fl.StringVar(&cfg.TokenAudience, "token-audience", cfg.TokenAudience, "audience workloads' ServiceAccount tokens must carry")
+	fl.DurationVar(&cfg.CertTTL, "cert-ttl", cfg.CertTTL, "default lifetime of workload certificates")
+	fl.DurationVar(&cfg.MaxCertTTL, "max-cert-ttl", cfg.MaxCertTTL, "longest lifetime of workload certificates")
+	fl.DurationVar(&cfg.RootPublishDelay, "root-publish-delay", cfg.RootPublishDelay, "during a root rotation, how long the new root is trusted before it signs")
 	fl.TextVar(&logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn or error")
 	fl.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
 	return cmd
+}
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
 }
 
 func newVersionCommand() *cobra.Command {
@@ -91,4 +107,3 @@ func newLogger(level slog.Level, asJSON bool) *slog.Logger {
 	klog.SetSlogLogger(log.With("component", "client-go"))
 	return log
 }
-

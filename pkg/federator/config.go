@@ -6,8 +6,20 @@ import (
 	"net"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/isthmus-mesh/isthmus/pkg/ca"
 )
+
+// TrustDomainName is the effective trust domain: the configured one, or
+// "<cluster-name>.mesh".
+func (c Config) TrustDomainName() string {
+	if c.TrustDomain != "" {
+		return c.TrustDomain
+	}
+	return c.ClusterName + ".mesh"
+}
 
 // Config is everything `federator run` needs. Validate reports every
 // problem at once.
@@ -23,13 +35,45 @@ type Config struct {
 	MonitoringAddr string
 	// ShutdownTimeout bounds a graceful shutdown.
 	ShutdownTimeout time.Duration
+
+	// TrustDomain is the cluster's SPIFFE trust domain; empty means
+	// "<cluster-name>.mesh".
+	TrustDomain string
+	// Namespace is where the federator runs and keeps its CA Secret.
+	Namespace string
+	// ServiceAccount is the federator's own ServiceAccount; its SPIFFE ID
+	// is spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
+	ServiceAccount string
+	// CAAddr serves the certificate service (gRPC over TLS); Istio's
+	// convention is :15012.
+	CAAddr string
+	// BundleEndpointAddr serves the local trust bundle as a SPIFFE bundle
+	// endpoint (https_spiffe); empty disables it.
+	BundleEndpointAddr string
+	// TokenAudience is the audience workloads' ServiceAccount tokens must
+	// carry for the certificate service.
+	TokenAudience string
+	// CertTTL is the default workload certificate lifetime, MaxCertTTL the
+	// longest one issued.
+	CertTTL, MaxCertTTL time.Duration
+	// RootPublishDelay is how long a new root is trusted before it signs
+	// (see `federator ca rotate`).
+	RootPublishDelay time.Duration
 }
 
 // DefaultConfig returns the defaults for everything but ClusterName.
 func DefaultConfig() Config {
 	return Config{
-		MonitoringAddr:  ":15014",
-		ShutdownTimeout: 10 * time.Second,
+		MonitoringAddr:     ":15014",
+		ShutdownTimeout:    10 * time.Second,
+		Namespace:          "isthmus-system",
+		ServiceAccount:     "isthmus-federator",
+		CAAddr:             ":15012",
+		BundleEndpointAddr: ":8443",
+		TokenAudience:      "isthmus-ca",
+		CertTTL:            ca.DefaultCertTTL,
+		MaxCertTTL:         ca.DefaultMaxTTL,
+		RootPublishDelay:   time.Hour,
 	}
 }
 
@@ -43,6 +87,33 @@ func (c Config) Validate() error {
 	}
 	if _, _, err := net.SplitHostPort(c.MonitoringAddr); err != nil {
 		errs = append(errs, fmt.Errorf("--monitoring-addr %q: %w", c.MonitoringAddr, err))
+	}
+	if c.TrustDomain != "" {
+		if _, err := spiffeid.TrustDomainFromString(c.TrustDomain); err != nil {
+			errs = append(errs, fmt.Errorf("--trust-domain %q: %w", c.TrustDomain, err))
+		}
+	}
+	for flag, v := range map[string]string{"--namespace": c.Namespace, "--service-account": c.ServiceAccount} {
+		if msgs := validation.IsDNS1123Label(v); len(msgs) > 0 {
+			errs = append(errs, fmt.Errorf("%s %q is not a DNS label: %v", flag, v, msgs))
+		}
+	}
+	for flag, v := range map[string]string{"--ca-addr": c.CAAddr, "--bundle-endpoint-addr": c.BundleEndpointAddr} {
+		if v == "" && flag == "--bundle-endpoint-addr" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(v); err != nil {
+			errs = append(errs, fmt.Errorf("%s %q: %w", flag, v, err))
+		}
+	}
+	if c.TokenAudience == "" {
+		errs = append(errs, errors.New("--token-audience must not be empty"))
+	}
+	if c.CertTTL <= 0 || c.MaxCertTTL <= 0 || c.CertTTL > c.MaxCertTTL {
+		errs = append(errs, fmt.Errorf("--cert-ttl %s and --max-cert-ttl %s must be positive, and the default no longer than the maximum", c.CertTTL, c.MaxCertTTL))
+	}
+	if c.RootPublishDelay <= 0 {
+		errs = append(errs, fmt.Errorf("--root-publish-delay %s must be positive", c.RootPublishDelay))
 	}
 	if c.ShutdownTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--shutdown-timeout %s must be positive", c.ShutdownTimeout))

@@ -7,6 +7,8 @@ package federator
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -18,18 +20,23 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.opentelemetry.io/otel/attribute"
 	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
 	"go.opentelemetry.io/otel/metric"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
 
+	"github.com/isthmus-mesh/isthmus/pkg/ca"
+	"github.com/isthmus-mesh/isthmus/pkg/caserver"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 	"github.com/isthmus-mesh/isthmus/pkg/kube"
+	"github.com/isthmus-mesh/isthmus/pkg/trust"
 )
 
 // Federator is one cluster's control plane.
@@ -40,11 +47,17 @@ type Federator struct {
 	exporter *kube.Exporter
 	registry *prometheus.Registry
 	provider *sdkmetric.MeterProvider
+
+	ca       *ca.CA
+	trust    *trust.Store
+	self     *ca.SelfSource
+	caServer *caserver.Server
 }
 
 // New connects to the cluster and wires the components; nothing runs until
-// Run.
-func New(cfg Config, log *slog.Logger) (*Federator, error) {
+// Run. It loads (or at first start creates) the cluster CA, so it needs
+// the API server to answer.
+func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -66,10 +79,67 @@ func New(cfg Config, log *slog.Logger) (*Federator, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := f.setUpIdentity(ctx, kubeClient); err != nil {
+		return nil, err
+	}
 	if err := f.setUpMetrics(); err != nil {
 		return nil, err
 	}
 	return f, nil
+}
+
+// setUpIdentity loads the cluster CA, the local trust bundle, the
+// federator's own SVID and the certificate service.
+func (f *Federator) setUpIdentity(ctx context.Context, kubeClient kubernetes.Interface) error {
+	td, err := spiffeid.TrustDomainFromString(f.cfg.TrustDomainName())
+	if err != nil {
+		return fmt.Errorf("trust domain: %w", err)
+	}
+	f.ca, err = ca.New(ctx, kubeClient, ca.Options{
+		TrustDomain:  td,
+		Namespace:    f.cfg.Namespace,
+		Authority:    ca.AuthorityOptions{DefaultTTL: f.cfg.CertTTL, MaxTTL: f.cfg.MaxCertTTL},
+		PublishDelay: f.cfg.RootPublishDelay,
+		Logger:       f.log,
+	})
+	if err != nil {
+		return err
+	}
+	f.trust = trust.NewStore(td)
+	f.syncLocalBundle()
+	id, err := spiffeid.FromSegments(td, "ns", f.cfg.Namespace, "sa", f.cfg.ServiceAccount)
+	if err != nil {
+		return fmt.Errorf("federator identity: %w", err)
+	}
+	f.self, err = ca.NewSelfSource(f.ca.Authority, id, nil)
+	if err != nil {
+		return err
+	}
+	f.caServer = caserver.New(f.ca, caserver.TokenReviewAuthenticator{
+		Client:    kubeClient,
+		Audiences: []string{f.cfg.TokenAudience},
+	}, caserver.Options{Logger: f.log})
+	f.log.Info("cluster identity ready", "trustDomain", td.Name(), "federatorID", id.String(),
+		"pluggedCA", f.ca.Plugged(), "bundleSequence", f.ca.BundleSequence())
+	return nil
+}
+
+func (f *Federator) syncLocalBundle() {
+	f.trust.SetLocal(f.ca.Bundle().X509Authorities(), f.ca.BundleSequence(), trust.DefaultRefreshHint)
+}
+
+// runBundleSync copies every change of the CA's roots into the trust store.
+func (f *Federator) runBundleSync(ctx context.Context) error {
+	changed, cancel := f.ca.Subscribe()
+	defer cancel()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+			f.syncLocalBundle()
+		}
+	}
 }
 
 func restConfig(kubeconfig string) (*rest.Config, error) {
@@ -138,10 +208,58 @@ func (f *Federator) Run(ctx context.Context) error {
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       60 * time.Second,
 	}
-	f.log.Info("federator starting", "cluster", f.cfg.ClusterName, "monitoring", ln.Addr().String())
+	caLn, err := net.Listen("tcp", f.cfg.CAAddr)
+	if err != nil {
+		_ = ln.Close()
+		return fmt.Errorf("certificate service listener: %w", err)
+	}
+	grpcServer := grpc.NewServer(caserver.ServerOptions(f.self)...)
+	f.caServer.Register(grpcServer)
+	var bundleSrv *http.Server
+	var bundleLn net.Listener
+	if f.cfg.BundleEndpointAddr != "" {
+		if bundleSrv, err = trust.NewBundleEndpoint(f.cfg.BundleEndpointAddr, f.trust, f.self); err != nil {
+			return err
+		}
+		if bundleLn, err = net.Listen("tcp", f.cfg.BundleEndpointAddr); err != nil {
+			_ = ln.Close()
+			_ = caLn.Close()
+			return fmt.Errorf("bundle endpoint listener: %w", err)
+		}
+	}
+	f.log.Info("federator starting", "cluster", f.cfg.ClusterName, "monitoring", ln.Addr().String(),
+		"ca", caLn.Addr().String(), "bundleEndpoint", f.cfg.BundleEndpointAddr)
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return f.exporter.Run(gctx) })
+	g.Go(func() error { return f.ca.Run(gctx) })
+	g.Go(func() error { return f.self.Run(gctx) })
+	g.Go(func() error { return f.runBundleSync(gctx) })
+	g.Go(func() error {
+		if err := grpcServer.Serve(caLn); err != nil {
+			return fmt.Errorf("certificate service: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-gctx.Done()
+		stopGRPC(grpcServer, f.cfg.ShutdownTimeout)
+		return nil
+	})
+	if bundleSrv != nil {
+		g.Go(func() error {
+			if err := bundleSrv.ServeTLS(bundleLn, "", ""); !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("bundle endpoint: %w", err)
+			}
+			return nil
+		})
+		g.Go(func() error {
+			<-gctx.Done()
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), f.cfg.ShutdownTimeout)
+			defer cancel()
+			return bundleSrv.Shutdown(sctx)
+		})
+	}
 	g.Go(func() error {
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("monitoring server: %w", err)
@@ -162,6 +280,23 @@ func (f *Federator) Run(ctx context.Context) error {
 	return err
 }
 
+// stopGRPC stops gracefully, and forcibly once the timeout passes.
+func stopGRPC(s *grpc.Server, timeout time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		s.GracefulStop()
+		close(done)
+	}()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		s.Stop()
+		<-done
+	}
+}
+
 func (f *Federator) monitoringHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -176,6 +311,7 @@ func (f *Federator) monitoringHandler() http.Handler {
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(f.registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /debug/catalog", f.serveCatalog)
+	mux.HandleFunc("GET /debug/trust", f.serveTrust)
 	return mux
 }
 
@@ -208,6 +344,55 @@ func (f *Federator) serveCatalog(w http.ResponseWriter, _ *http.Request) {
 	for _, src := range f.sources() {
 		snap := f.store.Get(src)
 		dump.Sources = append(dump.Sources, CatalogSourceDump{Source: src, Version: snap.Version(), Services: snap.Services()})
+	}
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(dump)
+}
+
+// TrustDump is the JSON shape of /debug/trust.
+type TrustDump struct {
+	TrustDomain string            `json:"trustDomain"`
+	PluggedCA   bool              `json:"pluggedCA"`
+	Rotation    ca.RotationStatus `json:"rotation"`
+	Bundles     []TrustBundleDump `json:"bundles"`
+}
+
+// TrustBundleDump describes one trust domain's bundle.
+type TrustBundleDump struct {
+	TrustDomain string     `json:"trustDomain"`
+	Sequence    uint64     `json:"sequence"`
+	Roots       []RootDump `json:"roots"`
+}
+
+// RootDump describes one root certificate.
+type RootDump struct {
+	Subject  string    `json:"subject"`
+	NotAfter time.Time `json:"notAfter"`
+	SHA256   string    `json:"sha256"`
+}
+
+func (f *Federator) serveTrust(w http.ResponseWriter, r *http.Request) {
+	dump := TrustDump{TrustDomain: f.trust.LocalTrustDomain().Name(), PluggedCA: f.ca.Plugged()}
+	rot, err := f.ca.RotationStatus(r.Context())
+	if err != nil {
+		http.Error(w, "read CA state: "+err.Error(), http.StatusInternalServerError)
+		return
+	}
+	dump.Rotation = rot
+	for _, td := range f.trust.TrustDomains() {
+		b, err := f.trust.GetBundleForTrustDomain(td)
+		if err != nil {
+			continue
+		}
+		seq, _ := b.SequenceNumber()
+		bd := TrustBundleDump{TrustDomain: td.Name(), Sequence: seq}
+		for _, c := range b.X509Authorities() {
+			sum := sha256.Sum256(c.Raw)
+			bd.Roots = append(bd.Roots, RootDump{Subject: c.Subject.String(), NotAfter: c.NotAfter, SHA256: hex.EncodeToString(sum[:])})
+		}
+		dump.Bundles = append(dump.Bundles, bd)
 	}
 	w.Header().Set("Content-Type", "application/json")
 	enc := json.NewEncoder(w)
