@@ -93,12 +93,14 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("--trust-domain %q: %w", c.TrustDomain, err))
 		}
 	}
-	for flag, v := range map[string]string{"--namespace": c.Namespace, "--service-account": c.ServiceAccount} {
+	for _, f := range []struct{ flag, v string }{{"--namespace", c.Namespace}, {"--service-account", c.ServiceAccount}} {
+		flag, v := f.flag, f.v
 		if msgs := validation.IsDNS1123Label(v); len(msgs) > 0 {
 			errs = append(errs, fmt.Errorf("%s %q is not a DNS label: %v", flag, v, msgs))
 		}
 	}
-	for flag, v := range map[string]string{"--ca-addr": c.CAAddr, "--bundle-endpoint-addr": c.BundleEndpointAddr} {
+	for _, f := range []struct{ flag, v string }{{"--ca-addr", c.CAAddr}, {"--bundle-endpoint-addr", c.BundleEndpointAddr}} {
+		flag, v := f.flag, f.v
 		if v == "" && flag == "--bundle-endpoint-addr" {
 			continue
 		}
