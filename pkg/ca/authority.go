@@ -152,14 +152,21 @@ func sameCerts(a, b []*x509.Certificate) bool {
 	return true
 }
 
-// CheckCSR verifies a CSR's signature and key, and that the only identity
-// it may ask for is id. It is what Sign checks first.
+// RSA key sizes a CSR may use. The upper bound keeps signature checks
+// cheap: a huge RSA key costs the CA, not the caller.
+const (
+	minRSABits = 2048
+	maxRSABits = 8192
+)
+
+// CheckCSR checks a CSR's key, then its signature, and that the only
+// identity it may ask for is id. The key comes first: "unsupported key" is
+// clearer than a signature error, and a huge RSA key is refused before any
+// arithmetic with it. Errors wrap ErrInvalidCSR or ErrIdentityMismatch and
+// never quote more than 256 bytes of the input.
 func CheckCSR(csr *x509.CertificateRequest, id spiffeid.ID) error {
 	if csr == nil {
 		return fmt.Errorf("%w: no CSR", ErrInvalidCSR)
-	}
-	if err := csr.CheckSignature(); err != nil {
-		return fmt.Errorf("%w: signature does not verify: %v", ErrInvalidCSR, err)
 	}
 	switch k := csr.PublicKey.(type) {
 	case *ecdsa.PublicKey:
@@ -167,11 +174,19 @@ func CheckCSR(csr *x509.CertificateRequest, id spiffeid.ID) error {
 			return fmt.Errorf("%w: ECDSA curve %s is not supported (use P-256 or P-384)", ErrInvalidCSR, k.Curve.Params().Name)
 		}
 	case *rsa.PublicKey:
-		if k.N.BitLen() < 2048 {
-			return fmt.Errorf("%w: RSA key of %d bits is too small (at least 2048)", ErrInvalidCSR, k.N.BitLen())
+		switch bits := k.N.BitLen(); {
+		case bits < minRSABits:
+			return fmt.Errorf("%w: RSA key of %d bits is too small (at least %d)", ErrInvalidCSR, bits, minRSABits)
+		case bits > maxRSABits:
+			return fmt.Errorf("%w: RSA key of %d bits is too large (at most %d)", ErrInvalidCSR, bits, maxRSABits)
 		}
+	case nil:
+		return fmt.Errorf("%w: unknown key algorithm (use ECDSA P-256/P-384 or RSA >= 2048)", ErrInvalidCSR)
 	default:
 		return fmt.Errorf("%w: key type %T is not supported (use ECDSA P-256/P-384 or RSA >= 2048)", ErrInvalidCSR, csr.PublicKey)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return fmt.Errorf("%w: signature does not verify: %v", ErrInvalidCSR, err)
 	}
 	if len(csr.DNSNames) > 0 || len(csr.IPAddresses) > 0 || len(csr.EmailAddresses) > 0 {
 		return fmt.Errorf("%w: only a SPIFFE ID is issued; the CSR also asks for DNS names, IP or email addresses", ErrInvalidCSR)
@@ -179,8 +194,11 @@ func CheckCSR(csr *x509.CertificateRequest, id spiffeid.ID) error {
 	switch len(csr.URIs) {
 	case 0:
 	case 1:
-		if csr.URIs[0].String() != id.String() {
-			return fmt.Errorf("%w: CSR asks for %s, caller is %s", ErrIdentityMismatch, csr.URIs[0], id)
+		if asked := csr.URIs[0].String(); asked != id.String() {
+			if len(asked) > 256 {
+				asked = asked[:256] + "..."
+			}
+			return fmt.Errorf("%w: CSR asks for %q but the caller is %q", ErrIdentityMismatch, asked, id.String())
 		}
 	default:
 		return fmt.Errorf("%w: CSR asks for %d URIs, an SVID has exactly one", ErrInvalidCSR, len(csr.URIs))

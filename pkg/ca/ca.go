@@ -175,7 +175,7 @@ func (c *CA) Reconcile(ctx context.Context) error {
 		}
 		ks, err := pluggedKeySet(sec, c.Authority.clock.Now())
 		if err != nil {
-			return fmt.Errorf("Secret %s/%s: %w", c.opts.Namespace, PluggedSecretName, err)
+			return fmt.Errorf("plugged-in CA Secret %s/%s: %w", c.opts.Namespace, PluggedSecretName, err)
 		}
 		if old := c.current.Load(); old.cert.Equal(ks.cert) && sameCerts(old.roots, ks.roots) {
 			return nil
@@ -464,7 +464,7 @@ func ReadStatus(ctx context.Context, client kubernetes.Interface, namespace stri
 	if err == nil {
 		roots, err := parseCerts(sec.Data[KeyRootCert])
 		if err != nil {
-			return RotationStatus{}, fmt.Errorf("Secret %s/%s: %s: %w", namespace, PluggedSecretName, KeyRootCert, err)
+			return RotationStatus{}, fmt.Errorf("plugged-in CA Secret %s/%s: %s: %w", namespace, PluggedSecretName, KeyRootCert, err)
 		}
 		return RotationStatus{Source: PluggedSecretName, Roots: len(roots)}, nil
 	}

@@ -148,7 +148,7 @@ func TestSignRefusesBadRequests(t *testing.T) {
 		wantErr error
 		want    string
 	}{
-		{"another identity", newCSR(t, ecKey(t), "spiffe://a.mesh/ns/kube-system/sa/admin"), clientID, ErrIdentityMismatch, "asks for spiffe://a.mesh/ns/kube-system/sa/admin"},
+		{"another identity", newCSR(t, ecKey(t), "spiffe://a.mesh/ns/kube-system/sa/admin"), clientID, ErrIdentityMismatch, `asks for "spiffe://a.mesh/ns/kube-system/sa/admin"`},
 		{"another trust domain", newCSR(t, ecKey(t)), spiffeid.RequireFromString("spiffe://b.mesh/ns/demo/sa/client"), ErrIdentityMismatch, "not in trust domain a.mesh"},
 		{"two URIs", newCSR(t, ecKey(t), clientID.String(), "spiffe://a.mesh/x"), clientID, ErrInvalidCSR, "2 URIs"},
 		{"DNS names", withDNS, clientID, ErrInvalidCSR, "DNS names"},

@@ -125,20 +125,17 @@ func (s *Server) CreateCertificate(ctx context.Context, req *pb.IstioCertificate
 	if err != nil {
 		return nil, s.refuse(ctx, log, codes.InvalidArgument, err.Error())
 	}
-	if err := checkCSRIdentity(csr, id); err != nil {
-		code := codes.InvalidArgument
-		if errors.As(err, new(errIdentity)) {
-			code = codes.PermissionDenied
-		}
-		return nil, s.refuse(ctx, log, code, err.Error())
+	if err := ca.CheckCSR(csr, id); err != nil {
+		return nil, s.refuse(ctx, log, csrErrorCode(err), err.Error())
 	}
 
 	chain, err := s.signer.Sign(ctx, csr, id, ttl)
 	if err != nil {
-		if ctxErr := ctx.Err(); ctxErr != nil {
-			return nil, s.refuse(ctx, log, status.FromContextError(ctxErr).Code(), "sign: "+err.Error())
+		code := csrErrorCode(err)
+		if code == codes.Internal && ctx.Err() != nil {
+			code = status.FromContextError(ctx.Err()).Code()
 		}
-		return nil, s.refuse(ctx, log, codes.Internal, "sign: "+err.Error())
+		return nil, s.refuse(ctx, log, code, "sign: "+err.Error())
 	}
 	root, others, err := s.checkIssued(chain, csr, id)
 	if err != nil {
@@ -188,6 +185,19 @@ func (s *Server) checkIssued(chain []*x509.Certificate, csr *x509.CertificateReq
 		}
 	}
 	return root, others, nil
+}
+
+// csrErrorCode maps the CA's request errors to gRPC codes; anything else
+// is the CA's own fault.
+func csrErrorCode(err error) codes.Code {
+	switch {
+	case errors.Is(err, ca.ErrIdentityMismatch):
+		return codes.PermissionDenied
+	case errors.Is(err, ca.ErrInvalidCSR):
+		return codes.InvalidArgument
+	default:
+		return codes.Internal
+	}
 }
 
 // refuse logs a refused request and returns its gRPC status.

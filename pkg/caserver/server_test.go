@@ -32,6 +32,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
+
+	"github.com/isthmus-mesh/isthmus/pkg/ca"
 )
 
 var (
@@ -250,8 +252,8 @@ func TestCreateCertificateRefuses(t *testing.T) {
 		{name: "garbage DER", auth: "Bearer tok:demo:web", csr: pemCSR([]byte("garbage")), wantCode: codes.InvalidArgument, wantMsg: []string{"does not parse"}},
 		{name: "two CSRs", auth: "Bearer tok:demo:web", csr: good + good, wantCode: codes.InvalidArgument, wantMsg: []string{"after its PEM block"}},
 		{name: "bad signature", auth: "Bearer tok:demo:web", csr: pemCSR(tampered), wantCode: codes.InvalidArgument, wantMsg: []string{"signature"}},
-		{name: "Ed25519", auth: "Bearer tok:demo:web", csr: makeCSR(t, edKey, webID.String()), wantCode: codes.InvalidArgument, wantMsg: []string{"Ed25519"}},
-		{name: "RSA 1024", auth: "Bearer tok:demo:web", csr: makeCSR(t, rsa1024, webID.String()), wantCode: codes.InvalidArgument, wantMsg: []string{"RSA 1024"}},
+		{name: "Ed25519", auth: "Bearer tok:demo:web", csr: makeCSR(t, edKey, webID.String()), wantCode: codes.InvalidArgument, wantMsg: []string{"ed25519"}},
+		{name: "RSA 1024", auth: "Bearer tok:demo:web", csr: makeCSR(t, rsa1024, webID.String()), wantCode: codes.InvalidArgument, wantMsg: []string{"1024 bits is too small"}},
 		{name: "P-521", auth: "Bearer tok:demo:web", csr: makeCSR(t, ecKey(t, elliptic.P521()), webID.String()), wantCode: codes.InvalidArgument, wantMsg: []string{"P-521"}},
 		{name: "CSR over 64 KiB", auth: "Bearer tok:demo:web", csr: strings.Repeat("A", MaxCSRBytes+1), wantCode: codes.InvalidArgument, wantMsg: []string{"limit"}},
 		{name: "message over the gRPC limit", auth: "Bearer tok:demo:web", csr: strings.Repeat("A", 4*MaxCSRBytes), wantCode: codes.ResourceExhausted},
@@ -273,7 +275,7 @@ func TestCreateCertificateRefuses(t *testing.T) {
 		{
 			name: "two URI SANs", auth: "Bearer tok:demo:web",
 			csr:      makeCSR(t, ecKey(t, elliptic.P256()), webID.String(), "spiffe://cluster-a.mesh/ns/demo/sa/db"),
-			wantCode: codes.InvalidArgument, wantMsg: []string{"2 URI SANs"},
+			wantCode: codes.InvalidArgument, wantMsg: []string{"2 URIs"},
 		},
 	}
 	for _, tt := range tests {
@@ -305,8 +307,16 @@ func TestCreateCertificateSignerFailures(t *testing.T) {
 	ctx := withAuth(t.Context(), "Bearer tok:demo:web")
 	req := &pb.IstioCertificateRequest{Csr: makeCSR(t, ecKey(t, elliptic.P256()), webID.String())}
 
-	signer.setErr(errors.New("root key unavailable"))
+	// The signer's own refusals keep their meaning.
+	signer.setErr(fmt.Errorf("%w: the CSR also asks for DNS names", ca.ErrInvalidCSR))
 	_, err := client.CreateCertificate(ctx, req)
+	require.Equal(t, codes.InvalidArgument, status.Code(err))
+	signer.setErr(fmt.Errorf("%w: not in trust domain", ca.ErrIdentityMismatch))
+	_, err = client.CreateCertificate(ctx, req)
+	require.Equal(t, codes.PermissionDenied, status.Code(err))
+
+	signer.setErr(errors.New("root key unavailable"))
+	_, err = client.CreateCertificate(ctx, req)
 	require.Equal(t, codes.Internal, status.Code(err))
 	require.Contains(t, status.Convert(err).Message(), "root key unavailable")
 
