@@ -9,9 +9,11 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/pem"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
 	"os"
 	"sync"
@@ -355,9 +357,60 @@ func TestIdentity(t *testing.T) {
 		mtlsPair(t, clk, client, server)
 	})
 
+	t.Run("plugged-in cacerts is used", func(t *testing.T) {
+		root, inter, interKey := corporatePKI(t)
+		keyDER, err := x509.MarshalPKCS8PrivateKey(interKey)
+		require.NoError(t, err)
+		pemCert := func(c *x509.Certificate) []byte { return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}) }
+		_, err = kc.CoreV1().Secrets("isthmus-system").Create(t.Context(), &corev1.Secret{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "isthmus-system", Name: ca.PluggedSecretName},
+			Data: map[string][]byte{
+				ca.KeyCACert:    pemCert(inter),
+				ca.KeyCAKey:     pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
+				ca.KeyRootCert:  pemCert(root),
+				ca.KeyCertChain: append(pemCert(inter), pemCert(root)...),
+			},
+		}, metav1.CreateOptions{})
+		require.NoError(t, err)
+		plugged := startCA(t, a, clocktesting.NewFakeClock(time.Now()))
+		require.True(t, plugged.ca.Plugged())
+		src := newIdentity(t, plugged, kc, "demo", "client")
+		svid, err := src.GetX509SVID()
+		require.NoError(t, err)
+		require.Len(t, svid.Certificates, 2, "leaf and the corporate intermediate")
+		require.True(t, svid.Certificates[1].Equal(inter))
+		require.NoError(t, svid.Certificates[0].CheckSignatureFrom(inter))
+	})
+
 	if !env.Isolated() {
 		t.Log("e2e: not running as root: isolation is NOT enforced")
 	}
+}
+
+// corporatePKI is an operator's own CA: a root, and an intermediate for
+// the cluster that signs.
+func corporatePKI(t *testing.T) (root, inter *x509.Certificate, interKey *ecdsa.PrivateKey) {
+	t.Helper()
+	rootKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	interKey, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	now := time.Now()
+	mk := func(tmpl, parent *x509.Certificate, pub crypto.PublicKey, key crypto.Signer) *x509.Certificate {
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, key)
+		require.NoError(t, err)
+		c, err := x509.ParseCertificate(der)
+		require.NoError(t, err)
+		return c
+	}
+	rootTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "corp root"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(365 * 24 * time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign}
+	root = mk(rootTmpl, rootTmpl, rootKey.Public(), rootKey)
+	inter = mk(&x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "a.mesh intermediate"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(90 * 24 * time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign}, root, interKey.Public(), rootKey)
+	return root, inter, interKey
 }
 
 // advance moves the fake clock by total in one-hour steps, taking any due

@@ -113,6 +113,9 @@ func HostAddr(c *localcluster.Cluster) (string, error) {
 
 var client = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{Proxy: nil}}
 
+// Get fetches a path of the monitoring port and returns the body of a 200.
+func (f *Federator) Get(ctx context.Context, path string) ([]byte, error) { return f.get(ctx, path) }
+
 func (f *Federator) get(ctx context.Context, path string) ([]byte, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, f.Monitoring+path, nil)
 	if err != nil {
