@@ -361,7 +361,9 @@ func TestIdentity(t *testing.T) {
 		root, inter, interKey := corporatePKI(t)
 		keyDER, err := x509.MarshalPKCS8PrivateKey(interKey)
 		require.NoError(t, err)
-		pemCert := func(c *x509.Certificate) []byte { return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}) }
+		pemCert := func(c *x509.Certificate) []byte {
+			return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+		}
 		_, err = kc.CoreV1().Secrets("isthmus-system").Create(t.Context(), &corev1.Secret{
 			ObjectMeta: metav1.ObjectMeta{Namespace: "isthmus-system", Name: ca.PluggedSecretName},
 			Data: map[string][]byte{
