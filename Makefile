@@ -34,6 +34,7 @@ kube-binaries: ## Build (once, cached) kube-apiserver and kube-controller-manage
 
 .PHONY: test
 test: tools kube-binaries ## Run every test, including real kube-apiservers (root: network namespaces)
+	@test -z "$$(gofmt -l .)" || { echo "gofmt needed on:"; gofmt -l .; exit 1; }
 	go vet ./...
 	ISTHMUS_KUBE_BIN_DIR="$$(hack/kube-binaries.sh)" $(GO_TEST) ./...
 

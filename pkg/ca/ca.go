@@ -65,7 +65,7 @@ type Options struct {
 	Authority AuthorityOptions
 	// PublishDelay is how long a new root sits in the bundle before it
 	// signs anything, so every peer and workload trusts it first; default
-	// one hour.
+	// MinPublishDelay(Authority.MaxTTL).
 	PublishDelay time.Duration
 	// SyncInterval is how often the Secret is re-read and a due rotation
 	// step taken; default 15s.
@@ -75,6 +75,18 @@ type Options struct {
 	Clock clock.WithTicker
 	// Logger; nil discards.
 	Logger *slog.Logger
+}
+
+// MinPublishDelay is the shortest safe time between publishing a new root
+// and signing with it: long enough for every workload to renew once (at
+// half-life plus 10% jitter, at most 0.55 x maxTTL) and so learn the new
+// root from its CA response before any peer presents a certificate signed
+// by it. Zero maxTTL means DefaultMaxTTL.
+func MinPublishDelay(maxTTL time.Duration) time.Duration {
+	if maxTTL <= 0 {
+		maxTTL = DefaultMaxTTL
+	}
+	return maxTTL * 55 / 100
 }
 
 // CA is the cluster's certificate authority: an Authority whose keys live
@@ -103,7 +115,7 @@ func New(ctx context.Context, client kubernetes.Interface, opts Options) (*CA, e
 		opts.SecretName = DefaultSecretName
 	}
 	if opts.PublishDelay <= 0 {
-		opts.PublishDelay = time.Hour
+		opts.PublishDelay = MinPublishDelay(opts.Authority.MaxTTL)
 	}
 	if opts.SyncInterval <= 0 {
 		opts.SyncInterval = 15 * time.Second

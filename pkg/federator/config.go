@@ -73,7 +73,7 @@ func DefaultConfig() Config {
 		TokenAudience:      "isthmus-ca",
 		CertTTL:            ca.DefaultCertTTL,
 		MaxCertTTL:         ca.DefaultMaxTTL,
-		RootPublishDelay:   time.Hour,
+		RootPublishDelay:   ca.MinPublishDelay(ca.DefaultMaxTTL),
 	}
 }
 
@@ -114,8 +114,8 @@ func (c Config) Validate() error {
 	if c.CertTTL <= 0 || c.MaxCertTTL <= 0 || c.CertTTL > c.MaxCertTTL {
 		errs = append(errs, fmt.Errorf("--cert-ttl %s and --max-cert-ttl %s must be positive, and the default no longer than the maximum", c.CertTTL, c.MaxCertTTL))
 	}
-	if c.RootPublishDelay <= 0 {
-		errs = append(errs, fmt.Errorf("--root-publish-delay %s must be positive", c.RootPublishDelay))
+	if floor := ca.MinPublishDelay(c.MaxCertTTL); c.RootPublishDelay < floor {
+		errs = append(errs, fmt.Errorf("--root-publish-delay %s is too short: workloads renew by 0.55 x --max-cert-ttl, so a new root must be trusted at least %s before it signs", c.RootPublishDelay, floor))
 	}
 	if c.ShutdownTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--shutdown-timeout %s must be positive", c.ShutdownTimeout))

@@ -30,7 +30,7 @@ func TestConfigValidate(t *testing.T) {
 		`--ca-addr "15012"`,
 		`--monitoring-addr "x"`,
 		"--cert-ttl 72h0m0s and --max-cert-ttl 48h0m0s",
-		"--root-publish-delay 0s must be positive",
+		"--root-publish-delay 0s is too short",
 	} {
 		require.ErrorContains(t, err, want)
 	}

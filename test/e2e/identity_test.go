@@ -89,7 +89,7 @@ func startCA(t *testing.T, c *localcluster.Cluster, clk *clocktesting.FakeClock)
 	log := slog.New(slog.NewTextHandler(io.MultiWriter(logs, testWriter{t}), &slog.HandlerOptions{Level: slog.LevelDebug}))
 	authority, err := ca.New(t.Context(), fedClient, ca.Options{
 		TrustDomain: td, Namespace: "isthmus-system", Clock: clk,
-		PublishDelay: time.Hour, SyncInterval: 10 * time.Second, Logger: log,
+		SyncInterval: 10 * time.Second, Logger: log, // PublishDelay: the safe default
 	})
 	require.NoError(t, err)
 	self, err := ca.NewSelfSource(authority.Authority, federatorID, clk)
@@ -337,8 +337,17 @@ func TestIdentity(t *testing.T) {
 		oldRoot := f.ca.SigningCertificate()
 		require.NoError(t, ca.RequestRotation(t.Context(), kc, "isthmus-system", ""))
 		require.NoError(t, f.ca.Reconcile(t.Context()))
-		advance(t, f, ca.DefaultCertTTL/2+2*time.Hour, client, server)
-		require.NoError(t, f.ca.Reconcile(t.Context()))
+		// Until the publish delay has passed, the old root signs, and every
+		// workload renews at least once, learning the new root.
+		advance(t, f, ca.MinPublishDelay(ca.DefaultMaxTTL)-time.Hour, client, server)
+		require.True(t, f.ca.SigningCertificate().Equal(oldRoot))
+		for _, w := range []*identity.Source{client, server} {
+			b, err := w.GetX509BundleForTrustDomain(td)
+			require.NoError(t, err)
+			require.Len(t, b.X509Authorities(), 2, "every workload trusts the new root before it signs")
+		}
+		echoOK("new root published")
+		advance(t, f, 2*time.Hour, client, server)
 		newRoot := f.ca.SigningCertificate()
 		require.False(t, newRoot.Equal(oldRoot), "new root signs after the publish delay")
 		advance(t, f, ca.DefaultCertTTL/2+2*time.Hour, client, server)
