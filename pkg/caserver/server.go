@@ -1,6 +1,10 @@
 package caserver
 
 import (
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/metric/noop"
+
 	"context"
 	"crypto"
 	"crypto/x509"
@@ -34,16 +38,21 @@ type Options struct {
 	// Now is the time at which an issued chain is checked before it is
 	// returned; it should be the Signer's clock. Nil means time.Now.
 	Now func() time.Time
+	// Meter records isthmus_ca_certificates_issued and
+	// isthmus_ca_requests_refused (by gRPC code). Nil records nothing.
+	Meter metric.Meter
 }
 
 // Server implements Istio's IstioCertificateService on top of a ca.Signer.
 type Server struct {
 	pb.UnimplementedIstioCertificateServiceServer
 
-	signer ca.Signer
-	auth   Authenticator
-	log    *slog.Logger
-	now    func() time.Time
+	signer  ca.Signer
+	auth    Authenticator
+	log     *slog.Logger
+	now     func() time.Time
+	issued  metric.Int64Counter
+	refused metric.Int64Counter
 }
 
 var _ pb.IstioCertificateServiceServer = (*Server)(nil)
@@ -59,7 +68,17 @@ func New(signer ca.Signer, auth Authenticator, opts Options) *Server {
 	if now == nil {
 		now = time.Now
 	}
-	return &Server{signer: signer, auth: auth, log: log.With("component", "ca-server"), now: now}
+	meter := opts.Meter
+	if meter == nil {
+		meter = noop.NewMeterProvider().Meter("")
+	}
+	// Instrument creation only fails for invalid names, which these are not;
+	// the SDK then hands back a working no-op instrument anyway.
+	issued, _ := meter.Int64Counter("isthmus_ca_certificates_issued",
+		metric.WithDescription("Workload certificates issued by the certificate service."))
+	refused, _ := meter.Int64Counter("isthmus_ca_requests_refused",
+		metric.WithDescription("Certificate requests refused, by gRPC status code."))
+	return &Server{signer: signer, auth: auth, log: log.With("component", "ca-server"), now: now, issued: issued, refused: refused}
 }
 
 // Register adds the service to g.
@@ -150,6 +169,7 @@ func (s *Server) CreateCertificate(ctx context.Context, req *pb.IstioCertificate
 		resp.CertChain = append(resp.CertChain, encodePEM(c))
 	}
 	resp.CertChain = append(resp.CertChain, encodePEM(root))
+	s.issued.Add(ctx, 1)
 	log.Debug("issued certificate", "serial", chain[0].SerialNumber.String(), "not_after", chain[0].NotAfter)
 	return resp, nil
 }
@@ -202,6 +222,7 @@ func csrErrorCode(err error) codes.Code {
 
 // refuse logs a refused request and returns its gRPC status.
 func (s *Server) refuse(ctx context.Context, log *slog.Logger, code codes.Code, reason string) error {
+	s.refused.Add(ctx, 1, metric.WithAttributes(attribute.String("code", code.String())))
 	log.LogAttrs(ctx, slog.LevelWarn, "refused certificate request",
 		slog.String("code", code.String()), slog.String("reason", reason))
 	return status.Error(code, reason)

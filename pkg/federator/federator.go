@@ -79,10 +79,13 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 	if err != nil {
 		return nil, err
 	}
+	if err := f.setUpMetrics(); err != nil {
+		return nil, err
+	}
 	if err := f.setUpIdentity(ctx, kubeClient); err != nil {
 		return nil, err
 	}
-	if err := f.setUpMetrics(); err != nil {
+	if err := f.setUpTrustMetrics(); err != nil {
 		return nil, err
 	}
 	return f, nil
@@ -118,7 +121,7 @@ func (f *Federator) setUpIdentity(ctx context.Context, kubeClient kubernetes.Int
 	f.caServer = caserver.New(f.ca, caserver.TokenReviewAuthenticator{
 		Client:    kubeClient,
 		Audiences: []string{f.cfg.TokenAudience},
-	}, caserver.Options{Logger: f.log})
+	}, caserver.Options{Logger: f.log, Meter: f.meter()})
 	f.log.Info("cluster identity ready", "trustDomain", td.Name(), "federatorID", id.String(),
 		"pluggedCA", f.ca.Plugged(), "bundleSequence", f.ca.BundleSequence())
 	return nil
@@ -167,7 +170,7 @@ func (f *Federator) setUpMetrics() error {
 		return fmt.Errorf("prometheus exporter: %w", err)
 	}
 	f.provider = sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter))
-	meter := f.provider.Meter("github.com/isthmus-mesh/isthmus/pkg/federator")
+	meter := f.meter()
 	services, err := meter.Int64ObservableGauge("isthmus_catalog_services",
 		metric.WithDescription("Services in the catalog, by source (local or the peer they came from)."))
 	if err != nil {
@@ -191,6 +194,46 @@ func (f *Federator) setUpMetrics() error {
 		}
 		return nil
 	}, services, endpoints)
+	return err
+}
+
+func (f *Federator) meter() metric.Meter {
+	return f.provider.Meter("github.com/isthmus-mesh/isthmus/pkg/federator")
+}
+
+// setUpTrustMetrics exports what an operator watches during a rotation and
+// before a root expires.
+func (f *Federator) setUpTrustMetrics() error {
+	m := f.meter()
+	roots, err := m.Int64ObservableGauge("isthmus_trust_bundle_roots",
+		metric.WithDescription("Root certificates in each trust domain's bundle."))
+	if err != nil {
+		return err
+	}
+	seq, err := m.Int64ObservableGauge("isthmus_trust_bundle_sequence",
+		metric.WithDescription("Sequence number of each trust domain's bundle."))
+	if err != nil {
+		return err
+	}
+	expiry, err := m.Float64ObservableGauge("isthmus_ca_signing_certificate_expiry_seconds",
+		metric.WithDescription("Unix time at which the CA's signing certificate expires."), metric.WithUnit("s"))
+	if err != nil {
+		return err
+	}
+	_, err = m.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		for _, td := range f.trust.TrustDomains() {
+			b, err := f.trust.GetBundleForTrustDomain(td)
+			if err != nil {
+				continue
+			}
+			attrs := metric.WithAttributes(attribute.String("trust_domain", td.Name()))
+			o.ObserveInt64(roots, int64(len(b.X509Authorities())), attrs)
+			n, _ := b.SequenceNumber()
+			o.ObserveInt64(seq, int64(n), attrs)
+		}
+		o.ObserveFloat64(expiry, float64(f.ca.SigningCertificate().NotAfter.Unix()))
+		return nil
+	}, roots, seq, expiry)
 	return err
 }
 

@@ -61,6 +61,11 @@ func TestFederatorCA(t *testing.T) {
 	_, _, err = x509svid.Verify(svid.Certificates, bundle)
 	require.NoError(t, err)
 
+	metrics, err := f.Metrics(ctx)
+	require.NoError(t, err)
+	require.Contains(t, metrics, "isthmus_ca_certificates_issued_total 1")
+	require.Contains(t, metrics, `isthmus_trust_bundle_roots{trust_domain="a.mesh"} 1`)
+
 	fetchCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	fetched, err := federation.FetchBundle(fetchCtx, td, f.BundleEndpoint, federation.WithSPIFFEAuth(bundle, federatorID))
