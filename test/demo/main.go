@@ -20,13 +20,18 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	mcsv1alpha1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
 	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
 
+	"github.com/isthmus-mesh/isthmus/pkg/ca"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/pkg/identity"
 	"github.com/isthmus-mesh/isthmus/test/fedproc"
 	"github.com/isthmus-mesh/isthmus/test/install"
 	"github.com/isthmus-mesh/isthmus/test/localcluster"
@@ -143,6 +148,10 @@ func run(ctx context.Context, log *slog.Logger, binDir, echoBin string, exitAfte
 		out, _ := json.MarshalIndent(d, "", "  ")
 		fmt.Println(string(out))
 	}
+	if err := showIdentity(ctx, env, feds); err != nil {
+		return err
+	}
+
 	fmt.Println("\nCluster b's catalog holds only its own exports (none): linking clusters with")
 	fmt.Println("`federator token create` / `federator join` is the next step on the roadmap.")
 
@@ -225,4 +234,52 @@ func waitForService(ctx context.Context, f *fedproc.Federator, ns, name string, 
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// showIdentity has a workload of each cluster get its certificate from its
+// own federator, with a real ServiceAccount token, and prints who it is and
+// which root signed it: two clusters, two trust domains, two roots.
+func showIdentity(ctx context.Context, env *localcluster.Env, feds map[string]*fedproc.Federator) error {
+	for _, c := range env.Clusters() {
+		step("cluster %s: ServiceAccount demo/client gets its certificate from federator %s", c.Name(), c.Name())
+		kc := c.Client()
+		if _, err := kc.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "demo"}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+			return err
+		}
+		if _, err := kc.CoreV1().ServiceAccounts("demo").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "client"}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+			return err
+		}
+		sec, err := kc.CoreV1().Secrets("isthmus-system").Get(ctx, ca.DefaultSecretName, metav1.GetOptions{})
+		if err != nil {
+			return fmt.Errorf("read cluster %s's root: %w", c.Name(), err)
+		}
+		td := spiffeid.RequireTrustDomainFromString(c.Name() + ".mesh")
+		src, err := identity.New(ctx, identity.Config{
+			CAAddress:   feds[c.Name()].CAAddr,
+			CAID:        spiffeid.RequireFromSegments(td, "ns", "isthmus-system", "sa", "isthmus-federator"),
+			RootsPEM:    sec.Data[ca.KeyRootCert],
+			TrustDomain: td, Namespace: "demo", ServiceAccount: "client",
+			TokenSource: func(ctx context.Context) (string, error) {
+				tr, err := kc.CoreV1().ServiceAccounts("demo").CreateToken(ctx, "client", &authenticationv1.TokenRequest{
+					Spec: authenticationv1.TokenRequestSpec{Audiences: []string{"isthmus-ca"}},
+				}, metav1.CreateOptions{})
+				if err != nil {
+					return "", err
+				}
+				return tr.Status.Token, nil
+			},
+		})
+		if err != nil {
+			return fmt.Errorf("certificate for demo/client in cluster %s: %w", c.Name(), err)
+		}
+		svid, err := src.GetX509SVID()
+		_ = src.Close()
+		if err != nil {
+			return err
+		}
+		leaf := svid.Certificates[0]
+		fmt.Printf("  identity  %s\n  issuer    %s\n  valid     %s → %s\n",
+			svid.ID, leaf.Issuer.CommonName, leaf.NotBefore.UTC().Format(time.RFC3339), leaf.NotAfter.UTC().Format(time.RFC3339))
+	}
+	return nil
 }
