@@ -13,6 +13,9 @@ LDFLAGS    := -X github.com/isthmus-mesh/isthmus/pkg/version.Version=$(VERSION)
 GO_TEST    ?= go test -race -count=1 -timeout 30m
 STATICCHECK_VERSION := v0.8.2
 KUSTOMIZE_VERSION   := v5.8.1
+BUF_VERSION         := v1.75.0
+PROTOC_GEN_GO_VERSION      := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 
 export PATH := $(BIN):$(PATH)
 
@@ -44,14 +47,21 @@ lint: tools ## go vet and staticcheck
 	go vet -tags kind ./test/kind/...
 	$(BIN)/staticcheck ./...
 
+.PHONY: generate-tools
+generate-tools: ## Install buf and the protoc plugins into bin/ (only generate needs them)
+	@test -x $(BIN)/buf && $(BIN)/buf --version | grep -qx '$(BUF_VERSION:v%=%)' || GOBIN=$(BIN) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+	@test -x $(BIN)/protoc-gen-go && $(BIN)/protoc-gen-go --version | grep -q '$(PROTOC_GEN_GO_VERSION)$$' || GOBIN=$(BIN) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	@test -x $(BIN)/protoc-gen-go-grpc && $(BIN)/protoc-gen-go-grpc --version | grep -q '$(PROTOC_GEN_GO_GRPC_VERSION:v%=%)$$' || GOBIN=$(BIN) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+
 .PHONY: generate
-generate: ## Regenerate checked-in generated files (CRDs from the MCS module)
+generate: generate-tools ## Regenerate checked-in generated files (federation API, CRDs from the MCS module)
+	cd api && $(BIN)/buf lint && $(BIN)/buf generate
 	cp "$$(go list -m -f '{{.Dir}}' sigs.k8s.io/mcs-api)"/config/crd/multicluster.x-k8s.io_service{exports,imports}.yaml deploy/crds/
 	chmod 644 deploy/crds/*.yaml
 
 .PHONY: verify
 verify: generate lint ## Fail when generated files are stale or lint finds something
-	git diff --exit-code -- deploy/crds
+	git diff --exit-code -- deploy/crds api
 
 .PHONY: e2e
 e2e: tools kube-binaries ## Run only the end-to-end tests on the local multi-cluster harness
