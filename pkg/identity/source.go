@@ -324,34 +324,30 @@ func (s *Source) currentBundle() *x509bundle.Bundle {
 	return s.bundle.Clone()
 }
 
-// install makes svid current and adds roots to the bundle. Roots are only
-// ever added; expired ones are dropped, unless none would remain.
+// install makes svid current and the response's roots the bundle. The CA
+// sends its whole current bundle with every certificate, over a TLS
+// connection authenticated against the bundle we held, so it is
+// authoritative: a root the CA retired (after a rotation, perhaps because
+// its key leaked) stops being trusted at our next renewal, not when it
+// expires years later. During a rotation the CA sends old and new roots
+// together, so nothing still valid is ever dropped.
 func (s *Source) install(svid *x509svid.SVID, roots []*x509.Certificate) {
-	now := s.clock.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	b := s.bundle.Clone()
-	for _, r := range roots {
-		if !b.HasX509Authority(r) {
-			b.AddX509Authority(r)
-			s.log.Info("trust bundle gained a root", "subject", r.Subject.String(), "not_after", r.NotAfter)
+	if len(roots) > 0 {
+		b := x509bundle.FromX509Authorities(s.td, roots)
+		for _, r := range roots {
+			if !s.bundle.HasX509Authority(r) {
+				s.log.Info("trust bundle gained a root", "subject", r.Subject.String(), "not_after", r.NotAfter)
+			}
 		}
-	}
-	var live, expired []*x509.Certificate
-	for _, r := range b.X509Authorities() {
-		if now.After(r.NotAfter) {
-			expired = append(expired, r)
-		} else {
-			live = append(live, r)
+		for _, r := range s.bundle.X509Authorities() {
+			if !b.HasX509Authority(r) {
+				s.log.Info("trust bundle dropped a root the CA no longer sends", "subject", r.Subject.String(), "not_after", r.NotAfter)
+			}
 		}
+		s.bundle = b
 	}
-	if len(live) > 0 && len(expired) > 0 {
-		b.SetX509Authorities(live)
-		for _, r := range expired {
-			s.log.Info("trust bundle dropped an expired root", "subject", r.Subject.String(), "not_after", r.NotAfter)
-		}
-	}
-	s.bundle = b
 	s.svid = svid
 	leaf := svid.Certificates[0]
 	s.log.Info("holding SVID", "serial", leaf.SerialNumber.String(), "not_after", leaf.NotAfter)

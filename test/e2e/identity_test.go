@@ -363,6 +363,13 @@ func TestIdentity(t *testing.T) {
 		require.NoError(t, f.ca.Reconcile(t.Context()))
 		require.Len(t, f.ca.Bundle().X509Authorities(), 1, "old root retired")
 		echoOK("after the old root retired")
+		advance(t, f, ca.DefaultCertTTL/2+2*time.Hour, client, server)
+		for _, w := range []*identity.Source{client, server} {
+			b, err := w.GetX509BundleForTrustDomain(td)
+			require.NoError(t, err)
+			require.Equal(t, []*x509.Certificate{newRoot}, b.X509Authorities(), "workloads stop trusting the retired root at their next renewal")
+		}
+		echoOK("after workloads dropped the retired root")
 		mtlsPair(t, clk, client, server)
 	})
 
