@@ -128,8 +128,8 @@ func (s *Source) GetX509SVID() (*x509svid.SVID, error) {
 }
 
 // GetX509BundleForTrustDomain returns the roots of the workload's own trust
-// domain: the configured ones plus those the CA has sent since, less the
-// expired. It implements x509bundle.Source; other trust domains are not
+// domain: the configured ones until the first certificate arrives, then
+// the set the CA sent with its latest certificate. It implements x509bundle.Source; other trust domains are not
 // this Source's business and get an error.
 func (s *Source) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
 	s.mu.RLock()
