@@ -16,6 +16,7 @@ KUSTOMIZE_VERSION   := v5.8.1
 BUF_VERSION         := v1.75.0
 PROTOC_GEN_GO_VERSION      := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+CONTROLLER_GEN_VERSION     := v0.23.0
 
 export PATH := $(BIN):$(PATH)
 
@@ -48,20 +49,22 @@ lint: tools ## go vet and staticcheck
 	$(BIN)/staticcheck ./...
 
 .PHONY: generate-tools
-generate-tools: ## Install buf and the protoc plugins into bin/ (only generate needs them)
+generate-tools: ## Install buf, the protoc plugins and controller-gen into bin/ (only generate needs them)
 	@test -x $(BIN)/buf && $(BIN)/buf --version | grep -qx '$(BUF_VERSION:v%=%)' || GOBIN=$(BIN) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
 	@test -x $(BIN)/protoc-gen-go && $(BIN)/protoc-gen-go --version | grep -q '$(PROTOC_GEN_GO_VERSION)$$' || GOBIN=$(BIN) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	@test -x $(BIN)/controller-gen && $(BIN)/controller-gen --version | grep -q '$(CONTROLLER_GEN_VERSION)$$' || GOBIN=$(BIN) go install sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_GEN_VERSION)
 	@test -x $(BIN)/protoc-gen-go-grpc && $(BIN)/protoc-gen-go-grpc --version | grep -q '$(PROTOC_GEN_GO_GRPC_VERSION:v%=%)$$' || GOBIN=$(BIN) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 
 .PHONY: generate
 generate: generate-tools ## Regenerate checked-in generated files (federation API, CRDs from the MCS module)
 	cd api && $(BIN)/buf lint && $(BIN)/buf generate
+	$(BIN)/controller-gen object paths=./pkg/apis/... crd:crdVersions=v1 output:crd:dir=./deploy/crds
 	cp "$$(go list -m -f '{{.Dir}}' sigs.k8s.io/mcs-api)"/config/crd/multicluster.x-k8s.io_service{exports,imports}.yaml deploy/crds/
 	chmod 644 deploy/crds/*.yaml
 
 .PHONY: verify
 verify: generate lint ## Fail when generated files are stale or lint finds something
-	git diff --exit-code -- deploy/crds api
+	git diff --exit-code -- deploy/crds api pkg/apis
 
 .PHONY: e2e
 e2e: tools kube-binaries ## Run only the end-to-end tests on the local multi-cluster harness

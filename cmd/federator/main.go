@@ -30,7 +30,7 @@ func newRootCommand() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newRunCommand(), newCACommand(), newVersionCommand())
+	root.AddCommand(newRunCommand(), newCACommand(), newTokenCommand(), newJoinCommand(), newVersionCommand())
 	return root
 }
 

@@ -597,3 +597,24 @@ func pluggedKeySet(sec *corev1.Secret, now time.Time) (*keySet, error) {
 	}
 	return &keySet{key: key, cert: cert, chain: tail, roots: roots, sequence: uint64(now.Unix())}, nil
 }
+
+// ReadRoots returns the roots of the cluster behind client as its
+// federators keep them: from the plugged-in cacerts Secret if there is
+// one, else from the self-signed CA's Secret.
+func ReadRoots(ctx context.Context, client kubernetes.Interface, namespace string) ([]*x509.Certificate, error) {
+	for _, name := range []string{PluggedSecretName, DefaultSecretName} {
+		sec, err := client.CoreV1().Secrets(namespace).Get(ctx, name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read CA Secret %s/%s: %w", namespace, name, err)
+		}
+		roots, err := parseCerts(sec.Data[KeyRootCert])
+		if err != nil {
+			return nil, fmt.Errorf("CA Secret %s/%s: %s: %w", namespace, name, KeyRootCert, err)
+		}
+		return roots, nil
+	}
+	return nil, fmt.Errorf("no CA in namespace %s (neither %s nor %s): is the federator running in this cluster?", namespace, PluggedSecretName, DefaultSecretName)
+}

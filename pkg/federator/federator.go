@@ -35,6 +35,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
 	"github.com/isthmus-mesh/isthmus/pkg/caserver"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/pkg/federation"
 	"github.com/isthmus-mesh/isthmus/pkg/kube"
 	"github.com/isthmus-mesh/isthmus/pkg/trust"
 )
@@ -122,6 +123,11 @@ func (f *Federator) setUpIdentity(ctx context.Context, kubeClient kubernetes.Int
 		Client:    kubeClient,
 		Audiences: []string{f.cfg.TokenAudience},
 	}, caserver.Options{Logger: f.log, Meter: f.meter()})
+	if err := federation.PublishClusterInfo(ctx, kubeClient, f.cfg.Namespace, federation.ClusterInfo{
+		ClusterName: f.cfg.ClusterName, TrustDomain: td, FederatorID: id,
+	}); err != nil {
+		return err
+	}
 	f.log.Info("cluster identity ready", "trustDomain", td.Name(), "federatorID", id.String(),
 		"pluggedCA", f.ca.Plugged(), "bundleSequence", f.ca.BundleSequence())
 	return nil

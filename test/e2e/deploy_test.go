@@ -76,7 +76,9 @@ func TestDeployManifests(t *testing.T) {
 		{"get", "", "secrets", "isthmus-system", "isthmus-ca", true},
 		{"update", "", "secrets", "isthmus-system", "isthmus-ca", true},
 		{"get", "", "secrets", "isthmus-system", "cacerts", true},
+		{"update", "", "configmaps", "isthmus-system", "isthmus-cluster", true},
 		// Least privilege: nothing beyond that.
+		{"update", "", "configmaps", "isthmus-system", "some-other-config", false},
 		{"update", "", "secrets", "isthmus-system", "cacerts", false},
 		{"get", "", "secrets", "isthmus-system", "some-other-secret", false},
 		{"list", "", "secrets", "", "", false},

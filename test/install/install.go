@@ -143,5 +143,5 @@ subjects:
     kind: User
     name: %[1]q
 `, user)
-	return Apply(ctx, cfg, deploy.ServiceExportCRD, deploy.ServiceImportCRD, deploy.Namespace, deploy.FederatorRBAC, []byte(binding))
+	return Apply(ctx, cfg, deploy.ServiceExportCRD, deploy.ServiceImportCRD, deploy.FederationPeerCRD, deploy.Namespace, deploy.FederatorRBAC, []byte(binding))
 }

@@ -1,0 +1,125 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/isthmus-mesh/isthmus/pkg/federation"
+)
+
+// clusterFlags are the flags every operator verb shares.
+type clusterFlags struct {
+	kubeconfig, namespace string
+}
+
+func (f *clusterFlags) register(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "path to a kubeconfig (default: in-cluster, or ~/.kube/config)")
+	cmd.Flags().StringVarP(&f.namespace, "namespace", "n", "isthmus-system", "the federator's namespace")
+}
+
+func (f *clusterFlags) restConfig() (*rest.Config, error) {
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	rules.ExplicitPath = f.kubeconfig
+	cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, nil).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("kubeconfig: %w", err)
+	}
+	return cfg, nil
+}
+
+func newTokenCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "token", Short: "Peering tokens"}
+	var cf clusterFlags
+	var opts federation.TokenOptions
+	create := &cobra.Command{
+		Use:   "create --peer NAME --address HOST:PORT [--ttl 1h]",
+		Short: "Print a one-time token that lets cluster NAME join this one (only a hash of its secret is stored)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := cf.restConfig()
+			if err != nil {
+				return err
+			}
+			client, err := kubernetes.NewForConfig(cfg)
+			if err != nil {
+				return err
+			}
+			opts.Namespace = cf.namespace
+			t, err := federation.CreateToken(cmd.Context(), client, opts)
+			if err != nil {
+				return err
+			}
+			s, err := t.Encode()
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), s)
+			fmt.Fprintf(cmd.ErrOrStderr(), "token for %s, valid until %s; on %s run:\n  federator join --name %s --token-file <file holding the token>\n",
+				t.Peer, t.Expires.Format(time.RFC3339), t.Peer, t.ClusterName)
+			return nil
+		},
+	}
+	cf.register(create)
+	create.Flags().StringVar(&opts.Peer, "peer", "", "name of the cluster that will join")
+	create.Flags().DurationVar(&opts.TTL, "ttl", federation.DefaultTokenTTL, "how long the token's secret is honoured")
+	create.Flags().StringSliceVar(&opts.Addresses, "address", nil, "host:port where the peer reaches this cluster (repeatable)")
+	cmd.AddCommand(create)
+	return cmd
+}
+
+func newJoinCommand() *cobra.Command {
+	var cf clusterFlags
+	var opts federation.JoinOptions
+	var tokenFile string
+	cmd := &cobra.Command{
+		Use:   "join --name NAME (--token TOKEN | --token-file FILE)",
+		Short: "Link this cluster with cluster NAME using a token from its `federator token create`",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			switch {
+			case opts.Token != "" && tokenFile != "":
+				return fmt.Errorf("give --token or --token-file, not both")
+			case tokenFile != "":
+				b, err := os.ReadFile(tokenFile)
+				if err != nil {
+					return fmt.Errorf("--token-file: %w", err)
+				}
+				opts.Token = strings.TrimSpace(string(b))
+			case opts.Token == "":
+				return fmt.Errorf("--token or --token-file is required")
+			}
+			cfg, err := cf.restConfig()
+			if err != nil {
+				return err
+			}
+			client, err := kubernetes.NewForConfig(cfg)
+			if err != nil {
+				return err
+			}
+			dyn, err := dynamic.NewForConfig(cfg)
+			if err != nil {
+				return err
+			}
+			opts.Namespace = cf.namespace
+			peer, err := federation.Join(cmd.Context(), client, dyn, opts)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "FederationPeer %s created (trust domain %s, federator %s)\n", peer.Name, peer.Spec.TrustDomain, peer.Spec.FederatorID)
+			return nil
+		},
+	}
+	cf.register(cmd)
+	cmd.Flags().StringVar(&opts.Name, "name", "", "the peer cluster's name, as in the token")
+	cmd.Flags().StringVar(&opts.Token, "token", "", "the token (prefer --token-file: command lines are visible to other users)")
+	cmd.Flags().StringVar(&tokenFile, "token-file", "", "file holding the token")
+	return cmd
+}

@@ -1,0 +1,97 @@
+package v1alpha1
+
+import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+)
+
+// GroupVersion is the API's group and version.
+var GroupVersion = schema.GroupVersion{Group: "federation.isthmus.dev", Version: "v1alpha1"}
+
+// Resource is the plural resource of FederationPeer.
+var Resource = GroupVersion.WithResource("federationpeers")
+
+// FederationPeer is another cluster this cluster is linked with. Its name
+// is the peer's cluster name. `federator join` creates one on the joining
+// side; the accepting federator creates its own once the join succeeds.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:resource:scope=Cluster,shortName=fp
+// +kubebuilder:subresource:status
+// +kubebuilder:printcolumn:name="State",type=string,JSONPath=`.status.state`
+// +kubebuilder:printcolumn:name="Trust Domain",type=string,JSONPath=`.spec.trustDomain`
+// +kubebuilder:printcolumn:name="Imported",type=integer,JSONPath=`.status.importedServices`
+// +kubebuilder:printcolumn:name="Exported",type=integer,JSONPath=`.status.exportedServices`
+// +kubebuilder:printcolumn:name="Last Heartbeat",type=date,JSONPath=`.status.lastHeartbeat`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type FederationPeer struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Spec   FederationPeerSpec   `json:"spec"`
+	Status FederationPeerStatus `json:"status,omitempty"`
+}
+
+// FederationPeerSpec is what the operator (or `federator join`) says about
+// the peer. The federator never overwrites it with what the peer says.
+type FederationPeerSpec struct {
+	// TrustDomain is the peer's SPIFFE trust domain.
+	// +kubebuilder:validation:MinLength=1
+	TrustDomain string `json:"trustDomain"`
+	// FederatorID is the SPIFFE ID the peer's federator must present.
+	// +kubebuilder:validation:Pattern=`^spiffe://`
+	FederatorID string `json:"federatorID"`
+	// Addresses are where the peer's federation endpoint is reached
+	// (host:port; hostnames allowed). Pinned by the operator.
+	// +optional
+	Addresses []string `json:"addresses,omitempty"`
+	// TokenSecretName names the Secret in the federator's namespace holding
+	// the peering token this side joins with. Empty on the accepting side.
+	// +optional
+	TokenSecretName string `json:"tokenSecretName,omitempty"`
+	// Staleness bounds how long imports outlive a lost peer.
+	// +optional
+	Staleness Staleness `json:"staleness,omitempty"`
+}
+
+// Staleness bounds how long a disconnected peer's imports are kept.
+type Staleness struct {
+	// KeepFor is how long imported endpoints are kept after the peer is
+	// lost, before they are drained and then removed. Default 5m.
+	// +optional
+	KeepFor *metav1.Duration `json:"keepFor,omitempty"`
+}
+
+// FederationPeerStatus is what the federator observes.
+type FederationPeerStatus struct {
+	// State is Pending, Connected, Disconnected or Failed.
+	// +optional
+	State string `json:"state,omitempty"`
+	// +optional
+	LastHeartbeat *metav1.Time `json:"lastHeartbeat,omitempty"`
+	// +optional
+	ImportedServices int32 `json:"importedServices,omitempty"`
+	// +optional
+	ExportedServices int32 `json:"exportedServices,omitempty"`
+	// +optional
+	// +listType=map
+	// +listMapKey=type
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// FederationPeerList is a list of FederationPeers.
+//
+// +kubebuilder:object:root=true
+type FederationPeerList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []FederationPeer `json:"items"`
+}
+
+// AddToScheme registers the types.
+func AddToScheme(s *runtime.Scheme) error {
+	s.AddKnownTypes(GroupVersion, &FederationPeer{}, &FederationPeerList{})
+	metav1.AddToGroupVersion(s, GroupVersion)
+	return nil
+}

@@ -1,0 +1,267 @@
+package federation
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/util/validation"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
+	"github.com/isthmus-mesh/isthmus/pkg/ca"
+)
+
+// Objects the peering CLI reads and writes, all in the federator's
+// namespace unless cluster scoped.
+const (
+	// ClusterInfoConfigMap is published by the running federator: its
+	// cluster name, trust domain and SPIFFE ID, for the CLI to read.
+	ClusterInfoConfigMap = "isthmus-cluster"
+	// LabelTokenFor marks an accepting side's token record with the peer
+	// it was created for.
+	LabelTokenFor = "federation.isthmus.dev/token-for"
+	// LabelJoinToken marks a joining side's Secret holding a token.
+	LabelJoinToken = "federation.isthmus.dev/join-token"
+	// SecretTypeTokenRecord is the type of an accepting side's record.
+	SecretTypeTokenRecord corev1.SecretType = "federation.isthmus.dev/token-record"
+
+	keyClusterName = "clusterName"
+	keyTrustDomain = "trustDomain"
+	keyFederatorID = "federatorID"
+	keySecretHash  = "secret-sha256"
+	keyExpires     = "expires"
+	keyToken       = "token"
+
+	// DefaultTokenTTL is how long a token's secret is honoured.
+	DefaultTokenTTL = time.Hour
+	// MaxTokenTTL bounds it: a peering token is for linking now, not a
+	// standing credential.
+	MaxTokenTTL = 7 * 24 * time.Hour
+)
+
+// ClusterInfo is what a federator publishes about its cluster.
+type ClusterInfo struct {
+	ClusterName string
+	TrustDomain spiffeid.TrustDomain
+	FederatorID spiffeid.ID
+}
+
+// PublishClusterInfo writes the ClusterInfoConfigMap (the federator calls
+// it at start).
+func PublishClusterInfo(ctx context.Context, client kubernetes.Interface, namespace string, info ClusterInfo) error {
+	cm := &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: ClusterInfoConfigMap,
+			Labels: map[string]string{"app.kubernetes.io/part-of": "isthmus"}},
+		Data: map[string]string{
+			keyClusterName: info.ClusterName,
+			keyTrustDomain: info.TrustDomain.Name(),
+			keyFederatorID: info.FederatorID.String(),
+		},
+	}
+	cms := client.CoreV1().ConfigMaps(namespace)
+	old, err := cms.Get(ctx, ClusterInfoConfigMap, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		_, err = cms.Create(ctx, cm, metav1.CreateOptions{})
+	case err == nil:
+		if maps.Equal(old.Data, cm.Data) {
+			return nil
+		}
+		old.Data = cm.Data
+		_, err = cms.Update(ctx, old, metav1.UpdateOptions{})
+	}
+	if err != nil {
+		return fmt.Errorf("publish ConfigMap %s/%s: %w", namespace, ClusterInfoConfigMap, err)
+	}
+	return nil
+}
+
+func readClusterInfo(ctx context.Context, client kubernetes.Interface, namespace string) (ClusterInfo, error) {
+	cm, err := client.CoreV1().ConfigMaps(namespace).Get(ctx, ClusterInfoConfigMap, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return ClusterInfo{}, fmt.Errorf("ConfigMap %s/%s not found: is the federator running in this cluster?", namespace, ClusterInfoConfigMap)
+	}
+	if err != nil {
+		return ClusterInfo{}, fmt.Errorf("read ConfigMap %s/%s: %w", namespace, ClusterInfoConfigMap, err)
+	}
+	td, err := spiffeid.TrustDomainFromString(cm.Data[keyTrustDomain])
+	if err != nil {
+		return ClusterInfo{}, fmt.Errorf("ConfigMap %s/%s: trust domain: %w", namespace, ClusterInfoConfigMap, err)
+	}
+	id, err := spiffeid.FromString(cm.Data[keyFederatorID])
+	if err != nil {
+		return ClusterInfo{}, fmt.Errorf("ConfigMap %s/%s: federator ID: %w", namespace, ClusterInfoConfigMap, err)
+	}
+	return ClusterInfo{ClusterName: cm.Data[keyClusterName], TrustDomain: td, FederatorID: id}, nil
+}
+
+// TokenOptions are the arguments of `federator token create`.
+type TokenOptions struct {
+	// Namespace is the federator's namespace.
+	Namespace string
+	// Peer names the cluster that will join with the token.
+	Peer string
+	// TTL is how long the secret is honoured; zero means DefaultTokenTTL.
+	TTL time.Duration
+	// Addresses reach this cluster's federation endpoint (host:port).
+	Addresses []string
+	// Now is the current time (for tests); zero means time.Now().
+	Now time.Time
+}
+
+// CreateToken records a new one-time secret (as a hash, with its expiry)
+// in the accepting cluster and returns the token to hand to the peer.
+func CreateToken(ctx context.Context, client kubernetes.Interface, opts TokenOptions) (Token, error) {
+	var errs []error
+	if msgs := validation.IsDNS1123Label(opts.Peer); len(msgs) > 0 {
+		errs = append(errs, fmt.Errorf("--peer %q is not a cluster name: %s", opts.Peer, strings.Join(msgs, "; ")))
+	}
+	if opts.TTL == 0 {
+		opts.TTL = DefaultTokenTTL
+	}
+	if opts.TTL < 0 || opts.TTL > MaxTokenTTL {
+		errs = append(errs, fmt.Errorf("--ttl %s must be between 0 and %s", opts.TTL, MaxTokenTTL))
+	}
+	if len(opts.Addresses) == 0 {
+		errs = append(errs, errors.New("--address is required: where the peer reaches this cluster (host:port of the east-west gateway or the federator)"))
+	}
+	for _, a := range opts.Addresses {
+		if err := checkAddress(a); err != nil {
+			errs = append(errs, fmt.Errorf("--address: %w", err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return Token{}, err
+	}
+	if opts.Now.IsZero() {
+		opts.Now = time.Now()
+	}
+	info, err := readClusterInfo(ctx, client, opts.Namespace)
+	if err != nil {
+		return Token{}, err
+	}
+	if info.ClusterName == opts.Peer {
+		return Token{}, fmt.Errorf("--peer %q is this cluster's own name", opts.Peer)
+	}
+	roots, err := ca.ReadRoots(ctx, client, opts.Namespace)
+	if err != nil {
+		return Token{}, err
+	}
+	id, secret, err := newSecret()
+	if err != nil {
+		return Token{}, err
+	}
+	t := Token{
+		ClusterName: info.ClusterName, TrustDomain: info.TrustDomain.Name(), FederatorID: info.FederatorID.String(),
+		Addresses: slices.Clone(opts.Addresses), Peer: opts.Peer, ID: id, Secret: secret,
+		Expires: opts.Now.Add(opts.TTL).UTC().Truncate(time.Second),
+	}
+	for _, r := range roots {
+		t.Roots = append(t.Roots, r.Raw)
+	}
+	if err := t.Validate(); err != nil {
+		return Token{}, err
+	}
+	record := &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{
+			Namespace: opts.Namespace, Name: "isthmus-token-" + id,
+			Labels: map[string]string{LabelTokenFor: opts.Peer, "app.kubernetes.io/part-of": "isthmus"},
+		},
+		Type: SecretTypeTokenRecord,
+		Data: map[string][]byte{
+			keySecretHash: []byte(HashSecret(secret)),
+			keyExpires:    []byte(t.Expires.Format(time.RFC3339)),
+		},
+	}
+	if _, err := client.CoreV1().Secrets(opts.Namespace).Create(ctx, record, metav1.CreateOptions{}); err != nil {
+		return Token{}, fmt.Errorf("record token: %w", err)
+	}
+	return t, nil
+}
+
+// JoinOptions are the arguments of `federator join`.
+type JoinOptions struct {
+	// Namespace is the federator's namespace.
+	Namespace string
+	// Name is what this cluster calls the peer; it must be the name in
+	// the token.
+	Name string
+	// Token is the token text from the peer's `federator token create`.
+	Token string
+	// Now is the current time (for tests); zero means time.Now().
+	Now time.Time
+}
+
+// Join stores a peer's token in a Secret and creates the FederationPeer
+// that makes this cluster's federator dial the peer. Nothing is half
+// applied: if the FederationPeer cannot be created, the Secret is removed.
+func Join(ctx context.Context, client kubernetes.Interface, dyn dynamic.Interface, opts JoinOptions) (*v1alpha1.FederationPeer, error) {
+	t, err := DecodeToken(opts.Token)
+	if err != nil {
+		return nil, err
+	}
+	if opts.Now.IsZero() {
+		opts.Now = time.Now()
+	}
+	if t.Expired(opts.Now) {
+		return nil, fmt.Errorf("%w: it expired at %s; ask the peer for a new one (`federator token create`)", ErrInvalidToken, t.Expires.Format(time.RFC3339))
+	}
+	if opts.Name != t.ClusterName {
+		return nil, fmt.Errorf("--name %q does not match the cluster that created the token (%q)", opts.Name, t.ClusterName)
+	}
+	info, err := readClusterInfo(ctx, client, opts.Namespace)
+	if err != nil {
+		return nil, err
+	}
+	if t.Peer != info.ClusterName {
+		return nil, fmt.Errorf("%w: it was created for cluster %q, this cluster is %q", ErrInvalidToken, t.Peer, info.ClusterName)
+	}
+	if t.TrustDomain == info.TrustDomain.Name() {
+		return nil, fmt.Errorf("%w: the peer's trust domain %s is this cluster's own; every cluster needs its own", ErrInvalidToken, t.TrustDomain)
+	}
+	peers := dyn.Resource(v1alpha1.Resource)
+	if _, err := peers.Get(ctx, opts.Name, metav1.GetOptions{}); err == nil {
+		return nil, fmt.Errorf("FederationPeer %q already exists; delete it first to link again", opts.Name)
+	} else if !apierrors.IsNotFound(err) {
+		return nil, fmt.Errorf("read FederationPeer %q: %w", opts.Name, err)
+	}
+
+	secretName := "isthmus-join-" + opts.Name
+	sec := &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Namespace: opts.Namespace, Name: secretName,
+			Labels: map[string]string{LabelJoinToken: opts.Name, "app.kubernetes.io/part-of": "isthmus"}},
+		Data: map[string][]byte{keyToken: []byte(strings.TrimSpace(opts.Token))},
+	}
+	if _, err := client.CoreV1().Secrets(opts.Namespace).Create(ctx, sec, metav1.CreateOptions{}); err != nil {
+		return nil, fmt.Errorf("store token in Secret %s/%s: %w", opts.Namespace, secretName, err)
+	}
+	peer := &v1alpha1.FederationPeer{
+		TypeMeta:   metav1.TypeMeta{APIVersion: v1alpha1.GroupVersion.String(), Kind: "FederationPeer"},
+		ObjectMeta: metav1.ObjectMeta{Name: opts.Name, Labels: map[string]string{"app.kubernetes.io/part-of": "isthmus"}},
+		Spec: v1alpha1.FederationPeerSpec{
+			TrustDomain: t.TrustDomain, FederatorID: t.FederatorID,
+			Addresses: t.Addresses, TokenSecretName: secretName,
+		},
+	}
+	obj, err := runtime.DefaultUnstructuredConverter.ToUnstructured(peer)
+	if err == nil {
+		_, err = peers.Create(ctx, &unstructured.Unstructured{Object: obj}, metav1.CreateOptions{})
+	}
+	if err != nil {
+		_ = client.CoreV1().Secrets(opts.Namespace).Delete(context.WithoutCancel(ctx), secretName, metav1.DeleteOptions{})
+		return nil, fmt.Errorf("create FederationPeer %q: %w", opts.Name, err)
+	}
+	return peer, nil
+}
