@@ -3,45 +3,32 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"os"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
 )
 
 func newCACommand() *cobra.Command {
-	var kubeconfig, namespace string
+	var cf clusterFlags
 	cmd := &cobra.Command{
 		Use:   "ca",
 		Short: "Inspect and rotate the cluster CA",
 	}
-	cmd.PersistentFlags().StringVar(&kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "path to a kubeconfig (default: in-cluster, or ~/.kube/config)")
-	cmd.PersistentFlags().StringVarP(&namespace, "namespace", "n", "isthmus-system", "the federator's namespace")
-	client := func() (kubernetes.Interface, error) {
-		rules := clientcmd.NewDefaultClientConfigLoadingRules()
-		rules.ExplicitPath = kubeconfig
-		cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, nil).ClientConfig()
-		if err != nil {
-			return nil, fmt.Errorf("kubeconfig: %w", err)
-		}
-		return kubernetes.NewForConfig(cfg)
-	}
+	cf.register(cmd.PersistentFlags())
 
 	rotate := &cobra.Command{
 		Use:   "rotate",
 		Short: "Start a root rotation: the new root is trusted everywhere before it signs, the old one leaves once nothing it signed is valid",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := client()
+			c, err := cf.client()
 			if err != nil {
 				return err
 			}
-			if err := ca.RequestRotation(cmd.Context(), c, namespace, ""); err != nil {
+			if err := ca.RequestRotation(cmd.Context(), c, cf.namespace, ""); err != nil {
 				return err
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), "root rotation requested; `federator ca status` follows it")
@@ -54,11 +41,11 @@ func newCACommand() *cobra.Command {
 		Short: "Show the CA's roots and any rotation in progress",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := client()
+			c, err := cf.client()
 			if err != nil {
 				return err
 			}
-			st, err := ca.ReadStatus(cmd.Context(), c, namespace)
+			st, err := ca.ReadStatus(cmd.Context(), c, cf.namespace)
 			if err != nil {
 				return err
 			}

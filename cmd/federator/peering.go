@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -20,9 +21,9 @@ type clusterFlags struct {
 	kubeconfig, namespace string
 }
 
-func (f *clusterFlags) register(cmd *cobra.Command) {
-	cmd.Flags().StringVar(&f.kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "path to a kubeconfig (default: in-cluster, or ~/.kube/config)")
-	cmd.Flags().StringVarP(&f.namespace, "namespace", "n", "isthmus-system", "the federator's namespace")
+func (f *clusterFlags) register(fs *pflag.FlagSet) {
+	fs.StringVar(&f.kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "path to a kubeconfig (default: in-cluster, or ~/.kube/config)")
+	fs.StringVarP(&f.namespace, "namespace", "n", "isthmus-system", "the federator's namespace")
 }
 
 func (f *clusterFlags) restConfig() (*rest.Config, error) {
@@ -35,6 +36,14 @@ func (f *clusterFlags) restConfig() (*rest.Config, error) {
 	return cfg, nil
 }
 
+func (f *clusterFlags) client() (kubernetes.Interface, error) {
+	cfg, err := f.restConfig()
+	if err != nil {
+		return nil, err
+	}
+	return kubernetes.NewForConfig(cfg)
+}
+
 func newTokenCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "token", Short: "Peering tokens"}
 	var cf clusterFlags
@@ -44,11 +53,7 @@ func newTokenCommand() *cobra.Command {
 		Short: "Print a one-time token that lets cluster NAME join this one (only a hash of its secret is stored)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := cf.restConfig()
-			if err != nil {
-				return err
-			}
-			client, err := kubernetes.NewForConfig(cfg)
+			client, err := cf.client()
 			if err != nil {
 				return err
 			}
@@ -67,7 +72,7 @@ func newTokenCommand() *cobra.Command {
 			return nil
 		},
 	}
-	cf.register(create)
+	cf.register(create.Flags())
 	create.Flags().StringVar(&opts.Peer, "peer", "", "name of the cluster that will join")
 	create.Flags().DurationVar(&opts.TTL, "ttl", federation.DefaultTokenTTL, "how long the token's secret is honoured")
 	create.Flags().StringSliceVar(&opts.Addresses, "address", nil, "host:port where the peer reaches this cluster (repeatable)")
@@ -117,7 +122,7 @@ func newJoinCommand() *cobra.Command {
 			return nil
 		},
 	}
-	cf.register(cmd)
+	cf.register(cmd.Flags())
 	cmd.Flags().StringVar(&opts.Name, "name", "", "the peer cluster's name, as in the token")
 	cmd.Flags().StringVar(&opts.Token, "token", "", "the token (prefer --token-file: command lines are visible to other users)")
 	cmd.Flags().StringVar(&tokenFile, "token-file", "", "file holding the token")

@@ -13,13 +13,14 @@ import (
 	"fmt"
 	"math/big"
 	"net/url"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/utils/clock"
+
+	"github.com/isthmus-mesh/isthmus/internal/notify"
 )
 
 // Defaults for certificate lifetimes.
@@ -56,10 +57,7 @@ type Authority struct {
 	defTTL  time.Duration
 	maxTTL  time.Duration
 	current atomic.Pointer[keySet]
-
-	// mu guards subs.
-	mu   sync.Mutex
-	subs map[chan struct{}]struct{}
+	hub     notify.Hub
 }
 
 // AuthorityOptions tunes an Authority; zero values mean the defaults.
@@ -89,7 +87,7 @@ func newAuthority(td spiffeid.TrustDomain, opts AuthorityOptions) *Authority {
 	if opts.Clock == nil {
 		opts.Clock = clock.RealClock{}
 	}
-	return &Authority{td: td, clock: opts.Clock, defTTL: opts.DefaultTTL, maxTTL: opts.MaxTTL, subs: map[chan struct{}]struct{}{}}
+	return &Authority{td: td, clock: opts.Clock, defTTL: opts.DefaultTTL, maxTTL: opts.MaxTTL}
 }
 
 // TrustDomain is the trust domain the authority issues for.
@@ -113,31 +111,14 @@ func (a *Authority) SigningCertificate() *x509.Certificate { return a.current.Lo
 // Subscribe returns a channel that is signalled (coalesced, capacity one)
 // whenever the signing key or the bundle changes, and a function ending
 // the subscription.
-func (a *Authority) Subscribe() (<-chan struct{}, func()) {
-	ch := make(chan struct{}, 1)
-	a.mu.Lock()
-	a.subs[ch] = struct{}{}
-	a.mu.Unlock()
-	return ch, func() {
-		a.mu.Lock()
-		delete(a.subs, ch)
-		a.mu.Unlock()
-	}
-}
+func (a *Authority) Subscribe() (<-chan struct{}, func()) { return a.hub.Subscribe(false) }
 
 func (a *Authority) set(ks *keySet) {
 	old := a.current.Swap(ks)
 	if old != nil && old.cert.Equal(ks.cert) && sameCerts(old.roots, ks.roots) && old.sequence == ks.sequence {
 		return
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	for ch := range a.subs {
-		select {
-		case ch <- struct{}{}:
-		default:
-		}
-	}
+	a.hub.Notify()
 }
 
 func sameCerts(a, b []*x509.Certificate) bool {

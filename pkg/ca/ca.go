@@ -456,8 +456,8 @@ func (st *state) keySet() *keySet {
 }
 
 // Status reports the rotation state as stored.
-func (st *state) status() RotationStatus {
-	return RotationStatus{Source: DefaultSecretName, Phase: st.phase, ActivateAt: st.activateAt, RetireAt: st.retireAt, Roots: len(st.roots), Sequence: st.sequence}
+func (st *state) status(secretName string) RotationStatus {
+	return RotationStatus{Source: secretName, Phase: st.phase, ActivateAt: st.activateAt, RetireAt: st.retireAt, Roots: len(st.roots), Sequence: st.sequence}
 }
 
 // RotationStatus reads the CA Secret and reports any rotation in progress.
@@ -495,7 +495,7 @@ func readSelfSignedStatus(ctx context.Context, client kubernetes.Interface, name
 	if err != nil {
 		return RotationStatus{}, fmt.Errorf("CA Secret %s/%s: %w", namespace, name, err)
 	}
-	return st.status(), nil
+	return st.status(name), nil
 }
 
 // newRoot makes a self-signed ECDSA P-256 root for td.

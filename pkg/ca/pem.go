@@ -6,15 +6,11 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+
+	"github.com/isthmus-mesh/isthmus/internal/pemutil"
 )
 
-func encodeCerts(certs ...*x509.Certificate) []byte {
-	var out []byte
-	for _, c := range certs {
-		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
-	}
-	return out
-}
+func encodeCerts(certs ...*x509.Certificate) []byte { return pemutil.EncodeCertificates(certs...) }
 
 func encodeKey(key crypto.Signer) ([]byte, error) {
 	der, err := x509.MarshalPKCS8PrivateKey(key)
@@ -24,30 +20,7 @@ func encodeKey(key crypto.Signer) ([]byte, error) {
 	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
 }
 
-// parseCerts reads every CERTIFICATE block; anything else in the input is
-// an error, so a truncated or mixed-up file is noticed.
-func parseCerts(data []byte) ([]*x509.Certificate, error) {
-	var out []*x509.Certificate
-	for len(data) > 0 {
-		var b *pem.Block
-		b, data = pem.Decode(data)
-		if b == nil {
-			break
-		}
-		if b.Type != "CERTIFICATE" {
-			return nil, fmt.Errorf("unexpected PEM block %q", b.Type)
-		}
-		c, err := x509.ParseCertificate(b.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, c)
-	}
-	if len(out) == 0 {
-		return nil, errors.New("no PEM certificate found")
-	}
-	return out, nil
-}
+func parseCerts(data []byte) ([]*x509.Certificate, error) { return pemutil.ParseCertificates(data) }
 
 // parseKey reads a PKCS#8, PKCS#1 (RSA) or SEC 1 (EC) private key.
 func parseKey(data []byte) (crypto.Signer, error) {

@@ -4,6 +4,8 @@ import (
 	"maps"
 	"slices"
 	"sync"
+
+	"github.com/isthmus-mesh/isthmus/internal/notify"
 )
 
 // LocalSource is the source name of the cluster's own exported services.
@@ -14,15 +16,15 @@ const LocalSource = "local"
 // sees one pending signal, however many changes happened, and then reads
 // the current snapshots. The zero value is not usable; use NewStore.
 type Store struct {
-	// mu guards snaps and subs.
+	// mu guards snaps.
 	mu    sync.RWMutex
 	snaps map[string]*Snapshot
-	subs  map[*chan struct{}]struct{}
+	hub   notify.Hub
 }
 
 // NewStore returns an empty store.
 func NewStore() *Store {
-	return &Store{snaps: map[string]*Snapshot{}, subs: map[*chan struct{}]struct{}{}}
+	return &Store{snaps: map[string]*Snapshot{}}
 }
 
 // Set makes snap the current snapshot of its source. It reports whether
@@ -35,7 +37,7 @@ func (s *Store) Set(snap *Snapshot) bool {
 		return false
 	}
 	s.snaps[snap.Source()] = snap
-	s.notifyLocked()
+	s.hub.Notify()
 	return true
 }
 
@@ -47,7 +49,7 @@ func (s *Store) Delete(source string) {
 		return
 	}
 	delete(s.snaps, source)
-	s.notifyLocked()
+	s.hub.Notify()
 }
 
 // Get returns the current snapshot of source, or an empty snapshot of that
@@ -73,24 +75,4 @@ func (s *Store) Sources() []string {
 // (coalesced, capacity one) and a function that ends the subscription.
 // The channel starts with a pending signal so a new subscriber reads the
 // current state once.
-func (s *Store) Subscribe() (<-chan struct{}, func()) {
-	ch := make(chan struct{}, 1)
-	ch <- struct{}{}
-	s.mu.Lock()
-	s.subs[&ch] = struct{}{}
-	s.mu.Unlock()
-	return ch, func() {
-		s.mu.Lock()
-		delete(s.subs, &ch)
-		s.mu.Unlock()
-	}
-}
-
-func (s *Store) notifyLocked() {
-	for ch := range s.subs {
-		select {
-		case *ch <- struct{}{}:
-		default:
-		}
-	}
-}
+func (s *Store) Subscribe() (<-chan struct{}, func()) { return s.hub.Subscribe(true) }

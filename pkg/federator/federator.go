@@ -257,19 +257,22 @@ func (f *Federator) Run(ctx context.Context) error {
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       60 * time.Second,
 	}
+	grpcServer := grpc.NewServer(caserver.ServerOptions(f.self)...)
+	f.caServer.Register(grpcServer)
+	var bundleSrv *http.Server
+	if f.cfg.BundleEndpointAddr != "" {
+		if bundleSrv, err = trust.NewBundleEndpoint(f.cfg.BundleEndpointAddr, f.trust, f.self); err != nil {
+			_ = ln.Close()
+			return err
+		}
+	}
 	caLn, err := net.Listen("tcp", f.cfg.CAAddr)
 	if err != nil {
 		_ = ln.Close()
 		return fmt.Errorf("certificate service listener: %w", err)
 	}
-	grpcServer := grpc.NewServer(caserver.ServerOptions(f.self)...)
-	f.caServer.Register(grpcServer)
-	var bundleSrv *http.Server
 	var bundleLn net.Listener
-	if f.cfg.BundleEndpointAddr != "" {
-		if bundleSrv, err = trust.NewBundleEndpoint(f.cfg.BundleEndpointAddr, f.trust, f.self); err != nil {
-			return err
-		}
+	if bundleSrv != nil {
 		if bundleLn, err = net.Listen("tcp", f.cfg.BundleEndpointAddr); err != nil {
 			_ = ln.Close()
 			_ = caLn.Close()
@@ -296,37 +299,32 @@ func (f *Federator) Run(ctx context.Context) error {
 		return nil
 	})
 	if bundleSrv != nil {
-		g.Go(func() error {
-			if err := bundleSrv.ServeTLS(bundleLn, "", ""); !errors.Is(err, http.ErrServerClosed) {
-				return fmt.Errorf("bundle endpoint: %w", err)
-			}
-			return nil
-		})
-		g.Go(func() error {
-			<-gctx.Done()
-			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), f.cfg.ShutdownTimeout)
-			defer cancel()
-			return bundleSrv.Shutdown(sctx)
-		})
+		f.serveHTTP(gctx, g, "bundle endpoint", bundleSrv, func() error { return bundleSrv.ServeTLS(bundleLn, "", "") })
 	}
-	g.Go(func() error {
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("monitoring server: %w", err)
-		}
-		return nil
-	})
-	g.Go(func() error {
-		<-gctx.Done()
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), f.cfg.ShutdownTimeout)
-		defer cancel()
-		return srv.Shutdown(sctx)
-	})
+	f.serveHTTP(gctx, g, "monitoring server", srv, func() error { return srv.Serve(ln) })
 	err = g.Wait()
 	if perr := f.provider.Shutdown(context.WithoutCancel(ctx)); perr != nil && err == nil {
 		err = perr
 	}
 	f.log.Info("federator stopped")
 	return err
+}
+
+// serveHTTP runs serve in g and shuts srv down gracefully, bounded by the
+// shutdown timeout, once ctx ends.
+func (f *Federator) serveHTTP(ctx context.Context, g *errgroup.Group, name string, srv *http.Server, serve func() error) {
+	g.Go(func() error {
+		if err := serve(); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), f.cfg.ShutdownTimeout)
+		defer cancel()
+		return srv.Shutdown(sctx)
+	})
 }
 
 // stopGRPC stops gracefully, and forcibly once the timeout passes.

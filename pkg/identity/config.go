@@ -3,7 +3,6 @@ package identity
 import (
 	"context"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -11,6 +10,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
+
+	"github.com/isthmus-mesh/isthmus/internal/pemutil"
 )
 
 // TokenSource returns the bearer token to present to the CA: a
@@ -99,25 +100,4 @@ func (c Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-func parseRoots(b []byte) ([]*x509.Certificate, error) {
-	var roots []*x509.Certificate
-	for {
-		var block *pem.Block
-		block, b = pem.Decode(b)
-		if block == nil {
-			break
-		}
-		if block.Type != "CERTIFICATE" {
-			return nil, fmt.Errorf("PEM block %q, want CERTIFICATE", block.Type)
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		roots = append(roots, c)
-	}
-	if len(roots) == 0 {
-		return nil, errors.New("no PEM certificate")
-	}
-	return roots, nil
-}
+func parseRoots(b []byte) ([]*x509.Certificate, error) { return pemutil.ParseCertificates(b) }

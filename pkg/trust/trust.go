@@ -23,6 +23,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/isthmus-mesh/isthmus/internal/notify"
 )
 
 // DefaultRefreshHint is the refresh hint published with the local bundle:
@@ -44,10 +46,10 @@ var (
 type Store struct {
 	local spiffeid.TrustDomain
 
-	// mu guards bundles and subs.
+	// mu guards bundles.
 	mu      sync.RWMutex
 	bundles map[spiffeid.TrustDomain]*spiffebundle.Bundle
-	subs    map[chan struct{}]struct{}
+	hub     notify.Hub
 }
 
 var (
@@ -57,7 +59,7 @@ var (
 
 // NewStore returns a store for the local trust domain, with no bundles yet.
 func NewStore(local spiffeid.TrustDomain) *Store {
-	return &Store{local: local, bundles: map[spiffeid.TrustDomain]*spiffebundle.Bundle{}, subs: map[chan struct{}]struct{}{}}
+	return &Store{local: local, bundles: map[spiffeid.TrustDomain]*spiffebundle.Bundle{}}
 }
 
 // LocalTrustDomain is the cluster's own trust domain.
@@ -109,7 +111,7 @@ func (s *Store) DeletePeer(td spiffeid.TrustDomain) {
 	defer s.mu.Unlock()
 	if _, ok := s.bundles[td]; ok {
 		delete(s.bundles, td)
-		s.notifyLocked()
+		s.hub.Notify()
 	}
 }
 
@@ -120,7 +122,7 @@ func (s *Store) put(b *spiffebundle.Bundle) {
 		return
 	}
 	s.bundles[b.TrustDomain()] = b
-	s.notifyLocked()
+	s.hub.Notify()
 }
 
 // GetBundleForTrustDomain implements spiffebundle.Source.
@@ -154,23 +156,4 @@ func (s *Store) TrustDomains() []spiffeid.TrustDomain {
 
 // Subscribe returns a channel signalled (coalesced) on every change, and a
 // function that ends the subscription.
-func (s *Store) Subscribe() (<-chan struct{}, func()) {
-	ch := make(chan struct{}, 1)
-	s.mu.Lock()
-	s.subs[ch] = struct{}{}
-	s.mu.Unlock()
-	return ch, func() {
-		s.mu.Lock()
-		delete(s.subs, ch)
-		s.mu.Unlock()
-	}
-}
-
-func (s *Store) notifyLocked() {
-	for ch := range s.subs {
-		select {
-		case ch <- struct{}{}:
-		default:
-		}
-	}
-}
+func (s *Store) Subscribe() (<-chan struct{}, func()) { return s.hub.Subscribe(false) }

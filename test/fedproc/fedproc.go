@@ -90,7 +90,7 @@ func (f *Federator) waitReady(ctx context.Context, bound time.Duration) error {
 		if exited, err := f.Proc.Exited(); exited {
 			return fmt.Errorf("federator in cluster %s exited: %v\n%s", f.Cluster.Name(), err, f.Proc.Tail(30))
 		}
-		if _, lastErr = f.get(ctx, "/readyz"); lastErr == nil {
+		if _, lastErr = f.Get(ctx, "/readyz"); lastErr == nil {
 			return nil
 		}
 		select {
@@ -114,9 +114,7 @@ func HostAddr(c *localcluster.Cluster) (string, error) {
 var client = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{Proxy: nil}}
 
 // Get fetches a path of the monitoring port and returns the body of a 200.
-func (f *Federator) Get(ctx context.Context, path string) ([]byte, error) { return f.get(ctx, path) }
-
-func (f *Federator) get(ctx context.Context, path string) ([]byte, error) {
+func (f *Federator) Get(ctx context.Context, path string) ([]byte, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, f.Monitoring+path, nil)
 	if err != nil {
 		return nil, err
@@ -139,7 +137,7 @@ func (f *Federator) get(ctx context.Context, path string) ([]byte, error) {
 // Catalog fetches /debug/catalog.
 func (f *Federator) Catalog(ctx context.Context) (federator.CatalogDump, error) {
 	var d federator.CatalogDump
-	body, err := f.get(ctx, "/debug/catalog")
+	body, err := f.Get(ctx, "/debug/catalog")
 	if err != nil {
 		return d, err
 	}
@@ -148,7 +146,7 @@ func (f *Federator) Catalog(ctx context.Context) (federator.CatalogDump, error) 
 
 // Metrics fetches /metrics.
 func (f *Federator) Metrics(ctx context.Context) (string, error) {
-	body, err := f.get(ctx, "/metrics")
+	body, err := f.Get(ctx, "/metrics")
 	return string(body), err
 }
 

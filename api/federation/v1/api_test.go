@@ -12,9 +12,16 @@ import (
 // The wire names are the contract with other clusters' federators, which
 // may run other versions: changing them breaks peering.
 func TestWireNames(t *testing.T) {
-	require.Equal(t, "isthmus.federation.v1.FederationService", federationv1.FederationService_ServiceDesc.ServiceName)
-	require.Equal(t, "/isthmus.federation.v1.FederationService/Exchange", federationv1.FederationService_Exchange_FullMethodName)
-	require.Equal(t, "/isthmus.federation.v1.FederationService/Establish", federationv1.FederationService_Establish_FullMethodName)
+	svc := federationv1.File_federation_v1_federation_proto.Services().ByName("FederationService")
+	require.NotNil(t, svc)
+	require.Equal(t, "isthmus.federation.v1.FederationService", string(svc.FullName()))
+	exchange := svc.Methods().ByName("Exchange")
+	require.NotNil(t, exchange)
+	require.True(t, exchange.IsStreamingClient() && exchange.IsStreamingServer(), "Exchange is bidirectional")
+	require.Equal(t, "isthmus.federation.v1.ExchangeMessage", string(exchange.Input().FullName()))
+	establish := svc.Methods().ByName("Establish")
+	require.NotNil(t, establish)
+	require.False(t, establish.IsStreamingClient() || establish.IsStreamingServer(), "Establish is unary")
 	require.Equal(t, "isthmus.federation.v1.ExportedService", string((&federationv1.ExportedService{}).ProtoReflect().Descriptor().FullName()))
 }
 
