@@ -100,6 +100,13 @@ type Service struct {
 	// Peers, when not empty, narrows the export to these peer clusters
 	// (sorted); empty means every peer.
 	Peers []string `json:"peers,omitempty"`
+	// Identities are the SPIFFE IDs of the workloads that serve the
+	// service (sorted).
+	Identities []string `json:"identities,omitempty"`
+	// Gateways, for a service imported from a peer, are the host:port
+	// addresses of the exporting cluster's east-west gateways (sorted).
+	// Empty for local services: they are reached directly.
+	Gateways []string `json:"gateways,omitempty"`
 }
 
 // Key returns the service's namespace and name.
@@ -129,6 +136,8 @@ func (s Service) Clone() Service {
 	c.Ports = slices.Clone(s.Ports)
 	c.Endpoints = slices.Clone(s.Endpoints)
 	c.Peers = slices.Clone(s.Peers)
+	c.Identities = slices.Clone(s.Identities)
+	c.Gateways = slices.Clone(s.Gateways)
 	return c
 }
 
@@ -175,6 +184,10 @@ func (s *Service) normalize() {
 	s.Endpoints = merged
 	slices.Sort(s.Peers)
 	s.Peers = slices.Compact(s.Peers)
+	slices.Sort(s.Identities)
+	s.Identities = slices.Compact(s.Identities)
+	slices.Sort(s.Gateways)
+	s.Gateways = slices.Compact(s.Gateways)
 }
 
 // validate reports every problem with a normalized service at once.

@@ -219,9 +219,11 @@ func hashService(s *Service) [sha256.Size]byte {
 		num(int64(e.Ready))
 		num(int64(e.NotReady))
 	}
-	num(int64(len(s.Peers)))
-	for _, p := range s.Peers {
-		str(p)
+	for _, list := range [][]string{s.Peers, s.Identities, s.Gateways} {
+		num(int64(len(list)))
+		for _, v := range list {
+			str(v)
+		}
 	}
 	return sha256.Sum256(buf)
 }

@@ -43,7 +43,9 @@ type EstablishRequest struct {
 	// The SPIFFE ID the joiner's federator presents from now on.
 	FederatorId string `protobuf:"bytes,4,opt,name=federator_id,json=federatorId,proto3" json:"federator_id,omitempty"`
 	// Where the acceptor can reach the joiner (host:port, hostnames allowed).
-	Addresses     []string `protobuf:"bytes,5,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	Addresses []string `protobuf:"bytes,5,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	// Names the acceptor's record of the token (the token's ID).
+	TokenId       string `protobuf:"bytes,6,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -113,11 +115,19 @@ func (x *EstablishRequest) GetAddresses() []string {
 	return nil
 }
 
+func (x *EstablishRequest) GetTokenId() string {
+	if x != nil {
+		return x.TokenId
+	}
+	return ""
+}
+
 type EstablishResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	ClusterName   string                 `protobuf:"bytes,1,opt,name=cluster_name,json=clusterName,proto3" json:"cluster_name,omitempty"`
-	TrustBundle   *TrustBundle           `protobuf:"bytes,2,opt,name=trust_bundle,json=trustBundle,proto3" json:"trust_bundle,omitempty"`
-	FederatorId   string                 `protobuf:"bytes,3,opt,name=federator_id,json=federatorId,proto3" json:"federator_id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The acceptor's cluster name.
+	ClusterName   string       `protobuf:"bytes,1,opt,name=cluster_name,json=clusterName,proto3" json:"cluster_name,omitempty"`
+	TrustBundle   *TrustBundle `protobuf:"bytes,2,opt,name=trust_bundle,json=trustBundle,proto3" json:"trust_bundle,omitempty"`
+	FederatorId   string       `protobuf:"bytes,3,opt,name=federator_id,json=federatorId,proto3" json:"federator_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1061,13 +1071,14 @@ var File_federation_v1_federation_proto protoreflect.FileDescriptor
 
 const file_federation_v1_federation_proto_rawDesc = "" +
 	"\n" +
-	"\x1efederation/v1/federation.proto\x12\x15isthmus.federation.v1\"\xd5\x01\n" +
+	"\x1efederation/v1/federation.proto\x12\x15isthmus.federation.v1\"\xf0\x01\n" +
 	"\x10EstablishRequest\x12\x16\n" +
 	"\x06secret\x18\x01 \x01(\tR\x06secret\x12!\n" +
 	"\fcluster_name\x18\x02 \x01(\tR\vclusterName\x12E\n" +
 	"\ftrust_bundle\x18\x03 \x01(\v2\".isthmus.federation.v1.TrustBundleR\vtrustBundle\x12!\n" +
 	"\ffederator_id\x18\x04 \x01(\tR\vfederatorId\x12\x1c\n" +
-	"\taddresses\x18\x05 \x03(\tR\taddresses\"\xa0\x01\n" +
+	"\taddresses\x18\x05 \x03(\tR\taddresses\x12\x19\n" +
+	"\btoken_id\x18\x06 \x01(\tR\atokenId\"\xa0\x01\n" +
 	"\x11EstablishResponse\x12!\n" +
 	"\fcluster_name\x18\x01 \x01(\tR\vclusterName\x12E\n" +
 	"\ftrust_bundle\x18\x02 \x01(\v2\".isthmus.federation.v1.TrustBundleR\vtrustBundle\x12!\n" +

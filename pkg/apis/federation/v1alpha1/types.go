@@ -61,7 +61,44 @@ type Staleness struct {
 	// lost, before they are drained and then removed. Default 5m.
 	// +optional
 	KeepFor *metav1.Duration `json:"keepFor,omitempty"`
+	// DrainFor is how long drained endpoints (weight 0) stay before they
+	// are removed. Default 1m.
+	// +optional
+	DrainFor *metav1.Duration `json:"drainFor,omitempty"`
 }
+
+// Peer states.
+const (
+	// StatePending: linked on paper, never connected yet.
+	StatePending = "Pending"
+	// StateConnected: the exchange stream is up.
+	StateConnected = "Connected"
+	// StateDisconnected: the stream is down; imports are kept, then
+	// drained, then removed (see Staleness).
+	StateDisconnected = "Disconnected"
+	// StateFailed: the peer cannot be used until the operator acts (a
+	// refused establishment, a terminated link, an identity mismatch).
+	StateFailed = "Failed"
+)
+
+// Condition types.
+const (
+	// ConditionEstablished: the one-time secret was spent and both sides
+	// hold each other's bundle and federator ID.
+	ConditionEstablished = "Established"
+	// ConditionConnected: the exchange stream is up and heartbeats arrive.
+	ConditionConnected = "Connected"
+	// ConditionImportsAccepted: the peer's last update was accepted; False
+	// names the refused resource and why (the last NACK sent).
+	ConditionImportsAccepted = "ImportsAccepted"
+	// ConditionExportsAccepted: the peer accepted what this side sent;
+	// False carries the peer's last NACK.
+	ConditionExportsAccepted = "ExportsAccepted"
+	// ConditionImportsWritten: every import was written to this cluster;
+	// False names what was skipped (no such namespace, a local object in
+	// the way).
+	ConditionImportsWritten = "ImportsWritten"
+)
 
 // FederationPeerStatus is what the federator observes.
 type FederationPeerStatus struct {
@@ -70,14 +107,39 @@ type FederationPeerStatus struct {
 	State string `json:"state,omitempty"`
 	// +optional
 	LastHeartbeat *metav1.Time `json:"lastHeartbeat,omitempty"`
+	// DisconnectedSince is when the stream was lost; imports are drained
+	// keepFor after it. Unset while connected.
+	// +optional
+	DisconnectedSince *metav1.Time `json:"disconnectedSince,omitempty"`
 	// +optional
 	ImportedServices int32 `json:"importedServices,omitempty"`
 	// +optional
 	ExportedServices int32 `json:"exportedServices,omitempty"`
+	// Sent and Acknowledged are the versions, by resource type, this side
+	// last sent and the peer last acknowledged.
+	// +optional
+	Sent map[string]string `json:"sent,omitempty"`
+	// +optional
+	Acknowledged map[string]string `json:"acknowledged,omitempty"`
+	// Received are the versions, by resource type, accepted from the peer.
+	// +optional
+	Received map[string]string `json:"received,omitempty"`
+	// Bundle describes the peer's trust bundle as this side holds it.
+	// +optional
+	Bundle *BundleStatus `json:"bundle,omitempty"`
 	// +optional
 	// +listType=map
 	// +listMapKey=type
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// BundleStatus summarises a peer's trust bundle.
+type BundleStatus struct {
+	Sequence uint64 `json:"sequence"`
+	Roots    int32  `json:"roots"`
+	// Expires is the earliest expiry among the roots.
+	// +optional
+	Expires *metav1.Time `json:"expires,omitempty"`
 }
 
 // FederationPeerList is a list of FederationPeers.
