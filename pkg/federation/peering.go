@@ -113,6 +113,9 @@ type TokenOptions struct {
 	Namespace string
 	// Peer names the cluster that will join with the token.
 	Peer string
+	// PeerTrustDomain is the trust domain the joiner must present; empty
+	// means "<peer>.mesh", the default trust domain of a cluster so named.
+	PeerTrustDomain string
 	// TTL is how long the secret is honoured; zero means DefaultTokenTTL.
 	TTL time.Duration
 	// Addresses reach this cluster's federation endpoint (host:port).
@@ -130,6 +133,12 @@ func CreateToken(ctx context.Context, client kubernetes.Interface, opts TokenOpt
 	}
 	if opts.TTL == 0 {
 		opts.TTL = DefaultTokenTTL
+	}
+	if opts.PeerTrustDomain == "" {
+		opts.PeerTrustDomain = opts.Peer + ".mesh"
+	}
+	if _, err := spiffeid.TrustDomainFromString(opts.PeerTrustDomain); err != nil {
+		errs = append(errs, fmt.Errorf("--peer-trust-domain %q: %v", opts.PeerTrustDomain, err))
 	}
 	if opts.TTL < 0 || opts.TTL > MaxTokenTTL {
 		errs = append(errs, fmt.Errorf("--ttl %s must be between 0 and %s", opts.TTL, MaxTokenTTL))
@@ -165,7 +174,7 @@ func CreateToken(ctx context.Context, client kubernetes.Interface, opts TokenOpt
 	}
 	t := Token{
 		ClusterName: info.ClusterName, TrustDomain: info.TrustDomain.Name(), FederatorID: info.FederatorID.String(),
-		Addresses: slices.Clone(opts.Addresses), Peer: opts.Peer, ID: id, Secret: secret,
+		Addresses: slices.Clone(opts.Addresses), Peer: opts.Peer, PeerTrustDomain: opts.PeerTrustDomain, ID: id, Secret: secret,
 		Expires: opts.Now.Add(opts.TTL).UTC().Truncate(time.Second),
 	}
 	for _, r := range roots {
@@ -183,6 +192,8 @@ func CreateToken(ctx context.Context, client kubernetes.Interface, opts TokenOpt
 		Data: map[string][]byte{
 			keySecretHash: []byte(HashSecret(secret)),
 			keyExpires:    []byte(t.Expires.Format(time.RFC3339)),
+			// The trust domain the joiner must present at Establish.
+			keyPeerTrustDomain: []byte(opts.PeerTrustDomain),
 		},
 	}
 	if _, err := client.CoreV1().Secrets(opts.Namespace).Create(ctx, record, metav1.CreateOptions{}); err != nil {
@@ -227,6 +238,9 @@ func Join(ctx context.Context, client kubernetes.Interface, dyn dynamic.Interfac
 	}
 	if t.Peer != info.ClusterName {
 		return nil, fmt.Errorf("%w: it was created for cluster %q, this cluster is %q", ErrInvalidToken, t.Peer, info.ClusterName)
+	}
+	if t.PeerTrustDomain != info.TrustDomain.Name() {
+		return nil, fmt.Errorf("%w: it was created for a cluster in trust domain %s, this cluster's is %s (`federator token create --peer-trust-domain`)", ErrInvalidToken, t.PeerTrustDomain, info.TrustDomain.Name())
 	}
 	if t.TrustDomain == info.TrustDomain.Name() {
 		return nil, fmt.Errorf("%w: the peer's trust domain %s is this cluster's own; every cluster needs its own", ErrInvalidToken, t.TrustDomain)

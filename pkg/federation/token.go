@@ -42,8 +42,10 @@ type Token struct {
 	Addresses []string `json:"addresses"`
 	// Roots (DER) verify the accepting federator's certificate.
 	Roots [][]byte `json:"roots"`
-	// Peer is the name the token was created for (the joiner's cluster).
-	Peer string `json:"peer"`
+	// Peer is the name the token was created for (the joiner's cluster),
+	// and PeerTrustDomain the trust domain it must present.
+	Peer            string `json:"peer"`
+	PeerTrustDomain string `json:"peerTrustDomain"`
 	// ID names the accepting side's record of the token.
 	ID string `json:"id"`
 	// Secret is the one-time establishment secret.
@@ -95,6 +97,9 @@ func (t Token) Validate() error {
 	}
 	if msgs := validation.IsDNS1123Label(t.Peer); len(msgs) > 0 {
 		errs = append(errs, fmt.Errorf("peer %q: %s", t.Peer, strings.Join(msgs, "; ")))
+	}
+	if _, err := spiffeid.TrustDomainFromString(t.PeerTrustDomain); err != nil {
+		errs = append(errs, fmt.Errorf("peer trust domain %q: %v", t.PeerTrustDomain, err))
 	}
 	td, err := spiffeid.TrustDomainFromString(t.TrustDomain)
 	if err != nil {

@@ -28,7 +28,7 @@ func testToken(t testing.TB) Token {
 	return Token{
 		ClusterName: "a", TrustDomain: "a.mesh", FederatorID: "spiffe://a.mesh/ns/isthmus-system/sa/isthmus-federator",
 		Addresses: []string{"gw.a.example:15443", "10.254.0.1:15443"}, Roots: [][]byte{der},
-		Peer: "b", ID: id, Secret: secret, Expires: time.Now().Add(time.Hour).UTC().Truncate(time.Second),
+		Peer: "b", PeerTrustDomain: "b.mesh", ID: id, Secret: secret, Expires: time.Now().Add(time.Hour).UTC().Truncate(time.Second),
 	}
 }
 

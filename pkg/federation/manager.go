@@ -1,0 +1,603 @@
+package federation
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"reflect"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/util/workqueue"
+	"k8s.io/utils/clock"
+
+	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
+	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/pkg/trust"
+)
+
+// LabelPeer marks objects the federator keeps for one peer.
+const LabelPeer = "federation.isthmus.dev/peer"
+
+// Config configures a Manager. Zero durations mean their defaults.
+type Config struct {
+	// ClusterName is this cluster's name; peers know it by it.
+	ClusterName string
+	// Namespace is the federator's namespace (token records, peer
+	// ConfigMaps, join Secrets).
+	Namespace string
+	// FederatorID is the SPIFFE ID this federator presents.
+	FederatorID spiffeid.ID
+	// Gateways are this cluster's east-west gateway addresses as peers
+	// reach them (host:port), sent with every exported service.
+	Gateways []string
+	// AdvertiseAddresses are where peers reach this federator, sent to an
+	// acceptor at establishment (informational there).
+	AdvertiseAddresses []string
+	// Heartbeat is how often a heartbeat is sent (default 10s);
+	// HeartbeatTimeout how long a silent peer is tolerated (default 3x).
+	Heartbeat        time.Duration
+	HeartbeatTimeout time.Duration
+	// DialTimeout bounds connecting to a peer and Establish (default 10s).
+	DialTimeout time.Duration
+	// KeepFor and DrainFor are the staleness defaults for peers whose
+	// FederationPeer does not set them (5m and 1m).
+	KeepFor, DrainFor time.Duration
+	// BackoffMin and BackoffMax bound reconnect delays (1s, 30s).
+	BackoffMin, BackoffMax time.Duration
+	// StatusInterval is how often changed peer status is written to the
+	// FederationPeer objects (default 2s).
+	StatusInterval time.Duration
+	Limits         Limits
+	// ImportProblems, when set, names what the import writer could not
+	// write for a peer (shown in the ImportsWritten condition).
+	ImportProblems func(peer string) []string
+	// Clock is injectable for tests; nil means the real clock.
+	Clock  clock.WithTicker
+	Logger *slog.Logger
+}
+
+func (c Config) withDefaults() Config {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&c.Heartbeat, 10*time.Second)
+	def(&c.HeartbeatTimeout, 3*c.Heartbeat)
+	def(&c.DialTimeout, 10*time.Second)
+	def(&c.KeepFor, 5*time.Minute)
+	def(&c.DrainFor, time.Minute)
+	def(&c.BackoffMin, time.Second)
+	def(&c.BackoffMax, 30*time.Second)
+	def(&c.StatusInterval, 2*time.Second)
+	c.Limits = c.Limits.withDefaults()
+	if c.Clock == nil {
+		c.Clock = clock.RealClock{}
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+// Manager runs this cluster's side of every link: it serves the
+// federation API (Establish and Exchange), dials the peers this cluster
+// joined, imports what peers export into the catalog, and writes each
+// peer's status to its FederationPeer.
+type Manager struct {
+	cfg     Config
+	log     *slog.Logger
+	clock   clock.WithTicker
+	kube    kubernetes.Interface
+	dyn     dynamic.Interface
+	trust   *trust.Store
+	svid    x509svid.Source
+	exports *exports
+
+	informer cache.SharedIndexInformer
+	queue    workqueue.TypedRateLimitingInterface[string]
+
+	// mu guards peers.
+	mu    sync.Mutex
+	peers map[string]*peerEntry
+}
+
+// peerEntry is a running peer: its state and the goroutine that serves it.
+type peerEntry struct {
+	p        *peer
+	spec     v1alpha1.FederationPeerSpec
+	keepFor  time.Duration
+	drainFor time.Duration
+	cancel   context.CancelFunc
+	done     chan struct{}
+	// conditions are the last written ones, so transition times hold;
+	// written is the last status written.
+	conditions []metav1.Condition
+	written    *v1alpha1.FederationPeerStatus
+}
+
+var _ fedv1.FederationServiceServer = (*Manager)(nil)
+
+// NewManager wires a manager; nothing runs until Run.
+func NewManager(kube kubernetes.Interface, dyn dynamic.Interface, store *catalog.Store, ts *trust.Store, svid x509svid.Source, cfg Config) *Manager {
+	cfg = cfg.withDefaults()
+	m := &Manager{
+		cfg: cfg, log: cfg.Logger.With("component", "federation"), clock: cfg.Clock,
+		kube: kube, dyn: dyn, trust: ts, svid: svid,
+		exports: newExports(store, ts, cfg.Gateways),
+		peers:   map[string]*peerEntry{},
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
+			workqueue.TypedRateLimitingQueueConfig[string]{Name: "federationpeers"}),
+	}
+	factory := dynamicinformer.NewDynamicSharedInformerFactory(dyn, 10*time.Minute)
+	m.informer = factory.ForResource(v1alpha1.Resource).Informer()
+	_, _ = m.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    m.enqueue,
+		UpdateFunc: func(_, obj any) { m.enqueue(obj) },
+		DeleteFunc: m.enqueue,
+	})
+	return m
+}
+
+// ServerOptions are the gRPC options of the federation listener.
+func (m *Manager) ServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.Creds(credentials.NewTLS(serverTLS(m.svid))),
+		grpc.MaxRecvMsgSize(m.cfg.Limits.MaxMessageBytes),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: m.cfg.Heartbeat, Timeout: m.cfg.HeartbeatTimeout}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: m.cfg.Heartbeat / 2, PermitWithoutStream: true}),
+		grpc.MaxConcurrentStreams(256),
+	}
+}
+
+// Register adds the federation service to s.
+func (m *Manager) Register(s *grpc.Server) { fedv1.RegisterFederationServiceServer(s, m) }
+
+func tlsconfigServer(svid x509svid.Source) *tls.Config { return tlsconfig.TLSServerConfig(svid) }
+
+func (m *Manager) enqueue(obj any) {
+	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = d.Obj
+	}
+	if u, ok := obj.(*unstructured.Unstructured); ok {
+		m.queue.Add(u.GetName())
+	}
+}
+
+// Run serves until ctx ends: the FederationPeer controller, one goroutine
+// per peer, the staleness clock and the status writer.
+func (m *Manager) Run(ctx context.Context) error {
+	defer m.queue.ShutDown()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		m.informer.RunWithContext(ctx)
+	}()
+	if !cache.WaitForCacheSync(ctx.Done(), m.informer.HasSynced) {
+		return nil
+	}
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		m.worker(ctx)
+	}()
+	go func() {
+		defer wg.Done()
+		m.housekeeping(ctx)
+	}()
+	<-ctx.Done()
+	m.queue.ShutDown()
+	m.mu.Lock()
+	entries := slices.Collect(maps.Values(m.peers))
+	m.mu.Unlock()
+	for _, e := range entries {
+		e.cancel()
+		<-e.done
+	}
+	return nil
+}
+
+func (m *Manager) worker(ctx context.Context) {
+	for {
+		name, shutdown := m.queue.Get()
+		if shutdown {
+			return
+		}
+		if err := m.reconcile(ctx, name); err != nil {
+			m.log.Warn("reconcile FederationPeer", "peer", name, "err", err)
+			m.queue.AddRateLimited(name)
+		} else {
+			m.queue.Forget(name)
+		}
+		m.queue.Done(name)
+	}
+}
+
+// lookupPeerObject returns the FederationPeer from the informer cache.
+func (m *Manager) lookupPeerObject(name string) (*v1alpha1.FederationPeer, bool) {
+	obj, exists, err := m.informer.GetStore().GetByKey(name)
+	if err != nil || !exists {
+		// The cache can lag a create; ask the API server.
+		u, err := m.dyn.Resource(v1alpha1.Resource).Get(context.Background(), name, metav1.GetOptions{})
+		if err != nil {
+			return nil, false
+		}
+		obj = u
+	}
+	fp, err := toPeer(obj)
+	if err != nil {
+		return nil, true
+	}
+	return fp, true
+}
+
+func toPeer(obj any) (*v1alpha1.FederationPeer, error) {
+	u, ok := obj.(*unstructured.Unstructured)
+	if !ok {
+		return nil, fmt.Errorf("unexpected object %T", obj)
+	}
+	var fp v1alpha1.FederationPeer
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &fp); err != nil {
+		return nil, fmt.Errorf("FederationPeer %s: %w", u.GetName(), err)
+	}
+	return &fp, nil
+}
+
+// reconcile starts, restarts or stops the peer's goroutine to match its
+// FederationPeer.
+func (m *Manager) reconcile(ctx context.Context, name string) error {
+	obj, exists, err := m.informer.GetStore().GetByKey(name)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	e := m.peers[name]
+	m.mu.Unlock()
+	if !exists {
+		if e != nil {
+			m.removePeer(ctx, name, e, "the FederationPeer was deleted on "+m.cfg.ClusterName)
+		}
+		return nil
+	}
+	fp, err := toPeer(obj)
+	if err != nil {
+		return err
+	}
+	if e != nil && reflect.DeepEqual(e.spec, fp.Spec) {
+		return nil
+	}
+	td, err := spiffeid.TrustDomainFromString(fp.Spec.TrustDomain)
+	var id spiffeid.ID
+	if err == nil {
+		id, err = spiffeid.FromString(fp.Spec.FederatorID)
+	}
+	if err == nil && !id.MemberOf(td) {
+		err = fmt.Errorf("spec.federatorID %s is not in spec.trustDomain %s", id, td)
+	}
+	if err == nil && td == m.trust.LocalTrustDomain() {
+		err = fmt.Errorf("spec.trustDomain %s is this cluster's own", td)
+	}
+	if err == nil && (name == catalog.LocalSource || name == m.cfg.ClusterName) {
+		err = fmt.Errorf("a peer cannot be named %q", name)
+	}
+	if e != nil {
+		e.cancel()
+		<-e.done
+	}
+	p := newPeer(name, td, id, m.clock, m.exports)
+	if e != nil && e.p.td == td {
+		// Keep what was received across a spec change.
+		p = e.p
+	}
+	e = &peerEntry{p: p, spec: fp.Spec, keepFor: m.cfg.KeepFor, drainFor: m.cfg.DrainFor, done: make(chan struct{})}
+	if k := fp.Spec.Staleness.KeepFor; k != nil && k.Duration > 0 {
+		e.keepFor = k.Duration
+	}
+	if d := fp.Spec.Staleness.DrainFor; d != nil && d.Duration > 0 {
+		e.drainFor = d.Duration
+	}
+	e.conditions = fp.Status.Conditions
+	pctx, cancel := context.WithCancel(ctx)
+	e.cancel = cancel
+	m.mu.Lock()
+	m.peers[name] = e
+	m.mu.Unlock()
+	p.persistBundle = func(ctx context.Context, b *spiffebundle.Bundle) error { return m.storePeerBundle(ctx, name, b) }
+	if err != nil {
+		p.tracker.failed(m.clock.Now(), err)
+		close(e.done)
+		return nil
+	}
+	go func() {
+		defer close(e.done)
+		m.runPeer(pctx, e)
+	}()
+	return nil
+}
+
+// removePeer ends a link: the stream is told Terminate, the peer's
+// imports leave the catalog, and its bundle is forgotten.
+func (m *Manager) removePeer(ctx context.Context, name string, e *peerEntry, reason string) {
+	e.p.stopSession(reason, m.cfg.DialTimeout)
+	e.cancel()
+	<-e.done
+	e.p.removeImports()
+	m.trust.DeletePeer(e.p.td)
+	m.exports.forget(name)
+	if err := m.deletePeerBundle(ctx, name); err != nil {
+		m.log.Warn("delete the peer's ConfigMap", "peer", name, "err", err)
+	}
+	m.mu.Lock()
+	delete(m.peers, name)
+	m.mu.Unlock()
+	m.log.Info("link removed", "peer", name)
+}
+
+// runPeer serves one peer until ctx ends: it makes sure the link is
+// established, then (on the side that joined) keeps a stream up.
+func (m *Manager) runPeer(ctx context.Context, e *peerEntry) {
+	p := e.p
+	log := m.log.With("peer", p.name)
+	backoff := m.cfg.BackoffMin
+	wait := func() bool {
+		t := m.clock.NewTimer(backoff)
+		defer t.Stop()
+		backoff = min(2*backoff, m.cfg.BackoffMax)
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C():
+			return true
+		}
+	}
+	for {
+		err := m.ensureEstablished(ctx, e)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if isPermanent(err) {
+			log.Warn("link refused; waiting for the FederationPeer to change", "err", err)
+			p.tracker.failed(m.clock.Now(), err)
+			<-ctx.Done()
+			return
+		}
+		log.Info("cannot establish the link yet", "err", err)
+		p.tracker.unreachable(m.clock.Now(), err)
+		if !wait() {
+			return
+		}
+	}
+	p.tracker.established()
+	if e.spec.TokenSecretName == "" {
+		// The accepting side: the joiner dials in (Exchange).
+		<-ctx.Done()
+		return
+	}
+	for attempt := 0; ; attempt++ {
+		addr := e.spec.Addresses[attempt%len(e.spec.Addresses)]
+		start := m.clock.Now()
+		err := m.dialSession(ctx, p, addr)
+		if ctx.Err() != nil {
+			return
+		}
+		if errors.Is(err, ErrTerminated) {
+			log.Warn("the peer terminated the link", "err", err)
+			p.removeImports()
+			<-ctx.Done()
+			return
+		}
+		log.Info("federation stream down", "address", addr, "err", err)
+		if m.clock.Since(start) > m.cfg.BackoffMax {
+			backoff = m.cfg.BackoffMin
+		}
+		if !wait() {
+			return
+		}
+	}
+}
+
+// ensureEstablished loads the peer's bundle, or on the joining side runs
+// Establish with the stored token first.
+func (m *Manager) ensureEstablished(ctx context.Context, e *peerEntry) error {
+	p := e.p
+	b, found, err := m.loadPeerBundle(ctx, p.name, p.td)
+	if err != nil {
+		return err
+	}
+	if !found {
+		if e.spec.TokenSecretName == "" {
+			return permanent(fmt.Errorf("no trust bundle is stored for this peer (ConfigMap %s/%s) and there is no token to link with: delete the FederationPeer and link again", m.cfg.Namespace, peerConfigMapName(p.name)))
+		}
+		sec, err := m.kube.CoreV1().Secrets(m.cfg.Namespace).Get(ctx, e.spec.TokenSecretName, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return permanent(fmt.Errorf("the token Secret %s/%s is gone and the link was never established: join again", m.cfg.Namespace, e.spec.TokenSecretName))
+		}
+		if err != nil {
+			return err
+		}
+		tok, err := DecodeToken(string(sec.Data[keyToken]))
+		if err != nil {
+			return permanent(err)
+		}
+		if tok.TrustDomain != p.td.Name() || tok.FederatorID != p.id.String() {
+			return permanent(fmt.Errorf("the token in Secret %s names %s (%s), the FederationPeer %s (%s)", sec.Name, tok.TrustDomain, tok.FederatorID, p.td, p.id))
+		}
+		if tok.Expired(m.clock.Now()) {
+			return permanent(fmt.Errorf("%w: it expired at %s before the link was established; ask the peer for a new one", ErrInvalidToken, tok.Expires.Format(time.RFC3339)))
+		}
+		if b, err = m.establish(ctx, tok); err != nil {
+			return err
+		}
+		if err := m.storePeerBundle(ctx, p.name, b); err != nil {
+			return err
+		}
+		// The secret is spent; the token is of no further use.
+		if err := m.kube.CoreV1().Secrets(m.cfg.Namespace).Delete(ctx, sec.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+			m.log.Warn("delete the spent token", "peer", p.name, "err", err)
+		}
+		m.log.Info("link established", "peer", p.name)
+	}
+	if err := m.trust.SetPeer(b); err != nil && !errors.Is(err, trust.ErrStaleBundle) {
+		return permanent(err)
+	}
+	p.tracker.bundle(b)
+	return nil
+}
+
+// dial connects to a peer's federator, verifying it against bundle and id.
+func (m *Manager) dial(addr string, bundle x509bundle.Source, id spiffeid.ID) (*grpc.ClientConn, error) {
+	cfg := tlsconfig.MTLSClientConfig(m.svid, bundle, tlsconfig.AuthorizeID(id))
+	cfg.ServerName = ReservedSNI
+	return grpc.NewClient(addr,
+		grpc.WithTransportCredentials(credentials.NewTLS(cfg)),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(m.cfg.Limits.MaxMessageBytes)),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: m.cfg.Heartbeat, Timeout: m.cfg.HeartbeatTimeout, PermitWithoutStream: false}),
+	)
+}
+
+// dialSession opens one Exchange stream to the peer and runs it.
+func (m *Manager) dialSession(ctx context.Context, p *peer, addr string) error {
+	conn, err := m.dial(addr, m.trust, p.id)
+	if err != nil {
+		p.tracker.unreachable(m.clock.Now(), err)
+		return err
+	}
+	defer conn.Close()
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	st, err := fedv1.NewFederationServiceClient(conn).Exchange(sctx)
+	if err != nil {
+		err = fmt.Errorf("open stream to %s: %w", addr, err)
+		p.tracker.unreachable(m.clock.Now(), err)
+		return err
+	}
+	return p.runSession(ctx, m.sessionConfig(), st, cancel)
+}
+
+func (m *Manager) sessionConfig() sessionConfig {
+	return sessionConfig{clusterName: m.cfg.ClusterName, heartbeat: m.cfg.Heartbeat,
+		heartbeatTimeout: m.cfg.HeartbeatTimeout, limits: m.cfg.Limits, log: m.log}
+}
+
+// Exchange serves a peer's stream: the client certificate must verify
+// against a peer's bundle and be the federator ID its FederationPeer
+// names.
+func (m *Manager) Exchange(srv fedv1.FederationService_ExchangeServer) error {
+	certs := peerCertificates(srv.Context())
+	if len(certs) == 0 {
+		return status.Error(codes.Unauthenticated, "no client certificate: federation streams need the peer federator's SVID")
+	}
+	id, _, err := x509svid.Verify(certs, m.trust)
+	if err != nil {
+		return status.Errorf(codes.Unauthenticated, "the client certificate does not verify against any linked peer's bundle: %v", err)
+	}
+	e := m.peerByID(id)
+	if e == nil {
+		return status.Errorf(codes.PermissionDenied, "no FederationPeer expects federator %s", id)
+	}
+	err = e.p.runSession(srv.Context(), m.sessionConfig(), srv, nil)
+	switch {
+	case errors.Is(err, ErrTerminated):
+		e.p.removeImports()
+		return nil
+	case errors.Is(err, context.Canceled):
+		return status.Error(codes.Unavailable, "stream ended")
+	case errors.Is(err, ErrProtocol):
+		return status.Error(codes.InvalidArgument, err.Error())
+	default:
+		return status.Error(codes.Unavailable, err.Error())
+	}
+}
+
+func (m *Manager) peerByID(id spiffeid.ID) *peerEntry {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, e := range m.peers {
+		if e.p.id == id && e.p.td != m.trust.LocalTrustDomain() {
+			return e
+		}
+	}
+	return nil
+}
+
+// Statuses returns every peer's status, sorted by name.
+func (m *Manager) Statuses() []PeerStatus {
+	m.mu.Lock()
+	entries := slices.Collect(maps.Values(m.peers))
+	m.mu.Unlock()
+	out := make([]PeerStatus, 0, len(entries))
+	for _, e := range entries {
+		s := e.p.tracker.Snapshot()
+		s.Name = e.p.name
+		out = append(out, s)
+	}
+	slices.SortFunc(out, func(a, b PeerStatus) int {
+		switch {
+		case a.Name < b.Name:
+			return -1
+		case a.Name > b.Name:
+			return 1
+		}
+		return 0
+	})
+	return out
+}
+
+// housekeeping ages lost peers' imports and writes changed status.
+func (m *Manager) housekeeping(ctx context.Context) {
+	tick := m.clock.NewTicker(min(m.cfg.StatusInterval, time.Second))
+	defer tick.Stop()
+	lastWrite := time.Time{}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C():
+		}
+		now := m.clock.Now()
+		m.mu.Lock()
+		entries := slices.Collect(maps.Values(m.peers))
+		m.mu.Unlock()
+		for _, e := range entries {
+			e.p.age(now, e.keepFor, e.drainFor)
+		}
+		if now.Sub(lastWrite) < m.cfg.StatusInterval {
+			continue
+		}
+		lastWrite = now
+		for _, e := range entries {
+			m.writeStatus(ctx, e, now)
+		}
+	}
+}

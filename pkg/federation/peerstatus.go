@@ -1,0 +1,119 @@
+package federation
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+
+	"k8s.io/apimachinery/pkg/api/equality"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
+)
+
+// heartbeatWriteInterval is how stale status.lastHeartbeat may get before
+// it alone is worth a write.
+const heartbeatWriteInterval = 30 * time.Second
+
+// peerStatus turns what the tracker saw into the FederationPeer status.
+func (m *Manager) peerStatus(e *peerEntry, now time.Time) v1alpha1.FederationPeerStatus {
+	s := e.p.tracker.Snapshot()
+	st := v1alpha1.FederationPeerStatus{
+		State:            s.State,
+		ImportedServices: int32(s.Imported),
+		ExportedServices: int32(s.Exported),
+		Sent:             s.Sent, Acknowledged: s.Acknowledged, Received: s.Received,
+	}
+	if !s.LastHeartbeat.IsZero() {
+		t := metav1.NewTime(s.LastHeartbeat.Truncate(time.Second))
+		st.LastHeartbeat = &t
+	}
+	if !s.DisconnectedSince.IsZero() && s.State != v1alpha1.StateConnected {
+		t := metav1.NewTime(s.DisconnectedSince.Truncate(time.Second))
+		st.DisconnectedSince = &t
+	}
+	if s.BundleRoots > 0 {
+		st.Bundle = &v1alpha1.BundleStatus{Sequence: s.BundleSequence, Roots: int32(s.BundleRoots)}
+		if !s.BundleExpires.IsZero() {
+			t := metav1.NewTime(s.BundleExpires)
+			st.Bundle.Expires = &t
+		}
+	}
+	conds := append([]metav1.Condition(nil), e.conditions...)
+	set := func(t string, ok bool, reason, msg string) {
+		c := metav1.Condition{Type: t, Status: metav1.ConditionTrue, Reason: reason, Message: msg, LastTransitionTime: metav1.NewTime(now)}
+		if !ok {
+			c.Status = metav1.ConditionFalse
+		}
+		meta.SetStatusCondition(&conds, c)
+	}
+	switch {
+	case s.Established:
+		set(v1alpha1.ConditionEstablished, true, "Established", "the link was established and both bundles are held")
+	case s.State == v1alpha1.StateFailed:
+		set(v1alpha1.ConditionEstablished, false, "Refused", s.Reason)
+	default:
+		set(v1alpha1.ConditionEstablished, false, "Pending", orDefault(s.Reason, "not linked yet"))
+	}
+	switch s.State {
+	case v1alpha1.StateConnected:
+		set(v1alpha1.ConditionConnected, true, "StreamUp", "the exchange stream is up")
+	case v1alpha1.StateFailed:
+		set(v1alpha1.ConditionConnected, false, "Failed", s.Reason)
+	default:
+		set(v1alpha1.ConditionConnected, false, "Disconnected", orDefault(s.Reason, "no stream yet"))
+	}
+	if s.LastNACKSent != "" {
+		set(v1alpha1.ConditionImportsAccepted, false, "Refused", s.LastNACKSent)
+	} else {
+		set(v1alpha1.ConditionImportsAccepted, true, "Accepted", "the peer's last update was accepted")
+	}
+	if s.LastNACKReceived != "" {
+		set(v1alpha1.ConditionExportsAccepted, false, "RefusedByPeer", s.LastNACKReceived)
+	} else {
+		set(v1alpha1.ConditionExportsAccepted, true, "Accepted", "the peer accepted the last update")
+	}
+	if m.cfg.ImportProblems != nil {
+		if problems := m.cfg.ImportProblems(e.p.name); len(problems) > 0 {
+			set(v1alpha1.ConditionImportsWritten, false, "Skipped", strings.Join(problems, "; "))
+		} else {
+			set(v1alpha1.ConditionImportsWritten, true, "Written", "every import is written to this cluster")
+		}
+	}
+	st.Conditions = conds
+	return st
+}
+
+func orDefault(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
+
+// writeStatus patches the FederationPeer's status when it changed.
+func (m *Manager) writeStatus(ctx context.Context, e *peerEntry, now time.Time) {
+	st := m.peerStatus(e, now)
+	if old := e.written; old != nil {
+		cmp := st.DeepCopy()
+		cmp.LastHeartbeat = old.LastHeartbeat
+		heartbeatFresh := st.LastHeartbeat == nil || (old.LastHeartbeat != nil && st.LastHeartbeat.Sub(old.LastHeartbeat.Time) < heartbeatWriteInterval)
+		if heartbeatFresh && equality.Semantic.DeepEqual(cmp, old) {
+			return
+		}
+	}
+	body, err := json.Marshal(map[string]any{"status": st})
+	if err == nil {
+		_, err = m.dyn.Resource(v1alpha1.Resource).Patch(ctx, e.p.name, types.MergePatchType, body, metav1.PatchOptions{}, "status")
+	}
+	if err != nil {
+		m.log.Debug("write FederationPeer status", "peer", e.p.name, "err", fmt.Errorf("patch: %w", err))
+		return
+	}
+	e.written = &st
+	e.conditions = st.Conditions
+}

@@ -1,0 +1,212 @@
+package federation
+
+import (
+	"fmt"
+	"maps"
+	"strconv"
+
+	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
+)
+
+// outbound is what this side has told the peer about one resource type.
+// At most one update per type is in flight: the peer's state is then
+// always exactly the last acknowledged set, so the next update can be a
+// diff against it.
+//
+// Owned by the session loop; not safe for concurrent use.
+type outbound struct {
+	typeURL string
+	// acked is what the peer holds, by name, at ackedVersion; nil means
+	// unknown, and the next update is a full set.
+	acked        map[string]digest
+	ackedVersion string
+	// pending is the update in flight, if any.
+	pending *pendingUpdate
+	// rejected holds resources the peer NACKed, by the digest refused;
+	// they are left out until their content changes, so one bad resource
+	// never stalls the others.
+	rejected map[string]digest
+	// refusedVersion is a whole update the peer refused (say, over its
+	// limits); it is not sent again until the set changes.
+	refusedVersion string
+	// lastSent is the version of the last update sent.
+	lastSent string
+	// lastNACK is the peer's last refusal, for status.
+	lastNACK *fedv1.Error
+	nonces   uint64
+}
+
+type pendingUpdate struct {
+	nonce   string
+	version string
+	set     map[string]digest
+}
+
+// desired is the set this side wants the peer to hold.
+type desired struct {
+	resources map[string]*fedv1.Resource
+	digests   map[string]digest
+}
+
+func newDesired(resources []*fedv1.Resource) (desired, error) {
+	d := desired{resources: make(map[string]*fedv1.Resource, len(resources)), digests: make(map[string]digest, len(resources))}
+	for _, r := range resources {
+		dg, _, err := digestOf(r)
+		if err != nil {
+			return desired{}, fmt.Errorf("encode %s: %w", r.GetName(), err)
+		}
+		d.resources[r.GetName()] = r
+		d.digests[r.GetName()] = dg
+	}
+	return d, nil
+}
+
+func newOutbound(typeURL string) *outbound {
+	return &outbound{typeURL: typeURL, rejected: map[string]digest{}}
+}
+
+// resume is called when a stream opens and the peer says which version of
+// this type it holds. When that is what the peer last acknowledged, or
+// exactly what this side wants it to hold, nothing is resent.
+func (o *outbound) resume(peerHolds string, want desired) {
+	o.pending = nil
+	o.refusedVersion = ""
+	switch {
+	case peerHolds != "" && peerHolds == o.ackedVersion && o.acked != nil:
+		// Same process, same peer state: carry on from the diff.
+	case peerHolds != "" && peerHolds == setVersion(o.filter(want)):
+		o.acked, o.ackedVersion = o.filter(want), peerHolds
+	case peerHolds == "":
+		// The peer holds nothing: the diff from an empty set is the set.
+		o.acked, o.ackedVersion = map[string]digest{}, ""
+	default:
+		o.acked, o.ackedVersion = nil, ""
+	}
+}
+
+// filter drops the resources the peer refused in exactly this content.
+func (o *outbound) filter(want desired) map[string]digest {
+	out := make(map[string]digest, len(want.digests))
+	for name, d := range want.digests {
+		if r, ok := o.rejected[name]; ok && r == d {
+			continue
+		}
+		out[name] = d
+	}
+	return out
+}
+
+// next returns the update that brings the peer to want, or nil when the
+// peer already holds it, an update is in flight, or the set is one the
+// peer refused.
+func (o *outbound) next(want desired) *fedv1.Update {
+	if o.pending != nil {
+		return nil
+	}
+	set := o.filter(want)
+	version := setVersion(set)
+	if o.acked != nil && version == o.ackedVersion {
+		return nil
+	}
+	if version == o.refusedVersion {
+		return nil
+	}
+	o.nonces++
+	u := &fedv1.Update{TypeUrl: o.typeURL, Version: version, Nonce: strconv.FormatUint(o.nonces, 10)}
+	if o.acked == nil {
+		u.FullSet = true
+		for name := range set {
+			u.Resources = append(u.Resources, want.resources[name])
+		}
+	} else {
+		for name, d := range set {
+			if old, ok := o.acked[name]; !ok || old != d {
+				u.Resources = append(u.Resources, want.resources[name])
+			}
+		}
+		for name := range o.acked {
+			if _, ok := set[name]; !ok {
+				u.Removed = append(u.Removed, name)
+			}
+		}
+	}
+	sortUpdate(u)
+	o.pending = &pendingUpdate{nonce: u.Nonce, version: version, set: set}
+	o.lastSent = version
+	return u
+}
+
+// ack handles the peer's answer to an update. It reports whether the
+// answer matched the update in flight.
+func (o *outbound) ack(a *fedv1.Ack) bool {
+	p := o.pending
+	if p == nil || a.GetNonce() != p.nonce {
+		return false
+	}
+	o.pending = nil
+	if a.GetError() == nil {
+		o.acked, o.ackedVersion = p.set, p.version
+		o.lastNACK = nil
+		return true
+	}
+	o.lastNACK = a.GetError()
+	if name := a.GetError().GetResource(); name != "" {
+		if d, ok := p.set[name]; ok {
+			o.rejected[name] = d
+			return true
+		}
+	}
+	if a.GetVersion() != o.ackedVersion {
+		// The peer holds something else than this side believes: start
+		// again from a full set.
+		o.acked, o.ackedVersion = nil, ""
+		return true
+	}
+	o.refusedVersion = p.version
+	return true
+}
+
+// inbound is what this side holds from the peer for one resource type:
+// the digests of the accepted set, so an incremental update can be
+// checked against the version the peer says it produces.
+type inbound struct {
+	version string
+	digests map[string]digest
+}
+
+// nack builds a refusal naming the resource and the reason.
+func nack(u *fedv1.Update, held string, resource string, format string, args ...any) *fedv1.Ack {
+	return &fedv1.Ack{TypeUrl: u.GetTypeUrl(), Nonce: u.GetNonce(), Version: held,
+		Error: &fedv1.Error{Resource: resource, Reason: fmt.Sprintf(format, args...)}}
+}
+
+// apply computes the digests after u; the caller commits them only once
+// every resource was accepted.
+func (in *inbound) apply(u *fedv1.Update, maxResources int) (map[string]digest, *fedv1.Ack) {
+	var next map[string]digest
+	if u.GetFullSet() {
+		next = make(map[string]digest, len(u.GetResources()))
+	} else {
+		next = maps.Clone(in.digests)
+		if next == nil {
+			next = map[string]digest{}
+		}
+	}
+	for _, r := range u.GetResources() {
+		d, _, err := digestOf(r)
+		if err != nil {
+			return nil, nack(u, in.version, r.GetName(), "cannot encode: %v", err)
+		}
+		next[r.GetName()] = d
+	}
+	for _, name := range u.GetRemoved() {
+		delete(next, name)
+	}
+	if len(next) > maxResources {
+		return nil, nack(u, in.version, "", "%d resources of type %s exceed this cluster's limit of %d per peer", len(next), u.GetTypeUrl(), maxResources)
+	}
+	if got := setVersion(next); got != u.GetVersion() {
+		return nil, nack(u, in.version, "", "version mismatch: applying the update gives %q, the update says %q; send a full set", got, u.GetVersion())
+	}
+	return next, nil
+}

@@ -1,0 +1,210 @@
+package federation
+
+import (
+	"errors"
+	"maps"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+
+	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
+	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
+)
+
+// PeerStatus is what this federator observes about one peer: the source
+// of FederationPeer status, metrics and /debug/federation.
+type PeerStatus struct {
+	Name  string `json:"name"`
+	State string `json:"state"`
+	// Established is false until the peering secret was spent and both
+	// bundles exchanged.
+	Established bool `json:"established"`
+	// Reason says why the peer is not connected, when it is not.
+	Reason            string            `json:"reason,omitempty"`
+	ConnectedSince    time.Time         `json:"connectedSince,omitzero"`
+	LastHeartbeat     time.Time         `json:"lastHeartbeat,omitzero"`
+	DisconnectedSince time.Time         `json:"disconnectedSince,omitzero"`
+	Sent              map[string]string `json:"sent,omitempty"`
+	Acknowledged      map[string]string `json:"acknowledged,omitempty"`
+	Received          map[string]string `json:"received,omitempty"`
+	// LastNACKSent is this side's last refusal of the peer's data;
+	// LastNACKReceived the peer's last refusal of this side's.
+	LastNACKSent     string `json:"lastNACKSent,omitempty"`
+	LastNACKReceived string `json:"lastNACKReceived,omitempty"`
+	Imported         int    `json:"imported"`
+	Exported         int    `json:"exported"`
+	BundleSequence   uint64 `json:"bundleSequence,omitempty"`
+	BundleRoots      int    `json:"bundleRoots,omitempty"`
+	// BundleExpires is the earliest expiry among the peer's roots.
+	BundleExpires time.Time `json:"bundleExpires,omitzero"`
+}
+
+// tracker holds one peer's status; sessions, the establisher and the
+// staleness clock write it, the status writer reads it.
+type tracker struct {
+	// mu guards st and changed.
+	mu      sync.Mutex
+	st      PeerStatus
+	changed bool
+}
+
+func newTracker() *tracker {
+	return &tracker{st: PeerStatus{State: v1alpha1.StatePending, Sent: map[string]string{},
+		Acknowledged: map[string]string{}, Received: map[string]string{}}}
+}
+
+func (t *tracker) update(f func(*PeerStatus)) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	f(&t.st)
+	t.changed = true
+}
+
+// Snapshot returns a copy of the status.
+func (t *tracker) Snapshot() PeerStatus {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := t.st
+	s.Sent, s.Acknowledged, s.Received = maps.Clone(s.Sent), maps.Clone(s.Acknowledged), maps.Clone(s.Received)
+	return s
+}
+
+func (t *tracker) established() {
+	t.update(func(s *PeerStatus) {
+		s.Established = true
+		if s.State == v1alpha1.StateFailed {
+			s.State, s.Reason = v1alpha1.StatePending, ""
+		}
+	})
+}
+
+func (t *tracker) connected(now time.Time) {
+	t.update(func(s *PeerStatus) {
+		s.State, s.Reason, s.Established = v1alpha1.StateConnected, "", true
+		s.ConnectedSince, s.LastHeartbeat, s.DisconnectedSince = now, now, time.Time{}
+	})
+}
+
+func (t *tracker) heard(now time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.st.LastHeartbeat = now
+	// A heartbeat alone does not make the status worth rewriting.
+}
+
+// disconnected records a session's end. A terminated link is failed; any
+// other end leaves the peer disconnected (and its imports ageing).
+func (t *tracker) disconnected(now time.Time, err error) {
+	t.update(func(s *PeerStatus) {
+		if s.State == v1alpha1.StateConnected || s.DisconnectedSince.IsZero() {
+			s.DisconnectedSince = now
+		}
+		s.State = v1alpha1.StateDisconnected
+		if errors.Is(err, ErrTerminated) {
+			s.State = v1alpha1.StateFailed
+		}
+		if err != nil {
+			s.Reason = err.Error()
+		}
+	})
+}
+
+// failed records a problem that needs the operator.
+func (t *tracker) failed(now time.Time, err error) {
+	t.update(func(s *PeerStatus) {
+		if s.DisconnectedSince.IsZero() && s.State == v1alpha1.StateConnected {
+			s.DisconnectedSince = now
+		}
+		s.State, s.Reason = v1alpha1.StateFailed, err.Error()
+	})
+}
+
+// unreachable records a failed connection attempt.
+func (t *tracker) unreachable(now time.Time, err error) {
+	t.update(func(s *PeerStatus) {
+		if s.State == v1alpha1.StateConnected {
+			s.DisconnectedSince = now
+		}
+		if s.State != v1alpha1.StatePending || s.Established {
+			s.State = v1alpha1.StateDisconnected
+		}
+		if s.DisconnectedSince.IsZero() && s.Established {
+			s.DisconnectedSince = now
+		}
+		s.Reason = err.Error()
+	})
+}
+
+// lostSince is when the peer was lost, if it is.
+func (t *tracker) lostSince() (time.Time, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.st.State == v1alpha1.StateConnected || t.st.DisconnectedSince.IsZero() {
+		return time.Time{}, false
+	}
+	return t.st.DisconnectedSince, true
+}
+
+func (t *tracker) sent(typeURL, version string) {
+	t.update(func(s *PeerStatus) { s.Sent[typeURL] = version })
+}
+
+func (t *tracker) acked(typeURL, version string, nack *fedv1.Error, n int) {
+	t.update(func(s *PeerStatus) {
+		s.Acknowledged[typeURL] = version
+		s.LastNACKReceived = describeNACK(nack)
+		if typeURL == TypeService {
+			s.Exported = n
+		}
+	})
+}
+
+func (t *tracker) received(typeURL, version string) {
+	t.update(func(s *PeerStatus) {
+		s.Received[typeURL] = version
+		if typeURL == TypeService {
+			s.LastNACKSent = ""
+		}
+	})
+}
+
+func (t *tracker) nackSent(e *fedv1.Error) {
+	t.update(func(s *PeerStatus) { s.LastNACKSent = describeNACK(e) })
+}
+
+func (t *tracker) imported(n int) {
+	t.update(func(s *PeerStatus) { s.Imported = n })
+}
+
+func (t *tracker) bundle(b *spiffebundle.Bundle) {
+	t.update(func(s *PeerStatus) {
+		s.BundleSequence, _ = b.SequenceNumber()
+		s.BundleRoots = len(b.X509Authorities())
+		s.BundleExpires = time.Time{}
+		for _, c := range b.X509Authorities() {
+			if s.BundleExpires.IsZero() || c.NotAfter.Before(s.BundleExpires) {
+				s.BundleExpires = c.NotAfter
+			}
+		}
+	})
+}
+
+// takeChanged reports whether the status changed since the last call.
+func (t *tracker) takeChanged() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	c := t.changed
+	t.changed = false
+	return c
+}
+
+func describeNACK(e *fedv1.Error) string {
+	if e == nil {
+		return ""
+	}
+	if e.GetResource() == "" {
+		return e.GetReason()
+	}
+	return e.GetResource() + ": " + e.GetReason()
+}
