@@ -13,5 +13,17 @@
 // catalog wrong. Deny by default: a Service enters the catalog only while a
 // ServiceExport of the same namespace and name exists.
 //
+// The ImportWriter works the other way: it mirrors what peers export (the
+// imported catalog) into the cluster, for visibility and interop only,
+// never on the propagation path to proxies:
+//
+//	catalog.Store (peer sources) ─► (coalesced, rate limited) ─► ServiceEntry <name>.clusterset.local + ServiceImport <name>
+//	Namespace, and Isthmus's own ServiceEntries/ServiceImports (informers) ─┘
+//
+// It writes only objects labelled app.kubernetes.io/managed-by=isthmus,
+// skips (and reports in Skipped) services that another owner's object,
+// a reserved namespace or a missing namespace keeps out, and deletes its
+// objects once no peer exports the service.
+//
 // This is the only package that uses client-go informers.
 package kube
