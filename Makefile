@@ -56,15 +56,27 @@ generate-tools: ## Install buf, protoc-gen-go, protoc-gen-go-grpc and controller
 	@test -x $(BIN)/controller-gen && $(BIN)/controller-gen --version | grep -q '$(CONTROLLER_GEN_VERSION)$$' || GOBIN=$(BIN) go install sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_GEN_VERSION)
 
 .PHONY: generate
-generate: generate-tools ## Regenerate checked-in generated files (federation API, CRDs from the MCS module)
+generate: generate-tools ## Regenerate checked-in generated files (federation API, CRDs from the MCS and Istio modules)
 	cd api && $(BIN)/buf lint && $(BIN)/buf generate
 	$(BIN)/controller-gen object paths=./pkg/apis/... crd:crdVersions=v1 output:crd:dir=./deploy/crds
 	cp "$$(go list -m -f '{{.Dir}}' sigs.k8s.io/mcs-api)"/config/crd/multicluster.x-k8s.io_service{exports,imports}.yaml deploy/crds/
 	chmod 644 deploy/crds/*.yaml
+	@# Istio's ServiceEntry CRD, only for tests: the import writer's output
+	@# must pass Istio's own schema on a real API server. Not installed by
+	@# deploy/: Istio's installation owns it in a real cluster.
+	{ echo "# Copied by 'make generate' from istio.io/api $$(go list -m -f '{{.Version}}' istio.io/api)"; \
+	  echo "# kubernetes/customresourcedefinitions.gen.yaml: the ServiceEntry CRD only."; \
+	  awk '/^---$$/ { if (keep) printf "%s", doc; doc = ""; keep = 0; next } \
+	       { doc = doc $$0 "\n" } \
+	       /^  name: serviceentries\.networking\.istio\.io$$/ { keep = 1 } \
+	       END { if (keep) printf "%s", doc }' \
+	    "$$(go list -m -f '{{.Dir}}' istio.io/api)"/kubernetes/customresourcedefinitions.gen.yaml; \
+	} > test/install/istio/networking.istio.io_serviceentries.yaml
+	@grep -q '^  name: serviceentries.networking.istio.io$$' test/install/istio/networking.istio.io_serviceentries.yaml
 
 .PHONY: verify
 verify: generate lint ## Fail when generated files are stale or lint finds something
-	git diff --exit-code -- deploy/crds api pkg/apis
+	git diff --exit-code -- deploy/crds api pkg/apis test/install/istio
 
 .PHONY: e2e
 e2e: tools kube-binaries ## Run only the end-to-end tests on the local multi-cluster harness

@@ -7,6 +7,7 @@ package install
 import (
 	"bytes"
 	"context"
+	_ "embed"
 	"errors"
 	"fmt"
 	"io"
@@ -28,6 +29,14 @@ import (
 )
 
 const fieldManager = "isthmus-install"
+
+// IstioServiceEntryCRD is Istio's own ServiceEntry CRD, copied from the
+// istio.io/api module by `make generate`. Isthmus does not install it (a
+// cluster's Istio does); tests apply it to prove that what Isthmus writes
+// passes Istio's schema unchanged.
+//
+//go:embed istio/networking.istio.io_serviceentries.yaml
+var IstioServiceEntryCRD []byte
 
 var crdGVR = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
 
