@@ -1,11 +1,13 @@
 // Package kube is the federator's view of its own cluster: it watches
-// Services, EndpointSlices, Nodes and MCS ServiceExports with client-go
-// informers and keeps the local catalog of exported services up to date.
+// Services, EndpointSlices, Nodes, Pods and MCS ServiceExports with
+// client-go informers and keeps the local catalog of exported services up
+// to date.
 //
 //	ServiceExport ─┐
 //	Service ───────┼─► work queue (namespace/name) ─► reconcile ─► catalog.Builder ─► (coalesced) catalog.Store
 //	EndpointSlice ─┤                                    │
-//	Node ──────────┘ (locality labels only)             └─► ServiceExport status (Valid, Ready)
+//	Node ──────────┤ (locality labels only)             └─► ServiceExport status (Valid, Ready)
+//	Pod ───────────┘ (ServiceAccount only, with a trust domain: the services' SPIFFE IDs)
 //
 // The loop is level-triggered: every event only enqueues the key of the
 // exported service it may affect, and the worker reads the current state

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -55,6 +56,12 @@ type Options struct {
 	ResyncPeriod time.Duration
 	// Workers is the number of reconcile workers; default 2.
 	Workers int
+	// TrustDomain is this cluster's SPIFFE trust domain. When set, each
+	// service's Identities are the SPIFFE IDs of the ServiceAccounts of the
+	// pods behind it, which takes a Pod informer (and RBAC to list and
+	// watch pods). Empty means identities are not computed and pods are
+	// not watched.
+	TrustDomain string
 }
 
 // Exporter keeps catalog.LocalSource in a Store equal to the cluster's
@@ -73,6 +80,13 @@ type Exporter struct {
 	nodes         corelisters.NodeLister
 	exports       mcslisters.ServiceExportLister
 	synced        []cache.InformerSynced
+	// accounts is nil unless Options.TrustDomain is set.
+	accounts *podAccounts
+
+	// started is set once the initial build begins: before that, a pod
+	// event need not look for the services it affects, since the initial
+	// build reads every pod anyway.
+	started atomic.Bool
 
 	queue workqueue.TypedRateLimitingInterface[catalog.ServiceKey]
 	dirty chan struct{}
@@ -101,6 +115,14 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 	if opts.Workers <= 0 {
 		opts.Workers = 2
 	}
+	var accounts *podAccounts
+	if opts.TrustDomain != "" {
+		td, err := spiffeid.TrustDomainFromString(opts.TrustDomain)
+		if err != nil {
+			return nil, fmt.Errorf("kube exporter: trust domain %q: %w", opts.TrustDomain, err)
+		}
+		accounts = newPodAccounts(td)
+	}
 	e := &Exporter{
 		opts:          opts,
 		log:           opts.Logger.With("component", "kube-exporter"),
@@ -112,8 +134,9 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.DefaultTypedControllerRateLimiter[catalog.ServiceKey](),
 			workqueue.TypedRateLimitingQueueConfig[catalog.ServiceKey]{Name: "serviceexports"}),
-		dirty:   make(chan struct{}, 1),
-		builder: catalog.NewBuilder(catalog.LocalSource),
+		dirty:    make(chan struct{}, 1),
+		builder:  catalog.NewBuilder(catalog.LocalSource),
+		accounts: accounts,
 	}
 
 	svcInf := e.kubeInformers.Core().V1().Services()
@@ -165,7 +188,91 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 		}
 		e.synced = append(e.synced, h.inf.HasSynced)
 	}
+	if accounts != nil {
+		if err := e.watchPods(); err != nil {
+			return nil, err
+		}
+	}
 	return e, nil
+}
+
+// watchPods keeps e.accounts equal to the pods' ServiceAccounts and
+// re-enqueues the services whose endpoints point at a pod whose
+// ServiceAccount became known, changed, or went away. Pod updates that
+// leave the ServiceAccount alone (status, labels: nearly all of them) cost
+// a map lookup.
+func (e *Exporter) watchPods() error {
+	podInf := e.kubeInformers.Core().V1().Pods().Informer()
+	if err := podInf.SetTransform(stripPod); err != nil {
+		return fmt.Errorf("kube exporter: strip pods: %w", err)
+	}
+	set := func(obj any) {
+		if p, ok := podFromEvent(obj); ok && e.accounts.set(p) {
+			e.enqueuePodServices(p.Namespace, p.Name)
+		}
+	}
+	reg, err := podInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    set,
+		UpdateFunc: func(_, obj any) { set(obj) },
+		DeleteFunc: func(obj any) {
+			if p, ok := podFromEvent(obj); ok && e.accounts.remove(p.Namespace, p.Name) {
+				e.enqueuePodServices(p.Namespace, p.Name)
+			}
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("kube exporter: add pod event handler: %w", err)
+	}
+	// e.accounts is written by this handler, so the initial build must
+	// wait until the handler (not only the informer's cache) has seen
+	// every pod.
+	e.synced = append(e.synced, reg.HasSynced)
+	return nil
+}
+
+// enqueuePodServices enqueues the exported services whose EndpointSlices
+// point at the pod. It scans the endpoints of the exported services in the
+// pod's namespace: pod churn is rare next to endpoint count, and an index
+// of slices by pod would hold a key per endpoint for ever.
+func (e *Exporter) enqueuePodServices(namespace, pod string) {
+	if !e.started.Load() {
+		return
+	}
+	exports, err := e.exports.ServiceExports(namespace).List(labels.Everything())
+	if err != nil {
+		return
+	}
+	for _, se := range exports {
+		key := catalog.ServiceKey{Namespace: se.Namespace, Name: se.Name}
+		objs, err := e.sliceIndex.ByIndex(indexByService, key.String())
+		if err != nil {
+			continue
+		}
+		if slicesReferencePod(objs, namespace, pod) {
+			e.queue.Add(key)
+		}
+	}
+}
+
+// slicesReferencePod reports whether any of the EndpointSlices (all in
+// namespace) has an endpoint pointing at the pod.
+func slicesReferencePod(objs []any, namespace, pod string) bool {
+	for _, o := range objs {
+		s, ok := o.(*discoveryv1.EndpointSlice)
+		if !ok {
+			continue
+		}
+		for i := range s.Endpoints {
+			ref := s.Endpoints[i].TargetRef
+			if ref == nil || ref.Kind != "Pod" || ref.Name != pod {
+				continue
+			}
+			if ref.Namespace == "" || ref.Namespace == namespace {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // Ready reports whether the informers have synced and the first complete
@@ -195,6 +302,7 @@ func (e *Exporter) Run(ctx context.Context) error {
 	// Build the whole catalog before serving it, so a restarted federator
 	// never publishes a partial view. Events queued meanwhile are
 	// reconciled again by the workers; that is harmless.
+	e.started.Store(true)
 	exports, err := e.exports.List(labels.Everything())
 	if err != nil {
 		return fmt.Errorf("kube exporter: list service exports: %w", err)
@@ -338,7 +446,7 @@ func (e *Exporter) reconcile(ctx context.Context, key catalog.ServiceKey) error 
 			endpointSlices = append(endpointSlices, s)
 		}
 	}
-	entry := serviceFromObjects(e.opts.ClusterName, svc, endpointSlices, parsePeers(se.Annotations[AnnotationPeers]), e.locate)
+	entry := serviceFromObjects(e.opts.ClusterName, svc, endpointSlices, parsePeers(se.Annotations[AnnotationPeers]), e.locate, e.accounts)
 	if err := e.put(entry); err != nil {
 		e.remove(key)
 		return e.setConditions(ctx, se, invalid(ReasonInvalidService, err.Error()))

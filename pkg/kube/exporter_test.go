@@ -2,6 +2,7 @@ package kube
 
 import (
 	"context"
+	"slices"
 	"testing"
 	"time"
 
@@ -11,7 +12,9 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
 	kubefake "k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/utils/ptr"
 	mcsv1alpha1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
 	mcsfake "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned/fake"
@@ -31,6 +34,27 @@ func service(ns, name string, ports ...corev1.ServicePort) *corev1.Service {
 
 func export(ns, name string) *mcsv1alpha1.ServiceExport {
 	return &mcsv1alpha1.ServiceExport{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
+}
+
+// pod is a Pod with a ServiceAccount; the endpoints of slice point at
+// "pod-<ip>".
+func pod(ns, name, serviceAccount string) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, UID: types.UID("uid-" + name), Labels: map[string]string{"app": "echo"}},
+		Spec: corev1.PodSpec{
+			ServiceAccountName: serviceAccount,
+			Containers:         []corev1.Container{{Name: "app", Image: "echo:1", Args: []string{"--port", "8080"}}},
+		},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.0.0.1"},
+	}
+}
+
+func spiffeIDs(ns string, serviceAccounts ...string) []string {
+	out := make([]string, len(serviceAccounts))
+	for i, sa := range serviceAccounts {
+		out[i] = "spiffe://a.mesh/ns/" + ns + "/sa/" + sa
+	}
+	return out
 }
 
 type ep struct {
@@ -61,15 +85,23 @@ type fixture struct {
 	exp   *Exporter
 }
 
+// start runs an Exporter for cluster "a" in trust domain "a.mesh".
 func start(t *testing.T, kubeObjs []runtime.Object, mcsObjs []runtime.Object) *fixture {
 	t.Helper()
+	return startWith(t, Options{TrustDomain: "a.mesh"}, kubeObjs, mcsObjs)
+}
+
+func startWith(t *testing.T, opts Options, kubeObjs []runtime.Object, mcsObjs []runtime.Object) *fixture {
+	t.Helper()
+	opts.ClusterName = "a"
+	opts.FlushDelay = time.Millisecond
 	f := &fixture{
 		kube:  kubefake.NewClientset(kubeObjs...),
 		mcs:   mcsfake.NewSimpleClientset(mcsObjs...),
 		store: catalog.NewStore(),
 	}
 	var err error
-	f.exp, err = NewExporter(f.kube, f.mcs, f.store, Options{ClusterName: "a", FlushDelay: time.Millisecond})
+	f.exp, err = NewExporter(f.kube, f.mcs, f.store, opts)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
@@ -119,6 +151,11 @@ func TestExportedServiceEntersCatalog(t *testing.T) {
 			// The same pod again in an IPv6 slice counts once.
 			slice("demo", "echo", "echo-v6", discoveryv1.AddressTypeIPv6, ep{"10.0.0.1", "n1", nil}),
 			slice("demo", "private", "private-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.9", "n1", nil}),
+			// Two ServiceAccounts behind echo, one only on a not-ready
+			// pod, which still counts; a pod naming none runs as
+			// "default". The private service's account is never seen.
+			pod("demo", "pod-10.0.0.1", "echo"), pod("demo", "pod-10.0.0.2", ""), pod("demo", "pod-10.0.0.3", "canary"),
+			pod("demo", "pod-10.0.0.9", "private"),
 		},
 		[]runtime.Object{export("demo", "echo")})
 
@@ -133,6 +170,7 @@ func TestExportedServiceEntersCatalog(t *testing.T) {
 		{Locality: catalog.Locality{Region: "r1", Zone: "z1"}, Ready: 2},
 		{Locality: catalog.Locality{Region: "r1", Zone: "z2"}, NotReady: 1},
 	}, got.Endpoints)
+	require.Equal(t, spiffeIDs("demo", "canary", "default", "echo"), got.Identities)
 
 	_, ok = f.service(t, catalog.ServiceKey{Namespace: "demo", Name: "private"})
 	require.False(t, ok, "a service without ServiceExport never enters the catalog")
@@ -232,4 +270,119 @@ func TestPeersAnnotationNarrowsExport(t *testing.T) {
 	require.True(t, ok)
 	require.Equal(t, []string{"b", "c"}, got.Peers)
 	require.False(t, got.ExportedTo("d"))
+}
+
+// Identities follow the pods behind the endpoints: a pod seen after the
+// slice that points at it, a ServiceAccount that changes (a StatefulSet
+// pod recreated under the same name), a pod that goes away.
+func TestIdentitiesFollowPods(t *testing.T) {
+	noRef := slice("demo", "echo", "echo-2", discoveryv1.AddressTypeIPv4, ep{"10.0.0.7", "n1", nil})
+	noRef.Endpoints[0].TargetRef = nil
+	f := start(t,
+		[]runtime.Object{
+			node("n1", "r1", "z1"),
+			service("demo", "echo", corev1.ServicePort{Port: 80, Protocol: corev1.ProtocolTCP}),
+			slice("demo", "echo", "echo-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.1", "n1", ptr.To(true)}, ep{"10.0.0.2", "n1", ptr.To(true)}),
+			// An endpoint that is not a pod counts but names no identity.
+			noRef,
+			pod("demo", "pod-10.0.0.1", "echo"),
+			// The same pod name in another namespace is another pod.
+			pod("other", "pod-10.0.0.2", "intruder"),
+		},
+		[]runtime.Object{export("demo", "echo")})
+	ctx := t.Context()
+	identities := func() []string {
+		got, ok := f.service(t, echoKey)
+		require.True(t, ok)
+		return got.Identities
+	}
+	got, _ := f.service(t, echoKey)
+	require.Equal(t, 3, got.ReadyEndpoints())
+	require.Equal(t, spiffeIDs("demo", "echo"), identities(), "a pod not seen yet adds no identity")
+
+	_, err := f.kube.CoreV1().Pods("demo").Create(ctx, pod("demo", "pod-10.0.0.2", "worker"), metav1.CreateOptions{})
+	require.NoError(t, err)
+	f.eventually(t, "a pod seen after its slice adds its identity", func() bool {
+		return slices.Equal(identities(), spiffeIDs("demo", "echo", "worker"))
+	})
+
+	// A status change leaves identities alone.
+	p := pod("demo", "pod-10.0.0.1", "echo")
+	p.Status.Phase = corev1.PodFailed
+	_, err = f.kube.CoreV1().Pods("demo").UpdateStatus(ctx, p, metav1.UpdateOptions{})
+	require.NoError(t, err)
+
+	// Pod specs are immutable, but a relist after the pod was recreated
+	// under the same name shows up as an update.
+	_, err = f.kube.CoreV1().Pods("demo").Update(ctx, pod("demo", "pod-10.0.0.1", "echo-v2"), metav1.UpdateOptions{})
+	require.NoError(t, err)
+	f.eventually(t, "a changed ServiceAccount replaces the identity", func() bool {
+		return slices.Equal(identities(), spiffeIDs("demo", "echo-v2", "worker"))
+	})
+
+	require.NoError(t, f.kube.CoreV1().Pods("demo").Delete(ctx, "pod-10.0.0.2", metav1.DeleteOptions{}))
+	f.eventually(t, "a deleted pod takes its identity away", func() bool {
+		return slices.Equal(identities(), spiffeIDs("demo", "echo-v2"))
+	})
+
+	// The slice moving to new pods moves the identities with it.
+	_, err = f.kube.CoreV1().Pods("demo").Create(ctx, pod("demo", "pod-10.0.0.3", "echo-v3"), metav1.CreateOptions{})
+	require.NoError(t, err)
+	_, err = f.kube.DiscoveryV1().EndpointSlices("demo").Update(ctx,
+		slice("demo", "echo", "echo-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.3", "n1", ptr.To(false)}), metav1.UpdateOptions{})
+	require.NoError(t, err)
+	f.eventually(t, "identities follow the slice", func() bool {
+		return slices.Equal(identities(), spiffeIDs("demo", "echo-v3"))
+	})
+
+	// The informer's cache holds pods stripped to what identities need.
+	cached, err := f.exp.kubeInformers.Core().V1().Pods().Lister().Pods("demo").Get("pod-10.0.0.3")
+	require.NoError(t, err)
+	require.Equal(t, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "demo", Name: "pod-10.0.0.3", UID: "uid-pod-10.0.0.3", ResourceVersion: cached.ResourceVersion},
+		Spec:       corev1.PodSpec{ServiceAccountName: "echo-v3"},
+	}, cached)
+}
+
+// Without a trust domain no identity is computed and pods are never
+// listed or watched, so the federator needs no RBAC on pods.
+func TestNoTrustDomainNoPods(t *testing.T) {
+	f := startWith(t, Options{},
+		[]runtime.Object{
+			service("demo", "echo", corev1.ServicePort{Port: 80, Protocol: corev1.ProtocolTCP}),
+			slice("demo", "echo", "echo-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.1", "n1", nil}),
+			pod("demo", "pod-10.0.0.1", "echo"),
+		},
+		[]runtime.Object{export("demo", "echo")})
+	got, ok := f.service(t, echoKey)
+	require.True(t, ok)
+	require.Equal(t, 1, got.ReadyEndpoints())
+	require.Nil(t, got.Identities)
+	for _, a := range f.kube.Actions() {
+		require.NotEqual(t, "pods", a.GetResource().Resource, "%s pods without a trust domain", a.GetVerb())
+	}
+}
+
+func TestInvalidTrustDomain(t *testing.T) {
+	_, err := NewExporter(kubefake.NewClientset(), mcsfake.NewSimpleClientset(), catalog.NewStore(),
+		Options{ClusterName: "a", TrustDomain: "spiffe://A.mesh"})
+	require.ErrorContains(t, err, `trust domain "spiffe://A.mesh"`)
+}
+
+func TestStripPod(t *testing.T) {
+	p := pod("demo", "p", "")
+	p.ResourceVersion = "42"
+	p.Annotations = map[string]string{"kubectl.kubernetes.io/last-applied-configuration": "{}"}
+	p.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubectl"}}
+	stripped, err := stripPod(p)
+	require.NoError(t, err)
+	want := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "demo", Name: "p", UID: "uid-p", ResourceVersion: "42"}}
+	require.Equal(t, want, stripped)
+	again, err := stripPod(stripped)
+	require.NoError(t, err)
+	require.Equal(t, want, again, "idempotent")
+	tomb := cache.DeletedFinalStateUnknown{Key: "demo/p", Obj: pod("demo", "p", "")}
+	same, err := stripPod(tomb)
+	require.NoError(t, err)
+	require.Equal(t, tomb, same, "anything but a Pod passes through")
 }

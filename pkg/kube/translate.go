@@ -1,6 +1,7 @@
 package kube
 
 import (
+	"slices"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -51,9 +52,17 @@ func parsePeers(v string) []string {
 // slice being split) count once, keyed by the Pod they point at, else by
 // their first address. The zone of an endpoint comes from the slice (set
 // by the EndpointSlice controller from the node) and falls back to the
-// node; region and subzone always come from the node. The result is not
-// yet normalized: catalog.Builder.Put sorts and validates it.
-func serviceFromObjects(cluster string, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, peers []string, locate localityFunc) catalog.Service {
+// node; region and subzone always come from the node.
+//
+// With accounts set, the service's identities are the SPIFFE IDs of the
+// ServiceAccounts of the pods behind its endpoints, ready or not: a pod
+// that is starting or draining still answers as itself. Endpoints that do
+// not point at a pod, or at a pod not known yet, add no identity. With
+// accounts nil no identity is computed.
+//
+// The result is not yet normalized, and its Identities may be shared with
+// other results: catalog.Builder.Put copies, sorts and validates it.
+func serviceFromObjects(cluster string, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, peers []string, locate localityFunc, accounts *podAccounts) catalog.Service {
 	out := catalog.Service{
 		Namespace: svc.Namespace,
 		Name:      svc.Name,
@@ -77,6 +86,10 @@ func serviceFromObjects(cluster string, svc *corev1.Service, endpointSlices []*d
 	if len(endpointSlices) > 1 {
 		seen = make(map[string]struct{}, 16)
 	}
+	// The pods behind a service nearly always share one ServiceAccount;
+	// the distinct ones are collected on the stack and searched linearly.
+	var acctBuf [4]*account
+	accts := acctBuf[:0]
 	for _, s := range endpointSlices {
 		if s.AddressType == discoveryv1.AddressTypeFQDN {
 			continue
@@ -118,7 +131,20 @@ func serviceFromObjects(cluster string, svc *corev1.Service, endpointSlices []*d
 			} else {
 				out.Endpoints[j].NotReady++
 			}
+
+			if ref := ep.TargetRef; accounts != nil && ref != nil && ref.Kind == "Pod" {
+				ns := ref.Namespace
+				if ns == "" {
+					ns = s.Namespace
+				}
+				if acct := accounts.account(ns, ref.Name); acct != nil && !slices.Contains(accts, acct) {
+					accts = append(accts, acct)
+				}
+			}
 		}
+	}
+	if accounts != nil {
+		out.Identities = accounts.identities(accts)
 	}
 	return out
 }
