@@ -70,6 +70,8 @@ func TestDeployManifests(t *testing.T) {
 		{"watch", "", "services", "", "", true},
 		{"list", "discovery.k8s.io", "endpointslices", "", "", true},
 		{"list", "", "nodes", "", "", true},
+		{"watch", "", "pods", "", "", true},
+		{"get", "", "pods", "demo", "echo-0", true},
 		{"watch", "multicluster.x-k8s.io", "serviceexports", "", "", true},
 		{"update", "multicluster.x-k8s.io", "serviceexports/status", "demo", "echo", true},
 		{"create", "authentication.k8s.io", "tokenreviews", "", "", true},
@@ -86,6 +88,8 @@ func TestDeployManifests(t *testing.T) {
 		{"update", "multicluster.x-k8s.io", "serviceexports", "demo", "echo", false},
 		{"delete", "", "services", "demo", "echo", false},
 		{"create", "", "pods", "demo", "", false},
+		{"delete", "", "pods", "demo", "echo-0", false},
+		{"get", "", "pods/log", "demo", "echo-0", false},
 	}
 	for _, tc := range tests {
 		require.Equal(t, tc.allowed, can(tc.verb, tc.group, tc.resource, tc.ns, tc.name),

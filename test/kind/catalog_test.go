@@ -45,6 +45,8 @@ func TestMulticluster(t *testing.T) {
 			want string
 		}{
 			{[]string{"list", "endpointslices.discovery.k8s.io"}, "yes"},
+			{[]string{"watch", "pods", "--all-namespaces"}, "yes"},
+			{[]string{"delete", "pods", "--all-namespaces"}, "no"},
 			{[]string{"patch", "serviceexports.multicluster.x-k8s.io", "--subresource=status"}, "yes"},
 			{[]string{"update", "serviceexports.multicluster.x-k8s.io"}, "no"},
 			{[]string{"list", "secrets", "--all-namespaces"}, "no"},
