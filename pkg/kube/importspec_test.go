@@ -2,11 +2,13 @@ package kube
 
 import (
 	"encoding/json"
+	"net/netip"
 	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 	networkingapi "istio.io/api/networking/v1alpha3"
+	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 )
@@ -270,4 +272,29 @@ func TestPlanRefusesBadNamesAndNamespaces(t *testing.T) {
 		{Namespace: "gone", Name: "echo", Reason: "namespace gone does not exist in this cluster"},
 		{Namespace: "kube-system", Name: "echo", Reason: "namespace kube-system is reserved"},
 	}, plan.skipped.normalize()["b"])
+}
+
+// FuzzParseGateway feeds gateway addresses as a peer could send them: what
+// parses must be something Istio accepts as an endpoint address (an IP, or
+// a DNS name for DNS resolution) with a port in range.
+func FuzzParseGateway(f *testing.F) {
+	for _, s := range []string{"10.1.0.1:15443", "[fd00::1]:15443", "gw.example.net:443", "GW.example.NET.:1",
+		"10.1.0.1", ":15443", "[fe80::1%eth0]:15443", "host:0", "host:65536", "a_b:1", "[::ffff:10.0.0.1]:80"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		gw, err := parseGateway(s)
+		if err != nil {
+			return
+		}
+		require.NotEmpty(t, gw.host)
+		require.True(t, gw.port >= 1 && gw.port <= 65535, "port %d", gw.port)
+		addr, ipErr := netip.ParseAddr(gw.host)
+		require.Equal(t, gw.ip, ipErr == nil, "ip flag for %q", gw.host)
+		if gw.ip {
+			require.Empty(t, addr.Zone())
+			return
+		}
+		require.Empty(t, validation.IsDNS1123Subdomain(gw.host))
+	})
 }
