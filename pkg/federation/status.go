@@ -1,0 +1,189 @@
+package federation
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/util/duration"
+	"k8s.io/client-go/dynamic"
+
+	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
+)
+
+// noPeersMessage is what `federator status` prints when the cluster has no
+// FederationPeer.
+const noPeersMessage = "no FederationPeers: link a cluster with `federator token create` / `federator join`"
+
+// statusVersionLen is how much of a version `federator status` shows:
+// enough to tell versions apart by eye, as git's short hashes do.
+const statusVersionLen = 8
+
+// PeerStatuses reads every FederationPeer of the cluster, sorted by name,
+// as the running federator last wrote their status.
+func PeerStatuses(ctx context.Context, dyn dynamic.Interface) ([]v1alpha1.FederationPeer, error) {
+	list, err := dyn.Resource(v1alpha1.Resource).List(ctx, metav1.ListOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil, fmt.Errorf("list FederationPeers: %w: is Isthmus installed in this cluster (the FederationPeer CRD of deploy/crds)?", err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list FederationPeers: %w", err)
+	}
+	peers := make([]v1alpha1.FederationPeer, len(list.Items))
+	for i := range list.Items {
+		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(list.Items[i].Object, &peers[i]); err != nil {
+			return nil, fmt.Errorf("FederationPeer %q: %w", list.Items[i].GetName(), err)
+		}
+	}
+	slices.SortFunc(peers, func(a, b v1alpha1.FederationPeer) int { return strings.Compare(a.Name, b.Name) })
+	return peers, nil
+}
+
+// WriteStatusTable prints one row per peer, ages relative to now:
+//
+//	NAME  STATE  TRUST DOMAIN  LAST HEARTBEAT  STALE  IMPORTED  EXPORTED  SENT/ACKED  BUNDLE
+//
+// STALE is how long the peer has been disconnected (its imports are
+// drained staleness.keepFor after it), SENT/ACKED the short versions of the
+// services this side last sent and the peer last acknowledged, BUNDLE the
+// sequence and expiry of the peer's trust bundle as this side holds it.
+// Below the table, every condition that is False is printed as
+// "  <peer>: <Type>: <Reason>: <Message>": that is where a refused
+// establishment, the last NACK either way and skipped imports show.
+// Without peers it says how to link one.
+func WriteStatusTable(w io.Writer, peers []v1alpha1.FederationPeer, now time.Time) error {
+	if len(peers) == 0 {
+		_, err := fmt.Fprintln(w, noPeersMessage)
+		return err
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tSTATE\tTRUST DOMAIN\tLAST HEARTBEAT\tSTALE\tIMPORTED\tEXPORTED\tSENT/ACKED\tBUNDLE")
+	for i := range peers {
+		p := &peers[i]
+		st := &p.Status
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\n",
+			p.Name, statusOrDash(st.State), statusOrDash(p.Spec.TrustDomain),
+			statusHeartbeat(st.LastHeartbeat, now), statusStale(st.DisconnectedSince, now),
+			st.ImportedServices, st.ExportedServices,
+			statusVersions(st.Sent[TypeService], st.Acknowledged[TypeService]),
+			statusBundle(st.Bundle, now))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	var problems []string
+	for i := range peers {
+		for _, c := range peers[i].Status.Conditions {
+			if c.Status != metav1.ConditionFalse {
+				continue
+			}
+			parts := []string{peers[i].Name, c.Type}
+			if c.Reason != "" {
+				parts = append(parts, c.Reason)
+			}
+			if msg := strings.Join(strings.Fields(c.Message), " "); msg != "" {
+				parts = append(parts, msg)
+			}
+			problems = append(problems, "  "+strings.Join(parts, ": "))
+		}
+	}
+	if len(problems) == 0 {
+		return nil
+	}
+	_, err := fmt.Fprintf(w, "\n%s\n", strings.Join(problems, "\n"))
+	return err
+}
+
+// statusReport is the JSON form of `federator status -o json`. Its fields
+// are a FederationPeer's own API fields, so the output is as stable as the
+// v1alpha1 API: consumers may rely on them and on the order (by name).
+type statusReport struct {
+	Peers []peerReport `json:"peers"`
+}
+
+type peerReport struct {
+	Name   string                        `json:"name"`
+	Spec   v1alpha1.FederationPeerSpec   `json:"spec"`
+	Status v1alpha1.FederationPeerStatus `json:"status"`
+}
+
+// WriteStatusJSON prints the peers as one indented JSON document:
+//
+//	{"peers": [{"name": "b", "spec": {...}, "status": {...}}, ...]}
+//
+// spec and status are the FederationPeer's, exactly as the API server
+// holds them (see pkg/apis/federation/v1alpha1); "peers" is an empty list,
+// never null, when there are none.
+func WriteStatusJSON(w io.Writer, peers []v1alpha1.FederationPeer) error {
+	r := statusReport{Peers: make([]peerReport, 0, len(peers))}
+	for _, p := range peers {
+		r.Peers = append(r.Peers, peerReport{Name: p.Name, Spec: p.Spec, Status: p.Status})
+	}
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
+}
+
+func statusOrDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// statusAge is how long before now t was, kubectl style ("3s", "5m2s",
+// "2d3h"); a t in the future (clock skew between clusters' writers and
+// this reader) counts as now.
+func statusAge(t time.Time, now time.Time) string {
+	return duration.HumanDuration(max(now.Sub(t), 0))
+}
+
+func statusHeartbeat(t *metav1.Time, now time.Time) string {
+	if t == nil {
+		return "never"
+	}
+	return statusAge(t.Time, now) + " ago"
+}
+
+func statusStale(since *metav1.Time, now time.Time) string {
+	if since == nil {
+		return "-"
+	}
+	return statusAge(since.Time, now)
+}
+
+func statusVersions(sent, acked string) string {
+	if sent == "" && acked == "" {
+		return "-"
+	}
+	short := func(v string) string {
+		if v == "" {
+			return "-"
+		}
+		return v[:min(len(v), statusVersionLen)]
+	}
+	return "sent=" + short(sent) + " acked=" + short(acked)
+}
+
+func statusBundle(b *v1alpha1.BundleStatus, now time.Time) string {
+	if b == nil {
+		return "-"
+	}
+	s := fmt.Sprintf("seq %d", b.Sequence)
+	switch {
+	case b.Expires == nil:
+	case b.Expires.After(now):
+		s += ", expires in " + duration.HumanDuration(b.Expires.Sub(now))
+	default:
+		s += ", expired " + statusAge(b.Expires.Time, now) + " ago"
+	}
+	return s
+}

@@ -1,0 +1,182 @@
+package federation
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
+	k8stesting "k8s.io/client-go/testing"
+
+	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
+)
+
+var updateGolden = flag.Bool("update", false, "rewrite the golden files under testdata/ from the output")
+
+// golden compares got with testdata/name, or rewrites it with -update.
+func golden(t testing.TB, name string, got []byte) {
+	t.Helper()
+	path := filepath.Join("testdata", name)
+	if *updateGolden {
+		require.NoError(t, os.MkdirAll("testdata", 0o755))
+		require.NoError(t, os.WriteFile(path, got, 0o644))
+	}
+	want, err := os.ReadFile(path)
+	require.NoError(t, err, "run `go test ./pkg/federation -run %s -update` to create it", t.Name())
+	require.Equal(t, string(want), string(got), "%s differs; rerun with -update if the change is intended", path)
+}
+
+// statusNow is the clock every status test reads ages against.
+var statusNow = time.Date(2026, 11, 22, 12, 0, 0, 0, time.UTC)
+
+func ago(d time.Duration) *metav1.Time {
+	t := metav1.NewTime(statusNow.Add(-d))
+	return &t
+}
+
+func cond(typ string, status metav1.ConditionStatus, reason, msg string) metav1.Condition {
+	return metav1.Condition{Type: typ, Status: status, Reason: reason, Message: msg, LastTransitionTime: *ago(time.Hour)}
+}
+
+// statusPeers covers every state a peer's status can be in, by name.
+func statusPeers() []v1alpha1.FederationPeer {
+	peer := func(name string, st v1alpha1.FederationPeerStatus) v1alpha1.FederationPeer {
+		return v1alpha1.FederationPeer{
+			TypeMeta:   metav1.TypeMeta{APIVersion: v1alpha1.GroupVersion.String(), Kind: "FederationPeer"},
+			ObjectMeta: metav1.ObjectMeta{Name: name},
+			Spec: v1alpha1.FederationPeerSpec{
+				TrustDomain: name + ".mesh", FederatorID: "spiffe://" + name + ".mesh/ns/isthmus-system/sa/isthmus-federator",
+				Addresses: []string{name + ".example:15443"},
+			},
+			Status: st,
+		}
+	}
+	versions := func(v string) map[string]string {
+		return map[string]string{TypeService: v, TypeBundle: "b0b0b0b0b0b0b0b0"}
+	}
+	healthy := []metav1.Condition{
+		cond(v1alpha1.ConditionEstablished, metav1.ConditionTrue, "Established", "the link was established and both bundles are held"),
+		cond(v1alpha1.ConditionConnected, metav1.ConditionTrue, "StreamUp", "the exchange stream is up"),
+		cond(v1alpha1.ConditionImportsAccepted, metav1.ConditionTrue, "Accepted", "the peer's last update was accepted"),
+		cond(v1alpha1.ConditionExportsAccepted, metav1.ConditionTrue, "Accepted", "the peer accepted the last update"),
+	}
+	return []v1alpha1.FederationPeer{
+		// Connected and in step: nothing below the table.
+		peer("b", v1alpha1.FederationPeerStatus{
+			State: v1alpha1.StateConnected, LastHeartbeat: ago(3 * time.Second),
+			ImportedServices: 4, ExportedServices: 2,
+			Sent: versions("3f9a1c2e7d4b5a60"), Acknowledged: versions("3f9a1c2e7d4b5a60"), Received: versions("77aa00bb11cc22dd"),
+			Bundle:     &v1alpha1.BundleStatus{Sequence: 3, Roots: 2, Expires: ago(-89 * 24 * time.Hour)},
+			Conditions: healthy,
+		}),
+		// Lost a while ago, one update unacknowledged, a NACK each way
+		// (one message spread over lines), a bundle past its expiry.
+		peer("c", v1alpha1.FederationPeerStatus{
+			State: v1alpha1.StateDisconnected, LastHeartbeat: ago(5*time.Minute + 10*time.Second),
+			DisconnectedSince: ago(5*time.Minute + 2*time.Second), ImportedServices: 1, ExportedServices: 2,
+			Sent: versions("9e8d7c6b5a493827"), Acknowledged: versions("3f9a1c2e7d4b5a60"),
+			Bundle: &v1alpha1.BundleStatus{Sequence: 2, Roots: 1, Expires: ago(2 * time.Hour)},
+			Conditions: []metav1.Condition{
+				healthy[0],
+				cond(v1alpha1.ConditionConnected, metav1.ConditionFalse, "Disconnected", "dial c.example:15443: connection refused"),
+				cond(v1alpha1.ConditionImportsAccepted, metav1.ConditionFalse, "Refused", "demo/echo:\n  300 identities, more than 256"),
+				cond(v1alpha1.ConditionExportsAccepted, metav1.ConditionFalse, "RefusedByPeer", "demo/api: namespace demo is reserved"),
+				cond(v1alpha1.ConditionImportsWritten, metav1.ConditionFalse, "Skipped", "shop/cart: no namespace shop"),
+			},
+		}),
+		// Refused at establishment: never connected, nothing exchanged.
+		peer("d", v1alpha1.FederationPeerStatus{
+			State: v1alpha1.StateFailed,
+			Conditions: []metav1.Condition{
+				cond(v1alpha1.ConditionEstablished, metav1.ConditionFalse, "Refused", "invalid peering token: it expired at 2026-11-22T10:00:00Z"),
+				cond(v1alpha1.ConditionConnected, metav1.ConditionUnknown, "", ""),
+			},
+		}),
+		// Just joined: the federator has not written any status yet.
+		peer("e", v1alpha1.FederationPeerStatus{}),
+	}
+}
+
+func TestWriteStatusTable(t *testing.T) {
+	var buf bytes.Buffer
+	require.NoError(t, WriteStatusTable(&buf, statusPeers(), statusNow))
+	golden(t, "status.txt", buf.Bytes())
+
+	buf.Reset()
+	require.NoError(t, WriteStatusTable(&buf, nil, statusNow))
+	golden(t, "status-empty.txt", buf.Bytes())
+}
+
+func TestWriteStatusJSON(t *testing.T) {
+	var buf bytes.Buffer
+	require.NoError(t, WriteStatusJSON(&buf, statusPeers()))
+	golden(t, "status.json", buf.Bytes())
+
+	// What a script reads back is the FederationPeers' own spec and status.
+	var got struct {
+		Peers []struct {
+			Name   string                        `json:"name"`
+			Spec   v1alpha1.FederationPeerSpec   `json:"spec"`
+			Status v1alpha1.FederationPeerStatus `json:"status"`
+		} `json:"peers"`
+	}
+	require.NoError(t, json.Unmarshal(buf.Bytes(), &got))
+	want := statusPeers()
+	require.Len(t, got.Peers, len(want))
+	for i, p := range got.Peers {
+		require.Equal(t, want[i].Name, p.Name)
+		require.Equal(t, want[i].Spec, p.Spec)
+		require.Equal(t, want[i].Status.Sent, p.Status.Sent)
+		require.Equal(t, want[i].Status.State, p.Status.State)
+	}
+
+	buf.Reset()
+	require.NoError(t, WriteStatusJSON(&buf, nil))
+	require.JSONEq(t, `{"peers": []}`, buf.String(), "no peers is an empty list, not null")
+}
+
+func TestPeerStatusesSortedByName(t *testing.T) {
+	peers := statusPeers()
+	var objs []runtime.Object
+	for _, i := range []int{2, 0, 3, 1} {
+		u, err := runtime.DefaultUnstructuredConverter.ToUnstructured(&peers[i])
+		require.NoError(t, err)
+		objs = append(objs, &unstructured.Unstructured{Object: u})
+	}
+	dyn := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
+		map[schema.GroupVersionResource]string{v1alpha1.Resource: "FederationPeerList"}, objs...)
+
+	got, err := PeerStatuses(t.Context(), dyn)
+	require.NoError(t, err)
+	require.Len(t, got, len(peers))
+	for i := range peers {
+		require.Equal(t, peers[i].Name, got[i].Name)
+		require.Equal(t, peers[i].Spec, got[i].Spec)
+		require.Equal(t, peers[i].Status.State, got[i].Status.State)
+		require.Equal(t, peers[i].Status.Sent, got[i].Status.Sent)
+		if want := peers[i].Status.Bundle; want == nil {
+			require.Nil(t, got[i].Status.Bundle)
+		} else {
+			require.Equal(t, want.Sequence, got[i].Status.Bundle.Sequence)
+			require.True(t, want.Expires.Equal(got[i].Status.Bundle.Expires))
+		}
+		require.Len(t, got[i].Status.Conditions, len(peers[i].Status.Conditions))
+	}
+
+	// Without the CRD the error says what is missing.
+	dyn.PrependReactor("list", "federationpeers", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewNotFound(v1alpha1.Resource.GroupResource(), "")
+	})
+	_, err = PeerStatuses(t.Context(), dyn)
+	require.ErrorContains(t, err, "is Isthmus installed")
+}
