@@ -30,7 +30,7 @@ func newRootCommand() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newRunCommand(), newCACommand(), newTokenCommand(), newJoinCommand(), newVersionCommand())
+	root.AddCommand(newRunCommand(), newCACommand(), newTokenCommand(), newJoinCommand(), newStatusCommand(), newVersionCommand())
 	return root
 }
 

@@ -22,8 +22,14 @@ type clusterFlags struct {
 }
 
 func (f *clusterFlags) register(fs *pflag.FlagSet) {
-	fs.StringVar(&f.kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "path to a kubeconfig (default: in-cluster, or ~/.kube/config)")
+	f.registerKubeconfig(fs)
 	fs.StringVarP(&f.namespace, "namespace", "n", "isthmus-system", "the federator's namespace")
+}
+
+// registerKubeconfig is for verbs that read only cluster-scoped objects,
+// where a namespace flag would do nothing.
+func (f *clusterFlags) registerKubeconfig(fs *pflag.FlagSet) {
+	fs.StringVar(&f.kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "path to a kubeconfig (default: in-cluster, or ~/.kube/config)")
 }
 
 func (f *clusterFlags) restConfig() (*rest.Config, error) {

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
@@ -92,10 +93,13 @@ func TestPeeringCLI(t *testing.T) {
 	list, err := dyn.Resource(v1alpha1.Resource).List(ctx, metav1.ListOptions{})
 	require.NoError(t, err)
 	require.Empty(t, list.Items, "no FederationPeer after refused joins")
+	out, err := cli(b, "status")
+	require.NoError(t, err, stderrOf(err))
+	require.Equal(t, "no FederationPeers: link a cluster with `federator token create` / `federator join`", out)
 
 	// The real join.
 	require.NoError(t, os.WriteFile(tokenFile, []byte(token), 0o600))
-	out, err := cli(b, "join", "--name", "a", "--token-file", tokenFile)
+	out, err = cli(b, "join", "--name", "a", "--token-file", tokenFile)
 	require.NoError(t, err, stderrOf(err))
 	require.Contains(t, out, "FederationPeer a created")
 	u, err := dyn.Resource(v1alpha1.Resource).Get(ctx, "a", metav1.GetOptions{})
@@ -107,6 +111,32 @@ func TestPeeringCLI(t *testing.T) {
 	sec, err := b.Client().CoreV1().Secrets("isthmus-system").Get(ctx, peer.Spec.TokenSecretName, metav1.GetOptions{})
 	require.NoError(t, err)
 	require.Equal(t, token, string(sec.Data["token"]))
+
+	// `federator status` shows the new peer, as a table and as JSON; the
+	// state depends on whether b's federator got through to a, so only the
+	// spec's fields are asserted here.
+	out, err = cli(b, "status")
+	require.NoError(t, err, stderrOf(err))
+	t.Logf("federator status in b:\n%s", out)
+	lines := strings.Split(out, "\n")
+	require.GreaterOrEqual(t, len(lines), 2, out)
+	require.Equal(t, []string{"NAME", "STATE", "TRUST", "DOMAIN"}, strings.Fields(lines[0])[:4], out)
+	require.Equal(t, []string{"a"}, strings.Fields(lines[1])[:1], out)
+	require.Contains(t, lines[1], "a.mesh")
+	out, err = cli(b, "status", "-o", "json")
+	require.NoError(t, err, stderrOf(err))
+	var status struct {
+		Peers []struct {
+			Name string                      `json:"name"`
+			Spec v1alpha1.FederationPeerSpec `json:"spec"`
+		} `json:"peers"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &status), out)
+	require.Len(t, status.Peers, 1)
+	require.Equal(t, "a", status.Peers[0].Name)
+	require.Equal(t, peer.Spec, status.Peers[0].Spec)
+	_, err = cli(b, "status", "-o", "yaml")
+	require.Contains(t, stderrOf(err), `unknown output format "yaml"`)
 
 	_, err = cli(b, "join", "--name", "a", "--token-file", tokenFile)
 	require.Contains(t, stderrOf(err), `FederationPeer "a" already exists`)
