@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"golang.org/x/time/rate"
 	"google.golang.org/protobuf/proto"
 
@@ -302,20 +303,14 @@ func (p *peer) receiveServices(u *fedv1.Update, lim Limits) *fedv1.Ack {
 }
 
 func (p *peer) receiveBundle(ctx context.Context, u *fedv1.Update) *fedv1.Ack {
-	p.importMu.Lock()
-	in := p.in[TypeBundle]
-	held := in.version
-	digests, refusal := in.apply(u, 1)
-	p.importMu.Unlock()
-	if refusal != nil {
-		return refusal
-	}
+	held := p.heldVersion(TypeBundle)
 	if len(u.GetRemoved()) > 0 {
 		return nack(u, held, u.GetRemoved()[0], "a peer's trust bundle cannot be removed, only replaced")
 	}
 	if u.GetFullSet() && len(u.GetResources()) == 0 {
 		return nack(u, held, p.td.Name(), "a full set without the peer's bundle")
 	}
+	var bundles []*spiffebundle.Bundle
 	for _, r := range u.GetResources() {
 		if r.GetName() != p.td.Name() {
 			return nack(u, held, r.GetName(), "only the bundle of the peer's trust domain %s is accepted", p.td.Name())
@@ -324,18 +319,28 @@ func (p *peer) receiveBundle(ctx context.Context, u *fedv1.Update) *fedv1.Ack {
 		if err != nil {
 			return nack(u, held, r.GetName(), "%v", err)
 		}
+		bundles = append(bundles, b)
+	}
+	p.importMu.Lock()
+	digests, refusal := p.in[TypeBundle].apply(u, 1)
+	p.importMu.Unlock()
+	if refusal != nil {
+		return refusal
+	}
+	for _, b := range bundles {
 		if err := p.exports.trust.SetPeer(b); err != nil {
-			return nack(u, held, r.GetName(), "%v", err)
+			return nack(u, held, p.td.Name(), "%v", err)
 		}
 		if p.persistBundle != nil {
 			if err := p.persistBundle(ctx, b); err != nil {
-				return nack(u, held, r.GetName(), "this side could not store it: %v", err)
+				return nack(u, held, p.td.Name(), "this side could not store it: %v", err)
 			}
 		}
 		p.tracker.bundle(b)
 	}
 	p.importMu.Lock()
 	defer p.importMu.Unlock()
+	in := p.in[TypeBundle]
 	in.digests, in.version = digests, u.GetVersion()
 	return &fedv1.Ack{TypeUrl: u.GetTypeUrl(), Nonce: u.GetNonce(), Version: in.version}
 }

@@ -26,8 +26,10 @@ type outbound struct {
 	// they are left out until their content changes, so one bad resource
 	// never stalls the others.
 	rejected map[string]digest
-	// refusedVersion is a whole update the peer refused (say, over its
-	// limits); it is not sent again until the set changes.
+	// refused is set when the peer refused a whole update (say, over its
+	// limits) of refusedVersion; it is not sent again until the set
+	// changes.
+	refused        bool
 	refusedVersion string
 	// lastSent is the version of the last update sent.
 	lastSent string
@@ -70,7 +72,7 @@ func newOutbound(typeURL string) *outbound {
 // exactly what this side wants it to hold, nothing is resent.
 func (o *outbound) resume(peerHolds string, want desired) {
 	o.pending = nil
-	o.refusedVersion = ""
+	o.refused = false
 	switch {
 	case peerHolds != "" && peerHolds == o.ackedVersion && o.acked != nil:
 		// Same process, same peer state: carry on from the diff.
@@ -108,9 +110,10 @@ func (o *outbound) next(want desired) *fedv1.Update {
 	if o.acked != nil && version == o.ackedVersion {
 		return nil
 	}
-	if version == o.refusedVersion {
+	if o.refused && version == o.refusedVersion {
 		return nil
 	}
+	o.refused = false
 	o.nonces++
 	u := &fedv1.Update{TypeUrl: o.typeURL, Version: version, Nonce: strconv.FormatUint(o.nonces, 10)}
 	if o.acked == nil {
@@ -162,7 +165,7 @@ func (o *outbound) ack(a *fedv1.Ack) bool {
 		o.acked, o.ackedVersion = nil, ""
 		return true
 	}
-	o.refusedVersion = p.version
+	o.refused, o.refusedVersion = true, p.version
 	return true
 }
 

@@ -32,10 +32,13 @@ type PeerStatus struct {
 	// LastNACKReceived the peer's last refusal of this side's.
 	LastNACKSent     string `json:"lastNACKSent,omitempty"`
 	LastNACKReceived string `json:"lastNACKReceived,omitempty"`
-	Imported         int    `json:"imported"`
-	Exported         int    `json:"exported"`
-	BundleSequence   uint64 `json:"bundleSequence,omitempty"`
-	BundleRoots      int    `json:"bundleRoots,omitempty"`
+	// UpdatesSent and UpdatesReceived count updates over every stream.
+	UpdatesSent     int    `json:"updatesSent"`
+	UpdatesReceived int    `json:"updatesReceived"`
+	Imported        int    `json:"imported"`
+	Exported        int    `json:"exported"`
+	BundleSequence  uint64 `json:"bundleSequence,omitempty"`
+	BundleRoots     int    `json:"bundleRoots,omitempty"`
 	// BundleExpires is the earliest expiry among the peer's roots.
 	BundleExpires time.Time `json:"bundleExpires,omitzero"`
 }
@@ -147,7 +150,10 @@ func (t *tracker) lostSince() (time.Time, bool) {
 }
 
 func (t *tracker) sent(typeURL, version string) {
-	t.update(func(s *PeerStatus) { s.Sent[typeURL] = version })
+	t.update(func(s *PeerStatus) {
+		s.Sent[typeURL] = version
+		s.UpdatesSent++
+	})
 }
 
 func (t *tracker) acked(typeURL, version string, nack *fedv1.Error, n int) {
@@ -162,6 +168,7 @@ func (t *tracker) acked(typeURL, version string, nack *fedv1.Error, n int) {
 
 func (t *tracker) received(typeURL, version string) {
 	t.update(func(s *PeerStatus) {
+		s.UpdatesReceived++
 		s.Received[typeURL] = version
 		if typeURL == TypeService {
 			s.LastNACKSent = ""

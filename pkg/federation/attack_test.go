@@ -1,0 +1,423 @@
+package federation
+
+import (
+	"context"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
+	clocktesting "k8s.io/utils/clock/testing"
+
+	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
+	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
+	"github.com/isthmus-mesh/isthmus/pkg/ca"
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/pkg/trust"
+)
+
+// pipe is one end of an in-memory exchange stream.
+type pipe struct {
+	in  chan *fedv1.ExchangeMessage
+	out chan *fedv1.ExchangeMessage
+	ctx context.Context
+}
+
+func (p pipe) Send(m *fedv1.ExchangeMessage) error {
+	select {
+	case p.out <- m:
+		return nil
+	case <-p.ctx.Done():
+		return p.ctx.Err()
+	}
+}
+
+func (p pipe) Recv() (*fedv1.ExchangeMessage, error) {
+	select {
+	case m, ok := <-p.in:
+		if !ok {
+			return nil, io.EOF
+		}
+		return m, nil
+	case <-p.ctx.Done():
+		return nil, p.ctx.Err()
+	}
+}
+
+// rogue drives a peer's session by hand, as a misbehaving peer would.
+type rogue struct {
+	t      *testing.T
+	p      *peer
+	store  *catalog.Store
+	remote pipe
+	ended  chan error
+	clock  *clocktesting.FakeClock
+}
+
+// startRogue runs a session of this cluster ("local") with a peer named
+// "evil" in trust domain evil.mesh, and returns the peer's end after the
+// Open exchange.
+func startRogue(t *testing.T, lim Limits) *rogue {
+	t.Helper()
+	ctx, cancel := context.WithCancel(t.Context())
+	t.Cleanup(cancel)
+	store := catalog.NewStore()
+	other, err := catalog.NewSnapshot("other", []catalog.Service{echoService(1)})
+	require.NoError(t, err)
+	store.Set(other)
+	mine := echoService(2)
+	mine.Cluster = "here"
+	localSnap, err := catalog.NewSnapshot(catalog.LocalSource, []catalog.Service{mine})
+	require.NoError(t, err)
+	store.Set(localSnap)
+	local := trust.NewStore(spiffeid.RequireTrustDomainFromString("here.mesh"))
+	c, err := ca.New(ctx, fake.NewClientset(), ca.Options{TrustDomain: local.LocalTrustDomain(), Namespace: testNS})
+	require.NoError(t, err)
+	local.SetLocal(c.Bundle().X509Authorities(), 1, 0)
+	clk := clocktesting.NewFakeClock(time.Now())
+	td := spiffeid.RequireTrustDomainFromString("evil.mesh")
+	p := newPeer("evil", td, spiffeid.RequireFromPath(td, "/fed"), clk, newExports(store, local, []string{"gw.here:15443"}))
+	a2b := make(chan *fedv1.ExchangeMessage, 16)
+	b2a := make(chan *fedv1.ExchangeMessage, 16)
+	r := &rogue{t: t, p: p, store: store, clock: clk, ended: make(chan error, 1),
+		remote: pipe{in: a2b, out: b2a, ctx: ctx}}
+	cfg := sessionConfig{clusterName: "here", heartbeat: time.Second, heartbeatTimeout: 3 * time.Second,
+		limits: lim.withDefaults(), log: testLogger(t)}
+	go func() { r.ended <- p.runSession(ctx, cfg, pipe{in: b2a, out: a2b, ctx: ctx}, cancel) }()
+	require.NotNil(t, r.recv().GetOpen())
+	return r
+}
+
+func (r *rogue) send(m *fedv1.ExchangeMessage) { require.NoError(r.t, r.remote.Send(m)) }
+
+func (r *rogue) recv() *fedv1.ExchangeMessage {
+	r.t.Helper()
+	m, err := r.remote.Recv()
+	require.NoError(r.t, err)
+	return m
+}
+
+// open completes the handshake and acknowledges this side's first
+// updates: its bundle and its one exported service.
+func (r *rogue) open() {
+	r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Open{Open: &fedv1.Open{ClusterName: "evil"}}})
+	for range resourceTypes {
+		u := r.recv().GetUpdate()
+		require.NotNil(r.t, u)
+		r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Ack{Ack: &fedv1.Ack{TypeUrl: u.TypeUrl, Nonce: u.Nonce, Version: u.Version}}})
+	}
+}
+
+// update sends services as an update and returns the answer.
+func (r *rogue) update(u *fedv1.Update) *fedv1.Ack {
+	r.t.Helper()
+	if u.TypeUrl == "" {
+		u.TypeUrl = TypeService
+	}
+	if u.Nonce == "" {
+		u.Nonce = "n1"
+	}
+	r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Update{Update: u}})
+	for {
+		m := r.recv()
+		if a := m.GetAck(); a != nil {
+			return a
+		}
+	}
+}
+
+func evilService(ns, name string) *fedv1.Resource {
+	return &fedv1.Resource{Name: ns + "/" + name, Body: &fedv1.Resource_Service{Service: &fedv1.ExportedService{
+		Namespace: ns, Name: name, GatewayAddresses: []string{"gw.evil:15443"},
+		Ports:     []*fedv1.ServicePort{{Name: "http", Port: 80, Protocol: "TCP"}},
+		Endpoints: []*fedv1.LocalityEndpoints{{Region: "r", Ready: 1}},
+	}}}
+}
+
+// versioned fills in the version the receiver will compute.
+func versioned(u *fedv1.Update) *fedv1.Update {
+	set := map[string]digest{}
+	for _, r := range u.Resources {
+		d, _, _ := digestOf(r)
+		set[r.Name] = d
+	}
+	u.Version = setVersion(set)
+	u.FullSet = true
+	return u
+}
+
+func TestSessionRefusesBadUpdates(t *testing.T) {
+	tooMany := &fedv1.Update{}
+	for i := range 30 {
+		tooMany.Resources = append(tooMany.Resources, evilService("demo", "svc-"+strings.Repeat("x", i%5)+string(rune('a'+i%26))))
+	}
+	huge := evilService("demo", "huge")
+	huge.GetService().SpiffeIds = []string{"spiffe://evil.mesh/" + strings.Repeat("a", 20000)}
+	otherTD := evilService("demo", "impostor")
+	otherTD.GetService().SpiffeIds = []string{"spiffe://here.mesh/ns/demo/sa/admin"}
+	misnamed := evilService("demo", "x")
+	misnamed.Name = "demo/y"
+	tests := []struct {
+		name             string
+		update           *fedv1.Update
+		resource, reason string
+	}{
+		{"a service in kube-system", versioned(&fedv1.Update{Resources: []*fedv1.Resource{evilService("demo", "ok"), evilService("kube-system", "kube-dns")}}),
+			"kube-system/kube-dns", "reserved"},
+		{"more services than the limit", versioned(tooMany), "", "exceed this cluster's limit of 10"},
+		{"an oversized resource", versioned(&fedv1.Update{Resources: []*fedv1.Resource{huge}}), "demo/huge", "more than the limit"},
+		{"an identity in another trust domain", versioned(&fedv1.Update{Resources: []*fedv1.Resource{otherTD}}), "demo/impostor", "not in the peer's trust domain evil.mesh"},
+		{"a resource named for another service", versioned(&fedv1.Update{Resources: []*fedv1.Resource{misnamed}}), "demo/y", `is not "demo/x"`},
+		{"a wrong version", &fedv1.Update{FullSet: true, Version: "feedface", Resources: []*fedv1.Resource{evilService("demo", "ok")}}, "", "version mismatch"},
+		{"an unknown type", &fedv1.Update{TypeUrl: "evil.Type", Version: "x"}, "", "unknown resource type"},
+		{"a removal of something never sent", &fedv1.Update{Removed: []string{"demo/ghost"}}, "demo/ghost", "never received"},
+		{"a bundle for another trust domain", &fedv1.Update{TypeUrl: TypeBundle, FullSet: true,
+			Resources: []*fedv1.Resource{{Name: "here.mesh", Body: &fedv1.Resource_TrustBundle{TrustBundle: &fedv1.TrustBundle{TrustDomain: "here.mesh"}}}}},
+			"here.mesh", ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := startRogue(t, Limits{MaxServices: 10})
+			r.open()
+			before := r.store.Get("other").Version()
+			a := r.update(tc.update)
+			require.NotNil(t, a.Error, "accepted")
+			require.Equal(t, tc.resource, a.Error.Resource)
+			require.Contains(t, a.Error.Reason, tc.reason)
+			require.Equal(t, "", a.Version, "the refused update was applied")
+			require.Zero(t, r.store.Get("evil").Len(), "something was imported")
+			require.Equal(t, before, r.store.Get("other").Version(), "another peer's imports changed")
+			require.Contains(t, r.p.tracker.Snapshot().LastNACKSent, tc.reason)
+
+			// The peer can still send good data afterwards.
+			good := r.update(versioned(&fedv1.Update{Nonce: "n2", Resources: []*fedv1.Resource{evilService("demo", "ok")}}))
+			require.Nil(t, good.Error)
+			require.Equal(t, 1, r.store.Get("evil").Len())
+		})
+	}
+}
+
+func TestSessionRefusesAFloodOfUpdates(t *testing.T) {
+	r := startRogue(t, Limits{UpdatesPerSecond: 1, UpdateBurst: 2})
+	r.open()
+	var refused *fedv1.Ack
+	for i := range 5 {
+		a := r.update(versioned(&fedv1.Update{Nonce: string(rune('a' + i)), Resources: []*fedv1.Resource{evilService("demo", "ok")}}))
+		if a.Error != nil {
+			refused = a
+			break
+		}
+	}
+	require.NotNil(t, refused, "five updates within a second at 1/s were all accepted")
+	require.Contains(t, refused.Error.Reason, "updates per second")
+}
+
+func TestSessionEnds(t *testing.T) {
+	t.Run("no Open first", func(t *testing.T) {
+		r := startRogue(t, Limits{})
+		r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Heartbeat{Heartbeat: &fedv1.Heartbeat{}}})
+		require.ErrorIs(t, <-r.ended, ErrProtocol)
+	})
+	t.Run("Open for another cluster", func(t *testing.T) {
+		r := startRogue(t, Limits{})
+		r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Open{Open: &fedv1.Open{ClusterName: "someone-else"}}})
+		err := <-r.ended
+		require.ErrorIs(t, err, ErrProtocol)
+		require.ErrorContains(t, err, `says it is cluster "someone-else"`)
+	})
+	t.Run("Terminate", func(t *testing.T) {
+		r := startRogue(t, Limits{})
+		r.open()
+		r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Terminate{Terminate: &fedv1.Terminate{Reason: "unlinked"}}})
+		require.ErrorIs(t, <-r.ended, ErrTerminated)
+		require.Equal(t, v1alpha1.StateFailed, r.p.tracker.Snapshot().State)
+	})
+	t.Run("silence beyond the heartbeat timeout", func(t *testing.T) {
+		r := startRogue(t, Limits{})
+		r.open()
+		require.Eventually(t, func() bool {
+			r.clock.Step(time.Second)
+			select {
+			case err := <-r.ended:
+				require.ErrorIs(t, err, ErrHeartbeatTimeout)
+				return true
+			default:
+				// drain heartbeats so the session never blocks sending
+				for {
+					select {
+					case <-r.remote.in:
+						continue
+					default:
+					}
+					break
+				}
+				return false
+			}
+		}, 10*time.Second, 10*time.Millisecond)
+		st := r.p.tracker.Snapshot()
+		require.Equal(t, v1alpha1.StateDisconnected, st.State)
+		require.Contains(t, st.Reason, "heartbeat timeout")
+	})
+}
+
+func TestStalenessKeepsDrainsThenRemoves(t *testing.T) {
+	r := startRogue(t, Limits{})
+	r.open()
+	require.Nil(t, r.update(versioned(&fedv1.Update{Resources: []*fedv1.Resource{evilService("demo", "ok")}})).Error)
+	r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Terminate{Terminate: &fedv1.Terminate{}}})
+	<-r.ended
+	// A session that merely drops (not terminates) leaves the peer
+	// Disconnected; emulate it.
+	lost := r.clock.Now()
+	r.p.tracker.disconnected(lost, errors.New("connection reset"))
+	keep, drain := 5*time.Minute, time.Minute
+
+	r.p.age(lost.Add(keep-time.Second), keep, drain)
+	svc, _ := r.store.Get("evil").Get(catalog.ServiceKey{Namespace: "demo", Name: "ok"})
+	require.Equal(t, 1, svc.ReadyEndpoints(), "drained before keepFor")
+
+	r.p.age(lost.Add(keep), keep, drain)
+	svc, _ = r.store.Get("evil").Get(catalog.ServiceKey{Namespace: "demo", Name: "ok"})
+	require.Equal(t, 0, svc.ReadyEndpoints(), "not drained after keepFor")
+	require.Equal(t, 1, svc.Endpoints[0].NotReady)
+
+	r.p.age(lost.Add(keep+drain), keep, drain)
+	require.NotContains(t, r.store.Sources(), "evil", "not removed after keepFor + drainFor")
+	require.Equal(t, "", r.p.heldVersion(TypeService), "a removed import still claims a version")
+}
+
+// dialAs opens a federation connection to c presenting svid.
+func dialAs(t *testing.T, c *cluster, svid x509svid.Source) fedv1.FederationServiceClient {
+	t.Helper()
+	cfg := tlsconfig.MTLSClientConfig(svid, x509bundle.FromX509Authorities(c.trust.LocalTrustDomain(), c.ca.Bundle().X509Authorities()), tlsconfig.AuthorizeAny())
+	conn, err := grpc.NewClient(c.addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = conn.Close() })
+	return fedv1.NewFederationServiceClient(conn)
+}
+
+func exchangeError(t *testing.T, client fedv1.FederationServiceClient) error {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	st, err := client.Exchange(ctx)
+	if err != nil {
+		return err
+	}
+	_, err = st.Recv()
+	return err
+}
+
+func TestExchangeAuthorizesThePeer(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	link(t, a, b)
+	eventually(t, "linked", func() bool { return a.status("b").State == v1alpha1.StateConnected })
+	stranger := newCluster(t, "stranger", nil)
+
+	t.Run("a federator of an unlinked trust domain", func(t *testing.T) {
+		err := exchangeError(t, dialAs(t, a, stranger.self))
+		require.Equal(t, codes.Unauthenticated, status.Code(err), "%v", err)
+		require.Contains(t, status.Convert(err).Message(), "does not verify against any linked peer's bundle")
+	})
+	t.Run("a workload of the peer's trust domain that is not its federator", func(t *testing.T) {
+		workload, err := ca.NewSelfSource(b.ca.Authority, spiffeid.RequireFromString("spiffe://b.mesh/ns/demo/sa/client"), nil)
+		require.NoError(t, err)
+		err = exchangeError(t, dialAs(t, a, workload))
+		require.Equal(t, codes.PermissionDenied, status.Code(err), "%v", err)
+		require.Contains(t, status.Convert(err).Message(), "no FederationPeer expects federator spiffe://b.mesh/ns/demo/sa/client")
+	})
+	t.Run("an oversized message", func(t *testing.T) {
+		big := newCluster(t, "big", func(c *Config) { c.Limits.MaxMessageBytes = 1 << 10 })
+		link(t, big, b)
+		eventually(t, "linked", func() bool { return big.status("b").State == v1alpha1.StateConnected })
+		var many []catalog.Service
+		for i := range 50 {
+			s := echoService(1)
+			s.Name = "svc-" + strings.Repeat("z", i)
+			many = append(many, s)
+		}
+		b.export(t, many...)
+		eventually(t, "big drops the stream and says why", func() bool {
+			return strings.Contains(big.status("b").Reason, "larger than max") || strings.Contains(b.status("big").Reason, "larger than max")
+		})
+		require.Zero(t, len(big.imported("b")))
+	})
+}
+
+func TestEstablishRefuses(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	j := newCluster(t, "j", nil)
+	newToken := func(opts TokenOptions) Token {
+		opts.Namespace, opts.Addresses = testNS, []string{a.addr}
+		if opts.Peer == "" {
+			opts.Peer = "j"
+		}
+		tok, err := CreateToken(t.Context(), a.kube, opts)
+		require.NoError(t, err)
+		return tok
+	}
+	tests := []struct {
+		name   string
+		token  func() Token
+		svid   func() x509svid.Source
+		reason string
+	}{
+		{"an unknown token", func() Token { tok := newToken(TokenOptions{}); tok.ID = "0123456789abcdef"; return tok }, nil, "unknown or already used"},
+		{"a tampered secret", func() Token {
+			tok := newToken(TokenOptions{})
+			tok.Secret = strings.Repeat("A", len(tok.Secret))
+			return tok
+		}, nil, "secret does not match"},
+		{"a token for another cluster", func() Token { return newToken(TokenOptions{Peer: "k"}) }, nil, `created for cluster "k", not "j"`},
+		{"a bundle for a trust domain the token did not name", func() Token { return newToken(TokenOptions{PeerTrustDomain: "other.mesh"}) }, nil,
+			`bundle for trust domain "j.mesh"; the token was created for "other.mesh"`},
+		{"a client certificate that is not the claimed federator", func() Token { return newToken(TokenOptions{}) }, func() x509svid.Source {
+			s, err := ca.NewSelfSource(j.ca.Authority, spiffeid.RequireFromString("spiffe://j.mesh/ns/demo/sa/app"), nil)
+			require.NoError(t, err)
+			return s
+		}, "the client certificate is spiffe://j.mesh/ns/demo/sa/app"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			tok := tc.token()
+			svid := x509svid.Source(j.self)
+			if tc.svid != nil {
+				svid = tc.svid()
+			}
+			conn, err := grpc.NewClient(a.addr, grpc.WithTransportCredentials(credentials.NewTLS(
+				tlsconfig.MTLSClientConfig(svid, x509bundle.FromX509Authorities(a.trust.LocalTrustDomain(), tok.RootCertificates()),
+					tlsconfig.AuthorizeID(spiffeid.RequireFromString(tok.FederatorID))))))
+			require.NoError(t, err)
+			defer conn.Close()
+			local, err := j.trust.GetBundleForTrustDomain(j.trust.LocalTrustDomain())
+			require.NoError(t, err)
+			_, err = fedv1.NewFederationServiceClient(conn).Establish(t.Context(), &fedv1.EstablishRequest{
+				Secret: tok.Secret, TokenId: tok.ID, ClusterName: "j", TrustBundle: bundleResource(local).GetTrustBundle(),
+				FederatorId: j.cfg.FederatorID.String(),
+			})
+			require.Equal(t, codes.PermissionDenied, status.Code(err), "%v", err)
+			require.Contains(t, status.Convert(err).Message(), tc.reason)
+			_, err = a.dyn.Resource(v1alpha1.Resource).Get(t.Context(), "j", metav1.GetOptions{})
+			require.Error(t, err, "a refused join created a FederationPeer")
+		})
+	}
+	t.Run("an expired token", func(t *testing.T) {
+		tok := newToken(TokenOptions{TTL: time.Hour, Now: time.Now().Add(-2 * time.Hour)})
+		_, err := j.manager.establish(t.Context(), tok)
+		require.ErrorContains(t, err, "the peering token expired at")
+		require.True(t, isPermanent(err))
+	})
+}

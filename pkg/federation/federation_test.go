@@ -1,0 +1,381 @@
+package federation
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
+	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
+	"github.com/isthmus-mesh/isthmus/pkg/ca"
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/pkg/trust"
+)
+
+func TestMain(m *testing.M) {
+	// Fake clientsets never end a streaming list; real API servers do.
+	if err := os.Setenv("KUBE_FEATURE_WatchListClient", "false"); err != nil {
+		panic(err)
+	}
+	os.Exit(m.Run())
+}
+
+const testNS = "isthmus-system"
+
+// testLogger writes to t.Logf.
+func testLogger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type tWriter struct{ t testing.TB }
+
+func (w tWriter) Write(b []byte) (int, error) {
+	w.t.Logf("%s", b)
+	return len(b), nil
+}
+
+// cluster is one in-process federator's federation side: a fake API
+// server, a real CA, a real gRPC listener on loopback.
+type cluster struct {
+	name    string
+	kube    *fake.Clientset
+	dyn     *dynamicfake.FakeDynamicClient
+	store   *catalog.Store
+	trust   *trust.Store
+	ca      *ca.CA
+	self    *ca.SelfSource
+	addr    string
+	cfg     Config
+	lis     net.Listener
+	manager *Manager
+	stop    context.CancelFunc
+	done    chan struct{}
+}
+
+func newCluster(t *testing.T, name string, tune func(*Config)) *cluster {
+	t.Helper()
+	ctx := t.Context()
+	c := &cluster{name: name, kube: fake.NewClientset(), store: catalog.NewStore()}
+	// An empty scheme: the fake then keeps FederationPeers unstructured,
+	// as a real API server's dynamic client sees them.
+	c.dyn = dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
+		map[schema.GroupVersionResource]string{v1alpha1.Resource: "FederationPeerList"})
+	td := spiffeid.RequireTrustDomainFromString(name + ".mesh")
+	var err error
+	c.ca, err = ca.New(ctx, c.kube, ca.Options{TrustDomain: td, Namespace: testNS})
+	require.NoError(t, err)
+	c.trust = trust.NewStore(td)
+	c.trust.SetLocal(c.ca.Bundle().X509Authorities(), c.ca.BundleSequence(), 0)
+	id := spiffeid.RequireFromSegments(td, "ns", testNS, "sa", "isthmus-federator")
+	c.self, err = ca.NewSelfSource(c.ca.Authority, id, nil)
+	require.NoError(t, err)
+	require.NoError(t, PublishClusterInfo(ctx, c.kube, testNS, ClusterInfo{ClusterName: name, TrustDomain: td, FederatorID: id}))
+	c.lis, err = net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	c.addr = c.lis.Addr().String()
+	c.cfg = Config{
+		ClusterName: name, Namespace: testNS, FederatorID: id,
+		Gateways:           []string{"gw." + name + ".example:15443"},
+		AdvertiseAddresses: []string{c.addr},
+		Heartbeat:          100 * time.Millisecond, HeartbeatTimeout: 500 * time.Millisecond,
+		DialTimeout: 2 * time.Second, BackoffMin: 50 * time.Millisecond, BackoffMax: 200 * time.Millisecond,
+		KeepFor: time.Hour, DrainFor: time.Hour, StatusInterval: 100 * time.Millisecond,
+		Logger: testLogger(t).With("cluster", name),
+	}
+	if tune != nil {
+		tune(&c.cfg)
+	}
+	c.start(t)
+	return c
+}
+
+// start runs the manager and its listener until stop (or the test) ends.
+func (c *cluster) start(t *testing.T) {
+	t.Helper()
+	if c.lis == nil {
+		var err error
+		c.lis, err = net.Listen("tcp", c.addr)
+		require.NoError(t, err)
+	}
+	c.manager = NewManager(c.kube, c.dyn, c.store, c.trust, c.self, c.cfg)
+	srv := grpc.NewServer(c.manager.ServerOptions()...)
+	c.manager.Register(srv)
+	ctx, cancel := context.WithCancel(context.Background())
+	c.stop, c.done = cancel, make(chan struct{})
+	lis := c.lis
+	c.lis = nil
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = srv.Serve(lis)
+	}()
+	go func() {
+		defer close(c.done)
+		_ = c.manager.Run(ctx)
+		srv.Stop()
+		<-served
+	}()
+	t.Cleanup(c.kill)
+}
+
+// kill stops the federator as a crash would: no Terminate is sent.
+func (c *cluster) kill() {
+	if c.stop == nil {
+		return
+	}
+	c.stop()
+	<-c.done
+	c.stop = nil
+}
+
+// link runs `token create` on acceptor and `join` on joiner.
+func link(t *testing.T, acceptor, joiner *cluster) {
+	t.Helper()
+	tok, err := CreateToken(t.Context(), acceptor.kube, TokenOptions{Namespace: testNS, Peer: joiner.name, Addresses: []string{acceptor.addr}})
+	require.NoError(t, err)
+	text, err := tok.Encode()
+	require.NoError(t, err)
+	_, err = Join(t.Context(), joiner.kube, joiner.dyn, JoinOptions{Namespace: testNS, Name: acceptor.name, Token: text})
+	require.NoError(t, err)
+}
+
+func (c *cluster) status(peer string) PeerStatus {
+	for _, s := range c.manager.Statuses() {
+		if s.Name == peer {
+			return s
+		}
+	}
+	return PeerStatus{}
+}
+
+func (c *cluster) export(t *testing.T, services ...catalog.Service) {
+	t.Helper()
+	for i := range services {
+		services[i].Cluster = c.name
+	}
+	snap, err := catalog.NewSnapshot(catalog.LocalSource, services)
+	require.NoError(t, err)
+	c.store.Set(snap)
+}
+
+func (c *cluster) imported(peer string) []catalog.Service {
+	return c.store.Get(peer).Services()
+}
+
+func echoService(ready int) catalog.Service {
+	return catalog.Service{
+		Namespace: "demo", Name: "echo",
+		Ports: []catalog.Port{{Name: "http", Port: 8080, Protocol: catalog.ProtocolTCP, AppProtocol: "http"}},
+		Endpoints: []catalog.LocalityEndpoints{
+			{Locality: catalog.Locality{Region: "eu", Zone: "eu-1"}, Ready: ready, NotReady: 1},
+			{Locality: catalog.Locality{Region: "eu", Zone: "eu-2"}, Ready: 2},
+		},
+	}
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	require.Eventually(t, cond, 20*time.Second, 20*time.Millisecond, what)
+}
+
+func TestThreeFederators(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	c := newCluster(t, "c", nil)
+	a.export(t, catalog.Service{Namespace: "demo", Name: "echo",
+		Ports:      []catalog.Port{{Name: "http", Port: 8080, AppProtocol: "http"}},
+		Endpoints:  []catalog.LocalityEndpoints{{Locality: catalog.Locality{Region: "eu", Zone: "eu-1"}, Ready: 3, NotReady: 1}},
+		Identities: []string{"spiffe://a.mesh/ns/demo/sa/echo"},
+	})
+	link(t, a, b)
+	link(t, a, c)
+
+	t.Run("linking creates the accepting side's FederationPeer and spends the token", func(t *testing.T) {
+		for _, joiner := range []*cluster{b, c} {
+			eventually(t, "a has a connected FederationPeer for "+joiner.name, func() bool {
+				return a.status(joiner.name).State == v1alpha1.StateConnected
+			})
+			fp, err := a.dyn.Resource(v1alpha1.Resource).Get(t.Context(), joiner.name, metav1.GetOptions{})
+			require.NoError(t, err)
+			spec, _, _ := unstructuredString(fp.Object, "spec", "federatorID")
+			require.Equal(t, "spiffe://"+joiner.name+".mesh/ns/isthmus-system/sa/isthmus-federator", spec)
+			eventually(t, joiner.name+" is connected to a", func() bool { return joiner.status("a").State == v1alpha1.StateConnected })
+		}
+		secrets, err := a.kube.CoreV1().Secrets(testNS).List(t.Context(), metav1.ListOptions{})
+		require.NoError(t, err)
+		for _, s := range secrets.Items {
+			require.NotEqual(t, SecretTypeTokenRecord, s.Type, "token record %s left after the join", s.Name)
+		}
+	})
+
+	t.Run("an export in a reaches b and c with a's gateway and identities", func(t *testing.T) {
+		for _, imp := range []*cluster{b, c} {
+			eventually(t, imp.name+" imports echo", func() bool { return len(imp.imported("a")) == 1 })
+			got := imp.imported("a")[0]
+			require.Equal(t, "a", got.Cluster)
+			require.Equal(t, []string{"gw.a.example:15443"}, got.Gateways)
+			require.Equal(t, []string{"spiffe://a.mesh/ns/demo/sa/echo"}, got.Identities)
+			require.Equal(t, 3, got.ReadyEndpoints())
+			require.Equal(t, []catalog.Port{{Name: "http", Port: 8080, Protocol: catalog.ProtocolTCP, AppProtocol: "http"}}, got.Ports)
+			// and the bundle: b trusts a.mesh with a's roots
+			bundle, err := imp.trust.GetX509BundleForTrustDomain(spiffeid.RequireTrustDomainFromString("a.mesh"))
+			require.NoError(t, err)
+			require.Equal(t, a.ca.Bundle().X509Authorities(), bundle.X509Authorities())
+		}
+		require.Equal(t, 1, a.status("b").Exported)
+		require.Equal(t, 1, b.status("a").Imported)
+	})
+
+	t.Run("a readiness change in a changes the counts in b", func(t *testing.T) {
+		a.export(t, echoService(7))
+		eventually(t, "b sees 9 ready", func() bool {
+			s := b.imported("a")
+			return len(s) == 1 && s[0].ReadyEndpoints() == 9
+		})
+	})
+
+	t.Run("an export narrowed to c is not sent to b", func(t *testing.T) {
+		only := echoService(1)
+		only.Name, only.Peers = "only-c", []string{"c"}
+		a.export(t, echoService(7), only)
+		eventually(t, "c imports only-c", func() bool { return len(c.imported("a")) == 2 })
+		require.Never(t, func() bool { return len(b.imported("a")) != 1 }, 300*time.Millisecond, 20*time.Millisecond)
+	})
+
+	t.Run("unexport removes the import", func(t *testing.T) {
+		a.export(t)
+		eventually(t, "b and c import nothing", func() bool { return len(b.imported("a")) == 0 && len(c.imported("a")) == 0 })
+	})
+
+	t.Run("a reconnect resends nothing the peer holds", func(t *testing.T) {
+		a.export(t, echoService(4))
+		eventually(t, "b imports echo", func() bool { return len(b.imported("a")) == 1 })
+		eventually(t, "a's update acknowledged", func() bool {
+			s := a.status("b")
+			return s.Acknowledged[TypeService] == s.Sent[TypeService] && s.Exported == 1
+		})
+		before := a.status("b").UpdatesSent
+		// Cut b's stream: b's federator restarts its stream from a fresh
+		// goroutine, keeping what it received.
+		b.manager.mu.Lock()
+		e := b.manager.peers["a"]
+		b.manager.mu.Unlock()
+		e.p.sessMu.Lock()
+		e.p.sessCancel()
+		e.p.sessMu.Unlock()
+		eventually(t, "b reconnects", func() bool {
+			return b.status("a").State == v1alpha1.StateConnected && a.status("b").State == v1alpha1.StateConnected
+		})
+		require.Equal(t, before, a.status("b").UpdatesSent, "a resent updates b already held")
+		require.Len(t, b.imported("a"), 1)
+	})
+
+	t.Run("a reused token is refused", func(t *testing.T) {
+		tok, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "d", Addresses: []string{a.addr}})
+		require.NoError(t, err)
+		d := newCluster(t, "d", nil)
+		_, err = d.manager.establish(t.Context(), tok)
+		require.NoError(t, err)
+		_, err = d.manager.establish(t.Context(), tok)
+		require.ErrorContains(t, err, "unknown or already used peering token")
+		require.True(t, isPermanent(err))
+	})
+}
+
+func unstructuredString(obj map[string]any, path ...string) (string, bool, error) {
+	cur := obj
+	for i, p := range path {
+		v, ok := cur[p]
+		if !ok {
+			return "", false, nil
+		}
+		if i == len(path)-1 {
+			s, ok := v.(string)
+			return s, ok, nil
+		}
+		cur, ok = v.(map[string]any)
+		if !ok {
+			return "", false, fmt.Errorf("%s is not an object", p)
+		}
+	}
+	return "", false, nil
+}
+
+func TestPeerLossAndReturn(t *testing.T) {
+	shortKeep := func(c *Config) { c.KeepFor = 300 * time.Millisecond }
+	a := newCluster(t, "a", shortKeep)
+	b := newCluster(t, "b", nil)
+	link(t, a, b)
+	b.export(t, echoService(5))
+	eventually(t, "a imports b's echo", func() bool { return len(a.imported("b")) == 1 })
+
+	b.kill()
+	eventually(t, "a sees b disconnected", func() bool {
+		s := a.status("b")
+		return s.State == v1alpha1.StateDisconnected && !s.DisconnectedSince.IsZero() && s.Reason != ""
+	})
+	eventually(t, "b's imports are drained after keepFor", func() bool {
+		s := a.imported("b")
+		return len(s) == 1 && s[0].ReadyEndpoints() == 0 && s[0].Endpoints[0].NotReady > 0
+	})
+	eventually(t, "the FederationPeer shows it", func() bool {
+		fp, err := a.dyn.Resource(v1alpha1.Resource).Get(t.Context(), "b", metav1.GetOptions{})
+		if err != nil {
+			return false
+		}
+		state, _, _ := unstructuredString(fp.Object, "status", "state")
+		since, _, _ := unstructuredString(fp.Object, "status", "disconnectedSince")
+		return state == v1alpha1.StateDisconnected && since != ""
+	})
+
+	b.start(t)
+	eventually(t, "b reconnects and a's import is live again", func() bool {
+		s := a.imported("b")
+		return a.status("b").State == v1alpha1.StateConnected && len(s) == 1 && s[0].ReadyEndpoints() == 7
+	})
+	require.Equal(t, []string{"b"}, withoutLocal(a.store.Sources()))
+}
+
+func TestDeletingAFederationPeerTerminatesTheLink(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	c := newCluster(t, "c", nil)
+	link(t, a, c)
+	a.export(t, echoService(1))
+	c.export(t, echoService(2))
+	eventually(t, "both import", func() bool { return len(a.imported("c")) == 1 && len(c.imported("a")) == 1 })
+
+	require.NoError(t, a.dyn.Resource(v1alpha1.Resource).Delete(t.Context(), "c", metav1.DeleteOptions{}))
+	eventually(t, "a dropped c's imports and bundle", func() bool {
+		_, err := a.trust.GetBundleForTrustDomain(spiffeid.RequireTrustDomainFromString("c.mesh"))
+		return len(a.imported("c")) == 0 && err != nil
+	})
+	eventually(t, "c was told, and dropped a's imports", func() bool {
+		s := c.status("a")
+		return s.State == v1alpha1.StateFailed && len(c.imported("a")) == 0
+	})
+	require.Contains(t, c.status("a").Reason, "the FederationPeer was deleted on a")
+	_, err := a.kube.CoreV1().ConfigMaps(testNS).Get(t.Context(), peerConfigMapName("c"), metav1.GetOptions{})
+	require.Error(t, err, "a kept c's bundle ConfigMap")
+}
+
+func withoutLocal(sources []string) []string {
+	var out []string
+	for _, s := range sources {
+		if s != catalog.LocalSource {
+			out = append(out, s)
+		}
+	}
+	return out
+}
