@@ -48,7 +48,8 @@ func newRunCommand() *cobra.Command {
 			}
 			log := newLogger(logLevel, logJSON)
 			log.Info("configuration", "cluster", cfg.ClusterName, "kubeconfig", cfg.Kubeconfig,
-				"monitoringAddr", cfg.MonitoringAddr, "shutdownTimeout", cfg.ShutdownTimeout, "version", version.Version)
+				"monitoringAddr", cfg.MonitoringAddr, "federationAddr", cfg.FederationAddr, "gateways", cfg.GatewayAddresses,
+				"shutdownTimeout", cfg.ShutdownTimeout, "version", version.Version)
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			f, err := federator.New(ctx, cfg, log)
@@ -72,6 +73,13 @@ func newRunCommand() *cobra.Command {
 	fl.DurationVar(&cfg.CertTTL, "cert-ttl", cfg.CertTTL, "default lifetime of workload certificates")
 	fl.DurationVar(&cfg.MaxCertTTL, "max-cert-ttl", cfg.MaxCertTTL, "longest lifetime of workload certificates")
 	fl.DurationVar(&cfg.RootPublishDelay, "root-publish-delay", cfg.RootPublishDelay, "during a root rotation, how long the new root is trusted before it signs")
+	fl.StringVar(&cfg.FederationAddr, "federation-addr", cfg.FederationAddr, "address of the federation API (gRPC over mTLS) for peer federators")
+	fl.StringSliceVar(&cfg.GatewayAddresses, "gateway-address", nil, "host:port of this cluster's east-west gateway as peers reach it (repeatable)")
+	fl.StringSliceVar(&cfg.AdvertiseAddresses, "advertise-address", nil, "host:port where peers reach this federator, told to clusters this one joins (repeatable)")
+	fl.DurationVar(&cfg.Heartbeat, "heartbeat", cfg.Heartbeat, "federation heartbeat interval; a peer silent for three is disconnected")
+	fl.DurationVar(&cfg.KeepFor, "keep-for", cfg.KeepFor, "how long a lost peer's imports are kept before they are drained (FederationPeer spec.staleness.keepFor overrides)")
+	fl.DurationVar(&cfg.DrainFor, "drain-for", cfg.DrainFor, "how long drained imports stay before they are removed (spec.staleness.drainFor overrides)")
+	fl.IntVar(&cfg.MaxImportedServices, "max-imported-services", cfg.MaxImportedServices, "most services one peer may export to this cluster")
 	fl.TextVar(&logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn or error")
 	fl.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
 	return cmd

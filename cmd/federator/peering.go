@@ -81,7 +81,8 @@ func newTokenCommand() *cobra.Command {
 	cf.register(create.Flags())
 	create.Flags().StringVar(&opts.Peer, "peer", "", "name of the cluster that will join")
 	create.Flags().DurationVar(&opts.TTL, "ttl", federation.DefaultTokenTTL, "how long the token's secret is honoured")
-	create.Flags().StringSliceVar(&opts.Addresses, "address", nil, "host:port where the peer reaches this cluster (repeatable)")
+	create.Flags().StringSliceVar(&opts.Addresses, "address", nil, "host:port where the peer reaches this cluster's federation endpoint (repeatable)")
+	create.Flags().StringVar(&opts.PeerTrustDomain, "peer-trust-domain", "", "trust domain the joining cluster must present (default <peer>.mesh)")
 	cmd.AddCommand(create)
 	return cmd
 }

@@ -148,7 +148,7 @@ func (m *Manager) checkEstablish(ctx context.Context, req *fedv1.EstablishReques
 		return nil, deny("the client certificate is %s, the request claims %s", got, id)
 	}
 	for _, a := range req.GetAddresses() {
-		if err := checkAddress(a); err != nil {
+		if err := CheckAddress(a); err != nil {
 			return nil, status.Errorf(codes.InvalidArgument, "addresses: %v", err)
 		}
 	}

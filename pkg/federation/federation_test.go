@@ -379,3 +379,9 @@ func withoutLocal(sources []string) []string {
 	}
 	return out
 }
+
+func TestStatusPatchClearsWhatIsGone(t *testing.T) {
+	body, err := statusPatch(v1alpha1.FederationPeerStatus{State: v1alpha1.StateConnected})
+	require.NoError(t, err)
+	require.JSONEq(t, `{"status":{"state":"Connected","lastHeartbeat":null,"disconnectedSince":null,"bundle":null}}`, string(body))
+}

@@ -147,7 +147,7 @@ func CreateToken(ctx context.Context, client kubernetes.Interface, opts TokenOpt
 		errs = append(errs, errors.New("--address is required: where the peer reaches this cluster (host:port of the east-west gateway or the federator)"))
 	}
 	for _, a := range opts.Addresses {
-		if err := checkAddress(a); err != nil {
+		if err := CheckAddress(a); err != nil {
 			errs = append(errs, fmt.Errorf("--address: %w", err))
 		}
 	}

@@ -106,7 +106,7 @@ func (m *Manager) writeStatus(ctx context.Context, e *peerEntry, now time.Time) 
 			return
 		}
 	}
-	body, err := json.Marshal(map[string]any{"status": st})
+	body, err := statusPatch(st)
 	if err == nil {
 		_, err = m.dyn.Resource(v1alpha1.Resource).Patch(ctx, e.p.name, types.MergePatchType, body, metav1.PatchOptions{}, "status")
 	}
@@ -116,4 +116,24 @@ func (m *Manager) writeStatus(ctx context.Context, e *peerEntry, now time.Time) 
 	}
 	e.written = &st
 	e.conditions = st.Conditions
+}
+
+// statusPatch is a JSON merge patch that sets the status to st, with
+// explicit nulls for the optional fields st leaves out, since a merge
+// patch would otherwise keep their old values.
+func statusPatch(st v1alpha1.FederationPeerStatus) ([]byte, error) {
+	raw, err := json.Marshal(st)
+	if err != nil {
+		return nil, err
+	}
+	var fields map[string]any
+	if err := json.Unmarshal(raw, &fields); err != nil {
+		return nil, err
+	}
+	for _, k := range []string{"lastHeartbeat", "disconnectedSince", "bundle"} {
+		if _, ok := fields[k]; !ok {
+			fields[k] = nil
+		}
+	}
+	return json.Marshal(map[string]any{"status": fields})
 }

@@ -160,7 +160,7 @@ func importService(peer string, peerTD spiffeid.TrustDomain, r *fedv1.Resource) 
 		errs = append(errs, errors.New("no gateway_addresses: the service cannot be reached"))
 	}
 	for _, a := range es.GetGatewayAddresses() {
-		if err := checkAddress(a); err != nil {
+		if err := CheckAddress(a); err != nil {
 			errs = append(errs, fmt.Errorf("gateway_addresses: %w", err))
 		}
 	}

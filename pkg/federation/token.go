@@ -114,7 +114,7 @@ func (t Token) Validate() error {
 		errs = append(errs, errors.New("no addresses"))
 	}
 	for _, a := range t.Addresses {
-		if err := checkAddress(a); err != nil {
+		if err := CheckAddress(a); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -158,7 +158,9 @@ func (t Token) RootCertificates() []*x509.Certificate {
 	return out
 }
 
-func checkAddress(a string) error {
+// CheckAddress checks a host:port address as peers and tokens carry it:
+// an IP or a DNS name, and a port.
+func CheckAddress(a string) error {
 	host, port, err := net.SplitHostPort(a)
 	if err != nil {
 		return fmt.Errorf("address %q: %v", a, err)

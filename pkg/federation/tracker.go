@@ -46,10 +46,9 @@ type PeerStatus struct {
 // tracker holds one peer's status; sessions, the establisher and the
 // staleness clock write it, the status writer reads it.
 type tracker struct {
-	// mu guards st and changed.
-	mu      sync.Mutex
-	st      PeerStatus
-	changed bool
+	// mu guards st.
+	mu sync.Mutex
+	st PeerStatus
 }
 
 func newTracker() *tracker {
@@ -61,7 +60,6 @@ func (t *tracker) update(f func(*PeerStatus)) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	f(&t.st)
-	t.changed = true
 }
 
 // Snapshot returns a copy of the status.
@@ -93,7 +91,6 @@ func (t *tracker) heard(now time.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.st.LastHeartbeat = now
-	// A heartbeat alone does not make the status worth rewriting.
 }
 
 // disconnected records a session's end. A terminated link is failed; any
@@ -195,15 +192,6 @@ func (t *tracker) bundle(b *spiffebundle.Bundle) {
 			}
 		}
 	})
-}
-
-// takeChanged reports whether the status changed since the last call.
-func (t *tracker) takeChanged() bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	c := t.changed
-	t.changed = false
-	return c
 }
 
 func describeNACK(e *fedv1.Error) string {

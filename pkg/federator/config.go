@@ -10,6 +10,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
+	"github.com/isthmus-mesh/isthmus/pkg/federation"
 )
 
 // TrustDomainName is the effective trust domain: the configured one, or
@@ -59,21 +60,45 @@ type Config struct {
 	// RootPublishDelay is how long a new root is trusted before it signs
 	// (see `federator ca rotate`).
 	RootPublishDelay time.Duration
+
+	// FederationAddr serves the federation API (gRPC over mTLS) to peer
+	// federators, directly or behind the east-west gateway's reserved SNI.
+	FederationAddr string
+	// GatewayAddresses are this cluster's east-west gateway addresses as
+	// peers reach them (host:port, hostnames allowed); every exported
+	// service carries them. Without one, peers refuse the exports.
+	GatewayAddresses []string
+	// AdvertiseAddresses are where peers reach this federator (host:port),
+	// told to a cluster this one joins.
+	AdvertiseAddresses []string
+	// Heartbeat is the federation heartbeat interval; a peer silent for
+	// three of them is disconnected.
+	Heartbeat time.Duration
+	// KeepFor and DrainFor are the staleness defaults for peers whose
+	// FederationPeer does not set them.
+	KeepFor, DrainFor time.Duration
+	// MaxImportedServices bounds the services one peer may export here.
+	MaxImportedServices int
 }
 
 // DefaultConfig returns the defaults for everything but ClusterName.
 func DefaultConfig() Config {
 	return Config{
-		MonitoringAddr:     ":15014",
-		ShutdownTimeout:    10 * time.Second,
-		Namespace:          "isthmus-system",
-		ServiceAccount:     "isthmus-federator",
-		CAAddr:             ":15012",
-		BundleEndpointAddr: ":8443",
-		TokenAudience:      "isthmus-ca",
-		CertTTL:            ca.DefaultCertTTL,
-		MaxCertTTL:         ca.DefaultMaxTTL,
-		RootPublishDelay:   ca.MinPublishDelay(ca.DefaultMaxTTL),
+		MonitoringAddr:      ":15014",
+		ShutdownTimeout:     10 * time.Second,
+		Namespace:           "isthmus-system",
+		ServiceAccount:      "isthmus-federator",
+		CAAddr:              ":15012",
+		BundleEndpointAddr:  ":8443",
+		TokenAudience:       "isthmus-ca",
+		CertTTL:             ca.DefaultCertTTL,
+		MaxCertTTL:          ca.DefaultMaxTTL,
+		RootPublishDelay:    ca.MinPublishDelay(ca.DefaultMaxTTL),
+		FederationAddr:      ":15019",
+		Heartbeat:           10 * time.Second,
+		KeepFor:             5 * time.Minute,
+		DrainFor:            time.Minute,
+		MaxImportedServices: 20000,
 	}
 }
 
@@ -116,6 +141,25 @@ func (c Config) Validate() error {
 	}
 	if floor := ca.MinPublishDelay(c.MaxCertTTL); c.RootPublishDelay < floor {
 		errs = append(errs, fmt.Errorf("--root-publish-delay %s is too short: workloads renew by 0.55 x --max-cert-ttl, so a new root must be trusted at least %s before it signs", c.RootPublishDelay, floor))
+	}
+	if _, _, err := net.SplitHostPort(c.FederationAddr); err != nil {
+		errs = append(errs, fmt.Errorf("--federation-addr %q: %w", c.FederationAddr, err))
+	}
+	for _, f := range []struct {
+		flag  string
+		addrs []string
+	}{{"--gateway-address", c.GatewayAddresses}, {"--advertise-address", c.AdvertiseAddresses}} {
+		for _, a := range f.addrs {
+			if err := federation.CheckAddress(a); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", f.flag, err))
+			}
+		}
+	}
+	if c.Heartbeat <= 0 || c.KeepFor <= 0 || c.DrainFor <= 0 {
+		errs = append(errs, fmt.Errorf("--heartbeat %s, --keep-for %s and --drain-for %s must be positive", c.Heartbeat, c.KeepFor, c.DrainFor))
+	}
+	if c.MaxImportedServices <= 0 {
+		errs = append(errs, fmt.Errorf("--max-imported-services %d must be positive", c.MaxImportedServices))
 	}
 	if c.ShutdownTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--shutdown-timeout %s must be positive", c.ShutdownTimeout))

@@ -1,6 +1,9 @@
 // Package federator is the composition root of the federator binary: it
 // builds the Kubernetes clients, the local catalog, the exporter that fills
-// it, and the monitoring server, and runs them until the context ends.
+// it, the cluster CA and its certificate service, the federation manager
+// that links peers and imports what they export, the writer of imported
+// ServiceEntries, and the monitoring server, and runs them until the
+// context ends.
 //
 // Nothing imports this package but cmd/federator.
 package federator
@@ -27,6 +30,8 @@ import (
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
+	istioclient "istio.io/client-go/pkg/clientset/versioned"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -52,7 +57,11 @@ type Federator struct {
 	ca       *ca.CA
 	trust    *trust.Store
 	self     *ca.SelfSource
+	id       spiffeid.ID
 	caServer *caserver.Server
+
+	federation *federation.Manager
+	imports    *kube.ImportWriter
 }
 
 // New connects to the cluster and wires the components; nothing runs until
@@ -75,8 +84,20 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 	if err != nil {
 		return nil, fmt.Errorf("multicluster client: %w", err)
 	}
+	dyn, err := dynamic.NewForConfig(restCfg)
+	if err != nil {
+		return nil, fmt.Errorf("dynamic client: %w", err)
+	}
+	istio, err := istioclient.NewForConfig(restCfg)
+	if err != nil {
+		return nil, fmt.Errorf("istio client: %w", err)
+	}
 	f := &Federator{cfg: cfg, log: log, store: catalog.NewStore()}
-	f.exporter, err = kube.NewExporter(kubeClient, mcs, f.store, kube.Options{ClusterName: cfg.ClusterName, Logger: log})
+	f.exporter, err = kube.NewExporter(kubeClient, mcs, f.store, kube.Options{ClusterName: cfg.ClusterName, Logger: log, TrustDomain: cfg.TrustDomainName()})
+	if err != nil {
+		return nil, err
+	}
+	f.imports, err = kube.NewImportWriter(kubeClient, istio, mcs, f.store, kube.ImportOptions{ClusterName: cfg.ClusterName, Logger: log})
 	if err != nil {
 		return nil, err
 	}
@@ -89,7 +110,31 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 	if err := f.setUpTrustMetrics(); err != nil {
 		return nil, err
 	}
+	f.federation = federation.NewManager(kubeClient, dyn, f.store, f.trust, f.self, federation.Config{
+		ClusterName: cfg.ClusterName, Namespace: cfg.Namespace, FederatorID: f.id,
+		Gateways: cfg.GatewayAddresses, AdvertiseAddresses: cfg.AdvertiseAddresses,
+		Heartbeat: cfg.Heartbeat, KeepFor: cfg.KeepFor, DrainFor: cfg.DrainFor,
+		Limits:         federation.Limits{MaxServices: cfg.MaxImportedServices},
+		ImportProblems: f.importProblems,
+		Logger:         log,
+	})
+	if err := f.setUpFederationMetrics(); err != nil {
+		return nil, err
+	}
+	if len(cfg.GatewayAddresses) == 0 {
+		log.Warn("no --gateway-address: peers cannot reach this cluster's exported services and will refuse them")
+	}
 	return f, nil
+}
+
+// importProblems names, for the peer's status, the imports the writer
+// could not write.
+func (f *Federator) importProblems(peer string) []string {
+	var out []string
+	for _, s := range f.imports.Skipped()[peer] {
+		out = append(out, s.Namespace+"/"+s.Name+": "+s.Reason)
+	}
+	return out
 }
 
 // setUpIdentity loads the cluster CA, the local trust bundle, the
@@ -115,6 +160,7 @@ func (f *Federator) setUpIdentity(ctx context.Context, kubeClient kubernetes.Int
 	if err != nil {
 		return fmt.Errorf("federator identity: %w", err)
 	}
+	f.id = id
 	f.self, err = ca.NewSelfSource(f.ca.Authority, id, nil)
 	if err != nil {
 		return err
@@ -279,14 +325,38 @@ func (f *Federator) Run(ctx context.Context) error {
 			return fmt.Errorf("bundle endpoint listener: %w", err)
 		}
 	}
+	fedLn, err := net.Listen("tcp", f.cfg.FederationAddr)
+	if err != nil {
+		_ = ln.Close()
+		_ = caLn.Close()
+		if bundleLn != nil {
+			_ = bundleLn.Close()
+		}
+		return fmt.Errorf("federation listener: %w", err)
+	}
+	fedServer := grpc.NewServer(f.federation.ServerOptions()...)
+	f.federation.Register(fedServer)
 	f.log.Info("federator starting", "cluster", f.cfg.ClusterName, "monitoring", ln.Addr().String(),
-		"ca", caLn.Addr().String(), "bundleEndpoint", f.cfg.BundleEndpointAddr)
+		"ca", caLn.Addr().String(), "bundleEndpoint", f.cfg.BundleEndpointAddr, "federation", fedLn.Addr().String())
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return f.exporter.Run(gctx) })
 	g.Go(func() error { return f.ca.Run(gctx) })
 	g.Go(func() error { return f.self.Run(gctx) })
 	g.Go(func() error { return f.runBundleSync(gctx) })
+	g.Go(func() error { return f.federation.Run(gctx) })
+	g.Go(func() error { return f.imports.Run(gctx) })
+	g.Go(func() error {
+		if err := fedServer.Serve(fedLn); err != nil {
+			return fmt.Errorf("federation service: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-gctx.Done()
+		stopGRPC(fedServer, f.cfg.ShutdownTimeout)
+		return nil
+	})
 	g.Go(func() error {
 		if err := grpcServer.Serve(caLn); err != nil {
 			return fmt.Errorf("certificate service: %w", err)
@@ -359,6 +429,7 @@ func (f *Federator) monitoringHandler() http.Handler {
 	mux.Handle("GET /metrics", promhttp.HandlerFor(f.registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /debug/catalog", f.serveCatalog)
 	mux.HandleFunc("GET /debug/trust", f.serveTrust)
+	mux.HandleFunc("GET /debug/federation", f.serveFederation)
 	return mux
 }
 
@@ -445,4 +516,64 @@ func (f *Federator) serveTrust(w http.ResponseWriter, r *http.Request) {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	_ = enc.Encode(dump)
+}
+
+// FederationDump is the JSON shape of /debug/federation.
+type FederationDump struct {
+	Cluster string                          `json:"cluster"`
+	Peers   []federation.PeerStatus         `json:"peers"`
+	Skipped map[string][]kube.SkippedImport `json:"skippedImports,omitempty"`
+}
+
+func (f *Federator) serveFederation(w http.ResponseWriter, _ *http.Request) {
+	dump := FederationDump{Cluster: f.cfg.ClusterName, Peers: f.federation.Statuses(), Skipped: f.imports.Skipped()}
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(dump)
+}
+
+// setUpFederationMetrics exports each peer's link state.
+func (f *Federator) setUpFederationMetrics() error {
+	m := f.meter()
+	connected, err := m.Int64ObservableGauge("isthmus_federation_peer_connected",
+		metric.WithDescription("1 while the exchange stream with the peer is up, else 0."))
+	if err != nil {
+		return err
+	}
+	stale, err := m.Float64ObservableGauge("isthmus_federation_peer_disconnected_seconds",
+		metric.WithDescription("Seconds since the stream with the peer was lost (0 while connected)."), metric.WithUnit("s"))
+	if err != nil {
+		return err
+	}
+	services, err := m.Int64ObservableGauge("isthmus_federation_services",
+		metric.WithDescription("Services imported from and exported to each peer, by direction."))
+	if err != nil {
+		return err
+	}
+	updates, err := m.Int64ObservableCounter("isthmus_federation_updates_total",
+		metric.WithDescription("Updates exchanged with each peer, by direction."))
+	if err != nil {
+		return err
+	}
+	_, err = m.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		now := time.Now()
+		for _, s := range f.federation.Statuses() {
+			peer := attribute.String("peer", s.Name)
+			up, lost := int64(0), 0.0
+			if s.State == "Connected" {
+				up = 1
+			} else if !s.DisconnectedSince.IsZero() {
+				lost = now.Sub(s.DisconnectedSince).Seconds()
+			}
+			o.ObserveInt64(connected, up, metric.WithAttributes(peer))
+			o.ObserveFloat64(stale, lost, metric.WithAttributes(peer))
+			o.ObserveInt64(services, int64(s.Imported), metric.WithAttributes(peer, attribute.String("direction", "imported")))
+			o.ObserveInt64(services, int64(s.Exported), metric.WithAttributes(peer, attribute.String("direction", "exported")))
+			o.ObserveInt64(updates, int64(s.UpdatesReceived), metric.WithAttributes(peer, attribute.String("direction", "received")))
+			o.ObserveInt64(updates, int64(s.UpdatesSent), metric.WithAttributes(peer, attribute.String("direction", "sent")))
+		}
+		return nil
+	}, connected, stale, services, updates)
+	return err
 }

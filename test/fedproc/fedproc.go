@@ -24,6 +24,8 @@ const (
 	MonitoringPort     = "15014" // Istio's monitoring port
 	CAPort             = "15012" // certificate service, gRPC over TLS
 	BundleEndpointPort = "8443"  // SPIFFE bundle endpoint
+	FederationPort     = "15019" // federation API, gRPC over mTLS
+	GatewayPort        = "15443" // east-west gateway
 )
 
 // Federator is a federator process running in a cluster's node network.
@@ -36,6 +38,9 @@ type Federator struct {
 	// certificate service, BundleEndpoint its SPIFFE bundle endpoint, as
 	// the host reaches them.
 	Monitoring, CAAddr, BundleEndpoint string
+	// FederationAddr is where other clusters' federators reach it: its
+	// node's WAN address.
+	FederationAddr string
 }
 
 // Start runs binDir/federator in cluster c as the least-privileged
@@ -60,7 +65,10 @@ func Start(ctx context.Context, c *localcluster.Cluster, binDir string, extraArg
 		"--cluster-name", c.Name(), "--kubeconfig", kubeconfig,
 		"--monitoring-addr", net.JoinHostPort(bind, MonitoringPort),
 		"--ca-addr", net.JoinHostPort(bind, CAPort),
-		"--bundle-endpoint-addr", net.JoinHostPort(bind, BundleEndpointPort)}, extraArgs...)
+		"--bundle-endpoint-addr", net.JoinHostPort(bind, BundleEndpointPort),
+		"--federation-addr", net.JoinHostPort(bind, FederationPort),
+		"--advertise-address", net.JoinHostPort(c.WANIP().String(), FederationPort),
+		"--gateway-address", net.JoinHostPort(c.WANIP().String(), GatewayPort)}, extraArgs...)
 	p, err := c.StartProcess(ctx, localcluster.ProcessSpec{Name: "federator", Command: args})
 	if err != nil {
 		return nil, err
@@ -72,6 +80,7 @@ func Start(ctx context.Context, c *localcluster.Cluster, binDir string, extraArg
 		Monitoring:     "http://" + net.JoinHostPort(host, MonitoringPort),
 		CAAddr:         net.JoinHostPort(host, CAPort),
 		BundleEndpoint: "https://" + net.JoinHostPort(host, BundleEndpointPort),
+		FederationAddr: net.JoinHostPort(c.WANIP().String(), FederationPort),
 	}
 	if err := f.waitReady(ctx, time.Minute); err != nil {
 		_ = p.Stop(5 * time.Second)
@@ -138,6 +147,16 @@ func (f *Federator) Get(ctx context.Context, path string) ([]byte, error) {
 func (f *Federator) Catalog(ctx context.Context) (federator.CatalogDump, error) {
 	var d federator.CatalogDump
 	body, err := f.Get(ctx, "/debug/catalog")
+	if err != nil {
+		return d, err
+	}
+	return d, json.Unmarshal(body, &d)
+}
+
+// Federation fetches /debug/federation.
+func (f *Federator) Federation(ctx context.Context) (federator.FederationDump, error) {
+	var d federator.FederationDump
+	body, err := f.Get(ctx, "/debug/federation")
 	if err != nil {
 		return d, err
 	}
