@@ -385,3 +385,24 @@ func TestStatusPatchClearsWhatIsGone(t *testing.T) {
 	require.NoError(t, err)
 	require.JSONEq(t, `{"status":{"state":"Connected","lastHeartbeat":null,"disconnectedSince":null,"bundle":null}}`, string(body))
 }
+
+func TestSyncedOnceEveryPeerSpoke(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	c := newCluster(t, "c", nil)
+	link(t, a, b)
+	link(t, a, c)
+	c.export(t, echoService(1))
+	// b exports nothing: its empty set still counts as having spoken.
+	eventually(t, "a linked with b and c, and synced", func() bool {
+		return a.status("b").State == v1alpha1.StateConnected && a.status("c").State == v1alpha1.StateConnected && a.manager.Synced()
+	})
+
+	a.kill()
+	b.kill()
+	a.start(t)
+	eventually(t, "c resynced", func() bool { return len(a.imported("c")) == 1 })
+	require.Never(t, a.manager.Synced, 300*time.Millisecond, 20*time.Millisecond, "synced while b, down, never spoke")
+	b.start(t)
+	eventually(t, "synced once b is back", a.manager.Synced)
+}

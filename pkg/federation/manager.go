@@ -120,6 +120,8 @@ type Manager struct {
 
 	informer cache.SharedIndexInformer
 	queue    workqueue.TypedRateLimitingInterface[string]
+	// started is when Run began; set before any goroutine reads it.
+	started time.Time
 
 	// mu guards peers.
 	mu    sync.Mutex
@@ -191,6 +193,9 @@ func (m *Manager) enqueue(obj any) {
 // Run serves until ctx ends: the FederationPeer controller, one goroutine
 // per peer, the staleness clock and the status writer.
 func (m *Manager) Run(ctx context.Context) error {
+	m.mu.Lock()
+	m.started = m.clock.Now()
+	m.mu.Unlock()
 	defer m.queue.ShutDown()
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -549,6 +554,32 @@ func (m *Manager) peerByID(id spiffeid.ID) *peerEntry {
 		}
 	}
 	return nil
+}
+
+// Synced reports whether every peer's imports are known: each peer sent
+// its services in this process, or was given keepFor to do so (the same
+// grace a peer lost at runtime gets). The import writer deletes nothing
+// before, so a federator restart does not churn every import.
+func (m *Manager) Synced() bool {
+	if !m.informer.HasSynced() {
+		return false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.started.IsZero() {
+		return false
+	}
+	elapsed := m.clock.Since(m.started)
+	for _, name := range m.informer.GetStore().ListKeys() {
+		e, ok := m.peers[name]
+		switch {
+		case !ok && elapsed < m.cfg.KeepFor:
+			return false
+		case ok && !e.p.servicesSynced() && elapsed < e.keepFor:
+			return false
+		}
+	}
+	return true
 }
 
 // Statuses returns every peer's status, sorted by name.

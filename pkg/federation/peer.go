@@ -165,6 +165,14 @@ func (p *peer) heldVersion(typeURL string) string {
 	return ""
 }
 
+// servicesSynced reports whether the peer's services are known in this
+// process.
+func (p *peer) servicesSynced() bool {
+	p.importMu.Lock()
+	defer p.importMu.Unlock()
+	return p.in[TypeService].synced
+}
+
 // resume prepares every outbound type for a new stream.
 func (p *peer) resume(peerHolds map[string]string) {
 	for _, t := range resourceTypes {

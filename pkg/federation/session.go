@@ -296,7 +296,7 @@ func (p *peer) receiveServices(u *fedv1.Update, lim Limits) *fedv1.Ack {
 			return nack(u, in.version, svc.Key().String(), "%v", err)
 		}
 	}
-	in.digests, in.version = digests, u.GetVersion()
+	in.digests, in.version, in.synced = digests, u.GetVersion(), true
 	p.received = b.Build()
 	p.publishLocked()
 	return &fedv1.Ack{TypeUrl: u.GetTypeUrl(), Nonce: u.GetNonce(), Version: in.version}

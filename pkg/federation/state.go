@@ -78,10 +78,9 @@ func (o *outbound) resume(peerHolds string, want desired) {
 		// Same process, same peer state: carry on from the diff.
 	case peerHolds != "" && peerHolds == setVersion(o.filter(want)):
 		o.acked, o.ackedVersion = o.filter(want), peerHolds
-	case peerHolds == "":
-		// The peer holds nothing: the diff from an empty set is the set.
-		o.acked, o.ackedVersion = map[string]digest{}, ""
 	default:
+		// The peer holds nothing or something unknown: a full set, even
+		// an empty one, so it knows it is in sync.
 		o.acked, o.ackedVersion = nil, ""
 	}
 }
@@ -175,6 +174,8 @@ func (o *outbound) ack(a *fedv1.Ack) bool {
 type inbound struct {
 	version string
 	digests map[string]digest
+	// synced is set once an update was accepted in this process.
+	synced bool
 }
 
 // nack builds a refusal naming the resource and the reason.

@@ -97,7 +97,10 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 	if err != nil {
 		return nil, err
 	}
-	f.imports, err = kube.NewImportWriter(kubeClient, istio, mcs, f.store, kube.ImportOptions{ClusterName: cfg.ClusterName, Logger: log})
+	f.imports, err = kube.NewImportWriter(kubeClient, istio, mcs, f.store, kube.ImportOptions{
+		ClusterName: cfg.ClusterName, Logger: log,
+		Synced: func() bool { return f.federation.Synced() },
+	})
 	if err != nil {
 		return nil, err
 	}

@@ -72,6 +72,9 @@ type ImportOptions struct {
 	// ReservedNamespaces are never imported into; nil means
 	// DefaultReservedNamespaces. An empty, non-nil slice reserves none.
 	ReservedNamespaces []string
+	// Synced, when set, reports whether every peer's imports are known;
+	// until it does, the writer creates and updates but deletes nothing.
+	Synced func() bool
 }
 
 // ImportWriter writes the services peers export to this cluster as Istio
@@ -476,9 +479,16 @@ func (w *ImportWriter) flush(ctx context.Context) time.Time {
 		}
 	}
 
-	// What Isthmus wrote and nobody exports any more goes.
+	// What Isthmus wrote and nobody exports any more goes, once every
+	// peer has had its chance to say what it exports: after a federator
+	// restart the catalog is empty until the peers resync, and deleting
+	// then would only churn every import.
+	synced := w.opts.Synced == nil || w.opts.Synced()
+	if !synced {
+		wake(now.Add(w.opts.FlushInterval))
+	}
 	for _, k := range []*importKind{w.entries, w.imports} {
-		if !k.usable() {
+		if !k.usable() || !synced {
 			continue
 		}
 		for _, ref := range w.managedObjects(k) {

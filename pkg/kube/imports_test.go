@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -86,6 +87,8 @@ type writerSetup struct {
 	namespaces   []string
 	istioObjs    []runtime.Object
 	noImportsCRD bool
+	// synced becomes ImportOptions.Synced when set.
+	synced func() bool
 	// before runs on the fixture before the writer starts (reactors).
 	before func(*writerFixture)
 }
@@ -109,6 +112,7 @@ func startWriter(t *testing.T, s writerSetup) *writerFixture {
 	var err error
 	f.w, err = NewImportWriter(f.kube, f.istio, f.mcs, f.store, ImportOptions{
 		ClusterName: "a", Logger: writerLogger(t), FlushInterval: 10 * time.Millisecond, QPS: 1000, Burst: 1000,
+		Synced: s.synced,
 	})
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(t.Context())
@@ -426,4 +430,19 @@ func TestNewImportWriterNeedsClusterName(t *testing.T) {
 	_, err = NewImportWriter(nil, nil, nil, nil, ImportOptions{ClusterName: "a"})
 	require.Error(t, err)
 	require.False(t, errors.Is(err, context.Canceled))
+}
+
+func TestImportWriterDeletesNothingUntilPeersSynced(t *testing.T) {
+	var synced atomic.Bool
+	f := startWriter(t, writerSetup{namespaces: []string{"demo"}, synced: synced.Load})
+	// Written before the restart: b's echo.
+	f.set(t, "b", importSvc("b", []string{"10.1.0.1:15443"}, loc("r1", "z1", "", 2, 0)))
+	f.eventuallySE(t, "written", func(_ *networkingv1.ServiceEntry, ok bool) bool { return ok })
+	// A restarted federator's catalog is empty until b resyncs.
+	f.store.Delete("b")
+	time.Sleep(200 * time.Millisecond)
+	_, ok := f.serviceEntry(t, "demo", "echo.clusterset.local")
+	require.True(t, ok, "deleted before the peers synced")
+	synced.Store(true)
+	f.eventuallySE(t, "deleted once synced", func(_ *networkingv1.ServiceEntry, ok bool) bool { return !ok })
 }
