@@ -282,6 +282,24 @@ func TestThreeFederators(t *testing.T) {
 		require.Len(t, b.imported("a"), 1)
 	})
 
+	t.Run("a root rotation in a reaches b's trust store and its stored copy", func(t *testing.T) {
+		next, err := ca.New(t.Context(), fake.NewClientset(), ca.Options{TrustDomain: a.trust.LocalTrustDomain(), Namespace: testNS})
+		require.NoError(t, err)
+		roots := append(a.ca.Bundle().X509Authorities(), next.Bundle().X509Authorities()...)
+		a.trust.SetLocal(roots, a.ca.BundleSequence()+1, 0)
+		td := spiffeid.RequireTrustDomainFromString("a.mesh")
+		eventually(t, "b holds both roots", func() bool {
+			bundle, err := b.trust.GetX509BundleForTrustDomain(td)
+			return err == nil && len(bundle.X509Authorities()) == 2
+		})
+		eventually(t, "b stored them", func() bool {
+			m := b.manager
+			stored, found, err := m.loadPeerBundle(t.Context(), "a", td)
+			return err == nil && found && len(stored.X509Authorities()) == 2
+		})
+		require.Equal(t, a.ca.BundleSequence()+1, b.status("a").BundleSequence)
+	})
+
 	t.Run("a reused token is refused", func(t *testing.T) {
 		tok, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "d", Addresses: []string{a.addr}})
 		require.NoError(t, err)
