@@ -1,17 +1,21 @@
-// Command demo is what `make demo` runs: it starts local clusters on real
-// kube-apiservers (test/localcluster), installs Isthmus from deploy/, runs
-// a federator in each cluster, exports an echo service from the first
-// cluster, and prints what each federator's catalog holds. It then waits
-// for Ctrl-C (or --exit-after) and tears everything down.
+// Command demo is what `make demo` runs: it starts two local clusters on
+// real kube-apiservers (test/localcluster), installs Isthmus from deploy/,
+// runs a federator in each cluster, exports an echo service from cluster
+// a, links b to a with the real `federator token create` and `federator
+// join`, and shows b importing the service: its ServiceEntry and
+// ServiceImport, and `federator status` on both sides. It then waits for
+// Ctrl-C (or --exit-after) and tears everything down.
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -42,6 +46,7 @@ func main() {
 	echoBin := flag.String("echo", "", "echo workload binary; empty builds test/echo into the bin dir")
 	exitAfter := flag.Duration("exit-after", 0, "end the demo after this long instead of waiting for Ctrl-C (0: wait)")
 	verbose := flag.Bool("v", false, "log the harness's debug messages")
+	loopback := flag.Bool("loopback", false, "share the host network even as root (what a non-root user gets): no isolation, no ready endpoints")
 	flag.Parse()
 
 	level := slog.LevelInfo
@@ -51,7 +56,7 @@ func main() {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, log, *binDir, *echoBin, *exitAfter); err != nil {
+	if err := run(ctx, log, *binDir, *echoBin, *exitAfter, *loopback); err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
@@ -61,7 +66,7 @@ func step(format string, args ...any) {
 	fmt.Printf("\n\033[1m==> "+format+"\033[0m\n", args...)
 }
 
-func run(ctx context.Context, log *slog.Logger, binDir, echoBin string, exitAfter time.Duration) (err error) {
+func run(ctx context.Context, log *slog.Logger, binDir, echoBin string, exitAfter time.Duration, loopback bool) (err error) {
 	binDir, err = filepath.Abs(binDir)
 	if err != nil {
 		return err
@@ -75,8 +80,9 @@ func run(ctx context.Context, log *slog.Logger, binDir, echoBin string, exitAfte
 
 	step("starting clusters a and b (real kube-apiserver, etcd and kube-controller-manager each)")
 	env, err := localcluster.Start(ctx, localcluster.Options{
-		Clusters: []localcluster.ClusterOptions{{Name: "a"}, {Name: "b"}},
-		Logger:   log,
+		Clusters:      []localcluster.ClusterOptions{{Name: "a"}, {Name: "b"}},
+		Logger:        log,
+		ForceLoopback: loopback,
 	})
 	if err != nil {
 		return err
@@ -90,12 +96,20 @@ func run(ctx context.Context, log *slog.Logger, binDir, echoBin string, exitAfte
 		}
 	}()
 	fmt.Printf("2 clusters up in %s; isolated by network namespaces: %t\n", env.StartupDuration().Round(time.Millisecond), env.Isolated())
+	if !env.Isolated() {
+		fmt.Println("  loopback mode (not root, or --loopback): the clusters share the host network on 127.x")
+		fmt.Println("  addresses and isolation is NOT enforced. Kubernetes refuses loopback addresses in")
+		fmt.Println("  EndpointSlices, so the echo service will have 0 ready endpoints; linking, export and")
+		fmt.Println("  import still happen. Run as root for one network namespace per cluster.")
+	}
 	for _, c := range env.Clusters() {
 		host, _, _ := c.KubeconfigFor(localcluster.UserAdmin)
 		fmt.Printf("  cluster %s: API %s  kubeconfig %s\n", c.Name(), c.APIServerURL(), host)
 	}
 
 	step("installing Isthmus from deploy/ (CRDs, namespace, least-privilege RBAC)")
+	fmt.Println("  plus Istio's ServiceEntry CRD, which Istio's own installation provides in a real cluster:")
+	fmt.Println("  a federator writes the services it imports as ServiceEntries")
 	for _, c := range env.Clusters() {
 		cfg, err := c.RESTConfig(localcluster.UserAdmin)
 		if err != nil {
@@ -104,10 +118,14 @@ func run(ctx context.Context, log *slog.Logger, binDir, echoBin string, exitAfte
 		if err := install.Isthmus(ctx, cfg, "system:isthmus:federator"); err != nil {
 			return fmt.Errorf("install into %s: %w", c.Name(), err)
 		}
+		if err := install.Apply(ctx, cfg, install.IstioServiceEntryCRD); err != nil {
+			return fmt.Errorf("install Istio's ServiceEntry CRD into %s: %w", c.Name(), err)
+		}
 	}
 
 	step("starting a federator in each cluster")
 	feds := map[string]*fedproc.Federator{}
+	members := map[string]*member{}
 	for _, c := range env.Clusters() {
 		f, err := fedproc.Start(ctx, c, binDir)
 		if err != nil {
@@ -115,7 +133,12 @@ func run(ctx context.Context, log *slog.Logger, binDir, echoBin string, exitAfte
 		}
 		defer func() { _ = f.Stop(10 * time.Second) }()
 		feds[c.Name()] = f
+		if members[c.Name()], err = newMember(c, f, binDir); err != nil {
+			return err
+		}
 		fmt.Printf("  federator %s ready: %s/debug/catalog  (log %s)\n", c.Name(), f.Monitoring, f.Proc.LogPath())
+		fmt.Printf("    federation endpoint %s, east-west gateway address it gives peers %s\n",
+			f.FederationAddr, net.JoinHostPort(c.WANIP().String(), fedproc.GatewayPort))
 	}
 
 	a := env.Cluster("a")
@@ -133,27 +156,42 @@ func run(ctx context.Context, log *slog.Logger, binDir, echoBin string, exitAfte
 	if err := exportEcho(ctx, a); err != nil {
 		return err
 	}
-	svc, err := waitForService(ctx, feds["a"], "demo", "echo", 30*time.Second)
+	svc, err := waitForService(ctx, feds["a"], "demo", "echo", env.Isolated(), 30*time.Second)
 	if err != nil {
 		return err
 	}
 	fmt.Printf("  federator a exports demo/echo with %d ready endpoints\n", svc.ReadyEndpoints())
 
-	for _, name := range []string{"a", "b"} {
-		step("federator %s's catalog", name)
-		d, err := feds[name].Catalog(ctx)
-		if err != nil {
-			return err
-		}
-		out, _ := json.MarshalIndent(d, "", "  ")
-		fmt.Println(string(out))
+	step("federator a's catalog")
+	d, err := feds["a"].Catalog(ctx)
+	if err != nil {
+		return err
 	}
+	out, _ := json.MarshalIndent(d, "", "  ")
+	fmt.Println(string(out))
 	if err := showIdentity(ctx, env, feds); err != nil {
 		return err
 	}
 
-	fmt.Println("\nCluster b's catalog holds only its own exports (none): linking clusters with")
-	fmt.Println("`federator token create` / `federator join` is the next step on the roadmap.")
+	if err := link(ctx, members["a"], members["b"]); err != nil {
+		return err
+	}
+	if err := ensureNamespace(ctx, env.Cluster("b"), "demo"); err != nil {
+		return err
+	}
+	if err := showImport(ctx, members["a"], members["b"], "demo", "echo"); err != nil {
+		return err
+	}
+	if err := showImported(ctx, feds["b"], "a", "demo", "echo"); err != nil {
+		return err
+	}
+	if err := showStatus(ctx, members["a"], members["b"]); err != nil {
+		return err
+	}
+	fmt.Println("\nNo cluster holds credentials for the other's API server: b learnt about demo/echo only")
+	fmt.Println("over the federation stream. Delete the ServiceExport in a and b's ServiceEntry goes;")
+	fmt.Println("delete the FederationPeer on either side and the other is told (Terminate): both drop the")
+	fmt.Println("imports of the link.")
 
 	if exitAfter > 0 {
 		step("demo ends in %s", exitAfter)
@@ -205,16 +243,19 @@ func exportEcho(ctx context.Context, c *localcluster.Cluster) error {
 	return nil
 }
 
-// waitForService waits until f's local catalog holds ns/name with every
-// endpoint ready.
-func waitForService(ctx context.Context, f *fedproc.Federator, ns, name string, bound time.Duration) (catalog.Service, error) {
+// waitForService waits until f's local catalog holds ns/name, with every
+// endpoint ready if wantReady (pods in loopback mode never get into
+// EndpointSlices, so there are none to wait for).
+func waitForService(ctx context.Context, f *fedproc.Federator, ns, name string, wantReady bool, bound time.Duration) (catalog.Service, error) {
 	ctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
 	var last string
 	for {
 		d, err := f.Catalog(ctx)
 		if err == nil {
-			if s, ok := fedproc.LocalService(d, ns, name); ok && s.ReadyEndpoints() > 0 {
+			if s, ok := fedproc.LocalService(d, ns, name); ok && !wantReady {
+				return s, nil
+			} else if ok && s.ReadyEndpoints() > 0 {
 				notReady := 0
 				for _, e := range s.Endpoints {
 					notReady += e.NotReady
@@ -282,4 +323,27 @@ func showIdentity(ctx context.Context, env *localcluster.Env, feds map[string]*f
 			svid.ID, leaf.Issuer.CommonName, leaf.NotBefore.UTC().Format(time.RFC3339), leaf.NotAfter.UTC().Format(time.RFC3339))
 	}
 	return nil
+}
+
+// showImported prints what f's catalog holds from peer for ns/name: what
+// proxies will be given, straight from memory (the ServiceEntry is only a
+// mirror of it).
+func showImported(ctx context.Context, f *fedproc.Federator, peer, ns, name string) error {
+	d, err := f.Catalog(ctx)
+	if err != nil {
+		return err
+	}
+	for _, src := range d.Sources {
+		if src.Source != peer {
+			continue
+		}
+		for _, s := range src.Services {
+			if s.Namespace == ns && s.Name == name {
+				fmt.Printf("\n  federator %s's catalog, source %q (version %s): %s/%s, %d ready endpoints behind gateway %s, served by %s\n",
+					f.Cluster.Name(), peer, src.Version, ns, name, s.ReadyEndpoints(), cmp.Or(strings.Join(s.Gateways, ", "), "-"), cmp.Or(strings.Join(s.Identities, ", "), "-"))
+				return nil
+			}
+		}
+	}
+	return fmt.Errorf("federator %s's catalog has no %s/%s from %s", f.Cluster.Name(), ns, name, peer)
 }
