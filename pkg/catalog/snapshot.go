@@ -80,6 +80,9 @@ type Builder struct {
 	source  string
 	base    *Snapshot
 	entries map[ServiceKey]*entry // nil until the first change
+	// keysChanged is set when a key was added or removed since base, so
+	// Build must order the keys again rather than reuse base's order.
+	keysChanged bool
 }
 
 // NewBuilder starts an empty snapshot for source.
@@ -116,9 +119,11 @@ func (b *Builder) Put(svc Service) error {
 		return err
 	}
 	e := &entry{svc: c, hash: hashService(&c)}
-	if old, ok := b.current(c.Key()); ok && old.hash == e.hash {
+	old, ok := b.current(c.Key())
+	if ok && old.hash == e.hash {
 		return nil
 	}
+	b.keysChanged = b.keysChanged || !ok
 	b.mutable()[c.Key()] = e
 	return nil
 }
@@ -127,6 +132,7 @@ func (b *Builder) Put(svc Service) error {
 func (b *Builder) Delete(key ServiceKey) {
 	if _, ok := b.current(key); ok {
 		delete(b.mutable(), key)
+		b.keysChanged = true
 	}
 }
 
@@ -154,7 +160,15 @@ func (b *Builder) Build() *Snapshot {
 	}
 	entries := b.entries
 	b.entries = nil
-	ordered := slices.SortedFunc(maps.Keys(entries), compareKeys)
+	var ordered []ServiceKey
+	if b.base != nil && !b.keysChanged {
+		// Only contents changed: the order is the base's (immutable, so
+		// shared).
+		ordered = b.base.ordered
+	} else {
+		ordered = slices.SortedFunc(maps.Keys(entries), compareKeys)
+	}
+	b.keysChanged = false
 	h := sha256.New()
 	_, _ = h.Write([]byte(b.source))
 	for _, k := range ordered {

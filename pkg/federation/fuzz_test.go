@@ -29,7 +29,7 @@ func fuzzPeer(tb testing.TB) *peer {
 	}
 	local.SetLocal(c.Bundle().X509Authorities(), 1, 0)
 	td := spiffeid.RequireTrustDomainFromString("evil.mesh")
-	return newPeer("evil", td, spiffeid.RequireFromPath(td, "/fed"), clocktesting.NewFakeClock(time.Now()), newExports(store, local, nil))
+	return newPeer("evil", td, spiffeid.RequireFromPath(td, "/fed"), clocktesting.NewFakeClock(time.Now()), newExports(store, local, []string{"gw.here.example:15443"}))
 }
 
 // splitMessages reads a sequence of length-prefixed encoded messages.

@@ -28,10 +28,14 @@ type exports struct {
 	cache map[string]cachedServices
 }
 
-// cachedServices is one peer's service set for one local catalog version.
+// cachedServices is one peer's service set for one local catalog version,
+// with each service's resource kept by the catalog entry it came from:
+// snapshots share unchanged entries, so a change re-encodes only what
+// changed.
 type cachedServices struct {
 	version string
 	set     desired
+	from    map[catalog.ServiceKey]*catalog.Service
 }
 
 func newExports(store *catalog.Store, ts *trust.Store, gateways []string) *exports {
@@ -50,25 +54,38 @@ func (e *exports) desired(typeURL, peer string) (desired, error) {
 	case TypeService:
 		snap := e.catalog.Get(catalog.LocalSource)
 		e.mu.Lock()
-		c, ok := e.cache[peer]
+		old, ok := e.cache[peer]
 		e.mu.Unlock()
-		if ok && c.version == snap.Version() {
-			return c.set, nil
+		if ok && old.version == snap.Version() {
+			return old.set, nil
 		}
-		var rs []*fedv1.Resource
+		next := cachedServices{
+			version: snap.Version(),
+			set:     desired{resources: make(map[string]*fedv1.Resource, snap.Len()), digests: make(map[string]digest, snap.Len())},
+			from:    make(map[catalog.ServiceKey]*catalog.Service, snap.Len()),
+		}
 		for svc := range snap.All() {
-			if svc.ExportedTo(peer) {
-				rs = append(rs, serviceResource(svc, e.gateways))
+			if !svc.ExportedTo(peer) {
+				continue
 			}
-		}
-		set, err := newDesired(rs)
-		if err != nil {
-			return desired{}, err
+			key := svc.Key()
+			name := key.String()
+			if old.from[key] == svc {
+				next.set.resources[name], next.set.digests[name] = old.set.resources[name], old.set.digests[name]
+			} else {
+				r := serviceResource(svc, e.gateways)
+				d, _, err := digestOf(r)
+				if err != nil {
+					return desired{}, fmt.Errorf("encode %s: %w", name, err)
+				}
+				next.set.resources[name], next.set.digests[name] = r, d
+			}
+			next.from[key] = svc
 		}
 		e.mu.Lock()
-		e.cache[peer] = cachedServices{version: snap.Version(), set: set}
+		e.cache[peer] = next
 		e.mu.Unlock()
-		return set, nil
+		return next.set, nil
 	default:
 		return desired{}, fmt.Errorf("unknown resource type %q", typeURL)
 	}

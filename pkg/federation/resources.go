@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"maps"
 	"math"
 	"slices"
 	"strings"
@@ -85,20 +84,30 @@ func digestOf(r *fedv1.Resource) (digest, int, error) {
 	return sha256.Sum256(b), len(b), nil
 }
 
-// setVersion is the version of a whole set of resources: a hash over the
-// sorted names and their digests, so both sides compute it alike and a
-// receiver can tell when it no longer holds what the sender thinks.
+// setVersion is the version of a whole set of resources. Each digest
+// covers its resource's name, so the XOR of the digests identifies the
+// set without sorting it, and a receiver keeps it current change by
+// change; both sides compute it alike, so a receiver can tell when it no
+// longer holds what the sender thinks. The empty set's version is "".
 func setVersion(set map[string]digest) string {
-	if len(set) == 0 {
+	var acc digest
+	for _, d := range set {
+		acc.xor(d)
+	}
+	return versionOf(acc, len(set))
+}
+
+func (d *digest) xor(o digest) {
+	for i := range d {
+		d[i] ^= o[i]
+	}
+}
+
+func versionOf(acc digest, n int) string {
+	if n == 0 {
 		return ""
 	}
-	h := sha256.New()
-	for _, name := range slices.Sorted(maps.Keys(set)) {
-		d := set[name]
-		fmt.Fprintf(h, "%d:%s", len(name), name)
-		h.Write(d[:])
-	}
-	return hex.EncodeToString(h.Sum(nil))[:16]
+	return hex.EncodeToString(acc[:8])
 }
 
 // serviceResource turns a local service into what a peer receives.

@@ -277,7 +277,7 @@ func (p *peer) receiveServices(u *fedv1.Update, lim Limits) *fedv1.Ack {
 			return nack(u, in.version, name, "removed, but never received")
 		}
 	}
-	digests, refusal := in.apply(u, lim.MaxServices)
+	commit, refusal := in.apply(u, lim.MaxServices)
 	if refusal != nil {
 		return refusal
 	}
@@ -296,7 +296,7 @@ func (p *peer) receiveServices(u *fedv1.Update, lim Limits) *fedv1.Ack {
 			return nack(u, in.version, svc.Key().String(), "%v", err)
 		}
 	}
-	in.digests, in.version, in.synced = digests, u.GetVersion(), true
+	commit()
 	p.received = b.Build()
 	p.publishLocked()
 	return &fedv1.Ack{TypeUrl: u.GetTypeUrl(), Nonce: u.GetNonce(), Version: in.version}
@@ -322,7 +322,7 @@ func (p *peer) receiveBundle(ctx context.Context, u *fedv1.Update) *fedv1.Ack {
 		bundles = append(bundles, b)
 	}
 	p.importMu.Lock()
-	digests, refusal := p.in[TypeBundle].apply(u, 1)
+	commit, refusal := p.in[TypeBundle].apply(u, 1)
 	p.importMu.Unlock()
 	if refusal != nil {
 		return refusal
@@ -340,9 +340,8 @@ func (p *peer) receiveBundle(ctx context.Context, u *fedv1.Update) *fedv1.Ack {
 	}
 	p.importMu.Lock()
 	defer p.importMu.Unlock()
-	in := p.in[TypeBundle]
-	in.digests, in.version = digests, u.GetVersion()
-	return &fedv1.Ack{TypeUrl: u.GetTypeUrl(), Nonce: u.GetNonce(), Version: in.version}
+	commit()
+	return &fedv1.Ack{TypeUrl: u.GetTypeUrl(), Nonce: u.GetNonce(), Version: p.in[TypeBundle].version}
 }
 
 // sortUpdate puts an update's lists in name order, so equal updates

@@ -2,7 +2,6 @@ package federation
 
 import (
 	"fmt"
-	"maps"
 	"strconv"
 
 	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
@@ -86,7 +85,11 @@ func (o *outbound) resume(peerHolds string, want desired) {
 }
 
 // filter drops the resources the peer refused in exactly this content.
+// The result is never modified.
 func (o *outbound) filter(want desired) map[string]digest {
+	if len(o.rejected) == 0 {
+		return want.digests
+	}
 	out := make(map[string]digest, len(want.digests))
 	for name, d := range want.digests {
 		if r, ok := o.rejected[name]; ok && r == d {
@@ -169,10 +172,12 @@ func (o *outbound) ack(a *fedv1.Ack) bool {
 }
 
 // inbound is what this side holds from the peer for one resource type:
-// the digests of the accepted set, so an incremental update can be
-// checked against the version the peer says it produces.
+// the digests of the accepted set and their running XOR, so an
+// incremental update is checked against the version the peer says it
+// produces without rehashing the set.
 type inbound struct {
 	version string
+	acc     digest
 	digests map[string]digest
 	// synced is set once an update was accepted in this process.
 	synced bool
@@ -184,33 +189,67 @@ func nack(u *fedv1.Update, held string, resource string, format string, args ...
 		Error: &fedv1.Error{Resource: resource, Reason: fmt.Sprintf(format, args...)}}
 }
 
-// apply computes the digests after u; the caller commits them only once
-// every resource was accepted.
-func (in *inbound) apply(u *fedv1.Update, maxResources int) (map[string]digest, *fedv1.Ack) {
-	var next map[string]digest
-	if u.GetFullSet() {
-		next = make(map[string]digest, len(u.GetResources()))
-	} else {
-		next = maps.Clone(in.digests)
-		if next == nil {
-			next = map[string]digest{}
-		}
-	}
+// apply checks u against what is held: the resulting count within
+// maxResources and the resulting version the one u names. It changes
+// nothing; the returned commit does, once the caller accepted every
+// resource.
+func (in *inbound) apply(u *fedv1.Update, maxResources int) (commit func(), refusal *fedv1.Ack) {
+	upserts := make(map[string]digest, len(u.GetResources()))
 	for _, r := range u.GetResources() {
 		d, _, err := digestOf(r)
 		if err != nil {
 			return nil, nack(u, in.version, r.GetName(), "cannot encode: %v", err)
 		}
-		next[r.GetName()] = d
+		upserts[r.GetName()] = d
 	}
-	for _, name := range u.GetRemoved() {
-		delete(next, name)
+	var acc digest
+	n := 0
+	if u.GetFullSet() {
+		for _, d := range upserts {
+			acc.xor(d)
+		}
+		n = len(upserts)
+	} else {
+		acc, n = in.acc, len(in.digests)
+		for name, d := range upserts {
+			if old, ok := in.digests[name]; ok {
+				acc.xor(old)
+			} else {
+				n++
+			}
+			acc.xor(d)
+		}
+		for _, name := range u.GetRemoved() {
+			if _, ok := upserts[name]; ok {
+				return nil, nack(u, in.version, name, "both updated and removed in one update")
+			}
+			if old, ok := in.digests[name]; ok {
+				acc.xor(old)
+				n--
+			}
+		}
 	}
-	if len(next) > maxResources {
-		return nil, nack(u, in.version, "", "%d resources of type %s exceed this cluster's limit of %d per peer", len(next), u.GetTypeUrl(), maxResources)
+	if n > maxResources {
+		return nil, nack(u, in.version, "", "%d resources of type %s exceed this cluster's limit of %d per peer", n, u.GetTypeUrl(), maxResources)
 	}
-	if got := setVersion(next); got != u.GetVersion() {
+	if got := versionOf(acc, n); got != u.GetVersion() {
 		return nil, nack(u, in.version, "", "version mismatch: applying the update gives %q, the update says %q; send a full set", got, u.GetVersion())
 	}
-	return next, nil
+	return func() {
+		if u.GetFullSet() || in.digests == nil {
+			if !u.GetFullSet() {
+				in.digests = map[string]digest{}
+			} else {
+				in.digests = upserts
+				upserts = nil
+			}
+		}
+		for name, d := range upserts {
+			in.digests[name] = d
+		}
+		for _, name := range u.GetRemoved() {
+			delete(in.digests, name)
+		}
+		in.acc, in.version, in.synced = acc, u.GetVersion(), true
+	}, nil
 }

@@ -1,0 +1,116 @@
+package federation
+
+import (
+	"fmt"
+	"log/slog"
+	"testing"
+
+	"golang.org/x/time/rate"
+
+	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+)
+
+// exportedServices builds n local services, three localities each.
+func exportedServices(n int) []catalog.Service {
+	out := make([]catalog.Service, n)
+	for i := range out {
+		out[i] = catalog.Service{
+			Namespace: fmt.Sprintf("ns-%d", i%50), Name: fmt.Sprintf("svc-%d", i), Cluster: "here",
+			Ports:      []catalog.Port{{Name: "http", Port: 80, AppProtocol: "http"}, {Name: "grpc", Port: 9090}},
+			Identities: []string{fmt.Sprintf("spiffe://here.mesh/ns/ns-%d/sa/svc-%d", i%50, i)},
+			Endpoints: []catalog.LocalityEndpoints{
+				{Locality: catalog.Locality{Region: "r", Zone: "z1"}, Ready: 3},
+				{Locality: catalog.Locality{Region: "r", Zone: "z2"}, Ready: 2, NotReady: 1},
+				{Locality: catalog.Locality{Region: "r", Zone: "z3"}, Ready: 1},
+			},
+		}
+	}
+	return out
+}
+
+// BenchmarkInitialSync is the work of one full set of 10,000 services:
+// the sender's desired set and update, and the receiver checking and
+// importing it. `go test -run '^$' -bench InitialSync -benchmem ./pkg/federation/`
+func BenchmarkInitialSync(b *testing.B) {
+	sender := fuzzPeer(b)
+	snap, err := catalog.NewSnapshot(catalog.LocalSource, exportedServices(10000))
+	if err != nil {
+		b.Fatal(err)
+	}
+	sender.exports.catalog.Set(snap)
+	// The receiver's peer is named after the sender's cluster, in the
+	// sender's trust domain.
+	lim := Limits{}.withDefaults()
+	log := slog.New(slog.DiscardHandler)
+	b.ReportAllocs()
+	for b.Loop() {
+		sender.exports.forget("evil")
+		want, err := sender.exports.desired(TypeService, "evil")
+		if err != nil {
+			b.Fatal(err)
+		}
+		out := newOutbound(TypeService)
+		out.resume("", want)
+		u := out.next(want)
+		receiver := fuzzPeer(b)
+		receiver.td = sender.exports.trust.LocalTrustDomain()
+		a, err := receiver.handle(b.Context(), updateMsg(u), rate.NewLimiter(rate.Inf, 0), lim, log)
+		if err != nil || a.GetError() != nil {
+			b.Fatalf("refused: %v %v", err, a.GetError())
+		}
+	}
+}
+
+// BenchmarkIncrementalUpdate is one service changing among 10,000: the
+// sender's diff and the receiver applying it.
+// `go test -run '^$' -bench IncrementalUpdate -benchmem ./pkg/federation/`
+func BenchmarkIncrementalUpdate(b *testing.B) {
+	sender := fuzzPeer(b)
+	services := exportedServices(10000)
+	snap, err := catalog.NewSnapshot(catalog.LocalSource, services)
+	if err != nil {
+		b.Fatal(err)
+	}
+	sender.exports.catalog.Set(snap)
+	want, err := sender.exports.desired(TypeService, "evil")
+	if err != nil {
+		b.Fatal(err)
+	}
+	out := newOutbound(TypeService)
+	out.resume("", want)
+	receiver := fuzzPeer(b)
+	receiver.td = sender.exports.trust.LocalTrustDomain()
+	lim := Limits{}.withDefaults()
+	log := slog.New(slog.DiscardHandler)
+	limiter := rate.NewLimiter(rate.Inf, 0)
+	apply := func(u *fedv1.Update) {
+		a, err := receiver.handle(b.Context(), updateMsg(u), limiter, lim, log)
+		if err != nil || a.GetError() != nil {
+			b.Fatalf("refused: %v %v", err, a.GetError())
+		}
+		out.ack(a)
+	}
+	apply(out.next(want))
+	builder := snap.Builder()
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		svc := services[i%len(services)].Clone()
+		svc.Endpoints[0].Ready = 4 + i
+		i++
+		if err := builder.Put(svc); err != nil {
+			b.Fatal(err)
+		}
+		sender.exports.catalog.Set(builder.Build())
+		want, err := sender.exports.desired(TypeService, "evil")
+		if err != nil {
+			b.Fatal(err)
+		}
+		u := out.next(want)
+		if len(u.Resources) != 1 {
+			b.Fatalf("diff of one change carries %d resources", len(u.Resources))
+		}
+		apply(u)
+	}
+}
