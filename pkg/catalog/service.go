@@ -30,6 +30,9 @@ type Port struct {
 	// AppProtocol is the application protocol (Kubernetes appProtocol, such
 	// as "http", "http2", "grpc"); empty when the Service does not say.
 	AppProtocol string `json:"appProtocol,omitempty"`
+	// TargetPort is, for a local service, the port its endpoints listen
+	// on (from the EndpointSlices); zero when unknown or for imports.
+	TargetPort int32 `json:"targetPort,omitempty"`
 }
 
 // Locality is where endpoints run, in Kubernetes topology terms
@@ -69,6 +72,16 @@ type LocalityEndpoints struct {
 	// NotReady is the number of endpoints that exist but cannot take
 	// traffic (starting, failing readiness, terminating).
 	NotReady int `json:"notReady,omitempty"`
+	// Addresses are, for a local service, the endpoints themselves
+	// (sorted by IP); imports carry counts only, since a peer's pod
+	// addresses are not reachable from here.
+	Addresses []Address `json:"addresses,omitempty"`
+}
+
+// Address is one endpoint of a local service.
+type Address struct {
+	IP    string `json:"ip"`
+	Ready bool   `json:"ready"`
 }
 
 // ServiceKey names a service within a cluster.
@@ -135,6 +148,9 @@ func (s Service) Clone() Service {
 	c := s
 	c.Ports = slices.Clone(s.Ports)
 	c.Endpoints = slices.Clone(s.Endpoints)
+	for i := range c.Endpoints {
+		c.Endpoints[i].Addresses = slices.Clone(c.Endpoints[i].Addresses)
+	}
 	c.Peers = slices.Clone(s.Peers)
 	c.Identities = slices.Clone(s.Identities)
 	c.Gateways = slices.Clone(s.Gateways)
@@ -177,11 +193,15 @@ func (s *Service) normalize() {
 		if n := len(merged); n > 0 && merged[n-1].Locality == e.Locality {
 			merged[n-1].Ready += e.Ready
 			merged[n-1].NotReady += e.NotReady
+			merged[n-1].Addresses = append(merged[n-1].Addresses, e.Addresses...)
 			continue
 		}
 		merged = append(merged, e)
 	}
 	s.Endpoints = merged
+	for i := range s.Endpoints {
+		slices.SortFunc(s.Endpoints[i].Addresses, func(a, b Address) int { return strings.Compare(a.IP, b.IP) })
+	}
 	slices.Sort(s.Peers)
 	s.Peers = slices.Compact(s.Peers)
 	slices.Sort(s.Identities)

@@ -224,6 +224,7 @@ func hashService(s *Service) [sha256.Size]byte {
 		num(int64(p.Port))
 		str(string(p.Protocol))
 		str(p.AppProtocol)
+		num(int64(p.TargetPort))
 	}
 	num(int64(len(s.Endpoints)))
 	for _, e := range s.Endpoints {
@@ -232,6 +233,15 @@ func hashService(s *Service) [sha256.Size]byte {
 		str(e.Locality.Subzone)
 		num(int64(e.Ready))
 		num(int64(e.NotReady))
+		num(int64(len(e.Addresses)))
+		for _, a := range e.Addresses {
+			str(a.IP)
+			if a.Ready {
+				num(1)
+			} else {
+				num(0)
+			}
+		}
 	}
 	for _, list := range [][]string{s.Peers, s.Identities, s.Gateways} {
 		num(int64(len(list)))

@@ -66,6 +66,8 @@ func slice(ns, svc, name string, af discoveryv1.AddressType, eps ...ep) *discove
 	s := &discoveryv1.EndpointSlice{
 		ObjectMeta:  metav1.ObjectMeta{Namespace: ns, Name: name, Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
 		AddressType: af,
+		// The endpoints' port for the service port named http.
+		Ports: []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To(int32(8080))}},
 	}
 	for _, e := range eps {
 		s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{
@@ -164,11 +166,13 @@ func TestExportedServiceEntersCatalog(t *testing.T) {
 	require.Equal(t, "a", got.Cluster)
 	require.Equal(t, []catalog.Port{
 		{Name: "dns", Port: 53, Protocol: catalog.ProtocolUDP},
-		{Name: "http", Port: 80, Protocol: catalog.ProtocolTCP, AppProtocol: "http"},
+		{Name: "http", Port: 80, Protocol: catalog.ProtocolTCP, AppProtocol: "http", TargetPort: 8080},
 	}, got.Ports)
 	require.Equal(t, []catalog.LocalityEndpoints{
-		{Locality: catalog.Locality{Region: "r1", Zone: "z1"}, Ready: 2},
-		{Locality: catalog.Locality{Region: "r1", Zone: "z2"}, NotReady: 1},
+		{Locality: catalog.Locality{Region: "r1", Zone: "z1"}, Ready: 2,
+			Addresses: []catalog.Address{{IP: "10.0.0.1", Ready: true}, {IP: "10.0.0.2", Ready: true}}},
+		{Locality: catalog.Locality{Region: "r1", Zone: "z2"}, NotReady: 1,
+			Addresses: []catalog.Address{{IP: "10.0.0.3"}}},
 	}, got.Endpoints)
 	require.Equal(t, spiffeIDs("demo", "canary", "default", "echo"), got.Identities)
 

@@ -90,6 +90,17 @@ func serviceFromObjects(cluster string, svc *corev1.Service, endpointSlices []*d
 	// the distinct ones are collected on the stack and searched linearly.
 	var acctBuf [4]*account
 	accts := acctBuf[:0]
+	// Addresses are collected flat and then laid out per locality in one
+	// backing array: appending per locality would grow each slice.
+	total := 0
+	for _, s := range endpointSlices {
+		total += len(s.Endpoints)
+	}
+	type located struct {
+		loc  int
+		addr catalog.Address
+	}
+	found := make([]located, 0, total)
 	for _, s := range endpointSlices {
 		if s.AddressType == discoveryv1.AddressTypeFQDN {
 			continue
@@ -126,11 +137,13 @@ func serviceFromObjects(cluster string, svc *corev1.Service, endpointSlices []*d
 			}
 			// A nil Ready condition means unknown, which consumers are
 			// told to treat as ready.
-			if ep.Conditions.Ready == nil || *ep.Conditions.Ready {
+			ready := ep.Conditions.Ready == nil || *ep.Conditions.Ready
+			if ready {
 				out.Endpoints[j].Ready++
 			} else {
 				out.Endpoints[j].NotReady++
 			}
+			found = append(found, located{j, catalog.Address{IP: ep.Addresses[0], Ready: ready}})
 
 			if ref := ep.TargetRef; accounts != nil && ref != nil && ref.Kind == "Pod" {
 				ns := ref.Namespace
@@ -143,8 +156,40 @@ func serviceFromObjects(cluster string, svc *corev1.Service, endpointSlices []*d
 			}
 		}
 	}
+	backing := make([]catalog.Address, len(found))
+	start := 0
+	for j := range out.Endpoints {
+		n := out.Endpoints[j].Ready + out.Endpoints[j].NotReady
+		out.Endpoints[j].Addresses = backing[start : start : start+n]
+		start += n
+	}
+	for _, f := range found {
+		out.Endpoints[f.loc].Addresses = append(out.Endpoints[f.loc].Addresses, f.addr)
+	}
 	if accounts != nil {
 		out.Identities = accounts.identities(accts)
 	}
+	setTargetPorts(out.Ports, endpointSlices)
 	return out
+}
+
+// setTargetPorts fills each port's TargetPort from the EndpointSlices'
+// ports of the same name: what the endpoints listen on.
+func setTargetPorts(ports []catalog.Port, slices []*discoveryv1.EndpointSlice) {
+	for i := range ports {
+		for _, s := range slices {
+			for _, sp := range s.Ports {
+				name := ""
+				if sp.Name != nil {
+					name = *sp.Name
+				}
+				if name == ports[i].Name && sp.Port != nil {
+					ports[i].TargetPort = *sp.Port
+				}
+			}
+			if ports[i].TargetPort != 0 {
+				break
+			}
+		}
+	}
 }
