@@ -190,8 +190,7 @@ func run(ctx context.Context, log *slog.Logger, binDir, echoBin string, exitAfte
 	}
 	fmt.Println("\nNo cluster holds credentials for the other's API server: b learnt about demo/echo only")
 	fmt.Println("over the federation stream. Delete the ServiceExport in a and b's ServiceEntry goes;")
-	fmt.Println("delete the FederationPeer on either side and the other is told (Terminate): both drop the")
-	fmt.Println("imports of the link.")
+	fmt.Println("delete FederationPeer b in a and a tells b (Terminate): both drop the link's imports.")
 
 	if exitAfter > 0 {
 		step("demo ends in %s", exitAfter)
