@@ -388,6 +388,23 @@ func TestDeletingAFederationPeerTerminatesTheLink(t *testing.T) {
 	require.Error(t, err, "a kept c's bundle ConfigMap")
 }
 
+func TestDeletingTheJoinersFederationPeerTerminatesTheLink(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	link(t, a, b)
+	a.export(t, echoService(1))
+	b.export(t, echoService(2))
+	eventually(t, "both import", func() bool { return len(a.imported("b")) == 1 && len(b.imported("a")) == 1 })
+
+	require.NoError(t, b.dyn.Resource(v1alpha1.Resource).Delete(t.Context(), "a", metav1.DeleteOptions{}))
+	eventually(t, "b dropped a's imports", func() bool { return len(b.imported("a")) == 0 })
+	eventually(t, "a was told, and dropped b's imports", func() bool {
+		s := a.status("b")
+		return s.State == v1alpha1.StateFailed && len(a.imported("b")) == 0
+	})
+	require.Contains(t, a.status("b").Reason, "the FederationPeer was deleted on b")
+}
+
 func withoutLocal(sources []string) []string {
 	var out []string
 	for _, s := range sources {
@@ -401,7 +418,8 @@ func withoutLocal(sources []string) []string {
 func TestStatusPatchClearsWhatIsGone(t *testing.T) {
 	body, err := statusPatch(v1alpha1.FederationPeerStatus{State: v1alpha1.StateConnected})
 	require.NoError(t, err)
-	require.JSONEq(t, `{"status":{"state":"Connected","lastHeartbeat":null,"disconnectedSince":null,"bundle":null}}`, string(body))
+	require.JSONEq(t, `{"status":{"state":"Connected","lastHeartbeat":null,"disconnectedSince":null,"bundle":null,
+		"importedServices":0,"exportedServices":0}}`, string(body))
 }
 
 func TestSyncedOnceEveryPeerSpoke(t *testing.T) {

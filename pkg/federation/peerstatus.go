@@ -135,5 +135,11 @@ func statusPatch(st v1alpha1.FederationPeerStatus) ([]byte, error) {
 			fields[k] = nil
 		}
 	}
+	// Counts are omitted when zero, and a zero must overwrite the old count.
+	for _, k := range []string{"importedServices", "exportedServices"} {
+		if _, ok := fields[k]; !ok {
+			fields[k] = 0
+		}
+	}
 	return json.Marshal(map[string]any{"status": fields})
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"golang.org/x/time/rate"
 	"google.golang.org/protobuf/proto"
+	"k8s.io/utils/clock"
 
 	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
@@ -123,6 +124,7 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 			return ctx.Err()
 		case reason := <-p.terminate:
 			_ = st.Send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Terminate{Terminate: &fedv1.Terminate{Reason: reason}}})
+			awaitClose(st, msgs, readErr, timeout)
 			return fmt.Errorf("link terminated here: %s", reason)
 		case err := <-readErr:
 			return err
@@ -157,6 +159,28 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 					return err
 				}
 			}
+		}
+	}
+}
+
+// awaitClose gives a Terminate the time to arrive: on the client side,
+// cancelling the stream at once could discard it, so the client half-closes
+// and waits, bounded by the heartbeat timeout, for the peer to end the
+// stream. A server returning from its handler flushes what it sent.
+func awaitClose(st stream, msgs <-chan *fedv1.ExchangeMessage, readErr <-chan error, timeout clock.Timer) {
+	cs, ok := st.(interface{ CloseSend() error })
+	if !ok {
+		return
+	}
+	_ = cs.CloseSend()
+	for {
+		select {
+		case <-msgs:
+			// The peer's last words no longer matter.
+		case <-readErr:
+			return
+		case <-timeout.C():
+			return
 		}
 	}
 }
