@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
 )
 
 // Route is one routable server name: a filter chain of the gateway's
@@ -74,7 +75,7 @@ type Routes struct {
 type cluster struct {
 	route   Route
 	healthy []netip.AddrPort
-	attrs   attribute.Set // metrics labels: cluster
+	attrs   metric.MeasurementOption // metrics labels: cluster
 	// next is the round-robin cursor: the only mutable state in a Routes
 	// value, shared by every connection routed through it.
 	next atomic.Uint32
@@ -112,7 +113,7 @@ func NewRoutes(routes []Route) (*Routes, error) {
 				bad("dns %q is not host:port", rt.DNS)
 			}
 		}
-		c := &cluster{route: rt, attrs: attribute.NewSet(attribute.String("cluster", rt.Cluster))}
+		c := &cluster{route: rt, attrs: metric.WithAttributeSet(attribute.NewSet(attribute.String("cluster", rt.Cluster)))}
 		c.route.SNI = sni
 		c.route.Endpoints = slices.Clone(rt.Endpoints)
 		for j, ep := range rt.Endpoints {
@@ -189,8 +190,8 @@ func hasUpper(s string) bool {
 // validServerName accepts what a TLS client may put in a host_name: DNS
 // labels of letters, digits, '-' and '_' (Istio's SNIs have underscores),
 // at most 255 bytes, no empty label, no trailing dot.
-func validServerName(s string) error {
-	if s == "" {
+func validServerName[T string | []byte](s T) error {
+	if len(s) == 0 {
 		return errors.New("server name is empty")
 	}
 	if len(s) > 255 {
@@ -268,3 +269,5 @@ func (t *RouteTable) Set(r *Routes) {
 	default:
 	}
 }
+
+func (c *cluster) attrsOpt() metric.AddOption { return c.attrs }
