@@ -1,0 +1,276 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sync/errgroup"
+)
+
+// Gateway is the east-west gateway: an SNI router that never terminates
+// TLS. New binds its listeners; Run serves until its context ends.
+type Gateway struct {
+	cfg     Config
+	src     RouteSource
+	log     *slog.Logger
+	metrics *metrics
+	dialer  net.Dialer
+
+	ln                  *net.TCPListener
+	healthLn, metricsLn net.Listener
+
+	// active counts downstream connections, for MaxConnections.
+	active   atomic.Int64
+	draining atomic.Bool
+	// handlers tracks every connection goroutine, for the drain.
+	handlers sync.WaitGroup
+	health   ejections
+
+	// connsMu guards conns: every open socket, downstream and upstream,
+	// closed when the drain timeout passes.
+	connsMu sync.Mutex
+	conns   map[*net.TCPConn]struct{}
+}
+
+// New validates cfg and binds the listeners; the gateway serves once Run
+// is called. src supplies the routing table (see RouteSource); log may be
+// nil.
+func New(cfg Config, src RouteSource, log *slog.Logger) (*Gateway, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if src == nil {
+		return nil, errors.New("gateway: no route source")
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	m, err := newMetrics(src)
+	if err != nil {
+		return nil, err
+	}
+	g := &Gateway{
+		cfg:     cfg,
+		src:     src,
+		log:     log,
+		metrics: m,
+		conns:   make(map[*net.TCPConn]struct{}),
+	}
+	g.health.ejectFor = cfg.EjectionTime
+	var lc net.ListenConfig
+	ln, err := lc.Listen(context.Background(), "tcp", cfg.ListenAddr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
+	}
+	g.ln = ln.(*net.TCPListener)
+	if cfg.HealthAddr != "" {
+		if g.healthLn, err = lc.Listen(context.Background(), "tcp", cfg.HealthAddr); err != nil {
+			g.closeListeners()
+			return nil, fmt.Errorf("health listener on %s: %w", cfg.HealthAddr, err)
+		}
+	}
+	if cfg.MetricsAddr != "" {
+		if g.metricsLn, err = lc.Listen(context.Background(), "tcp", cfg.MetricsAddr); err != nil {
+			g.closeListeners()
+			return nil, fmt.Errorf("metrics listener on %s: %w", cfg.MetricsAddr, err)
+		}
+	}
+	return g, nil
+}
+
+// Addr is the address the gateway accepts connections on.
+func (g *Gateway) Addr() net.Addr { return g.ln.Addr() }
+
+// HealthAddr is the health listener's address; nil when disabled.
+func (g *Gateway) HealthAddr() net.Addr { return addrOf(g.healthLn) }
+
+// MetricsAddr is the metrics listener's address; nil when disabled.
+func (g *Gateway) MetricsAddr() net.Addr { return addrOf(g.metricsLn) }
+
+func addrOf(ln net.Listener) net.Addr {
+	if ln == nil {
+		return nil
+	}
+	return ln.Addr()
+}
+
+func (g *Gateway) closeListeners() {
+	for _, ln := range []net.Listener{g.ln, g.healthLn, g.metricsLn} {
+		if ln != nil {
+			_ = ln.Close()
+		}
+	}
+}
+
+// Ready reports whether the gateway should receive traffic: it has a
+// routing table and is not draining.
+func (g *Gateway) Ready() bool {
+	return g.src.Routes() != nil && !g.draining.Load()
+}
+
+// Run accepts connections until ctx ends, then drains: it stops accepting
+// and fails readiness at once, lets connections in flight finish for up to
+// Config.DrainTimeout, closes the rest, and returns nil. It returns an
+// error only if a listener fails. Run may be called once.
+func (g *Gateway) Run(ctx context.Context) error {
+	eg, ectx := errgroup.WithContext(ctx)
+	var servers []*http.Server
+	serve := func(name string, ln net.Listener, h http.Handler) {
+		if ln == nil {
+			return
+		}
+		srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+		servers = append(servers, srv)
+		eg.Go(func() error {
+			if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("%s server: %w", name, err)
+			}
+			return nil
+		})
+	}
+	serve("health", g.healthLn, g.healthHandler())
+	serve("metrics", g.metricsLn, g.metricsHandler())
+	eg.Go(func() error { g.watchRoutes(ectx); return nil })
+	acceptDone := make(chan struct{})
+	eg.Go(func() error {
+		defer close(acceptDone)
+		return g.acceptLoop(ectx)
+	})
+	g.log.Info("east-west gateway serving", "addr", g.ln.Addr().String(), "routes", g.src.Routes().Len())
+
+	<-ectx.Done()
+	g.draining.Store(true)
+	_ = g.ln.Close()
+	<-acceptDone // no handler starts after this: drain may Wait
+	g.drain()
+	for _, srv := range servers {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		_ = srv.Shutdown(sctx)
+		cancel()
+	}
+	err := eg.Wait()
+	_ = g.metrics.provider.Shutdown(context.WithoutCancel(ctx))
+	g.log.Info("east-west gateway stopped")
+	return err
+}
+
+// drain waits for connections in flight up to DrainTimeout, then closes
+// what is left and waits for their goroutines.
+func (g *Gateway) drain() {
+	done := make(chan struct{})
+	go func() {
+		g.handlers.Wait()
+		close(done)
+	}()
+	g.log.Info("draining", "connections", g.active.Load(), "timeout", g.cfg.DrainTimeout)
+	t := time.NewTimer(g.cfg.DrainTimeout)
+	defer t.Stop()
+	select {
+	case <-done:
+		return
+	case <-t.C:
+	}
+	g.connsMu.Lock()
+	n := len(g.conns)
+	for c := range g.conns {
+		_ = c.Close()
+	}
+	g.connsMu.Unlock()
+	g.log.Info("drain timeout passed: closed the connections left", "sockets", n)
+	<-done
+}
+
+func (g *Gateway) acceptLoop(ctx context.Context) error {
+	var delay time.Duration
+	for {
+		c, err := g.ln.AcceptTCP()
+		if err != nil {
+			if ctx.Err() != nil || g.draining.Load() {
+				return nil
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return fmt.Errorf("accept: %w", err)
+			}
+			// Out of file descriptors and the like: back off as
+			// net/http does, and keep serving the connections open.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			g.log.Warn("accept failed; retrying", "error", err, "in", delay)
+			select {
+			case <-time.After(delay):
+			case <-ctx.Done():
+				return nil
+			}
+			continue
+		}
+		delay = 0
+		g.metrics.accepted.Add(context.Background(), 1)
+		if g.active.Add(1) > int64(g.cfg.MaxConnections) {
+			g.active.Add(-1)
+			g.metrics.refuse(ReasonOverLimit)
+			_ = c.SetLinger(0) // RST: spend nothing more on it
+			_ = c.Close()
+			continue
+		}
+		g.metrics.active.Add(context.Background(), 1)
+		g.handlers.Add(1)
+		go g.serveConn(c)
+	}
+}
+
+func (g *Gateway) watchRoutes(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-g.src.Updated():
+			g.log.Info("routes updated", "routes", g.src.Routes().Len())
+		}
+	}
+}
+
+func (g *Gateway) track(c *net.TCPConn) {
+	g.connsMu.Lock()
+	g.conns[c] = struct{}{}
+	g.connsMu.Unlock()
+}
+
+func (g *Gateway) untrackAndClose(c *net.TCPConn) {
+	g.connsMu.Lock()
+	delete(g.conns, c)
+	g.connsMu.Unlock()
+	_ = c.Close()
+}
+
+func (g *Gateway) healthHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz/ready", g.serveReady)
+	return mux
+}
+
+func (g *Gateway) metricsHandler() http.Handler {
+	mux := http.NewServeMux()
+	h := promhttp.HandlerFor(g.metrics.registry, promhttp.HandlerOpts{})
+	mux.Handle("GET /metrics", h)
+	mux.Handle("GET /stats/prometheus", h) // Istio's scrape path on 15020
+	mux.HandleFunc("GET /healthz/ready", g.serveReady)
+	return mux
+}
+
+func (g *Gateway) serveReady(w http.ResponseWriter, _ *http.Request) {
+	switch {
+	case g.draining.Load():
+		http.Error(w, "draining", http.StatusServiceUnavailable)
+	case g.src.Routes() == nil:
+		http.Error(w, "no routes yet", http.StatusServiceUnavailable)
+	default:
+		_, _ = w.Write([]byte("ok\n"))
+	}
+}

@@ -1,0 +1,98 @@
+package gateway
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"go.opentelemetry.io/otel/attribute"
+	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
+	"go.opentelemetry.io/otel/metric"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+)
+
+// Refusal reasons, the values of the "reason" label of
+// isthmus_gateway_refusals_total.
+const (
+	ReasonNotTLS        = "not_tls"        // first bytes are not a TLS handshake record
+	ReasonNoSNI         = "no_sni"         // ClientHello without a server name
+	ReasonTooLarge      = "too_large"      // ClientHello over MaxClientHelloSize
+	ReasonMalformed     = "malformed"      // records that are not a valid ClientHello
+	ReasonHelloTimeout  = "hello_timeout"  // ClientHello not whole within ClientHelloTimeout
+	ReasonClosedEarly   = "closed_early"   // client closed before a whole ClientHello
+	ReasonNoRoutes      = "no_routes"      // no routing table yet
+	ReasonUnknownSNI    = "unknown_sni"    // server name of no exported service
+	ReasonNoEndpoint    = "no_endpoint"    // no healthy endpoint, or none could be connected to
+	ReasonUpstreamError = "upstream_error" // the endpoint failed while receiving the ClientHello
+	ReasonOverLimit     = "over_limit"     // MaxConnections reached
+)
+
+var reasons = []string{ReasonNotTLS, ReasonNoSNI, ReasonTooLarge, ReasonMalformed, ReasonHelloTimeout,
+	ReasonClosedEarly, ReasonNoRoutes, ReasonUnknownSNI, ReasonNoEndpoint, ReasonUpstreamError, ReasonOverLimit}
+
+// metrics are the gateway's OpenTelemetry instruments, exported in
+// Prometheus format like the federator's.
+type metrics struct {
+	registry *prometheus.Registry
+	provider *sdkmetric.MeterProvider
+
+	active          metric.Int64UpDownCounter
+	accepted        metric.Int64Counter
+	routed          metric.Int64Counter // by cluster
+	refusals        metric.Int64Counter // by reason
+	received, sent  metric.Int64Counter // bytes, by cluster
+	connectFailures metric.Int64Counter // by cluster
+
+	// reasonAttrs holds one precomputed option per reason, so a refusal
+	// does not build an attribute set.
+	reasonAttrs map[string]metric.AddOption
+}
+
+func newMetrics(src RouteSource) (*metrics, error) {
+	m := &metrics{registry: prometheus.NewRegistry(), reasonAttrs: make(map[string]metric.AddOption, len(reasons))}
+	m.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	exporter, err := otelprom.New(otelprom.WithRegisterer(m.registry), otelprom.WithoutScopeInfo())
+	if err != nil {
+		return nil, fmt.Errorf("prometheus exporter: %w", err)
+	}
+	m.provider = sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter))
+	meter := m.provider.Meter("github.com/isthmus-mesh/isthmus/pkg/gateway")
+	var errs [8]error
+	m.active, errs[0] = meter.Int64UpDownCounter("isthmus_gateway_connections_active",
+		metric.WithDescription("Downstream connections open now, routed or still sending their ClientHello."))
+	m.accepted, errs[1] = meter.Int64Counter("isthmus_gateway_connections",
+		metric.WithDescription("Downstream connections accepted."))
+	m.routed, errs[2] = meter.Int64Counter("isthmus_gateway_routed_connections",
+		metric.WithDescription("Connections routed to an upstream endpoint, by cluster."))
+	m.refusals, errs[3] = meter.Int64Counter("isthmus_gateway_refusals",
+		metric.WithDescription("Connections refused before reaching an upstream, by reason."))
+	m.received, errs[4] = meter.Int64Counter("isthmus_gateway_received_bytes",
+		metric.WithDescription("Bytes received from downstream and sent upstream, by cluster."), metric.WithUnit("By"))
+	m.sent, errs[5] = meter.Int64Counter("isthmus_gateway_sent_bytes",
+		metric.WithDescription("Bytes received from upstream and sent downstream, by cluster."), metric.WithUnit("By"))
+	m.connectFailures, errs[6] = meter.Int64Counter("isthmus_gateway_upstream_connect_failures",
+		metric.WithDescription("Failed attempts to connect to an endpoint, by cluster."))
+	routes, err := meter.Int64ObservableGauge("isthmus_gateway_routes",
+		metric.WithDescription("Routable server names in the current routing table."))
+	if err == nil {
+		_, err = meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+			o.ObserveInt64(routes, int64(src.Routes().Len()))
+			return nil
+		}, routes)
+	}
+	errs[7] = err
+	for _, err := range errs {
+		if err != nil {
+			return nil, err
+		}
+	}
+	for _, r := range reasons {
+		m.reasonAttrs[r] = metric.WithAttributeSet(attribute.NewSet(attribute.String("reason", r)))
+	}
+	return m, nil
+}
+
+func (m *metrics) refuse(reason string) {
+	m.refusals.Add(context.Background(), 1, m.reasonAttrs[reason])
+}

@@ -1,0 +1,265 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.opentelemetry.io/otel/metric"
+)
+
+// TLS alert descriptions (RFC 8446 6.2) the gateway sends when it refuses
+// a ClientHello it could read. A connection that does not speak TLS, or
+// that the gateway could not route to a working endpoint, is closed
+// without an alert, as Envoy's tcp_proxy does.
+const (
+	alertHandshakeFailure = 40
+	alertDecodeError      = 50
+	alertUnrecognizedName = 112
+)
+
+var peekBuffers = sync.Pool{New: func() any { return new([peekBufferSize]byte) }}
+
+// serveConn is one downstream connection's goroutine: peek, route, dial,
+// replay, splice.
+func (g *Gateway) serveConn(down *net.TCPConn) {
+	g.track(down)
+	defer func() {
+		g.untrackAndClose(down)
+		g.active.Add(-1)
+		g.metrics.active.Add(context.Background(), -1)
+		g.handlers.Done()
+	}()
+
+	buf := peekBuffers.Get().(*[peekBufferSize]byte)
+	hello, n, err := readClientHello(down, buf[:], time.Now().Add(g.cfg.ClientHelloTimeout))
+	if err != nil {
+		peekBuffers.Put(buf)
+		g.refuseHello(down, err)
+		return
+	}
+	routes := g.src.Routes()
+	c := routes.lookup(hello.ServerName)
+	if c == nil {
+		peekBuffers.Put(buf)
+		reason := ReasonUnknownSNI
+		if routes == nil {
+			reason = ReasonNoRoutes
+		}
+		g.refuse(down, reason, alertUnrecognizedName, "sni", hello.ServerName)
+		return
+	}
+	up, err := g.dial(c)
+	if err != nil {
+		peekBuffers.Put(buf)
+		g.refuse(down, ReasonNoEndpoint, 0, "sni", hello.ServerName, "error", err)
+		return
+	}
+	g.track(up)
+	defer g.untrackAndClose(up)
+	// Replay what was peeked, then splice the bare sockets: wrapping down
+	// in a reader that replays would cost splice(2).
+	_, err = up.Write(buf[:n])
+	peekBuffers.Put(buf)
+	if err != nil {
+		g.metrics.connectFailures.Add(context.Background(), 1, c.attrsOpt())
+		g.refuse(down, ReasonUpstreamError, 0, "sni", hello.ServerName, "error", err)
+		return
+	}
+	g.metrics.routed.Add(context.Background(), 1, c.attrsOpt())
+	g.metrics.received.Add(context.Background(), int64(n), c.attrsOpt())
+	idle := c.route.IdleTimeout
+	if idle == 0 {
+		idle = g.cfg.IdleTimeout
+	}
+	g.pipe(down, up, c, idle)
+}
+
+func (g *Gateway) refuseHello(down *net.TCPConn, err error) {
+	switch {
+	case errors.Is(err, ErrNotTLS):
+		g.refuse(down, ReasonNotTLS, 0, "error", err)
+	case errors.Is(err, ErrNoSNI):
+		g.refuse(down, ReasonNoSNI, alertUnrecognizedName, "error", err)
+	case errors.Is(err, ErrTooLarge):
+		g.refuse(down, ReasonTooLarge, alertHandshakeFailure, "error", err)
+	case errors.Is(err, ErrMalformed):
+		g.refuse(down, ReasonMalformed, alertDecodeError, "error", err)
+	case errors.Is(err, ErrClientHelloTimeout):
+		g.refuse(down, ReasonHelloTimeout, 0, "error", err)
+	default:
+		g.refuse(down, ReasonClosedEarly, 0, "error", err)
+	}
+}
+
+// refuse counts a refusal, sends a fatal TLS alert when alert is not zero,
+// and leaves closing to the caller.
+func (g *Gateway) refuse(down *net.TCPConn, reason string, alert byte, logArgs ...any) {
+	g.metrics.refuse(reason)
+	if alert != 0 {
+		// level fatal (2); record version TLS 1.2, which every client
+		// accepts before a version is negotiated.
+		_ = down.SetWriteDeadline(time.Now().Add(time.Second))
+		_, _ = down.Write([]byte{21, 3, 3, 0, 2, 2, alert})
+	}
+	if g.log.Enabled(context.Background(), slog.LevelDebug) {
+		g.log.Debug("refused", append([]any{"reason", reason, "remote", down.RemoteAddr().String()}, logArgs...)...)
+	}
+}
+
+// dial connects to one of c's endpoints: round-robin over the healthy
+// ones, skipping endpoints that recently failed, at most
+// MaxConnectAttempts tries. When every healthy endpoint is ejected it
+// tries them anyway, as Envoy's panic threshold does: a stale ejection
+// must not black-hole a cluster that came back.
+func (g *Gateway) dial(c *cluster) (*net.TCPConn, error) {
+	timeout := c.route.ConnectTimeout
+	if timeout == 0 {
+		timeout = g.cfg.DialTimeout
+	}
+	if c.route.DNS != "" {
+		conn, err := g.dialOne(c.route.DNS, timeout)
+		if err != nil {
+			g.metrics.connectFailures.Add(context.Background(), 1, c.attrsOpt())
+		}
+		return conn, err
+	}
+	n := uint32(len(c.healthy))
+	if n == 0 {
+		return nil, errors.New("no healthy endpoint")
+	}
+	start := c.next.Add(1) - 1
+	attempts := 0
+	var lastErr error
+	now := time.Now().UnixNano()
+	for pass := range 2 {
+		for i := uint32(0); i < n && attempts < g.cfg.MaxConnectAttempts; i++ {
+			ep := c.healthy[(start+i)%n]
+			if g.health.ejected(ep, now) != (pass == 1) {
+				continue
+			}
+			attempts++
+			conn, err := g.dialOne(ep.String(), timeout)
+			if err != nil {
+				lastErr = err
+				g.metrics.connectFailures.Add(context.Background(), 1, c.attrsOpt())
+				g.health.eject(ep)
+				continue
+			}
+			if pass == 1 {
+				g.health.restore(ep)
+			}
+			return conn, nil
+		}
+	}
+	return nil, fmt.Errorf("%d connect attempts failed, the last: %w", attempts, lastErr)
+}
+
+func (g *Gateway) dialOne(addr string, timeout time.Duration) (*net.TCPConn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	conn, err := g.dialer.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return conn.(*net.TCPConn), nil
+}
+
+// pipe copies both ways until both directions have ended, propagating
+// half-close, and closes the connection after idle without a byte either
+// way. One direction runs on the caller's goroutine.
+func (g *Gateway) pipe(down, up *net.TCPConn, c *cluster, idle time.Duration) {
+	var last atomic.Int64
+	last.Store(time.Now().UnixNano())
+	done := make(chan struct{})
+	go func() { // upstream → downstream
+		defer close(done)
+		g.copyIdle(down, up, &last, idle, c, g.metrics.sent.Add)
+	}()
+	g.copyIdle(up, down, &last, idle, c, g.metrics.received.Add)
+	<-done
+}
+
+type addFunc = func(context.Context, int64, ...metric.AddOption)
+
+// copyIdle moves src → dst with splice(2) until src's EOF (then it
+// half-closes dst) or an error or idle (then it closes both, which ends
+// the other direction too). The idle check rides on src's read deadline,
+// renewed every quarter of idle: the splice loop is never interrupted
+// while bytes flow, and a deadline that passes mid-splice loses nothing
+// (the kernel pipe is drained before a read blocks).
+func (g *Gateway) copyIdle(dst, src *net.TCPConn, last *atomic.Int64, idle time.Duration, c *cluster, add addFunc) {
+	window := max(idle/4, time.Millisecond)
+	for {
+		_ = src.SetReadDeadline(time.Now().Add(window))
+		n, err := dst.ReadFrom(src)
+		now := time.Now().UnixNano()
+		if n > 0 {
+			last.Store(now)
+			add(context.Background(), n, c.attrsOpt())
+		}
+		if err == nil { // EOF from src: pass the half-close on
+			_ = dst.CloseWrite()
+			return
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) && now-last.Load() < int64(idle) {
+			continue
+		}
+		// Idle, reset, or the other direction closed the sockets.
+		_ = src.Close()
+		_ = dst.Close()
+		return
+	}
+}
+
+// ejections is passive health: endpoints a dial failed to, each skipped
+// until its time passes. It lives in the gateway, not in a Routes value,
+// so an EDS update does not forget it.
+type ejections struct {
+	ejectFor time.Duration
+	// n is len(until), read without the lock: the common case, nothing
+	// ejected, costs one atomic load per candidate.
+	n atomic.Int32
+	// mu guards until: endpoint → Unix nanoseconds it is skipped until.
+	mu    sync.Mutex
+	until map[netip.AddrPort]int64
+}
+
+func (e *ejections) ejected(ep netip.AddrPort, now int64) bool {
+	if e.n.Load() == 0 {
+		return false
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	t, ok := e.until[ep]
+	if ok && now >= t {
+		delete(e.until, ep)
+		e.n.Store(int32(len(e.until)))
+		return false
+	}
+	return ok
+}
+
+func (e *ejections) eject(ep netip.AddrPort) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.until == nil {
+		e.until = make(map[netip.AddrPort]int64)
+	}
+	e.until[ep] = time.Now().Add(e.ejectFor).UnixNano()
+	e.n.Store(int32(len(e.until)))
+}
+
+func (e *ejections) restore(ep netip.AddrPort) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	delete(e.until, ep)
+	e.n.Store(int32(len(e.until)))
+}
