@@ -9,9 +9,32 @@
 // A connection is read only as far as its TLS ClientHello (with a
 // deadline); the server name selects a Route, the only routable names
 // being the services this cluster exports plus the federation's reserved
-// name; the bytes read are replayed to the chosen endpoint and then the two
-// sockets are spliced together until both sides have closed. TLS is never
-// terminated: the gateway holds no keys, and the caller's identity reaches
-// the workload intact. Every refusal is counted by reason and never
-// reaches a pod.
+// name; the bytes read are written to the chosen endpoint and then the two
+// sockets are spliced together (splice(2), through *net.TCPConn.ReadFrom)
+// until both sides have closed, each FIN passed on with CloseWrite. TLS is
+// never terminated: the gateway holds no keys, and the caller's identity
+// reaches the workload intact.
+//
+// Refusals never reach a pod. Each is counted in
+// isthmus_gateway_refusals_total{reason} and answered so:
+//
+//	reason          answer
+//	unknown_sni     TLS alert unrecognized_name (112): not exported, or not to anyone
+//	no_routes       TLS alert unrecognized_name: no routing table yet
+//	no_sni          TLS alert unrecognized_name: nothing to route on
+//	malformed       TLS alert decode_error (50)
+//	too_large       TLS alert handshake_failure (40): ClientHello over 16 KiB
+//	not_tls         close: the client does not speak TLS, an alert means nothing to it
+//	hello_timeout   close: no whole ClientHello within the deadline
+//	closed_early    nothing to answer: the client left (TCP health checks do)
+//	over_limit      reset, before reading a byte: MaxConnections reached
+//	no_endpoint     close, as Envoy's tcp_proxy does: no healthy endpoint answered
+//	upstream_error  close: the endpoint failed as the ClientHello was replayed
+//
+// Endpoints are picked round-robin among those EDS calls healthy; one that
+// refuses a connection is skipped for Config.EjectionTime (passive health)
+// and the next is tried, up to Config.MaxConnectAttempts. A connection is
+// closed after an idle timeout with no byte either way, and on shutdown the
+// gateway fails readiness, stops accepting, and gives connections in
+// flight Config.DrainTimeout to finish.
 package gateway
