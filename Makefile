@@ -94,6 +94,22 @@ bench: ## Run the Go benchmarks
 demo: build tools kube-binaries ## Start two local clusters with federators, export a service, show the catalogs (Ctrl-C ends it)
 	ISTHMUS_KUBE_BIN_DIR="$$(hack/kube-binaries.sh)" go run ./test/demo --bin-dir "$(BIN)" $(DEMO_ARGS)
 
+.PHONY: bench-gateway
+bench-gateway: build ## East-west gateway vs nginx stream ssl_preread vs direct: throughput, TLS handshakes/s, CPU, memory (~6 min)
+	@# nginx's stream module is the peer; install it (Debian, as root) when
+	@# missing. Without it the nginx column says why it is empty.
+	@if ! [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || ! command -v nginx >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "bench-gateway: installing nginx and libnginx-mod-stream"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx libnginx-mod-stream >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx libnginx-mod-stream >/dev/null 2>&1; } || \
+	    echo "bench-gateway: could not install nginx + libnginx-mod-stream; the nginx column will be empty"; \
+	  else \
+	    echo "bench-gateway: nginx + libnginx-mod-stream missing and not root (apt-get install nginx libnginx-mod-stream); the nginx column will be empty"; \
+	  fi; \
+	fi
+	go run ./test/bench/gateway --bin-dir "$(BIN)" $(BENCH_GATEWAY_ARGS)
+
 .PHONY: clean
 clean: ## Remove bin/ (the kube-apiserver cache stays)
 	rm -rf $(BIN)

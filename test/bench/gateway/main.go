@@ -1,0 +1,198 @@
+// Command gateway is what `make bench-gateway` runs: Isthmus's east-west
+// gateway (bin/eastwest-gw, SNI passthrough with splice) beside nginx's
+// stream module with ssl_preread (Debian's nginx, the same machine, the
+// same run) and a direct connection with no proxy.
+//
+// Everything binds to 127.0.0.1. A Go TLS backend runs as a child process
+// (this program re-executed as `gateway backend`); the load generator runs
+// here. Both sides speak mTLS 1.3 with SPIFFE identities from two trust
+// domains (go-spiffe's tlsconfig), X25519 only, ECDSA P-256 certificates,
+// no session resumption. Both proxies route the same --routes server
+// names (one to the backend, the rest to addresses nothing is sent to).
+//
+// Measures, each --runs times after a --warmup that is not counted, the
+// three targets interleaved within a run and their order rotated from run
+// to run:
+//
+//   - bulk throughput: client → backend application data over 1 and over
+//     64 connections for --duration;
+//   - new-connection rate: --hs-concurrency clients each looping over
+//     connect, full mTLS handshake, one byte each way, close;
+//   - the proxy's CPU seconds over each window (per GB, per 1,000
+//     connections), its peak resident set (VmHWM) after all runs, and its
+//     resident set idle with the routes loaded, before any traffic.
+//
+// The table (Markdown, on stdout) gives the median of the runs with the
+// range in brackets, and the ratios isthmus/nginx and isthmus/direct; the
+// issue's targets follow as met or MISSED. A missed target never fails the
+// program; it exits non-zero only when it could not measure. Without nginx
+// and its stream module (make bench-gateway installs them as root) the
+// nginx column says why it is empty.
+package main
+
+import (
+	"bufio"
+	"context"
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+)
+
+const benchSNI = "outbound_.8443_._.backend.bench.svc.cluster.local"
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "backend" {
+		if err := runBackend(os.Args[2:]); err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
+	binDir := flag.String("bin-dir", "bin", "directory holding eastwest-gw (make build)")
+	duration := flag.Duration("duration", 10*time.Second, "measured window of each measure")
+	warmup := flag.Duration("warmup", 2*time.Second, "warm-up before each window, not counted")
+	runs := flag.Int("runs", 3, "runs of each measure; the median is reported")
+	routes := flag.Int("routes", 1000, "routes loaded into both proxies (exported services)")
+	hsConc := flag.Int("hs-concurrency", 16, "concurrent clients of the new-connection measure")
+	noNginx := flag.Bool("no-nginx", false, "leave the nginx column out")
+	only := flag.String("measures", "bulk1,bulk64,conns", "measures to run (comma-separated): bulk1, bulk64, conns")
+	flag.Parse()
+	log.SetFlags(0)
+	log.SetPrefix("bench-gateway: ")
+	if err := run(*binDir, *duration, *warmup, *runs, *routes, *hsConc, *noNginx, strings.Split(*only, ",")); err != nil {
+		log.Fatal(err)
+	}
+}
+
+type target struct {
+	name string
+	addr string
+	p    *proc // nil for direct
+}
+
+func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc int, noNginx bool, measures []string) error {
+	dir, err := os.MkdirTemp("", "bench-gateway-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	if err := writePKI(dir); err != nil {
+		return err
+	}
+	clientCfg, err := tlsConfig(dir, false)
+	if err != nil {
+		return err
+	}
+
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	be, err := start("backend", exec.Command(self, "backend", "--pki", dir), filepath.Join(dir, "backend.log"))
+	if err != nil {
+		return err
+	}
+	defer be.stop()
+	backendAddr, err := firstLine(filepath.Join(dir, "backend.log"), 10*time.Second)
+	if err != nil {
+		return fmt.Errorf("backend: %w", err)
+	}
+
+	gw, gwAddr, err := startGateway(binDir, dir, backendAddr, nRoutes)
+	if err != nil {
+		return err
+	}
+	defer gw.stop()
+	targets := []target{{name: "isthmus", addr: gwAddr, p: gw}}
+	idle := map[string]float64{}
+	time.Sleep(500 * time.Millisecond)
+	idle["isthmus"] = gw.memory("VmRSS")
+
+	nginxNote := ""
+	if noNginx {
+		nginxNote = "left out (--no-nginx)"
+	} else if mod, err := nginxModule(); err != nil {
+		nginxNote = err.Error()
+	} else if ng, ngAddr, err := startNginx(dir, mod, backendAddr, nRoutes); err != nil {
+		nginxNote = err.Error()
+	} else {
+		defer ng.stop()
+		targets = append(targets, target{name: "nginx", addr: ngAddr, p: ng})
+		time.Sleep(500 * time.Millisecond)
+		idle["nginx"] = ng.memory("VmRSS")
+	}
+	if nginxNote != "" {
+		log.Printf("no nginx column: %s", nginxNote)
+	}
+	targets = append(targets, target{name: "direct", addr: backendAddr})
+
+	// Each target must work before anything is measured.
+	for _, t := range targets {
+		c, err := dialTLS(context.Background(), t.addr, clientCfg)
+		if err != nil {
+			return fmt.Errorf("%s: a TLS connection through it fails: %w", t.name, err)
+		}
+		_ = c.Close()
+	}
+
+	log.Printf("%d cores (GOMAXPROCS %d); %d routes; %d runs of %v after %v warm-up; backend %s; isthmus %s",
+		runtime.NumCPU(), runtime.GOMAXPROCS(0), nRoutes, runs, dur, warmup, backendAddr, gwAddr)
+	res := newResults()
+	for r := 1; r <= runs; r++ {
+		for _, m := range []struct {
+			key   string
+			conns int
+			bulk  bool
+		}{{"bulk1", 1, true}, {"bulk64", 64, true}, {"conns", hsConc, false}} {
+			if !slices.Contains(measures, m.key) {
+				continue
+			}
+			// Rotate the order every run: no target is always the one
+			// measured right after another's load.
+			for i := range targets {
+				t := targets[(i+r-1)%len(targets)]
+				work := handshakes(t.addr, clientCfg)
+				if m.bulk {
+					work = bulk(t.addr, clientCfg)
+				}
+				w := measure(m.conns, warmup, dur, t.p.cpu, work)
+				res.add(m.key, t.name, w)
+				log.Printf("run %d %-7s %-7s %s", r, m.key, t.name, w.describe(m.bulk))
+				time.Sleep(500 * time.Millisecond) // let the last sockets close
+			}
+		}
+	}
+	peak := map[string]float64{}
+	for _, t := range targets {
+		if t.p != nil {
+			peak[t.name] = t.p.memory("VmHWM")
+		}
+	}
+	fmt.Print(res.table(targets, nginxNote, idle, peak, nRoutes, hsConc))
+	return nil
+}
+
+// firstLine waits for the first line of a file a child writes.
+func firstLine(file string, d time.Duration) (string, error) {
+	var line string
+	err := waitFor(d, func() bool {
+		f, err := os.Open(file)
+		if err != nil {
+			return false
+		}
+		defer f.Close()
+		sc := bufio.NewScanner(f)
+		if sc.Scan() && strings.Contains(sc.Text(), ":") {
+			line = strings.TrimSpace(sc.Text())
+			return true
+		}
+		return false
+	})
+	return line, err
+}

@@ -1,0 +1,274 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// proc is a child process and its descendants (nginx's workers).
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+}
+
+func start(name string, cmd *exec.Cmd, logFile string) (*proc, error) {
+	out, err := os.Create(logFile)
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	return &proc{name: name, cmd: cmd}, nil
+}
+
+// stop sends SIGTERM to the process group, and SIGKILL after 10 s.
+func (p *proc) stop() {
+	if p == nil || p.cmd.Process == nil {
+		return
+	}
+	pid := p.cmd.Process.Pid
+	_ = syscall.Kill(-pid, syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = p.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = syscall.Kill(-pid, syscall.SIGKILL)
+		<-done
+	}
+}
+
+// pids is the process group the child leads (start puts it in its own):
+// the gateway, or nginx's master and workers.
+func (p *proc) pids() []int {
+	root := strconv.Itoa(p.cmd.Process.Pid)
+	var out []int
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if f := statFields(pid); len(f) > 3 && f[5-2] == root { // field 5: pgrp
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// statFields is /proc/<pid>/stat split after the command name, so that
+// field k (man 5 proc) is f[k-2].
+func statFields(pid int) []string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return nil
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return nil
+	}
+	return append([]string{""}, strings.Fields(s[i+1:])...)
+}
+
+// cpu is user+system CPU seconds of the process and its children.
+func (p *proc) cpu() float64 {
+	if p == nil {
+		return 0
+	}
+	var ticks float64
+	for _, pid := range p.pids() {
+		f := statFields(pid)
+		if len(f) > 15 {
+			u, _ := strconv.ParseFloat(f[14-2], 64) // utime, field 14
+			s, _ := strconv.ParseFloat(f[15-2], 64) // stime, field 15
+			ticks += u + s
+		}
+	}
+	return ticks / 100 // USER_HZ
+}
+
+// memory sums a /proc/<pid>/status field (kB) over the processes: VmRSS
+// now, VmHWM the peak. For nginx the sum counts the pages master and
+// workers share once per process, as `ps` does.
+func (p *proc) memory(field string) float64 {
+	var kb float64
+	for _, pid := range p.pids() {
+		f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			continue
+		}
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if v, ok := strings.CutPrefix(sc.Text(), field+":"); ok {
+				n, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+				kb += n
+			}
+		}
+		_ = f.Close()
+	}
+	return kb / 1024
+}
+
+func freePort() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
+}
+
+// fillerRoutes are the other exported services: names and pod addresses
+// nothing is sent to, so the table has its production size.
+func fillerRoute(i int) (sni, cluster, addr string) {
+	return fmt.Sprintf("outbound_.8080_._.svc-%04d.bench.svc.cluster.local", i),
+		fmt.Sprintf("outbound|8080||svc-%04d.bench.svc.cluster.local", i),
+		fmt.Sprintf("10.%d.%d.%d:8080", 200+i/65536, i/256%256, i%256)
+}
+
+// startGateway runs bin/eastwest-gw with a routes file of n routes, one of
+// them benchSNI → backend.
+func startGateway(binDir, dir, backend string, n int) (p *proc, addr string, err error) {
+	type ep struct {
+		Address string `json:"address"`
+	}
+	type route struct {
+		SNI       string `json:"sni"`
+		Cluster   string `json:"cluster"`
+		Endpoints []ep   `json:"endpoints"`
+	}
+	routes := []route{{SNI: benchSNI, Cluster: "outbound|8443||backend.bench.svc.cluster.local", Endpoints: []ep{{backend}}}}
+	for i := 1; i < n; i++ {
+		sni, cluster, a := fillerRoute(i)
+		routes = append(routes, route{SNI: sni, Cluster: cluster, Endpoints: []ep{{a}}})
+	}
+	data, err := json.Marshal(map[string]any{"routes": routes})
+	if err != nil {
+		return nil, "", err
+	}
+	file := filepath.Join(dir, "routes.json")
+	if err := os.WriteFile(file, data, 0o644); err != nil {
+		return nil, "", err
+	}
+	if addr, err = freePort(); err != nil {
+		return nil, "", err
+	}
+	health, err := freePort()
+	if err != nil {
+		return nil, "", err
+	}
+	p, err = start("eastwest-gw", exec.Command(filepath.Join(binDir, "eastwest-gw"),
+		"--listen-addr", addr, "--health-addr", health, "--metrics-addr", "",
+		"--routes-file", file, "--log-level", "warn"), filepath.Join(dir, "eastwest-gw.log"))
+	if err != nil {
+		return nil, "", err
+	}
+	err = waitFor(10*time.Second, func() bool {
+		resp, err := http.Get("http://" + health + "/healthz/ready")
+		if err != nil {
+			return false
+		}
+		_ = resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	if err != nil {
+		p.stop()
+		return nil, "", fmt.Errorf("eastwest-gw not ready (see %s): %w", filepath.Join(dir, "eastwest-gw.log"), err)
+	}
+	return p, addr, nil
+}
+
+// nginxModule finds Debian's dynamic stream module.
+func nginxModule() (string, error) {
+	if _, err := exec.LookPath("nginx"); err != nil {
+		return "", errors.New("nginx is not installed")
+	}
+	const mod = "/usr/lib/nginx/modules/ngx_stream_module.so"
+	if _, err := os.Stat(mod); err != nil {
+		return "", fmt.Errorf("%s is missing (apt-get install libnginx-mod-stream)", mod)
+	}
+	return mod, nil
+}
+
+// startNginx runs nginx's stream module with ssl_preread, routing the
+// same n server names (a map, the idiomatic SNI router), as a foreground
+// master with one worker per core.
+func startNginx(dir, module, backend string, n int) (p *proc, addr string, err error) {
+	if addr, err = freePort(); err != nil {
+		return nil, "", err
+	}
+	var m strings.Builder
+	fmt.Fprintf(&m, "        %s %s;\n", benchSNI, backend)
+	for i := 1; i < n; i++ {
+		sni, _, a := fillerRoute(i)
+		fmt.Fprintf(&m, "        %s %s;\n", sni, a)
+	}
+	conf := fmt.Sprintf(`load_module %s;
+worker_processes auto;
+worker_rlimit_nofile 65536;
+pid %s/nginx.pid;
+error_log %s/nginx-error.log warn;
+events { worker_connections 16384; }
+stream {
+    map_hash_bucket_size 128;
+    map $ssl_preread_server_name $upstream {
+%s        default 127.0.0.1:1;
+    }
+    server {
+        listen %s;
+        ssl_preread on;
+        proxy_pass $upstream;
+        proxy_connect_timeout 1s;
+    }
+}
+`, module, dir, dir, m.String(), addr)
+	file := filepath.Join(dir, "nginx.conf")
+	if err := os.WriteFile(file, []byte(conf), 0o644); err != nil {
+		return nil, "", err
+	}
+	if out, err := exec.Command("nginx", "-t", "-q", "-p", dir, "-c", file).CombinedOutput(); err != nil {
+		return nil, "", fmt.Errorf("nginx -t: %v: %s", err, out)
+	}
+	p, err = start("nginx", exec.Command("nginx", "-p", dir, "-c", file, "-g", "daemon off;"), filepath.Join(dir, "nginx.log"))
+	if err != nil {
+		return nil, "", err
+	}
+	err = waitFor(10*time.Second, func() bool {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			_ = c.Close()
+		}
+		return err == nil && len(p.pids()) > 1
+	})
+	if err != nil {
+		p.stop()
+		return nil, "", fmt.Errorf("nginx did not start (see %s): %w", dir, err)
+	}
+	return p, addr, nil
+}
+
+func waitFor(d time.Duration, cond func() bool) error {
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not within %v", d)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return nil
+}
