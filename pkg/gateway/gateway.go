@@ -65,12 +65,16 @@ func New(cfg Config, src RouteSource, log *slog.Logger) (*Gateway, error) {
 		conns:   make(map[*net.TCPConn]struct{}),
 	}
 	g.health.ejectFor = cfg.EjectionTime
-	var lc net.ListenConfig
-	ln, err := lc.Listen(context.Background(), "tcp", cfg.ListenAddr)
+	// Upstream connections go to local pods and get no keep-alive, as in
+	// Envoy by default: a dead pod's connection ends at the idle timeout.
+	g.dialer.KeepAlive = -1
+	plc := listenConfig()
+	ln, err := plc.Listen(context.Background(), "tcp", cfg.ListenAddr)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
 	}
 	g.ln = ln.(*net.TCPListener)
+	var lc net.ListenConfig
 	if cfg.HealthAddr != "" {
 		if g.healthLn, err = lc.Listen(context.Background(), "tcp", cfg.HealthAddr); err != nil {
 			g.closeListeners()
@@ -231,7 +235,7 @@ func (g *Gateway) watchRoutes(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-g.src.Updated():
-			g.log.Info("routes updated", "routes", g.src.Routes().Len())
+			g.log.Debug("routes updated", "routes", g.src.Routes().Len())
 		}
 	}
 }

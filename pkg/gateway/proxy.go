@@ -194,7 +194,11 @@ type addFunc = func(context.Context, int64, ...metric.AddOption)
 // the other direction too). The idle check rides on src's read deadline,
 // renewed every quarter of idle: the splice loop is never interrupted
 // while bytes flow, and a deadline that passes mid-splice loses nothing
-// (the kernel pipe is drained before a read blocks).
+// (the kernel pipe is drained before a read blocks). Write deadlines are
+// never set, since a write that times out mid-splice would drop the bytes
+// in the pipe: a connection whose two peers both stop reading while both
+// have data to send is not seen as idle. Dead peers are found by TCP
+// keep-alive (Go's default, 15 s), and a drain closes what is left.
 func (g *Gateway) copyIdle(dst, src *net.TCPConn, last *atomic.Int64, idle time.Duration, c *cluster, add addFunc) {
 	window := max(idle/4, time.Millisecond)
 	for {
