@@ -87,8 +87,13 @@ e2e-kind: ## Run the kind suite (needs docker, kind and kubectl; not run in CI)
 	go test -tags kind -v -timeout 30m ./test/kind/
 
 .PHONY: bench
-bench: ## Run the Go benchmarks
+bench: ## Run the Go benchmarks, then bench-federation
 	go test -run '^$$' -bench . -benchmem ./...
+	@$(MAKE) --no-print-directory bench-federation
+
+.PHONY: bench-federation
+bench-federation: build tools kube-binaries ## Federation on two local clusters: propagation p50/p99, initial sync and memory with 10,000 services (~15 min)
+	ISTHMUS_KUBE_BIN_DIR="$$(hack/kube-binaries.sh)" go run ./test/bench/federation --bin-dir "$(BIN)" $(BENCH_FEDERATION_ARGS)
 
 .PHONY: demo
 demo: build tools kube-binaries ## Start two local clusters with federators, export a service, show the catalogs (Ctrl-C ends it)
