@@ -1,0 +1,30 @@
+// Package xds is the federator's xDS control plane: a pure translation
+// from the catalog (and later policy and trust) to Envoy resources, and the
+// ADS server that hands them to Isthmus's proxies.
+//
+//	catalog.Store (local source) ──Subscribe, coalesced──► TranslateGateway ──► Resources (validated, version = content hash)
+//	                                                                              │ Snapshot(): Consistent()
+//	                                                                              ▼
+//	                      go-control-plane snapshot cache, one snapshot per role (node ID "eastwest-gw~…")
+//	                                                                              │ ADS, state of the world and delta
+//	                                                                              ▼
+//	                      east-west gateways: :15012 over TLS with their SVID; :15010 plaintext (tests only)
+//
+// docs/gateway-xds.md is the contract for what TranslateGateway emits:
+// one listener "eastwest-gw" with one SNI filter chain per TCP port of
+// every exported service (Istio's outbound_.<port>_._.<svc>.<ns>.svc.cluster.local)
+// plus the federation chain, an EDS cluster per chain with its
+// ClusterLoadAssignment, and the isthmus-federation cluster.
+//
+// Every resource passes go-control-plane's own Validate() before it can be
+// served, and a snapshot is set only when it is consistent and its version
+// differs from the one being served, so unchanged configuration is never
+// pushed again. Nodes of other roles (sidecars, in a later issue) get no
+// configuration yet.
+//
+// On the TLS port the xDS server shares a gRPC server with the
+// certificate service (pkg/caserver), whose clients have no certificate
+// yet: TLS requests a client certificate without requiring it, and a stream
+// interceptor refuses every xDS stream that did not present a valid X.509
+// SVID of the local trust domain (SecureServerOptions).
+package xds

@@ -1,0 +1,201 @@
+package xds
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/log"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+)
+
+// streamState is what the Server knows about one open xDS stream.
+type streamState struct {
+	node, identity, peer, transport string
+	since                           time.Time
+	// attrs label the connected-proxies gauge; the same on open and close.
+	attrs metric.MeasurementOption
+	// sent is, by type URL, the last response sent: its nonce and
+	// version, so that a NACK can name the version it rejects.
+	sent map[string]sentResponse
+	// acked is, by type URL, the last version the proxy accepted.
+	acked    map[string]string
+	nacks    int
+	lastNACK string
+}
+
+type sentResponse struct{ nonce, version string }
+
+// hooks are the go-control-plane server callbacks: they track streams,
+// ACKs and NACKs for Status, metrics and logs. go-control-plane calls
+// them synchronously from each stream's goroutine.
+type hooks struct{ s *Server }
+
+var _ serverv3.Callbacks = (*hooks)(nil)
+
+func (h *hooks) open(ctx context.Context, id int64, transport string) {
+	s := h.s
+	identity := identityOf(ctx)
+	mode := "tls"
+	if identity == "" {
+		mode = "plaintext"
+	}
+	st := &streamState{
+		identity: identity, peer: peerAddr(ctx), transport: transport, since: time.Now(),
+		attrs: metric.WithAttributes(attribute.String("transport", mode)),
+		sent:  map[string]sentResponse{}, acked: map[string]string{},
+	}
+	s.mu.Lock()
+	s.streams[id] = st
+	s.mu.Unlock()
+	s.metrics.connected.Add(ctx, 1, st.attrs)
+	s.log.Info("xDS stream opened", "stream", id, "peer", st.peer, "identity", identity, "transport", transport, "port", mode)
+}
+
+func (h *hooks) closed(id int64, node *corev3.Node) {
+	s := h.s
+	s.mu.Lock()
+	st, ok := s.streams[id]
+	delete(s.streams, id)
+	s.mu.Unlock()
+	if !ok {
+		return
+	}
+	s.metrics.connected.Add(context.Background(), -1, st.attrs)
+	s.log.Info("xDS stream closed", "stream", id, "node", node.GetId(), "peer", st.peer, "after", time.Since(st.since).Round(time.Millisecond))
+}
+
+// request records the node, ACKs and NACKs. A NACK is logged with the
+// proxy's reason; and so that go-control-plane's cache does not answer it
+// at once with the very version just rejected (it compares the request's
+// version_info, the last version the proxy accepted, to the snapshot's),
+// the request is marked as being at the rejected version: the proxy gets
+// the next version, when there is one.
+func (h *hooks) request(id int64, node *corev3.Node, typeURL, version, nonce, nackReason string, fixVersion func(string)) {
+	s := h.s
+	s.mu.Lock()
+	st, ok := s.streams[id]
+	if !ok {
+		s.mu.Unlock()
+		return
+	}
+	first := false
+	if st.node == "" && node.GetId() != "" {
+		st.node, first = node.GetId(), true
+	}
+	nodeID := st.node
+	sent := st.sent[typeURL]
+	isNACK := nackReason != ""
+	switch {
+	case isNACK:
+		st.nacks++
+		st.lastNACK = fmt.Sprintf("%s: %s", typeURL, nackReason)
+		if sent.nonce != "" && sent.nonce == nonce && fixVersion != nil {
+			fixVersion(sent.version)
+		}
+	case nonce != "" && nonce == sent.nonce:
+		// Delta ACKs carry no version: the version is the one sent.
+		st.acked[typeURL] = sent.version
+	}
+	s.mu.Unlock()
+
+	if first && (nodeGroups{}).ID(node) == unservedGroup {
+		s.log.Info("xDS node of a role not served yet: it gets no configuration", "stream", id, "node", nodeID)
+	}
+	if isNACK {
+		s.metrics.nacks.Add(context.Background(), 1, metric.WithAttributes(attribute.String("type_url", typeURL)))
+		s.log.Warn("proxy rejected configuration (NACK)", "stream", id, "node", nodeID, "type", typeURL,
+			"rejectedVersion", sent.version, "acceptedVersion", version, "nonce", nonce, "reason", nackReason)
+		return
+	}
+	if nonce != "" && nonce == sent.nonce {
+		s.log.Debug("proxy accepted configuration (ACK)", "stream", id, "node", nodeID, "type", typeURL, "version", sent.version)
+	}
+}
+
+func (h *hooks) response(id int64, typeURL, version, nonce string, n int) {
+	s := h.s
+	s.mu.Lock()
+	st, ok := s.streams[id]
+	if ok {
+		st.sent[typeURL] = sentResponse{nonce: nonce, version: version}
+	}
+	s.mu.Unlock()
+	s.log.Debug("pushed configuration", "stream", id, "type", typeURL, "version", version, "nonce", nonce, "resources", n)
+}
+
+// OnStreamOpen implements sotw.Callbacks.
+func (h *hooks) OnStreamOpen(ctx context.Context, id int64, _ string) error {
+	h.open(ctx, id, "sotw")
+	return nil
+}
+
+// OnStreamClosed implements sotw.Callbacks.
+func (h *hooks) OnStreamClosed(id int64, node *corev3.Node) { h.closed(id, node) }
+
+// OnStreamRequest implements sotw.Callbacks.
+func (h *hooks) OnStreamRequest(id int64, req *discoveryv3.DiscoveryRequest) error {
+	h.request(id, req.GetNode(), req.GetTypeUrl(), req.GetVersionInfo(), req.GetResponseNonce(), req.GetErrorDetail().GetMessage(),
+		func(v string) { req.VersionInfo = v })
+	return nil
+}
+
+// OnStreamResponse implements sotw.Callbacks.
+func (h *hooks) OnStreamResponse(_ context.Context, id int64, req *discoveryv3.DiscoveryRequest, resp *discoveryv3.DiscoveryResponse) {
+	h.response(id, req.GetTypeUrl(), resp.GetVersionInfo(), resp.GetNonce(), len(resp.GetResources()))
+}
+
+// OnDeltaStreamOpen implements delta.Callbacks.
+func (h *hooks) OnDeltaStreamOpen(ctx context.Context, id int64, _ string) error {
+	h.open(ctx, id, "delta")
+	return nil
+}
+
+// OnDeltaStreamClosed implements delta.Callbacks.
+func (h *hooks) OnDeltaStreamClosed(id int64, node *corev3.Node) { h.closed(id, node) }
+
+// OnStreamDeltaRequest implements delta.Callbacks. Delta responses carry
+// only what changed, so a NACK is not answered with the same resources
+// again and needs no fix.
+func (h *hooks) OnStreamDeltaRequest(id int64, req *discoveryv3.DeltaDiscoveryRequest) error {
+	h.request(id, req.GetNode(), req.GetTypeUrl(), "", req.GetResponseNonce(), req.GetErrorDetail().GetMessage(), nil)
+	return nil
+}
+
+// OnStreamDeltaResponse implements delta.Callbacks.
+func (h *hooks) OnStreamDeltaResponse(id int64, req *discoveryv3.DeltaDiscoveryRequest, resp *discoveryv3.DeltaDiscoveryResponse) {
+	h.response(id, req.GetTypeUrl(), resp.GetSystemVersionInfo(), resp.GetNonce(), len(resp.GetResources()))
+}
+
+// OnFetchRequest implements rest.Callbacks; REST is not served.
+func (h *hooks) OnFetchRequest(context.Context, *discoveryv3.DiscoveryRequest) error { return nil }
+
+// OnFetchResponse implements rest.Callbacks.
+func (h *hooks) OnFetchResponse(*discoveryv3.DiscoveryRequest, *discoveryv3.DiscoveryResponse) {}
+
+// goControlPlaneLogger routes go-control-plane's printf-style logging to
+// slog. Its Info and Warn lines are normal protocol steps (a stale nonce;
+// an ADS EDS request that does not name a just-added cluster yet), so
+// they go to Debug; its Errorf lines, failures to answer a watch, mostly
+// while a stream closes, to Warn.
+type goControlPlaneLogger struct{ log *slog.Logger }
+
+var _ log.Logger = goControlPlaneLogger{}
+
+func (l goControlPlaneLogger) Debugf(format string, args ...any) { l.at(slog.LevelDebug, format, args) }
+func (l goControlPlaneLogger) Infof(format string, args ...any)  { l.at(slog.LevelDebug, format, args) }
+func (l goControlPlaneLogger) Warnf(format string, args ...any)  { l.at(slog.LevelDebug, format, args) }
+func (l goControlPlaneLogger) Errorf(format string, args ...any) { l.at(slog.LevelWarn, format, args) }
+
+func (l goControlPlaneLogger) at(level slog.Level, format string, args []any) {
+	ctx := context.Background()
+	if !l.log.Enabled(ctx, level) {
+		return
+	}
+	l.log.Log(ctx, level, fmt.Sprintf(format, args...), "source", "go-control-plane")
+}

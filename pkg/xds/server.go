@@ -1,0 +1,313 @@
+package xds
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/server/sotw/v3"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/metric/noop"
+	"google.golang.org/grpc"
+
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+)
+
+// Node groups of the snapshot cache: every node of a role shares one
+// snapshot.
+const (
+	gatewayGroup = "eastwest-gw"
+	// unservedGroup holds every node of a role not served yet (sidecars
+	// come later); it never gets a snapshot, so their watches stay open
+	// and unanswered.
+	unservedGroup = "unserved"
+)
+
+// DefaultCoalesce is how long Run waits after a catalog change before it
+// translates, so a burst of changes becomes one push.
+const DefaultCoalesce = 5 * time.Millisecond
+
+// Options are a Server's inputs besides the catalog and the trust bundle.
+type Options struct {
+	// Gateway configures the gateway's translation;
+	// Gateway.FederationUpstream is required.
+	Gateway GatewayOptions
+	// Coalesce is how long a catalog change waits for more before the
+	// translation runs; zero means DefaultCoalesce.
+	Coalesce time.Duration
+	// Logger receives lifecycle lines at Info, refused streams and NACKs
+	// at Warn, and per-push lines (go-control-plane's too) at Debug. Nil
+	// discards.
+	Logger *slog.Logger
+	// Meter records the isthmus_xds_* metrics. Nil records nothing.
+	Meter metric.Meter
+}
+
+// Server serves the proxies' configuration over ADS (state of the world
+// and delta, go-control-plane's server and snapshot cache) and keeps it in
+// step with the catalog. Build it with NewServer, register it on gRPC
+// servers (Register), and Run it.
+type Server struct {
+	store    *catalog.Store
+	td       spiffeid.TrustDomain
+	bundles  x509bundle.Source
+	opts     Options
+	log      *slog.Logger
+	cache    cache.SnapshotCache
+	xds      serverv3.Server
+	stopXDS  context.CancelFunc
+	metrics  metrics
+	coalesce time.Duration
+
+	// mu guards gateway, gatewaySetAt, catalogVersion, lastError and
+	// streams.
+	mu             sync.Mutex
+	gateway        Resources
+	gatewaySetAt   time.Time
+	catalogVersion string
+	lastError      string
+	streams        map[int64]*streamState
+}
+
+type metrics struct {
+	updates   metric.Int64Counter
+	connected metric.Int64UpDownCounter
+	nacks     metric.Int64Counter
+	refused   metric.Int64Counter
+	failures  metric.Int64Counter
+}
+
+// NewServer returns a Server for the catalog in store. Proxies on the TLS
+// port must present an X.509 SVID of trust domain td that verifies
+// against bundles.
+func NewServer(store *catalog.Store, td spiffeid.TrustDomain, bundles x509bundle.Source, opts Options) (*Server, error) {
+	if _, err := federationCluster(opts.Gateway.FederationUpstream); err != nil {
+		return nil, fmt.Errorf("xds: %w", err)
+	}
+	if td.IsZero() || bundles == nil {
+		return nil, fmt.Errorf("xds: a trust domain and its bundle source are required")
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	log = log.With("component", "xds")
+	s := &Server{
+		store: store, td: td, bundles: bundles, opts: opts, log: log,
+		coalesce: opts.Coalesce,
+		streams:  map[int64]*streamState{},
+	}
+	if s.coalesce <= 0 {
+		s.coalesce = DefaultCoalesce
+	}
+	meter := opts.Meter
+	if meter == nil {
+		meter = noop.NewMeterProvider().Meter("")
+	}
+	// Instrument creation fails only for invalid names, which these are
+	// not; the SDK then hands back a working no-op instrument anyway.
+	s.metrics.updates, _ = meter.Int64Counter("isthmus_xds_snapshot_updates",
+		metric.WithDescription("New configuration versions set for proxies, by role."))
+	s.metrics.connected, _ = meter.Int64UpDownCounter("isthmus_xds_connected_proxies",
+		metric.WithDescription("Open xDS streams from proxies, by transport (tls or plaintext)."))
+	s.metrics.nacks, _ = meter.Int64Counter("isthmus_xds_nacks",
+		metric.WithDescription("Configurations proxies rejected (NACKs), by type URL."))
+	s.metrics.refused, _ = meter.Int64Counter("isthmus_xds_streams_refused",
+		metric.WithDescription("xDS streams refused for want of a valid SVID of the local trust domain."))
+	s.metrics.failures, _ = meter.Int64Counter("isthmus_xds_translation_errors",
+		metric.WithDescription("Translations that failed; proxies keep the last good configuration."))
+
+	glog := goControlPlaneLogger{log}
+	s.cache = cache.NewSnapshotCache(true, nodeGroups{}, glog)
+	// The go-control-plane server's context ends every open stream when
+	// Run returns, so a graceful gRPC stop does not wait for proxies
+	// that never hang up.
+	ctx, cancel := context.WithCancel(context.Background())
+	s.stopXDS = cancel
+	s.xds = serverv3.NewServer(ctx, s.cache, &hooks{s: s}, sotw.WithOrderedADS(), sotw.WithLogger(glog))
+	return s, nil
+}
+
+// Register adds the aggregated discovery service (ADS, state of the world
+// and delta) to g.
+func (s *Server) Register(g *grpc.Server) {
+	discoveryv3.RegisterAggregatedDiscoveryServiceServer(g, s.xds)
+}
+
+// nodeGroups maps every gateway to one snapshot and every other node to a
+// group that has none.
+type nodeGroups struct{}
+
+func (nodeGroups) ID(node *corev3.Node) string {
+	if strings.HasPrefix(node.GetId(), GatewayNodePrefix) {
+		return gatewayGroup
+	}
+	return unservedGroup
+}
+
+// Run keeps the gateway's snapshot in step with the local catalog until
+// ctx ends, then ends every open xDS stream. A change is translated after
+// a short quiet time (Options.Coalesce); a snapshot is set only when its
+// version differs from the current one, and the first one only once the
+// local catalog has been published (pkg/kube publishes it once its
+// informers synced), so a restarted federator never serves an empty
+// listener in place of the gateway's last configuration.
+func (s *Server) Run(ctx context.Context) error {
+	defer s.stopXDS()
+	changed, cancel := s.store.Subscribe()
+	defer cancel()
+	s.log.Info("xDS translation running", "federationUpstream", s.opts.Gateway.FederationUpstream)
+	timer := time.NewTimer(0)
+	<-timer.C
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		}
+		timer.Reset(s.coalesce)
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return nil
+		case <-timer.C:
+		}
+		// What changed meanwhile is read below; its signal is spent.
+		select {
+		case <-changed:
+		default:
+		}
+		s.update(ctx)
+	}
+}
+
+// update translates the current local catalog and sets the snapshot if
+// it is new.
+func (s *Server) update(ctx context.Context) {
+	if !slices.Contains(s.store.Sources(), catalog.LocalSource) {
+		return
+	}
+	local := s.store.Get(catalog.LocalSource)
+	s.mu.Lock()
+	prev := s.gateway.Version
+	s.mu.Unlock()
+	res, err := TranslateGateway(local, s.opts.Gateway)
+	if err == nil && res.Version != prev {
+		err = s.setGateway(ctx, res)
+	}
+	s.mu.Lock()
+	s.catalogVersion = local.Version()
+	s.lastError = ""
+	if err != nil {
+		s.lastError = err.Error()
+	}
+	s.mu.Unlock()
+	switch {
+	case err != nil:
+		s.metrics.failures.Add(ctx, 1)
+		s.log.Error("gateway configuration not updated; proxies keep the last one", "catalog", local.Version(), "error", err)
+	case prev == res.Version:
+		s.log.Debug("catalog changed, gateway configuration did not", "catalog", local.Version(), "version", res.Version)
+	}
+}
+
+// setGateway checks res's snapshot for consistency and serves it to every
+// gateway.
+func (s *Server) setGateway(ctx context.Context, res Resources) error {
+	snap, err := res.Snapshot()
+	if err != nil {
+		return err
+	}
+	if err := s.cache.SetSnapshot(ctx, gatewayGroup, snap); err != nil {
+		return fmt.Errorf("set snapshot %s: %w", res.Version, err)
+	}
+	s.mu.Lock()
+	s.gateway = res
+	s.gatewaySetAt = time.Now()
+	s.mu.Unlock()
+	s.metrics.updates.Add(ctx, 1, metric.WithAttributes(attribute.String("role", gatewayGroup)))
+	s.log.Info("gateway configuration updated", "version", res.Version,
+		"filterChains", len(res.Listeners[0].GetFilterChains()), "clusters", len(res.Clusters))
+	return nil
+}
+
+// Status is the JSON shape of the federator's /debug/xds.
+type Status struct {
+	Gateway SnapshotStatus `json:"gateway"`
+	// Proxies are the open xDS streams, oldest first.
+	Proxies []ProxyStatus `json:"proxies"`
+}
+
+// SnapshotStatus describes the configuration served to one role.
+type SnapshotStatus struct {
+	// Version is the content hash of the configuration being served;
+	// empty until the first one is set.
+	Version string    `json:"version"`
+	SetAt   time.Time `json:"setAt,omitzero"`
+	// CatalogVersion is the version of the local catalog last
+	// translated; several catalog versions may give one configuration.
+	CatalogVersion string `json:"catalogVersion,omitempty"`
+	// Resources are the resources' names by type URL.
+	Resources map[string][]string `json:"resources,omitempty"`
+	// Error is why the last translation failed, if it did.
+	Error string `json:"error,omitempty"`
+}
+
+// ProxyStatus describes one open xDS stream.
+type ProxyStatus struct {
+	StreamID int64 `json:"streamID"`
+	// Node is the node ID of the stream's first request; empty before it.
+	Node string `json:"node,omitempty"`
+	// Identity is the SPIFFE ID the proxy authenticated with; empty on
+	// the plaintext port.
+	Identity  string    `json:"identity,omitempty"`
+	Peer      string    `json:"peer"`
+	Transport string    `json:"transport"` // "sotw" or "delta"
+	Since     time.Time `json:"since"`
+	// Acked is the last version the proxy accepted, by type URL.
+	Acked map[string]string `json:"acked,omitempty"`
+	// NACKs counts the responses the proxy rejected; LastNACK says why
+	// the last one was.
+	NACKs    int    `json:"nacks,omitempty"`
+	LastNACK string `json:"lastNack,omitempty"`
+}
+
+// Status reports what is served and to whom.
+func (s *Server) Status() Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := Status{Gateway: SnapshotStatus{
+		Version: s.gateway.Version, SetAt: s.gatewaySetAt, CatalogVersion: s.catalogVersion, Error: s.lastError,
+	}}
+	if s.gateway.Version != "" {
+		st.Gateway.Resources = s.gateway.Names()
+	}
+	for _, id := range slices.Sorted(maps.Keys(s.streams)) {
+		ss := s.streams[id]
+		st.Proxies = append(st.Proxies, ProxyStatus{
+			StreamID: id, Node: ss.node, Identity: ss.identity, Peer: ss.peer, Transport: ss.transport,
+			Since: ss.since, Acked: maps.Clone(ss.acked), NACKs: ss.nacks, LastNACK: ss.lastNACK,
+		})
+	}
+	return st
+}
+
+// Resources returns the gateway configuration being served (zero before
+// the first).
+func (s *Server) Resources() Resources {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.gateway
+}
