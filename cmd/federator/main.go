@@ -48,7 +48,8 @@ func newRunCommand() *cobra.Command {
 			}
 			log := newLogger(logLevel, logJSON)
 			log.Info("configuration", "cluster", cfg.ClusterName, "kubeconfig", cfg.Kubeconfig,
-				"monitoringAddr", cfg.MonitoringAddr, "federationAddr", cfg.FederationAddr, "gateways", cfg.GatewayAddresses,
+				"monitoringAddr", cfg.MonitoringAddr, "caAndXDSAddr", cfg.CAAddr, "xdsPlaintextAddr", cfg.XDSPlaintextAddr,
+				"federationAddr", cfg.FederationAddr, "gatewayFederationUpstream", cfg.FederationUpstream(), "gateways", cfg.GatewayAddresses,
 				"shutdownTimeout", cfg.ShutdownTimeout, "version", version.Version)
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
@@ -67,7 +68,7 @@ func newRunCommand() *cobra.Command {
 	fl.StringVar(&cfg.TrustDomain, "trust-domain", cfg.TrustDomain, "SPIFFE trust domain of this cluster (default <cluster-name>.mesh)")
 	fl.StringVar(&cfg.Namespace, "namespace", envOr("POD_NAMESPACE", cfg.Namespace), "namespace the federator runs in and keeps its CA Secret in")
 	fl.StringVar(&cfg.ServiceAccount, "service-account", cfg.ServiceAccount, "the federator's ServiceAccount (its SPIFFE ID's last segment)")
-	fl.StringVar(&cfg.CAAddr, "ca-addr", cfg.CAAddr, "address of the certificate service (gRPC over TLS)")
+	fl.StringVar(&cfg.CAAddr, "ca-addr", cfg.CAAddr, "address of the certificate service and of xDS for the proxies (gRPC over TLS)")
 	fl.StringVar(&cfg.BundleEndpointAddr, "bundle-endpoint-addr", cfg.BundleEndpointAddr, "address of the SPIFFE bundle endpoint (https_spiffe); empty disables it")
 	fl.StringVar(&cfg.TokenAudience, "token-audience", cfg.TokenAudience, "audience workloads' ServiceAccount tokens must carry")
 	fl.DurationVar(&cfg.CertTTL, "cert-ttl", cfg.CertTTL, "default lifetime of workload certificates")
@@ -80,6 +81,8 @@ func newRunCommand() *cobra.Command {
 	fl.DurationVar(&cfg.KeepFor, "keep-for", cfg.KeepFor, "how long a lost peer's imports are kept before they are drained (FederationPeer spec.staleness.keepFor overrides)")
 	fl.DurationVar(&cfg.DrainFor, "drain-for", cfg.DrainFor, "how long drained imports stay before they are removed (spec.staleness.drainFor overrides)")
 	fl.IntVar(&cfg.MaxImportedServices, "max-imported-services", cfg.MaxImportedServices, "most services one peer may export to this cluster")
+	fl.StringVar(&cfg.XDSPlaintextAddr, "xds-plaintext-addr", "", "TESTS ONLY: also serve xDS here in plaintext, with NO authentication (anyone who reaches it reads every exported service's endpoints); empty disables it. xDS over TLS is always served on --ca-addr")
+	fl.StringVar(&cfg.GatewayFederationUpstream, "gateway-federation-upstream", "", "host:port the east-west gateway forwards federation traffic to (default isthmus-federator.<namespace>.svc:<federation port>)")
 	fl.TextVar(&logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn or error")
 	fl.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
 	return cmd

@@ -22,6 +22,23 @@ func (c Config) TrustDomainName() string {
 	return c.ClusterName + ".mesh"
 }
 
+// ServiceName is the federator's Kubernetes Service (deploy/multicluster).
+const ServiceName = "isthmus-federator"
+
+// FederationUpstream is where the east-west gateway forwards federation
+// traffic (the reserved SNI): the configured address, or the federator's
+// Service, "isthmus-federator.<namespace>.svc:<federation port>".
+func (c Config) FederationUpstream() string {
+	if c.GatewayFederationUpstream != "" {
+		return c.GatewayFederationUpstream
+	}
+	_, port, err := net.SplitHostPort(c.FederationAddr)
+	if err != nil || port == "" {
+		port = "15019"
+	}
+	return net.JoinHostPort(ServiceName+"."+c.Namespace+".svc", port)
+}
+
 // Config is everything `federator run` needs. Validate reports every
 // problem at once.
 type Config struct {
@@ -45,8 +62,9 @@ type Config struct {
 	// ServiceAccount is the federator's own ServiceAccount; its SPIFFE ID
 	// is spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
 	ServiceAccount string
-	// CAAddr serves the certificate service (gRPC over TLS); Istio's
-	// convention is :15012.
+	// CAAddr serves the certificate service and the proxies' xDS (gRPC
+	// over TLS, proxies authenticated by their SVID); Istio's convention
+	// is :15012.
 	CAAddr string
 	// BundleEndpointAddr serves the local trust bundle as a SPIFFE bundle
 	// endpoint (https_spiffe); empty disables it.
@@ -79,6 +97,16 @@ type Config struct {
 	KeepFor, DrainFor time.Duration
 	// MaxImportedServices bounds the services one peer may export here.
 	MaxImportedServices int
+
+	// XDSPlaintextAddr, when set, also serves xDS without TLS or any
+	// authentication (Istio's :15010). For tests only: whoever reaches it
+	// reads every exported service's endpoints. Empty (the default) is off.
+	// xDS over TLS is always served on CAAddr.
+	XDSPlaintextAddr string
+	// GatewayFederationUpstream is host:port of the federation API as the
+	// east-west gateway reaches it (an IP or a hostname); empty means the
+	// federator's Service (see FederationUpstream).
+	GatewayFederationUpstream string
 }
 
 // DefaultConfig returns the defaults for everything but ClusterName.
@@ -157,6 +185,14 @@ func (c Config) Validate() error {
 	}
 	if c.Heartbeat <= 0 || c.KeepFor <= 0 || c.DrainFor <= 0 {
 		errs = append(errs, fmt.Errorf("--heartbeat %s, --keep-for %s and --drain-for %s must be positive", c.Heartbeat, c.KeepFor, c.DrainFor))
+	}
+	if c.XDSPlaintextAddr != "" {
+		if _, _, err := net.SplitHostPort(c.XDSPlaintextAddr); err != nil {
+			errs = append(errs, fmt.Errorf("--xds-plaintext-addr %q: %w", c.XDSPlaintextAddr, err))
+		}
+	}
+	if err := federation.CheckAddress(c.FederationUpstream()); err != nil {
+		errs = append(errs, fmt.Errorf("--gateway-federation-upstream: %w", err))
 	}
 	if c.MaxImportedServices <= 0 {
 		errs = append(errs, fmt.Errorf("--max-imported-services %d must be positive", c.MaxImportedServices))

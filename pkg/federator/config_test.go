@@ -12,6 +12,14 @@ func TestConfigValidate(t *testing.T) {
 	ok.ClusterName = "east"
 	require.NoError(t, ok.Validate())
 	require.Equal(t, "east.mesh", ok.TrustDomainName())
+	require.Equal(t, "isthmus-federator.isthmus-system.svc:15019", ok.FederationUpstream(),
+		"the gateway reaches the federator through its Service by default")
+	ok.Namespace, ok.FederationAddr = "mesh", "0.0.0.0:9019"
+	require.Equal(t, "isthmus-federator.mesh.svc:9019", ok.FederationUpstream())
+	ok.GatewayFederationUpstream = "127.0.0.1:15019"
+	require.Equal(t, "127.0.0.1:15019", ok.FederationUpstream())
+	ok.XDSPlaintextAddr = "127.0.0.1:15010"
+	require.NoError(t, ok.Validate())
 
 	bad := DefaultConfig()
 	bad.ClusterName = "East_1"
@@ -21,6 +29,8 @@ func TestConfigValidate(t *testing.T) {
 	bad.MonitoringAddr = "x"
 	bad.CertTTL = 72 * time.Hour
 	bad.RootPublishDelay = 0
+	bad.XDSPlaintextAddr = "15010"
+	bad.GatewayFederationUpstream = "federator"
 	err := bad.Validate()
 	// Every problem is named at once.
 	for _, want := range []string{
@@ -31,6 +41,8 @@ func TestConfigValidate(t *testing.T) {
 		`--monitoring-addr "x"`,
 		"--cert-ttl 72h0m0s and --max-cert-ttl 48h0m0s",
 		"--root-publish-delay 0s is too short",
+		`--xds-plaintext-addr "15010"`,
+		`--gateway-federation-upstream: address "federator"`,
 	} {
 		require.ErrorContains(t, err, want)
 	}

@@ -1,9 +1,10 @@
 // Package federator is the composition root of the federator binary: it
 // builds the Kubernetes clients, the local catalog, the exporter that fills
-// it, the cluster CA and its certificate service, the federation manager
-// that links peers and imports what they export, the writer of imported
-// ServiceEntries, and the monitoring server, and runs them until the
-// context ends.
+// it, the cluster CA and its certificate service, the xDS server that
+// configures the proxies (on the certificate service's TLS port), the
+// federation manager that links peers and imports what they export, the
+// writer of imported ServiceEntries, and the monitoring server, and runs
+// them until the context ends.
 //
 // Nothing imports this package but cmd/federator.
 package federator
@@ -43,6 +44,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/pkg/federation"
 	"github.com/isthmus-mesh/isthmus/pkg/kube"
 	"github.com/isthmus-mesh/isthmus/pkg/trust"
+	"github.com/isthmus-mesh/isthmus/pkg/xds"
 )
 
 // Federator is one cluster's control plane.
@@ -62,6 +64,7 @@ type Federator struct {
 
 	federation *federation.Manager
 	imports    *kube.ImportWriter
+	xds        *xds.Server
 }
 
 // New connects to the cluster and wires the components; nothing runs until
@@ -122,6 +125,13 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 		Logger:         log,
 	})
 	if err := f.setUpFederationMetrics(); err != nil {
+		return nil, err
+	}
+	f.xds, err = xds.NewServer(f.store, f.id.TrustDomain(), f.trust, xds.Options{
+		Gateway: xds.GatewayOptions{FederationUpstream: cfg.FederationUpstream()},
+		Logger:  log, Meter: f.meter(),
+	})
+	if err != nil {
 		return nil, err
 	}
 	if len(cfg.GatewayAddresses) == 0 {
@@ -306,8 +316,12 @@ func (f *Federator) Run(ctx context.Context) error {
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       60 * time.Second,
 	}
-	grpcServer := grpc.NewServer(caserver.ServerOptions(f.self)...)
+	// One TLS port for the certificate service and xDS, as Istio's 15012:
+	// workloads without a certificate yet authenticate to the CA with
+	// their token, proxies to xDS with their SVID.
+	grpcServer := grpc.NewServer(f.xds.SecureServerOptions(f.self)...)
 	f.caServer.Register(grpcServer)
+	f.xds.Register(grpcServer)
 	var bundleSrv *http.Server
 	if f.cfg.BundleEndpointAddr != "" {
 		if bundleSrv, err = trust.NewBundleEndpoint(f.cfg.BundleEndpointAddr, f.trust, f.self); err != nil {
@@ -337,10 +351,24 @@ func (f *Federator) Run(ctx context.Context) error {
 		}
 		return fmt.Errorf("federation listener: %w", err)
 	}
+	var plainLn net.Listener
+	if f.cfg.XDSPlaintextAddr != "" {
+		if plainLn, err = net.Listen("tcp", f.cfg.XDSPlaintextAddr); err != nil {
+			for _, l := range []net.Listener{ln, caLn, bundleLn, fedLn} {
+				if l != nil {
+					_ = l.Close()
+				}
+			}
+			return fmt.Errorf("plaintext xDS listener: %w", err)
+		}
+		f.log.Warn("SERVING xDS IN PLAINTEXT, WITHOUT AUTHENTICATION: anyone who reaches this address reads every exported service's endpoints; --xds-plaintext-addr is for tests only",
+			"xdsPlaintext", plainLn.Addr().String())
+	}
 	fedServer := grpc.NewServer(f.federation.ServerOptions()...)
 	f.federation.Register(fedServer)
 	f.log.Info("federator starting", "cluster", f.cfg.ClusterName, "monitoring", ln.Addr().String(),
-		"ca", caLn.Addr().String(), "bundleEndpoint", f.cfg.BundleEndpointAddr, "federation", fedLn.Addr().String())
+		"caAndXDS", caLn.Addr().String(), "bundleEndpoint", f.cfg.BundleEndpointAddr, "federation", fedLn.Addr().String(),
+		"gatewayFederationUpstream", f.cfg.FederationUpstream())
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return f.exporter.Run(gctx) })
@@ -349,6 +377,22 @@ func (f *Federator) Run(ctx context.Context) error {
 	g.Go(func() error { return f.runBundleSync(gctx) })
 	g.Go(func() error { return f.federation.Run(gctx) })
 	g.Go(func() error { return f.imports.Run(gctx) })
+	g.Go(func() error { return f.xds.Run(gctx) })
+	if plainLn != nil {
+		plainServer := grpc.NewServer(f.xds.PlaintextServerOptions()...)
+		f.xds.Register(plainServer)
+		g.Go(func() error {
+			if err := plainServer.Serve(plainLn); err != nil {
+				return fmt.Errorf("plaintext xDS: %w", err)
+			}
+			return nil
+		})
+		g.Go(func() error {
+			<-gctx.Done()
+			stopGRPC(plainServer, f.cfg.ShutdownTimeout)
+			return nil
+		})
+	}
 	g.Go(func() error {
 		if err := fedServer.Serve(fedLn); err != nil {
 			return fmt.Errorf("federation service: %w", err)
@@ -433,6 +477,7 @@ func (f *Federator) monitoringHandler() http.Handler {
 	mux.HandleFunc("GET /debug/catalog", f.serveCatalog)
 	mux.HandleFunc("GET /debug/trust", f.serveTrust)
 	mux.HandleFunc("GET /debug/federation", f.serveFederation)
+	mux.HandleFunc("GET /debug/xds", f.serveXDS)
 	return mux
 }
 
@@ -534,6 +579,15 @@ func (f *Federator) serveFederation(w http.ResponseWriter, _ *http.Request) {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	_ = enc.Encode(dump)
+}
+
+// serveXDS shows the configuration served to proxies (version and
+// resource names) and the proxies connected.
+func (f *Federator) serveXDS(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(f.xds.Status())
 }
 
 // setUpFederationMetrics exports each peer's link state.
