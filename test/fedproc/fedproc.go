@@ -16,6 +16,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 	"github.com/isthmus-mesh/isthmus/pkg/federator"
+	"github.com/isthmus-mesh/isthmus/pkg/xds"
 	"github.com/isthmus-mesh/isthmus/test/localcluster"
 )
 
@@ -26,6 +27,7 @@ const (
 	BundleEndpointPort = "8443"  // SPIFFE bundle endpoint
 	FederationPort     = "15019" // federation API, gRPC over mTLS
 	GatewayPort        = "15443" // east-west gateway
+	XDSPlaintextPort   = "15010" // xDS without TLS: the harness only
 )
 
 // Federator is a federator process running in a cluster's node network.
@@ -41,6 +43,10 @@ type Federator struct {
 	// FederationAddr is where other clusters' federators reach it: its
 	// node's WAN address.
 	FederationAddr string
+	// XDSAddr is its plaintext xDS port (--xds-plaintext-addr) as the
+	// host reaches it; processes in the cluster's node network (the
+	// gateway) reach it on the same address.
+	XDSAddr string
 }
 
 // Start runs binDir/federator in cluster c as the least-privileged
@@ -57,9 +63,9 @@ func Start(ctx context.Context, c *localcluster.Cluster, binDir string, extraArg
 	// In its own network namespace the federator listens on every address
 	// so the host reaches it over the uplink; sharing the host network it
 	// listens on the cluster's own loopback address.
-	bind := host
+	bind, local := host, host
 	if c.NetNS() != "" {
-		bind = "0.0.0.0"
+		bind, local = "0.0.0.0", "127.0.0.1"
 	}
 	args := append([]string{filepath.Join(binDir, "federator"), "run",
 		"--cluster-name", c.Name(), "--kubeconfig", kubeconfig,
@@ -68,7 +74,12 @@ func Start(ctx context.Context, c *localcluster.Cluster, binDir string, extraArg
 		"--bundle-endpoint-addr", net.JoinHostPort(bind, BundleEndpointPort),
 		"--federation-addr", net.JoinHostPort(bind, FederationPort),
 		"--advertise-address", net.JoinHostPort(c.WANIP().String(), FederationPort),
-		"--gateway-address", net.JoinHostPort(c.WANIP().String(), GatewayPort)}, extraArgs...)
+		"--gateway-address", net.JoinHostPort(c.WANIP().String(), GatewayPort),
+		// The harness's gateway runs in the node network beside the
+		// federator, not behind a Service, and fetches its configuration
+		// in plaintext.
+		"--gateway-federation-upstream", net.JoinHostPort(local, FederationPort),
+		"--xds-plaintext-addr", net.JoinHostPort(bind, XDSPlaintextPort)}, extraArgs...)
 	p, err := c.StartProcess(ctx, localcluster.ProcessSpec{Name: "federator", Command: args})
 	if err != nil {
 		return nil, err
@@ -81,6 +92,7 @@ func Start(ctx context.Context, c *localcluster.Cluster, binDir string, extraArg
 		CAAddr:         net.JoinHostPort(host, CAPort),
 		BundleEndpoint: "https://" + net.JoinHostPort(host, BundleEndpointPort),
 		FederationAddr: net.JoinHostPort(c.WANIP().String(), FederationPort),
+		XDSAddr:        net.JoinHostPort(host, XDSPlaintextPort),
 	}
 	if err := f.waitReady(ctx, time.Minute); err != nil {
 		_ = p.Stop(5 * time.Second)
@@ -157,6 +169,16 @@ func (f *Federator) Catalog(ctx context.Context) (federator.CatalogDump, error) 
 func (f *Federator) Federation(ctx context.Context) (federator.FederationDump, error) {
 	var d federator.FederationDump
 	body, err := f.Get(ctx, "/debug/federation")
+	if err != nil {
+		return d, err
+	}
+	return d, json.Unmarshal(body, &d)
+}
+
+// XDS fetches /debug/xds.
+func (f *Federator) XDS(ctx context.Context) (xds.Status, error) {
+	var d xds.Status
+	body, err := f.Get(ctx, "/debug/xds")
 	if err != nil {
 		return d, err
 	}
