@@ -84,6 +84,15 @@ func TestCatalog(t *testing.T) {
 
 	f := startFederator(t, a)
 
+	// counts drops the addresses, which are checked on their own.
+	counts := func(eps []catalog.LocalityEndpoints) []catalog.LocalityEndpoints {
+		out := make([]catalog.LocalityEndpoints, len(eps))
+		for i, e := range eps {
+			e.Addresses = nil
+			out[i] = e
+		}
+		return out
+	}
 	wantEndpoints := func(z1Ready, z1NotReady int) []catalog.LocalityEndpoints {
 		return []catalog.LocalityEndpoints{
 			{Locality: catalog.Locality{Region: region, Zone: z1}, Ready: z1Ready, NotReady: z1NotReady},
@@ -106,10 +115,18 @@ func TestCatalog(t *testing.T) {
 	})
 	require.Equal(t, "a", last.Cluster)
 	require.Equal(t, []catalog.Port{
-		{Name: "http", Port: 80, Protocol: catalog.ProtocolTCP, AppProtocol: "http"},
-		{Name: "grpc", Port: 9090, Protocol: catalog.ProtocolTCP},
+		{Name: "http", Port: 80, Protocol: catalog.ProtocolTCP, AppProtocol: "http", TargetPort: 8080},
+		{Name: "grpc", Port: 9090, Protocol: catalog.ProtocolTCP, TargetPort: 9090},
 	}, last.Ports)
-	require.Equal(t, wantEndpoints(2, 0), last.Endpoints)
+	require.Equal(t, wantEndpoints(2, 0), counts(last.Endpoints))
+	var ips []string
+	for _, e := range last.Endpoints {
+		for _, a := range e.Addresses {
+			require.True(t, a.Ready)
+			ips = append(ips, a.IP)
+		}
+	}
+	require.ElementsMatch(t, []string{pods[0].IP.String(), pods[1].IP.String(), pods[2].IP.String()}, ips)
 	_, ok := fedproc.LocalService(catalogOf(t, f), "demo", "private")
 	require.False(t, ok, "a Service without a ServiceExport is never in the catalog")
 	metrics, err := f.Metrics(ctx)
@@ -137,7 +154,7 @@ func TestCatalog(t *testing.T) {
 	eventuallyService("one z1 endpoint not ready", func(s catalog.Service, ok bool) bool {
 		return ok && s.ReadyEndpoints() == 2
 	})
-	require.Equal(t, wantEndpoints(1, 1), last.Endpoints)
+	require.Equal(t, wantEndpoints(1, 1), counts(last.Endpoints))
 
 	// Federator restart → the same catalog, same version, rebuilt.
 	before := catalogOf(t, f)
@@ -147,7 +164,7 @@ func TestCatalog(t *testing.T) {
 	require.Equal(t, fedproc.LocalVersion(before), fedproc.LocalVersion(after), "restart rebuilds the same catalog")
 	s, ok := fedproc.LocalService(after, "demo", "echo")
 	require.True(t, ok)
-	require.Equal(t, wantEndpoints(1, 1), s.Endpoints)
+	require.Equal(t, wantEndpoints(1, 1), counts(s.Endpoints))
 
 	// A pod that goes away leaves the counts.
 	require.NoError(t, pods[2].Stop(ctx))
