@@ -11,6 +11,9 @@ import (
 // for more responses in that state; it is not a reason to NACK.
 var ErrIncomplete = errors.New("xds config incomplete")
 
+// errRunTwice is returned by a second call to Client.Run.
+var errRunTwice = errors.New("xdsclient: Run called more than once")
+
 // fieldError is one problem with one field of a resource. path is the
 // field's proto path from the resource, e.g.
 // "filter_chains[2].filters[0].name"; empty for the resource itself.
