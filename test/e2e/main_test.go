@@ -36,6 +36,7 @@ func run(m *testing.M) int {
 	// -race binaries, so data races in the product fail the e2e run too.
 	cmd := exec.Command("go", "build", "-race", "-o", dir+"/",
 		"github.com/isthmus-mesh/isthmus/cmd/federator",
+		"github.com/isthmus-mesh/isthmus/cmd/eastwest-gw",
 		"github.com/isthmus-mesh/isthmus/test/echo")
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
