@@ -70,6 +70,20 @@ func TestGatewayRoutesFromFederator(t *testing.T) {
 	err = handshake("outbound_.80_._.private.demo.svc.cluster.local")
 	require.ErrorContains(t, err, "unrecognized name")
 
+	// The control plane going away never takes routes away: with the
+	// federator stopped, and after it restarts, new connections still
+	// reach the pods.
+	reachesEcho := func() bool {
+		var rhe tls.RecordHeaderError
+		return errors.As(handshake(echoSNI), &rhe) && string(rhe.RecordHeader[:]) == "HTTP/"
+	}
+	require.NoError(t, a.f.Stop(10*time.Second))
+	for range 5 {
+		require.True(t, reachesEcho(), "a new connection failed while the federator was down")
+	}
+	a.start()
+	require.True(t, reachesEcho(), "a new connection failed after the federator restarted")
+
 	require.NoError(t, a.mcs.MulticlusterV1alpha1().ServiceExports("demo").Delete(t.Context(), "echo", metav1.DeleteOptions{}))
 	require.Eventually(t, func() bool {
 		last = handshake(echoSNI)
