@@ -48,6 +48,10 @@ type Config struct {
 	// Kubeconfig is the path to a kubeconfig; empty means the in-cluster
 	// configuration of the pod's ServiceAccount.
 	Kubeconfig string
+	// KubeAPIQPS and KubeAPIBurst bound the federator's requests to its
+	// API server (a client-side token bucket).
+	KubeAPIQPS   float32
+	KubeAPIBurst int
 	// MonitoringAddr is where /healthz, /readyz, /metrics and /debug/ are
 	// served (host:port); Istio's convention is :15014.
 	MonitoringAddr string
@@ -113,6 +117,8 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{
 		MonitoringAddr:      ":15014",
+		KubeAPIQPS:          50,
+		KubeAPIBurst:        100,
 		ShutdownTimeout:     10 * time.Second,
 		Namespace:           "isthmus-system",
 		ServiceAccount:      "isthmus-federator",
@@ -196,6 +202,9 @@ func (c Config) Validate() error {
 	}
 	if c.MaxImportedServices <= 0 {
 		errs = append(errs, fmt.Errorf("--max-imported-services %d must be positive", c.MaxImportedServices))
+	}
+	if c.KubeAPIQPS <= 0 || c.KubeAPIBurst <= 0 {
+		errs = append(errs, fmt.Errorf("--kube-api-qps %g and --kube-api-burst %d must be positive", c.KubeAPIQPS, c.KubeAPIBurst))
 	}
 	if c.ShutdownTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--shutdown-timeout %s must be positive", c.ShutdownTimeout))
