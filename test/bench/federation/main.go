@@ -54,6 +54,11 @@
 // start-up: federator start until a's catalog holds the same services,
 // read from its own API server.
 //
+// The federator serves no pprof, so local_test.go benchmarks in process
+// what the exporting side does on every change (its catalog snapshot and
+// the gateway's xDS translation) and the heap each keeps; `make bench`
+// runs those with the other Go benchmarks.
+//
 // # Output
 //
 // Progress goes to stderr; the results table (Markdown) to stdout: ours,
