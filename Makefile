@@ -16,7 +16,6 @@ KUSTOMIZE_VERSION   := v5.8.1
 BUF_VERSION         := v1.75.0
 PROTOC_GEN_GO_VERSION      := v1.36.12
 CONTROLLER_GEN_VERSION     := v0.23.0
-PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 
 export PATH := $(BIN):$(PATH)
 
@@ -49,10 +48,9 @@ lint: tools ## go vet and staticcheck
 	$(BIN)/staticcheck ./...
 
 .PHONY: generate-tools
-generate-tools: ## Install buf, protoc-gen-go, protoc-gen-go-grpc and controller-gen into bin/ (only generate needs them)
+generate-tools: ## Install buf, protoc-gen-go and controller-gen into bin/ (only generate needs them)
 	@test -x $(BIN)/buf && $(BIN)/buf --version | grep -qx '$(BUF_VERSION:v%=%)' || GOBIN=$(BIN) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
 	@test -x $(BIN)/protoc-gen-go && $(BIN)/protoc-gen-go --version | grep -q '$(PROTOC_GEN_GO_VERSION)$$' || GOBIN=$(BIN) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
-	@test -x $(BIN)/protoc-gen-go-grpc && $(BIN)/protoc-gen-go-grpc --version | grep -q '$(PROTOC_GEN_GO_GRPC_VERSION:v%=%)$$' || GOBIN=$(BIN) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 	@test -x $(BIN)/controller-gen && $(BIN)/controller-gen --version | grep -q '$(CONTROLLER_GEN_VERSION)$$' || GOBIN=$(BIN) go install sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_GEN_VERSION)
 
 .PHONY: generate

@@ -5,6 +5,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	federationv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
 )
@@ -43,4 +44,36 @@ func TestUpdateRoundTrip(t *testing.T) {
 	require.NoError(t, proto.Unmarshal(b, out))
 	require.True(t, proto.Equal(in, out))
 	require.Equal(t, uint32(3), out.GetUpdate().GetResources()[0].GetService().GetEndpoints()[0].GetReady())
+}
+
+// The hand-written gRPC glue (service.go) must say what the proto says.
+func TestServiceDescMatchesProto(t *testing.T) {
+	svc := federationv1.File_federation_v1_federation_proto.Services().ByName("FederationService")
+	desc := federationv1.FederationService_ServiceDesc
+	require.Equal(t, string(svc.FullName()), desc.ServiceName)
+	var unary, streams []string
+	for _, m := range desc.Methods {
+		unary = append(unary, m.MethodName)
+	}
+	for _, s := range desc.Streams {
+		streams = append(streams, s.StreamName)
+		m := svc.Methods().ByName(protoreflect.Name(s.StreamName))
+		require.NotNil(t, m, s.StreamName)
+		require.Equal(t, m.IsStreamingClient(), s.ClientStreams, s.StreamName)
+		require.Equal(t, m.IsStreamingServer(), s.ServerStreams, s.StreamName)
+	}
+	var wantUnary, wantStreams []string
+	for i := range svc.Methods().Len() {
+		m := svc.Methods().Get(i)
+		if m.IsStreamingClient() || m.IsStreamingServer() {
+			wantStreams = append(wantStreams, string(m.Name()))
+		} else {
+			wantUnary = append(wantUnary, string(m.Name()))
+		}
+		require.Equal(t, "/"+string(svc.FullName())+"/"+string(m.Name()),
+			map[string]string{"Establish": federationv1.FederationService_Establish_FullMethodName,
+				"Exchange": federationv1.FederationService_Exchange_FullMethodName}[string(m.Name())])
+	}
+	require.Equal(t, wantUnary, unary)
+	require.Equal(t, wantStreams, streams)
 }
