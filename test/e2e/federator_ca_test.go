@@ -13,10 +13,12 @@ import (
 	"github.com/stretchr/testify/require"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
 	"github.com/isthmus-mesh/isthmus/pkg/federator"
 	"github.com/isthmus-mesh/isthmus/pkg/identity"
+	"github.com/isthmus-mesh/isthmus/test/fedproc"
 	"github.com/isthmus-mesh/isthmus/test/localcluster"
 )
 
@@ -33,26 +35,7 @@ func TestFederatorCA(t *testing.T) {
 	ctx := t.Context()
 	f := startFederator(t, a)
 
-	sec, err := kc.CoreV1().Secrets("isthmus-system").Get(ctx, ca.DefaultSecretName, metav1.GetOptions{})
-	require.NoError(t, err, "the federator generated its root with its own least-privileged credentials")
-	roots := sec.Data[ca.KeyRootCert]
-	ensureSA(t, kc, "demo", "client")
-
-	src, err := identity.New(ctx, identity.Config{
-		CAAddress: f.CAAddr, CAID: federatorID, RootsPEM: roots,
-		TrustDomain: td, Namespace: "demo", ServiceAccount: "client",
-		TokenSource: func(ctx context.Context) (string, error) {
-			tr, err := kc.CoreV1().ServiceAccounts("demo").CreateToken(ctx, "client", &authenticationv1.TokenRequest{
-				Spec: authenticationv1.TokenRequestSpec{Audiences: []string{audience}},
-			}, metav1.CreateOptions{})
-			if err != nil {
-				return "", err
-			}
-			return tr.Status.Token, nil
-		},
-	})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = src.Close() })
+	src, roots := svidFromFederator(t, kc, f, "demo", "client")
 	svid, err := src.GetX509SVID()
 	require.NoError(t, err)
 	require.Equal(t, "spiffe://a.mesh/ns/demo/sa/client", svid.ID.String())
@@ -99,4 +82,32 @@ func TestFederatorCA(t *testing.T) {
 	out, err = a.Command(ctx, filepath.Join(binDir, "federator"), "ca", "rotate", "--kubeconfig", adminKubeconfig).CombinedOutput()
 	require.Error(t, err)
 	require.Contains(t, string(out), "already in progress")
+}
+
+// svidFromFederator gets an SVID for ns/sa from the federator's CA, as a
+// workload does: with a real ServiceAccount token, verifying the federator
+// with the root it keeps in its Secret (returned too, as PEM).
+func svidFromFederator(t *testing.T, kc kubernetes.Interface, f *fedproc.Federator, ns, sa string) (*identity.Source, []byte) {
+	t.Helper()
+	ctx := t.Context()
+	sec, err := kc.CoreV1().Secrets("isthmus-system").Get(ctx, ca.DefaultSecretName, metav1.GetOptions{})
+	require.NoError(t, err, "the federator generated its root with its own least-privileged credentials")
+	roots := sec.Data[ca.KeyRootCert]
+	ensureSA(t, kc, ns, sa)
+	src, err := identity.New(ctx, identity.Config{
+		CAAddress: f.CAAddr, CAID: federatorID, RootsPEM: roots,
+		TrustDomain: td, Namespace: ns, ServiceAccount: sa,
+		TokenSource: func(ctx context.Context) (string, error) {
+			tr, err := kc.CoreV1().ServiceAccounts(ns).CreateToken(ctx, sa, &authenticationv1.TokenRequest{
+				Spec: authenticationv1.TokenRequestSpec{Audiences: []string{audience}},
+			}, metav1.CreateOptions{})
+			if err != nil {
+				return "", err
+			}
+			return tr.Status.Token, nil
+		},
+	})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = src.Close() })
+	return src, roots
 }

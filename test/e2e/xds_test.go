@@ -22,16 +22,13 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	mcsv1alpha1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
 	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
 
-	"github.com/isthmus-mesh/isthmus/pkg/ca"
 	"github.com/isthmus-mesh/isthmus/pkg/federation"
-	"github.com/isthmus-mesh/isthmus/pkg/identity"
 	"github.com/isthmus-mesh/isthmus/test/localcluster"
 )
 
@@ -114,25 +111,7 @@ func TestGatewayXDS(t *testing.T) {
 
 	// Over TLS on :15012 with an SVID from the federator's own CA, got
 	// with a real ServiceAccount token on the same port.
-	sec, err := kc.CoreV1().Secrets("isthmus-system").Get(ctx, ca.DefaultSecretName, metav1.GetOptions{})
-	require.NoError(t, err)
-	roots := sec.Data[ca.KeyRootCert]
-	ensureSA(t, kc, "isthmus-system", "isthmus-eastwest-gw")
-	src, err := identity.New(ctx, identity.Config{
-		CAAddress: f.CAAddr, CAID: federatorID, RootsPEM: roots,
-		TrustDomain: td, Namespace: "isthmus-system", ServiceAccount: "isthmus-eastwest-gw",
-		TokenSource: func(ctx context.Context) (string, error) {
-			tr, err := kc.CoreV1().ServiceAccounts("isthmus-system").CreateToken(ctx, "isthmus-eastwest-gw", &authenticationv1.TokenRequest{
-				Spec: authenticationv1.TokenRequestSpec{Audiences: []string{audience}},
-			}, metav1.CreateOptions{})
-			if err != nil {
-				return "", err
-			}
-			return tr.Status.Token, nil
-		},
-	})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = src.Close() })
+	src, roots := svidFromFederator(t, kc, f, "isthmus-system", "isthmus-eastwest-gw")
 	bundle, err := x509bundle.Parse(td, roots)
 	require.NoError(t, err)
 	secure, err := grpc.NewClient(f.CAAddr, grpc.WithTransportCredentials(credentials.NewTLS(
