@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/isthmus-mesh/isthmus/internal/testlog"
+
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
@@ -34,17 +36,7 @@ func TestMain(m *testing.M) {
 
 const testNS = "isthmus-system"
 
-// testLogger writes to t.Logf.
-func testLogger(t testing.TB) *slog.Logger {
-	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type tWriter struct{ t testing.TB }
-
-func (w tWriter) Write(b []byte) (int, error) {
-	w.t.Logf("%s", b)
-	return len(b), nil
-}
+func testLogger(t testing.TB) *slog.Logger { return testlog.New(t) }
 
 // cluster is one in-process federator's federation side: a fake API
 // server, a real CA, a real gRPC listener on loopback.

@@ -25,6 +25,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/isthmus-mesh/isthmus/internal/testlog"
+
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -32,16 +34,7 @@ import (
 )
 
 // testLogger writes to t.Logf.
-func testLogger(t testing.TB) *slog.Logger {
-	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type tWriter struct{ t testing.TB }
-
-func (w tWriter) Write(b []byte) (int, error) {
-	w.t.Logf("%s", strings.TrimRight(string(b), "\n"))
-	return len(b), nil
-}
+func testLogger(t testing.TB) *slog.Logger { return testlog.New(t) }
 
 // testCA is one trust domain's root, issuing X.509 SVIDs.
 type testCA struct {

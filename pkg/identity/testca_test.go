@@ -20,6 +20,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/isthmus-mesh/isthmus/internal/testlog"
+
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -292,31 +294,7 @@ func (c *testCA) config(tb testing.TB, clk Clock) Config {
 }
 
 // testLogger writes to t.Logf, and stops when the test is over.
-func testLogger(tb testing.TB) *slog.Logger {
-	w := &tbWriter{tb: tb}
-	tb.Cleanup(func() {
-		w.mu.Lock()
-		w.done = true
-		w.mu.Unlock()
-	})
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type tbWriter struct {
-	tb testing.TB
-	// mu guards done.
-	mu   sync.Mutex
-	done bool
-}
-
-func (w *tbWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.done {
-		w.tb.Logf("%s", p[:len(p)-1])
-	}
-	return len(p), nil
-}
+func testLogger(tb testing.TB) *slog.Logger { return testlog.New(tb) }
 
 // fakeClock only moves when told to. It records every timer asked for, so
 // a test can wait until the code under test is waiting.

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/isthmus-mesh/isthmus/internal/testlog"
+
 	"github.com/stretchr/testify/require"
 	networkingapi "istio.io/api/networking/v1alpha3"
 	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
@@ -28,32 +30,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 )
 
-// writerLogger writes to t.Logf until the test ends.
-func writerLogger(tb testing.TB) *slog.Logger {
-	w := &logfWriter{tb: tb}
-	tb.Cleanup(func() {
-		w.mu.Lock()
-		w.done = true
-		w.mu.Unlock()
-	})
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type logfWriter struct {
-	tb testing.TB
-	// mu guards done.
-	mu   sync.Mutex
-	done bool
-}
-
-func (w *logfWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.done && len(p) > 0 {
-		w.tb.Logf("%s", p[:len(p)-1])
-	}
-	return len(p), nil
-}
+func writerLogger(tb testing.TB) *slog.Logger { return testlog.New(tb) }
 
 func namespace(name string) *corev1.Namespace {
 	return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}

@@ -5,10 +5,11 @@ import (
 	"crypto/tls"
 	"log/slog"
 	"net"
-	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/isthmus-mesh/isthmus/internal/testlog"
 
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
@@ -27,17 +28,7 @@ import (
 // waitFor bounds every wait in these tests: behaviour, not speed.
 const waitFor = 15 * time.Second
 
-// testLogger writes to t.Logf.
-func testLogger(t testing.TB) *slog.Logger {
-	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type tWriter struct{ t testing.TB }
-
-func (w tWriter) Write(p []byte) (int, error) {
-	w.t.Logf("%s", strings.TrimRight(string(p), "\n"))
-	return len(p), nil
-}
+func testLogger(t testing.TB) *slog.Logger { return testlog.New(t) }
 
 // More services, for the client tests.
 // snapshot is r as go-control-plane's cache serves it.
