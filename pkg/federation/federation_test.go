@@ -289,7 +289,11 @@ func TestThreeFederators(t *testing.T) {
 			stored, found, err := m.loadPeerBundle(t.Context(), "a", td)
 			return err == nil && found && len(stored.X509Authorities()) == 2
 		})
-		require.Equal(t, a.ca.BundleSequence()+1, b.status("a").BundleSequence)
+		// b reports the sequence only once the bundle is stored, after the
+		// trust store took it: wait for it rather than racing it.
+		eventually(t, "b reports the new sequence", func() bool {
+			return b.status("a").BundleSequence == a.ca.BundleSequence()+1
+		})
 	})
 
 	t.Run("a reused token is refused", func(t *testing.T) {
