@@ -4,11 +4,11 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"io"
-	"net"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/isthmus-mesh/isthmus/test/bench/internal/tlsbackend"
 )
 
 // window is one measurement: count at the start and end of the measured
@@ -18,22 +18,6 @@ type window struct {
 	seconds float64
 	cpu     float64 // proxy CPU seconds in the period (0 for direct)
 	errors  int64
-}
-
-func dialTLS(ctx context.Context, addr string, cfg *tls.Config) (*tls.Conn, error) {
-	d := net.Dialer{Timeout: 5 * time.Second}
-	raw, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return nil, err
-	}
-	c := tls.Client(raw, cfg)
-	hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	if err := c.HandshakeContext(hctx); err != nil {
-		_ = raw.Close()
-		return nil, err
-	}
-	return c, nil
 }
 
 // measure runs work on conns goroutines, each adding to the counter, and
@@ -63,7 +47,7 @@ func measure(conns int, warmup, dur time.Duration, cpu func() float64, work func
 // buffers hold a few MB, noise next to GB over the window).
 func bulk(addr string, cfg *tls.Config) func(ctx context.Context, count, errs *atomic.Int64) {
 	return func(ctx context.Context, count, errs *atomic.Int64) {
-		c, err := dialTLS(ctx, addr, cfg)
+		c, err := tlsbackend.Dial(ctx, addr, cfg)
 		if err != nil {
 			errs.Add(1)
 			return
@@ -72,7 +56,7 @@ func bulk(addr string, cfg *tls.Config) func(ctx context.Context, count, errs *a
 		defer stop()
 		defer c.Close()
 		buf := make([]byte, 64<<10)
-		buf[0] = cmdSink
+		buf[0] = tlsbackend.CmdSink
 		for ctx.Err() == nil {
 			n, err := c.Write(buf)
 			count.Add(int64(n))
@@ -90,20 +74,14 @@ func bulk(addr string, cfg *tls.Config) func(ctx context.Context, count, errs *a
 // byte each way, close.
 func handshakes(addr string, cfg *tls.Config) func(ctx context.Context, count, errs *atomic.Int64) {
 	return func(ctx context.Context, count, errs *atomic.Int64) {
-		one := make([]byte, 1)
 		for ctx.Err() == nil {
 			err := func() error {
-				c, err := dialTLS(ctx, addr, cfg)
+				c, err := tlsbackend.Dial(ctx, addr, cfg)
 				if err != nil {
 					return err
 				}
 				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-				if _, err := c.Write([]byte{cmdPing}); err != nil {
-					return err
-				}
-				_, err = io.ReadFull(c, one)
-				return err
+				return tlsbackend.Ping(c, 10*time.Second)
 			}()
 			switch {
 			case err == nil:

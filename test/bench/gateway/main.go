@@ -43,13 +43,15 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/isthmus-mesh/isthmus/test/bench/internal/tlsbackend"
 )
 
 const benchSNI = "outbound_.8443_._.backend.bench.svc.cluster.local"
 
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "backend" {
-		if err := runBackend(os.Args[2:]); err != nil {
+		if err := tlsbackend.Run(os.Args[2:]); err != nil {
 			log.Fatal(err)
 		}
 		return
@@ -82,10 +84,10 @@ func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc int, no
 		return err
 	}
 	defer os.RemoveAll(dir)
-	if err := writePKI(dir); err != nil {
+	if err := tlsbackend.WritePKI(dir); err != nil {
 		return err
 	}
-	clientCfg, err := tlsConfig(dir, false)
+	clientCfg, err := tlsbackend.ClientConfig(dir, benchSNI)
 	if err != nil {
 		return err
 	}
@@ -134,7 +136,7 @@ func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc int, no
 
 	// Each target must work before anything is measured.
 	for _, t := range targets {
-		c, err := dialTLS(context.Background(), t.addr, clientCfg)
+		c, err := tlsbackend.Dial(context.Background(), t.addr, clientCfg)
 		if err != nil {
 			return fmt.Errorf("%s: a TLS connection through it fails: %w", t.name, err)
 		}
