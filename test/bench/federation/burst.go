@@ -10,6 +10,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/test/bench/internal/table"
 )
 
 const burstNS = "bench-burst"
@@ -96,17 +97,17 @@ func measureBurst(ctx context.Context, cfg config, log *slog.Logger, a, b *membe
 	return res, nil
 }
 
-func (r *burstResult) report(rep *report, cfg config) {
+func (r *burstResult) report(rep *table.Report, cfg config) {
 	n := float64(r.n)
-	rep.add(section{
-		title: fmt.Sprintf("%d ServiceExports created at once in a", r.n),
-		peer:  "a's API server: the rate at which it accepted the creates",
-		rows: []row{
-			{measure: "exports/s into a's catalog", unit: unitRate, ours: n / r.toA.Seconds(), peer: n / r.created.Seconds(), target: none},
-			{measure: "exports/s into b's catalog", unit: unitRate, ours: n / r.toB.Seconds(), peer: n / r.created.Seconds(), target: none},
-			{measure: fmt.Sprintf("time until b's catalog holds all %d", r.n), unit: unitSeconds, ours: r.toB.Seconds(), peer: r.created.Seconds(), target: none},
+	rep.Add(table.Section{
+		Title: fmt.Sprintf("%d ServiceExports created at once in a", r.n),
+		Peer:  "a's API server: the rate at which it accepted the creates",
+		Rows: []table.Row{
+			{Measure: "exports/s into a's catalog", Unit: table.Rate, Ours: n / r.toA.Seconds(), Peer: n / r.created.Seconds(), Target: table.None},
+			{Measure: "exports/s into b's catalog", Unit: table.Rate, Ours: n / r.toB.Seconds(), Peer: n / r.created.Seconds(), Target: table.None},
+			{Measure: fmt.Sprintf("time until b's catalog holds all %d", r.n), Unit: table.Seconds, Ours: r.toB.Seconds(), Peer: r.created.Seconds(), Target: table.None},
 		},
 	})
-	rep.note("Exporter throughput: a's exporter had written the status of %d of the %d exports %s after they were created.",
+	rep.Note("Exporter throughput: a's exporter had written the status of %d of the %d exports %s after they were created.",
 		r.statusWritten, r.n, r.statusWrittenWithin.Round(100*time.Millisecond))
 }

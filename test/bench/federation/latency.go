@@ -11,6 +11,7 @@ import (
 	mcsv1alpha1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/test/bench/internal/table"
 )
 
 const latencyNS = "bench-latency"
@@ -19,10 +20,10 @@ const latencyNS = "bench-latency"
 type latencyResult struct {
 	// Creating the ServiceExport → a's catalog, b's catalog, the
 	// ServiceEntry in b; then the same for deleting it.
-	createA, createB, createSE samples
-	deleteA, deleteB, deleteSE samples
+	createA, createB, createSE table.Samples
+	deleteA, deleteB, deleteSE table.Samples
 	// createCall is how long the Create call itself took (included above).
-	createCall samples
+	createCall table.Samples
 	// missedSE counts ServiceEntries the writer never created, or created
 	// only after the export was deleted again.
 	missedSE     int
@@ -177,29 +178,29 @@ func measureLatency(ctx context.Context, cfg config, log *slog.Logger, a, b *mem
 	return res, nil
 }
 
-func (r *latencyResult) report(rep *report, cfg config) {
+func (r *latencyResult) report(rep *table.Report, cfg config) {
 	const peer = "a's own /debug/catalog (a's exporter, fed by a's informers)"
-	var created []row
-	created = append(created, latencyRows("→ b's catalog", r.createB, r.createA, 0.200, "")...)
-	created = append(created, latencyRows("→ b's catalog, from the Create call's return", r.createB.minus(r.createCall), r.createA.minus(r.createCall), 0.200, "")...)
-	created = append(created, latencyRows("federation hop: b's catalog − a's catalog, same change", r.createB.minus(r.createA), nil, none, "")...)
-	created = append(created, latencyRows("→ ServiceEntry in b's API server", r.createSE, r.createA, none, "writer flushes every 1 s")...)
-	rep.add(section{title: "ServiceExport created in a", peer: peer, rows: created})
-	var deleted []row
-	deleted = append(deleted, latencyRows("→ gone from b's catalog", r.deleteB, r.deleteA, none, "")...)
-	deleted = append(deleted, latencyRows("federation hop: b's catalog − a's catalog, same change", r.deleteB.minus(r.deleteA), nil, none, "")...)
-	deleted = append(deleted, latencyRows("→ ServiceEntry deleted in b's API server", r.deleteSE, r.deleteA, none, "writer flushes every 1 s")...)
-	rep.add(section{title: "ServiceExport deleted in a", peer: peer, rows: deleted})
-	rep.note("Propagation: %d changes after %d not counted, one every %s, the next only once the previous reached both catalogs; each export deleted %d changes after it was created. "+
+	var created []table.Row
+	created = append(created, table.LatencyRows("→ b's catalog", r.createB, r.createA, 0.200, "")...)
+	created = append(created, table.LatencyRows("→ b's catalog, from the Create call's return", r.createB.Minus(r.createCall), r.createA.Minus(r.createCall), 0.200, "")...)
+	created = append(created, table.LatencyRows("federation hop: b's catalog − a's catalog, same change", r.createB.Minus(r.createA), nil, table.None, "")...)
+	created = append(created, table.LatencyRows("→ ServiceEntry in b's API server", r.createSE, r.createA, table.None, "writer flushes every 1 s")...)
+	rep.Add(table.Section{Title: "ServiceExport created in a", Peer: peer, Rows: created})
+	var deleted []table.Row
+	deleted = append(deleted, table.LatencyRows("→ gone from b's catalog", r.deleteB, r.deleteA, table.None, "")...)
+	deleted = append(deleted, table.LatencyRows("federation hop: b's catalog − a's catalog, same change", r.deleteB.Minus(r.deleteA), nil, table.None, "")...)
+	deleted = append(deleted, table.LatencyRows("→ ServiceEntry deleted in b's API server", r.deleteSE, r.deleteA, table.None, "writer flushes every 1 s")...)
+	rep.Add(table.Section{Title: "ServiceExport deleted in a", Peer: peer, Rows: deleted})
+	rep.Note("Propagation: %d changes after %d not counted, one every %s, the next only once the previous reached both catalogs; each export deleted %d changes after it was created. "+
 		"Catalogs polled every %s; a request took %s on a and %s on b on average, so a catalog time is late by at most about %s. "+
 		"Times start just before the Create (or Delete) call; the Create call took %s at p50, %s at p99, %s at most. "+
 		"ServiceEntry times are when a watch on b's API server delivered the event.",
 		cfg.changes, cfg.warmup, cfg.interval, cfg.window, cfg.poll,
 		r.pollA.meanRequest().Round(time.Microsecond), r.pollB.meanRequest().Round(time.Microsecond),
 		(cfg.poll + max(r.pollA.meanRequest(), r.pollB.meanRequest())).Round(100*time.Microsecond),
-		r.createCall.pct(50).Round(100*time.Microsecond), r.createCall.pct(99).Round(100*time.Microsecond), r.createCall.max().Round(100*time.Microsecond))
+		r.createCall.Pct(50).Round(100*time.Microsecond), r.createCall.Pct(99).Round(100*time.Microsecond), r.createCall.Max().Round(100*time.Microsecond))
 	if r.missedSE > 0 {
-		rep.note("%d of %d ServiceEntries were never seen while their export existed (not counted above).", r.missedSE, cfg.changes)
+		rep.Note("%d of %d ServiceEntries were never seen while their export existed (not counted above).", r.missedSE, cfg.changes)
 	}
 }
 

@@ -77,10 +77,10 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
-	"strings"
 	"syscall"
 	"time"
 
+	"github.com/isthmus-mesh/isthmus/test/bench/internal/table"
 	"github.com/isthmus-mesh/isthmus/test/localcluster"
 )
 
@@ -138,7 +138,7 @@ func main() {
 	defer stop()
 	rep, err := run(ctx, cfg, log)
 	if rep != nil {
-		rep.write(os.Stdout)
+		rep.Write(os.Stdout)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench-federation: could not measure:", err)
@@ -146,7 +146,7 @@ func main() {
 	}
 }
 
-func run(ctx context.Context, cfg config, log *slog.Logger) (rep *report, err error) {
+func run(ctx context.Context, cfg config, log *slog.Logger) (rep *table.Report, err error) {
 	if cfg.binDir, err = filepath.Abs(cfg.binDir); err != nil {
 		return nil, err
 	}
@@ -154,7 +154,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (rep *report, err er
 		return nil, fmt.Errorf("no federator binary (run make build): %w", err)
 	}
 	started := time.Now()
-	loadBefore := loadAverage()
+	loadBefore := table.LoadAverage()
 	step(log, "starting clusters a and b")
 	env, err := localcluster.Start(ctx, localcluster.Options{
 		Clusters: []localcluster.ClusterOptions{{Name: "a"}, {Name: "b"}},
@@ -169,7 +169,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (rep *report, err er
 			log.Error("tear-down", "err", cerr)
 		}
 	}()
-	rep = &report{}
+	rep = &table.Report{}
 
 	args := []string{"--log-level", cfg.federatorLog}
 	var a, b *member
@@ -230,29 +230,16 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (rep *report, err er
 	}
 	sr.report(rep, cfg)
 
-	rep.note("Run: %s, %d CPUs, %s, clusters isolated by network namespaces: %t, kube-apiserver %s, federators with default flags plus --log-level %s; %s in all.",
+	rep.Note("Run: %s, %d CPUs, %s, clusters isolated by network namespaces: %t, kube-apiserver %s, federators with default flags plus --log-level %s; %s in all.",
 		time.Now().UTC().Format(time.RFC3339), runtime.NumCPU(), runtime.Version(), env.Isolated(), localcluster.KubeVersion,
 		cfg.federatorLog, time.Since(started).Round(time.Second))
-	rep.note("Load average (1, 5, 15 min) at the start: %s; at the end: %s. The machine is shared: figures move with what else runs.", loadBefore, loadAverage())
+	rep.Note("Load average (1, 5, 15 min) at the start: %s; at the end: %s. The machine is shared: figures move with what else runs.", loadBefore, table.LoadAverage())
 	if !env.Isolated() {
-		rep.note("Not root: the clusters share the host network (loopback mode); federation traffic does not cross a veth/bridge WAN.")
+		rep.Note("Not root: the clusters share the host network (loopback mode); federation traffic does not cross a veth/bridge WAN.")
 	}
 	return rep, nil
 }
 
 func step(log *slog.Logger, msg string, args ...any) {
 	log.Info("==> "+msg, args...)
-}
-
-// loadAverage is the first three fields of /proc/loadavg.
-func loadAverage() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "unknown"
-	}
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return "unknown"
-	}
-	return strings.Join(f[:3], " ")
 }

@@ -13,6 +13,7 @@ import (
 	mcsv1alpha1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/test/bench/internal/table"
 )
 
 const (
@@ -39,8 +40,8 @@ type syncResult struct {
 	seAll, seElapsed   time.Duration
 	fedPollMean        time.Duration
 	metricsPollMean    time.Duration
-	scaleA, scaleB     samples
-	scaleCall          samples
+	scaleA, scaleB     table.Samples
+	scaleCall          table.Samples
 	scaleAPoll         time.Duration
 	hwmA, hwmB         uint64
 	rssA, rssB         uint64
@@ -285,7 +286,7 @@ func measureAtScale(ctx context.Context, cfg config, log *slog.Logger, a, b *mem
 		}
 	}
 	res.scaleAPoll = pa.meanRequest()
-	log.Info("at scale", "p50ToB", res.scaleB.pct(50).Round(time.Microsecond), "maxToB", res.scaleB.max().Round(time.Microsecond))
+	log.Info("at scale", "p50ToB", res.scaleB.Pct(50).Round(time.Microsecond), "maxToB", res.scaleB.Max().Round(time.Microsecond))
 	return nil
 }
 
@@ -317,73 +318,73 @@ func (r *syncResult) readMemory(ctx context.Context, a, b *member) error {
 	return nil
 }
 
-func (r *syncResult) report(rep *report, cfg config) {
+func (r *syncResult) report(rep *table.Report, cfg config) {
 	n := r.n
-	se := row{measure: fmt.Sprintf("b start → all %d ServiceEntries in b's API server", n), unit: unitSeconds,
-		ours: r.seAll.Seconds(), peer: none, target: none}
+	se := table.Row{Measure: fmt.Sprintf("b start → all %d ServiceEntries in b's API server", n), Unit: table.Seconds,
+		Ours: r.seAll.Seconds(), Peer: table.None, Target: table.None}
 	if r.seAll == 0 {
-		se.ours = none
+		se.Ours = table.None
 		rate := 0.0
 		if span := r.seLast - r.seFirst; r.seCount > 1 && span > 0 {
 			rate = float64(r.seCount-1) / span.Seconds()
 		}
-		se.note = fmt.Sprintf("not within %s: %d written (%.1f/s", cfg.seCap, r.seCount, rate)
+		se.Note = fmt.Sprintf("not within %s: %d written (%.1f/s", cfg.seCap, r.seCount, rate)
 		if rate > 0 {
-			se.note += fmt.Sprintf("; all in ~%.0f min at that rate", (r.seFirst.Seconds()+float64(n)/rate)/60)
+			se.Note += fmt.Sprintf("; all in ~%.0f min at that rate", (r.seFirst.Seconds()+float64(n)/rate)/60)
 		}
-		se.note += ")"
+		se.Note += ")"
 	}
-	rep.add(section{
-		title: fmt.Sprintf("Initial sync of %d exported services", n),
-		peer:  fmt.Sprintf("a's own start: federator start → a's catalog holds the %d, read from a's API server", n),
-		rows: []row{
-			{measure: fmt.Sprintf("b start → b's catalog holds all %d from a", n), unit: unitSeconds, ours: r.bSync.Seconds(), peer: r.aSync.Seconds(), target: 5},
-			{measure: "b start → ready (/readyz)", unit: unitSeconds, ours: r.bReady.Seconds(), peer: r.aReady.Seconds(), target: none},
-			{measure: "b start → federation stream to a up", unit: unitSeconds, ours: orNone(r.bConnected), peer: none, target: none},
+	rep.Add(table.Section{
+		Title: fmt.Sprintf("Initial sync of %d exported services", n),
+		Peer:  fmt.Sprintf("a's own start: federator start → a's catalog holds the %d, read from a's API server", n),
+		Rows: []table.Row{
+			{Measure: fmt.Sprintf("b start → b's catalog holds all %d from a", n), Unit: table.Seconds, Ours: r.bSync.Seconds(), Peer: r.aSync.Seconds(), Target: 5},
+			{Measure: "b start → ready (/readyz)", Unit: table.Seconds, Ours: r.bReady.Seconds(), Peer: r.aReady.Seconds(), Target: table.None},
+			{Measure: "b start → federation stream to a up", Unit: table.Seconds, Ours: orNone(r.bConnected), Peer: table.None, Target: table.None},
 			se,
-			{measure: "CPU seconds used, start → catalog complete", unit: unitSeconds, ours: r.bCPU.Seconds(), peer: r.aCPU.Seconds(), target: none},
-			{measure: "CPU seconds a used while b synced", unit: unitSeconds, ours: r.aCPUDuringSync.Seconds(), peer: none, target: none},
+			{Measure: "CPU seconds used, start → catalog complete", Unit: table.Seconds, Ours: r.bCPU.Seconds(), Peer: r.aCPU.Seconds(), Target: table.None},
+			{Measure: "CPU seconds a used while b synced", Unit: table.Seconds, Ours: r.aCPUDuringSync.Seconds(), Peer: table.None, Target: table.None},
 		},
 	})
 	if len(r.scaleB) > 0 {
-		rep.add(section{
-			title: fmt.Sprintf("ServiceExport created in a, %d already exported", n),
-			peer:  "a's own catalog (its /metrics count)",
-			rows: slices.Concat(latencyRows("→ b's catalog", r.scaleB, r.scaleA, 0.200, ""),
-				latencyRows("→ b's catalog, from the Create call's return", r.scaleB.minus(r.scaleCall), r.scaleA.minus(r.scaleCall), 0.200, ""),
-				latencyRows("federation hop: b's catalog − a's catalog, same change", r.scaleB.minus(r.scaleA), nil, none, "")),
+		rep.Add(table.Section{
+			Title: fmt.Sprintf("ServiceExport created in a, %d already exported", n),
+			Peer:  "a's own catalog (its /metrics count)",
+			Rows: slices.Concat(table.LatencyRows("→ b's catalog", r.scaleB, r.scaleA, 0.200, ""),
+				table.LatencyRows("→ b's catalog, from the Create call's return", r.scaleB.Minus(r.scaleCall), r.scaleA.Minus(r.scaleCall), 0.200, ""),
+				table.LatencyRows("federation hop: b's catalog − a's catalog, same change", r.scaleB.Minus(r.scaleA), nil, table.None, "")),
 		})
 	}
 	const target = 300e6
-	rep.add(section{
-		title: fmt.Sprintf("Federator memory with %d services", n),
-		rows: []row{
-			{measure: fmt.Sprintf("a (exports %d): peak RSS, VmHWM", n), unit: unitMB, ours: float64(r.hwmA), peer: none, target: target},
-			{measure: fmt.Sprintf("b (imports %d, writes ServiceEntries): peak RSS, VmHWM", n), unit: unitMB, ours: float64(r.hwmB), peer: none, target: target},
-			{measure: "a: process_resident_memory_bytes at the end", unit: unitMB, ours: r.promRSSA, peer: none, target: target},
-			{measure: "b: process_resident_memory_bytes at the end", unit: unitMB, ours: r.promRSSB, peer: none, target: target},
-			{measure: "a: go_memstats_heap_inuse_bytes at the end", unit: unitMB, ours: r.heapA, peer: none, target: none},
-			{measure: "b: go_memstats_heap_inuse_bytes at the end", unit: unitMB, ours: r.heapB, peer: none, target: none},
+	rep.Add(table.Section{
+		Title: fmt.Sprintf("Federator memory with %d services", n),
+		Rows: []table.Row{
+			{Measure: fmt.Sprintf("a (exports %d): peak RSS, VmHWM", n), Unit: table.MB, Ours: float64(r.hwmA), Peer: table.None, Target: target},
+			{Measure: fmt.Sprintf("b (imports %d, writes ServiceEntries): peak RSS, VmHWM", n), Unit: table.MB, Ours: float64(r.hwmB), Peer: table.None, Target: target},
+			{Measure: "a: process_resident_memory_bytes at the end", Unit: table.MB, Ours: r.promRSSA, Peer: table.None, Target: target},
+			{Measure: "b: process_resident_memory_bytes at the end", Unit: table.MB, Ours: r.promRSSB, Peer: table.None, Target: target},
+			{Measure: "a: go_memstats_heap_inuse_bytes at the end", Unit: table.MB, Ours: r.heapA, Peer: table.None, Target: table.None},
+			{Measure: "b: go_memstats_heap_inuse_bytes at the end", Unit: table.MB, Ours: r.heapB, Peer: table.None, Target: table.None},
 		},
 	})
-	rep.note("Initial sync: %d Services and ServiceExports (in %d namespaces, with the exporter's status) created in a in %s while both federators were stopped; "+
+	rep.Note("Initial sync: %d Services and ServiceExports (in %d namespaces, with the exporter's status) created in a in %s while both federators were stopped; "+
 		"a's federator was then started and its catalog held them %s later; b's federator was started after that. "+
 		"b's import count polled every %s (request mean %s), a's /metrics every %s (request mean %s); ready times have fedproc's 50 ms resolution.",
 		n, cfg.namespaces, r.created.Round(100*time.Millisecond), r.aSync.Round(time.Millisecond),
 		cfg.poll, r.fedPollMean.Round(time.Microsecond), cfg.countPoll, r.metricsPollMean.Round(time.Microsecond))
 	if r.seCount > 0 {
-		rep.note("ServiceEntries in b: the first %s after b's start, %d by %s.", r.seFirst.Round(time.Millisecond), r.seCount, r.seElapsed.Round(time.Second))
+		rep.Note("ServiceEntries in b: the first %s after b's start, %d by %s.", r.seFirst.Round(time.Millisecond), r.seCount, r.seElapsed.Round(time.Second))
 	}
 	if len(r.scaleB) > 0 {
-		rep.note("At scale: %d changes, one every %s; the Create call took %s at p50, %s at most; a's /metrics polled every %s (request mean %s), b's /debug/federation every %s. Memory: VmHWM is the peak since the federators were restarted for the sync; VmRSS at the end was %.0f MB (a) and %.0f MB (b).",
-			len(r.scaleB), cfg.interval, r.scaleCall.pct(50).Round(100*time.Microsecond), r.scaleCall.max().Round(100*time.Microsecond), cfg.countPoll, r.scaleAPoll.Round(time.Microsecond), cfg.poll, float64(r.rssA)/1e6, float64(r.rssB)/1e6)
+		rep.Note("At scale: %d changes, one every %s; the Create call took %s at p50, %s at most; a's /metrics polled every %s (request mean %s), b's /debug/federation every %s. Memory: VmHWM is the peak since the federators were restarted for the sync; VmRSS at the end was %.0f MB (a) and %.0f MB (b).",
+			len(r.scaleB), cfg.interval, r.scaleCall.Pct(50).Round(100*time.Microsecond), r.scaleCall.Max().Round(100*time.Microsecond), cfg.countPoll, r.scaleAPoll.Round(time.Microsecond), cfg.poll, float64(r.rssA)/1e6, float64(r.rssB)/1e6)
 	}
 }
 
 // orNone is d in seconds, or "not measured" for zero.
 func orNone(d time.Duration) float64 {
 	if d == 0 {
-		return none
+		return table.None
 	}
 	return d.Seconds()
 }
