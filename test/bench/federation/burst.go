@@ -10,6 +10,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/test/bench/internal/bulk"
 	"github.com/isthmus-mesh/isthmus/test/bench/internal/table"
 )
 
@@ -32,7 +33,7 @@ func measureBurst(ctx context.Context, cfg config, log *slog.Logger, a, b *membe
 	}
 	name := func(i int) string { return fmt.Sprintf("burst-%d", i) }
 	n := cfg.burst
-	if err := forEach(ctx, n, cfg.workers, func(ctx context.Context, i int) error {
+	if err := bulk.ForEach(ctx, n, cfg.workers, func(ctx context.Context, i int) error {
 		return a.createService(ctx, burstNS, name(i))
 	}); err != nil {
 		return nil, err
@@ -51,7 +52,7 @@ func measureBurst(ctx context.Context, cfg config, log *slog.Logger, a, b *membe
 
 	res := &burstResult{n: n}
 	t0 := time.Now()
-	if err := forEach(ctx, n, cfg.workers, func(ctx context.Context, i int) error {
+	if err := bulk.ForEach(ctx, n, cfg.workers, func(ctx context.Context, i int) error {
 		_, err := a.ensureExport(ctx, burstNS, name(i))
 		return err
 	}); err != nil {
@@ -89,7 +90,7 @@ func measureBurst(ctx context.Context, cfg config, log *slog.Logger, a, b *membe
 			res.statusWritten++
 		}
 	}
-	if err := forEach(ctx, n, cfg.workers, func(ctx context.Context, i int) error {
+	if err := bulk.ForEach(ctx, n, cfg.workers, func(ctx context.Context, i int) error {
 		return a.deleteExport(ctx, burstNS, name(i))
 	}); err != nil {
 		return nil, err

@@ -10,17 +10,15 @@ import (
 	"strings"
 	"time"
 
-	"golang.org/x/sync/errgroup"
 	istioclient "istio.io/client-go/pkg/clientset/versioned"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/util/retry"
 	mcsv1alpha1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
 	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
 
+	"github.com/isthmus-mesh/isthmus/test/bench/internal/bulk"
 	"github.com/isthmus-mesh/isthmus/test/fedproc"
 	"github.com/isthmus-mesh/isthmus/test/install"
 	"github.com/isthmus-mesh/isthmus/test/localcluster"
@@ -158,31 +156,12 @@ func (m *member) ensureNamespace(ctx context.Context, ns string) error {
 	return nil
 }
 
-// transient reports errors worth retrying when creating objects in bulk:
-// an API server short of CPU (the machine is shared) times out or sheds
-// load.
-func transient(err error) bool {
-	var netErr net.Error
-	return apierrors.IsTimeout(err) || apierrors.IsServerTimeout(err) || apierrors.IsTooManyRequests(err) ||
-		apierrors.IsInternalError(err) || apierrors.IsServiceUnavailable(err) || apierrors.IsConflict(err) ||
-		errors.Is(err, context.DeadlineExceeded) || errors.As(err, &netErr) ||
-		// A Service's IP allocation reports etcd timeouts as invalid.
-		(err != nil && strings.Contains(err.Error(), "etcdserver: request timed out"))
-}
-
-// bulkRetry retries fn on transient errors, six times at most over about
-// a minute, for objects created in bulk and not timed.
-func bulkRetry(ctx context.Context, fn func() error) error {
-	b := wait.Backoff{Steps: 6, Duration: time.Second, Factor: 2, Jitter: 0.1}
-	return retry.OnError(b, func(err error) bool { return ctx.Err() == nil && transient(err) }, fn)
-}
-
 // createService creates a Service with one HTTP port and no selector: no
 // EndpointSlice is made for it, so it is exported with no endpoints, and
 // the only objects the exporter reads are the Service and its export.
 // Transient errors are retried.
 func (m *member) createService(ctx context.Context, ns, name string) error {
-	return bulkRetry(ctx, func() error {
+	return bulk.Retry(ctx, func() error {
 		_, err := m.kube.CoreV1().Services(ns).Create(ctx, &corev1.Service{
 			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
 			Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{
@@ -201,7 +180,7 @@ func (m *member) createService(ctx context.Context, ns, name string) error {
 func (m *member) ensureExport(ctx context.Context, ns, name string) (*mcsv1alpha1.ServiceExport, error) {
 	client := m.mcs.MulticlusterV1alpha1().ServiceExports(ns)
 	var se *mcsv1alpha1.ServiceExport
-	err := bulkRetry(ctx, func() (err error) {
+	err := bulk.Retry(ctx, func() (err error) {
 		se, err = client.Create(ctx, &mcsv1alpha1.ServiceExport{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}, metav1.CreateOptions{})
 		if apierrors.IsAlreadyExists(err) {
 			se, err = client.Get(ctx, name, metav1.GetOptions{})
@@ -219,7 +198,7 @@ func (m *member) ensureExport(ctx context.Context, ns, name string) (*mcsv1alpha
 func (m *member) setExportStatus(ctx context.Context, se *mcsv1alpha1.ServiceExport, conds []metav1.Condition) error {
 	client := m.mcs.MulticlusterV1alpha1().ServiceExports(se.Namespace)
 	cur := se.DeepCopy()
-	err := bulkRetry(ctx, func() error {
+	err := bulk.Retry(ctx, func() error {
 		cur.Status.Conditions = conds
 		_, err := client.UpdateStatus(ctx, cur, metav1.UpdateOptions{})
 		if apierrors.IsConflict(err) {
@@ -250,23 +229,6 @@ func (m *member) deleteExport(ctx context.Context, ns, name string) error {
 		return fmt.Errorf("delete ServiceExport %s/%s in %s: %w", ns, name, m.name(), err)
 	}
 	return nil
-}
-
-// forEach runs fn for 0..n-1 on workers goroutines; the first error
-// cancels the rest.
-func forEach(ctx context.Context, n, workers int, fn func(ctx context.Context, i int) error) error {
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(workers)
-	for i := range n {
-		if gctx.Err() != nil {
-			break
-		}
-		g.Go(func() error { return fn(gctx, i) })
-	}
-	if err := g.Wait(); err != nil {
-		return err
-	}
-	return ctx.Err()
 }
 
 // errNoTemplate: the exporter never wrote a status to copy.

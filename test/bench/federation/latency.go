@@ -11,6 +11,7 @@ import (
 	mcsv1alpha1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/test/bench/internal/bulk"
 	"github.com/isthmus-mesh/isthmus/test/bench/internal/table"
 )
 
@@ -61,7 +62,7 @@ func measureLatency(ctx context.Context, cfg config, log *slog.Logger, a, b *mem
 	}
 	total := cfg.warmup + cfg.changes
 	name := func(i int) string { return fmt.Sprintf("lat-%d", i) }
-	if err := forEach(ctx, total, cfg.workers, func(ctx context.Context, i int) error {
+	if err := bulk.ForEach(ctx, total, cfg.workers, func(ctx context.Context, i int) error {
 		return a.createService(ctx, latencyNS, name(i))
 	}); err != nil {
 		return nil, err

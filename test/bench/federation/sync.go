@@ -13,6 +13,7 @@ import (
 	mcsv1alpha1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/test/bench/internal/bulk"
 	"github.com/isthmus-mesh/isthmus/test/bench/internal/table"
 )
 
@@ -86,7 +87,7 @@ func measureSync(ctx context.Context, cfg config, log *slog.Logger, a, b *member
 			return nil, err
 		}
 	}
-	if err := forEach(ctx, cfg.scaleChanges, cfg.workers, func(ctx context.Context, i int) error {
+	if err := bulk.ForEach(ctx, cfg.scaleChanges, cfg.workers, func(ctx context.Context, i int) error {
 		return a.createService(ctx, scaleNS, fmt.Sprintf("scale-%d", i))
 	}); err != nil {
 		return nil, err
@@ -100,7 +101,7 @@ func measureSync(ctx context.Context, cfg config, log *slog.Logger, a, b *member
 	defer cancel()
 	errc := make(chan error, 1)
 	go func() {
-		errc <- forEach(cctx, n, cfg.workers, func(ctx context.Context, i int) error {
+		errc <- bulk.ForEach(cctx, n, cfg.workers, func(ctx context.Context, i int) error {
 			ns, name := syncNS(i, cfg.namespaces), fmt.Sprintf("svc-%05d", i)
 			if err := a.createService(ctx, ns, name); err != nil {
 				return err
