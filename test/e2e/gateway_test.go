@@ -4,8 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"net"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -33,15 +31,10 @@ func TestGatewayRoutesFromFederator(t *testing.T) {
 	a := newMember(t, env.Cluster("a"))
 	a.serve("demo", "echo", 2)
 
-	gw, err := a.c.StartProcess(t.Context(), localcluster.ProcessSpec{Name: "eastwest-gw", Command: []string{
-		filepath.Join(binDir, "eastwest-gw"), "--xds-plaintext", "--xds-address", a.f.XDSAddr,
-		"--cluster-name", "a", "--pod-ip", a.f.Host, "--pod-name", "eastwest-gw-0",
-		"--listen-addr", "0.0.0.0:" + fedproc.GatewayPort, "--health-addr", "0.0.0.0:15021", "--metrics-addr", "0.0.0.0:15020",
-		"--log-level", "debug",
-	}})
+	gw, err := fedproc.StartGateway(t.Context(), a.f, binDir, "--log-level", "debug")
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = gw.Stop(10 * time.Second) })
-	addr := net.JoinHostPort(a.f.Host, fedproc.GatewayPort)
+	addr := gw.Addr
 
 	handshake := func(sni string) error {
 		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
@@ -56,7 +49,7 @@ func TestGatewayRoutesFromFederator(t *testing.T) {
 	var last error
 	var exited bool
 	require.Eventually(t, func() bool {
-		if exited, _ = gw.Exited(); exited {
+		if exited, _ = gw.Proc.Exited(); exited {
 			return true
 		}
 		last = handshake(echoSNI)
@@ -65,7 +58,7 @@ func TestGatewayRoutesFromFederator(t *testing.T) {
 		var rhe tls.RecordHeaderError
 		return errors.As(last, &rhe) && string(rhe.RecordHeader[:]) == "HTTP/"
 	}, 60*time.Second, 500*time.Millisecond, "the echo pods never answered through the gateway")
-	require.False(t, exited, "eastwest-gw exited:\n%s", gw.Tail(30))
+	require.False(t, exited, "eastwest-gw exited:\n%s", gw.Proc.Tail(30))
 
 	err = handshake("outbound_.80_._.private.demo.svc.cluster.local")
 	require.ErrorContains(t, err, "unrecognized name")

@@ -1,6 +1,7 @@
 // Package fedproc runs the real federator binary inside a harness cluster
-// (test/localcluster) and talks to its monitoring port, for the e2e tests
-// and the demo.
+// (test/localcluster) and talks to its monitoring port, and runs the real
+// eastwest-gw beside it fed over xDS, for the e2e tests, the demo and the
+// benchmarks.
 package fedproc
 
 import (
@@ -136,7 +137,12 @@ var client = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{P
 
 // Get fetches a path of the monitoring port and returns the body of a 200.
 func (f *Federator) Get(ctx context.Context, path string) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, f.Monitoring+path, nil)
+	return get(ctx, f.Monitoring+path)
+}
+
+// get fetches u and returns the body of a 200.
+func get(ctx context.Context, u string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -150,7 +156,7 @@ func (f *Federator) Get(ctx context.Context, path string) ([]byte, error) {
 		return nil, err
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET %s: %s: %s", path, resp.Status, body)
+		return nil, fmt.Errorf("GET %s: %s: %s", u, resp.Status, body)
 	}
 	return body, nil
 }
@@ -218,3 +224,76 @@ func LocalVersion(d federator.CatalogDump) string {
 	}
 	return ""
 }
+
+// The gateway's other ports (Istio's conventions).
+const (
+	GatewayHealthPort  = "15021"
+	GatewayMetricsPort = "15020"
+)
+
+// Gateway is an eastwest-gw process beside a federator, in its cluster's
+// node network, configured only over the federator's plaintext xDS.
+type Gateway struct {
+	Proc *localcluster.Process
+	// Addr is its TLS listener (GatewayPort) as the host reaches it.
+	Addr string
+	// Health and Metrics are the base URLs of its health and metrics
+	// ports as the host reaches them.
+	Health, Metrics string
+}
+
+// StartGateway runs binDir/eastwest-gw beside f, fed by f's plaintext
+// xDS, and waits, at most a minute, until it is ready: it holds a routing
+// table from the federator. extraArgs are appended (a later flag wins).
+func StartGateway(ctx context.Context, f *Federator, binDir string, extraArgs ...string) (*Gateway, error) {
+	bind := f.Host
+	if f.Cluster.NetNS() != "" {
+		bind = "0.0.0.0"
+	}
+	args := append([]string{filepath.Join(binDir, "eastwest-gw"),
+		"--xds-plaintext", "--xds-address", f.XDSAddr,
+		"--cluster-name", f.Cluster.Name(), "--pod-ip", f.Host, "--pod-name", "eastwest-gw-0",
+		"--listen-addr", net.JoinHostPort(bind, GatewayPort),
+		"--health-addr", net.JoinHostPort(bind, GatewayHealthPort),
+		"--metrics-addr", net.JoinHostPort(bind, GatewayMetricsPort)}, extraArgs...)
+	p, err := f.Cluster.StartProcess(ctx, localcluster.ProcessSpec{Name: "eastwest-gw", Command: args})
+	if err != nil {
+		return nil, err
+	}
+	g := &Gateway{
+		Proc:    p,
+		Addr:    net.JoinHostPort(f.Host, GatewayPort),
+		Health:  "http://" + net.JoinHostPort(f.Host, GatewayHealthPort),
+		Metrics: "http://" + net.JoinHostPort(f.Host, GatewayMetricsPort),
+	}
+	if err := g.waitReady(ctx, time.Minute); err != nil {
+		_ = p.Stop(5 * time.Second)
+		return nil, err
+	}
+	return g, nil
+}
+
+func (g *Gateway) waitReady(ctx context.Context, bound time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, bound)
+	defer cancel()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	var lastErr error
+	for {
+		if exited, err := g.Proc.Exited(); exited {
+			return fmt.Errorf("eastwest-gw exited: %v\n%s", err, g.Proc.Tail(30))
+		}
+		if _, lastErr = get(ctx, g.Health+"/healthz/ready"); lastErr == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("eastwest-gw not ready after %s: %v\n%s", bound, lastErr, g.Proc.Tail(30))
+		case <-tick.C:
+		}
+	}
+}
+
+// Stop ends the gateway with SIGTERM (it drains), then SIGKILL after
+// grace.
+func (g *Gateway) Stop(grace time.Duration) error { return g.Proc.Stop(grace) }
