@@ -18,6 +18,10 @@ type Config struct {
 	// Clusters by name: CDS combined with EDS (or a cluster's inline
 	// load_assignment).
 	Clusters map[string]Cluster
+	// Sidecar is the sidecar role's listeners, route configurations and
+	// DNS name table (docs/sidecar-xds.md); nil for the gateway role,
+	// whose listeners are Listeners. The sidecar's clusters are Clusters.
+	Sidecar *Sidecar
 	// Versions maps each type URL to the version_info of the responses
 	// this Config was made from. A later response that changes nothing is
 	// accepted without publishing a new Config (Client.Stats has the
@@ -77,6 +81,11 @@ const (
 	StrictDNS
 	// EDS endpoints come from a ClusterLoadAssignment over ADS.
 	EDS
+	// OriginalDst (ORIGINAL_DST, with lb_policy CLUSTER_PROVIDED) has no
+	// endpoints: the upstream is the connection's original destination
+	// (PassthroughCluster), or for inbound-passthrough the app on
+	// 127.0.0.1 at the original destination's port. Sidecar role only.
+	OriginalDst
 )
 
 func (t ClusterType) String() string {
@@ -87,6 +96,8 @@ func (t ClusterType) String() string {
 		return "STRICT_DNS"
 	case EDS:
 		return "EDS"
+	case OriginalDst:
+		return "ORIGINAL_DST"
 	}
 	return "ClusterType(" + strconv.Itoa(int(t)) + ")"
 }
@@ -102,8 +113,35 @@ type Cluster struct {
 	// seconds when unset, never zero.
 	ConnectTimeout time.Duration
 	// Endpoints in the order the server sent them, grouped by locality.
-	// May be empty (a service with no pods).
+	// May be empty (a service with no pods). For the sidecar they are
+	// ordered by priority, lowest first (Priorities slices them).
 	Endpoints []Endpoint
+
+	// The fields below are the sidecar role's (docs/sidecar-xds.md); the
+	// gateway role refuses the proto fields they come from.
+
+	// Priorities are the ClusterLoadAssignment's LocalityLbEndpoints by
+	// priority: Priorities[p] holds every locality with priority p. The
+	// decoder guarantees they are contiguous from 0 (no level is empty
+	// but the last, which exists only when there are endpoints). Nil for
+	// the gateway role and for non-EDS clusters.
+	Priorities []Priority
+	// OverprovisioningFactor is policy.overprovisioning_factor, in
+	// percent: Envoy's 140 when unset. The contract sends 100000: fail
+	// over only when a priority has no healthy endpoint at all. Zero for
+	// the gateway role and for non-EDS clusters.
+	OverprovisioningFactor uint32
+	// Service is metadata.filter_metadata["isthmus"]: the service port
+	// this cluster carries; nil for the fixed clusters.
+	Service *ServiceMeta
+	// TLS is the transport_socket's UpstreamTlsContext: mTLS to the next
+	// sidecar or gateway. Nil: plaintext (the ORIGINAL_DST clusters).
+	TLS *UpstreamTLS
+	// UseDownstreamProtocol is typed_extension_protocol_options
+	// ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+	// .use_downstream_protocol_config: speak upstream the HTTP version
+	// the app spoke.
+	UseDownstreamProtocol bool
 }
 
 // Endpoint is one upstream address.

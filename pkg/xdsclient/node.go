@@ -1,17 +1,22 @@
 package xdsclient
 
 import (
+	"strings"
+
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/isthmus-mesh/isthmus/pkg/version"
 )
 
-// Node identity conventions (docs/gateway-xds.md, "Node").
+// Node identity conventions (docs/gateway-xds.md and docs/sidecar-xds.md,
+// "Node").
 const (
 	// RoleGateway is the east-west gateway's role: the first segment of
 	// its node id and the value of its MetadataRole.
 	RoleGateway = "eastwest-gw"
+	// RoleSidecar is the sidecar's role, likewise.
+	RoleSidecar = "sidecar"
 	// MetadataRole is the node metadata key naming the proxy's role.
 	MetadataRole = "ISTHMUS_ROLE"
 )
@@ -37,6 +42,30 @@ func GatewayNode(clusterName, podIP, podName, namespace string) Node {
 		Cluster:  clusterName,
 		Metadata: map[string]string{MetadataRole: RoleGateway},
 	}
+}
+
+// SidecarNode is a sidecar's node: id
+// "sidecar~<pod-ip>~<pod>.<namespace>~<namespace>.svc.cluster.local"
+// (Istio's shape), cluster the Isthmus cluster name, metadata
+// {ISTHMUS_ROLE: sidecar}.
+func SidecarNode(clusterName, podIP, podName, namespace string) Node {
+	return Node{
+		ID:       RoleSidecar + "~" + podIP + "~" + podName + "." + namespace + "~" + namespace + ".svc.cluster.local",
+		Cluster:  clusterName,
+		Metadata: map[string]string{MetadataRole: RoleSidecar},
+	}
+}
+
+// Role is the proxy's role, which decides the subset of xDS the client
+// accepts: the metadata's ISTHMUS_ROLE when set, else the node id's first
+// "~" segment. Decoding refuses every role but RoleGateway and
+// RoleSidecar.
+func (n Node) Role() string {
+	if r := n.Metadata[MetadataRole]; r != "" {
+		return r
+	}
+	role, _, _ := strings.Cut(n.ID, "~")
+	return role
 }
 
 // proto is the node as sent in the first request of every stream.

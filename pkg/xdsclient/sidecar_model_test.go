@@ -1,0 +1,119 @@
+package xdsclient
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+func TestOutboundMatch(t *testing.T) {
+	vipA, vipB := netip.MustParseAddr("240.240.1.1"), netip.MustParseAddr("240.240.2.2")
+	l := &OutboundListener{
+		Chains: []OutboundChain{
+			{Port: 80, VIPs: []netip.Addr{vipA, vipB}, HTTP: &HTTPConnectionManager{RouteConfigName: "80"}},
+			{Port: 5432, VIPs: []netip.Addr{vipB}, TCP: &TCPProxy{Cluster: "outbound|5432||b"}},
+			{Port: 15001, HTTP: &HTTPConnectionManager{RouteConfigName: "explicit"}},
+		},
+		Default: OutboundChain{TCP: &TCPProxy{Cluster: PassthroughCluster}},
+	}
+	require.NoError(t, l.index())
+	for _, tc := range []struct {
+		dst  string
+		want *OutboundChain
+	}{
+		{"240.240.1.1:80", &l.Chains[0]},
+		{"240.240.2.2:80", &l.Chains[0]},
+		{"[::ffff:240.240.2.2]:80", &l.Chains[0]},
+		{"240.240.2.2:5432", &l.Chains[1]},
+		{"240.240.1.1:5432", &l.Default},
+		{"127.0.0.1:15001", &l.Chains[2]},
+		{"10.0.0.1:15001", &l.Chains[2]},
+		{"10.0.0.1:80", &l.Default},
+		{"240.240.1.1:81", &l.Default},
+	} {
+		require.Same(t, tc.want, l.Match(netip.MustParseAddrPort(tc.dst)), tc.dst)
+	}
+
+	l.Chains = append(l.Chains, OutboundChain{Port: 80, VIPs: []netip.Addr{vipB}}, OutboundChain{Port: 15001})
+	require.EqualError(t, l.index(), "filter_chains[3].filter_chain_match.prefix_ranges[0]: 240.240.2.2:80 is also matched by filter_chains[0]\n"+
+		"filter_chains[4].filter_chain_match: destination_port 15001 with any address is also matched by filter_chains[2]")
+}
+
+func TestVirtualHostLookup(t *testing.T) {
+	rc := &RouteConfig{Name: "80", VirtualHosts: []VirtualHost{
+		{Name: "echo.demo.svc.clusterset.local:80", Domains: []string{"echo.demo.svc.clusterset.local", "echo.demo.svc.clusterset.local:80", "240.240.1.1", "240.240.1.1:80"}},
+		{Name: "web.demo.svc.clusterset.local:80", Domains: []string{"web.demo.svc.clusterset.local", "web.demo.svc.clusterset.local:80"}},
+	}}
+	require.NoError(t, rc.index())
+	for host, want := range map[string]int{
+		"echo.demo.svc.clusterset.local":    0,
+		"ECHO.Demo.svc.clusterset.local:80": 0,
+		"240.240.1.1:80":                    0,
+		"web.demo.svc.clusterset.local":     1,
+		"web.demo.svc.clusterset.local:81":  -1,
+		"echo.demo.svc.cluster.local":       -1,
+		"":                                  -1,
+	} {
+		got := rc.VirtualHost(host)
+		if want < 0 {
+			require.Nil(t, got, host)
+			continue
+		}
+		require.Same(t, &rc.VirtualHosts[want], got, host)
+	}
+
+	inbound := &RouteConfig{Name: "inbound", VirtualHosts: []VirtualHost{{Name: "inbound", Domains: []string{"*"},
+		Routes: []Route{{Prefix: "/", Cluster: InboundPassthroughCluster}}}}}
+	require.NoError(t, inbound.index())
+	vh := inbound.VirtualHost("Anything:1234")
+	require.Same(t, &inbound.VirtualHosts[0], vh)
+	require.Equal(t, InboundPassthroughCluster, vh.Route("/x").Cluster)
+
+	rc.VirtualHosts[1].Domains = append(rc.VirtualHosts[1].Domains, "240.240.1.1")
+	require.EqualError(t, rc.index(), `virtual_hosts[1].domains[2]: "240.240.1.1" is also a domain of virtual_hosts[0]`)
+}
+
+func TestInboundMatch(t *testing.T) {
+	l := &InboundListener{Chains: []InboundChain{
+		{ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: &HTTPConnectionManager{StatPrefix: "inbound"}},
+		{TCP: &TCPProxy{Cluster: InboundPassthroughCluster}},
+	}}
+	require.NoError(t, l.index())
+	require.Same(t, &l.Chains[0], l.Match([]string{"istio-h2"}))
+	require.Same(t, &l.Chains[0], l.Match([]string{"h2", "istio-http/1.1"}))
+	require.Same(t, &l.Chains[1], l.Match([]string{"istio"}))
+	require.Same(t, &l.Chains[1], l.Match(nil))
+	l.Chains = l.Chains[:1]
+	require.NoError(t, l.index())
+	require.Nil(t, l.Match([]string{"istio"}))
+}
+
+func TestNameTable(t *testing.T) {
+	meta := func(host, vip string, port uint16) *ServiceMeta {
+		return &ServiceMeta{Host: host, VIP: netip.MustParseAddr(vip), Port: port, Protocol: ProtocolHTTP}
+	}
+	s := &Sidecar{}
+	require.NoError(t, s.indexNames(map[string]Cluster{
+		"outbound|80||echo.demo.svc.clusterset.local":   {Service: meta("echo.demo.svc.clusterset.local", "240.240.1.1", 80)},
+		"outbound|8080||echo.demo.svc.clusterset.local": {Service: meta("echo.demo.svc.clusterset.local", "240.240.1.1", 8080)},
+		PassthroughCluster: {Type: OriginalDst},
+	}))
+	vip, ok := s.LookupHost("Echo.demo.svc.clusterset.local.")
+	require.True(t, ok)
+	require.Equal(t, netip.MustParseAddr("240.240.1.1"), vip)
+	host, ok := s.LookupVIP(vip)
+	require.True(t, ok)
+	require.Equal(t, "echo.demo.svc.clusterset.local", host)
+	_, ok = s.LookupHost("web.demo.svc.clusterset.local")
+	require.False(t, ok)
+	require.Equal(t, 1, s.Hosts())
+
+	err := s.indexNames(map[string]Cluster{
+		"a": {Service: meta("echo.demo.svc.clusterset.local", "240.240.1.1", 80)},
+		"b": {Service: meta("echo.demo.svc.clusterset.local", "240.240.1.2", 81)},
+		"c": {Service: meta("web.demo.svc.clusterset.local", "240.240.1.1", 80)},
+	})
+	require.ErrorContains(t, err, `cluster "b": metadata.filter_metadata["isthmus"].vip: host "echo.demo.svc.clusterset.local" has VIP 240.240.1.2, but 240.240.1.1 in cluster "a"`)
+	require.ErrorContains(t, err, `cluster "c": metadata.filter_metadata["isthmus"].vip: 240.240.1.1 is also the VIP of host "echo.demo.svc.clusterset.local" (cluster "a")`)
+}
