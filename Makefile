@@ -21,7 +21,7 @@ export PATH := $(BIN):$(PATH)
 
 .PHONY: help
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: build
 build: ## Build the binaries into bin/
@@ -85,13 +85,18 @@ e2e-kind: ## Run the kind suite (needs docker, kind and kubectl; not run in CI)
 	go test -tags kind -v -timeout 30m ./test/kind/
 
 .PHONY: bench
-bench: ## Run the Go benchmarks, then bench-federation
+bench: ## Run the Go benchmarks, then bench-federation and bench-propagation
 	go test -run '^$$' -bench . -benchmem ./...
 	@$(MAKE) --no-print-directory bench-federation
+	@$(MAKE) --no-print-directory bench-propagation
 
 .PHONY: bench-federation
 bench-federation: build tools kube-binaries ## Federation on two local clusters: propagation p50/p99, initial sync and memory with 10,000 services (~15 min)
 	ISTHMUS_KUBE_BIN_DIR="$$(hack/kube-binaries.sh)" go run ./test/bench/federation --bin-dir "$(BIN)" $(BENCH_FEDERATION_ARGS)
+
+.PHONY: bench-propagation
+bench-propagation: build tools kube-binaries ## Export → routable and unexport → refused through the real gateway: p50/p99/max vs 1 s, alone and beside 1,000 exports (~3 min)
+	ISTHMUS_KUBE_BIN_DIR="$$(hack/kube-binaries.sh)" go run ./test/bench/propagation --bin-dir "$(BIN)" $(BENCH_PROPAGATION_ARGS)
 
 .PHONY: demo
 demo: build tools kube-binaries ## Start two local clusters with federators, export a service, show the catalogs (Ctrl-C ends it)
