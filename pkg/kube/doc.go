@@ -6,14 +6,17 @@
 //	ServiceExport ─┐
 //	Service ───────┼─► work queue (namespace/name) ─► reconcile ─► catalog.Builder ─► (coalesced) catalog.Store
 //	EndpointSlice ─┤                                    │
-//	Node ──────────┤ (locality labels only)             └─► ServiceExport status (Valid, Ready)
+//	Node ──────────┤ (locality labels only)             └─► status queue ─► ServiceExport status (Valid, Ready)
 //	Pod ───────────┘ (ServiceAccount only, with a trust domain: the services' SPIFFE IDs)
 //
 // The loop is level-triggered: every event only enqueues the key of the
 // exported service it may affect, and the worker reads the current state
 // from the informer caches, so missed or repeated events cannot leave the
 // catalog wrong. Deny by default: a Service enters the catalog only while a
-// ServiceExport of the same namespace and name exists.
+// ServiceExport of the same namespace and name exists. Reconciling reads
+// only caches; the status writes, which wait for the API server, have a
+// queue and workers of their own, so a burst of exports reaches the
+// catalog without waiting for its statuses.
 //
 // The ImportWriter works the other way: it mirrors what peers export (the
 // imported catalog) into the cluster, for visibility and interop only,

@@ -54,7 +54,8 @@ type Options struct {
 	// ResyncPeriod is how often informers replay their whole cache, so
 	// that a lost status update is retried; default 10 minutes.
 	ResyncPeriod time.Duration
-	// Workers is the number of reconcile workers; default 2.
+	// Workers is the number of reconcile workers, and of the workers
+	// that write ServiceExport statuses; default 2 of each.
 	Workers int
 	// TrustDomain is this cluster's SPIFFE trust domain. When set, each
 	// service's Identities are the SPIFFE IDs of the ServiceAccounts of the
@@ -91,6 +92,17 @@ type Exporter struct {
 	queue workqueue.TypedRateLimitingInterface[catalog.ServiceKey]
 	dirty chan struct{}
 	ready atomic.Bool
+
+	// statusQueue holds the exports whose status may need writing. Its
+	// own workers write them, so that status writes, paced by the API
+	// server and the client's rate limit, never hold up the catalog: with
+	// one queue, a burst of exports entered the catalog only as fast as
+	// their statuses could be written (50/s, make bench-propagation).
+	statusQueue workqueue.TypedRateLimitingInterface[catalog.ServiceKey]
+	// statusMu guards desired: by export, the conditions its last
+	// reconcile wants on its status.
+	statusMu sync.Mutex
+	desired  map[catalog.ServiceKey][]metav1.Condition
 
 	// mu guards builder, the catalog being assembled.
 	mu      sync.Mutex
@@ -134,6 +146,10 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.DefaultTypedControllerRateLimiter[catalog.ServiceKey](),
 			workqueue.TypedRateLimitingQueueConfig[catalog.ServiceKey]{Name: "serviceexports"}),
+		statusQueue: workqueue.NewTypedRateLimitingQueueWithConfig(
+			workqueue.DefaultTypedControllerRateLimiter[catalog.ServiceKey](),
+			workqueue.TypedRateLimitingQueueConfig[catalog.ServiceKey]{Name: "serviceexport-status"}),
+		desired:  map[catalog.ServiceKey][]metav1.Condition{},
 		dirty:    make(chan struct{}, 1),
 		builder:  catalog.NewBuilder(catalog.LocalSource),
 		accounts: accounts,
@@ -286,6 +302,7 @@ func (e *Exporter) Ready() bool { return e.ready.Load() }
 func (e *Exporter) Run(ctx context.Context) error {
 	defer utilruntime.HandleCrash()
 	defer e.queue.ShutDown()
+	defer e.statusQueue.ShutDown()
 
 	e.log.Info("starting", "cluster", e.opts.ClusterName)
 	e.kubeInformers.Start(ctx.Done())
@@ -301,7 +318,8 @@ func (e *Exporter) Run(ctx context.Context) error {
 
 	// Build the whole catalog before serving it, so a restarted federator
 	// never publishes a partial view. Events queued meanwhile are
-	// reconciled again by the workers; that is harmless.
+	// reconciled again by the workers; that is harmless. The statuses are
+	// written once the status workers start, after the catalog is out.
 	e.started.Store(true)
 	exports, err := e.exports.List(labels.Everything())
 	if err != nil {
@@ -320,34 +338,37 @@ func (e *Exporter) Run(ctx context.Context) error {
 
 	var wg sync.WaitGroup
 	for i := 0; i < e.opts.Workers; i++ {
-		wg.Go(func() { e.worker(ctx) })
+		wg.Go(func() { e.worker(ctx, e.queue, "reconcile", e.reconcile) })
+		wg.Go(func() { e.worker(ctx, e.statusQueue, "status write", e.writeStatus) })
 	}
 	wg.Go(func() { e.flusher(ctx) })
 	<-ctx.Done()
 	e.queue.ShutDown()
+	e.statusQueue.ShutDown()
 	wg.Wait()
 	e.log.Info("stopped")
 	return nil
 }
 
-// worker drains the queue until it shuts down.
-func (e *Exporter) worker(ctx context.Context) {
+// worker drains queue with work until the queue shuts down; what fails
+// is retried after the queue's backoff.
+func (e *Exporter) worker(ctx context.Context, queue workqueue.TypedRateLimitingInterface[catalog.ServiceKey], what string, work func(context.Context, catalog.ServiceKey) error) {
 	for {
-		key, quit := e.queue.Get()
+		key, quit := queue.Get()
 		if quit {
 			return
 		}
-		err := e.reconcile(ctx, key)
+		err := work(ctx, key)
 		switch {
 		case err == nil:
-			e.queue.Forget(key)
+			queue.Forget(key)
 		case ctx.Err() != nil:
-			e.queue.Forget(key)
+			queue.Forget(key)
 		default:
-			e.log.Debug("reconcile failed, retrying", "export", key, "error", err)
-			e.queue.AddRateLimited(key)
+			e.log.Debug(what+" failed, retrying", "export", key, "error", err)
+			queue.AddRateLimited(key)
 		}
-		e.queue.Done(key)
+		queue.Done(key)
 	}
 }
 
@@ -411,12 +432,14 @@ func (e *Exporter) remove(key catalog.ServiceKey) {
 	}
 }
 
-// reconcile makes the catalog entry and the ServiceExport status for key
-// match the current state of the cluster.
-func (e *Exporter) reconcile(ctx context.Context, key catalog.ServiceKey) error {
+// reconcile makes the catalog entry for key match the current state of
+// the cluster, and queues the ServiceExport status that goes with it. It
+// reads only informer caches: it never waits for the API server.
+func (e *Exporter) reconcile(_ context.Context, key catalog.ServiceKey) error {
 	se, err := e.exports.ServiceExports(key.Namespace).Get(key.Name)
 	if apierrors.IsNotFound(err) {
 		e.remove(key)
+		e.forgetStatus(key)
 		return nil
 	}
 	if err != nil {
@@ -425,16 +448,18 @@ func (e *Exporter) reconcile(ctx context.Context, key catalog.ServiceKey) error 
 	svc, err := e.services.Services(key.Namespace).Get(key.Name)
 	if apierrors.IsNotFound(err) {
 		e.remove(key)
-		return e.setConditions(ctx, se, invalid(mcsv1alpha1.ServiceExportReasonNoService,
+		e.wantStatus(key, invalid(mcsv1alpha1.ServiceExportReasonNoService,
 			fmt.Sprintf("Service %s not found", key)))
+		return nil
 	}
 	if err != nil {
 		return err
 	}
 	if svc.Spec.Type == corev1.ServiceTypeExternalName {
 		e.remove(key)
-		return e.setConditions(ctx, se, invalid(mcsv1alpha1.ServiceExportReasonInvalidServiceType,
+		e.wantStatus(key, invalid(mcsv1alpha1.ServiceExportReasonInvalidServiceType,
 			fmt.Sprintf("Service %s is of type ExternalName, which cannot be exported", key)))
+		return nil
 	}
 	objs, err := e.sliceIndex.ByIndex(indexByService, key.String())
 	if err != nil {
@@ -449,14 +474,53 @@ func (e *Exporter) reconcile(ctx context.Context, key catalog.ServiceKey) error 
 	entry := serviceFromObjects(e.opts.ClusterName, svc, endpointSlices, parsePeers(se.Annotations[AnnotationPeers]), e.locate, e.accounts)
 	if err := e.put(entry); err != nil {
 		e.remove(key)
-		return e.setConditions(ctx, se, invalid(ReasonInvalidService, err.Error()))
+		e.wantStatus(key, invalid(ReasonInvalidService, err.Error()))
+		return nil
 	}
-	return e.setConditions(ctx, se, []metav1.Condition{
+	e.wantStatus(key, []metav1.Condition{
 		condition(mcsv1alpha1.ServiceExportConditionValid, metav1.ConditionTrue, mcsv1alpha1.ServiceExportReasonValid,
 			fmt.Sprintf("Service %s is exported from cluster %s", key, e.opts.ClusterName)),
 		condition(mcsv1alpha1.ServiceExportConditionReady, metav1.ConditionTrue, mcsv1alpha1.ServiceExportReasonExported,
 			fmt.Sprintf("in the catalog with %d ready endpoints", entry.ReadyEndpoints())),
 	})
+	return nil
+}
+
+// wantStatus records the conditions the export's status should carry and
+// queues their write.
+func (e *Exporter) wantStatus(key catalog.ServiceKey, conds []metav1.Condition) {
+	e.statusMu.Lock()
+	e.desired[key] = conds
+	e.statusMu.Unlock()
+	e.statusQueue.Add(key)
+}
+
+// forgetStatus drops what was wanted for an export that is gone.
+func (e *Exporter) forgetStatus(key catalog.ServiceKey) {
+	e.statusMu.Lock()
+	delete(e.desired, key)
+	e.statusMu.Unlock()
+}
+
+// writeStatus writes the conditions last wanted for key on the
+// ServiceExport as the informer cache holds it now. The wanted
+// conditions stay after a write: a reconcile that wanted newer ones
+// while this write was in flight has queued key again.
+func (e *Exporter) writeStatus(ctx context.Context, key catalog.ServiceKey) error {
+	e.statusMu.Lock()
+	conds, ok := e.desired[key]
+	e.statusMu.Unlock()
+	if !ok {
+		return nil
+	}
+	se, err := e.exports.ServiceExports(key.Namespace).Get(key.Name)
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return e.setConditions(ctx, se, conds)
 }
 
 func (e *Exporter) locate(node string) (catalog.Locality, bool) {

@@ -2,7 +2,9 @@ package kube
 
 import (
 	"context"
+	"fmt"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,7 +19,9 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/utils/ptr"
 	mcsv1alpha1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
+	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
 	mcsfake "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned/fake"
+	mcsv1alpha1client "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned/typed/apis/v1alpha1"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 )
@@ -95,6 +99,13 @@ func start(t *testing.T, kubeObjs []runtime.Object, mcsObjs []runtime.Object) *f
 
 func startWith(t *testing.T, opts Options, kubeObjs []runtime.Object, mcsObjs []runtime.Object) *fixture {
 	t.Helper()
+	return startWrapped(t, opts, kubeObjs, mcsObjs, nil)
+}
+
+// startWrapped is startWith with the exporter's MCS client wrapped by
+// wrap (when not nil); the fixture's own client is the fake itself.
+func startWrapped(t *testing.T, opts Options, kubeObjs []runtime.Object, mcsObjs []runtime.Object, wrap func(mcsclient.Interface) mcsclient.Interface) *fixture {
+	t.Helper()
 	opts.ClusterName = "a"
 	opts.FlushDelay = time.Millisecond
 	f := &fixture{
@@ -102,8 +113,12 @@ func startWith(t *testing.T, opts Options, kubeObjs []runtime.Object, mcsObjs []
 		mcs:   mcsfake.NewSimpleClientset(mcsObjs...),
 		store: catalog.NewStore(),
 	}
+	var mcs mcsclient.Interface = f.mcs
+	if wrap != nil {
+		mcs = wrap(f.mcs)
+	}
 	var err error
-	f.exp, err = NewExporter(f.kube, f.mcs, f.store, opts)
+	f.exp, err = NewExporter(f.kube, mcs, f.store, opts)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
@@ -262,6 +277,83 @@ func TestExportWithoutServiceIsInvalid(t *testing.T) {
 	ready := f.condition(t, "demo", "echo", mcsv1alpha1.ServiceExportConditionReady)
 	require.NotNil(t, ready)
 	require.Equal(t, metav1.ConditionTrue, ready.Status)
+}
+
+// heldStatus is an MCS client whose ServiceExport status writes wait
+// until release is closed, as they do behind a slow API server or a
+// client-side rate limit; everything else goes straight through.
+type heldStatus struct {
+	mcsclient.Interface
+	release <-chan struct{}
+	waiting *atomic.Int32
+}
+
+func (h heldStatus) MulticlusterV1alpha1() mcsv1alpha1client.MulticlusterV1alpha1Interface {
+	return heldStatusV1{h.Interface.MulticlusterV1alpha1(), h}
+}
+
+type heldStatusV1 struct {
+	mcsv1alpha1client.MulticlusterV1alpha1Interface
+	h heldStatus
+}
+
+func (v heldStatusV1) ServiceExports(ns string) mcsv1alpha1client.ServiceExportInterface {
+	return heldStatusExports{v.MulticlusterV1alpha1Interface.ServiceExports(ns), v.h}
+}
+
+type heldStatusExports struct {
+	mcsv1alpha1client.ServiceExportInterface
+	h heldStatus
+}
+
+func (e heldStatusExports) UpdateStatus(ctx context.Context, se *mcsv1alpha1.ServiceExport, opts metav1.UpdateOptions) (*mcsv1alpha1.ServiceExport, error) {
+	e.h.waiting.Add(1)
+	defer e.h.waiting.Add(-1)
+	select {
+	case <-e.h.release:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return e.ServiceExportInterface.UpdateStatus(ctx, se, opts)
+}
+
+// Status writes held up by the API server never hold up the catalog: with
+// every status write waiting, a burst of exports still enters the
+// catalog, and the statuses are written once the API server answers.
+func TestStatusWritesDoNotHoldUpTheCatalog(t *testing.T) {
+	const n = 5
+	kubeObjs := []runtime.Object{node("n1", "r1", "z1")}
+	for i := range n {
+		kubeObjs = append(kubeObjs, service("demo", fmt.Sprintf("svc-%d", i), corev1.ServicePort{Port: 80, Protocol: corev1.ProtocolTCP}))
+	}
+	release := make(chan struct{})
+	var waiting atomic.Int32
+	f := startWrapped(t, Options{Workers: 1}, kubeObjs, nil, func(c mcsclient.Interface) mcsclient.Interface {
+		return heldStatus{Interface: c, release: release, waiting: &waiting}
+	})
+	for i := range n {
+		_, err := f.mcs.MulticlusterV1alpha1().ServiceExports("demo").Create(t.Context(), export("demo", fmt.Sprintf("svc-%d", i)), metav1.CreateOptions{})
+		require.NoError(t, err)
+	}
+
+	f.eventually(t, "every export in the catalog while status writes wait", func() bool {
+		return f.store.Get(catalog.LocalSource).Len() == n
+	})
+	require.Positive(t, waiting.Load(), "a status write is waiting")
+	for i := range n {
+		require.Nil(t, f.condition(t, "demo", fmt.Sprintf("svc-%d", i), mcsv1alpha1.ServiceExportConditionReady), "no status written yet")
+	}
+
+	close(release)
+	f.eventually(t, "every status written once the API server answers", func() bool {
+		for i := range n {
+			c := f.condition(t, "demo", fmt.Sprintf("svc-%d", i), mcsv1alpha1.ServiceExportConditionReady)
+			if c == nil || c.Status != metav1.ConditionTrue {
+				return false
+			}
+		}
+		return true
+	})
 }
 
 func TestPeersAnnotationNarrowsExport(t *testing.T) {
