@@ -362,3 +362,72 @@ func BenchmarkSign(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "certs/s")
 }
+
+// TestPublishRoots: the roots ConfigMap a pod mounts to trust the CA
+// follows the bundle through a rotation, is not rewritten when nothing
+// changed, and a tampered copy is put right at the next publish.
+func TestPublishRoots(t *testing.T) {
+	ctx := t.Context()
+	client := kubefake.NewClientset()
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCA(t, client, clk)
+	published := func() []*x509.Certificate {
+		t.Helper()
+		cm, err := client.CoreV1().ConfigMaps("isthmus-system").Get(ctx, RootsConfigMapName, metav1.GetOptions{})
+		require.NoError(t, err)
+		require.Equal(t, "isthmus", cm.Labels["app.kubernetes.io/part-of"])
+		roots, err := parseCerts([]byte(cm.Data[KeyRootCert]))
+		require.NoError(t, err)
+		return roots
+	}
+	writes := func() int {
+		n := 0
+		for _, a := range client.Actions() {
+			if a.GetResource().Resource == "configmaps" && (a.GetVerb() == "create" || a.GetVerb() == "update") {
+				n++
+			}
+		}
+		return n
+	}
+
+	require.NoError(t, c.PublishRoots(ctx))
+	require.Equal(t, c.Bundle().X509Authorities(), published())
+	require.NotContains(t, configMapData(t, client), "PRIVATE KEY", "roots only, never a key")
+	require.NoError(t, c.PublishRoots(ctx))
+	require.Equal(t, 1, writes(), "an unchanged bundle is not written again")
+
+	// A rotation publishes the new root next to the old one before it signs.
+	require.NoError(t, RequestRotation(ctx, client, "isthmus-system", ""))
+	require.NoError(t, c.Reconcile(ctx))
+	require.NoError(t, c.PublishRoots(ctx))
+	require.Len(t, published(), 2)
+	require.Equal(t, c.Bundle().X509Authorities(), published())
+
+	// Someone edits the ConfigMap: the next publish restores the roots and
+	// keeps the other keys.
+	cm, err := client.CoreV1().ConfigMaps("isthmus-system").Get(ctx, RootsConfigMapName, metav1.GetOptions{})
+	require.NoError(t, err)
+	cm.Data[KeyRootCert] = string(encodeCerts(c.Bundle().X509Authorities()[0]))
+	cm.Data["note"] = "kept"
+	_, err = client.CoreV1().ConfigMaps("isthmus-system").Update(ctx, cm, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	require.NoError(t, c.PublishRoots(ctx))
+	require.Len(t, published(), 2)
+	cm, err = client.CoreV1().ConfigMaps("isthmus-system").Get(ctx, RootsConfigMapName, metav1.GetOptions{})
+	require.NoError(t, err)
+	require.Equal(t, "kept", cm.Data["note"])
+}
+
+// configMapData joins the data of every ConfigMap in isthmus-system.
+func configMapData(t *testing.T, client kubernetes.Interface) string {
+	t.Helper()
+	list, err := client.CoreV1().ConfigMaps("isthmus-system").List(t.Context(), metav1.ListOptions{})
+	require.NoError(t, err)
+	var all string
+	for _, cm := range list.Items {
+		for _, v := range cm.Data {
+			all += v
+		}
+	}
+	return all
+}

@@ -173,6 +173,11 @@ func (f *Federator) setUpIdentity(ctx context.Context, kubeClient kubernetes.Int
 	}
 	f.trust = trust.NewStore(td)
 	f.syncLocalBundle()
+	// Proxies in this namespace (the east-west gateway) mount the roots to
+	// verify this CA before they hold any credential.
+	if err := f.ca.PublishRoots(ctx); err != nil {
+		return err
+	}
 	id, err := spiffeid.FromSegments(td, "ns", f.cfg.Namespace, "sa", f.cfg.ServiceAccount)
 	if err != nil {
 		return fmt.Errorf("federator identity: %w", err)
@@ -200,16 +205,28 @@ func (f *Federator) syncLocalBundle() {
 	f.trust.SetLocal(f.ca.Bundle().X509Authorities(), f.ca.BundleSequence(), trust.DefaultRefreshHint)
 }
 
-// runBundleSync copies every change of the CA's roots into the trust store.
+// rootsRetry is how long a failed write of the roots ConfigMap waits
+// before the next attempt.
+const rootsRetry = 5 * time.Second
+
+// runBundleSync copies every change of the CA's roots into the trust store
+// and the roots ConfigMap; a failed write is retried until it succeeds.
 func (f *Federator) runBundleSync(ctx context.Context) error {
 	changed, cancel := f.ca.Subscribe()
 	defer cancel()
+	var retry <-chan time.Time // nil unless a write failed
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-changed:
 			f.syncLocalBundle()
+		case <-retry:
+		}
+		retry = nil
+		if err := f.ca.PublishRoots(ctx); err != nil && ctx.Err() == nil {
+			f.log.Warn("could not publish the CA roots; retrying", "configMap", ca.RootsConfigMapName, "in", rootsRetry, "error", err)
+			retry = time.After(rootsRetry)
 		}
 	}
 }

@@ -3,7 +3,9 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"maps"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -34,6 +36,9 @@ func TestFederatorCA(t *testing.T) {
 	kc := a.Client()
 	ctx := t.Context()
 	f := startFederator(t, a)
+
+	// The roots a proxy pod mounts to verify the CA: the bundle, no key.
+	require.Equal(t, rootsInSecret(t, kc), publishedRoots(t, kc))
 
 	src, roots := svidFromFederator(t, kc, f, "demo", "client")
 	svid, err := src.GetX509SVID()
@@ -71,6 +76,13 @@ func TestFederatorCA(t *testing.T) {
 		return trust.Rotation.Phase == "prepared" && len(trust.Bundles) == 1 && len(trust.Bundles[0].Roots) == 2
 	}, 60*time.Second, 200*time.Millisecond, "the federator publishes the new root (last: %+v)", trust)
 
+	// The mounted roots follow: both, before the new one signs anything.
+	require.Eventually(t, func() bool {
+		b, err := x509bundle.Parse(td, publishedRoots(t, kc))
+		return err == nil && len(b.X509Authorities()) == 2
+	}, 30*time.Second, 200*time.Millisecond, "the roots ConfigMap carries the new root")
+	require.Equal(t, rootsInSecret(t, kc), publishedRoots(t, kc))
+
 	out, err = a.Command(ctx, filepath.Join(binDir, "federator"), "ca", "status", "-o", "json", "--kubeconfig", adminKubeconfig).CombinedOutput()
 	require.NoError(t, err, "%s", out)
 	var st ca.RotationStatus
@@ -82,6 +94,25 @@ func TestFederatorCA(t *testing.T) {
 	out, err = a.Command(ctx, filepath.Join(binDir, "federator"), "ca", "rotate", "--kubeconfig", adminKubeconfig).CombinedOutput()
 	require.Error(t, err)
 	require.Contains(t, string(out), "already in progress")
+}
+
+// publishedRoots reads the roots ConfigMap the federator keeps for proxy
+// pods to mount, and checks it holds certificates only.
+func publishedRoots(t *testing.T, kc kubernetes.Interface) []byte {
+	t.Helper()
+	cm, err := kc.CoreV1().ConfigMaps("isthmus-system").Get(t.Context(), ca.RootsConfigMapName, metav1.GetOptions{})
+	require.NoError(t, err, "the federator publishes its roots with its own least-privileged credentials")
+	require.Equal(t, []string{ca.KeyRootCert}, slices.Collect(maps.Keys(cm.Data)))
+	require.NotContains(t, cm.Data[ca.KeyRootCert], "PRIVATE KEY")
+	return []byte(cm.Data[ca.KeyRootCert])
+}
+
+// rootsInSecret reads the roots the CA keeps in its Secret.
+func rootsInSecret(t *testing.T, kc kubernetes.Interface) []byte {
+	t.Helper()
+	sec, err := kc.CoreV1().Secrets("isthmus-system").Get(t.Context(), ca.DefaultSecretName, metav1.GetOptions{})
+	require.NoError(t, err)
+	return sec.Data[ca.KeyRootCert]
 }
 
 // svidFromFederator gets an SVID for ns/sa from the federator's CA, as a
