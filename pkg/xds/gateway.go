@@ -5,9 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
@@ -79,71 +77,15 @@ func ServiceClusterName(namespace, name string, port int32) string {
 // a pure function: the same catalog and options give the same Resources,
 // with the same Version. Every resource has passed its Validate(); an
 // error names the resource that did not.
+//
+// It is a GatewayTranslator used once; the federator keeps one, so that
+// a change of one service re-translates that service alone.
 func TranslateGateway(local *catalog.Snapshot, opts GatewayOptions) (Resources, error) {
-	fed, err := federationCluster(opts.FederationUpstream)
+	t, err := NewGatewayTranslator(opts)
 	if err != nil {
 		return Resources{}, err
 	}
-	port := opts.ListenerPort
-	if port == 0 {
-		port = GatewayPort
-	}
-
-	type chain struct{ sni, cluster string }
-	chains := []chain{{sni: federation.ReservedSNI, cluster: FederationClusterName}}
-	clusters := []*clusterv3.Cluster{fed}
-	var loads []*endpointv3.ClusterLoadAssignment
-	if local != nil {
-		for svc := range local.All() {
-			for _, p := range svc.Ports {
-				if p.Protocol != catalog.ProtocolTCP {
-					// The gateway forwards TLS over TCP only: UDP and SCTP
-					// ports are not reachable through it.
-					continue
-				}
-				name := ServiceClusterName(svc.Namespace, svc.Name, p.Port)
-				chains = append(chains, chain{sni: ServiceSNI(svc.Namespace, svc.Name, p.Port), cluster: name})
-				clusters = append(clusters, edsCluster(name))
-				loads = append(loads, loadAssignment(name, svc, p))
-			}
-		}
-	}
-	slices.SortFunc(chains, func(a, b chain) int { return strings.Compare(a.sni, b.sni) })
-	slices.SortFunc(clusters, func(a, b *clusterv3.Cluster) int { return strings.Compare(a.GetName(), b.GetName()) })
-	slices.SortFunc(loads, func(a, b *endpointv3.ClusterLoadAssignment) int {
-		return strings.Compare(a.GetClusterName(), b.GetClusterName())
-	})
-
-	inspector, err := typedConfig(&tlsinspectorv3.TlsInspector{})
-	if err != nil {
-		return Resources{}, fmt.Errorf("listener %q: %w", GatewayListenerName, err)
-	}
-	lis := &listenerv3.Listener{
-		Name:    GatewayListenerName,
-		Address: socketAddress(anyAddress, port),
-		ListenerFilters: []*listenerv3.ListenerFilter{{
-			Name:       wellknown.TLSInspector,
-			ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: inspector},
-		}},
-	}
-	for _, c := range chains {
-		proxy, err := typedConfig(&tcpproxyv3.TcpProxy{
-			StatPrefix:       c.cluster,
-			ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: c.cluster},
-			IdleTimeout:      durationpb.New(tcpIdleTimeout),
-		})
-		if err != nil {
-			return Resources{}, fmt.Errorf("listener %q: filter chain %q: %w", GatewayListenerName, c.sni, err)
-		}
-		lis.FilterChains = append(lis.FilterChains, &listenerv3.FilterChain{
-			FilterChainMatch: &listenerv3.FilterChainMatch{ServerNames: []string{c.sni}},
-			Filters: []*listenerv3.Filter{{
-				Name:       wellknown.TCPProxy,
-				ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: proxy},
-			}},
-		})
-	}
-	return newResources([]*listenerv3.Listener{lis}, clusters, loads)
+	return t.Translate(local)
 }
 
 // typedConfig validates a filter's configuration, which its enclosing
@@ -152,26 +94,102 @@ func typedConfig(m interface {
 	proto.Message
 	Validate() error
 }) (*anypb.Any, error) {
+	return typedConfigAs(typeURLOf(m), m)
+}
+
+// typedConfigAs is typedConfig with the type URL given, so that the Anys
+// of one type share one string.
+func typedConfigAs(typeURL string, m interface {
+	proto.Message
+	Validate() error
+}) (*anypb.Any, error) {
 	if err := m.Validate(); err != nil {
 		return nil, fmt.Errorf("%s: %w", m.ProtoReflect().Descriptor().FullName(), err)
 	}
-	a := &anypb.Any{}
-	if err := anypb.MarshalFrom(a, m, proto.MarshalOptions{Deterministic: true}); err != nil {
+	b, err := deterministic.Marshal(m)
+	if err != nil {
 		return nil, fmt.Errorf("%s: %w", m.ProtoReflect().Descriptor().FullName(), err)
 	}
-	return a, nil
+	return &anypb.Any{TypeUrl: typeURL, Value: b}, nil
 }
 
-func edsCluster(name string) *clusterv3.Cluster {
-	return &clusterv3.Cluster{
-		Name:                 name,
-		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS},
-		EdsClusterConfig: &clusterv3.Cluster_EdsClusterConfig{EdsConfig: &corev3.ConfigSource{
+// typeURLOf is the type URL anypb.New gives m.
+func typeURLOf(m proto.Message) string {
+	return "type.googleapis.com/" + string(m.ProtoReflect().Descriptor().FullName())
+}
+
+// tcpProxyTypeURL is the type URL of every filter chain's TcpProxy.
+var tcpProxyTypeURL = typeURLOf(&tcpproxyv3.TcpProxy{})
+
+// filterChain routes the TLS server name sni to cluster.
+func filterChain(sni, cluster string) (*listenerv3.FilterChain, error) {
+	proxy, err := typedConfigAs(tcpProxyTypeURL, &tcpproxyv3.TcpProxy{
+		StatPrefix:       cluster,
+		ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: cluster},
+		IdleTimeout:      durationpb.New(tcpIdleTimeout),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listener %q: filter chain %q: %w", GatewayListenerName, sni, err)
+	}
+	return &listenerv3.FilterChain{
+		FilterChainMatch: &listenerv3.FilterChainMatch{ServerNames: []string{sni}},
+		Filters: []*listenerv3.Filter{{
+			Name:       wellknown.TCPProxy,
+			ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: proxy},
+		}},
+	}, nil
+}
+
+// gatewayListener is the gateway's listener without its filter chains.
+func gatewayListener(port uint32) (*listenerv3.Listener, error) {
+	if port == 0 {
+		port = GatewayPort
+	}
+	inspector, err := typedConfig(&tlsinspectorv3.TlsInspector{})
+	if err != nil {
+		return nil, fmt.Errorf("listener %q: %w", GatewayListenerName, err)
+	}
+	return &listenerv3.Listener{
+		Name:    GatewayListenerName,
+		Address: socketAddress(anyAddress, port),
+		ListenerFilters: []*listenerv3.ListenerFilter{{
+			Name:       wellknown.TLSInspector,
+			ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: inspector},
+		}},
+	}, nil
+}
+
+// edsParts are the parts every service cluster has in common. A
+// translator shares one set among all its clusters, since resources are
+// never modified.
+type edsParts struct {
+	typ     *clusterv3.Cluster_Type
+	config  *clusterv3.Cluster_EdsClusterConfig
+	timeout *durationpb.Duration
+}
+
+func newEDSParts() edsParts {
+	return edsParts{
+		typ: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS},
+		config: &clusterv3.Cluster_EdsClusterConfig{EdsConfig: &corev3.ConfigSource{
 			ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}},
 			ResourceApiVersion:    corev3.ApiVersion_V3,
 		}},
-		ConnectTimeout: durationpb.New(connectTimeout),
-		LbPolicy:       clusterv3.Cluster_ROUND_ROBIN,
+		timeout: durationpb.New(connectTimeout),
+	}
+}
+
+// edsCluster is a service cluster with parts of its own.
+func edsCluster(name string) *clusterv3.Cluster { return newEDSParts().cluster(name) }
+
+// cluster is the service cluster name, with the shared parts p.
+func (p edsParts) cluster(name string) *clusterv3.Cluster {
+	return &clusterv3.Cluster{
+		Name:                 name,
+		ClusterDiscoveryType: p.typ,
+		EdsClusterConfig:     p.config,
+		ConnectTimeout:       p.timeout,
+		LbPolicy:             clusterv3.Cluster_ROUND_ROBIN,
 	}
 }
 
@@ -209,13 +227,13 @@ func federationCluster(upstream string) (*clusterv3.Cluster, error) {
 // at the port's target port (its service port when the target is
 // unknown). Not-ready endpoints stay listed, UNHEALTHY, so the gateway
 // knows them but never picks them.
-func loadAssignment(name string, svc *catalog.Service, p catalog.Port) *endpointv3.ClusterLoadAssignment {
+//
+// sameForGateway must compare every field of the service read here.
+func loadAssignment(name string, svc *catalog.Service, p catalog.Port, localities *localities) *endpointv3.ClusterLoadAssignment {
 	port := uint32(cmp.Or(p.TargetPort, p.Port))
 	cla := &endpointv3.ClusterLoadAssignment{ClusterName: name}
 	for _, le := range svc.Endpoints {
-		lle := &endpointv3.LocalityLbEndpoints{Locality: &corev3.Locality{
-			Region: le.Locality.Region, Zone: le.Locality.Zone, SubZone: le.Locality.Subzone,
-		}}
+		lle := &endpointv3.LocalityLbEndpoints{Locality: localities.get(le.Locality)}
 		for _, a := range le.Addresses {
 			health := corev3.HealthStatus_UNHEALTHY
 			if a.Ready {

@@ -1,0 +1,140 @@
+package xds
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+)
+
+// Run with
+//
+//	go test -run '^$' -bench . -benchmem ./pkg/xds/
+//
+// The catalogs are shaped like bench-federation's: one TCP port per
+// service, ten namespaces, endpoints spread over three zones.
+
+var benchSizes = []struct{ services, endpoints int }{
+	{1000, 0}, {1000, 10}, {10000, 0}, {10000, 10},
+}
+
+const benchUpstream = "10.0.0.1:15019"
+
+func benchService(i, endpoints int, ready bool) catalog.Service {
+	svc := catalog.Service{
+		Namespace: fmt.Sprintf("ns-%02d", i%10), Name: fmt.Sprintf("svc-%05d", i), Cluster: "a",
+		Ports: []catalog.Port{{Name: "http", Port: 80, Protocol: catalog.ProtocolTCP, AppProtocol: "http", TargetPort: 8080}},
+	}
+	for z := range 3 {
+		le := catalog.LocalityEndpoints{Locality: catalog.Locality{Region: "r1", Zone: fmt.Sprintf("z%d", z)}}
+		for j := z; j < endpoints; j += 3 {
+			le.Addresses = append(le.Addresses, catalog.Address{IP: fmt.Sprintf("10.%d.%d.%d", 10+j, i/256%256, i%256), Ready: true})
+			le.Ready++
+		}
+		if len(le.Addresses) > 0 && !ready {
+			// One endpoint of the service turns not ready.
+			le.Addresses[0].Ready = false
+			le.Ready--
+			le.NotReady++
+		}
+		if le.Ready+le.NotReady > 0 {
+			svc.Endpoints = append(svc.Endpoints, le)
+		}
+	}
+	if endpoints == 0 && !ready {
+		// Without endpoints, the change is a new target port.
+		svc.Ports[0].TargetPort = 8081
+	}
+	return svc
+}
+
+func benchCatalog(tb testing.TB, services, endpoints int) *catalog.Snapshot {
+	tb.Helper()
+	b := catalog.NewBuilder(catalog.LocalSource)
+	for i := range services {
+		if err := b.Put(benchService(i, endpoints, true)); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	return b.Build()
+}
+
+// benchChanges returns the catalogs a one-service change alternates
+// between: base, and base with service i changed, for a few i spread
+// over the catalog. Each is built from base by the catalog's Builder,
+// as pkg/kube builds it, so unchanged services keep their entries.
+func benchChanges(tb testing.TB, base *catalog.Snapshot, services, endpoints int) []*catalog.Snapshot {
+	tb.Helper()
+	var out []*catalog.Snapshot
+	for _, i := range []int{0, services / 3, services / 2, services - 1} {
+		b := base.Builder()
+		if err := b.Put(benchService(i, endpoints, false)); err != nil {
+			tb.Fatal(err)
+		}
+		out = append(out, b.Build())
+	}
+	return out
+}
+
+func benchName(services, endpoints int) string {
+	return fmt.Sprintf("services=%d/endpoints=%d", services, endpoints)
+}
+
+// BenchmarkTranslateGateway is the gateway's translation of the local
+// catalog: from scratch (full, TranslateGateway), and by the federator's
+// GatewayTranslator on a change of one service (one-service-change),
+// which is what the federator pays on every change of the local catalog.
+func BenchmarkTranslateGateway(b *testing.B) {
+	opts := GatewayOptions{FederationUpstream: benchUpstream}
+	for _, sz := range benchSizes {
+		base := benchCatalog(b, sz.services, sz.endpoints)
+		changes := benchChanges(b, base, sz.services, sz.endpoints)
+		b.Run(benchName(sz.services, sz.endpoints)+"/full", func(b *testing.B) {
+			for b.Loop() {
+				if _, err := TranslateGateway(base, opts); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run(benchName(sz.services, sz.endpoints)+"/one-service-change", func(b *testing.B) {
+			tr, err := NewGatewayTranslator(opts)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := tr.Translate(base); err != nil {
+				b.Fatal(err)
+			}
+			i := 0
+			for b.Loop() {
+				// change 0, base, change 1, base, …: every translation
+				// sees one service differ from the one before.
+				snap := base
+				if i%2 == 0 {
+					snap = changes[i/2%len(changes)]
+				}
+				if _, err := tr.Translate(snap); err != nil {
+					b.Fatal(err)
+				}
+				i++
+			}
+		})
+	}
+}
+
+// BenchmarkGatewaySnapshot is what follows each new translation: the
+// go-control-plane snapshot and its consistency check.
+func BenchmarkGatewaySnapshot(b *testing.B) {
+	for _, sz := range benchSizes {
+		res, err := TranslateGateway(benchCatalog(b, sz.services, sz.endpoints), GatewayOptions{FederationUpstream: benchUpstream})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Run(benchName(sz.services, sz.endpoints), func(b *testing.B) {
+			for b.Loop() {
+				if _, err := res.Snapshot(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
