@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -249,6 +250,18 @@ func (ns *NS) Run(ctx context.Context, name string, args ...string) (string, err
 	return out.String(), nil
 }
 
+// AddAddr adds address p to interface dev of the namespace (lo for
+// addresses that stand for hosts beyond a Network's router). IPv6
+// addresses skip duplicate address detection, so they work at once.
+func (ns *NS) AddAddr(ctx context.Context, dev string, p netip.Prefix) error {
+	args := []string{"-n", ns.name, "addr", "add", p.String(), "dev", dev}
+	if p.Addr().Is6() {
+		args = append(args, "nodad")
+	}
+	_, err := ipCmd(ctx, args...)
+	return err
+}
+
 // plug reserves the next interface index of the namespace (eth<i>).
 func (ns *NS) plug() int {
 	ns.mu.Lock()
@@ -315,4 +328,50 @@ func ipBatch(ctx context.Context, cmds ...[]string) error {
 		}
 	}
 	return nil
+}
+
+// Executable returns a copy of the running test binary that any user may
+// run, removed in tb.Cleanup: go test builds the binary in a directory
+// only its owner can enter, so a helper process started with another
+// Credential could not exec it.
+func Executable(tb testing.TB) string {
+	tb.Helper()
+	path, err := copyExecutable()
+	if err != nil {
+		tb.Fatalf("netns: %v", err)
+	}
+	tb.Cleanup(func() { os.RemoveAll(filepath.Dir(path)) })
+	return path
+}
+
+func copyExecutable() (string, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	dir, err := os.MkdirTemp("", "isthmus-netns-exe-")
+	if err != nil {
+		return "", err
+	}
+	dst := filepath.Join(dir, filepath.Base(self))
+	err = errors.Join(os.Chmod(dir, 0o755), copyFile(self, dst, 0o755))
+	if err != nil {
+		os.RemoveAll(dir)
+		return "", fmt.Errorf("copy test binary: %w", err)
+	}
+	return dst, nil
+}
+
+func copyFile(src, dst string, perm os.FileMode) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, perm)
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(out, in)
+	return errors.Join(err, out.Close())
 }

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -55,14 +54,20 @@ func TestNetwork(t *testing.T) {
 		})
 	}
 
-	t.Run("through the router to an address on its lo", func(t *testing.T) {
-		_, err := n.Router().Run(t.Context(), "ip", "addr", "add", "10.99.0.1/32", "dev", "lo")
-		require.NoError(t, err)
+	t.Run("through the router to addresses on its lo", func(t *testing.T) {
+		require.NoError(t, n.Router().AddAddr(t.Context(), "lo", netip.MustParsePrefix("10.99.0.1/32")))
 		rl, err := n.Router().Listen("tcp", "10.99.0.1:80")
 		require.NoError(t, err)
 		t.Cleanup(func() { rl.Close() })
 		go echoServer(rl)
 		require.Equal(t, "via 10.99.0.1:80", echo(t, a, "10.99.0.1:80"))
+
+		require.NoError(t, n.Router().AddAddr(t.Context(), "lo", netip.MustParsePrefix("fd00:99::1/128")))
+		rl6, err := n.Router().Listen("tcp", "[fd00:99::1]:80")
+		require.NoError(t, err, "an IPv6 address is usable at once")
+		t.Cleanup(func() { rl6.Close() })
+		go echoServer(rl6)
+		require.Equal(t, "via [fd00:99::1]:80", echo(t, a, "[fd00:99::1]:80"))
 	})
 }
 
@@ -292,7 +297,7 @@ func TestSkipWithoutRoot(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("already not root: the other tests show the skip")
 	}
-	bin := copyTestBinary(t)
+	bin := Executable(t)
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, "-test.run", "^TestNetwork$", "-test.v", "-test.count=1")
@@ -302,25 +307,4 @@ func TestSkipWithoutRoot(t *testing.T) {
 	require.NoError(t, err, string(out))
 	require.Contains(t, string(out), "--- SKIP: TestNetwork")
 	require.Contains(t, string(out), "network namespaces need root, and this test runs as uid 65534")
-}
-
-// copyTestBinary copies this test binary where any user may run it (go
-// test builds it in a directory only its owner can enter).
-func copyTestBinary(t testing.TB) string {
-	t.Helper()
-	self, err := os.Executable()
-	require.NoError(t, err)
-	dir, err := os.MkdirTemp("", "isthmus-netns-test-")
-	require.NoError(t, err)
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	require.NoError(t, os.Chmod(dir, 0o755))
-	src, err := os.Open(self)
-	require.NoError(t, err)
-	defer src.Close()
-	bin := filepath.Join(dir, "netns.test")
-	dst, err := os.OpenFile(bin, os.O_CREATE|os.O_WRONLY, 0o755)
-	require.NoError(t, err)
-	_, err = io.Copy(dst, src)
-	require.NoError(t, errors.Join(err, dst.Close()))
-	return bin
 }

@@ -103,8 +103,8 @@ func newNetwork(tb testing.TB, opts NetworkOptions) (*Network, error) {
 }
 
 // Router is the namespace holding the bridge and the gateway address. Add
-// addresses to its lo to stand for hosts beyond the network: namespaces
-// reach them through their default route.
+// addresses to its lo (NS.AddAddr) to stand for hosts beyond the network:
+// namespaces reach them through their default route.
 func (n *Network) Router() *NS { return n.router }
 
 // Prefix is the network's IPv4 subnet.
