@@ -45,7 +45,7 @@ func Remove(ctx context.Context, c Config) error { return Runner{}.Remove(ctx, c
 // are not there exactly once already. If IPv6 fails after IPv4 was
 // applied, IPv4's nat table is restored to what it was.
 func (r Runner) Apply(ctx context.Context, c Config) error {
-	if err := errors.Join(c.Validate(), r.validate()); err != nil {
+	if err := errors.Join(c.Validate(), r.Validate()); err != nil {
 		return err
 	}
 	return r.edit(ctx, families(c), func(f family, saved string) string {
@@ -59,7 +59,7 @@ func (r Runner) Apply(ctx context.Context, c Config) error {
 // it removes the IPv6 rules too. Removing what is not there is not an
 // error.
 func (r Runner) Remove(ctx context.Context, c Config) error {
-	if err := r.validate(); err != nil {
+	if err := r.Validate(); err != nil {
 		return err
 	}
 	return r.edit(ctx, families(c), func(_ family, saved string) string {
@@ -116,7 +116,8 @@ func (r Runner) rollback(ctx context.Context, changed []savedTable) error {
 	return errors.Join(errs...)
 }
 
-func (r Runner) validate() error {
+// Validate reports a Backend that is not one of the known ones.
+func (r Runner) Validate() error {
 	_, err := r.command("iptables")
 	return err
 }

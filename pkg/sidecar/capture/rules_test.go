@@ -251,14 +251,14 @@ func TestRunnerBackend(t *testing.T) {
 		"legacy": {"ip6tables-legacy-restore", "iptables-legacy"},
 	} {
 		r := Runner{Backend: backend}
-		require.NoError(t, r.validate())
+		require.NoError(t, r.Validate())
 		for i, base := range []string{"ip6tables-restore", "iptables"} {
 			got, err := r.command(base)
 			require.NoError(t, err)
 			require.Equal(t, want[i], got)
 		}
 	}
-	err := Runner{Backend: "iptables-legacy"}.validate()
+	err := Runner{Backend: "iptables-legacy"}.Validate()
 	require.ErrorContains(t, err, `iptables backend "iptables-legacy": want empty (the system's default), nft or legacy`)
 	require.ErrorContains(t, Runner{Backend: "x"}.Apply(t.Context(), DefaultConfig()), `iptables backend "x"`)
 	require.ErrorContains(t, Runner{Backend: "x"}.Remove(t.Context(), DefaultConfig()), `iptables backend "x"`)
