@@ -2,6 +2,7 @@ package xds
 
 import (
 	"fmt"
+	"runtime"
 	"testing"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
@@ -137,4 +138,47 @@ func BenchmarkGatewaySnapshot(b *testing.B) {
 			}
 		})
 	}
+}
+
+// BenchmarkGatewayRetained reports the heap the federator keeps for the
+// gateway's configuration of a catalog: its GatewayTranslator (whose
+// last result is the Resources served) and the go-control-plane
+// snapshot. It is the live heap after a GC with them held, minus the
+// live heap without.
+func BenchmarkGatewayRetained(b *testing.B) {
+	for _, sz := range benchSizes {
+		snap := benchCatalog(b, sz.services, sz.endpoints)
+		b.Run(benchName(sz.services, sz.endpoints), func(b *testing.B) {
+			var mb float64
+			for b.Loop() {
+				mb = retainedMB(func() any {
+					tr, err := NewGatewayTranslator(GatewayOptions{FederationUpstream: benchUpstream})
+					if err != nil {
+						b.Fatal(err)
+					}
+					res, err := tr.Translate(snap)
+					if err != nil {
+						b.Fatal(err)
+					}
+					s, err := res.Snapshot()
+					if err != nil {
+						b.Fatal(err)
+					}
+					return []any{tr, s}
+				})
+			}
+			b.ReportMetric(mb, "retained-MB")
+		})
+	}
+}
+
+func retainedMB(build func() any) float64 {
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	v := build()
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	runtime.KeepAlive(v)
+	return float64(int64(after.HeapAlloc)-int64(before.HeapAlloc)) / 1e6
 }

@@ -53,11 +53,12 @@ func service(i, endpoints int, port int32) catalog.Service {
 var sizes = []struct{ services, endpoints int }{{10000, 0}, {10000, 10}}
 
 // BenchmarkLocalChange is one exported service changing among n: the
-// exporter's new snapshot (copy, sort and hash of the whole catalog) and,
-// since the federator serves the gateway over xDS, the gateway's whole
-// configuration translated again and made into a go-control-plane
-// snapshot. Both run on every change of the local catalog, whatever
-// changed.
+// exporter's new snapshot (copy, sort and hash of the whole catalog)
+// and, since the federator serves the gateway over xDS, the gateway's
+// configuration translated again by the federator's GatewayTranslator
+// (the changed service anew, the others reused) and made into a
+// go-control-plane snapshot. Both run on every change of the local
+// catalog, whatever changed.
 func BenchmarkLocalChange(b *testing.B) {
 	for _, sz := range sizes {
 		snap := exportedServices(b, sz.services, sz.endpoints)
@@ -74,15 +75,39 @@ func BenchmarkLocalChange(b *testing.B) {
 			}
 		})
 		b.Run(name+"/xds-gateway", func(b *testing.B) {
-			opts := xds.GatewayOptions{FederationUpstream: "10.0.0.1:15019"}
+			tr, err := xds.NewGatewayTranslator(xds.GatewayOptions{FederationUpstream: "10.0.0.1:15019"})
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := tr.Translate(snap); err != nil {
+				b.Fatal(err)
+			}
+			// The changed catalogs are made beforehand: the exporter's
+			// part is the catalog-snapshot case.
+			var changed []*catalog.Snapshot
+			for i := range 8 {
+				bld := snap.Builder()
+				if err := bld.Put(service(i*sz.services/8, sz.endpoints, 81)); err != nil {
+					b.Fatal(err)
+				}
+				changed = append(changed, bld.Build())
+			}
+			i := 0
 			for b.Loop() {
-				res, err := xds.TranslateGateway(snap, opts)
+				// A changed catalog, then the base again, and so on:
+				// every translation sees one service change.
+				cur := snap
+				if i%2 == 0 {
+					cur = changed[i/2%len(changed)]
+				}
+				res, err := tr.Translate(cur)
 				if err != nil {
 					b.Fatal(err)
 				}
 				if _, err := res.Snapshot(); err != nil {
 					b.Fatal(err)
 				}
+				i++
 			}
 		})
 	}
@@ -90,7 +115,8 @@ func BenchmarkLocalChange(b *testing.B) {
 
 // BenchmarkRetained reports the heap that the exporting federator keeps
 // for n exported services: the local catalog snapshot, and the gateway's
-// xDS resources with their go-control-plane snapshot. Each is measured
+// GatewayTranslator (its resources, their encodings, the last result)
+// with the go-control-plane snapshot. Each is measured
 // as the live heap after a GC with the object held, minus the live heap
 // without it.
 func BenchmarkRetained(b *testing.B) {
@@ -108,7 +134,11 @@ func BenchmarkRetained(b *testing.B) {
 			var mb float64
 			for b.Loop() {
 				mb = retainedMB(func() any {
-					res, err := xds.TranslateGateway(snap, xds.GatewayOptions{FederationUpstream: "10.0.0.1:15019"})
+					tr, err := xds.NewGatewayTranslator(xds.GatewayOptions{FederationUpstream: "10.0.0.1:15019"})
+					if err != nil {
+						b.Fatal(err)
+					}
+					res, err := tr.Translate(snap)
 					if err != nil {
 						b.Fatal(err)
 					}
@@ -116,7 +146,7 @@ func BenchmarkRetained(b *testing.B) {
 					if err != nil {
 						b.Fatal(err)
 					}
-					return []any{res, s}
+					return []any{tr, s}
 				})
 			}
 			b.ReportMetric(mb, "retained-MB")
