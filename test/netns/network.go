@@ -62,6 +62,7 @@ func NewNetwork(tb testing.TB, opts NetworkOptions) *Network {
 }
 
 func newNetwork(tb testing.TB, opts NetworkOptions) (*Network, error) {
+	tb.Helper()
 	if opts.Label == "" {
 		opts.Label = "net"
 	}
