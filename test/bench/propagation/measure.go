@@ -184,3 +184,18 @@ func (ph *phase) report(rep *table.Report, cfg config) {
 		}
 	}
 }
+
+// compare puts the same changes side by side, beside the background and
+// alone: the ratio says how much a bigger catalog costs each change.
+func compare(rep *table.Report, alone, busy *phase) {
+	rep.Add(table.Section{
+		Title: fmt.Sprintf("Does it degrade with size? The same changes, %s", busy.title),
+		Peer:  "the same changes with " + alone.title + ", same run",
+		Rows: slices.Concat(
+			table.BoundRows("export → routable", busy.export.total, alone.export.total, target.Seconds(), ""),
+			table.BoundRows("unexport → refused", busy.unexport.total, alone.unexport.total, target.Seconds(), ""),
+			table.LatencyRows("stage: call's return → xDS snapshot set (export)", busy.export.federator, alone.export.federator, table.None, ""),
+			table.LatencyRows("stage: xDS snapshot set → gateway routable", busy.export.delivery, alone.export.delivery, table.None, ""),
+		),
+	})
+}

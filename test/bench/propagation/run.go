@@ -164,6 +164,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (rep *table.Report, 
 			return rep, err
 		}
 		busy.report(rep, cfg)
+		compare(rep, alone, busy)
 	}
 
 	rep.Note("Each change: %d services one after another, export then unexport, %s apart; a new connection through the gateway every %s after the call returned, each a full mTLS 1.3 handshake (X25519, P-256) with the backend through the gateway. "+
