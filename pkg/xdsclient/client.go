@@ -36,11 +36,15 @@ const (
 )
 
 // GatewayTypes are the resource types the east-west gateway subscribes
-// to, in the order the client subscribes (LDS, CDS, then EDS for the
-// clusters CDS names).
+// to, in the order the client subscribes: LDS, CDS, then EDS for the
+// clusters CDS names, and SDS for the ROOTCA Secret (the trust bundles).
 func GatewayTypes() []string {
-	return []string{TypeListener, TypeCluster, TypeClusterLoadAssignment}
+	return []string{TypeListener, TypeCluster, TypeClusterLoadAssignment, TypeSecret}
 }
+
+// routingTypes are the types every Config is assembled from; a client
+// must subscribe to all of them.
+var routingTypes = []string{TypeListener, TypeCluster, TypeClusterLoadAssignment}
 
 // ClientConfig configures a Client.
 type ClientConfig struct {
@@ -55,11 +59,12 @@ type ClientConfig struct {
 	// Node identifies the proxy (GatewayNode for the gateway). Node.ID is
 	// required.
 	Node Node
-	// Types are the resource types to subscribe to; nil means
-	// GatewayTypes(). Today that is also the only set supported: SDS
-	// (Secret) and RDS (RouteConfiguration) slot in as further types
-	// whose names come from the accepted clusters and listeners, the way
-	// EDS names come from CDS.
+	// Types are the resource types to subscribe to, in order; nil means
+	// GatewayTypes(). Listener, Cluster and ClusterLoadAssignment are
+	// required, Secret (the ROOTCA trust bundles) is optional; no other
+	// type is supported. RDS (RouteConfiguration) slots in as a further
+	// type whose names come from the accepted listeners, the way EDS
+	// names come from CDS.
 	Types []string
 	// BackoffMin and BackoffMax bound the delay before reopening a failed
 	// stream: it doubles from BackoffMin to BackoffMax, each delay drawn
@@ -102,6 +107,14 @@ type TLSConfig struct {
 	// Authorizer accepts the server's SPIFFE ID, e.g.
 	// tlsconfig.AuthorizeID(federatorID). Required.
 	Authorizer tlsconfig.Authorizer
+	// FollowSDS validates the server with the trust bundle it published
+	// over SDS (Client.Bundles) for its own trust domain, falling back to
+	// Bundle while no accepted ROOTCA names that trust domain (before
+	// the first one arrives). A root rotation the federator publishes
+	// then reaches the client's next handshake with it, so reconnecting
+	// after a rotation does not depend on Bundle having been updated.
+	// Needs TypeSecret among the Types.
+	FollowSDS bool
 }
 
 func (c ClientConfig) withDefaults() ClientConfig {
@@ -161,8 +174,11 @@ func (c ClientConfig) Validate() error {
 	if c.Node.ID == "" {
 		errs = append(errs, errors.New("Node.ID is empty"))
 	}
-	if c.Types != nil && !slices.Equal(c.Types, GatewayTypes()) {
-		errs = append(errs, fmt.Errorf("types %q are not supported (want %q)", c.Types, GatewayTypes()))
+	if c.Types != nil {
+		errs = append(errs, checkTypes(c.Types)...)
+	}
+	if c.TLS != nil && c.TLS.FollowSDS && c.Types != nil && !slices.Contains(c.Types, TypeSecret) {
+		errs = append(errs, fmt.Errorf("TLS.FollowSDS needs the type %s among the Types", TypeSecret))
 	}
 	for name, d := range map[string]time.Duration{
 		"BackoffMin": c.BackoffMin, "BackoffMax": c.BackoffMax, "DialTimeout": c.DialTimeout,
@@ -179,6 +195,27 @@ func (c ClientConfig) Validate() error {
 		errs = append(errs, fmt.Errorf("MaxRecvMsgSize %d is negative", c.MaxRecvMsgSize))
 	}
 	return errors.Join(errs...)
+}
+
+// checkTypes reports what is wrong with a list of types to subscribe to.
+func checkTypes(types []string) []error {
+	var errs []error
+	seen := make(map[string]bool, len(types))
+	for _, t := range types {
+		switch {
+		case seen[t]:
+			errs = append(errs, fmt.Errorf("type %q is listed twice", t))
+		case !slices.Contains(GatewayTypes(), t):
+			errs = append(errs, fmt.Errorf("type %q is not supported (supported: %q)", t, GatewayTypes()))
+		}
+		seen[t] = true
+	}
+	for _, t := range routingTypes {
+		if !seen[t] {
+			errs = append(errs, fmt.Errorf("type %q is required", t))
+		}
+	}
+	return errs
 }
 
 // Client is the proxies' xDS client: one ADS stream to the federator,
@@ -212,26 +249,30 @@ func New(cfg ClientConfig) (*Client, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("xdsclient: %w", err)
 	}
-	creds := insecure.NewCredentials()
-	if cfg.TLS != nil {
-		creds = credentials.NewTLS(tlsconfig.MTLSClientConfig(cfg.TLS.SVID, cfg.TLS.Bundle, cfg.TLS.Authorizer))
-	}
-	bo := backoff.DefaultConfig
-	bo.MaxDelay = cfg.BackoffMax
 	c := &Client{
-		cfg:  cfg,
-		log:  cfg.Logger.With("component", "xdsclient", "server", cfg.Server),
-		node: cfg.Node.proto(),
-		dialOpts: []grpc.DialOption{
-			grpc.WithTransportCredentials(creds),
-			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(cfg.MaxRecvMsgSize)),
-			grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: cfg.DialTimeout}),
-			grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: cfg.KeepaliveTime, Timeout: cfg.KeepaliveTimeout}),
-		},
+		cfg:      cfg,
+		log:      cfg.Logger.With("component", "xdsclient", "server", cfg.Server),
+		node:     cfg.Node.proto(),
 		updated:  make(chan struct{}, 1),
 		ready:    make(chan struct{}),
 		acc:      &state{},
 		versions: map[string]string{},
+	}
+	creds := insecure.NewCredentials()
+	if cfg.TLS != nil {
+		bundle := cfg.TLS.Bundle
+		if cfg.TLS.FollowSDS {
+			bundle = followSDS{sds: c.Bundles(), fallback: bundle}
+		}
+		creds = credentials.NewTLS(tlsconfig.MTLSClientConfig(cfg.TLS.SVID, bundle, cfg.TLS.Authorizer))
+	}
+	bo := backoff.DefaultConfig
+	bo.MaxDelay = cfg.BackoffMax
+	c.dialOpts = []grpc.DialOption{
+		grpc.WithTransportCredentials(creds),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(cfg.MaxRecvMsgSize)),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: cfg.DialTimeout}),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: cfg.KeepaliveTime, Timeout: cfg.KeepaliveTimeout}),
 	}
 	return c, nil
 }
@@ -239,6 +280,15 @@ func New(cfg ClientConfig) (*Client, error) {
 // Current is the last consistent configuration accepted, nil until the
 // first. It is never modified; a new one replaces it.
 func (c *Client) Current() *Config { return c.cur.Load() }
+
+// Bundles is a live x509bundle.Source of the trust bundles the federator
+// publishes (Config.Bundles): every call reads the current config, so
+// go-spiffe's tlsconfig, given it, validates each new handshake against
+// the bundles accepted last, and a rotation needs no restart. A trust
+// domain the current config has no bundle for (or no config, or no
+// ROOTCA yet) is an error naming it. It returns copies: callers may
+// modify them.
+func (c *Client) Bundles() x509bundle.Source { return bundleSource{c: c} }
 
 // Updated receives (capacity one, sends never block) after Current
 // changes. It has one consumer: the proxy's loop that then reads Current.

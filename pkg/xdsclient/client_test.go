@@ -350,11 +350,32 @@ func TestRunOnceAndValidate(t *testing.T) {
 	eventually(t, "running", func() bool { return c.running.Load() })
 	require.ErrorIs(t, c.Run(t.Context()), errRunTwice)
 
-	_, err := New(ClientConfig{Types: []string{"type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"}, BackoffMin: -1})
+	_, err := New(ClientConfig{
+		Types:      []string{TypeSecret, TypeListener, TypeSecret, "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"},
+		BackoffMin: -1,
+	})
 	require.Error(t, err)
-	for _, want := range []string{`server "" is not host:port`, "neither TLS nor Plaintext", "Node.ID is empty", "are not supported", "BackoffMin -1ns is negative"} {
+	for _, want := range []string{
+		`server "" is not host:port`, "neither TLS nor Plaintext", "Node.ID is empty", "BackoffMin -1ns is negative",
+		`type "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret" is listed twice`,
+		`type "type.googleapis.com/envoy.config.route.v3.RouteConfiguration" is not supported`,
+		`type "type.googleapis.com/envoy.config.cluster.v3.Cluster" is required`,
+		`type "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment" is required`,
+	} {
 		require.ErrorContains(t, err, want)
 	}
+	require.NotContains(t, err.Error(), `Listener" is required`)
+
+	// Following SDS needs the Secret type.
+	f := newTLSFixture(t)
+	cfg := f.clientConfig(t, srv.addr, f.federatorID)
+	cfg.TLS.FollowSDS = true
+	cfg.Types = routingTypes
+	_, err = New(cfg)
+	require.ErrorContains(t, err, "TLS.FollowSDS needs the type "+TypeSecret)
+	cfg.Types = nil
+	_, err = New(cfg)
+	require.NoError(t, err)
 }
 
 func cloneConfig(c *Config) *Config {

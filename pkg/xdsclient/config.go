@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"strconv"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 )
 
 // Config is one consistent, accepted xDS configuration: every filter
@@ -22,6 +24,14 @@ type Config struct {
 	// DNS name table (docs/sidecar-xds.md); nil for the gateway role,
 	// whose listeners are Listeners. The sidecar's clusters are Clusters.
 	Sidecar *Sidecar
+	// Bundles are the trust bundles of the ROOTCA Secret, one per trust
+	// domain (the local one and every federated peer's), never merged:
+	// a peer is validated against the bundle of the trust domain in its
+	// SPIFFE ID. Nil until the first ROOTCA is accepted, and for a client
+	// that does not subscribe to Secrets. The set and its bundles are
+	// shared and must not be modified; Client.Bundles is the live
+	// x509bundle.Source to give go-spiffe's tlsconfig.
+	Bundles *x509bundle.Set
 	// Versions maps each type URL to the version_info of the responses
 	// this Config was made from. A later response that changes nothing is
 	// accepted without publishing a new Config (Client.Stats has the

@@ -16,6 +16,8 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tlsinspectorv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -26,6 +28,7 @@ const (
 	TypeListener              = "type.googleapis.com/envoy.config.listener.v3.Listener"
 	TypeCluster               = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 	TypeClusterLoadAssignment = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+	TypeSecret                = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 )
 
 // Extension names and typed_config types the gateway subset contains.
@@ -50,19 +53,20 @@ const (
 // A resource outside the subset of docs/gateway-xds.md is an error naming
 // the resource and the field (the text a NACK carries). Valid resources
 // that are not consistent yet give an error wrapping ErrIncomplete.
+// Without a ROOTCA Secret among the resources, Config.Bundles is nil.
 func Decode(resources ...*anypb.Any) (*Config, error) {
-	byType := make(map[string][]*anypb.Any, 3)
+	byType := make(map[string][]*anypb.Any, 4)
 	var errs []error
 	for i, r := range resources {
 		switch t := r.GetTypeUrl(); t {
-		case TypeListener, TypeCluster, TypeClusterLoadAssignment:
+		case TypeListener, TypeCluster, TypeClusterLoadAssignment, TypeSecret:
 			byType[t] = append(byType[t], r)
 		default:
 			errs = append(errs, &resourceError{kind: "resource", idx: i, err: fmt.Errorf("unsupported type %q", t)})
 		}
 	}
 	s := &state{}
-	for _, t := range []string{TypeListener, TypeCluster, TypeClusterLoadAssignment} {
+	for _, t := range []string{TypeListener, TypeCluster, TypeClusterLoadAssignment, TypeSecret} {
 		next, err := s.apply(t, byType[t])
 		if err != nil {
 			errs = append(errs, err)
@@ -85,11 +89,14 @@ type state struct {
 	clusters  map[string]Cluster
 	// assignments are the endpoints by ClusterLoadAssignment cluster_name.
 	assignments map[string][]Endpoint
+	// bundles are the ROOTCA Secret's trust bundles; nil until the first.
+	bundles *x509bundle.Set
 }
 
 // apply decodes one response's resources of typeURL into a new state. LDS
-// and CDS responses are the full set (state of the world); an EDS response
-// adds or replaces the assignments it carries, as Envoy treats it.
+// and CDS responses are the full set (state of the world); an EDS or SDS
+// response adds or replaces the resources it carries, as Envoy treats
+// them: an SDS response without ROOTCA leaves the bundles as they were.
 func (s *state) apply(typeURL string, resources []*anypb.Any) (*state, error) {
 	next := *s
 	var errs []error
@@ -158,6 +165,25 @@ func (s *state) apply(typeURL string, resources []*anypb.Any) (*state, error) {
 			seen[m.GetClusterName()] = true
 			next.assignments[m.GetClusterName()] = eps
 		}
+	case TypeSecret:
+		seen := false
+		for i, r := range resources {
+			m := new(tlsv3.Secret)
+			if err := unpack(r, TypeSecret, m); err != nil {
+				bad("secret", "", i, err)
+				continue
+			}
+			set, err := decodeSecret(m)
+			if err == nil && seen {
+				err = fieldErr("name", "duplicate secret name in the response")
+			}
+			if err != nil {
+				bad("secret", m.GetName(), i, err)
+				continue
+			}
+			seen = true
+			next.bundles = set
+		}
 	default:
 		return nil, fmt.Errorf("unsupported type %q", typeURL)
 	}
@@ -177,6 +203,7 @@ func (s *state) assemble(versions map[string]string) (*Config, error) {
 	cfg := &Config{
 		Listeners: make([]Listener, 0, len(s.listeners)),
 		Clusters:  make(map[string]Cluster, len(s.clusters)),
+		Bundles:   s.bundles,
 		Versions:  versions,
 	}
 	for _, l := range s.listeners {

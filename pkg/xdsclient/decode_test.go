@@ -9,6 +9,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	tlsinspectorv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
@@ -23,6 +24,7 @@ func TestTypeURLsMatchGoControlPlane(t *testing.T) {
 	require.Equal(t, resource.ListenerType, TypeListener)
 	require.Equal(t, resource.ClusterType, TypeCluster)
 	require.Equal(t, resource.EndpointType, TypeClusterLoadAssignment)
+	require.Equal(t, resource.SecretType, TypeSecret)
 }
 
 // mutable is one fresh copy of the gateway's resources (echo + the
@@ -259,8 +261,8 @@ func TestDecodeRefusesBadResourceSets(t *testing.T) {
 	}{
 		{"garbage", []*anypb.Any{{TypeUrl: TypeListener, Value: []byte{0xff, 0xff}}},
 			`listener #0: cannot decode: `},
-		{"unsupported type", []*anypb.Any{mustAny(t, &tlsv3.Secret{Name: "default"})},
-			`resource #0: unsupported type "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"`},
+		{"unsupported type", []*anypb.Any{mustAny(t, &routev3.RouteConfiguration{Name: "80"})},
+			`resource #0: unsupported type "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"`},
 		{"two listeners with one name", []*anypb.Any{mustAny(t, m.l), mustAny(t, m.l)},
 			`listener "eastwest-gw": name: duplicate listener name in the response`},
 		{"two clusters with one name", []*anypb.Any{mustAny(t, m.fed), mustAny(t, m.fed)},

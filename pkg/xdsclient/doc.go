@@ -8,20 +8,34 @@
 //
 //	federator (pkg/xds) ──ADS──► Client.session ─ decode + validate (Decode's rules) ─► state
 //	                                  ▲   │                                              │
-//	                         ACK / NACK   └── EDS names from accepted clusters           │ consistent?
-//	                                                                                     ▼
+//	                         ACK / NACK   ├── EDS names from accepted clusters           │ consistent?
+//	                                      └── SDS: ROOTCA by name                        ▼
 //	               proxy ◄── Updated() ── Current() *Config (atomic pointer) ◄── publish
+//	                 ▲                          │ Config.Bundles (one per trust domain)
+//	  go-spiffe tlsconfig ◄── Client.Bundles() ─┘ (x509bundle.Source, read at every handshake)
 //
 // The subset is docs/gateway-xds.md: a listener whose filter chains match
 // server names and end in one tcp_proxy, EDS/STATIC/STRICT_DNS clusters,
-// and endpoints that are socket addresses. It is an allow-list: a field the
+// endpoints that are socket addresses, and one Secret, ROOTCA: a
+// validation context holding only Envoy's SPIFFE certificate validator,
+// one PEM bundle per trust domain. It is an allow-list: a field the
 // contract does not name is refused, never silently ignored, so a stock
-// Envoy given the same resources behaves the same way.
+// Envoy given the same resources behaves the same way. A tls_certificate
+// Secret is refused outright: private keys never leave the pod (the proxy
+// gets its SVID from pkg/identity).
+//
+// The trust bundles are decoded into an immutable *x509bundle.Set per
+// Config, never merged across trust domains, and Client.Bundles serves the
+// current one to go-spiffe's tlsconfig, so a root rotation the federator
+// publishes reaches the next handshake without a restart. With
+// TLSConfig.FollowSDS the client validates the federator itself that way,
+// falling back to its configured bundle until the first ROOTCA arrives.
 //
 // A Config is published only when it is consistent: every filter chain's
 // cluster is present and every EDS cluster has its ClusterLoadAssignment.
 // Until then, and through NACKs, disconnects and federator restarts, the
-// previous Config stays: a proxy never drops traffic because the control
-// plane went away. A new stream resubscribes with the versions accepted
-// last.
+// previous Config stays (its trust bundles too): a proxy never drops
+// traffic because the control plane went away. A new stream resubscribes
+// with the versions accepted last. A Config is consistent without a
+// Secret: Config.Bundles stays nil until the first ROOTCA is accepted.
 package xdsclient

@@ -11,6 +11,7 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tlsinspectorv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 )
@@ -41,6 +42,15 @@ var (
 	endpointFields     = allow[*endpointv3.Endpoint]("address")
 	addressFields      = allow[*corev3.Address]("socket_address")
 	socketAddrFields   = allow[*corev3.SocketAddress]("address", "port_value", "protocol")
+
+	// The ROOTCA Secret. tls_certificate and trusted_ca are refused with
+	// reasons of their own, so they are allowed here.
+	secretFields            = allow[*tlsv3.Secret]("name", "validation_context", "tls_certificate")
+	validationContextFields = allow[*tlsv3.CertificateValidationContext]("custom_validator_config", "trusted_ca")
+	extensionFields         = allow[*corev3.TypedExtensionConfig]("name", "typed_config")
+	spiffeValidatorFields   = allow[*tlsv3.SPIFFECertValidatorConfig]("trust_domains")
+	trustDomainFields       = allow[*tlsv3.SPIFFECertValidatorConfig_TrustDomain]("name", "trust_bundle")
+	dataSourceFields        = allow[*corev3.DataSource]("inline_bytes")
 )
 
 // fieldSet is one message type's allow-list, kept as the list of the

@@ -1,45 +1,65 @@
 package xdsclient
 
 import (
+	"crypto/x509"
 	"testing"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/isthmus-mesh/isthmus/internal/pemutil"
 )
 
 // FuzzDecodeResources feeds arbitrary bytes as the Any-wrapped listener,
-// cluster and assignment of a response: what a broken or hostile server
-// could send. Decode must never panic, and what it accepts must keep the
-// promises a published Config makes.
+// cluster, assignment and ROOTCA Secret of a response: what a broken or
+// hostile server could send. Decode must never panic, and what it accepts
+// must keep the promises a published Config makes.
 func FuzzDecodeResources(f *testing.F) {
-	seed := func(m *mutable) {
-		l, err := proto.Marshal(m.l)
+	alpha, beta := testRoot(f, "alpha.mesh"), testRoot(f, "beta.mesh")
+	goodSecret := rootCA(f, map[string][]*x509.Certificate{"alpha.mesh": {alpha}, "beta.mesh": {beta}})
+	marshal := func(m proto.Message) []byte {
+		b, err := proto.Marshal(m)
 		require.NoError(f, err)
-		c, err := proto.Marshal(m.eds)
-		require.NoError(f, err)
-		e, err := proto.Marshal(m.cla)
-		require.NoError(f, err)
-		f.Add(l, c, e)
+		return b
 	}
-	seed(newMutable(f))
+	seed := func(m *mutable, secret *tlsv3.Secret) {
+		f.Add(marshal(m.l), marshal(m.eds), marshal(m.cla), marshal(secret))
+	}
+	seed(newMutable(f), goodSecret)
 	m := newMutable(f)
 	m.fed = fedClusterFor("federator.example", 15012)
 	m.eds = m.fed
 	m.l.FilterChains = m.l.FilterChains[:1]
-	seed(m)
+	seed(m, goodSecret)
 	m = newMutable(f)
 	m.echoChain().Filters = append(m.echoChain().Filters, m.echoChain().Filters[0])
 	m.echoChain().FilterChainMatch.DestinationPort = wrapperspb.UInt32(1)
-	seed(m)
-	f.Add([]byte{}, []byte{}, []byte{})
+	seed(m, goodSecret)
+	alphaPEM := pemutil.EncodeCertificates(alpha)
+	for _, bad := range []*tlsv3.Secret{
+		{Name: "default", Type: &tlsv3.Secret_TlsCertificate{TlsCertificate: &tlsv3.TlsCertificate{}}},
+		{Name: RootCASecretName, Type: &tlsv3.Secret_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
+			TrustedCa: &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: alphaPEM}}}}},
+		spiffeSecret(f, trustDomainEntry("alpha.mesh", alphaPEM[:len(alphaPEM)/2])),
+		spiffeSecret(f, trustDomainEntry("alpha.mesh", alphaPEM), trustDomainEntry("alpha.mesh", alphaPEM)),
+		spiffeSecret(f, trustDomainEntry("spiffe://alpha.mesh", alphaPEM)),
+		spiffeSecret(f),
+	} {
+		seed(newMutable(f), bad)
+	}
+	f.Add([]byte{}, []byte{}, []byte{}, []byte{})
 
-	f.Fuzz(func(t *testing.T, listener, cluster, cla []byte) {
+	f.Fuzz(func(t *testing.T, listener, cluster, cla, secret []byte) {
 		res := []*anypb.Any{
 			{TypeUrl: TypeListener, Value: listener},
 			{TypeUrl: TypeCluster, Value: cluster},
 			{TypeUrl: TypeClusterLoadAssignment, Value: cla},
+			{TypeUrl: TypeSecret, Value: secret},
 		}
 		cfg, err := Decode(res...)
 		if err != nil {
@@ -70,8 +90,20 @@ func FuzzDecodeResources(f *testing.F) {
 				}
 			}
 		}
+		if cfg.Bundles != nil {
+			require.Positive(t, cfg.Bundles.Len())
+			for _, b := range cfg.Bundles.Bundles() {
+				td, err := spiffeid.TrustDomainFromString(b.TrustDomain().Name())
+				require.NoError(t, err)
+				require.Equal(t, td, b.TrustDomain())
+				require.NotEmpty(t, b.X509Authorities(), "trust domain %s trusts nothing", td)
+			}
+		}
 		again, err := Decode(res...)
 		require.NoError(t, err)
-		require.Equal(t, cfg, again, "decoding is deterministic")
+		require.True(t, sameBundles(cfg.Bundles, again.Bundles), "decoding is deterministic")
+		cfgRest, againRest := *cfg, *again
+		cfgRest.Bundles, againRest.Bundles = nil, nil
+		require.Equal(t, cfgRest, againRest, "decoding is deterministic")
 	})
 }

@@ -126,6 +126,8 @@ func TestPublishedOnlyWhenConsistent(t *testing.T) {
 	cds := st.recv(t)
 	requireRequest(t, cds, TypeCluster, "", "")
 	require.Nil(t, cds.GetNode(), "the node goes in the stream's first request only")
+	// EDS has no names to ask for yet; SDS asks for ROOTCA by name.
+	requireRequest(t, st.recv(t), TypeSecret, "", "", RootCASecretName)
 
 	a, b := echo, api
 	// An assignment nobody asked for yet: ignored, not even answered.

@@ -196,10 +196,11 @@ func nack(typeURL string) func(*discoveryv3.DiscoveryRequest) bool {
 	}
 }
 
-// waitACKs waits for the client to ACK version of all three types.
+// waitACKs waits for the client to ACK version of the three routing
+// types (listeners, clusters, endpoints).
 func (s *xdsServer) waitACKs(t testing.TB, since int, version string) {
 	t.Helper()
-	for _, typ := range GatewayTypes() {
+	for _, typ := range routingTypes {
 		s.waitRequest(t, since, "ACK of "+typ+" "+version, ack(typ, version))
 	}
 }

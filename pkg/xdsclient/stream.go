@@ -138,7 +138,8 @@ func (s *session) receive(ctx context.Context, out chan<- *discoveryv3.Discovery
 }
 
 // subscribe sends the stream's first requests: LDS and CDS as wildcards,
-// then EDS for the clusters accepted so far, each with the version
+// then EDS for the clusters accepted so far and SDS for ROOTCA, each with
+// the version
 // accepted last so a server whose configuration did not change sends the
 // same version again and nothing is republished.
 func (s *session) subscribe() error {
@@ -164,6 +165,8 @@ func (c *Client) subscription(t string) (names []string, wildcard bool) {
 	switch t {
 	case TypeClusterLoadAssignment:
 		return c.acc.edsNames(), false
+	case TypeSecret:
+		return []string{RootCASecretName}, false
 	default:
 		return nil, true
 	}
@@ -216,7 +219,8 @@ func (s *session) handle(resp *discoveryv3.DiscoveryResponse) error {
 		log.Debug("accepted; config unchanged")
 	default:
 		c.publish(cfg)
-		log.Info("config updated", "listeners", len(cfg.Listeners), "clusters", len(cfg.Clusters))
+		log.Info("config updated", "listeners", len(cfg.Listeners), "clusters", len(cfg.Clusters),
+			"trust_domains", trustDomainNames(cfg.Bundles))
 	}
 	// Published before the ACK: a server that has seen the ACK may rely on
 	// the proxy using the config.
@@ -357,10 +361,11 @@ func (c *Client) evaluate(t string, resources []*anypb.Any, version string, subs
 	return next, cfg, nil
 }
 
-// sameContent reports whether two configs route the same way, whatever
-// versions produced them.
+// sameContent reports whether two configs route and trust the same way,
+// whatever versions produced them.
 func sameContent(a, b *Config) bool {
-	return reflect.DeepEqual(a.Listeners, b.Listeners) && reflect.DeepEqual(a.Clusters, b.Clusters)
+	return reflect.DeepEqual(a.Listeners, b.Listeners) && reflect.DeepEqual(a.Clusters, b.Clusters) &&
+		sameBundles(a.Bundles, b.Bundles)
 }
 
 // edsNames are the ClusterLoadAssignments the accepted clusters need,
