@@ -167,7 +167,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (rep *table.Report, 
 		compare(rep, alone, busy)
 	}
 
-	rep.Note("Each change: %d services one after another, export then unexport, %s apart; a new connection through the gateway every %s after the call returned, each a full mTLS 1.3 handshake (X25519, P-256) with the backend through the gateway. "+
+	rep.Note("Changes: each of the %d services exported, then unexported, one change at a time, %s apart; from each call's return a new connection through the gateway every %s, each a full mTLS 1.3 handshake (X25519, P-256) with the backend through the gateway. "+
 		"A routed attempt took %s on average and a refused one %s, so a time is late by at most about the poll interval plus one attempt.",
 		cfg.services, cfg.pause, cfg.poll, b.probe.mean(routed).Round(10*time.Microsecond), b.probe.mean(refused).Round(10*time.Microsecond))
 	if n := b.probe.failures(); n > 0 {
