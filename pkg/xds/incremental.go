@@ -2,6 +2,7 @@ package xds
 
 import (
 	"bytes"
+	"cmp"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
@@ -60,13 +61,18 @@ type GatewayTranslator struct {
 	federation *portUnit
 
 	// services is what the last successful translation made of each
-	// service, by key; units are all of their ports and the federation
-	// unit, sorted by cluster name.
-	services map[catalog.ServiceKey]*serviceUnits
+	// service, in the catalog's order (by key); units are all of their
+	// ports and the federation unit, sorted by cluster name.
+	services []*serviceUnits
 	units    []*portUnit
 	// gen counts translations: a service seen by the current one has it.
 	gen  uint64
 	last Resources
+	// checkpoints[k] is the version's hash, for last, just before its
+	// k*claBlock-th ClusterLoadAssignment (checkpoints[0]: after the
+	// listener and the clusters), so that when only endpoints change the
+	// hash resumes at the block of the first change.
+	checkpoints []hash.Hash
 }
 
 // serviceUnits are the resources of the TCP ports of one service.
@@ -117,7 +123,6 @@ func NewGatewayTranslator(opts GatewayOptions) (*GatewayTranslator, error) {
 		shell:      shell,
 		eds:        newEDSParts(),
 		localities: &localities{m: map[catalog.Locality]*corev3.Locality{}},
-		services:   map[catalog.ServiceKey]*serviceUnits{},
 	}
 	t.federation = &portUnit{}
 	if err := t.federation.route(federation.ReservedSNI, FederationClusterName, fed); err != nil {
@@ -170,17 +175,33 @@ func (t *GatewayTranslator) listener(chains []*listenerv3.FilterChain) *listener
 // the resource that failed.
 func (t *GatewayTranslator) Translate(local *catalog.Snapshot) (Resources, error) {
 	t.gen++
-	var added, replaced []*serviceUnits
-	kept, n := 0, 0
+	// The catalog yields services in key order, the order of
+	// t.services: walk both together.
+	prev := t.services
+	var next, added []*serviceUnits
+	gone, j := false, 0
 	if local != nil {
-		n = local.Len()
+		next = make([]*serviceUnits, 0, local.Len())
 		for svc := range local.All() {
-			old := t.services[svc.Key()]
+			var old *serviceUnits
+			if j < len(prev) && prev[j].svc == svc {
+				old = prev[j]
+				j++
+			} else {
+				for j < len(prev) && compareKeys(prev[j].svc, svc) < 0 {
+					gone = true
+					j++
+				}
+				if j < len(prev) && compareKeys(prev[j].svc, svc) == 0 {
+					old = prev[j]
+					j++
+				}
+			}
 			if old != nil && (old.svc == svc || sameForGateway(old.svc, svc)) {
 				// Keep the entry the catalog holds now, so that the next
 				// translation compares pointers again.
 				old.svc, old.gen = svc, t.gen
-				kept++
+				next = append(next, old)
 				continue
 			}
 			su, err := t.translateService(svc, old)
@@ -188,12 +209,11 @@ func (t *GatewayTranslator) Translate(local *catalog.Snapshot) (Resources, error
 				return Resources{}, err
 			}
 			added = append(added, su)
-			if old != nil {
-				replaced = append(replaced, old)
-			}
+			next = append(next, su)
 		}
 	}
-	if t.last.Version != "" && len(added) == 0 && kept == len(t.services) {
+	gone = gone || j < len(prev)
+	if t.last.Version != "" && len(added) == 0 && !gone {
 		return t.last, nil
 	}
 
@@ -208,25 +228,18 @@ func (t *GatewayTranslator) Translate(local *catalog.Snapshot) (Resources, error
 	}
 	slices.SortFunc(fresh, byName)
 	units := mergeUnits(t.units, fresh, t.gen)
-	res, err := t.assemble(units)
+	res, checkpoints, err := t.assemble(units)
 	if err != nil {
 		return Resources{}, err
 	}
-
-	// Nothing fails after this: commit.
-	for _, su := range added {
-		t.services[su.svc.Key()] = su
-	}
-	if len(t.services) > n {
-		for key, su := range t.services {
-			if su.gen != t.gen {
-				delete(t.services, key)
-			}
-		}
-	}
-	t.units = units
-	t.last = res
+	t.services, t.units, t.last, t.checkpoints = next, units, res, checkpoints
 	return res, nil
+}
+
+// compareKeys orders services as the catalog does: by namespace, then
+// name.
+func compareKeys(a, b *catalog.Service) int {
+	return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 }
 
 func byName(a, b *portUnit) int { return strings.Compare(a.name, b.name) }
@@ -341,11 +354,12 @@ func encode(typ, name string, m interface {
 }
 
 // assemble makes the Resources of units, and their version: the hash
-// newResources computes, from the kept encodings.
-func (t *GatewayTranslator) assemble(units []*portUnit) (Resources, error) {
+// newResources computes, from the kept encodings. It also returns the
+// hash's checkpoints for the result.
+func (t *GatewayTranslator) assemble(units []*portUnit) (Resources, []hash.Hash, error) {
 	for i := 1; i < len(units); i++ {
 		if units[i-1].name == units[i].name {
-			return Resources{}, fmt.Errorf("%s %q: two service ports have this name", clusterTag, units[i].name)
+			return Resources{}, nil, fmt.Errorf("%s %q: two service ports have this name", clusterTag, units[i].name)
 		}
 	}
 	// Chains are sorted by SNI, clusters by name; with Istio's grammar
@@ -361,14 +375,84 @@ func (t *GatewayTranslator) assemble(units []*portUnit) (Resources, error) {
 	lis := t.listener(chains)
 	clusters := make([]*clusterv3.Cluster, len(units))
 	loads := make([]*endpointv3.ClusterLoadAssignment, 0, len(units))
+	withLoad := make([]*portUnit, 0, len(units))
 	for i, u := range units {
 		clusters[i] = u.cluster
 		if u.cla != nil {
 			loads = append(loads, u.cla)
+			withLoad = append(withLoad, u)
 		}
 	}
 
-	v := versionHash{h: sha256.New()}
+	// The listener and the clusters come first in the hash: when they
+	// are the last result's, the hash resumes at the checkpoint before
+	// the first ClusterLoadAssignment that changed.
+	var v versionHash
+	var checkpoints []hash.Hash
+	from := 0
+	if k, ok := t.resumeAt(units, loads); ok {
+		b := k / claBlock
+		if h, ok := clone(t.checkpoints[b]); ok {
+			v.h, from = h, b*claBlock
+			checkpoints = slices.Clone(t.checkpoints[:b])
+		}
+	}
+	if v.h == nil {
+		v.h = sha256.New()
+		if err := t.hashRoutes(&v, lis, byChain, units); err != nil {
+			return Resources{}, nil, err
+		}
+	}
+	complete := true
+	for k := from; ; k++ {
+		if complete && k%claBlock == 0 {
+			h, ok := clone(v.h)
+			checkpoints, complete = append(checkpoints, h), ok
+		}
+		if k == len(withLoad) {
+			break
+		}
+		v.record(endpointTag, len(withLoad[k].claEnc))
+		v.write(withLoad[k].claEnc)
+	}
+	if !complete {
+		checkpoints = nil
+	}
+	return Resources{
+		Version:   v.sum(),
+		Listeners: []*listenerv3.Listener{lis},
+		Clusters:  clusters,
+		Endpoints: loads,
+	}, checkpoints, nil
+}
+
+// claBlock is how many ClusterLoadAssignments a checkpoint of the
+// version's hash covers.
+const claBlock = 256
+
+// resumeAt reports whether units have the last result's chains and
+// clusters, and if so the index of the first of loads that is not the
+// last result's (len(loads) when none).
+func (t *GatewayTranslator) resumeAt(units []*portUnit, loads []*endpointv3.ClusterLoadAssignment) (int, bool) {
+	prev := t.last.Endpoints
+	if len(t.checkpoints) == 0 || len(units) != len(t.units) || len(loads) != len(prev) {
+		return 0, false
+	}
+	for i, u := range units {
+		if u.chain != t.units[i].chain || u.cluster != t.units[i].cluster {
+			return 0, false
+		}
+	}
+	for k, cla := range loads {
+		if cla != prev[k] {
+			return k, true
+		}
+	}
+	return len(loads), true
+}
+
+// hashRoutes writes the listener and the clusters.
+func (t *GatewayTranslator) hashRoutes(v *versionHash, lis *listenerv3.Listener, byChain, units []*portUnit) error {
 	if t.splice {
 		size := len(t.head) + len(t.tail)
 		for _, u := range byChain {
@@ -383,7 +467,7 @@ func (t *GatewayTranslator) assemble(units []*portUnit) (Resources, error) {
 	} else {
 		enc, err := deterministic.Marshal(lis)
 		if err != nil {
-			return Resources{}, fmt.Errorf("%s %q: encode: %w", listenerTag, lis.GetName(), err)
+			return fmt.Errorf("%s %q: encode: %w", listenerTag, lis.GetName(), err)
 		}
 		v.record(listenerTag, len(enc))
 		v.write(enc)
@@ -392,18 +476,22 @@ func (t *GatewayTranslator) assemble(units []*portUnit) (Resources, error) {
 		v.record(clusterTag, len(u.clusterEnc))
 		v.write(u.clusterEnc)
 	}
-	for _, u := range units {
-		if u.cla != nil {
-			v.record(endpointTag, len(u.claEnc))
-			v.write(u.claEnc)
-		}
+	return nil
+}
+
+// clone copies a hash's state; a hash that cannot be copied makes no
+// checkpoints, and every version is then hashed whole.
+func clone(h hash.Hash) (hash.Hash, bool) {
+	c, ok := h.(hash.Cloner)
+	if !ok {
+		return nil, false
 	}
-	return Resources{
-		Version:   v.sum(),
-		Listeners: []*listenerv3.Listener{lis},
-		Clusters:  clusters,
-		Endpoints: loads,
-	}, nil
+	d, err := c.Clone()
+	if err != nil {
+		return nil, false
+	}
+	hh, ok := d.(hash.Hash)
+	return hh, ok
 }
 
 func bySNI(a, b *portUnit) int { return strings.Compare(a.sni, b.sni) }

@@ -54,7 +54,7 @@ func TestGatewayTranslatorEqualsFromScratch(t *testing.T) {
 	web := webService()
 	dns := catalog.Service{
 		Namespace: "dns", Name: "resolver", Cluster: "a",
-		Ports: []catalog.Port{{Port: 53, Protocol: catalog.ProtocolUDP, TargetPort: 5353}},
+		Ports:     []catalog.Port{{Port: 53, Protocol: catalog.ProtocolUDP, TargetPort: 5353}},
 		Endpoints: []catalog.LocalityEndpoints{{Ready: 1, Addresses: []catalog.Address{{IP: "10.0.3.4", Ready: true}}}},
 	}
 	with := func(base catalog.Service, edit func(*catalog.Service)) catalog.Service {
@@ -283,4 +283,42 @@ func TestGatewayTranslatorRefusesCollidingNames(t *testing.T) {
 	want, err := TranslateGateway(fixed, opts)
 	require.NoError(t, err)
 	requireSame(t, want, got)
+}
+
+// Endpoint changes anywhere among more ClusterLoadAssignments than one
+// checkpoint of the version's hash covers, then services added and
+// removed: each result is the from-scratch one.
+func TestGatewayTranslatorResumesTheHash(t *testing.T) {
+	opts := GatewayOptions{FederationUpstream: "10.96.0.19:15019"}
+	const n = 2*claBlock + 100
+	tr, err := NewGatewayTranslator(opts)
+	require.NoError(t, err)
+	b := catalog.NewBuilder(catalog.LocalSource)
+	for i := range n {
+		require.NoError(t, b.Put(benchService(i, 3, true)))
+	}
+	check := func(what string) {
+		t.Helper()
+		snap := b.Build()
+		want, err := TranslateGateway(snap, opts)
+		require.NoError(t, err, what)
+		got, err := tr.Translate(snap)
+		require.NoError(t, err, what)
+		requireSame(t, want, got)
+	}
+	check("all")
+	require.Len(t, tr.checkpoints, n/claBlock+1)
+	for _, i := range []int{0, claBlock - 1, claBlock, claBlock + 1, 2 * claBlock, n - 1} {
+		// Keys sort as ns-<i%10>/svc-<i>: these land in every block.
+		require.NoError(t, b.Put(benchService(i, 3, false)), i)
+		check(fmt.Sprintf("endpoints of %d", i))
+		require.NoError(t, b.Put(benchService(i, 3, true)), i)
+		check(fmt.Sprintf("endpoints of %d back", i))
+	}
+	b.Delete(benchService(7, 3, true).Key())
+	check("one removed")
+	require.NoError(t, b.Put(benchService(n, 3, true)))
+	check("one added")
+	require.NoError(t, b.Put(benchService(n+1, 0, true)))
+	check("one without endpoints added")
 }

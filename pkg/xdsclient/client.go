@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -56,15 +57,17 @@ type ClientConfig struct {
 	TLS *TLSConfig
 	// Plaintext dials without TLS: tests only.
 	Plaintext bool
-	// Node identifies the proxy (GatewayNode for the gateway). Node.ID is
-	// required.
+	// Node identifies the proxy (GatewayNode for the gateway, SidecarNode
+	// for a sidecar). Node.ID is required. Its Role decides the subset of
+	// xDS the client accepts: RoleGateway or RoleSidecar.
 	Node Node
 	// Types are the resource types to subscribe to, in order; nil means
-	// GatewayTypes(). Listener, Cluster and ClusterLoadAssignment are
-	// required, Secret (the ROOTCA trust bundles) is optional; no other
-	// type is supported. RDS (RouteConfiguration) slots in as a further
-	// type whose names come from the accepted listeners, the way EDS
-	// names come from CDS.
+	// TypesFor(Node.Role()). For the gateway, Listener, Cluster and
+	// ClusterLoadAssignment are required and Secret (the ROOTCA trust
+	// bundles) is optional; a sidecar needs all of SidecarTypes(), RDS
+	// (RouteConfiguration, names from the accepted listeners, the way EDS
+	// names come from CDS) and Secret included. No other type is
+	// supported.
 	Types []string
 	// BackoffMin and BackoffMax bound the delay before reopening a failed
 	// stream: it doubles from BackoffMin to BackoffMax, each delay drawn
@@ -119,7 +122,7 @@ type TLSConfig struct {
 
 func (c ClientConfig) withDefaults() ClientConfig {
 	if c.Types == nil {
-		c.Types = GatewayTypes()
+		c.Types = TypesFor(c.Node.Role())
 	}
 	if c.BackoffMin == 0 {
 		c.BackoffMin = DefaultBackoffMin
@@ -174,8 +177,14 @@ func (c ClientConfig) Validate() error {
 	if c.Node.ID == "" {
 		errs = append(errs, errors.New("Node.ID is empty"))
 	}
+	role := c.Node.Role()
+	if TypesFor(role) == nil {
+		errs = append(errs, fmt.Errorf("node role %q is not supported (%s or %s)", role, RoleGateway, RoleSidecar))
+	} else if idRole, _, _ := strings.Cut(c.Node.ID, "~"); c.Node.ID != "" && idRole != role {
+		errs = append(errs, fmt.Errorf("node id %q does not start with %q, the role in its metadata", c.Node.ID, role+"~"))
+	}
 	if c.Types != nil {
-		errs = append(errs, checkTypes(c.Types)...)
+		errs = append(errs, checkTypes(c.Types, role)...)
 	}
 	if c.TLS != nil && c.TLS.FollowSDS && c.Types != nil && !slices.Contains(c.Types, TypeSecret) {
 		errs = append(errs, fmt.Errorf("TLS.FollowSDS needs the type %s among the Types", TypeSecret))
@@ -197,20 +206,25 @@ func (c ClientConfig) Validate() error {
 	return errors.Join(errs...)
 }
 
-// checkTypes reports what is wrong with a list of types to subscribe to.
-func checkTypes(types []string) []error {
+// checkTypes reports what is wrong with a list of types for a proxy of
+// role to subscribe to.
+func checkTypes(types []string, role string) []error {
+	supported := TypesFor(role)
+	if supported == nil {
+		supported = GatewayTypes()
+	}
 	var errs []error
 	seen := make(map[string]bool, len(types))
 	for _, t := range types {
 		switch {
 		case seen[t]:
 			errs = append(errs, fmt.Errorf("type %q is listed twice", t))
-		case !slices.Contains(GatewayTypes(), t):
-			errs = append(errs, fmt.Errorf("type %q is not supported (supported: %q)", t, GatewayTypes()))
+		case !slices.Contains(supported, t):
+			errs = append(errs, fmt.Errorf("type %q is not supported (supported: %q)", t, supported))
 		}
 		seen[t] = true
 	}
-	for _, t := range routingTypes {
+	for _, t := range requiredTypes(role) {
 		if !seen[t] {
 			errs = append(errs, fmt.Errorf("type %q is required", t))
 		}
@@ -249,13 +263,17 @@ func New(cfg ClientConfig) (*Client, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("xdsclient: %w", err)
 	}
+	acc, err := newState(cfg.Node.Role())
+	if err != nil {
+		return nil, err
+	}
 	c := &Client{
 		cfg:      cfg,
 		log:      cfg.Logger.With("component", "xdsclient", "server", cfg.Server),
 		node:     cfg.Node.proto(),
 		updated:  make(chan struct{}, 1),
 		ready:    make(chan struct{}),
-		acc:      &state{},
+		acc:      acc,
 		versions: map[string]string{},
 	}
 	creds := insecure.NewCredentials()

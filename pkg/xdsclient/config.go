@@ -132,9 +132,13 @@ type Cluster struct {
 
 	// Priorities are the ClusterLoadAssignment's LocalityLbEndpoints by
 	// priority: Priorities[p] holds every locality with priority p. The
-	// decoder guarantees they are contiguous from 0 (no level is empty
-	// but the last, which exists only when there are endpoints). Nil for
-	// the gateway role and for non-EDS clusters.
+	// decoder guarantees they are contiguous from 0 (every level has at
+	// least one locality), no address appears twice in the assignment,
+	// and the cluster asked Envoy to balance as the sidecar does
+	// (common_lb_config: locality_weighted_lb_config, and a
+	// healthy_panic_threshold of 0: never an unhealthy endpoint). Nil
+	// when the assignment has no locality, for the gateway role, and for
+	// non-EDS clusters.
 	Priorities []Priority
 	// OverprovisioningFactor is policy.overprovisioning_factor, in
 	// percent: Envoy's 140 when unset. The contract sends 100000: fail
@@ -150,7 +154,9 @@ type Cluster struct {
 	// UseDownstreamProtocol is typed_extension_protocol_options
 	// ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
 	// .use_downstream_protocol_config: speak upstream the HTTP version
-	// the app spoke.
+	// the downstream spoke. The decoder guarantees it is set on a service
+	// cluster exactly when its Service.Protocol is HTTP; inbound-passthrough
+	// has it too (h2c and gRPC reach the app as HTTP/2).
 	UseDownstreamProtocol bool
 }
 

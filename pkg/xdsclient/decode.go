@@ -55,18 +55,29 @@ const (
 // that are not consistent yet give an error wrapping ErrIncomplete.
 // Without a ROOTCA Secret among the resources, Config.Bundles is nil.
 func Decode(resources ...*anypb.Any) (*Config, error) {
-	byType := make(map[string][]*anypb.Any, 4)
+	return DecodeRole(RoleGateway, resources...)
+}
+
+// DecodeRole is Decode for a proxy of role: RoleGateway
+// (docs/gateway-xds.md), or RoleSidecar (docs/sidecar-xds.md), whose
+// resources also include RouteConfigurations and whose Config has
+// Sidecar set.
+func DecodeRole(role string, resources ...*anypb.Any) (*Config, error) {
+	s, err := newState(role)
+	if err != nil {
+		return nil, err
+	}
+	order := decodeOrder(role)
+	byType := make(map[string][]*anypb.Any, len(order))
 	var errs []error
 	for i, r := range resources {
-		switch t := r.GetTypeUrl(); t {
-		case TypeListener, TypeCluster, TypeClusterLoadAssignment, TypeSecret:
+		if t := r.GetTypeUrl(); slices.Contains(order, t) {
 			byType[t] = append(byType[t], r)
-		default:
+		} else {
 			errs = append(errs, &resourceError{kind: "resource", idx: i, err: fmt.Errorf("unsupported type %q", t)})
 		}
 	}
-	s := &state{}
-	for _, t := range []string{TypeListener, TypeCluster, TypeClusterLoadAssignment, TypeSecret} {
+	for _, t := range order {
 		next, err := s.apply(t, byType[t])
 		if err != nil {
 			errs = append(errs, err)
@@ -88,7 +99,9 @@ type state struct {
 	listeners map[string]Listener
 	clusters  map[string]Cluster
 	// assignments are the endpoints by ClusterLoadAssignment cluster_name.
-	assignments map[string][]Endpoint
+	assignments map[string]loadAssignment
+	// sc is the sidecar role's own state; nil for the gateway role.
+	sc *sidecarState
 	// bundles are the ROOTCA Secret's trust bundles; nil until the first.
 	bundles *x509bundle.Set
 }
@@ -98,6 +111,11 @@ type state struct {
 // response adds or replaces the resources it carries, as Envoy treats
 // them: an SDS response without ROOTCA leaves the bundles as they were.
 func (s *state) apply(typeURL string, resources []*anypb.Any) (*state, error) {
+	if s.sc != nil {
+		if next, handled, err := s.applySidecar(typeURL, resources); handled {
+			return next, err
+		}
+	}
 	next := *s
 	var errs []error
 	bad := func(kind, name string, i int, err error) {
@@ -145,7 +163,7 @@ func (s *state) apply(typeURL string, resources []*anypb.Any) (*state, error) {
 			next.clusters[c.Name] = c
 		}
 	case TypeClusterLoadAssignment:
-		next.assignments = make(map[string][]Endpoint, max(len(s.assignments), len(resources)))
+		next.assignments = make(map[string]loadAssignment, max(len(s.assignments), len(resources)))
 		maps.Copy(next.assignments, s.assignments)
 		seen := make(map[string]bool, len(resources))
 		for i, r := range resources {
@@ -163,7 +181,7 @@ func (s *state) apply(typeURL string, resources []*anypb.Any) (*state, error) {
 				continue
 			}
 			seen[m.GetClusterName()] = true
-			next.assignments[m.GetClusterName()] = eps
+			next.assignments[m.GetClusterName()] = loadAssignment{endpoints: eps}
 		}
 	case TypeSecret:
 		seen := false
@@ -196,6 +214,9 @@ func (s *state) apply(typeURL string, resources []*anypb.Any) (*state, error) {
 // assemble combines the accepted resources into a Config, or reports
 // (wrapping ErrIncomplete) what is still missing.
 func (s *state) assemble(versions map[string]string) (*Config, error) {
+	if s.sc != nil {
+		return s.assembleSidecar(versions)
+	}
 	if s.listeners == nil || s.clusters == nil {
 		return nil, fmt.Errorf("%w: no listeners or clusters received yet", ErrIncomplete)
 	}
@@ -217,14 +238,14 @@ func (s *state) assemble(versions map[string]string) (*Config, error) {
 	slices.SortFunc(cfg.Listeners, func(a, b Listener) int { return strings.Compare(a.Name, b.Name) })
 	for name, c := range s.clusters {
 		if c.Type == EDS {
-			eps, ok := s.assignments[c.ServiceName]
+			a, ok := s.assignments[c.ServiceName]
 			if !ok {
 				if len(missing) < 10 {
 					missing = append(missing, fmt.Sprintf("cluster %q has no ClusterLoadAssignment %q", name, c.ServiceName))
 				}
 				continue
 			}
-			c.Endpoints = eps
+			c.Endpoints = a.endpoints
 		}
 		cfg.Clusters[name] = c
 	}

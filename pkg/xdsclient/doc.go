@@ -9,6 +9,7 @@
 //	federator (pkg/xds) ──ADS──► Client.session ─ decode + validate (Decode's rules) ─► state
 //	                                  ▲   │                                              │
 //	                         ACK / NACK   ├── EDS names from accepted clusters           │ consistent?
+//	                                      ├── RDS names from accepted listeners (sidecar)│
 //	                                      └── SDS: ROOTCA by name                        ▼
 //	               proxy ◄── Updated() ── Current() *Config (atomic pointer) ◄── publish
 //	                 ▲                          │ Config.Bundles (one per trust domain)
@@ -24,6 +25,15 @@
 // Secret is refused outright: private keys never leave the pod (the proxy
 // gets its SVID from pkg/identity).
 //
+// The sidecar's subset is docs/sidecar-xds.md (DecodeRole, RoleSidecar;
+// the client follows the role of its Node): the outbound listener's
+// chains by destination port and VIP, the inbound listener's mTLS chains
+// by ALPN, route configurations over RDS, EDS and ORIGINAL_DST clusters
+// with upstream mTLS and the service metadata, and assignments with
+// priorities and locality weights. Config.Sidecar carries it, with the
+// lookups a proxy makes per connection or request (Match, VirtualHost,
+// LookupHost) precomputed into maps when a response is decoded.
+//
 // The trust bundles are decoded into an immutable *x509bundle.Set per
 // Config, never merged across trust domains, and Client.Bundles serves the
 // current one to go-spiffe's tlsconfig, so a root rotation the federator
@@ -32,10 +42,13 @@
 // falling back to its configured bundle until the first ROOTCA arrives.
 //
 // A Config is published only when it is consistent: every filter chain's
-// cluster is present and every EDS cluster has its ClusterLoadAssignment.
+// cluster is present and every EDS cluster has its ClusterLoadAssignment;
+// for a sidecar also every route configuration the listeners name, every
+// cluster a route names, and the ROOTCA Secret its TLS contexts name.
 // Until then, and through NACKs, disconnects and federator restarts, the
 // previous Config stays (its trust bundles too): a proxy never drops
 // traffic because the control plane went away. A new stream resubscribes
-// with the versions accepted last. A Config is consistent without a
-// Secret: Config.Bundles stays nil until the first ROOTCA is accepted.
+// with the versions accepted last. A gateway's Config is consistent
+// without a Secret: Config.Bundles stays nil until the first ROOTCA is
+// accepted.
 package xdsclient

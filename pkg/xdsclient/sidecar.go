@@ -43,9 +43,11 @@ const (
 // guarantees, for every Sidecar it publishes:
 //   - Outbound and Inbound are both present;
 //   - every route configuration an HTTP connection manager names over RDS
-//     is in Routes;
+//     is in Routes, and Routes holds no other;
 //   - every cluster a tcp_proxy or a route names is in the Config's
 //     Clusters, and every EDS cluster has its ClusterLoadAssignment;
+//   - the ROOTCA Secret every TLS context names has been received
+//     (Config.Bundles is set);
 //   - no two clusters' metadata give one host two VIPs, or one VIP two
 //     hosts.
 type Sidecar struct {
@@ -94,6 +96,15 @@ func (s *Sidecar) LookupVIP(vip netip.Addr) (string, bool) {
 	}
 	h, ok := s.vipHost[vip.Unmap()]
 	return h, ok
+}
+
+// NameTable is a copy of the DNS name table, host → VIP, for the DNS
+// proxy to swap in when the config changes.
+func (s *Sidecar) NameTable() map[string]netip.Addr {
+	if s == nil {
+		return nil
+	}
+	return maps.Clone(s.hostVIP)
 }
 
 // Hosts is the number of names in the DNS table.
@@ -216,7 +227,7 @@ type HTTPConnectionManager struct {
 }
 
 // InboundListener is the listener named "inbound": listener_filters
-// [tls_inspector] and filter chains that all match transport_protocol
+// [original_dst, tls_inspector] and filter chains that all match transport_protocol
 // "tls" and terminate it with a DownstreamTLS. The decoder guarantees: no
 // two chains list the same application protocol, at most one lists none,
 // and there is no default chain — a connection that is not TLS matches

@@ -108,6 +108,10 @@ func TestNameTable(t *testing.T) {
 	_, ok = s.LookupHost("web.demo.svc.clusterset.local")
 	require.False(t, ok)
 	require.Equal(t, 1, s.Hosts())
+	table := s.NameTable()
+	require.Equal(t, map[string]netip.Addr{"echo.demo.svc.clusterset.local": netip.MustParseAddr("240.240.1.1")}, table)
+	table["x"] = netip.Addr{}
+	require.Equal(t, 1, s.Hosts(), "NameTable is a copy")
 
 	err := s.indexNames(map[string]Cluster{
 		"a": {Service: meta("echo.demo.svc.clusterset.local", "240.240.1.1", 80)},

@@ -165,6 +165,8 @@ func (c *Client) subscription(t string) (names []string, wildcard bool) {
 	switch t {
 	case TypeClusterLoadAssignment:
 		return c.acc.edsNames(), false
+	case TypeRouteConfiguration:
+		return c.acc.rdsNames(), false
 	case TypeSecret:
 		return []string{RootCASecretName}, false
 	default:
@@ -298,15 +300,23 @@ func (s *session) stopTimer() {
 	}
 }
 
+// dependents maps a type to the type whose names it decides: EDS names
+// come from the accepted clusters, RDS names from the accepted listeners.
+var dependents = map[string]string{
+	TypeCluster:  TypeClusterLoadAssignment,
+	TypeListener: TypeRouteConfiguration,
+}
+
 // resubscribeDependents follows a CDS change with the EDS subscription for
-// the clusters now known.
+// the clusters now known, and an LDS change with the RDS subscription for
+// the route configurations the listeners name.
 func (s *session) resubscribeDependents(t string) error {
-	if t != TypeCluster || !slices.Contains(s.c.cfg.Types, TypeClusterLoadAssignment) {
+	dep, ok := dependents[t]
+	if !ok || !slices.Contains(s.c.cfg.Types, dep) {
 		return nil
 	}
-	const eds = TypeClusterLoadAssignment
-	names, _ := s.c.subscription(eds)
-	old, sent := s.names[eds]
+	names, _ := s.c.subscription(dep)
+	old, sent := s.names[dep]
 	if slices.Equal(names, old) || (!sent && len(names) == 0) {
 		return nil
 	}
@@ -314,19 +324,19 @@ func (s *session) resubscribeDependents(t string) error {
 		names = []string{} // unsubscribe from all, not a wildcard: the stream already named resources
 	}
 	req := &discoveryv3.DiscoveryRequest{
-		TypeUrl: eds, VersionInfo: s.c.versions[eds], ResourceNames: names, ResponseNonce: s.nonce[eds],
+		TypeUrl: dep, VersionInfo: s.c.versions[dep], ResourceNames: names, ResponseNonce: s.nonce[dep],
 	}
-	// A deferred EDS NACK answers the same nonce: it goes now, with the
-	// new names, rather than after them as a stale request.
-	if d, ok := s.deferred[eds]; ok {
+	// A deferred NACK answers the same nonce: it goes now, with the new
+	// names, rather than after them as a stale request.
+	if d, ok := s.deferred[dep]; ok {
 		req.ErrorDetail = d.req.GetErrorDetail()
-		delete(s.deferred, eds)
+		delete(s.deferred, dep)
 		s.armTimer()
 	}
 	if err := s.send(req); err != nil {
 		return err
 	}
-	s.names[eds] = names
+	s.names[dep] = names
 	return nil
 }
 
@@ -343,6 +353,10 @@ func (c *Client) evaluate(t string, resources []*anypb.Any, version string, subs
 		next = next.keepAssignments(subscribed)
 	case TypeCluster:
 		next = next.keepAssignments(next.edsNames())
+	case TypeRouteConfiguration:
+		next = next.keepRoutes(subscribed)
+	case TypeListener:
+		next = next.keepRoutes(next.rdsNames())
 	}
 	versions := maps.Clone(c.versions)
 	versions[t] = version
@@ -365,6 +379,7 @@ func (c *Client) evaluate(t string, resources []*anypb.Any, version string, subs
 // whatever versions produced them.
 func sameContent(a, b *Config) bool {
 	return reflect.DeepEqual(a.Listeners, b.Listeners) && reflect.DeepEqual(a.Clusters, b.Clusters) &&
+		reflect.DeepEqual(a.Sidecar, b.Sidecar) &&
 		sameBundles(a.Bundles, b.Bundles)
 }
 
@@ -396,10 +411,10 @@ func (s *state) keepAssignments(names []string) *state {
 		return s
 	}
 	next := *s
-	next.assignments = make(map[string][]Endpoint, len(names))
+	next.assignments = make(map[string]loadAssignment, len(names))
 	for _, n := range names {
-		if eps, ok := s.assignments[n]; ok {
-			next.assignments[n] = eps
+		if a, ok := s.assignments[n]; ok {
+			next.assignments[n] = a
 		}
 	}
 	return &next
