@@ -64,7 +64,7 @@ func TestMulticluster(t *testing.T) {
 		require.NoError(t, err)
 	}
 	for _, c := range s.orderedClusters() {
-		require.NoError(t, c.waitRollout(ctx, demoNamespace, echoName))
+		require.NoError(t, c.waitRollout(ctx, demoNamespace, echoName, rolloutWait))
 	}
 
 	t.Run("echo answers through its Service", func(t *testing.T) {

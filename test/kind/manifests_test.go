@@ -23,14 +23,18 @@ const (
 	// other than latest, so IfNotPresent never looks for them in a
 	// registry.
 	federatorImage = "isthmus.local/federator:e2e"
+	gatewayImage   = "isthmus.local/eastwest-gw:e2e"
 	echoImage      = "isthmus.local/echo:e2e"
 
 	// What deploy/multicluster installs.
 	systemNamespace = "isthmus-system"
 	federatorName   = "isthmus-federator"
-	// federatorUpstreamImage is the image deploy/multicluster names; the
-	// overlay replaces it with federatorImage.
+	gatewayName     = "isthmus-eastwest-gw"
+	// federatorUpstreamImage and gatewayUpstreamImage are the images
+	// deploy/multicluster names; the overlay replaces them with
+	// federatorImage and gatewayImage.
 	federatorUpstreamImage = "ghcr.io/isthmus-mesh/federator"
+	gatewayUpstreamImage   = "ghcr.io/isthmus-mesh/eastwest-gw"
 	monitoringPort         = 15014
 
 	// The workload the tests export.
@@ -90,8 +94,9 @@ nodes:
 }
 
 // writeOverlay writes, into dir, a kustomization over deploy/multicluster
-// (base) that runs the e2e image, never pulls it, and names the cluster.
-func writeOverlay(dir, base string, s clusterSpec, imageID string) error {
+// (base) that runs the e2e images (imageIDs by reference), never pulls
+// them, and names the cluster.
+func writeOverlay(dir, base string, s clusterSpec, imageIDs map[string]string) error {
 	// kustomize refuses an absolute path to a base ("new root cannot be
 	// absolute"); a relative one may leave the overlay's directory.
 	rel, err := filepath.Rel(dir, base)
@@ -99,11 +104,15 @@ func writeOverlay(dir, base string, s clusterSpec, imageID string) error {
 		return err
 	}
 	name, tag := splitImage(federatorImage)
+	gwName, gwTag := splitImage(gatewayImage)
 	k := fmt.Sprintf(`apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
 resources:
   - %s
 images:
+  - name: %s
+    newName: %s
+    newTag: %s
   - name: %s
     newName: %s
     newTag: %s
@@ -132,9 +141,32 @@ patches:
                 env:
                   - name: CLUSTER_NAME
                     value: %s
-`, strconv.Quote(filepath.ToSlash(rel)), federatorUpstreamImage, name, tag,
+  - target:
+      group: apps
+      version: v1
+      kind: Deployment
+      name: %s
+      namespace: %s
+    patch: |-
+      apiVersion: apps/v1
+      kind: Deployment
+      metadata:
+        name: %s
+        namespace: %s
+      spec:
+        template:
+          metadata:
+            annotations:
+              %s: %s
+          spec:
+            containers:
+              - name: eastwest-gw
+                imagePullPolicy: IfNotPresent
+`, strconv.Quote(filepath.ToSlash(rel)), federatorUpstreamImage, name, tag, gatewayUpstreamImage, gwName, gwTag,
 		federatorName, systemNamespace, federatorName, systemNamespace,
-		imageIDAnnotation, strconv.Quote(imageID), strconv.Quote(s.Name))
+		imageIDAnnotation, strconv.Quote(imageIDs[federatorImage]), strconv.Quote(s.Name),
+		gatewayName, systemNamespace, gatewayName, systemNamespace,
+		imageIDAnnotation, strconv.Quote(imageIDs[gatewayImage]))
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}

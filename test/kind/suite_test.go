@@ -34,18 +34,23 @@ const (
 
 // Bounds on each step; every wait in the suite has one.
 const (
-	toolCheckTimeout   = 30 * time.Second
-	renderTimeout      = time.Minute
-	federatorBuild     = 20 * time.Minute
-	echoBuild          = 10 * time.Minute
-	inspectTimeout     = 30 * time.Second
-	createTimeout      = 6 * time.Minute
-	nodeReadyWait      = "3m" // kind create cluster --wait
-	deleteTimeout      = 3 * time.Minute
-	loadTimeout        = 5 * time.Minute
-	applyTimeout       = 2 * time.Minute
-	crdWait            = 60 * time.Second
-	rolloutWait        = 3 * time.Minute
+	toolCheckTimeout = 30 * time.Second
+	renderTimeout    = time.Minute
+	federatorBuild   = 20 * time.Minute
+	gatewayBuild     = 10 * time.Minute
+	echoBuild        = 10 * time.Minute
+	inspectTimeout   = 30 * time.Second
+	createTimeout    = 6 * time.Minute
+	nodeReadyWait    = "3m" // kind create cluster --wait
+	deleteTimeout    = 3 * time.Minute
+	loadTimeout      = 5 * time.Minute
+	applyTimeout     = 2 * time.Minute
+	crdWait          = 60 * time.Second
+	rolloutWait      = 3 * time.Minute
+	// The gateway's pods wait for ConfigMaps the federator writes at its
+	// first start; the kubelet retries their volume with a backoff of up
+	// to about two minutes.
+	gatewayRolloutWait = 5 * time.Minute
 	kubectlTimeout     = 30 * time.Second
 	diagnosticsTimeout = 30 * time.Second
 )
@@ -157,7 +162,7 @@ func setUp(t *testing.T) *suite {
 		}
 	})
 	for _, c := range s.orderedClusters() {
-		for _, img := range []string{federatorImage, echoImage} {
+		for _, img := range []string{federatorImage, gatewayImage, echoImage} {
 			require.NoError(t, s.loadImage(ctx, c, img))
 		}
 	}
@@ -272,8 +277,8 @@ func (s *suite) deleteClusters(t *testing.T) {
 	}
 }
 
-// buildImages builds both images from the repository's Dockerfiles, one
-// after the other so the second reuses the first's module layer, and
+// buildImages builds the images from the repository's Dockerfiles, one
+// after the other so the later ones reuse the first's module layer, and
 // records their IDs.
 func (s *suite) buildImages(ctx context.Context) error {
 	for _, b := range []struct {
@@ -281,6 +286,7 @@ func (s *suite) buildImages(ctx context.Context) error {
 		timeout           time.Duration
 	}{
 		{federatorImage, "build/federator.Dockerfile", federatorBuild},
+		{gatewayImage, "build/eastwest-gw.Dockerfile", gatewayBuild},
 		{echoImage, "build/echo.Dockerfile", echoBuild},
 	} {
 		if _, err := s.run.run(ctx, b.timeout, nil, "docker", "build",
@@ -325,12 +331,14 @@ func (s *suite) loadImage(ctx context.Context, c *cluster, image string) error {
 }
 
 // installIsthmus applies deploy/multicluster through an overlay that runs
-// the e2e image under c's name, and waits until the federator is
+// the e2e images under c's name, and waits until the federator is
 // Available (its readiness probe is /readyz: informers synced, first
-// catalog built).
+// catalog built), then the east-west gateway (its readiness probe turns
+// 200 once it holds an SVID from the federator's CA, got with its
+// projected token, and its routes over xDS).
 func (s *suite) installIsthmus(ctx context.Context, c *cluster, base string) error {
 	overlay := filepath.Join(s.dir, "overlay-"+c.Name)
-	if err := writeOverlay(overlay, base, c.clusterSpec, s.imageIDs[federatorImage]); err != nil {
+	if err := writeOverlay(overlay, base, c.clusterSpec, s.imageIDs); err != nil {
 		return err
 	}
 	if _, err := c.kubectl(ctx, applyTimeout, nil, "apply", "-k", overlay); err != nil {
@@ -341,40 +349,48 @@ func (s *suite) installIsthmus(ctx context.Context, c *cluster, base string) err
 		"--timeout="+crdWait.String()); err != nil {
 		return err
 	}
-	// The overlay's image override matches deploy/'s image by name; if
-	// that name changes, the cluster would try to pull it from a registry.
-	var dep struct {
-		Spec struct {
-			Template struct {
-				Spec struct {
-					Containers []struct {
-						Name, Image, ImagePullPolicy string
+	// The overlay's image overrides match deploy/'s images by name; if
+	// a name changes, the cluster would try to pull it from a registry.
+	for _, d := range []struct{ deployment, container, image, upstream string }{
+		{federatorName, "federator", federatorImage, federatorUpstreamImage},
+		{gatewayName, "eastwest-gw", gatewayImage, gatewayUpstreamImage},
+	} {
+		var dep struct {
+			Spec struct {
+				Template struct {
+					Spec struct {
+						Containers []struct {
+							Name, Image, ImagePullPolicy string
+						}
 					}
 				}
 			}
 		}
-	}
-	out, err := c.kubectl(ctx, kubectlTimeout, nil, "-n", systemNamespace, "get", "deployment", federatorName, "-o", "json")
-	if err != nil {
-		return err
-	}
-	if err := json.Unmarshal([]byte(out), &dep); err != nil {
-		return fmt.Errorf("cluster %s: deployment %s: %w", c.Name, federatorName, err)
-	}
-	for _, ctr := range dep.Spec.Template.Spec.Containers {
-		if ctr.Name == "federator" && (ctr.Image != federatorImage || ctr.ImagePullPolicy != "IfNotPresent") {
-			return fmt.Errorf("cluster %s: the overlay did not take: federator runs %s (pull %s), want %s (pull IfNotPresent); "+
-				"does deploy/multicluster still name image %s?", c.Name, ctr.Image, ctr.ImagePullPolicy, federatorImage, federatorUpstreamImage)
+		out, err := c.kubectl(ctx, kubectlTimeout, nil, "-n", systemNamespace, "get", "deployment", d.deployment, "-o", "json")
+		if err != nil {
+			return err
+		}
+		if err := json.Unmarshal([]byte(out), &dep); err != nil {
+			return fmt.Errorf("cluster %s: deployment %s: %w", c.Name, d.deployment, err)
+		}
+		for _, ctr := range dep.Spec.Template.Spec.Containers {
+			if ctr.Name == d.container && (ctr.Image != d.image || ctr.ImagePullPolicy != "IfNotPresent") {
+				return fmt.Errorf("cluster %s: the overlay did not take: %s runs %s (pull %s), want %s (pull IfNotPresent); "+
+					"does deploy/multicluster still name image %s?", c.Name, d.container, ctr.Image, ctr.ImagePullPolicy, d.image, d.upstream)
+			}
 		}
 	}
-	return c.waitRollout(ctx, systemNamespace, federatorName)
+	if err := c.waitRollout(ctx, systemNamespace, federatorName, rolloutWait); err != nil {
+		return err
+	}
+	return c.waitRollout(ctx, systemNamespace, gatewayName, gatewayRolloutWait)
 }
 
-// waitRollout waits until the Deployment's newest pods are all updated and
-// the Deployment is Available.
-func (c *cluster) waitRollout(ctx context.Context, namespace, name string) error {
-	if _, err := c.kubectl(ctx, rolloutWait+10*time.Second, nil, "-n", namespace, "rollout", "status",
-		"deployment/"+name, "--timeout="+rolloutWait.String()); err != nil {
+// waitRollout waits, at most bound, until the Deployment's newest pods
+// are all updated, then until the Deployment is Available.
+func (c *cluster) waitRollout(ctx context.Context, namespace, name string, bound time.Duration) error {
+	if _, err := c.kubectl(ctx, bound+10*time.Second, nil, "-n", namespace, "rollout", "status",
+		"deployment/"+name, "--timeout="+bound.String()); err != nil {
 		return err
 	}
 	_, err := c.kubectl(ctx, crdWait+10*time.Second, nil, "-n", namespace, "wait", "--for=condition=Available",
@@ -390,6 +406,7 @@ func (c *cluster) dumpDiagnostics(t *testing.T) {
 		{"get", "pods", "-A", "-o", "wide"},
 		{"-n", systemNamespace, "describe", "deployments,pods"},
 		{"-n", systemNamespace, "logs", "deployment/" + federatorName, "--all-containers", "--tail=300"},
+		{"-n", systemNamespace, "logs", "deployment/" + gatewayName, "--all-containers", "--tail=100"},
 		{"-n", demoNamespace, "get", "deployments,pods,services,endpointslices", "-o", "wide"},
 		{"-n", demoNamespace, "get", "serviceexports.multicluster.x-k8s.io", "-o", "yaml"},
 		{"-n", demoNamespace, "describe", "pods"},
