@@ -13,6 +13,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/isthmus-mesh/isthmus/internal/outlier"
+	"github.com/isthmus-mesh/isthmus/internal/relay"
 )
 
 // Gateway is the east-west gateway: an SNI router that never terminates
@@ -32,7 +35,7 @@ type Gateway struct {
 	draining atomic.Bool
 	// handlers tracks every connection goroutine, for the drain.
 	handlers sync.WaitGroup
-	health   ejections
+	health   outlier.Ejections
 
 	// connsMu guards conns: every open socket, downstream and upstream,
 	// closed when the drain timeout passes.
@@ -64,11 +67,11 @@ func New(cfg Config, src RouteSource, log *slog.Logger) (*Gateway, error) {
 		metrics: m,
 		conns:   make(map[*net.TCPConn]struct{}),
 	}
-	g.health.ejectFor = cfg.EjectionTime
+	g.health.EjectFor = cfg.EjectionTime
 	// Upstream connections go to local pods and get no keep-alive, as in
 	// Envoy by default: a dead pod's connection ends at the idle timeout.
 	g.dialer.KeepAlive = -1
-	plc := listenConfig()
+	plc := relay.ListenConfig()
 	ln, err := plc.Listen(context.Background(), "tcp", cfg.ListenAddr)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)

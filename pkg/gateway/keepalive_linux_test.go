@@ -7,6 +7,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/isthmus-mesh/isthmus/internal/relay"
 )
 
 // sockoptInts reads SO_KEEPALIVE and TCP_KEEPIDLE (seconds) of a socket.
@@ -42,7 +44,7 @@ func TestKeepAlive(t *testing.T) {
 		keepAlive, idle := sockoptInts(t, conn)
 		if downstream {
 			require.Equal(t, 1, keepAlive, "downstream keep-alive")
-			require.Equal(t, int(keepAliveIdle/time.Second), idle)
+			require.Equal(t, int(relay.KeepAliveIdle/time.Second), idle)
 		} else {
 			require.Equal(t, 0, keepAlive, "upstream keep-alive")
 		}

@@ -6,13 +6,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/netip"
-	"os"
 	"sync"
-	"sync/atomic"
 	"time"
 
-	"go.opentelemetry.io/otel/metric"
+	"github.com/isthmus-mesh/isthmus/internal/relay"
 )
 
 // TLS alert descriptions (RFC 8446 6.2) the gateway sends when it refuses
@@ -142,7 +139,7 @@ func (g *Gateway) dial(c *cluster) (*net.TCPConn, error) {
 	for pass := range 2 {
 		for i := uint32(0); i < n && attempts < g.cfg.MaxConnectAttempts; i++ {
 			ep := c.healthy[(start+i)%n]
-			if g.health.ejected(ep, now) != (pass == 1) {
+			if g.health.Ejected(ep, now) != (pass == 1) {
 				continue
 			}
 			attempts++
@@ -150,11 +147,11 @@ func (g *Gateway) dial(c *cluster) (*net.TCPConn, error) {
 			if err != nil {
 				lastErr = err
 				g.metrics.connectFailures.Add(context.Background(), 1, c.attrsOpt())
-				g.health.eject(ep)
+				g.health.Eject(ep)
 				continue
 			}
 			if pass == 1 {
-				g.health.restore(ep)
+				g.health.Restore(ep)
 			}
 			return conn, nil
 		}
@@ -174,96 +171,9 @@ func (g *Gateway) dialOne(addr string, timeout time.Duration) (*net.TCPConn, err
 
 // pipe copies both ways until both directions have ended, propagating
 // half-close, and closes the connection after idle without a byte either
-// way. One direction runs on the caller's goroutine.
+// way (internal/relay). One direction runs on the caller's goroutine.
 func (g *Gateway) pipe(down, up *net.TCPConn, c *cluster, idle time.Duration) {
-	var last atomic.Int64
-	last.Store(time.Now().UnixNano())
-	done := make(chan struct{})
-	go func() { // upstream → downstream
-		defer close(done)
-		g.copyIdle(down, up, &last, idle, c, g.metrics.sent.Add)
-	}()
-	g.copyIdle(up, down, &last, idle, c, g.metrics.received.Add)
-	<-done
-}
-
-type addFunc = func(context.Context, int64, ...metric.AddOption)
-
-// copyIdle moves src → dst with splice(2) until src's EOF (then it
-// half-closes dst) or an error or idle (then it closes both, which ends
-// the other direction too). The idle check rides on src's read deadline,
-// renewed every quarter of idle: the splice loop is never interrupted
-// while bytes flow, and a deadline that passes mid-splice loses nothing
-// (the kernel pipe is drained before a read blocks). Write deadlines are
-// never set, since a write that times out mid-splice would drop the bytes
-// in the pipe: a connection whose two peers both stop reading while both
-// have data to send is not seen as idle. Dead peers are found by TCP
-// keep-alive (Go's default, 15 s), and a drain closes what is left.
-func (g *Gateway) copyIdle(dst, src *net.TCPConn, last *atomic.Int64, idle time.Duration, c *cluster, add addFunc) {
-	window := max(idle/4, time.Millisecond)
-	for {
-		_ = src.SetReadDeadline(time.Now().Add(window))
-		n, err := dst.ReadFrom(src)
-		now := time.Now().UnixNano()
-		if n > 0 {
-			last.Store(now)
-			add(context.Background(), n, c.attrsOpt())
-		}
-		if err == nil { // EOF from src: pass the half-close on
-			_ = dst.CloseWrite()
-			return
-		}
-		if errors.Is(err, os.ErrDeadlineExceeded) && now-last.Load() < int64(idle) {
-			continue
-		}
-		// Idle, reset, or the other direction closed the sockets.
-		_ = src.Close()
-		_ = dst.Close()
-		return
-	}
-}
-
-// ejections is passive health: endpoints a dial failed to, each skipped
-// until its time passes. It lives in the gateway, not in a Routes value,
-// so an EDS update does not forget it.
-type ejections struct {
-	ejectFor time.Duration
-	// n is len(until), read without the lock: the common case, nothing
-	// ejected, costs one atomic load per candidate.
-	n atomic.Int32
-	// mu guards until: endpoint → Unix nanoseconds it is skipped until.
-	mu    sync.Mutex
-	until map[netip.AddrPort]int64
-}
-
-func (e *ejections) ejected(ep netip.AddrPort, now int64) bool {
-	if e.n.Load() == 0 {
-		return false
-	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	t, ok := e.until[ep]
-	if ok && now >= t {
-		delete(e.until, ep)
-		e.n.Store(int32(len(e.until)))
-		return false
-	}
-	return ok
-}
-
-func (e *ejections) eject(ep netip.AddrPort) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.until == nil {
-		e.until = make(map[netip.AddrPort]int64)
-	}
-	e.until[ep] = time.Now().Add(e.ejectFor).UnixNano()
-	e.n.Store(int32(len(e.until)))
-}
-
-func (e *ejections) restore(ep netip.AddrPort) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	delete(e.until, ep)
-	e.n.Store(int32(len(e.until)))
+	relay.Pipe(down, up, idle,
+		func(n int64) { g.metrics.received.Add(context.Background(), n, c.attrsOpt()) },
+		func(n int64) { g.metrics.sent.Add(context.Background(), n, c.attrsOpt()) })
 }

@@ -1,0 +1,148 @@
+package relay
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"io"
+	"math/big"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// pair is a connected pair of TCP sockets on loopback.
+func pair(t *testing.T) (client, server *net.TCPConn) {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	require.NoError(t, err)
+	defer ln.Close()
+	client, err = net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+	require.NoError(t, err)
+	server, err = ln.AcceptTCP()
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = client.Close(); _ = server.Close() })
+	return client, server
+}
+
+func selfSigned(t *testing.T) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "relay"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), DNSNames: []string{"relay"}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	require.NoError(t, err)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// tlsPair is a TLS connection over a loopback pair, handshake done.
+func tlsPair(t *testing.T) (client, server *tls.Conn) {
+	t.Helper()
+	c, s := pair(t)
+	client = tls.Client(c, &tls.Config{InsecureSkipVerify: true})
+	server = tls.Server(s, &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}})
+	errc := make(chan error, 1)
+	go func() { errc <- server.Handshake() }()
+	require.NoError(t, client.Handshake())
+	require.NoError(t, <-errc)
+	return client, server
+}
+
+// Through the relay, each side's end of stream reaches the other while
+// the opposite direction keeps flowing, and bytes are counted per
+// direction: plain TCP (spliced) and TCP on one side, TLS on the other.
+func TestPipeHalfClose(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// ends returns the relay's two sides (a, b) and the peers that
+		// talk to them (app on a's far side, peer on b's).
+		ends func(t *testing.T) (app, a, b, peer Conn)
+	}{
+		{"tcp to tcp", func(t *testing.T) (app, a, b, peer Conn) {
+			app, a = pair(t)
+			b, peer = pair(t)
+			return
+		}},
+		{"tcp to tls", func(t *testing.T) (app, a, b, peer Conn) {
+			app, a = pair(t)
+			b, peer = tlsPair(t)
+			return
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			app, a, b, peer := tc.ends(t)
+			var ab, ba atomic.Int64
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				Pipe(a, b, time.Minute, func(n int64) { ab.Add(n) }, func(n int64) { ba.Add(n) })
+			}()
+
+			_, err := app.Write([]byte("request"))
+			require.NoError(t, err)
+			require.NoError(t, app.CloseWrite())
+			got, err := io.ReadAll(peer) // until the relayed end of stream
+			require.NoError(t, err)
+			require.Equal(t, "request", string(got))
+
+			// The other direction still flows after the half-close.
+			_, err = peer.Write([]byte("response"))
+			require.NoError(t, err)
+			require.NoError(t, peer.CloseWrite())
+			got, err = io.ReadAll(app)
+			require.NoError(t, err)
+			require.Equal(t, "response", string(got))
+
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				t.Fatal("Pipe did not return after both directions ended")
+			}
+			require.EqualValues(t, len("request"), ab.Load())
+			require.EqualValues(t, len("response"), ba.Load())
+		})
+	}
+}
+
+// A relay idle both ways is closed after its idle time; one that moves
+// bytes is not.
+func TestPipeIdle(t *testing.T) {
+	app, a := pair(t)
+	b, peer := tlsPair(t)
+	const idle = 200 * time.Millisecond
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		Pipe(a, b, idle, nil, nil)
+	}()
+	// Busy for three idle periods: every write resets the clock.
+	buf := make([]byte, 4)
+	for range 12 {
+		_, err := app.Write([]byte("ping"))
+		require.NoError(t, err)
+		_, err = io.ReadFull(peer, buf)
+		require.NoError(t, err)
+		time.Sleep(idle / 4)
+	}
+	select {
+	case <-done:
+		t.Fatal("the relay was closed while bytes flowed")
+	default:
+	}
+	// Then silent: the relay closes both sides.
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("an idle relay was not closed")
+	}
+	_ = app.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err := app.Read(buf)
+	require.Error(t, err, "the app's side is closed")
+}
