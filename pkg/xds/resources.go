@@ -9,6 +9,7 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -27,6 +28,9 @@ type Resources struct {
 	Listeners []*listenerv3.Listener
 	Clusters  []*clusterv3.Cluster
 	Endpoints []*endpointv3.ClusterLoadAssignment
+	// Routes are the route configurations (RDS) the listeners name, in
+	// the Version too; the sidecar's (withRoutes), none for the gateway.
+	Routes []*routev3.RouteConfiguration
 }
 
 // newResources validates every resource and computes the version. The
@@ -94,6 +98,9 @@ func (r Resources) Snapshot() (*cache.Snapshot, error) {
 	for _, e := range r.Endpoints {
 		res[resource.EndpointType] = append(res[resource.EndpointType], e)
 	}
+	for _, rc := range r.Routes {
+		res[resource.RouteType] = append(res[resource.RouteType], rc)
+	}
 	snap, err := cache.NewSnapshot(r.Version, res)
 	if err != nil {
 		return nil, err
@@ -104,7 +111,8 @@ func (r Resources) Snapshot() (*cache.Snapshot, error) {
 	return snap, nil
 }
 
-// Names lists the resources' names by type URL, each list in order.
+// Names lists the resources' names by type URL, each list in order;
+// the Route type only when there are routes.
 func (r Resources) Names() map[string][]string {
 	out := map[string][]string{
 		resource.ListenerType: make([]string, 0, len(r.Listeners)),
@@ -119,6 +127,9 @@ func (r Resources) Names() map[string][]string {
 	}
 	for _, e := range r.Endpoints {
 		out[resource.EndpointType] = append(out[resource.EndpointType], e.GetClusterName())
+	}
+	for _, rc := range r.Routes {
+		out[resource.RouteType] = append(out[resource.RouteType], rc.GetName())
 	}
 	return out
 }
