@@ -18,7 +18,9 @@ import (
 // FuzzDecodeResources feeds arbitrary bytes as the Any-wrapped listener,
 // cluster, assignment and ROOTCA Secret of a response: what a broken or
 // hostile server could send. Decode must never panic, and what it accepts
-// must keep the promises a published Config makes.
+// must keep the promises a published Config makes. The last argument is a
+// whole sidecar resource set, decoded for the sidecar role
+// (sidecar_fuzz_test.go).
 func FuzzDecodeResources(f *testing.F) {
 	alpha, beta := testRoot(f, "alpha.mesh"), testRoot(f, "beta.mesh")
 	goodSecret := rootCA(f, map[string][]*x509.Certificate{"alpha.mesh": {alpha}, "beta.mesh": {beta}})
@@ -28,7 +30,7 @@ func FuzzDecodeResources(f *testing.F) {
 		return b
 	}
 	seed := func(m *mutable, secret *tlsv3.Secret) {
-		f.Add(marshal(m.l), marshal(m.eds), marshal(m.cla), marshal(secret))
+		f.Add(marshal(m.l), marshal(m.eds), marshal(m.cla), marshal(secret), []byte{})
 	}
 	seed(newMutable(f), goodSecret)
 	m := newMutable(f)
@@ -52,9 +54,13 @@ func FuzzDecodeResources(f *testing.F) {
 	} {
 		seed(newMutable(f), bad)
 	}
-	f.Add([]byte{}, []byte{}, []byte{}, []byte{})
+	f.Add([]byte{}, []byte{}, []byte{}, []byte{}, []byte{})
+	for _, sc := range sidecarFuzzSeeds(f) {
+		f.Add([]byte{}, []byte{}, []byte{}, []byte{}, sc)
+	}
 
-	f.Fuzz(func(t *testing.T, listener, cluster, cla, secret []byte) {
+	f.Fuzz(func(t *testing.T, listener, cluster, cla, secret, sidecar []byte) {
+		checkSidecarDecode(t, sidecar)
 		res := []*anypb.Any{
 			{TypeUrl: TypeListener, Value: listener},
 			{TypeUrl: TypeCluster, Value: cluster},
