@@ -1,0 +1,181 @@
+package xdsclient
+
+import (
+	"crypto/x509"
+	"net/netip"
+	"testing"
+
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/pkg/xds"
+)
+
+// The best proof that the translation and the client agree on
+// docs/sidecar-xds.md: what xds.TranslateSidecar emits, the sidecar's
+// Decode accepts, with every reference resolved.
+
+// translatedAnys is r as one ADS stream carries it, with a ROOTCA for
+// a.mesh in the shape the federator serves (secrets_test.go; the SDS
+// translation has its own round trip in pkg/xds).
+func translatedAnys(t testing.TB, r xds.Resources) []*anypb.Any {
+	t.Helper()
+	secrets := []*tlsv3.Secret{rootCA(t, map[string][]*x509.Certificate{"a.mesh": {testRoot(t, "a.mesh")}})}
+	var ms []proto.Message
+	for _, l := range r.Listeners {
+		ms = append(ms, l)
+	}
+	for _, rc := range r.Routes {
+		ms = append(ms, rc)
+	}
+	for _, c := range r.Clusters {
+		ms = append(ms, c)
+	}
+	for _, e := range r.Endpoints {
+		ms = append(ms, e)
+	}
+	for _, s := range secrets {
+		ms = append(ms, s)
+	}
+	out := make([]*anypb.Any, len(ms))
+	for i, m := range ms {
+		out[i] = mustAny(t, m)
+	}
+	return out
+}
+
+func roundTripCatalog(t testing.TB) (*catalog.Snapshot, []*catalog.Snapshot) {
+	t.Helper()
+	r1z1 := catalog.Locality{Region: "r1", Zone: "z1"}
+	r1z2 := catalog.Locality{Region: "r1", Zone: "z2"}
+	r2z1 := catalog.Locality{Region: "r2", Zone: "z1"}
+	local, err := catalog.NewSnapshot(catalog.LocalSource, []catalog.Service{
+		{
+			Namespace: "demo", Name: "echo", Cluster: "a", Identities: []string{"spiffe://a.mesh/ns/demo/sa/echo"},
+			Ports: []catalog.Port{{Name: "http", Port: 80, AppProtocol: "http", TargetPort: 8080}, {Name: "tcp-admin", Port: 9000, TargetPort: 9000}},
+			Endpoints: []catalog.LocalityEndpoints{
+				{Locality: r1z1, Ready: 1, NotReady: 1, Addresses: []catalog.Address{{IP: "10.0.1.2", Ready: true}, {IP: "10.0.1.3"}}},
+				{Locality: r1z2, Ready: 1, Addresses: []catalog.Address{{IP: "10.0.2.2", Ready: true}}},
+			},
+		},
+		{
+			Namespace: "shop", Name: "db", Cluster: "a", Identities: []string{"spiffe://a.mesh/ns/shop/sa/db"},
+			Ports:     []catalog.Port{{Name: "postgres", Port: 5432}},
+			Endpoints: []catalog.LocalityEndpoints{{Locality: r1z1, Ready: 1, Addresses: []catalog.Address{{IP: "10.0.3.4", Ready: true}}}},
+		},
+	})
+	require.NoError(t, err)
+	peer := func(name string, loc catalog.Locality, ready int, gw string, svcs ...catalog.Service) *catalog.Snapshot {
+		for i := range svcs {
+			svcs[i].Cluster = name
+			svcs[i].Gateways = []string{gw}
+			svcs[i].Endpoints = []catalog.LocalityEndpoints{{Locality: loc, Ready: ready}}
+			svcs[i].Identities = []string{"spiffe://" + name + ".mesh/ns/" + svcs[i].Namespace + "/sa/" + svcs[i].Name}
+		}
+		s, err := catalog.NewSnapshot(name, svcs)
+		require.NoError(t, err)
+		return s
+	}
+	echoPort := []catalog.Port{{Name: "http", Port: 80, AppProtocol: "http"}}
+	greeter := func() catalog.Service {
+		return catalog.Service{Namespace: "shop", Name: "greeter", Ports: []catalog.Port{{Name: "grpc", Port: 9090}, {Name: "http", Port: 80}}}
+	}
+	return local, []*catalog.Snapshot{
+		peer("b", r1z2, 3, "192.0.2.10:15443", catalog.Service{Namespace: "demo", Name: "echo", Ports: echoPort}, greeter()),
+		peer("c", r2z1, 0, "198.51.100.7:15443", catalog.Service{Namespace: "demo", Name: "echo", Ports: echoPort}, greeter()),
+	}
+}
+
+func TestTranslateSidecarRoundTrip(t *testing.T) {
+	local, peers := roundTripCatalog(t)
+	r, skipped, err := xds.TranslateSidecar(local, peers, xds.SidecarOptions{Region: "r1"})
+	require.NoError(t, err)
+	require.Empty(t, skipped)
+	cfg, err := DecodeRole(RoleSidecar, translatedAnys(t, r)...)
+	require.NoError(t, err, "the sidecar NACKs what the federator emits")
+	requireSidecarConsistent(t, cfg)
+	sc := cfg.Sidecar
+
+	// Every clusterset service is in the name table, and its VIP:port
+	// reaches its cluster through the chain and the route a proxy would
+	// use.
+	for _, tc := range []struct {
+		host     string
+		port     uint16
+		http     bool
+		cluster  string
+		priority int // levels in the assignment
+	}{
+		{"echo.demo.svc.clusterset.local", 80, true, "outbound|80||echo.demo.svc.clusterset.local", 3},
+		{"echo.demo.svc.clusterset.local", 9000, false, "outbound|9000||echo.demo.svc.clusterset.local", 1},
+		{"db.shop.svc.clusterset.local", 5432, false, "outbound|5432||db.shop.svc.clusterset.local", 1},
+		{"greeter.shop.svc.clusterset.local", 9090, true, "outbound|9090||greeter.shop.svc.clusterset.local", 2},
+		{"greeter.shop.svc.clusterset.local", 80, true, "outbound|80||greeter.shop.svc.clusterset.local", 2},
+	} {
+		vip, ok := sc.LookupHost(tc.host)
+		require.True(t, ok, tc.host)
+		require.True(t, netip.MustParsePrefix("240.240.0.0/16").Contains(vip), "%s has VIP %v", tc.host, vip)
+		ch := sc.Outbound.Match(netip.AddrPortFrom(vip, tc.port))
+		require.NotSame(t, &sc.Outbound.Default, ch, "%s:%d", tc.host, tc.port)
+		if tc.http {
+			require.NotNil(t, ch.HTTP, "%s:%d", tc.host, tc.port)
+			vh := sc.Route(ch.HTTP.RouteConfigName).VirtualHost(tc.host)
+			require.NotNil(t, vh, "%s:%d", tc.host, tc.port)
+			require.Equal(t, tc.cluster, vh.Route("/x").Cluster)
+			require.Zero(t, vh.Route("/x").Timeout)
+		} else {
+			require.Equal(t, tc.cluster, ch.TCP.Cluster)
+		}
+		c := cfg.Clusters[tc.cluster]
+		require.Len(t, c.Priorities, tc.priority, tc.cluster)
+		require.Equal(t, &ServiceMeta{Host: tc.host, VIP: vip, Port: tc.port, Protocol: map[bool]Protocol{true: ProtocolHTTP, false: ProtocolTCP}[tc.http]}, c.Service)
+		require.NotEmpty(t, c.TLS.SANs)
+	}
+	explicit := sc.Route("explicit")
+	require.Equal(t, "outbound|80||echo.demo.svc.clusterset.local", explicit.VirtualHost("echo.demo.svc.clusterset.local").Route("/").Cluster)
+	require.Equal(t, "outbound|9090||greeter.shop.svc.clusterset.local", explicit.VirtualHost("greeter.shop.svc.clusterset.local:9090").Route("/").Cluster)
+	require.Same(t, &sc.Outbound.Default, sc.Outbound.Match(netip.MustParseAddrPort("10.96.0.1:443")))
+
+	// echo: local pods, then b's gateway (same region), then c's.
+	echo := cfg.Clusters["outbound|80||echo.demo.svc.clusterset.local"]
+	require.EqualValues(t, 100000, echo.OverprovisioningFactor)
+	require.Equal(t, "192.0.2.10:15443", echo.Priorities[1].Localities[0].Endpoints[0].Addr.String())
+	require.EqualValues(t, 3, echo.Priorities[1].Localities[0].Weight)
+	require.Equal(t, "198.51.100.7:15443", echo.Priorities[2].Localities[0].Endpoints[0].Addr.String())
+	require.False(t, echo.Priorities[2].Localities[0].Endpoints[0].Healthy, "c has no ready endpoint")
+	require.Equal(t, []spiffeid.ID{
+		spiffeid.RequireFromString("spiffe://a.mesh/ns/demo/sa/echo"),
+		spiffeid.RequireFromString("spiffe://b.mesh/ns/demo/sa/echo"),
+		spiffeid.RequireFromString("spiffe://c.mesh/ns/demo/sa/echo"),
+	}, echo.TLS.SANs)
+	require.Equal(t, "outbound_.80_._.echo.demo.svc.cluster.local", echo.TLS.SNI)
+
+	// The inbound side.
+	in := sc.Inbound
+	httpIn := in.Match([]string{"istio-http/1.1"})
+	require.NotNil(t, httpIn.HTTP)
+	require.Equal(t, SanitizeSet, httpIn.HTTP.ForwardClientCert)
+	require.True(t, httpIn.HTTP.SetClientCertURI)
+	require.Equal(t, InboundPassthroughCluster, httpIn.HTTP.Routes.VirtualHost("anything:8080").Route("/").Cluster)
+	require.Equal(t, InboundPassthroughCluster, in.Match([]string{"istio"}).TCP.Cluster)
+	require.True(t, cfg.Clusters[InboundPassthroughCluster].UseDownstreamProtocol)
+}
+
+// With nothing exported anywhere the sidecar still gets a working
+// config: passthrough out, mTLS in, an empty explicit route.
+func TestTranslateSidecarRoundTripEmpty(t *testing.T) {
+	local, err := catalog.NewSnapshot(catalog.LocalSource, nil)
+	require.NoError(t, err)
+	r, _, err := xds.TranslateSidecar(local, nil, xds.SidecarOptions{})
+	require.NoError(t, err)
+	cfg, err := DecodeRole(RoleSidecar, translatedAnys(t, r)...)
+	require.NoError(t, err)
+	requireSidecarConsistent(t, cfg)
+	require.Zero(t, cfg.Sidecar.Hosts())
+	require.Same(t, &cfg.Sidecar.Outbound.Default, cfg.Sidecar.Outbound.Match(netip.MustParseAddrPort("240.240.1.1:80")))
+	require.Nil(t, cfg.Sidecar.Route("explicit").VirtualHost("echo.demo.svc.clusterset.local"))
+}
