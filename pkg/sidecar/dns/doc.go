@@ -79,6 +79,13 @@
 //	isthmus_dns_tcp_connections_refused
 //	isthmus_dns_table_names
 //
+// BenchmarkAnswered and BenchmarkForwarded (bench_test.go) measure
+// queries per second through the proxy beside a peer run with the same
+// clients: a plain miekg/dns server answering from memory, and the test
+// upstream queried directly. Forwarding opens a fresh UDP socket per
+// attempt (a random source port, as miekg/dns's client and Istio's proxy
+// do); that socket is most of a forward's own cost.
+//
 // The proxy's own upstream traffic must not be captured back to itself:
 // the iptables rules exclude the sidecar's user, as Istio's do, and New
 // refuses an upstream that is the proxy's own address.
