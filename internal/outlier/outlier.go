@@ -6,6 +6,7 @@
 package outlier
 
 import (
+	"maps"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -13,63 +14,85 @@ import (
 )
 
 // Ejections are endpoints a dial failed to, each skipped until its time
-// passes. The zero value ejects for no time; set EjectFor before use.
-// Safe for concurrent use.
+// passes. Reads take no lock (ejections are rare, lookups are per pick):
+// the set is an immutable map replaced on every change. The zero value
+// ejects for no time; set EjectFor before use. Safe for concurrent use.
 type Ejections struct {
 	// EjectFor is how long Eject skips an endpoint.
 	EjectFor time.Duration
 
-	// n is len(until), read without the lock: the common case, nothing
-	// ejected, costs one atomic load per candidate.
-	n atomic.Int32
-	// mu guards until: endpoint → Unix nanoseconds it is skipped until.
-	mu    sync.Mutex
-	until map[netip.AddrPort]int64
+	// until maps endpoint → Unix nanoseconds it is skipped until; nil or
+	// empty when nothing is ejected. The map is never modified once
+	// stored.
+	until atomic.Pointer[map[netip.AddrPort]int64]
+	// mu serializes writers (copy, change, store).
+	mu sync.Mutex
 }
 
-// Any reports whether some endpoint may be ejected (a cheap check before
-// asking about each).
-func (e *Ejections) Any() bool { return e.n.Load() != 0 }
+// Any reports whether some endpoint may be ejected: false is certain,
+// true may count ejections whose time has passed (a cheap check before
+// asking about each endpoint).
+func (e *Ejections) Any() bool {
+	m := e.until.Load()
+	return m != nil && len(*m) > 0
+}
 
 // Ejected reports whether ep is skipped at now (Unix nanoseconds); an
 // ejection whose time has passed is forgotten.
 func (e *Ejections) Ejected(ep netip.AddrPort, now int64) bool {
-	if e.n.Load() == 0 {
+	m := e.until.Load()
+	if m == nil || len(*m) == 0 {
 		return false
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	t, ok := e.until[ep]
-	if ok && now >= t {
-		delete(e.until, ep)
-		e.n.Store(int32(len(e.until)))
+	t, ok := (*m)[ep]
+	if !ok {
 		return false
 	}
-	return ok
+	if now >= t {
+		e.update(func(m map[netip.AddrPort]int64) {
+			if m[ep] == t { // not ejected again meanwhile
+				delete(m, ep)
+			}
+		})
+		return false
+	}
+	return true
 }
 
 // Eject skips ep for EjectFor from now.
 func (e *Ejections) Eject(ep netip.AddrPort) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.until == nil {
-		e.until = make(map[netip.AddrPort]int64)
-	}
-	e.until[ep] = time.Now().Add(e.EjectFor).UnixNano()
-	e.n.Store(int32(len(e.until)))
+	until := time.Now().Add(e.EjectFor).UnixNano()
+	e.update(func(m map[netip.AddrPort]int64) { m[ep] = until })
 }
 
 // Restore forgets ep's ejection: it answered.
 func (e *Ejections) Restore(ep netip.AddrPort) {
-	if e.n.Load() == 0 {
+	if m := e.until.Load(); m == nil || (*m)[ep] == 0 {
 		return
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	delete(e.until, ep)
-	e.n.Store(int32(len(e.until)))
+	e.update(func(m map[netip.AddrPort]int64) { delete(m, ep) })
 }
 
-// Len is the number of endpoints ejected now or whose ejection has passed
-// but was not yet noticed.
-func (e *Ejections) Len() int { return int(e.n.Load()) }
+// Len is the number of endpoints ejected now, or whose ejection has
+// passed unnoticed.
+func (e *Ejections) Len() int {
+	if m := e.until.Load(); m != nil {
+		return len(*m)
+	}
+	return 0
+}
+
+// update replaces the set with a changed copy.
+func (e *Ejections) update(change func(map[netip.AddrPort]int64)) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	next := map[netip.AddrPort]int64{}
+	if m := e.until.Load(); m != nil {
+		next = maps.Clone(*m)
+		if next == nil {
+			next = map[netip.AddrPort]int64{}
+		}
+	}
+	change(next)
+	e.until.Store(&next)
+}
