@@ -10,6 +10,7 @@ import (
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -18,8 +19,13 @@ import (
 
 // Resources is one proxy configuration: every resource has passed its
 // Validate(), each list is sorted by name, and Version is a hash of the
-// deterministic encoding of all of them, so equal configurations have
-// equal versions and a proxy is never pushed the same thing twice.
+// deterministic encoding of the listeners, clusters and endpoints, so
+// equal configurations have equal versions and a proxy is never pushed
+// the same thing twice.
+//
+// The Secrets (SDS, from TranslateSecrets) are served at their own
+// version, SecretsVersion, a hash of them alone: a catalog change does not
+// push the trust bundles again, and a bundle rotation pushes only them.
 //
 // Resources and the messages it holds are shared and must not be
 // modified.
@@ -31,6 +37,10 @@ type Resources struct {
 	// Routes are the route configurations (RDS) the listeners name, in
 	// the Version too; the sidecar's (withRoutes), none for the gateway.
 	Routes []*routev3.RouteConfiguration
+	// Secrets and SecretsVersion are empty until the trust store holds a
+	// bundle.
+	Secrets        []*tlsv3.Secret
+	SecretsVersion string
 }
 
 // newResources validates every resource and computes the version. The
@@ -82,7 +92,8 @@ func newResources(lis []*listenerv3.Listener, cls []*clusterv3.Cluster, eps []*e
 
 // Snapshot returns the resources as a go-control-plane snapshot, after
 // checking that it is consistent (every EDS cluster has exactly one
-// ClusterLoadAssignment, and no other exists).
+// ClusterLoadAssignment, and no other exists). The Secrets are at
+// SecretsVersion, everything else at Version.
 func (r Resources) Snapshot() (*cache.Snapshot, error) {
 	res := map[resource.Type][]types.Resource{
 		resource.ListenerType: make([]types.Resource, 0, len(r.Listeners)),
@@ -105,6 +116,11 @@ func (r Resources) Snapshot() (*cache.Snapshot, error) {
 	if err != nil {
 		return nil, err
 	}
+	secrets := make([]types.Resource, 0, len(r.Secrets))
+	for _, s := range r.Secrets {
+		secrets = append(secrets, s)
+	}
+	snap.Resources[types.Secret] = cache.NewResources(r.SecretsVersion, secrets)
 	if err := snap.Consistent(); err != nil {
 		return nil, fmt.Errorf("snapshot %s is inconsistent: %w", r.Version, err)
 	}
@@ -112,7 +128,7 @@ func (r Resources) Snapshot() (*cache.Snapshot, error) {
 }
 
 // Names lists the resources' names by type URL, each list in order;
-// the Route type only when there are routes.
+// the Route and Secret types only when there are some.
 func (r Resources) Names() map[string][]string {
 	out := map[string][]string{
 		resource.ListenerType: make([]string, 0, len(r.Listeners)),
@@ -130,6 +146,9 @@ func (r Resources) Names() map[string][]string {
 	}
 	for _, rc := range r.Routes {
 		out[resource.RouteType] = append(out[resource.RouteType], rc.GetName())
+	}
+	for _, s := range r.Secrets {
+		out[resource.SecretType] = append(out[resource.SecretType], s.GetName())
 	}
 	return out
 }

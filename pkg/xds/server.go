@@ -2,6 +2,7 @@ package xds
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -15,7 +16,6 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/server/sotw/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
-	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
@@ -35,8 +35,8 @@ const (
 	unservedGroup = "unserved"
 )
 
-// DefaultCoalesce is how long Run waits after a catalog change before it
-// translates, so a burst of changes becomes one push.
+// DefaultCoalesce is how long Run waits after a catalog or trust bundle
+// change before it translates, so a burst of changes becomes one push.
 const DefaultCoalesce = 5 * time.Millisecond
 
 // Options are a Server's inputs besides the catalog and the trust bundle.
@@ -44,8 +44,8 @@ type Options struct {
 	// Gateway configures the gateway's translation;
 	// Gateway.FederationUpstream is required.
 	Gateway GatewayOptions
-	// Coalesce is how long a catalog change waits for more before the
-	// translation runs; zero means DefaultCoalesce.
+	// Coalesce is how long a catalog or trust bundle change waits for more
+	// before the translation runs; zero means DefaultCoalesce.
 	Coalesce time.Duration
 	// Logger receives lifecycle lines at Info, refused streams and NACKs
 	// at Warn, and per-push lines (go-control-plane's too) at Debug. Nil
@@ -57,12 +57,12 @@ type Options struct {
 
 // Server serves the proxies' configuration over ADS (state of the world
 // and delta, go-control-plane's server and snapshot cache) and keeps it in
-// step with the catalog. Build it with NewServer, register it on gRPC
-// servers (Register), and Run it.
+// step with the catalog and the trust bundles. Build it with NewServer,
+// register it on gRPC servers (Register), and Run it.
 type Server struct {
 	store    *catalog.Store
 	td       spiffeid.TrustDomain
-	bundles  x509bundle.Source
+	bundles  TrustBundles
 	opts     Options
 	log      *slog.Logger
 	cache    cache.SnapshotCache
@@ -89,10 +89,12 @@ type metrics struct {
 	failures  metric.Int64Counter
 }
 
-// NewServer returns a Server for the catalog in store. Proxies on the TLS
+// NewServer returns a Server for the catalog in store and the trust
+// bundles in bundles (the federator's trust store). Proxies on the TLS
 // port must present an X.509 SVID of trust domain td that verifies
-// against bundles.
-func NewServer(store *catalog.Store, td spiffeid.TrustDomain, bundles x509bundle.Source, opts Options) (*Server, error) {
+// against bundles; every bundle bundles holds, local and federated, is
+// served to them as the ROOTCA Secret (TranslateSecrets).
+func NewServer(store *catalog.Store, td spiffeid.TrustDomain, bundles TrustBundles, opts Options) (*Server, error) {
 	if _, err := federationCluster(opts.Gateway.FederationUpstream); err != nil {
 		return nil, fmt.Errorf("xds: %w", err)
 	}
@@ -157,17 +159,19 @@ func (nodeGroups) ID(node *corev3.Node) string {
 	return unservedGroup
 }
 
-// Run keeps the gateway's snapshot in step with the local catalog until
-// ctx ends, then ends every open xDS stream. A change is translated after
-// a short quiet time (Options.Coalesce); a snapshot is set only when its
-// version differs from the current one, and the first one only once the
-// local catalog has been published (pkg/kube publishes it once its
-// informers synced), so a restarted federator never serves an empty
-// listener in place of the gateway's last configuration.
+// Run keeps the gateway's snapshot in step with the local catalog and the
+// trust bundles until ctx ends, then ends every open xDS stream. A change
+// is translated after a short quiet time (Options.Coalesce); a snapshot is
+// set only when a version differs from the current one, and the first one
+// only once the local catalog has been published (pkg/kube publishes it
+// once its informers synced), so a restarted federator never serves an
+// empty listener in place of the gateway's last configuration.
 func (s *Server) Run(ctx context.Context) error {
 	defer s.stopXDS()
 	changed, cancel := s.store.Subscribe()
 	defer cancel()
+	trustChanged, cancelTrust := s.bundles.Subscribe()
+	defer cancelTrust()
 	s.log.Info("xDS translation running", "federationUpstream", s.opts.Gateway.FederationUpstream)
 	timer := time.NewTimer(0)
 	<-timer.C
@@ -176,6 +180,7 @@ func (s *Server) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-changed:
+		case <-trustChanged:
 		}
 		timer.Reset(s.coalesce)
 		select {
@@ -184,29 +189,49 @@ func (s *Server) Run(ctx context.Context) error {
 			return nil
 		case <-timer.C:
 		}
-		// What changed meanwhile is read below; its signal is spent.
+		// What changed meanwhile is read below; its signals are spent.
 		select {
 		case <-changed:
+		default:
+		}
+		select {
+		case <-trustChanged:
 		default:
 		}
 		s.update(ctx)
 	}
 }
 
-// update translates the current local catalog and sets the snapshot if
-// it is new.
+// update translates the current local catalog and trust bundles and sets
+// the snapshot if either part is new. When one part fails to translate,
+// the other is still updated and the failed one keeps its last good
+// value.
 func (s *Server) update(ctx context.Context) {
 	if !slices.Contains(s.store.Sources(), catalog.LocalSource) {
 		return
 	}
 	local := s.store.Get(catalog.LocalSource)
 	s.mu.Lock()
-	prev := s.gateway.Version
+	prev := s.gateway
 	s.mu.Unlock()
-	res, err := TranslateGateway(local, s.opts.Gateway)
-	if err == nil && res.Version != prev {
-		err = s.setGateway(ctx, res)
+	next := prev
+	res, gwErr := TranslateGateway(local, s.opts.Gateway)
+	if gwErr == nil {
+		res.Secrets, res.SecretsVersion = prev.Secrets, prev.SecretsVersion
+		next = res
 	}
+	secrets, secretsVersion, secErr := TranslateSecrets(currentBundles(s.bundles))
+	if secErr == nil {
+		next.Secrets, next.SecretsVersion = secrets, secretsVersion
+	}
+	var setErr error
+	// An empty Version: the routing part never translated, and a
+	// snapshot without a listener must not replace a gateway's routes.
+	changed := next.Version != "" && (next.Version != prev.Version || next.SecretsVersion != prev.SecretsVersion)
+	if changed {
+		setErr = s.setGateway(ctx, next)
+	}
+	err := errors.Join(gwErr, secErr, setErr)
 	s.mu.Lock()
 	s.catalogVersion = local.Version()
 	s.lastError = ""
@@ -217,9 +242,10 @@ func (s *Server) update(ctx context.Context) {
 	switch {
 	case err != nil:
 		s.metrics.failures.Add(ctx, 1)
-		s.log.Error("gateway configuration not updated; proxies keep the last one", "catalog", local.Version(), "error", err)
-	case prev == res.Version:
-		s.log.Debug("catalog changed, gateway configuration did not", "catalog", local.Version(), "version", res.Version)
+		s.log.Error("gateway configuration not (fully) updated; proxies keep the last good part", "catalog", local.Version(), "error", err)
+	case !changed:
+		s.log.Debug("catalog or trust changed, gateway configuration did not", "catalog", local.Version(),
+			"version", next.Version, "secretsVersion", next.SecretsVersion)
 	}
 }
 
@@ -238,7 +264,7 @@ func (s *Server) setGateway(ctx context.Context, res Resources) error {
 	s.gatewaySetAt = time.Now()
 	s.mu.Unlock()
 	s.metrics.updates.Add(ctx, 1, metric.WithAttributes(attribute.String("role", gatewayGroup)))
-	s.log.Info("gateway configuration updated", "version", res.Version,
+	s.log.Info("gateway configuration updated", "version", res.Version, "secretsVersion", res.SecretsVersion,
 		"filterChains", len(res.Listeners[0].GetFilterChains()), "clusters", len(res.Clusters))
 	return nil
 }
@@ -252,10 +278,13 @@ type Status struct {
 
 // SnapshotStatus describes the configuration served to one role.
 type SnapshotStatus struct {
-	// Version is the content hash of the configuration being served;
-	// empty until the first one is set.
-	Version string    `json:"version"`
-	SetAt   time.Time `json:"setAt,omitzero"`
+	// Version is the content hash of the listeners, clusters and
+	// endpoints being served; empty until the first one is set.
+	Version string `json:"version"`
+	// SecretsVersion is the content hash of the Secrets (SDS) being
+	// served; empty while there are none.
+	SecretsVersion string    `json:"secretsVersion,omitempty"`
+	SetAt          time.Time `json:"setAt,omitzero"`
 	// CatalogVersion is the version of the local catalog last
 	// translated; several catalog versions may give one configuration.
 	CatalogVersion string `json:"catalogVersion,omitempty"`
@@ -289,7 +318,8 @@ func (s *Server) Status() Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := Status{Gateway: SnapshotStatus{
-		Version: s.gateway.Version, SetAt: s.gatewaySetAt, CatalogVersion: s.catalogVersion, Error: s.lastError,
+		Version: s.gateway.Version, SecretsVersion: s.gateway.SecretsVersion, SetAt: s.gatewaySetAt,
+		CatalogVersion: s.catalogVersion, Error: s.lastError,
 	}}
 	if s.gateway.Version != "" {
 		st.Gateway.Resources = s.gateway.Names()

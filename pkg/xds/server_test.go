@@ -24,7 +24,6 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
-	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -700,7 +699,7 @@ func TestNewServerNeedsItsInputs(t *testing.T) {
 	require.ErrorContains(t, err, "no federation upstream")
 	_, err = NewServer(catalog.NewStore(), spiffeid.TrustDomain{}, bundles, Options{Gateway: GatewayOptions{FederationUpstream: "127.0.0.1:15019"}})
 	require.ErrorContains(t, err, "trust domain")
-	var none x509bundle.Source
+	var none TrustBundles
 	_, err = NewServer(catalog.NewStore(), tdA, none, Options{Gateway: GatewayOptions{FederationUpstream: "127.0.0.1:15019"}})
 	require.ErrorContains(t, err, "bundle source")
 }
