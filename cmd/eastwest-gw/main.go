@@ -4,9 +4,13 @@
 //
 // Its routes come from the federator over xDS (pkg/xdsclient, decoded by
 // pkg/xdsclient/gwroutes): on 15012 over mTLS with the gateway's own SVID
-// from the federator's CA, or in plaintext on 15010 for tests. A static
-// --routes-file replaces xDS for benchmarks and a gateway without a
-// federator.
+// from the federator's CA, or in plaintext on 15010 for tests. The
+// federator is verified against the trust bundle it publishes over SDS
+// (the ROOTCA Secret) for its own trust domain, and against
+// --ca-roots-file (then the roots the CA sends with each SVID) until the
+// first one arrives, so a root rotation does not strand the gateway on a
+// reconnect. A static --routes-file replaces xDS for benchmarks and a
+// gateway without a federator.
 package main
 
 import (
@@ -76,7 +80,7 @@ func run() error {
 	fl.StringVar(&x.federatorNS, "federator-namespace", "isthmus-system", "the federator's namespace (its SPIFFE ID)")
 	fl.StringVar(&x.federatorSA, "federator-service-account", "isthmus-federator", "the federator's ServiceAccount (its SPIFFE ID)")
 	fl.StringVar(&x.tokenFile, "token-file", "/var/run/secrets/tokens/isthmus-ca", "projected ServiceAccount token (audience isthmus-ca) for the CA")
-	fl.StringVar(&x.rootsFile, "ca-roots-file", "/var/run/secrets/isthmus/root-cert.pem", "PEM roots that verify the federator")
+	fl.StringVar(&x.rootsFile, "ca-roots-file", "/var/run/secrets/isthmus/root-cert.pem", "PEM roots that verify the federator until it publishes its trust bundle over SDS")
 	fl.TextVar(&logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error (debug logs every refusal)")
 	fl.BoolVar(&logJSON, "log-json", false, "log JSON instead of text")
 	fl.BoolVar(&showVersion, "version", false, "print the version and exit")
@@ -170,7 +174,11 @@ func startXDS(ctx context.Context, g *errgroup.Group, x xdsFlags, log *slog.Logg
 			<-ctx.Done()
 			return svid.Close()
 		})
-		cc.TLS = &xdsclient.TLSConfig{SVID: svid, Bundle: svid, Authorizer: tlsconfig.AuthorizeID(federator)}
+		// The identity Source's bundle (--ca-roots-file, then the roots
+		// the CA returns with each SVID) verifies the federator until the
+		// ROOTCA Secret names its trust domain; from then on the bundle the
+		// federator publishes does, rotations included.
+		cc.TLS = &xdsclient.TLSConfig{SVID: svid, Bundle: svid, Authorizer: tlsconfig.AuthorizeID(federator), FollowSDS: true}
 	}
 	client, err := xdsclient.New(cc)
 	if err != nil {
