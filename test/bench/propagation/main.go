@@ -88,6 +88,7 @@ type config struct {
 	federatorLog string
 	gatewayLog   string
 	verbose      bool
+	keep         bool
 }
 
 func main() {
@@ -109,6 +110,7 @@ func main() {
 	flag.StringVar(&cfg.federatorLog, "federator-log-level", "info", "the federator's --log-level")
 	flag.StringVar(&cfg.gatewayLog, "gateway-log-level", "info", "the gateway's --log-level")
 	flag.BoolVar(&cfg.verbose, "v", false, "log the harness's debug messages and every change")
+	flag.BoolVar(&cfg.keep, "keep", false, "keep the harness's work directory (the federator's, gateway's and API server's logs) after the run")
 	flag.Parse()
 	if cfg.services < 1 || cfg.background < 0 || cfg.poll <= 0 || cfg.pause < 0 || cfg.bound <= 0 || cfg.workers < 1 {
 		fmt.Fprintln(os.Stderr, "bench-propagation: --services, --poll, --bound and --workers must be positive, --background and --pause not negative")

@@ -67,7 +67,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (rep *table.Report, 
 	loadBefore := table.LoadAverage()
 
 	step(log, "starting cluster a")
-	env, err := localcluster.Start(ctx, localcluster.Options{Clusters: []localcluster.ClusterOptions{{Name: "a"}}, Logger: log})
+	env, err := localcluster.Start(ctx, localcluster.Options{Clusters: []localcluster.ClusterOptions{{Name: "a"}}, Logger: log, KeepWorkDir: cfg.keep})
 	if err != nil {
 		return nil, err
 	}
@@ -75,6 +75,9 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (rep *table.Report, 
 		step(log, "tearing down")
 		if cerr := env.Close(); cerr != nil {
 			log.Error("tear-down", "err", cerr)
+		}
+		if cfg.keep {
+			log.Info("logs kept", "dir", env.WorkDir())
 		}
 	}()
 	if !env.Isolated() {
