@@ -92,7 +92,8 @@ func newResources(lis []*listenerv3.Listener, cls []*clusterv3.Cluster, eps []*e
 
 // Snapshot returns the resources as a go-control-plane snapshot, after
 // checking that it is consistent (every EDS cluster has exactly one
-// ClusterLoadAssignment, and no other exists). The Secrets are at
+// ClusterLoadAssignment, and no other exists; likewise for routes: see
+// consistent). The Secrets are at
 // SecretsVersion, everything else at Version.
 func (r Resources) Snapshot() (*cache.Snapshot, error) {
 	res := map[resource.Type][]types.Resource{
@@ -121,7 +122,7 @@ func (r Resources) Snapshot() (*cache.Snapshot, error) {
 		secrets = append(secrets, s)
 	}
 	snap.Resources[types.Secret] = cache.NewResources(r.SecretsVersion, secrets)
-	if err := snap.Consistent(); err != nil {
+	if err := consistent(snap); err != nil {
 		return nil, fmt.Errorf("snapshot %s is inconsistent: %w", r.Version, err)
 	}
 	return snap, nil
