@@ -54,8 +54,9 @@ generate-tools: ## Install buf, protoc-gen-go and controller-gen into bin/ (only
 	@test -x $(BIN)/controller-gen && $(BIN)/controller-gen --version | grep -q '$(CONTROLLER_GEN_VERSION)$$' || GOBIN=$(BIN) go install sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_GEN_VERSION)
 
 .PHONY: generate
-generate: generate-tools ## Regenerate checked-in generated files (federation API, CRDs from the MCS and Istio modules)
+generate: generate-tools ## Regenerate checked-in generated files (federation API, echo's gRPC service, CRDs from the MCS and Istio modules)
 	cd api && $(BIN)/buf lint && $(BIN)/buf generate
+	cd test/echo && $(BIN)/buf lint && $(BIN)/buf generate
 	$(BIN)/controller-gen object paths=./pkg/apis/... crd:crdVersions=v1 output:crd:dir=./deploy/crds
 	cp "$$(go list -m -f '{{.Dir}}' sigs.k8s.io/mcs-api)"/config/crd/multicluster.x-k8s.io_service{exports,imports}.yaml deploy/crds/
 	chmod 644 deploy/crds/*.yaml
@@ -74,7 +75,7 @@ generate: generate-tools ## Regenerate checked-in generated files (federation AP
 
 .PHONY: verify
 verify: generate lint ## Fail when generated files are stale or lint finds something
-	git diff --exit-code -- deploy/crds api pkg/apis test/install/istio
+	git diff --exit-code -- deploy/crds api pkg/apis test/install/istio test/echo/echopb
 
 .PHONY: e2e
 e2e: tools kube-binaries ## Run only the end-to-end tests on the local multi-cluster harness
