@@ -70,6 +70,9 @@ type Server struct {
 	stopXDS  context.CancelFunc
 	metrics  metrics
 	coalesce time.Duration
+	// gatewayTranslator keeps what the last translation made of each
+	// service; only Run's goroutine uses it.
+	gatewayTranslator *GatewayTranslator
 
 	// mu guards gateway, gatewaySetAt, catalogVersion, lastError and
 	// streams.
@@ -95,7 +98,8 @@ type metrics struct {
 // against bundles; every bundle bundles holds, local and federated, is
 // served to them as the ROOTCA Secret (TranslateSecrets).
 func NewServer(store *catalog.Store, td spiffeid.TrustDomain, bundles TrustBundles, opts Options) (*Server, error) {
-	if _, err := federationCluster(opts.Gateway.FederationUpstream); err != nil {
+	translator, err := NewGatewayTranslator(opts.Gateway)
+	if err != nil {
 		return nil, fmt.Errorf("xds: %w", err)
 	}
 	if td.IsZero() || bundles == nil {
@@ -107,7 +111,7 @@ func NewServer(store *catalog.Store, td spiffeid.TrustDomain, bundles TrustBundl
 	}
 	log = log.With("component", "xds")
 	s := &Server{
-		store: store, td: td, bundles: bundles, opts: opts, log: log,
+		store: store, td: td, bundles: bundles, opts: opts, log: log, gatewayTranslator: translator,
 		coalesce: opts.Coalesce,
 		streams:  map[int64]*streamState{},
 	}
@@ -215,7 +219,7 @@ func (s *Server) update(ctx context.Context) {
 	prev := s.gateway
 	s.mu.Unlock()
 	next := prev
-	res, gwErr := TranslateGateway(local, s.opts.Gateway)
+	res, gwErr := s.gatewayTranslator.Translate(local)
 	if gwErr == nil {
 		res.Secrets, res.SecretsVersion = prev.Secrets, prev.SecretsVersion
 		next = res
