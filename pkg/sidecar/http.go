@@ -1,0 +1,406 @@
+package sidecar
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"math"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.opentelemetry.io/otel/metric"
+
+	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
+)
+
+// xfccHeader is Envoy's X-Forwarded-Client-Cert.
+const xfccHeader = "X-Forwarded-Client-Cert"
+
+// Causes of a request's end that the error handler reports.
+var (
+	errRouteTimeout = errors.New("route timeout")
+	errStreamIdle   = errors.New("stream idle timeout")
+)
+
+// connInfo is what a downstream HTTP connection brings to its requests:
+// its listener, HTTP connection manager and original destination, and
+// inbound, the XFCC value describing the caller.
+type connInfo struct {
+	listener string
+	hcm      *xdsclient.HTTPConnectionManager
+	dst      netip.AddrPort
+	// redirected is false for a connection iptables did not redirect:
+	// dst is then the listener's own address (explicit mode).
+	redirected bool
+	// xfcc is the X-Forwarded-Client-Cert value a SANITIZE_SET manager
+	// sets: By=<own ID>;Hash=<caller's leaf>;URI=<caller's ID>.
+	xfcc string
+}
+
+// httpConn is a downstream connection handed to an HTTP server. It hides
+// *tls.Conn (net/http would pick the protocol by the TLS ALPN, which is
+// istio-h2 or istio-http/1.1): the server then tells HTTP/1.1 from
+// HTTP/2 by the connection preface, as Envoy's codec_type AUTO does.
+type httpConn struct {
+	net.Conn
+	info     *connInfo
+	released atomic.Bool
+	release  func()
+}
+
+func (c *httpConn) Close() error {
+	err := c.Conn.Close()
+	if c.released.CompareAndSwap(false, true) {
+		c.release()
+	}
+	return err
+}
+
+type connInfoKey struct{}
+
+func connInfoOf(ctx context.Context) *connInfo {
+	ci, _ := ctx.Value(connInfoKey{}).(*connInfo)
+	return ci
+}
+
+// connQueue is the net.Listener an HTTP server serves: the connections
+// the outbound or inbound listener routed to an HTTP connection manager.
+type connQueue struct {
+	ch        chan net.Conn
+	done      chan struct{}
+	closeOnce sync.Once
+}
+
+func newConnQueue() *connQueue {
+	return &connQueue{ch: make(chan net.Conn), done: make(chan struct{})}
+}
+
+// push hands c to the server; false when the server stopped (the caller
+// closes c).
+func (q *connQueue) push(c net.Conn) bool {
+	select {
+	case q.ch <- c:
+		return true
+	case <-q.done:
+		return false
+	}
+}
+
+func (q *connQueue) Accept() (net.Conn, error) {
+	select {
+	case c := <-q.ch:
+		return c, nil
+	case <-q.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (q *connQueue) Close() error {
+	q.closeOnce.Do(func() { close(q.done) })
+	return nil
+}
+
+func (q *connQueue) Addr() net.Addr { return queueAddr{} }
+
+type queueAddr struct{}
+
+func (queueAddr) Network() string { return "sidecar" }
+func (queueAddr) String() string  { return "sidecar" }
+
+// newHTTPServer is an HTTP connection manager with codec_type AUTO:
+// HTTP/1.1, or HTTP/2 with prior knowledge, on connections pushed to its
+// queue.
+func (p *Proxy) newHTTPServer(h http.Handler) *http.Server {
+	var protos http.Protocols
+	protos.SetHTTP1(true)
+	protos.SetUnencryptedHTTP2(true)
+	return &http.Server{
+		Handler:           h,
+		Protocols:         &protos,
+		ReadHeaderTimeout: p.cfg.ReadHeaderTimeout,
+		IdleTimeout:       p.cfg.HTTPIdleTimeout,
+		HTTP2:             &http.HTTP2Config{SendPingTimeout: h2SendPingTimeout, PingTimeout: h2PingTimeout},
+		ErrorLog:          log.New(debugWriter{p.log}, "", 0),
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if hc, ok := c.(*httpConn); ok {
+				return context.WithValue(ctx, connInfoKey{}, hc.info)
+			}
+			return ctx
+		},
+		ConnState: func(_ net.Conn, s http.ConnState) {
+			switch s {
+			case http.StateNew:
+				p.httpConns.Add(1)
+			case http.StateClosed, http.StateHijacked:
+				p.httpConns.Done()
+			}
+		},
+	}
+}
+
+// serveHTTP routes a request by its authority (Host, :authority, or the
+// host of an absolute-form request target: the sidecar as an HTTP proxy)
+// through the connection manager's route configuration, then forwards it
+// to the route's cluster.
+func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	if !p.requests.enter() {
+		w.Header().Set("Connection", "close")
+		http.Error(w, "isthmus sidecar: shutting down", http.StatusServiceUnavailable)
+		return
+	}
+	defer p.requests.leave()
+	ci := connInfoOf(r.Context())
+	st := p.state.Load()
+	if ci == nil || st == nil {
+		http.Error(w, "isthmus sidecar: no configuration", http.StatusServiceUnavailable)
+		return
+	}
+	d := route(st, ci, r)
+	if d.err != "" {
+		p.metrics.request(ci.listener, d.cluster, d.code)
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		w.WriteHeader(d.code)
+		_, _ = io.WriteString(w, "isthmus sidecar: "+d.err+"\n")
+		return
+	}
+	f := &forward{p: p, ci: ci, up: d.up, h2: r.ProtoMajor == 2 && d.up.c.UseDownstreamProtocol,
+		bytesOpt: p.metrics.attr(attrKey{kind: kindBytes, listener: ci.listener, cluster: d.up.name})}
+	switch {
+	case d.up.picker != nil:
+	case ci.listener == listenerInbound:
+		f.target = netip.AddrPortFrom(p.cfg.AppAddr, ci.dst.Port())
+	case !ci.redirected:
+		// Passthrough to where the app sent it: the sidecar itself.
+		p.metrics.request(ci.listener, d.up.name, http.StatusBadGateway)
+		http.Error(w, "isthmus sidecar: "+d.up.name+" would send the request back to the sidecar (the connection was not redirected)", http.StatusBadGateway)
+		return
+	default:
+		f.target = ci.dst
+	}
+	ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), forwardKey{}, f))
+	defer cancel(nil)
+	if d.timeout > 0 {
+		var stop context.CancelFunc
+		ctx, stop = context.WithTimeoutCause(ctx, d.timeout, errRouteTimeout)
+		defer stop()
+	}
+	f.touch()
+	idle := newIdleWatch(p.cfg.StreamIdleTimeout, &f.last, func() {
+		cancel(errStreamIdle)
+		// Unblock a copy stuck on a peer that stopped reading or sending.
+		rc := http.NewResponseController(w)
+		_ = rc.SetWriteDeadline(time.Now())
+		_ = rc.SetReadDeadline(time.Now())
+	})
+	defer idle.stop()
+	if r.Body != nil && r.Body != http.NoBody {
+		r.Body = &countingBody{rc: r.Body, f: f, count: f.received}
+	}
+	p.forwarder.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// decision is where a request goes: an upstream and the route's timeout,
+// or an error answered with code.
+type decision struct {
+	up      *upstream
+	cluster string
+	timeout time.Duration
+	code    int
+	err     string
+}
+
+// route applies the route configuration of ci's connection manager to r,
+// as Envoy's router does for the subset the contract emits: the virtual
+// host whose domain is the whole authority (else "*"), the first route
+// whose prefix starts the path, its cluster. No virtual host or route is
+// Envoy's NR: 404.
+func route(st *state, ci *connInfo, r *http.Request) decision {
+	if r.Method == http.MethodConnect {
+		return decision{code: http.StatusMethodNotAllowed, err: "CONNECT is not supported: send requests for http:// URLs, or call the service's name directly"}
+	}
+	rc := ci.hcm.Routes
+	if rc == nil {
+		rc = st.cfg.Sidecar.Route(ci.hcm.RouteConfigName)
+	}
+	authority := r.Host
+	vh := rc.VirtualHost(authority)
+	if vh == nil {
+		return decision{code: http.StatusNotFound,
+			err: fmt.Sprintf("no route for host %q in route configuration %q (NR)", authority, ci.hcm.RouteConfigName)}
+	}
+	path := r.URL.EscapedPath()
+	rt := vh.Route(path)
+	if rt == nil {
+		return decision{code: http.StatusNotFound,
+			err: fmt.Sprintf("no route for path %q of host %q in virtual host %q (NR)", path, authority, vh.Name)}
+	}
+	up := st.clusters[rt.Cluster]
+	if up == nil {
+		return decision{code: http.StatusServiceUnavailable, cluster: rt.Cluster,
+			err: fmt.Sprintf("cluster %q is not configured (NC)", rt.Cluster)}
+	}
+	return decision{up: up, cluster: rt.Cluster, timeout: rt.Timeout}
+}
+
+// forward is one request's way upstream, shared by the proxy's hooks
+// through the request context.
+type forward struct {
+	p  *Proxy
+	ci *connInfo
+	up *upstream
+	// target is the address of an ORIGINAL_DST cluster's request.
+	target netip.AddrPort
+	// h2 is whether the upstream speaks HTTP/2 (the app did, and the
+	// cluster uses the downstream protocol).
+	h2 bool
+	// last is when a byte of body last moved either way (Unix
+	// nanoseconds), for the stream idle timeout.
+	last atomic.Int64
+	// bytesOpt is the byte counters' labels, looked up once.
+	bytesOpt metric.MeasurementOption
+}
+
+type forwardKey struct{}
+
+func forwardOf(ctx context.Context) *forward {
+	f, _ := ctx.Value(forwardKey{}).(*forward)
+	return f
+}
+
+func (f *forward) touch() { f.last.Store(time.Now().UnixNano()) }
+
+func (f *forward) received(n int64) { f.p.metrics.received.Add(context.Background(), n, f.bytesOpt) }
+func (f *forward) sent(n int64)     { f.p.metrics.sent.Add(context.Background(), n, f.bytesOpt) }
+
+// rewrite makes the upstream request: origin-form, the authority as the
+// app sent it, X-Forwarded-* as the app sent them (the sidecar is not a
+// hop the app knows of), and X-Forwarded-Client-Cert as the connection
+// manager says: removed (SANITIZE, Envoy's default) or replaced with the
+// caller's (SANITIZE_SET).
+func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
+	f := forwardOf(pr.In.Context())
+	pr.Out.URL.Scheme = "http"
+	pr.Out.URL.Host = f.target.String() // the endpoint's, when picked
+	pr.Out.Host = pr.In.Host
+	for _, h := range []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+		if v, ok := pr.In.Header[h]; ok {
+			pr.Out.Header[h] = v
+		}
+	}
+	pr.Out.Header.Del(xfccHeader)
+	if f.ci.hcm.ForwardClientCert == xdsclient.SanitizeSet && f.ci.xfcc != "" {
+		pr.Out.Header.Set(xfccHeader, f.ci.xfcc)
+	}
+}
+
+// modifyResponse counts the response and follows its body for the byte
+// counters and the stream idle timeout.
+func (p *Proxy) modifyResponse(resp *http.Response) error {
+	f := forwardOf(resp.Request.Context())
+	p.metrics.request(f.ci.listener, f.up.name, resp.StatusCode)
+	f.touch()
+	if resp.Body != nil && resp.Body != http.NoBody {
+		resp.Body = &countingBody{rc: resp.Body, f: f, count: f.sent}
+	}
+	return nil
+}
+
+// proxyError answers a request that got no response, as Envoy words it.
+func (p *Proxy) proxyError(w http.ResponseWriter, r *http.Request, err error) {
+	f := forwardOf(r.Context())
+	code, msg := http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: "
+	var ce *connectError
+	cause := context.Cause(r.Context())
+	switch {
+	case errors.Is(cause, errRouteTimeout):
+		code, msg = http.StatusGatewayTimeout, "upstream request timeout"
+	case errors.Is(cause, errStreamIdle):
+		code, msg = http.StatusGatewayTimeout, "stream timeout"
+	case r.Context().Err() != nil:
+		// The downstream went away: nobody reads an answer.
+		p.metrics.request(f.ci.listener, f.up.name, 0)
+		return
+	case errors.Is(err, errNoHealthyUpstream):
+		msg = "no healthy upstream"
+	case errors.As(err, &ce) && ce.tls:
+		msg += "connection failure, transport failure reason: TLS error: " + ce.err.Error()
+	case errors.As(err, &ce):
+		msg += "connection failure, transport failure reason: " + ce.err.Error()
+	default:
+		msg += "remote reset: " + err.Error()
+	}
+	p.metrics.request(f.ci.listener, f.up.name, code)
+	if p.log.Enabled(r.Context(), slog.LevelDebug) {
+		p.log.Debug("request failed", "listener", f.ci.listener, "cluster", f.up.name, "code", code, "error", err)
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(code)
+	_, _ = io.WriteString(w, msg)
+}
+
+// countingBody counts a body's bytes and marks the stream active.
+type countingBody struct {
+	rc    io.ReadCloser
+	f     *forward
+	count func(int64)
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.rc.Read(p)
+	if n > 0 {
+		b.f.touch()
+		b.count(int64(n))
+	}
+	return n, err
+}
+
+func (b *countingBody) Close() error { return b.rc.Close() }
+
+// idleWatch calls fire once when a stream has moved no body byte for
+// idle: a timer re-armed for the time left, so bytes that flow cost one
+// atomic store each, not a timer reset.
+type idleWatch struct {
+	t       *time.Timer
+	stopped atomic.Bool
+}
+
+func newIdleWatch(idle time.Duration, last *atomic.Int64, fire func()) *idleWatch {
+	w := &idleWatch{}
+	var check func()
+	check = func() {
+		if w.stopped.Load() {
+			return
+		}
+		if left := idle - time.Duration(time.Now().UnixNano()-last.Load()); left > 0 {
+			w.t.Reset(left)
+			return
+		}
+		fire()
+	}
+	// Armed only once w.t is set: check reads it.
+	w.t = time.AfterFunc(math.MaxInt64, check)
+	w.t.Reset(idle)
+	return w
+}
+
+func (w *idleWatch) stop() {
+	w.stopped.Store(true)
+	w.t.Stop()
+}
+
+// bufferPool lends ReverseProxy its copy buffers.
+type bufferPool struct{}
+
+var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+func (bufferPool) Get() []byte  { return *copyBuffers.Get().(*[]byte) }
+func (bufferPool) Put(b []byte) { copyBuffers.Put(&b) }

@@ -1,0 +1,214 @@
+package sidecar
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"net"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/isthmus-mesh/isthmus/internal/relay"
+	"github.com/isthmus-mesh/isthmus/pkg/sidecar/capture"
+	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
+)
+
+var errNoChain = errors.New("no inbound filter chain matches the ClientHello")
+
+// destination is where c was going: its original destination when
+// iptables redirected it, else (redirected false) its own local address.
+func (p *Proxy) destination(c *net.TCPConn) (dst netip.AddrPort, redirected bool, err error) {
+	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+	dst, err = p.originalDst(c)
+	switch {
+	case errors.Is(err, capture.ErrNoOriginalDst):
+		return local, false, nil
+	case err != nil:
+		return netip.AddrPort{}, false, err
+	}
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	return dst, dst != local, nil
+}
+
+// serveOutbound is one outbound connection's goroutine: original
+// destination, filter chain, then an HTTP connection manager or a TCP
+// proxy.
+func (p *Proxy) serveOutbound(c *net.TCPConn) {
+	defer p.connGoroutines.Done()
+	st := p.state.Load()
+	if st == nil {
+		p.refuse(c, listenerOutbound, ReasonNoConfig)
+		p.release(listenerOutbound)
+		return
+	}
+	dst, redirected, err := p.destination(c)
+	if err != nil {
+		p.refuse(c, listenerOutbound, ReasonNoOriginalDst, "error", err)
+		p.release(listenerOutbound)
+		return
+	}
+	l := st.cfg.Sidecar.Outbound
+	match := dst
+	if !redirected {
+		// Sent to the sidecar itself: the listener's own address as xDS
+		// names it (port 15001), whatever port it is bound to here.
+		match = netip.AddrPortFrom(dst.Addr(), l.Port)
+	}
+	ch := l.Match(match)
+	if ch.HTTP != nil {
+		p.serveHTTPConn(p.outQueue, c, &connInfo{listener: listenerOutbound, hcm: ch.HTTP, dst: dst, redirected: redirected})
+		return
+	}
+	p.proxyTCP(c, st, ch.TCP, listenerOutbound, dst, redirected)
+}
+
+// serveHTTPConn hands c to an HTTP server; it is released when the server
+// closes it.
+func (p *Proxy) serveHTTPConn(q *connQueue, c net.Conn, info *connInfo) {
+	hc := &httpConn{Conn: c, info: info, release: func() { p.release(info.listener) }}
+	if !q.push(hc) {
+		_ = hc.Close()
+	}
+}
+
+// proxyTCP is Envoy's tcp_proxy: connect to the cluster, then copy both
+// ways with half-close until both sides are done or the idle timeout.
+func (p *Proxy) proxyTCP(down relay.Conn, st *state, tp *xdsclient.TCPProxy, listener string, dst netip.AddrPort, redirected bool) {
+	defer p.release(listener)
+	p.track(down)
+	defer p.untrackAndClose(down)
+	u := st.clusters[tp.Cluster]
+	if u == nil {
+		p.refuse(down, listener, ReasonNoCluster, "cluster", tp.Cluster)
+		return
+	}
+	target := dst
+	if u.picker == nil {
+		switch {
+		case listener == listenerInbound:
+			target = netip.AddrPortFrom(p.cfg.AppAddr, dst.Port())
+		case !redirected:
+			p.refuse(down, listener, ReasonLoop, "cluster", u.name, "destination", dst.String())
+			return
+		}
+	}
+	upc, err := p.dialTCP(context.Background(), u, target)
+	if err != nil {
+		p.refuse(down, listener, ReasonNoEndpoint, "cluster", u.name, "error", err)
+		return
+	}
+	up := upc.(relay.Conn)
+	p.track(up)
+	defer p.untrackAndClose(up)
+	bc := p.metrics.bytes(listener, u.name)
+	relay.Pipe(down, up, tp.IdleTimeout, bc.received, bc.sent)
+}
+
+// inConn carries the filter chain its ClientHello selected from
+// GetConfigForClient to the connection's goroutine.
+type inConn struct {
+	*net.TCPConn
+	chain int
+}
+
+// serveInbound is one inbound connection's goroutine: original
+// destination, TLS with the filter chain the ClientHello's ALPN selects
+// (the caller's SVID required and verified against its own trust domain's
+// bundle), then an HTTP connection manager or a TCP proxy to the app.
+func (p *Proxy) serveInbound(c *net.TCPConn) {
+	defer p.connGoroutines.Done()
+	st := p.state.Load()
+	if st == nil {
+		p.refuse(c, listenerInbound, ReasonNoConfig)
+		p.release(listenerInbound)
+		return
+	}
+	dst, redirected, err := p.destination(c)
+	if err != nil || !redirected {
+		// Not redirected: the destination is this listener, and the app
+		// is not behind it.
+		p.refuse(c, listenerInbound, ReasonNoOriginalDst, "error", err)
+		p.release(listenerInbound)
+		return
+	}
+	ic := &inConn{TCPConn: c, chain: -1}
+	tc := tls.Server(ic, st.inboundDispatch())
+	_ = c.SetDeadline(time.Now().Add(p.cfg.HandshakeTimeout))
+	if err := tc.Handshake(); err != nil {
+		reason := ReasonHandshake
+		if errors.Is(err, errNoChain) {
+			reason = ReasonNoChain
+		}
+		p.refuse(c, listenerInbound, reason, "error", err)
+		p.release(listenerInbound)
+		return
+	}
+	_ = c.SetDeadline(time.Time{})
+	ch := &st.cfg.Sidecar.Inbound.Chains[ic.chain]
+	if ch.TCP != nil {
+		p.proxyTCP(tc, st, ch.TCP, listenerInbound, dst, true)
+		return
+	}
+	info := &connInfo{listener: listenerInbound, hcm: ch.HTTP, dst: dst, redirected: true}
+	if ch.HTTP.ForwardClientCert == xdsclient.SanitizeSet {
+		info.xfcc = p.xfcc(tc.ConnectionState(), ch.HTTP.SetClientCertURI)
+	}
+	p.serveHTTPConn(p.inQueue, tc, info)
+}
+
+// inboundDispatch is the TLS configuration that picks the inbound filter
+// chain by the ClientHello's ALPN, as Envoy's tls_inspector and filter
+// chain match do, and answers with that chain's TLS.
+func (st *state) inboundDispatch() *tls.Config {
+	st.dispatchOnce.Do(func() {
+		chains := st.cfg.Sidecar.Inbound.Chains
+		st.dispatch = &tls.Config{GetConfigForClient: func(h *tls.ClientHelloInfo) (*tls.Config, error) {
+			ch := st.cfg.Sidecar.Inbound.Match(h.SupportedProtos)
+			if ch == nil {
+				return nil, errNoChain
+			}
+			for i := range chains {
+				if &chains[i] == ch {
+					if ic, ok := h.Conn.(*inConn); ok {
+						ic.chain = i
+					}
+					return st.inboundTLS[i], nil
+				}
+			}
+			return nil, errNoChain
+		}}
+	})
+	return st.dispatch
+}
+
+// xfcc is Envoy's X-Forwarded-Client-Cert for a SANITIZE_SET connection
+// manager: By=<own SPIFFE ID>;Hash=<hex SHA-256 of the caller's leaf
+// certificate>, then URI=<caller's SPIFFE ID> when asked for.
+func (p *Proxy) xfcc(cs tls.ConnectionState, withURI bool) string {
+	if len(cs.PeerCertificates) == 0 {
+		return ""
+	}
+	leaf := cs.PeerCertificates[0]
+	sum := sha256.Sum256(leaf.Raw)
+	var b strings.Builder
+	if own, err := p.svid.GetX509SVID(); err == nil {
+		b.WriteString("By=")
+		b.WriteString(own.ID.String())
+		b.WriteByte(';')
+	}
+	b.WriteString("Hash=")
+	b.WriteString(hex.EncodeToString(sum[:]))
+	if withURI {
+		if id, err := x509svid.IDFromCert(leaf); err == nil {
+			b.WriteString(";URI=")
+			b.WriteString(id.String())
+		}
+	}
+	return b.String()
+}
