@@ -341,7 +341,7 @@ func inboundListener(tb testing.TB) *listenerv3.Listener {
 			{
 				FilterChainMatch: &listenerv3.FilterChainMatch{TransportProtocol: "tls"},
 				TransportSocket:  downstreamTLS(tb),
-				Filters:          []*listenerv3.Filter{typedFilter(tb, "envoy.filters.network.tcp_proxy", &tcpproxyv3.TcpProxy{
+				Filters: []*listenerv3.Filter{typedFilter(tb, "envoy.filters.network.tcp_proxy", &tcpproxyv3.TcpProxy{
 					StatPrefix: xdsclient.InboundPassthroughCluster, ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: xdsclient.InboundPassthroughCluster},
 					IdleTimeout: durationpb.New(time.Hour)})},
 			},

@@ -38,15 +38,15 @@ type Proxy struct {
 	// kept across configurations.
 	health outlier.Ejections
 
-	outLn, inLn         *net.TCPListener
-	adminLn, healthLn   net.Listener
-	outHTTP, inHTTP     *http.Server
-	outQueue, inQueue   *connQueue
-	forwarder           *httputil.ReverseProxy
-	bundles             bundleSource
-	running             atomic.Bool
-	draining            atomic.Bool
-	active              [2]atomic.Int64 // outbound, inbound connections open
+	outLn, inLn       *net.TCPListener
+	adminLn, healthLn net.Listener
+	outHTTP, inHTTP   *http.Server
+	outQueue, inQueue *connQueue
+	forwarder         *httputil.ReverseProxy
+	bundles           bundleSource
+	running           atomic.Bool
+	draining          atomic.Bool
+	active            [2]atomic.Int64 // outbound, inbound connections open
 	// connGoroutines is every goroutine the accept loops started,
 	// httpConns every downstream connection the HTTP servers serve,
 	// requests every HTTP handler running and upstreams every upstream
@@ -252,8 +252,14 @@ func (p *Proxy) Run(ctx context.Context) error {
 		})
 	}
 	acceptDone := make(chan struct{}, 2)
-	eg.Go(func() error { defer func() { acceptDone <- struct{}{} }(); return p.acceptLoop(ectx, p.outLn, listenerOutbound) })
-	eg.Go(func() error { defer func() { acceptDone <- struct{}{} }(); return p.acceptLoop(ectx, p.inLn, listenerInbound) })
+	eg.Go(func() error {
+		defer func() { acceptDone <- struct{}{} }()
+		return p.acceptLoop(ectx, p.outLn, listenerOutbound)
+	})
+	eg.Go(func() error {
+		defer func() { acceptDone <- struct{}{} }()
+		return p.acceptLoop(ectx, p.inLn, listenerInbound)
+	})
 	p.log.Info("sidecar serving", "outbound", p.outLn.Addr().String(), "inbound", p.inLn.Addr().String(),
 		"admin", addrString(p.adminLn), "health", addrString(p.healthLn), "have_config", p.state.Load() != nil)
 

@@ -2,10 +2,10 @@ package sidecar
 
 import (
 	"context"
-	"fmt"
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
