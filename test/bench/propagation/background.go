@@ -55,9 +55,9 @@ func (b *bench) exportBackground(ctx context.Context, cfg config, log *slog.Logg
 	}
 	res.created = time.Since(t0)
 
-	// Bounded generously (a few hundred per second is expected), but
-	// bounded.
-	wctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	// Bounded generously, but bounded: the statuses are written at the
+	// federator's 50 requests/s, 20 ms each.
+	wctx, cancel := context.WithTimeout(ctx, 2*time.Minute+time.Duration(n)*40*time.Millisecond)
 	defer cancel()
 	suffix := "." + backgroundNS + ".svc.cluster.local"
 	var last string
