@@ -2,13 +2,13 @@
 // from the catalog (and later policy and trust) to Envoy resources, and the
 // ADS server that hands them to Isthmus's proxies.
 //
-//	catalog.Store (local source) ──Subscribe, coalesced──► TranslateGateway ──► Resources (validated, version = content hash)
-//	                                                                              │ Snapshot(): Consistent()
-//	                                                                              ▼
-//	                      go-control-plane snapshot cache, one snapshot per role (node ID "eastwest-gw~…")
-//	                                                                              │ ADS, state of the world and delta
-//	                                                                              ▼
-//	                      east-west gateways: :15012 over TLS with their SVID; :15010 plaintext (tests only)
+//	catalog.Store (local source) ─────────────Subscribe, coalesced──► TranslateGateway ──► Resources (validated, version = content hash)
+//	catalog.Store (local + every peer's imports) ─────────────────────► TranslateSidecar ─┘ │ Snapshot(): Consistent()
+//	                                                                                         ▼
+//	                      go-control-plane snapshot cache, one snapshot per role (node ID "eastwest-gw~…", "sidecar~…")
+//	                                                                                         │ ADS, state of the world and delta
+//	                                                                                         ▼
+//	                      east-west gateways and sidecars: :15012 over TLS with their SVID; :15010 plaintext (tests only)
 //
 // docs/gateway-xds.md is the contract for what TranslateGateway emits:
 // one listener "eastwest-gw" with one SNI filter chain per TCP port of
@@ -16,11 +16,18 @@
 // plus the federation chain, an EDS cluster per chain with its
 // ClusterLoadAssignment, and the isthmus-federation cluster.
 //
+// docs/sidecar-xds.md is the contract for what TranslateSidecar emits: a
+// clusterset service (<name>.<ns>.svc.clusterset.local, with a virtual
+// IP) per namespace/name exported locally or imported from a peer, an
+// mTLS EDS cluster per TCP port whose endpoints are the local pods, then
+// the same-region peers' gateways, then the others'; the "outbound"
+// (15001) and "inbound" (15006) listeners, and the RDS route
+// configurations of the HTTP ports and of explicit mode.
+//
 // Every resource passes go-control-plane's own Validate() before it can be
 // served, and a snapshot is set only when it is consistent and its version
 // differs from the one being served, so unchanged configuration is never
-// pushed again. Nodes of other roles (sidecars, in a later issue) get no
-// configuration yet.
+// pushed again. Nodes of other roles get no configuration.
 //
 // On the TLS port the xDS server shares a gRPC server with the
 // certificate service (pkg/caserver), whose clients have no certificate

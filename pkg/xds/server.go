@@ -29,9 +29,9 @@ import (
 // snapshot.
 const (
 	gatewayGroup = "eastwest-gw"
-	// unservedGroup holds every node of a role not served yet (sidecars
-	// come later); it never gets a snapshot, so their watches stay open
-	// and unanswered.
+	// unservedGroup holds every node of a role not served (neither a
+	// gateway nor a sidecar); it never gets a snapshot, so their watches
+	// stay open and unanswered.
 	unservedGroup = "unserved"
 )
 
@@ -44,6 +44,9 @@ type Options struct {
 	// Gateway configures the gateway's translation;
 	// Gateway.FederationUpstream is required.
 	Gateway GatewayOptions
+	// Sidecar configures the sidecars' translation; its zero value means
+	// a cluster without a region.
+	Sidecar SidecarOptions
 	// Coalesce is how long a catalog or trust bundle change waits for more
 	// before the translation runs; zero means DefaultCoalesce.
 	Coalesce time.Duration
@@ -82,6 +85,9 @@ type Server struct {
 	catalogVersion string
 	lastError      string
 	streams        map[int64]*streamState
+
+	// sidecar is what the sidecars are served; it has a lock of its own.
+	sidecar sidecarState
 }
 
 type metrics struct {
@@ -160,11 +166,16 @@ func (nodeGroups) ID(node *corev3.Node) string {
 	if strings.HasPrefix(node.GetId(), GatewayNodePrefix) {
 		return gatewayGroup
 	}
+	if strings.HasPrefix(node.GetId(), SidecarNodePrefix) {
+		return sidecarGroup
+	}
 	return unservedGroup
 }
 
 // Run keeps the gateway's snapshot in step with the local catalog and the
-// trust bundles until ctx ends, then ends every open xDS stream. A change
+// trust bundles, and the sidecars' with the local catalog, every peer's
+// imports (any change of the store signals) and the trust bundles, until
+// ctx ends, then ends every open xDS stream. A change
 // is translated after a short quiet time (Options.Coalesce); a snapshot is
 // set only when a version differs from the current one, and the first one
 // only once the local catalog has been published (pkg/kube publishes it
@@ -176,7 +187,7 @@ func (s *Server) Run(ctx context.Context) error {
 	defer cancel()
 	trustChanged, cancelTrust := s.bundles.Subscribe()
 	defer cancelTrust()
-	s.log.Info("xDS translation running", "federationUpstream", s.opts.Gateway.FederationUpstream)
+	s.log.Info("xDS translation running", "federationUpstream", s.opts.Gateway.FederationUpstream, "region", s.opts.Sidecar.Region)
 	timer := time.NewTimer(0)
 	<-timer.C
 	for {
@@ -209,7 +220,7 @@ func (s *Server) Run(ctx context.Context) error {
 // update translates the current local catalog and trust bundles and sets
 // the snapshot if either part is new. When one part fails to translate,
 // the other is still updated and the failed one keeps its last good
-// value.
+// value. The sidecars' configuration follows (updateSidecar).
 func (s *Server) update(ctx context.Context) {
 	if !slices.Contains(s.store.Sources(), catalog.LocalSource) {
 		return
@@ -228,6 +239,7 @@ func (s *Server) update(ctx context.Context) {
 	if secErr == nil {
 		next.Secrets, next.SecretsVersion = secrets, secretsVersion
 	}
+	s.updateSidecar(ctx, local, secrets, secretsVersion, secErr == nil)
 	var setErr error
 	// An empty Version: the routing part never translated, and a
 	// snapshot without a listener must not replace a gateway's routes.
@@ -276,6 +288,7 @@ func (s *Server) setGateway(ctx context.Context, res Resources) error {
 // Status is the JSON shape of the federator's /debug/xds.
 type Status struct {
 	Gateway SnapshotStatus `json:"gateway"`
+	Sidecar SnapshotStatus `json:"sidecar"`
 	// Proxies are the open xDS streams, oldest first.
 	Proxies []ProxyStatus `json:"proxies"`
 }
@@ -292,8 +305,15 @@ type SnapshotStatus struct {
 	// CatalogVersion is the version of the local catalog last
 	// translated; several catalog versions may give one configuration.
 	CatalogVersion string `json:"catalogVersion,omitempty"`
+	// Imports are, for the sidecars, the version of each peer's imports
+	// last translated.
+	Imports map[string]string `json:"imports,omitempty"`
 	// Resources are the resources' names by type URL.
 	Resources map[string][]string `json:"resources,omitempty"`
+	// Skipped is, for the sidecars, what the last translation left out
+	// and why (a gateway that is not an IP, a port two exporters define
+	// differently, an exporter without a SPIFFE identity).
+	Skipped []Skipped `json:"skipped,omitempty"`
 	// Error is why the last translation failed, if it did.
 	Error string `json:"error,omitempty"`
 }
@@ -328,6 +348,7 @@ func (s *Server) Status() Status {
 	if s.gateway.Version != "" {
 		st.Gateway.Resources = s.gateway.Names()
 	}
+	st.Sidecar = s.sidecarStatus()
 	for _, id := range slices.Sorted(maps.Keys(s.streams)) {
 		ss := s.streams[id]
 		st.Proxies = append(st.Proxies, ProxyStatus{

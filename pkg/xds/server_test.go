@@ -610,14 +610,21 @@ func TestWhatIsNotServed(t *testing.T) {
 	f := newFixture(t, Options{})
 	gw := openADS(t, f.dialTLS(svidOf(t, f.ca, gatewayID)), gatewayNode)
 	gw.subscribe()
-	sidecar := openADS(t, f.dialTLS(svidOf(t, f.ca, spiffeid.RequireFromPath(tdA, "/ns/demo/sa/web"))), "sidecar~10.0.1.2~web-0.demo~demo.svc.cluster.local")
+	web := svidOf(t, f.ca, spiffeid.RequireFromPath(tdA, "/ns/demo/sa/web"))
+	sidecar := openADS(t, f.dialTLS(web), sidecarNode)
 	sidecar.subscribe()
+	other := openADS(t, f.dialTLS(web), "router~10.0.1.3~web-1.demo~demo.svc.cluster.local")
+	other.subscribe()
 	gw.nothing("configuration served before the local catalog was published")
+	sidecar.nothing("configuration served to a sidecar before the local catalog was published")
 
 	f.setCatalog() // published, and empty
 	gw.syncTo(translated(t))
 	require.Equal(t, []string{federation.ReservedSNI}, gw.snis())
-	sidecar.nothing("a sidecar got the gateway's configuration")
+	r := sidecar.next()
+	require.Equal(t, resource.ClusterType, r.GetTypeUrl(), "a sidecar gets its own configuration, not the gateway's")
+	require.Equal(t, sidecarTranslated(t, nil, nil).Version, r.GetVersionInfo())
+	other.nothing("a node of a role not served got configuration")
 	require.Contains(t, f.logs.String(), "xDS node of a role not served yet")
 }
 

@@ -64,9 +64,6 @@ const (
 	// CertificateSecretName is the sidecar's own SVID, which the sidecar
 	// makes itself and the federator never sends.
 	CertificateSecretName = "default"
-	// rootCASecretName is the validation context Secret the federator
-	// serves every proxy over SDS (docs/gateway-xds.md).
-	rootCASecretName = "ROOTCA"
 	// ClusterSetDomain ends every clusterset service's host:
 	// <name>.<namespace>.svc.clusterset.local.
 	ClusterSetDomain = "svc.clusterset.local"
@@ -295,7 +292,7 @@ func newSidecarBuilder(opts SidecarOptions) (*sidecarBuilder, error) {
 			},
 		},
 		certSDS:    []*tlsv3.SdsSecretConfig{{Name: CertificateSecretName}},
-		rootSDS:    &tlsv3.SdsSecretConfig{Name: rootCASecretName, SdsConfig: ads},
+		rootSDS:    &tlsv3.SdsSecretConfig{Name: RootCASecretName, SdsConfig: ads},
 		policy:     &endpointv3.ClusterLoadAssignment_Policy{OverprovisioningFactor: wrapperspb.UInt32(overprovisioningFactor)},
 		localities: map[catalog.Locality]*corev3.Locality{},
 	}
