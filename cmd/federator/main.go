@@ -50,6 +50,7 @@ func newRunCommand() *cobra.Command {
 			log.Info("configuration", "cluster", cfg.ClusterName, "kubeconfig", cfg.Kubeconfig,
 				"monitoringAddr", cfg.MonitoringAddr, "caAndXDSAddr", cfg.CAAddr, "xdsPlaintextAddr", cfg.XDSPlaintextAddr,
 				"federationAddr", cfg.FederationAddr, "gatewayFederationUpstream", cfg.FederationUpstream(), "gateways", cfg.GatewayAddresses,
+				"region", cfg.Region,
 				"shutdownTimeout", cfg.ShutdownTimeout, "version", version.Version)
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
@@ -84,6 +85,7 @@ func newRunCommand() *cobra.Command {
 	fl.DurationVar(&cfg.DrainFor, "drain-for", cfg.DrainFor, "how long drained imports stay before they are removed (spec.staleness.drainFor overrides)")
 	fl.IntVar(&cfg.MaxImportedServices, "max-imported-services", cfg.MaxImportedServices, "most services one peer may export to this cluster")
 	fl.StringVar(&cfg.XDSPlaintextAddr, "xds-plaintext-addr", "", "TESTS ONLY: also serve xDS here in plaintext, with NO authentication (anyone who reaches it reads every exported service's endpoints); empty disables it. xDS over TLS is always served on --ca-addr")
+	fl.StringVar(&cfg.Region, "region", "", "this cluster's region (topology.kubernetes.io/region): sidecars prefer peers in it to the others; empty matches only peers without a region")
 	fl.StringVar(&cfg.GatewayFederationUpstream, "gateway-federation-upstream", "", "host:port the east-west gateway forwards federation traffic to (default isthmus-federator.<namespace>.svc:<federation port>)")
 	fl.TextVar(&logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn or error")
 	fl.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")

@@ -111,6 +111,11 @@ type Config struct {
 	// east-west gateway reaches it (an IP or a hostname); empty means the
 	// federator's Service (see FederationUpstream).
 	GatewayFederationUpstream string
+	// Region is this cluster's region (a topology.kubernetes.io/region
+	// value): sidecars prefer the peers whose endpoints are in it to the
+	// other peers (docs/sidecar-xds.md). Empty matches only peers whose
+	// region is empty too.
+	Region string
 }
 
 // DefaultConfig returns the defaults for everything but ClusterName.
@@ -199,6 +204,9 @@ func (c Config) Validate() error {
 	}
 	if err := federation.CheckAddress(c.FederationUpstream()); err != nil {
 		errs = append(errs, fmt.Errorf("--gateway-federation-upstream: %w", err))
+	}
+	if msgs := validation.IsValidLabelValue(c.Region); len(msgs) > 0 {
+		errs = append(errs, fmt.Errorf("--region %q is not a label value: %v", c.Region, msgs))
 	}
 	if c.MaxImportedServices <= 0 {
 		errs = append(errs, fmt.Errorf("--max-imported-services %d must be positive", c.MaxImportedServices))

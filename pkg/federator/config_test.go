@@ -19,6 +19,7 @@ func TestConfigValidate(t *testing.T) {
 	ok.GatewayFederationUpstream = "127.0.0.1:15019"
 	require.Equal(t, "127.0.0.1:15019", ok.FederationUpstream())
 	ok.XDSPlaintextAddr = "127.0.0.1:15010"
+	ok.Region = "eu-west-1"
 	require.NoError(t, ok.Validate())
 
 	bad := DefaultConfig()
@@ -31,6 +32,7 @@ func TestConfigValidate(t *testing.T) {
 	bad.RootPublishDelay = 0
 	bad.XDSPlaintextAddr = "15010"
 	bad.GatewayFederationUpstream = "federator"
+	bad.Region = "eu west"
 	err := bad.Validate()
 	// Every problem is named at once.
 	for _, want := range []string{
@@ -43,6 +45,7 @@ func TestConfigValidate(t *testing.T) {
 		"--root-publish-delay 0s is too short",
 		`--xds-plaintext-addr "15010"`,
 		`--gateway-federation-upstream: address "federator"`,
+		`--region "eu west" is not a label value`,
 	} {
 		require.ErrorContains(t, err, want)
 	}

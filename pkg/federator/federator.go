@@ -133,6 +133,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 	}
 	f.xds, err = xds.NewServer(f.store, f.id.TrustDomain(), f.trust, xds.Options{
 		Gateway: xds.GatewayOptions{FederationUpstream: cfg.FederationUpstream()},
+		Sidecar: xds.SidecarOptions{Region: cfg.Region},
 		Logger:  log, Meter: f.meter(),
 	})
 	if err != nil {
