@@ -308,7 +308,9 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	f := forwardOf(resp.Request.Context())
 	p.metrics.request(f.ci.listener, f.up.name, resp.StatusCode)
 	f.touch()
-	if resp.Body != nil && resp.Body != http.NoBody {
+	// A 101's body is the upgraded connection, which ReverseProxy needs
+	// whole (an io.ReadWriteCloser).
+	if resp.Body != nil && resp.Body != http.NoBody && resp.StatusCode != http.StatusSwitchingProtocols {
 		resp.Body = &countingBody{rc: resp.Body, f: f, count: f.sent}
 	}
 	return nil

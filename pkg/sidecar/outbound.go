@@ -23,8 +23,7 @@ var errNoChain = errors.New("no inbound filter chain matches the ClientHello")
 // destination is where c was going: its original destination when
 // iptables redirected it, else (redirected false) its own local address.
 func (p *Proxy) destination(c *net.TCPConn) (dst netip.AddrPort, redirected bool, err error) {
-	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
-	local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+	local := localAddr(c)
 	dst, err = p.originalDst(c)
 	switch {
 	case errors.Is(err, capture.ErrNoOriginalDst):
@@ -34,6 +33,12 @@ func (p *Proxy) destination(c *net.TCPConn) (dst netip.AddrPort, redirected bool
 	}
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
 	return dst, dst != local, nil
+}
+
+// localAddr is c's local address, IPv4 unmapped.
+func localAddr(c *net.TCPConn) netip.AddrPort {
+	a := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	return netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
 }
 
 // serveOutbound is one outbound connection's goroutine: original
@@ -49,9 +54,10 @@ func (p *Proxy) serveOutbound(c *net.TCPConn) {
 	}
 	dst, redirected, err := p.destination(c)
 	if err != nil {
-		p.refuse(c, listenerOutbound, ReasonNoOriginalDst, "error", err)
-		p.release(listenerOutbound)
-		return
+		// Conntrack could not say (no netfilter in this kernel, say): as
+		// without iptables, the app sent it to the sidecar itself.
+		p.log.Debug("no original destination; explicit mode", "remote", c.RemoteAddr().String(), "error", err)
+		dst, redirected = localAddr(c), false
 	}
 	l := st.cfg.Sidecar.Outbound
 	match := dst

@@ -51,7 +51,7 @@ type mesh struct {
 
 // startMesh starts a and b; services(m) are the services of every
 // snapshot set with m.set.
-func startMesh(t *testing.T) *mesh {
+func startMesh(t testing.TB) *mesh {
 	t.Helper()
 	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t),
 		hosts: hostsOf(echoSvc, greeterSvc, dbSvc, impostorSvc)}
@@ -68,7 +68,7 @@ func (m *mesh) onB(s svc, app netip.Addr) svc {
 }
 
 // set serves svcs at version and waits until a has adopted it.
-func (m *mesh) set(t *testing.T, version string, svcs ...svc) {
+func (m *mesh) set(t testing.TB, version string, svcs ...svc) {
 	t.Helper()
 	m.xds.set(t, snapshot(t, version, []*testCA{m.alpha, m.beta}, svcs...))
 	m.a.waitReady(t, version)
@@ -79,7 +79,7 @@ func (m *mesh) set(t *testing.T, version string, svcs ...svc) {
 // identity serves it.
 var impostorSvc = svc{name: "impostor", ns: "demo", vip: "240.240.0.13", ports: []svcPort{{80, true}}}
 
-func (m *mesh) standard(t *testing.T) {
+func (m *mesh) standard(t testing.TB) {
 	t.Helper()
 	impostor := m.onB(impostorSvc, ipHTTP)
 	impostor.ids = []spiffeid.ID{m.beta.id("demo", "someone-else")}

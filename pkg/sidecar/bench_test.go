@@ -1,0 +1,93 @@
+package sidecar
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// BenchmarkHTTP is one GET with keep-alive: straight to the app, and
+// through two sidecars (a's outbound, mTLS, b's inbound) in HTTP/1.1 and
+// h2c. The ratio between them is what counts (docs: benchmarks.md); run
+// with -cpu 1,2 to see the parallel case.
+func BenchmarkHTTP(b *testing.B) {
+	m := startMesh(b)
+	m.standard(b)
+	direct := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	directURL := "http://" + m.b.http.addr.String() + "/"
+	run := func(b *testing.B, client *http.Client, url string) {
+		b.ReportAllocs()
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				resp, err := client.Get(url)
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					b.Errorf("status %d", resp.StatusCode)
+					return
+				}
+			}
+		})
+	}
+	b.Run("direct", func(b *testing.B) { run(b, direct, directURL) })
+	// The peer benchmarks.md names: two hops of the standard library's
+	// reverse proxy, without TLS.
+	hop2 := reverseProxy(b, directURL)
+	hop1 := reverseProxy(b, hop2)
+	b.Run("stdlib-2-hops", func(b *testing.B) { run(b, direct, hop1) })
+	for _, h2 := range []bool{false, true} {
+		name := "sidecars-http1"
+		if h2 {
+			name = "sidecars-h2c"
+		}
+		client := m.a.nat.httpClient(h2)
+		client.Transport.(*http.Transport).MaxIdleConnsPerHost = 64
+		b.Run(name, func(b *testing.B) { run(b, client, "http://echo.demo.svc.clusterset.local/") })
+	}
+}
+
+// reverseProxy serves httputil.ReverseProxy to target on loopback and
+// returns its URL.
+func reverseProxy(tb testing.TB, target string) string {
+	tb.Helper()
+	u, err := url.Parse(target)
+	require.NoError(tb, err)
+	rp := httputil.NewSingleHostReverseProxy(u)
+	rp.Transport = &http.Transport{MaxIdleConnsPerHost: 64}
+	srv := httptest.NewServer(rp)
+	tb.Cleanup(srv.Close)
+	return srv.URL + "/"
+}
+
+// BenchmarkTCP is a 64 KiB echo round trip over one connection through
+// both sidecars (mTLS between them).
+func BenchmarkTCP(b *testing.B) {
+	m := startMesh(b)
+	m.standard(b)
+	c, err := m.a.nat.dial(context.Background(), "db.demo.svc.clusterset.local:5432")
+	require.NoError(b, err)
+	defer c.Close()
+	buf := make([]byte, 64<<10)
+	b.SetBytes(int64(len(buf)))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := c.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	_ = c.(*net.TCPConn).CloseWrite()
+}
