@@ -22,24 +22,15 @@ import (
 	"syscall"
 
 	"github.com/spf13/pflag"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/isthmus-mesh/isthmus/internal/bootstrap"
 	"github.com/isthmus-mesh/isthmus/pkg/gateway"
 	"github.com/isthmus-mesh/isthmus/pkg/identity"
 	"github.com/isthmus-mesh/isthmus/pkg/version"
 	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
 	"github.com/isthmus-mesh/isthmus/pkg/xdsclient/gwroutes"
 )
-
-// xdsFlags say where the routes come from when no --routes-file is given.
-type xdsFlags struct {
-	address, clusterName, podIP, podName, namespace string
-	plaintext                                       bool
-	trustDomain, serviceAccount, federatorNS        string
-	federatorSA, tokenFile, rootsFile               string
-}
 
 func main() {
 	if err := run(); err != nil {
@@ -68,19 +59,8 @@ func run() error {
 	fl.DurationVar(&cfg.IdleTimeout, "idle-timeout", cfg.IdleTimeout, "close a connection idle both ways this long (routes may set their own)")
 	fl.DurationVar(&cfg.DrainTimeout, "drain-timeout", cfg.DrainTimeout, "on SIGTERM, how long connections in flight may finish")
 	fl.StringVar(&routesFile, "routes-file", "", "static routing table (JSON, see gateway.ParseRoutesJSON) instead of xDS")
-	var x xdsFlags
-	fl.StringVar(&x.address, "xds-address", "isthmus-federator.isthmus-system.svc:15012", "the federator's xDS (and CA) address")
-	fl.BoolVar(&x.plaintext, "xds-plaintext", false, "speak plaintext xDS (the federator's --xds-plaintext-addr; tests only)")
-	fl.StringVar(&x.clusterName, "cluster-name", os.Getenv("CLUSTER_NAME"), "this cluster's name (xDS node cluster)")
-	fl.StringVar(&x.podIP, "pod-ip", os.Getenv("POD_IP"), "this pod's IP (xDS node ID)")
-	fl.StringVar(&x.podName, "pod-name", os.Getenv("POD_NAME"), "this pod's name (xDS node ID)")
-	fl.StringVar(&x.namespace, "namespace", envOr("POD_NAMESPACE", "isthmus-system"), "this pod's namespace")
-	fl.StringVar(&x.serviceAccount, "service-account", "isthmus-eastwest-gw", "this pod's ServiceAccount (its SPIFFE ID)")
-	fl.StringVar(&x.trustDomain, "trust-domain", "", "the cluster's trust domain (default <cluster-name>.mesh)")
-	fl.StringVar(&x.federatorNS, "federator-namespace", "isthmus-system", "the federator's namespace (its SPIFFE ID)")
-	fl.StringVar(&x.federatorSA, "federator-service-account", "isthmus-federator", "the federator's ServiceAccount (its SPIFFE ID)")
-	fl.StringVar(&x.tokenFile, "token-file", "/var/run/secrets/tokens/isthmus-ca", "projected ServiceAccount token (audience isthmus-ca) for the CA")
-	fl.StringVar(&x.rootsFile, "ca-roots-file", "/var/run/secrets/isthmus/root-cert.pem", "PEM roots that verify the federator until it publishes its trust bundle over SDS")
+	var x bootstrap.Flags
+	x.Register(fl, bootstrap.Defaults{Namespace: "isthmus-system", ServiceAccount: "isthmus-eastwest-gw"})
 	fl.TextVar(&logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error (debug logs every refusal)")
 	fl.BoolVar(&logJSON, "log-json", false, "log JSON instead of text")
 	fl.BoolVar(&showVersion, "version", false, "print the version and exit")
@@ -125,7 +105,7 @@ func run() error {
 	log.Info("configuration", "listen", cfg.ListenAddr, "health", cfg.HealthAddr, "metrics", cfg.MetricsAddr,
 		"maxConnections", cfg.MaxConnections, "clientHelloTimeout", cfg.ClientHelloTimeout, "dialTimeout", cfg.DialTimeout,
 		"maxConnectAttempts", cfg.MaxConnectAttempts, "ejectionTime", cfg.EjectionTime, "idleTimeout", cfg.IdleTimeout,
-		"drainTimeout", cfg.DrainTimeout, "routesFile", routesFile, "xds", x.address, "version", version.Version)
+		"drainTimeout", cfg.DrainTimeout, "routesFile", routesFile, "xds", x.XDSAddress, "version", version.Version)
 	gw, err := gateway.New(cfg, src, log)
 	if err != nil {
 		stop()
@@ -138,47 +118,24 @@ func run() error {
 
 // startXDS runs the xDS client (with its SVID from the federator's CA
 // unless plaintext) and the route source fed by it, in g.
-func startXDS(ctx context.Context, g *errgroup.Group, x xdsFlags, log *slog.Logger) (*gwroutes.Source, error) {
-	if x.clusterName == "" || x.podIP == "" || x.podName == "" {
-		return nil, fmt.Errorf("--cluster-name, --pod-ip and --pod-name (or CLUSTER_NAME, POD_IP, POD_NAME) are required for xDS: they name this gateway to the federator")
+func startXDS(ctx context.Context, g *errgroup.Group, x bootstrap.Flags, log *slog.Logger) (*gwroutes.Source, error) {
+	if err := x.CheckNode(); err != nil {
+		return nil, err
 	}
-	cc := xdsclient.ClientConfig{
-		Server: x.address, Plaintext: x.plaintext, Check: gwroutes.Check, Logger: log,
-		Node: xdsclient.GatewayNode(x.clusterName, x.podIP, x.podName, x.namespace),
-	}
-	if !x.plaintext {
-		tdName := x.trustDomain
-		if tdName == "" {
-			tdName = x.clusterName + ".mesh"
-		}
-		td, err := spiffeid.TrustDomainFromString(tdName)
-		if err != nil {
-			return nil, fmt.Errorf("--trust-domain %q: %w", tdName, err)
-		}
-		federator, err := spiffeid.FromSegments(td, "ns", x.federatorNS, "sa", x.federatorSA)
-		if err != nil {
-			return nil, fmt.Errorf("federator identity: %w", err)
-		}
-		roots, err := os.ReadFile(x.rootsFile)
-		if err != nil {
-			return nil, fmt.Errorf("--ca-roots-file: %w", err)
-		}
-		svid, err := identity.New(ctx, identity.Config{
-			CAAddress: x.address, CAID: federator, RootsPEM: roots, TrustDomain: td,
-			Namespace: x.namespace, ServiceAccount: x.serviceAccount, TokenFile: x.tokenFile, Logger: log,
-		})
-		if err != nil {
+	var svid *identity.Source
+	if !x.XDSPlaintext {
+		var err error
+		if svid, err = x.Identity(ctx, log); err != nil {
 			return nil, err
 		}
 		g.Go(func() error {
 			<-ctx.Done()
 			return svid.Close()
 		})
-		// The identity Source's bundle (--ca-roots-file, then the roots
-		// the CA returns with each SVID) verifies the federator until the
-		// ROOTCA Secret names its trust domain; from then on the bundle the
-		// federator publishes does, rotations included.
-		cc.TLS = &xdsclient.TLSConfig{SVID: svid, Bundle: svid, Authorizer: tlsconfig.AuthorizeID(federator), FollowSDS: true}
+	}
+	cc, err := x.ClientConfig(xdsclient.GatewayNode(x.ClusterName, x.PodIP, x.PodName, x.Namespace), svid, gwroutes.Check, log)
+	if err != nil {
+		return nil, err
 	}
 	client, err := xdsclient.New(cc)
 	if err != nil {
@@ -188,11 +145,4 @@ func startXDS(ctx context.Context, g *errgroup.Group, x xdsFlags, log *slog.Logg
 	g.Go(func() error { return client.Run(ctx) })
 	g.Go(func() error { return src.Run(ctx) })
 	return src, nil
-}
-
-func envOr(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return def
 }

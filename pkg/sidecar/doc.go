@@ -1,0 +1,84 @@
+// Package sidecar is Isthmus's proxy beside each workload: the data plane
+// of docs/sidecar-xds.md, and the composition root of `sidecar run`. It
+// implements exactly the subset of Envoy that the federator emits for
+// sidecars, so a stock Envoy given the same resources behaves the same.
+//
+// Data flow:
+//
+//	federator ──ADS──► pkg/xdsclient ──*Config──► Proxy (atomic swap; Check refuses what it cannot serve)
+//	CA ──CSR──► pkg/identity ──SVID (x509svid.Source, renewed)──► every handshake
+//
+//	app ──iptables──► :15001 outbound ─ original destination ─ filter chain
+//	    ├─ http_connection_manager: HTTP/1.1 or h2c ─ RDS route by authority ─ cluster
+//	    │     └─ endpoint (priority, locality, round robin, passive health)
+//	    │        ─ mTLS (own SVID; SNI; ALPN istio-http/1.1 | istio-h2;
+//	    │          peer verified against its own trust domain's bundle, ID one of the SANs)
+//	    │        ─ keep-alive pool per endpoint and protocol ──► peer sidecar or east-west gateway
+//	    ├─ tcp_proxy to a service: mTLS with ALPN istio, copy both ways with half-close
+//	    └─ default chain: PassthroughCluster, the original destination as it is (splice)
+//
+//	peer ──iptables──► :15006 inbound ─ ClientHello ALPN picks the chain ─ TLS:
+//	    caller's SVID required, verified against its own trust domain's bundle
+//	    ├─ istio-http/1.1, istio-h2: HTTP (codec by the bytes), XFCC set ──► 127.0.0.1:<port> (HTTP/1.1 or h2c)
+//	    └─ anything else: bytes ──► 127.0.0.1:<port>
+//
+// An HTTP request is routed by its authority (Host, :authority, or the
+// host of an absolute-form target when the app uses the sidecar as its
+// HTTP proxy) to the virtual host listing it, else "*", else 404 with a
+// body naming the host (Envoy's NR). The request goes upstream in the
+// protocol the app spoke (use_downstream_protocol_config); streams,
+// trailers and gRPC pass through; with timeout 0s (what the federator
+// sends) only the stream idle timeout ends a request. A connection that
+// iptables did not redirect (explicit mode) is matched as the outbound
+// listener's own address, port 15001 in xDS, whatever port it is bound to.
+//
+// Errors answered to the app, as Envoy words them: 503 "no healthy
+// upstream" (UH), 503 "upstream connect error or disconnect/reset before
+// headers. reset reason: connection failure, ..." (UF, including a peer
+// whose certificate or SPIFFE ID does not pass), 504 "upstream request
+// timeout" (UT), 504 "stream timeout". A connection the sidecar will not
+// carry is closed and counted in isthmus_sidecar_refusals_total{listener,
+// reason}: over_limit (reset before reading), no_config, handshake (the
+// inbound caller is not TLS, or its certificate is missing or does not
+// verify), no_chain, no_original_dst (an inbound connection that was not
+// redirected: no app port to go to), loop (outbound passthrough to the
+// sidecar itself), no_endpoint, no_cluster.
+//
+// Endpoints: the lowest priority with a healthy endpoint; within it a
+// locality with probability proportional to its weight; round robin
+// inside. An endpoint that cannot be connected to (TCP or TLS) is ejected
+// for Config.EjectionTime and another is tried, up to
+// Config.MaxConnectAttempts, when nothing of the request was sent. HTTP
+// picks per request, so HTTP/2 streams spread over endpoints.
+//
+// Bounds: MaxConnections per listener; a deadline on every TLS handshake
+// and request head; idle timeouts on HTTP connections, streams, pooled
+// upstream connections and TCP proxies (the chain's idle_timeout). On
+// shutdown Run fails readiness, stops accepting, gives requests and
+// connections in flight Config.DrainTimeout (HTTP/2 clients get a GOAWAY),
+// closes the rest, and returns once every goroutine it started has ended.
+// A configuration the proxy cannot serve is never adopted: the last good
+// one stays.
+//
+// Ports (Istio's): 15000 admin (/config_dump with the versions, /ready,
+// /stats), 15020 health (/healthz/ready: a configuration and an SVID, not
+// draining; /stats/prometheus). Metrics are OpenTelemetry instruments
+// exported in Prometheus format, merged with what other components record
+// through Proxy.Meter (the DNS proxy):
+//
+//	isthmus_sidecar_connections_total{listener}            accepted downstream connections
+//	isthmus_sidecar_connections_active{listener}
+//	isthmus_sidecar_refusals_total{listener,reason}
+//	isthmus_sidecar_requests_total{listener,cluster,code}   HTTP; code 0: the downstream left
+//	isthmus_sidecar_upstream_connect_failures_total{cluster}
+//	isthmus_sidecar_received_bytes_total{listener,cluster}  from downstream (HTTP: request bodies)
+//	isthmus_sidecar_sent_bytes_total{listener,cluster}      to downstream (HTTP: response bodies)
+//	isthmus_sidecar_xds_connected, isthmus_sidecar_xds_responses_total{result}
+//	isthmus_sidecar_svid_expiry_timestamp_seconds
+//
+// Where the Go sidecar differs from Envoy: inbound-passthrough dials
+// 127.0.0.1:<original port> rather than the pod IP (docs/sidecar-xds.md);
+// a locality without load_balancing_weight weighs its healthy endpoint
+// count (the federator leaves the weight unset only when that count is
+// zero); ejection is on the first connect failure, for a fixed time.
+package sidecar
