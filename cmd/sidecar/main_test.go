@@ -105,15 +105,15 @@ func TestIptablesBadFlags(t *testing.T) {
 	}
 }
 
-func TestOnlyIptablesSubcommand(t *testing.T) {
+func TestSubcommands(t *testing.T) {
 	t.Parallel()
 	var names []string
 	for _, c := range newRootCommand().Commands() {
 		names = append(names, c.Name())
 	}
-	require.Equal(t, []string{"iptables"}, names)
-	_, _, err := execute(t.Context(), "run")
-	require.ErrorContains(t, err, `unknown command "run" for "sidecar"`)
+	require.Equal(t, []string{"iptables", "run"}, names)
+	_, _, err := execute(t.Context(), "inject")
+	require.ErrorContains(t, err, `unknown command "inject" for "sidecar"`)
 }
 
 // TestIptablesApplyAndRemove runs the command in a pod's namespace, as the

@@ -1,0 +1,218 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	mdns "github.com/miekg/dns"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"k8s.io/client-go/kubernetes/fake"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+
+	"github.com/isthmus-mesh/isthmus/pkg/ca"
+	"github.com/isthmus-mesh/isthmus/pkg/caserver"
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/pkg/xds"
+)
+
+// Bad flags are refused before anything is dialled, every problem at once.
+func TestRunRefusesBadFlags(t *testing.T) {
+	t.Setenv("CLUSTER_NAME", "")
+	t.Setenv("POD_IP", "")
+	t.Setenv("POD_NAME", "")
+	_, _, err := execute(t.Context(), "run", "--max-connections", "0", "--outbound-addr", "nonsense")
+	require.Error(t, err)
+	for _, want := range []string{"--cluster-name", "max connections", "outbound address"} {
+		require.ErrorContains(t, err, want)
+	}
+}
+
+// fakeAuth accepts the token "tok" as demo/web, as a TokenReview would.
+type fakeAuth struct{}
+
+func (fakeAuth) Authenticate(_ context.Context, token string) (caserver.Caller, error) {
+	if token != "tok" {
+		return caserver.Caller{}, caserver.ErrUnauthenticated
+	}
+	return caserver.Caller{Namespace: "demo", ServiceAccount: "web"}, nil
+}
+
+// oneGroup serves every node the same snapshot, as the federator serves
+// every sidecar.
+type oneGroup struct{}
+
+func (oneGroup) ID(*corev3.Node) string { return "sidecar" }
+
+func serveGRPC(t *testing.T, g *grpc.Server) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = g.Serve(lis) }()
+	t.Cleanup(func() { g.Stop(); <-done })
+	return lis.Addr().String()
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// `sidecar run` against a federator's CA and xDS (the federator's own
+// translation of a catalog, served by go-control-plane): it gets its
+// SVID, adopts the configuration, becomes ready, answers the clusterset
+// name from the xDS name table over DNS, and exits cleanly when its
+// context ends.
+func TestRun(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("alpha.mesh")
+	authority, err := ca.New(t.Context(), fake.NewClientset(), ca.Options{TrustDomain: td, Namespace: "isthmus-system"})
+	require.NoError(t, err)
+	federator := spiffeid.RequireFromSegments(td, "ns", "isthmus-system", "sa", "isthmus-federator")
+	self, err := ca.NewSelfSource(authority.Authority, federator, nil)
+	require.NoError(t, err)
+	caGRPC := grpc.NewServer(caserver.ServerOptions(self)...)
+	caserver.New(authority, fakeAuth{}, caserver.Options{}).Register(caGRPC)
+	caAddr := serveGRPC(t, caGRPC)
+
+	// The federator's translation of one exported HTTP service.
+	local, err := catalog.NewSnapshot(catalog.LocalSource, []catalog.Service{{
+		Namespace: "demo", Name: "echo", Cluster: "alpha",
+		Ports:      []catalog.Port{{Name: "http", Port: 80, Protocol: catalog.ProtocolTCP, TargetPort: 8080}},
+		Endpoints:  []catalog.LocalityEndpoints{{Locality: catalog.Locality{Region: "r1", Zone: "z1"}, Ready: 1, Addresses: []catalog.Address{{IP: "10.0.0.8", Ready: true}}}},
+		Identities: []string{"spiffe://alpha.mesh/ns/demo/sa/echo"},
+	}})
+	require.NoError(t, err)
+	r, _, err := xds.TranslateSidecar(local, nil, xds.SidecarOptions{Region: "r1"})
+	require.NoError(t, err)
+	secrets, _, err := xds.TranslateSecrets([]*x509bundle.Bundle{authority.Bundle()})
+	require.NoError(t, err)
+	res := map[resource.Type][]types.Resource{}
+	for _, l := range r.Listeners {
+		res[resource.ListenerType] = append(res[resource.ListenerType], l)
+	}
+	for _, rc := range r.Routes {
+		res[resource.RouteType] = append(res[resource.RouteType], rc)
+	}
+	for _, c := range r.Clusters {
+		res[resource.ClusterType] = append(res[resource.ClusterType], c)
+	}
+	for _, e := range r.Endpoints {
+		res[resource.EndpointType] = append(res[resource.EndpointType], e)
+	}
+	for _, s := range secrets {
+		res[resource.SecretType] = append(res[resource.SecretType], s)
+	}
+	snap, err := cache.NewSnapshot(r.Version, res)
+	require.NoError(t, err)
+	snapCache := cache.NewSnapshotCache(true, oneGroup{}, nil)
+	require.NoError(t, snapCache.SetSnapshot(t.Context(), "sidecar", snap))
+	xdsGRPC := grpc.NewServer()
+	xdsCtx, stopXDS := context.WithCancel(context.Background())
+	t.Cleanup(stopXDS)
+	discoveryv3.RegisterAggregatedDiscoveryServiceServer(xdsGRPC, serverv3.NewServer(xdsCtx, snapCache, nil))
+	xdsAddr := serveGRPC(t, xdsGRPC)
+
+	dir := t.TempDir()
+	var roots []byte
+	for _, c := range authority.Bundle().X509Authorities() {
+		roots = append(roots, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	rootsFile, tokenFile := filepath.Join(dir, "roots.pem"), filepath.Join(dir, "token")
+	require.NoError(t, os.WriteFile(rootsFile, roots, 0o600))
+	require.NoError(t, os.WriteFile(tokenFile, []byte("tok"), 0o600))
+	admin, health, dnsAddr := freePort(t), freePort(t), freePort(t)
+
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() {
+		_, stderr, err := execute(ctx, "run", "--log-level", "debug",
+			"--xds-plaintext", "--xds-address", xdsAddr, "--ca-address", caAddr,
+			"--cluster-name", "alpha", "--pod-ip", "10.0.0.7", "--pod-name", "web-0", "--namespace", "demo", "--service-account", "web",
+			"--token-file", tokenFile, "--ca-roots-file", rootsFile,
+			"--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0", "--admin-addr", admin, "--health-addr", health,
+			"--dns-addr", dnsAddr, "--dns-resolv-conf", "", "--dns-upstreams", "127.0.0.1:9", "--drain-timeout", "1s")
+		if err != nil {
+			err = errors.Join(err, errors.New(stderr))
+		}
+		errc <- err
+	}()
+
+	get := func(url string) (int, string) {
+		resp, err := http.Get(url)
+		if err != nil {
+			return 0, err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	require.Eventually(t, func() bool {
+		select {
+		case err := <-errc:
+			t.Fatalf("sidecar run exited: %v", err)
+		default:
+		}
+		code, _ := get("http://" + health + "/healthz/ready")
+		return code == http.StatusOK
+	}, 30*time.Second, 50*time.Millisecond, "sidecar run never became ready")
+
+	code, body := get("http://" + admin + "/config_dump")
+	require.Equal(t, http.StatusOK, code)
+	var dump struct {
+		Versions map[string]string `json:"versions"`
+		SVID     struct {
+			ID string `json:"spiffe_id"`
+		} `json:"svid"`
+		Names map[string]string `json:"names"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(body), &dump))
+	require.Equal(t, r.Version, dump.Versions[resource.ListenerType])
+	require.Equal(t, "spiffe://alpha.mesh/ns/demo/sa/web", dump.SVID.ID)
+	vip := dump.Names["echo.demo.svc.clusterset.local"]
+	require.True(t, strings.HasPrefix(vip, "240.240."), "VIP %q", vip)
+
+	// The DNS proxy answers from the xDS name table.
+	q := new(mdns.Msg)
+	q.SetQuestion("echo.demo.svc.clusterset.local.", mdns.TypeA)
+	var answer *mdns.Msg
+	require.Eventually(t, func() bool {
+		answer, err = mdns.Exchange(q, dnsAddr)
+		return err == nil && len(answer.Answer) == 1
+	}, 10*time.Second, 50*time.Millisecond, "no DNS answer: %v", err)
+	require.Equal(t, vip, answer.Answer[0].(*mdns.A).A.String())
+
+	_, stats := get("http://" + health + "/stats/prometheus")
+	require.Contains(t, stats, "isthmus_dns_queries", "the DNS proxy's metrics are merged")
+	require.Contains(t, stats, "isthmus_sidecar_xds_connected 1")
+
+	cancel()
+	select {
+	case err := <-errc:
+		require.NoError(t, err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("sidecar run did not return after its context ended")
+	}
+}
