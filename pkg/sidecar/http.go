@@ -196,10 +196,13 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	f.touch()
 	idle := newIdleWatch(p.cfg.StreamIdleTimeout, &f.last, func() {
 		cancel(errStreamIdle)
-		// Unblock a copy stuck on a peer that stopped reading or sending.
-		rc := http.NewResponseController(w)
-		_ = rc.SetWriteDeadline(time.Now())
-		_ = rc.SetReadDeadline(time.Now())
+		if f.responded.Load() {
+			// Unblock a copy stuck on a downstream that stopped reading or
+			// sending; before the response, the 504 must still go out.
+			rc := http.NewResponseController(w)
+			_ = rc.SetWriteDeadline(time.Now())
+			_ = rc.SetReadDeadline(time.Now())
+		}
 	})
 	defer idle.stop()
 	if r.Body != nil && r.Body != http.NoBody {
@@ -267,6 +270,8 @@ type forward struct {
 	last atomic.Int64
 	// bytesOpt is the byte counters' labels, looked up once.
 	bytesOpt metric.MeasurementOption
+	// responded is set once the upstream's response headers arrived.
+	responded atomic.Bool
 }
 
 type forwardKey struct{}
@@ -307,6 +312,7 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 func (p *Proxy) modifyResponse(resp *http.Response) error {
 	f := forwardOf(resp.Request.Context())
 	p.metrics.request(f.ci.listener, f.up.name, resp.StatusCode)
+	f.responded.Store(true)
 	f.touch()
 	// A 101's body is the upgraded connection, which ReverseProxy needs
 	// whole (an io.ReadWriteCloser).

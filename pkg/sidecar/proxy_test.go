@@ -484,3 +484,30 @@ func TestDrainTimeoutCutsWhatIsLeft(t *testing.T) {
 	_, err = c.Read(buf)
 	require.Error(t, err, "the TCP proxy was closed at the drain timeout")
 }
+
+// With no route timeout, the stream idle timeout is what ends a request
+// whose upstream went silent; a stream that keeps moving is never cut.
+func TestStreamIdleTimeout(t *testing.T) {
+	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t), hosts: hostsOf(echoSvc)}
+	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: func(c *Config) { c.StreamIdleTimeout = 300 * time.Millisecond }})
+	m.b = startPod(t, "b", m.beta, m.hosts, podOptions{xds: m.xds})
+	m.set(t, "v1", m.onB(echoSvc, ipHTTP))
+	for _, h2 := range []bool{false, true} {
+		resp, err := m.a.nat.httpClient(h2).Get("http://echo.demo.svc.clusterset.local/slow?d=5s")
+		require.NoError(t, err)
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		require.Equal(t, http.StatusGatewayTimeout, resp.StatusCode)
+		require.Equal(t, "stream timeout", string(b))
+
+		// 40 lines, one every 20 ms: 800 ms in all, never 300 ms silent.
+		resp, err = m.a.nat.httpClient(h2).Get("http://echo.demo.svc.clusterset.local/stream?n=40")
+		require.NoError(t, err)
+		b, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		require.NoError(t, err)
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+		require.Equal(t, 40, strings.Count(string(b), "\n"))
+	}
+	require.EqualValues(t, 2, metricValue(t, m.a.scrape(t), "isthmus_sidecar_requests_total", "listener=outbound", "code=504"))
+}
