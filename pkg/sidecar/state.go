@@ -128,12 +128,21 @@ func (p *Proxy) buildState(cfg *xdsclient.Config) *state {
 }
 
 // retire closes a replaced pool's idle connections; the ones in use close
-// when they go idle. p.poolsMu is held.
+// when they go idle. It is kept (for closePools) until it has had no
+// connection for a while: a request that started on the previous
+// configuration may still dial through it. p.poolsMu is held.
 func (p *Proxy) retire(pl *pool) {
 	pl.closeIdle()
-	p.retired = slices.DeleteFunc(p.retired, (*pool).drained)
+	now := time.Now()
+	p.retired = slices.DeleteFunc(p.retired, func(old *pool) bool {
+		return old.drained() && now.Sub(old.retiredAt) > retiredKeep
+	})
+	pl.retiredAt = now
 	p.retired = append(p.retired, pl)
 }
+
+// retiredKeep is how long a retired pool without connections is kept.
+const retiredKeep = time.Minute
 
 // poolKey is what a pool's connections depend on: another key means
 // another pool.

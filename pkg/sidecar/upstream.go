@@ -69,6 +69,9 @@ type pool struct {
 	h1, h2 *http.Transport
 	// conns counts this pool's upstream connections open.
 	conns atomic.Int64
+	// retiredAt is when a newer configuration replaced the pool; set
+	// under p.poolsMu.
+	retiredAt time.Time
 }
 
 func (p *Proxy) newPool(c *xdsclient.Cluster, key string) *pool {
