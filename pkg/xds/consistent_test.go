@@ -15,8 +15,8 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 )
 
-// consistent says what go-control-plane's Consistent says, of every
-// kind of reference it follows.
+// consistent says what go-control-plane's Consistent says of the same
+// resources, for every kind of reference Resources can hold.
 func TestConsistentAgreesWithGoControlPlane(t *testing.T) {
 	gw, err := TranslateGateway(snapshotOf(t, echoService()), GatewayOptions{FederationUpstream: "10.96.0.19:15019"})
 	require.NoError(t, err)
@@ -55,79 +55,101 @@ func TestConsistentAgreesWithGoControlPlane(t *testing.T) {
 
 	tests := []struct {
 		name       string
-		resources  map[resource.Type][]types.Resource
+		resources  Resources
 		consistent bool
 	}{
-		{name: "the gateway's", consistent: true, resources: map[resource.Type][]types.Resource{
-			resource.ListenerType: {gw.Listeners[0]},
-			resource.ClusterType:  {gw.Clusters[0], gw.Clusters[1], gw.Clusters[2]},
-			resource.EndpointType: {gw.Endpoints[0], gw.Endpoints[1]},
+		{name: "the gateway's", consistent: true, resources: Resources{
+			Listeners: []*listenerv3.Listener{gw.Listeners[0]},
+			Clusters:  []*clusterv3.Cluster{gw.Clusters[0], gw.Clusters[1], gw.Clusters[2]},
+			Endpoints: []*endpointv3.ClusterLoadAssignment{gw.Endpoints[0], gw.Endpoints[1]},
 		}},
-		{name: "a cluster without its endpoints", resources: map[resource.Type][]types.Resource{
-			resource.ListenerType: {gw.Listeners[0]},
-			resource.ClusterType:  {gw.Clusters[0], gw.Clusters[1], gw.Clusters[2]},
-			resource.EndpointType: {gw.Endpoints[0]},
+		{name: "a cluster without its endpoints", resources: Resources{
+			Listeners: []*listenerv3.Listener{gw.Listeners[0]},
+			Clusters:  []*clusterv3.Cluster{gw.Clusters[0], gw.Clusters[1], gw.Clusters[2]},
+			Endpoints: []*endpointv3.ClusterLoadAssignment{gw.Endpoints[0]},
 		}},
-		{name: "endpoints of no cluster", resources: map[resource.Type][]types.Resource{
-			resource.ClusterType:  {gw.Clusters[1]},
-			resource.EndpointType: {gw.Endpoints[0], cla("other")},
+		{name: "endpoints of no cluster", resources: Resources{
+			Clusters:  []*clusterv3.Cluster{gw.Clusters[1]},
+			Endpoints: []*endpointv3.ClusterLoadAssignment{gw.Endpoints[0], cla("other")},
 		}},
-		{name: "endpoints named otherwise", resources: map[resource.Type][]types.Resource{
-			resource.ClusterType:  {edsCluster("a")},
-			resource.EndpointType: {cla("b")},
+		{name: "endpoints named otherwise", resources: Resources{
+			Clusters:  []*clusterv3.Cluster{edsCluster("a")},
+			Endpoints: []*endpointv3.ClusterLoadAssignment{cla("b")},
 		}},
-		{name: "a static cluster names nothing", consistent: true, resources: map[resource.Type][]types.Resource{
-			resource.ClusterType: {gw.Clusters[0]},
+		{name: "a static cluster names nothing", consistent: true, resources: Resources{
+			Clusters: []*clusterv3.Cluster{gw.Clusters[0]},
 		}},
-		{name: "an EDS service name", consistent: true, resources: map[resource.Type][]types.Resource{
-			resource.ClusterType:  {withService("a", "svc")},
-			resource.EndpointType: {cla("svc")},
+		{name: "an EDS service name", consistent: true, resources: Resources{
+			Clusters:  []*clusterv3.Cluster{withService("a", "svc")},
+			Endpoints: []*endpointv3.ClusterLoadAssignment{cla("svc")},
 		}},
-		{name: "an EDS service name, endpoints by cluster name", resources: map[resource.Type][]types.Resource{
-			resource.ClusterType:  {withService("a", "svc")},
-			resource.EndpointType: {cla("a")},
+		{name: "an EDS service name, endpoints by cluster name", resources: Resources{
+			Clusters:  []*clusterv3.Cluster{withService("a", "svc")},
+			Endpoints: []*endpointv3.ClusterLoadAssignment{cla("a")},
 		}},
-		{name: "RDS", consistent: true, resources: map[resource.Type][]types.Resource{
-			resource.ListenerType: {listener(hcmConfig(t, rds("r1"), ""))},
-			resource.RouteType:    {route("r1")},
+		{name: "RDS", consistent: true, resources: Resources{
+			Listeners: []*listenerv3.Listener{listener(hcmConfig(t, rds("r1"), ""))},
+			Routes:    []*routev3.RouteConfiguration{route("r1")},
 		}},
-		{name: "RDS without the route", resources: map[resource.Type][]types.Resource{
-			resource.ListenerType: {listener(hcmConfig(t, rds("r1"), ""))},
+		{name: "RDS without the route", resources: Resources{
+			Listeners: []*listenerv3.Listener{listener(hcmConfig(t, rds("r1"), ""))},
 		}},
-		{name: "a route nothing names", resources: map[resource.Type][]types.Resource{
-			resource.ListenerType: {listener(hcmConfig(t, rds("r1"), ""))},
-			resource.RouteType:    {route("r1"), route("r2")},
+		{name: "a route nothing names", resources: Resources{
+			Listeners: []*listenerv3.Listener{listener(hcmConfig(t, rds("r1"), ""))},
+			Routes:    []*routev3.RouteConfiguration{route("r1"), route("r2")},
 		}},
-		{name: "RDS in the default chain", consistent: true, resources: map[resource.Type][]types.Resource{
-			resource.ListenerType: {&listenerv3.Listener{Name: "l", DefaultFilterChain: &listenerv3.FilterChain{
+		{name: "RDS in the default chain", consistent: true, resources: Resources{
+			Listeners: []*listenerv3.Listener{&listenerv3.Listener{Name: "l", DefaultFilterChain: &listenerv3.FilterChain{
 				Filters: []*listenerv3.Filter{hcmConfig(t, rds("r1"), "")},
 			}}},
-			resource.RouteType: {route("r1")},
+			Routes: []*routev3.RouteConfiguration{route("r1")},
 		}},
-		{name: "RDS under another type URL prefix", consistent: true, resources: map[resource.Type][]types.Resource{
-			resource.ListenerType: {listener(hcmConfig(t, rds("r1"), "example.com/types"))},
-			resource.RouteType:    {route("r1")},
+		{name: "RDS under another type URL prefix", consistent: true, resources: Resources{
+			Listeners: []*listenerv3.Listener{listener(hcmConfig(t, rds("r1"), "example.com/types"))},
+			Routes:    []*routev3.RouteConfiguration{route("r1")},
 		}},
-		{name: "scoped routes inline", consistent: true, resources: map[resource.Type][]types.Resource{
-			resource.ListenerType: {listener(hcmConfig(t, scoped("r1", "r2"), ""))},
-			resource.RouteType:    {route("r1"), route("r2")},
+		{name: "scoped routes inline", consistent: true, resources: Resources{
+			Listeners: []*listenerv3.Listener{listener(hcmConfig(t, scoped("r1", "r2"), ""))},
+			Routes:    []*routev3.RouteConfiguration{route("r1"), route("r2")},
 		}},
-		{name: "a scoped route resource", consistent: true, resources: map[resource.Type][]types.Resource{
-			resource.ScopedRouteType: {&routev3.ScopedRouteConfiguration{Name: "s", RouteConfigurationName: "r1"}},
-			resource.RouteType:       {route("r1")},
+		{name: "two clusters, one service name", consistent: true, resources: Resources{
+			Clusters:  []*clusterv3.Cluster{withService("a", "svc"), withService("b", "svc")},
+			Endpoints: []*endpointv3.ClusterLoadAssignment{cla("svc")},
 		}},
-		{name: "a TCP proxy names no route", resources: map[resource.Type][]types.Resource{
-			resource.ListenerType: {gw.Listeners[0]},
-			resource.ClusterType:  {gw.Clusters[0], gw.Clusters[1], gw.Clusters[2]},
-			resource.EndpointType: {gw.Endpoints[0], gw.Endpoints[1]},
-			resource.RouteType:    {route("r1")},
+		{name: "out of order", consistent: true, resources: Resources{
+			Clusters:  []*clusterv3.Cluster{edsCluster("b"), edsCluster("a")},
+			Endpoints: []*endpointv3.ClusterLoadAssignment{cla("a"), cla("b")},
+		}},
+		{name: "out of order, one missing", resources: Resources{
+			Clusters:  []*clusterv3.Cluster{edsCluster("c"), edsCluster("a"), edsCluster("b")},
+			Endpoints: []*endpointv3.ClusterLoadAssignment{cla("c"), cla("a")},
+		}},
+		{name: "a TCP proxy names no route", resources: Resources{
+			Listeners: []*listenerv3.Listener{gw.Listeners[0]},
+			Clusters:  []*clusterv3.Cluster{gw.Clusters[0], gw.Clusters[1], gw.Clusters[2]},
+			Endpoints: []*endpointv3.ClusterLoadAssignment{gw.Endpoints[0], gw.Endpoints[1]},
+			Routes:    []*routev3.RouteConfiguration{route("r1")},
 		}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			snap, err := cache.NewSnapshot("1", tc.resources)
+			r := tc.resources
+			lists := map[resource.Type][]types.Resource{}
+			for _, l := range r.Listeners {
+				lists[resource.ListenerType] = append(lists[resource.ListenerType], l)
+			}
+			for _, c := range r.Clusters {
+				lists[resource.ClusterType] = append(lists[resource.ClusterType], c)
+			}
+			for _, e := range r.Endpoints {
+				lists[resource.EndpointType] = append(lists[resource.EndpointType], e)
+			}
+			for _, rc := range r.Routes {
+				lists[resource.RouteType] = append(lists[resource.RouteType], rc)
+			}
+			snap, err := cache.NewSnapshot("1", lists)
 			require.NoError(t, err)
-			theirs, ours := snap.Consistent(), consistent(snap)
+			theirs, ours := snap.Consistent(), consistent(r)
 			if tc.consistent {
 				require.NoError(t, theirs)
 				require.NoError(t, ours)

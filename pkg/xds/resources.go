@@ -122,7 +122,7 @@ func (r Resources) Snapshot() (*cache.Snapshot, error) {
 		secrets = append(secrets, s)
 	}
 	snap.Resources[types.Secret] = cache.NewResources(r.SecretsVersion, secrets)
-	if err := consistent(snap); err != nil {
+	if err := consistent(r); err != nil {
 		return nil, fmt.Errorf("snapshot %s is inconsistent: %w", r.Version, err)
 	}
 	return snap, nil
