@@ -2,8 +2,8 @@
 // from the catalog (and later policy and trust) to Envoy resources, and the
 // ADS server that hands them to Isthmus's proxies.
 //
-//	catalog.Store (local source) ─────────────Subscribe, coalesced──► TranslateGateway ──► Resources (validated, version = content hash)
-//	catalog.Store (local + every peer's imports) ─────────────────────► TranslateSidecar ─┘ │ Snapshot(): Consistent()
+//	catalog.Store (local source) ─────────────Subscribe, coalesced──► GatewayTranslator ─► Resources (validated, version = content hash)
+//	catalog.Store (local + every peer's imports) ─────────────────────► TranslateSidecar ─┘ │ Snapshot(): consistent()
 //	                                                                                         ▼
 //	                      go-control-plane snapshot cache, one snapshot per role (node ID "eastwest-gw~…", "sidecar~…")
 //	                                                                                         │ ADS, state of the world and delta
@@ -28,6 +28,14 @@
 // served, and a snapshot is set only when it is consistent and its version
 // differs from the one being served, so unchanged configuration is never
 // pushed again. Nodes of other roles get no configuration.
+//
+// The Server translates the gateway with a GatewayTranslator, which keeps
+// what the last translation made of each service (chains, clusters,
+// ClusterLoadAssignments, and their encodings) while the catalog's entry
+// for the service stays the same: a change of one service costs that
+// service, a sorted merge, and a hash over kept encodings (resumed where
+// only endpoints changed). Its results, version included, are
+// TranslateGateway's.
 //
 // On the TLS port the xDS server shares a gRPC server with the
 // certificate service (pkg/caserver), whose clients have no certificate
