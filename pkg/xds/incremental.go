@@ -40,8 +40,10 @@ const (
 // (the catalog's Builder keeps the entry of a service that did not change)
 // or differs only in what the gateway does not see. A change of one
 // service costs that service's translation plus an assembly of the
-// whole: a sorted merge, and one hash over the kept encodings, never a
-// new encoding of a resource that did not change.
+// whole: a walk of the catalog, a sorted merge, and the version's hash
+// over the kept encodings (from the block of the first changed
+// ClusterLoadAssignment when only endpoints changed), never a new
+// encoding of a resource that did not change.
 //
 // Its results equal TranslateGateway's for the same catalog, version
 // included. A GatewayTranslator is not safe for concurrent use; its
