@@ -113,6 +113,7 @@ type Cluster struct {
 	workloads map[string]*Workload // by namespace/name
 	podUsed   map[int]bool         // pod indexes in use
 	podNext   int                  // where the next pod index search starts
+	egress    bool                 // AllowPodEgress was called
 }
 
 func newCluster(env *Env, idx int, o ClusterOptions) (*Cluster, error) {
@@ -419,6 +420,66 @@ func (c *Cluster) guardControlPlane(ctx context.Context) error {
 	return nil
 }
 
+// maxEgressPorts is what one iptables multiport match takes.
+const maxEgressPorts = 15
+
+// AllowPodEgress lets the cluster's pods open TCP connections to ports on
+// the WAN, masqueraded as the node's WAN address, as a real cluster's
+// nodes SNAT their pods' egress: what a sidecar needs to reach the
+// east-west gateways of other clusters (15443). Nothing else becomes
+// reachable: the node forwards only new connections from its pod network
+// to these ports on the WAN (and their replies), and it has no route to
+// any other cluster's pod network, so pods of different clusters still
+// reach each other only through a gateway. It can be called once per
+// cluster; in loopback mode nothing is isolated and it does nothing.
+func (c *Cluster) AllowPodEgress(ctx context.Context, ports ...uint16) error {
+	if !c.plan.root {
+		return nil
+	}
+	if len(ports) == 0 || len(ports) > maxEgressPorts {
+		return fmt.Errorf("cluster %q: pod egress: want 1 to %d ports, got %d", c.name, maxEgressPorts, len(ports))
+	}
+	list := make([]string, 0, len(ports))
+	for _, p := range ports {
+		if p == 0 {
+			return fmt.Errorf("cluster %q: pod egress: 0 is not a port", c.name)
+		}
+		list = append(list, strconv.Itoa(int(p)))
+	}
+	c.mu.Lock()
+	done := c.egress
+	c.egress = true
+	c.mu.Unlock()
+	if done {
+		return fmt.Errorf("cluster %q: pod egress is already allowed", c.name)
+	}
+	pods := c.PodPrefix().String()
+	// FORWARD first, forwarding last: there is never a moment when the
+	// node forwards anything else. Bridged traffic between the node's own
+	// pods passes FORWARD too where br_netfilter is loaded.
+	rules := [][]string{
+		{"-A", "FORWARD", "-i", "br0", "-o", "br0", "-j", "ACCEPT"},
+		{"-A", "FORWARD", "-i", "br0", "-o", "wan0", "-s", pods, "-p", "tcp", "-m", "multiport", "--dports", strings.Join(list, ","),
+			"-m", "conntrack", "--ctstate", "NEW,ESTABLISHED", "-j", "ACCEPT"},
+		{"-A", "FORWARD", "-i", "wan0", "-o", "br0", "-d", pods, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"},
+		{"-A", "FORWARD", "-j", "DROP"},
+		{"-t", "nat", "-A", "POSTROUTING", "-s", pods, "-o", "wan0", "-j", "MASQUERADE"},
+	}
+	for _, r := range rules {
+		rctx, cancel := context.WithTimeout(ctx, ipTimeout)
+		_, err := runBounded(rctx, "ip", append([]string{"netns", "exec", c.netns, "iptables", "-w", "5"}, r...)...)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("cluster %q: pod egress: %w", c.name, err)
+		}
+	}
+	if err := setIPForward(ctx, c.netns, true); err != nil {
+		return fmt.Errorf("cluster %q: pod egress: %w", c.name, err)
+	}
+	c.log.Debug("pods may reach the WAN", "ports", list)
+	return nil
+}
+
 // etcdAddr is where etcd listens: loopback of the node namespace, or the
 // node's own loopback address in loopback mode.
 func (c *Cluster) etcdAddr() netip.Addr {
@@ -665,8 +726,12 @@ func (c *Cluster) startUserProcess(netns string, spec ProcessSpec) (*Process, er
 	if dir == "" {
 		dir = c.dir
 	}
+	argv, err := asUserArgv(spec.RunAs, spec.Command)
+	if err != nil {
+		return nil, fmt.Errorf("cluster %q: process %q: %w", c.name, spec.Name, err)
+	}
 	logPath := filepath.Join(c.logDir, spec.Name+".log")
-	p, err := startProcess(spec.Name, netnsExecArgv(netns, spec.Command), spec.Env, dir, logPath, c.env.onExit(c.log, false))
+	p, err := startProcess(spec.Name, netnsExecArgv(netns, argv), spec.Env, dir, logPath, c.env.onExit(c.log, false))
 	if err != nil {
 		return nil, fmt.Errorf("cluster %q: %w", c.name, err)
 	}
@@ -693,7 +758,11 @@ func (c *Cluster) Command(ctx context.Context, name string, args ...string) *exe
 }
 
 func commandIn(ctx context.Context, netns, name string, args ...string) *exec.Cmd {
-	argv := netnsExecArgv(netns, append([]string{name}, args...))
+	return commandArgv(ctx, netnsExecArgv(netns, append([]string{name}, args...)))
+}
+
+// commandArgv is commandIn's command for a full argv.
+func commandArgv(ctx context.Context, argv []string) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.SysProcAttr = childSysProcAttr()
 	cmd.Cancel = func() error {

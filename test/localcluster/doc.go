@@ -50,6 +50,12 @@
 // [Workload.DialContext] dial from inside a node's or a pod's namespace, and
 // [Cluster.Command] and [Workload.Command] run helpers there.
 //
+// [Cluster.AllowPodEgress] opens one door, as a real cluster's node SNAT
+// does: the node then forwards its pods' new TCP connections to the given
+// ports on the WAN (the east-west gateways' 15443), masqueraded as its WAN
+// address, and their replies; nothing else. Pods of different clusters
+// still never reach each other except through a gateway.
+//
 // Loopback mode (not root, or Options.ForceLoopback) uses no namespaces and
 // does not isolate anything; every address is on lo:
 //
@@ -59,6 +65,17 @@
 // Kubernetes refuses loopback addresses in EndpointSlices, so in loopback mode
 // the EndpointSlice controller cannot publish the workloads' addresses; see
 // [Env.Isolated].
+//
+// # Pods
+//
+// A [WorkloadSpec] can describe a meshed pod: Init steps run as root in
+// the pod's namespace before anything else (`sidecar iptables`), Sidecars
+// run beside the app, the app runs as another user (RunAs, with
+// setpriv(1), so iptables can tell it from its sidecar), ReadyHTTP gates
+// the Pod's readiness on a sidecar's, and ResolvConf is the pod's
+// /etc/resolv.conf (written to /etc/netns/<pod netns>/resolv.conf, which
+// `ip netns exec` mounts for every process of the pod, and removed with
+// it). [Workload.CommandAs] runs a client in the pod as the app's user.
 //
 // # Credentials
 //

@@ -136,6 +136,12 @@ func Start(ctx context.Context, opts Options) (*Env, error) {
 	}
 	if opts.WorkDir == "" {
 		e.workDir, err = os.MkdirTemp("", "isthmus-lc-"+e.runID+"-")
+		if err == nil {
+			// Others may pass through but not list it: pod processes that
+			// run as another user (WorkloadSpec.RunAs) read files made for
+			// them under it; keys and kubeconfigs keep their own modes.
+			err = os.Chmod(e.workDir, 0o711)
+		}
 	} else {
 		e.workDir = filepath.Join(opts.WorkDir, e.runID)
 		err = os.MkdirAll(e.workDir, 0o755)
@@ -437,6 +443,10 @@ func (e *Env) close() error {
 	// Pods, then nodes, then the WAN: the reverse of creation.
 	for _, ns := range slices.Backward(netns) {
 		if err := deleteNetNS(ctx, ns); err != nil {
+			errs = append(errs, err)
+		}
+		// A pod's resolv.conf (WorkloadSpec.ResolvConf).
+		if err := removeEtcNetNS(filepath.Join(etcNetNSDir, ns)); err != nil {
 			errs = append(errs, err)
 		}
 	}

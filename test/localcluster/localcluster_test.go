@@ -56,6 +56,9 @@ func TestTwoClusters(t *testing.T) {
 	t.Run("node processes", func(t *testing.T) {
 		testNodeProcess(t, a)
 	})
+	t.Run("pod with init, sidecar, user and resolv.conf", func(t *testing.T) {
+		testPodContainers(t, a)
+	})
 	t.Run("close leaves nothing behind", func(t *testing.T) {
 		testCloseLeavesNothing(t, env)
 	})
@@ -346,6 +349,99 @@ func testReachability(t *testing.T, env *Env, a, b *Cluster) {
 	require.Error(t, err, "a pod of cluster a reached node b")
 	// The pod does reach its own API server, as in a real cluster.
 	require.NoError(t, dialGo(ctx, clientA.DialContext, netip.AddrPortFrom(a.NodeIP(), apiServerPort).String()))
+
+	// Egress: a's pods may now reach port 8080 on the WAN, as sidecars
+	// reach other clusters' gateways, and nothing else beyond their node.
+	require.NoError(t, a.AllowPodEgress(ctx, 8080))
+	require.Error(t, a.AllowPodEgress(ctx, 8080), "a second call")
+	body, err = fetch(ctx, clientA.Command, "http://"+wanB)
+	require.NoError(t, err, "pod a → WAN port 8080 after AllowPodEgress")
+	assert.Equal(t, "wan-serve", body)
+	err = dialGo(ctx, clientA.DialContext, netip.AddrPortFrom(b.WANIP(), apiServerPort).String())
+	require.Error(t, err, "pod a reached node b's API server over the WAN")
+	_, err = fetch(ctx, clientA.Command, "http://"+net.JoinHostPort(webB.IP.String(), "8080"))
+	require.Error(t, err, "pod a reached a pod of cluster b")
+	err = dialGo(ctx, clientA.DialContext, netip.AddrPortFrom(b.NodeIP(), apiServerPort).String())
+	require.Error(t, err, "pod a reached node b")
+	body, err = fetch(ctx, clientA.Command, urlA)
+	require.NoError(t, err, "pod to pod in cluster a, with the node forwarding")
+	assert.Equal(t, "reach-web", body)
+}
+
+// testPodContainers runs a pod the way a mesh does: an init step (as
+// root, in the pod's namespace), a sidecar whose readiness gates the
+// Pod's, the app as another user, and the pod's own resolv.conf.
+func testPodContainers(t *testing.T, c *Cluster) {
+	ctx := t.Context()
+	if !c.env.Isolated() {
+		_, err := c.RunWorkload(ctx, WorkloadSpec{Name: "init-loopback", Command: []string{"true"}, Init: [][]string{{"true"}}})
+		require.ErrorContains(t, err, "root mode")
+		t.Skip("loopback mode: init steps, users and resolv.conf need a pod network namespace; run as root to test them")
+	}
+	nobody := Credential{UID: 65534, GID: 65534}
+	resolv := "nameserver 10.96.0.10\nsearch default.svc.cluster.local\noptions ndots:5\n"
+	w, err := c.RunWorkload(ctx, WorkloadSpec{
+		Name:    "meshed",
+		Command: []string{"sleep", "600"}, RunAs: &nobody,
+		Init:       [][]string{{"ip", "link", "add", "init0", "type", "veth", "peer", "name", "init1"}},
+		Sidecars:   []ProcessSpec{{Name: "proxy", Command: []string{os.Args[0]}, Env: []string{roleEnv + "=" + roleServe}}},
+		ResolvConf: resolv,
+		ReadyHTTP:  &HTTPProbe{Port: 8080, Path: "/healthz/ready"},
+	})
+	require.NoError(t, err)
+
+	out, err := w.Command(ctx, "ip", "-o", "link", "show", "init0").CombinedOutput()
+	require.NoError(t, err, "the init step ran in the pod's namespace: %s", out)
+	_, err = net.InterfaceByName("init0")
+	require.Error(t, err, "the init step changed the host's network")
+	out, err = w.Command(ctx, "cat", "/etc/resolv.conf").Output()
+	require.NoError(t, err)
+	assert.Equal(t, resolv, string(out), "the pod's processes see its resolv.conf")
+	host, err := os.ReadFile("/etc/resolv.conf")
+	require.NoError(t, err)
+	assert.NotEqual(t, resolv, string(host), "the host's resolv.conf is its own")
+
+	// ip netns exec and setpriv exec in place: the pid is the app's.
+	require.EventuallyWithT(t, func(ct *assert.CollectT) {
+		status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", w.Process().Pid()))
+		require.NoError(ct, err)
+		assert.Regexp(ct, `(?m)^Uid:\s+65534\s+65534`, string(status))
+		assert.Regexp(ct, `(?m)^Groups:\s*$`, string(status))
+	}, 5*time.Second, 50*time.Millisecond)
+	cmd, err := w.CommandAs(ctx, nobody, "id", "-u")
+	require.NoError(t, err)
+	out, err = cmd.Output()
+	require.NoError(t, err)
+	assert.Equal(t, "65534", strings.TrimSpace(string(out)))
+
+	pod, err := c.Client().CoreV1().Pods("default").Get(ctx, "meshed", metav1.GetOptions{})
+	require.NoError(t, err)
+	require.Len(t, pod.Spec.InitContainers, 1)
+	require.Len(t, pod.Spec.Containers, 2)
+	assert.Equal(t, "proxy", pod.Spec.Containers[1].Name)
+	require.Len(t, pod.Status.ContainerStatuses, 2)
+	for _, cs := range pod.Status.ContainerStatuses {
+		assert.True(t, cs.Ready, "container %s", cs.Name)
+	}
+	sidecar := w.Sidecars()[0]
+	assert.Equal(t, filepath.Join(c.LogDir(), "workload-default-meshed-proxy.log"), sidecar.LogPath())
+
+	require.NoError(t, w.Stop(ctx))
+	for _, p := range []*Process{w.Process(), sidecar} {
+		exited, _ := p.Exited()
+		assert.True(t, exited, "%s after Stop", p.Name())
+	}
+	assert.NoDirExists(t, filepath.Join(etcNetNSDir, w.NetNS))
+
+	_, err = c.RunWorkload(ctx, WorkloadSpec{Name: "bad-sidecar", Command: []string{"true"},
+		Sidecars: []ProcessSpec{{Name: "Not_A_Label", Command: []string{"true"}}}})
+	require.ErrorContains(t, err, "DNS label")
+	_, err = c.RunWorkload(ctx, WorkloadSpec{Name: "bad-init", Command: []string{"sleep", "600"},
+		ResolvConf: resolv, Init: [][]string{{"sh", "-c", "echo no capture for you >&2; exit 4"}}})
+	require.ErrorContains(t, err, "no capture for you")
+	_, err = c.Client().CoreV1().Pods("default").Get(ctx, "bad-init", metav1.GetOptions{})
+	assert.True(t, apierrors.IsNotFound(err), "pod of a failed init: %v", err)
+	assert.NoDirExists(t, filepath.Join(etcNetNSDir, c.env.runID+"-"+c.name+"-default-bad-init"))
 }
 
 func dialGo(ctx context.Context, dialer func(context.Context, string, string) (net.Conn, error), addr string) error {
@@ -409,6 +505,12 @@ func testCloseLeavesNothing(t *testing.T, env *Env) {
 	for _, l := range uplinks {
 		_, err := net.InterfaceByName(l)
 		assert.Error(t, err, "veth %s left after Close", l)
+	}
+	entries, err = os.ReadDir(etcNetNSDir)
+	if err == nil {
+		for _, e := range entries {
+			assert.False(t, strings.HasPrefix(e.Name(), env.RunID()+"-"), "%s/%s left after Close", etcNetNSDir, e.Name())
+		}
 	}
 	if !env.keepDir {
 		assert.NoDirExists(t, env.WorkDir())

@@ -260,6 +260,19 @@ func sweepLeftovers(ctx context.Context, log *slog.Logger, root bool) {
 				log.Info("sweep: deleted leftover netns of a dead run", "netns", e.Name())
 			}
 		}
+		// Pods' resolv.conf files (WorkloadSpec.ResolvConf).
+		entries, _ = os.ReadDir(etcNetNSDir)
+		for _, e := range entries {
+			if !dead(runNetNSRe, e.Name(), 10) {
+				continue
+			}
+			dir := filepath.Join(etcNetNSDir, e.Name())
+			if err := os.RemoveAll(dir); err != nil {
+				log.Warn("sweep: remove leftover netns configuration", "dir", dir, "err", err)
+			} else {
+				log.Info("sweep: removed leftover netns configuration of a dead run", "dir", dir)
+			}
+		}
 		ifaces, _ := net.Interfaces()
 		for _, ifc := range ifaces {
 			if !dead(uplinkRe, ifc.Name, 16) {

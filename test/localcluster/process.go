@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -39,6 +40,29 @@ type ProcessSpec struct {
 	Env []string
 	// Dir is the working directory; empty means the cluster's work directory.
 	Dir string
+	// RunAs runs the process as this uid and gid, with no supplementary
+	// groups (setpriv(1)); nil runs it as the harness. It needs root.
+	RunAs *Credential
+}
+
+// Credential is a uid and gid a process runs as: a pod's app or sidecar
+// user, for iptables' owner match.
+type Credential struct {
+	UID, GID uint32
+}
+
+// asUserArgv prefixes argv so that it runs as cred (nil: unchanged). The
+// parent-death signal is set again after the uid changes, which clears it,
+// so the process still dies with the harness.
+func asUserArgv(cred *Credential, argv []string) ([]string, error) {
+	if cred == nil {
+		return argv, nil
+	}
+	if os.Geteuid() != 0 {
+		return nil, fmt.Errorf("running a process as uid %d needs root", cred.UID)
+	}
+	return append([]string{"setpriv", "--reuid=" + strconv.FormatUint(uint64(cred.UID), 10),
+		"--regid=" + strconv.FormatUint(uint64(cred.GID), 10), "--clear-groups", "--pdeathsig", "KILL", "--"}, argv...), nil
 }
 
 // Process is a child process the harness started and tracks by pid. Its

@@ -1,14 +1,21 @@
 package localcluster
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -56,10 +63,56 @@ type WorkloadSpec struct {
 	// it Ready as soon as the process has started, which may be before it
 	// listens.
 	ReadyPort int
+	// ReadyHTTP, when set, is an HTTP GET readiness probe run after
+	// ReadyPort: RunWorkload waits (at most 30 s) until
+	// http://POD_IP:<Port><Path>, fetched from the pod's own namespace,
+	// answers 200 before it reports the Pod Ready — a sidecar's readiness
+	// endpoint, for example.
+	ReadyHTTP *HTTPProbe
+
+	// RunAs runs Command as this uid and gid (setpriv(1)); nil runs it as
+	// the harness. It needs root.
+	RunAs *Credential
+	// Init are the pod's init containers: each runs to completion, in
+	// order, in the pod's network namespace as root, bounded by a minute,
+	// before Sidecars and Command start, with Command's environment (Env
+	// and the POD_* variables). A failure fails RunWorkload, quoting the
+	// step's output. `sidecar iptables` is one. Root mode only: in
+	// loopback mode an init step would change the host.
+	Init [][]string
+	// Sidecars run beside Command in the pod's network namespace, started
+	// after Init and before Command, with Command's environment added to
+	// their own; Stop ends them after Command. Each Name must be a DNS
+	// label (it is also a container of the Pod); its log is
+	// workload-<namespace>-<pod>-<Name>.log.
+	Sidecars []ProcessSpec
+	// ResolvConf, when set, is the pod's /etc/resolv.conf, as a kubelet
+	// writes the cluster DNS into a pod: it goes to
+	// /etc/netns/<pod netns>/resolv.conf, which `ip netns exec` mounts over
+	// /etc/resolv.conf for every process of the pod (Init, Sidecars,
+	// Command, Workload.Command), and is removed with the pod. Root mode
+	// only.
+	ResolvConf string
 }
 
-// readyPortTimeout bounds the wait for WorkloadSpec.ReadyPort.
+// HTTPProbe is an HTTP GET readiness probe on the pod's IP.
+type HTTPProbe struct {
+	// Port to fetch from; required.
+	Port int
+	// Path to fetch; empty means "/".
+	Path string
+}
+
+// readyPortTimeout bounds the wait for WorkloadSpec.ReadyPort, and that for
+// ReadyHTTP.
 const readyPortTimeout = 30 * time.Second
+
+// initTimeout bounds each of WorkloadSpec.Init.
+const initTimeout = time.Minute
+
+// etcNetNSDir is where ip-netns(8) keeps per-namespace configuration files
+// that `ip netns exec` mounts over /etc.
+const etcNetNSDir = "/etc/netns"
 
 // Workload is a running workload.
 type Workload struct {
@@ -73,7 +126,10 @@ type Workload struct {
 	cluster    *Cluster
 	podIdx     int
 	proc       *Process
+	sidecars   []*Process
 	podCreated bool
+	// etcDir is the pod's /etc/netns directory, once written.
+	etcDir string
 
 	stopOnce sync.Once
 	stopErr  error
@@ -87,8 +143,8 @@ func (c *Cluster) RunWorkload(ctx context.Context, spec WorkloadSpec) (*Workload
 	if spec.Name == "" || len(spec.Command) == 0 {
 		return nil, fmt.Errorf("cluster %q: workload needs Name and Command", c.name)
 	}
-	if spec.ReadyPort < 0 || spec.ReadyPort > 65535 {
-		return nil, fmt.Errorf("cluster %q: workload %s: ReadyPort %d out of range", c.name, spec.Name, spec.ReadyPort)
+	if err := validateWorkload(spec, c.plan.root); err != nil {
+		return nil, fmt.Errorf("cluster %q: workload %s: %w", c.name, spec.Name, err)
 	}
 	if spec.Namespace == "" {
 		spec.Namespace = "default"
@@ -121,6 +177,37 @@ func (c *Cluster) RunWorkload(ctx context.Context, spec WorkloadSpec) (*Workload
 	c.mu.Unlock()
 	c.log.Debug("workload running", "pod", key, "ip", w.IP, "pid", w.proc.Pid(), "netns", w.NetNS)
 	return w, nil
+}
+
+var dnsLabelRe = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+
+func validateWorkload(spec WorkloadSpec, root bool) error {
+	var errs []error
+	if spec.ReadyPort < 0 || spec.ReadyPort > 65535 {
+		errs = append(errs, fmt.Errorf("ReadyPort %d out of range", spec.ReadyPort))
+	}
+	if p := spec.ReadyHTTP; p != nil && (p.Port <= 0 || p.Port > 65535 || (p.Path != "" && !strings.HasPrefix(p.Path, "/"))) {
+		errs = append(errs, fmt.Errorf("ReadyHTTP: want a port of 1 to 65535 and an empty or absolute path, got %d %q", p.Port, p.Path))
+	}
+	if !root && (len(spec.Init) > 0 || spec.ResolvConf != "") {
+		errs = append(errs, errors.New("Init and ResolvConf need a pod network namespace (root mode): in loopback mode they would change the host"))
+	}
+	for i, step := range spec.Init {
+		if len(step) == 0 {
+			errs = append(errs, fmt.Errorf("Init[%d] is empty", i))
+		}
+	}
+	seen := map[string]bool{workloadContainer: true}
+	for _, sc := range spec.Sidecars {
+		if !dnsLabelRe.MatchString(sc.Name) || seen[sc.Name] {
+			errs = append(errs, fmt.Errorf("sidecar name %q: want a DNS label, unique in the pod and not %q", sc.Name, workloadContainer))
+		}
+		seen[sc.Name] = true
+		if len(sc.Command) == 0 {
+			errs = append(errs, fmt.Errorf("sidecar %q has no command", sc.Name))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // reservePod claims key and a free pod index, starting after the last one
@@ -160,22 +247,132 @@ func (w *Workload) start(ctx context.Context, spec WorkloadSpec) error {
 			return fmt.Errorf("network: %w", err)
 		}
 	}
+	if spec.ResolvConf != "" {
+		if err := w.writeResolvConf(spec.ResolvConf); err != nil {
+			return err
+		}
+	}
 	env := append(append([]string(nil), spec.Env...),
 		"POD_IP="+w.IP.String(),
 		"POD_NAME="+spec.Name,
 		"POD_NAMESPACE="+spec.Namespace,
 		"NODE_NAME="+spec.Node,
 	)
+	for i, step := range spec.Init {
+		if err := w.runInit(ctx, step, env); err != nil {
+			return fmt.Errorf("init step %d: %w", i, err)
+		}
+	}
+	base := "workload-" + spec.Namespace + "-" + spec.Name
+	for _, sc := range spec.Sidecars {
+		sc.Name = base + "-" + sc.Name
+		sc.Env = append(append([]string(nil), sc.Env...), env...)
+		p, err := c.startUserProcess(w.NetNS, sc)
+		if err != nil {
+			return err
+		}
+		w.sidecars = append(w.sidecars, p)
+	}
 	var err error
 	w.proc, err = c.startUserProcess(w.NetNS, ProcessSpec{
-		Name:    "workload-" + spec.Namespace + "-" + spec.Name,
+		Name:    base,
 		Command: spec.Command,
 		Env:     env,
+		RunAs:   spec.RunAs,
 	})
 	if err != nil {
 		return err
 	}
 	return w.createPod(ctx, spec)
+}
+
+// writeResolvConf writes the pod's resolv.conf where `ip netns exec` finds
+// it.
+func (w *Workload) writeResolvConf(content string) error {
+	dir := filepath.Join(etcNetNSDir, w.NetNS)
+	w.etcDir = dir // from here on, cleanup removes it
+	var err error
+	// /etc/netns itself goes when the last pod's directory does
+	// (removeEtcNetNS), possibly in another environment between MkdirAll
+	// and WriteFile: then try again.
+	for range 3 {
+		if err = os.MkdirAll(dir, 0o755); err == nil {
+			err = os.WriteFile(filepath.Join(dir, "resolv.conf"), []byte(content), 0o644)
+		}
+		if !errors.Is(err, os.ErrNotExist) {
+			break
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("resolv.conf: %w", err)
+	}
+	return nil
+}
+
+// removeEtcNetNS removes a pod's /etc/netns directory, and /etc/netns
+// when it is left empty, so nothing of the harness stays in /etc.
+func removeEtcNetNS(dir string) error {
+	if err := os.RemoveAll(dir); err != nil {
+		return err
+	}
+	_ = os.Remove(etcNetNSDir) // fails while other pods have theirs
+	return nil
+}
+
+// runInit runs one init step in the pod's namespace as root, bounded.
+func (w *Workload) runInit(ctx context.Context, step, env []string) error {
+	ctx, cancel := context.WithTimeout(ctx, initTimeout)
+	defer cancel()
+	cmd := commandIn(ctx, w.NetNS, step[0], step[1:]...)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s: %w: %s", strings.Join(step, " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// waitHTTP waits until the probe answers 200 from the pod's namespace.
+func (w *Workload) waitHTTP(ctx context.Context, probe HTTPProbe) error {
+	u := "http://" + netip.AddrPortFrom(w.IP, uint16(probe.Port)).String() + cmp.Or(probe.Path, "/")
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
+		Proxy: nil, DialContext: w.DialContext, DisableKeepAlives: true,
+	}}
+	defer client.CloseIdleConnections()
+	var last string
+	err := poll(ctx, readyPortTimeout, func(ctx context.Context) (bool, error) {
+		for _, p := range w.processes() {
+			if done, _ := p.Exited(); done {
+				return false, p.describeExit()
+			}
+		}
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+		if err != nil {
+			return false, err
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			last = err.Error()
+			return false, nil
+		}
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+		resp.Body.Close()
+		last = resp.Status
+		return resp.StatusCode == http.StatusOK, nil
+	})
+	if err != nil {
+		var tails strings.Builder
+		for _, p := range w.sidecars {
+			fmt.Fprintf(&tails, "\n--- last lines of %s ---\n%s", p.LogPath(), p.Tail(tailLines))
+		}
+		return fmt.Errorf("workload %s/%s: GET %s never answered 200 (last: %s): %w%s", w.Namespace, w.Name, u, last, err, tails.String())
+	}
+	return nil
+}
+
+// processes are the app's process and its sidecars'.
+func (w *Workload) processes() []*Process {
+	return append([]*Process{w.proc}, w.sidecars...)
 }
 
 // WaitTCP waits until the workload accepts TCP connections on its IP at
@@ -255,6 +452,13 @@ func (w *Workload) createPod(ctx context.Context, spec WorkloadSpec) error {
 	if w.NetNS != "" {
 		pod.Annotations = map[string]string{AnnotationNetNS: w.NetNS}
 	}
+	for i, step := range spec.Init {
+		pod.Spec.InitContainers = append(pod.Spec.InitContainers, corev1.Container{
+			Name: "init-" + strconv.Itoa(i), Image: workloadImage, Command: step})
+	}
+	for _, sc := range spec.Sidecars {
+		pod.Spec.Containers = append(pod.Spec.Containers, corev1.Container{Name: sc.Name, Image: workloadImage, Command: sc.Command})
+	}
 	created, err := c.client.CoreV1().Pods(spec.Namespace).Create(ctx, pod, metav1.CreateOptions{})
 	if err != nil {
 		return fmt.Errorf("create pod: %w", err)
@@ -262,6 +466,11 @@ func (w *Workload) createPod(ctx context.Context, spec WorkloadSpec) error {
 	w.podCreated = true
 	if spec.ReadyPort != 0 {
 		if err := w.WaitTCP(ctx, spec.ReadyPort); err != nil {
+			return err
+		}
+	}
+	if spec.ReadyHTTP != nil {
+		if err := w.waitHTTP(ctx, *spec.ReadyHTTP); err != nil {
 			return err
 		}
 	}
@@ -278,15 +487,22 @@ func (w *Workload) createPod(ctx context.Context, spec WorkloadSpec) error {
 		st.Conditions = append(st.Conditions, corev1.PodCondition{Type: t, Status: corev1.ConditionTrue, LastTransitionTime: now})
 	}
 	started := true
-	st.ContainerStatuses = []corev1.ContainerStatus{{
-		Name:        workloadContainer,
-		Image:       workloadImage,
-		ImageID:     workloadImage,
-		ContainerID: "localcluster://" + strconv.Itoa(w.proc.Pid()),
-		Ready:       true,
-		Started:     &started,
-		State:       corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}},
-	}}
+	st.ContainerStatuses = nil
+	for i, p := range w.processes() {
+		name := workloadContainer
+		if i > 0 {
+			name = spec.Sidecars[i-1].Name
+		}
+		st.ContainerStatuses = append(st.ContainerStatuses, corev1.ContainerStatus{
+			Name:        name,
+			Image:       workloadImage,
+			ImageID:     workloadImage,
+			ContainerID: "localcluster://" + strconv.Itoa(p.Pid()),
+			Ready:       true,
+			Started:     &started,
+			State:       corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}},
+		})
+	}
 	if _, err := c.client.CoreV1().Pods(spec.Namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
 		return fmt.Errorf("pod status: %w", err)
 	}
@@ -333,6 +549,9 @@ func (w *Workload) SetReady(ctx context.Context, ready bool) error {
 // Process is the workload's process.
 func (w *Workload) Process() *Process { return w.proc }
 
+// Sidecars are the processes of WorkloadSpec.Sidecars, in that order.
+func (w *Workload) Sidecars() []*Process { return slices.Clone(w.sidecars) }
+
 // LogPath is the file holding the process's stdout and stderr.
 func (w *Workload) LogPath() string {
 	if w.proc == nil {
@@ -346,6 +565,17 @@ func (w *Workload) LogPath() string {
 // probing another pod. The caller waits for it; ctx ending kills its group.
 func (w *Workload) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
 	return commandIn(ctx, w.NetNS, name, args...)
+}
+
+// CommandAs is Command run as cred (setpriv(1)): what one of the pod's
+// containers running as that user would do, e.g. an app whose traffic the
+// pod's iptables capture. It needs root.
+func (w *Workload) CommandAs(ctx context.Context, cred Credential, name string, args ...string) (*exec.Cmd, error) {
+	argv, err := asUserArgv(&cred, append([]string{name}, args...))
+	if err != nil {
+		return nil, err
+	}
+	return commandArgv(ctx, netnsExecArgv(w.NetNS, argv)), nil
 }
 
 // Stop kills the process (SIGTERM, then SIGKILL after a bounded wait),
@@ -363,8 +593,14 @@ func (w *Workload) cleanup(ctx context.Context) error {
 		return nil
 	}
 	var errs []error
-	if w.proc != nil {
-		if err := w.proc.Stop(stopGrace); err != nil {
+	// The app first, then its sidecars, the last started first.
+	procs := w.processes()
+	slices.Reverse(procs[1:])
+	for _, p := range procs {
+		if p == nil {
+			continue
+		}
+		if err := p.Stop(stopGrace); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -379,6 +615,11 @@ func (w *Workload) cleanup(ctx context.Context) error {
 		nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
 		if err := c.env.deleteNetNS(nctx, w.NetNS); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if w.etcDir != "" {
+		if err := removeEtcNetNS(w.etcDir); err != nil {
 			errs = append(errs, err)
 		}
 	}
