@@ -9,7 +9,6 @@ import (
 	"strconv"
 	"sync"
 	"syscall"
-	"testing"
 
 	"golang.org/x/sys/unix"
 )
@@ -79,7 +78,7 @@ var (
 // (killed before their clean-up ran). Only the names are removed: the
 // processes the harness started there had Pdeathsig set and died with
 // their test process. A live pid's namespaces are never touched.
-func sweepLeftovers(tb testing.TB) {
+func sweepLeftovers(logf func(format string, args ...any)) {
 	entries, err := os.ReadDir(netnsDir)
 	if err != nil {
 		return // no namespaces yet
@@ -98,10 +97,10 @@ func sweepLeftovers(tb testing.TB) {
 		_, err = ipCmd(ctx, "netns", "del", e.Name())
 		cancel()
 		if err != nil {
-			tb.Logf("netns: sweep: %v", err)
+			logf("netns: sweep: %v", err)
 			continue
 		}
-		tb.Logf("netns: deleted %s, left behind by pid %d which is gone", e.Name(), pid)
+		logf("netns: deleted %s, left behind by pid %d which is gone", e.Name(), pid)
 	}
 }
 

@@ -39,6 +39,13 @@
 // process also deletes namespaces whose name carries the pid of a test
 // binary that is gone (killed before its cleanup could run).
 //
+// # Programs
+//
+// A benchmark is a program, not a test: [OpenNetwork], [Network.Add] and
+// [Open] make the same namespaces without a testing.TB, return an error
+// where the test constructors skip or fail, and leave the clean-up to the
+// caller's Close (deferred), which deletes them and kills what runs there.
+//
 // # Privileges
 //
 // Namespaces need root (CAP_SYS_ADMIN and CAP_NET_ADMIN). Without them

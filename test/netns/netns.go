@@ -63,17 +63,54 @@ type NS struct {
 func New(tb testing.TB, label string) *NS {
 	tb.Helper()
 	RequireRoot(tb)
-	sweepOnce.Do(func() { sweepLeftovers(tb) })
-	ns, err := newNS(tb, label)
+	sweepOnce.Do(func() { sweepLeftovers(tb.Logf) })
+	ns, err := newNS(label)
+	if ns != nil {
+		// Registered even when creation failed, so a half-made one goes.
+		tb.Cleanup(func() {
+			if err := ns.destroy(); err != nil {
+				tb.Errorf("netns: clean up %s: %v", ns.name, err)
+			}
+		})
+	}
 	if err != nil {
 		tb.Fatalf("netns: %v", err)
 	}
 	return ns
 }
 
+// Open is New for a program (a benchmark) rather than a test: it returns
+// an error where New skips or fails, and the caller must Close the
+// namespace, also when Open failed after making it (ns is then non-nil).
+func Open(label string) (ns *NS, err error) {
+	if ok, reason := Available(); !ok {
+		return nil, fmt.Errorf("netns: %s", reason)
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		return nil, fmt.Errorf("netns: ip(8) is missing (%w): install iproute2", err)
+	}
+	sweepOnce.Do(func() { sweepLeftovers(func(string, ...any) {}) })
+	return newNS(label)
+}
+
+// Close kills what still runs in the namespace and deletes it: what
+// New's clean-up does, for a namespace from Open. Closing twice is
+// harmless.
+func (ns *NS) Close() error {
+	if ns == nil {
+		return nil
+	}
+	if err := ns.destroy(); err != nil {
+		return fmt.Errorf("netns: clean up %s: %w", ns.name, err)
+	}
+	return nil
+}
+
 var labelRe = regexp.MustCompile(`^[A-Za-z0-9._-]*$`)
 
-func newNS(tb testing.TB, label string) (*NS, error) {
+// newNS makes the namespace. Once it returns a non-nil NS, the caller
+// must destroy it, whatever the error.
+func newNS(label string) (*NS, error) {
 	if !labelRe.MatchString(label) {
 		return nil, fmt.Errorf("label %q: want letters, digits, '.', '_' or '-'", label)
 	}
@@ -85,19 +122,13 @@ func newNS(tb testing.TB, label string) (*NS, error) {
 	}
 	name := fmt.Sprintf("%s%ds%d-%s", namePrefix, os.Getpid(), seq.Add(1), label)
 	ns := &NS{name: name, path: filepath.Join(netnsDir, name)}
-	// Registered before the namespace exists, so a half-made one goes too.
-	tb.Cleanup(func() {
-		if err := ns.destroy(); err != nil {
-			tb.Errorf("netns: clean up %s: %v", name, err)
-		}
-	})
 	ctx, cancel := context.WithTimeout(context.Background(), cmdTimeout)
 	defer cancel()
 	if err := ipBatch(ctx,
 		[]string{"netns", "add", name},
 		[]string{"-n", name, "link", "set", "lo", "up"},
 	); err != nil {
-		return nil, err
+		return ns, err
 	}
 	return ns, nil
 }

@@ -206,6 +206,51 @@ func TestCleanupLeavesNothing(t *testing.T) {
 	require.Equal(t, routesBefore, hostRoutes(t), "routes of the host's namespace changed")
 }
 
+// A program's Network (OpenNetwork, Add, Close) works as a test's does,
+// and Close removes every namespace and kills what runs there.
+func TestOpenNetwork(t *testing.T) {
+	t.Parallel()
+	RequireRoot(t)
+	n, err := OpenNetwork(NetworkOptions{Label: "prog"})
+	require.NoError(t, err)
+	closed := false
+	defer func() {
+		if !closed {
+			_ = n.Close()
+		}
+	}()
+	a, err := n.Add("a")
+	require.NoError(t, err)
+	b, err := n.Add("b")
+	require.NoError(t, err)
+	ln, err := b.Listen("tcp", b.Addr().String()+":0")
+	require.NoError(t, err)
+	defer ln.Close()
+	go echoServer(ln)
+	require.Equal(t, "via "+ln.Addr().String(), echo(t, a, ln.Addr().String()))
+
+	cmd := exec.Command("sleep", "600")
+	require.NoError(t, a.Start(cmd))
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	names := []string{n.Router().Name(), a.Name(), b.Name()}
+	require.NoError(t, n.Close())
+	closed = true
+	require.NoError(t, n.Close(), "closing twice is harmless")
+	for _, name := range names {
+		require.NoFileExists(t, filepath.Join(netnsDir, name))
+	}
+	select {
+	case err := <-exited:
+		require.Error(t, err, "killed")
+	case <-time.After(ioTimeout):
+		t.Fatal("the process left in the namespace was not killed")
+	}
+
+	_, err = OpenNetwork(NetworkOptions{Prefix: netip.MustParsePrefix("fd00::/64")})
+	require.ErrorContains(t, err, "want an IPv4 prefix")
+}
+
 func hostInterfaces(t testing.TB) []string {
 	ifs, err := net.Interfaces()
 	require.NoError(t, err)
@@ -275,11 +320,11 @@ func TestTwoNetworks(t *testing.T) {
 func TestBadOptions(t *testing.T) {
 	t.Parallel()
 	RequireRoot(t)
-	_, err := newNetwork(t, NetworkOptions{Prefix: netip.MustParsePrefix("fd00::/64")})
+	_, err := newNetwork(NetworkOptions{Prefix: netip.MustParsePrefix("fd00::/64")})
 	require.ErrorContains(t, err, "want an IPv4 prefix")
-	_, err = newNetwork(t, NetworkOptions{IPv6: true, Prefix6: netip.MustParsePrefix("10.0.0.0/8")})
+	_, err = newNetwork(NetworkOptions{IPv6: true, Prefix6: netip.MustParsePrefix("10.0.0.0/8")})
 	require.ErrorContains(t, err, "want an IPv6 prefix")
-	_, err = newNS(t, "no spaces")
+	_, err = newNS("no spaces")
 	require.ErrorContains(t, err, `label "no spaces"`)
 
 	n := NewNetwork(t, NetworkOptions{Label: "tiny", Prefix: netip.MustParsePrefix("10.1.1.0/29")})

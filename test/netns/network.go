@@ -2,8 +2,10 @@ package netns
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
+	"os/exec"
 	"strconv"
 	"sync"
 	"testing"
@@ -43,26 +45,60 @@ type Network struct {
 	prefix, prefix6 netip.Prefix
 	gateway, gw6    netip.Addr
 
-	// mu guards next.
+	// mu guards next and owned.
 	mu sync.Mutex
 	// next is the host number the next namespace gets; also names the
 	// router's end of its veth (v<next-2>).
 	next int
+	// owned are the namespaces Add made, for Close.
+	owned []*NS
 }
 
 // NewNetwork makes a Network for tb; its namespaces are deleted in
 // tb.Cleanup. It skips tb when not running as root (see RequireRoot).
 func NewNetwork(tb testing.TB, opts NetworkOptions) *Network {
 	tb.Helper()
-	n, err := newNetwork(tb, opts)
+	RequireRoot(tb)
+	sweepOnce.Do(func() { sweepLeftovers(tb.Logf) })
+	n, err := newNetwork(opts)
+	if n != nil {
+		tb.Cleanup(func() {
+			if err := n.router.destroy(); err != nil {
+				tb.Errorf("netns: clean up %s: %v", n.router.name, err)
+			}
+		})
+	}
 	if err != nil {
 		tb.Fatalf("netns: %v", err)
 	}
 	return n
 }
 
-func newNetwork(tb testing.TB, opts NetworkOptions) (*Network, error) {
-	tb.Helper()
+// OpenNetwork is NewNetwork for a program (a benchmark) rather than a
+// test: it returns an error where NewNetwork skips or fails, and the
+// caller must Close the network, which deletes its router and every
+// namespace Add made.
+func OpenNetwork(opts NetworkOptions) (*Network, error) {
+	if ok, reason := Available(); !ok {
+		return nil, fmt.Errorf("netns: %s", reason)
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		return nil, fmt.Errorf("netns: ip(8) is missing (%w): install iproute2", err)
+	}
+	sweepOnce.Do(func() { sweepLeftovers(func(string, ...any) {}) })
+	n, err := newNetwork(opts)
+	if err != nil {
+		if n != nil {
+			err = errors.Join(err, n.Close())
+		}
+		return nil, fmt.Errorf("netns: %w", err)
+	}
+	return n, nil
+}
+
+// newNetwork makes the router. Once it returns a non-nil Network, the
+// caller must destroy its router, whatever the error.
+func newNetwork(opts NetworkOptions) (*Network, error) {
 	if opts.Label == "" {
 		opts.Label = "net"
 	}
@@ -84,8 +120,14 @@ func newNetwork(tb testing.TB, opts NetworkOptions) (*Network, error) {
 		n.prefix6 = opts.Prefix6.Masked()
 		n.gw6 = n.prefix6.Addr().Next()
 	}
-	RequireRoot(tb)
-	n.router = New(tb, opts.Label+"-router")
+	router, err := newNS(opts.Label + "-router")
+	if router == nil {
+		return nil, err
+	}
+	n.router = router
+	if err != nil {
+		return n, err
+	}
 	r := n.router.name
 	cmds := [][]string{
 		{"-n", r, "link", "add", "br0", "type", "bridge"},
@@ -98,9 +140,42 @@ func newNetwork(tb testing.TB, opts NetworkOptions) (*Network, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), cmdTimeout)
 	defer cancel()
 	if err := ipBatch(ctx, cmds...); err != nil {
-		return nil, fmt.Errorf("network %s: %w", opts.Label, err)
+		return n, fmt.Errorf("network %s: %w", opts.Label, err)
 	}
 	return n, nil
+}
+
+// Add is NewNS for a program: a namespace plugged into the network as
+// eth0, deleted by Close.
+func (n *Network) Add(label string) (*NS, error) {
+	ns, err := newNS(label)
+	if ns != nil {
+		n.mu.Lock()
+		n.owned = append(n.owned, ns)
+		n.mu.Unlock()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("netns: %w", err)
+	}
+	if _, _, err := n.connect(ns); err != nil {
+		return nil, fmt.Errorf("netns: %w", err)
+	}
+	return ns, nil
+}
+
+// Close deletes the namespaces Add made, then the router, killing what
+// still runs in them. Closing twice is harmless. A Network from
+// NewNetwork is cleaned up by its test instead.
+func (n *Network) Close() error {
+	n.mu.Lock()
+	owned := n.owned
+	n.owned = nil
+	n.mu.Unlock()
+	var errs []error
+	for i := len(owned) - 1; i >= 0; i-- {
+		errs = append(errs, owned[i].Close())
+	}
+	return errors.Join(append(errs, n.router.Close())...)
 }
 
 // Router is the namespace holding the bridge and the gateway address. Add
