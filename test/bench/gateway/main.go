@@ -44,6 +44,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/isthmus-mesh/isthmus/test/bench/internal/procs"
 	"github.com/isthmus-mesh/isthmus/test/bench/internal/tlsbackend"
 )
 
@@ -75,7 +76,7 @@ func main() {
 type target struct {
 	name string
 	addr string
-	p    *proc // nil for direct
+	p    *procs.Proc // nil for direct
 }
 
 func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc int, noNginx bool, measures []string) error {
@@ -96,11 +97,11 @@ func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc int, no
 	if err != nil {
 		return err
 	}
-	be, err := start("backend", exec.Command(self, "backend", "--pki", dir), filepath.Join(dir, "backend.log"))
+	be, err := procs.Start("backend", exec.Command(self, "backend", "--pki", dir), filepath.Join(dir, "backend.log"), nil)
 	if err != nil {
 		return err
 	}
-	defer be.stop()
+	defer be.Stop()
 	backendAddr, err := firstLine(filepath.Join(dir, "backend.log"), 10*time.Second)
 	if err != nil {
 		return fmt.Errorf("backend: %w", err)
@@ -110,11 +111,11 @@ func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc int, no
 	if err != nil {
 		return err
 	}
-	defer gw.stop()
+	defer gw.Stop()
 	targets := []target{{name: "isthmus", addr: gwAddr, p: gw}}
 	idle := map[string]float64{}
 	time.Sleep(500 * time.Millisecond)
-	idle["isthmus"] = gw.memory("VmRSS")
+	idle["isthmus"] = gw.Memory("VmRSS")
 
 	nginxNote := ""
 	if noNginx {
@@ -124,10 +125,10 @@ func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc int, no
 	} else if ng, ngAddr, err := startNginx(dir, mod, backendAddr, nRoutes); err != nil {
 		nginxNote = err.Error()
 	} else {
-		defer ng.stop()
+		defer ng.Stop()
 		targets = append(targets, target{name: "nginx", addr: ngAddr, p: ng})
 		time.Sleep(500 * time.Millisecond)
-		idle["nginx"] = ng.memory("VmRSS")
+		idle["nginx"] = ng.Memory("VmRSS")
 	}
 	if nginxNote != "" {
 		log.Printf("no nginx column: %s", nginxNote)
@@ -163,7 +164,7 @@ func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc int, no
 				if m.bulk {
 					work = bulk(t.addr, clientCfg)
 				}
-				w := measure(m.conns, warmup, dur, t.p.cpu, work)
+				w := measure(m.conns, warmup, dur, t.p.CPU, work)
 				res.add(m.key, t.name, w)
 				log.Printf("run %d %-7s %-7s %s", r, m.key, t.name, w.describe(m.bulk))
 				time.Sleep(500 * time.Millisecond) // let the last sockets close
@@ -173,7 +174,7 @@ func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc int, no
 	peak := map[string]float64{}
 	for _, t := range targets {
 		if t.p != nil {
-			peak[t.name] = t.p.memory("VmHWM")
+			peak[t.name] = t.p.Memory("VmHWM")
 		}
 	}
 	fmt.Print(res.table(targets, nginxNote, idle, peak, nRoutes, hsConc))
@@ -183,7 +184,7 @@ func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc int, no
 // firstLine waits for the first line of a file a child writes.
 func firstLine(file string, d time.Duration) (string, error) {
 	var line string
-	err := waitFor(d, func() bool {
+	err := procs.WaitFor(d, func() bool {
 		f, err := os.Open(file)
 		if err != nil {
 			return false

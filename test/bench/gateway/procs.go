@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,119 +9,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"syscall"
 	"time"
+
+	"github.com/isthmus-mesh/isthmus/test/bench/internal/procs"
 )
-
-// proc is a child process and its descendants (nginx's workers).
-type proc struct {
-	name string
-	cmd  *exec.Cmd
-}
-
-func start(name string, cmd *exec.Cmd, logFile string) (*proc, error) {
-	out, err := os.Create(logFile)
-	if err != nil {
-		return nil, err
-	}
-	cmd.Stdout, cmd.Stderr = out, out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	return &proc{name: name, cmd: cmd}, nil
-}
-
-// stop sends SIGTERM to the process group, and SIGKILL after 10 s.
-func (p *proc) stop() {
-	if p == nil || p.cmd.Process == nil {
-		return
-	}
-	pid := p.cmd.Process.Pid
-	_ = syscall.Kill(-pid, syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = p.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		_ = syscall.Kill(-pid, syscall.SIGKILL)
-		<-done
-	}
-}
-
-// pids is the process group the child leads (start puts it in its own):
-// the gateway, or nginx's master and workers.
-func (p *proc) pids() []int {
-	root := strconv.Itoa(p.cmd.Process.Pid)
-	var out []int
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if f := statFields(pid); len(f) > 3 && f[5-2] == root { // field 5: pgrp
-			out = append(out, pid)
-		}
-	}
-	return out
-}
-
-// statFields is /proc/<pid>/stat split after the command name, so that
-// field k (man 5 proc) is f[k-2].
-func statFields(pid int) []string {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return nil
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return nil
-	}
-	return append([]string{""}, strings.Fields(s[i+1:])...)
-}
-
-// cpu is user+system CPU seconds of the process and its children.
-func (p *proc) cpu() float64 {
-	if p == nil {
-		return 0
-	}
-	var ticks float64
-	for _, pid := range p.pids() {
-		f := statFields(pid)
-		if len(f) > 15 {
-			u, _ := strconv.ParseFloat(f[14-2], 64) // utime, field 14
-			s, _ := strconv.ParseFloat(f[15-2], 64) // stime, field 15
-			ticks += u + s
-		}
-	}
-	return ticks / 100 // USER_HZ
-}
-
-// memory sums a /proc/<pid>/status field (kB) over the processes: VmRSS
-// now, VmHWM the peak. For nginx the sum counts the pages master and
-// workers share once per process, as `ps` does.
-func (p *proc) memory(field string) float64 {
-	var kb float64
-	for _, pid := range p.pids() {
-		f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
-		if err != nil {
-			continue
-		}
-		sc := bufio.NewScanner(f)
-		for sc.Scan() {
-			if v, ok := strings.CutPrefix(sc.Text(), field+":"); ok {
-				n, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
-				kb += n
-			}
-		}
-		_ = f.Close()
-	}
-	return kb / 1024
-}
 
 func freePort() (string, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -143,7 +34,7 @@ func fillerRoute(i int) (sni, cluster, addr string) {
 
 // startGateway runs bin/eastwest-gw with a routes file of n routes, one of
 // them benchSNI → backend.
-func startGateway(binDir, dir, backend string, n int) (p *proc, addr string, err error) {
+func startGateway(binDir, dir, backend string, n int) (p *procs.Proc, addr string, err error) {
 	type ep struct {
 		Address string `json:"address"`
 	}
@@ -172,13 +63,13 @@ func startGateway(binDir, dir, backend string, n int) (p *proc, addr string, err
 	if err != nil {
 		return nil, "", err
 	}
-	p, err = start("eastwest-gw", exec.Command(filepath.Join(binDir, "eastwest-gw"),
+	p, err = procs.Start("eastwest-gw", exec.Command(filepath.Join(binDir, "eastwest-gw"),
 		"--listen-addr", addr, "--health-addr", health, "--metrics-addr", "",
-		"--routes-file", file, "--log-level", "warn"), filepath.Join(dir, "eastwest-gw.log"))
+		"--routes-file", file, "--log-level", "warn"), filepath.Join(dir, "eastwest-gw.log"), nil)
 	if err != nil {
 		return nil, "", err
 	}
-	err = waitFor(10*time.Second, func() bool {
+	err = procs.WaitFor(10*time.Second, func() bool {
 		resp, err := http.Get("http://" + health + "/healthz/ready")
 		if err != nil {
 			return false
@@ -187,7 +78,7 @@ func startGateway(binDir, dir, backend string, n int) (p *proc, addr string, err
 		return resp.StatusCode == http.StatusOK
 	})
 	if err != nil {
-		p.stop()
+		p.Stop()
 		return nil, "", fmt.Errorf("eastwest-gw not ready (see %s): %w", filepath.Join(dir, "eastwest-gw.log"), err)
 	}
 	return p, addr, nil
@@ -208,7 +99,7 @@ func nginxModule() (string, error) {
 // startNginx runs nginx's stream module with ssl_preread, routing the
 // same n server names (a map, the idiomatic SNI router), as a foreground
 // master with one worker per core.
-func startNginx(dir, module, backend string, n int) (p *proc, addr string, err error) {
+func startNginx(dir, module, backend string, n int) (p *procs.Proc, addr string, err error) {
 	if addr, err = freePort(); err != nil {
 		return nil, "", err
 	}
@@ -244,31 +135,20 @@ stream {
 	if out, err := exec.Command("nginx", "-t", "-q", "-p", dir, "-c", file).CombinedOutput(); err != nil {
 		return nil, "", fmt.Errorf("nginx -t: %v: %s", err, out)
 	}
-	p, err = start("nginx", exec.Command("nginx", "-p", dir, "-c", file, "-g", "daemon off;"), filepath.Join(dir, "nginx.log"))
+	p, err = procs.Start("nginx", exec.Command("nginx", "-p", dir, "-c", file, "-g", "daemon off;"), filepath.Join(dir, "nginx.log"), nil)
 	if err != nil {
 		return nil, "", err
 	}
-	err = waitFor(10*time.Second, func() bool {
+	err = procs.WaitFor(10*time.Second, func() bool {
 		c, err := net.Dial("tcp", addr)
 		if err == nil {
 			_ = c.Close()
 		}
-		return err == nil && len(p.pids()) > 1
+		return err == nil && len(p.Pids()) > 1
 	})
 	if err != nil {
-		p.stop()
+		p.Stop()
 		return nil, "", fmt.Errorf("nginx did not start (see %s): %w", dir, err)
 	}
 	return p, addr, nil
-}
-
-func waitFor(d time.Duration, cond func() bool) error {
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("not within %v", d)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return nil
 }
