@@ -1,0 +1,374 @@
+package e2e
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/isthmus-mesh/isthmus/test/mesh"
+)
+
+// echoHost is the clusterset name of the echo service every test pod
+// calls.
+const echoHost = "echo.demo.svc.clusterset.local"
+
+// meshWait bounds each wait for the mesh to converge (a federation update,
+// an xDS push, an EndpointSlice change).
+const meshWait = 60 * time.Second
+
+// TestMesh runs three clusters with real kube-apiservers, each in its own
+// network namespaces, with real federators, gateways and sidecars: a and c
+// export demo/echo, b imports it. a and b share region r1, c is in r2.
+//
+// A client pod in b calls echo.demo.svc.clusterset.local by name: the
+// pod's iptables send its DNS query to its sidecar's DNS proxy and its
+// connection to its sidecar, which carries it over mTLS through a's
+// east-west gateway to a's echo pod, whose sidecar verifies b's
+// certificate against b's own bundle and tells the app who called.
+func TestMesh(t *testing.T) {
+	m := mesh.StartT(t, mesh.Options{
+		BinDir: binDir,
+		Clusters: []mesh.ClusterSpec{
+			{Name: "a", Region: "r1"}, {Name: "b", Region: "r1"}, {Name: "c", Region: "r2"},
+		},
+		FederatorArgs: []string{"--log-level", "debug", "--heartbeat", "1s"},
+		SidecarArgs:   []string{"--log-level", "debug"},
+	})
+	ctx := t.Context()
+	a, b, c := m.Cluster("a"), m.Cluster("b"), m.Cluster("c")
+
+	// Every link of the triangle, and every pod, at once.
+	var g errgroup.Group
+	g.Go(func() error { return mesh.Link(ctx, a, b) })
+	g.Go(func() error { return mesh.Link(ctx, a, c) })
+	g.Go(func() error { return mesh.Link(ctx, c, b) })
+	var echoA, echoC []*mesh.Pod
+	var clientB, clientA, outsider, outsiderB *mesh.Pod
+	g.Go(func() (err error) { echoA, err = a.ServeEcho(ctx, "demo", "echo", 1); return err })
+	g.Go(func() (err error) { echoC, err = c.ServeEcho(ctx, "demo", "echo", 1); return err })
+	g.Go(func() (err error) { clientB, err = b.RunPod(ctx, mesh.PodSpec{Name: "client"}); return err })
+	g.Go(func() (err error) { clientA, err = a.RunPod(ctx, mesh.PodSpec{Name: "client"}); return err })
+	g.Go(func() (err error) {
+		outsider, err = a.RunPod(ctx, mesh.PodSpec{Name: "outsider", NoSidecar: true})
+		return err
+	})
+	g.Go(func() (err error) {
+		outsiderB, err = b.RunPod(ctx, mesh.PodSpec{Name: "outsider", NoSidecar: true})
+		return err
+	})
+	require.NoError(t, g.Wait())
+	require.NoError(t, a.Export(ctx, "demo", "echo", 1))
+	require.NoError(t, c.Export(ctx, "demo", "echo", 1))
+	for _, exporter := range []string{"a", "c"} {
+		require.NoError(t, mesh.Poll(ctx, meshWait, "b imports demo/echo from "+exporter, func(ctx context.Context) (bool, string) {
+			s, ok, err := b.Imported(ctx, exporter, "demo", "echo")
+			if err != nil || !ok {
+				return false, fmt.Sprintf("ok=%t err=%v", ok, err)
+			}
+			return s.ReadyEndpoints() == 1, fmt.Sprintf("%d ready endpoints", s.ReadyEndpoints())
+		}))
+	}
+	callerB := b.SPIFFEID("demo", "client")
+	echoAID := a.SPIFFEID("demo", "echo")
+
+	t.Run("the pod's DNS answers the clusterset name with a virtual IP", func(t *testing.T) {
+		var addrs []netip.Addr
+		eventually(t, "b's client resolves "+echoHost, func() error {
+			var err error
+			addrs, err = clientB.Resolve(ctx, echoHost)
+			return err
+		})
+		require.Len(t, addrs, 1)
+		assert.True(t, netip.MustParsePrefix("240.240.0.0/16").Contains(addrs[0]), "VIP %s", addrs[0])
+	})
+
+	t.Run("b's pods reach a only through a's gateway", func(t *testing.T) {
+		gw := netip.AddrPortFrom(a.K.WANIP(), mesh.GatewayPort).String()
+		require.NoError(t, dialOnce(ctx, outsiderB, gw), "b's pod → a's gateway")
+		for _, addr := range []string{
+			netip.AddrPortFrom(echoA[0].W.IP, mesh.EchoHTTPPort).String(), // a's pod
+			a.Federator.FederationAddr,                                    // a's federator, on the WAN
+			netip.AddrPortFrom(a.K.WANIP(), 6443).String(),                // a's API server
+		} {
+			err := dialOnce(ctx, outsiderB, addr)
+			require.Error(t, err, "b's pod reached %s", addr)
+			t.Logf("b's pod → %s: %v", addr, err)
+		}
+	})
+
+	t.Run("HTTP/1.1, HTTP/2, gRPC and TCP cross from b to a with b's identity", func(t *testing.T) {
+		before := gatewayRouted(t, a, ServiceHTTP)
+		captured := sidecarOutbound(t, clientB)
+		for _, tc := range []struct {
+			proto, port, seen string
+			identity          bool
+		}{
+			{"http1", "80", "HTTP/1.1", true},
+			{"h2c", "80", "HTTP/2.0", true},
+			{"grpc", "9090", "grpc", true},
+			{"tcp", "9000", "tcp", false},
+		} {
+			t.Run(tc.proto, func(t *testing.T) {
+				r := callOK(t, clientB, mesh.Call{Proto: tc.proto, Target: net.JoinHostPort(echoHost, tc.port)})
+				t.Logf("%s: %+v", tc.proto, r)
+				assert.Equal(t, "a", r.Cluster, "answered by cluster a, b's region")
+				assert.Equal(t, echoA[0].Name(), r.Pod)
+				assert.Equal(t, tc.seen, r.Proto)
+				// The app hears from its own sidecar on loopback.
+				assert.True(t, strings.HasPrefix(r.Remote, "127.0.0.1:"), "remote %s", r.Remote)
+				if tc.identity {
+					assert.Equal(t, callerB, r.CallerIdentity, "the caller's identity as a's sidecar verified it")
+					assert.Contains(t, r.XFCC, "By="+echoAID+";")
+					assert.Empty(t, r.XFCCError)
+				}
+			})
+		}
+		assert.Greater(t, gatewayRouted(t, a, ServiceHTTP), before, "the HTTP calls went through a's east-west gateway")
+		assert.GreaterOrEqual(t, sidecarOutbound(t, clientB), captured+4, "iptables sent the app's four connections to b's sidecar")
+	})
+
+	t.Run("the same call inside a stays in a", func(t *testing.T) {
+		before := gatewayRouted(t, a, ServiceHTTP)
+		for _, proto := range []string{"http1", "h2c"} {
+			r := callOK(t, clientA, mesh.Call{Proto: proto, Target: echoHost + ":80"})
+			assert.Equal(t, "a", r.Cluster, "a's own pod, not c's")
+			assert.Equal(t, a.SPIFFEID("demo", "client"), r.CallerIdentity)
+		}
+		r := callOK(t, clientA, mesh.Call{Proto: "tcp", Target: echoHost + ":9000"})
+		assert.Equal(t, "a", r.Cluster)
+		assert.Equal(t, before, gatewayRouted(t, a, ServiceHTTP), "a local call went through a's gateway")
+	})
+
+	t.Run("an X-Forwarded-Client-Cert from the app never reaches the destination", func(t *testing.T) {
+		forged := "By=" + echoAID + ";Hash=00;URI=spiffe://a.mesh/ns/demo/sa/admin"
+		for _, proto := range []string{"http1", "h2c", "grpc"} {
+			port := "80"
+			if proto == "grpc" {
+				port = "9090"
+			}
+			r := callOK(t, clientB, mesh.Call{Proto: proto, Target: net.JoinHostPort(echoHost, port),
+				Headers: []string{"X-Forwarded-Client-Cert: " + forged}})
+			assert.NotContains(t, r.XFCC, "sa/admin", "%s: the forged XFCC reached the app", proto)
+			assert.NotContains(t, r.XFCC, "Hash=00", "%s", proto)
+			assert.Equal(t, callerB, r.CallerIdentity, "%s", proto)
+		}
+	})
+
+	t.Run("a workload without a valid certificate cannot reach the inbound port", func(t *testing.T) {
+		target := echoA[0]
+		refusals := func() float64 {
+			metrics, err := target.SidecarMetrics(ctx)
+			if err != nil {
+				t.Logf("sidecar metrics: %v", err)
+				return -1
+			}
+			return mesh.MetricSum(metrics, "isthmus_sidecar_refusals_total", `listener="inbound"`, `reason="handshake"`)
+		}
+		before := refusals()
+		require.GreaterOrEqual(t, before, 0.0)
+		httpAddr := netip.AddrPortFrom(target.W.IP, mesh.EchoHTTPPort).String()
+		tcpAddr := netip.AddrPortFrom(target.W.IP, mesh.EchoTCPPort).String()
+
+		// Plain HTTP to the app's port: the pod's capture sends it to the
+		// sidecar's inbound listener, which speaks only TLS.
+		answer, err := exchange(ctx, outsider, httpAddr, nil, "GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
+		assert.NotContains(t, answer, "HTTP/", "plain HTTP reached the app (err %v)", err)
+		// Raw TCP: echo greets every connection at once; the sidecar does not.
+		answer, err = exchange(ctx, outsider, tcpAddr, nil, "")
+		assert.NotContains(t, answer, `"pod"`, "a raw connection reached the app (err %v)", err)
+		// TLS without a client certificate.
+		answer, err = exchange(ctx, outsider, httpAddr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"istio-http/1.1"}}, //nolint:gosec // an attacker verifies nothing
+			"GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
+		require.Error(t, err)
+		assert.NotContains(t, answer, "HTTP/")
+		// TLS with b's client's identity, signed by no trusted root.
+		forged := selfSignedSVID(t, callerB)
+		answer, err = exchange(ctx, outsider, httpAddr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"istio-http/1.1"}, //nolint:gosec // as above
+			Certificates: []tls.Certificate{forged}}, "GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
+		require.Error(t, err)
+		assert.NotContains(t, answer, "HTTP/")
+		t.Logf("a self-signed certificate for %s: %v", callerB, err)
+
+		assert.Eventually(t, func() bool { return refusals() >= before+4 }, 10*time.Second, 100*time.Millisecond,
+			"a's sidecar did not count 4 refused inbound handshakes (from %v)", before)
+		// The same pod answers the mesh all along.
+		r := callOK(t, clientA, mesh.Call{Proto: "http1", Target: echoHost + ":80"})
+		assert.Equal(t, target.Name(), r.Pod)
+	})
+
+	t.Run("a's endpoints unready: b fails over to c, and back to a", func(t *testing.T) {
+		require.NoError(t, echoA[0].SetReady(ctx, false))
+		require.NoError(t, a.WaitReadyEndpoints(ctx, "demo", "echo", 0, meshWait))
+		answeredBy(t, clientB, "c", echoC[0], callerB)
+		r := callOK(t, clientB, mesh.Call{Proto: "tcp", Target: echoHost + ":9000"})
+		assert.Equal(t, "c", r.Cluster)
+
+		require.NoError(t, echoA[0].SetReady(ctx, true))
+		require.NoError(t, a.WaitReadyEndpoints(ctx, "demo", "echo", 1, meshWait))
+		answeredBy(t, clientB, "a", echoA[0], callerB)
+	})
+}
+
+// ServiceHTTP is the gateway cluster of echo's HTTP port.
+const ServiceHTTP = "outbound|80||echo.demo.svc.cluster.local"
+
+// gatewayRouted counts the connections c's gateway routed to cluster.
+func gatewayRouted(t *testing.T, c *mesh.Cluster, cluster string) float64 {
+	t.Helper()
+	metrics, err := c.GatewayMetrics(t.Context())
+	require.NoError(t, err)
+	return mesh.MetricSum(metrics, "isthmus_gateway_routed_connections_total", `cluster="`+cluster+`"`)
+}
+
+// sidecarOutbound counts the connections p's sidecar accepted on its
+// outbound listener: the app's, redirected by iptables.
+func sidecarOutbound(t *testing.T, p *mesh.Pod) float64 {
+	t.Helper()
+	metrics, err := p.SidecarMetrics(t.Context())
+	require.NoError(t, err)
+	return mesh.MetricSum(metrics, "isthmus_sidecar_connections_total", `listener="outbound"`)
+}
+
+// dialOnce connects from p's namespace to addr, bounded by two seconds.
+func dialOnce(ctx context.Context, p *mesh.Pod, addr string) error {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	conn, err := p.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	return conn.Close()
+}
+
+// eventually retries fn until it succeeds, at most meshWait, and fails t
+// with its last error.
+func eventually(t *testing.T, what string, fn func() error) {
+	t.Helper()
+	deadline := time.Now().Add(meshWait)
+	for {
+		err := fn()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %s; last error: %v", what, meshWait, err)
+		}
+		select {
+		case <-t.Context().Done():
+			t.Fatalf("%s: %v; last error: %v", what, t.Context().Err(), err)
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// callOK makes call from p, retrying while the mesh converges, and returns
+// its one reply.
+func callOK(t *testing.T, p *mesh.Pod, call mesh.Call) mesh.Reply {
+	t.Helper()
+	var replies []mesh.Reply
+	eventually(t, p.Cluster.Name()+"/"+p.Name()+": echo "+strings.Join(call.Args(), " "), func() error {
+		var err error
+		replies, err = p.Call(t.Context(), call)
+		return err
+	})
+	require.Len(t, replies, 1)
+	return replies[0]
+}
+
+// answeredBy waits until p's HTTP call to echo is answered by cluster's
+// pod, with caller as the identity.
+func answeredBy(t *testing.T, p *mesh.Pod, cluster string, pod *mesh.Pod, caller string) {
+	t.Helper()
+	var last mesh.Reply
+	eventually(t, "answered by cluster "+cluster, func() error {
+		replies, err := p.Call(t.Context(), mesh.Call{Proto: "http1", Target: echoHost + ":80"})
+		if err != nil {
+			return err
+		}
+		if last = replies[0]; last.Cluster != cluster {
+			return fmt.Errorf("answered by cluster %s", last.Cluster)
+		}
+		return nil
+	})
+	assert.Equal(t, pod.Name(), last.Pod)
+	assert.Equal(t, caller, last.CallerIdentity)
+}
+
+// exchange connects from p's namespace to addr (over TLS when cfg is
+// set), sends request and returns what came back within two seconds, and
+// the first error: a refusal shows as one.
+func exchange(ctx context.Context, p *mesh.Pod, addr string, cfg *tls.Config, request string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	conn, err := p.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	if err := conn.SetDeadline(time.Now().Add(2 * time.Second)); err != nil {
+		return "", err
+	}
+	if cfg != nil {
+		tc := tls.Client(conn, cfg)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return "", fmt.Errorf("handshake: %w", err)
+		}
+		conn = tc
+	}
+	if request != "" {
+		if _, err := io.WriteString(conn, request); err != nil {
+			return "", fmt.Errorf("write: %w", err)
+		}
+	}
+	got, err := io.ReadAll(io.LimitReader(conn, 64<<10))
+	var ne net.Error
+	if err == nil {
+		err = errors.New("closed")
+	} else if errors.As(err, &ne) && ne.Timeout() {
+		err = fmt.Errorf("nothing within the deadline: %w", err)
+	}
+	return string(got), err
+}
+
+// selfSignedSVID is a certificate claiming id, signed by its own key: what
+// a workload outside the mesh could make.
+func selfSignedSVID(t *testing.T, id string) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	u, err := url.Parse(id)
+	require.NoError(t, err)
+	serial, err := rand.Int(rand.Reader, big.NewInt(1<<62))
+	require.NoError(t, err)
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: "forged-" + strconv.FormatInt(serial.Int64()%1000, 10)},
+		URIs:         []*url.URL{u},
+		NotBefore:    time.Now().Add(-time.Minute),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	require.NoError(t, err)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
