@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"io"
 	"net"
@@ -14,22 +13,12 @@ import (
 	"testing"
 	"time"
 
-	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
-	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	mdns "github.com/miekg/dns"
-	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
-	"google.golang.org/grpc"
-	"k8s.io/client-go/kubernetes/fake"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-
-	"github.com/isthmus-mesh/isthmus/pkg/ca"
-	"github.com/isthmus-mesh/isthmus/pkg/caserver"
+	"github.com/isthmus-mesh/isthmus/internal/fedtest"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 	"github.com/isthmus-mesh/isthmus/pkg/xds"
 )
@@ -44,32 +33,6 @@ func TestRunRefusesBadFlags(t *testing.T) {
 	for _, want := range []string{"--cluster-name", "max connections", "outbound address"} {
 		require.ErrorContains(t, err, want)
 	}
-}
-
-// fakeAuth accepts the token "tok" as demo/web, as a TokenReview would.
-type fakeAuth struct{}
-
-func (fakeAuth) Authenticate(_ context.Context, token string) (caserver.Caller, error) {
-	if token != "tok" {
-		return caserver.Caller{}, caserver.ErrUnauthenticated
-	}
-	return caserver.Caller{Namespace: "demo", ServiceAccount: "web"}, nil
-}
-
-// oneGroup serves every node the same snapshot, as the federator serves
-// every sidecar.
-type oneGroup struct{}
-
-func (oneGroup) ID(*corev3.Node) string { return "sidecar" }
-
-func serveGRPC(t *testing.T, g *grpc.Server) string {
-	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	done := make(chan struct{})
-	go func() { defer close(done); _ = g.Serve(lis) }()
-	t.Cleanup(func() { g.Stop(); <-done })
-	return lis.Addr().String()
 }
 
 func freePort(t *testing.T) string {
@@ -87,14 +50,11 @@ func freePort(t *testing.T) string {
 // context ends.
 func TestRun(t *testing.T) {
 	td := spiffeid.RequireTrustDomainFromString("alpha.mesh")
-	authority, err := ca.New(t.Context(), fake.NewClientset(), ca.Options{TrustDomain: td, Namespace: "isthmus-system"})
+	caLn, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	federator := spiffeid.RequireFromSegments(td, "ns", "isthmus-system", "sa", "isthmus-federator")
-	self, err := ca.NewSelfSource(authority.Authority, federator, nil)
+	authority, err := fedtest.StartCA(t.Context(), caLn, td, fedtest.Tokens{"tok": {Namespace: "demo", ServiceAccount: "web"}})
 	require.NoError(t, err)
-	caGRPC := grpc.NewServer(caserver.ServerOptions(self)...)
-	caserver.New(authority, fakeAuth{}, caserver.Options{}).Register(caGRPC)
-	caAddr := serveGRPC(t, caGRPC)
+	t.Cleanup(authority.Close)
 
 	// The federator's translation of one exported HTTP service.
 	local, err := catalog.NewSnapshot(catalog.LocalSource, []catalog.Service{{
@@ -104,41 +64,17 @@ func TestRun(t *testing.T) {
 		Identities: []string{"spiffe://alpha.mesh/ns/demo/sa/echo"},
 	}})
 	require.NoError(t, err)
-	r, _, err := xds.TranslateSidecar(local, nil, xds.SidecarOptions{Region: "r1"})
+	snap, err := fedtest.SidecarSnapshot(local, nil, xds.SidecarOptions{Region: "r1"}, authority.Bundle())
 	require.NoError(t, err)
-	secrets, _, err := xds.TranslateSecrets([]*x509bundle.Bundle{authority.Bundle()})
+	xdsLn, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	res := map[resource.Type][]types.Resource{}
-	for _, l := range r.Listeners {
-		res[resource.ListenerType] = append(res[resource.ListenerType], l)
-	}
-	for _, rc := range r.Routes {
-		res[resource.RouteType] = append(res[resource.RouteType], rc)
-	}
-	for _, c := range r.Clusters {
-		res[resource.ClusterType] = append(res[resource.ClusterType], c)
-	}
-	for _, e := range r.Endpoints {
-		res[resource.EndpointType] = append(res[resource.EndpointType], e)
-	}
-	for _, s := range secrets {
-		res[resource.SecretType] = append(res[resource.SecretType], s)
-	}
-	snap, err := cache.NewSnapshot(r.Version, res)
-	require.NoError(t, err)
-	snapCache := cache.NewSnapshotCache(true, oneGroup{}, nil)
-	require.NoError(t, snapCache.SetSnapshot(t.Context(), "sidecar", snap))
-	xdsGRPC := grpc.NewServer()
-	xdsCtx, stopXDS := context.WithCancel(context.Background())
-	t.Cleanup(stopXDS)
-	discoveryv3.RegisterAggregatedDiscoveryServiceServer(xdsGRPC, serverv3.NewServer(xdsCtx, snapCache, nil))
-	xdsAddr := serveGRPC(t, xdsGRPC)
+	xdsSrv := fedtest.StartXDS(xdsLn)
+	t.Cleanup(xdsSrv.Close)
+	require.NoError(t, xdsSrv.Set(t.Context(), snap))
+	caAddr, xdsAddr := authority.Addr, xdsSrv.Addr
 
 	dir := t.TempDir()
-	var roots []byte
-	for _, c := range authority.Bundle().X509Authorities() {
-		roots = append(roots, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
-	}
+	roots := authority.RootsPEM()
 	rootsFile, tokenFile := filepath.Join(dir, "roots.pem"), filepath.Join(dir, "token")
 	require.NoError(t, os.WriteFile(rootsFile, roots, 0o600))
 	require.NoError(t, os.WriteFile(tokenFile, []byte("tok"), 0o600))
@@ -189,7 +125,7 @@ func TestRun(t *testing.T) {
 		Names map[string]string `json:"names"`
 	}
 	require.NoError(t, json.Unmarshal([]byte(body), &dump))
-	require.Equal(t, r.Version, dump.Versions[resource.ListenerType])
+	require.Equal(t, snap.GetVersion(resource.ListenerType), dump.Versions[resource.ListenerType])
 	require.Equal(t, "spiffe://alpha.mesh/ns/demo/sa/web", dump.SVID.ID)
 	vip := dump.Names["echo.demo.svc.clusterset.local"]
 	require.True(t, strings.HasPrefix(vip, "240.240."), "VIP %q", vip)

@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -17,6 +16,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/isthmus-mesh/isthmus/internal/fedtest"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 	"github.com/isthmus-mesh/isthmus/pkg/xds"
 )
@@ -25,32 +25,11 @@ import (
 // own translation (pkg/xds), trusting cas.
 func federatorSnapshot(tb testing.TB, local *catalog.Snapshot, peers []*catalog.Snapshot, cas ...*testCA) *cache.Snapshot {
 	tb.Helper()
-	r, _, err := xds.TranslateSidecar(local, peers, xds.SidecarOptions{Region: "r1"})
-	require.NoError(tb, err)
 	var bundles []*x509bundle.Bundle
 	for _, ca := range cas {
 		bundles = append(bundles, x509bundle.FromX509Authorities(ca.td, []*x509.Certificate{ca.cert}))
 	}
-	secrets, _, err := xds.TranslateSecrets(bundles)
-	require.NoError(tb, err)
-	res := map[resource.Type][]types.Resource{}
-	add := func(typ resource.Type, r types.Resource) { res[typ] = append(res[typ], r) }
-	for _, l := range r.Listeners {
-		add(resource.ListenerType, l)
-	}
-	for _, rc := range r.Routes {
-		add(resource.RouteType, rc)
-	}
-	for _, c := range r.Clusters {
-		add(resource.ClusterType, c)
-	}
-	for _, e := range r.Endpoints {
-		add(resource.EndpointType, e)
-	}
-	for _, s := range secrets {
-		add(resource.SecretType, s)
-	}
-	snap, err := cache.NewSnapshot(r.Version, res)
+	snap, err := fedtest.SidecarSnapshot(local, peers, xds.SidecarOptions{Region: "r1"}, bundles...)
 	require.NoError(tb, err)
 	return snap
 }
