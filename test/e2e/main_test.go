@@ -33,11 +33,6 @@ func run(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	// Pods run the binaries as other users (test/mesh): others need r-x.
-	if err := os.Chmod(dir, 0o755); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
 	// -race binaries, so data races in the product fail the e2e run too.
 	cmd := exec.Command("go", "build", "-race", "-o", dir+"/",
 		"github.com/isthmus-mesh/isthmus/cmd/federator",

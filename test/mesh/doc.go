@@ -46,6 +46,10 @@
 // ([Pod.Call]) are `echo call` run in a pod as the app's user, so their
 // DNS and connections go through the pod's sidecar as an app's would.
 //
+// The pods' binaries (sidecar, echo) are copied under the environment's
+// work directory, which other users may pass through, so the build
+// directory may be private.
+//
 // Without root there are no namespaces: [Start] still runs the clusters,
 // federators and gateways on loopback addresses, but [Cluster.RunPod]
 // refuses (ErrNotIsolated).

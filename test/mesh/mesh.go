@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -27,6 +28,10 @@ import (
 
 // Binaries Start needs in Options.BinDir.
 var Binaries = []string{"federator", "eastwest-gw", "sidecar", "echo"}
+
+// podBinaries are the binaries pods run as AppUser and ProxyUser, copied
+// where those users can reach them.
+var podBinaries = []string{"sidecar", "echo"}
 
 // DefaultRegion is a cluster's region when its ClusterSpec names none.
 const DefaultRegion = "r1"
@@ -56,9 +61,9 @@ type ClusterSpec struct {
 type Options struct {
 	// Clusters to run; empty means "a" and "b" in DefaultRegion.
 	Clusters []ClusterSpec
-	// BinDir holds Binaries. Pods run them as AppUser and ProxyUser, so
-	// the directory and the files must be readable and executable by
-	// others.
+	// BinDir holds Binaries. The ones pods run as AppUser and ProxyUser
+	// are copied under the environment's work directory, so BinDir may be
+	// private (a clone under /root).
 	BinDir string
 	// FederatorArgs, GatewayArgs and SidecarArgs are added to every
 	// federator's, gateway's and sidecar's command line (a later flag
@@ -76,8 +81,11 @@ type Options struct {
 // Mesh is a running set of clusters with their federators and gateways.
 type Mesh struct {
 	// Env is the clusters' harness.
-	Env      *localcluster.Env
-	opts     Options
+	Env  *localcluster.Env
+	opts Options
+	// podBin holds copies of podBinaries that AppUser and ProxyUser can
+	// run (root mode).
+	podBin   string
 	clusters []*Cluster
 }
 
@@ -172,26 +180,60 @@ func envOptions(opts Options) localcluster.Options {
 	return lo
 }
 
-// checkBinDir checks that the binaries are there and that the pods' users
-// may run them.
+// checkBinDir checks that the binaries are there.
 func checkBinDir(dir string) error {
 	var errs []error
-	if st, err := os.Stat(dir); err != nil {
-		return fmt.Errorf("mesh: bin dir: %w", err)
-	} else if st.Mode().Perm()&0o005 != 0o005 {
-		errs = append(errs, fmt.Errorf("mesh: bin dir %s is %s: pods run its binaries as uids %d and %d, so others need r-x",
-			dir, st.Mode().Perm(), AppUser.UID, ProxyUser.UID))
-	}
 	for _, b := range Binaries {
 		st, err := os.Stat(filepath.Join(dir, b))
 		switch {
 		case err != nil:
-			errs = append(errs, fmt.Errorf("mesh: %w", err))
-		case st.Mode().Perm()&0o005 != 0o005:
-			errs = append(errs, fmt.Errorf("mesh: %s is %s: others need r-x", filepath.Join(dir, b), st.Mode().Perm()))
+			errs = append(errs, fmt.Errorf("mesh: %w (make build)", err))
+		case st.IsDir() || st.Mode().Perm()&0o100 == 0:
+			errs = append(errs, fmt.Errorf("mesh: %s is not an executable file", filepath.Join(dir, b)))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// copyPodBinaries copies podBinaries into dir, where AppUser and ProxyUser
+// can run them: every directory above it must let others pass.
+func copyPodBinaries(from, dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	for d := dir; ; d = filepath.Dir(d) {
+		st, err := os.Stat(d)
+		if err != nil {
+			return err
+		}
+		if st.Mode().Perm()&0o001 == 0 {
+			return fmt.Errorf("mesh: %s is %s: pods run binaries under it as uids %d and %d, so others need x (set TMPDIR elsewhere)",
+				d, st.Mode().Perm(), AppUser.UID, ProxyUser.UID)
+		}
+		if d == filepath.Dir(d) {
+			break
+		}
+	}
+	for _, b := range podBinaries {
+		if err := copyFile(filepath.Join(from, b), filepath.Join(dir, b)); err != nil {
+			return fmt.Errorf("mesh: copy %s for the pods: %w", b, err)
+		}
+	}
+	return nil
+}
+
+func copyFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o755)
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(out, in)
+	return errors.Join(err, out.Close())
 }
 
 // New starts the mesh on env, whose clusters it takes in order with the
@@ -202,6 +244,12 @@ func checkBinDir(dir string) error {
 func New(ctx context.Context, env *localcluster.Env, opts Options) (*Mesh, error) {
 	opts = withDefaults(opts)
 	m := &Mesh{Env: env, opts: opts}
+	if env.Isolated() {
+		m.podBin = filepath.Join(env.WorkDir(), "bin")
+		if err := copyPodBinaries(opts.BinDir, m.podBin); err != nil {
+			return nil, err
+		}
+	}
 	for _, kc := range env.Clusters() {
 		c := &Cluster{K: kc, Region: DefaultRegion, mesh: m}
 		for _, s := range opts.Clusters {

@@ -98,7 +98,7 @@ func (c *Cluster) RunPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 	if err := c.ensureServiceAccount(ctx, spec.Namespace, spec.ServiceAccount); err != nil {
 		return nil, err
 	}
-	bin := c.mesh.opts.BinDir
+	bin := c.mesh.podBin
 	ws := localcluster.WorkloadSpec{
 		Name: spec.Name, Namespace: spec.Namespace, ServiceAccount: spec.ServiceAccount, Labels: spec.Labels,
 		Command: []string{filepath.Join(bin, "echo"),
@@ -353,7 +353,7 @@ const callBound = 30 * time.Second
 func (p *Pod) Call(ctx context.Context, call Call) ([]Reply, error) {
 	ctx, cancel := context.WithTimeout(ctx, callBound)
 	defer cancel()
-	cmd, err := p.W.CommandAs(ctx, AppUser, filepath.Join(p.Cluster.mesh.opts.BinDir, "echo"), call.Args()...)
+	cmd, err := p.W.CommandAs(ctx, AppUser, filepath.Join(p.Cluster.mesh.podBin, "echo"), call.Args()...)
 	if err != nil {
 		return nil, err
 	}
