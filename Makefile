@@ -28,7 +28,7 @@ build: ## Build the binaries into bin/
 	go build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
 
 .PHONY: tools
-tools: ## Install what tests and the demo need (etcd, iptables, staticcheck, kustomize)
+tools: ## Install what tests and the demo need (etcd, iproute2, iptables, setpriv, staticcheck, kustomize)
 	@hack/install-tools.sh "$(BIN)" "$(STATICCHECK_VERSION)" "$(KUSTOMIZE_VERSION)"
 
 .PHONY: kube-binaries
@@ -100,7 +100,7 @@ bench-propagation: build tools kube-binaries ## Export → routable and unexport
 	ISTHMUS_KUBE_BIN_DIR="$$(hack/kube-binaries.sh)" go run ./test/bench/propagation --bin-dir "$(BIN)" $(BENCH_PROPAGATION_ARGS)
 
 .PHONY: demo
-demo: build tools kube-binaries ## Start two local clusters with federators, export a service, show the catalogs (Ctrl-C ends it)
+demo: build tools kube-binaries ## Three local clusters, linked with the CLI: b's client calls a's echo through sidecars and gateways (caller identity shown), then fails over to c and back; then tears down
 	ISTHMUS_KUBE_BIN_DIR="$$(hack/kube-binaries.sh)" go run ./test/demo --bin-dir "$(BIN)" $(DEMO_ARGS)
 
 .PHONY: bench-gateway

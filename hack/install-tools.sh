@@ -2,7 +2,9 @@
 # Installs what the tests and the demo need, each only when missing:
 #   etcd       Debian's etcd-server (needs root and apt-get)
 #   iproute2   `ip`, for network namespaces when running as root
-#   iptables   keeps each simulated cluster's API server off the shared WAN
+#   iptables   keeps each simulated cluster's API server off the shared WAN,
+#              and captures pods' traffic for their sidecars
+#   setpriv    (util-linux) runs a pod's app and sidecar as their own users
 #   staticcheck and kustomize into the given bin directory
 set -euo pipefail
 
@@ -28,6 +30,7 @@ command -v etcd >/dev/null 2>&1 || apt_install etcd etcd-server
 if [[ "$(id -u)" == 0 ]]; then
 	command -v ip >/dev/null 2>&1 || apt_install ip iproute2
 	command -v iptables >/dev/null 2>&1 || apt_install iptables iptables
+	command -v setpriv >/dev/null 2>&1 || apt_install setpriv util-linux
 fi
 
 if [[ ! -x "${bin}/staticcheck" ]] || ! "${bin}/staticcheck" -version 2>/dev/null | grep -q "(${staticcheck_version#v})"; then

@@ -1,14 +1,24 @@
-// Command demo is what `make demo` runs: it starts two local clusters on
-// real kube-apiservers (test/localcluster), installs Isthmus from deploy/,
-// runs a federator in each cluster, exports an echo service from cluster
-// a, links b to a with the real `federator token create` and `federator
-// join`, and shows b importing the service: its ServiceEntry and
-// ServiceImport, and `federator status` on both sides. It then waits for
-// Ctrl-C (or --exit-after) and tears everything down.
+// Command demo is what `make demo` runs. It starts three local clusters
+// on real kube-apiservers, each in its own network namespaces
+// (test/mesh: a and b in region r1, c in r2), installs Isthmus from
+// deploy/, runs a federator and an east-west gateway in each, serves
+// demo/echo from a and c with a sidecar beside every pod, and exports it.
+// b joins a and c with the real `federator token create` and `federator
+// join` and imports the service (its ServiceEntry, ServiceImport and
+// `federator status` are shown). A client pod in b then calls
+// echo.demo.svc.clusterset.local over HTTP/1.1, HTTP/2, gRPC and raw TCP
+// — captured by iptables, carried by b's sidecar over mTLS through a's
+// gateway — and prints who answered and the caller identity a's sidecar
+// verified. a's echo pod goes unready and c answers, until it recovers and
+// a answers again. Then everything is torn down (--keep-running waits for
+// Ctrl-C first; Ctrl-C at any time tears down too).
+//
+// Without root there are no network namespaces: the clusters share the
+// host network on loopback addresses, pods have no sidecars, and the demo
+// stops after the import.
 package main
 
 import (
-	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -24,29 +34,21 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
-	mcsv1alpha1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
-	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
 
-	"github.com/isthmus-mesh/isthmus/pkg/ca"
-	"github.com/isthmus-mesh/isthmus/pkg/catalog"
-	"github.com/isthmus-mesh/isthmus/pkg/identity"
 	"github.com/isthmus-mesh/isthmus/test/fedproc"
-	"github.com/isthmus-mesh/isthmus/test/install"
 	"github.com/isthmus-mesh/isthmus/test/localcluster"
+	"github.com/isthmus-mesh/isthmus/test/mesh"
 )
 
 func main() {
-	binDir := flag.String("bin-dir", "bin", "directory holding the federator binary (make build)")
-	echoBin := flag.String("echo", "", "echo workload binary; empty builds test/echo into the bin dir")
-	exitAfter := flag.Duration("exit-after", 0, "end the demo after this long instead of waiting for Ctrl-C (0: wait)")
+	binDir := flag.String("bin-dir", "bin", "directory holding federator, eastwest-gw and sidecar (make build); echo is built into it")
+	keepRunning := flag.Bool("keep-running", false, "after the demo, keep the clusters running until Ctrl-C")
+	exitAfter := flag.Duration("exit-after", 0, "after the demo, keep the clusters running this long, then tear down")
 	verbose := flag.Bool("v", false, "log the harness's debug messages")
-	loopback := flag.Bool("loopback", false, "share the host network even as root (what a non-root user gets): no isolation, no ready endpoints")
+	loopback := flag.Bool("loopback", false, "share the host network even as root (what a non-root user gets): no isolation, no sidecars, no traffic")
 	flag.Parse()
 
 	level := slog.LevelInfo
@@ -56,7 +58,7 @@ func main() {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, log, *binDir, *echoBin, *exitAfter, *loopback); err != nil {
+	if err := run(ctx, log, *binDir, *keepRunning, *exitAfter, *loopback); err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
@@ -66,21 +68,24 @@ func step(format string, args ...any) {
 	fmt.Printf("\n\033[1m==> "+format+"\033[0m\n", args...)
 }
 
-func run(ctx context.Context, log *slog.Logger, binDir, echoBin string, exitAfter time.Duration, loopback bool) (err error) {
+func run(ctx context.Context, log *slog.Logger, binDir string, keepRunning bool, exitAfter time.Duration, loopback bool) (err error) {
+	t0 := time.Now()
 	binDir, err = filepath.Abs(binDir)
 	if err != nil {
 		return err
 	}
-	if echoBin == "" {
-		echoBin = filepath.Join(binDir, "echo")
-		if err := buildEcho(ctx, echoBin); err != nil {
-			return err
-		}
+	if err := buildEcho(ctx, filepath.Join(binDir, "echo")); err != nil {
+		return err
 	}
 
-	step("starting clusters a and b (real kube-apiserver, etcd and kube-controller-manager each)")
-	env, err := localcluster.Start(ctx, localcluster.Options{
-		Clusters:      []localcluster.ClusterOptions{{Name: "a"}, {Name: "b"}},
+	step("starting clusters a, b and c: a real etcd, kube-apiserver and kube-controller-manager each")
+	fmt.Println("  then Isthmus from deploy/ (CRDs, namespace, least-privilege RBAC) and Istio's ServiceEntry CRD,")
+	fmt.Println("  which Istio's own installation provides in a real cluster, in each; then a federator and an")
+	fmt.Println("  east-west gateway per cluster. a and b are in region r1, c in r2.")
+	m, err := mesh.Start(ctx, mesh.Options{
+		BinDir:        binDir,
+		Clusters:      []mesh.ClusterSpec{{Name: "a", Region: "r1"}, {Name: "b", Region: "r1"}, {Name: "c", Region: "r2"}},
+		FederatorArgs: []string{"--heartbeat", "2s"},
 		Logger:        log,
 		ForceLoopback: loopback,
 	})
@@ -89,118 +94,108 @@ func run(ctx context.Context, log *slog.Logger, binDir, echoBin string, exitAfte
 	}
 	defer func() {
 		step("tearing down")
-		if cerr := env.Close(); cerr != nil {
+		if cerr := m.Close(); cerr != nil {
 			err = errors.Join(err, cerr)
 		} else {
 			fmt.Println("every process, network namespace and file of the demo is gone")
 		}
 	}()
-	fmt.Printf("2 clusters up in %s; isolated by network namespaces: %t\n", env.StartupDuration().Round(time.Millisecond), env.Isolated())
-	if !env.Isolated() {
+	a, b, c := m.Cluster("a"), m.Cluster("b"), m.Cluster("c")
+	isolated := m.Env.Isolated()
+	fmt.Printf("3 clusters up in %s; isolated by network namespaces: %t\n", m.Env.StartupDuration().Round(time.Millisecond), isolated)
+	if !isolated {
 		fmt.Println("  loopback mode (not root, or --loopback): the clusters share the host network on 127.x")
 		fmt.Println("  addresses and isolation is NOT enforced. Kubernetes refuses loopback addresses in")
-		fmt.Println("  EndpointSlices, so the echo service will have 0 ready endpoints; linking, export and")
-		fmt.Println("  import still happen. Run as root for one network namespace per cluster.")
+		fmt.Println("  EndpointSlices, so the echo service will have 0 ready endpoints, and pods get no sidecar")
+		fmt.Println("  (capture needs a network namespace per pod): linking, export and import still happen,")
+		fmt.Println("  traffic does not. Run as root for the whole demo.")
 	}
-	for _, c := range env.Clusters() {
-		host, _, _ := c.KubeconfigFor(localcluster.UserAdmin)
-		fmt.Printf("  cluster %s: API %s  kubeconfig %s\n", c.Name(), c.APIServerURL(), host)
+	for _, mc := range m.Clusters() {
+		host, _, _ := mc.K.KubeconfigFor(localcluster.UserAdmin)
+		fmt.Printf("  cluster %s (region %s): API %s  kubeconfig %s\n", mc.Name(), mc.Region, mc.K.APIServerURL(), host)
+		fmt.Printf("    federator %s/debug/catalog  (log %s)\n", mc.Federator.Monitoring, mc.Federator.Proc.LogPath())
+		fmt.Printf("    federation endpoint %s; east-west gateway %s, what peers are told\n",
+			mc.Federator.FederationAddr, net.JoinHostPort(mc.K.WANIP().String(), fedproc.GatewayPort))
+	}
+	if isolated {
+		fmt.Println("  each cluster's node namespace holds its control plane, federator and gateway, on its pod")
+		fmt.Println("  network (10.1x.0.1/16) and on the WAN (10.254.0.0/24); pods reach their federator at the")
+		fmt.Println("  node's address and, on the WAN, only other clusters' gateways (port 15443)")
 	}
 
-	step("installing Isthmus from deploy/ (CRDs, namespace, least-privilege RBAC)")
-	fmt.Println("  plus Istio's ServiceEntry CRD, which Istio's own installation provides in a real cluster:")
-	fmt.Println("  a federator writes the services it imports as ServiceEntries")
-	for _, c := range env.Clusters() {
-		cfg, err := c.RESTConfig(localcluster.UserAdmin)
+	var echoPods []*mesh.Pod
+	for _, mc := range []*mesh.Cluster{a, c} {
+		step("cluster %s: an echo pod, Service demo/echo and a ServiceExport", mc.Name())
+		pods, err := serveEcho(ctx, mc, binDir, isolated)
 		if err != nil {
 			return err
 		}
-		if err := install.Isthmus(ctx, cfg, "system:isthmus:federator"); err != nil {
-			return fmt.Errorf("install into %s: %w", c.Name(), err)
+		echoPods = append(echoPods, pods...)
+		ready := 0
+		if isolated {
+			ready = 1
 		}
-		if err := install.Apply(ctx, cfg, install.IstioServiceEntryCRD); err != nil {
-			return fmt.Errorf("install Istio's ServiceEntry CRD into %s: %w", c.Name(), err)
-		}
-	}
-
-	step("starting a federator in each cluster")
-	feds := map[string]*fedproc.Federator{}
-	members := map[string]*member{}
-	for _, c := range env.Clusters() {
-		f, err := fedproc.Start(ctx, c, binDir)
-		if err != nil {
+		if err := mc.Export(ctx, "demo", "echo", ready); err != nil {
 			return err
 		}
-		defer func() { _ = f.Stop(10 * time.Second) }()
-		feds[c.Name()] = f
-		if members[c.Name()], err = newMember(c, f, binDir); err != nil {
-			return err
-		}
-		fmt.Printf("  federator %s ready: %s/debug/catalog  (log %s)\n", c.Name(), f.Monitoring, f.Proc.LogPath())
-		fmt.Printf("    federation endpoint %s, east-west gateway address it gives peers %s\n",
-			f.FederationAddr, net.JoinHostPort(c.WANIP().String(), fedproc.GatewayPort))
+		fmt.Printf("  federator %s exports demo/echo with %d ready endpoint(s)\n", mc.Name(), ready)
 	}
-
-	a := env.Cluster("a")
-	step("cluster a: two echo pods, Service demo/echo, and a ServiceExport for it")
-	for i := range 2 {
-		w, err := a.RunWorkload(ctx, localcluster.WorkloadSpec{
-			Name: fmt.Sprintf("echo-%d", i), Namespace: "demo", Labels: map[string]string{"app": "echo"},
-			Command: []string{echoBin}, Env: []string{"CLUSTER_NAME=a"},
-		})
-		if err != nil {
-			return err
-		}
-		fmt.Printf("  pod demo/%s running at %s\n", w.Name, w.IP)
-	}
-	if err := exportEcho(ctx, a); err != nil {
-		return err
-	}
-	svc, err := waitForService(ctx, feds["a"], "demo", "echo", env.Isolated(), 30*time.Second)
-	if err != nil {
-		return err
-	}
-	fmt.Printf("  federator a exports demo/echo with %d ready endpoints\n", svc.ReadyEndpoints())
 
 	step("federator a's catalog")
-	d, err := feds["a"].Catalog(ctx)
+	d, err := a.Federator.Catalog(ctx)
 	if err != nil {
 		return err
 	}
 	out, _ := json.MarshalIndent(d, "", "  ")
 	fmt.Println(string(out))
-	if err := showIdentity(ctx, env, feds); err != nil {
-		return err
-	}
 
-	if err := link(ctx, members["a"], members["b"]); err != nil {
+	// Imports land in the namespace of the same name, which b has before
+	// it links (its client pod lives there).
+	if err := ensureNamespace(ctx, b, "demo"); err != nil {
 		return err
 	}
-	if err := ensureNamespace(ctx, env.Cluster("b"), "demo"); err != nil {
+	if err := link(ctx, a, b); err != nil {
 		return err
 	}
-	if err := showImport(ctx, members["a"], members["b"], "demo", "echo"); err != nil {
+	if err := link(ctx, c, b); err != nil {
 		return err
 	}
-	if err := showImported(ctx, feds["b"], "a", "demo", "echo"); err != nil {
+	if err := showImport(ctx, b, "demo", "echo", a, c); err != nil {
 		return err
 	}
-	if err := showStatus(ctx, members["a"], members["b"]); err != nil {
+	for _, exporter := range []*mesh.Cluster{a, c} {
+		if err := showImported(ctx, b.Federator, exporter.Name(), "demo", "echo"); err != nil {
+			return err
+		}
+	}
+	if err := showStatus(ctx, b, a, c); err != nil {
 		return err
 	}
-	fmt.Println("\nNo cluster holds credentials for the other's API server: b learnt about demo/echo only")
-	fmt.Println("over the federation stream. Delete the ServiceExport in a and b's ServiceEntry goes;")
+	fmt.Println("\nNo cluster holds credentials for another's API server: b learnt about demo/echo only")
+	fmt.Println("over the federation streams. Delete the ServiceExport in a and c and b's ServiceEntry goes;")
 	fmt.Println("delete FederationPeer b in a and a tells b (Terminate): both drop the link's imports.")
 
-	if exitAfter > 0 {
-		step("demo ends in %s", exitAfter)
+	if isolated {
+		if err := showTraffic(ctx, a, b, c, echoPods); err != nil {
+			return err
+		}
+	} else {
+		step("traffic needs root")
+		fmt.Println("  sidecars capture with iptables in each pod's network namespace; run `make demo` as root")
+		fmt.Println("  to see b's client call a's echo, then fail over to c")
+	}
+	fmt.Printf("\nthe demo ran in %s\n", time.Since(t0).Round(time.Second))
+
+	switch {
+	case keepRunning:
+		step("clusters keep running; press Ctrl-C to end the demo")
+		<-ctx.Done()
+	case exitAfter > 0:
+		step("clusters keep running for %s (Ctrl-C ends it sooner)", exitAfter)
 		select {
 		case <-ctx.Done():
 		case <-time.After(exitAfter):
 		}
-	} else {
-		step("clusters keep running; press Ctrl-C to end the demo")
-		<-ctx.Done()
 	}
 	return nil
 }
@@ -214,114 +209,42 @@ func buildEcho(ctx context.Context, out string) error {
 	return nil
 }
 
-func exportEcho(ctx context.Context, c *localcluster.Cluster) error {
-	_, err := c.Client().CoreV1().Services("demo").Create(ctx, &corev1.Service{
+// serveEcho runs demo/echo in mc: a pod with its sidecar as root; as
+// anyone else a bare echo process, since capture needs a pod namespace.
+func serveEcho(ctx context.Context, mc *mesh.Cluster, binDir string, isolated bool) ([]*mesh.Pod, error) {
+	if isolated {
+		pods, err := mc.ServeEcho(ctx, "demo", "echo", 1)
+		if err != nil {
+			return nil, err
+		}
+		fmt.Printf("  Service ports http 80 → 8080, grpc 9090, tcp 9000\n")
+		for _, p := range pods {
+			fmt.Printf("  pod demo/%s at %s: `sidecar iptables` captured its traffic, then its sidecar (uid %d) got\n", p.Name(), p.W.IP, mesh.ProxyUser.UID)
+			fmt.Printf("  the certificate of %s from federator %s and its\n", p.SPIFFEID(), mc.Name())
+			fmt.Printf("  configuration over xDS; the echo app runs as uid %d\n", mesh.AppUser.UID)
+		}
+		return pods, nil
+	}
+	w, err := mc.K.RunWorkload(ctx, localcluster.WorkloadSpec{
+		Name: "echo-0", Namespace: "demo", Labels: map[string]string{"app": "echo"},
+		Command: []string{filepath.Join(binDir, "echo")}, Env: []string{"CLUSTER_NAME=" + mc.Name()},
+	})
+	if err != nil {
+		return nil, err
+	}
+	fmt.Printf("  pod demo/%s running at %s (no sidecar in loopback mode)\n", w.Name, w.IP)
+	_, err = mc.K.Client().CoreV1().Services("demo").Create(ctx, &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "demo", Name: "echo"},
 		Spec: corev1.ServiceSpec{
 			Selector: map[string]string{"app": "echo"},
-			Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080),
+			Ports: []corev1.ServicePort{{Name: "http", Port: mesh.ServiceHTTPPort, TargetPort: intstr.FromInt32(mesh.EchoHTTPPort),
 				Protocol: corev1.ProtocolTCP, AppProtocol: new("http")}},
 		},
 	}, metav1.CreateOptions{})
 	if err != nil {
-		return fmt.Errorf("create Service demo/echo: %w", err)
+		return nil, fmt.Errorf("create Service demo/echo: %w", err)
 	}
-	cfg, err := c.RESTConfig(localcluster.UserAdmin)
-	if err != nil {
-		return err
-	}
-	mcs, err := mcsclient.NewForConfig(cfg)
-	if err != nil {
-		return err
-	}
-	_, err = mcs.MulticlusterV1alpha1().ServiceExports("demo").Create(ctx,
-		&mcsv1alpha1.ServiceExport{ObjectMeta: metav1.ObjectMeta{Namespace: "demo", Name: "echo"}}, metav1.CreateOptions{})
-	if err != nil {
-		return fmt.Errorf("create ServiceExport demo/echo: %w", err)
-	}
-	return nil
-}
-
-// waitForService waits until f's local catalog holds ns/name, with every
-// endpoint ready if wantReady (pods in loopback mode never get into
-// EndpointSlices, so there are none to wait for).
-func waitForService(ctx context.Context, f *fedproc.Federator, ns, name string, wantReady bool, bound time.Duration) (catalog.Service, error) {
-	ctx, cancel := context.WithTimeout(ctx, bound)
-	defer cancel()
-	var last string
-	for {
-		d, err := f.Catalog(ctx)
-		if err == nil {
-			if s, ok := fedproc.LocalService(d, ns, name); ok && !wantReady {
-				return s, nil
-			} else if ok && s.ReadyEndpoints() > 0 {
-				notReady := 0
-				for _, e := range s.Endpoints {
-					notReady += e.NotReady
-				}
-				if notReady == 0 {
-					return s, nil
-				}
-			}
-			last = fmt.Sprintf("%d sources", len(d.Sources))
-		} else {
-			last = err.Error()
-		}
-		select {
-		case <-ctx.Done():
-			return catalog.Service{}, fmt.Errorf("%s/%s not in federator %s's catalog after %s (last: %s)",
-				ns, name, f.Cluster.Name(), bound, strings.TrimSpace(last))
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-}
-
-// showIdentity has a workload of each cluster get its certificate from its
-// own federator, with a real ServiceAccount token, and prints who it is and
-// which root signed it: two clusters, two trust domains, two roots.
-func showIdentity(ctx context.Context, env *localcluster.Env, feds map[string]*fedproc.Federator) error {
-	for _, c := range env.Clusters() {
-		step("cluster %s: ServiceAccount demo/client gets its certificate from federator %s", c.Name(), c.Name())
-		kc := c.Client()
-		if _, err := kc.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "demo"}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-			return err
-		}
-		if _, err := kc.CoreV1().ServiceAccounts("demo").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "client"}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-			return err
-		}
-		sec, err := kc.CoreV1().Secrets("isthmus-system").Get(ctx, ca.DefaultSecretName, metav1.GetOptions{})
-		if err != nil {
-			return fmt.Errorf("read cluster %s's root: %w", c.Name(), err)
-		}
-		td := spiffeid.RequireTrustDomainFromString(c.Name() + ".mesh")
-		src, err := identity.New(ctx, identity.Config{
-			CAAddress:   feds[c.Name()].CAAddr,
-			CAID:        spiffeid.RequireFromSegments(td, "ns", "isthmus-system", "sa", "isthmus-federator"),
-			RootsPEM:    sec.Data[ca.KeyRootCert],
-			TrustDomain: td, Namespace: "demo", ServiceAccount: "client",
-			TokenSource: func(ctx context.Context) (string, error) {
-				tr, err := kc.CoreV1().ServiceAccounts("demo").CreateToken(ctx, "client", &authenticationv1.TokenRequest{
-					Spec: authenticationv1.TokenRequestSpec{Audiences: []string{"isthmus-ca"}},
-				}, metav1.CreateOptions{})
-				if err != nil {
-					return "", err
-				}
-				return tr.Status.Token, nil
-			},
-		})
-		if err != nil {
-			return fmt.Errorf("certificate for demo/client in cluster %s: %w", c.Name(), err)
-		}
-		svid, err := src.GetX509SVID()
-		_ = src.Close()
-		if err != nil {
-			return err
-		}
-		leaf := svid.Certificates[0]
-		fmt.Printf("  identity  %s\n  issuer    %s\n  valid     %s → %s\n",
-			svid.ID, leaf.Issuer.CommonName, leaf.NotBefore.UTC().Format(time.RFC3339), leaf.NotAfter.UTC().Format(time.RFC3339))
-	}
-	return nil
+	return nil, nil
 }
 
 // showImported prints what f's catalog holds from peer for ns/name: what
@@ -339,10 +262,17 @@ func showImported(ctx context.Context, f *fedproc.Federator, peer, ns, name stri
 		for _, s := range src.Services {
 			if s.Namespace == ns && s.Name == name {
 				fmt.Printf("\n  federator %s's catalog, source %q (version %s): %s/%s, %d ready endpoints behind gateway %s, served by %s\n",
-					f.Cluster.Name(), peer, src.Version, ns, name, s.ReadyEndpoints(), cmp.Or(strings.Join(s.Gateways, ", "), "-"), cmp.Or(strings.Join(s.Identities, ", "), "-"))
+					f.Cluster.Name(), peer, src.Version, ns, name, s.ReadyEndpoints(), orDash(strings.Join(s.Gateways, ", ")), orDash(strings.Join(s.Identities, ", ")))
 				return nil
 			}
 		}
 	}
 	return fmt.Errorf("federator %s's catalog has no %s/%s from %s", f.Cluster.Name(), ns, name, peer)
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }

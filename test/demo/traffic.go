@@ -1,0 +1,152 @@
+package main
+
+// The traffic half of the demo (root only): a client pod in b calls
+// echo.demo.svc.clusterset.local by name over HTTP/1.1, h2c, gRPC and raw
+// TCP, and prints who answered and the caller identity the answering
+// sidecar verified; then a's echo pod goes unready and c answers, until
+// a's pod is ready again.
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/test/mesh"
+)
+
+const (
+	// echoHost is the clusterset name the client calls.
+	echoHost = "echo.demo.svc.clusterset.local"
+	// trafficTimeout bounds each wait for a call to be answered as
+	// expected: the mesh converging after a change.
+	trafficTimeout = 60 * time.Second
+)
+
+func showTraffic(ctx context.Context, a, b, c *mesh.Cluster, echoPods []*mesh.Pod) error {
+	step("cluster b: pod demo/client, with its sidecar, calls %s", echoHost)
+	client, err := b.RunPod(ctx, mesh.PodSpec{Name: "client"})
+	if err != nil {
+		return err
+	}
+	fmt.Printf("  pod demo/client at %s: its app runs as uid %d; `sidecar iptables` sends the app's TCP to the\n", client.W.IP, mesh.AppUser.UID)
+	fmt.Printf("  sidecar (15001) and its DNS queries to the sidecar's DNS proxy (15053); the sidecar is\n")
+	fmt.Printf("  %s. The commands below run in the pod as the app's user.\n", client.SPIFFEID())
+
+	var addrs []netip.Addr
+	err = mesh.Poll(ctx, trafficTimeout, "b's client to resolve "+echoHost, func(ctx context.Context) (bool, string) {
+		var err error
+		if addrs, err = client.Resolve(ctx, echoHost); err != nil {
+			return false, err.Error()
+		}
+		return true, ""
+	})
+	if err != nil {
+		return err
+	}
+	fmt.Printf("\n  [b/demo/client]$ getent ahostsv4 %s\n", echoHost)
+	fmt.Printf("    %s: a virtual IP from the federator's name table, answered by the sidecar's DNS proxy\n", addrs)
+
+	before := gatewayRouted(ctx, a, c)
+	for _, call := range []mesh.Call{
+		{Proto: "http1", Target: echoHost + ":80"},
+		{Proto: "h2c", Target: echoHost + ":80"},
+		{Proto: "grpc", Target: echoHost + ":9090"},
+		{Proto: "tcp", Target: echoHost + ":9000"},
+	} {
+		if _, err := callUntil(ctx, client, call, "a"); err != nil {
+			return err
+		}
+	}
+	after := gatewayRouted(ctx, a, c)
+	fmt.Printf("\n  a's east-west gateway routed %d connections to echo's pods meanwhile (c's: %d): b's sidecar\n", after["a"]-before["a"], after["c"]-before["c"])
+	fmt.Printf("  reached a's pod through it, end-to-end mTLS that the gateway routed by SNI without decrypting.\n")
+	fmt.Printf("  a is in b's region; c, in r2, is the fallback.\n")
+
+	var podsOfA []*mesh.Pod
+	for _, p := range echoPods {
+		if p.Cluster == a {
+			podsOfA = append(podsOfA, p)
+		}
+	}
+	step("failover: a's echo pod becomes unready, as a failing readiness probe would make it")
+	t0 := time.Now()
+	for _, p := range podsOfA {
+		if err := p.SetReady(ctx, false); err != nil {
+			return err
+		}
+	}
+	fmt.Println("  a's federator then exports demo/echo with 0 ready endpoints; b's federator hears it over the")
+	fmt.Println("  federation stream, and b's sidecars now see a's gateway unhealthy and go to the next priority: c")
+	if _, err := callUntil(ctx, client, mesh.Call{Proto: "http1", Target: echoHost + ":80"}, "c"); err != nil {
+		return err
+	}
+	fmt.Printf("  c answers %s after a's pod went unready\n", time.Since(t0).Round(10*time.Millisecond))
+	if _, err := callUntil(ctx, client, mesh.Call{Proto: "tcp", Target: echoHost + ":9000"}, "c"); err != nil {
+		return err
+	}
+
+	step("a's echo pod is ready again")
+	t0 = time.Now()
+	for _, p := range podsOfA {
+		if err := p.SetReady(ctx, true); err != nil {
+			return err
+		}
+	}
+	if _, err := callUntil(ctx, client, mesh.Call{Proto: "http1", Target: echoHost + ":80"}, "a"); err != nil {
+		return err
+	}
+	fmt.Printf("  a answers again %s after its pod became ready\n", time.Since(t0).Round(10*time.Millisecond))
+	return nil
+}
+
+// callUntil prints the call's command line, repeats the call until
+// cluster answers it (bounded), and prints the reply.
+func callUntil(ctx context.Context, client *mesh.Pod, call mesh.Call, cluster string) (mesh.Reply, error) {
+	fmt.Printf("\n  [%s/%s/%s]$ echo %s\n", client.Cluster.Name(), client.Spec.Namespace, client.Name(), strings.Join(call.Args(), " "))
+	var r mesh.Reply
+	err := mesh.Poll(ctx, trafficTimeout, fmt.Sprintf("cluster %s to answer echo %s", cluster, strings.Join(call.Args(), " ")),
+		func(ctx context.Context) (bool, string) {
+			replies, err := client.Call(ctx, call)
+			if err != nil {
+				return false, err.Error()
+			}
+			r = replies[0]
+			return r.Cluster == cluster, "answered by cluster " + r.Cluster
+		})
+	if err != nil {
+		return r, err
+	}
+	printReply(r)
+	return r, nil
+}
+
+func printReply(r mesh.Reply) {
+	if r.Proto == "tcp" {
+		fmt.Printf("    answered by cluster %s, pod %s/%s, over raw TCP: the bytes came back whole. Raw TCP has no\n", r.Cluster, r.Namespace, r.Pod)
+		fmt.Printf("    headers to carry the caller's identity; the answering sidecar checked it in the mTLS handshake\n")
+		return
+	}
+	fmt.Printf("    answered by cluster %s, pod %s/%s, whose app saw %s %s %s from %s (its own sidecar)\n",
+		r.Cluster, r.Namespace, r.Pod, r.Proto, r.Method, r.Path, r.Remote)
+	fmt.Printf("    caller identity, as the answering sidecar verified it: \033[1m%s\033[0m\n", r.CallerIdentity)
+	fmt.Printf("    X-Forwarded-Client-Cert: %s\n", r.XFCC)
+}
+
+// gatewayRouted counts, per cluster, the connections its gateway routed
+// to echo's pods; a cluster whose metrics cannot be read is left out.
+func gatewayRouted(ctx context.Context, clusters ...*mesh.Cluster) map[string]int {
+	counts := map[string]int{}
+	for _, c := range clusters {
+		metrics, err := c.GatewayMetrics(ctx)
+		if err != nil {
+			continue
+		}
+		for _, port := range []int{mesh.ServiceHTTPPort, mesh.ServiceGRPCPort, mesh.ServiceTCPPort} {
+			counts[c.Name()] += int(mesh.MetricSum(metrics, "isthmus_gateway_routed_connections_total",
+				fmt.Sprintf(`cluster="outbound|%d||echo.demo.svc.cluster.local"`, port)))
+		}
+	}
+	return counts
+}
