@@ -16,6 +16,7 @@ KUSTOMIZE_VERSION   := v5.8.1
 BUF_VERSION         := v1.75.0
 PROTOC_GEN_GO_VERSION      := v1.36.12
 CONTROLLER_GEN_VERSION     := v0.23.0
+FORTIO_VERSION             := v1.66.5
 
 export PATH := $(BIN):$(PATH)
 
@@ -86,10 +87,11 @@ e2e-kind: ## Run the kind suite (needs docker, kind and kubectl; not run in CI)
 	go test -tags kind -v -timeout 30m ./test/kind/
 
 .PHONY: bench
-bench: ## Run the Go benchmarks, then bench-federation and bench-propagation
+bench: ## Run the Go benchmarks, then bench-federation, bench-propagation and bench-sidecar
 	go test -run '^$$' -bench . -benchmem ./...
 	@$(MAKE) --no-print-directory bench-federation
 	@$(MAKE) --no-print-directory bench-propagation
+	@$(MAKE) --no-print-directory bench-sidecar
 
 .PHONY: bench-federation
 bench-federation: build tools kube-binaries ## Federation on two local clusters: propagation p50/p99, initial sync and memory with 10,000 services (~15 min)
@@ -118,6 +120,11 @@ bench-gateway: build ## East-west gateway vs nginx stream ssl_preread vs direct:
 	  fi; \
 	fi
 	go run ./test/bench/gateway --bin-dir "$(BIN)" $(BENCH_GATEWAY_ARGS)
+
+.PHONY: bench-sidecar
+bench-sidecar: build ## Two sidecars (mTLS) vs two nginx vs direct, HTTP/1.1 and HTTP/2: added p50/p99 at a fixed rate, max req/s per proxy core, memory (root; ~5 min)
+	@hack/install-bench-tools.sh "$(BIN)" "$(FORTIO_VERSION)"
+	go run ./test/bench/sidecar --bin-dir "$(BIN)" $(BENCH_SIDECAR_ARGS)
 
 .PHONY: clean
 clean: ## Remove bin/ (the kube-apiserver cache stays)

@@ -13,18 +13,8 @@ staticcheck_version="$2"
 kustomize_version="$3"
 mkdir -p "${bin}"
 
-apt_install() {
-	if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
-		echo "install-tools: $1 is missing and cannot be installed automatically (needs root and apt-get): install Debian package $2" >&2
-		exit 1
-	fi
-	echo "install-tools: installing $2 with apt-get" >&2
-	if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2"; } >/tmp/isthmus-apt.log 2>&1; then
-		echo "install-tools: apt-get install $2 failed; see /tmp/isthmus-apt.log" >&2
-		tail -5 /tmp/isthmus-apt.log >&2
-		exit 1
-	fi
-}
+# shellcheck source=hack/apt-install.sh
+source "$(dirname "$0")/apt-install.sh"
 
 command -v etcd >/dev/null 2>&1 || apt_install etcd etcd-server
 if [[ "$(id -u)" == 0 ]]; then

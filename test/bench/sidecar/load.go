@@ -1,0 +1,211 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/isthmus-mesh/isthmus/test/netns"
+)
+
+// window is one measured load against one target.
+type window struct {
+	// p50 and p99 are the latency percentiles (s) at the fixed rate.
+	p50, p99 float64
+	// rps is the rate the load generator achieved (requests/s).
+	rps float64
+	// cpu is the proxies' CPU seconds over wall seconds (0 for direct).
+	cpu, wall float64
+	// requests and errors are the load generator's counts: errors are
+	// requests that failed or answered other than 2xx.
+	requests, errors int64
+}
+
+// cores is the proxies' CPU use in cores over the window.
+func (w window) cores() float64 {
+	if w.wall <= 0 {
+		return 0
+	}
+	return w.cpu / w.wall
+}
+
+// perCore is requests per second per core of proxy CPU: requests per
+// proxy CPU second.
+func (w window) perCore() float64 {
+	if w.cpu <= 0 {
+		return 0
+	}
+	return w.rps / w.cores()
+}
+
+// loadSpec is what the load generator sends: where, as which protocol,
+// with which authority.
+type loadSpec struct {
+	url       string
+	h2        bool
+	authority string
+}
+
+// fortioArgs is a fixed-rate fortio run of dur writing its result to
+// jsonFile: rate requests/s spread evenly over conns connections (uniform,
+// no catch-up bursts after a stall), latency histogram buckets of 10 µs
+// at the bottom (fortio's default 1 ms is too coarse for a proxy hop).
+// HTTP/2 uses fortio's standard client (h2c with prior knowledge).
+func fortioArgs(s loadSpec, rate float64, conns int, dur time.Duration, jsonFile string) []string {
+	args := []string{"load", "-quiet", "-qps", strconv.FormatFloat(rate, 'f', -1, 64), "-c", strconv.Itoa(conns),
+		"-t", dur.String(), "-uniform", "-nocatchup", "-r", "0.00001", "-p", "50,99", "-timeout", "5s",
+		"-H", "Host: " + s.authority, "-json", jsonFile}
+	if s.h2 {
+		args = append(args, "-h2")
+	}
+	return append(args, s.url)
+}
+
+// fortioResult is the part of fortio's JSON result read here.
+type fortioResult struct {
+	ActualQPS         float64
+	RetCodes          map[string]int64
+	DurationHistogram struct {
+		Count       int64
+		Percentiles []struct {
+			Percentile float64
+			Value      float64
+		}
+	}
+}
+
+// parseFortio reads a fortio JSON result into w: p50, p99, the achieved
+// rate, and requests that did not answer 2xx as errors.
+func parseFortio(data []byte) (window, error) {
+	var r fortioResult
+	if err := json.Unmarshal(data, &r); err != nil {
+		return window{}, fmt.Errorf("fortio result: %w", err)
+	}
+	w := window{rps: r.ActualQPS, requests: r.DurationHistogram.Count}
+	var ok2xx int64
+	for code, n := range r.RetCodes {
+		if strings.HasPrefix(code, "2") && len(code) == 3 {
+			ok2xx += n
+		}
+	}
+	w.errors = w.requests - ok2xx
+	found := 0
+	for _, p := range r.DurationHistogram.Percentiles {
+		switch p.Percentile {
+		case 50:
+			w.p50, found = p.Value, found+1
+		case 99:
+			w.p99, found = p.Value, found+1
+		}
+	}
+	if found != 2 || w.requests == 0 {
+		return window{}, fmt.Errorf("fortio result: no p50/p99 (%d requests)", w.requests)
+	}
+	return w, nil
+}
+
+// h2loadArgs is an h2load run of dur at the maximum rate: conns
+// connections, each with streams requests in flight (HTTP/2) or one
+// (HTTP/1.1, --h1), on one thread.
+func h2loadArgs(s loadSpec, conns, streams int, dur time.Duration) []string {
+	args := []string{"-t", "1", "-c", strconv.Itoa(conns), "-D", strconv.FormatInt(max(dur.Milliseconds(), 1), 10) + "ms",
+		"-H", ":authority: " + s.authority}
+	if s.h2 {
+		args = append(args, "-m", strconv.Itoa(streams))
+	} else {
+		args = append(args, "--h1", "-m", "1")
+	}
+	return append(args, s.url)
+}
+
+var (
+	h2loadFinished = regexp.MustCompile(`(?m)^finished in [^,]+, ([0-9.]+) req/s`)
+	h2loadRequests = regexp.MustCompile(`(?m)^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout`)
+	h2loadCodes    = regexp.MustCompile(`(?m)^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx`)
+)
+
+// parseH2load reads h2load's summary: the rate, and the requests that
+// failed as errors (h2load's "failed" counts those that errored and
+// those answered other than 2xx).
+func parseH2load(out string) (window, error) {
+	m := h2loadFinished.FindStringSubmatch(out)
+	r := h2loadRequests.FindStringSubmatch(out)
+	if m == nil || r == nil || h2loadCodes.FindString(out) == "" {
+		return window{}, fmt.Errorf("h2load output without its summary: %q", out)
+	}
+	atoi := func(s string) int64 { n, _ := strconv.ParseInt(s, 10, 64); return n }
+	rps, err := strconv.ParseFloat(m[1], 64)
+	if err != nil {
+		return window{}, err
+	}
+	return window{rps: rps, requests: atoi(r[3]), errors: atoi(r[5])}, nil
+}
+
+// loader runs the load generators in the client's namespace.
+type loader struct {
+	ns     *netns.NS
+	fortio string
+	dir    string
+}
+
+// fixed warms the target up for warmup, then measures dur at rate over
+// conns connections, reading the proxies' CPU around the measured run.
+func (l loader) fixed(ctx context.Context, s loadSpec, rate float64, conns int, warmup, dur time.Duration, cpu func() float64) (window, error) {
+	file := l.dir + "/fortio.json"
+	if warmup > 0 {
+		if _, err := l.run(ctx, dur, l.fortio, fortioArgs(s, rate, conns, warmup, file)...); err != nil {
+			return window{}, fmt.Errorf("warm-up: %w", err)
+		}
+	}
+	_ = os.Remove(file)
+	c0, t0 := cpu(), time.Now()
+	if _, err := l.run(ctx, dur, l.fortio, fortioArgs(s, rate, conns, dur, file)...); err != nil {
+		return window{}, err
+	}
+	c1, t1 := cpu(), time.Now()
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return window{}, err
+	}
+	w, err := parseFortio(data)
+	if err != nil {
+		return window{}, err
+	}
+	w.cpu, w.wall = c1-c0, t1.Sub(t0).Seconds()
+	return w, nil
+}
+
+// max warms the target up for warmup, then measures dur at the highest
+// rate h2load reaches, reading the proxies' CPU around the measured run.
+func (l loader) max(ctx context.Context, s loadSpec, conns, streams int, warmup, dur time.Duration, cpu func() float64) (window, error) {
+	if warmup > 0 {
+		if _, err := l.run(ctx, dur, "h2load", h2loadArgs(s, conns, streams, warmup)...); err != nil {
+			return window{}, fmt.Errorf("warm-up: %w", err)
+		}
+	}
+	c0, t0 := cpu(), time.Now()
+	out, err := l.run(ctx, dur, "h2load", h2loadArgs(s, conns, streams, dur)...)
+	if err != nil {
+		return window{}, err
+	}
+	c1, t1 := cpu(), time.Now()
+	w, err := parseH2load(out)
+	if err != nil {
+		return window{}, err
+	}
+	w.cpu, w.wall = c1-c0, t1.Sub(t0).Seconds()
+	return w, nil
+}
+
+// run runs a load generator in the client's namespace, bounded by its
+// duration plus a minute.
+func (l loader) run(ctx context.Context, dur time.Duration, name string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, dur+time.Minute)
+	defer cancel()
+	return l.ns.Run(ctx, name, args...)
+}

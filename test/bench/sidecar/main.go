@@ -1,0 +1,201 @@
+// Command sidecar is what `make bench-sidecar` runs: two real `sidecar
+// run` processes (bin/sidecar, client side and server side, mTLS between
+// them) beside two nginx (Debian's; a front proxying over mTLS to a back,
+// the same machine, the same run) and a direct call, for HTTP/1.1 and
+// HTTP/2.
+//
+// Topology: two network namespaces on one bridge (test/netns), as two
+// pods of one cluster:
+//
+//	client ns   load generators (fortio, h2load)
+//	            sidecar (client side) 127.0.0.1:15001, explicit mode: the Host
+//	              header names the service, as docs/sidecar-xds.md allows without capture
+//	            nginx front 127.0.0.1:<h1>, 127.0.0.1:<h2c>
+//	            the bench's CA (pkg/ca, pkg/caserver) and xDS (go-control-plane
+//	              serving xds.TranslateSidecar of a one-service catalog): internal/fedtest
+//	server ns   `sidecar iptables` capture (real nat rules), so the client
+//	              side's connection to <server ip>:8080 lands on the server
+//	              side's inbound listener (:15006) with its original
+//	              destination: the sidecar's inbound only serves redirected
+//	              connections (it forwards to 127.0.0.1:<original port>)
+//	            sidecar (server side), as uid 1337 like a pod's
+//	            nginx back <server ip>:9443 (excluded from capture)
+//	            backend (this program re-executed: HTTP/1.1 and h2c, a small
+//	              body) on :8080 (behind the sidecar) and :8081 (excluded
+//	              from capture: the direct call)
+//
+// Every path crosses the bridge once: direct is client → backend;
+// isthmus is client → sidecar → mTLS → sidecar → backend; nginx is client
+// → front → mTLS → back → backend. The certificates of the sidecars come
+// from the CA over its real protocol; nginx's from a root of its own
+// (nginx verifies DNS names, not SPIFFE IDs). Both sides use TLS 1.3
+// with AES-128-GCM and ECDSA P-256 certificates, and keep-alive
+// connections between the proxies.
+//
+// Each --runs times, for each protocol, the three targets in an order
+// rotated from run to run, after an unmeasured warm-up of --warmup:
+//
+//   - fixed rate: fortio at --rate requests/s over --rate-conns
+//     connections for --duration: p50 and p99 latency, and their excess
+//     over the direct call measured in the same run (added latency);
+//   - maximum rate: h2load for --duration with --max-conns-h1
+//     connections (HTTP/1.1) or --max-conns-h2 connections of
+//     --max-streams streams (HTTP/2): requests/s, and requests/s per core
+//     of proxy CPU (both proxies' user+system CPU from /proc over the
+//     window);
+//   - memory: both proxies' resident set, idle before the load and at
+//     its peak (VmHWM) after all runs.
+//
+// The table (Markdown, on stdout) gives the median of the runs with the
+// range in brackets and the ratio to nginx, then the issue's targets as
+// met or MISSED. A missed target never fails the program; it exits
+// non-zero only when it could not measure. It needs root (network
+// namespaces, iptables), nginx, h2load and fortio: make bench-sidecar
+// installs them.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/signal"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "backend" {
+		if err := runBackend(os.Args[2:]); err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
+	var o options
+	flag.StringVar(&o.binDir, "bin-dir", "bin", "directory holding sidecar (make build)")
+	flag.StringVar(&o.fortio, "fortio", "", "fortio binary (default: <bin-dir>/fortio, else $PATH)")
+	flag.DurationVar(&o.duration, "duration", 5*time.Second, "measured window of each load")
+	flag.DurationVar(&o.warmup, "warmup", time.Second, "unmeasured load before each window")
+	flag.IntVar(&o.runs, "runs", 3, "runs of every measure; the median and range are reported")
+	flag.Float64Var(&o.rate, "rate", 1000, "the fixed rate (requests/s)")
+	flag.IntVar(&o.rateConns, "rate-conns", 8, "connections of the fixed-rate load")
+	flag.IntVar(&o.maxConnsH1, "max-conns-h1", 64, "HTTP/1.1 connections of the maximum-rate load")
+	flag.IntVar(&o.maxConnsH2, "max-conns-h2", 4, "HTTP/2 connections of the maximum-rate load")
+	flag.IntVar(&o.maxStreams, "max-streams", 16, "concurrent streams per HTTP/2 connection of the maximum-rate load")
+	flag.IntVar(&o.body, "body", 64, "response body size (bytes)")
+	protocols := flag.String("protocols", "h1,h2", "protocols to measure (comma-separated): h1, h2")
+	flag.BoolVar(&o.noNginx, "no-nginx", false, "leave the nginx column out")
+	flag.BoolVar(&o.keep, "keep", false, "keep the work directory (logs, configurations) and print its path")
+	flag.Parse()
+	log.SetFlags(0)
+	log.SetPrefix("bench-sidecar: ")
+	for _, p := range strings.Split(*protocols, ",") {
+		switch p = strings.TrimSpace(p); p {
+		case "h1", "h2":
+			o.protocols = append(o.protocols, p)
+		default:
+			log.Fatalf("--protocols: %q is not h1 or h2", p)
+		}
+	}
+	if err := o.validate(); err != nil {
+		log.Fatal(err)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, o)
+	stop()
+	if err != nil {
+		log.Fatal(err)
+	}
+}
+
+type options struct {
+	binDir, fortio                    string
+	duration, warmup                  time.Duration
+	runs                              int
+	rate                              float64
+	rateConns, maxConnsH1, maxConnsH2 int
+	maxStreams, body                  int
+	protocols                         []string
+	noNginx, keep                     bool
+}
+
+func (o options) validate() error {
+	var bad []string
+	if o.duration < time.Second {
+		bad = append(bad, "--duration must be at least 1s")
+	}
+	if o.warmup < 0 {
+		bad = append(bad, "--warmup must not be negative")
+	}
+	if o.runs < 1 {
+		bad = append(bad, "--runs must be at least 1")
+	}
+	if o.rate <= 0 || o.rateConns < 1 || o.maxConnsH1 < 1 || o.maxConnsH2 < 1 || o.maxStreams < 1 {
+		bad = append(bad, "--rate, --rate-conns, --max-conns-h1, --max-conns-h2 and --max-streams must be positive")
+	}
+	if o.body < 0 {
+		bad = append(bad, "--body must not be negative")
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("%s", strings.Join(bad, "; "))
+	}
+	return nil
+}
+
+func run(ctx context.Context, o options) error {
+	env, err := setUp(ctx, o)
+	if env != nil {
+		defer env.close()
+	}
+	if err != nil {
+		return err
+	}
+	log.Printf("%d cores (GOMAXPROCS %d); %d runs of %v after %v warm-up; fixed rate %.0f req/s over %d connections; max rate over %d HTTP/1.1 connections, %d HTTP/2 connections × %d streams; body %d B",
+		runtime.NumCPU(), runtime.GOMAXPROCS(0), o.runs, o.duration, o.warmup, o.rate, o.rateConns,
+		o.maxConnsH1, o.maxConnsH2, o.maxStreams, o.body)
+	res := newResults()
+	ld := loader{ns: env.client, fortio: env.fortio, dir: env.dir}
+	for r := 1; r <= o.runs; r++ {
+		for _, proto := range o.protocols {
+			for _, mode := range []string{modeFixed, modeMax} {
+				// Rotate the order every run: no target is always the
+				// one measured right after another's load.
+				for i := range env.targets {
+					t := env.targets[(i+r-1)%len(env.targets)]
+					if err := ctx.Err(); err != nil {
+						return err
+					}
+					spec := t.spec(proto)
+					var w window
+					if mode == modeFixed {
+						w, err = ld.fixed(ctx, spec, o.rate, o.rateConns, o.warmup, o.duration, t.cpu)
+					} else {
+						conns := o.maxConnsH1
+						if proto == "h2" {
+							conns = o.maxConnsH2
+						}
+						w, err = ld.max(ctx, spec, conns, o.maxStreams, o.warmup, o.duration, t.cpu)
+					}
+					if err != nil {
+						return fmt.Errorf("run %d, %s %s, %s: %w", r, proto, mode, t.name, err)
+					}
+					if err := env.alive(); err != nil {
+						return err
+					}
+					res.add(key{proto, mode, t.name}, w)
+					log.Printf("run %d %s %-5s %-7s %s", r, proto, mode, t.name, w.describe(mode))
+				}
+			}
+		}
+	}
+	for _, t := range env.targets {
+		if len(t.procs) > 0 {
+			env.peak[t.name] = t.memory("VmHWM")
+		}
+	}
+	fmt.Print(res.table(env, o))
+	return nil
+}
