@@ -190,11 +190,11 @@ func validateWorkload(spec WorkloadSpec, root bool) error {
 		errs = append(errs, fmt.Errorf("ReadyHTTP: want a port of 1 to 65535 and an empty or absolute path, got %d %q", p.Port, p.Path))
 	}
 	if !root && (len(spec.Init) > 0 || spec.ResolvConf != "") {
-		errs = append(errs, errors.New("Init and ResolvConf need a pod network namespace (root mode): in loopback mode they would change the host"))
+		errs = append(errs, errors.New("init steps and a resolv.conf need a pod network namespace (root mode): in loopback mode they would change the host"))
 	}
 	for i, step := range spec.Init {
 		if len(step) == 0 {
-			errs = append(errs, fmt.Errorf("Init[%d] is empty", i))
+			errs = append(errs, fmt.Errorf("init step %d is empty", i))
 		}
 	}
 	seen := map[string]bool{workloadContainer: true}
