@@ -203,24 +203,19 @@ func (s *session) handle(resp *discoveryv3.DiscoveryResponse) error {
 		delete(s.deferred, t)
 		s.armTimer()
 	}
-	next, cfg, err := c.evaluate(t, resp.GetResources(), resp.GetVersionInfo(), s.names[t])
+	cfg, out, err := c.accept(t, resp.GetResources(), resp.GetVersionInfo(), s.names[t])
 	if err != nil {
 		return s.nack(resp, err, log)
 	}
 	delete(s.rejected, t)
-
-	c.acc = next
-	c.versions[t] = resp.GetVersionInfo()
-	c.stats.accept(c.versions)
-	switch cur := c.Current(); {
-	case cfg == nil:
+	switch out {
+	case incomplete:
 		log.Debug("accepted; config not consistent yet")
-	case cur != nil && sameContent(cur, cfg):
+	case unchanged:
 		// A resend after a reconnect, or a version of one type whose
 		// content did not change: nothing for the proxy to do.
 		log.Debug("accepted; config unchanged")
-	default:
-		c.publish(cfg)
+	case published:
 		log.Info("config updated", "listeners", len(cfg.Listeners), "clusters", len(cfg.Clusters),
 			"trust_domains", trustDomainNames(cfg.Bundles))
 	}
@@ -338,6 +333,42 @@ func (s *session) resubscribeDependents(t string) error {
 	}
 	s.names[dep] = names
 	return nil
+}
+
+// outcome is what accepting a response led to.
+type outcome int
+
+const (
+	// incomplete: accepted, and the config is not consistent yet.
+	incomplete outcome = iota
+	// unchanged: accepted, and the consistent config routes and trusts as
+	// the one published.
+	unchanged
+	// published: accepted, and the config it completes is now Current.
+	published
+)
+
+// accept is the part of handling a response of type t that does not
+// touch the stream: NACK it (the error) and keep everything as it was, or
+// make the state it leads to the accepted one and publish the config it
+// completes if that is new. subscribed is this stream's subscription for
+// t.
+func (c *Client) accept(t string, resources []*anypb.Any, version string, subscribed []string) (*Config, outcome, error) {
+	next, cfg, err := c.evaluate(t, resources, version, subscribed)
+	if err != nil {
+		return nil, 0, err
+	}
+	c.acc = next
+	c.versions[t] = version
+	c.stats.accept(c.versions)
+	switch cur := c.Current(); {
+	case cfg == nil:
+		return nil, incomplete, nil
+	case cur != nil && sameContent(cur, cfg):
+		return cur, unchanged, nil
+	}
+	c.publish(cfg)
+	return cfg, published, nil
 }
 
 // evaluate is the pure part of handling a response of type t: the state
