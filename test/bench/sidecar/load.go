@@ -21,6 +21,8 @@ type window struct {
 	rps float64
 	// cpu is the proxies' CPU seconds over wall seconds (0 for direct).
 	cpu, wall float64
+	// ioCalls is the proxies' read and write system calls.
+	ioCalls float64
 	// requests and errors are the load generator's counts: errors are
 	// requests that failed or answered other than 2xx.
 	requests, errors int64
@@ -42,6 +44,19 @@ func (w window) perCore() float64 {
 	}
 	return w.rps / w.cores()
 }
+
+// callsPerRequest is the proxies' read and write system calls per
+// request.
+func (w window) callsPerRequest() float64 {
+	if w.requests == 0 {
+		return 0
+	}
+	return w.ioCalls / float64(w.requests)
+}
+
+// usage is what the proxies have used so far: CPU seconds, and read and
+// write system calls.
+type usage struct{ cpu, ioCalls float64 }
 
 // loadSpec is what the load generator sends: where, as which protocol,
 // with which authority.
@@ -155,7 +170,7 @@ type loader struct {
 
 // fixed warms the target up for warmup, then measures dur at rate over
 // conns connections, reading the proxies' CPU around the measured run.
-func (l loader) fixed(ctx context.Context, s loadSpec, rate float64, conns int, warmup, dur time.Duration, cpu func() float64) (window, error) {
+func (l loader) fixed(ctx context.Context, s loadSpec, rate float64, conns int, warmup, dur time.Duration, meter func() usage) (window, error) {
 	file := l.dir + "/fortio.json"
 	if warmup > 0 {
 		if _, err := l.run(ctx, dur, l.fortio, fortioArgs(s, rate, conns, warmup, file)...); err != nil {
@@ -163,11 +178,11 @@ func (l loader) fixed(ctx context.Context, s loadSpec, rate float64, conns int, 
 		}
 	}
 	_ = os.Remove(file)
-	c0, t0 := cpu(), time.Now()
+	u0, t0 := meter(), time.Now()
 	if _, err := l.run(ctx, dur, l.fortio, fortioArgs(s, rate, conns, dur, file)...); err != nil {
 		return window{}, err
 	}
-	c1, t1 := cpu(), time.Now()
+	u1, t1 := meter(), time.Now()
 	data, err := os.ReadFile(file)
 	if err != nil {
 		return window{}, err
@@ -176,29 +191,29 @@ func (l loader) fixed(ctx context.Context, s loadSpec, rate float64, conns int, 
 	if err != nil {
 		return window{}, err
 	}
-	w.cpu, w.wall = c1-c0, t1.Sub(t0).Seconds()
+	w.cpu, w.ioCalls, w.wall = u1.cpu-u0.cpu, u1.ioCalls-u0.ioCalls, t1.Sub(t0).Seconds()
 	return w, nil
 }
 
 // max warms the target up for warmup, then measures dur at the highest
 // rate h2load reaches, reading the proxies' CPU around the measured run.
-func (l loader) max(ctx context.Context, s loadSpec, conns, streams int, warmup, dur time.Duration, cpu func() float64) (window, error) {
+func (l loader) max(ctx context.Context, s loadSpec, conns, streams int, warmup, dur time.Duration, meter func() usage) (window, error) {
 	if warmup > 0 {
 		if _, err := l.run(ctx, dur, "h2load", h2loadArgs(s, conns, streams, warmup)...); err != nil {
 			return window{}, fmt.Errorf("warm-up: %w", err)
 		}
 	}
-	c0, t0 := cpu(), time.Now()
+	u0, t0 := meter(), time.Now()
 	out, err := l.run(ctx, dur, "h2load", h2loadArgs(s, conns, streams, dur)...)
 	if err != nil {
 		return window{}, err
 	}
-	c1, t1 := cpu(), time.Now()
+	u1, t1 := meter(), time.Now()
 	w, err := parseH2load(out)
 	if err != nil {
 		return window{}, err
 	}
-	w.cpu, w.wall = c1-c0, t1.Sub(t0).Seconds()
+	w.cpu, w.ioCalls, w.wall = u1.cpu-u0.cpu, u1.ioCalls-u0.ioCalls, t1.Sub(t0).Seconds()
 	return w, nil
 }
 

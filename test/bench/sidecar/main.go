@@ -42,7 +42,8 @@
 //     connections (HTTP/1.1) or --max-conns-h2 connections of
 //     --max-streams streams (HTTP/2): requests/s, and requests/s per core
 //     of proxy CPU (both proxies' user+system CPU from /proc over the
-//     window);
+//     window), and the proxies' read and write system calls per request
+//     (/proc/<pid>/io), which say how much of that CPU is the kernel's;
 //   - memory: both proxies' resident set, idle before the load and at
 //     its peak (VmHWM) after all runs.
 //
@@ -171,13 +172,13 @@ func run(ctx context.Context, o options) error {
 					spec := t.spec(proto)
 					var w window
 					if mode == modeFixed {
-						w, err = ld.fixed(ctx, spec, o.rate, o.rateConns, o.warmup, o.duration, t.cpu)
+						w, err = ld.fixed(ctx, spec, o.rate, o.rateConns, o.warmup, o.duration, t.usage)
 					} else {
 						conns := o.maxConnsH1
 						if proto == "h2" {
 							conns = o.maxConnsH2
 						}
-						w, err = ld.max(ctx, spec, conns, o.maxStreams, o.warmup, o.duration, t.cpu)
+						w, err = ld.max(ctx, spec, conns, o.maxStreams, o.warmup, o.duration, t.usage)
 					}
 					if err != nil {
 						return fmt.Errorf("run %d, %s %s, %s: %w", r, proto, mode, t.name, err)

@@ -32,6 +32,7 @@ func (w window) describe(mode string) string {
 		if mode == modeMax {
 			s += fmt.Sprintf(" (%.0f req/s per core)", w.perCore())
 		}
+		s += fmt.Sprintf(", %.1f read/write calls per request", w.callsPerRequest())
 	}
 	if w.errors > 0 {
 		s += fmt.Sprintf("  %d errors of %d", w.errors, w.requests)
@@ -120,6 +121,7 @@ func (r *results) table(e *env, o options) string {
 	rps := func(w window) float64 { return w.rps }
 	cores := func(w window) float64 { return w.cores() }
 	perCore := func(w window) float64 { return w.perCore() }
+	calls := func(w window) float64 { return w.callsPerRequest() }
 	type verdict struct {
 		what  string
 		is    stat
@@ -148,6 +150,7 @@ func (r *results) table(e *env, o options) string {
 		line(name, row{"maximum rate, " + conns + " (req/s)", 1, 0, true, measured(modeMax, rps)})
 		line(name, row{"proxy CPU at maximum rate (cores, both proxies)", 1, 2, false, measured(modeMax, cores)})
 		ic, nc := line(name, row{"maximum req/s per proxy core", 1, 0, false, measured(modeMax, perCore)})
+		line(name, row{"proxy read+write system calls per request at maximum rate (both proxies)", 1, 1, false, measured(modeMax, calls)})
 		verdicts = append(verdicts,
 			verdict{name + ": added p50 latency ≤ nginx's", a50, n50, true},
 			verdict{name + ": added p99 latency ≤ nginx's", a99, n99, true},

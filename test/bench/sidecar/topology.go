@@ -67,13 +67,15 @@ func (t target) spec(proto string) loadSpec {
 	return loadSpec{url: t.urls[proto], h2: proto == "h2", authority: serviceHost}
 }
 
-// cpu is the proxies' CPU seconds, both sides together.
-func (t target) cpu() float64 {
-	var s float64
+// usage is the proxies' CPU seconds and read and write system calls,
+// both sides together.
+func (t target) usage() usage {
+	var u usage
 	for _, p := range t.procs {
-		s += p.CPU()
+		u.cpu += p.CPU()
+		u.ioCalls += p.IOCalls()
 	}
-	return s
+	return u
 }
 
 // memory is the proxies' /proc/<pid>/status field (MB), both sides

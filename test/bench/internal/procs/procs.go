@@ -160,6 +160,32 @@ func (p *Proc) Memory(field string) float64 {
 	return kb / 1024
 }
 
+// IOCalls is the read and write system calls (syscr + syscw of
+// /proc/<pid>/io, every thread counted) the process group has made: a
+// proxy's calls per request say how much of its CPU is the kernel's
+// work, which another proxy doing the same job must pay too.
+func (p *Proc) IOCalls() float64 {
+	if p == nil {
+		return 0
+	}
+	var n float64
+	for _, pid := range p.Pids() {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			for _, f := range []string{"syscr: ", "syscw: "} {
+				if v, ok := strings.CutPrefix(line, f); ok {
+					c, _ := strconv.ParseFloat(strings.TrimSpace(v), 64)
+					n += c
+				}
+			}
+		}
+	}
+	return n
+}
+
 // WaitFor polls cond every 50 ms until it holds, for at most d.
 func WaitFor(d time.Duration, cond func() bool) error {
 	deadline := time.Now().Add(d)

@@ -21,6 +21,7 @@ func TestGroup(t *testing.T) {
 	require.Contains(t, pids, p.Pid())
 	require.Greater(t, p.Memory("VmRSS"), 0.0)
 	require.GreaterOrEqual(t, p.CPU(), 0.0)
+	require.Greater(t, p.IOCalls(), 0.0, "sh read its script")
 	require.Zero(t, (*Proc)(nil).CPU(), "no proxy, no CPU")
 
 	p.Stop()
