@@ -181,6 +181,9 @@ func run(ctx context.Context, o options) error {
 						w, err = ld.max(ctx, spec, conns, o.maxStreams, o.warmup, o.duration, t.usage)
 					}
 					if err != nil {
+						if ctx.Err() != nil {
+							return fmt.Errorf("interrupted: %w", context.Cause(ctx))
+						}
 						return fmt.Errorf("run %d, %s %s, %s: %w", r, proto, mode, t.name, err)
 					}
 					if err := env.alive(); err != nil {
