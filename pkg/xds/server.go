@@ -239,7 +239,6 @@ func (s *Server) update(ctx context.Context) {
 	if secErr == nil {
 		next.Secrets, next.SecretsVersion = secrets, secretsVersion
 	}
-	s.updateSidecar(ctx, local, secrets, secretsVersion, secErr == nil)
 	var setErr error
 	// An empty Version: the routing part never translated, and a
 	// snapshot without a listener must not replace a gateway's routes.
@@ -247,6 +246,10 @@ func (s *Server) update(ctx context.Context) {
 	if changed {
 		setErr = s.setGateway(ctx, next)
 	}
+	// The gateway goes first: it is one translation of the local catalog,
+	// cheap and incremental, and a new export must not wait for the
+	// sidecars' translation of every clusterset service.
+	s.updateSidecar(ctx, local, secrets, secretsVersion, secErr == nil)
 	err := errors.Join(gwErr, secErr, setErr)
 	s.mu.Lock()
 	s.catalogVersion = local.Version()

@@ -71,16 +71,33 @@ const (
 // logSink sends log lines to t.Logf and keeps them for assertions.
 type logSink struct {
 	tb testing.TB
-	// mu guards buf.
+	// mu guards buf and done.
 	mu  sync.Mutex
 	buf bytes.Buffer
+	// done is set once the test's cleanups ran: go-control-plane's watch
+	// goroutines may still log a line after the gRPC server stopped, and
+	// testing panics on a Logf after the test completed.
+	done bool
+}
+
+func newLogSink(tb testing.TB) *logSink {
+	s := &logSink{tb: tb}
+	// Registered first, so it runs after every other cleanup.
+	tb.Cleanup(func() {
+		s.mu.Lock()
+		s.done = true
+		s.mu.Unlock()
+	})
+	return s
 }
 
 func (s *logSink) Write(p []byte) (int, error) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.buf.Write(p)
-	s.mu.Unlock()
-	s.tb.Logf("%s", bytes.TrimRight(p, "\n"))
+	if !s.done {
+		s.tb.Logf("%s", bytes.TrimRight(p, "\n"))
+	}
 	return len(p), nil
 }
 
@@ -135,7 +152,8 @@ type fixture struct {
 
 func newFixture(t *testing.T, opts Options) *fixture {
 	t.Helper()
-	f := &fixture{t: t, store: catalog.NewStore(), ca: newCA(t, tdA), logs: &logSink{tb: t}, metrics: sdkmetric.NewManualReader()}
+	f := &fixture{t: t, store: catalog.NewStore(), logs: newLogSink(t), metrics: sdkmetric.NewManualReader()}
+	f.ca = newCA(t, tdA)
 	bundles := trust.NewStore(tdA)
 	bundles.SetLocal(f.ca.Bundle().X509Authorities(), 1, 0)
 	opts.Logger = slog.New(slog.NewTextHandler(f.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))

@@ -209,7 +209,8 @@ func TestSidecarFollowsCatalogAndImports(t *testing.T) {
 	sc.syncTo(v1.Version, secrets)
 	require.NotContains(t, sc.loads, "outbound|80||api.demo.svc.clusterset.local")
 	require.Equal(t, []string{"p0 r1/z1 w1: 10.0.1.2:8080 HEALTHY 10.0.1.3:8080 UNHEALTHY"}, sc.describe(echo))
-	require.Empty(t, f.srv.Status().Sidecar.Imports)
+	// The snapshot reaches the stream before the status records it.
+	require.Eventually(t, func() bool { return len(f.srv.Status().Sidecar.Imports) == 0 }, wait, 5*time.Millisecond)
 	require.Equal(t, int64(4), f.metric("isthmus_xds_snapshot_updates", "role=sidecar"))
 	require.Equal(t, int64(1), f.metric("isthmus_xds_snapshot_updates", "role=eastwest-gw"))
 
