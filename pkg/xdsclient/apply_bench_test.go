@@ -73,12 +73,23 @@ func (s *session) respond(tb testing.TB, t, version string, resources []*anypb.A
 // responses.
 type responses map[string][]*anypb.Any
 
+// byType sorts res by type, each marshaled as go-control-plane's cache
+// marshals resources (cache.MarshalResource): deterministically, so
+// that a resource that did not change has the same bytes in every
+// snapshot, maps (cluster metadata, typed_extension_protocol_options)
+// included.
 func byType(tb testing.TB, res []*anypb.Any) responses {
 	out := responses{}
 	for _, r := range res {
-		out[r.GetTypeUrl()] = append(out[r.GetTypeUrl()], r)
+		out[r.GetTypeUrl()] = append(out[r.GetTypeUrl()], deterministicAny(tb, anyMessage(tb, r)))
 	}
 	return out
+}
+
+func deterministicAny(tb testing.TB, m proto.Message) *anypb.Any {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	require.NoError(tb, err)
+	return &anypb.Any{TypeUrl: "type.googleapis.com/" + string(m.ProtoReflect().Descriptor().FullName()), Value: b}
 }
 
 // with is r with the resource at index i of type t replaced by m.
@@ -88,7 +99,7 @@ func (r responses) with(tb testing.TB, t string, i int, m proto.Message) respons
 		out[k] = v
 	}
 	out[t] = slices.Clone(r[t])
-	out[t][i] = mustAny(tb, m)
+	out[t][i] = deterministicAny(tb, m)
 	return out
 }
 
