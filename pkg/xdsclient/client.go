@@ -91,7 +91,9 @@ type ClientConfig struct {
 	// Check, if set, is the proxy's own judgement of a consistent config
 	// before it is published: an error NACKs the response that completed
 	// it, with the error as the reason, and the previous config stays.
-	// It must be a pure function; it runs on the client's goroutine.
+	// It must be a pure function; it runs on the client's goroutine, and
+	// not again for a config that routes and trusts as the published
+	// one, which it accepted.
 	Check func(*Config) error
 	// Clock times the backoff; default the real clock.
 	Clock clock.Clock

@@ -3,7 +3,6 @@ package xdsclient
 import (
 	"errors"
 	"fmt"
-	"maps"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -16,8 +15,6 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tlsinspectorv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
-	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
-	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -89,171 +86,6 @@ func DecodeRole(role string, resources ...*anypb.Any) (*Config, error) {
 		return nil, errors.Join(errs...)
 	}
 	return s.assemble(nil)
-}
-
-// state is what the client has accepted so far, by type and name. It is
-// replaced, never modified: apply returns a new state sharing the maps of
-// the types it did not touch.
-type state struct {
-	// listeners and clusters are nil until their first response.
-	listeners map[string]Listener
-	clusters  map[string]Cluster
-	// assignments are the endpoints by ClusterLoadAssignment cluster_name.
-	assignments map[string]loadAssignment
-	// sc is the sidecar role's own state; nil for the gateway role.
-	sc *sidecarState
-	// bundles are the ROOTCA Secret's trust bundles; nil until the first.
-	bundles *x509bundle.Set
-}
-
-// apply decodes one response's resources of typeURL into a new state. LDS
-// and CDS responses are the full set (state of the world); an EDS or SDS
-// response adds or replaces the resources it carries, as Envoy treats
-// them: an SDS response without ROOTCA leaves the bundles as they were.
-func (s *state) apply(typeURL string, resources []*anypb.Any) (*state, error) {
-	if s.sc != nil {
-		if next, handled, err := s.applySidecar(typeURL, resources); handled {
-			return next, err
-		}
-	}
-	next := *s
-	var errs []error
-	bad := func(kind, name string, i int, err error) {
-		errs = append(errs, &resourceError{kind: kind, name: name, idx: i, err: err})
-	}
-	switch typeURL {
-	case TypeListener:
-		next.listeners = make(map[string]Listener, len(resources))
-		for i, r := range resources {
-			m := new(listenerv3.Listener)
-			if err := unpack(r, TypeListener, m); err != nil {
-				bad("listener", "", i, err)
-				continue
-			}
-			l, err := decodeListener(m)
-			if err == nil {
-				if _, dup := next.listeners[l.Name]; dup {
-					err = fieldErr("name", "duplicate listener name in the response")
-				}
-			}
-			if err != nil {
-				bad("listener", m.GetName(), i, err)
-				continue
-			}
-			next.listeners[l.Name] = l
-		}
-	case TypeCluster:
-		next.clusters = make(map[string]Cluster, len(resources))
-		for i, r := range resources {
-			m := new(clusterv3.Cluster)
-			if err := unpack(r, TypeCluster, m); err != nil {
-				bad("cluster", "", i, err)
-				continue
-			}
-			c, err := decodeCluster(m)
-			if err == nil {
-				if _, dup := next.clusters[c.Name]; dup {
-					err = fieldErr("name", "duplicate cluster name in the response")
-				}
-			}
-			if err != nil {
-				bad("cluster", m.GetName(), i, err)
-				continue
-			}
-			next.clusters[c.Name] = c
-		}
-	case TypeClusterLoadAssignment:
-		next.assignments = make(map[string]loadAssignment, max(len(s.assignments), len(resources)))
-		maps.Copy(next.assignments, s.assignments)
-		seen := make(map[string]bool, len(resources))
-		for i, r := range resources {
-			m := new(endpointv3.ClusterLoadAssignment)
-			if err := unpack(r, TypeClusterLoadAssignment, m); err != nil {
-				bad("cluster_load_assignment", "", i, err)
-				continue
-			}
-			eps, err := decodeAssignment(m, false)
-			if err == nil && seen[m.GetClusterName()] {
-				err = fieldErr("cluster_name", "duplicate cluster_name in the response")
-			}
-			if err != nil {
-				bad("cluster_load_assignment", m.GetClusterName(), i, err)
-				continue
-			}
-			seen[m.GetClusterName()] = true
-			next.assignments[m.GetClusterName()] = loadAssignment{endpoints: eps}
-		}
-	case TypeSecret:
-		seen := false
-		for i, r := range resources {
-			m := new(tlsv3.Secret)
-			if err := unpack(r, TypeSecret, m); err != nil {
-				bad("secret", "", i, err)
-				continue
-			}
-			set, err := decodeSecret(m)
-			if err == nil && seen {
-				err = fieldErr("name", "duplicate secret name in the response")
-			}
-			if err != nil {
-				bad("secret", m.GetName(), i, err)
-				continue
-			}
-			seen = true
-			next.bundles = set
-		}
-	default:
-		return nil, fmt.Errorf("unsupported type %q", typeURL)
-	}
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
-	}
-	return &next, nil
-}
-
-// assemble combines the accepted resources into a Config, or reports
-// (wrapping ErrIncomplete) what is still missing.
-func (s *state) assemble(versions map[string]string) (*Config, error) {
-	if s.sc != nil {
-		return s.assembleSidecar(versions)
-	}
-	if s.listeners == nil || s.clusters == nil {
-		return nil, fmt.Errorf("%w: no listeners or clusters received yet", ErrIncomplete)
-	}
-	var missing []string
-	cfg := &Config{
-		Listeners: make([]Listener, 0, len(s.listeners)),
-		Clusters:  make(map[string]Cluster, len(s.clusters)),
-		Bundles:   s.bundles,
-		Versions:  versions,
-	}
-	for _, l := range s.listeners {
-		cfg.Listeners = append(cfg.Listeners, l)
-		for _, ch := range l.Chains {
-			if _, ok := s.clusters[ch.Cluster]; !ok && len(missing) < 10 {
-				missing = append(missing, fmt.Sprintf("listener %q names cluster %q, which is not there", l.Name, ch.Cluster))
-			}
-		}
-	}
-	slices.SortFunc(cfg.Listeners, func(a, b Listener) int { return strings.Compare(a.Name, b.Name) })
-	for name, c := range s.clusters {
-		if c.Type == EDS {
-			a, ok := s.assignments[c.ServiceName]
-			if !ok {
-				if len(missing) < 10 {
-					missing = append(missing, fmt.Sprintf("cluster %q has no ClusterLoadAssignment %q", name, c.ServiceName))
-				}
-				continue
-			}
-			c.Endpoints = a.endpoints
-		}
-		cfg.Clusters[name] = c
-	}
-	if len(missing) > 0 {
-		slices.Sort(missing)
-		return nil, fmt.Errorf("%w: %s", ErrIncomplete, strings.Join(missing, "; "))
-	}
-	return cfg, nil
 }
 
 // unpack unmarshals a resource of the expected type.

@@ -41,6 +41,16 @@
 // TLSConfig.FollowSDS the client validates the federator itself that way,
 // falling back to its configured bundle until the first ROOTCA arrives.
 //
+// A response costs what it changes. State of the world resends every
+// resource of a type; the client keeps each resource it accepted with
+// the SHA-256 of the bytes it was decoded from, reuses the decoded,
+// validated value of every resource sent again unchanged, decodes the
+// others, and updates the indexes a Config is assembled from (clusters
+// with their endpoints, the references still missing, the DNS name
+// table, the EDS and RDS subscriptions) by the changes alone (state.go).
+// Checks that span resources still cover them all, and a NACK leaves
+// the accepted state exactly as it was.
+//
 // A Config is published only when it is consistent: every filter chain's
 // cluster is present and every EDS cluster has its ClusterLoadAssignment;
 // for a sidecar also every route configuration the listeners name, every

@@ -2,12 +2,10 @@ package xdsclient
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
 	"math/rand/v2"
-	"reflect"
 	"slices"
 	"time"
 
@@ -354,30 +352,34 @@ const (
 // completes if that is new. subscribed is this stream's subscription for
 // t.
 func (c *Client) accept(t string, resources []*anypb.Any, version string, subscribed []string) (*Config, outcome, error) {
-	next, cfg, err := c.evaluate(t, resources, version, subscribed)
+	next, cfg, changed, err := c.evaluate(t, resources, version, subscribed)
 	if err != nil {
 		return nil, 0, err
 	}
-	c.acc = next
 	c.versions[t] = version
 	c.stats.accept(c.versions)
-	switch cur := c.Current(); {
+	switch {
 	case cfg == nil:
+		c.acc = next
 		return nil, incomplete, nil
-	case cur != nil && sameContent(cur, cfg):
-		return cur, unchanged, nil
+	case !changed:
+		c.acc = next.clean()
+		return c.Current(), unchanged, nil
 	}
+	c.acc = next.clean()
 	c.publish(cfg)
 	return cfg, published, nil
 }
 
 // evaluate is the pure part of handling a response of type t: the state
-// it leads to and the Config to publish (nil while inconsistent), or the
-// reason to NACK. subscribed is this stream's subscription for t.
-func (c *Client) evaluate(t string, resources []*anypb.Any, version string, subscribed []string) (*state, *Config, error) {
-	next, err := c.acc.apply(t, resources)
+// it leads to and the Config to publish (nil while inconsistent), with
+// whether that routes or trusts differently from the one published
+// (Check runs only then: the published one passed it), or the reason to
+// NACK. subscribed is this stream's subscription for t.
+func (c *Client) evaluate(t string, resources []*anypb.Any, version string, subscribed []string) (next *state, cfg *Config, changed bool, err error) {
+	next, err = c.acc.apply(t, resources)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, false, err
 	}
 	switch t {
 	case TypeClusterLoadAssignment:
@@ -389,64 +391,19 @@ func (c *Client) evaluate(t string, resources []*anypb.Any, version string, subs
 	case TypeListener:
 		next = next.keepRoutes(next.rdsNames())
 	}
+	if !next.complete() {
+		return next, nil, false, nil
+	}
 	versions := maps.Clone(c.versions)
 	versions[t] = version
-	cfg, err := next.assemble(versions)
-	if errors.Is(err, ErrIncomplete) {
-		return next, nil, nil
-	}
-	if err != nil {
-		return nil, nil, err
+	cfg = next.config(versions)
+	if cur := c.Current(); cur != nil && next.sameContent(cur, cfg) {
+		return next, cfg, false, nil
 	}
 	if c.cfg.Check != nil {
 		if err := c.cfg.Check(cfg); err != nil {
-			return nil, nil, fmt.Errorf("the config this response completes is refused: %w", err)
+			return nil, nil, false, fmt.Errorf("the config this response completes is refused: %w", err)
 		}
 	}
-	return next, cfg, nil
-}
-
-// sameContent reports whether two configs route and trust the same way,
-// whatever versions produced them.
-func sameContent(a, b *Config) bool {
-	return reflect.DeepEqual(a.Listeners, b.Listeners) && reflect.DeepEqual(a.Clusters, b.Clusters) &&
-		reflect.DeepEqual(a.Sidecar, b.Sidecar) &&
-		sameBundles(a.Bundles, b.Bundles)
-}
-
-// edsNames are the ClusterLoadAssignments the accepted clusters need,
-// sorted: the EDS subscription.
-func (s *state) edsNames() []string {
-	var names []string
-	for _, c := range s.clusters {
-		if c.Type == EDS {
-			names = append(names, c.ServiceName)
-		}
-	}
-	slices.Sort(names)
-	return slices.Compact(names)
-}
-
-// keepAssignments returns a state holding only the assignments named (the
-// current EDS subscription): a server's unrequested assignment is ignored,
-// as Envoy does, and one no cluster needs any more is forgotten.
-func (s *state) keepAssignments(names []string) *state {
-	drop := false
-	for n := range s.assignments {
-		if _, ok := slices.BinarySearch(names, n); !ok {
-			drop = true
-			break
-		}
-	}
-	if !drop {
-		return s
-	}
-	next := *s
-	next.assignments = make(map[string]loadAssignment, len(names))
-	for _, n := range names {
-		if a, ok := s.assignments[n]; ok {
-			next.assignments[n] = a
-		}
-	}
-	return &next
+	return next, cfg, true, nil
 }
