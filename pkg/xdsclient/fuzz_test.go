@@ -2,6 +2,7 @@ package xdsclient
 
 import (
 	"crypto/x509"
+	"slices"
 	"testing"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -59,14 +60,18 @@ func FuzzDecodeResources(f *testing.F) {
 		f.Add([]byte{}, []byte{}, []byte{}, []byte{}, sc)
 	}
 
+	gwBase := acceptedState(f, RoleGateway, append(buildGateway(f, "10.0.0.5", echo).anys(f), mustAny(f, goodSecret)))
+	scBase := acceptedState(f, RoleSidecar, newSidecarMutable(f).anys(f))
+
 	f.Fuzz(func(t *testing.T, listener, cluster, cla, secret, sidecar []byte) {
-		checkSidecarDecode(t, sidecar)
+		checkSidecarDecode(t, sidecar, scBase)
 		res := []*anypb.Any{
 			{TypeUrl: TypeListener, Value: listener},
 			{TypeUrl: TypeCluster, Value: cluster},
 			{TypeUrl: TypeClusterLoadAssignment, Value: cla},
 			{TypeUrl: TypeSecret, Value: secret},
 		}
+		checkCached(t, gwBase, res)
 		cfg, err := Decode(res...)
 		if err != nil {
 			require.Nil(t, cfg)
@@ -112,4 +117,82 @@ func FuzzDecodeResources(f *testing.F) {
 		cfgRest.Bundles, againRest.Bundles = nil, nil
 		require.Equal(t, cfgRest, againRest, "decoding is deterministic")
 	})
+}
+
+// acceptedState is the state of a client of role that accepted res, one
+// response per type.
+func acceptedState(tb testing.TB, role string, res []*anypb.Any) *state {
+	s, err := newState(role)
+	require.NoError(tb, err)
+	for _, typ := range decodeOrder(role) {
+		s, err = s.apply(typ, filterType(res, typ))
+		require.NoError(tb, err)
+	}
+	require.True(tb, s.complete())
+	return s
+}
+
+// checkCached applies each type's resources of res to base, a state that
+// holds entries to reuse, and to an empty one: the client decides the
+// same either way, refusing with the same reason or accepting the same
+// values.
+func checkCached(t *testing.T, base *state, res []*anypb.Any) {
+	t.Helper()
+	byType := map[string][]*anypb.Any{}
+	for _, r := range res {
+		byType[r.GetTypeUrl()] = append(byType[r.GetTypeUrl()], r)
+	}
+	for typ, list := range byType {
+		if !slices.Contains(decodeOrder(roleOf(base)), typ) {
+			continue
+		}
+		fresh, err := newState(roleOf(base))
+		require.NoError(t, err)
+		want, wantErr := fresh.apply(typ, list)
+		got, gotErr := base.apply(typ, list)
+		if wantErr != nil {
+			require.Error(t, gotErr)
+			require.Equal(t, nackMessage(wantErr), nackMessage(gotErr))
+			continue
+		}
+		require.NoError(t, gotErr)
+		switch typ {
+		case TypeListener:
+			require.Equal(t, values(want.listeners), values(got.listeners))
+			if want.sc != nil {
+				require.Equal(t, want.sc.outbound.v, got.sc.outbound.v)
+				require.Equal(t, want.sc.inbound.v, got.sc.inbound.v)
+			}
+		case TypeRouteConfiguration:
+			for name, e := range want.sc.routes {
+				require.Equal(t, e.v, got.sc.routes[name].v)
+			}
+		case TypeCluster:
+			require.Equal(t, values(want.clusters), values(got.clusters))
+			if want.sc != nil {
+				require.Equal(t, want.sc.hostVIP, got.sc.hostVIP)
+			}
+		case TypeClusterLoadAssignment:
+			for name, e := range want.assignments {
+				require.Equal(t, e.v, got.assignments[name].v)
+			}
+		case TypeSecret:
+			require.True(t, sameBundles(want.bundles(), got.bundles()) || want.secret == nil)
+		}
+	}
+}
+
+func roleOf(s *state) string {
+	if s.sc != nil {
+		return RoleSidecar
+	}
+	return RoleGateway
+}
+
+func values[V any](m map[string]*entry[V]) map[string]V {
+	out := make(map[string]V, len(m))
+	for k, e := range m {
+		out[k] = e.v
+	}
+	return out
 }

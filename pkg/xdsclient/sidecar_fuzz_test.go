@@ -42,9 +42,10 @@ func sidecarFuzzSeeds(tb testing.TB) [][]byte {
 }
 
 // checkSidecarDecode decodes an encoded response's resources for the
-// sidecar: never a panic, and what is accepted keeps every promise a
+// sidecar: never a panic, the same decisions with base's entries to
+// reuse as without, and what is accepted keeps every promise a
 // published sidecar Config makes.
-func checkSidecarDecode(t *testing.T, data []byte) {
+func checkSidecarDecode(t *testing.T, data []byte, base *state) {
 	if len(data) == 0 {
 		return
 	}
@@ -52,6 +53,7 @@ func checkSidecarDecode(t *testing.T, data []byte) {
 	if proto.Unmarshal(data, &resp) != nil {
 		return
 	}
+	checkCached(t, base, resp.GetResources())
 	cfg, err := DecodeRole(RoleSidecar, resp.GetResources()...)
 	if err != nil {
 		require.Nil(t, cfg)
