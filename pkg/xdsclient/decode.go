@@ -120,6 +120,14 @@ func pgv(m interface{ Validate() error }) error {
 }
 
 func decodeListener(m *listenerv3.Listener) (Listener, error) {
+	chains := m.GetFilterChains()
+	return decodeListenerWith(m, len(chains), func(i int) (Chain, error) { return decodeFilterChain(chains[i]) })
+}
+
+// decodeListenerWith is decodeListener with the n filter chains coming
+// from chain (m's own are ignored): the chains of a listener resent are
+// decoded one by one, and the unchanged ones not at all (parts.go).
+func decodeListenerWith(m *listenerv3.Listener, n int, chain func(i int) (Chain, error)) (Listener, error) {
 	l := Listener{Name: m.GetName()}
 	errs := []error{listenerFields.check(m)}
 	if l.Name == "" {
@@ -145,13 +153,13 @@ func decodeListener(m *listenerv3.Listener) (Listener, error) {
 		errs = append(errs, fieldErr("listener_filters", "want exactly one "+tlsInspectorName+", got "+itoa(inspectors)))
 	}
 
-	if len(m.GetFilterChains()) == 0 {
+	if n == 0 {
 		errs = append(errs, fieldErr("filter_chains", "is empty"))
 	}
-	l.Chains = make([]Chain, 0, len(m.GetFilterChains()))
-	sniChain := make(map[string]int, len(m.GetFilterChains()))
-	for i, fc := range m.GetFilterChains() {
-		ch, err := decodeFilterChain(fc)
+	l.Chains = make([]Chain, 0, n)
+	sniChain := make(map[string]int, n)
+	for i := range n {
+		ch, err := chain(i)
 		if err != nil {
 			errs = append(errs, withinIndex("filter_chains", i, err))
 			continue

@@ -109,6 +109,13 @@ func decodeListenerAddress(m *listenerv3.Listener) (netip.Addr, uint16, error) {
 }
 
 func decodeOutbound(m *listenerv3.Listener) (*OutboundListener, error) {
+	chains := m.GetFilterChains()
+	return decodeOutboundWith(m, len(chains), func(i int) (OutboundChain, error) { return decodeOutboundChain(chains[i]) })
+}
+
+// decodeOutboundWith is decodeOutbound with the n filter chains coming
+// from chain (m's own are ignored), as decodeListenerWith.
+func decodeOutboundWith(m *listenerv3.Listener, n int, chain func(i int) (OutboundChain, error)) (*OutboundListener, error) {
 	l := &OutboundListener{Name: m.GetName()}
 	errs := []error{scOutboundFields.check(m)}
 	var err error
@@ -127,8 +134,11 @@ func decodeOutbound(m *listenerv3.Listener) (*OutboundListener, error) {
 		errs = append(errs, fieldErr("listener_filters", "want exactly one "+originalDstName+", got "+itoa(found)))
 	}
 
-	for i, fc := range m.GetFilterChains() {
-		ch, err := decodeOutboundChain(fc)
+	if n > 0 {
+		l.Chains = make([]OutboundChain, 0, n)
+	}
+	for i := range n {
+		ch, err := chain(i)
 		if err != nil {
 			errs = append(errs, withinIndex("filter_chains", i, err))
 			continue
@@ -603,14 +613,24 @@ func decodeSANMatcher(san *tlsv3.SubjectAltNameMatcher) (spiffeid.ID, error) {
 // --- routes ---
 
 func decodeRouteConfig(m *routev3.RouteConfiguration) (*RouteConfig, error) {
+	vhosts := m.GetVirtualHosts()
+	return decodeRouteConfigWith(m, len(vhosts), func(i int) (VirtualHost, error) { return decodeVirtualHost(vhosts[i]) })
+}
+
+// decodeRouteConfigWith is decodeRouteConfig with the n virtual hosts
+// coming from vhost (m's own are ignored), as decodeListenerWith.
+func decodeRouteConfigWith(m *routev3.RouteConfiguration, n int, vhost func(i int) (VirtualHost, error)) (*RouteConfig, error) {
 	rc := &RouteConfig{Name: m.GetName()}
 	errs := []error{scRouteConfigFields.check(m)}
 	if rc.Name == "" {
 		errs = append(errs, fieldErr("name", "is empty"))
 	}
-	names := make(map[string]int, len(m.GetVirtualHosts()))
-	for i, v := range m.GetVirtualHosts() {
-		vh, err := decodeVirtualHost(v)
+	names := make(map[string]int, n)
+	if n > 0 {
+		rc.VirtualHosts = make([]VirtualHost, 0, n)
+	}
+	for i := range n {
+		vh, err := vhost(i)
 		if err == nil {
 			if j, dup := names[vh.Name]; dup {
 				err = fieldErr("name", fmt.Sprintf("%q is also the name of virtual_hosts[%d]", vh.Name, j))

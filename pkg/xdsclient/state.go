@@ -43,12 +43,14 @@ import (
 type digest [sha256.Size]byte
 
 // entry is one accepted resource: its name, the digest of the bytes it
-// was decoded from, and what they decoded to. Entries are shared between
+// was decoded from, and what they decoded to; for a resource decoded by
+// parts, the digests of its parts (parts.go). Entries are shared between
 // states and never modified.
 type entry[V any] struct {
-	name string
-	sum  digest
-	v    V
+	name  string
+	sum   digest
+	v     V
+	parts parts
 }
 
 // peekName is the name a resource's bytes carry in field 1 (the name of
@@ -83,13 +85,18 @@ func peekName(b []byte) []byte {
 	return name
 }
 
-// reuse returns prev's entry for r when r's bytes, whose digest is sum,
-// are the ones it was decoded from.
-func reuse[V any](prev map[string]*entry[V], typeURL string, r *anypb.Any, sum digest) *entry[V] {
+// previous is prev's entry of the name r carries (nil: none).
+func previous[V any](prev map[string]*entry[V], typeURL string, r *anypb.Any) *entry[V] {
 	if r.GetTypeUrl() != typeURL || len(prev) == 0 {
 		return nil
 	}
-	if e := prev[string(peekName(r.GetValue()))]; e != nil && e.sum == sum {
+	return prev[string(peekName(r.GetValue()))]
+}
+
+// reuse returns prev's entry for r when r's bytes, whose digest is sum,
+// are the ones it was decoded from.
+func reuse[V any](prev map[string]*entry[V], typeURL string, r *anypb.Any, sum digest) *entry[V] {
+	if e := previous(prev, typeURL, r); e != nil && e.sum == sum {
 		return e
 	}
 	return nil
@@ -108,6 +115,10 @@ type codec[V any] struct {
 	// decode unmarshals and validates one resource; name is its name
 	// whenever it unmarshaled, valid or not.
 	decode func(r *anypb.Any) (name string, v V, err error)
+	// byParts, if set, decodes a resource by parts, reusing those of its
+	// previous version (nil: none); ok false when it cannot (the
+	// resource is then decoded whole, for the errors).
+	byParts func(r *anypb.Any, prev *entry[V]) (name string, v V, p parts, ok bool)
 }
 
 // change is one name whose entry a response changed: old is nil for a
@@ -131,14 +142,14 @@ func decodeResponse[V any](cd *codec[V], prev map[string]*entry[V], resources []
 	kept := 0
 	for i, r := range resources {
 		sum := sumOf(r)
-		e := reuse(prev, cd.typeURL, r, sum)
-		if e == nil {
-			name, v, err := cd.decode(r)
-			if err != nil {
+		e := previous(prev, cd.typeURL, r)
+		if e == nil || e.sum != sum {
+			var name string
+			var err error
+			if e, name, err = cd.decodeOne(r, sum, e); err != nil {
 				errs = append(errs, &resourceError{kind: cd.kind, name: name, idx: i, err: err})
 				continue
 			}
-			e = &entry[V]{name: name, sum: sum, v: v}
 		}
 		if _, dup := seen[e.name]; dup {
 			errs = append(errs, &resourceError{kind: cd.kind, name: e.name, idx: i, err: fieldErr(cd.nameField, cd.dup)})
@@ -164,6 +175,22 @@ func decodeResponse[V any](cd *codec[V], prev map[string]*entry[V], resources []
 		}
 	}
 	return changes, nil
+}
+
+// decodeOne decodes r, whose digest is sum: by parts when the type has
+// them, reusing those of before (r's previous version; nil: none), else
+// whole. name is r's name when it unmarshaled, also when it is invalid.
+func (cd *codec[V]) decodeOne(r *anypb.Any, sum digest, before *entry[V]) (e *entry[V], name string, err error) {
+	if cd.byParts != nil {
+		if name, v, p, ok := cd.byParts(r, before); ok {
+			return &entry[V]{name: name, sum: sum, v: v, parts: p}, name, nil
+		}
+	}
+	name, v, err := cd.decode(r)
+	if err != nil {
+		return nil, name, err
+	}
+	return &entry[V]{name: name, sum: sum, v: v}, name, nil
 }
 
 // state is what the client has accepted so far, by type and name, with
@@ -817,6 +844,7 @@ var gatewayListenerCodec = &codec[Listener]{
 		l, err := decodeListener(m)
 		return m.GetName(), l, err
 	},
+	byParts: gatewayListenerParts,
 }
 
 func (tx *tx) applyListeners(resources []*anypb.Any) []error {
@@ -830,18 +858,24 @@ func (tx *tx) applyListeners(resources []*anypb.Any) []error {
 	}
 	listeners := own(tx, ownListeners, &s.listeners)
 	for _, ch := range changes {
-		if ch.old != nil {
-			for _, c := range ch.old.v.Chains {
-				tx.need(c.Cluster, -1)
+		gone := func(i int32) { tx.need(ch.old.v.Chains[i].Cluster, -1) }
+		came := func(i int32) { tx.need(ch.new.v.Chains[i].Cluster, +1) }
+		if ch.old == nil || ch.new == nil || !changedParts(ch.old.parts, ch.new.parts, len(ch.old.v.Chains), len(ch.new.v.Chains), gone, came) {
+			if ch.old != nil {
+				for i := range ch.old.v.Chains {
+					gone(int32(i))
+				}
+			}
+			if ch.new != nil {
+				for i := range ch.new.v.Chains {
+					came(int32(i))
+				}
 			}
 		}
 		if ch.new == nil {
 			delete(listeners, ch.name)
-			continue
-		}
-		listeners[ch.name] = ch.new
-		for _, c := range ch.new.v.Chains {
-			tx.need(c.Cluster, +1)
+		} else {
+			listeners[ch.name] = ch.new
 		}
 	}
 	list := make([]Listener, 0, len(listeners))
@@ -914,12 +948,17 @@ func (tx *tx) applySidecarListeners(resources []*anypb.Any) []error {
 		hitOut, hitIn := reuse(prevOut, TypeListener, r, sum), reuse(prevIn, TypeListener, r, sum)
 		var m *listenerv3.Listener
 		var name string
+		var byParts *entry[*OutboundListener]
 		switch {
 		case hitOut != nil:
 			name = OutboundListenerName
 		case hitIn != nil:
 			name = InboundListenerName
 		default:
+			if l, p, ok := outboundParts(r, sc.outbound); ok {
+				name, byParts = OutboundListenerName, &entry[*OutboundListener]{name: OutboundListenerName, sum: sum, v: l, parts: p}
+				break
+			}
 			m = new(listenerv3.Listener)
 			if err := unpack(r, TypeListener, m); err != nil {
 				bad("", i, err)
@@ -935,6 +974,8 @@ func (tx *tx) applySidecarListeners(resources []*anypb.Any) []error {
 			out = hitOut
 		case hitIn != nil:
 			in = hitIn
+		case byParts != nil:
+			out = byParts
 		case name == OutboundListenerName:
 			var l *OutboundListener
 			if l, err = decodeOutbound(m); l != nil {
@@ -986,10 +1027,22 @@ func (tx *tx) applySidecarListeners(resources []*anypb.Any) []error {
 // chains name, and the clusters those name.
 func (tx *tx) outboundChanged(old, new *entry[*OutboundListener]) {
 	sc := tx.s.sc
-	if old != nil {
-		outboundRefs(old.v, func(c string) { tx.need(c, -1) })
+	tcp := func(l *OutboundListener, d int32) func(int32) {
+		return func(i int32) {
+			if ch := l.Chains[i]; ch.TCP != nil {
+				tx.need(ch.TCP.Cluster, d)
+			}
+		}
 	}
-	outboundRefs(new.v, func(c string) { tx.need(c, +1) })
+	if old != nil && changedParts(old.parts, new.parts, len(old.v.Chains), len(new.v.Chains), tcp(old.v, -1), tcp(new.v, +1)) {
+		tx.need(old.v.Default.TCP.Cluster, -1)
+		tx.need(new.v.Default.TCP.Cluster, +1)
+	} else {
+		if old != nil {
+			outboundRefs(old.v, func(c string) { tx.need(c, -1) })
+		}
+		outboundRefs(new.v, func(c string) { tx.need(c, +1) })
+	}
 	named := routeNames(new.v)
 	if slices.Equal(named, sc.named) {
 		return
@@ -1037,6 +1090,7 @@ var routeCodec = &codec[*RouteConfig]{
 		rc, err := decodeRouteConfig(m)
 		return m.GetName(), rc, err
 	},
+	byParts: routeConfigParts,
 }
 
 func (tx *tx) applyRoutes(resources []*anypb.Any) []error {
@@ -1062,7 +1116,18 @@ func (tx *tx) routesChanged(changes []change[*RouteConfig]) {
 	routes := own(tx, ownRoutes, &sc.routes)
 	for _, ch := range changes {
 		_, named := slices.BinarySearch(sc.named, ch.name)
-		if named {
+		refs := func(rc *RouteConfig, d int32) func(int32) {
+			return func(i int32) {
+				for _, r := range rc.VirtualHosts[i].Routes {
+					tx.need(r.Cluster, d)
+				}
+			}
+		}
+		// A route configuration replaced changes the references of the
+		// virtual hosts that changed; one added or removed, all of them.
+		diffed := named && ch.old != nil && ch.new != nil &&
+			changedParts(ch.old.parts, ch.new.parts, len(ch.old.v.VirtualHosts), len(ch.new.v.VirtualHosts), refs(ch.old.v, -1), refs(ch.new.v, +1))
+		if named && !diffed {
 			tx.unname(ch.name)
 		}
 		if ch.new == nil {
@@ -1070,8 +1135,10 @@ func (tx *tx) routesChanged(changes []change[*RouteConfig]) {
 		} else {
 			routes[ch.name] = ch.new
 		}
-		if named {
+		if named && !diffed {
 			tx.name(ch.name)
+		}
+		if named {
 			tx.viewChanged = true
 		}
 	}
