@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
@@ -72,6 +73,7 @@ func FuzzDecodeResources(f *testing.F) {
 			{TypeUrl: TypeSecret, Value: secret},
 		}
 		checkCached(t, gwBase, res)
+		checkParts(t, gwBase, res[0])
 		cfg, err := Decode(res...)
 		if err != nil {
 			require.Nil(t, cfg)
@@ -195,4 +197,55 @@ func values[V any](m map[string]*entry[V]) map[string]V {
 		out[k] = e.v
 	}
 	return out
+}
+
+// checkParts decodes r by parts, with the parts of base's version of it
+// to reuse and without, and whole: both ways accept the same resources
+// and decode them the same.
+func checkParts(t *testing.T, base *state, r *anypb.Any) {
+	t.Helper()
+	switch r.GetTypeUrl() {
+	case TypeListener:
+		wantName, want, err := gatewayListenerCodec.decode(r)
+		for _, prev := range []*entry[Listener]{nil, base.listeners[wantName]} {
+			name, got, _, ok := gatewayListenerParts(r, prev)
+			require.Equal(t, err == nil, ok, "decoded whole: %v", err)
+			if ok {
+				require.Equal(t, wantName, name)
+				require.Equal(t, want, got)
+			}
+		}
+		m := new(listenerv3.Listener)
+		if unpack(r, TypeListener, m) != nil || m.GetName() != OutboundListenerName {
+			_, _, ok := outboundParts(r, nil)
+			require.False(t, ok)
+			return
+		}
+		want2, err := decodeOutbound(m)
+		prevs := []*entry[*OutboundListener]{nil}
+		if base.sc != nil {
+			prevs = append(prevs, base.sc.outbound)
+		}
+		for _, prev := range prevs {
+			got, _, ok := outboundParts(r, prev)
+			require.Equal(t, err == nil, ok, "decoded whole: %v", err)
+			if ok {
+				require.Equal(t, want2, got)
+			}
+		}
+	case TypeRouteConfiguration:
+		wantName, want, err := routeCodec.decode(r)
+		prevs := []*entry[*RouteConfig]{nil}
+		if base.sc != nil {
+			prevs = append(prevs, base.sc.routes[wantName])
+		}
+		for _, prev := range prevs {
+			name, got, _, ok := routeConfigParts(r, prev)
+			require.Equal(t, err == nil, ok, "decoded whole: %v", err)
+			if ok {
+				require.Equal(t, wantName, name)
+				require.Equal(t, want, got)
+			}
+		}
+	}
 }

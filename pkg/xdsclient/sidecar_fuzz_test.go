@@ -54,6 +54,9 @@ func checkSidecarDecode(t *testing.T, data []byte, base *state) {
 		return
 	}
 	checkCached(t, base, resp.GetResources())
+	for _, r := range resp.GetResources() {
+		checkParts(t, base, r)
+	}
 	cfg, err := DecodeRole(RoleSidecar, resp.GetResources()...)
 	if err != nil {
 		require.Nil(t, cfg)
