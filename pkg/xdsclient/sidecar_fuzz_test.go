@@ -41,14 +41,16 @@ func sidecarFuzzSeeds(tb testing.TB) [][]byte {
 	return seeds
 }
 
-// checkSidecarDecode decodes an encoded response's resources for the
-// sidecar: never a panic, the same decisions with base's entries to
+// checkSidecarDecode decodes an encoded response (the client's codec
+// reads it as proto.Unmarshal does) and its resources for the sidecar:
+// never a panic, the same decisions with base's entries to
 // reuse as without, and what is accepted keeps every promise a
 // published sidecar Config makes.
 func checkSidecarDecode(t *testing.T, data []byte, base *state) {
 	if len(data) == 0 {
 		return
 	}
+	requireUnmarshalsAsProto(t, data)
 	var resp discoveryv3.DiscoveryResponse
 	if proto.Unmarshal(data, &resp) != nil {
 		return
