@@ -673,3 +673,52 @@ func (g *sidecarGen) response(t *testing.T, rnd *rand.Rand, typ string) []*anypb
 	}
 	return mutateList(rnd, res)
 }
+
+// TestReuseOnlyTheSameBytes: what the client reuses and what it decodes
+// again, whatever stream the resources come on.
+func TestReuseOnlyTheSameBytes(t *testing.T) {
+	checks := 0
+	c, err := New(ClientConfig{Server: "127.0.0.1:15010", Plaintext: true, Node: gatewayNode,
+		Check: func(*Config) error { checks++; return nil }})
+	require.NoError(t, err)
+	r := byType(t, buildGateway(t, "10.0.0.5", echo, api).anys(t))
+	for _, typ := range []string{TypeListener, TypeCluster, TypeClusterLoadAssignment} {
+		names, _ := c.subscription(typ)
+		_, _, err := c.accept(typ, r[typ], "v1", names)
+		require.NoError(t, err)
+	}
+	v1 := c.Current()
+	require.NotNil(t, v1)
+	held := c.acc.clusters[echo.cluster()]
+
+	// The same bytes again (a resend, or a new stream after a reconnect):
+	// the same entry, nothing published.
+	_, out, err := c.accept(TypeCluster, r[TypeCluster], "v1", nil)
+	require.NoError(t, err)
+	require.Equal(t, unchanged, out)
+	require.Same(t, held, c.acc.clusters[echo.cluster()])
+
+	// The same content in other bytes: decoded and validated again, and
+	// still nothing to publish.
+	other := slices.Clone(r[TypeCluster])
+	i := slices.IndexFunc(other, func(a *anypb.Any) bool { return string(peekName(a.GetValue())) == echo.cluster() })
+	other[i] = withUnknownField(other[i])
+	_, out, err = c.accept(TypeCluster, other, "v2", nil)
+	require.NoError(t, err)
+	require.Equal(t, unchanged, out)
+	require.NotSame(t, held, c.acc.clusters[echo.cluster()])
+	require.Equal(t, held.v, c.acc.clusters[echo.cluster()].v)
+	require.Same(t, v1, c.Current())
+	require.Equal(t, 1, checks, "Check ran for the config published, not for the same again")
+
+	// Other bytes under a name the client holds are never taken for it: an
+	// invalid echo cluster is NACKed and the state kept.
+	bad := edsCluster(echo.cluster())
+	bad.LbPolicy = clusterv3.Cluster_MAGLEV
+	other[i] = deterministicAny(t, bad)
+	acc := c.acc
+	_, _, err = c.accept(TypeCluster, other, "v3", nil)
+	require.ErrorContains(t, err, `cluster "outbound|80||echo.demo.svc.cluster.local": lb_policy: MAGLEV is not supported`)
+	require.Same(t, acc, c.acc)
+	require.Same(t, v1, c.Current())
+}
