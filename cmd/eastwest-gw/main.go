@@ -133,7 +133,10 @@ func startXDS(ctx context.Context, g *errgroup.Group, x bootstrap.Flags, log *sl
 			return svid.Close()
 		})
 	}
-	cc, err := x.ClientConfig(xdsclient.GatewayNode(x.ClusterName, x.PodIP, x.PodName, x.Namespace), svid, gwroutes.Check, log)
+	// The client's Check builds the table the source then routes with:
+	// one build per update.
+	builder := gwroutes.NewBuilder()
+	cc, err := x.ClientConfig(xdsclient.GatewayNode(x.ClusterName, x.PodIP, x.PodName, x.Namespace), svid, builder.Check, log)
 	if err != nil {
 		return nil, err
 	}
@@ -141,7 +144,7 @@ func startXDS(ctx context.Context, g *errgroup.Group, x bootstrap.Flags, log *sl
 	if err != nil {
 		return nil, err
 	}
-	src := gwroutes.NewSource(client, log)
+	src := gwroutes.NewSource(client, builder, log)
 	g.Go(func() error { return client.Run(ctx) })
 	g.Go(func() error { return src.Run(ctx) })
 	return src, nil

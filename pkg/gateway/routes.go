@@ -89,48 +89,62 @@ func NewRoutes(routes []Route) (*Routes, error) {
 	r := &Routes{bySNI: make(map[string]*cluster, len(routes))}
 	var errs []error
 	for i, rt := range routes {
-		sni := strings.ToLower(rt.SNI)
-		bad := func(format string, args ...any) {
-			errs = append(errs, fmt.Errorf("route %d (sni %q): %s", i, rt.SNI, fmt.Sprintf(format, args...)))
+		c, bad := prepare(i, rt)
+		if _, dup := r.bySNI[c.route.SNI]; dup {
+			bad = append(bad, routeError(i, rt, "duplicate sni"))
 		}
-		if err := validServerName(sni); err != nil {
-			bad("%v", err)
-		}
-		if _, dup := r.bySNI[sni]; dup {
-			bad("duplicate sni")
-		}
-		if rt.Cluster == "" {
-			bad("cluster name is empty")
-		}
-		if rt.ConnectTimeout < 0 || rt.IdleTimeout < 0 {
-			bad("negative timeout")
-		}
-		if rt.DNS != "" {
-			if len(rt.Endpoints) > 0 {
-				bad("both dns %q and %d endpoints are set", rt.DNS, len(rt.Endpoints))
-			}
-			if host, port, err := net.SplitHostPort(rt.DNS); err != nil || host == "" || port == "" || port == "0" {
-				bad("dns %q is not host:port", rt.DNS)
-			}
-		}
-		c := &cluster{route: rt, attrs: metric.WithAttributeSet(attribute.NewSet(attribute.String("cluster", rt.Cluster)))}
-		c.route.SNI = sni
-		c.route.Endpoints = slices.Clone(rt.Endpoints)
-		for j, ep := range rt.Endpoints {
-			if !ep.Addr.IsValid() || ep.Addr.Port() == 0 {
-				bad("endpoint %d: invalid address %v", j, ep.Addr)
-				continue
-			}
-			if ep.Healthy {
-				c.healthy = append(c.healthy, ep.Addr)
-			}
-		}
-		r.bySNI[sni] = c
+		errs = append(errs, bad...)
+		r.bySNI[c.route.SNI] = c
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
 	return r, nil
+}
+
+// prepare validates rt, the i-th route given, on its own (a duplicate
+// SNI is the caller's to find), and makes its cluster, keyed by the
+// lowercased SNI, even when rt is invalid.
+func prepare(i int, rt Route) (*cluster, []error) {
+	var errs []error
+	sni := strings.ToLower(rt.SNI)
+	bad := func(format string, args ...any) {
+		errs = append(errs, routeError(i, rt, format, args...))
+	}
+	if err := validServerName(sni); err != nil {
+		bad("%v", err)
+	}
+	if rt.Cluster == "" {
+		bad("cluster name is empty")
+	}
+	if rt.ConnectTimeout < 0 || rt.IdleTimeout < 0 {
+		bad("negative timeout")
+	}
+	if rt.DNS != "" {
+		if len(rt.Endpoints) > 0 {
+			bad("both dns %q and %d endpoints are set", rt.DNS, len(rt.Endpoints))
+		}
+		if host, port, err := net.SplitHostPort(rt.DNS); err != nil || host == "" || port == "" || port == "0" {
+			bad("dns %q is not host:port", rt.DNS)
+		}
+	}
+	c := &cluster{route: rt, attrs: metric.WithAttributeSet(attribute.NewSet(attribute.String("cluster", rt.Cluster)))}
+	c.route.SNI = sni
+	c.route.Endpoints = slices.Clone(rt.Endpoints)
+	for j, ep := range rt.Endpoints {
+		if !ep.Addr.IsValid() || ep.Addr.Port() == 0 {
+			bad("endpoint %d: invalid address %v", j, ep.Addr)
+			continue
+		}
+		if ep.Healthy {
+			c.healthy = append(c.healthy, ep.Addr)
+		}
+	}
+	return c, errs
+}
+
+func routeError(i int, rt Route, format string, args ...any) error {
+	return fmt.Errorf("route %d (sni %q): %s", i, rt.SNI, fmt.Sprintf(format, args...))
 }
 
 // Len is the number of routes; zero for a nil table.

@@ -80,8 +80,9 @@ func setEndpoints(r *gateway.Route, cl xdsclient.Cluster) error {
 	return nil
 }
 
-// Check is the gateway's xdsclient.ClientConfig.Check: a config the
-// gateway could not route is NACKed, and the previous table stays.
+// Check is Routes's verdict on cfg, for an xdsclient.ClientConfig.Check
+// without a Source; with one, give the client Builder.Check of the
+// Builder the Source shares, so each config is built once.
 func Check(cfg *xdsclient.Config) error {
 	_, err := Routes(cfg)
 	return err
@@ -90,20 +91,26 @@ func Check(cfg *xdsclient.Config) error {
 // Source is the gateway's RouteSource fed by an xDS client. It is the
 // only consumer of the client's Updated channel.
 type Source struct {
-	client *xdsclient.Client
-	table  *gateway.RouteTable
-	log    *slog.Logger
+	client  *xdsclient.Client
+	builder *Builder
+	table   *gateway.RouteTable
+	log     *slog.Logger
 }
 
 var _ gateway.RouteSource = (*Source)(nil)
 
-// NewSource returns a Source for c; Run keeps it current. Give c
-// Check as its ClientConfig.Check so every published config builds.
-func NewSource(c *xdsclient.Client, log *slog.Logger) *Source {
+// NewSource returns a Source for c that builds its tables with b; Run
+// keeps it current. Give c b.Check as its ClientConfig.Check, so every
+// published config builds and the table Check built is the one routed.
+// A nil b is a Builder of the Source's own.
+func NewSource(c *xdsclient.Client, b *Builder, log *slog.Logger) *Source {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Source{client: c, table: gateway.NewRouteTable(nil), log: log.With("component", "gwroutes")}
+	if b == nil {
+		b = NewBuilder()
+	}
+	return &Source{client: c, builder: b, table: gateway.NewRouteTable(nil), log: log.With("component", "gwroutes")}
 }
 
 // Routes is the current table: nil until the client's first config.
@@ -112,7 +119,7 @@ func (s *Source) Routes() *gateway.Routes { return s.table.Routes() }
 // Updated receives after the table changes.
 func (s *Source) Updated() <-chan struct{} { return s.table.Updated() }
 
-// Run rebuilds the table after every config the client publishes, until
+// Run updates the table after every config the client publishes, until
 // ctx ends. A config that does not build (possible only without Check)
 // is logged and the previous table kept.
 func (s *Source) Run(ctx context.Context) error {
@@ -132,7 +139,7 @@ func (s *Source) update() {
 	if cfg == nil {
 		return
 	}
-	r, err := Routes(cfg)
+	r, err := s.builder.Build(cfg)
 	if err != nil {
 		s.log.Error("xDS config does not build a routing table; keeping the previous one", "error", err, "versions", cfg.Versions)
 		return

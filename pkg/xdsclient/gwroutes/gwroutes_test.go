@@ -138,10 +138,11 @@ func TestSourceFollowsTheClient(t *testing.T) {
 	}
 	set("v1", listener(t, "eastwest-gw"))
 
+	builder := NewBuilder()
 	client, err := xdsclient.New(xdsclient.ClientConfig{Server: lis.Addr().String(), Plaintext: true, Node: node,
-		BackoffMin: 10 * time.Millisecond, BackoffMax: 100 * time.Millisecond, Check: Check})
+		BackoffMin: 10 * time.Millisecond, BackoffMax: 100 * time.Millisecond, Check: builder.Check})
 	require.NoError(t, err)
-	src := NewSource(client, nil)
+	src := NewSource(client, builder, nil)
 	runCtx, stop := context.WithCancel(context.Background())
 	done := make(chan error, 2)
 	go func() { done <- client.Run(runCtx) }()
@@ -159,6 +160,9 @@ func TestSourceFollowsTheClient(t *testing.T) {
 		t.Fatal("no routes")
 	}
 	first := src.Routes()
+	checked, err := builder.Build(client.Current())
+	require.NoError(t, err)
+	require.Same(t, checked, first, "the table Check built is the one routed")
 	rt, ok := first.Route(echoSNI)
 	require.True(t, ok)
 	require.Equal(t, []gateway.Endpoint{{Addr: netip.MustParseAddrPort("10.1.0.1:8080"), Healthy: true}}, rt.Endpoints)
