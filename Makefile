@@ -25,8 +25,8 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: build
-build: ## Build the binaries into bin/
-	go build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
+build: ## Build the binaries into bin/ (static, as the images in build/ are)
+	CGO_ENABLED=0 go build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
 
 .PHONY: tools
 tools: ## Install what tests and the demo need (etcd, iproute2, iptables, setpriv, staticcheck, kustomize)
