@@ -376,6 +376,7 @@ func TestPublishRoots(t *testing.T) {
 		cm, err := client.CoreV1().ConfigMaps("isthmus-system").Get(ctx, RootsConfigMapName, metav1.GetOptions{})
 		require.NoError(t, err)
 		require.Equal(t, "isthmus", cm.Labels["app.kubernetes.io/part-of"])
+		require.Equal(t, "isthmus", cm.Labels["app.kubernetes.io/managed-by"], "so the federator's roots publisher keeps it too")
 		roots, err := parseCerts([]byte(cm.Data[KeyRootCert]))
 		require.NoError(t, err)
 		return roots
@@ -416,6 +417,13 @@ func TestPublishRoots(t *testing.T) {
 	cm, err = client.CoreV1().ConfigMaps("isthmus-system").Get(ctx, RootsConfigMapName, metav1.GetOptions{})
 	require.NoError(t, err)
 	require.Equal(t, "kept", cm.Data["note"])
+
+	// A ConfigMap from before the label (or made by hand) is labelled.
+	delete(cm.Labels, "app.kubernetes.io/managed-by")
+	_, err = client.CoreV1().ConfigMaps("isthmus-system").Update(ctx, cm, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	require.NoError(t, c.PublishRoots(ctx))
+	require.Len(t, published(), 2)
 }
 
 // configMapData joins the data of every ConfigMap in isthmus-system.

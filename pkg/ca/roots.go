@@ -3,6 +3,7 @@ package ca
 import (
 	"context"
 	"fmt"
+	"maps"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -24,6 +25,11 @@ const RootsConfigMapName = "isthmus-ca-root-cert"
 // rotation the ConfigMap carries the old and the new root, so a pod that
 // starts then trusts whichever signs the CA's certificate. Keys other
 // than KeyRootCert are left alone.
+//
+// The ConfigMap is labelled app.kubernetes.io/managed-by=isthmus, as the
+// federator's copies in every other namespace are (kube.RootsPublisher,
+// which keeps this one current too once the federator runs): in its own
+// namespace the CA takes the name whoever created it.
 func (c *CA) PublishRoots(ctx context.Context) error {
 	pemRoots := string(encodeCerts(c.Bundle().X509Authorities()...))
 	cms := c.client.CoreV1().ConfigMaps(c.opts.Namespace)
@@ -31,22 +37,35 @@ func (c *CA) PublishRoots(ctx context.Context) error {
 	switch {
 	case apierrors.IsNotFound(err):
 		_, err = cms.Create(ctx, &corev1.ConfigMap{
-			ObjectMeta: metav1.ObjectMeta{Namespace: c.opts.Namespace, Name: RootsConfigMapName,
-				Labels: map[string]string{"app.kubernetes.io/part-of": "isthmus"}},
-			Data: map[string]string{KeyRootCert: pemRoots},
+			ObjectMeta: metav1.ObjectMeta{Namespace: c.opts.Namespace, Name: RootsConfigMapName, Labels: rootsLabels()},
+			Data:       map[string]string{KeyRootCert: pemRoots},
 		}, metav1.CreateOptions{})
 	case err == nil:
-		if cm.Data[KeyRootCert] == pemRoots {
+		labelled := true
+		for k, v := range rootsLabels() {
+			labelled = labelled && cm.Labels[k] == v
+		}
+		if cm.Data[KeyRootCert] == pemRoots && labelled {
 			return nil
 		}
 		if cm.Data == nil {
 			cm.Data = map[string]string{}
 		}
 		cm.Data[KeyRootCert] = pemRoots
+		if cm.Labels == nil {
+			cm.Labels = map[string]string{}
+		}
+		maps.Copy(cm.Labels, rootsLabels())
 		_, err = cms.Update(ctx, cm, metav1.UpdateOptions{})
 	}
 	if err != nil {
 		return fmt.Errorf("publish roots in ConfigMap %s/%s: %w", c.opts.Namespace, RootsConfigMapName, err)
 	}
 	return nil
+}
+
+// rootsLabels mark the roots ConfigMap as Isthmus's: kube.RootsPublisher
+// changes only ConfigMaps that carry them.
+func rootsLabels() map[string]string {
+	return map[string]string{"app.kubernetes.io/part-of": "isthmus", "app.kubernetes.io/managed-by": "isthmus"}
 }

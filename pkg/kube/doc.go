@@ -30,5 +30,15 @@
 // a reserved namespace or a missing namespace keeps out, and deletes its
 // objects once no peer exports the service.
 //
+// The RootsPublisher copies the cluster CA's roots into every namespace,
+// so that any pod can mount them (pods mount ConfigMaps of their own
+// namespace only) and verify the federator before it holds a certificate:
+//
+//	Namespace, ConfigMap isthmus-ca-root-cert (informers), CA roots changed ─► work queue (namespace) ─► create / update (rate limited)
+//
+// It too writes only objects labelled app.kubernetes.io/managed-by=isthmus,
+// and reports (Conflicts) the namespaces where someone else's ConfigMap
+// holds the name.
+//
 // This is the only package that uses client-go informers.
 package kube
