@@ -1,0 +1,418 @@
+package xds
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/server/stream/v3"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
+)
+
+var cacheTestTypes = []string{resource.ClusterType, resource.EndpointType, resource.ListenerType}
+
+// snapGen makes random snapshots, each from the last as a translation
+// does: a resource left alone is the same message, a changed one a new
+// message, and now and then an unchanged one is a new message with the
+// same content. A type's version changes exactly when its content does.
+type snapGen struct {
+	rng      *rand.Rand
+	step     int
+	items    map[string]map[string]types.Resource
+	versions map[string]string
+}
+
+func newSnapGen(seed uint64) *snapGen {
+	g := &snapGen{rng: rand.New(rand.NewPCG(seed, 11)), items: map[string]map[string]types.Resource{}, versions: map[string]string{}}
+	for _, t := range cacheTestTypes {
+		g.items[t] = map[string]types.Resource{}
+	}
+	return g
+}
+
+func (g *snapGen) message(typ, name string, v int) types.Resource {
+	switch typ {
+	case resource.ClusterType:
+		return &clusterv3.Cluster{Name: name, ConnectTimeout: durationpb.New(time.Duration(v+1) * time.Second)}
+	case resource.EndpointType:
+		return &endpointv3.ClusterLoadAssignment{ClusterName: name, Endpoints: []*endpointv3.LocalityLbEndpoints{{
+			Locality: &corev3.Locality{Zone: fmt.Sprintf("z%d", v)}}}}
+	default:
+		return &listenerv3.Listener{Name: name, StatPrefix: fmt.Sprint(v)}
+	}
+}
+
+func (g *snapGen) next() *cache.Snapshot {
+	g.step++
+	snap := &cache.Snapshot{}
+	for _, typ := range cacheTestTypes {
+		changed := g.versions[typ] == ""
+		for n := range 6 {
+			name := fmt.Sprintf("%s-%d", typ[strings.LastIndex(typ, ".")+1:], n)
+			old, had := g.items[typ][name]
+			switch r := g.rng.IntN(10); {
+			case r < 5: // left alone
+			case r < 6 && had: // the same content, another message
+				g.items[typ][name] = cloneResource(old)
+			case r < 8:
+				g.items[typ][name] = g.message(typ, name, g.rng.IntN(3))
+				changed = changed || !had || !equalResource(old, g.items[typ][name])
+			default:
+				delete(g.items[typ], name)
+				changed = changed || had
+			}
+		}
+		if changed {
+			g.versions[typ] = fmt.Sprintf("v%d", g.step)
+		}
+		items := make([]types.Resource, 0, len(g.items[typ]))
+		for _, r := range g.items[typ] {
+			items = append(items, r)
+		}
+		snap.Resources[cache.GetResponseType(typ)] = cache.NewResources(g.versions[typ], items)
+	}
+	return snap
+}
+
+func cloneResource(r types.Resource) types.Resource {
+	b, err := cache.MarshalResource(r)
+	if err != nil {
+		panic(err)
+	}
+	c := r.ProtoReflect().New().Interface()
+	if err := proto.Unmarshal(b, c); err != nil {
+		panic(err)
+	}
+	return c
+}
+
+func equalResource(a, b types.Resource) bool {
+	x, _ := cache.MarshalResource(a)
+	y, _ := cache.MarshalResource(b)
+	return bytes.Equal(x, y)
+}
+
+// watchPair is one watch opened on both caches with the same request.
+type watchPair struct {
+	ref, enc             chan cache.Response
+	refCancel, encCancel func()
+}
+
+type deltaPair struct {
+	ref, enc             chan cache.DeltaResponse
+	refCancel, encCancel func()
+}
+
+// sotwStream is a proxy's state-of-the-world stream as the server keeps
+// it, once per cache: the subscriptions the caches read and the server
+// updates.
+type sotwStream struct {
+	refSub, encSub map[string]*stream.Subscription
+	acked          map[string]string
+	open           map[string]*watchPair
+}
+
+type deltaStream struct {
+	refSub, encSub map[string]*stream.Subscription
+	nonce          map[string]string
+	open           map[string]*deltaPair
+}
+
+// Property: for any sequence of snapshots, requests (ACKs, NACKs,
+// resources named or not, all or some of them) and cancels, the
+// encodedCache answers every watch when go-control-plane's snapshot
+// cache does, with the same response: version, resources and their
+// bytes, and the state it hands the server; delta likewise.
+func TestEncodedCacheAnswersAsTheSnapshotCache(t *testing.T) {
+	node := &corev3.Node{Id: GatewayNodePrefix + "~10.0.0.1~gw-0.ns~ns.svc.cluster.local"}
+	for seed := range uint64(30) {
+		rng := rand.New(rand.NewPCG(seed, 3))
+		ref := cache.NewSnapshotCache(true, nodeGroups{}, nil)
+		enc := newEncodedCache(nodeGroups{}, nil)
+		gen := newSnapGen(seed)
+		var current *cache.Snapshot
+		sotw := make([]*sotwStream, 3)
+		for i := range sotw {
+			sotw[i] = &sotwStream{refSub: map[string]*stream.Subscription{}, encSub: map[string]*stream.Subscription{},
+				acked: map[string]string{}, open: map[string]*watchPair{}}
+		}
+		deltas := make([]*deltaStream, 2)
+		for i := range deltas {
+			deltas[i] = &deltaStream{refSub: map[string]*stream.Subscription{}, encSub: map[string]*stream.Subscription{},
+				nonce: map[string]string{}, open: map[string]*deltaPair{}}
+		}
+		var answered, deltaAnswered int
+		check := func(step int) {
+			for si, s := range sotw {
+				for typ, w := range s.open {
+					r, e := receive(w.ref), receive(w.enc)
+					require.Equal(t, r == nil, e == nil, "seed %d step %d stream %d %s: answered by one cache only", seed, step, si, typ)
+					if r != nil {
+						requireSameResponse(t, r, e, "seed %d step %d stream %d %s", seed, step, si, typ)
+						s.ack(typ, r, e)
+						delete(s.open, typ)
+						answered++
+					}
+				}
+			}
+			for si, d := range deltas {
+				for typ, w := range d.open {
+					r, e := receive(w.ref), receive(w.enc)
+					require.Equal(t, r == nil, e == nil, "seed %d step %d delta stream %d %s: answered by one cache only", seed, step, si, typ)
+					if r != nil {
+						requireSameDelta(t, r, e, "seed %d step %d delta stream %d %s", seed, step, si, typ)
+						d.ack(typ, r, e)
+						delete(d.open, typ)
+						deltaAnswered++
+					}
+				}
+			}
+		}
+		for step := range 200 {
+			switch a := rng.IntN(10); {
+			case a < 2:
+				current = gen.next()
+				require.NoError(t, ref.SetSnapshot(context.Background(), gatewayGroup, current))
+				require.NoError(t, enc.SetSnapshot(context.Background(), gatewayGroup, current))
+			case a < 7:
+				s := sotw[rng.IntN(len(sotw))]
+				typ := cacheTestTypes[rng.IntN(len(cacheTestTypes))]
+				if s.open[typ] != nil {
+					continue
+				}
+				req := &discoveryv3.DiscoveryRequest{Node: node, TypeUrl: typ, VersionInfo: s.acked[typ], ResourceNames: names(rng, current, typ)}
+				if rng.IntN(8) == 0 { // a NACK, or a proxy that restarted
+					req.VersionInfo = ""
+				}
+				if s.refSub[typ] == nil {
+					rs, es := stream.NewSotwSubscription(req.ResourceNames, true), stream.NewSotwSubscription(req.ResourceNames, true)
+					s.refSub[typ], s.encSub[typ] = &rs, &es
+				} else {
+					s.refSub[typ].SetResourceSubscription(req.ResourceNames)
+					s.encSub[typ].SetResourceSubscription(req.ResourceNames)
+				}
+				w := &watchPair{ref: make(chan cache.Response, 1), enc: make(chan cache.Response, 1)}
+				var err error
+				w.refCancel, err = ref.CreateWatch(req, s.refSub[typ], w.ref)
+				require.NoError(t, err)
+				w.encCancel, err = enc.CreateWatch(req, s.encSub[typ], w.enc)
+				require.NoError(t, err)
+				s.open[typ] = w
+			case a < 9:
+				d := deltas[rng.IntN(len(deltas))]
+				typ := cacheTestTypes[rng.IntN(len(cacheTestTypes))]
+				if d.open[typ] != nil {
+					continue
+				}
+				req := &discoveryv3.DeltaDiscoveryRequest{Node: node, TypeUrl: typ, ResponseNonce: d.nonce[typ]}
+				if rng.IntN(3) == 0 {
+					req.ResourceNamesSubscribe = names(rng, current, typ)
+				}
+				if d.refSub[typ] == nil {
+					rs := stream.NewDeltaSubscription(req.ResourceNamesSubscribe, nil, nil, true)
+					es := stream.NewDeltaSubscription(req.ResourceNamesSubscribe, nil, nil, true)
+					d.refSub[typ], d.encSub[typ] = &rs, &es
+				} else {
+					if rng.IntN(4) == 0 {
+						req.ResourceNamesUnsubscribe = names(rng, current, typ)
+					}
+					d.refSub[typ].UpdateResourceSubscriptions(req.ResourceNamesSubscribe, req.ResourceNamesUnsubscribe)
+					d.encSub[typ].UpdateResourceSubscriptions(req.ResourceNamesSubscribe, req.ResourceNamesUnsubscribe)
+				}
+				w := &deltaPair{ref: make(chan cache.DeltaResponse, 1), enc: make(chan cache.DeltaResponse, 1)}
+				var err error
+				w.refCancel, err = ref.CreateDeltaWatch(req, d.refSub[typ], w.ref)
+				require.NoError(t, err)
+				w.encCancel, err = enc.CreateDeltaWatch(req, d.encSub[typ], w.enc)
+				require.NoError(t, err)
+				require.Equal(t, w.refCancel == nil, w.encCancel == nil, "seed %d step %d: a delta watch kept by one cache only", seed, step)
+				d.open[typ] = w
+			default: // a stream's watch ends (it closed, or asks again)
+				s := sotw[rng.IntN(len(sotw))]
+				for typ, w := range s.open {
+					w.refCancel()
+					w.encCancel()
+					delete(s.open, typ)
+					break
+				}
+			}
+			check(step)
+		}
+		require.Positive(t, answered, "seed %d: no state-of-the-world response", seed)
+		require.Positive(t, deltaAnswered, "seed %d: no delta response", seed)
+	}
+}
+
+// names are, for a request, no names (wildcard), all of the snapshot's,
+// some of them, or some with one it lacks.
+func names(rng *rand.Rand, snap *cache.Snapshot, typ string) []string {
+	var all []string
+	for name := range snap.GetResources(typ) {
+		all = append(all, name)
+	}
+	slices.Sort(all)
+	switch rng.IntN(4) {
+	case 0:
+		return nil
+	case 1:
+		return all
+	case 2:
+		if len(all) > 0 {
+			return all[:rng.IntN(len(all))]
+		}
+		return nil
+	default:
+		return append(all, "absent")
+	}
+}
+
+func receive[R any](ch chan R) R {
+	select {
+	case r := <-ch:
+		return r
+	default:
+		var zero R
+		return zero
+	}
+}
+
+func (s *sotwStream) ack(typ string, r, e cache.Response) {
+	s.refSub[typ].SetReturnedResources(r.GetReturnedResources())
+	s.encSub[typ].SetReturnedResources(e.GetReturnedResources())
+	s.acked[typ] = r.GetResponseVersion()
+}
+
+func (d *deltaStream) ack(typ string, r, e cache.DeltaResponse) {
+	d.refSub[typ].SetReturnedResources(r.GetNextVersionMap())
+	d.encSub[typ].SetReturnedResources(e.GetNextVersionMap())
+	d.nonce[typ] = "n"
+}
+
+func requireSameResponse(t *testing.T, ref, enc cache.Response, format string, args ...any) {
+	t.Helper()
+	msg := fmt.Sprintf(format, args...)
+	r, err := ref.GetDiscoveryResponse()
+	require.NoError(t, err)
+	e, err := enc.GetDiscoveryResponse()
+	require.NoError(t, err)
+	require.Equal(t, r.GetVersionInfo(), e.GetVersionInfo(), msg)
+	require.Equal(t, r.GetTypeUrl(), e.GetTypeUrl(), msg)
+	sortAnys := func(rs *discoveryv3.DiscoveryResponse) [][]byte {
+		var out [][]byte
+		for _, a := range rs.GetResources() {
+			require.Equal(t, rs.GetTypeUrl(), a.GetTypeUrl())
+			out = append(out, a.GetValue())
+		}
+		slices.SortFunc(out, bytes.Compare)
+		return out
+	}
+	require.Equal(t, sortAnys(r), sortAnys(e), msg)
+	require.Equal(t, ref.GetReturnedResources(), enc.GetReturnedResources(), msg)
+	require.Equal(t, ref.GetResponseVersion(), enc.GetResponseVersion(), msg)
+}
+
+func requireSameDelta(t *testing.T, ref, enc cache.DeltaResponse, format string, args ...any) {
+	t.Helper()
+	msg := fmt.Sprintf(format, args...)
+	r, err := ref.GetDeltaDiscoveryResponse()
+	require.NoError(t, err)
+	e, err := enc.GetDeltaDiscoveryResponse()
+	require.NoError(t, err)
+	require.Equal(t, r.GetSystemVersionInfo(), e.GetSystemVersionInfo(), msg)
+	require.Equal(t, r.GetTypeUrl(), e.GetTypeUrl(), msg)
+	type res struct {
+		name, version, typeURL string
+		value                  []byte
+	}
+	flat := func(rs *discoveryv3.DeltaDiscoveryResponse) []res {
+		var out []res
+		for _, x := range rs.GetResources() {
+			out = append(out, res{x.GetName(), x.GetVersion(), x.GetResource().GetTypeUrl(), x.GetResource().GetValue()})
+		}
+		slices.SortFunc(out, func(a, b res) int { return strings.Compare(a.name, b.name) })
+		return out
+	}
+	require.Equal(t, flat(r), flat(e), msg)
+	require.ElementsMatch(t, r.GetRemovedResources(), e.GetRemovedResources(), msg)
+	require.Equal(t, ref.GetNextVersionMap(), enc.GetNextVersionMap(), msg)
+}
+
+// What the cache is for: a resource is encoded once, whichever streams
+// it goes to, and a resource the next snapshot keeps (the same message)
+// is not encoded again.
+func TestEncodedCacheEncodesOnce(t *testing.T) {
+	node := &corev3.Node{Id: GatewayNodePrefix + "~10.0.0.1~gw-0.ns~ns.svc.cluster.local"}
+	c := newEncodedCache(nodeGroups{}, nil)
+	kept := &clusterv3.Cluster{Name: "kept", ConnectTimeout: durationpb.New(time.Second)}
+	changed := &clusterv3.Cluster{Name: "changed", ConnectTimeout: durationpb.New(time.Second)}
+	set := func(version string, cls ...types.Resource) {
+		snap, err := cache.NewSnapshot(version, map[resource.Type][]types.Resource{resource.ClusterType: cls})
+		require.NoError(t, err)
+		require.NoError(t, c.SetSnapshot(context.Background(), gatewayGroup, snap))
+	}
+	watch := func(version string) *discoveryv3.DiscoveryResponse {
+		t.Helper()
+		sub := stream.NewSotwSubscription(nil, true)
+		ch := make(chan cache.Response, 1)
+		_, err := c.CreateWatch(&discoveryv3.DiscoveryRequest{Node: node, TypeUrl: resource.ClusterType, VersionInfo: version}, &sub, ch)
+		require.NoError(t, err)
+		resp, err := receive(ch).GetDiscoveryResponse()
+		require.NoError(t, err)
+		return resp
+	}
+	byName := func(r *discoveryv3.DiscoveryResponse) map[string]*anypb.Any {
+		out := map[string]*anypb.Any{}
+		for _, a := range r.GetResources() {
+			cl := &clusterv3.Cluster{}
+			require.NoError(t, a.UnmarshalTo(cl))
+			out[cl.GetName()] = a
+		}
+		return out
+	}
+
+	set("v1", kept, changed)
+	a, b := watch(""), watch("")
+	require.NotSame(t, a, b, "each stream has its own response: the server sets its nonce")
+	require.Len(t, a.GetResources(), 2)
+	for i := range a.GetResources() {
+		require.Same(t, a.GetResources()[i], b.GetResources()[i], "two streams, one encoding")
+	}
+	first := byName(a)
+
+	set("v2", kept, &clusterv3.Cluster{Name: "changed", ConnectTimeout: durationpb.New(2 * time.Second)})
+	second := byName(watch("v1"))
+	require.Same(t, first["kept"], second["kept"], "kept: not encoded again")
+	require.NotSame(t, first["changed"], second["changed"])
+	cl := &clusterv3.Cluster{}
+	require.NoError(t, second["changed"].UnmarshalTo(cl))
+	require.Equal(t, 2*time.Second, cl.GetConnectTimeout().AsDuration())
+
+	// A TTL is refused with a reason, not served without it.
+	ttl := time.Minute
+	snap := &cache.Snapshot{}
+	snap.Resources[types.Cluster] = cache.NewResourcesWithTTL("v3", []types.ResourceWithTTL{{Resource: kept, TTL: &ttl}})
+	require.NoError(t, c.SetSnapshot(context.Background(), "other", snap))
+	_, err := c.CreateWatch(&discoveryv3.DiscoveryRequest{Node: &corev3.Node{Id: "x"}, TypeUrl: resource.ClusterType},
+		&stream.Subscription{}, make(chan cache.Response, 1))
+	require.NoError(t, err, "node x is unserved: no snapshot, the watch waits")
+	c.mu.Lock()
+	_, err = c.group("other").typ(resource.ClusterType)
+	c.mu.Unlock()
+	require.ErrorContains(t, err, `"kept": resources with a TTL are not served`)
+}
