@@ -4,6 +4,12 @@
 // RouteSource in production.
 //
 //	federator ──ADS──► xdsclient.Client ──*Config──► gwroutes.Source ──*gateway.Routes──► gateway.Gateway
+//	                          └── Check ──► gwroutes.Builder ◄── Build ──┘
+//
+// One Builder is both the client's Check and the Source's builder: a
+// config is built once, when Check accepts it, and from the table before
+// it, so an update costs the filter chains it changes (and a copy of the
+// table's index), not a rebuild of ten thousand routes.
 //
 // It sits apart from pkg/xdsclient so that the client (shared with the
 // sidecar) does not depend on the gateway, and so that the gateway never
