@@ -3,8 +3,9 @@
 // it, the cluster CA and its certificate service, the xDS server that
 // configures the proxies (on the certificate service's TLS port), the
 // federation manager that links peers and imports what they export, the
-// writer of imported ServiceEntries, and the monitoring server, and runs
-// them until the context ends.
+// writer of imported ServiceEntries, the publisher of the CA's roots in
+// every namespace, and the monitoring server, and runs them until the
+// context ends.
 //
 // Nothing imports this package but cmd/federator.
 package federator
@@ -64,6 +65,7 @@ type Federator struct {
 
 	federation *federation.Manager
 	imports    *kube.ImportWriter
+	roots      *kube.RootsPublisher
 	xds        *xds.Server
 }
 
@@ -115,6 +117,12 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 		return nil, err
 	}
 	if err := f.setUpIdentity(ctx, kubeClient); err != nil {
+		return nil, err
+	}
+	// Every namespace's pods mount the roots from a ConfigMap of their
+	// own namespace to verify the CA before they hold a certificate.
+	f.roots, err = kube.NewRootsPublisher(kubeClient, f.ca, kube.RootsOptions{Logger: log})
+	if err != nil {
 		return nil, err
 	}
 	if err := f.setUpTrustMetrics(); err != nil {
@@ -175,7 +183,9 @@ func (f *Federator) setUpIdentity(ctx context.Context, kubeClient kubernetes.Int
 	f.trust = trust.NewStore(td)
 	f.syncLocalBundle()
 	// Proxies in this namespace (the east-west gateway) mount the roots to
-	// verify this CA before they hold any credential.
+	// verify this CA before they hold any credential: written before Run,
+	// so they are there as soon as the federator is; from then on the
+	// roots publisher keeps them current here as in every namespace.
 	if err := f.ca.PublishRoots(ctx); err != nil {
 		return err
 	}
@@ -206,28 +216,18 @@ func (f *Federator) syncLocalBundle() {
 	f.trust.SetLocal(f.ca.Bundle().X509Authorities(), f.ca.BundleSequence(), trust.DefaultRefreshHint)
 }
 
-// rootsRetry is how long a failed write of the roots ConfigMap waits
-// before the next attempt.
-const rootsRetry = 5 * time.Second
-
-// runBundleSync copies every change of the CA's roots into the trust store
-// and the roots ConfigMap; a failed write is retried until it succeeds.
+// runBundleSync copies every change of the CA's roots into the trust
+// store. The roots ConfigMaps follow the same changes through the roots
+// publisher, which retries its own failed writes.
 func (f *Federator) runBundleSync(ctx context.Context) error {
 	changed, cancel := f.ca.Subscribe()
 	defer cancel()
-	var retry <-chan time.Time // nil unless a write failed
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-changed:
 			f.syncLocalBundle()
-		case <-retry:
-		}
-		retry = nil
-		if err := f.ca.PublishRoots(ctx); err != nil && ctx.Err() == nil {
-			f.log.Warn("could not publish the CA roots; retrying", "configMap", ca.RootsConfigMapName, "in", rootsRetry, "error", err)
-			retry = time.After(rootsRetry)
 		}
 	}
 }
@@ -307,6 +307,11 @@ func (f *Federator) setUpTrustMetrics() error {
 	if err != nil {
 		return err
 	}
+	conflicts, err := m.Int64ObservableGauge("isthmus_ca_root_configmap_conflicts",
+		metric.WithDescription("Namespaces where a ConfigMap isthmus-ca-root-cert not managed by Isthmus keeps the CA's roots out (listed in /debug/trust)."))
+	if err != nil {
+		return err
+	}
 	_, err = m.RegisterCallback(func(_ context.Context, o metric.Observer) error {
 		for _, td := range f.trust.TrustDomains() {
 			b, err := f.trust.GetBundleForTrustDomain(td)
@@ -319,8 +324,9 @@ func (f *Federator) setUpTrustMetrics() error {
 			o.ObserveInt64(seq, int64(n), attrs)
 		}
 		o.ObserveFloat64(expiry, float64(f.ca.SigningCertificate().NotAfter.Unix()))
+		o.ObserveInt64(conflicts, int64(len(f.roots.Conflicts())))
 		return nil
-	}, roots, seq, expiry)
+	}, roots, seq, expiry, conflicts)
 	return err
 }
 
@@ -399,6 +405,7 @@ func (f *Federator) Run(ctx context.Context) error {
 	g.Go(func() error { return f.runBundleSync(gctx) })
 	g.Go(func() error { return f.federation.Run(gctx) })
 	g.Go(func() error { return f.imports.Run(gctx) })
+	g.Go(func() error { return f.roots.Run(gctx) })
 	g.Go(func() error { return f.xds.Run(gctx) })
 	if plainLn != nil {
 		plainServer := grpc.NewServer(f.xds.PlaintextServerOptions()...)
@@ -545,6 +552,9 @@ type TrustDump struct {
 	PluggedCA   bool              `json:"pluggedCA"`
 	Rotation    ca.RotationStatus `json:"rotation"`
 	Bundles     []TrustBundleDump `json:"bundles"`
+	// RootsConfigMapConflicts are the namespaces where someone else's
+	// ConfigMap isthmus-ca-root-cert keeps the CA's roots out.
+	RootsConfigMapConflicts []kube.RootsConflict `json:"rootsConfigMapConflicts,omitempty"`
 }
 
 // TrustBundleDump describes one trust domain's bundle.
@@ -562,7 +572,7 @@ type RootDump struct {
 }
 
 func (f *Federator) serveTrust(w http.ResponseWriter, r *http.Request) {
-	dump := TrustDump{TrustDomain: f.trust.LocalTrustDomain().Name(), PluggedCA: f.ca.Plugged()}
+	dump := TrustDump{TrustDomain: f.trust.LocalTrustDomain().Name(), PluggedCA: f.ca.Plugged(), RootsConfigMapConflicts: f.roots.Conflicts()}
 	rot, err := f.ca.RotationStatus(r.Context())
 	if err != nil {
 		http.Error(w, "read CA state: "+err.Error(), http.StatusInternalServerError)
