@@ -139,8 +139,12 @@ func IsHTTPPort(p catalog.Port) bool {
 // exporter is one cluster's export of a clusterset service.
 type exporter struct {
 	cluster string
-	local   bool
-	svc     *catalog.Service
+	// source is the catalog the export came from: it orders two
+	// exporters that claim one cluster name, which a well-formed mesh
+	// never has, so that the result does not depend on the peers' order.
+	source string
+	local  bool
+	svc    *catalog.Service
 	// gateways are the exporter's usable gateway addresses (IPs only),
 	// sorted; empty for the local exporter.
 	gateways []netip.AddrPort
@@ -327,7 +331,7 @@ func (b *sidecarBuilder) services(local *catalog.Snapshot, peers []*catalog.Snap
 	add := func(snap *catalog.Snapshot, isLocal bool) {
 		for svc := range snap.All() {
 			cluster := cmp.Or(svc.Cluster, snap.Source())
-			byKey[svc.Key()] = append(byKey[svc.Key()], &exporter{cluster: cluster, local: isLocal, svc: svc})
+			byKey[svc.Key()] = append(byKey[svc.Key()], &exporter{cluster: cluster, source: snap.Source(), local: isLocal, svc: svc})
 		}
 	}
 	if local != nil {
@@ -354,8 +358,24 @@ func (b *sidecarBuilder) services(local *catalog.Snapshot, peers []*catalog.Snap
 			out = append(out, s)
 		}
 	}
-	slices.SortFunc(out, func(x, y *csService) int { return strings.Compare(x.host, y.host) })
+	slices.SortFunc(out, compareHosts)
+	if err := sharedHost(len(out), func(i int) *csService { return out[i] }); err != nil {
+		return nil, err
+	}
 	return out, nil
+}
+
+// sharedHost refuses two clusterset services, sorted by host, with one
+// host: their clusters would have one name. Only a name or namespace
+// with a dot makes them ("c.a" in "b", "c" in "a.b"), which Kubernetes
+// and the federation API refuse.
+func sharedHost(n int, at func(int) *csService) error {
+	for i := 1; i < n; i++ {
+		if a, b := at(i-1), at(i); a.host == b.host {
+			return fmt.Errorf("services %s and %s have one clusterset host %q", a.key, b.key, a.host)
+		}
+	}
+	return nil
 }
 
 // service merges one namespace/name's exporters into a clusterset
@@ -364,7 +384,7 @@ func (b *sidecarBuilder) service(key catalog.ServiceKey, all []*exporter) *csSer
 	slices.SortFunc(all, func(x, y *exporter) int {
 		// A local exporter before a peer of the same name, which a
 		// well-formed mesh never has.
-		return cmp.Or(strings.Compare(x.cluster, y.cluster), -cmpBool(x.local, y.local))
+		return cmp.Or(strings.Compare(x.cluster, y.cluster), -cmpBool(x.local, y.local), strings.Compare(x.source, y.source))
 	})
 	s := &csService{key: key, host: ClusterSetHost(key.Namespace, key.Name)}
 	for _, e := range all {
@@ -417,6 +437,15 @@ func (b *sidecarBuilder) service(key catalog.ServiceKey, all []*exporter) *csSer
 	}
 	slices.SortFunc(s.ports, func(x, y csPort) int { return cmp.Compare(x.number, y.number) })
 	return s
+}
+
+// compareHosts orders clusterset services by host, the order VIPs are
+// assigned in. Two keys have one host only when a name or namespace has
+// a dot, which Kubernetes and the federation API refuse, and sharedHost
+// refuses; the key then decides, so that the refusal names the two in
+// the same order every time.
+func compareHosts(x, y *csService) int {
+	return cmp.Or(strings.Compare(x.host, y.host), strings.Compare(x.key.Namespace, y.key.Namespace), strings.Compare(x.key.Name, y.key.Name))
 }
 
 func cmpBool(a, b bool) int {

@@ -1,0 +1,497 @@
+package xds
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+)
+
+// requireSameSidecar fails unless got is want byte for byte: the same
+// version, the same skipped list, and in the same order resources whose
+// deterministic encodings are equal.
+func requireSameSidecar(t testing.TB, want, got Resources, wantSkipped, gotSkipped []Skipped, msg string) {
+	t.Helper()
+	require.Equal(t, want.Names(), got.Names(), "%s: names", msg)
+	same := func(kind string, a, b proto.Message) {
+		t.Helper()
+		x, err := deterministic.Marshal(a)
+		require.NoError(t, err)
+		y, err := deterministic.Marshal(b)
+		require.NoError(t, err)
+		require.Equal(t, x, y, "%s: %s differs", msg, kind)
+	}
+	for i := range want.Listeners {
+		same("listener "+want.Listeners[i].GetName(), want.Listeners[i], got.Listeners[i])
+	}
+	for i := range want.Routes {
+		same("route "+want.Routes[i].GetName(), want.Routes[i], got.Routes[i])
+	}
+	for i := range want.Clusters {
+		same("cluster "+want.Clusters[i].GetName(), want.Clusters[i], got.Clusters[i])
+	}
+	for i := range want.Endpoints {
+		same("endpoints "+want.Endpoints[i].GetClusterName(), want.Endpoints[i], got.Endpoints[i])
+	}
+	require.Equal(t, wantSkipped, gotSkipped, "%s: skipped", msg)
+	require.Equal(t, want.Version, got.Version, "%s: version", msg)
+}
+
+// The golden cases, each from a fresh translator, and all of them in
+// turn through one translator: every result is TranslateSidecar's and
+// the golden file's.
+func TestSidecarTranslatorGolden(t *testing.T) {
+	chained := map[string]*SidecarTranslator{}
+	for _, region := range []string{"r1", "r2", ""} {
+		tr, err := NewSidecarTranslator(SidecarOptions{Region: region})
+		require.NoError(t, err)
+		chained[region] = tr
+	}
+	cases := sidecarCases()
+	// Forth and back, so every case follows two others.
+	var seq []sidecarCase
+	seq = append(seq, cases...)
+	for i := len(cases) - 1; i >= 0; i-- {
+		seq = append(seq, cases[i])
+	}
+	for _, tc := range seq {
+		t.Run(tc.name, func(t *testing.T) {
+			local, peers := tc.snapshots(t)
+			want, wantSkipped := tc.translate(t)
+			fresh, err := NewSidecarTranslator(SidecarOptions{Region: tc.region})
+			require.NoError(t, err)
+			got, gotSkipped, err := fresh.Translate(local, peers)
+			require.NoError(t, err)
+			requireSameSidecar(t, want, got, wantSkipped, gotSkipped, "fresh")
+			golden(t, "sidecar-"+tc.name+".json", renderSidecar(t, got, gotSkipped))
+
+			got, gotSkipped, err = chained[tc.region].Translate(local, peers)
+			require.NoError(t, err)
+			requireSameSidecar(t, want, got, wantSkipped, gotSkipped, "after other cases")
+			for _, l := range got.Listeners {
+				validateDeep(t, "listener "+l.GetName(), l)
+			}
+			for _, rc := range got.Routes {
+				validateDeep(t, "route "+rc.GetName(), rc)
+			}
+			xs, err := got.Snapshot()
+			require.NoError(t, err)
+			require.NoError(t, xs.Consistent())
+		})
+	}
+}
+
+// snapshots are the case's catalogs, peers in name order.
+func (c sidecarCase) snapshots(t testing.TB) (*catalog.Snapshot, []*catalog.Snapshot) {
+	t.Helper()
+	var peers []*catalog.Snapshot
+	for _, name := range slices.Sorted(func(yield func(string) bool) {
+		for k := range c.peers {
+			if !yield(k) {
+				return
+			}
+		}
+	}) {
+		peers = append(peers, peerSnapshot(t, name, c.peers[name]...))
+	}
+	return snapshotOf(t, c.local...), peers
+}
+
+// randomMesh makes random catalogs for a cluster "a" and peers b, c, d:
+// services from a small pool of names (two of which share a VIP hash),
+// exported by any of the clusters, with random ports (HTTP, TCP, UDP, a
+// port some exporters define differently), localities in two regions,
+// pods (some not ready, some not an IP), gateways (some hostnames, some
+// shared by two peers) and identities (sometimes none).
+type randomMesh struct {
+	rng   *rand.Rand
+	local *catalog.Builder
+	peers map[string]*catalog.Builder
+	// gone are the peers whose imports are not in the store.
+	gone map[string]bool
+}
+
+var meshPeers = []string{"b", "c", "d"}
+
+func newRandomMesh(seed uint64) *randomMesh {
+	m := &randomMesh{rng: rand.New(rand.NewPCG(seed, 7)), local: catalog.NewBuilder(catalog.LocalSource),
+		peers: map[string]*catalog.Builder{}, gone: map[string]bool{}}
+	for _, p := range meshPeers {
+		m.peers[p] = catalog.NewBuilder(p)
+	}
+	return m
+}
+
+// key is one of the pool's names; svc134 and svc270 hash to one VIP, so
+// adding and removing the first moves the second's.
+func (m *randomMesh) key() catalog.ServiceKey {
+	pool := []catalog.ServiceKey{{Namespace: "demo", Name: "svc134"}, {Namespace: "demo", Name: "svc270"},
+		{Namespace: "demo", Name: "svc15"}, {Namespace: "demo", Name: "echo"}}
+	if i := m.rng.IntN(len(pool) + 16); i < len(pool) {
+		return pool[i]
+	}
+	i := m.rng.IntN(16)
+	return catalog.ServiceKey{Namespace: fmt.Sprintf("ns%d", i%3), Name: fmt.Sprintf("s%d", i)}
+}
+
+func (m *randomMesh) service(key catalog.ServiceKey, cluster string) catalog.Service {
+	r := m.rng
+	svc := catalog.Service{Namespace: key.Namespace, Name: key.Name, Cluster: cluster}
+	if r.IntN(8) > 0 {
+		svc.Identities = []string{"spiffe://" + cluster + ".mesh/ns/" + key.Namespace + "/sa/" + key.Name}
+		if r.IntN(4) == 0 {
+			svc.Identities = append(svc.Identities, "spiffe://"+cluster+".mesh/ns/"+key.Namespace+"/sa/other")
+		}
+	}
+	ports := []catalog.Port{
+		{Name: "http", Port: 80, AppProtocol: "http", TargetPort: 8080},
+		{Name: "grpc-api", Port: 9090},
+		{Name: "tcp-db", Port: 5432, TargetPort: 15432},
+		{Name: "http-alt", Port: 8080},
+		// Port 81 is HTTP or TCP depending on the exporter.
+		{Name: []string{"http-metrics", "tcp-metrics"}[r.IntN(2)], Port: 81},
+		{Name: "dns", Port: 53, Protocol: catalog.ProtocolUDP},
+	}
+	for _, p := range ports {
+		if r.IntN(3) == 0 {
+			svc.Ports = append(svc.Ports, p)
+		}
+	}
+	if len(svc.Ports) == 0 {
+		svc.Ports = ports[r.IntN(len(ports)):][:1]
+	}
+	regions := []string{"r1", "r2"}
+	for z := range r.IntN(3) {
+		le := catalog.LocalityEndpoints{Locality: catalog.Locality{Region: regions[r.IntN(2)], Zone: fmt.Sprintf("z%d", z)}}
+		if cluster == "a" {
+			for i := range 1 + r.IntN(3) {
+				ip := fmt.Sprintf("10.%d.%d.%d", z, r.IntN(4), i)
+				if r.IntN(20) == 0 {
+					ip = "pod.example"
+				}
+				ready := r.IntN(3) > 0
+				le.Addresses = append(le.Addresses, catalog.Address{IP: ip, Ready: ready})
+				if ready {
+					le.Ready++
+				} else {
+					le.NotReady++
+				}
+			}
+		} else {
+			le.Ready, le.NotReady = r.IntN(3), r.IntN(2)
+			if le.Ready+le.NotReady == 0 {
+				le.Ready = 1
+			}
+		}
+		svc.Endpoints = append(svc.Endpoints, le)
+	}
+	if cluster != "a" {
+		gws := map[string][]string{
+			"b": {"192.0.2.10:15443", "192.0.2.11:15443"},
+			"c": {"198.51.100.7:15443", "gw.c.example:15443"},
+			// d shares b's first gateway now and then.
+			"d": {"203.0.113.9:15443", "192.0.2.10:15443"},
+		}[cluster]
+		for _, g := range gws {
+			if r.IntN(2) == 0 {
+				svc.Gateways = append(svc.Gateways, g)
+			}
+		}
+	}
+	if r.IntN(6) == 0 {
+		svc.Peers = []string{"b"}
+	}
+	return svc
+}
+
+// step makes one random change and describes it.
+func (m *randomMesh) step(t testing.TB) string {
+	t.Helper()
+	r := m.rng
+	cluster := "a"
+	b := m.local
+	if i := r.IntN(4); i > 0 {
+		cluster = meshPeers[i-1]
+		b = m.peers[cluster]
+	}
+	key := m.key()
+	switch op := r.IntN(20); {
+	case op < 10:
+		require.NoError(t, b.Put(m.service(key, cluster)))
+		return fmt.Sprintf("put %s in %s", key, cluster)
+	case op < 15:
+		b.Delete(key)
+		return fmt.Sprintf("delete %s from %s", key, cluster)
+	case op < 16 && cluster != "a":
+		m.gone[cluster] = !m.gone[cluster]
+		return fmt.Sprintf("peer %s gone: %v", cluster, m.gone[cluster])
+	case op < 17:
+		// The same content in new entries, as a peer's full resend.
+		fresh := catalog.NewBuilder(b.Build().Source())
+		for svc := range b.Build().All() {
+			require.NoError(t, fresh.Put(svc.Clone()))
+		}
+		if cluster == "a" {
+			m.local = fresh
+		} else {
+			m.peers[cluster] = fresh
+		}
+		return fmt.Sprintf("rebuild %s", cluster)
+	case op < 18:
+		// What the sidecar does not read.
+		snap := b.Build()
+		svc, ok := snap.Get(key)
+		if !ok {
+			return "nothing"
+		}
+		c := svc.Clone()
+		c.Peers = append(c.Peers, "zz")
+		require.NoError(t, b.Put(c))
+		return fmt.Sprintf("narrow %s in %s", key, cluster)
+	default:
+		// Several at once.
+		for range 2 + r.IntN(4) {
+			m.step(t)
+		}
+		return "several"
+	}
+}
+
+// catalogs are the current snapshots, the peers in a random order.
+func (m *randomMesh) catalogs() (*catalog.Snapshot, []*catalog.Snapshot) {
+	var peers []*catalog.Snapshot
+	for _, p := range meshPeers {
+		if !m.gone[p] {
+			peers = append(peers, m.peers[p].Build())
+		}
+	}
+	m.rng.Shuffle(len(peers), func(i, j int) { peers[i], peers[j] = peers[j], peers[i] })
+	return m.local.Build(), peers
+}
+
+// Random sequences of adds, changes and removals of local and imported
+// services, peers leaving and coming back, and full resends, each
+// translated incrementally and from scratch.
+func TestSidecarTranslatorRandomChanges(t *testing.T) {
+	for seed := range uint64(6) {
+		region := []string{"r1", "r2", ""}[seed%3]
+		t.Run(fmt.Sprintf("seed=%d/region=%q", seed, region), func(t *testing.T) {
+			opts := SidecarOptions{Region: region}
+			m := newRandomMesh(seed)
+			tr, err := NewSidecarTranslator(opts)
+			require.NoError(t, err)
+			var prev Resources
+			for i := range 250 {
+				what := m.step(t)
+				local, peers := m.catalogs()
+				want, wantSkipped, err := TranslateSidecar(local, peers, opts)
+				require.NoError(t, err)
+				got, gotSkipped, err := tr.Translate(local, peers)
+				require.NoError(t, err)
+				msg := fmt.Sprintf("step %d (%s)", i, what)
+				requireSameSidecar(t, want, got, wantSkipped, gotSkipped, msg)
+				if got.Version == prev.Version {
+					// Nothing the sidecars read changed: the very same result.
+					require.Same(t, prev.Listeners[1], got.Listeners[1], msg)
+				}
+				if i%25 == 0 {
+					for _, l := range got.Listeners {
+						validateDeep(t, "listener "+l.GetName(), l)
+					}
+					for _, rc := range got.Routes {
+						validateDeep(t, "route "+rc.GetName(), rc)
+					}
+					for _, c := range got.Clusters {
+						validateDeep(t, "cluster "+c.GetName(), c)
+					}
+					for _, e := range got.Endpoints {
+						validateDeep(t, "endpoints "+e.GetClusterName(), e)
+					}
+				}
+				xs, err := got.Snapshot()
+				require.NoError(t, err, msg)
+				require.NoError(t, xs.Consistent(), msg)
+				prev = got
+			}
+		})
+	}
+}
+
+// A change of one service's endpoints makes that service's load
+// assignment again and nothing else: every other message is the last
+// result's.
+func TestSidecarTranslatorReusesUnchangedServices(t *testing.T) {
+	local, peers := sidecarBenchCatalogs(t, 40)
+	tr, err := NewSidecarTranslator(SidecarOptions{Region: "r1"})
+	require.NoError(t, err)
+	first, _, err := tr.Translate(local, peers)
+	require.NoError(t, err)
+
+	b := local.Builder()
+	svc, ok := local.Get(catalog.ServiceKey{Namespace: "ns-03", Name: "svc-00003"})
+	require.True(t, ok)
+	c := svc.Clone()
+	c.Endpoints[0].Addresses[0].Ready = false
+	c.Endpoints[0].Ready, c.Endpoints[0].NotReady = 0, 1
+	require.NoError(t, b.Put(c))
+	second, _, err := tr.Translate(b.Build(), peers)
+	require.NoError(t, err)
+	require.NotEqual(t, first.Version, second.Version)
+	want, _, err := TranslateSidecar(b.Build(), peers, SidecarOptions{Region: "r1"})
+	require.NoError(t, err)
+	require.Equal(t, want.Version, second.Version)
+
+	changed := map[string]bool{
+		"outbound|80||svc-00003.ns-03.svc.clusterset.local":   true,
+		"outbound|5432||svc-00003.ns-03.svc.clusterset.local": true,
+	}
+	for i, e := range second.Endpoints {
+		if changed[e.GetClusterName()] {
+			require.NotSame(t, first.Endpoints[i], e, e.GetClusterName())
+			continue
+		}
+		require.Same(t, first.Endpoints[i], e, e.GetClusterName())
+	}
+	for i, c := range second.Clusters {
+		require.Same(t, first.Clusters[i], c, c.GetName())
+	}
+	require.Equal(t, first.Listeners, second.Listeners, "the same listener messages")
+	for i, rc := range second.Routes {
+		require.Same(t, first.Routes[i], rc, rc.GetName())
+	}
+
+	// The same catalogs again: the same result.
+	third, _, err := tr.Translate(b.Build(), peers)
+	require.NoError(t, err)
+	require.Equal(t, second.Version, third.Version)
+	require.Same(t, second.Endpoints[0], third.Endpoints[0])
+}
+
+// Endpoint changes anywhere among more ClusterLoadAssignments than one
+// checkpoint of the version's hash covers, then services added and
+// removed (moving VIPs, chains and virtual hosts): each result is the
+// from-scratch one.
+func TestSidecarTranslatorResumesTheHash(t *testing.T) {
+	opts := SidecarOptions{Region: "r1"}
+	const n = 2*claBlock + 100
+	local, peers := sidecarBenchCatalogs(t, n)
+	tr, err := NewSidecarTranslator(opts)
+	require.NoError(t, err)
+	b := local.Builder()
+	check := func(what string) {
+		t.Helper()
+		snap := b.Build()
+		want, wantSkipped, err := TranslateSidecar(snap, peers, opts)
+		require.NoError(t, err, what)
+		got, gotSkipped, err := tr.Translate(snap, peers)
+		require.NoError(t, err, what)
+		requireSameSidecar(t, want, got, wantSkipped, gotSkipped, what)
+	}
+	check("all")
+	require.NotEmpty(t, tr.checkpoints)
+	keys := local.Keys()
+	for _, i := range []int{0, claBlock - 1, claBlock, claBlock + 1, 2 * claBlock, n - 1} {
+		svc, _ := local.Get(keys[i])
+		c := svc.Clone()
+		c.Endpoints[1].Addresses[0].Ready = false
+		c.Endpoints[1].Ready, c.Endpoints[1].NotReady = 0, 1
+		require.NoError(t, b.Put(c))
+		check(fmt.Sprintf("endpoints of %s", keys[i]))
+		require.NoError(t, b.Put(*svc))
+		check(fmt.Sprintf("endpoints of %s back", keys[i]))
+	}
+	b.Delete(keys[7])
+	check("one removed")
+	extra, _ := sidecarBenchCatalogs(t, n+1)
+	svc, _ := extra.Get(catalog.ServiceKey{Namespace: fmt.Sprintf("ns-%02d", n%10), Name: fmt.Sprintf("svc-%05d", n)})
+	require.NoError(t, b.Put(*svc))
+	check("one added")
+}
+
+// Bad catalogs are refused as TranslateSidecar refuses them, and the
+// translator goes on from what it had.
+func TestSidecarTranslatorRefusesWhatTranslateSidecarRefuses(t *testing.T) {
+	opts := SidecarOptions{Region: "r1"}
+	tr, err := NewSidecarTranslator(opts)
+	require.NoError(t, err)
+	tc := caseNamed(t, "local-and-peers-in-two-regions")
+	local, peers := tc.snapshots(t)
+	good, _, err := tr.Translate(local, peers)
+	require.NoError(t, err)
+
+	for _, bad := range []struct {
+		name  string
+		local *catalog.Snapshot
+		peers []*catalog.Snapshot
+	}{
+		{"local from a peer", peerSnapshot(t, "b"), nil},
+		{"a peer twice", local, []*catalog.Snapshot{peerSnapshot(t, "b"), peerSnapshot(t, "b")}},
+		{"a peer named local", local, []*catalog.Snapshot{snapshotOf(t)}},
+		// "c.a" in "b" and "c" in "a.b" are both c.a.b.svc.clusterset.local.
+		{"two services, one host", snapshotOf(t, localEcho(),
+			catalog.Service{Namespace: "b", Name: "c.a", Cluster: "a", Identities: []string{echoID}, Ports: []catalog.Port{{Port: 80}}},
+			catalog.Service{Namespace: "a.b", Name: "c", Cluster: "a", Identities: []string{echoID}, Ports: []catalog.Port{{Port: 80}}},
+		), peers},
+	} {
+		_, _, want := TranslateSidecar(bad.local, bad.peers, opts)
+		require.Error(t, want, bad.name)
+		_, _, got := tr.Translate(bad.local, bad.peers)
+		require.EqualError(t, got, want.Error(), bad.name)
+	}
+	require.ErrorContains(t, func() error {
+		_, _, err := TranslateSidecar(snapshotOf(t,
+			catalog.Service{Namespace: "b", Name: "c.a", Cluster: "a", Identities: []string{echoID}, Ports: []catalog.Port{{Port: 80}}},
+			catalog.Service{Namespace: "a.b", Name: "c", Cluster: "a", Identities: []string{echoID}, Ports: []catalog.Port{{Port: 80}}},
+		), nil, opts)
+		return err
+	}(), `services a.b/c and b/c.a have one clusterset host "c.a.b.svc.clusterset.local"`)
+
+	again, _, err := tr.Translate(local, peers)
+	require.NoError(t, err)
+	requireSameSidecar(t, good, again, nil, nil, "after the refusals")
+	other := caseNamed(t, "tcp-grpc-h2c-ports")
+	local, peers = other.snapshots(t)
+	want, wantSkipped := other.translate(t)
+	got, gotSkipped, err := tr.Translate(local, peers)
+	require.NoError(t, err)
+	requireSameSidecar(t, want, got, wantSkipped, gotSkipped, "then another catalog")
+}
+
+// The outbound listener's and the route configurations' encodings made
+// of their parts are their encodings; and were they not, the translator
+// encodes them whole, with the same result.
+func TestSidecarTranslatorEncodings(t *testing.T) {
+	opts := SidecarOptions{Region: "r1"}
+	tc := caseNamed(t, "tcp-grpc-h2c-ports")
+	tc.local = append(tc.local, localEcho())
+	local, peers := tc.snapshots(t)
+	spliced, err := NewSidecarTranslator(opts)
+	require.NoError(t, err)
+	require.True(t, spliced.outbound.splice, "head, chains and tail are the listener's encoding")
+	require.True(t, spliced.spliceRoutes, "name and virtual hosts are a route configuration's encoding")
+	got, skipped, err := spliced.Translate(local, peers)
+	require.NoError(t, err)
+	want, wantSkipped := tc.translate(t)
+	requireSameSidecar(t, want, got, wantSkipped, skipped, "spliced")
+
+	whole, err := NewSidecarTranslator(opts)
+	require.NoError(t, err)
+	whole.outbound.splice, whole.spliceRoutes = false, false
+	whole.explicitRoute, err = whole.route(ExplicitRouteName, nil)
+	require.NoError(t, err)
+	got, skipped, err = whole.Translate(local, peers)
+	require.NoError(t, err)
+	requireSameSidecar(t, want, got, wantSkipped, skipped, "whole")
+	// And incrementally: one service removed.
+	tc.local = tc.local[1:]
+	local, peers = tc.snapshots(t)
+	want, wantSkipped = tc.translate(t)
+	got, skipped, err = whole.Translate(local, peers)
+	require.NoError(t, err)
+	requireSameSidecar(t, want, got, wantSkipped, skipped, "whole, one removed")
+}
