@@ -84,6 +84,7 @@ func newRunCommand() *cobra.Command {
 	fl.DurationVar(&cfg.KeepFor, "keep-for", cfg.KeepFor, "how long a lost peer's imports are kept before they are drained (FederationPeer spec.staleness.keepFor overrides)")
 	fl.DurationVar(&cfg.DrainFor, "drain-for", cfg.DrainFor, "how long drained imports stay before they are removed (spec.staleness.drainFor overrides)")
 	fl.IntVar(&cfg.MaxImportedServices, "max-imported-services", cfg.MaxImportedServices, "most services one peer may export to this cluster")
+	fl.DurationVar(&cfg.PeerSyncTimeout, "peer-sync-timeout", cfg.PeerSyncTimeout, "after a start, how long at most sidecars are served nothing (keeping their last configuration) until every peer has resent its exports; then they get what is known")
 	fl.StringVar(&cfg.XDSPlaintextAddr, "xds-plaintext-addr", "", "TESTS ONLY: also serve xDS here in plaintext, with NO authentication (anyone who reaches it reads every exported service's endpoints); empty disables it. xDS over TLS is always served on --ca-addr")
 	fl.StringVar(&cfg.Region, "region", "", "this cluster's region (topology.kubernetes.io/region): sidecars prefer peers in it to the others; empty matches only peers without a region")
 	fl.StringVar(&cfg.GatewayFederationUpstream, "gateway-federation-upstream", "", "host:port the east-west gateway forwards federation traffic to (default isthmus-federator.<namespace>.svc:<federation port>)")

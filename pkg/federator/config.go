@@ -11,6 +11,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
 	"github.com/isthmus-mesh/isthmus/pkg/federation"
+	"github.com/isthmus-mesh/isthmus/pkg/xds"
 )
 
 // TrustDomainName is the effective trust domain: the configured one, or
@@ -101,6 +102,11 @@ type Config struct {
 	KeepFor, DrainFor time.Duration
 	// MaxImportedServices bounds the services one peer may export here.
 	MaxImportedServices int
+	// PeerSyncTimeout bounds how long after start the sidecars are served
+	// nothing while not every peer's imports are known, so that they keep
+	// their last configuration instead of one without the imports; after
+	// it they are served what is known.
+	PeerSyncTimeout time.Duration
 
 	// XDSPlaintextAddr, when set, also serves xDS without TLS or any
 	// authentication (Istio's :15010). For tests only: whoever reaches it
@@ -138,6 +144,7 @@ func DefaultConfig() Config {
 		KeepFor:             5 * time.Minute,
 		DrainFor:            time.Minute,
 		MaxImportedServices: 20000,
+		PeerSyncTimeout:     xds.DefaultPeersSyncTimeout,
 	}
 }
 
@@ -196,6 +203,9 @@ func (c Config) Validate() error {
 	}
 	if c.Heartbeat <= 0 || c.KeepFor <= 0 || c.DrainFor <= 0 {
 		errs = append(errs, fmt.Errorf("--heartbeat %s, --keep-for %s and --drain-for %s must be positive", c.Heartbeat, c.KeepFor, c.DrainFor))
+	}
+	if c.PeerSyncTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("--peer-sync-timeout %s must be positive", c.PeerSyncTimeout))
 	}
 	if c.XDSPlaintextAddr != "" {
 		if _, _, err := net.SplitHostPort(c.XDSPlaintextAddr); err != nil {

@@ -33,6 +33,7 @@ func TestConfigValidate(t *testing.T) {
 	bad.XDSPlaintextAddr = "15010"
 	bad.GatewayFederationUpstream = "federator"
 	bad.Region = "eu west"
+	bad.PeerSyncTimeout = 0
 	err := bad.Validate()
 	// Every problem is named at once.
 	for _, want := range []string{
@@ -46,6 +47,7 @@ func TestConfigValidate(t *testing.T) {
 		`--xds-plaintext-addr "15010"`,
 		`--gateway-federation-upstream: address "federator"`,
 		`--region "eu west" is not a label value`,
+		"--peer-sync-timeout 0s must be positive",
 	} {
 		require.ErrorContains(t, err, want)
 	}

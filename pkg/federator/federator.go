@@ -142,7 +142,11 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 	f.xds, err = xds.NewServer(f.store, f.id.TrustDomain(), f.trust, xds.Options{
 		Gateway: xds.GatewayOptions{FederationUpstream: cfg.FederationUpstream()},
 		Sidecar: xds.SidecarOptions{Region: cfg.Region},
-		Logger:  log, Meter: f.meter(),
+		// Sidecars keep their last configuration, imports included,
+		// rather than get one without imports while the peers resync.
+		PeersSynced:      func() bool { return f.federation.Synced() },
+		PeersSyncTimeout: cfg.PeerSyncTimeout,
+		Logger:           log, Meter: f.meter(),
 	})
 	if err != nil {
 		return nil, err

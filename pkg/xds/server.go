@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -39,6 +40,16 @@ const (
 // change before it translates, so a burst of changes becomes one push.
 const DefaultCoalesce = 5 * time.Millisecond
 
+// DefaultPeersSyncTimeout is how long, at most, a starting Server keeps
+// the sidecars' configuration back until every peer's imports are known
+// (Options.PeersSynced).
+const DefaultPeersSyncTimeout = 30 * time.Second
+
+// peersSyncPoll is how often Run asks Options.PeersSynced while the
+// sidecars wait: a peer that exports nothing here, or one the federation
+// gave up waiting for, changes nothing in the catalog that would signal.
+const peersSyncPoll = 100 * time.Millisecond
+
 // Options are a Server's inputs besides the catalog and the trust bundle.
 type Options struct {
 	// Gateway configures the gateway's translation;
@@ -50,6 +61,22 @@ type Options struct {
 	// Coalesce is how long a catalog or trust bundle change waits for more
 	// before the translation runs; zero means DefaultCoalesce.
 	Coalesce time.Duration
+	// PeersSynced, when set, reports whether every linked peer's imports
+	// are known since this process started (federation.Manager.Synced).
+	// Until it does, or PeersSyncTimeout has passed since Run started,
+	// the sidecars are served nothing: a restarted federator's catalog
+	// lacks the peers' imports until they resync, and sidecars served
+	// that would drop every clusterset name and remote endpoint they had,
+	// while sidecars served nothing keep their last configuration. The
+	// gateway never waits: it serves local exports only. Nil serves the
+	// sidecars from the first translation.
+	PeersSynced func() bool
+	// PeersSyncTimeout bounds that wait (a peer that is down keeps
+	// PeersSynced false for its keepFor); after it the sidecars are
+	// served what is known, and a warning and
+	// isthmus_xds_peer_sync_timeouts say so. Zero means
+	// DefaultPeersSyncTimeout.
+	PeersSyncTimeout time.Duration
 	// Logger receives lifecycle lines at Info, refused streams and NACKs
 	// at Warn, and per-push lines (go-control-plane's too) at Debug. Nil
 	// discards.
@@ -77,14 +104,18 @@ type Server struct {
 	// service; only Run's goroutine uses it.
 	gatewayTranslator *GatewayTranslator
 
-	// mu guards gateway, gatewaySetAt, catalogVersion, lastError and
-	// streams.
+	// mu guards gateway, gatewaySetAt, catalogVersion, lastError,
+	// streams, waitSince and waitUntil.
 	mu             sync.Mutex
 	gateway        Resources
 	gatewaySetAt   time.Time
 	catalogVersion string
 	lastError      string
 	streams        map[int64]*streamState
+	// waitSince and waitUntil bound the sidecars' wait for the peers'
+	// imports (Options.PeersSynced); waitUntil is zero when they do not
+	// wait (any more).
+	waitSince, waitUntil time.Time
 
 	// sidecar is what the sidecars are served; it has a lock of its own.
 	sidecar sidecarState
@@ -96,6 +127,10 @@ type metrics struct {
 	nacks     metric.Int64Counter
 	refused   metric.Int64Counter
 	failures  metric.Int64Counter
+	// waiting is 1 while the sidecars wait for the peers' imports, and
+	// syncTimeouts counts the waits that ended on the bound.
+	waiting      metric.Int64Gauge
+	syncTimeouts metric.Int64Counter
 }
 
 // NewServer returns a Server for the catalog in store and the trust
@@ -140,6 +175,10 @@ func NewServer(store *catalog.Store, td spiffeid.TrustDomain, bundles TrustBundl
 		metric.WithDescription("xDS streams refused for want of a valid SVID of the local trust domain."))
 	s.metrics.failures, _ = meter.Int64Counter("isthmus_xds_translation_errors",
 		metric.WithDescription("Translations that failed; proxies keep the last good configuration."))
+	s.metrics.waiting, _ = meter.Int64Gauge("isthmus_xds_sidecars_waiting_for_peers",
+		metric.WithDescription("1 while a starting federator serves the sidecars nothing until every peer's imports are known, else 0."))
+	s.metrics.syncTimeouts, _ = meter.Int64Counter("isthmus_xds_peer_sync_timeouts",
+		metric.WithDescription("Starts after which the sidecars were served before every peer's imports were known, the wait having reached its bound."))
 
 	glog := goControlPlaneLogger{log}
 	s.cache = cache.NewSnapshotCache(true, nodeGroups{}, glog)
@@ -180,7 +219,9 @@ func (nodeGroups) ID(node *corev3.Node) string {
 // set only when a version differs from the current one, and the first one
 // only once the local catalog has been published (pkg/kube publishes it
 // once its informers synced), so a restarted federator never serves an
-// empty listener in place of the gateway's last configuration.
+// empty listener in place of the gateway's last configuration. For the
+// same reason the sidecars' first one also waits for every peer's imports
+// (Options.PeersSynced), at most Options.PeersSyncTimeout.
 func (s *Server) Run(ctx context.Context) error {
 	defer s.stopXDS()
 	changed, cancel := s.store.Subscribe()
@@ -188,6 +229,21 @@ func (s *Server) Run(ctx context.Context) error {
 	trustChanged, cancelTrust := s.bundles.Subscribe()
 	defer cancelTrust()
 	s.log.Info("xDS translation running", "federationUpstream", s.opts.Gateway.FederationUpstream, "region", s.opts.Sidecar.Region)
+	// poll asks PeersSynced again while the sidecars wait; nil after.
+	var poll <-chan time.Time
+	stopPoll := func() {}
+	if s.opts.PeersSynced != nil {
+		timeout := cmp.Or(s.opts.PeersSyncTimeout, DefaultPeersSyncTimeout)
+		now := time.Now()
+		s.mu.Lock()
+		s.waitSince, s.waitUntil = now, now.Add(timeout)
+		s.mu.Unlock()
+		s.metrics.waiting.Record(ctx, 1)
+		s.log.Info("sidecars are served nothing until every peer's imports are known, so they keep their last configuration", "atMost", timeout)
+		ticker := time.NewTicker(min(peersSyncPoll, timeout))
+		defer ticker.Stop()
+		poll, stopPoll = ticker.C, ticker.Stop
+	}
 	timer := time.NewTimer(0)
 	<-timer.C
 	for {
@@ -196,6 +252,14 @@ func (s *Server) Run(ctx context.Context) error {
 			return nil
 		case <-changed:
 		case <-trustChanged:
+		case <-poll:
+			if s.sidecarsWait(ctx) {
+				continue
+			}
+			// The wait is over: translate for the sidecars what the
+			// catalog holds, even if nothing changed since.
+			poll = nil
+			stopPoll()
 		}
 		timer.Reset(s.coalesce)
 		select {
@@ -248,8 +312,13 @@ func (s *Server) update(ctx context.Context) {
 	}
 	// The gateway goes first: it is one translation of the local catalog,
 	// cheap and incremental, and a new export must not wait for the
-	// sidecars' translation of every clusterset service.
-	s.updateSidecar(ctx, local, secrets, secretsVersion, secErr == nil)
+	// sidecars' translation of every clusterset service. Nor for the
+	// peers' imports, which the sidecars may wait for.
+	if s.sidecarsWait(ctx) {
+		s.log.Debug("sidecar configuration waits for every peer's imports", "catalog", local.Version())
+	} else {
+		s.updateSidecar(ctx, local, secrets, secretsVersion, secErr == nil)
+	}
 	err := errors.Join(gwErr, secErr, setErr)
 	s.mu.Lock()
 	s.catalogVersion = local.Version()
@@ -266,6 +335,37 @@ func (s *Server) update(ctx context.Context) {
 		s.log.Debug("catalog or trust changed, gateway configuration did not", "catalog", local.Version(),
 			"version", next.Version, "secretsVersion", next.SecretsVersion)
 	}
+}
+
+// sidecarsWait reports whether the sidecars must still be served nothing
+// for want of the peers' imports, and ends the wait once every peer's are
+// known (Options.PeersSynced) or its bound has passed.
+func (s *Server) sidecarsWait(ctx context.Context) bool {
+	s.mu.Lock()
+	since, until := s.waitSince, s.waitUntil
+	s.mu.Unlock()
+	if until.IsZero() {
+		return false
+	}
+	// Asked without s.mu: it takes the federation's own locks.
+	synced := s.opts.PeersSynced()
+	now := time.Now()
+	if !synced && now.Before(until) {
+		return true
+	}
+	s.mu.Lock()
+	s.waitUntil = time.Time{}
+	s.mu.Unlock()
+	s.metrics.waiting.Record(ctx, 0)
+	waited := now.Sub(since).Round(time.Millisecond)
+	if synced {
+		s.log.Info("every peer's imports are known: serving the sidecars", "waited", waited)
+		return false
+	}
+	s.metrics.syncTimeouts.Add(ctx, 1)
+	s.log.Warn("not every peer's imports are known: serving the sidecars what is known; services of a peer not yet back are missing until it is (see federator status)",
+		"waited", waited)
+	return false
 }
 
 // setGateway checks res's snapshot for consistency and serves it to every
@@ -319,6 +419,10 @@ type SnapshotStatus struct {
 	Skipped []Skipped `json:"skipped,omitempty"`
 	// Error is why the last translation failed, if it did.
 	Error string `json:"error,omitempty"`
+	// WaitingForPeersUntil is, for the sidecars of a starting federator,
+	// the latest time they are served nothing until every peer's imports
+	// are known (Options.PeersSynced); zero once they no longer wait.
+	WaitingForPeersUntil time.Time `json:"waitingForPeersUntil,omitzero"`
 }
 
 // ProxyStatus describes one open xDS stream.
@@ -352,6 +456,7 @@ func (s *Server) Status() Status {
 		st.Gateway.Resources = s.gateway.Names()
 	}
 	st.Sidecar = s.sidecarStatus()
+	st.Sidecar.WaitingForPeersUntil = s.waitUntil
 	for _, id := range slices.Sorted(maps.Keys(s.streams)) {
 		ss := s.streams[id]
 		st.Proxies = append(st.Proxies, ProxyStatus{
