@@ -140,7 +140,23 @@ func TestDeployManifests(t *testing.T) {
 			{"create", "networking.istio.io", "serviceentries", "demo", "", true},
 			{"delete", "multicluster.x-k8s.io", "serviceimports", "demo", "echo", true},
 			{"watch", "", "namespaces", "", "", true},
+			{"list", "", "namespaces", "", "", true},
+			// The CA's roots in every namespace: created anywhere, then
+			// read (by name, or listed and watched with the field selector
+			// on that name, cluster-wide) and updated by that name only.
+			{"create", "", "configmaps", "demo", "", true},
+			{"get", "", "configmaps", "demo", ca.RootsConfigMapName, true},
+			{"update", "", "configmaps", "demo", ca.RootsConfigMapName, true},
+			{"list", "", "configmaps", "", ca.RootsConfigMapName, true},
+			{"watch", "", "configmaps", "", ca.RootsConfigMapName, true},
 			// Least privilege: nothing beyond that.
+			{"list", "", "configmaps", "", "", false},
+			{"watch", "", "configmaps", "demo", "", false},
+			{"get", "", "configmaps", "demo", "app-settings", false},
+			{"update", "", "configmaps", "demo", "app-settings", false},
+			{"patch", "", "configmaps", "demo", ca.RootsConfigMapName, false},
+			{"delete", "", "configmaps", "demo", ca.RootsConfigMapName, false},
+			{"update", "", "namespaces", "", "demo", false},
 			{"update", "", "secrets", "isthmus-system", "cacerts", false},
 			{"update", "", "secrets", "isthmus-system", "some-other-secret", false},
 			{"get", "", "secrets", "demo", "some-other-secret", false},
@@ -385,6 +401,8 @@ func TestDeployManifests(t *testing.T) {
 			require.NoError(t, err, "federator refuses the Deployment's flags %q: %s", args, out)
 		}
 	})
+
+	t.Run("meshed pod example", func(t *testing.T) { checkMeshedPodExample(t, ctx, kc) })
 
 	t.Run("restricted Pod Security", func(t *testing.T) {
 		_, err := kc.CoreV1().Namespaces().Patch(ctx, systemNS, types.MergePatchType,
