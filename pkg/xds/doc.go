@@ -3,9 +3,9 @@
 // ADS server that hands them to Isthmus's proxies.
 //
 //	catalog.Store (local source) ─────────────Subscribe, coalesced──► GatewayTranslator ─► Resources (validated, version = content hash)
-//	catalog.Store (local + every peer's imports) ─────────────────────► TranslateSidecar ─┘ │ Snapshot(): consistent()
+//	catalog.Store (local + every peer's imports) ────────────────────► SidecarTranslator ─┘ │ Snapshot(): consistent()
 //	                                                                                         ▼
-//	                      go-control-plane snapshot cache, one snapshot per role (node ID "eastwest-gw~…", "sidecar~…")
+//	                      encodedCache (go-control-plane's snapshot cache, encoding once), one snapshot per role (node ID "eastwest-gw~…", "sidecar~…")
 //	                                                                                         │ ADS, state of the world and delta
 //	                                                                                         ▼
 //	                      east-west gateways and sidecars: :15012 over TLS with their SVID; :15010 plaintext (tests only)
@@ -36,6 +36,52 @@
 // service, a sorted merge, and a hash over kept encodings (resumed where
 // only endpoints changed). Its results, version included, are
 // TranslateGateway's.
+//
+// The snapshots are served by go-control-plane's ADS server (state of the
+// world and delta) from encodedCache (cache.go), which answers as
+// go-control-plane's snapshot cache does but encodes each resource once
+// for every stream, and not again while the next snapshot keeps the
+// message: a push costs an encoding per changed resource, not one per
+// stream and resource.
+//
+// The sidecars are translated likewise, by a SidecarTranslator, whose
+// results, version and skipped list included, are TranslateSidecar's.
+// It keeps per namespace/name what the translation made of it: the
+// clusterset service merged from its exporters, its VIP, and per port the
+// cluster, the ClusterLoadAssignment, the outbound TCP chain or the two
+// virtual hosts (port route, explicit route), each with its encoding,
+// and what was skipped. A translation
+//
+//   - finds what changed by walking only the catalogs that are new
+//     snapshots, against the services it last saw of each: the catalog's
+//     Builder keeps the entry of an unchanged service, so most compare by
+//     address, and a full resend compares by content (the peers a local
+//     export is narrowed to do not count: the sidecars do not see them);
+//   - merges each changed namespace/name's exporters again and makes its
+//     ClusterLoadAssignments;
+//   - when a clusterset service came or went, assigns the VIPs again over
+//     the hosts in order (a probe start kept per host, so an O(n) walk of
+//     a 64 KiB table), and treats a service whose VIP moved as changed;
+//   - makes the VIP-dependent parts (clusters, chains, virtual hosts) of
+//     the changed services, taking them from the last state when the
+//     ports, identities and VIP are the same (an endpoint change);
+//   - updates the sorted lists the shared resources are made of (clusters
+//     by name, TCP chains by VIP and port, each HTTP port's VIPs and
+//     virtual hosts, the explicit route's) by binary search when few
+//     parts changed, by a merge otherwise, and makes an HTTP port's chain
+//     or route configuration, the explicit route, or the outbound
+//     listener again only when a part of it changed;
+//   - hashes the version over the kept encodings: the outbound listener
+//     and the route configurations spliced from their parts' fields, the
+//     inner hash resumed at the block of the first changed
+//     ClusterLoadAssignment when the listener and the clusters did not
+//     change, then the route configurations (withRoutes's outer hash,
+//     always whole).
+//
+// At 10,000 clusterset services a one-service endpoint change costs
+// about 60 times less CPU and 180 times less memory than TranslateSidecar
+// (BenchmarkTranslateSidecar); what remains is mostly the hash. A failed
+// translation changes nothing the translator keeps.
 //
 // On the TLS port the xDS server shares a gRPC server with the
 // certificate service (pkg/caserver), whose clients have no certificate

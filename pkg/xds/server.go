@@ -181,7 +181,9 @@ func NewServer(store *catalog.Store, td spiffeid.TrustDomain, bundles TrustBundl
 		metric.WithDescription("Starts after which the sidecars were served before every peer's imports were known, the wait having reached its bound."))
 
 	glog := goControlPlaneLogger{log}
-	s.cache = cache.NewSnapshotCache(true, nodeGroups{}, glog)
+	// The snapshot cache's ADS behaviour, each resource encoded once for
+	// every stream (cache.go).
+	s.cache = newEncodedCache(nodeGroups{}, glog)
 	// The go-control-plane server's context ends every open stream when
 	// Run returns, so a graceful gRPC stop does not wait for proxies
 	// that never hang up.
