@@ -22,7 +22,12 @@ const sidecarGroup = "sidecar"
 // sidecarState is what the Server serves to sidecars and what it last
 // translated for them.
 type sidecarState struct {
-	// mu guards every field.
+	// translator keeps what the last translation made of each clusterset
+	// service, so that a change costs what it changes; made by the first
+	// update. Only Run's goroutine uses it, without mu.
+	translator *SidecarTranslator
+
+	// mu guards every field below.
 	mu    sync.Mutex
 	res   Resources
 	setAt time.Time
@@ -59,7 +64,7 @@ func (s *Server) updateSidecar(ctx context.Context, local *catalog.Snapshot, sec
 	st.mu.Unlock()
 
 	next := prev
-	res, newSkipped, err := TranslateSidecar(local, peers, s.opts.Sidecar)
+	res, newSkipped, err := s.translateSidecar(local, peers)
 	if err == nil {
 		next, skipped = res, newSkipped
 	}
@@ -89,6 +94,20 @@ func (s *Server) updateSidecar(ctx context.Context, local *catalog.Snapshot, sec
 		s.log.Debug("catalog or trust changed, sidecar configuration did not", "catalog", local.Version(), "imports", len(peers),
 			"version", next.Version, "secretsVersion", next.SecretsVersion)
 	}
+}
+
+// translateSidecar is TranslateSidecar(local, peers, s.opts.Sidecar),
+// by the Server's SidecarTranslator.
+func (s *Server) translateSidecar(local *catalog.Snapshot, peers []*catalog.Snapshot) (Resources, []Skipped, error) {
+	st := &s.sidecar
+	if st.translator == nil {
+		t, err := NewSidecarTranslator(s.opts.Sidecar)
+		if err != nil {
+			return Resources{}, nil, err
+		}
+		st.translator = t
+	}
+	return st.translator.Translate(local, peers)
 }
 
 // setSidecar checks res's snapshot for consistency and serves it to every
