@@ -16,10 +16,15 @@ import (
 // BenchmarkHTTP is one GET with keep-alive: straight to the app, and
 // through two sidecars (a's outbound, mTLS, b's inbound) in HTTP/1.1 and
 // h2c. The ratio between them is what counts (docs: benchmarks.md); run
-// with -cpu 1,2 to see the parallel case.
+// with -cpu 1,2 to see the parallel case. sidecars-http1 is the
+// sidecar's own HTTP/1.1 path, sidecars-http1-nethttp the same hops
+// through net/http (Config.NetHTTP1), in the same run. allocs/op counts
+// the whole process: client, both sidecars and the app.
 func BenchmarkHTTP(b *testing.B) {
 	m := startMesh(b)
 	m.standard(b)
+	nm := startMeshWith(b, func(c *Config) { c.NetHTTP1 = true })
+	nm.standard(b)
 	direct := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 	directURL := "http://" + m.b.http.addr.String() + "/"
 	run := func(b *testing.B, client *http.Client, url string) {
@@ -55,6 +60,19 @@ func BenchmarkHTTP(b *testing.B) {
 		client.Transport.(*http.Transport).MaxIdleConnsPerHost = 64
 		b.Run(name, func(b *testing.B) { run(b, client, "http://echo.demo.svc.clusterset.local/") })
 	}
+	client := nm.a.nat.httpClient(false)
+	client.Transport.(*http.Transport).MaxIdleConnsPerHost = 64
+	b.Run("sidecars-http1-nethttp", func(b *testing.B) { run(b, client, "http://echo.demo.svc.clusterset.local/") })
+}
+
+// startMeshWith is startMesh with both sidecars' Config edited.
+func startMeshWith(tb testing.TB, edit func(*Config)) *mesh {
+	tb.Helper()
+	m := &mesh{alpha: newTestCA(tb, "alpha.mesh"), beta: newTestCA(tb, "beta.mesh"), xds: startXDSServer(tb),
+		hosts: hostsOf(echoSvc, greeterSvc, dbSvc, impostorSvc)}
+	m.a = startPod(tb, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: edit})
+	m.b = startPod(tb, "b", m.beta, m.hosts, podOptions{xds: m.xds, edit: edit})
+	return m
 }
 
 // reverseProxy serves httputil.ReverseProxy to target on loopback and

@@ -62,6 +62,10 @@ type Config struct {
 	// EjectionTime is how long an endpoint that failed to connect is
 	// skipped (passive health).
 	EjectionTime time.Duration
+	// NetHTTP1 serves HTTP/1.1 with net/http's server and transport, as
+	// HTTP/2 is, instead of the sidecar's own HTTP/1.1 path: the zero
+	// value is the sidecar's path; true is there to compare the two.
+	NetHTTP1 bool
 	// DrainTimeout bounds a graceful shutdown: after the listeners close,
 	// requests and connections in flight have this long to finish before
 	// they are closed.

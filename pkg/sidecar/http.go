@@ -227,20 +227,24 @@ type decision struct {
 // whose prefix starts the path, its cluster. No virtual host or route is
 // Envoy's NR: 404.
 func route(st *state, ci *connInfo, r *http.Request) decision {
-	if r.Method == http.MethodConnect {
+	return routeTo(st, ci, r.Method, r.Host, r.URL.EscapedPath())
+}
+
+// routeTo is route for a request's method, authority and escaped path,
+// as both HTTP paths read them; it keeps none of the strings.
+func routeTo(st *state, ci *connInfo, method, authority, path string) decision {
+	if method == http.MethodConnect {
 		return decision{code: http.StatusMethodNotAllowed, err: "CONNECT is not supported: send requests for http:// URLs, or call the service's name directly"}
 	}
 	rc := ci.hcm.Routes
 	if rc == nil {
 		rc = st.cfg.Sidecar.Route(ci.hcm.RouteConfigName)
 	}
-	authority := r.Host
 	vh := rc.VirtualHost(authority)
 	if vh == nil {
 		return decision{code: http.StatusNotFound,
 			err: fmt.Sprintf("no route for host %q in route configuration %q (NR)", authority, ci.hcm.RouteConfigName)}
 	}
-	path := r.URL.EscapedPath()
 	rt := vh.Route(path)
 	if rt == nil {
 		return decision{code: http.StatusNotFound,

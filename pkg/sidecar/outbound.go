@@ -74,9 +74,20 @@ func (p *Proxy) serveOutbound(c *net.TCPConn) {
 	p.proxyTCP(c, st, ch.TCP, listenerOutbound, dst, redirected)
 }
 
-// serveHTTPConn hands c to an HTTP server; it is released when the server
-// closes it.
+// serveHTTPConn serves an HTTP connection manager's connection: on the
+// HTTP/1.1 path (h1.go), which hands what it does not serve to q's
+// net/http server, or on that server alone when Config.NetHTTP1 says so.
 func (p *Proxy) serveHTTPConn(q *connQueue, c net.Conn, info *connInfo) {
+	if p.cfg.NetHTTP1 {
+		p.pushHTTPConn(q, c, info)
+		return
+	}
+	p.serveH1(q, c, info)
+}
+
+// pushHTTPConn hands c to an HTTP server; it is released when the server
+// closes it.
+func (p *Proxy) pushHTTPConn(q *connQueue, c net.Conn, info *connInfo) {
 	hc := &httpConn{Conn: c, info: info, release: func() { p.release(info.listener) }}
 	if !q.push(hc) {
 		_ = hc.Close()

@@ -72,6 +72,11 @@ type Proxy struct {
 	// closed when the drain timeout passes.
 	tcpMu    sync.Mutex
 	tcpConns map[net.Conn]struct{}
+
+	// h1Mu guards h1Conns: the downstream connections on the HTTP/1.1
+	// path, which the drain closes when idle and cuts at its timeout.
+	h1Mu    sync.Mutex
+	h1Conns map[*h1Conn]struct{}
 }
 
 // New validates cfg and binds the listeners; the proxy serves once Run is
@@ -105,6 +110,7 @@ func New(cfg Config, src ConfigSource, svid x509svid.Source, opts Options) (*Pro
 		metrics:     m,
 		pools:       map[string]*pool{},
 		tcpConns:    map[net.Conn]struct{}{},
+		h1Conns:     map[*h1Conn]struct{}{},
 	}
 	if p.originalDst == nil {
 		p.originalDst = capture.OriginalDst
@@ -298,6 +304,7 @@ func (p *Proxy) drain() {
 	p.log.Info("draining", "outbound", p.active[0].Load(), "inbound", p.active[1].Load(), "timeout", p.cfg.DrainTimeout)
 	dctx, cancel := context.WithTimeout(context.Background(), p.cfg.DrainTimeout)
 	defer cancel()
+	p.h1KickIdle()
 	var wg sync.WaitGroup
 	for _, srv := range []*http.Server{p.outHTTP, p.inHTTP} {
 		wg.Go(func() {
@@ -320,8 +327,9 @@ func (p *Proxy) drain() {
 			_ = c.Close()
 		}
 		p.tcpMu.Unlock()
+		n += p.h1CutAll()
 		if n > 0 {
-			p.log.Info("drain timeout passed: closed the TCP connections left", "sockets", n)
+			p.log.Info("drain timeout passed: closed the TCP and HTTP/1.1 connections left", "sockets", n)
 		}
 		<-done
 	})

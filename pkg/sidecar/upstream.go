@@ -67,6 +67,12 @@ type pool struct {
 	// mu guards h1 and h2, made on first use.
 	mu     sync.Mutex
 	h1, h2 *http.Transport
+	// h1mu guards h1idle, the idle connections of the HTTP/1.1 path by
+	// endpoint, and h1closed, set when the pool closes its idle
+	// connections for good.
+	h1mu     sync.Mutex
+	h1idle   map[netip.AddrPort][]*h1Up
+	h1closed bool
 	// conns counts this pool's upstream connections open.
 	conns atomic.Int64
 	// retiredAt is when a newer configuration replaced the pool; set
@@ -141,6 +147,7 @@ func (pl *pool) transport(h2 bool) *http.Transport {
 
 // closeIdle closes the pool's idle connections.
 func (pl *pool) closeIdle() {
+	pl.h1CloseIdle()
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	for _, t := range []*http.Transport{pl.h1, pl.h2} {

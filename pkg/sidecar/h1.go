@@ -1,0 +1,1183 @@
+package sidecar
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"go.opentelemetry.io/otel/metric"
+
+	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
+)
+
+// The sidecar's own HTTP/1.1 forwarding path. net/http costs a request
+// three goroutine hand-offs in the client transport, about seven read
+// and write system calls per proxy and a hundred allocations; this path
+// serves a downstream connection on its own goroutine: it reads a request
+// head into the connection's buffer, routes it, writes head and body to
+// a pooled keep-alive upstream connection with one write when they fit,
+// reads the response head and streams the response back, then waits for
+// the next request. Requests are served in order, so pipelined ones are
+// answered in order too. The request body is sent before the response is
+// read (as nginx does); a response that comes early ends the request's
+// body, and the connection.
+//
+// What it does not handle goes to the net/http path with the bytes
+// already read (errH1Fallback): HTTP/2 prior knowledge, HTTP/1.0,
+// CONNECT, Upgrade, Expect. Config.NetHTTP1 sends all HTTP/1.1 there,
+// for comparison.
+
+// Buffer sizes: a connection's read buffer, grown to h1MaxHead for a
+// head that does not fit, and its write buffer.
+const (
+	h1ReadBuf  = 8 << 10
+	h1WriteBuf = 8 << 10
+)
+
+var (
+	h1SmallBufs = sync.Pool{New: func() any { b := make([]byte, h1ReadBuf); return &b }}
+	h1LargeBufs = sync.Pool{New: func() any { b := make([]byte, h1MaxHead); return &b }}
+)
+
+// timing is a request's deadlines: every read and write ends by the
+// route's deadline (zero: none) and within the stream idle timeout of
+// its start, so a peer that stops moving bytes ends the request.
+type timing struct {
+	route time.Time
+	idle  time.Duration
+}
+
+func (t *timing) next() time.Time {
+	d := time.Now().Add(t.idle)
+	if !t.route.IsZero() && t.route.Before(d) {
+		return t.route
+	}
+	return d
+}
+
+// bufReader reads a connection through a buffer it owns, lent by
+// h1SmallBufs or, for a large head, h1LargeBufs (bp is what goes back).
+type bufReader struct {
+	c    net.Conn
+	bp   *[]byte
+	buf  []byte
+	r, w int
+	big  bool
+	tm   *timing
+}
+
+func (b *bufReader) init(c net.Conn, tm *timing) {
+	b.c, b.tm = c, tm
+	b.bp = h1SmallBufs.Get().(*[]byte)
+	b.buf = *b.bp
+	b.r, b.w, b.big = 0, 0, false
+}
+
+func (b *bufReader) free() {
+	if b.bp == nil {
+		return
+	}
+	if b.big {
+		h1LargeBufs.Put(b.bp)
+	} else {
+		h1SmallBufs.Put(b.bp)
+	}
+	b.bp, b.buf = nil, nil
+}
+
+func (b *bufReader) buffered() []byte { return b.buf[b.r:b.w] }
+
+// room makes space at the end of the buffer: it moves what is unread to
+// the front; false when the buffer is full of unread bytes.
+func (b *bufReader) room() bool {
+	if b.r == b.w {
+		b.r, b.w = 0, 0
+	}
+	if b.w < len(b.buf) {
+		return true
+	}
+	if b.r == 0 {
+		return false
+	}
+	b.w = copy(b.buf, b.buf[b.r:b.w])
+	b.r = 0
+	return true
+}
+
+// grow moves the unread bytes to a large buffer, for a head that does
+// not fit the small one.
+func (b *bufReader) grow() bool {
+	if b.big {
+		return false
+	}
+	nbp := h1LargeBufs.Get().(*[]byte)
+	n := copy(*nbp, b.buf[b.r:b.w])
+	h1SmallBufs.Put(b.bp)
+	b.bp, b.buf, b.r, b.w, b.big = nbp, *nbp, 0, n, true
+	return true
+}
+
+// shrink goes back to a small buffer once what is unread fits it.
+func (b *bufReader) shrink() {
+	if !b.big || b.w-b.r > h1ReadBuf {
+		return
+	}
+	nbp := h1SmallBufs.Get().(*[]byte)
+	n := copy(*nbp, b.buf[b.r:b.w])
+	h1LargeBufs.Put(b.bp)
+	b.bp, b.buf, b.r, b.w, b.big = nbp, *nbp, 0, n, false
+}
+
+// read reads once more into the buffer, by the request's deadline.
+func (b *bufReader) fill() error {
+	_ = b.c.SetReadDeadline(b.tm.next())
+	return b.readMore()
+}
+
+// readMore reads once into the buffer, by the deadline already set.
+func (b *bufReader) readMore() error {
+	if !b.room() {
+		return errHeadTooLarge
+	}
+	n, err := b.c.Read(b.buf[b.w:])
+	b.w += n
+	if n > 0 {
+		return nil // an error comes again with the next read
+	}
+	if err == nil {
+		err = io.ErrNoProgress
+	}
+	return err
+}
+
+// line returns the next CRLF-ended line without its CRLF and consumes
+// it; flush runs before a read would block. The line is valid until the
+// next read.
+func (b *bufReader) line(flush func() error) ([]byte, error) {
+	from := 0
+	for {
+		buf := b.buffered()
+		for i := from; i < len(buf); i++ {
+			if buf[i] == '\n' {
+				if i == 0 || buf[i-1] != '\r' {
+					return nil, errBareLF
+				}
+				b.r += i + 1
+				return buf[:i-1], nil
+			}
+		}
+		if len(buf) > h1MaxChunkLine {
+			return nil, errChunkLineLength
+		}
+		from = len(buf)
+		if err := flush(); err != nil {
+			return nil, writeErr{err}
+		}
+		if err := b.fill(); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// writeErr marks an error of the copy's destination, to tell it from
+// its source's.
+type writeErr struct{ err error }
+
+func (e writeErr) Error() string { return e.err.Error() }
+func (e writeErr) Unwrap() error { return e.err }
+
+// wbuf buffers writes to a connection until flush, in a buffer lent by
+// h1SmallBufs (bp).
+type wbuf struct {
+	c  net.Conn
+	bp *[]byte
+	b  []byte
+	tm *timing
+}
+
+func (w *wbuf) init(c net.Conn, tm *timing) {
+	w.c, w.tm = c, tm
+	w.bp = h1SmallBufs.Get().(*[]byte)
+	w.b = (*w.bp)[:0]
+}
+
+func (w *wbuf) free() {
+	if w.bp == nil {
+		return
+	}
+	h1SmallBufs.Put(w.bp)
+	w.bp, w.b = nil, nil
+}
+
+func (w *wbuf) flush() error {
+	if len(w.b) == 0 {
+		return nil
+	}
+	_ = w.c.SetWriteDeadline(w.tm.next())
+	_, err := w.c.Write(w.b)
+	w.b = w.b[:0]
+	return err
+}
+
+func (w *wbuf) write(p []byte) error {
+	if len(w.b)+len(p) <= cap(w.b) {
+		w.b = append(w.b, p...)
+		return nil
+	}
+	if err := w.flush(); err != nil {
+		return err
+	}
+	if len(p) >= cap(w.b)/2 {
+		_ = w.c.SetWriteDeadline(w.tm.next())
+		_, err := w.c.Write(p)
+		return err
+	}
+	w.b = append(w.b, p...)
+	return nil
+}
+
+func (w *wbuf) str(s string) error {
+	return w.write(unsafe.Slice(unsafe.StringData(s), len(s)))
+}
+
+// copyN copies n bytes of body from src to dst.
+func copyN(dst *wbuf, src *bufReader, n int64) (int64, error) {
+	var done int64
+	for done < n {
+		if src.r == src.w {
+			if err := dst.flush(); err != nil {
+				return done, writeErr{err}
+			}
+			if err := src.fill(); err != nil {
+				return done, err
+			}
+		}
+		b := src.buffered()
+		if int64(len(b)) > n-done {
+			b = b[:n-done]
+		}
+		if err := dst.write(b); err != nil {
+			return done, writeErr{err}
+		}
+		src.r += len(b)
+		done += int64(len(b))
+	}
+	return done, nil
+}
+
+// copyChunked copies a chunked body from src to dst, chunk by chunk, the
+// chunk sizes checked and written anew (extensions dropped), trailer
+// fields checked and passed on. It returns the data bytes copied.
+func copyChunked(dst *wbuf, src *bufReader) (int64, error) {
+	var total int64
+	var hex [20]byte
+	for {
+		line, err := src.line(dst.flush)
+		if err != nil {
+			return total, err
+		}
+		size, err := parseChunkSize(line)
+		if err != nil {
+			return total, err
+		}
+		if size == 0 {
+			if err := dst.str("0\r\n"); err != nil {
+				return total, writeErr{err}
+			}
+			for {
+				line, err := src.line(dst.flush)
+				if err != nil {
+					return total, err
+				}
+				if len(line) > 0 {
+					// The line's CRLF is still in the buffer after it.
+					if _, err := parseField(line[:len(line)+2], 0, len(line)); err != nil {
+						return total, err
+					}
+				}
+				if err := dst.write(line[:len(line)+2]); err != nil { // the line and its CRLF, still in src's buffer
+					return total, writeErr{err}
+				}
+				if len(line) == 0 {
+					return total, nil
+				}
+			}
+		}
+		h := strconv.AppendInt(hex[:0], size, 16)
+		h = append(h, '\r', '\n')
+		if err := dst.write(h); err != nil {
+			return total, writeErr{err}
+		}
+		n, err := copyN(dst, src, size)
+		total += n
+		if err != nil {
+			return total, err
+		}
+		crlf, err := src.line(dst.flush)
+		if err != nil {
+			return total, err
+		}
+		if len(crlf) != 0 {
+			return total, errChunkEnd
+		}
+		if err := dst.str("\r\n"); err != nil {
+			return total, writeErr{err}
+		}
+	}
+}
+
+// copyToClose copies a body delimited by the connection's end, chunked
+// for the downstream.
+func copyToClose(dst *wbuf, src *bufReader) (int64, error) {
+	var total int64
+	var hex [20]byte
+	for {
+		if src.r == src.w {
+			if err := dst.flush(); err != nil {
+				return total, writeErr{err}
+			}
+			if err := src.fill(); err != nil {
+				if errors.Is(err, io.EOF) {
+					if err := dst.str("0\r\n\r\n"); err != nil {
+						return total, writeErr{err}
+					}
+					return total, nil
+				}
+				return total, err
+			}
+		}
+		b := src.buffered()
+		h := strconv.AppendInt(hex[:0], int64(len(b)), 16)
+		h = append(h, '\r', '\n')
+		if err := dst.write(h); err != nil {
+			return total, writeErr{err}
+		}
+		if err := dst.write(b); err != nil {
+			return total, writeErr{err}
+		}
+		if err := dst.str("\r\n"); err != nil {
+			return total, writeErr{err}
+		}
+		src.r += len(b)
+		total += int64(len(b))
+	}
+}
+
+// States of a downstream connection, for the drain.
+const (
+	h1Busy int32 = iota
+	h1Idle
+	h1Closed
+)
+
+// h1Conn is one downstream connection on the HTTP/1.1 path; pooled.
+type h1Conn struct {
+	p    *Proxy
+	c    net.Conn
+	info *connInfo
+	in   bufReader
+	out  wbuf
+	tm   timing
+	req  h1Head
+	resp h1Head
+	// state is h1Idle while waiting for a request head; the drain moves
+	// it to h1Closed and ends the wait.
+	state atomic.Int32
+	// up is the upstream connection in use, closed by the drain timeout.
+	up atomic.Pointer[h1Up]
+
+	// The last metric labels used, so a connection's requests to one
+	// cluster look none up.
+	reqCluster string
+	reqCode    int
+	reqOpt     metric.AddOption
+	bytesOf    string
+	bytesOpt   metric.AddOption
+	// reqIsHead: the request in flight is a HEAD, whose response has no
+	// body whatever its framing says.
+	reqIsHead bool
+}
+
+var h1Conns = sync.Pool{New: func() any { return new(h1Conn) }}
+
+// serveH1 serves c's HTTP/1.1 requests until it closes, or hands it to
+// the net/http server of q with the bytes read when a request needs it.
+// It runs on the connection's goroutine.
+func (p *Proxy) serveH1(q *connQueue, c net.Conn, info *connInfo) {
+	hc := h1Conns.Get().(*h1Conn)
+	hc.p, hc.c, hc.info = p, c, info
+	hc.tm = timing{idle: p.cfg.StreamIdleTimeout}
+	hc.in.init(c, &hc.tm)
+	hc.out.init(c, &hc.tm)
+	hc.state.Store(h1Busy)
+	p.h1Mu.Lock()
+	p.h1Conns[hc] = struct{}{}
+	p.h1Mu.Unlock()
+
+	fallback := hc.serve()
+
+	p.h1Mu.Lock()
+	delete(p.h1Conns, hc)
+	p.h1Mu.Unlock()
+	if fallback {
+		rest := slices.Clone(hc.in.buffered())
+		_ = c.SetDeadline(time.Time{})
+		var nc net.Conn = c
+		if len(rest) > 0 {
+			nc = &prefixConn{Conn: c, rest: rest}
+		}
+		p.pushHTTPConn(q, nc, info)
+	} else {
+		_ = c.Close()
+		p.release(info.listener)
+	}
+	hc.in.free()
+	hc.out.free()
+	*hc = h1Conn{}
+	h1Conns.Put(hc)
+}
+
+// prefixConn replays the bytes the HTTP/1.1 path read before handing the
+// connection to net/http.
+type prefixConn struct {
+	net.Conn
+	rest []byte
+}
+
+func (c *prefixConn) Read(b []byte) (int, error) {
+	if len(c.rest) > 0 {
+		n := copy(b, c.rest)
+		c.rest = c.rest[n:]
+		return n, nil
+	}
+	return c.Conn.Read(b)
+}
+
+// serve is the connection's request loop; true hands the connection to
+// net/http.
+func (hc *h1Conn) serve() (fallback bool) {
+	p := hc.p
+	for first := true; ; first = false {
+		n, err := hc.readHead(first)
+		if !hc.state.CompareAndSwap(h1Idle, h1Busy) {
+			return false // the drain closed it while idle
+		}
+		switch {
+		case errors.Is(err, errH1Fallback):
+			return true
+		case err != nil:
+			var he *h1Error
+			if errors.As(err, &he) {
+				hc.refuse(he)
+			}
+			return false
+		}
+		head := hc.in.buf[hc.in.r : hc.in.r+n]
+		if err := parseRequestHead(head, &hc.req); err != nil {
+			var he *h1Error
+			if errors.As(err, &he) {
+				hc.refuse(he)
+				return false
+			}
+			return true
+		}
+		hc.in.r += n
+		if !hc.serveRequest(head) || p.draining.Load() {
+			return false
+		}
+		hc.in.shrink()
+	}
+}
+
+// refuse answers a request the codec cannot read, and the connection
+// closes.
+func (hc *h1Conn) refuse(e *h1Error) {
+	hc.tm.route = time.Time{}
+	hc.writeError(e.code, e.msg+"\n", true)
+	// Close only the write side, then read what the downstream still
+	// sends for a while, as net/http does: closing with unread bytes
+	// would reset the connection, and the reset can destroy the answer
+	// before the downstream reads it.
+	if cw, ok := hc.c.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+	_ = hc.c.SetReadDeadline(time.Now().Add(refuseLinger))
+	_, _ = io.CopyN(io.Discard, hc.c, 256<<10)
+}
+
+// refuseLinger is how long a refused downstream may still send
+// (net/http's rstAvoidanceDelay).
+const refuseLinger = 500 * time.Millisecond
+
+// readHead reads until the buffer holds a whole request head and returns
+// its length. Waiting for the first byte of a request other than the
+// first is the connection's idle time (HTTPIdleTimeout); the rest of the
+// head has ReadHeaderTimeout.
+func (hc *h1Conn) readHead(first bool) (int, error) {
+	p, in := hc.p, &hc.in
+	hc.tm.route = time.Time{}
+	var deadline time.Time
+	idle := !first && in.r == in.w
+	if idle {
+		deadline = time.Now().Add(p.cfg.HTTPIdleTimeout)
+	} else {
+		deadline = time.Now().Add(p.cfg.ReadHeaderTimeout)
+	}
+	hc.state.Store(h1Idle)
+	if p.draining.Load() {
+		return 0, net.ErrClosed
+	}
+	scanned := 0
+	for {
+		// Empty lines before a request line are ignored (RFC 9112 §2.2).
+		for in.w-in.r >= 2 && in.buf[in.r] == '\r' && in.buf[in.r+1] == '\n' && scanned == 0 {
+			in.r += 2
+		}
+		end, next, err := scanHead(in.buffered(), scanned)
+		if err != nil || end > 0 {
+			return end, err
+		}
+		scanned = next
+		if in.w == len(in.buf) && in.r == 0 && !in.grow() {
+			return 0, errHeadTooLarge
+		}
+		_ = in.c.SetReadDeadline(deadline)
+		// After the deadline is set and before the read: the drain sets
+		// its own deadline once it sees h1Idle, and must not be undone.
+		if hc.state.Load() == h1Closed {
+			return 0, net.ErrClosed
+		}
+		if err := in.readMore(); err != nil {
+			return 0, err
+		}
+		if idle {
+			idle, deadline = false, time.Now().Add(p.cfg.ReadHeaderTimeout)
+		}
+	}
+}
+
+// str is b as a string, without a copy: valid while b is.
+func str(b []byte) string {
+	if len(b) == 0 {
+		return ""
+	}
+	return unsafe.String(&b[0], len(b))
+}
+
+// serveRequest routes and forwards the request whose head is head (the
+// request body follows in hc.in); it reports whether the connection
+// can serve another.
+func (hc *h1Conn) serveRequest(head []byte) bool {
+	p, ci, h := hc.p, hc.info, &hc.req
+	hasBody := h.chunked || h.contentLength > 0
+	hc.reqIsHead = string(h.method.of(head)) == http.MethodHead
+	if !p.requests.enter() {
+		hc.writeError(http.StatusServiceUnavailable, "isthmus sidecar: shutting down", true)
+		return false
+	}
+	defer p.requests.leave()
+	st := p.state.Load()
+	if st == nil {
+		hc.writeError(http.StatusServiceUnavailable, "isthmus sidecar: no configuration\n", hasBody)
+		return !hasBody
+	}
+	authority := h.host
+	if h.absolute {
+		authority = h.authority
+	}
+	path := h.path.of(head)
+	if i := indexByte(path, '?'); i >= 0 {
+		path = path[:i]
+	}
+	d := routeTo(st, ci, str(h.method.of(head)), str(authority.of(head)), str(path))
+	if d.err != "" {
+		hc.count(d.cluster, d.code)
+		hc.writeError(d.code, "isthmus sidecar: "+d.err+"\n", hasBody)
+		return !hasBody
+	}
+	var target netip.AddrPort
+	switch {
+	case d.up.picker != nil:
+	case ci.listener == listenerInbound:
+		target = netip.AddrPortFrom(p.cfg.AppAddr, ci.dst.Port())
+	case !ci.redirected:
+		hc.count(d.up.name, http.StatusBadGateway)
+		hc.writeError(http.StatusBadGateway, "isthmus sidecar: "+d.up.name+" would send the request back to the sidecar (the connection was not redirected)\n", hasBody)
+		return !hasBody
+	default:
+		target = ci.dst
+	}
+	hc.tm.route = time.Time{}
+	if d.timeout > 0 {
+		hc.tm.route = time.Now().Add(d.timeout)
+	}
+	return hc.forward(d, target, head, hasBody)
+}
+
+func indexByte(b []byte, c byte) int {
+	for i, x := range b {
+		if x == c {
+			return i
+		}
+	}
+	return -1
+}
+
+// forward sends the request to the route's upstream and its response
+// back. Endpoints are tried as the net/http path's roundTripper does: a
+// connect failure tries another (the dialer ejects the endpoint), up to
+// MaxConnectAttempts; a pooled connection the upstream closed while idle
+// is retried once on a new one when the request was idempotent and had
+// no body, as net/http's Transport does.
+func (hc *h1Conn) forward(d decision, target netip.AddrPort, head []byte, hasBody bool) bool {
+	p, h, u := hc.p, &hc.req, d.up
+	method := h.method.of(head)
+	replayable := !hasBody && (string(method) == "GET" || string(method) == "HEAD" || string(method) == "OPTIONS" || string(method) == "TRACE")
+	attempts := p.cfg.MaxConnectAttempts
+	var (
+		up       *h1Up
+		err      error
+		respLen  int
+		fresh    bool
+		received int64
+	)
+	for attempt := 0; attempt < attempts; {
+		ep := target
+		if u.picker != nil {
+			var ok bool
+			if ep, ok = u.picker.Pick(); !ok {
+				err = errNoHealthyUpstream
+				break
+			}
+		}
+		up, err = u.pool.h1Get(ep, fresh, &hc.tm)
+		if err != nil {
+			attempt++
+			var ce *connectError
+			if !errors.As(err, &ce) || u.picker == nil || hc.timedOut() {
+				break
+			}
+			continue
+		}
+		hc.up.Store(up)
+		var gotByte bool
+		received, err = hc.sendRequest(up, head)
+		if err == nil {
+			respLen, gotByte, err = hc.readResponseHead(up)
+		}
+		if err == nil {
+			if u.picker != nil {
+				p.health.Restore(ep)
+			}
+			break
+		}
+		hc.up.Store(nil)
+		reused := up.reused
+		up.close()
+		up = nil
+		if errors.Is(err, errDownstream) {
+			hc.countBytes(d.up.name, received, 0)
+			var he *h1Error
+			if errors.As(err, &he) {
+				// A request body the codec refuses (a bad chunk): the
+				// upstream's copy of the request was cut with its
+				// connection.
+				hc.count(d.up.name, he.code)
+				hc.refuse(he)
+				return false
+			}
+			// The downstream stopped sending its body, or reading.
+			hc.count(d.up.name, 0)
+			return false
+		}
+		if reused && !gotByte && !fresh && replayable && !hc.timedOut() {
+			fresh = true // a pooled connection the upstream had closed
+			continue
+		}
+		break
+	}
+	if err != nil {
+		hc.countBytes(d.up.name, received, 0)
+		hc.answerError(d.up.name, err)
+		// A body not wholly read leaves the connection unusable.
+		return !hasBody || (received == h.contentLength && !h.chunked)
+	}
+	keep := hc.writeResponse(up, d.up.name, respLen, received)
+	return keep
+}
+
+// errDownstream marks a failure to read the request body from the
+// downstream.
+var errDownstream = errors.New("downstream read failed")
+
+type downErr struct{ err error }
+
+func (e downErr) Error() string   { return "downstream: " + e.err.Error() }
+func (e downErr) Is(t error) bool { return t == errDownstream }
+func (e downErr) Unwrap() error   { return e.err }
+
+// timedOut reports whether the route's deadline has passed.
+func (hc *h1Conn) timedOut() bool {
+	return !hc.tm.route.IsZero() && !time.Now().Before(hc.tm.route)
+}
+
+// sendRequest writes the request head, edited, and its body to up: one
+// write when they fit the buffer. The edits are those of the net/http
+// path (Proxy.rewrite and ReverseProxy): origin-form with the authority
+// in Host, hop-by-hop fields and those Connection names removed, "TE:
+// trailers" kept, X-Forwarded-Client-Cert removed or set, and the framing
+// written anew.
+func (hc *h1Conn) sendRequest(up *h1Up, head []byte) (int64, error) {
+	h, ci, w := &hc.req, hc.info, &up.out
+	w.tm = &hc.tm
+	up.in.tm = &hc.tm
+	w.b = w.b[:0]
+	if h.absolute {
+		path := h.path.of(head)
+		_ = w.write(h.method.of(head))
+		_ = w.str(" ")
+		if len(path) == 0 {
+			_ = w.str("/")
+		} else {
+			_ = w.write(path)
+		}
+		_ = w.str(" HTTP/1.1\r\nHost: ")
+		_ = w.write(h.authority.of(head))
+		_ = w.str("\r\n")
+	} else {
+		_ = w.write(head[:h.target.e])
+		_ = w.str(" HTTP/1.1\r\n")
+	}
+	for i := range h.fields {
+		f := &h.fields[i]
+		switch f.kind {
+		case fieldHost:
+			if h.absolute {
+				continue
+			}
+		case fieldOther:
+			if h.nConnTokens > 0 && h.connNamed(head, f) {
+				continue
+			}
+		default:
+			continue
+		}
+		if err := w.write(f.line.of(head)); err != nil {
+			return 0, err
+		}
+	}
+	if h.teTrailers {
+		_ = w.str("Te: trailers\r\n")
+	}
+	if ci.hcm.ForwardClientCert == xdsclient.SanitizeSet && ci.xfcc != "" {
+		_ = w.str(xfccHeader + ": ")
+		_ = w.str(ci.xfcc)
+		_ = w.str("\r\n")
+	}
+	var err error
+	switch {
+	case h.chunked:
+		_ = w.str("Transfer-Encoding: chunked\r\n\r\n")
+	case h.contentLength >= 0:
+		var n [20]byte
+		_ = w.str("Content-Length: ")
+		_ = w.write(strconv.AppendInt(n[:0], h.contentLength, 10))
+		err = w.str("\r\n\r\n")
+	default:
+		err = w.str("\r\n")
+	}
+	if err != nil {
+		return 0, err
+	}
+	var sent int64
+	switch {
+	case h.chunked:
+		sent, err = copyChunked(w, &hc.in)
+	case h.contentLength > 0:
+		sent, err = copyN(w, &hc.in, h.contentLength)
+	}
+	if err != nil {
+		var we writeErr
+		if errors.As(err, &we) {
+			return sent, we.err // the upstream's
+		}
+		return sent, downErr{err}
+	}
+	return sent, w.flush()
+}
+
+// readResponseHead reads up's response head, passing 1xx interim
+// responses on to the downstream, and returns the final head's length.
+// gotByte reports whether the upstream sent anything.
+func (hc *h1Conn) readResponseHead(up *h1Up) (int, bool, error) {
+	in := &up.in
+	gotByte := in.r < in.w
+	scanned := 0
+	for {
+		end, next, err := scanHead(in.buffered(), scanned)
+		if err != nil {
+			return 0, gotByte, err
+		}
+		if end == 0 {
+			scanned = next
+			if in.w == len(in.buf) && in.r == 0 && !in.grow() {
+				return 0, gotByte, errHeadTooLarge
+			}
+			if err := in.fill(); err != nil {
+				return 0, gotByte, err
+			}
+			gotByte = true
+			continue
+		}
+		head := in.buf[in.r : in.r+end]
+		if err := parseResponseHead(head, &hc.resp); err != nil {
+			return 0, true, err
+		}
+		switch s := hc.resp.status; {
+		case s == http.StatusSwitchingProtocols:
+			return 0, true, errors.New("101 Switching Protocols to a request without Upgrade")
+		case s < 200:
+			// Interim (103 Early Hints): on to the downstream as it is.
+			if err := hc.out.write(head); err != nil {
+				return 0, true, downErr{err}
+			}
+			if err := hc.out.flush(); err != nil {
+				return 0, true, downErr{err}
+			}
+			in.r += end
+			scanned = 0
+			continue
+		}
+		return end, true, nil
+	}
+}
+
+// writeResponse streams the response whose head up's buffer holds
+// (headLen bytes) to the downstream, then pools up when it can carry
+// another request. It reports whether the downstream connection can.
+func (hc *h1Conn) writeResponse(up *h1Up, cluster string, headLen int, received int64) bool {
+	p, rh, w, in := hc.p, &hc.resp, &hc.out, &up.in
+	head := in.buf[in.r : in.r+headLen]
+	in.r += headLen
+	noBody := hc.reqIsHead || rh.status == http.StatusNoContent || rh.status == http.StatusNotModified
+	upKeep := !rh.connClose && (rh.minor == 1 || rh.connKeepAlive)
+	toClose := !noBody && !rh.chunked && rh.contentLength < 0
+	if toClose {
+		upKeep = false
+	}
+	downKeep := !hc.req.connClose && !p.draining.Load()
+
+	_ = w.str("HTTP/1.1 ")
+	_ = w.write(rh.reason.of(head))
+	_ = w.str("\r\n")
+	for i := range rh.fields {
+		f := &rh.fields[i]
+		switch f.kind {
+		case fieldOther, fieldHost, fieldExpect, fieldXFCC:
+			if rh.nConnTokens > 0 && rh.connNamed(head, f) {
+				continue
+			}
+		case fieldContentLength:
+			if !noBody || rh.chunked {
+				continue // written below
+			}
+		default:
+			continue
+		}
+		_ = w.write(f.line.of(head))
+	}
+	switch {
+	case noBody:
+	case rh.chunked, toClose:
+		_ = w.str("Transfer-Encoding: chunked\r\n")
+	default:
+		var n [20]byte
+		_ = w.str("Content-Length: ")
+		_ = w.write(strconv.AppendInt(n[:0], rh.contentLength, 10))
+		_ = w.str("\r\n")
+	}
+	if !downKeep {
+		_ = w.str("Connection: close\r\n")
+	}
+	err := w.str("\r\n")
+	hc.count(cluster, rh.status)
+	var sent int64
+	if err == nil {
+		switch {
+		case noBody:
+		case rh.chunked:
+			sent, err = copyChunked(w, in)
+		case toClose:
+			sent, err = copyToClose(w, in)
+		default:
+			sent, err = copyN(w, in, rh.contentLength)
+		}
+	}
+	if err == nil {
+		err = w.flush()
+	}
+	hc.countBytes(cluster, received, sent)
+	hc.up.Store(nil)
+	if err != nil {
+		if p.log.Enabled(context.Background(), slog.LevelDebug) {
+			p.log.Debug("response cut", "listener", hc.info.listener, "cluster", cluster, "error", err)
+		}
+		up.close()
+		return false
+	}
+	if upKeep && in.r == in.w {
+		up.pool.h1Put(up)
+	} else {
+		up.close() // closing, or it sent more than its response
+	}
+	return downKeep
+}
+
+// answerError answers a request that got no response, as the net/http
+// path's proxyError does.
+func (hc *h1Conn) answerError(cluster string, err error) {
+	p := hc.p
+	code, msg := http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: "
+	var ce *connectError
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded) && hc.timedOut():
+		code, msg = http.StatusGatewayTimeout, "upstream request timeout"
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		code, msg = http.StatusGatewayTimeout, "stream timeout"
+	case errors.Is(err, errDownstream):
+		hc.count(cluster, 0)
+		return
+	case errors.Is(err, errNoHealthyUpstream):
+		msg = "no healthy upstream"
+	case errors.As(err, &ce) && hc.timedOut():
+		code, msg = http.StatusGatewayTimeout, "upstream request timeout"
+	case errors.As(err, &ce) && ce.tls:
+		msg += "connection failure, transport failure reason: TLS error: " + ce.err.Error()
+	case errors.As(err, &ce):
+		msg += "connection failure, transport failure reason: " + ce.err.Error()
+	default:
+		msg += "remote reset: " + err.Error()
+	}
+	hc.count(cluster, code)
+	if p.log.Enabled(context.Background(), slog.LevelDebug) {
+		p.log.Debug("request failed", "listener", hc.info.listener, "cluster", cluster, "code", code, "error", err)
+	}
+	hc.tm.route = time.Time{}
+	hc.writeError(code, msg, false)
+}
+
+// writeError writes a plain-text response; close adds Connection: close.
+func (hc *h1Conn) writeError(code int, body string, close bool) {
+	w := &hc.out
+	var n [20]byte
+	_ = w.str("HTTP/1.1 ")
+	_ = w.write(strconv.AppendInt(n[:0], int64(code), 10))
+	_ = w.str(" ")
+	_ = w.str(http.StatusText(code))
+	_ = w.str("\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nContent-Length: ")
+	_ = w.write(strconv.AppendInt(n[:0], int64(len(body)), 10))
+	if close || hc.p.draining.Load() {
+		_ = w.str("\r\nConnection: close")
+	}
+	_ = w.str("\r\n\r\n")
+	_ = w.str(body)
+	_ = w.flush()
+}
+
+// count records a request's code, its labels looked up only when they
+// change.
+func (hc *h1Conn) count(cluster string, code int) {
+	m := hc.p.metrics
+	if hc.reqOpt == nil || hc.reqCluster != cluster || hc.reqCode != code {
+		hc.reqCluster, hc.reqCode = cluster, code
+		hc.reqOpt = m.attr(attrKey{kind: kindRequest, listener: hc.info.listener, cluster: cluster, code: code})
+	}
+	m.requests.Add(context.Background(), 1, hc.reqOpt)
+}
+
+// countBytes records a request's body bytes each way.
+func (hc *h1Conn) countBytes(cluster string, received, sent int64) {
+	if received == 0 && sent == 0 {
+		return
+	}
+	m := hc.p.metrics
+	if hc.bytesOpt == nil || hc.bytesOf != cluster {
+		hc.bytesOf = cluster
+		hc.bytesOpt = m.attr(attrKey{kind: kindBytes, listener: hc.info.listener, cluster: cluster})
+	}
+	if received > 0 {
+		m.received.Add(context.Background(), received, hc.bytesOpt)
+	}
+	if sent > 0 {
+		m.sent.Add(context.Background(), sent, hc.bytesOpt)
+	}
+}
+
+// h1KickIdle ends the wait of every HTTP/1.1 connection idle between
+// requests: the drain's first step, as http.Server.Shutdown closes idle
+// connections.
+func (p *Proxy) h1KickIdle() {
+	p.h1Mu.Lock()
+	defer p.h1Mu.Unlock()
+	for hc := range p.h1Conns {
+		if hc.state.CompareAndSwap(h1Idle, h1Closed) {
+			_ = hc.c.SetReadDeadline(time.Now())
+		}
+	}
+}
+
+// h1CutAll closes every HTTP/1.1 connection and the upstream connection
+// it uses: the drain timeout passed.
+func (p *Proxy) h1CutAll() int {
+	p.h1Mu.Lock()
+	defer p.h1Mu.Unlock()
+	for hc := range p.h1Conns {
+		hc.state.Store(h1Closed)
+		_ = hc.c.Close()
+		if up := hc.up.Load(); up != nil {
+			_ = up.c.Close()
+		}
+	}
+	return len(p.h1Conns)
+}
+
+// h1Up is a pooled upstream HTTP/1.1 connection with its buffers.
+type h1Up struct {
+	pool *pool
+	ep   netip.AddrPort
+	c    net.Conn // an *upConn
+	in   bufReader
+	out  wbuf
+	// reused is set once the connection served a request.
+	reused bool
+	// idle, idleAt and timer are guarded by pool.h1mu: whether it sits
+	// in the pool, since when, and the timer closing it after
+	// UpstreamIdleTimeout there.
+	idle   bool
+	idleAt time.Time
+	timer  *time.Timer
+	closed atomic.Bool
+}
+
+func (u *h1Up) close() {
+	if !u.closed.CompareAndSwap(false, true) {
+		return
+	}
+	_ = u.c.Close()
+	u.pool.h1mu.Lock()
+	if u.timer != nil {
+		u.timer.Stop()
+	}
+	u.pool.h1mu.Unlock()
+	u.in.free()
+	u.out.free()
+}
+
+// h1Get returns an idle connection to ep, or a new one (fresh: always
+// new), dialed within the cluster's connect timeout and the route's
+// deadline.
+func (pl *pool) h1Get(ep netip.AddrPort, fresh bool, tm *timing) (*h1Up, error) {
+	if !fresh {
+		pl.h1mu.Lock()
+		if idle := pl.h1idle[ep]; len(idle) > 0 {
+			u := idle[len(idle)-1]
+			idle[len(idle)-1] = nil
+			pl.h1idle[ep] = idle[:len(idle)-1]
+			u.idle = false
+			pl.h1mu.Unlock()
+			u.reused = true
+			return u, nil
+		}
+		pl.h1mu.Unlock()
+	}
+	ctx := context.Background()
+	if !tm.route.IsZero() {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, tm.route)
+		defer cancel()
+	}
+	c, err := pl.dialPooled(ctx, ep.String(), pl.tlsH1)
+	if err != nil {
+		return nil, err
+	}
+	u := &h1Up{pool: pl, ep: ep, c: c}
+	u.in.init(c, tm)
+	u.out.init(c, tm)
+	return u, nil
+}
+
+// h1Put pools u for ep's next request, unless the pool keeps enough
+// idle connections to it or was closed.
+func (pl *pool) h1Put(u *h1Up) {
+	u.in.shrink()
+	pl.h1mu.Lock()
+	idle := pl.h1idle[u.ep]
+	if pl.h1closed || len(idle) >= pl.p.cfg.MaxIdlePerEndpoint || u.closed.Load() {
+		pl.h1mu.Unlock()
+		u.close()
+		return
+	}
+	if pl.h1idle == nil {
+		pl.h1idle = map[netip.AddrPort][]*h1Up{}
+	}
+	pl.h1idle[u.ep] = append(idle, u)
+	u.idle, u.idleAt = true, time.Now()
+	if u.timer == nil {
+		u.timer = time.AfterFunc(pl.p.cfg.UpstreamIdleTimeout, u.idleExpired)
+	} else {
+		u.timer.Reset(pl.p.cfg.UpstreamIdleTimeout)
+	}
+	pl.h1mu.Unlock()
+}
+
+// idleExpired closes u if it has sat in the pool for UpstreamIdleTimeout.
+func (u *h1Up) idleExpired() {
+	pl := u.pool
+	pl.h1mu.Lock()
+	if !u.idle || time.Since(u.idleAt) < pl.p.cfg.UpstreamIdleTimeout {
+		pl.h1mu.Unlock()
+		return
+	}
+	pl.h1removeLocked(u)
+	pl.h1mu.Unlock()
+	u.close()
+}
+
+// h1removeLocked takes idle u out of the pool; pl.h1mu is held.
+func (pl *pool) h1removeLocked(u *h1Up) {
+	idle := pl.h1idle[u.ep]
+	if i := slices.Index(idle, u); i >= 0 {
+		pl.h1idle[u.ep] = slices.Delete(idle, i, i+1)
+	}
+	u.idle = false
+}
+
+// h1CloseIdle closes the idle connections and makes the pool close the
+// ones put back from now on.
+func (pl *pool) h1CloseIdle() {
+	pl.h1mu.Lock()
+	pl.h1closed = true
+	var all []*h1Up
+	for ep, idle := range pl.h1idle {
+		for _, u := range idle {
+			u.idle = false
+			all = append(all, u)
+		}
+		delete(pl.h1idle, ep)
+	}
+	pl.h1mu.Unlock()
+	for _, u := range all {
+		u.close()
+	}
+}

@@ -1,0 +1,401 @@
+package sidecar
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// rawSvc is served by b's rawBackend, which answers with hand-written
+// responses the standard library's server would not send.
+var (
+	rawSvc = svc{name: "raw", ns: "demo", vip: "240.240.0.14", ports: []svcPort{{80, true}}}
+	ipRaw  = netip.MustParseAddr("127.0.0.5")
+)
+
+const rawHost = "raw.demo.svc.clusterset.local"
+
+// rawBackend is an HTTP/1.1 app answering by path: /conn the number of
+// the connection it arrived on, /echo what it received, and responses
+// that test the framing (/204, /304, /trailer, /to-close, /cut).
+type rawBackend struct {
+	addr     netip.AddrPort
+	conns    atomic.Int64
+	requests atomic.Int64
+}
+
+func startRawBackend(t testing.TB) *rawBackend {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	b := &rawBackend{addr: ln.Addr().(*net.TCPAddr).AddrPort()}
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex // guards open
+		open = map[net.Conn]struct{}{}
+	)
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			id := b.conns.Add(1)
+			mu.Lock()
+			open[c] = struct{}{}
+			mu.Unlock()
+			wg.Go(func() {
+				defer func() {
+					mu.Lock()
+					delete(open, c)
+					mu.Unlock()
+					c.Close()
+				}()
+				b.serve(c, id)
+			})
+		}
+	})
+	t.Cleanup(func() {
+		_ = ln.Close()
+		mu.Lock()
+		for c := range open { // the sidecar's pooled connections
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return b
+}
+
+func (b *rawBackend) serve(c net.Conn, id int64) {
+	br := bufio.NewReader(c)
+	for {
+		_ = c.SetDeadline(time.Now().Add(waitFor))
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		body, err := io.ReadAll(req.Body)
+		if err != nil {
+			return
+		}
+		b.requests.Add(1)
+		var resp string
+		switch {
+		case req.Method == http.MethodHead:
+			resp = "HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n"
+		case req.URL.Path == "/conn":
+			resp = fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d", len(fmt.Sprint(id)), id)
+		case req.URL.Path == "/echo":
+			e := fmt.Sprintf("%s %s body=%q te=%v cl=%d hop=%q keep=%q xfcc=%q", req.Method, req.RequestURI, body, req.TransferEncoding,
+				req.ContentLength, req.Header.Get("X-Hop"), req.Header.Get("X-Keep"), req.Header.Values(xfccHeader))
+			resp = fmt.Sprintf("HTTP/1.1 200 OK\r\nX-Hop: response\r\nConnection: X-Hop\r\nContent-Length: %d\r\n\r\n%s", len(e), e)
+		case req.URL.Path == "/204":
+			resp = "HTTP/1.1 204 No Content\r\nX-Seen: 1\r\n\r\n"
+		case req.URL.Path == "/304":
+			resp = "HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 42\r\n\r\n"
+		case req.URL.Path == "/trailer":
+			resp = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n5;ext\r\nhello\r\n0\r\nX-Sum: 5\r\n\r\n"
+		case req.URL.Path == "/early-hints":
+			resp = "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+		case req.URL.Path == "/to-close":
+			_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\n\r\nuntil the end")
+			return
+		case req.URL.Path == "/cut":
+			_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+			return
+		default:
+			resp = "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+		}
+		if _, err := io.WriteString(c, resp); err != nil {
+			return
+		}
+	}
+}
+
+// startRawMesh is the standard mesh plus raw, served by b's rawBackend.
+func startRawMesh(t testing.TB) (*mesh, *rawBackend) {
+	t.Helper()
+	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t), hosts: hostsOf(echoSvc, rawSvc)}
+	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds})
+	m.b = startPod(t, "b", m.beta, m.hosts, podOptions{xds: m.xds})
+	raw := startRawBackend(t)
+	m.b.apps[ipRaw] = raw.addr // before any connection reads it
+	m.set(t, "v1", m.onB(echoSvc, ipHTTP), m.onB(rawSvc, ipRaw))
+	return m, raw
+}
+
+// rawConn is an app's connection to its sidecar, captured as if it went
+// to host:80, speaking HTTP/1.1 by hand.
+type rawConn struct {
+	c  net.Conn
+	br *bufio.Reader
+}
+
+func dialRaw(t testing.TB, m *mesh, host string) *rawConn {
+	t.Helper()
+	c, err := m.a.nat.dial(t.Context(), host+":80")
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(waitFor))
+	return &rawConn{c: c, br: bufio.NewReader(c)}
+}
+
+func (rc *rawConn) send(t testing.TB, raw string) {
+	t.Helper()
+	_, err := io.WriteString(rc.c, raw)
+	require.NoError(t, err)
+}
+
+// read reads a response to method and its whole body.
+func (rc *rawConn) read(t testing.TB, method string) (*http.Response, string) {
+	t.Helper()
+	resp, err := http.ReadResponse(rc.br, &http.Request{Method: method})
+	require.NoError(t, err)
+	body, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	return resp, string(body)
+}
+
+func (rc *rawConn) do(t testing.TB, method, path, extra string) (*http.Response, string) {
+	t.Helper()
+	rc.send(t, method+" "+path+" HTTP/1.1\r\nHost: "+rawHost+"\r\n"+extra+"\r\n")
+	return rc.read(t, method)
+}
+
+// requireClosed checks the sidecar closed the connection.
+func (rc *rawConn) requireClosed(t testing.TB) {
+	t.Helper()
+	n, err := rc.br.Read(make([]byte, 1))
+	require.Zero(t, n)
+	require.ErrorIs(t, err, io.EOF)
+}
+
+// poolConns is the number of upstream connections a's pool for cluster
+// holds open.
+func poolConns(p *Proxy, cluster string) int64 {
+	p.poolsMu.Lock()
+	defer p.poolsMu.Unlock()
+	return p.pools[cluster].conns.Load()
+}
+
+// One app connection carries many requests over one connection between
+// the sidecars and one to the app; bodiless responses (HEAD, 204, 304)
+// end where they should, so the next request on the connection works.
+func TestH1KeepAliveAndFraming(t *testing.T) {
+	m, raw := startRawMesh(t)
+	rc := dialRaw(t, m, rawHost)
+	for range 3 {
+		resp, body := rc.do(t, "GET", "/conn", "")
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+		require.Equal(t, "1", body, "the app sees one connection")
+	}
+	resp, body := rc.do(t, "HEAD", "/anything", "")
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.EqualValues(t, 42, resp.ContentLength, "HEAD keeps the length of the body it does not send")
+	require.Empty(t, body)
+
+	resp, body = rc.do(t, "GET", "/204", "")
+	require.Equal(t, http.StatusNoContent, resp.StatusCode)
+	require.Equal(t, "1", resp.Header.Get("X-Seen"))
+	require.Empty(t, body)
+
+	resp, body = rc.do(t, "GET", "/304", "If-None-Match: \"x\"\r\n")
+	require.Equal(t, http.StatusNotModified, resp.StatusCode)
+	require.Equal(t, `"x"`, resp.Header.Get("ETag"))
+	require.Empty(t, body)
+
+	resp, _ = rc.do(t, "GET", "/early-hints", "")
+	require.Equal(t, http.StatusEarlyHints, resp.StatusCode, "the 103 passed on first")
+	require.Equal(t, "</a>", resp.Header.Get("Link"))
+	resp, body = rc.read(t, "GET")
+	require.Equal(t, http.StatusOK, resp.StatusCode, "then the answer")
+	require.Equal(t, "ok", body)
+
+	resp, body = rc.do(t, "GET", "/conn", "")
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Equal(t, "1", body, "still the first connection to the app")
+	require.EqualValues(t, 1, raw.conns.Load())
+	require.EqualValues(t, 1, poolConns(m.a.proxy, rawSvc.cluster(80)), "one connection between the sidecars")
+
+	// Pipelined: three requests in one write, answered in order.
+	rc.send(t, "GET /conn HTTP/1.1\r\nHost: "+rawHost+"\r\n\r\nHEAD /x HTTP/1.1\r\nHost: "+rawHost+"\r\n\r\n"+
+		"GET /echo?p=3 HTTP/1.1\r\nHost: "+rawHost+"\r\n\r\n")
+	_, body = rc.read(t, "GET")
+	require.Equal(t, "1", body)
+	resp, _ = rc.read(t, "HEAD")
+	require.EqualValues(t, 42, resp.ContentLength)
+	_, body = rc.read(t, "GET")
+	require.Contains(t, body, "GET /echo?p=3 ")
+	require.Equal(t, 1, strings.Count(body, "GET"))
+
+	require.Eventually(t, func() bool {
+		return metricValue(t, m.a.scrape(t), "isthmus_sidecar_requests_total", "listener=outbound", "cluster="+rawSvc.cluster(80), "code=200") == 9 &&
+			metricValue(t, m.b.scrape(t), "isthmus_sidecar_requests_total", "listener=inbound", "cluster=inbound-passthrough", "code=204") == 1
+	}, waitFor, 20*time.Millisecond)
+}
+
+// Chunked bodies both ways: a chunked request reaches the app as the
+// same bytes (extensions dropped, sizes written anew), a chunked response
+// with trailers comes back with them, and a response delimited by the
+// app closing its connection reaches the app's caller chunked, on a
+// connection that stays open.
+func TestH1Chunked(t *testing.T) {
+	m, raw := startRawMesh(t)
+	rc := dialRaw(t, m, rawHost)
+	rc.send(t, "POST /echo HTTP/1.1\r\nHost: "+rawHost+"\r\nTransfer-Encoding: chunked\r\n\r\n"+
+		"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+	resp, body := rc.read(t, "POST")
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Contains(t, body, `body="hello world" te=[chunked] cl=-1`)
+
+	resp, body = rc.do(t, "GET", "/trailer", "TE: trailers\r\n")
+	require.Equal(t, []string{"chunked"}, resp.TransferEncoding)
+	require.Equal(t, "hello", body)
+	require.Equal(t, "5", resp.Trailer.Get("X-Sum"))
+
+	resp, body = rc.do(t, "GET", "/to-close", "")
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Equal(t, []string{"chunked"}, resp.TransferEncoding)
+	require.Equal(t, "until the end", body)
+	resp, body = rc.do(t, "GET", "/conn", "")
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.NotEqual(t, "1", body, "the app closed the first connection")
+	require.EqualValues(t, 2, raw.conns.Load())
+
+	// Through net/http's client and server at both ends: a body of
+	// unknown length goes chunked, and a streamed response comes back
+	// chunked.
+	client := m.a.nat.httpClient(false)
+	pr, pw := io.Pipe()
+	go func() {
+		for range 10 {
+			_, _ = io.WriteString(pw, strings.Repeat("x", 1000))
+		}
+		_ = pw.Close()
+	}()
+	r, err := client.Post("http://echo.demo.svc.clusterset.local/upload", "text/plain", pr)
+	require.NoError(t, err)
+	b, _ := io.ReadAll(r.Body)
+	r.Body.Close()
+	require.Contains(t, string(b), `"body":10000`)
+	r, err = client.Get("http://echo.demo.svc.clusterset.local/stream?n=3")
+	require.NoError(t, err)
+	b, _ = io.ReadAll(r.Body)
+	r.Body.Close()
+	require.Equal(t, []string{"chunked"}, r.TransferEncoding)
+	require.Equal(t, "line 0\nline 1\nline 2\n", string(b))
+}
+
+// The request the app gets: origin-form, hop-by-hop fields and those
+// Connection names gone, X-Forwarded-Client-Cert the inbound sidecar's
+// own, and no hop-by-hop field of the app's response reaches the caller.
+func TestH1HeaderEdits(t *testing.T) {
+	m, _ := startRawMesh(t)
+	rc := dialRaw(t, m, rawHost)
+	rc.send(t, "PUT http://"+rawHost+"/echo?q=1 HTTP/1.1\r\nHost: ignored\r\nConnection: keep-alive, X-Hop\r\nX-Hop: a\r\n"+
+		"X-Keep: b\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: secret\r\nX-Forwarded-Client-Cert: By=spiffe://evil/\r\nContent-Length: 3\r\n\r\nabc")
+	resp, body := rc.read(t, "PUT")
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Contains(t, body, `PUT /echo?q=1 body="abc" te=[] cl=3 hop="" keep="b" xfcc=["By=`+m.b.id.String()+";Hash=")
+	require.Contains(t, body, ";URI="+m.a.id.String()+`"]`)
+	require.Empty(t, resp.Header.Get("X-Hop"), "named by the app's Connection")
+	require.Empty(t, resp.Header.Values("Connection"))
+}
+
+// An app that closes its connection in the middle of a response: the
+// caller's connection is closed too (the body cannot end well), and the
+// next connection works.
+func TestH1UpstreamClosesMidResponse(t *testing.T) {
+	m, _ := startRawMesh(t)
+	rc := dialRaw(t, m, rawHost)
+	rc.send(t, "GET /cut HTTP/1.1\r\nHost: "+rawHost+"\r\n\r\n")
+	resp, err := http.ReadResponse(rc.br, &http.Request{Method: "GET"})
+	require.NoError(t, err)
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	body, err := io.ReadAll(resp.Body)
+	require.ErrorIs(t, err, io.ErrUnexpectedEOF)
+	require.Equal(t, "0123456789", string(body))
+
+	rc = dialRaw(t, m, rawHost)
+	resp, got := rc.do(t, "GET", "/conn", "")
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.NotEmpty(t, got)
+}
+
+// Heads the codec refuses, smuggling attempts among them, are answered
+// with their status and the connection closed; none reaches the app.
+func TestH1RefusesMalformedRequests(t *testing.T) {
+	m, raw := startRawMesh(t)
+	host := "Host: " + rawHost + "\r\n"
+	for _, tc := range []struct {
+		name string
+		raw  string
+		code int
+	}{
+		{"CL.TE", "POST /echo HTTP/1.1\r\n" + host + "Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nX", 400},
+		{"TE.CL", "POST /echo HTTP/1.1\r\n" + host + "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n", 400},
+		{"differing lengths", "POST /echo HTTP/1.1\r\n" + host + "Content-Length: 3\r\nContent-Length: 10\r\n\r\nabc", 400},
+		{"TE folded", "POST /echo HTTP/1.1\r\n" + host + "Transfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n", 400},
+		{"TE with space before colon", "POST /echo HTTP/1.1\r\n" + host + "Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n", 400},
+		{"TE not chunked", "POST /echo HTTP/1.1\r\n" + host + "Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", 501},
+		{"bare LF", "GET /echo HTTP/1.1\n" + host + "\n", 400},
+		{"bad chunk size", "POST /echo HTTP/1.1\r\n" + host + "Transfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n", 400},
+		{"chunk longer than its size", "POST /echo HTTP/1.1\r\n" + host + "Transfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n", 400},
+		{"no Host", "GET /echo HTTP/1.1\r\n\r\n", 400},
+		{"head too large", "GET /echo HTTP/1.1\r\n" + host + strings.Repeat("X-Big: "+strings.Repeat("y", 1000)+"\r\n", 70) + "\r\n", 431},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rc := dialRaw(t, m, rawHost)
+			rc.send(t, tc.raw)
+			resp, _ := rc.read(t, "POST")
+			require.Equal(t, tc.code, resp.StatusCode)
+			require.True(t, resp.Close, "Connection: close")
+			rc.requireClosed(t)
+		})
+	}
+	require.Zero(t, raw.requests.Load(), "nothing reached the app")
+}
+
+// What the codec leaves to net/http is served there, with the bytes the
+// codec read first: HTTP/1.0 after an HTTP/1.1 request on the same
+// connection.
+func TestH1FallsBackToNetHTTP(t *testing.T) {
+	m, _ := startRawMesh(t)
+	rc := dialRaw(t, m, rawHost)
+	resp, body := rc.do(t, "GET", "/conn", "")
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Equal(t, "1", body)
+	rc.send(t, "GET /echo HTTP/1.0\r\nHost: "+rawHost+"\r\n\r\n")
+	resp, body = rc.read(t, "GET")
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Contains(t, body, "GET /echo ")
+	rc.requireClosed(t)
+}
+
+// A route timeout answers 504 before the response starts, as on the
+// net/http path, and the stream idle timeout is TestStreamIdleTimeout's.
+// Config.NetHTTP1 sends HTTP/1.1 through net/http instead, with the same
+// answers to the tests' requests.
+func TestH1NetHTTPSwitch(t *testing.T) {
+	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t), hosts: hostsOf(echoSvc)}
+	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: func(c *Config) { c.NetHTTP1 = true }})
+	m.b = startPod(t, "b", m.beta, m.hosts, podOptions{xds: m.xds, edit: func(c *Config) { c.NetHTTP1 = true }})
+	m.set(t, "v1", m.onB(echoSvc, ipHTTP))
+	code, reply, body := m.a.get(t, false, "http://echo.demo.svc.clusterset.local/x", nil)
+	require.Equal(t, http.StatusOK, code, body)
+	require.Equal(t, "HTTP/1.1", reply.Proto)
+	m.a.proxy.h1Mu.Lock()
+	require.Empty(t, m.a.proxy.h1Conns)
+	m.a.proxy.h1Mu.Unlock()
+}
