@@ -53,6 +53,7 @@ func TestFederatorCA(t *testing.T) {
 	require.NoError(t, err)
 	require.Contains(t, metrics, "isthmus_ca_certificates_issued_total 1")
 	require.Contains(t, metrics, `isthmus_trust_bundle_roots{trust_domain="a.mesh"} 1`)
+	require.Contains(t, metrics, "isthmus_ca_root_configmap_conflicts 0")
 
 	fetchCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -82,6 +83,19 @@ func TestFederatorCA(t *testing.T) {
 		return err == nil && len(b.X509Authorities()) == 2
 	}, 30*time.Second, 200*time.Millisecond, "the roots ConfigMap carries the new root")
 	require.Equal(t, rootsInSecret(t, kc), publishedRoots(t, kc))
+	// So do the copies in the other namespaces, which workloads mount.
+	for _, ns := range []string{"default", "demo"} {
+		var last string
+		require.Eventually(t, func() bool {
+			cm, err := kc.CoreV1().ConfigMaps(ns).Get(ctx, ca.RootsConfigMapName, metav1.GetOptions{})
+			if err != nil {
+				last = err.Error()
+				return false
+			}
+			last = cm.Data[ca.KeyRootCert]
+			return last == string(rootsInSecret(t, kc)) && cm.Labels["app.kubernetes.io/managed-by"] == "isthmus"
+		}, 30*time.Second, 200*time.Millisecond, "ConfigMap %s/%s carries both roots (last: %s)", ns, ca.RootsConfigMapName, last)
+	}
 
 	out, err = a.Command(ctx, filepath.Join(binDir, "federator"), "ca", "status", "-o", "json", "--kubeconfig", adminKubeconfig).CombinedOutput()
 	require.NoError(t, err, "%s", out)
