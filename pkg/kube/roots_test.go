@@ -2,17 +2,28 @@ package kube
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"fmt"
+	"math/big"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+	kubefake "k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/isthmus-mesh/isthmus/internal/pemutil"
 	"github.com/isthmus-mesh/isthmus/internal/testlog"
@@ -256,4 +267,67 @@ func TestRootsPublisher(t *testing.T) {
 		require.True(t, ok)
 		require.Equal(t, "ours now", cm.Data[ca.KeyRootCert])
 	})
+}
+
+// staticRoots is a RootsSource that never changes.
+type staticRoots struct{ b *x509bundle.Bundle }
+
+func (s staticRoots) Bundle() *x509bundle.Bundle           { return s.b }
+func (s staticRoots) Subscribe() (<-chan struct{}, func()) { return make(chan struct{}), func() {} }
+
+// TestRootsPublisherRateLimited: the writes of many namespaces at once
+// (a start, a rotation) are paced by the token bucket, however many
+// workers there are, so a big cluster's API server sees a trickle. The
+// client-go fake is enough here: what is measured is when the publisher
+// sends, not what the API server does with it.
+func TestRootsPublisherRateLimited(t *testing.T) {
+	const namespaces, qps = 12, 20
+	var objs []runtime.Object
+	for i := range namespaces {
+		objs = append(objs, namespace(fmt.Sprintf("ns-%02d", i)))
+	}
+	kc := kubefake.NewClientset(objs...)
+	var mu sync.Mutex
+	var creates []time.Time
+	kc.PrependReactor("create", "configmaps", func(k8stesting.Action) (bool, runtime.Object, error) {
+		mu.Lock()
+		creates = append(creates, time.Now())
+		mu.Unlock()
+		return false, nil, nil // the tracker stores it
+	})
+	authority := newTestAuthority(t)
+	p, err := NewRootsPublisher(kc, staticRoots{authority}, RootsOptions{Logger: testlog.New(t), QPS: qps, Burst: 1, Workers: 4})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	defer func() {
+		cancel()
+		require.NoError(t, <-done)
+	}()
+	require.Eventually(t, func() bool {
+		list, err := kc.CoreV1().ConfigMaps("").List(t.Context(), metav1.ListOptions{})
+		return err == nil && len(list.Items) == namespaces
+	}, 30*time.Second, 10*time.Millisecond)
+	mu.Lock()
+	defer mu.Unlock()
+	require.Len(t, creates, namespaces)
+	// A bucket of one token refilled qps times a second: the last create
+	// can come no sooner than (n-1)/qps after the first.
+	spread := creates[len(creates)-1].Sub(creates[0])
+	require.GreaterOrEqual(t, spread, time.Duration(namespaces-1)*time.Second/qps*9/10, "creates spread over %s", spread)
+}
+
+// newTestAuthority is a bundle of one self-signed root.
+func newTestAuthority(t *testing.T) *x509bundle.Bundle {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test root"}, IsCA: true,
+		BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	require.NoError(t, err)
+	cert, err := x509.ParseCertificate(der)
+	require.NoError(t, err)
+	return x509bundle.FromX509Authorities(spiffeid.RequireTrustDomainFromString("a.mesh"), []*x509.Certificate{cert})
 }
