@@ -770,23 +770,139 @@ func sidecarBenchCatalogs(tb testing.TB, n int) (*catalog.Snapshot, []*catalog.S
 	return local.Build(), []*catalog.Snapshot{b.Build(), c.Build()}
 }
 
-// BenchmarkTranslateSidecar is the sidecars' translation from scratch,
-// which the federator runs on every change of the local catalog or of a
-// peer's imports. Run with
+// BenchmarkTranslateSidecar is the sidecars' translation, which the
+// federator runs on every change of the local catalog or of a peer's
+// imports: from scratch (full, TranslateSidecar), and by the federator's
+// SidecarTranslator on a change of one local service's endpoints
+// (one-service-change: a pod turns not ready, then ready again) and on
+// a service added or removed (one-service-added: new clusters, chains
+// and virtual hosts, and VIPs that may move). Run with
 //
 //	go test -run '^$' -bench TranslateSidecar -benchmem ./pkg/xds/
 func BenchmarkTranslateSidecar(b *testing.B) {
+	opts := SidecarOptions{Region: "r1"}
 	for _, n := range []int{1000, 10000} {
 		local, peers := sidecarBenchCatalogs(b, n)
-		b.Run(fmt.Sprintf("services=%d", n), func(b *testing.B) {
+		b.Run(fmt.Sprintf("services=%d/full", n), func(b *testing.B) {
 			var r Resources
+			cpu := startCPU()
 			for b.Loop() {
 				var err error
-				if r, _, err = TranslateSidecar(local, peers, SidecarOptions{Region: "r1"}); err != nil {
+				if r, _, err = TranslateSidecar(local, peers, opts); err != nil {
 					b.Fatal(err)
 				}
 			}
+			cpu.report(b)
 			b.ReportMetric(float64(len(r.Clusters)), "clusters")
 		})
+		// Catalogs one service away from local: a pod of service i not
+		// ready, for a few i spread over the catalog.
+		keys := local.Keys()
+		var changes []*catalog.Snapshot
+		for _, i := range []int{0, n / 3, n / 2, n - 1} {
+			svc, _ := local.Get(keys[i])
+			c := svc.Clone()
+			c.Endpoints[0].Addresses[0].Ready = false
+			c.Endpoints[0].Ready, c.Endpoints[0].NotReady = 0, 1
+			bld := local.Builder()
+			require.NoError(b, bld.Put(c))
+			changes = append(changes, bld.Build())
+		}
+		b.Run(fmt.Sprintf("services=%d/one-service-change", n), func(b *testing.B) {
+			tr, err := NewSidecarTranslator(opts)
+			require.NoError(b, err)
+			_, _, err = tr.Translate(local, peers)
+			require.NoError(b, err)
+			i := 0
+			cpu := startCPU()
+			for b.Loop() {
+				// change 0, base, change 1, base, …: every translation
+				// sees one service differ from the one before.
+				snap := local
+				if i%2 == 0 {
+					snap = changes[i/2%len(changes)]
+				}
+				if _, _, err := tr.Translate(snap, peers); err != nil {
+					b.Fatal(err)
+				}
+				i++
+			}
+			cpu.report(b)
+		})
+		b.Run(fmt.Sprintf("services=%d/one-service-added", n), func(b *testing.B) {
+			// A service exported locally and by peer b, with an HTTP
+			// and a TCP port: the port 80 chain, route and explicit
+			// route are made again, and the listener and every cluster
+			// hashed again.
+			bigger, biggerPeers := sidecarBenchCatalogs(b, n+1)
+			svc, _ := bigger.Get(catalog.ServiceKey{Namespace: fmt.Sprintf("ns-%02d", n%10), Name: fmt.Sprintf("svc-%05d", n)})
+			bld := local.Builder()
+			require.NoError(b, bld.Put(*svc))
+			more := bld.Build()
+			imp, ok := biggerPeers[0].Get(svc.Key())
+			require.True(b, ok, "every second service is imported from b")
+			pb := peers[0].Builder()
+			require.NoError(b, pb.Put(*imp))
+			morePeers := []*catalog.Snapshot{pb.Build(), peers[1]}
+			tr, err := NewSidecarTranslator(opts)
+			require.NoError(b, err)
+			_, _, err = tr.Translate(local, peers)
+			require.NoError(b, err)
+			i := 0
+			cpu := startCPU()
+			for b.Loop() {
+				// Added, removed, added, …
+				snap, ps := local, peers
+				if i%2 == 0 {
+					snap, ps = more, morePeers
+				}
+				if _, _, err := tr.Translate(snap, ps); err != nil {
+					b.Fatal(err)
+				}
+				i++
+			}
+			cpu.report(b)
+		})
+	}
+}
+
+// BenchmarkSidecarRetained reports the heap the federator keeps for the
+// sidecars' configuration of a catalog: its SidecarTranslator (whose
+// last result is the Resources served) and the go-control-plane
+// snapshot; and, for comparison, TranslateSidecar's Resources with
+// their snapshot, which is what it kept before.
+func BenchmarkSidecarRetained(b *testing.B) {
+	for _, n := range []int{1000, 10000} {
+		local, peers := sidecarBenchCatalogs(b, n)
+		for _, incremental := range []bool{false, true} {
+			name := "full"
+			if incremental {
+				name = "translator"
+			}
+			b.Run(fmt.Sprintf("services=%d/%s", n, name), func(b *testing.B) {
+				var mb float64
+				for b.Loop() {
+					mb = retainedMB(func() any {
+						var kept any
+						var res Resources
+						var err error
+						if incremental {
+							tr, terr := NewSidecarTranslator(SidecarOptions{Region: "r1"})
+							require.NoError(b, terr)
+							res, _, err = tr.Translate(local, peers)
+							kept = tr
+						} else {
+							res, _, err = TranslateSidecar(local, peers, SidecarOptions{Region: "r1"})
+							kept = res
+						}
+						require.NoError(b, err)
+						s, err := res.Snapshot()
+						require.NoError(b, err)
+						return []any{kept, s}
+					})
+				}
+				b.ReportMetric(mb, "retained-MB")
+			})
+		}
 	}
 }
