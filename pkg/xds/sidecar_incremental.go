@@ -293,7 +293,8 @@ func (o outboundShell) listener(chains []*listenerv3.FilterChain) *listenerv3.Li
 
 // Translate is TranslateSidecar(local, peers, opts) for the translator's
 // opts. When it fails, the translator keeps what it had, and the error
-// is TranslateSidecar's. The Skipped list is shared and must not be
+// is the one TranslateSidecar gives (when several resources are bad, it
+// may name another of them). The Skipped list is shared and must not be
 // modified.
 func (t *SidecarTranslator) Translate(local *catalog.Snapshot, peers []*catalog.Snapshot) (Resources, []Skipped, error) {
 	now, err := sourcesOf(local, peers)
