@@ -247,6 +247,18 @@ func (w *wbuf) write(p []byte) error {
 	return nil
 }
 
+// int writes v in base (10, or 16 for chunk sizes), formatted in place:
+// a stack buffer would escape through the connection's Write.
+func (w *wbuf) int(v int64, base int) error {
+	if cap(w.b)-len(w.b) < 20 {
+		if err := w.flush(); err != nil {
+			return err
+		}
+	}
+	w.b = strconv.AppendInt(w.b, v, base)
+	return nil
+}
+
 func (w *wbuf) str(s string) error {
 	return w.write(unsafe.Slice(unsafe.StringData(s), len(s)))
 }
@@ -281,7 +293,6 @@ func copyN(dst *wbuf, src *bufReader, n int64) (int64, error) {
 // fields checked and passed on. It returns the data bytes copied.
 func copyChunked(dst *wbuf, src *bufReader) (int64, error) {
 	var total int64
-	var hex [20]byte
 	for {
 		line, err := src.line(dst.flush)
 		if err != nil {
@@ -314,9 +325,10 @@ func copyChunked(dst *wbuf, src *bufReader) (int64, error) {
 				}
 			}
 		}
-		h := strconv.AppendInt(hex[:0], size, 16)
-		h = append(h, '\r', '\n')
-		if err := dst.write(h); err != nil {
+		if err := dst.int(size, 16); err != nil {
+			return total, writeErr{err}
+		}
+		if err := dst.str("\r\n"); err != nil {
 			return total, writeErr{err}
 		}
 		n, err := copyN(dst, src, size)
@@ -341,7 +353,6 @@ func copyChunked(dst *wbuf, src *bufReader) (int64, error) {
 // for the downstream.
 func copyToClose(dst *wbuf, src *bufReader) (int64, error) {
 	var total int64
-	var hex [20]byte
 	for {
 		if src.r == src.w {
 			if err := dst.flush(); err != nil {
@@ -358,9 +369,10 @@ func copyToClose(dst *wbuf, src *bufReader) (int64, error) {
 			}
 		}
 		b := src.buffered()
-		h := strconv.AppendInt(hex[:0], int64(len(b)), 16)
-		h = append(h, '\r', '\n')
-		if err := dst.write(h); err != nil {
+		if err := dst.int(int64(len(b)), 16); err != nil {
+			return total, writeErr{err}
+		}
+		if err := dst.str("\r\n"); err != nil {
 			return total, writeErr{err}
 		}
 		if err := dst.write(b); err != nil {
@@ -401,9 +413,9 @@ type h1Conn struct {
 	// cluster look none up.
 	reqCluster string
 	reqCode    int
-	reqOpt     metric.AddOption
+	reqOpt     []metric.AddOption // one option: passed on as it is, no slice made per call
 	bytesOf    string
-	bytesOpt   metric.AddOption
+	bytesOpt   []metric.AddOption
 	// reqIsHead: the request in flight is a HEAD, whose response has no
 	// body whatever its framing says.
 	reqIsHead bool
@@ -790,9 +802,8 @@ func (hc *h1Conn) sendRequest(up *h1Up, head []byte) (int64, error) {
 	case h.chunked:
 		_ = w.str("Transfer-Encoding: chunked\r\n\r\n")
 	case h.contentLength >= 0:
-		var n [20]byte
 		_ = w.str("Content-Length: ")
-		_ = w.write(strconv.AppendInt(n[:0], h.contentLength, 10))
+		_ = w.int(h.contentLength, 10)
 		err = w.str("\r\n\r\n")
 	default:
 		err = w.str("\r\n")
@@ -902,9 +913,8 @@ func (hc *h1Conn) writeResponse(up *h1Up, cluster string, headLen int, received 
 	case rh.chunked, toClose:
 		_ = w.str("Transfer-Encoding: chunked\r\n")
 	default:
-		var n [20]byte
 		_ = w.str("Content-Length: ")
-		_ = w.write(strconv.AppendInt(n[:0], rh.contentLength, 10))
+		_ = w.int(rh.contentLength, 10)
 		_ = w.str("\r\n")
 	}
 	if !downKeep {
@@ -980,13 +990,12 @@ func (hc *h1Conn) answerError(cluster string, err error) {
 // writeError writes a plain-text response; close adds Connection: close.
 func (hc *h1Conn) writeError(code int, body string, close bool) {
 	w := &hc.out
-	var n [20]byte
 	_ = w.str("HTTP/1.1 ")
-	_ = w.write(strconv.AppendInt(n[:0], int64(code), 10))
+	_ = w.int(int64(code), 10)
 	_ = w.str(" ")
 	_ = w.str(http.StatusText(code))
 	_ = w.str("\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nContent-Length: ")
-	_ = w.write(strconv.AppendInt(n[:0], int64(len(body)), 10))
+	_ = w.int(int64(len(body)), 10)
 	if close || hc.p.draining.Load() {
 		_ = w.str("\r\nConnection: close")
 	}
@@ -1001,9 +1010,9 @@ func (hc *h1Conn) count(cluster string, code int) {
 	m := hc.p.metrics
 	if hc.reqOpt == nil || hc.reqCluster != cluster || hc.reqCode != code {
 		hc.reqCluster, hc.reqCode = cluster, code
-		hc.reqOpt = m.attr(attrKey{kind: kindRequest, listener: hc.info.listener, cluster: cluster, code: code})
+		hc.reqOpt = []metric.AddOption{m.attr(attrKey{kind: kindRequest, listener: hc.info.listener, cluster: cluster, code: code})}
 	}
-	m.requests.Add(context.Background(), 1, hc.reqOpt)
+	m.requests.Add(context.Background(), 1, hc.reqOpt...)
 }
 
 // countBytes records a request's body bytes each way.
@@ -1014,13 +1023,13 @@ func (hc *h1Conn) countBytes(cluster string, received, sent int64) {
 	m := hc.p.metrics
 	if hc.bytesOpt == nil || hc.bytesOf != cluster {
 		hc.bytesOf = cluster
-		hc.bytesOpt = m.attr(attrKey{kind: kindBytes, listener: hc.info.listener, cluster: cluster})
+		hc.bytesOpt = []metric.AddOption{m.attr(attrKey{kind: kindBytes, listener: hc.info.listener, cluster: cluster})}
 	}
 	if received > 0 {
-		m.received.Add(context.Background(), received, hc.bytesOpt)
+		m.received.Add(context.Background(), received, hc.bytesOpt...)
 	}
 	if sent > 0 {
-		m.sent.Add(context.Background(), sent, hc.bytesOpt)
+		m.sent.Add(context.Background(), sent, hc.bytesOpt...)
 	}
 }
 
