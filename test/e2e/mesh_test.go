@@ -17,6 +17,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/isthmus-mesh/isthmus/pkg/xds"
 	"github.com/isthmus-mesh/isthmus/test/mesh"
 )
 
@@ -226,6 +228,149 @@ func TestMesh(t *testing.T) {
 		require.NoError(t, a.WaitReadyEndpoints(ctx, "demo", "echo", 1, meshWait))
 		answeredBy(t, clientB, "a", echoA[0], callerB)
 	})
+
+	t.Run("b's federator restarts while a's is down and b's client calls: no call fails", func(t *testing.T) {
+		callsAcrossFederatorRestart(t, b, clientB, a)
+	})
+}
+
+// callsAcrossFederatorRestart restarts c's federator while client, a pod
+// of c, calls echo by its clusterset name over and over, and answerer's
+// federator is down: answerer's gateway and pods keep serving, so the
+// calls can go on, but c's new federator cannot learn answerer's exports
+// until answerer's federator is back. Its sidecars must be served nothing
+// meanwhile (--peer-sync-timeout, 30s by default), so that they keep the
+// configuration they had: served what c's federator knows, they would
+// lose answerer's endpoints (fail over to another exporter, or fail). No
+// call may fail, and answerer answers every one with client's identity.
+func callsAcrossFederatorRestart(t *testing.T, c *mesh.Cluster, client *mesh.Pod, answerer *mesh.Cluster) {
+	ctx := t.Context()
+	caller := client.SPIFFEID()
+	callOK(t, client, mesh.Call{Proto: "http1", Target: echoHost + ":80"})
+
+	type outcome struct {
+		at    time.Time
+		reply mesh.Reply
+		err   error
+	}
+	var (
+		mu       sync.Mutex
+		outcomes []outcome
+	)
+	count := func() (ok, failed int) {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, o := range outcomes {
+			if o.err != nil {
+				failed++
+			} else {
+				ok++
+			}
+		}
+		return ok, failed
+	}
+	callCtx, stopCalls := context.WithCancel(ctx)
+	var calls errgroup.Group
+	calls.Go(func() error {
+		for callCtx.Err() == nil {
+			replies, err := client.Call(callCtx, mesh.Call{Proto: "http1", Target: echoHost + ":80", Timeout: 5 * time.Second})
+			if callCtx.Err() != nil {
+				return nil // ended by stopCalls, not by the mesh
+			}
+			o := outcome{at: time.Now(), err: err}
+			if err == nil {
+				o.reply = replies[0]
+			}
+			mu.Lock()
+			outcomes = append(outcomes, o)
+			mu.Unlock()
+		}
+		return nil
+	})
+	defer func() {
+		stopCalls()
+		_ = calls.Wait()
+	}()
+	waitCalls := func(what string, n int) {
+		t.Helper()
+		start, _ := count()
+		require.NoError(t, mesh.Poll(ctx, meshWait, what, func(context.Context) (bool, string) {
+			ok, failed := count()
+			return ok >= start+n, fmt.Sprintf("%d calls answered, %d failed", ok, failed)
+		}))
+	}
+	waitCalls("calls before the restart", 2)
+	before, err := c.Federator.XDS(ctx)
+	require.NoError(t, err)
+	require.NotEmpty(t, before.Sidecar.Version)
+
+	require.NoError(t, answerer.StopFederator())
+	stopped := time.Now()
+	require.NoError(t, c.RestartFederator(ctx))
+	ready := time.Now()
+
+	// The client's sidecar redials the new federator, which serves it
+	// nothing while answerer is away; the calls go on.
+	node := "sidecar~" + client.W.IP.String() + "~" + client.Name() + "."
+	require.NoError(t, mesh.Poll(ctx, meshWait, "the client's sidecar on the restarted federator, served nothing", func(ctx context.Context) (bool, string) {
+		st, err := c.Federator.XDS(ctx)
+		if err != nil {
+			return false, err.Error()
+		}
+		for _, p := range st.Proxies {
+			if strings.HasPrefix(p.Node, node) {
+				return true, ""
+			}
+		}
+		return false, fmt.Sprintf("no stream from %s; sidecars waiting until %v", node, st.Sidecar.WaitingForPeersUntil)
+	}))
+	waitCalls("calls while "+answerer.Name()+"'s federator is down", 3)
+	st, err := c.Federator.XDS(ctx)
+	require.NoError(t, err)
+	require.False(t, st.Sidecar.WaitingForPeersUntil.IsZero(), "the sidecars no longer wait for %s", answerer.Name())
+	require.Empty(t, st.Sidecar.Version, "the sidecars were served without %s's imports", answerer.Name())
+	require.NotEmpty(t, st.Gateway.Version, "the gateway was served nothing: it must not wait for the peers")
+
+	require.NoError(t, answerer.StartFederator(ctx))
+	// Served once every peer resent its exports, answerer's included.
+	var served xds.Status
+	require.NoError(t, mesh.Poll(ctx, meshWait, "the restarted federator serves its sidecars", func(ctx context.Context) (bool, string) {
+		st, err := c.Federator.XDS(ctx)
+		if err != nil {
+			return false, err.Error()
+		}
+		served = st
+		return st.Sidecar.Version != "" && st.Sidecar.WaitingForPeersUntil.IsZero(),
+			fmt.Sprintf("sidecar version %q, waiting until %v", st.Sidecar.Version, st.Sidecar.WaitingForPeersUntil)
+	}))
+	servedAt := time.Now()
+	assert.Contains(t, served.Sidecar.Imports, answerer.Name(), "served with %s's imports", answerer.Name())
+	metrics, err := c.Federator.Metrics(ctx)
+	require.NoError(t, err)
+	assert.Zero(t, mesh.MetricSum(metrics, "isthmus_xds_peer_sync_timeouts"), "the sidecars' wait ended on the bound, not on the peers")
+	// Its first configuration is the one the sidecars held: same content,
+	// same version, so nothing is even pushed to them.
+	assert.Equal(t, before.Sidecar.Version, served.Sidecar.Version, "the restarted federator's first sidecar configuration differs from the one before")
+	waitCalls("calls after the sidecars are served", 3)
+	stopCalls()
+	require.NoError(t, calls.Wait())
+
+	mu.Lock()
+	defer mu.Unlock()
+	during := 0
+	for _, o := range outcomes {
+		if o.at.After(stopped) && o.at.Before(servedAt) {
+			during++
+		}
+		at := func(t time.Time) string { return t.Format(time.TimeOnly + ".000") }
+		if assert.NoError(t, o.err, "call at %s (restart at %s, federator ready at %s, sidecars served at %s)",
+			at(o.at), at(stopped), at(ready), at(servedAt)) {
+			assert.Equal(t, answerer.Name(), o.reply.Cluster, "call at %s: answered by another cluster", at(o.at))
+			assert.Equal(t, caller, o.reply.CallerIdentity)
+		}
+	}
+	t.Logf("%d calls, %d of them between the restart and the sidecars being served (%s, of which %s until c's federator was ready)",
+		len(outcomes), during, servedAt.Sub(stopped).Round(time.Millisecond), ready.Sub(stopped).Round(time.Millisecond))
 }
 
 // ServiceHTTP is the gateway cluster of echo's HTTP port.

@@ -303,14 +303,50 @@ func (c *Cluster) start(ctx context.Context) error {
 		return err
 	}
 	bin := c.mesh.opts.BinDir
-	args := append([]string{"--region", c.Region}, c.mesh.opts.FederatorArgs...)
-	if c.Federator, err = fedproc.Start(ctx, c.K, bin, args...); err != nil {
+	if c.Federator, err = fedproc.Start(ctx, c.K, bin, c.federatorArgs()...); err != nil {
 		return err
 	}
 	if c.Gateway, err = fedproc.StartGateway(ctx, c.Federator, bin, c.mesh.opts.GatewayArgs...); err != nil {
 		return err
 	}
 	return nil
+}
+
+// federatorArgs are the flags of c's federator besides fedproc's.
+func (c *Cluster) federatorArgs() []string {
+	return append([]string{"--region", c.Region}, c.mesh.opts.FederatorArgs...)
+}
+
+// StopFederator stops c's federator as a rollout would (SIGTERM, then
+// SIGKILL after ten seconds); the gateway and the pods stay up, with the
+// configuration they hold.
+func (c *Cluster) StopFederator() error {
+	if err := c.Federator.Stop(10 * time.Second); err != nil {
+		return fmt.Errorf("cluster %s: stop the federator: %w", c.Name(), err)
+	}
+	return nil
+}
+
+// StartFederator starts c's federator again after StopFederator, with the
+// same flags; it knows only what the API server holds, and the gateway's
+// and the pods' xDS clients redial it. It returns once the federator is
+// ready (its catalog built), not once its peers resynced. Nothing else may
+// use c.Federator meanwhile.
+func (c *Cluster) StartFederator(ctx context.Context) error {
+	f, err := fedproc.Start(ctx, c.K, c.mesh.opts.BinDir, c.federatorArgs()...)
+	if err != nil {
+		return fmt.Errorf("cluster %s: start the federator again: %w", c.Name(), err)
+	}
+	c.Federator = f
+	return nil
+}
+
+// RestartFederator is StopFederator, then StartFederator.
+func (c *Cluster) RestartFederator(ctx context.Context) error {
+	if err := c.StopFederator(); err != nil {
+		return err
+	}
+	return c.StartFederator(ctx)
 }
 
 // GatewayPort is the east-west gateway's port, the only one pods reach on
