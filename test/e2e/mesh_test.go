@@ -118,34 +118,7 @@ func TestMesh(t *testing.T) {
 	})
 
 	t.Run("HTTP/1.1, HTTP/2, gRPC and TCP cross from b to a with b's identity", func(t *testing.T) {
-		before := gatewayRouted(t, a, ServiceHTTP)
-		captured := sidecarOutbound(t, clientB)
-		for _, tc := range []struct {
-			proto, port, seen string
-			identity          bool
-		}{
-			{"http1", "80", "HTTP/1.1", true},
-			{"h2c", "80", "HTTP/2.0", true},
-			{"grpc", "9090", "grpc", true},
-			{"tcp", "9000", "tcp", false},
-		} {
-			t.Run(tc.proto, func(t *testing.T) {
-				r := callOK(t, clientB, mesh.Call{Proto: tc.proto, Target: net.JoinHostPort(echoHost, tc.port)})
-				t.Logf("%s: %+v", tc.proto, r)
-				assert.Equal(t, "a", r.Cluster, "answered by cluster a, b's region")
-				assert.Equal(t, echoA[0].Name(), r.Pod)
-				assert.Equal(t, tc.seen, r.Proto)
-				// The app hears from its own sidecar on loopback.
-				assert.True(t, strings.HasPrefix(r.Remote, "127.0.0.1:"), "remote %s", r.Remote)
-				if tc.identity {
-					assert.Equal(t, callerB, r.CallerIdentity, "the caller's identity as a's sidecar verified it")
-					assert.Contains(t, r.XFCC, "By="+echoAID+";")
-					assert.Empty(t, r.XFCCError)
-				}
-			})
-		}
-		assert.Greater(t, gatewayRouted(t, a, ServiceHTTP), before, "the HTTP calls went through a's east-west gateway")
-		assert.GreaterOrEqual(t, sidecarOutbound(t, clientB), captured+4, "iptables sent the app's four connections to b's sidecar")
+		crossesWithIdentity(t, clientB, a, echoA[0])
 	})
 
 	t.Run("the same call inside a stays in a", func(t *testing.T) {
@@ -371,6 +344,44 @@ func callsAcrossFederatorRestart(t *testing.T, c *mesh.Cluster, client *mesh.Pod
 	}
 	t.Logf("%d calls, %d of them between the restart and the sidecars being served (%s, of which %s until c's federator was ready)",
 		len(outcomes), during, servedAt.Sub(stopped).Round(time.Millisecond), ready.Sub(stopped).Round(time.Millisecond))
+}
+
+// crossesWithIdentity calls echo by its clusterset name from client over
+// HTTP/1.1, h2c, gRPC and raw TCP, and checks that each call is answered
+// by pod echo of cluster to, through to's east-west gateway, with client's
+// identity as echo's sidecar verified it, and that iptables sent client's
+// four connections to its sidecar.
+func crossesWithIdentity(t *testing.T, client *mesh.Pod, to *mesh.Cluster, echo *mesh.Pod) {
+	t.Helper()
+	caller, echoID := client.SPIFFEID(), echo.SPIFFEID()
+	before := gatewayRouted(t, to, ServiceHTTP)
+	captured := sidecarOutbound(t, client)
+	for _, tc := range []struct {
+		proto, port, seen string
+		identity          bool
+	}{
+		{"http1", "80", "HTTP/1.1", true},
+		{"h2c", "80", "HTTP/2.0", true},
+		{"grpc", "9090", "grpc", true},
+		{"tcp", "9000", "tcp", false},
+	} {
+		t.Run(tc.proto, func(t *testing.T) {
+			r := callOK(t, client, mesh.Call{Proto: tc.proto, Target: net.JoinHostPort(echoHost, tc.port)})
+			t.Logf("%s: %+v", tc.proto, r)
+			assert.Equal(t, to.Name(), r.Cluster, "answered by cluster %s", to.Name())
+			assert.Equal(t, echo.Name(), r.Pod)
+			assert.Equal(t, tc.seen, r.Proto)
+			// The app hears from its own sidecar on loopback.
+			assert.True(t, strings.HasPrefix(r.Remote, "127.0.0.1:"), "remote %s", r.Remote)
+			if tc.identity {
+				assert.Equal(t, caller, r.CallerIdentity, "the caller's identity as %s's sidecar verified it", to.Name())
+				assert.Contains(t, r.XFCC, "By="+echoID+";")
+				assert.Empty(t, r.XFCCError)
+			}
+		})
+	}
+	assert.Greater(t, gatewayRouted(t, to, ServiceHTTP), before, "the HTTP calls went through %s's east-west gateway", to.Name())
+	assert.GreaterOrEqual(t, sidecarOutbound(t, client), captured+4, "iptables sent the app's four connections to %s's sidecar", client.Cluster.Name())
 }
 
 // ServiceHTTP is the gateway cluster of echo's HTTP port.

@@ -253,6 +253,26 @@ func (c *Cluster) Export(ctx context.Context, ns, name string, ready int) error 
 	return c.WaitReadyEndpoints(ctx, ns, name, ready, time.Minute)
 }
 
+// Unexport deletes the ServiceExport of ns/name and waits, at most a
+// minute, until the federator's catalog no longer holds the service.
+func (c *Cluster) Unexport(ctx context.Context, ns, name string) error {
+	err := c.MCS.MulticlusterV1alpha1().ServiceExports(ns).Delete(ctx, name, metav1.DeleteOptions{})
+	if err != nil {
+		return fmt.Errorf("cluster %s: delete ServiceExport %s/%s: %w", c.Name(), ns, name, err)
+	}
+	return Poll(ctx, time.Minute, fmt.Sprintf("cluster %s: %s/%s gone from the federator's catalog", c.Name(), ns, name),
+		func(ctx context.Context) (bool, string) {
+			d, err := c.Federator.Catalog(ctx)
+			if err != nil {
+				return false, err.Error()
+			}
+			if s, ok := fedproc.LocalService(d, ns, name); ok {
+				return false, fmt.Sprintf("still there, %d ready endpoints", s.ReadyEndpoints())
+			}
+			return true, ""
+		})
+}
+
 // WaitReadyEndpoints waits, at most bound, until the federator's local
 // catalog holds ns/name with exactly ready ready endpoints.
 func (c *Cluster) WaitReadyEndpoints(ctx context.Context, ns, name string, ready int, bound time.Duration) error {
