@@ -9,7 +9,9 @@ import (
 )
 
 func TestRoutesUpdate(t *testing.T) {
-	ep := func(i int) netip.AddrPort { return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 0, byte(i)}), 8080) }
+	ep := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, 0, byte(i)}), 8080)
+	}
 	sni := func(i int) string { return fmt.Sprintf("outbound_.80_._.svc-%d.demo.svc.cluster.local", i) }
 	var all []Route
 	for i := range 4 {
