@@ -66,6 +66,8 @@ func newRunCommand() *cobra.Command {
 	fl.StringVar(&cfg.Kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "path to a kubeconfig; empty means in-cluster configuration")
 	fl.Float32Var(&cfg.KubeAPIQPS, "kube-api-qps", cfg.KubeAPIQPS, "requests per second to the API server (client-side limit)")
 	fl.IntVar(&cfg.KubeAPIBurst, "kube-api-burst", cfg.KubeAPIBurst, "burst of requests to the API server")
+	fl.Float32Var(&cfg.ImportWriteQPS, "import-write-qps", cfg.ImportWriteQPS, "requests per second for writing imported services as ServiceEntries and ServiceImports (3 per new service)")
+	fl.IntVar(&cfg.ImportWriteBurst, "import-write-burst", cfg.ImportWriteBurst, "burst of those writes")
 	fl.StringVar(&cfg.MonitoringAddr, "monitoring-addr", cfg.MonitoringAddr, "address for /healthz, /readyz, /metrics and /debug/catalog")
 	fl.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", cfg.ShutdownTimeout, "bound on graceful shutdown")
 	fl.StringVar(&cfg.TrustDomain, "trust-domain", cfg.TrustDomain, "SPIFFE trust domain of this cluster (default <cluster-name>.mesh)")

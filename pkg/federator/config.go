@@ -53,6 +53,14 @@ type Config struct {
 	// API server (a client-side token bucket).
 	KubeAPIQPS   float32
 	KubeAPIBurst int
+	// ImportWriteQPS and ImportWriteBurst bound the writes of imported
+	// services as ServiceEntries and ServiceImports (a token bucket of
+	// its own, within KubeAPIQPS). A new imported service costs three
+	// requests, so the default 20/s writes about 7 services a second;
+	// the in-memory catalog, which Isthmus's own proxies route by, does
+	// not wait for it.
+	ImportWriteQPS   float32
+	ImportWriteBurst int
 	// MonitoringAddr is where /healthz, /readyz, /metrics and /debug/ are
 	// served (host:port); Istio's convention is :15014.
 	MonitoringAddr string
@@ -130,6 +138,8 @@ func DefaultConfig() Config {
 		MonitoringAddr:      ":15014",
 		KubeAPIQPS:          50,
 		KubeAPIBurst:        100,
+		ImportWriteQPS:      20,
+		ImportWriteBurst:    40,
 		ShutdownTimeout:     10 * time.Second,
 		Namespace:           "isthmus-system",
 		ServiceAccount:      "isthmus-federator",
@@ -223,6 +233,9 @@ func (c Config) Validate() error {
 	}
 	if c.KubeAPIQPS <= 0 || c.KubeAPIBurst <= 0 {
 		errs = append(errs, fmt.Errorf("--kube-api-qps %g and --kube-api-burst %d must be positive", c.KubeAPIQPS, c.KubeAPIBurst))
+	}
+	if c.ImportWriteQPS <= 0 || c.ImportWriteBurst <= 0 {
+		errs = append(errs, fmt.Errorf("--import-write-qps %g and --import-write-burst %d must be positive", c.ImportWriteQPS, c.ImportWriteBurst))
 	}
 	if c.ShutdownTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--shutdown-timeout %s must be positive", c.ShutdownTimeout))

@@ -34,6 +34,7 @@ func TestConfigValidate(t *testing.T) {
 	bad.GatewayFederationUpstream = "federator"
 	bad.Region = "eu west"
 	bad.PeerSyncTimeout = 0
+	bad.ImportWriteQPS = 0
 	err := bad.Validate()
 	// Every problem is named at once.
 	for _, want := range []string{
@@ -48,6 +49,7 @@ func TestConfigValidate(t *testing.T) {
 		`--gateway-federation-upstream: address "federator"`,
 		`--region "eu west" is not a label value`,
 		"--peer-sync-timeout 0s must be positive",
+		"--import-write-qps 0 and --import-write-burst 40 must be positive",
 	} {
 		require.ErrorContains(t, err, want)
 	}

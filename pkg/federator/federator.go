@@ -108,6 +108,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 	}
 	f.imports, err = kube.NewImportWriter(kubeClient, istio, mcs, f.store, kube.ImportOptions{
 		ClusterName: cfg.ClusterName, Logger: log,
+		QPS: cfg.ImportWriteQPS, Burst: cfg.ImportWriteBurst,
 		Synced: func() bool { return f.federation.Synced() },
 	})
 	if err != nil {
