@@ -14,6 +14,7 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tlsinspectorv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -166,6 +167,7 @@ type edsParts struct {
 	typ     *clusterv3.Cluster_Type
 	config  *clusterv3.Cluster_EdsClusterConfig
 	timeout *durationpb.Duration
+	lb      *clusterv3.Cluster_CommonLbConfig
 }
 
 func newEDSParts() edsParts {
@@ -176,7 +178,17 @@ func newEDSParts() edsParts {
 			ResourceApiVersion:    corev3.ApiVersion_V3,
 		}},
 		timeout: durationpb.New(connectTimeout),
+		lb:      noPanic(),
 	}
+}
+
+// noPanic is a cluster's load balancing with Envoy's panic mode off
+// (healthy_panic_threshold 0%). Envoy's default of 50% sends traffic to
+// every endpoint, unready pods included, once fewer than half are
+// healthy; the Go gateway never picks an UNHEALTHY endpoint, and a stock
+// Envoy fed the same clusters must not either.
+func noPanic() *clusterv3.Cluster_CommonLbConfig {
+	return &clusterv3.Cluster_CommonLbConfig{HealthyPanicThreshold: &typev3.Percent{Value: 0}}
 }
 
 // edsCluster is a service cluster with parts of its own.
@@ -190,6 +202,7 @@ func (p edsParts) cluster(name string) *clusterv3.Cluster {
 		EdsClusterConfig:     p.config,
 		ConnectTimeout:       p.timeout,
 		LbPolicy:             clusterv3.Cluster_ROUND_ROBIN,
+		CommonLbConfig:       p.lb,
 	}
 }
 
@@ -214,6 +227,7 @@ func federationCluster(upstream string) (*clusterv3.Cluster, error) {
 		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: typ},
 		ConnectTimeout:       durationpb.New(connectTimeout),
 		LbPolicy:             clusterv3.Cluster_ROUND_ROBIN,
+		CommonLbConfig:       noPanic(),
 		LoadAssignment: &endpointv3.ClusterLoadAssignment{
 			ClusterName: FederationClusterName,
 			Endpoints: []*endpointv3.LocalityLbEndpoints{{

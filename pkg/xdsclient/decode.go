@@ -292,6 +292,9 @@ func decodeCluster(m *clusterv3.Cluster) (Cluster, error) {
 		}
 		c.ConnectTimeout = d
 	}
+	if cl := m.GetCommonLbConfig(); cl != nil {
+		errs = append(errs, within("common_lb_config", decodeNoPanic(cl)))
+	}
 	switch c.Type {
 	case EDS:
 		eds := m.GetEdsClusterConfig()
@@ -323,6 +326,24 @@ func decodeCluster(m *clusterv3.Cluster) (Cluster, error) {
 		return Cluster{}, err
 	}
 	return c, pgv(m)
+}
+
+// decodeNoPanic accepts only healthy_panic_threshold {value: 0}: the
+// gateway never routes to an unhealthy endpoint, which is Envoy's panic
+// mode turned off; any other threshold asks for routing it never does.
+// The whole common_lb_config may be absent (federators before
+// docs/gateway-xds.md named it sent none), and means the same to it.
+func decodeNoPanic(cl *clusterv3.Cluster_CommonLbConfig) error {
+	errs := []error{commonLbFields.check(cl)}
+	switch pt := cl.GetHealthyPanicThreshold(); {
+	case pt == nil:
+		errs = append(errs, fieldErr("healthy_panic_threshold", "is missing: Envoy's default of 50% routes to unhealthy endpoints in panic, which the gateway never does (want {value: 0})"))
+	case percentFields.check(pt) != nil:
+		errs = append(errs, within("healthy_panic_threshold", percentFields.check(pt)))
+	case pt.GetValue() != 0:
+		errs = append(errs, fieldErr("healthy_panic_threshold.value", fmt.Sprintf("%v is not supported (0: the gateway never routes to unhealthy endpoints)", pt.GetValue())))
+	}
+	return errors.Join(errs...)
 }
 
 // decodeEDSConfig accepts only eds_config { ads {} }: endpoints come over

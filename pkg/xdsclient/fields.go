@@ -12,6 +12,7 @@ import (
 	tlsinspectorv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 )
@@ -31,7 +32,9 @@ var (
 	tcpProxyFields       = allow[*tcpproxyv3.TcpProxy]("stat_prefix", "cluster", "idle_timeout",
 		"weighted_clusters") // weighted_clusters gets its own message
 	clusterFields = allow[*clusterv3.Cluster]("name", "type", "eds_cluster_config", "connect_timeout",
-		"lb_policy", "load_assignment")
+		"lb_policy", "load_assignment", "common_lb_config")
+	commonLbFields     = allow[*clusterv3.Cluster_CommonLbConfig]("healthy_panic_threshold")
+	percentFields      = allow[*typev3.Percent]("value")
 	edsClusterFields   = allow[*clusterv3.Cluster_EdsClusterConfig]("eds_config", "service_name")
 	configSourceFields = allow[*corev3.ConfigSource]("ads", "resource_api_version")
 	adsFields          = allow[*corev3.AggregatedConfigSource]()
