@@ -22,6 +22,17 @@
 //	    ├─ istio-http/1.1, istio-h2: HTTP (codec by the bytes), XFCC set ──► 127.0.0.1:<port> (HTTP/1.1 or h2c)
 //	    └─ anything else: bytes ──► 127.0.0.1:<port>
 //
+// HTTP/1.1 is served on the connection's own goroutine by the sidecar's
+// codec (h1.go, h1parse.go): the head parsed strictly where it was read
+// (a malformed or smuggling head is answered 400, 431 or 501 and the
+// connection closed), routed, written with its body to a pooled
+// keep-alive upstream connection, the response streamed back; requests
+// on a connection are answered in order, pipelined ones too, and a
+// request body is sent before the response is read, as nginx does.
+// HTTP/2 prior knowledge, HTTP/1.0, CONNECT, Upgrade and Expect go to
+// the net/http server with the bytes already read, as does everything
+// with Config.NetHTTP1.
+//
 // An HTTP request is routed by its authority (Host, :authority, or the
 // host of an absolute-form target when the app uses the sidecar as its
 // HTTP proxy) to the virtual host listing it, else "*", else 404 with a

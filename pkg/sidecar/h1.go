@@ -1061,6 +1061,10 @@ func (p *Proxy) h1CutAll() int {
 	return len(p.h1Conns)
 }
 
+// h1PeekAfter is how long a pooled connection sits idle before it is
+// checked for a close by its peer when taken (closedWhileIdle).
+const h1PeekAfter = 500 * time.Millisecond
+
 // h1Up is a pooled upstream HTTP/1.1 connection with its buffers.
 type h1Up struct {
 	pool *pool
@@ -1097,18 +1101,28 @@ func (u *h1Up) close() {
 // new), dialed within the cluster's connect timeout and the route's
 // deadline.
 func (pl *pool) h1Get(ep netip.AddrPort, fresh bool, tm *timing) (*h1Up, error) {
-	if !fresh {
+	for !fresh {
 		pl.h1mu.Lock()
-		if idle := pl.h1idle[ep]; len(idle) > 0 {
-			u := idle[len(idle)-1]
-			idle[len(idle)-1] = nil
-			pl.h1idle[ep] = idle[:len(idle)-1]
-			u.idle = false
+		idle := pl.h1idle[ep]
+		if len(idle) == 0 {
 			pl.h1mu.Unlock()
-			u.reused = true
-			return u, nil
+			break
 		}
+		u := idle[len(idle)-1]
+		idle[len(idle)-1] = nil
+		pl.h1idle[ep] = idle[:len(idle)-1]
+		u.idle = false
+		idleFor := time.Since(u.idleAt)
 		pl.h1mu.Unlock()
+		// A connection used a moment ago is taken as it is: an app
+		// closes idle connections after seconds (Node.js after 5), and
+		// the peek costs a system call per request.
+		if idleFor >= h1PeekAfter && closedWhileIdle(u.c) {
+			u.close()
+			continue
+		}
+		u.reused = true
+		return u, nil
 	}
 	ctx := context.Background()
 	if !tm.route.IsZero() {

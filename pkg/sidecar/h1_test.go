@@ -108,6 +108,12 @@ func (b *rawBackend) serve(c net.Conn, id int64) {
 			resp = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n5;ext\r\nhello\r\n0\r\nX-Sum: 5\r\n\r\n"
 		case req.URL.Path == "/early-hints":
 			resp = "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+		case req.URL.Path == "/idle-close":
+			// As an app with a short keep-alive timeout: answered with
+			// keep-alive, then closed while idle.
+			_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+			time.Sleep(50 * time.Millisecond)
+			return
 		case req.URL.Path == "/to-close":
 			_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\n\r\nuntil the end")
 			return
@@ -398,4 +404,21 @@ func TestH1NetHTTPSwitch(t *testing.T) {
 	m.a.proxy.h1Mu.Lock()
 	require.Empty(t, m.a.proxy.h1Conns)
 	m.a.proxy.h1Mu.Unlock()
+}
+
+// An app that closes a keep-alive connection while it sits in the
+// inbound sidecar's pool: the next request, a POST that could not be
+// retried, goes on a new connection instead of failing.
+func TestH1PooledConnectionClosedByTheApp(t *testing.T) {
+	m, raw := startRawMesh(t)
+	rc := dialRaw(t, m, rawHost)
+	resp, body := rc.do(t, "GET", "/idle-close", "")
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Equal(t, "ok", body)
+	time.Sleep(h1PeekAfter + 200*time.Millisecond)
+	rc.send(t, "POST /echo HTTP/1.1\r\nHost: "+rawHost+"\r\nContent-Length: 3\r\n\r\nabc")
+	resp, body = rc.read(t, "POST")
+	require.Equal(t, http.StatusOK, resp.StatusCode, body)
+	require.Contains(t, body, `body="abc"`)
+	require.EqualValues(t, 2, raw.conns.Load())
 }

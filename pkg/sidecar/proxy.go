@@ -298,8 +298,9 @@ func addrString(ln net.Listener) string {
 }
 
 // drain lets HTTP requests and TCP proxies in flight finish for up to
-// DrainTimeout (HTTP/1.1 connections close when idle, HTTP/2 ones get a
-// GOAWAY), then closes what is left and waits for every goroutine.
+// DrainTimeout (HTTP/1.1 connections close when idle or after the
+// request in flight, HTTP/2 ones get a GOAWAY), then closes what is left
+// and waits for every goroutine.
 func (p *Proxy) drain() {
 	p.log.Info("draining", "outbound", p.active[0].Load(), "inbound", p.active[1].Load(), "timeout", p.cfg.DrainTimeout)
 	dctx, cancel := context.WithTimeout(context.Background(), p.cfg.DrainTimeout)
