@@ -8,6 +8,9 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"os"
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -29,6 +32,12 @@ func BenchmarkHTTP(b *testing.B) {
 	directURL := "http://" + m.b.http.addr.String() + "/"
 	run := func(b *testing.B, client *http.Client, url string) {
 		b.ReportAllocs()
+		before, ok := ioSyscalls()
+		defer func() {
+			if after, ok2 := ioSyscalls(); ok && ok2 && b.N > 0 {
+				b.ReportMetric(float64(after-before)/float64(b.N), "syscalls/op")
+			}
+		}()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
 				resp, err := client.Get(url)
@@ -108,4 +117,26 @@ func BenchmarkTCP(b *testing.B) {
 		}
 	}
 	_ = c.(*net.TCPConn).CloseWrite()
+}
+
+// ioSyscalls is the process's read and write system calls so far
+// (syscr + syscw of /proc/self/io, Linux): per request, client, app and
+// both sidecars together, the figure bench-sidecar reads per proxy.
+func ioSyscalls() (int64, bool) {
+	b, err := os.ReadFile("/proc/self/io")
+	if err != nil {
+		return 0, false
+	}
+	var n int64
+	for line := range strings.SplitSeq(string(b), "\n") {
+		k, v, _ := strings.Cut(line, ": ")
+		if k == "syscr" || k == "syscw" {
+			x, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				return 0, false
+			}
+			n += x
+		}
+	}
+	return n, true
 }
