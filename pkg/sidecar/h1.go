@@ -29,9 +29,12 @@ import (
 // a pooled keep-alive upstream connection with one write when they fit,
 // reads the response head and streams the response back, then waits for
 // the next request. Requests are served in order, so pipelined ones are
-// answered in order too. The request body is sent before the response is
-// read (as nginx does); a response that comes early ends the request's
-// body, and the connection.
+// answered in order too. The request body is sent whole before the
+// response is read, as nginx does: an upstream that answers early and
+// closes without reading the body (a 413, say) is answered 503 "remote
+// reset", where net/http's full-duplex transport would relay its answer;
+// one that streams its response while still reading a large body waits
+// on the stream idle timeout.
 //
 // What it does not handle goes to the net/http path with the bytes
 // already read (errH1Fallback): HTTP/2 prior knowledge, HTTP/1.0,
