@@ -258,7 +258,11 @@ func TestInboundRefusesWithoutAValidSVID(t *testing.T) {
 	}
 	require.Zero(t, m.b.http.requests.Load(), "nothing reached b's app")
 	require.Zero(t, m.b.tcp.accepted.Load())
-	require.GreaterOrEqual(t, metricValue(t, m.b.scrape(t), "isthmus_sidecar_refusals_total", "listener=inbound", "reason=handshake"), 5.0)
+	// The client reads the sidecar's alert before the sidecar's handshake
+	// returns and counts the refusal: wait for the count.
+	require.Eventually(t, func() bool {
+		return metricValue(t, m.b.scrape(t), "isthmus_sidecar_refusals_total", "listener=inbound", "reason=handshake") >= 5
+	}, waitFor, 10*time.Millisecond, "every refused handshake is counted")
 
 	// A valid SVID of a known trust domain goes through.
 	good := tlsCert(m.alpha.svid(t, m.alpha.id("demo", "a")))
