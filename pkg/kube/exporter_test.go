@@ -120,18 +120,7 @@ func startWrapped(t *testing.T, opts Options, kubeObjs []runtime.Object, mcsObjs
 	var err error
 	f.exp, err = NewExporter(f.kube, mcs, f.store, opts)
 	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- f.exp.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			require.NoError(t, err)
-		case <-time.After(10 * time.Second):
-			t.Error("exporter did not stop within 10s")
-		}
-	})
+	runUntilCleanup(t, "exporter", f.exp.Run)
 	require.Eventually(t, f.exp.Ready, 10*time.Second, 5*time.Millisecond)
 	return f
 }

@@ -92,18 +92,7 @@ func startWriter(t *testing.T, s writerSetup) *writerFixture {
 		Synced: s.synced,
 	})
 	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- f.w.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			require.NoError(t, err)
-		case <-time.After(10 * time.Second):
-			t.Error("import writer did not stop within 10s")
-		}
-	})
+	runUntilCleanup(t, "import writer", f.w.Run)
 	return f
 }
 

@@ -64,18 +64,7 @@ func startRootsPublisher(t *testing.T, before func(ctx context.Context, admin ku
 	require.NoError(t, f.ca.PublishRoots(ctx))
 	f.p, err = NewRootsPublisher(fed, f.ca, RootsOptions{Logger: testlog.New(t), QPS: 200, Burst: 200})
 	require.NoError(t, err)
-	runCtx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- f.p.Run(runCtx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			require.NoError(t, err)
-		case <-time.After(10 * time.Second):
-			t.Error("roots publisher did not stop within 10s")
-		}
-	})
+	runUntilCleanup(t, "roots publisher", f.p.Run)
 	return f
 }
 
