@@ -961,26 +961,20 @@ func (hc *h1Conn) writeResponse(up *h1Up, cluster string, headLen int, received 
 // path's proxyError does.
 func (hc *h1Conn) answerError(cluster string, err error) {
 	p := hc.p
-	code, msg := http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: "
+	code, msg := http.StatusGatewayTimeout, ""
 	var ce *connectError
 	switch {
 	case errors.Is(err, os.ErrDeadlineExceeded) && hc.timedOut():
-		code, msg = http.StatusGatewayTimeout, "upstream request timeout"
+		msg = "upstream request timeout"
 	case errors.Is(err, os.ErrDeadlineExceeded):
-		code, msg = http.StatusGatewayTimeout, "stream timeout"
+		msg = "stream timeout"
 	case errors.Is(err, errDownstream):
 		hc.count(cluster, 0)
 		return
-	case errors.Is(err, errNoHealthyUpstream):
-		msg = "no healthy upstream"
 	case errors.As(err, &ce) && hc.timedOut():
-		code, msg = http.StatusGatewayTimeout, "upstream request timeout"
-	case errors.As(err, &ce) && ce.tls:
-		msg += "connection failure, transport failure reason: TLS error: " + ce.err.Error()
-	case errors.As(err, &ce):
-		msg += "connection failure, transport failure reason: " + ce.err.Error()
+		msg = "upstream request timeout"
 	default:
-		msg += "remote reset: " + err.Error()
+		code, msg = http.StatusServiceUnavailable, failureMessage(err)
 	}
 	hc.count(cluster, code)
 	if p.log.Enabled(context.Background(), slog.LevelDebug) {

@@ -329,26 +329,19 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 // proxyError answers a request that got no response, as Envoy words it.
 func (p *Proxy) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	f := forwardOf(r.Context())
-	code, msg := http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: "
-	var ce *connectError
+	code, msg := http.StatusGatewayTimeout, ""
 	cause := context.Cause(r.Context())
 	switch {
 	case errors.Is(cause, errRouteTimeout):
-		code, msg = http.StatusGatewayTimeout, "upstream request timeout"
+		msg = "upstream request timeout"
 	case errors.Is(cause, errStreamIdle):
-		code, msg = http.StatusGatewayTimeout, "stream timeout"
+		msg = "stream timeout"
 	case r.Context().Err() != nil:
 		// The downstream went away: nobody reads an answer.
 		p.metrics.request(f.ci.listener, f.up.name, 0)
 		return
-	case errors.Is(err, errNoHealthyUpstream):
-		msg = "no healthy upstream"
-	case errors.As(err, &ce) && ce.tls:
-		msg += "connection failure, transport failure reason: TLS error: " + ce.err.Error()
-	case errors.As(err, &ce):
-		msg += "connection failure, transport failure reason: " + ce.err.Error()
 	default:
-		msg += "remote reset: " + err.Error()
+		code, msg = http.StatusServiceUnavailable, failureMessage(err)
 	}
 	p.metrics.request(f.ci.listener, f.up.name, code)
 	if p.log.Enabled(r.Context(), slog.LevelDebug) {
@@ -357,6 +350,24 @@ func (p *Proxy) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.WriteHeader(code)
 	_, _ = io.WriteString(w, msg)
+}
+
+// failureMessage is the body of the 503 both paths answer when a request
+// got no response and no timeout or downstream close explains it; its
+// words are Envoy's.
+func failureMessage(err error) string {
+	const reset = "upstream connect error or disconnect/reset before headers. reset reason: "
+	var ce *connectError
+	switch {
+	case errors.Is(err, errNoHealthyUpstream):
+		return "no healthy upstream"
+	case errors.As(err, &ce) && ce.tls:
+		return reset + "connection failure, transport failure reason: TLS error: " + ce.err.Error()
+	case errors.As(err, &ce):
+		return reset + "connection failure, transport failure reason: " + ce.err.Error()
+	default:
+		return reset + "remote reset: " + err.Error()
+	}
 }
 
 // countingBody counts a body's bytes and marks the stream active.
