@@ -37,12 +37,12 @@ func (c *CA) PublishRoots(ctx context.Context) error {
 	switch {
 	case apierrors.IsNotFound(err):
 		_, err = cms.Create(ctx, &corev1.ConfigMap{
-			ObjectMeta: metav1.ObjectMeta{Namespace: c.opts.Namespace, Name: RootsConfigMapName, Labels: rootsLabels()},
+			ObjectMeta: metav1.ObjectMeta{Namespace: c.opts.Namespace, Name: RootsConfigMapName, Labels: RootsLabels()},
 			Data:       map[string]string{KeyRootCert: pemRoots},
 		}, metav1.CreateOptions{})
 	case err == nil:
 		labelled := true
-		for k, v := range rootsLabels() {
+		for k, v := range RootsLabels() {
 			labelled = labelled && cm.Labels[k] == v
 		}
 		if cm.Data[KeyRootCert] == pemRoots && labelled {
@@ -55,7 +55,7 @@ func (c *CA) PublishRoots(ctx context.Context) error {
 		if cm.Labels == nil {
 			cm.Labels = map[string]string{}
 		}
-		maps.Copy(cm.Labels, rootsLabels())
+		maps.Copy(cm.Labels, RootsLabels())
 		_, err = cms.Update(ctx, cm, metav1.UpdateOptions{})
 	}
 	if err != nil {
@@ -64,8 +64,9 @@ func (c *CA) PublishRoots(ctx context.Context) error {
 	return nil
 }
 
-// rootsLabels mark the roots ConfigMap as Isthmus's: kube.RootsPublisher
-// changes only ConfigMaps that carry them.
-func rootsLabels() map[string]string {
+// RootsLabels mark a roots ConfigMap as Isthmus's, in the CA's namespace
+// and in every other (kube.RootsPublisher changes only ConfigMaps that
+// carry them).
+func RootsLabels() map[string]string {
 	return map[string]string{"app.kubernetes.io/part-of": "isthmus", "app.kubernetes.io/managed-by": "isthmus"}
 }

@@ -338,7 +338,7 @@ func (p *RootsPublisher) reconcile(ctx context.Context, ns string) error {
 			return err
 		}
 		_, err := cms.Create(ctx, &corev1.ConfigMap{
-			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: ca.RootsConfigMapName, Labels: rootsLabels()},
+			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: ca.RootsConfigMapName, Labels: ca.RootsLabels()},
 			Data:       map[string]string{ca.KeyRootCert: want},
 		}, metav1.CreateOptions{FieldManager: rootsFieldManager})
 		switch {
@@ -366,7 +366,7 @@ func (p *RootsPublisher) reconcile(ctx context.Context, ns string) error {
 		// Going: its deletion event brings the create.
 		return nil
 	}
-	if cur.Data[ca.KeyRootCert] == want && hasLabels(cur.Labels, rootsLabels()) {
+	if cur.Data[ca.KeyRootCert] == want && hasLabels(cur.Labels, ca.RootsLabels()) {
 		return nil
 	}
 	updated := cur.DeepCopy()
@@ -374,7 +374,7 @@ func (p *RootsPublisher) reconcile(ctx context.Context, ns string) error {
 		updated.Data = map[string]string{}
 	}
 	updated.Data[ca.KeyRootCert] = want
-	updated.Labels = withLabels(updated.Labels, rootsLabels())
+	updated.Labels = withLabels(updated.Labels, ca.RootsLabels())
 	if err := p.limiter.Wait(ctx); err != nil {
 		return err
 	}
@@ -408,10 +408,6 @@ func (p *RootsPublisher) setConflict(ns, reason string) {
 	case reason == "" && had:
 		p.log.Info("the roots ConfigMap's name is free again or Isthmus's", "namespace", ns)
 	}
-}
-
-func rootsLabels() map[string]string {
-	return map[string]string{LabelManagedBy: ManagedByIsthmus, "app.kubernetes.io/part-of": "isthmus"}
 }
 
 // rootsFieldManager names the publisher in managedFields.
