@@ -1,6 +1,7 @@
 package sidecar
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -142,7 +143,7 @@ func (b *bufReader) shrink() {
 	b.bp, b.buf, b.r, b.w, b.big = nbp, *nbp, 0, n, false
 }
 
-// read reads once more into the buffer, by the request's deadline.
+// fill reads once more into the buffer, by the request's deadline.
 func (b *bufReader) fill() error {
 	_ = b.c.SetReadDeadline(b.tm.next())
 	return b.readMore()
@@ -612,7 +613,7 @@ func (hc *h1Conn) serveRequest(head []byte) bool {
 		authority = h.authority
 	}
 	path := h.path.of(head)
-	if i := indexByte(path, '?'); i >= 0 {
+	if i := bytes.IndexByte(path, '?'); i >= 0 {
 		path = path[:i]
 	}
 	d := routeTo(st, ci, str(h.method.of(head)), str(authority.of(head)), str(path))
@@ -638,15 +639,6 @@ func (hc *h1Conn) serveRequest(head []byte) bool {
 		hc.tm.route = time.Now().Add(d.timeout)
 	}
 	return hc.forward(d, target, head, hasBody)
-}
-
-func indexByte(b []byte, c byte) int {
-	for i, x := range b {
-		if x == c {
-			return i
-		}
-	}
-	return -1
 }
 
 // forward sends the request to the route's upstream and its response
