@@ -272,8 +272,8 @@ func TestDeployManifests(t *testing.T) {
 		require.Equal(t, gwDeploy.Spec.Selector.MatchLabels["app.kubernetes.io/name"], tmpl.Labels["app.kubernetes.io/name"])
 		spec := tmpl.Spec
 		require.Equal(t, "isthmus-eastwest-gw", spec.ServiceAccountName)
-		c := containerNamed(t, spec, "eastwest-gw")
-		fed := containerNamed(t, fedDeploy.Spec.Template.Spec, "federator")
+		c := containerNamed(t, spec.Containers, "eastwest-gw")
+		fed := containerNamed(t, fedDeploy.Spec.Template.Spec.Containers, "federator")
 		require.Equal(t, strings.Replace(fed.Image, "/federator:", "/eastwest-gw:", 1), c.Image, "named like the federator's image")
 
 		require.Equal(t, int32(15443), portNamed(t, c, "tls"))
@@ -365,7 +365,7 @@ func TestDeployManifests(t *testing.T) {
 	})
 
 	t.Run("gateway Service and PodDisruptionBudget", func(t *testing.T) {
-		c := containerNamed(t, gwDeploy.Spec.Template.Spec, "eastwest-gw")
+		c := containerNamed(t, gwDeploy.Spec.Template.Spec.Containers, "eastwest-gw")
 		svc, err := kc.CoreV1().Services(systemNS).Get(ctx, gatewayName, metav1.GetOptions{})
 		require.NoError(t, err)
 		checkLabels(t, svc.ObjectMeta, "eastwest-gw")
@@ -389,7 +389,7 @@ func TestDeployManifests(t *testing.T) {
 	})
 
 	t.Run("federator advertises the gateway", func(t *testing.T) {
-		c := containerNamed(t, fedDeploy.Spec.Template.Spec, "federator")
+		c := containerNamed(t, fedDeploy.Spec.Template.Spec.Containers, "federator")
 		require.Contains(t, c.Args, "--gateway-address=$(GATEWAY_ADDRESS)")
 		e := envNamed(t, c, "GATEWAY_ADDRESS")
 		require.Nil(t, e.ValueFrom)
@@ -509,7 +509,7 @@ func TestGatewayAsDeployed(t *testing.T) {
 func asKubelet(t *testing.T, kc kubernetes.Interface, spec corev1.PodSpec, name, podIP, podName, root string) (args, environ []string) {
 	t.Helper()
 	ctx := t.Context()
-	c := containerNamed(t, spec, name)
+	c := containerNamed(t, spec.Containers, name)
 	values := map[string]string{}
 	for _, e := range c.Env {
 		v := e.Value
@@ -585,9 +585,11 @@ func checkLabels(t *testing.T, m metav1.ObjectMeta, name string) {
 	require.Equal(t, "isthmus", m.Labels["app.kubernetes.io/part-of"], m.Name)
 }
 
-func containerNamed(t *testing.T, spec corev1.PodSpec, name string) corev1.Container {
+// containerNamed is the container called name among cs (a pod's
+// containers or init containers).
+func containerNamed(t *testing.T, cs []corev1.Container, name string) corev1.Container {
 	t.Helper()
-	for _, c := range spec.Containers {
+	for _, c := range cs {
 		if c.Name == name {
 			return c
 		}

@@ -93,9 +93,9 @@ func checkMeshedPodExample(t *testing.T, ctx context.Context, kc kubernetes.Inte
 	require.NotNil(t, spec.AutomountServiceAccountToken)
 	require.False(t, *spec.AutomountServiceAccountToken, "the sidecar needs no API token")
 
-	initC := initContainerNamed(t, spec, "isthmus-init")
-	proxy := initContainerNamed(t, spec, "isthmus-proxy")
-	app := containerNamed(t, spec, "echo")
+	initC := containerNamed(t, spec.InitContainers, "isthmus-init")
+	proxy := containerNamed(t, spec.InitContainers, "isthmus-proxy")
+	app := containerNamed(t, spec.Containers, "echo")
 	require.Equal(t, []string{"isthmus-init", "isthmus-proxy"}, []string{spec.InitContainers[0].Name, spec.InitContainers[1].Name},
 		"the capture first, then the proxy, before the app")
 	require.NotNil(t, proxy.RestartPolicy)
@@ -214,15 +214,4 @@ func checkMeshedPodExample(t *testing.T, ctx context.Context, kc kubernetes.Inte
 	// In the example's own namespace (no Pod Security label) it is
 	// admitted as it is.
 	require.NoError(t, podDryRun(ns, spec))
-}
-
-func initContainerNamed(t *testing.T, spec corev1.PodSpec, name string) corev1.Container {
-	t.Helper()
-	for _, c := range spec.InitContainers {
-		if c.Name == name {
-			return c
-		}
-	}
-	require.FailNow(t, "no init container "+name)
-	return corev1.Container{}
 }
