@@ -187,6 +187,16 @@ func (rc *rawConn) requireClosed(t testing.TB) {
 	require.ErrorIs(t, err, io.EOF)
 }
 
+// requireH1 checks that p's HTTP/1.1 path, not net/http, serves a
+// connection: the tests of this file would pass through net/http too.
+func requireH1(t testing.TB, p *Proxy) {
+	t.Helper()
+	p.h1Mu.Lock()
+	n := len(p.h1Conns)
+	p.h1Mu.Unlock()
+	require.Positive(t, n, "a connection on the HTTP/1.1 path")
+}
+
 // poolConns is the number of upstream connections a's pool for cluster
 // holds open.
 func poolConns(p *Proxy, cluster string) int64 {
@@ -206,6 +216,8 @@ func TestH1KeepAliveAndFraming(t *testing.T) {
 		require.Equal(t, http.StatusOK, resp.StatusCode)
 		require.Equal(t, "1", body, "the app sees one connection")
 	}
+	requireH1(t, m.a.proxy)
+	requireH1(t, m.b.proxy)
 	resp, body := rc.do(t, "HEAD", "/anything", "")
 	require.Equal(t, http.StatusOK, resp.StatusCode)
 	require.EqualValues(t, 42, resp.ContentLength, "HEAD keeps the length of the body it does not send")
@@ -264,6 +276,8 @@ func TestH1Chunked(t *testing.T) {
 	resp, body := rc.read(t, "POST")
 	require.Equal(t, http.StatusOK, resp.StatusCode)
 	require.Contains(t, body, `body="hello world" te=[chunked] cl=-1`)
+	requireH1(t, m.a.proxy)
+	requireH1(t, m.b.proxy)
 
 	resp, body = rc.do(t, "GET", "/trailer", "TE: trailers\r\n")
 	require.Equal(t, []string{"chunked"}, resp.TransferEncoding)
@@ -317,6 +331,8 @@ func TestH1HeaderEdits(t *testing.T) {
 	require.Contains(t, body, ";URI="+m.a.id.String()+`"]`)
 	require.Empty(t, resp.Header.Get("X-Hop"), "named by the app's Connection")
 	require.Empty(t, resp.Header.Values("Connection"))
+	requireH1(t, m.a.proxy)
+	requireH1(t, m.b.proxy)
 }
 
 // An app that closes its connection in the middle of a response: the
@@ -382,6 +398,7 @@ func TestH1FallsBackToNetHTTP(t *testing.T) {
 	resp, body := rc.do(t, "GET", "/conn", "")
 	require.Equal(t, http.StatusOK, resp.StatusCode)
 	require.Equal(t, "1", body)
+	requireH1(t, m.a.proxy)
 	rc.send(t, "GET /echo HTTP/1.0\r\nHost: "+rawHost+"\r\n\r\n")
 	resp, body = rc.read(t, "GET")
 	require.Equal(t, http.StatusOK, resp.StatusCode)
@@ -389,10 +406,10 @@ func TestH1FallsBackToNetHTTP(t *testing.T) {
 	rc.requireClosed(t)
 }
 
-// A route timeout answers 504 before the response starts, as on the
-// net/http path, and the stream idle timeout is TestStreamIdleTimeout's.
-// Config.NetHTTP1 sends HTTP/1.1 through net/http instead, with the same
-// answers to the tests' requests.
+// Config.NetHTTP1 sends HTTP/1.1 through net/http instead: the request
+// is answered and no connection is on the HTTP/1.1 path. (The stream
+// idle timeout's 504 is TestStreamIdleTimeout's; no test sets a route
+// timeout yet.)
 func TestH1NetHTTPSwitch(t *testing.T) {
 	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t), hosts: hostsOf(echoSvc)}
 	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: func(c *Config) { c.NetHTTP1 = true }})
@@ -415,6 +432,8 @@ func TestH1PooledConnectionClosedByTheApp(t *testing.T) {
 	resp, body := rc.do(t, "GET", "/idle-close", "")
 	require.Equal(t, http.StatusOK, resp.StatusCode)
 	require.Equal(t, "ok", body)
+	requireH1(t, m.a.proxy)
+	requireH1(t, m.b.proxy)
 	time.Sleep(h1PeekAfter + 200*time.Millisecond)
 	rc.send(t, "POST /echo HTTP/1.1\r\nHost: "+rawHost+"\r\nContent-Length: 3\r\n\r\nabc")
 	resp, body = rc.read(t, "POST")
