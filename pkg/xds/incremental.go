@@ -15,7 +15,6 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
-	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 
@@ -141,33 +140,48 @@ func NewGatewayTranslator(opts GatewayOptions) (*GatewayTranslator, error) {
 // and checks, with the federation chain, that they enclose the chains
 // into the listener's own encoding.
 func (t *GatewayTranslator) splitShell() error {
-	head, tail := &listenerv3.Listener{}, &listenerv3.Listener{}
-	t.shell.ProtoReflect().Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-		dst := head
+	var err error
+	if t.head, t.tail, t.splice, err = splitListener(t.shell, t.federation.chain, t.federation.chainField); err != nil {
+		return fmt.Errorf("%s %q: encode: %w", listenerTag, t.shell.GetName(), err)
+	}
+	return nil
+}
+
+// splitListener encodes shell's fields before filter_chains (head) and
+// after it (tail), and reports whether head, a chain's field and tail
+// concatenated are the encoding of shell with that chain, checked with
+// probe, whose field is probeField.
+func splitListener(shell *listenerv3.Listener, probe *listenerv3.FilterChain, probeField []byte) (head, tail []byte, splice bool, err error) {
+	h, t := &listenerv3.Listener{}, &listenerv3.Listener{}
+	shell.ProtoReflect().Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		dst := h
 		if fd.Number() > filterChainsField {
-			dst = tail
+			dst = t
 		}
 		dst.ProtoReflect().Set(fd, v)
 		return true
 	})
-	var err error
-	if t.head, err = deterministic.Marshal(head); err != nil {
-		return fmt.Errorf("%s %q: encode: %w", listenerTag, t.shell.GetName(), err)
+	if head, err = deterministic.Marshal(h); err != nil {
+		return nil, nil, false, err
 	}
-	if t.tail, err = deterministic.Marshal(tail); err != nil {
-		return fmt.Errorf("%s %q: encode: %w", listenerTag, t.shell.GetName(), err)
+	if tail, err = deterministic.Marshal(t); err != nil {
+		return nil, nil, false, err
 	}
-	whole, err := deterministic.Marshal(t.listener([]*listenerv3.FilterChain{t.federation.chain}))
+	whole, err := deterministic.Marshal(withChains(shell, []*listenerv3.FilterChain{probe}))
 	if err != nil {
-		return fmt.Errorf("%s %q: encode: %w", listenerTag, t.shell.GetName(), err)
+		return nil, nil, false, err
 	}
-	t.splice = bytes.Equal(whole, slices.Concat(t.head, t.federation.chainField, t.tail))
-	return nil
+	return head, tail, bytes.Equal(whole, slices.Concat(head, probeField, tail)), nil
 }
 
 // listener is the shell with chains.
 func (t *GatewayTranslator) listener(chains []*listenerv3.FilterChain) *listenerv3.Listener {
-	lis, _ := proto.Clone(t.shell).(*listenerv3.Listener)
+	return withChains(t.shell, chains)
+}
+
+// withChains is a copy of shell with chains.
+func withChains(shell *listenerv3.Listener, chains []*listenerv3.FilterChain) *listenerv3.Listener {
+	lis, _ := proto.Clone(shell).(*listenerv3.Listener)
 	lis.FilterChains = chains
 	return lis
 }
@@ -324,8 +338,7 @@ func (u *portUnit) route(sni, name string, cluster *clusterv3.Cluster) error {
 		return err
 	}
 	u.name, u.sni, u.chain, u.cluster, u.clusterEnc = name, sni, chain, cluster, clusterEnc
-	u.chainField = protowire.AppendTag(make([]byte, 0, len(enc)+8), filterChainsField, protowire.BytesType)
-	u.chainField = protowire.AppendBytes(u.chainField, enc)
+	u.chainField = field(filterChainsField, enc)
 	return nil
 }
 

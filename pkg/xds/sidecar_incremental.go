@@ -19,8 +19,6 @@ import (
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
 	"google.golang.org/protobuf/encoding/protowire"
-	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
@@ -256,39 +254,19 @@ func newOutboundShell(shell *listenerv3.Listener, explicit *listenerv3.FilterCha
 	if err := explicit.Validate(); err != nil {
 		return fail(fmt.Errorf("explicit chain is invalid: %w", err))
 	}
-	head, tail := &listenerv3.Listener{}, &listenerv3.Listener{}
-	shell.ProtoReflect().Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-		dst := head
-		if fd.Number() > filterChainsField {
-			dst = tail
-		}
-		dst.ProtoReflect().Set(fd, v)
-		return true
-	})
-	var err error
-	if o.head, err = deterministic.Marshal(head); err != nil {
-		return fail(err)
-	}
-	if o.tail, err = deterministic.Marshal(tail); err != nil {
-		return fail(err)
-	}
 	enc, err := deterministic.Marshal(explicit)
 	if err != nil {
 		return fail(err)
 	}
 	o.explicitField = field(filterChainsField, enc)
-	whole, err := deterministic.Marshal(o.listener([]*listenerv3.FilterChain{explicit}))
-	if err != nil {
+	if o.head, o.tail, o.splice, err = splitListener(shell, explicit, o.explicitField); err != nil {
 		return fail(err)
 	}
-	o.splice = bytes.Equal(whole, slices.Concat(o.head, o.explicitField, o.tail))
 	return o, nil
 }
 
 func (o outboundShell) listener(chains []*listenerv3.FilterChain) *listenerv3.Listener {
-	lis, _ := proto.Clone(o.shell).(*listenerv3.Listener)
-	lis.FilterChains = chains
-	return lis
+	return withChains(o.shell, chains)
 }
 
 // Translate is TranslateSidecar(local, peers, opts) for the translator's
@@ -422,7 +400,7 @@ func (t *SidecarTranslator) Translate(local *catalog.Snapshot, peers []*catalog.
 		}
 	}
 
-	res, next, err := t.assemble(changed, fresh, hosts)
+	res, next, err := t.assemble(changed, fresh)
 	if err != nil {
 		return Resources{}, nil, err
 	}
@@ -750,43 +728,41 @@ func byVHName(a, b *sidecarPort) int { return strings.Compare(a.vhName, b.vhName
 
 func byVIP(a, b *sidecarPort) int { return a.owner.cs.vip.Compare(b.owner.cs.vip) }
 
-// assemble makes the Resources from the kept parts and the fresh
-// states' (sorted by host), and the version.
-func (t *SidecarTranslator) assemble(changed map[catalog.ServiceKey]*sidecarKey, fresh []*sidecarKey, hosts []*sidecarKey) (Resources, assembled, error) {
-	keep := func(p *sidecarPort) bool { return t.kept(p.owner) }
-	var freshNames, freshTCP, freshExplicit []*sidecarPort
-	freshHTTP := map[int32][]*sidecarPort{}
-	touched := map[int32]bool{}
-	for _, k := range fresh {
-		for i := range k.ports {
-			p := &k.ports[i]
-			freshNames = append(freshNames, p)
-			if p.port.http {
-				freshExplicit = append(freshExplicit, p)
-				freshHTTP[p.port.number] = append(freshHTTP[p.port.number], p)
-				touched[p.port.number] = true
-			} else {
-				freshTCP = append(freshTCP, p)
-			}
+// portParts are ports in the lists assemble updates: every port, TCP
+// ports, HTTP ports, and HTTP ports by number.
+type portParts struct {
+	names, tcp, explicit []*sidecarPort
+	http                 map[int32][]*sidecarPort
+}
+
+// add adds k's ports, marking their HTTP port numbers touched.
+func (s *portParts) add(k *sidecarKey, touched map[int32]bool) {
+	for i := range k.ports {
+		p := &k.ports[i]
+		s.names = append(s.names, p)
+		if p.port.http {
+			s.explicit = append(s.explicit, p)
+			s.http[p.port.number] = append(s.http[p.port.number], p)
+			touched[p.port.number] = true
+		} else {
+			s.tcp = append(s.tcp, p)
 		}
 	}
-	var goneNames, goneTCP, goneExplicit []*sidecarPort
-	goneHTTP := map[int32][]*sidecarPort{}
+}
+
+// assemble makes the Resources from the kept parts and the fresh
+// states' (sorted by host), and the version.
+func (t *SidecarTranslator) assemble(changed map[catalog.ServiceKey]*sidecarKey, fresh []*sidecarKey) (Resources, assembled, error) {
+	keep := func(p *sidecarPort) bool { return t.kept(p.owner) }
+	touched := map[int32]bool{}
+	added := portParts{http: map[int32][]*sidecarPort{}}
+	for _, k := range fresh {
+		added.add(k, touched)
+	}
+	gone := portParts{http: map[int32][]*sidecarPort{}}
 	for key := range changed {
-		old := t.keys[key]
-		if old == nil {
-			continue
-		}
-		for i := range old.ports {
-			p := &old.ports[i]
-			goneNames = append(goneNames, p)
-			if p.port.http {
-				goneExplicit = append(goneExplicit, p)
-				goneHTTP[p.port.number] = append(goneHTTP[p.port.number], p)
-				touched[p.port.number] = true
-			} else {
-				goneTCP = append(goneTCP, p)
-			}
+		if old := t.keys[key]; old != nil {
+			gone.add(old, touched)
 		}
 	}
 	sorted := func(ps []*sidecarPort, cmp func(a, b *sidecarPort) int) []*sidecarPort {
@@ -794,9 +770,9 @@ func (t *SidecarTranslator) assemble(changed map[catalog.ServiceKey]*sidecarKey,
 		return ps
 	}
 	var a assembled
-	a.byName = updateSorted(t.byName, sorted(goneNames, byClusterName), sorted(freshNames, byClusterName), keep, byClusterName)
-	a.tcp = updateSorted(t.tcp, sorted(goneTCP, byVIPAndPort), sorted(freshTCP, byVIPAndPort), keep, byVIPAndPort)
-	a.explicit = updateSorted(t.explicit, sorted(goneExplicit, byVHName), sorted(freshExplicit, byVHName), keep, byVHName)
+	a.byName = updateSorted(t.byName, sorted(gone.names, byClusterName), sorted(added.names, byClusterName), keep, byClusterName)
+	a.tcp = updateSorted(t.tcp, sorted(gone.tcp, byVIPAndPort), sorted(added.tcp, byVIPAndPort), keep, byVIPAndPort)
+	a.explicit = updateSorted(t.explicit, sorted(gone.explicit, byVHName), sorted(added.explicit, byVHName), keep, byVHName)
 
 	// HTTP ports: the untouched kept as they are.
 	var err error
@@ -815,12 +791,12 @@ func (t *SidecarTranslator) assemble(changed map[catalog.ServiceKey]*sidecarKey,
 			oldVIP, oldVH = old.byVIP, old.route.ports
 		}
 		hp := &httpPortState{number: n}
-		goneVIP, freshVIP := sorted(slices.Clone(goneHTTP[n]), byVIP), sorted(slices.Clone(freshHTTP[n]), byVIP)
+		goneVIP, freshVIP := sorted(slices.Clone(gone.http[n]), byVIP), sorted(slices.Clone(added.http[n]), byVIP)
 		hp.byVIP = updateSorted(oldVIP, goneVIP, freshVIP, keep, byVIP)
 		if len(hp.byVIP) == 0 {
 			continue
 		}
-		goneVH, freshVH := sorted(goneHTTP[n], byVHName), sorted(freshHTTP[n], byVHName)
+		goneVH, freshVH := sorted(gone.http[n], byVHName), sorted(added.http[n], byVHName)
 		routePorts := updateSorted(oldVH, goneVH, freshVH, keep, byVHName)
 		if old != nil && sameParts(goneVIP, freshVIP, func(p *sidecarPort) any { return p.owner.cidr }) {
 			hp.chain, hp.chainField = old.chain, old.chainField
@@ -836,7 +812,7 @@ func (t *SidecarTranslator) assemble(changed map[catalog.ServiceKey]*sidecarKey,
 		a.http = append(a.http, hp)
 	}
 	slices.SortFunc(a.http, func(x, y *httpPortState) int { return cmp.Compare(x.number, y.number) })
-	if sameParts(goneExplicit, freshExplicit, func(p *sidecarPort) any { return p.explicitVH }) {
+	if sameParts(gone.explicit, added.explicit, func(p *sidecarPort) any { return p.explicitVH }) {
 		a.explicitRoute = t.explicitRoute
 		a.explicitRoute.ports = a.explicit
 	} else if a.explicitRoute, err = t.route(ExplicitRouteName, a.explicit); err != nil {
