@@ -602,8 +602,10 @@ func (c *encodedCache) Fetch(ctx context.Context, req *cache.Request) (cache.Res
 		c.log.Warnf("skip fetch: version up to date")
 		return nil, &types.SkipFetchError{}
 	}
-	resp := &sotwResponse{req: req, version: t.version, anys: t.anys, returned: maps.Clone(t.returned), ctx: ctx}
-	if names := req.GetResourceNames(); len(names) != 0 {
+	resp := &sotwResponse{req: req, version: t.version, anys: t.anys, ctx: ctx}
+	if names := req.GetResourceNames(); len(names) == 0 {
+		resp.returned = maps.Clone(t.returned)
+	} else {
 		resp.anys, resp.returned = nil, map[string]string{}
 		listed := make(map[string]bool, len(names))
 		for _, name := range names {
