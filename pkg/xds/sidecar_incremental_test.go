@@ -73,12 +73,7 @@ func TestSidecarTranslatorGolden(t *testing.T) {
 			got, gotSkipped, err = chained[tc.region].Translate(local, peers)
 			require.NoError(t, err)
 			requireSameSidecar(t, want, got, wantSkipped, gotSkipped, "after other cases")
-			for _, l := range got.Listeners {
-				validateDeep(t, "listener "+l.GetName(), l)
-			}
-			for _, rc := range got.Routes {
-				validateDeep(t, "route "+rc.GetName(), rc)
-			}
+			validateResources(t, got)
 			xs, err := got.Snapshot()
 			require.NoError(t, err)
 			require.NoError(t, xs.Consistent())
@@ -300,18 +295,7 @@ func TestSidecarTranslatorRandomChanges(t *testing.T) {
 					require.Same(t, prev.Listeners[1], got.Listeners[1], msg)
 				}
 				if i%25 == 0 {
-					for _, l := range got.Listeners {
-						validateDeep(t, "listener "+l.GetName(), l)
-					}
-					for _, rc := range got.Routes {
-						validateDeep(t, "route "+rc.GetName(), rc)
-					}
-					for _, c := range got.Clusters {
-						validateDeep(t, "cluster "+c.GetName(), c)
-					}
-					for _, e := range got.Endpoints {
-						validateDeep(t, "endpoints "+e.GetClusterName(), e)
-					}
+					validateResources(t, got)
 				}
 				xs, err := got.Snapshot()
 				require.NoError(t, err, msg)

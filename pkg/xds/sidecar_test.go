@@ -206,6 +206,23 @@ func renderSidecar(t testing.TB, r Resources, skipped []Skipped) []byte {
 	return append(out, '\n')
 }
 
+// validateResources runs validateDeep on every resource of r.
+func validateResources(t testing.TB, r Resources) {
+	t.Helper()
+	for _, l := range r.Listeners {
+		validateDeep(t, "listener "+l.GetName(), l)
+	}
+	for _, rc := range r.Routes {
+		validateDeep(t, "route "+rc.GetName(), rc)
+	}
+	for _, c := range r.Clusters {
+		validateDeep(t, "cluster "+c.GetName(), c)
+	}
+	for _, e := range r.Endpoints {
+		validateDeep(t, "endpoints "+e.GetClusterName(), e)
+	}
+}
+
 // validateDeep runs Validate() on m and on every message packed in an
 // Any anywhere inside it, so a typed config that a resource's own
 // Validate() cannot see into is checked too.
@@ -256,18 +273,7 @@ func TestTranslateSidecarGolden(t *testing.T) {
 			// Every resource and every typed config in it is valid, and
 			// the snapshot is consistent (every RDS name and EDS cluster
 			// has its resource, and nothing else is there).
-			for _, l := range r.Listeners {
-				validateDeep(t, "listener "+l.GetName(), l)
-			}
-			for _, rc := range r.Routes {
-				validateDeep(t, "route "+rc.GetName(), rc)
-			}
-			for _, c := range r.Clusters {
-				validateDeep(t, "cluster "+c.GetName(), c)
-			}
-			for _, e := range r.Endpoints {
-				validateDeep(t, "endpoints "+e.GetClusterName(), e)
-			}
+			validateResources(t, r)
 			xs, err := r.Snapshot()
 			require.NoError(t, err)
 			require.NoError(t, xs.Consistent())
