@@ -622,17 +622,11 @@ func (hc *h1Conn) serveRequest(head []byte) bool {
 		hc.writeError(d.code, "isthmus sidecar: "+d.err+"\n", hasBody)
 		return !hasBody
 	}
-	var target netip.AddrPort
-	switch {
-	case d.up.picker != nil:
-	case ci.listener == listenerInbound:
-		target = netip.AddrPortFrom(p.cfg.AppAddr, ci.dst.Port())
-	case !ci.redirected:
+	target, ok := p.target(ci, d.up)
+	if !ok {
 		hc.count(d.up.name, http.StatusBadGateway)
-		hc.writeError(http.StatusBadGateway, "isthmus sidecar: "+d.up.name+" would send the request back to the sidecar (the connection was not redirected)\n", hasBody)
+		hc.writeError(http.StatusBadGateway, notRedirected(d.up.name)+"\n", hasBody)
 		return !hasBody
-	default:
-		target = ci.dst
 	}
 	hc.tm.route = time.Time{}
 	if d.timeout > 0 {

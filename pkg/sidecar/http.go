@@ -174,17 +174,11 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	f := &forward{p: p, ci: ci, up: d.up, h2: r.ProtoMajor == 2 && d.up.c.UseDownstreamProtocol,
 		bytesOpt: p.metrics.attr(attrKey{kind: kindBytes, listener: ci.listener, cluster: d.up.name})}
-	switch {
-	case d.up.picker != nil:
-	case ci.listener == listenerInbound:
-		f.target = netip.AddrPortFrom(p.cfg.AppAddr, ci.dst.Port())
-	case !ci.redirected:
-		// Passthrough to where the app sent it: the sidecar itself.
+	var ok bool
+	if f.target, ok = p.target(ci, d.up); !ok {
 		p.metrics.request(ci.listener, d.up.name, http.StatusBadGateway)
-		http.Error(w, "isthmus sidecar: "+d.up.name+" would send the request back to the sidecar (the connection was not redirected)", http.StatusBadGateway)
+		http.Error(w, notRedirected(d.up.name), http.StatusBadGateway)
 		return
-	default:
-		f.target = ci.dst
 	}
 	ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), forwardKey{}, f))
 	defer cancel(nil)
@@ -219,6 +213,29 @@ type decision struct {
 	timeout time.Duration
 	code    int
 	err     string
+}
+
+// target is where both HTTP paths send a request for u on ci's
+// connection when u has no picker (zero when it has one): the app's port
+// inbound, the original destination outbound. It is false for an
+// outbound connection that was not redirected: its destination is the
+// sidecar itself.
+func (p *Proxy) target(ci *connInfo, u *upstream) (netip.AddrPort, bool) {
+	switch {
+	case u.picker != nil:
+		return netip.AddrPort{}, true
+	case ci.listener == listenerInbound:
+		return netip.AddrPortFrom(p.cfg.AppAddr, ci.dst.Port()), true
+	case !ci.redirected:
+		return netip.AddrPort{}, false
+	default:
+		return ci.dst, true
+	}
+}
+
+// notRedirected is the 502 answer to a request target refuses.
+func notRedirected(cluster string) string {
+	return "isthmus sidecar: " + cluster + " would send the request back to the sidecar (the connection was not redirected)"
 }
 
 // route applies the route configuration of ci's connection manager to r,
