@@ -416,3 +416,46 @@ func TestEncodedCacheEncodesOnce(t *testing.T) {
 	c.mu.Unlock()
 	require.ErrorContains(t, err, `"kept": resources with a TTL are not served`)
 }
+
+// Fetch (REST) answers as the snapshot cache's: every resource, those
+// named, nothing at the current version, an error without a snapshot.
+func TestEncodedCacheFetchAsTheSnapshotCache(t *testing.T) {
+	node := &corev3.Node{Id: GatewayNodePrefix + "~10.0.0.1~gw-0.ns~ns.svc.cluster.local"}
+	ref := cache.NewSnapshotCache(true, nodeGroups{}, nil)
+	enc := newEncodedCache(nodeGroups{}, nil)
+	req := func(version string, names ...string) *discoveryv3.DiscoveryRequest {
+		return &discoveryv3.DiscoveryRequest{Node: node, TypeUrl: resource.ClusterType, VersionInfo: version, ResourceNames: names}
+	}
+	_, refErr := ref.Fetch(context.Background(), req(""))
+	_, encErr := enc.Fetch(context.Background(), req(""))
+	require.Error(t, refErr)
+	require.EqualError(t, encErr, refErr.Error(), "no snapshot")
+
+	cls := []types.Resource{
+		&clusterv3.Cluster{Name: "a", ConnectTimeout: durationpb.New(time.Second)},
+		&clusterv3.Cluster{Name: "b", ConnectTimeout: durationpb.New(2 * time.Second)},
+		&clusterv3.Cluster{Name: "c", ConnectTimeout: durationpb.New(3 * time.Second)},
+	}
+	snap, err := cache.NewSnapshot("v1", map[resource.Type][]types.Resource{resource.ClusterType: cls})
+	require.NoError(t, err)
+	require.NoError(t, ref.SetSnapshot(context.Background(), gatewayGroup, snap))
+	require.NoError(t, enc.SetSnapshot(context.Background(), gatewayGroup, snap))
+
+	for _, r := range []*discoveryv3.DiscoveryRequest{req(""), req("v0"), req("", "b"), req("v0", "c", "a", "missing"), req("", "missing")} {
+		want, err := ref.Fetch(context.Background(), r)
+		require.NoError(t, err)
+		got, err := enc.Fetch(context.Background(), r)
+		require.NoError(t, err)
+		requireSameResponse(t, want, got, "version %q names %q", r.GetVersionInfo(), r.GetResourceNames())
+		// The returned map is the response's own: changing it changes
+		// no later response.
+		got.GetReturnedResources()["b"] = "changed"
+	}
+	all, err := enc.Fetch(context.Background(), req(""))
+	require.NoError(t, err)
+	require.Equal(t, map[string]string{"a": "v1", "b": "v1", "c": "v1"}, all.GetReturnedResources())
+
+	_, err = enc.Fetch(context.Background(), req("v1"))
+	var skip *types.SkipFetchError
+	require.ErrorAs(t, err, &skip, "at the current version")
+}
