@@ -93,7 +93,8 @@ func TestSidecarsWaitForEveryPeersImports(t *testing.T) {
 
 	st = f.srv.Status()
 	require.True(t, st.Sidecar.WaitingForPeersUntil.IsZero())
-	waiting, _ = f.gauge("isthmus_xds_sidecars_waiting_for_peers")
+	waiting, ok = f.gauge("isthmus_xds_sidecars_waiting_for_peers")
+	require.True(t, ok)
 	require.Equal(t, int64(0), waiting)
 	require.Zero(t, f.metric("isthmus_xds_peer_sync_timeouts"))
 	require.Contains(t, f.logs.String(), "every peer's imports are known: serving the sidecars")
@@ -130,7 +131,8 @@ func TestSidecarsWaitForPeersAtMostTheBound(t *testing.T) {
 	require.Contains(t, sc.listeners, "outbound")
 
 	require.Equal(t, int64(1), f.metric("isthmus_xds_peer_sync_timeouts"))
-	waiting, _ := f.gauge("isthmus_xds_sidecars_waiting_for_peers")
+	waiting, ok := f.gauge("isthmus_xds_sidecars_waiting_for_peers")
+	require.True(t, ok, "the gauge reports the wait's end")
 	require.Equal(t, int64(0), waiting)
 	logs := f.logs.String()
 	require.Contains(t, logs, "level=WARN")
