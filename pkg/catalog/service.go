@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 )
@@ -120,6 +121,10 @@ type Service struct {
 	// addresses of the exporting cluster's east-west gateways (sorted).
 	// Empty for local services: they are reached directly.
 	Gateways []string `json:"gateways,omitempty"`
+	// ClusterIP, for an in-cluster service (InClusterSource), is its
+	// Service's primary ClusterIP: the address the sidecars recognise it
+	// by. Empty in every other catalog; the federation never carries it.
+	ClusterIP string `json:"clusterIP,omitempty"`
 }
 
 // Key returns the service's namespace and name.
@@ -221,6 +226,11 @@ func (s *Service) validate() error {
 	}
 	if len(s.Ports) == 0 {
 		errs = append(errs, errors.New("no ports"))
+	}
+	if s.ClusterIP != "" {
+		if _, err := netip.ParseAddr(s.ClusterIP); err != nil {
+			errs = append(errs, fmt.Errorf("clusterIP %q is not an IP address", s.ClusterIP))
+		}
 	}
 	for i, p := range s.Ports {
 		if p.Port < 1 || p.Port > 65535 {

@@ -249,5 +249,10 @@ func hashService(s *Service) [sha256.Size]byte {
 			str(v)
 		}
 	}
+	// Only when set, so that the versions of catalogs without it stay
+	// what they were; the encoding is longer, so none can collide.
+	if s.ClusterIP != "" {
+		str(s.ClusterIP)
+	}
 	return sha256.Sum256(buf)
 }

@@ -11,6 +11,12 @@ import (
 // LocalSource is the source name of the cluster's own exported services.
 const LocalSource = "local"
 
+// InClusterSource is the source name of the cluster's in-cluster
+// services: every Service, exported or not, whose pods are all meshed
+// (docs/sidecar-xds.md). They live in a Store of their own, never in the
+// one the federation and the import writer read.
+const InClusterSource = "in-cluster"
+
 // Store holds the newest snapshot of each source and tells subscribers when
 // any of them changes. Notifications coalesce: a subscriber that is slow
 // sees one pending signal, however many changes happened, and then reads

@@ -1,6 +1,7 @@
 package kube
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -63,6 +64,11 @@ type Options struct {
 	// watch pods). Empty means identities are not computed and pods are
 	// not watched.
 	TrustDomain string
+	// InCluster, when set, receives catalog.InClusterSource: every
+	// Service of the cluster, exported or not, that the sidecars carry
+	// over mTLS (a ClusterIP, a TCP port, and endpoints that are all
+	// meshed pods; docs/sidecar-xds.md). It needs TrustDomain.
+	InCluster *catalog.Store
 }
 
 // Exporter keeps catalog.LocalSource in a Store equal to the cluster's
@@ -104,9 +110,11 @@ type Exporter struct {
 	statusMu sync.Mutex
 	desired  map[catalog.ServiceKey][]metav1.Condition
 
-	// mu guards builder, the catalog being assembled.
-	mu      sync.Mutex
-	builder *catalog.Builder
+	// mu guards builder, the catalog being assembled, and inCluster,
+	// the in-cluster services' (nil without Options.InCluster).
+	mu        sync.Mutex
+	builder   *catalog.Builder
+	inCluster *catalog.Builder
 }
 
 // NewExporter wires informers for the cluster behind kube and mcs; nothing
@@ -128,6 +136,9 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 		opts.Workers = 2
 	}
 	var accounts *podAccounts
+	if opts.InCluster != nil && opts.TrustDomain == "" {
+		return nil, errors.New("kube exporter: in-cluster services need a trust domain: their identities are their pods'")
+	}
 	if opts.TrustDomain != "" {
 		td, err := spiffeid.TrustDomainFromString(opts.TrustDomain)
 		if err != nil {
@@ -153,6 +164,9 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 		dirty:    make(chan struct{}, 1),
 		builder:  catalog.NewBuilder(catalog.LocalSource),
 		accounts: accounts,
+	}
+	if opts.InCluster != nil {
+		e.inCluster = catalog.NewBuilder(catalog.InClusterSource)
 	}
 
 	svcInf := e.kubeInformers.Core().V1().Services()
@@ -214,9 +228,9 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 
 // watchPods keeps e.accounts equal to the pods' ServiceAccounts and
 // re-enqueues the services whose endpoints point at a pod whose
-// ServiceAccount became known, changed, or went away. Pod updates that
-// leave the ServiceAccount alone (status, labels: nearly all of them) cost
-// a map lookup.
+// ServiceAccount or meshed label became known, changed, or went away. Pod
+// updates that leave both alone (status, other labels: nearly all of
+// them) cost a map lookup.
 func (e *Exporter) watchPods() error {
 	podInf := e.kubeInformers.Core().V1().Pods().Informer()
 	if err := podInf.SetTransform(stripPod); err != nil {
@@ -246,20 +260,33 @@ func (e *Exporter) watchPods() error {
 	return nil
 }
 
-// enqueuePodServices enqueues the exported services whose EndpointSlices
-// point at the pod. It scans the endpoints of the exported services in the
-// pod's namespace: pod churn is rare next to endpoint count, and an index
+// enqueuePodServices enqueues the exported services (every Service, when
+// the in-cluster services are kept) whose EndpointSlices point at the
+// pod. It scans the endpoints of those services in the pod's namespace: pod churn is rare next to endpoint count, and an index
 // of slices by pod would hold a key per endpoint for ever.
 func (e *Exporter) enqueuePodServices(namespace, pod string) {
 	if !e.started.Load() {
 		return
 	}
-	exports, err := e.exports.ServiceExports(namespace).List(labels.Everything())
-	if err != nil {
-		return
+	var keys []catalog.ServiceKey
+	if e.inCluster != nil {
+		svcs, err := e.services.Services(namespace).List(labels.Everything())
+		if err != nil {
+			return
+		}
+		for _, svc := range svcs {
+			keys = append(keys, catalog.ServiceKey{Namespace: svc.Namespace, Name: svc.Name})
+		}
+	} else {
+		exports, err := e.exports.ServiceExports(namespace).List(labels.Everything())
+		if err != nil {
+			return
+		}
+		for _, se := range exports {
+			keys = append(keys, catalog.ServiceKey{Namespace: se.Namespace, Name: se.Name})
+		}
 	}
-	for _, se := range exports {
-		key := catalog.ServiceKey{Namespace: se.Namespace, Name: se.Name}
+	for _, key := range keys {
 		objs, err := e.sliceIndex.ByIndex(indexByService, key.String())
 		if err != nil {
 			continue
@@ -321,12 +348,10 @@ func (e *Exporter) Run(ctx context.Context) error {
 	// reconciled again by the workers; that is harmless. The statuses are
 	// written once the status workers start, after the catalog is out.
 	e.started.Store(true)
-	exports, err := e.exports.List(labels.Everything())
-	if err != nil {
+	if _, err := e.exports.List(labels.Everything()); err != nil {
 		return fmt.Errorf("kube exporter: list service exports: %w", err)
 	}
-	for _, se := range exports {
-		key := catalog.ServiceKey{Namespace: se.Namespace, Name: se.Name}
+	for _, key := range e.keysToBuild() {
 		if err := e.reconcile(ctx, key); err != nil {
 			e.log.Debug("initial reconcile failed, will retry", "export", key, "error", err)
 			e.queue.AddRateLimited(key)
@@ -334,7 +359,11 @@ func (e *Exporter) Run(ctx context.Context) error {
 	}
 	e.flush()
 	e.ready.Store(true)
-	e.log.Info("catalog ready", "exported", e.store.Get(catalog.LocalSource).Len())
+	if e.inCluster != nil {
+		e.log.Info("catalog ready", "exported", e.store.Get(catalog.LocalSource).Len(), "in-cluster", e.opts.InCluster.Get(catalog.InClusterSource).Len())
+	} else {
+		e.log.Info("catalog ready", "exported", e.store.Get(catalog.LocalSource).Len())
+	}
 
 	var wg sync.WaitGroup
 	for i := 0; i < e.opts.Workers; i++ {
@@ -400,7 +429,16 @@ func (e *Exporter) flusher(ctx context.Context) {
 func (e *Exporter) flush() {
 	e.mu.Lock()
 	snap := e.builder.Build()
+	var in *catalog.Snapshot
+	if e.inCluster != nil {
+		in = e.inCluster.Build()
+	}
 	e.mu.Unlock()
+	// The in-cluster services first: the local catalog's subscribers
+	// then find them current when an export changes both.
+	if in != nil && e.opts.InCluster.Set(in) {
+		e.log.Debug("in-cluster catalog published", "version", in.Version(), "services", in.Len())
+	}
 	if e.store.Set(snap) {
 		e.log.Debug("catalog published", "version", snap.Version(), "services", snap.Len())
 	}
@@ -432,10 +470,131 @@ func (e *Exporter) remove(key catalog.ServiceKey) {
 	}
 }
 
-// reconcile makes the catalog entry for key match the current state of
+// reconcile makes the catalog entries for key match the current state of
 // the cluster, and queues the ServiceExport status that goes with it. It
 // reads only informer caches: it never waits for the API server.
-func (e *Exporter) reconcile(_ context.Context, key catalog.ServiceKey) error {
+func (e *Exporter) reconcile(ctx context.Context, key catalog.ServiceKey) error {
+	return errors.Join(e.reconcileExport(ctx, key), e.reconcileInCluster(key))
+}
+
+// reconcileInCluster keeps key's in-cluster entry: present when the
+// Service has a ClusterIP, a TCP port, and endpoints that are all meshed
+// pods.
+func (e *Exporter) reconcileInCluster(key catalog.ServiceKey) error {
+	if e.inCluster == nil {
+		return nil
+	}
+	svc, err := e.services.Services(key.Namespace).Get(key.Name)
+	if apierrors.IsNotFound(err) {
+		e.removeInCluster(key)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	ip := svc.Spec.ClusterIP
+	if svc.Spec.Type == corev1.ServiceTypeExternalName || ip == "" || ip == corev1.ClusterIPNone || !hasTCPPort(svc) {
+		e.removeInCluster(key)
+		return nil
+	}
+	endpointSlices, err := e.slicesOf(key)
+	if err != nil {
+		return err
+	}
+	if !allMeshed(endpointSlices, e.accounts) {
+		e.removeInCluster(key)
+		return nil
+	}
+	entry := serviceFromObjects(e.opts.ClusterName, svc, endpointSlices, nil, e.locate, e.accounts)
+	entry.ClusterIP = ip
+	if len(entry.Identities) == 0 {
+		e.removeInCluster(key)
+		return nil
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.inCluster.Put(entry); err != nil {
+		// The API server accepted the Service, so this is a bug or an
+		// API change; the Service stays out, as a plain one would.
+		e.log.Warn("in-cluster service left out", "service", key, "error", err)
+		if e.inCluster.Has(key) {
+			e.inCluster.Delete(key)
+			e.markDirty()
+		}
+		return nil
+	}
+	e.markDirty()
+	return nil
+}
+
+func (e *Exporter) removeInCluster(key catalog.ServiceKey) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.inCluster.Has(key) {
+		e.inCluster.Delete(key)
+		e.markDirty()
+	}
+}
+
+// slicesOf returns the EndpointSlices of the Service key.
+func (e *Exporter) slicesOf(key catalog.ServiceKey) ([]*discoveryv1.EndpointSlice, error) {
+	objs, err := e.sliceIndex.ByIndex(indexByService, key.String())
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*discoveryv1.EndpointSlice, 0, len(objs))
+	for _, o := range objs {
+		if s, ok := o.(*discoveryv1.EndpointSlice); ok {
+			out = append(out, s)
+		}
+	}
+	return out, nil
+}
+
+func hasTCPPort(svc *corev1.Service) bool {
+	for _, p := range svc.Spec.Ports {
+		if p.Protocol == "" || p.Protocol == corev1.ProtocolTCP {
+			return true
+		}
+	}
+	return false
+}
+
+// allMeshed reports whether the slices list at least one endpoint and
+// every endpoint is a pod labelled meshed. An endpoint the sidecars
+// cannot tell is meshed (no targetRef, not a Pod, a pod not seen yet)
+// makes the Service a plain one: mTLS to it would be refused.
+func allMeshed(endpointSlices []*discoveryv1.EndpointSlice, accounts *podAccounts) bool {
+	n := 0
+	for _, s := range endpointSlices {
+		if s.AddressType == discoveryv1.AddressTypeFQDN {
+			if len(s.Endpoints) > 0 {
+				return false
+			}
+			continue
+		}
+		for i := range s.Endpoints {
+			ep := &s.Endpoints[i]
+			if len(ep.Addresses) == 0 {
+				continue
+			}
+			ref := ep.TargetRef
+			if ref == nil || ref.Kind != "Pod" {
+				return false
+			}
+			ns := cmp.Or(ref.Namespace, s.Namespace)
+			if !accounts.isMeshed(ns, ref.Name) {
+				return false
+			}
+			n++
+		}
+	}
+	return n > 0
+}
+
+// reconcileExport keeps key's entry in the local catalog, the exported
+// services, and the export's status.
+func (e *Exporter) reconcileExport(_ context.Context, key catalog.ServiceKey) error {
 	se, err := e.exports.ServiceExports(key.Namespace).Get(key.Name)
 	if apierrors.IsNotFound(err) {
 		e.remove(key)
@@ -461,15 +620,9 @@ func (e *Exporter) reconcile(_ context.Context, key catalog.ServiceKey) error {
 			fmt.Sprintf("Service %s is of type ExternalName, which cannot be exported", key)))
 		return nil
 	}
-	objs, err := e.sliceIndex.ByIndex(indexByService, key.String())
+	endpointSlices, err := e.slicesOf(key)
 	if err != nil {
 		return err
-	}
-	endpointSlices := make([]*discoveryv1.EndpointSlice, 0, len(objs))
-	for _, o := range objs {
-		if s, ok := o.(*discoveryv1.EndpointSlice); ok {
-			endpointSlices = append(endpointSlices, s)
-		}
 	}
 	entry := serviceFromObjects(e.opts.ClusterName, svc, endpointSlices, parsePeers(se.Annotations[AnnotationPeers]), e.locate, e.accounts)
 	if err := e.put(entry); err != nil {
@@ -531,14 +684,33 @@ func (e *Exporter) locate(node string) (catalog.Locality, bool) {
 	return nodeLocality(n), true
 }
 
+// enqueueAllExports enqueues every export, and every Service when the
+// in-cluster services are kept: a node's locality changed.
 func (e *Exporter) enqueueAllExports() {
+	for _, key := range e.keysToBuild() {
+		e.queue.Add(key)
+	}
+}
+
+// keysToBuild are the keys the catalogs are built from: the exports, and
+// every Service when the in-cluster services are kept.
+func (e *Exporter) keysToBuild() []catalog.ServiceKey {
+	var keys []catalog.ServiceKey
 	exports, err := e.exports.List(labels.Everything())
-	if err != nil {
-		return
+	if err == nil {
+		for _, se := range exports {
+			keys = append(keys, catalog.ServiceKey{Namespace: se.Namespace, Name: se.Name})
+		}
 	}
-	for _, se := range exports {
-		e.queue.Add(catalog.ServiceKey{Namespace: se.Namespace, Name: se.Name})
+	if e.inCluster != nil {
+		svcs, err := e.services.List(labels.Everything())
+		if err == nil {
+			for _, svc := range svcs {
+				keys = append(keys, catalog.ServiceKey{Namespace: svc.Namespace, Name: svc.Name})
+			}
+		}
 	}
+	return keys
 }
 
 func condition(t mcsv1alpha1.ServiceExportConditionType, s metav1.ConditionStatus, r mcsv1alpha1.ServiceExportConditionReason, msg string) metav1.Condition {

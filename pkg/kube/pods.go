@@ -12,8 +12,17 @@ import (
 // defaultServiceAccount is the ServiceAccount of a pod that names none.
 const defaultServiceAccount = "default"
 
+// TLSModeLabel marks a meshed pod when its value is TLSModeIstio: its
+// sidecar accepts only mTLS, so the other sidecars must speak mTLS to
+// it. It is the label Istio's injector sets and reads.
+const (
+	TLSModeLabel = "security.istio.io/tlsMode"
+	TLSModeIstio = "istio"
+)
+
 // stripPod is the Pod informer's transform: it keeps only what identities
-// need (namespace, name, uid, resourceVersion, spec.serviceAccountName), so
+// need (namespace, name, uid, resourceVersion, spec.serviceAccountName,
+// and the TLSModeLabel that says the pod is meshed), so
 // a pod costs its cache about 1.4 KB, the size of an empty Pod, instead of
 // its whole metadata, spec and status. client-go hands the transform each
 // object before anyone else sees it, so it strips in place rather than
@@ -25,11 +34,20 @@ func stripPod(obj any) (any, error) {
 		return obj, nil
 	}
 	p.TypeMeta = metav1.TypeMeta{}
+	var labels map[string]string
+	if v, ok := p.Labels[TLSModeLabel]; ok {
+		if len(p.Labels) == 1 {
+			labels = p.Labels
+		} else {
+			labels = map[string]string{TLSModeLabel: v}
+		}
+	}
 	p.ObjectMeta = metav1.ObjectMeta{
 		Namespace:       p.Namespace,
 		Name:            p.Name,
 		UID:             p.UID,
 		ResourceVersion: p.ResourceVersion,
+		Labels:          labels,
 	}
 	p.Spec = corev1.PodSpec{ServiceAccountName: p.Spec.ServiceAccountName}
 	p.Status = corev1.PodStatus{}
@@ -80,27 +98,37 @@ type podAccounts struct {
 	mu sync.RWMutex
 	// byPod is the account of every pod the informer has seen.
 	byPod map[podRef]*account
+	// meshed holds the pods labelled TLSModeLabel=istio.
+	meshed map[podRef]struct{}
 	// accounts holds each ServiceAccount (namespace, name) pods run as.
 	accounts map[podRef]*account
 }
 
 func newPodAccounts(td spiffeid.TrustDomain) *podAccounts {
-	return &podAccounts{td: td, byPod: make(map[podRef]*account), accounts: make(map[podRef]*account)}
+	return &podAccounts{td: td, byPod: make(map[podRef]*account), meshed: make(map[podRef]struct{}), accounts: make(map[podRef]*account)}
 }
 
 // set records a pod's ServiceAccount ("default" when it names none) and
-// reports whether that changed what was known about the pod.
+// whether it is meshed, and reports whether that changed what was known
+// about the pod.
 func (a *podAccounts) set(p *corev1.Pod) bool {
 	ref := podRef{p.Namespace, p.Name}
 	acct := podRef{p.Namespace, p.Spec.ServiceAccountName}
 	if acct.name == "" {
 		acct.name = defaultServiceAccount
 	}
+	meshed := p.Labels[TLSModeLabel] == TLSModeIstio
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	_, wasMeshed := a.meshed[ref]
+	if meshed {
+		a.meshed[ref] = struct{}{}
+	} else {
+		delete(a.meshed, ref)
+	}
 	old, known := a.byPod[ref]
 	if known && old.ref == acct {
-		return false
+		return meshed != wasMeshed
 	}
 	if known {
 		a.releaseLocked(old)
@@ -129,8 +157,17 @@ func (a *podAccounts) remove(namespace, name string) bool {
 		return false
 	}
 	delete(a.byPod, ref)
+	delete(a.meshed, ref)
 	a.releaseLocked(old)
 	return true
+}
+
+// isMeshed reports whether the pod is known and labelled meshed.
+func (a *podAccounts) isMeshed(namespace, name string) bool {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	_, ok := a.meshed[podRef{namespace, name}]
+	return ok
 }
 
 func (a *podAccounts) releaseLocked(acct *account) {

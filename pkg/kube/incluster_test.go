@@ -1,0 +1,131 @@
+package kube
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	kubefake "k8s.io/client-go/kubernetes/fake"
+	mcsfake "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned/fake"
+
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+)
+
+// meshedPod is pod with the label a meshed pod carries.
+func meshedPod(ns, name, serviceAccount string) *corev1.Pod {
+	p := pod(ns, name, serviceAccount)
+	p.Labels[TLSModeLabel] = TLSModeIstio
+	return p
+}
+
+// clusterIPService is service with a ClusterIP.
+func clusterIPService(ns, name, ip string, ports ...corev1.ServicePort) *corev1.Service {
+	s := service(ns, name, ports...)
+	s.Spec.ClusterIP = ip
+	return s
+}
+
+func startInCluster(t *testing.T, kubeObjs []runtime.Object, mcsObjs []runtime.Object) (*fixture, *catalog.Store) {
+	t.Helper()
+	in := catalog.NewStore()
+	f := startWith(t, Options{TrustDomain: "a.mesh", InCluster: in}, kubeObjs, mcsObjs)
+	return f, in
+}
+
+func inCluster(in *catalog.Store, ns, name string) (*catalog.Service, bool) {
+	return in.Get(catalog.InClusterSource).Get(catalog.ServiceKey{Namespace: ns, Name: name})
+}
+
+// A Service whose endpoints are all meshed pods is an in-cluster service,
+// exported or not, with its ClusterIP and its pods' identities; one with
+// a plain pod, no ClusterIP, or no TCP port is not, and the local catalog
+// (what peers see) is unchanged by any of it.
+func TestInClusterServices(t *testing.T) {
+	http := corev1.ServicePort{Name: "http", Port: 80, Protocol: corev1.ProtocolTCP}
+	headless := clusterIPService("demo", "headless", corev1.ClusterIPNone, http)
+	f, in := startInCluster(t,
+		[]runtime.Object{
+			node("n1", "r1", "z1"),
+			clusterIPService("demo", "echo", "10.96.0.10", http),
+			slice("demo", "echo", "echo-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.1", "n1", nil}),
+			meshedPod("demo", "pod-10.0.0.1", "echo"),
+			clusterIPService("demo", "mixed", "10.96.0.11", http),
+			slice("demo", "mixed", "mixed-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.2", "n1", nil}, ep{"10.0.0.3", "n1", nil}),
+			meshedPod("demo", "pod-10.0.0.2", "mixed"),
+			pod("demo", "pod-10.0.0.3", "mixed"),
+			headless,
+			slice("demo", "headless", "headless-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.4", "n1", nil}),
+			meshedPod("demo", "pod-10.0.0.4", "headless"),
+			clusterIPService("demo", "udp", "10.96.0.12", corev1.ServicePort{Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}),
+			slice("demo", "udp", "udp-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.5", "n1", nil}),
+			meshedPod("demo", "pod-10.0.0.5", "udp"),
+			clusterIPService("demo", "empty", "10.96.0.13", http),
+		},
+		nil)
+	ctx := t.Context()
+
+	got, ok := inCluster(in, "demo", "echo")
+	require.True(t, ok, "every endpoint meshed")
+	require.Equal(t, "10.96.0.10", got.ClusterIP)
+	require.Equal(t, "a", got.Cluster)
+	require.Equal(t, spiffeIDs("demo", "echo"), got.Identities)
+	require.Equal(t, []catalog.LocalityEndpoints{{
+		Locality: catalog.Locality{Region: "r1", Zone: "z1"}, Ready: 1,
+		Addresses: []catalog.Address{{IP: "10.0.0.1", Ready: true}},
+	}}, got.Endpoints)
+	require.Equal(t, int32(8080), got.Ports[0].TargetPort)
+	for _, name := range []string{"mixed", "headless", "udp", "empty"} {
+		_, ok := inCluster(in, "demo", name)
+		require.False(t, ok, "%s is not an in-cluster service", name)
+	}
+	require.Zero(t, f.store.Get(catalog.LocalSource).Len(), "nothing is exported")
+
+	// The plain pod becomes meshed: the Service joins.
+	_, err := f.kube.CoreV1().Pods("demo").Update(ctx, meshedPod("demo", "pod-10.0.0.3", "mixed"), metav1.UpdateOptions{})
+	require.NoError(t, err)
+	f.eventually(t, "a label change makes the service meshed", func() bool {
+		s, ok := inCluster(in, "demo", "mixed")
+		return ok && s.ReadyEndpoints() == 2
+	})
+	// And leaves when one of its pods is no longer meshed.
+	_, err = f.kube.CoreV1().Pods("demo").Update(ctx, pod("demo", "pod-10.0.0.2", "mixed"), metav1.UpdateOptions{})
+	require.NoError(t, err)
+	f.eventually(t, "a plain pod takes the service out", func() bool {
+		_, ok := inCluster(in, "demo", "mixed")
+		return !ok
+	})
+
+	// Exporting a service leaves its in-cluster entry alone; the local
+	// catalog gets it without a ClusterIP.
+	_, err = f.mcs.MulticlusterV1alpha1().ServiceExports("demo").Create(ctx, export("demo", "echo"), metav1.CreateOptions{})
+	require.NoError(t, err)
+	f.eventually(t, "exported", func() bool { _, ok := f.service(t, echoKey); return ok })
+	exported, _ := f.service(t, echoKey)
+	require.Empty(t, exported.ClusterIP)
+	_, ok = inCluster(in, "demo", "echo")
+	require.True(t, ok)
+
+	// Deleting the Service removes it.
+	require.NoError(t, f.kube.CoreV1().Services("demo").Delete(ctx, "echo", metav1.DeleteOptions{}))
+	f.eventually(t, "a deleted Service leaves", func() bool {
+		_, ok := inCluster(in, "demo", "echo")
+		return !ok
+	})
+}
+
+func TestInClusterNeedsATrustDomain(t *testing.T) {
+	_, err := NewExporter(kubefake.NewClientset(), mcsfake.NewSimpleClientset(), catalog.NewStore(),
+		Options{ClusterName: "a", InCluster: catalog.NewStore()})
+	require.ErrorContains(t, err, "need a trust domain")
+}
+
+// The pod cache keeps the meshed label and nothing else of the labels.
+func TestStripPodKeepsTheMeshLabel(t *testing.T) {
+	p := meshedPod("demo", "p", "sa")
+	stripped, err := stripPod(p)
+	require.NoError(t, err)
+	require.Equal(t, map[string]string{TLSModeLabel: TLSModeIstio}, stripped.(*corev1.Pod).Labels)
+}
