@@ -147,7 +147,7 @@ func SidecarSnapshot(local *catalog.Snapshot, peers []*catalog.Snapshot, opts xd
 	if len(bundles) == 0 {
 		return nil, errors.New("sidecar snapshot: no trust bundle: sidecars could not verify anyone")
 	}
-	r, _, err := xds.TranslateSidecar(local, peers, opts)
+	r, _, err := xds.TranslateSidecar(xds.SidecarInput{Local: local, Peers: peers}, opts)
 	if err != nil {
 		return nil, fmt.Errorf("translate sidecar: %w", err)
 	}

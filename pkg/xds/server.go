@@ -58,6 +58,9 @@ type Options struct {
 	// Sidecar configures the sidecars' translation; its zero value means
 	// a cluster without a region.
 	Sidecar SidecarOptions
+	// InCluster, when set, holds catalog.InClusterSource, the cluster's
+	// in-cluster services (pkg/kube), which the sidecars are given too.
+	InCluster *catalog.Store
 	// Coalesce is how long a catalog or trust bundle change waits for more
 	// before the translation runs; zero means DefaultCoalesce.
 	Coalesce time.Duration
@@ -228,6 +231,13 @@ func (s *Server) Run(ctx context.Context) error {
 	defer s.stopXDS()
 	changed, cancel := s.store.Subscribe()
 	defer cancel()
+	// Without an in-cluster store, a channel that never signals.
+	var inClusterChanged <-chan struct{}
+	if s.opts.InCluster != nil {
+		var cancelInCluster func()
+		inClusterChanged, cancelInCluster = s.opts.InCluster.Subscribe()
+		defer cancelInCluster()
+	}
 	trustChanged, cancelTrust := s.bundles.Subscribe()
 	defer cancelTrust()
 	s.log.Info("xDS translation running", "federationUpstream", s.opts.Gateway.FederationUpstream, "region", s.opts.Sidecar.Region)
@@ -253,6 +263,7 @@ func (s *Server) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-changed:
+		case <-inClusterChanged:
 		case <-trustChanged:
 		case <-poll:
 			if s.sidecarsWait(ctx) {
@@ -273,6 +284,10 @@ func (s *Server) Run(ctx context.Context) error {
 		// What changed meanwhile is read below; its signals are spent.
 		select {
 		case <-changed:
+		default:
+		}
+		select {
+		case <-inClusterChanged:
 		default:
 		}
 		select {

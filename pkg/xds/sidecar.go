@@ -67,6 +67,9 @@ const (
 	// ClusterSetDomain ends every clusterset service's host:
 	// <name>.<namespace>.svc.clusterset.local.
 	ClusterSetDomain = "svc.clusterset.local"
+	// InClusterDomain ends every in-cluster service's host:
+	// <name>.<namespace>.svc.cluster.local.
+	InClusterDomain = "svc.cluster.local"
 	// httpProtocolOptionsName is the typed_extension_protocol_options key
 	// of envoy.extensions.upstreams.http.v3.HttpProtocolOptions.
 	httpProtocolOptionsName = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -88,6 +91,19 @@ const (
 	// vipBase is 240.240.0.0/16, Istio's auto-allocation range.
 	vipBase0, vipBase1 = 240, 240
 )
+
+// SidecarInput are the catalogs the sidecars' configuration is made of.
+type SidecarInput struct {
+	// Local is the cluster's own exports (catalog.LocalSource); nil
+	// when there are none.
+	Local *catalog.Snapshot
+	// InCluster is the cluster's in-cluster services
+	// (catalog.InClusterSource): every meshed Service, exported or not;
+	// nil when there are none.
+	InCluster *catalog.Snapshot
+	// Peers are the peers' imports, one catalog each, in any order.
+	Peers []*catalog.Snapshot
+}
 
 // SidecarOptions are the inputs of TranslateSidecar besides the catalog.
 type SidecarOptions struct {
@@ -117,7 +133,19 @@ func ClusterSetHost(namespace, name string) string {
 // ClusterSetClusterName is the sidecar's cluster for port of the
 // clusterset service namespace/name: outbound|<port>||<host>.
 func ClusterSetClusterName(namespace, name string, port int32) string {
-	return outboundPrefix + "|" + strconv.Itoa(int(port)) + "|" + emptySubsetName + "|" + ClusterSetHost(namespace, name)
+	return outboundClusterName(ClusterSetHost(namespace, name), port)
+}
+
+// InClusterHost is the host of an in-cluster service:
+// <name>.<namespace>.svc.cluster.local.
+func InClusterHost(namespace, name string) string {
+	return name + "." + namespace + "." + InClusterDomain
+}
+
+// outboundClusterName is the sidecar's cluster for port of host:
+// outbound|<port>||<host>.
+func outboundClusterName(host string, port int32) string {
+	return outboundPrefix + "|" + strconv.Itoa(int(port)) + "|" + emptySubsetName + "|" + host
 }
 
 // IsHTTPPort reports whether a sidecar handles port as HTTP: its
@@ -179,8 +207,12 @@ type csPort struct {
 // csService is a clusterset service: one namespace/name over every
 // cluster that exports it.
 type csService struct {
-	key       catalog.ServiceKey
-	host      string
+	key  catalog.ServiceKey
+	host string
+	// inCluster marks an in-cluster service: its one exporter is the
+	// local cluster, its VIP its ClusterIP, and each port has an
+	// outbound chain of its own.
+	inCluster bool
 	vip       netip.Addr
 	exporters []*exporter // sorted by cluster name
 	ports     []csPort    // sorted by number
@@ -216,22 +248,26 @@ type sidecarBuilder struct {
 // Resources, with the same Version, whatever the order of peers. Every
 // resource has passed its Validate(); an error names the service and port
 // at fault. What was left out is listed in the returned Skipped, sorted.
-func TranslateSidecar(local *catalog.Snapshot, peers []*catalog.Snapshot, opts SidecarOptions) (Resources, []Skipped, error) {
+func TranslateSidecar(in SidecarInput, opts SidecarOptions) (Resources, []Skipped, error) {
 	b, err := newSidecarBuilder(opts)
 	if err != nil {
 		return Resources{}, nil, err
 	}
-	services, err := b.services(local, peers)
+	services, err := b.services(in.Local, in.Peers)
 	if err != nil {
 		return Resources{}, nil, err
 	}
 	if err := assignVIPs(services); err != nil {
 		return Resources{}, nil, err
 	}
+	inCluster, err := b.inClusterServices(in.InCluster)
+	if err != nil {
+		return Resources{}, nil, err
+	}
 
 	clusters := make([]*clusterv3.Cluster, 0, 2+2*len(services))
 	loads := make([]*endpointv3.ClusterLoadAssignment, 0, 2*len(services))
-	for _, s := range services {
+	for _, s := range slices.Concat(services, inCluster) {
 		for _, p := range s.ports {
 			c, err := b.serviceCluster(s, p)
 			if err != nil {
@@ -244,7 +280,7 @@ func TranslateSidecar(local *catalog.Snapshot, peers []*catalog.Snapshot, opts S
 	passthrough, inboundPassthrough := b.passthroughClusters()
 	clusters = append(clusters, passthrough, inboundPassthrough)
 
-	outbound, routes, err := b.outbound(services)
+	outbound, routes, err := b.outbound(services, inCluster)
 	if err != nil {
 		return Resources{}, nil, err
 	}
@@ -363,6 +399,81 @@ func (b *sidecarBuilder) services(local *catalog.Snapshot, peers []*catalog.Snap
 		return nil, err
 	}
 	return out, nil
+}
+
+// vipRange is 240.240.0.0/16, the clusterset VIPs.
+var vipRange = netip.PrefixFrom(netip.AddrFrom4([4]byte{vipBase0, vipBase1, 0, 0}), 16)
+
+// inClusterServices makes the in-cluster services of snap, sorted by
+// VIP. Two with one ClusterIP, which the API server never allocates,
+// fail the translation: the sidecars would refuse the configuration.
+func (b *sidecarBuilder) inClusterServices(snap *catalog.Snapshot) ([]*csService, error) {
+	if snap == nil {
+		return nil, nil
+	}
+	if snap.Source() != catalog.InClusterSource {
+		return nil, fmt.Errorf("in-cluster catalog has source %q, not %q", snap.Source(), catalog.InClusterSource)
+	}
+	var out []*csService
+	for svc := range snap.All() {
+		if s := b.inClusterService(svc); s != nil {
+			out = append(out, s)
+		}
+	}
+	slices.SortFunc(out, compareVIPs)
+	for i := 1; i < len(out); i++ {
+		if out[i-1].vip == out[i].vip {
+			return nil, sharedClusterIP(out[i-1], out[i])
+		}
+	}
+	return out, nil
+}
+
+// compareVIPs orders in-cluster services by VIP, then key.
+func compareVIPs(x, y *csService) int {
+	return cmp.Or(x.vip.Compare(y.vip), strings.Compare(x.key.Namespace, y.key.Namespace), strings.Compare(x.key.Name, y.key.Name))
+}
+
+func sharedClusterIP(x, y *csService) error {
+	if compareVIPs(x, y) > 0 {
+		x, y = y, x
+	}
+	return fmt.Errorf("in-cluster services %s and %s have one ClusterIP %s", x.key, y.key, x.vip)
+}
+
+// inClusterService makes svc's in-cluster service, or returns nil, and
+// says why under skipped, when it cannot be one.
+func (b *sidecarBuilder) inClusterService(svc *catalog.Service) *csService {
+	key := svc.Key()
+	e := &exporter{cluster: cmp.Or(svc.Cluster, catalog.InClusterSource), source: catalog.InClusterSource, local: true, svc: svc}
+	vip, err := netip.ParseAddr(svc.ClusterIP)
+	switch {
+	case err != nil:
+		b.skip(key, e.cluster, "in-cluster service: ClusterIP %q is not an IP address: left out", svc.ClusterIP)
+		return nil
+	case vipRange.Contains(vip.Unmap()):
+		b.skip(key, e.cluster, "in-cluster service: ClusterIP %s is in %s, the clusterset virtual IPs: left out", vip, vipRange)
+		return nil
+	case len(svc.Identities) == 0:
+		b.skip(key, e.cluster, "in-cluster service: names no SPIFFE identity, so its endpoints could not be verified: left out")
+		return nil
+	}
+	s := &csService{
+		key: key, host: InClusterHost(key.Namespace, key.Name), inCluster: true, vip: vip.Unmap(),
+		exporters: []*exporter{e},
+	}
+	s.sans = slices.Compact(slices.Sorted(slices.Values(svc.Identities)))
+	for _, p := range svc.Ports {
+		if p.Protocol == catalog.ProtocolTCP {
+			s.ports = append(s.ports, csPort{number: p.Port, http: IsHTTPPort(p)})
+		}
+	}
+	if len(s.ports) == 0 {
+		b.skip(key, e.cluster, "in-cluster service: no TCP port: left out")
+		return nil
+	}
+	slices.SortFunc(s.ports, func(x, y csPort) int { return cmp.Compare(x.number, y.number) })
+	return s
 }
 
 // sharedHost refuses two clusterset services, sorted by host, with one
@@ -519,9 +630,10 @@ func (t *vipTable) take(start uint16) (netip.Addr, bool) {
 	return netip.Addr{}, false
 }
 
-// serviceCluster is the EDS cluster of one clusterset service port.
+// serviceCluster is the EDS cluster of one clusterset or in-cluster
+// service port.
 func (b *sidecarBuilder) serviceCluster(s *csService, p csPort) (*clusterv3.Cluster, error) {
-	name := ClusterSetClusterName(s.key.Namespace, s.key.Name, p.number)
+	name := outboundClusterName(s.host, p.number)
 	fail := func(err error) (*clusterv3.Cluster, error) {
 		return nil, fmt.Errorf("service %s port %d: cluster %q: %w", s.key, p.number, name, err)
 	}
@@ -601,7 +713,7 @@ type level []*endpointv3.LocalityLbEndpoints
 // local pods, then the same-region peers' gateways, then the other
 // peers'; an empty level is dropped so the priorities stay contiguous.
 func (b *sidecarBuilder) loadAssignment(s *csService, p csPort) *endpointv3.ClusterLoadAssignment {
-	name := ClusterSetClusterName(s.key.Namespace, s.key.Name, p.number)
+	name := outboundClusterName(s.host, p.number)
 	// Envoy keeps only the first of two endpoints with one address.
 	taken := map[netip.AddrPort]bool{}
 	var local level
@@ -719,33 +831,33 @@ func (b *sidecarBuilder) locality(l catalog.Locality) *corev3.Locality {
 
 // outbound builds the listener on 15001 and the route configurations
 // its HTTP chains name.
-func (b *sidecarBuilder) outbound(services []*csService) (*listenerv3.Listener, []*routev3.RouteConfiguration, error) {
+func (b *sidecarBuilder) outbound(services, inCluster []*csService) (*listenerv3.Listener, []*routev3.RouteConfiguration, error) {
 	type tcpChain struct {
 		s *csService
-		p int32
+		p csPort
 	}
 	httpVIPs := map[int32][]netip.Addr{}
 	httpHosts := map[int32][]*routev3.VirtualHost{}
 	var explicit []*routev3.VirtualHost
+	// tcp are the chains of one address: clusterset TCP ports and
+	// in-cluster ports.
 	var tcp []tcpChain
-	for _, s := range services {
+	for _, s := range slices.Concat(services, inCluster) {
 		for _, p := range s.ports {
-			if !p.http {
-				tcp = append(tcp, tcpChain{s, p.number})
+			if p.http {
+				explicit = append(explicit, b.explicitHost(s, p))
+			}
+			if !p.http || s.inCluster {
+				tcp = append(tcp, tcpChain{s, p})
 				continue
 			}
 			ps := strconv.Itoa(int(p.number))
-			cluster := ClusterSetClusterName(s.key.Namespace, s.key.Name, p.number)
+			cluster := outboundClusterName(s.host, p.number)
 			vhName := s.host + ":" + ps
 			httpVIPs[p.number] = append(httpVIPs[p.number], s.vip)
 			vip := s.vip.String()
 			httpHosts[p.number] = append(httpHosts[p.number],
 				b.virtualHost(vhName, []string{s.host, vhName, vip, vip + ":" + ps}, cluster))
-			domains := []string{vhName}
-			if p.number == 80 {
-				domains = append(domains, s.host)
-			}
-			explicit = append(explicit, b.virtualHost(vhName, domains, cluster))
 		}
 	}
 
@@ -779,17 +891,13 @@ func (b *sidecarBuilder) outbound(services []*csService) (*listenerv3.Listener, 
 		slices.SortFunc(vhs, func(a, b *routev3.VirtualHost) int { return strings.Compare(a.GetName(), b.GetName()) })
 		routes = append(routes, &routev3.RouteConfiguration{Name: ps, VirtualHosts: vhs})
 	}
-	slices.SortFunc(tcp, func(x, y tcpChain) int { return cmp.Or(x.s.vip.Compare(y.s.vip), cmp.Compare(x.p, y.p)) })
+	slices.SortFunc(tcp, func(x, y tcpChain) int { return cmp.Or(x.s.vip.Compare(y.s.vip), cmp.Compare(x.p.number, y.p.number)) })
 	for _, c := range tcp {
-		cluster := ClusterSetClusterName(c.s.key.Namespace, c.s.key.Name, c.p)
-		proxy, err := b.tcpProxyFilter(cluster)
+		chain, err := b.addressChain(c.s, c.p, hostRanges([]netip.Addr{c.s.vip})[0])
 		if err != nil {
-			return nil, nil, fmt.Errorf("listener %q: service %s port %d: %w", OutboundListenerName, c.s.key, c.p, err)
+			return nil, nil, err
 		}
-		lis.FilterChains = append(lis.FilterChains, &listenerv3.FilterChain{
-			FilterChainMatch: &listenerv3.FilterChainMatch{DestinationPort: wrapperspb.UInt32(uint32(c.p)), PrefixRanges: hostRanges([]netip.Addr{c.s.vip})},
-			Filters:          []*listenerv3.Filter{proxy},
-		})
+		lis.FilterChains = append(lis.FilterChains, chain)
 	}
 	hcm, err := b.rdsManager(ExplicitRouteName, ExplicitRouteName)
 	if err != nil {
@@ -808,6 +916,61 @@ func (b *sidecarBuilder) outbound(services []*csService) (*listenerv3.Listener, 
 	}
 	lis.DefaultFilterChain = &listenerv3.FilterChain{Filters: []*listenerv3.Filter{passthrough}}
 	return lis, routes, nil
+}
+
+// explicitHost is an HTTP port's virtual host in the explicit route:
+// <host>:<port>, and <host> alone for port 80.
+func (b *sidecarBuilder) explicitHost(s *csService, p csPort) *routev3.VirtualHost {
+	vhName := s.host + ":" + strconv.Itoa(int(p.number))
+	domains := []string{vhName}
+	if p.number == 80 {
+		domains = append(domains, s.host)
+	}
+	return b.virtualHost(vhName, domains, outboundClusterName(s.host, p.number))
+}
+
+// addressChain is the outbound chain of port p of s's one address
+// cidr: tcp_proxy to the port's cluster for a TCP port, and for an
+// in-cluster service's HTTP port an HTTP connection manager whose inline
+// route takes every Host to the cluster (the address and port already
+// name the service).
+func (b *sidecarBuilder) addressChain(s *csService, p csPort, cidr *corev3.CidrRange) (*listenerv3.FilterChain, error) {
+	cluster := outboundClusterName(s.host, p.number)
+	fail := func(err error) (*listenerv3.FilterChain, error) {
+		return nil, fmt.Errorf("listener %q: service %s port %d: %w", OutboundListenerName, s.key, p.number, err)
+	}
+	var filter *listenerv3.Filter
+	var err error
+	if p.http {
+		vhName := s.host + ":" + strconv.Itoa(int(p.number))
+		filter, err = b.inlineManager("outbound_"+strconv.Itoa(int(p.number)), b.virtualHost(vhName, []string{"*"}, cluster))
+	} else {
+		filter, err = b.tcpProxyFilter(cluster)
+	}
+	if err != nil {
+		return fail(err)
+	}
+	return &listenerv3.FilterChain{
+		FilterChainMatch: &listenerv3.FilterChainMatch{DestinationPort: wrapperspb.UInt32(uint32(p.number)), PrefixRanges: []*corev3.CidrRange{cidr}},
+		Filters:          []*listenerv3.Filter{filter},
+	}, nil
+}
+
+// inlineManager is an HTTP connection manager with vh as its one
+// virtual host, in a route configuration of the same name.
+func (b *sidecarBuilder) inlineManager(statPrefix string, vh *routev3.VirtualHost) (*listenerv3.Filter, error) {
+	hcm, err := typedConfig(&hcmv3.HttpConnectionManager{
+		CodecType:  hcmv3.HttpConnectionManager_AUTO,
+		StatPrefix: statPrefix,
+		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{
+			Name: vh.GetName(), VirtualHosts: []*routev3.VirtualHost{vh},
+		}},
+		HttpFilters: []*hcmv3.HttpFilter{b.routerFilter()},
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &listenerv3.Filter{Name: wellknown.HTTPConnectionManager, ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: hcm}}, nil
 }
 
 // inbound builds the listener on 15006: mTLS required on every chain,

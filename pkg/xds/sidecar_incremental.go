@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash"
+	"maps"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -33,6 +34,9 @@ import (
 // translates again only the namespace/names whose exports changed in the
 // local catalog or in any peer's imports, plus those whose virtual IP
 // moved because a service was added or removed before them in host order.
+// The in-cluster services are kept apart, by namespace/name too: each
+// is translated again only when its entry changed, and its parts join
+// the clusters, the chains of one address and the explicit route.
 // The shared resources (the outbound listener, the HTTP ports' chains
 // and route configurations, the explicit route) are assembled from the
 // kept parts and made again only when their parts changed; the version
@@ -78,8 +82,17 @@ type SidecarTranslator struct {
 	explicitRoute routeState
 	// skipping are the keys with something skipped.
 	skipping map[catalog.ServiceKey]*sidecarKey
-	last     Resources
-	skipped  []Skipped
+	// inCluster is the in-cluster catalog as last translated, icKeys
+	// what each of its services made, and icSkipping those with
+	// something skipped. An in-cluster service's ports join byName, tcp
+	// (each has a chain of its own) and explicit; never http.
+	inCluster  sourceState
+	icKeys     map[catalog.ServiceKey]*sidecarKey
+	icSkipping map[catalog.ServiceKey]*sidecarKey
+	// noInCluster stands for a missing in-cluster catalog.
+	noInCluster *catalog.Snapshot
+	last        Resources
+	skipped     []Skipped
 	// checkpoints are the version's inner hash before every claBlock-th
 	// ClusterLoadAssignment of last (see GatewayTranslator).
 	checkpoints []hash.Hash
@@ -105,8 +118,10 @@ type sidecarKey struct {
 	ports   []sidecarPort
 	skipped []Skipped
 	// cidr is the VIP as a prefix range of an HTTP port's chain.
-	cidr    *corev3.CidrRange
-	dropped uint64
+	cidr *corev3.CidrRange
+	// inCluster marks an in-cluster service's state (icKeys).
+	inCluster bool
+	dropped   uint64
 }
 
 // sidecarPort is one port of a clusterset service and what it adds to
@@ -163,7 +178,9 @@ func NewSidecarTranslator(opts SidecarOptions) (*SidecarTranslator, error) {
 	if err != nil {
 		return nil, err
 	}
-	t := &SidecarTranslator{b: b, keys: map[catalog.ServiceKey]*sidecarKey{}}
+	t := &SidecarTranslator{b: b, keys: map[catalog.ServiceKey]*sidecarKey{}, icKeys: map[catalog.ServiceKey]*sidecarKey{},
+		noInCluster: catalog.NewBuilder(catalog.InClusterSource).Build()}
+	t.inCluster.snap = t.noInCluster
 	if t.inbound, err = b.inbound(); err != nil {
 		return nil, err
 	}
@@ -269,17 +286,31 @@ func (o outboundShell) listener(chains []*listenerv3.FilterChain) *listenerv3.Li
 	return withChains(o.shell, chains)
 }
 
-// Translate is TranslateSidecar(local, peers, opts) for the translator's
-// opts. When it fails, the translator keeps what it had, and the error
-// is the one TranslateSidecar gives (when several resources are bad, it
-// may name another of them). The Skipped list is shared and must not be
+// Translate is TranslateSidecar(in, opts) for the translator's opts.
+// When it fails, the translator keeps what it had, and the error is the
+// one TranslateSidecar gives (when several resources are bad, it may
+// name another of them). The Skipped list is shared and must not be
 // modified.
-func (t *SidecarTranslator) Translate(local *catalog.Snapshot, peers []*catalog.Snapshot) (Resources, []Skipped, error) {
-	now, err := sourcesOf(local, peers)
+func (t *SidecarTranslator) Translate(in SidecarInput) (Resources, []Skipped, error) {
+	now, err := sourcesOf(in.Local, in.Peers)
 	if err != nil {
 		return Resources{}, nil, err
 	}
+	icSnap := in.InCluster
+	if icSnap == nil {
+		icSnap = t.noInCluster
+	}
+	if icSnap.Source() != catalog.InClusterSource {
+		return Resources{}, nil, fmt.Errorf("in-cluster catalog has source %q, not %q", icSnap.Source(), catalog.InClusterSource)
+	}
 	t.gen++
+
+	// The in-cluster services that changed.
+	icDirty := map[catalog.ServiceKey]bool{}
+	icState := t.inCluster
+	if icSnap != t.inCluster.snap {
+		icState = sourceState{snap: icSnap, services: diffServices(t.inCluster.services, icSnap, icDirty)}
+	}
 
 	// The namespace/names whose exports changed in some catalog.
 	dirty := map[catalog.ServiceKey]bool{}
@@ -299,8 +330,8 @@ func (t *SidecarTranslator) Translate(local *catalog.Snapshot, peers []*catalog.
 			}
 		}
 	}
-	if t.last.Version != "" && len(dirty) == 0 {
-		t.sources = sources
+	if t.last.Version != "" && len(dirty) == 0 && len(icDirty) == 0 {
+		t.sources, t.inCluster = sources, icState
 		return t.last, t.skipped, nil
 	}
 
@@ -400,33 +431,48 @@ func (t *SidecarTranslator) Translate(local *catalog.Snapshot, peers []*catalog.
 		}
 	}
 
-	res, next, err := t.assemble(changed, fresh)
+	// The in-cluster services, in key order as TranslateSidecar reads
+	// them.
+	icChanged := make(map[catalog.ServiceKey]*sidecarKey, len(icDirty))
+	var icFresh []*sidecarKey
+	for _, key := range slices.SortedFunc(maps.Keys(icDirty), compareServiceKeys) {
+		var k *sidecarKey
+		if svc, ok := icSnap.Get(key); ok {
+			if k, err = t.inClusterKey(svc); err != nil {
+				return Resources{}, nil, err
+			}
+			if k.cs != nil {
+				icFresh = append(icFresh, k)
+			}
+		}
+		icChanged[key] = k
+	}
+	gone := make([]*sidecarKey, 0, len(changed)+len(icChanged))
+	for key := range changed {
+		if old := t.keys[key]; old != nil {
+			gone = append(gone, old)
+		}
+	}
+	for key := range icChanged {
+		if old := t.icKeys[key]; old != nil {
+			old.dropped = t.gen
+			gone = append(gone, old)
+		}
+	}
+
+	res, next, err := t.assemble(gone, slices.Concat(fresh, icFresh))
 	if err != nil {
 		return Resources{}, nil, err
 	}
-	skipping, skipped := t.skipping, t.skipped
-	redoSkipped := false
-	for key, k := range changed {
-		if old := t.keys[key]; (old != nil && len(old.skipped) > 0) || (k != nil && len(k.skipped) > 0) {
-			redoSkipped = true
-			break
-		}
-	}
-	if redoSkipped {
-		skipping = make(map[catalog.ServiceKey]*sidecarKey, len(t.skipping))
-		for key, k := range t.skipping {
-			if _, ok := changed[key]; !ok {
-				skipping[key] = k
-			}
-		}
+	skipping, redo := redoSkipping(t.skipping, t.keys, changed)
+	icSkipping, icRedo := redoSkipping(t.icSkipping, t.icKeys, icChanged)
+	skipped := t.skipped
+	if redo || icRedo {
 		skipped = nil
-		for key, k := range changed {
-			if k != nil && len(k.skipped) > 0 {
-				skipping[key] = k
+		for _, m := range []map[catalog.ServiceKey]*sidecarKey{skipping, icSkipping} {
+			for _, k := range m {
+				skipped = append(skipped, k.skipped...)
 			}
-		}
-		for _, k := range skipping {
-			skipped = append(skipped, k.skipped...)
 		}
 		slices.SortFunc(skipped, compareSkipped)
 		skipped = slices.Compact(skipped)
@@ -440,11 +486,99 @@ func (t *SidecarTranslator) Translate(local *catalog.Snapshot, peers []*catalog.
 			t.keys[key] = k
 		}
 	}
+	for key, k := range icChanged {
+		if k == nil {
+			delete(t.icKeys, key)
+		} else {
+			t.icKeys[key] = k
+		}
+	}
+	t.inCluster, t.icSkipping = icState, icSkipping
 	t.sources, t.hosts = sources, hosts
 	t.byName, t.tcp, t.explicit, t.http, t.explicitRoute = next.byName, next.tcp, next.explicit, next.http, next.explicitRoute
 	t.checkpoints = next.checkpoints
 	t.skipping, t.skipped, t.last = skipping, skipped, res
 	return res, skipped, nil
+}
+
+// redoSkipping returns the keys with something skipped after the keys
+// of changed are replaced (a nil state: removed), and whether that set
+// changed; when it did not, it is skipping itself.
+func redoSkipping(skipping, keys map[catalog.ServiceKey]*sidecarKey, changed map[catalog.ServiceKey]*sidecarKey) (map[catalog.ServiceKey]*sidecarKey, bool) {
+	redo := false
+	for key, k := range changed {
+		if old := keys[key]; (old != nil && len(old.skipped) > 0) || (k != nil && len(k.skipped) > 0) {
+			redo = true
+			break
+		}
+	}
+	if !redo {
+		return skipping, false
+	}
+	out := make(map[catalog.ServiceKey]*sidecarKey, len(skipping))
+	for key, k := range skipping {
+		if _, ok := changed[key]; !ok {
+			out[key] = k
+		}
+	}
+	for key, k := range changed {
+		if k != nil && len(k.skipped) > 0 {
+			out[key] = k
+		}
+	}
+	return out, true
+}
+
+func compareServiceKeys(a, b catalog.ServiceKey) int {
+	return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
+}
+
+// inClusterKey makes everything an in-cluster service adds: its
+// clusters, assignments, chains and explicit virtual hosts, each with
+// its encoding. Its state has no cs when it cannot be one (skipped).
+func (t *SidecarTranslator) inClusterKey(svc *catalog.Service) (*sidecarKey, error) {
+	t.b.skipped = nil
+	cs := t.b.inClusterService(svc)
+	k := &sidecarKey{key: svc.Key(), host: InClusterHost(svc.Namespace, svc.Name), inCluster: true, cs: cs, skipped: t.b.skipped}
+	t.b.skipped = nil
+	if cs == nil {
+		return k, nil
+	}
+	k.cidr = hostRanges([]netip.Addr{cs.vip})[0]
+	k.ports = make([]sidecarPort, len(cs.ports))
+	for i, p := range cs.ports {
+		sp := &k.ports[i]
+		sp.owner, sp.port = k, p
+		sp.name = outboundClusterName(k.host, p.number)
+		sp.vhName = k.host + ":" + strconv.Itoa(int(p.number))
+		var err error
+		sp.cla = t.b.loadAssignment(cs, p)
+		if sp.claEnc, err = encode(endpointTag, sp.name, sp.cla); err != nil {
+			return nil, err
+		}
+		if sp.cluster, err = t.b.serviceCluster(cs, p); err != nil {
+			return nil, err
+		}
+		if sp.clusterEnc, err = encode(clusterTag, sp.name, sp.cluster); err != nil {
+			return nil, err
+		}
+		if sp.chain, err = t.b.addressChain(cs, p, k.cidr); err != nil {
+			return nil, err
+		}
+		if sp.chainField, err = chainField(sp.chain); err != nil {
+			return nil, fmt.Errorf("%s %q: service %s port %d: %w", listenerTag, OutboundListenerName, cs.key, p.number, err)
+		}
+		if p.http {
+			sp.explicitVH = t.b.explicitHost(cs, p)
+			if sp.explicitVHField, err = vhField(sp.explicitVH); err != nil {
+				return nil, fmt.Errorf("route configuration %q is invalid: %w", ExplicitRouteName, err)
+			}
+		}
+	}
+	// loadAssignment may skip an endpoint that is not an IP.
+	k.skipped = append(k.skipped, t.b.skipped...)
+	t.b.skipped = nil
+	return k, nil
 }
 
 func compareSkipped(x, y Skipped) int {
@@ -517,7 +651,7 @@ func diffServices(prev []*catalog.Service, snap *catalog.Snapshot, dirty map[cat
 // sameForSidecar reports whether a and b translate alike for the
 // sidecars: everything but the peers a local export is narrowed to.
 func sameForSidecar(a, b *catalog.Service) bool {
-	if a.Namespace != b.Namespace || a.Name != b.Name || a.Cluster != b.Cluster ||
+	if a.Namespace != b.Namespace || a.Name != b.Name || a.Cluster != b.Cluster || a.ClusterIP != b.ClusterIP ||
 		!slices.Equal(a.Ports, b.Ports) || !slices.Equal(a.Identities, b.Identities) ||
 		!slices.Equal(a.Gateways, b.Gateways) || len(a.Endpoints) != len(b.Endpoints) {
 		return false
@@ -742,17 +876,20 @@ func (s *portParts) add(k *sidecarKey, touched map[int32]bool) {
 		s.names = append(s.names, p)
 		if p.port.http {
 			s.explicit = append(s.explicit, p)
-			s.http[p.port.number] = append(s.http[p.port.number], p)
-			touched[p.port.number] = true
-		} else {
-			s.tcp = append(s.tcp, p)
 		}
+		if !p.port.http || k.inCluster {
+			s.tcp = append(s.tcp, p)
+			continue
+		}
+		s.http[p.port.number] = append(s.http[p.port.number], p)
+		touched[p.port.number] = true
 	}
 }
 
-// assemble makes the Resources from the kept parts and the fresh
-// states' (sorted by host), and the version.
-func (t *SidecarTranslator) assemble(changed map[catalog.ServiceKey]*sidecarKey, fresh []*sidecarKey) (Resources, assembled, error) {
+// assemble makes the Resources from the kept parts, without those of
+// the replaced states, dropped, and with the fresh states', and the
+// version.
+func (t *SidecarTranslator) assemble(dropped, fresh []*sidecarKey) (Resources, assembled, error) {
 	keep := func(p *sidecarPort) bool { return t.kept(p.owner) }
 	touched := map[int32]bool{}
 	added := portParts{http: map[int32][]*sidecarPort{}}
@@ -760,10 +897,8 @@ func (t *SidecarTranslator) assemble(changed map[catalog.ServiceKey]*sidecarKey,
 		added.add(k, touched)
 	}
 	gone := portParts{http: map[int32][]*sidecarPort{}}
-	for key := range changed {
-		if old := t.keys[key]; old != nil {
-			gone.add(old, touched)
-		}
+	for _, old := range dropped {
+		gone.add(old, touched)
 	}
 	sorted := func(ps []*sidecarPort, cmp func(a, b *sidecarPort) int) []*sidecarPort {
 		slices.SortFunc(ps, cmp)
@@ -772,6 +907,9 @@ func (t *SidecarTranslator) assemble(changed map[catalog.ServiceKey]*sidecarKey,
 	var a assembled
 	a.byName = updateSorted(t.byName, sorted(gone.names, byClusterName), sorted(added.names, byClusterName), keep, byClusterName)
 	a.tcp = updateSorted(t.tcp, sorted(gone.tcp, byVIPAndPort), sorted(added.tcp, byVIPAndPort), keep, byVIPAndPort)
+	if err := sharedAddress(a.tcp, added.tcp); err != nil {
+		return Resources{}, assembled{}, err
+	}
 	a.explicit = updateSorted(t.explicit, sorted(gone.explicit, byVHName), sorted(added.explicit, byVHName), keep, byVHName)
 
 	// HTTP ports: the untouched kept as they are.
@@ -867,6 +1005,30 @@ func (t *SidecarTranslator) assemble(changed map[catalog.ServiceKey]*sidecarKey,
 		Endpoints: loads,
 		Routes:    routes,
 	}, a, nil
+}
+
+// sharedAddress refuses two in-cluster services with one ClusterIP, as
+// inClusterServices does, looking only around the fresh ports in the
+// address-ordered list.
+func sharedAddress(list, fresh []*sidecarPort) error {
+	for _, f := range fresh {
+		if !f.owner.inCluster {
+			continue
+		}
+		i, _ := slices.BinarySearchFunc(list, f, byVIPAndPort)
+		same := func(j int) bool { return j >= 0 && j < len(list) && list[j].owner.cs.vip == f.owner.cs.vip }
+		for j := i; same(j); j-- {
+			if o := list[j].owner; o != f.owner {
+				return sharedClusterIP(o.cs, f.owner.cs)
+			}
+		}
+		for j := i + 1; same(j); j++ {
+			if o := list[j].owner; o != f.owner {
+				return sharedClusterIP(o.cs, f.owner.cs)
+			}
+		}
+	}
+	return nil
 }
 
 // outboundListener is r's outbound listener, nil for the zero Resources.

@@ -1,9 +1,11 @@
 package xds
 
 import (
+	"crypto/sha256"
 	"fmt"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -61,16 +63,16 @@ func TestSidecarTranslatorGolden(t *testing.T) {
 	}
 	for _, tc := range seq {
 		t.Run(tc.name, func(t *testing.T) {
-			local, peers := tc.snapshots(t)
+			in := tc.input(t)
 			want, wantSkipped := tc.translate(t)
 			fresh, err := NewSidecarTranslator(SidecarOptions{Region: tc.region})
 			require.NoError(t, err)
-			got, gotSkipped, err := fresh.Translate(local, peers)
+			got, gotSkipped, err := fresh.Translate(in)
 			require.NoError(t, err)
 			requireSameSidecar(t, want, got, wantSkipped, gotSkipped, "fresh")
 			golden(t, "sidecar-"+tc.name+".json", renderSidecar(t, got, gotSkipped))
 
-			got, gotSkipped, err = chained[tc.region].Translate(local, peers)
+			got, gotSkipped, err = chained[tc.region].Translate(in)
 			require.NoError(t, err)
 			requireSameSidecar(t, want, got, wantSkipped, gotSkipped, "after other cases")
 			validateResources(t, got)
@@ -79,6 +81,17 @@ func TestSidecarTranslatorGolden(t *testing.T) {
 			require.NoError(t, xs.Consistent())
 		})
 	}
+}
+
+// input is the case's catalogs, peers in name order.
+func (c sidecarCase) input(t testing.TB) SidecarInput {
+	t.Helper()
+	local, peers := c.snapshots(t)
+	in := SidecarInput{Local: local, Peers: peers}
+	if c.inCluster != nil {
+		in.InCluster = inClusterSnapshot(t, c.inCluster...)
+	}
+	return in
 }
 
 // snapshots are the case's catalogs, peers in name order.
@@ -109,13 +122,15 @@ type randomMesh struct {
 	peers map[string]*catalog.Builder
 	// gone are the peers whose imports are not in the store.
 	gone map[string]bool
+	// inCluster are a's in-cluster services.
+	inCluster *catalog.Builder
 }
 
 var meshPeers = []string{"b", "c", "d"}
 
 func newRandomMesh(seed uint64) *randomMesh {
 	m := &randomMesh{rng: rand.New(rand.NewPCG(seed, 7)), local: catalog.NewBuilder(catalog.LocalSource),
-		peers: map[string]*catalog.Builder{}, gone: map[string]bool{}}
+		peers: map[string]*catalog.Builder{}, gone: map[string]bool{}, inCluster: catalog.NewBuilder(catalog.InClusterSource)}
 	for _, p := range meshPeers {
 		m.peers[p] = catalog.NewBuilder(p)
 	}
@@ -132,6 +147,20 @@ func (m *randomMesh) key() catalog.ServiceKey {
 	}
 	i := m.rng.IntN(16)
 	return catalog.ServiceKey{Namespace: fmt.Sprintf("ns%d", i%3), Name: fmt.Sprintf("s%d", i)}
+}
+
+// clusterIP is key's ClusterIP: one per key, IPv6 in namespace ns2, and
+// svc15's in the clusterset VIP range (skipped).
+func clusterIP(key catalog.ServiceKey) string {
+	sum := sha256.Sum256([]byte(key.String()))
+	switch {
+	case key.Name == "svc15":
+		return "240.240.1.1"
+	case key.Namespace == "ns2":
+		return fmt.Sprintf("fd00:96::%x", sum[0])
+	}
+	// Keys are few: the first two bytes of their hashes differ.
+	return fmt.Sprintf("10.96.%d.%d", sum[0], sum[1])
 }
 
 func (m *randomMesh) service(key catalog.ServiceKey, cluster string) catalog.Service {
@@ -210,19 +239,29 @@ func (m *randomMesh) step(t testing.TB) string {
 	r := m.rng
 	cluster := "a"
 	b := m.local
-	if i := r.IntN(4); i > 0 {
+	inCluster := false
+	switch i := r.IntN(5); {
+	case i == 4:
+		b, inCluster = m.inCluster, true
+	case i > 0:
 		cluster = meshPeers[i-1]
 		b = m.peers[cluster]
 	}
 	key := m.key()
 	switch op := r.IntN(20); {
 	case op < 10:
-		require.NoError(t, b.Put(m.service(key, cluster)))
+		svc := m.service(key, cluster)
+		if inCluster {
+			svc.ClusterIP = clusterIP(key)
+			require.NoError(t, b.Put(svc))
+			return fmt.Sprintf("put %s in-cluster", key)
+		}
+		require.NoError(t, b.Put(svc))
 		return fmt.Sprintf("put %s in %s", key, cluster)
 	case op < 15:
 		b.Delete(key)
 		return fmt.Sprintf("delete %s from %s", key, cluster)
-	case op < 16 && cluster != "a":
+	case op < 16 && cluster != "a" && !inCluster:
 		m.gone[cluster] = !m.gone[cluster]
 		return fmt.Sprintf("peer %s gone: %v", cluster, m.gone[cluster])
 	case op < 17:
@@ -231,9 +270,12 @@ func (m *randomMesh) step(t testing.TB) string {
 		for svc := range b.Build().All() {
 			require.NoError(t, fresh.Put(svc.Clone()))
 		}
-		if cluster == "a" {
+		switch {
+		case inCluster:
+			m.inCluster = fresh
+		case cluster == "a":
 			m.local = fresh
-		} else {
+		default:
 			m.peers[cluster] = fresh
 		}
 		return fmt.Sprintf("rebuild %s", cluster)
@@ -258,7 +300,7 @@ func (m *randomMesh) step(t testing.TB) string {
 }
 
 // catalogs are the current snapshots, the peers in a random order.
-func (m *randomMesh) catalogs() (*catalog.Snapshot, []*catalog.Snapshot) {
+func (m *randomMesh) catalogs() SidecarInput {
 	var peers []*catalog.Snapshot
 	for _, p := range meshPeers {
 		if !m.gone[p] {
@@ -266,7 +308,7 @@ func (m *randomMesh) catalogs() (*catalog.Snapshot, []*catalog.Snapshot) {
 		}
 	}
 	m.rng.Shuffle(len(peers), func(i, j int) { peers[i], peers[j] = peers[j], peers[i] })
-	return m.local.Build(), peers
+	return SidecarInput{Local: m.local.Build(), InCluster: m.inCluster.Build(), Peers: peers}
 }
 
 // Random sequences of adds, changes and removals of local and imported
@@ -281,12 +323,15 @@ func TestSidecarTranslatorRandomChanges(t *testing.T) {
 			tr, err := NewSidecarTranslator(opts)
 			require.NoError(t, err)
 			var prev Resources
+			// What the in-cluster services made along the way: the
+			// sequence must have exercised them.
+			inClusterHTTP, inClusterTCP, inClusterSkipped := false, false, false
 			for i := range 250 {
 				what := m.step(t)
-				local, peers := m.catalogs()
-				want, wantSkipped, err := TranslateSidecar(local, peers, opts)
+				in := m.catalogs()
+				want, wantSkipped, err := TranslateSidecar(in, opts)
 				require.NoError(t, err)
-				got, gotSkipped, err := tr.Translate(local, peers)
+				got, gotSkipped, err := tr.Translate(in)
 				require.NoError(t, err)
 				msg := fmt.Sprintf("step %d (%s)", i, what)
 				requireSameSidecar(t, want, got, wantSkipped, gotSkipped, msg)
@@ -301,7 +346,17 @@ func TestSidecarTranslatorRandomChanges(t *testing.T) {
 				require.NoError(t, err, msg)
 				require.NoError(t, xs.Consistent(), msg)
 				prev = got
+				for _, c := range got.Clusters {
+					if strings.HasSuffix(c.GetName(), "."+InClusterDomain) {
+						http := c.GetTypedExtensionProtocolOptions() != nil
+						inClusterHTTP, inClusterTCP = inClusterHTTP || http, inClusterTCP || !http
+					}
+				}
+				for _, sk := range gotSkipped {
+					inClusterSkipped = inClusterSkipped || strings.HasPrefix(sk.Reason, "in-cluster service:")
+				}
 			}
+			require.True(t, inClusterHTTP && inClusterTCP && inClusterSkipped, "in-cluster HTTP %v, TCP %v, skipped %v", inClusterHTTP, inClusterTCP, inClusterSkipped)
 		})
 	}
 }
@@ -313,7 +368,7 @@ func TestSidecarTranslatorReusesUnchangedServices(t *testing.T) {
 	local, peers := sidecarBenchCatalogs(t, 40)
 	tr, err := NewSidecarTranslator(SidecarOptions{Region: "r1"})
 	require.NoError(t, err)
-	first, _, err := tr.Translate(local, peers)
+	first, _, err := tr.Translate(SidecarInput{Local: local, Peers: peers})
 	require.NoError(t, err)
 
 	b := local.Builder()
@@ -323,10 +378,10 @@ func TestSidecarTranslatorReusesUnchangedServices(t *testing.T) {
 	c.Endpoints[0].Addresses[0].Ready = false
 	c.Endpoints[0].Ready, c.Endpoints[0].NotReady = 0, 1
 	require.NoError(t, b.Put(c))
-	second, _, err := tr.Translate(b.Build(), peers)
+	second, _, err := tr.Translate(SidecarInput{Local: b.Build(), Peers: peers})
 	require.NoError(t, err)
 	require.NotEqual(t, first.Version, second.Version)
-	want, _, err := TranslateSidecar(b.Build(), peers, SidecarOptions{Region: "r1"})
+	want, _, err := TranslateSidecar(SidecarInput{Local: b.Build(), Peers: peers}, SidecarOptions{Region: "r1"})
 	require.NoError(t, err)
 	require.Equal(t, want.Version, second.Version)
 
@@ -350,7 +405,7 @@ func TestSidecarTranslatorReusesUnchangedServices(t *testing.T) {
 	}
 
 	// The same catalogs again: the same result.
-	third, _, err := tr.Translate(b.Build(), peers)
+	third, _, err := tr.Translate(SidecarInput{Local: b.Build(), Peers: peers})
 	require.NoError(t, err)
 	require.Equal(t, second.Version, third.Version)
 	require.Same(t, second.Endpoints[0], third.Endpoints[0])
@@ -370,9 +425,9 @@ func TestSidecarTranslatorResumesTheHash(t *testing.T) {
 	check := func(what string) {
 		t.Helper()
 		snap := b.Build()
-		want, wantSkipped, err := TranslateSidecar(snap, peers, opts)
+		want, wantSkipped, err := TranslateSidecar(SidecarInput{Local: snap, Peers: peers}, opts)
 		require.NoError(t, err, what)
-		got, gotSkipped, err := tr.Translate(snap, peers)
+		got, gotSkipped, err := tr.Translate(SidecarInput{Local: snap, Peers: peers})
 		require.NoError(t, err, what)
 		requireSameSidecar(t, want, got, wantSkipped, gotSkipped, what)
 	}
@@ -405,43 +460,54 @@ func TestSidecarTranslatorRefusesWhatTranslateSidecarRefuses(t *testing.T) {
 	require.NoError(t, err)
 	tc := caseNamed(t, "local-and-peers-in-two-regions")
 	local, peers := tc.snapshots(t)
-	good, _, err := tr.Translate(local, peers)
+	inCluster := inClusterSnapshot(t, inClusterEcho())
+	good, _, err := tr.Translate(SidecarInput{Local: local, InCluster: inCluster, Peers: peers})
 	require.NoError(t, err)
 
+	// A second in-cluster service at echo's ClusterIP: the translator
+	// keeps echo, and finds the clash around the fresh one.
+	sameIP := inClusterEcho()
+	sameIP.Namespace = "shop"
 	for _, bad := range []struct {
-		name  string
-		local *catalog.Snapshot
-		peers []*catalog.Snapshot
+		name      string
+		local     *catalog.Snapshot
+		inCluster *catalog.Snapshot
+		peers     []*catalog.Snapshot
 	}{
-		{"local from a peer", peerSnapshot(t, "b"), nil},
-		{"a peer twice", local, []*catalog.Snapshot{peerSnapshot(t, "b"), peerSnapshot(t, "b")}},
-		{"a peer named local", local, []*catalog.Snapshot{snapshotOf(t)}},
+		{"local from a peer", peerSnapshot(t, "b"), inCluster, nil},
+		{"a peer twice", local, inCluster, []*catalog.Snapshot{peerSnapshot(t, "b"), peerSnapshot(t, "b")}},
+		{"a peer named local", local, inCluster, []*catalog.Snapshot{snapshotOf(t)}},
 		// "c.a" in "b" and "c" in "a.b" are both c.a.b.svc.clusterset.local.
 		{"two services, one host", snapshotOf(t, localEcho(),
 			catalog.Service{Namespace: "b", Name: "c.a", Cluster: "a", Identities: []string{echoID}, Ports: []catalog.Port{{Port: 80}}},
 			catalog.Service{Namespace: "a.b", Name: "c", Cluster: "a", Identities: []string{echoID}, Ports: []catalog.Port{{Port: 80}}},
-		), peers},
+		), inCluster, peers},
+		{"in-cluster services from a peer", local, peerSnapshot(t, "b"), peers},
+		{"two in-cluster services, one ClusterIP", local, inClusterSnapshot(t, inClusterEcho(), sameIP), peers},
 	} {
-		_, _, want := TranslateSidecar(bad.local, bad.peers, opts)
+		in := SidecarInput{Local: bad.local, InCluster: bad.inCluster, Peers: bad.peers}
+		_, _, want := TranslateSidecar(in, opts)
 		require.Error(t, want, bad.name)
-		_, _, got := tr.Translate(bad.local, bad.peers)
+		_, _, got := tr.Translate(in)
 		require.EqualError(t, got, want.Error(), bad.name)
 	}
-	require.ErrorContains(t, func() error {
-		_, _, err := TranslateSidecar(snapshotOf(t,
-			catalog.Service{Namespace: "b", Name: "c.a", Cluster: "a", Identities: []string{echoID}, Ports: []catalog.Port{{Port: 80}}},
-			catalog.Service{Namespace: "a.b", Name: "c", Cluster: "a", Identities: []string{echoID}, Ports: []catalog.Port{{Port: 80}}},
-		), nil, opts)
-		return err
-	}(), `services a.b/c and b/c.a have one clusterset host "c.a.b.svc.clusterset.local"`)
+	_, _, err = TranslateSidecar(SidecarInput{Local: snapshotOf(t,
+		catalog.Service{Namespace: "b", Name: "c.a", Cluster: "a", Identities: []string{echoID}, Ports: []catalog.Port{{Port: 80}}},
+		catalog.Service{Namespace: "a.b", Name: "c", Cluster: "a", Identities: []string{echoID}, Ports: []catalog.Port{{Port: 80}}},
+	)}, opts)
+	require.ErrorContains(t, err, `services a.b/c and b/c.a have one clusterset host "c.a.b.svc.clusterset.local"`)
+	_, _, err = tr.Translate(SidecarInput{Local: local, InCluster: inClusterSnapshot(t, inClusterEcho(), sameIP), Peers: peers})
+	require.EqualError(t, err, "in-cluster services demo/echo and shop/echo have one ClusterIP 10.96.0.10")
+	_, _, err = tr.Translate(SidecarInput{Local: local, InCluster: peerSnapshot(t, "b"), Peers: peers})
+	require.EqualError(t, err, `in-cluster catalog has source "b", not "in-cluster"`)
 
-	again, _, err := tr.Translate(local, peers)
+	again, _, err := tr.Translate(SidecarInput{Local: local, InCluster: inCluster, Peers: peers})
 	require.NoError(t, err)
 	requireSameSidecar(t, good, again, nil, nil, "after the refusals")
 	other := caseNamed(t, "tcp-grpc-h2c-ports")
 	local, peers = other.snapshots(t)
 	want, wantSkipped := other.translate(t)
-	got, gotSkipped, err := tr.Translate(local, peers)
+	got, gotSkipped, err := tr.Translate(SidecarInput{Local: local, Peers: peers})
 	require.NoError(t, err)
 	requireSameSidecar(t, want, got, wantSkipped, gotSkipped, "then another catalog")
 }
@@ -458,7 +524,7 @@ func TestSidecarTranslatorEncodings(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, spliced.outbound.splice, "head, chains and tail are the listener's encoding")
 	require.True(t, spliced.spliceRoutes, "name and virtual hosts are a route configuration's encoding")
-	got, skipped, err := spliced.Translate(local, peers)
+	got, skipped, err := spliced.Translate(SidecarInput{Local: local, Peers: peers})
 	require.NoError(t, err)
 	want, wantSkipped := tc.translate(t)
 	requireSameSidecar(t, want, got, wantSkipped, skipped, "spliced")
@@ -468,14 +534,14 @@ func TestSidecarTranslatorEncodings(t *testing.T) {
 	whole.outbound.splice, whole.spliceRoutes = false, false
 	whole.explicitRoute, err = whole.route(ExplicitRouteName, nil)
 	require.NoError(t, err)
-	got, skipped, err = whole.Translate(local, peers)
+	got, skipped, err = whole.Translate(SidecarInput{Local: local, Peers: peers})
 	require.NoError(t, err)
 	requireSameSidecar(t, want, got, wantSkipped, skipped, "whole")
 	// And incrementally: one service removed.
 	tc.local = tc.local[1:]
 	local, peers = tc.snapshots(t)
 	want, wantSkipped = tc.translate(t)
-	got, skipped, err = whole.Translate(local, peers)
+	got, skipped, err = whole.Translate(SidecarInput{Local: local, Peers: peers})
 	require.NoError(t, err)
 	requireSameSidecar(t, want, got, wantSkipped, skipped, "whole, one removed")
 }

@@ -96,8 +96,9 @@ func (s *Server) updateSidecar(ctx context.Context, local *catalog.Snapshot, sec
 	}
 }
 
-// translateSidecar is TranslateSidecar(local, peers, s.opts.Sidecar),
-// by the Server's SidecarTranslator.
+// translateSidecar is TranslateSidecar for the local catalog, peers and
+// the in-cluster services (when the Server has them), by the Server's
+// SidecarTranslator.
 func (s *Server) translateSidecar(local *catalog.Snapshot, peers []*catalog.Snapshot) (Resources, []Skipped, error) {
 	st := &s.sidecar
 	if st.translator == nil {
@@ -107,7 +108,11 @@ func (s *Server) translateSidecar(local *catalog.Snapshot, peers []*catalog.Snap
 		}
 		st.translator = t
 	}
-	return st.translator.Translate(local, peers)
+	in := SidecarInput{Local: local, Peers: peers}
+	if s.opts.InCluster != nil {
+		in.InCluster = s.opts.InCluster.Get(catalog.InClusterSource)
+	}
+	return st.translator.Translate(in)
 }
 
 // setSidecar checks res's snapshot for consistency and serves it to every

@@ -31,7 +31,7 @@ func sidecarTranslated(t testing.TB, local []catalog.Service, peers map[string][
 	for name, svcs := range peers {
 		snaps = append(snaps, peerSnapshot(t, name, svcs...))
 	}
-	r, _, err := TranslateSidecar(snapshotOf(t, local...), snaps, SidecarOptions{Region: "r1"})
+	r, _, err := TranslateSidecar(SidecarInput{Local: snapshotOf(t, local...), Peers: snaps}, SidecarOptions{Region: "r1"})
 	require.NoError(t, err)
 	return r
 }

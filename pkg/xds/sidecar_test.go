@@ -53,6 +53,21 @@ func peerEcho(peer string, loc catalog.Locality, ready, notReady int, gateways .
 	}
 }
 
+func inClusterSnapshot(t testing.TB, svcs ...catalog.Service) *catalog.Snapshot {
+	t.Helper()
+	s, err := catalog.NewSnapshot(catalog.InClusterSource, svcs)
+	require.NoError(t, err)
+	return s
+}
+
+// inClusterEcho is demo/echo as an in-cluster service of a: localEcho
+// with a ClusterIP.
+func inClusterEcho() catalog.Service {
+	s := localEcho()
+	s.ClusterIP = "10.96.0.10"
+	return s
+}
+
 func peerSnapshot(t testing.TB, peer string, svcs ...catalog.Service) *catalog.Snapshot {
 	t.Helper()
 	s, err := catalog.NewSnapshot(peer, svcs)
@@ -62,10 +77,11 @@ func peerSnapshot(t testing.TB, peer string, svcs ...catalog.Service) *catalog.S
 
 // sidecarCase is one catalog state: the local exports and each peer's.
 type sidecarCase struct {
-	name   string
-	local  []catalog.Service
-	peers  map[string][]catalog.Service
-	region string
+	name      string
+	local     []catalog.Service
+	peers     map[string][]catalog.Service
+	inCluster []catalog.Service
+	region    string
 }
 
 func (c sidecarCase) translate(t testing.TB) (Resources, []Skipped) {
@@ -80,7 +96,11 @@ func (c sidecarCase) translate(t testing.TB) (Resources, []Skipped) {
 	}) {
 		peers = append(peers, peerSnapshot(t, name, c.peers[name]...))
 	}
-	r, skipped, err := TranslateSidecar(snapshotOf(t, c.local...), peers, SidecarOptions{Region: c.region})
+	in := SidecarInput{Local: snapshotOf(t, c.local...), Peers: peers}
+	if c.inCluster != nil {
+		in.InCluster = inClusterSnapshot(t, c.inCluster...)
+	}
+	r, skipped, err := TranslateSidecar(in, SidecarOptions{Region: c.region})
 	require.NoError(t, err)
 	return r, skipped
 }
@@ -144,6 +164,24 @@ func sidecarCases() []sidecarCase {
 	noID := peerEcho("d", r1z1, 3, 0, "192.0.2.40:15443")
 	noID.Identities = nil
 
+	// In-cluster services: echo (exported too), a TCP database, a gRPC
+	// service on IPv6, and two left out.
+	db := catalog.Service{
+		Namespace: "shop", Name: "db", Cluster: "a", ClusterIP: "10.96.0.20", Identities: []string{"spiffe://a.mesh/ns/shop/sa/db"},
+		Ports:     []catalog.Port{{Name: "postgres", Port: 5432, TargetPort: 5432}, {Name: "dns", Port: 53, Protocol: catalog.ProtocolUDP}},
+		Endpoints: []catalog.LocalityEndpoints{{Locality: r1z1, Ready: 1, Addresses: []catalog.Address{{IP: "10.0.3.4", Ready: true}}}},
+	}
+	greeter := catalog.Service{
+		Namespace: "shop", Name: "greeter", Cluster: "a", ClusterIP: "fd00:96::30", Identities: []string{"spiffe://a.mesh/ns/shop/sa/greeter"},
+		Ports: []catalog.Port{{Name: "grpc", Port: 9090, TargetPort: 9091}},
+		Endpoints: []catalog.LocalityEndpoints{{Locality: r1z2, Ready: 2, Addresses: []catalog.Address{
+			{IP: "fd00::31", Ready: true}, {IP: "fd00::32", Ready: true}}}},
+	}
+	inVIPRange := db
+	inVIPRange.Name, inVIPRange.ClusterIP = "odd", "240.240.0.9"
+	anonymous := db
+	anonymous.Name, anonymous.ClusterIP, anonymous.Identities = "anonymous", "10.96.0.21", nil
+
 	return []sidecarCase{
 		{name: "empty-catalog", region: "r1"},
 		{name: "one-local-http-service", region: "r1", local: []catalog.Service{localEcho()}},
@@ -160,6 +198,9 @@ func sidecarCases() []sidecarCase {
 		{name: "port-conflict", region: "r1", local: []catalog.Service{conflictLocal},
 			peers: map[string][]catalog.Service{"a": {conflictA}, "c": {conflictC}}},
 		{name: "vip-collision", region: "r1", local: collide},
+		{name: "in-cluster-services", region: "r1", local: []catalog.Service{localEcho()},
+			inCluster: []catalog.Service{inClusterEcho(), db, greeter, inVIPRange, anonymous},
+			peers:     map[string][]catalog.Service{"b": {peerEcho("b", r1z1, 3, 0, gwB)}}},
 		{name: "hostname-gateway-skipped", region: "r1", peers: map[string][]catalog.Service{
 			"b": {peerEcho("b", r1z1, 2, 0, "gw.b.example:15443", gwB)},
 			"c": {peerEcho("c", r1z1, 2, 0, "gw.c.example:15443")},
@@ -615,7 +656,7 @@ func TestSidecarConflictsAndSkips(t *testing.T) {
 	// empty SAN list would accept any identity.
 	anon := localEcho()
 	anon.Identities = nil
-	r, skipped, err := TranslateSidecar(snapshotOf(t, anon), nil, SidecarOptions{})
+	r, skipped, err := TranslateSidecar(SidecarInput{Local: snapshotOf(t, anon)}, SidecarOptions{})
 	require.NoError(t, err)
 	require.Equal(t, []Skipped{{Service: "demo/echo", Cluster: "a", Reason: "names no SPIFFE identity, so its endpoints could not be verified: left out"}}, skipped)
 	require.Equal(t, []string{"PassthroughCluster", "inbound-passthrough"}, r.Names()[resource.ClusterType])
@@ -623,16 +664,19 @@ func TestSidecarConflictsAndSkips(t *testing.T) {
 	// Nor is one without a TCP port.
 	udp := localEcho()
 	udp.Ports = []catalog.Port{{Name: "dns", Port: 53, Protocol: catalog.ProtocolUDP}}
-	_, skipped, err = TranslateSidecar(snapshotOf(t, udp), nil, SidecarOptions{})
+	_, skipped, err = TranslateSidecar(SidecarInput{Local: snapshotOf(t, udp)}, SidecarOptions{})
 	require.NoError(t, err)
 	require.Equal(t, []Skipped{{Service: "demo/echo", Reason: "no TCP port: not a clusterset service"}}, skipped)
 
 	// Two peers advertising one gateway address: Envoy would keep only
 	// the first endpoint, so the second is left out and said so.
-	_, skipped, err = TranslateSidecar(nil, []*catalog.Snapshot{
+	_, skipped, err = TranslateSidecar(SidecarInput{Local: nil, Peers: []*catalog.Snapshot{
 		peerSnapshot(t, "b", peerEcho("b", catalog.Locality{}, 1, 0, gwB)),
 		peerSnapshot(t, "c", peerEcho("c", catalog.Locality{}, 1, 0, gwB)),
-	}, SidecarOptions{})
+	}},
+
+		SidecarOptions{})
+
 	require.NoError(t, err)
 	require.Equal(t, []Skipped{{Service: "demo/echo", Cluster: "c", Reason: "gateway 192.0.2.10:15443 is also another exporter's: left out"}}, skipped)
 }
@@ -659,7 +703,7 @@ func TestSidecarVIPs(t *testing.T) {
 		s.Gateways = []string{gwB}
 		fromPeers = append(fromPeers, s)
 	}
-	rp, _, err := TranslateSidecar(nil, []*catalog.Snapshot{peerSnapshot(t, "b", fromPeers...)}, SidecarOptions{})
+	rp, _, err := TranslateSidecar(SidecarInput{Local: nil, Peers: []*catalog.Snapshot{peerSnapshot(t, "b", fromPeers...)}}, SidecarOptions{})
 	require.NoError(t, err)
 	for _, c := range rp.Clusters {
 		if m := serviceMeta(c); m != nil {
@@ -689,7 +733,7 @@ func TestSidecarPeerOrderDoesNotMatter(t *testing.T) {
 	for _, name := range []string{"d", "b", "c"} {
 		peers = append(peers, peerSnapshot(t, name, tc.peers[name]...))
 	}
-	shuffled, _, err := TranslateSidecar(snapshotOf(t, tc.local...), peers, SidecarOptions{Region: tc.region})
+	shuffled, _, err := TranslateSidecar(SidecarInput{Local: snapshotOf(t, tc.local...), Peers: peers}, SidecarOptions{Region: tc.region})
 	require.NoError(t, err)
 	require.Equal(t, r.Version, shuffled.Version)
 }
@@ -722,11 +766,11 @@ func TestSidecarVersionFollowsContent(t *testing.T) {
 }
 
 func TestTranslateSidecarRefusesBadSources(t *testing.T) {
-	_, _, err := TranslateSidecar(peerSnapshot(t, "b"), nil, SidecarOptions{})
+	_, _, err := TranslateSidecar(SidecarInput{Local: peerSnapshot(t, "b")}, SidecarOptions{})
 	require.ErrorContains(t, err, `local catalog has source "b"`)
-	_, _, err = TranslateSidecar(nil, []*catalog.Snapshot{peerSnapshot(t, "b"), peerSnapshot(t, "b")}, SidecarOptions{})
+	_, _, err = TranslateSidecar(SidecarInput{Local: nil, Peers: []*catalog.Snapshot{peerSnapshot(t, "b"), peerSnapshot(t, "b")}}, SidecarOptions{})
 	require.ErrorContains(t, err, `peer catalog source "b" is the local one or listed twice`)
-	_, _, err = TranslateSidecar(nil, []*catalog.Snapshot{snapshotOf(t)}, SidecarOptions{})
+	_, _, err = TranslateSidecar(SidecarInput{Local: nil, Peers: []*catalog.Snapshot{snapshotOf(t)}}, SidecarOptions{})
 	require.ErrorContains(t, err, `peer catalog source "local"`)
 }
 
@@ -794,7 +838,7 @@ func BenchmarkTranslateSidecar(b *testing.B) {
 			cpu := startCPU()
 			for b.Loop() {
 				var err error
-				if r, _, err = TranslateSidecar(local, peers, opts); err != nil {
+				if r, _, err = TranslateSidecar(SidecarInput{Local: local, Peers: peers}, opts); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -817,7 +861,7 @@ func BenchmarkTranslateSidecar(b *testing.B) {
 		b.Run(fmt.Sprintf("services=%d/one-service-change", n), func(b *testing.B) {
 			tr, err := NewSidecarTranslator(opts)
 			require.NoError(b, err)
-			_, _, err = tr.Translate(local, peers)
+			_, _, err = tr.Translate(SidecarInput{Local: local, Peers: peers})
 			require.NoError(b, err)
 			i := 0
 			cpu := startCPU()
@@ -828,7 +872,7 @@ func BenchmarkTranslateSidecar(b *testing.B) {
 				if i%2 == 0 {
 					snap = changes[i/2%len(changes)]
 				}
-				if _, _, err := tr.Translate(snap, peers); err != nil {
+				if _, _, err := tr.Translate(SidecarInput{Local: snap, Peers: peers}); err != nil {
 					b.Fatal(err)
 				}
 				i++
@@ -852,7 +896,7 @@ func BenchmarkTranslateSidecar(b *testing.B) {
 			morePeers := []*catalog.Snapshot{pb.Build(), peers[1]}
 			tr, err := NewSidecarTranslator(opts)
 			require.NoError(b, err)
-			_, _, err = tr.Translate(local, peers)
+			_, _, err = tr.Translate(SidecarInput{Local: local, Peers: peers})
 			require.NoError(b, err)
 			i := 0
 			cpu := startCPU()
@@ -862,7 +906,7 @@ func BenchmarkTranslateSidecar(b *testing.B) {
 				if i%2 == 0 {
 					snap, ps = more, morePeers
 				}
-				if _, _, err := tr.Translate(snap, ps); err != nil {
+				if _, _, err := tr.Translate(SidecarInput{Local: snap, Peers: ps}); err != nil {
 					b.Fatal(err)
 				}
 				i++
@@ -895,10 +939,10 @@ func BenchmarkSidecarRetained(b *testing.B) {
 						if incremental {
 							tr, terr := NewSidecarTranslator(SidecarOptions{Region: "r1"})
 							require.NoError(b, terr)
-							res, _, err = tr.Translate(local, peers)
+							res, _, err = tr.Translate(SidecarInput{Local: local, Peers: peers})
 							kept = tr
 						} else {
-							res, _, err = TranslateSidecar(local, peers, SidecarOptions{Region: "r1"})
+							res, _, err = TranslateSidecar(SidecarInput{Local: local, Peers: peers}, SidecarOptions{Region: "r1"})
 							kept = res
 						}
 						require.NoError(b, err)

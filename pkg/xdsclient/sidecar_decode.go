@@ -63,7 +63,7 @@ var (
 	scOutboundMatch      = allow[*listenerv3.FilterChainMatch]("destination_port", "prefix_ranges")
 	scInboundMatch       = allow[*listenerv3.FilterChainMatch]("transport_protocol", "application_protocols")
 	scCidrFields         = allow[*corev3.CidrRange]("address_prefix", "prefix_len")
-	scOutboundHCM        = allow[*hcmv3.HttpConnectionManager]("codec_type", "stat_prefix", "rds", "http_filters")
+	scOutboundHCM        = allow[*hcmv3.HttpConnectionManager]("codec_type", "stat_prefix", "rds", "route_config", "http_filters")
 	scInboundHCM         = allow[*hcmv3.HttpConnectionManager]("codec_type", "stat_prefix", "route_config", "http_filters", "forward_client_cert_details", "set_current_client_cert_details")
 	scRdsFields          = allow[*hcmv3.Rds]("config_source", "route_config_name")
 	scHTTPFilterFields   = allow[*hcmv3.HttpFilter]("name", "typed_config")
@@ -212,6 +212,9 @@ func decodeOutboundChain(fc *listenerv3.FilterChain) (OutboundChain, error) {
 	var err error
 	ch.HTTP, ch.TCP, err = decodeChainFilters(fc.GetFilters(), false)
 	errs = append(errs, err)
+	if ch.HTTP != nil && ch.HTTP.Routes != nil && len(ch.VIPs) != 1 {
+		errs = append(errs, fieldErr("filters[0].typed_config.route_config", fmt.Sprintf("an inline route is for the chain of one address (an in-cluster service's port), not of %d", len(ch.VIPs))))
+	}
 	return ch, errors.Join(errs...)
 }
 
@@ -288,10 +291,17 @@ func decodeHCM(f *listenerv3.Filter, inbound bool) (*HTTPConnectionManager, erro
 		errs = append(errs, withinIndex("http_filters", i, decodeRouter(hf)))
 	}
 	if !inbound {
+		// An in-cluster service's chain routes inline: its address
+		// already names the service.
 		rds := h.GetRds()
-		if rds == nil {
-			errs = append(errs, fieldErr("rds", "is missing: the outbound side's routes come over RDS"))
-		} else {
+		switch rc := h.GetRouteConfig(); {
+		case rc != nil:
+			var err error
+			out.Routes, err = decodeRouteConfig(rc)
+			errs = append(errs, within("route_config", err))
+		case rds == nil:
+			errs = append(errs, fieldErr("rds", "is missing: the outbound side's routes come over RDS, or inline for one address"))
+		default:
 			errs = append(errs, within("rds", scRdsFields.check(rds)))
 			if out.RouteConfigName = rds.GetRouteConfigName(); out.RouteConfigName == "" {
 				errs = append(errs, fieldErr("rds.route_config_name", "is empty"))

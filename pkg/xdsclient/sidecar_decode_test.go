@@ -446,11 +446,11 @@ func TestSidecarDecodeRefusesWhatTheContractDoesNotDescribe(t *testing.T) {
 		{"HTTP/2 only codec", func(t *testing.T, m *scMutable) {
 			outHCM(t, m, func(h *hcmv3.HttpConnectionManager) { h.CodecType = hcmv3.HttpConnectionManager_HTTP2 })
 		}, []string{out + hcm + `codec_type: HTTP2 is not supported (AUTO)`}},
-		{"outbound inline routes", func(t *testing.T, m *scMutable) {
+		{"inline routes on a chain of two addresses", func(t *testing.T, m *scMutable) {
 			outHCM(t, m, func(h *hcmv3.HttpConnectionManager) {
 				h.RouteSpecifier = &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: m.routes["80"]}
 			})
-		}, []string{out + hcm + `route_config: not supported`, hcm + `rds: is missing: the outbound side's routes come over RDS`}},
+		}, []string{out + `filter_chains[0].filters[0].typed_config.route_config: an inline route is for the chain of one address (an in-cluster service's port), not of 2`}},
 		{"RDS from a file", func(t *testing.T, m *scMutable) {
 			outHCM(t, m, func(h *hcmv3.HttpConnectionManager) {
 				h.GetRds().ConfigSource = &corev3.ConfigSource{ConfigSourceSpecifier: &corev3.ConfigSource_PathConfigSource{PathConfigSource: &corev3.PathConfigSource{Path: "/etc/rds.yaml"}}}

@@ -447,8 +447,12 @@ func requireSidecarConsistent(t testing.TB, cfg *Config) {
 		if ch.TCP != nil {
 			hasCluster(ch.TCP.Cluster)
 			require.Positive(t, ch.TCP.IdleTimeout)
+		} else if ch.HTTP.Routes != nil {
+			// An in-cluster service's port: inline, on one address.
+			require.Empty(t, ch.HTTP.RouteConfigName)
+			require.Len(t, ch.VIPs, 1)
+			checkRoutes(ch.HTTP.Routes)
 		} else {
-			require.Nil(t, ch.HTTP.Routes)
 			checkRoutes(sc.Route(ch.HTTP.RouteConfigName))
 		}
 		if local := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), ch.Port); len(ch.VIPs) == 0 {

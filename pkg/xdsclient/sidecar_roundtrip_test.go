@@ -92,7 +92,7 @@ func roundTripCatalog(t testing.TB) (*catalog.Snapshot, []*catalog.Snapshot) {
 
 func TestTranslateSidecarRoundTrip(t *testing.T) {
 	local, peers := roundTripCatalog(t)
-	r, skipped, err := xds.TranslateSidecar(local, peers, xds.SidecarOptions{Region: "r1"})
+	r, skipped, err := xds.TranslateSidecar(xds.SidecarInput{Local: local, Peers: peers}, xds.SidecarOptions{Region: "r1"})
 	require.NoError(t, err)
 	require.Empty(t, skipped)
 	cfg, err := DecodeRole(RoleSidecar, translatedAnys(t, r)...)
@@ -170,7 +170,7 @@ func TestTranslateSidecarRoundTrip(t *testing.T) {
 func TestTranslateSidecarRoundTripEmpty(t *testing.T) {
 	local, err := catalog.NewSnapshot(catalog.LocalSource, nil)
 	require.NoError(t, err)
-	r, _, err := xds.TranslateSidecar(local, nil, xds.SidecarOptions{})
+	r, _, err := xds.TranslateSidecar(xds.SidecarInput{Local: local}, xds.SidecarOptions{})
 	require.NoError(t, err)
 	cfg, err := DecodeRole(RoleSidecar, translatedAnys(t, r)...)
 	require.NoError(t, err)
@@ -178,4 +178,49 @@ func TestTranslateSidecarRoundTripEmpty(t *testing.T) {
 	require.Zero(t, cfg.Sidecar.Hosts())
 	require.Same(t, &cfg.Sidecar.Outbound.Default, cfg.Sidecar.Outbound.Match(netip.MustParseAddrPort("240.240.1.1:80")))
 	require.Nil(t, cfg.Sidecar.Route("explicit").VirtualHost("echo.demo.svc.clusterset.local"))
+}
+
+// In-cluster services: each port's ClusterIP chain reaches its cluster
+// (HTTP whatever the Host, TCP by tcp_proxy), the name table answers the
+// cluster.local host with the ClusterIP, and the clusterset service of
+// the same namespace/name keeps its own cluster.
+func TestTranslateSidecarRoundTripInCluster(t *testing.T) {
+	local, peers := roundTripCatalog(t)
+	echo, ok := local.Get(catalog.ServiceKey{Namespace: "demo", Name: "echo"})
+	require.True(t, ok)
+	db, ok := local.Get(catalog.ServiceKey{Namespace: "shop", Name: "db"})
+	require.True(t, ok)
+	e, d := echo.Clone(), db.Clone()
+	e.ClusterIP, d.ClusterIP = "10.96.0.10", "fd00:96::20"
+	inCluster, err := catalog.NewSnapshot(catalog.InClusterSource, []catalog.Service{e, d})
+	require.NoError(t, err)
+	r, skipped, err := xds.TranslateSidecar(xds.SidecarInput{Local: local, InCluster: inCluster, Peers: peers}, xds.SidecarOptions{Region: "r1"})
+	require.NoError(t, err)
+	require.Empty(t, skipped)
+	cfg, err := DecodeRole(RoleSidecar, translatedAnys(t, r)...)
+	require.NoError(t, err, "the sidecar NACKs what the federator emits")
+	requireSidecarConsistent(t, cfg)
+	sc := cfg.Sidecar
+
+	vip, ok := sc.LookupHost("echo.demo.svc.cluster.local.")
+	require.True(t, ok)
+	require.Equal(t, netip.MustParseAddr("10.96.0.10"), vip)
+	ch := sc.Outbound.Match(netip.MustParseAddrPort("10.96.0.10:80"))
+	require.NotNil(t, ch.HTTP)
+	require.Empty(t, ch.HTTP.RouteConfigName)
+	for _, host := range []string{"echo", "echo.demo", "10.96.0.10:80", "anything.example"} {
+		require.Equal(t, "outbound|80||echo.demo.svc.cluster.local", ch.HTTP.Routes.VirtualHost(host).Route("/x").Cluster, host)
+	}
+	c := cfg.Clusters["outbound|80||echo.demo.svc.cluster.local"]
+	require.Len(t, c.Priorities, 1, "local pods only")
+	require.Equal(t, "outbound_.80_._.echo.demo.svc.cluster.local", c.TLS.SNI)
+	require.Equal(t, []spiffeid.ID{spiffeid.RequireFromString("spiffe://a.mesh/ns/demo/sa/echo")}, c.TLS.SANs)
+	require.Equal(t, "outbound|9000||echo.demo.svc.cluster.local", sc.Outbound.Match(netip.MustParseAddrPort("10.96.0.10:9000")).TCP.Cluster)
+	require.Same(t, &sc.Outbound.Default, sc.Outbound.Match(netip.MustParseAddrPort("10.96.0.10:81")), "another port of the address is not the service's")
+
+	require.Equal(t, "outbound|5432||db.shop.svc.cluster.local", sc.Outbound.Match(netip.MustParseAddrPort("[fd00:96::20]:5432")).TCP.Cluster)
+	require.Equal(t, "outbound|80||echo.demo.svc.cluster.local", sc.Route("explicit").VirtualHost("echo.demo.svc.cluster.local").Route("/").Cluster)
+
+	// The clusterset service is still there, with its peers.
+	require.Len(t, cfg.Clusters["outbound|80||echo.demo.svc.clusterset.local"].Priorities, 3)
 }

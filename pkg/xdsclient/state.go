@@ -1145,12 +1145,15 @@ func (tx *tx) routesChanged(changes []change[*RouteConfig]) {
 }
 
 // outboundRefs calls need with every cluster the outbound listener's
-// tcp_proxies name; routeNames are the route configurations its HTTP
-// chains name, sorted.
+// tcp_proxies and inline routes name; routeNames are the route
+// configurations its HTTP chains name over RDS, sorted.
 func outboundRefs(l *OutboundListener, need func(string)) {
 	for _, ch := range l.Chains {
-		if ch.TCP != nil {
+		switch {
+		case ch.TCP != nil:
 			need(ch.TCP.Cluster)
+		case ch.HTTP.Routes != nil:
+			routeRefs(ch.HTTP.Routes, need)
 		}
 	}
 	need(l.Default.TCP.Cluster)
@@ -1159,7 +1162,7 @@ func outboundRefs(l *OutboundListener, need func(string)) {
 func routeNames(l *OutboundListener) []string {
 	var names []string
 	for _, ch := range l.Chains {
-		if ch.HTTP != nil {
+		if ch.HTTP != nil && ch.HTTP.Routes == nil {
 			names = append(names, ch.HTTP.RouteConfigName)
 		}
 	}
