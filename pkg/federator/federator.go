@@ -50,12 +50,14 @@ import (
 
 // Federator is one cluster's control plane.
 type Federator struct {
-	cfg      Config
-	log      *slog.Logger
-	store    *catalog.Store
-	exporter *kube.Exporter
-	registry *prometheus.Registry
-	provider *sdkmetric.MeterProvider
+	cfg   Config
+	log   *slog.Logger
+	store *catalog.Store
+	// inCluster holds catalog.InClusterSource, for the sidecars only.
+	inCluster *catalog.Store
+	exporter  *kube.Exporter
+	registry  *prometheus.Registry
+	provider  *sdkmetric.MeterProvider
 
 	ca       *ca.CA
 	trust    *trust.Store
@@ -102,7 +104,12 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 		return nil, fmt.Errorf("istio client: %w", err)
 	}
 	f := &Federator{cfg: cfg, log: log, store: catalog.NewStore()}
-	f.exporter, err = kube.NewExporter(kubeClient, mcs, f.store, kube.Options{ClusterName: cfg.ClusterName, Logger: log, TrustDomain: cfg.TrustDomainName()})
+	// The in-cluster services are the sidecars' alone: a Store of their
+	// own, which the federation and the import writer never read.
+	f.inCluster = catalog.NewStore()
+	f.exporter, err = kube.NewExporter(kubeClient, mcs, f.store, kube.Options{
+		ClusterName: cfg.ClusterName, Logger: log, TrustDomain: cfg.TrustDomainName(), InCluster: f.inCluster,
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -141,8 +148,9 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 		return nil, err
 	}
 	f.xds, err = xds.NewServer(f.store, f.id.TrustDomain(), f.trust, xds.Options{
-		Gateway: xds.GatewayOptions{FederationUpstream: cfg.FederationUpstream()},
-		Sidecar: xds.SidecarOptions{Region: cfg.Region},
+		Gateway:   xds.GatewayOptions{FederationUpstream: cfg.FederationUpstream()},
+		Sidecar:   xds.SidecarOptions{Region: cfg.Region},
+		InCluster: f.inCluster,
 		// Sidecars keep their last configuration, imports included,
 		// rather than get one without imports while the peers resync.
 		PeersSynced:      func() bool { return f.federation.Synced() },
@@ -530,6 +538,9 @@ func (f *Federator) sources() []string {
 type CatalogDump struct {
 	Cluster string              `json:"cluster"`
 	Sources []CatalogSourceDump `json:"sources"`
+	// InCluster are the in-cluster services: every meshed Service of the
+	// cluster, which only the cluster's own sidecars are given.
+	InCluster CatalogSourceDump `json:"inCluster"`
 }
 
 // CatalogSourceDump is one source's snapshot.
@@ -545,6 +556,8 @@ func (f *Federator) serveCatalog(w http.ResponseWriter, _ *http.Request) {
 		snap := f.store.Get(src)
 		dump.Sources = append(dump.Sources, CatalogSourceDump{Source: src, Version: snap.Version(), Services: snap.Services()})
 	}
+	in := f.inCluster.Get(catalog.InClusterSource)
+	dump.InCluster = CatalogSourceDump{Source: catalog.InClusterSource, Version: in.Version(), Services: in.Services()}
 	w.Header().Set("Content-Type", "application/json")
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")

@@ -24,6 +24,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sync/errgroup"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/isthmus-mesh/isthmus/pkg/xds"
 	"github.com/isthmus-mesh/isthmus/test/mesh"
@@ -63,10 +64,12 @@ func TestMesh(t *testing.T) {
 	g.Go(func() error { return mesh.Link(ctx, a, b) })
 	g.Go(func() error { return mesh.Link(ctx, a, c) })
 	g.Go(func() error { return mesh.Link(ctx, c, b) })
-	var echoA, echoC []*mesh.Pod
+	var echoA, echoC, privateA []*mesh.Pod
 	var clientB, clientA, outsider, outsiderB *mesh.Pod
 	g.Go(func() (err error) { echoA, err = a.ServeEcho(ctx, "demo", "echo", 1); return err })
 	g.Go(func() (err error) { echoC, err = c.ServeEcho(ctx, "demo", "echo", 1); return err })
+	// A Service of a that is never exported.
+	g.Go(func() (err error) { privateA, err = a.ServeEcho(ctx, "demo", "private", 1); return err })
 	g.Go(func() (err error) { clientB, err = b.RunPod(ctx, mesh.PodSpec{Name: "client"}); return err })
 	g.Go(func() (err error) { clientA, err = a.RunPod(ctx, mesh.PodSpec{Name: "client"}); return err })
 	g.Go(func() (err error) {
@@ -131,6 +134,41 @@ func TestMesh(t *testing.T) {
 		r := callOK(t, clientA, mesh.Call{Proto: "tcp", Target: echoHost + ":9000"})
 		assert.Equal(t, "a", r.Cluster)
 		assert.Equal(t, before, gatewayRouted(t, a, ServiceHTTP), "a local call went through a's gateway")
+	})
+
+	t.Run("a's Service that is not exported: a's meshed pods call it over mTLS, by any of its names", func(t *testing.T) {
+		svc, err := a.K.Client().CoreV1().Services("demo").Get(ctx, "private", metav1.GetOptions{})
+		require.NoError(t, err)
+		clusterIP := svc.Spec.ClusterIP
+		var addrs []netip.Addr
+		eventually(t, "a's client resolves private.demo.svc.cluster.local", func() error {
+			addrs, err = clientA.Resolve(ctx, "private.demo.svc.cluster.local")
+			return err
+		})
+		require.Equal(t, []netip.Addr{netip.MustParseAddr(clusterIP)}, addrs, "the sidecar's DNS answers with the ClusterIP")
+		for _, tc := range []struct{ proto, target, seen string }{
+			{"http1", "private.demo.svc.cluster.local:80", "HTTP/1.1"},
+			{"h2c", "private:80", "HTTP/2.0"}, // the short name, through the search list
+			{"grpc", "private.demo:9090", "grpc"},
+			{"http1", net.JoinHostPort(clusterIP, "80"), "HTTP/1.1"},
+			{"tcp", net.JoinHostPort(clusterIP, "9000"), "tcp"},
+		} {
+			r := callOK(t, clientA, mesh.Call{Proto: tc.proto, Target: tc.target})
+			assert.Equal(t, "a", r.Cluster, "%s %s", tc.proto, tc.target)
+			assert.Equal(t, privateA[0].Name(), r.Pod, "%s %s", tc.proto, tc.target)
+			assert.Equal(t, tc.seen, r.Proto, "%s %s", tc.proto, tc.target)
+			// The app hears from its own sidecar, whose inbound side
+			// takes only mTLS: before the in-cluster services, these
+			// calls left a's client in plaintext and were refused.
+			assert.True(t, strings.HasPrefix(r.Remote, "127.0.0.1:"), "%s %s: remote %s", tc.proto, tc.target, r.Remote)
+			if tc.proto != "tcp" {
+				assert.Equal(t, a.SPIFFEID("demo", "client"), r.CallerIdentity, "%s %s", tc.proto, tc.target)
+			}
+		}
+		// b never sees it.
+		_, ok, err := b.Imported(ctx, "a", "demo", "private")
+		require.NoError(t, err)
+		assert.False(t, ok, "b imported a service a never exported")
 	})
 
 	t.Run("an X-Forwarded-Client-Cert from the app never reaches the destination", func(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -26,6 +27,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/pkg/kube"
 	"github.com/isthmus-mesh/isthmus/test/fedproc"
 	"github.com/isthmus-mesh/isthmus/test/localcluster"
 )
@@ -118,6 +120,13 @@ func (c *Cluster) RunPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 		ResolvConf: fmt.Sprintf("nameserver 10.96.0.10\nsearch %s.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n", spec.Namespace),
 	}
 	if !spec.NoSidecar {
+		// What Istio's injector sets: the federator gives the sidecars
+		// mTLS to the Services whose pods all carry it.
+		ws.Labels = maps.Clone(spec.Labels)
+		if ws.Labels == nil {
+			ws.Labels = map[string]string{}
+		}
+		ws.Labels[kube.TLSModeLabel] = kube.TLSModeIstio
 		files, err := c.sidecarFiles(ctx, spec)
 		if err != nil {
 			return nil, err
