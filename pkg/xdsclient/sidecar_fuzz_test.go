@@ -25,6 +25,11 @@ func sidecarFuzzSeeds(tb testing.TB) [][]byte {
 		return b
 	}
 	seeds := [][]byte{encode(newSidecarMutable(tb))}
+	// What the federator emits for in-cluster services too: chains of
+	// one address with inline routes.
+	b, err := proto.Marshal(&discoveryv3.DiscoveryResponse{Resources: translatedAnys(tb, inClusterTranslation(tb))})
+	require.NoError(tb, err)
+	seeds = append(seeds, b)
 	for _, mutate := range []func(m *scMutable){
 		func(m *scMutable) { m.out.FilterChains[3].FilterChainMatch.DestinationPort = wrapperspb.UInt32(80) },
 		func(m *scMutable) { m.routes["80"].VirtualHosts[1].Domains[0] = "ECHO.demo.svc.clusterset.local" },

@@ -185,18 +185,7 @@ func TestTranslateSidecarRoundTripEmpty(t *testing.T) {
 // cluster.local host with the ClusterIP, and the clusterset service of
 // the same namespace/name keeps its own cluster.
 func TestTranslateSidecarRoundTripInCluster(t *testing.T) {
-	local, peers := roundTripCatalog(t)
-	echo, ok := local.Get(catalog.ServiceKey{Namespace: "demo", Name: "echo"})
-	require.True(t, ok)
-	db, ok := local.Get(catalog.ServiceKey{Namespace: "shop", Name: "db"})
-	require.True(t, ok)
-	e, d := echo.Clone(), db.Clone()
-	e.ClusterIP, d.ClusterIP = "10.96.0.10", "fd00:96::20"
-	inCluster, err := catalog.NewSnapshot(catalog.InClusterSource, []catalog.Service{e, d})
-	require.NoError(t, err)
-	r, skipped, err := xds.TranslateSidecar(xds.SidecarInput{Local: local, InCluster: inCluster, Peers: peers}, xds.SidecarOptions{Region: "r1"})
-	require.NoError(t, err)
-	require.Empty(t, skipped)
+	r := inClusterTranslation(t)
 	cfg, err := DecodeRole(RoleSidecar, translatedAnys(t, r)...)
 	require.NoError(t, err, "the sidecar NACKs what the federator emits")
 	requireSidecarConsistent(t, cfg)
@@ -223,4 +212,24 @@ func TestTranslateSidecarRoundTripInCluster(t *testing.T) {
 
 	// The clusterset service is still there, with its peers.
 	require.Len(t, cfg.Clusters["outbound|80||echo.demo.svc.clusterset.local"].Priorities, 3)
+}
+
+// inClusterTranslation is roundTripCatalog's translation with demo/echo
+// and shop/db in-cluster services too (ClusterIPs 10.96.0.10 and
+// fd00:96::20).
+func inClusterTranslation(tb testing.TB) xds.Resources {
+	tb.Helper()
+	local, peers := roundTripCatalog(tb)
+	echo, ok := local.Get(catalog.ServiceKey{Namespace: "demo", Name: "echo"})
+	require.True(tb, ok)
+	db, ok := local.Get(catalog.ServiceKey{Namespace: "shop", Name: "db"})
+	require.True(tb, ok)
+	e, d := echo.Clone(), db.Clone()
+	e.ClusterIP, d.ClusterIP = "10.96.0.10", "fd00:96::20"
+	inCluster, err := catalog.NewSnapshot(catalog.InClusterSource, []catalog.Service{e, d})
+	require.NoError(tb, err)
+	r, skipped, err := xds.TranslateSidecar(xds.SidecarInput{Local: local, InCluster: inCluster, Peers: peers}, xds.SidecarOptions{Region: "r1"})
+	require.NoError(tb, err)
+	require.Empty(tb, skipped)
+	return r
 }
