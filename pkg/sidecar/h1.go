@@ -35,7 +35,11 @@ import (
 // closes without reading the body (a 413, say) is answered 503 "remote
 // reset", where net/http's full-duplex transport would relay its answer;
 // one that streams its response while still reading a large body waits
-// on the stream idle timeout.
+// on the stream idle timeout. Nothing reads the downstream while its
+// request waits on the upstream, so a peek every h1WatchEvery finds a
+// downstream that left (a caller's route timeout, say): the upstream's
+// request then ends within a second, where net/http's background read
+// ends it at once.
 //
 // What it does not handle goes to the net/http path with the bytes
 // already read (errH1Fallback): HTTP/2 prior knowledge, HTTP/1.0,
@@ -79,10 +83,13 @@ type bufReader struct {
 	r, w int
 	big  bool
 	tm   *timing
+	// down is the downstream connection whose request an upstream
+	// connection's reader serves; nil for a downstream's own reader.
+	down *h1Conn
 }
 
 func (b *bufReader) init(c net.Conn, tm *timing) {
-	b.c, b.tm = c, tm
+	b.c, b.tm, b.down = c, tm, nil
 	b.bp = h1SmallBufs.Get().(*[]byte)
 	b.buf = *b.bp
 	b.r, b.w, b.big = 0, 0, false
@@ -143,11 +150,38 @@ func (b *bufReader) shrink() {
 	b.bp, b.buf, b.r, b.w, b.big = nbp, *nbp, 0, n, false
 }
 
-// fill reads once more into the buffer, by the request's deadline.
+// fill reads once more into the buffer, by the request's deadline. An
+// upstream's reader looks at its downstream every h1WatchEvery while it
+// waits, and gives up when the downstream has gone.
 func (b *bufReader) fill() error {
-	_ = b.c.SetReadDeadline(b.tm.next())
-	return b.readMore()
+	end := b.tm.next()
+	if b.down == nil {
+		_ = b.c.SetReadDeadline(end)
+		return b.readMore()
+	}
+	for {
+		deadline, watch := end, false
+		if t := time.Now().Add(h1WatchEvery); t.Before(end) {
+			deadline, watch = t, true
+		}
+		_ = b.c.SetReadDeadline(deadline)
+		err := b.readMore()
+		if !watch || !errors.Is(err, os.ErrDeadlineExceeded) {
+			return err
+		}
+		// A read timeout leaves a TLS connection usable.
+		if err := b.down.downstreamGone(); err != nil {
+			return err
+		}
+	}
 }
+
+// How often an upstream's reader looks at its downstream while it waits,
+// and how long it waits for the downstream's bytes it saw coming.
+const (
+	h1WatchEvery = time.Second
+	h1WatchRead  = 10 * time.Millisecond
+)
 
 // readMore reads once into the buffer, by the deadline already set.
 func (b *bufReader) readMore() error {
@@ -423,6 +457,9 @@ type h1Conn struct {
 	// reqIsHead: the request in flight is a HEAD, whose response has no
 	// body whatever its framing says.
 	reqIsHead bool
+	// readAhead: downstreamGone read bytes after the request in flight,
+	// which may have overwritten its head: it cannot be sent again.
+	readAhead bool
 }
 
 var h1Conns = sync.Pool{New: func() any { return new(h1Conn) }}
@@ -598,6 +635,7 @@ func (hc *h1Conn) serveRequest(head []byte) bool {
 	p, ci, h := hc.p, hc.info, &hc.req
 	hasBody := h.chunked || h.contentLength > 0
 	hc.reqIsHead = string(h.method.of(head)) == http.MethodHead
+	hc.readAhead = false
 	if !p.requests.enter() {
 		hc.writeError(http.StatusServiceUnavailable, "isthmus sidecar: shutting down", true)
 		return false
@@ -702,7 +740,7 @@ func (hc *h1Conn) forward(d decision, target netip.AddrPort, head []byte, hasBod
 			hc.count(d.up.name, 0)
 			return false
 		}
-		if reused && !gotByte && !fresh && replayable && !hc.timedOut() {
+		if reused && !gotByte && !fresh && replayable && !hc.readAhead && !hc.timedOut() {
 			fresh = true // a pooled connection the upstream had closed
 			continue
 		}
@@ -728,6 +766,29 @@ func (e downErr) Error() string   { return "downstream: " + e.err.Error() }
 func (e downErr) Is(t error) bool { return t == errDownstream }
 func (e downErr) Unwrap() error   { return e.err }
 
+// downstreamGone reports, as a downErr, that the downstream closed its
+// connection (or its sending side, which net/http's server takes as gone
+// too) while its request waits on the upstream: the upstream's request
+// then ends with it, as on the net/http path, rather than on the stream
+// idle timeout. closedWhileIdle's peek is true when the socket has bytes
+// or its end; the bytes, a TLS close_notify or the next pipelined
+// request, are read into the buffer the next head is read from.
+func (hc *h1Conn) downstreamGone() error {
+	if !closedWhileIdle(hc.c) {
+		return nil
+	}
+	_ = hc.c.SetReadDeadline(time.Now().Add(h1WatchRead))
+	err := hc.in.readMore()
+	switch {
+	case err == nil:
+		hc.readAhead = true
+		return nil
+	case errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, errHeadTooLarge):
+		return nil // a TLS record not whole yet; a buffer full of requests
+	}
+	return downErr{err}
+}
+
 // timedOut reports whether the route's deadline has passed.
 func (hc *h1Conn) timedOut() bool {
 	return !hc.tm.route.IsZero() && !time.Now().Before(hc.tm.route)
@@ -742,7 +803,7 @@ func (hc *h1Conn) timedOut() bool {
 func (hc *h1Conn) sendRequest(up *h1Up, head []byte) (int64, error) {
 	h, ci, w := &hc.req, hc.info, &up.out
 	w.tm = &hc.tm
-	up.in.tm = &hc.tm
+	up.in.tm, up.in.down = &hc.tm, hc
 	w.b = w.b[:0]
 	if h.absolute {
 		path := h.path.of(head)

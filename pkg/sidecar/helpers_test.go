@@ -158,6 +158,9 @@ type svc struct {
 	ports    []svcPort
 	ids      []spiffeid.ID
 	locs     []locSpec
+	// timeout is the route.timeout of its HTTP ports' routes; 0 (none)
+	// is what the federator sends.
+	timeout time.Duration
 }
 
 func (s svc) host() string { return s.name + "." + s.ns + ".svc.clusterset.local" }
@@ -228,12 +231,14 @@ func downstreamTLS(tb testing.TB) *corev3.TransportSocket {
 	})
 }
 
-func vhost(name, cluster string, domains ...string) *routev3.VirtualHost {
+// vhost routes every path of domains to cluster, within timeout (0:
+// none).
+func vhost(name, cluster string, timeout time.Duration, domains ...string) *routev3.VirtualHost {
 	return &routev3.VirtualHost{Name: name, Domains: domains, Routes: []*routev3.Route{{
 		Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
 		Action: &routev3.Route_Route{Route: &routev3.RouteAction{
 			ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: cluster},
-			Timeout:          durationpb.New(0),
+			Timeout:          durationpb.New(timeout),
 		}},
 	}}}
 }
@@ -334,7 +339,7 @@ func inboundListener(tb testing.TB) *listenerv3.Listener {
 					ForwardClientCertDetails:    hcmv3.HttpConnectionManager_SANITIZE_SET,
 					SetCurrentClientCertDetails: &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true},
 					RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{
-						Name: "inbound", VirtualHosts: []*routev3.VirtualHost{vhost("inbound", xdsclient.InboundPassthroughCluster, "*")}}},
+						Name: "inbound", VirtualHosts: []*routev3.VirtualHost{vhost("inbound", xdsclient.InboundPassthroughCluster, 0, "*")}}},
 					HttpFilters: routerFilter(tb),
 				})},
 			},
@@ -428,12 +433,12 @@ func snapshot(tb testing.TB, version string, cas []*testCA, svcs ...svc) *cache.
 				continue
 			}
 			hp := fmt.Sprintf("%s:%d", s.host(), port)
-			rc.VirtualHosts = append(rc.VirtualHosts, vhost(hp, s.cluster(port), s.host(), hp, s.vip, fmt.Sprintf("%s:%d", s.vip, port)))
+			rc.VirtualHosts = append(rc.VirtualHosts, vhost(hp, s.cluster(port), s.timeout, s.host(), hp, s.vip, fmt.Sprintf("%s:%d", s.vip, port)))
 			domains := []string{hp}
 			if port == 80 {
 				domains = append(domains, s.host())
 			}
-			explicit.VirtualHosts = append(explicit.VirtualHosts, vhost(hp, s.cluster(port), domains...))
+			explicit.VirtualHosts = append(explicit.VirtualHosts, vhost(hp, s.cluster(port), s.timeout, domains...))
 		}
 		routes = append(routes, rc)
 	}

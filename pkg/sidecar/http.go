@@ -329,8 +329,14 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 }
 
 // modifyResponse counts the response and follows its body for the byte
-// counters and the stream idle timeout.
+// counters and the stream idle timeout. A response whose head came after
+// the request ended (the Transport returns one that raced with its
+// cancellation) is not passed on: proxyError answers by the cause, as
+// the HTTP/1.1 path does once its deadline passed.
 func (p *Proxy) modifyResponse(resp *http.Response) error {
+	if ctx := resp.Request.Context(); ctx.Err() != nil {
+		return context.Cause(ctx)
+	}
 	f := forwardOf(resp.Request.Context())
 	p.metrics.request(f.ci.listener, f.up.name, resp.StatusCode)
 	f.responded.Store(true)
@@ -354,9 +360,12 @@ func (p *Proxy) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.Is(cause, errStreamIdle):
 		msg = "stream timeout"
 	case r.Context().Err() != nil:
-		// The downstream went away: nobody reads an answer.
+		// The downstream went away (or closed its sending side): abort,
+		// as the HTTP/1.1 path closes the connection. Returning would
+		// let net/http answer 200 with an empty body, which a caller
+		// still reading takes for the upstream's answer.
 		p.metrics.request(f.ci.listener, f.up.name, 0)
-		return
+		panic(http.ErrAbortHandler)
 	default:
 		code, msg = http.StatusServiceUnavailable, failureMessage(err)
 	}
