@@ -2,7 +2,7 @@
 // from the catalog (and later policy and trust) to Envoy resources, and the
 // ADS server that hands them to Isthmus's proxies.
 //
-//	catalog.Store (local source) ─────────────Subscribe, coalesced──► GatewayTranslator ─► Resources (validated, version = content hash)
+//	catalog.Store (local source) ─────────────Subscribe, coalesced──► GatewayTranslator ─► Resources (validated, a content hash per type)
 //	catalog.Store (local + every peer's imports) ────────────────────► SidecarTranslator ─┘ │ Snapshot(): consistent()
 //	                                                                                         ▼
 //	                      encodedCache (go-control-plane's snapshot cache, encoding once), one snapshot per role (node ID "eastwest-gw~…", "sidecar~…")
@@ -26,26 +26,31 @@
 //
 // Every resource passes go-control-plane's own Validate() before it can be
 // served, and a snapshot is set only when it is consistent and its version
-// differs from the one being served, so unchanged configuration is never
-// pushed again. Nodes of other roles get no configuration.
+// differs from the one being served. Each type is served at its own
+// version, a content hash of that type's resources alone, so unchanged
+// configuration is never pushed again, not even beside a change of
+// another type: a pod turning unready pushes one ClusterLoadAssignment's
+// type, not every listener, cluster and route configuration. Nodes of
+// other roles get no configuration.
 //
 // The Server translates the gateway with a GatewayTranslator, which keeps
 // what the last translation made of each service (chains, clusters,
 // ClusterLoadAssignments, and their encodings) while the catalog's entry
 // for the service stays the same: a change of one service costs that
-// service, a sorted merge, and a hash over kept encodings (resumed where
-// only endpoints changed). Its results, version included, are
-// TranslateGateway's.
+// service, a sorted merge, and hashes over kept encodings of the types
+// that changed (the endpoints' resumed at the first changed assignment).
+// Its results, versions included, are TranslateGateway's.
 //
 // The snapshots are served by go-control-plane's ADS server (state of the
 // world and delta) from encodedCache (cache.go), which answers as
 // go-control-plane's snapshot cache does but encodes each resource once
 // for every stream, and not again while the next snapshot keeps the
 // message: a push costs an encoding per changed resource, not one per
-// stream and resource.
+// stream and resource. A type the next snapshot keeps whole (its version
+// and messages) keeps its encodings whole too.
 //
 // The sidecars are translated likewise, by a SidecarTranslator, whose
-// results, version and skipped list included, are TranslateSidecar's.
+// results, versions and skipped list included, are TranslateSidecar's.
 // It keeps per namespace/name what the translation made of it: the
 // clusterset service merged from its exporters, its VIP, and per port the
 // cluster, the ClusterLoadAssignment, the outbound TCP chain or the two
@@ -71,12 +76,11 @@
 //     parts changed, by a merge otherwise, and makes an HTTP port's chain
 //     or route configuration, the explicit route, or the outbound
 //     listener again only when a part of it changed;
-//   - hashes the version over the kept encodings: the outbound listener
-//     and the route configurations spliced from their parts' fields, the
-//     inner hash resumed at the block of the first changed
-//     ClusterLoadAssignment when the listener and the clusters did not
-//     change, then the route configurations (withRoutes's outer hash,
-//     always whole).
+//   - hashes each type's version over the kept encodings, only for a
+//     type whose resources changed (the others keep their versions): the
+//     outbound listener and the route configurations spliced from their
+//     parts' fields, the endpoints' hash resumed at the block of the
+//     first changed ClusterLoadAssignment.
 //
 // At 10,000 clusterset services a one-service endpoint change costs
 // about 60 times less CPU and 180 times less memory than TranslateSidecar

@@ -59,10 +59,11 @@ func render(t testing.TB, r Resources) []byte {
 	}
 	doc := struct {
 		Version   string            `json:"version"`
+		Versions  map[string]string `json:"versions"`
 		Listeners []json.RawMessage `json:"listeners"`
 		Clusters  []json.RawMessage `json:"clusters"`
 		Endpoints []json.RawMessage `json:"endpoints"`
-	}{Version: r.Version, Listeners: []json.RawMessage{}, Clusters: []json.RawMessage{}, Endpoints: []json.RawMessage{}}
+	}{Version: r.Version, Versions: r.TypeVersions(), Listeners: []json.RawMessage{}, Clusters: []json.RawMessage{}, Endpoints: []json.RawMessage{}}
 	for _, l := range r.Listeners {
 		doc.Listeners = append(doc.Listeners, enc(l))
 	}

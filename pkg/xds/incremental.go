@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"hash"
+	"io"
 	"slices"
 	"strings"
 
@@ -25,11 +26,13 @@ import (
 // deterministic is the encoding every version hashes.
 var deterministic = proto.MarshalOptions{Deterministic: true}
 
-// Type names in the version's encoding (newResources's).
+// Type names in the versions' encoding (typeVersion's), which errors
+// name resources with too.
 const (
 	listenerTag = "listener"
 	clusterTag  = "cluster"
 	endpointTag = "ClusterLoadAssignment"
+	routeTag    = "route configuration"
 )
 
 // GatewayTranslator is TranslateGateway with a memory: it keeps, for every
@@ -39,12 +42,14 @@ const (
 // (the catalog's Builder keeps the entry of a service that did not change)
 // or differs only in what the gateway does not see. A change of one
 // service costs that service's translation plus an assembly of the
-// whole: a walk of the catalog, a sorted merge, and the version's hash
-// over the kept encodings (from the block of the first changed
-// ClusterLoadAssignment when only endpoints changed), never a new
-// encoding of a resource that did not change.
+// whole: a walk of the catalog, a sorted merge, and the hashes of the
+// versions of the types that changed over the kept encodings (the
+// endpoints' from the block of the first changed
+// ClusterLoadAssignment), never a new encoding of a resource that did
+// not change. When only endpoints changed, the listener is the last
+// one, message and version.
 //
-// Its results equal TranslateGateway's for the same catalog, version
+// Its results equal TranslateGateway's for the same catalog, versions
 // included. A GatewayTranslator is not safe for concurrent use; its
 // results are, like every Resources.
 type GatewayTranslator struct {
@@ -69,10 +74,10 @@ type GatewayTranslator struct {
 	// gen counts translations: a service seen by the current one has it.
 	gen  uint64
 	last Resources
-	// checkpoints[k] is the version's hash, for last, just before its
-	// k*claBlock-th ClusterLoadAssignment (checkpoints[0]: after the
-	// listener and the clusters), so that when only endpoints change the
-	// hash resumes at the block of the first change.
+	// checkpoints[k] is the endpoints' hash (EndpointsVersion), for
+	// last, just before its k*claBlock-th ClusterLoadAssignment, so that
+	// the hash resumes at the block of the first change
+	// (endpointsVersion).
 	checkpoints []hash.Hash
 }
 
@@ -368,26 +373,19 @@ func encode(typ, name string, m interface {
 	return b, nil
 }
 
-// assemble makes the Resources of units, and their version: the hash
-// newResources computes, from the kept encodings. It also returns the
-// hash's checkpoints for the result.
+// assemble makes the Resources of units, and their versions: those
+// newResources computes, from the kept encodings. A type whose parts
+// are the last result's keeps its version (the listener its message
+// too) without hashing anything; the endpoints' hash resumes at the
+// checkpoint before the first ClusterLoadAssignment that is not the
+// last result's. It also returns the endpoints' hash's checkpoints for
+// the result.
 func (t *GatewayTranslator) assemble(units []*portUnit) (Resources, []hash.Hash, error) {
 	for i := 1; i < len(units); i++ {
 		if units[i-1].name == units[i].name {
 			return Resources{}, nil, fmt.Errorf("%s %q: two service ports have this name", clusterTag, units[i].name)
 		}
 	}
-	// Chains are sorted by SNI, clusters by name; with Istio's grammar
-	// the two orders agree, and this is only checked.
-	byChain := units
-	if !slices.IsSortedFunc(byChain, bySNI) {
-		byChain = slices.SortedFunc(slices.Values(units), bySNI)
-	}
-	chains := make([]*listenerv3.FilterChain, len(byChain))
-	for i, u := range byChain {
-		chains[i] = u.chain
-	}
-	lis := t.listener(chains)
 	clusters := make([]*clusterv3.Cluster, len(units))
 	loads := make([]*endpointv3.ClusterLoadAssignment, 0, len(units))
 	withLoad := make([]*portUnit, 0, len(units))
@@ -398,25 +396,91 @@ func (t *GatewayTranslator) assemble(units []*portUnit) (Resources, []hash.Hash,
 			withLoad = append(withLoad, u)
 		}
 	}
+	res := Resources{Clusters: clusters, Endpoints: loads}
+	sameChains, sameClusters := t.sameParts(units)
+	if sameChains {
+		res.Listeners, res.ListenersVersion = t.last.Listeners, t.last.ListenersVersion
+	} else {
+		// Chains are sorted by SNI, clusters by name; with Istio's
+		// grammar the two orders agree, and this is only checked.
+		byChain := units
+		if !slices.IsSortedFunc(byChain, bySNI) {
+			byChain = slices.SortedFunc(slices.Values(units), bySNI)
+		}
+		chains := make([]*listenerv3.FilterChain, len(byChain))
+		for i, u := range byChain {
+			chains[i] = u.chain
+		}
+		lis := t.listener(chains)
+		v, err := t.listenerVersion(lis, byChain)
+		if err != nil {
+			return Resources{}, nil, err
+		}
+		res.Listeners, res.ListenersVersion = []*listenerv3.Listener{lis}, v
+	}
+	if sameClusters {
+		res.ClustersVersion = t.last.ClustersVersion
+	} else {
+		v := versionHash{h: sha256.New()}
+		for _, u := range units {
+			v.record(clusterTag, len(u.clusterEnc))
+			v.write(u.clusterEnc)
+		}
+		res.ClustersVersion = v.sum()
+	}
+	var checkpoints []hash.Hash
+	res.EndpointsVersion, checkpoints = endpointsVersion(loads, func(k int) []byte { return withLoad[k].claEnc },
+		t.last.Endpoints, t.last.EndpointsVersion, t.checkpoints)
+	res.combine()
+	return res, checkpoints, nil
+}
 
-	// The listener and the clusters come first in the hash: when they
-	// are the last result's, the hash resumes at the checkpoint before
-	// the first ClusterLoadAssignment that changed.
+// sameParts reports whether units have the last result's chains, in
+// the same order (the listener is then the last one), and its clusters.
+func (t *GatewayTranslator) sameParts(units []*portUnit) (chains, clusters bool) {
+	if t.last.Version == "" || len(units) != len(t.units) {
+		return false, false
+	}
+	chains, clusters = true, true
+	for i, u := range units {
+		chains = chains && u.chain == t.units[i].chain
+		clusters = clusters && u.cluster == t.units[i].cluster
+	}
+	return chains, clusters
+}
+
+// claBlock is how many ClusterLoadAssignments a checkpoint of the
+// endpoints' hash covers.
+const claBlock = 256
+
+// endpointsVersion is typeVersion of loads, whose encodings enc gives,
+// hashed from the checkpoint before the first of loads that is not
+// last's (the last result's, whose version is lastVersion and whose
+// hash's checkpoints are lastCheckpoints): a change of one
+// ClusterLoadAssignment hashes from its block on, not every one. It also
+// returns the hash's checkpoints for loads: checkpoints[k] is the hash
+// just before loads[k*claBlock]; nil when the hash cannot be copied,
+// and every version is then hashed whole.
+func endpointsVersion(loads []*endpointv3.ClusterLoadAssignment, enc func(int) []byte,
+	last []*endpointv3.ClusterLoadAssignment, lastVersion string, lastCheckpoints []hash.Hash) (string, []hash.Hash) {
+	first := 0
+	for first < len(loads) && first < len(last) && loads[first] == last[first] {
+		first++
+	}
+	if len(lastCheckpoints) > 0 && first == len(loads) && first == len(last) {
+		return lastVersion, lastCheckpoints
+	}
 	var v versionHash
 	var checkpoints []hash.Hash
 	from := 0
-	if k, ok := t.resumeAt(units, loads); ok {
-		b := k / claBlock
-		if h, ok := clone(t.checkpoints[b]); ok {
+	if b := first / claBlock; b < len(lastCheckpoints) {
+		if h, ok := clone(lastCheckpoints[b]); ok {
 			v.h, from = h, b*claBlock
-			checkpoints = slices.Clone(t.checkpoints[:b])
+			checkpoints = slices.Clone(lastCheckpoints[:b])
 		}
 	}
 	if v.h == nil {
 		v.h = sha256.New()
-		if err := t.hashRoutes(&v, lis, byChain, units); err != nil {
-			return Resources{}, nil, err
-		}
 	}
 	complete := true
 	for k := from; ; k++ {
@@ -424,50 +488,24 @@ func (t *GatewayTranslator) assemble(units []*portUnit) (Resources, []hash.Hash,
 			h, ok := clone(v.h)
 			checkpoints, complete = append(checkpoints, h), ok
 		}
-		if k == len(withLoad) {
+		if k == len(loads) {
 			break
 		}
-		v.record(endpointTag, len(withLoad[k].claEnc))
-		v.write(withLoad[k].claEnc)
+		e := enc(k)
+		v.record(endpointTag, len(e))
+		v.write(e)
 	}
 	if !complete {
 		checkpoints = nil
 	}
-	return Resources{
-		Version:   v.sum(),
-		Listeners: []*listenerv3.Listener{lis},
-		Clusters:  clusters,
-		Endpoints: loads,
-	}, checkpoints, nil
+	return v.sum(), checkpoints
 }
 
-// claBlock is how many ClusterLoadAssignments a checkpoint of the
-// version's hash covers.
-const claBlock = 256
-
-// resumeAt reports whether units have the last result's chains and
-// clusters, and if so the index of the first of loads that is not the
-// last result's (len(loads) when none).
-func (t *GatewayTranslator) resumeAt(units []*portUnit, loads []*endpointv3.ClusterLoadAssignment) (int, bool) {
-	prev := t.last.Endpoints
-	if len(t.checkpoints) == 0 || len(units) != len(t.units) || len(loads) != len(prev) {
-		return 0, false
-	}
-	for i, u := range units {
-		if u.chain != t.units[i].chain || u.cluster != t.units[i].cluster {
-			return 0, false
-		}
-	}
-	for k, cla := range loads {
-		if cla != prev[k] {
-			return k, true
-		}
-	}
-	return len(loads), true
-}
-
-// hashRoutes writes the listener and the clusters.
-func (t *GatewayTranslator) hashRoutes(v *versionHash, lis *listenerv3.Listener, byChain, units []*portUnit) error {
+// listenerVersion is typeVersion of lis, spliced from the head, the
+// chains' fields and the tail when they make its encoding, else
+// encoded whole.
+func (t *GatewayTranslator) listenerVersion(lis *listenerv3.Listener, byChain []*portUnit) (string, error) {
+	v := versionHash{h: sha256.New()}
 	if t.splice {
 		size := len(t.head) + len(t.tail)
 		for _, u := range byChain {
@@ -479,19 +517,15 @@ func (t *GatewayTranslator) hashRoutes(v *versionHash, lis *listenerv3.Listener,
 			v.write(u.chainField)
 		}
 		v.write(t.tail)
-	} else {
-		enc, err := deterministic.Marshal(lis)
-		if err != nil {
-			return fmt.Errorf("%s %q: encode: %w", listenerTag, lis.GetName(), err)
-		}
-		v.record(listenerTag, len(enc))
-		v.write(enc)
+		return v.sum(), nil
 	}
-	for _, u := range units {
-		v.record(clusterTag, len(u.clusterEnc))
-		v.write(u.clusterEnc)
+	enc, err := deterministic.Marshal(lis)
+	if err != nil {
+		return "", fmt.Errorf("%s %q: encode: %w", listenerTag, lis.GetName(), err)
 	}
-	return nil
+	v.record(listenerTag, len(enc))
+	v.write(enc)
+	return v.sum(), nil
 }
 
 // clone copies a hash's state; a hash that cannot be copied makes no
@@ -511,9 +545,9 @@ func clone(h hash.Hash) (hash.Hash, bool) {
 
 func bySNI(a, b *portUnit) int { return strings.Compare(a.sni, b.sni) }
 
-// versionHash is newResources's hash, fed a resource at a time: the
-// type and the message, each length-prefixed, so no two different lists
-// encode alike.
+// versionHash is the hash of a type's version (typeVersion), fed a
+// resource at a time: the type and the message, each length-prefixed,
+// so no two different lists encode alike.
 type versionHash struct {
 	h   hash.Hash
 	buf []byte
@@ -528,6 +562,8 @@ func (v *versionHash) record(typ string, size int) {
 }
 
 func (v *versionHash) write(b []byte) { v.h.Write(b) }
+
+func (v *versionHash) writeString(s string) { _, _ = io.WriteString(v.h, s) }
 
 func (v *versionHash) sum() string { return hex.EncodeToString(v.h.Sum(nil)[:12]) }
 

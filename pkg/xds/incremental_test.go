@@ -2,6 +2,7 @@ package xds
 
 import (
 	"fmt"
+	"hash"
 	"math/rand/v2"
 	"testing"
 
@@ -11,11 +12,13 @@ import (
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 )
 
-// requireSame fails unless got is want: the same version and, in the
-// same order, resources that are proto.Equal.
+// requireSame fails unless got is want: the same versions, of each
+// type and of all, and, in the same order, resources that are
+// proto.Equal.
 func requireSame(t testing.TB, want, got Resources) {
 	t.Helper()
 	require.Equal(t, want.Version, got.Version, "version")
+	require.Equal(t, want.TypeVersions(), got.TypeVersions(), "versions by type")
 	require.Len(t, got.Listeners, len(want.Listeners), "listeners")
 	for i := range want.Listeners {
 		require.True(t, proto.Equal(want.Listeners[i], got.Listeners[i]), "listener %q", want.Listeners[i].GetName())
@@ -136,8 +139,9 @@ func TestGatewayTranslatorEqualsFromScratch(t *testing.T) {
 }
 
 // A service that did not change keeps its very messages; the one whose
-// endpoints changed gets a new ClusterLoadAssignment, and the listener
-// is new.
+// endpoints changed gets a new ClusterLoadAssignment, and the listener,
+// whose chains did not change, is the same message: only the endpoints'
+// version moves.
 func TestGatewayTranslatorReusesUnchangedServices(t *testing.T) {
 	tr, err := NewGatewayTranslator(GatewayOptions{FederationUpstream: "10.96.0.19:15019"})
 	require.NoError(t, err)
@@ -155,6 +159,9 @@ func TestGatewayTranslatorReusesUnchangedServices(t *testing.T) {
 	second, err := tr.Translate(b.Build())
 	require.NoError(t, err)
 	require.NotEqual(t, first.Version, second.Version)
+	require.NotEqual(t, first.EndpointsVersion, second.EndpointsVersion)
+	require.Equal(t, first.ListenersVersion, second.ListenersVersion)
+	require.Equal(t, first.ClustersVersion, second.ClustersVersion)
 	// Clusters and chains depend on the names alone.
 	for i, c := range second.Clusters {
 		require.Same(t, first.Clusters[i], c, c.GetName())
@@ -170,7 +177,7 @@ func TestGatewayTranslatorReusesUnchangedServices(t *testing.T) {
 	for i, fc := range second.Listeners[0].GetFilterChains() {
 		require.Same(t, first.Listeners[0].GetFilterChains()[i], fc)
 	}
-	require.NotSame(t, first.Listeners[0], second.Listeners[0])
+	require.Same(t, first.Listeners[0], second.Listeners[0])
 	// The first result was not touched.
 	require.Len(t, first.Listeners[0].GetFilterChains(), 4)
 
@@ -285,9 +292,39 @@ func TestGatewayTranslatorRefusesCollidingNames(t *testing.T) {
 	requireSame(t, want, got)
 }
 
+// requireResumed checks that next, a translation after last where only
+// endpoints changed, kept the other types' versions and messages and
+// resumed the endpoints' hash: the checkpoints before the block of the
+// first changed ClusterLoadAssignment are last's own, not hashed again.
+func requireResumed(t testing.TB, last Resources, lastCheckpoints []hash.Hash, next Resources, nextCheckpoints []hash.Hash) {
+	t.Helper()
+	require.Equal(t, last.ListenersVersion, next.ListenersVersion)
+	require.Equal(t, last.ClustersVersion, next.ClustersVersion)
+	require.Equal(t, last.RoutesVersion, next.RoutesVersion)
+	require.NotEqual(t, last.EndpointsVersion, next.EndpointsVersion)
+	require.Len(t, next.Listeners, len(last.Listeners))
+	for i, l := range next.Listeners {
+		require.Same(t, last.Listeners[i], l, "listener %s", l.GetName())
+	}
+	require.Len(t, next.Endpoints, len(last.Endpoints))
+	first := 0
+	for next.Endpoints[first] == last.Endpoints[first] {
+		first++
+	}
+	require.Len(t, nextCheckpoints, len(lastCheckpoints))
+	for k := range nextCheckpoints {
+		if k < first/claBlock {
+			require.Same(t, lastCheckpoints[k], nextCheckpoints[k], "checkpoint %d, before the change at %d", k, first)
+		} else {
+			require.NotSame(t, lastCheckpoints[k], nextCheckpoints[k], "checkpoint %d, after the change at %d", k, first)
+		}
+	}
+}
+
 // Endpoint changes anywhere among more ClusterLoadAssignments than one
-// checkpoint of the version's hash covers, then services added and
-// removed: each result is the from-scratch one.
+// checkpoint of the endpoints' hash covers, then services added and
+// removed: each result is the from-scratch one, and an endpoint change
+// resumes the hash at its block.
 func TestGatewayTranslatorResumesTheHash(t *testing.T) {
 	opts := GatewayOptions{FederationUpstream: "10.96.0.19:15019"}
 	const n = 2*claBlock + 100
@@ -311,7 +348,9 @@ func TestGatewayTranslatorResumesTheHash(t *testing.T) {
 	for _, i := range []int{0, claBlock - 1, claBlock, claBlock + 1, 2 * claBlock, n - 1} {
 		// Keys sort as ns-<i%10>/svc-<i>: these land in every block.
 		require.NoError(t, b.Put(benchService(i, 3, false)), i)
+		last, lastCheckpoints := tr.last, tr.checkpoints
 		check(fmt.Sprintf("endpoints of %d", i))
+		requireResumed(t, last, lastCheckpoints, tr.last, tr.checkpoints)
 		require.NoError(t, b.Put(benchService(i, 3, true)), i)
 		check(fmt.Sprintf("endpoints of %d back", i))
 	}

@@ -2,8 +2,6 @@ package xds
 
 import (
 	"crypto/sha256"
-	"encoding/binary"
-	"encoding/hex"
 	"fmt"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
@@ -18,10 +16,14 @@ import (
 )
 
 // Resources is one proxy configuration: every resource has passed its
-// Validate(), each list is sorted by name, and Version is a hash of the
-// deterministic encoding of the listeners, clusters and endpoints, so
-// equal configurations have equal versions and a proxy is never pushed
-// the same thing twice.
+// Validate() and each list is sorted by name.
+//
+// Each type has its own version, a hash of the deterministic encoding
+// of that type's resources alone, and the snapshot serves each type at
+// its version: equal configurations have equal versions, a proxy is
+// never pushed the same thing twice, and a change of one type does not
+// push the others again (a pod turning unready pushes the endpoints, not
+// every listener, cluster and route configuration).
 //
 // The Secrets (SDS, from TranslateSecrets) are served at their own
 // version, SecretsVersion, a hash of them alone: a catalog change does not
@@ -30,102 +32,120 @@ import (
 // Resources and the messages it holds are shared and must not be
 // modified.
 type Resources struct {
+	// Version is a hash of the listeners', clusters', endpoints' and
+	// routes' versions: it changes when any of them does. It names the
+	// configuration in logs and /debug/xds; proxies see the per-type
+	// versions.
 	Version   string
 	Listeners []*listenerv3.Listener
 	Clusters  []*clusterv3.Cluster
 	Endpoints []*endpointv3.ClusterLoadAssignment
-	// Routes are the route configurations (RDS) the listeners name, in
-	// the Version too; the sidecar's (withRoutes), none for the gateway.
+	// Routes are the route configurations (RDS) the listeners name; the
+	// sidecar's (withRoutes), none for the gateway.
 	Routes []*routev3.RouteConfiguration
+	// ListenersVersion, ClustersVersion, EndpointsVersion and
+	// RoutesVersion are the versions of each type (RoutesVersion is
+	// empty without routes: the gateway serves no RDS).
+	ListenersVersion, ClustersVersion, EndpointsVersion, RoutesVersion string
 	// Secrets and SecretsVersion are empty until the trust store holds a
 	// bundle.
 	Secrets        []*tlsv3.Secret
 	SecretsVersion string
 }
 
-// newResources validates every resource and computes the version. The
+// newResources validates every resource and computes the versions. The
 // lists must already be in their canonical order.
 func newResources(lis []*listenerv3.Listener, cls []*clusterv3.Cluster, eps []*endpointv3.ClusterLoadAssignment) (Resources, error) {
 	r := Resources{Listeners: lis, Clusters: cls, Endpoints: eps}
-	h := sha256.New()
-	var buf []byte
-	opts := proto.MarshalOptions{Deterministic: true}
-	add := func(typ, name string, m interface {
-		proto.Message
-		Validate() error
-	}) error {
-		if err := m.Validate(); err != nil {
-			return fmt.Errorf("%s %q is invalid: %w", typ, name, err)
-		}
-		msg, err := opts.Marshal(m)
-		if err != nil {
-			return fmt.Errorf("%s %q: encode: %w", typ, name, err)
-		}
-		// Type and message length-prefixed, so no two different lists
-		// encode alike.
-		buf = buf[:0]
-		buf = binary.AppendUvarint(buf, uint64(len(typ)))
-		buf = append(buf, typ...)
-		buf = binary.AppendUvarint(buf, uint64(len(msg)))
-		h.Write(buf)
-		h.Write(msg)
-		return nil
+	var err error
+	if r.ListenersVersion, err = typeVersion(listenerTag, lis, (*listenerv3.Listener).GetName); err != nil {
+		return Resources{}, err
 	}
-	for _, l := range lis {
-		if err := add("listener", l.GetName(), l); err != nil {
-			return Resources{}, err
-		}
+	if r.ClustersVersion, err = typeVersion(clusterTag, cls, (*clusterv3.Cluster).GetName); err != nil {
+		return Resources{}, err
 	}
-	for _, c := range cls {
-		if err := add("cluster", c.GetName(), c); err != nil {
-			return Resources{}, err
-		}
+	if r.EndpointsVersion, err = typeVersion(endpointTag, eps, (*endpointv3.ClusterLoadAssignment).GetClusterName); err != nil {
+		return Resources{}, err
 	}
-	for _, e := range eps {
-		if err := add("ClusterLoadAssignment", e.GetClusterName(), e); err != nil {
-			return Resources{}, err
-		}
-	}
-	r.Version = hex.EncodeToString(h.Sum(nil)[:12])
+	r.combine()
 	return r, nil
+}
+
+// typeVersion validates and encodes every resource of one type, and
+// hashes them: each resource's encoding recorded with the type and its
+// length (versionHash), so no two different lists hash alike.
+func typeVersion[M interface {
+	proto.Message
+	Validate() error
+}](typ string, ms []M, name func(M) string) (string, error) {
+	v := versionHash{h: sha256.New()}
+	for _, m := range ms {
+		enc, err := encode(typ, name(m), m)
+		if err != nil {
+			return "", err
+		}
+		v.record(typ, len(enc))
+		v.write(enc)
+	}
+	return v.sum(), nil
+}
+
+// combine sets Version from the per-type versions.
+func (r *Resources) combine() {
+	v := versionHash{h: sha256.New()}
+	for _, tv := range [...]struct{ typ, version string }{
+		{listenerTag, r.ListenersVersion}, {clusterTag, r.ClustersVersion},
+		{endpointTag, r.EndpointsVersion}, {routeTag, r.RoutesVersion},
+	} {
+		v.record(tv.typ, len(tv.version))
+		v.writeString(tv.version)
+	}
+	r.Version = v.sum()
+}
+
+// TypeVersions are the versions the snapshot serves, by type URL: what a
+// proxy that holds this configuration ACKs. A type without a version
+// (routes of the gateway, Secrets before the first bundle) is left out.
+func (r Resources) TypeVersions() map[string]string {
+	out := make(map[string]string, 5)
+	for typ, v := range map[string]string{
+		resource.ListenerType: r.ListenersVersion, resource.ClusterType: r.ClustersVersion,
+		resource.EndpointType: r.EndpointsVersion, resource.RouteType: r.RoutesVersion,
+		resource.SecretType: r.SecretsVersion,
+	} {
+		if v != "" {
+			out[typ] = v
+		}
+	}
+	return out
 }
 
 // Snapshot returns the resources as a go-control-plane snapshot, after
 // checking that it is consistent (every EDS cluster has exactly one
 // ClusterLoadAssignment, and no other exists; likewise for routes: see
-// consistent). The Secrets are at
-// SecretsVersion, everything else at Version.
+// consistent). Each type is at its own version, the Secrets at
+// SecretsVersion.
 func (r Resources) Snapshot() (*cache.Snapshot, error) {
-	res := map[resource.Type][]types.Resource{
-		resource.ListenerType: make([]types.Resource, 0, len(r.Listeners)),
-		resource.ClusterType:  make([]types.Resource, 0, len(r.Clusters)),
-		resource.EndpointType: make([]types.Resource, 0, len(r.Endpoints)),
-	}
-	for _, l := range r.Listeners {
-		res[resource.ListenerType] = append(res[resource.ListenerType], l)
-	}
-	for _, c := range r.Clusters {
-		res[resource.ClusterType] = append(res[resource.ClusterType], c)
-	}
-	for _, e := range r.Endpoints {
-		res[resource.EndpointType] = append(res[resource.EndpointType], e)
-	}
-	for _, rc := range r.Routes {
-		res[resource.RouteType] = append(res[resource.RouteType], rc)
-	}
-	snap, err := cache.NewSnapshot(r.Version, res)
-	if err != nil {
-		return nil, err
-	}
-	secrets := make([]types.Resource, 0, len(r.Secrets))
-	for _, s := range r.Secrets {
-		secrets = append(secrets, s)
-	}
-	snap.Resources[types.Secret] = cache.NewResources(r.SecretsVersion, secrets)
 	if err := consistent(r); err != nil {
 		return nil, fmt.Errorf("snapshot %s is inconsistent: %w", r.Version, err)
 	}
+	snap := &cache.Snapshot{}
+	snap.Resources[types.Listener] = cache.NewResources(r.ListenersVersion, asResources(r.Listeners))
+	snap.Resources[types.Cluster] = cache.NewResources(r.ClustersVersion, asResources(r.Clusters))
+	snap.Resources[types.Endpoint] = cache.NewResources(r.EndpointsVersion, asResources(r.Endpoints))
+	if len(r.Routes) > 0 {
+		snap.Resources[types.Route] = cache.NewResources(r.RoutesVersion, asResources(r.Routes))
+	}
+	snap.Resources[types.Secret] = cache.NewResources(r.SecretsVersion, asResources(r.Secrets))
 	return snap, nil
+}
+
+func asResources[M types.Resource](ms []M) []types.Resource {
+	out := make([]types.Resource, len(ms))
+	for i, m := range ms {
+		out[i] = m
+	}
+	return out
 }
 
 // Names lists the resources' names by type URL, each list in order;

@@ -121,7 +121,7 @@ func TestTrustBundlesReachTheProxies(t *testing.T) {
 		st := f.srv.Status()
 		return st.Gateway.SecretsVersion != "" && len(st.Proxies) == 1 &&
 			st.Proxies[0].Acked[resource.SecretType] == st.Gateway.SecretsVersion &&
-			st.Proxies[0].Acked[resource.ListenerType] == st.Gateway.Version
+			st.Proxies[0].Acked[resource.ListenerType] == st.Gateway.Versions[resource.ListenerType]
 	}, wait, 5*time.Millisecond, "the gateway ACKs ROOTCA")
 	st := f.srv.Status().Gateway
 	require.NotEqual(t, st.Version, st.SecretsVersion, "the Secret has its own version")

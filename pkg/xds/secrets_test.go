@@ -179,8 +179,11 @@ func TestSnapshotServesSecretsAtTheirVersion(t *testing.T) {
 	snap, err := r.Snapshot()
 	require.NoError(t, err)
 	require.Equal(t, r.SecretsVersion, snap.GetVersion(resource.SecretType))
-	require.Equal(t, r.Version, snap.GetVersion(resource.ListenerType))
+	require.Equal(t, r.ListenersVersion, snap.GetVersion(resource.ListenerType))
+	require.Equal(t, r.ClustersVersion, snap.GetVersion(resource.ClusterType))
+	require.Equal(t, r.EndpointsVersion, snap.GetVersion(resource.EndpointType))
 	require.NotEqual(t, r.Version, r.SecretsVersion)
+	require.Equal(t, r.TypeVersions()[resource.SecretType], r.SecretsVersion)
 	require.Contains(t, snap.GetResources(resource.SecretType), "ROOTCA")
 	require.Equal(t, []string{"ROOTCA"}, r.Names()[resource.SecretType])
 }

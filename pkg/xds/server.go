@@ -415,9 +415,15 @@ type Status struct {
 
 // SnapshotStatus describes the configuration served to one role.
 type SnapshotStatus struct {
-	// Version is the content hash of the listeners, clusters and
-	// endpoints being served; empty until the first one is set.
+	// Version is a hash of the versions of the listeners, clusters,
+	// endpoints and (sidecars) route configurations being served
+	// (Resources.Version); empty until the first one is set.
 	Version string `json:"version"`
+	// Versions are the version each type is served at, by type URL
+	// (Resources.TypeVersions): what a proxy's ACK of that type carries
+	// (ProxyStatus.Acked) once it holds this configuration. A type
+	// whose resources did not change keeps its version.
+	Versions map[string]string `json:"versions,omitempty"`
 	// SecretsVersion is the content hash of the Secrets (SDS) being
 	// served; empty while there are none.
 	SecretsVersion string    `json:"secretsVersion,omitempty"`
@@ -470,6 +476,7 @@ func (s *Server) Status() Status {
 		CatalogVersion: s.catalogVersion, Error: s.lastError,
 	}}
 	if s.gateway.Version != "" {
+		st.Gateway.Versions = s.gateway.TypeVersions()
 		st.Gateway.Resources = s.gateway.Names()
 	}
 	st.Sidecar = s.sidecarStatus()

@@ -84,7 +84,7 @@ func TestSidecarsWaitForEveryPeersImports(t *testing.T) {
 	require.Eventually(t, func() bool { return f.srv.Status().Sidecar.Version == want.Version }, wait, 5*time.Millisecond)
 	secrets := f.srv.Status().Sidecar.SecretsVersion
 	require.NotEmpty(t, secrets)
-	sc.syncTo(want.Version, secrets)
+	sc.syncTo(want, secrets)
 	require.Equal(t, []string{
 		"p0 r1/z1 w1: 10.0.1.2:8080 HEALTHY 10.0.1.3:8080 UNHEALTHY",
 		"p1 r1/z2 w2: 192.0.2.10:15443 HEALTHY",
@@ -104,7 +104,7 @@ func TestSidecarsWaitForEveryPeersImports(t *testing.T) {
 	synced.Store(false)
 	f.store.Delete("b")
 	alone := sidecarTranslated(t, []catalog.Service{localEcho()}, nil)
-	sc.syncTo(alone.Version, secrets)
+	sc.syncTo(alone, secrets)
 }
 
 // A peer that never comes back holds the sidecars back only until the
@@ -127,7 +127,7 @@ func TestSidecarsWaitForPeersAtMostTheBound(t *testing.T) {
 	want := sidecarTranslated(t, []catalog.Service{localEcho()}, nil)
 	require.Eventually(t, func() bool { return f.srv.Status().Sidecar.Version == want.Version }, bound+wait, 5*time.Millisecond)
 	require.GreaterOrEqual(t, time.Since(start), bound, "served before the bound")
-	sc.syncTo(want.Version, f.srv.Status().Sidecar.SecretsVersion)
+	sc.syncTo(want, f.srv.Status().Sidecar.SecretsVersion)
 	require.Contains(t, sc.listeners, "outbound")
 
 	require.Equal(t, int64(1), f.metric("isthmus_xds_peer_sync_timeouts"))
@@ -139,5 +139,5 @@ func TestSidecarsWaitForPeersAtMostTheBound(t *testing.T) {
 	require.True(t, strings.Contains(logs, "not every peer's imports are known: serving the sidecars what is known"), "no warning in:\n%s", logs)
 	require.True(t, f.srv.Status().Sidecar.WaitingForPeersUntil.IsZero())
 	// The gateway was never held back.
-	require.Equal(t, translated(t, localEcho()), gw.versions[resource.ListenerType])
+	require.Equal(t, translated(t, localEcho()).ListenersVersion, gw.versions[resource.ListenerType])
 }

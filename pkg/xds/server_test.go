@@ -413,10 +413,11 @@ func (c *adsClient) edsNames() []string {
 }
 
 // syncTo applies responses until listener, clusters and endpoints are
-// all at version v.
-func (c *adsClient) syncTo(v string) {
+// each at r's version of its type.
+func (c *adsClient) syncTo(r Resources) {
 	c.t.Helper()
-	for c.versions[resource.ListenerType] != v || c.versions[resource.ClusterType] != v || c.versions[resource.EndpointType] != v {
+	for c.versions[resource.ListenerType] != r.ListenersVersion || c.versions[resource.ClusterType] != r.ClustersVersion ||
+		c.versions[resource.EndpointType] != r.EndpointsVersion {
 		c.apply(c.next())
 	}
 }
@@ -447,11 +448,12 @@ func webService() catalog.Service {
 	}
 }
 
-func translated(t testing.TB, svcs ...catalog.Service) string {
+// translated is what TranslateGateway gives for svcs.
+func translated(t testing.TB, svcs ...catalog.Service) Resources {
 	t.Helper()
 	r, err := TranslateGateway(snapshotOf(t, svcs...), GatewayOptions{FederationUpstream: "127.0.0.1:15019"})
 	require.NoError(t, err)
-	return r.Version
+	return r
 }
 
 // A gateway with a valid SVID gets its listener, clusters and endpoints,
@@ -483,18 +485,21 @@ func TestGatewayFollowsTheCatalog(t *testing.T) {
 		return len(st.Proxies) == 1 && len(st.Proxies[0].Acked) == 3
 	}, wait, 5*time.Millisecond)
 	st := f.srv.Status()
-	require.Equal(t, v1, st.Gateway.Version)
+	require.Equal(t, v1.Version, st.Gateway.Version)
 	p := st.Proxies[0]
 	require.Equal(t, gatewayNode, p.Node)
 	require.Equal(t, gatewayID.String(), p.Identity)
-	require.Equal(t, map[string]string{resource.ListenerType: v1, resource.ClusterType: v1, resource.EndpointType: v1}, p.Acked)
+	want := map[string]string{resource.ListenerType: v1.ListenersVersion, resource.ClusterType: v1.ClustersVersion, resource.EndpointType: v1.EndpointsVersion}
+	require.Equal(t, want, p.Acked)
+	want[resource.SecretType] = st.Gateway.SecretsVersion
+	require.Equal(t, want, st.Gateway.Versions, "what /debug/xds serves is what the proxy acked")
 	require.Equal(t, int64(1), f.metric("isthmus_xds_connected_proxies", "transport=tls"))
 	require.Equal(t, int64(1), f.metric("isthmus_xds_snapshot_updates", "role=eastwest-gw"))
 
 	// A new export: a new version with its chain and endpoints.
 	f.setCatalog(echoService(), webService())
 	v2 := translated(t, echoService(), webService())
-	require.NotEqual(t, v1, v2)
+	require.NotEqual(t, v1.Version, v2.Version)
 	gw.syncTo(v2)
 	require.Contains(t, gw.snis(), web8080)
 	require.Equal(t, "10.0.1.9", gw.loads["outbound|8080||web.demo.svc.cluster.local"].GetEndpoints()[0].GetLbEndpoints()[0].
@@ -515,7 +520,7 @@ func TestGatewayFollowsTheCatalog(t *testing.T) {
 	snap := f.setCatalog(w)
 	f.waitTranslated(snap.Version())
 	gw.nothing("an unchanged gateway configuration was pushed again")
-	require.Equal(t, v3, f.srv.Status().Gateway.Version)
+	require.Equal(t, v3.Version, f.srv.Status().Gateway.Version)
 	require.Equal(t, int64(3), f.metric("isthmus_xds_snapshot_updates", "role=eastwest-gw"))
 }
 
@@ -618,7 +623,7 @@ func TestNACKIsCountedLoggedAndNotRepeated(t *testing.T) {
 	f.setCatalog(echoService(), webService())
 	r = gw.next()
 	require.Equal(t, resource.ListenerType, r.GetTypeUrl())
-	require.Equal(t, translated(t, echoService(), webService()), r.GetVersionInfo())
+	require.Equal(t, translated(t, echoService(), webService()).ListenersVersion, r.GetVersionInfo())
 }
 
 // Nothing is served before the local catalog is published, so a
@@ -641,7 +646,7 @@ func TestWhatIsNotServed(t *testing.T) {
 	require.Equal(t, []string{federation.ReservedSNI}, gw.snis())
 	r := sidecar.next()
 	require.Equal(t, resource.ClusterType, r.GetTypeUrl(), "a sidecar gets its own configuration, not the gateway's")
-	require.Equal(t, sidecarTranslated(t, nil, nil).Version, r.GetVersionInfo())
+	require.Equal(t, sidecarTranslated(t, nil, nil).ClustersVersion, r.GetVersionInfo())
 	other.nothing("a node of a role not served got configuration")
 	require.Contains(t, f.logs.String(), "xDS node of a role not served yet")
 }
@@ -686,7 +691,7 @@ func TestBurstIsCoalesced(t *testing.T) {
 	f.waitTranslated(last.Version())
 	w := webService()
 	w.Endpoints[0].Addresses[0].IP = "10.0.9.50"
-	require.Equal(t, translated(t, echoService(), w), f.srv.Status().Gateway.Version)
+	require.Equal(t, translated(t, echoService(), w).Version, f.srv.Status().Gateway.Version)
 	require.Less(t, f.metric("isthmus_xds_snapshot_updates"), int64(10), "50 changes in a burst")
 }
 

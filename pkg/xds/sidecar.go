@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"crypto/sha256"
 	"encoding/binary"
-	"encoding/hex"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -26,7 +25,6 @@ import (
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -1095,25 +1093,14 @@ func hostRanges(addrs []netip.Addr) []*corev3.CidrRange {
 }
 
 // withRoutes adds route configurations, each validated, in their
-// canonical order (by name), and folds them into the version.
+// canonical order (by name), with their version, and folds it into
+// Version.
 func (r Resources) withRoutes(routes []*routev3.RouteConfiguration) (Resources, error) {
-	h := sha256.New()
-	h.Write([]byte(r.Version))
-	opts := proto.MarshalOptions{Deterministic: true}
-	var buf []byte
-	for _, rc := range routes {
-		if err := rc.Validate(); err != nil {
-			return Resources{}, fmt.Errorf("route configuration %q is invalid: %w", rc.GetName(), err)
-		}
-		msg, err := opts.Marshal(rc)
-		if err != nil {
-			return Resources{}, fmt.Errorf("route configuration %q: encode: %w", rc.GetName(), err)
-		}
-		buf = binary.AppendUvarint(buf[:0], uint64(len(msg)))
-		h.Write(buf)
-		h.Write(msg)
+	v, err := typeVersion(routeTag, routes, (*routev3.RouteConfiguration).GetName)
+	if err != nil {
+		return Resources{}, err
 	}
-	r.Routes = routes
-	r.Version = hex.EncodeToString(h.Sum(nil)[:12])
+	r.Routes, r.RoutesVersion = routes, v
+	r.combine()
 	return r, nil
 }

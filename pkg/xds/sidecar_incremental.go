@@ -40,12 +40,13 @@ import (
 // The shared resources (the outbound listener, the HTTP ports' chains
 // and route configurations, the explicit route) are assembled from the
 // kept parts and made again only when their parts changed; the version
-// is hashed over the kept encodings (from the block of the first changed
-// ClusterLoadAssignment when the listener and the clusters did not
-// change), never encoding a resource that did not change again.
+// of each type whose resources changed is hashed over the kept
+// encodings (the endpoints' from the block of the first changed
+// ClusterLoadAssignment), the others kept, never encoding a resource
+// that did not change again.
 //
 // Its results equal TranslateSidecar's for the same catalogs and
-// options, version and skipped list included. A SidecarTranslator is not
+// options, versions and skipped list included. A SidecarTranslator is not
 // safe for concurrent use; its results are, like every Resources, and
 // must not be modified.
 type SidecarTranslator struct {
@@ -93,7 +94,7 @@ type SidecarTranslator struct {
 	noInCluster *catalog.Snapshot
 	last        Resources
 	skipped     []Skipped
-	// checkpoints are the version's inner hash before every claBlock-th
+	// checkpoints are the endpoints' hash before every claBlock-th
 	// ClusterLoadAssignment of last (see GatewayTranslator).
 	checkpoints []hash.Hash
 }
@@ -888,7 +889,7 @@ func (s *portParts) add(k *sidecarKey, touched map[int32]bool) {
 
 // assemble makes the Resources from the kept parts, without those of
 // the replaced states, dropped, and with the fresh states', and the
-// version.
+// versions.
 func (t *SidecarTranslator) assemble(dropped, fresh []*sidecarKey) (Resources, assembled, error) {
 	keep := func(p *sidecarPort) bool { return t.kept(p.owner) }
 	touched := map[int32]bool{}
@@ -993,18 +994,16 @@ func (t *SidecarTranslator) assemble(dropped, fresh []*sidecarKey) (Resources, a
 		routes = append(routes, rs.rc)
 	}
 
-	version, checkpoints, err := t.version(outbound, a, clusters, loads, routeStates)
-	if err != nil {
-		return Resources{}, assembled{}, err
-	}
-	a.checkpoints = checkpoints
-	return Resources{
-		Version:   version,
+	res := Resources{
 		Listeners: []*listenerv3.Listener{t.inbound, outbound},
 		Clusters:  clusters,
 		Endpoints: loads,
 		Routes:    routes,
-	}, a, nil
+	}
+	if a.checkpoints, err = t.versions(&res, a, routeStates); err != nil {
+		return Resources{}, assembled{}, err
+	}
+	return res, a, nil
 }
 
 // sharedAddress refuses two in-cluster services with one ClusterIP, as
@@ -1117,30 +1116,29 @@ func (t *SidecarTranslator) route(name string, ports []*sidecarPort) (routeState
 	return rs, nil
 }
 
-// version is newResources's version of the listeners, clusters and
-// loads, folded with the routes as withRoutes does, hashed over the
-// kept encodings. The inner hash resumes at the checkpoint before the
-// first ClusterLoadAssignment that is not the last result's when the
-// listeners and clusters are.
-func (t *SidecarTranslator) version(outbound *listenerv3.Listener, a assembled, clusters []*clusterv3.Cluster,
-	loads []*endpointv3.ClusterLoadAssignment, routes []*routeState) (string, []hash.Hash, error) {
-	var v versionHash
-	var checkpoints []hash.Hash
-	from := 0
-	if k, ok := t.resumeAt(outbound, clusters, loads); ok {
-		b := k / claBlock
-		if h, ok := clone(t.checkpoints[b]); ok {
-			v.h, from = h, b*claBlock
-			checkpoints = slices.Clone(t.checkpoints[:b])
-		}
-	}
-	if v.h == nil {
-		v.h = sha256.New()
+// versions sets res's versions, which TranslateSidecar's
+// (newResources's and withRoutes's) are, from the kept encodings. A
+// type whose resources are the last result's keeps its version without
+// hashing anything; the endpoints' hash resumes at the checkpoint
+// before the first ClusterLoadAssignment that is not the last result's.
+// It returns the endpoints' hash's checkpoints for res.
+func (t *SidecarTranslator) versions(res *Resources, a assembled, routes []*routeState) ([]hash.Hash, error) {
+	last := t.last
+	if last.Version != "" && res.outboundListener() == last.outboundListener() {
+		res.ListenersVersion = last.ListenersVersion
+	} else {
+		v := versionHash{h: sha256.New()}
 		v.record(listenerTag, len(t.inboundEnc))
 		v.write(t.inboundEnc)
-		if err := t.hashOutbound(&v, outbound, a); err != nil {
-			return "", nil, err
+		if err := t.hashOutbound(&v, res.outboundListener(), a); err != nil {
+			return nil, err
 		}
+		res.ListenersVersion = v.sum()
+	}
+	if last.Version != "" && slices.Equal(res.Clusters, last.Clusters) {
+		res.ClustersVersion = last.ClustersVersion
+	} else {
+		v := versionHash{h: sha256.New()}
 		for _, enc := range t.passthroughEnc {
 			v.record(clusterTag, len(enc))
 			v.write(enc)
@@ -1149,35 +1147,23 @@ func (t *SidecarTranslator) version(outbound *listenerv3.Listener, a assembled, 
 			v.record(clusterTag, len(p.clusterEnc))
 			v.write(p.clusterEnc)
 		}
+		res.ClustersVersion = v.sum()
 	}
-	complete := true
-	for k := from; ; k++ {
-		if complete && k%claBlock == 0 {
-			h, ok := clone(v.h)
-			checkpoints, complete = append(checkpoints, h), ok
+	var checkpoints []hash.Hash
+	res.EndpointsVersion, checkpoints = endpointsVersion(res.Endpoints, func(k int) []byte { return a.byName[k].claEnc },
+		last.Endpoints, last.EndpointsVersion, t.checkpoints)
+	if last.Version != "" && slices.Equal(res.Routes, last.Routes) {
+		res.RoutesVersion = last.RoutesVersion
+	} else {
+		v := versionHash{h: sha256.New()}
+		for _, rs := range routes {
+			v.record(routeTag, len(rs.enc))
+			v.write(rs.enc)
 		}
-		if k == len(a.byName) {
-			break
-		}
-		enc := a.byName[k].claEnc
-		v.record(endpointTag, len(enc))
-		v.write(enc)
+		res.RoutesVersion = v.sum()
 	}
-	if !complete {
-		checkpoints = nil
-	}
-
-	// withRoutes: the inner version, then every route configuration
-	// length-prefixed.
-	h := sha256.New()
-	h.Write([]byte(v.sum()))
-	var buf []byte
-	for _, rs := range routes {
-		buf = binary.AppendUvarint(buf[:0], uint64(len(rs.enc)))
-		h.Write(buf)
-		h.Write(rs.enc)
-	}
-	return (&versionHash{h: h}).sum(), checkpoints, nil
+	res.combine()
+	return checkpoints, nil
 }
 
 func (p *sidecarPort) routeField(explicit bool) []byte {
@@ -1185,22 +1171,6 @@ func (p *sidecarPort) routeField(explicit bool) []byte {
 		return p.explicitVHField
 	}
 	return p.vhField
-}
-
-// resumeAt reports whether outbound and clusters are the last result's,
-// and if so the index of the first of loads that is not the last
-// result's (len(loads) when none).
-func (t *SidecarTranslator) resumeAt(outbound *listenerv3.Listener, clusters []*clusterv3.Cluster, loads []*endpointv3.ClusterLoadAssignment) (int, bool) {
-	if len(t.checkpoints) == 0 || outbound != t.last.outboundListener() ||
-		len(loads) != len(t.last.Endpoints) || !slices.Equal(clusters, t.last.Clusters) {
-		return 0, false
-	}
-	for k, cla := range loads {
-		if cla != t.last.Endpoints[k] {
-			return k, true
-		}
-	}
-	return len(loads), true
 }
 
 // hashOutbound writes the outbound listener: spliced from its parts'

@@ -15,7 +15,7 @@ import (
 )
 
 // requireSameSidecar fails unless got is want byte for byte: the same
-// version, the same skipped list, and in the same order resources whose
+// versions (of each type and of all), the same skipped list, and in the same order resources whose
 // deterministic encodings are equal.
 func requireSameSidecar(t testing.TB, want, got Resources, wantSkipped, gotSkipped []Skipped, msg string) {
 	t.Helper()
@@ -42,6 +42,7 @@ func requireSameSidecar(t testing.TB, want, got Resources, wantSkipped, gotSkipp
 	}
 	require.Equal(t, wantSkipped, gotSkipped, "%s: skipped", msg)
 	require.Equal(t, want.Version, got.Version, "%s: version", msg)
+	require.Equal(t, want.TypeVersions(), got.TypeVersions(), "%s: versions by type", msg)
 }
 
 // The golden cases, each from a fresh translator, and all of them in
@@ -412,9 +413,10 @@ func TestSidecarTranslatorReusesUnchangedServices(t *testing.T) {
 }
 
 // Endpoint changes anywhere among more ClusterLoadAssignments than one
-// checkpoint of the version's hash covers, then services added and
+// checkpoint of the endpoints' hash covers, then services added and
 // removed (moving VIPs, chains and virtual hosts): each result is the
-// from-scratch one.
+// from-scratch one, and an endpoint change resumes the hash at its
+// block.
 func TestSidecarTranslatorResumesTheHash(t *testing.T) {
 	opts := SidecarOptions{Region: "r1"}
 	const n = 2*claBlock + 100
@@ -440,7 +442,9 @@ func TestSidecarTranslatorResumesTheHash(t *testing.T) {
 		c.Endpoints[1].Addresses[0].Ready = false
 		c.Endpoints[1].Ready, c.Endpoints[1].NotReady = 0, 1
 		require.NoError(t, b.Put(c))
+		last, lastCheckpoints := tr.last, tr.checkpoints
 		check(fmt.Sprintf("endpoints of %s", keys[i]))
+		requireResumed(t, last, lastCheckpoints, tr.last, tr.checkpoints)
 		require.NoError(t, b.Put(*svc))
 		check(fmt.Sprintf("endpoints of %s back", keys[i]))
 	}

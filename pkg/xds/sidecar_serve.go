@@ -148,6 +148,7 @@ func (s *Server) sidecarStatus() SnapshotStatus {
 		CatalogVersion: st.local, Imports: maps.Clone(st.imports), Skipped: slices.Clone(st.skipped), Error: st.err,
 	}
 	if st.res.Version != "" {
+		out.Versions = st.res.TypeVersions()
 		out.Resources = st.res.Names()
 	}
 	return out

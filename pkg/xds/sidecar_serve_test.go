@@ -63,15 +63,19 @@ func hcmOf(t testing.TB, f *listenerv3.Filter) *hcmv3.HttpConnectionManager {
 	return hcm
 }
 
-func (c *sidecarADS) routeNames() []string {
+func (c *sidecarADS) routeNames() []string { return rdsNames(c.t, c.listeners) }
+
+// rdsNames are the route configurations the listeners name over RDS,
+// sorted.
+func rdsNames(t testing.TB, listeners map[string]*listenerv3.Listener) []string {
 	var names []string
-	for _, l := range c.listeners {
+	for _, l := range listeners {
 		for _, fc := range l.GetFilterChains() {
 			for _, f := range fc.GetFilters() {
 				if f.GetName() != "envoy.filters.network.http_connection_manager" {
 					continue
 				}
-				if n := hcmOf(c.t, f).GetRds().GetRouteConfigName(); n != "" && !slices.Contains(names, n) {
+				if n := hcmOf(t, f).GetRds().GetRouteConfigName(); n != "" && !slices.Contains(names, n) {
 					names = append(names, n)
 				}
 			}
@@ -127,12 +131,12 @@ func (c *sidecarADS) apply(r *discoveryv3.DiscoveryResponse) {
 	}
 }
 
-// syncTo applies responses until every type is at version v (the
-// Secrets at secrets).
-func (c *sidecarADS) syncTo(v, secrets string) {
+// syncTo applies responses until every type is at r's version of it
+// (the Secrets at secrets).
+func (c *sidecarADS) syncTo(r Resources, secrets string) {
 	c.t.Helper()
 	synced := func() bool {
-		for _, typ := range []string{resource.ClusterType, resource.EndpointType, resource.ListenerType, resource.RouteType} {
+		for typ, v := range r.TypeVersions() {
 			if c.versions[typ] != v {
 				return false
 			}
@@ -163,7 +167,7 @@ func TestSidecarFollowsCatalogAndImports(t *testing.T) {
 	secrets := f.srv.Status().Sidecar.SecretsVersion
 	require.NotEmpty(t, secrets)
 	require.Equal(t, f.srv.Status().Gateway.SecretsVersion, secrets, "one ROOTCA for every proxy")
-	sc.syncTo(v1.Version, secrets)
+	sc.syncTo(v1, secrets)
 
 	require.Contains(t, sc.listeners, "inbound")
 	require.Contains(t, sc.listeners, "outbound")
@@ -173,7 +177,7 @@ func TestSidecarFollowsCatalogAndImports(t *testing.T) {
 	echo := "outbound|80||" + echoHost
 	require.Equal(t, []string{"p0 r1/z1 w1: 10.0.1.2:8080 HEALTHY 10.0.1.3:8080 UNHEALTHY"}, sc.describe(echo))
 	gateway := f.srv.Status().Gateway.Version
-	require.Equal(t, translated(t, localEcho()), gateway)
+	require.Equal(t, translated(t, localEcho()).Version, gateway)
 
 	// Peer b imports demo/echo: the same cluster gains b's gateway at
 	// priority 1; the hostname gateway is left out and said so.
@@ -182,7 +186,7 @@ func TestSidecarFollowsCatalogAndImports(t *testing.T) {
 	f.store.Set(imported)
 	v2 := sidecarTranslated(t, []catalog.Service{localEcho()}, peerB)
 	require.NotEqual(t, v1.Version, v2.Version)
-	sc.syncTo(v2.Version, secrets)
+	sc.syncTo(v2, secrets)
 	require.Equal(t, []string{
 		"p0 r1/z1 w1: 10.0.1.2:8080 HEALTHY 10.0.1.3:8080 UNHEALTHY",
 		"p1 r1/z2 w2: 192.0.2.10:15443 HEALTHY",
@@ -203,13 +207,13 @@ func TestSidecarFollowsCatalogAndImports(t *testing.T) {
 	peerB["b"] = append(peerB["b"], api)
 	f.store.Set(peerSnapshot(t, "b", peerB["b"]...))
 	v3 := sidecarTranslated(t, []catalog.Service{localEcho()}, peerB)
-	sc.syncTo(v3.Version, secrets)
+	sc.syncTo(v3, secrets)
 	require.Equal(t, []string{"p0 r1/z2 w1: 192.0.2.10:15443 HEALTHY"}, sc.describe("outbound|80||api.demo.svc.clusterset.local"))
 	require.Len(t, sc.routes["80"].GetVirtualHosts(), 2)
 
 	// The peer goes: back to the local pods alone.
 	f.store.Delete("b")
-	sc.syncTo(v1.Version, secrets)
+	sc.syncTo(v1, secrets)
 	require.NotContains(t, sc.loads, "outbound|80||api.demo.svc.clusterset.local")
 	require.Equal(t, []string{"p0 r1/z1 w1: 10.0.1.2:8080 HEALTHY 10.0.1.3:8080 UNHEALTHY"}, sc.describe(echo))
 	// The snapshot reaches the stream before the status records it.
@@ -240,7 +244,7 @@ func TestSidecarWaitsForTheLocalCatalog(t *testing.T) {
 	f.setCatalog(localEcho())
 	want := sidecarTranslated(t, []catalog.Service{localEcho()}, peerB)
 	require.Eventually(t, func() bool { return f.srv.Status().Sidecar.Version == want.Version }, wait, 5*time.Millisecond)
-	sc.syncTo(want.Version, f.srv.Status().Sidecar.SecretsVersion)
+	sc.syncTo(want, f.srv.Status().Sidecar.SecretsVersion)
 	require.Equal(t, []string{
 		"p0 r1/z1 w1: 10.0.1.2:8080 HEALTHY 10.0.1.3:8080 UNHEALTHY",
 		"p1 r1/ w1: 192.0.2.10:15443 HEALTHY",

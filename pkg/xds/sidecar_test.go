@@ -220,12 +220,13 @@ func renderSidecar(t testing.TB, r Resources, skipped []Skipped) []byte {
 	}
 	doc := struct {
 		Version   string            `json:"version"`
+		Versions  map[string]string `json:"versions"`
 		Listeners []json.RawMessage `json:"listeners"`
 		Routes    []json.RawMessage `json:"routes"`
 		Clusters  []json.RawMessage `json:"clusters"`
 		Endpoints []json.RawMessage `json:"endpoints"`
 		Skipped   []Skipped         `json:"skipped"`
-	}{Version: r.Version, Listeners: []json.RawMessage{}, Routes: []json.RawMessage{}, Clusters: []json.RawMessage{},
+	}{Version: r.Version, Versions: r.TypeVersions(), Listeners: []json.RawMessage{}, Routes: []json.RawMessage{}, Clusters: []json.RawMessage{},
 		Endpoints: []json.RawMessage{}, Skipped: skipped}
 	if doc.Skipped == nil {
 		doc.Skipped = []Skipped{}

@@ -491,7 +491,7 @@ func TestGatewayAsDeployed(t *testing.T) {
 	var st xds.Status
 	require.Eventually(t, func() bool {
 		st, err = f.XDS(ctx)
-		return err == nil && len(st.Proxies) == 1 && st.Proxies[0].Acked[xdsresource.ListenerType] == st.Gateway.Version
+		return err == nil && len(st.Proxies) == 1 && st.Proxies[0].Acked[xdsresource.ListenerType] == st.Gateway.Versions[xdsresource.ListenerType]
 	}, 10*time.Second, 50*time.Millisecond, "the gateway's stream and ACK in /debug/xds (last: %+v)", st)
 	p := st.Proxies[0]
 	require.Equal(t, wantNode, p.Node)

@@ -102,7 +102,7 @@ func TestGatewayXDS(t *testing.T) {
 	// The federator shows what it serves and to whom.
 	served, err := f.XDS(ctx)
 	require.NoError(t, err)
-	require.Equal(t, gw.versions[resource.ListenerType], served.Gateway.Version)
+	require.Equal(t, gw.versions[resource.ListenerType], served.Gateway.Versions[resource.ListenerType])
 	require.Contains(t, served.Gateway.Resources[resource.ClusterType], echoCluster)
 	require.Eventually(t, func() bool {
 		st, err := f.XDS(ctx)

@@ -75,7 +75,7 @@ func (b *bench) exportBackground(ctx context.Context, cfg config, log *slog.Logg
 		acked := len(st.Proxies) > 0
 		for _, p := range st.Proxies {
 			for _, t := range []string{resource.ListenerType, resource.ClusterType, resource.EndpointType} {
-				acked = acked && p.Acked[t] == st.Gateway.Version
+				acked = acked && p.Acked[t] == st.Gateway.Versions[t]
 			}
 		}
 		if have == n && acked {
