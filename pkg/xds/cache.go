@@ -156,14 +156,23 @@ func (g *cacheGroup) statusFor(node *corev3.Node) *groupStatus {
 }
 
 // typ returns the snapshot's resources of typeURL, encoded; an unknown
-// type, or one the snapshot lacks, has none at version "".
+// type, or one the snapshot lacks, has none at version "". A type the
+// snapshot keeps as the previous one had it (the same version, the same
+// messages: a translation keeps what did not change) is the previous
+// one's, names, Anys and delta versions included, so a push that
+// changes one type costs the others a walk over their messages.
 func (g *cacheGroup) typ(typeURL string) (*encodedType, error) {
 	if t, ok := g.types[typeURL]; ok {
 		return t, nil
 	}
 	res := g.snap.GetResourcesAndTTL(typeURL)
+	version := g.snap.GetVersion(typeURL)
+	if prev := g.encoded[typeURL]; prev.holds(version, res) {
+		g.types[typeURL] = prev
+		return prev, nil
+	}
 	t := &encodedType{
-		typeURL: typeURL, version: g.snap.GetVersion(typeURL),
+		typeURL: typeURL, version: version,
 		names: slices.Sorted(maps.Keys(res)), index: make(map[string]int, len(res)),
 		byMessage: make(map[types.Resource]*encodedResource, len(res)), returned: make(map[string]string, len(res)),
 	}
@@ -191,6 +200,21 @@ func (g *cacheGroup) typ(typeURL string) (*encodedType, error) {
 	g.types[typeURL] = t
 	g.encoded[typeURL] = t
 	return t, nil
+}
+
+// holds reports whether t is res at version: each name with the very
+// message t encoded for it, and no other.
+func (t *encodedType) holds(version string, res map[string]types.ResourceWithTTL) bool {
+	if t == nil || t.version != version || len(t.names) != len(res) {
+		return false
+	}
+	for name, r := range res {
+		i, ok := t.index[name]
+		if !ok || r.TTL != nil || t.byMessage[r.Resource] != t.items[i] {
+			return false
+		}
+	}
+	return true
 }
 
 func (t *encodedType) find(m types.Resource) *encodedResource {

@@ -30,7 +30,9 @@ var cacheTestTypes = []string{resource.ClusterType, resource.EndpointType, resou
 // snapGen makes random snapshots, each from the last as a translation
 // does: a resource left alone is the same message, a changed one a new
 // message, and now and then an unchanged one is a new message with the
-// same content. A type's version changes exactly when its content does.
+// same content; a type is often left alone whole (a translation where
+// only endpoints changed). A type's version changes exactly when its
+// content does.
 type snapGen struct {
 	rng      *rand.Rand
 	step     int
@@ -63,7 +65,9 @@ func (g *snapGen) next() *cache.Snapshot {
 	snap := &cache.Snapshot{}
 	for _, typ := range cacheTestTypes {
 		changed := g.versions[typ] == ""
-		for n := range 6 {
+		// Left alone, a type keeps its messages and its version.
+		alone := !changed && g.rng.IntN(3) == 0
+		for n := 0; n < 6 && !alone; n++ {
 			name := fmt.Sprintf("%s-%d", typ[strings.LastIndex(typ, ".")+1:], n)
 			old, had := g.items[typ][name]
 			switch r := g.rng.IntN(10); {
@@ -415,6 +419,51 @@ func TestEncodedCacheEncodesOnce(t *testing.T) {
 	_, err = c.group("other").typ(resource.ClusterType)
 	c.mu.Unlock()
 	require.ErrorContains(t, err, `"kept": resources with a TTL are not served`)
+}
+
+// A type a new snapshot keeps (its version and its very messages) is
+// the one encoded before, whole: a push that changes the endpoints
+// costs the clusters no new names, indexes or delta versions.
+func TestEncodedCacheKeepsUnchangedTypes(t *testing.T) {
+	c := newEncodedCache(nodeGroups{}, nil)
+	cl := &clusterv3.Cluster{Name: "c", ConnectTimeout: durationpb.New(time.Second)}
+	set := func(clusters, endpoints string, cls []types.Resource, cla *endpointv3.ClusterLoadAssignment) {
+		t.Helper()
+		snap := &cache.Snapshot{}
+		snap.Resources[types.Cluster] = cache.NewResources(clusters, cls)
+		snap.Resources[types.Endpoint] = cache.NewResources(endpoints, []types.Resource{cla})
+		require.NoError(t, c.SetSnapshot(context.Background(), gatewayGroup, snap))
+	}
+	typ := func(typeURL string) *encodedType {
+		t.Helper()
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		et, err := c.group(gatewayGroup).typ(typeURL)
+		require.NoError(t, err)
+		return et
+	}
+	load := func(zone string) *endpointv3.ClusterLoadAssignment {
+		return &endpointv3.ClusterLoadAssignment{ClusterName: "c", Endpoints: []*endpointv3.LocalityLbEndpoints{{Locality: &corev3.Locality{Zone: zone}}}}
+	}
+
+	set("c1", "e1", []types.Resource{cl}, load("z1"))
+	clusters, endpoints := typ(resource.ClusterType), typ(resource.EndpointType)
+	clusters.versionMap()
+	set("c1", "e2", []types.Resource{cl}, load("z2"))
+	require.Same(t, clusters, typ(resource.ClusterType), "the clusters did not change")
+	require.NotSame(t, endpoints, typ(resource.EndpointType))
+	require.Equal(t, "e2", typ(resource.EndpointType).version)
+
+	// The same content in a new message: made again.
+	clone := cloneResource(cl)
+	set("c1", "e2", []types.Resource{clone}, load("z2"))
+	again := typ(resource.ClusterType)
+	require.NotSame(t, clusters, again)
+	require.Equal(t, clusters.anys[0].GetValue(), again.anys[0].GetValue())
+	// The same messages at another version: answered at that version.
+	set("c2", "e2", []types.Resource{clone}, load("z2"))
+	require.Equal(t, "c2", typ(resource.ClusterType).version)
+	require.Equal(t, map[string]string{"c": "c2"}, typ(resource.ClusterType).returned)
 }
 
 // Fetch (REST) answers as the snapshot cache's: every resource, those
