@@ -6,7 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
+	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -24,56 +27,150 @@ import (
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 )
 
-// BenchmarkPush is what one push of the gateway's configuration costs
-// the federator with 10,000 exported services (10 endpoints each) and N
-// gateway streams over real gRPC on loopback: a one-service change is
-// set (alternating with the catalog before it) and the op ends when
-// every stream has received the new CDS, EDS and LDS. "snapshot" is
-// go-control-plane's snapshot cache, as the Server used before;
-// "encoded" is encodedCache, the Server's now. allocs/op and B/op are
-// the whole process's per push, the streams' clients included: they
-// read only the responses' version, type and nonce (a codec that skips
-// the resources), so what is left is nearly all the server's.
+// BenchmarkPush is what one push costs the federator with 10,000
+// services and N proxy streams over real gRPC on loopback: a readiness
+// change of one service's endpoints is set (alternating with the
+// catalog before it) and the op ends when every stream has received, at
+// its new version, every type whose version the change moved (with one
+// version for every type, all of them; with a version per type, the
+// endpoints).
+//
+//   - role=gateway: 10,000 exported services with 10 endpoints each, of
+//     which one per zone (three) of one service turns not ready; the
+//     gateway's streams (CDS, EDS, LDS), translated by a
+//     GatewayTranslator; cache=snapshot is go-control-plane's snapshot
+//     cache, as the Server used before, cache=encoded is encodedCache,
+//     the Server's now.
+//   - role=sidecar: sidecarBenchCatalogs' 10,000 clusterset services
+//     (local pods and two peers), of which one pod of one service turns
+//     not ready; the sidecars' streams (CDS, EDS, LDS, RDS), translated
+//     by a SidecarTranslator, served by encodedCache.
+//
+// The translators keep what did not change, as the Server's do, so the
+// two snapshots share every message the change did not touch.
+// allocs/op and B/op are the whole process's per push, the streams'
+// clients included: they read only the responses' version, type and
+// nonce (a codec that skips the resources), so what is left is nearly
+// all the server's. resp-B/stream/op is the size of the responses one
+// stream receives per push (the DiscoveryResponse messages; gRPC and
+// HTTP/2 framing not counted), resps/stream/op how many.
 func BenchmarkPush(b *testing.B) {
-	tr, err := NewGatewayTranslator(GatewayOptions{FederationUpstream: benchUpstream})
+	gw, err := NewGatewayTranslator(GatewayOptions{FederationUpstream: benchUpstream})
 	if err != nil {
 		b.Fatal(err)
 	}
 	base := benchCatalog(b, 10000, 10)
-	// The translator keeps what did not change, as the Server's does:
-	// the two snapshots share every message but the changed service's
-	// and the listener.
-	var snaps [2]*cache.Snapshot
-	var versions [2]string
-	var edsNames []string
-	for i, cat := range [2]*catalog.Snapshot{benchChanges(b, base, 10000, 10)[1], base} {
-		res, err := tr.Translate(cat)
+	// One endpoint of a service a third into the catalog turns not
+	// ready.
+	cats := [2]*catalog.Snapshot{benchChanges(b, base, 10000, 10)[1], base}
+	gateway := pushSetup(b, func(i int) Resources {
+		res, err := gw.Translate(cats[i])
 		if err != nil {
 			b.Fatal(err)
 		}
-		if snaps[i], err = res.Snapshot(); err != nil {
-			b.Fatal(err)
-		}
-		versions[i] = res.Version
-		edsNames = edsNames[:0]
-		for _, e := range res.Endpoints {
-			edsNames = append(edsNames, e.GetClusterName())
-		}
-	}
+		return res
+	})
 	for _, kind := range []string{"snapshot", "encoded"} {
 		for _, streams := range []int{1, 4, 16} {
-			b.Run(fmt.Sprintf("cache=%s/streams=%d", kind, streams), func(b *testing.B) {
+			b.Run(fmt.Sprintf("role=gateway/cache=%s/streams=%d", kind, streams), func(b *testing.B) {
 				var c cache.SnapshotCache = cache.NewSnapshotCache(true, nodeGroups{}, nil)
 				if kind == "encoded" {
 					c = newEncodedCache(nodeGroups{}, nil)
 				}
-				benchPush(b, c, snaps, versions, edsNames, streams)
+				benchPush(b, c, gateway, streams, func(i int) *corev3.Node {
+					return &corev3.Node{Id: fmt.Sprintf("%s~10.0.0.%d~gw-%d.isthmus-system~isthmus-system.svc.cluster.local", GatewayNodePrefix, i+1, i)}
+				})
 			})
 		}
 	}
+
+	sc, err := NewSidecarTranslator(SidecarOptions{Region: "r1"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	local, peers := sidecarBenchCatalogs(b, 10000)
+	// A pod of a service a third into the catalog turns not ready.
+	svc, _ := local.Get(local.Keys()[10000/3])
+	c := svc.Clone()
+	c.Endpoints[0].Addresses[0].Ready = false
+	c.Endpoints[0].Ready, c.Endpoints[0].NotReady = 0, 1
+	bld := local.Builder()
+	if err := bld.Put(c); err != nil {
+		b.Fatal(err)
+	}
+	cats = [2]*catalog.Snapshot{bld.Build(), local}
+	sidecar := pushSetup(b, func(i int) Resources {
+		res, _, err := sc.Translate(SidecarInput{Local: cats[i], Peers: peers})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return res
+	})
+	for _, streams := range []int{1, 4, 16} {
+		b.Run(fmt.Sprintf("role=sidecar/cache=encoded/streams=%d", streams), func(b *testing.B) {
+			benchPush(b, newEncodedCache(nodeGroups{}, nil), sidecar, streams, func(i int) *corev3.Node {
+				return &corev3.Node{Id: fmt.Sprintf("%s~10.0.1.%d~web-%d.demo~demo.svc.cluster.local", SidecarNodePrefix, i+1, i)}
+			})
+		})
+	}
 }
 
-func benchPush(b *testing.B, c cache.SnapshotCache, snaps [2]*cache.Snapshot, versions [2]string, edsNames []string, streams int) {
+// pushBench is what benchPush alternates between: two snapshots, the
+// types each one's push must deliver (those whose version differs from
+// the other's) at their versions, and the names the streams subscribe to
+// by type (nil: wildcard).
+type pushBench struct {
+	group string
+	snaps [2]*cache.Snapshot
+	want  [2]map[string]string
+	names map[string][]string
+	types []string
+}
+
+// pushSetup translates the two catalogs in order (translate(0), then
+// translate(1), as a translator sees them) into a pushBench.
+func pushSetup(b *testing.B, translate func(int) Resources) *pushBench {
+	p := &pushBench{names: map[string][]string{}}
+	var res [2]Resources
+	for i := range res {
+		res[i] = translate(i)
+		var err error
+		if p.snaps[i], err = res[i].Snapshot(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	p.group, p.types = gatewayGroup, []string{resource.ClusterType, resource.EndpointType, resource.ListenerType}
+	if len(res[1].Routes) > 0 {
+		p.group, p.types = sidecarGroup, append(p.types, resource.RouteType)
+		for _, rc := range res[1].Routes {
+			p.names[resource.RouteType] = append(p.names[resource.RouteType], rc.GetName())
+		}
+	}
+	for _, e := range res[1].Endpoints {
+		p.names[resource.EndpointType] = append(p.names[resource.EndpointType], e.GetClusterName())
+	}
+	for i := range p.want {
+		p.want[i] = map[string]string{}
+		for _, typ := range p.types {
+			if v := p.snaps[i].GetVersion(typ); v != p.snaps[1-i].GetVersion(typ) {
+				p.want[i][typ] = v
+			}
+		}
+		if len(p.want[i]) == 0 {
+			b.Fatal("the two snapshots have the same versions")
+		}
+	}
+	if !slices.Equal(slices.Sorted(maps.Keys(p.snaps[0].GetResources(resource.EndpointType))),
+		slices.Sorted(maps.Keys(p.snaps[1].GetResources(resource.EndpointType)))) {
+		b.Fatal("the change must keep the EDS names the streams subscribe to")
+	}
+	return p
+}
+
+// typedVersion is a response's type and version.
+type typedVersion struct{ typ, version string }
+
+func benchPush(b *testing.B, c cache.SnapshotCache, p *pushBench, streams int, node func(int) *corev3.Node) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
@@ -89,61 +186,72 @@ func benchPush(b *testing.B, c cache.SnapshotCache, snaps [2]*cache.Snapshot, ve
 		gs.Stop()
 		<-served
 	}()
-	// Each version is pushed alternately; the first one is set before
+	// Each snapshot is pushed alternately; the second one is set before
 	// the streams open, so the loop's first push is a change.
-	if err := c.SetSnapshot(ctx, gatewayGroup, snaps[1]); err != nil {
+	if err := c.SetSnapshot(ctx, p.group, p.snaps[1]); err != nil {
 		b.Fatal(err)
 	}
-	got := make(chan string, 3*streams)
+	got := make(chan typedVersion, len(p.types)*streams)
 	clients := make(chan error, streams)
+	codec := skipResources{received: &atomic.Int64{}, responses: &atomic.Int64{}}
 	for i := range streams {
 		conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.ForceCodecV2(skipResources{})))
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.ForceCodecV2(codec)))
 		if err != nil {
 			b.Fatal(err)
 		}
 		defer conn.Close()
-		node := &corev3.Node{Id: fmt.Sprintf("%s~10.0.0.%d~gw-%d.isthmus-system~isthmus-system.svc.cluster.local", GatewayNodePrefix, i+1, i)}
-		go func() { clients <- benchStream(ctx, conn, node, edsNames, got) }()
+		go func() { clients <- benchStream(ctx, conn, node(i), p.types, p.names, got) }()
 	}
-	// wait reads until every stream has every type at version v.
-	wait := func(v string) {
-		for n := 0; n < 3*streams; {
+	// wait reads until every stream has every type of want at its
+	// version.
+	wait := func(want map[string]string) {
+		for n := 0; n < len(want)*streams; {
 			select {
-			case gv := <-got:
-				if gv == v {
+			case tv := <-got:
+				if v, ok := want[tv.typ]; ok && v == tv.version {
 					n++
 				}
 			case err := <-clients:
 				b.Fatalf("stream ended: %v", err)
 			case <-time.After(time.Minute):
-				b.Fatalf("%d of %d responses at version %s", n, 3*streams, v)
+				b.Fatalf("%d of %d responses at versions %v", n, len(want)*streams, want)
 			}
 		}
 	}
-	wait(versions[1])
+	initial := map[string]string{}
+	for _, typ := range p.types {
+		initial[typ] = p.snaps[1].GetVersion(typ)
+	}
+	wait(initial)
 	cpu := startCPU()
+	received, responses := codec.received.Load(), codec.responses.Load()
 	i := 0
 	for b.Loop() {
-		if err := c.SetSnapshot(ctx, gatewayGroup, snaps[i%2]); err != nil {
+		if err := c.SetSnapshot(ctx, p.group, p.snaps[i%2]); err != nil {
 			b.Fatal(err)
 		}
-		wait(versions[i%2])
+		wait(p.want[i%2])
 		i++
 	}
 	cpu.report(b)
+	if b.N > 0 {
+		per := float64(b.N) * float64(streams)
+		b.ReportMetric(float64(codec.received.Load()-received)/per, "resp-B/stream/op")
+		b.ReportMetric(float64(codec.responses.Load()-responses)/per, "resps/stream/op")
+	}
 }
 
-// benchStream is a gateway's ADS stream, as pkg/xdsclient runs it:
-// CDS and LDS wildcard, EDS naming every cluster, each response ACKed.
-// It sends the version of each response it reads to got.
-func benchStream(ctx context.Context, conn *grpc.ClientConn, node *corev3.Node, edsNames []string, got chan<- string) error {
+// benchStream is a proxy's ADS stream, as pkg/xdsclient runs it: types
+// in order, those names has by name and the others wildcard, each
+// response ACKed. It sends the type and version of each response it
+// reads to got.
+func benchStream(ctx context.Context, conn *grpc.ClientConn, node *corev3.Node, types []string, names map[string][]string, got chan<- typedVersion) error {
 	st, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
 	if err != nil {
 		return err
 	}
-	names := map[string][]string{resource.EndpointType: edsNames}
-	for _, typ := range []string{resource.ClusterType, resource.EndpointType, resource.ListenerType} {
+	for _, typ := range types {
 		if err := st.Send(&discoveryv3.DiscoveryRequest{Node: node, TypeUrl: typ, ResourceNames: names[typ]}); err != nil {
 			return err
 		}
@@ -154,7 +262,7 @@ func benchStream(ctx context.Context, conn *grpc.ClientConn, node *corev3.Node, 
 			return err
 		}
 		select {
-		case got <- resp.GetVersionInfo():
+		case got <- typedVersion{resp.GetTypeUrl(), resp.GetVersionInfo()}:
 		case <-ctx.Done():
 			return nil
 		}
@@ -168,8 +276,10 @@ func benchStream(ctx context.Context, conn *grpc.ClientConn, node *corev3.Node, 
 // skipResources is the benchmark clients' codec: requests are proto,
 // and of a DiscoveryResponse only version_info, type_url and nonce are
 // read, the resources skipped, so the clients cost the process little
-// next to the server.
-type skipResources struct{}
+// next to the server. It counts the responses and their bytes.
+type skipResources struct {
+	received, responses *atomic.Int64
+}
 
 func (skipResources) Name() string { return "proto" }
 
@@ -185,11 +295,13 @@ func (skipResources) Marshal(v any) (mem.BufferSlice, error) {
 	return mem.BufferSlice{mem.SliceBuffer(data)}, nil
 }
 
-func (skipResources) Unmarshal(data mem.BufferSlice, v any) error {
+func (c skipResources) Unmarshal(data mem.BufferSlice, v any) error {
 	resp, ok := v.(*discoveryv3.DiscoveryResponse)
 	if !ok {
 		return fmt.Errorf("unmarshal %T", v)
 	}
+	c.received.Add(int64(data.Len()))
+	c.responses.Add(1)
 	r := data.Reader()
 	defer r.Close()
 	for r.Remaining() > 0 {
