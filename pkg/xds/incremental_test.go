@@ -235,6 +235,11 @@ func TestGatewayTranslatorRandomChanges(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, want.Version, got.Version, "round %d", round)
 		requireSame(t, want, got)
+		// The kept encodings hash as every resource encoded anew.
+		fresh, err := newResources(got.Listeners, got.Clusters, got.Endpoints)
+		require.NoError(t, err)
+		require.Equal(t, fresh.TypeVersions(), got.TypeVersions(), "round %d", round)
+		require.Equal(t, fresh.Version, got.Version, "round %d", round)
 	}
 }
 
@@ -253,6 +258,7 @@ func TestGatewayTranslatorListenerEncoding(t *testing.T) {
 	want, err := newResources(got.Listeners, got.Clusters, got.Endpoints)
 	require.NoError(t, err)
 	require.Equal(t, want.Version, got.Version)
+	require.Equal(t, want.TypeVersions(), got.TypeVersions())
 
 	whole, err := NewGatewayTranslator(opts)
 	require.NoError(t, err)
