@@ -397,7 +397,7 @@ func (t *GatewayTranslator) assemble(units []*portUnit) (Resources, []hash.Hash,
 		}
 	}
 	res := Resources{Clusters: clusters, Endpoints: loads}
-	sameChains, sameClusters := t.sameParts(units)
+	sameChains, sameClusters := t.unchangedParts(units)
 	if sameChains {
 		res.Listeners, res.ListenersVersion = t.last.Listeners, t.last.ListenersVersion
 	} else {
@@ -435,9 +435,9 @@ func (t *GatewayTranslator) assemble(units []*portUnit) (Resources, []hash.Hash,
 	return res, checkpoints, nil
 }
 
-// sameParts reports whether units have the last result's chains, in
+// unchangedParts reports whether units have the last result's chains, in
 // the same order (the listener is then the last one), and its clusters.
-func (t *GatewayTranslator) sameParts(units []*portUnit) (chains, clusters bool) {
+func (t *GatewayTranslator) unchangedParts(units []*portUnit) (chains, clusters bool) {
 	if t.last.Version == "" || len(units) != len(t.units) {
 		return false, false
 	}
