@@ -47,9 +47,15 @@
 // upstream" (UH), 503 "upstream connect error or disconnect/reset before
 // headers. reset reason: connection failure, ..." (UF, including a peer
 // whose certificate or SPIFFE ID does not pass), 504 "upstream request
-// timeout" (UT), 504 "stream timeout". A connection the sidecar will not
-// carry is closed and counted in isthmus_sidecar_refusals_total{listener,
-// reason}: over_limit (reset before reading), no_config, handshake (the
+// timeout" (UT), 504 "stream timeout". A caller that leaves (its own
+// timeout, a reset) ends the request upstream too: at once on the
+// net/http path, within a second on the HTTP/1.1 path; a response that
+// arrives after its request ended is never relayed, and a request nobody
+// waits for any more is aborted, never answered 200.
+//
+// A connection the sidecar will not carry is closed and counted in
+// isthmus_sidecar_refusals_total{listener, reason}: over_limit (reset
+// before reading), no_config, handshake (the
 // inbound caller is not TLS, or its certificate is missing or does not
 // verify), no_chain, no_original_dst (an inbound connection that was not
 // redirected: no app port to go to), loop (outbound passthrough to the

@@ -408,8 +408,8 @@ func TestH1FallsBackToNetHTTP(t *testing.T) {
 
 // Config.NetHTTP1 sends HTTP/1.1 through net/http instead: the request
 // is answered and no connection is on the HTTP/1.1 path. (The stream
-// idle timeout's 504 is TestStreamIdleTimeout's; no test sets a route
-// timeout yet.)
+// idle timeout's 504 is TestStreamIdleTimeout's; route timeouts, on every
+// path, are timeout_test.go's.)
 func TestH1NetHTTPSwitch(t *testing.T) {
 	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t), hosts: hostsOf(echoSvc)}
 	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: func(c *Config) { c.NetHTTP1 = true }})
