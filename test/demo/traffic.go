@@ -4,7 +4,8 @@ package main
 // echo.demo.svc.clusterset.local by name over HTTP/1.1, h2c, gRPC and raw
 // TCP, and prints who answered and the caller identity the answering
 // sidecar verified; then a's echo pod goes unready and c answers, until
-// a's pod is ready again.
+// a's pod is ready again; then it calls a Service of its own cluster that
+// nobody exported, over mTLS too.
 
 import (
 	"context"
@@ -98,6 +99,16 @@ func showTraffic(ctx context.Context, a, b, c *mesh.Cluster, echoPods []*mesh.Po
 		return err
 	}
 	fmt.Printf("  a answers again %s after its pod became ready\n", time.Since(t0).Round(10*time.Millisecond))
+
+	step("cluster b: Service demo/local, which nobody exported, with a meshed pod of b behind it")
+	if _, err := b.ServeEcho(ctx, "demo", "local", 1); err != nil {
+		return err
+	}
+	fmt.Println("  Its pods carry security.istio.io/tlsMode=istio, as every meshed pod does, so b's federator gives")
+	fmt.Println("  b's sidecars mTLS to it by its ClusterIP and its cluster.local name; it never leaves b")
+	if _, err := callUntil(ctx, client, mesh.Call{Proto: "http1", Target: "local.demo.svc.cluster.local:80"}, "b"); err != nil {
+		return err
+	}
 	return nil
 }
 
