@@ -16,9 +16,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -151,28 +149,13 @@ func SidecarSnapshot(local *catalog.Snapshot, peers []*catalog.Snapshot, opts xd
 	if err != nil {
 		return nil, fmt.Errorf("translate sidecar: %w", err)
 	}
-	secrets, _, err := xds.TranslateSecrets(bundles)
+	secrets, secretsVersion, err := xds.TranslateSecrets(bundles)
 	if err != nil {
 		return nil, fmt.Errorf("translate secrets: %w", err)
 	}
-	res := map[resource.Type][]types.Resource{}
-	add := func(typ resource.Type, r types.Resource) { res[typ] = append(res[typ], r) }
-	for _, l := range r.Listeners {
-		add(resource.ListenerType, l)
-	}
-	for _, rc := range r.Routes {
-		add(resource.RouteType, rc)
-	}
-	for _, c := range r.Clusters {
-		add(resource.ClusterType, c)
-	}
-	for _, e := range r.Endpoints {
-		add(resource.EndpointType, e)
-	}
-	for _, s := range secrets {
-		add(resource.SecretType, s)
-	}
-	snap, err := cache.NewSnapshot(r.Version, res)
+	// The federator's own snapshot: a version per type.
+	r.Secrets, r.SecretsVersion = secrets, secretsVersion
+	snap, err := r.Snapshot()
 	if err != nil {
 		return nil, fmt.Errorf("sidecar snapshot: %w", err)
 	}
