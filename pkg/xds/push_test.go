@@ -69,15 +69,7 @@ func requireTypesChanged(t testing.TB, a, b Resources, changed ...string) {
 func (c *sidecarADS) pushed(r Resources, secrets string) map[string]int {
 	c.t.Helper()
 	got := map[string]int{}
-	synced := func() bool {
-		for typ, v := range r.TypeVersions() {
-			if c.versions[typ] != v {
-				return false
-			}
-		}
-		return c.versions[resource.SecretType] == secrets
-	}
-	for !synced() {
+	for !atVersions(c.versions, r, secrets) {
 		resp := c.next()
 		got[resp.GetTypeUrl()]++
 		c.apply(resp)
@@ -215,23 +207,13 @@ func (c *deltaADS) subscribe(typ string, names ...string) {
 
 func (c *deltaADS) next() *discoveryv3.DeltaDiscoveryResponse {
 	c.t.Helper()
-	select {
-	case r := <-c.resps:
-		return r
-	case err := <-c.err:
-		c.t.Fatalf("delta stream ended: %v", err)
-	case <-time.After(wait):
-		c.t.Fatal("no delta response")
-	}
-	return nil
+	return nextResponse(c.t, c.resps, c.err, "delta")
 }
 
 func (c *deltaADS) nothing(why string) {
 	c.t.Helper()
-	select {
-	case r := <-c.resps:
+	if r, ok := quietFor(c.resps); ok {
 		c.t.Fatalf("%s: got a %s response with %d resources", why, r.GetTypeUrl(), len(r.GetResources()))
-	case <-time.After(quiet):
 	}
 }
 
@@ -278,15 +260,7 @@ func (c *deltaADS) apply(r *discoveryv3.DeltaDiscoveryResponse) {
 func (c *deltaADS) pushed(r Resources, secrets string) map[string][][]string {
 	c.t.Helper()
 	got := map[string][][]string{}
-	synced := func() bool {
-		for typ, v := range r.TypeVersions() {
-			if c.versions[typ] != v {
-				return false
-			}
-		}
-		return c.versions[resource.SecretType] == secrets
-	}
-	for !synced() {
+	for !atVersions(c.versions, r, secrets) {
 		resp := c.next()
 		names := []string{}
 		for _, res := range resp.GetResources() {
@@ -407,4 +381,15 @@ func TestXDSClientFollowsPerTypePushes(t *testing.T) {
 	require.Len(t, cfg.Sidecar.Route("80").VirtualHosts, 2)
 	require.Len(t, cfg.Sidecar.Route("explicit").VirtualHosts, 2)
 	require.Zero(t, client.Stats().Rejected, client.Stats().LastNACK)
+}
+
+// atVersions reports whether a stream's versions by type are r's (the
+// Secrets at secrets).
+func atVersions(versions map[string]string, r Resources, secrets string) bool {
+	for typ, v := range r.TypeVersions() {
+		if versions[typ] != v {
+			return false
+		}
+	}
+	return versions[resource.SecretType] == secrets
 }

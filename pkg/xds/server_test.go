@@ -336,24 +336,41 @@ func (c *adsClient) subscribe() {
 // next waits for the next response.
 func (c *adsClient) next() *discoveryv3.DiscoveryResponse {
 	c.t.Helper()
-	select {
-	case r := <-c.resps:
-		return r
-	case err := <-c.err:
-		c.t.Fatalf("ADS stream ended: %v", err)
-	case <-time.After(wait):
-		c.t.Fatal("no xDS response")
-	}
-	return nil
+	return nextResponse(c.t, c.resps, c.err, "ADS")
 }
 
 // nothing asserts that no response comes for a while.
 func (c *adsClient) nothing(why string) {
 	c.t.Helper()
-	select {
-	case r := <-c.resps:
+	if r, ok := quietFor(c.resps); ok {
 		c.t.Fatalf("%s: got a %s response, version %s", why, r.GetTypeUrl(), r.GetVersionInfo())
+	}
+}
+
+// nextResponse waits for a stream's next response, failing t when the
+// stream ends first or nothing comes within wait.
+func nextResponse[R any](t testing.TB, resps <-chan R, errs <-chan error, stream string) R {
+	t.Helper()
+	select {
+	case r := <-resps:
+		return r
+	case err := <-errs:
+		t.Fatalf("%s stream ended: %v", stream, err)
+	case <-time.After(wait):
+		t.Fatalf("no %s response", stream)
+	}
+	var zero R
+	return zero
+}
+
+// quietFor reports a response that comes within quiet, if one does.
+func quietFor[R any](resps <-chan R) (R, bool) {
+	select {
+	case r := <-resps:
+		return r, true
 	case <-time.After(quiet):
+		var zero R
+		return zero, false
 	}
 }
 

@@ -135,15 +135,7 @@ func (c *sidecarADS) apply(r *discoveryv3.DiscoveryResponse) {
 // (the Secrets at secrets).
 func (c *sidecarADS) syncTo(r Resources, secrets string) {
 	c.t.Helper()
-	synced := func() bool {
-		for typ, v := range r.TypeVersions() {
-			if c.versions[typ] != v {
-				return false
-			}
-		}
-		return c.versions[resource.SecretType] == secrets
-	}
-	for !synced() {
+	for !atVersions(c.versions, r, secrets) {
 		c.apply(c.next())
 	}
 }
