@@ -34,6 +34,14 @@ import (
 // indexByService indexes EndpointSlices by "namespace/service-name".
 const indexByService = "service"
 
+// indexByPod indexes EndpointSlices by the "namespace/name" of every pod
+// their endpoints point at; only kept with the in-cluster services.
+const indexByPod = "pod"
+
+// inClusterRetry is how soon a Service whose ClusterIP another in-cluster
+// service still holds is tried again.
+const inClusterRetry = time.Second
+
 // Condition reasons this controller sets beyond the ones the MCS API defines.
 const (
 	// ReasonInvalidService: the Service exists but cannot be exported as it
@@ -111,10 +119,14 @@ type Exporter struct {
 	desired  map[catalog.ServiceKey][]metav1.Condition
 
 	// mu guards builder, the catalog being assembled, and inCluster,
-	// the in-cluster services' (nil without Options.InCluster).
+	// the in-cluster services' (nil without Options.InCluster), with
+	// icOwner and icIP: which in-cluster service holds which ClusterIP,
+	// both ways.
 	mu        sync.Mutex
 	builder   *catalog.Builder
 	inCluster *catalog.Builder
+	icOwner   map[string]catalog.ServiceKey
+	icIP      map[catalog.ServiceKey]string
 }
 
 // NewExporter wires informers for the cluster behind kube and mcs; nothing
@@ -167,13 +179,20 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 	}
 	if opts.InCluster != nil {
 		e.inCluster = catalog.NewBuilder(catalog.InClusterSource)
+		e.icOwner, e.icIP = map[string]catalog.ServiceKey{}, map[catalog.ServiceKey]string{}
 	}
 
 	svcInf := e.kubeInformers.Core().V1().Services()
 	sliceInf := e.kubeInformers.Discovery().V1().EndpointSlices()
 	nodeInf := e.kubeInformers.Core().V1().Nodes()
 	exportInf := e.mcsInformers.Multicluster().V1alpha1().ServiceExports()
-	if err := sliceInf.Informer().AddIndexers(cache.Indexers{indexByService: sliceServiceIndex}); err != nil {
+	indexers := cache.Indexers{indexByService: sliceServiceIndex}
+	if e.inCluster != nil {
+		// A pod's event then finds its Services' slices at once; a scan
+		// of its namespace's Services took 17 ms per pod at 10,000.
+		indexers[indexByPod] = slicePodIndex
+	}
+	if err := sliceInf.Informer().AddIndexers(indexers); err != nil {
 		return nil, fmt.Errorf("kube exporter: index endpoint slices: %w", err)
 	}
 	e.services = svcInf.Lister()
@@ -260,33 +279,33 @@ func (e *Exporter) watchPods() error {
 	return nil
 }
 
-// enqueuePodServices enqueues the exported services (every Service, when
-// the in-cluster services are kept) whose EndpointSlices point at the
-// pod. It scans the endpoints of those services in the pod's namespace: pod churn is rare next to endpoint count, and an index
-// of slices by pod would hold a key per endpoint for ever.
+// enqueuePodServices enqueues the services whose EndpointSlices point at
+// the pod. With the in-cluster services kept, every Service counts, and an
+// index of slices by pod finds them (a key per endpoint, about 50 bytes);
+// without, only the exports do, and their endpoints in the pod's
+// namespace are scanned: pod churn is rare next to endpoint count.
 func (e *Exporter) enqueuePodServices(namespace, pod string) {
 	if !e.started.Load() {
 		return
 	}
-	var keys []catalog.ServiceKey
 	if e.inCluster != nil {
-		svcs, err := e.services.Services(namespace).List(labels.Everything())
+		objs, err := e.sliceIndex.ByIndex(indexByPod, namespace+"/"+pod)
 		if err != nil {
 			return
 		}
-		for _, svc := range svcs {
-			keys = append(keys, catalog.ServiceKey{Namespace: svc.Namespace, Name: svc.Name})
+		for _, o := range objs {
+			if key, ok := sliceKey(o); ok {
+				e.queue.Add(key)
+			}
 		}
-	} else {
-		exports, err := e.exports.ServiceExports(namespace).List(labels.Everything())
-		if err != nil {
-			return
-		}
-		for _, se := range exports {
-			keys = append(keys, catalog.ServiceKey{Namespace: se.Namespace, Name: se.Name})
-		}
+		return
 	}
-	for _, key := range keys {
+	exports, err := e.exports.ServiceExports(namespace).List(labels.Everything())
+	if err != nil {
+		return
+	}
+	for _, se := range exports {
+		key := catalog.ServiceKey{Namespace: se.Namespace, Name: se.Name}
 		objs, err := e.sliceIndex.ByIndex(indexByService, key.String())
 		if err != nil {
 			continue
@@ -501,11 +520,12 @@ func (e *Exporter) reconcileInCluster(key catalog.ServiceKey) error {
 	if err != nil {
 		return err
 	}
-	if !allMeshed(endpointSlices, e.accounts) {
+	meshed, ok := meshedSlices(endpointSlices, e.accounts)
+	if !ok {
 		e.removeInCluster(key)
 		return nil
 	}
-	entry := serviceFromObjects(e.opts.ClusterName, svc, endpointSlices, nil, e.locate, e.accounts)
+	entry := serviceFromObjects(e.opts.ClusterName, svc, meshed, nil, e.locate, e.accounts)
 	entry.ClusterIP = ip
 	if len(entry.Identities) == 0 {
 		e.removeInCluster(key)
@@ -513,16 +533,26 @@ func (e *Exporter) reconcileInCluster(key catalog.ServiceKey) error {
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if owner, taken := e.icOwner[ip]; taken && owner != key {
+		// Another Service still holds the address: a Service deleted and
+		// made again with the same clusterIP, whose deletion is not in
+		// yet. The sidecars would refuse two services at one address.
+		e.log.Debug("in-cluster service waits for its ClusterIP", "service", key, "clusterIP", ip, "heldBy", owner)
+		e.removeInClusterLocked(key)
+		e.queue.AddAfter(key, inClusterRetry)
+		return nil
+	}
 	if err := e.inCluster.Put(entry); err != nil {
 		// The API server accepted the Service, so this is a bug or an
 		// API change; the Service stays out, as a plain one would.
 		e.log.Warn("in-cluster service left out", "service", key, "error", err)
-		if e.inCluster.Has(key) {
-			e.inCluster.Delete(key)
-			e.markDirty()
-		}
+		e.removeInClusterLocked(key)
 		return nil
 	}
+	if old, ok := e.icIP[key]; ok && old != ip {
+		delete(e.icOwner, old)
+	}
+	e.icOwner[ip], e.icIP[key] = key, ip
 	e.markDirty()
 	return nil
 }
@@ -530,6 +560,14 @@ func (e *Exporter) reconcileInCluster(key catalog.ServiceKey) error {
 func (e *Exporter) removeInCluster(key catalog.ServiceKey) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	e.removeInClusterLocked(key)
+}
+
+func (e *Exporter) removeInClusterLocked(key catalog.ServiceKey) {
+	if ip, ok := e.icIP[key]; ok {
+		delete(e.icOwner, ip)
+		delete(e.icIP, key)
+	}
 	if e.inCluster.Has(key) {
 		e.inCluster.Delete(key)
 		e.markDirty()
@@ -560,16 +598,21 @@ func hasTCPPort(svc *corev1.Service) bool {
 	return false
 }
 
-// allMeshed reports whether the slices list at least one endpoint and
-// every endpoint is a pod labelled meshed. An endpoint the sidecars
-// cannot tell is meshed (no targetRef, not a Pod, a pod not seen yet)
-// makes the Service a plain one: mTLS to it would be refused.
-func allMeshed(endpointSlices []*discoveryv1.EndpointSlice, accounts *podAccounts) bool {
-	n := 0
+// meshedSlices returns the slices with only the endpoints of pods that
+// the exporter knows and that are labelled meshed, and whether the
+// Service is an in-cluster one: at least one such endpoint, and none that
+// is known to be anything else (a pod not labelled meshed, an endpoint
+// that is not a pod), since mTLS to it would be refused. A pod the
+// exporter does not know is left out without deciding anything: deleted
+// (its endpoint goes next) or not seen yet (its arrival reconciles the
+// Service again). The slices are returned as they are when nothing is
+// left out.
+func meshedSlices(endpointSlices []*discoveryv1.EndpointSlice, accounts *podAccounts) ([]*discoveryv1.EndpointSlice, bool) {
+	n, unknown := 0, false
 	for _, s := range endpointSlices {
 		if s.AddressType == discoveryv1.AddressTypeFQDN {
 			if len(s.Endpoints) > 0 {
-				return false
+				return nil, false
 			}
 			continue
 		}
@@ -580,16 +623,39 @@ func allMeshed(endpointSlices []*discoveryv1.EndpointSlice, accounts *podAccount
 			}
 			ref := ep.TargetRef
 			if ref == nil || ref.Kind != "Pod" {
-				return false
+				return nil, false
 			}
 			ns := cmp.Or(ref.Namespace, s.Namespace)
-			if !accounts.isMeshed(ns, ref.Name) {
-				return false
+			switch known, meshed := accounts.meshedPod(ns, ref.Name); {
+			case !known:
+				unknown = true
+			case !meshed:
+				return nil, false
+			default:
+				n++
 			}
-			n++
 		}
 	}
-	return n > 0
+	if n == 0 {
+		return nil, false
+	}
+	if !unknown {
+		return endpointSlices, true
+	}
+	out := make([]*discoveryv1.EndpointSlice, 0, len(endpointSlices))
+	for _, s := range endpointSlices {
+		c := *s
+		c.Endpoints = nil
+		for _, ep := range s.Endpoints {
+			if ref := ep.TargetRef; ref != nil {
+				if known, _ := accounts.meshedPod(cmp.Or(ref.Namespace, s.Namespace), ref.Name); known {
+					c.Endpoints = append(c.Endpoints, ep)
+				}
+			}
+		}
+		out = append(out, &c)
+	}
+	return out, true
 }
 
 // reconcileExport keeps key's entry in the local catalog, the exported
@@ -773,6 +839,21 @@ func sliceKey(obj any) (catalog.ServiceKey, bool) {
 		return catalog.ServiceKey{}, false
 	}
 	return catalog.ServiceKey{Namespace: s.Namespace, Name: name}, true
+}
+
+// slicePodIndex lists the pods a slice's endpoints point at.
+func slicePodIndex(obj any) ([]string, error) {
+	s, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return nil, nil
+	}
+	var out []string
+	for i := range s.Endpoints {
+		if ref := s.Endpoints[i].TargetRef; ref != nil && ref.Kind == "Pod" {
+			out = append(out, cmp.Or(ref.Namespace, s.Namespace)+"/"+ref.Name)
+		}
+	}
+	return out, nil
 }
 
 func sliceServiceIndex(obj any) ([]string, error) {

@@ -2,6 +2,7 @@ package kube
 
 import (
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
@@ -128,4 +129,109 @@ func TestStripPodKeepsTheMeshLabel(t *testing.T) {
 	stripped, err := stripPod(p)
 	require.NoError(t, err)
 	require.Equal(t, map[string]string{TLSModeLabel: TLSModeIstio}, stripped.(*corev1.Pod).Labels)
+}
+
+// A pod the exporter does not know (deleted before the slice controller
+// drops its endpoint, or not seen yet) leaves its endpoint out without
+// taking the Service out of the in-cluster catalog.
+func TestInClusterUnknownPodsAreLeftOut(t *testing.T) {
+	http := corev1.ServicePort{Name: "http", Port: 80, Protocol: corev1.ProtocolTCP}
+	f, in := startInCluster(t,
+		[]runtime.Object{
+			node("n1", "r1", "z1"),
+			clusterIPService("demo", "echo", "10.96.0.10", http),
+			slice("demo", "echo", "echo-1", discoveryv1.AddressTypeIPv4,
+				ep{"10.0.0.1", "n1", nil}, ep{"10.0.0.2", "n1", nil}, ep{"10.0.0.3", "n1", nil}),
+			meshedPod("demo", "pod-10.0.0.1", "echo"),
+			meshedPod("demo", "pod-10.0.0.2", "echo"),
+			// pod-10.0.0.3 is not created yet.
+		},
+		nil)
+	ctx := t.Context()
+	addresses := func() []string {
+		s, ok := inCluster(in, "demo", "echo")
+		if !ok {
+			return nil
+		}
+		var out []string
+		for _, le := range s.Endpoints {
+			for _, a := range le.Addresses {
+				out = append(out, a.IP)
+			}
+		}
+		return out
+	}
+	require.Equal(t, []string{"10.0.0.1", "10.0.0.2"}, addresses(), "a pod not seen yet is left out")
+
+	_, err := f.kube.CoreV1().Pods("demo").Create(ctx, meshedPod("demo", "pod-10.0.0.3", "echo"), metav1.CreateOptions{})
+	require.NoError(t, err)
+	f.eventually(t, "its arrival adds it", func() bool { return len(addresses()) == 3 })
+
+	require.NoError(t, f.kube.CoreV1().Pods("demo").Delete(ctx, "pod-10.0.0.1", metav1.DeleteOptions{}))
+	f.eventually(t, "a deleted pod's endpoint leaves before the slice changes", func() bool {
+		a := addresses()
+		return len(a) == 2 && a[0] == "10.0.0.2"
+	})
+}
+
+// Two Services with one ClusterIP (one deleted and made again before the
+// deletion is seen): the second waits until the first is gone.
+func TestInClusterClusterIPHeldByAnother(t *testing.T) {
+	http := corev1.ServicePort{Name: "http", Port: 80, Protocol: corev1.ProtocolTCP}
+	f, in := startInCluster(t,
+		[]runtime.Object{
+			node("n1", "r1", "z1"),
+			clusterIPService("demo", "old", "10.96.0.10", http),
+			slice("demo", "old", "old-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.1", "n1", nil}),
+			meshedPod("demo", "pod-10.0.0.1", "old"),
+		},
+		nil)
+	ctx := t.Context()
+	_, ok := inCluster(in, "demo", "old")
+	require.True(t, ok)
+	for _, obj := range []runtime.Object{
+		clusterIPService("demo", "new", "10.96.0.10", http),
+		slice("demo", "new", "new-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.2", "n1", nil}),
+		meshedPod("demo", "pod-10.0.0.2", "new"),
+	} {
+		require.NoError(t, f.kube.Tracker().Add(obj))
+	}
+	// Settled: the new Service is reconciled, and waits.
+	time.Sleep(300 * time.Millisecond)
+	_, ok = inCluster(in, "demo", "new")
+	require.False(t, ok, "two in-cluster services at one address")
+	_, ok = inCluster(in, "demo", "old")
+	require.True(t, ok, "the holder keeps it")
+
+	require.NoError(t, f.kube.CoreV1().Services("demo").Delete(ctx, "old", metav1.DeleteOptions{}))
+	f.eventually(t, "the new Service takes the address once the old one is gone", func() bool {
+		_, oldThere := inCluster(in, "demo", "old")
+		_, newThere := inCluster(in, "demo", "new")
+		return !oldThere && newThere
+	})
+}
+
+// A slice may point at a pod of another namespace; that pod's label
+// change still reaches the Service.
+func TestInClusterPodOfAnotherNamespace(t *testing.T) {
+	http := corev1.ServicePort{Name: "http", Port: 80, Protocol: corev1.ProtocolTCP}
+	s := slice("demo", "echo", "echo-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.1", "n1", nil})
+	s.Endpoints[0].TargetRef.Namespace = "other"
+	s.Endpoints[0].TargetRef.Name = "far"
+	f, in := startInCluster(t,
+		[]runtime.Object{
+			node("n1", "r1", "z1"),
+			clusterIPService("demo", "echo", "10.96.0.10", http),
+			s,
+			pod("other", "far", "echo"),
+		},
+		nil)
+	_, ok := inCluster(in, "demo", "echo")
+	require.False(t, ok)
+	_, err := f.kube.CoreV1().Pods("other").Update(t.Context(), meshedPod("other", "far", "echo"), metav1.UpdateOptions{})
+	require.NoError(t, err)
+	f.eventually(t, "the label change reaches the Service in another namespace", func() bool {
+		_, ok := inCluster(in, "demo", "echo")
+		return ok
+	})
 }

@@ -162,12 +162,15 @@ func (a *podAccounts) remove(namespace, name string) bool {
 	return true
 }
 
-// isMeshed reports whether the pod is known and labelled meshed.
-func (a *podAccounts) isMeshed(namespace, name string) bool {
+// meshedPod reports whether the pod is known, and if so whether it is
+// labelled meshed.
+func (a *podAccounts) meshedPod(namespace, name string) (known, meshed bool) {
+	ref := podRef{namespace, name}
 	a.mu.RLock()
 	defer a.mu.RUnlock()
-	_, ok := a.meshed[podRef{namespace, name}]
-	return ok
+	_, known = a.byPod[ref]
+	_, meshed = a.meshed[ref]
+	return known, meshed
 }
 
 func (a *podAccounts) releaseLocked(acct *account) {
