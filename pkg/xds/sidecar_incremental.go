@@ -439,7 +439,7 @@ func (t *SidecarTranslator) Translate(in SidecarInput) (Resources, []Skipped, er
 	for _, key := range slices.SortedFunc(maps.Keys(icDirty), compareServiceKeys) {
 		var k *sidecarKey
 		if svc, ok := icSnap.Get(key); ok {
-			if k, err = t.inClusterKey(svc); err != nil {
+			if k, err = t.inClusterKey(svc, t.icKeys[key]); err != nil {
 				return Resources{}, nil, err
 			}
 			if k.cs != nil {
@@ -537,7 +537,10 @@ func compareServiceKeys(a, b catalog.ServiceKey) int {
 // inClusterKey makes everything an in-cluster service adds: its
 // clusters, assignments, chains and explicit virtual hosts, each with
 // its encoding. Its state has no cs when it cannot be one (skipped).
-func (t *SidecarTranslator) inClusterKey(svc *catalog.Service) (*sidecarKey, error) {
+// What old made of the same ClusterIP, ports and identities is taken as
+// it is, so an endpoint's change makes its assignment alone again, as
+// finish does for a clusterset service.
+func (t *SidecarTranslator) inClusterKey(svc *catalog.Service, old *sidecarKey) (*sidecarKey, error) {
 	t.b.skipped = nil
 	cs := t.b.inClusterService(svc)
 	k := &sidecarKey{key: svc.Key(), host: InClusterHost(svc.Namespace, svc.Name), inCluster: true, cs: cs, skipped: t.b.skipped}
@@ -545,7 +548,11 @@ func (t *SidecarTranslator) inClusterKey(svc *catalog.Service) (*sidecarKey, err
 	if cs == nil {
 		return k, nil
 	}
+	same := old != nil && old.cs != nil && old.cs.vip == cs.vip && slices.Equal(old.cs.ports, cs.ports) && slices.Equal(old.cs.sans, cs.sans)
 	k.cidr = hostRanges([]netip.Addr{cs.vip})[0]
+	if same {
+		k.cidr = old.cidr
+	}
 	k.ports = make([]sidecarPort, len(cs.ports))
 	for i, p := range cs.ports {
 		sp := &k.ports[i]
@@ -556,6 +563,13 @@ func (t *SidecarTranslator) inClusterKey(svc *catalog.Service) (*sidecarKey, err
 		sp.cla = t.b.loadAssignment(cs, p)
 		if sp.claEnc, err = encode(endpointTag, sp.name, sp.cla); err != nil {
 			return nil, err
+		}
+		if same {
+			o := &old.ports[i]
+			sp.cluster, sp.clusterEnc = o.cluster, o.clusterEnc
+			sp.chain, sp.chainField = o.chain, o.chainField
+			sp.explicitVH, sp.explicitVHField = o.explicitVH, o.explicitVHField
+			continue
 		}
 		if sp.cluster, err = t.b.serviceCluster(cs, p); err != nil {
 			return nil, err

@@ -412,6 +412,62 @@ func TestSidecarTranslatorReusesUnchangedServices(t *testing.T) {
 	require.Same(t, second.Endpoints[0], third.Endpoints[0])
 }
 
+// The same for an in-cluster service: one pod turning not ready makes
+// its assignment again, and the listener, clusters and routes stay the
+// messages they were.
+func TestSidecarTranslatorReusesUnchangedInClusterServices(t *testing.T) {
+	local, peers := sidecarBenchCatalogs(t, 40)
+	in := catalog.NewBuilder(catalog.InClusterSource)
+	for svc := range local.All() {
+		c := svc.Clone()
+		c.ClusterIP = clusterIP(c.Key())
+		require.NoError(t, in.Put(c))
+	}
+	inCluster := in.Build()
+	tr, err := NewSidecarTranslator(SidecarOptions{Region: "r1"})
+	require.NoError(t, err)
+	first, _, err := tr.Translate(SidecarInput{Local: local, InCluster: inCluster, Peers: peers})
+	require.NoError(t, err)
+
+	key := catalog.ServiceKey{Namespace: "ns-03", Name: "svc-00003"}
+	svc, ok := inCluster.Get(key)
+	require.True(t, ok)
+	c := svc.Clone()
+	c.Endpoints[0].Addresses[0].Ready = false
+	c.Endpoints[0].Ready, c.Endpoints[0].NotReady = 0, 1
+	b := inCluster.Builder()
+	require.NoError(t, b.Put(c))
+	next := SidecarInput{Local: local, InCluster: b.Build(), Peers: peers}
+	second, _, err := tr.Translate(next)
+	require.NoError(t, err)
+	want, _, err := TranslateSidecar(next, SidecarOptions{Region: "r1"})
+	require.NoError(t, err)
+	require.Equal(t, want.Version, second.Version)
+	require.Equal(t, first.ListenersVersion, second.ListenersVersion)
+	require.NotEqual(t, first.EndpointsVersion, second.EndpointsVersion)
+
+	changed := map[string]bool{
+		"outbound|80||svc-00003.ns-03.svc.cluster.local":   true,
+		"outbound|5432||svc-00003.ns-03.svc.cluster.local": true,
+	}
+	for i, e := range second.Endpoints {
+		if changed[e.GetClusterName()] {
+			require.NotSame(t, first.Endpoints[i], e, e.GetClusterName())
+			continue
+		}
+		require.Same(t, first.Endpoints[i], e, e.GetClusterName())
+	}
+	for i, c := range second.Clusters {
+		require.Same(t, first.Clusters[i], c, c.GetName())
+	}
+	for i, l := range second.Listeners {
+		require.Same(t, first.Listeners[i], l, l.GetName())
+	}
+	for i, rc := range second.Routes {
+		require.Same(t, first.Routes[i], rc, rc.GetName())
+	}
+}
+
 // Endpoint changes anywhere among more ClusterLoadAssignments than one
 // checkpoint of the endpoints' hash covers, then services added and
 // removed (moving VIPs, chains and virtual hosts): each result is the
