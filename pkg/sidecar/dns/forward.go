@@ -47,7 +47,9 @@ func (p *Proxy) forward(ctx context.Context, r *request, send func([]byte)) {
 	defer release()
 
 	cur := bufPool.Get().(*[]byte)
-	defer bufPool.Put(cur)
+	// cur changes hands with kept below: put back what it is at the end,
+	// not what it was here (that one would go back twice).
+	defer func() { bufPool.Put(cur) }()
 	var kept *[]byte // holds the last SERVFAIL or REFUSED while the next upstream is tried
 	defer func() {
 		if kept != nil {

@@ -253,6 +253,13 @@ func TestUpstreamFailures(t *testing.T) {
 		assert.Equal(t, 1, second.asked(refusedName), "the second upstream was tried")
 		assert.EqualValues(t, 1, f.counter("isthmus_dns_forward_failures", "reason=rcode"))
 		assert.EqualValues(t, 1, f.counter("isthmus_dns_queries", "result=forwarded"))
+		// The buffers went back to the pool once each: two forwards at
+		// once never share one (they did, and raced, when the answer
+		// kept while the next upstream was tried went back twice).
+		a, b := bufPool.Get().(*[]byte), bufPool.Get().(*[]byte)
+		assert.NotSame(t, a, b, "a buffer was put back twice")
+		bufPool.Put(a)
+		bufPool.Put(b)
 	})
 	t.Run("a timeout then a live upstream", func(t *testing.T) {
 		// The first upstream takes the query and never answers.
