@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -15,6 +16,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/log"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/protobuf/types/known/anypb"
 )
 
@@ -43,6 +45,15 @@ import (
 // differ, neither visible to a proxy: resources come sorted by name
 // rather than in map order, and TTLs are refused (SetSnapshot fails), as
 // no translation sets one.
+//
+// One thing differs on purpose: a state-of-the-world response of
+// ClusterLoadAssignments carries only those the stream does not hold
+// already, which the xDS protocol allows for every type but listeners
+// and clusters (a client keeps the ones a response leaves out; Envoy
+// does, and so does pkg/xdsclient). One pod turning not ready then sends
+// each stream one assignment, not all 10,000 (about 4 MB). A stream that
+// NACKed, or asks at any version but the one it was last sent, gets them
+// all again. The per-resource versions this needs are the delta ones.
 type encodedCache struct {
 	hash cache.NodeHash
 	log  log.Logger
@@ -113,13 +124,20 @@ type encodedType struct {
 	// byMessage finds the encoding of a message, for the next snapshot.
 	byMessage map[types.Resource]*encodedResource
 	// returned is what a state-of-the-world response returns (every
-	// name at version); each response gets a copy, which the server
-	// may modify.
+	// name at version; for a partial type, at "<version>/<its delta
+	// version>": what a stream holds, and the response it came in);
+	// each response gets a copy, which the server may modify.
 	returned map[string]string
+	// partial: a response carries only what the stream lacks.
+	partial bool
 	// versions are the delta versions by name, made on the first delta
 	// watch; nil before.
 	versions map[string]string
 }
+
+// partialType reports whether state-of-the-world responses of typeURL
+// carry only the resources a stream lacks.
+func partialType(typeURL string) bool { return typeURL == resource.EndpointType }
 
 // encodedResource is one resource's encoding, shared by every response
 // that carries it.
@@ -174,7 +192,8 @@ func (g *cacheGroup) typ(typeURL string) (*encodedType, error) {
 	t := &encodedType{
 		typeURL: typeURL, version: version,
 		names: slices.Sorted(maps.Keys(res)), index: make(map[string]int, len(res)),
-		byMessage: make(map[types.Resource]*encodedResource, len(res)), returned: make(map[string]string, len(res)),
+		byMessage: make(map[types.Resource]*encodedResource, len(res)), returned: make(map[string]string, len(res)+1),
+		partial: partialType(typeURL),
 	}
 	t.items = make([]*encodedResource, len(t.names))
 	t.anys = make([]*anypb.Any, len(t.names))
@@ -196,6 +215,9 @@ func (g *cacheGroup) typ(typeURL string) (*encodedType, error) {
 		t.index[name] = i
 		t.byMessage[r.Resource] = e
 		t.returned[name] = t.version
+		if t.partial {
+			t.returned[name] = t.version + "/" + e.deltaResource(name).GetVersion()
+		}
 	}
 	g.types[typeURL] = t
 	g.encoded[typeURL] = t
@@ -430,13 +452,51 @@ func (c *encodedCache) respond(ctx context.Context, w sotwWatch, t *encodedType)
 		}
 	}
 	resp := &sotwResponse{req: w.req, version: t.version, anys: t.anys, returned: maps.Clone(t.returned), ctx: ctx}
-	c.log.Debugf("respond %s version %q with version %q and %d resources", w.req.GetTypeUrl(), w.req.GetVersionInfo(), t.version, len(t.anys))
+	if t.partial {
+		resp.anys = t.lacking(w)
+	}
+	c.log.Debugf("respond %s version %q with version %q and %d of %d resources", w.req.GetTypeUrl(), w.req.GetVersionInfo(), t.version, len(resp.anys), len(t.anys))
 	select {
 	case w.resp <- resp:
 		return nil
 	case <-ctx.Done():
 		return context.Canceled
 	}
+}
+
+// lacking is what a partial type's response to w carries: the resources
+// whose version the stream does not hold, or all of them when it
+// NACKed, holds nothing yet, or asks at another version than the one it
+// was last sent (it did not take that response).
+//
+// The stream's returned resources say what it holds: each name at
+// "<version of the response it came in>/<delta version>" (the server
+// drops the names a request no longer subscribes to, so the version of
+// the last response rides on every name rather than under a key of its
+// own).
+func (t *encodedType) lacking(w sotwWatch) []*anypb.Any {
+	known := w.sub.ReturnedResources()
+	if w.req.GetErrorDetail() != nil || len(known) == 0 {
+		return t.anys
+	}
+	var sent string
+	for _, v := range known {
+		sent, _, _ = strings.Cut(v, "/")
+		break
+	}
+	if sent == "" || sent != w.req.GetVersionInfo() {
+		return t.anys
+	}
+	out := []*anypb.Any{}
+	for i, name := range t.names {
+		v, ok := known[name]
+		_, held, _ := strings.Cut(v, "/")
+		_, now, _ := strings.Cut(t.returned[name], "/")
+		if !ok || held != now {
+			out = append(out, t.anys[i])
+		}
+	}
+	return out
 }
 
 // namesAll reports whether names holds every name of t; if not, one
@@ -628,7 +688,10 @@ func (c *encodedCache) Fetch(ctx context.Context, req *cache.Request) (cache.Res
 	}
 	resp := &sotwResponse{req: req, version: t.version, anys: t.anys, ctx: ctx}
 	if names := req.GetResourceNames(); len(names) == 0 {
-		resp.returned = maps.Clone(t.returned)
+		resp.returned = make(map[string]string, len(t.names))
+		for _, name := range t.names {
+			resp.returned[name] = t.version
+		}
 	} else {
 		resp.anys, resp.returned = nil, map[string]string{}
 		listed := make(map[string]bool, len(names))

@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/url"
 	"slices"
@@ -289,6 +290,8 @@ type adsClient struct {
 	listener         *listenerv3.Listener
 	clusters         []*clusterv3.Cluster
 	loads            map[string]*endpointv3.ClusterLoadAssignment
+	// carried is how many assignments the last EDS response carried.
+	carried int
 }
 
 func openADS(t *testing.T, conn *grpc.ClientConn, nodeID string) *adsClient {
@@ -408,15 +411,27 @@ func (c *adsClient) apply(r *discoveryv3.DiscoveryResponse) {
 		c.send(typ, nil, "")
 		c.send(resource.EndpointType, c.edsNames(), "")
 	case resource.EndpointType:
-		c.loads = map[string]*endpointv3.ClusterLoadAssignment{}
-		for _, a := range r.GetResources() {
-			cla := unpack[*endpointv3.ClusterLoadAssignment](c.t, a)
-			c.loads[cla.GetClusterName()] = cla
-		}
+		c.holdAssignments(r)
 		c.send(typ, c.edsNames(), "")
 	default:
 		c.t.Fatalf("unexpected type %s", typ)
 	}
+}
+
+// holdAssignments takes an EDS response as Envoy does: it adds or
+// replaces the assignments it carries and keeps the others, those of
+// clusters that are gone excepted.
+func (c *adsClient) holdAssignments(r *discoveryv3.DiscoveryResponse) {
+	if c.loads == nil {
+		c.loads = map[string]*endpointv3.ClusterLoadAssignment{}
+	}
+	for _, a := range r.GetResources() {
+		cla := unpack[*endpointv3.ClusterLoadAssignment](c.t, a)
+		c.loads[cla.GetClusterName()] = cla
+	}
+	names := c.edsNames()
+	maps.DeleteFunc(c.loads, func(name string, _ *endpointv3.ClusterLoadAssignment) bool { return !slices.Contains(names, name) })
+	c.carried = len(r.GetResources())
 }
 
 func (c *adsClient) edsNames() []string {

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
-	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
@@ -98,11 +97,7 @@ func (c *sidecarADS) apply(r *discoveryv3.DiscoveryResponse) {
 		c.send(typ, nil, "")
 		c.send(resource.EndpointType, c.edsNames(), "")
 	case resource.EndpointType:
-		c.loads = map[string]*endpointv3.ClusterLoadAssignment{}
-		for _, a := range r.GetResources() {
-			cla := unpack[*endpointv3.ClusterLoadAssignment](c.t, a)
-			c.loads[cla.GetClusterName()] = cla
-		}
+		c.holdAssignments(r)
 		c.send(typ, c.edsNames(), "")
 	case resource.ListenerType:
 		c.listeners = map[string]*listenerv3.Listener{}
