@@ -93,7 +93,8 @@ type ServiceKey struct {
 
 func (k ServiceKey) String() string { return k.Namespace + "/" + k.Name }
 
-func compareKeys(a, b ServiceKey) int {
+// CompareKeys orders keys as a Snapshot does: by namespace, then name.
+func CompareKeys(a, b ServiceKey) int {
 	return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 }
 

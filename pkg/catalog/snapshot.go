@@ -166,7 +166,7 @@ func (b *Builder) Build() *Snapshot {
 		// shared).
 		ordered = b.base.ordered
 	} else {
-		ordered = slices.SortedFunc(maps.Keys(entries), compareKeys)
+		ordered = slices.SortedFunc(maps.Keys(entries), CompareKeys)
 	}
 	b.keysChanged = false
 	h := sha256.New()

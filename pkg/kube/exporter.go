@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -775,6 +776,9 @@ func (e *Exporter) keysToBuild() []catalog.ServiceKey {
 				keys = append(keys, catalog.ServiceKey{Namespace: svc.Namespace, Name: svc.Name})
 			}
 		}
+		// An exported Service is listed twice: reconcile it once.
+		slices.SortFunc(keys, catalog.CompareKeys)
+		keys = slices.Compact(keys)
 	}
 	return keys
 }

@@ -214,9 +214,10 @@ func (g *cacheGroup) typ(typeURL string) (*encodedType, error) {
 		t.items[i], t.anys[i] = e, e.any
 		t.index[name] = i
 		t.byMessage[r.Resource] = e
-		t.returned[name] = t.version
 		if t.partial {
 			t.returned[name] = t.version + "/" + e.deltaResource(name).GetVersion()
+		} else {
+			t.returned[name] = t.version
 		}
 	}
 	g.types[typeURL] = t

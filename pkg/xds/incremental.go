@@ -2,7 +2,6 @@ package xds
 
 import (
 	"bytes"
-	"cmp"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
@@ -259,9 +258,7 @@ func (t *GatewayTranslator) Translate(local *catalog.Snapshot) (Resources, error
 
 // compareKeys orders services as the catalog does: by namespace, then
 // name.
-func compareKeys(a, b *catalog.Service) int {
-	return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
-}
+func compareKeys(a, b *catalog.Service) int { return catalog.CompareKeys(a.Key(), b.Key()) }
 
 func byName(a, b *portUnit) int { return strings.Compare(a.name, b.name) }
 
@@ -421,10 +418,9 @@ func (t *GatewayTranslator) assemble(units []*portUnit) (Resources, []hash.Hash,
 	if sameClusters {
 		res.ClustersVersion = t.last.ClustersVersion
 	} else {
-		v := versionHash{h: sha256.New()}
+		v := newVersionHash()
 		for _, u := range units {
-			v.record(clusterTag, len(u.clusterEnc))
-			v.write(u.clusterEnc)
+			v.resource(clusterTag, u.clusterEnc)
 		}
 		res.ClustersVersion = v.sum()
 	}
@@ -492,8 +488,7 @@ func endpointsVersion(loads []*endpointv3.ClusterLoadAssignment, enc func(int) [
 			break
 		}
 		e := enc(k)
-		v.record(endpointTag, len(e))
-		v.write(e)
+		v.resource(endpointTag, e)
 	}
 	if !complete {
 		checkpoints = nil
@@ -505,7 +500,7 @@ func endpointsVersion(loads []*endpointv3.ClusterLoadAssignment, enc func(int) [
 // chains' fields and the tail when they make its encoding, else
 // encoded whole.
 func (t *GatewayTranslator) listenerVersion(lis *listenerv3.Listener, byChain []*portUnit) (string, error) {
-	v := versionHash{h: sha256.New()}
+	v := newVersionHash()
 	if t.splice {
 		size := len(t.head) + len(t.tail)
 		for _, u := range byChain {
@@ -523,8 +518,7 @@ func (t *GatewayTranslator) listenerVersion(lis *listenerv3.Listener, byChain []
 	if err != nil {
 		return "", fmt.Errorf("%s %q: encode: %w", listenerTag, lis.GetName(), err)
 	}
-	v.record(listenerTag, len(enc))
-	v.write(enc)
+	v.resource(listenerTag, enc)
 	return v.sum(), nil
 }
 
@@ -559,6 +553,14 @@ func (v *versionHash) record(typ string, size int) {
 	v.buf = append(v.buf, typ...)
 	v.buf = binary.AppendUvarint(v.buf, uint64(size))
 	v.h.Write(v.buf)
+}
+
+func newVersionHash() versionHash { return versionHash{h: sha256.New()} }
+
+// resource writes one resource of type typ by its encoding.
+func (v *versionHash) resource(typ string, enc []byte) {
+	v.record(typ, len(enc))
+	v.write(enc)
 }
 
 func (v *versionHash) write(b []byte) { v.h.Write(b) }

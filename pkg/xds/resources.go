@@ -1,7 +1,6 @@
 package xds
 
 import (
-	"crypto/sha256"
 	"fmt"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
@@ -78,21 +77,20 @@ func typeVersion[M interface {
 	proto.Message
 	Validate() error
 }](typ string, ms []M, name func(M) string) (string, error) {
-	v := versionHash{h: sha256.New()}
+	v := newVersionHash()
 	for _, m := range ms {
 		enc, err := encode(typ, name(m), m)
 		if err != nil {
 			return "", err
 		}
-		v.record(typ, len(enc))
-		v.write(enc)
+		v.resource(typ, enc)
 	}
 	return v.sum(), nil
 }
 
 // combine sets Version from the per-type versions.
 func (r *Resources) combine() {
-	v := versionHash{h: sha256.New()}
+	v := newVersionHash()
 	for _, tv := range [...]struct{ typ, version string }{
 		{listenerTag, r.ListenersVersion}, {clusterTag, r.ClustersVersion},
 		{endpointTag, r.EndpointsVersion}, {routeTag, r.RoutesVersion},

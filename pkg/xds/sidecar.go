@@ -429,7 +429,7 @@ func (b *sidecarBuilder) inClusterServices(snap *catalog.Snapshot) ([]*csService
 
 // compareVIPs orders in-cluster services by VIP, then key.
 func compareVIPs(x, y *csService) int {
-	return cmp.Or(x.vip.Compare(y.vip), strings.Compare(x.key.Namespace, y.key.Namespace), strings.Compare(x.key.Name, y.key.Name))
+	return cmp.Or(x.vip.Compare(y.vip), catalog.CompareKeys(x.key, y.key))
 }
 
 func sharedClusterIP(x, y *csService) error {
@@ -554,7 +554,7 @@ func (b *sidecarBuilder) service(key catalog.ServiceKey, all []*exporter) *csSer
 // refuses; the key then decides, so that the refusal names the two in
 // the same order every time.
 func compareHosts(x, y *csService) int {
-	return cmp.Or(strings.Compare(x.host, y.host), strings.Compare(x.key.Namespace, y.key.Namespace), strings.Compare(x.key.Name, y.key.Name))
+	return cmp.Or(strings.Compare(x.host, y.host), catalog.CompareKeys(x.key, y.key))
 }
 
 func cmpBool(a, b bool) int {

@@ -347,13 +347,7 @@ func (t *SidecarTranslator) Translate(in SidecarInput) (Resources, []Skipped, er
 	})
 	// In key order, so that of two bad services the same one is named
 	// every time.
-	keys := make([]catalog.ServiceKey, 0, len(dirty))
-	for key := range dirty {
-		keys = append(keys, key)
-	}
-	slices.SortFunc(keys, func(a, b catalog.ServiceKey) int {
-		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
-	})
+	keys := slices.SortedFunc(maps.Keys(dirty), catalog.CompareKeys)
 	changed := map[catalog.ServiceKey]*sidecarKey{}
 	var fresh []*sidecarKey // clusterset services among changed
 	hostsChanged := false
@@ -436,7 +430,7 @@ func (t *SidecarTranslator) Translate(in SidecarInput) (Resources, []Skipped, er
 	// them.
 	icChanged := make(map[catalog.ServiceKey]*sidecarKey, len(icDirty))
 	var icFresh []*sidecarKey
-	for _, key := range slices.SortedFunc(maps.Keys(icDirty), compareServiceKeys) {
+	for _, key := range slices.SortedFunc(maps.Keys(icDirty), catalog.CompareKeys) {
 		var k *sidecarKey
 		if svc, ok := icSnap.Get(key); ok {
 			if k, err = t.inClusterKey(svc, t.icKeys[key]); err != nil {
@@ -528,10 +522,6 @@ func redoSkipping(skipping, keys map[catalog.ServiceKey]*sidecarKey, changed map
 		}
 	}
 	return out, true
-}
-
-func compareServiceKeys(a, b catalog.ServiceKey) int {
-	return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 }
 
 // inClusterKey makes everything an in-cluster service adds: its
@@ -1141,9 +1131,8 @@ func (t *SidecarTranslator) versions(res *Resources, a assembled, routes []*rout
 	if last.Version != "" && res.outboundListener() == last.outboundListener() {
 		res.ListenersVersion = last.ListenersVersion
 	} else {
-		v := versionHash{h: sha256.New()}
-		v.record(listenerTag, len(t.inboundEnc))
-		v.write(t.inboundEnc)
+		v := newVersionHash()
+		v.resource(listenerTag, t.inboundEnc)
 		if err := t.hashOutbound(&v, res.outboundListener(), a); err != nil {
 			return nil, err
 		}
@@ -1152,14 +1141,12 @@ func (t *SidecarTranslator) versions(res *Resources, a assembled, routes []*rout
 	if last.Version != "" && slices.Equal(res.Clusters, last.Clusters) {
 		res.ClustersVersion = last.ClustersVersion
 	} else {
-		v := versionHash{h: sha256.New()}
+		v := newVersionHash()
 		for _, enc := range t.passthroughEnc {
-			v.record(clusterTag, len(enc))
-			v.write(enc)
+			v.resource(clusterTag, enc)
 		}
 		for _, p := range a.byName {
-			v.record(clusterTag, len(p.clusterEnc))
-			v.write(p.clusterEnc)
+			v.resource(clusterTag, p.clusterEnc)
 		}
 		res.ClustersVersion = v.sum()
 	}
@@ -1169,10 +1156,9 @@ func (t *SidecarTranslator) versions(res *Resources, a assembled, routes []*rout
 	if last.Version != "" && slices.Equal(res.Routes, last.Routes) {
 		res.RoutesVersion = last.RoutesVersion
 	} else {
-		v := versionHash{h: sha256.New()}
+		v := newVersionHash()
 		for _, rs := range routes {
-			v.record(routeTag, len(rs.enc))
-			v.write(rs.enc)
+			v.resource(routeTag, rs.enc)
 		}
 		res.RoutesVersion = v.sum()
 	}
@@ -1195,8 +1181,7 @@ func (t *SidecarTranslator) hashOutbound(v *versionHash, outbound *listenerv3.Li
 		if err != nil {
 			return fmt.Errorf("%s %q: encode: %w", listenerTag, OutboundListenerName, err)
 		}
-		v.record(listenerTag, len(enc))
-		v.write(enc)
+		v.resource(listenerTag, enc)
 		return nil
 	}
 	size := len(t.outbound.head) + len(t.outbound.explicitField) + len(t.outbound.tail)
