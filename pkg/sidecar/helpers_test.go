@@ -680,17 +680,24 @@ func startHTTPBackend(t testing.TB, pod string) *backend {
 		case <-r.Context().Done():
 		}
 	})
+	b.addr = serveApp(t, mux)
+	return b
+}
+
+// serveApp serves h as a pod's app on loopback, HTTP/1.1 and h2c, until
+// the test ends, and returns its address.
+func serveApp(t testing.TB, h http.Handler) netip.AddrPort {
+	t.Helper()
 	var protos http.Protocols
 	protos.SetHTTP1(true)
 	protos.SetUnencryptedHTTP2(true)
-	srv := &http.Server{Handler: mux, Protocols: &protos, ReadHeaderTimeout: waitFor}
+	srv := &http.Server{Handler: h, Protocols: &protos, ReadHeaderTimeout: waitFor}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	b.addr = ln.Addr().(*net.TCPAddr).AddrPort()
 	done := make(chan struct{})
 	go func() { defer close(done); _ = srv.Serve(ln) }()
 	t.Cleanup(func() { _ = srv.Close(); <-done })
-	return b
+	return ln.Addr().(*net.TCPAddr).AddrPort()
 }
 
 // grpcBackend is a pod's gRPC app: the standard health service, whose

@@ -82,16 +82,7 @@ func startHoldApp(t testing.TB) *holdApp {
 		_ = http.NewResponseController(w).Flush()
 		held(w, r)
 	})
-	var protos http.Protocols
-	protos.SetHTTP1(true)
-	protos.SetUnencryptedHTTP2(true)
-	srv := &http.Server{Handler: mux, Protocols: &protos, ReadHeaderTimeout: waitFor}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	a.addr = ln.Addr().(*net.TCPAddr).AddrPort()
-	done := make(chan struct{})
-	go func() { defer close(done); _ = srv.Serve(ln) }()
-	t.Cleanup(func() { _ = srv.Close(); <-done })
+	a.addr = serveApp(t, mux)
 	return a
 }
 

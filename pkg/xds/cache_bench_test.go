@@ -91,9 +91,7 @@ func BenchmarkPush(b *testing.B) {
 	local, peers := sidecarBenchCatalogs(b, 10000)
 	// A pod of a service a third into the catalog turns not ready.
 	svc, _ := local.Get(local.Keys()[10000/3])
-	c := svc.Clone()
-	c.Endpoints[0].Addresses[0].Ready = false
-	c.Endpoints[0].Ready, c.Endpoints[0].NotReady = 0, 1
+	c := podNotReady(svc, 0)
 	bld := local.Builder()
 	if err := bld.Put(c); err != nil {
 		b.Fatal(err)

@@ -84,33 +84,6 @@ func TestSidecarTranslatorGolden(t *testing.T) {
 	}
 }
 
-// input is the case's catalogs, peers in name order.
-func (c sidecarCase) input(t testing.TB) SidecarInput {
-	t.Helper()
-	local, peers := c.snapshots(t)
-	in := SidecarInput{Local: local, Peers: peers}
-	if c.inCluster != nil {
-		in.InCluster = inClusterSnapshot(t, c.inCluster...)
-	}
-	return in
-}
-
-// snapshots are the case's catalogs, peers in name order.
-func (c sidecarCase) snapshots(t testing.TB) (*catalog.Snapshot, []*catalog.Snapshot) {
-	t.Helper()
-	var peers []*catalog.Snapshot
-	for _, name := range slices.Sorted(func(yield func(string) bool) {
-		for k := range c.peers {
-			if !yield(k) {
-				return
-			}
-		}
-	}) {
-		peers = append(peers, peerSnapshot(t, name, c.peers[name]...))
-	}
-	return snapshotOf(t, c.local...), peers
-}
-
 // randomMesh makes random catalogs for a cluster "a" and peers b, c, d:
 // services from a small pool of names (two of which share a VIP hash),
 // exported by any of the clusters, with random ports (HTTP, TCP, UDP, a
@@ -375,9 +348,7 @@ func TestSidecarTranslatorReusesUnchangedServices(t *testing.T) {
 	b := local.Builder()
 	svc, ok := local.Get(catalog.ServiceKey{Namespace: "ns-03", Name: "svc-00003"})
 	require.True(t, ok)
-	c := svc.Clone()
-	c.Endpoints[0].Addresses[0].Ready = false
-	c.Endpoints[0].Ready, c.Endpoints[0].NotReady = 0, 1
+	c := podNotReady(svc, 0)
 	require.NoError(t, b.Put(c))
 	second, _, err := tr.Translate(SidecarInput{Local: b.Build(), Peers: peers})
 	require.NoError(t, err)
@@ -415,9 +386,7 @@ func TestSidecarTranslatorReusesUnchangedInClusterServices(t *testing.T) {
 	key := catalog.ServiceKey{Namespace: "ns-03", Name: "svc-00003"}
 	svc, ok := inCluster.Get(key)
 	require.True(t, ok)
-	c := svc.Clone()
-	c.Endpoints[0].Addresses[0].Ready = false
-	c.Endpoints[0].Ready, c.Endpoints[0].NotReady = 0, 1
+	c := podNotReady(svc, 0)
 	b := inCluster.Builder()
 	require.NoError(t, b.Put(c))
 	next := SidecarInput{Local: local, InCluster: b.Build(), Peers: peers}
@@ -481,9 +450,7 @@ func TestSidecarTranslatorResumesTheHash(t *testing.T) {
 	keys := local.Keys()
 	for _, i := range []int{0, claBlock - 1, claBlock, claBlock + 1, 2 * claBlock, n - 1} {
 		svc, _ := local.Get(keys[i])
-		c := svc.Clone()
-		c.Endpoints[1].Addresses[0].Ready = false
-		c.Endpoints[1].Ready, c.Endpoints[1].NotReady = 0, 1
+		c := podNotReady(svc, 1)
 		require.NoError(t, b.Put(c))
 		last, lastCheckpoints := tr.last, tr.checkpoints
 		check(fmt.Sprintf("endpoints of %s", keys[i]))

@@ -3,6 +3,7 @@ package xds
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -84,22 +85,30 @@ type sidecarCase struct {
 	region    string
 }
 
-func (c sidecarCase) translate(t testing.TB) (Resources, []Skipped) {
+// input is the case's catalogs, peers in name order.
+func (c sidecarCase) input(t testing.TB) SidecarInput {
 	t.Helper()
-	var peers []*catalog.Snapshot
-	for _, name := range slices.Sorted(func(yield func(string) bool) {
-		for k := range c.peers {
-			if !yield(k) {
-				return
-			}
-		}
-	}) {
-		peers = append(peers, peerSnapshot(t, name, c.peers[name]...))
-	}
-	in := SidecarInput{Local: snapshotOf(t, c.local...), Peers: peers}
+	local, peers := c.snapshots(t)
+	in := SidecarInput{Local: local, Peers: peers}
 	if c.inCluster != nil {
 		in.InCluster = inClusterSnapshot(t, c.inCluster...)
 	}
+	return in
+}
+
+// snapshots are the case's local catalog and its peers', in name order.
+func (c sidecarCase) snapshots(t testing.TB) (*catalog.Snapshot, []*catalog.Snapshot) {
+	t.Helper()
+	var peers []*catalog.Snapshot
+	for _, name := range slices.Sorted(maps.Keys(c.peers)) {
+		peers = append(peers, peerSnapshot(t, name, c.peers[name]...))
+	}
+	return snapshotOf(t, c.local...), peers
+}
+
+func (c sidecarCase) translate(t testing.TB) (Resources, []Skipped) {
+	t.Helper()
+	in := c.input(t)
 	r, skipped, err := TranslateSidecar(in, SidecarOptions{Region: c.region})
 	require.NoError(t, err)
 	return r, skipped
@@ -821,6 +830,15 @@ func sidecarBenchCatalogs(tb testing.TB, n int) (*catalog.Snapshot, []*catalog.S
 	return local.Build(), []*catalog.Snapshot{b.Build(), c.Build()}
 }
 
+// podNotReady is a copy of svc, one of sidecarBenchCatalogs', whose pod
+// in its locality loc (the only one there) is not ready.
+func podNotReady(svc *catalog.Service, loc int) catalog.Service {
+	c := svc.Clone()
+	c.Endpoints[loc].Addresses[0].Ready = false
+	c.Endpoints[loc].Ready, c.Endpoints[loc].NotReady = 0, 1
+	return c
+}
+
 // BenchmarkTranslateSidecar is the sidecars' translation, which the
 // federator runs on every change of the local catalog or of a peer's
 // imports: from scratch (full, TranslateSidecar), and by the federator's
@@ -852,9 +870,7 @@ func BenchmarkTranslateSidecar(b *testing.B) {
 		var changes []*catalog.Snapshot
 		for _, i := range []int{0, n / 3, n / 2, n - 1} {
 			svc, _ := local.Get(keys[i])
-			c := svc.Clone()
-			c.Endpoints[0].Addresses[0].Ready = false
-			c.Endpoints[0].Ready, c.Endpoints[0].NotReady = 0, 1
+			c := podNotReady(svc, 0)
 			bld := local.Builder()
 			require.NoError(b, bld.Put(c))
 			changes = append(changes, bld.Build())
