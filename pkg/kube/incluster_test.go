@@ -2,7 +2,6 @@ package kube
 
 import (
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
@@ -196,8 +195,18 @@ func TestInClusterClusterIPHeldByAnother(t *testing.T) {
 	} {
 		require.NoError(t, f.kube.Tracker().Add(obj))
 	}
-	// Settled: the new Service is reconciled, and waits.
-	time.Sleep(300 * time.Millisecond)
+	// Once the exporter's caches hold the new Service, its slice and its
+	// pod, a reconcile of it (the workers' own, or this one) leaves it
+	// out.
+	newKey := catalog.ServiceKey{Namespace: "demo", Name: "new"}
+	f.eventually(t, "the caches hold the new Service", func() bool {
+		_, svcErr := f.exp.services.Services("demo").Get("new")
+		slices, err := f.exp.slicesOf(newKey)
+		known, _ := f.exp.accounts.meshedPod("demo", "pod-10.0.0.2")
+		return svcErr == nil && err == nil && len(slices) == 1 && known
+	})
+	require.NoError(t, f.exp.reconcile(ctx, newKey))
+	f.exp.flush()
 	_, ok = inCluster(in, "demo", "new")
 	require.False(t, ok, "two in-cluster services at one address")
 	_, ok = inCluster(in, "demo", "old")
