@@ -66,6 +66,10 @@ type Config struct {
 	// HTTP/2 is, instead of the sidecar's own HTTP/1.1 path: the zero
 	// value is the sidecar's path; true is there to compare the two.
 	NetHTTP1 bool
+	// NetHTTP2 serves HTTP/2 with net/http's server and transport
+	// instead of the sidecar's own HTTP/2 path (h2conn.go): true is
+	// there to compare the two.
+	NetHTTP2 bool
 	// DrainTimeout bounds a graceful shutdown: after the listeners close,
 	// requests and connections in flight have this long to finish before
 	// they are closed.

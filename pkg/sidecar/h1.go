@@ -490,6 +490,14 @@ func (p *Proxy) serveH1(q *connQueue, c net.Conn, info *connInfo) {
 		if len(rest) > 0 {
 			nc = &prefixConn{Conn: c, rest: rest}
 		}
+		if isH2Preface(rest) && !p.cfg.NetHTTP2 {
+			hc.in.free()
+			hc.out.free()
+			*hc = h1Conn{}
+			h1Conns.Put(hc)
+			p.serveH2(nc, info)
+			return
+		}
 		p.pushHTTPConn(q, nc, info)
 	} else {
 		_ = c.Close()

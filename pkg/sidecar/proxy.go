@@ -77,6 +77,11 @@ type Proxy struct {
 	// path, which the drain closes when idle and cuts at its timeout.
 	h1Mu    sync.Mutex
 	h1Conns map[*h1Conn]struct{}
+
+	// h2Mu guards h2Conns: the downstream connections on the HTTP/2
+	// path, which the drain sends a GOAWAY and cuts at its timeout.
+	h2Mu    sync.Mutex
+	h2Conns map[*h2Conn]struct{}
 }
 
 // New validates cfg and binds the listeners; the proxy serves once Run is
@@ -111,6 +116,7 @@ func New(cfg Config, src ConfigSource, svid x509svid.Source, opts Options) (*Pro
 		pools:       map[string]*pool{},
 		tcpConns:    map[net.Conn]struct{}{},
 		h1Conns:     map[*h1Conn]struct{}{},
+		h2Conns:     map[*h2Conn]struct{}{},
 	}
 	if p.originalDst == nil {
 		p.originalDst = capture.OriginalDst
@@ -306,6 +312,7 @@ func (p *Proxy) drain() {
 	dctx, cancel := context.WithTimeout(context.Background(), p.cfg.DrainTimeout)
 	defer cancel()
 	p.h1KickIdle()
+	p.h2GoAwayAll()
 	var wg sync.WaitGroup
 	for _, srv := range []*http.Server{p.outHTTP, p.inHTTP} {
 		wg.Go(func() {
@@ -329,6 +336,7 @@ func (p *Proxy) drain() {
 		}
 		p.tcpMu.Unlock()
 		n += p.h1CutAll()
+		n += p.h2CutAll()
 		if n > 0 {
 			p.log.Info("drain timeout passed: closed the TCP and HTTP/1.1 connections left", "sockets", n)
 		}

@@ -73,6 +73,10 @@ type pool struct {
 	h1mu     sync.Mutex
 	h1idle   map[netip.AddrPort][]*h1Up
 	h1closed bool
+	// h2mu guards h2conns, the HTTP/2 path's connections by endpoint,
+	// each carrying many streams.
+	h2mu    sync.Mutex
+	h2conns map[netip.AddrPort][]*h2Conn
 	// conns counts this pool's upstream connections open.
 	conns atomic.Int64
 	// retiredAt is when a newer configuration replaced the pool; set
@@ -148,6 +152,7 @@ func (pl *pool) transport(h2 bool) *http.Transport {
 // closeIdle closes the pool's idle connections.
 func (pl *pool) closeIdle() {
 	pl.h1CloseIdle()
+	pl.h2CloseIdle()
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	for _, t := range []*http.Transport{pl.h1, pl.h2} {

@@ -1,0 +1,672 @@
+package sidecar
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// The sidecar's own HTTP/2 forwarding path, for both sides of a proxied
+// stream: the downstream connection (the app's h2c outbound, a peer's
+// istio-h2 inbound) and the multiplexed upstream connections of a pool.
+// net/http's server and Transport cost a stream two goroutines, a
+// channel hand-off per frame and a write system call per frame; here
+// each connection has two goroutines whatever its streams: a reader that
+// decodes frames (golang.org/x/net/http2's Framer and HPACK) and acts on
+// them at once, and a writer that sends everything queued since its last
+// write in one system call. A stream costs no goroutine.
+//
+// A proxied stream (h2Stream) joins a downstream stream and an upstream
+// one. DATA is copied from the reader's buffer straight into the other
+// connection's write queue when both flow-control windows allow, and
+// kept on the stream otherwise; the source gets its window back
+// (WINDOW_UPDATE) only once the bytes were written to the other side's
+// socket, so a slow reader holds back its own stream's sender, at most
+// one window per stream, and nothing else.
+//
+// Locks: a stream's mu is taken before a connection's mu, never the
+// other way; a pool's h2mu before a connection's mu. A connection's mu
+// guards its write queue, HPACK encoder, stream table and send window,
+// and is never held across a system call.
+
+// Flow-control windows the sidecar advertises: per stream, and per
+// connection, so a connection holds at most h2ConnWindow of a peer's
+// bytes the other side has not taken yet.
+const (
+	h2StreamWindow = 1 << 20
+	h2ConnWindow   = 16 << 20
+	// h2MaxStreams is the SETTINGS_MAX_CONCURRENT_STREAMS offered to
+	// downstreams.
+	h2MaxStreams = 1024
+	// h2MaxHeaderList bounds a header block, as the HTTP/1.1 path bounds
+	// a head.
+	h2MaxHeaderList = h1MaxHead
+	h2ReadBuf       = 32 << 10
+	// h2DefaultPeerStreams is the concurrency assumed of an upstream
+	// before its SETTINGS arrive (RFC 9113 recommends at least 100).
+	h2DefaultPeerStreams = 100
+	// h2CloseFlush bounds the last write of a closing connection (a
+	// GOAWAY after an error).
+	h2CloseFlush = time.Second
+)
+
+var errH2Closed = errors.New("http2: connection closed")
+
+// h2Conn is one HTTP/2 connection, either side.
+type h2Conn struct {
+	p *Proxy
+	c net.Conn
+	// client: an upstream connection (the sidecar opens the streams).
+	client bool
+	// info is a downstream connection's listener and destination.
+	info *connInfo
+	// xfcc is what a downstream connection's requests get added.
+	xfcc []hpack.HeaderField
+	// pool and ep are an upstream connection's pool and endpoint.
+	pool *pool
+	ep   netip.AddrPort
+
+	fr *http2.Framer // the reader's
+	br *bufio.Reader
+	// recvWin is what the peer may still send on the connection.
+	recvWin atomic.Int64
+
+	wake       chan struct{}
+	done       chan struct{} // closed when the connection ends
+	closeOnce  sync.Once
+	writerDone chan struct{}
+
+	mu sync.Mutex
+	// out is the frames the writer sends next, and credits the windows
+	// to give back once they are written.
+	out, spare            []byte
+	credits, spareCredits []h2Credit
+	enc                   *hpack.Encoder
+	encBuf                bytes.Buffer
+	streams               map[uint32]*h2Stream
+	sendWin               int64
+	peerInitWin           int64
+	peerMaxFrame          int
+	peerMaxStreams        int
+	recvOwed              int64
+	nextID                uint32 // client: the next stream's ID
+	lastPeerID            uint32 // server: the highest stream the peer opened
+	goAway                bool   // no new streams
+	closed                bool
+	blocked               []*h2Stream
+	ready                 bool        // client: connected
+	waiting               []*h2Stream // client: streams waiting for the connection
+	reserved              int         // client: streams open or waiting
+	idle                  *time.Timer // client: closes it unused
+	pingOut               bool
+	lastDeadline          time.Time
+}
+
+func newH2Conn(p *Proxy, c net.Conn, client bool) *h2Conn {
+	hc := &h2Conn{
+		p: p, c: c, client: client,
+		wake:           make(chan struct{}, 1),
+		done:           make(chan struct{}),
+		writerDone:     make(chan struct{}),
+		streams:        map[uint32]*h2Stream{},
+		sendWin:        65535,
+		peerInitWin:    65535,
+		peerMaxFrame:   16384,
+		peerMaxStreams: h2DefaultPeerStreams,
+		nextID:         1,
+	}
+	hc.recvWin.Store(65535)
+	hc.enc = hpack.NewEncoder(&hc.encBuf)
+	return hc
+}
+
+// startReader makes the reading Framer over r (c, or what replays bytes
+// already read before it).
+func (hc *h2Conn) startReader(r io.Reader) {
+	hc.br = bufio.NewReaderSize(r, h2ReadBuf)
+	hc.fr = http2.NewFramer(nil, hc.br)
+	hc.fr.SetReuseFrames()
+	hc.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	hc.fr.MaxHeaderListSize = h2MaxHeaderList
+}
+
+// greet queues the connection's opening: the client preface, then
+// SETTINGS, then the connection window's increase.
+func (hc *h2Conn) greet() {
+	hc.mu.Lock()
+	defer hc.mu.Unlock()
+	if hc.client {
+		hc.out = append(hc.out, http2.ClientPreface...)
+	}
+	settings := []http2.Setting{
+		{ID: http2.SettingInitialWindowSize, Val: h2StreamWindow},
+		{ID: http2.SettingMaxHeaderListSize, Val: h2MaxHeaderList},
+	}
+	if hc.client {
+		settings = append(settings, http2.Setting{ID: http2.SettingEnablePush, Val: 0})
+	} else {
+		settings = append(settings, http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: h2MaxStreams})
+	}
+	hc.out = appendFrameHeader(hc.out, 6*len(settings), http2.FrameSettings, 0, 0)
+	for _, s := range settings {
+		hc.out = append(hc.out, byte(s.ID>>8), byte(s.ID), byte(s.Val>>24), byte(s.Val>>16), byte(s.Val>>8), byte(s.Val))
+	}
+	hc.out = appendWindowUpdate(hc.out, 0, h2ConnWindow-65535)
+	hc.recvWin.Add(h2ConnWindow - 65535)
+}
+
+func appendFrameHeader(b []byte, length int, t http2.FrameType, flags http2.Flags, id uint32) []byte {
+	return append(b, byte(length>>16), byte(length>>8), byte(length), byte(t), byte(flags),
+		byte(id>>24)&0x7f, byte(id>>16), byte(id>>8), byte(id))
+}
+
+func appendWindowUpdate(b []byte, id uint32, inc uint32) []byte {
+	b = appendFrameHeader(b, 4, http2.FrameWindowUpdate, 0, id)
+	return append(b, byte(inc>>24)&0x7f, byte(inc>>16), byte(inc>>8), byte(inc))
+}
+
+func appendRSTStream(b []byte, id uint32, code http2.ErrCode) []byte {
+	b = appendFrameHeader(b, 4, http2.FrameRSTStream, 0, id)
+	return append(b, byte(code>>24), byte(code>>16), byte(code>>8), byte(code))
+}
+
+func appendGoAway(b []byte, last uint32, code http2.ErrCode) []byte {
+	b = appendFrameHeader(b, 8, http2.FrameGoAway, 0, 0)
+	return append(b, byte(last>>24)&0x7f, byte(last>>16), byte(last>>8), byte(last),
+		byte(code>>24), byte(code>>16), byte(code>>8), byte(code))
+}
+
+// queued marks output queued (mu held): the writer wakes if it was idle.
+func (hc *h2Conn) kick() {
+	select {
+	case hc.wake <- struct{}{}:
+	default:
+	}
+}
+
+// writeLoop sends what is queued, one write per wake, until the
+// connection ends; then what is left, within h2CloseFlush.
+func (hc *h2Conn) writeLoop() {
+	defer close(hc.writerDone)
+	for {
+		select {
+		case <-hc.wake:
+			if !hc.flush() {
+				return
+			}
+		case <-hc.done:
+			_ = hc.c.SetWriteDeadline(time.Now().Add(h2CloseFlush))
+			hc.flush()
+			return
+		}
+	}
+}
+
+// flush writes the queued frames, then gives back the windows of the
+// bytes they carried; false when the write failed.
+func (hc *h2Conn) flush() bool {
+	hc.mu.Lock()
+	buf, cr := hc.out, hc.credits
+	hc.out, hc.credits = hc.spare[:0], hc.spareCredits[:0]
+	hc.spare, hc.spareCredits = nil, nil
+	hc.mu.Unlock()
+	var err error
+	if len(buf) > 0 {
+		select {
+		case <-hc.done:
+		default:
+			_ = hc.c.SetWriteDeadline(time.Now().Add(hc.p.cfg.StreamIdleTimeout))
+		}
+		_, err = hc.c.Write(buf)
+	}
+	// Given back even when the write failed: the bytes' source must not
+	// lose window to a connection that died.
+	for i := range cr {
+		cr[i].apply()
+		cr[i] = h2Credit{}
+	}
+	hc.mu.Lock()
+	if cap(buf) <= 1<<20 && hc.spare == nil {
+		hc.spare = buf[:0]
+	}
+	if hc.spareCredits == nil {
+		hc.spareCredits = cr[:0]
+	}
+	hc.mu.Unlock()
+	if err != nil {
+		hc.shut()
+		return false
+	}
+	return true
+}
+
+// shut ends the connection: the reader's read fails and it cleans up.
+func (hc *h2Conn) shut() {
+	hc.closeOnce.Do(func() {
+		hc.mu.Lock()
+		hc.closed = true
+		hc.mu.Unlock()
+		close(hc.done)
+		_ = hc.c.SetReadDeadline(time.Now())
+	})
+}
+
+// connError ends the connection with a GOAWAY naming the error.
+func (hc *h2Conn) connError(code http2.ErrCode) {
+	hc.mu.Lock()
+	if !hc.closed {
+		hc.out = appendGoAway(hc.out, hc.lastPeerID, code)
+		hc.kick()
+	}
+	hc.mu.Unlock()
+	hc.shut()
+}
+
+// h2Credit is window owed to a stream's source once bytes were written:
+// n bytes of flow fl of stream s, which src sent.
+type h2Credit struct {
+	s   *h2Stream
+	fl  *h2Flow
+	src *h2Conn
+	n   int64
+}
+
+func (c *h2Credit) apply() {
+	if c.s != nil {
+		c.s.credit(c.fl, c.src, c.n)
+	}
+}
+
+// creditConn gives back n bytes of connection window (and inc of stream
+// id's, when not zero): the announcement waits until a quarter of the
+// window is owed, so a WINDOW_UPDATE frame carries many DATA frames.
+func (hc *h2Conn) creditConn(id uint32, inc, n int64) {
+	hc.mu.Lock()
+	defer hc.mu.Unlock()
+	if hc.closed {
+		return
+	}
+	hc.recvOwed += n
+	if inc > 0 {
+		hc.out = appendWindowUpdate(hc.out, id, uint32(inc))
+	}
+	if hc.recvOwed >= h2ConnWindow/4 {
+		hc.out = appendWindowUpdate(hc.out, 0, uint32(hc.recvOwed))
+		hc.recvWin.Add(hc.recvOwed)
+		hc.recvOwed = 0
+	}
+	if inc > 0 || hc.recvOwed == 0 {
+		hc.kick()
+	}
+}
+
+// writeHeaders queues a header block for stream id (mu held): the
+// fields keep is true for, then extra, split into HEADERS and
+// CONTINUATION frames the peer accepts.
+func (hc *h2Conn) writeHeaders(id uint32, fields []hpack.HeaderField, keep func(*hpack.HeaderField) bool, extra []hpack.HeaderField, end bool) {
+	hc.encBuf.Reset()
+	for i := range fields {
+		if keep == nil || keep(&fields[i]) {
+			_ = hc.enc.WriteField(fields[i])
+		}
+	}
+	for _, f := range extra {
+		_ = hc.enc.WriteField(f)
+	}
+	block := hc.encBuf.Bytes()
+	t := http2.FrameHeaders
+	for first := true; first || len(block) > 0; first = false {
+		n := min(len(block), hc.peerMaxFrame)
+		var flags http2.Flags
+		if first && end {
+			flags |= http2.FlagHeadersEndStream
+		}
+		if n == len(block) {
+			flags |= http2.FlagHeadersEndHeaders
+		}
+		hc.out = appendFrameHeader(hc.out, n, t, flags, id)
+		hc.out = append(hc.out, block[:n]...)
+		block = block[n:]
+		t = http2.FrameContinuation
+	}
+	hc.kick()
+}
+
+// writeData queues one DATA frame (mu held).
+func (hc *h2Conn) writeData(id uint32, data []byte, end bool) {
+	var flags http2.Flags
+	if end {
+		flags = http2.FlagDataEndStream
+	}
+	hc.out = appendFrameHeader(hc.out, len(data), http2.FrameData, flags, id)
+	hc.out = append(hc.out, data...)
+	hc.kick()
+}
+
+// writeRST queues a RST_STREAM (mu held).
+func (hc *h2Conn) writeRST(id uint32, code http2.ErrCode) {
+	if hc.closed {
+		return
+	}
+	hc.out = appendRSTStream(hc.out, id, code)
+	hc.kick()
+}
+
+// stream is the stream id, nil when it is not open.
+func (hc *h2Conn) stream(id uint32) *h2Stream {
+	hc.mu.Lock()
+	s := hc.streams[id]
+	hc.mu.Unlock()
+	return s
+}
+
+// readLoop reads and acts on frames until the connection ends.
+func (hc *h2Conn) readLoop() error {
+	for {
+		hc.refreshDeadline()
+		f, err := hc.fr.ReadFrame()
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && hc.silent() {
+				continue
+			}
+			var se http2.StreamError
+			if errors.As(err, &se) {
+				hc.streamError(se)
+				continue
+			}
+			var ce http2.ConnectionError
+			if errors.As(err, &ce) {
+				hc.connError(http2.ErrCode(ce))
+			}
+			return err
+		}
+		hc.pingOut = false
+		if err := hc.frame(f); err != nil {
+			return err
+		}
+	}
+}
+
+// refreshDeadline keeps a read deadline on the connection, moved at most
+// once a second: the idle timeout when no stream is open, else the
+// liveness ping's interval.
+func (hc *h2Conn) refreshDeadline() {
+	now := time.Now()
+	if now.Sub(hc.lastDeadline) < time.Second {
+		return
+	}
+	hc.lastDeadline = now
+	_ = hc.c.SetReadDeadline(now.Add(hc.readTimeout()))
+}
+
+func (hc *h2Conn) readTimeout() time.Duration {
+	hc.mu.Lock()
+	n := len(hc.streams)
+	hc.mu.Unlock()
+	if n == 0 && !hc.client {
+		return hc.p.cfg.HTTPIdleTimeout
+	}
+	return h2SendPingTimeout
+}
+
+// silent handles a read deadline that passed: a downstream without
+// streams has been idle too long and is closed; otherwise a PING asks
+// the peer whether it is there, and a second silence closes it. True
+// when the connection lives on.
+func (hc *h2Conn) silent() bool {
+	select {
+	case <-hc.done:
+		return false
+	default:
+	}
+	hc.mu.Lock()
+	n := len(hc.streams)
+	hc.mu.Unlock()
+	if (n == 0 && !hc.client) || hc.pingOut {
+		hc.connError(http2.ErrCodeNo)
+		return false
+	}
+	hc.pingOut = true
+	hc.mu.Lock()
+	hc.out = appendFrameHeader(hc.out, 8, http2.FramePing, 0, 0)
+	hc.out = append(hc.out, "isthmus!"...)
+	hc.kick()
+	hc.mu.Unlock()
+	hc.lastDeadline = time.Now()
+	_ = hc.c.SetReadDeadline(hc.lastDeadline.Add(h2PingTimeout))
+	return true
+}
+
+// streamError resets one stream the Framer found malformed.
+func (hc *h2Conn) streamError(se http2.StreamError) {
+	if s := hc.stream(se.StreamID); s != nil {
+		s.reset(hc, se.Code)
+		return
+	}
+	hc.mu.Lock()
+	hc.writeRST(se.StreamID, se.Code)
+	hc.mu.Unlock()
+}
+
+// frame acts on one frame; an error ends the connection.
+func (hc *h2Conn) frame(f http2.Frame) error {
+	switch f := f.(type) {
+	case *http2.DataFrame:
+		return hc.onData(f)
+	case *http2.MetaHeadersFrame:
+		return hc.onHeaders(f)
+	case *http2.WindowUpdateFrame:
+		return hc.onWindowUpdate(f)
+	case *http2.RSTStreamFrame:
+		if s := hc.stream(f.StreamID); s != nil {
+			s.peerReset(hc, f.ErrCode)
+		}
+	case *http2.SettingsFrame:
+		return hc.onSettings(f)
+	case *http2.PingFrame:
+		if !f.IsAck() {
+			hc.mu.Lock()
+			hc.out = appendFrameHeader(hc.out, 8, http2.FramePing, http2.FlagPingAck, 0)
+			hc.out = append(hc.out, f.Data[:]...)
+			hc.kick()
+			hc.mu.Unlock()
+		}
+	case *http2.GoAwayFrame:
+		hc.onGoAway(f)
+	case *http2.PushPromiseFrame:
+		// Never asked for (SETTINGS_ENABLE_PUSH 0), and never from a
+		// client.
+		hc.connError(http2.ErrCodeProtocol)
+		return errors.New("http2: PUSH_PROMISE received")
+	}
+	return nil
+}
+
+func (hc *h2Conn) onData(f *http2.DataFrame) error {
+	n := int64(f.Length)
+	if hc.recvWin.Add(-n) < 0 {
+		hc.connError(http2.ErrCodeFlowControl)
+		return errors.New("http2: peer sent beyond the connection window")
+	}
+	s := hc.stream(f.StreamID)
+	if s == nil {
+		hc.creditConn(0, 0, n)
+		if !hc.client && f.StreamID > hc.lastPeerSeen() {
+			hc.connError(http2.ErrCodeProtocol)
+			return fmt.Errorf("http2: DATA on idle stream %d", f.StreamID)
+		}
+		return nil
+	}
+	s.onData(hc, f.Data(), n, f.StreamEnded())
+	return nil
+}
+
+func (hc *h2Conn) lastPeerSeen() uint32 {
+	hc.mu.Lock()
+	defer hc.mu.Unlock()
+	return hc.lastPeerID
+}
+
+func (hc *h2Conn) onHeaders(f *http2.MetaHeadersFrame) error {
+	id := f.StreamID
+	if s := hc.stream(id); s != nil {
+		s.onHeaders(hc, f)
+		return nil
+	}
+	if hc.client {
+		return nil // a stream the sidecar reset: its HPACK state is kept, the rest dropped
+	}
+	hc.mu.Lock()
+	if id%2 == 0 || id <= hc.lastPeerID {
+		hc.mu.Unlock()
+		hc.connError(http2.ErrCodeProtocol)
+		return fmt.Errorf("http2: HEADERS on stream %d, which the client may not open", id)
+	}
+	hc.lastPeerID = id
+	refuse := hc.goAway || len(hc.streams) >= h2MaxStreams
+	if refuse {
+		hc.writeRST(id, http2.ErrCodeRefusedStream)
+	}
+	hc.mu.Unlock()
+	if !refuse {
+		hc.p.h2Open(hc, f)
+	}
+	return nil
+}
+
+func (hc *h2Conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
+	if f.StreamID != 0 {
+		if s := hc.stream(f.StreamID); s != nil {
+			s.onWindowUpdate(hc, int64(f.Increment))
+		}
+		return nil
+	}
+	hc.mu.Lock()
+	hc.sendWin += int64(f.Increment)
+	if hc.sendWin > 1<<31-1 {
+		hc.mu.Unlock()
+		hc.connError(http2.ErrCodeFlowControl)
+		return errors.New("http2: connection window above 2^31-1")
+	}
+	blocked := hc.blocked
+	hc.blocked = nil
+	hc.mu.Unlock()
+	for _, s := range blocked {
+		s.mu.Lock()
+		s.flowTo(hc).blocked = false
+		s.flush(s.flowTo(hc))
+		s.mu.Unlock()
+	}
+	return nil
+}
+
+func (hc *h2Conn) onSettings(f *http2.SettingsFrame) error {
+	if f.IsAck() {
+		return nil
+	}
+	var delta int64
+	var bad error
+	hc.mu.Lock()
+	_ = f.ForeachSetting(func(s http2.Setting) error {
+		if err := s.Valid(); err != nil {
+			bad = err
+			return err
+		}
+		switch s.ID {
+		case http2.SettingInitialWindowSize:
+			delta = int64(s.Val) - hc.peerInitWin
+			hc.peerInitWin = int64(s.Val)
+		case http2.SettingMaxFrameSize:
+			hc.peerMaxFrame = int(s.Val)
+		case http2.SettingMaxConcurrentStreams:
+			hc.peerMaxStreams = int(min(s.Val, 1<<20))
+		case http2.SettingHeaderTableSize:
+			hc.enc.SetMaxDynamicTableSizeLimit(s.Val)
+		}
+		return nil
+	})
+	if bad == nil {
+		hc.out = appendFrameHeader(hc.out, 0, http2.FrameSettings, http2.FlagSettingsAck, 0)
+		hc.kick()
+	}
+	var streams []*h2Stream
+	if delta != 0 {
+		for _, s := range hc.streams {
+			streams = append(streams, s)
+		}
+	}
+	hc.mu.Unlock()
+	if bad != nil {
+		var ce http2.ConnectionError
+		if errors.As(bad, &ce) {
+			hc.connError(http2.ErrCode(ce))
+		} else {
+			hc.connError(http2.ErrCodeProtocol)
+		}
+		return bad
+	}
+	for _, s := range streams {
+		s.mu.Lock()
+		fl := s.flowTo(hc)
+		fl.sendWin += delta
+		s.flush(fl)
+		s.mu.Unlock()
+	}
+	return nil
+}
+
+func (hc *h2Conn) onGoAway(f *http2.GoAwayFrame) {
+	hc.mu.Lock()
+	hc.goAway = true
+	var refused []*h2Stream
+	if hc.client {
+		for id, s := range hc.streams {
+			if id > f.LastStreamID {
+				refused = append(refused, s)
+			}
+		}
+	}
+	hc.mu.Unlock()
+	for _, s := range refused {
+		s.peerReset(hc, http2.ErrCodeRefusedStream)
+	}
+	hc.closeIfDone()
+}
+
+// closeIfDone closes a connection that takes no new stream once its last
+// one ended.
+func (hc *h2Conn) closeIfDone() {
+	hc.mu.Lock()
+	done := hc.goAway && len(hc.streams) == 0 && len(hc.waiting) == 0
+	hc.mu.Unlock()
+	if done {
+		hc.shut()
+	}
+}
+
+// failStreams ends every stream of a connection that ended.
+func (hc *h2Conn) failStreams(err error) {
+	hc.mu.Lock()
+	hc.closed = true
+	streams := make([]*h2Stream, 0, len(hc.streams)+len(hc.waiting))
+	for _, s := range hc.streams {
+		streams = append(streams, s)
+	}
+	streams = append(streams, hc.waiting...)
+	hc.waiting = nil
+	hc.mu.Unlock()
+	for _, s := range streams {
+		s.connLost(hc, err)
+	}
+}

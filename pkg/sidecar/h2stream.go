@@ -1,0 +1,760 @@
+package sidecar
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+
+	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
+)
+
+// h2Flow is one direction of a proxied stream: the request's DATA from
+// the downstream to the upstream (toUp), or the response's back
+// (toDown).
+type h2Flow struct {
+	// src sent the bytes (nil for a response the sidecar makes itself),
+	// on its stream srcID; dst takes them, on dstID (nil until the
+	// upstream stream opens).
+	src, dst     *h2Conn
+	srcID, dstID uint32
+	// sendWin is dst's window for the stream; recvWin what src may still
+	// send, and owed what it was given back but not told yet.
+	sendWin, recvWin, owed int64
+	// queue is DATA waiting for a window or for the stream to open; the
+	// end of the stream (endQueued, with trailers when they came) goes
+	// after it.
+	queue     [][]byte
+	endQueued bool
+	trailers  []hpack.HeaderField
+	// srcEnded: nothing more comes from src (END_STREAM, or a reset);
+	// dstEnded: nothing more goes to dst.
+	srcEnded, dstEnded bool
+	// blocked: listed in dst.blocked, waiting for the connection window.
+	blocked bool
+	// sent: some DATA went to dst.
+	sent bool
+}
+
+// h2Stream is one proxied HTTP/2 request: a downstream stream and, once
+// a connection to an endpoint has room, an upstream one.
+type h2Stream struct {
+	p    *Proxy
+	mu   sync.Mutex
+	down *h2Conn
+	// up is the upstream connection once the stream is open there;
+	// waitingOn the one being dialled that will carry it.
+	up, waitingOn *h2Conn
+	toUp, toDown  h2Flow
+
+	upstream *upstream
+	target   netip.AddrPort
+	// fields is the request's header block, kept to open the stream
+	// again on another connection until its response starts.
+	fields   []hpack.HeaderField
+	head     bool
+	attempts int
+	lastErr  error
+	// answered: a response began downstream (the upstream's, or the
+	// sidecar's own); code is its status, counted once.
+	answered bool
+	counted  bool
+	code     int
+	entered  bool
+	// downGone and upGone: the stream left its connection's table.
+	downGone, upGone, finished bool
+	route                      *time.Timer
+	idle                       *idleWatch
+	last                       atomic.Int64
+	received, sent             int64
+}
+
+func (s *h2Stream) touch() { s.last.Store(time.Now().UnixNano()) }
+
+func (s *h2Stream) cluster() string {
+	if s.upstream == nil {
+		return ""
+	}
+	return s.upstream.name
+}
+
+// flowFrom is the direction whose bytes hc brings; flowTo the one hc
+// takes; nil for a connection the stream no longer uses.
+func (s *h2Stream) flowFrom(hc *h2Conn) *h2Flow {
+	switch hc {
+	case s.down:
+		return &s.toUp
+	case s.up:
+		return &s.toDown
+	}
+	return nil
+}
+
+func (s *h2Stream) flowTo(hc *h2Conn) *h2Flow {
+	switch hc {
+	case s.up:
+		return &s.toUp
+	case s.down:
+		return &s.toDown
+	}
+	return nil
+}
+
+// h2Open serves a new downstream stream: route it, then open it
+// upstream. It runs on the downstream's reader.
+func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
+	s := &h2Stream{p: p, down: down}
+	s.toUp.src, s.toUp.srcID, s.toUp.recvWin = down, f.StreamID, h2StreamWindow
+	s.toUp.srcEnded = f.StreamEnded()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	defer s.maybeDone()
+	down.mu.Lock()
+	s.toDown.dst, s.toDown.dstID, s.toDown.sendWin = down, f.StreamID, down.peerInitWin
+	down.streams[f.StreamID] = s
+	down.mu.Unlock()
+	s.touch()
+
+	var method, authority, path, host string
+	for _, hf := range f.Fields {
+		switch hf.Name {
+		case ":method":
+			method = hf.Value
+		case ":authority":
+			authority = hf.Value
+		case ":path":
+			path = hf.Value
+		case ":scheme":
+		case "host":
+			host = hf.Value
+		case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
+			s.resetBoth(http2.ErrCodeProtocol)
+			return
+		case "te":
+			if hf.Value != "trailers" {
+				s.resetBoth(http2.ErrCodeProtocol)
+				return
+			}
+		}
+	}
+	if method == "" || (method != http.MethodConnect && (path == "" || f.PseudoValue("scheme") == "")) {
+		s.resetBoth(http2.ErrCodeProtocol)
+		return
+	}
+	s.head = method == http.MethodHead
+	if f.Truncated {
+		s.answer(http.StatusRequestHeaderFieldsTooLarge, "isthmus sidecar: request headers exceed "+strconv.Itoa(h2MaxHeaderList)+" bytes\n")
+		return
+	}
+	if !p.requests.enter() {
+		s.answer(http.StatusServiceUnavailable, "isthmus sidecar: shutting down")
+		return
+	}
+	s.entered = true
+	st := p.state.Load()
+	if st == nil {
+		s.answer(http.StatusServiceUnavailable, "isthmus sidecar: no configuration\n")
+		return
+	}
+	if authority == "" {
+		authority = host
+	}
+	if i := strings.IndexByte(path, '?'); i >= 0 {
+		path = path[:i]
+	}
+	ci := down.info
+	d := routeTo(st, ci, method, authority, path)
+	if d.err != "" {
+		s.upstream = d.up
+		s.answerCluster(d.cluster, d.code, "isthmus sidecar: "+d.err+"\n")
+		return
+	}
+	s.upstream = d.up
+	target, ok := p.target(ci, d.up)
+	if !ok {
+		s.answer(http.StatusBadGateway, notRedirected(d.up.name)+"\n")
+		return
+	}
+	s.target = target
+	s.fields = f.Fields
+	if d.timeout > 0 {
+		s.route = time.AfterFunc(d.timeout, func() { s.timeout(errRouteTimeout) })
+	}
+	s.idle = newIdleWatch(p.cfg.StreamIdleTimeout, &s.last, func() { s.timeout(errStreamIdle) })
+	s.connect()
+}
+
+// connect opens the stream on a connection to an endpoint of its
+// cluster, as the other paths pick: another endpoint after a connect
+// failure, up to MaxConnectAttempts. mu held.
+func (s *h2Stream) connect() {
+	p, u := s.p, s.upstream
+	for {
+		if s.attempts >= p.cfg.MaxConnectAttempts {
+			s.fail(fmt.Errorf("%d connect attempts failed, the last: %w", s.attempts, s.lastErr))
+			return
+		}
+		ep := s.target
+		if u.picker != nil {
+			var ok bool
+			if ep, ok = u.picker.Pick(); !ok {
+				s.fail(errNoHealthyUpstream)
+				return
+			}
+		}
+		s.attempts++
+		err := u.pool.h2Attach(s, ep)
+		if err == nil {
+			return
+		}
+		s.lastErr = err
+	}
+}
+
+// connectFailed is the end of a dial the stream waited for. mu held.
+func (s *h2Stream) connectFailed(err error) {
+	s.lastErr = err
+	if s.toUp.dstEnded {
+		return // the downstream left meanwhile
+	}
+	s.connect()
+}
+
+// fail answers a request that got no response, as proxyError does. mu
+// held.
+func (s *h2Stream) fail(err error) {
+	code, msg := http.StatusServiceUnavailable, failureMessage(err)
+	p := s.p
+	if p.log.Enabled(context.Background(), slog.LevelDebug) {
+		p.log.Debug("request failed", "listener", s.down.info.listener, "cluster", s.cluster(), "code", code, "error", err)
+	}
+	s.answer(code, msg)
+}
+
+// timeout ends the stream when its route timeout or stream idle timeout
+// passed: 504 before the response, a reset after it started.
+func (s *h2Stream) timeout(cause error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.finished {
+		return
+	}
+	if !s.answered {
+		msg := "stream timeout"
+		if errors.Is(cause, errRouteTimeout) {
+			msg = "upstream request timeout"
+		}
+		s.answer(http.StatusGatewayTimeout, msg)
+	} else {
+		s.resetBoth(http2.ErrCodeCancel)
+	}
+	s.maybeDone()
+}
+
+// answer sends the sidecar's own plain-text response downstream,
+// resetting the upstream stream if one is open. mu held.
+func (s *h2Stream) answer(code int, body string) {
+	s.answerCluster(s.cluster(), code, body)
+}
+
+func (s *h2Stream) answerCluster(cluster string, code int, body string) {
+	if s.answered || s.toDown.dstEnded {
+		return
+	}
+	s.answered = true
+	s.count(cluster, code)
+	s.resetUp(http2.ErrCodeCancel)
+	fl := &s.toDown
+	fl.src = nil
+	fl.srcEnded = true
+	fields := []hpack.HeaderField{
+		{Name: ":status", Value: strconv.Itoa(code)},
+		{Name: "content-type", Value: "text/plain; charset=utf-8"},
+		{Name: "x-content-type-options", Value: "nosniff"},
+		{Name: "content-length", Value: strconv.Itoa(len(body))},
+	}
+	down := s.down
+	down.mu.Lock()
+	down.writeHeaders(s.toDown.dstID, fields, nil, nil, s.head)
+	down.mu.Unlock()
+	if s.head {
+		fl.dstEnded = true
+	} else {
+		s.send(fl, []byte(body), true, false)
+	}
+	s.maybeDone()
+}
+
+func (s *h2Stream) count(cluster string, code int) {
+	if s.counted {
+		return
+	}
+	s.counted, s.code = true, code
+	s.p.metrics.request(s.down.info.listener, cluster, code)
+}
+
+// send forwards data (and the end of the stream) along fl: written to
+// the destination as far as the windows allow, the rest queued. borrowed
+// data belongs to the reader and is copied if it must wait. mu held.
+func (s *h2Stream) send(fl *h2Flow, data []byte, end, borrowed bool) {
+	if fl.dstEnded {
+		if fl.src != nil && len(data) > 0 {
+			fl.src.creditConn(0, 0, int64(len(data)))
+		}
+		return
+	}
+	if len(data) > 0 {
+		fl.queue = append(fl.queue, data)
+	}
+	if end {
+		fl.endQueued = true
+	}
+	s.flush(fl)
+	if borrowed && len(data) > 0 && len(fl.queue) > 0 {
+		last := &fl.queue[len(fl.queue)-1]
+		*last = append([]byte(nil), *last...)
+	}
+}
+
+// flush writes what fl's windows allow. mu held.
+func (s *h2Stream) flush(fl *h2Flow) {
+	dst := fl.dst
+	if dst == nil || fl.dstEnded {
+		return
+	}
+	dst.mu.Lock()
+	defer dst.mu.Unlock()
+	if dst.closed {
+		return
+	}
+	for len(fl.queue) > 0 {
+		chunk := fl.queue[0]
+		n := min(int64(len(chunk)), fl.sendWin, dst.sendWin, int64(dst.peerMaxFrame))
+		if n <= 0 {
+			if dst.sendWin <= 0 && !fl.blocked {
+				fl.blocked = true
+				dst.blocked = append(dst.blocked, s)
+			}
+			return
+		}
+		last := n == int64(len(chunk)) && len(fl.queue) == 1 && fl.endQueued && fl.trailers == nil
+		dst.writeData(fl.dstID, chunk[:n], last)
+		fl.sendWin -= n
+		dst.sendWin -= n
+		fl.sent = true
+		if fl.src != nil {
+			dst.credits = append(dst.credits, h2Credit{s: s, fl: fl, src: fl.src, n: n})
+		}
+		if n == int64(len(chunk)) {
+			fl.queue[0] = nil
+			fl.queue = fl.queue[1:]
+			if len(fl.queue) == 0 {
+				fl.queue = nil
+			}
+		} else {
+			fl.queue[0] = chunk[n:]
+		}
+		if last {
+			fl.dstEnded = true
+			return
+		}
+	}
+	if !fl.endQueued {
+		return
+	}
+	if fl.trailers != nil {
+		dst.writeHeaders(fl.dstID, fl.trailers, keepTrailerField, nil, true)
+		fl.trailers = nil
+	} else {
+		dst.writeData(fl.dstID, nil, true)
+	}
+	fl.dstEnded = true
+}
+
+// drop discards what fl holds, giving the source its window back. mu
+// held.
+func (s *h2Stream) drop(fl *h2Flow) {
+	var n int64
+	for _, b := range fl.queue {
+		n += int64(len(b))
+	}
+	fl.queue, fl.trailers = nil, nil
+	if n > 0 && fl.src != nil {
+		fl.src.creditConn(0, 0, n)
+	}
+}
+
+// credit gives back the window of n bytes of fl written to its
+// destination: to the connection at once, to the stream once a quarter
+// of its window is owed.
+func (s *h2Stream) credit(fl *h2Flow, src *h2Conn, n int64) {
+	s.mu.Lock()
+	var inc int64
+	id := fl.srcID
+	if fl.src == src && !fl.srcEnded {
+		fl.owed += n
+		if fl.owed >= h2StreamWindow/4 {
+			inc, fl.recvWin, fl.owed = fl.owed, fl.recvWin+fl.owed, 0
+		}
+	}
+	s.mu.Unlock()
+	src.creditConn(id, inc, n)
+}
+
+// onData is DATA from hc (n bytes of flow control, data without the
+// padding).
+func (s *h2Stream) onData(hc *h2Conn, data []byte, n int64, end bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	fl := s.flowFrom(hc)
+	if fl == nil || fl.srcEnded {
+		hc.creditConn(0, 0, n)
+		if fl != nil && hc == s.down && !s.toDown.dstEnded {
+			s.resetBoth(http2.ErrCodeStreamClosed)
+			s.maybeDone()
+		}
+		return
+	}
+	fl.recvWin -= n
+	if fl.recvWin < 0 {
+		hc.creditConn(0, 0, n)
+		s.reset(hc, http2.ErrCodeFlowControl)
+		return
+	}
+	if pad := n - int64(len(data)); pad > 0 {
+		fl.recvWin += pad
+		hc.creditConn(fl.srcID, pad, pad)
+	}
+	if len(data) > 0 {
+		s.touch()
+		if fl == &s.toUp {
+			s.received += int64(len(data))
+		} else {
+			s.sent += int64(len(data))
+		}
+	}
+	if end {
+		fl.srcEnded = true
+	}
+	s.send(fl, data, end, true)
+	s.maybeDone()
+}
+
+// onHeaders is a header block from hc on an open stream: trailers from
+// the downstream; the response's head, 1xx, or trailers from the
+// upstream.
+func (s *h2Stream) onHeaders(hc *h2Conn, f *http2.MetaHeadersFrame) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	defer s.maybeDone()
+	fl := s.flowFrom(hc)
+	if fl == nil || fl.srcEnded {
+		if fl != nil && hc == s.down {
+			s.resetBoth(http2.ErrCodeStreamClosed)
+		}
+		return
+	}
+	if hc == s.down {
+		if !f.StreamEnded() {
+			s.resetBoth(http2.ErrCodeProtocol)
+			return
+		}
+		fl.srcEnded, fl.trailers = true, f.Fields
+		s.send(fl, nil, true, false)
+		return
+	}
+	if s.answered {
+		if !f.StreamEnded() {
+			s.upFailed(http2.ErrCodeProtocol, errors.New("headers after the response's head without END_STREAM"))
+			return
+		}
+		fl.srcEnded, fl.trailers = true, f.Fields
+		s.send(fl, nil, true, false)
+		return
+	}
+	status, err := strconv.Atoi(f.PseudoValue("status"))
+	switch {
+	case err != nil || status < 100 || status > 999 || status == http.StatusSwitchingProtocols || f.Truncated:
+		reason := "malformed response headers"
+		if f.Truncated {
+			reason = "response headers exceed " + strconv.Itoa(h2MaxHeaderList) + " bytes"
+		}
+		s.upFailed(http2.ErrCodeProtocol, errors.New(reason))
+	case status < 200:
+		s.down.mu.Lock()
+		s.down.writeHeaders(s.toDown.dstID, f.Fields, keepResponseField, nil, false)
+		s.down.mu.Unlock()
+	default:
+		s.answered = true
+		s.fields = nil
+		s.count(s.cluster(), status)
+		s.touch()
+		end := f.StreamEnded()
+		s.down.mu.Lock()
+		s.down.writeHeaders(s.toDown.dstID, f.Fields, keepResponseField, nil, end)
+		s.down.mu.Unlock()
+		if end {
+			fl.srcEnded, fl.dstEnded = true, true
+		}
+	}
+}
+
+func keepResponseField(f *hpack.HeaderField) bool {
+	switch f.Name {
+	case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
+		return false
+	}
+	return true
+}
+
+func keepTrailerField(f *hpack.HeaderField) bool {
+	return keepResponseField(f) && !strings.HasPrefix(f.Name, ":")
+}
+
+func keepRequestField(f *hpack.HeaderField) bool {
+	return f.Name != "x-forwarded-client-cert"
+}
+
+func (s *h2Stream) onWindowUpdate(hc *h2Conn, inc int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	fl := s.flowTo(hc)
+	if fl == nil {
+		return
+	}
+	fl.sendWin += inc
+	if fl.sendWin > 1<<31-1 {
+		s.reset(hc, http2.ErrCodeFlowControl)
+		return
+	}
+	s.flush(fl)
+	s.maybeDone()
+}
+
+// reset ends the stream for an error of hc's side of it (a frame that
+// breaks the protocol), resetting that side with code.
+func (s *h2Stream) reset(hc *h2Conn, code http2.ErrCode) {
+	if hc == s.down {
+		s.resetBoth(code)
+	} else if hc == s.up {
+		s.upFailed(code, fmt.Errorf("stream error %v", code))
+	}
+	s.maybeDone()
+}
+
+// resetBoth resets the downstream stream with code and the upstream one
+// with CANCEL. mu held.
+func (s *h2Stream) resetBoth(code http2.ErrCode) {
+	s.resetDown(code)
+	s.resetUp(http2.ErrCodeCancel)
+}
+
+// resetDown ends the downstream stream with RST_STREAM. mu held.
+func (s *h2Stream) resetDown(code http2.ErrCode) {
+	if !s.toDown.dstEnded || !s.toUp.srcEnded {
+		s.down.mu.Lock()
+		s.down.writeRST(s.toDown.dstID, code)
+		s.down.mu.Unlock()
+	}
+	s.toDown.dstEnded, s.toUp.srcEnded = true, true
+	s.drop(&s.toDown)
+}
+
+// resetUp ends the upstream stream (or its wait for a connection) with
+// RST_STREAM. mu held.
+func (s *h2Stream) resetUp(code http2.ErrCode) {
+	if s.up != nil && (!s.toUp.dstEnded || !s.toDown.srcEnded) {
+		s.up.mu.Lock()
+		s.up.writeRST(s.toUp.dstID, code)
+		s.up.mu.Unlock()
+	}
+	s.toUp.dstEnded, s.toDown.srcEnded = true, true
+	s.drop(&s.toUp)
+}
+
+// upFailed ends the upstream stream for an error of the upstream's:
+// the downstream gets a 503 if no response started, else a reset. mu
+// held.
+func (s *h2Stream) upFailed(code http2.ErrCode, err error) {
+	s.resetUp(code)
+	if !s.answered {
+		s.fail(err)
+		return
+	}
+	s.resetDown(http2.ErrCodeInternal)
+}
+
+// peerReset is a RST_STREAM from hc's peer.
+func (s *h2Stream) peerReset(hc *h2Conn, code http2.ErrCode) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	defer s.maybeDone()
+	switch hc {
+	case s.down:
+		s.toUp.srcEnded, s.toDown.dstEnded = true, true
+		s.drop(&s.toDown)
+		s.resetUp(http2.ErrCodeCancel)
+	case s.up:
+		// Refused (by RST_STREAM or a GOAWAY that did not take it): the
+		// upstream did nothing with it, so it may go elsewhere while
+		// its body is all still here.
+		if code == http2.ErrCodeRefusedStream && !s.answered && !s.toUp.sent && s.attempts < s.p.cfg.MaxConnectAttempts {
+			s.detachUp()
+			s.connect()
+			return
+		}
+		s.toUp.dstEnded, s.toDown.srcEnded = true, true
+		s.drop(&s.toUp)
+		if !s.answered {
+			s.fail(fmt.Errorf("%v", code))
+			return
+		}
+		s.resetDown(code)
+	}
+}
+
+// detachUp takes the stream off its upstream connection to open it
+// again elsewhere. mu held.
+func (s *h2Stream) detachUp() {
+	up := s.up
+	up.release(s.toUp.dstID)
+	s.up = nil
+	s.toUp.dst, s.toUp.dstID, s.toUp.dstEnded, s.toUp.blocked = nil, 0, false, false
+	s.toDown.src, s.toDown.srcID, s.toDown.srcEnded = nil, 0, false
+}
+
+// connLost ends the stream's use of hc, a connection that ended.
+func (s *h2Stream) connLost(hc *h2Conn, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	defer s.maybeDone()
+	switch {
+	case hc == s.down:
+		s.toUp.srcEnded, s.toDown.dstEnded = true, true
+		s.drop(&s.toDown)
+		s.resetUp(http2.ErrCodeCancel)
+	case hc == s.up:
+		s.toUp.dstEnded, s.toDown.srcEnded = true, true
+		s.drop(&s.toUp)
+		if err == nil || errors.Is(err, errH2Closed) {
+			err = errors.New("connection termination")
+		}
+		if !s.answered {
+			s.fail(err)
+			return
+		}
+		s.resetDown(http2.ErrCodeInternal)
+	case hc == s.waitingOn:
+		s.waitingOn = nil
+		s.connectFailed(err)
+	}
+}
+
+// maybeDone takes the stream off the connections it is over with, and
+// ends it once both are. A response that ended before its request did
+// stops the request (RST_STREAM NO_ERROR, RFC 9113 §8.1). mu held.
+func (s *h2Stream) maybeDone() {
+	if s.finished {
+		return
+	}
+	if s.toDown.dstEnded && !s.toUp.srcEnded {
+		s.down.mu.Lock()
+		s.down.writeRST(s.toDown.dstID, http2.ErrCodeNo)
+		s.down.mu.Unlock()
+		s.toUp.srcEnded = true
+		if !s.toUp.dstEnded {
+			s.resetUp(http2.ErrCodeCancel)
+		}
+	}
+	if !s.downGone && s.toUp.srcEnded && s.toDown.dstEnded {
+		s.downGone = true
+		s.down.release(s.toDown.dstID)
+	}
+	upDone := s.toUp.dstEnded && s.toDown.srcEnded
+	if upDone && s.up != nil && !s.upGone {
+		s.upGone = true
+		s.up.release(s.toUp.dstID)
+	}
+	if s.downGone && upDone {
+		s.finish()
+	}
+}
+
+// finish counts the stream and stops its timers. mu held.
+func (s *h2Stream) finish() {
+	s.finished = true
+	if s.route != nil {
+		s.route.Stop()
+	}
+	if s.idle != nil {
+		s.idle.stop()
+	}
+	p := s.p
+	if !s.counted && s.upstream != nil {
+		s.count(s.cluster(), 0) // the downstream left before an answer
+	}
+	if s.received > 0 || s.sent > 0 {
+		opt := p.metrics.attr(attrKey{kind: kindBytes, listener: s.down.info.listener, cluster: s.cluster()})
+		if s.received > 0 {
+			p.metrics.received.Add(context.Background(), s.received, opt)
+		}
+		if s.sent > 0 {
+			p.metrics.sent.Add(context.Background(), s.sent, opt)
+		}
+	}
+	s.fields = nil
+	if s.entered {
+		p.requests.leave()
+	}
+}
+
+// release takes stream id off hc's table: a downstream that is going
+// away closes after its last stream; an upstream connection's
+// reservation ends, and it closes once unused for UpstreamIdleTimeout.
+func (hc *h2Conn) release(id uint32) {
+	hc.mu.Lock()
+	if _, ok := hc.streams[id]; !ok {
+		hc.mu.Unlock()
+		return
+	}
+	delete(hc.streams, id)
+	n := len(hc.streams)
+	var closeNow bool
+	if hc.client {
+		hc.reserved--
+		n = hc.reserved
+		if n == 0 && !hc.goAway {
+			if hc.idle == nil {
+				hc.idle = time.AfterFunc(hc.p.cfg.UpstreamIdleTimeout, hc.idleExpired)
+			} else {
+				hc.idle.Reset(hc.p.cfg.UpstreamIdleTimeout)
+			}
+		}
+	}
+	closeNow = n == 0 && hc.goAway
+	hc.mu.Unlock()
+	if closeNow {
+		hc.connError(http2.ErrCodeNo)
+	} else if n == 0 && !hc.client && hc.p.cfg.HTTPIdleTimeout < h2SendPingTimeout {
+		_ = hc.c.SetReadDeadline(time.Now().Add(hc.p.cfg.HTTPIdleTimeout))
+	}
+}
+
+// xfccFields is what a downstream connection's requests get added: the
+// caller's X-Forwarded-Client-Cert under SANITIZE_SET.
+func xfccFields(ci *connInfo) []hpack.HeaderField {
+	if ci.hcm.ForwardClientCert == xdsclient.SanitizeSet && ci.xfcc != "" {
+		return []hpack.HeaderField{{Name: "x-forwarded-client-cert", Value: ci.xfcc}}
+	}
+	return nil
+}
