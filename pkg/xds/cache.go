@@ -7,8 +7,8 @@ import (
 	"fmt"
 	"maps"
 	"slices"
-	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -54,6 +54,8 @@ import (
 // each stream one assignment, not all 10,000 (about 4 MB). A stream that
 // NACKed, or asks at any version but the one it was last sent, gets them
 // all again. The per-resource versions this needs are the delta ones.
+// What a push costs each such stream is what changed, not the number of
+// assignments: see heldUpdate.
 type encodedCache struct {
 	hash cache.NodeHash
 	log  log.Logger
@@ -86,10 +88,22 @@ type cacheGroup struct {
 	types   map[string]*encodedType
 	encoded map[string]*encodedType
 
+	// recent are the last recentTypes encodings of each type, oldest
+	// first: those a stream of a partial type may have been sent last.
+	recent map[string][]*encodedType
+
 	// status, like the snapshot cache's statusInfo, exists once a node
 	// of the group opened a watch.
 	status *groupStatus
 }
+
+// recentTypes is how many encodings of a type a group remembers for the
+// streams that were sent one: a stream further behind (more snapshots
+// were set while its response was on the way) gets the whole type again.
+const recentTypes = 4
+
+// typeGen numbers the encodedTypes of the process, for their anchors.
+var typeGen atomic.Uint64
 
 type groupStatus struct {
 	node                 *corev3.Node
@@ -123,16 +137,35 @@ type encodedType struct {
 	index map[string]int
 	// byMessage finds the encoding of a message, for the next snapshot.
 	byMessage map[types.Resource]*encodedResource
-	// returned is what a state-of-the-world response returns (every
-	// name at version; for a partial type, at "<version>/<its delta
-	// version>": what a stream holds, and the response it came in);
-	// each response gets a copy, which the server may modify.
+	// returned is what a state-of-the-world response returns: every
+	// name at version, or for a partial type at its delta version (what
+	// a stream holds). Each response gets a map of its own, which the
+	// server may modify (see heldUpdate).
 	returned map[string]string
 	// partial: a response carries only what the stream lacks.
 	partial bool
+	// gen is a number no other encoding has. anchor is, for a partial
+	// type with names, the value a stream's returned map holds under
+	// names[0] once the stream was sent this encoding: its delta
+	// version, the type's version and gen.
+	gen    uint64
+	anchor string
+	// diffs are the changes from each earlier encoding of the type that
+	// a stream was last sent, by its gen (not the encoding itself, which
+	// would keep every earlier one), made when first needed.
+	diffs map[uint64]*typeDiff
 	// versions are the delta versions by name, made on the first delta
-	// watch; nil before.
+	// watch; nil before (for a partial type, returned).
 	versions map[string]string
+}
+
+// typeDiff is what changed from one encoding of a type to a later one.
+type typeDiff struct {
+	// changed are the indexes, in the later one's names, of the names
+	// new or at another delta version, in order.
+	changed []int
+	// removed are the names only the earlier one has.
+	removed []string
 }
 
 // partialType reports whether state-of-the-world responses of typeURL
@@ -159,7 +192,7 @@ func (r *encodedResource) deltaResource(name string) *discoveryv3.Resource {
 func (c *encodedCache) group(id string) *cacheGroup {
 	g, ok := c.groups[id]
 	if !ok {
-		g = &cacheGroup{types: map[string]*encodedType{}, encoded: map[string]*encodedType{}}
+		g = &cacheGroup{types: map[string]*encodedType{}, encoded: map[string]*encodedType{}, recent: map[string][]*encodedType{}}
 		c.groups[id] = g
 	}
 	return g
@@ -215,14 +248,79 @@ func (g *cacheGroup) typ(typeURL string) (*encodedType, error) {
 		t.index[name] = i
 		t.byMessage[r.Resource] = e
 		if t.partial {
-			t.returned[name] = t.version + "/" + e.deltaResource(name).GetVersion()
+			t.returned[name] = e.deltaResource(name).GetVersion()
 		} else {
 			t.returned[name] = t.version
 		}
 	}
+	t.gen = typeGen.Add(1)
+	if t.partial {
+		t.versions = t.returned
+		if len(t.names) > 0 {
+			t.anchor = fmt.Sprintf("%s@%s#%d", t.returned[t.names[0]], t.version, t.gen)
+		}
+	}
 	g.types[typeURL] = t
 	g.encoded[typeURL] = t
+	if prev != nil {
+		// Only the newest encoding lends its encodings to the next.
+		prev.byMessage = nil
+	}
+	recent := append(g.recent[typeURL], t)
+	if len(recent) > recentTypes {
+		recent = slices.Delete(recent, 0, len(recent)-recentTypes)
+	}
+	g.recent[typeURL] = recent
 	return t, nil
+}
+
+// sent returns the recent encoding of typeURL at version that a
+// stream's returned map held says it was sent last (its anchor is
+// there), or nil: none was, the stream holds nothing, or the map lost
+// the anchor's name (the stream no longer subscribes to it).
+func (g *cacheGroup) sent(typeURL, version string, held map[string]string) *encodedType {
+	if len(held) == 0 {
+		return nil
+	}
+	recent := g.recent[typeURL]
+	for i := len(recent) - 1; i >= 0; i-- {
+		if t := recent[i]; t.version == version && t.anchor != "" && held[t.names[0]] == t.anchor {
+			return t
+		}
+	}
+	return nil
+}
+
+// diffFrom returns what changed from the earlier encoding from to t,
+// made once for the pair: a walk over both types' sorted names.
+func (t *encodedType) diffFrom(from *encodedType) *typeDiff {
+	if d, ok := t.diffs[from.gen]; ok {
+		return d
+	}
+	d := &typeDiff{}
+	i, j := 0, 0
+	for i < len(from.names) || j < len(t.names) {
+		switch {
+		case j == len(t.names) || i < len(from.names) && from.names[i] < t.names[j]:
+			d.removed = append(d.removed, from.names[i])
+			i++
+		case i == len(from.names) || t.names[j] < from.names[i]:
+			d.changed = append(d.changed, j)
+			j++
+		default:
+			name := t.names[j]
+			if from.items[i] != t.items[j] && from.returned[name] != t.returned[name] {
+				d.changed = append(d.changed, j)
+			}
+			i++
+			j++
+		}
+	}
+	if t.diffs == nil {
+		t.diffs = map[uint64]*typeDiff{}
+	}
+	t.diffs[from.gen] = d
+	return d
 }
 
 // holds reports whether t is res at version: each name with the very
@@ -286,7 +384,7 @@ func (c *encodedCache) SetSnapshot(ctx context.Context, node string, snap cache.
 			continue
 		}
 		c.log.Debugf("respond open watch %d %s with new version %q", id, w.req.GetTypeUrl(), t.version)
-		if err := c.respond(ctx, w, t); err != nil {
+		if err := c.respond(ctx, g, w, t); err != nil {
 			return err
 		}
 		delete(g.status.watches, id)
@@ -396,10 +494,10 @@ func (c *encodedCache) CreateWatch(req *cache.Request, sub cache.Subscription, v
 	if err != nil {
 		return nil, err
 	}
-	if req.GetVersionInfo() == t.version && !lacksResource(t, sub) {
+	if req.GetVersionInfo() == t.version && !g.lacksResource(t, sub) {
 		return c.addWatch(id, st, w), nil
 	}
-	if err := c.respond(context.Background(), w, t); err != nil {
+	if err := c.respond(context.Background(), g, w, t); err != nil {
 		c.log.Errorf("failed to send a response for %s to nodeID %q: %s", req.GetTypeUrl(), id, err)
 		return nil, fmt.Errorf("failed to send the response: %w", err)
 	}
@@ -408,8 +506,13 @@ func (c *encodedCache) CreateWatch(req *cache.Request, sub cache.Subscription, v
 
 // lacksResource reports whether sub is subscribed to a resource of t
 // that was not returned to it (newly subscribed, or newly wildcard).
-func lacksResource(t *encodedType, sub cache.Subscription) bool {
+// A stream of a partial type that was sent t last, and holds as many
+// names as t has, holds them all (it holds no other: see heldUpdate).
+func (g *cacheGroup) lacksResource(t *encodedType, sub cache.Subscription) bool {
 	known := sub.ReturnedResources()
+	if t.partial && len(known) == len(t.names) && g.sent(t.typeURL, t.version, known) == t {
+		return false
+	}
 	if !sub.IsWildcard() {
 		for name := range sub.SubscribedResources() {
 			if _, ok := known[name]; !ok {
@@ -444,17 +547,30 @@ func (c *encodedCache) addWatch(group string, st *groupStatus, w sotwWatch) func
 
 // respond sends t to the watch. An ADS request that names resources is
 // answered only when it names all of t (the proxy asks again with the
-// names it learnt), and then with all of t.
-func (c *encodedCache) respond(ctx context.Context, w sotwWatch, t *encodedType) error {
-	if names := w.req.GetResourceNames(); len(names) != 0 {
+// names it learnt), and then with all of t (of a partial type, all that
+// the stream lacks).
+func (c *encodedCache) respond(ctx context.Context, g *cacheGroup, w sotwWatch, t *encodedType) error {
+	var u *heldUpdate
+	if t.partial {
+		u = g.update(w, t)
+	}
+	if names := w.req.GetResourceNames(); len(names) != 0 && !u.subscribesAll(w.sub) {
 		if missing, ok := namesAll(t, names); !ok {
 			c.log.Warnf("ADS mode: not responding to request %s: %q not listed", w.req.GetTypeUrl(), missing)
 			return nil
 		}
 	}
-	resp := &sotwResponse{req: w.req, version: t.version, anys: t.anys, returned: maps.Clone(t.returned), ctx: ctx}
-	if t.partial {
-		resp.anys = t.lacking(w)
+	resp := &sotwResponse{req: w.req, version: t.version, anys: t.anys, ctx: ctx}
+	if u != nil {
+		resp.update = u
+		if u.held != nil {
+			resp.anys = make([]*anypb.Any, len(u.send))
+			for i, j := range u.send {
+				resp.anys[i] = t.anys[j]
+			}
+		}
+	} else {
+		resp.returned = maps.Clone(t.returned)
 	}
 	c.log.Debugf("respond %s version %q with version %q and %d of %d resources", w.req.GetTypeUrl(), w.req.GetVersionInfo(), t.version, len(resp.anys), len(t.anys))
 	select {
@@ -465,39 +581,126 @@ func (c *encodedCache) respond(ctx context.Context, w sotwWatch, t *encodedType)
 	}
 }
 
-// lacking is what a partial type's response to w carries: the resources
-// whose version the stream does not hold, or all of them when it
-// NACKed, holds nothing yet, or asks at another version than the one it
-// was last sent (it did not take that response).
+// heldUpdate is what a response of a partial type carries and how it
+// changes what its stream holds.
 //
-// The stream's returned resources say what it holds: each name at
-// "<version of the response it came in>/<delta version>" (the server
-// drops the names a request no longer subscribes to, so the version of
-// the last response rides on every name rather than under a key of its
-// own).
-func (t *encodedType) lacking(w sotwWatch) []*anypb.Any {
-	known := w.sub.ReturnedResources()
-	if w.req.GetErrorDetail() != nil || len(known) == 0 {
-		return t.anys
+// The server keeps, per stream and type, the map of the last response
+// it sent (GetReturnedResources), hands it to the cache with each
+// request, and deletes from it the names a request no longer
+// subscribes to. For a partial type that map holds each name the stream
+// was sent at its delta version, and under the first name of the
+// encoding last sent, that encoding's anchor. Right after a send it
+// holds exactly that encoding's names; later, those less the ones the
+// server deleted.
+//
+// A stream whose map holds the anchor of a recent encoding (from), and
+// that asks at from's version without an error, holds from's
+// assignments: it is sent only what changed from from to t (computed
+// once for the pair, however many streams were sent from) and the
+// names of t it no longer holds (unsubscribed and subscribed again;
+// counted, and only then looked for). Its own map is brought up to t in
+// place when the server sends the response, not before: a response the
+// server drops (a new request came first) changes nothing. Sharing one
+// map per version between streams is not possible, as the server
+// deletes from the maps it holds.
+//
+// Any other stream (new, NACKing, at another version, or too far
+// behind) is sent all of t, and a new map.
+type heldUpdate struct {
+	to *encodedType
+	// held is the stream's map, nil when the response carries all of
+	// to; from is the encoding held, and send the indexes, in to's
+	// names, of what the response carries.
+	held    map[string]string
+	from    *encodedType
+	removed []string
+	send    []int
+}
+
+// update is what a response of t to w carries and does.
+func (g *cacheGroup) update(w sotwWatch, t *encodedType) *heldUpdate {
+	u := &heldUpdate{to: t}
+	held := w.sub.ReturnedResources()
+	if w.req.GetErrorDetail() != nil {
+		return u
 	}
-	var sent string
-	for _, v := range known {
-		sent, _, _ = strings.Cut(v, "/")
-		break
+	from := g.sent(t.typeURL, w.req.GetVersionInfo(), held)
+	if from == nil {
+		return u
 	}
-	if sent == "" || sent != w.req.GetVersionInfo() {
-		return t.anys
-	}
-	out := []*anypb.Any{}
-	for i, name := range t.names {
-		v, ok := known[name]
-		_, held, _ := strings.Cut(v, "/")
-		_, now, _ := strings.Cut(t.returned[name], "/")
-		if !ok || held != now {
-			out = append(out, t.anys[i])
+	d := t.diffFrom(from)
+	// held is some of from's names; those of them t keeps unchanged
+	// must be all of t's unchanged ones.
+	stale := 0
+	for _, name := range d.removed {
+		if _, ok := held[name]; ok {
+			stale++
 		}
 	}
-	return out
+	for _, i := range d.changed {
+		if _, ok := held[t.names[i]]; ok {
+			stale++
+		}
+	}
+	u.held, u.from, u.removed, u.send = held, from, d.removed, d.changed
+	if len(held)-stale == len(t.names)-len(d.changed) {
+		return u
+	}
+	u.send = nil
+	changed := d.changed
+	for i, name := range t.names {
+		_, ok := held[name]
+		if len(changed) > 0 && changed[0] == i {
+			changed = changed[1:]
+			ok = false
+		}
+		if !ok {
+			u.send = append(u.send, i)
+		}
+	}
+	return u
+}
+
+// subscribesAll reports, where it can tell without a walk over every
+// name, that sub subscribes to every name of u.to; false where it
+// cannot tell. A named subscription's map holds only names it
+// subscribes to (the server deletes the others), and the names of
+// u.to the response does not carry are in it.
+func (u *heldUpdate) subscribesAll(sub cache.Subscription) bool {
+	if u == nil || u.held == nil || sub.IsWildcard() {
+		return false
+	}
+	subscribed := sub.SubscribedResources()
+	for _, i := range u.send {
+		if _, ok := subscribed[u.to.names[i]]; !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// apply returns the stream's map once the response is sent: the held
+// one brought up to u.to in place, or a new one.
+func (u *heldUpdate) apply() map[string]string {
+	t := u.to
+	held := u.held
+	if held == nil {
+		held = maps.Clone(t.returned)
+	} else {
+		for _, name := range u.removed {
+			delete(held, name)
+		}
+		for _, i := range u.send {
+			held[t.names[i]] = t.returned[t.names[i]]
+		}
+		if name := u.from.names[0]; held[name] == u.from.anchor {
+			held[name] = t.returned[name]
+		}
+	}
+	if t.anchor != "" {
+		held[t.names[0]] = t.anchor
+	}
+	return held
 }
 
 // namesAll reports whether names holds every name of t; if not, one
@@ -530,10 +733,12 @@ func namesAll(t *encodedType, names []string) (string, bool) {
 
 // sotwResponse is a state-of-the-world response over shared encodings.
 type sotwResponse struct {
-	req      *cache.Request
-	version  string
-	anys     []*anypb.Any
+	req     *cache.Request
+	version string
+	anys    []*anypb.Any
+	// returned is made by update, if set, when first asked for.
 	returned map[string]string
+	update   *heldUpdate
 	ctx      context.Context
 }
 
@@ -547,8 +752,17 @@ func (r *sotwResponse) GetDiscoveryResponse() (*discoveryv3.DiscoveryResponse, e
 func (r *sotwResponse) GetRequest() *discoveryv3.DiscoveryRequest { return r.req }
 func (r *sotwResponse) GetVersion() (string, error)               { return r.version, nil }
 func (r *sotwResponse) GetResponseVersion() string                { return r.version }
-func (r *sotwResponse) GetReturnedResources() map[string]string   { return r.returned }
 func (r *sotwResponse) GetContext() context.Context               { return r.ctx }
+
+// GetReturnedResources is called by the server as it sends the
+// response, on the stream's goroutine: only then does a partial type's
+// response update the stream's map (see heldUpdate).
+func (r *sotwResponse) GetReturnedResources() map[string]string {
+	if r.update != nil {
+		r.returned, r.update = r.update.apply(), nil
+	}
+	return r.returned
+}
 
 // CreateDeltaWatch answers a delta request at once when the proxy lacks
 // a resource version, holds one no longer there, or opens a wildcard

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -563,4 +564,176 @@ func TestEncodedCacheFetchAsTheSnapshotCache(t *testing.T) {
 	_, err = enc.Fetch(context.Background(), req("v1"))
 	var skip *types.SkipFetchError
 	require.ErrorAs(t, err, &skip, "at the current version")
+}
+
+// edsStream is one stream's EDS subscription as the server keeps it:
+// the subscription the cache reads, updated with each request, and the
+// returned map of each response it sends.
+type edsStream struct {
+	t    *testing.T
+	c    *encodedCache
+	node *corev3.Node
+	sub  *stream.Subscription
+	// version is the last version sent; held the assignments the
+	// stream holds, by name, as a client keeps them.
+	version string
+	held    map[string]string
+	resp    chan cache.Response
+}
+
+func newEDSStream(t *testing.T, c *encodedCache, node *corev3.Node) *edsStream {
+	return &edsStream{t: t, c: c, node: node, held: map[string]string{}}
+}
+
+// request sends a request for names at version (with an error: a
+// NACK) and returns the response the cache answered it with, if it did
+// at once.
+func (s *edsStream) request(version string, nack bool, names ...string) cache.Response {
+	s.t.Helper()
+	if s.sub == nil {
+		sub := stream.NewSotwSubscription(names, true)
+		s.sub = &sub
+	} else {
+		s.sub.SetResourceSubscription(names)
+	}
+	req := &discoveryv3.DiscoveryRequest{Node: s.node, TypeUrl: resource.EndpointType, VersionInfo: version, ResourceNames: names}
+	if nack {
+		req.ErrorDetail = &rpcstatus.Status{Message: "refused"}
+	}
+	s.resp = make(chan cache.Response, 1)
+	_, err := s.c.CreateWatch(req, *s.sub, s.resp)
+	require.NoError(s.t, err)
+	return receive(s.resp)
+}
+
+// send is the server sending r: the stream takes its returned map and
+// the client the assignments it carries. It returns the names carried.
+func (s *edsStream) send(r cache.Response) []string {
+	s.t.Helper()
+	require.NotNil(s.t, r, "no response")
+	out, err := r.GetDiscoveryResponse()
+	require.NoError(s.t, err)
+	s.sub.SetReturnedResources(r.GetReturnedResources())
+	s.version = out.GetVersionInfo()
+	var carried []string
+	for _, a := range out.GetResources() {
+		var cla endpointv3.ClusterLoadAssignment
+		require.NoError(s.t, a.UnmarshalTo(&cla))
+		s.held[cla.GetClusterName()] = cla.GetEndpoints()[0].GetLocality().GetZone()
+		carried = append(carried, cla.GetClusterName())
+	}
+	return carried
+}
+
+// The delta a push sends each stream is made once for the push and
+// brings each stream's own returned map up to date where it is, when
+// the server sends the response: what a stream costs a push is what
+// changed. Streams a delta cannot serve get everything.
+func TestEncodedCachePushCostsWhatChanged(t *testing.T) {
+	node := &corev3.Node{Id: GatewayNodePrefix + "~10.0.0.1~gw-0.ns~ns.svc.cluster.local"}
+	c := newEncodedCache(nodeGroups{}, nil)
+	zones := map[string]string{}
+	var all []string
+	for i := range 50 {
+		name := fmt.Sprintf("svc-%02d", i)
+		zones[name] = "z0"
+		all = append(all, name)
+	}
+	step := 0
+	set := func(change func()) string {
+		t.Helper()
+		change()
+		step++
+		var cls []types.Resource
+		for name, zone := range zones {
+			cls = append(cls, &endpointv3.ClusterLoadAssignment{ClusterName: name,
+				Endpoints: []*endpointv3.LocalityLbEndpoints{{Locality: &corev3.Locality{Zone: zone}}}})
+		}
+		version := fmt.Sprintf("v%d", step)
+		snap, err := cache.NewSnapshot(version, map[resource.Type][]types.Resource{resource.EndpointType: cls})
+		require.NoError(t, err)
+		require.NoError(t, c.SetSnapshot(context.Background(), gatewayGroup, snap))
+		return version
+	}
+	endpoints := func() *encodedType {
+		t.Helper()
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		et, err := c.group(gatewayGroup).typ(resource.EndpointType)
+		require.NoError(t, err)
+		return et
+	}
+	// requireHolds checks that s holds what the snapshot has, and that
+	// its returned map names exactly that.
+	requireHolds := func(s *edsStream) {
+		t.Helper()
+		require.Equal(t, zones, s.held)
+		require.ElementsMatch(t, slices.Collect(maps.Keys(zones)), slices.Collect(maps.Keys(s.sub.ReturnedResources())))
+	}
+	mapOf := func(s *edsStream) uintptr { return reflect.ValueOf(s.sub.ReturnedResources()).Pointer() }
+
+	v1 := set(func() {})
+	streams := make([]*edsStream, 3)
+	for i := range streams {
+		s := newEDSStream(t, c, node)
+		require.Len(t, s.send(s.request("", false, all...)), 50, "a new stream gets everything")
+		require.Nil(t, s.request(v1, false, all...), "the ACK waits")
+		requireHolds(s)
+		streams[i] = s
+	}
+
+	// One assignment changes and one goes: each stream is sent the one
+	// and drops the other, in the map it had.
+	v2 := set(func() { zones["svc-10"] = "z1"; delete(zones, "svc-49") })
+	for _, s := range streams {
+		before := mapOf(s)
+		require.Equal(t, []string{"svc-10"}, s.send(receive(s.resp)))
+		require.Equal(t, before, mapOf(s), "the stream's map is updated, not copied")
+		delete(s.held, "svc-49") // as the client does: its cluster went
+		requireHolds(s)
+		require.Nil(t, s.request(v2, false, all[:49]...))
+	}
+	require.Len(t, endpoints().diffs, 1, "one delta for three streams")
+
+	// A response the server drops (a request came first) changes
+	// nothing: the stream, still at v2, is sent what changed since v2.
+	s := streams[0]
+	set(func() { zones["svc-20"] = "z1" })
+	require.NotNil(t, receive(s.resp), "answered, then dropped by the server")
+	set(func() { zones["svc-30"] = "z1" })
+	require.Equal(t, []string{"svc-20", "svc-30"}, s.send(s.request(v2, false, all[:49]...)))
+	requireHolds(s)
+
+	// A name unsubscribed and subscribed again is sent again, and only
+	// it.
+	s = streams[1]
+	require.Equal(t, []string{"svc-20"}, s.send(receive(s.resp)), "at v3")
+	require.Equal(t, []string{"svc-30"}, s.send(s.request(s.version, false, all[:49]...)), "its ACK of v3, at v4")
+	require.Nil(t, s.request(s.version, false, all[:49]...))
+	require.Nil(t, s.request(s.version, false, slices.Delete(slices.Clone(all[:49]), 5, 6)...), "not every name listed")
+	require.Equal(t, []string{"svc-05"}, s.send(s.request(s.version, false, all[:49]...)))
+	requireHolds(s)
+	require.Nil(t, s.request(s.version, false, all[:49]...))
+	v := set(func() { zones["svc-07"] = "z1" })
+	require.Equal(t, []string{"svc-07"}, s.send(receive(s.resp)))
+	requireHolds(s)
+	require.Equal(t, v, s.version)
+
+	// Everything, to a NACK; to a request at another version than the
+	// one sent; and to a stream whose map lost the name that says which
+	// version it holds (its first).
+	require.Len(t, s.send(s.request(v1, true, all[:49]...)), 49, "NACK, at the version before")
+	require.Len(t, s.send(s.request(v1, false, all[:49]...)), 49, "another version")
+	require.Nil(t, s.request(v, false, all[1:49]...))
+	require.Len(t, s.send(s.request(v, false, all[:49]...)), 49, "the first name dropped")
+	requireHolds(s)
+
+	// And to a stream too far behind.
+	s = streams[2]
+	at := s.version
+	for i := range recentTypes {
+		set(func() { zones["svc-40"] = fmt.Sprintf("z%d", i+2) })
+	}
+	require.Len(t, s.send(s.request(at, false, all[:49]...)), 49, "more than recentTypes behind")
+	requireHolds(s)
 }
