@@ -6,7 +6,7 @@
 //	ServiceExport ─┐
 //	Service ───────┼─► work queue (namespace/name) ─► reconcile ─► catalog.Builder ─► (coalesced) catalog.Store
 //	EndpointSlice ─┤                                    │
-//	Node ──────────┤ (locality labels only)             └─► status queue ─► ServiceExport status (Valid, Ready)
+//	Node ──────────┤ (locality labels only; the services with endpoints on it)             └─► status queue ─► ServiceExport status (Valid, Ready)
 //	Pod ───────────┘ (ServiceAccount only, with a trust domain: the services' SPIFFE IDs)
 //
 // The loop is level-triggered: every event only enqueues the key of the

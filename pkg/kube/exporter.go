@@ -39,6 +39,10 @@ const indexByService = "service"
 // their endpoints point at; only kept with the in-cluster services.
 const indexByPod = "pod"
 
+// indexByNode indexes EndpointSlices by the name of every node their
+// endpoints are on: the services a node's locality places.
+const indexByNode = "node"
+
 // inClusterRetry is how soon a Service whose ClusterIP another in-cluster
 // service still holds is tried again.
 const inClusterRetry = time.Second
@@ -187,7 +191,7 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 	sliceInf := e.kubeInformers.Discovery().V1().EndpointSlices()
 	nodeInf := e.kubeInformers.Core().V1().Nodes()
 	exportInf := e.mcsInformers.Multicluster().V1alpha1().ServiceExports()
-	indexers := cache.Indexers{indexByService: sliceServiceIndex}
+	indexers := cache.Indexers{indexByService: sliceServiceIndex, indexByNode: sliceNodeIndex}
 	if e.inCluster != nil {
 		// A pod's event then finds its Services' slices at once; a scan
 		// of its namespace's Services took 17 ms per pod at 10,000.
@@ -221,22 +225,25 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 		{exportInf.Informer(), keyHandler(objectKey)},
 		{sliceInf.Informer(), keyHandler(sliceKey)},
 		{nodeInf.Informer(), cache.ResourceEventHandlerFuncs{
-			AddFunc: func(any) { e.enqueueAllExports() },
+			AddFunc: e.nodeChanged,
 			UpdateFunc: func(old, obj any) {
 				o, ok1 := old.(*corev1.Node)
 				n, ok2 := obj.(*corev1.Node)
 				if !ok1 || !ok2 || nodeLocality(o) != nodeLocality(n) {
-					e.enqueueAllExports()
+					e.nodeChanged(obj)
 				}
 			},
-			DeleteFunc: func(any) { e.enqueueAllExports() },
+			DeleteFunc: e.nodeChanged,
 		}},
 	}
 	for _, h := range handlers {
-		if _, err := h.inf.AddEventHandler(h.h); err != nil {
+		reg, err := h.inf.AddEventHandler(h.h)
+		if err != nil {
 			return nil, fmt.Errorf("kube exporter: add event handler: %w", err)
 		}
-		e.synced = append(e.synced, h.inf.HasSynced)
+		// Synced once the handler, not only the cache, has seen the
+		// first list: what it queued for it is then all queued.
+		e.synced = append(e.synced, reg.HasSynced)
 	}
 	if accounts != nil {
 		if err := e.watchPods(); err != nil {
@@ -751,11 +758,39 @@ func (e *Exporter) locate(node string) (catalog.Locality, bool) {
 	return nodeLocality(n), true
 }
 
-// enqueueAllExports enqueues every export, and every Service when the
-// in-cluster services are kept: a node's locality changed.
-func (e *Exporter) enqueueAllExports() {
-	for _, key := range e.keysToBuild() {
-		e.queue.Add(key)
+// nodeChanged enqueues the services a node event may move (the node
+// came, went, or changed locality): those with endpoints on the node,
+// found by an index of EndpointSlices by node, and of them only the
+// exports unless the in-cluster services are kept. Before the initial
+// build nothing is: it reads every node.
+//
+// A slice the index does not hold yet has not reached its own handler
+// either; that handler enqueues its service after the node is in the
+// node cache, so an endpoint whose node comes later is placed all the
+// same.
+func (e *Exporter) nodeChanged(obj any) {
+	if !e.started.Load() {
+		return
+	}
+	key, ok := objectKey(obj)
+	if !ok {
+		return
+	}
+	objs, err := e.sliceIndex.ByIndex(indexByNode, key.Name)
+	if err != nil {
+		return
+	}
+	for _, o := range objs {
+		svc, ok := sliceKey(o)
+		if !ok {
+			continue
+		}
+		if e.inCluster == nil {
+			if _, err := e.exports.ServiceExports(svc.Namespace).Get(svc.Name); err != nil {
+				continue
+			}
+		}
+		e.queue.Add(svc)
 	}
 }
 
@@ -858,6 +893,22 @@ func slicePodIndex(obj any) ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// sliceNodeIndex lists the nodes a slice's endpoints are on, each once.
+func sliceNodeIndex(obj any) ([]string, error) {
+	s, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return nil, nil
+	}
+	var out []string
+	for i := range s.Endpoints {
+		if n := s.Endpoints[i].NodeName; n != nil && *n != "" {
+			out = append(out, *n)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
 }
 
 func sliceServiceIndex(obj any) ([]string, error) {
