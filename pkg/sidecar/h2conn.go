@@ -81,6 +81,13 @@ type h2Conn struct {
 	br *bufio.Reader
 	// recvWin is what the peer may still send on the connection.
 	recvWin atomic.Int64
+	// The reader's own: lastDeadline is when it last moved its read
+	// deadline, lastFrame when it last read a frame, pingOut whether its
+	// liveness PING is unanswered.
+	lastDeadline, lastFrame time.Time
+	pingOut                 bool
+	// lastStreamEnd is when the stream table last became empty (Unix ns).
+	lastStreamEnd atomic.Int64
 
 	wake       chan struct{}
 	done       chan struct{} // closed when the connection ends
@@ -109,8 +116,6 @@ type h2Conn struct {
 	waiting               []*h2Stream // client: streams waiting for the connection
 	reserved              int         // client: streams open or waiting
 	idle                  *time.Timer // client: closes it unused
-	pingOut               bool
-	lastDeadline          time.Time
 }
 
 func newH2Conn(p *Proxy, c net.Conn, client bool) *h2Conn {
@@ -403,6 +408,7 @@ func (hc *h2Conn) readLoop() error {
 // liveness ping's interval.
 func (hc *h2Conn) refreshDeadline() {
 	now := time.Now()
+	hc.lastFrame = now
 	if now.Sub(hc.lastDeadline) < time.Second {
 		return
 	}
@@ -433,6 +439,18 @@ func (hc *h2Conn) silent() bool {
 	hc.mu.Lock()
 	n := len(hc.streams)
 	hc.mu.Unlock()
+	// The deadline moves at most once a second, so it may pass early:
+	// the connection's real idle time decides.
+	now := time.Now()
+	last := hc.lastFrame
+	if ended := time.Unix(0, hc.lastStreamEnd.Load()); ended.After(last) {
+		last = ended
+	}
+	if timeout := hc.readTimeout(); !hc.pingOut && now.Sub(last) < timeout {
+		hc.lastDeadline = now
+		_ = hc.c.SetReadDeadline(last.Add(timeout))
+		return true
+	}
 	if (n == 0 && !hc.client) || hc.pingOut {
 		hc.connError(http2.ErrCodeNo)
 		return false
@@ -451,7 +469,9 @@ func (hc *h2Conn) silent() bool {
 // streamError resets one stream the Framer found malformed.
 func (hc *h2Conn) streamError(se http2.StreamError) {
 	if s := hc.stream(se.StreamID); s != nil {
+		s.mu.Lock()
 		s.reset(hc, se.Code)
+		s.mu.Unlock()
 		return
 	}
 	hc.mu.Lock()
@@ -564,8 +584,11 @@ func (hc *h2Conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	hc.mu.Unlock()
 	for _, s := range blocked {
 		s.mu.Lock()
-		s.flowTo(hc).blocked = false
-		s.flush(s.flowTo(hc))
+		if fl := s.flowTo(hc); fl != nil {
+			fl.blocked = false
+			s.flush(fl)
+		}
+		s.maybeDone()
 		s.mu.Unlock()
 	}
 	return nil
@@ -618,9 +641,11 @@ func (hc *h2Conn) onSettings(f *http2.SettingsFrame) error {
 	}
 	for _, s := range streams {
 		s.mu.Lock()
-		fl := s.flowTo(hc)
-		fl.sendWin += delta
-		s.flush(fl)
+		if fl := s.flowTo(hc); fl != nil {
+			fl.sendWin += delta
+			s.flush(fl)
+		}
+		s.maybeDone()
 		s.mu.Unlock()
 	}
 	return nil

@@ -729,6 +729,9 @@ func (hc *h2Conn) release(id uint32) {
 	}
 	delete(hc.streams, id)
 	n := len(hc.streams)
+	if n == 0 {
+		hc.lastStreamEnd.Store(time.Now().UnixNano())
+	}
 	var closeNow bool
 	if hc.client {
 		hc.reserved--
