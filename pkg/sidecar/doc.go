@@ -29,9 +29,26 @@
 // keep-alive upstream connection, the response streamed back; requests
 // on a connection are answered in order, pipelined ones too, and a
 // request body is sent before the response is read, as nginx does.
-// HTTP/2 prior knowledge, HTTP/1.0, CONNECT, Upgrade and Expect go to
-// the net/http server with the bytes already read, as does everything
-// with Config.NetHTTP1.
+// HTTP/1.0, CONNECT, Upgrade and Expect go to the net/http server with
+// the bytes already read, as does everything with Config.NetHTTP1.
+//
+// HTTP/2 (prior knowledge: h2c from the app, istio-h2 inside mTLS) is
+// the sidecar's own too (h2conn.go, h2stream.go, h2serve.go): frames are
+// read with x/net/http2's Framer and HPACK and acted on by the
+// connection's reader; a writer per connection sends everything queued
+// since its last write in one system call; a proxied stream joins a
+// downstream stream to one on a pooled upstream connection (many
+// streams per connection, another connection when the peer's
+// MAX_CONCURRENT_STREAMS is reached) and costs no goroutine. DATA moves
+// when both windows allow and otherwise waits on the stream; a source
+// gets its window back only once its bytes reached the other socket, so
+// a slow reader holds back its own stream's sender (at most a window,
+// 1 MiB) and nobody else. A stream the upstream refused (REFUSED_STREAM,
+// or beyond a GOAWAY's last stream) with none of its body sent is opened
+// again elsewhere; connections are pinged after a silent minute.
+// Header blocks over 64 KiB are refused (431 before routing). With
+// Config.NetHTTP2, HTTP/2 goes to net/http's server and Transport
+// instead, for comparison.
 //
 // An HTTP request is routed by its authority (Host, :authority, or the
 // host of an absolute-form target when the app uses the sidecar as its
