@@ -45,7 +45,7 @@ import (
 // bytes the other side has not taken yet.
 const (
 	h2StreamWindow = 1 << 20
-	h2ConnWindow   = 16 << 20
+	h2ConnWindow   = 4 << 20
 	// h2MaxStreams is the SETTINGS_MAX_CONCURRENT_STREAMS offered to
 	// downstreams.
 	h2MaxStreams = 1024

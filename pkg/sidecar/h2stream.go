@@ -425,6 +425,12 @@ func (s *h2Stream) onData(hc *h2Conn, data []byte, n int64, end bool) {
 		}
 		return
 	}
+	if hc == s.up && !s.answered {
+		hc.creditConn(0, 0, n)
+		s.upFailed(http2.ErrCodeProtocol, errors.New("DATA before the response's head"))
+		s.maybeDone()
+		return
+	}
 	fl.recvWin -= n
 	if fl.recvWin < 0 {
 		hc.creditConn(0, 0, n)
@@ -646,11 +652,11 @@ func (s *h2Stream) connLost(hc *h2Conn, err error) {
 	case hc == s.up:
 		s.toUp.dstEnded, s.toDown.srcEnded = true, true
 		s.drop(&s.toUp)
-		if err == nil || errors.Is(err, errH2Closed) {
-			err = errors.New("connection termination")
-		}
 		if !s.answered {
-			s.fail(err)
+			if s.p.log.Enabled(context.Background(), slog.LevelDebug) {
+				s.p.log.Debug("upstream connection ended", "cluster", s.cluster(), "error", err)
+			}
+			s.fail(errConnTermination)
 			return
 		}
 		s.resetDown(http2.ErrCodeInternal)

@@ -28,6 +28,9 @@ const xfccHeader = "X-Forwarded-Client-Cert"
 var (
 	errRouteTimeout = errors.New("route timeout")
 	errStreamIdle   = errors.New("stream idle timeout")
+	// errConnTermination: the upstream connection closed under a request
+	// that had no response yet.
+	errConnTermination = errors.New("connection termination")
 )
 
 // connInfo is what a downstream HTTP connection brings to its requests:
@@ -387,6 +390,8 @@ func failureMessage(err error) string {
 	switch {
 	case errors.Is(err, errNoHealthyUpstream):
 		return "no healthy upstream"
+	case errors.Is(err, errConnTermination):
+		return reset + "connection termination"
 	case errors.As(err, &ce) && ce.tls:
 		return reset + "connection failure, transport failure reason: TLS error: " + ce.err.Error()
 	case errors.As(err, &ce):
