@@ -74,6 +74,24 @@ func (t *timing) next() time.Time {
 	return d
 }
 
+// deadline is the deadline a read or write should have now, and whether
+// it must be set, given set, the one the socket has (zero: unknown). A
+// deadline is a timer update in the runtime, once per read and write
+// otherwise: one that would only move later by less than a sixteenth of
+// the idle timeout is left, so the idle timeout may end a stream that
+// was silent for 15/16 of it; the route's deadline is always exact.
+func (t *timing) deadline(set *time.Time) (time.Time, bool) {
+	end := t.next()
+	switch {
+	case end.Equal(*set):
+		return end, false
+	case !set.IsZero() && !end.Equal(t.route) && end.After(*set) && end.Sub(*set) < t.idle/16:
+		return end, false
+	}
+	*set = end
+	return end, true
+}
+
 // bufReader reads a connection through a buffer it owns, lent by
 // h1SmallBufs or, for a large head, h1LargeBufs (bp is what goes back).
 type bufReader struct {
@@ -83,13 +101,16 @@ type bufReader struct {
 	r, w int
 	big  bool
 	tm   *timing
+	// dl is the read deadline this reader last set on c (timing.deadline);
+	// zero after anyone else set one.
+	dl time.Time
 	// down is the downstream connection whose request an upstream
 	// connection's reader serves; nil for a downstream's own reader.
 	down *h1Conn
 }
 
 func (b *bufReader) init(c net.Conn, tm *timing) {
-	b.c, b.tm, b.down = c, tm, nil
+	b.c, b.tm, b.down, b.dl = c, tm, nil, time.Time{}
 	b.bp = h1SmallBufs.Get().(*[]byte)
 	b.buf = *b.bp
 	b.r, b.w, b.big = 0, 0, false
@@ -154,11 +175,14 @@ func (b *bufReader) shrink() {
 // upstream's reader looks at its downstream every h1WatchEvery while it
 // waits, and gives up when the downstream has gone.
 func (b *bufReader) fill() error {
-	end := b.tm.next()
 	if b.down == nil {
-		_ = b.c.SetReadDeadline(end)
+		if end, set := b.tm.deadline(&b.dl); set {
+			_ = b.c.SetReadDeadline(end)
+		}
 		return b.readMore()
 	}
+	end := b.tm.next()
+	b.dl = time.Time{}
 	for {
 		deadline, watch := end, false
 		if t := time.Now().Add(h1WatchEvery); t.Before(end) {
@@ -242,10 +266,12 @@ type wbuf struct {
 	bp *[]byte
 	b  []byte
 	tm *timing
+	// dl is the write deadline last set on c (timing.deadline).
+	dl time.Time
 }
 
 func (w *wbuf) init(c net.Conn, tm *timing) {
-	w.c, w.tm = c, tm
+	w.c, w.tm, w.dl = c, tm, time.Time{}
 	w.bp = h1SmallBufs.Get().(*[]byte)
 	w.b = (*w.bp)[:0]
 }
@@ -262,10 +288,16 @@ func (w *wbuf) flush() error {
 	if len(w.b) == 0 {
 		return nil
 	}
-	_ = w.c.SetWriteDeadline(w.tm.next())
+	w.setDeadline()
 	_, err := w.c.Write(w.b)
 	w.b = w.b[:0]
 	return err
+}
+
+func (w *wbuf) setDeadline() {
+	if end, set := w.tm.deadline(&w.dl); set {
+		_ = w.c.SetWriteDeadline(end)
+	}
 }
 
 func (w *wbuf) write(p []byte) error {
@@ -277,7 +309,7 @@ func (w *wbuf) write(p []byte) error {
 		return err
 	}
 	if len(p) >= cap(w.b)/2 {
-		_ = w.c.SetWriteDeadline(w.tm.next())
+		w.setDeadline()
 		_, err := w.c.Write(p)
 		return err
 	}
@@ -614,6 +646,7 @@ func (hc *h1Conn) readHead(first bool) (int, error) {
 			return 0, errHeadTooLarge
 		}
 		_ = in.c.SetReadDeadline(deadline)
+		in.dl = time.Time{}
 		// After the deadline is set and before the read: the drain sets
 		// its own deadline once it sees h1Idle, and must not be undone.
 		if hc.state.Load() == h1Closed {
@@ -786,6 +819,7 @@ func (hc *h1Conn) downstreamGone() error {
 		return nil
 	}
 	_ = hc.c.SetReadDeadline(time.Now().Add(h1WatchRead))
+	hc.in.dl = time.Time{}
 	err := hc.in.readMore()
 	switch {
 	case err == nil:
