@@ -448,12 +448,11 @@ func TestH2LifeDefaultIdleTimeoutKeepsConnection(t *testing.T) {
 	r.ping(t, [8]byte{'a', 'f', 't', 'e', 'r'})
 }
 
-// The idle deadline a downstream HTTP/2 connection's reader sets while a
-// stream is open is h2SendPingTimeout (1 min); nothing moves it back to
-// HTTPIdleTimeout when the last stream ends if HTTPIdleTimeout is longer
-// (h2conn.go readTimeout/refreshDeadline, h2stream.go release), so the
-// connection is closed as idle about a minute later instead of an hour.
-// It takes 65 s: run with ISTHMUS_SLOW_TESTS=1.
+// After a stream during which the reader moved its read deadline (by
+// h2SendPingTimeout, 1 min, since a stream was open), a connection left
+// idle still lives past that minute with the default HTTPIdleTimeout
+// (1h): the deadline goes back to the idle timeout once the last stream
+// ends. It takes 65 s: run with ISTHMUS_SLOW_TESTS=1.
 func TestH2LifeIdleAfterStreamKeepsHTTPIdleTimeout(t *testing.T) {
 	if os.Getenv("ISTHMUS_SLOW_TESTS") == "" {
 		t.Skip("takes 65 s (h2SendPingTimeout is a constant): set ISTHMUS_SLOW_TESTS=1")
