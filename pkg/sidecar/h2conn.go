@@ -53,6 +53,9 @@ const (
 	// a head.
 	h2MaxHeaderList = h1MaxHead
 	h2ReadBuf       = 32 << 10
+	// h2MaxFrame is the largest frame the sidecar reads: the protocol's
+	// initial SETTINGS_MAX_FRAME_SIZE, which it never raises.
+	h2MaxFrame = 16384
 	// h2DefaultPeerStreams is the concurrency assumed of an upstream
 	// before its SETTINGS arrive (RFC 9113 recommends at least 100).
 	h2DefaultPeerStreams = 100
@@ -67,6 +70,14 @@ var errH2Closed = errors.New("http2: connection closed")
 type h2Conn struct {
 	p *Proxy
 	c net.Conn
+	// w is what frames are written to (c, or the TLS over it), and tc
+	// the socket below it that takes non-blocking writes, if any.
+	w  io.Writer
+	tc *tryConn
+	// dirty lists the connections this one's reader queued frames on
+	// during its current batch: it writes them itself before it waits
+	// for more (flushDirty). The reader's own.
+	dirty []*h2Conn
 	// client: an upstream connection (the sidecar opens the streams).
 	client bool
 	// info is a downstream connection's listener and destination.
@@ -99,23 +110,26 @@ type h2Conn struct {
 	// to give back once they are written.
 	out, spare            []byte
 	credits, spareCredits []h2Credit
-	enc                   *hpack.Encoder
-	encBuf                bytes.Buffer
-	streams               map[uint32]*h2Stream
-	sendWin               int64
-	peerInitWin           int64
-	peerMaxFrame          int
-	peerMaxStreams        int
-	recvOwed              int64
-	nextID                uint32 // client: the next stream's ID
-	lastPeerID            uint32 // server: the highest stream the peer opened
-	goAway                bool   // no new streams
-	closed                bool
-	blocked               []*h2Stream
-	ready                 bool        // client: connected
-	waiting               []*h2Stream // client: streams waiting for the connection
-	reserved              int         // client: streams open or waiting
-	idle                  *time.Timer // client: closes it unused
+	// writing: a goroutine is writing (the writer, or a reader's
+	// flushInline); any other leaves the queue to it.
+	writing        bool
+	enc            *hpack.Encoder
+	encBuf         bytes.Buffer
+	streams        map[uint32]*h2Stream
+	sendWin        int64
+	peerInitWin    int64
+	peerMaxFrame   int
+	peerMaxStreams int
+	recvOwed       int64
+	nextID         uint32 // client: the next stream's ID
+	lastPeerID     uint32 // server: the highest stream the peer opened
+	goAway         bool   // no new streams
+	closed         bool
+	blocked        []*h2Stream
+	ready          bool        // client: connected
+	waiting        []*h2Stream // client: streams waiting for the connection
+	reserved       int         // client: streams open or waiting
+	idle           *time.Timer // client: closes it unused
 }
 
 func newH2Conn(p *Proxy, c net.Conn, client bool) *h2Conn {
@@ -142,6 +156,7 @@ func (hc *h2Conn) startReader(r io.Reader) {
 	hc.br = bufio.NewReaderSize(r, h2ReadBuf)
 	hc.fr = http2.NewFramer(nil, hc.br)
 	hc.fr.SetReuseFrames()
+	hc.fr.SetMaxReadFrameSize(h2MaxFrame)
 	hc.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	hc.fr.MaxHeaderListSize = h2MaxHeaderList
 }
@@ -218,42 +233,120 @@ func (hc *h2Conn) writeLoop() {
 	}
 }
 
-// flush writes the queued frames, then gives back the windows of the
-// bytes they carried; false when the write failed.
+// flush writes the queued frames, blocking, then gives back the windows
+// of the bytes they carried; false when the write failed.
 func (hc *h2Conn) flush() bool {
 	hc.mu.Lock()
-	buf, cr := hc.out, hc.credits
-	hc.out, hc.credits = hc.spare[:0], hc.spareCredits[:0]
-	hc.spare, hc.spareCredits = nil, nil
+	if hc.writing {
+		hc.mu.Unlock()
+		return true // a reader is writing; it wakes the writer if more is left
+	}
+	buf, cr := hc.take()
 	hc.mu.Unlock()
 	var err error
-	if len(buf) > 0 {
+	if len(buf) > 0 || (hc.tc != nil && hc.tc.pending()) {
 		select {
 		case <-hc.done:
 		default:
 			_ = hc.c.SetWriteDeadline(time.Now().Add(hc.p.cfg.StreamIdleTimeout))
 		}
-		_, err = hc.c.Write(buf)
+		if hc.tc != nil {
+			err = hc.tc.drain()
+		}
+		if err == nil && len(buf) > 0 {
+			_, err = hc.w.Write(buf)
+		}
 	}
-	// Given back even when the write failed: the bytes' source must not
-	// lose window to a connection that died.
+	return hc.wrote(buf, cr, err)
+}
+
+// flushInline writes the queued frames on the calling reader without
+// blocking: what the socket does not take now waits in hc.tc for the
+// writer goroutine.
+func (hc *h2Conn) flushInline() {
+	hc.mu.Lock()
+	if hc.writing || hc.closed || len(hc.out) == 0 || hc.tc == nil || hc.tc.pending() {
+		hc.mu.Unlock()
+		hc.kick()
+		return
+	}
+	buf, cr := hc.take()
+	hc.mu.Unlock()
+	hc.tc.try.Store(true)
+	_, err := hc.w.Write(buf)
+	hc.tc.try.Store(false)
+	left := hc.tc.pending() // read while this goroutine still writes
+	if hc.wrote(buf, cr, err) && left {
+		hc.kick()
+	}
+}
+
+// take hands the queued frames to the goroutine that writes them (mu
+// held).
+func (hc *h2Conn) take() ([]byte, []h2Credit) {
+	buf, cr := hc.out, hc.credits
+	hc.out, hc.credits = hc.spare[:0], hc.spareCredits[:0]
+	hc.spare, hc.spareCredits = nil, nil
+	hc.writing = true
+	return buf, cr
+}
+
+// wrote ends a write: the sources get their window back (even when the
+// write failed: they must not lose window to a connection that died),
+// the buffers are kept for the next, and a failed write ends the
+// connection. False when it failed.
+func (hc *h2Conn) wrote(buf []byte, cr []h2Credit, err error) bool {
 	for i := range cr {
 		cr[i].apply()
 		cr[i] = h2Credit{}
 	}
 	hc.mu.Lock()
-	if cap(buf) <= 1<<20 && hc.spare == nil {
+	hc.writing = false
+	if cap(buf) <= 2*h2ConnWindow && hc.spare == nil {
 		hc.spare = buf[:0]
 	}
 	if hc.spareCredits == nil {
 		hc.spareCredits = cr[:0]
 	}
+	more := len(hc.out) > 0
 	hc.mu.Unlock()
 	if err != nil {
 		hc.shut()
 		return false
 	}
+	if more {
+		hc.kick()
+	}
 	return true
+}
+
+// deferFlush has the reader write c at the end of its batch.
+func (hc *h2Conn) deferFlush(c *h2Conn) {
+	for _, d := range hc.dirty {
+		if d == c {
+			return
+		}
+	}
+	hc.dirty = append(hc.dirty, c)
+}
+
+// flushDirty writes, on the reader, the connections its batch queued
+// frames on: when the next frame is not already buffered, before the
+// read that would wait for it.
+func (hc *h2Conn) flushDirty() {
+	if len(hc.dirty) == 0 {
+		return
+	}
+	if b, err := hc.br.Peek(min(hc.br.Buffered(), 9)); err == nil && len(b) == 9 {
+		if n := int(b[0])<<16 | int(b[1])<<8 | int(b[2]); hc.br.Buffered() >= 9+n {
+			return // the next frame is here already
+		}
+	}
+	for i, c := range hc.dirty {
+		c.flushInline()
+		hc.dirty[i] = nil
+	}
+	hc.dirty = hc.dirty[:0]
 }
 
 // shut ends the connection: the reader's read fails and it cleans up.
@@ -345,7 +438,6 @@ func (hc *h2Conn) writeHeaders(id uint32, fields []hpack.HeaderField, keep func(
 		block = block[n:]
 		t = http2.FrameContinuation
 	}
-	hc.kick()
 }
 
 // writeData queues one DATA frame (mu held).
@@ -356,7 +448,6 @@ func (hc *h2Conn) writeData(id uint32, data []byte, end bool) {
 	}
 	hc.out = appendFrameHeader(hc.out, len(data), http2.FrameData, flags, id)
 	hc.out = append(hc.out, data...)
-	hc.kick()
 }
 
 // writeRST queues a RST_STREAM (mu held).
@@ -365,7 +456,6 @@ func (hc *h2Conn) writeRST(id uint32, code http2.ErrCode) {
 		return
 	}
 	hc.out = appendRSTStream(hc.out, id, code)
-	hc.kick()
 }
 
 // stream is the stream id, nil when it is not open.
@@ -379,6 +469,7 @@ func (hc *h2Conn) stream(id uint32) *h2Stream {
 // readLoop reads and acts on frames until the connection ends.
 func (hc *h2Conn) readLoop() error {
 	for {
+		hc.flushDirty()
 		hc.refreshDeadline()
 		f, err := hc.fr.ReadFrame()
 		if err != nil {
@@ -477,6 +568,7 @@ func (hc *h2Conn) streamError(se http2.StreamError) {
 	hc.mu.Lock()
 	hc.writeRST(se.StreamID, se.Code)
 	hc.mu.Unlock()
+	hc.kick()
 }
 
 // frame acts on one frame; an error ends the connection.
@@ -557,6 +649,7 @@ func (hc *h2Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	refuse := hc.goAway || len(hc.streams) >= h2MaxStreams
 	if refuse {
 		hc.writeRST(id, http2.ErrCodeRefusedStream)
+		hc.kick()
 	}
 	hc.mu.Unlock()
 	if !refuse {

@@ -30,6 +30,7 @@ func (p *Proxy) serveH2(c net.Conn, info *connInfo) {
 	hc := newH2Conn(p, c, false)
 	hc.info = info
 	hc.xfcc = xfccFields(info)
+	hc.w, hc.tc = h2Writer(c)
 	hc.startReader(c)
 	p.h2Mu.Lock()
 	p.h2Conns[hc] = struct{}{}
@@ -161,6 +162,7 @@ func (c *h2Conn) open(s *h2Stream) error {
 		s.toUp.dstEnded = true
 	}
 	c.mu.Unlock()
+	s.wake(c)
 	s.flush(&s.toUp)
 	return nil
 }
@@ -217,6 +219,7 @@ func (c *h2Conn) dialAndServe() {
 		p.health.Restore(c.ep)
 	}
 	c.c = conn
+	c.w, c.tc = h2Writer(conn)
 	c.startReader(conn)
 	c.greet()
 	go c.writeLoop()
@@ -226,7 +229,7 @@ func (c *h2Conn) dialAndServe() {
 	c.waiting = nil
 	c.mu.Unlock()
 	for _, s := range waiting {
-		s.mu.Lock()
+		s.lock(c) // c's reader, about to start, writes what this queues
 		switch {
 		case s.waitingOn != c:
 		case s.toUp.dstEnded:
@@ -239,7 +242,7 @@ func (c *h2Conn) dialAndServe() {
 			}
 		}
 		s.maybeDone()
-		s.mu.Unlock()
+		s.unlock()
 	}
 	err = c.readLoop()
 	c.shut()

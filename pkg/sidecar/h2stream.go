@@ -49,8 +49,12 @@ type h2Flow struct {
 // h2Stream is one proxied HTTP/2 request: a downstream stream and, once
 // a connection to an endpoint has room, an upstream one.
 type h2Stream struct {
-	p    *Proxy
-	mu   sync.Mutex
+	p  *Proxy
+	mu sync.Mutex
+	// rd is the connection whose reader holds mu, handling a frame: the
+	// frames it queues elsewhere are written by that reader at the end
+	// of its batch (wake).
+	rd   *h2Conn
 	down *h2Conn
 	// up is the upstream connection once the stream is open there;
 	// waitingOn the one being dialled that will carry it.
@@ -77,6 +81,26 @@ type h2Stream struct {
 	idle                       *idleWatch
 	last                       atomic.Int64
 	received, sent             int64
+}
+
+func (s *h2Stream) lock(rd *h2Conn) {
+	s.mu.Lock()
+	s.rd = rd
+}
+
+func (s *h2Stream) unlock() {
+	s.rd = nil
+	s.mu.Unlock()
+}
+
+// wake has c's queued frames written: by the reader handling the stream
+// at the end of its batch, else by c's writer. mu held.
+func (s *h2Stream) wake(c *h2Conn) {
+	if s.rd != nil {
+		s.rd.deferFlush(c)
+	} else {
+		c.kick()
+	}
 }
 
 func (s *h2Stream) touch() { s.last.Store(time.Now().UnixNano()) }
@@ -116,8 +140,8 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 	s := &h2Stream{p: p, down: down}
 	s.toUp.src, s.toUp.srcID, s.toUp.recvWin = down, f.StreamID, h2StreamWindow
 	s.toUp.srcEnded = f.StreamEnded()
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.lock(down)
+	defer s.unlock()
 	defer s.maybeDone()
 	down.mu.Lock()
 	s.toDown.dst, s.toDown.dstID, s.toDown.sendWin = down, f.StreamID, down.peerInitWin
@@ -244,8 +268,8 @@ func (s *h2Stream) fail(err error) {
 // timeout ends the stream when its route timeout or stream idle timeout
 // passed: 504 before the response, a reset after it started.
 func (s *h2Stream) timeout(cause error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.lock(nil)
+	defer s.unlock()
 	if s.finished {
 		return
 	}
@@ -287,6 +311,7 @@ func (s *h2Stream) answerCluster(cluster string, code int, body string) {
 	down.mu.Lock()
 	down.writeHeaders(s.toDown.dstID, fields, nil, nil, s.head)
 	down.mu.Unlock()
+	s.wake(down)
 	if s.head {
 		fl.dstEnded = true
 	} else {
@@ -333,7 +358,13 @@ func (s *h2Stream) flush(fl *h2Flow) {
 		return
 	}
 	dst.mu.Lock()
-	defer dst.mu.Unlock()
+	wrote := false
+	defer func() {
+		dst.mu.Unlock()
+		if wrote {
+			s.wake(dst)
+		}
+	}()
 	if dst.closed {
 		return
 	}
@@ -349,6 +380,7 @@ func (s *h2Stream) flush(fl *h2Flow) {
 		}
 		last := n == int64(len(chunk)) && len(fl.queue) == 1 && fl.endQueued && fl.trailers == nil
 		dst.writeData(fl.dstID, chunk[:n], last)
+		wrote = true
 		fl.sendWin -= n
 		dst.sendWin -= n
 		fl.sent = true
@@ -372,6 +404,7 @@ func (s *h2Stream) flush(fl *h2Flow) {
 	if !fl.endQueued {
 		return
 	}
+	wrote = true
 	if fl.trailers != nil {
 		dst.writeHeaders(fl.dstID, fl.trailers, keepTrailerField, nil, true)
 		fl.trailers = nil
@@ -414,8 +447,8 @@ func (s *h2Stream) credit(fl *h2Flow, src *h2Conn, n int64) {
 // onData is DATA from hc (n bytes of flow control, data without the
 // padding).
 func (s *h2Stream) onData(hc *h2Conn, data []byte, n int64, end bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.lock(hc)
+	defer s.unlock()
 	fl := s.flowFrom(hc)
 	if fl == nil || fl.srcEnded {
 		hc.creditConn(0, 0, n)
@@ -460,8 +493,8 @@ func (s *h2Stream) onData(hc *h2Conn, data []byte, n int64, end bool) {
 // the downstream; the response's head, 1xx, or trailers from the
 // upstream.
 func (s *h2Stream) onHeaders(hc *h2Conn, f *http2.MetaHeadersFrame) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.lock(hc)
+	defer s.unlock()
 	defer s.maybeDone()
 	fl := s.flowFrom(hc)
 	if fl == nil || fl.srcEnded {
@@ -500,6 +533,7 @@ func (s *h2Stream) onHeaders(hc *h2Conn, f *http2.MetaHeadersFrame) {
 		s.down.mu.Lock()
 		s.down.writeHeaders(s.toDown.dstID, f.Fields, keepResponseField, nil, false)
 		s.down.mu.Unlock()
+		s.wake(s.down)
 	default:
 		s.answered = true
 		s.fields = nil
@@ -509,6 +543,7 @@ func (s *h2Stream) onHeaders(hc *h2Conn, f *http2.MetaHeadersFrame) {
 		s.down.mu.Lock()
 		s.down.writeHeaders(s.toDown.dstID, f.Fields, keepResponseField, nil, end)
 		s.down.mu.Unlock()
+		s.wake(s.down)
 		if end {
 			fl.srcEnded, fl.dstEnded = true, true
 		}
@@ -532,8 +567,8 @@ func keepRequestField(f *hpack.HeaderField) bool {
 }
 
 func (s *h2Stream) onWindowUpdate(hc *h2Conn, inc int64) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.lock(hc)
+	defer s.unlock()
 	fl := s.flowTo(hc)
 	if fl == nil {
 		return
@@ -571,6 +606,7 @@ func (s *h2Stream) resetDown(code http2.ErrCode) {
 		s.down.mu.Lock()
 		s.down.writeRST(s.toDown.dstID, code)
 		s.down.mu.Unlock()
+		s.wake(s.down)
 	}
 	s.toDown.dstEnded, s.toUp.srcEnded = true, true
 	s.drop(&s.toDown)
@@ -583,6 +619,7 @@ func (s *h2Stream) resetUp(code http2.ErrCode) {
 		s.up.mu.Lock()
 		s.up.writeRST(s.toUp.dstID, code)
 		s.up.mu.Unlock()
+		s.wake(s.up)
 	}
 	s.toUp.dstEnded, s.toDown.srcEnded = true, true
 	s.drop(&s.toUp)
@@ -602,8 +639,8 @@ func (s *h2Stream) upFailed(code http2.ErrCode, err error) {
 
 // peerReset is a RST_STREAM from hc's peer.
 func (s *h2Stream) peerReset(hc *h2Conn, code http2.ErrCode) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.lock(hc)
+	defer s.unlock()
 	defer s.maybeDone()
 	switch hc {
 	case s.down:
@@ -641,8 +678,8 @@ func (s *h2Stream) detachUp() {
 
 // connLost ends the stream's use of hc, a connection that ended.
 func (s *h2Stream) connLost(hc *h2Conn, err error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.lock(nil)
+	defer s.unlock()
 	defer s.maybeDone()
 	switch {
 	case hc == s.down:
@@ -677,6 +714,7 @@ func (s *h2Stream) maybeDone() {
 		s.down.mu.Lock()
 		s.down.writeRST(s.toDown.dstID, http2.ErrCodeNo)
 		s.down.mu.Unlock()
+		s.wake(s.down)
 		s.toUp.srcEnded = true
 		if !s.toUp.dstEnded {
 			s.resetUp(http2.ErrCodeCancel)
@@ -737,6 +775,9 @@ func (hc *h2Conn) release(id uint32) {
 	n := len(hc.streams)
 	if n == 0 {
 		hc.lastStreamEnd.Store(time.Now().UnixNano())
+		if cap(hc.spare) > 64<<10 {
+			hc.spare = nil // a burst's buffer, kept only while streams are open
+		}
 	}
 	var closeNow bool
 	if hc.client {

@@ -68,7 +68,14 @@ import (
 // waitFor bounds every wait in these tests: behaviour, not speed.
 const waitFor = 15 * time.Second
 
-func testLogger(t testing.TB) *slog.Logger { return testlog.New(t) }
+// testLogger logs through t, except under a fuzz target, where
+// testing.F forbids logging from the code it runs.
+func testLogger(t testing.TB) *slog.Logger {
+	if _, ok := t.(*testing.F); ok {
+		return slog.New(slog.DiscardHandler)
+	}
+	return testlog.New(t)
+}
 
 // --- a test CA per trust domain ---
 

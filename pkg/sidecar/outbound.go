@@ -130,7 +130,7 @@ func (p *Proxy) proxyTCP(down relay.Conn, st *state, tp *xdsclient.TCPProxy, lis
 // inConn carries the filter chain its ClientHello selected from
 // GetConfigForClient to the connection's goroutine.
 type inConn struct {
-	*net.TCPConn
+	tryConn
 	chain int
 }
 
@@ -154,7 +154,7 @@ func (p *Proxy) serveInbound(c *net.TCPConn) {
 		p.release(listenerInbound)
 		return
 	}
-	ic := &inConn{TCPConn: c, chain: -1}
+	ic := &inConn{tryConn: tryConn{TCPConn: c}, chain: -1}
 	tc := tls.Server(ic, st.inboundDispatch())
 	_ = c.SetDeadline(time.Now().Add(p.cfg.HandshakeTimeout))
 	if err := tc.Handshake(); err != nil {

@@ -193,7 +193,11 @@ func (pl *pool) dial(ctx context.Context, addr string, tlsCfg *tls.Config) (net.
 	if tlsCfg == nil {
 		return raw, nil
 	}
-	tc := tls.Client(raw, tlsCfg)
+	under := raw
+	if tcp, ok := raw.(*net.TCPConn); ok {
+		under = &tryConn{TCPConn: tcp} // the HTTP/2 path's non-blocking writes
+	}
+	tc := tls.Client(under, tlsCfg)
 	hctx, cancel := context.WithTimeout(ctx, pl.p.cfg.HandshakeTimeout)
 	defer cancel()
 	if err := tc.HandshakeContext(hctx); err != nil {
