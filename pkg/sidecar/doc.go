@@ -35,8 +35,9 @@
 // HTTP/2 (prior knowledge: h2c from the app, istio-h2 inside mTLS) is
 // the sidecar's own too (h2conn.go, h2stream.go, h2serve.go): frames are
 // read with x/net/http2's Framer and HPACK and acted on by the
-// connection's reader; a writer per connection sends everything queued
-// since its last write in one system call; a proxied stream joins a
+// connection's reader, which then writes what it forwarded without
+// blocking (a writer goroutine per connection sends what a socket did
+// not take at once, in one system call); a proxied stream joins a
 // downstream stream to one on a pooled upstream connection (many
 // streams per connection, another connection when the peer's
 // MAX_CONCURRENT_STREAMS is reached) and costs no goroutine. DATA moves

@@ -25,7 +25,11 @@ import (
 // each connection has two goroutines whatever its streams: a reader that
 // decodes frames (golang.org/x/net/http2's Framer and HPACK) and acts on
 // them at once, and a writer that sends everything queued since its last
-// write in one system call. A stream costs no goroutine.
+// write in one system call. A reader that queued frames on other
+// connections writes them itself before it waits for more, without
+// blocking (tryConn); the writer takes over what a socket did not take
+// at once, and everything queued from elsewhere (timers, credits). A
+// stream costs no goroutine.
 //
 // A proxied stream (h2Stream) joins a downstream stream and an upstream
 // one. DATA is copied from the reader's buffer straight into the other
