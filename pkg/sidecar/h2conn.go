@@ -133,7 +133,10 @@ type h2Conn struct {
 	ready          bool        // client: connected
 	waiting        []*h2Stream // client: streams waiting for the connection
 	reserved       int         // client: streams open or waiting
-	idle           *time.Timer // client: closes it unused
+	// closeIdle: the pool closed its idle connections while this one was
+	// dialling; it closes once its streams are done.
+	closeIdle bool
+	idle      *time.Timer // client: closes it unused
 }
 
 func newH2Conn(p *Proxy, c net.Conn, client bool) *h2Conn {

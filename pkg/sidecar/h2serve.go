@@ -172,6 +172,9 @@ func (c *h2Conn) unreserve() {
 	c.mu.Lock()
 	c.reserved--
 	idle := c.reserved == 0
+	if idle && c.closeIdle {
+		c.goAway = true
+	}
 	if idle && !c.goAway && c.ready && !c.closed {
 		if c.idle == nil {
 			c.idle = time.AfterFunc(c.p.cfg.UpstreamIdleTimeout, c.idleExpired)
@@ -285,6 +288,8 @@ func (pl *pool) h2CloseIdle() {
 		idle := c.reserved == 0 && c.ready
 		if c.ready {
 			c.goAway = true
+		} else {
+			c.closeIdle = true // still dialling: the streams waiting for it go first
 		}
 		c.mu.Unlock()
 		if idle {

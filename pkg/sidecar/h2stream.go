@@ -783,6 +783,9 @@ func (hc *h2Conn) release(id uint32) {
 	if hc.client {
 		hc.reserved--
 		n = hc.reserved
+		if n == 0 && hc.closeIdle {
+			hc.goAway = true
+		}
 		if n == 0 && !hc.goAway {
 			if hc.idle == nil {
 				hc.idle = time.AfterFunc(hc.p.cfg.UpstreamIdleTimeout, hc.idleExpired)
