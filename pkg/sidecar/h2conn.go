@@ -63,6 +63,13 @@ const (
 	// h2DefaultPeerStreams is the concurrency assumed of an upstream
 	// before its SETTINGS arrive (RFC 9113 recommends at least 100).
 	h2DefaultPeerStreams = 100
+	// A downstream that opened at least h2PrematureResets streams and
+	// reset more than half of them within h2PrematureReset of opening is
+	// closed (ENHANCE_YOUR_CALM): the "rapid reset" attack
+	// (CVE-2023-44487) makes the sidecar open and cancel upstream
+	// streams as fast as it can send frames. Envoy's defaults.
+	h2PrematureResets = 500
+	h2PrematureReset  = time.Second
 	// h2CloseFlush bounds the last write of a closing connection (a
 	// GOAWAY after an error).
 	h2CloseFlush = time.Second
@@ -101,6 +108,9 @@ type h2Conn struct {
 	// liveness PING is unanswered.
 	lastDeadline, lastFrame time.Time
 	pingOut                 bool
+	// opened counts the streams a downstream opened and premature those
+	// it reset within h2PrematureReset of opening them (the reader's).
+	opened, premature int
 	// lastStreamEnd is when the stream table last became empty (Unix ns).
 	lastStreamEnd atomic.Int64
 
@@ -589,7 +599,16 @@ func (hc *h2Conn) frame(f http2.Frame) error {
 		return hc.onWindowUpdate(f)
 	case *http2.RSTStreamFrame:
 		if s := hc.stream(f.StreamID); s != nil {
+			if !hc.client && time.Since(s.born) < h2PrematureReset {
+				hc.premature++
+			}
 			s.peerReset(hc, f.ErrCode)
+			if hc.opened >= h2PrematureResets && hc.premature*2 > hc.opened {
+				hc.p.log.Warn("closing an HTTP/2 connection whose client resets most streams it opens",
+					"listener", hc.info.listener, "remote", hc.c.RemoteAddr().String(), "streams", hc.opened, "premature_resets", hc.premature)
+				hc.connError(http2.ErrCodeEnhanceYourCalm)
+				return errors.New("http2: too many premature stream resets")
+			}
 		}
 	case *http2.SettingsFrame:
 		return hc.onSettings(f)
@@ -653,6 +672,7 @@ func (hc *h2Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return fmt.Errorf("http2: HEADERS on stream %d, which the client may not open", id)
 	}
 	hc.lastPeerID = id
+	hc.opened++
 	refuse := hc.goAway || len(hc.streams) >= h2MaxStreams
 	if refuse {
 		hc.writeRST(id, http2.ErrCodeRefusedStream)

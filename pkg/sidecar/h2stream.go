@@ -77,6 +77,7 @@ type h2Stream struct {
 	entered  bool
 	// downGone and upGone: the stream left its connection's table.
 	downGone, upGone, finished bool
+	born                       time.Time
 	route                      *time.Timer
 	idle                       *idleWatch
 	last                       atomic.Int64
@@ -137,7 +138,7 @@ func (s *h2Stream) flowTo(hc *h2Conn) *h2Flow {
 // h2Open serves a new downstream stream: route it, then open it
 // upstream. It runs on the downstream's reader.
 func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
-	s := &h2Stream{p: p, down: down}
+	s := &h2Stream{p: p, down: down, born: time.Now()}
 	s.toUp.src, s.toUp.srcID, s.toUp.recvWin = down, f.StreamID, h2StreamWindow
 	s.toUp.srcEnded = f.StreamEnded()
 	s.lock(down)
