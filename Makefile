@@ -87,10 +87,11 @@ e2e-kind: ## Run the kind suite (needs docker, kind and kubectl; not run in CI)
 	go test -tags kind -v -timeout 30m ./test/kind/
 
 .PHONY: bench
-bench: ## Run the Go benchmarks, then bench-federation, bench-propagation and bench-sidecar
+bench: ## Run the Go benchmarks, then bench-federation, bench-propagation, bench-gateway and bench-sidecar
 	go test -run '^$$' -bench . -benchmem ./...
 	@$(MAKE) --no-print-directory bench-federation
 	@$(MAKE) --no-print-directory bench-propagation
+	@$(MAKE) --no-print-directory bench-gateway
 	@$(MAKE) --no-print-directory bench-sidecar
 
 .PHONY: bench-federation

@@ -18,7 +18,7 @@ import (
 
 // BenchmarkHTTP is one GET with keep-alive: straight to the app, and
 // through two sidecars (a's outbound, mTLS, b's inbound) in HTTP/1.1 and
-// h2c. The ratio between them is what counts (docs: benchmarks.md); run
+// h2c. The ratio between them is what counts (docs/benchmarks.md); run
 // with -cpu 1,2 to see the parallel case. sidecars-http1 is the
 // sidecar's own HTTP/1.1 path, sidecars-http1-nethttp the same hops
 // through net/http (Config.NetHTTP1), in the same run. allocs/op counts
@@ -55,7 +55,7 @@ func BenchmarkHTTP(b *testing.B) {
 		})
 	}
 	b.Run("direct", func(b *testing.B) { run(b, direct, directURL) })
-	// The peer benchmarks.md names: two hops of the standard library's
+	// The peer docs/benchmarks.md names: two hops of the standard library's
 	// reverse proxy, without TLS.
 	hop2 := reverseProxy(b, directURL)
 	hop1 := reverseProxy(b, hop2)
