@@ -42,9 +42,13 @@
 // streams per connection, another connection when the peer's
 // MAX_CONCURRENT_STREAMS is reached) and costs no goroutine. DATA moves
 // when both windows allow and otherwise waits on the stream; a source
-// gets its window back only once its bytes reached the other socket, so
-// a slow reader holds back its own stream's sender (at most a window,
-// 1 MiB) and nobody else. A stream the upstream refused (REFUSED_STREAM,
+// gets its stream's window back only once its bytes reached the other
+// socket (its connection's at once), so a slow reader holds back its own
+// stream's sender (at most a window, 256 KiB) and nobody else. A
+// downstream may open 256 streams at once; one whose streams mostly end
+// in a reset soon after opening is closed (rapid reset), and one that
+// does not read what it causes is not read from. A stream the upstream
+// refused (REFUSED_STREAM,
 // or beyond a GOAWAY's last stream) with none of its body sent is opened
 // again elsewhere; connections are pinged after a silent minute.
 // Header blocks over 64 KiB are refused (431 before routing). With

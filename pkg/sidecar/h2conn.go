@@ -34,10 +34,16 @@ import (
 // A proxied stream (h2Stream) joins a downstream stream and an upstream
 // one. DATA is copied from the reader's buffer straight into the other
 // connection's write queue when both flow-control windows allow, and
-// kept on the stream otherwise; the source gets its window back
-// (WINDOW_UPDATE) only once the bytes were written to the other side's
-// socket, so a slow reader holds back its own stream's sender, at most
-// one window per stream, and nothing else.
+// kept on the stream otherwise. The source gets its stream's window
+// back (WINDOW_UPDATE) only once the bytes were written to the other
+// side's socket, and its connection's window at once: a slow reader
+// holds back its own stream's sender, at most one stream window
+// (256 KiB) held here, and never the connection's other streams.
+// Frames a reader causes on its own connection (PING and SETTINGS
+// acknowledgements, resets, answers) stop it reading past h2MaxQueued
+// unwritten bytes. Streams that end in a reset soon after they open,
+// by the client or by the sidecar for the client's error, close the
+// connection once they are most of 500 (rapid reset, MadeYouReset).
 //
 // Locks: a stream's mu is taken before a connection's mu, never the
 // other way; a pool's h2mu before a connection's mu. A connection's mu
@@ -48,11 +54,11 @@ import (
 // connection, so a connection holds at most h2ConnWindow of a peer's
 // bytes the other side has not taken yet.
 const (
-	h2StreamWindow = 1 << 20
+	h2StreamWindow = 256 << 10
 	h2ConnWindow   = 4 << 20
 	// h2MaxStreams is the SETTINGS_MAX_CONCURRENT_STREAMS offered to
 	// downstreams.
-	h2MaxStreams = 1024
+	h2MaxStreams = 256
 	// h2MaxHeaderList bounds a header block, as the HTTP/1.1 path bounds
 	// a head.
 	h2MaxHeaderList = h1MaxHead
@@ -73,6 +79,11 @@ const (
 	// h2CloseFlush bounds the last write of a closing connection (a
 	// GOAWAY after an error).
 	h2CloseFlush = time.Second
+	// h2MaxQueued bounds a connection's write queue as its own reader
+	// fills it: past it the reader reads nothing more until the writer
+	// has written, so a peer that sends PINGs, SETTINGS or requests and
+	// never reads what they cause holds the sidecar's memory to this.
+	h2MaxQueued = 1 << 20
 )
 
 var errH2Closed = errors.New("http2: connection closed")
@@ -108,13 +119,16 @@ type h2Conn struct {
 	// liveness PING is unanswered.
 	lastDeadline, lastFrame time.Time
 	pingOut                 bool
-	// opened counts the streams a downstream opened and premature those
-	// it reset within h2PrematureReset of opening them (the reader's).
-	opened, premature int
+	// opened counts the streams a downstream opened (the reader's), and
+	// premature those reset within h2PrematureReset of their opening, by
+	// the client or by the sidecar for the client's error.
+	opened    int64
+	premature atomic.Int64
 	// lastStreamEnd is when the stream table last became empty (Unix ns).
 	lastStreamEnd atomic.Int64
 
 	wake       chan struct{}
+	room       chan struct{} // the writer wrote: the reader may queue more
 	done       chan struct{} // closed when the connection ends
 	closeOnce  sync.Once
 	writerDone chan struct{}
@@ -139,7 +153,7 @@ type h2Conn struct {
 	lastPeerID     uint32 // server: the highest stream the peer opened
 	goAway         bool   // no new streams
 	closed         bool
-	blocked        []*h2Stream
+	blocked        map[*h2Stream]struct{}
 	ready          bool        // client: connected
 	waiting        []*h2Stream // client: streams waiting for the connection
 	reserved       int         // client: streams open or waiting
@@ -153,9 +167,11 @@ func newH2Conn(p *Proxy, c net.Conn, client bool) *h2Conn {
 	hc := &h2Conn{
 		p: p, c: c, client: client,
 		wake:           make(chan struct{}, 1),
+		room:           make(chan struct{}, 1),
 		done:           make(chan struct{}),
 		writerDone:     make(chan struct{}),
 		streams:        map[uint32]*h2Stream{},
+		blocked:        map[*h2Stream]struct{}{},
 		sendWin:        65535,
 		peerInitWin:    65535,
 		peerMaxFrame:   16384,
@@ -243,7 +259,12 @@ func (hc *h2Conn) writeLoop() {
 				return
 			}
 		case <-hc.done:
-			_ = hc.c.SetWriteDeadline(time.Now().Add(h2CloseFlush))
+			end := time.Now().Add(h2CloseFlush)
+			_ = hc.c.SetWriteDeadline(end)
+			// A reader may be writing inline; its frames go first.
+			for hc.busy() && time.Now().Before(end) {
+				time.Sleep(time.Millisecond)
+			}
 			hc.flush()
 			return
 		}
@@ -277,6 +298,12 @@ func (hc *h2Conn) flush() bool {
 	return hc.wrote(buf, cr, err)
 }
 
+func (hc *h2Conn) busy() bool {
+	hc.mu.Lock()
+	defer hc.mu.Unlock()
+	return hc.writing
+}
+
 // flushInline writes the queued frames on the calling reader without
 // blocking: what the socket does not take now waits in hc.tc for the
 // writer goroutine.
@@ -289,9 +316,9 @@ func (hc *h2Conn) flushInline() {
 	}
 	buf, cr := hc.take()
 	hc.mu.Unlock()
-	hc.tc.try.Store(true)
+	hc.tc.setTry(true)
 	_, err := hc.w.Write(buf)
-	hc.tc.try.Store(false)
+	hc.tc.setTry(false)
 	left := hc.tc.pending() // read while this goroutine still writes
 	if hc.wrote(buf, cr, err) && left {
 		hc.kick()
@@ -327,6 +354,10 @@ func (hc *h2Conn) wrote(buf []byte, cr []h2Credit, err error) bool {
 	}
 	more := len(hc.out) > 0
 	hc.mu.Unlock()
+	select {
+	case hc.room <- struct{}{}:
+	default:
+	}
 	if err != nil {
 		hc.shut()
 		return false
@@ -487,6 +518,9 @@ func (hc *h2Conn) stream(id uint32) *h2Stream {
 func (hc *h2Conn) readLoop() error {
 	for {
 		hc.flushDirty()
+		if !hc.waitRoom() {
+			return errH2Closed
+		}
 		hc.refreshDeadline()
 		f, err := hc.fr.ReadFrame()
 		if err != nil {
@@ -507,6 +541,25 @@ func (hc *h2Conn) readLoop() error {
 		hc.pingOut = false
 		if err := hc.frame(f); err != nil {
 			return err
+		}
+	}
+}
+
+// waitRoom holds the reader while its connection's write queue is over
+// h2MaxQueued; false when the connection ended meanwhile.
+func (hc *h2Conn) waitRoom() bool {
+	for {
+		hc.mu.Lock()
+		n := len(hc.out)
+		hc.mu.Unlock()
+		if n <= h2MaxQueued {
+			return true
+		}
+		hc.kick()
+		select {
+		case <-hc.room:
+		case <-hc.done:
+			return false
 		}
 	}
 }
@@ -590,6 +643,19 @@ func (hc *h2Conn) streamError(se http2.StreamError) {
 
 // frame acts on one frame; an error ends the connection.
 func (hc *h2Conn) frame(f http2.Frame) error {
+	if err := hc.handle(f); err != nil {
+		return err
+	}
+	if !hc.client && hc.opened >= h2PrematureResets && hc.premature.Load()*2 > hc.opened {
+		hc.p.log.Warn("closing an HTTP/2 connection whose streams mostly end in a reset soon after they open",
+			"listener", hc.info.listener, "remote", hc.c.RemoteAddr().String(), "streams", hc.opened, "premature_resets", hc.premature.Load())
+		hc.connError(http2.ErrCodeEnhanceYourCalm)
+		return errors.New("http2: too many premature stream resets")
+	}
+	return nil
+}
+
+func (hc *h2Conn) handle(f http2.Frame) error {
 	switch f := f.(type) {
 	case *http2.DataFrame:
 		return hc.onData(f)
@@ -600,15 +666,9 @@ func (hc *h2Conn) frame(f http2.Frame) error {
 	case *http2.RSTStreamFrame:
 		if s := hc.stream(f.StreamID); s != nil {
 			if !hc.client && time.Since(s.born) < h2PrematureReset {
-				hc.premature++
+				hc.premature.Add(1)
 			}
 			s.peerReset(hc, f.ErrCode)
-			if hc.opened >= h2PrematureResets && hc.premature*2 > hc.opened {
-				hc.p.log.Warn("closing an HTTP/2 connection whose client resets most streams it opens",
-					"listener", hc.info.listener, "remote", hc.c.RemoteAddr().String(), "streams", hc.opened, "premature_resets", hc.premature)
-				hc.connError(http2.ErrCodeEnhanceYourCalm)
-				return errors.New("http2: too many premature stream resets")
-			}
 		}
 	case *http2.SettingsFrame:
 		return hc.onSettings(f)
@@ -637,9 +697,12 @@ func (hc *h2Conn) onData(f *http2.DataFrame) error {
 		hc.connError(http2.ErrCodeFlowControl)
 		return errors.New("http2: peer sent beyond the connection window")
 	}
+	// The connection's window comes back at once: what a stream holds is
+	// bounded by its own window, so one stream that cannot move never
+	// holds back the connection's others.
+	hc.creditConn(0, 0, n)
 	s := hc.stream(f.StreamID)
 	if s == nil {
-		hc.creditConn(0, 0, n)
 		if !hc.client && f.StreamID > hc.lastPeerSeen() {
 			hc.connError(http2.ErrCodeProtocol)
 			return fmt.Errorf("http2: DATA on idle stream %d", f.StreamID)
@@ -666,7 +729,14 @@ func (hc *h2Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return nil // a stream the sidecar reset: its HPACK state is kept, the rest dropped
 	}
 	hc.mu.Lock()
-	if id%2 == 0 || id <= hc.lastPeerID {
+	if id%2 == 1 && id <= hc.lastPeerID {
+		// A stream that ended (the sidecar answered or reset it while the
+		// client was still sending): its trailers are ignored (RFC 9113
+		// §5.1); HPACK already took their fields.
+		hc.mu.Unlock()
+		return nil
+	}
+	if id%2 == 0 {
 		hc.mu.Unlock()
 		hc.connError(http2.ErrCodeProtocol)
 		return fmt.Errorf("http2: HEADERS on stream %d, which the client may not open", id)
@@ -699,8 +769,11 @@ func (hc *h2Conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 		hc.connError(http2.ErrCodeFlowControl)
 		return errors.New("http2: connection window above 2^31-1")
 	}
-	blocked := hc.blocked
-	hc.blocked = nil
+	blocked := make([]*h2Stream, 0, len(hc.blocked))
+	for s := range hc.blocked {
+		blocked = append(blocked, s)
+	}
+	clear(hc.blocked)
 	hc.mu.Unlock()
 	for _, s := range blocked {
 		s.mu.Lock()
@@ -728,7 +801,7 @@ func (hc *h2Conn) onSettings(f *http2.SettingsFrame) error {
 		}
 		switch s.ID {
 		case http2.SettingInitialWindowSize:
-			delta = int64(s.Val) - hc.peerInitWin
+			delta += int64(s.Val) - hc.peerInitWin
 			hc.peerInitWin = int64(s.Val)
 		case http2.SettingMaxFrameSize:
 			hc.peerMaxFrame = int(s.Val)
@@ -759,14 +832,20 @@ func (hc *h2Conn) onSettings(f *http2.SettingsFrame) error {
 		}
 		return bad
 	}
+	overflow := false
 	for _, s := range streams {
 		s.mu.Lock()
 		if fl := s.flowTo(hc); fl != nil {
 			fl.sendWin += delta
+			overflow = overflow || fl.sendWin > 1<<31-1
 			s.flush(fl)
 		}
 		s.maybeDone()
 		s.mu.Unlock()
+	}
+	if overflow {
+		hc.connError(http2.ErrCodeFlowControl)
+		return errors.New("http2: SETTINGS_INITIAL_WINDOW_SIZE took a stream's window above 2^31-1")
 	}
 	return nil
 }

@@ -163,17 +163,17 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 		case "host":
 			host = hf.Value
 		case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
-			s.resetBoth(http2.ErrCodeProtocol)
+			s.clientFault(http2.ErrCodeProtocol)
 			return
 		case "te":
 			if hf.Value != "trailers" {
-				s.resetBoth(http2.ErrCodeProtocol)
+				s.clientFault(http2.ErrCodeProtocol)
 				return
 			}
 		}
 	}
 	if method == "" || (method != http.MethodConnect && (path == "" || f.PseudoValue("scheme") == "")) {
-		s.resetBoth(http2.ErrCodeProtocol)
+		s.clientFault(http2.ErrCodeProtocol)
 		return
 	}
 	s.head = method == http.MethodHead
@@ -334,9 +334,6 @@ func (s *h2Stream) count(cluster string, code int) {
 // data belongs to the reader and is copied if it must wait. mu held.
 func (s *h2Stream) send(fl *h2Flow, data []byte, end, borrowed bool) {
 	if fl.dstEnded {
-		if fl.src != nil && len(data) > 0 {
-			fl.src.creditConn(0, 0, int64(len(data)))
-		}
 		return
 	}
 	if len(data) > 0 {
@@ -375,7 +372,7 @@ func (s *h2Stream) flush(fl *h2Flow) {
 		if n <= 0 {
 			if dst.sendWin <= 0 && !fl.blocked {
 				fl.blocked = true
-				dst.blocked = append(dst.blocked, s)
+				dst.blocked[s] = struct{}{}
 			}
 			return
 		}
@@ -409,28 +406,34 @@ func (s *h2Stream) flush(fl *h2Flow) {
 	if fl.trailers != nil {
 		dst.writeHeaders(fl.dstID, fl.trailers, keepTrailerField, nil, true)
 		fl.trailers = nil
+		fl.sent = true // gone with them: no retry elsewhere
 	} else {
 		dst.writeData(fl.dstID, nil, true)
 	}
 	fl.dstEnded = true
 }
 
-// drop discards what fl holds, giving the source its window back. mu
-// held.
+// drop discards what fl holds (the connection's window came back when
+// it arrived) and takes the stream off its destination's blocked set.
+// mu held.
 func (s *h2Stream) drop(fl *h2Flow) {
-	var n int64
-	for _, b := range fl.queue {
-		n += int64(len(b))
-	}
 	fl.queue, fl.trailers = nil, nil
-	if n > 0 && fl.src != nil {
-		fl.src.creditConn(0, 0, n)
-	}
+	s.unblock(fl)
 }
 
-// credit gives back the window of n bytes of fl written to its
-// destination: to the connection at once, to the stream once a quarter
-// of its window is owed.
+// unblock takes fl off its destination's set of streams waiting for the
+// connection window. mu held.
+func (s *h2Stream) unblock(fl *h2Flow) {
+	if fl.blocked && fl.dst != nil {
+		fl.dst.mu.Lock()
+		delete(fl.dst.blocked, s)
+		fl.dst.mu.Unlock()
+	}
+	fl.blocked = false
+}
+
+// credit gives the stream back the window of n bytes of fl written to
+// its destination, once a quarter of the window is owed.
 func (s *h2Stream) credit(fl *h2Flow, src *h2Conn, n int64) {
 	s.mu.Lock()
 	var inc int64
@@ -442,7 +445,9 @@ func (s *h2Stream) credit(fl *h2Flow, src *h2Conn, n int64) {
 		}
 	}
 	s.mu.Unlock()
-	src.creditConn(id, inc, n)
+	if inc > 0 {
+		src.creditConn(id, inc, 0)
+	}
 }
 
 // onData is DATA from hc (n bytes of flow control, data without the
@@ -452,28 +457,25 @@ func (s *h2Stream) onData(hc *h2Conn, data []byte, n int64, end bool) {
 	defer s.unlock()
 	fl := s.flowFrom(hc)
 	if fl == nil || fl.srcEnded {
-		hc.creditConn(0, 0, n)
 		if fl != nil && hc == s.down && !s.toDown.dstEnded {
-			s.resetBoth(http2.ErrCodeStreamClosed)
+			s.clientFault(http2.ErrCodeStreamClosed)
 			s.maybeDone()
 		}
 		return
 	}
 	if hc == s.up && !s.answered {
-		hc.creditConn(0, 0, n)
 		s.upFailed(http2.ErrCodeProtocol, errors.New("DATA before the response's head"))
 		s.maybeDone()
 		return
 	}
 	fl.recvWin -= n
 	if fl.recvWin < 0 {
-		hc.creditConn(0, 0, n)
 		s.reset(hc, http2.ErrCodeFlowControl)
 		return
 	}
 	if pad := n - int64(len(data)); pad > 0 {
 		fl.recvWin += pad
-		hc.creditConn(fl.srcID, pad, pad)
+		hc.creditConn(fl.srcID, pad, 0)
 	}
 	if len(data) > 0 {
 		s.touch()
@@ -500,13 +502,13 @@ func (s *h2Stream) onHeaders(hc *h2Conn, f *http2.MetaHeadersFrame) {
 	fl := s.flowFrom(hc)
 	if fl == nil || fl.srcEnded {
 		if fl != nil && hc == s.down {
-			s.resetBoth(http2.ErrCodeStreamClosed)
+			s.clientFault(http2.ErrCodeStreamClosed)
 		}
 		return
 	}
 	if hc == s.down {
 		if !f.StreamEnded() {
-			s.resetBoth(http2.ErrCodeProtocol)
+			s.clientFault(http2.ErrCodeProtocol)
 			return
 		}
 		fl.srcEnded, fl.trailers = true, f.Fields
@@ -587,11 +589,22 @@ func (s *h2Stream) onWindowUpdate(hc *h2Conn, inc int64) {
 // breaks the protocol), resetting that side with code.
 func (s *h2Stream) reset(hc *h2Conn, code http2.ErrCode) {
 	if hc == s.down {
-		s.resetBoth(code)
+		s.clientFault(code)
 	} else if hc == s.up {
 		s.upFailed(code, fmt.Errorf("stream error %v", code))
 	}
 	s.maybeDone()
+}
+
+// clientFault resets the stream for an error of the downstream's. One
+// within h2PrematureReset of its opening counts as a premature reset,
+// as the client's own do: a client could otherwise have the sidecar
+// reset its streams for it ("MadeYouReset", CVE-2025-8671). mu held.
+func (s *h2Stream) clientFault(code http2.ErrCode) {
+	if !s.toDown.dstEnded && time.Since(s.born) < h2PrematureReset {
+		s.down.premature.Add(1)
+	}
+	s.resetBoth(code)
 }
 
 // resetBoth resets the downstream stream with code and the upstream one
@@ -649,6 +662,13 @@ func (s *h2Stream) peerReset(hc *h2Conn, code http2.ErrCode) {
 		s.drop(&s.toDown)
 		s.resetUp(http2.ErrCodeCancel)
 	case s.up:
+		if code == http2.ErrCodeNo && s.toDown.srcEnded {
+			// The response is whole: the upstream wants no more of the
+			// request (RFC 9113 §8.1). What is queued still goes down.
+			s.toUp.dstEnded = true
+			s.drop(&s.toUp)
+			return
+		}
 		// Refused (by RST_STREAM or a GOAWAY that did not take it): the
 		// upstream did nothing with it, so it may go elsewhere while
 		// its body is all still here.
@@ -673,7 +693,8 @@ func (s *h2Stream) detachUp() {
 	up := s.up
 	up.release(s.toUp.dstID)
 	s.up = nil
-	s.toUp.dst, s.toUp.dstID, s.toUp.dstEnded, s.toUp.blocked = nil, 0, false, false
+	s.unblock(&s.toUp)
+	s.toUp.dst, s.toUp.dstID, s.toUp.dstEnded = nil, 0, false
 	s.toDown.src, s.toDown.srcID, s.toDown.srcEnded = nil, 0, false
 }
 
@@ -688,8 +709,12 @@ func (s *h2Stream) connLost(hc *h2Conn, err error) {
 		s.drop(&s.toDown)
 		s.resetUp(http2.ErrCodeCancel)
 	case hc == s.up:
+		complete := s.toDown.srcEnded
 		s.toUp.dstEnded, s.toDown.srcEnded = true, true
 		s.drop(&s.toUp)
+		if complete {
+			return // the whole response is here; what is queued still goes down
+		}
 		if !s.answered {
 			if s.p.log.Enabled(context.Background(), slog.LevelDebug) {
 				s.p.log.Debug("upstream connection ended", "cluster", s.cluster(), "error", err)
@@ -738,6 +763,8 @@ func (s *h2Stream) maybeDone() {
 // finish counts the stream and stops its timers. mu held.
 func (s *h2Stream) finish() {
 	s.finished = true
+	s.unblock(&s.toUp)
+	s.unblock(&s.toDown)
 	if s.route != nil {
 		s.route.Stop()
 	}

@@ -4,55 +4,81 @@ import (
 	"crypto/tls"
 	"io"
 	"net"
+	"sync"
 	"sync/atomic"
 )
 
 // tryConn is a TCP socket whose writes can be made non-blocking for a
 // while: the HTTP/2 path's reader writes what it forwarded itself, at
 // the end of a batch of frames, instead of waking the connection's
-// writer goroutine (a hand-off per hop that cost latency). In try mode
-// a Write takes every byte and never blocks: what the socket does not
-// take at once is kept, and the writer goroutine's next (blocking) write
-// sends it first. Under TLS the kept bytes are records already sealed,
-// so the TLS state stays whole. Only one goroutine writes at a time
-// (h2Conn.writing), so rest needs no lock.
+// writer goroutine. In try mode a Write takes every byte and never
+// blocks: what the socket does not take at once is kept, and the next
+// blocking write (the writer goroutine's) sends it first. Under TLS the
+// kept bytes are records already sealed, so the TLS state stays whole.
+// mu orders every write to the socket: the HTTP/2 connection has one
+// writer at a time, but crypto/tls may write from its reader too (a
+// KeyUpdate's answer, an alert).
 type tryConn struct {
 	*net.TCPConn
-	try  atomic.Bool
+	mu   sync.Mutex
+	try  bool
 	rest []byte
+	// kept is len(rest), read without mu.
+	kept atomic.Int64
 }
 
 func (c *tryConn) tryConnOf() *tryConn { return c }
 
+// setTry switches try mode.
+func (c *tryConn) setTry(on bool) {
+	c.mu.Lock()
+	c.try = on
+	c.mu.Unlock()
+}
+
 func (c *tryConn) Write(b []byte) (int, error) {
-	if c.try.Load() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.try {
 		if len(c.rest) > 0 {
-			c.rest = append(c.rest, b...)
+			c.keep(b)
 			return len(b), nil
 		}
 		n, err := tryWrite(c.TCPConn, b)
 		if err != nil {
 			return n, err
 		}
-		if n < len(b) {
-			c.rest = append(c.rest, b[n:]...)
-		}
+		c.keep(b[n:])
 		return len(b), nil
 	}
-	if err := c.drain(); err != nil {
+	if err := c.drainLocked(); err != nil {
 		return 0, err
 	}
 	return c.TCPConn.Write(b)
 }
 
+func (c *tryConn) keep(b []byte) {
+	if len(b) > 0 {
+		c.rest = append(c.rest, b...)
+		c.kept.Store(int64(len(c.rest)))
+	}
+}
+
 // pending reports bytes kept from a try-mode write.
-func (c *tryConn) pending() bool { return len(c.rest) > 0 }
+func (c *tryConn) pending() bool { return c.kept.Load() > 0 }
 
 // drain writes the bytes kept from try-mode writes, blocking.
 func (c *tryConn) drain() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.drainLocked()
+}
+
+func (c *tryConn) drainLocked() error {
 	for len(c.rest) > 0 {
 		n, err := c.TCPConn.Write(c.rest)
 		c.rest = c.rest[n:]
+		c.kept.Store(int64(len(c.rest)))
 		if err != nil {
 			return err
 		}
