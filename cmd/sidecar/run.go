@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"runtime"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
@@ -21,6 +23,7 @@ func init() { addCommand(newRunCommand) }
 func newRunCommand(g *globals) *cobra.Command {
 	cfg := sidecar.DefaultConfig()
 	dnsCfg := dns.DefaultConfig()
+	var concurrency int
 	var boot bootstrap.Flags
 	cmd := &cobra.Command{
 		Use:   "run",
@@ -41,15 +44,25 @@ finish for --drain-timeout, and exits.`,
   sidecar run --xds-plaintext --xds-address 127.0.0.1:15010 --ca-address 127.0.0.1:15012 ...`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := errors.Join(boot.CheckNode(), cfg.Validate(), dnsValidate(dnsCfg)); err != nil {
+			var cores error
+			if concurrency < 0 {
+				cores = fmt.Errorf("--concurrency %d: want 0 (Go's choice) or a number of cores", concurrency)
+			}
+			if err := errors.Join(boot.CheckNode(), cfg.Validate(), dnsValidate(dnsCfg), cores); err != nil {
 				return err
+			}
+			// GOMAXPROCS in the environment wins over the default, not over
+			// the flag.
+			if _, env := os.LookupEnv("GOMAXPROCS"); concurrency > 0 && (!env || cmd.Flags().Changed("concurrency")) {
+				runtime.GOMAXPROCS(concurrency)
 			}
 			log := g.logger(cmd.ErrOrStderr())
 			log.Info("configuration", "version", version.Version, "xds", boot.XDSAddress, "xdsPlaintext", boot.XDSPlaintext,
 				"ca", boot.CAAddress, "cluster", boot.ClusterName, "pod", boot.PodName, "podIP", boot.PodIP, "namespace", boot.Namespace,
 				"serviceAccount", boot.ServiceAccount, "trustDomain", boot.TrustDomainName(),
 				"outbound", cfg.OutboundAddr, "inbound", cfg.InboundAddr, "admin", cfg.AdminAddr, "health", cfg.HealthAddr,
-				"app", cfg.AppAddr, "dns", dnsCfg.ListenAddr, "maxConnections", cfg.MaxConnections, "drainTimeout", cfg.DrainTimeout)
+				"app", cfg.AppAddr, "dns", dnsCfg.ListenAddr, "maxConnections", cfg.MaxConnections, "drainTimeout", cfg.DrainTimeout,
+				"gomaxprocs", runtime.GOMAXPROCS(0))
 			return runSidecar(cmd.Context(), boot, cfg, dnsCfg, log)
 		},
 	}
@@ -73,6 +86,7 @@ finish for --drain-timeout, and exits.`,
 	fl.StringVar(&dnsCfg.ListenAddr, "dns-addr", dnsCfg.ListenAddr, "the DNS proxy (UDP and TCP), where 'sidecar iptables' sends the app's queries; empty disables it")
 	fl.StringVar(&dnsCfg.ResolvConf, "dns-resolv-conf", dnsCfg.ResolvConf, "resolv.conf whose nameservers and search list the DNS proxy forwards to and expands")
 	fl.StringSliceVar(&dnsCfg.Upstreams, "dns-upstreams", nil, "resolvers (ip:port) to forward to instead of resolv.conf's nameservers")
+	fl.IntVar(&concurrency, "concurrency", 1, "CPU cores the sidecar runs on at once (GOMAXPROCS; Istio's proxy concurrency); 0: Go's choice, the container's CPU limit else every core. The GOMAXPROCS environment variable overrides the default")
 	return cmd
 }
 

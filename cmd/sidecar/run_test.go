@@ -28,9 +28,9 @@ func TestRunRefusesBadFlags(t *testing.T) {
 	t.Setenv("CLUSTER_NAME", "")
 	t.Setenv("POD_IP", "")
 	t.Setenv("POD_NAME", "")
-	_, _, err := execute(t.Context(), "run", "--max-connections", "0", "--outbound-addr", "nonsense")
+	_, _, err := execute(t.Context(), "run", "--max-connections", "0", "--outbound-addr", "nonsense", "--concurrency", "-1")
 	require.Error(t, err)
-	for _, want := range []string{"--cluster-name", "max connections", "outbound address"} {
+	for _, want := range []string{"--cluster-name", "max connections", "outbound address", "--concurrency -1"} {
 		require.ErrorContains(t, err, want)
 	}
 }
@@ -89,7 +89,8 @@ func TestRun(t *testing.T) {
 			"--cluster-name", "alpha", "--pod-ip", "10.0.0.7", "--pod-name", "web-0", "--namespace", "demo", "--service-account", "web",
 			"--token-file", tokenFile, "--ca-roots-file", rootsFile,
 			"--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0", "--admin-addr", admin, "--health-addr", health,
-			"--dns-addr", dnsAddr, "--dns-resolv-conf", "", "--dns-upstreams", "127.0.0.1:9", "--drain-timeout", "1s")
+			"--dns-addr", dnsAddr, "--dns-resolv-conf", "", "--dns-upstreams", "127.0.0.1:9", "--drain-timeout", "1s",
+			"--concurrency", "0") // the test binary keeps its GOMAXPROCS
 		if err != nil {
 			err = errors.Join(err, errors.New(stderr))
 		}
