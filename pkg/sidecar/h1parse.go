@@ -67,7 +67,6 @@ var errH1Fallback = errors.New("sidecar: request left to net/http")
 type span struct{ s, e int32 }
 
 func (s span) of(b []byte) []byte { return b[s.s:s.e] }
-func (s span) empty() bool        { return s.e <= s.s }
 
 // fieldKind is what the forwarding path does with a header field,
 // decided once while parsing.

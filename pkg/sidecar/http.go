@@ -429,8 +429,7 @@ type idleWatch struct {
 
 func newIdleWatch(idle time.Duration, last *atomic.Int64, fire func()) *idleWatch {
 	w := &idleWatch{}
-	var check func()
-	check = func() {
+	check := func() {
 		if w.stopped.Load() {
 			return
 		}
