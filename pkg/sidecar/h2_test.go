@@ -491,6 +491,28 @@ func (c *h2Client) get(t testing.TB, target string) h2Result {
 	return c.do(t, c.request(t, http.MethodGet, target, nil))
 }
 
+// concurrently sends every request at once, each on its client, and
+// returns what each got; a failed round trip is its result's err.
+func concurrently(clients []*h2Client, reqs []*http.Request) []h2Result {
+	results := make([]h2Result, len(reqs))
+	var wg sync.WaitGroup
+	for i, req := range reqs {
+		c := clients[i%len(clients)]
+		wg.Go(func() {
+			resp, err := c.cc.RoundTrip(req)
+			if err != nil {
+				results[i].err = err
+				return
+			}
+			defer resp.Body.Close()
+			b, err := io.ReadAll(resp.Body)
+			results[i] = h2Result{code: resp.StatusCode, body: string(b), err: err}
+		})
+	}
+	wg.Wait()
+	return results
+}
+
 // requireUsable checks c still carries requests.
 func (c *h2Client) requireUsable(t testing.TB) {
 	t.Helper()
@@ -707,23 +729,11 @@ func testH2(t *testing.T, netHTTP2 bool) {
 	t.Run("200 concurrent streams on one connection", func(t *testing.T) {
 		c := dialH2(t, m.a, host)
 		const streams, together = 200, 50
-		results := make([]h2Result, streams)
-		var wg sync.WaitGroup
-		for i := range streams {
-			req := c.request(t, http.MethodGet, fmt.Sprintf("/id?n=%d&tag=many&together=%d", i, together), nil)
-			wg.Go(func() {
-				resp, err := c.cc.RoundTrip(req)
-				if err != nil {
-					results[i].err = err
-					return
-				}
-				defer resp.Body.Close()
-				b, err := io.ReadAll(resp.Body)
-				results[i] = h2Result{code: resp.StatusCode, body: string(b), err: err}
-			})
+		reqs := make([]*http.Request, streams)
+		for i := range reqs {
+			reqs[i] = c.request(t, http.MethodGet, fmt.Sprintf("/id?n=%d&tag=many&together=%d", i, together), nil)
 		}
-		wg.Wait()
-		for i, r := range results {
+		for i, r := range concurrently([]*h2Client{c}, reqs) {
 			require.NoError(t, r.err, "stream %d", i)
 			require.Equal(t, http.StatusOK, r.code, "stream %d: %s", i, r.body)
 			require.Equal(t, fmt.Sprintf("id=%d proto=HTTP/2.0", i), r.body, "every stream gets its own answer")

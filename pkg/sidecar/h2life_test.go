@@ -487,24 +487,11 @@ func TestH2LifeMultiplexing(t *testing.T) {
 	inboundBefore := metricValue(t, m.b.scrape(t), "isthmus_sidecar_connections_total", "listener=inbound")
 	require.Less(t, inboundBefore, 1.0, "no connection to b yet")
 
-	var wg sync.WaitGroup
-	results := make([]h2Result, conns*perConn)
-	for i := range results {
-		c := clients[i%conns]
-		req := c.request(t, http.MethodGet, fmt.Sprintf("/together?k=%d&n=%d", conns*perConn, i), nil)
-		wg.Go(func() {
-			resp, err := c.cc.RoundTrip(req)
-			if err != nil {
-				results[i].err = err
-				return
-			}
-			defer resp.Body.Close()
-			b, err := io.ReadAll(resp.Body)
-			results[i] = h2Result{code: resp.StatusCode, body: string(b), err: err}
-		})
+	reqs := make([]*http.Request, conns*perConn)
+	for i := range reqs {
+		reqs[i] = clients[i%conns].request(t, http.MethodGet, fmt.Sprintf("/together?k=%d&n=%d", conns*perConn, i), nil)
 	}
-	wg.Wait()
-	for i, r := range results {
+	for i, r := range concurrently(clients[:], reqs) {
 		require.NoError(t, r.err, "stream %d", i)
 		require.Equal(t, http.StatusOK, r.code, "stream %d: %s", i, r.body)
 		require.Equal(t, "together", r.body, "stream %d", i)
