@@ -330,10 +330,20 @@ func (hc *h2Conn) flushInline() {
 func (hc *h2Conn) take() ([]byte, []h2Credit) {
 	buf, cr := hc.out, hc.credits
 	hc.out, hc.credits = hc.spare[:0], hc.spareCredits[:0]
+	if hc.spare == nil {
+		if b, ok := h2Bufs.Get().(*[]byte); ok {
+			hc.out = (*b)[:0]
+		}
+	}
 	hc.spare, hc.spareCredits = nil, nil
 	hc.writing = true
 	return buf, cr
 }
+
+// h2Bufs holds the large write buffers of connections that went idle,
+// for the next burst anywhere (a 1 MiB response grows one to 2 MiB);
+// the garbage collector empties it when nobody takes them.
+var h2Bufs sync.Pool
 
 // wrote ends a write: the sources get their window back (even when the
 // write failed: they must not lose window to a connection that died),

@@ -34,7 +34,7 @@ type h2Flow struct {
 	// queue is DATA waiting for a window or for the stream to open; the
 	// end of the stream (endQueued, with trailers when they came) goes
 	// after it.
-	queue     [][]byte
+	queue     []h2Chunk
 	endQueued bool
 	trailers  []hpack.HeaderField
 	// srcEnded: nothing more comes from src (END_STREAM, or a reset);
@@ -44,6 +44,24 @@ type h2Flow struct {
 	blocked bool
 	// sent: some DATA went to dst.
 	sent bool
+}
+
+// h2Chunk is DATA waiting on a stream: b, which is held in buf (a
+// frame-sized buffer of h2Chunks, given back once b is sent) when the
+// bytes were copied from a reader's buffer.
+type h2Chunk struct {
+	b   []byte
+	buf *[]byte
+}
+
+// h2ChunkBufs lends the copies of DATA that must wait, one frame each.
+var h2ChunkBufs = sync.Pool{New: func() any { b := make([]byte, h2MaxFrame); return &b }}
+
+func (c *h2Chunk) free() {
+	if c.buf != nil {
+		h2ChunkBufs.Put(c.buf)
+	}
+	*c = h2Chunk{}
 }
 
 // h2Stream is one proxied HTTP/2 request: a downstream stream and, once
@@ -337,15 +355,21 @@ func (s *h2Stream) send(fl *h2Flow, data []byte, end, borrowed bool) {
 		return
 	}
 	if len(data) > 0 {
-		fl.queue = append(fl.queue, data)
+		fl.queue = append(fl.queue, h2Chunk{b: data})
 	}
 	if end {
 		fl.endQueued = true
 	}
 	s.flush(fl)
 	if borrowed && len(data) > 0 && len(fl.queue) > 0 {
+		// What is left of data waits: copy it out of the reader's buffer.
 		last := &fl.queue[len(fl.queue)-1]
-		*last = append([]byte(nil), *last...)
+		if len(last.b) <= h2MaxFrame {
+			last.buf = h2ChunkBufs.Get().(*[]byte)
+			last.b = append((*last.buf)[:0], last.b...)
+		} else {
+			last.b = append([]byte(nil), last.b...)
+		}
 	}
 }
 
@@ -367,7 +391,7 @@ func (s *h2Stream) flush(fl *h2Flow) {
 		return
 	}
 	for len(fl.queue) > 0 {
-		chunk := fl.queue[0]
+		chunk := fl.queue[0].b
 		n := min(int64(len(chunk)), fl.sendWin, dst.sendWin, int64(dst.peerMaxFrame))
 		if n <= 0 {
 			if dst.sendWin <= 0 && !fl.blocked {
@@ -386,13 +410,13 @@ func (s *h2Stream) flush(fl *h2Flow) {
 			dst.credits = append(dst.credits, h2Credit{s: s, fl: fl, src: fl.src, n: n})
 		}
 		if n == int64(len(chunk)) {
-			fl.queue[0] = nil
+			fl.queue[0].free()
 			fl.queue = fl.queue[1:]
 			if len(fl.queue) == 0 {
 				fl.queue = nil
 			}
 		} else {
-			fl.queue[0] = chunk[n:]
+			fl.queue[0].b = chunk[n:]
 		}
 		if last {
 			fl.dstEnded = true
@@ -417,6 +441,9 @@ func (s *h2Stream) flush(fl *h2Flow) {
 // it arrived) and takes the stream off its destination's blocked set.
 // mu held.
 func (s *h2Stream) drop(fl *h2Flow) {
+	for i := range fl.queue {
+		fl.queue[i].free()
+	}
 	fl.queue, fl.trailers = nil, nil
 	s.unblock(fl)
 }
@@ -804,7 +831,11 @@ func (hc *h2Conn) release(id uint32) {
 	if n == 0 {
 		hc.lastStreamEnd.Store(time.Now().UnixNano())
 		if cap(hc.spare) > 64<<10 {
-			hc.spare = nil // a burst's buffer, kept only while streams are open
+			// A burst's buffer: kept by the connection only while streams
+			// are open, then lent to any.
+			b := hc.spare[:0]
+			h2Bufs.Put(&b)
+			hc.spare = nil
 		}
 	}
 	var closeNow bool
