@@ -39,9 +39,11 @@ import (
 // side's socket, and its connection's window at once: a slow reader
 // holds back its own stream's sender, at most one stream window
 // (256 KiB) held here, and never the connection's other streams.
-// Frames a reader causes on its own connection (PING and SETTINGS
-// acknowledgements, resets, answers) stop it reading past h2MaxQueued
-// unwritten bytes. Streams that end in a reset soon after they open,
+// Frames a downstream's reader causes on its own connection (PING and
+// SETTINGS acknowledgements, resets, answers) stop it reading past
+// h2MaxQueued unwritten bytes; an upstream's reader never stops (the
+// sidecar at the other end may be waiting for it to read), and an
+// upstream that floods acknowledgements is cut off instead. Streams that end in a reset soon after they open,
 // by the client or by the sidecar for the client's error, close the
 // connection once they are most of 500 (rapid reset, MadeYouReset).
 //
@@ -80,9 +82,10 @@ const (
 	// GOAWAY after an error).
 	h2CloseFlush = time.Second
 	// h2MaxQueued bounds a connection's write queue as its own reader
-	// fills it: past it the reader reads nothing more until the writer
-	// has written, so a peer that sends PINGs, SETTINGS or requests and
-	// never reads what they cause holds the sidecar's memory to this.
+	// fills it: past it a downstream's reader reads nothing more until
+	// the writer has written, so a client that sends PINGs, SETTINGS or
+	// requests and never reads what they cause holds the sidecar's
+	// memory to this; an upstream that floods acknowledgements is cut off.
 	h2MaxQueued = 1 << 20
 )
 
@@ -528,7 +531,10 @@ func (hc *h2Conn) stream(id uint32) *h2Stream {
 func (hc *h2Conn) readLoop() error {
 	for {
 		hc.flushDirty()
-		if !hc.waitRoom() {
+		// Only a downstream's reader waits: an upstream connection's
+		// reader must always take what its peer (often another sidecar,
+		// whose own reader may be waiting for its writes to drain) sends.
+		if !hc.client && !hc.waitRoom() {
 			return errH2Closed
 		}
 		hc.refreshDeadline()
@@ -553,6 +559,24 @@ func (hc *h2Conn) readLoop() error {
 			return err
 		}
 	}
+}
+
+// controlFlood ends an upstream connection whose peer makes it queue
+// acknowledgements (PING, SETTINGS) past h2MaxQueued unwritten bytes
+// (net/http's maxQueuedControlFrames); a downstream's reader waits
+// instead (waitRoom).
+func (hc *h2Conn) controlFlood() error {
+	if !hc.client {
+		return nil
+	}
+	hc.mu.Lock()
+	n := len(hc.out)
+	hc.mu.Unlock()
+	if n <= h2MaxQueued {
+		return nil
+	}
+	hc.connError(http2.ErrCodeEnhanceYourCalm)
+	return errors.New("http2: the peer does not read the acknowledgements of its PINGs and SETTINGS")
 }
 
 // waitRoom holds the reader while its connection's write queue is over
@@ -684,6 +708,9 @@ func (hc *h2Conn) handle(f http2.Frame) error {
 		return hc.onSettings(f)
 	case *http2.PingFrame:
 		if !f.IsAck() {
+			if err := hc.controlFlood(); err != nil {
+				return err
+			}
 			hc.mu.Lock()
 			hc.out = appendFrameHeader(hc.out, 8, http2.FramePing, http2.FlagPingAck, 0)
 			hc.out = append(hc.out, f.Data[:]...)
@@ -800,6 +827,9 @@ func (hc *h2Conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 func (hc *h2Conn) onSettings(f *http2.SettingsFrame) error {
 	if f.IsAck() {
 		return nil
+	}
+	if err := hc.controlFlood(); err != nil {
+		return err
 	}
 	var delta int64
 	var bad error
