@@ -682,6 +682,11 @@ func (s *h2Stream) upFailed(code http2.ErrCode, err error) {
 func (s *h2Stream) peerReset(hc *h2Conn, code http2.ErrCode) {
 	s.lock(hc)
 	defer s.unlock()
+	if s.finished || (hc == s.up && s.upGone) {
+		// A reset that raced with the stream's end (a GOAWAY's refusals
+		// are listed before they are acted on).
+		return
+	}
 	defer s.maybeDone()
 	switch hc {
 	case s.down:
@@ -699,7 +704,8 @@ func (s *h2Stream) peerReset(hc *h2Conn, code http2.ErrCode) {
 		// Refused (by RST_STREAM or a GOAWAY that did not take it): the
 		// upstream did nothing with it, so it may go elsewhere while
 		// its body is all still here.
-		if code == http2.ErrCodeRefusedStream && !s.answered && !s.toUp.sent && s.attempts < s.p.cfg.MaxConnectAttempts {
+		if code == http2.ErrCodeRefusedStream && !s.answered && !s.toUp.sent && !s.toDown.dstEnded &&
+			s.attempts < s.p.cfg.MaxConnectAttempts {
 			s.detachUp()
 			s.connect()
 			return
@@ -709,6 +715,12 @@ func (s *h2Stream) peerReset(hc *h2Conn, code http2.ErrCode) {
 		if !s.answered {
 			s.fail(fmt.Errorf("%v", code))
 			return
+		}
+		// Mid-response. Only a cancel passes as it is: REFUSED_STREAM would
+		// tell the client the request was not processed (it was), and a
+		// reset with NO_ERROR before END_STREAM truncates the response.
+		if code != http2.ErrCodeCancel {
+			code = http2.ErrCodeInternal
 		}
 		s.resetDown(code)
 	}
@@ -729,6 +741,9 @@ func (s *h2Stream) detachUp() {
 func (s *h2Stream) connLost(hc *h2Conn, err error) {
 	s.lock(nil)
 	defer s.unlock()
+	if s.finished {
+		return
+	}
 	defer s.maybeDone()
 	switch {
 	case hc == s.down:
