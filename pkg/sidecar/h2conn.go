@@ -64,6 +64,11 @@ const (
 	// h2MaxHeaderList bounds a header block, as the HTTP/1.1 path bounds
 	// a head.
 	h2MaxHeaderList = h1MaxHead
+	// h2ReadHeaderList is how much of a header block the Framer decodes
+	// (net/http's server default): a block between the two is answered
+	// 431 on its stream; past this one x/net's Framer ends the
+	// connection, as net/http's server does.
+	h2ReadHeaderList = 1 << 20
 	h2ReadBuf       = 32 << 10
 	// h2MaxFrame is the largest frame the sidecar reads: the protocol's
 	// initial SETTINGS_MAX_FRAME_SIZE, which it never raises.
@@ -194,7 +199,7 @@ func (hc *h2Conn) startReader(r io.Reader) {
 	hc.fr.SetReuseFrames()
 	hc.fr.SetMaxReadFrameSize(h2MaxFrame)
 	hc.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	hc.fr.MaxHeaderListSize = h2MaxHeaderList
+	hc.fr.MaxHeaderListSize = h2ReadHeaderList
 }
 
 // greet queues the connection's opening: the client preface, then

@@ -195,7 +195,7 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 		return
 	}
 	s.head = method == http.MethodHead
-	if f.Truncated {
+	if f.Truncated || headerListSize(f.Fields) > h2MaxHeaderList {
 		s.answer(http.StatusRequestHeaderFieldsTooLarge, "isthmus sidecar: request headers exceed "+strconv.Itoa(h2MaxHeaderList)+" bytes\n")
 		return
 	}
@@ -553,9 +553,10 @@ func (s *h2Stream) onHeaders(hc *h2Conn, f *http2.MetaHeadersFrame) {
 	}
 	status, err := strconv.Atoi(f.PseudoValue("status"))
 	switch {
-	case err != nil || status < 100 || status > 999 || status == http.StatusSwitchingProtocols || f.Truncated:
+	case err != nil || status < 100 || status > 999 || status == http.StatusSwitchingProtocols ||
+		f.Truncated || headerListSize(f.Fields) > h2MaxHeaderList:
 		reason := "malformed response headers"
-		if f.Truncated {
+		if f.Truncated || headerListSize(f.Fields) > h2MaxHeaderList {
 			reason = "response headers exceed " + strconv.Itoa(h2MaxHeaderList) + " bytes"
 		}
 		s.upFailed(http2.ErrCodeProtocol, errors.New(reason))
@@ -578,6 +579,16 @@ func (s *h2Stream) onHeaders(hc *h2Conn, f *http2.MetaHeadersFrame) {
 			fl.srcEnded, fl.dstEnded = true, true
 		}
 	}
+}
+
+// headerListSize is a header list's size as SETTINGS_MAX_HEADER_LIST_SIZE
+// counts it (RFC 9113 §6.5.2).
+func headerListSize(fields []hpack.HeaderField) int {
+	n := 0
+	for _, f := range fields {
+		n += int(f.Size())
+	}
+	return n
 }
 
 func keepResponseField(f *hpack.HeaderField) bool {
