@@ -69,7 +69,7 @@ const (
 	// 431 on its stream; past this one x/net's Framer ends the
 	// connection, as net/http's server does.
 	h2ReadHeaderList = 1 << 20
-	h2ReadBuf       = 32 << 10
+	h2ReadBuf        = 32 << 10
 	// h2MaxFrame is the largest frame the sidecar reads: the protocol's
 	// initial SETTINGS_MAX_FRAME_SIZE, which it never raises.
 	h2MaxFrame = 16384
