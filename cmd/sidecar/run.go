@@ -51,10 +51,9 @@ finish for --drain-timeout, and exits.`,
 			if err := errors.Join(boot.CheckNode(), cfg.Validate(), dnsValidate(dnsCfg), cores); err != nil {
 				return err
 			}
-			// GOMAXPROCS in the environment wins over the default, not over
-			// the flag.
-			if _, env := os.LookupEnv("GOMAXPROCS"); concurrency > 0 && (!env || cmd.Flags().Changed("concurrency")) {
-				runtime.GOMAXPROCS(concurrency)
+			_, env := os.LookupEnv("GOMAXPROCS")
+			if n := procsFor(concurrency, cmd.Flags().Changed("concurrency"), env); n > 0 {
+				runtime.GOMAXPROCS(n)
 			}
 			log := g.logger(cmd.ErrOrStderr())
 			log.Info("configuration", "version", version.Version, "xds", boot.XDSAddress, "xdsPlaintext", boot.XDSPlaintext,
@@ -88,6 +87,16 @@ finish for --drain-timeout, and exits.`,
 	fl.StringSliceVar(&dnsCfg.Upstreams, "dns-upstreams", nil, "resolvers (ip:port) to forward to instead of resolv.conf's nameservers")
 	fl.IntVar(&concurrency, "concurrency", 1, "CPU cores the sidecar runs on at once (GOMAXPROCS; Istio's proxy concurrency); 0: Go's choice, the container's CPU limit else every core. The GOMAXPROCS environment variable overrides the default")
 	return cmd
+}
+
+// procsFor is the GOMAXPROCS --concurrency asks for (0: leave Go's):
+// GOMAXPROCS in the environment wins over the flag's default, not over
+// the flag given.
+func procsFor(concurrency int, given, env bool) int {
+	if concurrency <= 0 || (env && !given) {
+		return 0
+	}
+	return concurrency
 }
 
 func dnsValidate(c dns.Config) error {

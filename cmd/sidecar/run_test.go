@@ -35,6 +35,24 @@ func TestRunRefusesBadFlags(t *testing.T) {
 	}
 }
 
+// --concurrency sets GOMAXPROCS: its default 1 unless the environment
+// sets GOMAXPROCS, a value given always, 0 never.
+func TestProcsFor(t *testing.T) {
+	for _, tc := range []struct {
+		concurrency int
+		given, env  bool
+		want        int
+	}{
+		{1, false, false, 1},
+		{1, false, true, 0},
+		{2, true, true, 2},
+		{4, true, false, 4},
+		{0, true, false, 0},
+	} {
+		require.Equal(t, tc.want, procsFor(tc.concurrency, tc.given, tc.env), "%+v", tc)
+	}
+}
+
 func freePort(t *testing.T) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

@@ -18,8 +18,6 @@ import (
 	"unsafe"
 
 	"go.opentelemetry.io/otel/metric"
-
-	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
 )
 
 // The sidecar's own HTTP/1.1 forwarding path. net/http costs a request
@@ -884,9 +882,9 @@ func (hc *h1Conn) sendRequest(up *h1Up, head []byte) (int64, error) {
 	if h.teTrailers {
 		_ = w.str("Te: trailers\r\n")
 	}
-	if ci.hcm.ForwardClientCert == xdsclient.SanitizeSet && ci.xfcc != "" {
+	if v := ci.setXFCC(); v != "" {
 		_ = w.str(xfccHeader + ": ")
-		_ = w.str(ci.xfcc)
+		_ = w.str(v)
 		_ = w.str("\r\n")
 	}
 	var err error

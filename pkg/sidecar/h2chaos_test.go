@@ -634,8 +634,8 @@ func chaosState(p *Proxy) chaosHeld {
 				fmt.Fprintf(&b, "  stream %p: its lock is held\n", s)
 				continue
 			}
-			fmt.Fprintf(&b, "  stream %p: down %p up %p waitingOn %p answered %v code %d finished %v downGone %v upGone %v attempts %d toUp{src %d dst %d srcEnded %v dstEnded %v queue %d blocked %v} toDown{src %d dst %d srcEnded %v dstEnded %v queue %d blocked %v sendWin %d}\n",
-				s, s.down, s.up, s.waitingOn, s.answered, s.code, s.finished, s.downGone, s.upGone, s.attempts,
+			fmt.Fprintf(&b, "  stream %p: down %p up %p waitingOn %p answered %v finished %v downGone %v upGone %v attempts %d toUp{src %d dst %d srcEnded %v dstEnded %v queue %d blocked %v} toDown{src %d dst %d srcEnded %v dstEnded %v queue %d blocked %v sendWin %d}\n",
+				s, s.down, s.up, s.waitingOn, s.answered, s.finished, s.downGone, s.upGone, s.attempts,
 				s.toUp.srcID, s.toUp.dstID, s.toUp.srcEnded, s.toUp.dstEnded, len(s.toUp.queue), s.toUp.blocked,
 				s.toDown.srcID, s.toDown.dstID, s.toDown.srcEnded, s.toDown.dstEnded, len(s.toDown.queue), s.toDown.blocked, s.toDown.sendWin)
 			s.mu.Unlock()

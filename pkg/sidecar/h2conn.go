@@ -613,13 +613,19 @@ func (hc *h2Conn) refreshDeadline() {
 		return
 	}
 	hc.lastDeadline = now
-	_ = hc.c.SetReadDeadline(now.Add(hc.readTimeout()))
+	_ = hc.c.SetReadDeadline(now.Add(hc.readTimeout(hc.openStreams())))
 }
 
-func (hc *h2Conn) readTimeout() time.Duration {
+func (hc *h2Conn) openStreams() int {
 	hc.mu.Lock()
-	n := len(hc.streams)
-	hc.mu.Unlock()
+	defer hc.mu.Unlock()
+	return len(hc.streams)
+}
+
+// readTimeout is how long the reader waits for a frame with n streams
+// open: a downstream without any, the idle timeout; else until the
+// liveness ping.
+func (hc *h2Conn) readTimeout(n int) time.Duration {
 	if n == 0 && !hc.client {
 		return hc.p.cfg.HTTPIdleTimeout
 	}
@@ -636,9 +642,7 @@ func (hc *h2Conn) silent() bool {
 		return false
 	default:
 	}
-	hc.mu.Lock()
-	n := len(hc.streams)
-	hc.mu.Unlock()
+	n := hc.openStreams()
 	// The deadline moves at most once a second, so it may pass early:
 	// the connection's real idle time decides.
 	now := time.Now()
@@ -646,7 +650,7 @@ func (hc *h2Conn) silent() bool {
 	if ended := time.Unix(0, hc.lastStreamEnd.Load()); ended.After(last) {
 		last = ended
 	}
-	if timeout := hc.readTimeout(); !hc.pingOut && now.Sub(last) < timeout {
+	if timeout := hc.readTimeout(n); !hc.pingOut && now.Sub(last) < timeout {
 		hc.lastDeadline = now
 		_ = hc.c.SetReadDeadline(last.Add(timeout))
 		return true

@@ -15,8 +15,6 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
-
-	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
 )
 
 // h2Flow is one direction of a proxied stream: the request's DATA from
@@ -88,10 +86,9 @@ type h2Stream struct {
 	attempts int
 	lastErr  error
 	// answered: a response began downstream (the upstream's, or the
-	// sidecar's own); code is its status, counted once.
+	// sidecar's own); counted: its status was counted.
 	answered bool
 	counted  bool
-	code     int
 	entered  bool
 	// downGone and upGone: the stream left its connection's table.
 	downGone, upGone, finished bool
@@ -168,7 +165,7 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 	down.mu.Unlock()
 	s.touch()
 
-	var method, authority, path, host string
+	var method, scheme, authority, path, host string
 	for _, hf := range f.Fields {
 		switch hf.Name {
 		case ":method":
@@ -178,24 +175,27 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 		case ":path":
 			path = hf.Value
 		case ":scheme":
+			scheme = hf.Value
 		case "host":
 			host = hf.Value
-		case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
-			s.clientFault(http2.ErrCodeProtocol)
-			return
 		case "te":
 			if hf.Value != "trailers" {
 				s.clientFault(http2.ErrCodeProtocol)
 				return
 			}
+		default:
+			if connectionSpecific(hf.Name) {
+				s.clientFault(http2.ErrCodeProtocol)
+				return
+			}
 		}
 	}
-	if method == "" || (method != http.MethodConnect && (path == "" || f.PseudoValue("scheme") == "")) {
+	if method == "" || (method != http.MethodConnect && (path == "" || scheme == "")) {
 		s.clientFault(http2.ErrCodeProtocol)
 		return
 	}
 	s.head = method == http.MethodHead
-	if f.Truncated || headerListSize(f.Fields) > h2MaxHeaderList {
+	if tooLarge(f) {
 		s.answer(http.StatusRequestHeaderFieldsTooLarge, "isthmus sidecar: request headers exceed "+strconv.Itoa(h2MaxHeaderList)+" bytes\n")
 		return
 	}
@@ -217,12 +217,11 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 	}
 	ci := down.info
 	d := routeTo(st, ci, method, authority, path)
+	s.upstream = d.up
 	if d.err != "" {
-		s.upstream = d.up
 		s.answerCluster(d.cluster, d.code, "isthmus sidecar: "+d.err+"\n")
 		return
 	}
-	s.upstream = d.up
 	target, ok := p.target(ci, d.up)
 	if !ok {
 		s.answer(http.StatusBadGateway, notRedirected(d.up.name)+"\n")
@@ -343,7 +342,7 @@ func (s *h2Stream) count(cluster string, code int) {
 	if s.counted {
 		return
 	}
-	s.counted, s.code = true, code
+	s.counted = true
 	s.p.metrics.request(s.down.info.listener, cluster, code)
 }
 
@@ -553,13 +552,10 @@ func (s *h2Stream) onHeaders(hc *h2Conn, f *http2.MetaHeadersFrame) {
 	}
 	status, err := strconv.Atoi(f.PseudoValue("status"))
 	switch {
-	case err != nil || status < 100 || status > 999 || status == http.StatusSwitchingProtocols ||
-		f.Truncated || headerListSize(f.Fields) > h2MaxHeaderList:
-		reason := "malformed response headers"
-		if f.Truncated || headerListSize(f.Fields) > h2MaxHeaderList {
-			reason = "response headers exceed " + strconv.Itoa(h2MaxHeaderList) + " bytes"
-		}
-		s.upFailed(http2.ErrCodeProtocol, errors.New(reason))
+	case tooLarge(f):
+		s.upFailed(http2.ErrCodeProtocol, errors.New("response headers exceed "+strconv.Itoa(h2MaxHeaderList)+" bytes"))
+	case err != nil || status < 100 || status > 999 || status == http.StatusSwitchingProtocols:
+		s.upFailed(http2.ErrCodeProtocol, errors.New("malformed response headers"))
 	case status < 200:
 		s.down.mu.Lock()
 		s.down.writeHeaders(s.toDown.dstID, f.Fields, keepResponseField, nil, false)
@@ -581,23 +577,31 @@ func (s *h2Stream) onHeaders(hc *h2Conn, f *http2.MetaHeadersFrame) {
 	}
 }
 
-// headerListSize is a header list's size as SETTINGS_MAX_HEADER_LIST_SIZE
-// counts it (RFC 9113 §6.5.2).
-func headerListSize(fields []hpack.HeaderField) int {
-	n := 0
-	for _, f := range fields {
-		n += int(f.Size())
+// tooLarge reports a header block over h2MaxHeaderList, as
+// SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 §6.5.2); the Framer
+// reads up to h2ReadHeaderList.
+func tooLarge(f *http2.MetaHeadersFrame) bool {
+	if f.Truncated {
+		return true
 	}
-	return n
+	n := 0
+	for _, hf := range f.Fields {
+		n += int(hf.Size())
+	}
+	return n > h2MaxHeaderList
 }
 
-func keepResponseField(f *hpack.HeaderField) bool {
-	switch f.Name {
+// connectionSpecific names the fields HTTP/2 forbids (RFC 9113 §8.2.2):
+// a request with one is malformed; a response's are dropped.
+func connectionSpecific(name string) bool {
+	switch name {
 	case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
-		return false
+		return true
 	}
-	return true
+	return false
 }
+
+func keepResponseField(f *hpack.HeaderField) bool { return !connectionSpecific(f.Name) }
 
 func keepTrailerField(f *hpack.HeaderField) bool {
 	return keepResponseField(f) && !strings.HasPrefix(f.Name, ":")
@@ -891,8 +895,8 @@ func (hc *h2Conn) release(id uint32) {
 // xfccFields is what a downstream connection's requests get added: the
 // caller's X-Forwarded-Client-Cert under SANITIZE_SET.
 func xfccFields(ci *connInfo) []hpack.HeaderField {
-	if ci.hcm.ForwardClientCert == xdsclient.SanitizeSet && ci.xfcc != "" {
-		return []hpack.HeaderField{{Name: "x-forwarded-client-cert", Value: ci.xfcc}}
+	if v := ci.setXFCC(); v != "" {
+		return []hpack.HeaderField{{Name: "x-forwarded-client-cert", Value: v}}
 	}
 	return nil
 }

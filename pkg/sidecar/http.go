@@ -69,6 +69,16 @@ func (c *httpConn) Close() error {
 
 type connInfoKey struct{}
 
+// setXFCC is the X-Forwarded-Client-Cert value requests on the
+// connection get: the caller's under SANITIZE_SET, else none (the
+// header is removed).
+func (ci *connInfo) setXFCC() string {
+	if ci.hcm.ForwardClientCert == xdsclient.SanitizeSet {
+		return ci.xfcc
+	}
+	return ""
+}
+
 func connInfoOf(ctx context.Context) *connInfo {
 	ci, _ := ctx.Value(connInfoKey{}).(*connInfo)
 	return ci
@@ -326,8 +336,8 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 		}
 	}
 	pr.Out.Header.Del(xfccHeader)
-	if f.ci.hcm.ForwardClientCert == xdsclient.SanitizeSet && f.ci.xfcc != "" {
-		pr.Out.Header.Set(xfccHeader, f.ci.xfcc)
+	if v := f.ci.setXFCC(); v != "" {
+		pr.Out.Header.Set(xfccHeader, v)
 	}
 }
 

@@ -129,6 +129,16 @@ type result struct {
 	reused bool
 }
 
+// fetchFast asks b's app for /fast and requires its answer.
+func fetchFast(t testing.TB, c *http.Client, url string) result {
+	t.Helper()
+	r := fetch(t, c, url+"/fast")
+	require.NoError(t, r.err)
+	require.Equal(t, http.StatusOK, r.code, r.body)
+	require.Equal(t, "fast", r.body)
+	return r
+}
+
 func fetch(t testing.TB, c *http.Client, url string) result {
 	t.Helper()
 	var r result
@@ -173,10 +183,7 @@ func TestRouteTimeoutBeforeTheResponseHead(t *testing.T) {
 			c := timeoutClient(t, m, tc.h2)
 			url := "http://" + hurriedSvc.host()
 
-			r := fetch(t, c, url+"/fast")
-			require.NoError(t, r.err)
-			require.Equal(t, http.StatusOK, r.code, r.body)
-			require.Equal(t, "fast", r.body)
+			r := fetchFast(t, c, url)
 			requirePath(t, m, !tc.h2 && !tc.netHTTP1)
 
 			r = fetch(t, c, url+"/hold")
@@ -186,10 +193,7 @@ func TestRouteTimeoutBeforeTheResponseHead(t *testing.T) {
 			require.True(t, r.reused, "the 504 came on the app's connection")
 			app.requireEnded(t, "/hold")
 
-			r = fetch(t, c, url+"/fast")
-			require.NoError(t, r.err)
-			require.Equal(t, http.StatusOK, r.code, r.body)
-			require.Equal(t, "fast", r.body)
+			r = fetchFast(t, c, url)
 			require.True(t, r.reused, "the app's connection survived the 504")
 
 			mt := m.a.scrape(t)
@@ -224,10 +228,7 @@ func TestRouteTimeoutCutsAStreamingResponse(t *testing.T) {
 			}
 			app.requireEnded(t, "/partial")
 
-			r = fetch(t, c, url+"/fast")
-			require.NoError(t, r.err)
-			require.Equal(t, http.StatusOK, r.code, r.body)
-			require.Equal(t, "fast", r.body)
+			fetchFast(t, c, url)
 		})
 	}
 }
@@ -281,10 +282,7 @@ func TestCallerGivingUpEndsTheAppsRequest(t *testing.T) {
 					"cluster="+patientSvc.cluster(80), "code=0") == 1
 			}, waitFor, 20*time.Millisecond, "a counts the request its app left")
 
-			r := fetch(t, c, url+"/fast")
-			require.NoError(t, r.err)
-			require.Equal(t, http.StatusOK, r.code, r.body)
-			require.Equal(t, "fast", r.body)
+			fetchFast(t, c, url)
 		})
 	}
 }
