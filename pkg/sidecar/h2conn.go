@@ -248,7 +248,7 @@ func appendGoAway(b []byte, last uint32, code http2.ErrCode) []byte {
 		byte(code>>24), byte(code>>16), byte(code>>8), byte(code))
 }
 
-// queued marks output queued (mu held): the writer wakes if it was idle.
+// kick wakes the writer if it is idle: output was queued.
 func (hc *h2Conn) kick() {
 	select {
 	case hc.wake <- struct{}{}:

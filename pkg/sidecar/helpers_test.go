@@ -665,13 +665,17 @@ func startHTTPBackend(t testing.TB, pod string) *backend {
 	mux.HandleFunc("/stream", func(w http.ResponseWriter, r *http.Request) {
 		b.requests.Add(1)
 		n, _ := strconv.Atoi(r.URL.Query().Get("n"))
+		every, err := time.ParseDuration(r.URL.Query().Get("every"))
+		if err != nil {
+			every = 20 * time.Millisecond
+		}
 		for i := range n {
 			if _, err := fmt.Fprintf(w, "line %d\n", i); err != nil {
 				return
 			}
 			_ = http.NewResponseController(w).Flush()
 			select {
-			case <-time.After(20 * time.Millisecond):
+			case <-time.After(every):
 			case <-r.Context().Done():
 				return
 			}
