@@ -169,28 +169,17 @@ type rawAppConn struct {
 
 func startRawApp(t testing.TB, handle func(sc *rawAppConn, id uint32, path string)) *rawApp {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	a := &rawApp{addr: ln.Addr().(*net.TCPAddr).AddrPort()}
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			sc := &rawAppConn{n: a.conns.Add(1), c: c, fr: http2.NewFramer(c, c), state: map[string]uint32{}}
-			sc.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-			sc.enc = hpack.NewEncoder(&sc.encBuf)
-			wg.Go(func() { a.serve(sc, handle) })
-		}
+	a := &rawApp{}
+	a.addr = serveTCP(t, func(c net.Conn) {
+		sc := &rawAppConn{n: a.conns.Add(1), c: c, fr: http2.NewFramer(c, c), state: map[string]uint32{}}
+		sc.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+		sc.enc = hpack.NewEncoder(&sc.encBuf)
+		a.serve(sc, handle)
 	})
-	t.Cleanup(func() { _ = ln.Close(); wg.Wait() })
 	return a
 }
 
 func (a *rawApp) serve(sc *rawAppConn, handle func(sc *rawAppConn, id uint32, path string)) {
-	defer sc.c.Close()
 	_ = sc.c.SetDeadline(time.Now().Add(2 * waitFor))
 	preface := make([]byte, len(http2.ClientPreface))
 	if _, err := io.ReadFull(sc.c, preface); err != nil || string(preface) != http2.ClientPreface {

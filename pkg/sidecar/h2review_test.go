@@ -288,31 +288,18 @@ func TestH2ReviewDrainWhileDialling(t *testing.T) {
 	// A slow way to b: the TCP connection to b's inbound is made 1 s
 	// after a's sidecar connects.
 	target := m.b.endpoint(ipLifeCount)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	var wg sync.WaitGroup
-	t.Cleanup(func() { _ = ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				time.Sleep(time.Second)
-				up, err := net.Dial("tcp", target.String())
-				if err != nil {
-					return
-				}
-				defer up.Close()
-				go func() { _, _ = io.Copy(up, c); _ = up.(*net.TCPConn).CloseWrite() }()
-				_, _ = io.Copy(c, up)
-			})
+	slowAddr := serveTCP(t, func(c net.Conn) {
+		time.Sleep(time.Second)
+		up, err := net.Dial("tcp", target.String())
+		if err != nil {
+			return
 		}
+		defer up.Close()
+		go func() { _, _ = io.Copy(up, c); _ = up.(*net.TCPConn).CloseWrite() }()
+		_, _ = io.Copy(c, up)
 	})
 	slow := m.onB(lifeCountSvc, ipLifeCount)
-	slow.locs[0].eps[0].addr = ln.Addr().(*net.TCPAddr).AddrPort()
+	slow.locs[0].eps[0].addr = slowAddr
 	m.set(t, "v2", m.onB(h2Svc, ipH2), slow, m.onB(lifeRawSvc, ipLifeRaw))
 
 	host := lifeCountSvc.host()

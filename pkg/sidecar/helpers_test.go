@@ -740,9 +740,24 @@ type tcpEcho struct {
 
 func startTCPEcho(t testing.TB) *tcpEcho {
 	t.Helper()
+	e := &tcpEcho{}
+	e.addr = serveTCP(t, func(c net.Conn) {
+		e.accepted.Add(1)
+		_ = c.SetDeadline(time.Now().Add(waitFor))
+		_, _ = io.Copy(c, c)
+		_ = c.(*net.TCPConn).CloseWrite()
+		_, _ = io.Copy(io.Discard, c)
+	})
+	return e
+}
+
+// serveTCP listens on loopback and runs serve on each connection, on its
+// own goroutine, then closes it; the test's cleanup closes the listener
+// and waits for every serve to return.
+func serveTCP(t testing.TB, serve func(net.Conn)) netip.AddrPort {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	e := &tcpEcho{addr: ln.Addr().(*net.TCPAddr).AddrPort()}
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		for {
@@ -750,18 +765,14 @@ func startTCPEcho(t testing.TB) *tcpEcho {
 			if err != nil {
 				return
 			}
-			e.accepted.Add(1)
 			wg.Go(func() {
 				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(waitFor))
-				_, _ = io.Copy(c, c)
-				_ = c.(*net.TCPConn).CloseWrite()
-				_, _ = io.Copy(io.Discard, c)
+				serve(c)
 			})
 		}
 	})
 	t.Cleanup(func() { _ = ln.Close(); wg.Wait() })
-	return e
+	return ln.Addr().(*net.TCPAddr).AddrPort()
 }
 
 // --- a pod: its sidecar and its apps ---
