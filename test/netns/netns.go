@@ -384,25 +384,38 @@ func copyExecutable() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	dst := filepath.Join(dir, filepath.Base(self))
-	err = errors.Join(os.Chmod(dir, 0o755), copyFile(self, dst, 0o755))
-	if err != nil {
+	dst, err := CopyExecutable(self, dir)
+	if err = errors.Join(err, os.Chmod(dir, 0o755)); err != nil {
 		os.RemoveAll(dir)
 		return "", fmt.Errorf("copy test binary: %w", err)
 	}
 	return dst, nil
 }
 
-func copyFile(src, dst string, perm os.FileMode) error {
+// CopyExecutable copies the program at src into dir, executable by
+// anyone, and returns the copy's path.
+//
+// No process may start while the copy is open for writing: a child
+// forked then would hold the descriptor until its own exec, and running
+// the copy in that window fails with ETXTBSY ("text file busy"; Go issue
+// 22315). Parallel tests start ip and nsenter all the time, so the copy
+// holds syscall.ForkLock, which every fork in this process waits for.
+func CopyExecutable(src, dir string) (string, error) {
 	in, err := os.Open(src)
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, perm)
+	dst := filepath.Join(dir, filepath.Base(src))
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o755)
 	if err != nil {
-		return err
+		return "", err
 	}
 	_, err = io.Copy(out, in)
-	return errors.Join(err, out.Close())
+	if err = errors.Join(err, out.Close()); err != nil {
+		return "", err
+	}
+	return dst, nil
 }

@@ -183,7 +183,7 @@ func setUp(ctx context.Context, o options) (*env, error) {
 	if err := os.Chmod(dir, 0o755); err != nil {
 		return e, err
 	}
-	if sidecarBin, err = copyExecutable(sidecarBin, dir); err != nil {
+	if sidecarBin, err = netns.CopyExecutable(sidecarBin, dir); err != nil {
 		return e, err
 	}
 	self, err := os.Executable()
@@ -498,25 +498,4 @@ func findFortio(o options) (string, error) {
 func isExecutable(p string) bool {
 	st, err := os.Stat(p)
 	return err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0
-}
-
-// copyExecutable copies bin into dir, executable by anyone: the
-// server-side sidecar runs as proxyUID, and bin's directory may be closed
-// to it.
-func copyExecutable(bin, dir string) (string, error) {
-	in, err := os.Open(bin)
-	if err != nil {
-		return "", err
-	}
-	defer in.Close()
-	dst := filepath.Join(dir, filepath.Base(bin))
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o755)
-	if err != nil {
-		return "", err
-	}
-	_, err = io.Copy(out, in)
-	if err := errors.Join(err, out.Close()); err != nil {
-		return "", err
-	}
-	return dst, nil
 }
