@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -24,6 +23,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/test/fedproc"
 	"github.com/isthmus-mesh/isthmus/test/install"
 	"github.com/isthmus-mesh/isthmus/test/localcluster"
+	"github.com/isthmus-mesh/isthmus/test/netns"
 )
 
 // Binaries Start needs in Options.BinDir.
@@ -215,25 +215,11 @@ func copyPodBinaries(from, dir string) error {
 		}
 	}
 	for _, b := range podBinaries {
-		if err := copyFile(filepath.Join(from, b), filepath.Join(dir, b)); err != nil {
+		if _, err := netns.CopyExecutable(filepath.Join(from, b), dir); err != nil {
 			return fmt.Errorf("mesh: copy %s for the pods: %w", b, err)
 		}
 	}
 	return nil
-}
-
-func copyFile(src, dst string) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o755)
-	if err != nil {
-		return err
-	}
-	_, err = io.Copy(out, in)
-	return errors.Join(err, out.Close())
 }
 
 // New starts the mesh on env, whose clusters it takes in order with the
