@@ -68,7 +68,7 @@ func (p *Proxy) serveOutbound(c *net.TCPConn) {
 	}
 	ch := l.Match(match)
 	if ch.HTTP != nil {
-		p.serveHTTPConn(p.outQueue, c, &connInfo{listener: listenerOutbound, hcm: ch.HTTP, dst: dst, redirected: redirected})
+		p.serveHTTPConn(p.outQueue, newTryConn(c), &connInfo{listener: listenerOutbound, hcm: ch.HTTP, dst: dst, redirected: redirected})
 		return
 	}
 	p.proxyTCP(c, st, ch.TCP, listenerOutbound, dst, redirected)
@@ -154,7 +154,8 @@ func (p *Proxy) serveInbound(c *net.TCPConn) {
 		p.release(listenerInbound)
 		return
 	}
-	ic := &inConn{tryConn: tryConn{TCPConn: c}, chain: -1}
+	ic := &inConn{chain: -1}
+	ic.init(c)
 	tc := tls.Server(ic, st.inboundDispatch())
 	_ = c.SetDeadline(time.Now().Add(p.cfg.HandshakeTimeout))
 	if err := tc.Handshake(); err != nil {

@@ -18,13 +18,29 @@ import (
 // mu orders every write to the socket: the HTTP/2 connection has one
 // writer at a time, but crypto/tls may write from its reader too (a
 // KeyUpdate's answer, an alert).
+//
+// On Unix it reads and writes with raw system calls (rawIO), which keep
+// the runtime's sysmon asleep between requests.
 type tryConn struct {
 	*net.TCPConn
+	io   *rawIO
 	mu   sync.Mutex
 	try  bool
 	rest []byte
 	// kept is len(rest), read without mu.
 	kept atomic.Int64
+}
+
+// newTryConn wraps tcp.
+func newTryConn(tcp *net.TCPConn) *tryConn {
+	c := &tryConn{}
+	c.init(tcp)
+	return c
+}
+
+func (c *tryConn) init(tcp *net.TCPConn) {
+	c.TCPConn = tcp
+	c.io = newRawIO(tcp)
 }
 
 func (c *tryConn) tryConnOf() *tryConn { return c }
@@ -44,7 +60,7 @@ func (c *tryConn) Write(b []byte) (int, error) {
 			c.keep(b)
 			return len(b), nil
 		}
-		n, err := tryWrite(c.TCPConn, b)
+		n, err := c.write(b, true)
 		if err != nil {
 			return n, err
 		}
@@ -54,7 +70,7 @@ func (c *tryConn) Write(b []byte) (int, error) {
 	if err := c.drainLocked(); err != nil {
 		return 0, err
 	}
-	return c.TCPConn.Write(b)
+	return c.write(b, false)
 }
 
 func (c *tryConn) keep(b []byte) {
@@ -76,7 +92,7 @@ func (c *tryConn) drain() error {
 
 func (c *tryConn) drainLocked() error {
 	for len(c.rest) > 0 {
-		n, err := c.TCPConn.Write(c.rest)
+		n, err := c.write(c.rest, false)
 		c.rest = c.rest[n:]
 		c.kept.Store(int64(len(c.rest)))
 		if err != nil {
@@ -100,7 +116,7 @@ func h2Writer(c net.Conn) (io.Writer, *tryConn) {
 		}
 		return x, nil
 	case *net.TCPConn:
-		t := &tryConn{TCPConn: x}
+		t := newTryConn(x)
 		return t, t
 	case *tryConn:
 		return x, x

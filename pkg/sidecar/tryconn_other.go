@@ -4,6 +4,17 @@ package sidecar
 
 import "net"
 
-// tryWrite writes nothing: without non-blocking writes, the writer
-// goroutine sends everything.
-func tryWrite(*net.TCPConn, []byte) (int, error) { return 0, nil }
+// rawIO is Unix's raw-syscall I/O; elsewhere net.Conn's Read and Write
+// do it all.
+type rawIO struct{}
+
+func newRawIO(*net.TCPConn) *rawIO { return nil }
+
+// write writes b whole (try false); in try mode it writes nothing: the
+// writer goroutine sends everything.
+func (c *tryConn) write(b []byte, try bool) (int, error) {
+	if try {
+		return 0, nil
+	}
+	return c.TCPConn.Write(b)
+}

@@ -3,8 +3,11 @@ package sidecar
 import (
 	"bytes"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"io"
 	"net"
+	"os"
 	"testing"
 	"time"
 
@@ -15,22 +18,9 @@ import (
 // kept, written first by the next blocking write, and the peer reads
 // every byte in order.
 func TestTryConnKeepsWhatTheSocketDoesNotTake(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		accepted <- c
-	}()
-	raw, err := net.Dial("tcp", ln.Addr().String())
-	require.NoError(t, err)
-	defer raw.Close()
-	peer := <-accepted
-	require.NotNil(t, peer)
-	defer peer.Close()
-	require.NoError(t, raw.(*net.TCPConn).SetWriteBuffer(16<<10))
-	c := &tryConn{TCPConn: raw.(*net.TCPConn)}
+	raw, peer := tcpPair(t)
+	require.NoError(t, raw.SetWriteBuffer(16<<10))
+	c := newTryConn(raw)
 
 	first := make([]byte, 4<<20) // far more than the socket buffers hold
 	_, _ = rand.Read(first)
@@ -53,7 +43,7 @@ func TestTryConnKeepsWhatTheSocketDoesNotTake(t *testing.T) {
 	}
 	c.setTry(false)
 	require.True(t, c.pending(), "the socket could not take 4 MiB: the rest is kept")
-	require.NoError(t, raw.(*net.TCPConn).SetWriteBuffer(4<<20)) // the drain need not crawl
+	require.NoError(t, raw.SetWriteBuffer(4<<20)) // the drain need not crawl
 
 	// The peer reads everything while the next blocking write sends what
 	// was kept, then its own bytes.
@@ -72,4 +62,132 @@ func TestTryConnKeepsWhatTheSocketDoesNotTake(t *testing.T) {
 	require.Equal(t, len(first)+len(second), len(b))
 	require.True(t, bytes.Equal(first, b[:len(first)]), "the kept bytes went first, in order")
 	require.Equal(t, second, b[len(first):])
+}
+
+// tcpPair is a loopback TCP connection's two ends, closed at the end of
+// the test.
+func tcpPair(t *testing.T) (*net.TCPConn, *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	peer := <-accepted
+	require.NotNil(t, peer)
+	t.Cleanup(func() { peer.Close() })
+	return c.(*net.TCPConn), peer.(*net.TCPConn)
+}
+
+// tryConn's raw reads and writes keep net.TCPConn's contract: bytes in
+// order across full and empty sockets, errors of the same shape
+// (*net.OpError; a deadline's is a timeout, and crypto/tls over it stays
+// usable), io.EOF at the peer's end, net.ErrClosed after Close.
+func TestTryConnReadsAndWritesLikeTCPConn(t *testing.T) {
+	raw, peer := tcpPair(t)
+	require.NoError(t, raw.SetWriteBuffer(16<<10))
+	require.NoError(t, peer.SetReadBuffer(16<<10))
+	c := newTryConn(raw)
+
+	// 8 MiB each way through small socket buffers: both directions wait
+	// for the poller many times.
+	data := make([]byte, 8<<20)
+	_, _ = rand.Read(data)
+	got := make(chan []byte, 1)
+	go func() {
+		b := make([]byte, len(data))
+		_, err := io.ReadFull(peer, b)
+		require.NoError(t, err)
+		got <- b
+	}()
+	n, err := c.Write(data)
+	require.NoError(t, err)
+	require.Equal(t, len(data), n)
+	require.True(t, bytes.Equal(data, <-got))
+	go func() { _, _ = peer.Write(data) }()
+	b := make([]byte, len(data))
+	_, err = io.ReadFull(c, b)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(data, b))
+	n, err = c.Read(nil)
+	require.Zero(t, n)
+	require.NoError(t, err, "an empty read returns at once")
+
+	// A read deadline: a timeout of net.TCPConn's shape, then reads work.
+	require.NoError(t, c.SetReadDeadline(time.Now().Add(20*time.Millisecond)))
+	_, err = c.Read(b)
+	var oe *net.OpError
+	require.ErrorAs(t, err, &oe)
+	require.Equal(t, "read", oe.Op)
+	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	require.True(t, oe.Timeout())
+	require.NoError(t, c.SetReadDeadline(time.Time{}))
+	_, _ = peer.Write([]byte("later"))
+	n, err = c.Read(b)
+	require.NoError(t, err)
+	require.Equal(t, "later", string(b[:n]))
+
+	// A write deadline on a peer that does not read: a timeout, with
+	// what was written counted.
+	require.NoError(t, c.SetWriteDeadline(time.Now().Add(50*time.Millisecond)))
+	n, err = c.Write(data)
+	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	require.Less(t, n, len(data))
+	require.Positive(t, n)
+	// In try mode a passed deadline writes nothing now and keeps it all.
+	c.setTry(true)
+	n, err = c.Write([]byte("kept"))
+	require.NoError(t, err)
+	require.Equal(t, 4, n)
+	require.True(t, c.pending())
+	c.setTry(false)
+
+	// The peer's end of stream is io.EOF; Close makes a blocked read
+	// return net.ErrClosed.
+	require.NoError(t, peer.CloseWrite())
+	_, err = io.ReadAll(c)
+	require.NoError(t, err)
+	_, err = c.Read(b)
+	require.Equal(t, io.EOF, err)
+	raw2, _ := tcpPair(t)
+	c2 := newTryConn(raw2)
+	readErr := make(chan error, 1)
+	go func() {
+		_, err := c2.Read(make([]byte, 16))
+		readErr <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
+	require.NoError(t, c2.Close())
+	require.ErrorIs(t, <-readErr, net.ErrClosed)
+}
+
+// crypto/tls keeps a connection usable after a read timeout only when
+// the error says it is temporary: the HTTP/1.1 path's deadline cache
+// relies on that.
+func TestTryConnUnderTLSSurvivesATimeout(t *testing.T) {
+	raw, peer := tcpPair(t)
+	ca := newTestCA(t, "alpha.mesh")
+	cert := tlsCert(ca.svid(t, ca.id("ns", "sa")))
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.cert)
+	server := tls.Server(peer, &tls.Config{Certificates: []tls.Certificate{cert}})
+	client := tls.Client(newTryConn(raw), &tls.Config{RootCAs: pool, InsecureSkipVerify: true})
+	go func() { _ = server.Handshake() }()
+	require.NoError(t, client.Handshake())
+
+	require.NoError(t, client.SetReadDeadline(time.Now().Add(20*time.Millisecond)))
+	b := make([]byte, 64)
+	_, err := client.Read(b)
+	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	require.NoError(t, client.SetReadDeadline(time.Time{}))
+	go func() { _, _ = server.Write([]byte("still here")) }()
+	n, err := client.Read(b)
+	require.NoError(t, err)
+	require.Equal(t, "still here", string(b[:n]))
 }

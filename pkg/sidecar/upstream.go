@@ -176,6 +176,9 @@ func (pl *pool) dialPooled(ctx context.Context, addr string, tlsCfg *tls.Config)
 		pl.p.upstreams.leave()
 		return nil, err
 	}
+	if tcp, ok := c.(*net.TCPConn); ok {
+		c = newTryConn(tcp) // raw I/O (a tcp_proxy's plain conns stay *net.TCPConn, for splice)
+	}
 	pl.conns.Add(1)
 	return &upConn{Conn: c, pool: pl}, nil
 }
@@ -195,7 +198,7 @@ func (pl *pool) dial(ctx context.Context, addr string, tlsCfg *tls.Config) (net.
 	}
 	under := raw
 	if tcp, ok := raw.(*net.TCPConn); ok {
-		under = &tryConn{TCPConn: tcp} // the HTTP/2 path's non-blocking writes
+		under = newTryConn(tcp) // raw I/O, and the HTTP/2 path's non-blocking writes
 	}
 	tc := tls.Client(under, tlsCfg)
 	hctx, cancel := context.WithTimeout(ctx, pl.p.cfg.HandshakeTimeout)
