@@ -221,6 +221,7 @@ func (c *h2Conn) dialAndServe() {
 	if !pl.original {
 		p.health.Restore(c.ep)
 	}
+	conn = withRawIO(conn)
 	c.c = conn
 	c.w, c.tc = h2Writer(conn)
 	c.startReader(conn)

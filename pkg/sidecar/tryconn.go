@@ -45,6 +45,16 @@ func (c *tryConn) init(tcp *net.TCPConn) {
 
 func (c *tryConn) tryConnOf() *tryConn { return c }
 
+// withRawIO wraps a plain TCP connection of the HTTP paths in a tryConn,
+// for its raw I/O; a TLS one already has a tryConn under it (pool.dial).
+// A tcp_proxy's plain connections stay *net.TCPConn, for splice.
+func withRawIO(c net.Conn) net.Conn {
+	if tcp, ok := c.(*net.TCPConn); ok {
+		return newTryConn(tcp)
+	}
+	return c
+}
+
 // setTry switches try mode.
 func (c *tryConn) setTry(on bool) {
 	c.mu.Lock()

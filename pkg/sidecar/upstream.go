@@ -176,9 +176,7 @@ func (pl *pool) dialPooled(ctx context.Context, addr string, tlsCfg *tls.Config)
 		pl.p.upstreams.leave()
 		return nil, err
 	}
-	if tcp, ok := c.(*net.TCPConn); ok {
-		c = newTryConn(tcp) // raw I/O (a tcp_proxy's plain conns stay *net.TCPConn, for splice)
-	}
+	c = withRawIO(c)
 	pl.conns.Add(1)
 	return &upConn{Conn: c, pool: pl}, nil
 }
