@@ -68,7 +68,7 @@ func copyIdle(dst, src Conn, last *atomic.Int64, idle time.Duration, count func(
 	window := max(idle/4, time.Millisecond)
 	for {
 		_ = src.SetReadDeadline(time.Now().Add(window))
-		n, err := copyOnce(dst, src)
+		n, err := copyOnce(dst, src, last)
 		now := time.Now().UnixNano()
 		if n > 0 {
 			last.Store(now)
@@ -92,18 +92,34 @@ func copyIdle(dst, src Conn, last *atomic.Int64, idle time.Duration, count func(
 
 // copyOnce copies until src's end of stream (nil) or an error: with
 // splice(2) between two TCP sockets, through a pooled buffer otherwise.
-func copyOnce(dst, src Conn) (int64, error) {
+// Every write that moves bytes stores the time in last, so a slow reader
+// that keeps taking bytes is never idle, however long one copy lasts.
+func copyOnce(dst, src Conn, last *atomic.Int64) (int64, error) {
 	if d, ok := dst.(*net.TCPConn); ok {
 		if s, ok := src.(*net.TCPConn); ok {
-			return d.ReadFrom(s)
+			return spliceTCP(d, s, last)
 		}
 	}
 	buf := buffers.Get().(*[]byte)
 	defer buffers.Put(buf)
 	// Hide ReaderFrom and WriterTo: *net.TCPConn's would fall back to
 	// io.Copy with a fresh buffer for a non-TCP peer.
-	return io.CopyBuffer(writerOnly{dst}, readerOnly{src}, *buf)
+	return io.CopyBuffer(progressWriter{dst, last}, readerOnly{src}, *buf)
 }
 
-type writerOnly struct{ io.Writer }
+// progressWriter is dst without ReaderFrom, storing the time of every
+// write that moved bytes.
+type progressWriter struct {
+	w    io.Writer
+	last *atomic.Int64
+}
+
+func (p progressWriter) Write(b []byte) (int, error) {
+	n, err := p.w.Write(b)
+	if n > 0 {
+		p.last.Store(time.Now().UnixNano())
+	}
+	return n, err
+}
+
 type readerOnly struct{ io.Reader }

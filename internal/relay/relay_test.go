@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -145,4 +146,46 @@ func TestPipeIdle(t *testing.T) {
 	_ = app.SetReadDeadline(time.Now().Add(5 * time.Second))
 	_, err := app.Read(buf)
 	require.Error(t, err, "the app's side is closed")
+}
+
+// Between two TCP sockets the bytes go through a kernel pipe. A reader
+// slower than the pipe (1 MiB takes it 320 ms, longer than the idle
+// time) keeps the relay alive as long as it keeps taking bytes, and the
+// read deadlines that pass meanwhile (the idle check's window) lose,
+// reorder or duplicate nothing.
+func TestSpliceSlowReader(t *testing.T) {
+	app, a := pair(t)
+	b, peer := pair(t)
+	// Small socket buffers, so that the reader's pace is the pipe's.
+	require.NoError(t, b.SetWriteBuffer(64<<10))
+	require.NoError(t, peer.SetReadBuffer(64<<10))
+	data := make([]byte, 4<<20)
+	_, _ = rand.Read(data)
+	var moved atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		Pipe(a, b, 300*time.Millisecond, func(n int64) { moved.Add(n) }, nil)
+	}()
+	go func() {
+		_, _ = app.Write(data)
+		_ = app.CloseWrite()
+	}()
+	got := make([]byte, 0, len(data))
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := peer.Read(buf)
+		got = append(got, buf[:n]...)
+		if err == io.EOF {
+			break
+		}
+		require.NoError(t, err)
+		time.Sleep(20 * time.Millisecond)
+	}
+	require.Equal(t, len(data), len(got))
+	require.True(t, bytes.Equal(data, got), "bytes lost, reordered or duplicated")
+	require.EqualValues(t, len(data), moved.Load())
+	_ = peer.Close()
+	_ = app.Close()
+	<-done
 }

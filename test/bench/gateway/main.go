@@ -58,6 +58,7 @@ func main() {
 		return
 	}
 	binDir := flag.String("bin-dir", "bin", "directory holding eastwest-gw (make build)")
+	gwProcs := flag.Int("gateway-gomaxprocs", 0, "GOMAXPROCS of the gateway (0: Go's default, one per core)")
 	duration := flag.Duration("duration", 10*time.Second, "measured window of each measure")
 	warmup := flag.Duration("warmup", 2*time.Second, "warm-up before each window, not counted")
 	runs := flag.Int("runs", 3, "runs of each measure; the median is reported")
@@ -68,7 +69,7 @@ func main() {
 	flag.Parse()
 	log.SetFlags(0)
 	log.SetPrefix("bench-gateway: ")
-	if err := run(*binDir, *duration, *warmup, *runs, *routes, *hsConc, *noNginx, strings.Split(*only, ",")); err != nil {
+	if err := run(*binDir, *duration, *warmup, *runs, *routes, *hsConc, *gwProcs, *noNginx, strings.Split(*only, ",")); err != nil {
 		log.Fatal(err)
 	}
 }
@@ -79,7 +80,7 @@ type target struct {
 	p    *procs.Proc // nil for direct
 }
 
-func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc int, noNginx bool, measures []string) error {
+func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc, gwProcs int, noNginx bool, measures []string) error {
 	dir, err := os.MkdirTemp("", "bench-gateway-")
 	if err != nil {
 		return err
@@ -107,7 +108,7 @@ func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc int, no
 		return fmt.Errorf("backend: %w", err)
 	}
 
-	gw, gwAddr, err := startGateway(binDir, dir, backendAddr, nRoutes)
+	gw, gwAddr, err := startGateway(binDir, dir, backendAddr, nRoutes, gwProcs)
 	if err != nil {
 		return err
 	}

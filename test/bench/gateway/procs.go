@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -34,7 +35,7 @@ func fillerRoute(i int) (sni, cluster, addr string) {
 
 // startGateway runs bin/eastwest-gw with a routes file of n routes, one of
 // them benchSNI → backend.
-func startGateway(binDir, dir, backend string, n int) (p *procs.Proc, addr string, err error) {
+func startGateway(binDir, dir, backend string, n, gomaxprocs int) (p *procs.Proc, addr string, err error) {
 	type ep struct {
 		Address string `json:"address"`
 	}
@@ -63,9 +64,13 @@ func startGateway(binDir, dir, backend string, n int) (p *procs.Proc, addr strin
 	if err != nil {
 		return nil, "", err
 	}
-	p, err = procs.Start("eastwest-gw", exec.Command(filepath.Join(binDir, "eastwest-gw"),
+	cmd := exec.Command(filepath.Join(binDir, "eastwest-gw"),
 		"--listen-addr", addr, "--health-addr", health, "--metrics-addr", "",
-		"--routes-file", file, "--log-level", "warn"), filepath.Join(dir, "eastwest-gw.log"), nil)
+		"--routes-file", file, "--log-level", "warn")
+	if gomaxprocs > 0 {
+		cmd.Env = append(os.Environ(), "GOMAXPROCS="+strconv.Itoa(gomaxprocs))
+	}
+	p, err = procs.Start("eastwest-gw", cmd, filepath.Join(dir, "eastwest-gw.log"), nil)
 	if err != nil {
 		return nil, "", err
 	}
