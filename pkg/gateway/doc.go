@@ -10,8 +10,8 @@
 // deadline); the server name selects a Route, the only routable names
 // being the services this cluster exports plus the federation's reserved
 // name; the bytes read are written to the chosen endpoint and then the two
-// sockets are spliced together (splice(2), through *net.TCPConn.ReadFrom)
-// until both sides have closed, each FIN passed on with CloseWrite. TLS is
+// sockets are spliced together (splice(2) through a pooled pipe, called
+// raw inside Go's poller: internal/relay) until both sides have closed, each FIN passed on with CloseWrite. TLS is
 // never terminated: the gateway holds no keys, and the caller's identity
 // reaches the workload intact.
 //
