@@ -23,7 +23,7 @@ import (
 // the runtime's sysmon asleep between requests.
 type tryConn struct {
 	*net.TCPConn
-	io   *rawIO
+	raw  *rawIO
 	mu   sync.Mutex
 	try  bool
 	rest []byte
@@ -40,7 +40,7 @@ func newTryConn(tcp *net.TCPConn) *tryConn {
 
 func (c *tryConn) init(tcp *net.TCPConn) {
 	c.TCPConn = tcp
-	c.io = newRawIO(tcp)
+	c.raw = newRawIO(tcp)
 }
 
 func (c *tryConn) tryConnOf() *tryConn { return c }

@@ -90,7 +90,7 @@ func newRawIO(c *net.TCPConn) *rawIO {
 
 // Read reads like net.TCPConn's Read, with errors in the same shape.
 func (c *tryConn) Read(b []byte) (int, error) {
-	r := c.io
+	r := c.raw
 	if r == nil {
 		return c.TCPConn.Read(b)
 	}
@@ -118,7 +118,7 @@ func (c *tryConn) Read(b []byte) (int, error) {
 // write writes b whole (try false) or what the socket takes now (try
 // true, when n may be short without an error).
 func (c *tryConn) write(b []byte, try bool) (int, error) {
-	r := c.io
+	r := c.raw
 	if r == nil {
 		if try {
 			return 0, nil
