@@ -19,7 +19,7 @@ import (
 // writer at a time, but crypto/tls may write from its reader too (a
 // KeyUpdate's answer, an alert).
 //
-// On Unix it reads and writes with raw system calls (rawIO), which keep
+// On Linux it reads and writes with raw system calls (rawIO), which keep
 // the runtime's sysmon asleep between requests.
 type tryConn struct {
 	*net.TCPConn

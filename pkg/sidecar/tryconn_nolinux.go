@@ -1,10 +1,11 @@
-//go:build !unix
+//go:build !linux
 
 package sidecar
 
 import "net"
 
-// rawIO is Unix's raw-syscall I/O; elsewhere net.Conn's Read and Write
+// rawIO is Linux's raw-syscall I/O (OpenBSD, for one, refuses system
+// calls that do not come from libc); elsewhere net.Conn's Read and Write
 // do it all.
 type rawIO struct{}
 
