@@ -113,23 +113,32 @@ func (c *tryConn) drainLocked() error {
 	return nil
 }
 
-// h2Writer is what an HTTP/2 connection over c writes to, and the socket
-// under it that can be written without blocking (nil when there is
-// none: the writer goroutine then does every write).
-func h2Writer(c net.Conn) (io.Writer, *tryConn) {
-	switch x := c.(type) {
-	case *prefixConn:
-		return h2Writer(x.Conn)
-	case *tls.Conn:
-		if t, ok := x.NetConn().(interface{ tryConnOf() *tryConn }); ok {
-			return x, t.tryConnOf()
+// tryConnUnder is the tryConn whose socket c reads and writes, under
+// TLS, a replayed prefix or a pool's bookkeeping; nil when there is none.
+func tryConnUnder(c net.Conn) *tryConn {
+	for {
+		switch x := c.(type) {
+		case *prefixConn:
+			c = x.Conn
+		case *upConn:
+			c = x.Conn
+		case *tls.Conn:
+			c = x.NetConn()
+		case interface{ tryConnOf() *tryConn }: // *tryConn, *inConn
+			return x.tryConnOf()
+		default:
+			return nil
 		}
-		return x, nil
-	case *net.TCPConn:
-		t := newTryConn(x)
-		return t, t
-	case *tryConn:
-		return x, x
 	}
-	return c, nil
+}
+
+// h2Writer is what an HTTP/2 connection over c writes to (a replayed
+// prefix concerns only reads), and the tryConn under it, which can be
+// written without blocking (nil when there is none: the writer goroutine
+// then does every write).
+func h2Writer(c net.Conn) (io.Writer, *tryConn) {
+	if pc, ok := c.(*prefixConn); ok {
+		c = pc.Conn
+	}
+	return c, tryConnUnder(c)
 }
