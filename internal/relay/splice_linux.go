@@ -124,32 +124,26 @@ func (s *splicer) done(err error) (int64, error) {
 	} else {
 		s.p.close()
 	}
-	s.drain, s.pump = nil, nil
 	return s.written, err
 }
 
 // pipe is a kernel pipe of maxSplice bytes, both ends non-blocking. Its
 // descriptors are closed when the pool drops it, or at once by close.
-type pipe struct {
-	r, w int
-	fds  *pipeFDs
-}
+type pipe struct{ *pipeFDs }
 
 // pipeFDs is what the cleanup closes: not the pipe itself, which must be
 // unreachable for the cleanup to run.
 type pipeFDs struct {
-	fds    [2]int
+	r, w   int
 	closed atomic.Bool
 }
 
 func (f *pipeFDs) close() {
 	if f.closed.CompareAndSwap(false, true) {
-		_ = unix.Close(f.fds[0])
-		_ = unix.Close(f.fds[1])
+		_ = unix.Close(f.r)
+		_ = unix.Close(f.w)
 	}
 }
-
-func (p *pipe) close() { p.fds.close() }
 
 var pipes sync.Pool
 
@@ -157,13 +151,13 @@ func getPipe() *pipe {
 	if p, ok := pipes.Get().(*pipe); ok {
 		return p
 	}
-	f := &pipeFDs{}
-	if err := unix.Pipe2(f.fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
 		return nil
 	}
 	// A smaller pipe (pipe-max-size lowered) only means more splices.
-	_, _ = unix.FcntlInt(uintptr(f.fds[0]), unix.F_SETPIPE_SZ, maxSplice)
-	p := &pipe{r: f.fds[0], w: f.fds[1], fds: f}
-	runtime.AddCleanup(p, (*pipeFDs).close, f)
+	_, _ = unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, maxSplice)
+	p := &pipe{&pipeFDs{r: fds[0], w: fds[1]}}
+	runtime.AddCleanup(p, (*pipeFDs).close, p.pipeFDs)
 	return p
 }
