@@ -27,11 +27,9 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/status"
 
 	"github.com/isthmus-mesh/isthmus/test/echo/echopb"
 )
@@ -890,21 +888,7 @@ func testH2(t *testing.T, netHTTP2 bool) {
 		for i, err := range errs {
 			require.NoError(t, err, "unary call %d", i)
 		}
-		_, err = client.Check(ctx, &healthpb.HealthCheckRequest{Service: "nobody"})
-		require.Equal(t, codes.NotFound, status.Code(err), "a trailers-only answer comes through: %v", err)
-
-		stream, err := client.Watch(ctx, &healthpb.HealthCheckRequest{Service: "h2"})
-		require.NoError(t, err)
-		got, err := stream.Recv()
-		require.NoError(t, err)
-		require.Equal(t, healthpb.HealthCheckResponse_SERVING, got.GetStatus())
-		m.b.grpc.health.SetServingStatus("h2", healthpb.HealthCheckResponse_NOT_SERVING)
-		got, err = stream.Recv()
-		require.NoError(t, err)
-		require.Equal(t, healthpb.HealthCheckResponse_NOT_SERVING, got.GetStatus(), "each message comes as it is sent")
-		cancel()
-		_, err = stream.Recv()
-		require.Equal(t, codes.Canceled, status.Code(err))
+		requireTrailersAndStream(t, ctx, cancel, client, m.b.grpc.health, "h2")
 	})
 
 	t.Run("gRPC metadata, trailers and XFCC", func(t *testing.T) {

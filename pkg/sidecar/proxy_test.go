@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 )
@@ -159,15 +160,24 @@ func TestGRPCThroughTwoSidecars(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, healthpb.HealthCheckResponse_SERVING, resp.GetStatus())
 
-	_, err = client.Check(ctx, &healthpb.HealthCheckRequest{Service: "nobody"})
+	requireTrailersAndStream(t, ctx, cancel, client, m.b.grpc.health, "greeter")
+}
+
+// requireTrailersAndStream checks gRPC through the sidecars beyond a
+// unary call: an error status in a trailers-only answer (an unknown
+// service), and a server stream of service, SERVING now, that delivers
+// each message as it is sent and ends in Canceled once ctx is cancelled.
+func requireTrailersAndStream(t *testing.T, ctx context.Context, cancel context.CancelFunc, client healthpb.HealthClient, srv *health.Server, service string) {
+	t.Helper()
+	_, err := client.Check(ctx, &healthpb.HealthCheckRequest{Service: "nobody"})
 	require.Equal(t, codes.NotFound, status.Code(err), "the grpc-status trailer came through: %v", err)
 
-	stream, err := client.Watch(ctx, &healthpb.HealthCheckRequest{Service: "greeter"})
+	stream, err := client.Watch(ctx, &healthpb.HealthCheckRequest{Service: service})
 	require.NoError(t, err)
 	got, err := stream.Recv()
 	require.NoError(t, err)
 	require.Equal(t, healthpb.HealthCheckResponse_SERVING, got.GetStatus())
-	m.b.grpc.health.SetServingStatus("greeter", healthpb.HealthCheckResponse_NOT_SERVING)
+	srv.SetServingStatus(service, healthpb.HealthCheckResponse_NOT_SERVING)
 	got, err = stream.Recv()
 	require.NoError(t, err)
 	require.Equal(t, healthpb.HealthCheckResponse_NOT_SERVING, got.GetStatus(), "the stream delivers updates as they happen")
