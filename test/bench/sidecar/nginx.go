@@ -11,6 +11,7 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 )
 
@@ -100,58 +101,75 @@ http {
 `, dir, name)
 }
 
-// nginxFrontConf is the client side's nginx: plaintext HTTP/1.1 on h1
-// and h2c (prior knowledge) on h2, proxying over keep-alive mTLS 1.3 to
-// the back (nginx speaks HTTP/1.1 to upstreams), verifying its
-// certificate and name.
-func nginxFrontConf(dir, h1, h2, back string) string {
-	return nginxCommon(dir, "front") + fmt.Sprintf(`    upstream back {
-        server %[2]s;
+// upstreamTLS is the front's client side of mTLS 1.3 to the back, for
+// the module whose directives start with prefix (proxy, grpc): its
+// certificate, and the back's verified against the root and
+// nginxBackName, with session reuse.
+func upstreamTLS(prefix, dir string) string {
+	return strings.ReplaceAll(fmt.Sprintf(`
+            P_ssl_certificate %[1]s/nginx-front.crt;
+            P_ssl_certificate_key %[1]s/nginx-front.key;
+            P_ssl_trusted_certificate %[1]s/nginx-root.crt;
+            P_ssl_verify on;
+            P_ssl_name %[2]s;
+            P_ssl_server_name on;
+            P_ssl_protocols TLSv1.3;
+            P_ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;
+            P_ssl_session_reuse on;`, dir, nginxBackName), "P_", prefix+"_")
+}
+
+// upstream is an upstream block of one server with keep-alive
+// connections that are never cut for their request count.
+func upstream(name, server string) string {
+	return fmt.Sprintf(`    upstream %s {
+        server %s;
         keepalive 256;
         keepalive_requests 10000000;
         keepalive_timeout 300s;
     }
-    server {
-        listen %[3]s;
-        listen %[4]s http2;
+`, name, server)
+}
+
+// nginxFrontConf is the client side's nginx, proxying over keep-alive
+// mTLS 1.3 to the back, verifying its certificate and name: plaintext
+// HTTP/1.1 on h1 and h2c (prior knowledge) on h2 with proxy_pass, which
+// speaks HTTP/1.1 to the back; h2c on h2Pass with grpc_pass, which
+// speaks HTTP/2 to the back's backH2 (any HTTP/2 request, not only
+// gRPC).
+func nginxFrontConf(dir, h1, h2, h2Pass, back, backH2 string) string {
+	return nginxCommon(dir, "front") + upstream("back", back) + upstream("back_h2", backH2) + fmt.Sprintf(`    server {
+        listen %[1]s;
+        listen %[2]s http2;
         location / {
             proxy_pass https://back;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_ssl_certificate %[1]s/nginx-front.crt;
-            proxy_ssl_certificate_key %[1]s/nginx-front.key;
-            proxy_ssl_trusted_certificate %[1]s/nginx-root.crt;
-            proxy_ssl_verify on;
-            proxy_ssl_name %[5]s;
-            proxy_ssl_server_name on;
-            proxy_ssl_protocols TLSv1.3;
-            proxy_ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;
-            proxy_ssl_session_reuse on;
+            proxy_set_header Host $host;%[4]s
+        }
+    }
+    server {
+        listen %[3]s http2;
+        location / {
+            grpc_pass grpcs://back_h2;
+            grpc_set_header Host $host;%[5]s
         }
     }
 }
-`, dir, back, h1, h2, nginxBackName)
+`, h1, h2, h2Pass, upstreamTLS("proxy", dir), upstreamTLS("grpc", dir))
 }
 
-// nginxBackConf is the server side's nginx: mTLS 1.3 on listen (the
-// client certificate required and verified), proxying over keep-alive
-// HTTP/1.1 to the app.
-func nginxBackConf(dir, listen, app string) string {
-	return nginxCommon(dir, "back") + fmt.Sprintf(`    upstream app {
-        server %[2]s;
-        keepalive 256;
-        keepalive_requests 10000000;
-        keepalive_timeout 300s;
-    }
+// nginxBackConf is the server side's nginx: mTLS 1.3 (the client
+// certificate required and verified) on listen, proxying over keep-alive
+// HTTP/1.1 to the app, and on listenH2, proxying HTTP/2 (h2c) to it.
+func nginxBackConf(dir, listen, listenH2, app string) string {
+	return nginxCommon(dir, "back") + upstream("app", app) + fmt.Sprintf(`    ssl_certificate %[1]s/nginx-back.crt;
+    ssl_certificate_key %[1]s/nginx-back.key;
+    ssl_client_certificate %[1]s/nginx-root.crt;
+    ssl_verify_client on;
+    ssl_protocols TLSv1.3;
+    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;
     server {
-        listen %[3]s ssl;
-        ssl_certificate %[1]s/nginx-back.crt;
-        ssl_certificate_key %[1]s/nginx-back.key;
-        ssl_client_certificate %[1]s/nginx-root.crt;
-        ssl_verify_client on;
-        ssl_protocols TLSv1.3;
-        ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;
+        listen %[2]s ssl;
         location / {
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -159,6 +177,13 @@ func nginxBackConf(dir, listen, app string) string {
             proxy_set_header Host $host;
         }
     }
+    server {
+        listen %[3]s ssl http2;
+        location / {
+            grpc_pass grpc://app;
+            grpc_set_header Host $host;
+        }
+    }
 }
-`, dir, app, listen)
+`, dir, listen, listenH2)
 }

@@ -35,8 +35,10 @@ const (
 	// target port); directPort the same backend, excluded from capture.
 	appPort    = 8080
 	directPort = 8081
-	// nginxBackPort is the back nginx's TLS port, excluded from capture.
-	nginxBackPort = 9443
+	// The back nginx's TLS ports, excluded from capture: proxy_pass
+	// (HTTP/1.1 to the backend) and grpc_pass (HTTP/2).
+	nginxBackPort   = 9443
+	nginxBackH2Port = 9444
 	// proxyUID is the sidecar's user: `sidecar iptables` exempts its own
 	// traffic from capture by it (Istio's 1337).
 	proxyUID = 1337
@@ -44,6 +46,7 @@ const (
 	sidecarOutbound = "127.0.0.1:15001"
 	nginxH1         = "127.0.0.1:18001"
 	nginxH2         = "127.0.0.1:18002"
+	nginxH2Pass     = "127.0.0.1:18003"
 	// readyTimeout bounds every wait for a process to serve.
 	readyTimeout = 30 * time.Second
 )
@@ -62,6 +65,9 @@ type target struct {
 	// procs are the proxies on the way (none for direct).
 	procs []*procs.Proc
 }
+
+// serves reports whether t is measured over proto.
+func (t target) serves(proto string) bool { return t.urls[proto] != "" }
 
 func (t target) spec(proto string) loadSpec {
 	return loadSpec{url: t.urls[proto], h2: proto == "h2", authority: serviceHost}
@@ -90,9 +96,11 @@ func (t target) memory(field string) float64 {
 
 // env is the running topology; close tears it down.
 type env struct {
-	dir            string
-	keep           bool
-	fortio         string
+	dir    string
+	keep   bool
+	fortio string
+	// sidecarEnv is added to the sidecars' environment (--sidecar-env).
+	sidecarEnv     []string
 	net            *netns.Network
 	client, server *netns.NS
 	serverIP       netip.Addr
@@ -177,7 +185,7 @@ func setUp(ctx context.Context, o options) (*env, error) {
 	if err != nil {
 		return nil, err
 	}
-	e := &env{dir: dir, keep: o.keep, fortio: fortio, idle: map[string]float64{}, peak: map[string]float64{}}
+	e := &env{dir: dir, keep: o.keep, fortio: fortio, sidecarEnv: o.sidecarEnv, idle: map[string]float64{}, peak: map[string]float64{}}
 	// The server-side sidecar runs as proxyUID: it must reach its binary,
 	// token and roots here.
 	if err := os.Chmod(dir, 0o755); err != nil {
@@ -216,7 +224,7 @@ func setUp(ctx context.Context, o options) (*env, error) {
 	// Capture in the server's namespace, as the pod's init step.
 	ictx, cancel := context.WithTimeout(ctx, time.Minute)
 	out, err := e.server.Run(ictx, sidecarBin, "iptables", "--dns-port", "0",
-		"--exclude-inbound-ports", fmt.Sprintf("%d,%d", directPort, nginxBackPort))
+		"--exclude-inbound-ports", fmt.Sprintf("%d,%d,%d", directPort, nginxBackPort, nginxBackH2Port))
 	cancel()
 	if err != nil {
 		return e, fmt.Errorf("sidecar iptables: %w", err)
@@ -244,7 +252,9 @@ func setUp(ctx context.Context, o options) (*env, error) {
 			return e, err
 		}
 		e.targets = append(e.targets, target{name: "nginx", procs: []*procs.Proc{front, back},
-			urls: map[string]string{"h1": "http://" + nginxH1 + "/", "h2": "http://" + nginxH2 + "/"}})
+			urls: map[string]string{"h1": "http://" + nginxH1 + "/", "h2": "http://" + nginxH2 + "/"}},
+			target{name: "nginx-h2", procs: []*procs.Proc{front, back},
+				urls: map[string]string{"h2": "http://" + nginxH2Pass + "/"}})
 	}
 	if e.nginxNote != "" {
 		log.Printf("no nginx column: %s", e.nginxNote)
@@ -256,6 +266,9 @@ func setUp(ctx context.Context, o options) (*env, error) {
 	// measured; the sidecar's must go through the server side's inbound.
 	for _, t := range e.targets {
 		for _, proto := range o.protocols {
+			if !t.serves(proto) {
+				continue
+			}
 			if err := e.check(ctx, t.spec(proto), o.body); err != nil {
 				return e, fmt.Errorf("%s over %s: %w", t.name, proto, err)
 			}
@@ -331,6 +344,9 @@ func (e *env) startSidecar(bin string, ns *netns.NS, name, serviceAccount, outbo
 		"--outbound-addr", outbound, "--inbound-addr", inbound,
 		"--admin-addr", "127.0.0.1:15000", "--health-addr", "127.0.0.1:15020", "--dns-addr", "")
 	cmd.Dir = e.dir
+	if len(e.sidecarEnv) > 0 {
+		cmd.Env = append(os.Environ(), e.sidecarEnv...)
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: proxyUID, Gid: proxyUID}}
 	p, err := e.start(name, ns, cmd)
 	if err != nil {
@@ -361,13 +377,14 @@ func (e *env) startNginx(ctx context.Context) (front, back *procs.Proc, err erro
 		return nil, nil, err
 	}
 	backAddr := netip.AddrPortFrom(e.serverIP, nginxBackPort).String()
+	backH2Addr := netip.AddrPortFrom(e.serverIP, nginxBackH2Port).String()
 	confs := []struct {
 		name, conf, addr string
 		ns               *netns.NS
 		p                **procs.Proc
 	}{
-		{"nginx-back", nginxBackConf(e.dir, backAddr, "127.0.0.1:"+strconv.Itoa(appPort)), backAddr, e.server, &back},
-		{"nginx-front", nginxFrontConf(e.dir, nginxH1, nginxH2, backAddr), nginxH1, e.client, &front},
+		{"nginx-back", nginxBackConf(e.dir, backAddr, backH2Addr, "127.0.0.1:"+strconv.Itoa(appPort)), backAddr, e.server, &back},
+		{"nginx-front", nginxFrontConf(e.dir, nginxH1, nginxH2, nginxH2Pass, backAddr, backH2Addr), nginxH1, e.client, &front},
 	}
 	for _, c := range confs {
 		file := filepath.Join(e.dir, c.name+".conf")
