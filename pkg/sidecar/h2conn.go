@@ -119,6 +119,7 @@ type h2Conn struct {
 	ep   netip.AddrPort
 
 	fr *http2.Framer // the reader's
+	hr *headerReader // over fr: header blocks decoded
 	br *bufio.Reader
 	// recvWin is what the peer may still send on the connection.
 	recvWin atomic.Int64
@@ -198,8 +199,7 @@ func (hc *h2Conn) startReader(r io.Reader) {
 	hc.fr = http2.NewFramer(nil, hc.br)
 	hc.fr.SetReuseFrames()
 	hc.fr.SetMaxReadFrameSize(h2MaxFrame)
-	hc.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	hc.fr.MaxHeaderListSize = h2ReadHeaderList
+	hc.hr = newHeaderReader(hc.fr, h2ReadHeaderList)
 }
 
 // greet queues the connection's opening: the client preface, then
@@ -543,7 +543,7 @@ func (hc *h2Conn) readLoop() error {
 			return errH2Closed
 		}
 		hc.refreshDeadline()
-		f, err := hc.fr.ReadFrame()
+		f, err := hc.hr.ReadFrame()
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) && hc.silent() {
 				continue
