@@ -160,9 +160,11 @@ func nginxFrontConf(dir, h1, h2, h2Pass, back, backH2 string) string {
 
 // nginxBackConf is the server side's nginx: mTLS 1.3 (the client
 // certificate required and verified) on listen, proxying over keep-alive
-// HTTP/1.1 to the app, and on listenH2, proxying HTTP/2 (h2c) to it.
+// HTTP/1.1 to the app, and on listenH2, proxying HTTP/2 (h2c) to it. The
+// two have an upstream block each: nginx would hand a cached HTTP/2
+// connection to proxy_pass and an HTTP/1.1 one to grpc_pass (502s).
 func nginxBackConf(dir, listen, listenH2, app string) string {
-	return nginxCommon(dir, "back") + upstream("app", app) + fmt.Sprintf(`    ssl_certificate %[1]s/nginx-back.crt;
+	return nginxCommon(dir, "back") + upstream("app", app) + upstream("app_h2", app) + fmt.Sprintf(`    ssl_certificate %[1]s/nginx-back.crt;
     ssl_certificate_key %[1]s/nginx-back.key;
     ssl_client_certificate %[1]s/nginx-root.crt;
     ssl_verify_client on;
@@ -180,7 +182,7 @@ func nginxBackConf(dir, listen, listenH2, app string) string {
     server {
         listen %[3]s ssl http2;
         location / {
-            grpc_pass grpc://app;
+            grpc_pass grpc://app_h2;
             grpc_set_header Host $host;
         }
     }
