@@ -34,8 +34,9 @@
 //
 // HTTP/2 (prior knowledge: h2c from the app, istio-h2 inside mTLS) is
 // the sidecar's own too (h2conn.go, h2stream.go, h2serve.go): frames are
-// read with x/net/http2's Framer and HPACK and acted on by the
-// connection's reader, which then writes what it forwarded without
+// read with x/net/http2's Framer, header blocks decoded with its HPACK
+// by headerReader (h2headers.go: the Framer's checks and errors, without
+// its per-block allocations), and acted on by the connection's reader, which then writes what it forwarded without
 // blocking (a writer goroutine per connection sends what a socket did
 // not take at once, in one system call); a proxied stream joins a
 // downstream stream to one on a pooled upstream connection (many
