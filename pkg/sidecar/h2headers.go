@@ -23,6 +23,10 @@ import (
 // fields are cut from a per-connection slab, each block's slice capped
 // at its own length, so the slices a stream keeps (its request fields
 // until the upstream stream opens, trailers) are never written again.
+// A slab holds its fields' strings as long as anything holds the slab,
+// so the reader lets go of a slab once its fields add up to
+// slabRetainBytes: an idle connection keeps at most about that much of
+// the headers it was sent, not a whole slab of large values.
 type headerReader struct {
 	fr  *http2.Framer
 	dec *hpack.Decoder
@@ -31,14 +35,20 @@ type headerReader struct {
 	// The block being decoded: its fields are slab[start:].
 	slab                      []hpack.HeaderField
 	start                     int
+	slabBytes, blockBytes     uint32 // HPACK sizes of the slab's fields, of the block's
 	headersLeft, trailersLeft uint32
 	sawRegular, truncated     bool
 	invalid                   error
 }
 
 // slabFields is the size of a fresh slab, in fields: a request's block
-// has about eight, a response's three or four.
-const slabFields = 64
+// has about eight, a response's three or four. slabRetainBytes is what
+// its fields may add up to (HPACK sizes: name, value and 32) before the
+// reader starts a fresh one.
+const (
+	slabFields      = 64
+	slabRetainBytes = 16 << 10
+)
 
 func newHeaderReader(fr *http2.Framer, maxList uint32) *headerReader {
 	r := &headerReader{fr: fr, max: maxList}
@@ -113,19 +123,23 @@ func (r *headerReader) readBlock(hf *http2.HeadersFrame) (http2.Frame, error) {
 
 func (r *headerReader) begin() {
 	r.start = len(r.slab)
+	r.blockBytes = 0
 	r.headersLeft, r.trailersLeft = r.max, r.max
 	r.sawRegular, r.truncated, r.invalid = false, false, nil
 	r.dec.SetEmitEnabled(true)
 }
 
 // end closes the block: its fields, capped at their length, and the
-// slab moves past them.
+// slab moves past them, or is let go of once it holds slabRetainBytes.
 func (r *headerReader) end() (fields []hpack.HeaderField, truncated bool, invalid error) {
 	n := len(r.slab)
 	if n > r.start {
 		fields = r.slab[r.start:n:n]
 	}
 	r.start = n
+	if r.slabBytes >= slabRetainBytes {
+		r.slab, r.start, r.slabBytes = nil, 0, 0
+	}
 	return fields, r.truncated, r.invalid
 }
 
@@ -167,9 +181,11 @@ func (r *headerReader) emit(hf hpack.HeaderField) {
 		block := r.slab[r.start:]
 		slab := make([]hpack.HeaderField, len(block), max(slabFields, 2*len(block)))
 		copy(slab, block)
-		r.slab, r.start = slab, 0
+		r.slab, r.start, r.slabBytes = slab, 0, r.blockBytes
 	}
 	r.slab = append(r.slab, hf)
+	r.blockBytes += size
+	r.slabBytes += size
 }
 
 // validFieldName is a lower-case HTTP token, as HTTP/2 requires of a

@@ -164,3 +164,43 @@ func describeFrame(f http2.Frame) string {
 	}
 	return fmt.Sprintf("%v", f.Header())
 }
+
+// The reader lets go of a slab whose fields add up to slabRetainBytes,
+// so an idle connection does not keep large header values alive; the
+// fields it handed out stay intact, and small blocks share a slab.
+func TestHeaderReaderLetsGoOfLargeSlabs(t *testing.T) {
+	var b bytes.Buffer
+	enc := hpack.NewEncoder(&b)
+	var wire bytes.Buffer
+	wfr := http2.NewFramer(&wire, nil)
+	block := func(id uint32, fields ...hpack.HeaderField) {
+		b.Reset()
+		for _, f := range fields {
+			require.NoError(t, enc.WriteField(f))
+		}
+		require.NoError(t, wfr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: b.Bytes(), EndStream: true, EndHeaders: true}))
+	}
+	small := hpack.HeaderField{Name: ":status", Value: "200"}
+	big := hpack.HeaderField{Name: "x-big", Value: strings.Repeat("v", slabRetainBytes)}
+	block(1, small)
+	block(3, small)
+	block(5, small, big)
+	block(7, small)
+	r := newHeaderReader(http2.NewFramer(nil, &wire), h2ReadHeaderList)
+	read := func() *http2.MetaHeadersFrame {
+		f, err := r.ReadFrame()
+		require.NoError(t, err)
+		return f.(*http2.MetaHeadersFrame)
+	}
+	first, second := read(), read()
+	require.Equal(t, &first.Fields[0], &r.slab[0], "small blocks share the reader's slab")
+	require.Equal(t, &second.Fields[0], &r.slab[1])
+	require.Equal(t, 1, cap(first.Fields), "a block's slice is capped at its length")
+	withBig := read()
+	require.Nil(t, r.slab, "the slab is let go of once it holds slabRetainBytes")
+	require.Equal(t, []hpack.HeaderField{small, big}, withBig.Fields)
+	last := read()
+	require.Equal(t, []hpack.HeaderField{small}, last.Fields)
+	require.Equal(t, []hpack.HeaderField{small}, first.Fields, "fields handed out are never written again")
+	require.Equal(t, &last.Fields[0], &r.slab[0], "the next block starts a fresh slab")
+}
