@@ -68,19 +68,15 @@ func copyIdle(dst, src Conn, last *atomic.Int64, idle time.Duration, count func(
 	window := max(idle/4, time.Millisecond)
 	for {
 		_ = src.SetReadDeadline(time.Now().Add(window))
-		n, err := copyOnce(dst, src, last)
-		now := time.Now().UnixNano()
-		if n > 0 {
-			last.Store(now)
-			if count != nil {
-				count(n)
-			}
+		n, err := copyOnce(dst, src, last) // stores last on every write
+		if n > 0 && count != nil {
+			count(n)
 		}
 		if err == nil { // end of stream from src: pass the half-close on
 			_ = dst.CloseWrite()
 			return
 		}
-		if errors.Is(err, os.ErrDeadlineExceeded) && now-last.Load() < int64(idle) {
+		if errors.Is(err, os.ErrDeadlineExceeded) && time.Now().UnixNano()-last.Load() < int64(idle) {
 			continue
 		}
 		// Idle, reset, or the other direction closed the sockets.
@@ -100,6 +96,12 @@ func copyOnce(dst, src Conn, last *atomic.Int64) (int64, error) {
 			return spliceTCP(d, s, last)
 		}
 	}
+	return copyBuffered(dst, src, last)
+}
+
+// copyBuffered copies through a pooled buffer, storing the time of every
+// write that moved bytes in last.
+func copyBuffered(dst io.Writer, src io.Reader, last *atomic.Int64) (int64, error) {
 	buf := buffers.Get().(*[]byte)
 	defer buffers.Put(buf)
 	// Hide ReaderFrom and WriterTo: *net.TCPConn's would fall back to

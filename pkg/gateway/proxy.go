@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/netip"
 	"sync"
 	"time"
 
@@ -123,7 +122,7 @@ func (g *Gateway) dial(c *cluster) (*net.TCPConn, error) {
 		timeout = g.cfg.DialTimeout
 	}
 	if c.route.DNS != "" {
-		conn, err := g.dialHost(c.route.DNS, timeout)
+		conn, err := g.dialAddr(c.route.DNS, timeout)
 		if err != nil {
 			g.metrics.connectFailures.Add(context.Background(), 1, c.attrsOpt())
 		}
@@ -144,7 +143,7 @@ func (g *Gateway) dial(c *cluster) (*net.TCPConn, error) {
 				continue
 			}
 			attempts++
-			conn, err := g.dialOne(ep, timeout)
+			conn, err := g.dialAddr(ep.String(), timeout)
 			if err != nil {
 				lastErr = err
 				g.metrics.connectFailures.Add(context.Background(), 1, c.attrsOpt())
@@ -160,26 +159,16 @@ func (g *Gateway) dial(c *cluster) (*net.TCPConn, error) {
 	return nil, fmt.Errorf("%d connect attempts failed, the last: %w", attempts, lastErr)
 }
 
-// dialOne connects to an endpoint's address. Not with Dialer.DialTCP,
-// whose local address cannot be left out: a zero netip.AddrPort becomes
-// a non-nil *TCPAddr, and the socket is bound to port 0 before connect.
-// A port bound that way is the connection's alone, whatever the
+// dialAddr connects to "host:port" (an endpoint's address, or a
+// STRICT_DNS cluster's name, resolved). Not with Dialer.DialTCP, whose
+// local address cannot be left out: a zero netip.AddrPort becomes a
+// non-nil *TCPAddr, and the socket is bound to port 0 before connect. A
+// port bound that way is the connection's alone, whatever the
 // destination, so every upstream connection the gateway holds would take
 // one of the ~28,000 ephemeral ports of the whole host, where connect
 // alone shares a port between different destinations, and it costs a
 // bind(2) per connection.
-func (g *Gateway) dialOne(ep netip.AddrPort, timeout time.Duration) (*net.TCPConn, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	conn, err := g.dialer.DialContext(ctx, "tcp", ep.String())
-	if err != nil {
-		return nil, err
-	}
-	return conn.(*net.TCPConn), nil
-}
-
-// dialHost connects to a STRICT_DNS cluster's "host:port", resolving it.
-func (g *Gateway) dialHost(addr string, timeout time.Duration) (*net.TCPConn, error) {
+func (g *Gateway) dialAddr(addr string, timeout time.Duration) (*net.TCPConn, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	conn, err := g.dialer.DialContext(ctx, "tcp", addr)

@@ -193,8 +193,8 @@ func TestHeaderReaderLetsGoOfLargeSlabs(t *testing.T) {
 		return f.(*http2.MetaHeadersFrame)
 	}
 	first, second := read(), read()
-	require.Equal(t, &first.Fields[0], &r.slab[0], "small blocks share the reader's slab")
-	require.Equal(t, &second.Fields[0], &r.slab[1])
+	require.Same(t, &first.Fields[0], &r.slab[0], "small blocks share the reader's slab")
+	require.Same(t, &second.Fields[0], &r.slab[1])
 	require.Equal(t, 1, cap(first.Fields), "a block's slice is capped at its length")
 	withBig := read()
 	require.Nil(t, r.slab, "the slab is let go of once it holds slabRetainBytes")
@@ -202,5 +202,5 @@ func TestHeaderReaderLetsGoOfLargeSlabs(t *testing.T) {
 	last := read()
 	require.Equal(t, []hpack.HeaderField{small}, last.Fields)
 	require.Equal(t, []hpack.HeaderField{small}, first.Fields, "fields handed out are never written again")
-	require.Equal(t, &last.Fields[0], &r.slab[0], "the next block starts a fresh slab")
+	require.Same(t, &last.Fields[0], &r.slab[0], "the next block starts a fresh slab")
 }

@@ -105,15 +105,17 @@ func TestTryConnReadsAndWritesLikeTCPConn(t *testing.T) {
 	data := make([]byte, 8<<20)
 	_, _ = rand.Read(data)
 	got := make(chan []byte, 1)
+	readErr := make(chan error, 1)
 	go func() {
 		b := make([]byte, len(data))
 		_, err := io.ReadFull(peer, b)
-		require.NoError(t, err)
+		readErr <- err
 		got <- b
 	}()
 	n, err := c.Write(data)
 	require.NoError(t, err)
 	require.Equal(t, len(data), n)
+	require.NoError(t, <-readErr)
 	require.True(t, bytes.Equal(data, <-got))
 	go func() { _, _ = peer.Write(data) }()
 	b := make([]byte, len(data))
@@ -162,7 +164,6 @@ func TestTryConnReadsAndWritesLikeTCPConn(t *testing.T) {
 	require.Equal(t, io.EOF, err)
 	raw2, _ := tcpPair(t)
 	c2 := newTryConn(raw2)
-	readErr := make(chan error, 1)
 	go func() {
 		_, err := c2.Read(make([]byte, 16))
 		readErr <- err
