@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"runtime/pprof"
 	"strings"
 	"sync"
 	"testing"
@@ -487,4 +488,42 @@ func TestConfigValidate(t *testing.T) {
 	_, err = New(DefaultConfig(), nil, nil)
 	require.ErrorContains(t, err, "no route source")
 	require.False(t, strings.Contains(DefaultConfig().ListenAddr, "0.0.0.0"))
+}
+
+// Connections one after another are served by the same few worker
+// goroutines, and none of them outlives Run.
+func TestWorkersAreReusedAndEndWithRun(t *testing.T) {
+	p := newPKI(t)
+	be := startBackend(t, p.server, func(_ net.Conn, c *tls.Conn) {
+		_, _ = c.Write([]byte("hi"))
+	})
+	h := startGateway(t, mustRoutes(t, route(echoSNI, echoCluster, be.addr())), nil)
+	const conns = 20
+	for range conns {
+		c, err := h.dialTLS(p.client, echoSNI)
+		require.NoError(t, err)
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		b, err := io.ReadAll(c)
+		require.NoError(t, err)
+		require.Equal(t, "hi", string(b))
+		require.NoError(t, c.Close())
+		// The worker is waiting for the next connection once the
+		// gateway has let go of this one.
+		require.Eventually(t, func() bool { return h.gw.active.Load() == 0 }, 10*time.Second, time.Millisecond)
+	}
+	// A worker goes back to waiting just after its connection's count
+	// drops, so the next connection may rarely find none idle.
+	n := workerGoroutines(t)
+	require.GreaterOrEqual(t, n, 1)
+	require.LessOrEqual(t, n, 3, "%d sequential connections took %d workers", conns, n)
+
+	require.NoError(t, h.stop())
+	require.Zero(t, workerGoroutines(t), "workers left after Run returned")
+}
+
+// workerGoroutines counts the goroutines in (*Gateway).worker.
+func workerGoroutines(t *testing.T) int {
+	var b strings.Builder
+	require.NoError(t, pprof.Lookup("goroutine").WriteTo(&b, 2))
+	return strings.Count(b.String(), "gateway.(*Gateway).worker(")
 }
