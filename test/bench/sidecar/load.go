@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -26,6 +28,78 @@ type window struct {
 	// requests and errors are the load generator's counts: errors are
 	// requests that failed or answered other than 2xx.
 	requests, errors int64
+	// hist is fortio's latency histogram (fixed rate only), kept so that
+	// the slices of one window can be pooled (see pool).
+	hist []bucket
+	// measured is how long the load ran (s), as fortio reports it.
+	measured float64
+}
+
+// bucket is one bar of fortio's latency histogram: count requests took
+// between start and end seconds.
+type bucket struct {
+	Start, End float64
+	Count      int64
+}
+
+// pool is one window made of slices of the same load, taken in turn with
+// other targets' (see --slices): requests, errors, CPU and system calls
+// add up, the rate is requests over the time the slices ran, and p50 and
+// p99 are those of the slices' histograms together.
+func pool(slices []window) window {
+	var w window
+	for _, s := range slices {
+		w.requests += s.requests
+		w.errors += s.errors
+		w.cpu += s.cpu
+		w.wall += s.wall
+		w.ioCalls += s.ioCalls
+		w.measured += s.measured
+		w.hist = append(w.hist, s.hist...)
+	}
+	if w.measured > 0 {
+		w.rps = float64(w.requests) / w.measured
+	}
+	w.p50, w.p99 = quantile(w.hist, 0.50), quantile(w.hist, 0.99)
+	return w
+}
+
+// quantile is the latency below which a fraction q of the histogram's
+// requests fall, with each bucket's requests spread evenly over its span,
+// as fortio interpolates. Buckets may overlap (slices' first and last
+// buckets end at their own minimum and maximum), so it searches for the
+// latency at which the spread-out count reaches q.
+func quantile(hist []bucket, q float64) float64 {
+	var total float64
+	lo, hi := math.Inf(1), math.Inf(-1)
+	for _, b := range hist {
+		total += float64(b.Count)
+		lo, hi = min(lo, b.Start), max(hi, b.End)
+	}
+	if total == 0 {
+		return 0
+	}
+	below := func(x float64) float64 {
+		var n float64
+		for _, b := range hist {
+			switch {
+			case x >= b.End:
+				n += float64(b.Count)
+			case x > b.Start:
+				n += float64(b.Count) * (x - b.Start) / (b.End - b.Start)
+			}
+		}
+		return n
+	}
+	for range 64 { // bisection to well under a nanosecond
+		mid := (lo + hi) / 2
+		if below(mid) < q*total {
+			lo = mid
+		} else {
+			hi = mid
+		}
+	}
+	return hi
 }
 
 // cores is the proxies' CPU use in cores over the window.
@@ -84,9 +158,11 @@ func fortioArgs(s loadSpec, rate float64, conns int, dur time.Duration, jsonFile
 // fortioResult is the part of fortio's JSON result read here.
 type fortioResult struct {
 	ActualQPS         float64
+	ActualDuration    int64 // nanoseconds
 	RetCodes          map[string]int64
 	DurationHistogram struct {
 		Count       int64
+		Data        []bucket
 		Percentiles []struct {
 			Percentile float64
 			Value      float64
@@ -101,7 +177,8 @@ func parseFortio(data []byte) (window, error) {
 	if err := json.Unmarshal(data, &r); err != nil {
 		return window{}, fmt.Errorf("fortio result: %w", err)
 	}
-	w := window{rps: r.ActualQPS, requests: r.DurationHistogram.Count}
+	w := window{rps: r.ActualQPS, requests: r.DurationHistogram.Count,
+		hist: r.DurationHistogram.Data, measured: float64(r.ActualDuration) / 1e9}
 	var ok2xx int64
 	for code, n := range r.RetCodes {
 		if strings.HasPrefix(code, "2") && len(code) == 3 {
@@ -170,8 +247,11 @@ type loader struct {
 
 // fixed warms the target up for warmup, then measures dur at rate over
 // conns connections, reading the proxies' CPU around the measured run.
-func (l loader) fixed(ctx context.Context, s loadSpec, rate float64, conns int, warmup, dur time.Duration, meter func() usage) (window, error) {
-	file := l.dir + "/fortio.json"
+// fortio's result of the measured run is left in the work directory as
+// fortio-<name>.json, histogram and all, for a look at the whole tail
+// (--keep).
+func (l loader) fixed(ctx context.Context, name string, s loadSpec, rate float64, conns int, warmup, dur time.Duration, meter func() usage) (window, error) {
+	file := filepath.Join(l.dir, "fortio-"+name+".json")
 	if warmup > 0 {
 		if _, err := l.run(ctx, dur, l.fortio, fortioArgs(s, rate, conns, warmup, file)...); err != nil {
 			return window{}, fmt.Errorf("warm-up: %w", err)

@@ -20,6 +20,45 @@ func TestParseFortio(t *testing.T) {
 	require.Error(t, err)
 }
 
+// A fortio 1.69 result of a 20 s window through the two nginx (HTTP/2,
+// proxy_pass), trimmed to what is read.
+const fortioWindow = `{"ActualQPS": 999.4786961131168, "ActualDuration": 20007429951, "RetCodes": {"200": 19997}, "DurationHistogram": {"Count": 19997, "Data": [{"Start": 0.000177446, "End": 0.00018, "Count": 2}, {"Start": 0.00018, "End": 0.0002, "Count": 2}, {"Start": 0.0002, "End": 0.00025, "Count": 31}, {"Start": 0.00025, "End": 0.00030000000000000003, "Count": 467}, {"Start": 0.00030000000000000003, "End": 0.00035000000000000005, "Count": 2058}, {"Start": 0.00035000000000000005, "End": 0.0004, "Count": 4188}, {"Start": 0.0004, "End": 0.00045000000000000004, "Count": 4963}, {"Start": 0.00045000000000000004, "End": 0.0005, "Count": 3879}, {"Start": 0.0005, "End": 0.0006000000000000001, "Count": 3176}, {"Start": 0.0006000000000000001, "End": 0.0007000000000000001, "Count": 739}, {"Start": 0.0007000000000000001, "End": 0.0008, "Count": 189}, {"Start": 0.0008, "End": 0.0009000000000000001, "Count": 69}, {"Start": 0.0009000000000000001, "End": 0.001, "Count": 34}, {"Start": 0.001, "End": 0.0012000000000000001, "Count": 34}, {"Start": 0.0012000000000000001, "End": 0.0014000000000000002, "Count": 33}, {"Start": 0.0014000000000000002, "End": 0.0016, "Count": 19}, {"Start": 0.0016, "End": 0.0018000000000000002, "Count": 16}, {"Start": 0.0018000000000000002, "End": 0.002, "Count": 13}, {"Start": 0.002, "End": 0.0025, "Count": 26}, {"Start": 0.0025, "End": 0.003, "Count": 26}, {"Start": 0.003, "End": 0.0035, "Count": 7}, {"Start": 0.0035, "End": 0.004, "Count": 7}, {"Start": 0.004, "End": 0.0045000000000000005, "Count": 2}, {"Start": 0.0045000000000000005, "End": 0.005, "Count": 4}, {"Start": 0.005, "End": 0.006, "Count": 7}, {"Start": 0.006, "End": 0.007, "Count": 2}, {"Start": 0.007, "End": 0.008, "Count": 2}, {"Start": 0.008, "End": 0.008674852, "Count": 2}], "Percentiles": [{"Percentile": 50, "Value": 0.0004327473302438042}, {"Percentile": 99, "Value": 0.0010001764705882365}]}}`
+
+// The histogram's quantiles are fortio's own percentiles; a window pooled
+// from slices has the slices' counts and time, and the percentiles of all
+// their requests together.
+func TestPool(t *testing.T) {
+	w, err := parseFortio([]byte(fortioWindow))
+	require.NoError(t, err)
+	require.Len(t, w.hist, 28)
+	require.InDelta(t, w.p50, quantile(w.hist, 0.50), 1e-12)
+	require.InDelta(t, w.p99, quantile(w.hist, 0.99), 1e-12)
+
+	// One slice pooled is itself; two alike have the same percentiles.
+	one := pool([]window{w})
+	require.InDelta(t, w.p50, one.p50, 1e-12)
+	require.InDelta(t, w.p99, one.p99, 1e-12)
+	require.InDelta(t, w.rps, one.rps, 1e-9)
+	w.cpu, w.wall, w.ioCalls = 3, 20, 1000
+	two := pool([]window{w, w})
+	require.InDelta(t, w.p50, two.p50, 1e-12)
+	require.InDelta(t, w.p99, two.p99, 1e-12)
+	require.Equal(t, int64(2*19997), two.requests)
+	require.InDelta(t, 40.0148599, two.measured, 1e-6)
+	require.Equal(t, window{}.errors, two.errors)
+	require.Equal(t, [3]float64{6, 40, 2000}, [3]float64{two.cpu, two.wall, two.ioCalls})
+
+	// A quiet slice and a noisy one: the pooled p99 is the 1% slowest of
+	// both, not either slice's own.
+	quiet := window{requests: 990, measured: 1, hist: []bucket{{Start: 1e-3, End: 2e-3, Count: 990}}}
+	noisy := window{requests: 10, measured: 1, hist: []bucket{{Start: 5e-3, End: 6e-3, Count: 10}}}
+	p := pool([]window{quiet, noisy})
+	require.InDelta(t, 1.5050505e-3, p.p50, 1e-9) // the middle of all 1000, in quiet's bucket
+	require.InDelta(t, 2e-3, p.p99, 1e-9)         // the 990th: the top of quiet's bucket
+	require.InDelta(t, 500.0, p.rps, 1e-9)
+	require.Zero(t, quantile(nil, 0.99))
+}
+
 // h2load's summary, as nghttp2 1.52 prints it.
 const h2loadOut = `starting benchmark...
 spawning thread #0: 64 total client(s). Timing-based test with 0s of warm-up time and 5s of main duration for measurements.

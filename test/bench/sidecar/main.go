@@ -87,7 +87,8 @@ func main() {
 	flag.StringVar(&o.binDir, "bin-dir", "bin", "directory holding sidecar (make build)")
 	flag.StringVar(&o.fortio, "fortio", "", "fortio binary (default: <bin-dir>/fortio, else $PATH)")
 	flag.DurationVar(&o.duration, "duration", 10*time.Second, "measured window of each load (the fixed rate's p99 stands on rate×duration samples)")
-	flag.DurationVar(&o.warmup, "warmup", time.Second, "unmeasured load before each window")
+	flag.DurationVar(&o.warmup, "warmup", time.Second, "unmeasured load before each window, and before each slice of the fixed rate")
+	flag.IntVar(&o.slices, "slices", 4, "slices each fixed-rate window is cut into, taken in turn across the targets and pooled per target")
 	flag.IntVar(&o.runs, "runs", 3, "runs of every measure; the median and range are reported")
 	flag.Float64Var(&o.rate, "rate", 1000, "the fixed rate (requests/s)")
 	flag.IntVar(&o.rateConns, "rate-conns", 8, "connections of the fixed-rate load")
@@ -124,7 +125,7 @@ func main() {
 type options struct {
 	binDir, fortio                    string
 	duration, warmup                  time.Duration
-	runs                              int
+	runs, slices                      int
 	rate                              float64
 	rateConns, maxConnsH1, maxConnsH2 int
 	maxStreams, body                  int
@@ -155,6 +156,9 @@ func (o options) validate() error {
 			bad = append(bad, fmt.Sprintf("--sidecar-env %q is not NAME=VALUE", kv))
 		}
 	}
+	if o.slices < 1 || o.duration/time.Duration(max(o.slices, 1)) < time.Second {
+		bad = append(bad, "--slices must be at least 1, and --duration at least 1s per slice")
+	}
 	if len(bad) > 0 {
 		return fmt.Errorf("%s", strings.Join(bad, "; "))
 	}
@@ -169,47 +173,59 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
-	log.Printf("%d cores (GOMAXPROCS %d); %d runs of %v after %v warm-up; fixed rate %.0f req/s over %d connections; max rate over %d HTTP/1.1 connections, %d HTTP/2 connections × %d streams; body %d B",
-		runtime.NumCPU(), runtime.GOMAXPROCS(0), o.runs, o.duration, o.warmup, o.rate, o.rateConns,
+	log.Printf("%d cores (GOMAXPROCS %d); %d runs of %v after %v warm-up; fixed rate %.0f req/s over %d connections, in %d slices taken in turn; max rate over %d HTTP/1.1 connections, %d HTTP/2 connections × %d streams; body %d B",
+		runtime.NumCPU(), runtime.GOMAXPROCS(0), o.runs, o.duration, o.warmup, o.rate, o.rateConns, o.slices,
 		o.maxConnsH1, o.maxConnsH2, o.maxStreams, o.body)
 	res := newResults()
 	ld := loader{ns: env.client, fortio: env.fortio, dir: env.dir}
 	for r := 1; r <= o.runs; r++ {
 		for _, proto := range o.protocols {
-			for _, mode := range []string{modeFixed, modeMax} {
+			var targets []target
+			for i := range env.targets {
 				// Rotate the order every run: no target is always the
 				// one measured right after another's load.
-				for i := range env.targets {
-					t := env.targets[(i+r-1)%len(env.targets)]
+				if t := env.targets[(i+r-1)%len(env.targets)]; t.serves(proto) {
+					targets = append(targets, t)
+				}
+			}
+			// The fixed rate, in slices taken in turn: every target
+			// meets the same spells of noise from the rest of the
+			// machine, which a window measured after another's would
+			// not, and its slices are pooled into one window.
+			slices := map[string][]window{}
+			for s := range o.slices {
+				for i := range targets {
+					t := targets[(i+s)%len(targets)]
 					if err := ctx.Err(); err != nil {
 						return err
 					}
-					if !t.serves(proto) {
-						continue
-					}
-					spec := t.spec(proto)
-					var w window
-					if mode == modeFixed {
-						w, err = ld.fixed(ctx, spec, o.rate, o.rateConns, o.warmup, o.duration, t.usage)
-					} else {
-						conns := o.maxConnsH1
-						if proto == "h2" {
-							conns = o.maxConnsH2
-						}
-						w, err = ld.max(ctx, spec, conns, o.maxStreams, o.warmup, o.duration, t.usage)
-					}
-					if err != nil {
-						if ctx.Err() != nil {
-							return fmt.Errorf("interrupted: %w", context.Cause(ctx))
-						}
-						return fmt.Errorf("run %d, %s %s, %s: %w", r, proto, mode, t.name, err)
-					}
-					if err := env.alive(); err != nil {
+					name := fmt.Sprintf("%s-%s-%d-%d", proto, t.name, r, s+1)
+					w, err := ld.fixed(ctx, name, t.spec(proto), o.rate, o.rateConns, o.warmup, o.duration/time.Duration(o.slices), t.usage)
+					if err := measured(ctx, env, err, r, proto, modeFixed, t); err != nil {
 						return err
 					}
-					res.add(key{proto, mode, t.name}, w)
-					log.Printf("run %d %s %-5s %-7s %s", r, proto, mode, t.name, w.describe(mode))
+					slices[t.name] = append(slices[t.name], w)
 				}
+			}
+			for _, t := range targets {
+				w := pool(slices[t.name])
+				res.add(key{proto, modeFixed, t.name}, w)
+				log.Printf("run %d %s %-5s %-7s %s", r, proto, modeFixed, t.name, w.describe(modeFixed))
+			}
+			for _, t := range targets {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				conns := o.maxConnsH1
+				if proto == "h2" {
+					conns = o.maxConnsH2
+				}
+				w, err := ld.max(ctx, t.spec(proto), conns, o.maxStreams, o.warmup, o.duration, t.usage)
+				if err := measured(ctx, env, err, r, proto, modeMax, t); err != nil {
+					return err
+				}
+				res.add(key{proto, modeMax, t.name}, w)
+				log.Printf("run %d %s %-5s %-7s %s", r, proto, modeMax, t.name, w.describe(modeMax))
 			}
 		}
 	}
@@ -220,4 +236,16 @@ func run(ctx context.Context, o options) error {
 	}
 	fmt.Print(res.table(env, o))
 	return nil
+}
+
+// measured turns a load's error into the run's, and checks that every
+// process of the topology still runs after it.
+func measured(ctx context.Context, e *env, err error, r int, proto, mode string, t target) error {
+	if err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("interrupted: %w", context.Cause(ctx))
+		}
+		return fmt.Errorf("run %d, %s %s, %s: %w", r, proto, mode, t.name, err)
+	}
+	return e.alive()
 }

@@ -189,11 +189,12 @@ func (r *results) table(e *env, o options) string {
 		}
 	}
 	slices.Sort(errs)
-	fmt.Fprintf(&b, "\nMedian of %d runs [range]. Fixed rate: fortio, %d connections, latency from its histogram (10 µs buckets at the bottom, interpolated). "+
+	fmt.Fprintf(&b, "\nMedian of %d runs [range]. Fixed rate: fortio, %d connections, each run's window cut into %d slices taken in turn across the targets, "+
+		"latency from the slices' histograms pooled per target (10 µs buckets at the bottom, interpolated). "+
 		"Maximum rate: h2load, one thread. Proxy CPU is user+system of both proxies' processes (nginx: masters and workers) from /proc over the window; "+
 		"resident sets are summed the same way (nginx's shared pages counted in each process). "+
 		"In the HTTP/2 rows, nginx proxy_pass converts to HTTP/1.1 at the front (its backend leg is HTTP/1.1, which the backend answers faster) and nginx grpc_pass carries HTTP/2 end to end, as the sidecars do. "+
-		"Load average at the end: %s.\n", o.runs, o.rateConns, table.LoadAverage())
+		"Load average at the end: %s.\n", o.runs, o.rateConns, o.slices, table.LoadAverage())
 	if len(errs) > 0 {
 		fmt.Fprintf(&b, "\nFailed requests in the measured windows: %s.\n", strings.Join(errs, ", "))
 	}
