@@ -123,7 +123,7 @@ bench-gateway: build ## East-west gateway vs nginx stream ssl_preread vs direct:
 	go run ./test/bench/gateway --bin-dir "$(BIN)" $(BENCH_GATEWAY_ARGS)
 
 .PHONY: bench-sidecar
-bench-sidecar: build ## Two sidecars (mTLS) vs two nginx vs direct, HTTP/1.1 and HTTP/2: added p50/p99 at a fixed rate, max req/s per proxy core, memory; HTTP/2 also vs nginx grpc_pass (root; ~9 min)
+bench-sidecar: build ## Two sidecars (mTLS) vs two nginx vs direct, HTTP/1.1 and HTTP/2: added p50/p99 at a fixed rate, max req/s per proxy core, memory; HTTP/2 also vs nginx grpc_pass (root; ~11 min)
 	@hack/install-bench-tools.sh "$(BIN)" "$(FORTIO_VERSION)"
 	go run ./test/bench/sidecar --bin-dir "$(BIN)" $(BENCH_SIDECAR_ARGS)
 
