@@ -51,7 +51,9 @@
 // does not read what it causes is not read from. A stream the upstream
 // refused (REFUSED_STREAM,
 // or beyond a GOAWAY's last stream) with none of its body sent is opened
-// again elsewhere; connections are pinged after a silent minute.
+// again elsewhere, and a new connection to an endpoint assumes the
+// stream limit its latest connection announced until its own SETTINGS
+// come; connections are pinged after a silent minute.
 // Header blocks over 64 KiB are refused (431 before routing). With
 // Config.NetHTTP2, HTTP/2 goes to net/http's server and Transport
 // instead, for comparison.

@@ -923,3 +923,51 @@ func fuzzAlign(data []byte) []byte {
 	}
 	return append(data, make([]byte, off-len(data))...)
 }
+
+// An app that takes one stream at a time (SETTINGS_MAX_CONCURRENT_STREAMS
+// 1) gets one per connection: of a burst, the streams b's sidecar opened
+// on its first connection before the app's SETTINGS came are refused and
+// opened again, each on a new connection, which assumes the app's limit
+// instead of 100. Before, each new connection took every refused stream
+// again, and the burst ran out of attempts (503s).
+func TestH2LifeUpstreamStreamLimit(t *testing.T) {
+	var accepted atomic.Int64
+	h := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		time.Sleep(20 * time.Millisecond) // the burst overlaps
+		_, _ = io.WriteString(w, "one at a time")
+	})
+	var protos http.Protocols
+	protos.SetUnencryptedHTTP2(true)
+	srv := &http.Server{Handler: h, Protocols: &protos, ReadHeaderTimeout: waitFor,
+		HTTP2: &http.HTTP2Config{MaxConcurrentStreams: 1},
+		ConnState: func(_ net.Conn, s http.ConnState) {
+			if s == http.StateNew {
+				accepted.Add(1)
+			}
+		}}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = srv.Serve(ln) }()
+	t.Cleanup(func() { _ = srv.Close(); <-done })
+
+	m, _, _ := startLifeMesh(t, nil, ln.Addr().(*net.TCPAddr).AddrPort())
+	c := dialH2(t, m.a, lifeRawSvc.host())
+	const burst = 8
+	for round := range 2 { // the second finds the limit known
+		reqs := make([]*http.Request, burst)
+		for i := range reqs {
+			reqs[i] = c.request(t, http.MethodGet, fmt.Sprintf("/?n=%d", i), nil)
+		}
+		for i, r := range concurrently([]*h2Client{c}, reqs) {
+			require.NoError(t, r.err, "round %d, stream %d", round, i)
+			require.Equal(t, http.StatusOK, r.code, "round %d, stream %d: %s", round, i, r.body)
+			require.Equal(t, "one at a time", r.body)
+		}
+	}
+	// One connection per stream in flight at most, reused by the second
+	// burst: never a connection per refusal.
+	t.Logf("b's sidecar opened %d connections to the app for 2 bursts of %d", accepted.Load(), burst)
+	require.Greater(t, accepted.Load(), int64(1))
+	require.LessOrEqual(t, accepted.Load(), int64(2*burst))
+}

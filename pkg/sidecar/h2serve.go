@@ -128,6 +128,9 @@ func (pl *pool) h2Attach(s *h2Stream, ep netip.AddrPort) error {
 	}
 	c := newH2Conn(pl.p, nil, true)
 	c.pool, c.ep = pl, ep
+	if n, ok := pl.h2limit(ep); ok {
+		c.peerMaxStreams = n
+	}
 	c.reserved = 1
 	c.waiting = []*h2Stream{s}
 	s.waitingOn = c
@@ -204,6 +207,24 @@ func (c *h2Conn) idleExpired() {
 	if expired {
 		c.connError(http2.ErrCodeNo)
 	}
+}
+
+// h2limit is the stream limit ep's latest connection announced.
+func (pl *pool) h2limit(ep netip.AddrPort) (int, bool) {
+	pl.h2limitsMu.Lock()
+	defer pl.h2limitsMu.Unlock()
+	n, ok := pl.h2limits[ep]
+	return n, ok
+}
+
+// setH2Limit records the stream limit a connection to ep announced.
+func (pl *pool) setH2Limit(ep netip.AddrPort, n int) {
+	pl.h2limitsMu.Lock()
+	defer pl.h2limitsMu.Unlock()
+	if pl.h2limits == nil {
+		pl.h2limits = map[netip.AddrPort]int{}
+	}
+	pl.h2limits[ep] = n
 }
 
 // dialAndServe connects the upstream connection, opens the streams that
