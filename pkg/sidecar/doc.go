@@ -52,8 +52,8 @@
 // refused (REFUSED_STREAM,
 // or beyond a GOAWAY's last stream) with none of its body sent is opened
 // again elsewhere, and a new connection to an endpoint assumes the
-// stream limit its latest connection announced until its own SETTINGS
-// come; connections are pinged after a silent minute.
+// stream limit of the newest one to it until its own SETTINGS come;
+// connections are pinged after a silent minute.
 // Header blocks over 64 KiB are refused (431 before routing). With
 // Config.NetHTTP2, HTTP/2 goes to net/http's server and Transport
 // instead, for comparison.

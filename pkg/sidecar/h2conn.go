@@ -856,9 +856,6 @@ func (hc *h2Conn) onSettings(f *http2.SettingsFrame) error {
 			hc.peerMaxFrame = int(s.Val)
 		case http2.SettingMaxConcurrentStreams:
 			hc.peerMaxStreams = int(min(s.Val, 1<<20))
-			if hc.pool != nil && hc.peerMaxStreams > 0 { // 0: none for now, not a limit to assume
-				hc.pool.setH2Limit(hc.ep, hc.peerMaxStreams)
-			}
 		case http2.SettingHeaderTableSize:
 			hc.enc.SetMaxDynamicTableSizeLimit(s.Val)
 		}

@@ -101,7 +101,8 @@ func (p *Proxy) h2CutAll() int {
 // that has room, or queues it on a new one being dialled. s.mu held.
 func (pl *pool) h2Attach(s *h2Stream, ep netip.AddrPort) error {
 	pl.h2mu.Lock()
-	for _, c := range pl.h2conns[ep] {
+	conns := pl.h2conns[ep]
+	for _, c := range conns {
 		c.mu.Lock()
 		if c.closed || c.goAway || c.reserved >= c.peerMaxStreams || c.nextID >= 1<<31-1 {
 			c.mu.Unlock()
@@ -128,8 +129,19 @@ func (pl *pool) h2Attach(s *h2Stream, ep netip.AddrPort) error {
 	}
 	c := newH2Conn(pl.p, nil, true)
 	c.pool, c.ep = pl, ep
-	if n, ok := pl.h2limit(ep); ok {
-		c.peerMaxStreams = n
+	if len(conns) > 0 {
+		// Until its own SETTINGS come, the new connection assumes the
+		// stream limit of the newest one to ep (the endpoint's, or what
+		// that one assumed in turn), not 100: an app that takes one
+		// stream at a time would otherwise refuse all but one of the
+		// streams queued on each new connection, and a burst would run
+		// out of attempts. A 0 (none for now) is not a limit to assume.
+		newest := conns[len(conns)-1]
+		newest.mu.Lock()
+		if n := newest.peerMaxStreams; n > 0 {
+			c.peerMaxStreams = n
+		}
+		newest.mu.Unlock()
 	}
 	c.reserved = 1
 	c.waiting = []*h2Stream{s}
@@ -207,24 +219,6 @@ func (c *h2Conn) idleExpired() {
 	if expired {
 		c.connError(http2.ErrCodeNo)
 	}
-}
-
-// h2limit is the stream limit ep's latest connection announced.
-func (pl *pool) h2limit(ep netip.AddrPort) (int, bool) {
-	pl.h2limitsMu.Lock()
-	defer pl.h2limitsMu.Unlock()
-	n, ok := pl.h2limits[ep]
-	return n, ok
-}
-
-// setH2Limit records the stream limit a connection to ep announced.
-func (pl *pool) setH2Limit(ep netip.AddrPort, n int) {
-	pl.h2limitsMu.Lock()
-	defer pl.h2limitsMu.Unlock()
-	if pl.h2limits == nil {
-		pl.h2limits = map[netip.AddrPort]int{}
-	}
-	pl.h2limits[ep] = n
 }
 
 // dialAndServe connects the upstream connection, opens the streams that

@@ -77,15 +77,6 @@ type pool struct {
 	// each carrying many streams.
 	h2mu    sync.Mutex
 	h2conns map[netip.AddrPort][]*h2Conn
-	// h2limits is each endpoint's SETTINGS_MAX_CONCURRENT_STREAMS as its
-	// latest connection announced it. A new connection to the endpoint
-	// assumes it until its own SETTINGS arrive, instead of 100: an app
-	// that takes one stream at a time would otherwise refuse 99 of the
-	// streams queued on every new connection, and a burst would run out
-	// of attempts opening connection after connection. h2limitsMu is a
-	// leaf lock, taken under a connection's mu.
-	h2limitsMu sync.Mutex
-	h2limits   map[netip.AddrPort]int
 	// conns counts this pool's upstream connections open.
 	conns atomic.Int64
 	// retiredAt is when a newer configuration replaced the pool; set
