@@ -6,8 +6,9 @@
 //	federator ──xDS──► pkg/xdsclient ──*Routes──► RouteSource ──► Gateway
 //	peer's sidecar ──TLS──► :15443 ─ peek ClientHello ─ route by SNI ─► local pod
 //
-// A connection is read only as far as its TLS ClientHello (with a
-// deadline); the server name selects a Route, the only routable names
+// The listener defers accept until a connection's first bytes arrive
+// (TCP_DEFER_ACCEPT, listen_linux.go). A connection is read only as far
+// as its TLS ClientHello (with a deadline); the server name selects a Route, the only routable names
 // being the services this cluster exports plus the federation's reserved
 // name; the bytes read are written to the chosen endpoint and then the two
 // sockets are spliced together (splice(2) through a pooled pipe, called

@@ -62,7 +62,7 @@ func newMetrics(src RouteSource) (*metrics, error) {
 	m.active, errs[0] = meter.Int64UpDownCounter("isthmus_gateway_connections_active",
 		metric.WithDescription("Downstream connections open now, routed or still sending their ClientHello."))
 	m.accepted, errs[1] = meter.Int64Counter("isthmus_gateway_connections",
-		metric.WithDescription("Downstream connections accepted."))
+		metric.WithDescription("Downstream connections accepted (once their first bytes arrived, or after about a second of silence)."))
 	m.routed, errs[2] = meter.Int64Counter("isthmus_gateway_routed_connections",
 		metric.WithDescription("Connections routed to an upstream endpoint, by cluster."))
 	m.refusals, errs[3] = meter.Int64Counter("isthmus_gateway_refusals",
