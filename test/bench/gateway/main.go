@@ -3,15 +3,16 @@
 // stream module with ssl_preread (Debian's nginx, the same machine, the
 // same run) and a direct connection with no proxy.
 //
-// Everything binds to 127.0.0.1. A Go TLS backend runs as a child process
-// (this program re-executed as `gateway backend`); the load generator runs
-// here. Both sides speak mTLS 1.3 with SPIFFE identities from two trust
+// Everything binds to 127.0.0.1. A Go TLS backend per target runs as a
+// child process (this program re-executed as `gateway backend`), each on
+// its own port so that no target dials into the TIME_WAIT sockets
+// another left; the load generator runs here. Both sides speak mTLS 1.3 with SPIFFE identities from two trust
 // domains (go-spiffe's tlsconfig), X25519 only, ECDSA P-256 certificates,
 // no session resumption. Both proxies route the same --routes server
 // names (one to the backend, the rest to addresses nothing is sent to).
 //
 // Measures, each --runs times after a --warmup that is not counted, the
-// three targets interleaved within a run and their order rotated from run
+// targets interleaved within a run and their order rotated from run
 // to run:
 //
 //   - bulk throughput: client → backend application data over 1 and over
@@ -28,6 +29,12 @@
 // program; it exits non-zero only when it could not measure. Without nginx
 // and its stream module (make bench-gateway installs them as root) the
 // nginx column says why it is empty.
+//
+// --candidate adds a second gateway binary as one more target, measured
+// in the same runs, and a table comparing it with bin/eastwest-gw: the
+// machine's noise moves whole runs by more than most changes do, so a
+// change is measured beside the code it changes, not against a figure
+// from another hour.
 package main
 
 import (
@@ -66,10 +73,11 @@ func main() {
 	hsConc := flag.Int("hs-concurrency", 16, "concurrent clients of the new-connection measure")
 	noNginx := flag.Bool("no-nginx", false, "leave the nginx column out")
 	only := flag.String("measures", "bulk1,bulk64,conns", "measures to run (comma-separated): bulk1, bulk64, conns")
+	candidate := flag.String("candidate", "", "a second eastwest-gw `binary` (e.g. go build -o /tmp/gw ./cmd/eastwest-gw on a changed tree), measured in the same runs as the target \"candidate\" and compared with bin/eastwest-gw")
 	flag.Parse()
 	log.SetFlags(0)
 	log.SetPrefix("bench-gateway: ")
-	if err := run(*binDir, *duration, *warmup, *runs, *routes, *hsConc, *gwProcs, *noNginx, strings.Split(*only, ",")); err != nil {
+	if err := run(*binDir, *candidate, *duration, *warmup, *runs, *routes, *hsConc, *gwProcs, *noNginx, strings.Split(*only, ",")); err != nil {
 		log.Fatal(err)
 	}
 }
@@ -80,7 +88,7 @@ type target struct {
 	p    *procs.Proc // nil for direct
 }
 
-func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc, gwProcs int, noNginx bool, measures []string) error {
+func run(binDir, candidate string, dur, warmup time.Duration, runs, nRoutes, hsConc, gwProcs int, noNginx bool, measures []string) error {
 	dir, err := os.MkdirTemp("", "bench-gateway-")
 	if err != nil {
 		return err
@@ -98,17 +106,36 @@ func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc, gwProc
 	if err != nil {
 		return err
 	}
-	be, err := procs.Start("backend", exec.Command(self, "backend", "--pki", dir), filepath.Join(dir, "backend.log"), nil)
+	// A backend per target, each on its own port: a target's connections
+	// leave tens of thousands of sockets in TIME_WAIT for a minute, and
+	// sharing a destination with them would make the next target's
+	// connect(2) search a fuller port range (the proxies' dials are
+	// their CPU).
+	var stops []func()
+	defer func() {
+		for _, stop := range stops {
+			stop()
+		}
+	}()
+	backend := func(name string) (string, error) {
+		logFile := filepath.Join(dir, "backend-"+name+".log")
+		be, err := procs.Start("backend-"+name, exec.Command(self, "backend", "--pki", dir), logFile, nil)
+		if err != nil {
+			return "", err
+		}
+		stops = append(stops, be.Stop)
+		addr, err := firstLine(logFile, 10*time.Second)
+		if err != nil {
+			return "", fmt.Errorf("backend of %s: %w", name, err)
+		}
+		return addr, nil
+	}
+	backendAddr, err := backend("isthmus")
 	if err != nil {
 		return err
 	}
-	defer be.Stop()
-	backendAddr, err := firstLine(filepath.Join(dir, "backend.log"), 10*time.Second)
-	if err != nil {
-		return fmt.Errorf("backend: %w", err)
-	}
 
-	gw, gwAddr, err := startGateway(binDir, dir, backendAddr, nRoutes, gwProcs)
+	gw, gwAddr, err := startGateway("eastwest-gw", filepath.Join(binDir, "eastwest-gw"), dir, backendAddr, nRoutes, gwProcs)
 	if err != nil {
 		return err
 	}
@@ -117,13 +144,29 @@ func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc, gwProc
 	idle := map[string]float64{}
 	time.Sleep(500 * time.Millisecond)
 	idle["isthmus"] = gw.Memory("VmRSS")
+	if candidate != "" {
+		candBackend, err := backend("candidate")
+		if err != nil {
+			return err
+		}
+		cand, candAddr, err := startGateway("candidate", candidate, dir, candBackend, nRoutes, gwProcs)
+		if err != nil {
+			return err
+		}
+		defer cand.Stop()
+		targets = append(targets, target{name: "candidate", addr: candAddr, p: cand})
+		time.Sleep(500 * time.Millisecond)
+		idle["candidate"] = cand.Memory("VmRSS")
+	}
 
 	nginxNote := ""
 	if noNginx {
 		nginxNote = "left out (--no-nginx)"
 	} else if mod, err := nginxModule(); err != nil {
 		nginxNote = err.Error()
-	} else if ng, ngAddr, err := startNginx(dir, mod, backendAddr, nRoutes); err != nil {
+	} else if ngBackend, err := backend("nginx"); err != nil {
+		return err
+	} else if ng, ngAddr, err := startNginx(dir, mod, ngBackend, nRoutes); err != nil {
 		nginxNote = err.Error()
 	} else {
 		defer ng.Stop()
@@ -134,7 +177,11 @@ func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc, gwProc
 	if nginxNote != "" {
 		log.Printf("no nginx column: %s", nginxNote)
 	}
-	targets = append(targets, target{name: "direct", addr: backendAddr})
+	directAddr, err := backend("direct")
+	if err != nil {
+		return err
+	}
+	targets = append(targets, target{name: "direct", addr: directAddr})
 
 	// Each target must work before anything is measured.
 	for _, t := range targets {
@@ -145,8 +192,8 @@ func run(binDir string, dur, warmup time.Duration, runs, nRoutes, hsConc, gwProc
 		_ = c.Close()
 	}
 
-	log.Printf("%d cores (GOMAXPROCS %d); %d routes; %d runs of %v after %v warm-up; backend %s; isthmus %s",
-		runtime.NumCPU(), runtime.GOMAXPROCS(0), nRoutes, runs, dur, warmup, backendAddr, gwAddr)
+	log.Printf("%d cores (GOMAXPROCS %d); %d routes; %d runs of %v after %v warm-up; isthmus %s → backend %s",
+		runtime.NumCPU(), runtime.GOMAXPROCS(0), nRoutes, runs, dur, warmup, gwAddr, backendAddr)
 	res := newResults()
 	for r := 1; r <= runs; r++ {
 		for _, m := range []struct {

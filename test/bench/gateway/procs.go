@@ -33,9 +33,10 @@ func fillerRoute(i int) (sni, cluster, addr string) {
 		fmt.Sprintf("10.%d.%d.%d:8080", 200+i/65536, i/256%256, i%256)
 }
 
-// startGateway runs bin/eastwest-gw with a routes file of n routes, one of
-// them benchSNI → backend.
-func startGateway(binDir, dir, backend string, n, gomaxprocs int) (p *procs.Proc, addr string, err error) {
+// startGateway runs the gateway binary bin as name (its log is
+// <dir>/<name>.log) with a routes file of n routes, one of them
+// benchSNI → backend.
+func startGateway(name, bin, dir, backend string, n, gomaxprocs int) (p *procs.Proc, addr string, err error) {
 	type ep struct {
 		Address string `json:"address"`
 	}
@@ -53,7 +54,7 @@ func startGateway(binDir, dir, backend string, n, gomaxprocs int) (p *procs.Proc
 	if err != nil {
 		return nil, "", err
 	}
-	file := filepath.Join(dir, "routes.json")
+	file := filepath.Join(dir, name+"-routes.json")
 	if err := os.WriteFile(file, data, 0o644); err != nil {
 		return nil, "", err
 	}
@@ -64,13 +65,14 @@ func startGateway(binDir, dir, backend string, n, gomaxprocs int) (p *procs.Proc
 	if err != nil {
 		return nil, "", err
 	}
-	cmd := exec.Command(filepath.Join(binDir, "eastwest-gw"),
+	cmd := exec.Command(bin,
 		"--listen-addr", addr, "--health-addr", health, "--metrics-addr", "",
 		"--routes-file", file, "--log-level", "warn")
 	if gomaxprocs > 0 {
 		cmd.Env = append(os.Environ(), "GOMAXPROCS="+strconv.Itoa(gomaxprocs))
 	}
-	p, err = procs.Start("eastwest-gw", cmd, filepath.Join(dir, "eastwest-gw.log"), nil)
+	log := filepath.Join(dir, name+".log")
+	p, err = procs.Start(name, cmd, log, nil)
 	if err != nil {
 		return nil, "", err
 	}
@@ -84,7 +86,7 @@ func startGateway(binDir, dir, backend string, n, gomaxprocs int) (p *procs.Proc
 	})
 	if err != nil {
 		p.Stop()
-		return nil, "", fmt.Errorf("eastwest-gw not ready (see %s): %w", filepath.Join(dir, "eastwest-gw.log"), err)
+		return nil, "", fmt.Errorf("%s not ready (see %s): %w", bin, log, err)
 	}
 	return p, addr, nil
 }

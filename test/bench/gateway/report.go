@@ -117,6 +117,21 @@ func (r *results) table(targets []target, nginxNote string, idle, peak map[strin
 	row("proxy CPU per 1,000 connections (s, lower is better)", 3, false, measured("conns", per1k))
 	mi, _, _ := row(fmt.Sprintf("proxy resident set, idle with %d routes (MB)", nRoutes), 1, false, fixed(idle))
 	mp, _, _ := row("proxy peak resident set, after all runs (MB)", 1, false, fixed(peak))
+	if has["candidate"] {
+		fmt.Fprintf(&b, "\n| measure | isthmus | candidate | candidate/isthmus |\n|---|---|---|---|\n")
+		vsCandidate := func(name string, prec int, get func(target string) stat) {
+			is, c := get("isthmus"), get("candidate")
+			fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", name, cell(is, prec), cell(c, prec), ratio(c, is))
+		}
+		vsCandidate("bulk throughput, 1 connection (Gbit/s)", 2, measured("bulk1", gbps))
+		vsCandidate("bulk throughput, 64 connections (Gbit/s)", 2, measured("bulk64", gbps))
+		vsCandidate("new connections (full mTLS handshakes/s)", 0, measured("conns", rate))
+		vsCandidate("proxy CPU per GB, 1 connection (s)", 3, measured("bulk1", perGB))
+		vsCandidate("proxy CPU per GB, 64 connections (s)", 3, measured("bulk64", perGB))
+		vsCandidate("proxy CPU per 1,000 connections (s)", 3, measured("conns", per1k))
+		vsCandidate("proxy resident set, idle (MB)", 1, fixed(idle))
+		vsCandidate("proxy peak resident set (MB)", 1, fixed(peak))
+	}
 	var errs []string
 	for _, m := range []string{"bulk1", "bulk64", "conns"} {
 		for _, t := range targets {
