@@ -144,11 +144,16 @@ type loadSpec struct {
 // jsonFile: rate requests/s spread evenly over conns connections (uniform,
 // no catch-up bursts after a stall), latency histogram buckets of 10 µs
 // at the bottom (fortio's default 1 ms is too coarse for a proxy hop).
-// HTTP/2 uses fortio's standard client (h2c with prior knowledge).
-func fortioArgs(s loadSpec, rate float64, conns int, dur time.Duration, jsonFile string) []string {
+// HTTP/2 uses fortio's standard client (h2c with prior knowledge). With
+// accessLog, fortio also writes every request there, a JSON line each
+// (start in Unix ns, latency in s).
+func fortioArgs(s loadSpec, rate float64, conns int, dur time.Duration, jsonFile, accessLog string) []string {
 	args := []string{"load", "-quiet", "-qps", strconv.FormatFloat(rate, 'f', -1, 64), "-c", strconv.Itoa(conns),
 		"-t", dur.String(), "-uniform", "-nocatchup", "-r", "0.00001", "-p", "50,99", "-timeout", "5s",
 		"-H", "Host: " + s.authority, "-json", jsonFile}
+	if accessLog != "" {
+		args = append(args, "-access-log-file", accessLog)
+	}
 	if s.h2 {
 		args = append(args, "-h2")
 	}
@@ -232,6 +237,8 @@ type loader struct {
 	ns     *netns.NS
 	fortio string
 	dir    string
+	// accessLogs has fortio log every request of the measured runs.
+	accessLogs bool
 }
 
 // fixed warms the target up for warmup, then measures dur at rate over
@@ -242,13 +249,17 @@ type loader struct {
 func (l loader) fixed(ctx context.Context, name string, s loadSpec, rate float64, conns int, warmup, dur time.Duration, meter func() usage) (window, error) {
 	file := filepath.Join(l.dir, "fortio-"+name+".json")
 	if warmup > 0 {
-		if _, err := l.run(ctx, dur, l.fortio, fortioArgs(s, rate, conns, warmup, file)...); err != nil {
+		if _, err := l.run(ctx, dur, l.fortio, fortioArgs(s, rate, conns, warmup, file, "")...); err != nil {
 			return window{}, fmt.Errorf("warm-up: %w", err)
 		}
 	}
 	_ = os.Remove(file)
 	u0, t0 := meter(), time.Now()
-	if _, err := l.run(ctx, dur, l.fortio, fortioArgs(s, rate, conns, dur, file)...); err != nil {
+	accessLog := ""
+	if l.accessLogs {
+		accessLog = filepath.Join(l.dir, "fortio-"+name+".access")
+	}
+	if _, err := l.run(ctx, dur, l.fortio, fortioArgs(s, rate, conns, dur, file, accessLog)...); err != nil {
 		return window{}, err
 	}
 	u1, t1 := meter(), time.Now()

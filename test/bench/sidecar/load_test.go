@@ -87,9 +87,13 @@ func TestParseH2load(t *testing.T) {
 
 func TestArgs(t *testing.T) {
 	s := loadSpec{url: "http://127.0.0.1:15001/", h2: true, authority: serviceHost}
-	f := strings.Join(fortioArgs(s, 1000, 8, 5*time.Second, "/tmp/f.json"), " ")
+	f := strings.Join(fortioArgs(s, 1000, 8, 5*time.Second, "/tmp/f.json", ""), " ")
 	require.Contains(t, f, "-qps 1000 -c 8 -t 5s")
 	require.Contains(t, f, "-H Host: "+serviceHost)
+	require.True(t, strings.HasSuffix(f, "-h2 http://127.0.0.1:15001/"), f)
+	require.NotContains(t, f, "-access-log-file")
+	f = strings.Join(fortioArgs(s, 1000, 8, 5*time.Second, "/tmp/f.json", "/tmp/f.access"), " ")
+	require.Contains(t, f, "-access-log-file /tmp/f.access")
 	require.True(t, strings.HasSuffix(f, "-h2 http://127.0.0.1:15001/"), f)
 	h := strings.Join(h2loadArgs(s, 4, 16, 1500*time.Millisecond), " ")
 	require.Equal(t, "-t 1 -c 4 -D 1500ms -H :authority: "+serviceHost+" -m 16 http://127.0.0.1:15001/", h)

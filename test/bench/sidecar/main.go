@@ -100,6 +100,7 @@ func main() {
 	flag.BoolVar(&o.noNginx, "no-nginx", false, "leave the nginx column out")
 	flag.Var(&o.sidecarEnv, "sidecar-env", "`NAME=VALUE` added to the sidecars' environment, e.g. GOGC=400 or GODEBUG=gctrace=1 (repeatable; the logs are kept with --keep)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directory (logs, configurations) and print its path")
+	flag.BoolVar(&o.accessLogs, "access-logs", false, "have fortio log every request of the measured fixed-rate slices (start, latency) as fortio-<proto>-<target>-<run>-<slice>.access, to line slow requests up with a `perf sched record -k mono` of the same time; implies --keep")
 	flag.Parse()
 	log.SetFlags(0)
 	log.SetPrefix("bench-sidecar: ")
@@ -111,6 +112,7 @@ func main() {
 			log.Fatalf("--protocols: %q is not h1 or h2", p)
 		}
 	}
+	o.keep = o.keep || o.accessLogs
 	if err := o.validate(); err != nil {
 		log.Fatal(err)
 	}
@@ -130,7 +132,7 @@ type options struct {
 	rateConns, maxConnsH1, maxConnsH2 int
 	maxStreams, body                  int
 	protocols                         []string
-	noNginx, keep                     bool
+	noNginx, keep, accessLogs         bool
 	sidecarEnv                        listFlag
 }
 
@@ -177,7 +179,7 @@ func run(ctx context.Context, o options) error {
 		runtime.NumCPU(), runtime.GOMAXPROCS(0), o.runs, o.duration, o.warmup, o.rate, o.rateConns, o.slices,
 		o.maxConnsH1, o.maxConnsH2, o.maxStreams, o.body)
 	res := newResults()
-	ld := loader{ns: env.client, fortio: env.fortio, dir: env.dir}
+	ld := loader{ns: env.client, fortio: env.fortio, dir: env.dir, accessLogs: o.accessLogs}
 	for r := 1; r <= o.runs; r++ {
 		for _, proto := range o.protocols {
 			var targets []target
