@@ -6,9 +6,9 @@
 #   fortio     the fixed-rate load generator, into the given bin directory
 set -euo pipefail
 
-bin="$1"
 fortio_version="$2"
-mkdir -p "${bin}"
+mkdir -p "$1"
+bin="$(cd "$1" && pwd)" # go install wants GOBIN absolute
 # shellcheck source=hack/apt-install.sh
 source "$(dirname "$0")/apt-install.sh"
 
