@@ -6,9 +6,9 @@
 // Everything binds to 127.0.0.1. A Go TLS backend per target runs as a
 // child process (this program re-executed as `gateway backend`), each on
 // its own port so that no target dials into the TIME_WAIT sockets
-// another left; the load generator runs here. Both sides speak mTLS 1.3 with SPIFFE identities from two trust
-// domains (go-spiffe's tlsconfig), X25519 only, ECDSA P-256 certificates,
-// no session resumption. Both proxies route the same --routes server
+// another left; the load generator runs here. Both sides speak mTLS 1.3
+// with SPIFFE identities from two trust domains (go-spiffe's tlsconfig),
+// X25519 only, ECDSA P-256 certificates, no session resumption. Both proxies route the same --routes server
 // names (one to the backend, the rest to addresses nothing is sent to).
 //
 // Measures, each --runs times after a --warmup that is not counted, the
