@@ -8,8 +8,9 @@
 // its own port so that no target dials into the TIME_WAIT sockets
 // another left; the load generator runs here. Both sides speak mTLS 1.3
 // with SPIFFE identities from two trust domains (go-spiffe's tlsconfig),
-// X25519 only, ECDSA P-256 certificates, no session resumption. Both proxies route the same --routes server
-// names (one to the backend, the rest to addresses nothing is sent to).
+// X25519 only, ECDSA P-256 certificates, no session resumption. Both
+// proxies route the same --routes server names (one to the backend, the
+// rest to addresses nothing is sent to).
 //
 // Measures, each --runs times after a --warmup that is not counted, the
 // targets interleaved within a run and their order rotated from run

@@ -92,14 +92,6 @@ func (r *results) table(targets []target, nginxNote string, idle, peak map[strin
 		}
 		return fmt.Sprintf("%.2f×", a.med/c.med)
 	}
-	row := func(name string, prec int, withDirect bool, get func(target string) stat) (is, ng, di stat) {
-		is, ng = get("isthmus"), get("nginx")
-		if withDirect {
-			di = get("direct")
-		}
-		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s |\n", name, cell(is, prec), cell(ng, prec), cell(di, prec), ratio(is, ng), ratio(is, di))
-		return is, ng, di
-	}
 	measured := func(measure string, f func(window) float64) func(string) stat {
 		return func(t string) stat { return r.stat(measure, t, f) }
 	}
@@ -109,28 +101,40 @@ func (r *results) table(targets []target, nginxNote string, idle, peak map[strin
 			return stat{med: v, lo: v, hi: v, ok: ok}
 		}
 	}
-	t1, n1, d1 := row("bulk throughput, 1 connection (Gbit/s)", 2, true, measured("bulk1", gbps))
-	t64, n64, d64 := row("bulk throughput, 64 connections (Gbit/s)", 2, true, measured("bulk64", gbps))
-	tc, nc, _ := row(fmt.Sprintf("new connections, %d clients (full mTLS handshakes/s)", hsConc), 0, true, measured("conns", rate))
-	row("proxy CPU per GB, 1 connection (s, lower is better)", 3, false, measured("bulk1", perGB))
-	row("proxy CPU per GB, 64 connections (s, lower is better)", 3, false, measured("bulk64", perGB))
-	row("proxy CPU per 1,000 connections (s, lower is better)", 3, false, measured("conns", per1k))
-	mi, _, _ := row(fmt.Sprintf("proxy resident set, idle with %d routes (MB)", nRoutes), 1, false, fixed(idle))
-	mp, _, _ := row("proxy peak resident set, after all runs (MB)", 1, false, fixed(peak))
+	// The rows of both tables; direct has a column only where it moves
+	// bytes or connections.
+	type row struct {
+		name   string
+		prec   int
+		direct bool
+		get    func(target string) stat
+	}
+	bulk1 := row{"bulk throughput, 1 connection (Gbit/s)", 2, true, measured("bulk1", gbps)}
+	bulk64 := row{"bulk throughput, 64 connections (Gbit/s)", 2, true, measured("bulk64", gbps)}
+	conns := row{fmt.Sprintf("new connections, %d clients (full mTLS handshakes/s)", hsConc), 0, true, measured("conns", rate)}
+	memIdle := row{fmt.Sprintf("proxy resident set, idle with %d routes (MB)", nRoutes), 1, false, fixed(idle)}
+	memPeak := row{"proxy peak resident set, after all runs (MB)", 1, false, fixed(peak)}
+	rows := []row{
+		bulk1, bulk64, conns,
+		{"proxy CPU per GB, 1 connection (s, lower is better)", 3, false, measured("bulk1", perGB)},
+		{"proxy CPU per GB, 64 connections (s, lower is better)", 3, false, measured("bulk64", perGB)},
+		{"proxy CPU per 1,000 connections (s, lower is better)", 3, false, measured("conns", per1k)},
+		memIdle, memPeak,
+	}
+	for _, rw := range rows {
+		is, ng := rw.get("isthmus"), rw.get("nginx")
+		var di stat
+		if rw.direct {
+			di = rw.get("direct")
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s |\n", rw.name, cell(is, rw.prec), cell(ng, rw.prec), cell(di, rw.prec), ratio(is, ng), ratio(is, di))
+	}
 	if has["candidate"] {
 		fmt.Fprintf(&b, "\n| measure | isthmus | candidate | candidate/isthmus |\n|---|---|---|---|\n")
-		vsCandidate := func(name string, prec int, get func(target string) stat) {
-			is, c := get("isthmus"), get("candidate")
-			fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", name, cell(is, prec), cell(c, prec), ratio(c, is))
+		for _, rw := range rows {
+			is, c := rw.get("isthmus"), rw.get("candidate")
+			fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", rw.name, cell(is, rw.prec), cell(c, rw.prec), ratio(c, is))
 		}
-		vsCandidate("bulk throughput, 1 connection (Gbit/s)", 2, measured("bulk1", gbps))
-		vsCandidate("bulk throughput, 64 connections (Gbit/s)", 2, measured("bulk64", gbps))
-		vsCandidate("new connections (full mTLS handshakes/s)", 0, measured("conns", rate))
-		vsCandidate("proxy CPU per GB, 1 connection (s)", 3, measured("bulk1", perGB))
-		vsCandidate("proxy CPU per GB, 64 connections (s)", 3, measured("bulk64", perGB))
-		vsCandidate("proxy CPU per 1,000 connections (s)", 3, measured("conns", per1k))
-		vsCandidate("proxy resident set, idle (MB)", 1, fixed(idle))
-		vsCandidate("proxy peak resident set (MB)", 1, fixed(peak))
 	}
 	var errs []string
 	for _, m := range []string{"bulk1", "bulk64", "conns"} {
@@ -158,22 +162,23 @@ func (r *results) table(targets []target, nginxNote string, idle, peak map[strin
 		}
 		fmt.Fprintf(&b, "- %s: %s (%s)\n", what, verdict, detail)
 	}
-	vs := func(a, c stat, min float64, what string) {
+	vs := func(rw row, min float64, peer, what string) {
+		a, c := rw.get("isthmus"), rw.get(peer)
 		if !a.ok || !c.ok {
 			fmt.Fprintf(&b, "- %s: not measured\n", what)
 			return
 		}
 		check(what, a.med >= min*c.med, fmt.Sprintf("%.2f×", a.med/c.med))
 	}
-	vs(t1, n1, 1.0, "throughput, 1 connection ≥ 1.0× nginx")
-	vs(t64, n64, 1.0, "throughput, 64 connections ≥ 1.0× nginx")
-	vs(t1, d1, 0.8, "throughput, 1 connection ≥ 0.8× direct")
-	vs(t64, d64, 0.8, "throughput, 64 connections ≥ 0.8× direct")
-	vs(tc, nc, 1.0, "connection rate ≥ 1.0× nginx")
-	if mi.ok {
+	vs(bulk1, 1.0, "nginx", "throughput, 1 connection ≥ 1.0× nginx")
+	vs(bulk64, 1.0, "nginx", "throughput, 64 connections ≥ 1.0× nginx")
+	vs(bulk1, 0.8, "direct", "throughput, 1 connection ≥ 0.8× direct")
+	vs(bulk64, 0.8, "direct", "throughput, 64 connections ≥ 0.8× direct")
+	vs(conns, 1.0, "nginx", "connection rate ≥ 1.0× nginx")
+	if mi := memIdle.get("isthmus"); mi.ok {
 		check(fmt.Sprintf("gateway memory < 30 MB with %d routes, idle", nRoutes), mi.med < 30, fmt.Sprintf("%.1f MB", mi.med))
 	}
-	if mp.ok {
+	if mp := memPeak.get("isthmus"); mp.ok {
 		check("gateway memory < 30 MB, peak under this load", mp.med < 30, fmt.Sprintf("%.1f MB", mp.med))
 	}
 	return b.String()
