@@ -7,12 +7,13 @@
 //	peer's sidecar ──TLS──► :15443 ─ peek ClientHello ─ route by SNI ─► local pod
 //
 // The listener defers accept until a connection's first bytes arrive
-// (TCP_DEFER_ACCEPT, listen_linux.go). A connection is read only as far
-// as its TLS ClientHello (with a deadline); the server name selects a Route, the only routable names
-// being the services this cluster exports plus the federation's reserved
-// name; the bytes read are written to the chosen endpoint and then the two
-// sockets are spliced together (splice(2) through a pooled pipe, called
-// raw inside Go's poller: internal/relay) until both sides have closed, each FIN passed on with CloseWrite. TLS is
+// (relay.DeferAccept). A connection is read only as far as its TLS
+// ClientHello (with a deadline); the server name selects a Route, the only
+// routable names being the services this cluster exports plus the
+// federation's reserved name; the bytes read are written to the chosen
+// endpoint and then the two sockets are spliced together (splice(2)
+// through a pooled pipe, called raw inside Go's poller: internal/relay)
+// until both sides have closed, each FIN passed on with CloseWrite. TLS is
 // never terminated: the gateway holds no keys, and the caller's identity
 // reaches the workload intact.
 //

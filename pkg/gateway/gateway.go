@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -77,15 +76,9 @@ func New(cfg Config, src RouteSource, log *slog.Logger) (*Gateway, error) {
 	// Upstream connections go to local pods and get no keep-alive, as in
 	// Envoy by default: a dead pod's connection ends at the idle timeout.
 	g.dialer.KeepAlive = -1
-	plc := relay.ListenConfig()
-	keepAlive := plc.Control
-	plc.Control = func(network, address string, c syscall.RawConn) error {
-		var err error
-		if keepAlive != nil {
-			err = keepAlive(network, address, c)
-		}
-		return errors.Join(err, deferAccept(c))
-	}
+	// A TLS client speaks first: accept it with its ClientHello, and the
+	// ClientHello deadline runs from there.
+	plc := relay.ListenConfig(relay.DeferAccept)
 	ln, err := plc.Listen(context.Background(), "tcp", cfg.ListenAddr)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
