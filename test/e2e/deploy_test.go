@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -28,6 +29,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
+	"github.com/isthmus-mesh/isthmus/internal/sysmon"
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
 	"github.com/isthmus-mesh/isthmus/pkg/caserver"
 	"github.com/isthmus-mesh/isthmus/pkg/federation"
@@ -485,6 +487,9 @@ func TestGatewayAsDeployed(t *testing.T) {
 	}, time.Minute, 100*time.Millisecond, "the gateway never turned ready; last: %s", last)
 	exited, _ := gw.Exited()
 	require.False(t, exited, "eastwest-gw exited:\n%s", gw.Tail(30))
+	// The Deployment sets no GODEBUG: the gateway ran itself again with
+	// sysmon kept awake (internal/sysmon), and logs what it runs with.
+	require.Regexp(t, `godebug"?[=:]"`+regexp.QuoteMeta(sysmon.Setting)+`"`, gw.Tail(200))
 
 	// The federator served it over TLS, to the identity from its token.
 	wantNode := "eastwest-gw~" + f.Host + "~" + podName + "." + systemNS + "~" + systemNS + ".svc.cluster.local"
