@@ -21,8 +21,8 @@
 // program is idle, about 100 short wake-ups a second. KeepAwake sets
 // schedtrace to the largest period the runtime accepts, 2^31-1 ms (24.8
 // days): the trace line (one line on standard error, "SCHED ...") comes
-// once per period of the host's monotonic clock, so at start on a host up
-// for longer than that, and otherwise not before. The runtime reads
+// once the host's monotonic clock, its uptime, reads more than a period
+// (at start on a host up longer), then once a period. The runtime reads
 // schedtrace only at start, hence the exec.
 package sysmon
 
