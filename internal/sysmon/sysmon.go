@@ -28,7 +28,6 @@ package sysmon
 
 import (
 	"os"
-	"runtime"
 	"strings"
 	"syscall"
 )
@@ -42,7 +41,8 @@ const Setting = "schedtrace=2147483647"
 // KeepAwake off).
 func GODEBUG(current string) (string, bool) {
 	for field := range strings.SplitSeq(current, ",") {
-		if key, _, _ := strings.Cut(field, "="); strings.TrimSpace(key) == "schedtrace" {
+		// As the runtime reads it: a key with spaces is not schedtrace.
+		if key, _, _ := strings.Cut(field, "="); key == "schedtrace" {
 			return current, false
 		}
 	}
@@ -52,25 +52,23 @@ func GODEBUG(current string) (string, bool) {
 	return current + "," + Setting, true
 }
 
-// KeepAwake executes the running program again, with the same arguments
-// and process ID, GODEBUG as GODEBUG makes it and the rest of the
-// environment unchanged, unless GODEBUG already sets schedtrace: then it
-// returns nil at once, as it does in the program it executed. An error is
-// exec's: the program may go on as it is, with sysmon's default. Call it
-// before the program opens anything, and only once its arguments were
-// found valid.
+// KeepAwake executes the running program's binary again, with the same
+// arguments, process ID and name, GODEBUG as GODEBUG makes it and the
+// rest of the environment unchanged, unless GODEBUG already sets
+// schedtrace: then it returns nil at once, as it does in the program it
+// executed. An error is exec's (the binary's file was removed since it
+// started, say): the program may go on as it is, with sysmon's default. Call it before the program opens anything, and only once its
+// arguments were found valid.
 func KeepAwake() error {
 	godebug, change := GODEBUG(os.Getenv("GODEBUG"))
 	if !change {
 		return nil
 	}
-	// The running binary itself, even if its path now names another file.
-	exe := "/proc/self/exe"
-	if runtime.GOOS != "linux" {
-		var err error
-		if exe, err = os.Executable(); err != nil {
-			return err
-		}
+	// The binary's path, not /proc/self/exe: the kernel names the process
+	// (its comm, what ps, top and pgrep show) after the file executed.
+	exe, err := os.Executable()
+	if err != nil {
+		return err
 	}
 	env := make([]string, 0, len(os.Environ())+1)
 	for _, kv := range os.Environ() {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -21,7 +22,7 @@ func TestGODEBUG(t *testing.T) {
 		{"schedtracex=1", "schedtracex=1," + Setting, true},
 		{"schedtrace=0", "schedtrace=0", false},
 		{"gctrace=1,schedtrace=1000", "gctrace=1,schedtrace=1000", false},
-		{"gctrace=1, schedtrace=5", "gctrace=1, schedtrace=5", false},
+		{"gctrace=1, schedtrace=5", "gctrace=1, schedtrace=5," + Setting, true}, // " schedtrace" is no key the runtime knows
 	} {
 		got, change := GODEBUG(tc.in)
 		require.Equal(t, tc.want, got, "GODEBUG(%q)", tc.in)
@@ -39,14 +40,17 @@ func TestMain(m *testing.M) {
 			fmt.Println("error:", err)
 			os.Exit(2)
 		}
-		fmt.Printf("pid=%d args=%s keep=%s godebug=%s\n", os.Getpid(), strings.Join(os.Args[1:], " "), os.Getenv("SYSMON_TEST_KEEP"), os.Getenv("GODEBUG"))
+		comm, _ := os.ReadFile("/proc/self/comm")
+		fmt.Printf("pid=%d comm=%s args=%s keep=%s godebug=%s\n", os.Getpid(), strings.TrimSpace(string(comm)),
+			strings.Join(os.Args[1:], " "), os.Getenv("SYSMON_TEST_KEEP"), os.Getenv("GODEBUG"))
 		os.Exit(0)
 	}
 	os.Exit(m.Run())
 }
 
-// KeepAwake runs the program again in the same process, with the setting
-// added and the arguments and the rest of the environment as they were;
+// KeepAwake runs the program again in the same process and under its own
+// name, with the setting added and the arguments and the rest of the
+// environment as they were;
 // a program started with its own schedtrace keeps it and is not run
 // again.
 func TestKeepAwake(t *testing.T) {
@@ -58,9 +62,13 @@ func TestKeepAwake(t *testing.T) {
 		return cmd.Process.Pid, strings.TrimSpace(string(b))
 	}
 
+	// The kernel's name for the process: the file's name, at most 15 bytes.
+	comm := filepath.Base(os.Args[0])
+	comm = comm[:min(len(comm), 15)]
+
 	pid, out := run("gctrace=0")
-	require.Equal(t, "pid="+strconv.Itoa(pid)+" args=-test.run=^$ extra-arg keep=yes godebug=gctrace=0,"+Setting, out)
+	require.Equal(t, "pid="+strconv.Itoa(pid)+" comm="+comm+" args=-test.run=^$ extra-arg keep=yes godebug=gctrace=0,"+Setting, out)
 
 	pid, out = run("schedtrace=0")
-	require.Equal(t, "pid="+strconv.Itoa(pid)+" args=-test.run=^$ extra-arg keep=yes godebug=schedtrace=0", out)
+	require.Equal(t, "pid="+strconv.Itoa(pid)+" comm="+comm+" args=-test.run=^$ extra-arg keep=yes godebug=schedtrace=0", out)
 }
