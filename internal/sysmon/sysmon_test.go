@@ -50,9 +50,8 @@ func TestMain(m *testing.M) {
 
 // KeepAwake runs the program again in the same process and under its own
 // name, with the setting added and the arguments and the rest of the
-// environment as they were;
-// a program started with its own schedtrace keeps it and is not run
-// again.
+// environment as they were; a program started with its own schedtrace
+// keeps it and is not run again.
 func TestKeepAwake(t *testing.T) {
 	run := func(godebug string) (pid int, out string) {
 		cmd := exec.Command(os.Args[0], "-test.run=^$", "extra-arg")
