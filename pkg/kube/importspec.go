@@ -396,11 +396,21 @@ func parseGateway(s string) (gateway, error) {
 		if addr.Zone() != "" {
 			return gateway{}, fmt.Errorf("address %q has a zone", host)
 		}
-		return gateway{host: addr.Unmap().String(), port: uint32(port), ip: true}, nil
+		addr = addr.Unmap()
+		if addr.IsUnspecified() || addr.IsMulticast() {
+			return gateway{}, fmt.Errorf("%s is not a unicast address", addr)
+		}
+		return gateway{host: addr.String(), port: uint32(port), ip: true}, nil
 	}
 	host = strings.ToLower(strings.TrimSuffix(host, "."))
 	if msgs := validation.IsDNS1123Subdomain(host); len(msgs) > 0 {
 		return gateway{}, fmt.Errorf("%q is neither an IP address nor a DNS name: %s", host, strings.Join(msgs, "; "))
+	}
+	// A top-level label is never all digits (RFC 3696 section 2): such a
+	// name is an address written wrongly ("10.1.0.1." is no IPv4
+	// address, and no name a resolver would find).
+	if last := host[strings.LastIndexByte(host, '.')+1:]; strings.Trim(last, "0123456789") == "" {
+		return gateway{}, fmt.Errorf("%q is neither an IP address nor a DNS name: its last label is all digits", host)
 	}
 	return gateway{host: host, port: uint32(port)}, nil
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net/netip"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -149,7 +150,8 @@ func TestPlanGatewaysAndResolution(t *testing.T) {
 			eps: []catalog.LocalityEndpoints{loc("r1", "", "", 0, 3)}, resolution: networkingapi.ServiceEntry_STATIC,
 		},
 		{
-			name: "bad gateways are reported", gateways: []string{"10.1.0.1", "10.1.0.1:0", "bad_host:1", "10.1.0.9:15443"},
+			name: "bad gateways are reported", gateways: []string{"10.1.0.1", "10.1.0.1:0", "bad_host:1", "10.1.0.2.:1", "1.2.3:1",
+				"0.0.0.0:15443", "[::]:15443", "[ff02::1]:15443", "[::ffff:224.0.0.1]:15443", "10.1.0.9:15443"},
 			eps: []catalog.LocalityEndpoints{loc("", "", "", 1, 0)}, resolution: networkingapi.ServiceEntry_STATIC,
 			endpoints: []string{"10.1.0.9@=1"},
 			skipReasons: []string{
@@ -157,6 +159,12 @@ func TestPlanGatewaysAndResolution(t *testing.T) {
 				`gateway "10.1.0.1:0" ignored: port "0" is not 1-65535`,
 				`gateway "bad_host:1" ignored: "bad_host" is neither an IP address nor a DNS name: ` +
 					`a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')`,
+				`gateway "10.1.0.2.:1" ignored: "10.1.0.2" is neither an IP address nor a DNS name: its last label is all digits`,
+				`gateway "1.2.3:1" ignored: "1.2.3" is neither an IP address nor a DNS name: its last label is all digits`,
+				`gateway "0.0.0.0:15443" ignored: 0.0.0.0 is not a unicast address`,
+				`gateway "[::]:15443" ignored: :: is not a unicast address`,
+				`gateway "[ff02::1]:15443" ignored: ff02::1 is not a unicast address`,
+				`gateway "[::ffff:224.0.0.1]:15443" ignored: 224.0.0.1 is not a unicast address`,
 			},
 		},
 		{
@@ -293,8 +301,10 @@ func FuzzParseGateway(f *testing.F) {
 		require.Equal(t, gw.ip, ipErr == nil, "ip flag for %q", gw.host)
 		if gw.ip {
 			require.Empty(t, addr.Zone())
+			require.False(t, addr.IsUnspecified() || addr.IsMulticast(), "%s", addr)
 			return
 		}
 		require.Empty(t, validation.IsDNS1123Subdomain(gw.host))
+		require.NotEmpty(t, strings.Trim(gw.host[strings.LastIndexByte(gw.host, '.')+1:], "0123456789"), "all-digit last label in %q", gw.host)
 	})
 }
