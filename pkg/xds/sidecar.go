@@ -587,6 +587,10 @@ func (b *sidecarBuilder) parseGateways(key catalog.ServiceKey, e *exporter) {
 		case ap.Addr().Zone() != "" || ap.Port() == 0:
 			b.skip(key, e.cluster, "gateway %q has a zone or port 0: left out", g)
 			continue
+		case ap.Addr().Unmap().IsUnspecified() || ap.Addr().Unmap().IsMulticast():
+			// 0.0.0.0 would be the sidecar's own host.
+			b.skip(key, e.cluster, "gateway %q is not a unicast address: left out", g)
+			continue
 		}
 		e.gateways = append(e.gateways, netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
 	}

@@ -662,6 +662,23 @@ func TestSidecarConflictsAndSkips(t *testing.T) {
 	}, skipped)
 	require.Equal(t, []string{"p0 r1/z1 w2: 192.0.2.10:15443 HEALTHY"}, describeLoad(loadNamed(t, r, "outbound|80||"+echoHost)))
 
+	// Addresses no gateway can be reached at are left out the same way.
+	tc := caseNamed(t, "hostname-gateway-skipped")
+	for name, svcs := range tc.peers {
+		for i := range svcs {
+			if name == "b" {
+				svcs[i].Gateways = append(slices.Clone(svcs[i].Gateways), "0.0.0.0:15443", "[ff02::1]:15443", "[::ffff:0.0.0.0]:15443")
+			}
+		}
+	}
+	r, skipped = tc.translate(t)
+	require.Subset(t, skipped, []Skipped{
+		{Service: "demo/echo", Cluster: "b", Reason: `gateway "0.0.0.0:15443" is not a unicast address: left out`},
+		{Service: "demo/echo", Cluster: "b", Reason: `gateway "[ff02::1]:15443" is not a unicast address: left out`},
+		{Service: "demo/echo", Cluster: "b", Reason: `gateway "[::ffff:0.0.0.0]:15443" is not a unicast address: left out`},
+	})
+	require.Equal(t, []string{"p0 r1/z1 w2: 192.0.2.10:15443 HEALTHY"}, describeLoad(loadNamed(t, r, "outbound|80||"+echoHost)))
+
 	// A service nobody names an identity for is not served at all: an
 	// empty SAN list would accept any identity.
 	anon := localEcho()
