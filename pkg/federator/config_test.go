@@ -35,6 +35,8 @@ func TestConfigValidate(t *testing.T) {
 	bad.Region = "eu west"
 	bad.PeerSyncTimeout = 0
 	bad.ImportWriteQPS = 0
+	bad.GatewayAddresses = []string{"0.0.0.0:15443", "192.0.2.1:15443"}
+	bad.AdvertiseAddresses = []string{"[::]:15019"}
 	err := bad.Validate()
 	// Every problem is named at once.
 	for _, want := range []string{
@@ -50,7 +52,10 @@ func TestConfigValidate(t *testing.T) {
 		`--region "eu west" is not a label value`,
 		"--peer-sync-timeout 0s must be positive",
 		"--import-write-qps 0 and --import-write-burst 40 must be positive",
+		`--gateway-address "0.0.0.0:15443": 0.0.0.0 is not an address peers can reach`,
+		`--advertise-address "[::]:15019": :: is not an address peers can reach`,
 	} {
 		require.ErrorContains(t, err, want)
 	}
+	require.NotContains(t, err.Error(), "192.0.2.1")
 }
