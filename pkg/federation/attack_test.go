@@ -169,6 +169,8 @@ func TestSessionRefusesBadUpdates(t *testing.T) {
 	otherTD.GetService().SpiffeIds = []string{"spiffe://here.mesh/ns/demo/sa/admin"}
 	misnamed := evilService("demo", "x")
 	misnamed.Name = "demo/y"
+	hereGW := evilService("demo", "loop")
+	hereGW.GetService().GatewayAddresses = []string{"0.0.0.0:15443"}
 	tests := []struct {
 		name             string
 		update           *fedv1.Update
@@ -179,6 +181,7 @@ func TestSessionRefusesBadUpdates(t *testing.T) {
 		{"more services than the limit", versioned(tooMany), "", "exceed this cluster's limit of 10"},
 		{"an oversized resource", versioned(&fedv1.Update{Resources: []*fedv1.Resource{huge}}), "demo/huge", "more than the limit"},
 		{"an identity in another trust domain", versioned(&fedv1.Update{Resources: []*fedv1.Resource{otherTD}}), "demo/impostor", "not in the peer's trust domain evil.mesh"},
+		{"a gateway at the receiver's own host", versioned(&fedv1.Update{Resources: []*fedv1.Resource{hereGW}}), "demo/loop", "0.0.0.0 is not a unicast address"},
 		{"a resource named for another service", versioned(&fedv1.Update{Resources: []*fedv1.Resource{misnamed}}), "demo/y", `is not "demo/x"`},
 		{"a wrong version", &fedv1.Update{FullSet: true, Version: "feedface", Resources: []*fedv1.Resource{evilService("demo", "ok")}}, "", "version mismatch"},
 		{"an unknown type", &fedv1.Update{TypeUrl: "evil.Type", Version: "x"}, "", "unknown resource type"},

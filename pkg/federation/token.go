@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 	"time"
@@ -159,7 +160,7 @@ func (t Token) RootCertificates() []*x509.Certificate {
 }
 
 // CheckAddress checks a host:port address as peers and tokens carry it:
-// an IP or a DNS name, and a port.
+// an IP that can be dialled (CheckDialIP) or a DNS name, and a port.
 func CheckAddress(a string) error {
 	host, port, err := net.SplitHostPort(a)
 	if err != nil {
@@ -168,10 +169,13 @@ func CheckAddress(a string) error {
 	if host == "" {
 		return fmt.Errorf("address %q: no host", a)
 	}
-	if net.ParseIP(host) == nil {
-		if msgs := validation.IsDNS1123Subdomain(host); len(msgs) > 0 {
-			return fmt.Errorf("address %q: host is neither an IP nor a DNS name", a)
+	if ip := net.ParseIP(host); ip != nil {
+		addr, _ := netip.AddrFromSlice(ip)
+		if err := CheckDialIP(addr); err != nil {
+			return fmt.Errorf("address %q: %w", a, err)
 		}
+	} else if msgs := validation.IsDNS1123Subdomain(host); len(msgs) > 0 {
+		return fmt.Errorf("address %q: host is neither an IP nor a DNS name", a)
 	}
 	n, err := strconv.Atoi(port)
 	if err != nil {
@@ -179,6 +183,16 @@ func CheckAddress(a string) error {
 	}
 	if msgs := validation.IsValidPortNum(n); len(msgs) > 0 {
 		return fmt.Errorf("address %q: port %s", a, strings.Join(msgs, "; "))
+	}
+	return nil
+}
+
+// CheckDialIP refuses an IP address nothing is reached at: the
+// unspecified address (0.0.0.0 or ::, the dialling host itself) and the
+// multicast ones, IPv4-mapped too.
+func CheckDialIP(a netip.Addr) error {
+	if a = a.Unmap(); a.IsUnspecified() || a.IsMulticast() {
+		return fmt.Errorf("%s is not a unicast address", a)
 	}
 	return nil
 }

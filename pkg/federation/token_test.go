@@ -107,3 +107,24 @@ func FuzzDecodeToken(f *testing.F) {
 		require.NoError(t, tok.Validate())
 	})
 }
+
+// An address a peer or proxy dials is an IP it can reach or a DNS name,
+// with a port: the unspecified and multicast addresses, IPv4-mapped too,
+// are refused.
+func TestCheckAddress(t *testing.T) {
+	for _, ok := range []string{"10.1.0.1:15443", "127.0.0.1:1", "[fd00::1]:15443", "gw.example.net:443"} {
+		require.NoError(t, CheckAddress(ok), ok)
+	}
+	for a, want := range map[string]string{
+		"0.0.0.0:15443":          `address "0.0.0.0:15443": 0.0.0.0 is not a unicast address`,
+		"[::]:15443":             `address "[::]:15443": :: is not a unicast address`,
+		"[::ffff:0.0.0.0]:15443": `address "[::ffff:0.0.0.0]:15443": 0.0.0.0 is not a unicast address`,
+		"224.0.0.1:15443":        `address "224.0.0.1:15443": 224.0.0.1 is not a unicast address`,
+		"[ff02::1]:15443":        `address "[ff02::1]:15443": ff02::1 is not a unicast address`,
+		"bad_name:15443":         `address "bad_name:15443": host is neither an IP nor a DNS name`,
+		"[fe80::1%eth0]:15443":   `address "[fe80::1%eth0]:15443": host is neither an IP nor a DNS name`,
+		"gw.example.net:0":       `address "gw.example.net:0": port must be between 1 and 65535, inclusive`,
+	} {
+		require.EqualError(t, CheckAddress(a), want, a)
+	}
+}

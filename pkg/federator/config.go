@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/netip"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -209,12 +208,6 @@ func (c Config) Validate() error {
 		for _, a := range f.addrs {
 			if err := federation.CheckAddress(a); err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", f.flag, err))
-				continue
-			}
-			// Peers dial these: a listen-all or multicast address reaches
-			// nothing, and peers would leave it out.
-			if ap, err := netip.ParseAddrPort(a); err == nil && (ap.Addr().Unmap().IsUnspecified() || ap.Addr().Unmap().IsMulticast()) {
-				errs = append(errs, fmt.Errorf("%s %q: %s is not an address peers can reach", f.flag, a, ap.Addr().Unmap()))
 			}
 		}
 	}

@@ -52,8 +52,8 @@ func TestConfigValidate(t *testing.T) {
 		`--region "eu west" is not a label value`,
 		"--peer-sync-timeout 0s must be positive",
 		"--import-write-qps 0 and --import-write-burst 40 must be positive",
-		`--gateway-address "0.0.0.0:15443": 0.0.0.0 is not an address peers can reach`,
-		`--advertise-address "[::]:15019": :: is not an address peers can reach`,
+		`--gateway-address: address "0.0.0.0:15443": 0.0.0.0 is not a unicast address`,
+		`--advertise-address: address "[::]:15019": :: is not a unicast address`,
 	} {
 		require.ErrorContains(t, err, want)
 	}

@@ -19,6 +19,7 @@ import (
 	mcsv1alpha1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/pkg/federation"
 )
 
 // Labels and names of the objects the import writer owns.
@@ -396,11 +397,10 @@ func parseGateway(s string) (gateway, error) {
 		if addr.Zone() != "" {
 			return gateway{}, fmt.Errorf("address %q has a zone", host)
 		}
-		addr = addr.Unmap()
-		if addr.IsUnspecified() || addr.IsMulticast() {
-			return gateway{}, fmt.Errorf("%s is not a unicast address", addr)
+		if err := federation.CheckDialIP(addr); err != nil {
+			return gateway{}, err
 		}
-		return gateway{host: addr.String(), port: uint32(port), ip: true}, nil
+		return gateway{host: addr.Unmap().String(), port: uint32(port), ip: true}, nil
 	}
 	host = strings.ToLower(strings.TrimSuffix(host, "."))
 	if msgs := validation.IsDNS1123Subdomain(host); len(msgs) > 0 {

@@ -31,6 +31,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/pkg/federation"
 )
 
 // Names and values of the sidecar's contract (docs/sidecar-xds.md).
@@ -587,7 +588,7 @@ func (b *sidecarBuilder) parseGateways(key catalog.ServiceKey, e *exporter) {
 		case ap.Addr().Zone() != "" || ap.Port() == 0:
 			b.skip(key, e.cluster, "gateway %q has a zone or port 0: left out", g)
 			continue
-		case ap.Addr().Unmap().IsUnspecified() || ap.Addr().Unmap().IsMulticast():
+		case federation.CheckDialIP(ap.Addr()) != nil:
 			// 0.0.0.0 would be the sidecar's own host.
 			b.skip(key, e.cluster, "gateway %q is not a unicast address: left out", g)
 			continue
