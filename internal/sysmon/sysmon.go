@@ -28,6 +28,7 @@ package sysmon
 
 import (
 	"os"
+	"slices"
 	"strings"
 	"syscall"
 )
@@ -57,8 +58,9 @@ func GODEBUG(current string) (string, bool) {
 // rest of the environment unchanged, unless GODEBUG already sets
 // schedtrace: then it returns nil at once, as it does in the program it
 // executed. An error is exec's (the binary's file was removed since it
-// started, say): the program may go on as it is, with sysmon's default. Call it before the program opens anything, and only once its
-// arguments were found valid.
+// started, say): the program may go on as it is, with sysmon's default.
+// Call it before the program opens anything, and only once its arguments
+// were found valid.
 func KeepAwake() error {
 	godebug, change := GODEBUG(os.Getenv("GODEBUG"))
 	if !change {
@@ -70,12 +72,6 @@ func KeepAwake() error {
 	if err != nil {
 		return err
 	}
-	env := make([]string, 0, len(os.Environ())+1)
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "GODEBUG=") {
-			env = append(env, kv)
-		}
-	}
-	env = append(env, "GODEBUG="+godebug)
-	return syscall.Exec(exe, os.Args, env)
+	env := slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, "GODEBUG=") })
+	return syscall.Exec(exe, os.Args, append(env, "GODEBUG="+godebug))
 }
