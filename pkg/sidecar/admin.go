@@ -149,13 +149,13 @@ type (
 		Timeout string `json:"timeout"`
 	}
 	clusterDump struct {
-		Name                  string          `json:"name"`
-		Type                  string          `json:"type"`
-		ConnectTimeout        string          `json:"connect_timeout"`
-		Service               *serviceDump    `json:"service,omitempty"`
-		UseDownstreamProtocol bool            `json:"use_downstream_protocol,omitempty"`
-		TLS                   *upstreamTLS    `json:"tls,omitempty"`
-		Priorities            [][]localityDmp `json:"priorities,omitempty"`
+		Name           string          `json:"name"`
+		Type           string          `json:"type"`
+		ConnectTimeout string          `json:"connect_timeout"`
+		Service        *serviceDump    `json:"service,omitempty"`
+		UpstreamHTTP   string          `json:"upstream_http,omitempty"`
+		TLS            *upstreamTLS    `json:"tls,omitempty"`
+		Priorities     [][]localityDmp `json:"priorities,omitempty"`
 	}
 	serviceDump struct {
 		Host     string `json:"host"`
@@ -240,7 +240,10 @@ func (p *Proxy) configDump() configDump {
 	now := time.Now().UnixNano()
 	for _, name := range slices.Sorted(maps.Keys(cfg.Clusters)) {
 		c := cfg.Clusters[name]
-		cd := clusterDump{Name: name, Type: c.Type.String(), ConnectTimeout: c.ConnectTimeout.String(), UseDownstreamProtocol: c.UseDownstreamProtocol}
+		cd := clusterDump{Name: name, Type: c.Type.String(), ConnectTimeout: c.ConnectTimeout.String()}
+		if c.UpstreamHTTP != xdsclient.UpstreamHTTPNone {
+			cd.UpstreamHTTP = c.UpstreamHTTP.String()
+		}
 		if m := c.Service; m != nil {
 			cd.Service = &serviceDump{Host: m.Host, VIP: m.VIP.String(), Port: m.Port, Protocol: m.Protocol.String()}
 		}

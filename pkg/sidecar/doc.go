@@ -68,8 +68,12 @@
 // host of an absolute-form target when the app uses the sidecar as its
 // HTTP proxy) to the virtual host listing it, else "*", else 404 with a
 // body naming the host (Envoy's NR). The request goes upstream in the
-// protocol the app spoke (use_downstream_protocol_config); streams,
-// trailers and gRPC pass through; with timeout 0s (what the federator
+// cluster's HTTP version, which the federator picks by the port's
+// declared protocol as Istio does (http: HTTP/1.1; http2, grpc: HTTP/2;
+// the app's own to the app, use_downstream_protocol_config): an h2c
+// stream to an HTTP/1.1 cluster becomes an HTTP/1.1 request (h2h1.go),
+// an HTTP/1.1 request to an HTTP/2 cluster goes through net/http's
+// Transport; streams, trailers and gRPC pass through; with timeout 0s (what the federator
 // sends) only the stream idle timeout ends a request. A connection that
 // iptables did not redirect (explicit mode) is matched as the outbound
 // listener's own address, port 15001 in xDS, whatever port it is bound to.

@@ -18,6 +18,8 @@ import (
 	"unsafe"
 
 	"go.opentelemetry.io/otel/metric"
+
+	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
 )
 
 // The sidecar's own HTTP/1.1 forwarding path. net/http costs a request
@@ -41,7 +43,9 @@ import (
 //
 // What it does not handle goes to the net/http path with the bytes
 // already read (errH1Fallback): HTTP/2 prior knowledge, HTTP/1.0,
-// CONNECT, Upgrade, Expect. Config.NetHTTP1 sends all HTTP/1.1 there,
+// CONNECT, Upgrade, Expect, and a request for a cluster that speaks
+// HTTP/2 upstream (a port declared http2 or grpc: net/http's Transport
+// upgrades it, as Envoy does). Config.NetHTTP1 sends all HTTP/1.1 there,
 // for comparison.
 
 // Buffer sizes: a connection's read buffer, grown to h1MaxHead for a
@@ -584,7 +588,12 @@ func (hc *h1Conn) serve() (fallback bool) {
 			return true
 		}
 		hc.in.r += n
-		if !hc.serveRequest(head) || p.draining.Load() {
+		keep, upgrade := hc.serveRequest(head)
+		if upgrade {
+			hc.in.r -= n // the head, still in the buffer, goes to net/http
+			return true
+		}
+		if !keep || p.draining.Load() {
 			return false
 		}
 		hc.in.shrink()
@@ -669,21 +678,23 @@ func str(b []byte) string {
 
 // serveRequest routes and forwards the request whose head is head (the
 // request body follows in hc.in); it reports whether the connection
-// can serve another.
-func (hc *h1Conn) serveRequest(head []byte) bool {
+// can serve another, or upgrade: the request is for a cluster that
+// speaks HTTP/2 upstream (a port declared http2 or grpc), which the
+// codec leaves to net/http's Transport, with the connection.
+func (hc *h1Conn) serveRequest(head []byte) (keep, upgrade bool) {
 	p, ci, h := hc.p, hc.info, &hc.req
 	hasBody := h.chunked || h.contentLength > 0
 	hc.reqIsHead = string(h.method.of(head)) == http.MethodHead
 	hc.readAhead = false
 	if !p.requests.enter() {
 		hc.writeError(http.StatusServiceUnavailable, "isthmus sidecar: shutting down", true)
-		return false
+		return false, false
 	}
 	defer p.requests.leave()
 	st := p.state.Load()
 	if st == nil {
 		hc.writeError(http.StatusServiceUnavailable, "isthmus sidecar: no configuration\n", hasBody)
-		return !hasBody
+		return !hasBody, false
 	}
 	authority := h.host
 	if h.absolute {
@@ -697,19 +708,22 @@ func (hc *h1Conn) serveRequest(head []byte) bool {
 	if d.err != "" {
 		hc.count(d.cluster, d.code)
 		hc.writeError(d.code, "isthmus sidecar: "+d.err+"\n", hasBody)
-		return !hasBody
+		return !hasBody, false
+	}
+	if d.up.c.UpstreamHTTP == xdsclient.UpstreamHTTP2 {
+		return false, true
 	}
 	target, ok := p.target(ci, d.up)
 	if !ok {
 		hc.count(d.up.name, http.StatusBadGateway)
 		hc.writeError(http.StatusBadGateway, notRedirected(d.up.name)+"\n", hasBody)
-		return !hasBody
+		return !hasBody, false
 	}
 	hc.tm.route = time.Time{}
 	if d.timeout > 0 {
 		hc.tm.route = time.Now().Add(d.timeout)
 	}
-	return hc.forward(d, target, head, hasBody)
+	return hc.forward(d, target, head, hasBody), false
 }
 
 // forward sends the request to the route's upstream and its response

@@ -247,20 +247,30 @@ func parseRequestHead(head []byte, h *h1Head) error {
 
 func isDigit(c byte) bool { return '0' <= c && c <= '9' }
 
+// targetChars reports a target whose characters the codec takes: no
+// fragment, no bad percent-encoding, none of the characters a URI must
+// escape.
+func targetChars[T string | []byte](t T) bool {
+	for i := 0; i < len(t); i++ {
+		switch c := t[i]; {
+		case c == '%':
+			if i+2 >= len(t) || !isHex(t[i+1]) || !isHex(t[i+2]) {
+				return false
+			}
+		case c == '#', c >= 0x80, c == '"', c == '<', c == '>', c == '\\', c == '^', c == '`', c == '{', c == '|', c == '}':
+			return false
+		}
+	}
+	return true
+}
+
 // splitTarget finds the path (and query) and, for an absolute-form
 // target, the authority. It refuses a target net/http would (a bad
 // percent-encoding) and leaves user information to net/http.
 func (h *h1Head) splitTarget(head []byte) error {
 	t := h.target.of(head)
-	for i := 0; i < len(t); i++ {
-		switch c := t[i]; {
-		case c == '%':
-			if i+2 >= len(t) || !isHex(t[i+1]) || !isHex(t[i+2]) {
-				return errTarget
-			}
-		case c == '#', c >= 0x80, c == '"', c == '<', c == '>', c == '\\', c == '^', c == '`', c == '{', c == '|', c == '}':
-			return errTarget
-		}
+	if !targetChars(t) {
+		return errTarget
 	}
 	if t[0] == '/' || string(t) == "*" {
 		h.path = h.target

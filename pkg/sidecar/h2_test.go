@@ -129,6 +129,7 @@ type h2HeadersReply struct {
 	XFCC   []string `json:"xfcc"`
 	BigLen int      `json:"big_len"`
 	BigSum string   `json:"big_sum"`
+	Cookie []string `json:"cookie"`
 }
 
 func startH2App(t testing.TB) *h2App {
@@ -282,7 +283,7 @@ func startH2App(t testing.TB) *h2App {
 		}
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(h2HeadersReply{Proto: r.Proto, Host: r.Host, XFCC: r.Header.Values(xfccHeader),
-			BigLen: len(big), BigSum: hex.EncodeToString(sum[:])})
+			BigLen: len(big), BigSum: hex.EncodeToString(sum[:]), Cookie: r.Header.Values("Cookie")})
 	})
 	// /head has a body of 12345 bytes, which HEAD announces and omits.
 	handle("/head", func(w http.ResponseWriter, r *http.Request, st *h2AppRequest) {

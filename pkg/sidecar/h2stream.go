@@ -15,6 +15,8 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+
+	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
 )
 
 // h2Flow is one direction of a proxied stream: the request's DATA from
@@ -79,6 +81,9 @@ type h2Stream struct {
 
 	upstream *upstream
 	target   netip.AddrPort
+	// bridge is the upstream half of a stream to an HTTP/1.1 cluster,
+	// which then has no up (h2h1.go).
+	bridge *h1Bridge
 	// fields is the request's header block, kept to open the stream
 	// again on another connection until its response starts.
 	fields   []hpack.HeaderField
@@ -233,6 +238,10 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 		s.route = time.AfterFunc(d.timeout, func() { s.timeout(errRouteTimeout) })
 	}
 	s.idle = newIdleWatch(p.cfg.StreamIdleTimeout, &s.last, func() { s.timeout(errStreamIdle) })
+	if d.up.c.UpstreamHTTP == xdsclient.UpstreamHTTP1 {
+		s.bridgeH1(d.timeout)
+		return
+	}
 	s.connect()
 }
 
@@ -360,6 +369,9 @@ func (s *h2Stream) send(fl *h2Flow, data []byte, end, borrowed bool) {
 		fl.endQueued = true
 	}
 	s.flush(fl)
+	if s.bridge != nil && fl == &s.toUp {
+		s.bridge.signal()
+	}
 	if borrowed && len(data) > 0 && len(fl.queue) > 0 {
 		// What is left of data waits: copy it out of the reader's buffer.
 		last := &fl.queue[len(fl.queue)-1]
@@ -384,6 +396,9 @@ func (s *h2Stream) flush(fl *h2Flow) {
 		dst.mu.Unlock()
 		if wrote {
 			s.wake(dst)
+		}
+		if s.bridge != nil && fl == &s.toDown && len(fl.queue) == 0 {
+			s.bridge.signal() // it waits for room to pass more of the response
 		}
 	}()
 	if dst.closed {
@@ -676,6 +691,9 @@ func (s *h2Stream) resetUp(code http2.ErrCode) {
 		s.up.writeRST(s.toUp.dstID, code)
 		s.up.mu.Unlock()
 		s.wake(s.up)
+	}
+	if s.bridge != nil {
+		s.bridge.abort()
 	}
 	s.toUp.dstEnded, s.toDown.srcEnded = true, true
 	s.drop(&s.toUp)

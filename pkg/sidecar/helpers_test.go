@@ -168,6 +168,10 @@ type svc struct {
 	// timeout is the route.timeout of its HTTP ports' routes; 0 (none)
 	// is what the federator sends.
 	timeout time.Duration
+	// upstream is the HTTP version its HTTP ports' clusters speak:
+	// UpstreamHTTP1 or UpstreamHTTP2 (explicit_http_config); zero:
+	// use_downstream_protocol_config.
+	upstream xdsclient.UpstreamHTTP
 }
 
 func (s svc) host() string { return s.name + "." + s.ns + ".svc.clusterset.local" }
@@ -257,6 +261,19 @@ func useDownstreamProtocol(tb testing.TB) map[string]*anypb.Any {
 	})}
 }
 
+// explicitHTTP is the protocol options of a cluster that speaks HTTP/2
+// (h2) or HTTP/1.1 upstream whatever the downstream spoke.
+func explicitHTTP(tb testing.TB, h2 bool) map[string]*anypb.Any {
+	e := &httpv3.HttpProtocolOptions_ExplicitHttpConfig{ProtocolConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{
+		HttpProtocolOptions: &corev3.Http1ProtocolOptions{}}}
+	if h2 {
+		e.ProtocolConfig = &httpv3.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &corev3.Http2ProtocolOptions{}}
+	}
+	return map[string]*anypb.Any{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": mustAny(tb, &httpv3.HttpProtocolOptions{
+		UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: e},
+	})}
+}
+
 func originalDstCluster(name string) *clusterv3.Cluster {
 	return &clusterv3.Cluster{Name: name, ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_ORIGINAL_DST},
 		LbPolicy: clusterv3.Cluster_CLUSTER_PROVIDED, ConnectTimeout: durationpb.New(time.Second)}
@@ -278,7 +295,14 @@ func serviceCluster(tb testing.TB, s svc, p svcPort) *clusterv3.Cluster {
 	protocol, alpn := "TCP", []string{"istio"}
 	if p.http {
 		protocol, alpn = "HTTP", []string{"istio-http/1.1", "istio-h2"}
-		c.TypedExtensionProtocolOptions = useDownstreamProtocol(tb)
+		switch s.upstream {
+		case xdsclient.UpstreamHTTP1:
+			c.TypedExtensionProtocolOptions = explicitHTTP(tb, false)
+		case xdsclient.UpstreamHTTP2:
+			c.TypedExtensionProtocolOptions = explicitHTTP(tb, true)
+		default:
+			c.TypedExtensionProtocolOptions = useDownstreamProtocol(tb)
+		}
 	}
 	meta, err := structpb.NewStruct(map[string]any{"host": s.host(), "vip": s.vip, "port": float64(p.port), "protocol": protocol})
 	require.NoError(tb, err)

@@ -185,7 +185,11 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.WriteString(w, "isthmus sidecar: "+d.err+"\n")
 		return
 	}
-	f := &forward{p: p, ci: ci, up: d.up, h2: r.ProtoMajor == 2 && d.up.c.UseDownstreamProtocol,
+	// The HTTP version upstream: the cluster's, or the app's
+	// (use_downstream_protocol_config).
+	h2 := d.up.c.UpstreamHTTP == xdsclient.UpstreamHTTP2 ||
+		r.ProtoMajor == 2 && d.up.c.UpstreamHTTP == xdsclient.UpstreamHTTPDownstream
+	f := &forward{p: p, ci: ci, up: d.up, h2: h2,
 		bytesOpt: p.metrics.attr(attrKey{kind: kindBytes, listener: ci.listener, cluster: d.up.name})}
 	var ok bool
 	if f.target, ok = p.target(ci, d.up); !ok {
@@ -296,8 +300,8 @@ type forward struct {
 	up *upstream
 	// target is the address of an ORIGINAL_DST cluster's request.
 	target netip.AddrPort
-	// h2 is whether the upstream speaks HTTP/2 (the app did, and the
-	// cluster uses the downstream protocol).
+	// h2 is whether the upstream speaks HTTP/2: the cluster does, or the
+	// app did and the cluster uses the downstream protocol.
 	h2 bool
 	// last is when a byte of body last moved either way (Unix
 	// nanoseconds), for the stream idle timeout.

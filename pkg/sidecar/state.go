@@ -148,7 +148,7 @@ const retiredKeep = time.Minute
 // another pool.
 func poolKey(c *xdsclient.Cluster) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%v|%v|%v", c.Type, c.ConnectTimeout, c.UseDownstreamProtocol)
+	fmt.Fprintf(&b, "%v|%v|%v", c.Type, c.ConnectTimeout, c.UpstreamHTTP)
 	if t := c.TLS; t != nil {
 		fmt.Fprintf(&b, "|%s|%q|%q", t.SNI, t.ALPN, t.SANs)
 	}

@@ -49,7 +49,7 @@ func (e *connectError) Error() string {
 func (e *connectError) Unwrap() error { return e.err }
 
 // pool holds one cluster's upstream connections: an HTTP/1.1 and an
-// HTTP/2 keep-alive pool per endpoint (the protocol the app spoke), and
+// HTTP/2 keep-alive pool per endpoint (the version spoken upstream), and
 // the TLS client configurations. It outlives configurations that keep
 // the cluster's connection settings (poolKey).
 type pool struct {
@@ -96,9 +96,9 @@ func (p *Proxy) newPool(c *xdsclient.Cluster, key string) *pool {
 			cfg.NextProtos = alpn
 			return cfg
 		}
-		// The app's protocol picks the ALPN the cluster offers (the
-		// contract's use_downstream_protocol_config); a cluster without
-		// the istio HTTP protocols offers what it lists.
+		// The HTTP version spoken upstream picks the ALPN the cluster
+		// offers; a cluster without the istio HTTP protocols offers what
+		// it lists.
 		pick := func(want string) []string {
 			if slices.Contains(t.ALPN, want) {
 				return []string{want}
@@ -112,9 +112,8 @@ func (p *Proxy) newPool(c *xdsclient.Cluster, key string) *pool {
 	return pl
 }
 
-// transport is the pool for the app's protocol: HTTP/2 (h2c to the app,
-// HTTP/2 inside mTLS to a peer) when the app spoke it and the cluster
-// uses the downstream protocol, HTTP/1.1 otherwise. Requests name the
+// transport is the pool for the version spoken upstream: HTTP/2 (h2c to
+// the app, HTTP/2 inside mTLS to a peer) or HTTP/1.1 (forward.h2). Requests name the
 // endpoint in URL.Host, so each endpoint has its own connections.
 func (pl *pool) transport(h2 bool) *http.Transport {
 	pl.mu.Lock()

@@ -151,13 +151,51 @@ type Cluster struct {
 	// TLS is the transport_socket's UpstreamTlsContext: mTLS to the next
 	// sidecar or gateway. Nil: plaintext (the ORIGINAL_DST clusters).
 	TLS *UpstreamTLS
-	// UseDownstreamProtocol is typed_extension_protocol_options
-	// ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-	// .use_downstream_protocol_config: speak upstream the HTTP version
-	// the downstream spoke. The decoder guarantees it is set on a service
-	// cluster exactly when its Service.Protocol is HTTP; inbound-passthrough
-	// has it too (h2c and gRPC reach the app as HTTP/2).
-	UseDownstreamProtocol bool
+	// UpstreamHTTP is the HTTP version the cluster speaks to its
+	// endpoints. The decoder guarantees a service cluster has one
+	// (UpstreamHTTP1, UpstreamHTTP2, or UpstreamHTTPDownstream) exactly
+	// when its Service.Protocol is HTTP; the federator sends
+	// inbound-passthrough UpstreamHTTPDownstream (the app gets the
+	// version the calling sidecar chose) and PassthroughCluster none.
+	UpstreamHTTP UpstreamHTTP
+}
+
+// UpstreamHTTP is the HTTP version a cluster speaks to its endpoints:
+// typed_extension_protocol_options
+// ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"], whose
+// upstream_protocol_options the decoder accepts in three forms. The
+// federator picks by the declared port protocol, as Istio does: a port
+// declared http gets HTTP/1.1, http2, grpc, grpc-web and h2c get HTTP/2.
+type UpstreamHTTP int
+
+// The upstream HTTP versions of docs/sidecar-xds.md.
+const (
+	// UpstreamHTTPNone: no HttpProtocolOptions, not an HTTP cluster (TCP
+	// ports, the outbound passthrough).
+	UpstreamHTTPNone UpstreamHTTP = iota
+	// UpstreamHTTPDownstream is use_downstream_protocol_config {}: the
+	// version the downstream spoke.
+	UpstreamHTTPDownstream
+	// UpstreamHTTP1 is explicit_http_config { http_protocol_options {} }:
+	// HTTP/1.1 whatever the downstream spoke (h2c is downgraded).
+	UpstreamHTTP1
+	// UpstreamHTTP2 is explicit_http_config { http2_protocol_options {} }:
+	// HTTP/2 whatever the downstream spoke (HTTP/1.1 is upgraded).
+	UpstreamHTTP2
+)
+
+func (u UpstreamHTTP) String() string {
+	switch u {
+	case UpstreamHTTPNone:
+		return "none"
+	case UpstreamHTTPDownstream:
+		return "downstream"
+	case UpstreamHTTP1:
+		return "HTTP/1.1"
+	case UpstreamHTTP2:
+		return "HTTP/2"
+	}
+	return "UpstreamHTTP(" + strconv.Itoa(int(u)) + ")"
 }
 
 // Endpoint is one upstream address.

@@ -577,7 +577,7 @@ func newSidecarGen(tb testing.TB) *sidecarGen {
 	for i := range 3 {
 		g.svcs = append(g.svcs, scService{
 			name: fmt.Sprintf("svc-%d", i), ns: "gen", vip: fmt.Sprintf("240.240.99.%d", i+1),
-			ports: []scPort{{80, true}, {uint32(7000 + i), false}},
+			ports: []scPort{{80, UpstreamHTTP1}, {uint32(7000 + i), UpstreamHTTPNone}},
 			ids:   []string{fmt.Sprintf("spiffe://alpha.mesh/ns/gen/sa/svc-%d", i)},
 			locs: []scLocality{{priority: 0, region: "eu", zone: "eu-a", weight: 1,
 				eps: []ep{{ip: fmt.Sprintf("10.9.%d.1", i), port: 8080, healthy: true}}}},
@@ -621,7 +621,7 @@ func (g *sidecarGen) snapshot(t *testing.T, rnd *rand.Rand, conflict bool) respo
 		case 2:
 			s.vip = fmt.Sprintf("240.241.0.%d", i+1)
 		case 3:
-			s.ports = append(slices.Clone(s.ports), scPort{9000 + uint32(i), i%2 == 0})
+			s.ports = append(slices.Clone(s.ports), scPort{9000 + uint32(i), []UpstreamHTTP{UpstreamHTTP2, UpstreamHTTPNone}[i%2]})
 		}
 		svcs = append(svcs, s)
 	}

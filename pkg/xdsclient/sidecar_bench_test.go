@@ -18,7 +18,7 @@ func services10k(tb testing.TB) []scService {
 		svcs[i] = scService{
 			name: fmt.Sprintf("svc-%05d", i), ns: "bench",
 			vip:   fmt.Sprintf("240.240.%d.%d", i/250, 1+i%250),
-			ports: []scPort{{80, true}, {uint32(5000 + i%100), false}},
+			ports: []scPort{{80, UpstreamHTTP1}, {uint32(5000 + i%100), UpstreamHTTPNone}},
 			ids:   []string{fmt.Sprintf("spiffe://alpha.mesh/ns/bench/sa/svc-%05d", i)},
 			locs: []scLocality{
 				{priority: 0, region: "eu", zone: "eu-a", weight: 1, eps: []ep{{ip: fmt.Sprintf("10.%d.%d.1", i/250, i%250), port: 8080, healthy: true}}},

@@ -91,8 +91,11 @@ var (
 	scPercentFields          = allow[*typev3.Percent]("value")
 	scLocalityWeightedFields = allow[*clusterv3.Cluster_CommonLbConfig_LocalityWeightedLbConfig]()
 	scMetadataFields         = allow[*corev3.Metadata]("filter_metadata")
-	scHTTPOptionsFields      = allow[*httpv3.HttpProtocolOptions]("use_downstream_protocol_config")
+	scHTTPOptionsFields      = allow[*httpv3.HttpProtocolOptions]("use_downstream_protocol_config", "explicit_http_config")
 	scUseDownstreamFields    = allow[*httpv3.HttpProtocolOptions_UseDownstreamHttpConfig]()
+	scExplicitHTTPFields     = allow[*httpv3.HttpProtocolOptions_ExplicitHttpConfig]("http_protocol_options", "http2_protocol_options")
+	scHTTP1OptionsFields     = allow[*corev3.Http1ProtocolOptions]()
+	scHTTP2OptionsFields     = allow[*corev3.Http2ProtocolOptions]()
 	scAssignmentFields       = allow[*endpointv3.ClusterLoadAssignment]("cluster_name", "endpoints", "policy")
 	scLocalityLbFields       = allow[*endpointv3.LocalityLbEndpoints]("locality", "lb_endpoints", "load_balancing_weight", "priority")
 	scPolicyFields           = allow[*endpointv3.ClusterLoadAssignment_Policy]("overprovisioning_factor")
@@ -805,7 +808,7 @@ func decodeSidecarCluster(m *clusterv3.Cluster) (Cluster, error) {
 			errs = append(errs, fieldErr("lb_policy", p.String()+" is not supported with ORIGINAL_DST (CLUSTER_PROVIDED)"))
 		}
 		var err error
-		c.UseDownstreamProtocol, err = decodeProtocolOptions(m.GetTypedExtensionProtocolOptions())
+		c.UpstreamHTTP, err = decodeProtocolOptions(m.GetTypedExtensionProtocolOptions())
 		errs = append(errs, within("typed_extension_protocol_options", err))
 	case EDS:
 		if p := m.GetLbPolicy(); p != clusterv3.Cluster_ROUND_ROBIN {
@@ -830,14 +833,14 @@ func decodeSidecarCluster(m *clusterv3.Cluster) (Cluster, error) {
 			c.TLS, err = decodeUpstreamTLS(ts)
 			errs = append(errs, within("transport_socket", err))
 		}
-		c.UseDownstreamProtocol, err = decodeProtocolOptions(m.GetTypedExtensionProtocolOptions())
+		c.UpstreamHTTP, err = decodeProtocolOptions(m.GetTypedExtensionProtocolOptions())
 		errs = append(errs, within("typed_extension_protocol_options", err))
 		if err == nil && c.Service != nil {
 			switch {
-			case c.Service.Protocol == ProtocolHTTP && !c.UseDownstreamProtocol:
+			case c.Service.Protocol == ProtocolHTTP && c.UpstreamHTTP == UpstreamHTTPNone:
 				errs = append(errs, fieldErr("typed_extension_protocol_options",
-					"want ["+quote(httpProtocolOptionsKey)+"].use_downstream_protocol_config for an HTTP port"))
-			case c.Service.Protocol == ProtocolTCP && c.UseDownstreamProtocol:
+					"want ["+quote(httpProtocolOptionsKey)+"] with "+upstreamHTTPForms+" for an HTTP port"))
+			case c.Service.Protocol == ProtocolTCP && c.UpstreamHTTP != UpstreamHTTPNone:
 				errs = append(errs, fieldErr("typed_extension_protocol_options["+quote(httpProtocolOptionsKey)+"]", "not supported for a TCP port"))
 			}
 		}
@@ -957,9 +960,15 @@ func decodeServiceMeta(md *corev3.Metadata) (*ServiceMeta, error) {
 	return meta, nil
 }
 
-// decodeProtocolOptions accepts at most the HttpProtocolOptions with
-// use_downstream_protocol_config {}; it reports whether that is set.
-func decodeProtocolOptions(opts map[string]*anypb.Any) (bool, error) {
+// upstreamHTTPForms are the upstream_protocol_options of an
+// HttpProtocolOptions the sidecar accepts, for error messages.
+const upstreamHTTPForms = "explicit_http_config {http_protocol_options {}}, explicit_http_config {http2_protocol_options {}} or use_downstream_protocol_config {}"
+
+// decodeProtocolOptions accepts at most the HttpProtocolOptions, with
+// nothing but its upstream HTTP version set: one of upstreamHTTPForms,
+// each with every field left at its default (the Go sidecar has no
+// knobs for them). UpstreamHTTPNone when there are none.
+func decodeProtocolOptions(opts map[string]*anypb.Any) (UpstreamHTTP, error) {
 	var errs []error
 	for _, k := range sortedNames(opts) {
 		if k != httpProtocolOptionsKey {
@@ -968,28 +977,54 @@ func decodeProtocolOptions(opts map[string]*anypb.Any) (bool, error) {
 	}
 	a, ok := opts[httpProtocolOptionsKey]
 	if !ok || len(errs) > 0 {
-		return false, errors.Join(errs...)
+		return UpstreamHTTPNone, errors.Join(errs...)
 	}
 	path := "[" + quote(httpProtocolOptionsKey) + "]"
 	o := new(httpv3.HttpProtocolOptions)
 	if err := unpackTyped(a, httpProtocolOptionsType, o); err != nil {
 		var fe *fieldError
 		if errors.As(err, &fe) {
-			return false, fieldErr(path, fe.msg)
+			return UpstreamHTTPNone, fieldErr(path, fe.msg)
 		}
-		return false, within(path, err)
+		return UpstreamHTTPNone, within(path, err)
 	}
 	if err := scHTTPOptionsFields.check(o); err != nil {
-		return false, within(path, err)
+		return UpstreamHTTPNone, within(path, err)
 	}
-	u := o.GetUseDownstreamProtocolConfig()
-	if u == nil {
-		return false, fieldErr(path+".use_downstream_protocol_config", "is missing")
+	var u UpstreamHTTP
+	switch v := o.GetUpstreamProtocolOptions().(type) {
+	case *httpv3.HttpProtocolOptions_UseDownstreamProtocolConfig:
+		if err := scUseDownstreamFields.check(v.UseDownstreamProtocolConfig); err != nil {
+			return UpstreamHTTPNone, within(path+".use_downstream_protocol_config", err)
+		}
+		u = UpstreamHTTPDownstream
+	case *httpv3.HttpProtocolOptions_ExplicitHttpConfig_:
+		var err error
+		if u, err = decodeExplicitHTTP(v.ExplicitHttpConfig); err != nil {
+			return UpstreamHTTPNone, within(path+".explicit_http_config", err)
+		}
+	default:
+		return UpstreamHTTPNone, fieldErr(path, "sets no upstream HTTP version (want "+upstreamHTTPForms+")")
 	}
-	if err := scUseDownstreamFields.check(u); err != nil {
-		return false, within(path+".use_downstream_protocol_config", err)
+	if err := pgv(o); err != nil {
+		return UpstreamHTTPNone, within(path, err)
 	}
-	return true, within(path, pgv(o))
+	return u, nil
+}
+
+// decodeExplicitHTTP accepts an explicit_http_config of HTTP/1.1 or
+// HTTP/2 with default options; HTTP/3 is refused by its allow-list.
+func decodeExplicitHTTP(e *httpv3.HttpProtocolOptions_ExplicitHttpConfig) (UpstreamHTTP, error) {
+	if err := scExplicitHTTPFields.check(e); err != nil {
+		return UpstreamHTTPNone, err
+	}
+	switch v := e.GetProtocolConfig().(type) {
+	case *httpv3.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions:
+		return UpstreamHTTP1, within("http_protocol_options", scHTTP1OptionsFields.check(v.HttpProtocolOptions))
+	case *httpv3.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions:
+		return UpstreamHTTP2, within("http2_protocol_options", scHTTP2OptionsFields.check(v.Http2ProtocolOptions))
+	}
+	return UpstreamHTTPNone, fieldErr("", "sets no HTTP version (want http_protocol_options {} or http2_protocol_options {})")
 }
 
 // --- endpoints ---

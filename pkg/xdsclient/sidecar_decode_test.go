@@ -155,7 +155,7 @@ func TestSidecarDecodeAccepts(t *testing.T) {
 
 	// Clusters.
 	require.Equal(t, Cluster{Name: PassthroughCluster, Type: OriginalDst, ConnectTimeout: time.Second}, cfg.Clusters[PassthroughCluster])
-	require.Equal(t, Cluster{Name: InboundPassthroughCluster, Type: OriginalDst, ConnectTimeout: time.Second, UseDownstreamProtocol: true},
+	require.Equal(t, Cluster{Name: InboundPassthroughCluster, Type: OriginalDst, ConnectTimeout: time.Second, UpstreamHTTP: UpstreamHTTPDownstream},
 		cfg.Clusters[InboundPassthroughCluster])
 	eu := func(zone string) Locality { return Locality{Region: "eu", Zone: zone} }
 	local := []Endpoint{
@@ -178,11 +178,12 @@ func TestSidecarDecodeAccepts(t *testing.T) {
 			SANs: []spiffeid.ID{spiffeid.RequireFromString("spiffe://alpha.mesh/ns/demo/sa/echo"), spiffeid.RequireFromString("spiffe://beta.mesh/ns/demo/sa/echo")},
 			ALPN: []string{"istio-http/1.1", "istio-h2"},
 		},
-		UseDownstreamProtocol: true,
+		UpstreamHTTP: UpstreamHTTP1,
 	}, cfg.Clusters[echo80])
+	require.Equal(t, UpstreamHTTP2, cfg.Clusters[greeter9090].UpstreamHTTP)
 	dbc := cfg.Clusters[db]
 	require.Equal(t, &ServiceMeta{Host: "db.shop.svc.clusterset.local", VIP: vip("240.240.3.9"), Port: 5432, Protocol: ProtocolTCP}, dbc.Service)
-	require.False(t, dbc.UseDownstreamProtocol)
+	require.Equal(t, UpstreamHTTPNone, dbc.UpstreamHTTP)
 	require.Equal(t, []string{"istio"}, dbc.TLS.ALPN)
 	require.Equal(t, []Priority{{Localities: []LocalityEndpoints{{Weight: 1, Endpoints: dbc.Endpoints}}}}, dbc.Priorities)
 
@@ -335,6 +336,27 @@ func editSocket[M proto.Message](tb testing.TB, ts *corev3.TransportSocket, fn f
 	ts.ConfigType = &corev3.TransportSocket_TypedConfig{TypedConfig: editTyped(tb, ts.GetTypedConfig(), fn)}
 }
 
+// setHTTPOptions replaces cluster's HttpProtocolOptions with a.
+func setHTTPOptions(tb testing.TB, m *scMutable, cluster string, a *anypb.Any) {
+	tb.Helper()
+	c, ok := m.clusters[cluster]
+	require.True(tb, ok, cluster)
+	c.TypedExtensionProtocolOptions = map[string]*anypb.Any{httpProtocolOptionsKey: a}
+}
+
+// explicitHTTP is the HttpProtocolOptions with explicit_http_config e.
+func explicitHTTP(tb testing.TB, e *httpv3.HttpProtocolOptions_ExplicitHttpConfig) *anypb.Any {
+	return mustAny(tb, &httpv3.HttpProtocolOptions{UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: e}})
+}
+
+// concatHTTPOptions is the HttpProtocolOptions of first and then last,
+// encoded one after the other: what proto.Unmarshal reads as their merge.
+func concatHTTPOptions(first, last map[string]*anypb.Any) *anypb.Any {
+	a := proto.Clone(first[httpProtocolOptionsKey]).(*anypb.Any)
+	a.Value = append(a.Value, last[httpProtocolOptionsKey].GetValue()...)
+	return a
+}
+
 func editMeta(tb testing.TB, c *clusterv3.Cluster, fn func(map[string]*structpb.Value)) {
 	fn(c.Metadata.FilterMetadata["isthmus"].Fields)
 }
@@ -355,6 +377,8 @@ func TestSidecarDecodeRefusesWhatTheContractDoesNotDescribe(t *testing.T) {
 		hcm     = `filter_chains[0].filters[0].typed_config.`
 		inTLS   = `filter_chains[0].transport_socket.typed_config.`
 		upTLS   = `transport_socket.typed_config.common_tls_context.`
+		// httpOpts is the path of the HttpProtocolOptions.
+		httpOpts = `typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]`
 	)
 	outHCM := func(t *testing.T, m *scMutable, fn func(*hcmv3.HttpConnectionManager)) {
 		editFilter(t, m.out.FilterChains[0].Filters[0], fn)
@@ -749,13 +773,47 @@ func TestSidecarDecodeRefusesWhatTheContractDoesNotDescribe(t *testing.T) {
 		{"TLS 1.2 only", func(t *testing.T, m *scMutable) {
 			upTLSCtx(t, m, func(u *tlsv3.UpstreamTlsContext) { u.CommonTlsContext.TlsParams = &tlsv3.TlsParameters{} })
 		}, []string{echoCl + upTLS + `tls_params: not supported`}},
-		{"upstream HTTP/2 always", func(t *testing.T, m *scMutable) {
-			m.clusters[echo80].TypedExtensionProtocolOptions["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"] = mustAny(t, &httpv3.HttpProtocolOptions{
-				UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig{}}})
-		}, []string{echoCl + `typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].explicit_http_config: not supported`}},
+		{"upstream HTTP/3", func(t *testing.T, m *scMutable) {
+			setHTTPOptions(t, m, echo80, explicitHTTP(t, &httpv3.HttpProtocolOptions_ExplicitHttpConfig{
+				ProtocolConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_Http3ProtocolOptions{Http3ProtocolOptions: &corev3.Http3ProtocolOptions{}}}))
+		}, []string{echoCl + httpOpts + `.explicit_http_config.http3_protocol_options: not supported`}},
+		{"an HTTP/2 option", func(t *testing.T, m *scMutable) {
+			setHTTPOptions(t, m, echo80, explicitHTTP(t, &httpv3.HttpProtocolOptions_ExplicitHttpConfig{
+				ProtocolConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &corev3.Http2ProtocolOptions{
+					MaxConcurrentStreams: wrapperspb.UInt32(100)}}}))
+		}, []string{echoCl + httpOpts + `.explicit_http_config.http2_protocol_options.max_concurrent_streams: not supported`}},
+		{"an HTTP/1.1 option", func(t *testing.T, m *scMutable) {
+			setHTTPOptions(t, m, echo80, explicitHTTP(t, &httpv3.HttpProtocolOptions_ExplicitHttpConfig{
+				ProtocolConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{HttpProtocolOptions: &corev3.Http1ProtocolOptions{
+					AcceptHttp_10: true}}}))
+		}, []string{echoCl + httpOpts + `.explicit_http_config.http_protocol_options.accept_http_10: not supported`}},
+		{"a downstream-protocol option", func(t *testing.T, m *scMutable) {
+			setHTTPOptions(t, m, echo80, mustAny(t, &httpv3.HttpProtocolOptions{UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_UseDownstreamProtocolConfig{
+				UseDownstreamProtocolConfig: &httpv3.HttpProtocolOptions_UseDownstreamHttpConfig{Http2ProtocolOptions: &corev3.Http2ProtocolOptions{}}}}))
+		}, []string{echoCl + httpOpts + `.use_downstream_protocol_config.http2_protocol_options: not supported`}},
+		{"explicit HTTP without a version", func(t *testing.T, m *scMutable) {
+			setHTTPOptions(t, m, echo80, explicitHTTP(t, &httpv3.HttpProtocolOptions_ExplicitHttpConfig{}))
+		}, []string{echoCl + httpOpts + `.explicit_http_config: sets no HTTP version (want http_protocol_options {} or http2_protocol_options {})`}},
+		{"automatic upstream HTTP", func(t *testing.T, m *scMutable) {
+			setHTTPOptions(t, m, echo80, mustAny(t, &httpv3.HttpProtocolOptions{UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_AutoConfig{
+				AutoConfig: &httpv3.HttpProtocolOptions_AutoHttpConfig{}}}))
+		}, []string{echoCl + httpOpts + `.auto_config: not supported`}},
+		{"no upstream HTTP version", func(t *testing.T, m *scMutable) {
+			setHTTPOptions(t, m, echo80, mustAny(t, &httpv3.HttpProtocolOptions{}))
+		}, []string{echoCl + httpOpts + `: sets no upstream HTTP version (want explicit_http_config {http_protocol_options {}}, explicit_http_config {http2_protocol_options {}} or use_downstream_protocol_config {})`}},
+		{"common HTTP options", func(t *testing.T, m *scMutable) {
+			setHTTPOptions(t, m, echo80, mustAny(t, &httpv3.HttpProtocolOptions{
+				CommonHttpProtocolOptions: &corev3.HttpProtocolOptions{IdleTimeout: durationpb.New(time.Minute)},
+				UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_UseDownstreamProtocolConfig{
+					UseDownstreamProtocolConfig: &httpv3.HttpProtocolOptions_UseDownstreamHttpConfig{}}}))
+		}, []string{echoCl + httpOpts + `.common_http_protocol_options: not supported`}},
 		{"HTTP port without protocol options", func(t *testing.T, m *scMutable) {
 			m.clusters[echo80].TypedExtensionProtocolOptions = nil
-		}, []string{echoCl + `typed_extension_protocol_options: want ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].use_downstream_protocol_config for an HTTP port`}},
+		}, []string{echoCl + `typed_extension_protocol_options: want ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"] with explicit_http_config {http_protocol_options {}}, explicit_http_config {http2_protocol_options {}} or use_downstream_protocol_config {} for an HTTP port`}},
+		{"inbound passthrough with HTTP/3", func(t *testing.T, m *scMutable) {
+			setHTTPOptions(t, m, InboundPassthroughCluster, explicitHTTP(t, &httpv3.HttpProtocolOptions_ExplicitHttpConfig{
+				ProtocolConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_Http3ProtocolOptions{Http3ProtocolOptions: &corev3.Http3ProtocolOptions{}}}))
+		}, []string{`cluster "inbound-passthrough": ` + httpOpts + `.explicit_http_config.http3_protocol_options: not supported`}},
 		{"TCP port with HTTP options", func(t *testing.T, m *scMutable) {
 			m.clusters[db].TypedExtensionProtocolOptions = m.clusters[echo80].TypedExtensionProtocolOptions
 		}, []string{dbCl + `typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]: not supported for a TCP port`}},
@@ -815,6 +873,33 @@ func TestSidecarDecodeRefusesWhatTheContractDoesNotDescribe(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Each accepted upstream_protocol_options decodes to its version, on a
+// service cluster and on inbound-passthrough alike.
+func TestSidecarDecodeUpstreamHTTP(t *testing.T) {
+	echo80 := scEcho.cluster(80)
+	for _, want := range []UpstreamHTTP{UpstreamHTTPDownstream, UpstreamHTTP1, UpstreamHTTP2} {
+		t.Run(want.String(), func(t *testing.T) {
+			m := newSidecarMutable(t)
+			m.clusters[echo80].TypedExtensionProtocolOptions = httpProtocolOptions(t, want)
+			m.clusters[InboundPassthroughCluster].TypedExtensionProtocolOptions = httpProtocolOptions(t, want)
+			cfg, err := m.decode(t)
+			require.NoError(t, err)
+			require.Equal(t, want, cfg.Clusters[echo80].UpstreamHTTP)
+			require.Equal(t, want, cfg.Clusters[InboundPassthroughCluster].UpstreamHTTP)
+		})
+	}
+	// Two members of the oneof on the wire: the last one counts, as in
+	// protobuf's and so Envoy's reading of it.
+	m := newSidecarMutable(t)
+	setHTTPOptions(t, m, echo80, concatHTTPOptions(httpProtocolOptions(t, UpstreamHTTP2), httpProtocolOptions(t, UpstreamHTTP1)))
+	cfg, err := m.decode(t)
+	require.NoError(t, err)
+	require.Equal(t, UpstreamHTTP1, cfg.Clusters[echo80].UpstreamHTTP)
+
+	require.Equal(t, "none", UpstreamHTTPNone.String())
+	require.Equal(t, "UpstreamHTTP(9)", UpstreamHTTP(9).String())
 }
 
 func TestSidecarDecodeIncomplete(t *testing.T) {

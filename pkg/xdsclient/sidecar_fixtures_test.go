@@ -44,10 +44,14 @@ type scLocality struct {
 	eps      []ep
 }
 
+// scPort is a service port: TCP when up is UpstreamHTTPNone, else HTTP
+// with the upstream version the federator picks for it.
 type scPort struct {
 	port uint32
-	http bool
+	up   UpstreamHTTP
 }
+
+func (p scPort) http() bool { return p.up != UpstreamHTTPNone }
 
 // scService is a clusterset service as the federator sees it.
 type scService struct {
@@ -70,19 +74,19 @@ func (s scService) sni(port uint32) string {
 // and a peer's gateway behind them, a gRPC service on an HTTP port only
 // a peer serves, and a TCP database.
 var (
-	scEcho = scService{name: "echo", ns: "demo", vip: "240.240.12.7", ports: []scPort{{80, true}, {9000, false}},
+	scEcho = scService{name: "echo", ns: "demo", vip: "240.240.12.7", ports: []scPort{{80, UpstreamHTTP1}, {9000, UpstreamHTTPNone}},
 		ids: []string{"spiffe://alpha.mesh/ns/demo/sa/echo", "spiffe://beta.mesh/ns/demo/sa/echo"},
 		locs: []scLocality{
 			{priority: 0, region: "eu", zone: "eu-a", weight: 1, eps: []ep{{ip: "10.1.0.1", port: 8080, healthy: true}, {ip: "10.1.0.2", port: 8080}}},
 			{priority: 0, region: "eu", zone: "eu-b", weight: 1, eps: []ep{{ip: "10.1.1.1", port: 8080, healthy: true}}},
 			{priority: 1, region: "eu", zone: "eu-c", weight: 3, eps: []ep{{ip: "192.0.2.10", port: 15443, healthy: true}}},
 		}}
-	scGreeter = scService{name: "greeter", ns: "shop", vip: "240.240.40.2", ports: []scPort{{80, true}, {9090, true}},
+	scGreeter = scService{name: "greeter", ns: "shop", vip: "240.240.40.2", ports: []scPort{{80, UpstreamHTTP1}, {9090, UpstreamHTTP2}},
 		ids: []string{"spiffe://beta.mesh/ns/shop/sa/greeter"},
 		locs: []scLocality{
 			{priority: 0, region: "us", zone: "us-a", weight: 2, eps: []ep{{ip: "198.51.100.7", port: 15443, healthy: true}}},
 		}}
-	scDB = scService{name: "db", ns: "shop", vip: "240.240.3.9", ports: []scPort{{5432, false}},
+	scDB = scService{name: "db", ns: "shop", vip: "240.240.3.9", ports: []scPort{{5432, UpstreamHTTPNone}},
 		ids: []string{"spiffe://alpha.mesh/ns/shop/sa/db"},
 		locs: []scLocality{
 			{priority: 0, weight: 1, eps: []ep{{ip: "10.2.0.5", port: 5432, healthy: true}}},
@@ -223,14 +227,27 @@ func originalDstCluster(name string) *clusterv3.Cluster {
 	}
 }
 
-func useDownstreamProtocol(tb testing.TB) map[string]*anypb.Any {
-	return map[string]*anypb.Any{
-		"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": mustAny(tb, &httpv3.HttpProtocolOptions{
-			UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_UseDownstreamProtocolConfig{
-				UseDownstreamProtocolConfig: &httpv3.HttpProtocolOptions_UseDownstreamHttpConfig{},
-			},
-		}),
+// httpProtocolOptions are the typed_extension_protocol_options that
+// make a cluster speak u upstream.
+func httpProtocolOptions(tb testing.TB, u UpstreamHTTP) map[string]*anypb.Any {
+	o := &httpv3.HttpProtocolOptions{}
+	switch u {
+	case UpstreamHTTPDownstream:
+		o.UpstreamProtocolOptions = &httpv3.HttpProtocolOptions_UseDownstreamProtocolConfig{
+			UseDownstreamProtocolConfig: &httpv3.HttpProtocolOptions_UseDownstreamHttpConfig{},
+		}
+	case UpstreamHTTP1:
+		o.UpstreamProtocolOptions = &httpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig{
+			ProtocolConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{HttpProtocolOptions: &corev3.Http1ProtocolOptions{}},
+		}}
+	case UpstreamHTTP2:
+		o.UpstreamProtocolOptions = &httpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig{
+			ProtocolConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &corev3.Http2ProtocolOptions{}},
+		}}
+	default:
+		tb.Fatalf("no protocol options for %v", u)
 	}
+	return map[string]*anypb.Any{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": mustAny(tb, o)}
 }
 
 func serviceCluster(tb testing.TB, s scService, p scPort) *clusterv3.Cluster {
@@ -243,10 +260,10 @@ func serviceCluster(tb testing.TB, s scService, p scPort) *clusterv3.Cluster {
 	}
 	proto := "TCP"
 	alpn := []string{"istio"}
-	if p.http {
+	if p.http() {
 		proto = "HTTP"
 		alpn = []string{"istio-http/1.1", "istio-h2"}
-		c.TypedExtensionProtocolOptions = useDownstreamProtocol(tb)
+		c.TypedExtensionProtocolOptions = httpProtocolOptions(tb, p.up)
 	}
 	meta, err := structpb.NewStruct(map[string]any{"host": s.host(), "vip": s.vip, "port": float64(p.port), "protocol": proto})
 	require.NoError(tb, err)
@@ -315,7 +332,7 @@ func buildSidecar(tb testing.TB, svcs ...scService) sidecarResources {
 	httpPorts := map[uint32][]scService{}
 	for _, s := range byVIP {
 		for _, p := range s.ports {
-			if p.http {
+			if p.http() {
 				httpPorts[p.port] = append(httpPorts[p.port], s)
 			}
 		}
@@ -333,7 +350,7 @@ func buildSidecar(tb testing.TB, svcs ...scService) sidecarResources {
 	}
 	for _, s := range byVIP {
 		for _, p := range s.ports {
-			if !p.http {
+			if !p.http() {
 				chains = append(chains, &listenerv3.FilterChain{
 					FilterChainMatch: &listenerv3.FilterChainMatch{DestinationPort: wrapperspb.UInt32(p.port), PrefixRanges: []*corev3.CidrRange{hostRange(s.vip)}},
 					Filters:          []*listenerv3.Filter{tcpProxyFilter(tb, s.cluster(p.port))},
@@ -363,7 +380,7 @@ func buildSidecar(tb testing.TB, svcs ...scService) sidecarResources {
 	for _, port := range sortedPorts(httpPorts) {
 		rc := &routev3.RouteConfiguration{Name: fmt.Sprint(port)}
 		for _, s := range byHost {
-			if !slices.Contains(s.ports, scPort{port, true}) {
+			if !slices.ContainsFunc(s.ports, func(p scPort) bool { return p.port == port && p.http() }) {
 				continue
 			}
 			hp := fmt.Sprintf("%s:%d", s.host(), port)
@@ -380,7 +397,7 @@ func buildSidecar(tb testing.TB, svcs ...scService) sidecarResources {
 	r.routes = append(r.routes, explicit)
 
 	inboundPassthrough := originalDstCluster(InboundPassthroughCluster)
-	inboundPassthrough.TypedExtensionProtocolOptions = useDownstreamProtocol(tb)
+	inboundPassthrough.TypedExtensionProtocolOptions = httpProtocolOptions(tb, UpstreamHTTPDownstream)
 	r.clusters = []proto.Message{originalDstCluster(PassthroughCluster), inboundPassthrough}
 	for _, s := range byHost {
 		for _, p := range s.ports {
@@ -496,7 +513,7 @@ func requireSidecarConsistent(t testing.TB, cfg *Config) {
 			vip, ok := sc.LookupHost(c.Service.Host)
 			require.True(t, ok)
 			require.Equal(t, c.Service.VIP, vip)
-			require.Equal(t, c.Service.Protocol == ProtocolHTTP, c.UseDownstreamProtocol)
+			require.Equal(t, c.Service.Protocol == ProtocolHTTP, c.UpstreamHTTP != UpstreamHTTPNone)
 			require.Positive(t, c.OverprovisioningFactor)
 			n := 0
 			for p, level := range c.Priorities {

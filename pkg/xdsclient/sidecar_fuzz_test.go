@@ -38,6 +38,11 @@ func sidecarFuzzSeeds(tb testing.TB) [][]byte {
 		func(m *scMutable) {
 			m.clusters[PassthroughCluster].ClusterDiscoveryType = &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS}
 		},
+		// Two upstream HTTP versions on the wire, of which proto keeps
+		// the last.
+		func(m *scMutable) {
+			setHTTPOptions(tb, m, scEcho.cluster(80), concatHTTPOptions(httpProtocolOptions(tb, UpstreamHTTP2), httpProtocolOptions(tb, UpstreamHTTPDownstream)))
+		},
 	} {
 		m := newSidecarMutable(tb)
 		mutate(m)

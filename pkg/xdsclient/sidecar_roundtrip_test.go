@@ -102,26 +102,28 @@ func TestTranslateSidecarRoundTrip(t *testing.T) {
 
 	// Every clusterset service is in the name table, and its VIP:port
 	// reaches its cluster through the chain and the route a proxy would
-	// use.
+	// use; an HTTP port's cluster speaks the version Istio picks for the
+	// port's declared protocol.
 	for _, tc := range []struct {
 		host     string
 		port     uint16
-		http     bool
+		up       UpstreamHTTP
 		cluster  string
 		priority int // levels in the assignment
 	}{
-		{"echo.demo.svc.clusterset.local", 80, true, "outbound|80||echo.demo.svc.clusterset.local", 3},
-		{"echo.demo.svc.clusterset.local", 9000, false, "outbound|9000||echo.demo.svc.clusterset.local", 1},
-		{"db.shop.svc.clusterset.local", 5432, false, "outbound|5432||db.shop.svc.clusterset.local", 1},
-		{"greeter.shop.svc.clusterset.local", 9090, true, "outbound|9090||greeter.shop.svc.clusterset.local", 2},
-		{"greeter.shop.svc.clusterset.local", 80, true, "outbound|80||greeter.shop.svc.clusterset.local", 2},
+		{"echo.demo.svc.clusterset.local", 80, UpstreamHTTP1, "outbound|80||echo.demo.svc.clusterset.local", 3},
+		{"echo.demo.svc.clusterset.local", 9000, UpstreamHTTPNone, "outbound|9000||echo.demo.svc.clusterset.local", 1},
+		{"db.shop.svc.clusterset.local", 5432, UpstreamHTTPNone, "outbound|5432||db.shop.svc.clusterset.local", 1},
+		{"greeter.shop.svc.clusterset.local", 9090, UpstreamHTTP2, "outbound|9090||greeter.shop.svc.clusterset.local", 2},
+		{"greeter.shop.svc.clusterset.local", 80, UpstreamHTTP1, "outbound|80||greeter.shop.svc.clusterset.local", 2},
 	} {
+		http := tc.up != UpstreamHTTPNone
 		vip, ok := sc.LookupHost(tc.host)
 		require.True(t, ok, tc.host)
 		require.True(t, netip.MustParsePrefix("240.240.0.0/16").Contains(vip), "%s has VIP %v", tc.host, vip)
 		ch := sc.Outbound.Match(netip.AddrPortFrom(vip, tc.port))
 		require.NotSame(t, &sc.Outbound.Default, ch, "%s:%d", tc.host, tc.port)
-		if tc.http {
+		if http {
 			require.NotNil(t, ch.HTTP, "%s:%d", tc.host, tc.port)
 			vh := sc.Route(ch.HTTP.RouteConfigName).VirtualHost(tc.host)
 			require.NotNil(t, vh, "%s:%d", tc.host, tc.port)
@@ -132,7 +134,8 @@ func TestTranslateSidecarRoundTrip(t *testing.T) {
 		}
 		c := cfg.Clusters[tc.cluster]
 		require.Len(t, c.Priorities, tc.priority, tc.cluster)
-		require.Equal(t, &ServiceMeta{Host: tc.host, VIP: vip, Port: tc.port, Protocol: map[bool]Protocol{true: ProtocolHTTP, false: ProtocolTCP}[tc.http]}, c.Service)
+		require.Equal(t, &ServiceMeta{Host: tc.host, VIP: vip, Port: tc.port, Protocol: map[bool]Protocol{true: ProtocolHTTP, false: ProtocolTCP}[http]}, c.Service)
+		require.Equal(t, tc.up, c.UpstreamHTTP, tc.cluster)
 		require.NotEmpty(t, c.TLS.SANs)
 	}
 	explicit := sc.Route("explicit")
@@ -162,7 +165,8 @@ func TestTranslateSidecarRoundTrip(t *testing.T) {
 	require.True(t, httpIn.HTTP.SetClientCertURI)
 	require.Equal(t, InboundPassthroughCluster, httpIn.HTTP.Routes.VirtualHost("anything:8080").Route("/").Cluster)
 	require.Equal(t, InboundPassthroughCluster, in.Match([]string{"istio"}).TCP.Cluster)
-	require.True(t, cfg.Clusters[InboundPassthroughCluster].UseDownstreamProtocol)
+	require.Equal(t, UpstreamHTTPDownstream, cfg.Clusters[InboundPassthroughCluster].UpstreamHTTP, "the app gets the version the caller's sidecar chose")
+	require.Equal(t, UpstreamHTTPNone, cfg.Clusters[PassthroughCluster].UpstreamHTTP)
 }
 
 // With nothing exported anywhere the sidecar still gets a working

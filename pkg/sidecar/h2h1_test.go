@@ -1,0 +1,383 @@
+package sidecar
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"golang.org/x/net/http/httpguts"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+
+	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
+)
+
+// Clusters that speak one HTTP version upstream whatever the app spoke,
+// as the federator makes them for ports declared http (HTTP/1.1) and
+// http2 or grpc (HTTP/2): a's app speaks h2c to h1Svc's cluster, which
+// carries each stream to b as an HTTP/1.1 request (h2h1.go), and
+// HTTP/1.1 to h2UpSvc's, which carries it as HTTP/2. b's h2App says
+// which version reached it.
+var (
+	h1Svc        = svc{name: "h1", ns: "demo", vip: "240.240.0.30", ports: []svcPort{{80, true}}, upstream: xdsclient.UpstreamHTTP1}
+	h1HurriedSvc = svc{name: "h1-hurried", ns: "demo", vip: "240.240.0.31", ports: []svcPort{{80, true}}, upstream: xdsclient.UpstreamHTTP1, timeout: routeTimeout}
+	h1RefusedSvc = svc{name: "h1-refused", ns: "demo", vip: "240.240.0.32", ports: []svcPort{{80, true}}, upstream: xdsclient.UpstreamHTTP1}
+	h2UpSvc      = svc{name: "h2-up", ns: "demo", vip: "240.240.0.33", ports: []svcPort{{80, true}}, upstream: xdsclient.UpstreamHTTP2}
+)
+
+func startVersionMesh(t testing.TB) (*mesh, *h2App) {
+	t.Helper()
+	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t),
+		hosts: hostsOf(h1Svc, h1HurriedSvc, h1RefusedSvc, h2UpSvc)}
+	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds})
+	m.b = startPod(t, "b", m.beta, m.hosts, podOptions{xds: m.xds})
+	app := startH2App(t)
+	m.b.apps[ipH2] = app.addr
+	refused := m.onB(h1RefusedSvc, ipH2)
+	refused.locs[0].eps[0].addr = closedAddr(t)
+	m.set(t, "v1", m.onB(h1Svc, ipH2), m.onB(h1HurriedSvc, ipH2), refused, m.onB(h2UpSvc, ipH2))
+	return m, app
+}
+
+func TestUpstreamHTTPVersion(t *testing.T) {
+	m, app := startVersionMesh(t)
+	host := h1Svc.host()
+	inboundConns := func() float64 {
+		return metricValue(t, m.b.scrape(t), "isthmus_sidecar_connections_total", "listener=inbound")
+	}
+
+	t.Run("HTTP/2 streams reach the app as HTTP/1.1 requests, many at once", func(t *testing.T) {
+		c := dialH2(t, m.a, host)
+		const streams, together = 100, 20
+		reqs := make([]*http.Request, streams)
+		for i := range reqs {
+			reqs[i] = c.request(t, http.MethodGet, fmt.Sprintf("/id?n=%d&tag=h1-many&together=%d", i, together), nil)
+		}
+		for i, r := range concurrently([]*h2Client{c}, reqs) {
+			require.NoError(t, r.err, "stream %d", i)
+			require.Equal(t, http.StatusOK, r.code, "stream %d: %s", i, r.body)
+			require.Equal(t, fmt.Sprintf("id=%d proto=HTTP/1.1", i), r.body)
+		}
+		require.EqualValues(t, 1, c.dials.Load(), "one connection from a's app carried every stream")
+		require.EqualValues(t, streams, app.req("h1-many").arrived.Load(), "each stream reached b's app once")
+	})
+
+	t.Run("one request after another reuses the upstream connection", func(t *testing.T) {
+		c := dialH2(t, m.a, host)
+		require.Equal(t, http.StatusOK, c.get(t, "/id?n=warm").code)
+		before := inboundConns()
+		for i := range 20 {
+			r := c.get(t, fmt.Sprintf("/id?n=%d", i))
+			require.Equal(t, fmt.Sprintf("id=%d proto=HTTP/1.1", i), r.body)
+		}
+		require.Equal(t, before, inboundConns(), "b's inbound listener accepted no connection for 20 requests in a row")
+	})
+
+	t.Run("uploads, with a length and chunked", func(t *testing.T) {
+		c := dialH2(t, m.a, host)
+		req := c.request(t, http.MethodPost, "/upload?tag=h1-upload", io.LimitReader(h2Payload(11), h2Transfer))
+		req.ContentLength = h2Transfer
+		r := c.do(t, req)
+		require.NoError(t, r.err)
+		require.Equal(t, fmt.Sprintf("%d %s", h2Transfer, h2Sum(11, h2Transfer)), r.body, "b's app got every byte, in order")
+
+		req = c.request(t, http.MethodPost, "/upload?tag=h1-unsized", io.LimitReader(h2Payload(12), h2Transfer/4))
+		req.ContentLength = -1
+		r = c.do(t, req)
+		require.NoError(t, r.err)
+		require.Equal(t, fmt.Sprintf("%d %s", h2Transfer/4, h2Sum(12, h2Transfer/4)), r.body)
+
+		req = c.request(t, http.MethodPost, "/upload?tag=h1-empty", nil)
+		r = c.do(t, req)
+		require.Equal(t, fmt.Sprintf("0 %s", h2Sum(0, 0)), r.body, "a POST without a body")
+	})
+
+	t.Run("large download", func(t *testing.T) {
+		c := dialH2(t, m.a, host)
+		req := c.request(t, http.MethodGet, fmt.Sprintf("/download?tag=h1-download&seed=13&n=%d", h2Transfer), nil)
+		resp, err := c.cc.RoundTrip(req)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+		require.EqualValues(t, h2Transfer, resp.ContentLength, "the app's Content-Length passes")
+		h := sha256.New()
+		n, err := io.Copy(h, resp.Body)
+		require.NoError(t, err, "a clean end of stream")
+		require.EqualValues(t, h2Transfer, n)
+		require.Equal(t, h2Sum(13, h2Transfer), hex.EncodeToString(h.Sum(nil)))
+	})
+
+	t.Run("a download nobody reads holds back only itself", func(t *testing.T) {
+		c := dialH2(t, m.a, host)
+		req := c.request(t, http.MethodGet, fmt.Sprintf("/download?tag=h1-unread&seed=14&n=%d", h2Endless), nil)
+		ctx, cancel := context.WithCancel(req.Context())
+		defer cancel()
+		resp, err := c.cc.RoundTrip(req.WithContext(ctx))
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		st := app.req("h1-unread")
+		st.requireStarted(t)
+		// The app gets as far as the windows and buffers on the way let
+		// it, then stops.
+		var last int64
+		require.Eventually(t, func() bool {
+			w := st.written.Load()
+			settled := w == last
+			last = w
+			return settled
+		}, waitFor, 200*time.Millisecond)
+		require.Less(t, last, int64(h2Endless/4), "the app was not held back")
+		r := c.get(t, "/id?n=beside")
+		require.Equal(t, "id=beside proto=HTTP/1.1", r.body, "another stream of the connection is answered")
+		cancel()
+		st.requireCancelled(t)
+	})
+
+	t.Run("trailers both ways", func(t *testing.T) {
+		c := dialH2(t, m.a, host)
+		req := c.request(t, http.MethodPost, "/trailers?tag=h1-trailers", strings.NewReader("ping"))
+		req.ContentLength = -1
+		req.Trailer = http.Header{"X-Client-Trailer": {"from a"}}
+		r := c.do(t, req)
+		require.NoError(t, r.err)
+		require.Equal(t, http.StatusOK, r.code)
+		require.Equal(t, `got "ping"`, r.body)
+		require.Equal(t, "0", r.trailer.Get("Grpc-Status"))
+		require.Equal(t, "all good", r.trailer.Get("Grpc-Message"))
+		require.Equal(t, "from a", r.trailer.Get("X-Request-Trailer"), "the request's trailer reached the app in the last chunk")
+		require.Equal(t, "late", r.trailer.Get("X-Unannounced"))
+	})
+
+	t.Run("HEAD", func(t *testing.T) {
+		c := dialH2(t, m.a, host)
+		r := c.do(t, c.request(t, http.MethodHead, "/head?tag=h1-head", nil))
+		require.Equal(t, http.StatusOK, r.code)
+		require.Equal(t, "12345", r.header.Get("Content-Length"))
+		require.Empty(t, r.body)
+		require.Equal(t, "id=after proto=HTTP/1.1", c.get(t, "/id?n=after").body, "the connection upstream was left usable")
+	})
+
+	t.Run("header fields: cookies joined, Host from :authority, XFCC replaced", func(t *testing.T) {
+		raw := dialRawH2(t, m.a, host)
+		fields := append(requestFields(http.MethodGet, host, "/headers?tag=h1-headers"),
+			hpack.HeaderField{Name: "cookie", Value: "a=1"}, hpack.HeaderField{Name: "cookie", Value: "b=2"},
+			hpack.HeaderField{Name: "x-forwarded-client-cert", Value: "By=spiffe://beta.mesh/ns/demo/sa/b;URI=spiffe://alpha.mesh/ns/demo/sa/admin"})
+		require.NoError(t, raw.writeHeaders(1, true, fields))
+		o := raw.readStream(t, 1)
+		require.True(t, o.ended, "%+v", o)
+		require.Equal(t, "200", o.status, string(o.body))
+		var got h2HeadersReply
+		require.NoError(t, json.Unmarshal(o.body, &got))
+		require.Equal(t, "HTTP/1.1", got.Proto)
+		require.Equal(t, host, got.Host)
+		require.Equal(t, []string{"a=1; b=2"}, got.Cookie, "one Cookie field, as HTTP/1.1 has it (RFC 9113 §8.2.3)")
+		require.Len(t, got.XFCC, 1)
+		require.NotContains(t, got.XFCC[0], "sa/admin", "the app's own XFCC never reaches b")
+		require.Contains(t, got.XFCC[0], "URI="+m.a.id.String(), "b's sidecar names its caller")
+	})
+
+	t.Run("a body that does not match its content-length resets the stream", func(t *testing.T) {
+		for _, tc := range []struct {
+			name   string
+			length string
+			body   string
+		}{{"longer", "5", "0123456789"}, {"shorter", "10", "01234"}} {
+			t.Run(tc.name, func(t *testing.T) {
+				raw := dialRawH2(t, m.a, host)
+				fields := append(requestFields(http.MethodPost, host, "/upload?tag=h1-mismatch"),
+					hpack.HeaderField{Name: "content-length", Value: tc.length})
+				require.NoError(t, raw.writeHeaders(1, false, fields))
+				require.NoError(t, raw.fr.WriteData(1, true, []byte(tc.body)))
+				o := raw.readStream(t, 1)
+				require.True(t, o.rst, "%+v", o)
+				require.Equal(t, http2.ErrCodeProtocol, o.rstCode)
+				require.Empty(t, o.status, "no response began")
+			})
+		}
+	})
+
+	t.Run("what HTTP/1.1 cannot carry is answered", func(t *testing.T) {
+		// (CONNECT never gets this far: the route refuses it, 405.)
+		raw := dialRawH2(t, m.a, host)
+		require.NoError(t, raw.writeHeaders(3, true, requestFields(http.MethodGet, host, "/id?tag=h1-space&n=a b")))
+		o := raw.readStream(t, 3)
+		require.Equal(t, "400", o.status, string(o.body))
+		require.Contains(t, string(o.body), "cannot go to an HTTP/1.1 upstream")
+		require.Zero(t, app.req("h1-space").arrived.Load(), "it never reached b's app")
+	})
+
+	t.Run("the route timeout, and a client that leaves", func(t *testing.T) {
+		c := dialH2(t, m.a, h1HurriedSvc.host())
+		start := time.Now()
+		r := c.get(t, "/hold?tag=h1-hurried")
+		require.Equal(t, http.StatusGatewayTimeout, r.code)
+		require.Equal(t, "upstream request timeout", r.body)
+		require.Less(t, time.Since(start), waitFor)
+		app.req("h1-hurried").requireCancelled(t)
+
+		c = dialH2(t, m.a, host)
+		req := c.request(t, http.MethodGet, "/hold?tag=h1-leaves", nil)
+		ctx, cancel := context.WithCancel(req.Context())
+		done := make(chan error, 1)
+		go func() {
+			resp, err := c.cc.RoundTrip(req.WithContext(ctx))
+			if err == nil {
+				resp.Body.Close()
+			}
+			done <- err
+		}()
+		st := app.req("h1-leaves")
+		st.requireStarted(t)
+		cancel()
+		require.Error(t, <-done)
+		st.requireCancelled(t) // the reset closed the upstream request
+	})
+
+	t.Run("an endpoint that refuses connections", func(t *testing.T) {
+		c := dialH2(t, m.a, h1RefusedSvc.host())
+		r := c.get(t, "/id?n=refused")
+		require.Equal(t, http.StatusServiceUnavailable, r.code)
+		require.Contains(t, r.body, "upstream connect error or disconnect/reset before headers. reset reason: connection failure")
+	})
+
+	t.Run("HTTP/1.1 from the app reaches an HTTP/2 cluster as HTTP/2", func(t *testing.T) {
+		client := m.a.nat.httpClient(false)
+		for i := range 3 {
+			resp, err := client.Get(fmt.Sprintf("http://%s/id?n=%d", h2UpSvc.host(), i))
+			require.NoError(t, err)
+			body, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			require.NoError(t, err)
+			require.Equal(t, "HTTP/1.1", resp.Proto, "a's app spoke HTTP/1.1 to its sidecar")
+			require.Equal(t, fmt.Sprintf("id=%d proto=HTTP/2.0", i), string(body))
+		}
+		c := dialH2(t, m.a, h2UpSvc.host())
+		require.Equal(t, "id=h2 proto=HTTP/2.0", c.get(t, "/id?n=h2").body, "and h2c stays HTTP/2")
+	})
+}
+
+// TestH1BridgeRequestHead is the HTTP/1.1 head a header block becomes.
+func TestH1BridgeRequestHead(t *testing.T) {
+	f := func(kv ...string) []hpack.HeaderField {
+		var fs []hpack.HeaderField
+		for i := 0; i < len(kv); i += 2 {
+			fs = append(fs, hpack.HeaderField{Name: kv[i], Value: kv[i+1]})
+		}
+		return fs
+	}
+	xfcc := f("x-forwarded-client-cert", "By=b;URI=a")
+	for _, tc := range []struct {
+		name   string
+		fields []hpack.HeaderField
+		ended  bool
+		code   int
+		head   string
+	}{
+		{"GET", f(":method", "GET", ":scheme", "http", ":authority", "echo:80", ":path", "/x?y", "accept", "*/*", "te", "trailers"), true, 0,
+			"GET /x?y HTTP/1.1\r\nHost: echo:80\r\naccept: */*\r\nte: trailers\r\nx-forwarded-client-cert: By=b;URI=a\r\n\r\n"},
+		{"POST without a body", f(":method", "POST", ":scheme", "http", ":authority", "echo", ":path", "/"), true, 0,
+			"POST / HTTP/1.1\r\nHost: echo\r\nx-forwarded-client-cert: By=b;URI=a\r\n" + "Content-Length: 0\r\n\r\n"},
+		{"a body of known length", f(":method", "PUT", ":scheme", "http", ":path", "/", "host", "echo", "content-length", "12", "x-forwarded-client-cert", "forged"), false, 0,
+			"PUT / HTTP/1.1\r\nHost: echo\r\nx-forwarded-client-cert: By=b;URI=a\r\nContent-Length: 12\r\n\r\n"},
+		{"a body of unknown length", f(":method", "POST", ":scheme", "http", ":authority", "echo", ":path", "/", "cookie", "a=1", "cookie", "b=2"), false, 0,
+			"POST / HTTP/1.1\r\nHost: echo\r\ncookie: a=1; b=2\r\nx-forwarded-client-cert: By=b;URI=a\r\nTransfer-Encoding: chunked\r\n\r\n"},
+		{"two lengths", f(":method", "POST", ":scheme", "http", ":path", "/", "content-length", "1", "content-length", "2"), false, http.StatusBadRequest, ""},
+		{"a length without a body", f(":method", "POST", ":scheme", "http", ":path", "/", "content-length", "3"), true, http.StatusBadRequest, ""},
+		{"a bad length", f(":method", "POST", ":scheme", "http", ":path", "/", "content-length", "-1"), false, http.StatusBadRequest, ""},
+		{"CONNECT", f(":method", "CONNECT", ":authority", "echo:443"), true, http.StatusNotImplemented, ""},
+		{"extended CONNECT", f(":method", "CONNECT", ":protocol", "websocket", ":scheme", "http", ":path", "/chat", ":authority", "echo"), true, http.StatusNotImplemented, ""},
+		{"OPTIONS *", f(":method", "OPTIONS", ":scheme", "http", ":authority", "echo", ":path", "*"), true, 0,
+			"OPTIONS * HTTP/1.1\r\nHost: echo\r\nx-forwarded-client-cert: By=b;URI=a\r\n\r\n"},
+		{"* for GET", f(":method", "GET", ":scheme", "http", ":path", "*"), true, http.StatusBadRequest, ""},
+		{"a path not in origin-form", f(":method", "GET", ":scheme", "http", ":path", "0"), true, http.StatusBadRequest, ""},
+		{"a fragment", f(":method", "GET", ":scheme", "http", ":path", "/a#b"), true, http.StatusBadRequest, ""},
+		{"a space in the path", f(":method", "GET", ":scheme", "http", ":path", "/a b"), true, http.StatusBadRequest, ""},
+		{"a method that is no token", f(":method", "G(T", ":scheme", "http", ":path", "/"), true, http.StatusBadRequest, ""},
+		{"a bad authority", f(":method", "GET", ":scheme", "http", ":path", "/", ":authority", "a/b"), true, http.StatusBadRequest, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var b h1Bridge
+			code, msg := b.buildRequest(tc.fields, xfcc, tc.ended)
+			require.Equal(t, tc.code, code, msg)
+			if tc.code == 0 {
+				require.Equal(t, tc.head, string(b.req))
+			} else {
+				require.NotEmpty(t, msg)
+			}
+		})
+	}
+}
+
+// TestH1BridgeResponseFields is the HTTP/2 header block an HTTP/1.1
+// response head becomes.
+func TestH1BridgeResponseFields(t *testing.T) {
+	head := []byte("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n" +
+		"Keep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n")
+	var b h1Bridge
+	require.NoError(t, parseResponseHead(head, &b.resp))
+	require.Equal(t, []hpack.HeaderField{{Name: ":status", Value: "200"}, {Name: "content-type", Value: "text/plain"},
+		{Name: "set-cookie", Value: "a=1"}, {Name: "set-cookie", Value: "b=2"}}, b.responseFields(head))
+
+	head = []byte("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+	require.NoError(t, parseResponseHead(head, &b.resp))
+	require.Equal(t, []hpack.HeaderField{{Name: ":status", Value: "204"}, {Name: "content-length", Value: "0"}}, b.responseFields(head))
+}
+
+// FuzzH1BridgeRequestHead: whatever header block reaches the bridge (the
+// HTTP/2 reader has checked names and values as RFC 9113 requires), the
+// head it writes is one HTTP/1.1 request that the sidecar's own strict
+// parser reads back with the same method, target and authority, or the
+// block is refused with a code and a message.
+func FuzzH1BridgeRequestHead(f *testing.F) {
+	f.Add("GET", "/x?y", "echo:80", "accept", "*/*", "cookie", "a=1", true)
+	f.Add("POST", "/", "", "content-length", "3", "host", "echo", false)
+	f.Add("CONNECT", "", "echo:443", "", "", "", "", true)
+	f.Add("GET", "/a\r\nX: y", "echo", "x", "1", "x", "2", true)
+	f.Fuzz(func(t *testing.T, method, path, authority, n1, v1, n2, v2 string, ended bool) {
+		fields := []hpack.HeaderField{{Name: ":method", Value: method}, {Name: ":scheme", Value: "http"}, {Name: ":path", Value: path}}
+		if authority != "" {
+			fields = append(fields, hpack.HeaderField{Name: ":authority", Value: authority})
+		}
+		for _, kv := range [][2]string{{n1, v1}, {n2, v2}} {
+			// What headerReader lets through: lower-case tokens, valid values.
+			if !validFieldName(kv[0]) || !httpguts.ValidHeaderFieldValue(kv[1]) {
+				continue
+			}
+			fields = append(fields, hpack.HeaderField{Name: kv[0], Value: kv[1]})
+		}
+		if !httpguts.ValidHeaderFieldValue(method) || !httpguts.ValidHeaderFieldValue(path) || !httpguts.ValidHeaderFieldValue(authority) {
+			return
+		}
+		var b h1Bridge
+		code, msg := b.buildRequest(fields, nil, ended)
+		if code != 0 {
+			if msg == "" || code < 400 {
+				t.Fatalf("refused with %d %q", code, msg)
+			}
+			return
+		}
+		end, _, err := scanHead(b.req, 0)
+		if err != nil || end != len(b.req) {
+			t.Fatalf("the head %q is not one whole head (end %d of %d, %v)", b.req, end, len(b.req), err)
+		}
+		var h h1Head
+		if err := parseRequestHead(b.req, &h); err != nil && !errors.Is(err, errH1Fallback) {
+			t.Fatalf("the sidecar refuses the head it wrote, %q: %v", b.req, err)
+		}
+		if got := string(h.method.of(b.req)); got != method {
+			t.Fatalf("method %q became %q", method, got)
+		}
+		if got := string(h.target.of(b.req)); got != path {
+			t.Fatalf("path %q became %q", path, got)
+		}
+	})
+}
