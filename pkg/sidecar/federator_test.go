@@ -37,7 +37,8 @@ func federatorSnapshot(tb testing.TB, local *catalog.Snapshot, peers []*catalog.
 // The federator's own translation, through the real xDS client, drives
 // the proxy as the contract says: a local export reached by its VIP and
 // by name in explicit mode, HTTP, gRPC and TCP ports told apart by the
-// translation's port protocols, and a peer's export behind the local
+// translation's port protocols (HTTP/1.1 upstream on a port declared
+// http, whatever the app spoke), and a peer's export behind the local
 // pods (priority 1) taking over when they are not ready.
 func TestWithTheFederatorsTranslation(t *testing.T) {
 	alpha, beta := newTestCA(t, "alpha.mesh"), newTestCA(t, "beta.mesh")
@@ -98,9 +99,11 @@ func TestWithTheFederatorsTranslation(t *testing.T) {
 	code, reply, body := a.get(t, false, "http://echo.demo.svc.clusterset.local/", nil)
 	require.Equal(t, http.StatusOK, code, body)
 	require.Equal(t, "b", reply.Pod, "the local pod, priority 0")
+	// echo's port is declared http: the app's h2c reaches b as HTTP/1.1,
+	// as with Istio.
 	code, reply, body = a.get(t, true, "http://echo.demo.svc.clusterset.local/", nil)
 	require.Equal(t, http.StatusOK, code, body)
-	require.Equal(t, "HTTP/2.0", reply.Proto)
+	require.Equal(t, "HTTP/1.1", reply.Proto)
 
 	req, err := http.NewRequest(http.MethodGet, "http://"+a.proxy.OutboundAddr().String()+"/explicit", nil)
 	require.NoError(t, err)

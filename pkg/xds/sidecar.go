@@ -151,16 +151,55 @@ func outboundClusterName(host string, port int32) string {
 // appProtocol, or else its name's part before the first "-" (Istio's
 // convention), is http, http2, grpc, grpc-web, h2c or kubernetes.io/h2c,
 // compared case-insensitively. Everything else is opaque TCP.
-func IsHTTPPort(p catalog.Port) bool {
+func IsHTTPPort(p catalog.Port) bool { return UpstreamHTTPOf(p) != UpstreamHTTPNone }
+
+// UpstreamHTTP is the HTTP version a sidecar speaks to the endpoints of
+// a service port: Istio's choice by the port's declared protocol, not
+// the version the app spoke.
+type UpstreamHTTP int
+
+// The upstream HTTP versions of a service port.
+const (
+	// UpstreamHTTPNone: not an HTTP port, the bytes are relayed as they
+	// come.
+	UpstreamHTTPNone UpstreamHTTP = iota
+	// UpstreamHTTP1 is a port declared http: HTTP/1.1, to which an h2c
+	// client is downgraded.
+	UpstreamHTTP1
+	// UpstreamHTTP2 is a port declared http2, grpc, grpc-web or h2c:
+	// HTTP/2, to which an HTTP/1.1 client is upgraded.
+	UpstreamHTTP2
+)
+
+// String names the port protocol: TCP, HTTP/1.1 or HTTP/2.
+func (u UpstreamHTTP) String() string {
+	switch u {
+	case UpstreamHTTPNone:
+		return "TCP"
+	case UpstreamHTTP1:
+		return "HTTP/1.1"
+	case UpstreamHTTP2:
+		return "HTTP/2"
+	}
+	return "UpstreamHTTP(" + strconv.Itoa(int(u)) + ")"
+}
+
+// UpstreamHTTPOf is the HTTP version a sidecar speaks upstream on port,
+// from the protocol IsHTTPPort reads: http is HTTP/1.1; http2, grpc,
+// grpc-web, h2c and kubernetes.io/h2c are HTTP/2; anything else is not
+// HTTP.
+func UpstreamHTTPOf(p catalog.Port) UpstreamHTTP {
 	v := p.AppProtocol
 	if v == "" {
 		v, _, _ = strings.Cut(p.Name, "-")
 	}
 	switch strings.ToLower(v) {
-	case "http", "http2", "grpc", "grpc-web", "h2c", "kubernetes.io/h2c":
-		return true
+	case "http":
+		return UpstreamHTTP1
+	case "http2", "grpc", "grpc-web", "h2c", "kubernetes.io/h2c":
+		return UpstreamHTTP2
 	}
-	return false
+	return UpstreamHTTPNone
 }
 
 // exporter is one cluster's export of a clusterset service.
@@ -196,12 +235,16 @@ func (e *exporter) locality() catalog.Locality {
 	return e.svc.Endpoints[0].Locality
 }
 
-// csPort is one port of a clusterset service: its number, and whether
-// the sidecar speaks HTTP on it (by the winning definition).
+// csPort is one port of a clusterset service: its number, and the HTTP
+// version the sidecar speaks upstream on it, if any (by the winning
+// definition).
 type csPort struct {
-	number int32
-	http   bool
+	number   int32
+	upstream UpstreamHTTP
 }
+
+// http reports whether the sidecar speaks HTTP on the port.
+func (p csPort) http() bool { return p.upstream != UpstreamHTTPNone }
 
 // csService is a clusterset service: one namespace/name over every
 // cluster that exports it.
@@ -224,16 +267,20 @@ type sidecarBuilder struct {
 	skipped []Skipped
 	// Typed configs every cluster or chain of a kind shares. Resources
 	// are immutable once built, so one message serves them all.
-	httpOptions, router, originalDst, tlsInspector *anypb.Any
-	adsSource                                      *corev3.ConfigSource
-	edsType                                        *clusterv3.Cluster_Type
-	edsConfig                                      *clusterv3.Cluster_EdsClusterConfig
-	timeout, noTimeout, idleTimeout                *durationpb.Duration
-	lbConfig                                       *clusterv3.Cluster_CommonLbConfig
-	certSDS                                        []*tlsv3.SdsSecretConfig
-	rootSDS                                        *tlsv3.SdsSecretConfig
-	policy                                         *endpointv3.ClusterLoadAssignment_Policy
-	localities                                     map[catalog.Locality]*corev3.Locality
+	// httpOptions are a service cluster's HttpProtocolOptions by its
+	// port's UpstreamHTTP (nil for TCP); downstreamHTTP are
+	// inbound-passthrough's.
+	httpOptions                                       [UpstreamHTTP2 + 1]*anypb.Any
+	downstreamHTTP, router, originalDst, tlsInspector *anypb.Any
+	adsSource                                         *corev3.ConfigSource
+	edsType                                           *clusterv3.Cluster_Type
+	edsConfig                                         *clusterv3.Cluster_EdsClusterConfig
+	timeout, noTimeout, idleTimeout                   *durationpb.Duration
+	lbConfig                                          *clusterv3.Cluster_CommonLbConfig
+	certSDS                                           []*tlsv3.SdsSecretConfig
+	rootSDS                                           *tlsv3.SdsSecretConfig
+	policy                                            *endpointv3.ClusterLoadAssignment_Policy
+	localities                                        map[catalog.Locality]*corev3.Locality
 }
 
 // TranslateSidecar computes every sidecar's configuration from the local
@@ -336,10 +383,27 @@ func newSidecarBuilder(opts SidecarOptions) (*sidecarBuilder, error) {
 		localities: map[catalog.Locality]*corev3.Locality{},
 	}
 	var err error
-	if b.httpOptions, err = typedConfig(&httpv3.HttpProtocolOptions{
+	if b.downstreamHTTP, err = typedConfig(&httpv3.HttpProtocolOptions{
 		UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_UseDownstreamProtocolConfig{
 			UseDownstreamProtocolConfig: &httpv3.HttpProtocolOptions_UseDownstreamHttpConfig{},
 		},
+	}); err != nil {
+		return nil, err
+	}
+	// A service cluster speaks the version its port declares, as in
+	// Istio: the calling app's h2c is downgraded on an http port, its
+	// HTTP/1.1 upgraded on an http2 or gRPC port.
+	if b.httpOptions[UpstreamHTTP1], err = typedConfig(&httpv3.HttpProtocolOptions{
+		UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig{
+			ProtocolConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{HttpProtocolOptions: &corev3.Http1ProtocolOptions{}},
+		}},
+	}); err != nil {
+		return nil, err
+	}
+	if b.httpOptions[UpstreamHTTP2], err = typedConfig(&httpv3.HttpProtocolOptions{
+		UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig{
+			ProtocolConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &corev3.Http2ProtocolOptions{}},
+		}},
 	}); err != nil {
 		return nil, err
 	}
@@ -464,7 +528,7 @@ func (b *sidecarBuilder) inClusterService(svc *catalog.Service) *csService {
 	s.sans = slices.Compact(slices.Sorted(slices.Values(svc.Identities)))
 	for _, p := range svc.Ports {
 		if p.Protocol == catalog.ProtocolTCP {
-			s.ports = append(s.ports, csPort{number: p.Port, http: IsHTTPPort(p)})
+			s.ports = append(s.ports, csPort{number: p.Port, upstream: UpstreamHTTPOf(p)})
 		}
 	}
 	if len(s.ports) == 0 {
@@ -531,13 +595,14 @@ func (b *sidecarBuilder) service(key catalog.ServiceKey, all []*exporter) *csSer
 			first, ok := defs[p.Port]
 			if !ok {
 				defs[p.Port] = def{port: p, cluster: e.cluster}
-				s.ports = append(s.ports, csPort{number: p.Port, http: IsHTTPPort(p)})
+				s.ports = append(s.ports, csPort{number: p.Port, upstream: UpstreamHTTPOf(p)})
 				continue
 			}
-			if first.port.Name != p.Name || IsHTTPPort(first.port) != IsHTTPPort(p) {
+			// HTTP/1.1 and HTTP/2 disagree too: one cluster cannot speak
+			// both upstream.
+			if up, firstUp := UpstreamHTTPOf(p), UpstreamHTTPOf(first.port); first.port.Name != p.Name || up != firstUp {
 				b.skip(key, e.cluster, "port %d is %s (name %q, appProtocol %q) here and %s (name %q, appProtocol %q) in cluster %s, whose definition is used",
-					p.Port, protocolName(IsHTTPPort(p)), p.Name, p.AppProtocol,
-					protocolName(IsHTTPPort(first.port)), first.port.Name, first.port.AppProtocol, first.cluster)
+					p.Port, up, p.Name, p.AppProtocol, firstUp, first.port.Name, first.port.AppProtocol, first.cluster)
 			}
 		}
 	}
@@ -648,7 +713,7 @@ func (b *sidecarBuilder) serviceCluster(s *csService, p csPort) (*clusterv3.Clus
 		}
 	}
 	alpn := tcpALPN
-	if p.http {
+	if p.http() {
 		alpn = httpALPN
 	}
 	tlsCtx, err := typedConfig(&tlsv3.UpstreamTlsContext{
@@ -679,10 +744,10 @@ func (b *sidecarBuilder) serviceCluster(s *csService, p csPort) (*clusterv3.Clus
 		"host":     structpb.NewStringValue(s.host),
 		"vip":      structpb.NewStringValue(s.vip.String()),
 		"port":     structpb.NewNumberValue(float64(p.number)),
-		"protocol": structpb.NewStringValue(protocolName(p.http)),
+		"protocol": structpb.NewStringValue(protocolName(p.http())),
 	}}}}
-	if p.http {
-		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{httpProtocolOptionsName: b.httpOptions}
+	if p.http() {
+		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{httpProtocolOptionsName: b.httpOptions[p.upstream]}
 	}
 	c.TransportSocket = &corev3.TransportSocket{
 		Name:       wellknown.TransportSocketTLS,
@@ -703,8 +768,10 @@ func (b *sidecarBuilder) passthroughClusters() (*clusterv3.Cluster, *clusterv3.C
 		}
 	}
 	inbound := mk(InboundPassthroughClusterName)
-	// h2c and gRPC reach the app as HTTP/2, HTTP/1.1 as HTTP/1.1.
-	inbound.TypedExtensionProtocolOptions = map[string]*anypb.Any{httpProtocolOptionsName: b.httpOptions}
+	// The app gets the version that arrived, which the calling sidecar
+	// chose by the port's declared protocol: HTTP/2 for h2c and gRPC,
+	// HTTP/1.1 for http.
+	inbound.TypedExtensionProtocolOptions = map[string]*anypb.Any{httpProtocolOptionsName: b.downstreamHTTP}
 	return mk(PassthroughClusterName), inbound
 }
 
@@ -847,10 +914,10 @@ func (b *sidecarBuilder) outbound(services, inCluster []*csService) (*listenerv3
 	var tcp []tcpChain
 	for _, s := range slices.Concat(services, inCluster) {
 		for _, p := range s.ports {
-			if p.http {
+			if p.http() {
 				explicit = append(explicit, b.explicitHost(s, p))
 			}
-			if !p.http || s.inCluster {
+			if !p.http() || s.inCluster {
 				tcp = append(tcp, tcpChain{s, p})
 				continue
 			}
@@ -944,7 +1011,7 @@ func (b *sidecarBuilder) addressChain(s *csService, p csPort, cidr *corev3.CidrR
 	}
 	var filter *listenerv3.Filter
 	var err error
-	if p.http {
+	if p.http() {
 		vhName := s.host + ":" + strconv.Itoa(int(p.number))
 		filter, err = b.inlineManager("outbound_"+strconv.Itoa(int(p.number)), b.virtualHost(vhName, []string{"*"}, cluster))
 	} else {

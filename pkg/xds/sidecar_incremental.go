@@ -573,7 +573,7 @@ func (t *SidecarTranslator) inClusterKey(svc *catalog.Service, old *sidecarKey) 
 		if sp.chainField, err = chainField(sp.chain); err != nil {
 			return nil, fmt.Errorf("%s %q: service %s port %d: %w", listenerTag, OutboundListenerName, cs.key, p.number, err)
 		}
-		if p.http {
+		if p.http() {
 			sp.explicitVH = t.b.explicitHost(cs, p)
 			if sp.explicitVHField, err = vhField(sp.explicitVH); err != nil {
 				return nil, fmt.Errorf("route configuration %q is invalid: %w", ExplicitRouteName, err)
@@ -743,7 +743,7 @@ func (t *SidecarTranslator) finish(k, old *sidecarKey) error {
 			return err
 		}
 		p.cluster = c
-		if !p.port.http {
+		if !p.port.http() {
 			proxy, err := t.b.tcpProxyFilter(p.name)
 			if err != nil {
 				return fmt.Errorf("listener %q: service %s port %d: %w", OutboundListenerName, s.key, p.port.number, err)
@@ -879,10 +879,10 @@ func (s *portParts) add(k *sidecarKey, touched map[int32]bool) {
 	for i := range k.ports {
 		p := &k.ports[i]
 		s.names = append(s.names, p)
-		if p.port.http {
+		if p.port.http() {
 			s.explicit = append(s.explicit, p)
 		}
-		if !p.port.http || k.inCluster {
+		if !p.port.http() || k.inCluster {
 			s.tcp = append(s.tcp, p)
 			continue
 		}

@@ -151,8 +151,9 @@ func (m *randomMesh) service(key catalog.ServiceKey, cluster string) catalog.Ser
 		{Name: "grpc-api", Port: 9090},
 		{Name: "tcp-db", Port: 5432, TargetPort: 15432},
 		{Name: "http-alt", Port: 8080},
-		// Port 81 is HTTP or TCP depending on the exporter.
-		{Name: []string{"http-metrics", "tcp-metrics"}[r.IntN(2)], Port: 81},
+		// Port 81 is HTTP/1.1, HTTP/2 or TCP depending on the exporter,
+		// by its appProtocol alone.
+		{Name: "metrics", AppProtocol: []string{"http", "grpc", "tcp"}[r.IntN(3)], Port: 81},
 		{Name: "dns", Port: 53, Protocol: catalog.ProtocolUDP},
 	}
 	for _, p := range ports {

@@ -15,6 +15,7 @@ import (
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -402,6 +403,29 @@ func serviceMeta(c *clusterv3.Cluster) map[string]any {
 	return st.AsMap()
 }
 
+// upstreamHTTP names the HTTP version cluster c speaks upstream, from its
+// HttpProtocolOptions: "HTTP/1.1", "HTTP/2", "downstream", or "" when it
+// has none.
+func upstreamHTTP(t testing.TB, c *clusterv3.Cluster) string {
+	t.Helper()
+	a, ok := c.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+	if !ok {
+		return ""
+	}
+	o := &httpv3.HttpProtocolOptions{}
+	require.NoError(t, a.UnmarshalTo(o))
+	switch {
+	case o.GetUseDownstreamProtocolConfig() != nil:
+		return "downstream"
+	case o.GetExplicitHttpConfig().GetHttpProtocolOptions() != nil:
+		return "HTTP/1.1"
+	case o.GetExplicitHttpConfig().GetHttp2ProtocolOptions() != nil:
+		return "HTTP/2"
+	}
+	t.Fatalf("cluster %q: protocol options %v", c.GetName(), o)
+	return ""
+}
+
 // The golden files are the contract in full; these tests say in words
 // what matters most in them, so a careless -update is caught.
 func TestSidecarClusterContract(t *testing.T) {
@@ -427,7 +451,7 @@ func TestSidecarClusterContract(t *testing.T) {
 	require.Equal(t, "HTTP", meta["protocol"])
 	vip := netip.MustParseAddr(meta["vip"].(string))
 	require.True(t, netip.MustParsePrefix("240.240.0.0/16").Contains(vip), vip)
-	require.Contains(t, c.GetTypedExtensionProtocolOptions(), "envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+	require.Equal(t, "HTTP/1.1", upstreamHTTP(t, c), "a port declared http speaks HTTP/1.1 upstream, as in Istio")
 
 	up := &tlsv3.UpstreamTlsContext{}
 	require.Equal(t, "envoy.transport_sockets.tls", c.GetTransportSocket().GetName())
@@ -457,8 +481,9 @@ func TestSidecarClusterContract(t *testing.T) {
 		require.Equal(t, clusterv3.Cluster_CLUSTER_PROVIDED, pc.GetLbPolicy())
 		require.Nil(t, pc.GetTransportSocket())
 	}
-	require.Contains(t, clusterNamed(t, r, "inbound-passthrough").GetTypedExtensionProtocolOptions(),
-		"envoy.extensions.upstreams.http.v3.HttpProtocolOptions", "gRPC reaches the app as HTTP/2")
+	require.Equal(t, "downstream", upstreamHTTP(t, clusterNamed(t, r, "inbound-passthrough")),
+		"the app gets the version the calling sidecar chose")
+	require.Empty(t, upstreamHTTP(t, clusterNamed(t, r, "PassthroughCluster")))
 }
 
 func TestSidecarPriorities(t *testing.T) {
@@ -514,6 +539,12 @@ func TestSidecarListenersContract(t *testing.T) {
 	}
 	require.Equal(t, map[int]string{5432: "TCP", 6379: "TCP", 8080: "HTTP", 8443: "HTTP", 9090: "HTTP"}, protocols,
 		"appProtocol first (case-insensitive), else the name's prefix")
+	upstream := map[int]string{}
+	for _, port := range []int{5432, 6379, 8080, 8443, 9090} {
+		upstream[port] = upstreamHTTP(t, clusterNamed(t, r, fmt.Sprintf("outbound|%d||mixed.shop.svc.clusterset.local", port)))
+	}
+	require.Equal(t, map[int]string{5432: "", 6379: "", 8080: "HTTP/2", 8443: "HTTP/2", 9090: "HTTP/2"}, upstream,
+		"h2c, kubernetes.io/h2c and gRPC ports speak HTTP/2 upstream whatever the app spoke")
 
 	out := listenerNamed(t, r, "outbound")
 	require.Equal(t, uint32(15001), out.GetAddress().GetSocketAddress().GetPortValue())
@@ -641,8 +672,8 @@ func TestSidecarExplicitRoutes(t *testing.T) {
 func TestSidecarConflictsAndSkips(t *testing.T) {
 	r, skipped := caseNamed(t, "port-conflict").translate(t)
 	require.Equal(t, []Skipped{
-		{Service: "demo/echo", Cluster: "b", Reason: `port 80 is HTTP (name "http", appProtocol "http") here and TCP (name "tcp-legacy", appProtocol "") in cluster a, whose definition is used`},
-		{Service: "demo/echo", Cluster: "c", Reason: `port 80 is HTTP (name "http", appProtocol "http") here and TCP (name "tcp-legacy", appProtocol "") in cluster a, whose definition is used`},
+		{Service: "demo/echo", Cluster: "b", Reason: `port 80 is HTTP/1.1 (name "http", appProtocol "http") here and TCP (name "tcp-legacy", appProtocol "") in cluster a, whose definition is used`},
+		{Service: "demo/echo", Cluster: "c", Reason: `port 80 is HTTP/1.1 (name "http", appProtocol "http") here and TCP (name "tcp-legacy", appProtocol "") in cluster a, whose definition is used`},
 	}, skipped)
 	require.Equal(t, "TCP", serviceMeta(clusterNamed(t, r, "outbound|80||"+echoHost))["protocol"])
 	// Port 81 is a's alone (c's is SCTP): only a's gateway serves it.
@@ -706,6 +737,53 @@ func TestSidecarConflictsAndSkips(t *testing.T) {
 
 	require.NoError(t, err)
 	require.Equal(t, []Skipped{{Service: "demo/echo", Cluster: "c", Reason: "gateway 192.0.2.10:15443 is also another exporter's: left out"}}, skipped)
+}
+
+// Two exporters that declare one port HTTP/1.1 and HTTP/2 disagree as
+// much as HTTP and TCP: one cluster speaks one version upstream. The
+// lowest cluster name's definition wins, and the incremental translator
+// follows the change.
+func TestSidecarHTTPVersionConflict(t *testing.T) {
+	r1z1 := catalog.Locality{Region: "r1", Zone: "z1"}
+	web := func(appProtocol string) []catalog.Port {
+		return []catalog.Port{{Name: "web", Port: 80, AppProtocol: appProtocol, TargetPort: 8080}}
+	}
+	local := localEcho()
+	local.Cluster = "b"
+	local.Identities = []string{echoIDB}
+	local.Ports = web("http")
+	peerA := peerEcho("a", r1z1, 1, 0, "192.0.2.1:15443")
+	peerA.Ports = web("http")
+	in := func(peerAppProtocol string) SidecarInput {
+		peerA.Ports = web(peerAppProtocol)
+		return SidecarInput{Local: snapshotOf(t, local), Peers: []*catalog.Snapshot{peerSnapshot(t, "a", peerA)}}
+	}
+	tr, err := NewSidecarTranslator(SidecarOptions{Region: "r1"})
+	require.NoError(t, err)
+
+	agree, skipped, err := tr.Translate(in("http"))
+	require.NoError(t, err)
+	require.Empty(t, skipped)
+	require.Equal(t, "HTTP/1.1", upstreamHTTP(t, clusterNamed(t, agree, "outbound|80||"+echoHost)))
+
+	for _, tc := range []struct{ appProtocol, up, reason string }{
+		{"grpc", "HTTP/2", `port 80 is HTTP/1.1 (name "web", appProtocol "http") here and HTTP/2 (name "web", appProtocol "grpc") in cluster a, whose definition is used`},
+		{"kubernetes.io/h2c", "HTTP/2", `port 80 is HTTP/1.1 (name "web", appProtocol "http") here and HTTP/2 (name "web", appProtocol "kubernetes.io/h2c") in cluster a, whose definition is used`},
+		{"HTTP", "HTTP/1.1", ""},
+	} {
+		want, wantSkipped, err := TranslateSidecar(in(tc.appProtocol), SidecarOptions{Region: "r1"})
+		require.NoError(t, err)
+		if tc.reason == "" {
+			require.Empty(t, wantSkipped, tc.appProtocol)
+		} else {
+			require.Equal(t, []Skipped{{Service: "demo/echo", Cluster: "b", Reason: tc.reason}}, wantSkipped)
+		}
+		require.Equal(t, tc.up, upstreamHTTP(t, clusterNamed(t, want, "outbound|80||"+echoHost)), tc.appProtocol)
+		require.Equal(t, "HTTP", serviceMeta(clusterNamed(t, want, "outbound|80||"+echoHost))["protocol"])
+		got, gotSkipped, err := tr.Translate(in(tc.appProtocol))
+		require.NoError(t, err)
+		requireSameSidecar(t, want, got, wantSkipped, gotSkipped, tc.appProtocol)
+	}
 }
 
 func TestSidecarVIPs(t *testing.T) {

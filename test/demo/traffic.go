@@ -1,9 +1,9 @@
 package main
 
 // The traffic half of the demo (root only): a client pod in b calls
-// echo.demo.svc.clusterset.local by name over HTTP/1.1, h2c, gRPC and raw
-// TCP, and prints who answered and the caller identity the answering
-// sidecar verified; then a's echo pod goes unready and c answers, until
+// echo.demo.svc.clusterset.local by name over HTTP/1.1, h2c (to a port
+// declared http and one declared http2), gRPC and raw TCP, and prints
+// who answered and the caller identity the answering sidecar verified; then a's echo pod goes unready and c answers, until
 // a's pod is ready again; then it calls a Service of its own cluster that
 // nobody exported, over mTLS too.
 
@@ -53,11 +53,19 @@ func showTraffic(ctx context.Context, a, b, c *mesh.Cluster, echoPods []*mesh.Po
 	for _, call := range []mesh.Call{
 		{Proto: "http1", Target: echoHost + ":80"},
 		{Proto: "h2c", Target: echoHost + ":80"},
+		{Proto: "h2c", Target: echoHost + ":81"},
 		{Proto: "grpc", Target: echoHost + ":9090"},
 		{Proto: "tcp", Target: echoHost + ":9000"},
 	} {
 		if _, err := callUntil(ctx, client, call, "a"); err != nil {
 			return err
+		}
+		if call.Proto == "h2c" {
+			if strings.HasSuffix(call.Target, ":80") {
+				fmt.Printf("    (port 80 is declared http: the sidecars carry the call as HTTP/1.1, as Istio's do)\n")
+			} else {
+				fmt.Printf("    (port 81 is declared http2: HTTP/2 end to end)\n")
+			}
 		}
 	}
 	after := gatewayRouted(ctx, a, c)

@@ -148,7 +148,8 @@ func TestMesh(t *testing.T) {
 		require.Equal(t, []netip.Addr{netip.MustParseAddr(clusterIP)}, addrs, "the sidecar's DNS answers with the ClusterIP")
 		for _, tc := range []struct{ proto, target, seen string }{
 			{"http1", "private.demo.svc.cluster.local:80", "HTTP/1.1"},
-			{"h2c", "private:80", "HTTP/2.0"}, // the short name, through the search list
+			{"h2c", "private:80", "HTTP/1.1"}, // the short name, through the search list; port 80 is declared http
+			{"h2c", "private.demo:81", "HTTP/2.0"},
 			{"grpc", "private.demo:9090", "grpc"},
 			{"http1", net.JoinHostPort(clusterIP, "80"), "HTTP/1.1"},
 			{"tcp", net.JoinHostPort(clusterIP, "9000"), "tcp"},
@@ -388,7 +389,7 @@ func callsAcrossFederatorRestart(t *testing.T, c *mesh.Cluster, client *mesh.Pod
 // HTTP/1.1, h2c, gRPC and raw TCP, and checks that each call is answered
 // by pod echo of cluster to, through to's east-west gateway, with client's
 // identity as echo's sidecar verified it, and that iptables sent client's
-// four connections to its sidecar.
+// six connections to its sidecar.
 func crossesWithIdentity(t *testing.T, client *mesh.Pod, to *mesh.Cluster, echo *mesh.Pod) {
 	t.Helper()
 	caller, echoID := client.SPIFFEID(), echo.SPIFFEID()
@@ -399,11 +400,16 @@ func crossesWithIdentity(t *testing.T, client *mesh.Pod, to *mesh.Cluster, echo 
 		identity          bool
 	}{
 		{"http1", "80", "HTTP/1.1", true},
-		{"h2c", "80", "HTTP/2.0", true},
+		// Port 80 is declared http: the sidecars speak HTTP/1.1 between
+		// them, whatever the app spoke (Istio's rule); 81, declared
+		// http2, carries HTTP/2 end to end, and upgrades HTTP/1.1.
+		{"h2c", "80", "HTTP/1.1", true},
+		{"h2c", "81", "HTTP/2.0", true},
+		{"http1", "81", "HTTP/2.0", true},
 		{"grpc", "9090", "grpc", true},
 		{"tcp", "9000", "tcp", false},
 	} {
-		t.Run(tc.proto, func(t *testing.T) {
+		t.Run(tc.proto+" to "+tc.port, func(t *testing.T) {
 			r := callOK(t, client, mesh.Call{Proto: tc.proto, Target: net.JoinHostPort(echoHost, tc.port)})
 			t.Logf("%s: %+v", tc.proto, r)
 			assert.Equal(t, to.Name(), r.Cluster, "answered by cluster %s", to.Name())
@@ -419,7 +425,7 @@ func crossesWithIdentity(t *testing.T, client *mesh.Pod, to *mesh.Cluster, echo 
 		})
 	}
 	assert.Greater(t, gatewayRouted(t, to, ServiceHTTP), before, "the HTTP calls went through %s's east-west gateway", to.Name())
-	assert.GreaterOrEqual(t, sidecarOutbound(t, client), captured+4, "iptables sent the app's four connections to %s's sidecar", client.Cluster.Name())
+	assert.GreaterOrEqual(t, sidecarOutbound(t, client), captured+6, "iptables sent the app's six connections to %s's sidecar", client.Cluster.Name())
 }
 
 // ServiceHTTP is the gateway cluster of echo's HTTP port.

@@ -45,9 +45,12 @@ const (
 	EchoHTTPPort    = 8080 // HTTP/1.1 and h2c
 	EchoGRPCPort    = 9090
 	EchoTCPPort     = 9000
-	ServiceHTTPPort = 80 // → EchoHTTPPort, appProtocol http
-	ServiceGRPCPort = 9090
-	ServiceTCPPort  = 9000
+	ServiceHTTPPort = 80 // → EchoHTTPPort, appProtocol http: HTTP/1.1 between sidecars, whatever the app spoke
+	// ServiceHTTP2Port → EchoHTTPPort too, appProtocol http2: HTTP/2
+	// between sidecars, whatever the app spoke.
+	ServiceHTTP2Port = 81
+	ServiceGRPCPort  = 9090
+	ServiceTCPPort   = 9000
 )
 
 // SidecarHealthPort serves the sidecar's /healthz/ready and
@@ -222,7 +225,7 @@ func (c *Cluster) sidecarFiles(ctx context.Context, spec PodSpec) (sidecarFiles,
 
 // ServeEcho runs replicas meshed echo pods (name-0 …, ServiceAccount
 // name, label app=name) behind Service ns/name with ports http 80 → 8080,
-// grpc 9090 and tcp 9000. Export exports it.
+// http2 81 → 8080, grpc 9090 and tcp 9000. Export exports it.
 func (c *Cluster) ServeEcho(ctx context.Context, ns, name string, replicas int) ([]*Pod, error) {
 	var pods []*Pod
 	for i := range replicas {
@@ -239,6 +242,7 @@ func (c *Cluster) ServeEcho(ctx context.Context, ns, name string, replicas int) 
 			Selector: map[string]string{"app": name},
 			Ports: []corev1.ServicePort{
 				{Name: "http", Port: ServiceHTTPPort, TargetPort: intstr.FromInt32(EchoHTTPPort), Protocol: corev1.ProtocolTCP, AppProtocol: new("http")},
+				{Name: "http2", Port: ServiceHTTP2Port, TargetPort: intstr.FromInt32(EchoHTTPPort), Protocol: corev1.ProtocolTCP, AppProtocol: new("http2")},
 				{Name: "grpc", Port: ServiceGRPCPort, TargetPort: intstr.FromInt32(EchoGRPCPort), Protocol: corev1.ProtocolTCP, AppProtocol: new("grpc")},
 				{Name: "tcp", Port: ServiceTCPPort, TargetPort: intstr.FromInt32(EchoTCPPort), Protocol: corev1.ProtocolTCP},
 			},
