@@ -35,10 +35,12 @@
 // with AES-128-GCM and ECDSA P-256 certificates, and keep-alive
 // connections between the proxies.
 //
-// nginx's proxy_pass speaks only HTTP/1.1 to upstreams, so for HTTP/2 it
-// converts at the front and the backend answers HTTP/1.1, which it does
-// faster than HTTP/2; grpc_pass carries any HTTP/2 request end to end,
-// as the sidecars do. HTTP/2 is measured and judged against both.
+// For HTTP/2 the client speaks h2c to the first proxy, and each proxy
+// pair is measured both ways it can carry it: converted to HTTP/1.1 at
+// the first proxy (nginx's proxy_pass, which speaks only HTTP/1.1 to
+// upstreams; the sidecars for port 80, declared http, as Istio's do) and
+// HTTP/2 end to end (nginx's grpc_pass; the sidecars for port 81,
+// declared http2). Each is judged against its nginx counterpart.
 //
 // Each --runs times, for each protocol, the targets in an order
 // rotated from run to run, after an unmeasured warm-up of --warmup:

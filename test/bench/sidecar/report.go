@@ -81,15 +81,18 @@ func (r *results) added(proto, target string, f func(window) float64) stat {
 
 var protoNames = map[string]string{"h1": "HTTP/1.1", "h2": "HTTP/2"}
 
-// peers are the nginx targets each protocol is judged against, with the
-// label that tells their rows apart. nginx's proxy_pass speaks HTTP/1.1
-// to upstreams, so for HTTP/2 it converts at the front and its backend
-// answers HTTP/1.1; its grpc_pass carries HTTP/2 end to end as the
-// sidecars do (one stream per upstream connection at a time). HTTP/2 is
-// judged against both.
-var peers = map[string][]struct{ target, label string }{
-	"h1": {{"nginx", ""}},
-	"h2": {{"nginx", ", nginx proxy_pass (HTTP/1.1 upstream)"}, {"nginx-h2", ", nginx grpc_pass (HTTP/2 upstream)"}},
+// peers pair each protocol's isthmus targets with the nginx target doing
+// the same job, with the label that tells their rows apart. For HTTP/2,
+// nginx's proxy_pass speaks HTTP/1.1 to upstreams, converting at the
+// front, as the sidecars do for a port declared http; its grpc_pass
+// carries HTTP/2 end to end (one stream per upstream connection at a
+// time), as the sidecars do for a port declared http2.
+var peers = map[string][]struct{ ours, target, label string }{
+	"h1": {{"isthmus", "nginx", ""}},
+	"h2": {
+		{"isthmus", "nginx", " → HTTP/1.1"},
+		{"isthmus-h2", "nginx-h2", " → HTTP/2"},
+	},
 }
 
 func (r *results) table(e *env, o options) string {
@@ -117,8 +120,8 @@ func (r *results) table(e *env, o options) string {
 		withDirect bool
 		get        func(target string) stat
 	}
-	line := func(proto, peer string, rw row) (is, ng stat) {
-		is, ng = rw.get("isthmus"), rw.get(peer)
+	line := func(proto, ours, peer string, rw row) (is, ng stat) {
+		is, ng = rw.get(ours), rw.get(peer)
 		di := stat{}
 		if rw.withDirect {
 			di = rw.get("direct")
@@ -154,15 +157,15 @@ func (r *results) table(e *env, o options) string {
 		}
 		for _, peer := range peers[proto] {
 			name := protoNames[proto] + peer.label
-			line(name, peer.target, row{"p50 latency at " + rate + " (ms)", 1e3, 3, true, measured(modeFixed, p50)})
-			line(name, peer.target, row{"p99 latency at " + rate + " (ms)", 1e3, 3, true, measured(modeFixed, p99)})
-			a50, n50 := line(name, peer.target, row{"added p50 latency over direct (ms)", 1e3, 3, false, added(p50)})
-			a99, n99 := line(name, peer.target, row{"added p99 latency over direct (ms)", 1e3, 3, false, added(p99)})
-			line(name, peer.target, row{"proxy CPU at " + rate + " (cores, both proxies)", 1, 3, false, measured(modeFixed, cores)})
-			line(name, peer.target, row{"maximum rate, " + conns + " (req/s)", 1, 0, true, measured(modeMax, rps)})
-			line(name, peer.target, row{"proxy CPU at maximum rate (cores, both proxies)", 1, 2, false, measured(modeMax, cores)})
-			ic, nc := line(name, peer.target, row{"maximum req/s per proxy core", 1, 0, false, measured(modeMax, perCore)})
-			line(name, peer.target, row{"proxy read+write system calls per request at maximum rate (both proxies)", 1, 1, false, measured(modeMax, calls)})
+			line(name, peer.ours, peer.target, row{"p50 latency at " + rate + " (ms)", 1e3, 3, true, measured(modeFixed, p50)})
+			line(name, peer.ours, peer.target, row{"p99 latency at " + rate + " (ms)", 1e3, 3, true, measured(modeFixed, p99)})
+			a50, n50 := line(name, peer.ours, peer.target, row{"added p50 latency over direct (ms)", 1e3, 3, false, added(p50)})
+			a99, n99 := line(name, peer.ours, peer.target, row{"added p99 latency over direct (ms)", 1e3, 3, false, added(p99)})
+			line(name, peer.ours, peer.target, row{"proxy CPU at " + rate + " (cores, both proxies)", 1, 3, false, measured(modeFixed, cores)})
+			line(name, peer.ours, peer.target, row{"maximum rate, " + conns + " (req/s)", 1, 0, true, measured(modeMax, rps)})
+			line(name, peer.ours, peer.target, row{"proxy CPU at maximum rate (cores, both proxies)", 1, 2, false, measured(modeMax, cores)})
+			ic, nc := line(name, peer.ours, peer.target, row{"maximum req/s per proxy core", 1, 0, false, measured(modeMax, perCore)})
+			line(name, peer.ours, peer.target, row{"proxy read+write system calls per request at maximum rate (both proxies)", 1, 1, false, measured(modeMax, calls)})
 			verdicts = append(verdicts,
 				verdict{name + ": added p50 latency ≤ nginx's", a50, n50, true},
 				verdict{name + ": added p99 latency ≤ nginx's", a99, n99, true},
@@ -175,8 +178,8 @@ func (r *results) table(e *env, o options) string {
 			return stat{med: v, lo: v, hi: v, ok: ok}
 		}
 	}
-	line("both", "nginx", row{"proxy resident set, idle (MB, both proxies)", 1, 1, false, fixedMem(e.idle)})
-	line("both", "nginx", row{"proxy peak resident set, after all runs (MB, both proxies)", 1, 1, false, fixedMem(e.peak)})
+	line("both", "isthmus", "nginx", row{"proxy resident set, idle (MB, both proxies)", 1, 1, false, fixedMem(e.idle)})
+	line("both", "isthmus", "nginx", row{"proxy peak resident set, after all runs (MB, both proxies)", 1, 1, false, fixedMem(e.peak)})
 
 	var errs []string
 	for k, ws := range r.windows {
@@ -193,7 +196,7 @@ func (r *results) table(e *env, o options) string {
 		"latency from the slices' histograms pooled per target (10 µs buckets at the bottom, interpolated). "+
 		"Maximum rate: h2load, one thread. Proxy CPU is user+system of both proxies' processes (nginx: masters and workers) from /proc over the window; "+
 		"resident sets are summed the same way (nginx's shared pages counted in each process). "+
-		"In the HTTP/2 rows, nginx proxy_pass converts to HTTP/1.1 at the front (its backend leg is HTTP/1.1, which the backend answers faster) and nginx grpc_pass carries HTTP/2 end to end, as the sidecars do. "+
+		"In the HTTP/2 rows the client speaks h2c to the first proxy; \"HTTP/2 → HTTP/1.1\" is HTTP/1.1 between the proxies and to the backend (the sidecars for a port declared http, nginx proxy_pass), \"HTTP/2 → HTTP/2\" is HTTP/2 all the way (a port declared http2, nginx grpc_pass). "+
 		"Load average at the end: %s.\n", o.runs, o.rateConns, o.slices, table.LoadAverage())
 	if len(errs) > 0 {
 		fmt.Fprintf(&b, "\nFailed requests in the measured windows: %s.\n", strings.Join(errs, ", "))

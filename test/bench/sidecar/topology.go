@@ -62,6 +62,9 @@ type target struct {
 	name string
 	// urls by protocol (h1, h2).
 	urls map[string]string
+	// authority is the Host or :authority the requests carry (empty:
+	// serviceHost).
+	authority string
 	// procs are the proxies on the way (none for direct).
 	procs []*procs.Proc
 }
@@ -70,7 +73,11 @@ type target struct {
 func (t target) serves(proto string) bool { return t.urls[proto] != "" }
 
 func (t target) spec(proto string) loadSpec {
-	return loadSpec{url: t.urls[proto], h2: proto == "h2", authority: serviceHost}
+	authority := t.authority
+	if authority == "" {
+		authority = serviceHost
+	}
+	return loadSpec{url: t.urls[proto], h2: proto == "h2", authority: authority}
 }
 
 // usage is the proxies' CPU seconds and read and write system calls,
@@ -239,8 +246,13 @@ func setUp(ctx context.Context, o options) (*env, error) {
 	if err != nil {
 		return e, err
 	}
+	// Port 80 is declared http: the sidecars speak HTTP/1.1 between them
+	// whatever the client spoke, as nginx's proxy_pass does; port 81 is
+	// declared http2: HTTP/2 between them, as grpc_pass.
 	e.targets = append(e.targets, target{name: "isthmus", procs: []*procs.Proc{clientSide, serverSide},
-		urls: map[string]string{"h1": "http://" + sidecarOutbound + "/", "h2": "http://" + sidecarOutbound + "/"}})
+		urls: map[string]string{"h1": "http://" + sidecarOutbound + "/", "h2": "http://" + sidecarOutbound + "/"}},
+		target{name: "isthmus-h2", procs: []*procs.Proc{clientSide, serverSide}, authority: serviceHost + ":81",
+			urls: map[string]string{"h2": "http://" + sidecarOutbound + "/"}})
 
 	if o.noNginx {
 		e.nginxNote = "left out (--no-nginx)"
@@ -288,8 +300,9 @@ func setUp(ctx context.Context, o options) (*env, error) {
 
 // startControlPlane serves the CA and xDS from this process on the
 // client namespace's address (ns.Listen), and publishes the federator's
-// translation of one exported service: echo, port 80 (HTTP) → target
-// port appPort on the server namespace's address, served by
+// translation of one exported service: echo, ports 80 (declared http:
+// HTTP/1.1 between the sidecars) and 81 (declared http2: HTTP/2) →
+// target port appPort on the server namespace's address, served by
 // demo/echo's identity.
 func (e *env) startControlPlane(ctx context.Context) error {
 	td := spiffeid.RequireTrustDomainFromString(clusterName + ".mesh")
@@ -317,7 +330,8 @@ func (e *env) startControlPlane(ctx context.Context) error {
 	e.xds = fedtest.StartXDS(xdsLn)
 	local, err := catalog.NewSnapshot(catalog.LocalSource, []catalog.Service{{
 		Namespace: namespace, Name: "echo", Cluster: clusterName,
-		Ports: []catalog.Port{{Name: "http", Port: 80, Protocol: catalog.ProtocolTCP, TargetPort: appPort}},
+		Ports: []catalog.Port{{Name: "http", Port: 80, Protocol: catalog.ProtocolTCP, TargetPort: appPort},
+			{Name: "http2", Port: 81, Protocol: catalog.ProtocolTCP, TargetPort: appPort}},
 		Endpoints: []catalog.LocalityEndpoints{{Locality: catalog.Locality{Region: "r1", Zone: "z1"}, Ready: 1,
 			Addresses: []catalog.Address{{IP: e.serverIP.String(), Ready: true}}}},
 		Identities: []string{spiffeid.RequireFromSegments(td, "ns", namespace, "sa", "echo").String()},
