@@ -144,8 +144,10 @@ func ioSyscalls() (int64, bool) {
 // BenchmarkH2 is HTTP/2 from a's app (h2c, one connection) through both
 // sidecars (mTLS, ALPN istio-h2, between them) to b's app in h2c: the
 // sidecar's own path (sidecars-h2), net/http's server and Transport
-// (sidecars-h2-nethttp, Config.NetHTTP2) and straight to the app
-// (direct-h2c), measured in the same run. serial is one stream at a
+// (sidecars-h2-nethttp, Config.NetHTTP2), the own path to a cluster that
+// speaks HTTP/1.1 upstream (sidecars-h2-to-http1: HTTP/1.1 between the
+// sidecars and to the app) and straight to the app (direct-h2c),
+// measured in the same run. serial is one stream at a
 // time (latency); parallel is 16 goroutines per CPU sharing the one
 // connection, so streams are multiplexed on every hop; download-1MiB is
 // a 1 MiB response at a time (DATA frames and flow control). allocs/op
@@ -154,6 +156,9 @@ func ioSyscalls() (int64, bool) {
 func BenchmarkH2(b *testing.B) {
 	own, app := startH2Mesh(b, false, nil)
 	nethttp, _ := startH2Mesh(b, true, nil)
+	// A cluster that speaks HTTP/1.1 upstream: each stream becomes an
+	// HTTP/1.1 request between the sidecars (h2h1.go).
+	versions, _ := startVersionMesh(b)
 	host := h2Svc.host()
 	targets := []struct {
 		name string
@@ -163,6 +168,7 @@ func BenchmarkH2(b *testing.B) {
 		{"direct-h2c", app.addr.String(), func() *http.ClientConn { return dialDirectH2(b, app.addr.String()) }},
 		{"sidecars-h2", host, func() *http.ClientConn { return dialH2(b, own.a, host).cc }},
 		{"sidecars-h2-nethttp", host, func() *http.ClientConn { return dialH2(b, nethttp.a, host).cc }},
+		{"sidecars-h2-to-http1", h1Svc.host(), func() *http.ClientConn { return dialH2(b, versions.a, h1Svc.host()).cc }},
 	}
 	get := func(b *testing.B, cc *http.ClientConn, url string) bool {
 		req, err := http.NewRequest(http.MethodGet, url, nil)

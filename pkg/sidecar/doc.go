@@ -41,7 +41,10 @@
 // not take at once, in one system call); a proxied stream joins a
 // downstream stream to one on a pooled upstream connection (many
 // streams per connection, another connection when the peer's
-// MAX_CONCURRENT_STREAMS is reached) and costs no goroutine. DATA moves
+// MAX_CONCURRENT_STREAMS is reached) and costs no goroutine; a stream
+// to a cluster that speaks HTTP/1.1 upstream is an HTTP/1.1 request on
+// the HTTP/1.1 path's pooled connections instead, with a goroutine while
+// it lasts (h2h1.go). DATA moves
 // when both windows allow and otherwise waits on the stream; a source
 // gets its stream's window back only once its bytes reached the other
 // socket (its connection's at once), so a slow reader holds back its own

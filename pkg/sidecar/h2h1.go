@@ -30,7 +30,8 @@ import (
 //     CONNECT and other pseudo-header fields, 400 for a target or
 //     authority HTTP/1.1 cannot carry); cookies are joined into one
 //     field, :authority becomes Host, X-Forwarded-Client-Cert is replaced
-//     as on the other paths;
+//     as on the other paths; "Expect: 100-continue" is answered 100 by
+//     the sidecar and not passed on, as Envoy does by default;
 //   - the body goes with its Content-Length, or chunked when the client
 //     gave none, request trailers in the last chunk; the client's DATA
 //     waits in the stream's queue until the goroutine writes it, and the
@@ -59,6 +60,8 @@ type h1Bridge struct {
 	// replayable: an idempotent request without a body, which may be sent
 	// again on a new connection when a pooled one turns out closed.
 	replayable bool
+	// expect100: the client asked for 100 Continue before its body.
+	expect100 bool
 	tm         timing
 	// kick wakes the goroutine: request body queued, the response's
 	// queue drained, or the exchange aborted.
@@ -101,6 +104,15 @@ func (s *h2Stream) bridgeH1(timeout time.Duration) {
 		s.answer(http.StatusServiceUnavailable, "isthmus sidecar: shutting down")
 		return
 	}
+	if b.expect100 {
+		// Answered here, as Envoy does by default: the body goes upstream
+		// right behind the head, so an upstream's 100 would come too late
+		// for a client that waits for one.
+		s.down.mu.Lock()
+		s.down.writeHeaders(s.toDown.dstID, []hpack.HeaderField{{Name: ":status", Value: "100"}}, nil, nil, false)
+		s.down.mu.Unlock()
+		s.wake(s.down)
+	}
 	s.bridge = b
 	go b.run()
 }
@@ -138,6 +150,8 @@ func (b *h1Bridge) buildRequest(fields, extra []hpack.HeaderField, ended bool) (
 			}
 			cookie += f.Value
 		case "x-forwarded-client-cert":
+		case "expect":
+			b.expect100 = strings.EqualFold(f.Value, "100-continue") && !ended
 		default:
 			if strings.HasPrefix(f.Name, ":") {
 				return http.StatusNotImplemented, "the " + f.Name + " pseudo-header field cannot go to an HTTP/1.1 upstream"
@@ -174,6 +188,10 @@ func (b *h1Bridge) buildRequest(fields, extra []hpack.HeaderField, ended bool) (
 		switch f.Name {
 		case "host", "content-length", "cookie", "x-forwarded-client-cert":
 			continue
+		case "expect":
+			if strings.EqualFold(f.Value, "100-continue") {
+				continue // answered by the sidecar (bridgeH1)
+			}
 		}
 		if strings.HasPrefix(f.Name, ":") {
 			continue

@@ -185,6 +185,32 @@ func TestUpstreamHTTPVersion(t *testing.T) {
 		require.Contains(t, got.XFCC[0], "URI="+m.a.id.String(), "b's sidecar names its caller")
 	})
 
+	t.Run("Expect: 100-continue is answered before the body is sent", func(t *testing.T) {
+		raw := dialRawH2(t, m.a, host)
+		fields := append(requestFields(http.MethodPost, host, "/upload?tag=h1-expect"),
+			hpack.HeaderField{Name: "expect", Value: "100-continue"}, hpack.HeaderField{Name: "content-length", Value: "5"})
+		require.NoError(t, raw.writeHeaders(1, false, fields))
+		// Nothing of the body goes until the 100 comes.
+		for {
+			f, err := raw.fr.ReadFrame()
+			require.NoError(t, err, "the 100 never came")
+			if h, ok := f.(*http2.MetaHeadersFrame); ok && h.StreamID == 1 {
+				require.Equal(t, "100", h.PseudoValue("status"))
+				require.False(t, h.StreamEnded())
+				break
+			}
+			if sf, ok := f.(*http2.SettingsFrame); ok && !sf.IsAck() {
+				require.NoError(t, raw.fr.WriteSettingsAck())
+			}
+		}
+		require.NoError(t, raw.fr.WriteData(1, true, []byte("hello")))
+		o := raw.readStream(t, 1)
+		require.True(t, o.ended, "%+v", o)
+		require.Equal(t, "200", o.status)
+		sum := sha256.Sum256([]byte("hello"))
+		require.Equal(t, "5 "+hex.EncodeToString(sum[:]), string(o.body))
+	})
+
 	t.Run("a body that does not match its content-length resets the stream", func(t *testing.T) {
 		for _, tc := range []struct {
 			name   string
@@ -286,6 +312,8 @@ func TestH1BridgeRequestHead(t *testing.T) {
 			"GET /x?y HTTP/1.1\r\nHost: echo:80\r\naccept: */*\r\nte: trailers\r\nx-forwarded-client-cert: By=b;URI=a\r\n\r\n"},
 		{"POST without a body", f(":method", "POST", ":scheme", "http", ":authority", "echo", ":path", "/"), true, 0,
 			"POST / HTTP/1.1\r\nHost: echo\r\nx-forwarded-client-cert: By=b;URI=a\r\n" + "Content-Length: 0\r\n\r\n"},
+		{"Expect: 100-continue", f(":method", "PUT", ":scheme", "http", ":path", "/", ":authority", "echo", "expect", "100-continue", "content-length", "1"), false, 0,
+			"PUT / HTTP/1.1\r\nHost: echo\r\nx-forwarded-client-cert: By=b;URI=a\r\nContent-Length: 1\r\n\r\n"},
 		{"a body of known length", f(":method", "PUT", ":scheme", "http", ":path", "/", "host", "echo", "content-length", "12", "x-forwarded-client-cert", "forged"), false, 0,
 			"PUT / HTTP/1.1\r\nHost: echo\r\nx-forwarded-client-cert: By=b;URI=a\r\nContent-Length: 12\r\n\r\n"},
 		{"a body of unknown length", f(":method", "POST", ":scheme", "http", ":authority", "echo", ":path", "/", "cookie", "a=1", "cookie", "b=2"), false, 0,
