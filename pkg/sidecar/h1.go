@@ -933,10 +933,26 @@ func (hc *h1Conn) sendRequest(up *h1Up, head []byte) (int64, error) {
 }
 
 // readResponseHead reads up's response head, passing 1xx interim
-// responses on to the downstream, and returns the final head's length.
-// gotByte reports whether the upstream sent anything.
+// responses on to the downstream as they are, and returns the final
+// head's length. gotByte reports whether the upstream sent anything.
 func (hc *h1Conn) readResponseHead(up *h1Up) (int, bool, error) {
-	in := &up.in
+	return readResponseHead(&up.in, &hc.resp, func(head []byte) error {
+		// Interim (103 Early Hints): on to the downstream as it is.
+		if err := hc.out.write(head); err != nil {
+			return downErr{err}
+		}
+		if err := hc.out.flush(); err != nil {
+			return downErr{err}
+		}
+		return nil
+	})
+}
+
+// readResponseHead reads the next final response head from in into h,
+// handing each 1xx interim head to interim, and returns its length (the
+// head stays in in's buffer). gotByte reports whether the upstream sent
+// anything.
+func readResponseHead(in *bufReader, h *h1Head, interim func(head []byte) error) (int, bool, error) {
 	gotByte := in.r < in.w
 	scanned := 0
 	for {
@@ -956,19 +972,15 @@ func (hc *h1Conn) readResponseHead(up *h1Up) (int, bool, error) {
 			continue
 		}
 		head := in.buf[in.r : in.r+end]
-		if err := parseResponseHead(head, &hc.resp); err != nil {
+		if err := parseResponseHead(head, h); err != nil {
 			return 0, true, err
 		}
-		switch s := hc.resp.status; {
+		switch s := h.status; {
 		case s == http.StatusSwitchingProtocols:
 			return 0, true, errors.New("101 Switching Protocols to a request without Upgrade")
 		case s < 200:
-			// Interim (103 Early Hints): on to the downstream as it is.
-			if err := hc.out.write(head); err != nil {
-				return 0, true, downErr{err}
-			}
-			if err := hc.out.flush(); err != nil {
-				return 0, true, downErr{err}
+			if err := interim(head); err != nil {
+				return 0, true, err
 			}
 			in.r += end
 			scanned = 0

@@ -62,7 +62,7 @@ type h1Bridge struct {
 	replayable bool
 	// expect100: the client asked for 100 Continue before its body.
 	expect100 bool
-	tm         timing
+	tm        timing
 	// kick wakes the goroutine: request body queued, the response's
 	// queue drained, or the exchange aborted.
 	kick    chan struct{}
@@ -489,54 +489,23 @@ func (b *h1Bridge) sendRequest(up *h1Up) (sent bool, err error) {
 }
 
 // readResponseHead reads up's response head, passing 1xx interim
-// responses down, and returns the final head's length. gotByte reports
-// whether the upstream sent anything.
+// responses down as HEADERS, and returns the final head's length.
+// gotByte reports whether the upstream sent anything.
 func (b *h1Bridge) readResponseHead(up *h1Up) (int, bool, error) {
-	in := &up.in
-	gotByte := in.r < in.w
-	scanned := 0
-	for {
-		end, next, err := scanHead(in.buffered(), scanned)
-		if err != nil {
-			return 0, gotByte, err
+	return readResponseHead(&up.in, &b.resp, func(head []byte) error {
+		fields := b.responseFields(head)
+		s := b.s
+		s.lock(nil)
+		defer s.unlock()
+		if b.aborted.Load() {
+			return errBridgeAborted
 		}
-		if end == 0 {
-			scanned = next
-			if in.w == len(in.buf) && in.r == 0 && !in.grow() {
-				return 0, gotByte, errHeadTooLarge
-			}
-			if err := in.fill(); err != nil {
-				return 0, gotByte, err
-			}
-			gotByte = true
-			continue
-		}
-		head := in.buf[in.r : in.r+end]
-		if err := parseResponseHead(head, &b.resp); err != nil {
-			return 0, true, err
-		}
-		switch st := b.resp.status; {
-		case st == http.StatusSwitchingProtocols:
-			return 0, true, errors.New("101 Switching Protocols to a request without Upgrade")
-		case st < 200:
-			fields := b.responseFields(head)
-			s := b.s
-			s.lock(nil)
-			if b.aborted.Load() {
-				s.unlock()
-				return 0, true, errBridgeAborted
-			}
-			s.down.mu.Lock()
-			s.down.writeHeaders(s.toDown.dstID, fields, nil, nil, false)
-			s.down.mu.Unlock()
-			s.wake(s.down)
-			s.unlock()
-			in.r += end
-			scanned = 0
-			continue
-		}
-		return end, true, nil
-	}
+		s.down.mu.Lock()
+		s.down.writeHeaders(s.toDown.dstID, fields, nil, nil, false)
+		s.down.mu.Unlock()
+		s.wake(s.down)
+		return nil
+	})
 }
 
 // responseFields is the HTTP/2 header block of the response head b.resp
@@ -617,7 +586,7 @@ func (b *h1Bridge) relayResponse(up *h1Up, headLen int) error {
 	case toClose:
 		err = b.relayToClose(in)
 	default:
-		err = b.relayN(in, rh.contentLength)
+		err = b.relayN(in, rh.contentLength, true)
 	}
 	if err != nil {
 		return b.drop(up, err)
@@ -639,8 +608,8 @@ func (b *h1Bridge) drop(up *h1Up, err error) error {
 }
 
 // relayN passes n bytes of body down, the last with the end of the
-// stream.
-func (b *h1Bridge) relayN(in *bufReader, n int64) error {
+// stream when last.
+func (b *h1Bridge) relayN(in *bufReader, n int64, last bool) error {
 	for n > 0 {
 		if in.r == in.w {
 			if err := in.fill(); err != nil {
@@ -653,7 +622,7 @@ func (b *h1Bridge) relayN(in *bufReader, n int64) error {
 		}
 		n -= int64(len(data))
 		in.r += len(data)
-		if err := b.deliver(data, n == 0, nil); err != nil {
+		if err := b.deliver(data, last && n == 0, nil); err != nil {
 			return err
 		}
 	}
@@ -713,21 +682,8 @@ func (b *h1Bridge) relayChunked(in *bufReader) error {
 				}
 			}
 		}
-		for size > 0 {
-			if in.r == in.w {
-				if err := in.fill(); err != nil {
-					return err
-				}
-			}
-			data := in.buffered()
-			if int64(len(data)) > size {
-				data = data[:size]
-			}
-			size -= int64(len(data))
-			in.r += len(data)
-			if err := b.deliver(data, false, nil); err != nil {
-				return err
-			}
+		if err := b.relayN(in, size, false); err != nil {
+			return err
 		}
 		crlf, err := in.line(noFlush)
 		if err != nil {
