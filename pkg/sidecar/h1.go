@@ -1010,16 +1010,11 @@ func (hc *h1Conn) writeResponse(up *h1Up, cluster string, headLen int, received 
 	_ = w.str("\r\n")
 	for i := range rh.fields {
 		f := &rh.fields[i]
-		switch f.kind {
-		case fieldOther, fieldHost, fieldExpect, fieldXFCC:
-			if rh.nConnTokens > 0 && rh.connNamed(head, f) {
-				continue
-			}
-		case fieldContentLength:
+		if f.kind == fieldContentLength {
 			if !noBody || rh.chunked {
 				continue // written below
 			}
-		default:
+		} else if !rh.endToEnd(head, f) {
 			continue
 		}
 		_ = w.write(f.line.of(head))

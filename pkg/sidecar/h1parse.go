@@ -131,6 +131,18 @@ func (h *h1Head) reset() {
 	h.nConnTokens = 0
 }
 
+// endToEnd reports whether response field f of head goes on to the next
+// hop: it is not hop-by-hop (Connection, Keep-Alive, TE, Upgrade, the
+// framing) and the Connection field does not name it. Content-Length
+// is the caller's to rewrite.
+func (h *h1Head) endToEnd(head []byte, f *h1Field) bool {
+	switch f.kind {
+	case fieldOther, fieldHost, fieldExpect, fieldXFCC:
+		return h.nConnTokens == 0 || !h.connNamed(head, f)
+	}
+	return false
+}
+
 // connNamed reports whether the Connection header named field f of b:
 // hop-by-hop, so removed.
 func (h *h1Head) connNamed(b []byte, f *h1Field) bool {

@@ -517,17 +517,12 @@ func (b *h1Bridge) responseFields(head []byte) []hpack.HeaderField {
 	fields = append(fields, hpack.HeaderField{Name: ":status", Value: strconv.Itoa(rh.status)})
 	for i := range rh.fields {
 		f := &rh.fields[i]
-		switch f.kind {
-		case fieldOther, fieldHost, fieldExpect, fieldXFCC:
-			if rh.nConnTokens > 0 && rh.connNamed(head, f) {
-				continue
-			}
-		case fieldContentLength:
+		if f.kind == fieldContentLength {
 			if rh.chunked {
 				continue
 			}
-		default:
-			continue // hop-by-hop: Connection, Keep-Alive, Transfer-Encoding, TE, Upgrade...
+		} else if !rh.endToEnd(head, f) {
+			continue
 		}
 		fields = append(fields, hpack.HeaderField{Name: lowerName(f.name.of(head)), Value: string(f.value.of(head))})
 	}
