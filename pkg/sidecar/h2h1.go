@@ -554,6 +554,12 @@ func (b *h1Bridge) relayResponse(up *h1Up, headLen int) error {
 		upKeep = false
 	}
 	empty := noBody || (!rh.chunked && rh.contentLength == 0)
+	// A body that came whole with the head goes down with it: one write
+	// to the client, one wake of its connection's writer.
+	var whole []byte
+	if !empty && !rh.chunked && !toClose && int64(in.w-in.r) >= rh.contentLength {
+		whole = in.buf[in.r : in.r+int(rh.contentLength)]
+	}
 
 	s.lock(nil)
 	if b.aborted.Load() || s.toDown.dstEnded {
@@ -571,11 +577,17 @@ func (b *h1Bridge) relayResponse(up *h1Up, headLen int) error {
 	if empty {
 		s.toDown.srcEnded, s.toDown.dstEnded = true, true
 	}
+	if whole != nil {
+		s.sent += int64(len(whole))
+		s.toDown.srcEnded = true
+		s.send(&s.toDown, whole, true, true) // what the window holds back is copied
+		in.r += len(whole)
+	}
 	s.unlock()
 
 	var err error
 	switch {
-	case empty:
+	case empty, whole != nil:
 	case rh.chunked:
 		err = b.relayChunked(in)
 	case toClose:
