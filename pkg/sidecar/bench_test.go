@@ -158,7 +158,7 @@ func BenchmarkH2(b *testing.B) {
 	nethttp, _ := startH2Mesh(b, true, nil)
 	// A cluster that speaks HTTP/1.1 upstream: each stream becomes an
 	// HTTP/1.1 request between the sidecars (h2h1.go).
-	versions, _ := startVersionMesh(b)
+	versions, _ := startVersionMesh(b, false)
 	host := h2Svc.host()
 	targets := []struct {
 		name string

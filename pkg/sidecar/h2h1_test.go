@@ -34,12 +34,15 @@ var (
 	h2UpSvc      = svc{name: "h2-up", ns: "demo", vip: "240.240.0.33", ports: []svcPort{{80, true}}, upstream: xdsclient.UpstreamHTTP2}
 )
 
-func startVersionMesh(t testing.TB) (*mesh, *h2App) {
+// startVersionMesh runs a and b on the HTTP/2 path netHTTP2 picks, with
+// b's h2App behind the services above.
+func startVersionMesh(t testing.TB, netHTTP2 bool) (*mesh, *h2App) {
 	t.Helper()
 	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t),
 		hosts: hostsOf(h1Svc, h1HurriedSvc, h1RefusedSvc, h2UpSvc)}
-	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds})
-	m.b = startPod(t, "b", m.beta, m.hosts, podOptions{xds: m.xds})
+	edit := func(c *Config) { c.NetHTTP2 = netHTTP2 }
+	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: edit})
+	m.b = startPod(t, "b", m.beta, m.hosts, podOptions{xds: m.xds, edit: edit})
 	app := startH2App(t)
 	m.b.apps[ipH2] = app.addr
 	refused := m.onB(h1RefusedSvc, ipH2)
@@ -49,11 +52,27 @@ func startVersionMesh(t testing.TB) (*mesh, *h2App) {
 }
 
 func TestUpstreamHTTPVersion(t *testing.T) {
-	m, app := startVersionMesh(t)
+	m, app := startVersionMesh(t, false)
 	host := h1Svc.host()
 	inboundConns := func() float64 {
 		return metricValue(t, m.b.scrape(t), "isthmus_sidecar_connections_total", "listener=inbound")
 	}
+
+	t.Run("the config dump names each cluster's version", func(t *testing.T) {
+		code, body := httpGet(t, "http://"+m.a.proxy.AdminAddr().String()+"/config_dump")
+		require.Equal(t, http.StatusOK, code)
+		var dump configDump
+		require.NoError(t, json.Unmarshal([]byte(body), &dump), body)
+		got := map[string]string{}
+		for _, c := range dump.Clusters {
+			got[c.Name] = c.UpstreamHTTP
+		}
+		require.Equal(t, map[string]string{
+			h1Svc.cluster(80): "HTTP/1.1", h1HurriedSvc.cluster(80): "HTTP/1.1", h1RefusedSvc.cluster(80): "HTTP/1.1",
+			h2UpSvc.cluster(80): "HTTP/2", xdsclient.InboundPassthroughCluster: "downstream",
+			xdsclient.PassthroughCluster: "",
+		}, got)
+	})
 
 	t.Run("HTTP/2 streams reach the app as HTTP/1.1 requests, many at once", func(t *testing.T) {
 		c := dialH2(t, m.a, host)
@@ -289,6 +308,35 @@ func TestUpstreamHTTPVersion(t *testing.T) {
 		c := dialH2(t, m.a, h2UpSvc.host())
 		require.Equal(t, "id=h2 proto=HTTP/2.0", c.get(t, "/id?n=h2").body, "and h2c stays HTTP/2")
 	})
+}
+
+// With Config.NetHTTP2, net/http's server takes the app's h2c and its
+// Transport speaks the cluster's version. One difference from the
+// sidecar's own path: the request's trailers do not reach an HTTP/1.1
+// upstream (the Transport sends none), so only the response's are
+// checked.
+func TestUpstreamHTTPVersionNetHTTP2(t *testing.T) {
+	m, _ := startVersionMesh(t, true)
+	c := dialH2(t, m.a, h1Svc.host())
+	require.Equal(t, "id=1 proto=HTTP/1.1", c.get(t, "/id?n=1").body)
+
+	req := c.request(t, http.MethodPost, "/upload?tag=net-unsized", io.LimitReader(h2Payload(21), 1<<20))
+	req.ContentLength = -1
+	r := c.do(t, req)
+	require.NoError(t, r.err)
+	require.Equal(t, fmt.Sprintf("%d %s", 1<<20, h2Sum(21, 1<<20)), r.body)
+
+	req = c.request(t, http.MethodPost, "/trailers?tag=net-trailers", strings.NewReader("ping"))
+	req.ContentLength = -1
+	req.Trailer = http.Header{"X-Client-Trailer": {"from a"}}
+	r = c.do(t, req)
+	require.NoError(t, r.err)
+	require.Equal(t, `got "ping"`, r.body)
+	require.Equal(t, "0", r.trailer.Get("Grpc-Status"))
+	require.Equal(t, "late", r.trailer.Get("X-Unannounced"))
+
+	h2 := dialH2(t, m.a, h2UpSvc.host())
+	require.Equal(t, "id=2 proto=HTTP/2.0", h2.get(t, "/id?n=2").body)
 }
 
 // TestH1BridgeRequestHead is the HTTP/1.1 head a header block becomes.
