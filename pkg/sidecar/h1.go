@@ -76,6 +76,11 @@ func (t *timing) next() time.Time {
 	return d
 }
 
+// routePassed reports whether the route's deadline has passed.
+func (t *timing) routePassed() bool {
+	return !t.route.IsZero() && !time.Now().Before(t.route)
+}
+
 // deadline is the deadline a read or write should have now, and whether
 // it must be set, given set, the one the socket has (zero: unknown). A
 // deadline is a timer update in the runtime, once per read and write
@@ -738,29 +743,16 @@ func (hc *h1Conn) forward(d decision, target netip.AddrPort, head []byte, hasBod
 	replayable := !hasBody && (string(method) == "GET" || string(method) == "HEAD" || string(method) == "OPTIONS" || string(method) == "TRACE")
 	attempts := p.cfg.MaxConnectAttempts
 	var (
+		ep       netip.AddrPort
 		up       *h1Up
 		err      error
 		respLen  int
 		fresh    bool
 		received int64
 	)
-	for attempt := 0; attempt < attempts; {
-		ep := target
-		if u.picker != nil {
-			var ok bool
-			if ep, ok = u.picker.Pick(); !ok {
-				err = errNoHealthyUpstream
-				break
-			}
-		}
-		up, err = u.pool.h1Get(ep, fresh, &hc.tm)
-		if err != nil {
-			attempt++
-			var ce *connectError
-			if !errors.As(err, &ce) || u.picker == nil || hc.timedOut() {
-				break
-			}
-			continue
+	for {
+		if ep, up, err = u.h1Connect(target, fresh, &hc.tm, &attempts); err != nil {
+			break
 		}
 		hc.up.Store(up)
 		var gotByte bool
@@ -793,7 +785,7 @@ func (hc *h1Conn) forward(d decision, target netip.AddrPort, head []byte, hasBod
 			hc.count(d.up.name, 0)
 			return false
 		}
-		if reused && !gotByte && !fresh && replayable && !hc.readAhead && !hc.timedOut() {
+		if reused && !gotByte && !fresh && replayable && !hc.readAhead && !hc.tm.routePassed() {
 			fresh = true // a pooled connection the upstream had closed
 			continue
 		}
@@ -807,6 +799,33 @@ func (hc *h1Conn) forward(d decision, target netip.AddrPort, head []byte, hasBod
 	}
 	keep := hc.writeResponse(up, d.up.name, respLen, received)
 	return keep
+}
+
+// h1Connect returns a connection to an endpoint of u for an HTTP/1.1
+// exchange, and the endpoint: target when u has no picker; a new
+// connection when fresh. After a connect failure it tries another
+// endpoint (the dialer ejected the one that failed) while *attempts
+// last and the route's deadline has not passed. Both HTTP/1.1
+// forwarders (h1Conn.forward and the HTTP/2 bridge) connect through it.
+func (u *upstream) h1Connect(target netip.AddrPort, fresh bool, tm *timing, attempts *int) (netip.AddrPort, *h1Up, error) {
+	for {
+		ep := target
+		if u.picker != nil {
+			var ok bool
+			if ep, ok = u.picker.Pick(); !ok {
+				return ep, nil, errNoHealthyUpstream
+			}
+		}
+		up, err := u.pool.h1Get(ep, fresh, tm)
+		if err == nil {
+			return ep, up, nil
+		}
+		*attempts--
+		var ce *connectError
+		if *attempts <= 0 || !errors.As(err, &ce) || u.picker == nil || tm.routePassed() {
+			return ep, nil, err
+		}
+	}
 }
 
 // errDownstream marks a failure to read the request body from the
@@ -841,11 +860,6 @@ func (hc *h1Conn) downstreamGone() error {
 		return nil // a TLS record not whole yet; a buffer full of requests
 	}
 	return downErr{err}
-}
-
-// timedOut reports whether the route's deadline has passed.
-func (hc *h1Conn) timedOut() bool {
-	return !hc.tm.route.IsZero() && !time.Now().Before(hc.tm.route)
 }
 
 // sendRequest writes the request head, edited, and its body to up: one
@@ -997,12 +1011,7 @@ func (hc *h1Conn) writeResponse(up *h1Up, cluster string, headLen int, received 
 	p, rh, w, in := hc.p, &hc.resp, &hc.out, &up.in
 	head := in.buf[in.r : in.r+headLen]
 	in.r += headLen
-	noBody := hc.reqIsHead || rh.status == http.StatusNoContent || rh.status == http.StatusNotModified
-	upKeep := !rh.connClose && (rh.minor == 1 || rh.connKeepAlive)
-	toClose := !noBody && !rh.chunked && rh.contentLength < 0
-	if toClose {
-		upKeep = false
-	}
+	noBody, toClose, upKeep := rh.responseBody(hc.reqIsHead)
 	downKeep := !hc.req.connClose && !p.draining.Load()
 
 	_ = w.str("HTTP/1.1 ")
@@ -1065,25 +1074,30 @@ func (hc *h1Conn) writeResponse(up *h1Up, cluster string, headLen int, received 
 	return downKeep
 }
 
+// h1Failure is the answer to an HTTP/1.1 exchange that failed before a
+// response, as the net/http path's proxyError words it: 504 when a
+// deadline passed (the route's: "upstream request timeout", also for a
+// connect cut short by it; else "stream timeout"), 503 otherwise.
+func h1Failure(err error, tm *timing) (int, string) {
+	var ce *connectError
+	switch {
+	case (errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ce)) && tm.routePassed():
+		return http.StatusGatewayTimeout, "upstream request timeout"
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return http.StatusGatewayTimeout, "stream timeout"
+	}
+	return http.StatusServiceUnavailable, failureMessage(err)
+}
+
 // answerError answers a request that got no response, as the net/http
 // path's proxyError does.
 func (hc *h1Conn) answerError(cluster string, err error) {
 	p := hc.p
-	code, msg := http.StatusGatewayTimeout, ""
-	var ce *connectError
-	switch {
-	case errors.Is(err, os.ErrDeadlineExceeded) && hc.timedOut():
-		msg = "upstream request timeout"
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		msg = "stream timeout"
-	case errors.Is(err, errDownstream):
+	if errors.Is(err, errDownstream) {
 		hc.count(cluster, 0)
 		return
-	case errors.As(err, &ce) && hc.timedOut():
-		msg = "upstream request timeout"
-	default:
-		code, msg = http.StatusServiceUnavailable, failureMessage(err)
 	}
+	code, msg := h1Failure(err, &hc.tm)
 	hc.count(cluster, code)
 	if p.log.Enabled(context.Background(), slog.LevelDebug) {
 		p.log.Debug("request failed", "listener", hc.info.listener, "cluster", cluster, "code", code, "error", err)

@@ -131,6 +131,17 @@ func (h *h1Head) reset() {
 	h.nConnTokens = 0
 }
 
+// responseBody is how the body of a response with this head is
+// delimited, and whether its connection can carry another request after
+// it: none (a HEAD request's, 204, 304), or to the connection's end
+// (neither chunked nor a length; the connection then closes).
+func (h *h1Head) responseBody(headRequest bool) (noBody, toClose, keep bool) {
+	noBody = headRequest || h.status == http.StatusNoContent || h.status == http.StatusNotModified
+	toClose = !noBody && !h.chunked && h.contentLength < 0
+	keep = !toClose && !h.connClose && (h.minor == 1 || h.connKeepAlive)
+	return noBody, toClose, keep
+}
+
 // endToEnd reports whether response field f of head goes on to the next
 // hop: it is not hop-by-hop (Connection, Keep-Alive, TE, Upgrade, the
 // framing) and the Connection field does not name it. Content-Length

@@ -3,11 +3,9 @@ package sidecar
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
-	"os"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -312,7 +310,6 @@ func (b *h1Bridge) end(err error) {
 	if err == nil || aborted {
 		return
 	}
-	var he *h1Error
 	switch {
 	case errors.Is(err, errBodyLength):
 		s.clientFault(http2.ErrCodeProtocol)
@@ -321,17 +318,9 @@ func (b *h1Bridge) end(err error) {
 			s.p.log.Debug("response cut", "listener", s.down.info.listener, "cluster", s.cluster(), "error", err)
 		}
 		s.resetDown(http2.ErrCodeInternal)
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		msg := "stream timeout"
-		if !b.tm.route.IsZero() && !time.Now().Before(b.tm.route) {
-			msg = "upstream request timeout"
-		}
-		s.answer(http.StatusGatewayTimeout, msg)
-	case errors.As(err, &he):
-		// A response the codec refuses: malformed, or a head too large.
-		s.fail(errors.New(he.msg))
 	default:
-		s.fail(err)
+		code, msg := h1Failure(err, &b.tm)
+		s.failWith(code, msg, err)
 	}
 }
 
@@ -341,27 +330,14 @@ func (b *h1Bridge) exchange() error {
 	s, p := b.s, b.s.p
 	u := s.upstream
 	fresh := false
-	var lastErr error
-	for attempt := 0; attempt < p.cfg.MaxConnectAttempts; {
+	attempts := p.cfg.MaxConnectAttempts
+	for {
 		if b.aborted.Load() {
 			return errBridgeAborted
 		}
-		ep := s.target
-		if u.picker != nil {
-			var ok bool
-			if ep, ok = u.picker.Pick(); !ok {
-				return errNoHealthyUpstream
-			}
-		}
-		up, err := u.pool.h1Get(ep, fresh, &b.tm)
+		ep, up, err := u.h1Connect(s.target, fresh, &b.tm, &attempts)
 		if err != nil {
-			attempt++
-			lastErr = err
-			var ce *connectError
-			if !errors.As(err, &ce) || u.picker == nil || b.timedOut() {
-				return err
-			}
-			continue
+			return err
 		}
 		if !b.use(up) {
 			return errBridgeAborted
@@ -384,17 +360,12 @@ func (b *h1Bridge) exchange() error {
 		if b.aborted.Load() {
 			return errBridgeAborted
 		}
-		if reused && !gotByte && !sent && !fresh && b.replayable && !b.timedOut() {
+		if reused && !gotByte && !sent && !fresh && b.replayable && !b.tm.routePassed() {
 			fresh = true // a pooled connection the upstream had closed
 			continue
 		}
 		return err
 	}
-	return fmt.Errorf("%d connect attempts failed, the last: %w", p.cfg.MaxConnectAttempts, lastErr)
-}
-
-func (b *h1Bridge) timedOut() bool {
-	return !b.tm.route.IsZero() && !time.Now().Before(b.tm.route)
 }
 
 // sendRequest writes the request head and its body, as the client sends
@@ -473,7 +444,10 @@ func (b *h1Bridge) sendRequest(up *h1Up) (sent bool, err error) {
 			_ = w.str("0\r\n")
 			for _, f := range trailers {
 				if keepTrailerField(&f) && f.Name != "content-length" && f.Name != "host" {
-					_ = w.write(appendField(nil, f.Name, f.Value))
+					_ = w.str(f.Name)
+					_ = w.str(": ")
+					_ = w.str(f.Value)
+					_ = w.str("\r\n")
 				}
 			}
 			_ = w.str("\r\n")
@@ -547,12 +521,7 @@ func (b *h1Bridge) relayResponse(up *h1Up, headLen int) error {
 	head := in.buf[in.r : in.r+headLen]
 	fields := b.responseFields(head)
 	in.r += headLen
-	noBody := s.head || rh.status == http.StatusNoContent || rh.status == http.StatusNotModified
-	upKeep := !rh.connClose && (rh.minor == 1 || rh.connKeepAlive)
-	toClose := !noBody && !rh.chunked && rh.contentLength < 0
-	if toClose {
-		upKeep = false
-	}
+	noBody, toClose, upKeep := rh.responseBody(s.head)
 	empty := noBody || (!rh.chunked && rh.contentLength == 0)
 	// A body that came whole with the head goes down with it: one write
 	// to the client, one wake of its connection's writer.

@@ -284,7 +284,11 @@ func (s *h2Stream) connectFailed(err error) {
 // fail answers a request that got no response, as proxyError does. mu
 // held.
 func (s *h2Stream) fail(err error) {
-	code, msg := http.StatusServiceUnavailable, failureMessage(err)
+	s.failWith(http.StatusServiceUnavailable, failureMessage(err), err)
+}
+
+// failWith answers code and msg for err, which it logs. mu held.
+func (s *h2Stream) failWith(code int, msg string, err error) {
 	p := s.p
 	if p.log.Enabled(context.Background(), slog.LevelDebug) {
 		p.log.Debug("request failed", "listener", s.down.info.listener, "cluster", s.cluster(), "code", code, "error", err)
