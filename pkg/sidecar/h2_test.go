@@ -512,6 +512,40 @@ func concurrently(clients []*h2Client, reqs []*http.Request) []h2Result {
 	return results
 }
 
+// requireUpload posts n bytes of h2Payload(seed) on c, with their length
+// when sized (else the end of the stream ends the body), and checks that
+// b's app got every byte, in order.
+func (c *h2Client) requireUpload(t testing.TB, tag string, seed uint64, n int64, sized bool) {
+	t.Helper()
+	req := c.request(t, http.MethodPost, "/upload?tag="+tag, io.LimitReader(h2Payload(seed), n))
+	req.ContentLength = -1
+	if sized {
+		req.ContentLength = n
+	}
+	r := c.do(t, req)
+	require.NoError(t, r.err)
+	require.Equal(t, http.StatusOK, r.code, r.body)
+	require.Equal(t, fmt.Sprintf("%d %s", n, h2Sum(seed, n)), r.body, "b's app got every byte, in order")
+}
+
+// requireDownload gets n bytes of h2Payload(seed) on c and checks that
+// the app's Content-Length passed and a's app got every byte, in order,
+// to a clean end of stream.
+func (c *h2Client) requireDownload(t testing.TB, tag string, seed uint64, n int64) {
+	t.Helper()
+	req := c.request(t, http.MethodGet, fmt.Sprintf("/download?tag=%s&seed=%d&n=%d", tag, seed, n), nil)
+	resp, err := c.cc.RoundTrip(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.EqualValues(t, n, resp.ContentLength, "the app's Content-Length passes")
+	h := sha256.New()
+	got, err := io.Copy(h, resp.Body)
+	require.NoError(t, err, "a clean end of stream")
+	require.EqualValues(t, n, got)
+	require.Equal(t, h2Sum(seed, n), hex.EncodeToString(h.Sum(nil)), "a's app got every byte, in order")
+}
+
 // requireUsable checks c still carries requests.
 func (c *h2Client) requireUsable(t testing.TB) {
 	t.Helper()
@@ -743,34 +777,13 @@ func testH2(t *testing.T, netHTTP2 bool) {
 
 	t.Run("large upload", func(t *testing.T) {
 		c := dialH2(t, m.a, host)
-		req := c.request(t, http.MethodPost, "/upload?tag=upload", io.LimitReader(h2Payload(1), h2Transfer))
-		req.ContentLength = h2Transfer
-		r := c.do(t, req)
-		require.NoError(t, r.err)
-		require.Equal(t, http.StatusOK, r.code, r.body)
-		require.Equal(t, fmt.Sprintf("%d %s", h2Transfer, h2Sum(1, h2Transfer)), r.body, "b's app got every byte, in order")
-
+		c.requireUpload(t, "upload", 1, h2Transfer, true)
 		// Without a length: the end of the body is the END_STREAM flag.
-		req = c.request(t, http.MethodPost, "/upload?tag=upload-unsized", io.LimitReader(h2Payload(2), h2Transfer/4))
-		req.ContentLength = -1
-		r = c.do(t, req)
-		require.NoError(t, r.err)
-		require.Equal(t, fmt.Sprintf("%d %s", h2Transfer/4, h2Sum(2, h2Transfer/4)), r.body)
+		c.requireUpload(t, "upload-unsized", 2, h2Transfer/4, false)
 	})
 
 	t.Run("large download", func(t *testing.T) {
-		c := dialH2(t, m.a, host)
-		req := c.request(t, http.MethodGet, fmt.Sprintf("/download?tag=download&seed=3&n=%d", h2Transfer), nil)
-		resp, err := c.cc.RoundTrip(req)
-		require.NoError(t, err)
-		defer resp.Body.Close()
-		require.Equal(t, http.StatusOK, resp.StatusCode)
-		require.EqualValues(t, h2Transfer, resp.ContentLength, "the app's Content-Length passes")
-		h := sha256.New()
-		n, err := io.Copy(h, resp.Body)
-		require.NoError(t, err, "a clean end of stream")
-		require.EqualValues(t, h2Transfer, n)
-		require.Equal(t, h2Sum(3, h2Transfer), hex.EncodeToString(h.Sum(nil)), "a's app got every byte, in order")
+		dialH2(t, m.a, host).requireDownload(t, "download", 3, h2Transfer)
 	})
 
 	t.Run("full duplex echo", func(t *testing.T) {

@@ -103,36 +103,16 @@ func TestUpstreamHTTPVersion(t *testing.T) {
 
 	t.Run("uploads, with a length and chunked", func(t *testing.T) {
 		c := dialH2(t, m.a, host)
-		req := c.request(t, http.MethodPost, "/upload?tag=h1-upload", io.LimitReader(h2Payload(11), h2Transfer))
-		req.ContentLength = h2Transfer
+		c.requireUpload(t, "h1-upload", 11, h2Transfer, true)
+		c.requireUpload(t, "h1-unsized", 12, h2Transfer/4, false)
+
+		req := c.request(t, http.MethodPost, "/upload?tag=h1-empty", nil)
 		r := c.do(t, req)
-		require.NoError(t, r.err)
-		require.Equal(t, fmt.Sprintf("%d %s", h2Transfer, h2Sum(11, h2Transfer)), r.body, "b's app got every byte, in order")
-
-		req = c.request(t, http.MethodPost, "/upload?tag=h1-unsized", io.LimitReader(h2Payload(12), h2Transfer/4))
-		req.ContentLength = -1
-		r = c.do(t, req)
-		require.NoError(t, r.err)
-		require.Equal(t, fmt.Sprintf("%d %s", h2Transfer/4, h2Sum(12, h2Transfer/4)), r.body)
-
-		req = c.request(t, http.MethodPost, "/upload?tag=h1-empty", nil)
-		r = c.do(t, req)
 		require.Equal(t, fmt.Sprintf("0 %s", h2Sum(0, 0)), r.body, "a POST without a body")
 	})
 
 	t.Run("large download", func(t *testing.T) {
-		c := dialH2(t, m.a, host)
-		req := c.request(t, http.MethodGet, fmt.Sprintf("/download?tag=h1-download&seed=13&n=%d", h2Transfer), nil)
-		resp, err := c.cc.RoundTrip(req)
-		require.NoError(t, err)
-		defer resp.Body.Close()
-		require.Equal(t, http.StatusOK, resp.StatusCode)
-		require.EqualValues(t, h2Transfer, resp.ContentLength, "the app's Content-Length passes")
-		h := sha256.New()
-		n, err := io.Copy(h, resp.Body)
-		require.NoError(t, err, "a clean end of stream")
-		require.EqualValues(t, h2Transfer, n)
-		require.Equal(t, h2Sum(13, h2Transfer), hex.EncodeToString(h.Sum(nil)))
+		dialH2(t, m.a, host).requireDownload(t, "h1-download", 13, h2Transfer)
 	})
 
 	t.Run("a download nobody reads holds back only itself", func(t *testing.T) {
@@ -320,16 +300,12 @@ func TestUpstreamHTTPVersionNetHTTP2(t *testing.T) {
 	c := dialH2(t, m.a, h1Svc.host())
 	require.Equal(t, "id=1 proto=HTTP/1.1", c.get(t, "/id?n=1").body)
 
-	req := c.request(t, http.MethodPost, "/upload?tag=net-unsized", io.LimitReader(h2Payload(21), 1<<20))
-	req.ContentLength = -1
-	r := c.do(t, req)
-	require.NoError(t, r.err)
-	require.Equal(t, fmt.Sprintf("%d %s", 1<<20, h2Sum(21, 1<<20)), r.body)
+	c.requireUpload(t, "net-unsized", 21, 1<<20, false)
 
-	req = c.request(t, http.MethodPost, "/trailers?tag=net-trailers", strings.NewReader("ping"))
+	req := c.request(t, http.MethodPost, "/trailers?tag=net-trailers", strings.NewReader("ping"))
 	req.ContentLength = -1
 	req.Trailer = http.Header{"X-Client-Trailer": {"from a"}}
-	r = c.do(t, req)
+	r := c.do(t, req)
 	require.NoError(t, r.err)
 	require.Equal(t, `got "ping"`, r.body)
 	require.Equal(t, "0", r.trailer.Get("Grpc-Status"))
