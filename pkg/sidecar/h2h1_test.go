@@ -374,14 +374,22 @@ func TestH1BridgeRequestHead(t *testing.T) {
 func TestH1BridgeResponseFields(t *testing.T) {
 	head := []byte("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n" +
 		"Keep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n")
-	var b h1Bridge
-	require.NoError(t, parseResponseHead(head, &b.resp))
+	b := h1Bridge{resp: new(h1Head)}
+	require.NoError(t, parseResponseHead(head, b.resp))
 	require.Equal(t, []hpack.HeaderField{{Name: ":status", Value: "200"}, {Name: "content-type", Value: "text/plain"},
 		{Name: "set-cookie", Value: "a=1"}, {Name: "set-cookie", Value: "b=2"}}, b.responseFields(head))
 
 	head = []byte("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
-	require.NoError(t, parseResponseHead(head, &b.resp))
+	require.NoError(t, parseResponseHead(head, b.resp))
 	require.Equal(t, []hpack.HeaderField{{Name: ":status", Value: "204"}, {Name: "content-length", Value: "0"}}, b.responseFields(head))
+
+	// Names off the common list and past the stack buffer, a code past
+	// the table.
+	head = []byte("HTTP/1.1 799 Odd\r\nX-Custom: 1\r\nX-A-Field-Name-Longer-Than-32-Bytes: 2\r\nDATE: d\r\nContent-Length: 0\r\n\r\n")
+	require.NoError(t, parseResponseHead(head, b.resp))
+	require.Equal(t, []hpack.HeaderField{{Name: ":status", Value: "799"}, {Name: "x-custom", Value: "1"},
+		{Name: "x-a-field-name-longer-than-32-bytes", Value: "2"}, {Name: "date", Value: "d"},
+		{Name: "content-length", Value: "0"}}, b.responseFields(head))
 }
 
 // FuzzH1BridgeRequestHead: whatever header block reaches the bridge (the
