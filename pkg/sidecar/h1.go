@@ -17,8 +17,6 @@ import (
 	"time"
 	"unsafe"
 
-	"go.opentelemetry.io/otel/metric"
-
 	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
 )
 
@@ -490,9 +488,9 @@ type h1Conn struct {
 	// cluster look none up.
 	reqCluster string
 	reqCode    int
-	reqOpt     []metric.AddOption // one option: passed on as it is, no slice made per call
+	reqCounter *counter
 	bytesOf    string
-	bytesOpt   []metric.AddOption
+	bytes      byteCounters
 	// reqIsHead: the request in flight is a HEAD, whose response has no
 	// body whatever its framing says.
 	reqIsHead bool
@@ -1126,12 +1124,11 @@ func (hc *h1Conn) writeError(code int, body string, close bool) {
 // count records a request's code, its labels looked up only when they
 // change.
 func (hc *h1Conn) count(cluster string, code int) {
-	m := hc.p.metrics
-	if hc.reqOpt == nil || hc.reqCluster != cluster || hc.reqCode != code {
+	if hc.reqCounter == nil || hc.reqCluster != cluster || hc.reqCode != code {
 		hc.reqCluster, hc.reqCode = cluster, code
-		hc.reqOpt = []metric.AddOption{m.attr(attrKey{kind: kindRequest, listener: hc.info.listener, cluster: cluster, code: code})}
+		hc.reqCounter = hc.p.metrics.requestCounter(hc.info.listener, cluster, code)
 	}
-	m.requests.Add(context.Background(), 1, hc.reqOpt...)
+	hc.reqCounter.add(1)
 }
 
 // countBytes records a request's body bytes each way.
@@ -1140,16 +1137,12 @@ func (hc *h1Conn) countBytes(cluster string, received, sent int64) {
 		return
 	}
 	m := hc.p.metrics
-	if hc.bytesOpt == nil || hc.bytesOf != cluster {
+	if hc.bytes.received == nil || hc.bytesOf != cluster {
 		hc.bytesOf = cluster
-		hc.bytesOpt = []metric.AddOption{m.attr(attrKey{kind: kindBytes, listener: hc.info.listener, cluster: cluster})}
+		hc.bytes = m.bytes(hc.info.listener, cluster)
 	}
-	if received > 0 {
-		m.received.Add(context.Background(), received, hc.bytesOpt...)
-	}
-	if sent > 0 {
-		m.sent.Add(context.Background(), sent, hc.bytesOpt...)
-	}
+	hc.bytes.received.add(received)
+	hc.bytes.sent.add(sent)
 }
 
 // h1KickIdle ends the wait of every HTTP/1.1 connection idle between

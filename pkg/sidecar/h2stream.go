@@ -855,13 +855,9 @@ func (s *h2Stream) finish() {
 		s.count(s.cluster(), 0) // the downstream left before an answer
 	}
 	if s.received > 0 || s.sent > 0 {
-		opt := p.metrics.attr(attrKey{kind: kindBytes, listener: s.down.info.listener, cluster: s.cluster()})
-		if s.received > 0 {
-			p.metrics.received.Add(context.Background(), s.received, opt)
-		}
-		if s.sent > 0 {
-			p.metrics.sent.Add(context.Background(), s.sent, opt)
-		}
+		bc := p.metrics.bytes(s.down.info.listener, s.cluster())
+		bc.received.add(s.received)
+		bc.sent.add(s.sent)
 	}
 	s.fields = nil
 	if s.entered {

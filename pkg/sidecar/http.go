@@ -16,8 +16,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"go.opentelemetry.io/otel/metric"
-
 	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
 )
 
@@ -190,7 +188,7 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	h2 := d.up.c.UpstreamHTTP == xdsclient.UpstreamHTTP2 ||
 		r.ProtoMajor == 2 && d.up.c.UpstreamHTTP == xdsclient.UpstreamHTTPDownstream
 	f := &forward{p: p, ci: ci, up: d.up, h2: h2,
-		bytesOpt: p.metrics.attr(attrKey{kind: kindBytes, listener: ci.listener, cluster: d.up.name})}
+		bytes: p.metrics.bytes(ci.listener, d.up.name)}
 	var ok bool
 	if f.target, ok = p.target(ci, d.up); !ok {
 		p.metrics.request(ci.listener, d.up.name, http.StatusBadGateway)
@@ -306,8 +304,8 @@ type forward struct {
 	// last is when a byte of body last moved either way (Unix
 	// nanoseconds), for the stream idle timeout.
 	last atomic.Int64
-	// bytesOpt is the byte counters' labels, looked up once.
-	bytesOpt metric.MeasurementOption
+	// bytes are the byte counters, looked up once.
+	bytes byteCounters
 	// responded is set once the upstream's response headers arrived.
 	responded atomic.Bool
 }
@@ -321,8 +319,8 @@ func forwardOf(ctx context.Context) *forward {
 
 func (f *forward) touch() { f.last.Store(time.Now().UnixNano()) }
 
-func (f *forward) received(n int64) { f.p.metrics.received.Add(context.Background(), n, f.bytesOpt) }
-func (f *forward) sent(n int64)     { f.p.metrics.sent.Add(context.Background(), n, f.bytesOpt) }
+func (f *forward) received(n int64) { f.bytes.received.add(n) }
+func (f *forward) sent(n int64)     { f.bytes.sent.add(n) }
 
 // rewrite makes the upstream request: origin-form, the authority as the
 // app sent it, X-Forwarded-* as the app sent them (the sidecar is not a

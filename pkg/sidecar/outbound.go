@@ -124,7 +124,7 @@ func (p *Proxy) proxyTCP(down relay.Conn, st *state, tp *xdsclient.TCPProxy, lis
 	p.track(up)
 	defer p.untrackAndClose(up)
 	bc := p.metrics.bytes(listener, u.name)
-	relay.Pipe(down, up, tp.IdleTimeout, bc.received, bc.sent)
+	relay.Pipe(down, up, tp.IdleTimeout, bc.received.add, bc.sent.add)
 }
 
 // inConn carries the filter chain its ClientHello selected from

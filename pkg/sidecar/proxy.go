@@ -430,7 +430,7 @@ func (p *Proxy) acceptLoop(ctx context.Context, ln *net.TCPListener, listener st
 			continue
 		}
 		delay = 0
-		p.metrics.accepted.Add(context.Background(), 1, p.metrics.listenerAttrs[listener])
+		p.metrics.accepted[idx].add(1)
 		if p.active[idx].Add(1) > int64(p.cfg.MaxConnections) {
 			p.active[idx].Add(-1)
 			p.metrics.refuse(listener, ReasonOverLimit)
@@ -438,7 +438,7 @@ func (p *Proxy) acceptLoop(ctx context.Context, ln *net.TCPListener, listener st
 			_ = c.Close()
 			continue
 		}
-		p.metrics.active.Add(context.Background(), 1, p.metrics.listenerAttrs[listener])
+		p.metrics.active[idx].add(1)
 		p.connGoroutines.Add(1)
 		go serve(c)
 	}
@@ -454,8 +454,9 @@ func listenerIndex(listener string) int {
 // release is a downstream connection's end: it no longer counts against
 // MaxConnections.
 func (p *Proxy) release(listener string) {
-	p.active[listenerIndex(listener)].Add(-1)
-	p.metrics.active.Add(context.Background(), -1, p.metrics.listenerAttrs[listener])
+	idx := listenerIndex(listener)
+	p.active[idx].Add(-1)
+	p.metrics.active[idx].add(-1)
 }
 
 // refuse counts a refusal and closes c.
