@@ -288,6 +288,14 @@ func TestUpstreamHTTPVersion(t *testing.T) {
 		c := dialH2(t, m.a, h2UpSvc.host())
 		require.Equal(t, "id=h2 proto=HTTP/2.0", c.get(t, "/id?n=h2").body, "and h2c stays HTTP/2")
 	})
+
+	t.Run("Run ends the bridge workers", func(t *testing.T) {
+		// Workers that served the streams above wait for the next for
+		// 10 s: stopping the sidecar ends them at once.
+		m.a.stop(t)
+		m.b.stop(t)
+		requireNoProductGoroutine(t)
+	})
 }
 
 // With Config.NetHTTP2, net/http's server takes the app's h2c and its

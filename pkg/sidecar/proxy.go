@@ -82,6 +82,13 @@ type Proxy struct {
 	// path, which the drain sends a GOAWAY and cuts at its timeout.
 	h2Mu    sync.Mutex
 	h2Conns map[*h2Conn]struct{}
+
+	// bridgeWork hands a bridged exchange to an idle bridge worker
+	// (startBridge); bridgeWorkers are those goroutines, which end when
+	// idle for bridgeWorkerIdle or when bridgeStop closes.
+	bridgeWork    chan *h1Bridge
+	bridgeStop    chan struct{}
+	bridgeWorkers sync.WaitGroup
 }
 
 // New validates cfg and binds the listeners; the proxy serves once Run is
@@ -117,6 +124,8 @@ func New(cfg Config, src ConfigSource, svid x509svid.Source, opts Options) (*Pro
 		tcpConns:    map[net.Conn]struct{}{},
 		h1Conns:     map[*h1Conn]struct{}{},
 		h2Conns:     map[*h2Conn]struct{}{},
+		bridgeWork:  make(chan *h1Bridge),
+		bridgeStop:  make(chan struct{}),
 	}
 	if p.originalDst == nil {
 		p.originalDst = capture.OriginalDst
@@ -284,6 +293,8 @@ func (p *Proxy) Run(ctx context.Context) error {
 	p.drain()
 	<-configDone
 	p.closePools()
+	close(p.bridgeStop) // no exchange is bridged after closePools
+	p.bridgeWorkers.Wait()
 	for _, srv := range ops {
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
 		_ = srv.Shutdown(sctx)
