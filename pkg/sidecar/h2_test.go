@@ -1209,4 +1209,34 @@ func testH2StreamIdleTimeout(t *testing.T, netHTTP2 bool) {
 	require.Equal(t, http.StatusOK, r.code)
 	require.Equal(t, 40, strings.Count(r.body, "\n"))
 	c.requireUsable(t)
+
+	// At once on one connection: a stream that keeps moving, and two
+	// silent ones opened 150 ms apart. Each silent one is cut at its own
+	// deadline (the second not at the first's), the moving one never.
+	moving := c.request(t, http.MethodGet, "/drip?tag=idle-many-moving&n=40", nil)
+	silent1 := c.request(t, http.MethodGet, "/hold?tag=idle-many-1", nil)
+	silent2 := c.request(t, http.MethodGet, "/hold?tag=idle-many-2", nil)
+	var first, second []h2Result
+	var secondTook time.Duration
+	var wg sync.WaitGroup
+	wg.Go(func() { first = concurrently([]*h2Client{c}, []*http.Request{moving, silent1}) })
+	wg.Go(func() {
+		time.Sleep(150 * time.Millisecond)
+		start := time.Now()
+		second = concurrently([]*h2Client{c}, []*http.Request{silent2})
+		secondTook = time.Since(start)
+	})
+	wg.Wait()
+	require.NoError(t, first[0].err)
+	require.Equal(t, http.StatusOK, first[0].code)
+	require.Equal(t, 40, strings.Count(first[0].body, "\n"), "the moving stream is never cut")
+	for _, r := range []h2Result{first[1], second[0]} {
+		require.NoError(t, r.err)
+		require.Equal(t, http.StatusGatewayTimeout, r.code, r.body)
+		require.Equal(t, "stream timeout", r.body)
+	}
+	require.GreaterOrEqual(t, secondTook, 300*time.Millisecond, "the second silent stream is cut at its own deadline, not the first's")
+	app.req("idle-many-1").requireCancelled(t)
+	app.req("idle-many-2").requireCancelled(t)
+	c.requireUsable(t)
 }

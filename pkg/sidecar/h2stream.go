@@ -99,9 +99,12 @@ type h2Stream struct {
 	downGone, upGone, finished bool
 	born                       time.Time
 	route                      *time.Timer
-	idle                       *idleWatch
-	last                       atomic.Int64
-	received, sent             int64
+	// last is when a byte of the stream last moved (Unix ns), for the
+	// stream idle timeout (h2Conn.sweepIdle); idleFired: the sweep timed
+	// the stream out (down.mu).
+	last           atomic.Int64
+	idleFired      bool
+	received, sent int64
 }
 
 func (s *h2Stream) lock(rd *h2Conn) {
@@ -164,11 +167,12 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 	s.lock(down)
 	defer s.unlock()
 	defer s.maybeDone()
+	s.touch() // before the idle sweep can see the stream
 	down.mu.Lock()
 	s.toDown.dst, s.toDown.dstID, s.toDown.sendWin = down, f.StreamID, down.peerInitWin
 	down.streams[f.StreamID] = s
+	down.armIdleSweep()
 	down.mu.Unlock()
-	s.touch()
 
 	var method, scheme, authority, path, host string
 	for _, hf := range f.Fields {
@@ -237,7 +241,6 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 	if d.timeout > 0 {
 		s.route = time.AfterFunc(d.timeout, func() { s.timeout(errRouteTimeout) })
 	}
-	s.idle = newIdleWatch(p.cfg.StreamIdleTimeout, &s.last, func() { s.timeout(errStreamIdle) })
 	if d.up.c.UpstreamHTTP == xdsclient.UpstreamHTTP1 {
 		s.bridgeH1(d.timeout)
 		return
@@ -846,9 +849,6 @@ func (s *h2Stream) finish() {
 	s.unblock(&s.toDown)
 	if s.route != nil {
 		s.route.Stop()
-	}
-	if s.idle != nil {
-		s.idle.stop()
 	}
 	p := s.p
 	if !s.counted && s.upstream != nil {
