@@ -119,7 +119,8 @@
 // /stats), 15020 health (/healthz/ready: a configuration and an SVID, not
 // draining; /stats/prometheus). Metrics are OpenTelemetry instruments
 // exported in Prometheus format, merged with what other components record
-// through Proxy.Meter (the DNS proxy):
+// through Proxy.Meter (the DNS proxy); the data path's counts are atomic
+// counters the instruments read at scrape time (metrics.go):
 //
 //	isthmus_sidecar_connections_total{listener}            accepted downstream connections
 //	isthmus_sidecar_connections_active{listener}

@@ -22,8 +22,8 @@ import (
 // the app spoke (xdsclient.UpstreamHTTP1). The stream's downstream half
 // is the HTTP/2 path's as ever; its upstream half is an HTTP/1.1
 // exchange on a pooled keep-alive connection of the HTTP/1.1 path (h1Up),
-// run by one goroutine per stream with that path's blocking reads and
-// writes and its deadlines:
+// run by one goroutine per stream (a pooled worker, startBridge) with
+// that path's blocking reads and writes and its deadlines:
 //
 //   - the request head is built from the header block when the stream
 //     opens (a request HTTP/1.1 cannot carry is answered there: 501 for
