@@ -698,6 +698,11 @@ func (b *h1Bridge) relayN(in *bufReader, n int64, last bool) error {
 }
 
 // relayToClose passes down a body delimited by the connection's end.
+// An Isthmus peer never sends one (its inbound side re-frames such a
+// body as chunked). Over TLS, the end is crypto/tls's io.EOF, which it
+// returns for a close_notify and also for a TCP end at a record
+// boundary without one ("popular web sites seem to do this"), so a body
+// cut there reads as whole, as it does for net/http's Transport.
 func (b *h1Bridge) relayToClose(in *bufReader) error {
 	for {
 		if in.r == in.w {

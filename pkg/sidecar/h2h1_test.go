@@ -1,18 +1,22 @@
 package sidecar
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
@@ -448,4 +452,78 @@ func FuzzH1BridgeRequestHead(f *testing.F) {
 			t.Fatalf("path %q became %q", path, got)
 		}
 	})
+}
+
+// A response whose body ends with its connection (no Content-Length,
+// not chunked) is relayed whole and ends the stream cleanly; the
+// connection is not pooled. Another Isthmus sidecar always re-frames
+// such a body as chunked, so the peer here is a TLS server of its own
+// (a peer that is not an Isthmus sidecar), presenting an SVID the
+// cluster expects.
+func TestH1BridgeResponseToClose(t *testing.T) {
+	closeSvc := svc{name: "h1-close", ns: "demo", vip: "240.240.0.34", ports: []svcPort{{80, true}}, upstream: xdsclient.UpstreamHTTP1}
+	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t), hosts: hostsOf(closeSvc)}
+	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds})
+
+	peerID := m.beta.id("demo", "raw-peer")
+	sv := m.beta.svid(t, peerID)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
+		Certificates: []tls.Certificate{{Certificate: [][]byte{sv.Certificates[0].Raw}, PrivateKey: sv.PrivateKey}},
+		NextProtos:   []string{"istio-http/1.1"},
+	})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = ln.Close() })
+	body := strings.Repeat("to the end of the connection\n", 8000) // 232 KB: many reads
+	heads := make(chan string, 4)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(waitFor))
+				br := bufio.NewReader(c)
+				var head strings.Builder
+				for {
+					line, err := br.ReadString('\n')
+					if err != nil {
+						return
+					}
+					head.WriteString(line)
+					if line == "\r\n" {
+						break
+					}
+				}
+				heads <- head.String()
+				_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"+body)
+			}()
+		}
+	}()
+
+	s := closeSvc
+	s.ids = []spiffeid.ID{peerID}
+	s.locs = []locSpec{{zone: "z1", weight: 1, eps: []ep{{netip.MustParseAddrPort(ln.Addr().String()), true}}}}
+	m.xds.set(t, snapshot(t, "v1", []*testCA{m.alpha, m.beta}, s))
+	m.a.waitReady(t, "v1")
+
+	c := dialH2(t, m.a, closeSvc.host())
+	for i := range 2 {
+		r := c.get(t, fmt.Sprintf("/to-close?n=%d", i))
+		require.NoError(t, r.err, "the stream ends cleanly with the connection's end")
+		require.Equal(t, http.StatusOK, r.code)
+		require.Equal(t, "text/plain", r.header.Get("Content-Type"))
+		require.Empty(t, r.header.Get("Connection"))
+		require.Equal(t, len(body), len(r.body))
+		require.Equal(t, body, r.body)
+		select {
+		case head := <-heads:
+			require.True(t, strings.HasPrefix(head, fmt.Sprintf("GET /to-close?n=%d HTTP/1.1\r\n", i)), head)
+			require.Contains(t, head, "\r\nHost: "+closeSvc.host()+"\r\n")
+		case <-time.After(waitFor):
+			t.Fatal("the peer got no request")
+		}
+	}
+	require.Empty(t, heads, "each request came on its own connection, read once")
 }
