@@ -10,8 +10,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
-	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -467,44 +467,35 @@ func TestH1BridgeResponseToClose(t *testing.T) {
 
 	peerID := m.beta.id("demo", "raw-peer")
 	sv := m.beta.svid(t, peerID)
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
+	tlsConf := &tls.Config{
 		Certificates: []tls.Certificate{{Certificate: [][]byte{sv.Certificates[0].Raw}, PrivateKey: sv.PrivateKey}},
 		NextProtos:   []string{"istio-http/1.1"},
-	})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = ln.Close() })
+	}
 	body := strings.Repeat("to the end of the connection\n", 8000) // 232 KB: many reads
 	heads := make(chan string, 4)
-	go func() {
+	peer := serveTCP(t, func(raw net.Conn) {
+		c := tls.Server(raw, tlsConf)
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(waitFor))
+		br := bufio.NewReader(c)
+		var head strings.Builder
 		for {
-			c, err := ln.Accept()
+			line, err := br.ReadString('\n')
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(waitFor))
-				br := bufio.NewReader(c)
-				var head strings.Builder
-				for {
-					line, err := br.ReadString('\n')
-					if err != nil {
-						return
-					}
-					head.WriteString(line)
-					if line == "\r\n" {
-						break
-					}
-				}
-				heads <- head.String()
-				_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"+body)
-			}()
+			head.WriteString(line)
+			if line == "\r\n" {
+				break
+			}
 		}
-	}()
+		heads <- head.String()
+		_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"+body)
+	})
 
 	s := closeSvc
 	s.ids = []spiffeid.ID{peerID}
-	s.locs = []locSpec{{zone: "z1", weight: 1, eps: []ep{{netip.MustParseAddrPort(ln.Addr().String()), true}}}}
+	s.locs = []locSpec{{zone: "z1", weight: 1, eps: []ep{{peer, true}}}}
 	m.xds.set(t, snapshot(t, "v1", []*testCA{m.alpha, m.beta}, s))
 	m.a.waitReady(t, "v1")
 
