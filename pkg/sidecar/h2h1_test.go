@@ -455,8 +455,9 @@ func FuzzH1BridgeRequestHead(f *testing.F) {
 }
 
 // A response whose body ends with its connection (no Content-Length,
-// not chunked) is relayed whole and ends the stream cleanly; the
-// connection is not pooled. Another Isthmus sidecar always re-frames
+// not chunked) is relayed whole and ends the stream cleanly; the next
+// request gets a connection of its own (the peer reads one request per
+// connection). Another Isthmus sidecar always re-frames
 // such a body as chunked, so the peer here is a TLS server of its own
 // (a peer that is not an Isthmus sidecar), presenting an SVID the
 // cluster expects.

@@ -336,7 +336,7 @@ func (s *h2Stream) answerCluster(cluster string, code int, body string) {
 	fl.src = nil
 	fl.srcEnded = true
 	fields := []hpack.HeaderField{
-		{Name: ":status", Value: strconv.Itoa(code)},
+		{Name: ":status", Value: statusValue(code)},
 		{Name: "content-type", Value: "text/plain; charset=utf-8"},
 		{Name: "x-content-type-options", Value: "nosniff"},
 		{Name: "content-length", Value: strconv.Itoa(len(body))},

@@ -2,6 +2,7 @@ package sidecar
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"sync"
@@ -118,7 +119,7 @@ func newMetrics() (*metrics, error) {
 	}
 	m.provider = sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter))
 	m.meter = m.provider.Meter("github.com/isthmus-mesh/isthmus/pkg/sidecar")
-	var errs [numInstruments + 1]error
+	var errs [numInstruments]error
 	m.insts[instAccepted], errs[0] = m.meter.Int64ObservableCounter("isthmus_sidecar_connections",
 		metric.WithDescription("Downstream connections accepted, by listener (outbound, inbound)."))
 	m.insts[instActive], errs[1] = m.meter.Int64ObservableUpDownCounter("isthmus_sidecar_connections_active",
@@ -133,24 +134,22 @@ func newMetrics() (*metrics, error) {
 		metric.WithDescription("Bytes received from downstream and sent upstream (HTTP: request bodies), by listener and cluster."), metric.WithUnit("By"))
 	m.insts[instSent], errs[6] = m.meter.Int64ObservableCounter("isthmus_sidecar_sent_bytes",
 		metric.WithDescription("Bytes received from upstream and sent downstream (HTTP: response bodies), by listener and cluster."), metric.WithUnit("By"))
-	insts := make([]metric.Observable, 0, numInstruments)
-	for _, inst := range m.insts {
-		if inst != nil {
-			insts = append(insts, inst)
-		}
+	if err := errors.Join(errs[:]...); err != nil {
+		return nil, err
 	}
-	_, errs[numInstruments] = m.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+	insts := make([]metric.Observable, len(m.insts))
+	for i, inst := range m.insts {
+		insts[i] = inst
+	}
+	if _, err := m.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
 		m.counters.Range(func(_, v any) bool {
 			c := v.(*counter)
 			o.ObserveInt64(c.inst, c.n.Load(), c.opt)
 			return true
 		})
 		return nil
-	}, insts...)
-	for _, err := range errs {
-		if err != nil {
-			return nil, err
-		}
+	}, insts...); err != nil {
+		return nil, err
 	}
 	for i, l := range []string{listenerOutbound, listenerInbound} {
 		m.accepted[i] = m.counter(instAccepted, attrKey{listener: l})
