@@ -48,6 +48,7 @@ var (
 	errContentLengths  = &h1Error{http.StatusBadRequest, "differing Content-Length values"}
 	errTransferCoding  = &h1Error{http.StatusNotImplemented, "unsupported Transfer-Encoding (only chunked)"}
 	errTEAndCL         = &h1Error{http.StatusBadRequest, "both Transfer-Encoding and Content-Length"}
+	errTEInHTTP10      = &h1Error{http.StatusBadRequest, "Transfer-Encoding in an HTTP/1.0 message"}
 	errMissingHost     = &h1Error{http.StatusBadRequest, "missing Host header"}
 	errManyHosts       = &h1Error{http.StatusBadRequest, "more than one Host header"}
 	errBadHost         = &h1Error{http.StatusBadRequest, "malformed Host header"}
@@ -379,14 +380,22 @@ func parseResponseHead(head []byte, h *h1Head) error {
 		}
 	}
 	h.reason = span{9, int32(eol)}
-	return h.parseFields(head, eol+2, false)
+	if err := h.parseFields(head, eol+2, false); err != nil {
+		return err
+	}
+	if h.chunked && h.minor == 0 {
+		// RFC 9112 §6.1: its framing is faulty. net/http ignores the
+		// field and reads to the connection's end; refused here.
+		return errTEInHTTP10
+	}
+	return nil
 }
 
 // parseFields parses the field lines of head from off to the empty line,
 // classifying each and reading the framing and Connection fields; a
 // request's Host is checked.
 func (h *h1Head) parseFields(head []byte, off int, request bool) error {
-	clSeen := false
+	clSeen, cl := false, span{}
 	for {
 		eol := bytes.IndexByte(head[off:], '\n')
 		if eol < 0 {
@@ -421,10 +430,12 @@ func (h *h1Head) parseFields(head []byte, off int, request bool) error {
 			if !ok {
 				return errContentLength
 			}
-			if clSeen && n != h.contentLength {
+			// Repeated, it must be the same text, as net/http requires
+			// ("02" and "2" differ).
+			if clSeen && !bytes.Equal(value, cl.of(head)) {
 				return errContentLengths
 			}
-			clSeen, h.contentLength = true, n
+			clSeen, cl, h.contentLength = true, f.value, n
 		case fieldTransferEncoding:
 			if len(value) == 0 {
 				return errFieldLine // and not a coding we do not know

@@ -7,11 +7,14 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/net/http/httpguts"
 )
 
 // parseHead scans and parses raw as the HTTP/1.1 path does.
@@ -50,6 +53,7 @@ func TestParseRequestHead(t *testing.T) {
 		{"TE and CL", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", 400},
 		{"differing content-lengths", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400},
 		{"content-length list", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n", 400},
+		{"content-lengths equal only as numbers", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 03\r\n\r\n", 400},
 		{"negative content-length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400},
 		{"signed content-length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n", 400},
 		{"huge content-length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n", 400},
@@ -87,6 +91,55 @@ func TestParseRequestHead(t *testing.T) {
 				require.True(t, errors.As(err, &he), "%v", err)
 				require.Equal(t, tc.code, he.code, he.msg)
 			}
+		})
+	}
+}
+
+// A response head from an upstream: what the codec reads of it, and
+// what it refuses (the sidecar then answers 502).
+func TestParseResponseHead(t *testing.T) {
+	for _, tc := range []struct {
+		name, raw string
+		ok        bool
+		// status, length (-1: none), chunked, and how the body ends.
+		status                  int
+		length                  int64
+		chunked, toClose, keeps bool
+	}{
+		{name: "length", raw: "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", ok: true, status: 200, length: 3, keeps: true},
+		{name: "chunked", raw: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", ok: true, status: 200, length: -1, chunked: true, keeps: true},
+		{name: "to the end", raw: "HTTP/1.1 200 OK\r\n\r\n", ok: true, status: 200, length: -1, toClose: true},
+		{name: "no reason", raw: "HTTP/1.1 204\r\n\r\n", ok: true, status: 204, length: -1, keeps: true},
+		{name: "HTTP/1.0 keep-alive", raw: "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n", ok: true, status: 200, length: 0, keeps: true},
+		{name: "HTTP/1.0", raw: "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", ok: true, status: 200, length: 0},
+		{name: "same length twice", raw: "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n", ok: true, status: 200, length: 2, keeps: true},
+
+		{name: "HTTP/1.0 chunked", raw: "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"},
+		{name: "lengths equal only as numbers", raw: "HTTP/1.1 200 OK\r\nContent-Length: 02\r\nContent-Length: 2\r\n\r\n"},
+		{name: "differing lengths", raw: "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"},
+		{name: "chunked and length", raw: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"},
+		{name: "gzip", raw: "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"},
+		{name: "two-digit status", raw: "HTTP/1.1 20 OK\r\n\r\n"},
+		{name: "status below 100", raw: "HTTP/1.1 099 OK\r\n\r\n"},
+		{name: "HTTP/2", raw: "HTTP/2.0 200 OK\r\n\r\n"},
+		{name: "control in the reason", raw: "HTTP/1.1 200 O\x01K\r\n\r\n"},
+		{name: "obs-fold", raw: "HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var h h1Head
+			err := parseResponseHead([]byte(tc.raw), &h)
+			if !tc.ok {
+				var he *h1Error
+				require.ErrorAs(t, err, &he)
+				return
+			}
+			require.NoError(t, err)
+			require.Equal(t, tc.status, h.status)
+			require.Equal(t, tc.length, h.contentLength)
+			require.Equal(t, tc.chunked, h.chunked)
+			_, toClose, keep := h.responseBody(false)
+			require.Equal(t, tc.toClose, toClose)
+			require.Equal(t, tc.keeps, keep)
 		})
 	}
 }
@@ -278,4 +331,97 @@ func BenchmarkParseRequestHead(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// FuzzParseResponseHead: a response head from an upstream (an app, or a
+// peer that is not a sidecar) is either refused or read as net/http
+// reads it: the same status, version and framing, every field net/http
+// sees. The HTTP/2 header block the bridge makes of it (responseFields)
+// is one RFC 9113 allows: lowercase token names, no connection-specific
+// field, values without control characters or surrounding white space.
+func FuzzParseResponseHead(f *testing.F) {
+	for _, seed := range []string{
+		"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+		"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\r\n",
+		"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+		"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+		"HTTP/1.1 204\r\nContent-Length: 0\r\n\r\n",
+		"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nProxy-Connection: x\r\nTE: trailers\r\nUpgrade: h2c\r\n\r\n",
+		"HTTP/1.1 999 \xff\r\nX: \x80\r\n\r\n",
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		end, _, err := scanHead(raw, 0)
+		if err != nil || end == 0 {
+			return
+		}
+		head := raw[:end]
+		b := h1Bridge{resp: new(h1Head)}
+		h := b.resp
+		if err := parseResponseHead(head, h); err != nil {
+			var he *h1Error
+			if !errors.As(err, &he) {
+				t.Fatalf("unexpected error type %T: %v", err, err)
+			}
+			return
+		}
+		r, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(head)), &http.Request{Method: http.MethodGet})
+		if err != nil {
+			t.Fatalf("accepted %q, which net/http refuses: %v", head, err)
+		}
+		if r.StatusCode != h.status || r.ProtoMinor != int(h.minor) {
+			t.Fatalf("%q: status %d HTTP/1.%d, net/http %d HTTP/1.%d", head, h.status, h.minor, r.StatusCode, r.ProtoMinor)
+		}
+		noBody, toClose, _ := h.responseBody(false)
+		switch {
+		case h.status < 200:
+		case noBody:
+			if r.ContentLength > 0 || len(r.TransferEncoding) > 0 {
+				t.Fatalf("%q: no body, net/http length %d %v", head, r.ContentLength, r.TransferEncoding)
+			}
+		case h.chunked:
+			if len(r.TransferEncoding) != 1 || r.TransferEncoding[0] != "chunked" {
+				t.Fatalf("%q: chunked, net/http %v", head, r.TransferEncoding)
+			}
+		case toClose:
+			if r.ContentLength != -1 || len(r.TransferEncoding) > 0 {
+				t.Fatalf("%q: to the connection's end, net/http length %d %v", head, r.ContentLength, r.TransferEncoding)
+			}
+		default:
+			if r.ContentLength != h.contentLength {
+				t.Fatalf("%q: length %d, net/http %d", head, h.contentLength, r.ContentLength)
+			}
+		}
+		for i := range h.fields {
+			f := &h.fields[i]
+			name, value := string(f.name.of(head)), string(f.value.of(head))
+			if !slices.Contains(r.Header.Values(name), value) && f.kind != fieldTransferEncoding && f.kind != fieldContentLength {
+				t.Fatalf("%q: field %q: %q, net/http %q", head, name, value, r.Header.Values(name))
+			}
+		}
+		if h.status < 100 || h.status > 999 {
+			t.Fatalf("%q: status %d", head, h.status)
+		}
+		fields := b.responseFields(head)
+		if len(fields) == 0 || fields[0].Name != ":status" || fields[0].Value != strconv.Itoa(h.status) {
+			t.Fatalf("%q: header block %v", head, fields)
+		}
+		for _, hf := range fields[1:] {
+			if !validFieldName(hf.Name) || !httpguts.ValidHeaderFieldValue(hf.Value) || hf.Value != strings.Trim(hf.Value, " \t") {
+				t.Fatalf("%q: field %q: %q in the HTTP/2 block", head, hf.Name, hf.Value)
+			}
+			switch hf.Name {
+			case "connection", "proxy-connection", "keep-alive", "transfer-encoding", "upgrade", "te":
+				t.Fatalf("%q: connection-specific field %q in the HTTP/2 block", head, hf.Name)
+			case "content-length":
+				if h.chunked {
+					t.Fatalf("%q: content-length beside chunked", head)
+				}
+			}
+		}
+	})
 }
