@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -970,4 +971,178 @@ func TestH2LifeUpstreamStreamLimit(t *testing.T) {
 	t.Logf("b's sidecar opened %d connections to the app for 2 bursts of %d", accepted.Load(), burst)
 	require.Greater(t, accepted.Load(), int64(1))
 	require.LessOrEqual(t, accepted.Load(), int64(2*burst))
+}
+
+// fuzzUpstreamSeeds are b's app's answers to a request, written with
+// stream 1 standing for the request's stream (fuzzOnStream).
+func fuzzUpstreamSeeds() [][]byte {
+	type enc = func(...hpack.HeaderField) []byte
+	ok := []hpack.HeaderField{{Name: ":status", Value: "200"}, {Name: "content-type", Value: "text/plain"}}
+	return [][]byte{
+		fuzzFrames(func(fr *http2.Framer, e enc) {
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: e(ok...), EndHeaders: true})
+			_ = fr.WriteData(1, true, []byte("answered"))
+		}),
+		fuzzFrames(func(fr *http2.Framer, e enc) {
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: e(hpack.HeaderField{Name: ":status", Value: "103"}, hpack.HeaderField{Name: "link", Value: "</a>"}), EndHeaders: true})
+			block := e(append(ok, hpack.HeaderField{Name: "x-big", Value: strings.Repeat("b", 300)})...)
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block[:5]})
+			_ = fr.WriteContinuation(1, true, block[5:])
+			_ = fr.WriteDataPadded(1, false, []byte("padded"), make([]byte, 9))
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: e(hpack.HeaderField{Name: "grpc-status", Value: "0"}), EndStream: true, EndHeaders: true})
+		}),
+		fuzzFrames(func(fr *http2.Framer, e enc) {
+			_ = fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 0}, http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 0})
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: e(ok...), EndStream: true, EndHeaders: true})
+		}),
+		fuzzFrames(func(fr *http2.Framer, e enc) {
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: e(ok...), EndHeaders: true})
+			_ = fr.WriteData(1, false, []byte("partial"))
+			_ = fr.WriteRSTStream(1, http2.ErrCodeInternal)
+		}),
+		fuzzFrames(func(fr *http2.Framer, _ enc) { _ = fr.WriteGoAway(0, http2.ErrCodeEnhanceYourCalm, []byte("calm")) }),
+		fuzzFrames(func(fr *http2.Framer, _ enc) { _ = fr.WritePing(false, [8]byte{1}); _ = fr.WriteWindowUpdate(1, 1<<20) }),
+		// Malformed: what an app may not send.
+		fuzzFrames(func(fr *http2.Framer, _ enc) { _ = fr.WriteData(1, true, []byte("before the head")) }),
+		fuzzFrames(func(fr *http2.Framer, e enc) {
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: e(hpack.HeaderField{Name: "Upper", Value: "x"}, hpack.HeaderField{Name: ":status", Value: "2x0"}), EndStream: true, EndHeaders: true})
+		}),
+		fuzzFrames(func(fr *http2.Framer, e enc) {
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: e(append(ok, hpack.HeaderField{Name: "connection", Value: "close"})...), EndStream: true, EndHeaders: true})
+		}),
+		fuzzFrames(func(fr *http2.Framer, e enc) {
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: e(append(ok, hpack.HeaderField{Name: "content-length", Value: "3"})...), EndHeaders: true})
+			_ = fr.WriteData(1, true, []byte("more than three"))
+		}),
+		fuzzFrames(func(fr *http2.Framer, e enc) {
+			_ = fr.WritePushPromise(http2.PushPromiseParam{StreamID: 1, PromiseID: 2, BlockFragment: e(requestFields(http.MethodGet, "x", "/push")...), EndHeaders: true})
+		}),
+		fuzzFrames(func(fr *http2.Framer, e enc) {
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: e(ok...), EndStream: true, EndHeaders: true})
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 2, BlockFragment: e(ok...), EndStream: true, EndHeaders: true})
+		}),
+		fuzzFrames(func(fr *http2.Framer, _ enc) {
+			_ = fr.WriteWindowUpdate(0, 1<<31-1)
+			_ = fr.WriteWindowUpdate(0, 1<<31-1)
+		}),
+		fuzzFrames(func(fr *http2.Framer, _ enc) {
+			_ = fr.WriteRawFrame(http2.FrameSettings, 0, 0, []byte{0, 5, 0, 0, 0, 1})
+		}),
+		fuzzFrames(func(fr *http2.Framer, _ enc) { _ = fr.WriteRawFrame(0xfa, 0xff, 1, []byte("an unknown frame type")) }),
+		[]byte("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+	}
+}
+
+// fuzzOnStream is data, whole frames, with stream 1 put on stream id. It
+// copies: data is the fuzzer's.
+func fuzzOnStream(data []byte, id uint32) []byte {
+	out := bytes.Clone(fuzzAlign(data))
+	for off := 0; off+9 <= len(out); {
+		n := int(out[off])<<16 | int(out[off+1])<<8 | int(out[off+2])
+		if sid := binary.BigEndian.Uint32(out[off+5:]); sid&(1<<31-1) == 1 {
+			binary.BigEndian.PutUint32(out[off+5:], sid&(1<<31)|id) // the reserved bit kept
+		}
+		off += 9 + n
+	}
+	return out
+}
+
+// FuzzH2Upstream: b's app, behind a port declared http2, answers a's
+// app's request with arbitrary frames. Whatever they are, a's app gets
+// an answer or a stream error, both sidecars let go of the stream (no
+// request in flight, no stream, reservation or waiter on any
+// connection), and the sidecars still proxy; at the end, Run leaves no
+// goroutine. The fuzzed side is the sidecar's HTTP/2 client (h2conn.go
+// reading a response), where FuzzH2Downstream fuzzes its server.
+func FuzzH2Upstream(f *testing.F) {
+	for _, s := range fuzzUpstreamSeeds() {
+		f.Add(s)
+	}
+	f.Cleanup(func() { requireNoProductGoroutine(f) })
+	var (
+		answer atomic.Pointer[[]byte]
+		mu     sync.Mutex
+		conns  []net.Conn // b's sidecar's connections to the app, closed after each input
+	)
+	raw := startRawApp(f, func(sc *rawAppConn, id uint32, path string) {
+		mu.Lock()
+		conns = append(conns, sc.c)
+		mu.Unlock()
+		if path != "/fuzz" {
+			sc.respond(id, "answered "+path)
+			return
+		}
+		if a := answer.Load(); a != nil {
+			_, _ = sc.c.Write(fuzzOnStream(*a, id))
+		}
+	})
+	// Most inputs leave the stream waiting for more: its idle timeout
+	// ends it, kept short so that fuzzing moves.
+	m, _, _ := startLifeMesh(f, func(c *Config) { c.StreamIdleTimeout = 300 * time.Millisecond }, raw.addr)
+	health := dialH2(f, m.a, h2Svc.host())
+	// ask is a's app's request, on a connection of its own; a round trip
+	// or body that does not end is the failure.
+	ask := func(t testing.TB) (code int, body string, err error) {
+		c := dialH2(t, m.a, lifeRawSvc.host())
+		ctx, cancel := context.WithTimeout(t.Context(), waitFor)
+		defer cancel()
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+lifeRawSvc.host()+"/fuzz", nil)
+		require.NoError(t, err)
+		resp, err := c.cc.RoundTrip(req)
+		require.NotErrorIs(t, err, context.DeadlineExceeded, "no answer came")
+		if err != nil {
+			return 0, "", err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		require.NotErrorIs(t, err, context.DeadlineExceeded, "the response body hung")
+		return resp.StatusCode, string(b), err
+	}
+	// The plumbing: the first seed is a whole response, and comes so.
+	first := fuzzUpstreamSeeds()[0]
+	answer.Store(&first)
+	code, body, err := ask(f)
+	require.NoError(f, err)
+	require.Equal(f, http.StatusOK, code, body)
+	require.Equal(f, "answered", body)
+
+	f.Fuzz(func(t *testing.T, data []byte) {
+		stuck := time.AfterFunc(30*time.Second, func() {
+			buf := make([]byte, 16<<20)
+			panic(fmt.Sprintf("input stuck for 30s: %x\n%s", data, buf[:runtime.Stack(buf, true)]))
+		})
+		defer stuck.Stop()
+		answer.Store(&data)
+		defer func() {
+			mu.Lock()
+			for _, c := range conns {
+				_ = c.Close()
+			}
+			conns = nil
+			mu.Unlock()
+		}()
+
+		// a's app asks; any answer or error will do, but not a hang.
+		_, _, _ = ask(t)
+
+		// Both sidecars let go of it, before the app's connections close
+		// (which would end its streams anyway).
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			a, b := chaosState(m.a.proxy), chaosState(m.b.proxy)
+			if a.requests == 0 && a.busyDown == 0 && a.busyUp == 0 && b.requests == 0 && b.busyDown == 0 && b.busyUp == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the sidecars still hold the stream:\na: %s\nb: %s", a.desc, b.desc)
+			}
+			time.Sleep(time.Millisecond)
+		}
+
+		// And they still proxy.
+		r := health.get(t, "/id?n=health")
+		require.NoError(t, r.err)
+		require.Equal(t, http.StatusOK, r.code, r.body)
+		require.Equal(t, "id=health proto=HTTP/2.0", r.body)
+	})
 }
