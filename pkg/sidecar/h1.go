@@ -1173,10 +1173,6 @@ func (p *Proxy) h1CutAll() int {
 	return len(p.h1Conns)
 }
 
-// h1PeekAfter is how long a pooled connection sits idle before it is
-// checked for a close by its peer when taken (closedWhileIdle).
-const h1PeekAfter = 500 * time.Millisecond
-
 // h1Up is a pooled upstream HTTP/1.1 connection with its buffers.
 type h1Up struct {
 	pool *pool
@@ -1224,12 +1220,14 @@ func (pl *pool) h1Get(ep netip.AddrPort, fresh bool, tm *timing) (*h1Up, error) 
 		idle[len(idle)-1] = nil
 		pl.h1idle[ep] = idle[:len(idle)-1]
 		u.idle = false
-		idleFor := time.Since(u.idleAt)
 		pl.h1mu.Unlock()
-		// A connection used a moment ago is taken as it is: an app
-		// closes idle connections after seconds (Node.js after 5), and
-		// the peek costs a system call per request.
-		if idleFor >= h1PeekAfter && closedWhileIdle(u.c) {
+		// Every time, though it costs a system call per request: bytes
+		// that came while the connection sat idle were asked for by no
+		// request, and read after the next one they would be taken for
+		// its response (an app whose Content-Length fell short of what
+		// it wrote, a moment later). Envoy and nginx close an idle
+		// upstream connection as soon as it turns readable.
+		if closedWhileIdle(u.c) {
 			u.close()
 			continue
 		}

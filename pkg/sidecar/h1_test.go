@@ -32,13 +32,14 @@ type rawBackend struct {
 	addr     netip.AddrPort
 	conns    atomic.Int64
 	requests atomic.Int64
+	unasked  chan struct{} // /extra wrote its unasked response
 }
 
 func startRawBackend(t testing.TB) *rawBackend {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	b := &rawBackend{addr: ln.Addr().(*net.TCPAddr).AddrPort()}
+	b := &rawBackend{addr: ln.Addr().(*net.TCPAddr).AddrPort(), unasked: make(chan struct{}, 1)}
 	var (
 		wg   sync.WaitGroup
 		mu   sync.Mutex // guards open
@@ -114,6 +115,20 @@ func (b *rawBackend) serve(c net.Conn, id int64) {
 			_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 			time.Sleep(50 * time.Millisecond)
 			return
+		case req.URL.Path == "/extra":
+			// A response, then, a moment later and unasked, another
+			// (as an app whose Content-Length falls short of what it
+			// writes): the connection then carries on.
+			_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+			time.Sleep(20 * time.Millisecond)
+			if _, err := io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"); err != nil {
+				return
+			}
+			select {
+			case b.unasked <- struct{}{}:
+			default:
+			}
+			continue
 		case req.URL.Path == "/to-close":
 			_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\n\r\nuntil the end")
 			return
@@ -434,10 +449,33 @@ func TestH1PooledConnectionClosedByTheApp(t *testing.T) {
 	require.Equal(t, "ok", body)
 	requireH1(t, m.a.proxy)
 	requireH1(t, m.b.proxy)
-	time.Sleep(h1PeekAfter + 200*time.Millisecond)
+	time.Sleep(200 * time.Millisecond) // the app closes meanwhile
 	rc.send(t, "POST /echo HTTP/1.1\r\nHost: "+rawHost+"\r\nContent-Length: 3\r\n\r\nabc")
 	resp, body = rc.read(t, "POST")
 	require.Equal(t, http.StatusOK, resp.StatusCode, body)
 	require.Contains(t, body, `body="abc"`)
+	require.EqualValues(t, 2, raw.conns.Load())
+}
+
+// Bytes an app sends on a keep-alive connection while it sits in the
+// inbound sidecar's pool were asked for by no request: the connection is
+// closed, never read as the next request's response (as Envoy and nginx
+// close an idle upstream connection that becomes readable).
+func TestH1PooledConnectionUnaskedBytes(t *testing.T) {
+	m, raw := startRawMesh(t)
+	rc := dialRaw(t, m, rawHost)
+	resp, body := rc.do(t, "GET", "/extra", "")
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Equal(t, "ok", body)
+	requireH1(t, m.b.proxy)
+	select {
+	case <-raw.unasked:
+	case <-time.After(waitFor):
+		t.Fatal("the app wrote no unasked response")
+	}
+	time.Sleep(10 * time.Millisecond) // on loopback it is there already; a moment more for a loaded machine
+	resp, body = rc.do(t, "GET", "/conn", "")
+	require.Equal(t, http.StatusOK, resp.StatusCode, body)
+	require.Equal(t, "2", body, "answered on a new connection, not with the bytes nobody asked for")
 	require.EqualValues(t, 2, raw.conns.Load())
 }

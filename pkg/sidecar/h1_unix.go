@@ -4,6 +4,7 @@ package sidecar
 
 import (
 	"crypto/tls"
+	"errors"
 	"net"
 	"syscall"
 
@@ -15,13 +16,20 @@ import (
 // close_notify): one non-blocking peek at the socket. net/http's
 // Transport learns this from the read loop it keeps on every idle
 // connection; the HTTP/1.1 path has no goroutine there, so it looks
-// before reusing a connection that sat idle.
+// before reusing a connection. Over TLS it sees the socket only, not
+// what crypto/tls read ahead of the last response (nothing, from a peer
+// that frames its responses right).
 func closedWhileIdle(c net.Conn) bool {
 	if u, ok := c.(*upConn); ok {
 		c = u.Conn
 	}
 	if tc, ok := c.(*tls.Conn); ok {
 		c = tc.NetConn()
+	}
+	if tc, ok := c.(*tryConn); ok {
+		if closed, ok := tc.closedWhileIdle(); ok {
+			return closed
+		}
 	}
 	sc, ok := c.(syscall.Conn)
 	if !ok {
@@ -34,11 +42,27 @@ func closedWhileIdle(c net.Conn) bool {
 	var buf [1]byte
 	dead := false
 	err = rc.Read(func(fd uintptr) bool {
-		n, _, err := unix.Recvfrom(int(fd), buf[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		// n > 0: unasked bytes; n == 0 without error: end of stream;
-		// EAGAIN: nothing, the connection is fine.
-		dead = n > 0 || (n == 0 && err == nil) || (err != nil && err != unix.EAGAIN && err != unix.EINTR)
+		_, _, err := unix.Recvfrom(int(fd), buf[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		var errno syscall.Errno
+		if err != nil && !errors.As(err, &errno) {
+			errno = syscall.EIO
+		}
+		dead = peekSaysClosed(errno)
 		return true
 	})
 	return dead || err != nil
+}
+
+// peekSaysClosed reads the outcome of a one-byte MSG_PEEK|MSG_DONTWAIT
+// recv of an idle connection: success is bytes no request asked for or
+// the end of stream, EAGAIN (or EINTR) nothing, the connection is fine;
+// any other error is a dead connection.
+func peekSaysClosed(errno syscall.Errno) bool {
+	switch errno {
+	case 0:
+		return true // bytes or the end: either way not reusable
+	case syscall.EAGAIN, syscall.EINTR:
+		return false
+	}
+	return true
 }

@@ -39,6 +39,10 @@ type rawIO struct {
 	werr    error
 	wtry    bool
 	writeFn func(fd uintptr) bool
+	// peekFn looks at the socket without reading (closedWhileIdle).
+	pb     [1]byte
+	perr   syscall.Errno
+	peekFn func(fd uintptr) bool
 }
 
 // newRawIO returns c's raw I/O, or nil when c has no file descriptor
@@ -85,7 +89,27 @@ func newRawIO(c *net.TCPConn) *rawIO {
 		}
 		return true
 	}
+	r.peekFn = func(fd uintptr) bool {
+		_, _, r.perr = syscall.RawSyscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&r.pb[0])), 1,
+			syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+		return true
+	}
 	return r
+}
+
+// closedWhileIdle is the peek of closedWhileIdle (h1_unix.go) without
+// an allocation; ok is false when c has no raw I/O.
+func (c *tryConn) closedWhileIdle() (closed, ok bool) {
+	r := c.raw
+	if r == nil {
+		return false, false
+	}
+	r.readMu.Lock()
+	defer r.readMu.Unlock()
+	if err := r.rc.Read(r.peekFn); err != nil {
+		return true, true
+	}
+	return peekSaysClosed(r.perr), true
 }
 
 // Read reads like net.TCPConn's Read, with errors in the same shape.

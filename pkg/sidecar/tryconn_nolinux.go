@@ -19,3 +19,7 @@ func (c *tryConn) write(b []byte, try bool) (int, error) {
 	}
 	return c.TCPConn.Write(b)
 }
+
+// closedWhileIdle has no raw I/O to peek with here (h1_unix.go peeks
+// through the net package).
+func (c *tryConn) closedWhileIdle() (closed, ok bool) { return false, false }
