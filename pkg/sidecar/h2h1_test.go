@@ -13,6 +13,8 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -518,4 +520,157 @@ func TestH1BridgeResponseToClose(t *testing.T) {
 		}
 	}
 	require.Empty(t, heads, "each request came on its own connection, read once")
+}
+
+// FuzzH1Upstream: a peer that is not a sidecar (a raw TLS server with a
+// workload certificate, behind a cluster whose upstream speaks
+// HTTP/1.1) answers a request with arbitrary bytes. Through a's
+// HTTP/1.1 path and through its HTTP/2 → HTTP/1.1 bridge, a's app gets
+// an answer or an error, never a hang; a's sidecar lets go of the
+// request; and the next request to the peer is answered whole, so no
+// connection the input left in any state is reused for it. Where
+// FuzzParseResponseHead checks the parser alone, this checks what the
+// two paths do with what it reads: framing, 1xx, bodies cut short or
+// running over, the connection's reuse.
+func FuzzH1Upstream(f *testing.F) {
+	for _, seed := range []string{
+		"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nanswered",
+		"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Sum: 5\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end",
+		"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+		"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nextra",
+		"HTTP/1.1 304 Not Modified\r\nContent-Length: 42\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+		"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nrunning over",
+		"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale",
+		"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+		"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+		"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+		"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
+		"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 0\r\n\r\n",
+		"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+		"HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("b", 70000) + "\r\n\r\n",
+		"SSH-2.0-OpenSSH_9.6\r\n",
+		"",
+	} {
+		f.Add([]byte(seed))
+	}
+	fuzzSvc := svc{name: "h1-fuzz", ns: "demo", vip: "240.240.0.35", ports: []svcPort{{80, true}}, upstream: xdsclient.UpstreamHTTP1}
+	m := &mesh{alpha: newTestCA(f, "alpha.mesh"), beta: newTestCA(f, "beta.mesh"), xds: startXDSServer(f), hosts: hostsOf(fuzzSvc)}
+	// Most inputs leave the response waiting for more: the stream idle
+	// timeout ends it, kept short so that fuzzing moves.
+	f.Cleanup(func() { requireNoProductGoroutine(f) }) // after the pod stopped: cleanups run last first
+	m.a = startPod(f, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: func(c *Config) { c.StreamIdleTimeout = 300 * time.Millisecond }})
+
+	peerID := m.beta.id("demo", "raw-peer")
+	sv := m.beta.svid(f, peerID)
+	tlsConf := &tls.Config{
+		Certificates: []tls.Certificate{{Certificate: [][]byte{sv.Certificates[0].Raw}, PrivateKey: sv.PrivateKey}},
+		NextProtos:   []string{"istio-http/1.1"},
+		// An answer goes in one record: what crypto/tls reads ahead of
+		// a response is out of the sidecar's sight (closedWhileIdle).
+		DynamicRecordSizingDisabled: true,
+	}
+	var (
+		answer atomic.Pointer[[]byte]
+		mu     sync.Mutex
+		conns  = map[net.Conn]struct{}{} // the peer's, closed after each input
+	)
+	closeConns := func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for c := range conns {
+			_ = c.Close()
+		}
+	}
+	peer := serveTCP(f, func(raw net.Conn) {
+		c := tls.Server(raw, tlsConf)
+		mu.Lock()
+		conns[c] = struct{}{}
+		mu.Unlock()
+		defer func() {
+			mu.Lock()
+			delete(conns, c)
+			mu.Unlock()
+		}()
+		_ = c.SetDeadline(time.Now().Add(waitFor))
+		br := bufio.NewReader(c)
+		for {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			if _, err := io.Copy(io.Discard, req.Body); err != nil {
+				return
+			}
+			resp := []byte("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+			if a := answer.Load(); req.URL.Path == "/fuzz" && a != nil {
+				resp = *a
+			}
+			if _, err := c.Write(resp); err != nil {
+				return
+			}
+		}
+	})
+	f.Cleanup(closeConns) // before serveTCP's, which waits for them
+	s := fuzzSvc
+	s.ids = []spiffeid.ID{peerID}
+	s.locs = []locSpec{{zone: "z1", weight: 1, eps: []ep{{peer, true}}}}
+	m.xds.set(f, snapshot(f, "v1", []*testCA{m.alpha, m.beta}, s))
+	m.a.waitReady(f, "v1")
+
+	// ask sends path through a's HTTP/1.1 path or its bridge (h2), each
+	// time on a new connection from a's app.
+	ask := func(t testing.TB, h2 bool, path string) (code int, body string, err error) {
+		ctx, cancel := context.WithTimeout(t.Context(), waitFor)
+		defer cancel()
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+fuzzSvc.host()+path, nil)
+		require.NoError(t, err)
+		client := m.a.nat.httpClient(h2)
+		defer client.CloseIdleConnections()
+		resp, err := client.Do(req)
+		require.NotErrorIs(t, err, context.DeadlineExceeded, "no answer came")
+		if err != nil {
+			return 0, "", err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		require.NotErrorIs(t, err, context.DeadlineExceeded, "the response body hung")
+		return resp.StatusCode, string(b), err
+	}
+	// The plumbing: a whole response comes so, both ways.
+	first := []byte("HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nanswered")
+	answer.Store(&first)
+	for _, h2 := range []bool{false, true} {
+		code, body, err := ask(f, h2, "/fuzz")
+		require.NoError(f, err)
+		require.Equal(f, http.StatusOK, code)
+		require.Equal(f, "answered", body)
+	}
+
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if len(data) > 16000 {
+			data = data[:16000] // one TLS record
+		}
+		answer.Store(&data)
+		defer closeConns()
+		for _, h2 := range []bool{false, true} {
+			_, _, _ = ask(t, h2, "/fuzz") // any answer or error will do, but not a hang
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				h := chaosState(m.a.proxy)
+				if h.requests == 0 && h.busyDown == 0 && h.busyUp == 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("a's sidecar still holds the request (h2 %v):\n%s", h2, h.desc)
+				}
+				time.Sleep(time.Millisecond)
+			}
+			code, body, err := ask(t, h2, "/ok")
+			require.NoError(t, err, "h2 %v", h2)
+			require.Equal(t, http.StatusOK, code, "h2 %v: %s", h2, body)
+			require.Equal(t, "ok", body, "h2 %v: the next request is answered whole", h2)
+		}
+	})
 }
