@@ -28,7 +28,10 @@
 // connection closed), routed, written with its body to a pooled
 // keep-alive upstream connection, the response streamed back; requests
 // on a connection are answered in order, pipelined ones too, and a
-// request body is sent before the response is read, as nginx does.
+// request body is sent before the response is read, as nginx does. A
+// pooled connection is reused only if nothing was left after its last
+// response and nothing came while it sat idle (a peek each time it is
+// taken): bytes no request asked for close it, as in Envoy and nginx.
 // HTTP/1.0, CONNECT, Upgrade and Expect go to the net/http server with
 // the bytes already read, as does everything with Config.NetHTTP1.
 //
