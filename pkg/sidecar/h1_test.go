@@ -2,11 +2,14 @@ package sidecar
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -478,4 +481,146 @@ func TestH1PooledConnectionUnaskedBytes(t *testing.T) {
 	require.Equal(t, http.StatusOK, resp.StatusCode, body)
 	require.Equal(t, "2", body, "answered on a new connection, not with the bytes nobody asked for")
 	require.EqualValues(t, 2, raw.conns.Load())
+}
+
+// h1DownSvc is b's recording app of FuzzH1Downstream.
+var (
+	h1DownSvc = svc{name: "h1-down", ns: "demo", vip: "240.240.0.36", ports: []svcPort{{80, true}}}
+	ipH1Down  = netip.MustParseAddr("127.0.0.11")
+)
+
+// seenRequest is a request as an app reads it.
+type seenRequest struct{ method, uri, body string }
+
+// FuzzH1Downstream: an app writes arbitrary bytes to a's outbound as
+// HTTP/1.1, then ends its side. Every request that reaches b's app,
+// through a's HTTP/1.1 path and b's, is one net/http reads from the same
+// bytes (addressed to the service, its body whole), in the same order,
+// with the same method, target and body: what a sidecar forwards is what
+// it was sent, never a request smuggled in a body or cut from a head
+// (it may refuse or drop more than net/http, so the app's requests are
+// an ordered subsequence of net/http's reading). a's sidecar ends the
+// connection once its side ended, lets go of everything, and still
+// proxies.
+func FuzzH1Downstream(f *testing.F) {
+	host := h1DownSvc.host()
+	for _, seed := range []string{
+		"GET /a HTTP/1.1\r\nHost: " + host + "\r\n\r\nGET /b?q=1 HTTP/1.1\r\nHost: " + host + "\r\n\r\n",
+		"POST /c HTTP/1.1\r\nHost: " + host + "\r\nContent-Length: 5\r\n\r\nhelloGET /d HTTP/1.1\r\nHost: " + host + "\r\n\r\n",
+		"POST /e HTTP/1.1\r\nHost: " + host + "\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n0\r\nT: v\r\n\r\nGET /f HTTP/1.1\r\nHost: " + host + "\r\n\r\n",
+		"POST /g HTTP/1.1\r\nHost: " + host + "\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: " + host + "\r\n\r\n",
+		"POST /h HTTP/1.1\r\nHost: " + host + "\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n1\r\nZ\r\n0\r\n\r\n",
+		"POST /i HTTP/1.0\r\nHost: " + host + "\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhiGET /j HTTP/1.1\r\nHost: " + host + "\r\n\r\n",
+		"POST /k HTTP/1.1\r\nHost: " + host + "\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabcGET /l HTTP/1.1\r\nHost: " + host + "\r\n\r\n",
+		"GET http://" + host + "/m HTTP/1.1\r\nHost: other\r\n\r\nGET /n HTTP/1.1\r\nHost: other.example\r\n\r\nGET /o HTTP/1.1\r\nHost: " + host + ":80\r\n\r\n",
+		"GET /p HTTP/1.1\r\nHost: " + host + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+		"GET /q HTTP/1.1\r\nHost: " + host + "\r\nConnection: close\r\n\r\nGET /r HTTP/1.1\r\nHost: " + host + "\r\n\r\n",
+		"POST /s HTTP/1.1\r\nHost: " + host + "\r\nContent-Length: 10\r\n\r\nshort",
+		"GET /t HTTP/1.1\r\nHost: " + host + "\r\nX: a\r\n b\r\n\r\n",
+		"\r\nGET /u HTTP/1.1\r\nHost: " + host + "\r\n\r\n",
+	} {
+		f.Add([]byte(seed))
+	}
+	var (
+		mu   sync.Mutex
+		seen []seenRequest
+	)
+	app := serveApp(f, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			return // cut short: not a request the app got whole
+		}
+		mu.Lock()
+		seen = append(seen, seenRequest{r.Method, r.URL.RequestURI(), string(body)})
+		mu.Unlock()
+		_, _ = io.WriteString(w, "ok")
+	}))
+	f.Cleanup(func() { requireNoProductGoroutine(f) }) // after the pods stopped: cleanups run last first
+	m := &mesh{alpha: newTestCA(f, "alpha.mesh"), beta: newTestCA(f, "beta.mesh"), xds: startXDSServer(f), hosts: hostsOf(h1DownSvc)}
+	m.a = startPod(f, "a", m.alpha, m.hosts, podOptions{xds: m.xds})
+	m.b = startPod(f, "b", m.beta, m.hosts, podOptions{xds: m.xds})
+	m.b.apps[ipH1Down] = app
+	m.set(f, "v1", m.onB(h1DownSvc, ipH1Down))
+
+	f.Fuzz(func(t *testing.T, data []byte) {
+		// What net/http reads: requests to the service with whole bodies.
+		var want []seenRequest
+		br := bufio.NewReader(bytes.NewReader(data))
+		for {
+			// Empty lines before a request line are ignored (RFC 9112
+			// §2.2), by the sidecar though not by net/http.
+			for b, _ := br.Peek(2); string(b) == "\r\n"; b, _ = br.Peek(2) {
+				_, _ = br.Discard(2)
+			}
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				break
+			}
+			if req.Method == http.MethodConnect || req.Method == "PRI" {
+				return // a tunnel, or HTTP/2: the bytes after it are not requests
+			}
+			body, err := io.ReadAll(req.Body)
+			if err != nil {
+				break
+			}
+			if h := strings.ToLower(req.Host); h == host || h == host+":80" {
+				want = append(want, seenRequest{req.Method, req.URL.RequestURI(), string(body)})
+			}
+		}
+		mu.Lock()
+		seen = nil
+		mu.Unlock()
+
+		c, err := m.a.nat.dial(t.Context(), host+":80")
+		require.NoError(t, err)
+		defer c.Close()
+		require.NoError(t, c.SetDeadline(time.Now().Add(waitFor)))
+		_, err = c.Write(data)
+		require.NoError(t, err)
+		require.NoError(t, c.(interface{ CloseWrite() error }).CloseWrite())
+		_, err = io.Copy(io.Discard, c)
+		require.NotErrorIs(t, err, os.ErrDeadlineExceeded, "a's sidecar kept the connection after the app's side ended")
+
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			h := chaosState(m.a.proxy)
+			m.a.proxy.h1Mu.Lock()
+			open := len(m.a.proxy.h1Conns)
+			m.a.proxy.h1Mu.Unlock()
+			conns := m.a.proxy.active[0].Load() // the outbound's, net/http's included
+			if h.requests == 0 && open == 0 && conns == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("a's sidecar still holds %d connections (%d on its HTTP/1.1 path) and %d requests", conns, open, h.requests)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		mu.Lock()
+		got := slices.Clone(seen)
+		mu.Unlock()
+		i := 0
+		for _, g := range got {
+			for i < len(want) && want[i] != g {
+				i++
+			}
+			if i == len(want) {
+				t.Fatalf("b's app got %+v, which net/http does not read from the input, or not in this order:\ngot  %+v\nwant %+v", g, got, want)
+			}
+			i++
+		}
+
+		code, body := func() (int, string) {
+			client := m.a.nat.httpClient(false)
+			defer client.CloseIdleConnections()
+			resp, err := client.Get("http://" + host + "/health")
+			require.NoError(t, err)
+			defer resp.Body.Close()
+			b, err := io.ReadAll(resp.Body)
+			require.NoError(t, err)
+			return resp.StatusCode, string(b)
+		}()
+		require.Equal(t, http.StatusOK, code, body)
+		require.Equal(t, "ok", body)
+	})
 }
