@@ -622,21 +622,9 @@ func FuzzH1Upstream(f *testing.F) {
 	// ask sends path through a's HTTP/1.1 path or its bridge (h2), each
 	// time on a new connection from a's app.
 	ask := func(t testing.TB, h2 bool, path string) (code int, body string, err error) {
-		ctx, cancel := context.WithTimeout(t.Context(), waitFor)
-		defer cancel()
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+fuzzSvc.host()+path, nil)
-		require.NoError(t, err)
 		client := m.a.nat.httpClient(h2)
 		defer client.CloseIdleConnections()
-		resp, err := client.Do(req)
-		require.NotErrorIs(t, err, context.DeadlineExceeded, "no answer came")
-		if err != nil {
-			return 0, "", err
-		}
-		defer resp.Body.Close()
-		b, err := io.ReadAll(resp.Body)
-		require.NotErrorIs(t, err, context.DeadlineExceeded, "the response body hung")
-		return resp.StatusCode, string(b), err
+		return getNoHang(t, client.Do, "http://"+fuzzSvc.host()+path)
 	}
 	// The plumbing: a whole response comes so, both ways.
 	first := []byte("HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nanswered")

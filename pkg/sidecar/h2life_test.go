@@ -1083,20 +1083,7 @@ func FuzzH2Upstream(f *testing.F) {
 	// ask is a's app's request, on a connection of its own; a round trip
 	// or body that does not end is the failure.
 	ask := func(t testing.TB) (code int, body string, err error) {
-		c := dialH2(t, m.a, lifeRawSvc.host())
-		ctx, cancel := context.WithTimeout(t.Context(), waitFor)
-		defer cancel()
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+lifeRawSvc.host()+"/fuzz", nil)
-		require.NoError(t, err)
-		resp, err := c.cc.RoundTrip(req)
-		require.NotErrorIs(t, err, context.DeadlineExceeded, "no answer came")
-		if err != nil {
-			return 0, "", err
-		}
-		defer resp.Body.Close()
-		b, err := io.ReadAll(resp.Body)
-		require.NotErrorIs(t, err, context.DeadlineExceeded, "the response body hung")
-		return resp.StatusCode, string(b), err
+		return getNoHang(t, dialH2(t, m.a, lifeRawSvc.host()).cc.RoundTrip, "http://"+lifeRawSvc.host()+"/fuzz")
 	}
 	// The plumbing: the first seed is a whole response, and comes so.
 	first := fuzzUpstreamSeeds()[0]

@@ -775,6 +775,26 @@ func startTCPEcho(t testing.TB) *tcpEcho {
 	return e
 }
 
+// getNoHang sends a GET of url with rt and reads the whole answer. Any
+// status, and any error, is returned; a round trip or a body that does
+// not end within waitFor fails t.
+func getNoHang(t testing.TB, rt func(*http.Request) (*http.Response, error), url string) (code int, body string, err error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), waitFor)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	require.NoError(t, err)
+	resp, err := rt(req)
+	require.NotErrorIs(t, err, context.DeadlineExceeded, "no answer came")
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	require.NotErrorIs(t, err, context.DeadlineExceeded, "the response body hung")
+	return resp.StatusCode, string(b), err
+}
+
 // serveTCP listens on loopback and runs serve on each connection, on its
 // own goroutine, then closes it; the test's cleanup closes the listener
 // and waits for every serve to return.
