@@ -42,6 +42,10 @@ test: tools kube-binaries ## Run every test, including real kube-apiservers (roo
 	go vet ./...
 	ISTHMUS_KUBE_BIN_DIR="$$(hack/kube-binaries.sh)" $(GO_TEST) ./...
 
+.PHONY: fuzz
+fuzz: ## Fuzz every parser and protocol path with coverage guidance, FUZZTIME each (default 30s; FUZZ=<regexp> narrows)
+	@hack/fuzz.sh
+
 .PHONY: lint
 lint: tools ## go vet and staticcheck
 	go vet ./...
