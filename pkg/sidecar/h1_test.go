@@ -584,16 +584,16 @@ func FuzzH1Downstream(f *testing.F) {
 
 		deadline := time.Now().Add(5 * time.Second)
 		for {
-			h := chaosState(m.a.proxy)
 			m.a.proxy.h1Mu.Lock()
 			open := len(m.a.proxy.h1Conns)
 			m.a.proxy.h1Mu.Unlock()
 			conns := m.a.proxy.active[0].Load() // the outbound's, net/http's included
-			if h.requests == 0 && open == 0 && conns == 0 {
+			requests := m.a.proxy.requests.value()
+			if requests == 0 && open == 0 && conns == 0 {
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("a's sidecar still holds %d connections (%d on its HTTP/1.1 path) and %d requests", conns, open, h.requests)
+				t.Fatalf("a's sidecar still holds %d connections (%d on its HTTP/1.1 path) and %d requests", conns, open, requests)
 			}
 			time.Sleep(time.Millisecond)
 		}
@@ -628,16 +628,10 @@ func FuzzH1Downstream(f *testing.F) {
 		}
 		late = late[max(len(late)-64, 0):]
 
-		code, body := func() (int, string) {
-			client := m.a.nat.httpClient(false)
-			defer client.CloseIdleConnections()
-			resp, err := client.Get("http://" + host + "/health")
-			require.NoError(t, err)
-			defer resp.Body.Close()
-			b, err := io.ReadAll(resp.Body)
-			require.NoError(t, err)
-			return resp.StatusCode, string(b)
-		}()
+		client := m.a.nat.httpClient(false)
+		defer client.CloseIdleConnections()
+		code, body, err := getNoHang(t, client.Do, "http://"+host+"/health")
+		require.NoError(t, err)
 		require.Equal(t, http.StatusOK, code, body)
 		require.Equal(t, "ok", body)
 	})

@@ -4,7 +4,6 @@ package sidecar
 
 import (
 	"crypto/tls"
-	"errors"
 	"net"
 	"syscall"
 
@@ -43,10 +42,7 @@ func closedWhileIdle(c net.Conn) bool {
 	dead := false
 	err = rc.Read(func(fd uintptr) bool {
 		_, _, err := unix.Recvfrom(int(fd), buf[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		var errno syscall.Errno
-		if err != nil && !errors.As(err, &errno) {
-			errno = syscall.EIO
-		}
+		errno, _ := err.(syscall.Errno) // 0 for nil, and for an error of another kind: closed either way
 		dead = peekSaysClosed(errno)
 		return true
 	})

@@ -395,7 +395,7 @@ func parseResponseHead(head []byte, h *h1Head) error {
 // classifying each and reading the framing and Connection fields; a
 // request's Host is checked.
 func (h *h1Head) parseFields(head []byte, off int, request bool) error {
-	clSeen, cl := false, span{}
+	var cl span // the first Content-Length's value; h.contentLength >= 0 once seen
 	for {
 		eol := bytes.IndexByte(head[off:], '\n')
 		if eol < 0 {
@@ -432,10 +432,10 @@ func (h *h1Head) parseFields(head []byte, off int, request bool) error {
 			}
 			// Repeated, it must be the same text, as net/http requires
 			// ("02" and "2" differ).
-			if clSeen && !bytes.Equal(value, cl.of(head)) {
+			if h.contentLength >= 0 && !bytes.Equal(value, cl.of(head)) {
 				return errContentLengths
 			}
-			clSeen, cl, h.contentLength = true, f.value, n
+			cl, h.contentLength = f.value, n
 		case fieldTransferEncoding:
 			if len(value) == 0 {
 				return errFieldLine // and not a coding we do not know
@@ -458,7 +458,7 @@ func (h *h1Head) parseFields(head []byte, off int, request bool) error {
 		h.fields = append(h.fields, f)
 		off = eol + 2
 	}
-	if h.chunked && clSeen {
+	if h.chunked && h.contentLength >= 0 {
 		return errTEAndCL
 	}
 	return nil

@@ -101,6 +101,7 @@ func TestParseResponseHead(t *testing.T) {
 	for _, tc := range []struct {
 		name, raw string
 		ok        bool
+		refused   *h1Error // when not ok
 		// status, length (-1: none), chunked, and how the body ends.
 		status                  int
 		length                  int64
@@ -114,23 +115,22 @@ func TestParseResponseHead(t *testing.T) {
 		{name: "HTTP/1.0", raw: "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", ok: true, status: 200, length: 0},
 		{name: "same length twice", raw: "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n", ok: true, status: 200, length: 2, keeps: true},
 
-		{name: "HTTP/1.0 chunked", raw: "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"},
-		{name: "lengths equal only as numbers", raw: "HTTP/1.1 200 OK\r\nContent-Length: 02\r\nContent-Length: 2\r\n\r\n"},
-		{name: "differing lengths", raw: "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"},
-		{name: "chunked and length", raw: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"},
-		{name: "gzip", raw: "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"},
-		{name: "two-digit status", raw: "HTTP/1.1 20 OK\r\n\r\n"},
-		{name: "status below 100", raw: "HTTP/1.1 099 OK\r\n\r\n"},
-		{name: "HTTP/2", raw: "HTTP/2.0 200 OK\r\n\r\n"},
-		{name: "control in the reason", raw: "HTTP/1.1 200 O\x01K\r\n\r\n"},
-		{name: "obs-fold", raw: "HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n"},
+		{name: "HTTP/1.0 chunked", raw: "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", refused: errTEInHTTP10},
+		{name: "lengths equal only as numbers", raw: "HTTP/1.1 200 OK\r\nContent-Length: 02\r\nContent-Length: 2\r\n\r\n", refused: errContentLengths},
+		{name: "differing lengths", raw: "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n", refused: errContentLengths},
+		{name: "chunked and length", raw: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", refused: errTEAndCL},
+		{name: "gzip", raw: "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", refused: errTransferCoding},
+		{name: "two-digit status", raw: "HTTP/1.1 20 OK\r\n\r\n", refused: errStatusLine},
+		{name: "status below 100", raw: "HTTP/1.1 099 OK\r\n\r\n", refused: errStatusLine},
+		{name: "HTTP/2", raw: "HTTP/2.0 200 OK\r\n\r\n", refused: errStatusLine},
+		{name: "control in the reason", raw: "HTTP/1.1 200 O\x01K\r\n\r\n", refused: errStatusLine},
+		{name: "obs-fold", raw: "HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n", refused: errObsFold},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var h h1Head
 			err := parseResponseHead([]byte(tc.raw), &h)
 			if !tc.ok {
-				var he *h1Error
-				require.ErrorAs(t, err, &he)
+				require.ErrorIs(t, err, tc.refused)
 				return
 			}
 			require.NoError(t, err)

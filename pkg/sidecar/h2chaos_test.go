@@ -594,6 +594,22 @@ type chaosHeld struct {
 	desc                      string
 }
 
+// requireLetGo waits up to 5 s for every pod's sidecar to hold no
+// request in flight and no HTTP/2 stream, reservation or waiter on any
+// connection, downstream or upstream (chaosState); what names what they
+// should have let go of.
+func requireLetGo(t testing.TB, what string, pods ...*pod) {
+	t.Helper()
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		for _, p := range pods {
+			h := chaosState(p.proxy)
+			assert.Zero(c, h.requests, "%s's requests in flight\n%s", p.name, h.desc)
+			assert.Zero(c, h.busyDown, "%s's downstream connections with streams\n%s", p.name, h.desc)
+			assert.Zero(c, h.busyUp, "%s's upstream connections with streams\n%s", p.name, h.desc)
+		}
+	}, 5*time.Second, time.Millisecond, "the sidecars still hold %s", what)
+}
+
 // chaosState describes what p still holds of the HTTP/2 path: its
 // downstream connections, the requests in flight, and every connection
 // with streams, reservations or waiters (each stream's state too).

@@ -1114,17 +1114,7 @@ func FuzzH2Upstream(f *testing.F) {
 
 		// Both sidecars let go of it, before the app's connections close
 		// (which would end its streams anyway).
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			a, b := chaosState(m.a.proxy), chaosState(m.b.proxy)
-			if a.requests == 0 && a.busyDown == 0 && a.busyUp == 0 && b.requests == 0 && b.busyDown == 0 && b.busyUp == 0 {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("the sidecars still hold the stream:\na: %s\nb: %s", a.desc, b.desc)
-			}
-			time.Sleep(time.Millisecond)
-		}
+		requireLetGo(t, "the stream", m.a, m.b)
 
 		// And they still proxy.
 		r := health.get(t, "/id?n=health")
