@@ -87,7 +87,12 @@
 // Errors answered to the app, as Envoy words them: 503 "no healthy
 // upstream" (UH), 503 "upstream connect error or disconnect/reset before
 // headers. reset reason: connection failure, ..." (UF, including a peer
-// whose certificate or SPIFFE ID does not pass), 504 "upstream request
+// whose certificate or SPIFFE ID does not pass), 503 "... reset reason:
+// connection termination" (the upstream closed before its response), 502
+// "... reset reason: protocol error: <what broke>" (UPE: a response head
+// the codec refuses, a 101 nobody asked for, an HTTP/2 frame out of
+// place; net/http's HTTP/2 Transport is the exception, its errors naming
+// no type to tell them by: 503 "remote reset"), 504 "upstream request
 // timeout" (UT), 504 "stream timeout". A caller that leaves (its own
 // timeout, a reset) ends the request upstream too: at once on the
 // net/http path, within a second on the HTTP/1.1 path; a response that

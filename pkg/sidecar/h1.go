@@ -970,12 +970,12 @@ func readResponseHead(in *bufReader, h *h1Head, interim func(head []byte) error)
 	for {
 		end, next, err := scanHead(in.buffered(), scanned)
 		if err != nil {
-			return 0, gotByte, err
+			return 0, gotByte, upstreamProtocolError(err)
 		}
 		if end == 0 {
 			scanned = next
 			if in.w == len(in.buf) && in.r == 0 && !in.grow() {
-				return 0, gotByte, errHeadTooLarge
+				return 0, gotByte, upstreamProtocolError(errHeadTooLarge)
 			}
 			if err := in.fill(); err != nil {
 				return 0, gotByte, err
@@ -985,11 +985,11 @@ func readResponseHead(in *bufReader, h *h1Head, interim func(head []byte) error)
 		}
 		head := in.buf[in.r : in.r+end]
 		if err := parseResponseHead(head, h); err != nil {
-			return 0, true, err
+			return 0, true, upstreamProtocolError(err)
 		}
 		switch s := h.status; {
 		case s == http.StatusSwitchingProtocols:
-			return 0, true, errors.New("101 Switching Protocols to a request without Upgrade")
+			return 0, true, upstreamProtocolError(errors.New("101 Switching Protocols to a request without Upgrade"))
 		case s < 200:
 			if err := interim(head); err != nil {
 				return 0, true, err
@@ -1075,7 +1075,8 @@ func (hc *h1Conn) writeResponse(up *h1Up, cluster string, headLen int, received 
 // h1Failure is the answer to an HTTP/1.1 exchange that failed before a
 // response, as the net/http path's proxyError words it: 504 when a
 // deadline passed (the route's: "upstream request timeout", also for a
-// connect cut short by it; else "stream timeout"), 503 otherwise.
+// connect cut short by it; else "stream timeout"), else failureCode's
+// 502 or 503.
 func h1Failure(err error, tm *timing) (int, string) {
 	var ce *connectError
 	switch {
@@ -1084,7 +1085,7 @@ func h1Failure(err error, tm *timing) (int, string) {
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		return http.StatusGatewayTimeout, "stream timeout"
 	}
-	return http.StatusServiceUnavailable, failureMessage(err)
+	return failureCode(err), failureMessage(err)
 }
 
 // answerError answers a request that got no response, as the net/http

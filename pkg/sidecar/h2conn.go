@@ -163,10 +163,13 @@ type h2Conn struct {
 	lastPeerID     uint32 // server: the highest stream the peer opened
 	goAway         bool   // no new streams
 	closed         bool
-	blocked        map[*h2Stream]struct{}
-	ready          bool        // client: connected
-	waiting        []*h2Stream // client: streams waiting for the connection
-	reserved       int         // client: streams open or waiting
+	// brokeWith is the code of the GOAWAY this side sent for the peer's
+	// breach of the protocol (connError), if it sent one.
+	brokeWith http2.ErrCode
+	blocked   map[*h2Stream]struct{}
+	ready     bool        // client: connected
+	waiting   []*h2Stream // client: streams waiting for the connection
+	reserved  int         // client: streams open or waiting
 	// closeIdle: the pool closed its idle connections while this one was
 	// dialling; it closes once its streams are done.
 	closeIdle bool
@@ -488,6 +491,9 @@ func (hc *h2Conn) connError(code http2.ErrCode) {
 	if !hc.closed {
 		hc.out = appendGoAway(hc.out, hc.lastPeerID, code)
 		hc.kick()
+		if hc.brokeWith == http2.ErrCodeNo {
+			hc.brokeWith = code
+		}
 	}
 	hc.mu.Unlock()
 	hc.shut()
@@ -729,8 +735,12 @@ func (hc *h2Conn) silent() bool {
 // streamError resets one stream the Framer found malformed.
 func (hc *h2Conn) streamError(se http2.StreamError) {
 	if s := hc.stream(se.StreamID); s != nil {
+		why := se.Cause
+		if why == nil {
+			why = fmt.Errorf("stream error %v", se.Code)
+		}
 		s.mu.Lock()
-		s.reset(hc, se.Code)
+		s.reset(hc, se.Code, why)
 		s.mu.Unlock()
 		return
 	}

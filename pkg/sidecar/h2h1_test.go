@@ -522,6 +522,82 @@ func TestH1BridgeResponseToClose(t *testing.T) {
 	require.Empty(t, heads, "each request came on its own connection, read once")
 }
 
+// An upstream whose answer is no HTTP/1.1 response head, or one whose
+// framing cannot be trusted, broke the protocol: a's app gets Envoy's
+// 502 "protocol error" (UPE), naming what broke, never the 503 of a
+// reset; through a's HTTP/1.1 path, its HTTP/2 → HTTP/1.1 bridge and the
+// net/http path (an HTTP/1.0 request). The next request is answered on
+// a new connection.
+func TestH1UpstreamProtocolError(t *testing.T) {
+	m, peer := startRawTLSPeer(t, nil)
+	const upe = "upstream connect error or disconnect/reset before headers. reset reason: protocol error: "
+	viaH1 := func(t *testing.T) (int, string) {
+		client := m.a.nat.httpClient(false)
+		defer client.CloseIdleConnections()
+		code, body, err := getNoHang(t, client.Do, "http://"+rawPeerSvc.host()+"/fuzz")
+		require.NoError(t, err)
+		return code, body
+	}
+	viaBridge := func(t *testing.T) (int, string) {
+		client := m.a.nat.httpClient(true)
+		defer client.CloseIdleConnections()
+		code, body, err := getNoHang(t, client.Do, "http://"+rawPeerSvc.host()+"/fuzz")
+		require.NoError(t, err)
+		return code, body
+	}
+	viaNetHTTP := func(t *testing.T) (int, string) {
+		rc := dialRaw(t, m, rawPeerSvc.host())
+		rc.send(t, "GET /fuzz HTTP/1.0\r\nHost: "+rawPeerSvc.host()+"\r\n\r\n")
+		resp, body := rc.read(t, http.MethodGet)
+		return resp.StatusCode, body
+	}
+	paths := []struct {
+		name string
+		ask  func(*testing.T) (int, string)
+	}{{"HTTP/1.1 path", viaH1}, {"bridge", viaBridge}, {"net/http", viaNetHTTP}}
+
+	for _, tc := range []struct {
+		name, answer string
+		// why is what the sidecar's paths name; netHTTP, the status the
+		// net/http path answers: its Transport folds lines, and takes
+		// heads up to 1 MB with any number of fields.
+		why     string
+		netHTTP int
+	}{
+		{"status line", "HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n", "malformed status line", http.StatusBadGateway},
+		{"not HTTP", "SSH-2.0-OpenSSH_9.6\r\n\r\n", "malformed status line", http.StatusBadGateway},
+		{"differing lengths", "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", "differing Content-Length values", http.StatusBadGateway},
+		{"transfer coding", "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "unsupported Transfer-Encoding (only chunked)", http.StatusBadGateway},
+		{"obsolete folding", "HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 0\r\n\r\n", "obsolete line folding", http.StatusOK},
+		{"switching protocols", "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n", "101 Switching Protocols to a request without Upgrade", http.StatusBadGateway},
+		{"too many fields", "HTTP/1.1 200 OK\r\n" + strings.Repeat("X: y\r\n", 101) + "Content-Length: 0\r\n\r\n", "more than 100 header fields", http.StatusOK},
+		{"head too large", "HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("b", 70000) + "\r\n\r\n", "message head larger than 64 KiB", http.StatusOK},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			peer.set([]byte(tc.answer))
+			defer peer.closeConns()
+			for _, path := range paths {
+				code, body := path.ask(t)
+				if path.name == "net/http" {
+					require.Equal(t, tc.netHTTP, code, "%s: %s", path.name, body)
+					if code == http.StatusBadGateway {
+						require.True(t, strings.HasPrefix(body, upe), "%s: %q", path.name, body)
+					}
+					continue
+				}
+				require.Equal(t, http.StatusBadGateway, code, "%s: %s", path.name, body)
+				require.Equal(t, upe+tc.why, body, path.name)
+			}
+			peer.set([]byte("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+			for _, path := range paths {
+				code, body := path.ask(t)
+				require.Equal(t, http.StatusOK, code, "%s: %s", path.name, body)
+				require.Equal(t, "ok", body, path.name)
+			}
+		})
+	}
+}
+
 // FuzzH1Upstream: a peer that is not a sidecar (a raw TLS server with a
 // workload certificate, behind a cluster whose upstream speaks
 // HTTP/1.1) answers a request with arbitrary bytes. Through a's
@@ -555,47 +631,83 @@ func FuzzH1Upstream(f *testing.F) {
 	} {
 		f.Add([]byte(seed))
 	}
-	fuzzSvc := svc{name: "h1-fuzz", ns: "demo", vip: "240.240.0.35", ports: []svcPort{{80, true}}, upstream: xdsclient.UpstreamHTTP1}
-	m := &mesh{alpha: newTestCA(f, "alpha.mesh"), beta: newTestCA(f, "beta.mesh"), xds: startXDSServer(f), hosts: hostsOf(fuzzSvc)}
 	// Most inputs leave the response waiting for more: the stream idle
 	// timeout ends it, kept short so that fuzzing moves.
 	f.Cleanup(func() { requireNoProductGoroutine(f) }) // after the pod stopped: cleanups run last first
-	m.a = startPod(f, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: func(c *Config) { c.StreamIdleTimeout = 300 * time.Millisecond }})
+	m, peer := startRawTLSPeer(f, func(c *Config) { c.StreamIdleTimeout = 300 * time.Millisecond })
+	// ask sends path through a's HTTP/1.1 path or its bridge (h2), each
+	// time on a new connection from a's app.
+	ask := func(t testing.TB, h2 bool, path string) (code int, body string, err error) {
+		client := m.a.nat.httpClient(h2)
+		defer client.CloseIdleConnections()
+		return getNoHang(t, client.Do, "http://"+rawPeerSvc.host()+path)
+	}
+	// The plumbing: a whole response comes so, both ways.
+	peer.set([]byte("HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nanswered"))
+	for _, h2 := range []bool{false, true} {
+		code, body, err := ask(f, h2, "/fuzz")
+		require.NoError(f, err)
+		require.Equal(f, http.StatusOK, code)
+		require.Equal(f, "answered", body)
+	}
+
+	f.Fuzz(func(t *testing.T, data []byte) {
+		peer.set(data)
+		defer peer.closeConns()
+		for _, h2 := range []bool{false, true} {
+			_, _, _ = ask(t, h2, "/fuzz") // any answer or error will do, but not a hang
+			requireLetGo(t, fmt.Sprintf("the request (h2 %v)", h2), m.a)
+			code, body, err := ask(t, h2, "/ok")
+			require.NoError(t, err, "h2 %v", h2)
+			require.Equal(t, http.StatusOK, code, "h2 %v: %s", h2, body)
+			require.Equal(t, "ok", body, "h2 %v: the next request is answered whole", h2)
+		}
+	})
+}
+
+// rawPeerSvc is served by a rawTLSPeer.
+var rawPeerSvc = svc{name: "h1-fuzz", ns: "demo", vip: "240.240.0.35", ports: []svcPort{{80, true}}, upstream: xdsclient.UpstreamHTTP1}
+
+// rawTLSPeer is a peer that is not a sidecar: a raw TLS server with a
+// workload certificate of beta's, rawPeerSvc's one endpoint, speaking
+// istio-http/1.1. It answers /fuzz with what set gave it, as it is, and
+// any other path with a 200 "ok".
+type rawTLSPeer struct {
+	answer atomic.Pointer[[]byte]
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{} // open, for closeConns
+}
+
+// An answer up to rawPeerRecord bytes goes in one TLS record, and a
+// longer one ends its connection: what crypto/tls reads ahead of a
+// response is out of the sidecar's sight (closedWhileIdle), so bytes
+// after a response in a later record could be read as the next one's.
+const rawPeerRecord = 16000 // plaintext bytes, under a record's 16 KiB
+
+// startRawTLSPeer starts a's pod (its config edited by edit) and a
+// rawTLSPeer as rawPeerSvc, a's only service.
+func startRawTLSPeer(tb testing.TB, edit func(*Config)) (*mesh, *rawTLSPeer) {
+	tb.Helper()
+	m := &mesh{alpha: newTestCA(tb, "alpha.mesh"), beta: newTestCA(tb, "beta.mesh"), xds: startXDSServer(tb), hosts: hostsOf(rawPeerSvc)}
+	m.a = startPod(tb, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: edit})
 
 	peerID := m.beta.id("demo", "raw-peer")
-	sv := m.beta.svid(f, peerID)
+	sv := m.beta.svid(tb, peerID)
 	tlsConf := &tls.Config{
-		Certificates: []tls.Certificate{{Certificate: [][]byte{sv.Certificates[0].Raw}, PrivateKey: sv.PrivateKey}},
-		NextProtos:   []string{"istio-http/1.1"},
-		// An answer up to oneRecord goes in one TLS record, and a longer
-		// one ends its connection: what crypto/tls reads ahead of a
-		// response is out of the sidecar's sight (closedWhileIdle), so
-		// bytes after a response in a later record could be read as the
-		// next one's.
-		DynamicRecordSizingDisabled: true,
+		Certificates:                []tls.Certificate{{Certificate: [][]byte{sv.Certificates[0].Raw}, PrivateKey: sv.PrivateKey}},
+		NextProtos:                  []string{"istio-http/1.1"},
+		DynamicRecordSizingDisabled: true, // see rawPeerRecord
 	}
-	const oneRecord = 16000 // plaintext bytes, under a record's 16 KiB
-	var (
-		answer atomic.Pointer[[]byte]
-		mu     sync.Mutex
-		conns  = map[net.Conn]struct{}{} // the peer's, closed after each input
-	)
-	closeConns := func() {
-		mu.Lock()
-		defer mu.Unlock()
-		for c := range conns {
-			_ = c.Close()
-		}
-	}
-	peer := serveTCP(f, func(raw net.Conn) {
+	p := &rawTLSPeer{conns: map[net.Conn]struct{}{}}
+	addr := serveTCP(tb, func(raw net.Conn) {
 		c := tls.Server(raw, tlsConf)
-		mu.Lock()
-		conns[c] = struct{}{}
-		mu.Unlock()
+		p.mu.Lock()
+		p.conns[c] = struct{}{}
+		p.mu.Unlock()
 		defer func() {
-			mu.Lock()
-			delete(conns, c)
-			mu.Unlock()
+			p.mu.Lock()
+			delete(p.conns, c)
+			p.mu.Unlock()
 		}()
 		_ = c.SetDeadline(time.Now().Add(waitFor))
 		br := bufio.NewReader(c)
@@ -608,48 +720,31 @@ func FuzzH1Upstream(f *testing.F) {
 				return
 			}
 			resp := []byte("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-			if a := answer.Load(); req.URL.Path == "/fuzz" && a != nil {
+			if a := p.answer.Load(); req.URL.Path == "/fuzz" && a != nil {
 				resp = *a
 			}
-			if _, err := c.Write(resp); err != nil || len(resp) > oneRecord {
+			if _, err := c.Write(resp); err != nil || len(resp) > rawPeerRecord {
 				return
 			}
 		}
 	})
-	f.Cleanup(closeConns) // before serveTCP's, which waits for them
-	s := fuzzSvc
+	tb.Cleanup(p.closeConns) // before serveTCP's, which waits for them
+	s := rawPeerSvc
 	s.ids = []spiffeid.ID{peerID}
-	s.locs = []locSpec{{zone: "z1", weight: 1, eps: []ep{{peer, true}}}}
-	m.xds.set(f, snapshot(f, "v1", []*testCA{m.alpha, m.beta}, s))
-	m.a.waitReady(f, "v1")
+	s.locs = []locSpec{{zone: "z1", weight: 1, eps: []ep{{addr, true}}}}
+	m.xds.set(tb, snapshot(tb, "v1", []*testCA{m.alpha, m.beta}, s))
+	m.a.waitReady(tb, "v1")
+	return m, p
+}
 
-	// ask sends path through a's HTTP/1.1 path or its bridge (h2), each
-	// time on a new connection from a's app.
-	ask := func(t testing.TB, h2 bool, path string) (code int, body string, err error) {
-		client := m.a.nat.httpClient(h2)
-		defer client.CloseIdleConnections()
-		return getNoHang(t, client.Do, "http://"+fuzzSvc.host()+path)
-	}
-	// The plumbing: a whole response comes so, both ways.
-	first := []byte("HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nanswered")
-	answer.Store(&first)
-	for _, h2 := range []bool{false, true} {
-		code, body, err := ask(f, h2, "/fuzz")
-		require.NoError(f, err)
-		require.Equal(f, http.StatusOK, code)
-		require.Equal(f, "answered", body)
-	}
+// set makes b the answer to /fuzz.
+func (p *rawTLSPeer) set(b []byte) { p.answer.Store(&b) }
 
-	f.Fuzz(func(t *testing.T, data []byte) {
-		answer.Store(&data)
-		defer closeConns()
-		for _, h2 := range []bool{false, true} {
-			_, _, _ = ask(t, h2, "/fuzz") // any answer or error will do, but not a hang
-			requireLetGo(t, fmt.Sprintf("the request (h2 %v)", h2), m.a)
-			code, body, err := ask(t, h2, "/ok")
-			require.NoError(t, err, "h2 %v", h2)
-			require.Equal(t, http.StatusOK, code, "h2 %v: %s", h2, body)
-			require.Equal(t, "ok", body, "h2 %v: the next request is answered whole", h2)
-		}
-	})
+// closeConns closes the peer's connections.
+func (p *rawTLSPeer) closeConns() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for c := range p.conns {
+		_ = c.Close()
+	}
 }

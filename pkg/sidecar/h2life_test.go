@@ -657,9 +657,8 @@ func testH2LifeUpstreamDies(t *testing.T, netHTTP2 bool) {
 	require.Equal(t, http.StatusServiceUnavailable, r.code, r.body)
 	require.True(t, strings.HasPrefix(r.body, "upstream connect error or disconnect/reset before headers. reset reason: "), "body %q", r.body)
 	if !netHTTP2 {
-		// h2stream.go's connLost means to say "connection termination",
-		// but the reader's error is io.EOF, and failureMessage adds
-		// "remote reset: " to whatever it gets.
+		// The net/http path words it after its Transport's error
+		// ("remote reset: ..."); the own path as Envoy does.
 		require.Equal(t, "upstream connect error or disconnect/reset before headers. reset reason: connection termination", r.body,
 			"Envoy's words for an upstream connection that closed")
 	}
@@ -674,6 +673,61 @@ func testH2LifeUpstreamDies(t *testing.T, netHTTP2 bool) {
 	require.NoError(t, r.err, "the downstream connection carries on")
 	require.Equal(t, "answered /after", r.body, "on a new connection to the app")
 	require.EqualValues(t, 3, raw.conns.Load())
+}
+
+// b's app breaks HTTP/2 before a response head: a malformed head, DATA
+// first, a frame that is a connection error. On the own path a's app
+// gets Envoy's 502 "protocol error" naming the breach, never a 503; the
+// next request is answered. The net/http path, the reference, answers
+// 503 (its Transport's errors carry no type that tells them apart).
+func TestH2LifeUpstreamProtocolError(t *testing.T) {
+	for _, path := range h2Paths {
+		t.Run(path.name, func(t *testing.T) { testH2LifeUpstreamProtocolError(t, path.netHTTP2) })
+	}
+}
+
+func testH2LifeUpstreamProtocolError(t *testing.T, netHTTP2 bool) {
+	raw := startRawApp(t, func(sc *rawAppConn, id uint32, path string) {
+		sc.encBuf.Reset()
+		switch path {
+		case "/uppercase":
+			_ = sc.enc.WriteField(hpack.HeaderField{Name: ":status", Value: "200"})
+			_ = sc.enc.WriteField(hpack.HeaderField{Name: "Content-Type", Value: "text/plain"})
+			_ = sc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: sc.encBuf.Bytes(), EndHeaders: true, EndStream: true})
+		case "/no-status":
+			_ = sc.enc.WriteField(hpack.HeaderField{Name: "content-type", Value: "text/plain"})
+			_ = sc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: sc.encBuf.Bytes(), EndHeaders: true, EndStream: true})
+		case "/data-first":
+			_ = sc.fr.WriteData(id, true, []byte("no head"))
+		case "/zero-window-update":
+			sc.fr.AllowIllegalWrites = true
+			_ = sc.fr.WriteWindowUpdate(0, 0) // a connection error (RFC 9113 §6.9)
+		default:
+			sc.respond(id, "answered "+path)
+		}
+	})
+	m, _, _ := startLifeMesh(t, func(c *Config) { c.NetHTTP2 = netHTTP2 }, raw.addr)
+	const upe = "upstream connect error or disconnect/reset before headers. reset reason: protocol error: "
+	for _, tc := range []struct{ path, why string }{
+		{"/uppercase", "invalid header field name \"Content-Type\""},
+		{"/no-status", "response headers without :status"},
+		{"/data-first", "DATA before the response's head"},
+		{"/zero-window-update", "connection error PROTOCOL_ERROR"},
+	} {
+		c := dialH2(t, m.a, lifeRawSvc.host())
+		r := c.get(t, tc.path)
+		require.NoError(t, r.err, "%s: the sidecar's answer ends cleanly", tc.path)
+		if netHTTP2 {
+			require.Equal(t, http.StatusServiceUnavailable, r.code, "%s: %s", tc.path, r.body)
+			t.Logf("%s: %s", tc.path, r.body)
+		} else {
+			require.Equal(t, http.StatusBadGateway, r.code, "%s: %s", tc.path, r.body)
+			require.Equal(t, upe+tc.why, r.body, tc.path)
+		}
+		r = c.get(t, "/after")
+		require.NoError(t, r.err, tc.path)
+		require.Equal(t, "answered /after", r.body, "%s: the next request is answered", tc.path)
+	}
 }
 
 // A client that advertises a 1 KiB stream window still gets a 1 MiB

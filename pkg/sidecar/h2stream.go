@@ -287,7 +287,7 @@ func (s *h2Stream) connectFailed(err error) {
 // fail answers a request that got no response, as proxyError does. mu
 // held.
 func (s *h2Stream) fail(err error) {
-	s.failWith(http.StatusServiceUnavailable, failureMessage(err), err)
+	s.failWith(failureCode(err), failureMessage(err), err)
 }
 
 // failWith answers code and msg for err, which it logs. mu held.
@@ -518,7 +518,7 @@ func (s *h2Stream) onData(hc *h2Conn, data []byte, n int64, end bool) {
 	}
 	fl.recvWin -= n
 	if fl.recvWin < 0 {
-		s.reset(hc, http2.ErrCodeFlowControl)
+		s.reset(hc, http2.ErrCodeFlowControl, errors.New("DATA beyond the stream's window"))
 		return
 	}
 	if pad := n - int64(len(data)); pad > 0 {
@@ -572,12 +572,17 @@ func (s *h2Stream) onHeaders(hc *h2Conn, f *http2.MetaHeadersFrame) {
 		s.send(fl, nil, true, false)
 		return
 	}
-	status, err := strconv.Atoi(f.PseudoValue("status"))
+	v := f.PseudoValue("status")
+	status, err := strconv.Atoi(v)
 	switch {
 	case tooLarge(f):
 		s.upFailed(http2.ErrCodeProtocol, errors.New("response headers exceed "+strconv.Itoa(h2MaxHeaderList)+" bytes"))
-	case err != nil || status < 100 || status > 999 || status == http.StatusSwitchingProtocols:
-		s.upFailed(http2.ErrCodeProtocol, errors.New("malformed response headers"))
+	case v == "":
+		s.upFailed(http2.ErrCodeProtocol, errors.New("response headers without :status"))
+	case status == http.StatusSwitchingProtocols:
+		s.upFailed(http2.ErrCodeProtocol, errors.New("101 Switching Protocols in HTTP/2")) // RFC 9113 §8.6
+	case err != nil || status < 100 || status > 999 || len(v) != 3:
+		s.upFailed(http2.ErrCodeProtocol, fmt.Errorf("malformed :status %q", v))
 	case status < 200:
 		s.down.mu.Lock()
 		s.down.writeHeaders(s.toDown.dstID, f.Fields, keepResponseField, nil, false)
@@ -642,7 +647,7 @@ func (s *h2Stream) onWindowUpdate(hc *h2Conn, inc int64) {
 	}
 	fl.sendWin += inc
 	if fl.sendWin > 1<<31-1 {
-		s.reset(hc, http2.ErrCodeFlowControl)
+		s.reset(hc, http2.ErrCodeFlowControl, errors.New("WINDOW_UPDATE took the stream's window above 2^31-1"))
 		return
 	}
 	s.flush(fl)
@@ -650,12 +655,12 @@ func (s *h2Stream) onWindowUpdate(hc *h2Conn, inc int64) {
 }
 
 // reset ends the stream for an error of hc's side of it (a frame that
-// breaks the protocol), resetting that side with code.
-func (s *h2Stream) reset(hc *h2Conn, code http2.ErrCode) {
+// breaks the protocol, why), resetting that side with code.
+func (s *h2Stream) reset(hc *h2Conn, code http2.ErrCode, why error) {
 	if hc == s.down {
 		s.clientFault(code)
 	} else if hc == s.up {
-		s.upFailed(code, fmt.Errorf("stream error %v", code))
+		s.upFailed(code, why)
 	}
 	s.maybeDone()
 }
@@ -706,13 +711,13 @@ func (s *h2Stream) resetUp(code http2.ErrCode) {
 	s.drop(&s.toUp)
 }
 
-// upFailed ends the upstream stream for an error of the upstream's:
-// the downstream gets a 503 if no response started, else a reset. mu
-// held.
+// upFailed ends the upstream stream for a breach of the protocol by the
+// upstream: the downstream gets a 502 if no response started, else a
+// reset. mu held.
 func (s *h2Stream) upFailed(code http2.ErrCode, err error) {
 	s.resetUp(code)
 	if !s.answered {
-		s.fail(err)
+		s.fail(upstreamProtocolError(err))
 		return
 	}
 	s.resetDown(http2.ErrCodeInternal)
@@ -800,6 +805,13 @@ func (s *h2Stream) connLost(hc *h2Conn, err error) {
 		if !s.answered {
 			if s.p.log.Enabled(context.Background(), slog.LevelDebug) {
 				s.p.log.Debug("upstream connection ended", "cluster", s.cluster(), "error", err)
+			}
+			hc.mu.Lock()
+			broke := hc.brokeWith
+			hc.mu.Unlock()
+			if broke != http2.ErrCodeNo {
+				s.fail(upstreamProtocolError(fmt.Errorf("connection error %v", broke)))
+				return
 			}
 			s.fail(errConnTermination)
 			return

@@ -20,6 +20,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -927,7 +928,8 @@ func (p *pod) stop(t testing.TB) {
 			close(p.done)
 		}
 	case <-time.After(waitFor):
-		t.Errorf("pod %s: Run did not return after its context ended", p.name)
+		buf := make([]byte, 1<<20)
+		t.Errorf("pod %s: Run did not return after its context ended\n%s", p.name, buf[:runtime.Stack(buf, true)])
 	}
 }
 

@@ -12,9 +12,12 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
 )
@@ -30,6 +33,25 @@ var (
 	// that had no response yet.
 	errConnTermination = errors.New("connection termination")
 )
+
+// protocolError is an upstream's answer that broke its protocol before
+// a response could start: a head the codec refuses, a frame out of
+// place. Envoy answers it 502 with "reset reason: protocol error" (its
+// UPE flag), where a reset or a closed connection gets 503.
+type protocolError struct{ err error }
+
+func (e *protocolError) Error() string { return "protocol error: " + e.err.Error() }
+func (e *protocolError) Unwrap() error { return e.err }
+
+// upstreamProtocolError wraps err, an upstream's breach, as a
+// protocolError; an *h1Error keeps only its words, not the status a
+// downstream would get for it.
+func upstreamProtocolError(err error) error {
+	if he, ok := err.(*h1Error); ok {
+		err = errors.New(he.msg)
+	}
+	return &protocolError{err}
+}
 
 // connInfo is what a downstream HTTP connection brings to its requests:
 // its listener, HTTP connection manager and original destination, and
@@ -352,6 +374,11 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	if ctx := resp.Request.Context(); ctx.Err() != nil {
 		return context.Cause(ctx)
 	}
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		if err := checkSwitch(resp); err != nil {
+			return err // ReverseProxy closes the body, the connection
+		}
+	}
 	f := forwardOf(resp.Request.Context())
 	p.metrics.request(f.ci.listener, f.up.name, resp.StatusCode)
 	f.responded.Store(true)
@@ -362,6 +389,29 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 		resp.Body = &countingBody{rc: resp.Body, f: f, count: f.sent}
 	}
 	return nil
+}
+
+// checkSwitch refuses a 101 that switches to a protocol the request did
+// not ask for, as the HTTP/1.1 path does. ReverseProxy would refuse it
+// too, but leave the upstream connection open for good.
+func checkSwitch(resp *http.Response) error {
+	want, got := upgradeType(resp.Request.Header), upgradeType(resp.Header)
+	switch {
+	case want == "":
+		return upstreamProtocolError(errors.New("101 Switching Protocols to a request without Upgrade"))
+	case !strings.EqualFold(want, got):
+		return upstreamProtocolError(fmt.Errorf("101 Switching Protocols to %q when %q was requested", got, want))
+	}
+	return nil
+}
+
+// upgradeType is the protocol a message's Upgrade names, if its
+// Connection lists Upgrade.
+func upgradeType(h http.Header) string {
+	if !httpguts.HeaderValuesContainsToken(h["Connection"], "Upgrade") {
+		return ""
+	}
+	return h.Get("Upgrade")
 }
 
 // proxyError answers a request that got no response, as Envoy words it.
@@ -382,7 +432,7 @@ func (p *Proxy) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		p.metrics.request(f.ci.listener, f.up.name, 0)
 		panic(http.ErrAbortHandler)
 	default:
-		code, msg = http.StatusServiceUnavailable, failureMessage(err)
+		code, msg = failureCode(err), failureMessage(err)
 	}
 	p.metrics.request(f.ci.listener, f.up.name, code)
 	if p.log.Enabled(r.Context(), slog.LevelDebug) {
@@ -393,13 +443,28 @@ func (p *Proxy) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	_, _ = io.WriteString(w, msg)
 }
 
-// failureMessage is the body of the 503 both paths answer when a request
-// got no response and no timeout or downstream close explains it; its
-// words are Envoy's.
+// failureCode is the status every path answers when a request got no
+// response and no timeout or downstream close explains it: 502 for an
+// upstream that broke its protocol, else 503.
+func failureCode(err error) int {
+	var pe *protocolError
+	if errors.As(err, &pe) {
+		return http.StatusBadGateway
+	}
+	return http.StatusServiceUnavailable
+}
+
+// failureMessage is the body that goes with failureCode; its words are
+// Envoy's, a protocol error's followed by what broke.
 func failureMessage(err error) string {
 	const reset = "upstream connect error or disconnect/reset before headers. reset reason: "
-	var ce *connectError
+	var (
+		ce *connectError
+		pe *protocolError
+	)
 	switch {
+	case errors.As(err, &pe):
+		return reset + "protocol error: " + pe.err.Error()
 	case errors.Is(err, errNoHealthyUpstream):
 		return "no healthy upstream"
 	case errors.Is(err, errConnTermination):

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/netip"
 	"slices"
 	"sync"
@@ -217,11 +218,32 @@ func (pl *pool) failed(addr string, isTLS bool, err error) error {
 	return &connectError{cluster: pl.cluster, addr: addr, tls: isTLS, err: err}
 }
 
-// upConn is a pooled upstream connection, counted until closed.
+// upConn is a pooled upstream connection, counted until closed. It
+// keeps how many bytes it read and whether a read or write failed, which
+// tell a malformed response from a failed connection (send).
 type upConn struct {
 	net.Conn
 	pool   *pool
 	closed atomic.Bool
+	read   atomic.Int64
+	ioErr  atomic.Bool
+}
+
+func (c *upConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	c.read.Add(int64(n))
+	if err != nil {
+		c.ioErr.Store(true)
+	}
+	return n, err
+}
+
+func (c *upConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	if err != nil {
+		c.ioErr.Store(true)
+	}
+	return n, err
 }
 
 func (c *upConn) Close() error {
@@ -271,7 +293,7 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	tr := f.up.pool.transport(f.h2)
 	if f.up.picker == nil {
 		req.URL.Host = f.target.String()
-		return tr.RoundTrip(req)
+		return send(tr, req, !f.h2)
 	}
 	var body *retryBody
 	if req.Body != nil && req.Body != http.NoBody {
@@ -287,7 +309,7 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		req.URL.Host = ep.String()
 		var resp *http.Response
-		resp, err = tr.RoundTrip(req)
+		resp, err = send(tr, req, !f.h2)
 		if err == nil {
 			rt.p.health.Restore(ep)
 			return resp, nil
@@ -301,6 +323,31 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		body.release()
 	}
 	return nil, err
+}
+
+// send is one attempt of req over tr. An HTTP/1.1 upstream's response
+// that the Transport could not read as one, a malformed head, becomes a
+// protocolError: the Transport's error for it has no type to tell it by,
+// but the connection it used does, having read bytes with no read or
+// write failing (a cut connection fails one).
+func send(tr *http.Transport, req *http.Request, h1 bool) (*http.Response, error) {
+	if !h1 {
+		return tr.RoundTrip(req)
+	}
+	var (
+		used *upConn
+		mark int64
+	)
+	trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
+		if c, ok := info.Conn.(*upConn); ok {
+			used, mark = c, c.read.Load()
+		}
+	}}
+	resp, err := tr.RoundTrip(req.WithContext(httptrace.WithClientTrace(req.Context(), trace)))
+	if err != nil && used != nil && used.read.Load() > mark && !used.ioErr.Load() && req.Context().Err() == nil {
+		err = &protocolError{err}
+	}
+	return resp, err
 }
 
 // retryBody keeps a request body open across connect attempts: the
