@@ -531,19 +531,16 @@ func TestH1BridgeResponseToClose(t *testing.T) {
 func TestH1UpstreamProtocolError(t *testing.T) {
 	m, peer := startRawTLSPeer(t, nil)
 	const upe = "upstream connect error or disconnect/reset before headers. reset reason: protocol error: "
-	viaH1 := func(t *testing.T) (int, string) {
-		client := m.a.nat.httpClient(false)
-		defer client.CloseIdleConnections()
-		code, body, err := getNoHang(t, client.Do, "http://"+rawPeerSvc.host()+"/fuzz")
-		require.NoError(t, err)
-		return code, body
-	}
-	viaBridge := func(t *testing.T) (int, string) {
-		client := m.a.nat.httpClient(true)
-		defer client.CloseIdleConnections()
-		code, body, err := getNoHang(t, client.Do, "http://"+rawPeerSvc.host()+"/fuzz")
-		require.NoError(t, err)
-		return code, body
+	// viaClient asks with Go's client, as HTTP/2 (to a's bridge) or
+	// HTTP/1.1 (a's HTTP/1.1 path).
+	viaClient := func(h2 bool) func(*testing.T) (int, string) {
+		return func(t *testing.T) (int, string) {
+			client := m.a.nat.httpClient(h2)
+			defer client.CloseIdleConnections()
+			code, body, err := getNoHang(t, client.Do, "http://"+rawPeerSvc.host()+"/fuzz")
+			require.NoError(t, err)
+			return code, body
+		}
 	}
 	viaNetHTTP := func(t *testing.T) (int, string) {
 		rc := dialRaw(t, m, rawPeerSvc.host())
@@ -554,7 +551,7 @@ func TestH1UpstreamProtocolError(t *testing.T) {
 	paths := []struct {
 		name string
 		ask  func(*testing.T) (int, string)
-	}{{"HTTP/1.1 path", viaH1}, {"bridge", viaBridge}, {"net/http", viaNetHTTP}}
+	}{{"HTTP/1.1 path", viaClient(false)}, {"bridge", viaClient(true)}, {"net/http", viaNetHTTP}}
 
 	for _, tc := range []struct {
 		name, answer string
