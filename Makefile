@@ -17,6 +17,7 @@ BUF_VERSION         := v1.75.0
 PROTOC_GEN_GO_VERSION      := v1.36.12
 CONTROLLER_GEN_VERSION     := v0.23.0
 FORTIO_VERSION             := v1.66.5
+H2SPEC_VERSION             := v2.2.1+incompatible
 
 export PATH := $(BIN):$(PATH)
 
@@ -29,8 +30,8 @@ build: ## Build the binaries into bin/ (static, as the images in build/ are)
 	CGO_ENABLED=0 go build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
 
 .PHONY: tools
-tools: ## Install what tests and the demo need (etcd, iproute2, iptables, setpriv, staticcheck, kustomize)
-	@hack/install-tools.sh "$(BIN)" "$(STATICCHECK_VERSION)" "$(KUSTOMIZE_VERSION)"
+tools: ## Install what tests and the demo need (etcd, iproute2, iptables, setpriv, staticcheck, kustomize, h2spec)
+	@hack/install-tools.sh "$(BIN)" "$(STATICCHECK_VERSION)" "$(KUSTOMIZE_VERSION)" "$(H2SPEC_VERSION)"
 
 .PHONY: kube-binaries
 kube-binaries: ## Build (once, cached) kube-apiserver and kube-controller-manager

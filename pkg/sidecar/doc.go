@@ -60,9 +60,17 @@
 // again elsewhere, and a new connection to an endpoint assumes the
 // stream limit of the newest one to it until its own SETTINGS come;
 // connections are pinged after a silent minute.
-// Header blocks over 64 KiB are refused (431 before routing). With
-// Config.NetHTTP2, HTTP/2 goes to net/http's server and Transport
-// instead, for comparison.
+// Header blocks over 64 KiB are refused (431 before routing). A
+// message whose DATA do not add up to its content-length, or whose
+// trailers hold a pseudo-header, is malformed and reset, never forwarded
+// whole (RFC 9113 §8.1.1), either way. A downstream's frame on a stream
+// it has not opened (but HEADERS and PRIORITY) ends its connection; on a
+// closed stream it is ignored when the sidecar reset the stream (the
+// last 128 resets are kept), else answered with a reset STREAM_CLOSED;
+// a stream that depends on itself is reset. The server passes h2spec
+// (TestH2Spec, strict mode) but for an invalid preface, which the
+// listener reads as HTTP/1.1. With Config.NetHTTP2, HTTP/2 goes to
+// net/http's server and Transport instead, for comparison.
 //
 // Both HTTP paths read and write their sockets through tryConn
 // (tryconn*.go), which calls read(2) and write(2) with RawSyscall inside

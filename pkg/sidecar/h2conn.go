@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -166,6 +167,12 @@ type h2Conn struct {
 	// brokeWith is the code of the GOAWAY this side sent for the peer's
 	// breach of the protocol (connError), if it sent one.
 	brokeWith http2.ErrCode
+	// resets are the streams this side reset last (a ring, next the
+	// slot to write): frames the peer sent before it saw the reset are
+	// ignored (RFC 9113 §5.1), where a frame on another closed stream is
+	// an error.
+	resets    [h2ResetMemory]uint32
+	resetNext int
 	blocked   map[*h2Stream]struct{}
 	ready     bool        // client: connected
 	waiting   []*h2Stream // client: streams waiting for the connection
@@ -584,6 +591,50 @@ func (hc *h2Conn) writeRST(id uint32, code http2.ErrCode) {
 		return
 	}
 	hc.out = appendRSTStream(hc.out, id, code)
+	hc.resets[hc.resetNext] = id
+	hc.resetNext = (hc.resetNext + 1) % h2ResetMemory
+}
+
+// h2ResetMemory is how many of the streams it reset last a connection
+// remembers (resets). Trailers the client sent before it saw a reset
+// that has since left this memory end the connection (HEADERS on a
+// closed stream), as in Go's server, which forgets a stream once its
+// reset is written: it takes this many other streams reset in between.
+const h2ResetMemory = 128
+
+// peerStream is what a frame for a stream the connection does not have
+// open finds on a downstream connection: a stream the client has not
+// opened (idle: any frame but HEADERS and PRIORITY is a connection
+// error, RFC 9113 §5.1), one the sidecar reset (frames the client sent
+// before it saw the reset are ignored), or another closed one.
+func (hc *h2Conn) peerStream(id uint32) (idle, wasReset bool) {
+	hc.mu.Lock()
+	defer hc.mu.Unlock()
+	if id%2 == 0 || id > hc.lastPeerID {
+		return true, false
+	}
+	return false, slices.Contains(hc.resets[:], id)
+}
+
+// closedStreamFrame is a DATA or HEADERS frame on a closed stream of a
+// downstream connection: ignored when the sidecar reset the stream, else
+// a stream error STREAM_CLOSED (RFC 9113 §5.1, §6.1), after which the
+// stream's further frames are ignored.
+func (hc *h2Conn) closedStreamFrame(id uint32) {
+	if _, wasReset := hc.peerStream(id); wasReset {
+		return
+	}
+	hc.mu.Lock()
+	hc.writeRST(id, http2.ErrCodeStreamClosed)
+	hc.kick()
+	hc.mu.Unlock()
+}
+
+// idleStreamFrame ends a downstream connection whose client sent f, a
+// frame other than HEADERS or PRIORITY, on a stream it has not opened.
+func (hc *h2Conn) idleStreamFrame(f http2.Frame) error {
+	hc.connError(http2.ErrCodeProtocol)
+	return fmt.Errorf("http2: %v on idle stream %d", f.Header().Type, f.Header().StreamID)
 }
 
 // stream is the stream id, nil when it is not open.
@@ -778,7 +829,13 @@ func (hc *h2Conn) handle(f http2.Frame) error {
 				hc.premature.Add(1)
 			}
 			s.peerReset(hc, f.ErrCode)
+		} else if !hc.client {
+			if idle, _ := hc.peerStream(f.StreamID); idle {
+				return hc.idleStreamFrame(f)
+			}
 		}
+	case *http2.PriorityFrame:
+		return hc.onPriority(f.StreamID, f.PriorityParam)
 	case *http2.SettingsFrame:
 		return hc.onSettings(f)
 	case *http2.PingFrame:
@@ -815,20 +872,37 @@ func (hc *h2Conn) onData(f *http2.DataFrame) error {
 	hc.creditConn(0, 0, n)
 	s := hc.stream(f.StreamID)
 	if s == nil {
-		if !hc.client && f.StreamID > hc.lastPeerSeen() {
-			hc.connError(http2.ErrCodeProtocol)
-			return fmt.Errorf("http2: DATA on idle stream %d", f.StreamID)
+		if hc.client {
+			return nil // a stream the sidecar reset
 		}
+		if idle, _ := hc.peerStream(f.StreamID); idle {
+			return hc.idleStreamFrame(f)
+		}
+		hc.closedStreamFrame(f.StreamID)
 		return nil
 	}
 	s.onData(hc, f.Data(), n, f.StreamEnded())
 	return nil
 }
 
-func (hc *h2Conn) lastPeerSeen() uint32 {
+// onPriority checks a priority signal, which the sidecar otherwise
+// ignores (RFC 9113 §5.3.2): a stream that depends on itself is a stream
+// error PROTOCOL_ERROR (§5.3.1).
+func (hc *h2Conn) onPriority(id uint32, pp http2.PriorityParam) error {
+	if pp.StreamDep != id || hc.client {
+		return nil
+	}
+	if s := hc.stream(id); s != nil {
+		s.mu.Lock()
+		s.reset(hc, http2.ErrCodeProtocol, nil)
+		s.mu.Unlock()
+		return nil
+	}
 	hc.mu.Lock()
-	defer hc.mu.Unlock()
-	return hc.lastPeerID
+	hc.writeRST(id, http2.ErrCodeProtocol)
+	hc.kick()
+	hc.mu.Unlock()
+	return nil
 }
 
 func (hc *h2Conn) onHeaders(f *http2.MetaHeadersFrame) error {
@@ -842,11 +916,17 @@ func (hc *h2Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	}
 	hc.mu.Lock()
 	if id%2 == 1 && id <= hc.lastPeerID {
-		// A stream that ended (the sidecar answered or reset it while the
-		// client was still sending): its trailers are ignored (RFC 9113
-		// §5.1); HPACK already took their fields.
 		hc.mu.Unlock()
-		return nil
+		if _, wasReset := hc.peerStream(id); wasReset {
+			// The sidecar answered or reset the stream while the client
+			// was still sending: its trailers are ignored (RFC 9113
+			// §5.1); HPACK already took their fields.
+			return nil
+		}
+		// A stream that closed, or one below the last opened: the
+		// client cannot open it (§5.1.1).
+		hc.connError(http2.ErrCodeProtocol)
+		return fmt.Errorf("http2: HEADERS on closed stream %d", id)
 	}
 	if id%2 == 0 {
 		hc.mu.Unlock()
@@ -855,9 +935,14 @@ func (hc *h2Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	}
 	hc.lastPeerID = id
 	hc.opened++
-	refuse := hc.goAway || len(hc.streams) >= h2MaxStreams
+	selfDep := f.HasPriority() && f.Priority.StreamDep == id
+	refuse := hc.goAway || len(hc.streams) >= h2MaxStreams || selfDep
 	if refuse {
-		hc.writeRST(id, http2.ErrCodeRefusedStream)
+		code := http2.ErrCodeRefusedStream
+		if selfDep {
+			code = http2.ErrCodeProtocol // §5.3.1
+		}
+		hc.writeRST(id, code)
 		hc.kick()
 	}
 	hc.mu.Unlock()
@@ -871,6 +956,10 @@ func (hc *h2Conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	if f.StreamID != 0 {
 		if s := hc.stream(f.StreamID); s != nil {
 			s.onWindowUpdate(hc, int64(f.Increment))
+		} else if !hc.client {
+			if idle, _ := hc.peerStream(f.StreamID); idle {
+				return hc.idleStreamFrame(f)
+			}
 		}
 		return nil
 	}

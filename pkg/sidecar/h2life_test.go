@@ -676,10 +676,11 @@ func testH2LifeUpstreamDies(t *testing.T, netHTTP2 bool) {
 }
 
 // b's app breaks HTTP/2 before a response head: a malformed head, DATA
-// first, a frame that is a connection error. On the own path a's app
-// gets Envoy's 502 "protocol error" naming the breach, never a 503; the
-// next request is answered. The net/http path, the reference, answers
-// 503 (its Transport's errors carry no type that tells them apart).
+// first, a frame that is a connection error, a content-length with no
+// body. On the own path a's app gets Envoy's 502 "protocol error" naming
+// the breach, never a 503; the next request is answered. The net/http
+// path, the reference, answers 503 (its Transport's errors carry no type
+// that tells them apart).
 func TestH2LifeUpstreamProtocolError(t *testing.T) {
 	for _, path := range h2Paths {
 		t.Run(path.name, func(t *testing.T) { testH2LifeUpstreamProtocolError(t, path.netHTTP2) })
@@ -702,6 +703,19 @@ func testH2LifeUpstreamProtocolError(t *testing.T, netHTTP2 bool) {
 		case "/zero-window-update":
 			sc.fr.AllowIllegalWrites = true
 			_ = sc.fr.WriteWindowUpdate(0, 0) // a connection error (RFC 9113 §6.9)
+		case "/length-no-body", "/length-over", "/not-modified":
+			status := "200"
+			if path == "/not-modified" {
+				status = "304" // its content-length is the representation's: no body
+			}
+			_ = sc.enc.WriteField(hpack.HeaderField{Name: ":status", Value: status})
+			_ = sc.enc.WriteField(hpack.HeaderField{Name: "content-length", Value: "5"})
+			bodyless := path != "/length-over"
+			_ = sc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: sc.encBuf.Bytes(), EndHeaders: true, EndStream: bodyless})
+			if !bodyless {
+				_ = sc.fr.WriteData(id, false, []byte("12345"))
+				_ = sc.fr.WriteData(id, true, []byte("6"))
+			}
 		default:
 			sc.respond(id, "answered "+path)
 		}
@@ -713,6 +727,7 @@ func testH2LifeUpstreamProtocolError(t *testing.T, netHTTP2 bool) {
 		{"/no-status", "response headers without :status"},
 		{"/data-first", "DATA before the response's head"},
 		{"/zero-window-update", "connection error PROTOCOL_ERROR"},
+		{"/length-no-body", "DATA do not add up to the content-length"},
 	} {
 		c := dialH2(t, m.a, lifeRawSvc.host())
 		r := c.get(t, tc.path)
@@ -728,6 +743,32 @@ func testH2LifeUpstreamProtocolError(t *testing.T, netHTTP2 bool) {
 		require.NoError(t, r.err, tc.path)
 		require.Equal(t, "answered /after", r.body, "%s: the next request is answered", tc.path)
 	}
+
+	// More DATA than the content-length, after the head went down: the
+	// excess never goes down, and the stream ends in a reset, never
+	// cleanly (RFC 9113 §8.1.1). A 304's content-length binds no body.
+	host := lifeRawSvc.host()
+	r := dialRawH2(t, m.a, host)
+	require.NoError(t, r.writeHeaders(1, true, requestFields(http.MethodGet, host, "/length-over")))
+	require.NoError(t, r.writeHeaders(3, true, requestFields(http.MethodGet, host, "/not-modified")))
+	ev := newRawEvents(65535)
+	r.pump(t, ev, func(ev *rawEvents) bool { return ev.done(1) && ev.done(3) })
+	require.NoError(t, ev.err)
+	require.NotContains(t, string(ev.body[1]), "6", "the excess never came")
+	_, reset := ev.rst[1]
+	if netHTTP2 {
+		// net/http reads the excess before the head goes down: a 503.
+		// Its Transport takes the 304's content-length for a body that
+		// is missing: a 503 too.
+		require.True(t, ev.status[1] != "200" || reset, "status %s, never a clean 200", ev.status[1])
+		return
+	}
+	require.Equal(t, "200", ev.status[1])
+	require.False(t, ev.ended[1], "no END_STREAM")
+	require.True(t, reset, "a reset")
+	require.Equal(t, "304", ev.status[3])
+	require.True(t, ev.ended[3])
+	require.NotContains(t, ev.rst, uint32(3))
 }
 
 // A client that advertises a 1 KiB stream window still gets a 1 MiB

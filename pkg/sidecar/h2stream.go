@@ -44,6 +44,11 @@ type h2Flow struct {
 	blocked bool
 	// sent: some DATA went to dst.
 	sent bool
+	// length is the content-length src announced (-1: none, or none
+	// that binds, as a HEAD response's), got the DATA bytes that came: a
+	// message whose DATA do not add up to its length is malformed (RFC
+	// 9113 §8.1.1) and never forwarded whole.
+	length, got int64
 }
 
 // h2Chunk is DATA waiting on a stream: b, which is held in buf (a
@@ -164,6 +169,7 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 	s := &h2Stream{p: p, down: down, born: time.Now()}
 	s.toUp.src, s.toUp.srcID, s.toUp.recvWin = down, f.StreamID, h2StreamWindow
 	s.toUp.srcEnded = f.StreamEnded()
+	s.toUp.length, s.toDown.length = -1, -1
 	s.lock(down)
 	defer s.unlock()
 	defer s.maybeDone()
@@ -204,6 +210,15 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 		return
 	}
 	s.head = method == http.MethodHead
+	var ok bool
+	if s.toUp.length, ok = h2ContentLength(f.Fields); !ok {
+		s.answer(http.StatusBadRequest, "isthmus sidecar: malformed content-length\n")
+		return
+	}
+	if s.toUp.srcEnded && s.toUp.length > 0 {
+		s.answer(http.StatusBadRequest, "isthmus sidecar: content-length announces a body the stream does not have\n")
+		return
+	}
 	if tooLarge(f) {
 		s.answer(http.StatusRequestHeaderFieldsTooLarge, "isthmus sidecar: request headers exceed "+strconv.Itoa(h2MaxHeaderList)+" bytes\n")
 		return
@@ -521,6 +536,11 @@ func (s *h2Stream) onData(hc *h2Conn, data []byte, n int64, end bool) {
 		s.reset(hc, http2.ErrCodeFlowControl, errors.New("DATA beyond the stream's window"))
 		return
 	}
+	fl.got += int64(len(data))
+	if fl.length >= 0 && (fl.got > fl.length || end && fl.got != fl.length) {
+		s.malformed(hc, errLengthMismatch)
+		return
+	}
 	if pad := n - int64(len(data)); pad > 0 {
 		fl.recvWin += pad
 		hc.creditConn(fl.srcID, pad, 0)
@@ -553,6 +573,17 @@ func (s *h2Stream) onHeaders(hc *h2Conn, f *http2.MetaHeadersFrame) {
 			s.clientFault(http2.ErrCodeStreamClosed)
 		}
 		return
+	}
+	if (hc == s.down || s.answered) && f.StreamEnded() {
+		// Trailers: no pseudo-header, and the DATA came whole.
+		if len(f.PseudoFields()) > 0 {
+			s.malformed(hc, errors.New("pseudo-header field in trailers"))
+			return
+		}
+		if fl.length >= 0 && fl.got != fl.length {
+			s.malformed(hc, errLengthMismatch)
+			return
+		}
 	}
 	if hc == s.down {
 		if !f.StreamEnded() {
@@ -589,6 +620,17 @@ func (s *h2Stream) onHeaders(hc *h2Conn, f *http2.MetaHeadersFrame) {
 		s.down.mu.Unlock()
 		s.wake(s.down)
 	default:
+		if !s.head && status != http.StatusNoContent && status != http.StatusNotModified {
+			var ok bool
+			if fl.length, ok = h2ContentLength(f.Fields); !ok {
+				s.upFailed(http2.ErrCodeProtocol, errors.New("malformed content-length"))
+				return
+			}
+			if f.StreamEnded() && fl.length > 0 {
+				s.upFailed(http2.ErrCodeProtocol, errLengthMismatch)
+				return
+			}
+		}
 		s.answered = true
 		s.fields = nil
 		s.count(s.cluster(), status)
@@ -652,6 +694,34 @@ func (s *h2Stream) onWindowUpdate(hc *h2Conn, inc int64) {
 	}
 	s.flush(fl)
 	s.maybeDone()
+}
+
+// errLengthMismatch: a message's DATA did not add up to its
+// content-length.
+var errLengthMismatch = errors.New("DATA do not add up to the content-length")
+
+// malformed ends the stream for a malformed message from hc (RFC 9113
+// §8.1.1): a stream error PROTOCOL_ERROR to the downstream, or, from the
+// upstream, a 502 or a reset downstream. mu held.
+func (s *h2Stream) malformed(hc *h2Conn, why error) {
+	s.reset(hc, http2.ErrCodeProtocol, why)
+}
+
+// h2ContentLength is the content-length of a header block (-1 when it
+// has none); ok is false for a malformed value or differing values.
+func h2ContentLength(fields []hpack.HeaderField) (length int64, ok bool) {
+	length = -1
+	for i := range fields {
+		if fields[i].Name != "content-length" {
+			continue
+		}
+		n, valid := parseContentLength([]byte(fields[i].Value))
+		if !valid || (length >= 0 && n != length) {
+			return -1, false
+		}
+		length = n
+	}
+	return length, true
 }
 
 // reset ends the stream for an error of hc's side of it (a frame that
