@@ -603,13 +603,18 @@ func (hc *h2Conn) writeRST(id uint32, code http2.ErrCode) {
 const h2ResetMemory = 128
 
 // peerStream is what a frame for a stream the connection does not have
-// open finds on a downstream connection: a stream the client has not
-// opened (idle: any frame but HEADERS and PRIORITY is a connection
-// error, RFC 9113 §5.1), one the sidecar reset (frames the client sent
-// before it saw the reset are ignored), or another closed one.
+// open finds: a stream not opened yet (idle: any frame but HEADERS and
+// PRIORITY from a client, any frame at all from a server that may push
+// nothing, is a connection error, RFC 9113 §5.1), one the sidecar reset
+// (frames the peer sent before it saw the reset are ignored), or another
+// closed one. On an upstream connection every closed stream counts as
+// reset: a server's late frames are dropped.
 func (hc *h2Conn) peerStream(id uint32) (idle, wasReset bool) {
 	hc.mu.Lock()
 	defer hc.mu.Unlock()
+	if hc.client {
+		return id%2 == 0 || id >= hc.nextID, true
+	}
 	if id%2 == 0 || id > hc.lastPeerID {
 		return true, false
 	}
@@ -630,8 +635,8 @@ func (hc *h2Conn) closedStreamFrame(id uint32) {
 	hc.mu.Unlock()
 }
 
-// idleStreamFrame ends a downstream connection whose client sent f, a
-// frame other than HEADERS or PRIORITY, on a stream it has not opened.
+// idleStreamFrame ends a connection whose peer sent f on a stream not
+// opened yet.
 func (hc *h2Conn) idleStreamFrame(f http2.Frame) error {
 	hc.connError(http2.ErrCodeProtocol)
 	return fmt.Errorf("http2: %v on idle stream %d", f.Header().Type, f.Header().StreamID)
@@ -829,10 +834,8 @@ func (hc *h2Conn) handle(f http2.Frame) error {
 				hc.premature.Add(1)
 			}
 			s.peerReset(hc, f.ErrCode)
-		} else if !hc.client {
-			if idle, _ := hc.peerStream(f.StreamID); idle {
-				return hc.idleStreamFrame(f)
-			}
+		} else if idle, _ := hc.peerStream(f.StreamID); idle {
+			return hc.idleStreamFrame(f)
 		}
 	case *http2.PriorityFrame:
 		return hc.onPriority(f.StreamID, f.PriorityParam)
@@ -872,9 +875,6 @@ func (hc *h2Conn) onData(f *http2.DataFrame) error {
 	hc.creditConn(0, 0, n)
 	s := hc.stream(f.StreamID)
 	if s == nil {
-		if hc.client {
-			return nil // a stream the sidecar reset
-		}
 		if idle, _ := hc.peerStream(f.StreamID); idle {
 			return hc.idleStreamFrame(f)
 		}
@@ -912,7 +912,10 @@ func (hc *h2Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return nil
 	}
 	if hc.client {
-		return nil // a stream the sidecar reset: its HPACK state is kept, the rest dropped
+		if idle, _ := hc.peerStream(id); idle {
+			return hc.idleStreamFrame(f)
+		}
+		return nil // a stream that ended: its HPACK state is kept, the rest dropped
 	}
 	hc.mu.Lock()
 	if id%2 == 1 && id <= hc.lastPeerID {
@@ -956,10 +959,8 @@ func (hc *h2Conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	if f.StreamID != 0 {
 		if s := hc.stream(f.StreamID); s != nil {
 			s.onWindowUpdate(hc, int64(f.Increment))
-		} else if !hc.client {
-			if idle, _ := hc.peerStream(f.StreamID); idle {
-				return hc.idleStreamFrame(f)
-			}
+		} else if idle, _ := hc.peerStream(f.StreamID); idle {
+			return hc.idleStreamFrame(f)
 		}
 		return nil
 	}

@@ -676,8 +676,8 @@ func testH2LifeUpstreamDies(t *testing.T, netHTTP2 bool) {
 }
 
 // b's app breaks HTTP/2 before a response head: a malformed head, DATA
-// first, a frame that is a connection error, a content-length with no
-// body. On the own path a's app gets Envoy's 502 "protocol error" naming
+// first, a frame that is a connection error (a zero window increment,
+// DATA on a stream never opened), a content-length with no body. On the own path a's app gets Envoy's 502 "protocol error" naming
 // the breach, never a 503; the next request is answered. The net/http
 // path, the reference, answers 503 (its Transport's errors carry no type
 // that tells them apart).
@@ -700,6 +700,8 @@ func testH2LifeUpstreamProtocolError(t *testing.T, netHTTP2 bool) {
 			_ = sc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: sc.encBuf.Bytes(), EndHeaders: true, EndStream: true})
 		case "/data-first":
 			_ = sc.fr.WriteData(id, true, []byte("no head"))
+		case "/idle-stream":
+			_ = sc.fr.WriteData(id+200, true, []byte("x")) // a stream the sidecar never opened (§5.1)
 		case "/zero-window-update":
 			sc.fr.AllowIllegalWrites = true
 			_ = sc.fr.WriteWindowUpdate(0, 0) // a connection error (RFC 9113 §6.9)
@@ -727,6 +729,7 @@ func testH2LifeUpstreamProtocolError(t *testing.T, netHTTP2 bool) {
 		{"/no-status", "response headers without :status"},
 		{"/data-first", "DATA before the response's head"},
 		{"/zero-window-update", "connection error PROTOCOL_ERROR"},
+		{"/idle-stream", "connection error PROTOCOL_ERROR"},
 		{"/length-no-body", "DATA do not add up to the content-length"},
 	} {
 		c := dialH2(t, m.a, lifeRawSvc.host())
