@@ -2,6 +2,7 @@ package xdsclient
 
 import (
 	"crypto/x509"
+	"fmt"
 	"net/netip"
 	"testing"
 
@@ -222,6 +223,13 @@ func TestTranslateSidecarRoundTripInCluster(t *testing.T) {
 // and shop/db in-cluster services too (ClusterIPs 10.96.0.10 and
 // fd00:96::20).
 func inClusterTranslation(tb testing.TB) xds.Resources {
+	return inClusterTranslationOf(tb, true, true)
+}
+
+// inClusterTranslationOf is roundTripCatalog's translation with the
+// in-cluster services chosen: demo/echo (HTTP port 80, TCP port 9000) and
+// shop/db (TCP port 5432).
+func inClusterTranslationOf(tb testing.TB, withEcho, withDB bool) xds.Resources {
 	tb.Helper()
 	local, peers := roundTripCatalog(tb)
 	echo, ok := local.Get(catalog.ServiceKey{Namespace: "demo", Name: "echo"})
@@ -230,10 +238,59 @@ func inClusterTranslation(tb testing.TB) xds.Resources {
 	require.True(tb, ok)
 	e, d := echo.Clone(), db.Clone()
 	e.ClusterIP, d.ClusterIP = "10.96.0.10", "fd00:96::20"
-	inCluster, err := catalog.NewSnapshot(catalog.InClusterSource, []catalog.Service{e, d})
+	var in []catalog.Service
+	if withEcho {
+		in = append(in, e)
+	}
+	if withDB {
+		in = append(in, d)
+	}
+	inCluster, err := catalog.NewSnapshot(catalog.InClusterSource, in)
 	require.NoError(tb, err)
 	r, skipped, err := xds.TranslateSidecar(xds.SidecarInput{Local: local, InCluster: inCluster, Peers: peers}, xds.SidecarOptions{Region: "r1"})
 	require.NoError(tb, err)
 	require.Empty(tb, skipped)
 	return r
+}
+
+// An in-cluster HTTP service's outbound chain carries its route inline.
+// When the service leaves the cluster (deleted, or no longer meshed) and
+// comes back, the clusters that route names are followed like any
+// chain's: whatever order the types arrive in, every step's state is the
+// one decoding the same resources from scratch gives. Before the fix the
+// chain's clusters were left counted when it went, so the client waited
+// for ever on a cluster CDS no longer sent and published nothing again.
+func TestInClusterServiceLeavesAndComes(t *testing.T) {
+	both := byType(t, translatedAnys(t, inClusterTranslation(t)))
+	dbOnly := byType(t, translatedAnys(t, inClusterTranslationOf(t, false, true)))
+	// The echo chain's only cluster of its own is the one its inline route
+	// names; without db, echo's TCP port would mask a missed count.
+	echoOnly := byType(t, translatedAnys(t, inClusterTranslationOf(t, true, false)))
+	none := byType(t, translatedAnys(t, inClusterTranslationOf(t, false, false)))
+	orders := [][]string{
+		{TypeListener, TypeRouteConfiguration, TypeCluster, TypeClusterLoadAssignment, TypeSecret},
+		{TypeCluster, TypeClusterLoadAssignment, TypeListener, TypeRouteConfiguration, TypeSecret},
+		{TypeClusterLoadAssignment, TypeCluster, TypeRouteConfiguration, TypeListener, TypeSecret},
+	}
+	for i, order := range orders {
+		t.Run(fmt.Sprint(i), func(t *testing.T) {
+			c, err := New(ClientConfig{Server: "127.0.0.1:15010", Plaintext: true, Node: sidecarNode})
+			require.NoError(t, err)
+			m := &model{role: RoleSidecar, eds: map[string]*anypb.Any{}, rds: map[string]*anypb.Any{}}
+			var history []publishedConfig
+			var tally tally
+			step := 0
+			for j, target := range []responses{both, dbOnly, both, none, echoOnly, none, echoOnly} {
+				// Then RDS and EDS again, as a server answers the
+				// subscriptions the new LDS and CDS made.
+				for _, typ := range append(order, TypeRouteConfiguration, TypeClusterLoadAssignment) {
+					checkStep(t, c, m, typ, fmt.Sprintf("v%d", step), target[typ], &history, &tally)
+					step++
+				}
+				cfg, err := DecodeRole(RoleSidecar, m.all()...)
+				require.NoError(t, err, "target %d", j)
+				require.True(t, contentEqual(cfg, c.Current()), "target %d: the client publishes the target's config", j)
+			}
+		})
+	}
 }

@@ -1027,14 +1027,12 @@ func (tx *tx) applySidecarListeners(resources []*anypb.Any) []error {
 // chains name, and the clusters those name.
 func (tx *tx) outboundChanged(old, new *entry[*OutboundListener]) {
 	sc := tx.s.sc
-	tcp := func(l *OutboundListener, d int32) func(int32) {
+	refs := func(l *OutboundListener, d int32) func(int32) {
 		return func(i int32) {
-			if ch := l.Chains[i]; ch.TCP != nil {
-				tx.need(ch.TCP.Cluster, d)
-			}
+			chainRefs(l.Chains[i], func(c string) { tx.need(c, d) })
 		}
 	}
-	if old != nil && changedParts(old.parts, new.parts, len(old.v.Chains), len(new.v.Chains), tcp(old.v, -1), tcp(new.v, +1)) {
+	if old != nil && changedParts(old.parts, new.parts, len(old.v.Chains), len(new.v.Chains), refs(old.v, -1), refs(new.v, +1)) {
 		tx.need(old.v.Default.TCP.Cluster, -1)
 		tx.need(new.v.Default.TCP.Cluster, +1)
 	} else {
@@ -1149,14 +1147,22 @@ func (tx *tx) routesChanged(changes []change[*RouteConfig]) {
 // configurations its HTTP chains name over RDS, sorted.
 func outboundRefs(l *OutboundListener, need func(string)) {
 	for _, ch := range l.Chains {
-		switch {
-		case ch.TCP != nil:
-			need(ch.TCP.Cluster)
-		case ch.HTTP.Routes != nil:
-			routeRefs(ch.HTTP.Routes, need)
-		}
+		chainRefs(ch, need)
 	}
 	need(l.Default.TCP.Cluster)
+}
+
+// chainRefs calls need with every cluster one outbound chain names
+// itself: its tcp_proxy's, or those of the route configuration it
+// carries inline (a chain that names an RDS route configuration refers
+// to it by name, followed apart).
+func chainRefs(ch OutboundChain, need func(string)) {
+	switch {
+	case ch.TCP != nil:
+		need(ch.TCP.Cluster)
+	case ch.HTTP != nil && ch.HTTP.Routes != nil:
+		routeRefs(ch.HTTP.Routes, need)
+	}
 }
 
 func routeNames(l *OutboundListener) []string {
