@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"time"
 )
@@ -38,35 +39,61 @@ type ClientHello struct {
 }
 
 // ParseClientHello parses the TLS records at the start of data, which must
-// hold a whole ClientHello (possibly fragmented over several handshake
-// records). It returns what it found and the length of the records that
-// hold it. Errors wrap ErrNotTLS, ErrNoSNI, ErrTooLarge or ErrMalformed; a
-// valid but short prefix returns an error for which errors.Is(err,
-// io.ErrUnexpectedEOF) holds.
+// hold a whole ClientHello (possibly fragmented over at most
+// MaxClientHelloRecords handshake records). It returns what it found and
+// the length of the records that hold it. Errors wrap ErrNotTLS, ErrNoSNI,
+// ErrTooLarge or ErrMalformed; a valid but short prefix returns an error
+// for which errors.Is(err, io.ErrUnexpectedEOF) holds.
 func ParseClientHello(data []byte) (ClientHello, int, error) {
-	h, n, err := parseClientHello(data)
+	var p helloParser
+	h, n, err := p.parse(data)
 	if errors.Is(err, errIncomplete) {
 		err = fmt.Errorf("%w: %w", errIncomplete, io.ErrUnexpectedEOF)
 	}
 	return h, n, err
 }
 
-func parseClientHello(data []byte) (ClientHello, int, error) {
+// MaxClientHelloRecords bounds the handshake records a ClientHello may be
+// split into. TLS stacks send one record below 16 KiB; a few clients split
+// the ClientHello on purpose (to get past middleboxes) into a handful. A
+// bound keeps a client that sends one byte per record from making the
+// gateway do per-record work thousands of times for one connection.
+const MaxClientHelloRecords = 64
+
+// helloParser reassembles a ClientHello from handshake records as they
+// arrive. Each parse call takes the bytes read so far (the previous call's
+// data extended, never changed) and resumes where the previous call
+// stopped: a record is taken once whole and its fragment copied once, so
+// a client trickling its ClientHello costs work in proportion to its
+// bytes, not to their square or cube. The zero value is ready.
+type helloParser struct {
+	// pos is the offset of the first record not yet taken.
+	pos int
+	// records counts the records taken.
+	records int
+	// msg is the handshake message gathered from the records taken, when
+	// it spans several; the parser owns it. Empty when it sits whole in
+	// the first record, which is then parsed in place.
+	msg []byte
+	// msgLen is the whole message's length, header included, once its
+	// handshake header has been seen; 0 before.
+	msgLen int
+}
+
+// parse continues with data (see helloParser) and returns what
+// ParseClientHello returns, errIncomplete for a valid prefix.
+func (p *helloParser) parse(data []byte) (ClientHello, int, error) {
 	if len(data) > 0 && data[0] != recordTypeHandshake {
 		return ClientHello{}, 0, fmt.Errorf("%w: first byte %#x", ErrNotTLS, data[0])
 	}
 	if len(data) > 1 && data[1] != 3 {
 		return ClientHello{}, 0, fmt.Errorf("%w: record version major %d", ErrNotTLS, data[1])
 	}
-	// Gather the handshake message. Usually it sits whole in the first
-	// record and msg aliases data; otherwise fragments are copied.
-	var msg []byte
-	pos := 0
 	for {
-		if len(data)-pos < recordHeaderLen {
+		if len(data)-p.pos < recordHeaderLen {
 			return ClientHello{}, 0, errIncomplete
 		}
-		hdr := data[pos : pos+recordHeaderLen]
+		hdr := data[p.pos : p.pos+recordHeaderLen]
 		if hdr[0] != recordTypeHandshake || hdr[1] != 3 {
 			return ClientHello{}, 0, fmt.Errorf("%w: record of type %d version %d.%d amid the ClientHello", ErrMalformed, hdr[0], hdr[1], hdr[2])
 		}
@@ -74,41 +101,57 @@ func parseClientHello(data []byte) (ClientHello, int, error) {
 		if rlen == 0 || rlen > maxPlaintextRecord {
 			return ClientHello{}, 0, fmt.Errorf("%w: record length %d", ErrMalformed, rlen)
 		}
-		avail := min(rlen, len(data)-pos-recordHeaderLen)
-		frag := data[pos+recordHeaderLen : pos+recordHeaderLen+avail]
-		if msg == nil && avail == rlen {
-			msg = frag
-		} else {
-			msg = append(msg[:len(msg):len(msg)], frag...)
+		if p.records == MaxClientHelloRecords {
+			return ClientHello{}, 0, fmt.Errorf("%w: more than %d records", ErrTooLarge, MaxClientHelloRecords)
 		}
+		start := p.pos + recordHeaderLen
+		frag := data[start:min(start+rlen, len(data))]
 		// The handshake header tells how long the message is: refuse a
 		// wrong type or a huge length before reading it all.
-		if len(msg) >= 4 {
-			if msg[0] != handshakeClientHello {
-				return ClientHello{}, 0, fmt.Errorf("%w: handshake message type %d, not ClientHello", ErrMalformed, msg[0])
-			}
-			mlen := int(msg[1])<<16 | int(msg[2])<<8 | int(msg[3])
-			if 4+mlen > MaxClientHelloSize {
-				return ClientHello{}, 0, fmt.Errorf("%w: %d bytes", ErrTooLarge, 4+mlen)
-			}
-			if avail < rlen {
-				return ClientHello{}, 0, errIncomplete
-			}
-			pos += recordHeaderLen + rlen
-			if len(msg) >= 4+mlen {
-				h, err := parseHelloBody(msg[4 : 4+mlen])
-				if err != nil {
-					return ClientHello{}, 0, err
+		if p.msgLen == 0 {
+			var h [4]byte
+			k := copy(h[:], p.msg)
+			if k += copy(h[k:], frag); k == len(h) {
+				if h[0] != handshakeClientHello {
+					return ClientHello{}, 0, fmt.Errorf("%w: handshake message type %d, not ClientHello", ErrMalformed, h[0])
 				}
-				return h, pos, nil
+				mlen := 4 + (int(h[1])<<16 | int(h[2])<<8 | int(h[3]))
+				if mlen > MaxClientHelloSize {
+					return ClientHello{}, 0, fmt.Errorf("%w: %d bytes", ErrTooLarge, mlen)
+				}
+				p.msgLen = mlen
 			}
-			continue
 		}
-		if avail < rlen {
-			return ClientHello{}, 0, errIncomplete
+		if len(frag) < rlen {
+			return ClientHello{}, 0, errIncomplete // take the record once whole
 		}
-		pos += recordHeaderLen + rlen
+		p.records++
+		p.pos = start + rlen
+		if p.records == 1 && p.msgLen > 0 && len(frag) >= p.msgLen {
+			// Whole in the first record, as TLS stacks send it: no copy.
+			return p.finish(frag[4:p.msgLen])
+		}
+		if p.msgLen > 0 {
+			// Grow once to the message's length, and copy no byte past
+			// it (the rest of the last record is not the ClientHello's).
+			if cap(p.msg) < p.msgLen {
+				p.msg = slices.Grow(p.msg, p.msgLen-len(p.msg))
+			}
+			frag = frag[:min(len(frag), p.msgLen-len(p.msg))]
+		}
+		p.msg = append(p.msg, frag...) // without msgLen, under 4 bytes
+		if p.msgLen > 0 && len(p.msg) == p.msgLen {
+			return p.finish(p.msg[4:])
+		}
 	}
+}
+
+func (p *helloParser) finish(body []byte) (ClientHello, int, error) {
+	h, err := parseHelloBody(body)
+	if err != nil {
+		return ClientHello{}, 0, err
+	}
+	return h, p.pos, nil
 }
 
 // parseHelloBody reads a ClientHello body (RFC 8446 4.1.2, RFC 5246 7.4.1.2)
@@ -233,11 +276,12 @@ func readClientHello(c net.Conn, buf []byte, deadline time.Time) (ClientHello, i
 	if err := c.SetReadDeadline(deadline); err != nil {
 		return ClientHello{}, 0, err
 	}
+	var p helloParser // resumes where the previous read's bytes ended
 	n := 0
 	for {
 		m, rerr := c.Read(buf[n:])
 		n += m
-		h, _, err := parseClientHello(buf[:n])
+		h, _, err := p.parse(buf[:n])
 		switch {
 		case err == nil:
 			return h, n, c.SetReadDeadline(time.Time{})

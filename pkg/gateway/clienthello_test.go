@@ -79,6 +79,19 @@ func records(msg []byte, size int) []byte {
 	return out
 }
 
+// splitRecords splits a handshake message into n records of about the
+// same size.
+func splitRecords(msg []byte, n int) []byte {
+	var out []byte
+	for i := range n {
+		part := msg[i*len(msg)/n : (i+1)*len(msg)/n]
+		out = append(out, 22, 3, 1)
+		out = append(out, u16(len(part))...)
+		out = append(out, part...)
+	}
+	return out
+}
+
 func oddSuites() []byte {
 	body := append([]byte{3, 3}, make([]byte, 32)...)
 	body = append(body, 0, 0, 1, 0x13, 1, 0)
@@ -111,7 +124,9 @@ func TestParseClientHello(t *testing.T) {
 		{"go federation name", goHello(t, "federation.isthmus.internal", nil), "federation.isthmus.internal", nil},
 		{"go without SNI", goHello(t, "", nil), "", ErrNoSNI},
 		{"uppercase is lowercased", records(helloMsg(sniExt("Echo.Demo.SVC")), 1<<14), "echo.demo.svc", nil},
-		{"fragmented over records of 7 bytes", records(goDefault[5:], 7), name, nil},
+		{"fragmented over 64 records, the most allowed", splitRecords(goDefault[5:], 64), name, nil},
+		{"fragmented over 65 records", splitRecords(goDefault[5:], 65), "", ErrTooLarge},
+		{"65 one-byte records of a ClientHello said to be 16000 bytes", records(append([]byte{1, 0, 0x3e, 0x7c}, make([]byte, 61)...), 1), "", ErrTooLarge},
 		{"fragment splits the handshake header", records(helloMsg(sniExt("a.b")), 2), "a.b", nil},
 		{"non-host_name entries are skipped", records(helloMsg(tlsExt(0, append(u16(8), 1, 0, 1, 'x', 0, 0, 1, 'y'))), 1<<14), "y", nil},
 		{"no extensions block", records(helloMsg(), 1<<14), "", ErrNoSNI},
@@ -236,6 +251,59 @@ func TestReadClientHello(t *testing.T) {
 	require.ErrorIs(t, err, ErrClientHelloTimeout)
 }
 
+// trickleConn is a client that sends its bytes one Read at a time, as a
+// client that writes one byte per segment would.
+type trickleConn struct {
+	net.Conn // nil: only Read and SetReadDeadline are called
+	data     []byte
+	read     int
+}
+
+func (c *trickleConn) Read(b []byte) (int, error) {
+	if c.read == len(c.data) {
+		return 0, io.EOF
+	}
+	c.read++
+	return copy(b, c.data[c.read-1:c.read]), nil
+}
+
+func (c *trickleConn) SetReadDeadline(time.Time) error { return nil }
+
+// A ClientHello trickled in one byte per read, split over as many records
+// as are allowed, costs work in proportion to its bytes: each read resumes
+// the parse where the last one stopped, and each record's fragment is
+// copied once into a buffer allocated once. Parsing from the first byte
+// on every read, copying the whole message per record, made that
+// thousands of allocations (and, with 1-byte records, ~1.35 s of CPU per
+// connection).
+func TestReadClientHelloTrickled(t *testing.T) {
+	hello := goHello(t, "a.example", nil)
+	data := splitRecords(hello[5:], MaxClientHelloRecords)
+	buf := make([]byte, peekBufferSize)
+	var (
+		h   ClientHello
+		n   int
+		err error
+	)
+	allocs := testing.AllocsPerRun(20, func() {
+		h, n, err = readClientHello(&trickleConn{data: data}, buf, time.Time{})
+	})
+	require.NoError(t, err)
+	require.Equal(t, "a.example", h.ServerName)
+	require.Equal(t, len(data), n)
+	require.LessOrEqual(t, allocs, 5.0, "allocations to read %d bytes in %d records", len(data), MaxClientHelloRecords)
+
+	// One-byte records of a ClientHello that claims 16000 bytes: refused
+	// after MaxClientHelloRecords records, not after 17 KiB of them.
+	attack := records(append([]byte{1, 0, 0x3e, 0x7c}, make([]byte, 15996)...), 1)
+	allocs = testing.AllocsPerRun(20, func() {
+		_, n, err = readClientHello(&trickleConn{data: attack}, buf, time.Time{})
+	})
+	require.ErrorIs(t, err, ErrTooLarge)
+	require.LessOrEqual(t, n, (MaxClientHelloRecords+1)*(recordHeaderLen+1), "bytes read before the refusal")
+	require.LessOrEqual(t, allocs, 10.0, "allocations to refuse it")
+}
+
 func FuzzParseClientHello(f *testing.F) {
 	for _, sni := range []string{"outbound_.80_._.echo.demo.svc.cluster.local", "federation.isthmus.internal", ""} {
 		for _, mod := range []func(*tls.Config){nil, func(c *tls.Config) { c.MaxVersion = tls.VersionTLS12 }, func(c *tls.Config) {
@@ -281,6 +349,19 @@ func BenchmarkParseClientHello(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		if _, _, err := ParseClientHello(data); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkReadClientHelloTrickled is the worst case a client can make
+// the peeker's parse: one byte per read, in one-byte records.
+func BenchmarkReadClientHelloTrickled(b *testing.B) {
+	attack := records(append([]byte{1, 0, 0x3e, 0x7c}, make([]byte, 15996)...), 1)
+	buf := make([]byte, peekBufferSize)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, _, err := readClientHello(&trickleConn{data: attack}, buf, time.Time{}); !errors.Is(err, ErrTooLarge) {
 			b.Fatal(err)
 		}
 	}

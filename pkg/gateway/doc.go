@@ -25,7 +25,7 @@
 //	no_routes       TLS alert unrecognized_name: no routing table yet
 //	no_sni          TLS alert unrecognized_name: nothing to route on
 //	malformed       TLS alert decode_error (50)
-//	too_large       TLS alert handshake_failure (40): ClientHello over 16 KiB
+//	too_large       TLS alert handshake_failure (40): ClientHello over 16 KiB, or over 64 records
 //	not_tls         close: the client does not speak TLS, an alert means nothing to it
 //	hello_timeout   close: no whole ClientHello within the deadline
 //	closed_early    nothing to answer: the client left (TCP health checks do)

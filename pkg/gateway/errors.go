@@ -11,8 +11,9 @@ var (
 	// ErrNoSNI: a well-formed ClientHello without a host_name. Refused
 	// with the TLS alert unrecognized_name.
 	ErrNoSNI = errors.New("ClientHello has no server name")
-	// ErrTooLarge: the ClientHello is longer than MaxClientHelloSize.
-	// Refused with the TLS alert handshake_failure.
+	// ErrTooLarge: the ClientHello is longer than MaxClientHelloSize, or
+	// split over more than MaxClientHelloRecords records. Refused with the
+	// TLS alert handshake_failure.
 	ErrTooLarge = errors.New("ClientHello too large")
 	// ErrMalformed: TLS records that do not hold a valid ClientHello.
 	// Refused with the TLS alert decode_error.

@@ -192,6 +192,10 @@ func TestRefusals(t *testing.T) {
 			big := records(helloMsg(sniExt(echoSNI), tlsExt(21, make([]byte, 17000))), 1<<14)
 			require.Equal(t, alert(40), rawExchange(t, big))
 		}},
+		{"ClientHello over too many records gets handshake_failure", ReasonTooLarge, func(t *testing.T) {
+			split := records(helloMsg(sniExt(echoSNI), tlsExt(21, make([]byte, 200))), 4)
+			require.Equal(t, alert(40), rawExchange(t, split))
+		}},
 		{"slow ClientHello is closed at the deadline", ReasonHelloTimeout, func(t *testing.T) {
 			require.Empty(t, rawExchange(t, realHello[:20]))
 		}},

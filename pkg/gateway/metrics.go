@@ -17,7 +17,7 @@ import (
 const (
 	ReasonNotTLS        = "not_tls"        // first bytes are not a TLS handshake record
 	ReasonNoSNI         = "no_sni"         // ClientHello without a server name
-	ReasonTooLarge      = "too_large"      // ClientHello over MaxClientHelloSize
+	ReasonTooLarge      = "too_large"      // ClientHello over MaxClientHelloSize or MaxClientHelloRecords
 	ReasonMalformed     = "malformed"      // records that are not a valid ClientHello
 	ReasonHelloTimeout  = "hello_timeout"  // ClientHello not whole within ClientHelloTimeout
 	ReasonClosedEarly   = "closed_early"   // client closed before a whole ClientHello
