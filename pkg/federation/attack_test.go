@@ -3,8 +3,12 @@ package federation
 import (
 	"context"
 	"errors"
+	"fmt"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"io"
+	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -19,6 +23,7 @@ import (
 	"google.golang.org/grpc/status"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/utils/clock"
 	clocktesting "k8s.io/utils/clock/testing"
 
 	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
@@ -212,19 +217,44 @@ func TestSessionRefusesBadUpdates(t *testing.T) {
 	}
 }
 
-func TestSessionRefusesAFloodOfUpdates(t *testing.T) {
+// Updates beyond the rate limit wait: the session stops reading until the
+// limit lets the next one through, and applies it then. A refusal for the
+// rate named no resource, so the sender held the change back until its
+// set changed again, and it could be lost for good.
+func TestSessionThrottlesAFloodOfUpdates(t *testing.T) {
 	r := startRogue(t, Limits{UpdatesPerSecond: 1, UpdateBurst: 2})
 	r.open()
-	var refused *fedv1.Ack
-	for i := range 5 {
-		a := r.update(versioned(&fedv1.Update{Nonce: string(rune('a' + i)), Resources: []*fedv1.Resource{evilService("demo", "ok")}}))
-		if a.Error != nil {
-			refused = a
-			break
-		}
+	var set []*fedv1.Resource
+	next := func(i int) *fedv1.Update {
+		set = append(set, evilService("demo", fmt.Sprintf("svc-%d", i)))
+		return versioned(&fedv1.Update{TypeUrl: TypeService, Nonce: fmt.Sprint(i), Resources: slices.Clone(set)})
 	}
-	require.NotNil(t, refused, "five updates within a second at 1/s were all accepted")
-	require.Contains(t, refused.Error.Reason, "updates per second")
+	for i := range 2 {
+		require.Nil(t, r.update(next(i)).Error, "within the burst")
+	}
+	r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Update{Update: next(2)}})
+	select {
+	case m := <-r.remote.in:
+		t.Fatalf("answered beyond the rate while the clock stood still: %v", m)
+	case <-time.After(200 * time.Millisecond):
+	}
+	var a *fedv1.Ack
+	require.Eventually(t, func() bool {
+		r.clock.Step(100 * time.Millisecond)
+		for {
+			select {
+			case m := <-r.remote.in:
+				if a = m.GetAck(); a != nil {
+					return true
+				}
+			default:
+				return false
+			}
+		}
+	}, 10*time.Second, 10*time.Millisecond)
+	require.Nil(t, a.Error, "an update beyond the rate is applied late, not refused")
+	require.Equal(t, "2", a.Nonce)
+	require.Equal(t, 3, r.store.Get("evil").Len())
 }
 
 func TestSessionEnds(t *testing.T) {
@@ -272,6 +302,26 @@ func TestSessionEnds(t *testing.T) {
 		st := r.p.tracker.Snapshot()
 		require.Equal(t, v1alpha1.StateDisconnected, st.State)
 		require.Contains(t, st.Reason, "heartbeat timeout")
+	})
+	t.Run("a peer that does not read", func(t *testing.T) {
+		// It keeps sending heartbeats, so it is not silent; what this
+		// side sends piles up until a Send has waited longer than the
+		// heartbeat timeout.
+		r := startRogue(t, Limits{})
+		r.open()
+		var err error
+		for deadline := time.Now().Add(20 * time.Second); err == nil && time.Now().Before(deadline); {
+			select {
+			case err = <-r.ended:
+			case <-time.After(5 * time.Millisecond):
+				// Once the session ended, Send fails: the next turn
+				// sees it ended.
+				_ = r.remote.Send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Heartbeat{Heartbeat: &fedv1.Heartbeat{}}})
+				r.clock.Step(500 * time.Millisecond)
+			}
+		}
+		require.ErrorContains(t, err, "the peer does not read")
+		require.Contains(t, r.p.tracker.Snapshot().Reason, "the peer does not read")
 	})
 }
 
@@ -423,4 +473,106 @@ func TestEstablishRefuses(t *testing.T) {
 		require.ErrorContains(t, err, "the peering token expired at")
 		require.True(t, isPermanent(err))
 	})
+}
+
+// sessionSide is one federator's side of a link, without gRPC: its
+// catalog exports services to the peer, and p is its peer object.
+type sessionSide struct {
+	store *catalog.Store
+	p     *peer
+}
+
+func newSessionSide(t *testing.T, name, peerName string, services int) *sessionSide {
+	t.Helper()
+	store := catalog.NewStore()
+	var svcs []catalog.Service
+	for i := range services {
+		s := echoService(1)
+		s.Name, s.Cluster = fmt.Sprintf("svc-%d", i), name
+		svcs = append(svcs, s)
+	}
+	snap, err := catalog.NewSnapshot(catalog.LocalSource, svcs)
+	require.NoError(t, err)
+	store.Set(snap)
+	local := trust.NewStore(spiffeid.RequireTrustDomainFromString(name + ".mesh"))
+	c, err := ca.New(t.Context(), fake.NewClientset(), ca.Options{TrustDomain: local.LocalTrustDomain(), Namespace: testNS})
+	require.NoError(t, err)
+	local.SetLocal(c.Bundle().X509Authorities(), 1, 0)
+	td := spiffeid.RequireTrustDomainFromString(peerName + ".mesh")
+	p := newPeer(peerName, td, spiffeid.RequireFromPath(td, "/fed"), clock.RealClock{}, newExports(store, local, []string{"gw." + name + ":15443"}))
+	return &sessionSide{store: store, p: p}
+}
+
+// Both sides send their sets at once over a stream that holds nothing
+// (an unbuffered pipe: a flow-control window that is always full). Each
+// side's reader must keep taking the other's messages while its own
+// sends wait. When the session loop sent itself, each blocked in Send
+// while its reader waited to hand over the other's update: the link hung
+// with both sides connected (found with 20,000 services a side over
+// gRPC, where the window is 16 MiB).
+func TestSessionsSendingAtOnce(t *testing.T) {
+	a, b := newSessionSide(t, "a", "b", 50), newSessionSide(t, "b", "a", 50)
+	cancel, ended := connectSides(t, a, b)
+	eventually(t, "each side imports the other's 50 services", func() bool {
+		return a.store.Get("b").Len() == 50 && b.store.Get("a").Len() == 50
+	})
+	for _, s := range []*sessionSide{a, b} {
+		st := s.p.tracker.Snapshot()
+		require.Equal(t, v1alpha1.StateConnected, st.State)
+		require.Equal(t, st.Sent, st.Acknowledged, "every update sent was acknowledged")
+	}
+	cancel()
+	for range 2 {
+		require.ErrorIs(t, <-ended, context.Canceled)
+	}
+}
+
+// connectSides runs a session between a and b over unbuffered pipes; the
+// first to end ends the other.
+func connectSides(t *testing.T, a, b *sessionSide) (context.CancelFunc, <-chan error) {
+	ctx, cancel := context.WithCancel(t.Context())
+	t.Cleanup(cancel)
+	a2b, b2a := make(chan *fedv1.ExchangeMessage), make(chan *fedv1.ExchangeMessage)
+	cfg := func(name string) sessionConfig {
+		return sessionConfig{clusterName: name, heartbeat: 50 * time.Millisecond, heartbeatTimeout: 10 * time.Second,
+			limits: Limits{}.withDefaults(), log: testLogger(t).With("cluster", name)}
+	}
+	ended := make(chan error, 2)
+	go func() { ended <- a.p.runSession(ctx, cfg(b.p.name), pipe{in: b2a, out: a2b, ctx: ctx}, cancel) }()
+	go func() { ended <- b.p.runSession(ctx, cfg(a.p.name), pipe{in: a2b, out: b2a, ctx: ctx}, cancel) }()
+	return cancel, ended
+}
+
+// A bundle this side cannot store is not acknowledged: the session ends,
+// and the next stream brings it again. When the failure was answered
+// with a NACK naming the bundle, the sender set the bundle aside until
+// its content changed, and a rotated root never reached the peer's
+// stored copy (nor, after a restart, its trust).
+func TestPeerBundleStoredAfterAFailedWrite(t *testing.T) {
+	a, b := newSessionSide(t, "a", "b", 1), newSessionSide(t, "b", "a", 1)
+	var stored atomic.Int32
+	var failed atomic.Bool
+	b.p.persistBundle = func(context.Context, *spiffebundle.Bundle) error {
+		if failed.CompareAndSwap(false, true) {
+			return errors.New(`configmaps "isthmus-peer-a" is forbidden: injected`)
+		}
+		stored.Add(1)
+		return nil
+	}
+	_, ended := connectSides(t, a, b)
+	err := <-ended
+	require.ErrorContains(t, err, "store the peer's trust bundle")
+	require.ErrorContains(t, err, "injected")
+	<-ended
+	require.Empty(t, b.p.heldVersion(TypeBundle), "a bundle not stored was acknowledged")
+	require.Contains(t, b.p.tracker.Snapshot().Reason, "store the peer's trust bundle")
+
+	cancel, ended := connectSides(t, a, b)
+	eventually(t, "the next stream stores the bundle", func() bool {
+		return stored.Load() == 1 && b.p.heldVersion(TypeBundle) != "" && b.store.Get("a").Len() == 1
+	})
+	require.Equal(t, a.p.tracker.Snapshot().Sent, a.p.tracker.Snapshot().Acknowledged)
+	cancel()
+	<-ended
+	<-ended
 }

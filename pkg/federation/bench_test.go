@@ -5,7 +5,6 @@ import (
 	"log/slog"
 	"testing"
 
-	"golang.org/x/time/rate"
 
 	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
@@ -55,7 +54,7 @@ func BenchmarkInitialSync(b *testing.B) {
 		u := out.next(want)
 		receiver := fuzzPeer(b)
 		receiver.td = sender.exports.trust.LocalTrustDomain()
-		a, err := receiver.handle(b.Context(), updateMsg(u), rate.NewLimiter(rate.Inf, 0), lim, log)
+		a, err := receiver.handle(b.Context(), updateMsg(u), lim, log)
 		if err != nil || a.GetError() != nil {
 			b.Fatalf("refused: %v %v", err, a.GetError())
 		}
@@ -83,9 +82,8 @@ func BenchmarkIncrementalUpdate(b *testing.B) {
 	receiver.td = sender.exports.trust.LocalTrustDomain()
 	lim := Limits{}.withDefaults()
 	log := slog.New(slog.DiscardHandler)
-	limiter := rate.NewLimiter(rate.Inf, 0)
 	apply := func(u *fedv1.Update) {
-		a, err := receiver.handle(b.Context(), updateMsg(u), limiter, lim, log)
+		a, err := receiver.handle(b.Context(), updateMsg(u), lim, log)
 		if err != nil || a.GetError() != nil {
 			b.Fatalf("refused: %v %v", err, a.GetError())
 		}

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"golang.org/x/time/rate"
 	"google.golang.org/protobuf/proto"
 	"k8s.io/client-go/kubernetes/fake"
 	clocktesting "k8s.io/utils/clock/testing"
@@ -82,9 +81,8 @@ func FuzzHandleMessages(f *testing.F) {
 	log := slog.New(slog.DiscardHandler)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		p := fuzzPeer(t)
-		limiter := rate.NewLimiter(rate.Inf, 0)
 		for _, m := range splitMessages(data) {
-			reply, err := p.handle(t.Context(), m, limiter, lim, log)
+			reply, err := p.handle(t.Context(), m, lim, log)
 			if u := m.GetUpdate(); u != nil {
 				if err != nil || reply == nil {
 					t.Fatalf("an update got no answer: %v", err)

@@ -140,6 +140,8 @@ type peerEntry struct {
 	// written is the last status written.
 	conditions []metav1.Condition
 	written    *v1alpha1.FederationPeerStatus
+	// writeErr is the last status write's failure, logged once.
+	writeErr string
 }
 
 var _ fedv1.FederationServiceServer = (*Manager)(nil)

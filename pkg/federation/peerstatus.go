@@ -45,7 +45,7 @@ func (m *Manager) peerStatus(e *peerEntry, now time.Time) v1alpha1.FederationPee
 	}
 	conds := append([]metav1.Condition(nil), e.conditions...)
 	set := func(t string, ok bool, reason, msg string) {
-		c := metav1.Condition{Type: t, Status: metav1.ConditionTrue, Reason: reason, Message: msg, LastTransitionTime: metav1.NewTime(now)}
+		c := metav1.Condition{Type: t, Status: metav1.ConditionTrue, Reason: reason, Message: truncate(msg, maxConditionMessage), LastTransitionTime: metav1.NewTime(now)}
 		if !ok {
 			c.Status = metav1.ConditionFalse
 		}
@@ -79,13 +79,34 @@ func (m *Manager) peerStatus(e *peerEntry, now time.Time) v1alpha1.FederationPee
 	}
 	if m.cfg.ImportProblems != nil {
 		if problems := m.cfg.ImportProblems(e.p.name); len(problems) > 0 {
-			set(v1alpha1.ConditionImportsWritten, false, "Skipped", strings.Join(problems, "; "))
+			set(v1alpha1.ConditionImportsWritten, false, "Skipped", summarize(problems, maxReasonBytes))
 		} else {
 			set(v1alpha1.ConditionImportsWritten, true, "Written", "every import is written to this cluster")
 		}
 	}
 	st.Conditions = conds
 	return st
+}
+
+// maxConditionMessage bounds a condition's message well inside the API's
+// 32,768 bytes: a status the API server refuses is not written at all.
+const maxConditionMessage = 4096
+
+// summarize joins items while they fit in about n bytes, then counts the
+// rest.
+func summarize(items []string, n int) string {
+	var b strings.Builder
+	for i, it := range items {
+		if i > 0 && b.Len()+len(it) > n {
+			fmt.Fprintf(&b, "; and %d more", len(items)-i)
+			break
+		}
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		b.WriteString(it)
+	}
+	return b.String()
 }
 
 func orDefault(s, def string) string {
@@ -111,9 +132,15 @@ func (m *Manager) writeStatus(ctx context.Context, e *peerEntry, now time.Time) 
 		_, err = m.dyn.Resource(v1alpha1.Resource).Patch(ctx, e.p.name, types.MergePatchType, body, metav1.PatchOptions{}, "status")
 	}
 	if err != nil {
-		m.log.Debug("write FederationPeer status", "peer", e.p.name, "err", fmt.Errorf("patch: %w", err))
+		// Said once per distinct failure: status is written every
+		// StatusInterval.
+		if msg := err.Error(); msg != e.writeErr {
+			m.log.Warn("write FederationPeer status", "peer", e.p.name, "err", fmt.Errorf("patch: %w", err))
+			e.writeErr = msg
+		}
 		return
 	}
+	e.writeErr = ""
 	e.written = &st
 	e.conditions = st.Conditions
 }

@@ -41,9 +41,9 @@ type Limits struct {
 	MaxMessageBytes int
 	// MaxResourceBytes bounds one resource (default 16 KiB).
 	MaxResourceBytes int
-	// UpdatesPerSecond and UpdateBurst bound how often a peer may send
-	// updates (defaults 50 and 100); updates beyond are refused with a
-	// NACK and the peer resends later.
+	// UpdatesPerSecond and UpdateBurst bound how often a peer's updates
+	// are applied (defaults 50 and 100); one beyond waits, and the
+	// session does not read from the peer meanwhile.
 	UpdatesPerSecond float64
 	UpdateBurst      int
 }

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
@@ -47,14 +48,31 @@ type sessionConfig struct {
 	log              *slog.Logger
 }
 
-// session runs one exchange stream with a peer: a reader goroutine, a
-// heartbeat ticker, and this select loop, which owns the peer's
-// outbound/inbound state and is the only sender.
+// maxQueued bounds the messages waiting for the writer; more means the
+// peer does not read what it is sent, and the session ends.
+const maxQueued = 64
+
+// errSendClosed ends the writer once it half-closed the stream after a
+// Terminate.
+var errSendClosed = errors.New("send side closed")
+
+// session runs one exchange stream with a peer: a reader and a writer
+// goroutine, a heartbeat ticker, and this select loop, which owns the
+// peer's outbound/inbound state.
 //
-// abort ends the stream from this side, so that the reader's Recv
-// returns; session then waits for the reader. On the server side abort is
-// nil: gRPC ends the stream when the handler returns, and the reader,
-// which never blocks on anything else once ctx is done, exits with it.
+// The loop never blocks on the stream. It queues what it sends for the
+// writer (at most maxQueued messages), and the reader hands it what
+// arrives. Were the loop to send itself, two sides sending large sets at
+// once could each block in Send, flow control full, while neither reads
+// what the other sends: the link would hang while both showed it
+// connected. A Send that does not complete within the heartbeat timeout
+// (the peer does not read) ends the session too.
+//
+// abort ends the stream from this side, so that the reader's Recv and the
+// writer's Send return; session then waits for both. On the server side
+// abort is nil: gRPC ends the stream when the handler returns, and the
+// reader and the writer, which never block on anything else once ctx is
+// done, exit with it.
 func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort func()) error {
 	log := cfg.log.With("peer", p.name)
 	clk := p.clock
@@ -66,11 +84,16 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 	// returns).
 	msgs := make(chan *fedv1.ExchangeMessage)
 	readErr := make(chan error, 1)
+	w := &writer{queue: make(chan *fedv1.ExchangeMessage, maxQueued), err: make(chan error, 1), clock: clk}
 	var wg sync.WaitGroup
-	wg.Add(1)
+	wg.Add(2)
 	go func() {
 		defer wg.Done()
 		readErr <- readLoop(ctx, st, msgs)
+	}()
+	go func() {
+		defer wg.Done()
+		w.err <- w.run(ctx, st)
 	}()
 	defer func() {
 		cancel()
@@ -81,8 +104,8 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 	}()
 
 	open := &fedv1.Open{ClusterName: cfg.clusterName, AcknowledgedVersions: p.heldVersions()}
-	if err := st.Send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Open{Open: open}}); err != nil {
-		return fmt.Errorf("send open: %w", err)
+	if err := w.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Open{Open: open}}); err != nil {
+		return err
 	}
 
 	timeout := clk.NewTimer(cfg.heartbeatTimeout)
@@ -91,6 +114,8 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 	case <-ctx.Done():
 		return ctx.Err()
 	case err := <-readErr:
+		return err
+	case err := <-w.err:
 		return err
 	case <-timeout.C():
 		return fmt.Errorf("%w: no Open within %s", ErrHeartbeatTimeout, cfg.heartbeatTimeout)
@@ -115,7 +140,7 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 	defer unsubTrust()
 	limiter := rate.NewLimiter(rate.Limit(cfg.limits.UpdatesPerSecond), cfg.limits.UpdateBurst)
 
-	if err := p.sendUpdates(st); err != nil {
+	if err := p.sendUpdates(w); err != nil {
 		return err
 	}
 	for {
@@ -123,39 +148,51 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 		case <-ctx.Done():
 			return ctx.Err()
 		case reason := <-p.terminate:
-			_ = st.Send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Terminate{Terminate: &fedv1.Terminate{Reason: reason}}})
-			awaitClose(st, msgs, readErr, timeout)
+			_ = w.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Terminate{Terminate: &fedv1.Terminate{Reason: reason}}})
+			awaitClose(w, abort != nil, msgs, readErr, timeout)
 			return fmt.Errorf("link terminated here: %s", reason)
 		case err := <-readErr:
+			return err
+		case err := <-w.err:
 			return err
 		case <-timeout.C():
 			return ErrHeartbeatTimeout
 		case <-heartbeat.C():
-			if err := st.Send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Heartbeat{Heartbeat: &fedv1.Heartbeat{}}}); err != nil {
-				return fmt.Errorf("send heartbeat: %w", err)
+			if since, stuck := w.stuck(); stuck && clk.Since(since) > cfg.heartbeatTimeout {
+				return fmt.Errorf("a message to the peer has waited since %s to be sent: the peer does not read", since.Format(time.RFC3339))
+			}
+			if w.idle() {
+				if err := w.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Heartbeat{Heartbeat: &fedv1.Heartbeat{}}}); err != nil {
+					return err
+				}
 			}
 		case <-localChanged:
-			if err := p.sendUpdates(st); err != nil {
+			if err := p.sendUpdates(w); err != nil {
 				return err
 			}
 		case <-bundleChanged:
-			if err := p.sendUpdates(st); err != nil {
+			if err := p.sendUpdates(w); err != nil {
 				return err
 			}
 		case m := <-msgs:
 			timeout.Reset(cfg.heartbeatTimeout)
 			p.tracker.heard(clk.Now())
-			reply, err := p.handle(ctx, m, limiter, cfg.limits, log)
+			if m.GetUpdate() != nil {
+				if err := p.throttle(ctx, limiter); err != nil {
+					return err
+				}
+			}
+			reply, err := p.handle(ctx, m, cfg.limits, log)
 			if err != nil {
 				return err
 			}
 			if reply != nil {
-				if err := st.Send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Ack{Ack: reply}}); err != nil {
-					return fmt.Errorf("send ack: %w", err)
+				if err := w.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Ack{Ack: reply}}); err != nil {
+					return err
 				}
 			}
 			if m.GetAck() != nil {
-				if err := p.sendUpdates(st); err != nil {
+				if err := p.sendUpdates(w); err != nil {
 					return err
 				}
 			}
@@ -163,20 +200,115 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 	}
 }
 
-// awaitClose gives a Terminate the time to arrive: on the client side,
-// cancelling the stream at once could discard it, so the client half-closes
-// and waits, bounded by the heartbeat timeout, for the peer to end the
-// stream. A server returning from its handler flushes what it sent.
-func awaitClose(st stream, msgs <-chan *fedv1.ExchangeMessage, readErr <-chan error, timeout clock.Timer) {
-	cs, ok := st.(interface{ CloseSend() error })
-	if !ok {
+// throttle holds the peer's next update back until the rate limit lets
+// it through. The loop does not read meanwhile, so a peer that sends
+// faster is slowed by flow control; its updates are applied, late, and
+// never refused for their rate.
+func (p *peer) throttle(ctx context.Context, limiter *rate.Limiter) error {
+	now := p.clock.Now()
+	d := limiter.ReserveN(now, 1).DelayFrom(now)
+	if d <= 0 {
+		return nil
+	}
+	t := p.clock.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C():
+		return nil
+	}
+}
+
+// writer sends what the session loop queues, in order.
+type writer struct {
+	queue chan *fedv1.ExchangeMessage
+	err   chan error
+	clock clock.PassiveClock
+	// sending is when the Send in progress began (UnixNano), 0 when the
+	// writer waits for the queue.
+	sending atomic.Int64
+}
+
+// send queues m; it never blocks.
+func (w *writer) send(m *fedv1.ExchangeMessage) error {
+	select {
+	case w.queue <- m:
+		return nil
+	default:
+		return fmt.Errorf("%d messages wait to be sent: the peer does not read", maxQueued)
+	}
+}
+
+// idle reports whether nothing waits to be sent.
+func (w *writer) idle() bool { return len(w.queue) == 0 && w.sending.Load() == 0 }
+
+// stuck reports when the Send in progress began, if one is.
+func (w *writer) stuck() (time.Time, bool) {
+	n := w.sending.Load()
+	return time.Unix(0, n), n != 0
+}
+
+// closeSend asks the writer to half-close the stream once everything
+// queued before is sent, and to stop.
+func (w *writer) closeSend() error { return w.send(nil) }
+
+func (w *writer) run(ctx context.Context, st stream) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case m := <-w.queue:
+			if m == nil {
+				if cs, ok := st.(interface{ CloseSend() error }); ok {
+					_ = cs.CloseSend()
+				}
+				return errSendClosed
+			}
+			w.sending.Store(w.clock.Now().UnixNano())
+			err := st.Send(m)
+			w.sending.Store(0)
+			if err != nil {
+				return fmt.Errorf("send %s: %w", kindOf(m), err)
+			}
+		}
+	}
+}
+
+// kindOf names a message's kind for errors.
+func kindOf(m *fedv1.ExchangeMessage) string {
+	switch k := m.GetKind().(type) {
+	case *fedv1.ExchangeMessage_Open:
+		return "open"
+	case *fedv1.ExchangeMessage_Heartbeat:
+		return "heartbeat"
+	case *fedv1.ExchangeMessage_Ack:
+		return "ack"
+	case *fedv1.ExchangeMessage_Terminate:
+		return "terminate"
+	case *fedv1.ExchangeMessage_Update:
+		return k.Update.GetTypeUrl() + " update"
+	}
+	return "message"
+}
+
+// awaitClose gives a Terminate the time to arrive, bounded by the
+// heartbeat timeout: the writer sends it, and on the client side, where
+// cancelling the stream at once could discard it, half-closes and waits
+// for the peer to end the stream. A server returning from its handler
+// flushes what it sent.
+func awaitClose(w *writer, client bool, msgs <-chan *fedv1.ExchangeMessage, readErr <-chan error, timeout clock.Timer) {
+	if w.closeSend() != nil {
 		return
 	}
-	_ = cs.CloseSend()
 	for {
 		select {
 		case <-msgs:
 			// The peer's last words no longer matter.
+		case <-w.err:
+			if !client {
+				return
+			}
 		case <-readErr:
 			return
 		case <-timeout.C():
@@ -202,7 +334,7 @@ func readLoop(ctx context.Context, st stream, out chan<- *fedv1.ExchangeMessage)
 
 // handle processes one message from the peer and returns the Ack to send,
 // if any.
-func (p *peer) handle(ctx context.Context, m *fedv1.ExchangeMessage, limiter *rate.Limiter, lim Limits, log *slog.Logger) (*fedv1.Ack, error) {
+func (p *peer) handle(ctx context.Context, m *fedv1.ExchangeMessage, lim Limits, log *slog.Logger) (*fedv1.Ack, error) {
 	switch k := m.GetKind().(type) {
 	case *fedv1.ExchangeMessage_Heartbeat:
 		return nil, nil
@@ -215,15 +347,13 @@ func (p *peer) handle(ctx context.Context, m *fedv1.ExchangeMessage, limiter *ra
 		return nil, nil
 	case *fedv1.ExchangeMessage_Update:
 		u := k.Update
-		if !limiter.AllowN(p.clock.Now(), 1) {
-			a := nack(u, p.heldVersion(u.GetTypeUrl()), "", "more than %g updates per second; send the change again later", lim.UpdatesPerSecond)
-			p.tracker.nackSent(a.GetError())
-			return a, nil
+		a, err := p.receive(ctx, u, lim)
+		if err != nil {
+			return nil, err
 		}
-		a := p.receive(ctx, u, lim)
 		if a.GetError() != nil {
 			log.Warn("refused an update from the peer", "type", u.GetTypeUrl(), "resource", a.GetError().GetResource(), "reason", a.GetError().GetReason())
-			p.tracker.nackSent(a.GetError())
+			p.tracker.nackSent(u.GetTypeUrl(), a.GetError())
 		} else {
 			p.tracker.received(u.GetTypeUrl(), a.GetVersion())
 		}
@@ -240,14 +370,14 @@ func (p *peer) handleAck(a *fedv1.Ack, log *slog.Logger) {
 		return
 	}
 	if a.GetError() != nil {
-		log.Warn("the peer refused an update", "type", a.GetTypeUrl(), "resource", a.GetError().GetResource(), "reason", a.GetError().GetReason())
+		log.Warn("the peer refused an update", "type", a.GetTypeUrl(), "refusal", describeNACK(a.GetError()))
 	}
 	p.tracker.acked(a.GetTypeUrl(), o.ackedVersion, o.lastNACK, len(o.acked))
 }
 
 // sendUpdates sends, per type, what brings the peer to this side's
 // current exports, unless an update of that type is already in flight.
-func (p *peer) sendUpdates(st stream) error {
+func (p *peer) sendUpdates(w *writer) error {
 	for _, t := range resourceTypes {
 		want, err := p.exports.desired(t, p.name)
 		if err != nil {
@@ -257,8 +387,8 @@ func (p *peer) sendUpdates(st stream) error {
 		if u == nil {
 			continue
 		}
-		if err := st.Send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Update{Update: u}}); err != nil {
-			return fmt.Errorf("send %s update: %w", t, err)
+		if err := w.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Update{Update: u}}); err != nil {
+			return err
 		}
 		p.tracker.sent(t, u.GetVersion())
 	}
@@ -266,21 +396,24 @@ func (p *peer) sendUpdates(st stream) error {
 }
 
 // receive validates an update as a whole and applies it, or applies
-// nothing and names the first refused resource.
-func (p *peer) receive(ctx context.Context, u *fedv1.Update, lim Limits) *fedv1.Ack {
+// nothing and names the first refused resource. An error is this side's
+// own failure, not the update's: the session ends, and the next stream
+// starts from the version this side still holds, so the update comes
+// again.
+func (p *peer) receive(ctx context.Context, u *fedv1.Update, lim Limits) (*fedv1.Ack, error) {
 	held := p.heldVersion(u.GetTypeUrl())
 	for _, r := range u.GetResources() {
 		if n := proto.Size(r); n > lim.MaxResourceBytes {
-			return nack(u, held, r.GetName(), "%d bytes, more than the limit of %d", n, lim.MaxResourceBytes)
+			return nack(u, held, r.GetName(), "%d bytes, more than the limit of %d", n, lim.MaxResourceBytes), nil
 		}
 	}
 	switch u.GetTypeUrl() {
 	case TypeService:
-		return p.receiveServices(u, lim)
+		return p.receiveServices(u, lim), nil
 	case TypeBundle:
 		return p.receiveBundle(ctx, u)
 	default:
-		return nack(u, held, "", "unknown resource type %q", u.GetTypeUrl())
+		return nack(u, held, "", "unknown resource type %q", u.GetTypeUrl()), nil
 	}
 }
 
@@ -326,22 +459,22 @@ func (p *peer) receiveServices(u *fedv1.Update, lim Limits) *fedv1.Ack {
 	return &fedv1.Ack{TypeUrl: u.GetTypeUrl(), Nonce: u.GetNonce(), Version: in.version}
 }
 
-func (p *peer) receiveBundle(ctx context.Context, u *fedv1.Update) *fedv1.Ack {
+func (p *peer) receiveBundle(ctx context.Context, u *fedv1.Update) (*fedv1.Ack, error) {
 	held := p.heldVersion(TypeBundle)
 	if len(u.GetRemoved()) > 0 {
-		return nack(u, held, u.GetRemoved()[0], "a peer's trust bundle cannot be removed, only replaced")
+		return nack(u, held, u.GetRemoved()[0], "a peer's trust bundle cannot be removed, only replaced"), nil
 	}
 	if u.GetFullSet() && len(u.GetResources()) == 0 {
-		return nack(u, held, p.td.Name(), "a full set without the peer's bundle")
+		return nack(u, held, p.td.Name(), "a full set without the peer's bundle"), nil
 	}
 	var bundles []*spiffebundle.Bundle
 	for _, r := range u.GetResources() {
 		if r.GetName() != p.td.Name() {
-			return nack(u, held, r.GetName(), "only the bundle of the peer's trust domain %s is accepted", p.td.Name())
+			return nack(u, held, r.GetName(), "only the bundle of the peer's trust domain %s is accepted", p.td.Name()), nil
 		}
 		b, err := parseBundle(r.GetTrustBundle(), p.td)
 		if err != nil {
-			return nack(u, held, r.GetName(), "%v", err)
+			return nack(u, held, r.GetName(), "%v", err), nil
 		}
 		bundles = append(bundles, b)
 	}
@@ -349,15 +482,20 @@ func (p *peer) receiveBundle(ctx context.Context, u *fedv1.Update) *fedv1.Ack {
 	commit, refusal := p.in[TypeBundle].apply(u, 1)
 	p.importMu.Unlock()
 	if refusal != nil {
-		return refusal
+		return refusal, nil
 	}
 	for _, b := range bundles {
+		// The trust store refuses what it would not hold (an older
+		// sequence, no roots) before anything is stored.
 		if err := p.exports.trust.SetPeer(b); err != nil {
-			return nack(u, held, p.td.Name(), "%v", err)
+			return nack(u, held, p.td.Name(), "%v", err), nil
 		}
 		if p.persistBundle != nil {
+			// Held in memory but not stored: the version is not
+			// committed, so the peer sends the bundle again on the next
+			// stream, and storing it is tried again.
 			if err := p.persistBundle(ctx, b); err != nil {
-				return nack(u, held, p.td.Name(), "this side could not store it: %v", err)
+				return nil, fmt.Errorf("store the peer's trust bundle (sequence %d): %w", sequenceOf(b), err)
 			}
 		}
 		p.tracker.bundle(b)
@@ -365,7 +503,12 @@ func (p *peer) receiveBundle(ctx context.Context, u *fedv1.Update) *fedv1.Ack {
 	p.importMu.Lock()
 	defer p.importMu.Unlock()
 	commit()
-	return &fedv1.Ack{TypeUrl: u.GetTypeUrl(), Nonce: u.GetNonce(), Version: p.in[TypeBundle].version}
+	return &fedv1.Ack{TypeUrl: u.GetTypeUrl(), Nonce: u.GetNonce(), Version: p.in[TypeBundle].version}, nil
+}
+
+func sequenceOf(b *spiffebundle.Bundle) uint64 {
+	seq, _ := b.SequenceNumber()
+	return seq
 }
 
 // sortUpdate puts an update's lists in name order, so equal updates

@@ -4,19 +4,27 @@ import (
 	"bytes"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
 	k8stesting "k8s.io/client-go/testing"
+	clocktesting "k8s.io/utils/clock/testing"
+
+	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
 
 	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
 )
@@ -179,4 +187,47 @@ func TestPeerStatusesSortedByName(t *testing.T) {
 	})
 	_, err = PeerStatuses(t.Context(), dyn)
 	require.ErrorContains(t, err, "is Isthmus installed")
+}
+
+// One type's answer does not hide another type's standing refusal, in
+// either direction.
+func TestRefusalsKeptByType(t *testing.T) {
+	tr := newTracker()
+	tr.acked(TypeBundle, "", &fedv1.Error{Resource: "a.mesh", Reason: "bad root"}, 0)
+	tr.acked(TypeService, "v1", nil, 3)
+	require.Equal(t, "a.mesh: bad root", tr.Snapshot().LastNACKReceived)
+	tr.acked(TypeBundle, "b1", nil, 0)
+	require.Empty(t, tr.Snapshot().LastNACKReceived)
+
+	tr.nackSent(TypeBundle, &fedv1.Error{Resource: "b.mesh", Reason: "no roots"})
+	tr.received(TypeService, "v2")
+	require.Equal(t, "b.mesh: no roots", tr.Snapshot().LastNACKSent)
+	tr.nackSent(TypeService, &fedv1.Error{Resource: "demo/x", Reason: "no ports"})
+	require.Equal(t, "demo/x: no ports; b.mesh: no roots", tr.Snapshot().LastNACKSent, "in type order")
+	tr.received(TypeBundle, "b2")
+	require.Equal(t, "demo/x: no ports", tr.Snapshot().LastNACKSent)
+}
+
+// Condition messages stay far inside the API's 32,768 bytes, whatever the
+// peer sends or however many imports are skipped: a status the API server
+// refuses is not written at all, and status froze.
+func TestConditionMessagesBounded(t *testing.T) {
+	var problems []string
+	for i := range 600 {
+		problems = append(problems, fmt.Sprintf("demo-%03d/svc: namespace demo-%03d does not exist in this cluster", i, i))
+	}
+	m := &Manager{cfg: Config{ImportProblems: func(string) []string { return problems }}}
+	p := newPeer("a", spiffeid.RequireTrustDomainFromString("a.mesh"), spiffeid.RequireFromString("spiffe://a.mesh/fed"), clocktesting.NewFakeClock(statusNow), nil)
+	p.tracker.acked(TypeService, "", &fedv1.Error{Resource: "demo/x", Reason: strings.Repeat("é", 40000)}, 0)
+	st := m.peerStatus(&peerEntry{p: p}, statusNow)
+	for _, c := range st.Conditions {
+		require.LessOrEqual(t, len(c.Message), maxConditionMessage, c.Type)
+		require.True(t, utf8.ValidString(c.Message), c.Type)
+	}
+	written := meta.FindStatusCondition(st.Conditions, v1alpha1.ConditionImportsWritten)
+	require.True(t, strings.HasPrefix(written.Message, problems[0]+"; "+problems[1]), written.Message)
+	require.Regexp(t, `; and \d+ more$`, written.Message)
+	refused := meta.FindStatusCondition(st.Conditions, v1alpha1.ConditionExportsAccepted)
+	require.LessOrEqual(t, len(refused.Message), maxReasonBytes)
+	require.Regexp(t, `^demo/x: é+… \(\d+ more bytes\)$`, refused.Message)
 }

@@ -2,9 +2,13 @@ package federation
 
 import (
 	"errors"
+	"fmt"
 	"maps"
+	"slices"
+	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 
@@ -46,14 +50,19 @@ type PeerStatus struct {
 // tracker holds one peer's status; sessions, the establisher and the
 // staleness clock write it, the status writer reads it.
 type tracker struct {
-	// mu guards st.
-	mu sync.Mutex
-	st PeerStatus
+	// mu guards st and the refusals by type, which LastNACKSent and
+	// LastNACKReceived join: one type's answer never hides another's
+	// refusal.
+	mu            sync.Mutex
+	st            PeerStatus
+	nacksSent     map[string]string
+	nacksReceived map[string]string
 }
 
 func newTracker() *tracker {
 	return &tracker{st: PeerStatus{State: v1alpha1.StatePending, Sent: map[string]string{},
-		Acknowledged: map[string]string{}, Received: map[string]string{}}}
+		Acknowledged: map[string]string{}, Received: map[string]string{}},
+		nacksSent: map[string]string{}, nacksReceived: map[string]string{}}
 }
 
 func (t *tracker) update(f func(*PeerStatus)) {
@@ -156,7 +165,8 @@ func (t *tracker) sent(typeURL, version string) {
 func (t *tracker) acked(typeURL, version string, nack *fedv1.Error, n int) {
 	t.update(func(s *PeerStatus) {
 		s.Acknowledged[typeURL] = version
-		s.LastNACKReceived = describeNACK(nack)
+		t.nacksReceived[typeURL] = describeNACK(nack)
+		s.LastNACKReceived = joinNACKs(t.nacksReceived)
 		if typeURL == TypeService {
 			s.Exported = n
 		}
@@ -167,14 +177,27 @@ func (t *tracker) received(typeURL, version string) {
 	t.update(func(s *PeerStatus) {
 		s.UpdatesReceived++
 		s.Received[typeURL] = version
-		if typeURL == TypeService {
-			s.LastNACKSent = ""
-		}
+		t.nacksSent[typeURL] = ""
+		s.LastNACKSent = joinNACKs(t.nacksSent)
 	})
 }
 
-func (t *tracker) nackSent(e *fedv1.Error) {
-	t.update(func(s *PeerStatus) { s.LastNACKSent = describeNACK(e) })
+func (t *tracker) nackSent(typeURL string, e *fedv1.Error) {
+	t.update(func(s *PeerStatus) {
+		t.nacksSent[typeURL] = describeNACK(e)
+		s.LastNACKSent = joinNACKs(t.nacksSent)
+	})
+}
+
+// joinNACKs joins the standing refusals, in type order.
+func joinNACKs(byType map[string]string) string {
+	var out []string
+	for _, typ := range slices.Sorted(maps.Keys(byType)) {
+		if byType[typ] != "" {
+			out = append(out, byType[typ])
+		}
+	}
+	return strings.Join(out, "; ")
 }
 
 func (t *tracker) imported(n int) {
@@ -194,12 +217,32 @@ func (t *tracker) bundle(b *spiffebundle.Bundle) {
 	})
 }
 
+// describeNACK is a refusal as status shows it, at most maxReasonBytes:
+// the reason comes from the peer, which bounds it only by its message
+// size.
 func describeNACK(e *fedv1.Error) string {
 	if e == nil {
 		return ""
 	}
 	if e.GetResource() == "" {
-		return e.GetReason()
+		return truncate(e.GetReason(), maxReasonBytes)
 	}
-	return e.GetResource() + ": " + e.GetReason()
+	return truncate(e.GetResource()+": "+e.GetReason(), maxReasonBytes)
+}
+
+// maxReasonBytes bounds a reason shown in status and logs.
+const maxReasonBytes = 1024
+
+// truncate cuts s to at most n bytes on a rune boundary, saying how much
+// was left out.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	more := fmt.Sprintf("… (%d more bytes)", len(s)-n)
+	cut := max(n-len(more), 0)
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + more
 }
