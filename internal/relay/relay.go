@@ -7,10 +7,8 @@
 package relay
 
 import (
-	"errors"
 	"io"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,61 +33,103 @@ var buffers = sync.Pool{New: func() any { b := make([]byte, bufferSize); return 
 
 // Pipe copies a → b and b → a until both directions have ended, passing
 // each end of stream on with CloseWrite, and closes both connections
-// after idle with no byte in either direction (checked every quarter of
-// idle, so between idle and 1.25×idle after the last byte). aToB and bToA,
-// when not nil, are told of the bytes each direction moved, as they move
-// (in chunks, not per byte). One direction runs on the caller's
-// goroutine; Pipe returns when both have ended. It leaves a and b open
-// when both directions ended cleanly: the caller closes them.
+// after idle with no byte moved in either direction, whatever each
+// direction is waiting for: a peer that stops reading is idle too. idle
+// not positive means no idle timeout. aToB and bToA, when not nil, are
+// told of the bytes each direction moved, as they move (in chunks, not
+// per byte). One direction runs on the caller's goroutine; Pipe returns
+// when both have ended. It leaves a and b open when both directions ended
+// cleanly: the caller closes them.
 func Pipe(a, b Conn, idle time.Duration, aToB, bToA func(n int64)) {
 	var last atomic.Int64
 	last.Store(time.Now().UnixNano())
+	if idle > 0 {
+		w := startWatchdog(a, b, &last, idle)
+		defer w.stop()
+	}
 	done := make(chan struct{})
 	go func() { // b → a
 		defer close(done)
-		copyIdle(a, b, &last, idle, bToA)
+		copyDir(a, b, &last, bToA)
 	}()
-	copyIdle(b, a, &last, idle, aToB)
+	copyDir(b, a, &last, aToB)
 	<-done
 }
 
-// copyIdle moves src → dst until src's end of stream (then it half-closes
-// dst) or an error or idle (then it closes both, which ends the other
-// direction too). The idle check rides on src's read deadline, renewed
-// every quarter of idle: the copy loop is never interrupted while bytes
-// flow, and a deadline that passes mid-splice loses nothing (the kernel
-// pipe is drained before a read blocks; a tls.Conn keeps a partial record
-// across a timeout). Write deadlines are never set, since a write that
-// times out mid-splice would drop the bytes in the pipe: a connection
-// whose two peers both stop reading while both have data to send is not
-// seen as idle. Dead peers are found by TCP keep-alive, and a drain closes
-// what is left.
-func copyIdle(dst, src Conn, last *atomic.Int64, idle time.Duration, count func(int64)) {
-	window := max(idle/4, time.Millisecond)
-	for {
-		_ = src.SetReadDeadline(time.Now().Add(window))
-		n, err := copyOnce(dst, src, last) // stores last on every write
-		if n > 0 && count != nil {
-			count(n)
-		}
-		if err == nil { // end of stream from src: pass the half-close on
-			_ = dst.CloseWrite()
-			return
-		}
-		if errors.Is(err, os.ErrDeadlineExceeded) && time.Now().UnixNano()-last.Load() < int64(idle) {
-			continue
-		}
-		// Idle, reset, or the other direction closed the sockets.
-		_ = src.Close()
-		_ = dst.Close()
+// copyDir moves src → dst until src's end of stream (then it half-closes
+// dst) or an error (then it closes both, which ends the other direction
+// too). Neither read nor write deadlines are set: the idle timeout is the
+// watchdog's, which closes both sockets, and a deadline that passed
+// mid-splice could drop the bytes in the pipe.
+func copyDir(dst, src Conn, last *atomic.Int64, count func(int64)) {
+	n, err := copyOnce(dst, src, last) // stores last on every write
+	if n > 0 && count != nil {
+		count(n)
+	}
+	if err == nil { // end of stream from src: pass the half-close on
+		_ = dst.CloseWrite()
 		return
 	}
+	// Reset, or the watchdog or the other direction closed the sockets.
+	_ = src.Close()
+	_ = dst.Close()
+}
+
+// watchdog closes a Pipe's two connections once no byte has moved for
+// idle. It is a timer, not a deadline on reads: after one direction has
+// ended, the other may sit in a write to a peer that stopped reading, and
+// only closing the sockets ends that write. Bytes moving never touch the
+// timer (they store the time in last); it fires about once per idle and
+// re-arms itself for what is left.
+type watchdog struct {
+	a, b Conn
+	last *atomic.Int64
+	idle time.Duration
+
+	// mu guards t and stopped, so that a firing that races stop never
+	// re-arms the timer.
+	mu      sync.Mutex
+	t       *time.Timer
+	stopped bool
+}
+
+func startWatchdog(a, b Conn, last *atomic.Int64, idle time.Duration) *watchdog {
+	w := &watchdog{a: a, b: b, last: last, idle: idle}
+	w.mu.Lock()
+	w.t = time.AfterFunc(idle, w.fire)
+	w.mu.Unlock()
+	return w
+}
+
+func (w *watchdog) fire() {
+	w.mu.Lock()
+	if w.stopped {
+		w.mu.Unlock()
+		return
+	}
+	if left := w.idle - time.Duration(time.Now().UnixNano()-w.last.Load()); left > 0 {
+		w.t.Reset(left)
+		w.mu.Unlock()
+		return
+	}
+	w.stopped = true
+	w.mu.Unlock()
+	// Not under mu: a tls.Conn's Close may write a close_notify.
+	_ = w.a.Close()
+	_ = w.b.Close()
+}
+
+func (w *watchdog) stop() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.stopped = true
+	w.t.Stop()
 }
 
 // copyOnce copies until src's end of stream (nil) or an error: with
 // splice(2) between two TCP sockets, through a pooled buffer otherwise.
 // Every write that moves bytes stores the time in last, so a slow reader
-// that keeps taking bytes is never idle, however long one copy lasts.
+// that keeps taking bytes is never idle, however long the copy lasts.
 func copyOnce(dst, src Conn, last *atomic.Int64) (int64, error) {
 	if d, ok := dst.(*net.TCPConn); ok {
 		if s, ok := src.(*net.TCPConn); ok {

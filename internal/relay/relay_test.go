@@ -148,11 +148,67 @@ func TestPipeIdle(t *testing.T) {
 	require.Error(t, err, "the app's side is closed")
 }
 
+// After one direction has ended, a peer that stops reading cannot hold
+// the relay open: the other direction blocks in a write to it, which no
+// read deadline interrupts, and the idle timeout must still close both
+// sides (and so free the sockets, the goroutine and the gateway's
+// connection slot).
+func TestPipeIdleWhileWriteBlocked(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ends func(t *testing.T) (app, a, b, peer Conn)
+	}{
+		{"tcp to tcp", func(t *testing.T) (app, a, b, peer Conn) {
+			app, a = pair(t)
+			b, peer = pair(t)
+			return
+		}},
+		{"tcp to tls", func(t *testing.T) (app, a, b, peer Conn) {
+			app, a = pair(t)
+			b, peer = tlsPair(t)
+			return
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			app, a, b, peer := tc.ends(t)
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				Pipe(a, b, 200*time.Millisecond, nil, nil)
+			}()
+			_, err := app.Write([]byte("request"))
+			require.NoError(t, err)
+			require.NoError(t, app.CloseWrite())
+			got, err := io.ReadAll(peer)
+			require.NoError(t, err)
+			require.Equal(t, "request", string(got))
+
+			// The response is far more than the socket buffers hold, and
+			// the app never reads it.
+			wrote := make(chan error, 1)
+			go func() {
+				_, err := peer.Write(make([]byte, 64<<20))
+				wrote <- err
+			}()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				t.Fatal("Pipe did not return: a write to a peer that stopped reading outlived the idle timeout")
+			}
+			select {
+			case err := <-wrote:
+				require.Error(t, err, "the relay closed its side")
+			case <-time.After(10 * time.Second):
+				t.Fatal("the writer was not unblocked by the relay's close")
+			}
+		})
+	}
+}
+
 // Between two TCP sockets the bytes go through a kernel pipe. A reader
 // slower than the pipe (1 MiB takes it 320 ms, longer than the idle
-// time) keeps the relay alive as long as it keeps taking bytes, and the
-// read deadlines that pass meanwhile (the idle check's window) lose,
-// reorder or duplicate nothing.
+// time) keeps the relay alive as long as it keeps taking bytes, and
+// nothing is lost, reordered or duplicated.
 func TestSpliceSlowReader(t *testing.T) {
 	app, a := pair(t)
 	b, peer := pair(t)

@@ -42,9 +42,9 @@ type Config struct {
 	// cluster is ejected the gateway tries them anyway.
 	EjectionTime time.Duration
 	// IdleTimeout closes a routed connection after this long with no byte
-	// in either direction, for routes that do not set their own. The
-	// connection is closed between IdleTimeout and 1.25×IdleTimeout after
-	// the last byte (it is checked every quarter).
+	// in either direction, for routes that do not set their own, even
+	// when one side has stopped reading and the gateway waits to write to
+	// it.
 	IdleTimeout time.Duration
 	// DrainTimeout bounds a graceful shutdown: after the listener closes,
 	// connections in flight have this long to finish before they are
