@@ -512,7 +512,7 @@ func newSessionSide(t *testing.T, name, peerName string, services int) *sessionS
 // gRPC, where the window is 16 MiB).
 func TestSessionsSendingAtOnce(t *testing.T) {
 	a, b := newSessionSide(t, "a", "b", 50), newSessionSide(t, "b", "a", 50)
-	cancel, ended := connectSides(t, a, b)
+	cancel, endedA, endedB := connectSides(t, a, b)
 	eventually(t, "each side imports the other's 50 services", func() bool {
 		return a.store.Get("b").Len() == 50 && b.store.Get("a").Len() == 50
 	})
@@ -522,14 +522,13 @@ func TestSessionsSendingAtOnce(t *testing.T) {
 		require.Equal(t, st.Sent, st.Acknowledged, "every update sent was acknowledged")
 	}
 	cancel()
-	for range 2 {
-		require.ErrorIs(t, <-ended, context.Canceled)
-	}
+	require.ErrorIs(t, <-endedA, context.Canceled)
+	require.ErrorIs(t, <-endedB, context.Canceled)
 }
 
 // connectSides runs a session between a and b over unbuffered pipes; the
-// first to end ends the other.
-func connectSides(t *testing.T, a, b *sessionSide) (context.CancelFunc, <-chan error) {
+// first to end ends the other. Each side's end comes on its channel.
+func connectSides(t *testing.T, a, b *sessionSide) (cancel context.CancelFunc, endedA, endedB <-chan error) {
 	ctx, cancel := context.WithCancel(t.Context())
 	t.Cleanup(cancel)
 	a2b, b2a := make(chan *fedv1.ExchangeMessage), make(chan *fedv1.ExchangeMessage)
@@ -537,10 +536,10 @@ func connectSides(t *testing.T, a, b *sessionSide) (context.CancelFunc, <-chan e
 		return sessionConfig{clusterName: name, heartbeat: 50 * time.Millisecond, heartbeatTimeout: 10 * time.Second,
 			limits: Limits{}.withDefaults(), log: testLogger(t).With("cluster", name)}
 	}
-	ended := make(chan error, 2)
-	go func() { ended <- a.p.runSession(ctx, cfg(b.p.name), pipe{in: b2a, out: a2b, ctx: ctx}, cancel) }()
-	go func() { ended <- b.p.runSession(ctx, cfg(a.p.name), pipe{in: a2b, out: b2a, ctx: ctx}, cancel) }()
-	return cancel, ended
+	ea, eb := make(chan error, 1), make(chan error, 1)
+	go func() { ea <- a.p.runSession(ctx, cfg(b.p.name), pipe{in: b2a, out: a2b, ctx: ctx}, cancel) }()
+	go func() { eb <- b.p.runSession(ctx, cfg(a.p.name), pipe{in: a2b, out: b2a, ctx: ctx}, cancel) }()
+	return cancel, ea, eb
 }
 
 // A bundle this side cannot store is not acknowledged: the session ends,
@@ -559,20 +558,20 @@ func TestPeerBundleStoredAfterAFailedWrite(t *testing.T) {
 		stored.Add(1)
 		return nil
 	}
-	_, ended := connectSides(t, a, b)
-	err := <-ended
+	_, endedA, endedB := connectSides(t, a, b)
+	err := <-endedB
 	require.ErrorContains(t, err, "store the peer's trust bundle")
 	require.ErrorContains(t, err, "injected")
-	<-ended
+	<-endedA
 	require.Empty(t, b.p.heldVersion(TypeBundle), "a bundle not stored was acknowledged")
 	require.Contains(t, b.p.tracker.Snapshot().Reason, "store the peer's trust bundle")
 
-	cancel, ended := connectSides(t, a, b)
+	cancel, endedA, endedB := connectSides(t, a, b)
 	eventually(t, "the next stream stores the bundle", func() bool {
 		return stored.Load() == 1 && b.p.heldVersion(TypeBundle) != "" && b.store.Get("a").Len() == 1
 	})
 	require.Equal(t, a.p.tracker.Snapshot().Sent, a.p.tracker.Snapshot().Acknowledged)
 	cancel()
-	<-ended
-	<-ended
+	<-endedA
+	<-endedB
 }
