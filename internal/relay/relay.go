@@ -36,10 +36,11 @@ var buffers = sync.Pool{New: func() any { b := make([]byte, bufferSize); return 
 // after idle with no byte moved in either direction, whatever each
 // direction is waiting for: a peer that stops reading is idle too. idle
 // not positive means no idle timeout. aToB and bToA, when not nil, are
-// told of the bytes each direction moved, as they move (in chunks, not
-// per byte). One direction runs on the caller's goroutine; Pipe returns
-// when both have ended. It leaves a and b open when both directions ended
-// cleanly: the caller closes them.
+// told of the bytes each direction moved as they move: once per write or
+// splice(2) that moved some, from the copying goroutine, so they must be
+// cheap (an atomic add). One direction runs on the caller's goroutine;
+// Pipe returns when both have ended. It leaves a and b open when both
+// directions ended cleanly: the caller closes them.
 func Pipe(a, b Conn, idle time.Duration, aToB, bToA func(n int64)) {
 	var last atomic.Int64
 	last.Store(time.Now().UnixNano())
@@ -50,9 +51,9 @@ func Pipe(a, b Conn, idle time.Duration, aToB, bToA func(n int64)) {
 	done := make(chan struct{})
 	go func() { // b → a
 		defer close(done)
-		copyDir(a, b, &last, bToA)
+		copyDir(a, b, progress{&last, bToA})
 	}()
-	copyDir(b, a, &last, aToB)
+	copyDir(b, a, progress{&last, aToB})
 	<-done
 }
 
@@ -61,11 +62,8 @@ func Pipe(a, b Conn, idle time.Duration, aToB, bToA func(n int64)) {
 // too). Neither read nor write deadlines are set: the idle timeout is the
 // watchdog's, which closes both sockets, and a deadline that passed
 // mid-splice could drop the bytes in the pipe.
-func copyDir(dst, src Conn, last *atomic.Int64, count func(int64)) {
-	n, err := copyOnce(dst, src, last) // stores last on every write
-	if n > 0 && count != nil {
-		count(n)
-	}
+func copyDir(dst, src Conn, p progress) {
+	_, err := copyOnce(dst, src, p)
 	if err == nil { // end of stream from src: pass the half-close on
 		_ = dst.CloseWrite()
 		return
@@ -126,40 +124,55 @@ func (w *watchdog) stop() {
 	w.t.Stop()
 }
 
-// copyOnce copies until src's end of stream (nil) or an error: with
-// splice(2) between two TCP sockets, through a pooled buffer otherwise.
-// Every write that moves bytes stores the time in last, so a slow reader
-// that keeps taking bytes is never idle, however long the copy lasts.
-func copyOnce(dst, src Conn, last *atomic.Int64) (int64, error) {
-	if d, ok := dst.(*net.TCPConn); ok {
-		if s, ok := src.(*net.TCPConn); ok {
-			return spliceTCP(d, s, last)
-		}
-	}
-	return copyBuffered(dst, src, last)
+// progress is what one direction reports each time a write moves bytes:
+// the time, to the watchdog, so that a slow reader that keeps taking
+// bytes is never idle however long the copy lasts; and the count, so that
+// byte metrics follow a long stream instead of jumping at its end.
+type progress struct {
+	last  *atomic.Int64
+	count func(n int64) // nil: not counted
 }
 
-// copyBuffered copies through a pooled buffer, storing the time of every
-// write that moved bytes in last.
-func copyBuffered(dst io.Writer, src io.Reader, last *atomic.Int64) (int64, error) {
+func (p progress) moved(n int64) {
+	p.last.Store(time.Now().UnixNano())
+	if p.count != nil {
+		p.count(n)
+	}
+}
+
+// copyOnce copies until src's end of stream (nil) or an error: with
+// splice(2) between two TCP sockets, through a pooled buffer otherwise,
+// telling p of every write that moves bytes.
+func copyOnce(dst, src Conn, p progress) (int64, error) {
+	if d, ok := dst.(*net.TCPConn); ok {
+		if s, ok := src.(*net.TCPConn); ok {
+			return spliceTCP(d, s, p)
+		}
+	}
+	return copyBuffered(dst, src, p)
+}
+
+// copyBuffered copies through a pooled buffer, telling p of every write
+// that moved bytes.
+func copyBuffered(dst io.Writer, src io.Reader, p progress) (int64, error) {
 	buf := buffers.Get().(*[]byte)
 	defer buffers.Put(buf)
 	// Hide ReaderFrom and WriterTo: *net.TCPConn's would fall back to
 	// io.Copy with a fresh buffer for a non-TCP peer.
-	return io.CopyBuffer(progressWriter{dst, last}, readerOnly{src}, *buf)
+	return io.CopyBuffer(progressWriter{dst, p}, readerOnly{src}, *buf)
 }
 
-// progressWriter is dst without ReaderFrom, storing the time of every
-// write that moved bytes.
+// progressWriter is dst without ReaderFrom, telling p of every write that
+// moved bytes.
 type progressWriter struct {
-	w    io.Writer
-	last *atomic.Int64
+	w io.Writer
+	p progress
 }
 
-func (p progressWriter) Write(b []byte) (int, error) {
-	n, err := p.w.Write(b)
+func (w progressWriter) Write(b []byte) (int, error) {
+	n, err := w.w.Write(b)
 	if n > 0 {
-		p.last.Store(time.Now().UnixNano())
+		w.p.moved(int64(n))
 	}
 	return n, err
 }

@@ -112,6 +112,52 @@ func TestPipeHalfClose(t *testing.T) {
 	}
 }
 
+// Bytes are counted as they move, not when a direction ends: with an
+// idle timeout of an hour, a stream still open has its bytes counted.
+func TestPipeCountsWhileOpen(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ends func(t *testing.T) (app, a, b, peer Conn)
+	}{
+		{"tcp to tcp", func(t *testing.T) (app, a, b, peer Conn) {
+			app, a = pair(t)
+			b, peer = pair(t)
+			return
+		}},
+		{"tcp to tls", func(t *testing.T) (app, a, b, peer Conn) {
+			app, a = pair(t)
+			b, peer = tlsPair(t)
+			return
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			app, a, b, peer := tc.ends(t)
+			var ab, ba atomic.Int64
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				Pipe(a, b, time.Hour, func(n int64) { ab.Add(n) }, func(n int64) { ba.Add(n) })
+			}()
+			buf := make([]byte, 8)
+			_, err := app.Write([]byte("request"))
+			require.NoError(t, err)
+			_, err = io.ReadFull(peer, buf[:len("request")])
+			require.NoError(t, err)
+			_, err = peer.Write([]byte("response"))
+			require.NoError(t, err)
+			_, err = io.ReadFull(app, buf[:len("response")])
+			require.NoError(t, err)
+			require.Eventually(t, func() bool {
+				return ab.Load() == int64(len("request")) && ba.Load() == int64(len("response"))
+			}, 10*time.Second, 10*time.Millisecond, "bytes counted while the stream is open")
+
+			_ = app.Close()
+			_ = peer.Close()
+			<-done
+		})
+	}
+}
+
 // A relay idle both ways is closed after its idle time; one that moves
 // bytes is not.
 func TestPipeIdle(t *testing.T) {

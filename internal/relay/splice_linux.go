@@ -7,7 +7,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -22,8 +21,8 @@ import (
 // the burst moved. Waiting for readiness stays with the poller, so src's
 // read deadline works as with ReadFrom, and bytes in the pipe are never
 // dropped by it: the pipe is emptied into dst before src is read again.
-// Every splice into dst stores the time in last (see copyOnce).
-func spliceTCP(dst, src *net.TCPConn, last *atomic.Int64) (int64, error) {
+// Every splice into dst that moves bytes is told to p (see copyOnce).
+func spliceTCP(dst, src *net.TCPConn, p progress) (int64, error) {
 	srcRC, err := src.SyscallConn()
 	if err != nil {
 		return 0, err
@@ -32,11 +31,15 @@ func spliceTCP(dst, src *net.TCPConn, last *atomic.Int64) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	p := getPipe()
-	if p == nil {
-		return dst.ReadFrom(src) // no pipe to be had: the runtime's own way
+	pp := getPipe()
+	if pp == nil {
+		n, err := dst.ReadFrom(src) // no pipe to be had: the runtime's own way
+		if n > 0 {
+			p.moved(n)
+		}
+		return n, err
 	}
-	s := splicer{p: p, last: last}
+	s := splicer{p: pp, progress: p}
 	s.init()
 	for {
 		if err := srcRC.Read(s.drain); err != nil {
@@ -58,8 +61,8 @@ func spliceTCP(dst, src *net.TCPConn, last *atomic.Int64) (int64, error) {
 // poller calls with the sockets' descriptors.
 type splicer struct {
 	p           *pipe
-	last        *atomic.Int64 // the time of the last write that moved bytes
-	inPipe      int           // bytes drained into the pipe and not yet pumped out
+	progress    progress // told of every splice into dst that moved bytes
+	inPipe      int      // bytes drained into the pipe and not yet pumped out
 	written     int64
 	eof         bool
 	err         error
@@ -103,7 +106,7 @@ func (s *splicer) init() {
 				}
 				s.inPipe -= int(n)
 				s.written += int64(n)
-				s.last.Store(time.Now().UnixNano())
+				s.progress.moved(int64(n))
 			case unix.EINTR:
 			case unix.EAGAIN:
 				return false

@@ -2,12 +2,9 @@
 
 package relay
 
-import (
-	"net"
-	"sync/atomic"
-)
+import "net"
 
 // spliceTCP is a copy through a buffer where there is no splice(2).
-func spliceTCP(dst, src *net.TCPConn, last *atomic.Int64) (int64, error) {
-	return copyBuffered(dst, src, last)
+func spliceTCP(dst, src *net.TCPConn, p progress) (int64, error) {
+	return copyBuffered(dst, src, p)
 }

@@ -144,6 +144,58 @@ func TestMTLSThroughGateway(t *testing.T) {
 	}, "bytes counted both ways once the connection closed")
 }
 
+// Bytes are counted as they cross, not when the connection ends: with the
+// default idle timeout of an hour, a connection still open has both
+// directions counted.
+func TestBytesCountedWhileOpen(t *testing.T) {
+	p := newPKI(t)
+	be := startBackend(t, p.server, namedEcho("echo"))
+	h := startGateway(t, mustRoutes(t, route(echoSNI, echoCluster, be.addr())), nil)
+	c, err := h.dialTLS(p.client, echoSNI)
+	require.NoError(t, err)
+	defer c.Close()
+	require.Equal(t, "echo", readLine(t, c))
+	_, err = fmt.Fprintf(c, "ping\n")
+	require.NoError(t, err)
+	require.Equal(t, "ping", readLine(t, c))
+
+	hello := captureClientHello(t, &tls.Config{ServerName: echoSNI})
+	eventually(t, func() bool {
+		// The server's flight is a certificate chain; the client's, past
+		// its ClientHello, at least a Finished and the line.
+		return h.metric("isthmus_gateway_sent_bytes_total", `cluster="`+echoCluster+`"`) > 500 &&
+			h.metric("isthmus_gateway_received_bytes_total", `cluster="`+echoCluster+`"`) > float64(len(hello)+50)
+	}, "bytes counted both ways while the connection is open")
+	require.Equal(t, 1.0, h.metric("isthmus_gateway_connections_active", ""), "still open")
+}
+
+// A replay that fails after the connect succeeded (the endpoint closed or
+// reset at once) is refused as upstream_error and is not a connect
+// failure: the connect worked.
+func TestReplayFailureIsNotAConnectFailure(t *testing.T) {
+	h := startGateway(t, mustRoutes(t, route(echoSNI, echoCluster, unusedAddr(t))), nil)
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	require.NoError(t, err)
+	defer ln.Close()
+	dial := func() (client, server *net.TCPConn) {
+		client, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+		require.NoError(t, err)
+		server, err = ln.AcceptTCP()
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = client.Close(); _ = server.Close() })
+		return client, server
+	}
+	_, down := dial()
+	up, _ := dial()
+	require.NoError(t, up.Close()) // the write fails at once
+
+	c := h.table.Routes().lookup(echoSNI)
+	require.False(t, h.gw.replay(down, up, c, ClientHello{ServerName: echoSNI}, []byte{22, 3, 1}))
+	require.Equal(t, 1.0, h.metric("isthmus_gateway_refusals_total", `reason="`+ReasonUpstreamError+`"`))
+	require.Zero(t, h.metric("isthmus_gateway_upstream_connect_failures_total", `cluster="`+echoCluster+`"`))
+	require.Zero(t, h.metric("isthmus_gateway_routed_connections_total", `cluster="`+echoCluster+`"`))
+}
+
 // Connections the gateway cannot route are refused before any byte reaches
 // a backend, each with its reason and the documented alert or close.
 func TestRefusals(t *testing.T) {

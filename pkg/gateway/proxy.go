@@ -61,22 +61,32 @@ func (g *Gateway) serveConn(down *net.TCPConn) {
 	}
 	g.track(up)
 	defer g.untrackAndClose(up)
-	// Replay what was peeked, then splice the bare sockets: wrapping down
-	// in a reader that replays would cost splice(2).
-	_, err = up.Write(buf[:n])
+	ok := g.replay(down, up, c, hello, buf[:n])
 	peekBuffers.Put(buf)
-	if err != nil {
-		g.metrics.connectFailures.Add(context.Background(), 1, c.attrsOpt())
-		g.refuse(down, ReasonUpstreamError, 0, "sni", hello.ServerName, "error", err)
+	if !ok {
 		return
 	}
-	g.metrics.routed.Add(context.Background(), 1, c.attrsOpt())
-	g.metrics.received.Add(context.Background(), int64(n), c.attrsOpt())
 	idle := c.route.IdleTimeout
 	if idle == 0 {
 		idle = g.cfg.IdleTimeout
 	}
 	g.pipe(down, up, c, idle)
+}
+
+// replay writes what was peeked to the endpoint just connected to; then
+// the bare sockets can be spliced (wrapping down in a reader that
+// replays would cost splice(2)). It reports whether the write succeeded;
+// if not, it refuses down. The connection had succeeded: a failure here
+// is the endpoint's (it reset or closed at once), an upstream_error
+// refusal, not a connect failure.
+func (g *Gateway) replay(down, up *net.TCPConn, c *cluster, hello ClientHello, peeked []byte) bool {
+	if _, err := up.Write(peeked); err != nil {
+		g.refuse(down, ReasonUpstreamError, 0, "sni", hello.ServerName, "error", err)
+		return false
+	}
+	g.metrics.routed.Add(context.Background(), 1, c.attrsOpt())
+	g.metrics.bytesOf(c).received.Add(int64(len(peeked)))
+	return true
 }
 
 func (g *Gateway) refuseHello(down *net.TCPConn, err error) {
@@ -182,7 +192,6 @@ func (g *Gateway) dialAddr(addr string, timeout time.Duration) (*net.TCPConn, er
 // half-close, and closes the connection after idle without a byte either
 // way (internal/relay). One direction runs on the caller's goroutine.
 func (g *Gateway) pipe(down, up *net.TCPConn, c *cluster, idle time.Duration) {
-	relay.Pipe(down, up, idle,
-		func(n int64) { g.metrics.received.Add(context.Background(), n, c.attrsOpt()) },
-		func(n int64) { g.metrics.sent.Add(context.Background(), n, c.attrsOpt()) })
+	b := g.metrics.bytesOf(c)
+	relay.Pipe(down, up, idle, func(n int64) { b.received.Add(n) }, func(n int64) { b.sent.Add(n) })
 }
