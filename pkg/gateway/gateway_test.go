@@ -357,6 +357,29 @@ func TestEndpointSelection(t *testing.T) {
 	require.Equal(t, 1.0, h.metric("isthmus_gateway_refusals_total", `reason="`+ReasonNoEndpoint+`"`))
 }
 
+// An endpoint that fails during one connection's attempts is not dialled
+// again by it while another is left untried, even one ejected before: the
+// live pod, ejected by a stale failure, is tried after the two dead ones
+// instead of the first dead one twice.
+func TestEndpointSelectionTriesEachOnce(t *testing.T) {
+	p := newPKI(t)
+	alive := startBackend(t, p.server, namedEcho("alive"))
+	deadA, deadC := unusedAddr(t), unusedAddr(t)
+	h := startGateway(t, mustRoutes(t, route(echoSNI, echoCluster, deadA, alive.addr(), deadC)), func(c *Config) {
+		c.MaxConnectAttempts = 3
+	})
+	h.gw.health.Eject(alive.addr()) // a failure of a moment ago
+
+	c, err := h.dialTLS(p.client, echoSNI)
+	require.NoError(t, err, "the one live endpoint was tried")
+	require.Equal(t, "alive", readLine(t, c))
+	_ = c.Close()
+	require.Equal(t, int64(1), alive.accepts.Load())
+	require.Equal(t, 2.0, h.metric("isthmus_gateway_upstream_connect_failures_total", `cluster="`+echoCluster+`"`),
+		"each dead endpoint dialled once")
+	require.Zero(t, h.metric("isthmus_gateway_refusals_total", `reason="`+ReasonNoEndpoint+`"`))
+}
+
 // A STRICT_DNS route (the federation cluster by hostname) resolves at
 // dial time.
 func TestDNSRoute(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -122,10 +123,11 @@ func (g *Gateway) refuse(down *net.TCPConn, reason string, alert byte, logArgs .
 }
 
 // dial connects to one of c's endpoints: round-robin over the healthy
-// ones, skipping endpoints that recently failed, at most
-// MaxConnectAttempts tries. When every healthy endpoint is ejected it
-// tries them anyway, as Envoy's panic threshold does: a stale ejection
-// must not black-hole a cluster that came back.
+// ones, at most MaxConnectAttempts tries, never the same endpoint twice.
+// Endpoints that recently failed are tried last, after every other: when
+// those are all gone it tries them anyway, as Envoy's panic threshold
+// does, since a stale ejection must not black-hole a cluster that came
+// back.
 func (g *Gateway) dial(c *cluster) (*net.TCPConn, error) {
 	timeout := c.route.ConnectTimeout
 	if timeout == 0 {
@@ -146,10 +148,21 @@ func (g *Gateway) dial(c *cluster) (*net.TCPConn, error) {
 	attempts := 0
 	var lastErr error
 	now := time.Now().UnixNano()
+	// Pass 0 dials the endpoints not ejected, pass 1 the others. An
+	// endpoint that fails in pass 0 is ejected by then: tried records
+	// pass 0's (offsets from start), so that pass 1 does not dial it again
+	// before one it never tried.
+	var triedBuf [8]uint32
+	tried := triedBuf[:0]
 	for pass := range 2 {
 		for i := uint32(0); i < n && attempts < g.cfg.MaxConnectAttempts; i++ {
 			ep := c.healthy[(start+i)%n]
-			if g.health.Ejected(ep, now) != (pass == 1) {
+			if pass == 0 {
+				if g.health.Ejected(ep, now) {
+					continue
+				}
+				tried = append(tried, i)
+			} else if slices.Contains(tried, i) {
 				continue
 			}
 			attempts++
