@@ -45,7 +45,23 @@ type Gateway struct {
 	// closed when the drain timeout passes.
 	connsMu sync.Mutex
 	conns   map[*net.TCPConn]struct{}
+
+	// httpIdleTimeout is the health and metrics servers' IdleTimeout:
+	// the constant of that name, which tests shorten.
+	httpIdleTimeout time.Duration
 }
+
+// Timeouts of the health and metrics servers, whose requests are small
+// GETs from the kubelet and Prometheus: a slow or idle client must not
+// hold a connection and its goroutine for ever. The idle timeout is
+// longer than a one-minute scrape interval, so Prometheus keeps its
+// connection between scrapes.
+const (
+	httpReadHeaderTimeout = 5 * time.Second
+	httpReadTimeout       = 10 * time.Second
+	httpWriteTimeout      = 30 * time.Second // a scrape of every series
+	httpIdleTimeout       = 90 * time.Second
+)
 
 // New validates cfg and binds the listeners; the gateway serves once Run
 // is called. src supplies the routing table (see RouteSource); log may be
@@ -71,6 +87,8 @@ func New(cfg Config, src RouteSource, log *slog.Logger) (*Gateway, error) {
 		metrics: m,
 		conns:   make(map[*net.TCPConn]struct{}),
 		work:    make(chan *net.TCPConn),
+
+		httpIdleTimeout: httpIdleTimeout,
 	}
 	g.health.EjectFor = cfg.EjectionTime
 	// Upstream connections go to local pods and get no keep-alive, as in
@@ -141,7 +159,13 @@ func (g *Gateway) Run(ctx context.Context) error {
 		if ln == nil {
 			return
 		}
-		srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+		srv := &http.Server{
+			Handler:           h,
+			ReadHeaderTimeout: httpReadHeaderTimeout,
+			ReadTimeout:       httpReadTimeout,
+			WriteTimeout:      httpWriteTimeout,
+			IdleTimeout:       g.httpIdleTimeout,
+		}
 		servers = append(servers, srv)
 		eg.Go(func() error {
 			if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {

@@ -1,7 +1,9 @@
 package gateway
 
 import (
+	"bufio"
 	"bytes"
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -378,6 +380,42 @@ func TestEndpointSelectionTriesEachOnce(t *testing.T) {
 	require.Equal(t, 2.0, h.metric("isthmus_gateway_upstream_connect_failures_total", `cluster="`+echoCluster+`"`),
 		"each dead endpoint dialled once")
 	require.Zero(t, h.metric("isthmus_gateway_refusals_total", `reason="`+ReasonNoEndpoint+`"`))
+}
+
+// The health and metrics servers close keep-alive connections left idle,
+// rather than hold them (and a goroutine each) for ever.
+func TestHTTPIdleConnectionsClosed(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.ListenAddr, cfg.HealthAddr, cfg.MetricsAddr = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+	table := NewRouteTable(mustRoutes(t, route(echoSNI, echoCluster, unusedAddr(t))))
+	gw, err := New(cfg, table, testLogger(t))
+	require.NoError(t, err)
+	gw.httpIdleTimeout = 200 * time.Millisecond
+	ctx, cancel := context.WithCancel(context.Background())
+	h := &harness{t: t, gw: gw, table: table, cancel: cancel, done: make(chan error, 1)}
+	go func() { h.done <- gw.Run(ctx) }()
+	t.Cleanup(func() { require.NoError(t, h.stop()) })
+
+	for _, addr := range []net.Addr{gw.HealthAddr(), gw.MetricsAddr()} {
+		c, err := net.Dial("tcp", addr.String())
+		require.NoError(t, err)
+		defer c.Close()
+		_, err = fmt.Fprintf(c, "GET /healthz/ready HTTP/1.1\r\nHost: gw\r\n\r\n")
+		require.NoError(t, err)
+		r := bufio.NewReader(c)
+		resp, err := http.ReadResponse(r, nil)
+		require.NoError(t, err)
+		_, _ = io.Copy(io.Discard, resp.Body)
+		_ = resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+		require.False(t, resp.Close, "a keep-alive connection")
+
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err = r.ReadByte()
+		var ne net.Error
+		require.False(t, errors.As(err, &ne) && ne.Timeout(), "the idle connection is closed by the server: %v", err)
+		require.ErrorIs(t, err, io.EOF)
+	}
 }
 
 // A STRICT_DNS route (the federation cluster by hostname) resolves at
