@@ -5,7 +5,6 @@ import (
 	"log/slog"
 	"testing"
 
-
 	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 )

@@ -2,8 +2,10 @@ package federation
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"strconv"
@@ -40,6 +42,9 @@ const ReservedSNI = "federation.isthmus.internal"
 const (
 	keyBundle   = "bundle.pem"
 	keySequence = "sequence"
+	// keyClaimedBy in a token record names the joiner that presented
+	// its secret first (joinerClaim); only it may complete the link.
+	keyClaimedBy = "claimed-by"
 	// keyPeerTrustDomain in a token record is the trust domain the joiner
 	// must present.
 	keyPeerTrustDomain = "peer-trust-domain"
@@ -102,6 +107,7 @@ func (m *Manager) checkEstablish(ctx context.Context, req *fedv1.EstablishReques
 	if rec.Type != SecretTypeTokenRecord {
 		return nil, deny("unknown or already used peering token %s", req.GetTokenId())
 	}
+
 	if !SecretMatches(req.GetSecret(), string(rec.Data[keySecretHash])) {
 		return nil, deny("the token's secret does not match (was the token altered?)")
 	}
@@ -152,31 +158,53 @@ func (m *Manager) checkEstablish(ctx context.Context, req *fedv1.EstablishReques
 			return nil, status.Errorf(codes.InvalidArgument, "addresses: %v", err)
 		}
 	}
+	if by := string(rec.Data[keyClaimedBy]); by != "" && by != joinerClaim(id, bundle) {
+		return nil, deny("the peering token %s was already used", req.GetTokenId())
+	}
 	return &joiner{name: req.GetClusterName(), bundle: bundle, id: id, addresses: req.GetAddresses(), record: rec}, nil
 }
 
 // Establish implements the acceptor's side of linking: it spends the
 // one-time secret, stores the joiner's bundle and creates the
 // FederationPeer for it. A refused call changes nothing.
+//
+// The secret is claimed for the joiner's federator ID first, and the
+// record deleted only once the link is recorded: a call that fails half
+// way leaves the token usable by the same joiner, whose retry completes
+// the link, and by no one else. A joiner whose link is recorded (its
+// answer was lost, or storing it on its side failed) is answered again,
+// once its certificate verifies against the bundle stored for it.
 func (m *Manager) Establish(ctx context.Context, req *fedv1.EstablishRequest) (*fedv1.EstablishResponse, error) {
+	if msgs := validation.IsDNS1123Label(req.GetClusterName()); len(msgs) > 0 {
+		return nil, status.Errorf(codes.InvalidArgument, "cluster name %q: %s", req.GetClusterName(), strings.Join(msgs, "; "))
+	}
+	fp, linked := m.lookupPeerObject(req.GetClusterName())
+	if linked && m.linkedJoiner(ctx, fp, req) {
+		m.log.Info("answered a linked peer's Establish again", "peer", req.GetClusterName())
+		return m.establishResponse()
+	}
+	// The token is checked before anything else is said: a caller
+	// without one learns nothing about this cluster's links.
 	j, err := m.checkEstablish(ctx, req)
 	if err != nil {
 		m.log.Warn("refused a peering", "cluster", req.GetClusterName(), "reason", status.Convert(err).Message())
 		return nil, err
 	}
-	if _, exists := m.lookupPeerObject(j.name); exists {
+	if linked {
 		return nil, status.Errorf(codes.AlreadyExists, "this cluster is already linked with %q; delete its FederationPeer here to link again", j.name)
 	}
-	// Spend the secret: only the delete that sees this exact record wins.
-	uid, rv := j.record.UID, j.record.ResourceVersion
-	err = m.kube.CoreV1().Secrets(m.cfg.Namespace).Delete(ctx, j.record.Name, metav1.DeleteOptions{
-		Preconditions: &metav1.Preconditions{UID: &uid, ResourceVersion: &rv},
-	})
-	if apierrors.IsNotFound(err) || apierrors.IsConflict(err) {
-		return nil, status.Errorf(codes.PermissionDenied, "the peering token %s was already used", req.GetTokenId())
-	}
-	if err != nil {
-		return nil, status.Errorf(codes.Unavailable, "spend the token: %v", err)
+	// Claim the secret: only the update that sees this exact record wins.
+	rec := j.record
+	if string(rec.Data[keyClaimedBy]) == "" {
+		rec = rec.DeepCopy()
+		rec.Data[keyClaimedBy] = []byte(joinerClaim(j.id, j.bundle))
+		rec, err = m.kube.CoreV1().Secrets(m.cfg.Namespace).Update(ctx, rec, metav1.UpdateOptions{})
+		if apierrors.IsNotFound(err) || apierrors.IsConflict(err) {
+			return nil, status.Errorf(codes.PermissionDenied, "the peering token %s was already used", req.GetTokenId())
+		}
+		if err != nil {
+			return nil, status.Errorf(codes.Unavailable, "claim the token: %v", err)
+		}
 	}
 	if err := m.storePeerBundle(ctx, j.name, j.bundle); err != nil {
 		return nil, status.Errorf(codes.Unavailable, "store the joiner's bundle: %v", err)
@@ -185,16 +213,62 @@ func (m *Manager) Establish(ctx context.Context, req *fedv1.EstablishRequest) (*
 		_ = m.deletePeerBundle(context.WithoutCancel(ctx), j.name)
 		return nil, status.Errorf(codes.Unavailable, "record the joiner: %v", err)
 	}
+	// The link is recorded: the token is of no further use.
+	uid := rec.UID
+	if err := m.kube.CoreV1().Secrets(m.cfg.Namespace).Delete(ctx, rec.Name, metav1.DeleteOptions{
+		Preconditions: &metav1.Preconditions{UID: &uid},
+	}); err != nil && !apierrors.IsNotFound(err) {
+		m.log.Warn("delete the spent token's record; it stays claimed by the peer until it expires", "peer", j.name, "record", rec.Name, "err", err)
+	}
+	m.log.Info("linked with a new peer", "peer", j.name, "trustDomain", j.bundle.TrustDomain().Name(), "federatorID", j.id.String())
+	return m.establishResponse()
+}
+
+// joinerClaim names a joiner by its federator ID and the roots it
+// presented: a retry must come with both.
+func joinerClaim(id spiffeid.ID, b *spiffebundle.Bundle) string {
+	h := sha256.New()
+	h.Write([]byte(id.String()))
+	for _, c := range b.X509Authorities() {
+		h.Write(c.Raw)
+	}
+	return id.String() + " " + hex.EncodeToString(h.Sum(nil))
+}
+
+func (m *Manager) establishResponse() (*fedv1.EstablishResponse, error) {
 	local, err := m.trust.GetBundleForTrustDomain(m.trust.LocalTrustDomain())
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "local bundle: %v", err)
 	}
-	m.log.Info("linked with a new peer", "peer", j.name, "trustDomain", j.bundle.TrustDomain().Name(), "federatorID", j.id.String())
 	return &fedv1.EstablishResponse{
 		ClusterName: m.cfg.ClusterName,
 		TrustBundle: bundleResource(local).GetTrustBundle(),
 		FederatorId: m.cfg.FederatorID.String(),
 	}, nil
+}
+
+// linkedJoiner reports whether req comes from the joiner fp records on
+// this (accepting) side: the same federator ID and trust domain, and a
+// client certificate that verifies against the bundle stored for it.
+func (m *Manager) linkedJoiner(ctx context.Context, fp *v1alpha1.FederationPeer, req *fedv1.EstablishRequest) bool {
+	if fp == nil || fp.Spec.TokenSecretName != "" || fp.Spec.FederatorID != req.GetFederatorId() ||
+		fp.Spec.TrustDomain != req.GetTrustBundle().GetTrustDomain() {
+		return false
+	}
+	td, err := spiffeid.TrustDomainFromString(fp.Spec.TrustDomain)
+	if err != nil {
+		return false
+	}
+	b, found, err := m.loadPeerBundle(ctx, fp.Name, td)
+	if err != nil || !found {
+		return false
+	}
+	certs := peerCertificates(ctx)
+	if len(certs) == 0 {
+		return false
+	}
+	id, _, err := x509svid.Verify(certs, x509bundle.FromX509Authorities(td, b.X509Authorities()))
+	return err == nil && id.String() == fp.Spec.FederatorID
 }
 
 // createAcceptedPeer records the joiner as a FederationPeer on the

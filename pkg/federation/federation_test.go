@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -14,11 +16,15 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
@@ -116,7 +122,9 @@ func (c *cluster) start(t *testing.T) {
 	go func() {
 		defer close(c.done)
 		_ = c.manager.Run(ctx)
-		srv.Stop()
+		// As the federator stops: the streams Run served are over, so
+		// the graceful stop does not wait for them.
+		srv.GracefulStop()
 		<-served
 	}()
 	t.Cleanup(c.kill)
@@ -226,8 +234,9 @@ func TestThreeFederators(t *testing.T) {
 			require.NoError(t, err)
 			require.Equal(t, a.ca.Bundle().X509Authorities(), bundle.X509Authorities())
 		}
-		require.Equal(t, 1, a.status("b").Exported)
 		require.Equal(t, 1, b.status("a").Imported)
+		// a counts the export once b's acknowledgement arrived.
+		eventually(t, "a counts one export to b", func() bool { return a.status("b").Exported == 1 })
 	})
 
 	t.Run("a readiness change in a changes the counts in b", func(t *testing.T) {
@@ -296,16 +305,87 @@ func TestThreeFederators(t *testing.T) {
 		})
 	})
 
-	t.Run("a reused token is refused", func(t *testing.T) {
+	t.Run("a spent token", func(t *testing.T) {
 		tok, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "d", Addresses: []string{a.addr}})
 		require.NoError(t, err)
 		d := newCluster(t, "d", nil)
 		_, err = d.manager.establish(t.Context(), tok)
 		require.NoError(t, err)
+		// The same joiner asking again (its answer was lost) is answered
+		// again.
 		_, err = d.manager.establish(t.Context(), tok)
+		require.NoError(t, err)
+		// Anyone else with the token is refused: a cluster of the same
+		// name and trust domain, with a CA of its own.
+		impostor := newCluster(t, "d", nil)
+		_, err = impostor.manager.establish(t.Context(), tok)
 		require.ErrorContains(t, err, "unknown or already used peering token")
 		require.True(t, isPermanent(err))
 	})
+}
+
+// failOnce makes the first call of verb on resource named name fail.
+func failOnce(c *fake.Clientset, verb, resource, name string) *atomic.Bool {
+	var failed atomic.Bool
+	c.PrependReactor(verb, resource, func(a k8stesting.Action) (bool, runtime.Object, error) {
+		var got string
+		switch a := a.(type) {
+		case k8stesting.CreateAction:
+			got = a.GetObject().(metav1.Object).GetName()
+		case k8stesting.UpdateAction:
+			got = a.GetObject().(metav1.Object).GetName()
+		case k8stesting.DeleteAction:
+			got = a.GetName()
+		}
+		if got != name || !failed.CompareAndSwap(false, true) {
+			return false, nil, nil
+		}
+		return true, nil, apierrors.NewServiceUnavailable("injected")
+	})
+	return &failed
+}
+
+// Establish fails half way on either side and the joiner's retry
+// completes the link: the token is claimed for the joiner, not spent,
+// until the link is recorded, and a joiner whose link is recorded is
+// answered again. Before, the token was deleted first, and the retry got
+// "unknown or already used peering token" for good.
+func TestEstablishCompletesAfterAFailure(t *testing.T) {
+	for _, tc := range []struct{ name, side, verb, resource, object string }{
+		{"the acceptor cannot store the joiner's bundle", "acceptor", "create", "configmaps", peerConfigMapName("b")},
+		{"the joiner cannot store the acceptor's bundle", "joiner", "create", "configmaps", peerConfigMapName("a")},
+		{"the acceptor cannot delete the spent record", "acceptor", "delete", "secrets", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := newCluster(t, "a", nil)
+			b := newCluster(t, "b", nil)
+			tok, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "b", Addresses: []string{a.addr}})
+			require.NoError(t, err)
+			object := tc.object
+			if object == "" {
+				object = "isthmus-token-" + tok.ID
+			}
+			target := a.kube
+			if tc.side == "joiner" {
+				target = b.kube
+			}
+			failed := failOnce(target, tc.verb, tc.resource, object)
+			text, err := tok.Encode()
+			require.NoError(t, err)
+			_, err = Join(t.Context(), b.kube, b.dyn, JoinOptions{Namespace: testNS, Name: "a", Token: text})
+			require.NoError(t, err)
+			eventually(t, "linked", func() bool {
+				return a.status("b").State == v1alpha1.StateConnected && b.status("a").State == v1alpha1.StateConnected
+			})
+			require.True(t, failed.Load(), "the failure was injected")
+			_, err = b.kube.CoreV1().Secrets(testNS).Get(t.Context(), "isthmus-join-a", metav1.GetOptions{})
+			require.True(t, apierrors.IsNotFound(err), "the joiner's spent token is deleted: %v", err)
+			if tc.verb != "delete" {
+				_, err = a.kube.CoreV1().Secrets(testNS).Get(t.Context(), "isthmus-token-"+tok.ID, metav1.GetOptions{})
+				require.True(t, apierrors.IsNotFound(err), "the acceptor's record is deleted: %v", err)
+			}
+		})
+	}
 }
 
 func unstructuredString(obj map[string]any, path ...string) (string, bool, error) {
@@ -382,6 +462,14 @@ func TestDeletingAFederationPeerTerminatesTheLink(t *testing.T) {
 	require.Contains(t, c.status("a").Reason, "the FederationPeer was deleted on a")
 	_, err := a.kube.CoreV1().ConfigMaps(testNS).Get(t.Context(), peerConfigMapName("c"), metav1.GetOptions{})
 	require.Error(t, err, "a kept c's bundle ConfigMap")
+	// The other side stops trusting too: unlinking revokes trust both
+	// ways, as the operator deleting the link meant.
+	eventually(t, "c dropped a's bundle", func() bool {
+		_, err := c.trust.GetBundleForTrustDomain(spiffeid.RequireTrustDomainFromString("a.mesh"))
+		return err != nil
+	})
+	_, err = c.kube.CoreV1().ConfigMaps(testNS).Get(t.Context(), peerConfigMapName("a"), metav1.GetOptions{})
+	require.True(t, apierrors.IsNotFound(err), "c kept a's bundle ConfigMap: %v", err)
 }
 
 func TestDeletingTheJoinersFederationPeerTerminatesTheLink(t *testing.T) {
@@ -394,11 +482,107 @@ func TestDeletingTheJoinersFederationPeerTerminatesTheLink(t *testing.T) {
 
 	require.NoError(t, b.dyn.Resource(v1alpha1.Resource).Delete(t.Context(), "a", metav1.DeleteOptions{}))
 	eventually(t, "b dropped a's imports", func() bool { return len(b.imported("a")) == 0 })
-	eventually(t, "a was told, and dropped b's imports", func() bool {
+	eventually(t, "a was told, and dropped b's imports and bundle", func() bool {
 		s := a.status("b")
-		return s.State == v1alpha1.StateFailed && len(a.imported("b")) == 0
+		_, err := a.trust.GetBundleForTrustDomain(spiffeid.RequireTrustDomainFromString("b.mesh"))
+		return s.State == v1alpha1.StateFailed && len(a.imported("b")) == 0 && err != nil
 	})
 	require.Contains(t, a.status("b").Reason, "the FederationPeer was deleted on b")
+	_, err := a.kube.CoreV1().ConfigMaps(testNS).Get(t.Context(), peerConfigMapName("b"), metav1.GetOptions{})
+	require.True(t, apierrors.IsNotFound(err), "a kept b's bundle ConfigMap: %v", err)
+}
+
+// A link that was refused is deleted and joined again with a new token:
+// deleting the FederationPeer deletes the join token's Secret, and `join`
+// replaces one an older version left behind. Before, the second join
+// failed with "secrets \"isthmus-join-a\" already exists" and nothing said
+// to delete it.
+func TestJoinAgainAfterARefusedLink(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	tok, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "b", Addresses: []string{a.addr}})
+	require.NoError(t, err)
+	// Refused: a's record of the token is gone.
+	require.NoError(t, a.kube.CoreV1().Secrets(testNS).Delete(t.Context(), "isthmus-token-"+tok.ID, metav1.DeleteOptions{}))
+	text, err := tok.Encode()
+	require.NoError(t, err)
+	_, err = Join(t.Context(), b.kube, b.dyn, JoinOptions{Namespace: testNS, Name: "a", Token: text})
+	require.NoError(t, err)
+	eventually(t, "b's link is refused", func() bool { return b.status("a").State == v1alpha1.StateFailed })
+	require.Contains(t, b.status("a").Reason, "unknown or already used peering token")
+
+	require.NoError(t, b.dyn.Resource(v1alpha1.Resource).Delete(t.Context(), "a", metav1.DeleteOptions{}))
+	eventually(t, "the join Secret is deleted with the link", func() bool {
+		_, err := b.kube.CoreV1().Secrets(testNS).Get(t.Context(), "isthmus-join-a", metav1.GetOptions{})
+		return apierrors.IsNotFound(err)
+	})
+	// A Secret left behind (by a federator of an earlier version, or one
+	// that was down when the link was deleted) is replaced.
+	_, err = b.kube.CoreV1().Secrets(testNS).Create(t.Context(), &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Namespace: testNS, Name: "isthmus-join-a", Labels: map[string]string{LabelJoinToken: "a"}},
+		Data:       map[string][]byte{keyToken: []byte("stale")},
+	}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	tok, err = CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "b", Addresses: []string{a.addr}})
+	require.NoError(t, err)
+	text, err = tok.Encode()
+	require.NoError(t, err)
+	_, err = Join(t.Context(), b.kube, b.dyn, JoinOptions{Namespace: testNS, Name: "a", Token: text})
+	require.NoError(t, err)
+	eventually(t, "linked", func() bool {
+		return a.status("b").State == v1alpha1.StateConnected && b.status("a").State == v1alpha1.StateConnected
+	})
+
+	// A Secret of that name that is not a join token is never replaced.
+	require.NoError(t, b.dyn.Resource(v1alpha1.Resource).Delete(t.Context(), "a", metav1.DeleteOptions{}))
+	eventually(t, "unlinked", func() bool { return len(b.manager.Statuses()) == 0 })
+	_, err = b.kube.CoreV1().Secrets(testNS).Create(t.Context(), &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Namespace: testNS, Name: "isthmus-join-a"},
+		Data:       map[string][]byte{"password": []byte("someone else's")},
+	}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	_, err = Join(t.Context(), b.kube, b.dyn, JoinOptions{Namespace: testNS, Name: "a", Token: text})
+	require.ErrorContains(t, err, "does not hold a join token")
+	sec, err := b.kube.CoreV1().Secrets(testNS).Get(t.Context(), "isthmus-join-a", metav1.GetOptions{})
+	require.NoError(t, err)
+	require.Equal(t, "someone else's", string(sec.Data["password"]))
+}
+
+// A joining FederationPeer without addresses (an edit, or a CRD installed
+// before it checked) is reported, not a crash of the federator.
+func TestJoinedPeerWithoutAddresses(t *testing.T) {
+	b := newCluster(t, "b", nil)
+	fp := &v1alpha1.FederationPeer{
+		TypeMeta:   metav1.TypeMeta{APIVersion: v1alpha1.GroupVersion.String(), Kind: "FederationPeer"},
+		ObjectMeta: metav1.ObjectMeta{Name: "a"},
+		Spec:       v1alpha1.FederationPeerSpec{TrustDomain: "a.mesh", FederatorID: "spiffe://a.mesh/fed", TokenSecretName: "isthmus-join-a"},
+	}
+	obj, err := runtime.DefaultUnstructuredConverter.ToUnstructured(fp)
+	require.NoError(t, err)
+	_, err = b.dyn.Resource(v1alpha1.Resource).Create(t.Context(), &unstructured.Unstructured{Object: obj}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	eventually(t, "refused with the reason", func() bool {
+		s := b.status("a")
+		return s.State == v1alpha1.StateFailed && strings.Contains(s.Reason, "spec.addresses is empty")
+	})
+}
+
+// Run returns only once the streams peers opened to it are over: a
+// federator shutting down does not wait out its server's grace period
+// while sessions keep writing.
+func TestRunEndsServedSessions(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	link(t, a, b)
+	eventually(t, "linked", func() bool { return a.status("b").State == v1alpha1.StateConnected })
+	a.stop()
+	select {
+	case <-a.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the graceful stop after Run waits for a stream Run served")
+	}
+	a.stop = nil
+	require.NotEqual(t, v1alpha1.StateConnected, a.status("b").State, "a's side of the stream outlived Run")
 }
 
 func withoutLocal(sources []string) []string {

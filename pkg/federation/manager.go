@@ -126,6 +126,38 @@ type Manager struct {
 	// mu guards peers.
 	mu    sync.Mutex
 	peers map[string]*peerEntry
+
+	// life ends when Run returns, and with it every stream Exchange
+	// serves; sessions counts them, so that Run waits for them.
+	life     context.Context
+	endLife  context.CancelFunc
+	sessions sessionGroup
+}
+
+// sessionGroup counts running sessions; once closed it admits no more.
+type sessionGroup struct {
+	mu     sync.Mutex
+	closed bool
+	wg     sync.WaitGroup
+}
+
+func (g *sessionGroup) add() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return false
+	}
+	g.wg.Add(1)
+	return true
+}
+
+func (g *sessionGroup) done() { g.wg.Done() }
+
+func (g *sessionGroup) closeAndWait() {
+	g.mu.Lock()
+	g.closed = true
+	g.mu.Unlock()
+	g.wg.Wait()
 }
 
 // peerEntry is a running peer: its state and the goroutine that serves it.
@@ -157,6 +189,7 @@ func NewManager(kube kubernetes.Interface, dyn dynamic.Interface, store *catalog
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "federationpeers"}),
 	}
+	m.life, m.endLife = context.WithCancel(context.Background())
 	factory := dynamicinformer.NewDynamicSharedInformerFactory(dyn, 10*time.Minute)
 	m.informer = factory.ForResource(v1alpha1.Resource).Informer()
 	_, _ = m.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
@@ -198,6 +231,10 @@ func (m *Manager) Run(ctx context.Context) error {
 	m.mu.Lock()
 	m.started = m.clock.Now()
 	m.mu.Unlock()
+	defer func() {
+		m.endLife()
+		m.sessions.closeAndWait()
+	}()
 	defer m.queue.ShutDown()
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -315,6 +352,18 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 	if err == nil && (name == catalog.LocalSource || name == m.cfg.ClusterName) {
 		err = fmt.Errorf("a peer cannot be named %q", name)
 	}
+	if err == nil && fp.Spec.TokenSecretName != "" {
+		if len(fp.Spec.Addresses) == 0 {
+			err = errors.New("spec.addresses is empty: the joining side dials the peer's federator and needs at least one of its addresses (host:port)")
+		}
+		for _, a := range fp.Spec.Addresses {
+			if err == nil {
+				if aerr := CheckAddress(a); aerr != nil {
+					err = fmt.Errorf("spec.addresses: %w", aerr)
+				}
+			}
+		}
+	}
 	if e != nil {
 		e.cancel()
 		<-e.done
@@ -323,6 +372,10 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 	if e != nil && e.p.td == td {
 		// Keep what was received across a spec change.
 		p = e.p
+	} else if e != nil {
+		// Another trust domain: a stream the peer opened as the old
+		// one ends (the joiner redials; an acceptor is dialled again).
+		e.p.endSession()
 	}
 	e = &peerEntry{p: p, spec: fp.Spec, keepFor: m.cfg.KeepFor, drainFor: m.cfg.DrainFor, done: make(chan struct{})}
 	if k := fp.Spec.Staleness.KeepFor; k != nil && k.Duration > 0 {
@@ -351,21 +404,56 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 }
 
 // removePeer ends a link: the stream is told Terminate, the peer's
-// imports leave the catalog, and its bundle is forgotten.
+// imports leave the catalog, its bundle is forgotten, and a join token
+// never spent is deleted, so that joining again starts clean.
 func (m *Manager) removePeer(ctx context.Context, name string, e *peerEntry, reason string) {
 	e.p.stopSession(reason, m.cfg.DialTimeout)
 	e.cancel()
 	<-e.done
-	e.p.removeImports()
-	m.trust.DeletePeer(e.p.td)
+	m.forgetPeer(ctx, name, e.p)
 	m.exports.forget(name)
-	if err := m.deletePeerBundle(ctx, name); err != nil {
-		m.log.Warn("delete the peer's ConfigMap", "peer", name, "err", err)
+	if e.spec.TokenSecretName != "" {
+		if err := m.deleteJoinSecret(ctx, name, e.spec.TokenSecretName); err != nil {
+			m.log.Warn("delete the join token's Secret", "peer", name, "err", err)
+		}
 	}
 	m.mu.Lock()
 	delete(m.peers, name)
 	m.mu.Unlock()
 	m.log.Info("link removed", "peer", name)
+}
+
+// forgetPeer drops what this side holds from a peer whose link ended:
+// its imports, its bundle (this cluster stops trusting its identities)
+// and the stored copy of the bundle.
+func (m *Manager) forgetPeer(ctx context.Context, name string, p *peer) {
+	p.removeImports()
+	m.trust.DeletePeer(p.td)
+	if err := m.deletePeerBundle(ctx, name); err != nil {
+		m.log.Warn("delete the peer's ConfigMap", "peer", name, "err", err)
+	}
+}
+
+// deleteJoinSecret deletes the Secret `federator join` stored the peer's
+// token in, if it is one (labelled for this peer).
+func (m *Manager) deleteJoinSecret(ctx context.Context, peer, name string) error {
+	secrets := m.kube.CoreV1().Secrets(m.cfg.Namespace)
+	sec, err := secrets.Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if sec.Labels[LabelJoinToken] != peer {
+		return nil
+	}
+	uid := sec.UID
+	err = secrets.Delete(ctx, name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid}})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	return err
 }
 
 // runPeer serves one peer until ctx ends: it makes sure the link is
@@ -419,8 +507,8 @@ func (m *Manager) runPeer(ctx context.Context, e *peerEntry) {
 			return
 		}
 		if errors.Is(err, ErrTerminated) {
-			log.Warn("the peer terminated the link", "err", err)
-			p.removeImports()
+			log.Warn("the peer terminated the link; its imports and trust bundle are dropped", "err", err)
+			m.forgetPeer(ctx, p.name, p)
 			<-ctx.Done()
 			return
 		}
@@ -533,10 +621,22 @@ func (m *Manager) Exchange(srv fedv1.FederationService_ExchangeServer) error {
 	if e == nil {
 		return status.Errorf(codes.PermissionDenied, "no FederationPeer expects federator %s", id)
 	}
-	err = e.p.runSession(srv.Context(), m.sessionConfig(), srv, nil)
+	// The session ends with the manager too: Run returns only once every
+	// stream it served is over.
+	if !m.sessions.add() {
+		return status.Error(codes.Unavailable, "the federator is shutting down")
+	}
+	defer m.sessions.done()
+	ctx, cancel := context.WithCancel(srv.Context())
+	defer cancel()
+	defer context.AfterFunc(m.life, cancel)()
+	err = e.p.runSession(ctx, m.sessionConfig(), srv, nil)
 	switch {
 	case errors.Is(err, ErrTerminated):
-		e.p.removeImports()
+		m.log.Warn("the peer terminated the link; its imports and trust bundle are dropped", "peer", e.p.name, "err", err)
+		fctx, fcancel := context.WithTimeout(context.WithoutCancel(ctx), m.cfg.DialTimeout)
+		defer fcancel()
+		m.forgetPeer(fctx, e.p.name, e.p)
 		return nil
 	case errors.Is(err, context.Canceled):
 		return status.Error(codes.Unavailable, "stream ended")

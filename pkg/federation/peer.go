@@ -307,6 +307,15 @@ func (p *peer) removeImports() {
 	p.publishLocked()
 }
 
+// endSession ends the running session, if any, without a Terminate.
+func (p *peer) endSession() {
+	p.sessMu.Lock()
+	defer p.sessMu.Unlock()
+	if p.sessCancel != nil {
+		p.sessCancel()
+	}
+}
+
 // stopSession asks the running session, if any, to say Terminate and end,
 // and waits a bounded time for it.
 func (p *peer) stopSession(reason string, wait time.Duration) {

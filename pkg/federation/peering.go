@@ -258,7 +258,7 @@ func Join(ctx context.Context, client kubernetes.Interface, dyn dynamic.Interfac
 			Labels: map[string]string{LabelJoinToken: opts.Name, "app.kubernetes.io/part-of": "isthmus"}},
 		Data: map[string][]byte{keyToken: []byte(strings.TrimSpace(opts.Token))},
 	}
-	if _, err := client.CoreV1().Secrets(opts.Namespace).Create(ctx, sec, metav1.CreateOptions{}); err != nil {
+	if err := storeJoinSecret(ctx, client, sec); err != nil {
 		return nil, fmt.Errorf("store token in Secret %s/%s: %w", opts.Namespace, secretName, err)
 	}
 	peer := &v1alpha1.FederationPeer{
@@ -278,4 +278,26 @@ func Join(ctx context.Context, client kubernetes.Interface, dyn dynamic.Interfac
 		return nil, fmt.Errorf("create FederationPeer %q: %w", opts.Name, err)
 	}
 	return peer, nil
+}
+
+// storeJoinSecret creates the join token's Secret, or replaces one a
+// link to the same peer left behind (its FederationPeer is gone: Join
+// checked). A Secret of that name that `federator join` did not write is
+// left alone.
+func storeJoinSecret(ctx context.Context, client kubernetes.Interface, sec *corev1.Secret) error {
+	secrets := client.CoreV1().Secrets(sec.Namespace)
+	_, err := secrets.Create(ctx, sec, metav1.CreateOptions{})
+	if !apierrors.IsAlreadyExists(err) {
+		return err
+	}
+	old, gerr := secrets.Get(ctx, sec.Name, metav1.GetOptions{})
+	if gerr != nil {
+		return gerr
+	}
+	if old.Labels[LabelJoinToken] != sec.Labels[LabelJoinToken] {
+		return fmt.Errorf("%w, and it does not hold a join token for %q (label %s): delete or rename it", err, sec.Labels[LabelJoinToken], LabelJoinToken)
+	}
+	old.Data, old.Labels = sec.Data, sec.Labels
+	_, err = secrets.Update(ctx, old, metav1.UpdateOptions{})
+	return err
 }

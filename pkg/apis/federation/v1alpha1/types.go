@@ -35,6 +35,7 @@ type FederationPeer struct {
 
 // FederationPeerSpec is what the operator (or `federator join`) says about
 // the peer. The federator never overwrites it with what the peer says.
+// +kubebuilder:validation:XValidation:rule="!has(self.tokenSecretName) || size(self.tokenSecretName) == 0 || (has(self.addresses) && size(self.addresses) > 0)",message="addresses must name at least one address of the peer's federator on the joining side (tokenSecretName set)"
 type FederationPeerSpec struct {
 	// TrustDomain is the peer's SPIFFE trust domain.
 	// +kubebuilder:validation:MinLength=1
