@@ -6,7 +6,6 @@
 package outlier
 
 import (
-	"maps"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -49,7 +48,7 @@ func (e *Ejections) Ejected(ep netip.AddrPort, now int64) bool {
 		return false
 	}
 	if now >= t {
-		e.update(func(m map[netip.AddrPort]int64) {
+		e.update(now, func(m map[netip.AddrPort]int64) {
 			if m[ep] == t { // not ejected again meanwhile
 				delete(m, ep)
 			}
@@ -61,8 +60,9 @@ func (e *Ejections) Ejected(ep netip.AddrPort, now int64) bool {
 
 // Eject skips ep for EjectFor from now.
 func (e *Ejections) Eject(ep netip.AddrPort) {
-	until := time.Now().Add(e.EjectFor).UnixNano()
-	e.update(func(m map[netip.AddrPort]int64) { m[ep] = until })
+	now := time.Now()
+	until := now.Add(e.EjectFor).UnixNano()
+	e.update(now.UnixNano(), func(m map[netip.AddrPort]int64) { m[ep] = until })
 }
 
 // Restore forgets ep's ejection: it answered.
@@ -70,7 +70,7 @@ func (e *Ejections) Restore(ep netip.AddrPort) {
 	if m := e.until.Load(); m == nil || (*m)[ep] == 0 {
 		return
 	}
-	e.update(func(m map[netip.AddrPort]int64) { delete(m, ep) })
+	e.update(time.Now().UnixNano(), func(m map[netip.AddrPort]int64) { delete(m, ep) })
 }
 
 // Len is the number of endpoints ejected now, or whose ejection has
@@ -82,16 +82,25 @@ func (e *Ejections) Len() int {
 	return 0
 }
 
-// update replaces the set with a changed copy.
-func (e *Ejections) update(change func(map[netip.AddrPort]int64)) {
+// update replaces the set with a changed copy, leaving out the
+// ejections that have passed at now: endpoints that failed and then left
+// the routes (pods that churned) are never asked about again, and would
+// stay for ever otherwise. The copy visits every entry anyway, so the
+// sweep costs nothing more, and the set stays as large as the endpoints
+// ejected within EjectFor.
+func (e *Ejections) update(now int64, change func(map[netip.AddrPort]int64)) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	next := map[netip.AddrPort]int64{}
+	var next map[netip.AddrPort]int64
 	if m := e.until.Load(); m != nil {
-		next = maps.Clone(*m)
-		if next == nil {
-			next = map[netip.AddrPort]int64{}
+		next = make(map[netip.AddrPort]int64, len(*m)+1)
+		for ep, t := range *m {
+			if now < t {
+				next[ep] = t
+			}
 		}
+	} else {
+		next = map[netip.AddrPort]int64{}
 	}
 	change(next)
 	e.until.Store(&next)
