@@ -33,11 +33,10 @@ func spliceTCP(dst, src *net.TCPConn, p progress) (int64, error) {
 	}
 	pp := getPipe()
 	if pp == nil {
-		n, err := dst.ReadFrom(src) // no pipe to be had: the runtime's own way
-		if n > 0 {
-			p.moved(n)
-		}
-		return n, err
+		// No pipe to be had (out of descriptors): through a buffer, which
+		// reports its progress, where ReadFrom would not until it ended
+		// and the watchdog would cut a live stream as idle.
+		return copyBuffered(dst, src, p)
 	}
 	s := splicer{p: pp, progress: p}
 	s.init()
@@ -150,12 +149,15 @@ func (f *pipeFDs) close() {
 
 var pipes sync.Pool
 
+// pipe2 is unix.Pipe2; tests make it fail, as it does out of descriptors.
+var pipe2 = unix.Pipe2
+
 func getPipe() *pipe {
 	if p, ok := pipes.Get().(*pipe); ok {
 		return p
 	}
 	var fds [2]int
-	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+	if err := pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
 		return nil
 	}
 	// A smaller pipe (pipe-max-size lowered) only means more splices.
