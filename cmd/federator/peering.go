@@ -64,6 +64,7 @@ func newTokenCommand() *cobra.Command {
 				return err
 			}
 			opts.Namespace = cf.namespace
+			opts.Notice = func(msg string) { fmt.Fprintln(cmd.ErrOrStderr(), msg) }
 			t, err := federation.CreateToken(cmd.Context(), client, opts)
 			if err != nil {
 				return err

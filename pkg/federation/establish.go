@@ -178,7 +178,7 @@ func (m *Manager) Establish(ctx context.Context, req *fedv1.EstablishRequest) (*
 	if msgs := validation.IsDNS1123Label(req.GetClusterName()); len(msgs) > 0 {
 		return nil, status.Errorf(codes.InvalidArgument, "cluster name %q: %s", req.GetClusterName(), strings.Join(msgs, "; "))
 	}
-	fp, linked := m.lookupPeerObject(req.GetClusterName())
+	fp, linked := m.lookupPeerObject(ctx, req.GetClusterName())
 	if linked && m.linkedJoiner(ctx, fp, req) {
 		m.log.Info("answered a linked peer's Establish again", "peer", req.GetClusterName())
 		return m.establishResponse()

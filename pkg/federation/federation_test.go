@@ -622,3 +622,41 @@ func TestSyncedOnceEveryPeerSpoke(t *testing.T) {
 	b.start(t)
 	eventually(t, "synced once b is back", a.manager.Synced)
 }
+
+// A new token for a peer replaces that peer's unused ones, as Consul's
+// generate-token does, and expired records of any peer go: a token record
+// is not a standing credential. One a joiner has claimed (a link being
+// made) stays.
+func TestCreateTokenReplacesUnusedTokens(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	create := func(peer string, at time.Time, ttl time.Duration) Token {
+		tok, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: peer, Addresses: []string{a.addr}, Now: at, TTL: ttl})
+		require.NoError(t, err)
+		return tok
+	}
+	// Made in the past, in an order where none sweeps another before
+	// the token under test.
+	now := time.Now()
+	claimed := create("b", now.Add(-3*time.Hour), 24*time.Hour)
+	rec, err := a.kube.CoreV1().Secrets(testNS).Get(t.Context(), "isthmus-token-"+claimed.ID, metav1.GetOptions{})
+	require.NoError(t, err)
+	rec.Data[keyClaimedBy] = []byte("spiffe://b.mesh/fed 00")
+	_, err = a.kube.CoreV1().Secrets(testNS).Update(t.Context(), rec, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	d1 := create("d", now.Add(-2*time.Hour), time.Hour)
+	b1 := create("b", now.Add(-2*time.Hour), 24*time.Hour)
+	c1 := create("c", now.Add(-2*time.Hour), 24*time.Hour)
+
+	var notices []string
+	b2, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "b", Addresses: []string{a.addr}, Now: now,
+		Notice: func(msg string) { notices = append(notices, msg) }})
+	require.NoError(t, err)
+	require.ElementsMatch(t, []string{
+		"deleted token " + b1.ID + ": the new token for b replaces it",
+		"deleted token " + d1.ID + ": it expired",
+	}, notices)
+	for _, tok := range []Token{c1, claimed, b2} {
+		_, err := a.kube.CoreV1().Secrets(testNS).Get(t.Context(), "isthmus-token-"+tok.ID, metav1.GetOptions{})
+		require.NoError(t, err, "token for %s", tok.Peer)
+	}
+}

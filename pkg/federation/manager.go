@@ -286,11 +286,11 @@ func (m *Manager) worker(ctx context.Context) {
 }
 
 // lookupPeerObject returns the FederationPeer from the informer cache.
-func (m *Manager) lookupPeerObject(name string) (*v1alpha1.FederationPeer, bool) {
+func (m *Manager) lookupPeerObject(ctx context.Context, name string) (*v1alpha1.FederationPeer, bool) {
 	obj, exists, err := m.informer.GetStore().GetByKey(name)
 	if err != nil || !exists {
 		// The cache can lag a create; ask the API server.
-		u, err := m.dyn.Resource(v1alpha1.Resource).Get(context.Background(), name, metav1.GetOptions{})
+		u, err := m.dyn.Resource(v1alpha1.Resource).Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return nil, false
 		}

@@ -122,6 +122,9 @@ type TokenOptions struct {
 	Addresses []string
 	// Now is the current time (for tests); zero means time.Now().
 	Now time.Time
+	// Notice, when set, is told of each earlier token record the new
+	// token made useless and that was deleted (or could not be).
+	Notice func(msg string)
 }
 
 // CreateToken records a new one-time secret (as a hash, with its expiry)
@@ -199,7 +202,51 @@ func CreateToken(ctx context.Context, client kubernetes.Interface, opts TokenOpt
 	if _, err := client.CoreV1().Secrets(opts.Namespace).Create(ctx, record, metav1.CreateOptions{}); err != nil {
 		return Token{}, fmt.Errorf("record token: %w", err)
 	}
+	sweepTokens(ctx, client, opts.Namespace, opts.Peer, record.Name, opts.Now, opts.Notice)
 	return t, nil
+}
+
+// sweepTokens deletes the token records nobody can use any more: the
+// peer's earlier tokens that no link is being made with (a new token for
+// a peer replaces its unused ones, as Consul's generate-token does), and
+// expired records of any peer. The new token stands whatever happens
+// here; notice hears what was done.
+func sweepTokens(ctx context.Context, client kubernetes.Interface, namespace, peer, keep string, now time.Time, notice func(string)) {
+	if notice == nil {
+		notice = func(string) {}
+	}
+	secrets := client.CoreV1().Secrets(namespace)
+	list, err := secrets.List(ctx, metav1.ListOptions{LabelSelector: LabelTokenFor})
+	if err != nil {
+		notice(fmt.Sprintf("earlier tokens were not looked for: %v", err))
+		return
+	}
+	for _, rec := range list.Items {
+		if rec.Type != SecretTypeTokenRecord || rec.Name == keep {
+			continue
+		}
+		id := strings.TrimPrefix(rec.Name, "isthmus-token-")
+		expires, err := time.Parse(time.RFC3339, string(rec.Data[keyExpires]))
+		var why string
+		switch {
+		case err != nil || !now.Before(expires):
+			why = "it expired"
+		case rec.Labels[LabelTokenFor] == peer && len(rec.Data[keyClaimedBy]) == 0:
+			why = "the new token for " + peer + " replaces it"
+		default:
+			continue
+		}
+		// Only this exact record: one a joiner claims meanwhile stays.
+		uid, rv := rec.UID, rec.ResourceVersion
+		err = secrets.Delete(ctx, rec.Name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid, ResourceVersion: &rv}})
+		switch {
+		case err == nil:
+			notice(fmt.Sprintf("deleted token %s: %s", id, why))
+		case apierrors.IsNotFound(err) || apierrors.IsConflict(err):
+		default:
+			notice(fmt.Sprintf("could not delete token %s (%s): %v", id, why, err))
+		}
+	}
 }
 
 // JoinOptions are the arguments of `federator join`.
