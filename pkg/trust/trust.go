@@ -88,17 +88,20 @@ func (s *Store) SetPeer(b *spiffebundle.Bundle) error {
 	if len(b.X509Authorities()) == 0 {
 		return fmt.Errorf("bundle for %s has no X.509 authorities", td)
 	}
-	s.mu.RLock()
-	old, ok := s.bundles[td]
-	s.mu.RUnlock()
-	if ok {
+	b = b.Clone()
+	// The check and the write happen under one lock: checked under a read
+	// lock and written later, two racing calls could both pass the check
+	// and leave the older bundle in place.
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if old, ok := s.bundles[td]; ok {
 		oldSeq, _ := old.SequenceNumber()
 		newSeq, _ := b.SequenceNumber()
 		if newSeq < oldSeq {
 			return fmt.Errorf("%w: %s has %d, got %d", ErrStaleBundle, td, oldSeq, newSeq)
 		}
 	}
-	s.put(b.Clone())
+	s.putLocked(b)
 	return nil
 }
 
@@ -118,6 +121,12 @@ func (s *Store) DeletePeer(td spiffeid.TrustDomain) {
 func (s *Store) put(b *spiffebundle.Bundle) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.putLocked(b)
+}
+
+// putLocked stores b and notifies subscribers if it differs from the bundle
+// held. s.mu must be held for writing.
+func (s *Store) putLocked(b *spiffebundle.Bundle) {
 	if old, ok := s.bundles[b.TrustDomain()]; ok && old.Equal(b) {
 		return
 	}

@@ -3,6 +3,7 @@ package trust_test
 import (
 	"context"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -88,6 +89,37 @@ func TestSetPeerRefusesBadBundles(t *testing.T) {
 	require.ErrorIs(t, s.SetPeer(older), trust.ErrStaleBundle)
 	gotB, _ := s.GetX509BundleForTrustDomain(tdB)
 	require.True(t, gotB.Equal(b.Bundle()))
+}
+
+// Concurrent SetPeer calls race to replace one peer's bundle; whatever the
+// interleaving, the newest sequence number must be the one left standing,
+// never an older bundle written after the check that should have refused it.
+func TestSetPeerConcurrentKeepsHighestSequence(t *testing.T) {
+	b := newCA(t, tdB)
+	roots := b.Bundle().X509Authorities()
+	const writers = 8
+	bundles := make([]*spiffebundle.Bundle, writers)
+	for i := range bundles {
+		bundles[i] = spiffebundle.FromX509Authorities(tdB, roots)
+		bundles[i].SetSequenceNumber(uint64(i + 1))
+	}
+	for round := range 3000 {
+		s := trust.NewStore(tdA)
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		for _, pb := range bundles {
+			wg.Go(func() {
+				<-start
+				_ = s.SetPeer(pb) // refusals of stale bundles are expected
+			})
+		}
+		close(start)
+		wg.Wait()
+		got, err := s.GetBundleForTrustDomain(tdB)
+		require.NoError(t, err)
+		seq, _ := got.SequenceNumber()
+		require.Equal(t, uint64(writers), seq, "round %d: an older bundle overwrote a newer one", round)
+	}
 }
 
 // A SPIFFE bundle endpoint client (what a SPIRE server uses to federate)
