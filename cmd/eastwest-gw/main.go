@@ -64,6 +64,7 @@ func run() error {
 	fl.DurationVar(&cfg.EjectionTime, "ejection-time", cfg.EjectionTime, "how long an endpoint that failed to connect is skipped")
 	fl.DurationVar(&cfg.IdleTimeout, "idle-timeout", cfg.IdleTimeout, "close a connection idle both ways this long (routes may set their own)")
 	fl.DurationVar(&cfg.DrainTimeout, "drain-timeout", cfg.DrainTimeout, "on SIGTERM, how long connections in flight may finish")
+	fl.DurationVar(&cfg.RouteDrainTimeout, "route-drain-timeout", cfg.RouteDrainTimeout, "how long connections of a route removed from the table (an export revoked) go on before they are closed; 0 closes them at once")
 	fl.StringVar(&routesFile, "routes-file", "", "static routing table (JSON, see gateway.ParseRoutesJSON) instead of xDS")
 	var x bootstrap.Flags
 	x.Register(fl, bootstrap.Defaults{Namespace: "isthmus-system", ServiceAccount: "isthmus-eastwest-gw"})
@@ -117,7 +118,7 @@ func run() error {
 	log.Info("configuration", "listen", cfg.ListenAddr, "health", cfg.HealthAddr, "metrics", cfg.MetricsAddr,
 		"maxConnections", cfg.MaxConnections, "clientHelloTimeout", cfg.ClientHelloTimeout, "dialTimeout", cfg.DialTimeout,
 		"maxConnectAttempts", cfg.MaxConnectAttempts, "ejectionTime", cfg.EjectionTime, "idleTimeout", cfg.IdleTimeout,
-		"drainTimeout", cfg.DrainTimeout, "routesFile", routesFile, "xds", x.XDSAddress, "godebug", os.Getenv("GODEBUG"),
+		"drainTimeout", cfg.DrainTimeout, "routeDrainTimeout", cfg.RouteDrainTimeout, "routesFile", routesFile, "xds", x.XDSAddress, "godebug", os.Getenv("GODEBUG"),
 		"version", version.Version)
 	gw, err := gateway.New(cfg, src, log)
 	if err != nil {

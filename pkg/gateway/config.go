@@ -50,6 +50,14 @@ type Config struct {
 	// connections in flight have this long to finish before they are
 	// closed.
 	DrainTimeout time.Duration
+	// RouteDrainTimeout is how long the connections a route carried may
+	// go on once the route has left the routing table (the service's
+	// export was revoked) before they are closed, as Envoy drains the
+	// connections of a removed filter chain. New connections are refused
+	// at once; a route back within it keeps its connections. A change of
+	// the route's endpoints never closes a connection. Zero closes them
+	// at once.
+	RouteDrainTimeout time.Duration
 }
 
 // DefaultConfig returns Istio's ports and conservative limits.
@@ -65,6 +73,7 @@ func DefaultConfig() Config {
 		EjectionTime:       10 * time.Second,
 		IdleTimeout:        time.Hour,
 		DrainTimeout:       20 * time.Second,
+		RouteDrainTimeout:  45 * time.Second, // Istio's drainDuration
 	}
 }
 
@@ -95,6 +104,9 @@ func (c Config) Validate() error {
 	positive("ejection time", c.EjectionTime)
 	positive("idle timeout", c.IdleTimeout)
 	positive("drain timeout", c.DrainTimeout)
+	if c.RouteDrainTimeout < 0 {
+		errs = append(errs, fmt.Errorf("route drain timeout must not be negative, not %v", c.RouteDrainTimeout))
+	}
 	if c.MaxConnections <= 0 {
 		errs = append(errs, fmt.Errorf("max connections must be positive, not %d", c.MaxConnections))
 	}

@@ -33,6 +33,17 @@
 //	no_endpoint     close, as Envoy's tcp_proxy does: no healthy endpoint answered
 //	upstream_error  close: the endpoint failed as the ClientHello was replayed
 //
+// A new routing table applies to new connections at once. A connection
+// routed already keeps its endpoint while its route stays in the table,
+// whatever happens to the route's endpoints (a pod replaced or not ready
+// any more: EDS churn never cuts a connection). When its route leaves the
+// table (the service's export was revoked), it goes on for
+// Config.RouteDrainTimeout (--route-drain-timeout, 45 s as Istio's
+// drainDuration), as Envoy drains the connections of a removed filter
+// chain, and is then closed, unless the route came back meanwhile. Those
+// closes are counted in isthmus_gateway_closed_connections_total with
+// reason route_removed, and logged once per route with their number.
+//
 // Endpoints are picked round-robin among those EDS calls healthy; one that
 // refuses a connection is skipped for Config.EjectionTime (passive health)
 // and the next is tried, up to Config.MaxConnectAttempts. A connection is

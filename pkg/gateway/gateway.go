@@ -41,10 +41,16 @@ type Gateway struct {
 	workers sync.WaitGroup
 	health  outlier.Ejections
 
-	// connsMu guards conns: every open socket, downstream and upstream,
-	// closed when the drain timeout passes.
+	// connsMu guards conns and routed.
 	connsMu sync.Mutex
-	conns   map[*net.TCPConn]struct{}
+	// conns holds every open socket, downstream and upstream, closed
+	// when the drain timeout passes, each with the route that routed
+	// its connection (nil until then), closed when that route has
+	// left the table for RouteDrainTimeout.
+	conns map[*net.TCPConn]*cluster
+	// routed counts the routed connections by SNI: a table update
+	// checks the routes in use, not every socket.
+	routed map[string]int
 
 	// httpIdleTimeout is the health and metrics servers' IdleTimeout:
 	// the constant of that name, which tests shorten.
@@ -85,7 +91,8 @@ func New(cfg Config, src RouteSource, log *slog.Logger) (*Gateway, error) {
 		src:     src,
 		log:     log,
 		metrics: m,
-		conns:   make(map[*net.TCPConn]struct{}),
+		conns:   make(map[*net.TCPConn]*cluster),
+		routed:  make(map[string]int),
 		work:    make(chan *net.TCPConn),
 
 		httpIdleTimeout: httpIdleTimeout,
@@ -301,28 +308,157 @@ func (g *Gateway) worker(c *net.TCPConn) {
 	}
 }
 
+// watchRoutes follows the routing table until ctx ends. When a route
+// that carried connections leaves the table (the export was revoked),
+// they are closed RouteDrainTimeout later, unless the route is back by
+// then; new connections are refused at once by the lookup. Routes are
+// told apart by SNI, never by their endpoints: a route whose endpoints
+// changed is the same route, and its connections keep their pod.
 func (g *Gateway) watchRoutes(ctx context.Context) {
+	// gone maps the SNI of each route that left the table with
+	// connections open to when they are closed.
+	gone := make(map[string]time.Time)
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	defer timer.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-g.src.Updated():
-			g.log.Debug("routes updated", "routes", g.src.Routes().Len())
+			routes := g.src.Routes()
+			g.log.Debug("routes updated", "routes", routes.Len())
+			g.markGone(routes, gone)
+		case <-timer.C:
+		}
+		if next := g.closeGone(gone); !next.IsZero() {
+			timer.Reset(time.Until(next))
 		}
 	}
 }
 
-func (g *Gateway) track(c *net.TCPConn) {
+// markGone adds to gone the routes in use that routes lacks, and takes
+// out of it those back in routes.
+func (g *Gateway) markGone(routes *Routes, gone map[string]time.Time) {
+	for sni := range gone {
+		if routes.lookup(sni) != nil {
+			delete(gone, sni)
+			g.log.Debug("route back before its connections were closed: they stay", "sni", sni)
+		}
+	}
+	closeAt := time.Now().Add(g.cfg.RouteDrainTimeout)
+	var added []string
 	g.connsMu.Lock()
-	g.conns[c] = struct{}{}
+	for sni := range g.routed {
+		if _, ok := gone[sni]; ok || routes.lookup(sni) != nil {
+			continue
+		}
+		gone[sni] = closeAt
+		added = append(added, sni)
+	}
+	g.connsMu.Unlock()
+	for _, sni := range added {
+		g.log.Debug("route removed: its connections close after the route drain timeout",
+			"sni", sni, "timeout", g.cfg.RouteDrainTimeout)
+	}
+}
+
+// closeGone closes the connections of the routes in gone whose time
+// has come, and returns the earliest time still ahead (zero: none).
+func (g *Gateway) closeGone(gone map[string]time.Time) (next time.Time) {
+	now := time.Now()
+	var due map[string]int // SNI → connections closed
+	// An update not yet seen may have brought a route back.
+	routes := g.src.Routes()
+	for sni, at := range gone {
+		switch {
+		case routes.lookup(sni) != nil:
+			// markGone will see the update too; until then, stay.
+		case at.After(now):
+			if next.IsZero() || at.Before(next) {
+				next = at
+			}
+		default:
+			delete(gone, sni)
+			if due == nil {
+				due = make(map[string]int)
+			}
+			due[sni] = 0
+		}
+	}
+	if due == nil {
+		return next
+	}
+	var socks []*net.TCPConn
+	g.connsMu.Lock()
+	for sni := range due {
+		due[sni] = g.routed[sni]
+	}
+	for s, c := range g.conns {
+		if c != nil {
+			if _, ok := due[c.route.SNI]; ok {
+				socks = append(socks, s)
+			}
+		}
+	}
+	g.connsMu.Unlock()
+	// Closed outside the lock, which the data path takes; each
+	// connection's goroutine ends and untracks its sockets.
+	for _, s := range socks {
+		_ = s.Close()
+	}
+	for sni, n := range due {
+		if n == 0 {
+			continue
+		}
+		g.metrics.closed(ReasonRouteRemoved, n)
+		g.log.Info("route removed: closed its connections", "sni", sni, "connections", n, "after", g.cfg.RouteDrainTimeout)
+	}
+	return next
+}
+
+// track records down, a connection not routed yet.
+func (g *Gateway) track(down *net.TCPConn) {
+	g.connsMu.Lock()
+	g.conns[down] = nil
 	g.connsMu.Unlock()
 }
 
-func (g *Gateway) untrackAndClose(c *net.TCPConn) {
+// trackRouted records up, the socket c's endpoint answered on for
+// down, and that c routed them. It reports whether c is still in the
+// table: if not, the route left it while the connection was being
+// routed, perhaps after watchRoutes last looked at the connections in
+// use, and down must be refused.
+func (g *Gateway) trackRouted(down, up *net.TCPConn, c *cluster) bool {
 	g.connsMu.Lock()
-	delete(g.conns, c)
+	g.conns[down] = c
+	g.conns[up] = c
+	g.routed[c.route.SNI]++
 	g.connsMu.Unlock()
-	_ = c.Close()
+	// After the lock: watchRoutes either saw this connection, or read
+	// the table it saw before this load.
+	return g.src.Routes().lookup(c.route.SNI) != nil
+}
+
+// untrackAndClose forgets and closes down and up (nil if none).
+func (g *Gateway) untrackAndClose(down, up *net.TCPConn) {
+	g.connsMu.Lock()
+	if c := g.conns[down]; c != nil {
+		if n := g.routed[c.route.SNI] - 1; n > 0 {
+			g.routed[c.route.SNI] = n
+		} else {
+			delete(g.routed, c.route.SNI)
+		}
+	}
+	delete(g.conns, down)
+	if up != nil {
+		delete(g.conns, up)
+	}
+	g.connsMu.Unlock()
+	if up != nil {
+		_ = up.Close()
+	}
+	_ = down.Close()
 }
 
 func (g *Gateway) healthHandler() http.Handler {

@@ -597,9 +597,9 @@ func TestIdleTimeout(t *testing.T) {
 
 func TestConfigValidate(t *testing.T) {
 	require.NoError(t, DefaultConfig().Validate())
-	err := Config{ListenAddr: "nope", MaxConnections: -1}.Validate()
+	err := Config{ListenAddr: "nope", MaxConnections: -1, RouteDrainTimeout: -time.Second}.Validate()
 	require.Error(t, err)
-	for _, want := range []string{"listen address", "ClientHello timeout", "dial timeout", "ejection time", "idle timeout", "drain timeout", "max connections", "max connect attempts"} {
+	for _, want := range []string{"listen address", "ClientHello timeout", "dial timeout", "ejection time", "idle timeout", "drain timeout", "max connections", "max connect attempts", "route drain timeout"} {
 		require.ErrorContains(t, err, want)
 	}
 	_, err = New(DefaultConfig(), nil, nil)

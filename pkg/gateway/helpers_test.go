@@ -106,6 +106,13 @@ type harness struct {
 
 func startGateway(t testing.TB, routes *Routes, mod func(*Config)) *harness {
 	t.Helper()
+	table := NewRouteTable(routes)
+	return startGatewayOn(t, table, table, mod)
+}
+
+// startGatewayOn runs a Gateway fed by src, whose table is table.
+func startGatewayOn(t testing.TB, src RouteSource, table *RouteTable, mod func(*Config)) *harness {
+	t.Helper()
 	cfg := DefaultConfig()
 	cfg.ListenAddr = "127.0.0.1:0"
 	cfg.HealthAddr = "127.0.0.1:0"
@@ -116,8 +123,7 @@ func startGateway(t testing.TB, routes *Routes, mod func(*Config)) *harness {
 	if mod != nil {
 		mod(&cfg)
 	}
-	table := NewRouteTable(routes)
-	gw, err := New(cfg, table, testLogger(t))
+	gw, err := New(cfg, src, testLogger(t))
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
 	h := &harness{t: t, gw: gw, table: table, cancel: cancel, done: make(chan error, 1)}

@@ -30,8 +30,16 @@ const (
 	ReasonOverLimit     = "over_limit"     // MaxConnections reached
 )
 
+// Close reasons, the values of the "reason" label of
+// isthmus_gateway_closed_connections_total: routed connections the
+// gateway closed itself.
+const (
+	ReasonRouteRemoved = "route_removed" // the route left the table, RouteDrainTimeout passed
+)
+
+// reasons are the values of both reason labels.
 var reasons = []string{ReasonNotTLS, ReasonNoSNI, ReasonTooLarge, ReasonMalformed, ReasonHelloTimeout,
-	ReasonClosedEarly, ReasonNoRoutes, ReasonUnknownSNI, ReasonNoEndpoint, ReasonUpstreamError, ReasonOverLimit}
+	ReasonClosedEarly, ReasonNoRoutes, ReasonUnknownSNI, ReasonNoEndpoint, ReasonUpstreamError, ReasonOverLimit, ReasonRouteRemoved}
 
 // metrics are the gateway's OpenTelemetry instruments, exported in
 // Prometheus format like the federator's.
@@ -44,6 +52,7 @@ type metrics struct {
 	routed          metric.Int64Counter // by cluster
 	refusals        metric.Int64Counter // by reason
 	connectFailures metric.Int64Counter // by cluster
+	closes          metric.Int64Counter // by reason
 
 	// received and sent are bytes by cluster, observed from bytes.
 	received, sent metric.Int64ObservableCounter
@@ -65,7 +74,7 @@ func newMetrics(src RouteSource) (*metrics, error) {
 	}
 	m.provider = sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter))
 	meter := m.provider.Meter("github.com/isthmus-mesh/isthmus/pkg/gateway")
-	var errs [8]error
+	var errs [9]error
 	m.active, errs[0] = meter.Int64UpDownCounter("isthmus_gateway_connections_active",
 		metric.WithDescription("Downstream connections open now, routed or still sending their ClientHello."))
 	m.accepted, errs[1] = meter.Int64Counter("isthmus_gateway_connections",
@@ -80,6 +89,8 @@ func newMetrics(src RouteSource) (*metrics, error) {
 		metric.WithDescription("Bytes received from upstream and sent downstream, by cluster."), metric.WithUnit("By"))
 	m.connectFailures, errs[6] = meter.Int64Counter("isthmus_gateway_upstream_connect_failures",
 		metric.WithDescription("Failed attempts to connect to an endpoint, by cluster."))
+	m.closes, errs[8] = meter.Int64Counter("isthmus_gateway_closed_connections",
+		metric.WithDescription("Routed connections the gateway closed before either side did, by reason."))
 	routes, err := meter.Int64ObservableGauge("isthmus_gateway_routes",
 		metric.WithDescription("Routable server names in the current routing table."))
 	if err == nil && errs[4] == nil && errs[5] == nil {
@@ -125,4 +136,8 @@ func (m *metrics) bytesOf(c *cluster) *clusterBytes {
 
 func (m *metrics) refuse(reason string) {
 	m.refusals.Add(context.Background(), 1, m.reasonAttrs[reason])
+}
+
+func (m *metrics) closed(reason string, n int) {
+	m.closes.Add(context.Background(), int64(n), m.reasonAttrs[reason])
 }

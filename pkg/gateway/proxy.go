@@ -29,8 +29,9 @@ var peekBuffers = sync.Pool{New: func() any { return new([peekBufferSize]byte) }
 // replay, splice.
 func (g *Gateway) serveConn(down *net.TCPConn) {
 	g.track(down)
+	var up *net.TCPConn
 	defer func() {
-		g.untrackAndClose(down)
+		g.untrackAndClose(down, up)
 		g.active.Add(-1)
 		g.metrics.active.Add(context.Background(), -1)
 		g.handlers.Done()
@@ -54,14 +55,18 @@ func (g *Gateway) serveConn(down *net.TCPConn) {
 		g.refuse(down, reason, alertUnrecognizedName, "sni", hello.ServerName)
 		return
 	}
-	up, err := g.dial(c)
+	up, err = g.dial(c)
 	if err != nil {
 		peekBuffers.Put(buf)
 		g.refuse(down, ReasonNoEndpoint, 0, "sni", hello.ServerName, "error", err)
 		return
 	}
-	g.track(up)
-	defer g.untrackAndClose(up)
+	if !g.trackRouted(down, up, c) {
+		// Unexported while dialing: not a byte has reached the pod.
+		peekBuffers.Put(buf)
+		g.refuse(down, ReasonUnknownSNI, alertUnrecognizedName, "sni", hello.ServerName)
+		return
+	}
 	ok := g.replay(down, up, c, hello, buf[:n])
 	peekBuffers.Put(buf)
 	if !ok {

@@ -65,7 +65,9 @@ type Endpoint struct {
 // Routes is an immutable routing table: SNI → cluster. Build it with
 // NewRoutes and publish it through a RouteSource; a new table replaces the
 // old one for connections accepted after the swap, connections already
-// established keep their upstream. A nil *Routes routes nothing.
+// established keep their upstream as long as their route's SNI stays in
+// the table (those of a route removed are closed after
+// Config.RouteDrainTimeout). A nil *Routes routes nothing.
 type Routes struct {
 	bySNI map[string]*cluster
 }
@@ -243,8 +245,9 @@ func validServerName[T string | []byte](s T) error {
 // for concurrent use (an atomic load); it returns nil until the first
 // table is known, and the gateway refuses every connection and reports
 // not ready until then. Updated has capacity one and receives (with a
-// non-blocking send) after each change; the gateway uses it only for logs,
-// readiness and metrics, never on the data path.
+// non-blocking send) after each change; the gateway uses it to close the
+// connections of removed routes once Config.RouteDrainTimeout has passed,
+// never on the data path.
 type RouteSource interface {
 	Routes() *Routes
 	Updated() <-chan struct{}
