@@ -90,7 +90,11 @@
 // Transport; streams, trailers and gRPC pass through; with timeout 0s (what the federator
 // sends) only the stream idle timeout ends a request. A connection that
 // iptables did not redirect (explicit mode) is matched as the outbound
-// listener's own address, port 15001 in xDS, whatever port it is bound to.
+// listener's own address, port 15001 in xDS, whatever port it is bound to;
+// it must come from this network namespace (loopback or an address of
+// its own interfaces), or anyone who reaches the port would send requests
+// into the mesh with this workload's identity. The capture rules send a
+// peer that dials port 15001 to the inbound listener instead, as Istio's.
 //
 // Errors answered to the app, as Envoy words them: 503 "no healthy
 // upstream" (UH), 503 "upstream connect error or disconnect/reset before
@@ -113,7 +117,8 @@
 // inbound caller is not TLS, or its certificate is missing or does not
 // verify), no_chain, no_original_dst (an inbound connection that was not
 // redirected: no app port to go to), loop (outbound passthrough to the
-// sidecar itself), no_endpoint, no_cluster.
+// sidecar itself), not_local (explicit mode from outside the pod),
+// no_endpoint, no_cluster.
 //
 // Endpoints: the lowest priority with a healthy endpoint; within it a
 // locality with probability proportional to its weight; round robin

@@ -46,6 +46,11 @@ const (
 	// ReasonLoop: outbound passthrough to the sidecar's own outbound
 	// listener.
 	ReasonLoop = "loop"
+	// ReasonNotLocal: a connection to the outbound listener that
+	// iptables did not redirect, from outside the pod: explicit mode is
+	// for the pod's own processes, and anyone else would be sending
+	// requests into the mesh with this workload's identity.
+	ReasonNotLocal = "not_local"
 	// ReasonNoEndpoint: a tcp_proxy found no healthy endpoint, or none
 	// could be connected to.
 	ReasonNoEndpoint = "no_endpoint"

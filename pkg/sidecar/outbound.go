@@ -35,6 +35,39 @@ func (p *Proxy) destination(c *net.TCPConn) (dst netip.AddrPort, redirected bool
 	return dst, dst != local, nil
 }
 
+// fromThisPod reports whether c comes from a process of this pod (this
+// network namespace).
+func fromThisPod(c *net.TCPConn) bool {
+	remote := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
+	return isLocalSource(remote, localAddr(c).Addr(), interfaceAddr)
+}
+
+// isLocalSource reports whether a connection from remote to local came
+// from this network namespace: from loopback, or from the address it was
+// made to (a process calling the pod's own address gets that address as
+// its source), or else from any address of an interface here, which
+// isLocal looks up (the rare case, and the only one that costs).
+func isLocalSource(remote, local netip.Addr, isLocal func(netip.Addr) bool) bool {
+	return remote.IsLoopback() || remote == local || isLocal(remote)
+}
+
+// interfaceAddr reports whether a is an address of an interface in this
+// network namespace.
+func interfaceAddr(a netip.Addr) bool {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return false
+	}
+	for _, ia := range addrs {
+		if n, ok := ia.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap() == a {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // localAddr is c's local address, IPv4 unmapped.
 func localAddr(c *net.TCPConn) netip.AddrPort {
 	a := c.LocalAddr().(*net.TCPAddr).AddrPort()
@@ -58,6 +91,11 @@ func (p *Proxy) serveOutbound(c *net.TCPConn) {
 		// without iptables, the app sent it to the sidecar itself.
 		p.log.Debug("no original destination; explicit mode", "remote", c.RemoteAddr().String(), "error", err)
 		dst, redirected = localAddr(c), false
+	}
+	if !redirected && !fromThisPod(c) {
+		p.refuse(c, listenerOutbound, ReasonNotLocal)
+		p.release(listenerOutbound)
+		return
 	}
 	l := st.cfg.Sidecar.Outbound
 	match := dst

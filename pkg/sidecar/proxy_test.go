@@ -533,3 +533,41 @@ func TestStreamIdleTimeout(t *testing.T) {
 	}
 	require.EqualValues(t, 2, metricValue(t, m.a.scrape(t), "isthmus_sidecar_requests_total", "listener=outbound", "code=504"))
 }
+
+// Explicit mode is for the pod's own processes. A connection the outbound
+// listener gets without a redirect, from an address that is not this
+// network namespace's, is refused: it would otherwise send requests into
+// the mesh with this workload's identity. (The capture rules send a peer
+// that dials port 15001 to the inbound listener; this is for the sidecar
+// without iptables. pkg/sidecar/capture's TestCaptureIPv4 shows a peer
+// in another namespace landing on 15006.)
+func TestExplicitModeOnlyFromThisPod(t *testing.T) {
+	pod := netip.MustParseAddr("10.1.2.3")
+	local := func(a netip.Addr) bool { return a == pod || a == netip.MustParseAddr("fd00::3") }
+	for _, tc := range []struct {
+		remote, local string
+		want          bool
+	}{
+		{"127.0.0.1", "127.0.0.1", true},
+		{"127.0.0.6", "127.0.0.1", true},
+		{"::1", "::1", true},
+		{"10.1.2.3", "10.1.2.3", true},    // the app calling the pod's own address
+		{"fd00::3", "127.0.0.1", true},    // another address of the pod
+		{"10.1.2.4", "10.1.2.3", false},   // another pod
+		{"192.0.2.2", "10.1.2.3", false},  // anyone else
+		{"2001:db8::1", "fd00::3", false}, // anyone else, over IPv6
+	} {
+		got := isLocalSource(netip.MustParseAddr(tc.remote), netip.MustParseAddr(tc.local), local)
+		require.Equal(t, tc.want, got, "%s → %s", tc.remote, tc.local)
+	}
+	// This host's own non-loopback addresses are its own.
+	addrs, err := net.InterfaceAddrs()
+	require.NoError(t, err)
+	for _, ia := range addrs {
+		if n, ok := ia.(*net.IPNet); ok {
+			a, _ := netip.AddrFromSlice(n.IP)
+			require.True(t, interfaceAddr(a.Unmap()), a.String())
+		}
+	}
+	require.False(t, interfaceAddr(netip.MustParseAddr("192.0.2.200")))
+}

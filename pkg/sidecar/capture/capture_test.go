@@ -278,6 +278,15 @@ func TestCaptureIPv4(t *testing.T) {
 		dialFrom(t, p.peer, netip.AddrPortFrom(podIP, 15020).String(), "health")
 		require.Equal(t, "health", p.expect("health").server)
 	})
+	t.Run("a peer dialling the outbound port lands on 15006", func(t *testing.T) {
+		// Not the outbound listener, which would carry the peer's
+		// requests into the mesh as this workload.
+		dst := netip.AddrPortFrom(podIP, 15001)
+		dialFrom(t, p.peer, dst.String(), "out-from-peer")
+		h := p.expect("out-from-peer")
+		require.Equal(t, "inbound", h.server)
+		require.Equal(t, dst, h.orig)
+	})
 	t.Run("the app calling itself is not captured; the sidecar calling the pod IP is captured inbound", func(t *testing.T) {
 		p.run(appUser, "tcp", netip.AddrPortFrom(podIP, 8080).String(), "self")
 		require.Equal(t, "app", p.expect("self").server)

@@ -112,7 +112,11 @@ func buildTable(c Config, f family) table {
 	add(ChainInRedirect, "-p tcp -j REDIRECT --to-ports", port(c.InboundPort))
 	add(ChainRedirect, "-p tcp -j REDIRECT --to-ports", port(c.OutboundPort))
 
-	inboundExcluded := append([]uint16{c.InboundPort, c.OutboundPort}, c.ProxyPorts...)
+	// The outbound port is captured like any other: a peer that dials
+	// it lands on the inbound listener and must present a certificate,
+	// as in Istio. Left uncaptured, it would reach the outbound listener,
+	// which sends requests into the mesh with this workload's identity.
+	inboundExcluded := append([]uint16{c.InboundPort}, c.ProxyPorts...)
 	if c.DNSPort != 0 {
 		inboundExcluded = append(inboundExcluded, c.DNSPort)
 	}
