@@ -83,6 +83,7 @@ finish for --drain-timeout, and exits.`,
 	fl.DurationVar(&cfg.EjectionTime, "ejection-time", cfg.EjectionTime, "how long an endpoint that failed to connect is skipped")
 	fl.DurationVar(&cfg.DrainTimeout, "drain-timeout", cfg.DrainTimeout, "on SIGTERM, how long requests and connections in flight may finish")
 	fl.StringVar(&dnsCfg.ListenAddr, "dns-addr", dnsCfg.ListenAddr, "the DNS proxy (UDP and TCP), where 'sidecar iptables' sends the app's queries; empty disables it")
+	fl.BoolVar(&dnsCfg.IPv6Loopback, "dns-ipv6-loopback", dnsCfg.IPv6Loopback, "with --dns-addr on 127.0.0.1, serve [::1] at the same port too, where 'sidecar iptables --ipv6' sends IPv6 queries")
 	fl.StringVar(&dnsCfg.ResolvConf, "dns-resolv-conf", dnsCfg.ResolvConf, "resolv.conf whose nameservers and search list the DNS proxy forwards to and expands")
 	fl.StringSliceVar(&dnsCfg.Upstreams, "dns-upstreams", nil, "resolvers (ip:port) to forward to instead of resolv.conf's nameservers")
 	fl.IntVar(&concurrency, "concurrency", 1, "CPU cores the sidecar runs on at once (GOMAXPROCS; Istio's proxy concurrency); 0: Go's choice, the container's CPU limit else every core. The GOMAXPROCS environment variable overrides the default")

@@ -19,6 +19,11 @@ type Config struct {
 	// 127.0.0.1:15053; iptables redirects the workload's DNS there. Port
 	// 0 picks a free port, the same for both transports.
 	ListenAddr string
+	// IPv6Loopback, when ListenAddr's host is 127.0.0.1, serves on
+	// [::1] at the same port too: ip6tables capture (`sidecar iptables
+	// --ipv6`) sends the app's IPv6 queries there. A pod without IPv6
+	// loopback is told in the log, and served on ListenAddr alone.
+	IPv6Loopback bool
 	// ResolvConf is a resolv.conf(5) file read once by New: its
 	// nameservers (port 53, the first three, as glibc) are the upstreams
 	// unless Upstreams is set, and its search list is the one whose
@@ -65,6 +70,7 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{
 		ListenAddr:        "127.0.0.1:15053",
+		IPv6Loopback:      true,
 		ResolvConf:        "/etc/resolv.conf",
 		TTL:               30 * time.Second,
 		NegativeTTL:       5 * time.Second,

@@ -11,6 +11,8 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -36,8 +38,9 @@ type Proxy struct {
 	search []string
 	ttl    uint32 // seconds
 
-	udp *net.UDPConn
-	tcp *net.TCPListener
+	// socks are where the proxy serves: ListenAddr first, then [::1]
+	// (Config.IPv6Loopback).
+	socks []socket
 
 	table  atomic.Pointer[table]
 	serial atomic.Uint32 // the SOA serial of the next table
@@ -102,7 +105,7 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 		return nil, err
 	}
 	for _, up := range p.upstreams {
-		if up == p.Addr() || (up.Port() == p.Addr().Port() && up.Addr().IsUnspecified()) {
+		if slices.Contains(p.Addrs(), up) || (up.Port() == p.Addr().Port() && up.Addr().IsUnspecified()) {
 			p.close()
 			return nil, fmt.Errorf("dns proxy: upstream %s is the proxy itself", up)
 		}
@@ -110,39 +113,77 @@ func New(cfg Config, opts Options) (*Proxy, error) {
 	return p, nil
 }
 
-// listen binds UDP first, then TCP on the same port; with port 0, UDP's
-// pick is tried for TCP a few times before giving up.
+// socket is one address the proxy serves on, UDP and TCP.
+type socket struct {
+	udp *net.UDPConn
+	tcp *net.TCPListener
+}
+
+// listen binds ListenAddr, UDP first, then TCP on the same port (with port
+// 0, UDP's pick is tried for TCP a few times before giving up); then
+// [::1] on that port when Config.IPv6Loopback asks for it.
 func (p *Proxy) listen() error {
-	for attempt := 0; ; attempt++ {
-		uaddr, err := net.ResolveUDPAddr("udp", p.cfg.ListenAddr)
+	s, err := bindPair(p.cfg.ListenAddr)
+	if err != nil {
+		return err
+	}
+	p.socks = []socket{s}
+	host, _, _ := net.SplitHostPort(p.cfg.ListenAddr)
+	if p.cfg.IPv6Loopback && host == "127.0.0.1" {
+		v6 := net.JoinHostPort("::1", strconv.Itoa(int(p.Addr().Port())))
+		s6, err := bindPair(v6)
 		if err != nil {
-			return fmt.Errorf("dns proxy: listen address %q: %w", p.cfg.ListenAddr, err)
+			p.log.Warn("DNS proxy not serving IPv6 loopback: queries ip6tables captures would go unanswered", "addr", v6, "error", err)
+			return nil
+		}
+		p.socks = append(p.socks, s6)
+	}
+	return nil
+}
+
+func bindPair(addr string) (socket, error) {
+	for attempt := 0; ; attempt++ {
+		uaddr, err := net.ResolveUDPAddr("udp", addr)
+		if err != nil {
+			return socket{}, fmt.Errorf("dns proxy: listen address %q: %w", addr, err)
 		}
 		u, err := net.ListenUDP("udp", uaddr)
 		if err != nil {
-			return fmt.Errorf("dns proxy: listen on udp %s: %w", p.cfg.ListenAddr, err)
+			return socket{}, fmt.Errorf("dns proxy: listen on udp %s: %w", addr, err)
 		}
 		taddr := &net.TCPAddr{IP: uaddr.IP, Port: u.LocalAddr().(*net.UDPAddr).Port, Zone: uaddr.Zone}
 		t, err := net.ListenTCP("tcp", taddr)
 		if err == nil {
-			p.udp, p.tcp = u, t
-			return nil
+			return socket{udp: u, tcp: t}, nil
 		}
 		_ = u.Close()
 		if uaddr.Port != 0 || attempt == 5 {
-			return fmt.Errorf("dns proxy: listen on tcp %s: %w", taddr, err)
+			return socket{}, fmt.Errorf("dns proxy: listen on tcp %s: %w", taddr, err)
 		}
 	}
 }
 
 func (p *Proxy) close() {
-	_ = p.udp.Close()
-	_ = p.tcp.Close()
+	for _, s := range p.socks {
+		_ = s.udp.Close()
+		_ = s.tcp.Close()
+	}
 }
 
-// Addr is the address the proxy serves on, UDP and TCP alike.
+// Addr is the address the proxy serves on (ListenAddr), UDP and TCP
+// alike.
 func (p *Proxy) Addr() netip.AddrPort {
-	return p.udp.LocalAddr().(*net.UDPAddr).AddrPort()
+	return p.socks[0].udp.LocalAddr().(*net.UDPAddr).AddrPort()
+}
+
+// Addrs are every address the proxy serves on: Addr, then [::1] if it
+// serves there too.
+func (p *Proxy) Addrs() []netip.AddrPort {
+	out := make([]netip.AddrPort, len(p.socks))
+	for i, s := range p.socks {
+		out[i] = s.udp.LocalAddr().(*net.UDPAddr).AddrPort()
+	}
+	return out
 }
 
 // Upstreams are the resolvers the proxy forwards to, in the order tried.
@@ -190,11 +231,17 @@ func (p *Proxy) Run(ctx context.Context) error {
 		}
 		cancel()
 	}
-	for range max(2, runtime.GOMAXPROCS(0)) {
-		wg.Go(func() { p.serveUDP(ctx, &wg, fail) })
+	for i, s := range p.socks {
+		readers := 1
+		if i == 0 {
+			readers = max(2, runtime.GOMAXPROCS(0))
+		}
+		for range readers {
+			wg.Go(func() { p.serveUDP(ctx, &wg, fail, s.udp) })
+		}
+		wg.Go(func() { p.acceptTCP(ctx, &wg, fail, s.tcp) })
 	}
-	wg.Go(func() { p.acceptTCP(ctx, &wg, fail) })
-	p.log.Info("DNS proxy serving", "addr", p.Addr().String(), "upstreams", p.upstreams, "search", p.search)
+	p.log.Info("DNS proxy serving", "addrs", p.Addrs(), "upstreams", p.upstreams, "search", p.search)
 
 	<-ctx.Done()
 	p.close()
@@ -210,13 +257,13 @@ func (p *Proxy) Run(ctx context.Context) error {
 
 // serveUDP is one of the UDP readers. Answers from the table are sent from
 // here; forwards go to their own goroutine.
-func (p *Proxy) serveUDP(ctx context.Context, wg *sync.WaitGroup, fail func(error)) {
+func (p *Proxy) serveUDP(ctx context.Context, wg *sync.WaitGroup, fail func(error), conn *net.UDPConn) {
 	// A query larger than its buffer would be cut short by the kernel
 	// and look malformed; queries are small, but nothing forbids 64 KiB.
 	in := make([]byte, 65535)
 	out := make([]byte, 0, 4096)
 	for {
-		n, from, err := p.udp.ReadFromUDPAddrPort(in)
+		n, from, err := conn.ReadFromUDPAddrPort(in)
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
 				return
@@ -227,11 +274,11 @@ func (p *Proxy) serveUDP(ctx context.Context, wg *sync.WaitGroup, fail func(erro
 			fail(fmt.Errorf("dns proxy: read udp: %w", err))
 			return
 		}
-		p.handleUDP(ctx, wg, in[:n], from, out)
+		p.handleUDP(ctx, wg, conn, in[:n], from, out)
 	}
 }
 
-func (p *Proxy) handleUDP(ctx context.Context, wg *sync.WaitGroup, raw []byte, from netip.AddrPort, out []byte) {
+func (p *Proxy) handleUDP(ctx context.Context, wg *sync.WaitGroup, conn *net.UDPConn, raw []byte, from netip.AddrPort, out []byte) {
 	resp, fwd, res := p.answer(raw, udp, out)
 	if fwd != nil {
 		select {
@@ -244,12 +291,12 @@ func (p *Proxy) handleUDP(ctx context.Context, wg *sync.WaitGroup, raw []byte, f
 	}
 	if fwd != nil {
 		fwd.raw = bytes.Clone(raw) // raw is the reader's buffer
-		wg.Go(func() { p.forward(ctx, fwd, func(b []byte) { _, _ = p.udp.WriteToUDPAddrPort(b, from) }) })
+		wg.Go(func() { p.forward(ctx, fwd, func(b []byte) { _, _ = conn.WriteToUDPAddrPort(b, from) }) })
 		return
 	}
 	p.metrics.query(res, udp)
 	if resp != nil {
-		_, _ = p.udp.WriteToUDPAddrPort(resp, from)
+		_, _ = conn.WriteToUDPAddrPort(resp, from)
 	}
 }
 
@@ -266,10 +313,10 @@ func isTransient(err error) bool {
 	return false
 }
 
-func (p *Proxy) acceptTCP(ctx context.Context, wg *sync.WaitGroup, fail func(error)) {
+func (p *Proxy) acceptTCP(ctx context.Context, wg *sync.WaitGroup, fail func(error), ln *net.TCPListener) {
 	var delay time.Duration
 	for {
-		c, err := p.tcp.AcceptTCP()
+		c, err := ln.AcceptTCP()
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
 				return

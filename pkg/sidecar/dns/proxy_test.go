@@ -736,3 +736,36 @@ func TestUnder(t *testing.T) {
 		assert.Equal(t, tc.want, under(tc.name, tc.zone), "%s under %s", tc.name, tc.zone)
 	}
 }
+
+// ip6tables capture (`sidecar iptables --ipv6`) sends the app's IPv6
+// queries to [::1]:15053: the proxy serves there too, at the same port,
+// table names and forwarding alike, over UDP and TCP. Before, nothing
+// listened there and every IPv6 query went unanswered.
+func TestServesIPv6Loopback(t *testing.T) {
+	if c, err := net.ListenPacket("udp", "[::1]:0"); err != nil {
+		t.Skipf("no IPv6 loopback here: %v", err)
+	} else {
+		_ = c.Close()
+	}
+	f := start(t)
+	require.NoError(t, f.p.SetTable(testTable))
+	addrs := f.p.Addrs()
+	require.Len(t, addrs, 2)
+	require.Equal(t, f.p.Addr(), addrs[0])
+	v6 := netip.AddrPortFrom(netip.IPv6Loopback(), f.p.Addr().Port())
+	require.Equal(t, v6, addrs[1])
+	for _, proto := range []string{"udp", "tcp"} {
+		c := mdns.Client{Net: proto, Timeout: 5 * time.Second}
+		r, _, err := c.Exchange(new(mdns.Msg).SetQuestion("foo.bar.svc.clusterset.local.", mdns.TypeA), v6.String())
+		require.NoError(t, err, proto)
+		require.Len(t, r.Answer, 1, proto)
+		require.Equal(t, "240.240.1.1", r.Answer[0].(*mdns.A).A.String(), proto)
+		r, _, err = c.Exchange(new(mdns.Msg).SetQuestion(upstreamName, mdns.TypeA), v6.String())
+		require.NoError(t, err, proto)
+		require.Equal(t, mdns.RcodeSuccess, r.Rcode, proto)
+		require.NotEmpty(t, r.Answer, proto)
+	}
+
+	// Only beside 127.0.0.1, and not when turned off.
+	require.Len(t, start(t, func(c *Config) { c.IPv6Loopback = false }).p.Addrs(), 1)
+}
