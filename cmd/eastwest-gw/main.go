@@ -63,7 +63,8 @@ func run() error {
 	fl.IntVar(&cfg.MaxConnectAttempts, "max-connect-attempts", cfg.MaxConnectAttempts, "endpoints one connection tries before it is refused")
 	fl.DurationVar(&cfg.EjectionTime, "ejection-time", cfg.EjectionTime, "how long an endpoint that failed to connect is skipped")
 	fl.DurationVar(&cfg.IdleTimeout, "idle-timeout", cfg.IdleTimeout, "close a connection idle both ways this long (routes may set their own)")
-	fl.DurationVar(&cfg.DrainTimeout, "drain-timeout", cfg.DrainTimeout, "on SIGTERM, how long connections in flight may finish")
+	fl.DurationVar(&cfg.DrainDelay, "drain-delay", cfg.DrainDelay, "on SIGTERM, how long the gateway still accepts connections while readiness fails, before it closes its listener")
+	fl.DurationVar(&cfg.DrainTimeout, "drain-timeout", cfg.DrainTimeout, "on SIGTERM, once the listener is closed, how long connections in flight may finish")
 	fl.DurationVar(&cfg.RouteDrainTimeout, "route-drain-timeout", cfg.RouteDrainTimeout, "how long connections of a route removed from the table (an export revoked) go on before they are closed; 0 closes them at once")
 	fl.StringVar(&routesFile, "routes-file", "", "static routing table (JSON, see gateway.ParseRoutesJSON) instead of xDS")
 	var x bootstrap.Flags
@@ -118,8 +119,8 @@ func run() error {
 	log.Info("configuration", "listen", cfg.ListenAddr, "health", cfg.HealthAddr, "metrics", cfg.MetricsAddr,
 		"maxConnections", cfg.MaxConnections, "clientHelloTimeout", cfg.ClientHelloTimeout, "dialTimeout", cfg.DialTimeout,
 		"maxConnectAttempts", cfg.MaxConnectAttempts, "ejectionTime", cfg.EjectionTime, "idleTimeout", cfg.IdleTimeout,
-		"drainTimeout", cfg.DrainTimeout, "routeDrainTimeout", cfg.RouteDrainTimeout, "routesFile", routesFile, "xds", x.XDSAddress, "godebug", os.Getenv("GODEBUG"),
-		"version", version.Version)
+		"drainDelay", cfg.DrainDelay, "drainTimeout", cfg.DrainTimeout, "routeDrainTimeout", cfg.RouteDrainTimeout,
+		"routesFile", routesFile, "xds", x.XDSAddress, "godebug", os.Getenv("GODEBUG"), "version", version.Version)
 	gw, err := gateway.New(cfg, src, log)
 	if err != nil {
 		stop()

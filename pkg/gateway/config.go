@@ -46,6 +46,14 @@ type Config struct {
 	// when one side has stopped reading and the gateway waits to write to
 	// it.
 	IdleTimeout time.Duration
+	// DrainDelay is how long, once shutdown begins, the gateway fails
+	// readiness while it still accepts and routes new connections, so
+	// that peers' health probes and load balancers stop sending before
+	// the listener closes (Istio's terminationDrainDuration): a
+	// connection arriving meanwhile is served rather than refused, or
+	// reset in the accept queue. Then the listener closes and
+	// DrainTimeout begins. Zero closes the listener at once.
+	DrainDelay time.Duration
 	// DrainTimeout bounds a graceful shutdown: after the listener closes,
 	// connections in flight have this long to finish before they are
 	// closed.
@@ -72,6 +80,7 @@ func DefaultConfig() Config {
 		MaxConnectAttempts: 3,
 		EjectionTime:       10 * time.Second,
 		IdleTimeout:        time.Hour,
+		DrainDelay:         5 * time.Second, // Istio's terminationDrainDuration
 		DrainTimeout:       20 * time.Second,
 		RouteDrainTimeout:  45 * time.Second, // Istio's drainDuration
 	}
@@ -104,6 +113,9 @@ func (c Config) Validate() error {
 	positive("ejection time", c.EjectionTime)
 	positive("idle timeout", c.IdleTimeout)
 	positive("drain timeout", c.DrainTimeout)
+	if c.DrainDelay < 0 {
+		errs = append(errs, fmt.Errorf("drain delay must not be negative, not %v", c.DrainDelay))
+	}
 	if c.RouteDrainTimeout < 0 {
 		errs = append(errs, fmt.Errorf("route drain timeout must not be negative, not %v", c.RouteDrainTimeout))
 	}

@@ -47,7 +47,13 @@
 // Endpoints are picked round-robin among those EDS calls healthy; one that
 // refuses a connection is skipped for Config.EjectionTime (passive health)
 // and the next is tried, up to Config.MaxConnectAttempts. A connection is
-// closed after an idle timeout with no byte either way, and on shutdown the
-// gateway fails readiness, stops accepting, and gives connections in
-// flight Config.DrainTimeout to finish.
+// closed after an idle timeout with no byte either way.
+//
+// On shutdown (SIGTERM) the gateway fails readiness at once but goes on
+// accepting and routing for Config.DrainDelay (--drain-delay, 5 s as
+// Istio's terminationDrainDuration), while peers' probes and load
+// balancers notice the 503: what they still send meanwhile is served,
+// not refused, nor reset in the accept queue. Then the listener closes
+// and connections in flight have Config.DrainTimeout (--drain-timeout)
+// to finish before the rest are closed.
 package gateway

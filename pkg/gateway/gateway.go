@@ -55,6 +55,9 @@ type Gateway struct {
 	// httpIdleTimeout is the health and metrics servers' IdleTimeout:
 	// the constant of that name, which tests shorten.
 	httpIdleTimeout time.Duration
+	// after is time.After, which tests replace to end the drain delay
+	// when they choose.
+	after func(time.Duration) <-chan time.Time
 }
 
 // Timeouts of the health and metrics servers, whose requests are small
@@ -96,6 +99,7 @@ func New(cfg Config, src RouteSource, log *slog.Logger) (*Gateway, error) {
 		work:    make(chan *net.TCPConn),
 
 		httpIdleTimeout: httpIdleTimeout,
+		after:           time.After,
 	}
 	g.health.EjectFor = cfg.EjectionTime
 	// Upstream connections go to local pods and get no keep-alive, as in
@@ -155,10 +159,12 @@ func (g *Gateway) Ready() bool {
 	return g.src.Routes() != nil && !g.draining.Load()
 }
 
-// Run accepts connections until ctx ends, then drains: it stops accepting
-// and fails readiness at once, lets connections in flight finish for up to
-// Config.DrainTimeout, closes the rest, and returns nil. It returns an
-// error only if a listener fails. Run may be called once.
+// Run accepts connections until ctx ends, then drains: it fails
+// readiness at once, goes on accepting and routing new connections for
+// Config.DrainDelay, closes its listener, lets connections in flight
+// finish for up to Config.DrainTimeout, closes the rest, and returns
+// nil. It returns an error only if a listener fails. Run may be called
+// once.
 func (g *Gateway) Run(ctx context.Context) error {
 	eg, ectx := errgroup.WithContext(ctx)
 	var servers []*http.Server
@@ -183,19 +189,29 @@ func (g *Gateway) Run(ctx context.Context) error {
 	}
 	serve("health", g.healthLn, g.healthHandler())
 	serve("metrics", g.metricsLn, g.metricsHandler())
-	eg.Go(func() error { g.watchRoutes(ectx); return nil })
+	// Both outlive ctx: the accept loop serves DrainDelay longer, until
+	// the listener closes; the route watch closes removed routes'
+	// connections until the drain ends.
+	wctx, stopWatch := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopWatch()
+	eg.Go(func() error { g.watchRoutes(wctx); return nil })
+	actx, stopAccept := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopAccept()
 	acceptDone := make(chan struct{})
 	eg.Go(func() error {
 		defer close(acceptDone)
-		return g.acceptLoop(ectx)
+		return g.acceptLoop(actx)
 	})
 	g.log.Info("east-west gateway serving", "addr", g.ln.Addr().String(), "routes", g.src.Routes().Len())
 
 	<-ectx.Done()
 	g.draining.Store(true)
+	g.delayDrain(acceptDone)
+	stopAccept()
 	_ = g.ln.Close()
 	<-acceptDone // no handler starts after this: drain may Wait
 	g.drain()
+	stopWatch()
 	close(g.work) // idle workers end; busy ones have ended with drain
 	g.workers.Wait()
 	for _, srv := range servers {
@@ -207,6 +223,21 @@ func (g *Gateway) Run(ctx context.Context) error {
 	_ = g.metrics.provider.Shutdown(context.WithoutCancel(ctx))
 	g.log.Info("east-west gateway stopped")
 	return err
+}
+
+// delayDrain keeps serving, readiness failing, for DrainDelay: peers'
+// probes and load balancers see the 503 and stop sending while the
+// connections they still send are served. It ends early if the accept
+// loop has (its listener failed).
+func (g *Gateway) delayDrain(acceptDone <-chan struct{}) {
+	if g.cfg.DrainDelay <= 0 {
+		return
+	}
+	g.log.Info("shutting down: not ready, still accepting for the drain delay", "delay", g.cfg.DrainDelay)
+	select {
+	case <-g.after(g.cfg.DrainDelay):
+	case <-acceptDone:
+	}
 }
 
 // drain waits for connections in flight up to DrainTimeout, then closes
@@ -240,7 +271,7 @@ func (g *Gateway) acceptLoop(ctx context.Context) error {
 	for {
 		c, err := g.ln.AcceptTCP()
 		if err != nil {
-			if ctx.Err() != nil || g.draining.Load() {
+			if ctx.Err() != nil { // the listener is being closed
 				return nil
 			}
 			if errors.Is(err, net.ErrClosed) {

@@ -14,6 +14,7 @@ import (
 	"runtime/pprof"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -597,9 +598,9 @@ func TestIdleTimeout(t *testing.T) {
 
 func TestConfigValidate(t *testing.T) {
 	require.NoError(t, DefaultConfig().Validate())
-	err := Config{ListenAddr: "nope", MaxConnections: -1, RouteDrainTimeout: -time.Second}.Validate()
+	err := Config{ListenAddr: "nope", MaxConnections: -1, DrainDelay: -time.Second, RouteDrainTimeout: -time.Second}.Validate()
 	require.Error(t, err)
-	for _, want := range []string{"listen address", "ClientHello timeout", "dial timeout", "ejection time", "idle timeout", "drain timeout", "max connections", "max connect attempts", "route drain timeout"} {
+	for _, want := range []string{"listen address", "ClientHello timeout", "dial timeout", "ejection time", "idle timeout", "drain timeout", "max connections", "max connect attempts", "drain delay", "route drain timeout"} {
 		require.ErrorContains(t, err, want)
 	}
 	_, err = New(DefaultConfig(), nil, nil)
@@ -643,4 +644,84 @@ func workerGoroutines(t *testing.T) int {
 	var b strings.Builder
 	require.NoError(t, pprof.Lookup("goroutine").WriteTo(&b, 2))
 	return strings.Count(b.String(), "gateway.(*Gateway).worker(")
+}
+
+// On shutdown readiness fails at once, but for DrainDelay the gateway
+// still accepts and routes new connections (peers' probes and load
+// balancers are still noticing the 503); then its listener closes, the
+// connections in flight drain, and Run returns.
+func TestDrainDelayKeepsAccepting(t *testing.T) {
+	p := newPKI(t)
+	be := startBackend(t, p.server, namedEcho("echo"))
+	delayEnd := make(chan time.Time)
+	var asked atomic.Int64
+	table := NewRouteTable(mustRoutes(t, route(echoSNI, echoCluster, be.addr())))
+	h := startGatewayOn(t, table, table, func(c *Config) {
+		c.DrainDelay = 5 * time.Second
+	}, func(g *Gateway) {
+		// The test ends the delay, however slow the machine.
+		g.after = func(d time.Duration) <-chan time.Time {
+			asked.Store(int64(d))
+			return delayEnd
+		}
+	})
+	inFlight, err := h.dialTLS(p.client, echoSNI)
+	require.NoError(t, err)
+	defer inFlight.Close()
+	require.Equal(t, "echo", readLine(t, inFlight))
+
+	stopped := make(chan error, 1)
+	go func() { stopped <- h.stop() }()
+	eventually(t, func() bool { return h.ready() == http.StatusServiceUnavailable }, "readiness fails at once")
+	for i := range 3 {
+		c, err := h.dialTLS(p.client, echoSNI)
+		require.NoError(t, err, "connection %d during the drain delay", i)
+		require.Equal(t, "echo", readLine(t, c))
+		require.NoError(t, echoes(t, c, fmt.Sprintf("new %d", i)))
+		require.NoError(t, c.Close())
+	}
+	require.NoError(t, echoes(t, inFlight, "in flight"))
+	require.Equal(t, 4.0, h.metric("isthmus_gateway_routed_connections_total", `cluster="`+echoCluster+`"`))
+	require.Equal(t, http.StatusServiceUnavailable, h.ready())
+	require.Equal(t, int64(5*time.Second), asked.Load(), "the delay is Config.DrainDelay")
+	select {
+	case <-stopped:
+		t.Fatal("Run returned during the drain delay")
+	default:
+	}
+
+	close(delayEnd)
+	eventually(t, func() bool {
+		c, err := net.Dial("tcp", h.addr())
+		if err == nil {
+			_ = c.Close()
+		}
+		return err != nil
+	}, "the listener closes once the delay ends")
+	select {
+	case <-stopped:
+		t.Fatal("Run returned with a connection in flight")
+	default:
+	}
+	require.NoError(t, echoes(t, inFlight, "draining"), "the connection in flight drains")
+	require.NoError(t, inFlight.Close())
+	select {
+	case err := <-stopped:
+		require.NoError(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return once the last connection closed")
+	}
+}
+
+// The drain delay ends by itself: Run returns, no sooner than DrainDelay
+// after its context ended, and the listener is closed.
+func TestDrainDelayEnds(t *testing.T) {
+	h := startGateway(t, mustRoutes(t, route(echoSNI, echoCluster, unusedAddr(t))), func(c *Config) {
+		c.DrainDelay = 300 * time.Millisecond
+	})
+	start := time.Now()
+	require.NoError(t, h.stop())
+	require.GreaterOrEqual(t, time.Since(start), 300*time.Millisecond)
+	_, err := net.Dial("tcp", h.addr())
+	require.Error(t, err, "the listener is closed")
 }

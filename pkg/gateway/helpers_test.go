@@ -107,17 +107,19 @@ type harness struct {
 func startGateway(t testing.TB, routes *Routes, mod func(*Config)) *harness {
 	t.Helper()
 	table := NewRouteTable(routes)
-	return startGatewayOn(t, table, table, mod)
+	return startGatewayOn(t, table, table, mod, nil)
 }
 
-// startGatewayOn runs a Gateway fed by src, whose table is table.
-func startGatewayOn(t testing.TB, src RouteSource, table *RouteTable, mod func(*Config)) *harness {
+// startGatewayOn runs a Gateway fed by src, whose table is table; prep,
+// if not nil, may change the Gateway before Run.
+func startGatewayOn(t testing.TB, src RouteSource, table *RouteTable, mod func(*Config), prep func(*Gateway)) *harness {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.ListenAddr = "127.0.0.1:0"
 	cfg.HealthAddr = "127.0.0.1:0"
 	cfg.MetricsAddr = "127.0.0.1:0"
 	cfg.ClientHelloTimeout = 5 * time.Second
+	cfg.DrainDelay = 0 // tests of the delay set it
 	cfg.DrainTimeout = 10 * time.Second
 	cfg.EjectionTime = time.Minute
 	if mod != nil {
@@ -125,6 +127,9 @@ func startGatewayOn(t testing.TB, src RouteSource, table *RouteTable, mod func(*
 	}
 	gw, err := New(cfg, src, testLogger(t))
 	require.NoError(t, err)
+	if prep != nil {
+		prep(gw)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	h := &harness{t: t, gw: gw, table: table, cancel: cancel, done: make(chan error, 1)}
 	go func() { h.done <- gw.Run(ctx) }()

@@ -36,7 +36,7 @@ func (s *syncSource) set(t testing.TB, r *Routes) {
 func startSyncGateway(t testing.TB, routes *Routes, mod func(*Config)) (*harness, *syncSource) {
 	t.Helper()
 	src := &syncSource{RouteTable: NewRouteTable(routes), updated: make(chan struct{})}
-	return startGatewayOn(t, src, src.RouteTable, mod), src
+	return startGatewayOn(t, src, src.RouteTable, mod, nil), src
 }
 
 // echoes reports whether c, connected to a namedEcho backend, still

@@ -245,6 +245,8 @@ type Gateway struct {
 // StartGateway runs binDir/eastwest-gw beside f, fed by f's plaintext
 // xDS, and waits, at most a minute, until it is ready: it holds a routing
 // table from the federator. extraArgs are appended (a later flag wins).
+// It runs with --drain-delay=0: no load balancer needs time to notice its
+// readiness fail, and every environment's teardown would wait 5s for it.
 func StartGateway(ctx context.Context, f *Federator, binDir string, extraArgs ...string) (*Gateway, error) {
 	bind := f.Host
 	if f.Cluster.NetNS() != "" {
@@ -255,7 +257,8 @@ func StartGateway(ctx context.Context, f *Federator, binDir string, extraArgs ..
 		"--cluster-name", f.Cluster.Name(), "--pod-ip", f.Host, "--pod-name", "eastwest-gw-0",
 		"--listen-addr", net.JoinHostPort(bind, GatewayPort),
 		"--health-addr", net.JoinHostPort(bind, GatewayHealthPort),
-		"--metrics-addr", net.JoinHostPort(bind, GatewayMetricsPort)}, extraArgs...)
+		"--metrics-addr", net.JoinHostPort(bind, GatewayMetricsPort),
+		"--drain-delay=0s"}, extraArgs...)
 	p, err := f.Cluster.StartProcess(ctx, localcluster.ProcessSpec{Name: "eastwest-gw", Command: args})
 	if err != nil {
 		return nil, err
