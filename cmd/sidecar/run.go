@@ -71,7 +71,7 @@ finish for --drain-timeout, and exits.`,
 	fl.StringVar(&cfg.InboundAddr, "inbound-addr", cfg.InboundAddr, "where connections to the pod arrive (iptables REDIRECT)")
 	fl.StringVar(&cfg.AdminAddr, "admin-addr", cfg.AdminAddr, "admin: /config_dump, /ready, /stats; empty disables it")
 	fl.StringVar(&cfg.HealthAddr, "health-addr", cfg.HealthAddr, "health and metrics: /healthz/ready, /stats/prometheus; empty disables it")
-	fl.TextVar(&cfg.AppAddr, "app-addr", cfg.AppAddr, "the app's address: inbound traffic goes to it at the port the caller dialled")
+	fl.TextVar(&cfg.AppAddr, "app-addr", cfg.AppAddr, "the app's address: inbound traffic goes to it at the port the caller dialled (from 127.0.0.6 when it is the pod's IPv4 address, which capture lets through; an IPv6 one must be ::1)")
 	fl.IntVar(&cfg.MaxConnections, "max-connections", cfg.MaxConnections, "connections open at once per listener; beyond it new ones are reset")
 	fl.DurationVar(&cfg.HandshakeTimeout, "handshake-timeout", cfg.HandshakeTimeout, "bound on a TLS handshake, inbound or upstream")
 	fl.DurationVar(&cfg.ReadHeaderTimeout, "read-header-timeout", cfg.ReadHeaderTimeout, "bound on reading an HTTP/1.1 request's headers")

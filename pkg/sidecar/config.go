@@ -116,8 +116,14 @@ func (c Config) Validate() error {
 	addr("inbound address", c.InboundAddr, true)
 	addr("admin address", c.AdminAddr, false)
 	addr("health address", c.HealthAddr, false)
-	if !c.AppAddr.IsValid() {
+	switch a := c.AppAddr; {
+	case !a.IsValid():
 		errs = append(errs, errors.New("app address is required"))
+	case a.Is6() && !a.Is4In6() && !a.IsLoopback():
+		// The sidecar reaches an app on a pod address from 127.0.0.6,
+		// which the capture rules let through; IPv6 has no such source
+		// on every pod, and its connection would be captured again.
+		errs = append(errs, fmt.Errorf("app address %s: an IPv6 app address must be ::1 (an app listening on the pod's IPv6 address alone cannot be reached without being captured again); use ::1, 127.0.0.1 or the pod's IPv4 address", a))
 	}
 	positive := func(name string, d time.Duration) {
 		if d <= 0 {

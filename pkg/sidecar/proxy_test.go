@@ -571,3 +571,45 @@ func TestExplicitModeOnlyFromThisPod(t *testing.T) {
 	}
 	require.False(t, interfaceAddr(netip.MustParseAddr("192.0.2.200")))
 }
+
+// An app that listens on the pod's address (--app-addr) is reached from
+// 127.0.0.6, which the capture rules let through: from any other source
+// of the sidecar's own, the connection to the pod address is captured
+// inbound again (pkg/sidecar/capture's TestCaptureIPv4 shows both), and
+// every inbound request looped back into the sidecar.
+func TestAppOnPodAddressReachedFromPassthroughSource(t *testing.T) {
+	require.Nil(t, appSource("127.0.0.1:8080", netip.MustParseAddr("127.0.0.1")))
+	pod := netip.MustParseAddr("10.1.2.3")
+	require.Equal(t, inboundPassthrough, appSource("10.1.2.3:8080", pod))
+	require.Nil(t, appSource("10.9.9.9:8080", pod), "not the app")
+	require.Nil(t, appSource("192.0.2.1:443", pod), "outbound passthrough")
+	require.ErrorContains(t, func() error { c := DefaultConfig(); c.AppAddr = netip.MustParseAddr("fd00::3"); return c.Validate() }(),
+		"an IPv6 app address must be ::1")
+
+	// For real: a pod address of this host (any non-loopback IPv4 one).
+	var app netip.Addr
+	addrs, err := net.InterfaceAddrs()
+	require.NoError(t, err)
+	for _, ia := range addrs {
+		if n, ok := ia.(*net.IPNet); ok {
+			if a, ok := netip.AddrFromSlice(n.IP); ok && a.Unmap().Is4() && !a.IsLoopback() {
+				app = a.Unmap()
+				break
+			}
+		}
+	}
+	if !app.IsValid() {
+		t.Skip("no non-loopback IPv4 address here")
+	}
+	ln, err := net.Listen("tcp", netip.AddrPortFrom(app, 0).String())
+	require.NoError(t, err)
+	defer ln.Close()
+	d := net.Dialer{Timeout: waitFor, LocalAddr: appSource(ln.Addr().String(), app)}
+	c, err := d.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	defer c.Close()
+	s, err := ln.Accept()
+	require.NoError(t, err)
+	defer s.Close()
+	require.Equal(t, "127.0.0.6", s.RemoteAddr().(*net.TCPAddr).IP.String())
+}

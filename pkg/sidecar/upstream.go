@@ -186,7 +186,7 @@ func (pl *pool) dialPooled(ctx context.Context, addr string, tlsCfg *tls.Config)
 // failure is counted, and the endpoint ejected when it was picked from
 // EDS (passive health).
 func (pl *pool) dial(ctx context.Context, addr string, tlsCfg *tls.Config) (net.Conn, error) {
-	d := net.Dialer{Timeout: pl.connectTimeout}
+	d := net.Dialer{Timeout: pl.connectTimeout, LocalAddr: appSource(addr, pl.p.cfg.AppAddr)}
 	raw, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, pl.failed(addr, false, err)
@@ -206,6 +206,26 @@ func (pl *pool) dial(ctx context.Context, addr string, tlsCfg *tls.Config) (net.
 		return nil, pl.failed(addr, true, err)
 	}
 	return tc, nil
+}
+
+// inboundPassthrough is the source the sidecar delivers inbound
+// connections from when the app listens on a pod address: the capture
+// rules let it through (Istio's 127.0.0.6), where any other source of the
+// sidecar's own would be captured inbound again, into a loop.
+var inboundPassthrough = &net.TCPAddr{IP: net.IPv4(127, 0, 0, 6)}
+
+// appSource is the local address to dial addr from: inboundPassthrough
+// when addr is the app on a non-loopback address (Config.AppAddr), else
+// nil (the kernel's choice).
+func appSource(addr string, app netip.Addr) net.Addr {
+	if app.IsLoopback() || !app.Unmap().Is4() {
+		return nil
+	}
+	a, err := netip.ParseAddrPort(addr)
+	if err != nil || a.Addr().Unmap() != app.Unmap() {
+		return nil
+	}
+	return inboundPassthrough
 }
 
 func (pl *pool) failed(addr string, isTLS bool, err error) error {
