@@ -68,6 +68,8 @@ func newRunCommand() *cobra.Command {
 	fl.IntVar(&cfg.KubeAPIBurst, "kube-api-burst", cfg.KubeAPIBurst, "burst of requests to the API server")
 	fl.Float32Var(&cfg.ImportWriteQPS, "import-write-qps", cfg.ImportWriteQPS, "requests per second for writing imported services as ServiceEntries and ServiceImports (3 per new service)")
 	fl.IntVar(&cfg.ImportWriteBurst, "import-write-burst", cfg.ImportWriteBurst, "burst of those writes")
+	fl.Float32Var(&cfg.TokenReviewQPS, "token-review-qps", cfg.TokenReviewQPS, "TokenReviews per second for the certificate service (a client-side limit of their own, apart from --kube-api-qps)")
+	fl.IntVar(&cfg.TokenReviewBurst, "token-review-burst", cfg.TokenReviewBurst, "burst of those TokenReviews")
 	fl.StringVar(&cfg.MonitoringAddr, "monitoring-addr", cfg.MonitoringAddr, "address for /healthz, /readyz, /metrics and /debug/catalog")
 	fl.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", cfg.ShutdownTimeout, "bound on graceful shutdown")
 	fl.StringVar(&cfg.TrustDomain, "trust-domain", cfg.TrustDomain, "SPIFFE trust domain of this cluster (default <cluster-name>.mesh)")

@@ -141,11 +141,24 @@ const (
 )
 
 // CheckCSR checks a CSR's key, then its signature, and that the only
-// identity it may ask for is id. The key comes first: "unsupported key" is
-// clearer than a signature error, and a huge RSA key is refused before any
-// arithmetic with it. Errors wrap ErrInvalidCSR or ErrIdentityMismatch and
-// never quote more than 256 bytes of the input.
+// identity it may ask for is id: CheckCSRForm, then CheckCSRIdentity.
+// Errors wrap ErrInvalidCSR or ErrIdentityMismatch and never quote more
+// than 256 bytes of the input.
 func CheckCSR(csr *x509.CertificateRequest, id spiffeid.ID) error {
+	if err := CheckCSRForm(csr); err != nil {
+		return err
+	}
+	return CheckCSRIdentity(csr, id)
+}
+
+// CheckCSRForm checks everything about a CSR that does not depend on who
+// sends it: the key, then the signature, and that it asks for no DNS name,
+// IP or email address and at most one URI. The key comes first:
+// "unsupported key" is clearer than a signature error, and a huge RSA key
+// is refused before any arithmetic with it. It needs nothing but the CSR,
+// so a server can run it before it spends anything on authenticating the
+// caller. Errors wrap ErrInvalidCSR.
+func CheckCSRForm(csr *x509.CertificateRequest) error {
 	if csr == nil {
 		return fmt.Errorf("%w: no CSR", ErrInvalidCSR)
 	}
@@ -171,6 +184,20 @@ func CheckCSR(csr *x509.CertificateRequest, id spiffeid.ID) error {
 	}
 	if len(csr.DNSNames) > 0 || len(csr.IPAddresses) > 0 || len(csr.EmailAddresses) > 0 {
 		return fmt.Errorf("%w: only a SPIFFE ID is issued; the CSR also asks for DNS names, IP or email addresses", ErrInvalidCSR)
+	}
+	if n := len(csr.URIs); n > 1 {
+		return fmt.Errorf("%w: CSR asks for %d URIs, an SVID has exactly one", ErrInvalidCSR, n)
+	}
+	return nil
+}
+
+// CheckCSRIdentity checks that the only identity a CSR asks for, if any,
+// is id. It does not look at the key or the signature (CheckCSRForm does).
+// Errors wrap ErrInvalidCSR or ErrIdentityMismatch and never quote more
+// than 256 bytes of the input.
+func CheckCSRIdentity(csr *x509.CertificateRequest, id spiffeid.ID) error {
+	if csr == nil {
+		return fmt.Errorf("%w: no CSR", ErrInvalidCSR)
 	}
 	switch len(csr.URIs) {
 	case 0:

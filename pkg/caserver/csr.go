@@ -15,8 +15,14 @@ const MaxCSRBytes = 64 << 10
 // metadata Struct istio-agent may attach.
 const maxRequestBytes = MaxCSRBytes + 16<<10
 
+// MaxTokenBytes bounds the bearer token a caller may send; a projected
+// ServiceAccount token is one to two KiB. A longer one is refused without
+// a review.
+const MaxTokenBytes = 16 << 10
+
 // parseCSR decodes one PEM "CERTIFICATE REQUEST". It checks only the
-// encoding; ca.CheckCSR checks the key, the signature and the identity.
+// encoding; ca.CheckCSRForm checks the key and the signature,
+// ca.CheckCSRIdentity the identity.
 // Its errors describe the problem for the caller and never include the
 // input.
 func parseCSR(csrPEM []byte) (*x509.CertificateRequest, error) {

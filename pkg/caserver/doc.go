@@ -18,6 +18,22 @@
 // follows Istio's convention (one certificate per element, leaf first, root
 // last), so an istio-agent can use this service as its CA.
 //
+// Anyone who reaches the port can make the service review a token, and a
+// TokenReview is a request to the API server. So everything that needs
+// only the request (its size, the token's presence and length, the CSR's
+// encoding, key and signature) is checked first, and the federator wraps
+// the TokenReviewAuthenticator in a CachingAuthenticator: answers are
+// remembered by the SHA-256 of the token (acceptances for a minute or
+// until the token expires, refusals for five seconds), and callers with
+// the same token share one review. The federator also gives the reviews a
+// client-side rate limit of their own (--token-review-qps).
+//
+// The request size bound (MaxCSRBytes plus a little metadata) is applied
+// by the transport only on a gRPC server of the service's own
+// (ServerOptions). The federator shares its server with xDS, which allows
+// larger messages; there CreateCertificate refuses an oversized request
+// after decoding it, before anything else.
+//
 // The service speaks server-only TLS (ServerOptions): a workload calling for
 // its first certificate has none to present yet. Its own serving
 // certificate is the federator's SVID, which clients check with

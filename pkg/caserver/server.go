@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	pb "istio.io/api/security/v1alpha1"
 
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
@@ -93,8 +94,12 @@ func ServerCredentials(svid x509svid.Source) credentials.TransportCredentials {
 	return credentials.NewTLS(tlsconfig.TLSServerConfig(svid))
 }
 
-// ServerOptions returns the grpc.ServerOptions the CA service needs:
-// ServerCredentials(svid) and a bound on the request size.
+// ServerOptions returns the grpc.ServerOptions the CA service needs when
+// it has a gRPC server of its own: ServerCredentials(svid) and a bound on
+// the request size that the transport applies before decoding. A server
+// shared with other services (the federator serves xDS next to it) has
+// their larger bound instead; CreateCertificate then still refuses a
+// request over the CA's bound, but only once it is decoded.
 func ServerOptions(svid x509svid.Source) []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.Creds(ServerCredentials(svid)),
@@ -102,17 +107,42 @@ func ServerOptions(svid x509svid.Source) []grpc.ServerOption {
 	}
 }
 
-// CreateCertificate authenticates the caller's bearer token, checks the
-// CSR and returns the caller's SVID chain followed by the trust domain's
-// roots, one PEM certificate per element, the root that signed the chain
-// last.
+// CreateCertificate checks the request and the CSR, authenticates the
+// caller's bearer token and returns the caller's SVID chain followed by
+// the trust domain's roots, one PEM certificate per element, the root that
+// signed the chain last.
+//
+// Everything that needs only the request is checked before the token is
+// sent to the Authenticator (a TokenReview, a request to the API server):
+// a malformed request costs the caller an error, not the API server a
+// review.
 func (s *Server) CreateCertificate(ctx context.Context, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
 	log := s.log.With("peer", peerAddr(ctx))
 
+	// On a gRPC server shared with xDS the transport lets larger messages
+	// through (see ServerOptions).
+	if n := proto.Size(req); n > maxRequestBytes {
+		return nil, s.refuse(ctx, log, codes.ResourceExhausted,
+			fmt.Sprintf("request is %d bytes, the certificate service's limit is %d", n, maxRequestBytes))
+	}
 	token, err := bearerToken(ctx)
 	if err != nil {
 		return nil, s.refuse(ctx, log, codes.Unauthenticated, err.Error())
 	}
+	if req.GetValidityDuration() < 0 {
+		return nil, s.refuse(ctx, log, codes.InvalidArgument,
+			fmt.Sprintf("validity_duration is %d s, want 0 (default) or more", req.GetValidityDuration()))
+	}
+	// The signer cuts the TTL to its maximum; here it only must not overflow.
+	ttl := time.Duration(min(req.GetValidityDuration(), math.MaxInt64/int64(time.Second))) * time.Second
+	csr, err := parseCSR([]byte(req.GetCsr()))
+	if err != nil {
+		return nil, s.refuse(ctx, log, codes.InvalidArgument, err.Error())
+	}
+	if err := ca.CheckCSRForm(csr); err != nil {
+		return nil, s.refuse(ctx, log, csrErrorCode(err), err.Error())
+	}
+
 	caller, err := s.auth.Authenticate(ctx, token)
 	if err != nil {
 		// The error text goes to the log and to the caller: make sure an
@@ -132,19 +162,7 @@ func (s *Server) CreateCertificate(ctx context.Context, req *pb.IstioCertificate
 			fmt.Sprintf("caller %s has no valid SPIFFE ID in %s: %v", caller, td, err))
 	}
 	log = log.With("spiffe_id", id.String())
-
-	if req.GetValidityDuration() < 0 {
-		return nil, s.refuse(ctx, log, codes.InvalidArgument,
-			fmt.Sprintf("validity_duration is %d s, want 0 (default) or more", req.GetValidityDuration()))
-	}
-	// The signer cuts the TTL to its maximum; here it only must not overflow.
-	ttl := time.Duration(min(req.GetValidityDuration(), math.MaxInt64/int64(time.Second))) * time.Second
-
-	csr, err := parseCSR([]byte(req.GetCsr()))
-	if err != nil {
-		return nil, s.refuse(ctx, log, codes.InvalidArgument, err.Error())
-	}
-	if err := ca.CheckCSR(csr, id); err != nil {
+	if err := ca.CheckCSRIdentity(csr, id); err != nil {
 		return nil, s.refuse(ctx, log, csrErrorCode(err), err.Error())
 	}
 
@@ -246,6 +264,9 @@ func bearerToken(ctx context.Context) (string, error) {
 	token = strings.TrimSpace(token)
 	if token == "" || strings.ContainsAny(token, " \t\r\n") {
 		return "", errors.New("malformed authorization metadata: empty or blank-separated token")
+	}
+	if len(token) > MaxTokenBytes {
+		return "", fmt.Errorf("bearer token is %d bytes, the limit is %d", len(token), MaxTokenBytes)
 	}
 	return token, nil
 }

@@ -61,6 +61,12 @@ type Config struct {
 	// not wait for it.
 	ImportWriteQPS   float32
 	ImportWriteBurst int
+	// TokenReviewQPS and TokenReviewBurst bound the TokenReviews the
+	// certificate service asks the API server for (a token bucket of its
+	// own, apart from KubeAPIQPS, so that callers of CAAddr cannot use up
+	// the budget of everything else).
+	TokenReviewQPS   float32
+	TokenReviewBurst int
 	// MonitoringAddr is where /healthz, /readyz, /metrics and /debug/ are
 	// served (host:port); Istio's convention is :15014.
 	MonitoringAddr string
@@ -140,6 +146,8 @@ func DefaultConfig() Config {
 		KubeAPIBurst:        100,
 		ImportWriteQPS:      20,
 		ImportWriteBurst:    40,
+		TokenReviewQPS:      50,
+		TokenReviewBurst:    100,
 		ShutdownTimeout:     10 * time.Second,
 		Namespace:           "isthmus-system",
 		ServiceAccount:      "isthmus-federator",
@@ -236,6 +244,9 @@ func (c Config) Validate() error {
 	}
 	if c.ImportWriteQPS <= 0 || c.ImportWriteBurst <= 0 {
 		errs = append(errs, fmt.Errorf("--import-write-qps %g and --import-write-burst %d must be positive", c.ImportWriteQPS, c.ImportWriteBurst))
+	}
+	if c.TokenReviewQPS <= 0 || c.TokenReviewBurst <= 0 {
+		errs = append(errs, fmt.Errorf("--token-review-qps %g and --token-review-burst %d must be positive", c.TokenReviewQPS, c.TokenReviewBurst))
 	}
 	if c.ShutdownTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--shutdown-timeout %s must be positive", c.ShutdownTimeout))

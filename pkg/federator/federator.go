@@ -91,6 +91,10 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
+	reviewClient, err := tokenReviewClient(restCfg, cfg.TokenReviewQPS, cfg.TokenReviewBurst)
+	if err != nil {
+		return nil, err
+	}
 	mcs, err := mcsclient.NewForConfig(restCfg)
 	if err != nil {
 		return nil, fmt.Errorf("multicluster client: %w", err)
@@ -124,7 +128,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 	if err := f.setUpMetrics(); err != nil {
 		return nil, err
 	}
-	if err := f.setUpIdentity(ctx, kubeClient); err != nil {
+	if err := f.setUpIdentity(ctx, kubeClient, reviewClient); err != nil {
 		return nil, err
 	}
 	// Every namespace's pods mount the roots from a ConfigMap of their
@@ -176,9 +180,29 @@ func (f *Federator) importProblems(peer string) []string {
 	return out
 }
 
+// tokenReviewClient returns the client the certificate service reviews
+// tokens with: the federator's credentials, with a client-side rate
+// limiter of its own (qps, burst). Whoever reaches :15012 can make the
+// federator review any token; with a limiter of their own, a flood of
+// reviews waits for its own budget and never for the one the exporter, the
+// import writer, the CA, the roots publisher and the federation share.
+// (On the API server's side both are still the federator's user, in one
+// API Priority and Fairness flow.)
+func tokenReviewClient(base *rest.Config, qps float32, burst int) (kubernetes.Interface, error) {
+	cfg := rest.CopyConfig(base)
+	cfg.QPS, cfg.Burst = qps, burst
+	cfg.RateLimiter = nil
+	c, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("token review client: %w", err)
+	}
+	return c, nil
+}
+
 // setUpIdentity loads the cluster CA, the local trust bundle, the
-// federator's own SVID and the certificate service.
-func (f *Federator) setUpIdentity(ctx context.Context, kubeClient kubernetes.Interface) error {
+// federator's own SVID and the certificate service, which reviews tokens
+// through reviewClient.
+func (f *Federator) setUpIdentity(ctx context.Context, kubeClient, reviewClient kubernetes.Interface) error {
 	td, err := spiffeid.TrustDomainFromString(f.cfg.TrustDomainName())
 	if err != nil {
 		return fmt.Errorf("trust domain: %w", err)
@@ -211,10 +235,14 @@ func (f *Federator) setUpIdentity(ctx context.Context, kubeClient kubernetes.Int
 	if err != nil {
 		return err
 	}
-	f.caServer = caserver.New(f.ca, caserver.TokenReviewAuthenticator{
-		Client:    kubeClient,
+	// Every request that gets as far as its token costs a TokenReview
+	// unless the cache has the answer: a workload renewing with the same
+	// token, or a caller repeating a junk one, costs one per token and TTL.
+	auth := caserver.NewCachingAuthenticator(caserver.TokenReviewAuthenticator{
+		Client:    reviewClient,
 		Audiences: []string{f.cfg.TokenAudience},
-	}, caserver.Options{Logger: f.log, Meter: f.meter()})
+	}, caserver.CacheOptions{})
+	f.caServer = caserver.New(f.ca, auth, caserver.Options{Logger: f.log, Meter: f.meter()})
 	if err := federation.PublishClusterInfo(ctx, kubeClient, f.cfg.Namespace, federation.ClusterInfo{
 		ClusterName: f.cfg.ClusterName, TrustDomain: td, FederatorID: id,
 	}); err != nil {
@@ -359,7 +387,10 @@ func (f *Federator) Run(ctx context.Context) error {
 	}
 	// One TLS port for the certificate service and xDS, as Istio's 15012:
 	// workloads without a certificate yet authenticate to the CA with
-	// their token, proxies to xDS with their SVID.
+	// their token, proxies to xDS with their SVID. The transport's message
+	// bound is xDS's (xds.MaxRequestBytes), not caserver.ServerOptions'
+	// smaller one: the certificate service applies its own bound to each
+	// request once decoded, before it looks at the token.
 	grpcServer := grpc.NewServer(f.xds.SecureServerOptions(f.self)...)
 	f.caServer.Register(grpcServer)
 	f.xds.Register(grpcServer)
