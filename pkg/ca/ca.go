@@ -411,8 +411,20 @@ func parseState(sec *corev1.Secret) (*state, error) {
 		errs = append(errs, fmt.Errorf("unknown rotation phase %q", st.phase))
 	}
 	if len(errs) == 0 {
-		if err := matchKey(st.cert, st.key); err != nil {
+		if err := matchKey(st.cert, st.key, KeyCACert, KeyCAKey); err != nil {
 			errs = append(errs, err)
+		}
+		// Prepared, the next root must already be trusted everywhere the
+		// bundle goes, and able to sign when its time comes: a bundle that
+		// lost it (an edit, a truncated write) would have workloads
+		// refuse every certificate it signs after activation.
+		if st.phase == phasePrepared {
+			if !slices.ContainsFunc(st.roots, st.nextCert.Equal) {
+				errs = append(errs, fmt.Errorf("rotation phase %q: %s is not among the roots in %s", phasePrepared, keyNextCert, KeyRootCert))
+			}
+			if err := matchKey(st.nextCert, st.nextKey, keyNextCert, keyNextKey); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -526,11 +538,13 @@ func newRoot(td spiffeid.TrustDomain, now time.Time) (crypto.Signer, *x509.Certi
 	return key, cert, err
 }
 
-func matchKey(cert *x509.Certificate, key crypto.Signer) error {
+// matchKey checks that key (from the Secret's keyName) is the private key
+// of cert (from certName).
+func matchKey(cert *x509.Certificate, key crypto.Signer, certName, keyName string) error {
 	type equaler interface{ Equal(crypto.PublicKey) bool }
 	pub, ok := key.Public().(equaler)
 	if !ok || !pub.Equal(cert.PublicKey) {
-		return fmt.Errorf("%s does not match the public key of %s", KeyCAKey, KeyCACert)
+		return fmt.Errorf("%s does not match the public key of %s", keyName, certName)
 	}
 	return nil
 }
@@ -561,7 +575,7 @@ func pluggedKeySet(sec *corev1.Secret, now time.Time) (*keySet, error) {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidCA, errors.Join(errs...))
 	}
 	cert := certs[0]
-	if err := matchKey(cert, key); err != nil {
+	if err := matchKey(cert, key, KeyCACert, KeyCAKey); err != nil {
 		errs = append(errs, err)
 	}
 	if !cert.IsCA || cert.KeyUsage&x509.KeyUsageCertSign == 0 {

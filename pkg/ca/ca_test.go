@@ -326,6 +326,64 @@ func TestRootRotation(t *testing.T) {
 	require.Equal(t, 1, st.Roots)
 }
 
+// In the prepared phase of a rotation the Secret must hold the next root
+// in root-cert.pem and its matching key: a Secret that lost either is
+// refused, and the CA keeps the bundle it had rather than drop the root
+// every workload must trust before it signs.
+func TestPreparedRotationStateIsChecked(t *testing.T) {
+	otherKey, err := encodeKey(ecKey(t))
+	require.NoError(t, err)
+	tests := []struct {
+		name string
+		mut  func(t *testing.T, s *corev1.Secret)
+		want string
+	}{
+		{"next root dropped from the roots", func(t *testing.T, s *corev1.Secret) {
+			roots, err := parseCerts(s.Data[KeyRootCert])
+			require.NoError(t, err)
+			s.Data[KeyRootCert] = encodeCerts(roots[0])
+		}, "next-ca-cert.pem is not among the roots in root-cert.pem"},
+		{"roots truncated in the next root", func(t *testing.T, s *corev1.Secret) {
+			s.Data[KeyRootCert] = s.Data[KeyRootCert][:len(s.Data[KeyRootCert])-100]
+		}, "root-cert.pem: PEM block 2 is truncated or corrupt"},
+		{"next key is another key", func(t *testing.T, s *corev1.Secret) {
+			s.Data[keyNextKey] = otherKey
+		}, "next-ca-key.pem does not match the public key of next-ca-cert.pem"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := t.Context()
+			client := kubefake.NewClientset()
+			clk := clocktesting.NewFakeClock(time.Now())
+			c := newCA(t, client, clk)
+			require.NoError(t, RequestRotation(ctx, client, "isthmus-system", ""))
+			require.NoError(t, c.Reconcile(ctx))
+			bundle, seq := c.Bundle(), c.BundleSequence()
+			require.Len(t, bundle.X509Authorities(), 2)
+
+			secrets := client.CoreV1().Secrets("isthmus-system")
+			sec, err := secrets.Get(ctx, DefaultSecretName, metav1.GetOptions{})
+			require.NoError(t, err)
+			tc.mut(t, sec)
+			_, err = secrets.Update(ctx, sec, metav1.UpdateOptions{})
+			require.NoError(t, err)
+
+			err = c.Reconcile(ctx)
+			require.ErrorIs(t, err, ErrInvalidCA)
+			require.ErrorContains(t, err, tc.want)
+			require.True(t, c.Bundle().Equal(bundle), "the bundle is kept")
+			require.Equal(t, seq, c.BundleSequence())
+			_, err = c.RotationStatus(ctx)
+			require.ErrorContains(t, err, tc.want)
+
+			// Not even at activation time does the CA take it.
+			clk.Step(2 * time.Hour)
+			require.ErrorIs(t, c.Reconcile(ctx), ErrInvalidCA)
+			require.True(t, c.Bundle().Equal(bundle))
+		})
+	}
+}
+
 func TestSelfSourceRenews(t *testing.T) {
 	clk := clocktesting.NewFakeClock(time.Now())
 	c := newCA(t, kubefake.NewClientset(), clk)
