@@ -108,7 +108,9 @@ func TestRevokedRouteDrainsItsConnections(t *testing.T) {
 			c, err := h.dialTLS(p.client, echoSNI)
 			require.NoError(t, err)
 			require.Equal(t, "a2", readLine(t, c))
-			_ = c.Close()
+			require.NoError(t, c.Close())
+			eventually(t, func() bool { return h.metric("isthmus_gateway_connections_active", "") == 2 },
+				"the gateway let go of the connection closed")
 
 			// Unexported.
 			src.set(t, mustRoutes(t, otherRoute))
