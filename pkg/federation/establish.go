@@ -42,8 +42,9 @@ const ReservedSNI = "federation.isthmus.internal"
 const (
 	keyBundle   = "bundle.pem"
 	keySequence = "sequence"
-	// keyClaimedBy in a token record names the joiner that presented
-	// its secret first (joinerClaim); only it may complete the link.
+	// keyClaimedBy in a token's claim (Secret <record>-claim) names the
+	// joiner that presented its secret first (joinerClaim); only it may
+	// complete the link.
 	keyClaimedBy = "claimed-by"
 	// keyPeerTrustDomain in a token record is the trust domain the joiner
 	// must present.
@@ -83,6 +84,8 @@ type joiner struct {
 	id        spiffeid.ID
 	addresses []string
 	record    *corev1.Secret
+	// claimed: this joiner claimed the record before (a retry).
+	claimed bool
 }
 
 // checkEstablish validates the request and the token record; every error
@@ -158,10 +161,33 @@ func (m *Manager) checkEstablish(ctx context.Context, req *fedv1.EstablishReques
 			return nil, status.Errorf(codes.InvalidArgument, "addresses: %v", err)
 		}
 	}
-	if by := string(rec.Data[keyClaimedBy]); by != "" && by != joinerClaim(id, bundle) {
+	by, err := m.readClaim(ctx, rec.Name)
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "read the token's claim: %v", err)
+	}
+	if by != "" && by != joinerClaim(id, bundle) {
 		return nil, deny("the peering token %s was already used", req.GetTokenId())
 	}
-	return &joiner{name: req.GetClusterName(), bundle: bundle, id: id, addresses: req.GetAddresses(), record: rec}, nil
+	return &joiner{name: req.GetClusterName(), bundle: bundle, id: id, addresses: req.GetAddresses(), record: rec, claimed: by != ""}, nil
+}
+
+// claimName is the Secret that records who claimed a token record.
+func claimName(record string) string { return record + "-claim" }
+
+// readClaim returns the joinerClaim a token record was claimed for, or ""
+// when nobody claimed it.
+func (m *Manager) readClaim(ctx context.Context, record string) (string, error) {
+	s, err := m.kube.CoreV1().Secrets(m.cfg.Namespace).Get(ctx, claimName(record), metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	if s.Type != SecretTypeTokenClaim {
+		return "", fmt.Errorf("Secret %s is not a token claim (type %q)", s.Name, s.Type)
+	}
+	return string(s.Data[keyClaimedBy]), nil
 }
 
 // Establish implements the acceptor's side of linking: it spends the
@@ -193,14 +219,24 @@ func (m *Manager) Establish(ctx context.Context, req *fedv1.EstablishRequest) (*
 	if linked {
 		return nil, status.Errorf(codes.AlreadyExists, "this cluster is already linked with %q; delete its FederationPeer here to link again", j.name)
 	}
-	// Claim the secret: only the update that sees this exact record wins.
+	// Claim the secret: only the first create of the claim wins (a
+	// Secret of its own, so that the federator needs no right to change
+	// Secrets it did not make).
 	rec := j.record
-	if string(rec.Data[keyClaimedBy]) == "" {
-		rec = rec.DeepCopy()
-		rec.Data[keyClaimedBy] = []byte(joinerClaim(j.id, j.bundle))
-		rec, err = m.kube.CoreV1().Secrets(m.cfg.Namespace).Update(ctx, rec, metav1.UpdateOptions{})
-		if apierrors.IsNotFound(err) || apierrors.IsConflict(err) {
-			return nil, status.Errorf(codes.PermissionDenied, "the peering token %s was already used", req.GetTokenId())
+	secrets := m.kube.CoreV1().Secrets(m.cfg.Namespace)
+	if !j.claimed {
+		claim := joinerClaim(j.id, j.bundle)
+		_, err := secrets.Create(ctx, &corev1.Secret{
+			ObjectMeta: metav1.ObjectMeta{Namespace: m.cfg.Namespace, Name: claimName(rec.Name),
+				Labels: map[string]string{LabelTokenFor: rec.Labels[LabelTokenFor], "app.kubernetes.io/part-of": "isthmus"}},
+			Type: SecretTypeTokenClaim,
+			Data: map[string][]byte{keyClaimedBy: []byte(claim)},
+		}, metav1.CreateOptions{})
+		if apierrors.IsAlreadyExists(err) {
+			if by, rerr := m.readClaim(ctx, rec.Name); rerr != nil || by != claim {
+				return nil, status.Errorf(codes.PermissionDenied, "the peering token %s was already used", req.GetTokenId())
+			}
+			err = nil
 		}
 		if err != nil {
 			return nil, status.Errorf(codes.Unavailable, "claim the token: %v", err)
@@ -213,12 +249,15 @@ func (m *Manager) Establish(ctx context.Context, req *fedv1.EstablishRequest) (*
 		_ = m.deletePeerBundle(context.WithoutCancel(ctx), j.name)
 		return nil, status.Errorf(codes.Unavailable, "record the joiner: %v", err)
 	}
-	// The link is recorded: the token is of no further use.
+	// The link is recorded: the token is of no further use. Its claim
+	// goes last, so that a record left behind stays claimed.
 	uid := rec.UID
-	if err := m.kube.CoreV1().Secrets(m.cfg.Namespace).Delete(ctx, rec.Name, metav1.DeleteOptions{
+	if err := secrets.Delete(ctx, rec.Name, metav1.DeleteOptions{
 		Preconditions: &metav1.Preconditions{UID: &uid},
 	}); err != nil && !apierrors.IsNotFound(err) {
 		m.log.Warn("delete the spent token's record; it stays claimed by the peer until it expires", "peer", j.name, "record", rec.Name, "err", err)
+	} else if err := secrets.Delete(ctx, claimName(rec.Name), metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		m.log.Warn("delete the spent token's claim", "peer", j.name, "claim", claimName(rec.Name), "err", err)
 	}
 	m.log.Info("linked with a new peer", "peer", j.name, "trustDomain", j.bundle.TrustDomain().Name(), "federatorID", j.id.String())
 	return m.establishResponse()

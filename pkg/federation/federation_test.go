@@ -217,6 +217,7 @@ func TestThreeFederators(t *testing.T) {
 		require.NoError(t, err)
 		for _, s := range secrets.Items {
 			require.NotEqual(t, SecretTypeTokenRecord, s.Type, "token record %s left after the join", s.Name)
+			require.NotEqual(t, SecretTypeTokenClaim, s.Type, "token claim %s left after the join", s.Name)
 		}
 	})
 
@@ -638,14 +639,18 @@ func TestCreateTokenReplacesUnusedTokens(t *testing.T) {
 	// the token under test.
 	now := time.Now()
 	claimed := create("b", now.Add(-3*time.Hour), 24*time.Hour)
-	rec, err := a.kube.CoreV1().Secrets(testNS).Get(t.Context(), "isthmus-token-"+claimed.ID, metav1.GetOptions{})
-	require.NoError(t, err)
-	rec.Data[keyClaimedBy] = []byte("spiffe://b.mesh/fed 00")
-	_, err = a.kube.CoreV1().Secrets(testNS).Update(t.Context(), rec, metav1.UpdateOptions{})
-	require.NoError(t, err)
+	claim := func(record string) {
+		_, err := a.kube.CoreV1().Secrets(testNS).Create(t.Context(), &corev1.Secret{
+			ObjectMeta: metav1.ObjectMeta{Namespace: testNS, Name: claimName(record), Labels: map[string]string{LabelTokenFor: "b"}},
+			Type:       SecretTypeTokenClaim, Data: map[string][]byte{keyClaimedBy: []byte("spiffe://b.mesh/fed 00")},
+		}, metav1.CreateOptions{})
+		require.NoError(t, err)
+	}
+	claim("isthmus-token-" + claimed.ID)
 	d1 := create("d", now.Add(-2*time.Hour), time.Hour)
 	b1 := create("b", now.Add(-2*time.Hour), 24*time.Hour)
 	c1 := create("c", now.Add(-2*time.Hour), 24*time.Hour)
+	claim("isthmus-token-0000000000000000") // its record is gone
 
 	var notices []string
 	b2, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "b", Addresses: []string{a.addr}, Now: now,
@@ -654,6 +659,7 @@ func TestCreateTokenReplacesUnusedTokens(t *testing.T) {
 	require.ElementsMatch(t, []string{
 		"deleted token " + b1.ID + ": the new token for b replaces it",
 		"deleted token " + d1.ID + ": it expired",
+		"deleted the claim of token 0000000000000000: its token is gone",
 	}, notices)
 	for _, tok := range []Token{c1, claimed, b2} {
 		_, err := a.kube.CoreV1().Secrets(testNS).Get(t.Context(), "isthmus-token-"+tok.ID, metav1.GetOptions{})

@@ -36,6 +36,9 @@ const (
 	LabelJoinToken = "federation.isthmus.dev/join-token"
 	// SecretTypeTokenRecord is the type of an accepting side's record.
 	SecretTypeTokenRecord corev1.SecretType = "federation.isthmus.dev/token-record"
+	// SecretTypeTokenClaim is the type of the Secret that records which
+	// joiner claimed a token record (<record>-claim).
+	SecretTypeTokenClaim corev1.SecretType = "federation.isthmus.dev/token-claim"
 
 	keyClusterName = "clusterName"
 	keyTrustDomain = "trustDomain"
@@ -209,8 +212,9 @@ func CreateToken(ctx context.Context, client kubernetes.Interface, opts TokenOpt
 // sweepTokens deletes the token records nobody can use any more: the
 // peer's earlier tokens that no link is being made with (a new token for
 // a peer replaces its unused ones, as Consul's generate-token does), and
-// expired records of any peer. The new token stands whatever happens
-// here; notice hears what was done.
+// expired records of any peer, with their claims; and claims whose record
+// is gone. The new token stands whatever happens here; notice hears what
+// was done.
 func sweepTokens(ctx context.Context, client kubernetes.Interface, namespace, peer, keep string, now time.Time, notice func(string)) {
 	if notice == nil {
 		notice = func(string) {}
@@ -221,30 +225,49 @@ func sweepTokens(ctx context.Context, client kubernetes.Interface, namespace, pe
 		notice(fmt.Sprintf("earlier tokens were not looked for: %v", err))
 		return
 	}
-	for _, rec := range list.Items {
-		if rec.Type != SecretTypeTokenRecord || rec.Name == keep {
-			continue
+	records, claims := map[string]bool{}, map[string]*corev1.Secret{}
+	for i, s := range list.Items {
+		switch s.Type {
+		case SecretTypeTokenRecord:
+			records[s.Name] = true
+		case SecretTypeTokenClaim:
+			claims[s.Name] = &list.Items[i]
 		}
-		id := strings.TrimPrefix(rec.Name, "isthmus-token-")
-		expires, err := time.Parse(time.RFC3339, string(rec.Data[keyExpires]))
-		var why string
-		switch {
-		case err != nil || !now.Before(expires):
-			why = "it expired"
-		case rec.Labels[LabelTokenFor] == peer && len(rec.Data[keyClaimedBy]) == 0:
-			why = "the new token for " + peer + " replaces it"
-		default:
-			continue
-		}
-		// Only this exact record: one a joiner claims meanwhile stays.
-		uid, rv := rec.UID, rec.ResourceVersion
-		err = secrets.Delete(ctx, rec.Name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid, ResourceVersion: &rv}})
+	}
+	del := func(s *corev1.Secret, what, why string) {
+		// Only this exact Secret: one a joiner claims meanwhile stays.
+		uid, rv := s.UID, s.ResourceVersion
+		err := secrets.Delete(ctx, s.Name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid, ResourceVersion: &rv}})
 		switch {
 		case err == nil:
-			notice(fmt.Sprintf("deleted token %s: %s", id, why))
+			notice(fmt.Sprintf("deleted %s: %s", what, why))
 		case apierrors.IsNotFound(err) || apierrors.IsConflict(err):
 		default:
-			notice(fmt.Sprintf("could not delete token %s (%s): %v", id, why, err))
+			notice(fmt.Sprintf("could not delete %s (%s): %v", what, why, err))
+		}
+	}
+	for i := range list.Items {
+		s := &list.Items[i]
+		if s.Name == keep {
+			continue
+		}
+		switch s.Type {
+		case SecretTypeTokenClaim:
+			if rec := strings.TrimSuffix(s.Name, "-claim"); !records[rec] {
+				del(s, "the claim of token "+strings.TrimPrefix(rec, "isthmus-token-"), "its token is gone")
+			}
+		case SecretTypeTokenRecord:
+			id := strings.TrimPrefix(s.Name, "isthmus-token-")
+			expires, err := time.Parse(time.RFC3339, string(s.Data[keyExpires]))
+			switch {
+			case err != nil || !now.Before(expires):
+				del(s, "token "+id, "it expired")
+				if c := claims[claimName(s.Name)]; c != nil {
+					del(c, "the claim of token "+id, "its token expired")
+				}
+			case s.Labels[LabelTokenFor] == peer && claims[claimName(s.Name)] == nil:
+				del(s, "token "+id, "the new token for "+peer+" replaces it")
+			}
 		}
 	}
 }

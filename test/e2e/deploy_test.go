@@ -121,7 +121,7 @@ func TestDeployManifests(t *testing.T) {
 			{"list", "discovery.k8s.io", "endpointslices", "", "", true},
 			{"list", "", "nodes", "", "", true},
 			{"watch", "", "pods", "", "", true},
-			{"get", "", "pods", "demo", "echo-0", true},
+			{"list", "", "pods", "", "", true},
 			{"watch", "multicluster.x-k8s.io", "serviceexports", "", "", true},
 			{"update", "multicluster.x-k8s.io", "serviceexports/status", "demo", "echo", true},
 			{"create", "authentication.k8s.io", "tokenreviews", "", "", true},
@@ -173,6 +173,14 @@ func TestDeployManifests(t *testing.T) {
 			{"create", "", "pods", "demo", "", false},
 			{"delete", "", "pods", "demo", "echo-0", false},
 			{"get", "", "pods/log", "demo", "echo-0", false},
+			// Informers list and watch; nothing gets one by name, and
+			// ServiceExport status is updated, never patched.
+			{"get", "", "pods", "demo", "echo-0", false},
+			{"get", "", "services", "demo", "echo", false},
+			{"get", "", "nodes", "", "node-1", false},
+			{"get", "discovery.k8s.io", "endpointslices", "demo", "echo-abc", false},
+			{"get", "multicluster.x-k8s.io", "serviceexports", "demo", "echo", false},
+			{"patch", "multicluster.x-k8s.io", "serviceexports/status", "demo", "echo", false},
 		} {
 			require.Equal(t, tc.allowed, can(sa, nil, tc.verb, tc.group, tc.resource, tc.ns, tc.name),
 				"%s %s/%s %s/%s", tc.verb, tc.group, tc.resource, tc.ns, tc.name)
@@ -333,10 +341,13 @@ func TestDeployManifests(t *testing.T) {
 			require.True(t, m.ReadOnly, "mount %s", m.Name)
 		}
 
-		// Shutdown: the preStop sleep and the gateway's drain both fit in
-		// the grace period.
+		// Shutdown: the preStop sleep, the gateway's accepting after
+		// SIGTERM and its drain all fit in the grace period.
 		drain, err := time.ParseDuration(flags["drain-timeout"])
 		require.NoError(t, err)
+		delay, err := time.ParseDuration(flags["drain-delay"])
+		require.NoError(t, err)
+		drain += delay
 		require.NotNil(t, c.Lifecycle)
 		require.NotNil(t, c.Lifecycle.PreStop)
 		require.NotNil(t, c.Lifecycle.PreStop.Sleep, "distroless has no shell: the kubelet's own sleep")
@@ -344,7 +355,7 @@ func TestDeployManifests(t *testing.T) {
 		require.Positive(t, preStop)
 		require.NotNil(t, spec.TerminationGracePeriodSeconds)
 		grace := time.Duration(*spec.TerminationGracePeriodSeconds) * time.Second
-		require.Greater(t, grace, preStop+drain, "terminationGracePeriodSeconds covers preStop %s + --drain-timeout %s", preStop, drain)
+		require.Greater(t, grace, preStop+drain, "terminationGracePeriodSeconds covers preStop %s + --drain-delay and --drain-timeout %s", preStop, drain)
 
 		// Hardened.
 		require.NotNil(t, spec.SecurityContext.RunAsNonRoot)
