@@ -13,7 +13,6 @@ import (
 	"log/slog"
 	"net/url"
 	"slices"
-	"strconv"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -142,9 +141,12 @@ func New(ctx context.Context, client kubernetes.Interface, opts Options) (*CA, e
 		if err != nil {
 			return nil, fmt.Errorf("ca: Secret %s/%s: %w", opts.Namespace, PluggedSecretName, err)
 		}
+		if err := c.numberPlugged(ctx, ks); err != nil {
+			return nil, fmt.Errorf("ca: %w", err)
+		}
 		c.plugged = true
 		c.set(ks)
-		c.log.Info("using plugged-in CA", "secret", PluggedSecretName, "signer", ks.cert.Subject.String(), "roots", len(ks.roots))
+		c.log.Info("using plugged-in CA", "secret", PluggedSecretName, "signer", ks.cert.Subject.String(), "roots", len(ks.roots), "bundleSequence", ks.sequence)
 		return c, nil
 	case !apierrors.IsNotFound(err):
 		return nil, fmt.Errorf("ca: read Secret %s/%s: %w", opts.Namespace, PluggedSecretName, err)
@@ -192,6 +194,9 @@ func (c *CA) Reconcile(ctx context.Context) error {
 		if old := c.current.Load(); old.cert.Equal(ks.cert) && sameCerts(old.roots, ks.roots) {
 			return nil
 		}
+		if err := c.numberPlugged(ctx, ks); err != nil {
+			return err
+		}
 		c.set(ks)
 		c.log.Info("plugged-in CA changed", "signer", ks.cert.Subject.String(), "roots", len(ks.roots))
 		return nil
@@ -200,12 +205,17 @@ func (c *CA) Reconcile(ctx context.Context) error {
 	var lastErr error
 	for range 5 {
 		sec, err := secrets.Get(ctx, c.opts.SecretName, metav1.GetOptions{})
-		if apierrors.IsNotFound(err) {
-			sec, err = c.createRoot(ctx)
-			if apierrors.IsAlreadyExists(err) {
-				lastErr = err
-				continue
-			}
+		switch {
+		case apierrors.IsNotFound(err):
+			sec, err = c.createRoot(ctx, nil)
+		case err == nil && !hasKeyMaterial(sec):
+			// Only the bundle number, kept there while a plugged-in CA
+			// was used: the root joins it, numbered after it.
+			sec, err = c.createRoot(ctx, sec)
+		}
+		if apierrors.IsAlreadyExists(err) || apierrors.IsConflict(err) {
+			lastErr = err
+			continue
 		}
 		if err != nil {
 			return fmt.Errorf("CA Secret %s/%s: %w", c.opts.Namespace, c.opts.SecretName, err)
@@ -233,26 +243,40 @@ func (c *CA) Reconcile(ctx context.Context) error {
 	return fmt.Errorf("CA Secret %s/%s kept changing under us: %w", c.opts.Namespace, c.opts.SecretName, lastErr)
 }
 
-func (c *CA) createRoot(ctx context.Context) (*corev1.Secret, error) {
-	key, cert, err := newRoot(c.opts.TrustDomain, c.Authority.clock.Now())
+// createRoot generates a self-signed root and stores it: in a new Secret
+// when sec is nil, else in sec, which holds only a bundle number.
+func (c *CA) createRoot(ctx context.Context, sec *corev1.Secret) (*corev1.Secret, error) {
+	var num bundleNumber
+	if sec != nil {
+		var err error
+		if num, err = readBundleNumber(sec); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrInvalidCA, err)
+		}
+	}
+	now := c.Authority.clock.Now()
+	key, cert, err := newRoot(c.opts.TrustDomain, now)
 	if err != nil {
 		return nil, err
 	}
-	st := &state{key: key, cert: cert, roots: []*x509.Certificate{cert}, sequence: 1}
-	sec := &corev1.Secret{
-		ObjectMeta: metav1.ObjectMeta{
-			Namespace: c.opts.Namespace,
-			Name:      c.opts.SecretName,
-			Labels:    map[string]string{"app.kubernetes.io/part-of": "isthmus"},
-		},
-		Type: corev1.SecretTypeOpaque,
+	st := &state{key: key, cert: cert, roots: []*x509.Certificate{cert}}
+	st.number, _ = num.forRoots(st.roots, now)
+	secrets := c.client.CoreV1().Secrets(c.opts.Namespace)
+	var stored *corev1.Secret
+	if sec == nil {
+		sec = &corev1.Secret{
+			ObjectMeta: metav1.ObjectMeta{Namespace: c.opts.Namespace, Name: c.opts.SecretName, Labels: caSecretLabels()},
+			Type:       corev1.SecretTypeOpaque,
+		}
+		st.write(sec)
+		stored, err = secrets.Create(ctx, sec, metav1.CreateOptions{})
+	} else {
+		st.write(sec)
+		stored, err = secrets.Update(ctx, sec, metav1.UpdateOptions{})
 	}
-	st.write(sec)
-	created, err := c.client.CoreV1().Secrets(c.opts.Namespace).Create(ctx, sec, metav1.CreateOptions{})
 	if err == nil {
-		c.log.Info("generated a new root CA", "secret", c.opts.SecretName, "notAfter", cert.NotAfter)
+		c.log.Info("generated a new root CA", "secret", c.opts.SecretName, "notAfter", cert.NotAfter, "bundleSequence", st.number.sequence)
 	}
-	return created, err
+	return stored, err
 }
 
 // advance takes the rotation step that is due, if any:
@@ -275,7 +299,6 @@ func (c *CA) advance(st *state) (bool, error) {
 			}
 			st.nextKey, st.nextCert = key, cert
 			st.roots = append(st.roots, cert)
-			st.sequence++
 			st.phase = phasePrepared
 			st.activateAt = now.Add(c.opts.PublishDelay)
 			c.log.Info("root rotation: new root published; it signs from activateAt", "activateAt", st.activateAt)
@@ -293,14 +316,18 @@ func (c *CA) advance(st *state) (bool, error) {
 	}
 	if st.phase == phaseActive && !now.Before(st.retireAt) {
 		st.roots = []*x509.Certificate{st.cert}
-		st.sequence++
 		st.phase = ""
 		changed = true
 		c.log.Info("root rotation: old root removed from the bundle")
 	}
 	if !slices.ContainsFunc(st.roots, st.cert.Equal) {
 		st.roots = append(st.roots, st.cert)
-		st.sequence++
+		changed = true
+	}
+	// Renumbered whenever the roots change, and once for a number kept
+	// before its roots were named.
+	if n, renumbered := st.number.forRoots(st.roots, now); renumbered {
+		st.number = n
 		changed = true
 	}
 	return changed, nil
@@ -353,7 +380,7 @@ type state struct {
 	nextCert             *x509.Certificate
 	phase                string
 	activateAt, retireAt time.Time
-	sequence             uint64
+	number               bundleNumber
 	rotate               bool
 }
 
@@ -396,10 +423,8 @@ func parseState(sec *corev1.Secret) (*state, error) {
 			}
 		}
 	}
-	if v := a[annSequence]; v != "" {
-		if st.sequence, err = strconv.ParseUint(v, 10, 64); err != nil {
-			errs = append(errs, fmt.Errorf("annotation %s: %w", annSequence, err))
-		}
+	if st.number, err = readBundleNumber(sec); err != nil {
+		errs = append(errs, err)
 	}
 	switch st.phase {
 	case "", phaseActive:
@@ -451,7 +476,7 @@ func (st *state) write(sec *corev1.Secret) {
 	for _, k := range []string{AnnotationRotate, annPhase, annActivateAt, annRetireAt} {
 		delete(sec.Annotations, k)
 	}
-	sec.Annotations[annSequence] = strconv.FormatUint(st.sequence, 10)
+	st.number.write(sec)
 	if st.phase != "" {
 		sec.Annotations[annPhase] = st.phase
 	}
@@ -464,12 +489,12 @@ func (st *state) write(sec *corev1.Secret) {
 }
 
 func (st *state) keySet() *keySet {
-	return &keySet{key: st.key, cert: st.cert, roots: slices.Clone(st.roots), sequence: st.sequence}
+	return &keySet{key: st.key, cert: st.cert, roots: slices.Clone(st.roots), sequence: st.number.sequence}
 }
 
 // Status reports the rotation state as stored.
 func (st *state) status(secretName string) RotationStatus {
-	return RotationStatus{Source: secretName, Phase: st.phase, ActivateAt: st.activateAt, RetireAt: st.retireAt, Roots: len(st.roots), Sequence: st.sequence}
+	return RotationStatus{Source: secretName, Phase: st.phase, ActivateAt: st.activateAt, RetireAt: st.retireAt, Roots: len(st.roots), Sequence: st.number.sequence}
 }
 
 // RotationStatus reads the CA Secret and reports any rotation in progress.
@@ -490,7 +515,14 @@ func ReadStatus(ctx context.Context, client kubernetes.Interface, namespace stri
 		if err != nil {
 			return RotationStatus{}, fmt.Errorf("plugged-in CA Secret %s/%s: %s: %w", namespace, PluggedSecretName, KeyRootCert, err)
 		}
-		return RotationStatus{Source: PluggedSecretName, Roots: len(roots)}, nil
+		st := RotationStatus{Source: PluggedSecretName, Roots: len(roots)}
+		// The number the federators gave these roots, if they have yet.
+		if num, err := client.CoreV1().Secrets(namespace).Get(ctx, DefaultSecretName, metav1.GetOptions{}); err == nil {
+			if n, err := readBundleNumber(num); err == nil && n.digest == rootsDigest(roots) {
+				st.Sequence = n.sequence
+			}
+		}
+		return st, nil
 	}
 	if !apierrors.IsNotFound(err) {
 		return RotationStatus{}, fmt.Errorf("read Secret %s/%s: %w", namespace, PluggedSecretName, err)
@@ -609,7 +641,8 @@ func pluggedKeySet(sec *corev1.Secret, now time.Time) (*keySet, error) {
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidCA, err)
 	}
-	return &keySet{key: key, cert: cert, chain: tail, roots: roots, sequence: uint64(now.Unix())}, nil
+	// The sequence is numberPlugged's to give.
+	return &keySet{key: key, cert: cert, chain: tail, roots: roots}, nil
 }
 
 // ReadRoots returns the roots of the cluster behind client as its

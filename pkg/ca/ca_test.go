@@ -12,6 +12,7 @@ import (
 	"crypto/x509/pkix"
 	"math/big"
 	"net/url"
+	"strconv"
 	"testing"
 	"time"
 
@@ -22,6 +23,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	kubefake "k8s.io/client-go/kubernetes/fake"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	clocktesting "k8s.io/utils/clock/testing"
 )
 
@@ -229,8 +231,10 @@ func TestPluggedCA(t *testing.T) {
 	require.Equal(t, clientID, verify(t, c, chain, clk.Now()))
 	require.True(t, c.Bundle().HasX509Authority(p.root))
 
-	_, err = client.CoreV1().Secrets("isthmus-system").Get(t.Context(), DefaultSecretName, metav1.GetOptions{})
-	require.Error(t, err, "no self-signed root is generated when a CA is plugged in")
+	sec, err := client.CoreV1().Secrets("isthmus-system").Get(t.Context(), DefaultSecretName, metav1.GetOptions{})
+	require.NoError(t, err, "the bundle number is kept")
+	require.Empty(t, sec.Data, "no self-signed root is generated when a CA is plugged in")
+	require.Equal(t, strconv.FormatUint(c.BundleSequence(), 10), sec.Annotations[annSequence])
 	require.ErrorContains(t, RequestRotation(t.Context(), client, "isthmus-system", ""), "plugged-in CA")
 }
 
@@ -324,6 +328,111 @@ func TestRootRotation(t *testing.T) {
 	require.NoError(t, err)
 	require.Empty(t, st.Phase)
 	require.Equal(t, 1, st.Roots)
+}
+
+// The bundle's sequence number never goes down, whatever the source of the
+// roots, and the same roots keep their number across restarts: peers
+// refuse a bundle numbered lower than the one they hold, for good.
+func TestBundleSequenceIsDurable(t *testing.T) {
+	ctx := t.Context()
+	secrets := func(c kubernetes.Interface) func() typedcorev1.SecretInterface {
+		return func() typedcorev1.SecretInterface { return c.CoreV1().Secrets("isthmus-system") }
+	}
+
+	t.Run("plugged, self-signed, plugged, self-signed", func(t *testing.T) {
+		first, second := newTestPKI(t, true), newTestPKI(t, true)
+		client := kubefake.NewClientset(first.secret(t))
+		sec := secrets(client)
+		clk := clocktesting.NewFakeClock(time.Now())
+
+		plugged := newCA(t, client, clk)
+		require.True(t, plugged.Plugged())
+		seq := plugged.BundleSequence()
+		require.NotZero(t, seq)
+
+		// Rolling restarts, hours apart, and a second replica: same roots,
+		// same number.
+		clk.Step(3 * time.Hour)
+		require.Equal(t, seq, newCA(t, client, clk).BundleSequence())
+		require.Equal(t, seq, newCA(t, client, clk).BundleSequence())
+		st, err := ReadStatus(ctx, client, "isthmus-system")
+		require.NoError(t, err)
+		require.Equal(t, seq, st.Sequence)
+
+		// The operator removes cacerts: a self-signed root, numbered
+		// higher even at the same instant.
+		require.NoError(t, sec().Delete(ctx, PluggedSecretName, metav1.DeleteOptions{}))
+		self := newCA(t, client, clk)
+		require.False(t, self.Plugged())
+		require.Greater(t, self.BundleSequence(), seq)
+		seq = self.BundleSequence()
+		clk.Step(time.Hour)
+		require.Equal(t, seq, newCA(t, client, clk).BundleSequence(), "a restart keeps the number")
+		selfRoot := self.SigningCertificate()
+
+		// Another corporate CA is plugged in, then removed again: the
+		// self-signed root comes back, with a higher number than either.
+		_, err = sec().Create(ctx, second.secret(t), metav1.CreateOptions{})
+		require.NoError(t, err)
+		again := newCA(t, client, clk)
+		require.True(t, again.Plugged())
+		require.Greater(t, again.BundleSequence(), seq)
+		seq = again.BundleSequence()
+		require.NoError(t, sec().Delete(ctx, PluggedSecretName, metav1.DeleteOptions{}))
+		back := newCA(t, client, clk)
+		require.True(t, back.SigningCertificate().Equal(selfRoot), "the self-signed root was kept")
+		require.Greater(t, back.BundleSequence(), seq)
+	})
+
+	t.Run("plugged-in CA changes while running", func(t *testing.T) {
+		first, second := newTestPKI(t, true), newTestPKI(t, true)
+		client := kubefake.NewClientset(first.secret(t))
+		clk := clocktesting.NewFakeClock(time.Now())
+		c := newCA(t, client, clk)
+		seq := c.BundleSequence()
+		require.NoError(t, c.Reconcile(ctx))
+		require.Equal(t, seq, c.BundleSequence())
+		_, err := secrets(client)().Update(ctx, second.secret(t), metav1.UpdateOptions{})
+		require.NoError(t, err)
+		require.NoError(t, c.Reconcile(ctx))
+		require.True(t, c.Bundle().HasX509Authority(second.root))
+		require.Greater(t, c.BundleSequence(), seq)
+	})
+
+	t.Run("CA Secret recreated", func(t *testing.T) {
+		client := kubefake.NewClientset()
+		clk := clocktesting.NewFakeClock(time.Now())
+		c := newCA(t, client, clk)
+		// A rotation or two have moved the number on.
+		for range 2 {
+			require.NoError(t, RequestRotation(ctx, client, "isthmus-system", ""))
+			require.NoError(t, c.Reconcile(ctx))
+			clk.Step(2 * time.Hour)
+			require.NoError(t, c.Reconcile(ctx))
+			clk.Step(DefaultMaxTTL + time.Hour)
+			require.NoError(t, c.Reconcile(ctx))
+		}
+		seq := c.BundleSequence()
+
+		require.NoError(t, secrets(client)().Delete(ctx, DefaultSecretName, metav1.DeleteOptions{}))
+		clk.Step(time.Minute)
+		fresh := newCA(t, client, clk)
+		require.False(t, fresh.SigningCertificate().Equal(c.SigningCertificate()), "a new root")
+		require.Greater(t, fresh.BundleSequence(), seq)
+	})
+
+	t.Run("number kept before the roots were named", func(t *testing.T) {
+		client := kubefake.NewClientset()
+		clk := clocktesting.NewFakeClock(time.Now())
+		newCA(t, client, clk)
+		s, err := secrets(client)().Get(ctx, DefaultSecretName, metav1.GetOptions{})
+		require.NoError(t, err)
+		delete(s.Annotations, annRootsDigest)
+		s.Annotations[annSequence] = "7"
+		_, err = secrets(client)().Update(ctx, s, metav1.UpdateOptions{})
+		require.NoError(t, err)
+		require.Equal(t, uint64(7), newCA(t, client, clk).BundleSequence(), "an upgrade keeps the number peers hold")
+	})
 }
 
 // In the prepared phase of a rotation the Secret must hold the next root
