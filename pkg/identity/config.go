@@ -56,6 +56,10 @@ type Config struct {
 	// DialOptions are appended to the options of the gRPC client to the
 	// CA, after its transport credentials (for example a dialer).
 	DialOptions []grpc.DialOption
+
+	// random returns numbers uniform in [0, 1) for the jitter of renewals
+	// and retries; nil means math/rand/v2. Tests set it.
+	random func() float64
 }
 
 // ID is the SPIFFE ID the workload expects.

@@ -24,9 +24,13 @@ import (
 )
 
 const (
-	// Retries after a failed request: 1 s, 2 s, 4 s, ... at most 1 min.
+	// Retries after a failed request: 1 s, 2 s, 4 s, ... at most 1 min,
+	// each ±retryJitter (but never over maxBackoff), so that the workloads
+	// of a cluster that all lost the CA together do not all come back at
+	// the same instant, again and again.
 	initialBackoff = time.Second
 	maxBackoff     = time.Minute
+	retryJitter    = 0.2
 	// renewJitter spreads renewals over ±10 % of the half-life, so that
 	// workloads started together do not renew together.
 	renewJitter = 0.1
@@ -42,6 +46,7 @@ type Source struct {
 	td     spiffeid.TrustDomain
 	cfg    Config
 	clock  Clock
+	random func() float64
 	log    *slog.Logger
 	conn   *grpc.ClientConn
 	client pb.IstioCertificateServiceClient
@@ -80,6 +85,7 @@ func New(ctx context.Context, cfg Config) (*Source, error) {
 		td:      cfg.TrustDomain,
 		cfg:     cfg,
 		clock:   cfg.Clock,
+		random:  cfg.random,
 		log:     cfg.Logger,
 		updated: make(chan struct{}, 1),
 		done:    make(chan struct{}),
@@ -87,6 +93,9 @@ func New(ctx context.Context, cfg Config) (*Source, error) {
 	}
 	if s.clock == nil {
 		s.clock = RealClock{}
+	}
+	if s.random == nil {
+		s.random = rand.Float64
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
@@ -177,8 +186,9 @@ func (s *Source) fetchFirst(ctx context.Context) error {
 		if isPermanent(err) {
 			return fmt.Errorf("first SVID from %s: %w", s.cfg.CAAddress, err)
 		}
-		s.log.Warn("cannot get first SVID, retrying", "error", err, "retry_in", backoff)
-		if !s.sleep(ctx, backoff) {
+		wait := s.retryDelay(backoff)
+		s.log.Warn("cannot get first SVID, retrying", "error", err, "retry_in", wait)
+		if !s.sleep(ctx, wait) {
 			return fmt.Errorf("first SVID from %s: %w (last attempt: %w)", s.cfg.CAAddress, ctx.Err(), err)
 		}
 		backoff = min(2*backoff, maxBackoff)
@@ -197,8 +207,8 @@ func (s *Source) renewLoop(ctx context.Context) {
 		} else {
 			// Due as soon as issued: our clock is probably well ahead of
 			// the CA's. Renewing at once would only hammer the CA.
-			s.log.Warn("new SVID is already past half-life; is the clock ahead of the CA's?", "retry_in", dueBackoff)
-			wait = dueBackoff
+			wait = s.retryDelay(dueBackoff)
+			s.log.Warn("new SVID is already past half-life; is the clock ahead of the CA's?", "retry_in", wait)
 			dueBackoff = min(2*dueBackoff, maxBackoff)
 		}
 		if !s.sleep(ctx, wait) {
@@ -213,8 +223,9 @@ func (s *Source) renewLoop(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
-			s.logFailure(err, backoff)
-			if !s.sleep(ctx, backoff) {
+			wait := s.retryDelay(backoff)
+			s.logFailure(err, wait)
+			if !s.sleep(ctx, wait) {
 				return
 			}
 			backoff = min(2*backoff, maxBackoff)
@@ -243,8 +254,20 @@ func (s *Source) untilRenewal() time.Duration {
 	leaf := s.svid.Certificates[0]
 	s.mu.RUnlock()
 	half := leaf.NotAfter.Sub(leaf.NotBefore) / 2
-	jitter := time.Duration((rand.Float64()*2 - 1) * renewJitter * float64(half))
+	jitter := time.Duration((s.random()*2 - 1) * renewJitter * float64(half))
 	return max(0, leaf.NotBefore.Add(half+jitter).Sub(s.clock.Now()))
+}
+
+// retryDelay is the wait before the next attempt at backoff step step:
+// step ±retryJitter, at most maxBackoff.
+func (s *Source) retryDelay(step time.Duration) time.Duration {
+	return jitterDelay(step, s.random())
+}
+
+// jitterDelay spreads step over ±retryJitter of it by r (uniform in
+// [0, 1)), capped at maxBackoff.
+func jitterDelay(step time.Duration, r float64) time.Duration {
+	return min(time.Duration(float64(step)*(1+retryJitter*(2*r-1))), maxBackoff)
 }
 
 // sleep waits d on the Source's clock; false if ctx ended first.

@@ -261,3 +261,78 @@ func TestRenewalFailureBackoff(t *testing.T) {
 	require.GreaterOrEqual(t, d, 74*time.Second)
 	require.LessOrEqual(t, d, 105*time.Second)
 }
+
+// Workloads that lost the CA together must not retry together: each retry
+// waits its backoff step ±20 %, never more than the cap, drawn from the
+// Source's random source.
+func TestRetriesAreJittered(t *testing.T) {
+	signer := newTestSigner(t, time.Now)
+	ca := startTestCA(t, signer, nil)
+	signer.setErr(errSignerDown)
+	nominal := []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second,
+		16 * time.Second, 32 * time.Second, time.Minute, time.Minute}
+
+	// firstWaits starts a Source while the CA is down and returns the
+	// waits between its attempts at a first SVID.
+	firstWaits := func(random func() float64) []time.Duration {
+		clk := newFakeClock()
+		cfg := ca.config(t, clk)
+		cfg.random = random
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error, 1)
+		go func() {
+			s, err := New(ctx, cfg)
+			if err == nil {
+				_ = s.Close()
+			}
+			done <- err
+		}()
+		var waits []time.Duration
+		for range nominal {
+			d := clk.nextTimer(t)
+			waits = append(waits, d)
+			clk.Advance(d)
+		}
+		cancel()
+		require.Error(t, <-done)
+		return waits
+	}
+
+	low := firstWaits(func() float64 { return 0 })
+	high := firstWaits(func() float64 { return 0.999 })
+	for i, step := range nominal {
+		require.Equal(t, step*8/10, low[i], "attempt %d: 80 %% of %s", i+1, step)
+		require.InDelta(t, float64(min(time.Duration(float64(step)*1.1996), time.Minute)), float64(high[i]), float64(time.Microsecond), "attempt %d", i+1)
+		require.NotEqual(t, low[i], high[i], "attempt %d: two workloads retry at different times", i+1)
+	}
+
+	// With the real random source: within the bounds, and not the bare
+	// steps in lockstep.
+	a, b := firstWaits(nil), firstWaits(nil)
+	require.NotEqual(t, a, b, "two workloads' retries differ")
+	for _, waits := range [][]time.Duration{a, b} {
+		require.NotEqual(t, nominal, waits)
+		for i, step := range nominal {
+			require.GreaterOrEqual(t, waits[i], step*8/10, "attempt %d", i+1)
+			require.LessOrEqual(t, waits[i], min(step*12/10, maxBackoff), "attempt %d", i+1)
+		}
+	}
+}
+
+// Failed renewals are retried with the same jitter.
+func TestRenewalRetriesAreJittered(t *testing.T) {
+	clk := newFakeClock()
+	signer := newTestSigner(t, clk.Now)
+	ca := startTestCA(t, signer, nil)
+	cfg := ca.config(t, clk)
+	cfg.random = func() float64 { return 0 }
+	newSource(t, cfg)
+
+	signer.setErr(errSignerDown)
+	clk.Advance(clk.nextTimer(t))
+	for _, want := range []time.Duration{800 * time.Millisecond, 1600 * time.Millisecond, 3200 * time.Millisecond} {
+		d := clk.nextTimer(t)
+		require.Equal(t, want, d)
+		clk.Advance(d)
+	}
+}

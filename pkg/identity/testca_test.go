@@ -278,9 +278,13 @@ func (t *tamperingCA) CreateCertificate(ctx context.Context, req *pb.IstioCertif
 	return &pb.IstioCertificateResponse{CertChain: t.tamper(resp.GetCertChain())}, nil
 }
 
-// config is a valid Config for webID against c, with a TokenSource.
+// config is a valid Config for webID against c, with a TokenSource. Its
+// random source always returns the middle of the range, so renewals come
+// at exactly half-life and retries at exactly 1 s, 2 s, 4 s, ...;
+// TestRetriesAreJittered covers the jitter.
 func (c *testCA) config(tb testing.TB, clk Clock) Config {
 	return Config{
+		random:         func() float64 { return 0.5 },
 		CAAddress:      c.addr,
 		CAID:           federatorID,
 		RootsPEM:       c.signer.rootsPEM(),
