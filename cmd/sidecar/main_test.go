@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -126,6 +127,11 @@ func TestIptablesApplyAndRemove(t *testing.T) {
 		require.NoError(t, err)
 		return out
 	}
+	save6 := func() string {
+		out, err := ns.Run(t.Context(), "ip6tables-save", "-t", "filter")
+		require.NoError(t, err)
+		return out
+	}
 	var stderr string
 	require.NoError(t, ns.Do(func() error {
 		var err error
@@ -133,6 +139,8 @@ func TestIptablesApplyAndRemove(t *testing.T) {
 		return err
 	}))
 	require.Contains(t, stderr, `"msg":"applied the capture rules"`)
+	require.Contains(t, stderr, `"ipv6InboundRefused":true`)
+	require.Contains(t, save6(), "-A INPUT -j "+capture.ChainInput6Block, "without --ipv6, inbound IPv6 is refused")
 	saved := save()
 	require.Contains(t, saved, "-A OUTPUT -j ISTHMUS_OUTPUT")
 	require.Contains(t, saved, "-A ISTHMUS_OUTPUT -p tcp -m tcp --dport 3306 -j RETURN")
@@ -142,6 +150,7 @@ func TestIptablesApplyAndRemove(t *testing.T) {
 		return err
 	}))
 	require.NotContains(t, save(), "ISTHMUS")
+	require.NotContains(t, save6(), "ISTHMUS")
 }
 
 // TestBinary runs the built command: its exit status and messages are
@@ -172,5 +181,26 @@ func TestBinary(t *testing.T) {
 		saved, err := ns.Run(ctx, "ip6tables-save", "-t", "nat")
 		require.NoError(t, err)
 		require.Contains(t, saved, "-A ISTHMUS_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006")
+	})
+	t.Run("without ip6tables and without IPv6 addresses: a note, not a failure", func(t *testing.T) {
+		// A PATH with iptables but no ip6tables.
+		dir := t.TempDir()
+		for _, name := range []string{"iptables-save", "iptables-restore"} {
+			p, err := exec.LookPath(name)
+			require.NoError(t, err)
+			require.NoError(t, os.Symlink(p, filepath.Join(dir, name)))
+		}
+		ns := netns.New(t, "sidecar-noip6")
+		cmd := exec.CommandContext(ctx, bin, "iptables")
+		cmd.Env = append(os.Environ(), "PATH="+dir)
+		var stderr strings.Builder
+		cmd.Stdout, cmd.Stderr = &stderr, &stderr
+		require.NoError(t, ns.Start(cmd))
+		require.NoError(t, cmd.Wait(), stderr.String())
+		require.Contains(t, stderr.String(), "inbound IPv6 is not refused: IPv6 cannot reach the pod")
+		require.Contains(t, stderr.String(), "no interface but loopback has an IPv6 address")
+		saved, err := ns.Run(ctx, "iptables-save", "-t", "nat")
+		require.NoError(t, err)
+		require.Contains(t, saved, "-A OUTPUT -j ISTHMUS_OUTPUT", "IPv4 is captured all the same")
 	})
 }

@@ -2,12 +2,14 @@ package capture
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"syscall"
@@ -57,8 +59,19 @@ func newPod(t *testing.T, opts netns.NetworkOptions, cfg Config) *pod {
 	n := netns.NewNetwork(t, opts)
 	p := &pod{t: t, net: n, ns: n.NewNS(t, "pod"), peer: n.NewNS(t, "peer"), bin: netns.Executable(t), hits: make(chan hit, 16)}
 	requireTool(t, "iptables-restore")
-	require.NoError(t, p.ns.Do(func() error { return Apply(t.Context(), cfg) }))
+	p.apply(cfg)
 	return p
+}
+
+// apply applies cfg in the pod's namespace.
+func (p *pod) apply(cfg Config) Result {
+	p.t.Helper()
+	var res Result
+	require.NoError(p.t, p.ns.Do(func() (err error) {
+		res, err = Apply(p.t.Context(), cfg)
+		return err
+	}))
+	return res
 }
 
 func requireTool(t testing.TB, name string) {
@@ -369,6 +382,146 @@ func TestCaptureIPv6(t *testing.T) {
 	require.Equal(t, dst4, p.expect("in4").orig)
 }
 
+// TestIPv6RefusedWithoutIPv6Capture is the dual-stack pod with the
+// default capture (IPv4 only): IPv6 from outside must not reach the app
+// around the sidecar, while the pod's own IPv6 keeps working.
+func TestIPv6RefusedWithoutIPv6Capture(t *testing.T) {
+	t.Parallel()
+	cfg := DefaultConfig()
+	p := newPod(t, netns.NetworkOptions{Label: "noip6", IPv6: true}, cfg)
+	requireTool(t, "ip6tables-restore")
+	router := p.net.Router()
+	remote := netip.MustParseAddrPort("[fd00:99::1]:80")
+	addAddr(t, router, remote.Addr())
+	p.serveTCP(p.ns, "inbound", ":15006")
+	p.serveTCP(p.ns, "app", ":8080")
+	p.serveTCP(p.ns, "app-local6", "[::1]:9000")
+	p.serveTCP(router, "remote", remote.String())
+	dst6 := netip.AddrPortFrom(p.ns.Addr6(), 8080)
+	dst4 := netip.AddrPortFrom(p.ns.Addr(), 8080)
+
+	refused := func(t *testing.T, addr netip.AddrPort) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(t.Context(), hitTimeout)
+		defer cancel()
+		c, err := p.peer.DialContext(ctx, "tcp", addr.String())
+		if err == nil {
+			c.Close()
+		}
+		// A reset, at once: not a timeout, which would also mean that
+		// neighbour discovery broke.
+		require.ErrorIs(t, err, syscall.ECONNREFUSED, "a peer's IPv6 connection to %s", addr)
+	}
+
+	t.Run("a peer's IPv6 connection is refused, its IPv4 one lands on 15006", func(t *testing.T) {
+		refused(t, dst6)
+		refused(t, netip.AddrPortFrom(p.ns.Addr6(), 15006)) // the sidecar's ports too
+		require.Equal(t, "inbound "+dst4.String(), dialFrom(t, p.peer, dst4.String(), "in4"))
+		require.Equal(t, "inbound", p.expect("in4").server)
+	})
+	t.Run("the app's own IPv6 connections work: out to the router, and on loopback", func(t *testing.T) {
+		reply := p.run(appUser, "tcp", remote.String(), "out6")
+		h := p.expect("out6")
+		require.Equal(t, "remote", h.server, "not captured: IPv6 capture is off")
+		require.Equal(t, p.ns.Addr6(), netip.MustParseAddrPort(h.remote).Addr().Unmap())
+		// The reply came back through the block: the connection's replies
+		// are ESTABLISHED. (The router tracks nothing, so no original
+		// destination there.)
+		require.Equal(t, "remote -", reply)
+
+		p.run(appUser, "tcp", "[::1]:9000", "local6")
+		require.Equal(t, "app-local6", p.expect("local6").server)
+		p.run(appUser, "tcp", dst6.String(), "self6")
+		require.Equal(t, "app", p.expect("self6").server, "the pod calling its own IPv6 address, over lo")
+	})
+	t.Run("turning IPv6 capture on replaces the block; off again restores it", func(t *testing.T) {
+		on := cfg
+		on.IPv6 = true
+		require.Equal(t, Result{}, p.apply(on))
+		require.NotContains(t, savedTableIn(t, p.ns, "ip6tables-save", "filter"), ChainInput6Block)
+		require.Equal(t, "inbound "+dst6.String(), dialFrom(t, p.peer, dst6.String(), "in6"))
+		require.Equal(t, dst6, p.expect("in6").orig)
+
+		require.Equal(t, Result{IPv6Refused: true}, p.apply(cfg))
+		require.NotContains(t, natTable(t, p.ns, "ip6tables-save"), "ISTHMUS", "IPv6's capture is gone")
+		refused(t, dst6)
+	})
+	select {
+	case h := <-p.hits:
+		t.Fatalf("unexpected hit: %+v", h)
+	default:
+	}
+}
+
+// TestApplyWithoutIP6tables: without ip6tables, or with a kernel that
+// cannot give it a table (no IPv6), IPv6 is left alone when no interface
+// but loopback has an IPv6 address, and Apply fails when one has.
+func TestApplyWithoutIP6tables(t *testing.T) {
+	t.Parallel()
+	requireTool(t, "iptables-restore")
+	// What a legacy ip6tables-save prints on a kernel without IPv6, which
+	// this machine's kernel cannot show. Written first, long before it
+	// runs (a file still open for writing cannot be executed).
+	noKernel := filepath.Join(t.TempDir(), "ip6tables-save")
+	require.NoError(t, os.WriteFile(noKernel, []byte("#!/bin/sh\necho 'ip6tables-save v1.8.9 (legacy): Cannot initialize: Address family not supported by protocol' >&2\nexit 1\n"), 0o755))
+	for name, lookPath := range map[string]func(string) (string, error){
+		"not installed": func(name string) (string, error) {
+			if strings.HasPrefix(name, "ip6tables") {
+				return "", &exec.Error{Name: name, Err: exec.ErrNotFound}
+			}
+			return exec.LookPath(name)
+		},
+		"kernel without IPv6": func(name string) (string, error) {
+			if name == "ip6tables-save" {
+				return noKernel, nil
+			}
+			return exec.LookPath(name)
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			r := Runner{lookPath: lookPath}
+			apply := func(ns *netns.NS, c Config) (res Result, err error) {
+				err = ns.Do(func() (err error) {
+					res, err = r.Apply(t.Context(), c)
+					return err
+				})
+				return res, err
+			}
+			cfg := DefaultConfig()
+
+			t.Run("no IPv6 address but on lo: IPv6 left alone, and said so", func(t *testing.T) {
+				ns := netns.New(t, "noip6tables")
+				res, err := apply(ns, cfg)
+				require.NoError(t, err)
+				require.False(t, res.IPv6Refused)
+				require.ErrorIs(t, res.IPv6Skipped, errNoTable)
+				require.ErrorContains(t, res.IPv6Skipped, "no interface but loopback has an IPv6 address")
+				require.ErrorContains(t, res.IPv6Skipped, "ip6tables-save -t filter")
+				require.Contains(t, natTable(t, ns, "iptables-save"), "-A OUTPUT -j ISTHMUS_OUTPUT", "IPv4 is captured")
+				require.NoError(t, ns.Do(func() error { return r.Remove(t.Context(), cfg) }), "nothing of IPv6 to remove")
+				require.NotContains(t, natTable(t, ns, "iptables-save"), "ISTHMUS")
+
+				on := cfg
+				on.IPv6 = true
+				_, err = apply(ns, on)
+				require.ErrorIs(t, err, errNoTable, "IPv6 capture asked for: ip6tables is needed")
+				require.NotContains(t, natTable(t, ns, "iptables-save"), "ISTHMUS", "IPv4 rolled back")
+				require.Error(t, ns.Do(func() error { return r.Remove(t.Context(), on) }))
+			})
+			t.Run("an IPv6 address on eth0: Apply fails, closed", func(t *testing.T) {
+				n := netns.NewNetwork(t, netns.NetworkOptions{Label: "noip6tables6", IPv6: true})
+				ns := n.NewNS(t, "pod")
+				_, err := apply(ns, cfg)
+				require.ErrorIs(t, err, errNoTable)
+				require.ErrorContains(t, err, "yet the pod has IPv6 addresses ("+ns.Addr6().String()+" on eth0")
+				require.ErrorContains(t, err, "install ip6tables")
+				require.NotContains(t, natTable(t, ns, "iptables-save"), "ISTHMUS", "IPv4 rolled back: the init step failed as a whole")
+			})
+		})
+	}
+}
+
 func TestOriginalDstWithoutConntrack(t *testing.T) {
 	t.Parallel()
 	// A namespace without any NAT rule: conntrack does not track its
@@ -397,7 +550,14 @@ func TestOriginalDstWithoutConntrack(t *testing.T) {
 // comments and counters.
 func natTable(t testing.TB, ns *netns.NS, save string) string {
 	t.Helper()
-	out, err := ns.Run(t.Context(), save, "-t", "nat")
+	return savedTableIn(t, ns, save, "nat")
+}
+
+// savedTableIn returns table as save prints it, inside ns, without
+// comments and counters.
+func savedTableIn(t testing.TB, ns *netns.NS, save, table string) string {
+	t.Helper()
+	out, err := ns.Run(t.Context(), save, "-t", table)
 	require.NoError(t, err)
 	var b strings.Builder
 	counters := regexp.MustCompile(`\[[0-9]+:[0-9]+\]`)
@@ -417,7 +577,7 @@ func ours(table string) (chainRules, jumps []string) {
 		switch {
 		case strings.HasPrefix(line, "-A ISTHMUS_"):
 			chainRules = append(chainRules, line)
-		case strings.HasPrefix(line, "-A ") && regexp.MustCompile(`-j ISTHMUS_[A-Z_]+$`).MatchString(line):
+		case strings.HasPrefix(line, "-A ") && regexp.MustCompile(`-j ISTHMUS_[A-Z0-9_]+$`).MatchString(line):
 			jumps = append(jumps, line)
 		}
 	}
@@ -455,16 +615,32 @@ func TestApplyIdempotentAndRemove(t *testing.T) {
 					require.NoError(t, err)
 				}
 			}
+			// And in ip6tables' filter table, where the IPv6 block goes.
+			save6, cmd6 := families[1].save, families[1].cmd
+			for _, args := range [][]string{
+				{"-A", "INPUT", "-s", "2001:db8::1/128", "-j", "ACCEPT"},
+				{"-N", "FOREIGN"},
+				{"-A", "FOREIGN", "-p", "tcp", "-j", "RETURN"},
+				{"-A", "INPUT", "-j", "FOREIGN"},
+			} {
+				_, err := ns.Run(t.Context(), cmd6, append([]string{"-t", "filter"}, args...)...)
+				require.NoError(t, err)
+			}
+			filter := func() string { return savedTableIn(t, ns, save6, "filter") }
 			before := map[string]string{}
 			for _, f := range families {
 				before[f.save] = natTable(t, ns, f.save)
 			}
+			beforeFilter := filter()
 
 			cfg := DefaultConfig()
 			cfg.IPv6 = true
 			apply := func(c Config) {
 				t.Helper()
-				require.NoError(t, ns.Do(func() error { return r.Apply(t.Context(), c) }))
+				require.NoError(t, ns.Do(func() error {
+					_, err := r.Apply(t.Context(), c)
+					return err
+				}))
 			}
 			apply(cfg)
 			once := map[string]string{}
@@ -485,9 +661,10 @@ func TestApplyIdempotentAndRemove(t *testing.T) {
 				gotRules, gotJumps := ours(once[f.save])
 				require.Equal(t, wantRules, gotRules, "%s prints the rules as Rules writes them", f.save)
 				require.Equal(t, wantJumps, gotJumps)
-				require.Empty(t, jumpEdits(wantJumps, once[f.save]), "the saved jumps are recognised as ours")
+				require.Empty(t, jumpEdits(natChains, wantJumps, once[f.save]), "the saved jumps are recognised as ours")
 				require.Contains(t, once[f.save], "-A OUTPUT -d "+f.other+" -j RETURN")
 			}
+			require.Equal(t, beforeFilter, filter(), "IPv6 captured: nothing to refuse")
 
 			t.Run("a changed config replaces the rules", func(t *testing.T) {
 				changed := cfg
@@ -508,6 +685,46 @@ func TestApplyIdempotentAndRemove(t *testing.T) {
 				require.Equal(t, once[families[0].save], natTable(t, ns, families[0].save))
 			})
 
+			t.Run("IPv6 off: the block replaces IPv6's capture, and back", func(t *testing.T) {
+				off := cfg
+				off.IPv6 = false
+				rs, err := Rules(off)
+				require.NoError(t, err)
+				wantRules, wantJumps := ours(rs.IPv6)
+				require.Equal(t, []string{"-A INPUT -j " + ChainInput6Block}, wantJumps)
+				var res Result
+				require.NoError(t, ns.Do(func() (err error) {
+					res, err = r.Apply(t.Context(), off)
+					return err
+				}))
+				require.Equal(t, Result{IPv6Refused: true}, res)
+				blocked := filter()
+				gotRules, gotJumps := ours(blocked)
+				require.Equal(t, wantRules, gotRules, "%s prints the block as Rules writes it", save6)
+				require.Equal(t, wantJumps, gotJumps)
+				require.Contains(t, blocked, "-A INPUT -s 2001:db8::1/128 -j ACCEPT")
+				require.Contains(t, blocked, "-A INPUT -j FOREIGN")
+				require.Equal(t, before[save6], natTable(t, ns, save6), "IPv6's capture is gone")
+				require.Equal(t, once[families[0].save], natTable(t, ns, families[0].save), "IPv4's stays")
+
+				apply(off)
+				require.Equal(t, blocked, filter(), "applying twice is applying once")
+				_, err = ns.Run(t.Context(), cmd6, "-t", "filter", "-A", "INPUT", "-j", ChainInput6Block)
+				require.NoError(t, err)
+				apply(off)
+				require.Equal(t, blocked, filter(), "a duplicated jump is repaired")
+
+				apply(cfg)
+				require.Equal(t, beforeFilter, filter(), "IPv6 on again: the block is gone")
+				require.Equal(t, once[save6], natTable(t, ns, save6))
+
+				apply(off)
+				require.Equal(t, blocked, filter())
+				require.NoError(t, ns.Do(func() error { return r.Remove(t.Context(), off) }))
+				require.Equal(t, beforeFilter, filter(), "Remove must leave the filter table as it was")
+				apply(cfg)
+			})
+
 			remove := func() {
 				t.Helper()
 				require.NoError(t, ns.Do(func() error { return r.Remove(t.Context(), cfg) }))
@@ -516,10 +733,12 @@ func TestApplyIdempotentAndRemove(t *testing.T) {
 			for _, f := range families {
 				require.Equal(t, before[f.save], natTable(t, ns, f.save), "%s: Remove must leave the table as it was", f.save)
 			}
+			require.Equal(t, beforeFilter, filter())
 			remove() // nothing left to remove: not an error
 			for _, f := range families {
 				require.Equal(t, before[f.save], natTable(t, ns, f.save))
 			}
+			require.Equal(t, beforeFilter, filter())
 		})
 	}
 }
@@ -551,23 +770,41 @@ func TestApplyRollsBackWhenIPv6Fails(t *testing.T) {
 	before := natTable(t, ns, "iptables-save")
 	cfg := DefaultConfig()
 	cfg.IPv6 = true
-	err := ns.Do(func() error {
-		return Runner{}.edit(t.Context(), families(cfg), func(f family, saved string) string {
-			if f.v6 {
-				return "*nat\n-A OUTPUT -j NO_SUCH_CHAIN\nCOMMIT\n"
-			}
-			return buildTable(cfg, f).render(jumpEdits(buildTable(cfg, f).jumps, saved))
-		})
-	})
+	steps := Runner{}.applySteps(cfg, new(Result))
+	require.Equal(t, "nat", steps[1].table)
+	require.True(t, steps[1].f.v6)
+	steps[1].input = func(string) string { return "*nat\n-A OUTPUT -j NO_SUCH_CHAIN\nCOMMIT\n" }
+	err := ns.Do(func() error { return Runner{}.edit(t.Context(), steps) })
 	var re *RestoreError
 	require.ErrorAs(t, err, &re)
 	require.True(t, strings.HasPrefix(re.Command, "ip6tables-restore --noflush"), re.Command)
 	require.Equal(t, before, natTable(t, ns, "iptables-save"), "IPv4 must be rolled back")
+
+	t.Run("turning IPv6 off: a failed block puts IPv6's capture back", func(t *testing.T) {
+		require.NoError(t, ns.Do(func() error {
+			_, err := Apply(t.Context(), cfg)
+			return err
+		}))
+		on4, on6 := natTable(t, ns, "iptables-save"), natTable(t, ns, "ip6tables-save")
+		filter := savedTableIn(t, ns, "ip6tables-save", "filter")
+		off := cfg
+		off.IPv6 = false
+		off.ExcludeOutboundPorts = []uint16{3306} // so that IPv4 changes too
+		steps := Runner{}.applySteps(off, new(Result))
+		last := &steps[len(steps)-1]
+		require.Equal(t, "filter", last.table)
+		last.input = func(string) string { return "*filter\n-A INPUT -j NO_SUCH_CHAIN\nCOMMIT\n" }
+		err := ns.Do(func() error { return Runner{}.edit(t.Context(), steps) })
+		require.ErrorAs(t, err, &re)
+		require.Equal(t, on4, natTable(t, ns, "iptables-save"))
+		require.Equal(t, on6, natTable(t, ns, "ip6tables-save"), "the removed IPv6 capture is back")
+		require.Equal(t, filter, savedTableIn(t, ns, "ip6tables-save", "filter"))
+	})
 }
 
 func TestApplyRejectsBadConfig(t *testing.T) {
 	t.Parallel()
-	err := Apply(t.Context(), Config{})
+	_, err := Apply(t.Context(), Config{})
 	require.ErrorContains(t, err, "outbound capture port: 0 is not a port")
 	require.False(t, errors.As(err, new(*RestoreError)), "rejected before any command ran")
 }

@@ -54,8 +54,9 @@ type Config struct {
 	// ExcludeOutboundCIDRs are destinations the app reaches directly.
 	ExcludeOutboundCIDRs []netip.Prefix
 
-	// IPv6 captures IPv6 as well (ip6tables). Without it IPv6 traffic is
-	// left alone, and IPv6 DNS servers and CIDRs are an error.
+	// IPv6 captures IPv6 as well (ip6tables). Without it inbound IPv6 is
+	// refused (ChainInput6Block) and the app's outbound IPv6 goes direct,
+	// and IPv6 DNS servers and CIDRs are an error.
 	IPv6 bool
 }
 

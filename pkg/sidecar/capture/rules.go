@@ -9,8 +9,8 @@ import (
 	"strings"
 )
 
-// The chains Isthmus owns in the nat table. Apply flushes and refills
-// them; Remove deletes them.
+// The chains Isthmus owns. Apply flushes and refills them; Remove deletes
+// them.
 const (
 	// ChainInbound sees every TCP connection arriving at the pod
 	// (PREROUTING): the sidecar's own ports and excluded ports return,
@@ -24,31 +24,37 @@ const (
 	ChainOutput = "ISTHMUS_OUTPUT"
 	// ChainRedirect redirects to the outbound capture port.
 	ChainRedirect = "ISTHMUS_REDIRECT"
+	// ChainInput6Block refuses inbound IPv6 when IPv6 is not captured
+	// (Config.IPv6 off): in ip6tables' filter table, reached from INPUT,
+	// it lets through loopback, the replies of the pod's own connections
+	// and ICMPv6 (neighbour discovery), and rejects the rest, so IPv6
+	// cannot reach the app around the sidecar. Istio does the same.
+	ChainInput6Block = "ISTHMUS_INPUT6_BLOCK"
 )
 
-// chains lists the chains in the order they are declared.
-var chains = []string{ChainInbound, ChainInRedirect, ChainOutput, ChainRedirect}
+// natChains lists the nat table's chains in the order they are declared.
+var natChains = []string{ChainInbound, ChainInRedirect, ChainOutput, ChainRedirect}
 
-// Ruleset is what Apply loads, as iptables-restore input for a nat table
-// that has no Isthmus rules yet. Applying it where the rules already exist
-// does not add the jumps from PREROUTING and OUTPUT a second time (see
+// blockChains lists the filter table's chains (ip6tables only).
+var blockChains = []string{ChainInput6Block}
+
+// Ruleset is what Apply loads, as iptables-restore input for tables that
+// have no Isthmus rules yet. Applying it where the rules already exist
+// does not add the jumps from the built-in chains a second time (see
 // Apply).
 type Ruleset struct {
-	// IPv4 is the input for iptables-restore --noflush.
+	// IPv4 is the input for iptables-restore --noflush: the nat table's
+	// capture.
 	IPv4 string
-	// IPv6 is the input for ip6tables-restore --noflush; empty unless
-	// Config.IPv6.
+	// IPv6 is the input for ip6tables-restore --noflush: with Config.IPv6
+	// the nat table's capture, as for IPv4; without it the filter table's
+	// ChainInput6Block, which refuses inbound IPv6.
 	IPv6 string
 }
 
 // String is both inputs, each introduced by a comment line naming the
 // command it is for.
-func (r Ruleset) String() string {
-	if r.IPv6 == "" {
-		return r.IPv4
-	}
-	return r.IPv4 + r.IPv6
-}
+func (r Ruleset) String() string { return r.IPv4 + r.IPv6 }
 
 // Rules generates the capture rules for c, or says what is wrong with c.
 // The rules are written as iptables-save prints them, so a saved table can
@@ -60,6 +66,8 @@ func Rules(c Config) (Ruleset, error) {
 	rs := Ruleset{IPv4: buildTable(c, ipv4).render(nil)}
 	if c.IPv6 {
 		rs.IPv6 = buildTable(c, ipv6).render(nil)
+	} else {
+		rs.IPv6 = blockTable().render(nil)
 	}
 	return rs, nil
 }
@@ -85,17 +93,25 @@ var (
 
 func (f family) has(a netip.Addr) bool { return a.Is6() == f.v6 }
 
-// table is one family's rules, apart from the restore framing.
+// table is one family's rules in one of its tables, apart from the
+// restore framing.
 type table struct {
 	f family
+	// name is the iptables table: nat or filter.
+	name string
+	// title says what the rules are for, in the input's first line.
+	title string
+	// chains are ours in this table, in the order they are declared.
+	chains []string
 	// rules are "-A <our chain> …" lines, grouped by chain.
 	rules []string
 	// jumps are the "-A <built-in chain> … -j <our chain>" lines.
 	jumps []string
 }
 
+// buildTable is f's capture: the nat table.
 func buildTable(c Config, f family) table {
-	t := table{f: f}
+	t := table{f: f, name: "nat", title: f.name, chains: natChains}
 	add := func(chain string, args ...string) {
 		t.rules = append(t.rules, "-A "+chain+" "+strings.Join(args, " "))
 	}
@@ -182,18 +198,45 @@ func buildTable(c Config, f family) table {
 	return t
 }
 
+// blockTable is what refuses inbound IPv6 when IPv6 is not captured: the
+// filter table's ChainInput6Block, reached from INPUT. In order:
+//
+//	loopback (the pod calling itself)                  → ACCEPT
+//	replies to the pod's own connections, ICMP errors  → ACCEPT
+//	ICMPv6 (neighbour discovery: without it a peer
+//	cannot even be refused, nor the router answer)     → ACCEPT
+//	conntrack INVALID (a stray segment of a live
+//	connection, which a reset could kill)              → DROP
+//	TCP                                                → REJECT with a reset
+//	anything else                                      → REJECT (port unreachable)
+func blockTable() table {
+	t := table{f: ipv6, name: "filter", title: "IPv6 not captured, inbound IPv6 refused", chains: blockChains}
+	for _, r := range []string{
+		"-i lo -j ACCEPT",
+		"-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+		"-p ipv6-icmp -j ACCEPT",
+		"-m conntrack --ctstate INVALID -j DROP",
+		"-p tcp -j REJECT --reject-with tcp-reset",
+		"-j REJECT --reject-with icmp6-port-unreachable",
+	} {
+		t.rules = append(t.rules, "-A "+ChainInput6Block+" "+r)
+	}
+	t.jumps = []string{"-A INPUT -j " + ChainInput6Block}
+	return t
+}
+
 // render writes the iptables-restore input: our chains declared (which
 // flushes them when they exist, even with --noflush), their rules, then
 // jumpEdits, or t.jumps when jumpEdits is nil.
 func (t table) render(jumpEdits []string) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "# Isthmus sidecar capture, %s: input for %s --noflush\n", t.f.name, t.f.restore)
-	b.WriteString("*nat\n")
-	for _, c := range chains {
+	fmt.Fprintf(&b, "# Isthmus sidecar capture, %s: input for %s --noflush\n", t.title, t.f.restore)
+	b.WriteString("*" + t.name + "\n")
+	for _, c := range t.chains {
 		fmt.Fprintf(&b, ":%s - [0:0]\n", c)
 	}
 	// Grouped by chain, in declaration order, as iptables-save lists them.
-	for _, c := range chains {
+	for _, c := range t.chains {
 		for _, r := range t.rules {
 			if strings.HasPrefix(r, "-A "+c+" ") {
 				b.WriteString(r + "\n")
