@@ -141,7 +141,7 @@ func (c *CA) numberPlugged(ctx context.Context, ks *keySet) error {
 		ks.sequence = next.sequence
 		return nil
 	}
-	return fmt.Errorf("Secret %s/%s kept changing under us: %w", c.opts.Namespace, c.opts.SecretName, lastErr)
+	return fmt.Errorf("the Secret %s/%s kept changing under us: %w", c.opts.Namespace, c.opts.SecretName, lastErr)
 }
 
 func caSecretLabels() map[string]string {

@@ -185,7 +185,7 @@ func (m *Manager) readClaim(ctx context.Context, record string) (string, error) 
 		return "", err
 	}
 	if s.Type != SecretTypeTokenClaim {
-		return "", fmt.Errorf("Secret %s is not a token claim (type %q)", s.Name, s.Type)
+		return "", fmt.Errorf("the Secret %s is not a token claim (type %q)", s.Name, s.Type)
 	}
 	return string(s.Data[keyClaimedBy]), nil
 }

@@ -331,9 +331,7 @@ func failOnce(c *fake.Clientset, verb, resource, name string) *atomic.Bool {
 	c.PrependReactor(verb, resource, func(a k8stesting.Action) (bool, runtime.Object, error) {
 		var got string
 		switch a := a.(type) {
-		case k8stesting.CreateAction:
-			got = a.GetObject().(metav1.Object).GetName()
-		case k8stesting.UpdateAction:
+		case k8stesting.CreateAction: // and UpdateAction, the same methods
 			got = a.GetObject().(metav1.Object).GetName()
 		case k8stesting.DeleteAction:
 			got = a.GetName()
