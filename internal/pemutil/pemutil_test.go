@@ -16,11 +16,13 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-func TestParseCertificates(t *testing.T) {
+// selfSigned makes n self-signed certificates with one key.
+func selfSigned(t *testing.T, n int) []*x509.Certificate {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	require.NoError(t, err)
 	var certs []*x509.Certificate
-	for i := range 2 {
+	for i := range n {
 		tmpl := &x509.Certificate{SerialNumber: big.NewInt(int64(i + 1)), Subject: pkix.Name{CommonName: "c"},
 			NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
 		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
@@ -29,6 +31,11 @@ func TestParseCertificates(t *testing.T) {
 		require.NoError(t, err)
 		certs = append(certs, c)
 	}
+	return certs
+}
+
+func TestParseCertificates(t *testing.T) {
+	certs := selfSigned(t, 2)
 	got, err := ParseCertificates(EncodeCertificates(certs...))
 	require.NoError(t, err)
 	require.Len(t, got, 2)
@@ -45,18 +52,7 @@ func TestParseCertificates(t *testing.T) {
 // A truncated list (say a bundle cut while being written, during a root
 // rotation) is an error, never the certificates before the cut.
 func TestParseCertificatesNoticesTruncation(t *testing.T) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
-	var certs []*x509.Certificate
-	for i := range 3 {
-		tmpl := &x509.Certificate{SerialNumber: big.NewInt(int64(i + 1)), Subject: pkix.Name{CommonName: "c"},
-			NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-		require.NoError(t, err)
-		c, err := x509.ParseCertificate(der)
-		require.NoError(t, err)
-		certs = append(certs, c)
-	}
+	certs := selfSigned(t, 3)
 	one, two := EncodeCertificates(certs[0]), EncodeCertificates(certs[1])
 	full := EncodeCertificates(certs...)
 

@@ -56,27 +56,30 @@ func tlsPair(t *testing.T) (client, server *tls.Conn) {
 	return client, server
 }
 
+// relayEnds are the pairs the relay is tested between: ends returns the
+// relay's two sides (a, b) and the peers that talk to them (app on a's
+// far side, peer on b's). TCP to TCP is spliced; TCP to TLS copies.
+var relayEnds = []struct {
+	name string
+	ends func(t *testing.T) (app, a, b, peer Conn)
+}{
+	{"tcp to tcp", func(t *testing.T) (app, a, b, peer Conn) {
+		app, a = pair(t)
+		b, peer = pair(t)
+		return
+	}},
+	{"tcp to tls", func(t *testing.T) (app, a, b, peer Conn) {
+		app, a = pair(t)
+		b, peer = tlsPair(t)
+		return
+	}},
+}
+
 // Through the relay, each side's end of stream reaches the other while
 // the opposite direction keeps flowing, and bytes are counted per
 // direction: plain TCP (spliced) and TCP on one side, TLS on the other.
 func TestPipeHalfClose(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		// ends returns the relay's two sides (a, b) and the peers that
-		// talk to them (app on a's far side, peer on b's).
-		ends func(t *testing.T) (app, a, b, peer Conn)
-	}{
-		{"tcp to tcp", func(t *testing.T) (app, a, b, peer Conn) {
-			app, a = pair(t)
-			b, peer = pair(t)
-			return
-		}},
-		{"tcp to tls", func(t *testing.T) (app, a, b, peer Conn) {
-			app, a = pair(t)
-			b, peer = tlsPair(t)
-			return
-		}},
-	} {
+	for _, tc := range relayEnds {
 		t.Run(tc.name, func(t *testing.T) {
 			app, a, b, peer := tc.ends(t)
 			var ab, ba atomic.Int64
@@ -115,21 +118,7 @@ func TestPipeHalfClose(t *testing.T) {
 // Bytes are counted as they move, not when a direction ends: with an
 // idle timeout of an hour, a stream still open has its bytes counted.
 func TestPipeCountsWhileOpen(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		ends func(t *testing.T) (app, a, b, peer Conn)
-	}{
-		{"tcp to tcp", func(t *testing.T) (app, a, b, peer Conn) {
-			app, a = pair(t)
-			b, peer = pair(t)
-			return
-		}},
-		{"tcp to tls", func(t *testing.T) (app, a, b, peer Conn) {
-			app, a = pair(t)
-			b, peer = tlsPair(t)
-			return
-		}},
-	} {
+	for _, tc := range relayEnds {
 		t.Run(tc.name, func(t *testing.T) {
 			app, a, b, peer := tc.ends(t)
 			var ab, ba atomic.Int64
@@ -200,21 +189,7 @@ func TestPipeIdle(t *testing.T) {
 // sides (and so free the sockets, the goroutine and the gateway's
 // connection slot).
 func TestPipeIdleWhileWriteBlocked(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		ends func(t *testing.T) (app, a, b, peer Conn)
-	}{
-		{"tcp to tcp", func(t *testing.T) (app, a, b, peer Conn) {
-			app, a = pair(t)
-			b, peer = pair(t)
-			return
-		}},
-		{"tcp to tls", func(t *testing.T) (app, a, b, peer Conn) {
-			app, a = pair(t)
-			b, peer = tlsPair(t)
-			return
-		}},
-	} {
+	for _, tc := range relayEnds {
 		t.Run(tc.name, func(t *testing.T) {
 			app, a, b, peer := tc.ends(t)
 			done := make(chan struct{})
