@@ -672,7 +672,14 @@ func testH2LifeUpstreamDies(t *testing.T, netHTTP2 bool) {
 	r = c.get(t, "/after")
 	require.NoError(t, r.err, "the downstream connection carries on")
 	require.Equal(t, "answered /after", r.body, "on a new connection to the app")
-	require.EqualValues(t, 3, raw.conns.Load())
+	if netHTTP2 {
+		// net/http's Transport may retry the GET whose connection died
+		// before any response on a connection of its own (seen once in
+		// CI): one more.
+		require.Contains(t, []int64{3, 4}, raw.conns.Load())
+	} else {
+		require.EqualValues(t, 3, raw.conns.Load())
+	}
 }
 
 // b's app breaks HTTP/2 before a response head: a malformed head, DATA

@@ -619,9 +619,18 @@ func TestCertificateServiceSharesThePort(t *testing.T) {
 			require.Equal(t, "spiffe://a.mesh/ns/demo/sa/web", id.String())
 		})
 	}
-	// And a bad token is still the CA's to refuse, not the xDS side's.
+	// And a bad token is still the CA's to refuse, not the xDS side's
+	// (with a well-formed CSR: the CA checks the request before it asks
+	// the API server about the token).
 	client := pb.NewIstioCertificateServiceClient(f.dialTLS(nil))
-	_, err := client.CreateCertificate(metadata.AppendToOutgoingContext(t.Context(), "authorization", "Bearer nope"), &pb.IstioCertificateRequest{Csr: "x"})
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
+		URIs: []*url.URL{{Scheme: "spiffe", Host: "a.mesh", Path: "/ns/demo/sa/web"}},
+	}, key)
+	require.NoError(t, err)
+	_, err = client.CreateCertificate(metadata.AppendToOutgoingContext(t.Context(), "authorization", "Bearer nope"),
+		&pb.IstioCertificateRequest{Csr: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))})
 	require.Equal(t, codes.Unauthenticated, status.Code(err))
 	require.Contains(t, status.Convert(err).Message(), "token refused")
 }
