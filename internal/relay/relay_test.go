@@ -75,6 +75,18 @@ var relayEnds = []struct {
 	}},
 }
 
+// countedPipe runs Pipe(a, b, idle) and counts the bytes each way; done
+// closes when it returns.
+func countedPipe(a, b Conn, idle time.Duration) (ab, ba *atomic.Int64, done <-chan struct{}) {
+	ab, ba = new(atomic.Int64), new(atomic.Int64)
+	d := make(chan struct{})
+	go func() {
+		defer close(d)
+		Pipe(a, b, idle, func(n int64) { ab.Add(n) }, func(n int64) { ba.Add(n) })
+	}()
+	return ab, ba, d
+}
+
 // Through the relay, each side's end of stream reaches the other while
 // the opposite direction keeps flowing, and bytes are counted per
 // direction: plain TCP (spliced) and TCP on one side, TLS on the other.
@@ -82,12 +94,7 @@ func TestPipeHalfClose(t *testing.T) {
 	for _, tc := range relayEnds {
 		t.Run(tc.name, func(t *testing.T) {
 			app, a, b, peer := tc.ends(t)
-			var ab, ba atomic.Int64
-			done := make(chan struct{})
-			go func() {
-				defer close(done)
-				Pipe(a, b, time.Minute, func(n int64) { ab.Add(n) }, func(n int64) { ba.Add(n) })
-			}()
+			ab, ba, done := countedPipe(a, b, time.Minute)
 
 			_, err := app.Write([]byte("request"))
 			require.NoError(t, err)
@@ -121,12 +128,7 @@ func TestPipeCountsWhileOpen(t *testing.T) {
 	for _, tc := range relayEnds {
 		t.Run(tc.name, func(t *testing.T) {
 			app, a, b, peer := tc.ends(t)
-			var ab, ba atomic.Int64
-			done := make(chan struct{})
-			go func() {
-				defer close(done)
-				Pipe(a, b, time.Hour, func(n int64) { ab.Add(n) }, func(n int64) { ba.Add(n) })
-			}()
+			ab, ba, done := countedPipe(a, b, time.Hour)
 			buf := make([]byte, 8)
 			_, err := app.Write([]byte("request"))
 			require.NoError(t, err)
