@@ -353,16 +353,7 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 		err = fmt.Errorf("a peer cannot be named %q", name)
 	}
 	if err == nil && fp.Spec.TokenSecretName != "" {
-		if len(fp.Spec.Addresses) == 0 {
-			err = errors.New("spec.addresses is empty: the joining side dials the peer's federator and needs at least one of its addresses (host:port)")
-		}
-		for _, a := range fp.Spec.Addresses {
-			if err == nil {
-				if aerr := CheckAddress(a); aerr != nil {
-					err = fmt.Errorf("spec.addresses: %w", aerr)
-				}
-			}
-		}
+		err = checkDialAddresses(fp.Spec.Addresses)
 	}
 	if e != nil {
 		e.cancel()
@@ -400,6 +391,20 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 		defer close(e.done)
 		m.runPeer(pctx, e)
 	}()
+	return nil
+}
+
+// checkDialAddresses checks a joining side's spec.addresses: at least
+// one, each host:port.
+func checkDialAddresses(addrs []string) error {
+	if len(addrs) == 0 {
+		return errors.New("spec.addresses is empty: the joining side dials the peer's federator and needs at least one of its addresses (host:port)")
+	}
+	for _, a := range addrs {
+		if err := CheckAddress(a); err != nil {
+			return fmt.Errorf("spec.addresses: %w", err)
+		}
+	}
 	return nil
 }
 

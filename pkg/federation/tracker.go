@@ -50,9 +50,9 @@ type PeerStatus struct {
 // tracker holds one peer's status; sessions, the establisher and the
 // staleness clock write it, the status writer reads it.
 type tracker struct {
-	// mu guards st and the refusals by type, which LastNACKSent and
-	// LastNACKReceived join: one type's answer never hides another's
-	// refusal.
+	// mu guards st and the refusals by type, which Snapshot joins into
+	// LastNACKSent and LastNACKReceived: one type's answer never hides
+	// another's refusal.
 	mu            sync.Mutex
 	st            PeerStatus
 	nacksSent     map[string]string
@@ -77,6 +77,7 @@ func (t *tracker) Snapshot() PeerStatus {
 	defer t.mu.Unlock()
 	s := t.st
 	s.Sent, s.Acknowledged, s.Received = maps.Clone(s.Sent), maps.Clone(s.Acknowledged), maps.Clone(s.Received)
+	s.LastNACKSent, s.LastNACKReceived = joinNACKs(t.nacksSent), joinNACKs(t.nacksReceived)
 	return s
 }
 
@@ -166,7 +167,6 @@ func (t *tracker) acked(typeURL, version string, nack *fedv1.Error, n int) {
 	t.update(func(s *PeerStatus) {
 		s.Acknowledged[typeURL] = version
 		t.nacksReceived[typeURL] = describeNACK(nack)
-		s.LastNACKReceived = joinNACKs(t.nacksReceived)
 		if typeURL == TypeService {
 			s.Exported = n
 		}
@@ -178,15 +178,11 @@ func (t *tracker) received(typeURL, version string) {
 		s.UpdatesReceived++
 		s.Received[typeURL] = version
 		t.nacksSent[typeURL] = ""
-		s.LastNACKSent = joinNACKs(t.nacksSent)
 	})
 }
 
 func (t *tracker) nackSent(typeURL string, e *fedv1.Error) {
-	t.update(func(s *PeerStatus) {
-		t.nacksSent[typeURL] = describeNACK(e)
-		s.LastNACKSent = joinNACKs(t.nacksSent)
-	})
+	t.update(func(*PeerStatus) { t.nacksSent[typeURL] = describeNACK(e) })
 }
 
 // joinNACKs joins the standing refusals, in type order.
