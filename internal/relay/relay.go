@@ -63,8 +63,8 @@ func Pipe(a, b Conn, idle time.Duration, aToB, bToA func(n int64)) {
 // watchdog's, which closes both sockets, and a deadline that passed
 // mid-splice could drop the bytes in the pipe.
 func copyDir(dst, src Conn, p progress) {
-	_, err := copyOnce(dst, src, p)
-	if err == nil { // end of stream from src: pass the half-close on
+	if err := copyOnce(dst, src, p); err == nil {
+		// End of stream from src: pass the half-close on.
 		_ = dst.CloseWrite()
 		return
 	}
@@ -142,8 +142,9 @@ func (p progress) moved(n int64) {
 
 // copyOnce copies until src's end of stream (nil) or an error: with
 // splice(2) between two TCP sockets, through a pooled buffer otherwise,
-// telling p of every write that moves bytes.
-func copyOnce(dst, src Conn, p progress) (int64, error) {
+// telling p of every write that moves bytes (p counts them: no byte
+// count is returned).
+func copyOnce(dst, src Conn, p progress) error {
 	if d, ok := dst.(*net.TCPConn); ok {
 		if s, ok := src.(*net.TCPConn); ok {
 			return spliceTCP(d, s, p)
@@ -154,12 +155,13 @@ func copyOnce(dst, src Conn, p progress) (int64, error) {
 
 // copyBuffered copies through a pooled buffer, telling p of every write
 // that moved bytes.
-func copyBuffered(dst io.Writer, src io.Reader, p progress) (int64, error) {
+func copyBuffered(dst io.Writer, src io.Reader, p progress) error {
 	buf := buffers.Get().(*[]byte)
 	defer buffers.Put(buf)
 	// Hide ReaderFrom and WriterTo: *net.TCPConn's would fall back to
 	// io.Copy with a fresh buffer for a non-TCP peer.
-	return io.CopyBuffer(progressWriter{dst, p}, readerOnly{src}, *buf)
+	_, err := io.CopyBuffer(progressWriter{dst, p}, readerOnly{src}, *buf)
+	return err
 }
 
 // progressWriter is dst without ReaderFrom, telling p of every write that

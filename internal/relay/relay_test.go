@@ -233,36 +233,43 @@ func TestPipeIdleWhileWriteBlocked(t *testing.T) {
 // time) keeps the relay alive as long as it keeps taking bytes, and
 // nothing is lost, reordered or duplicated.
 func TestSpliceSlowReader(t *testing.T) {
+	relaySlowReader(t, 4<<20)
+}
+
+// relaySlowReader sends size random bytes through Pipe between two TCP
+// pairs, with an idle time of 300 ms, to a peer that takes 64 KiB every
+// 20 ms through small socket buffers (so its pace is the relay's), and
+// requires every byte delivered in order, and counted as it moved, not
+// only when the stream ended.
+func relaySlowReader(t *testing.T, size int) {
+	t.Helper()
 	app, a := pair(t)
 	b, peer := pair(t)
-	// Small socket buffers, so that the reader's pace is the pipe's.
 	require.NoError(t, b.SetWriteBuffer(64<<10))
 	require.NoError(t, peer.SetReadBuffer(64<<10))
-	data := make([]byte, 4<<20)
+	data := make([]byte, size)
 	_, _ = rand.Read(data)
-	var moved atomic.Int64
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		Pipe(a, b, 300*time.Millisecond, func(n int64) { moved.Add(n) }, nil)
-	}()
+	moved, _, done := countedPipe(a, b, 300*time.Millisecond)
 	go func() {
 		_, _ = app.Write(data)
 		_ = app.CloseWrite()
 	}()
 	got := make([]byte, 0, len(data))
 	buf := make([]byte, 64<<10)
+	countedEarly := false
 	for {
 		n, err := peer.Read(buf)
 		got = append(got, buf[:n]...)
 		if err == io.EOF {
 			break
 		}
-		require.NoError(t, err)
+		require.NoError(t, err, "after %d bytes", len(got))
+		countedEarly = countedEarly || moved.Load() > 0
 		time.Sleep(20 * time.Millisecond)
 	}
 	require.Equal(t, len(data), len(got))
 	require.True(t, bytes.Equal(data, got), "bytes lost, reordered or duplicated")
+	require.True(t, countedEarly, "bytes counted before the end of the stream")
 	require.EqualValues(t, len(data), moved.Load())
 	_ = peer.Close()
 	_ = app.Close()

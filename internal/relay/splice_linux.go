@@ -22,14 +22,14 @@ import (
 // read deadline works as with ReadFrom, and bytes in the pipe are never
 // dropped by it: the pipe is emptied into dst before src is read again.
 // Every splice into dst that moves bytes is told to p (see copyOnce).
-func spliceTCP(dst, src *net.TCPConn, p progress) (int64, error) {
+func spliceTCP(dst, src *net.TCPConn, p progress) error {
 	srcRC, err := src.SyscallConn()
 	if err != nil {
-		return 0, err
+		return err
 	}
 	dstRC, err := dst.SyscallConn()
 	if err != nil {
-		return 0, err
+		return err
 	}
 	pp := getPipe()
 	if pp == nil {
@@ -62,7 +62,6 @@ type splicer struct {
 	p           *pipe
 	progress    progress // told of every splice into dst that moved bytes
 	inPipe      int      // bytes drained into the pipe and not yet pumped out
-	written     int64
 	eof         bool
 	err         error
 	drain, pump func(fd uintptr) bool
@@ -104,7 +103,6 @@ func (s *splicer) init() {
 					return true
 				}
 				s.inPipe -= int(n)
-				s.written += int64(n)
 				s.progress.moved(int64(n))
 			case unix.EINTR:
 			case unix.EAGAIN:
@@ -119,14 +117,14 @@ func (s *splicer) init() {
 }
 
 // done returns the pipe to the pool when it is empty (a pipe with bytes
-// left in it is closed instead) and the result in ReadFrom's shape.
-func (s *splicer) done(err error) (int64, error) {
+// left in it is closed instead) and returns err.
+func (s *splicer) done(err error) error {
 	if s.inPipe == 0 {
 		pipes.Put(s.p)
 	} else {
 		s.p.close()
 	}
-	return s.written, err
+	return err
 }
 
 // pipe is a kernel pipe of maxSplice bytes, both ends non-blocking. Its

@@ -5,6 +5,6 @@ package relay
 import "net"
 
 // spliceTCP is a copy through a buffer where there is no splice(2).
-func spliceTCP(dst, src *net.TCPConn, p progress) (int64, error) {
+func spliceTCP(dst, src *net.TCPConn, p progress) error {
 	return copyBuffered(dst, src, p)
 }
