@@ -3,7 +3,6 @@ package gateway
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -154,11 +153,8 @@ func TestBytesCountedWhileOpen(t *testing.T) {
 	p := newPKI(t)
 	be := startBackend(t, p.server, namedEcho("echo"))
 	h := startGateway(t, mustRoutes(t, route(echoSNI, echoCluster, be.addr())), nil)
-	c, err := h.dialTLS(p.client, echoSNI)
-	require.NoError(t, err)
-	defer c.Close()
-	require.Equal(t, "echo", readLine(t, c))
-	_, err = fmt.Fprintf(c, "ping\n")
+	c := h.connect(t, p.client, echoSNI, "echo")
+	_, err := fmt.Fprintf(c, "ping\n")
 	require.NoError(t, err)
 	require.Equal(t, "ping", readLine(t, c))
 
@@ -308,10 +304,7 @@ func TestRouteSwap(t *testing.T) {
 	beB := startBackend(t, p.server, namedEcho("b"))
 	h := startGateway(t, mustRoutes(t, route(echoSNI, echoCluster, beA.addr())), nil)
 
-	old, err := h.dialTLS(p.client, echoSNI)
-	require.NoError(t, err)
-	defer old.Close()
-	require.Equal(t, "a", readLine(t, old))
+	old := h.connect(t, p.client, echoSNI, "a")
 
 	h.table.Set(mustRoutes(t, route(echoSNI, echoCluster, beB.addr())))
 	c, err := h.dialTLS(p.client, echoSNI)
@@ -386,18 +379,10 @@ func TestEndpointSelectionTriesEachOnce(t *testing.T) {
 // The health and metrics servers close keep-alive connections left idle,
 // rather than hold them (and a goroutine each) for ever.
 func TestHTTPIdleConnectionsClosed(t *testing.T) {
-	cfg := DefaultConfig()
-	cfg.ListenAddr, cfg.HealthAddr, cfg.MetricsAddr = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
 	table := NewRouteTable(mustRoutes(t, route(echoSNI, echoCluster, unusedAddr(t))))
-	gw, err := New(cfg, table, testLogger(t))
-	require.NoError(t, err)
-	gw.httpIdleTimeout = 200 * time.Millisecond
-	ctx, cancel := context.WithCancel(context.Background())
-	h := &harness{t: t, gw: gw, table: table, cancel: cancel, done: make(chan error, 1)}
-	go func() { h.done <- gw.Run(ctx) }()
-	t.Cleanup(func() { require.NoError(t, h.stop()) })
+	h := startGatewayOn(t, table, table, nil, func(g *Gateway) { g.httpIdleTimeout = 200 * time.Millisecond })
 
-	for _, addr := range []net.Addr{gw.HealthAddr(), gw.MetricsAddr()} {
+	for _, addr := range []net.Addr{h.gw.HealthAddr(), h.gw.MetricsAddr()} {
 		c, err := net.Dial("tcp", addr.String())
 		require.NoError(t, err)
 		defer c.Close()
@@ -516,13 +501,10 @@ func TestDrainTimeoutClosesTheRest(t *testing.T) {
 	h := startGateway(t, mustRoutes(t, route(echoSNI, echoCluster, be.addr())), func(c *Config) {
 		c.DrainTimeout = 300 * time.Millisecond
 	})
-	c, err := h.dialTLS(p.client, echoSNI)
-	require.NoError(t, err)
-	defer c.Close()
-	require.Equal(t, "echo", readLine(t, c))
+	c := h.connect(t, p.client, echoSNI, "echo")
 	require.NoError(t, h.stop())
 	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	_, err = c.Read(make([]byte, 1))
+	_, err := c.Read(make([]byte, 1))
 	var ne net.Error
 	require.False(t, errors.As(err, &ne) && ne.Timeout(), "closed by the gateway, not by our deadline: %v", err)
 	require.Error(t, err)
@@ -565,14 +547,8 @@ func TestIdleTimeout(t *testing.T) {
 	r.IdleTimeout = 600 * time.Millisecond // the route's, over the gateway's hour
 	h := startGateway(t, mustRoutes(t, r), nil)
 
-	busy, err := h.dialTLS(p.client, echoSNI)
-	require.NoError(t, err)
-	defer busy.Close()
-	require.Equal(t, "echo", readLine(t, busy))
-	idle, err := h.dialTLS(p.client, echoSNI)
-	require.NoError(t, err)
-	defer idle.Close()
-	require.Equal(t, "echo", readLine(t, idle))
+	busy := h.connect(t, p.client, echoSNI, "echo")
+	idle := h.connect(t, p.client, echoSNI, "echo")
 
 	idleClosed := make(chan error, 1)
 	go func() {
@@ -665,10 +641,7 @@ func TestDrainDelayKeepsAccepting(t *testing.T) {
 			return delayEnd
 		}
 	})
-	inFlight, err := h.dialTLS(p.client, echoSNI)
-	require.NoError(t, err)
-	defer inFlight.Close()
-	require.Equal(t, "echo", readLine(t, inFlight))
+	inFlight := h.connect(t, p.client, echoSNI, "echo")
 
 	stopped := make(chan error, 1)
 	go func() { stopped <- h.stop() }()

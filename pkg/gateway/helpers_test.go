@@ -170,6 +170,18 @@ func (h *harness) dialTLS(cfg *tls.Config, sni string) (*tls.Conn, error) {
 	return c, nil
 }
 
+// connect dials through the gateway to sni and requires the greeting of
+// the namedEcho backend reached to be want. The connection is closed when
+// the test ends.
+func (h *harness) connect(t testing.TB, cfg *tls.Config, sni, want string) *tls.Conn {
+	t.Helper()
+	c, err := h.dialTLS(cfg, sni)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Close() })
+	require.Equal(t, want, readLine(t, c))
+	return c
+}
+
 // scrape returns the gateway's metrics, one sample per line.
 func (h *harness) scrape() string {
 	h.t.Helper()

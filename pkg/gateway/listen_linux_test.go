@@ -33,10 +33,7 @@ func TestKeepAlive(t *testing.T) {
 	p := newPKI(t)
 	be := startBackend(t, p.server, namedEcho("echo"))
 	h := startGateway(t, mustRoutes(t, route(echoSNI, echoCluster, be.addr())), nil)
-	c, err := h.dialTLS(p.client, echoSNI)
-	require.NoError(t, err)
-	defer c.Close()
-	require.Equal(t, "echo", readLine(t, c))
+	h.connect(t, p.client, echoSNI, "echo")
 
 	h.gw.connsMu.Lock()
 	defer h.gw.connsMu.Unlock()

@@ -76,7 +76,7 @@ func (g *Gateway) serveConn(down *net.TCPConn) {
 	if idle == 0 {
 		idle = g.cfg.IdleTimeout
 	}
-	g.pipe(down, up, c, idle)
+	g.pipe(down, up, c, idle, n)
 }
 
 // replay writes what was peeked to the endpoint just connected to; then
@@ -91,7 +91,6 @@ func (g *Gateway) replay(down, up *net.TCPConn, c *cluster, hello ClientHello, p
 		return false
 	}
 	g.metrics.routed.Add(context.Background(), 1, c.attrsOpt())
-	g.metrics.bytesOf(c).received.Add(int64(len(peeked)))
 	return true
 }
 
@@ -209,7 +208,10 @@ func (g *Gateway) dialAddr(addr string, timeout time.Duration) (*net.TCPConn, er
 // pipe copies both ways until both directions have ended, propagating
 // half-close, and closes the connection after idle without a byte either
 // way (internal/relay). One direction runs on the caller's goroutine.
-func (g *Gateway) pipe(down, up *net.TCPConn, c *cluster, idle time.Duration) {
+// replayed, the ClientHello bytes already written to up, count as
+// received with the rest: one lookup of c's counts per connection.
+func (g *Gateway) pipe(down, up *net.TCPConn, c *cluster, idle time.Duration, replayed int) {
 	b := g.metrics.bytesOf(c)
+	b.received.Add(int64(replayed))
 	relay.Pipe(down, up, idle, func(n int64) { b.received.Add(n) }, func(n int64) { b.sent.Add(n) })
 }

@@ -91,14 +91,8 @@ func TestRevokedRouteDrainsItsConnections(t *testing.T) {
 				c.RouteDrainTimeout = tc.timeout
 			})
 
-			echoConn, err := h.dialTLS(p.client, echoSNI)
-			require.NoError(t, err)
-			defer echoConn.Close()
-			require.Equal(t, "a", readLine(t, echoConn))
-			otherConn, err := h.dialTLS(p.client, otherSNI)
-			require.NoError(t, err)
-			defer otherConn.Close()
-			require.Equal(t, "other", readLine(t, otherConn))
+			echoConn := h.connect(t, p.client, echoSNI, "a")
+			otherConn := h.connect(t, p.client, otherSNI, "other")
 
 			// The pod behind the route is replaced (EDS): established
 			// connections keep the old one, well past the timeout.
@@ -138,10 +132,7 @@ func TestRouteBackKeepsItsConnections(t *testing.T) {
 	h, src := startSyncGateway(t, mustRoutes(t, echoRoute), func(c *Config) {
 		c.RouteDrainTimeout = timeout
 	})
-	c, err := h.dialTLS(p.client, echoSNI)
-	require.NoError(t, err)
-	defer c.Close()
-	require.Equal(t, "echo", readLine(t, c))
+	c := h.connect(t, p.client, echoSNI, "echo")
 
 	src.set(t, mustRoutes(t))
 	require.NoError(t, echoes(t, c, "removed"), "still open within the route drain timeout")
@@ -166,13 +157,8 @@ func TestRouteDrainCountsOnlyOpenConnections(t *testing.T) {
 	h, src := startSyncGateway(t, mustRoutes(t, route(echoSNI, echoCluster, be.addr())), func(c *Config) {
 		c.RouteDrainTimeout = 2 * time.Second // for the other to be gone by then
 	})
-	stays, err := h.dialTLS(p.client, echoSNI)
-	require.NoError(t, err)
-	defer stays.Close()
-	require.Equal(t, "echo", readLine(t, stays))
-	leaves, err := h.dialTLS(p.client, echoSNI)
-	require.NoError(t, err)
-	require.Equal(t, "echo", readLine(t, leaves))
+	stays := h.connect(t, p.client, echoSNI, "echo")
+	leaves := h.connect(t, p.client, echoSNI, "echo")
 
 	src.set(t, mustRoutes(t))
 	require.NoError(t, leaves.Close())
