@@ -201,9 +201,8 @@ func (c *CA) Reconcile(ctx context.Context) error {
 		c.log.Info("plugged-in CA changed", "signer", ks.cert.Subject.String(), "roots", len(ks.roots))
 		return nil
 	}
-	// A conflict means another replica wrote first: read again. Bounded.
-	var lastErr error
-	for range 5 {
+	var st *state
+	err := c.retryRaces(func() error {
 		sec, err := secrets.Get(ctx, c.opts.SecretName, metav1.GetOptions{})
 		switch {
 		case apierrors.IsNotFound(err):
@@ -213,34 +212,59 @@ func (c *CA) Reconcile(ctx context.Context) error {
 			// was used: the root joins it, numbered after it.
 			sec, err = c.createRoot(ctx, sec)
 		}
-		if apierrors.IsAlreadyExists(err) || apierrors.IsConflict(err) {
-			lastErr = err
-			continue
-		}
 		if err != nil {
 			return fmt.Errorf("CA Secret %s/%s: %w", c.opts.Namespace, c.opts.SecretName, err)
 		}
-		st, err := parseState(sec)
-		if err != nil {
+		if st, err = parseState(sec); err != nil {
 			return fmt.Errorf("CA Secret %s/%s: %w", c.opts.Namespace, c.opts.SecretName, err)
 		}
 		changed, err := c.advance(st)
-		if err != nil {
+		if err != nil || !changed {
 			return err
 		}
-		if changed {
-			st.write(sec)
-			if _, err := secrets.Update(ctx, sec, metav1.UpdateOptions{}); apierrors.IsConflict(err) {
-				lastErr = err
-				continue
-			} else if err != nil {
-				return fmt.Errorf("update CA Secret %s/%s: %w", c.opts.Namespace, c.opts.SecretName, err)
-			}
+		if _, err := c.putSecret(ctx, sec, st.write); err != nil {
+			return fmt.Errorf("update CA Secret %s/%s: %w", c.opts.Namespace, c.opts.SecretName, err)
 		}
-		c.set(st.keySet())
 		return nil
+	})
+	if err != nil {
+		return err
 	}
-	return fmt.Errorf("CA Secret %s/%s kept changing under us: %w", c.opts.Namespace, c.opts.SecretName, lastErr)
+	c.set(st.keySet())
+	return nil
+}
+
+// retryRaces runs fn, a read-modify-write of the CA Secret, again while
+// it loses a race to another replica (a conflict, or the Secret created
+// meanwhile), so that it reads what the winner wrote. Bounded.
+func (c *CA) retryRaces(fn func() error) error {
+	var err error
+	for range 5 {
+		if err = fn(); !apierrors.IsConflict(err) && !apierrors.IsAlreadyExists(err) {
+			return err
+		}
+	}
+	return fmt.Errorf("CA Secret %s/%s kept changing under us: %w", c.opts.Namespace, c.opts.SecretName, err)
+}
+
+// putSecret stores what write puts into sec: over sec, or in a new CA
+// Secret when sec is nil.
+func (c *CA) putSecret(ctx context.Context, sec *corev1.Secret, write func(*corev1.Secret)) (*corev1.Secret, error) {
+	secrets := c.client.CoreV1().Secrets(c.opts.Namespace)
+	if sec == nil {
+		sec = &corev1.Secret{
+			ObjectMeta: metav1.ObjectMeta{
+				Namespace: c.opts.Namespace,
+				Name:      c.opts.SecretName,
+				Labels:    map[string]string{"app.kubernetes.io/part-of": "isthmus"},
+			},
+			Type: corev1.SecretTypeOpaque,
+		}
+		write(sec)
+		return secrets.Create(ctx, sec, metav1.CreateOptions{})
+	}
+	write(sec)
+	return secrets.Update(ctx, sec, metav1.UpdateOptions{})
 }
 
 // createRoot generates a self-signed root and stores it: in a new Secret
@@ -260,19 +284,7 @@ func (c *CA) createRoot(ctx context.Context, sec *corev1.Secret) (*corev1.Secret
 	}
 	st := &state{key: key, cert: cert, roots: []*x509.Certificate{cert}}
 	st.number, _ = num.forRoots(st.roots, now)
-	secrets := c.client.CoreV1().Secrets(c.opts.Namespace)
-	var stored *corev1.Secret
-	if sec == nil {
-		sec = &corev1.Secret{
-			ObjectMeta: metav1.ObjectMeta{Namespace: c.opts.Namespace, Name: c.opts.SecretName, Labels: caSecretLabels()},
-			Type:       corev1.SecretTypeOpaque,
-		}
-		st.write(sec)
-		stored, err = secrets.Create(ctx, sec, metav1.CreateOptions{})
-	} else {
-		st.write(sec)
-		stored, err = secrets.Update(ctx, sec, metav1.UpdateOptions{})
-	}
+	stored, err := c.putSecret(ctx, sec, st.write)
 	if err == nil {
 		c.log.Info("generated a new root CA", "secret", c.opts.SecretName, "notAfter", cert.NotAfter, "bundleSequence", st.number.sequence)
 	}

@@ -20,10 +20,13 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	kubefake "k8s.io/client-go/kubernetes/fake"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	k8stesting "k8s.io/client-go/testing"
 	clocktesting "k8s.io/utils/clock/testing"
 )
 
@@ -605,4 +608,44 @@ func configMapData(t *testing.T, client kubernetes.Interface) string {
 		}
 	}
 	return all
+}
+
+// Replicas race to write the CA Secret. The loser reads again and takes
+// what the winner wrote rather than overwrite it; a Secret that keeps
+// changing is an error after a bounded number of attempts.
+func TestSecretWriteRaces(t *testing.T) {
+	ctx := t.Context()
+	t.Run("plugged: another replica numbered the roots first", func(t *testing.T) {
+		p := newTestPKI(t, true)
+		client := kubefake.NewClientset(p.secret(t))
+		lost := false
+		client.PrependReactor("create", "secrets", func(a k8stesting.Action) (bool, runtime.Object, error) {
+			sec := a.(k8stesting.CreateAction).GetObject().(*corev1.Secret)
+			if lost || sec.Name != DefaultSecretName {
+				return false, nil, nil
+			}
+			lost = true
+			winner := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: sec.Namespace, Name: sec.Name,
+				Annotations: map[string]string{annSequence: "42", annRootsDigest: rootsDigest([]*x509.Certificate{p.root})}}}
+			require.NoError(t, client.Tracker().Add(winner))
+			return true, nil, apierrors.NewAlreadyExists(corev1.Resource("secrets"), sec.Name)
+		})
+		c := newCA(t, client, clocktesting.NewFakeClock(time.Now()))
+		require.True(t, lost)
+		require.Equal(t, uint64(42), c.BundleSequence(), "the winner's number")
+	})
+	t.Run("self-signed: updates keep conflicting", func(t *testing.T) {
+		client := kubefake.NewClientset()
+		c := newCA(t, client, clocktesting.NewFakeClock(time.Now()))
+		bundle := c.Bundle()
+		require.NoError(t, RequestRotation(ctx, client, "isthmus-system", ""))
+		updates := 0
+		client.PrependReactor("update", "secrets", func(k8stesting.Action) (bool, runtime.Object, error) {
+			updates++
+			return true, nil, apierrors.NewConflict(corev1.Resource("secrets"), DefaultSecretName, nil)
+		})
+		require.ErrorContains(t, c.Reconcile(ctx), "kept changing under us")
+		require.Equal(t, 5, updates, "bounded")
+		require.True(t, c.Bundle().Equal(bundle), "the bundle is kept")
+	})
 }

@@ -101,49 +101,26 @@ func hasKeyMaterial(sec *corev1.Secret) bool {
 // number kept in SecretName, creating or updating it when the roots are
 // new. A self-signed root in that Secret is left alone.
 func (c *CA) numberPlugged(ctx context.Context, ks *keySet) error {
-	secrets := c.client.CoreV1().Secrets(c.opts.Namespace)
-	var lastErr error
-	for range 5 {
-		sec, err := secrets.Get(ctx, c.opts.SecretName, metav1.GetOptions{})
-		found := err == nil
-		if err != nil && !apierrors.IsNotFound(err) {
+	return c.retryRaces(func() error {
+		sec, err := c.client.CoreV1().Secrets(c.opts.Namespace).Get(ctx, c.opts.SecretName, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			sec = nil
+		} else if err != nil {
 			return fmt.Errorf("read bundle number in Secret %s/%s: %w", c.opts.Namespace, c.opts.SecretName, err)
 		}
 		var cur bundleNumber
-		if found {
+		if sec != nil {
 			if cur, err = readBundleNumber(sec); err != nil {
 				return fmt.Errorf("%w: Secret %s/%s: %w", ErrInvalidCA, c.opts.Namespace, c.opts.SecretName, err)
 			}
 		}
 		next, changed := cur.forRoots(ks.roots, c.Authority.clock.Now())
-		if !changed {
-			ks.sequence = next.sequence
-			return nil
-		}
-		if found {
-			next.write(sec)
-			_, err = secrets.Update(ctx, sec, metav1.UpdateOptions{})
-		} else {
-			sec = &corev1.Secret{
-				ObjectMeta: metav1.ObjectMeta{Namespace: c.opts.Namespace, Name: c.opts.SecretName, Labels: caSecretLabels()},
-				Type:       corev1.SecretTypeOpaque,
+		if changed {
+			if _, err := c.putSecret(ctx, sec, next.write); err != nil {
+				return fmt.Errorf("keep bundle number in Secret %s/%s: %w", c.opts.Namespace, c.opts.SecretName, err)
 			}
-			next.write(sec)
-			_, err = secrets.Create(ctx, sec, metav1.CreateOptions{})
-		}
-		if apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err) {
-			lastErr = err
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("keep bundle number in Secret %s/%s: %w", c.opts.Namespace, c.opts.SecretName, err)
 		}
 		ks.sequence = next.sequence
 		return nil
-	}
-	return fmt.Errorf("the Secret %s/%s kept changing under us: %w", c.opts.Namespace, c.opts.SecretName, lastErr)
-}
-
-func caSecretLabels() map[string]string {
-	return map[string]string{"app.kubernetes.io/part-of": "isthmus"}
+	})
 }
