@@ -261,13 +261,7 @@ func (s *Source) untilRenewal() time.Duration {
 // retryDelay is the wait before the next attempt at backoff step step:
 // step ±retryJitter, at most maxBackoff.
 func (s *Source) retryDelay(step time.Duration) time.Duration {
-	return jitterDelay(step, s.random())
-}
-
-// jitterDelay spreads step over ±retryJitter of it by r (uniform in
-// [0, 1)), capped at maxBackoff.
-func jitterDelay(step time.Duration, r float64) time.Duration {
-	return min(time.Duration(float64(step)*(1+retryJitter*(2*r-1))), maxBackoff)
+	return min(time.Duration(float64(step)*(1+retryJitter*(2*s.random()-1))), maxBackoff)
 }
 
 // sleep waits d on the Source's clock; false if ctx ended first.
