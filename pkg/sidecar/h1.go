@@ -1241,7 +1241,7 @@ func (pl *pool) h1Get(ep netip.AddrPort, fresh bool, tm *timing) (*h1Up, error) 
 		ctx, cancel = context.WithDeadline(ctx, tm.route)
 		defer cancel()
 	}
-	c, err := pl.dialPooled(ctx, ep.String(), pl.tlsH1)
+	c, err := pl.dialPooled(ctx, ep, pl.tlsH1)
 	if err != nil {
 		return nil, err
 	}

@@ -228,7 +228,7 @@ func (c *h2Conn) dialAndServe() {
 	defer p.upstreams.leave()
 	defer pl.conns.Add(-1)
 	defer pl.h2remove(c)
-	conn, err := pl.dial(context.Background(), c.ep.String(), pl.tlsH2)
+	conn, err := pl.dial(context.Background(), c.ep, pl.tlsH2)
 	if err != nil {
 		c.failStreams(err)
 		return

@@ -578,11 +578,13 @@ func TestExplicitModeOnlyFromThisPod(t *testing.T) {
 // inbound again (pkg/sidecar/capture's TestCaptureIPv4 shows both), and
 // every inbound request looped back into the sidecar.
 func TestAppOnPodAddressReachedFromPassthroughSource(t *testing.T) {
-	require.Nil(t, appSource("127.0.0.1:8080", netip.MustParseAddr("127.0.0.1")))
+	ap := netip.MustParseAddrPort
+	require.Nil(t, appSource(ap("127.0.0.1:8080"), netip.MustParseAddr("127.0.0.1")))
 	pod := netip.MustParseAddr("10.1.2.3")
-	require.Equal(t, inboundPassthrough, appSource("10.1.2.3:8080", pod))
-	require.Nil(t, appSource("10.9.9.9:8080", pod), "not the app")
-	require.Nil(t, appSource("192.0.2.1:443", pod), "outbound passthrough")
+	require.Equal(t, inboundPassthrough, appSource(ap("10.1.2.3:8080"), pod))
+	require.Equal(t, inboundPassthrough, appSource(ap("[::ffff:10.1.2.3]:8080"), pod), "mapped")
+	require.Nil(t, appSource(ap("10.9.9.9:8080"), pod), "not the app")
+	require.Nil(t, appSource(ap("192.0.2.1:443"), pod), "outbound passthrough")
 	require.ErrorContains(t, func() error { c := DefaultConfig(); c.AppAddr = netip.MustParseAddr("fd00::3"); return c.Validate() }(),
 		"an IPv6 app address must be ::1")
 
@@ -604,8 +606,10 @@ func TestAppOnPodAddressReachedFromPassthroughSource(t *testing.T) {
 	ln, err := net.Listen("tcp", netip.AddrPortFrom(app, 0).String())
 	require.NoError(t, err)
 	defer ln.Close()
-	d := net.Dialer{Timeout: waitFor, LocalAddr: appSource(ln.Addr().String(), app)}
-	c, err := d.Dial("tcp", ln.Addr().String())
+	// Through the pool's own dial, so that the source it picks is the
+	// one it connects from.
+	pl := &pool{p: &Proxy{cfg: Config{AppAddr: app}}, connectTimeout: waitFor}
+	c, err := pl.dial(t.Context(), ln.Addr().(*net.TCPAddr).AddrPort(), nil)
 	require.NoError(t, err)
 	defer c.Close()
 	s, err := ln.Accept()

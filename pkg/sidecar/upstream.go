@@ -139,7 +139,12 @@ func (pl *pool) transport(h2 bool) *http.Transport {
 	*t = &http.Transport{
 		Protocols: &protos,
 		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-			return pl.dialPooled(ctx, addr, tlsCfg)
+			// addr is the URL.Host RoundTrip set: an AddrPort's String.
+			ep, err := netip.ParseAddrPort(addr)
+			if err != nil {
+				return nil, fmt.Errorf("sidecar: upstream address %q: %w", addr, err)
+			}
+			return pl.dialPooled(ctx, ep, tlsCfg)
 		},
 		MaxIdleConnsPerHost: pl.p.cfg.MaxIdlePerEndpoint,
 		IdleConnTimeout:     pl.p.cfg.UpstreamIdleTimeout,
@@ -165,13 +170,13 @@ func (pl *pool) closeIdle() {
 // drained reports whether a retired pool has no connection left.
 func (pl *pool) drained() bool { return pl.conns.Load() == 0 }
 
-// dialPooled is the Transports' dialer: one connection to addr, counted
+// dialPooled is the Transports' dialer: one connection to ep, counted
 // until it closes.
-func (pl *pool) dialPooled(ctx context.Context, addr string, tlsCfg *tls.Config) (net.Conn, error) {
+func (pl *pool) dialPooled(ctx context.Context, ep netip.AddrPort, tlsCfg *tls.Config) (net.Conn, error) {
 	if !pl.p.upstreams.enter() {
 		return nil, errors.New("sidecar: stopping")
 	}
-	c, err := pl.dial(ctx, addr, tlsCfg)
+	c, err := pl.dial(ctx, ep, tlsCfg)
 	if err != nil {
 		pl.p.upstreams.leave()
 		return nil, err
@@ -181,15 +186,15 @@ func (pl *pool) dialPooled(ctx context.Context, addr string, tlsCfg *tls.Config)
 	return &upConn{Conn: c, pool: pl}, nil
 }
 
-// dial connects to addr within the cluster's connect timeout and, for a
+// dial connects to ep within the cluster's connect timeout and, for a
 // TLS cluster, completes the mTLS handshake within HandshakeTimeout. A
 // failure is counted, and the endpoint ejected when it was picked from
 // EDS (passive health).
-func (pl *pool) dial(ctx context.Context, addr string, tlsCfg *tls.Config) (net.Conn, error) {
-	d := net.Dialer{Timeout: pl.connectTimeout, LocalAddr: appSource(addr, pl.p.cfg.AppAddr)}
-	raw, err := d.DialContext(ctx, "tcp", addr)
+func (pl *pool) dial(ctx context.Context, ep netip.AddrPort, tlsCfg *tls.Config) (net.Conn, error) {
+	d := net.Dialer{Timeout: pl.connectTimeout, LocalAddr: appSource(ep, pl.p.cfg.AppAddr)}
+	raw, err := d.DialContext(ctx, "tcp", ep.String())
 	if err != nil {
-		return nil, pl.failed(addr, false, err)
+		return nil, pl.failed(ep, false, err)
 	}
 	if tlsCfg == nil {
 		return raw, nil
@@ -203,7 +208,7 @@ func (pl *pool) dial(ctx context.Context, addr string, tlsCfg *tls.Config) (net.
 	defer cancel()
 	if err := tc.HandshakeContext(hctx); err != nil {
 		_ = raw.Close()
-		return nil, pl.failed(addr, true, err)
+		return nil, pl.failed(ep, true, err)
 	}
 	return tc, nil
 }
@@ -214,28 +219,22 @@ func (pl *pool) dial(ctx context.Context, addr string, tlsCfg *tls.Config) (net.
 // sidecar's own would be captured inbound again, into a loop.
 var inboundPassthrough = &net.TCPAddr{IP: net.IPv4(127, 0, 0, 6)}
 
-// appSource is the local address to dial addr from: inboundPassthrough
-// when addr is the app on a non-loopback address (Config.AppAddr), else
+// appSource is the local address to dial ep from: inboundPassthrough
+// when ep is the app on a non-loopback address (Config.AppAddr), else
 // nil (the kernel's choice).
-func appSource(addr string, app netip.Addr) net.Addr {
-	if app.IsLoopback() || !app.Unmap().Is4() {
-		return nil
-	}
-	a, err := netip.ParseAddrPort(addr)
-	if err != nil || a.Addr().Unmap() != app.Unmap() {
+func appSource(ep netip.AddrPort, app netip.Addr) net.Addr {
+	if app = app.Unmap(); app.IsLoopback() || !app.Is4() || ep.Addr().Unmap() != app {
 		return nil
 	}
 	return inboundPassthrough
 }
 
-func (pl *pool) failed(addr string, isTLS bool, err error) error {
+func (pl *pool) failed(ep netip.AddrPort, isTLS bool, err error) error {
 	pl.p.metrics.connectFailure(pl.cluster)
 	if !pl.original {
-		if ep, perr := netip.ParseAddrPort(addr); perr == nil {
-			pl.p.health.Eject(ep)
-		}
+		pl.p.health.Eject(ep)
 	}
-	return &connectError{cluster: pl.cluster, addr: addr, tls: isTLS, err: err}
+	return &connectError{cluster: pl.cluster, addr: ep.String(), tls: isTLS, err: err}
 }
 
 // upConn is a pooled upstream connection, counted until closed. It
@@ -281,7 +280,7 @@ func (c *upConn) Close() error {
 // as it is.
 func (p *Proxy) dialTCP(ctx context.Context, u *upstream, target netip.AddrPort) (net.Conn, error) {
 	if u.picker == nil {
-		return u.pool.dial(ctx, target.String(), nil)
+		return u.pool.dial(ctx, target, nil)
 	}
 	var lastErr error
 	for range p.cfg.MaxConnectAttempts {
@@ -289,7 +288,7 @@ func (p *Proxy) dialTCP(ctx context.Context, u *upstream, target netip.AddrPort)
 		if !ok {
 			return nil, errNoHealthyUpstream
 		}
-		c, err := u.pool.dial(ctx, ep.String(), u.pool.tlsTCP)
+		c, err := u.pool.dial(ctx, ep, u.pool.tlsTCP)
 		if err == nil {
 			p.health.Restore(ep)
 			return c, nil
