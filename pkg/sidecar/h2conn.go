@@ -629,10 +629,15 @@ func (hc *h2Conn) closedStreamFrame(id uint32) {
 	if _, wasReset := hc.peerStream(id); wasReset {
 		return
 	}
+	hc.resetClosed(id, http2.ErrCodeStreamClosed)
+}
+
+// resetClosed resets stream id, which is not open, with code.
+func (hc *h2Conn) resetClosed(id uint32, code http2.ErrCode) {
 	hc.mu.Lock()
-	hc.writeRST(id, http2.ErrCodeStreamClosed)
-	hc.kick()
+	hc.writeRST(id, code)
 	hc.mu.Unlock()
+	hc.kick()
 }
 
 // idleStreamFrame ends a connection whose peer sent f on a stream not
@@ -800,10 +805,7 @@ func (hc *h2Conn) streamError(se http2.StreamError) {
 		s.mu.Unlock()
 		return
 	}
-	hc.mu.Lock()
-	hc.writeRST(se.StreamID, se.Code)
-	hc.mu.Unlock()
-	hc.kick()
+	hc.resetClosed(se.StreamID, se.Code)
 }
 
 // frame acts on one frame; an error ends the connection.
@@ -889,19 +891,9 @@ func (hc *h2Conn) onData(f *http2.DataFrame) error {
 // ignores (RFC 9113 §5.3.2): a stream that depends on itself is a stream
 // error PROTOCOL_ERROR (§5.3.1).
 func (hc *h2Conn) onPriority(id uint32, pp http2.PriorityParam) error {
-	if pp.StreamDep != id || hc.client {
-		return nil
+	if pp.StreamDep == id && !hc.client {
+		hc.streamError(http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol})
 	}
-	if s := hc.stream(id); s != nil {
-		s.mu.Lock()
-		s.reset(hc, http2.ErrCodeProtocol, nil)
-		s.mu.Unlock()
-		return nil
-	}
-	hc.mu.Lock()
-	hc.writeRST(id, http2.ErrCodeProtocol)
-	hc.kick()
-	hc.mu.Unlock()
 	return nil
 }
 
