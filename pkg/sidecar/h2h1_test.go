@@ -531,28 +531,6 @@ func TestH1BridgeResponseToClose(t *testing.T) {
 func TestH1UpstreamProtocolError(t *testing.T) {
 	m, peer := startRawTLSPeer(t, nil)
 	const upe = "upstream connect error or disconnect/reset before headers. reset reason: protocol error: "
-	// viaClient asks with Go's client, as HTTP/2 (to a's bridge) or
-	// HTTP/1.1 (a's HTTP/1.1 path).
-	viaClient := func(h2 bool) func(*testing.T) (int, string) {
-		return func(t *testing.T) (int, string) {
-			client := m.a.nat.httpClient(h2)
-			defer client.CloseIdleConnections()
-			code, body, err := getNoHang(t, client.Do, "http://"+rawPeerSvc.host()+"/fuzz")
-			require.NoError(t, err)
-			return code, body
-		}
-	}
-	viaNetHTTP := func(t *testing.T) (int, string) {
-		rc := dialRaw(t, m, rawPeerSvc.host())
-		rc.send(t, "GET /fuzz HTTP/1.0\r\nHost: "+rawPeerSvc.host()+"\r\n\r\n")
-		resp, body := rc.read(t, http.MethodGet)
-		return resp.StatusCode, body
-	}
-	paths := []struct {
-		name string
-		ask  func(*testing.T) (int, string)
-	}{{"HTTP/1.1 path", viaClient(false)}, {"bridge", viaClient(true)}, {"net/http", viaNetHTTP}}
-
 	for _, tc := range []struct {
 		name, answer string
 		// why is what the sidecar's paths name; netHTTP, the status the
@@ -573,8 +551,8 @@ func TestH1UpstreamProtocolError(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			peer.set([]byte(tc.answer))
 			defer peer.closeConns()
-			for _, path := range paths {
-				code, body := path.ask(t)
+			for _, path := range rawPeerPaths {
+				code, body := path.ask(t, m)
 				if path.name == "net/http" {
 					require.Equal(t, tc.netHTTP, code, "%s: %s", path.name, body)
 					if code == http.StatusBadGateway {
@@ -586,13 +564,59 @@ func TestH1UpstreamProtocolError(t *testing.T) {
 				require.Equal(t, upe+tc.why, body, path.name)
 			}
 			peer.set([]byte("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
-			for _, path := range paths {
-				code, body := path.ask(t)
+			for _, path := range rawPeerPaths {
+				code, body := path.ask(t, m)
 				require.Equal(t, http.StatusOK, code, "%s: %s", path.name, body)
 				require.Equal(t, "ok", body, path.name)
 			}
 		})
 	}
+}
+
+// An upstream that dies in the middle of its response head did not
+// break the protocol: its connection failed. a's app gets the 503 of a
+// reset, never the 502 of TestH1UpstreamProtocolError, on every path;
+// the net/http one tells the two apart by whether its connection's read
+// failed, having read bytes either way.
+func TestH1UpstreamCutInHeadIsNoProtocolError(t *testing.T) {
+	m, peer := startRawTLSPeer(t, nil)
+	const reset = "upstream connect error or disconnect/reset before headers. reset reason: "
+	// Longer than rawPeerRecord: the peer closes its connection after it.
+	peer.set([]byte("HTTP/1.1 200 OK\r\nX-Pad: " + strings.Repeat("a", 2*rawPeerRecord)))
+	defer peer.closeConns()
+	for _, path := range rawPeerPaths {
+		code, body := path.ask(t, m)
+		require.Equal(t, http.StatusServiceUnavailable, code, "%s: %s", path.name, body)
+		require.True(t, strings.HasPrefix(body, reset), "%s: %q", path.name, body)
+		require.NotContains(t, body, "protocol error", path.name)
+	}
+}
+
+// rawPeerPaths are a's ways to a rawTLSPeer's /fuzz: Go's client through
+// a's HTTP/1.1 path and through its HTTP/2 → HTTP/1.1 bridge, and an
+// HTTP/1.0 request, which a's HTTP/1.1 path hands to the net/http path.
+var rawPeerPaths = []struct {
+	name string
+	ask  func(*testing.T, *mesh) (int, string)
+}{
+	{"HTTP/1.1 path", func(t *testing.T, m *mesh) (int, string) { return askRawPeer(t, m, false) }},
+	{"bridge", func(t *testing.T, m *mesh) (int, string) { return askRawPeer(t, m, true) }},
+	{"net/http", func(t *testing.T, m *mesh) (int, string) {
+		rc := dialRaw(t, m, rawPeerSvc.host())
+		rc.send(t, "GET /fuzz HTTP/1.0\r\nHost: "+rawPeerSvc.host()+"\r\n\r\n")
+		resp, body := rc.read(t, http.MethodGet)
+		return resp.StatusCode, body
+	}},
+}
+
+// askRawPeer asks for a rawTLSPeer's /fuzz with Go's client, as HTTP/2
+// (to a's bridge) or HTTP/1.1 (a's HTTP/1.1 path).
+func askRawPeer(t *testing.T, m *mesh, h2 bool) (int, string) {
+	client := m.a.nat.httpClient(h2)
+	defer client.CloseIdleConnections()
+	code, body, err := getNoHang(t, client.Do, "http://"+rawPeerSvc.host()+"/fuzz")
+	require.NoError(t, err)
+	return code, body
 }
 
 // FuzzH1Upstream: a peer that is not a sidecar (a raw TLS server with a
