@@ -921,13 +921,22 @@ func decodeServiceMeta(md *corev3.Metadata) (*ServiceMeta, error) {
 	if host, ok := str("host"); ok {
 		if err := validDNSName(host); err != nil {
 			errs = append(errs, fieldErr(key+".host", fmt.Sprintf("%q is not a DNS name: %v", host, err)))
+		} else if !strings.Contains(host, ".") {
+			// The DNS proxy serves names of two labels or more: a
+			// resolver never asks for a single label as it is (it
+			// appends the search domains first), so such a host could
+			// not be resolved, and the name table refuses it.
+			errs = append(errs, fieldErr(key+".host", fmt.Sprintf("%q is a single label: a service host is a fully qualified name", host)))
 		}
 		meta.Host = strings.ToLower(host)
 	}
 	if vip, ok := str("vip"); ok {
 		ip, err := netip.ParseAddr(vip)
-		if err != nil || ip.Zone() != "" {
+		switch {
+		case err != nil || ip.Zone() != "":
 			errs = append(errs, fieldErr(key+".vip", fmt.Sprintf("%q is not an IP address", vip)))
+		case ip.IsUnspecified():
+			errs = append(errs, fieldErr(key+".vip", fmt.Sprintf("%q is the unspecified address, which no connection is made to", vip)))
 		}
 		meta.VIP = ip.Unmap()
 	}

@@ -723,6 +723,12 @@ func TestSidecarDecodeRefusesWhatTheContractDoesNotDescribe(t *testing.T) {
 		{"metadata host not a name", func(t *testing.T, m *scMutable) {
 			editMeta(t, m.clusters[echo80], func(f map[string]*structpb.Value) { f["host"] = structpb.NewStringValue("echo demo") })
 		}, []string{echoCl + `metadata.filter_metadata["isthmus"].host: "echo demo" is not a DNS name`}},
+		{"metadata host of one label", func(t *testing.T, m *scMutable) {
+			editMeta(t, m.clusters[echo80], func(f map[string]*structpb.Value) { f["host"] = structpb.NewStringValue("echo") })
+		}, []string{echoCl + `metadata.filter_metadata["isthmus"].host: "echo" is a single label: a service host is a fully qualified name`}},
+		{"metadata VIP unspecified", func(t *testing.T, m *scMutable) {
+			editMeta(t, m.clusters[echo80], func(f map[string]*structpb.Value) { f["vip"] = structpb.NewStringValue("::") })
+		}, []string{echoCl + `metadata.filter_metadata["isthmus"].vip: "::" is the unspecified address, which no connection is made to`}},
 		{"metadata extra field", func(t *testing.T, m *scMutable) {
 			editMeta(t, m.clusters[echo80], func(f map[string]*structpb.Value) { f["weight"] = structpb.NewNumberValue(1) })
 		}, []string{echoCl + `metadata.filter_metadata["isthmus"].weight: not supported (host, vip, port, protocol)`}},
