@@ -65,13 +65,17 @@ func TestMesh(t *testing.T) {
 	g.Go(func() error { return mesh.Link(ctx, a, c) })
 	g.Go(func() error { return mesh.Link(ctx, c, b) })
 	var echoA, echoC, privateA []*mesh.Pod
-	var clientB, clientA, outsider, outsiderB *mesh.Pod
+	var clientB, clientA, explicitA, outsider, outsiderB *mesh.Pod
 	g.Go(func() (err error) { echoA, err = a.ServeEcho(ctx, "demo", "echo", 1); return err })
 	g.Go(func() (err error) { echoC, err = c.ServeEcho(ctx, "demo", "echo", 1); return err })
 	// A Service of a that is never exported.
 	g.Go(func() (err error) { privateA, err = a.ServeEcho(ctx, "demo", "private", 1); return err })
 	g.Go(func() (err error) { clientB, err = b.RunPod(ctx, mesh.PodSpec{Name: "client"}); return err })
 	g.Go(func() (err error) { clientA, err = a.RunPod(ctx, mesh.PodSpec{Name: "client"}); return err })
+	g.Go(func() (err error) {
+		explicitA, err = a.RunPod(ctx, mesh.PodSpec{Name: "explicit", NoCapture: true})
+		return err
+	})
 	g.Go(func() (err error) {
 		outsider, err = a.RunPod(ctx, mesh.PodSpec{Name: "outsider", NoSidecar: true})
 		return err
@@ -222,11 +226,38 @@ func TestMesh(t *testing.T) {
 		assert.NotContains(t, answer, "HTTP/")
 		t.Logf("a self-signed certificate for %s: %v", callerB, err)
 
-		assert.Eventually(t, func() bool { return refusals() >= before+4 }, 10*time.Second, 100*time.Millisecond,
-			"a's sidecar did not count 4 refused inbound handshakes (from %v)", before)
+		// The sidecar's own outbound port, asked to carry a request into
+		// the mesh: the capture sends it to the inbound listener too,
+		// so nobody outside the pod sends with the pod's identity.
+		outboundAddr := netip.AddrPortFrom(target.W.IP, 15001).String()
+		answer, err = exchange(ctx, outsider, outboundAddr, nil, "GET / HTTP/1.1\r\nHost: "+echoHost+"\r\nConnection: close\r\n\r\n")
+		assert.NotContains(t, answer, "HTTP/", "the outbound port carried an outsider's request (err %v)", err)
+
+		assert.Eventually(t, func() bool { return refusals() >= before+5 }, 10*time.Second, 100*time.Millisecond,
+			"a's sidecar did not count 5 refused inbound handshakes (from %v)", before)
 		// The same pod answers the mesh all along.
 		r := callOK(t, clientA, mesh.Call{Proto: "http1", Target: echoHost + ":80"})
 		assert.Equal(t, target.Name(), r.Pod)
+	})
+
+	t.Run("explicit mode: the outbound port carries the pod's own requests, and nobody else's", func(t *testing.T) {
+		// No capture in this pod: its app sends to 127.0.0.1:15001 as to
+		// an HTTP proxy, and the outbound listener, bound to every
+		// address, is reachable from outside the pod too.
+		request := "GET / HTTP/1.1\r\nHost: " + echoHost + "\r\nConnection: close\r\n\r\n"
+		answer, err := exchange(ctx, explicitA, "127.0.0.1:15001", nil, request)
+		require.Contains(t, answer, "HTTP/1.1 200", "from inside the pod (err %v)", err)
+		assert.Contains(t, answer, a.SPIFFEID("demo", "explicit"), "the destination saw the pod's identity")
+
+		notLocal := func() float64 {
+			metrics, err := explicitA.SidecarMetrics(ctx)
+			require.NoError(t, err)
+			return mesh.MetricSum(metrics, "isthmus_sidecar_refusals_total", `listener="outbound"`, `reason="not_local"`)
+		}
+		before := notLocal()
+		answer, err = exchange(ctx, outsider, netip.AddrPortFrom(explicitA.W.IP, 15001).String(), nil, request)
+		assert.NotContains(t, answer, "HTTP/", "the outbound port carried an outsider's request (err %v)", err)
+		assert.Equal(t, before+1, notLocal(), "refusals{listener=outbound,reason=not_local}")
 	})
 
 	t.Run("a's endpoints unready: b fails over to c, and back to a", func(t *testing.T) {

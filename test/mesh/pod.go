@@ -76,6 +76,9 @@ type PodSpec struct {
 	// NoSidecar runs the app alone: no capture, no sidecar, no
 	// certificate — a workload outside the mesh.
 	NoSidecar bool
+	// NoCapture runs the sidecar without `sidecar iptables`: explicit
+	// mode, where the app sends its requests to 127.0.0.1:15001 itself.
+	NoCapture bool
 }
 
 // Pod is a running pod: the echo app, and unless NoSidecar, its sidecar.
@@ -134,8 +137,10 @@ func (c *Cluster) RunPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 		if err != nil {
 			return nil, err
 		}
-		ws.Init = [][]string{{filepath.Join(bin, "sidecar"), "iptables",
-			"--proxy-uid", strconv.Itoa(int(ProxyUser.UID)), "--proxy-gid", strconv.Itoa(int(ProxyUser.GID))}}
+		if !spec.NoCapture {
+			ws.Init = [][]string{{filepath.Join(bin, "sidecar"), "iptables",
+				"--proxy-uid", strconv.Itoa(int(ProxyUser.UID)), "--proxy-gid", strconv.Itoa(int(ProxyUser.GID))}}
+		}
 		ws.Sidecars = []localcluster.ProcessSpec{{
 			Name: "isthmus-proxy",
 			Command: append([]string{filepath.Join(bin, "sidecar"), "run",
