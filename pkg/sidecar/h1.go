@@ -365,7 +365,9 @@ func copyN(dst *wbuf, src *bufReader, n int64) (int64, error) {
 
 // copyChunked copies a chunked body from src to dst, chunk by chunk, the
 // chunk sizes checked and written anew (extensions dropped), trailer
-// fields checked and passed on. It returns the data bytes copied.
+// fields checked and passed on but for X-Forwarded-Client-Cert, which
+// only the sidecar sets (in the header section). It returns the data
+// bytes copied.
 func copyChunked(dst *wbuf, src *bufReader) (int64, error) {
 	var total int64
 	for {
@@ -388,8 +390,12 @@ func copyChunked(dst *wbuf, src *bufReader) (int64, error) {
 				}
 				if len(line) > 0 {
 					// The line's CRLF is still in the buffer after it.
-					if _, err := parseField(line[:len(line)+2], 0, len(line)); err != nil {
+					f, err := parseField(line[:len(line)+2], 0, len(line))
+					if err != nil {
 						return total, err
+					}
+					if f.kind == fieldXFCC {
+						continue
 					}
 				}
 				if err := dst.write(line[:len(line)+2]); err != nil { // the line and its CRLF, still in src's buffer

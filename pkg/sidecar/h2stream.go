@@ -672,8 +672,12 @@ func connectionSpecific(name string) bool {
 
 func keepResponseField(f *hpack.HeaderField) bool { return !connectionSpecific(f.Name) }
 
+// keepTrailerField drops, beside what HTTP/2 forbids, a trailer named
+// x-forwarded-client-cert: only the sidecar sets that, in the header
+// section, and an app that merges trailers into the headers would
+// otherwise take a caller's for the sidecar's.
 func keepTrailerField(f *hpack.HeaderField) bool {
-	return keepResponseField(f) && !strings.HasPrefix(f.Name, ":")
+	return keepRequestField(f) && keepResponseField(f) && !strings.HasPrefix(f.Name, ":")
 }
 
 func keepRequestField(f *hpack.HeaderField) bool {
