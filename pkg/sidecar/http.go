@@ -220,9 +220,10 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), forwardKey{}, f))
 	defer cancel(nil)
 	if d.timeout > 0 {
-		var stop context.CancelFunc
-		ctx, stop = context.WithTimeoutCause(ctx, d.timeout, errRouteTimeout)
-		defer stop()
+		// A timer, not a deadline: a 101 stops it (modifyResponse), as
+		// Envoy's route timeout never runs on an upgraded stream.
+		f.route = time.AfterFunc(d.timeout, func() { cancel(errRouteTimeout) })
+		defer f.route.Stop()
 	}
 	f.touch()
 	idle := newIdleWatch(p.cfg.StreamIdleTimeout, &f.last, func() {
@@ -330,6 +331,8 @@ type forward struct {
 	bytes byteCounters
 	// responded is set once the upstream's response headers arrived.
 	responded atomic.Bool
+	// route is the route timeout's timer, nil without one.
+	route *time.Timer
 }
 
 type forwardKey struct{}
@@ -383,13 +386,52 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	p.metrics.request(f.ci.listener, f.up.name, resp.StatusCode)
 	f.responded.Store(true)
 	f.touch()
-	// A 101's body is the upgraded connection, which ReverseProxy needs
-	// whole (an io.ReadWriteCloser).
-	if resp.Body != nil && resp.Body != http.NoBody && resp.StatusCode != http.StatusSwitchingProtocols {
+	switch {
+	case resp.StatusCode == http.StatusSwitchingProtocols:
+		// The body is the upgraded connection, which ReverseProxy needs
+		// as an io.ReadWriteCloser. It lives as long as it carries
+		// bytes: the route timeout no longer applies, and the stream
+		// idle timeout counts what moves either way.
+		if f.route != nil {
+			f.route.Stop()
+		}
+		rwc, ok := resp.Body.(io.ReadWriteCloser)
+		if !ok {
+			return upstreamProtocolError(errors.New("101 Switching Protocols without a connection to switch"))
+		}
+		resp.Body = &upgradedConn{rwc: rwc, f: f}
+	case resp.Body != nil && resp.Body != http.NoBody:
 		resp.Body = &countingBody{rc: resp.Body, f: f, count: f.sent}
 	}
 	return nil
 }
+
+// upgradedConn is an upgraded connection's upstream side, counted both
+// ways for the byte counters and the stream idle timeout.
+type upgradedConn struct {
+	rwc io.ReadWriteCloser
+	f   *forward
+}
+
+func (c *upgradedConn) Read(p []byte) (int, error) {
+	n, err := c.rwc.Read(p)
+	if n > 0 {
+		c.f.touch()
+		c.f.sent(int64(n))
+	}
+	return n, err
+}
+
+func (c *upgradedConn) Write(p []byte) (int, error) {
+	n, err := c.rwc.Write(p)
+	if n > 0 {
+		c.f.touch()
+		c.f.received(int64(n))
+	}
+	return n, err
+}
+
+func (c *upgradedConn) Close() error { return c.rwc.Close() }
 
 // checkSwitch refuses a 101 that switches to a protocol the request did
 // not ask for, as the HTTP/1.1 path does. ReverseProxy would refuse it
