@@ -20,6 +20,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -45,14 +46,21 @@ func main() {
 	}
 }
 
-func run() error {
-	cfg := gateway.DefaultConfig()
-	var (
-		routesFile  string
-		logLevel    slog.Level
-		logJSON     bool
-		showVersion bool
-	)
+// options are the gateway's flags.
+type options struct {
+	cfg         gateway.Config
+	x           bootstrap.Flags
+	routesFile  string
+	logLevel    slog.Level
+	logJSON     bool
+	showVersion bool
+}
+
+// parseFlags parses args into options; pflag.ErrHelp means -h was asked
+// for. Nothing is started here.
+func parseFlags(args []string) (options, error) {
+	o := options{cfg: gateway.DefaultConfig()}
+	cfg := &o.cfg
 	fl := pflag.NewFlagSet("eastwest-gw", pflag.ContinueOnError)
 	fl.StringVar(&cfg.ListenAddr, "listen-addr", cfg.ListenAddr, "address peers' TLS connections arrive on")
 	fl.StringVar(&cfg.HealthAddr, "health-addr", cfg.HealthAddr, "address of GET /healthz/ready for peers' probes; empty disables it")
@@ -66,25 +74,39 @@ func run() error {
 	fl.DurationVar(&cfg.DrainDelay, "drain-delay", cfg.DrainDelay, "on SIGTERM, how long the gateway still accepts connections while readiness fails, before it closes its listener")
 	fl.DurationVar(&cfg.DrainTimeout, "drain-timeout", cfg.DrainTimeout, "on SIGTERM, once the listener is closed, how long connections in flight may finish")
 	fl.DurationVar(&cfg.RouteDrainTimeout, "route-drain-timeout", cfg.RouteDrainTimeout, "how long connections of a route removed from the table (an export revoked) go on before they are closed; 0 closes them at once")
-	fl.StringVar(&routesFile, "routes-file", "", "static routing table (JSON, see gateway.ParseRoutesJSON) instead of xDS")
-	var x bootstrap.Flags
-	x.Register(fl, bootstrap.Defaults{Namespace: "isthmus-system", ServiceAccount: "isthmus-eastwest-gw"})
-	fl.TextVar(&logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error (debug logs every refusal)")
-	fl.BoolVar(&logJSON, "log-json", false, "log JSON instead of text")
-	fl.BoolVar(&showVersion, "version", false, "print the version and exit")
-	if err := fl.Parse(os.Args[1:]); err != nil {
-		if err == pflag.ErrHelp {
+	fl.StringVar(&o.routesFile, "routes-file", "", "static routing table (JSON, see gateway.ParseRoutesJSON) instead of xDS")
+	o.x.Register(fl, bootstrap.Defaults{Namespace: "isthmus-system", ServiceAccount: "isthmus-eastwest-gw"})
+	fl.TextVar(&o.logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error (debug logs every refusal)")
+	fl.BoolVar(&o.logJSON, "log-json", false, "log JSON instead of text")
+	fl.BoolVar(&o.showVersion, "version", false, "print the version and exit")
+	if err := fl.Parse(args); err != nil {
+		return o, err
+	}
+	// A word left over is a typo, or a boolean flag's value given
+	// apart (--xds-plaintext false), which pflag leaves as an argument
+	// after setting the flag to true.
+	if fl.NArg() > 0 {
+		return o, fmt.Errorf("unexpected argument %q: eastwest-gw takes flags only (a boolean flag takes a value only after =, as in --xds-plaintext=false)", fl.Arg(0))
+	}
+	if o.showVersion {
+		return o, nil
+	}
+	return o, o.cfg.Validate()
+}
+
+func run() error {
+	o, err := parseFlags(os.Args[1:])
+	if err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
 			return nil
 		}
 		return err
 	}
-	if showVersion {
+	if o.showVersion {
 		fmt.Println(version.Version)
 		return nil
 	}
-	if err := cfg.Validate(); err != nil {
-		return err
-	}
+	cfg, x, routesFile, logLevel, logJSON := o.cfg, o.x, o.routesFile, o.logLevel, o.logJSON
 	// Run again with sysmon kept from its deep sleep (internal/sysmon):
 	// a tenth less CPU per connection. Returns here only without exec.
 	awakeErr := sysmon.KeepAwake()

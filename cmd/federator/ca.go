@@ -13,10 +13,10 @@ import (
 
 func newCACommand() *cobra.Command {
 	var cf clusterFlags
-	cmd := &cobra.Command{
+	cmd := groupCommand(&cobra.Command{
 		Use:   "ca",
 		Short: "Inspect and rotate the cluster CA",
-	}
+	})
 	cf.register(cmd.PersistentFlags())
 
 	rotate := &cobra.Command{

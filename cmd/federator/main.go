@@ -34,6 +34,16 @@ func newRootCommand() *cobra.Command {
 	return root
 }
 
+// groupCommand makes c, a command that only holds subcommands, refuse a
+// word that names none of them, as kubectl does (cobra alone prints the
+// help and succeeds, so `federator token crate` would do nothing, quietly).
+// Alone, it still prints its help.
+func groupCommand(c *cobra.Command) *cobra.Command {
+	c.Args = cobra.NoArgs
+	c.RunE = func(cmd *cobra.Command, _ []string) error { return cmd.Help() }
+	return c
+}
+
 func newRunCommand() *cobra.Command {
 	cfg := federator.DefaultConfig()
 	var logLevel slog.Level

@@ -51,7 +51,7 @@ func (f *clusterFlags) client() (kubernetes.Interface, error) {
 }
 
 func newTokenCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "token", Short: "Peering tokens"}
+	cmd := groupCommand(&cobra.Command{Use: "token", Short: "Peering tokens"})
 	var cf clusterFlags
 	var opts federation.TokenOptions
 	create := &cobra.Command{

@@ -1,0 +1,29 @@
+package main
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// A word left over after the flags is refused, naming it: a boolean
+// flag's value given apart would otherwise be dropped with the flag set
+// to true (--xds-plaintext false turning plaintext xDS on).
+func TestParseFlagsRefusesArguments(t *testing.T) {
+	for name, tc := range map[string]struct {
+		args []string
+		want string
+	}{
+		"bool flag's value apart": {[]string{"--xds-plaintext", "false"}, `unexpected argument "false"`},
+		"after other flags":       {[]string{"--listen-addr", "127.0.0.1:15443", "extra", "more"}, `unexpected argument "extra"`},
+		"after --":                {[]string{"--", "--xds-plaintext"}, `unexpected argument "--xds-plaintext"`},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := parseFlags(tc.args)
+			require.ErrorContains(t, err, tc.want)
+		})
+	}
+	o, err := parseFlags([]string{"--xds-plaintext=false", "--xds-address", "127.0.0.1:15010"})
+	require.NoError(t, err)
+	require.False(t, o.x.XDSPlaintext)
+}
