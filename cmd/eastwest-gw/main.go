@@ -91,7 +91,7 @@ func parseFlags(args []string) (options, error) {
 	if o.showVersion {
 		return o, nil
 	}
-	return o, o.cfg.Validate()
+	return o, errors.Join(o.cfg.Validate(), o.x.CheckAddresses())
 }
 
 func run() error {

@@ -27,3 +27,11 @@ func TestParseFlagsRefusesArguments(t *testing.T) {
 	require.NoError(t, err)
 	require.False(t, o.x.XDSPlaintext)
 }
+
+// A port-less or out-of-range --xds-address or --ca-address is refused
+// at start, naming the flag, instead of gRPC dialling 443 for ever.
+func TestParseFlagsRefusesBadFederatorAddresses(t *testing.T) {
+	_, err := parseFlags([]string{"--xds-address", "isthmus-federator.isthmus-system.svc", "--ca-address", "10.0.0.1:99999"})
+	require.ErrorContains(t, err, `--xds-address "isthmus-federator.isthmus-system.svc": want host:port`)
+	require.ErrorContains(t, err, `--ca-address "10.0.0.1:99999": port "99999" is not a number from 1 to 65535`)
+}

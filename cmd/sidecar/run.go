@@ -48,7 +48,7 @@ finish for --drain-timeout, and exits.`,
 			if concurrency < 0 {
 				cores = fmt.Errorf("--concurrency %d: want 0 (Go's choice) or a number of cores", concurrency)
 			}
-			if err := errors.Join(boot.CheckNode(), cfg.Validate(), dnsValidate(dnsCfg), cores); err != nil {
+			if err := errors.Join(boot.CheckNode(), boot.CheckAddresses(), cfg.Validate(), dnsValidate(dnsCfg), cores); err != nil {
 				return err
 			}
 			_, env := os.LookupEnv("GOMAXPROCS")

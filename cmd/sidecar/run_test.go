@@ -35,6 +35,16 @@ func TestRunRefusesBadFlags(t *testing.T) {
 	}
 }
 
+// A port-less or out-of-range --xds-address or --ca-address is refused
+// before the CA is dialled, naming the flag, instead of gRPC dialling 443
+// and retrying for ever.
+func TestRunRefusesBadFederatorAddresses(t *testing.T) {
+	_, _, err := execute(t.Context(), "run", "--cluster-name", "alpha", "--pod-ip", "10.0.0.9", "--pod-name", "web-0",
+		"--xds-address", "isthmus-federator.isthmus-system.svc", "--ca-address", "10.0.0.1:99999")
+	require.ErrorContains(t, err, `--xds-address "isthmus-federator.isthmus-system.svc": want host:port`)
+	require.ErrorContains(t, err, `--ca-address "10.0.0.1:99999": port "99999" is not a number from 1 to 65535`)
+}
+
 // --concurrency sets GOMAXPROCS: its default 1 unless the environment
 // sets GOMAXPROCS, a value given always, 0 never.
 func TestProcsFor(t *testing.T) {

@@ -10,7 +10,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
+	"strconv"
 
 	"github.com/spf13/pflag"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -55,9 +57,9 @@ type Defaults struct {
 // spec (CLUSTER_NAME, POD_IP, POD_NAME, POD_NAMESPACE, SERVICE_ACCOUNT)
 // are the defaults where present.
 func (f *Flags) Register(fs *pflag.FlagSet, d Defaults) {
-	fs.StringVar(&f.XDSAddress, "xds-address", "isthmus-federator.isthmus-system.svc:15012", "the federator's xDS (and CA) address")
+	fs.StringVar(&f.XDSAddress, "xds-address", "isthmus-federator.isthmus-system.svc:15012", "the federator's xDS (and CA) address, host:port")
 	fs.BoolVar(&f.XDSPlaintext, "xds-plaintext", false, "speak plaintext xDS (the federator's --xds-plaintext-addr; tests only)")
-	fs.StringVar(&f.CAAddress, "ca-address", "", "the federator's CA address (TLS); default --xds-address")
+	fs.StringVar(&f.CAAddress, "ca-address", "", "the federator's CA address (TLS), host:port; default --xds-address")
 	fs.StringVar(&f.ClusterName, "cluster-name", os.Getenv("CLUSTER_NAME"), "this cluster's name (xDS node cluster)")
 	fs.StringVar(&f.PodIP, "pod-ip", os.Getenv("POD_IP"), "this pod's IP (xDS node ID)")
 	fs.StringVar(&f.PodName, "pod-name", os.Getenv("POD_NAME"), "this pod's name (xDS node ID)")
@@ -81,6 +83,40 @@ func envOr(name, def string) string {
 func (f Flags) CheckNode() error {
 	if f.ClusterName == "" || f.PodIP == "" || f.PodName == "" {
 		return errors.New("--cluster-name, --pod-ip and --pod-name (or CLUSTER_NAME, POD_IP, POD_NAME) are required for xDS: they name this proxy to the federator")
+	}
+	return nil
+}
+
+// CheckAddresses reports an --xds-address or --ca-address that is not
+// host:port with a port from 1 to 65535: without a port, gRPC would dial
+// 443 and retry for ever.
+func (f Flags) CheckAddresses() error {
+	var errs []error
+	if f.XDSAddress == "" {
+		errs = append(errs, errors.New("--xds-address is required: the federator's host:port"))
+	} else if err := checkDialAddr(f.XDSAddress); err != nil {
+		errs = append(errs, fmt.Errorf("--xds-address %q: %w", f.XDSAddress, err))
+	}
+	if f.CAAddress != "" {
+		if err := checkDialAddr(f.CAAddress); err != nil {
+			errs = append(errs, fmt.Errorf("--ca-address %q: %w", f.CAAddress, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// checkDialAddr checks host:port for dialling: a host, and a numeric
+// port from 1 to 65535.
+func checkDialAddr(a string) error {
+	host, port, err := net.SplitHostPort(a)
+	if err != nil {
+		return fmt.Errorf("want host:port: %w", err)
+	}
+	if host == "" {
+		return errors.New("want host:port: no host")
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
+		return fmt.Errorf("port %q is not a number from 1 to 65535", port)
 	}
 	return nil
 }

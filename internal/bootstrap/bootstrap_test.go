@@ -39,3 +39,38 @@ func TestFlags(t *testing.T) {
 	_, err = f.FederatorID()
 	require.ErrorContains(t, err, "--trust-domain")
 }
+
+// An --xds-address or --ca-address gRPC would dial at 443, or not at
+// all, is refused at start, naming the flag.
+func TestCheckAddresses(t *testing.T) {
+	for name, tc := range map[string]struct {
+		args []string
+		want []string
+	}{
+		"defaults":          {},
+		"IPv6 and a CA":     {args: []string{"--xds-address", "[fd00::1]:15010", "--ca-address", "ca.example:15012"}},
+		"no port":           {args: []string{"--xds-address", "isthmus-federator.isthmus-system.svc"}, want: []string{`--xds-address "isthmus-federator.isthmus-system.svc": want host:port`}},
+		"CA without a port": {args: []string{"--ca-address", "10.0.0.1"}, want: []string{`--ca-address "10.0.0.1": want host:port`}},
+		"port out of range": {args: []string{"--xds-address", "fed:99999"}, want: []string{`--xds-address "fed:99999": port "99999" is not a number from 1 to 65535`}},
+		"port zero":         {args: []string{"--ca-address", "fed:0"}, want: []string{`--ca-address "fed:0": port "0"`}},
+		"named port":        {args: []string{"--xds-address", "fed:grpc"}, want: []string{`port "grpc" is not a number`}},
+		"no host":           {args: []string{"--xds-address", ":15012"}, want: []string{`--xds-address ":15012": want host:port: no host`}},
+		"empty":             {args: []string{"--xds-address="}, want: []string{"--xds-address is required"}},
+		"both at once":      {args: []string{"--xds-address", "a", "--ca-address", "b"}, want: []string{"--xds-address", "--ca-address"}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			var f Flags
+			fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+			f.Register(fs, Defaults{})
+			require.NoError(t, fs.Parse(tc.args))
+			err := f.CheckAddresses()
+			if len(tc.want) == 0 {
+				require.NoError(t, err)
+				return
+			}
+			for _, w := range tc.want {
+				require.ErrorContains(t, err, w)
+			}
+		})
+	}
+}
