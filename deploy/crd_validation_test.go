@@ -1,6 +1,8 @@
 package deploy_test
 
 import (
+	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -38,4 +40,19 @@ func TestFederationPeerValidation(t *testing.T) {
 		"addresses must name at least one address of the peer's federator")
 	require.NoError(t, create("joined", map[string]any{"tokenSecretName": "isthmus-join-b", "addresses": []any{"fed.b.example:15443"}}))
 	require.NoError(t, create("accepted", map[string]any{}))
+
+	// Staleness durations: Go's syntax, positive. Zero and negative are
+	// refused rather than read as the default; leaving the field out is
+	// how the default is asked for.
+	for _, field := range []string{"keepFor", "drainFor"} {
+		for _, bad := range []string{"10 minutes", "0s", "0", "-5m", "5", "1h 30m", " 5m", "5M", "1d", "", "0h0m0s"} {
+			err := create("bad-"+strings.ToLower(field), map[string]any{"staleness": map[string]any{field: bad}})
+			require.ErrorContains(t, err, "spec.staleness."+field, "%s %q", field, bad)
+			require.ErrorContains(t, err, field+" must be a positive duration such as 30s, 5m or 1h30m", "%s %q", field, bad)
+		}
+		for i, good := range []string{"30s", "5m", "1h30m", "1.5h", "500ms", "90m"} {
+			require.NoError(t, create(fmt.Sprintf("good-%s-%d", strings.ToLower(field), i),
+				map[string]any{"staleness": map[string]any{field: good}}), "%s %q", field, good)
+		}
+	}
 }

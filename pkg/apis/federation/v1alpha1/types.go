@@ -57,14 +57,26 @@ type FederationPeerSpec struct {
 }
 
 // Staleness bounds how long a disconnected peer's imports are kept.
+//
+// Both durations are written as Go writes them ("30s", "5m", "1h30m": a
+// number and a unit, ns, us, ms, s, m or h) and must be positive: zero or
+// a negative value is refused, not read as the default. Leave a field out
+// for the federator's default (its --keep-for and --drain-for flags).
 type Staleness struct {
 	// KeepFor is how long imported endpoints are kept after the peer is
-	// lost, before they are drained and then removed. Default 5m.
+	// lost, before they are drained and then removed. Default: the
+	// federator's --keep-for (5m).
 	// +optional
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:MaxLength=64
+	// +kubebuilder:validation:XValidation:rule="self.matches('^([0-9]+([.][0-9]*)?(ns|us|µs|μs|ms|s|m|h))+$') && duration(self) > duration('0s')",message="keepFor must be a positive duration such as 30s, 5m or 1h30m (a number and a unit: ns, us, ms, s, m or h)"
 	KeepFor *metav1.Duration `json:"keepFor,omitempty"`
 	// DrainFor is how long drained endpoints (weight 0) stay before they
-	// are removed. Default 1m.
+	// are removed. Default: the federator's --drain-for (1m).
 	// +optional
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:MaxLength=64
+	// +kubebuilder:validation:XValidation:rule="self.matches('^([0-9]+([.][0-9]*)?(ns|us|µs|μs|ms|s|m|h))+$') && duration(self) > duration('0s')",message="drainFor must be a positive duration such as 30s, 5m or 1h30m (a number and a unit: ns, us, ms, s, m or h)"
 	DrainFor *metav1.Duration `json:"drainFor,omitempty"`
 }
 
