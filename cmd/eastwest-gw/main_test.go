@@ -35,3 +35,10 @@ func TestParseFlagsRefusesBadFederatorAddresses(t *testing.T) {
 	require.ErrorContains(t, err, `--xds-address "isthmus-federator.isthmus-system.svc": want host:port`)
 	require.ErrorContains(t, err, `--ca-address "10.0.0.1:99999": port "99999" is not a number from 1 to 65535`)
 }
+
+// A listen address whose port is out of range is refused at start.
+func TestParseFlagsRefusesListenPortsOutOfRange(t *testing.T) {
+	_, err := parseFlags([]string{"--listen-addr", "127.0.0.1:99999", "--health-addr", ":65536"})
+	require.ErrorContains(t, err, `listen address "127.0.0.1:99999": port "99999" is not a number from 0 to 65535`)
+	require.ErrorContains(t, err, `health address ":65536": port "65536"`)
+}

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"runtime"
+	"strconv"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
@@ -104,7 +106,15 @@ func dnsValidate(c dns.Config) error {
 	if c.ListenAddr == "" {
 		return nil
 	}
-	return c.Validate()
+	// dns.Config.Validate checks host:port; a port out of range would
+	// fail only at Listen, after the SVID was obtained.
+	var port error
+	if _, p, err := net.SplitHostPort(c.ListenAddr); err == nil {
+		if _, err := strconv.ParseUint(p, 10, 16); err != nil {
+			port = fmt.Errorf("--dns-addr %q: port %q is not a number from 0 to 65535", c.ListenAddr, p)
+		}
+	}
+	return errors.Join(c.Validate(), port)
 }
 
 // runSidecar is the sidecar's composition: identity, xDS client, proxy and

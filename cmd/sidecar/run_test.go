@@ -35,6 +35,23 @@ func TestRunRefusesBadFlags(t *testing.T) {
 	}
 }
 
+// A listen address whose port is out of range is refused before the CA
+// is dialled, not after an SVID was obtained.
+func TestRunRefusesListenPortsOutOfRange(t *testing.T) {
+	_, _, err := execute(t.Context(), "run", "--cluster-name", "alpha", "--pod-ip", "10.0.0.9", "--pod-name", "web-0",
+		"--outbound-addr", "127.0.0.1:99999", "--inbound-addr", ":-1", "--admin-addr", "127.0.0.1:http",
+		"--health-addr", "[::1]:65536", "--dns-addr", "127.0.0.1:70000")
+	for _, want := range []string{
+		`outbound address "127.0.0.1:99999": port "99999" is not a number from 0 to 65535`,
+		`inbound address ":-1": port "-1"`,
+		`admin address "127.0.0.1:http": port "http"`,
+		`health address "[::1]:65536": port "65536"`,
+		`--dns-addr "127.0.0.1:70000": port "70000"`,
+	} {
+		require.ErrorContains(t, err, want)
+	}
+}
+
 // A port-less or out-of-range --xds-address or --ca-address is refused
 // before the CA is dialled, naming the flag, instead of gRPC dialling 443
 // and retrying for ever.

@@ -61,3 +61,30 @@ func TestConfigValidate(t *testing.T) {
 	}
 	require.NotContains(t, err.Error(), "192.0.2.1")
 }
+
+// A listen address whose port is out of range is refused by Validate,
+// before New writes the CA Secret and the ConfigMaps, not when the
+// listener opens.
+func TestConfigValidateListenPorts(t *testing.T) {
+	c := DefaultConfig()
+	c.ClusterName = "east"
+	c.MonitoringAddr = "127.0.0.1:0" // any free port
+	c.XDSPlaintextAddr = "127.0.0.1:015010"
+	require.NoError(t, c.Validate())
+
+	c.MonitoringAddr = "127.0.0.1:99999"
+	c.CAAddr = ":65536"
+	c.BundleEndpointAddr = ":https"
+	c.FederationAddr = "[::]:-1"
+	c.XDSPlaintextAddr = "127.0.0.1:"
+	err := c.Validate()
+	for _, want := range []string{
+		`--monitoring-addr "127.0.0.1:99999": port "99999" is not a number from 0 to 65535`,
+		`--ca-addr ":65536": port "65536"`,
+		`--bundle-endpoint-addr ":https": port "https"`,
+		`--federation-addr "[::]:-1": port "-1"`,
+		`--xds-plaintext-addr "127.0.0.1:": port ""`,
+	} {
+		require.ErrorContains(t, err, want)
+	}
+}
