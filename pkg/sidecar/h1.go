@@ -785,7 +785,21 @@ func (hc *h1Conn) forward(d decision, target netip.AddrPort, head []byte, hasBod
 				hc.refuse(he)
 				return false
 			}
-			// The downstream stopped sending its body, or reading.
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				// The downstream stopped sending its body: answered, as
+				// Envoy answers an incomplete request, 408 (504 once
+				// the route's deadline passed), and the connection
+				// closed, its request unfinished.
+				code, msg := http.StatusRequestTimeout, "stream timeout"
+				if hc.tm.routePassed() {
+					code, msg = http.StatusGatewayTimeout, "upstream request timeout"
+				}
+				hc.count(d.up.name, code)
+				hc.tm.route = time.Time{}
+				hc.writeError(code, msg, true)
+				return false
+			}
+			// The downstream went away, or stopped reading.
 			hc.count(d.up.name, 0)
 			return false
 		}

@@ -315,7 +315,8 @@ func (s *h2Stream) failWith(code int, msg string, err error) {
 }
 
 // timeout ends the stream when its route timeout or stream idle timeout
-// passed: 504 before the response, a reset after it started.
+// passed: 504 before the response (408 for the idle timeout while the
+// request was still coming, as Envoy answers), a reset after it started.
 func (s *h2Stream) timeout(cause error) {
 	s.lock(nil)
 	defer s.unlock()
@@ -323,11 +324,14 @@ func (s *h2Stream) timeout(cause error) {
 		return
 	}
 	if !s.answered {
-		msg := "stream timeout"
-		if errors.Is(cause, errRouteTimeout) {
+		code, msg := http.StatusGatewayTimeout, "stream timeout"
+		switch {
+		case errors.Is(cause, errRouteTimeout):
 			msg = "upstream request timeout"
+		case !s.toUp.srcEnded:
+			code = http.StatusRequestTimeout
 		}
-		s.answer(http.StatusGatewayTimeout, msg)
+		s.answer(code, msg)
 	} else {
 		s.resetBoth(http2.ErrCodeCancel)
 	}

@@ -228,17 +228,24 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	f.touch()
 	idle := newIdleWatch(p.cfg.StreamIdleTimeout, &f.last, func() {
 		cancel(errStreamIdle)
+		// Unblock a body read stuck on a downstream that stopped
+		// sending, and once the response started, a copy stuck on one
+		// that stopped reading; before the response, the 408 or 504
+		// must still go out.
+		rc := http.NewResponseController(w)
+		_ = rc.SetReadDeadline(time.Now())
 		if f.responded.Load() {
-			// Unblock a copy stuck on a downstream that stopped reading or
-			// sending; before the response, the 504 must still go out.
-			rc := http.NewResponseController(w)
 			_ = rc.SetWriteDeadline(time.Now())
-			_ = rc.SetReadDeadline(time.Now())
 		}
 	})
 	defer idle.stop()
-	if r.Body != nil && r.Body != http.NoBody {
-		r.Body = &countingBody{rc: r.Body, f: f, count: f.received}
+	switch {
+	case r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0:
+		// Nothing to read (ReverseProxy sends no body for a length of
+		// 0, so an HTTP/2 request's empty body is never read to its end).
+		f.requestEnded.Store(true)
+	default:
+		r.Body = &countingBody{rc: r.Body, f: f, count: f.received, ended: &f.requestEnded}
 	}
 	p.forwarder.ServeHTTP(w, r.WithContext(ctx))
 }
@@ -333,6 +340,9 @@ type forward struct {
 	responded atomic.Bool
 	// route is the route timeout's timer, nil without one.
 	route *time.Timer
+	// requestEnded is set once the request's body was read to its end
+	// (at once without one).
+	requestEnded atomic.Bool
 }
 
 type forwardKey struct{}
@@ -362,6 +372,10 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 			pr.Out.Header[h] = v
 		}
 	}
+	// The sidecar's own server answers "Expect: 100-continue" when the
+	// body is first read; asked again, each sidecar on the way and the
+	// app would send one more 100 (Envoy's proxy_100_continue: false).
+	pr.Out.Header.Del("Expect")
 	pr.Out.Header.Del(xfccHeader)
 	if v := f.ci.setXFCC(); v != "" {
 		pr.Out.Header.Set(xfccHeader, v)
@@ -466,6 +480,12 @@ func (p *Proxy) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		msg = "upstream request timeout"
 	case errors.Is(cause, errStreamIdle):
 		msg = "stream timeout"
+		if !f.requestEnded.Load() {
+			// Envoy's answer to an incomplete request; its body
+			// cannot be read on, so neither can the connection.
+			code = http.StatusRequestTimeout
+			w.Header().Set("Connection", "close")
+		}
 	case r.Context().Err() != nil:
 		// The downstream went away (or closed its sending side): abort,
 		// as the HTTP/1.1 path closes the connection. Returning would
@@ -525,6 +545,8 @@ type countingBody struct {
 	rc    io.ReadCloser
 	f     *forward
 	count func(int64)
+	// ended, when not nil, is set at the body's end.
+	ended *atomic.Bool
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
@@ -532,6 +554,9 @@ func (b *countingBody) Read(p []byte) (int, error) {
 	if n > 0 {
 		b.f.touch()
 		b.count(int64(n))
+	}
+	if err == io.EOF && b.ended != nil {
+		b.ended.Store(true)
 	}
 	return n, err
 }
