@@ -55,6 +55,11 @@ type Proxy struct {
 	httpConns      sync.WaitGroup
 	requests       gauge
 	upstreams      gauge
+	// dials ends when the drain timeout passes (cutDials): the dials
+	// and handshakes still in flight then give up, as the connections
+	// left are closed.
+	dials    context.Context
+	cutDials context.CancelFunc
 
 	// state is the configuration adopted last and what was built from
 	// it; nil until the first.
@@ -127,6 +132,7 @@ func New(cfg Config, src ConfigSource, svid x509svid.Source, opts Options) (*Pro
 		bridgeWork:  make(chan *h1Bridge),
 		bridgeStop:  make(chan struct{}),
 	}
+	p.dials, p.cutDials = context.WithCancel(context.Background())
 	if p.originalDst == nil {
 		p.originalDst = capture.OriginalDst
 	}
@@ -340,6 +346,7 @@ func (p *Proxy) drain() {
 			return
 		case <-dctx.Done():
 		}
+		p.cutDials()
 		p.tcpMu.Lock()
 		n := len(p.tcpConns)
 		for c := range p.tcpConns {

@@ -499,6 +499,51 @@ func TestDrainTimeoutCutsWhatIsLeft(t *testing.T) {
 	require.Error(t, err, "the TCP proxy was closed at the drain timeout")
 }
 
+// Dials and handshakes in flight when the drain timeout passes give up
+// too: a TCP proxy and an HTTP request to an endpoint that accepts but
+// never answers the mTLS handshake. Before, Run waited for every connect
+// attempt (3 × the 10 s handshake timeout, Kubernetes' whole grace
+// period) after the drain timeout.
+func TestDrainTimeoutCutsDialsInFlight(t *testing.T) {
+	silent, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = silent.Close() })
+	go func() {
+		for {
+			c, err := silent.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { _ = c.Close() })
+		}
+	}()
+	at := []locSpec{{zone: "z1", weight: 1, eps: []ep{{silent.Addr().(*net.TCPAddr).AddrPort(), true}}}}
+	tcpSvc := svc{name: "silent-tcp", ns: "demo", vip: "240.240.0.41", ports: []svcPort{{5432, false}}, locs: at}
+	httpSvc := svc{name: "silent-http", ns: "demo", vip: "240.240.0.42", ports: []svcPort{{80, true}}, locs: at}
+	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t), hosts: hostsOf(tcpSvc, httpSvc)}
+	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: func(c *Config) { c.DrainTimeout = 300 * time.Millisecond }})
+	m.b = startPod(t, "b", m.beta, m.hosts, podOptions{xds: m.xds})
+	m.set(t, "v1", tcpSvc, httpSvc)
+
+	c, err := m.a.nat.dial(t.Context(), tcpSvc.host()+":5432")
+	require.NoError(t, err)
+	defer c.Close()
+	reqDone := make(chan error, 1)
+	go func() {
+		resp, err := m.a.nat.httpClient(false).Get("http://" + httpSvc.host() + "/")
+		if err == nil {
+			resp.Body.Close()
+		}
+		reqDone <- err
+	}()
+	time.Sleep(200 * time.Millisecond) // both in their handshakes
+
+	start := time.Now()
+	m.a.stop(t)
+	require.Less(t, time.Since(start), 5*time.Second, "Run returned long after the drain timeout")
+	<-reqDone
+}
+
 // With no route timeout, the stream idle timeout is what ends a request
 // whose upstream went silent; a stream that keeps moving is never cut.
 func TestStreamIdleTimeout(t *testing.T) {

@@ -191,6 +191,9 @@ func (pl *pool) dialPooled(ctx context.Context, ep netip.AddrPort, tlsCfg *tls.C
 // failure is counted, and the endpoint ejected when it was picked from
 // EDS (passive health).
 func (pl *pool) dial(ctx context.Context, ep netip.AddrPort, tlsCfg *tls.Config) (net.Conn, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(pl.p.dials, cancel)()
 	d := net.Dialer{Timeout: pl.connectTimeout, LocalAddr: appSource(ep, pl.p.cfg.AppAddr)}
 	raw, err := d.DialContext(ctx, "tcp", ep.String())
 	if err != nil {
