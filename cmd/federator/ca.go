@@ -41,6 +41,9 @@ func newCACommand() *cobra.Command {
 		Short: "Show the CA's roots and any rotation in progress",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
 			c, err := cf.client()
 			if err != nil {
 				return err
@@ -64,7 +67,7 @@ func newCACommand() *cobra.Command {
 			return w.Flush()
 		},
 	}
-	status.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	status.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
 	cmd.AddCommand(rotate, status)
 	return cmd
 }

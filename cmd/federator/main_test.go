@@ -48,3 +48,14 @@ func TestEveryCommandRefusesArguments(t *testing.T) {
 	require.NoError(t, err)
 	require.Contains(t, out, "federator token [command]")
 }
+
+// -o takes table or json, for `ca status` as for `status`: anything else
+// is refused before the cluster is read, not printed as a table.
+func TestOutputFormat(t *testing.T) {
+	t.Setenv("KUBECONFIG", "/nonexistent/kubeconfig")
+	for _, args := range [][]string{{"status", "-o", "yaml"}, {"ca", "status", "-o", "yaml"}, {"ca", "status", "--output=wide"}} {
+		_, _, err := execute(t.Context(), args...)
+		require.ErrorContains(t, err, "unknown output format", "%v", args)
+		require.ErrorContains(t, err, "-o takes table or json", "%v", args)
+	}
+}

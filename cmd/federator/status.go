@@ -26,8 +26,8 @@ could not be written) are listed below the table.
 status are the FederationPeer's own (federation.isthmus.dev/v1alpha1).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if output != "table" && output != "json" {
-				return fmt.Errorf("unknown output format %q: -o takes table or json", output)
+			if err := checkOutput(output); err != nil {
+				return err
 			}
 			cfg, err := cf.restConfig()
 			if err != nil {
@@ -50,4 +50,13 @@ status are the FederationPeer's own (federation.isthmus.dev/v1alpha1).`,
 	cf.registerKubeconfig(cmd.Flags())
 	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
 	return cmd
+}
+
+// checkOutput refuses an -o the verbs do not print, before anything is
+// read: table and json are all there is.
+func checkOutput(output string) error {
+	if output != "table" && output != "json" {
+		return fmt.Errorf("unknown output format %q: -o takes table or json", output)
+	}
+	return nil
 }
