@@ -3,10 +3,13 @@ package main
 import (
 	"bytes"
 	"context"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"github.com/stretchr/testify/require"
 )
 
@@ -58,4 +61,80 @@ func TestOutputFormat(t *testing.T) {
 		require.ErrorContains(t, err, "unknown output format", "%v", args)
 		require.ErrorContains(t, err, "-o takes table or json", "%v", args)
 	}
+}
+
+// The operator verbs find the cluster as kubectl does: --kubeconfig, or
+// $KUBECONFIG, a list of files merged, not one path joined by colons.
+func TestKubeconfigAsKubectl(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, text string) string {
+		p := filepath.Join(dir, name)
+		require.NoError(t, os.WriteFile(p, []byte(text), 0o600))
+		return p
+	}
+	// kubectl's usual split: contexts in one file, clusters and users in
+	// another.
+	contexts := write("contexts", `apiVersion: v1
+kind: Config
+current-context: east
+contexts:
+- name: east
+  context: {cluster: east, user: admin}
+`)
+	clusters := write("clusters", `apiVersion: v1
+kind: Config
+clusters:
+- name: east
+  cluster: {server: "https://east.example:6443"}
+- name: west
+  cluster: {server: "https://west.example:6443"}
+users:
+- name: admin
+  user: {token: secret}
+`)
+	whole := write("whole", `apiVersion: v1
+kind: Config
+current-context: west
+contexts:
+- name: west
+  context: {cluster: west, user: admin}
+clusters:
+- name: west
+  cluster: {server: "https://west.example:6443"}
+users:
+- name: admin
+  user: {token: secret}
+`)
+	host := func(args ...string) (string, error) {
+		var cf clusterFlags
+		fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+		cf.register(fs)
+		require.NoError(t, fs.Parse(args))
+		cfg, err := cf.restConfig()
+		if err != nil {
+			return "", err
+		}
+		return cfg.Host, nil
+	}
+
+	t.Setenv("KUBECONFIG", contexts+string(os.PathListSeparator)+filepath.Join(dir, "missing")+string(os.PathListSeparator)+clusters)
+	h, err := host()
+	require.NoError(t, err)
+	require.Equal(t, "https://east.example:6443", h)
+
+	h, err = host("--kubeconfig", whole)
+	require.NoError(t, err, "--kubeconfig wins over $KUBECONFIG")
+	require.Equal(t, "https://west.example:6443", h)
+
+	_, err = host("--kubeconfig", filepath.Join(dir, "missing"))
+	require.ErrorContains(t, err, "missing", "an explicit --kubeconfig must exist")
+
+	// `federator run` reads one file: a list is refused, naming the
+	// problem, before anything is written.
+	_, _, err = execute(t.Context(), "run", "--cluster-name", "east")
+	require.ErrorContains(t, err, "$KUBECONFIG lists 3 files")
+	require.ErrorContains(t, err, "name it with --kubeconfig")
+	t.Setenv("KUBECONFIG", filepath.Join(dir, "missing"))
+	_, _, err = execute(t.Context(), "run", "--cluster-name", "east")
+	require.ErrorContains(t, err, `load kubeconfig "`+filepath.Join(dir, "missing")+`"`, "one file in $KUBECONFIG is read")
 }

@@ -29,9 +29,12 @@ func (f *clusterFlags) register(fs *pflag.FlagSet) {
 // registerKubeconfig is for verbs that read only cluster-scoped objects,
 // where a namespace flag would do nothing.
 func (f *clusterFlags) registerKubeconfig(fs *pflag.FlagSet) {
-	fs.StringVar(&f.kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "path to a kubeconfig (default: in-cluster, or ~/.kube/config)")
+	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "path to a kubeconfig (default: as kubectl, $KUBECONFIG, a list of files merged, else ~/.kube/config, else in-cluster)")
 }
 
+// restConfig loads the cluster's configuration as kubectl does: the
+// --kubeconfig file alone, or client-go's default rules, which merge the
+// files $KUBECONFIG lists.
 func (f *clusterFlags) restConfig() (*rest.Config, error) {
 	rules := clientcmd.NewDefaultClientConfigLoadingRules()
 	rules.ExplicitPath = f.kubeconfig
