@@ -4,14 +4,21 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/log"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // streamState is what the Server knows about one open xDS stream.
@@ -76,13 +83,25 @@ func (h *hooks) closed(id int64, node *corev3.Node) {
 // version_info, the last version the proxy accepted, to the snapshot's),
 // the request is marked as being at the rejected version: the proxy gets
 // the next version, when there is one.
-func (h *hooks) request(id int64, node *corev3.Node, typeURL, version, nonce, nackReason string, fixVersion func(string)) {
+//
+// A request for a type the server does not serve ends the stream: the
+// cache would keep an entry for every type URL asked (a proxy chooses
+// them, up to MaxRequestBytes each), and go-control-plane's ADS stream
+// buffers one response per type it has open, room for the types it
+// knows; past that, an answer waits on a channel only the stream's own
+// goroutine drains, with the cache locked for every proxy.
+func (h *hooks) request(id int64, node *corev3.Node, typeURL, version, nonce, nackReason string, fixVersion func(string)) error {
+	if !servedTypes[typeURL] {
+		return status.Errorf(codes.InvalidArgument, "type URL %s is not served: this server serves listeners, routes, clusters, endpoints and secrets (%s)",
+			truncate(typeURL, maxTypeURLShown), strings.Join(slices.Sorted(maps.Keys(servedTypes)), ", "))
+	}
+	nackReason = truncate(nackReason, maxNACKReason)
 	s := h.s
 	s.mu.Lock()
 	st, ok := s.streams[id]
 	if !ok {
 		s.mu.Unlock()
-		return
+		return nil
 	}
 	first := false
 	if st.node == "" && node.GetId() != "" {
@@ -111,11 +130,38 @@ func (h *hooks) request(id int64, node *corev3.Node, typeURL, version, nonce, na
 		s.metrics.nacks.Add(context.Background(), 1, metric.WithAttributes(attribute.String("type_url", typeURL)))
 		s.log.Warn("proxy rejected configuration (NACK)", "stream", id, "node", nodeID, "type", typeURL,
 			"rejectedVersion", sent.version, "acceptedVersion", version, "nonce", nonce, "reason", nackReason)
-		return
+		return nil
 	}
 	if nonce != "" && nonce == sent.nonce {
 		s.log.Debug("proxy accepted configuration (ACK)", "stream", id, "node", nodeID, "type", typeURL, "version", sent.version)
 	}
+	return nil
+}
+
+// servedTypes are the type URLs the server answers.
+var servedTypes = map[string]bool{
+	resource.ListenerType: true, resource.RouteType: true, resource.ClusterType: true,
+	resource.EndpointType: true, resource.SecretType: true,
+}
+
+// How much of a proxy's type URL an error quotes, and of its NACK's
+// reason the logs and Status keep: both are the proxy's to choose, up to
+// MaxRequestBytes.
+const (
+	maxTypeURLShown = 100
+	maxNACKReason   = 4 << 10
+)
+
+// truncate cuts s to at most n bytes, on a UTF-8 boundary, marking the cut.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	cut := n
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s… (%d bytes in all)", s[:cut], len(s))
 }
 
 func (h *hooks) response(id int64, typeURL, version, nonce string, n int) {
@@ -140,9 +186,8 @@ func (h *hooks) OnStreamClosed(id int64, node *corev3.Node) { h.closed(id, node)
 
 // OnStreamRequest implements sotw.Callbacks.
 func (h *hooks) OnStreamRequest(id int64, req *discoveryv3.DiscoveryRequest) error {
-	h.request(id, req.GetNode(), req.GetTypeUrl(), req.GetVersionInfo(), req.GetResponseNonce(), req.GetErrorDetail().GetMessage(),
+	return h.request(id, req.GetNode(), req.GetTypeUrl(), req.GetVersionInfo(), req.GetResponseNonce(), req.GetErrorDetail().GetMessage(),
 		func(v string) { req.VersionInfo = v })
-	return nil
 }
 
 // OnStreamResponse implements sotw.Callbacks.
@@ -163,8 +208,7 @@ func (h *hooks) OnDeltaStreamClosed(id int64, node *corev3.Node) { h.closed(id, 
 // only what changed, so a NACK is not answered with the same resources
 // again and needs no fix.
 func (h *hooks) OnStreamDeltaRequest(id int64, req *discoveryv3.DeltaDiscoveryRequest) error {
-	h.request(id, req.GetNode(), req.GetTypeUrl(), "", req.GetResponseNonce(), req.GetErrorDetail().GetMessage(), nil)
-	return nil
+	return h.request(id, req.GetNode(), req.GetTypeUrl(), "", req.GetResponseNonce(), req.GetErrorDetail().GetMessage(), nil)
 }
 
 // OnStreamDeltaResponse implements delta.Callbacks.

@@ -667,6 +667,65 @@ func TestNACKIsCountedLoggedAndNotRepeated(t *testing.T) {
 	require.Equal(t, translated(t, echoService(), webService()).ListenersVersion, r.GetVersionInfo())
 }
 
+// A request for a type the server does not serve ends that stream with
+// InvalidArgument naming it, on both protocols; nothing of it is kept.
+// Before, the cache kept an entry per type URL asked (any string, up to
+// 4 MiB) for good, and a stream asking for a dozen new ones with a stale
+// version_info filled go-control-plane's per-stream response buffer
+// while holding the cache's lock: no proxy got an update again.
+func TestUnservedTypeEndsTheStream(t *testing.T) {
+	f := newFixture(t, Options{})
+	f.waitTranslated(f.setCatalog(webService()).Version())
+	bogus := "type.googleapis.com/bogus.T." + strings.Repeat("p", 32<<10)
+	wantErr := func(err error) {
+		t.Helper()
+		require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
+		require.Contains(t, status.Convert(err).Message(), "is not served")
+		require.Less(t, len(status.Convert(err).Message()), 1024, "the type URL is quoted in part")
+	}
+
+	sotw, err := discoveryv3.NewAggregatedDiscoveryServiceClient(f.dialPlain()).StreamAggregatedResources(t.Context())
+	require.NoError(t, err)
+	require.NoError(t, sotw.Send(&discoveryv3.DiscoveryRequest{Node: &corev3.Node{Id: gatewayNode}, VersionInfo: "x", TypeUrl: bogus}))
+	_, err = sotw.Recv()
+	wantErr(err)
+
+	delta, err := discoveryv3.NewAggregatedDiscoveryServiceClient(f.dialPlain()).DeltaAggregatedResources(t.Context())
+	require.NoError(t, err)
+	require.NoError(t, delta.Send(&discoveryv3.DeltaDiscoveryRequest{Node: &corev3.Node{Id: gatewayNode}, TypeUrl: bogus}))
+	_, err = delta.Recv()
+	wantErr(err)
+
+	c := f.srv.cache.(*encodedCache)
+	c.mu.Lock()
+	for _, g := range c.groups {
+		require.NotContains(t, g.encoded, bogus)
+	}
+	c.mu.Unlock()
+
+	// Other proxies are served as ever.
+	gw := openADS(t, f.dialTLS(svidOf(t, f.ca, gatewayID)), gatewayNode)
+	gw.send(resource.ClusterType, nil, "")
+	require.Equal(t, resource.ClusterType, gw.next().GetTypeUrl())
+}
+
+// A NACK's reason is the proxy's to choose, up to 4 MiB: the logs and
+// Status keep its first 4 KiB.
+func TestNACKReasonKeptInPart(t *testing.T) {
+	f := newFixture(t, Options{})
+	f.setCatalog(echoService())
+	gw := openADS(t, f.dialTLS(svidOf(t, f.ca, gatewayID)), gatewayNode)
+	gw.send(resource.ListenerType, nil, "")
+	r := gw.next()
+	gw.nonces[resource.ListenerType] = r.GetNonce()
+	gw.send(resource.ListenerType, nil, strings.Repeat("r", 1<<20))
+	require.Eventually(t, func() bool { return f.metric("isthmus_xds_nacks", "type_url="+resource.ListenerType) == 1 }, wait, 5*time.Millisecond)
+	p := f.srv.Status().Proxies[0]
+	require.Less(t, len(p.LastNACK), 5<<10)
+	require.Contains(t, p.LastNACK, "(1048576 bytes in all)")
+	require.Less(t, len(f.logs.String()), 64<<10, "the whole reason was logged")
+}
+
 // Nothing is served before the local catalog is published, so a
 // restarted federator never replaces a gateway's configuration with an
 // empty one; nodes of other roles get nothing at all.
