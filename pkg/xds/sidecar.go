@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
+	"math"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -867,6 +868,7 @@ func (b *sidecarBuilder) loadAssignment(s *csService, p csPort) *endpointv3.Clus
 		if len(lv) == 0 {
 			continue
 		}
+		fitWeights(lv)
 		for _, lle := range lv {
 			lle.Priority = priority
 			cla.Endpoints = append(cla.Endpoints, lle)
@@ -874,6 +876,31 @@ func (b *sidecarBuilder) loadAssignment(s *csService, p csPort) *endpointv3.Clus
 		priority++
 	}
 	return cla
+}
+
+// fitWeights scales the locality weights of one priority down, keeping
+// their proportions, when they add up past what Envoy and gRPC accept:
+// the weights of a priority must sum to a uint32. A peer reports up to
+// MaxInt32 ready endpoints per locality, and several localities share a
+// priority. Each weight stays at least 1; the sum is kept n below the
+// limit for the floating-point rounding, at most 1 per weight.
+func fitWeights(lv level) {
+	var sum, n uint64
+	for _, lle := range lv {
+		if w := lle.GetLoadBalancingWeight(); w != nil {
+			sum += uint64(w.GetValue())
+			n++
+		}
+	}
+	if sum <= math.MaxUint32 {
+		return
+	}
+	scale := float64(math.MaxUint32-n) / float64(sum)
+	for _, lle := range lv {
+		if w := lle.GetLoadBalancingWeight(); w != nil {
+			lle.LoadBalancingWeight = wrapperspb.UInt32(uint32(max(1, float64(w.GetValue())*scale)))
+		}
+	}
 }
 
 func sortedLevel(m map[catalog.Locality]*endpointv3.LocalityLbEndpoints) level {

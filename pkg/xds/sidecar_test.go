@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"math"
 	"net/netip"
 	"slices"
 	"strings"
@@ -1067,4 +1068,38 @@ func BenchmarkSidecarRetained(b *testing.B) {
 			})
 		}
 	}
+}
+
+// The locality weights of one priority add up to a uint32 at most, as
+// Envoy's API requires (a stock Envoy and gRPC's xDS client refuse the
+// assignment otherwise): a peer reports up to MaxInt32 ready endpoints
+// per locality, the peer's locality weighs them all (capped at the
+// uint32 limit), and another peer's locality shares the priority. They
+// are scaled down in proportion, each keeping a weight.
+func TestLocalityWeightsOfAPriorityFitAUint32(t *testing.T) {
+	b := peerEcho("b", catalog.Locality{Region: "r2", Zone: "z1"}, math.MaxInt32, 0, "192.0.2.1:15443")
+	b.Endpoints = append(b.Endpoints,
+		catalog.LocalityEndpoints{Locality: catalog.Locality{Region: "r2", Zone: "z2"}, Ready: math.MaxInt32},
+		catalog.LocalityEndpoints{Locality: catalog.Locality{Region: "r2", Zone: "z3"}, Ready: math.MaxInt32})
+	c := peerEcho("c", catalog.Locality{Region: "r3", Zone: "z9"}, 1, 0, "192.0.2.2:15443")
+	res := sidecarTranslated(t, []catalog.Service{localEcho()}, map[string][]catalog.Service{"b": {b}, "c": {c}})
+	checked := 0
+	for _, cla := range res.Endpoints {
+		require.NoError(t, cla.Validate())
+		sums := map[uint32]uint64{}
+		weights := map[string]uint32{}
+		for _, lle := range cla.GetEndpoints() {
+			sums[lle.GetPriority()] += uint64(lle.GetLoadBalancingWeight().GetValue())
+			weights[lle.GetLocality().GetZone()] = lle.GetLoadBalancingWeight().GetValue()
+		}
+		for p, s := range sums {
+			require.LessOrEqual(t, s, uint64(math.MaxUint32), "%s priority %d", cla.GetClusterName(), p)
+		}
+		if w, ok := weights["z9"]; ok {
+			checked++
+			require.Equal(t, uint32(1), w, "the small locality keeps a weight")
+			require.Greater(t, weights["z1"], uint32(1<<31))
+		}
+	}
+	require.Positive(t, checked)
 }
