@@ -86,7 +86,7 @@ func newTokenCommand() *cobra.Command {
 	create.Flags().StringVar(&opts.Peer, "peer", "", "name of the cluster that will join")
 	create.Flags().DurationVar(&opts.TTL, "ttl", federation.DefaultTokenTTL, "how long the token's secret is honoured")
 	create.Flags().StringSliceVar(&opts.Addresses, "address", nil, "host:port where the peer reaches this cluster's federation endpoint (repeatable)")
-	create.Flags().StringVar(&opts.PeerTrustDomain, "peer-trust-domain", "", "trust domain the joining cluster must present (default <peer>.mesh)")
+	create.Flags().StringVar(&opts.PeerTrustDomain, "peer-trust-domain", "", "trust domain the joining cluster must present, as west.mesh or spiffe://west.mesh (default <peer>.mesh)")
 	cmd.AddCommand(create)
 	return cmd
 }

@@ -116,7 +116,8 @@ type TokenOptions struct {
 	Namespace string
 	// Peer names the cluster that will join with the token.
 	Peer string
-	// PeerTrustDomain is the trust domain the joiner must present; empty
+	// PeerTrustDomain is the trust domain the joiner must present, as a
+	// name ("west.mesh") or a SPIFFE URI ("spiffe://west.mesh"); empty
 	// means "<peer>.mesh", the default trust domain of a cluster so named.
 	PeerTrustDomain string
 	// TTL is how long the secret is honoured; zero means DefaultTokenTTL.
@@ -143,8 +144,12 @@ func CreateToken(ctx context.Context, client kubernetes.Interface, opts TokenOpt
 	if opts.PeerTrustDomain == "" {
 		opts.PeerTrustDomain = opts.Peer + ".mesh"
 	}
-	if _, err := spiffeid.TrustDomainFromString(opts.PeerTrustDomain); err != nil {
+	// Stored and compared by name: "spiffe://west.mesh", which go-spiffe
+	// accepts, would otherwise make a token no joiner can ever use.
+	if td, err := parseTrustDomain(opts.PeerTrustDomain); err != nil {
 		errs = append(errs, fmt.Errorf("--peer-trust-domain %q: %v", opts.PeerTrustDomain, err))
+	} else {
+		opts.PeerTrustDomain = td.Name()
 	}
 	if opts.TTL < 0 || opts.TTL > MaxTokenTTL {
 		errs = append(errs, fmt.Errorf("--ttl %s must be between 0 and %s", opts.TTL, MaxTokenTTL))
@@ -207,6 +212,21 @@ func CreateToken(ctx context.Context, client kubernetes.Interface, opts TokenOpt
 	}
 	sweepTokens(ctx, client, opts.Namespace, opts.Peer, record.Name, opts.Now, opts.Notice)
 	return t, nil
+}
+
+// parseTrustDomain reads a trust domain given as a name ("west.mesh") or
+// as a SPIFFE URI ("spiffe://west.mesh"). A SPIFFE ID with a path, which
+// go-spiffe would take for its trust domain, is refused: it names a
+// workload, so it is more likely a mistake than a trust domain.
+func parseTrustDomain(s string) (spiffeid.TrustDomain, error) {
+	td, err := spiffeid.TrustDomainFromString(s)
+	if err != nil {
+		return td, err
+	}
+	if id, err := spiffeid.FromString(s); err == nil && id.Path() != "" {
+		return spiffeid.TrustDomain{}, fmt.Errorf("a SPIFFE ID with a path is not a trust domain: give %s or %s", td.Name(), td.IDString())
+	}
+	return td, nil
 }
 
 // sweepTokens deletes the token records nobody can use any more: the
