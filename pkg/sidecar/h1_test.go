@@ -104,6 +104,11 @@ func (b *rawBackend) serve(c net.Conn, id int64) {
 			e := fmt.Sprintf("%s %s body=%q te=%v cl=%d hop=%q keep=%q xfcc=%q", req.Method, req.RequestURI, body, req.TransferEncoding,
 				req.ContentLength, req.Header.Get("X-Hop"), req.Header.Get("X-Keep"), req.Header.Values(xfccHeader))
 			resp = fmt.Sprintf("HTTP/1.1 200 OK\r\nX-Hop: response\r\nConnection: X-Hop\r\nContent-Length: %d\r\n\r\n%s", len(e), e)
+		case req.URL.Path == "/many-conn":
+			// More Connection options than the parser keeps at hand,
+			// the field they name last among them.
+			resp = "HTTP/1.1 200 OK\r\nConnection: o1, o2, o3, o4, o5, o6, o7, o8\r\nConnection: X-Hop\r\n" +
+				"X-Hop: response\r\nX-End: kept\r\nContent-Length: 2\r\n\r\nok"
 		case req.URL.Path == "/204":
 			resp = "HTTP/1.1 204 No Content\r\nX-Seen: 1\r\n\r\n"
 		case req.URL.Path == "/304":
@@ -422,6 +427,26 @@ func TestH1FallsBackToNetHTTP(t *testing.T) {
 	require.Equal(t, http.StatusOK, resp.StatusCode)
 	require.Contains(t, body, "GET /echo ")
 	rc.requireClosed(t)
+}
+
+// A Connection header may name any number of fields: past the eight
+// the parser keeps at hand, it reads them again, so a response naming
+// nine is passed on (it was answered 502) and a request naming nine
+// stays on the HTTP/1.1 path (it went to net/http), each with every
+// named field removed.
+func TestH1ManyConnectionOptions(t *testing.T) {
+	m, _ := startRawMesh(t)
+	rc := dialRaw(t, m, rawHost)
+	resp, body := rc.do(t, "GET", "/many-conn", "")
+	require.Equal(t, http.StatusOK, resp.StatusCode, body)
+	require.Equal(t, "ok", body)
+	require.Empty(t, resp.Header.Get("X-Hop"), "a field the Connection header named went on")
+	require.Equal(t, "kept", resp.Header.Get("X-End"))
+
+	resp, body = rc.do(t, "GET", "/echo", "Connection: q1, q2, q3, q4, q5, q6, q7, q8, X-Hop\r\nX-Hop: request\r\nX-Keep: yes\r\n")
+	require.Equal(t, http.StatusOK, resp.StatusCode, body)
+	require.Contains(t, body, `hop="" keep="yes"`)
+	requireH1(t, m.a.proxy)
 }
 
 // Config.NetHTTP1 sends HTTP/1.1 through net/http instead: the request

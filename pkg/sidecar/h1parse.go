@@ -118,8 +118,11 @@ type h1Head struct {
 	connClose, connKeepAlive bool
 	connTokens               [h1MaxConnTokens]span
 	nConnTokens              int
-	teTrailers               bool
-	upgrade, expect          bool
+	// connMany is set when the Connection fields named more than
+	// h1MaxConnTokens fields: connNamed then reads them again.
+	connMany        bool
+	teTrailers      bool
+	upgrade, expect bool
 }
 
 func (h *h1Head) reset() {
@@ -129,7 +132,7 @@ func (h *h1Head) reset() {
 	h.fields = h.fieldsArr[:0]
 	h.contentLength = -1
 	h.chunked, h.connClose, h.connKeepAlive, h.teTrailers, h.upgrade, h.expect = false, false, false, false, false, false
-	h.nConnTokens = 0
+	h.nConnTokens, h.connMany = 0, false
 }
 
 // responseBody is how the body of a response with this head is
@@ -159,6 +162,14 @@ func (h *h1Head) endToEnd(head []byte, f *h1Field) bool {
 // hop-by-hop, so removed.
 func (h *h1Head) connNamed(b []byte, f *h1Field) bool {
 	name := f.name.of(b)
+	if h.connMany {
+		for i := range h.fields {
+			if c := &h.fields[i]; c.kind == fieldConnection && hasToken(c.value.of(b), string(name)) {
+				return true
+			}
+		}
+		return false
+	}
 	for i := range h.nConnTokens {
 		if bytes.EqualFold(h.connTokens[i].of(b), name) {
 			return true
@@ -445,9 +456,7 @@ func (h *h1Head) parseFields(head []byte, off int, request bool) error {
 			}
 			h.chunked = true
 		case fieldConnection:
-			if err := h.connectionOptions(head, f.value); err != nil {
-				return err
-			}
+			h.connectionOptions(head, f.value)
 		case fieldTE:
 			h.teTrailers = h.teTrailers || hasToken(value, "trailers")
 		case fieldUpgrade:
@@ -555,7 +564,7 @@ func classify(name []byte) fieldKind {
 }
 
 // connectionOptions reads a Connection field's comma-separated options.
-func (h *h1Head) connectionOptions(head []byte, v span) error {
+func (h *h1Head) connectionOptions(head []byte, v span) {
 	b := v.of(head)
 	for i := 0; i < len(b); {
 		j := bytes.IndexByte(b[i:], ',')
@@ -578,16 +587,14 @@ func (h *h1Head) connectionOptions(head []byte, v span) error {
 			h.connKeepAlive = true
 		case bytes.EqualFold(tok, []byte("upgrade")):
 			h.upgrade = true
+		case h.nConnTokens == h1MaxConnTokens:
+			h.connMany = true
 		default:
-			if h.nConnTokens == h1MaxConnTokens {
-				return errH1Fallback
-			}
 			h.connTokens[h.nConnTokens] = span{v.s + int32(s), v.s + int32(e)}
 			h.nConnTokens++
 		}
 		i += j + 1
 	}
-	return nil
 }
 
 // hasToken reports whether the comma-separated list v holds tok.
