@@ -36,6 +36,12 @@
 // (peer.age); a reconnect restores them. Deleting a FederationPeer sends
 // Terminate and removes the imports on both sides. Each peer's status is
 // kept in a tracker and written to its FederationPeer (peerstatus.go).
+// A FederationPeer whose spec the federator cannot follow (peerspec.go: a
+// value it cannot read, such as a duration stored before the CRD checked
+// it, or fields that contradict each other) is Failed with a False
+// Accepted condition naming each problem; its link is not run, on either
+// side, and it is not retried until the object changes. Other peers are
+// not affected.
 //
 // Everything the CLI does is an object in the cluster's own API server; no
 // cluster ever holds credentials for another's.

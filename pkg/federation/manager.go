@@ -9,6 +9,7 @@ import (
 	"maps"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -25,7 +26,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/kubernetes"
@@ -162,8 +162,11 @@ func (g *sessionGroup) closeAndWait() {
 
 // peerEntry is a running peer: its state and the goroutine that serves it.
 type peerEntry struct {
-	p        *peer
-	spec     v1alpha1.FederationPeerSpec
+	p    *peer
+	spec v1alpha1.FederationPeerSpec
+	// specErr names what of the spec the federator cannot follow; when
+	// set, the link is not run (Accepted is False).
+	specErr  error
 	keepFor  time.Duration
 	drainFor time.Duration
 	cancel   context.CancelFunc
@@ -296,27 +299,22 @@ func (m *Manager) lookupPeerObject(ctx context.Context, name string) (*v1alpha1.
 		}
 		obj = u
 	}
-	fp, err := toPeer(obj)
+	u, ok := obj.(*unstructured.Unstructured)
+	if !ok {
+		return nil, true
+	}
+	fp, err := decodePeer(u)
 	if err != nil {
 		return nil, true
 	}
 	return fp, true
 }
 
-func toPeer(obj any) (*v1alpha1.FederationPeer, error) {
-	u, ok := obj.(*unstructured.Unstructured)
-	if !ok {
-		return nil, fmt.Errorf("unexpected object %T", obj)
-	}
-	var fp v1alpha1.FederationPeer
-	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &fp); err != nil {
-		return nil, fmt.Errorf("FederationPeer %s: %w", u.GetName(), err)
-	}
-	return &fp, nil
-}
-
 // reconcile starts, restarts or stops the peer's goroutine to match its
-// FederationPeer.
+// FederationPeer. A spec the federator cannot follow (a value it cannot
+// read, a field that contradicts another) is not retried: the peer is
+// Failed with a False Accepted condition naming each problem, the link is
+// not run, and the next change of the object reconciles it again.
 func (m *Manager) reconcile(ctx context.Context, name string) error {
 	obj, exists, err := m.informer.GetStore().GetByKey(name)
 	if err != nil {
@@ -331,11 +329,12 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 		}
 		return nil
 	}
-	fp, err := toPeer(obj)
-	if err != nil {
-		return err
+	u, ok := obj.(*unstructured.Unstructured)
+	if !ok {
+		return fmt.Errorf("unexpected object %T in the FederationPeer cache", obj)
 	}
-	if e != nil && reflect.DeepEqual(e.spec, fp.Spec) {
+	fp, decodeErr := decodePeer(u)
+	if e != nil && e.specErr == nil && decodeErr == nil && reflect.DeepEqual(e.spec, fp.Spec) {
 		return nil
 	}
 	td, err := spiffeid.TrustDomainFromString(fp.Spec.TrustDomain)
@@ -355,7 +354,20 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 	if err == nil && fp.Spec.TokenSecretName != "" {
 		err = checkDialAddresses(fp.Spec.Addresses)
 	}
+	// A peer whose spec is refused keeps ageing what it imported by the
+	// last staleness accepted for it.
+	keepFor, drainFor := m.cfg.KeepFor, m.cfg.DrainFor
 	if e != nil {
+		keepFor, drainFor = e.keepFor, e.drainFor
+	}
+	k, d, staleErr := staleness(fp.Spec.Staleness, m.cfg.KeepFor, m.cfg.DrainFor)
+	if staleErr == nil {
+		keepFor, drainFor = k, d
+	}
+	specErr := joinProblems(decodeErr, err, staleErr)
+	var lastErr error
+	if e != nil {
+		lastErr = e.specErr
 		e.cancel()
 		<-e.done
 	}
@@ -368,13 +380,7 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 		// one ends (the joiner redials; an acceptor is dialled again).
 		e.p.endSession()
 	}
-	e = &peerEntry{p: p, spec: fp.Spec, keepFor: m.cfg.KeepFor, drainFor: m.cfg.DrainFor, done: make(chan struct{})}
-	if k := fp.Spec.Staleness.KeepFor; k != nil && k.Duration > 0 {
-		e.keepFor = k.Duration
-	}
-	if d := fp.Spec.Staleness.DrainFor; d != nil && d.Duration > 0 {
-		e.drainFor = d.Duration
-	}
+	e = &peerEntry{p: p, spec: fp.Spec, specErr: specErr, keepFor: keepFor, drainFor: drainFor, done: make(chan struct{})}
 	e.conditions = fp.Status.Conditions
 	pctx, cancel := context.WithCancel(ctx)
 	e.cancel = cancel
@@ -382,8 +388,15 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 	m.peers[name] = e
 	m.mu.Unlock()
 	p.persistBundle = func(ctx context.Context, b *spiffebundle.Bundle) error { return m.storePeerBundle(ctx, name, b) }
-	if err != nil {
-		p.tracker.failed(m.clock.Now(), err)
+	if specErr != nil {
+		// Not run as a spec it cannot follow says: once the entry
+		// refuses new streams, one the peer opened before ends too,
+		// before the refusal is recorded.
+		p.endSessionWait(m.cfg.DialTimeout)
+		if lastErr == nil || lastErr.Error() != specErr.Error() {
+			m.log.Warn("FederationPeer spec not accepted; the link is not run until the spec changes", "peer", name, "err", specErr)
+		}
+		p.tracker.failed(m.clock.Now(), specErr)
 		close(e.done)
 		return nil
 	}
@@ -392,6 +405,21 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 		m.runPeer(pctx, e)
 	}()
 	return nil
+}
+
+// joinProblems joins the non-nil errors into one, "; " between them, so
+// that a condition message reads on one line.
+func joinProblems(errs ...error) error {
+	var msgs []string
+	for _, err := range errs {
+		if err != nil {
+			msgs = append(msgs, err.Error())
+		}
+	}
+	if len(msgs) == 0 {
+		return nil
+	}
+	return errors.New(strings.Join(msgs, "; "))
 }
 
 // checkDialAddresses checks a joining side's spec.addresses: at least
@@ -625,6 +653,9 @@ func (m *Manager) Exchange(srv fedv1.FederationService_ExchangeServer) error {
 	e := m.peerByID(id)
 	if e == nil {
 		return status.Errorf(codes.PermissionDenied, "no FederationPeer expects federator %s", id)
+	}
+	if e.specErr != nil {
+		return status.Errorf(codes.FailedPrecondition, "this cluster's FederationPeer %q is not accepted by its federator (see its Accepted condition there); the link is not run until it is fixed", e.p.name)
 	}
 	// The session ends with the manager too: Run returns only once every
 	// stream it served is over.

@@ -316,6 +316,26 @@ func (p *peer) endSession() {
 	}
 }
 
+// endSessionWait ends the running session, if any, without a Terminate,
+// and waits at most wait for it to record its end.
+func (p *peer) endSessionWait(wait time.Duration) {
+	p.sessMu.Lock()
+	done := p.sessDone
+	if p.sessCancel != nil {
+		p.sessCancel()
+	}
+	p.sessMu.Unlock()
+	if done == nil {
+		return
+	}
+	t := p.clock.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C():
+	}
+}
+
 // stopSession asks the running session, if any, to say Terminate and end,
 // and waits a bounded time for it.
 func (p *peer) stopSession(reason string, wait time.Duration) {

@@ -51,18 +51,30 @@ func (m *Manager) peerStatus(e *peerEntry, now time.Time) v1alpha1.FederationPee
 		}
 		meta.SetStatusCondition(&conds, c)
 	}
+	// A refused spec is said once, in Accepted; the conditions it stops
+	// point there.
+	const notRun = "the link is not run: the spec is not accepted (see the Accepted condition)"
+	if e.specErr != nil {
+		set(v1alpha1.ConditionAccepted, false, v1alpha1.ReasonInvalidSpec, e.specErr.Error())
+	} else {
+		set(v1alpha1.ConditionAccepted, true, "Accepted", "the spec is valid and the link runs as it says")
+	}
 	switch {
 	case s.Established:
 		set(v1alpha1.ConditionEstablished, true, "Established", "the link was established and both bundles are held")
+	case e.specErr != nil:
+		set(v1alpha1.ConditionEstablished, false, v1alpha1.ReasonInvalidSpec, notRun)
 	case s.State == v1alpha1.StateFailed:
 		set(v1alpha1.ConditionEstablished, false, "Refused", s.Reason)
 	default:
 		set(v1alpha1.ConditionEstablished, false, "Pending", orDefault(s.Reason, "not linked yet"))
 	}
-	switch s.State {
-	case v1alpha1.StateConnected:
+	switch {
+	case e.specErr != nil:
+		set(v1alpha1.ConditionConnected, false, v1alpha1.ReasonInvalidSpec, notRun)
+	case s.State == v1alpha1.StateConnected:
 		set(v1alpha1.ConditionConnected, true, "StreamUp", "the exchange stream is up")
-	case v1alpha1.StateFailed:
+	case s.State == v1alpha1.StateFailed:
 		set(v1alpha1.ConditionConnected, false, "Failed", s.Reason)
 	default:
 		set(v1alpha1.ConditionConnected, false, "Disconnected", orDefault(s.Reason, "no stream yet"))

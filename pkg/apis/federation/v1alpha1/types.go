@@ -96,6 +96,12 @@ const (
 
 // Condition types.
 const (
+	// ConditionAccepted: the federator accepts the spec and runs the link
+	// as it says. False (reason InvalidSpec) names each field it cannot
+	// follow and why; the link is then not run (not dialled, and a stream
+	// the peer opens is refused) until the spec changes. A spec stored
+	// before the CRD checked a field is how this happens.
+	ConditionAccepted = "Accepted"
 	// ConditionEstablished: the one-time secret was spent and both sides
 	// hold each other's bundle and federator ID.
 	ConditionEstablished = "Established"
@@ -112,6 +118,9 @@ const (
 	// the way).
 	ConditionImportsWritten = "ImportsWritten"
 )
+
+// ReasonInvalidSpec is the reason of a False Accepted condition.
+const ReasonInvalidSpec = "InvalidSpec"
 
 // FederationPeerStatus is what the federator observes.
 type FederationPeerStatus struct {
