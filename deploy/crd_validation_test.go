@@ -4,14 +4,19 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
+	"sigs.k8s.io/yaml"
 
 	"github.com/isthmus-mesh/isthmus/deploy"
 	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
+	"github.com/isthmus-mesh/isthmus/pkg/federation"
 	"github.com/isthmus-mesh/isthmus/test/install"
 	"github.com/isthmus-mesh/isthmus/test/localcluster"
 )
@@ -55,4 +60,67 @@ func TestFederationPeerValidation(t *testing.T) {
 				map[string]any{"staleness": map[string]any{field: good}}), "%s %q", field, good)
 		}
 	}
+}
+
+// A FederationPeer stored before the staleness rule existed stays on the
+// API server after the upgrade: the federator can still write its status
+// (the Accepted condition that names the problem), `federator status`
+// lists it with that problem beside the other peers, and fixing the
+// value is accepted.
+func TestFederationPeerStoredBeforeTheStalenessRule(t *testing.T) {
+	env := localcluster.StartT(t, "a")
+	cfg, err := env.Cluster("a").RESTConfig(localcluster.UserAdmin)
+	require.NoError(t, err)
+	ctx := t.Context()
+
+	// The CRD as it was: durations were plain strings.
+	var old map[string]any
+	require.NoError(t, yaml.Unmarshal(deploy.FederationPeerCRD, &old))
+	versions, _, _ := unstructured.NestedSlice(old, "spec", "versions")
+	v := versions[0].(map[string]any)
+	for _, f := range []string{"keepFor", "drainFor"} {
+		unstructured.RemoveNestedField(v, "schema", "openAPIV3Schema", "properties", "spec", "properties", "staleness", "properties", f, "x-kubernetes-validations")
+	}
+	require.NoError(t, unstructured.SetNestedSlice(old, versions, "spec", "versions"))
+	oldCRD, err := yaml.Marshal(old)
+	require.NoError(t, err)
+	require.NoError(t, install.Apply(ctx, cfg, oldCRD))
+
+	dyn, err := dynamic.NewForConfig(cfg)
+	require.NoError(t, err)
+	peers := dyn.Resource(v1alpha1.Resource)
+	for name, keepFor := range map[string]string{"east": "10 minutes", "west": "5m"} {
+		_, err := peers.Create(ctx, &unstructured.Unstructured{Object: map[string]any{
+			"apiVersion": v1alpha1.GroupVersion.String(), "kind": "FederationPeer",
+			"metadata": map[string]any{"name": name},
+			"spec": map[string]any{"trustDomain": name + ".mesh", "federatorID": "spiffe://" + name + ".mesh/fed",
+				"staleness": map[string]any{"keepFor": keepFor}},
+		}}, metav1.CreateOptions{})
+		require.NoError(t, err, name)
+	}
+
+	require.NoError(t, install.Apply(ctx, cfg, deploy.FederationPeerCRD))
+	// The federator's status write goes through for the stored object.
+	_, err = peers.Patch(ctx, "east", types.MergePatchType, []byte(`{"status":{"state":"Failed","conditions":[{
+		"type":"Accepted","status":"False","reason":"InvalidSpec","lastTransitionTime":"2026-12-01T00:00:00Z",
+		"message":"spec.staleness.keepFor: \"10 minutes\" is not a duration"}]}}`), metav1.PatchOptions{}, "status")
+	require.NoError(t, err)
+
+	got, err := federation.PeerStatuses(ctx, dyn)
+	require.NoError(t, err)
+	require.Len(t, got, 2)
+	require.Equal(t, "east", got[0].Name)
+	require.Equal(t, v1alpha1.StateFailed, got[0].Status.State)
+	c := meta.FindStatusCondition(got[0].Status.Conditions, v1alpha1.ConditionAccepted)
+	require.NotNil(t, c)
+	require.Equal(t, metav1.ConditionFalse, c.Status)
+	require.Contains(t, c.Message, `spec.staleness.keepFor: "10 minutes" is not a duration`)
+	require.Equal(t, "west", got[1].Name)
+	require.Equal(t, 5*time.Minute, got[1].Spec.Staleness.KeepFor.Duration)
+
+	// A new bad value is refused now; the fix is accepted.
+	_, err = peers.Patch(ctx, "east", types.MergePatchType, []byte(`{"spec":{"staleness":{"keepFor":"0s"}}}`), metav1.PatchOptions{})
+	require.ErrorContains(t, err, "keepFor must be a positive duration")
+	_, err = peers.Patch(ctx, "east", types.MergePatchType, []byte(`{"spec":{"staleness":{"keepFor":"10m"}}}`), metav1.PatchOptions{})
+	require.NoError(t, err)
 }

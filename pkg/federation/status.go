@@ -11,8 +11,8 @@ import (
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/duration"
 	"k8s.io/client-go/dynamic"
 
@@ -29,6 +29,12 @@ const statusVersionLen = 8
 
 // PeerStatuses reads every FederationPeer of the cluster, sorted by name,
 // as the running federator last wrote their status.
+//
+// One FederationPeer that cannot be read as v1alpha1 (a value stored
+// before the CRD checked it, such as a staleness duration Go cannot
+// parse) does not fail the list: it comes back with what could be read
+// and an Accepted condition, False with reason InvalidSpec, naming each
+// field and its value, whether or not its federator has said so yet.
 func PeerStatuses(ctx context.Context, dyn dynamic.Interface) ([]v1alpha1.FederationPeer, error) {
 	list, err := dyn.Resource(v1alpha1.Resource).List(ctx, metav1.ListOptions{})
 	if apierrors.IsNotFound(err) {
@@ -39,9 +45,14 @@ func PeerStatuses(ctx context.Context, dyn dynamic.Interface) ([]v1alpha1.Federa
 	}
 	peers := make([]v1alpha1.FederationPeer, len(list.Items))
 	for i := range list.Items {
-		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(list.Items[i].Object, &peers[i]); err != nil {
-			return nil, fmt.Errorf("FederationPeer %q: %w", list.Items[i].GetName(), err)
+		fp, err := decodePeer(&list.Items[i])
+		if err != nil {
+			meta.SetStatusCondition(&fp.Status.Conditions, metav1.Condition{
+				Type: v1alpha1.ConditionAccepted, Status: metav1.ConditionFalse,
+				Reason: v1alpha1.ReasonInvalidSpec, Message: truncate(err.Error(), maxConditionMessage),
+			})
 		}
+		peers[i] = *fp
 	}
 	slices.SortFunc(peers, func(a, b v1alpha1.FederationPeer) int { return strings.Compare(a.Name, b.Name) })
 	return peers, nil
@@ -57,8 +68,9 @@ func PeerStatuses(ctx context.Context, dyn dynamic.Interface) ([]v1alpha1.Federa
 // sequence and expiry of the peer's trust bundle as this side holds it.
 // Below the table, every condition that is False is printed as
 // "  <peer>: <Type>: <Reason>: <Message>": that is where a refused
-// establishment, the last NACK either way and skipped imports show.
-// Without peers it says how to link one.
+// establishment, the last NACK either way, skipped imports and a spec the
+// federator does not accept (Accepted) show. Without peers it says how to
+// link one.
 func WriteStatusTable(w io.Writer, peers []v1alpha1.FederationPeer, now time.Time) error {
 	if len(peers) == 0 {
 		_, err := fmt.Fprintln(w, noPeersMessage)
@@ -120,7 +132,9 @@ type peerReport struct {
 //	{"peers": [{"name": "b", "spec": {...}, "status": {...}}, ...]}
 //
 // spec and status are the FederationPeer's, exactly as the API server
-// holds them (see pkg/apis/federation/v1alpha1); "peers" is an empty list,
+// holds them (see pkg/apis/federation/v1alpha1), but for a field that
+// cannot be read: it is left out of spec and named, with its value, in a
+// False Accepted condition (see PeerStatuses). "peers" is an empty list,
 // never null, when there are none.
 func WriteStatusJSON(w io.Writer, peers []v1alpha1.FederationPeer) error {
 	r := statusReport{Peers: make([]peerReport, 0, len(peers))}

@@ -231,3 +231,94 @@ func TestConditionMessagesBounded(t *testing.T) {
 	require.LessOrEqual(t, len(refused.Message), maxReasonBytes)
 	require.Regexp(t, `^demo/x: é+… \(\d+ more bytes\)$`, refused.Message)
 }
+
+// A FederationPeer stored before the CRD checked its durations does not
+// fail `federator status` for every peer: it is a row of its own, with
+// the field and its value named below the table and in the JSON, and the
+// other peers are shown as usual.
+func TestPeerStatusesShowsAPeerItCannotRead(t *testing.T) {
+	peers := statusPeers()
+	var objs []runtime.Object
+	for i := range peers {
+		u, err := runtime.DefaultUnstructuredConverter.ToUnstructured(&peers[i])
+		require.NoError(t, err)
+		objs = append(objs, &unstructured.Unstructured{Object: u})
+	}
+	// east: never reported on by a federator; west: its federator said
+	// the spec is not accepted, with an older value.
+	east, err := runtime.DefaultUnstructuredConverter.ToUnstructured(&peers[0])
+	require.NoError(t, err)
+	east["metadata"] = map[string]any{"name": "east"}
+	delete(east, "status")
+	require.NoError(t, unstructured.SetNestedField(east, "10 minutes", "spec", "staleness", "keepFor"))
+	west, err := runtime.DefaultUnstructuredConverter.ToUnstructured(&peers[1])
+	require.NoError(t, err)
+	west["metadata"] = map[string]any{"name": "west"}
+	require.NoError(t, unstructured.SetNestedField(west, "2 hours", "spec", "staleness", "drainFor"))
+	require.NoError(t, unstructured.SetNestedField(west, "1h", "spec", "staleness", "keepFor"))
+	require.NoError(t, unstructured.SetNestedSlice(west, []any{map[string]any{
+		"type": v1alpha1.ConditionAccepted, "status": "False", "reason": v1alpha1.ReasonInvalidSpec,
+		"message": "spec.staleness.drainFor: old", "lastTransitionTime": "2026-11-22T11:00:00Z",
+	}}, "status", "conditions"))
+	objs = append(objs, &unstructured.Unstructured{Object: east}, &unstructured.Unstructured{Object: west})
+	dyn := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
+		map[schema.GroupVersionResource]string{v1alpha1.Resource: "FederationPeerList"}, objs...)
+
+	got, err := PeerStatuses(t.Context(), dyn)
+	require.NoError(t, err)
+	var names []string
+	for _, p := range got {
+		names = append(names, p.Name)
+	}
+	require.Equal(t, []string{"b", "c", "d", "e", "east", "west"}, names)
+	byName := func(name string) v1alpha1.FederationPeer {
+		for _, p := range got {
+			if p.Name == name {
+				return p
+			}
+		}
+		t.Fatalf("no %s", name)
+		return v1alpha1.FederationPeer{}
+	}
+	require.Nil(t, meta.FindStatusCondition(byName("b").Status.Conditions, v1alpha1.ConditionAccepted), "a peer that reads is left as it is")
+
+	e := byName("east")
+	require.Equal(t, "b.mesh", e.Spec.TrustDomain, "what reads is kept")
+	require.Nil(t, e.Spec.Staleness.KeepFor)
+	c := meta.FindStatusCondition(e.Status.Conditions, v1alpha1.ConditionAccepted)
+	require.NotNil(t, c)
+	require.Equal(t, metav1.ConditionFalse, c.Status)
+	require.Equal(t, v1alpha1.ReasonInvalidSpec, c.Reason)
+	require.Contains(t, c.Message, `spec.staleness.keepFor: "10 minutes" is not a duration`)
+
+	w := byName("west")
+	require.Equal(t, time.Hour, w.Spec.Staleness.KeepFor.Duration, "the field that reads is kept")
+	c = meta.FindStatusCondition(w.Status.Conditions, v1alpha1.ConditionAccepted)
+	require.Contains(t, c.Message, `spec.staleness.drainFor: "2 hours" is not a duration`, "the object as it is now")
+	require.NotContains(t, c.Message, "keepFor")
+	require.True(t, c.LastTransitionTime.Equal(ago(time.Hour)), "still False since the federator said so")
+	require.Equal(t, v1alpha1.StateDisconnected, w.Status.State, "the status the federator wrote is kept")
+
+	var buf bytes.Buffer
+	require.NoError(t, WriteStatusTable(&buf, got, statusNow))
+	out := buf.String()
+	require.Regexp(t, `(?m)^east +- +b\.mesh +never `, out)
+	require.Regexp(t, `(?m)^west +Disconnected +c\.mesh `, out)
+	require.Contains(t, out, `  east: Accepted: InvalidSpec: spec.staleness.keepFor: "10 minutes" is not a duration`)
+	require.Contains(t, out, `  west: Accepted: InvalidSpec: spec.staleness.drainFor: "2 hours" is not a duration`)
+
+	buf.Reset()
+	require.NoError(t, WriteStatusJSON(&buf, got))
+	var report struct {
+		Peers []struct {
+			Name   string                        `json:"name"`
+			Status v1alpha1.FederationPeerStatus `json:"status"`
+		} `json:"peers"`
+	}
+	require.NoError(t, json.Unmarshal(buf.Bytes(), &report))
+	require.Len(t, report.Peers, 6)
+	require.Equal(t, "east", report.Peers[4].Name)
+	c = meta.FindStatusCondition(report.Peers[4].Status.Conditions, v1alpha1.ConditionAccepted)
+	require.NotNil(t, c)
+	require.Contains(t, c.Message, `spec.staleness.keepFor: "10 minutes"`)
+}
