@@ -138,3 +138,42 @@ users:
 	_, _, err = execute(t.Context(), "run", "--cluster-name", "east")
 	require.ErrorContains(t, err, `load kubeconfig "`+filepath.Join(dir, "missing")+`"`, "one file in $KUBECONFIG is read")
 }
+
+// writeKubeconfig writes a kubeconfig for a server nothing answers at:
+// enough for the verbs to build a client and refuse bad flags before
+// their first request.
+func writeKubeconfig(t *testing.T) string {
+	p := filepath.Join(t.TempDir(), "kubeconfig")
+	require.NoError(t, os.WriteFile(p, []byte(`apiVersion: v1
+kind: Config
+current-context: c
+contexts:
+- name: c
+  context: {cluster: c, user: u}
+clusters:
+- name: c
+  cluster: {server: "https://127.0.0.1:1"}
+users:
+- name: u
+  user: {token: t}
+`), 0o600))
+	return p
+}
+
+// --ttl 0s is refused, not taken for the default hour, and so is a TTL
+// too short to join with; the flag's help says the bounds.
+func TestTokenCreateTTL(t *testing.T) {
+	kc := writeKubeconfig(t)
+	for ttl, want := range map[string]string{
+		"0s":   "--ttl 0s is shorter than 1m0s",
+		"1ms":  "--ttl 1ms is shorter than 1m0s",
+		"59s":  "--ttl 59s is shorter than 1m0s",
+		"169h": "--ttl 169h0m0s is longer than 168h0m0s",
+	} {
+		_, _, err := execute(t.Context(), "token", "create", "--kubeconfig", kc, "--peer", "west", "--address", "east.example:15443", "--ttl", ttl)
+		require.ErrorContains(t, err, want)
+	}
+	out, _, err := execute(t.Context(), "token", "create", "--help")
+	require.NoError(t, err)
+	require.Contains(t, out, "at least 1m0s and at most 168h0m0s (default 1h0m0s)")
+}

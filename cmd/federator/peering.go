@@ -62,6 +62,10 @@ func newTokenCommand() *cobra.Command {
 		Short: "Print a one-time token that lets cluster NAME join this one (only a hash of its secret is stored)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			// Zero is the library's "default"; given, it is a mistake.
+			if opts.TTL == 0 {
+				return fmt.Errorf("--ttl 0s is shorter than %s: the joining cluster needs time to use the token", federation.MinTokenTTL)
+			}
 			client, err := cf.client()
 			if err != nil {
 				return err
@@ -84,7 +88,8 @@ func newTokenCommand() *cobra.Command {
 	}
 	cf.register(create.Flags())
 	create.Flags().StringVar(&opts.Peer, "peer", "", "name of the cluster that will join")
-	create.Flags().DurationVar(&opts.TTL, "ttl", federation.DefaultTokenTTL, "how long the token's secret is honoured")
+	create.Flags().DurationVar(&opts.TTL, "ttl", federation.DefaultTokenTTL,
+		fmt.Sprintf("how long the token's secret is honoured, at least %s and at most %s", federation.MinTokenTTL, federation.MaxTokenTTL))
 	create.Flags().StringSliceVar(&opts.Addresses, "address", nil, "host:port where the peer reaches this cluster's federation endpoint (repeatable)")
 	create.Flags().StringVar(&opts.PeerTrustDomain, "peer-trust-domain", "", "trust domain the joining cluster must present, as west.mesh or spiffe://west.mesh (default <peer>.mesh)")
 	cmd.AddCommand(create)

@@ -49,6 +49,9 @@ const (
 
 	// DefaultTokenTTL is how long a token's secret is honoured.
 	DefaultTokenTTL = time.Hour
+	// MinTokenTTL is the shortest: time to carry the token to the other
+	// cluster and join with it.
+	MinTokenTTL = time.Minute
 	// MaxTokenTTL bounds it: a peering token is for linking now, not a
 	// standing credential.
 	MaxTokenTTL = 7 * 24 * time.Hour
@@ -120,7 +123,9 @@ type TokenOptions struct {
 	// name ("west.mesh") or a SPIFFE URI ("spiffe://west.mesh"); empty
 	// means "<peer>.mesh", the default trust domain of a cluster so named.
 	PeerTrustDomain string
-	// TTL is how long the secret is honoured; zero means DefaultTokenTTL.
+	// TTL is how long the secret is honoured, from MinTokenTTL to
+	// MaxTokenTTL; zero means DefaultTokenTTL. The expiry is rounded up
+	// to the second.
 	TTL time.Duration
 	// Addresses reach this cluster's federation endpoint (host:port).
 	Addresses []string
@@ -151,8 +156,11 @@ func CreateToken(ctx context.Context, client kubernetes.Interface, opts TokenOpt
 	} else {
 		opts.PeerTrustDomain = td.Name()
 	}
-	if opts.TTL < 0 || opts.TTL > MaxTokenTTL {
-		errs = append(errs, fmt.Errorf("--ttl %s must be between 0 and %s", opts.TTL, MaxTokenTTL))
+	switch {
+	case opts.TTL < MinTokenTTL:
+		errs = append(errs, fmt.Errorf("--ttl %s is shorter than %s: the joining cluster needs time to use the token", opts.TTL, MinTokenTTL))
+	case opts.TTL > MaxTokenTTL:
+		errs = append(errs, fmt.Errorf("--ttl %s is longer than %s: a peering token is for linking now, not a standing credential", opts.TTL, MaxTokenTTL))
 	}
 	if len(opts.Addresses) == 0 {
 		errs = append(errs, errors.New("--address is required: where the peer reaches this cluster (host:port of the east-west gateway or the federator)"))
@@ -186,7 +194,7 @@ func CreateToken(ctx context.Context, client kubernetes.Interface, opts TokenOpt
 	t := Token{
 		ClusterName: info.ClusterName, TrustDomain: info.TrustDomain.Name(), FederatorID: info.FederatorID.String(),
 		Addresses: slices.Clone(opts.Addresses), Peer: opts.Peer, PeerTrustDomain: opts.PeerTrustDomain, ID: id, Secret: secret,
-		Expires: opts.Now.Add(opts.TTL).UTC().Truncate(time.Second),
+		Expires: ceilSecond(opts.Now.Add(opts.TTL).UTC()),
 	}
 	for _, r := range roots {
 		t.Roots = append(t.Roots, r.Raw)
@@ -227,6 +235,15 @@ func parseTrustDomain(s string) (spiffeid.TrustDomain, error) {
 		return spiffeid.TrustDomain{}, fmt.Errorf("a SPIFFE ID with a path is not a trust domain: give %s or %s", td.Name(), td.IDString())
 	}
 	return td, nil
+}
+
+// ceilSecond rounds t up to the second: a token's expiry is stored to
+// the second, and must not come before the TTL asked for is over.
+func ceilSecond(t time.Time) time.Time {
+	if c := t.Truncate(time.Second); c.Before(t) {
+		return c.Add(time.Second)
+	}
+	return t
 }
 
 // sweepTokens deletes the token records nobody can use any more: the
