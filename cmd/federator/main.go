@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 	"k8s.io/klog/v2"
 
+	"github.com/isthmus-mesh/isthmus/pkg/ca"
 	"github.com/isthmus-mesh/isthmus/pkg/federator"
 	"github.com/isthmus-mesh/isthmus/pkg/version"
 )
@@ -55,6 +56,11 @@ func newRunCommand() *cobra.Command {
 		Short: "Run the federator until SIGINT or SIGTERM",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			// Not given, the delay follows the --max-cert-ttl given (its
+			// floor); given, Validate holds it to that floor.
+			if !cmd.Flags().Changed("root-publish-delay") {
+				cfg.RootPublishDelay = ca.MinPublishDelay(cfg.MaxCertTTL)
+			}
 			if err := cfg.Validate(); err != nil {
 				return err
 			}
@@ -99,7 +105,9 @@ func newRunCommand() *cobra.Command {
 	fl.StringVar(&cfg.TokenAudience, "token-audience", cfg.TokenAudience, "audience workloads' ServiceAccount tokens must carry")
 	fl.DurationVar(&cfg.CertTTL, "cert-ttl", cfg.CertTTL, "default lifetime of workload certificates")
 	fl.DurationVar(&cfg.MaxCertTTL, "max-cert-ttl", cfg.MaxCertTTL, "longest lifetime of workload certificates")
-	fl.DurationVar(&cfg.RootPublishDelay, "root-publish-delay", cfg.RootPublishDelay, "during a root rotation, how long the new root is trusted before it signs")
+	// Default 0 so that the help shows no fixed default: the default
+	// follows --max-cert-ttl (RunE).
+	fl.DurationVar(&cfg.RootPublishDelay, "root-publish-delay", 0, fmt.Sprintf("during a root rotation, how long the new root is trusted before it signs; at least 0.55 x --max-cert-ttl, which is the default (%s with the default --max-cert-ttl)", ca.MinPublishDelay(ca.DefaultMaxTTL)))
 	fl.StringVar(&cfg.FederationAddr, "federation-addr", cfg.FederationAddr, "address of the federation API (gRPC over mTLS) for peer federators")
 	fl.StringSliceVar(&cfg.GatewayAddresses, "gateway-address", nil, "host:port of this cluster's east-west gateway as peers reach it (repeatable)")
 	fl.StringSliceVar(&cfg.AdvertiseAddresses, "advertise-address", nil, "host:port where peers reach this federator, told to clusters this one joins (repeatable)")

@@ -177,3 +177,25 @@ func TestTokenCreateTTL(t *testing.T) {
 	require.NoError(t, err)
 	require.Contains(t, out, "at least 1m0s and at most 168h0m0s (default 1h0m0s)")
 }
+
+// --root-publish-delay, not given, follows the --max-cert-ttl given:
+// raising the maximum alone is not refused for a flag the user never set.
+// Given, it is still held to 0.55 x --max-cert-ttl.
+func TestRunRootPublishDelayFollowsMaxCertTTL(t *testing.T) {
+	// An empty --cluster-name makes Validate fail, so nothing is dialled:
+	// the other problems it names are what is looked at.
+	_, _, err := execute(t.Context(), "run", "--cluster-name=", "--max-cert-ttl", "72h")
+	require.ErrorContains(t, err, "--cluster-name is required")
+	require.NotContains(t, err.Error(), "--root-publish-delay")
+
+	_, _, err = execute(t.Context(), "run", "--cluster-name=", "--max-cert-ttl", "72h", "--root-publish-delay", "26h24m")
+	require.ErrorContains(t, err, "--root-publish-delay 26h24m0s is too short")
+	require.ErrorContains(t, err, "at least 39h36m0s")
+
+	_, _, err = execute(t.Context(), "run", "--cluster-name=", "--root-publish-delay", "0s")
+	require.ErrorContains(t, err, "--root-publish-delay 0s is too short", "given, 0s is not taken for the default")
+
+	out, _, err := execute(t.Context(), "run", "--help")
+	require.NoError(t, err)
+	require.Contains(t, out, "at least 0.55 x --max-cert-ttl, which is the default (26h24m0s with the default --max-cert-ttl)")
+}
