@@ -199,3 +199,11 @@ func TestRunRootPublishDelayFollowsMaxCertTTL(t *testing.T) {
 	require.NoError(t, err)
 	require.Contains(t, out, "at least 0.55 x --max-cert-ttl, which is the default (26h24m0s with the default --max-cert-ttl)")
 }
+
+// join without --name says the flag is required, before it reads the
+// token or the cluster.
+func TestJoinWithoutName(t *testing.T) {
+	t.Setenv("KUBECONFIG", "/nonexistent/kubeconfig")
+	_, _, err := execute(t.Context(), "join", "--token-file", "/nonexistent/token")
+	require.ErrorContains(t, err, "--name is required")
+}

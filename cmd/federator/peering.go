@@ -106,6 +106,8 @@ func newJoinCommand() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			switch {
+			case opts.Name == "":
+				return fmt.Errorf("--name is required: the peer cluster's name, as `federator token create` printed it (federator join --name NAME ...)")
 			case opts.Token != "" && tokenFile != "":
 				return fmt.Errorf("give --token or --token-file, not both")
 			case tokenFile != "":

@@ -336,6 +336,9 @@ func Join(ctx context.Context, client kubernetes.Interface, dyn dynamic.Interfac
 	if t.Expired(opts.Now) {
 		return nil, fmt.Errorf("%w: it expired at %s; ask the peer for a new one (`federator token create`)", ErrInvalidToken, t.Expires.Format(time.RFC3339))
 	}
+	if opts.Name == "" {
+		return nil, fmt.Errorf("--name is required: the name of the cluster that created the token (--name %s for this one)", t.ClusterName)
+	}
 	if opts.Name != t.ClusterName {
 		return nil, fmt.Errorf("--name %q does not match the cluster that created the token (%q)", opts.Name, t.ClusterName)
 	}

@@ -63,3 +63,16 @@ func TestCreateTokenTTL(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, whole.Add(DefaultTokenTTL).UTC(), tok.Expires)
 }
+
+// `federator join` without --name says the flag is required, and which
+// name the token is from, not that "" does not match it.
+func TestJoinWithoutName(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	j := newCluster(t, "j", nil)
+	tok, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "j", Addresses: []string{a.addr}})
+	require.NoError(t, err)
+	text, err := tok.Encode()
+	require.NoError(t, err)
+	_, err = Join(t.Context(), j.kube, j.dyn, JoinOptions{Namespace: testNS, Token: text})
+	require.EqualError(t, err, "--name is required: the name of the cluster that created the token (--name a for this one)")
+}
