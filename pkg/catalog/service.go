@@ -113,7 +113,10 @@ type Service struct {
 	// no endpoint at all are absent.
 	Endpoints []LocalityEndpoints `json:"endpoints"`
 	// Peers, when not empty, narrows the export to these peer clusters
-	// (sorted); empty means every peer.
+	// (sorted); empty means every peer. A service exported to no peer is
+	// not in the catalog at all: pkg/kube leaves out an export whose
+	// peers annotation names no peer or an invalid one (deny by default),
+	// so that neither a peer nor the gateway's routes see it.
 	Peers []string `json:"peers,omitempty"`
 	// Identities are the SPIFFE IDs of the workloads that serve the
 	// service (sorted).

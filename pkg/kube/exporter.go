@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -52,6 +53,12 @@ const (
 	// ReasonInvalidService: the Service exists but cannot be exported as it
 	// is (for example it has no ports).
 	ReasonInvalidService mcsv1alpha1.ServiceExportConditionReason = "InvalidService"
+	// ReasonInvalidPeers: the peers annotation has an item that is not a
+	// peer name; the service is exported to no peer until it is fixed.
+	ReasonInvalidPeers mcsv1alpha1.ServiceExportConditionReason = "InvalidPeers"
+	// ReasonNoPeers: the peers annotation is set but names no peer; the
+	// service is exported to no peer.
+	ReasonNoPeers mcsv1alpha1.ServiceExportConditionReason = "NoPeers"
 )
 
 // Options tunes an Exporter. The zero value of every field means its
@@ -698,7 +705,22 @@ func (e *Exporter) reconcileExport(_ context.Context, key catalog.ServiceKey) er
 	if err != nil {
 		return err
 	}
-	entry := serviceFromObjects(e.opts.ClusterName, svc, endpointSlices, parsePeers(se.Annotations[AnnotationPeers]), e.locate, e.accounts)
+	var peers []string
+	exportedTo := "every peer"
+	if v, ok := se.Annotations[AnnotationPeers]; ok {
+		if peers, err = parsePeers(v); err != nil {
+			e.remove(key)
+			e.wantStatus(key, invalid(ReasonInvalidPeers, err.Error()+"; the service is exported to no peer until the annotation is fixed"))
+			return nil
+		}
+		if len(peers) == 0 {
+			e.remove(key)
+			e.wantStatus(key, invalid(ReasonNoPeers, fmt.Sprintf("%s is set but names no peer, so the service is exported to no peer; list the peers to export to, or remove the annotation to export to every peer", AnnotationPeers)))
+			return nil
+		}
+		exportedTo = "peers " + strings.Join(peers, ", ") + " only"
+	}
+	entry := serviceFromObjects(e.opts.ClusterName, svc, endpointSlices, peers, e.locate, e.accounts)
 	if err := e.put(entry); err != nil {
 		e.remove(key)
 		e.wantStatus(key, invalid(ReasonInvalidService, err.Error()))
@@ -706,7 +728,7 @@ func (e *Exporter) reconcileExport(_ context.Context, key catalog.ServiceKey) er
 	}
 	e.wantStatus(key, []metav1.Condition{
 		condition(mcsv1alpha1.ServiceExportConditionValid, metav1.ConditionTrue, mcsv1alpha1.ServiceExportReasonValid,
-			fmt.Sprintf("Service %s is exported from cluster %s", key, e.opts.ClusterName)),
+			fmt.Sprintf("Service %s is exported from cluster %s to %s", key, e.opts.ClusterName, exportedTo)),
 		condition(mcsv1alpha1.ServiceExportConditionReady, metav1.ConditionTrue, mcsv1alpha1.ServiceExportReasonExported,
 			fmt.Sprintf("in the catalog with %d ready endpoints", entry.ReadyEndpoints())),
 	})

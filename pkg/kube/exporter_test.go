@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -355,6 +356,113 @@ func TestPeersAnnotationNarrowsExport(t *testing.T) {
 	require.True(t, ok)
 	require.Equal(t, []string{"b", "c"}, got.Peers)
 	require.False(t, got.ExportedTo("d"))
+}
+
+func TestParsePeers(t *testing.T) {
+	for _, tc := range []struct {
+		name, value string
+		want        []string
+		bad         []string // quoted in the error, when there is one
+	}{
+		{name: "one", value: "west", want: []string{"west"}},
+		{name: "trimmed and sorted", value: " west , north", want: []string{"north", "west"}},
+		{name: "empty items ignored", value: "west,,north,", want: []string{"north", "west"}},
+		{name: "the same name twice counts once", value: "west,west , west", want: []string{"west"}},
+		{name: "blank", value: " ", want: nil},
+		{name: "only commas", value: " , ,", want: nil},
+		{name: "digits and dashes", value: "1a,eu-west-1", want: []string{"1a", "eu-west-1"}},
+		{name: "a name differing only by case is not folded", value: "west, West,nrth", bad: []string{`"West" (names are lowercase: "west")`}},
+		{name: "every bad item", value: "we st,a_b,-x,x.y,west", bad: []string{`"-x"`, `"a_b"`, `"we st"`, `"x.y"`}},
+		{name: "too long", value: strings.Repeat("a", 64), bad: []string{`"` + strings.Repeat("a", 64) + `"`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := parsePeers(tc.value)
+			if tc.bad == nil {
+				require.NoError(t, err)
+				require.Equal(t, tc.want, got)
+				return
+			}
+			require.Error(t, err)
+			require.Nil(t, got)
+			require.Contains(t, err.Error(), AnnotationPeers+": not a peer cluster name: "+strings.Join(tc.bad, ", ")+" (")
+		})
+	}
+
+	// A long list of bad items is summed up, not quoted whole.
+	var many []string
+	for i := range 15 {
+		many = append(many, fmt.Sprintf("Peer%02d", i))
+	}
+	_, err := parsePeers(strings.Join(many, ","))
+	require.ErrorContains(t, err, "and 5 more (")
+}
+
+// The peers annotation is checked: a list with an item that is not a peer
+// name, or one that names no peer, exports the service to nobody and says
+// so in the Valid condition; a list of peer names narrows the export and
+// names the peers; no annotation exports to every peer.
+func TestPeersAnnotationIsChecked(t *testing.T) {
+	se := export("demo", "echo")
+	se.Annotations = map[string]string{AnnotationPeers: "west, West,nrth"}
+	f := start(t,
+		[]runtime.Object{service("demo", "echo", corev1.ServicePort{Port: 80, Protocol: corev1.ProtocolTCP})},
+		[]runtime.Object{se})
+	ctx := t.Context()
+	annotate := func(v *string) {
+		t.Helper()
+		se, err := f.mcs.MulticlusterV1alpha1().ServiceExports("demo").Get(ctx, "echo", metav1.GetOptions{})
+		require.NoError(t, err)
+		if v == nil {
+			delete(se.Annotations, AnnotationPeers)
+		} else {
+			se.Annotations = map[string]string{AnnotationPeers: *v}
+		}
+		_, err = f.mcs.MulticlusterV1alpha1().ServiceExports("demo").Update(ctx, se, metav1.UpdateOptions{})
+		require.NoError(t, err)
+	}
+	valid := func(what string, status metav1.ConditionStatus, reason mcsv1alpha1.ServiceExportConditionReason, msg string) {
+		t.Helper()
+		f.eventually(t, what, func() bool {
+			c := f.condition(t, "demo", "echo", mcsv1alpha1.ServiceExportConditionValid)
+			return c != nil && c.Status == status && c.Reason == string(reason) && strings.Contains(c.Message, msg)
+		})
+	}
+	notExported := func() {
+		t.Helper()
+		_, ok := f.service(t, echoKey)
+		require.False(t, ok, "exported to nobody: not in the catalog, so no peer and no gateway route has it")
+		r := f.condition(t, "demo", "echo", mcsv1alpha1.ServiceExportConditionReady)
+		require.Equal(t, metav1.ConditionFalse, r.Status)
+	}
+
+	valid("a name that is not a peer name", metav1.ConditionFalse, ReasonInvalidPeers,
+		`not a peer cluster name: "West" (names are lowercase: "west")`)
+	require.Contains(t, f.condition(t, "demo", "echo", mcsv1alpha1.ServiceExportConditionValid).Message,
+		"the service is exported to no peer until the annotation is fixed")
+	notExported()
+
+	annotate(new(" west, nrth,west"))
+	valid("a list of peer names", metav1.ConditionTrue, mcsv1alpha1.ServiceExportReasonValid, "to peers nrth, west only")
+	got, ok := f.service(t, echoKey)
+	require.True(t, ok)
+	require.Equal(t, []string{"nrth", "west"}, got.Peers)
+
+	annotate(new(" "))
+	valid("a blank list", metav1.ConditionFalse, ReasonNoPeers, "names no peer, so the service is exported to no peer")
+	notExported()
+	annotate(new(","))
+	f.eventually(t, "only commas: still no peer", func() bool {
+		c := f.condition(t, "demo", "echo", mcsv1alpha1.ServiceExportConditionValid)
+		return c != nil && c.Reason == string(ReasonNoPeers)
+	})
+	notExported()
+
+	annotate(nil)
+	valid("no annotation", metav1.ConditionTrue, mcsv1alpha1.ServiceExportReasonValid, "to every peer")
+	got, ok = f.service(t, echoKey)
+	require.True(t, ok)
+	require.Empty(t, got.Peers)
+	require.True(t, got.ExportedTo("anyone"))
 }
 
 // Identities follow the pods behind the endpoints: a pod seen after the

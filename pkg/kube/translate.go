@@ -1,11 +1,15 @@
 package kube
 
 import (
+	"fmt"
 	"slices"
+	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 )
@@ -19,9 +23,17 @@ const (
 )
 
 // AnnotationPeers on a ServiceExport narrows the export to a comma-separated
-// list of peer cluster names. Without it the service is exported to every
-// peer.
+// list of peer cluster names: the names of their FederationPeers, so
+// lowercase RFC 1123 labels, compared exactly. Blanks around a name and
+// empty items are ignored, and a name given twice counts once. Without the
+// annotation the service is exported to every peer. Deny by default
+// otherwise: an annotation that names no peer, or with any item that is
+// not a peer name, exports the service to no peer, and the export's Valid
+// condition is False saying why (reasons NoPeers, InvalidPeers).
 const AnnotationPeers = "federation.isthmus.dev/peers"
+
+// maxNamedInvalidPeers bounds how many bad items a condition quotes.
+const maxNamedInvalidPeers = 10
 
 // localityFunc returns the locality of a node by name; ok is false when the
 // node is unknown.
@@ -36,15 +48,52 @@ func nodeLocality(n *corev1.Node) catalog.Locality {
 	}
 }
 
-// parsePeers splits the peers annotation, dropping blanks.
-func parsePeers(v string) []string {
-	var out []string
+// parsePeers reads the peers annotation's value: the peer names it lists,
+// sorted, each once, or an error naming every item that is not a peer
+// name. The list is empty when the value names no peer.
+func parsePeers(v string) ([]string, error) {
+	var out, bad []string
 	for p := range strings.SplitSeq(v, ",") {
-		if p = strings.TrimSpace(p); p != "" {
-			out = append(out, p)
+		p = strings.TrimSpace(p)
+		if p == "" {
+			continue
 		}
+		if len(validation.IsDNS1123Label(p)) > 0 {
+			bad = append(bad, describeBadPeer(p))
+			continue
+		}
+		out = append(out, p)
 	}
-	return out
+	if len(bad) > 0 {
+		slices.Sort(bad)
+		bad = slices.Compact(bad)
+		if n := len(bad); n > maxNamedInvalidPeers {
+			bad = append(bad[:maxNamedInvalidPeers], fmt.Sprintf("and %d more", n-maxNamedInvalidPeers))
+		}
+		return nil, fmt.Errorf("%s: not a peer cluster name: %s (peer names are the names of FederationPeers: lowercase RFC 1123 labels of at most 63 characters, a-z, 0-9 and '-', starting and ending with a letter or digit)",
+			AnnotationPeers, strings.Join(bad, ", "))
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
+}
+
+// describeBadPeer quotes an item of the peers annotation that is not a
+// peer name, shortened, with the name it may have meant when only its
+// case is wrong: peer names compare exactly, and are lowercase.
+func describeBadPeer(p string) string {
+	const maxQuoted = 64
+	q := p
+	if len(q) > maxQuoted {
+		cut := maxQuoted
+		for cut > 0 && !utf8.RuneStart(q[cut]) {
+			cut--
+		}
+		q = q[:cut] + "…"
+	}
+	if lower := strings.ToLower(p); lower != p && len(validation.IsDNS1123Label(lower)) == 0 {
+		return fmt.Sprintf("%q (names are lowercase: %q)", q, lower)
+	}
+	return strconv.Quote(q)
 }
 
 // serviceFromObjects translates a Service and its EndpointSlices into the
