@@ -152,7 +152,8 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 		return nil, err
 	}
 	f.xds, err = xds.NewServer(f.store, f.id.TrustDomain(), f.trust, xds.Options{
-		Gateway:   xds.GatewayOptions{FederationUpstream: cfg.FederationUpstream()},
+		// The gateways run beside the federator (deploy/multicluster).
+		Gateway:   xds.GatewayOptions{FederationUpstream: cfg.FederationUpstream(), Namespace: cfg.Namespace},
 		Sidecar:   xds.SidecarOptions{Region: cfg.Region},
 		InCluster: f.inCluster,
 		// Sidecars keep their last configuration, imports included,

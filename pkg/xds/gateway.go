@@ -57,6 +57,11 @@ type GatewayOptions struct {
 	// ListenerPort is the port written in the listener's address, which
 	// the gateway treats as informative; zero means GatewayPort.
 	ListenerPort uint32
+	// Namespace, when set, is where gateways run (the federator's own):
+	// a gateway node on the TLS port must present an SVID of a
+	// ServiceAccount there. Empty: any namespace, so long as the node's
+	// own names the SVID's.
+	Namespace string
 }
 
 // ServiceSNI is the TLS server name that selects port of the service

@@ -15,6 +15,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/log"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
 	"google.golang.org/grpc/codes"
@@ -104,8 +105,17 @@ func (h *hooks) request(id int64, node *corev3.Node, typeURL, version, nonce, na
 		return nil
 	}
 	first := false
-	if st.node == "" && node.GetId() != "" {
+	switch {
+	case st.node == "" && node.GetId() != "":
+		if err := h.bind(node, st.identity); err != nil {
+			s.mu.Unlock()
+			s.log.Warn("xDS node refused", "stream", id, "node", truncate(node.GetId(), maxTypeURLShown), "identity", st.identity, "error", err)
+			return err
+		}
 		st.node, first = node.GetId(), true
+	case node.GetId() != "" && node.GetId() != st.node:
+		s.mu.Unlock()
+		return status.Errorf(codes.InvalidArgument, "the node ID changed on the stream, from %q to %q", st.node, truncate(node.GetId(), maxTypeURLShown))
 	}
 	nodeID := st.node
 	sent := st.sent[typeURL]
@@ -136,6 +146,60 @@ func (h *hooks) request(id int64, node *corev3.Node, typeURL, version, nonce, na
 		s.log.Debug("proxy accepted configuration (ACK)", "stream", id, "node", nodeID, "type", typeURL, "version", sent.version)
 	}
 	return nil
+}
+
+// bind checks that a node a TLS stream's SVID claims is one it may be, as
+// istiod checks a proxy's namespace against its identity: a sidecar or
+// gateway node names its namespace (its ID's last field,
+// "<namespace>.svc.cluster.local"), which must be the SVID's, and a
+// gateway's must be where gateways run (GatewayOptions.Namespace). A
+// plaintext stream (the test port) has no identity to check.
+func (h *hooks) bind(node *corev3.Node, identity string) error {
+	if identity == "" {
+		return nil
+	}
+	group := (nodeGroups{}).ID(node)
+	if group == unservedGroup {
+		return nil // served nothing
+	}
+	id, err := spiffeid.FromString(identity)
+	if err != nil {
+		return status.Errorf(codes.PermissionDenied, "identity %s: %v", identity, err)
+	}
+	svidNS, _, ok := workloadOf(id)
+	if !ok {
+		return status.Errorf(codes.PermissionDenied, "identity %s is not of a Kubernetes ServiceAccount (/ns/<namespace>/sa/<name>): it may not be a proxy", identity)
+	}
+	nodeNS, ok := nodeNamespace(node.GetId())
+	switch {
+	case !ok:
+		return status.Errorf(codes.InvalidArgument, "node ID %q is not of the form <role>~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local", truncate(node.GetId(), maxTypeURLShown))
+	case nodeNS != svidNS:
+		return status.Errorf(codes.PermissionDenied, "node %q is in namespace %q, but its certificate's identity %s is in %q", truncate(node.GetId(), maxTypeURLShown), nodeNS, identity, svidNS)
+	case group == gatewayGroup && h.s.opts.Gateway.Namespace != "" && svidNS != h.s.opts.Gateway.Namespace:
+		return status.Errorf(codes.PermissionDenied, "identity %s may not be an east-west gateway: gateways run in namespace %q", identity, h.s.opts.Gateway.Namespace)
+	}
+	return nil
+}
+
+// nodeNamespace is the namespace a node ID of Istio's shape names.
+func nodeNamespace(nodeID string) (string, bool) {
+	fields := strings.Split(nodeID, "~")
+	if len(fields) != 4 {
+		return "", false
+	}
+	ns, _, _ := strings.Cut(fields[3], ".")
+	return ns, ns != ""
+}
+
+// workloadOf is the namespace and ServiceAccount of a Kubernetes
+// workload's SPIFFE ID, /ns/<namespace>/sa/<name>.
+func workloadOf(id spiffeid.ID) (ns, sa string, ok bool) {
+	parts := strings.Split(id.Path(), "/")
+	if len(parts) != 5 || parts[0] != "" || parts[1] != "ns" || parts[3] != "sa" || parts[2] == "" || parts[4] == "" {
+		return "", "", false
+	}
+	return parts[2], parts[4], true
 }
 
 // servedTypes are the type URLs the server answers.

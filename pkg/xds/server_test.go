@@ -709,6 +709,51 @@ func TestUnservedTypeEndsTheStream(t *testing.T) {
 	require.Equal(t, resource.ClusterType, gw.next().GetTypeUrl())
 }
 
+// A proxy on the TLS port is the node its SVID allows, as istiod checks:
+// a node names its namespace, which must be its identity's, a gateway
+// runs where gateways run, and the node ID never changes on a stream.
+// Before, any workload got the gateway's configuration (the pod endpoints
+// of every export) by claiming its node ID.
+func TestNodeBoundToItsSVID(t *testing.T) {
+	f := newFixture(t, Options{Gateway: GatewayOptions{Namespace: "isthmus-system"}})
+	f.waitTranslated(f.setCatalog(webService()).Version())
+	web := svidOf(t, f.ca, spiffeid.RequireFromPath(tdA, "/ns/demo/sa/web"))
+	refused := func(conn *grpc.ClientConn, node string, code codes.Code, words string) {
+		t.Helper()
+		stream, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(t.Context())
+		require.NoError(t, err)
+		require.NoError(t, stream.Send(&discoveryv3.DiscoveryRequest{Node: &corev3.Node{Id: node}, TypeUrl: resource.ClusterType}))
+		_, err = stream.Recv()
+		require.Equal(t, code, status.Code(err), "%s: %v", node, err)
+		require.Contains(t, status.Convert(err).Message(), words)
+	}
+	refused(f.dialTLS(web), gatewayNode, codes.PermissionDenied, `is in namespace "isthmus-system", but its certificate's identity spiffe://a.mesh/ns/demo/sa/web is in "demo"`)
+	refused(f.dialTLS(web), "eastwest-gw~10.0.1.9~gw.demo~demo.svc.cluster.local", codes.PermissionDenied, `gateways run in namespace "isthmus-system"`)
+	refused(f.dialTLS(web), "sidecar~10.0.1.9~cart-0.shop~shop.svc.cluster.local", codes.PermissionDenied, `is in namespace "shop"`)
+	refused(f.dialTLS(web), "sidecar~10.0.1.9", codes.InvalidArgument, "is not of the form")
+	odd := svidOf(t, f.ca, spiffeid.RequireFromPath(tdA, "/workload/web"))
+	refused(f.dialTLS(odd), sidecarNode, codes.PermissionDenied, "not of a Kubernetes ServiceAccount")
+
+	// Its own node is served; another node ID on the same stream is not.
+	sc := openADS(t, f.dialTLS(web), sidecarNode)
+	sc.send(resource.ClusterType, nil, "")
+	require.Equal(t, resource.ClusterType, sc.next().GetTypeUrl())
+	sc.node = &corev3.Node{Id: gatewayNode}
+	sc.send(resource.ListenerType, nil, "")
+	select {
+	case err := <-sc.err:
+		require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
+		require.Contains(t, status.Convert(err).Message(), "the node ID changed on the stream")
+	case <-time.After(wait):
+		t.Fatal("the stream went on under another node ID")
+	}
+
+	// The gateway's own identity is served.
+	gw := openADS(t, f.dialTLS(svidOf(t, f.ca, gatewayID)), gatewayNode)
+	gw.send(resource.ClusterType, nil, "")
+	require.Equal(t, resource.ClusterType, gw.next().GetTypeUrl())
+}
+
 // A NACK's reason is the proxy's to choose, up to 4 MiB: the logs and
 // Status keep its first 4 KiB.
 func TestNACKReasonKeptInPart(t *testing.T) {
