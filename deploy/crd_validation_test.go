@@ -50,7 +50,7 @@ func TestFederationPeerValidation(t *testing.T) {
 	// refused rather than read as the default; leaving the field out is
 	// how the default is asked for.
 	for _, field := range []string{"keepFor", "drainFor"} {
-		for _, bad := range []string{"10 minutes", "0s", "0", "-5m", "5", "1h 30m", " 5m", "5M", "1d", "", "0h0m0s"} {
+		for _, bad := range []string{"10 minutes", "0s", "0", "-5m", "5", "1h 30m", " 5m", "5M", "1d", "", "0h0m0s", "3000000h"} {
 			err := create("bad-"+strings.ToLower(field), map[string]any{"staleness": map[string]any{field: bad}})
 			require.ErrorContains(t, err, "spec.staleness."+field, "%s %q", field, bad)
 			require.ErrorContains(t, err, field+" must be a positive duration such as 30s, 5m or 1h30m", "%s %q", field, bad)
