@@ -96,7 +96,10 @@ type Config struct {
 	// longest one issued.
 	CertTTL, MaxCertTTL time.Duration
 	// RootPublishDelay is how long a new root is trusted before it signs
-	// (see `federator ca rotate`).
+	// (see `federator ca rotate`): at least ca.MinPublishDelay(MaxCertTTL),
+	// 0.55 x MaxCertTTL. DefaultConfig's suits the default MaxCertTTL only;
+	// `federator run` derives it from the MaxCertTTL given unless the flag
+	// is set.
 	RootPublishDelay time.Duration
 
 	// FederationAddr serves the federation API (gRPC over mTLS) to peer
