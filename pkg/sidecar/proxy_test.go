@@ -653,7 +653,7 @@ func TestAppOnPodAddressReachedFromPassthroughSource(t *testing.T) {
 	defer ln.Close()
 	// Through the pool's own dial, so that the source it picks is the
 	// one it connects from.
-	pl := &pool{p: &Proxy{cfg: Config{AppAddr: app}}, connectTimeout: waitFor}
+	pl := &pool{p: &Proxy{cfg: Config{AppAddr: app}, dials: t.Context()}, connectTimeout: waitFor}
 	c, err := pl.dial(t.Context(), ln.Addr().(*net.TCPAddr).AddrPort(), nil)
 	require.NoError(t, err)
 	defer c.Close()
