@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -68,7 +69,15 @@ func TestPeeringCLI(t *testing.T) {
 	// Bad tokens change nothing in b.
 	otherPeer, err := cli(a, "token", "create", "--peer", "c", "--address", "10.254.0.1:15443")
 	require.NoError(t, err)
-	expired, err := cli(a, "token", "create", "--peer", "b", "--address", "10.254.0.1:15443", "--ttl", "1ns")
+	// The command refuses a TTL under a minute; an expired token is made
+	// as if two hours ago.
+	_, err = cli(a, "token", "create", "--peer", "b", "--address", "10.254.0.1:15443", "--ttl", "1ns")
+	require.ErrorContains(t, err, "exit status")
+	require.Contains(t, stderrOf(err), "--ttl")
+	old, err := federation.CreateToken(ctx, a.Client(), federation.TokenOptions{Namespace: "isthmus-system", Peer: "b",
+		Addresses: []string{"10.254.0.1:15443"}, Now: time.Now().Add(-2 * time.Hour), TTL: time.Hour})
+	require.NoError(t, err)
+	expired, err := old.Encode()
 	require.NoError(t, err)
 	_, err = cli(a, "token", "create", "--peer", "b")
 	require.ErrorContains(t, err, "exit status")
