@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"strconv"
@@ -82,6 +83,10 @@ func DecodeToken(s string) (Token, error) {
 	dec := json.NewDecoder(strings.NewReader(string(raw)))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&t); err != nil {
+		if errors.Is(err, io.ErrUnexpectedEOF) {
+			// Cut on a base64 boundary: the encoding held, the JSON ends early.
+			return Token{}, fmt.Errorf("%w: it ends early (was it cut when copied?)", ErrInvalidToken)
+		}
 		return Token{}, fmt.Errorf("%w: %v", ErrInvalidToken, err)
 	}
 	if err := t.Validate(); err != nil {
