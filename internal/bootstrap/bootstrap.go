@@ -11,12 +11,15 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 
 	"github.com/spf13/pflag"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/isthmus-mesh/isthmus/pkg/identity"
 	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
@@ -79,12 +82,24 @@ func envOr(name, def string) string {
 	return def
 }
 
-// CheckNode reports what is missing to name the proxy to the federator.
+// CheckNode reports what is missing or malformed to name the proxy to
+// the federator: the node ID is "<role>~<pod-ip>~<pod>.<namespace>~...",
+// which the federator splits on "~" and checks against the proxy's SVID.
 func (f Flags) CheckNode() error {
 	if f.ClusterName == "" || f.PodIP == "" || f.PodName == "" {
 		return errors.New("--cluster-name, --pod-ip and --pod-name (or CLUSTER_NAME, POD_IP, POD_NAME) are required for xDS: they name this proxy to the federator")
 	}
-	return nil
+	var errs []error
+	if _, err := netip.ParseAddr(f.PodIP); err != nil {
+		errs = append(errs, fmt.Errorf("--pod-ip %q is not an IP address", f.PodIP))
+	}
+	if msgs := validation.IsDNS1123Subdomain(f.PodName); len(msgs) > 0 {
+		errs = append(errs, fmt.Errorf("--pod-name %q is not a Pod name: %s", f.PodName, strings.Join(msgs, "; ")))
+	}
+	if msgs := validation.IsDNS1123Label(f.Namespace); len(msgs) > 0 {
+		errs = append(errs, fmt.Errorf("--namespace %q is not a namespace name: %s", f.Namespace, strings.Join(msgs, "; ")))
+	}
+	return errors.Join(errs...)
 }
 
 // CheckAddresses reports an --xds-address or --ca-address that is not

@@ -40,6 +40,34 @@ func TestFlags(t *testing.T) {
 	require.ErrorContains(t, err, "--trust-domain")
 }
 
+// The node's parts are checked at start: the federator splits the node
+// ID on "~" and checks its namespace against the proxy's SVID, and a pod
+// IP that is not one would name the proxy wrongly in every log.
+func TestCheckNodeRefusesMalformedParts(t *testing.T) {
+	good := Flags{ClusterName: "alpha", PodIP: "10.0.0.9", PodName: "gw-0.x", Namespace: "isthmus-system"}
+	require.NoError(t, good.CheckNode())
+	for name, tc := range map[string]struct {
+		edit func(*Flags)
+		want string
+	}{
+		"pod IP not an IP":    {func(f *Flags) { f.PodIP = "not-an-ip" }, `--pod-ip "not-an-ip" is not an IP address`},
+		"pod name with a ~":   {func(f *Flags) { f.PodName = "gw~0" }, `--pod-name "gw~0" is not a Pod name`},
+		"namespace with a .":  {func(f *Flags) { f.Namespace = "a.b" }, `--namespace "a.b" is not a namespace name`},
+		"namespace upper":     {func(f *Flags) { f.Namespace = "Demo" }, `--namespace "Demo"`},
+		"IPv6 pod IP is fine": {func(f *Flags) { f.PodIP = "fd00::9" }, ""},
+	} {
+		t.Run(name, func(t *testing.T) {
+			f := good
+			tc.edit(&f)
+			if tc.want == "" {
+				require.NoError(t, f.CheckNode())
+				return
+			}
+			require.ErrorContains(t, f.CheckNode(), tc.want)
+		})
+	}
+}
+
 // An --xds-address or --ca-address gRPC would dial at 443, or not at
 // all, is refused at start, naming the flag.
 func TestCheckAddresses(t *testing.T) {
