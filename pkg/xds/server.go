@@ -77,7 +77,7 @@ type Options struct {
 	// PeersSyncTimeout bounds that wait (a peer that is down keeps
 	// PeersSynced false for its keepFor); after it the sidecars are
 	// served what is known, and a warning and
-	// isthmus_xds_peer_sync_timeouts say so. Zero means
+	// isthmus_xds_peer_sync_timeouts_total say so. Zero means
 	// DefaultPeersSyncTimeout.
 	PeersSyncTimeout time.Duration
 	// Logger receives lifecycle lines at Info, refused streams and NACKs
