@@ -109,6 +109,7 @@ func (h *hooks) request(id int64, node *corev3.Node, typeURL, version, nonce, na
 	case st.node == "" && node.GetId() != "":
 		if err := h.bind(node, st.identity); err != nil {
 			s.mu.Unlock()
+			s.metrics.refused.Add(context.Background(), 1)
 			s.log.Warn("xDS node refused", "stream", id, "node", truncate(node.GetId(), maxTypeURLShown), "identity", st.identity, "error", err)
 			return err
 		}

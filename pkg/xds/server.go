@@ -175,7 +175,7 @@ func NewServer(store *catalog.Store, td spiffeid.TrustDomain, bundles TrustBundl
 	s.metrics.nacks, _ = meter.Int64Counter("isthmus_xds_nacks",
 		metric.WithDescription("Configurations proxies rejected (NACKs), by type URL."))
 	s.metrics.refused, _ = meter.Int64Counter("isthmus_xds_streams_refused",
-		metric.WithDescription("xDS streams refused for want of a valid SVID of the local trust domain."))
+		metric.WithDescription("xDS streams refused for want of a valid SVID of the local trust domain, or for a node ID the SVID does not allow."))
 	s.metrics.failures, _ = meter.Int64Counter("isthmus_xds_translation_errors",
 		metric.WithDescription("Translations that failed; proxies keep the last good configuration."))
 	s.metrics.waiting, _ = meter.Int64Gauge("isthmus_xds_sidecars_waiting_for_peers",

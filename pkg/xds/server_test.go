@@ -733,6 +733,8 @@ func TestNodeBoundToItsSVID(t *testing.T) {
 	refused(f.dialTLS(web), "sidecar~10.0.1.9", codes.InvalidArgument, "is not of the form")
 	odd := svidOf(t, f.ca, spiffeid.RequireFromPath(tdA, "/workload/web"))
 	refused(f.dialTLS(odd), sidecarNode, codes.PermissionDenied, "not of a Kubernetes ServiceAccount")
+	require.EqualValues(t, 5, f.metric("isthmus_xds_streams_refused"))
+	require.Contains(t, f.logs.String(), "xDS node refused")
 
 	// Its own node is served; another node ID on the same stream is not.
 	sc := openADS(t, f.dialTLS(web), sidecarNode)
