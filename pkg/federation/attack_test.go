@@ -1,14 +1,17 @@
 package federation
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"io"
+	"log/slog"
 	"maps"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -77,6 +80,12 @@ type rogue struct {
 // Open exchange.
 func startRogue(t *testing.T, lim Limits) *rogue {
 	t.Helper()
+	return startRogueLog(t, lim, testLogger(t))
+}
+
+// startRogueLog is startRogue with this side logging to log.
+func startRogueLog(t *testing.T, lim Limits, log *slog.Logger) *rogue {
+	t.Helper()
 	ctx, cancel := context.WithCancel(t.Context())
 	t.Cleanup(cancel)
 	store := catalog.NewStore()
@@ -100,7 +109,7 @@ func startRogue(t *testing.T, lim Limits) *rogue {
 	r := &rogue{t: t, p: p, store: store, clock: clk, ended: make(chan error, 1),
 		remote: pipe{in: a2b, out: b2a, ctx: ctx}}
 	cfg := sessionConfig{clusterName: "here", heartbeat: time.Second, heartbeatTimeout: 3 * time.Second,
-		limits: lim.withDefaults(), log: testLogger(t)}
+		limits: lim.withDefaults(), log: log}
 	go func() { r.ended <- p.runSession(ctx, cfg, pipe{in: b2a, out: a2b, ctx: ctx}, cancel) }()
 	require.NotNil(t, r.recv().GetOpen())
 	return r
@@ -190,7 +199,6 @@ func TestSessionRefusesBadUpdates(t *testing.T) {
 		{"a gateway at the receiver's own host", versioned(&fedv1.Update{Resources: []*fedv1.Resource{hereGW}}), "demo/loop", "0.0.0.0 is not a unicast address"},
 		{"a resource named for another service", versioned(&fedv1.Update{Resources: []*fedv1.Resource{misnamed}}), "demo/y", `is not "demo/x"`},
 		{"a wrong version", &fedv1.Update{FullSet: true, Version: "feedface", Resources: []*fedv1.Resource{evilService("demo", "ok")}}, "", "version mismatch"},
-		{"an unknown type", &fedv1.Update{TypeUrl: "evil.Type", Version: "x"}, "", "unknown resource type"},
 		{"a removal of something never sent", &fedv1.Update{Removed: []string{"demo/ghost"}}, "demo/ghost", "never received"},
 		{"a bundle for another trust domain", &fedv1.Update{TypeUrl: TypeBundle, FullSet: true,
 			Resources: []*fedv1.Resource{{Name: "here.mesh", Body: &fedv1.Resource_TrustBundle{TrustBundle: &fedv1.TrustBundle{TrustDomain: "here.mesh"}}}}},
@@ -216,6 +224,58 @@ func TestSessionRefusesBadUpdates(t *testing.T) {
 			require.Equal(t, 1, r.store.Get("evil").Len())
 		})
 	}
+}
+
+// syncBuffer is a bytes.Buffer a logger and a test can share.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// A type URL this side does not know is refused, and leaves nothing
+// behind: status was kept by the peer's type URL, so a peer sending
+// updates of made-up types (each type URL as long as its message allowed,
+// 32 MiB) grew this side's memory without bound, and each was logged
+// twice and echoed whole in the refusal's reason.
+func TestSessionRefusesUnknownTypesWithoutKeepingThem(t *testing.T) {
+	var logs syncBuffer
+	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	r := startRogueLog(t, Limits{UpdatesPerSecond: 1e6, UpdateBurst: 1e6}, log)
+	r.open()
+	for i := range 50 {
+		typ := fmt.Sprintf("evil.Type%d/%s", i, strings.Repeat("x", 64<<10))
+		a := r.update(&fedv1.Update{TypeUrl: typ, Nonce: fmt.Sprint(i), Version: "x"})
+		require.NotNil(t, a.Error, "accepted")
+		require.Equal(t, fmt.Sprint(i), a.Nonce)
+		require.Contains(t, a.Error.Reason, "unknown resource type")
+		require.Contains(t, a.Error.Reason, "more bytes)", "the cut is not marked")
+		require.Less(t, len(a.Error.Reason), 200, "the reason echoes the type URL")
+	}
+	r.p.tracker.mu.Lock()
+	kept := len(r.p.tracker.nacksSent)
+	r.p.tracker.mu.Unlock()
+	require.LessOrEqual(t, kept, len(resourceTypes), "refusals kept for made-up types")
+	require.Empty(t, r.p.tracker.Snapshot().LastNACKSent)
+	for line := range strings.Lines(logs.String()) {
+		require.Less(t, len(line), 2048, "a log line echoes the type URL: %.200s", line)
+	}
+
+	// The peer can still send good data afterwards.
+	good := r.update(versioned(&fedv1.Update{Nonce: "good", Resources: []*fedv1.Resource{evilService("demo", "ok")}}))
+	require.Nil(t, good.Error)
+	require.Equal(t, 1, r.store.Get("evil").Len())
 }
 
 // Updates beyond the rate limit wait: the session stops reading until the

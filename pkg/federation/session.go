@@ -347,12 +347,21 @@ func (p *peer) handle(ctx context.Context, m *fedv1.ExchangeMessage, lim Limits,
 		return nil, nil
 	case *fedv1.ExchangeMessage_Update:
 		u := k.Update
+		if !slices.Contains(resourceTypes, u.GetTypeUrl()) {
+			// Refused without a trace in status: status is kept by type,
+			// and a type the peer makes up must not grow it. The type
+			// URL is the peer's, as long as its message allows; the
+			// reason and the log show its start.
+			a := nack(u, "", "", "unknown resource type %q", truncate(u.GetTypeUrl(), maxTypeURLShown))
+			log.Debug("refused an update of an unknown type from the peer", "reason", a.GetError().GetReason())
+			return a, nil
+		}
 		a, err := p.receive(ctx, u, lim)
 		if err != nil {
 			return nil, err
 		}
 		if a.GetError() != nil {
-			log.Warn("refused an update from the peer", "type", u.GetTypeUrl(), "resource", a.GetError().GetResource(), "reason", a.GetError().GetReason())
+			log.Warn("refused an update from the peer", "type", u.GetTypeUrl(), "refusal", describeNACK(a.GetError()))
 			p.tracker.nackSent(u.GetTypeUrl(), a.GetError())
 		} else {
 			p.tracker.received(u.GetTypeUrl(), a.GetVersion())
@@ -366,7 +375,7 @@ func (p *peer) handle(ctx context.Context, m *fedv1.ExchangeMessage, lim Limits,
 func (p *peer) handleAck(a *fedv1.Ack, log *slog.Logger) {
 	o, ok := p.out[a.GetTypeUrl()]
 	if !ok || !o.ack(a) {
-		log.Debug("ignoring an answer to no update in flight", "type", a.GetTypeUrl(), "nonce", a.GetNonce())
+		log.Debug("ignoring an answer to no update in flight", "type", truncate(a.GetTypeUrl(), maxTypeURLShown), "nonce", truncate(a.GetNonce(), maxTypeURLShown))
 		return
 	}
 	if a.GetError() != nil {
@@ -395,11 +404,15 @@ func (p *peer) sendUpdates(w *writer) error {
 	return nil
 }
 
-// receive validates an update as a whole and applies it, or applies
-// nothing and names the first refused resource. An error is this side's
-// own failure, not the update's: the session ends, and the next stream
-// starts from the version this side still holds, so the update comes
-// again.
+// maxTypeURLShown bounds how much of a type URL this side did not
+// expect is shown in a refusal and in logs.
+const maxTypeURLShown = 100
+
+// receive validates an update of a known type as a whole and applies
+// it, or applies nothing and names the first refused resource. An error
+// is this side's own failure, not the update's: the session ends, and
+// the next stream starts from the version this side still holds, so the
+// update comes again.
 func (p *peer) receive(ctx context.Context, u *fedv1.Update, lim Limits) (*fedv1.Ack, error) {
 	held := p.heldVersion(u.GetTypeUrl())
 	for _, r := range u.GetResources() {
@@ -407,14 +420,10 @@ func (p *peer) receive(ctx context.Context, u *fedv1.Update, lim Limits) (*fedv1
 			return nack(u, held, r.GetName(), "%d bytes, more than the limit of %d", n, lim.MaxResourceBytes), nil
 		}
 	}
-	switch u.GetTypeUrl() {
-	case TypeService:
-		return p.receiveServices(u, lim), nil
-	case TypeBundle:
+	if u.GetTypeUrl() == TypeBundle {
 		return p.receiveBundle(ctx, u)
-	default:
-		return nack(u, held, "", "unknown resource type %q", u.GetTypeUrl()), nil
 	}
+	return p.receiveServices(u, lim), nil
 }
 
 func (p *peer) receiveServices(u *fedv1.Update, lim Limits) *fedv1.Ack {
