@@ -789,6 +789,7 @@ func (b *sidecarBuilder) loadAssignment(s *csService, p csPort) *endpointv3.Clus
 	taken := map[netip.AddrPort]bool{}
 	var local level
 	near, far := map[catalog.Locality]*endpointv3.LocalityLbEndpoints{}, map[catalog.Locality]*endpointv3.LocalityLbEndpoints{}
+	owner := claims(s.exporters, p.number)
 	for _, e := range s.exporters {
 		ep, ok := e.port(p.number)
 		if !ok {
@@ -806,7 +807,7 @@ func (b *sidecarBuilder) loadAssignment(s *csService, p csPort) *endpointv3.Clus
 						continue
 					}
 					ap := netip.AddrPortFrom(ip.Unmap(), target)
-					if taken[ap] {
+					if taken[ap] || owner[ap] != e {
 						continue
 					}
 					taken[ap] = true
@@ -839,7 +840,7 @@ func (b *sidecarBuilder) loadAssignment(s *csService, p csPort) *endpointv3.Clus
 		}
 		var eps []*endpointv3.LbEndpoint
 		for _, gw := range e.gateways {
-			if taken[gw] {
+			if taken[gw] || owner[gw] != e {
 				b.skip(s.key, e.cluster, "gateway %s is also another exporter's: left out", gw)
 				continue
 			}
@@ -901,6 +902,54 @@ func fitWeights(lv level) {
 			lle.LoadBalancingWeight = wrapperspb.UInt32(uint32(max(1, float64(w.GetValue())*scale)))
 		}
 	}
+}
+
+// claims says which exporter owns each endpoint address of a service
+// port, since Envoy keeps only the first of two endpoints with one
+// address: the local pods claim theirs first, then the peers that report
+// the most ready endpoints claim their gateways (ties in name order). A
+// peer naming another exporter's address (a local pod's, or another
+// peer's gateway) thus never shadows it with its own health; it loses the
+// address and is reported as skipped. Exporters are listed in name order
+// either way, as before.
+func claims(exporters []*exporter, port int32) map[netip.AddrPort]*exporter {
+	order := slices.Clone(exporters)
+	slices.SortStableFunc(order, func(x, y *exporter) int {
+		if x.local != y.local {
+			return -cmpBool(x.local, y.local)
+		}
+		if x.local {
+			return 0
+		}
+		return cmp.Compare(y.svc.ReadyEndpoints(), x.svc.ReadyEndpoints())
+	})
+	owner := map[netip.AddrPort]*exporter{}
+	claim := func(ap netip.AddrPort, e *exporter) {
+		if _, ok := owner[ap]; !ok {
+			owner[ap] = e
+		}
+	}
+	for _, e := range order {
+		ep, ok := e.port(port)
+		if !ok {
+			continue
+		}
+		if !e.local {
+			for _, gw := range e.gateways {
+				claim(gw, e)
+			}
+			continue
+		}
+		target := uint16(cmp.Or(ep.TargetPort, ep.Port))
+		for _, le := range e.svc.Endpoints {
+			for _, a := range le.Addresses {
+				if ip, err := netip.ParseAddr(a.IP); err == nil {
+					claim(netip.AddrPortFrom(ip.Unmap(), target), e)
+				}
+			}
+		}
+	}
+	return owner
 }
 
 func sortedLevel(m map[catalog.Locality]*endpointv3.LocalityLbEndpoints) level {

@@ -1103,3 +1103,33 @@ func TestLocalityWeightsOfAPriorityFitAUint32(t *testing.T) {
 	}
 	require.Positive(t, checked)
 }
+
+// A peer that names another exporter's address, a local pod's or another
+// peer's gateway, never shadows it with its own health: the local pods
+// claim their addresses first, then the peers with the most ready
+// endpoints, and the claimant loses the address and is reported. Before,
+// the exporter whose cluster name sorted first kept the address, so a
+// peer "aaa" with nothing ready made an honest peer's three ready
+// endpoints (or a local pod) UNHEALTHY: the service was unreachable.
+func TestPeerCannotShadowAnotherExportersAddress(t *testing.T) {
+	r1 := catalog.Locality{Region: "r1", Zone: "z1"}
+	honest := peerEcho("good", r1, 3, 0, gwB)
+	claimant := peerEcho("aaa", r1, 0, 1, gwB)
+	r, skipped, err := TranslateSidecar(SidecarInput{Peers: []*catalog.Snapshot{
+		peerSnapshot(t, "good", honest), peerSnapshot(t, "aaa", claimant)}}, SidecarOptions{})
+	require.NoError(t, err)
+	load := describeLoad(loadNamed(t, r, "outbound|80||"+echoHost))
+	require.Equal(t, []string{"p0 r1/z1 w3: " + gwB + " HEALTHY"}, load)
+	require.Contains(t, fmt.Sprint(skipped), "aaa gateway "+gwB+" is also another exporter's: left out")
+
+	local := localEcho()
+	podAddr := netip.AddrPortFrom(netip.MustParseAddr(local.Endpoints[0].Addresses[0].IP), 8080).String()
+	onPod := peerEcho("aaa", r1, 0, 1, podAddr)
+	r, skipped, err = TranslateSidecar(SidecarInput{Local: snapshotOf(t, local), Peers: []*catalog.Snapshot{peerSnapshot(t, "aaa", onPod)}}, SidecarOptions{})
+	require.NoError(t, err)
+	load = describeLoad(loadNamed(t, r, "outbound|80||"+echoHost))
+	require.Len(t, load, 1, "the claimant's priority is gone: %v", load)
+	require.True(t, strings.HasPrefix(load[0], "p0 "), "%v", load)
+	require.Contains(t, load[0], podAddr+" HEALTHY", "the local pod keeps its place and health")
+	require.Contains(t, fmt.Sprint(skipped), "gateway "+podAddr+" is also another exporter's: left out")
+}
