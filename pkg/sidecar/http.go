@@ -231,7 +231,13 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		// Unblock a body read stuck on a downstream that stopped
 		// sending, and once the response started, a copy stuck on one
 		// that stopped reading; before the response, the 408 or 504
-		// must still go out.
+		// must still go out. Not once the handler returned: the
+		// ResponseWriter is then the server's again.
+		f.wmu.Lock()
+		defer f.wmu.Unlock()
+		if f.handlerDone {
+			return
+		}
 		rc := http.NewResponseController(w)
 		_ = rc.SetReadDeadline(time.Now())
 		if f.responded.Load() {
@@ -239,6 +245,11 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	})
 	defer idle.stop()
+	defer func() { // runs before idle.stop, and before the server takes w back
+		f.wmu.Lock()
+		f.handlerDone = true
+		f.wmu.Unlock()
+	}()
 	switch {
 	case r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0:
 		// Nothing to read (ReverseProxy sends no body for a length of
@@ -343,6 +354,10 @@ type forward struct {
 	// requestEnded is set once the request's body was read to its end
 	// (at once without one).
 	requestEnded atomic.Bool
+	// wmu orders the idle timeout's use of the ResponseWriter before
+	// the handler's return (handlerDone), after which net/http owns it.
+	wmu         sync.Mutex
+	handlerDone bool
 }
 
 type forwardKey struct{}
