@@ -986,7 +986,7 @@ func (hc *h1Conn) readResponseHead(up *h1Up) (int, bool, error) {
 // anything.
 func readResponseHead(in *bufReader, h *h1Head, interim func(head []byte) error) (int, bool, error) {
 	gotByte := in.r < in.w
-	scanned := 0
+	scanned, interims := 0, 0
 	for {
 		end, next, err := scanHead(in.buffered(), scanned)
 		if err != nil {
@@ -1011,6 +1011,11 @@ func readResponseHead(in *bufReader, h *h1Head, interim func(head []byte) error)
 		case s == http.StatusSwitchingProtocols:
 			return 0, true, upstreamProtocolError(errors.New("101 Switching Protocols to a request without Upgrade"))
 		case s < 200:
+			// Not flow-controlled on the bridge to HTTP/2: a few, as
+			// Go's Transport takes, then the upstream is in breach.
+			if interims++; interims > h2MaxInterim {
+				return 0, true, upstreamProtocolError(errors.New("more than " + strconv.Itoa(h2MaxInterim) + " interim (1xx) responses"))
+			}
 			if err := interim(head); err != nil {
 				return 0, true, err
 			}

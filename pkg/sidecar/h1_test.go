@@ -115,6 +115,8 @@ func (b *rawBackend) serve(c net.Conn, id int64) {
 			resp = "HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 42\r\n\r\n"
 		case req.URL.Path == "/trailer":
 			resp = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n5;ext\r\nhello\r\n0\r\nX-Sum: 5\r\n\r\n"
+		case req.URL.Path == "/many-hints":
+			resp = strings.Repeat("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", 10) + "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 		case req.URL.Path == "/early-hints":
 			resp = "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 		case req.URL.Path == "/idle-close":

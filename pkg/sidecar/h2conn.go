@@ -71,7 +71,11 @@ const (
 	// 431 on its stream; past this one x/net's Framer ends the
 	// connection, as net/http's server does.
 	h2ReadHeaderList = 1 << 20
-	h2ReadBuf        = 32 << 10
+	// h2MaxInterim bounds the 1xx heads passed on per response, on the
+	// HTTP/2 path and the bridge to HTTP/1.1 alike; Go's Transport takes
+	// five.
+	h2MaxInterim = 5
+	h2ReadBuf    = 32 << 10
 	// h2MaxFrame is the largest frame the sidecar reads: the protocol's
 	// initial SETTINGS_MAX_FRAME_SIZE, which it never raises.
 	h2MaxFrame = 16384
@@ -163,7 +167,12 @@ type h2Conn struct {
 	nextID         uint32 // client: the next stream's ID
 	lastPeerID     uint32 // server: the highest stream the peer opened
 	goAway         bool   // no new streams
-	closed         bool
+	// goAwayLast is the last stream ID of the first GOAWAY this side
+	// sent, once sentGoAway: a later one never names a higher ID
+	// (RFC 9113 §6.8), though streams refused since raised lastPeerID.
+	goAwayLast uint32
+	sentGoAway bool
+	closed     bool
 	// brokeWith is the code of the GOAWAY this side sent for the peer's
 	// breach of the protocol (connError), if it sent one.
 	brokeWith http2.ErrCode
@@ -492,11 +501,20 @@ func (hc *h2Conn) shut() {
 	})
 }
 
+// goAwayID is the last stream ID a GOAWAY of this side names now, and
+// from now on. mu held.
+func (hc *h2Conn) goAwayID() uint32 {
+	if !hc.sentGoAway {
+		hc.sentGoAway, hc.goAwayLast = true, hc.lastPeerID
+	}
+	return hc.goAwayLast
+}
+
 // connError ends the connection with a GOAWAY naming the error.
 func (hc *h2Conn) connError(code http2.ErrCode) {
 	hc.mu.Lock()
 	if !hc.closed {
-		hc.out = appendGoAway(hc.out, hc.lastPeerID, code)
+		hc.out = appendGoAway(hc.out, hc.goAwayID(), code)
 		hc.kick()
 		if hc.brokeWith == http2.ErrCodeNo {
 			hc.brokeWith = code

@@ -245,6 +245,8 @@ type rawEvents struct {
 	body   map[uint32][]byte
 	ended  map[uint32]bool
 	rst    map[uint32]http2.ErrCode
+	// interim counts the 1xx heads of each stream.
+	interim map[uint32]int
 	// goAway: a GOAWAY came, with lastID and code.
 	goAway     bool
 	goAwayLast uint32
@@ -262,7 +264,7 @@ type rawEvents struct {
 
 func newRawEvents(initWin int64) *rawEvents {
 	return &rawEvents{status: map[uint32]string{}, body: map[uint32][]byte{}, ended: map[uint32]bool{},
-		rst: map[uint32]http2.ErrCode{}, sendWin: map[uint32]int64{}, initWin: initWin}
+		rst: map[uint32]http2.ErrCode{}, sendWin: map[uint32]int64{}, initWin: initWin, interim: map[uint32]int{}}
 }
 
 // done reports whether stream id ended, cleanly or by a reset.
@@ -299,7 +301,11 @@ func (r *rawH2) pump(t testing.TB, ev *rawEvents, until func(*rawEvents) bool) {
 		case *http2.RSTStreamFrame:
 			ev.rst[id] = f.ErrCode
 		case *http2.MetaHeadersFrame:
-			if s := f.PseudoValue("status"); s != "" && ev.status[id] == "" {
+			// The final status: interim (1xx) heads are counted.
+			if s := f.PseudoValue("status"); s != "" && (ev.status[id] == "" || strings.HasPrefix(ev.status[id], "1")) {
+				if strings.HasPrefix(s, "1") {
+					ev.interim[id]++
+				}
 				ev.status[id] = s
 			}
 			if f.StreamEnded() {

@@ -65,7 +65,7 @@ func (hc *h2Conn) goAwayNow() {
 	hc.mu.Lock()
 	if !hc.goAway && !hc.closed {
 		hc.goAway = true
-		hc.out = appendGoAway(hc.out, hc.lastPeerID, http2.ErrCodeNo)
+		hc.out = appendGoAway(hc.out, hc.goAwayID(), http2.ErrCodeNo)
 		hc.kick()
 	}
 	hc.mu.Unlock()

@@ -98,8 +98,10 @@ type h2Stream struct {
 	// answered: a response began downstream (the upstream's, or the
 	// sidecar's own); counted: its status was counted.
 	answered bool
-	counted  bool
-	entered  bool
+	// interim counts the upstream's 1xx heads passed on.
+	interim int
+	counted bool
+	entered bool
 	// downGone and upGone: the stream left its connection's table.
 	downGone, upGone, finished bool
 	born                       time.Time
@@ -579,7 +581,13 @@ func (s *h2Stream) onHeaders(hc *h2Conn, f *http2.MetaHeadersFrame) {
 		return
 	}
 	if (hc == s.down || s.answered) && f.StreamEnded() {
-		// Trailers: no pseudo-header, and the DATA came whole.
+		// Trailers: no pseudo-header, within the header list limit
+		// (HPACK lets a small block decode to many times the limit),
+		// and the DATA came whole.
+		if tooLarge(f) {
+			s.malformed(hc, errors.New("trailers exceed "+strconv.Itoa(h2MaxHeaderList)+" bytes"))
+			return
+		}
 		if len(f.PseudoFields()) > 0 {
 			s.malformed(hc, errors.New("pseudo-header field in trailers"))
 			return
@@ -618,7 +626,15 @@ func (s *h2Stream) onHeaders(hc *h2Conn, f *http2.MetaHeadersFrame) {
 		s.upFailed(http2.ErrCodeProtocol, errors.New("101 Switching Protocols in HTTP/2")) // RFC 9113 §8.6
 	case err != nil || status < 100 || status > 999 || len(v) != 3:
 		s.upFailed(http2.ErrCodeProtocol, fmt.Errorf("malformed :status %q", v))
+	case status < 200 && f.StreamEnded():
+		s.upFailed(http2.ErrCodeProtocol, fmt.Errorf("%d response with END_STREAM: no final response", status)) // RFC 9113 §8.1
 	case status < 200:
+		// Interim heads are not flow-controlled: a few, as Go's
+		// Transport takes, then the upstream is in breach.
+		if s.interim++; s.interim > h2MaxInterim {
+			s.upFailed(http2.ErrCodeProtocol, fmt.Errorf("more than %d interim (1xx) responses", h2MaxInterim))
+			return
+		}
 		s.down.mu.Lock()
 		s.down.writeHeaders(s.toDown.dstID, f.Fields, keepResponseField, nil, false)
 		s.down.mu.Unlock()
