@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/utils/clock"
@@ -255,13 +256,13 @@ func TestSessionRefusesUnknownTypesWithoutKeepingThem(t *testing.T) {
 	r := startRogueLog(t, Limits{UpdatesPerSecond: 1e6, UpdateBurst: 1e6}, log)
 	r.open()
 	for i := range 50 {
-		typ := fmt.Sprintf("evil.Type%d/%s", i, strings.Repeat("x", 64<<10))
+		typ := fmt.Sprintf("evil.Type%03d/%s", i, strings.Repeat("x", maxIdentifierBytes-14))
 		a := r.update(&fedv1.Update{TypeUrl: typ, Nonce: fmt.Sprint(i), Version: "x"})
 		require.NotNil(t, a.Error, "accepted")
 		require.Equal(t, fmt.Sprint(i), a.Nonce)
 		require.Contains(t, a.Error.Reason, "unknown resource type")
 		require.Contains(t, a.Error.Reason, "more bytes)", "the cut is not marked")
-		require.Less(t, len(a.Error.Reason), 200, "the reason echoes the type URL")
+		require.Less(t, len(a.Error.Reason), 150, "the reason echoes the type URL")
 	}
 	r.p.tracker.mu.Lock()
 	kept := len(r.p.tracker.nacksSent)
@@ -269,13 +270,52 @@ func TestSessionRefusesUnknownTypesWithoutKeepingThem(t *testing.T) {
 	require.LessOrEqual(t, kept, len(resourceTypes), "refusals kept for made-up types")
 	require.Empty(t, r.p.tracker.Snapshot().LastNACKSent)
 	for line := range strings.Lines(logs.String()) {
-		require.Less(t, len(line), 2048, "a log line echoes the type URL: %.200s", line)
+		require.NotContains(t, line, strings.Repeat("x", maxTypeURLShown), "a log line echoes the type URL")
 	}
 
 	// The peer can still send good data afterwards.
 	good := r.update(versioned(&fedv1.Update{Nonce: "good", Resources: []*fedv1.Resource{evilService("demo", "ok")}}))
 	require.Nil(t, good.Error)
 	require.Equal(t, 1, r.store.Get("evil").Len())
+}
+
+// What an answer echoes of an update is bounded: up to maxQueued answers
+// wait for a peer that does not read, and each echoed its update's nonce
+// and a removed name whole, up to the message size (32 MiB) each.
+func TestSessionAnswersAreBounded(t *testing.T) {
+	big := strings.Repeat("n", 1<<20)
+	t.Run("a removed name", func(t *testing.T) {
+		r := startRogue(t, Limits{})
+		r.open()
+		a := r.update(&fedv1.Update{Removed: []string{"demo/" + big}})
+		require.NotNil(t, a.Error, "accepted")
+		require.LessOrEqual(t, len(a.Error.Resource), maxReasonBytes)
+		require.LessOrEqual(t, len(a.Error.Reason), maxReasonBytes)
+	})
+	for _, tc := range []struct {
+		name   string
+		update *fedv1.Update
+	}{
+		{"a nonce", &fedv1.Update{TypeUrl: TypeService, Nonce: big}},
+		{"a type URL", &fedv1.Update{TypeUrl: big, Nonce: "1"}},
+		{"a version", &fedv1.Update{TypeUrl: TypeService, Nonce: "1", Version: big}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := startRogueLog(t, Limits{}, slog.New(slog.DiscardHandler))
+			r.open()
+			r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Update{Update: tc.update}})
+			var err error
+			select {
+			case err = <-r.ended:
+			case m := <-r.remote.in:
+				t.Fatalf("answered, echoing %d bytes, and went on", proto.Size(m))
+			case <-time.After(10 * time.Second):
+				t.Fatal("neither answered nor ended")
+			}
+			require.ErrorIs(t, err, ErrProtocol)
+			require.Less(t, len(err.Error()), 512, "the error quotes the peer whole")
+		})
+	}
 }
 
 // Updates beyond the rate limit wait: the session stops reading until the

@@ -347,6 +347,9 @@ func (p *peer) handle(ctx context.Context, m *fedv1.ExchangeMessage, lim Limits,
 		return nil, nil
 	case *fedv1.ExchangeMessage_Update:
 		u := k.Update
+		if err := checkIdentifiers(u); err != nil {
+			return nil, err
+		}
 		if !slices.Contains(resourceTypes, u.GetTypeUrl()) {
 			// Refused without a trace in status: status is kept by type,
 			// and a type the peer makes up must not grow it. The type
@@ -400,6 +403,24 @@ func (p *peer) sendUpdates(w *writer) error {
 			return err
 		}
 		p.tracker.sent(t, u.GetVersion())
+	}
+	return nil
+}
+
+// maxIdentifierBytes bounds an update's type URL, nonce and version.
+// This side's are at most a few dozen bytes.
+const maxIdentifierBytes = 256
+
+// checkIdentifiers ends the session on an update whose type URL, nonce
+// or version is longer than any a federator makes. The answer echoes the
+// type URL and the nonce, and up to maxQueued answers wait for a peer
+// that does not read: echoed whole, they would hold maxQueued times the
+// peer's message size.
+func checkIdentifiers(u *fedv1.Update) error {
+	for _, f := range []struct{ name, value string }{{"type URL", u.GetTypeUrl()}, {"nonce", u.GetNonce()}, {"version", u.GetVersion()}} {
+		if len(f.value) > maxIdentifierBytes {
+			return fmt.Errorf("%w: an update's %s is %d bytes, more than %d: %q", ErrProtocol, f.name, len(f.value), maxIdentifierBytes, truncate(f.value, maxTypeURLShown))
+		}
 	}
 	return nil
 }

@@ -183,10 +183,12 @@ type inbound struct {
 	synced bool
 }
 
-// nack builds a refusal naming the resource and the reason.
+// nack builds a refusal naming the resource and the reason, each at most
+// maxReasonBytes: both may quote the peer (a name it removed, a value it
+// sent), which bounds them only by its message size.
 func nack(u *fedv1.Update, held string, resource string, format string, args ...any) *fedv1.Ack {
 	return &fedv1.Ack{TypeUrl: u.GetTypeUrl(), Nonce: u.GetNonce(), Version: held,
-		Error: &fedv1.Error{Resource: resource, Reason: fmt.Sprintf(format, args...)}}
+		Error: &fedv1.Error{Resource: truncate(resource, maxReasonBytes), Reason: truncate(fmt.Sprintf(format, args...), maxReasonBytes)}}
 }
 
 // apply checks u against what is held: the resulting count within
