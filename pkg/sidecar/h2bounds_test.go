@@ -128,3 +128,31 @@ func TestH1InterimResponsesBounded(t *testing.T) {
 	}
 	require.LessOrEqual(t, interims, h2MaxInterim)
 }
+
+// A HEADERS block the sidecar finds malformed opens its stream and the
+// reset closes it (RFC 9113 §5.1): DATA the client sent before it saw the
+// reset is ignored, other streams go on, and a new HEADERS on that ID is
+// not a new request (frames on a stream this side reset are ignored).
+// The stream stayed "idle": its DATA ended the whole connection, and its
+// ID could be used again.
+func TestH2MalformedHeadersCloseTheirStream(t *testing.T) {
+	m, _, _ := startLifeMesh(t, nil, netip.AddrPort{})
+	host := h2Svc.host()
+	r := dialRawH2(t, m.a, host)
+	bad := append(requestFields(http.MethodPost, host, "/upload?tag=x"), hpack.HeaderField{Name: "bad name", Value: "v"})
+	require.NoError(t, r.writeHeaders(1, false, bad))
+	require.NoError(t, r.fr.WriteData(1, true, []byte("body in flight")))
+	require.NoError(t, r.writeHeaders(3, true, requestFields(http.MethodGet, host, "/id?n=after")))
+	ev := newRawEvents(65535)
+	r.pump(t, ev, func(ev *rawEvents) bool { return ev.goAway || (ev.done(1) && ev.done(3)) })
+	require.Equal(t, http2.ErrCodeProtocol, ev.rst[1])
+	require.False(t, ev.goAway, "the connection stays: GOAWAY %v", ev.goAwayCode)
+	require.Equal(t, "200", ev.status[3])
+
+	delete(ev.rst, 1)
+	require.NoError(t, r.writeHeaders(1, true, requestFields(http.MethodGet, host, "/id?n=again")))
+	require.NoError(t, r.writeHeaders(5, true, requestFields(http.MethodGet, host, "/id?n=last")))
+	r.pump(t, ev, func(ev *rawEvents) bool { return ev.goAway || ev.done(5) })
+	require.Equal(t, "200", ev.status[5])
+	require.Empty(t, ev.status[1], "stream 1 was served again: %s", ev.body[1])
+}

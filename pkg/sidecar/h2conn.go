@@ -691,6 +691,12 @@ func (hc *h2Conn) readLoop() error {
 			}
 			var se http2.StreamError
 			if errors.As(err, &se) {
+				// The Framer's stream errors are of HEADERS blocks
+				// (and of a zero WINDOW_UPDATE: on a stream not open, one
+				// the client broke the protocol on, closed all the same).
+				if hc.stream(se.StreamID) == nil {
+					hc.refusedHeaders(se.StreamID)
+				}
 				hc.streamError(se)
 				continue
 			}
@@ -824,6 +830,22 @@ func (hc *h2Conn) streamError(se http2.StreamError) {
 		return
 	}
 	hc.resetClosed(se.StreamID, se.Code)
+}
+
+// refusedHeaders records a stream the client opened with a HEADERS block
+// the Framer refused: the stream opened and closed (RFC 9113 §5.1), so
+// DATA the client sent before it saw the reset is ignored rather than
+// taken for DATA on an idle stream, and its ID is not opened again.
+func (hc *h2Conn) refusedHeaders(id uint32) {
+	if hc.client || id%2 == 0 {
+		return
+	}
+	hc.mu.Lock()
+	if id > hc.lastPeerID {
+		hc.lastPeerID = id
+		hc.opened++
+	}
+	hc.mu.Unlock()
 }
 
 // frame acts on one frame; an error ends the connection.
