@@ -74,6 +74,9 @@ type rogue struct {
 	remote pipe
 	ended  chan error
 	clock  *clocktesting.FakeClock
+	// base and cfg make each session: connect runs a new one.
+	base context.Context
+	cfg  sessionConfig
 }
 
 // startRogue runs a session of this cluster ("local") with a peer named
@@ -105,15 +108,33 @@ func startRogueLog(t *testing.T, lim Limits, log *slog.Logger) *rogue {
 	clk := clocktesting.NewFakeClock(time.Now())
 	td := spiffeid.RequireTrustDomainFromString("evil.mesh")
 	p := newPeer("evil", td, spiffeid.RequireFromPath(td, "/fed"), clk, newExports(store, local, []string{"gw.here:15443"}))
+	r := &rogue{t: t, p: p, store: store, clock: clk, base: ctx,
+		cfg: sessionConfig{clusterName: "here", heartbeat: time.Second, heartbeatTimeout: 3 * time.Second,
+			limits: lim.withDefaults(), log: log}}
+	r.connect()
+	return r
+}
+
+// connect runs a new session with the same peer, and returns after this
+// side's Open.
+func (r *rogue) connect() {
+	r.t.Helper()
+	ctx, cancel := context.WithCancel(r.base)
+	r.t.Cleanup(cancel)
 	a2b := make(chan *fedv1.ExchangeMessage, 16)
 	b2a := make(chan *fedv1.ExchangeMessage, 16)
-	r := &rogue{t: t, p: p, store: store, clock: clk, ended: make(chan error, 1),
-		remote: pipe{in: a2b, out: b2a, ctx: ctx}}
-	cfg := sessionConfig{clusterName: "here", heartbeat: time.Second, heartbeatTimeout: 3 * time.Second,
-		limits: lim.withDefaults(), log: log}
-	go func() { r.ended <- p.runSession(ctx, cfg, pipe{in: b2a, out: a2b, ctx: ctx}, cancel) }()
-	require.NotNil(t, r.recv().GetOpen())
-	return r
+	r.remote = pipe{in: a2b, out: b2a, ctx: ctx}
+	ended := make(chan error, 1)
+	r.ended = ended
+	go func() { ended <- r.p.runSession(ctx, r.cfg, pipe{in: b2a, out: a2b, ctx: ctx}, cancel) }()
+	require.NotNil(r.t, r.recv().GetOpen())
+}
+
+// hangUp ends the peer's side of the stream and waits for this side's
+// session to end.
+func (r *rogue) hangUp() error {
+	close(r.remote.out)
+	return <-r.ended
 }
 
 func (r *rogue) send(m *fedv1.ExchangeMessage) { require.NoError(r.t, r.remote.Send(m)) }
@@ -355,6 +376,37 @@ func TestSessionThrottlesAFloodOfUpdates(t *testing.T) {
 	}, 10*time.Second, 10*time.Millisecond)
 	require.Nil(t, a.Error, "an update beyond the rate is applied late, not refused")
 	require.Equal(t, "2", a.Nonce)
+	require.Equal(t, 3, r.store.Get("evil").Len())
+}
+
+// The update rate limit is the peer's, not a stream's: with a new
+// limiter per stream, a peer refilled its burst by reconnecting, and had
+// its updates applied as fast as it could reconnect.
+func TestSessionRateLimitSurvivesReconnects(t *testing.T) {
+	r := startRogue(t, Limits{UpdatesPerSecond: 1, UpdateBurst: 2})
+	r.open()
+	var set []*fedv1.Resource
+	next := func(i int) *fedv1.Update {
+		set = append(set, evilService("demo", fmt.Sprintf("svc-%d", i)))
+		return versioned(&fedv1.Update{TypeUrl: TypeService, Nonce: fmt.Sprint(i), Resources: slices.Clone(set)})
+	}
+	for i := range 2 {
+		require.Nil(t, r.update(next(i)).Error, "within the burst")
+	}
+	require.ErrorIs(t, r.hangUp(), io.EOF)
+
+	r.connect()
+	r.open()
+	r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Update{Update: next(2)}})
+	select {
+	case m := <-r.remote.in:
+		t.Fatalf("a new stream refilled the burst: answered beyond the rate while the clock stood still: %v", m)
+	case <-time.After(200 * time.Millisecond):
+	}
+	r.clock.Step(time.Second)
+	a := r.recv().GetAck()
+	require.NotNil(t, a)
+	require.Nil(t, a.Error, "an update beyond the rate is applied late, not refused")
 	require.Equal(t, 3, r.store.Get("evil").Len())
 }
 

@@ -9,6 +9,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/time/rate"
 	"k8s.io/utils/clock"
 
 	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
@@ -128,6 +129,10 @@ type peer struct {
 
 	// out is owned by the running session; sessions never overlap.
 	out map[string]*outbound
+	// updates bounds how often the peer's updates are applied, over all
+	// its streams, so that reconnecting does not refill it. Owned by the
+	// running session; the first makes it.
+	updates *rate.Limiter
 
 	// importMu guards in, received and phase.
 	importMu sync.Mutex

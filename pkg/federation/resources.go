@@ -42,8 +42,8 @@ type Limits struct {
 	// MaxResourceBytes bounds one resource (default 16 KiB).
 	MaxResourceBytes int
 	// UpdatesPerSecond and UpdateBurst bound how often a peer's updates
-	// are applied (defaults 50 and 100); one beyond waits, and the
-	// session does not read from the peer meanwhile.
+	// are applied (defaults 50 and 100), over all its streams; one beyond
+	// waits, and the session does not read from the peer meanwhile.
 	UpdatesPerSecond float64
 	UpdateBurst      int
 }

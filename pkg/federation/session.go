@@ -138,7 +138,10 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 	defer unsubCatalog()
 	bundleChanged, unsubTrust := p.exports.trust.Subscribe()
 	defer unsubTrust()
-	limiter := rate.NewLimiter(rate.Limit(cfg.limits.UpdatesPerSecond), cfg.limits.UpdateBurst)
+	if p.updates == nil {
+		p.updates = rate.NewLimiter(rate.Limit(cfg.limits.UpdatesPerSecond), cfg.limits.UpdateBurst)
+	}
+	limiter := p.updates
 
 	if err := p.sendUpdates(w); err != nil {
 		return err
