@@ -278,6 +278,11 @@ func planService(key catalog.ServiceKey, copies []peerService, namespaceProblem 
 // protocol), and the east-west gateway routes TLS by SNI, so UDP and SCTP
 // ports are skipped with a reason.
 func unionPorts(key catalog.ServiceKey, copies []peerService, skipped skipList) []importPort {
+	// Longer names (a Service port name may have 63 characters) fall back
+	// to <protocol>-<port> too: Istio's ServiceEntry CRD refuses them as
+	// endpoint port keys, and with them the whole object every peer's
+	// endpoints share.
+	const maxEndpointPortName = 62
 	byNumber := map[int32]*importPort{}
 	for _, c := range copies {
 		for _, p := range c.svc.Ports {
@@ -306,7 +311,7 @@ func unionPorts(key catalog.ServiceKey, copies []peerService, skipped skipList) 
 	for _, n := range numbers {
 		p := *byNumber[n]
 		name := p.name
-		if name == "" || len(validation.IsDNS1123Label(name)) > 0 || taken[name] {
+		if name == "" || len(validation.IsDNS1123Label(name)) > 0 || len(name) > maxEndpointPortName || taken[name] {
 			name = strings.ToLower(p.protocol) + "-" + strconv.Itoa(int(p.number))
 		}
 		if taken[name] {

@@ -203,6 +203,9 @@ func TestPlanPorts(t *testing.T) {
 		{Name: "web", Port: 82, AppProtocol: "kubernetes.io/h2c"},
 		{Name: "Not_A_Label", Port: 83, AppProtocol: "grpc"},
 		{Name: "sctp", Port: 84, Protocol: catalog.ProtocolSCTP},
+		// A valid Service port name Istio's ServiceEntry CRD refuses as
+		// an endpoint port key (it takes fewer than 63 characters).
+		{Name: strings.Repeat("p", 63), Port: 85},
 	}
 	c := importSvc("c", []string{"10.2.0.1:15443"}, loc("r1", "", "", 1, 0))
 	c.Ports = []catalog.Port{
@@ -215,7 +218,7 @@ func TestPlanPorts(t *testing.T) {
 	for _, p := range plan.services[0].se.Spec.Ports {
 		got = append(got, p.Name+"/"+p.Protocol+"/"+strconv.Itoa(int(p.Number)))
 	}
-	require.Equal(t, []string{"http/HTTP/80", "tcp-81/TCP/81", "web/HTTP2/82", "grpc-83/GRPC/83", "http-8080/HTTP/8080"}, got)
+	require.Equal(t, []string{"http/HTTP/80", "tcp-81/TCP/81", "web/HTTP2/82", "grpc-83/GRPC/83", "tcp-85/TCP/85", "http-8080/HTTP/8080"}, got)
 	require.Equal(t, map[string][]SkippedImport{
 		"b": {
 			{Namespace: "demo", Name: "echo", Reason: "port 53/UDP not imported: ServiceEntry ports carry only TCP-based protocols"},
