@@ -410,6 +410,111 @@ func TestSessionRateLimitSurvivesReconnects(t *testing.T) {
 	require.Equal(t, 3, r.store.Get("evil").Len())
 }
 
+// exportLocal makes this side export n services.
+func (r *rogue) exportLocal(n int) {
+	r.t.Helper()
+	var svcs []catalog.Service
+	for i := range n {
+		s := echoService(1)
+		s.Name, s.Cluster = fmt.Sprintf("svc-%d", i), "here"
+		svcs = append(svcs, s)
+	}
+	snap, err := catalog.NewSnapshot(catalog.LocalSource, svcs)
+	require.NoError(r.t, err)
+	r.store.Set(snap)
+}
+
+// answerUpdates answers every update this side sends with answer, until
+// none comes for a while, and counts the full sets of services.
+func (r *rogue) answerUpdates(rounds int, answer func(u *fedv1.Update) *fedv1.Ack) (fullSets int) {
+	r.t.Helper()
+	for range rounds {
+		var u *fedv1.Update
+		select {
+		case m := <-r.remote.in:
+			if u = m.GetUpdate(); u == nil {
+				continue
+			}
+		case <-time.After(300 * time.Millisecond):
+			return fullSets
+		}
+		if u.TypeUrl == TypeService && u.FullSet {
+			fullSets++
+		}
+		r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Ack{Ack: answer(u)}})
+	}
+	return fullSets
+}
+
+// advance moves the clock on by d, with heartbeats from the peer, so
+// that the session does not time out.
+func (r *rogue) advance(d time.Duration) {
+	const step = 500 * time.Millisecond
+	for ; d > 0; d -= step {
+		r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Heartbeat{Heartbeat: &fedv1.Heartbeat{}}})
+		time.Sleep(5 * time.Millisecond)
+		r.clock.Step(min(d, step))
+	}
+}
+
+func (r *rogue) sendOpen() {
+	r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Open{Open: &fedv1.Open{ClusterName: "evil"}}})
+}
+
+// A refusal costs the peer a few bytes and could cost this side its whole
+// set: a NACK naming no resource, with a version other than the one this
+// side believed the peer held, had it send a full set, at once, every
+// time (about 3,700 times the NACK's size with a few thousand services).
+func TestSessionFullSetsAskedForByRefusalsAreBounded(t *testing.T) {
+	t.Run("refusals naming no resource", func(t *testing.T) {
+		r := startRogue(t, Limits{})
+		r.exportLocal(100)
+		r.sendOpen()
+		full := r.answerUpdates(50, func(u *fedv1.Update) *fedv1.Ack {
+			return &fedv1.Ack{TypeUrl: u.TypeUrl, Nonce: u.Nonce, Version: "bogus",
+				Error: &fedv1.Error{Reason: "version mismatch: send a full set"}}
+		})
+		require.Equal(t, 1, full, "full sets sent for refusals of full sets")
+	})
+	t.Run("refusals naming a resource", func(t *testing.T) {
+		// Each names another of the set: it is left out, and the rest
+		// sent again as a full set, within the peer's share of them.
+		r := startRogue(t, Limits{})
+		r.exportLocal(100)
+		r.sendOpen()
+		refuse := func(u *fedv1.Update) *fedv1.Ack {
+			a := &fedv1.Ack{TypeUrl: u.TypeUrl, Nonce: u.Nonce}
+			if len(u.Resources) > 0 {
+				a.Error = &fedv1.Error{Resource: u.Resources[0].Name, Reason: "no"}
+			}
+			return a
+		}
+		require.Equal(t, fullSetBurst, r.answerUpdates(50, refuse), "full sets while the clock stood still")
+		r.advance(fullSetEvery)
+		require.Equal(t, 1, r.answerUpdates(50, refuse), "full sets one interval later")
+	})
+	t.Run("new streams claiming to hold nothing", func(t *testing.T) {
+		r := startRogue(t, Limits{})
+		r.exportLocal(100)
+		full := 0
+		for i := range 3 * fullSetBurst {
+			if i > 0 {
+				require.ErrorIs(t, r.hangUp(), io.EOF)
+				r.connect()
+			}
+			r.sendOpen()
+			full += r.answerUpdates(10, func(u *fedv1.Update) *fedv1.Ack {
+				return &fedv1.Ack{TypeUrl: u.TypeUrl, Nonce: u.Nonce, Version: u.Version}
+			})
+		}
+		require.Equal(t, fullSetBurst, full, "full sets while the clock stood still")
+		r.advance(fullSetEvery)
+		require.Equal(t, 1, r.answerUpdates(50, func(u *fedv1.Update) *fedv1.Ack {
+			return &fedv1.Ack{TypeUrl: u.TypeUrl, Nonce: u.Nonce, Version: u.Version}
+		}), "the full set held back goes once the limit lets it")
+	})
+}
+
 func TestSessionEnds(t *testing.T) {
 	t.Run("no Open first", func(t *testing.T) {
 		r := startRogue(t, Limits{})

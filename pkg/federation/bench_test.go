@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"testing"
+	"time"
 
 	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
@@ -50,7 +51,7 @@ func BenchmarkInitialSync(b *testing.B) {
 		}
 		out := newOutbound(TypeService)
 		out.resume("", want)
-		u := out.next(want)
+		u, _ := out.next(want, time.Time{})
 		receiver := fuzzPeer(b)
 		receiver.td = sender.exports.trust.LocalTrustDomain()
 		a, err := receiver.handle(b.Context(), updateMsg(u), lim, log)
@@ -88,7 +89,8 @@ func BenchmarkIncrementalUpdate(b *testing.B) {
 		}
 		out.ack(a)
 	}
-	apply(out.next(want))
+	first, _ := out.next(want, time.Time{})
+	apply(first)
 	builder := snap.Builder()
 	b.ReportAllocs()
 	i := 0
@@ -104,7 +106,7 @@ func BenchmarkIncrementalUpdate(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		u := out.next(want)
+		u, _ := out.next(want, time.Time{})
 		if len(u.Resources) != 1 {
 			b.Fatalf("diff of one change carries %d resources", len(u.Resources))
 		}

@@ -143,7 +143,25 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 	}
 	limiter := p.updates
 
-	if err := p.sendUpdates(w); err != nil {
+	// resend fires when a full set held back by its limit may go; nil
+	// while none waits.
+	var resend clock.Timer
+	var resendC <-chan time.Time
+	defer func() {
+		if resend != nil {
+			resend.Stop()
+		}
+	}()
+	send := func() error {
+		retry, err := p.sendUpdates(w)
+		if err != nil || retry == 0 || resendC != nil {
+			return err
+		}
+		resend = clk.NewTimer(retry)
+		resendC = resend.C()
+		return nil
+	}
+	if err := send(); err != nil {
 		return err
 	}
 	for {
@@ -170,11 +188,16 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 				}
 			}
 		case <-localChanged:
-			if err := p.sendUpdates(w); err != nil {
+			if err := send(); err != nil {
 				return err
 			}
 		case <-bundleChanged:
-			if err := p.sendUpdates(w); err != nil {
+			if err := send(); err != nil {
+				return err
+			}
+		case <-resendC:
+			resend, resendC = nil, nil
+			if err := send(); err != nil {
 				return err
 			}
 		case m := <-msgs:
@@ -195,7 +218,7 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 				}
 			}
 			if m.GetAck() != nil {
-				if err := p.sendUpdates(w); err != nil {
+				if err := send(); err != nil {
 					return err
 				}
 			}
@@ -392,22 +415,28 @@ func (p *peer) handleAck(a *fedv1.Ack, log *slog.Logger) {
 
 // sendUpdates sends, per type, what brings the peer to this side's
 // current exports, unless an update of that type is already in flight.
-func (p *peer) sendUpdates(w *writer) error {
+// A full set the peer has to wait for is left out; retry says when to
+// call again, 0 when nothing waits.
+func (p *peer) sendUpdates(w *writer) (retry time.Duration, err error) {
+	now := p.clock.Now()
 	for _, t := range resourceTypes {
 		want, err := p.exports.desired(t, p.name)
 		if err != nil {
-			return err
+			return 0, err
 		}
-		u := p.out[t].next(want)
+		u, wait := p.out[t].next(want, now)
+		if wait > 0 && (retry == 0 || wait < retry) {
+			retry = wait
+		}
 		if u == nil {
 			continue
 		}
 		if err := w.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Update{Update: u}}); err != nil {
-			return err
+			return 0, err
 		}
 		p.tracker.sent(t, u.GetVersion())
 	}
-	return nil
+	return retry, nil
 }
 
 // maxIdentifierBytes bounds an update's type URL, nonce and version.

@@ -3,6 +3,9 @@ package federation
 import (
 	"fmt"
 	"strconv"
+	"time"
+
+	"golang.org/x/time/rate"
 
 	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
 )
@@ -35,12 +38,28 @@ type outbound struct {
 	// lastNACK is the peer's last refusal, for status.
 	lastNACK *fedv1.Error
 	nonces   uint64
+	// fullSets bounds how often the peer is sent a full set, over all
+	// its streams. A full set costs this side the whole set, and the peer
+	// can ask for one with a few bytes: a NACK, or a new stream that
+	// claims to hold nothing.
+	fullSets *rate.Limiter
 }
+
+// A peer gets fullSetBurst full sets of a type at once, then one every
+// fullSetEvery: enough for a restart on either side and a few refused
+// resources, while a peer asking for more gets about 1/fullSetEvery of
+// this side's set per second, however it asks.
+const (
+	fullSetBurst = 5
+	fullSetEvery = 10 * time.Second
+)
 
 type pendingUpdate struct {
 	nonce   string
 	version string
 	set     map[string]digest
+	// full is set for a full set.
+	full bool
 }
 
 // desired is the set this side wants the peer to hold.
@@ -63,7 +82,7 @@ func newDesired(resources []*fedv1.Resource) (desired, error) {
 }
 
 func newOutbound(typeURL string) *outbound {
-	return &outbound{typeURL: typeURL, rejected: map[string]digest{}}
+	return &outbound{typeURL: typeURL, rejected: map[string]digest{}, fullSets: rate.NewLimiter(rate.Every(fullSetEvery), fullSetBurst)}
 }
 
 // resume is called when a stream opens and the peer says which version of
@@ -102,18 +121,26 @@ func (o *outbound) filter(want desired) map[string]digest {
 
 // next returns the update that brings the peer to want, or nil when the
 // peer already holds it, an update is in flight, or the set is one the
-// peer refused.
-func (o *outbound) next(want desired) *fedv1.Update {
+// peer refused. When the update would be a full set and the peer had its
+// share of them, it returns nil and how long to wait before asking again.
+func (o *outbound) next(want desired, now time.Time) (*fedv1.Update, time.Duration) {
 	if o.pending != nil {
-		return nil
+		return nil, 0
 	}
 	set := o.filter(want)
 	version := setVersion(set)
 	if o.acked != nil && version == o.ackedVersion {
-		return nil
+		return nil, 0
 	}
 	if o.refused && version == o.refusedVersion {
-		return nil
+		return nil, 0
+	}
+	if o.acked == nil {
+		r := o.fullSets.ReserveN(now, 1)
+		if wait := r.DelayFrom(now); wait > 0 {
+			r.CancelAt(now)
+			return nil, wait
+		}
 	}
 	o.refused = false
 	o.nonces++
@@ -136,9 +163,9 @@ func (o *outbound) next(want desired) *fedv1.Update {
 		}
 	}
 	sortUpdate(u)
-	o.pending = &pendingUpdate{nonce: u.Nonce, version: version, set: set}
+	o.pending = &pendingUpdate{nonce: u.Nonce, version: version, set: set, full: u.FullSet}
 	o.lastSent = version
-	return u
+	return u, 0
 }
 
 // ack handles the peer's answer to an update. It reports whether the
@@ -161,12 +188,15 @@ func (o *outbound) ack(a *fedv1.Ack) bool {
 			return true
 		}
 	}
-	if a.GetVersion() != o.ackedVersion {
+	if !p.full && a.GetVersion() != o.ackedVersion {
 		// The peer holds something else than this side believes: start
 		// again from a full set.
 		o.acked, o.ackedVersion = nil, ""
 		return true
 	}
+	// A full set does not depend on what the peer holds: sent again, it
+	// would be refused again. (It was, in a loop, to a peer over its
+	// limit that still held an older set.)
 	o.refused, o.refusedVersion = true, p.version
 	return true
 }
