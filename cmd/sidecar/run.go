@@ -5,15 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"runtime"
-	"strconv"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/isthmus-mesh/isthmus/internal/bootstrap"
+	"github.com/isthmus-mesh/isthmus/internal/hostport"
 	"github.com/isthmus-mesh/isthmus/pkg/sidecar"
 	"github.com/isthmus-mesh/isthmus/pkg/sidecar/dns"
 	"github.com/isthmus-mesh/isthmus/pkg/version"
@@ -108,13 +107,13 @@ func dnsValidate(c dns.Config) error {
 	}
 	// dns.Config.Validate checks host:port; a port out of range would
 	// fail only at Listen, after the SVID was obtained.
-	var port error
-	if _, p, err := net.SplitHostPort(c.ListenAddr); err == nil {
-		if _, err := strconv.ParseUint(p, 10, 16); err != nil {
-			port = fmt.Errorf("--dns-addr %q: port %q is not a number from 0 to 65535", c.ListenAddr, p)
-		}
+	if err := c.Validate(); err != nil {
+		return err
 	}
-	return errors.Join(c.Validate(), port)
+	if err := hostport.CheckListen(c.ListenAddr); err != nil {
+		return fmt.Errorf("--dns-addr %q: %w", c.ListenAddr, err)
+	}
+	return nil
 }
 
 // runSidecar is the sidecar's composition: identity, xDS client, proxy and

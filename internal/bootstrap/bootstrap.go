@@ -10,10 +10,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
-	"strconv"
 	"strings"
 
 	"github.com/spf13/pflag"
@@ -21,6 +19,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"k8s.io/apimachinery/pkg/util/validation"
 
+	"github.com/isthmus-mesh/isthmus/internal/hostport"
 	"github.com/isthmus-mesh/isthmus/pkg/identity"
 	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
 )
@@ -109,31 +108,15 @@ func (f Flags) CheckAddresses() error {
 	var errs []error
 	if f.XDSAddress == "" {
 		errs = append(errs, errors.New("--xds-address is required: the federator's host:port"))
-	} else if err := checkDialAddr(f.XDSAddress); err != nil {
+	} else if err := hostport.CheckDial(f.XDSAddress); err != nil {
 		errs = append(errs, fmt.Errorf("--xds-address %q: %w", f.XDSAddress, err))
 	}
 	if f.CAAddress != "" {
-		if err := checkDialAddr(f.CAAddress); err != nil {
+		if err := hostport.CheckDial(f.CAAddress); err != nil {
 			errs = append(errs, fmt.Errorf("--ca-address %q: %w", f.CAAddress, err))
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// checkDialAddr checks host:port for dialling: a host, and a numeric
-// port from 1 to 65535.
-func checkDialAddr(a string) error {
-	host, port, err := net.SplitHostPort(a)
-	if err != nil {
-		return fmt.Errorf("want host:port: %w", err)
-	}
-	if host == "" {
-		return errors.New("want host:port: no host")
-	}
-	if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
-		return fmt.Errorf("port %q is not a number from 1 to 65535", port)
-	}
-	return nil
 }
 
 // TrustDomainName is --trust-domain, or <cluster name>.mesh.

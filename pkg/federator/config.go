@@ -4,12 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"strconv"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/apimachinery/pkg/util/validation"
 
+	"github.com/isthmus-mesh/isthmus/internal/hostport"
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
 	"github.com/isthmus-mesh/isthmus/pkg/federation"
 	"github.com/isthmus-mesh/isthmus/pkg/xds"
@@ -178,7 +178,7 @@ func (c Config) Validate() error {
 	} else if msgs := validation.IsDNS1123Label(c.ClusterName); len(msgs) > 0 {
 		errs = append(errs, fmt.Errorf("--cluster-name %q is not a DNS label: %v", c.ClusterName, msgs))
 	}
-	if err := checkListenAddr(c.MonitoringAddr); err != nil {
+	if err := hostport.CheckListen(c.MonitoringAddr); err != nil {
 		errs = append(errs, fmt.Errorf("--monitoring-addr %q: %w", c.MonitoringAddr, err))
 	}
 	if c.TrustDomain != "" {
@@ -197,7 +197,7 @@ func (c Config) Validate() error {
 		if v == "" && flag == "--bundle-endpoint-addr" {
 			continue
 		}
-		if err := checkListenAddr(v); err != nil {
+		if err := hostport.CheckListen(v); err != nil {
 			errs = append(errs, fmt.Errorf("%s %q: %w", flag, v, err))
 		}
 	}
@@ -210,7 +210,7 @@ func (c Config) Validate() error {
 	if floor := ca.MinPublishDelay(c.MaxCertTTL); c.RootPublishDelay < floor {
 		errs = append(errs, fmt.Errorf("--root-publish-delay %s is too short: workloads renew by 0.55 x --max-cert-ttl, so a new root must be trusted at least %s before it signs", c.RootPublishDelay, floor))
 	}
-	if err := checkListenAddr(c.FederationAddr); err != nil {
+	if err := hostport.CheckListen(c.FederationAddr); err != nil {
 		errs = append(errs, fmt.Errorf("--federation-addr %q: %w", c.FederationAddr, err))
 	}
 	for _, f := range []struct {
@@ -230,7 +230,7 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("--peer-sync-timeout %s must be positive", c.PeerSyncTimeout))
 	}
 	if c.XDSPlaintextAddr != "" {
-		if err := checkListenAddr(c.XDSPlaintextAddr); err != nil {
+		if err := hostport.CheckListen(c.XDSPlaintextAddr); err != nil {
 			errs = append(errs, fmt.Errorf("--xds-plaintext-addr %q: %w", c.XDSPlaintextAddr, err))
 		}
 	}
@@ -256,18 +256,4 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("--shutdown-timeout %s must be positive", c.ShutdownTimeout))
 	}
 	return errors.Join(errs...)
-}
-
-// checkListenAddr checks a host:port address to listen on: its port must
-// be a number from 0 (any free port) to 65535, which net.Listen would
-// otherwise refuse only once the process has started.
-func checkListenAddr(a string) error {
-	_, port, err := net.SplitHostPort(a)
-	if err != nil {
-		return err
-	}
-	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
-		return fmt.Errorf("port %q is not a number from 0 to 65535", port)
-	}
-	return nil
 }

@@ -3,8 +3,7 @@ package gateway
 import (
 	"errors"
 	"fmt"
-	"net"
-	"strconv"
+	"github.com/isthmus-mesh/isthmus/internal/hostport"
 	"time"
 )
 
@@ -97,7 +96,7 @@ func (c Config) Validate() error {
 			}
 			return
 		}
-		if err := checkListenAddr(v); err != nil {
+		if err := hostport.CheckListen(v); err != nil {
 			errs = append(errs, fmt.Errorf("%s %q: %w", name, v, err))
 		}
 	}
@@ -127,18 +126,4 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("max connect attempts must be positive, not %d", c.MaxConnectAttempts))
 	}
 	return errors.Join(errs...)
-}
-
-// checkListenAddr checks a host:port address to listen on: its port must
-// be a number from 0 (any free port) to 65535, which net.Listen would
-// otherwise refuse only once the process has started.
-func checkListenAddr(a string) error {
-	_, port, err := net.SplitHostPort(a)
-	if err != nil {
-		return err
-	}
-	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
-		return fmt.Errorf("port %q is not a number from 0 to 65535", port)
-	}
-	return nil
 }
