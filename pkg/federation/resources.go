@@ -193,7 +193,16 @@ func importService(peer string, peerTD spiffeid.TrustDomain, r *fedv1.Resource) 
 		svc.Ports = append(svc.Ports, catalog.Port{Name: p.GetName(), Port: int32(p.GetPort()),
 			Protocol: catalog.Protocol(p.GetProtocol()), AppProtocol: p.GetAppProtocol()})
 	}
-	for _, e := range es.GetEndpoints() {
+	for i, e := range es.GetEndpoints() {
+		// Locality parts are Kubernetes topology label values (at most
+		// 63 characters, no "/"), as the exporter read them: an Istio
+		// ServiceEntry refuses a locality of more than 2048 bytes, and
+		// with it the object every peer's endpoints share.
+		for _, part := range []struct{ field, value string }{{"region", e.GetRegion()}, {"zone", e.GetZone()}, {"subzone", e.GetSubzone()}} {
+			if msgs := validation.IsValidLabelValue(part.value); len(msgs) > 0 {
+				errs = append(errs, fmt.Errorf("endpoints[%d].%s %q: %s", i, part.field, truncate(part.value, 70), strings.Join(msgs, "; ")))
+			}
+		}
 		svc.Endpoints = append(svc.Endpoints, catalog.LocalityEndpoints{
 			Locality: catalog.Locality{Region: e.GetRegion(), Zone: e.GetZone(), Subzone: e.GetSubzone()},
 			Ready:    int(min(e.GetReady(), math.MaxInt32)), NotReady: int(min(e.GetNotReady(), math.MaxInt32)),
