@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"io"
 	"log/slog"
 	"maps"
@@ -16,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/utils/clock"
@@ -451,7 +452,8 @@ func (r *rogue) answerUpdates(rounds int, answer func(u *fedv1.Update) *fedv1.Ac
 func (r *rogue) advance(d time.Duration) {
 	const step = 500 * time.Millisecond
 	for ; d > 0; d -= step {
-		r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Heartbeat{Heartbeat: &fedv1.Heartbeat{}}})
+		// Once the session ended, Send fails; the caller sees it ended.
+		_ = r.remote.Send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Heartbeat{Heartbeat: &fedv1.Heartbeat{}}})
 		time.Sleep(5 * time.Millisecond)
 		r.clock.Step(min(d, step))
 	}
@@ -513,6 +515,33 @@ func TestSessionFullSetsAskedForByRefusalsAreBounded(t *testing.T) {
 			return &fedv1.Ack{TypeUrl: u.TypeUrl, Nonce: u.Nonce, Version: u.Version}
 		}), "the full set held back goes once the limit lets it")
 	})
+}
+
+// A peer that sends heartbeats but never answers an update stalled this
+// side's updates for ever (one per type is in flight), while its status
+// said it was connected. An update unanswered for the heartbeat timeout
+// now ends the session, and the Connected condition says why.
+func TestSessionEndsWhenAnUpdateIsNotAcknowledged(t *testing.T) {
+	r := startRogue(t, Limits{})
+	r.sendOpen()
+	for range resourceTypes {
+		require.NotNil(t, r.recv().GetUpdate())
+	}
+	r.advance(2 * r.cfg.heartbeatTimeout)
+	var err error
+	select {
+	case err = <-r.ended:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the session goes on with its updates unanswered")
+	}
+	require.ErrorIs(t, err, ErrAckTimeout)
+	st := r.p.tracker.Snapshot()
+	require.Equal(t, v1alpha1.StateDisconnected, st.State)
+	m := &Manager{}
+	connected := meta.FindStatusCondition(m.peerStatus(&peerEntry{p: r.p}, r.clock.Now()).Conditions, v1alpha1.ConditionConnected)
+	require.Equal(t, metav1.ConditionFalse, connected.Status)
+	require.Contains(t, connected.Message, "did not acknowledge an update")
+	require.Contains(t, connected.Message, TypeBundle)
 }
 
 func TestSessionEnds(t *testing.T) {

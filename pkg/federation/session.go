@@ -27,6 +27,10 @@ var (
 	ErrHeartbeatTimeout = errors.New("no message from the peer within the heartbeat timeout")
 	// ErrTerminated: the peer ended the link with Terminate. Not retried.
 	ErrTerminated = errors.New("the peer terminated the link")
+	// ErrAckTimeout: the peer did not answer an update within the
+	// heartbeat timeout. It may send heartbeats still, but this side's
+	// updates stall behind the one in flight.
+	ErrAckTimeout = errors.New("the peer did not acknowledge an update within the heartbeat timeout")
 	// ErrProtocol: the peer broke the protocol (no Open first, a wrong
 	// cluster name). The stream is closed; the peer may reconnect.
 	ErrProtocol = errors.New("federation protocol violation")
@@ -182,6 +186,9 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 			if since, stuck := w.stuck(); stuck && clk.Since(since) > cfg.heartbeatTimeout {
 				return fmt.Errorf("a message to the peer has waited since %s to be sent: the peer does not read", since.Format(time.RFC3339))
 			}
+			if err := p.checkAcked(clk.Now(), cfg.heartbeatTimeout); err != nil {
+				return err
+			}
 			if w.idle() {
 				if err := w.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Heartbeat{Heartbeat: &fedv1.Heartbeat{}}}); err != nil {
 					return err
@@ -224,6 +231,19 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 			}
 		}
 	}
+}
+
+// checkAcked ends the session when an update has waited for its answer
+// longer than timeout: the next stream starts over from what the peer
+// says it holds, and the peer's backoff applies. Until then its status
+// shows it connected, and nothing more reaches it.
+func (p *peer) checkAcked(now time.Time, timeout time.Duration) error {
+	for _, t := range resourceTypes {
+		if u := p.out[t].pending; u != nil && now.Sub(u.sent) > timeout {
+			return fmt.Errorf("%w: the %s update of version %q (nonce %s) was sent at %s", ErrAckTimeout, t, u.version, u.nonce, u.sent.Format(time.RFC3339))
+		}
+	}
+	return nil
 }
 
 // throttle holds the peer's next update back until the rate limit lets

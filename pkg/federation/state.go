@@ -60,6 +60,8 @@ type pendingUpdate struct {
 	set     map[string]digest
 	// full is set for a full set.
 	full bool
+	// sent is when it was queued.
+	sent time.Time
 }
 
 // desired is the set this side wants the peer to hold.
@@ -163,7 +165,7 @@ func (o *outbound) next(want desired, now time.Time) (*fedv1.Update, time.Durati
 		}
 	}
 	sortUpdate(u)
-	o.pending = &pendingUpdate{nonce: u.Nonce, version: version, set: set, full: u.FullSet}
+	o.pending = &pendingUpdate{nonce: u.Nonce, version: version, set: set, full: u.FullSet, sent: now}
 	o.lastSent = version
 	return u, 0
 }
