@@ -537,11 +537,83 @@ func TestSessionEndsWhenAnUpdateIsNotAcknowledged(t *testing.T) {
 	require.ErrorIs(t, err, ErrAckTimeout)
 	st := r.p.tracker.Snapshot()
 	require.Equal(t, v1alpha1.StateDisconnected, st.State)
-	m := &Manager{}
-	connected := meta.FindStatusCondition(m.peerStatus(&peerEntry{p: r.p}, r.clock.Now()).Conditions, v1alpha1.ConditionConnected)
+	connected := r.condition(v1alpha1.ConditionConnected)
 	require.Equal(t, metav1.ConditionFalse, connected.Status)
 	require.Contains(t, connected.Message, "did not acknowledge an update")
 	require.Contains(t, connected.Message, TypeBundle)
+}
+
+// condition is the status condition typ as this side would write it now.
+func (r *rogue) condition(typ string) *metav1.Condition {
+	m := &Manager{}
+	return meta.FindStatusCondition(m.peerStatus(&peerEntry{p: r.p}, r.clock.Now()).Conditions, typ)
+}
+
+// Before the peer answers, its status does not say it accepted: a peer
+// that sent heartbeats and nothing else showed ExportsAccepted True, "the
+// peer accepted the last update", and ImportsAccepted True, though it
+// had acknowledged nothing and sent nothing.
+func TestAcceptedConditionsAwaitTheFirstAnswer(t *testing.T) {
+	r := startRogue(t, Limits{})
+	r.sendOpen()
+	var sent []*fedv1.Update
+	for range resourceTypes {
+		u := r.recv().GetUpdate()
+		require.NotNil(t, u)
+		sent = append(sent, u)
+	}
+	eventually(t, "connected", func() bool { return r.p.tracker.Snapshot().State == v1alpha1.StateConnected })
+	require.Equal(t, metav1.ConditionTrue, r.condition(v1alpha1.ConditionConnected).Status)
+	exports := r.condition(v1alpha1.ConditionExportsAccepted)
+	require.Equal(t, metav1.ConditionUnknown, exports.Status, exports.Message)
+	require.Equal(t, "AwaitingAcknowledgement", exports.Reason)
+	imports := r.condition(v1alpha1.ConditionImportsAccepted)
+	require.Equal(t, metav1.ConditionUnknown, imports.Status, imports.Message)
+	require.Equal(t, "AwaitingUpdate", imports.Reason)
+
+	// One type answered is not enough.
+	r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Ack{Ack: &fedv1.Ack{TypeUrl: sent[0].TypeUrl, Nonce: sent[0].Nonce, Version: sent[0].Version}}})
+	require.Nil(t, r.update(versioned(&fedv1.Update{Resources: []*fedv1.Resource{evilService("demo", "ok")}})).Error)
+	require.Equal(t, metav1.ConditionTrue, r.condition(v1alpha1.ConditionImportsAccepted).Status)
+	require.Equal(t, metav1.ConditionUnknown, r.condition(v1alpha1.ConditionExportsAccepted).Status)
+
+	r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Ack{Ack: &fedv1.Ack{TypeUrl: sent[1].TypeUrl, Nonce: sent[1].Nonce, Version: sent[1].Version}}})
+	eventually(t, "ExportsAccepted True once every type is answered", func() bool {
+		return r.condition(v1alpha1.ConditionExportsAccepted).Status == metav1.ConditionTrue
+	})
+}
+
+// A peer that already holds what this side wants is sent nothing on a
+// new stream; that counts as its acknowledgement, so that a restarted
+// federator does not show its exports awaiting one until they change.
+func TestAcceptedConditionsAfterAResumeWithoutResend(t *testing.T) {
+	r := startRogue(t, Limits{})
+	r.sendOpen()
+	held := map[string]string{}
+	for range resourceTypes {
+		u := r.recv().GetUpdate()
+		require.NotNil(t, u)
+		held[u.TypeUrl] = u.Version
+		r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Ack{Ack: &fedv1.Ack{TypeUrl: u.TypeUrl, Nonce: u.Nonce, Version: u.Version}}})
+	}
+	eventually(t, "exports accepted", func() bool {
+		return r.condition(v1alpha1.ConditionExportsAccepted).Status == metav1.ConditionTrue
+	})
+	require.ErrorIs(t, r.hangUp(), io.EOF)
+
+	// This side restarts: it knows nothing of what the peer holds.
+	for _, typ := range resourceTypes {
+		r.p.out[typ] = newOutbound(typ)
+	}
+	r.p.tracker = newTracker()
+	r.connect()
+	r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Open{Open: &fedv1.Open{ClusterName: "evil", AcknowledgedVersions: held}}})
+	require.Zero(t, r.answerUpdates(10, func(u *fedv1.Update) *fedv1.Ack {
+		return &fedv1.Ack{TypeUrl: u.TypeUrl, Nonce: u.Nonce, Version: u.Version}
+	}), "resent what the peer holds")
+	exports := r.condition(v1alpha1.ConditionExportsAccepted)
+	require.Equal(t, metav1.ConditionTrue, exports.Status, exports.Message)
+	require.Equal(t, 1, r.p.tracker.Snapshot().Exported)
 }
 
 func TestSessionEnds(t *testing.T) {

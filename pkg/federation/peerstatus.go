@@ -44,12 +44,15 @@ func (m *Manager) peerStatus(e *peerEntry, now time.Time) v1alpha1.FederationPee
 		}
 	}
 	conds := append([]metav1.Condition(nil), e.conditions...)
+	setStatus := func(t string, status metav1.ConditionStatus, reason, msg string) {
+		meta.SetStatusCondition(&conds, metav1.Condition{Type: t, Status: status, Reason: reason, Message: truncate(msg, maxConditionMessage), LastTransitionTime: metav1.NewTime(now)})
+	}
 	set := func(t string, ok bool, reason, msg string) {
-		c := metav1.Condition{Type: t, Status: metav1.ConditionTrue, Reason: reason, Message: truncate(msg, maxConditionMessage), LastTransitionTime: metav1.NewTime(now)}
+		status := metav1.ConditionTrue
 		if !ok {
-			c.Status = metav1.ConditionFalse
+			status = metav1.ConditionFalse
 		}
-		meta.SetStatusCondition(&conds, c)
+		setStatus(t, status, reason, msg)
 	}
 	// A refused spec is said once, in Accepted; the conditions it stops
 	// point there.
@@ -79,14 +82,23 @@ func (m *Manager) peerStatus(e *peerEntry, now time.Time) v1alpha1.FederationPee
 	default:
 		set(v1alpha1.ConditionConnected, false, "Disconnected", orDefault(s.Reason, "no stream yet"))
 	}
-	if s.LastNACKSent != "" {
+	// Until there is an answer either way, neither True nor False is
+	// known: a peer that never sent or never acknowledged anything has
+	// accepted nothing.
+	switch {
+	case s.LastNACKSent != "":
 		set(v1alpha1.ConditionImportsAccepted, false, "Refused", s.LastNACKSent)
-	} else {
+	case s.UpdatesReceived == 0:
+		setStatus(v1alpha1.ConditionImportsAccepted, metav1.ConditionUnknown, "AwaitingUpdate", "the peer has sent no update yet")
+	default:
 		set(v1alpha1.ConditionImportsAccepted, true, "Accepted", "the peer's last update was accepted")
 	}
-	if s.LastNACKReceived != "" {
+	switch {
+	case s.LastNACKReceived != "":
 		set(v1alpha1.ConditionExportsAccepted, false, "RefusedByPeer", s.LastNACKReceived)
-	} else {
+	case !answered(s):
+		setStatus(v1alpha1.ConditionExportsAccepted, metav1.ConditionUnknown, "AwaitingAcknowledgement", "awaiting the peer's acknowledgement of this side's first update")
+	default:
 		set(v1alpha1.ConditionExportsAccepted, true, "Accepted", "the peer accepted the last update")
 	}
 	if m.cfg.ImportProblems != nil {
@@ -98,6 +110,20 @@ func (m *Manager) peerStatus(e *peerEntry, now time.Time) v1alpha1.FederationPee
 	}
 	st.Conditions = conds
 	return st
+}
+
+// answered reports whether the peer answered an update of every type
+// this side sent it, and of at least one.
+func answered(s PeerStatus) bool {
+	if len(s.Acknowledged) == 0 {
+		return false
+	}
+	for t := range s.Sent {
+		if _, ok := s.Acknowledged[t]; !ok {
+			return false
+		}
+	}
+	return true
 }
 
 // maxConditionMessage bounds a condition's message well inside the API's

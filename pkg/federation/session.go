@@ -134,6 +134,14 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 		p.resume(o.GetAcknowledgedVersions())
 	}
 	p.tracker.connected(clk.Now())
+	for _, t := range resourceTypes {
+		if o := p.out[t]; o.acked != nil {
+			// The peer holds what it acknowledged before, or exactly
+			// what this side wants it to: nothing is sent, and that is
+			// as good as an acknowledgement.
+			p.tracker.acked(t, o.ackedVersion, o.lastNACK, len(o.acked))
+		}
+	}
 	log.Info("federation stream up")
 
 	heartbeat := clk.NewTicker(cfg.heartbeat)
