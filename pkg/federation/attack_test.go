@@ -630,11 +630,26 @@ func TestSessionEnds(t *testing.T) {
 		require.ErrorContains(t, err, `says it is cluster "someone-else"`)
 	})
 	t.Run("Terminate", func(t *testing.T) {
+		// The link is over and the manager drops the peer's bundle:
+		// status said Established, "both bundles are held", and showed
+		// the bundle dropped.
 		r := startRogue(t, Limits{})
+		c, err := ca.New(t.Context(), fake.NewClientset(), ca.Options{TrustDomain: r.p.td, Namespace: testNS})
+		require.NoError(t, err)
+		r.p.tracker.bundle(spiffebundle.FromX509Authorities(r.p.td, c.Bundle().X509Authorities()))
 		r.open()
+		eventually(t, "connected", func() bool { return r.p.tracker.Snapshot().State == v1alpha1.StateConnected })
+		m := &Manager{}
+		require.NotNil(t, m.peerStatus(&peerEntry{p: r.p}, r.clock.Now()).Bundle)
 		r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Terminate{Terminate: &fedv1.Terminate{Reason: "unlinked"}}})
 		require.ErrorIs(t, <-r.ended, ErrTerminated)
 		require.Equal(t, v1alpha1.StateFailed, r.p.tracker.Snapshot().State)
+		st := m.peerStatus(&peerEntry{p: r.p}, r.clock.Now())
+		require.Nil(t, st.Bundle, "status shows the bundle dropped")
+		established := meta.FindStatusCondition(st.Conditions, v1alpha1.ConditionEstablished)
+		require.Equal(t, metav1.ConditionFalse, established.Status, established.Message)
+		require.Equal(t, "Terminated", established.Reason)
+		require.Contains(t, established.Message, "unlinked")
 	})
 	t.Run("silence beyond the heartbeat timeout", func(t *testing.T) {
 		r := startRogue(t, Limits{})

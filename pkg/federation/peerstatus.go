@@ -67,6 +67,8 @@ func (m *Manager) peerStatus(e *peerEntry, now time.Time) v1alpha1.FederationPee
 		set(v1alpha1.ConditionEstablished, true, "Established", "the link was established and both bundles are held")
 	case e.specErr != nil:
 		set(v1alpha1.ConditionEstablished, false, v1alpha1.ReasonInvalidSpec, notRun)
+	case s.Terminated:
+		set(v1alpha1.ConditionEstablished, false, "Terminated", s.Reason)
 	case s.State == v1alpha1.StateFailed:
 		set(v1alpha1.ConditionEstablished, false, "Refused", s.Reason)
 	default:

@@ -24,6 +24,10 @@ type PeerStatus struct {
 	// Established is false until the peering secret was spent and both
 	// bundles exchanged.
 	Established bool `json:"established"`
+	// Terminated is set when the peer ended the link with Terminate,
+	// until the link is established again. Its bundle is dropped then:
+	// Established is false, and the Bundle fields are zero.
+	Terminated bool `json:"terminated,omitempty"`
 	// Reason says why the peer is not connected, when it is not.
 	Reason            string            `json:"reason,omitempty"`
 	ConnectedSince    time.Time         `json:"connectedSince,omitzero"`
@@ -83,7 +87,7 @@ func (t *tracker) Snapshot() PeerStatus {
 
 func (t *tracker) established() {
 	t.update(func(s *PeerStatus) {
-		s.Established = true
+		s.Established, s.Terminated = true, false
 		if s.State == v1alpha1.StateFailed {
 			s.State, s.Reason = v1alpha1.StatePending, ""
 		}
@@ -92,7 +96,7 @@ func (t *tracker) established() {
 
 func (t *tracker) connected(now time.Time) {
 	t.update(func(s *PeerStatus) {
-		s.State, s.Reason, s.Established = v1alpha1.StateConnected, "", true
+		s.State, s.Reason, s.Established, s.Terminated = v1alpha1.StateConnected, "", true, false
 		s.ConnectedSince, s.LastHeartbeat, s.DisconnectedSince = now, now, time.Time{}
 	})
 }
@@ -103,8 +107,10 @@ func (t *tracker) heard(now time.Time) {
 	t.st.LastHeartbeat = now
 }
 
-// disconnected records a session's end. A terminated link is failed; any
-// other end leaves the peer disconnected (and its imports ageing).
+// disconnected records a session's end. A link the peer terminated is
+// failed, and no longer established: the manager drops the peer's bundle
+// and imports. Any other end leaves the peer disconnected (and its
+// imports ageing).
 func (t *tracker) disconnected(now time.Time, err error) {
 	t.update(func(s *PeerStatus) {
 		if s.State == v1alpha1.StateConnected || s.DisconnectedSince.IsZero() {
@@ -112,7 +118,8 @@ func (t *tracker) disconnected(now time.Time, err error) {
 		}
 		s.State = v1alpha1.StateDisconnected
 		if errors.Is(err, ErrTerminated) {
-			s.State = v1alpha1.StateFailed
+			s.State, s.Established, s.Terminated = v1alpha1.StateFailed, false, true
+			s.BundleSequence, s.BundleRoots, s.BundleExpires = 0, 0, time.Time{}
 		}
 		if err != nil {
 			s.Reason = err.Error()
