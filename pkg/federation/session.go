@@ -242,9 +242,9 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 }
 
 // checkAcked ends the session when an update has waited for its answer
-// longer than timeout: the next stream starts over from what the peer
-// says it holds, and the peer's backoff applies. Until then its status
-// shows it connected, and nothing more reaches it.
+// longer than timeout: until then nothing more of its type reaches the
+// peer, while its status shows it connected. The next stream starts over
+// from what the peer says it holds, after the dialling side's backoff.
 func (p *peer) checkAcked(now time.Time, timeout time.Duration) error {
 	for _, t := range resourceTypes {
 		if u := p.out[t].pending; u != nil && now.Sub(u.sent) > timeout {
