@@ -340,6 +340,25 @@ func TestSessionAnswersAreBounded(t *testing.T) {
 	}
 }
 
+// A refusal is logged at Warn once while it stands, not once per update:
+// a peer sending the same bad update again and again filled the log.
+func TestSessionLogsARepeatedRefusalOnce(t *testing.T) {
+	var logs syncBuffer
+	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	r := startRogueLog(t, Limits{UpdatesPerSecond: 1e6, UpdateBurst: 1e6}, log)
+	r.open()
+	bad := func(nonce string) *fedv1.Update {
+		return versioned(&fedv1.Update{Nonce: nonce, Resources: []*fedv1.Resource{evilService("kube-system", "kube-dns")}})
+	}
+	for i := range 20 {
+		require.NotNil(t, r.update(bad(fmt.Sprint(i))).Error)
+	}
+	require.Equal(t, 1, strings.Count(logs.String(), "refused an update from the peer"))
+	require.Nil(t, r.update(versioned(&fedv1.Update{Nonce: "ok", Resources: []*fedv1.Resource{evilService("demo", "ok")}})).Error)
+	require.NotNil(t, r.update(bad("again")).Error)
+	require.Equal(t, 2, strings.Count(logs.String(), "refused an update from the peer"), "said again once it no longer stood")
+}
+
 // Updates beyond the rate limit wait: the session stops reading until the
 // limit lets the next one through, and applies it then. A refusal for the
 // rate named no resource, so the sender held the change back until its

@@ -418,8 +418,13 @@ func (p *peer) handle(ctx context.Context, m *fedv1.ExchangeMessage, lim Limits,
 			return nil, err
 		}
 		if a.GetError() != nil {
-			log.Warn("refused an update from the peer", "type", u.GetTypeUrl(), "refusal", describeNACK(a.GetError()))
-			p.tracker.nackSent(u.GetTypeUrl(), a.GetError())
+			// Said once while it stands: a peer sending the same bad
+			// update again and again does not fill the log.
+			level := slog.LevelDebug
+			if p.tracker.nackSent(u.GetTypeUrl(), a.GetError()) {
+				level = slog.LevelWarn
+			}
+			log.Log(ctx, level, "refused an update from the peer", "type", u.GetTypeUrl(), "refusal", describeNACK(a.GetError()))
 		} else {
 			p.tracker.received(u.GetTypeUrl(), a.GetVersion())
 		}

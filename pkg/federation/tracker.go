@@ -188,8 +188,15 @@ func (t *tracker) received(typeURL, version string) {
 	})
 }
 
-func (t *tracker) nackSent(typeURL string, e *fedv1.Error) {
-	t.update(func(*PeerStatus) { t.nacksSent[typeURL] = describeNACK(e) })
+// nackSent records this side's refusal of the peer's update of typeURL,
+// and reports whether it differs from the one standing.
+func (t *tracker) nackSent(typeURL string, e *fedv1.Error) (changed bool) {
+	t.update(func(*PeerStatus) {
+		d := describeNACK(e)
+		changed = t.nacksSent[typeURL] != d
+		t.nacksSent[typeURL] = d
+	})
+	return changed
 }
 
 // joinNACKs joins the standing refusals, in type order.
