@@ -445,9 +445,11 @@ func (r *rogue) exportLocal(n int) {
 }
 
 // answerUpdates answers every update this side sends with answer, until
-// none comes for a while, and counts the full sets of services.
+// none comes (or rounds messages were read), and counts the full sets of
+// services.
 func (r *rogue) answerUpdates(rounds int, answer func(u *fedv1.Update) *fedv1.Ack) (fullSets int) {
 	r.t.Helper()
+	r.sync()
 	for range rounds {
 		var u *fedv1.Update
 		select {
@@ -462,8 +464,20 @@ func (r *rogue) answerUpdates(rounds int, answer func(u *fedv1.Update) *fedv1.Ac
 			fullSets++
 		}
 		r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Ack{Ack: answer(u)}})
+		r.sync()
 	}
 	return fullSets
+}
+
+// sync returns once this side has handled every message the peer sent
+// before, so that what it sends in return is queued: the peer sends a
+// heartbeat at a new instant and waits until this side heard it.
+func (r *rogue) sync() {
+	r.t.Helper()
+	r.clock.Step(time.Millisecond)
+	now := r.clock.Now()
+	r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Heartbeat{Heartbeat: &fedv1.Heartbeat{}}})
+	eventually(r.t, "this side handled the peer's messages", func() bool { return !r.p.tracker.Snapshot().LastHeartbeat.Before(now) })
 }
 
 // advance moves the clock on by d, with heartbeats from the peer, so
