@@ -135,6 +135,11 @@ func (m *Manager) checkEstablish(ctx context.Context, req *fedv1.EstablishReques
 	if td == m.trust.LocalTrustDomain() {
 		return nil, deny("the joiner's trust domain %s is this cluster's own; every cluster needs its own", td)
 	}
+	// A trust domain is one link's: a joiner that took another peer's
+	// would replace that peer's roots in this cluster's trust.
+	if holder := m.trustDomainHolder(req.GetClusterName(), td); holder != "" {
+		return nil, deny("the joiner's trust domain %s belongs to this cluster's link with %q: a trust domain is one peer's, so %q cannot join with it", td, holder, req.GetClusterName())
+	}
 	bundle, err := parseBundle(req.GetTrustBundle(), td)
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "trust bundle: %v", err)
@@ -242,12 +247,8 @@ func (m *Manager) Establish(ctx context.Context, req *fedv1.EstablishRequest) (*
 			return nil, status.Errorf(codes.Unavailable, "claim the token: %v", err)
 		}
 	}
-	if err := m.storePeerBundle(ctx, j.name, j.bundle); err != nil {
-		return nil, status.Errorf(codes.Unavailable, "store the joiner's bundle: %v", err)
-	}
-	if err := m.createAcceptedPeer(ctx, j); err != nil {
-		_ = m.deletePeerBundle(context.WithoutCancel(ctx), j.name)
-		return nil, status.Errorf(codes.Unavailable, "record the joiner: %v", err)
+	if err := m.recordJoiner(ctx, j); err != nil {
+		return nil, err
 	}
 	// The link is recorded: the token is of no further use. Its claim
 	// goes last, so that a record left behind stays claimed.
@@ -262,6 +263,51 @@ func (m *Manager) Establish(ctx context.Context, req *fedv1.EstablishRequest) (*
 	m.log.Info("linked with a new peer", "peer", j.name, "trustDomain", j.bundle.TrustDomain().Name(), "federatorID", j.id.String())
 	return m.establishResponse()
 }
+
+// recordJoiner stores the joiner's bundle and creates its
+// FederationPeer. The sweep of leftover peer ConfigMaps waits for it, and
+// the trust domain is checked again: another joiner may have taken it
+// since checkEstablish.
+func (m *Manager) recordJoiner(ctx context.Context, j *joiner) error {
+	m.establishMu.Lock()
+	defer m.establishMu.Unlock()
+	td := j.bundle.TrustDomain()
+	holder := m.trustDomainHolder(j.name, td)
+	now := m.clock.Now()
+	for name, r := range m.recorded {
+		_, seen, _ := m.informer.GetStore().GetByKey(name)
+		switch {
+		case seen || now.Sub(r.at) > recordedFor:
+			delete(m.recorded, name)
+		case name != j.name && r.td == td && holder == "":
+			holder = name
+		}
+	}
+	if holder != "" {
+		return status.Errorf(codes.PermissionDenied, "the joiner's trust domain %s belongs to this cluster's link with %q: a trust domain is one peer's, so %q cannot join with it",
+			td, holder, j.name)
+	}
+	if err := m.storePeerBundle(ctx, j.name, j.bundle); err != nil {
+		return status.Errorf(codes.Unavailable, "store the joiner's bundle: %v", err)
+	}
+	if err := m.createAcceptedPeer(ctx, j); err != nil {
+		_ = m.deletePeerBundle(context.WithoutCancel(ctx), j.name)
+		return status.Errorf(codes.Unavailable, "record the joiner: %v", err)
+	}
+	m.recorded[j.name] = recordedJoiner{td: td, at: now}
+	return nil
+}
+
+// recordedJoiner is a joiner Establish recorded, until the informer shows
+// its FederationPeer (at most recordedFor).
+type recordedJoiner struct {
+	td spiffeid.TrustDomain
+	at time.Time
+}
+
+// recordedFor bounds how long a recorded joiner is remembered apart from
+// the informer: far longer than the informer lags a create.
+const recordedFor = time.Minute
 
 // joinerClaim names a joiner by its federator ID and the roots it
 // presented: a retry must come with both.

@@ -64,13 +64,19 @@ type cluster struct {
 
 func newCluster(t *testing.T, name string, tune func(*Config)) *cluster {
 	t.Helper()
+	return newClusterIn(t, name, name+".mesh", tune)
+}
+
+// newClusterIn is newCluster with trust domain trustDomain.
+func newClusterIn(t *testing.T, name, trustDomain string, tune func(*Config)) *cluster {
+	t.Helper()
 	ctx := t.Context()
 	c := &cluster{name: name, kube: fake.NewClientset(), store: catalog.NewStore()}
 	// An empty scheme: the fake then keeps FederationPeers unstructured,
 	// as a real API server's dynamic client sees them.
 	c.dyn = dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
 		map[schema.GroupVersionResource]string{v1alpha1.Resource: "FederationPeerList"})
-	td := spiffeid.RequireTrustDomainFromString(name + ".mesh")
+	td := spiffeid.RequireTrustDomainFromString(trustDomain)
 	var err error
 	c.ca, err = ca.New(ctx, c.kube, ca.Options{TrustDomain: td, Namespace: testNS})
 	require.NoError(t, err)

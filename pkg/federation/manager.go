@@ -127,6 +127,16 @@ type Manager struct {
 	mu    sync.Mutex
 	peers map[string]*peerEntry
 
+	// establishMu orders storing a joiner's bundle and recording its
+	// FederationPeer (Establish) with the sweep of peer ConfigMaps no
+	// FederationPeer owns (sweepPeerConfigMaps), so that the sweep never
+	// takes a link being recorded for a leftover.
+	establishMu sync.Mutex
+	// recorded are the joiners Establish recorded lately, by name, with
+	// their trust domain: the informer may not show their FederationPeer
+	// yet. establishMu guards it.
+	recorded map[string]recordedJoiner
+
 	// life ends when Run returns, and with it every stream Exchange
 	// serves; sessions counts them, so that Run waits for them.
 	life     context.Context
@@ -177,6 +187,10 @@ type peerEntry struct {
 	written    *v1alpha1.FederationPeerStatus
 	// writeErr is the last status write's failure, logged once.
 	writeErr string
+	// conflict: the spec is refused because an older FederationPeer
+	// holds its trust domain; this entry holds nothing of that trust
+	// domain, so forgetting it must not drop the other link's bundle.
+	conflict bool
 }
 
 var _ fedv1.FederationServiceServer = (*Manager)(nil)
@@ -187,8 +201,9 @@ func NewManager(kube kubernetes.Interface, dyn dynamic.Interface, store *catalog
 	m := &Manager{
 		cfg: cfg, log: cfg.Logger.With("component", "federation"), clock: cfg.Clock,
 		kube: kube, dyn: dyn, trust: ts, svid: svid,
-		exports: newExports(store, ts, cfg.Gateways),
-		peers:   map[string]*peerEntry{},
+		exports:  newExports(store, ts, cfg.Gateways),
+		peers:    map[string]*peerEntry{},
+		recorded: map[string]recordedJoiner{},
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "federationpeers"}),
 	}
@@ -312,9 +327,10 @@ func (m *Manager) lookupPeerObject(ctx context.Context, name string) (*v1alpha1.
 
 // reconcile starts, restarts or stops the peer's goroutine to match its
 // FederationPeer. A spec the federator cannot follow (a value it cannot
-// read, a field that contradicts another) is not retried: the peer is
-// Failed with a False Accepted condition naming each problem, the link is
-// not run, and the next change of the object reconciles it again.
+// read, a field that contradicts another, a trust domain an older
+// FederationPeer holds) is not retried: the peer is Failed with a False
+// Accepted condition naming each problem, the link is not run, and the
+// next change of the object reconciles it again.
 func (m *Manager) reconcile(ctx context.Context, name string) error {
 	obj, exists, err := m.informer.GetStore().GetByKey(name)
 	if err != nil {
@@ -326,6 +342,9 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 	if !exists {
 		if e != nil {
 			m.removePeer(ctx, name, e, "the FederationPeer was deleted on "+m.cfg.ClusterName)
+			// A peer refused for the trust domain this one held may
+			// now take it.
+			m.enqueueSharing(name, e.spec.TrustDomain)
 		}
 		return nil
 	}
@@ -334,9 +353,6 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 		return fmt.Errorf("unexpected object %T in the FederationPeer cache", obj)
 	}
 	fp, decodeErr := decodePeer(u)
-	if e != nil && e.specErr == nil && decodeErr == nil && reflect.DeepEqual(e.spec, fp.Spec) {
-		return nil
-	}
 	td, err := spiffeid.TrustDomainFromString(fp.Spec.TrustDomain)
 	var id spiffeid.ID
 	if err == nil {
@@ -344,6 +360,18 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 	}
 	if err == nil && !id.MemberOf(td) {
 		err = fmt.Errorf("spec.federatorID %s is not in spec.trustDomain %s", id, td)
+	}
+	// A trust domain, and with it every federator ID in it, is one
+	// link's: the older FederationPeer keeps it, whatever order the
+	// federator sees them in.
+	var conflictErr error
+	if err == nil && td != m.trust.LocalTrustDomain() {
+		if older := m.olderClaim(name, td, u.GetCreationTimestamp().Time); older != "" {
+			conflictErr = fmt.Errorf("spec.trustDomain %s is the trust domain of FederationPeer %q, made before this one: a trust domain belongs to one link; delete one of them", td, older)
+		}
+	}
+	if e != nil && e.specErr == nil && decodeErr == nil && conflictErr == nil && reflect.DeepEqual(e.spec, fp.Spec) {
+		return nil
 	}
 	if err == nil && td == m.trust.LocalTrustDomain() {
 		err = fmt.Errorf("spec.trustDomain %s is this cluster's own", td)
@@ -364,30 +392,32 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 	if staleErr == nil {
 		keepFor, drainFor = k, d
 	}
-	specErr := joinProblems(decodeErr, err, staleErr)
+	specErr := joinProblems(decodeErr, err, conflictErr, staleErr)
 	var lastErr error
 	if e != nil {
 		lastErr = e.specErr
 		e.cancel()
 		<-e.done
 	}
-	p := newPeer(name, td, id, m.clock, m.exports)
-	if e != nil && e.p.td == td {
-		// Keep what was received across a spec change.
-		p = e.p
-	} else if e != nil {
+	next := &peerEntry{spec: fp.Spec, specErr: specErr, conflict: conflictErr != nil,
+		keepFor: keepFor, drainFor: drainFor, done: make(chan struct{})}
+	next.conditions = fp.Status.Conditions
+	old := m.replacePeer(name, e, next, td, id)
+	p := next.p
+	pctx, cancel := context.WithCancel(ctx)
+	next.cancel = cancel
+	if old != nil {
 		// Another trust domain: a stream the peer opened as the old
 		// one ends (the joiner redials; an acceptor is dialled again).
-		e.p.endSession()
+		old.p.endSession()
 	}
-	e = &peerEntry{p: p, spec: fp.Spec, specErr: specErr, keepFor: keepFor, drainFor: drainFor, done: make(chan struct{})}
-	e.conditions = fp.Status.Conditions
-	pctx, cancel := context.WithCancel(ctx)
-	e.cancel = cancel
-	m.mu.Lock()
-	m.peers[name] = e
-	m.mu.Unlock()
 	p.persistBundle = func(ctx context.Context, b *spiffebundle.Bundle) error { return m.storePeerBundle(ctx, name, b) }
+	if e == nil || e.spec.TrustDomain != fp.Spec.TrustDomain {
+		m.enqueueSharing(name, fp.Spec.TrustDomain)
+		if e != nil {
+			m.enqueueSharing(name, e.spec.TrustDomain)
+		}
+	}
 	if specErr != nil {
 		// Not run as a spec it cannot follow says: once the entry
 		// refuses new streams, one the peer opened before ends too,
@@ -397,14 +427,121 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 			m.log.Warn("FederationPeer spec not accepted; the link is not run until the spec changes", "peer", name, "err", specErr)
 		}
 		p.tracker.failed(m.clock.Now(), specErr)
-		close(e.done)
+		close(next.done)
 		return nil
 	}
 	go func() {
-		defer close(e.done)
-		m.runPeer(pctx, e)
+		defer close(next.done)
+		m.runPeer(pctx, next)
 	}()
 	return nil
+}
+
+// replacePeer gives next its peer object and puts it in the place of e
+// (nil for a new peer). It returns e when next has a new peer object, so
+// that the caller ends what the old one serves; nil when next keeps e's
+// (what was received survives a spec change).
+func (m *Manager) replacePeer(name string, e, next *peerEntry, td spiffeid.TrustDomain, id spiffeid.ID) (old *peerEntry) {
+	switch {
+	case e == nil:
+		next.p = newPeer(name, td, id, m.clock, m.exports)
+	case e.p.td == td:
+		next.p = e.p
+	default:
+		next.p = newPeer(name, td, id, m.clock, m.exports)
+		old = e
+	}
+	m.mu.Lock()
+	m.peers[name] = next
+	m.mu.Unlock()
+	return old
+}
+
+// olderClaim returns the name of a FederationPeer other than name, made
+// before created (or at the same second, with a smaller name), whose
+// spec.trustDomain is td; or of a peer that holds td and whose deleted
+// FederationPeer is not removed yet (its bundle is still trusted); ""
+// if there is none.
+func (m *Manager) olderClaim(name string, td spiffeid.TrustDomain, created time.Time) string {
+	store := m.informer.GetStore()
+	m.mu.Lock()
+	for n, e := range m.peers {
+		if _, exists, _ := store.GetByKey(n); !exists && n != name && e.p.td == td && !e.conflict {
+			m.mu.Unlock()
+			return n
+		}
+	}
+	m.mu.Unlock()
+	older := ""
+	for _, obj := range store.List() {
+		u, ok := obj.(*unstructured.Unstructured)
+		if !ok || u.GetName() == name || specTrustDomain(u) != td {
+			continue
+		}
+		c := u.GetCreationTimestamp().Time
+		if c.Before(created) || (c.Equal(created) && u.GetName() < name) {
+			if older == "" || u.GetName() < older {
+				older = u.GetName()
+			}
+		}
+	}
+	return older
+}
+
+// trustDomainHolder returns the peer, other than name, whose link has td:
+// a FederationPeer with that spec.trustDomain, or a running peer of it.
+func (m *Manager) trustDomainHolder(name string, td spiffeid.TrustDomain) string {
+	for _, obj := range m.informer.GetStore().List() {
+		if u, ok := obj.(*unstructured.Unstructured); ok && u.GetName() != name && specTrustDomain(u) == td {
+			return u.GetName()
+		}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for n, e := range m.peers {
+		if n != name && e.p.td == td && !e.conflict {
+			return n
+		}
+	}
+	return ""
+}
+
+// runsTrustDomain reports whether a peer other than name holds td: its
+// entry is not refused for claiming a trust domain another holds.
+func (m *Manager) runsTrustDomain(name string, td spiffeid.TrustDomain) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for n, e := range m.peers {
+		if n != name && e.p.td == td && !e.conflict {
+			return true
+		}
+	}
+	return false
+}
+
+// specTrustDomain is a FederationPeer's spec.trustDomain; zero when it
+// does not read.
+func specTrustDomain(u *unstructured.Unstructured) spiffeid.TrustDomain {
+	s, _, _ := unstructured.NestedString(u.Object, "spec", "trustDomain")
+	td, err := spiffeid.TrustDomainFromString(s)
+	if err != nil {
+		return spiffeid.TrustDomain{}
+	}
+	return td
+}
+
+// enqueueSharing reconciles again the FederationPeers other than name
+// whose spec.trustDomain is td: which of them holds it may have changed.
+func (m *Manager) enqueueSharing(name, td string) {
+	want, err := spiffeid.TrustDomainFromString(td)
+	if err != nil {
+		return
+	}
+	for _, obj := range m.informer.GetStore().List() {
+		if u, ok := obj.(*unstructured.Unstructured); ok && u.GetName() != name && specTrustDomain(u) == want {
+			m.queue.Add(u.GetName())
+		}
+	}
 }
 
 // joinProblems joins the non-nil errors into one, "; " between them, so
@@ -461,7 +598,11 @@ func (m *Manager) removePeer(ctx context.Context, name string, e *peerEntry, rea
 // and the stored copy of the bundle.
 func (m *Manager) forgetPeer(ctx context.Context, name string, p *peer) {
 	p.removeImports()
-	m.trust.DeletePeer(p.td)
+	// A peer refused for a trust domain another link holds never held
+	// that trust domain's bundle: the other link keeps it.
+	if !m.runsTrustDomain(name, p.td) {
+		m.trust.DeletePeer(p.td)
+	}
 	if err := m.deletePeerBundle(ctx, name); err != nil {
 		m.log.Warn("delete the peer's ConfigMap", "peer", name, "err", err)
 	}
@@ -683,15 +824,18 @@ func (m *Manager) Exchange(srv fedv1.FederationService_ExchangeServer) error {
 	}
 }
 
+// peerByID returns the entry that expects federator id: the one that
+// holds its trust domain, before one refused for claiming it too.
 func (m *Manager) peerByID(id spiffeid.ID) *peerEntry {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	var found *peerEntry
 	for _, e := range m.peers {
-		if e.p.id == id && e.p.td != m.trust.LocalTrustDomain() {
-			return e
+		if e.p.id == id && e.p.td != m.trust.LocalTrustDomain() && (found == nil || found.conflict) {
+			found = e
 		}
 	}
-	return nil
+	return found
 }
 
 // Synced reports whether every peer's imports are known: each peer sent

@@ -134,6 +134,12 @@ type TokenOptions struct {
 	// Notice, when set, is told of each earlier token record the new
 	// token made useless and that was deleted (or could not be).
 	Notice func(msg string)
+	// Peers, when set, reads the FederationPeers, so that a trust domain
+	// a FederationPeer made by hand holds is refused too. Without it the
+	// links `federator join` and Establish made are checked (their
+	// ConfigMaps and join Secrets); the federator refuses the rest at
+	// Establish.
+	Peers dynamic.Interface
 }
 
 // CreateToken records a new one-time secret (as a hash, with its expiry)
@@ -183,6 +189,17 @@ func CreateToken(ctx context.Context, client kubernetes.Interface, opts TokenOpt
 	if info.ClusterName == opts.Peer {
 		return Token{}, fmt.Errorf("--peer %q is this cluster's own name", opts.Peer)
 	}
+	if opts.PeerTrustDomain == info.TrustDomain.Name() {
+		return Token{}, fmt.Errorf("--peer-trust-domain %s is this cluster's own: every cluster needs its own", opts.PeerTrustDomain)
+	}
+	holder, err := trustDomainLink(ctx, client, opts.Peers, opts.Namespace, opts.Peer, opts.PeerTrustDomain)
+	if err != nil {
+		return Token{}, err
+	}
+	if holder != "" {
+		return Token{}, fmt.Errorf("--peer-trust-domain %s belongs to this cluster's link with %q: a trust domain is one peer's, and a joiner with it would replace that peer's roots; give %s's own trust domain, or unlink %q first (delete its FederationPeer)",
+			opts.PeerTrustDomain, holder, opts.Peer, holder)
+	}
 	roots, err := ca.ReadRoots(ctx, client, opts.Namespace)
 	if err != nil {
 		return Token{}, err
@@ -220,6 +237,48 @@ func CreateToken(ctx context.Context, client kubernetes.Interface, opts TokenOpt
 	}
 	sweepTokens(ctx, client, opts.Namespace, opts.Peer, record.Name, opts.Now, opts.Notice)
 	return t, nil
+}
+
+// trustDomainLink returns the peer, other than peer, whose link in this
+// cluster has trust domain td: a peer ConfigMap (an established link), a
+// join token's Secret (a link being made from this side), or, with peers,
+// a FederationPeer. Each is one link's; "" when none has it.
+func trustDomainLink(ctx context.Context, client kubernetes.Interface, peers dynamic.Interface, namespace, peer, td string) (string, error) {
+	cms, err := client.CoreV1().ConfigMaps(namespace).List(ctx, metav1.ListOptions{LabelSelector: LabelPeer})
+	if err != nil {
+		return "", fmt.Errorf("read this cluster's links (peer ConfigMaps) to check --peer-trust-domain: %w", err)
+	}
+	for _, cm := range cms.Items {
+		if name := cm.Labels[LabelPeer]; name != peer && cm.Data[keyTrustDomain] == td {
+			return name, nil
+		}
+	}
+	secrets, err := client.CoreV1().Secrets(namespace).List(ctx, metav1.ListOptions{LabelSelector: LabelJoinToken})
+	if err != nil {
+		return "", fmt.Errorf("read this cluster's links (join token Secrets) to check --peer-trust-domain: %w", err)
+	}
+	for _, sec := range secrets.Items {
+		name := sec.Labels[LabelJoinToken]
+		if name == peer {
+			continue
+		}
+		if t, err := DecodeToken(string(sec.Data[keyToken])); err == nil && t.TrustDomain == td {
+			return name, nil
+		}
+	}
+	if peers == nil {
+		return "", nil
+	}
+	list, err := peers.Resource(v1alpha1.Resource).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return "", fmt.Errorf("read this cluster's FederationPeers to check --peer-trust-domain: %w", err)
+	}
+	for i := range list.Items {
+		if u := &list.Items[i]; u.GetName() != peer && specTrustDomain(u).Name() == td {
+			return u.GetName(), nil
+		}
+	}
+	return "", nil
 }
 
 // parseTrustDomain reads a trust domain given as a name ("west.mesh") or

@@ -1,0 +1,148 @@
+package federation
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/stretchr/testify/require"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+
+	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
+)
+
+// A link's identity is its trust domain and federator ID: each belongs to
+// one link, a change of either is applied, and nothing of an old identity
+// stays trusted.
+
+// createPeer creates FederationPeer name on c as an accepting side's
+// (no token), with trust domain td and federator ID id.
+func (c *cluster) createPeer(t *testing.T, name, td, id string) {
+	t.Helper()
+	_, err := c.dyn.Resource(v1alpha1.Resource).Create(t.Context(), &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": v1alpha1.GroupVersion.String(), "kind": "FederationPeer",
+		"metadata": map[string]any{"name": name},
+		"spec":     map[string]any{"trustDomain": td, "federatorID": id},
+	}}, metav1.CreateOptions{})
+	require.NoError(t, err)
+}
+
+// trusts reports whether c trusts trust domain td with exactly roots'
+// roots.
+func (c *cluster) trusts(td string, roots *cluster) bool {
+	b, err := c.trust.GetX509BundleForTrustDomain(spiffeid.RequireTrustDomainFromString(td))
+	return err == nil && roots != nil && b.Equal(roots.ca.Bundle())
+}
+
+// trustsNothingOf reports whether c holds no bundle for td.
+func (c *cluster) trustsNothingOf(td string) bool {
+	_, err := c.trust.GetBundleForTrustDomain(spiffeid.RequireTrustDomainFromString(td))
+	return err != nil
+}
+
+func fedID(td string) string { return "spiffe://" + td + "/ns/" + testNS + "/sa/isthmus-federator" }
+
+// Finding 2: `token create --peer evil --peer-trust-domain c.mesh` was
+// accepted while c's link held c.mesh.
+func TestCreateTokenRefusesATrustDomainALinkHolds(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	c := newCluster(t, "c", nil)
+	link(t, a, c)
+	eventually(t, "linked", func() bool { return a.status("c").State == v1alpha1.StateConnected })
+
+	_, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "evil", PeerTrustDomain: "c.mesh", Addresses: []string{a.addr}})
+	require.ErrorContains(t, err, `--peer-trust-domain c.mesh belongs to this cluster's link with "c"`)
+	// The joining side holds the acceptor's trust domain the same way.
+	_, err = CreateToken(t.Context(), c.kube, TokenOptions{Namespace: testNS, Peer: "evil", PeerTrustDomain: "spiffe://a.mesh", Addresses: []string{c.addr}})
+	require.ErrorContains(t, err, `--peer-trust-domain a.mesh belongs to this cluster's link with "a"`)
+	// A FederationPeer made by hand, when the FederationPeers are read.
+	a.createPeer(t, "x", "x.mesh", fedID("x.mesh"))
+	_, err = CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "y", PeerTrustDomain: "x.mesh", Addresses: []string{a.addr}, Peers: a.dyn})
+	require.ErrorContains(t, err, `--peer-trust-domain x.mesh belongs to this cluster's link with "x"`)
+	_, err = CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "evil", PeerTrustDomain: "a.mesh", Addresses: []string{a.addr}})
+	require.ErrorContains(t, err, "--peer-trust-domain a.mesh is this cluster's own")
+
+	// The peer itself may have a new token (the federator answers a
+	// linked peer AlreadyExists), and so may a new trust domain.
+	_, err = CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "c", Addresses: []string{a.addr}, Peers: a.dyn})
+	require.NoError(t, err)
+	_, err = CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "d", Addresses: []string{a.addr}, Peers: a.dyn})
+	require.NoError(t, err)
+}
+
+// Finding 2: a joiner with a token for another name took an existing
+// peer's trust domain at Establish, and a's c.mesh bundle became the
+// joiner's root.
+func TestEstablishRefusesATrustDomainAnotherLinkHolds(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	c := newCluster(t, "c", nil)
+	// Made before c linked: nothing held c.mesh then.
+	tok, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "evil", PeerTrustDomain: "c.mesh", Addresses: []string{a.addr}})
+	require.NoError(t, err)
+	link(t, a, c)
+	eventually(t, "linked", func() bool {
+		return a.status("c").State == v1alpha1.StateConnected && a.trusts("c.mesh", c)
+	})
+
+	evil := newClusterIn(t, "evil", "c.mesh", nil)
+	_, err = evil.manager.establish(t.Context(), tok)
+	require.ErrorContains(t, err, `the joiner's trust domain c.mesh belongs to this cluster's link with "c"`)
+	require.True(t, isPermanent(err), "refused for good: %v", err)
+
+	require.True(t, a.trusts("c.mesh", c), "a's c.mesh bundle is still c's")
+	_, err = a.dyn.Resource(v1alpha1.Resource).Get(t.Context(), "evil", metav1.GetOptions{})
+	require.True(t, apierrors.IsNotFound(err), "no FederationPeer for the joiner: %v", err)
+	_, err = a.kube.CoreV1().ConfigMaps(testNS).Get(t.Context(), peerConfigMapName("evil"), metav1.GetOptions{})
+	require.True(t, apierrors.IsNotFound(err), "no bundle stored for the joiner: %v", err)
+	require.Equal(t, v1alpha1.StateConnected, a.status("c").State)
+}
+
+// Two FederationPeers claiming one trust domain: the newer is refused
+// (Accepted False, InvalidSpec) whatever order the federator sees them
+// in; it never drops the older's bundle, and takes the trust domain once
+// the older is gone.
+func TestNewerFederationPeerForATrustDomainIsRefused(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	c := newCluster(t, "c", nil)
+	link(t, a, c)
+	c.export(t, echoService(1))
+	eventually(t, "linked", func() bool { return a.status("c").State == v1alpha1.StateConnected && len(a.imported("c")) == 1 })
+
+	refused := func(name string) {
+		t.Helper()
+		eventually(t, name+" refused", func() bool {
+			cond := a.accepted(t, name)
+			return a.status(name).State == v1alpha1.StateFailed && cond != nil && cond.Status == metav1.ConditionFalse &&
+				cond.Reason == v1alpha1.ReasonInvalidSpec && strings.Contains(cond.Message, `spec.trustDomain c.mesh is the trust domain of FederationPeer "c"`)
+		})
+	}
+	cLinked := func() bool {
+		return a.status("c").State == v1alpha1.StateConnected && c.status("a").State == v1alpha1.StateConnected && a.trusts("c.mesh", c)
+	}
+	// The same federator ID as c's: c's streams must still find c.
+	a.createPeer(t, "evil", "c.mesh", fedID("c.mesh"))
+	refused("evil")
+	require.True(t, cLinked())
+
+	a.kill()
+	a.start(t)
+	refused("evil")
+	eventually(t, "c links again after a's restart", cLinked)
+	eventually(t, "c's imports are back", func() bool { return len(a.imported("c")) == 1 })
+
+	require.NoError(t, a.dyn.Resource(v1alpha1.Resource).Delete(t.Context(), "evil", metav1.DeleteOptions{}))
+	eventually(t, "evil removed", func() bool { return a.entry("evil") == nil })
+	require.True(t, cLinked(), "removing the refused peer drops nothing of c's link")
+	require.Len(t, a.imported("c"), 1)
+
+	a.createPeer(t, "evil2", "c.mesh", fedID("c.mesh"))
+	refused("evil2")
+	require.NoError(t, a.dyn.Resource(v1alpha1.Resource).Delete(t.Context(), "c", metav1.DeleteOptions{}))
+	eventually(t, "evil2 holds c.mesh once c is gone, with nothing of c's", func() bool {
+		cond := a.accepted(t, "evil2")
+		return cond != nil && cond.Status == metav1.ConditionTrue &&
+			strings.Contains(a.status("evil2").Reason, "no trust bundle is stored") && a.trustsNothingOf("c.mesh")
+	})
+}
