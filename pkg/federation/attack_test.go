@@ -88,8 +88,25 @@ func startRogue(t *testing.T, lim Limits) *rogue {
 	return startRogueLog(t, lim, testLogger(t))
 }
 
+// startRogueHolding is startRogue over a stream that holds n messages
+// from this side that the peer has not read.
+func startRogueHolding(t *testing.T, n int) *rogue {
+	t.Helper()
+	r := newRogue(t, Limits{}, testLogger(t))
+	r.connectHolding(n)
+	return r
+}
+
 // startRogueLog is startRogue with this side logging to log.
 func startRogueLog(t *testing.T, lim Limits, log *slog.Logger) *rogue {
+	t.Helper()
+	r := newRogue(t, lim, log)
+	r.connect()
+	return r
+}
+
+// newRogue makes this side's peer "evil" and its catalog, not connected.
+func newRogue(t *testing.T, lim Limits, log *slog.Logger) *rogue {
 	t.Helper()
 	ctx, cancel := context.WithCancel(t.Context())
 	t.Cleanup(cancel)
@@ -112,7 +129,6 @@ func startRogueLog(t *testing.T, lim Limits, log *slog.Logger) *rogue {
 	r := &rogue{t: t, p: p, store: store, clock: clk, base: ctx,
 		cfg: sessionConfig{clusterName: "here", heartbeat: time.Second, heartbeatTimeout: 3 * time.Second,
 			limits: lim.withDefaults(), log: log}}
-	r.connect()
 	return r
 }
 
@@ -120,9 +136,16 @@ func startRogueLog(t *testing.T, lim Limits, log *slog.Logger) *rogue {
 // side's Open.
 func (r *rogue) connect() {
 	r.t.Helper()
+	r.connectHolding(16)
+}
+
+// connectHolding is connect with a stream that holds n messages from this
+// side that the peer has not read; this side's Send blocks beyond.
+func (r *rogue) connectHolding(n int) {
+	r.t.Helper()
 	ctx, cancel := context.WithCancel(r.base)
 	r.t.Cleanup(cancel)
-	a2b := make(chan *fedv1.ExchangeMessage, 16)
+	a2b := make(chan *fedv1.ExchangeMessage, n)
 	b2a := make(chan *fedv1.ExchangeMessage, 16)
 	r.remote = pipe{in: a2b, out: b2a, ctx: ctx}
 	ended := make(chan error, 1)
@@ -492,6 +515,25 @@ func (r *rogue) advance(d time.Duration) {
 	}
 }
 
+// advanceDraining is advance, reading (and dropping) what this side
+// sends meanwhile.
+func (r *rogue) advanceDraining(d time.Duration) {
+	const step = 500 * time.Millisecond
+	for ; d > 0; d -= step {
+		_ = r.remote.Send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Heartbeat{Heartbeat: &fedv1.Heartbeat{}}})
+		time.Sleep(5 * time.Millisecond)
+		r.clock.Step(min(d, step))
+		time.Sleep(5 * time.Millisecond)
+		for drained := false; !drained; {
+			select {
+			case <-r.remote.in:
+			default:
+				drained = true
+			}
+		}
+	}
+}
+
 func (r *rogue) sendOpen() {
 	r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Open{Open: &fedv1.Open{ClusterName: "evil"}}})
 }
@@ -647,6 +689,41 @@ func TestAcceptedConditionsAfterAResumeWithoutResend(t *testing.T) {
 	exports := r.condition(v1alpha1.ConditionExportsAccepted)
 	require.Equal(t, metav1.ConditionTrue, exports.Status, exports.Message)
 	require.Equal(t, 1, r.p.tracker.Snapshot().Exported)
+}
+
+// The acknowledgement deadline runs from when the update was sent, not
+// queued: a large update that takes a while to reach a slow peer is not
+// held against it (a Send that does not complete has its own deadline).
+func TestAckDeadlineCountsFromTheSend(t *testing.T) {
+	r := startRogueHolding(t, 0)
+	r.sendOpen()
+	for range resourceTypes {
+		u := r.recv().GetUpdate()
+		require.NotNil(t, u)
+		r.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Ack{Ack: &fedv1.Ack{TypeUrl: u.TypeUrl, Nonce: u.Nonce, Version: u.Version}}})
+	}
+	r.sync()
+	timeout := r.cfg.heartbeatTimeout
+	// A change: its update waits in Send while the peer does not read.
+	r.exportLocal(3)
+	r.advance(timeout - time.Second)
+	u := r.recv().GetUpdate()
+	require.NotNil(t, u)
+	// Unanswered for less than the timeout since it was sent, longer
+	// since it was queued.
+	r.advanceDraining(timeout - time.Second)
+	select {
+	case err := <-r.ended:
+		t.Fatalf("ended %s after the update was sent: %v", timeout-time.Second, err)
+	default:
+	}
+	r.advanceDraining(2 * time.Second)
+	select {
+	case err := <-r.ended:
+		require.ErrorIs(t, err, ErrAckTimeout)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the session goes on with its update unanswered")
+	}
 }
 
 func TestSessionEnds(t *testing.T) {

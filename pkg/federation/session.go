@@ -88,7 +88,7 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 	// returns).
 	msgs := make(chan *fedv1.ExchangeMessage)
 	readErr := make(chan error, 1)
-	w := &writer{queue: make(chan *fedv1.ExchangeMessage, maxQueued), err: make(chan error, 1), clock: clk}
+	w := &writer{queue: make(chan queued, maxQueued), err: make(chan error, 1), clock: clk}
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() {
@@ -242,13 +242,19 @@ func (p *peer) session(ctx context.Context, cfg sessionConfig, st stream, abort 
 }
 
 // checkAcked ends the session when an update has waited for its answer
-// longer than timeout: until then nothing more of its type reaches the
-// peer, while its status shows it connected. The next stream starts over
-// from what the peer says it holds, after the dialling side's backoff.
+// longer than timeout since it was sent: until then nothing more of its
+// type reaches the peer, while its status shows it connected. The time a
+// large update takes to be sent does not count; a Send that does not
+// complete has its own deadline. The next stream starts over from what
+// the peer says it holds, after the dialling side's backoff.
 func (p *peer) checkAcked(now time.Time, timeout time.Duration) error {
 	for _, t := range resourceTypes {
-		if u := p.out[t].pending; u != nil && now.Sub(u.sent) > timeout {
-			return fmt.Errorf("%w: the %s update of version %q (nonce %s) was sent at %s", ErrAckTimeout, t, u.version, u.nonce, u.sent.Format(time.RFC3339))
+		u := p.out[t].pending
+		if u == nil {
+			continue
+		}
+		if at := u.written.Load(); at != 0 && now.Sub(time.Unix(0, at)) > timeout {
+			return fmt.Errorf("%w: the %s update of version %q (nonce %s) was sent at %s", ErrAckTimeout, t, u.version, u.nonce, time.Unix(0, at).UTC().Format(time.RFC3339))
 		}
 	}
 	return nil
@@ -276,7 +282,7 @@ func (p *peer) throttle(ctx context.Context, limiter *rate.Limiter) error {
 
 // writer sends what the session loop queues, in order.
 type writer struct {
-	queue chan *fedv1.ExchangeMessage
+	queue chan queued
 	err   chan error
 	clock clock.PassiveClock
 	// sending is when the Send in progress began (UnixNano), 0 when the
@@ -284,10 +290,21 @@ type writer struct {
 	sending atomic.Int64
 }
 
+// queued is a message waiting for the writer.
+type queued struct {
+	m *fedv1.ExchangeMessage
+	// written, if set, gets the time (UnixNano) m's Send returned.
+	written *atomic.Int64
+}
+
 // send queues m; it never blocks.
-func (w *writer) send(m *fedv1.ExchangeMessage) error {
+func (w *writer) send(m *fedv1.ExchangeMessage) error { return w.sendTracked(m, nil) }
+
+// sendTracked queues m, and has the writer store in written when it was
+// sent.
+func (w *writer) sendTracked(m *fedv1.ExchangeMessage, written *atomic.Int64) error {
 	select {
-	case w.queue <- m:
+	case w.queue <- queued{m: m, written: written}:
 		return nil
 	default:
 		return fmt.Errorf("%d messages wait to be sent: the peer does not read", maxQueued)
@@ -312,7 +329,8 @@ func (w *writer) run(ctx context.Context, st stream) error {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case m := <-w.queue:
+		case q := <-w.queue:
+			m := q.m
 			if m == nil {
 				if cs, ok := st.(interface{ CloseSend() error }); ok {
 					_ = cs.CloseSend()
@@ -324,6 +342,9 @@ func (w *writer) run(ctx context.Context, st stream) error {
 			w.sending.Store(0)
 			if err != nil {
 				return fmt.Errorf("send %s: %w", kindOf(m), err)
+			}
+			if q.written != nil {
+				q.written.Store(w.clock.Now().UnixNano())
 			}
 		}
 	}
@@ -464,7 +485,7 @@ func (p *peer) sendUpdates(w *writer) (retry time.Duration, err error) {
 		if u == nil {
 			continue
 		}
-		if err := w.send(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Update{Update: u}}); err != nil {
+		if err := w.sendTracked(&fedv1.ExchangeMessage{Kind: &fedv1.ExchangeMessage_Update{Update: u}}, &p.out[t].pending.written); err != nil {
 			return 0, err
 		}
 		p.tracker.sent(t, u.GetVersion())

@@ -3,6 +3,7 @@ package federation
 import (
 	"fmt"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -60,8 +61,8 @@ type pendingUpdate struct {
 	set     map[string]digest
 	// full is set for a full set.
 	full bool
-	// sent is when it was queued.
-	sent time.Time
+	// written is when the writer sent it (UnixNano), 0 until then.
+	written atomic.Int64
 }
 
 // desired is the set this side wants the peer to hold.
@@ -165,7 +166,7 @@ func (o *outbound) next(want desired, now time.Time) (*fedv1.Update, time.Durati
 		}
 	}
 	sortUpdate(u)
-	o.pending = &pendingUpdate{nonce: u.Nonce, version: version, set: set, full: u.FullSet, sent: now}
+	o.pending = &pendingUpdate{nonce: u.Nonce, version: version, set: set, full: u.FullSet}
 	o.lastSent = version
 	return u, 0
 }
