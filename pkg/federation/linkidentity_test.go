@@ -1,14 +1,17 @@
 package federation
 
 import (
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
 )
@@ -144,5 +147,64 @@ func TestNewerFederationPeerForATrustDomainIsRefused(t *testing.T) {
 		cond := a.accepted(t, "evil2")
 		return cond != nil && cond.Status == metav1.ConditionTrue &&
 			strings.Contains(a.status("evil2").Reason, "no trust bundle is stored") && a.trustsNothingOf("c.mesh")
+	})
+}
+
+// Finding 3: a changed spec.federatorID was never applied, and the old
+// federator identity stayed authorized.
+func TestChangedFederatorIDIsApplied(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	link(t, a, b)
+	b.export(t, echoService(1))
+	eventually(t, "linked", func() bool { return a.status("b").State == v1alpha1.StateConnected && len(a.imported("b")) == 1 })
+
+	moved := "spiffe://b.mesh/ns/elsewhere/sa/isthmus-federator"
+	a.patchPeer(t, "b", `{"federatorID":"`+moved+`"}`)
+	eventually(t, "b's federator, as its old identity, is refused", func() bool {
+		return a.entry("b").p.id.String() == moved && a.status("b").State != v1alpha1.StateConnected &&
+			strings.Contains(b.status("a").Reason, "no FederationPeer expects federator "+fedID("b.mesh"))
+	})
+	require.Len(t, a.imported("b"), 1, "what b exported is kept, ageing, while the new identity is awaited")
+	require.True(t, a.trusts("b.mesh", b), "the trust domain is the same: its bundle stays")
+
+	a.patchPeer(t, "b", `{"federatorID":"`+fedID("b.mesh")+`"}`)
+	eventually(t, "linked again", func() bool {
+		return a.status("b").State == v1alpha1.StateConnected && b.status("a").State == v1alpha1.StateConnected
+	})
+	require.Len(t, a.imported("b"), 1)
+}
+
+// Finding 3: reconcile rewrote the peer's persistBundle while the stream
+// the peer opened stored a new bundle with it (run with -race).
+func TestSpecChangesWhileBundlesArrive(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	link(t, a, b)
+	eventually(t, "linked", func() bool { return a.status("b").State == v1alpha1.StateConnected })
+	roots := b.ca.Bundle().X509Authorities()
+	seq := b.ca.BundleSequence()
+	const n = 100
+	patched := make(chan struct{})
+	go func() {
+		defer close(patched)
+		for i := 1; i <= n; i++ {
+			_, err := a.dyn.Resource(v1alpha1.Resource).Patch(t.Context(), "b", types.MergePatchType,
+				[]byte(`{"spec":{"staleness":{"keepFor":"`+strconv.Itoa(60+i)+`s"}}}`), metav1.PatchOptions{})
+			if err != nil {
+				t.Errorf("patch: %v", err)
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	for i := 1; i <= n; i++ {
+		b.trust.SetLocal(roots, seq+uint64(i), 0)
+		time.Sleep(time.Millisecond)
+	}
+	<-patched
+	eventually(t, "a stored b's last bundle", func() bool {
+		stored, found, err := a.manager.loadPeerBundle(t.Context(), "b", spiffeid.RequireTrustDomainFromString("b.mesh"))
+		return err == nil && found && sequenceOf(stored) == seq+n
 	})
 }

@@ -191,6 +191,12 @@ type peerEntry struct {
 	// holds its trust domain; this entry holds nothing of that trust
 	// domain, so forgetting it must not drop the other link's bundle.
 	conflict bool
+	// peerLife lasts as long as p serves this peer: entries that keep p
+	// share it, and it ends when p is replaced or the link removed.
+	// Every stream Exchange serves for p ends with it, so that one
+	// opened just before the replacement does not outlive it.
+	peerLife context.Context
+	endPeer  context.CancelFunc
 }
 
 var _ fedv1.FederationServiceServer = (*Manager)(nil)
@@ -331,6 +337,10 @@ func (m *Manager) lookupPeerObject(ctx context.Context, name string) (*v1alpha1.
 // FederationPeer holds) is not retried: the peer is Failed with a False
 // Accepted condition naming each problem, the link is not run, and the
 // next change of the object reconciles it again.
+//
+// The peer's identity is its trust domain and federator ID. A changed
+// federator ID or trust domain is a new peer object (the old identity's
+// streams end).
 func (m *Manager) reconcile(ctx context.Context, name string) error {
 	obj, exists, err := m.informer.GetStore().GetByKey(name)
 	if err != nil {
@@ -361,11 +371,12 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 	if err == nil && !id.MemberOf(td) {
 		err = fmt.Errorf("spec.federatorID %s is not in spec.trustDomain %s", id, td)
 	}
+	identityOK := err == nil
 	// A trust domain, and with it every federator ID in it, is one
 	// link's: the older FederationPeer keeps it, whatever order the
 	// federator sees them in.
 	var conflictErr error
-	if err == nil && td != m.trust.LocalTrustDomain() {
+	if identityOK && td != m.trust.LocalTrustDomain() {
 		if older := m.olderClaim(name, td, u.GetCreationTimestamp().Time); older != "" {
 			conflictErr = fmt.Errorf("spec.trustDomain %s is the trust domain of FederationPeer %q, made before this one: a trust domain belongs to one link; delete one of them", td, older)
 		}
@@ -402,16 +413,16 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 	next := &peerEntry{spec: fp.Spec, specErr: specErr, conflict: conflictErr != nil,
 		keepFor: keepFor, drainFor: drainFor, done: make(chan struct{})}
 	next.conditions = fp.Status.Conditions
-	old := m.replacePeer(name, e, next, td, id)
+	old := m.replacePeer(name, e, next, td, id, identityOK)
 	p := next.p
 	pctx, cancel := context.WithCancel(ctx)
 	next.cancel = cancel
 	if old != nil {
-		// Another trust domain: a stream the peer opened as the old
-		// one ends (the joiner redials; an acceptor is dialled again).
-		old.p.endSession()
+		// Another peer object: the old one's streams end, whichever side
+		// opened them, and nothing it held lingers.
+		old.endPeer()
+		old.p.endSessionWait(m.cfg.DialTimeout)
 	}
-	p.persistBundle = func(ctx context.Context, b *spiffebundle.Bundle) error { return m.storePeerBundle(ctx, name, b) }
 	if e == nil || e.spec.TrustDomain != fp.Spec.TrustDomain {
 		m.enqueueSharing(name, fp.Spec.TrustDomain)
 		if e != nil {
@@ -422,6 +433,7 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 		// Not run as a spec it cannot follow says: once the entry
 		// refuses new streams, one the peer opened before ends too,
 		// before the refusal is recorded.
+		next.endPeer()
 		p.endSessionWait(m.cfg.DialTimeout)
 		if lastErr == nil || lastErr.Error() != specErr.Error() {
 			m.log.Warn("FederationPeer spec not accepted; the link is not run until the spec changes", "peer", name, "err", specErr)
@@ -439,22 +451,59 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 
 // replacePeer gives next its peer object and puts it in the place of e
 // (nil for a new peer). It returns e when next has a new peer object, so
-// that the caller ends what the old one serves; nil when next keeps e's
-// (what was received survives a spec change).
-func (m *Manager) replacePeer(name string, e, next *peerEntry, td spiffeid.TrustDomain, id spiffeid.ID) (old *peerEntry) {
+// that the caller ends what the old one serves; nil when next keeps e's.
+//
+// The peer object is kept while its trust domain and federator ID stay
+// (what was received survives a spec change), and when the new spec does
+// not name a readable identity (the link is not run; what it had ages as
+// after any loss). A changed federator ID makes a new object that takes
+// over what was imported, to age from now if the new identity does not
+// come; a changed trust domain makes a new object from nothing.
+func (m *Manager) replacePeer(name string, e, next *peerEntry, td spiffeid.TrustDomain, id spiffeid.ID, identityOK bool) (old *peerEntry) {
 	switch {
 	case e == nil:
-		next.p = newPeer(name, td, id, m.clock, m.exports)
-	case e.p.td == td:
+		next.p = m.makePeer(name, td, id)
+	case !identityOK || (e.p.td == td && e.p.id == id):
 		next.p = e.p
 	default:
-		next.p = newPeer(name, td, id, m.clock, m.exports)
+		next.p = m.makePeer(name, td, id)
 		old = e
+		if e.p.td == td {
+			e.p.importMu.Lock()
+			received, phase := e.p.received, e.p.phase
+			e.p.importMu.Unlock()
+			next.p.importMu.Lock()
+			next.p.received, next.p.phase = received, phase
+			next.p.publishLocked()
+			next.p.importMu.Unlock()
+			// Imports already ageing go on from when the peer was lost.
+			since, lost := e.p.tracker.lostSince()
+			if !lost {
+				since = m.clock.Now()
+			}
+			next.p.tracker.disconnected(since, fmt.Errorf("spec.federatorID changed from %s to %s: waiting for the peer's federator as %s", e.p.id, id, id))
+			m.log.Info("spec.federatorID changed: the old identity's streams end and it is no longer authorized",
+				"peer", name, "old", e.p.id, "new", id)
+		}
+	}
+	if old == nil && e != nil && e.peerLife.Err() == nil {
+		next.peerLife, next.endPeer = e.peerLife, e.endPeer
+	} else {
+		next.peerLife, next.endPeer = context.WithCancel(context.Background())
 	}
 	m.mu.Lock()
 	m.peers[name] = next
 	m.mu.Unlock()
 	return old
+}
+
+// makePeer makes the peer object for a FederationPeer. Its bundle is
+// stored under the FederationPeer's name, set once here: sessions read
+// it while reconcile runs.
+func (m *Manager) makePeer(name string, td spiffeid.TrustDomain, id spiffeid.ID) *peer {
+	p := newPeer(name, td, id, m.clock, m.exports)
+	p.persistBundle = func(ctx context.Context, b *spiffebundle.Bundle) error { return m.storePeerBundle(ctx, name, b) }
+	return p
 }
 
 // olderClaim returns the name of a FederationPeer other than name, made
@@ -578,6 +627,7 @@ func checkDialAddresses(addrs []string) error {
 // never spent is deleted, so that joining again starts clean.
 func (m *Manager) removePeer(ctx context.Context, name string, e *peerEntry, reason string) {
 	e.p.stopSession(reason, m.cfg.DialTimeout)
+	e.endPeer()
 	e.cancel()
 	<-e.done
 	m.forgetPeer(ctx, name, e.p)
@@ -807,6 +857,9 @@ func (m *Manager) Exchange(srv fedv1.FederationService_ExchangeServer) error {
 	ctx, cancel := context.WithCancel(srv.Context())
 	defer cancel()
 	defer context.AfterFunc(m.life, cancel)()
+	// And with the peer object: one replaced (a new federator ID or
+	// trust domain) or removed since peerByID found it serves nothing.
+	defer context.AfterFunc(e.peerLife, cancel)()
 	err = e.p.runSession(ctx, m.sessionConfig(), srv, nil)
 	switch {
 	case errors.Is(err, ErrTerminated):
