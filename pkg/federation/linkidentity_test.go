@@ -208,3 +208,24 @@ func TestSpecChangesWhileBundlesArrive(t *testing.T) {
 		return err == nil && found && sequenceOf(stored) == seq+n
 	})
 }
+
+// Finding 9: a changed trust domain left the old bundle trusted and the
+// old imports in the catalog, never ageing.
+func TestChangedTrustDomainForgetsTheOldLink(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	link(t, a, b)
+	b.export(t, echoService(1))
+	eventually(t, "linked", func() bool { return a.status("b").State == v1alpha1.StateConnected && len(a.imported("b")) == 1 })
+
+	a.patchPeer(t, "b", `{"trustDomain":"z.mesh","federatorID":"spiffe://z.mesh/fed"}`)
+	eventually(t, "a forgot b.mesh's link", func() bool {
+		_, err := a.kube.CoreV1().ConfigMaps(testNS).Get(t.Context(), peerConfigMapName("b"), metav1.GetOptions{})
+		return apierrors.IsNotFound(err) && len(a.imported("b")) == 0 && a.trustsNothingOf("b.mesh")
+	})
+	eventually(t, "the new trust domain needs a new link, and says so", func() bool {
+		s := a.status("b")
+		return s.State == v1alpha1.StateFailed && strings.Contains(s.Reason, "no trust bundle is stored")
+	})
+	require.NotContains(t, a.store.Sources(), "b")
+}

@@ -339,8 +339,9 @@ func (m *Manager) lookupPeerObject(ctx context.Context, name string) (*v1alpha1.
 // next change of the object reconciles it again.
 //
 // The peer's identity is its trust domain and federator ID. A changed
-// federator ID or trust domain is a new peer object (the old identity's
-// streams end).
+// federator ID is a new peer object (the old identity's streams end); a
+// changed trust domain is a new link: what the old one left (imports,
+// trust, the stored bundle) is forgotten first.
 func (m *Manager) reconcile(ctx context.Context, name string) error {
 	obj, exists, err := m.informer.GetStore().GetByKey(name)
 	if err != nil {
@@ -422,6 +423,11 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 		// opened them, and nothing it held lingers.
 		old.endPeer()
 		old.p.endSessionWait(m.cfg.DialTimeout)
+		if old.p.td != p.td && !old.p.td.IsZero() {
+			m.log.Info("spec.trustDomain changed: what the old trust domain's link held is dropped (its imports, its bundle and the stored copy); the new one links afresh",
+				"peer", name, "old", old.p.td, "new", p.td)
+			m.forgetPeer(ctx, name, old.p)
+		}
 	}
 	if e == nil || e.spec.TrustDomain != fp.Spec.TrustDomain {
 		m.enqueueSharing(name, fp.Spec.TrustDomain)
