@@ -6,14 +6,18 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
+	"github.com/isthmus-mesh/isthmus/pkg/ca"
 )
 
 // A link's identity is its trust domain and federator ID: each belongs to
@@ -228,4 +232,55 @@ func TestChangedTrustDomainForgetsTheOldLink(t *testing.T) {
 		return s.State == v1alpha1.StateFailed && strings.Contains(s.Reason, "no trust bundle is stored")
 	})
 	require.NotContains(t, a.store.Sources(), "b")
+}
+
+// Finding 10: a FederationPeer deleted while the federator was down left
+// its ConfigMap; the federator deletes such ConfigMaps when it starts.
+func TestStartDeletesLeftoverPeerConfigMaps(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	a.kill()
+	leftover := spiffebundle.FromX509Authorities(spiffeid.RequireTrustDomainFromString("ghost.mesh"), a.ca.Bundle().X509Authorities())
+	require.NoError(t, a.manager.storePeerBundle(t.Context(), "ghost", leftover))
+	kept := spiffebundle.FromX509Authorities(spiffeid.RequireTrustDomainFromString("kept.mesh"), a.ca.Bundle().X509Authorities())
+	require.NoError(t, a.manager.storePeerBundle(t.Context(), "kept", kept))
+	a.createPeer(t, "kept", "kept.mesh", fedID("kept.mesh"))
+	// Labelled, but not a peer ConfigMap of the federator's naming.
+	_, err := a.kube.CoreV1().ConfigMaps(testNS).Create(t.Context(), &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Namespace: testNS, Name: "someone-elses", Labels: map[string]string{LabelPeer: "ghost"}},
+	}, metav1.CreateOptions{})
+	require.NoError(t, err)
+
+	a.start(t)
+	eventually(t, "the leftover is deleted", func() bool {
+		_, err := a.kube.CoreV1().ConfigMaps(testNS).Get(t.Context(), peerConfigMapName("ghost"), metav1.GetOptions{})
+		return apierrors.IsNotFound(err)
+	})
+	for _, name := range []string{peerConfigMapName("kept"), "someone-elses"} {
+		_, err := a.kube.CoreV1().ConfigMaps(testNS).Get(t.Context(), name, metav1.GetOptions{})
+		require.NoError(t, err, name)
+	}
+	eventually(t, "kept's stored bundle is used", func() bool { return a.status("kept").BundleRoots == 1 })
+}
+
+// Finding 10: a join found a bundle an earlier link of the same name had
+// stored, skipped Establish and trusted the old roots for ever.
+func TestJoinEstablishesDespiteALeftoverBundle(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	old, err := ca.New(t.Context(), fake.NewClientset(), ca.Options{TrustDomain: a.trust.LocalTrustDomain(), Namespace: testNS})
+	require.NoError(t, err)
+	require.NoError(t, b.manager.storePeerBundle(t.Context(), "a", spiffebundle.FromX509Authorities(a.trust.LocalTrustDomain(), old.Bundle().X509Authorities())))
+	a.export(t, echoService(1))
+
+	link(t, a, b)
+	eventually(t, "linked with a's own roots", func() bool {
+		return a.status("b").State == v1alpha1.StateConnected && b.status("a").State == v1alpha1.StateConnected &&
+			b.trusts("a.mesh", a) && len(b.imported("a")) == 1
+	})
+	stored, found, err := b.manager.loadPeerBundle(t.Context(), "a", a.trust.LocalTrustDomain())
+	require.NoError(t, err)
+	require.True(t, found)
+	require.True(t, stored.X509Bundle().Equal(a.ca.Bundle()), "the stored copy is a's bundle")
+	_, err = b.kube.CoreV1().Secrets(testNS).Get(t.Context(), "isthmus-join-a", metav1.GetOptions{})
+	require.True(t, apierrors.IsNotFound(err), "the spent token is deleted: %v", err)
 }

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -272,6 +273,7 @@ func (m *Manager) Run(ctx context.Context) error {
 	if !cache.WaitForCacheSync(ctx.Done(), m.informer.HasSynced) {
 		return nil
 	}
+	m.sweepPeerConfigMaps(ctx)
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
@@ -664,6 +666,42 @@ func (m *Manager) forgetPeer(ctx context.Context, name string, p *peer) {
 	}
 }
 
+// sweepPeerConfigMaps deletes the peer ConfigMaps no FederationPeer
+// owns: a FederationPeer deleted while the federator was down leaves its
+// ConfigMap, and a later link of the same name must not find the old
+// peer's roots there. A failure is logged; the next start tries again.
+func (m *Manager) sweepPeerConfigMaps(ctx context.Context) {
+	cms := m.kube.CoreV1().ConfigMaps(m.cfg.Namespace)
+	list, err := cms.List(ctx, metav1.ListOptions{LabelSelector: LabelPeer})
+	if err != nil {
+		m.log.Warn("list peer ConfigMaps to delete those no FederationPeer owns", "err", err)
+		return
+	}
+	// Establish stores a joiner's ConfigMap before it creates its
+	// FederationPeer: none is between the two while this runs.
+	m.establishMu.Lock()
+	defer m.establishMu.Unlock()
+	for _, cm := range list.Items {
+		name := cm.Labels[LabelPeer]
+		if _, exists, _ := m.informer.GetStore().GetByKey(name); exists || cm.Name != peerConfigMapName(name) {
+			continue
+		}
+		// The informer can lag a create: ask the API server.
+		if _, err := m.dyn.Resource(v1alpha1.Resource).Get(ctx, name, metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+			continue
+		}
+		uid := cm.UID
+		err := cms.Delete(ctx, cm.Name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid}})
+		switch {
+		case err == nil:
+			m.log.Info("deleted a peer ConfigMap no FederationPeer owns (its link was deleted while the federator was down)", "peer", name, "configMap", cm.Name)
+		case apierrors.IsNotFound(err) || apierrors.IsConflict(err):
+		default:
+			m.log.Warn("delete a peer ConfigMap no FederationPeer owns", "peer", name, "configMap", cm.Name, "err", err)
+		}
+	}
+}
+
 // deleteJoinSecret deletes the Secret `federator join` stored the peer's
 // token in, if it is one (labelled for this peer).
 func (m *Manager) deleteJoinSecret(ctx context.Context, peer, name string) error {
@@ -753,51 +791,77 @@ func (m *Manager) runPeer(ctx context.Context, e *peerEntry) {
 }
 
 // ensureEstablished loads the peer's bundle, or on the joining side runs
-// Establish with the stored token first.
+// Establish with the stored token first. A join token present means a
+// link still to make: Establish runs even if a bundle is stored, since
+// one left by an earlier link of the same name must not be trusted in
+// place of the peer's roots. (A token whose link was made, but that could
+// not be deleted, is answered again by the peer.)
 func (m *Manager) ensureEstablished(ctx context.Context, e *peerEntry) error {
 	p := e.p
-	b, found, err := m.loadPeerBundle(ctx, p.name, p.td)
-	if err != nil {
-		return err
+	var b *spiffebundle.Bundle
+	if e.spec.TokenSecretName != "" {
+		sec, err := m.kube.CoreV1().Secrets(m.cfg.Namespace).Get(ctx, e.spec.TokenSecretName, metav1.GetOptions{})
+		switch {
+		case apierrors.IsNotFound(err):
+		case err != nil:
+			return err
+		default:
+			if b, err = m.establishWith(ctx, p, sec); err != nil {
+				return err
+			}
+		}
 	}
-	if !found {
-		if e.spec.TokenSecretName == "" {
+	if b == nil {
+		stored, found, err := m.loadPeerBundle(ctx, p.name, p.td)
+		if err != nil {
+			return err
+		}
+		if !found && e.spec.TokenSecretName == "" {
 			return permanent(fmt.Errorf("no trust bundle is stored for this peer (ConfigMap %s/%s) and there is no token to link with: delete the FederationPeer and link again", m.cfg.Namespace, peerConfigMapName(p.name)))
 		}
-		sec, err := m.kube.CoreV1().Secrets(m.cfg.Namespace).Get(ctx, e.spec.TokenSecretName, metav1.GetOptions{})
-		if apierrors.IsNotFound(err) {
+		if !found {
 			return permanent(fmt.Errorf("the token Secret %s/%s is gone and the link was never established: join again", m.cfg.Namespace, e.spec.TokenSecretName))
 		}
-		if err != nil {
-			return err
-		}
-		tok, err := DecodeToken(string(sec.Data[keyToken]))
-		if err != nil {
-			return permanent(err)
-		}
-		if tok.TrustDomain != p.td.Name() || tok.FederatorID != p.id.String() {
-			return permanent(fmt.Errorf("the token in Secret %s names %s (%s), the FederationPeer %s (%s)", sec.Name, tok.TrustDomain, tok.FederatorID, p.td, p.id))
-		}
-		if tok.Expired(m.clock.Now()) {
-			return permanent(fmt.Errorf("%w: it expired at %s before the link was established; ask the peer for a new one", ErrInvalidToken, tok.Expires.Format(time.RFC3339)))
-		}
-		if b, err = m.establish(ctx, tok); err != nil {
-			return err
-		}
-		if err := m.storePeerBundle(ctx, p.name, b); err != nil {
-			return err
-		}
-		// The secret is spent; the token is of no further use.
-		if err := m.kube.CoreV1().Secrets(m.cfg.Namespace).Delete(ctx, sec.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
-			m.log.Warn("delete the spent token", "peer", p.name, "err", err)
-		}
-		m.log.Info("link established", "peer", p.name)
+		b = stored
 	}
 	if err := m.trust.SetPeer(b); err != nil && !errors.Is(err, trust.ErrStaleBundle) {
 		return permanent(err)
 	}
 	p.tracker.bundle(b)
 	return nil
+}
+
+// establishWith links with the peer using the token in sec: it runs
+// Establish, stores the peer's bundle and deletes the spent token.
+func (m *Manager) establishWith(ctx context.Context, p *peer, sec *corev1.Secret) (*spiffebundle.Bundle, error) {
+	tok, err := DecodeToken(string(sec.Data[keyToken]))
+	if err != nil {
+		return nil, permanent(err)
+	}
+	if tok.TrustDomain != p.td.Name() || tok.FederatorID != p.id.String() {
+		return nil, permanent(fmt.Errorf("the token in Secret %s names %s (%s), the FederationPeer %s (%s)", sec.Name, tok.TrustDomain, tok.FederatorID, p.td, p.id))
+	}
+	if tok.Expired(m.clock.Now()) {
+		// A link made with it whose token could not be deleted is
+		// answered again by the peer, expired or not; with nothing
+		// stored, there is no such link.
+		if _, found, _ := m.loadPeerBundle(ctx, p.name, p.td); !found {
+			return nil, permanent(fmt.Errorf("%w: it expired at %s before the link was established; ask the peer for a new one", ErrInvalidToken, tok.Expires.Format(time.RFC3339)))
+		}
+	}
+	b, err := m.establish(ctx, tok)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.storePeerBundle(ctx, p.name, b); err != nil {
+		return nil, err
+	}
+	// The secret is spent; the token is of no further use.
+	if err := m.kube.CoreV1().Secrets(m.cfg.Namespace).Delete(ctx, sec.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		m.log.Warn("delete the spent token", "peer", p.name, "err", err)
+	}
+	m.log.Info("link established", "peer", p.name)
+	return b, nil
 }
 
 // dial connects to a peer's federator, verifying it against bundle and id.
