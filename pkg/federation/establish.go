@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"strconv"
 	"strings"
 	"time"
@@ -209,6 +210,12 @@ func (m *Manager) Establish(ctx context.Context, req *fedv1.EstablishRequest) (*
 	if msgs := validation.IsDNS1123Label(req.GetClusterName()); len(msgs) > 0 {
 		return nil, status.Errorf(codes.InvalidArgument, "cluster name %q: %s", req.GetClusterName(), strings.Join(msgs, "; "))
 	}
+	// Before anything that costs a request: a flood of calls waits for
+	// its own budget, never for the one the federator's work shares.
+	if !m.establishLimit.AllowN(m.clock.Now(), 1) {
+		return nil, status.Errorf(codes.ResourceExhausted, "this federator answers at most %g Establish calls a second (%d at once) and more are coming in: retry shortly",
+			m.cfg.EstablishRate, m.cfg.EstablishBurst)
+	}
 	fp, linked := m.lookupPeerObject(ctx, req.GetClusterName())
 	if linked && m.linkedJoiner(ctx, fp, req) {
 		m.log.Info("answered a linked peer's Establish again", "peer", req.GetClusterName())
@@ -344,15 +351,21 @@ func (m *Manager) linkedJoiner(ctx context.Context, fp *v1alpha1.FederationPeer,
 	if err != nil {
 		return false
 	}
-	b, found, err := m.loadPeerBundle(ctx, fp.Name, td)
-	if err != nil || !found {
-		return false
-	}
 	certs := peerCertificates(ctx)
 	if len(certs) == 0 {
 		return false
 	}
-	id, _, err := x509svid.Verify(certs, x509bundle.FromX509Authorities(td, b.X509Authorities()))
+	// The trust store holds the linked peer's bundle, current, once its
+	// link runs; the stored copy is read only before that.
+	roots, err := m.trust.GetX509BundleForTrustDomain(td)
+	if err != nil {
+		b, found, err := m.loadPeerBundle(ctx, fp.Name, td)
+		if err != nil || !found {
+			return false
+		}
+		roots = b.X509Bundle()
+	}
+	id, _, err := x509svid.Verify(certs, roots)
 	return err == nil && id.String() == fp.Spec.FederatorID
 }
 
@@ -383,21 +396,54 @@ func (m *Manager) storePeerBundle(ctx context.Context, name string, b *spiffebun
 		keySequence:    strconv.FormatUint(seq, 10),
 	}
 	cms := m.kube.CoreV1().ConfigMaps(m.cfg.Namespace)
+	m.bundleMu.Lock()
+	last := m.stored[name]
+	m.bundleMu.Unlock()
+	if last != nil {
+		if maps.Equal(last.Data, data) {
+			return nil
+		}
+		next := last.DeepCopy()
+		next.Data = data
+		out, err := cms.Update(ctx, next, metav1.UpdateOptions{})
+		if err == nil {
+			m.rememberBundle(name, out)
+			return nil
+		}
+		m.forgetStoredBundle(name)
+		if !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) {
+			return err
+		}
+		// Changed or deleted by someone else: read it again.
+	}
 	cm, err := cms.Get(ctx, peerConfigMapName(name), metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
-		_, err = cms.Create(ctx, &corev1.ConfigMap{
+		cm, err = cms.Create(ctx, &corev1.ConfigMap{
 			ObjectMeta: metav1.ObjectMeta{Namespace: m.cfg.Namespace, Name: peerConfigMapName(name),
 				Labels: map[string]string{LabelPeer: name, "app.kubernetes.io/part-of": "isthmus"}},
 			Data: data,
 		}, metav1.CreateOptions{})
-		return err
+	} else if err == nil {
+		cm.Data = data
+		cm, err = cms.Update(ctx, cm, metav1.UpdateOptions{})
 	}
 	if err != nil {
 		return err
 	}
-	cm.Data = data
-	_, err = cms.Update(ctx, cm, metav1.UpdateOptions{})
-	return err
+	m.rememberBundle(name, cm)
+	return nil
+}
+
+func (m *Manager) rememberBundle(name string, cm *corev1.ConfigMap) {
+	m.bundleMu.Lock()
+	defer m.bundleMu.Unlock()
+	m.stored[name] = cm
+}
+
+func (m *Manager) forgetStoredBundle(name string) {
+	m.bundleMu.Lock()
+	defer m.bundleMu.Unlock()
+	delete(m.stored, name)
 }
 
 // loadPeerBundle reads the peer's stored bundle; found is false before
@@ -424,6 +470,7 @@ func (m *Manager) loadPeerBundle(ctx context.Context, name string, td spiffeid.T
 }
 
 func (m *Manager) deletePeerBundle(ctx context.Context, name string) error {
+	m.forgetStoredBundle(name)
 	err := m.kube.CoreV1().ConfigMaps(m.cfg.Namespace).Delete(ctx, peerConfigMapName(name), metav1.DeleteOptions{})
 	if apierrors.IsNotFound(err) {
 		return nil

@@ -18,6 +18,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -73,6 +74,13 @@ type Config struct {
 	// FederationPeer objects (default 2s).
 	StatusInterval time.Duration
 	Limits         Limits
+	// EstablishRate is how many Establish calls a second this federator
+	// answers, EstablishBurst how many at once (default 2 and 10).
+	// Whoever reaches the federation port can call Establish, and a call
+	// that passes the free checks costs requests on the API client the
+	// whole federator shares; linking needs a handful.
+	EstablishRate  float64
+	EstablishBurst int
 	// ImportProblems, when set, names what the import writer could not
 	// write for a peer (shown in the ImportsWritten condition).
 	ImportProblems func(peer string) []string
@@ -95,6 +103,12 @@ func (c Config) withDefaults() Config {
 	def(&c.BackoffMin, time.Second)
 	def(&c.BackoffMax, 30*time.Second)
 	def(&c.StatusInterval, 2*time.Second)
+	if c.EstablishRate <= 0 {
+		c.EstablishRate = 2
+	}
+	if c.EstablishBurst <= 0 {
+		c.EstablishBurst = 10
+	}
 	c.Limits = c.Limits.withDefaults()
 	if c.Clock == nil {
 		c.Clock = clock.RealClock{}
@@ -137,6 +151,14 @@ type Manager struct {
 	// their trust domain: the informer may not show their FederationPeer
 	// yet. establishMu guards it.
 	recorded map[string]recordedJoiner
+	// establishLimit bounds the Establish calls answered (EstablishRate).
+	establishLimit *rate.Limiter
+
+	// bundleMu guards stored: each peer's ConfigMap as last written, so
+	// that storing the bundle it holds costs no request, and a new one an
+	// update without a read first.
+	bundleMu sync.Mutex
+	stored   map[string]*corev1.ConfigMap
 
 	// life ends when Run returns, and with it every stream Exchange
 	// serves; sessions counts them, so that Run waits for them.
@@ -208,9 +230,11 @@ func NewManager(kube kubernetes.Interface, dyn dynamic.Interface, store *catalog
 	m := &Manager{
 		cfg: cfg, log: cfg.Logger.With("component", "federation"), clock: cfg.Clock,
 		kube: kube, dyn: dyn, trust: ts, svid: svid,
-		exports:  newExports(store, ts, cfg.Gateways),
-		peers:    map[string]*peerEntry{},
-		recorded: map[string]recordedJoiner{},
+		exports:        newExports(store, ts, cfg.Gateways),
+		peers:          map[string]*peerEntry{},
+		recorded:       map[string]recordedJoiner{},
+		stored:         map[string]*corev1.ConfigMap{},
+		establishLimit: rate.NewLimiter(rate.Limit(cfg.EstablishRate), cfg.EstablishBurst),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "federationpeers"}),
 	}
@@ -312,10 +336,18 @@ func (m *Manager) worker(ctx context.Context) {
 }
 
 // lookupPeerObject returns the FederationPeer from the informer cache.
+// Anyone can make Establish look a name up, so the API server is asked
+// only for a joiner Establish recorded lately, whose FederationPeer the
+// cache may not show yet.
 func (m *Manager) lookupPeerObject(ctx context.Context, name string) (*v1alpha1.FederationPeer, bool) {
 	obj, exists, err := m.informer.GetStore().GetByKey(name)
 	if err != nil || !exists {
-		// The cache can lag a create; ask the API server.
+		m.establishMu.Lock()
+		_, recent := m.recorded[name]
+		m.establishMu.Unlock()
+		if !recent {
+			return nil, false
+		}
 		u, err := m.dyn.Resource(v1alpha1.Resource).Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return nil, false
