@@ -232,6 +232,21 @@ func TestChangedTrustDomainForgetsTheOldLink(t *testing.T) {
 		return s.State == v1alpha1.StateFailed && strings.Contains(s.Reason, "no trust bundle is stored")
 	})
 	require.NotContains(t, a.store.Sources(), "b")
+
+	// The joining side: the same, and it says a new join is needed.
+	require.NoError(t, b.dyn.Resource(v1alpha1.Resource).Delete(t.Context(), "a", metav1.DeleteOptions{}))
+	require.NoError(t, a.dyn.Resource(v1alpha1.Resource).Delete(t.Context(), "b", metav1.DeleteOptions{}))
+	link(t, a, b)
+	eventually(t, "linked again", func() bool { return b.status("a").State == v1alpha1.StateConnected && len(a.imported("b")) == 1 })
+	a.export(t, echoService(1))
+	eventually(t, "b imports a's echo", func() bool { return len(b.imported("a")) == 1 })
+	b.patchPeer(t, "a", `{"trustDomain":"y.mesh","federatorID":"spiffe://y.mesh/fed"}`)
+	eventually(t, "b forgot a.mesh's link", func() bool {
+		_, err := b.kube.CoreV1().ConfigMaps(testNS).Get(t.Context(), peerConfigMapName("a"), metav1.GetOptions{})
+		s := b.status("a")
+		return apierrors.IsNotFound(err) && len(b.imported("a")) == 0 && b.trustsNothingOf("a.mesh") &&
+			s.State == v1alpha1.StateFailed && strings.Contains(s.Reason, "trust domain y.mesh") && strings.Contains(s.Reason, "join again with a new token")
+	})
 }
 
 // Finding 10: a FederationPeer deleted while the federator was down left

@@ -852,7 +852,7 @@ func (m *Manager) ensureEstablished(ctx context.Context, e *peerEntry) error {
 			return permanent(fmt.Errorf("no trust bundle is stored for this peer (ConfigMap %s/%s) and there is no token to link with: delete the FederationPeer and link again", m.cfg.Namespace, peerConfigMapName(p.name)))
 		}
 		if !found {
-			return permanent(fmt.Errorf("the token Secret %s/%s is gone and the link was never established: join again", m.cfg.Namespace, e.spec.TokenSecretName))
+			return permanent(fmt.Errorf("no trust bundle is stored for this peer's trust domain %s (ConfigMap %s/%s) and the token Secret %s/%s is gone: delete the FederationPeer and join again with a new token", p.td, m.cfg.Namespace, peerConfigMapName(p.name), m.cfg.Namespace, e.spec.TokenSecretName))
 		}
 		b = stored
 	}
