@@ -445,13 +445,14 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 		e.cancel()
 		<-e.done
 	}
+	// Complete before it is installed: Run's shutdown cancels and waits
+	// for every entry it finds.
+	pctx, cancel := context.WithCancel(ctx)
 	next := &peerEntry{spec: fp.Spec, specErr: specErr, conflict: conflictErr != nil,
-		keepFor: keepFor, drainFor: drainFor, done: make(chan struct{})}
+		keepFor: keepFor, drainFor: drainFor, cancel: cancel, done: make(chan struct{})}
 	next.conditions = fp.Status.Conditions
 	old := m.replacePeer(name, e, next, td, id, identityOK)
 	p := next.p
-	pctx, cancel := context.WithCancel(ctx)
-	next.cancel = cancel
 	if old != nil {
 		// Another peer object: the old one's streams end, whichever side
 		// opened them, and nothing it held lingers.
