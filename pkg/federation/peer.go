@@ -312,15 +312,6 @@ func (p *peer) removeImports() {
 	p.publishLocked()
 }
 
-// endSession ends the running session, if any, without a Terminate.
-func (p *peer) endSession() {
-	p.sessMu.Lock()
-	defer p.sessMu.Unlock()
-	if p.sessCancel != nil {
-		p.sessCancel()
-	}
-}
-
 // endSessionWait ends the running session, if any, without a Terminate,
 // and waits at most wait for it to record its end.
 func (p *peer) endSessionWait(wait time.Duration) {
