@@ -95,6 +95,8 @@ func newRunCommand() *cobra.Command {
 	fl.IntVar(&cfg.ImportWriteBurst, "import-write-burst", cfg.ImportWriteBurst, "burst of those writes")
 	fl.Float32Var(&cfg.TokenReviewQPS, "token-review-qps", cfg.TokenReviewQPS, "TokenReviews per second for the certificate service (a client-side limit of their own, apart from --kube-api-qps)")
 	fl.IntVar(&cfg.TokenReviewBurst, "token-review-burst", cfg.TokenReviewBurst, "burst of those TokenReviews")
+	fl.Float64Var(&cfg.EstablishQPS, "establish-qps", cfg.EstablishQPS, "Establish calls (peers linking with a token) answered per second; anyone who reaches the federation port can call it; over the limit the joiner is told to retry")
+	fl.IntVar(&cfg.EstablishBurst, "establish-burst", cfg.EstablishBurst, "burst of those Establish calls")
 	fl.StringVar(&cfg.MonitoringAddr, "monitoring-addr", cfg.MonitoringAddr, "address for /healthz, /readyz, /metrics and /debug/catalog")
 	fl.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", cfg.ShutdownTimeout, "bound on graceful shutdown")
 	fl.StringVar(&cfg.TrustDomain, "trust-domain", cfg.TrustDomain, "SPIFFE trust domain of this cluster (default <cluster-name>.mesh)")

@@ -66,8 +66,17 @@ func newTokenCommand() *cobra.Command {
 			if opts.TTL == 0 {
 				return fmt.Errorf("--ttl 0s is shorter than %s: the joining cluster needs time to use the token", federation.MinTokenTTL)
 			}
-			client, err := cf.client()
+			cfg, err := cf.restConfig()
 			if err != nil {
+				return err
+			}
+			client, err := kubernetes.NewForConfig(cfg)
+			if err != nil {
+				return err
+			}
+			// The FederationPeers too, so that a trust domain a link
+			// made by hand holds is refused here, not only at Establish.
+			if opts.Peers, err = dynamic.NewForConfig(cfg); err != nil {
 				return err
 			}
 			opts.Namespace = cf.namespace

@@ -68,6 +68,11 @@ type Config struct {
 	// the budget of everything else).
 	TokenReviewQPS   float32
 	TokenReviewBurst int
+	// EstablishQPS and EstablishBurst bound the Establish calls the
+	// federation port answers: anyone who reaches it can call Establish,
+	// and each call reads a token record from the API server.
+	EstablishQPS   float64
+	EstablishBurst int
 	// MonitoringAddr is where /healthz, /readyz, /metrics and /debug/ are
 	// served (host:port); Istio's convention is :15014.
 	MonitoringAddr string
@@ -152,6 +157,8 @@ func DefaultConfig() Config {
 		ImportWriteBurst:    40,
 		TokenReviewQPS:      50,
 		TokenReviewBurst:    100,
+		EstablishQPS:        2,
+		EstablishBurst:      10,
 		ShutdownTimeout:     10 * time.Second,
 		Namespace:           "isthmus-system",
 		ServiceAccount:      "isthmus-federator",
@@ -248,6 +255,9 @@ func (c Config) Validate() error {
 	}
 	if c.ImportWriteQPS <= 0 || c.ImportWriteBurst <= 0 {
 		errs = append(errs, fmt.Errorf("--import-write-qps %g and --import-write-burst %d must be positive", c.ImportWriteQPS, c.ImportWriteBurst))
+	}
+	if c.EstablishQPS <= 0 || c.EstablishBurst <= 0 {
+		errs = append(errs, fmt.Errorf("--establish-qps %g and --establish-burst %d must be positive", c.EstablishQPS, c.EstablishBurst))
 	}
 	if c.TokenReviewQPS <= 0 || c.TokenReviewBurst <= 0 {
 		errs = append(errs, fmt.Errorf("--token-review-qps %g and --token-review-burst %d must be positive", c.TokenReviewQPS, c.TokenReviewBurst))

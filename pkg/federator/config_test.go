@@ -36,6 +36,7 @@ func TestConfigValidate(t *testing.T) {
 	bad.PeerSyncTimeout = 0
 	bad.ImportWriteQPS = 0
 	bad.TokenReviewBurst = -1
+	bad.EstablishQPS = 0
 	bad.GatewayAddresses = []string{"0.0.0.0:15443", "192.0.2.1:15443"}
 	bad.AdvertiseAddresses = []string{"[::]:15019"}
 	err := bad.Validate()
@@ -54,6 +55,7 @@ func TestConfigValidate(t *testing.T) {
 		"--peer-sync-timeout 0s must be positive",
 		"--import-write-qps 0 and --import-write-burst 40 must be positive",
 		"--token-review-qps 50 and --token-review-burst -1 must be positive",
+		"--establish-qps 0 and --establish-burst 10 must be positive",
 		`--gateway-address: address "0.0.0.0:15443": 0.0.0.0 is not a unicast address`,
 		`--advertise-address: address "[::]:15019": :: is not a unicast address`,
 	} {

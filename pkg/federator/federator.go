@@ -144,7 +144,8 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 		ClusterName: cfg.ClusterName, Namespace: cfg.Namespace, FederatorID: f.id,
 		Gateways: cfg.GatewayAddresses, AdvertiseAddresses: cfg.AdvertiseAddresses,
 		Heartbeat: cfg.Heartbeat, KeepFor: cfg.KeepFor, DrainFor: cfg.DrainFor,
-		Limits:         federation.Limits{MaxServices: cfg.MaxImportedServices},
+		Limits:        federation.Limits{MaxServices: cfg.MaxImportedServices},
+		EstablishRate: cfg.EstablishQPS, EstablishBurst: cfg.EstablishBurst,
 		ImportProblems: f.importProblems,
 		Logger:         log,
 	})

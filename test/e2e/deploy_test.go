@@ -136,6 +136,9 @@ func TestDeployManifests(t *testing.T) {
 			{"delete", "", "secrets", "isthmus-system", "isthmus-token-0123456789abcdef", true},
 			{"get", "", "secrets", "isthmus-system", "isthmus-join-b", true},
 			{"update", "", "configmaps", "isthmus-system", "isthmus-peer-b", true},
+			// Listed at start, to delete those no FederationPeer names.
+			{"list", "", "configmaps", "isthmus-system", "", true},
+			{"list", "", "configmaps", "demo", "", false},
 			{"watch", "federation.isthmus.dev", "federationpeers", "", "", true},
 			{"create", "federation.isthmus.dev", "federationpeers", "", "", true},
 			{"patch", "federation.isthmus.dev", "federationpeers/status", "", "b", true},
