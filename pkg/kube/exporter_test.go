@@ -429,10 +429,16 @@ func TestPeersAnnotationIsChecked(t *testing.T) {
 	}
 	notExported := func() {
 		t.Helper()
-		_, ok := f.service(t, echoKey)
-		require.False(t, ok, "exported to nobody: not in the catalog, so no peer and no gateway route has it")
-		r := f.condition(t, "demo", "echo", mcsv1alpha1.ServiceExportConditionReady)
-		require.Equal(t, metav1.ConditionFalse, r.Status)
+		// The catalog is published apart from the status write, so the
+		// condition may come first.
+		f.eventually(t, "exported to nobody: not in the catalog, so no peer and no gateway route has it", func() bool {
+			_, ok := f.service(t, echoKey)
+			return !ok
+		})
+		f.eventually(t, "Ready is False", func() bool {
+			r := f.condition(t, "demo", "echo", mcsv1alpha1.ServiceExportConditionReady)
+			return r != nil && r.Status == metav1.ConditionFalse
+		})
 	}
 
 	valid("a name that is not a peer name", metav1.ConditionFalse, ReasonInvalidPeers,
