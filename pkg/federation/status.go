@@ -94,7 +94,9 @@ func WriteStatusTable(w io.Writer, peers []v1alpha1.FederationPeer, now time.Tim
 	var problems []string
 	for i := range peers {
 		for _, c := range peers[i].Status.Conditions {
-			if c.Status != metav1.ConditionFalse {
+			// False, and Unknown with a reason (a peer that has not
+			// answered yet: AwaitingAcknowledgement, AwaitingUpdate).
+			if c.Status == metav1.ConditionTrue || c.Status == metav1.ConditionUnknown && c.Reason == "" {
 				continue
 			}
 			parts := []string{peers[i].Name, c.Type}

@@ -322,3 +322,20 @@ func TestPeerStatusesShowsAPeerItCannotRead(t *testing.T) {
 	require.NotNil(t, c)
 	require.Contains(t, c.Message, `spec.staleness.keepFor: "10 minutes"`)
 }
+
+// A condition that is Unknown with a reason (a peer that has not answered
+// yet) is listed below the table as a False one is; one without a reason
+// (nothing known at all) is not.
+func TestWriteStatusTableListsUnknownWithAReason(t *testing.T) {
+	p := statusPeers()[0]
+	p.Status.Conditions = []metav1.Condition{
+		cond(v1alpha1.ConditionConnected, metav1.ConditionTrue, "StreamUp", "the exchange stream is up"),
+		cond(v1alpha1.ConditionImportsAccepted, metav1.ConditionUnknown, "", ""),
+		cond(v1alpha1.ConditionExportsAccepted, metav1.ConditionUnknown, "AwaitingAcknowledgement", "the peer has not answered yet"),
+	}
+	var buf bytes.Buffer
+	require.NoError(t, WriteStatusTable(&buf, []v1alpha1.FederationPeer{p}, statusNow))
+	require.Contains(t, buf.String(), "\n  b: ExportsAccepted: AwaitingAcknowledgement: the peer has not answered yet\n")
+	require.NotContains(t, buf.String(), "ImportsAccepted")
+	require.NotContains(t, buf.String(), "b: Connected")
+}
