@@ -1009,3 +1009,15 @@ func metricValue(t testing.TB, text, name string, labels ...string) float64 {
 	}
 	return -1
 }
+
+// startServiceMesh is a mesh of two pods where s is served on b by h, its
+// app at ip; editA and editB, when not nil, change each pod's Config.
+func startServiceMesh(t testing.TB, s svc, ip netip.Addr, h http.Handler, editA, editB func(*Config)) *mesh {
+	t.Helper()
+	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t), hosts: hostsOf(s)}
+	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: editA})
+	m.b = startPod(t, "b", m.beta, m.hosts, podOptions{xds: m.xds, edit: editB})
+	m.b.apps[ip] = serveApp(t, h)
+	m.set(t, "v1", m.onB(s, ip))
+	return m
+}

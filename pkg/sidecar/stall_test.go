@@ -13,6 +13,12 @@ import (
 
 var ipStall = netip.MustParseAddr("127.0.0.15")
 
+// readAllOK reads the whole request body, then answers "ok".
+var readAllOK = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	_, _ = io.ReadAll(r.Body)
+	_, _ = io.WriteString(w, "ok")
+})
+
 // A caller that stops sending its request body half way gets an answer
 // once the stream idle timeout passes: 408 "stream timeout", as Envoy
 // answers an incomplete request, and its connection closed (the rest of
@@ -33,15 +39,7 @@ func TestStalledRequestBodyAnswered408(t *testing.T) {
 		{"net/http", true, "Content-Length: 10\r\n\r\nabcde"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t), hosts: hostsOf(s)}
-			edit := func(c *Config) { c.StreamIdleTimeout = idle; c.NetHTTP1 = tc.netHTTP1 }
-			m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: edit})
-			m.b = startPod(t, "b", m.beta, m.hosts, podOptions{xds: m.xds})
-			m.b.apps[ipStall] = serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				_, _ = io.ReadAll(r.Body)
-				_, _ = io.WriteString(w, "ok")
-			}))
-			m.set(t, "v1", m.onB(s, ipStall))
+			m := startServiceMesh(t, s, ipStall, readAllOK, func(c *Config) { c.StreamIdleTimeout = idle; c.NetHTTP1 = tc.netHTTP1 }, nil)
 
 			rc := dialRaw(t, m, s.host())
 			rc.send(t, "POST /x HTTP/1.1\r\nHost: "+s.host()+"\r\n"+tc.head)
@@ -65,14 +63,7 @@ func TestStalledRequestBodyAnswered408(t *testing.T) {
 
 	// HTTP/2: the stream is answered 408 and the connection lives on.
 	t.Run("HTTP/2", func(t *testing.T) {
-		m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t), hosts: hostsOf(s)}
-		m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: func(c *Config) { c.StreamIdleTimeout = idle }})
-		m.b = startPod(t, "b", m.beta, m.hosts, podOptions{xds: m.xds})
-		m.b.apps[ipStall] = serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			_, _ = io.ReadAll(r.Body)
-			_, _ = io.WriteString(w, "ok")
-		}))
-		m.set(t, "v1", m.onB(s, ipStall))
+		m := startServiceMesh(t, s, ipStall, readAllOK, func(c *Config) { c.StreamIdleTimeout = idle }, nil)
 		pr, pw := io.Pipe()
 		t.Cleanup(func() { _ = pw.Close() })
 		req, err := http.NewRequest(http.MethodPost, "http://"+s.host()+"/x", pr)
@@ -92,14 +83,10 @@ func TestStalledRequestBodyAnswered408(t *testing.T) {
 // way and the app sent one more, three in all.
 func TestExpectContinueAnsweredOnce(t *testing.T) {
 	s := svc{name: "expect", ns: "demo", vip: "240.240.0.40", ports: []svcPort{{80, true}}}
-	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t), hosts: hostsOf(s)}
-	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds})
-	m.b = startPod(t, "b", m.beta, m.hosts, podOptions{xds: m.xds})
-	m.b.apps[ipStall] = serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	m := startServiceMesh(t, s, ipStall, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
 		_, _ = io.WriteString(w, "expect="+r.Header.Get("Expect")+" body="+string(b))
-	}))
-	m.set(t, "v1", m.onB(s, ipStall))
+	}), nil, nil)
 
 	rc := dialRaw(t, m, s.host())
 	rc.send(t, "POST /x HTTP/1.1\r\nHost: "+s.host()+"\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n")

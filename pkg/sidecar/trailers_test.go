@@ -36,16 +36,12 @@ func TestXFCCInRequestTrailersNeverReachesTheApp(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := svc{name: "trailers", ns: "demo", vip: "240.240.0.37", ports: []svcPort{{80, true}}, upstream: tc.upstream}
-			m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t), hosts: hostsOf(s)}
 			edit := func(c *Config) { c.NetHTTP1 = tc.netHTTP1 }
-			m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: edit})
-			m.b = startPod(t, "b", m.beta, m.hosts, podOptions{xds: m.xds, edit: edit})
-			m.b.apps[ipTrailers] = serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			m := startServiceMesh(t, s, ipTrailers, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				body, _ := io.ReadAll(r.Body)
 				fmt.Fprintf(w, "proto=%s body=%q header=%q trailer=%q checksum=%q", r.Proto, body,
 					r.Header.Values(xfccHeader), r.Trailer.Values(xfccHeader), r.Trailer.Get("X-Checksum"))
-			}))
-			m.set(t, "v1", m.onB(s, ipTrailers))
+			}), edit, edit)
 
 			// A body of unknown length: chunked, or DATA frames, then the
 			// trailers.

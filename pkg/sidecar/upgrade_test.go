@@ -21,11 +21,8 @@ var ipUpgrade = netip.MustParseAddr("127.0.0.14")
 func TestUpgradedConnectionLivesWhileBytesMove(t *testing.T) {
 	const timeout = 500 * time.Millisecond
 	s := svc{name: "upgrade", ns: "demo", vip: "240.240.0.38", ports: []svcPort{{80, true}}, timeout: timeout}
-	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t), hosts: hostsOf(s)}
 	edit := func(c *Config) { c.StreamIdleTimeout = timeout }
-	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: edit})
-	m.b = startPod(t, "b", m.beta, m.hosts, podOptions{xds: m.xds, edit: edit})
-	m.b.apps[ipUpgrade] = serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	m := startServiceMesh(t, s, ipUpgrade, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		c, brw, err := http.NewResponseController(w).Hijack()
 		if err != nil {
 			return
@@ -33,8 +30,7 @@ func TestUpgradedConnectionLivesWhileBytesMove(t *testing.T) {
 		defer c.Close()
 		_, _ = io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
 		_, _ = io.Copy(c, brw) // echo until the peer ends
-	}))
-	m.set(t, "v1", m.onB(s, ipUpgrade))
+	}), edit, edit)
 
 	rc := dialRaw(t, m, s.host())
 	rc.send(t, "GET /ws HTTP/1.1\r\nHost: "+s.host()+"\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")

@@ -600,16 +600,8 @@ func TestCertificateServiceSharesThePort(t *testing.T) {
 	}{{"first certificate, no client certificate", nil}, {"renewal, presenting the old SVID", svidOf(t, f.ca, gatewayID)}} {
 		t.Run(tc.name, func(t *testing.T) {
 			client := pb.NewIstioCertificateServiceClient(f.dialTLS(tc.svid))
-			key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-			require.NoError(t, err)
-			der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
-				URIs: []*url.URL{{Scheme: "spiffe", Host: "a.mesh", Path: "/ns/demo/sa/web"}},
-			}, key)
-			require.NoError(t, err)
 			ctx := metadata.AppendToOutgoingContext(t.Context(), "authorization", "Bearer tok:demo:web")
-			resp, err := client.CreateCertificate(ctx, &pb.IstioCertificateRequest{
-				Csr: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})),
-			})
+			resp, err := client.CreateCertificate(ctx, &pb.IstioCertificateRequest{Csr: webCSR(t)})
 			require.NoError(t, err)
 			block, _ := pem.Decode([]byte(resp.GetCertChain()[0]))
 			leaf, err := x509.ParseCertificate(block.Bytes)
@@ -623,16 +615,22 @@ func TestCertificateServiceSharesThePort(t *testing.T) {
 	// (with a well-formed CSR: the CA checks the request before it asks
 	// the API server about the token).
 	client := pb.NewIstioCertificateServiceClient(f.dialTLS(nil))
+	_, err := client.CreateCertificate(metadata.AppendToOutgoingContext(t.Context(), "authorization", "Bearer nope"),
+		&pb.IstioCertificateRequest{Csr: webCSR(t)})
+	require.Equal(t, codes.Unauthenticated, status.Code(err))
+	require.Contains(t, status.Convert(err).Message(), "token refused")
+}
+
+// webCSR is a PEM CSR, with a fresh key, for spiffe://a.mesh/ns/demo/sa/web.
+func webCSR(t *testing.T) string {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	require.NoError(t, err)
 	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
 		URIs: []*url.URL{{Scheme: "spiffe", Host: "a.mesh", Path: "/ns/demo/sa/web"}},
 	}, key)
 	require.NoError(t, err)
-	_, err = client.CreateCertificate(metadata.AppendToOutgoingContext(t.Context(), "authorization", "Bearer nope"),
-		&pb.IstioCertificateRequest{Csr: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))})
-	require.Equal(t, codes.Unauthenticated, status.Code(err))
-	require.Contains(t, status.Convert(err).Message(), "token refused")
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
 }
 
 // A NACK is counted and logged with the proxy's reason, the rejected
