@@ -231,13 +231,8 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		// Unblock a body read stuck on a downstream that stopped
 		// sending, and once the response started, a copy stuck on one
 		// that stopped reading; before the response, the 408 or 504
-		// must still go out. Not once the handler returned: the
-		// ResponseWriter is then the server's again.
-		f.wmu.Lock()
-		defer f.wmu.Unlock()
-		if f.handlerDone {
-			return
-		}
+		// must still go out. (idle.stop, deferred, waits for this: the
+		// ResponseWriter is never touched once the handler returned.)
 		rc := http.NewResponseController(w)
 		_ = rc.SetReadDeadline(time.Now())
 		if f.responded.Load() {
@@ -245,11 +240,6 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	})
 	defer idle.stop()
-	defer func() { // runs before idle.stop, and before the server takes w back
-		f.wmu.Lock()
-		f.handlerDone = true
-		f.wmu.Unlock()
-	}()
 	switch {
 	case r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0:
 		// Nothing to read (ReverseProxy sends no body for a length of
@@ -354,10 +344,6 @@ type forward struct {
 	// requestEnded is set once the request's body was read to its end
 	// (at once without one).
 	requestEnded atomic.Bool
-	// wmu orders the idle timeout's use of the ResponseWriter before
-	// the handler's return (handlerDone), after which net/http owns it.
-	wmu         sync.Mutex
-	handlerDone bool
 }
 
 type forwardKey struct{}
@@ -581,15 +567,23 @@ func (b *countingBody) Close() error { return b.rc.Close() }
 // idleWatch calls fire once when a stream has moved no body byte for
 // idle: a timer re-armed for the time left, so bytes that flow cost one
 // atomic store each, not a timer reset.
+//
+// stop waits for a check in progress: once it returns, fire is not
+// running and never will, so fire may use what its caller is about to
+// give back (the ResponseWriter).
 type idleWatch struct {
-	t       *time.Timer
-	stopped atomic.Bool
+	t *time.Timer
+	// mu is held by a check and by stop; stopped is under it.
+	mu      sync.Mutex
+	stopped bool
 }
 
 func newIdleWatch(idle time.Duration, last *atomic.Int64, fire func()) *idleWatch {
 	w := &idleWatch{}
 	check := func() {
-		if w.stopped.Load() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if w.stopped {
 			return
 		}
 		if left := idle - time.Duration(time.Now().UnixNano()-last.Load()); left > 0 {
@@ -605,7 +599,9 @@ func newIdleWatch(idle time.Duration, last *atomic.Int64, fire func()) *idleWatc
 }
 
 func (w *idleWatch) stop() {
-	w.stopped.Store(true)
+	w.mu.Lock()
+	w.stopped = true
+	w.mu.Unlock()
 	w.t.Stop()
 }
 
