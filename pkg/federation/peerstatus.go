@@ -12,6 +12,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/isthmus-mesh/isthmus/internal/clip"
 	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
 )
 
@@ -45,7 +46,7 @@ func (m *Manager) peerStatus(e *peerEntry, now time.Time) v1alpha1.FederationPee
 	}
 	conds := append([]metav1.Condition(nil), e.conditions...)
 	setStatus := func(t string, status metav1.ConditionStatus, reason, msg string) {
-		meta.SetStatusCondition(&conds, metav1.Condition{Type: t, Status: status, Reason: reason, Message: truncate(msg, maxConditionMessage), LastTransitionTime: metav1.NewTime(now)})
+		meta.SetStatusCondition(&conds, metav1.Condition{Type: t, Status: status, Reason: reason, Message: clip.String(msg, maxConditionMessage), LastTransitionTime: metav1.NewTime(now)})
 	}
 	set := func(t string, ok bool, reason, msg string) {
 		status := metav1.ConditionTrue

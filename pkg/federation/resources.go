@@ -17,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
+	"github.com/isthmus-mesh/isthmus/internal/clip"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 )
 
@@ -200,7 +201,7 @@ func importService(peer string, peerTD spiffeid.TrustDomain, r *fedv1.Resource) 
 		// with it the object every peer's endpoints share.
 		for _, part := range []struct{ field, value string }{{"region", e.GetRegion()}, {"zone", e.GetZone()}, {"subzone", e.GetSubzone()}} {
 			if msgs := validation.IsValidLabelValue(part.value); len(msgs) > 0 {
-				errs = append(errs, fmt.Errorf("endpoints[%d].%s %q: %s", i, part.field, truncate(part.value, 70), strings.Join(msgs, "; ")))
+				errs = append(errs, fmt.Errorf("endpoints[%d].%s %q: %s", i, part.field, clip.String(part.value, 70), strings.Join(msgs, "; ")))
 			}
 		}
 		svc.Endpoints = append(svc.Endpoints, catalog.LocalityEndpoints{

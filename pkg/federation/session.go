@@ -17,6 +17,7 @@ import (
 	"k8s.io/utils/clock"
 
 	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
+	"github.com/isthmus-mesh/isthmus/internal/clip"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 )
 
@@ -430,7 +431,7 @@ func (p *peer) handle(ctx context.Context, m *fedv1.ExchangeMessage, lim Limits,
 			// and a type the peer makes up must not grow it. The type
 			// URL is the peer's, as long as its message allows; the
 			// reason and the log show its start.
-			a := nack(u, "", "", "unknown resource type %q", truncate(u.GetTypeUrl(), maxTypeURLShown))
+			a := nack(u, "", "", "unknown resource type %q", clip.String(u.GetTypeUrl(), maxTypeURLShown))
 			log.Debug("refused an update of an unknown type from the peer", "reason", a.GetError().GetReason())
 			return a, nil
 		}
@@ -458,7 +459,7 @@ func (p *peer) handle(ctx context.Context, m *fedv1.ExchangeMessage, lim Limits,
 func (p *peer) handleAck(a *fedv1.Ack, log *slog.Logger) {
 	o, ok := p.out[a.GetTypeUrl()]
 	if !ok || !o.ack(a) {
-		log.Debug("ignoring an answer to no update in flight", "type", truncate(a.GetTypeUrl(), maxTypeURLShown), "nonce", truncate(a.GetNonce(), maxTypeURLShown))
+		log.Debug("ignoring an answer to no update in flight", "type", clip.String(a.GetTypeUrl(), maxTypeURLShown), "nonce", clip.String(a.GetNonce(), maxTypeURLShown))
 		return
 	}
 	if a.GetError() != nil {
@@ -505,7 +506,7 @@ const maxIdentifierBytes = 256
 func checkIdentifiers(u *fedv1.Update) error {
 	for _, f := range []struct{ name, value string }{{"type URL", u.GetTypeUrl()}, {"nonce", u.GetNonce()}, {"version", u.GetVersion()}} {
 		if len(f.value) > maxIdentifierBytes {
-			return fmt.Errorf("%w: an update's %s is %d bytes, more than %d: %q", ErrProtocol, f.name, len(f.value), maxIdentifierBytes, truncate(f.value, maxTypeURLShown))
+			return fmt.Errorf("%w: an update's %s is %d bytes, more than %d: %q", ErrProtocol, f.name, len(f.value), maxIdentifierBytes, clip.String(f.value, maxTypeURLShown))
 		}
 	}
 	return nil

@@ -2,6 +2,7 @@ package federation
 
 import (
 	"fmt"
+	"github.com/isthmus-mesh/isthmus/internal/clip"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -221,7 +222,7 @@ type inbound struct {
 // sent), which bounds them only by its message size.
 func nack(u *fedv1.Update, held string, resource string, format string, args ...any) *fedv1.Ack {
 	return &fedv1.Ack{TypeUrl: u.GetTypeUrl(), Nonce: u.GetNonce(), Version: held,
-		Error: &fedv1.Error{Resource: truncate(resource, maxReasonBytes), Reason: truncate(fmt.Sprintf(format, args...), maxReasonBytes)}}
+		Error: &fedv1.Error{Resource: clip.String(resource, maxReasonBytes), Reason: clip.String(fmt.Sprintf(format, args...), maxReasonBytes)}}
 }
 
 // apply checks u against what is held: the resulting count within

@@ -16,6 +16,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/duration"
 	"k8s.io/client-go/dynamic"
 
+	"github.com/isthmus-mesh/isthmus/internal/clip"
 	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
 )
 
@@ -49,7 +50,7 @@ func PeerStatuses(ctx context.Context, dyn dynamic.Interface) ([]v1alpha1.Federa
 		if err != nil {
 			meta.SetStatusCondition(&fp.Status.Conditions, metav1.Condition{
 				Type: v1alpha1.ConditionAccepted, Status: metav1.ConditionFalse,
-				Reason: v1alpha1.ReasonInvalidSpec, Message: truncate(err.Error(), maxConditionMessage),
+				Reason: v1alpha1.ReasonInvalidSpec, Message: clip.String(err.Error(), maxConditionMessage),
 			})
 		}
 		peers[i] = *fp

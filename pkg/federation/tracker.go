@@ -2,17 +2,16 @@ package federation
 
 import (
 	"errors"
-	"fmt"
 	"maps"
 	"slices"
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 
 	fedv1 "github.com/isthmus-mesh/isthmus/api/federation/v1"
+	"github.com/isthmus-mesh/isthmus/internal/clip"
 	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
 )
 
@@ -235,24 +234,10 @@ func describeNACK(e *fedv1.Error) string {
 		return ""
 	}
 	if e.GetResource() == "" {
-		return truncate(e.GetReason(), maxReasonBytes)
+		return clip.String(e.GetReason(), maxReasonBytes)
 	}
-	return truncate(e.GetResource()+": "+e.GetReason(), maxReasonBytes)
+	return clip.String(e.GetResource()+": "+e.GetReason(), maxReasonBytes)
 }
 
 // maxReasonBytes bounds a reason shown in status and logs.
 const maxReasonBytes = 1024
-
-// truncate cuts s to at most n bytes on a rune boundary, saying how much
-// was left out.
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	more := fmt.Sprintf("… (%d more bytes)", len(s)-n)
-	cut := max(n-len(more), 0)
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
-	}
-	return s[:cut] + more
-}

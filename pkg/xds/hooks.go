@@ -3,17 +3,16 @@ package xds
 import (
 	"context"
 	"fmt"
+	"github.com/isthmus-mesh/isthmus/internal/clip"
 	"log/slog"
 	"maps"
 	"slices"
 	"strings"
 	"time"
-	"unicode/utf8"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/log"
-	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.opentelemetry.io/otel/attribute"
@@ -94,9 +93,9 @@ func (h *hooks) closed(id int64, node *corev3.Node) {
 func (h *hooks) request(id int64, node *corev3.Node, typeURL, version, nonce, nackReason string, fixVersion func(string)) error {
 	if !servedTypes[typeURL] {
 		return status.Errorf(codes.InvalidArgument, "type URL %s is not served: this server serves listeners, routes, clusters, endpoints and secrets (%s)",
-			truncate(typeURL, maxTypeURLShown), strings.Join(slices.Sorted(maps.Keys(servedTypes)), ", "))
+			clip.String(typeURL, maxTypeURLShown), strings.Join(slices.Sorted(maps.Keys(servedTypes)), ", "))
 	}
-	nackReason = truncate(nackReason, maxNACKReason)
+	nackReason = clip.String(nackReason, maxNACKReason)
 	s := h.s
 	s.mu.Lock()
 	st, ok := s.streams[id]
@@ -110,13 +109,13 @@ func (h *hooks) request(id int64, node *corev3.Node, typeURL, version, nonce, na
 		if err := h.bind(node, st.identity); err != nil {
 			s.mu.Unlock()
 			s.metrics.refused.Add(context.Background(), 1)
-			s.log.Warn("xDS node refused", "stream", id, "node", truncate(node.GetId(), maxTypeURLShown), "identity", st.identity, "error", err)
+			s.log.Warn("xDS node refused", "stream", id, "node", clip.String(node.GetId(), maxTypeURLShown), "identity", st.identity, "error", err)
 			return err
 		}
 		st.node, first = node.GetId(), true
 	case node.GetId() != "" && node.GetId() != st.node:
 		s.mu.Unlock()
-		return status.Errorf(codes.InvalidArgument, "the node ID changed on the stream, from %q to %q", st.node, truncate(node.GetId(), maxTypeURLShown))
+		return status.Errorf(codes.InvalidArgument, "the node ID changed on the stream, from %q to %q", st.node, clip.String(node.GetId(), maxTypeURLShown))
 	}
 	nodeID := st.node
 	sent := st.sent[typeURL]
@@ -174,9 +173,9 @@ func (h *hooks) bind(node *corev3.Node, identity string) error {
 	nodeNS, ok := nodeNamespace(node.GetId())
 	switch {
 	case !ok:
-		return status.Errorf(codes.InvalidArgument, "node ID %q is not of the form <role>~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local", truncate(node.GetId(), maxTypeURLShown))
+		return status.Errorf(codes.InvalidArgument, "node ID %q is not of the form <role>~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local", clip.String(node.GetId(), maxTypeURLShown))
 	case nodeNS != svidNS:
-		return status.Errorf(codes.PermissionDenied, "node %q is in namespace %q, but its certificate's identity %s is in %q", truncate(node.GetId(), maxTypeURLShown), nodeNS, identity, svidNS)
+		return status.Errorf(codes.PermissionDenied, "node %q is in namespace %q, but its certificate's identity %s is in %q", clip.String(node.GetId(), maxTypeURLShown), nodeNS, identity, svidNS)
 	case group == gatewayGroup && h.s.opts.Gateway.Namespace != "" && svidNS != h.s.opts.Gateway.Namespace:
 		return status.Errorf(codes.PermissionDenied, "identity %s may not be an east-west gateway: gateways run in namespace %q", identity, h.s.opts.Gateway.Namespace)
 	}
@@ -203,11 +202,15 @@ func workloadOf(id spiffeid.ID) (ns, sa string, ok bool) {
 	return parts[2], parts[4], true
 }
 
-// servedTypes are the type URLs the server answers.
-var servedTypes = map[string]bool{
-	resource.ListenerType: true, resource.RouteType: true, resource.ClusterType: true,
-	resource.EndpointType: true, resource.SecretType: true,
-}
+// servedTypes are the type URLs the server answers: those a snapshot
+// carries.
+var servedTypes = func() map[string]bool {
+	out := map[string]bool{}
+	for typ := range (Resources{}).versionsByType() {
+		out[typ] = true
+	}
+	return out
+}()
 
 // How much of a proxy's type URL an error quotes, and of its NACK's
 // reason the logs and Status keep: both are the proxy's to choose, up to
@@ -216,18 +219,6 @@ const (
 	maxTypeURLShown = 100
 	maxNACKReason   = 4 << 10
 )
-
-// truncate cuts s to at most n bytes, on a UTF-8 boundary, marking the cut.
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	cut := n
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
-	}
-	return fmt.Sprintf("%s… (%d bytes in all)", s[:cut], len(s))
-}
 
 func (h *hooks) response(id int64, typeURL, version, nonce string, n int) {
 	s := h.s

@@ -106,16 +106,22 @@ func (r *Resources) combine() {
 // (routes of the gateway, Secrets before the first bundle) is left out.
 func (r Resources) TypeVersions() map[string]string {
 	out := make(map[string]string, 5)
-	for typ, v := range map[string]string{
-		resource.ListenerType: r.ListenersVersion, resource.ClusterType: r.ClustersVersion,
-		resource.EndpointType: r.EndpointsVersion, resource.RouteType: r.RoutesVersion,
-		resource.SecretType: r.SecretsVersion,
-	} {
+	for typ, v := range r.versionsByType() {
 		if v != "" {
 			out[typ] = v
 		}
 	}
 	return out
+}
+
+// versionsByType is every type a snapshot carries, with its version
+// (empty when there is none): the types the server answers.
+func (r Resources) versionsByType() map[string]string {
+	return map[string]string{
+		resource.ListenerType: r.ListenersVersion, resource.ClusterType: r.ClustersVersion,
+		resource.EndpointType: r.EndpointsVersion, resource.RouteType: r.RoutesVersion,
+		resource.SecretType: r.SecretsVersion,
+	}
 }
 
 // Snapshot returns the resources as a go-control-plane snapshot, after

@@ -767,7 +767,7 @@ func TestNACKReasonKeptInPart(t *testing.T) {
 	require.Eventually(t, func() bool { return f.metric("isthmus_xds_nacks", "type_url="+resource.ListenerType) == 1 }, wait, 5*time.Millisecond)
 	p := f.srv.Status().Proxies[0]
 	require.Less(t, len(p.LastNACK), 5<<10)
-	require.Contains(t, p.LastNACK, "(1048576 bytes in all)")
+	require.Contains(t, p.LastNACK, "(1044480 more bytes)")
 	require.Less(t, len(f.logs.String()), 64<<10, "the whole reason was logged")
 }
 
