@@ -46,8 +46,10 @@ func TestTokenReviewsHaveTheirOwnRateLimit(t *testing.T) {
 	t.Cleanup(api.Close)
 
 	// As New builds them: the federator's client with its configured
-	// budget, the review client from the same configuration.
-	restCfg := &rest.Config{Host: api.URL, QPS: 0.001, Burst: 1}
+	// budget (ample here), the review client from the same configuration
+	// with a budget of its own (one request): a review client that kept
+	// the base's budget, or shared its limiter, lets the flood through.
+	restCfg := &rest.Config{Host: api.URL, QPS: 1e6, Burst: 1e6}
 	kubeClient, err := kubernetes.NewForConfig(restCfg)
 	require.NoError(t, err)
 	reviewClient, err := tokenReviewClient(restCfg, 0.001, 1)
