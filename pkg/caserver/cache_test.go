@@ -220,7 +220,9 @@ func TestCachingAuthenticatorLifetimes(t *testing.T) {
 	t.Run("a waiting caller that gives up does not fail the others", func(t *testing.T) {
 		rc := newReviewCounter()
 		rc.release = make(chan struct{})
-		a := NewCachingAuthenticator(TokenReviewAuthenticator{Client: rc.cs}, CacheOptions{Now: clock.Now})
+		// The review gives up with its context, as a real API request
+		// does (the fake clientset's reactor would not).
+		a := NewCachingAuthenticator(ctxBound{TokenReviewAuthenticator{Client: rc.cs}}, CacheOptions{Now: clock.Now})
 		impatient, cancel := context.WithCancel(ctx)
 		done := make(chan error, 1)
 		go func() {
@@ -298,4 +300,26 @@ func TestRequestSizeBoundOnSharedServer(t *testing.T) {
 	resp, err := client.CreateCertificate(ctx, &pb.IstioCertificateRequest{Csr: csr, Metadata: small})
 	require.NoError(t, err)
 	require.Len(t, resp.GetCertChain(), 2)
+}
+
+// ctxBound gives up on its context while the authenticator it wraps
+// works on, as a request to a real API server does.
+type ctxBound struct{ inner Authenticator }
+
+func (b ctxBound) Authenticate(ctx context.Context, token string) (Caller, error) {
+	type result struct {
+		c   Caller
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		c, err := b.inner.Authenticate(ctx, token)
+		ch <- result{c, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.c, r.err
+	case <-ctx.Done():
+		return Caller{}, ctx.Err()
+	}
 }
