@@ -724,6 +724,9 @@ func (m *Manager) sweepPeerConfigMaps(ctx context.Context) {
 			continue
 		}
 		uid := cm.UID
+		// The copy kept to skip rewriting an unchanged bundle goes too,
+		// or a later store of the same bundle would write nothing.
+		m.forgetStoredBundle(name)
 		err := cms.Delete(ctx, cm.Name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid}})
 		switch {
 		case err == nil:
