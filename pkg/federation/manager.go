@@ -554,14 +554,11 @@ func (m *Manager) makePeer(name string, td spiffeid.TrustDomain, id spiffeid.ID)
 // if there is none.
 func (m *Manager) olderClaim(name string, td spiffeid.TrustDomain, created time.Time) string {
 	store := m.informer.GetStore()
-	m.mu.Lock()
-	for n, e := range m.peers {
-		if _, exists, _ := store.GetByKey(n); !exists && n != name && e.p.td == td && !e.conflict {
-			m.mu.Unlock()
+	for _, n := range m.runningHolders(name, td) {
+		if _, exists, _ := store.GetByKey(n); !exists {
 			return n
 		}
 	}
-	m.mu.Unlock()
 	older := ""
 	for _, obj := range store.List() {
 		u, ok := obj.(*unstructured.Unstructured)
@@ -586,27 +583,29 @@ func (m *Manager) trustDomainHolder(name string, td spiffeid.TrustDomain) string
 			return u.GetName()
 		}
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for n, e := range m.peers {
-		if n != name && e.p.td == td && !e.conflict {
-			return n
-		}
+	if running := m.runningHolders(name, td); len(running) > 0 {
+		return running[0]
 	}
 	return ""
 }
 
-// runsTrustDomain reports whether a peer other than name holds td: its
-// entry is not refused for claiming a trust domain another holds.
+// runsTrustDomain reports whether a peer other than name holds td.
 func (m *Manager) runsTrustDomain(name string, td spiffeid.TrustDomain) bool {
+	return len(m.runningHolders(name, td)) > 0
+}
+
+// runningHolders are the peers other than name whose entry holds td: not
+// refused for claiming a trust domain another holds.
+func (m *Manager) runningHolders(name string, td spiffeid.TrustDomain) []string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	var out []string
 	for n, e := range m.peers {
 		if n != name && e.p.td == td && !e.conflict {
-			return true
+			out = append(out, n)
 		}
 	}
-	return false
+	return out
 }
 
 // specTrustDomain is a FederationPeer's spec.trustDomain; zero when it
