@@ -53,6 +53,24 @@ func (f *clusterFlags) client() (kubernetes.Interface, error) {
 	return kubernetes.NewForConfig(cfg)
 }
 
+// clients are the typed client and the dynamic one (for FederationPeers)
+// of one configuration.
+func (f *clusterFlags) clients() (kubernetes.Interface, dynamic.Interface, error) {
+	cfg, err := f.restConfig()
+	if err != nil {
+		return nil, nil, err
+	}
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	return client, dyn, nil
+}
+
 func newTokenCommand() *cobra.Command {
 	cmd := groupCommand(&cobra.Command{Use: "token", Short: "Peering tokens"})
 	var cf clusterFlags
@@ -66,19 +84,13 @@ func newTokenCommand() *cobra.Command {
 			if opts.TTL == 0 {
 				return fmt.Errorf("--ttl 0s is shorter than %s: the joining cluster needs time to use the token", federation.MinTokenTTL)
 			}
-			cfg, err := cf.restConfig()
-			if err != nil {
-				return err
-			}
-			client, err := kubernetes.NewForConfig(cfg)
-			if err != nil {
-				return err
-			}
 			// The FederationPeers too, so that a trust domain a link
 			// made by hand holds is refused here, not only at Establish.
-			if opts.Peers, err = dynamic.NewForConfig(cfg); err != nil {
+			client, dyn, err := cf.clients()
+			if err != nil {
 				return err
 			}
+			opts.Peers = dyn
 			opts.Namespace = cf.namespace
 			opts.Notice = func(msg string) { fmt.Fprintln(cmd.ErrOrStderr(), msg) }
 			t, err := federation.CreateToken(cmd.Context(), client, opts)
@@ -128,15 +140,7 @@ func newJoinCommand() *cobra.Command {
 			case opts.Token == "":
 				return fmt.Errorf("--token or --token-file is required")
 			}
-			cfg, err := cf.restConfig()
-			if err != nil {
-				return err
-			}
-			client, err := kubernetes.NewForConfig(cfg)
-			if err != nil {
-				return err
-			}
-			dyn, err := dynamic.NewForConfig(cfg)
+			client, dyn, err := cf.clients()
 			if err != nil {
 				return err
 			}
