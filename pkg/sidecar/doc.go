@@ -54,7 +54,11 @@
 // stream's sender (at most a window, 256 KiB) and nobody else. A
 // downstream may open 256 streams at once; one whose streams mostly end
 // in a reset soon after opening is closed (rapid reset), and one that
-// does not read what it causes is not read from. A stream the upstream
+// does not read what it causes is not read from. The same resets passed
+// upstream would get the pooled upstream connection closed by the same
+// rule on the other side, with every other caller's stream on it, so an
+// upstream connection on which most streams were reset young takes no
+// new ones (h2RetireResets) and closes once its last stream ends. A stream the upstream
 // refused (REFUSED_STREAM,
 // or beyond a GOAWAY's last stream) with none of its body sent is opened
 // again elsewhere, and a new connection to an endpoint assumes the

@@ -167,8 +167,9 @@ func (c *h2Conn) open(s *h2Stream) error {
 	}
 	id := c.nextID
 	c.nextID += 2
+	c.opened++
 	c.streams[id] = s
-	s.up, s.waitingOn, s.upGone = c, nil, false
+	s.up, s.waitingOn, s.upGone, s.upBorn = c, nil, false, time.Now()
 	s.toUp.dst, s.toUp.dstID, s.toUp.sendWin = c, id, c.peerInitWin
 	s.toDown.src, s.toDown.srcID, s.toDown.recvWin, s.toDown.owed = c, id, h2StreamWindow, 0
 	end := s.toUp.srcEnded && len(s.toUp.queue) == 0 && s.toUp.trailers == nil
@@ -180,6 +181,23 @@ func (c *h2Conn) open(s *h2Stream) error {
 	s.wake(c)
 	s.flush(&s.toUp)
 	return nil
+}
+
+// retireIfResetting counts a reset of a stream the sidecar opened on
+// upstream connection c at born, and takes no more streams on c once
+// most of them ended that way (h2RetireResets): the streams left finish
+// on it, then it closes. c.mu held.
+func (c *h2Conn) retireIfResetting(born time.Time) {
+	if time.Since(born) >= 2*h2PrematureReset {
+		return
+	}
+	n := c.premature.Add(1)
+	if c.goAway || c.opened < h2RetireResets || n*2 <= c.opened {
+		return
+	}
+	c.goAway = true
+	c.p.log.Info("retiring an upstream HTTP/2 connection on which most streams were reset soon after they opened",
+		"cluster", c.pool.cluster, "endpoint", c.ep.String(), "streams", c.opened, "resets", n)
 }
 
 // unreserve gives back room a stream reserved but did not use.

@@ -105,7 +105,9 @@ type h2Stream struct {
 	// downGone and upGone: the stream left its connection's table.
 	downGone, upGone, finished bool
 	born                       time.Time
-	route                      *time.Timer
+	// upBorn is when the stream opened on its upstream connection.
+	upBorn time.Time
+	route  *time.Timer
 	// last is when a byte of the stream last moved (Unix ns), for the
 	// stream idle timeout (h2Conn.sweepIdle); idleFired: the sweep timed
 	// the stream out (down.mu).
@@ -795,6 +797,7 @@ func (s *h2Stream) resetUp(code http2.ErrCode) {
 	if s.up != nil && (!s.toUp.dstEnded || !s.toDown.srcEnded) {
 		s.up.mu.Lock()
 		s.up.writeRST(s.toUp.dstID, code)
+		s.up.retireIfResetting(s.upBorn)
 		s.up.mu.Unlock()
 		s.wake(s.up)
 	}
