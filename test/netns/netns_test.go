@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -206,6 +207,13 @@ func TestCleanupLeavesNothing(t *testing.T) {
 	require.Equal(t, routesBefore, hostRoutes(t), "routes of the host's namespace changed")
 }
 
+// harnessName matches the interface names the harness gives (br0, eth0,
+// v0 …, lo): other test binaries running at the same time (go test ./...
+// runs packages in parallel; test/localcluster makes host veths) add and
+// remove interfaces and routes of their own in the host's namespace, so
+// only these are compared.
+var harnessName = regexp.MustCompile(`^(lo|br0|eth[0-9]+|v[0-9]+)$`)
+
 // A program's Network (OpenNetwork, Add, Close) works as a test's does,
 // and Close removes every namespace and kills what runs there.
 func TestOpenNetwork(t *testing.T) {
@@ -256,12 +264,17 @@ func hostInterfaces(t testing.TB) []string {
 	require.NoError(t, err)
 	var names []string
 	for _, i := range ifs {
-		names = append(names, i.Name)
+		if harnessName.MatchString(i.Name) {
+			names = append(names, i.Name)
+		}
 	}
 	slices.Sort(names)
 	return names
 }
 
+// hostRoutes lists the host namespace's routes through interfaces
+// named as the harness names them (the first field of a /proc/net/route
+// line, the last of an ipv6_route one).
 func hostRoutes(t testing.TB) string {
 	var b strings.Builder
 	for _, f := range []string{"/proc/net/route", "/proc/net/ipv6_route"} {
@@ -270,7 +283,19 @@ func hostRoutes(t testing.TB) string {
 			continue
 		}
 		require.NoError(t, err)
-		b.Write(data)
+		for line := range strings.Lines(string(data)) {
+			fields := strings.Fields(line)
+			if len(fields) == 0 {
+				continue
+			}
+			iface := fields[len(fields)-1]
+			if f == "/proc/net/route" {
+				iface = fields[0]
+			}
+			if harnessName.MatchString(iface) {
+				b.WriteString(line)
+			}
+		}
 	}
 	return b.String()
 }
