@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
@@ -204,6 +205,10 @@ type peerEntry struct {
 	drainFor time.Duration
 	cancel   context.CancelFunc
 	done     chan struct{}
+	// generation is the FederationPeer's metadata.generation the entry
+	// answers for, the conditions' observedGeneration: a spec edited
+	// back to what it was is not run again, but it is a new generation.
+	generation atomic.Int64
 	// conditions are the last written ones, so transition times hold;
 	// written is the last status written.
 	conditions []metav1.Condition
@@ -417,6 +422,7 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 		}
 	}
 	if e != nil && e.specErr == nil && decodeErr == nil && conflictErr == nil && reflect.DeepEqual(e.spec, fp.Spec) {
+		e.generation.Store(u.GetGeneration())
 		return nil
 	}
 	if err == nil && td == m.trust.LocalTrustDomain() {
@@ -451,6 +457,7 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 	next := &peerEntry{spec: fp.Spec, specErr: specErr, conflict: conflictErr != nil,
 		keepFor: keepFor, drainFor: drainFor, cancel: cancel, done: make(chan struct{})}
 	next.conditions = fp.Status.Conditions
+	next.generation.Store(u.GetGeneration())
 	old := m.replacePeer(name, e, next, td, id, identityOK)
 	p := next.p
 	if old != nil {

@@ -29,6 +29,13 @@ func (c *cluster) patchPeer(t *testing.T, name, spec string) {
 // last wrote it, nil before it did.
 func (c *cluster) accepted(t *testing.T, name string) *metav1.Condition {
 	t.Helper()
+	return meta.FindStatusCondition(c.conditions(t, name), v1alpha1.ConditionAccepted)
+}
+
+// conditions are FederationPeer name's conditions as the federator last
+// wrote them.
+func (c *cluster) conditions(t *testing.T, name string) []metav1.Condition {
+	t.Helper()
 	u, err := c.dyn.Resource(v1alpha1.Resource).Get(t.Context(), name, metav1.GetOptions{})
 	require.NoError(t, err)
 	raw, _, _ := unstructured.NestedSlice(u.Object, "status", "conditions")
@@ -39,7 +46,46 @@ func (c *cluster) accepted(t *testing.T, name string) *metav1.Condition {
 			conds = append(conds, c)
 		}
 	}
-	return meta.FindStatusCondition(conds, v1alpha1.ConditionAccepted)
+	return conds
+}
+
+// Every condition says which generation of the spec it is about
+// (observedGeneration, as kubectl wait and Istio's own status compare
+// it): a new generation with the same spec (edited and edited back) is
+// said without restarting the link, and a refused one is said of its
+// own generation. The fake API server keeps no generation, so the test
+// sets it as the API server would.
+func TestConditionsCarryTheObservedGeneration(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	link(t, a, b)
+	eventually(t, "linked", func() bool { return b.status("a").State == v1alpha1.StateConnected })
+	observed := func(gen int64) func() bool {
+		return func() bool {
+			conds := b.conditions(t, "a")
+			for _, c := range conds {
+				if c.ObservedGeneration != gen {
+					return false
+				}
+			}
+			return len(conds) >= 5
+		}
+	}
+	_, err := b.dyn.Resource(v1alpha1.Resource).Patch(t.Context(), "a", types.MergePatchType,
+		[]byte(`{"metadata":{"generation":4}}`), metav1.PatchOptions{})
+	require.NoError(t, err)
+	e := b.entry("a")
+	eventually(t, "every condition observed generation 4", observed(4))
+	require.Same(t, e, b.entry("a"), "the same spec does not restart the link")
+	require.Equal(t, v1alpha1.StateConnected, b.status("a").State)
+
+	_, err = b.dyn.Resource(v1alpha1.Resource).Patch(t.Context(), "a", types.MergePatchType,
+		[]byte(`{"metadata":{"generation":5},"spec":{"staleness":{"keepFor":"0s"}}}`), metav1.PatchOptions{})
+	require.NoError(t, err)
+	eventually(t, "the refusal is of generation 5", func() bool {
+		c := b.accepted(t, "a")
+		return c != nil && c.Status == metav1.ConditionFalse && c.ObservedGeneration == 5 && observed(5)()
+	})
 }
 
 func (c *cluster) entry(name string) *peerEntry {

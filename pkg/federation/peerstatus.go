@@ -45,8 +45,10 @@ func (m *Manager) peerStatus(e *peerEntry, now time.Time) v1alpha1.FederationPee
 		}
 	}
 	conds := append([]metav1.Condition(nil), e.conditions...)
+	gen := e.generation.Load()
 	setStatus := func(t string, status metav1.ConditionStatus, reason, msg string) {
-		meta.SetStatusCondition(&conds, metav1.Condition{Type: t, Status: status, Reason: reason, Message: clip.String(msg, maxConditionMessage), LastTransitionTime: metav1.NewTime(now)})
+		meta.SetStatusCondition(&conds, metav1.Condition{Type: t, Status: status, Reason: reason, Message: clip.String(msg, maxConditionMessage),
+			LastTransitionTime: metav1.NewTime(now), ObservedGeneration: gen})
 	}
 	set := func(t string, ok bool, reason, msg string) {
 		status := metav1.ConditionTrue

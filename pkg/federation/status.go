@@ -51,6 +51,7 @@ func PeerStatuses(ctx context.Context, dyn dynamic.Interface) ([]v1alpha1.Federa
 			meta.SetStatusCondition(&fp.Status.Conditions, metav1.Condition{
 				Type: v1alpha1.ConditionAccepted, Status: metav1.ConditionFalse,
 				Reason: v1alpha1.ReasonInvalidSpec, Message: clip.String(err.Error(), maxConditionMessage),
+				ObservedGeneration: fp.Generation,
 			})
 		}
 		peers[i] = *fp
@@ -70,8 +71,10 @@ func PeerStatuses(ctx context.Context, dyn dynamic.Interface) ([]v1alpha1.Federa
 // Below the table, every condition that is False is printed as
 // "  <peer>: <Type>: <Reason>: <Message>": that is where a refused
 // establishment, the last NACK either way, skipped imports and a spec the
-// federator does not accept (Accepted) show. Without peers it says how to
-// link one.
+// federator does not accept (Accepted) show, and a spec changed since the
+// federator last wrote the status (its Accepted condition's
+// observedGeneration is behind metadata.generation: the federator is
+// down, or has not got to it). Without peers it says how to link one.
 func WriteStatusTable(w io.Writer, peers []v1alpha1.FederationPeer, now time.Time) error {
 	if len(peers) == 0 {
 		_, err := fmt.Fprintln(w, noPeersMessage)
@@ -94,13 +97,17 @@ func WriteStatusTable(w io.Writer, peers []v1alpha1.FederationPeer, now time.Tim
 	}
 	var problems []string
 	for i := range peers {
-		for _, c := range peers[i].Status.Conditions {
+		p := &peers[i]
+		if c := meta.FindStatusCondition(p.Status.Conditions, v1alpha1.ConditionAccepted); c != nil && c.ObservedGeneration > 0 && c.ObservedGeneration < p.Generation {
+			problems = append(problems, fmt.Sprintf("  %s: the status is of spec generation %d and the spec is at %d: the federator has not acted on the change yet", p.Name, c.ObservedGeneration, p.Generation))
+		}
+		for _, c := range p.Status.Conditions {
 			// False, and Unknown with a reason (a peer that has not
 			// answered yet: AwaitingAcknowledgement, AwaitingUpdate).
 			if c.Status == metav1.ConditionTrue || c.Status == metav1.ConditionUnknown && c.Reason == "" {
 				continue
 			}
-			parts := []string{peers[i].Name, c.Type}
+			parts := []string{p.Name, c.Type}
 			if c.Reason != "" {
 				parts = append(parts, c.Reason)
 			}
@@ -125,14 +132,17 @@ type statusReport struct {
 }
 
 type peerReport struct {
-	Name   string                        `json:"name"`
-	Spec   v1alpha1.FederationPeerSpec   `json:"spec"`
-	Status v1alpha1.FederationPeerStatus `json:"status"`
+	Name string `json:"name"`
+	// Generation is metadata.generation, which the conditions'
+	// observedGeneration is compared with.
+	Generation int64                         `json:"generation"`
+	Spec       v1alpha1.FederationPeerSpec   `json:"spec"`
+	Status     v1alpha1.FederationPeerStatus `json:"status"`
 }
 
 // WriteStatusJSON prints the peers as one indented JSON document:
 //
-//	{"peers": [{"name": "b", "spec": {...}, "status": {...}}, ...]}
+//	{"peers": [{"name": "b", "generation": 1, "spec": {...}, "status": {...}}, ...]}
 //
 // spec and status are the FederationPeer's, exactly as the API server
 // holds them (see pkg/apis/federation/v1alpha1), but for a field that
@@ -142,7 +152,7 @@ type peerReport struct {
 func WriteStatusJSON(w io.Writer, peers []v1alpha1.FederationPeer) error {
 	r := statusReport{Peers: make([]peerReport, 0, len(peers))}
 	for _, p := range peers {
-		r.Peers = append(r.Peers, peerReport{Name: p.Name, Spec: p.Spec, Status: p.Status})
+		r.Peers = append(r.Peers, peerReport{Name: p.Name, Generation: p.Generation, Spec: p.Spec, Status: p.Status})
 	}
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")

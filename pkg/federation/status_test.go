@@ -53,7 +53,7 @@ func ago(d time.Duration) *metav1.Time {
 }
 
 func cond(typ string, status metav1.ConditionStatus, reason, msg string) metav1.Condition {
-	return metav1.Condition{Type: typ, Status: status, Reason: reason, Message: msg, LastTransitionTime: *ago(time.Hour)}
+	return metav1.Condition{Type: typ, Status: status, Reason: reason, Message: msg, LastTransitionTime: *ago(time.Hour), ObservedGeneration: 1}
 }
 
 // statusPeers covers every state a peer's status can be in, by name.
@@ -61,7 +61,7 @@ func statusPeers() []v1alpha1.FederationPeer {
 	peer := func(name string, st v1alpha1.FederationPeerStatus) v1alpha1.FederationPeer {
 		return v1alpha1.FederationPeer{
 			TypeMeta:   metav1.TypeMeta{APIVersion: v1alpha1.GroupVersion.String(), Kind: "FederationPeer"},
-			ObjectMeta: metav1.ObjectMeta{Name: name},
+			ObjectMeta: metav1.ObjectMeta{Name: name, Generation: 1},
 			Spec: v1alpha1.FederationPeerSpec{
 				TrustDomain: name + ".mesh", FederatorID: "spiffe://" + name + ".mesh/ns/isthmus-system/sa/isthmus-federator",
 				Addresses: []string{name + ".example:15443"},
@@ -338,4 +338,25 @@ func TestWriteStatusTableListsUnknownWithAReason(t *testing.T) {
 	require.Contains(t, buf.String(), "\n  b: ExportsAccepted: AwaitingAcknowledgement: the peer has not answered yet\n")
 	require.NotContains(t, buf.String(), "ImportsAccepted")
 	require.NotContains(t, buf.String(), "b: Connected")
+}
+
+// A spec changed since the federator last wrote the status (its
+// Accepted condition observed an older generation) is said below the
+// table; a current one, or one the federator never wrote, is not.
+func TestWriteStatusTableSaysASpecIsNotActedOnYet(t *testing.T) {
+	p := statusPeers()[0]
+	p.Generation = 3
+	accepted := cond(v1alpha1.ConditionAccepted, metav1.ConditionTrue, "Accepted", "the spec is valid and the link runs as it says")
+	accepted.ObservedGeneration = 2
+	p.Status.Conditions = []metav1.Condition{accepted}
+	var buf bytes.Buffer
+	require.NoError(t, WriteStatusTable(&buf, []v1alpha1.FederationPeer{p}, statusNow))
+	require.Contains(t, buf.String(), "\n  b: the status is of spec generation 2 and the spec is at 3: the federator has not acted on the change yet\n")
+
+	for _, g := range []int64{3, 0} {
+		p.Status.Conditions[0].ObservedGeneration = g
+		buf.Reset()
+		require.NoError(t, WriteStatusTable(&buf, []v1alpha1.FederationPeer{p}, statusNow))
+		require.NotContains(t, buf.String(), "has not acted", "observedGeneration %d", g)
+	}
 }

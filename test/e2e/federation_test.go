@@ -88,21 +88,30 @@ func link(t *testing.T, acceptor, joiner *member) {
 // status is `federator status -o json` decoded.
 type statusJSON struct {
 	Peers []struct {
-		Name   string                        `json:"name"`
-		Status v1alpha1.FederationPeerStatus `json:"status"`
+		Name       string                        `json:"name"`
+		Generation int64                         `json:"generation"`
+		Status     v1alpha1.FederationPeerStatus `json:"status"`
 	} `json:"peers"`
 }
 
 func (m *member) peerStatus(peer string) (v1alpha1.FederationPeerStatus, bool) {
 	m.t.Helper()
+	st, _, ok := m.peerStatusGeneration(peer)
+	return st, ok
+}
+
+// peerStatusGeneration is peerStatus with the FederationPeer's
+// metadata.generation.
+func (m *member) peerStatusGeneration(peer string) (v1alpha1.FederationPeerStatus, int64, bool) {
+	m.t.Helper()
 	var s statusJSON
 	require.NoError(m.t, json.Unmarshal([]byte(m.cli("status", "-o", "json")), &s))
 	for _, p := range s.Peers {
 		if p.Name == peer {
-			return p.Status, true
+			return p.Status, p.Generation, true
 		}
 	}
-	return v1alpha1.FederationPeerStatus{}, false
+	return v1alpha1.FederationPeerStatus{}, 0, false
 }
 
 func (m *member) serviceEntry(ns, name string) (*networkingv1.ServiceEntry, error) {
@@ -186,6 +195,17 @@ func TestFederation(t *testing.T) {
 		waitFor(t, m.c.Name()+" connected to a", func() bool {
 			s, ok := m.peerStatus("a")
 			return ok && s.State == v1alpha1.StateConnected
+		})
+		// Every condition says which spec it is about (kubectl wait
+		// compares observedGeneration with the API server's generation).
+		waitFor(t, "a's conditions of "+m.c.Name()+" observed its generation", func() bool {
+			s, gen, _ := a.peerStatusGeneration(m.c.Name())
+			for _, c := range s.Conditions {
+				if c.ObservedGeneration != gen {
+					return false
+				}
+			}
+			return gen > 0 && len(s.Conditions) > 0
 		})
 	}
 	// The token records are spent, the join tokens gone.
