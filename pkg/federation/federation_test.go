@@ -113,7 +113,9 @@ func (c *cluster) start(t *testing.T) {
 		c.lis, err = net.Listen("tcp", c.addr)
 		require.NoError(t, err)
 	}
-	c.manager = NewManager(c.kube, c.dyn, c.store, c.trust, c.self, c.cfg)
+	var err error
+	c.manager, err = NewManager(c.kube, c.dyn, c.store, c.trust, c.self, c.cfg)
+	require.NoError(t, err)
 	srv := grpc.NewServer(c.manager.ServerOptions()...)
 	c.manager.Register(srv)
 	ctx, cancel := context.WithCancel(context.Background())

@@ -230,7 +230,7 @@ type peerEntry struct {
 var _ fedv1.FederationServiceServer = (*Manager)(nil)
 
 // NewManager wires a manager; nothing runs until Run.
-func NewManager(kube kubernetes.Interface, dyn dynamic.Interface, store *catalog.Store, ts *trust.Store, svid x509svid.Source, cfg Config) *Manager {
+func NewManager(kube kubernetes.Interface, dyn dynamic.Interface, store *catalog.Store, ts *trust.Store, svid x509svid.Source, cfg Config) (*Manager, error) {
 	cfg = cfg.withDefaults()
 	m := &Manager{
 		cfg: cfg, log: cfg.Logger.With("component", "federation"), clock: cfg.Clock,
@@ -246,12 +246,17 @@ func NewManager(kube kubernetes.Interface, dyn dynamic.Interface, store *catalog
 	m.life, m.endLife = context.WithCancel(context.Background())
 	factory := dynamicinformer.NewDynamicSharedInformerFactory(dyn, 10*time.Minute)
 	m.informer = factory.ForResource(v1alpha1.Resource).Informer()
+	// Which FederationPeers name a trust domain is asked on every
+	// reconcile and every Establish: an index, not a walk of them all.
+	if err := m.informer.AddIndexers(cache.Indexers{byTrustDomain: indexTrustDomain}); err != nil {
+		return nil, fmt.Errorf("index FederationPeers by trust domain: %w", err)
+	}
 	_, _ = m.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    m.enqueue,
 		UpdateFunc: func(_, obj any) { m.enqueue(obj) },
 		DeleteFunc: m.enqueue,
 	})
-	return m
+	return m, nil
 }
 
 // ServerOptions are the gRPC options of the federation listener.
@@ -567,11 +572,7 @@ func (m *Manager) olderClaim(name string, td spiffeid.TrustDomain, created time.
 		}
 	}
 	older := ""
-	for _, obj := range store.List() {
-		u, ok := obj.(*unstructured.Unstructured)
-		if !ok || u.GetName() == name || specTrustDomain(u) != td {
-			continue
-		}
+	for _, u := range m.specHolders(name, td) {
 		c := u.GetCreationTimestamp().Time
 		if c.Before(created) || (c.Equal(created) && u.GetName() < name) {
 			if older == "" || u.GetName() < older {
@@ -585,10 +586,8 @@ func (m *Manager) olderClaim(name string, td spiffeid.TrustDomain, created time.
 // trustDomainHolder returns the peer, other than name, whose link has td:
 // a FederationPeer with that spec.trustDomain, or a running peer of it.
 func (m *Manager) trustDomainHolder(name string, td spiffeid.TrustDomain) string {
-	for _, obj := range m.informer.GetStore().List() {
-		if u, ok := obj.(*unstructured.Unstructured); ok && u.GetName() != name && specTrustDomain(u) == td {
-			return u.GetName()
-		}
+	if holders := m.specHolders(name, td); len(holders) > 0 {
+		return holders[0].GetName()
 	}
 	if running := m.runningHolders(name, td); len(running) > 0 {
 		return running[0]
@@ -633,11 +632,42 @@ func (m *Manager) enqueueSharing(name, td string) {
 	if err != nil {
 		return
 	}
-	for _, obj := range m.informer.GetStore().List() {
-		if u, ok := obj.(*unstructured.Unstructured); ok && u.GetName() != name && specTrustDomain(u) == want {
-			m.queue.Add(u.GetName())
+	for _, u := range m.specHolders(name, want) {
+		m.queue.Add(u.GetName())
+	}
+}
+
+// byTrustDomain indexes the FederationPeer cache by spec.trustDomain,
+// as a trust domain's String (a FederationPeer whose trust domain does
+// not read is not indexed).
+const byTrustDomain = "spec.trustDomain"
+
+func indexTrustDomain(obj any) ([]string, error) {
+	u, ok := obj.(*unstructured.Unstructured)
+	if !ok {
+		return nil, nil
+	}
+	if td := specTrustDomain(u); !td.IsZero() {
+		return []string{td.String()}, nil
+	}
+	return nil, nil
+}
+
+// specHolders are the cached FederationPeers other than name whose
+// spec.trustDomain is td, by name.
+func (m *Manager) specHolders(name string, td spiffeid.TrustDomain) []*unstructured.Unstructured {
+	if td.IsZero() {
+		return nil
+	}
+	objs, _ := m.informer.GetIndexer().ByIndex(byTrustDomain, td.String())
+	var out []*unstructured.Unstructured
+	for _, obj := range objs {
+		if u, ok := obj.(*unstructured.Unstructured); ok && u.GetName() != name {
+			out = append(out, u)
 		}
 	}
+	slices.SortFunc(out, func(a, b *unstructured.Unstructured) int { return strings.Compare(a.GetName(), b.GetName()) })
+	return out
 }
 
 // joinProblems joins the non-nil errors into one, "; " between them, so

@@ -140,7 +140,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 	if err := f.setUpTrustMetrics(); err != nil {
 		return nil, err
 	}
-	f.federation = federation.NewManager(kubeClient, dyn, f.store, f.trust, f.self, federation.Config{
+	f.federation, err = federation.NewManager(kubeClient, dyn, f.store, f.trust, f.self, federation.Config{
 		ClusterName: cfg.ClusterName, Namespace: cfg.Namespace, FederatorID: f.id,
 		Gateways: cfg.GatewayAddresses, AdvertiseAddresses: cfg.AdvertiseAddresses,
 		Heartbeat: cfg.Heartbeat, KeepFor: cfg.KeepFor, DrainFor: cfg.DrainFor,
@@ -149,6 +149,9 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 		ImportProblems: f.importProblems,
 		Logger:         log,
 	})
+	if err != nil {
+		return nil, err
+	}
 	if err := f.setUpFederationMetrics(); err != nil {
 		return nil, err
 	}
