@@ -75,17 +75,33 @@ func (s *Server) updateSidecar(ctx context.Context, local *catalog.Snapshot, sec
 	changed := next.Version != "" && (next.Version != prev.Version || next.SecretsVersion != prev.SecretsVersion)
 	var setErr error
 	if changed {
-		setErr = s.setSidecar(ctx, next, skipped)
+		setErr = s.setSidecar(ctx, next)
 	}
 	err = errors.Join(err, setErr)
 
+	// What Status says changes at once: a configuration is never shown
+	// with the imports of the one before.
 	st.mu.Lock()
-	st.local, st.imports, st.skipped = local.Version(), imports, skipped
+	if changed && setErr == nil {
+		st.res, st.setAt = next, time.Now()
+	}
+	if setErr == nil {
+		st.skipped = skipped
+	}
+	st.local, st.imports = local.Version(), imports
 	st.err = ""
 	if err != nil {
 		st.err = err.Error()
 	}
 	st.mu.Unlock()
+	if changed && setErr == nil {
+		s.metrics.updates.Add(ctx, 1, metric.WithAttributes(attribute.String("role", sidecarGroup)))
+		s.log.Info("sidecar configuration updated", "version", next.Version, "secretsVersion", next.SecretsVersion,
+			"clusters", len(next.Clusters), "routes", len(next.Routes), "skipped", len(skipped))
+		for _, sk := range skipped {
+			s.log.Debug("left out of the sidecar configuration", "service", sk.Service, "cluster", sk.Cluster, "reason", sk.Reason)
+		}
+	}
 	switch {
 	case err != nil:
 		s.metrics.failures.Add(ctx, 1)
@@ -117,23 +133,13 @@ func (s *Server) translateSidecar(local *catalog.Snapshot, peers []*catalog.Snap
 
 // setSidecar checks res's snapshot for consistency and serves it to every
 // sidecar.
-func (s *Server) setSidecar(ctx context.Context, res Resources, skipped []Skipped) error {
+func (s *Server) setSidecar(ctx context.Context, res Resources) error {
 	snap, err := res.Snapshot()
 	if err != nil {
 		return err
 	}
 	if err := s.cache.SetSnapshot(ctx, sidecarGroup, snap); err != nil {
 		return fmt.Errorf("set sidecar snapshot %s: %w", res.Version, err)
-	}
-	st := &s.sidecar
-	st.mu.Lock()
-	st.res, st.setAt = res, time.Now()
-	st.mu.Unlock()
-	s.metrics.updates.Add(ctx, 1, metric.WithAttributes(attribute.String("role", sidecarGroup)))
-	s.log.Info("sidecar configuration updated", "version", res.Version, "secretsVersion", res.SecretsVersion,
-		"clusters", len(res.Clusters), "routes", len(res.Routes), "skipped", len(skipped))
-	for _, sk := range skipped {
-		s.log.Debug("left out of the sidecar configuration", "service", sk.Service, "cluster", sk.Cluster, "reason", sk.Reason)
 	}
 	return nil
 }
