@@ -22,6 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/util/uuid"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
@@ -76,6 +77,14 @@ func newClusterIn(t *testing.T, name, trustDomain string, tune func(*Config)) *c
 	// as a real API server's dynamic client sees them.
 	c.dyn = dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
 		map[schema.GroupVersionResource]string{v1alpha1.Resource: "FederationPeerList"})
+	// As an API server, every object made gets a new uid: a
+	// FederationPeer deleted and made again is another object.
+	c.dyn.PrependReactor("create", "*", func(action k8stesting.Action) (bool, runtime.Object, error) {
+		if o, ok := action.(k8stesting.CreateAction).GetObject().(metav1.Object); ok && o.GetUID() == "" {
+			o.SetUID(uuid.NewUUID())
+		}
+		return false, nil, nil
+	})
 	td := spiffeid.RequireTrustDomainFromString(trustDomain)
 	var err error
 	c.ca, err = ca.New(ctx, c.kube, ca.Options{TrustDomain: td, Namespace: testNS})

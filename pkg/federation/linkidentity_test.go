@@ -1,8 +1,10 @@
 package federation
 
 import (
+	"context"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -13,8 +15,10 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
@@ -298,4 +302,82 @@ func TestJoinEstablishesDespiteALeftoverBundle(t *testing.T) {
 	require.True(t, stored.X509Bundle().Equal(a.ca.Bundle()), "the stored copy is a's bundle")
 	_, err = b.kube.CoreV1().Secrets(testNS).Get(t.Context(), "isthmus-join-a", metav1.GetOptions{})
 	require.True(t, apierrors.IsNotFound(err), "the spent token is deleted: %v", err)
+}
+
+// A FederationPeer deleted and joined again at once (`kubectl delete`,
+// then `federator join` with a new token, before the federator saw the
+// deletion) links with the new token. Ending the old link deleted the
+// join Secret by name, and so the new token with it: the new link was
+// refused for a token Secret that "is gone".
+func TestJoinAgainAtOnceKeepsTheNewToken(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	link(t, a, b)
+	linked := func() bool {
+		return a.status("b").State == v1alpha1.StateConnected && b.status("a").State == v1alpha1.StateConnected
+	}
+	eventually(t, "linked", linked)
+	require.NoError(t, a.dyn.Resource(v1alpha1.Resource).Delete(t.Context(), "b", metav1.DeleteOptions{}))
+	eventually(t, "a ended its link", func() bool { return len(a.manager.Statuses()) == 0 })
+	tok, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "b", Addresses: []string{a.addr}})
+	require.NoError(t, err)
+	text, err := tok.Encode()
+	require.NoError(t, err)
+
+	// The join runs when b's federator, ending the old link, first reads
+	// the join Secret (the old one was deleted once spent): what Join
+	// writes is in place by then.
+	var joined atomic.Bool
+	b.kube.PrependReactor("get", "secrets", func(action k8stesting.Action) (bool, runtime.Object, error) {
+		if action.(k8stesting.GetAction).GetName() != "isthmus-join-a" || joined.Swap(true) {
+			return false, nil, nil
+		}
+		sec, fp := joinObjects(&tok, testNS, text)
+		if err := b.kube.Tracker().Create(corev1.SchemeGroupVersion.WithResource("secrets"), sec, testNS); err != nil {
+			t.Errorf("store the new token: %v", err)
+		}
+		obj, err := runtime.DefaultUnstructuredConverter.ToUnstructured(fp)
+		if err == nil {
+			_, err = b.dyn.Resource(v1alpha1.Resource).Create(context.WithoutCancel(t.Context()), &unstructured.Unstructured{Object: obj}, metav1.CreateOptions{})
+		}
+		if err != nil {
+			t.Errorf("create the new FederationPeer: %v", err)
+		}
+		return false, nil, nil
+	})
+	require.NoError(t, b.dyn.Resource(v1alpha1.Resource).Delete(t.Context(), "a", metav1.DeleteOptions{}))
+	eventually(t, "linked again with the new token", func() bool { return joined.Load() && linked() })
+}
+
+// A FederationPeer deleted and made again before the federator saw the
+// deletion is seen as one object whose uid changed: it is a new link
+// (here, from a new token), not the old one going on with the old
+// link's state.
+func TestFederationPeerWithANewUIDIsANewLink(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	link(t, a, b)
+	linked := func() bool {
+		return a.status("b").State == v1alpha1.StateConnected && b.status("a").State == v1alpha1.StateConnected
+	}
+	eventually(t, "linked", linked)
+	require.NoError(t, a.dyn.Resource(v1alpha1.Resource).Delete(t.Context(), "b", metav1.DeleteOptions{}))
+	eventually(t, "a ended its link", func() bool { return len(a.manager.Statuses()) == 0 })
+	tok, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "b", Addresses: []string{a.addr}})
+	require.NoError(t, err)
+	text, err := tok.Encode()
+	require.NoError(t, err)
+
+	sec, fp := joinObjects(&tok, testNS, text)
+	_, err = b.kube.CoreV1().Secrets(testNS).Create(t.Context(), sec, metav1.CreateOptions{})
+	require.NoError(t, err)
+	old := b.entry("a")
+	u, err := b.dyn.Resource(v1alpha1.Resource).Get(t.Context(), "a", metav1.GetOptions{})
+	require.NoError(t, err)
+	require.NotEmpty(t, u.GetUID())
+	u.SetUID(types.UID("recreated-" + string(u.GetUID())))
+	u.SetAnnotations(fp.Annotations)
+	_, err = b.dyn.Resource(v1alpha1.Resource).Update(t.Context(), u, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	eventually(t, "linked again with the new token", func() bool { return b.entry("a") != old && linked() })
 }

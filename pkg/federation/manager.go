@@ -29,6 +29,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/kubernetes"
@@ -196,8 +197,12 @@ func (g *sessionGroup) closeAndWait() {
 
 // peerEntry is a running peer: its state and the goroutine that serves it.
 type peerEntry struct {
-	p    *peer
-	spec v1alpha1.FederationPeerSpec
+	p *peer
+	// uid is the FederationPeer's; tokenID the token `federator join`
+	// made it from (AnnotationTokenID), which names its join Secret.
+	uid     types.UID
+	tokenID string
+	spec    v1alpha1.FederationPeerSpec
 	// specErr names what of the spec the federator cannot follow; when
 	// set, the link is not run (Accepted is False).
 	specErr  error
@@ -394,18 +399,22 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 	m.mu.Lock()
 	e := m.peers[name]
 	m.mu.Unlock()
-	if !exists {
-		if e != nil {
-			m.removePeer(ctx, name, e, "the FederationPeer was deleted on "+m.cfg.ClusterName)
-			// A peer refused for the trust domain this one held may
-			// now take it.
-			m.enqueueSharing(name, e.spec.TrustDomain)
-		}
-		return nil
-	}
-	u, ok := obj.(*unstructured.Unstructured)
-	if !ok {
+	u, _ := obj.(*unstructured.Unstructured)
+	if exists && u == nil {
 		return fmt.Errorf("unexpected object %T in the FederationPeer cache", obj)
+	}
+	// A FederationPeer deleted and made again (a new uid) before this
+	// saw the deletion is a new link, as if it had: the old one ends
+	// first, whatever the new spec.
+	if e != nil && (!exists || u.GetUID() != e.uid) {
+		m.removePeer(ctx, name, e, "the FederationPeer was deleted on "+m.cfg.ClusterName)
+		// A peer refused for the trust domain this one held may
+		// now take it.
+		m.enqueueSharing(name, e.spec.TrustDomain)
+		e = nil
+	}
+	if !exists {
+		return nil
 	}
 	fp, decodeErr := decodePeer(u)
 	td, err := spiffeid.TrustDomainFromString(fp.Spec.TrustDomain)
@@ -459,7 +468,7 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 	// Complete before it is installed: Run's shutdown cancels and waits
 	// for every entry it finds.
 	pctx, cancel := context.WithCancel(ctx)
-	next := &peerEntry{spec: fp.Spec, specErr: specErr, conflict: conflictErr != nil,
+	next := &peerEntry{uid: u.GetUID(), tokenID: u.GetAnnotations()[AnnotationTokenID], spec: fp.Spec, specErr: specErr, conflict: conflictErr != nil,
 		keepFor: keepFor, drainFor: drainFor, cancel: cancel, done: make(chan struct{})}
 	next.conditions = fp.Status.Conditions
 	next.generation.Store(u.GetGeneration())
@@ -710,7 +719,7 @@ func (m *Manager) removePeer(ctx context.Context, name string, e *peerEntry, rea
 	m.forgetPeer(ctx, name, e.p)
 	m.exports.forget(name)
 	if e.spec.TokenSecretName != "" {
-		if err := m.deleteJoinSecret(ctx, name, e.spec.TokenSecretName); err != nil {
+		if err := m.deleteJoinSecret(ctx, name, e.spec.TokenSecretName, e.tokenID); err != nil {
 			m.log.Warn("delete the join token's Secret", "peer", name, "err", err)
 		}
 	}
@@ -775,8 +784,11 @@ func (m *Manager) sweepPeerConfigMaps(ctx context.Context) {
 }
 
 // deleteJoinSecret deletes the Secret `federator join` stored the peer's
-// token in, if it is one (labelled for this peer).
-func (m *Manager) deleteJoinSecret(ctx context.Context, peer, name string) error {
+// token in, if it is one (labelled for this peer) and holds the token
+// the ended link was made from: a join made again at once, before the
+// federator saw the old FederationPeer go, stored its new token under the
+// same name.
+func (m *Manager) deleteJoinSecret(ctx context.Context, peer, name, tokenID string) error {
 	secrets := m.kube.CoreV1().Secrets(m.cfg.Namespace)
 	sec, err := secrets.Get(ctx, name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
@@ -785,7 +797,7 @@ func (m *Manager) deleteJoinSecret(ctx context.Context, peer, name string) error
 	if err != nil {
 		return err
 	}
-	if sec.Labels[LabelJoinToken] != peer {
+	if sec.Labels[LabelJoinToken] != peer || sec.Annotations[AnnotationTokenID] != tokenID {
 		return nil
 	}
 	uid := sec.UID

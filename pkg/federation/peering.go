@@ -34,6 +34,11 @@ const (
 	LabelTokenFor = "federation.isthmus.dev/token-for"
 	// LabelJoinToken marks a joining side's Secret holding a token.
 	LabelJoinToken = "federation.isthmus.dev/join-token"
+	// AnnotationTokenID is the ID of the token a joining side's Secret
+	// holds, on the Secret and on the FederationPeer made from it: the
+	// federator deletes the Secret with the link only if it still holds
+	// that link's token.
+	AnnotationTokenID = "federation.isthmus.dev/token-id"
 	// SecretTypeTokenRecord is the type of an accepting side's record.
 	SecretTypeTokenRecord corev1.SecretType = "federation.isthmus.dev/token-record"
 	// SecretTypeTokenClaim is the type of the Secret that records which
@@ -421,22 +426,10 @@ func Join(ctx context.Context, client kubernetes.Interface, dyn dynamic.Interfac
 		return nil, fmt.Errorf("read FederationPeer %q: %w", opts.Name, err)
 	}
 
-	secretName := "isthmus-join-" + opts.Name
-	sec := &corev1.Secret{
-		ObjectMeta: metav1.ObjectMeta{Namespace: opts.Namespace, Name: secretName,
-			Labels: map[string]string{LabelJoinToken: opts.Name, "app.kubernetes.io/part-of": "isthmus"}},
-		Data: map[string][]byte{keyToken: []byte(strings.TrimSpace(opts.Token))},
-	}
+	sec, peer := joinObjects(&t, opts.Namespace, opts.Token)
+	secretName := sec.Name
 	if err := storeJoinSecret(ctx, client, sec); err != nil {
 		return nil, fmt.Errorf("store token in Secret %s/%s: %w", opts.Namespace, secretName, err)
-	}
-	peer := &v1alpha1.FederationPeer{
-		TypeMeta:   metav1.TypeMeta{APIVersion: v1alpha1.GroupVersion.String(), Kind: "FederationPeer"},
-		ObjectMeta: metav1.ObjectMeta{Name: opts.Name, Labels: map[string]string{"app.kubernetes.io/part-of": "isthmus"}},
-		Spec: v1alpha1.FederationPeerSpec{
-			TrustDomain: t.TrustDomain, FederatorID: t.FederatorID,
-			Addresses: t.Addresses, TokenSecretName: secretName,
-		},
 	}
 	obj, err := runtime.DefaultUnstructuredConverter.ToUnstructured(peer)
 	if err == nil {
@@ -447,6 +440,28 @@ func Join(ctx context.Context, client kubernetes.Interface, dyn dynamic.Interfac
 		return nil, fmt.Errorf("create FederationPeer %q: %w", opts.Name, err)
 	}
 	return peer, nil
+}
+
+// joinObjects are what Join writes for token t (text, encoded): the
+// Secret holding it, in namespace, and the FederationPeer naming that
+// Secret, both annotated with the token's ID.
+func joinObjects(t *Token, namespace, text string) (*corev1.Secret, *v1alpha1.FederationPeer) {
+	sec := &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: "isthmus-join-" + t.ClusterName,
+			Labels:      map[string]string{LabelJoinToken: t.ClusterName, "app.kubernetes.io/part-of": "isthmus"},
+			Annotations: map[string]string{AnnotationTokenID: t.ID}},
+		Data: map[string][]byte{keyToken: []byte(strings.TrimSpace(text))},
+	}
+	peer := &v1alpha1.FederationPeer{
+		TypeMeta: metav1.TypeMeta{APIVersion: v1alpha1.GroupVersion.String(), Kind: "FederationPeer"},
+		ObjectMeta: metav1.ObjectMeta{Name: t.ClusterName, Labels: map[string]string{"app.kubernetes.io/part-of": "isthmus"},
+			Annotations: map[string]string{AnnotationTokenID: t.ID}},
+		Spec: v1alpha1.FederationPeerSpec{
+			TrustDomain: t.TrustDomain, FederatorID: t.FederatorID,
+			Addresses: t.Addresses, TokenSecretName: sec.Name,
+		},
+	}
+	return sec, peer
 }
 
 // storeJoinSecret creates the join token's Secret, or replaces one a
@@ -466,7 +481,7 @@ func storeJoinSecret(ctx context.Context, client kubernetes.Interface, sec *core
 	if old.Labels[LabelJoinToken] != sec.Labels[LabelJoinToken] {
 		return fmt.Errorf("%w, and it does not hold a join token for %q (label %s): delete or rename it", err, sec.Labels[LabelJoinToken], LabelJoinToken)
 	}
-	old.Data, old.Labels = sec.Data, sec.Labels
+	old.Data, old.Labels, old.Annotations = sec.Data, sec.Labels, sec.Annotations
 	_, err = secrets.Update(ctx, old, metav1.UpdateOptions{})
 	return err
 }
