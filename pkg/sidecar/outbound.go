@@ -8,7 +8,9 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -37,9 +39,9 @@ func (p *Proxy) destination(c *net.TCPConn) (dst netip.AddrPort, redirected bool
 
 // fromThisPod reports whether c comes from a process of this pod (this
 // network namespace).
-func fromThisPod(c *net.TCPConn) bool {
+func (p *Proxy) fromThisPod(c *net.TCPConn) bool {
 	remote := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
-	return isLocalSource(remote, localAddr(c).Addr(), interfaceAddr)
+	return isLocalSource(remote, localAddr(c).Addr(), p.ifAddrs.has)
 }
 
 // isLocalSource reports whether a connection from remote to local came
@@ -51,21 +53,57 @@ func isLocalSource(remote, local netip.Addr, isLocal func(netip.Addr) bool) bool
 	return remote.IsLoopback() || remote == local || isLocal(remote)
 }
 
-// interfaceAddr reports whether a is an address of an interface in this
-// network namespace.
-func interfaceAddr(a netip.Addr) bool {
+// ifAddrsTTL is how long the interface addresses are taken as known.
+// A pod's addresses are set before its app starts.
+const ifAddrsTTL = time.Second
+
+// ifAddrs are the addresses of this network namespace's interfaces, read
+// at most once per ifAddrsTTL: a connection to the outbound port from
+// anywhere else (refused, not_local) would otherwise cost the sidecar a
+// netlink dump of every address, as many as anyone who can reach the
+// port cares to open.
+type ifAddrs struct {
+	mu    sync.Mutex
+	at    time.Time
+	addrs []netip.Addr
+	// read is interfaceAddrs but in tests.
+	read func() ([]netip.Addr, error)
+}
+
+func (l *ifAddrs) has(a netip.Addr) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if now := time.Now(); l.at.IsZero() || now.Sub(l.at) >= ifAddrsTTL {
+		read := l.read
+		if read == nil {
+			read = interfaceAddrs
+		}
+		// A failed read keeps what was known; it is tried again after
+		// the TTL, not on every connection.
+		if addrs, err := read(); err == nil {
+			l.addrs = addrs
+		}
+		l.at = now
+	}
+	return slices.Contains(l.addrs, a)
+}
+
+// interfaceAddrs are the addresses of the interfaces in this network
+// namespace, IPv4 unmapped.
+func interfaceAddrs() ([]netip.Addr, error) {
 	addrs, err := net.InterfaceAddrs()
 	if err != nil {
-		return false
+		return nil, err
 	}
+	var out []netip.Addr
 	for _, ia := range addrs {
 		if n, ok := ia.(*net.IPNet); ok {
-			if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap() == a {
-				return true
+			if ip, ok := netip.AddrFromSlice(n.IP); ok {
+				out = append(out, ip.Unmap())
 			}
 		}
 	}
-	return false
+	return out, nil
 }
 
 // localAddr is c's local address, IPv4 unmapped.
@@ -92,7 +130,7 @@ func (p *Proxy) serveOutbound(c *net.TCPConn) {
 		p.log.Debug("no original destination; explicit mode", "remote", c.RemoteAddr().String(), "error", err)
 		dst, redirected = localAddr(c), false
 	}
-	if !redirected && !fromThisPod(c) {
+	if !redirected && !p.fromThisPod(c) {
 		p.refuse(c, listenerOutbound, ReasonNotLocal)
 		p.release(listenerOutbound)
 		return

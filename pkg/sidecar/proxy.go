@@ -37,6 +37,9 @@ type Proxy struct {
 	// health is passive health, shared by every cluster's picker and
 	// kept across configurations.
 	health outlier.Ejections
+	// ifAddrs are this network namespace's addresses, for telling
+	// connections from this pod apart.
+	ifAddrs ifAddrs
 
 	outLn, inLn       *net.TCPListener
 	adminLn, healthLn net.Listener

@@ -5,12 +5,14 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -608,13 +610,62 @@ func TestExplicitModeOnlyFromThisPod(t *testing.T) {
 	// This host's own non-loopback addresses are its own.
 	addrs, err := net.InterfaceAddrs()
 	require.NoError(t, err)
+	var own ifAddrs
 	for _, ia := range addrs {
 		if n, ok := ia.(*net.IPNet); ok {
 			a, _ := netip.AddrFromSlice(n.IP)
-			require.True(t, interfaceAddr(a.Unmap()), a.String())
+			require.True(t, own.has(a.Unmap()), a.String())
 		}
 	}
-	require.False(t, interfaceAddr(netip.MustParseAddr("192.0.2.200")))
+	require.False(t, own.has(netip.MustParseAddr("192.0.2.200")))
+}
+
+// The interface addresses are read once per ifAddrsTTL however many
+// connections ask, and a failed read keeps what was known.
+func TestInterfaceAddressesAreReadOncePerTTL(t *testing.T) {
+	pod := netip.MustParseAddr("10.1.2.3")
+	reads := 0
+	var fail bool
+	l := ifAddrs{read: func() ([]netip.Addr, error) {
+		reads++
+		if fail {
+			return nil, errors.New("netlink: no")
+		}
+		return []netip.Addr{pod}, nil
+	}}
+	for range 1000 {
+		require.True(t, l.has(pod))
+		require.False(t, l.has(netip.MustParseAddr("192.0.2.2")))
+	}
+	require.Equal(t, 1, reads)
+	l.at = l.at.Add(-ifAddrsTTL)
+	fail = true
+	require.True(t, l.has(pod), "what was known is kept")
+	require.Equal(t, 2, reads)
+}
+
+// BenchmarkRefusedSourceCheck is the check a connection to the outbound
+// port without a redirect, from an address not of this pod, costs
+// before it is refused (`go test -run '^$' -bench RefusedSourceCheck
+// ./pkg/sidecar`); the uncached read beside it is what each cost before.
+func BenchmarkRefusedSourceCheck(b *testing.B) {
+	remote, local := netip.MustParseAddr("198.51.100.77"), netip.MustParseAddr("10.1.2.3")
+	b.Run("cached", func(b *testing.B) {
+		var l ifAddrs
+		for b.Loop() {
+			if isLocalSource(remote, local, l.has) {
+				b.Fatal("local")
+			}
+		}
+	})
+	b.Run("netlink-each-time", func(b *testing.B) {
+		for b.Loop() {
+			addrs, err := interfaceAddrs()
+			if err != nil || slices.Contains(addrs, remote) {
+				b.Fatal(err)
+			}
+		}
+	})
 }
 
 // An app that listens on the pod's address (--app-addr) is reached from
