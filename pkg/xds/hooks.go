@@ -3,7 +3,6 @@ package xds
 import (
 	"context"
 	"fmt"
-	"github.com/isthmus-mesh/isthmus/internal/clip"
 	"log/slog"
 	"maps"
 	"slices"
@@ -19,6 +18,9 @@ import (
 	"go.opentelemetry.io/otel/metric"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/isthmus-mesh/isthmus/internal/clip"
+	"github.com/isthmus-mesh/isthmus/internal/nodeid"
 )
 
 // streamState is what the Server knows about one open xDS stream.
@@ -170,26 +172,17 @@ func (h *hooks) bind(node *corev3.Node, identity string) error {
 	if !ok {
 		return status.Errorf(codes.PermissionDenied, "identity %s is not of a Kubernetes ServiceAccount (/ns/<namespace>/sa/<name>): it may not be a proxy", identity)
 	}
-	nodeNS, ok := nodeNamespace(node.GetId())
+	nid, err := nodeid.Parse(node.GetId())
+	nodeNS := nid.Namespace
 	switch {
-	case !ok:
-		return status.Errorf(codes.InvalidArgument, "node ID %q is not of the form <role>~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local", clip.String(node.GetId(), maxTypeURLShown))
+	case err != nil:
+		return status.Errorf(codes.InvalidArgument, "node ID %q: %v", clip.String(node.GetId(), maxTypeURLShown), err)
 	case nodeNS != svidNS:
 		return status.Errorf(codes.PermissionDenied, "node %q is in namespace %q, but its certificate's identity %s is in %q", clip.String(node.GetId(), maxTypeURLShown), nodeNS, identity, svidNS)
 	case group == gatewayGroup && h.s.opts.Gateway.Namespace != "" && svidNS != h.s.opts.Gateway.Namespace:
 		return status.Errorf(codes.PermissionDenied, "identity %s may not be an east-west gateway: gateways run in namespace %q", identity, h.s.opts.Gateway.Namespace)
 	}
 	return nil
-}
-
-// nodeNamespace is the namespace a node ID of Istio's shape names.
-func nodeNamespace(nodeID string) (string, bool) {
-	fields := strings.Split(nodeID, "~")
-	if len(fields) != 4 {
-		return "", false
-	}
-	ns, _, _ := strings.Cut(fields[3], ".")
-	return ns, ns != ""
 }
 
 // workloadOf is the namespace and ServiceAccount of a Kubernetes

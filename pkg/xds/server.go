@@ -23,6 +23,7 @@ import (
 	"go.opentelemetry.io/otel/metric/noop"
 	"google.golang.org/grpc"
 
+	"github.com/isthmus-mesh/isthmus/internal/nodeid"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 )
 
@@ -207,10 +208,12 @@ func (s *Server) Register(g *grpc.Server) {
 type nodeGroups struct{}
 
 func (nodeGroups) ID(node *corev3.Node) string {
-	if strings.HasPrefix(node.GetId(), GatewayNodePrefix) {
+	switch {
+	case !strings.Contains(node.GetId(), "~"):
+		return unservedGroup
+	case nodeid.Role(node.GetId()) == nodeid.RoleGateway:
 		return gatewayGroup
-	}
-	if strings.HasPrefix(node.GetId(), SidecarNodePrefix) {
+	case nodeid.Role(node.GetId()) == nodeid.RoleSidecar:
 		return sidecarGroup
 	}
 	return unservedGroup

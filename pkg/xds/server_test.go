@@ -729,9 +729,10 @@ func TestNodeBoundToItsSVID(t *testing.T) {
 	refused(f.dialTLS(web), "eastwest-gw~10.0.1.9~gw.demo~demo.svc.cluster.local", codes.PermissionDenied, `gateways run in namespace "isthmus-system"`)
 	refused(f.dialTLS(web), "sidecar~10.0.1.9~cart-0.shop~shop.svc.cluster.local", codes.PermissionDenied, `is in namespace "shop"`)
 	refused(f.dialTLS(web), "sidecar~10.0.1.9", codes.InvalidArgument, "is not of the form")
+	refused(f.dialTLS(web), "sidecar~10.0.1.9~cart-0.shop~demo.svc.cluster.local", codes.InvalidArgument, "third field is not <pod>.demo")
 	odd := svidOf(t, f.ca, spiffeid.RequireFromPath(tdA, "/workload/web"))
 	refused(f.dialTLS(odd), sidecarNode, codes.PermissionDenied, "not of a Kubernetes ServiceAccount")
-	require.EqualValues(t, 5, f.metric("isthmus_xds_streams_refused"))
+	require.EqualValues(t, 6, f.metric("isthmus_xds_streams_refused"))
 	require.Contains(t, f.logs.String(), "xDS node refused")
 
 	// Its own node is served; another node ID on the same stream is not.

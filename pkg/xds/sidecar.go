@@ -31,6 +31,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/isthmus-mesh/isthmus/internal/nodeid"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 	"github.com/isthmus-mesh/isthmus/pkg/federation"
 )
@@ -39,7 +40,7 @@ import (
 const (
 	// SidecarNodePrefix starts the node ID of every sidecar; all of them
 	// get the same snapshot.
-	SidecarNodePrefix = "sidecar~"
+	SidecarNodePrefix = nodeid.RoleSidecar + "~"
 	// OutboundListenerName receives the app's outbound connections.
 	OutboundListenerName = "outbound"
 	// InboundListenerName receives the connections to the pod.

@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,6 +23,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
 	"k8s.io/utils/clock"
+
+	"github.com/isthmus-mesh/isthmus/internal/nodeid"
 )
 
 // Defaults for the zero values of ClientConfig.
@@ -182,7 +183,7 @@ func (c ClientConfig) Validate() error {
 	role := c.Node.Role()
 	if TypesFor(role) == nil {
 		errs = append(errs, fmt.Errorf("node role %q is not supported (%s or %s)", role, RoleGateway, RoleSidecar))
-	} else if idRole, _, _ := strings.Cut(c.Node.ID, "~"); c.Node.ID != "" && idRole != role {
+	} else if idRole := nodeid.Role(c.Node.ID); c.Node.ID != "" && idRole != role {
 		errs = append(errs, fmt.Errorf("node id %q does not start with %q, the role in its metadata", c.Node.ID, role+"~"))
 	}
 	if c.Types != nil {

@@ -1,11 +1,10 @@
 package xdsclient
 
 import (
-	"strings"
-
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	"github.com/isthmus-mesh/isthmus/internal/nodeid"
 	"github.com/isthmus-mesh/isthmus/pkg/version"
 )
 
@@ -14,9 +13,9 @@ import (
 const (
 	// RoleGateway is the east-west gateway's role: the first segment of
 	// its node id and the value of its MetadataRole.
-	RoleGateway = "eastwest-gw"
+	RoleGateway = nodeid.RoleGateway
 	// RoleSidecar is the sidecar's role, likewise.
-	RoleSidecar = "sidecar"
+	RoleSidecar = nodeid.RoleSidecar
 	// MetadataRole is the node metadata key naming the proxy's role.
 	MetadataRole = "ISTHMUS_ROLE"
 )
@@ -38,7 +37,7 @@ type Node struct {
 // cluster name, metadata {ISTHMUS_ROLE: eastwest-gw}.
 func GatewayNode(clusterName, podIP, podName, namespace string) Node {
 	return Node{
-		ID:       RoleGateway + "~" + podIP + "~" + podName + "." + namespace + "~" + namespace + ".svc.cluster.local",
+		ID:       nodeid.ID{Role: RoleGateway, IP: podIP, Pod: podName, Namespace: namespace}.String(),
 		Cluster:  clusterName,
 		Metadata: map[string]string{MetadataRole: RoleGateway},
 	}
@@ -50,7 +49,7 @@ func GatewayNode(clusterName, podIP, podName, namespace string) Node {
 // {ISTHMUS_ROLE: sidecar}.
 func SidecarNode(clusterName, podIP, podName, namespace string) Node {
 	return Node{
-		ID:       RoleSidecar + "~" + podIP + "~" + podName + "." + namespace + "~" + namespace + ".svc.cluster.local",
+		ID:       nodeid.ID{Role: RoleSidecar, IP: podIP, Pod: podName, Namespace: namespace}.String(),
 		Cluster:  clusterName,
 		Metadata: map[string]string{MetadataRole: RoleSidecar},
 	}
@@ -64,8 +63,7 @@ func (n Node) Role() string {
 	if r := n.Metadata[MetadataRole]; r != "" {
 		return r
 	}
-	role, _, _ := strings.Cut(n.ID, "~")
-	return role
+	return nodeid.Role(n.ID)
 }
 
 // proto is the node as sent in the first request of every stream.
