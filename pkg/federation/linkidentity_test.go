@@ -304,16 +304,16 @@ func TestJoinEstablishesDespiteALeftoverBundle(t *testing.T) {
 	require.True(t, apierrors.IsNotFound(err), "the spent token is deleted: %v", err)
 }
 
-// A FederationPeer deleted and joined again at once (`kubectl delete`,
-// then `federator join` with a new token, before the federator saw the
-// deletion) links with the new token. Ending the old link deleted the
-// join Secret by name, and so the new token with it: the new link was
-// refused for a token Secret that "is gone".
-func TestJoinAgainAtOnceKeepsTheNewToken(t *testing.T) {
-	a := newCluster(t, "a", nil)
-	b := newCluster(t, "b", nil)
+// relinkedByA links a and b, then a ends the link (its FederationPeer b
+// deleted) and makes a new token for b: b still has its old link, as
+// when both sides are deleted and b has yet to join again. linked
+// reports whether both sides are connected.
+func relinkedByA(t *testing.T) (a, b *cluster, tok Token, text string, linked func() bool) {
+	t.Helper()
+	a = newCluster(t, "a", nil)
+	b = newCluster(t, "b", nil)
 	link(t, a, b)
-	linked := func() bool {
+	linked = func() bool {
 		return a.status("b").State == v1alpha1.StateConnected && b.status("a").State == v1alpha1.StateConnected
 	}
 	eventually(t, "linked", linked)
@@ -321,8 +321,18 @@ func TestJoinAgainAtOnceKeepsTheNewToken(t *testing.T) {
 	eventually(t, "a ended its link", func() bool { return len(a.manager.Statuses()) == 0 })
 	tok, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "b", Addresses: []string{a.addr}})
 	require.NoError(t, err)
-	text, err := tok.Encode()
+	text, err = tok.Encode()
 	require.NoError(t, err)
+	return a, b, tok, text, linked
+}
+
+// A FederationPeer deleted and joined again at once (`kubectl delete`,
+// then `federator join` with a new token, before the federator saw the
+// deletion) links with the new token. Ending the old link deleted the
+// join Secret by name, and so the new token with it: the new link was
+// refused for a token Secret that "is gone".
+func TestJoinAgainAtOnceKeepsTheNewToken(t *testing.T) {
+	_, b, tok, text, linked := relinkedByA(t)
 
 	// The join runs when b's federator, ending the old link, first reads
 	// the join Secret (the old one was deleted once spent): what Join
@@ -354,22 +364,10 @@ func TestJoinAgainAtOnceKeepsTheNewToken(t *testing.T) {
 // (here, from a new token), not the old one going on with the old
 // link's state.
 func TestFederationPeerWithANewUIDIsANewLink(t *testing.T) {
-	a := newCluster(t, "a", nil)
-	b := newCluster(t, "b", nil)
-	link(t, a, b)
-	linked := func() bool {
-		return a.status("b").State == v1alpha1.StateConnected && b.status("a").State == v1alpha1.StateConnected
-	}
-	eventually(t, "linked", linked)
-	require.NoError(t, a.dyn.Resource(v1alpha1.Resource).Delete(t.Context(), "b", metav1.DeleteOptions{}))
-	eventually(t, "a ended its link", func() bool { return len(a.manager.Statuses()) == 0 })
-	tok, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "b", Addresses: []string{a.addr}})
-	require.NoError(t, err)
-	text, err := tok.Encode()
-	require.NoError(t, err)
+	_, b, tok, text, linked := relinkedByA(t)
 
 	sec, fp := joinObjects(&tok, testNS, text)
-	_, err = b.kube.CoreV1().Secrets(testNS).Create(t.Context(), sec, metav1.CreateOptions{})
+	_, err := b.kube.CoreV1().Secrets(testNS).Create(t.Context(), sec, metav1.CreateOptions{})
 	require.NoError(t, err)
 	old := b.entry("a")
 	u, err := b.dyn.Resource(v1alpha1.Resource).Get(t.Context(), "a", metav1.GetOptions{})
