@@ -61,6 +61,11 @@ type cluster struct {
 	manager *Manager
 	stop    context.CancelFunc
 	done    chan struct{}
+	// onSecretGet, when set, runs on every Secret GET of the fake API
+	// server, before it is answered (with the fake's lock held: it may
+	// use the tracker, not the client). A reactor cannot be added once
+	// the manager uses the client.
+	onSecretGet atomic.Pointer[func(name string)]
 }
 
 func newCluster(t *testing.T, name string, tune func(*Config)) *cluster {
@@ -75,6 +80,12 @@ func newClusterIn(t *testing.T, name, trustDomain string, tune func(*Config)) *c
 	c := &cluster{name: name, kube: fake.NewClientset(), store: catalog.NewStore()}
 	// An empty scheme: the fake then keeps FederationPeers unstructured,
 	// as a real API server's dynamic client sees them.
+	c.kube.PrependReactor("get", "secrets", func(action k8stesting.Action) (bool, runtime.Object, error) {
+		if f := c.onSecretGet.Load(); f != nil {
+			(*f)(action.(k8stesting.GetAction).GetName())
+		}
+		return false, nil, nil
+	})
 	c.dyn = dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(),
 		map[schema.GroupVersionResource]string{v1alpha1.Resource: "FederationPeerList"})
 	// As an API server, every object made gets a new uid: a
