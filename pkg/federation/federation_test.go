@@ -61,11 +61,11 @@ type cluster struct {
 	manager *Manager
 	stop    context.CancelFunc
 	done    chan struct{}
-	// onSecretGet, when set, runs on every Secret GET of the fake API
-	// server, before it is answered (with the fake's lock held: it may
-	// use the tracker, not the client). A reactor cannot be added once
-	// the manager uses the client.
-	onSecretGet atomic.Pointer[func(name string)]
+	// react, when set, sees every call to the fake API server (kube)
+	// first, as a reactor would, with the fake's lock held: it may use
+	// the tracker, not the client. (A reactor added while the manager
+	// uses the client races with it.)
+	react atomic.Pointer[k8stesting.ReactionFunc]
 }
 
 func newCluster(t *testing.T, name string, tune func(*Config)) *cluster {
@@ -80,9 +80,9 @@ func newClusterIn(t *testing.T, name, trustDomain string, tune func(*Config)) *c
 	c := &cluster{name: name, kube: fake.NewClientset(), store: catalog.NewStore()}
 	// An empty scheme: the fake then keeps FederationPeers unstructured,
 	// as a real API server's dynamic client sees them.
-	c.kube.PrependReactor("get", "secrets", func(action k8stesting.Action) (bool, runtime.Object, error) {
-		if f := c.onSecretGet.Load(); f != nil {
-			(*f)(action.(k8stesting.GetAction).GetName())
+	c.kube.PrependReactor("*", "*", func(action k8stesting.Action) (bool, runtime.Object, error) {
+		if f := c.react.Load(); f != nil {
+			return (*f)(action)
 		}
 		return false, nil, nil
 	})
@@ -354,9 +354,12 @@ func TestThreeFederators(t *testing.T) {
 }
 
 // failOnce makes the first call of verb on resource named name fail.
-func failOnce(c *fake.Clientset, verb, resource, name string) *atomic.Bool {
+func failOnce(c *cluster, verb, resource, name string) *atomic.Bool {
 	var failed atomic.Bool
-	c.PrependReactor(verb, resource, func(a k8stesting.Action) (bool, runtime.Object, error) {
+	react := k8stesting.ReactionFunc(func(a k8stesting.Action) (bool, runtime.Object, error) {
+		if !a.Matches(verb, resource) {
+			return false, nil, nil
+		}
 		var got string
 		switch a := a.(type) {
 		case k8stesting.CreateAction: // and UpdateAction, the same methods
@@ -369,6 +372,7 @@ func failOnce(c *fake.Clientset, verb, resource, name string) *atomic.Bool {
 		}
 		return true, nil, apierrors.NewServiceUnavailable("injected")
 	})
+	c.react.Store(&react)
 	return &failed
 }
 
@@ -392,9 +396,9 @@ func TestEstablishCompletesAfterAFailure(t *testing.T) {
 			if object == "" {
 				object = "isthmus-token-" + tok.ID
 			}
-			target := a.kube
+			target := a
 			if tc.side == "joiner" {
-				target = b.kube
+				target = b
 			}
 			failed := failOnce(target, tc.verb, tc.resource, object)
 			text, err := tok.Encode()

@@ -18,6 +18,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/isthmus-mesh/isthmus/pkg/apis/federation/v1alpha1"
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
@@ -337,9 +338,9 @@ func TestJoinAgainAtOnceKeepsTheNewToken(t *testing.T) {
 	// the join Secret (the old one was deleted once spent): what Join
 	// writes is in place by then.
 	var joined atomic.Bool
-	join := func(name string) {
-		if name != "isthmus-join-a" || joined.Swap(true) {
-			return
+	join := k8stesting.ReactionFunc(func(a k8stesting.Action) (bool, runtime.Object, error) {
+		if !a.Matches("get", "secrets") || a.(k8stesting.GetAction).GetName() != "isthmus-join-a" || joined.Swap(true) {
+			return false, nil, nil
 		}
 		sec, fp := joinObjects(&tok, testNS, text)
 		if err := b.kube.Tracker().Create(corev1.SchemeGroupVersion.WithResource("secrets"), sec, testNS); err != nil {
@@ -352,8 +353,9 @@ func TestJoinAgainAtOnceKeepsTheNewToken(t *testing.T) {
 		if err != nil {
 			t.Errorf("create the new FederationPeer: %v", err)
 		}
-	}
-	b.onSecretGet.Store(&join)
+		return false, nil, nil
+	})
+	b.react.Store(&join)
 	require.NoError(t, b.dyn.Resource(v1alpha1.Resource).Delete(t.Context(), "a", metav1.DeleteOptions{}))
 	eventually(t, "linked again with the new token", func() bool { return joined.Load() && linked() })
 }
