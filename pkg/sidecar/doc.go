@@ -57,8 +57,9 @@
 // does not read what it causes is not read from. The same resets passed
 // upstream would get the pooled upstream connection closed by the same
 // rule on the other side, with every other caller's stream on it, so an
-// upstream connection on which most streams were reset young takes no
-// new ones (h2RetireResets) and closes once its last stream ends. A stream the upstream
+// upstream connection takes no new stream that, reset young with every
+// other stream open on it, could make its count reach that rule
+// (resetsCouldTrip); it closes once its last stream ends. A stream the upstream
 // refused (REFUSED_STREAM,
 // or beyond a GOAWAY's last stream) with none of its body sent is opened
 // again elsewhere, and a new connection to an endpoint assumes the

@@ -89,16 +89,6 @@ const (
 	// streams as fast as it can send frames. Envoy's defaults.
 	h2PrematureResets = 500
 	h2PrematureReset  = time.Second
-	// An upstream connection on which the sidecar opened
-	// h2RetireResets streams and reset more than half of them within
-	// 2*h2PrematureReset takes no more streams: the resets were a
-	// downstream's (a client that cancels everything, or a rapid-reset
-	// attack cut off only at h2PrematureResets), and the upstream —
-	// another sidecar, or Envoy — counts them against this connection
-	// as above. Left open, every other caller's stream on it would be
-	// lost when the upstream closes it. Half the upstream's threshold,
-	// and twice its lifetime, so that no count there reaches it.
-	h2RetireResets = h2PrematureResets / 2
 	// h2CloseFlush bounds the last write of a closing connection (a
 	// GOAWAY after an error).
 	h2CloseFlush = time.Second
@@ -148,7 +138,7 @@ type h2Conn struct {
 	// premature those reset within h2PrematureReset of their opening, by
 	// the client or by the sidecar for the client's error. On an
 	// upstream connection they count the streams the sidecar opened and
-	// reset young (mu); see retireIfResetting.
+	// reset young (mu); see resetsCouldTrip.
 	opened    int64
 	premature atomic.Int64
 	// lastStreamEnd is when the stream table last became empty (Unix ns).

@@ -102,9 +102,24 @@ func (p *Proxy) h2CutAll() int {
 func (pl *pool) h2Attach(s *h2Stream, ep netip.AddrPort) error {
 	pl.h2mu.Lock()
 	conns := pl.h2conns[ep]
+	var retired []retiredConn
+	defer func() {
+		for _, r := range retired {
+			pl.p.log.Info("retiring an upstream HTTP/2 connection on which most streams were reset soon after they opened: new streams go to another",
+				"cluster", pl.cluster, "endpoint", ep.String(), "streams", r.opened, "resets", r.resets)
+		}
+	}()
 	for _, c := range conns {
 		c.mu.Lock()
 		if c.closed || c.goAway || c.reserved >= c.peerMaxStreams || c.nextID >= 1<<31-1 {
+			c.mu.Unlock()
+			continue
+		}
+		if c.resetsCouldTrip() {
+			// Its streams go on; new ones go elsewhere. Idle, it closes
+			// when its idle timer fires.
+			c.goAway = true
+			retired = append(retired, retiredConn{c.opened, c.premature.Load()})
 			c.mu.Unlock()
 			continue
 		}
@@ -183,22 +198,36 @@ func (c *h2Conn) open(s *h2Stream) error {
 	return nil
 }
 
-// retireIfResetting counts a reset of a stream the sidecar opened on
-// upstream connection c at born, and takes no more streams on c once
-// most of them ended that way (h2RetireResets): the streams left finish
-// on it, then it closes. c.mu held.
-func (c *h2Conn) retireIfResetting(born time.Time) {
-	if time.Since(born) >= 2*h2PrematureReset {
-		return
+// countReset counts a reset of a stream the sidecar opened on upstream
+// connection c at born, if it was young enough for the upstream to count
+// it as premature (twice the upstream's lifetime: a stream is younger
+// there, by the time its HEADERS took to arrive). c.mu held.
+func (c *h2Conn) countReset(born time.Time) {
+	if time.Since(born) < 2*h2PrematureReset {
+		c.premature.Add(1)
 	}
-	n := c.premature.Add(1)
-	if c.goAway || c.opened < h2RetireResets || n*2 <= c.opened {
-		return
-	}
-	c.goAway = true
-	c.p.log.Info("retiring an upstream HTTP/2 connection on which most streams were reset soon after they opened",
-		"cluster", c.pool.cluster, "endpoint", c.ep.String(), "streams", c.opened, "resets", n)
 }
+
+// resetsCouldTrip reports whether one more stream on upstream connection
+// c could get c closed by the upstream's rapid-reset rule (h2Conn.frame
+// on the other side, Envoy's defaults): it could if that stream, every
+// stream open or reserved on c, and every one before them that the
+// sidecar reset young would make more than half of h2PrematureResets or
+// more. Only the sidecar opens streams on c, so a connection never
+// retired here is never closed for it: the resets a downstream causes
+// (a client cancelling everything, or rapid-resetting until it is cut
+// off) would otherwise cost every other caller on the connection its
+// request. c.mu held.
+func (c *h2Conn) resetsCouldTrip() bool {
+	pending := int64(c.reserved - len(c.streams))
+	opened := c.opened + pending + 1
+	couldReset := c.premature.Load() + int64(c.reserved) + 1
+	return opened >= h2PrematureResets && 2*couldReset > opened
+}
+
+// retiredConn is what the log says of a connection resetsCouldTrip
+// retired.
+type retiredConn struct{ opened, resets int64 }
 
 // unreserve gives back room a stream reserved but did not use.
 func (c *h2Conn) unreserve() {

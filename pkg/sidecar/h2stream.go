@@ -797,7 +797,7 @@ func (s *h2Stream) resetUp(code http2.ErrCode) {
 	if s.up != nil && (!s.toUp.dstEnded || !s.toDown.srcEnded) {
 		s.up.mu.Lock()
 		s.up.writeRST(s.toUp.dstID, code)
-		s.up.retireIfResetting(s.upBorn)
+		s.up.countReset(s.upBorn)
 		s.up.mu.Unlock()
 		s.wake(s.up)
 	}
