@@ -2,6 +2,7 @@ package federation
 
 import (
 	"context"
+	"net"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -379,4 +380,64 @@ func TestFederationPeerWithANewUIDIsANewLink(t *testing.T) {
 	_, err = b.dyn.Resource(v1alpha1.Resource).Update(t.Context(), u, metav1.UpdateOptions{})
 	require.NoError(t, err)
 	eventually(t, "linked again with the new token", func() bool { return b.entry("a") != old && linked() })
+}
+
+// On the accepting side, a FederationPeer seen with a new uid and the
+// same trust domain was made by Establish for the joiner's new link,
+// just after it stored the joiner's new bundle: ending the old link
+// keeps that bundle, and tells the joiner nothing (a Terminate would end
+// its new link for good).
+func TestAcceptorKeepsTheBundleOfAFederationPeerMadeAgain(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	link(t, a, b)
+	b.export(t, echoService(1))
+	linked := func() bool {
+		return a.status("b").State == v1alpha1.StateConnected && b.status("a").State == v1alpha1.StateConnected &&
+			len(a.imported("b")) == 1
+	}
+	eventually(t, "linked", linked)
+
+	old := a.entry("b")
+	u, err := a.dyn.Resource(v1alpha1.Resource).Get(t.Context(), "b", metav1.GetOptions{})
+	require.NoError(t, err)
+	u.SetUID(types.UID("recreated-" + string(u.GetUID())))
+	_, err = a.dyn.Resource(v1alpha1.Resource).Update(t.Context(), u, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	eventually(t, "the new object's link is up", func() bool { return a.entry("b") != old && linked() })
+	_, err = a.kube.CoreV1().ConfigMaps(testNS).Get(t.Context(), peerConfigMapName("b"), metav1.GetOptions{})
+	require.NoError(t, err, "the stored bundle is kept")
+	require.False(t, b.status("a").Terminated, "the joiner was told its link ended: %s", b.status("a").Reason)
+}
+
+// A link still trying to establish does not spend a token joined since
+// (the same Secret name, another token ID): that token is the new
+// link's. It stops, as a link whose token is gone does.
+func TestOldLinkLeavesANewTokenAlone(t *testing.T) {
+	a := newCluster(t, "a", nil)
+	b := newCluster(t, "b", nil)
+	// A port nothing listens on: b's link retries establishing.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	closed := ln.Addr().String()
+	require.NoError(t, ln.Close())
+	tok, err := CreateToken(t.Context(), a.kube, TokenOptions{Namespace: testNS, Peer: "b", Addresses: []string{closed}})
+	require.NoError(t, err)
+	text, err := tok.Encode()
+	require.NoError(t, err)
+	_, err = Join(t.Context(), b.kube, b.dyn, JoinOptions{Namespace: testNS, Name: "a", Token: text})
+	require.NoError(t, err)
+	eventually(t, "b tries to establish", func() bool { return b.status("a").Reason != "" })
+
+	sec, err := b.kube.CoreV1().Secrets(testNS).Get(t.Context(), "isthmus-join-a", metav1.GetOptions{})
+	require.NoError(t, err)
+	sec.Annotations[AnnotationTokenID] = "another-token"
+	_, err = b.kube.CoreV1().Secrets(testNS).Update(t.Context(), sec, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	eventually(t, "b's old link stops", func() bool {
+		s := b.status("a")
+		return s.State == v1alpha1.StateFailed && strings.Contains(s.Reason, "token Secret")
+	})
+	_, err = b.kube.CoreV1().Secrets(testNS).Get(t.Context(), "isthmus-join-a", metav1.GetOptions{})
+	require.NoError(t, err, "the new token is kept")
 }

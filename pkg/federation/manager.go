@@ -405,9 +405,17 @@ func (m *Manager) reconcile(ctx context.Context, name string) error {
 	}
 	// A FederationPeer deleted and made again (a new uid) before this
 	// saw the deletion is a new link, as if it had: the old one ends
-	// first, whatever the new spec.
+	// first, whatever the new spec. On the accepting side, a new object
+	// of the same trust domain was made by Establish just after it
+	// stored the joiner's new bundle (or by hand, for the same peer,
+	// which cannot link without joining again): that bundle stays.
 	if e != nil && (!exists || u.GetUID() != e.uid) {
-		m.removePeer(ctx, name, e, "the FederationPeer was deleted on "+m.cfg.ClusterName)
+		keepBundle := false
+		if exists {
+			secret, _, _ := unstructured.NestedString(u.Object, "spec", "tokenSecretName")
+			keepBundle = e.spec.TokenSecretName == "" && secret == "" && specTrustDomain(u) == e.p.td && !e.p.td.IsZero()
+		}
+		m.removePeer(ctx, name, e, "the FederationPeer was deleted on "+m.cfg.ClusterName, keepBundle)
 		// A peer refused for the trust domain this one held may
 		// now take it.
 		m.enqueueSharing(name, e.spec.TrustDomain)
@@ -711,12 +719,25 @@ func checkDialAddresses(addrs []string) error {
 // removePeer ends a link: the stream is told Terminate, the peer's
 // imports leave the catalog, its bundle is forgotten, and a join token
 // never spent is deleted, so that joining again starts clean.
-func (m *Manager) removePeer(ctx context.Context, name string, e *peerEntry, reason string) {
-	e.p.stopSession(reason, m.cfg.DialTimeout)
+//
+// keepBundle keeps the peer's bundle, trusted and stored, and sends no
+// Terminate: a new link of the same name and trust domain holds it now.
+func (m *Manager) removePeer(ctx context.Context, name string, e *peerEntry, reason string, keepBundle bool) {
+	if keepBundle {
+		// The stream ends without Terminate: the peer's new link is
+		// this one's successor, and its next stream finds it.
+		e.p.endSessionWait(m.cfg.DialTimeout)
+	} else {
+		e.p.stopSession(reason, m.cfg.DialTimeout)
+	}
 	e.endPeer()
 	e.cancel()
 	<-e.done
-	m.forgetPeer(ctx, name, e.p)
+	if keepBundle {
+		e.p.removeImports()
+	} else {
+		m.forgetPeer(ctx, name, e.p)
+	}
 	m.exports.forget(name)
 	if e.spec.TokenSecretName != "" {
 		if err := m.deleteJoinSecret(ctx, name, e.spec.TokenSecretName, e.tokenID); err != nil {
@@ -889,6 +910,10 @@ func (m *Manager) ensureEstablished(ctx context.Context, e *peerEntry) error {
 		case apierrors.IsNotFound(err):
 		case err != nil:
 			return err
+		case sec.Annotations[AnnotationTokenID] != e.tokenID:
+			// A token joined since this FederationPeer was made (deleted
+			// and joined again): it is the new link's to spend, not
+			// this one's, which is about to end.
 		default:
 			if b, err = m.establishWith(ctx, p, sec); err != nil {
 				return err
@@ -940,8 +965,11 @@ func (m *Manager) establishWith(ctx context.Context, p *peer, sec *corev1.Secret
 	if err := m.storePeerBundle(ctx, p.name, b); err != nil {
 		return nil, err
 	}
-	// The secret is spent; the token is of no further use.
-	if err := m.kube.CoreV1().Secrets(m.cfg.Namespace).Delete(ctx, sec.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+	// The secret is spent; the token is of no further use. Only this
+	// token: a Secret replaced since (joined again) is not this one's.
+	uid, rv := sec.UID, sec.ResourceVersion
+	err = m.kube.CoreV1().Secrets(m.cfg.Namespace).Delete(ctx, sec.Name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid, ResourceVersion: &rv}})
+	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
 		m.log.Warn("delete the spent token", "peer", p.name, "err", err)
 	}
 	m.log.Info("link established", "peer", p.name)
