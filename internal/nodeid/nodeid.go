@@ -16,14 +16,19 @@ const (
 	RoleSidecar = "sidecar"
 )
 
-// ID is a node ID's fields.
+// ID is a node ID's fields. Domain is the cluster's DNS domain,
+// "cluster.local" when empty.
 type ID struct {
-	Role, IP, Pod, Namespace string
+	Role, IP, Pod, Namespace, Domain string
 }
 
 // String is the node ID.
 func (id ID) String() string {
-	return id.Role + "~" + id.IP + "~" + id.Pod + "." + id.Namespace + "~" + id.Namespace + ".svc.cluster.local"
+	domain := id.Domain
+	if domain == "" {
+		domain = "cluster.local"
+	}
+	return id.Role + "~" + id.IP + "~" + id.Pod + "." + id.Namespace + "~" + id.Namespace + ".svc." + domain
 }
 
 // Role is the first "~" field of node ID s, whatever the rest.
@@ -32,14 +37,16 @@ func Role(s string) string {
 	return role
 }
 
-// Parse reads node ID s. It refuses an ID of another shape, or whose
-// third and fourth fields name different namespaces.
+// Parse reads node ID s, of any cluster domain (Istio's proxies send
+// theirs). It refuses an ID of another shape, or whose third and fourth
+// fields name different namespaces.
 func Parse(s string) (ID, error) {
 	fields := strings.Split(s, "~")
 	if len(fields) != 4 {
 		return ID{}, fmt.Errorf("node ID is not of the form <role>~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local")
 	}
-	ns, suffix, _ := strings.Cut(fields[3], ".")
+	ns, rest, _ := strings.Cut(fields[3], ".")
+	domain, svc := strings.CutPrefix(rest, "svc.")
 	// A pod's name may have dots; a namespace's may not.
 	var pod, podNS string
 	if i := strings.LastIndexByte(fields[2], '.'); i >= 0 {
@@ -48,10 +55,10 @@ func Parse(s string) (ID, error) {
 	switch {
 	case fields[0] == "":
 		return ID{}, fmt.Errorf("node ID has no role")
-	case ns == "" || suffix != "svc.cluster.local":
-		return ID{}, fmt.Errorf("node ID's last field is not <namespace>.svc.cluster.local")
+	case ns == "" || !svc || domain == "":
+		return ID{}, fmt.Errorf("node ID's last field is not <namespace>.svc.<cluster domain>")
 	case pod == "" || podNS != ns:
 		return ID{}, fmt.Errorf("node ID's third field is not <pod>.%s", ns)
 	}
-	return ID{Role: fields[0], IP: fields[1], Pod: pod, Namespace: ns}, nil
+	return ID{Role: fields[0], IP: fields[1], Pod: pod, Namespace: ns, Domain: domain}, nil
 }

@@ -11,21 +11,29 @@ func TestParse(t *testing.T) {
 	require.Equal(t, "sidecar~10.1.2.3~web-0.demo~demo.svc.cluster.local", id.String())
 	got, err := Parse(id.String())
 	require.NoError(t, err)
+	id.Domain = "cluster.local"
 	require.Equal(t, id, got)
+
+	// Any cluster domain.
+	got, err = Parse("sidecar~10.1.2.3~web-0.demo~demo.svc.corp.example")
+	require.NoError(t, err)
+	require.Equal(t, "corp.example", got.Domain)
+	require.Equal(t, "demo", got.Namespace)
 
 	// A pod's name may have dots.
 	got, err = Parse("eastwest-gw~10.0.0.5~gw.v2-0.isthmus-system~isthmus-system.svc.cluster.local")
 	require.NoError(t, err)
-	require.Equal(t, ID{Role: RoleGateway, IP: "10.0.0.5", Pod: "gw.v2-0", Namespace: "isthmus-system"}, got)
+	require.Equal(t, ID{Role: RoleGateway, IP: "10.0.0.5", Pod: "gw.v2-0", Namespace: "isthmus-system", Domain: "cluster.local"}, got)
 
 	for s, want := range map[string]string{
 		"":                                "not of the form",
 		"sidecar~10.1.2.3":                "not of the form",
 		"sidecar~1~web-0.demo~demo.svc~x": "not of the form",
 		"~10.1.2.3~web-0.demo~demo.svc.cluster.local":         "no role",
+		"sidecar~10.1.2.3~web-0.demo~demo.svc.":               "last field",
+		"sidecar~10.1.2.3~web-0.demo~demo.example.org":        "last field",
 		"sidecar~10.1.2.3~web-0.demo~demo":                    "last field",
 		"sidecar~10.1.2.3~web-0.demo~.svc.cluster.local":      "last field",
-		"sidecar~10.1.2.3~web-0.demo~demo.svc.example":        "last field",
 		"sidecar~10.1.2.3~web-0.other~demo.svc.cluster.local": "third field is not <pod>.demo",
 		"sidecar~10.1.2.3~web-0~demo.svc.cluster.local":       "third field",
 		"sidecar~10.1.2.3~.demo~demo.svc.cluster.local":       "third field",
