@@ -92,7 +92,9 @@ func TestBulkBothWays(t *testing.T) {
 func TestManyConnections(t *testing.T) {
 	p := newPKI(t)
 	be := startBackend(t, p.server, namedEcho("echo"))
-	h := startGateway(t, mustRoutes(t, route(echoSNI, echoCluster, be.addr())), nil)
+	// 200 dials at once under -race on two cores can take longer than
+	// the default second: what is tested is routing, not dial speed.
+	h := startGateway(t, mustRoutes(t, route(echoSNI, echoCluster, be.addr())), func(c *Config) { c.DialTimeout = 30 * time.Second })
 	const n = 200
 	var wg sync.WaitGroup
 	errs := make(chan error, n)

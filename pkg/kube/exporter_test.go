@@ -449,9 +449,11 @@ func TestPeersAnnotationIsChecked(t *testing.T) {
 
 	annotate(new(" west, nrth,west"))
 	valid("a list of peer names", metav1.ConditionTrue, mcsv1alpha1.ServiceExportReasonValid, "to peers nrth, west only")
-	got, ok := f.service(t, echoKey)
-	require.True(t, ok)
-	require.Equal(t, []string{"nrth", "west"}, got.Peers)
+	// The catalog is published apart from the status write.
+	f.eventually(t, "exported to nrth and west only", func() bool {
+		got, ok := f.service(t, echoKey)
+		return ok && slices.Equal(got.Peers, []string{"nrth", "west"})
+	})
 
 	annotate(new(" "))
 	valid("a blank list", metav1.ConditionFalse, ReasonNoPeers, "names no peer, so the service is exported to no peer")
@@ -465,10 +467,10 @@ func TestPeersAnnotationIsChecked(t *testing.T) {
 
 	annotate(nil)
 	valid("no annotation", metav1.ConditionTrue, mcsv1alpha1.ServiceExportReasonValid, "to every peer")
-	got, ok = f.service(t, echoKey)
-	require.True(t, ok)
-	require.Empty(t, got.Peers)
-	require.True(t, got.ExportedTo("anyone"))
+	f.eventually(t, "exported to every peer", func() bool {
+		got, ok := f.service(t, echoKey)
+		return ok && len(got.Peers) == 0 && got.ExportedTo("anyone")
+	})
 }
 
 // Identities follow the pods behind the endpoints: a pod seen after the
