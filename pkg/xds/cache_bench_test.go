@@ -25,6 +25,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+
+	"github.com/isthmus-mesh/isthmus/internal/nodeid"
 )
 
 // BenchmarkPush is what one push costs the federator with 10,000
@@ -78,7 +80,7 @@ func BenchmarkPush(b *testing.B) {
 					c = newEncodedCache(nodeGroups{}, nil)
 				}
 				benchPush(b, c, gateway, streams, func(i int) *corev3.Node {
-					return &corev3.Node{Id: fmt.Sprintf("%s~10.0.0.%d~gw-%d.isthmus-system~isthmus-system.svc.cluster.local", GatewayNodePrefix, i+1, i)}
+					return &corev3.Node{Id: nodeid.ID{Role: nodeid.RoleGateway, IP: fmt.Sprintf("10.0.0.%d", i+1), Pod: fmt.Sprintf("gw-%d", i), Namespace: "isthmus-system"}.String()}
 				})
 			})
 		}
@@ -107,7 +109,7 @@ func BenchmarkPush(b *testing.B) {
 	for _, streams := range []int{1, 4, 16} {
 		b.Run(fmt.Sprintf("role=sidecar/cache=encoded/streams=%d", streams), func(b *testing.B) {
 			benchPush(b, newEncodedCache(nodeGroups{}, nil), sidecar, streams, func(i int) *corev3.Node {
-				return &corev3.Node{Id: fmt.Sprintf("%s~10.0.1.%d~web-%d.demo~demo.svc.cluster.local", SidecarNodePrefix, i+1, i)}
+				return &corev3.Node{Id: nodeid.ID{Role: nodeid.RoleSidecar, IP: fmt.Sprintf("10.0.1.%d", i+1), Pod: fmt.Sprintf("web-%d", i), Namespace: "demo"}.String()}
 			})
 		})
 	}

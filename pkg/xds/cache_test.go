@@ -26,6 +26,8 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/isthmus-mesh/isthmus/internal/nodeid"
 )
 
 var cacheTestTypes = []string{resource.ClusterType, resource.EndpointType, resource.ListenerType}
@@ -151,7 +153,7 @@ type deltaStream struct {
 // cache does, with the same response: version, resources and their
 // bytes, and the state it hands the server; delta likewise.
 func TestEncodedCacheAnswersAsTheSnapshotCache(t *testing.T) {
-	node := &corev3.Node{Id: GatewayNodePrefix + "~10.0.0.1~gw-0.ns~ns.svc.cluster.local"}
+	node := &corev3.Node{Id: nodeid.ID{Role: nodeid.RoleGateway, IP: "10.0.0.1", Pod: "gw-0", Namespace: "ns"}.String()}
 	// partial counts our answers that carried fewer assignments than
 	// the snapshot cache's: the sequences must have had some.
 	partial := 0
@@ -418,7 +420,7 @@ func requireSameDelta(t *testing.T, ref, enc cache.DeltaResponse, format string,
 // it goes to, and a resource the next snapshot keeps (the same message)
 // is not encoded again.
 func TestEncodedCacheEncodesOnce(t *testing.T) {
-	node := &corev3.Node{Id: GatewayNodePrefix + "~10.0.0.1~gw-0.ns~ns.svc.cluster.local"}
+	node := &corev3.Node{Id: nodeid.ID{Role: nodeid.RoleGateway, IP: "10.0.0.1", Pod: "gw-0", Namespace: "ns"}.String()}
 	c := newEncodedCache(nodeGroups{}, nil)
 	kept := &clusterv3.Cluster{Name: "kept", ConnectTimeout: durationpb.New(time.Second)}
 	changed := &clusterv3.Cluster{Name: "changed", ConnectTimeout: durationpb.New(time.Second)}
@@ -526,7 +528,7 @@ func TestEncodedCacheKeepsUnchangedTypes(t *testing.T) {
 // Fetch (REST) answers as the snapshot cache's: every resource, those
 // named, nothing at the current version, an error without a snapshot.
 func TestEncodedCacheFetchAsTheSnapshotCache(t *testing.T) {
-	node := &corev3.Node{Id: GatewayNodePrefix + "~10.0.0.1~gw-0.ns~ns.svc.cluster.local"}
+	node := &corev3.Node{Id: nodeid.ID{Role: nodeid.RoleGateway, IP: "10.0.0.1", Pod: "gw-0", Namespace: "ns"}.String()}
 	ref := cache.NewSnapshotCache(true, nodeGroups{}, nil)
 	enc := newEncodedCache(nodeGroups{}, nil)
 	req := func(version string, names ...string) *discoveryv3.DiscoveryRequest {
@@ -630,7 +632,7 @@ func (s *edsStream) send(r cache.Response) []string {
 // the server sends the response: what a stream costs a push is what
 // changed. Streams a delta cannot serve get everything.
 func TestEncodedCachePushCostsWhatChanged(t *testing.T) {
-	node := &corev3.Node{Id: GatewayNodePrefix + "~10.0.0.1~gw-0.ns~ns.svc.cluster.local"}
+	node := &corev3.Node{Id: nodeid.ID{Role: nodeid.RoleGateway, IP: "10.0.0.1", Pod: "gw-0", Namespace: "ns"}.String()}
 	c := newEncodedCache(nodeGroups{}, nil)
 	zones := map[string]string{}
 	var all []string

@@ -20,16 +20,12 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	"github.com/isthmus-mesh/isthmus/internal/nodeid"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 	"github.com/isthmus-mesh/isthmus/pkg/federation"
 )
 
 // Names of the gateway's resources (docs/gateway-xds.md).
 const (
-	// GatewayNodePrefix starts the node ID of every east-west gateway;
-	// all of them get the same snapshot.
-	GatewayNodePrefix = nodeid.RoleGateway + "~"
 	// GatewayListenerName is the gateway's only listener.
 	GatewayListenerName = "eastwest-gw"
 	// GatewayPort is the port the gateway listens on (Istio's convention).

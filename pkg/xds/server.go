@@ -208,12 +208,13 @@ func (s *Server) Register(g *grpc.Server) {
 type nodeGroups struct{}
 
 func (nodeGroups) ID(node *corev3.Node) string {
-	switch {
-	case !strings.Contains(node.GetId(), "~"):
+	if !strings.Contains(node.GetId(), "~") {
 		return unservedGroup
-	case nodeid.Role(node.GetId()) == nodeid.RoleGateway:
+	}
+	switch nodeid.Role(node.GetId()) {
+	case nodeid.RoleGateway:
 		return gatewayGroup
-	case nodeid.Role(node.GetId()) == nodeid.RoleSidecar:
+	case nodeid.RoleSidecar:
 		return sidecarGroup
 	}
 	return unservedGroup

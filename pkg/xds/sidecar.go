@@ -31,16 +31,12 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
-	"github.com/isthmus-mesh/isthmus/internal/nodeid"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 	"github.com/isthmus-mesh/isthmus/pkg/federation"
 )
 
 // Names and values of the sidecar's contract (docs/sidecar-xds.md).
 const (
-	// SidecarNodePrefix starts the node ID of every sidecar; all of them
-	// get the same snapshot.
-	SidecarNodePrefix = nodeid.RoleSidecar + "~"
 	// OutboundListenerName receives the app's outbound connections.
 	OutboundListenerName = "outbound"
 	// InboundListenerName receives the connections to the pod.
