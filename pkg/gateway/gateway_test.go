@@ -544,7 +544,7 @@ func TestIdleTimeout(t *testing.T) {
 	p := newPKI(t)
 	be := startBackend(t, p.server, namedEcho("echo"))
 	r := route(echoSNI, echoCluster, be.addr())
-	r.IdleTimeout = 600 * time.Millisecond // the route's, over the gateway's hour
+	r.IdleTimeout = 1200 * time.Millisecond // the route's, over the gateway's hour
 	h := startGateway(t, mustRoutes(t, r), nil)
 
 	busy := h.connect(t, p.client, echoSNI, "echo")

@@ -111,7 +111,7 @@ func startWrapped(t *testing.T, opts Options, kubeObjs []runtime.Object, mcsObjs
 	opts.FlushDelay = time.Millisecond
 	f := &fixture{
 		kube:  kubefake.NewClientset(kubeObjs...),
-		mcs:   mcsfake.NewSimpleClientset(mcsObjs...),
+		mcs:   watchFromList(mcsfake.NewSimpleClientset(mcsObjs...)),
 		store: catalog.NewStore(),
 	}
 	var mcs mcsclient.Interface = f.mcs

@@ -78,8 +78,8 @@ func startWriter(t *testing.T, s writerSetup) *writerFixture {
 	}
 	f := &writerFixture{
 		kube:  kubefake.NewClientset(nsObjs...),
-		istio: istiofake.NewSimpleClientset(s.istioObjs...),
-		mcs:   mcsfake.NewSimpleClientset(),
+		istio: watchFromList(istiofake.NewSimpleClientset(s.istioObjs...)),
+		mcs:   watchFromList(mcsfake.NewSimpleClientset()),
 		store: catalog.NewStore(),
 	}
 	servedKinds(f.kube, !s.noImportsCRD)

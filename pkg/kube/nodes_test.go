@@ -30,7 +30,7 @@ func watchQueue(t *testing.T, opts Options, kubeObjs, mcsObjs []runtime.Object) 
 	t.Helper()
 	opts.ClusterName = "a"
 	kube := kubefake.NewClientset(kubeObjs...)
-	e, err := NewExporter(kube, mcsfake.NewSimpleClientset(mcsObjs...), catalog.NewStore(), opts)
+	e, err := NewExporter(kube, watchFromList(mcsfake.NewSimpleClientset(mcsObjs...)), catalog.NewStore(), opts)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(t.Context())
 	e.kubeInformers.Start(ctx.Done())

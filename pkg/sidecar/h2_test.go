@@ -1188,7 +1188,7 @@ func TestH2StreamIdleTimeout(t *testing.T) {
 }
 
 func testH2StreamIdleTimeout(t *testing.T, netHTTP2 bool) {
-	m, app := startH2Mesh(t, netHTTP2, func(c *Config) { c.StreamIdleTimeout = 300 * time.Millisecond })
+	m, app := startH2Mesh(t, netHTTP2, func(c *Config) { c.StreamIdleTimeout = time.Second })
 	c := dialH2(t, m.a, h2Svc.host())
 
 	r := c.get(t, "/hold?tag=idle-head")
@@ -1203,17 +1203,19 @@ func testH2StreamIdleTimeout(t *testing.T, netHTTP2 bool) {
 	require.Error(t, r.err, "a stream cut after its head ends in an error, never a clean end")
 	app.req("idle-body").requireCancelled(t)
 
-	// 40 lines, one every 20 ms: 800 ms in all, never 300 ms silent.
-	r = c.get(t, "/drip?tag=idle-moving&n=40")
+	// 75 lines, one every 20 ms: 1.5 s in all, never 1 s silent. (The
+	// timeout is that long so that a test machine that stalls a goroutine
+	// for a few hundred milliseconds does not cut a moving stream.)
+	r = c.get(t, "/drip?tag=idle-moving&n=75")
 	require.NoError(t, r.err)
 	require.Equal(t, http.StatusOK, r.code)
-	require.Equal(t, 40, strings.Count(r.body, "\n"))
+	require.Equal(t, 75, strings.Count(r.body, "\n"))
 	c.requireUsable(t)
 
 	// At once on one connection: a stream that keeps moving, and two
-	// silent ones opened 150 ms apart. Each silent one is cut at its own
+	// silent ones opened 500 ms apart. Each silent one is cut at its own
 	// deadline (the second not at the first's), the moving one never.
-	moving := c.request(t, http.MethodGet, "/drip?tag=idle-many-moving&n=40", nil)
+	moving := c.request(t, http.MethodGet, "/drip?tag=idle-many-moving&n=75", nil)
 	silent1 := c.request(t, http.MethodGet, "/hold?tag=idle-many-1", nil)
 	silent2 := c.request(t, http.MethodGet, "/hold?tag=idle-many-2", nil)
 	var first, second []h2Result
@@ -1221,7 +1223,7 @@ func testH2StreamIdleTimeout(t *testing.T, netHTTP2 bool) {
 	var wg sync.WaitGroup
 	wg.Go(func() { first = concurrently([]*h2Client{c}, []*http.Request{moving, silent1}) })
 	wg.Go(func() {
-		time.Sleep(150 * time.Millisecond)
+		time.Sleep(500 * time.Millisecond)
 		start := time.Now()
 		second = concurrently([]*h2Client{c}, []*http.Request{silent2})
 		secondTook = time.Since(start)
@@ -1229,13 +1231,13 @@ func testH2StreamIdleTimeout(t *testing.T, netHTTP2 bool) {
 	wg.Wait()
 	require.NoError(t, first[0].err)
 	require.Equal(t, http.StatusOK, first[0].code)
-	require.Equal(t, 40, strings.Count(first[0].body, "\n"), "the moving stream is never cut")
+	require.Equal(t, 75, strings.Count(first[0].body, "\n"), "the moving stream is never cut")
 	for _, r := range []h2Result{first[1], second[0]} {
 		require.NoError(t, r.err)
 		require.Equal(t, http.StatusGatewayTimeout, r.code, r.body)
 		require.Equal(t, "stream timeout", r.body)
 	}
-	require.GreaterOrEqual(t, secondTook, 300*time.Millisecond, "the second silent stream is cut at its own deadline, not the first's")
+	require.GreaterOrEqual(t, secondTook, time.Second, "the second silent stream is cut at its own deadline, not the first's")
 	app.req("idle-many-1").requireCancelled(t)
 	app.req("idle-many-2").requireCancelled(t)
 	c.requireUsable(t)

@@ -550,7 +550,7 @@ func TestDrainTimeoutCutsDialsInFlight(t *testing.T) {
 // whose upstream went silent; a stream that keeps moving is never cut.
 func TestStreamIdleTimeout(t *testing.T) {
 	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), beta: newTestCA(t, "beta.mesh"), xds: startXDSServer(t), hosts: hostsOf(echoSvc)}
-	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: func(c *Config) { c.StreamIdleTimeout = 300 * time.Millisecond }})
+	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds, edit: func(c *Config) { c.StreamIdleTimeout = time.Second }})
 	m.b = startPod(t, "b", m.beta, m.hosts, podOptions{xds: m.xds})
 	m.set(t, "v1", m.onB(echoSvc, ipHTTP))
 	for _, h2 := range []bool{false, true} {
@@ -561,14 +561,16 @@ func TestStreamIdleTimeout(t *testing.T) {
 		require.Equal(t, http.StatusGatewayTimeout, resp.StatusCode)
 		require.Equal(t, "stream timeout", string(b))
 
-		// 40 lines, one every 20 ms: 800 ms in all, never 300 ms silent.
-		// Then 160 lines 5 ms apart: the HTTP/1.1 path leaves a deadline
-		// that would move by less than idle/16 (19 ms) as it is, so this
-		// one holds only if the skipped moves add up.
+		// 75 lines, one every 20 ms: 1.5 s in all, never 1 s silent. (The
+		// timeout is that long so that a stalled test machine does not
+		// cut a moving stream.) Then 300 lines 5 ms apart: the HTTP/1.1
+		// path leaves a deadline that would move by less than idle/16
+		// (62 ms) as it is, so this one holds only if the skipped moves
+		// add up.
 		for _, s := range []struct {
 			query string
 			lines int
-		}{{"n=40", 40}, {"n=160&every=5ms", 160}} {
+		}{{"n=75", 75}, {"n=300&every=5ms", 300}} {
 			resp, err = m.a.nat.httpClient(h2).Get("http://echo.demo.svc.clusterset.local/stream?" + s.query)
 			require.NoError(t, err)
 			b, err = io.ReadAll(resp.Body)
@@ -607,17 +609,20 @@ func TestExplicitModeOnlyFromThisPod(t *testing.T) {
 		got := isLocalSource(netip.MustParseAddr(tc.remote), netip.MustParseAddr(tc.local), local)
 		require.Equal(t, tc.want, got, "%s → %s", tc.remote, tc.local)
 	}
-	// This host's own non-loopback addresses are its own.
-	addrs, err := net.InterfaceAddrs()
+	// This host's own addresses are its own. Other tests on this machine
+	// add and remove addresses meanwhile, so only those there both before
+	// and after the cache's one read are required of it.
+	before, err := interfaceAddrs()
 	require.NoError(t, err)
 	var own ifAddrs
-	for _, ia := range addrs {
-		if n, ok := ia.(*net.IPNet); ok {
-			a, _ := netip.AddrFromSlice(n.IP)
-			require.True(t, own.has(a.Unmap()), a.String())
+	require.False(t, own.has(netip.MustParseAddr("192.0.2.200")))
+	after, err := interfaceAddrs()
+	require.NoError(t, err)
+	for _, a := range before {
+		if slices.Contains(after, a) {
+			require.True(t, own.has(a), a.String())
 		}
 	}
-	require.False(t, own.has(netip.MustParseAddr("192.0.2.200")))
 }
 
 // The interface addresses are read once per ifAddrsTTL however many

@@ -17,9 +17,10 @@ var ipUpgrade = netip.MustParseAddr("127.0.0.14")
 // on it: the route timeout stops at the 101, as Envoy's never runs on an
 // upgraded stream, and the stream idle timeout counts the bytes either
 // way. Once nothing moves for the idle timeout, it is closed. Before,
-// both timeouts cut a busy connection 0.5 s in.
+// both timeouts cut a busy connection one timeout in.
 func TestUpgradedConnectionLivesWhileBytesMove(t *testing.T) {
-	const timeout = 500 * time.Millisecond
+	// Long enough that a stalled test machine does not make a gap of it.
+	const timeout = time.Second
 	s := svc{name: "upgrade", ns: "demo", vip: "240.240.0.38", ports: []svcPort{{80, true}}, timeout: timeout}
 	edit := func(c *Config) { c.StreamIdleTimeout = timeout }
 	m := startServiceMesh(t, s, ipUpgrade, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
