@@ -80,9 +80,13 @@ func TestProcsFor(t *testing.T) {
 	}
 }
 
-func freePort(t *testing.T) string {
+// freePort is a port free on host, for a listener the command under
+// test opens later. On a loopback address of the test's own only a
+// wildcard bind can take it meanwhile: a connection to 127.0.0.0/8 takes
+// its source port on 127.0.0.1.
+func freePort(t *testing.T, host string) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	require.NoError(t, err)
 	defer ln.Close()
 	return ln.Addr().String()
@@ -123,7 +127,7 @@ func TestRun(t *testing.T) {
 	rootsFile, tokenFile := filepath.Join(dir, "roots.pem"), filepath.Join(dir, "token")
 	require.NoError(t, os.WriteFile(rootsFile, roots, 0o600))
 	require.NoError(t, os.WriteFile(tokenFile, []byte("tok"), 0o600))
-	admin, health, dnsAddr := freePort(t), freePort(t), freePort(t)
+	admin, health, dnsAddr := freePort(t, "127.0.22.1"), freePort(t, "127.0.22.2"), freePort(t, "127.0.22.3")
 
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()

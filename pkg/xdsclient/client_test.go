@@ -206,7 +206,10 @@ type errFake string
 func (e errFake) Error() string { return string(e) }
 
 func TestFederatorRestartKeepsConfigAndResubscribes(t *testing.T) {
-	srv := startXDSServer(t, "127.0.0.1:0", nil)
+	// The server comes back on its port. On an address of its own, no
+	// connection's source port can take that port meanwhile (connections
+	// to 127.0.0.0/8 come from 127.0.0.1).
+	srv := startXDSServer(t, "127.0.21.1:0", nil)
 	res := buildGateway(t, "10.0.0.5", echo, api)
 	srv.set(t, res.snapshot(t, "v1"))
 	c := startClient(t, plaintextConfig(t, srv.addr))

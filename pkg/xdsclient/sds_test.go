@@ -184,7 +184,8 @@ func TestFollowSDSReconnectsAfterRootRotation(t *testing.T) {
 	f := newTLSFixture(t)
 	next := testCA(t, f.td) // the rotated root of the same trust domain
 	both := x509bundle.FromX509Authorities(f.td, append(rootsOf(f.ca), rootsOf(next)...))
-	srv := startXDSServer(t, "127.0.0.1:0", tlsconfig.MTLSServerConfig(f.federator, both, tlsconfig.AuthorizeMemberOf(f.td)))
+	// Restarted on its port: an address of its own keeps it free meanwhile.
+	srv := startXDSServer(t, "127.0.21.2:0", tlsconfig.MTLSServerConfig(f.federator, both, tlsconfig.AuthorizeMemberOf(f.td)))
 	published := rootCA(t, map[string][]*x509.Certificate{f.td.Name(): both.X509Authorities()})
 	srv.set(t, withSecret(t, buildGateway(t, "10.0.0.5", echo), "v1", published, "s1"))
 
