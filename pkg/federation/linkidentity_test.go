@@ -283,16 +283,22 @@ func TestStartDeletesLeftoverPeerConfigMaps(t *testing.T) {
 }
 
 // Finding 10: a join found a bundle an earlier link of the same name had
-// stored, skipped Establish and trusted the old roots for ever.
+// stored, skipped Establish and trusted the old roots for ever. Here b is
+// down while the leftover is written and the join made, as when a link
+// was deleted and made again while the federator was down (a running
+// federator's start-up sweep could otherwise delete the leftover first,
+// and the test would pass without testing anything).
 func TestJoinEstablishesDespiteALeftoverBundle(t *testing.T) {
 	a := newCluster(t, "a", nil)
 	b := newCluster(t, "b", nil)
+	b.kill()
 	old, err := ca.New(t.Context(), fake.NewClientset(), ca.Options{TrustDomain: a.trust.LocalTrustDomain(), Namespace: testNS})
 	require.NoError(t, err)
 	require.NoError(t, b.manager.storePeerBundle(t.Context(), "a", spiffebundle.FromX509Authorities(a.trust.LocalTrustDomain(), old.Bundle().X509Authorities())))
 	a.export(t, echoService(1))
 
 	link(t, a, b)
+	b.start(t)
 	eventually(t, "linked with a's own roots", func() bool {
 		return a.status("b").State == v1alpha1.StateConnected && b.status("a").State == v1alpha1.StateConnected &&
 			b.trusts("a.mesh", a) && len(b.imported("a")) == 1

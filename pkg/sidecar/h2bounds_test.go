@@ -85,26 +85,40 @@ func TestH2DrainGoAwayNeverRaisesTheLastStream(t *testing.T) {
 	m, _, counting := startLifeMesh(t, func(c *Config) { c.DrainTimeout = 10 * time.Second }, netip.AddrPort{})
 	host := lifeCountSvc.host()
 	r := dialRawH2(t, m.a, host)
-	require.NoError(t, r.writeHeaders(1, true, requestFields(http.MethodGet, host, "/slow?d=1500ms")))
-	counting.waitArrived(t, "/slow")
-	go m.a.stop(t)
+	require.NoError(t, r.writeHeaders(1, true, requestFields(http.MethodGet, host, "/gate")))
+	counting.waitArrived(t, "/gate")
+	stopped := make(chan struct{})
+	go func() { m.a.stop(t); close(stopped) }()
 	ev := newRawEvents(65535)
 	r.pump(t, ev, func(ev *rawEvents) bool { return ev.goAway })
 	require.Equal(t, uint32(1), ev.goAwayLast)
 	lasts := []uint32{ev.goAwayLast}
 	require.NoError(t, r.writeHeaders(3, true, requestFields(http.MethodGet, host, "/id?after=goaway")))
 	ev.goAway = false
+	// Every GOAWAY until the connection ends; stream 1 is let go once
+	// stream 3 was refused, so that its end closes the connection.
+	opened := false
 	for ev.err == nil {
-		r.pump(t, ev, func(ev *rawEvents) bool { return ev.goAway })
+		r.pump(t, ev, func(ev *rawEvents) bool { return ev.goAway || !opened && ev.done(3) })
 		if ev.goAway {
 			lasts = append(lasts, ev.goAwayLast)
 			ev.goAway = false
 		}
+		if ev.done(3) && !opened {
+			counting.openGate()
+			opened = true
+		}
 	}
 	require.Equal(t, http2.ErrCodeRefusedStream, ev.rst[3])
+	require.Equal(t, "gate open", string(ev.body[1]))
 	require.GreaterOrEqual(t, len(lasts), 2, "the drain's GOAWAY, then the one closing the connection")
 	for i := 1; i < len(lasts); i++ {
 		require.LessOrEqual(t, lasts[i], lasts[i-1], "a later GOAWAY raised the last stream ID: %v", lasts)
+	}
+	select {
+	case <-stopped:
+	case <-time.After(waitFor):
+		t.Fatal("Run did not return after the drain")
 	}
 }
 

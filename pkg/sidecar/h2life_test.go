@@ -61,14 +61,16 @@ func startLifeMesh(t testing.TB, edit func(*Config), raw netip.AddrPort) (*mesh,
 }
 
 // countingApp is b's h2c (and HTTP/1.1) app that counts the connections
-// it accepts. /slow?d= answers "slow done" after d; /together?k= waits
-// until k requests are in the app at once; everything else answers
-// "ok".
+// it accepts. /slow?d= answers "slow done" after d; /gate answers "gate
+// open" once the test calls openGate; /together?k= waits until k
+// requests are in the app at once; everything else answers "ok".
 type countingApp struct {
 	addr     netip.AddrPort
 	accepted atomic.Int64
 	inside   atomic.Int64
 	arrived  chan string // the path of every request, when someone listens
+	gate     chan struct{}
+	openOnce sync.Once
 	// mu guards open.
 	mu   sync.Mutex
 	open chan struct{}
@@ -76,7 +78,7 @@ type countingApp struct {
 
 func startCountingApp(t testing.TB) *countingApp {
 	t.Helper()
-	a := &countingApp{arrived: make(chan string, 1024), open: make(chan struct{})}
+	a := &countingApp{arrived: make(chan string, 1024), open: make(chan struct{}), gate: make(chan struct{})}
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		select {
 		case a.arrived <- r.URL.Path:
@@ -88,6 +90,12 @@ func startCountingApp(t testing.TB) *countingApp {
 			select {
 			case <-time.After(d):
 				_, _ = io.WriteString(w, "slow done")
+			case <-r.Context().Done():
+			}
+		case "/gate":
+			select {
+			case <-a.gate:
+				_, _ = io.WriteString(w, "gate open")
 			case <-r.Context().Done():
 			}
 		case "/together":
@@ -128,6 +136,9 @@ func startCountingApp(t testing.TB) *countingApp {
 	a.addr = ln.Addr().(*net.TCPAddr).AddrPort()
 	return a
 }
+
+// openGate lets every /gate request, held or to come, be answered.
+func (a *countingApp) openGate() { a.openOnce.Do(func() { close(a.gate) }) }
 
 // waitArrived waits for a request for path to reach the app.
 func (a *countingApp) waitArrived(t testing.TB, path string) {
@@ -527,8 +538,8 @@ func TestH2LifeDrain(t *testing.T) {
 	m, _, counting := startLifeMesh(t, func(c *Config) { c.DrainTimeout = 10 * time.Second }, netip.AddrPort{})
 	host := lifeCountSvc.host()
 	r := dialRawH2(t, m.a, host)
-	require.NoError(t, r.writeHeaders(1, true, requestFields(http.MethodGet, host, "/slow?d=1500ms")))
-	counting.waitArrived(t, "/slow")
+	require.NoError(t, r.writeHeaders(1, true, requestFields(http.MethodGet, host, "/gate")))
+	counting.waitArrived(t, "/gate")
 
 	stopped := make(chan struct{})
 	go func() { m.a.stop(t); close(stopped) }()
@@ -541,13 +552,18 @@ func TestH2LifeDrain(t *testing.T) {
 	require.Equal(t, uint32(1), ev.goAwayLast, "the GOAWAY names the stream in flight as the last one processed")
 
 	require.NoError(t, r.writeHeaders(3, true, requestFields(http.MethodGet, host, "/id?after=goaway")))
-	r.pump(t, ev, func(ev *rawEvents) bool { return ev.done(1) && ev.done(3) })
+	r.pump(t, ev, func(ev *rawEvents) bool { return ev.done(3) })
+	require.NoError(t, ev.err)
+	require.Equal(t, http2.ErrCodeRefusedStream, ev.rst[3], "a stream after the GOAWAY is refused (safe to retry elsewhere)")
+	require.Empty(t, ev.status[3], "and never answered")
+	require.False(t, ev.done(1), "while the stream in flight is still open")
+
+	counting.openGate()
+	r.pump(t, ev, func(ev *rawEvents) bool { return ev.done(1) })
 	require.NoError(t, ev.err)
 	require.True(t, ev.ended[1], "the stream in flight ends cleanly: rst %v", ev.rst)
 	require.Equal(t, "200", ev.status[1])
-	require.Equal(t, "slow done", string(ev.body[1]))
-	require.Equal(t, http2.ErrCodeRefusedStream, ev.rst[3], "a stream after the GOAWAY is refused (safe to retry elsewhere)")
-	require.Empty(t, ev.status[3], "and never answered")
+	require.Equal(t, "gate open", string(ev.body[1]))
 
 	r.pump(t, ev, closed)
 	require.False(t, errors.Is(ev.err, os.ErrDeadlineExceeded), "the sidecar closed the connection after its last stream: %v", ev.err)
