@@ -7,8 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"path/filepath"
-	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -65,11 +63,10 @@ func newRunCommand() *cobra.Command {
 				return err
 			}
 			if !cmd.Flags().Changed("kubeconfig") {
-				kc, err := kubeconfigFromEnv()
-				if err != nil {
-					return err
-				}
-				cfg.Kubeconfig = kc
+				// As kubectl: $KUBECONFIG, a list of files merged. Not
+				// ~/.kube/config: a federator outside a pod is told
+				// which cluster it runs for.
+				cfg.Kubeconfig = os.Getenv("KUBECONFIG")
 			}
 			log := newLogger(logLevel, logJSON)
 			log.Info("configuration", "cluster", cfg.ClusterName, "kubeconfig", cfg.Kubeconfig,
@@ -88,7 +85,7 @@ func newRunCommand() *cobra.Command {
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&cfg.ClusterName, "cluster-name", cfg.ClusterName, "this cluster's unique name in the mesh (a DNS label)")
-	fl.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "path to a kubeconfig (default: the one file $KUBECONFIG names, else the in-cluster configuration)")
+	fl.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "path to a kubeconfig (default: $KUBECONFIG, a list of files merged as kubectl merges them, else the in-cluster configuration)")
 	fl.Float32Var(&cfg.KubeAPIQPS, "kube-api-qps", cfg.KubeAPIQPS, "requests per second to the API server (client-side limit)")
 	fl.IntVar(&cfg.KubeAPIBurst, "kube-api-burst", cfg.KubeAPIBurst, "burst of requests to the API server")
 	fl.Float32Var(&cfg.ImportWriteQPS, "import-write-qps", cfg.ImportWriteQPS, "requests per second for writing imported services as ServiceEntries and ServiceImports (3 per new service)")
@@ -124,26 +121,6 @@ func newRunCommand() *cobra.Command {
 	fl.TextVar(&logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn or error")
 	fl.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
 	return cmd
-}
-
-// kubeconfigFromEnv is the kubeconfig `federator run` reads without
-// --kubeconfig: the file $KUBECONFIG names, or none (in-cluster). The
-// federator loads one file, so a list, which kubectl would merge, is
-// refused rather than read in part.
-func kubeconfigFromEnv() (string, error) {
-	var paths []string
-	for _, p := range filepath.SplitList(os.Getenv("KUBECONFIG")) {
-		if p != "" {
-			paths = append(paths, p)
-		}
-	}
-	if len(paths) > 1 {
-		return "", fmt.Errorf("$KUBECONFIG lists %d files (%s); `federator run` reads one kubeconfig: name it with --kubeconfig", len(paths), strings.Join(paths, ", "))
-	}
-	if len(paths) == 1 {
-		return paths[0], nil
-	}
-	return "", nil
 }
 
 func envOr(name, def string) string {

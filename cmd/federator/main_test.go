@@ -64,7 +64,8 @@ func TestOutputFormat(t *testing.T) {
 }
 
 // The operator verbs find the cluster as kubectl does: --kubeconfig, or
-// $KUBECONFIG, a list of files merged, not one path joined by colons.
+// $KUBECONFIG, a list of files merged, not one path joined by colons;
+// `federator run` too, but never ~/.kube/config.
 func TestKubeconfigAsKubectl(t *testing.T) {
 	dir := t.TempDir()
 	write := func(name, text string) string {
@@ -129,14 +130,16 @@ users:
 	_, err = host("--kubeconfig", filepath.Join(dir, "missing"))
 	require.ErrorContains(t, err, "missing", "an explicit --kubeconfig must exist")
 
-	// `federator run` reads one file: a list is refused, naming the
-	// problem, before anything is written.
+	// `federator run` merges a list too (pkg/federator's
+	// TestKubeconfigListIsMerged); one with nothing in it is an error
+	// that names the files, before anything is written.
+	missing := []string{filepath.Join(dir, "missing"), filepath.Join(dir, "gone")}
+	t.Setenv("KUBECONFIG", strings.Join(missing, string(os.PathListSeparator)))
 	_, _, err = execute(t.Context(), "run", "--cluster-name", "east")
-	require.ErrorContains(t, err, "$KUBECONFIG lists 3 files")
-	require.ErrorContains(t, err, "name it with --kubeconfig")
-	t.Setenv("KUBECONFIG", filepath.Join(dir, "missing"))
+	require.ErrorContains(t, err, "load kubeconfigs "+strings.Join(missing, ", ")+": none of them exists")
+	t.Setenv("KUBECONFIG", missing[0])
 	_, _, err = execute(t.Context(), "run", "--cluster-name", "east")
-	require.ErrorContains(t, err, `load kubeconfig "`+filepath.Join(dir, "missing")+`"`, "one file in $KUBECONFIG is read")
+	require.ErrorContains(t, err, `load kubeconfig "`+missing[0]+`"`, "one file in $KUBECONFIG must exist, as --kubeconfig")
 }
 
 // writeKubeconfig writes a kubeconfig for a server nothing answers at:

@@ -47,8 +47,10 @@ type Config struct {
 	// ClusterName is this cluster's unique name in the mesh: a DNS label
 	// (lowercase letters, digits, '-', at most 63 characters). Required.
 	ClusterName string
-	// Kubeconfig is the path to a kubeconfig; empty means the in-cluster
-	// configuration of the pod's ServiceAccount.
+	// Kubeconfig is the path to a kubeconfig, or several joined by the
+	// path-list separator as in $KUBECONFIG, merged as kubectl merges
+	// them; empty means the in-cluster configuration of the pod's
+	// ServiceAccount.
 	Kubeconfig string
 	// KubeAPIQPS and KubeAPIBurst bound the federator's requests to its
 	// API server (a client-side token bucket).

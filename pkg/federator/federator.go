@@ -20,6 +20,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -37,6 +39,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
 
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
@@ -279,16 +282,43 @@ func (f *Federator) runBundleSync(ctx context.Context) error {
 }
 
 func restConfig(kubeconfig string) (*rest.Config, error) {
-	if kubeconfig == "" {
+	var paths []string
+	for _, p := range filepath.SplitList(kubeconfig) {
+		if p != "" {
+			paths = append(paths, p)
+		}
+	}
+	switch len(paths) {
+	case 0:
 		cfg, err := rest.InClusterConfig()
 		if err != nil {
 			return nil, fmt.Errorf("no --kubeconfig given and not running in a cluster: %w", err)
 		}
 		return cfg, nil
+	case 1:
+		cfg, err := clientcmd.BuildConfigFromFlags("", paths[0])
+		if err != nil {
+			return nil, fmt.Errorf("load kubeconfig %q: %w", paths[0], err)
+		}
+		return cfg, nil
 	}
-	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	// A list, as kubectl reads $KUBECONFIG: the files merged, the first
+	// to set a value winning, a missing file skipped. With none of them
+	// there, say so rather than fall back to the in-cluster
+	// configuration as client-go's deferred loader would.
+	merged, err := (&clientcmd.ClientConfigLoadingRules{Precedence: paths}).Load()
 	if err != nil {
-		return nil, fmt.Errorf("load kubeconfig %q: %w", kubeconfig, err)
+		return nil, fmt.Errorf("load kubeconfigs %s: %w", strings.Join(paths, ", "), err)
+	}
+	if clientcmdapi.IsConfigEmpty(merged) {
+		return nil, fmt.Errorf("load kubeconfigs %s: none of them exists or has anything in it", strings.Join(paths, ", "))
+	}
+	if err := clientcmd.ConfirmUsable(*merged, ""); err != nil {
+		return nil, fmt.Errorf("load kubeconfigs %s: %w", strings.Join(paths, ", "), err)
+	}
+	cfg, err := clientcmd.NewDefaultClientConfig(*merged, &clientcmd.ConfigOverrides{}).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("load kubeconfigs %s: %w", strings.Join(paths, ", "), err)
 	}
 	return cfg, nil
 }
