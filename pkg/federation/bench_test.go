@@ -151,7 +151,7 @@ func BenchmarkReconcileUnchanged(b *testing.B) {
 		if err := m.informer.GetIndexer().Add(u); err != nil {
 			b.Fatal(err)
 		}
-		m.peers[name] = &peerEntry{p: &peer{name: name, td: ptd}, spec: spec}
+		m.setPeerLocked(name, &peerEntry{p: &peer{name: name, td: ptd}, spec: spec})
 	}
 	b.ReportAllocs()
 	for b.Loop() {

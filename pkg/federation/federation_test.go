@@ -136,6 +136,8 @@ func (c *cluster) start(t *testing.T) {
 	var err error
 	c.manager, err = NewManager(c.kube, c.dyn, c.store, c.trust, c.self, c.cfg)
 	require.NoError(t, err)
+	m := c.manager
+	t.Cleanup(func() { requirePeerIndex(t, m) }) // after c.kill below: last registered, first run
 	srv := grpc.NewServer(c.manager.ServerOptions()...)
 	c.manager.Register(srv)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -156,6 +158,24 @@ func (c *cluster) start(t *testing.T) {
 		<-served
 	}()
 	t.Cleanup(c.kill)
+}
+
+// requirePeerIndex requires m's index by trust domain to hold exactly
+// its peers, each under its peer object's trust domain.
+func requirePeerIndex(t *testing.T, m *Manager) {
+	t.Helper()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	indexed := 0
+	for td, held := range m.byTrustDomain {
+		require.NotEmpty(t, held, "an empty set is left under %s", td)
+		for name, e := range held {
+			require.Same(t, m.peers[name], e, "%s under %s", name, td)
+			require.Equal(t, td, e.p.td, name)
+			indexed++
+		}
+	}
+	require.Len(t, m.peers, indexed, "a peer is missing from the index")
 }
 
 // kill stops the federator as a crash would: no Terminate is sent.

@@ -140,9 +140,13 @@ type Manager struct {
 	// started is when Run began; set before any goroutine reads it.
 	started time.Time
 
-	// mu guards peers.
+	// mu guards peers and byTrustDomain.
 	mu    sync.Mutex
 	peers map[string]*peerEntry
+	// byTrustDomain holds every entry of peers under its peer object's
+	// trust domain (fixed for the entry's life), for the look-ups by
+	// trust domain and federator ID that would otherwise walk every peer.
+	byTrustDomain map[spiffeid.TrustDomain]map[string]*peerEntry
 
 	// establishMu orders storing a joiner's bundle and recording its
 	// FederationPeer (Establish) with the sweep of peer ConfigMaps no
@@ -242,6 +246,7 @@ func NewManager(kube kubernetes.Interface, dyn dynamic.Interface, store *catalog
 		kube: kube, dyn: dyn, trust: ts, svid: svid,
 		exports:        newExports(store, ts, cfg.Gateways),
 		peers:          map[string]*peerEntry{},
+		byTrustDomain:  map[spiffeid.TrustDomain]map[string]*peerEntry{},
 		recorded:       map[string]recordedJoiner{},
 		stored:         map[string]*corev1.ConfigMap{},
 		establishLimit: rate.NewLimiter(rate.Limit(cfg.EstablishRate), cfg.EstablishBurst),
@@ -562,9 +567,32 @@ func (m *Manager) replacePeer(name string, e, next *peerEntry, td spiffeid.Trust
 		next.peerLife, next.endPeer = context.WithCancel(context.Background())
 	}
 	m.mu.Lock()
-	m.peers[name] = next
+	m.setPeerLocked(name, next)
 	m.mu.Unlock()
 	return old
+}
+
+// setPeerLocked puts e in peers under name, in place of any entry there;
+// e nil removes the entry. m.mu is held.
+func (m *Manager) setPeerLocked(name string, e *peerEntry) {
+	if prev := m.peers[name]; prev != nil {
+		held := m.byTrustDomain[prev.p.td]
+		delete(held, name)
+		if len(held) == 0 {
+			delete(m.byTrustDomain, prev.p.td)
+		}
+		delete(m.peers, name)
+	}
+	if e == nil {
+		return
+	}
+	m.peers[name] = e
+	held := m.byTrustDomain[e.p.td]
+	if held == nil {
+		held = map[string]*peerEntry{}
+		m.byTrustDomain[e.p.td] = held
+	}
+	held[name] = e
 }
 
 // makePeer makes the peer object for a FederationPeer. Its bundle is
@@ -623,8 +651,8 @@ func (m *Manager) runningHolders(name string, td spiffeid.TrustDomain) []string 
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var out []string
-	for n, e := range m.peers {
-		if n != name && e.p.td == td && !e.conflict {
+	for n, e := range m.byTrustDomain[td] {
+		if n != name && !e.conflict {
 			out = append(out, n)
 		}
 	}
@@ -745,7 +773,7 @@ func (m *Manager) removePeer(ctx context.Context, name string, e *peerEntry, rea
 		}
 	}
 	m.mu.Lock()
-	delete(m.peers, name)
+	m.setPeerLocked(name, nil)
 	m.mu.Unlock()
 	m.log.Info("link removed", "peer", name)
 }
@@ -1060,13 +1088,18 @@ func (m *Manager) Exchange(srv fedv1.FederationService_ExchangeServer) error {
 }
 
 // peerByID returns the entry that expects federator id: the one that
-// holds its trust domain, before one refused for claiming it too.
+// holds its trust domain, before one refused for claiming it too. (An
+// entry whose federator ID is outside its own trust domain is refused
+// and runs no link; it expects nobody.)
 func (m *Manager) peerByID(id spiffeid.ID) *peerEntry {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if id.TrustDomain() == m.trust.LocalTrustDomain() {
+		return nil
+	}
 	var found *peerEntry
-	for _, e := range m.peers {
-		if e.p.id == id && e.p.td != m.trust.LocalTrustDomain() && (found == nil || found.conflict) {
+	for _, e := range m.byTrustDomain[id.TrustDomain()] {
+		if e.p.id == id && (found == nil || found.conflict) {
 			found = e
 		}
 	}
