@@ -13,6 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
+	"k8s.io/utils/clock"
 
 	"github.com/isthmus-mesh/isthmus/internal/outlier"
 	"github.com/isthmus-mesh/isthmus/internal/relay"
@@ -55,9 +56,10 @@ type Gateway struct {
 	// httpIdleTimeout is the health and metrics servers' IdleTimeout:
 	// the constant of that name, which tests shorten.
 	httpIdleTimeout time.Duration
-	// after is time.After, which tests replace to end the drain delay
+	// clock times the drain delay, the drain timeout and the route
+	// drain timeout: the real one, which tests replace to move time
 	// when they choose.
-	after func(time.Duration) <-chan time.Time
+	clock clock.WithTicker
 }
 
 // Timeouts of the health and metrics servers, whose requests are small
@@ -99,7 +101,7 @@ func New(cfg Config, src RouteSource, log *slog.Logger) (*Gateway, error) {
 		work:    make(chan *net.TCPConn),
 
 		httpIdleTimeout: httpIdleTimeout,
-		after:           time.After,
+		clock:           clock.RealClock{},
 	}
 	g.health.EjectFor = cfg.EjectionTime
 	// Upstream connections go to local pods and get no keep-alive, as in
@@ -235,7 +237,7 @@ func (g *Gateway) delayDrain(acceptDone <-chan struct{}) {
 	}
 	g.log.Info("shutting down: not ready, still accepting for the drain delay", "delay", g.cfg.DrainDelay)
 	select {
-	case <-g.after(g.cfg.DrainDelay):
+	case <-g.clock.After(g.cfg.DrainDelay):
 	case <-acceptDone:
 	}
 }
@@ -249,12 +251,12 @@ func (g *Gateway) drain() {
 		close(done)
 	}()
 	g.log.Info("draining", "connections", g.active.Load(), "timeout", g.cfg.DrainTimeout)
-	t := time.NewTimer(g.cfg.DrainTimeout)
+	t := g.clock.NewTimer(g.cfg.DrainTimeout)
 	defer t.Stop()
 	select {
 	case <-done:
 		return
-	case <-t.C:
+	case <-t.C():
 	}
 	g.connsMu.Lock()
 	n := len(g.conns)
@@ -349,7 +351,7 @@ func (g *Gateway) watchRoutes(ctx context.Context) {
 	// gone maps the SNI of each route that left the table with
 	// connections open to when they are closed.
 	gone := make(map[string]time.Time)
-	timer := time.NewTimer(time.Hour)
+	timer := g.clock.NewTimer(time.Hour)
 	timer.Stop()
 	defer timer.Stop()
 	for {
@@ -360,10 +362,10 @@ func (g *Gateway) watchRoutes(ctx context.Context) {
 			routes := g.src.Routes()
 			g.log.Debug("routes updated", "routes", routes.Len())
 			g.markGone(routes, gone)
-		case <-timer.C:
+		case <-timer.C():
 		}
 		if next := g.closeGone(gone); !next.IsZero() {
-			timer.Reset(time.Until(next))
+			timer.Reset(next.Sub(g.clock.Now()))
 		}
 	}
 }
@@ -377,7 +379,7 @@ func (g *Gateway) markGone(routes *Routes, gone map[string]time.Time) {
 			g.log.Debug("route back before its connections were closed: they stay", "sni", sni)
 		}
 	}
-	closeAt := time.Now().Add(g.cfg.RouteDrainTimeout)
+	closeAt := g.clock.Now().Add(g.cfg.RouteDrainTimeout)
 	var added []string
 	g.connsMu.Lock()
 	for sni := range g.routed {
@@ -397,7 +399,7 @@ func (g *Gateway) markGone(routes *Routes, gone map[string]time.Time) {
 // closeGone closes the connections of the routes in gone whose time
 // has come, and returns the earliest time still ahead (zero: none).
 func (g *Gateway) closeGone(gone map[string]time.Time) (next time.Time) {
-	now := time.Now()
+	now := g.clock.Now()
 	var due map[string]int // SNI → connections closed
 	// An update not yet seen may have brought a route back.
 	routes := g.src.Routes()
@@ -424,11 +426,16 @@ func (g *Gateway) closeGone(gone map[string]time.Time) (next time.Time) {
 	g.connsMu.Lock()
 	for sni := range due {
 		due[sni] = g.routed[sni]
+		// No longer routed: an update before their goroutines untrack
+		// them must not find the route in use and close (and count)
+		// them again.
+		delete(g.routed, sni)
 	}
 	for s, c := range g.conns {
 		if c != nil {
 			if _, ok := due[c.route.SNI]; ok {
 				socks = append(socks, s)
+				g.conns[s] = nil // untrackAndClose: nothing left to uncount
 			}
 		}
 	}

@@ -13,7 +13,6 @@ import (
 	"runtime/pprof"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,6 +20,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/stretchr/testify/require"
+	clocktesting "k8s.io/utils/clock/testing"
 )
 
 const echoSNI = "outbound_.80_._.echo.demo.svc.cluster.local"
@@ -629,23 +629,19 @@ func workerGoroutines(t *testing.T) int {
 func TestDrainDelayKeepsAccepting(t *testing.T) {
 	p := newPKI(t)
 	be := startBackend(t, p.server, namedEcho("echo"))
-	delayEnd := make(chan time.Time)
-	var asked atomic.Int64
+	// The test ends the delay, however slow the machine.
+	fc := clocktesting.NewFakeClock(time.Now())
 	table := NewRouteTable(mustRoutes(t, route(echoSNI, echoCluster, be.addr())))
 	h := startGatewayOn(t, table, table, func(c *Config) {
 		c.DrainDelay = 5 * time.Second
-	}, func(g *Gateway) {
-		// The test ends the delay, however slow the machine.
-		g.after = func(d time.Duration) <-chan time.Time {
-			asked.Store(int64(d))
-			return delayEnd
-		}
-	})
+	}, func(g *Gateway) { g.clock = fc })
 	inFlight := h.connect(t, p.client, echoSNI, "echo")
 
 	stopped := make(chan error, 1)
 	go func() { stopped <- h.stop() }()
 	eventually(t, func() bool { return h.ready() == http.StatusServiceUnavailable }, "readiness fails at once")
+	eventually(t, fc.HasWaiters, "the drain delay is timed")
+	fc.Step(5*time.Second - time.Millisecond) // the delay is Config.DrainDelay: not over yet
 	for i := range 3 {
 		c, err := h.dialTLS(p.client, echoSNI)
 		require.NoError(t, err, "connection %d during the drain delay", i)
@@ -656,14 +652,13 @@ func TestDrainDelayKeepsAccepting(t *testing.T) {
 	require.NoError(t, echoes(t, inFlight, "in flight"))
 	require.Equal(t, 4.0, h.metric("isthmus_gateway_routed_connections_total", `cluster="`+echoCluster+`"`))
 	require.Equal(t, http.StatusServiceUnavailable, h.ready())
-	require.Equal(t, int64(5*time.Second), asked.Load(), "the delay is Config.DrainDelay")
 	select {
 	case <-stopped:
 		t.Fatal("Run returned during the drain delay")
 	default:
 	}
 
-	close(delayEnd)
+	fc.Step(time.Millisecond)
 	eventually(t, func() bool {
 		c, err := net.Dial("tcp", h.addr())
 		if err == nil {
