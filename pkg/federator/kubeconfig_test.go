@@ -13,36 +13,22 @@ import (
 // it: the first file to set a value wins, a missing file is skipped.
 func TestKubeconfigListIsMerged(t *testing.T) {
 	dir := t.TempDir()
-	write := func(name, text string) string {
-		p := filepath.Join(dir, name)
-		require.NoError(t, os.WriteFile(p, []byte(text), 0o600))
-		return p
+	// kubectl's usual split, as JSON this time (kubeconfigs may be
+	// either): contexts in one file, clusters and users in another; the
+	// second file's current-context does not override the first's.
+	files := map[string]string{
+		"contexts": `{"kind": "Config", "apiVersion": "v1", "current-context": "east",
+			"contexts": [{"name": "east", "context": {"cluster": "east", "user": "admin"}}]}`,
+		"clusters": `{"kind": "Config", "apiVersion": "v1", "current-context": "west",
+			"clusters": [{"name": "east", "cluster": {"server": "https://east.example:6443"}},
+			             {"name": "west", "cluster": {"server": "https://west.example:6443"}}],
+			"contexts": [{"name": "west", "context": {"cluster": "west", "user": "admin"}}],
+			"users": [{"name": "admin", "user": {"token": "secret"}}]}`,
 	}
-	// kubectl's usual split: contexts in one file, clusters and users in
-	// another; a second file's current-context does not override the
-	// first's.
-	contexts := write("contexts", `apiVersion: v1
-kind: Config
-current-context: east
-contexts:
-- name: east
-  context: {cluster: east, user: admin}
-`)
-	clusters := write("clusters", `apiVersion: v1
-kind: Config
-current-context: west
-clusters:
-- name: east
-  cluster: {server: "https://east.example:6443"}
-- name: west
-  cluster: {server: "https://west.example:6443"}
-contexts:
-- name: west
-  context: {cluster: west, user: admin}
-users:
-- name: admin
-  user: {token: secret}
-`)
+	for name, text := range files {
+		require.NoError(t, os.WriteFile(filepath.Join(dir, name), []byte(text), 0o600))
+	}
+	contexts, clusters := filepath.Join(dir, "contexts"), filepath.Join(dir, "clusters")
 	list := func(paths ...string) string { return strings.Join(paths, string(os.PathListSeparator)) }
 
 	cfg, err := restConfig(list(contexts, filepath.Join(dir, "missing"), clusters))
