@@ -65,6 +65,14 @@ type metrics struct {
 	reasonAttrs map[string]metric.AddOption
 }
 
+// seriesLimit is the most series one instrument keeps. OpenTelemetry's
+// default, 2,000, counted every cluster past the 1,999th under one
+// otel_metric_overflow="true" series; the cluster labels come from
+// the routing table, which holds tens of thousands of services at the
+// scale Isthmus is built for. A limit still bounds memory when services
+// churn, since a series, once made, is kept.
+const seriesLimit = 100_000
+
 func newMetrics(src RouteSource) (*metrics, error) {
 	m := &metrics{registry: prometheus.NewRegistry(), reasonAttrs: make(map[string]metric.AddOption, len(reasons))}
 	m.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -72,7 +80,7 @@ func newMetrics(src RouteSource) (*metrics, error) {
 	if err != nil {
 		return nil, fmt.Errorf("prometheus exporter: %w", err)
 	}
-	m.provider = sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter))
+	m.provider = sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter), sdkmetric.WithCardinalityLimit(seriesLimit))
 	meter := m.provider.Meter("github.com/isthmus-mesh/isthmus/pkg/gateway")
 	var errs [9]error
 	m.active, errs[0] = meter.Int64UpDownCounter("isthmus_gateway_connections_active",

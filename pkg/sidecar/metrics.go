@@ -115,6 +115,14 @@ type attrKey struct {
 	code                      int
 }
 
+// seriesLimit is the most series one instrument keeps. OpenTelemetry's
+// default, 2,000, counted every cluster past the 1,999th under one
+// otel_metric_overflow="true" series; the cluster labels come from
+// the xDS configuration, which holds tens of thousands of services at the
+// scale Isthmus is built for. A limit still bounds memory when services
+// churn, since a series, once made, is kept.
+const seriesLimit = 100_000
+
 func newMetrics() (*metrics, error) {
 	m := &metrics{registry: prometheus.NewRegistry()}
 	m.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -122,7 +130,7 @@ func newMetrics() (*metrics, error) {
 	if err != nil {
 		return nil, fmt.Errorf("prometheus exporter: %w", err)
 	}
-	m.provider = sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter))
+	m.provider = sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter), sdkmetric.WithCardinalityLimit(seriesLimit))
 	m.meter = m.provider.Meter("github.com/isthmus-mesh/isthmus/pkg/sidecar")
 	var errs [numInstruments]error
 	m.insts[instAccepted], errs[0] = m.meter.Int64ObservableCounter("isthmus_sidecar_connections",

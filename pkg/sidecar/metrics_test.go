@@ -2,6 +2,7 @@ package sidecar
 
 import (
 	"context"
+	"fmt"
 	"net/http/httptest"
 	"strings"
 	"sync"
@@ -108,4 +109,20 @@ func BenchmarkCounterAdd(b *testing.B) {
 			}
 		})
 	})
+}
+
+// Every upstream cluster keeps a series of its own well past
+// OpenTelemetry's default limit of 2,000 per instrument, past which they
+// were all counted as one otel_metric_overflow series.
+func TestMetricsKeepASeriesPerCluster(t *testing.T) {
+	m, err := newMetrics()
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = m.provider.Shutdown(context.Background()) })
+	const clusters = 2500
+	for i := range clusters {
+		m.request(listenerOutbound, fmt.Sprintf("outbound|80||svc%d.demo.svc.cluster.local", i), 200)
+	}
+	body := scrapeMetrics(t, m)
+	require.False(t, strings.Contains(body, "otel_metric_overflow"), "clusters counted as one overflow series")
+	require.Equal(t, clusters, strings.Count(body, "\nisthmus_sidecar_requests_total{"))
 }
