@@ -401,12 +401,8 @@ func (g *Gateway) markGone(routes *Routes, gone map[string]time.Time) {
 func (g *Gateway) closeGone(gone map[string]time.Time) (next time.Time) {
 	now := g.clock.Now()
 	var due map[string]int // SNI → connections closed
-	// An update not yet seen may have brought a route back.
-	routes := g.src.Routes()
 	for sni, at := range gone {
 		switch {
-		case routes.lookup(sni) != nil:
-			// markGone will see the update too; until then, stay.
 		case at.After(now):
 			if next.IsZero() || at.Before(next) {
 				next = at
@@ -424,7 +420,18 @@ func (g *Gateway) closeGone(gone map[string]time.Time) (next time.Time) {
 	}
 	var socks []*net.TCPConn
 	g.connsMu.Lock()
+	// An update not yet seen may have brought a route back. Read under
+	// the lock: a connection trackRouted counts after this read finds
+	// the route back, and one counted before it is closed only if the
+	// route is still gone.
+	routes := g.src.Routes()
 	for sni := range due {
+		if routes.lookup(sni) != nil {
+			// markGone will see the update too; until then, stay.
+			gone[sni] = now
+			delete(due, sni)
+			continue
+		}
 		due[sni] = g.routed[sni]
 		// No longer routed: an update before their goroutines untrack
 		// them must not find the route in use and close (and count)

@@ -376,6 +376,26 @@ func TestEndpointSelectionTriesEachOnce(t *testing.T) {
 	require.Zero(t, h.metric("isthmus_gateway_refusals_total", `reason="`+ReasonNoEndpoint+`"`))
 }
 
+// The endpoints left after an ejection share its turns evenly, as in
+// Envoy's round robin, which leaves ejected hosts out of the rotation.
+// Moving on to the next endpoint in the list gave that one every turn
+// of the ejected one: 20 connections to 10 here.
+func TestEjectedEndpointsTurnsAreShared(t *testing.T) {
+	p := newPKI(t)
+	b := startBackend(t, p.server, namedEcho("b"))
+	c := startBackend(t, p.server, namedEcho("c"))
+	dead := unusedAddr(t)
+	h := startGateway(t, mustRoutes(t, route(echoSNI, echoCluster, dead, b.addr(), c.addr())), nil)
+	for i := range 30 {
+		conn, err := h.dialTLS(p.client, echoSNI)
+		require.NoError(t, err, "connection %d", i)
+		_ = readLine(t, conn)
+		_ = conn.Close()
+	}
+	require.InDelta(t, b.accepts.Load(), c.accepts.Load(), 1, "b %d, c %d", b.accepts.Load(), c.accepts.Load())
+	require.Equal(t, 1.0, h.metric("isthmus_gateway_upstream_connect_failures_total", `cluster="`+echoCluster+`"`))
+}
+
 // The health and metrics servers close keep-alive connections left idle,
 // rather than hold them (and a goroutine each) for ever.
 func TestHTTPIdleConnectionsClosed(t *testing.T) {

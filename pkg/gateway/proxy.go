@@ -151,24 +151,44 @@ func (g *Gateway) dial(c *cluster) (*net.TCPConn, error) {
 	start := c.next.Add(1) - 1
 	attempts := 0
 	var lastErr error
-	now := time.Now().UnixNano()
-	// Pass 0 dials the endpoints not ejected, pass 1 the others. An
-	// endpoint that fails in pass 0 is ejected by then: tried records
-	// pass 0's (offsets from start), so that pass 1 does not dial it again
-	// before one it never tried.
+	// Pass 0 dials the endpoints not ejected, in turn among themselves,
+	// as Envoy's round robin leaves ejected hosts out of its rotation
+	// (moving on to the next in the list instead would give that one the
+	// ejected ones' turns too); pass 1 the others. An endpoint that
+	// fails in pass 0 is ejected by then: tried records pass 0's (indexes
+	// into healthy), so that pass 1 does not dial it again before one it
+	// never tried.
+	var liveBuf [64]uint32
+	live := liveBuf[:0]
+	if g.health.Any() { // rare: only while some endpoint is ejected
+		now := time.Now().UnixNano()
+		for i := range n {
+			if !g.health.Ejected(c.healthy[i], now) {
+				live = append(live, i)
+			}
+		}
+	} else {
+		live = nil // every endpoint, in list order
+	}
 	var triedBuf [8]uint32
 	tried := triedBuf[:0]
 	for pass := range 2 {
-		for i := uint32(0); i < n && attempts < g.cfg.MaxConnectAttempts; i++ {
-			ep := c.healthy[(start+i)%n]
-			if pass == 0 {
-				if g.health.Ejected(ep, now) {
-					continue
-				}
+		turns := n
+		if pass == 0 && live != nil {
+			turns = uint32(len(live))
+		}
+		for k := uint32(0); k < turns && attempts < g.cfg.MaxConnectAttempts; k++ {
+			i := (start + k) % n
+			switch {
+			case pass == 0 && live != nil:
+				i = live[(start+k)%turns]
 				tried = append(tried, i)
-			} else if slices.Contains(tried, i) {
+			case pass == 0:
+				tried = append(tried, i)
+			case slices.Contains(tried, i):
 				continue
 			}
+			ep := c.healthy[i]
 			attempts++
 			conn, err := g.dialAddr(ep.String(), timeout)
 			if err != nil {

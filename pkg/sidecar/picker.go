@@ -176,16 +176,27 @@ func (p *Picker) available(l *locality, now int64) bool {
 	return false
 }
 
-// roundRobin is l's next endpoint that is not ejected; l has one.
+// roundRobin is l's next endpoint that is not ejected; l has one. The
+// turns go round the endpoints not ejected only, as Envoy's round robin
+// leaves ejected hosts out of its rotation: moving on to the next in the
+// list instead would give that one the ejected ones' turns too.
 func (p *Picker) roundRobin(l *locality, now int64) netip.AddrPort {
 	n := uint32(len(l.eps))
 	start := l.next.Add(1) - 1
-	for i := range n {
-		if ep := l.eps[(start+i)%n]; !p.health.Ejected(ep, now) {
-			return ep
+	if !p.health.Any() {
+		return l.eps[start%n]
+	}
+	var buf [32]netip.AddrPort
+	live := buf[:0]
+	for _, ep := range l.eps {
+		if !p.health.Ejected(ep, now) {
+			live = append(live, ep)
 		}
 	}
-	return l.eps[start%n]
+	if len(live) == 0 {
+		return l.eps[start%n]
+	}
+	return live[start%uint32(len(live))]
 }
 
 // Healthy is the number of endpoints EDS calls healthy, over every

@@ -196,6 +196,17 @@ func TestPickerPassiveHealth(t *testing.T) {
 	require.Equal(t, map[string]int{"10.0.0.1:80": 4}, picks(t, p, 4), "the restored endpoint takes priority 0's traffic")
 }
 
+// The endpoints left in a locality after an ejection share its turns
+// evenly, as in Envoy's round robin; moving on to the next endpoint in
+// the list gave that one the ejected one's turns too (10.0.0.2 took two
+// thirds here).
+func TestPickerEjectedEndpointsTurnsAreShared(t *testing.T) {
+	health := &outlier.Ejections{EjectFor: time.Hour}
+	p := NewPicker(pickerCluster(t, loc{zone: "a", weight: 1, eps: []string{"10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"}}), health)
+	health.Eject(netip.MustParseAddrPort("10.0.0.1:80"))
+	require.Equal(t, map[string]int{"10.0.0.2:80": 15, "10.0.0.3:80": 15}, picks(t, p, 30))
+}
+
 // A cluster without priorities (not EDS) is one locality of its endpoints.
 func TestPickerFlatCluster(t *testing.T) {
 	c := &xdsclient.Cluster{Name: "static", Type: xdsclient.Static, Endpoints: []xdsclient.Endpoint{
