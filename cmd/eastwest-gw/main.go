@@ -67,10 +67,10 @@ func parseFlags(args []string) (options, error) {
 	fl.StringVar(&cfg.MetricsAddr, "metrics-addr", cfg.MetricsAddr, "address of /metrics (Prometheus); empty disables it")
 	fl.IntVar(&cfg.MaxConnections, "max-connections", cfg.MaxConnections, "concurrent downstream connections; beyond it new ones are closed")
 	fl.DurationVar(&cfg.ClientHelloTimeout, "client-hello-timeout", cfg.ClientHelloTimeout, "bound on the wait for a whole ClientHello")
-	fl.DurationVar(&cfg.DialTimeout, "dial-timeout", cfg.DialTimeout, "bound on connecting to one endpoint (routes may set their own)")
+	fl.DurationVar(&cfg.DialTimeout, "dial-timeout", cfg.DialTimeout, "bound on connecting to one endpoint, for --routes-file routes without their own (xDS clusters carry connect_timeout, 5s unless set)")
 	fl.IntVar(&cfg.MaxConnectAttempts, "max-connect-attempts", cfg.MaxConnectAttempts, "endpoints one connection tries before it is refused")
 	fl.DurationVar(&cfg.EjectionTime, "ejection-time", cfg.EjectionTime, "how long an endpoint that failed to connect is skipped")
-	fl.DurationVar(&cfg.IdleTimeout, "idle-timeout", cfg.IdleTimeout, "close a connection idle both ways this long (routes may set their own)")
+	fl.DurationVar(&cfg.IdleTimeout, "idle-timeout", cfg.IdleTimeout, "close a connection idle both ways this long, for --routes-file routes without their own (xDS routes carry the tcp_proxy's idle_timeout, 1h unless set)")
 	fl.DurationVar(&cfg.DrainDelay, "drain-delay", cfg.DrainDelay, "on SIGTERM, how long the gateway still accepts connections while readiness fails, before it closes its listener")
 	fl.DurationVar(&cfg.DrainTimeout, "drain-timeout", cfg.DrainTimeout, "on SIGTERM, once the listener is closed, how long connections in flight may finish")
 	fl.DurationVar(&cfg.RouteDrainTimeout, "route-drain-timeout", cfg.RouteDrainTimeout, "how long connections of a route removed from the table (an export revoked) go on before they are closed; 0 closes them at once")
@@ -122,34 +122,54 @@ func run() error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	g, gctx := errgroup.WithContext(ctx)
-	var src gateway.RouteSource
-	if routesFile != "" {
-		routes, err := gateway.LoadRoutesFile(routesFile)
-		if err != nil {
-			return err
+	routes := func(ctx context.Context, g *errgroup.Group) (gateway.RouteSource, error) {
+		if routesFile != "" {
+			routes, err := gateway.LoadRoutesFile(routesFile)
+			if err != nil {
+				return nil, err
+			}
+			return gateway.NewRouteTable(routes), nil
 		}
-		src = gateway.NewRouteTable(routes)
-	} else {
-		xsrc, err := startXDS(gctx, g, x, log)
-		if err != nil {
-			return err
-		}
-		src = xsrc
+		return startXDS(ctx, g, x, log)
 	}
+	return serve(ctx, routes, func(ctx context.Context, src gateway.RouteSource) error {
+		log.Info("configuration", "listen", cfg.ListenAddr, "health", cfg.HealthAddr, "metrics", cfg.MetricsAddr,
+			"maxConnections", cfg.MaxConnections, "clientHelloTimeout", cfg.ClientHelloTimeout, "dialTimeout", cfg.DialTimeout,
+			"maxConnectAttempts", cfg.MaxConnectAttempts, "ejectionTime", cfg.EjectionTime, "idleTimeout", cfg.IdleTimeout,
+			"drainDelay", cfg.DrainDelay, "drainTimeout", cfg.DrainTimeout, "routeDrainTimeout", cfg.RouteDrainTimeout,
+			"routesFile", routesFile, "xds", x.XDSAddress, "godebug", os.Getenv("GODEBUG"), "version", version.Version)
+		gw, err := gateway.New(cfg, src, log)
+		if err != nil {
+			return err
+		}
+		return gw.Run(ctx)
+	})
+}
 
-	log.Info("configuration", "listen", cfg.ListenAddr, "health", cfg.HealthAddr, "metrics", cfg.MetricsAddr,
-		"maxConnections", cfg.MaxConnections, "clientHelloTimeout", cfg.ClientHelloTimeout, "dialTimeout", cfg.DialTimeout,
-		"maxConnectAttempts", cfg.MaxConnectAttempts, "ejectionTime", cfg.EjectionTime, "idleTimeout", cfg.IdleTimeout,
-		"drainDelay", cfg.DrainDelay, "drainTimeout", cfg.DrainTimeout, "routeDrainTimeout", cfg.RouteDrainTimeout,
-		"routesFile", routesFile, "xds", x.XDSAddress, "godebug", os.Getenv("GODEBUG"), "version", version.Version)
-	gw, err := gateway.New(cfg, src, log)
+// serve runs the gateway (runGW) until ctx ends, and the route source
+// (started by routes, in g) on a context of its own that ends only once
+// the gateway has returned: through the drain (--drain-delay, then
+// --drain-timeout) the table still follows xDS, so an export revoked
+// then still stops new connections and a pod gone leaves the endpoints.
+// A failure of the source ends the gateway too, drained the same way.
+func serve(ctx context.Context, routes func(context.Context, *errgroup.Group) (gateway.RouteSource, error),
+	runGW func(context.Context, gateway.RouteSource) error) error {
+	srcCtx, stopSrc := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopSrc()
+	g, gctx := errgroup.WithContext(srcCtx)
+	src, err := routes(gctx, g)
 	if err != nil {
-		stop()
+		stopSrc()
 		_ = g.Wait()
 		return err
 	}
-	g.Go(func() error { return gw.Run(gctx) })
+	runCtx, stopRun := context.WithCancel(ctx)
+	defer stopRun()
+	defer context.AfterFunc(gctx, stopRun)()
+	g.Go(func() error {
+		defer stopSrc()
+		return runGW(runCtx, src)
+	})
 	return g.Wait()
 }
 

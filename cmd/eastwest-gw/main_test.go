@@ -1,9 +1,16 @@
 package main
 
 import (
+	"context"
+	"errors"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/isthmus-mesh/isthmus/pkg/gateway"
 )
 
 // A word left over after the flags is refused, naming it: a boolean
@@ -41,4 +48,48 @@ func TestParseFlagsRefusesListenPortsOutOfRange(t *testing.T) {
 	_, err := parseFlags([]string{"--listen-addr", "127.0.0.1:99999", "--health-addr", ":65536"})
 	require.ErrorContains(t, err, `listen address "127.0.0.1:99999": port "99999" is not a number from 0 to 65535`)
 	require.ErrorContains(t, err, `health address ":65536": port "65536"`)
+}
+
+// The route source outlives the signal: it runs until the gateway has
+// drained and returned, so that the table still follows xDS meanwhile.
+// A failing source ends the gateway.
+func TestRouteSourceOutlivesTheDrain(t *testing.T) {
+	ctx, signal := context.WithCancel(t.Context())
+	var srcEnded atomic.Bool
+	routes := func(ctx context.Context, g *errgroup.Group) (gateway.RouteSource, error) {
+		g.Go(func() error {
+			<-ctx.Done()
+			srcEnded.Store(true)
+			return nil
+		})
+		return gateway.NewRouteTable(nil), nil
+	}
+	drained := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		done <- serve(ctx, routes, func(ctx context.Context, _ gateway.RouteSource) error {
+			<-ctx.Done()
+			<-drained // the drain, however long
+			if srcEnded.Load() {
+				return errors.New("the route source ended before the drain did")
+			}
+			return nil
+		})
+	}()
+	signal()
+	time.Sleep(50 * time.Millisecond) // time for a source tied to the signal to end
+	close(drained)
+	require.NoError(t, <-done)
+	require.True(t, srcEnded.Load(), "the source ends once the gateway returned")
+
+	// The source fails: the gateway is stopped.
+	failing := func(ctx context.Context, g *errgroup.Group) (gateway.RouteSource, error) {
+		g.Go(func() error { return errors.New("xDS: no") })
+		return gateway.NewRouteTable(nil), nil
+	}
+	err := serve(t.Context(), failing, func(ctx context.Context, _ gateway.RouteSource) error {
+		<-ctx.Done()
+		return nil
+	})
+	require.ErrorContains(t, err, "xDS: no")
 }

@@ -39,14 +39,15 @@ var buffers = sync.Pool{New: func() any { b := make([]byte, bufferSize); return 
 // told of the bytes each direction moved as they move: once per write or
 // splice(2) that moved some, from the copying goroutine, so they must be
 // cheap (an atomic add). One direction runs on the caller's goroutine;
-// Pipe returns when both have ended. It leaves a and b open when both
-// directions ended cleanly: the caller closes them.
-func Pipe(a, b Conn, idle time.Duration, aToB, bToA func(n int64)) {
+// Pipe returns when both have ended, reporting whether the idle timeout
+// ended them. It leaves a and b open when both directions ended cleanly:
+// the caller closes them.
+func Pipe(a, b Conn, idle time.Duration, aToB, bToA func(n int64)) (idled bool) {
 	var last atomic.Int64
 	last.Store(time.Now().UnixNano())
+	var w *watchdog
 	if idle > 0 {
-		w := startWatchdog(a, b, &last, idle)
-		defer w.stop()
+		w = startWatchdog(a, b, &last, idle)
 	}
 	done := make(chan struct{})
 	go func() { // b → a
@@ -55,6 +56,10 @@ func Pipe(a, b Conn, idle time.Duration, aToB, bToA func(n int64)) {
 	}()
 	copyDir(b, a, progress{&last, aToB})
 	<-done
+	if w == nil {
+		return false
+	}
+	return w.stop()
 }
 
 // copyDir moves src → dst until src's end of stream (then it half-closes
@@ -84,11 +89,12 @@ type watchdog struct {
 	last *atomic.Int64
 	idle time.Duration
 
-	// mu guards t and stopped, so that a firing that races stop never
-	// re-arms the timer.
+	// mu guards t, stopped and fired, so that a firing that races stop
+	// never re-arms the timer.
 	mu      sync.Mutex
 	t       *time.Timer
 	stopped bool
+	fired   bool // it closed the connections
 }
 
 func startWatchdog(a, b Conn, last *atomic.Int64, idle time.Duration) *watchdog {
@@ -110,18 +116,21 @@ func (w *watchdog) fire() {
 		w.mu.Unlock()
 		return
 	}
-	w.stopped = true
+	w.stopped, w.fired = true, true
 	w.mu.Unlock()
 	// Not under mu: a tls.Conn's Close may write a close_notify.
 	_ = w.a.Close()
 	_ = w.b.Close()
 }
 
-func (w *watchdog) stop() {
+// stop ends the watchdog and reports whether it had closed the
+// connections.
+func (w *watchdog) stop() (fired bool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.stopped = true
 	w.t.Stop()
+	return w.fired
 }
 
 // progress is what one direction reports each time a write moves bytes:

@@ -76,13 +76,13 @@ var relayEnds = []struct {
 }
 
 // countedPipe runs Pipe(a, b, idle) and counts the bytes each way; done
-// closes when it returns.
-func countedPipe(a, b Conn, idle time.Duration) (ab, ba *atomic.Int64, done <-chan struct{}) {
+// gets what Pipe returned (whether the idle timeout ended it) when it
+// returns.
+func countedPipe(a, b Conn, idle time.Duration) (ab, ba *atomic.Int64, done <-chan bool) {
 	ab, ba = new(atomic.Int64), new(atomic.Int64)
-	d := make(chan struct{})
+	d := make(chan bool, 1)
 	go func() {
-		defer close(d)
-		Pipe(a, b, idle, func(n int64) { ab.Add(n) }, func(n int64) { ba.Add(n) })
+		d <- Pipe(a, b, idle, func(n int64) { ab.Add(n) }, func(n int64) { ba.Add(n) })
 	}()
 	return ab, ba, d
 }
@@ -112,7 +112,8 @@ func TestPipeHalfClose(t *testing.T) {
 			require.Equal(t, "response", string(got))
 
 			select {
-			case <-done:
+			case idled := <-done:
+				require.False(t, idled, "ended by the two ends, not the idle timeout")
 			case <-time.After(10 * time.Second):
 				t.Fatal("Pipe did not return after both directions ended")
 			}
@@ -157,9 +158,10 @@ func TestPipeIdle(t *testing.T) {
 	// Long enough that a stalled test machine does not make a gap of it.
 	const idle = time.Second
 	done := make(chan struct{})
+	var idled bool
 	go func() {
 		defer close(done)
-		Pipe(a, b, idle, nil, nil)
+		idled = Pipe(a, b, idle, nil, nil)
 	}()
 	// Busy for two idle periods: every write resets the clock.
 	buf := make([]byte, 4)
@@ -184,6 +186,7 @@ func TestPipeIdle(t *testing.T) {
 	_ = app.SetReadDeadline(time.Now().Add(5 * time.Second))
 	_, err := app.Read(buf)
 	require.Error(t, err, "the app's side is closed")
+	require.True(t, idled, "Pipe says the idle timeout ended it")
 }
 
 // After one direction has ended, a peer that stops reading cannot hold

@@ -32,7 +32,9 @@ type Config struct {
 	// accept; a slower client is closed.
 	ClientHelloTimeout time.Duration
 	// DialTimeout bounds connecting to one endpoint, for routes that do
-	// not set their own ConnectTimeout.
+	// not set their own ConnectTimeout: those of a routes file. Routes
+	// from xDS always carry their cluster's connect_timeout (Envoy's 5 s
+	// default when unset).
 	DialTimeout time.Duration
 	// MaxConnectAttempts is how many endpoints one connection tries, in
 	// round-robin order, before it is refused ("no_endpoint").
@@ -42,9 +44,10 @@ type Config struct {
 	// cluster is ejected the gateway tries them anyway.
 	EjectionTime time.Duration
 	// IdleTimeout closes a routed connection after this long with no byte
-	// in either direction, for routes that do not set their own, even
-	// when one side has stopped reading and the gateway waits to write to
-	// it.
+	// in either direction, for routes that do not set their own (those of
+	// a routes file; routes from xDS always carry the tcp_proxy's
+	// idle_timeout, Envoy's 1 h default when unset), even when one side
+	// has stopped reading and the gateway waits to write to it.
 	IdleTimeout time.Duration
 	// DrainDelay is how long, once shutdown begins, the gateway fails
 	// readiness while it still accepts and routes new connections, so

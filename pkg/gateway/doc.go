@@ -46,8 +46,9 @@
 //
 // Endpoints are picked round-robin among those EDS calls healthy; one that
 // refuses a connection is skipped for Config.EjectionTime (passive health)
-// and the next is tried, up to Config.MaxConnectAttempts. A connection is
-// closed after an idle timeout with no byte either way.
+// and the next is tried, up to Config.MaxConnectAttempts; the turns go
+// round the endpoints not skipped. A connection is closed after an idle
+// timeout with no byte either way (counted with reason idle_timeout).
 //
 // On shutdown (SIGTERM) the gateway fails readiness at once but goes on
 // accepting and routing for Config.DrainDelay (--drain-delay, 5 s as
@@ -55,5 +56,6 @@
 // balancers notice the 503: what they still send meanwhile is served,
 // not refused, nor reset in the accept queue. Then the listener closes
 // and connections in flight have Config.DrainTimeout (--drain-timeout)
-// to finish before the rest are closed.
+// to finish before the rest are closed (counted with reason
+// drain_timeout).
 package gateway

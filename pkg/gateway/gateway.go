@@ -218,11 +218,18 @@ func (g *Gateway) Run(ctx context.Context) error {
 	g.workers.Wait()
 	for _, srv := range servers {
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-		_ = srv.Shutdown(sctx)
+		if err := srv.Shutdown(sctx); err != nil {
+			// A request still coming in (a peer's probe that stopped
+			// mid-header, a slow scrape): closed, not left to its
+			// timeouts after Run has returned.
+			_ = srv.Close()
+		}
 		cancel()
 	}
 	err := eg.Wait()
-	_ = g.metrics.provider.Shutdown(context.WithoutCancel(ctx))
+	// The metrics provider is left as it is: its one reader is the
+	// Prometheus exporter's, read on a scrape, with nothing to stop, and
+	// the counts of the drain stay readable.
 	g.log.Info("east-west gateway stopped")
 	return err
 }
@@ -259,12 +266,16 @@ func (g *Gateway) drain() {
 	case <-t.C():
 	}
 	g.connsMu.Lock()
-	n := len(g.conns)
+	n, routed := len(g.conns), 0
 	for c := range g.conns {
 		_ = c.Close()
 	}
+	for _, k := range g.routed {
+		routed += k
+	}
 	g.connsMu.Unlock()
-	g.log.Info("drain timeout passed: closed the connections left", "sockets", n)
+	g.metrics.closed(ReasonDrainTimeout, routed)
+	g.log.Info("drain timeout passed: closed the connections left", "sockets", n, "routed", routed)
 	<-done
 }
 

@@ -514,7 +514,8 @@ func TestDrainFinishesInFlight(t *testing.T) {
 	}
 }
 
-// A connection still open when the drain timeout passes is closed.
+// A connection still open when the drain timeout passes is closed, and
+// counted as the gateway's close.
 func TestDrainTimeoutClosesTheRest(t *testing.T) {
 	p := newPKI(t)
 	be := startBackend(t, p.server, namedEcho("echo"))
@@ -528,6 +529,7 @@ func TestDrainTimeoutClosesTheRest(t *testing.T) {
 	var ne net.Error
 	require.False(t, errors.As(err, &ne) && ne.Timeout(), "closed by the gateway, not by our deadline: %v", err)
 	require.Error(t, err)
+	require.Equal(t, 1.0, h.metric("isthmus_gateway_closed_connections_total", `reason="`+ReasonDrainTimeout+`"`))
 }
 
 // Beyond MaxConnections a connection is closed at once and counted.
@@ -590,6 +592,9 @@ func TestIdleTimeout(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("the idle connection was never closed")
 	}
+	eventually(t, func() bool {
+		return h.metric("isthmus_gateway_closed_connections_total", `reason="`+ReasonIdleTimeout+`"`) == 1
+	}, "the idle close is counted, once")
 }
 
 func TestConfigValidate(t *testing.T) {
@@ -633,6 +638,33 @@ func TestWorkersAreReusedAndEndWithRun(t *testing.T) {
 
 	require.NoError(t, h.stop())
 	require.Zero(t, workerGoroutines(t), "workers left after Run returned")
+}
+
+// A request still coming in on the health port when the gateway stops
+// (a probe that stopped mid-header) is closed: Run leaves no HTTP
+// connection, and no goroutine, behind. Shutdown gave up after a second
+// and left it to the header timeout.
+func TestRunLeavesNoHTTPConnection(t *testing.T) {
+	h := startGateway(t, mustRoutes(t), nil)
+	c, err := net.Dial("tcp", h.gw.HealthAddr().String())
+	require.NoError(t, err)
+	defer c.Close()
+	_, err = io.WriteString(c, "GET /healthz/ready HTTP/1.1\r\nHost: x\r\n") // headers unfinished
+	require.NoError(t, err)
+	eventually(t, func() bool { return httpConnGoroutines(t) == 1 }, "the health server took the connection")
+	require.NoError(t, h.stop())
+	require.Zero(t, httpConnGoroutines(t), "an HTTP connection outlived Run")
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	var ne net.Error
+	require.False(t, errors.As(err, &ne) && ne.Timeout(), "closed by the gateway: %v", err)
+}
+
+// httpConnGoroutines counts the goroutines serving an HTTP connection.
+func httpConnGoroutines(t *testing.T) int {
+	var b strings.Builder
+	require.NoError(t, pprof.Lookup("goroutine").WriteTo(&b, 2))
+	return strings.Count(b.String(), "net/http.(*conn).serve(")
 }
 
 // workerGoroutines counts the goroutines in (*Gateway).worker.

@@ -16,6 +16,7 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"net/url"
 	"strconv"
@@ -27,6 +28,7 @@ import (
 
 	"github.com/isthmus-mesh/isthmus/internal/testlog"
 
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -102,6 +104,7 @@ type harness struct {
 	done     chan error
 	stopOnce sync.Once
 	stopErr  error
+	stopped  atomic.Bool // Run returned
 }
 
 func startGateway(t testing.TB, routes *Routes, mod func(*Config)) *harness {
@@ -143,6 +146,7 @@ func (h *harness) stop() error {
 		h.cancel()
 		select {
 		case h.stopErr = <-h.done:
+			h.stopped.Store(true)
 		case <-time.After(30 * time.Second):
 			h.stopErr = errors.New("Run did not return within 30s of its context ending")
 		}
@@ -185,6 +189,12 @@ func (h *harness) connect(t testing.TB, cfg *tls.Config, sni, want string) *tls.
 // scrape returns the gateway's metrics, one sample per line.
 func (h *harness) scrape() string {
 	h.t.Helper()
+	if h.stopped.Load() { // the metrics server is closed: the registry is not
+		rec := httptest.NewRecorder()
+		promhttp.HandlerFor(h.gw.metrics.registry, promhttp.HandlerOpts{}).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+		require.Equal(h.t, http.StatusOK, rec.Code)
+		return rec.Body.String()
+	}
 	resp, err := http.Get("http://" + h.gw.MetricsAddr().String() + "/metrics")
 	require.NoError(h.t, err)
 	defer resp.Body.Close()

@@ -35,11 +35,14 @@ const (
 // gateway closed itself.
 const (
 	ReasonRouteRemoved = "route_removed" // the route left the table, RouteDrainTimeout passed
+	ReasonIdleTimeout  = "idle_timeout"  // no byte either way for the route's idle timeout
+	ReasonDrainTimeout = "drain_timeout" // still open when the shutdown's DrainTimeout passed
 )
 
 // reasons are the values of both reason labels.
 var reasons = []string{ReasonNotTLS, ReasonNoSNI, ReasonTooLarge, ReasonMalformed, ReasonHelloTimeout,
-	ReasonClosedEarly, ReasonNoRoutes, ReasonUnknownSNI, ReasonNoEndpoint, ReasonUpstreamError, ReasonOverLimit, ReasonRouteRemoved}
+	ReasonClosedEarly, ReasonNoRoutes, ReasonUnknownSNI, ReasonNoEndpoint, ReasonUpstreamError, ReasonOverLimit,
+	ReasonRouteRemoved, ReasonIdleTimeout, ReasonDrainTimeout}
 
 // metrics are the gateway's OpenTelemetry instruments, exported in
 // Prometheus format like the federator's.
@@ -98,7 +101,7 @@ func newMetrics(src RouteSource) (*metrics, error) {
 	m.connectFailures, errs[6] = meter.Int64Counter("isthmus_gateway_upstream_connect_failures",
 		metric.WithDescription("Failed attempts to connect to an endpoint, by cluster."))
 	m.closes, errs[8] = meter.Int64Counter("isthmus_gateway_closed_connections",
-		metric.WithDescription("Routed connections the gateway closed before either side did, by reason."))
+		metric.WithDescription("Routed connections the gateway closed before either side did, by reason: route_removed, idle_timeout, drain_timeout."))
 	routes, err := meter.Int64ObservableGauge("isthmus_gateway_routes",
 		metric.WithDescription("Routable server names in the current routing table."))
 	if err == nil && errs[4] == nil && errs[5] == nil {

@@ -233,5 +233,7 @@ func (g *Gateway) dialAddr(addr string, timeout time.Duration) (*net.TCPConn, er
 func (g *Gateway) pipe(down, up *net.TCPConn, c *cluster, idle time.Duration, replayed int) {
 	b := g.metrics.bytesOf(c)
 	b.received.Add(int64(replayed))
-	relay.Pipe(down, up, idle, func(n int64) { b.received.Add(n) }, func(n int64) { b.sent.Add(n) })
+	if relay.Pipe(down, up, idle, func(n int64) { b.received.Add(n) }, func(n int64) { b.sent.Add(n) }) {
+		g.metrics.closed(ReasonIdleTimeout, 1)
+	}
 }
