@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -75,6 +76,10 @@ type ImportOptions struct {
 	// Synced, when set, reports whether every peer's imports are known;
 	// until it does, the writer creates and updates but deletes nothing.
 	Synced func() bool
+	// ListTimeout is how long a served kind's objects may take to be
+	// listed (the writer's cache to sync) before every import of that
+	// kind is reported in Skipped as not written; default 30s.
+	ListTimeout time.Duration
 }
 
 // ImportWriter writes the services peers export to this cluster as Istio
@@ -150,7 +155,11 @@ type importKind struct {
 	informer   cache.SharedIndexInformer
 	served     bool
 	started    bool
+	startedAt  time.Time
 	checkAfter time.Time // next discovery; zero: now
+	// listErr is the last error of the informer's list or watch, kept
+	// to say why its cache has not synced.
+	listErr atomic.Pointer[error]
 }
 
 // objectRef names one object the writer owns or wants.
@@ -167,9 +176,12 @@ type retry struct {
 	notBefore time.Time
 	// conflict is set when someone else's object holds the name.
 	conflict bool
-	// reason is reported in Skipped while set (conflicts, and write
-	// errors that retrying alone will not fix).
+	// reason is reported in Skipped while set (conflicts, write errors
+	// that retrying alone will not fix, and any that keeps coming back).
 	reason string
+	// failures counts the failed tries in a row, since the first.
+	failures int
+	since    time.Time
 }
 
 // at is when r may be tried again; zero for nil.
@@ -194,6 +206,9 @@ func NewImportWriter(kube kubernetes.Interface, istio istioclient.Interface, mcs
 	}
 	if opts.FlushInterval <= 0 {
 		opts.FlushInterval = time.Second
+	}
+	if opts.ListTimeout <= 0 {
+		opts.ListTimeout = 30 * time.Second
 	}
 	if opts.QPS <= 0 {
 		opts.QPS = 20
@@ -251,6 +266,15 @@ func NewImportWriter(kube kubernetes.Interface, istio istioclient.Interface, mcs
 	for _, inf := range []cache.SharedIndexInformer{nsInf.Informer(), w.entries.informer, w.imports.informer} {
 		if _, err := inf.AddEventHandler(mark); err != nil {
 			return nil, fmt.Errorf("import writer: add event handler: %w", err)
+		}
+	}
+	for _, k := range []*importKind{w.entries, w.imports} {
+		err := k.informer.SetWatchErrorHandlerWithContext(func(ctx context.Context, r *cache.Reflector, err error) {
+			k.listErr.Store(&err)
+			cache.DefaultWatchErrorHandler(ctx, r, err)
+		})
+		if err != nil {
+			return nil, fmt.Errorf("import writer: watch error handler: %w", err)
 		}
 	}
 	w.nsSynced = nsInf.Informer().HasSynced
@@ -358,9 +382,27 @@ func (w *ImportWriter) discover(ctx context.Context, k *importKind, now time.Tim
 	}
 	k.served = served
 	if served && !k.started {
-		k.started = true
+		k.started, k.startedAt = true, now
 		k.factory.Start(ctx.Done())
 	}
+}
+
+// unsyncedRecheck is how often the flush looks again at a served kind
+// whose cache has not synced within ImportOptions.ListTimeout.
+const unsyncedRecheck = 10 * time.Second
+
+// unreadable says why k cannot be written now although it is served,
+// once its cache has failed to sync for timeout; "" otherwise.
+func (k *importKind) unreadable(now time.Time, timeout time.Duration) string {
+	if !k.served || !k.started || k.informer.HasSynced() || now.Sub(k.startedAt) < timeout {
+		return ""
+	}
+	why := "no answer yet"
+	if err := k.listErr.Load(); err != nil {
+		why = (*err).Error()
+	}
+	return fmt.Sprintf("%s objects cannot be read from the API server (not listed after %s: %s); the federator needs list and watch on %s.%s",
+		k.kind, now.Sub(k.startedAt).Round(time.Second), why, k.resource, strings.Split(k.gv, "/")[0])
 }
 
 // usable reports whether k can be written now: served, and its cache
@@ -399,9 +441,15 @@ func (w *ImportWriter) flush(ctx context.Context) time.Time {
 		if !k.served && !now.Before(k.checkAfter) {
 			w.discover(ctx, k, now)
 		}
-		if !k.served {
+		switch {
+		case !k.served:
 			wake(k.checkAfter)
-		} else if !k.usable() {
+		case k.usable():
+		case k.unreadable(now, w.opts.ListTimeout) != "":
+			// Not syncing (RBAC, a broken conversion webhook): reported,
+			// and looked at again now and then, not at every interval.
+			wake(now.Add(max(unsyncedRecheck, w.opts.FlushInterval)))
+		default:
 			// Cache still syncing: look again shortly.
 			wake(now.Add(w.opts.FlushInterval))
 		}
@@ -446,6 +494,9 @@ func (w *ImportWriter) flush(ctx context.Context) time.Time {
 			{siRef, w.imports, func(ctx context.Context) error { return w.writeServiceImport(ctx, svc.si) }},
 		} {
 			if !step.kind.usable() {
+				if reason := step.kind.unreadable(now, w.opts.ListTimeout); reason != "" {
+					skipped.addAll(svc.peers, svc.key, "%s", reason)
+				}
 				continue
 			}
 			wanted[step.ref] = true
@@ -591,6 +642,10 @@ func (w *ImportWriter) fail(ref objectRef, k *importKind, err error, now time.Ti
 	r := w.backoff(ref, now)
 	r.conflict = false
 	r.reason = ""
+	if r.failures == 0 {
+		r.since = now
+	}
+	r.failures++
 	switch {
 	case apierrors.IsInvalid(err), apierrors.IsBadRequest(err), apierrors.IsForbidden(err), apierrors.IsRequestEntityTooLargeError(err):
 		// Retrying alone will not fix these: tell the user.
@@ -601,11 +656,23 @@ func (w *ImportWriter) fail(ref objectRef, k *importKind, err error, now time.Ti
 		k.checkAfter = time.Time{}
 		k.served = false
 		w.log.Debug("write failed, re-checking whether the kind is served", "object", ref, "error", err)
+	case r.failures >= failuresReported:
+		// Retried a while and still failing (a webhook down, the API
+		// server overloaded): tell the user, once it is not a blip.
+		r.reason = fmt.Sprintf("%s: write failing since %s, still retrying: %v", ref, r.since.UTC().Format(time.RFC3339), err)
+		if r.failures == failuresReported {
+			w.log.Warn("write keeps failing, will retry", "object", ref, "failures", r.failures, "retryIn", r.delay, "error", err)
+		}
 	default:
 		w.log.Debug("write failed, will retry", "object", ref, "retryIn", r.delay, "error", err)
 	}
 	return r
 }
+
+// failuresReported is how many failed tries in a row of an object's
+// write make it reported in Skipped: with the backoff, about 7 flush
+// intervals after the first.
+const failuresReported = 3
 
 var errNotManaged = errors.New("object exists and is not managed by Isthmus")
 
@@ -781,9 +848,14 @@ func (w *ImportWriter) writeServiceImport(ctx context.Context, want *mcsv1alpha1
 	if cur == nil || !isManaged(cur) {
 		return errNotManaged
 	}
-	if !equality.Semantic.DeepEqual(cur.Spec, want.Spec) || !hasLabels(cur.Labels, want.Labels) {
+	// The writer owns the type and the ports. The cluster-set IPs are an
+	// MCS controller's to allocate (the CoreDNS multicluster plugin reads
+	// them): kept as another sets them, rather than fought over.
+	spec := *want.Spec.DeepCopy()
+	spec.IPs, spec.IPFamilies = cur.Spec.IPs, cur.Spec.IPFamilies
+	if !equality.Semantic.DeepEqual(cur.Spec, spec) || !hasLabels(cur.Labels, want.Labels) {
 		updated := cur.DeepCopy()
-		updated.Spec = *want.Spec.DeepCopy()
+		updated.Spec = spec
 		updated.Labels = withLabels(updated.Labels, want.Labels)
 		if err := w.limiter.Wait(ctx); err != nil {
 			return err
@@ -819,10 +891,18 @@ func (w *ImportWriter) deleteObject(ctx context.Context, ref objectRef) error {
 	if !ok {
 		return nil
 	}
-	opts := metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: new(obj.GetUID())}}
-	if obj.GetUID() == "" {
-		opts.Preconditions = nil
+	// Only the object as last seen: one re-created meanwhile has another
+	// uid, and one a user took over (the managed-by label removed) a
+	// newer resourceVersion; either fails the delete, which is retried
+	// once the cache has caught up.
+	var pre metav1.Preconditions
+	if uid := obj.GetUID(); uid != "" {
+		pre.UID = &uid
 	}
+	if rv := obj.GetResourceVersion(); rv != "" {
+		pre.ResourceVersion = &rv
+	}
+	opts := metav1.DeleteOptions{Preconditions: &pre}
 	if err := w.limiter.Wait(ctx); err != nil {
 		return err
 	}

@@ -68,6 +68,8 @@ type writerSetup struct {
 	synced func() bool
 	// before runs on the fixture before the writer starts (reactors).
 	before func(*writerFixture)
+	// listTimeout becomes ImportOptions.ListTimeout when set.
+	listTimeout time.Duration
 }
 
 func startWriter(t *testing.T, s writerSetup) *writerFixture {
@@ -89,7 +91,7 @@ func startWriter(t *testing.T, s writerSetup) *writerFixture {
 	var err error
 	f.w, err = NewImportWriter(f.kube, f.istio, f.mcs, f.store, ImportOptions{
 		ClusterName: "a", Logger: writerLogger(t), FlushInterval: 10 * time.Millisecond, QPS: 1000, Burst: 1000,
-		Synced: s.synced,
+		Synced: s.synced, ListTimeout: s.listTimeout,
 	})
 	require.NoError(t, err)
 	runUntilCleanup(t, "import writer", f.w.Run)
@@ -388,6 +390,76 @@ func TestImportWriterRetriesAndReportsRefusals(t *testing.T) {
 	got := f.waitSkipped(t, "refusal reported", func(s map[string][]SkippedImport) bool { return len(s["b"]) == 1 })
 	require.Contains(t, got["b"][0].Reason, "ServiceImport demo/echo: write refused by the API server")
 	require.Contains(t, got["b"][0].Reason, "is invalid")
+}
+
+// A write that keeps failing with an error retrying could fix (here
+// Istio's validating webhook down, a 500) is retried, and reported in
+// Skipped once it has failed three times in a row: before, nothing but a
+// debug log said so, and ImportsWritten said every import was written.
+func TestImportWriterReportsWritesThatKeepFailing(t *testing.T) {
+	var down atomic.Bool
+	down.Store(true)
+	f := startWriter(t, writerSetup{namespaces: []string{"demo"}, before: func(f *writerFixture) {
+		f.istio.PrependReactor("create", "serviceentries", func(k8stesting.Action) (bool, runtime.Object, error) {
+			if down.Load() {
+				return true, nil, apierrors.NewInternalError(errors.New(`failed calling webhook "validation.istio.io": connection refused`))
+			}
+			return false, nil, nil
+		})
+	}})
+	f.set(t, "b", importSvc("b", []string{"10.1.0.1:15443"}, loc("r1", "", "", 1, 0)))
+	got := f.waitSkipped(t, "the failing write reported", func(s map[string][]SkippedImport) bool { return len(s["b"]) == 1 })
+	require.Contains(t, got["b"][0].Reason, "ServiceEntry demo/echo.clusterset.local: write failing since")
+	require.Contains(t, got["b"][0].Reason, "failed calling webhook")
+	_, ok := f.serviceImport(t, "demo", "echo")
+	require.True(t, ok, "the other kind is written meanwhile")
+
+	down.Store(false)
+	f.eventuallySE(t, "written once the webhook is back", func(_ *networkingv1.ServiceEntry, ok bool) bool { return ok })
+	f.waitSkipped(t, "nothing reported once written", func(s map[string][]SkippedImport) bool { return len(s) == 0 })
+}
+
+// A kind the API server serves but whose objects the writer cannot list
+// (RBAC without list, a broken conversion webhook) is reported for every
+// import once ListTimeout has passed, with the list's error. Before, its
+// imports were silently never written.
+func TestImportWriterReportsAKindItCannotList(t *testing.T) {
+	f := startWriter(t, writerSetup{namespaces: []string{"demo"}, listTimeout: 200 * time.Millisecond, before: func(f *writerFixture) {
+		f.istio.PrependReactor("list", "serviceentries", func(k8stesting.Action) (bool, runtime.Object, error) {
+			return true, nil, apierrors.NewForbidden(schema.GroupResource{Group: "networking.istio.io", Resource: "serviceentries"}, "", errors.New("RBAC: no list"))
+		})
+	}})
+	f.set(t, "b", importSvc("b", []string{"10.1.0.1:15443"}, loc("r1", "", "", 1, 0)))
+	got := f.waitSkipped(t, "the unlistable kind reported", func(s map[string][]SkippedImport) bool { return len(s["b"]) == 1 })
+	require.Contains(t, got["b"][0].Reason, "ServiceEntry objects cannot be read from the API server")
+	require.Contains(t, got["b"][0].Reason, "forbidden")
+	require.Contains(t, got["b"][0].Reason, "list and watch on serviceentries.networking.istio.io")
+	_, ok := f.serviceImport(t, "demo", "echo")
+	require.True(t, ok, "the other kind is written")
+}
+
+// The cluster-set IPs of a ServiceImport are an MCS controller's to set:
+// the writer keeps them, and does not fight the controller over them. It
+// used to write its spec whole, removing them at every flush.
+func TestImportWriterKeepsTheClusterSetIPs(t *testing.T) {
+	f := startWriter(t, writerSetup{namespaces: []string{"demo"}})
+	f.set(t, "b", importSvc("b", []string{"10.1.0.1:15443"}, loc("r1", "", "", 1, 0)))
+	require.Eventually(t, func() bool { _, ok := f.serviceImport(t, "demo", "echo"); return ok }, 10*time.Second, 5*time.Millisecond)
+	si, _ := f.serviceImport(t, "demo", "echo")
+	si.Spec.IPs = []string{"10.96.7.7"}
+	_, err := f.mcs.MulticlusterV1alpha1().ServiceImports("demo").Update(t.Context(), si, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	writes := len(f.writes())
+
+	// A catalog change makes the writer write the ServiceImport's ports.
+	f.set(t, "b", importSvc("b", []string{"10.1.0.1:15443"}, loc("r1", "", "", 2, 0)))
+	f.eventuallySE(t, "the change written", func(se *networkingv1.ServiceEntry, ok bool) bool {
+		return ok && len(se.Spec.Endpoints) == 1 && se.Spec.Endpoints[0].Weight == 2
+	})
+	time.Sleep(200 * time.Millisecond) // 20 flush intervals
+	si, _ = f.serviceImport(t, "demo", "echo")
+	require.Equal(t, []string{"10.96.7.7"}, si.Spec.IPs)
+	require.Len(t, f.writes(), writes+1, "one write, of the ServiceEntry: %v", f.writes()[writes:])
 }
 
 func TestNewImportWriterNeedsClusterName(t *testing.T) {
