@@ -413,6 +413,10 @@ func (e *Exporter) Run(ctx context.Context) error {
 	return nil
 }
 
+// workerFailuresLogged is the failure of one key, counted from 0, that a
+// worker logs at Warn; those before and after are at Debug.
+const workerFailuresLogged = 4
+
 // worker drains queue with work until the queue shuts down; what fails
 // is retried after the queue's backoff.
 func (e *Exporter) worker(ctx context.Context, queue workqueue.TypedRateLimitingInterface[catalog.ServiceKey], what string, work func(context.Context, catalog.ServiceKey) error) {
@@ -428,7 +432,14 @@ func (e *Exporter) worker(ctx context.Context, queue workqueue.TypedRateLimiting
 		case ctx.Err() != nil:
 			queue.Forget(key)
 		default:
-			e.log.Debug(what+" failed, retrying", "export", key, "error", err)
+			// The first failures are a conflict or a blip; one that keeps
+			// coming back (RBAC without serviceexports/status, say) is
+			// the operator's to see.
+			level := slog.LevelDebug
+			if queue.NumRequeues(key) == workerFailuresLogged {
+				level = slog.LevelWarn
+			}
+			e.log.Log(ctx, level, what+" failed, retrying", "export", key, "failures", queue.NumRequeues(key)+1, "error", err)
 			queue.AddRateLimited(key)
 		}
 		queue.Done(key)

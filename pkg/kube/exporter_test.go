@@ -2,9 +2,12 @@ package kube
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -12,9 +15,11 @@ import (
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	kubefake "k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/tools/cache"
@@ -344,6 +349,72 @@ func TestStatusWritesDoNotHoldUpTheCatalog(t *testing.T) {
 		}
 		return true
 	})
+}
+
+// A status write that keeps failing (here the API server refusing it,
+// as without RBAC for serviceexports/status) is logged at Warn once,
+// not only at Debug: the export has no conditions, and the operator
+// needs to see why.
+func TestStatusWritesThatKeepFailingAreLogged(t *testing.T) {
+	var logs warnings
+	kubeObjs := []runtime.Object{node("n1", "r1", "z1"), service("demo", "echo", corev1.ServicePort{Port: 80, Protocol: corev1.ProtocolTCP})}
+	f := startWrapped(t, Options{Workers: 1, Logger: slog.New(&logs)}, kubeObjs, nil, func(c mcsclient.Interface) mcsclient.Interface {
+		return refusedStatus{c}
+	})
+	_, err := f.mcs.MulticlusterV1alpha1().ServiceExports("demo").Create(t.Context(), export("demo", "echo"), metav1.CreateOptions{})
+	require.NoError(t, err)
+	f.eventually(t, "the failing status write logged at Warn", func() bool { return logs.count("status write failed, retrying") == 1 })
+}
+
+// refusedStatus refuses every ServiceExport status write.
+type refusedStatus struct{ mcsclient.Interface }
+
+func (r refusedStatus) MulticlusterV1alpha1() mcsv1alpha1client.MulticlusterV1alpha1Interface {
+	return refusedStatusV1{r.Interface.MulticlusterV1alpha1()}
+}
+
+type refusedStatusV1 struct {
+	mcsv1alpha1client.MulticlusterV1alpha1Interface
+}
+
+func (v refusedStatusV1) ServiceExports(ns string) mcsv1alpha1client.ServiceExportInterface {
+	return refusedStatusExports{v.MulticlusterV1alpha1Interface.ServiceExports(ns)}
+}
+
+type refusedStatusExports struct {
+	mcsv1alpha1client.ServiceExportInterface
+}
+
+func (refusedStatusExports) UpdateStatus(context.Context, *mcsv1alpha1.ServiceExport, metav1.UpdateOptions) (*mcsv1alpha1.ServiceExport, error) {
+	return nil, apierrors.NewForbidden(schema.GroupResource{Group: "multicluster.x-k8s.io", Resource: "serviceexports/status"}, "echo", errors.New("RBAC"))
+}
+
+// warnings is a slog handler that keeps the messages logged at Warn.
+type warnings struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func (w *warnings) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
+func (w *warnings) Handle(_ context.Context, r slog.Record) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.msgs = append(w.msgs, r.Message)
+	return nil
+}
+func (w *warnings) WithAttrs([]slog.Attr) slog.Handler { return w }
+func (w *warnings) WithGroup(string) slog.Handler      { return w }
+
+func (w *warnings) count(msg string) int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	n := 0
+	for _, m := range w.msgs {
+		if m == msg {
+			n++
+		}
+	}
+	return n
 }
 
 func TestPeersAnnotationNarrowsExport(t *testing.T) {
