@@ -1,6 +1,7 @@
 package ca
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -13,6 +14,7 @@ import (
 	"fmt"
 	"math/big"
 	"net/url"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -46,6 +48,26 @@ type keySet struct {
 	roots []*x509.Certificate
 	// sequence numbers the bundle; it grows whenever roots change.
 	sequence uint64
+}
+
+// needed are the certificates a leaf's chain needs to verify: the
+// signer, the intermediates above it, and the roots that issued the last
+// of them (by name and key ID). A signer that is itself a root (the
+// self-signed CA, whose bundle also holds the other root of a rotation)
+// needs nothing more.
+func (ks *keySet) needed() []*x509.Certificate {
+	out := slices.Concat([]*x509.Certificate{ks.cert}, ks.chain)
+	top := out[len(out)-1]
+	if slices.ContainsFunc(ks.roots, top.Equal) {
+		return out
+	}
+	for _, r := range ks.roots {
+		if bytes.Equal(r.RawSubject, top.RawIssuer) &&
+			(len(top.AuthorityKeyId) == 0 || len(r.SubjectKeyId) == 0 || bytes.Equal(r.SubjectKeyId, top.AuthorityKeyId)) {
+			out = append(out, r)
+		}
+	}
+	return out
 }
 
 // Authority signs X.509 SVIDs for one trust domain. Its keys come from a
@@ -238,9 +260,14 @@ func (a *Authority) issue(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duratio
 		ttl = a.maxTTL
 	}
 	now := a.clock.Now()
+	// Never past any certificate the leaf's chain needs: the signer, the
+	// intermediates above it and the root they end in (a plugged-in CA's
+	// may expire before its signer does).
 	notAfter := now.Add(ttl)
-	if notAfter.After(ks.cert.NotAfter) {
-		notAfter = ks.cert.NotAfter
+	for _, c := range ks.needed() {
+		if notAfter.After(c.NotAfter) {
+			notAfter = c.NotAfter
+		}
 	}
 	serial, err := randomSerial()
 	if err != nil {

@@ -192,6 +192,13 @@ func (c *CA) Reconcile(ctx context.Context) error {
 			return fmt.Errorf("plugged-in CA Secret %s/%s: %w", c.opts.Namespace, PluggedSecretName, err)
 		}
 		if old := c.current.Load(); old.cert.Equal(ks.cert) && sameCerts(old.roots, ks.roots) {
+			if !sameCerts(old.chain, ks.chain) {
+				// The same signer and roots under a renewed intermediate
+				// (cert-chain.pem): leaves carry the new chain from now.
+				ks.sequence = old.sequence
+				c.set(ks)
+				c.log.Info("plugged-in CA's certificate chain changed", "signer", ks.cert.Subject.String(), "chain", len(ks.chain))
+			}
 			return nil
 		}
 		if err := c.numberPlugged(ctx, ks); err != nil {
@@ -438,11 +445,21 @@ func parseState(sec *corev1.Secret) (*state, error) {
 	if st.number, err = readBundleNumber(sec); err != nil {
 		errs = append(errs, err)
 	}
+	// A phase without its time would take its next step at once: the new
+	// root signing before workloads trust it, or the old one leaving the
+	// bundle while leaves it signed are valid.
 	switch st.phase {
-	case "", phaseActive:
+	case "":
+	case phaseActive:
+		if st.retireAt.IsZero() {
+			errs = append(errs, fmt.Errorf("rotation phase %q without annotation %s", phaseActive, annRetireAt))
+		}
 	case phasePrepared:
 		if st.nextCert == nil || st.nextKey == nil {
 			errs = append(errs, fmt.Errorf("rotation phase %q without %s and %s", phasePrepared, keyNextCert, keyNextKey))
+		}
+		if st.activateAt.IsZero() {
+			errs = append(errs, fmt.Errorf("rotation phase %q without annotation %s", phasePrepared, annActivateAt))
 		}
 	default:
 		errs = append(errs, fmt.Errorf("unknown rotation phase %q", st.phase))

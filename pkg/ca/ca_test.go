@@ -439,8 +439,8 @@ func TestBundleSequenceIsDurable(t *testing.T) {
 }
 
 // In the prepared phase of a rotation the Secret must hold the next root
-// in root-cert.pem and its matching key: a Secret that lost either is
-// refused, and the CA keeps the bundle it had rather than drop the root
+// in root-cert.pem, its matching key and its activation time: a Secret
+// that lost any is refused, and the CA keeps the bundle it had rather than drop the root
 // every workload must trust before it signs.
 func TestPreparedRotationStateIsChecked(t *testing.T) {
 	otherKey, err := encodeKey(ecKey(t))
@@ -461,6 +461,11 @@ func TestPreparedRotationStateIsChecked(t *testing.T) {
 		{"next key is another key", func(t *testing.T, s *corev1.Secret) {
 			s.Data[keyNextKey] = otherKey
 		}, "next-ca-key.pem does not match the public key of next-ca-cert.pem"},
+		// Without its time, the new root would sign at once, before
+		// workloads trust it.
+		{"activation time lost", func(t *testing.T, s *corev1.Secret) {
+			delete(s.Annotations, annActivateAt)
+		}, `rotation phase "prepared" without annotation ` + annActivateAt},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -648,4 +653,87 @@ func TestSecretWriteRaces(t *testing.T) {
 		require.Equal(t, 5, updates, "bounded")
 		require.True(t, c.Bundle().Equal(bundle), "the bundle is kept")
 	})
+}
+
+// A plugged-in CA whose intermediate expires before its signer: a leaf
+// never outlives the intermediate (it stopped verifying at the
+// intermediate's expiry, long before its renewal), and a renewed
+// intermediate put in cert-chain.pem is used from the next Reconcile,
+// without a restart.
+func TestPluggedCALeavesEndWithTheirChain(t *testing.T) {
+	now := time.Now()
+	rootKey, midKey, signerKey := ecKey(t), ecKey(t), ecKey(t)
+	certify := func(tmpl, parent *x509.Certificate, pub any, key *ecdsa.PrivateKey) *x509.Certificate {
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, key)
+		require.NoError(t, err)
+		c, err := x509.ParseCertificate(der)
+		require.NoError(t, err)
+		return c
+	}
+	ca := func(name string, notAfter time.Time) *x509.Certificate {
+		return &x509.Certificate{SerialNumber: mustSerial(t), Subject: pkix.Name{CommonName: name},
+			NotBefore: now.Add(-time.Hour), NotAfter: notAfter, IsCA: true, BasicConstraintsValid: true,
+			KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature}
+	}
+	rootTmpl := ca("corp root", now.Add(10*365*24*time.Hour))
+	root := certify(rootTmpl, rootTmpl, rootKey.Public(), rootKey)
+	mid := certify(ca("corp mid", now.Add(2*time.Hour)), root, midKey.Public(), rootKey)
+	signer := certify(ca("a.mesh signer", now.Add(90*24*time.Hour)), mid, signerKey.Public(), midKey)
+	key, err := encodeKey(signerKey)
+	require.NoError(t, err)
+	sec := &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "isthmus-system", Name: PluggedSecretName},
+		Data: map[string][]byte{KeyCACert: encodeCerts(signer), KeyCAKey: key, KeyRootCert: encodeCerts(root),
+			KeyCertChain: encodeCerts(signer, mid, root)},
+	}
+	client := kubefake.NewClientset(sec)
+	clk := clocktesting.NewFakeClock(now)
+	c := newCA(t, client, clk)
+
+	chain, err := c.Sign(t.Context(), newCSR(t, ecKey(t)), clientID, 24*time.Hour)
+	require.NoError(t, err)
+	require.False(t, chain[0].NotAfter.After(mid.NotAfter), "the leaf ends by its intermediate: %s after %s", chain[0].NotAfter, mid.NotAfter)
+
+	// The operator renews the intermediate (same key) and updates
+	// cert-chain.pem.
+	mid2 := certify(ca("corp mid", now.Add(365*24*time.Hour)), root, midKey.Public(), rootKey)
+	sec.Data[KeyCertChain] = encodeCerts(signer, mid2, root)
+	_, err = client.CoreV1().Secrets("isthmus-system").Update(t.Context(), sec, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	seq := c.BundleSequence()
+	require.NoError(t, c.Reconcile(t.Context()))
+	chain, err = c.Sign(t.Context(), newCSR(t, ecKey(t)), clientID, 24*time.Hour)
+	require.NoError(t, err)
+	require.True(t, chain[len(chain)-1].Equal(mid2), "the leaf carries the renewed intermediate")
+	require.WithinDuration(t, now.Add(24*time.Hour), chain[0].NotAfter, time.Second, "and its whole TTL")
+	require.Equal(t, clientID, verify(t, c, chain, now.Add(3*time.Hour)))
+	require.Equal(t, seq, c.BundleSequence(), "the roots did not change: the bundle is the same")
+}
+
+// After activation the old root stays in the bundle until its retirement
+// time: a Secret that lost that time is refused, rather than taken as
+// "retire now" while leaves the old root signed are still valid.
+func TestActiveRotationNeedsItsRetirementTime(t *testing.T) {
+	ctx := t.Context()
+	client := kubefake.NewClientset()
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCA(t, client, clk)
+	require.NoError(t, RequestRotation(ctx, client, "isthmus-system", ""))
+	require.NoError(t, c.Reconcile(ctx))
+	clk.Step(2 * time.Hour) // past the publish delay
+	require.NoError(t, c.Reconcile(ctx))
+	bundle := c.Bundle()
+	require.Len(t, bundle.X509Authorities(), 2, "active: both roots trusted")
+
+	secrets := client.CoreV1().Secrets("isthmus-system")
+	sec, err := secrets.Get(ctx, DefaultSecretName, metav1.GetOptions{})
+	require.NoError(t, err)
+	require.Equal(t, phaseActive, sec.Annotations[annPhase])
+	delete(sec.Annotations, annRetireAt)
+	_, err = secrets.Update(ctx, sec, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	err = c.Reconcile(ctx)
+	require.ErrorIs(t, err, ErrInvalidCA)
+	require.ErrorContains(t, err, `rotation phase "active" without annotation `+annRetireAt)
+	require.True(t, c.Bundle().Equal(bundle), "the old root is still trusted")
 }

@@ -57,12 +57,14 @@ type Source struct {
 	closeOnce sync.Once
 	closeErr  error
 
-	// mu guards svid, bundle and closed. svid and bundle are replaced,
-	// never modified, so readers may keep what they got.
+	// mu guards svid, received, bundle and closed. svid and bundle are
+	// replaced, never modified, so readers may keep what they got.
 	mu     sync.RWMutex
 	svid   *x509svid.SVID
 	bundle *x509bundle.Bundle
 	closed bool
+	// received is when svid came, on the Source's clock.
+	received time.Time
 }
 
 var (
@@ -205,10 +207,10 @@ func (s *Source) renewLoop(ctx context.Context) {
 		if wait > 0 {
 			dueBackoff = initialBackoff
 		} else {
-			// Due as soon as issued: our clock is probably well ahead of
-			// the CA's. Renewing at once would only hammer the CA.
+			// Expired as soon as issued: our clock is well ahead of the
+			// CA's. Renewing at once would only hammer the CA.
 			wait = s.retryDelay(dueBackoff)
-			s.log.Warn("new SVID is already past half-life; is the clock ahead of the CA's?", "retry_in", wait)
+			s.log.Warn("new SVID has already expired by this clock; is it ahead of the CA's?", "retry_in", wait)
 			dueBackoff = min(2*dueBackoff, maxBackoff)
 		}
 		if !s.sleep(ctx, wait) {
@@ -248,14 +250,21 @@ func (s *Source) logFailure(err error, retryIn time.Duration) {
 	s.log.Warn("cannot renew SVID, serving the current one", "error", err, "not_after", notAfter, "retry_in", retryIn)
 }
 
-// untilRenewal is the wait until the current SVID's half-life, ±10 % of it.
+// untilRenewal is the wait until the current SVID's half-life, ±10 % of
+// it. The life counts from when it came, or from its NotBefore if that
+// is later: the CA backdates NotBefore (a minute, for clock skew), which
+// for a short TTL would put the half-life before the SVID even arrived.
 func (s *Source) untilRenewal() time.Duration {
 	s.mu.RLock()
-	leaf := s.svid.Certificates[0]
+	leaf, received := s.svid.Certificates[0], s.received
 	s.mu.RUnlock()
-	half := leaf.NotAfter.Sub(leaf.NotBefore) / 2
+	start := leaf.NotBefore
+	if received.After(start) {
+		start = received
+	}
+	half := leaf.NotAfter.Sub(start) / 2
 	jitter := time.Duration((s.random()*2 - 1) * renewJitter * float64(half))
-	return max(0, leaf.NotBefore.Add(half+jitter).Sub(s.clock.Now()))
+	return max(0, start.Add(half+jitter).Sub(s.clock.Now()))
 }
 
 // retryDelay is the wait before the next attempt at backoff step step:
@@ -365,7 +374,7 @@ func (s *Source) install(svid *x509svid.SVID, roots []*x509.Certificate) {
 		}
 		s.bundle = b
 	}
-	s.svid = svid
+	s.svid, s.received = svid, s.clock.Now()
 	leaf := svid.Certificates[0]
 	s.log.Info("holding SVID", "serial", leaf.SerialNumber.String(), "not_after", leaf.NotAfter)
 }

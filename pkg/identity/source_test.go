@@ -237,15 +237,18 @@ func TestRenewalFailureBackoff(t *testing.T) {
 		d := clk.nextTimer(t)
 		waits = append(waits, d)
 		got, err := s.GetX509SVID()
-		require.NoError(t, err, "the current SVID is served while it is valid")
-		require.Same(t, held, got)
+		if clk.Now().Before(held.Certificates[0].NotAfter) {
+			require.NoError(t, err, "the current SVID is served while it is valid")
+			require.Same(t, held, got)
+		}
 		clk.Advance(d)
 	}
 	require.Equal(t, []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second,
 		16 * time.Second, 32 * time.Second, time.Minute, time.Minute}, waits)
 
-	// The SVID (NotAfter = start + 4 min) has now expired: handshakes
-	// would fail on our side with a clear error.
+	// The SVID (NotAfter = start + 4 min; renewal began at half of those
+	// 4 min, and 8 tries took 3 more) has now expired: handshakes would
+	// fail on our side with a clear error.
 	_, err = s.GetX509SVID()
 	require.ErrorIs(t, err, ErrExpired)
 
@@ -255,11 +258,12 @@ func TestRenewalFailureBackoff(t *testing.T) {
 	got, err := s.GetX509SVID()
 	require.NoError(t, err)
 	require.NotEqual(t, held.Certificates[0].SerialNumber, got.Certificates[0].SerialNumber)
-	// Back to the normal rhythm: half of 5 min ±10 % from NotBefore, which
-	// is 1 min ago (up to 1 s more: certificates keep whole seconds).
+	// Back to the normal rhythm: half of the 4 min the SVID has left as it
+	// comes (5 min from a NotBefore 1 min ago), ±10 % (and up to 1 s
+	// less: certificates keep whole seconds).
 	d := clk.nextTimer(t)
-	require.GreaterOrEqual(t, d, 74*time.Second)
-	require.LessOrEqual(t, d, 105*time.Second)
+	require.GreaterOrEqual(t, d, 107*time.Second)
+	require.LessOrEqual(t, d, 132*time.Second)
 }
 
 // Workloads that lost the CA together must not retry together: each retry
@@ -334,5 +338,28 @@ func TestRenewalRetriesAreJittered(t *testing.T) {
 		d := clk.nextTimer(t)
 		require.Equal(t, want, d)
 		clk.Advance(d)
+	}
+}
+
+// A TTL so short that the CA's one-minute backdating puts an SVID's
+// half-life (counted from NotBefore) before it even arrives: renewal is
+// still at half of what is left, and never after expiry. It was taken
+// for clock skew and backed off past the SVID's end.
+func TestShortTTLIsRenewedBeforeItExpires(t *testing.T) {
+	clk := newFakeClock()
+	signer := newTestSigner(t, clk.Now)
+	ca := startTestCA(t, signer, nil)
+	cfg := ca.config(t, clk)
+	cfg.TTL = 90 * time.Second // 30 s left as it comes
+	s := newSource(t, cfg)
+	for round := range 5 {
+		held, err := s.GetX509SVID()
+		require.NoError(t, err)
+		d := clk.nextTimer(t)
+		left := held.Certificates[0].NotAfter.Sub(clk.Now())
+		require.Less(t, d, left, "round %d: renewal in %s, the SVID ends in %s", round, d, left)
+		require.Greater(t, d, left/3, "round %d: about half of what is left", round)
+		clk.Advance(d)
+		waitUpdated(t, s)
 	}
 }
