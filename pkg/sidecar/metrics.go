@@ -44,7 +44,7 @@ const (
 	// destination could not be read.
 	ReasonNoOriginalDst = "no_original_dst"
 	// ReasonLoop: outbound passthrough to the sidecar's own outbound
-	// listener.
+	// listener, or an inbound connection to the pod's outbound port.
 	ReasonLoop = "loop"
 	// ReasonNotLocal: a connection to the outbound listener that
 	// iptables did not redirect, from outside the pod: explicit mode is

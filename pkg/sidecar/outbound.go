@@ -230,6 +230,15 @@ func (p *Proxy) serveInbound(c *net.TCPConn) {
 		p.release(listenerInbound)
 		return
 	}
+	if dst.Port() == p.outLn.Addr().(*net.TCPAddr).AddrPort().Port() {
+		// A peer that dialled the pod's outbound port: passed on, it
+		// would reach the outbound listener from loopback, as the pod's
+		// own process, and go into the mesh with this workload's
+		// identity. Istio's inbound listener blackholes 15001 too.
+		p.refuse(c, listenerInbound, ReasonLoop, "destination", dst.String())
+		p.release(listenerInbound)
+		return
+	}
 	ic := &inConn{chain: -1}
 	ic.init(c)
 	tc := tls.Server(ic, st.inboundDispatch())

@@ -290,6 +290,32 @@ func TestInboundRefusesWithoutAValidSVID(t *testing.T) {
 	require.Contains(t, string(resp), "URI=spiffe://alpha.mesh/ns/demo/sa/a")
 }
 
+// A peer with a valid SVID that dials the pod's outbound port (15001,
+// captured inbound as every port) is refused before its handshake:
+// passed on, the connection would reach the outbound listener from
+// loopback, as one of the pod's own processes, and go into the mesh with
+// the pod's identity. It did (a 200 from echo, the app seeing b's
+// identity, not the caller's).
+func TestInboundToTheOutboundPortIsRefused(t *testing.T) {
+	m := startMesh(t)
+	m.standard(t)
+	loopIP := netip.MustParseAddr("127.0.0.77")
+	m.b.apps[loopIP] = m.b.proxy.OutboundAddr().(*net.TCPAddr).AddrPort() // as iptables would deliver pod:15001
+	good := tlsCert(m.alpha.svid(t, m.alpha.id("demo", "attacker")))
+	c, err := tls.Dial("tcp", m.b.endpoint(loopIP).String(), &tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{good}, NextProtos: []string{alpnHTTP1}})
+	if err == nil {
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(waitFor))
+		_, _ = io.WriteString(c, "GET /laundered HTTP/1.1\r\nHost: echo.demo.svc.clusterset.local\r\nConnection: close\r\n\r\n")
+		resp, _ := io.ReadAll(c)
+		require.NotContains(t, string(resp), "200 OK")
+	}
+	require.Eventually(t, func() bool {
+		return metricValue(t, m.b.scrape(t), "isthmus_sidecar_refusals_total", "listener=inbound", "reason=loop") == 1
+	}, waitFor, 10*time.Millisecond, "refused as a loop")
+	require.Zero(t, m.b.http.requests.Load(), "nothing reached an app")
+}
+
 // b serves impostor with a valid beta.mesh SVID, but not the identity the
 // cluster's SAN matchers name: a refuses it, and nothing reaches b.
 func TestOutboundRefusesASANMismatch(t *testing.T) {

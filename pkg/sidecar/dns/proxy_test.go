@@ -700,6 +700,9 @@ func TestParseResolvConf(t *testing.T) {
 		{"IPv6 and mapped IPv4", "nameserver fe80::1%eth0\nnameserver ::ffff:10.0.0.1\n", []string{"[fe80::1%eth0]:53", "10.0.0.1:53"}, nil, ""},
 		{"not an address", "nameserver dns.example\n", nil, nil, `line 1: nameserver "dns.example" is not an IP address`},
 		{"no address", "search x\nnameserver\n", nil, []string{"x"}, "line 2: nameserver without an address"},
+		// systemd-resolved's stub file without a search domain.
+		{"root search domain", "nameserver 127.0.0.53\nsearch .\n", []string{"127.0.0.53:53"}, nil, ""},
+		{"root among others", "search . corp.example\n", nil, []string{"corp.example"}, ""},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

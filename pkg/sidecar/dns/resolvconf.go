@@ -69,13 +69,27 @@ func parseResolvConf(r io.Reader) (resolvConf, error) {
 				rc.nameservers = append(rc.nameservers, netip.AddrPortFrom(addr.Unmap(), 53))
 			}
 		case "search":
-			rc.search = append([]string(nil), f[1:]...)
+			rc.search = searchDomains(f[1:])
 		case "domain":
-			rc.search = append([]string(nil), f[1:min(2, len(f))]...)
+			rc.search = searchDomains(f[1:min(2, len(f))])
 		}
 	}
 	if err := sc.Err(); err != nil {
 		errs = append(errs, err)
 	}
 	return rc, errors.Join(errs...)
+}
+
+// searchDomains are the domains of a search (or domain) line, without
+// the root ".", which systemd-resolved writes when there is none and
+// which glibc and the kubelet skip: searching under the root is the
+// name as it is.
+func searchDomains(fields []string) []string {
+	var out []string
+	for _, d := range fields {
+		if d != "." {
+			out = append(out, d)
+		}
+	}
+	return out
 }
