@@ -170,6 +170,7 @@ func (g *Gateway) Ready() bool {
 func (g *Gateway) Run(ctx context.Context) error {
 	eg, ectx := errgroup.WithContext(ctx)
 	var servers []*http.Server
+	var httpConns sync.WaitGroup
 	serve := func(name string, ln net.Listener, h http.Handler) {
 		if ln == nil {
 			return
@@ -180,6 +181,16 @@ func (g *Gateway) Run(ctx context.Context) error {
 			ReadTimeout:       httpReadTimeout,
 			WriteTimeout:      httpWriteTimeout,
 			IdleTimeout:       g.httpIdleTimeout,
+			// Counted from Serve's goroutine (StateNew) to the
+			// connection's end, so that Run waits for every one.
+			ConnState: func(_ net.Conn, s http.ConnState) {
+				switch s {
+				case http.StateNew:
+					httpConns.Add(1)
+				case http.StateClosed, http.StateHijacked:
+					httpConns.Done()
+				}
+			},
 		}
 		servers = append(servers, srv)
 		eg.Go(func() error {
@@ -226,7 +237,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 		}
 		cancel()
 	}
-	err := eg.Wait()
+	err := eg.Wait() // the servers' Serve loops: no connection is added after
+	// Every connection is closed by now; its goroutine ends at once.
+	httpConns.Wait()
 	// The metrics provider is left as it is: its one reader is the
 	// Prometheus exporter's, read on a scrape, with nothing to stop, and
 	// the counts of the drain stay readable.

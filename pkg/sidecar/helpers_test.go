@@ -840,8 +840,10 @@ type pod struct {
 	http  *backend
 	grpc  *grpcBackend
 	tcp   *tcpEcho
-	// apps maps the inbound address an endpoint uses to its app.
+	// apps maps the inbound address an endpoint uses to its app. Set
+	// before any connection reads it, or with setApp.
 	apps   map[netip.Addr]netip.AddrPort
+	appsMu sync.RWMutex
 	cancel context.CancelFunc
 	done   chan error
 }
@@ -891,7 +893,10 @@ func startPod(t testing.TB, name string, ca *testCA, hosts map[string]netip.Addr
 			local := c.LocalAddr().(*net.TCPAddr).AddrPort()
 			local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
 			if local.Port() == p.proxy.inLn.Addr().(*net.TCPAddr).AddrPort().Port() {
-				if app, ok := p.apps[local.Addr()]; ok {
+				p.appsMu.RLock()
+				app, ok := p.apps[local.Addr()]
+				p.appsMu.RUnlock()
+				if ok {
 					return netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), app.Port()), nil
 				}
 				return local, nil // not redirected
@@ -934,6 +939,13 @@ func (p *pod) stop(t testing.TB) {
 }
 
 // endpoint is the address another sidecar reaches the app at.
+// setApp maps ip to app while the pod serves.
+func (p *pod) setApp(ip netip.Addr, app netip.AddrPort) {
+	p.appsMu.Lock()
+	defer p.appsMu.Unlock()
+	p.apps[ip] = app
+}
+
 func (p *pod) endpoint(app netip.Addr) netip.AddrPort {
 	return netip.AddrPortFrom(app, p.proxy.InboundAddr().(*net.TCPAddr).AddrPort().Port())
 }

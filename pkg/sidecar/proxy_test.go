@@ -300,7 +300,7 @@ func TestInboundToTheOutboundPortIsRefused(t *testing.T) {
 	m := startMesh(t)
 	m.standard(t)
 	loopIP := netip.MustParseAddr("127.0.0.77")
-	m.b.apps[loopIP] = m.b.proxy.OutboundAddr().(*net.TCPAddr).AddrPort() // as iptables would deliver pod:15001
+	m.b.setApp(loopIP, m.b.proxy.OutboundAddr().(*net.TCPAddr).AddrPort()) // as iptables would deliver pod:15001
 	good := tlsCert(m.alpha.svid(t, m.alpha.id("demo", "attacker")))
 	c, err := tls.Dial("tcp", m.b.endpoint(loopIP).String(), &tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{good}, NextProtos: []string{alpnHTTP1}})
 	if err == nil {
