@@ -480,7 +480,10 @@ func (r *rogue) answerUpdates(rounds int, answer func(u *fedv1.Update) *fedv1.Ac
 			if u = m.GetUpdate(); u == nil {
 				continue
 			}
-		case <-time.After(300 * time.Millisecond):
+		case <-time.After(time.Second):
+			// None came. (sync only saw the reply queued; the session's
+			// writer goroutine sends it: a stalled machine can hold it a
+			// few hundred milliseconds.)
 			return fullSets
 		}
 		if u.TypeUrl == TypeService && u.FullSet {

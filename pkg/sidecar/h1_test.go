@@ -36,13 +36,14 @@ type rawBackend struct {
 	conns    atomic.Int64
 	requests atomic.Int64
 	unasked  chan struct{} // /extra wrote its unasked response
+	closed   chan struct{} // /idle-close closed its connection
 }
 
 func startRawBackend(t testing.TB) *rawBackend {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	b := &rawBackend{addr: ln.Addr().(*net.TCPAddr).AddrPort(), unasked: make(chan struct{}, 1)}
+	b := &rawBackend{addr: ln.Addr().(*net.TCPAddr).AddrPort(), unasked: make(chan struct{}, 1), closed: make(chan struct{}, 1)}
 	var (
 		wg   sync.WaitGroup
 		mu   sync.Mutex // guards open
@@ -124,6 +125,8 @@ func (b *rawBackend) serve(c net.Conn, id int64) {
 			// keep-alive, then closed while idle.
 			_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 			time.Sleep(50 * time.Millisecond)
+			_ = c.Close()
+			b.closed <- struct{}{}
 			return
 		case req.URL.Path == "/extra":
 			// A response, then, a moment later and unasked, another
@@ -479,7 +482,11 @@ func TestH1PooledConnectionClosedByTheApp(t *testing.T) {
 	require.Equal(t, "ok", body)
 	requireH1(t, m.a.proxy)
 	requireH1(t, m.b.proxy)
-	time.Sleep(200 * time.Millisecond) // the app closes meanwhile
+	select { // the app closes meanwhile
+	case <-raw.closed:
+	case <-time.After(waitFor):
+		t.Fatal("the app did not close its connection")
+	}
 	rc.send(t, "POST /echo HTTP/1.1\r\nHost: "+rawHost+"\r\nContent-Length: 3\r\n\r\nabc")
 	resp, body = rc.read(t, "POST")
 	require.Equal(t, http.StatusOK, resp.StatusCode, body)
