@@ -98,8 +98,9 @@ func (c Config) Validate() error {
 	case c.TokenFile != "" && c.TokenSource != nil:
 		errs = append(errs, errors.New("TokenFile and TokenSource are exclusive"))
 	}
-	if c.TTL < 0 {
-		errs = append(errs, fmt.Errorf("TTL is %s, want 0 (CA default) or more", c.TTL))
+	if c.TTL < 0 || (c.TTL > 0 && c.TTL < time.Second) {
+		// Sent in whole seconds: under one would be 0, the CA's default.
+		errs = append(errs, fmt.Errorf("TTL is %s, want 0 (CA default) or a second or more", c.TTL))
 	}
 	return errors.Join(errs...)
 }

@@ -128,6 +128,12 @@ func TestNewRefuses(t *testing.T) {
 			},
 			wantErr: []string{"CAAddress is empty", "not in trust domain", "RootsPEM", "namespace and ServiceAccount", "exclusive", "TTL"},
 		},
+		{
+			// Sent in whole seconds, it would be 0: the CA's default.
+			name:    "TTL under a second",
+			mutate:  func(c *Config) { c.TTL = 500 * time.Millisecond },
+			wantErr: []string{"TTL is 500ms, want 0 (CA default) or a second or more"},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
