@@ -438,6 +438,18 @@ func TestBundleSequenceIsDurable(t *testing.T) {
 	})
 }
 
+// publishedRotation is a CA whose rotation was asked for and has
+// published its new root (the prepared phase).
+func publishedRotation(t *testing.T) (*kubefake.Clientset, *clocktesting.FakeClock, *CA) {
+	t.Helper()
+	client := kubefake.NewClientset()
+	clk := clocktesting.NewFakeClock(time.Now())
+	c := newCA(t, client, clk)
+	require.NoError(t, RequestRotation(t.Context(), client, "isthmus-system", ""))
+	require.NoError(t, c.Reconcile(t.Context()))
+	return client, clk, c
+}
+
 // In the prepared phase of a rotation the Secret must hold the next root
 // in root-cert.pem, its matching key and its activation time: a Secret
 // that lost any is refused, and the CA keeps the bundle it had rather than drop the root
@@ -470,11 +482,7 @@ func TestPreparedRotationStateIsChecked(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := t.Context()
-			client := kubefake.NewClientset()
-			clk := clocktesting.NewFakeClock(time.Now())
-			c := newCA(t, client, clk)
-			require.NoError(t, RequestRotation(ctx, client, "isthmus-system", ""))
-			require.NoError(t, c.Reconcile(ctx))
+			client, clk, c := publishedRotation(t)
 			bundle, seq := c.Bundle(), c.BundleSequence()
 			require.Len(t, bundle.X509Authorities(), 2)
 
@@ -715,11 +723,7 @@ func TestPluggedCALeavesEndWithTheirChain(t *testing.T) {
 // "retire now" while leaves the old root signed are still valid.
 func TestActiveRotationNeedsItsRetirementTime(t *testing.T) {
 	ctx := t.Context()
-	client := kubefake.NewClientset()
-	clk := clocktesting.NewFakeClock(time.Now())
-	c := newCA(t, client, clk)
-	require.NoError(t, RequestRotation(ctx, client, "isthmus-system", ""))
-	require.NoError(t, c.Reconcile(ctx))
+	client, clk, c := publishedRotation(t)
 	clk.Step(2 * time.Hour) // past the publish delay
 	require.NoError(t, c.Reconcile(ctx))
 	bundle := c.Bundle()
