@@ -401,8 +401,10 @@ func (k *importKind) unreadable(now time.Time, timeout time.Duration) string {
 	if err := k.listErr.Load(); err != nil {
 		why = (*err).Error()
 	}
-	return fmt.Sprintf("%s objects cannot be read from the API server (not listed after %s: %s); the federator needs list and watch on %s.%s",
-		k.kind, now.Sub(k.startedAt).Round(time.Second), why, k.resource, strings.Split(k.gv, "/")[0])
+	// Nothing in it that changes from one flush to the next: a reason
+	// that did would rewrite every peer's status at each look.
+	return fmt.Sprintf("%s objects cannot be read from the API server (not listed within %s: %s); the federator needs list and watch on %s.%s",
+		k.kind, timeout, why, k.resource, strings.Split(k.gv, "/")[0])
 }
 
 // usable reports whether k can be written now: served, and its cache

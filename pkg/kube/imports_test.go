@@ -432,6 +432,7 @@ func TestImportWriterReportsAKindItCannotList(t *testing.T) {
 	f.set(t, "b", importSvc("b", []string{"10.1.0.1:15443"}, loc("r1", "", "", 1, 0)))
 	got := f.waitSkipped(t, "the unlistable kind reported", func(s map[string][]SkippedImport) bool { return len(s["b"]) == 1 })
 	require.Contains(t, got["b"][0].Reason, "ServiceEntry objects cannot be read from the API server")
+	require.Contains(t, got["b"][0].Reason, "not listed within 200ms", "the same words at every look, not the time so far")
 	require.Contains(t, got["b"][0].Reason, "forbidden")
 	require.Contains(t, got["b"][0].Reason, "list and watch on serviceentries.networking.istio.io")
 	_, ok := f.serviceImport(t, "demo", "echo")
