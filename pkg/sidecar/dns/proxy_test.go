@@ -368,10 +368,14 @@ func TestTableSwap(t *testing.T) {
 	// Swaps racing queries: every answer is one table's or the other's.
 	a := map[string]netip.Addr{name: netip.MustParseAddr("240.240.0.1")}
 	b := map[string]netip.Addr{name: netip.MustParseAddr("240.240.0.2")}
+	// One of them is in place before the first query: a query that
+	// came before the swapping goroutine's first swap got the table
+	// before, 240.240.7.7 (a CI run on a loaded machine did).
+	require.NoError(t, f.p.SetTable(a))
 	ctx, cancel := context.WithCancel(t.Context())
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		for i := 0; ctx.Err() == nil; i++ {
+		for i := 1; ctx.Err() == nil; i++ {
 			tbl := a
 			if i%2 == 1 {
 				tbl = b
