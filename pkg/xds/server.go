@@ -399,11 +399,13 @@ func (s *Server) setGateway(ctx context.Context, res Resources) error {
 	if err := s.cache.SetSnapshot(ctx, gatewayGroup, snap); err != nil {
 		return fmt.Errorf("set snapshot %s: %w", res.Version, err)
 	}
+	// Counted before Status shows it: who sees the version there sees
+	// it counted.
+	s.metrics.updates.Add(ctx, 1, metric.WithAttributes(attribute.String("role", gatewayGroup)))
 	s.mu.Lock()
 	s.gateway = res
 	s.gatewaySetAt = time.Now()
 	s.mu.Unlock()
-	s.metrics.updates.Add(ctx, 1, metric.WithAttributes(attribute.String("role", gatewayGroup)))
 	s.log.Info("gateway configuration updated", "version", res.Version, "secretsVersion", res.SecretsVersion,
 		"filterChains", len(res.Listeners[0].GetFilterChains()), "clusters", len(res.Clusters))
 	return nil

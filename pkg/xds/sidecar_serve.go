@@ -76,6 +76,11 @@ func (s *Server) updateSidecar(ctx context.Context, local *catalog.Snapshot, sec
 	var setErr error
 	if changed {
 		setErr = s.setSidecar(ctx, next)
+		if setErr == nil {
+			// Counted before Status shows it: who sees the version there
+			// sees it counted.
+			s.metrics.updates.Add(ctx, 1, metric.WithAttributes(attribute.String("role", sidecarGroup)))
+		}
 	}
 	err = errors.Join(err, setErr)
 
@@ -95,7 +100,6 @@ func (s *Server) updateSidecar(ctx context.Context, local *catalog.Snapshot, sec
 	}
 	st.mu.Unlock()
 	if changed && setErr == nil {
-		s.metrics.updates.Add(ctx, 1, metric.WithAttributes(attribute.String("role", sidecarGroup)))
 		s.log.Info("sidecar configuration updated", "version", next.Version, "secretsVersion", next.SecretsVersion,
 			"clusters", len(next.Clusters), "routes", len(next.Routes), "skipped", len(skipped))
 		for _, sk := range skipped {
