@@ -432,7 +432,6 @@ func (g *Gateway) closeGone(gone map[string]time.Time) (next time.Time) {
 				next = at
 			}
 		default:
-			delete(gone, sni)
 			if due == nil {
 				due = make(map[string]int)
 			}
@@ -452,10 +451,10 @@ func (g *Gateway) closeGone(gone map[string]time.Time) (next time.Time) {
 	for sni := range due {
 		if routes.lookup(sni) != nil {
 			// markGone will see the update too; until then, stay.
-			gone[sni] = now
 			delete(due, sni)
 			continue
 		}
+		delete(gone, sni)
 		due[sni] = g.routed[sni]
 		// No longer routed: an update before their goroutines untrack
 		// them must not find the route in use and close (and count)

@@ -158,34 +158,32 @@ func (g *Gateway) dial(c *cluster) (*net.TCPConn, error) {
 	// fails in pass 0 is ejected by then: tried records pass 0's (indexes
 	// into healthy), so that pass 1 does not dial it again before one it
 	// never tried.
+	ejections := g.health.Any() // rare: only while some endpoint is ejected
 	var liveBuf [64]uint32
 	live := liveBuf[:0]
-	if g.health.Any() { // rare: only while some endpoint is ejected
+	if ejections {
 		now := time.Now().UnixNano()
 		for i := range n {
 			if !g.health.Ejected(c.healthy[i], now) {
 				live = append(live, i)
 			}
 		}
-	} else {
-		live = nil // every endpoint, in list order
 	}
 	var triedBuf [8]uint32
 	tried := triedBuf[:0]
 	for pass := range 2 {
 		turns := n
-		if pass == 0 && live != nil {
+		if pass == 0 && ejections {
 			turns = uint32(len(live))
 		}
 		for k := uint32(0); k < turns && attempts < g.cfg.MaxConnectAttempts; k++ {
 			i := (start + k) % n
-			switch {
-			case pass == 0 && live != nil:
+			if pass == 0 && ejections {
 				i = live[(start+k)%turns]
+			}
+			if pass == 0 {
 				tried = append(tried, i)
-			case pass == 0:
-				tried = append(tried, i)
-			case slices.Contains(tried, i):
+			} else if slices.Contains(tried, i) {
 				continue
 			}
 			ep := c.healthy[i]

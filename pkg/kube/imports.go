@@ -439,15 +439,19 @@ func (w *ImportWriter) flush(ctx context.Context) time.Time {
 			}
 		}
 	}
+	// unreadable says, once per flush, why a served kind cannot be
+	// written (its objects not listed in time).
+	unreadable := map[*importKind]string{}
 	for _, k := range []*importKind{w.entries, w.imports} {
 		if !k.served && !now.Before(k.checkAfter) {
 			w.discover(ctx, k, now)
 		}
+		unreadable[k] = k.unreadable(now, w.opts.ListTimeout)
 		switch {
 		case !k.served:
 			wake(k.checkAfter)
 		case k.usable():
-		case k.unreadable(now, w.opts.ListTimeout) != "":
+		case unreadable[k] != "":
 			// Not syncing (RBAC, a broken conversion webhook): reported,
 			// and looked at again now and then, not at every interval.
 			wake(now.Add(max(unsyncedRecheck, w.opts.FlushInterval)))
@@ -496,7 +500,7 @@ func (w *ImportWriter) flush(ctx context.Context) time.Time {
 			{siRef, w.imports, func(ctx context.Context) error { return w.writeServiceImport(ctx, svc.si) }},
 		} {
 			if !step.kind.usable() {
-				if reason := step.kind.unreadable(now, w.opts.ListTimeout); reason != "" {
+				if reason := unreadable[step.kind]; reason != "" {
 					skipped.addAll(svc.peers, svc.key, "%s", reason)
 				}
 				continue
