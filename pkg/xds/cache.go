@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -206,20 +207,51 @@ func (g *cacheGroup) statusFor(node *corev3.Node) *groupStatus {
 	return g.status
 }
 
-// typ returns the snapshot's resources of typeURL, encoded; an unknown
-// type, or one the snapshot lacks, has none at version "". A type the
-// snapshot keeps as the previous one had it (the same version, the same
-// messages: a translation keeps what did not change) is the previous
-// one's, names, Anys and delta versions included, so a push that
-// changes one type costs the others a walk over their messages.
-func (g *cacheGroup) typ(typeURL string) (*encodedType, error) {
-	if t, ok := g.types[typeURL]; ok {
+// variedSnapshot is a snapshot some of whose types differ by node: the
+// sidecars' listeners, by the ports the pod declares (profiledSnapshot).
+type variedSnapshot interface {
+	cache.ResourceSnapshot
+	// variant returns node's variant of typeURL, its name and resources
+	// and version; ok is false when node gets the snapshot's own.
+	variant(node *corev3.Node, typeURL string) (name string, res map[string]types.ResourceWithTTL, version string, ok bool)
+	// hasVariant reports whether the snapshot has the variant name.
+	hasVariant(name string) bool
+}
+
+// variantSep separates a type URL from a variant's name in the keys of
+// a group's encodings.
+const variantSep = "\x00"
+
+// typ returns the snapshot's resources of typeURL as node is served
+// them, encoded; an unknown type, or one the snapshot lacks, has none
+// at version "". A type the snapshot keeps as the previous one had it
+// (the same version, the same messages: a translation keeps what did
+// not change) is the previous one's, names, Anys and delta versions
+// included, so a push that changes one type costs the others a walk
+// over their messages. Each variant of a type (variedSnapshot) is
+// encoded on its own, reusing the encodings of the type's other
+// variants and of the snapshot's own.
+func (g *cacheGroup) typ(typeURL string, node *corev3.Node) (*encodedType, error) {
+	key := typeURL
+	var res map[string]types.ResourceWithTTL
+	var version string
+	varied := false
+	if v, ok := g.snap.(variedSnapshot); ok {
+		var name string
+		if name, res, version, varied = v.variant(node, typeURL); varied {
+			key = typeURL + variantSep + name
+		}
+	}
+	if t, ok := g.types[key]; ok {
 		return t, nil
 	}
-	res := g.snap.GetResourcesAndTTL(typeURL)
-	version := g.snap.GetVersion(typeURL)
-	if prev := g.encoded[typeURL]; prev.holds(version, res) {
-		g.types[typeURL] = prev
+	_, hasVariants := g.snap.(variedSnapshot)
+	if !varied {
+		res = g.snap.GetResourcesAndTTL(typeURL)
+		version = g.snap.GetVersion(typeURL)
+	}
+	if prev := g.encoded[key]; prev.holds(version, res) {
+		g.types[key] = prev
 		return prev, nil
 	}
 	t := &encodedType{
@@ -230,13 +262,18 @@ func (g *cacheGroup) typ(typeURL string) (*encodedType, error) {
 	}
 	t.items = make([]*encodedResource, len(t.names))
 	t.anys = make([]*anypb.Any, len(t.names))
-	prev := g.encoded[typeURL]
+	prev := g.encoded[key]
 	for i, name := range t.names {
 		r := res[name]
 		if r.TTL != nil {
 			return nil, fmt.Errorf("%s %q: resources with a TTL are not served", typeURL, name)
 		}
 		e := prev.find(r.Resource)
+		if e == nil && hasVariants {
+			// The resources a type's variants share (the sidecars'
+			// outbound listener) are encoded once.
+			e = g.sharedEncoding(typeURL, key, r.Resource)
+		}
 		if e == nil {
 			b, err := cache.MarshalResource(r.Resource)
 			if err != nil {
@@ -260,18 +297,35 @@ func (g *cacheGroup) typ(typeURL string) (*encodedType, error) {
 			t.anchor = fmt.Sprintf("%s@%s#%d", t.returned[t.names[0]], t.version, t.gen)
 		}
 	}
-	g.types[typeURL] = t
-	g.encoded[typeURL] = t
+	g.types[key] = t
+	g.encoded[key] = t
 	if prev != nil {
 		// Only the newest encoding lends its encodings to the next.
 		prev.byMessage = nil
 	}
-	recent := append(g.recent[typeURL], t)
-	if len(recent) > recentTypes {
-		recent = slices.Delete(recent, 0, len(recent)-recentTypes)
+	if t.partial {
+		recent := append(g.recent[key], t)
+		if len(recent) > recentTypes {
+			recent = slices.Delete(recent, 0, len(recent)-recentTypes)
+		}
+		g.recent[key] = recent
 	}
-	g.recent[typeURL] = recent
 	return t, nil
+}
+
+// sharedEncoding finds m's encoding among the newest encodings of
+// typeURL's other variants, or of the type itself, but key's; nil when
+// none has it.
+func (g *cacheGroup) sharedEncoding(typeURL, key string, m types.Resource) *encodedResource {
+	for k, t := range g.encoded {
+		if k == key || (k != typeURL && !strings.HasPrefix(k, typeURL+variantSep)) {
+			continue
+		}
+		if e := t.find(m); e != nil {
+			return e
+		}
+	}
+	return nil
 }
 
 // sent returns the recent encoding of typeURL at version that a
@@ -369,14 +423,20 @@ func (c *encodedCache) SetSnapshot(ctx context.Context, node string, snap cache.
 	g := c.group(node)
 	g.snap = snap
 	// The types' encodings stay in g.encoded, for the new snapshot's
-	// types to reuse.
+	// types to reuse; those of variants it no longer has go.
 	clear(g.types)
+	v, varied := snap.(variedSnapshot)
+	for key := range g.encoded {
+		if _, name, ok := strings.Cut(key, variantSep); ok && (!varied || !v.hasVariant(name)) {
+			delete(g.encoded, key)
+		}
+	}
 	if g.status == nil {
 		return nil
 	}
 	for _, id := range orderedIDs(g.status.watches, func(w sotwWatch) int { return w.order }) {
 		w := g.status.watches[id]
-		t, err := g.typ(w.req.GetTypeUrl())
+		t, err := g.typ(w.req.GetTypeUrl(), w.req.GetNode())
 		if err != nil {
 			return err
 		}
@@ -391,7 +451,7 @@ func (c *encodedCache) SetSnapshot(ctx context.Context, node string, snap cache.
 	}
 	for _, id := range orderedIDs(g.status.deltaWatches, func(w deltaWatch) int { return w.order }) {
 		w := g.status.deltaWatches[id]
-		t, err := g.typ(w.req.GetTypeUrl())
+		t, err := g.typ(w.req.GetTypeUrl(), w.req.GetNode())
 		if err != nil {
 			return err
 		}
@@ -490,7 +550,7 @@ func (c *encodedCache) CreateWatch(req *cache.Request, sub cache.Subscription, v
 	if g.snap == nil {
 		return c.addWatch(id, st, w), nil
 	}
-	t, err := g.typ(req.GetTypeUrl())
+	t, err := g.typ(req.GetTypeUrl(), req.GetNode())
 	if err != nil {
 		return nil, err
 	}
@@ -777,7 +837,7 @@ func (c *encodedCache) CreateDeltaWatch(req *cache.DeltaRequest, sub cache.Subsc
 	st.lastDelta = time.Now()
 	w := deltaWatch{req: req, resp: value, sub: sub, order: int(cache.GetResponseType(req.GetTypeUrl()))}
 	if g.snap != nil {
-		t, err := g.typ(req.GetTypeUrl())
+		t, err := g.typ(req.GetTypeUrl(), req.GetNode())
 		if err != nil {
 			c.log.Errorf("failed to encode the snapshot's %s: %s", req.GetTypeUrl(), err)
 		} else {
@@ -893,7 +953,7 @@ func (c *encodedCache) Fetch(ctx context.Context, req *cache.Request) (cache.Res
 	if !ok || g.snap == nil {
 		return nil, fmt.Errorf("missing snapshot for %q", id)
 	}
-	t, err := g.typ(req.GetTypeUrl())
+	t, err := g.typ(req.GetTypeUrl(), req.GetNode())
 	if err != nil {
 		return nil, err
 	}

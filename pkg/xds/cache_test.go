@@ -475,7 +475,7 @@ func TestEncodedCacheEncodesOnce(t *testing.T) {
 		&stream.Subscription{}, make(chan cache.Response, 1))
 	require.NoError(t, err, "node x is unserved: no snapshot, the watch waits")
 	c.mu.Lock()
-	_, err = c.group("other").typ(resource.ClusterType)
+	_, err = c.group("other").typ(resource.ClusterType, nil)
 	c.mu.Unlock()
 	require.ErrorContains(t, err, `"kept": resources with a TTL are not served`)
 }
@@ -497,7 +497,7 @@ func TestEncodedCacheKeepsUnchangedTypes(t *testing.T) {
 		t.Helper()
 		c.mu.Lock()
 		defer c.mu.Unlock()
-		et, err := c.group(gatewayGroup).typ(typeURL)
+		et, err := c.group(gatewayGroup).typ(typeURL, nil)
 		require.NoError(t, err)
 		return et
 	}
@@ -661,7 +661,7 @@ func TestEncodedCachePushCostsWhatChanged(t *testing.T) {
 		t.Helper()
 		c.mu.Lock()
 		defer c.mu.Unlock()
-		et, err := c.group(gatewayGroup).typ(resource.EndpointType)
+		et, err := c.group(gatewayGroup).typ(resource.EndpointType, nil)
 		require.NoError(t, err)
 		return et
 	}

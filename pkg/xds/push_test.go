@@ -336,13 +336,18 @@ func TestXDSClientFollowsPerTypePushes(t *testing.T) {
 		var last string
 		for deadline := time.Now().Add(wait); ; time.Sleep(5 * time.Millisecond) {
 			cfg, st := client.Current(), f.srv.Status()
-			want := r.TypeVersions()
+			// web-0 is an endpoint of echo: its listeners are those of
+			// echo's ports' profile.
+			want, base := r.TypeVersionsFor(sidecarNode), r.TypeVersions()
 			want[resource.SecretType] = st.Sidecar.SecretsVersion
+			base[resource.SecretType] = st.Sidecar.SecretsVersion
+			served := st.Sidecar.Profiles["8080/HTTP"].ListenersVersion
 			if cfg != nil && len(st.Proxies) == 1 {
-				if maps.Equal(want, cfg.Versions) && maps.Equal(want, st.Sidecar.Versions) && maps.Equal(want, st.Proxies[0].Acked) {
+				if maps.Equal(want, cfg.Versions) && maps.Equal(base, st.Sidecar.Versions) && served == want[resource.ListenerType] &&
+					maps.Equal(want, st.Proxies[0].Acked) {
 					return cfg
 				}
-				last = fmt.Sprintf("config %v, served %v, acked %v", cfg.Versions, st.Sidecar.Versions, st.Proxies[0].Acked)
+				last = fmt.Sprintf("config %v, served %v (profile 8080/HTTP %s), acked %v", cfg.Versions, st.Sidecar.Versions, served, st.Proxies[0].Acked)
 			}
 			if time.Now().After(deadline) {
 				t.Fatalf("the client never held %v; last: %s", want, last)
@@ -386,7 +391,7 @@ func TestXDSClientFollowsPerTypePushes(t *testing.T) {
 // atVersions reports whether a stream's versions by type are r's (the
 // Secrets at secrets).
 func atVersions(versions map[string]string, r Resources, secrets string) bool {
-	for typ, v := range r.TypeVersions() {
+	for typ, v := range r.TypeVersionsFor(sidecarNode) {
 		if versions[typ] != v {
 			return false
 		}

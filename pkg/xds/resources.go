@@ -50,6 +50,10 @@ type Resources struct {
 	// bundle.
 	Secrets        []*tlsv3.Secret
 	SecretsVersion string
+	// Inbound, for the sidecars, are the listeners of the pods whose
+	// Services declare ports (sidecar_inbound.go); nil when no pod
+	// does. Version covers them.
+	Inbound *InboundProfiles
 }
 
 // newResources validates every resource and computes the versions. The
@@ -98,6 +102,10 @@ func (r *Resources) combine() {
 		v.record(tv.typ, len(tv.version))
 		v.writeString(tv.version)
 	}
+	if r.Inbound != nil {
+		v.record("inbound", len(r.Inbound.Version))
+		v.writeString(r.Inbound.Version)
+	}
 	r.Version = v.sum()
 }
 
@@ -109,6 +117,19 @@ func (r Resources) TypeVersions() map[string]string {
 	for typ, v := range r.versionsByType() {
 		if v != "" {
 			out[typ] = v
+		}
+	}
+	return out
+}
+
+// TypeVersionsFor are TypeVersions as the node of ID id is served them:
+// the listeners at its pod's profile's version (Inbound), when it has
+// one.
+func (r Resources) TypeVersionsFor(id string) map[string]string {
+	out := r.TypeVersions()
+	if ip, ok := nodeIP(id); ok {
+		if k, ok := r.Inbound.Profile(ip); ok {
+			out[resource.ListenerType] = r.Inbound.byKey[k].version
 		}
 	}
 	return out
@@ -142,6 +163,16 @@ func (r Resources) Snapshot() (*cache.Snapshot, error) {
 	}
 	snap.Resources[types.Secret] = cache.NewResources(r.SecretsVersion, asResources(r.Secrets))
 	return snap, nil
+}
+
+// served is Snapshot with each pod's listeners: those of its profile
+// (Inbound), when it has one.
+func (r Resources) served() (cache.ResourceSnapshot, error) {
+	snap, err := r.Snapshot()
+	if err != nil {
+		return nil, err
+	}
+	return profiled(snap, r.Inbound), nil
 }
 
 func asResources[M types.Resource](ms []M) []types.Resource {

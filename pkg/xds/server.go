@@ -442,6 +442,11 @@ type SnapshotStatus struct {
 	Imports map[string]string `json:"imports,omitempty"`
 	// Resources are the resources' names by type URL.
 	Resources map[string][]string `json:"resources,omitempty"`
+	// Profiles are, for the sidecars, the inbound profiles by key (the
+	// ports the pods' Services declare, "8080/HTTP,9000/TCP"): a pod
+	// with one is served its listeners, at its ListenersVersion, in
+	// place of Versions' (pkg/xds sidecar_inbound.go).
+	Profiles map[string]ProfileStatus `json:"profiles,omitempty"`
 	// Skipped is, for the sidecars, what the last translation left out
 	// and why (a gateway that is not an IP, a port two exporters define
 	// differently, an exporter without a SPIFFE identity).

@@ -351,7 +351,7 @@ func TranslateSidecar(in SidecarInput, opts SidecarOptions) (Resources, []Skippe
 	slices.SortFunc(b.skipped, func(x, y Skipped) int {
 		return cmp.Or(strings.Compare(x.Service, y.Service), strings.Compare(x.Cluster, y.Cluster), strings.Compare(x.Reason, y.Reason))
 	})
-	return res, slices.Compact(b.skipped), nil
+	return withProfiles(res, slices.Compact(b.skipped), in.Local, in.InCluster)
 }
 
 func newSidecarBuilder(opts SidecarOptions) (*sidecarBuilder, error) {

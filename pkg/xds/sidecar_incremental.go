@@ -94,6 +94,8 @@ type SidecarTranslator struct {
 	noInCluster *catalog.Snapshot
 	last        Resources
 	skipped     []Skipped
+	// profiles are the pods' inbound profiles as last made.
+	profiles profileState
 	// checkpoints are the endpoints' hash before every claBlock-th
 	// ClusterLoadAssignment of last (see GatewayTranslator).
 	checkpoints []hash.Hash
@@ -473,6 +475,11 @@ func (t *SidecarTranslator) Translate(in SidecarInput) (Resources, []Skipped, er
 		skipped = slices.Compact(skipped)
 	}
 
+	res, withProfiled, err := t.profiles.withProfiles(res, skipped, sources[catalog.LocalSource].services, icState.services)
+	if err != nil {
+		return Resources{}, nil, err
+	}
+
 	// Commit.
 	for key, k := range changed {
 		if k == nil {
@@ -493,7 +500,7 @@ func (t *SidecarTranslator) Translate(in SidecarInput) (Resources, []Skipped, er
 	t.byName, t.tcp, t.explicit, t.http, t.explicitRoute = next.byName, next.tcp, next.explicit, next.http, next.explicitRoute
 	t.checkpoints = next.checkpoints
 	t.skipping, t.skipped, t.last = skipping, skipped, res
-	return res, skipped, nil
+	return res, withProfiled, nil
 }
 
 // redoSkipping returns the keys with something skipped after the keys

@@ -138,7 +138,7 @@ func (s *Server) translateSidecar(local *catalog.Snapshot, peers []*catalog.Snap
 // setSidecar checks res's snapshot for consistency and serves it to every
 // sidecar.
 func (s *Server) setSidecar(ctx context.Context, res Resources) error {
-	snap, err := res.Snapshot()
+	snap, err := res.served()
 	if err != nil {
 		return err
 	}
@@ -160,6 +160,7 @@ func (s *Server) sidecarStatus() SnapshotStatus {
 	if st.res.Version != "" {
 		out.Versions = st.res.TypeVersions()
 		out.Resources = st.res.Names()
+		out.Profiles = st.res.Inbound.Status()
 	}
 	return out
 }

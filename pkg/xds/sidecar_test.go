@@ -237,8 +237,25 @@ func renderSidecar(t testing.TB, r Resources, skipped []Skipped) []byte {
 		Clusters  []json.RawMessage `json:"clusters"`
 		Endpoints []json.RawMessage `json:"endpoints"`
 		Skipped   []Skipped         `json:"skipped"`
+		// Profiles are the pods' inbound listeners (sidecar_inbound.go).
+		Profiles map[string]renderedProfile `json:"profiles,omitempty"`
 	}{Version: r.Version, Versions: r.TypeVersions(), Listeners: []json.RawMessage{}, Routes: []json.RawMessage{}, Clusters: []json.RawMessage{},
 		Endpoints: []json.RawMessage{}, Skipped: skipped}
+	if r.Inbound != nil {
+		doc.Profiles = map[string]renderedProfile{}
+		for k, pr := range r.Inbound.byKey {
+			rp := renderedProfile{ListenersVersion: pr.version, Pods: []string{}, Inbound: enc(pr.listeners[0])}
+			for ip, key := range r.Inbound.pods {
+				if key == k {
+					rp.Pods = append(rp.Pods, ip.String())
+				}
+			}
+			slices.Sort(rp.Pods)
+			require.Len(t, rp.Pods, pr.pods)
+			require.Same(t, r.Listeners[1], pr.listeners[1], "every profile shares the outbound listener")
+			doc.Profiles[k] = rp
+		}
+	}
 	if doc.Skipped == nil {
 		doc.Skipped = []Skipped{}
 	}
@@ -259,11 +276,23 @@ func renderSidecar(t testing.TB, r Resources, skipped []Skipped) []byte {
 	return append(out, '\n')
 }
 
+// renderedProfile is an inbound profile in a golden file.
+type renderedProfile struct {
+	ListenersVersion string          `json:"listenersVersion"`
+	Pods             []string        `json:"pods"`
+	Inbound          json.RawMessage `json:"inbound"`
+}
+
 // validateResources runs validateDeep on every resource of r.
 func validateResources(t testing.TB, r Resources) {
 	t.Helper()
 	for _, l := range r.Listeners {
 		validateDeep(t, "listener "+l.GetName(), l)
+	}
+	if r.Inbound != nil {
+		for k, pr := range r.Inbound.byKey {
+			validateDeep(t, "profile "+k+" listener "+pr.listeners[0].GetName(), pr.listeners[0])
+		}
 	}
 	for _, rc := range r.Routes {
 		validateDeep(t, "route "+rc.GetName(), rc)

@@ -1,0 +1,631 @@
+package xds
+
+import (
+	"cmp"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+)
+
+// The inbound listener of a pod depends on the pod: Istio's inbound
+// listener has a filter chain per port the pod's Services declare,
+// matched on the destination port, so that a port declared HTTP is
+// served by the HTTP connection manager (which replaces any
+// X-Forwarded-Client-Cert the caller sent) whatever ALPN the caller
+// offers, and a port declared TCP by the TCP proxy. Without them, the
+// caller's ALPN alone would pick the chain, and a caller with a valid
+// SVID that offers "istio" or none on an HTTP port would reach the app
+// with the header it wrote.
+//
+// The pods with the same declared ports share a profile: the same
+// inbound listener. Every sidecar of the cluster shares one snapshot;
+// its listeners are its profile's (profiledSnapshot), chosen by the pod
+// IP of the node ID, and the base Listeners when the pod declares none.
+
+// DeclaredPort is a port a pod's Services declare: the target port
+// number, HTTP or TCP (IsHTTPPort of the Service's port).
+type DeclaredPort struct {
+	Port uint16
+	HTTP bool
+}
+
+func (p DeclaredPort) String() string {
+	return strconv.Itoa(int(p.Port)) + "/" + protocolName(p.HTTP)
+}
+
+// InboundProfiles are the sidecars' listeners that depend on the pod.
+// Immutable once made.
+type InboundProfiles struct {
+	// pods maps a pod IP to its profile's key.
+	pods map[netip.Addr]string
+	// byKey are the profiles by key.
+	byKey map[string]*inboundProfile
+	// Version is a hash of which pod has which profile and of every
+	// profile's listeners; it changes when any of them does.
+	Version string
+}
+
+// inboundProfile is one set of declared ports and the listeners of the
+// pods that declare them.
+type inboundProfile struct {
+	key   string
+	ports []DeclaredPort
+	// listeners are the pods' listeners: the inbound one with a chain
+	// per port, and the shared outbound one; version is their version.
+	listeners []*listenerv3.Listener
+	version   string
+	pods      int
+}
+
+// ProfileStatus describes one profile in /debug/xds.
+type ProfileStatus struct {
+	// ListenersVersion is the listener version its sidecars ACK.
+	ListenersVersion string `json:"listenersVersion"`
+	// Pods counts the pod IPs that have it.
+	Pods int `json:"pods"`
+}
+
+// Profile returns the key of the profile of the pod at ip ("8080/HTTP,
+// 9000/TCP": its declared ports), and whether it has one.
+func (p *InboundProfiles) Profile(ip netip.Addr) (string, bool) {
+	if p == nil {
+		return "", false
+	}
+	k, ok := p.pods[ip.Unmap()]
+	return k, ok
+}
+
+// Status describes every profile, by key.
+func (p *InboundProfiles) Status() map[string]ProfileStatus {
+	if p == nil || len(p.byKey) == 0 {
+		return nil
+	}
+	out := make(map[string]ProfileStatus, len(p.byKey))
+	for k, pr := range p.byKey {
+		out[k] = ProfileStatus{ListenersVersion: pr.version, Pods: pr.pods}
+	}
+	return out
+}
+
+// Listeners returns the listeners the pod at ip is served: its
+// profile's, or nil when it has none (it gets the base ones).
+func (p *InboundProfiles) Listeners(ip netip.Addr) []*listenerv3.Listener {
+	k, ok := p.Profile(ip)
+	if !ok {
+		return nil
+	}
+	return p.byKey[k].listeners
+}
+
+// declIndex is which ports every pod declares, kept up to date service
+// by service: a change of one service costs what its pods are, and one
+// that changes no pod's ports (a pod turning ready) nothing more.
+type declIndex struct {
+	// prev are each catalog's services as last read, in key order
+	// (catalog 0 is the local one, 1 the in-cluster one).
+	prev [2][]*catalog.Service
+	// services are the declarations of each service.
+	services map[declKey]*svcDecl
+	// selecting are, by pod IP, the services that declare ports for
+	// it, in declaration order (compareDeclKeys).
+	selecting map[netip.Addr][]declKey
+	// keys are each pod's profile key; counts how many pods have each.
+	keys   map[netip.Addr]string
+	counts map[string]int
+	// conflicts are, by pod IP, the ports two of its services declare
+	// with different protocols.
+	conflicts map[netip.Addr][]Skipped
+	// sum is the sum of every pod's (IP, key) hash: it changes when a
+	// pod's profile does, at the cost of that pod alone.
+	sum [2]uint64
+	// changed says that keys changed since the last snapshot of them;
+	// skipped is the sorted list of every conflict, made again when
+	// conflicts changed.
+	changed        bool
+	skipped        []Skipped
+	skippedChanged bool
+}
+
+// declKey is a service of one of the catalogs.
+type declKey struct {
+	catalog int
+	key     catalog.ServiceKey
+}
+
+func compareDeclKeys(a, b declKey) int {
+	return cmp.Or(cmp.Compare(a.catalog, b.catalog), catalog.CompareKeys(a.key, b.key))
+}
+
+// svcDecl is what one service declares: its TCP ports' target ports,
+// HTTP or TCP (each number once: the first of the service's ports that
+// targets it, by port number), and its endpoints' addresses, ready or
+// not (a pod's ports do not depend on its readiness).
+type svcDecl struct {
+	ports []DeclaredPort
+	ips   []netip.Addr
+	// skipped is a target port two of its own ports declare with
+	// different protocols.
+	skipped []Skipped
+}
+
+func newDeclIndex() *declIndex {
+	return &declIndex{
+		services: map[declKey]*svcDecl{}, selecting: map[netip.Addr][]declKey{},
+		keys: map[netip.Addr]string{}, counts: map[string]int{}, conflicts: map[netip.Addr][]Skipped{},
+	}
+}
+
+// declOf reads what svc declares; nil when it declares no port.
+func declOf(svc *catalog.Service) *svcDecl {
+	d := &svcDecl{}
+	for _, p := range svc.Ports {
+		if (p.Protocol != "" && p.Protocol != catalog.ProtocolTCP) || p.TargetPort < 1 || p.TargetPort > 65535 {
+			continue
+		}
+		dp := DeclaredPort{Port: uint16(p.TargetPort), HTTP: IsHTTPPort(p)}
+		i := slices.IndexFunc(d.ports, func(q DeclaredPort) bool { return q.Port == dp.Port })
+		switch {
+		case i < 0:
+			d.ports = append(d.ports, dp)
+		case d.ports[i].HTTP != dp.HTTP:
+			d.skipped = append(d.skipped, Skipped{Service: svc.Key().String(), Reason: fmt.Sprintf(
+				"port %d targets port %d, which an earlier port declares %s: its inbound chain is %s",
+				p.Port, dp.Port, protocolName(d.ports[i].HTTP), protocolName(d.ports[i].HTTP))})
+		}
+	}
+	if len(d.ports) == 0 {
+		return nil
+	}
+	slices.SortFunc(d.ports, func(a, b DeclaredPort) int { return cmp.Compare(a.Port, b.Port) })
+	for _, le := range svc.Endpoints {
+		for _, a := range le.Addresses {
+			if ip, err := netip.ParseAddr(a.IP); err == nil {
+				d.ips = append(d.ips, ip.Unmap())
+			}
+		}
+	}
+	slices.SortFunc(d.ips, netip.Addr.Compare)
+	d.ips = slices.Compact(d.ips)
+	return d
+}
+
+func (d *svcDecl) equal(e *svcDecl) bool {
+	if d == nil || e == nil {
+		return d == e
+	}
+	return slices.Equal(d.ports, e.ports) && slices.Equal(d.ips, e.ips) && slices.Equal(d.skipped, e.skipped)
+}
+
+// read brings the index up to the catalogs' services (each in key
+// order; catalog 0 is the local one, 1 the in-cluster one): the
+// services whose entry changed since the last read are read again.
+func (x *declIndex) read(catalogs [2][]*catalog.Service) {
+	dirty := map[netip.Addr]bool{}
+	for c, now := range catalogs {
+		prev := x.prev[c]
+		if len(prev) == len(now) && (len(now) == 0 || &prev[0] == &now[0]) {
+			continue
+		}
+		i, j := 0, 0
+		for i < len(prev) || j < len(now) {
+			if i < len(prev) && j < len(now) && prev[i] == now[j] {
+				// The catalog's Builder keeps the entry of a service
+				// that did not change.
+				i++
+				j++
+				continue
+			}
+			switch {
+			case j == len(now) || (i < len(prev) && compareKeys(prev[i], now[j]) < 0):
+				x.set(declKey{c, prev[i].Key()}, nil, dirty)
+				i++
+			case i == len(prev) || compareKeys(prev[i], now[j]) > 0:
+				x.set(declKey{c, now[j].Key()}, declOf(now[j]), dirty)
+				j++
+			default:
+				x.set(declKey{c, now[j].Key()}, declOf(now[j]), dirty)
+				i++
+				j++
+			}
+		}
+		x.prev[c] = now
+	}
+	for ip := range dirty {
+		x.redo(ip)
+	}
+}
+
+// set makes d the declaration of k, marking in dirty the pods whose
+// services changed.
+func (x *declIndex) set(k declKey, d *svcDecl, dirty map[netip.Addr]bool) {
+	old := x.services[k]
+	if old.equal(d) {
+		return
+	}
+	if old != nil {
+		if len(old.skipped) > 0 {
+			x.skippedChanged = true
+		}
+		for _, ip := range old.ips {
+			x.selecting[ip] = slices.DeleteFunc(x.selecting[ip], func(o declKey) bool { return o == k })
+			dirty[ip] = true
+		}
+	}
+	if d == nil {
+		delete(x.services, k)
+		return
+	}
+	if len(d.skipped) > 0 {
+		x.skippedChanged = true
+	}
+	x.services[k] = d
+	for _, ip := range d.ips {
+		list := x.selecting[ip]
+		i, _ := slices.BinarySearchFunc(list, k, compareDeclKeys)
+		x.selecting[ip] = slices.Insert(list, i, k)
+		dirty[ip] = true
+	}
+}
+
+// redo computes the profile of the pod at ip from its services: each
+// port as the first service that declares it says.
+func (x *declIndex) redo(ip netip.Addr) {
+	var ports []DeclaredPort
+	var by []catalog.ServiceKey
+	var conflicts []Skipped
+	for _, k := range x.selecting[ip] {
+		for _, p := range x.services[k].ports {
+			i := slices.IndexFunc(ports, func(q DeclaredPort) bool { return q.Port == p.Port })
+			switch {
+			case i < 0:
+				ports = append(ports, p)
+				by = append(by, k.key)
+			case ports[i].HTTP != p.HTTP:
+				conflicts = append(conflicts, Skipped{Service: k.key.String(), Reason: fmt.Sprintf(
+					"target port %d is %s here but %s in %s, which comes first, for pods both select: their inbound chain for it is %s",
+					p.Port, protocolName(p.HTTP), protocolName(ports[i].HTTP), by[i], protocolName(ports[i].HTTP))})
+			}
+		}
+	}
+	if len(x.selecting[ip]) == 0 {
+		delete(x.selecting, ip)
+	}
+	if !slices.Equal(conflicts, x.conflicts[ip]) {
+		x.skippedChanged = true
+		if len(conflicts) == 0 {
+			delete(x.conflicts, ip)
+		} else {
+			x.conflicts[ip] = conflicts
+		}
+	}
+	key := ""
+	if len(ports) > 0 {
+		slices.SortFunc(ports, func(a, b DeclaredPort) int { return cmp.Compare(a.Port, b.Port) })
+		var kb strings.Builder
+		for i, p := range ports {
+			if i > 0 {
+				kb.WriteByte(',')
+			}
+			kb.WriteString(p.String())
+		}
+		key = kb.String()
+	}
+	old, had := x.keys[ip]
+	if old == key && had == (key != "") {
+		return
+	}
+	x.changed = true
+	if had {
+		x.addSum(ip, old, false)
+		if x.counts[old]--; x.counts[old] == 0 {
+			delete(x.counts, old)
+		}
+		delete(x.keys, ip)
+	}
+	if key != "" {
+		x.addSum(ip, key, true)
+		x.counts[key]++
+		x.keys[ip] = key
+	}
+}
+
+// addSum adds the pod's hash to sum, or takes it away.
+func (x *declIndex) addSum(ip netip.Addr, key string, add bool) {
+	h := sha256.New()
+	addr, _ := ip.MarshalBinary()
+	h.Write(addr)
+	h.Write([]byte{0})
+	h.Write([]byte(key))
+	var sum [sha256.Size]byte
+	h.Sum(sum[:0])
+	a, b := binary.BigEndian.Uint64(sum[0:8]), binary.BigEndian.Uint64(sum[8:16])
+	if add {
+		x.sum[0], x.sum[1] = x.sum[0]+a, x.sum[1]+b
+	} else {
+		x.sum[0], x.sum[1] = x.sum[0]-a, x.sum[1]-b
+	}
+}
+
+// skippedList is every conflict, sorted, without duplicates.
+func (x *declIndex) skippedList() []Skipped {
+	if !x.skippedChanged {
+		return x.skipped
+	}
+	var out []Skipped
+	for _, d := range x.services {
+		out = append(out, d.skipped...)
+	}
+	for _, c := range x.conflicts {
+		out = append(out, c...)
+	}
+	slices.SortFunc(out, compareSkipped)
+	x.skipped, x.skippedChanged = slices.Compact(out), false
+	return x.skipped
+}
+
+// profileMaker makes the profiles' listeners, keeping each while the
+// base listeners stay the same.
+type profileMaker struct {
+	base  string
+	made  map[string]*inboundProfile
+	pods  map[netip.Addr]string
+	last  *InboundProfiles
+	valid bool
+}
+
+// profiles returns the profiles of x's pods for the base listeners
+// inbound and outbound at version base: the last ones when neither
+// changed.
+func (m *profileMaker) profiles(x *declIndex, inbound, outbound *listenerv3.Listener, base string) (*InboundProfiles, error) {
+	if m.valid && !x.changed && m.base == base {
+		return m.last, nil
+	}
+	if len(x.keys) == 0 {
+		m.base, m.made, m.pods, m.last, m.valid, x.changed = base, nil, nil, nil, true, false
+		return nil, nil
+	}
+	if m.base != base || m.made == nil {
+		m.made = map[string]*inboundProfile{}
+	}
+	httpChain, tcpChain, err := inboundTemplates(inbound)
+	if err != nil {
+		return nil, err
+	}
+	if x.changed || m.pods == nil {
+		m.pods = maps.Clone(x.keys)
+	}
+	p := &InboundProfiles{pods: m.pods, byKey: make(map[string]*inboundProfile, len(x.counts))}
+	v := newVersionHash()
+	var sum [16]byte
+	binary.BigEndian.PutUint64(sum[0:8], x.sum[0])
+	binary.BigEndian.PutUint64(sum[8:16], x.sum[1])
+	v.record("pods", len(sum))
+	v.write(sum[:])
+	for _, key := range slices.Sorted(maps.Keys(x.counts)) {
+		pr := m.made[key]
+		if pr == nil {
+			pr, err = makeProfile(key, inbound, outbound, base, httpChain, tcpChain)
+			if err != nil {
+				return nil, err
+			}
+			m.made[key] = pr
+		}
+		// A profile is shared by every InboundProfiles made while the
+		// base listeners stay; only its count is each one's.
+		cp := *pr
+		cp.pods = x.counts[key]
+		p.byKey[key] = &cp
+		v.record(key, len(pr.version))
+		v.writeString(pr.version)
+	}
+	for key := range m.made {
+		if _, ok := x.counts[key]; !ok {
+			delete(m.made, key)
+		}
+	}
+	p.Version = v.sum()
+	m.base, m.last, m.valid, x.changed = base, p, true, false
+	return p, nil
+}
+
+// makeProfile makes the listeners of the profile key.
+func makeProfile(key string, inbound, outbound *listenerv3.Listener, base string, httpChain, tcpChain *listenerv3.FilterChain) (*inboundProfile, error) {
+	var ports []DeclaredPort
+	for _, f := range strings.Split(key, ",") {
+		n, proto, _ := strings.Cut(f, "/")
+		port, err := strconv.ParseUint(n, 10, 16)
+		if err != nil {
+			return nil, fmt.Errorf("profile %q: %w", key, err)
+		}
+		ports = append(ports, DeclaredPort{Port: uint16(port), HTTP: proto == protocolName(true)})
+	}
+	l := profileInbound(inbound, ports, httpChain, tcpChain)
+	enc, err := encode(listenerTag, l.GetName(), l)
+	if err != nil {
+		return nil, fmt.Errorf("inbound listener of ports %s: %w", key, err)
+	}
+	v := newVersionHash()
+	v.record(listenerTag, len(base))
+	v.writeString(base)
+	v.resource(listenerTag, enc)
+	return &inboundProfile{key: key, ports: ports, listeners: []*listenerv3.Listener{l, outbound}, version: v.sum()}, nil
+}
+
+// inboundTemplates finds the base inbound listener's HTTP chain (the one
+// listing the istio-http ALPNs) and TCP chain (the one listing none).
+func inboundTemplates(inbound *listenerv3.Listener) (httpChain, tcpChain *listenerv3.FilterChain, err error) {
+	for _, fc := range inbound.GetFilterChains() {
+		if len(fc.GetFilterChainMatch().GetApplicationProtocols()) == 0 {
+			tcpChain = fc
+		} else {
+			httpChain = fc
+		}
+	}
+	if httpChain == nil || tcpChain == nil {
+		return nil, nil, fmt.Errorf("listener %q lacks its HTTP or TCP chain", InboundListenerName)
+	}
+	return httpChain, tcpChain, nil
+}
+
+// profileInbound is inbound with, before its own chains, a chain per
+// port: transport "tls" on that destination port, with the HTTP chain's
+// connection manager or the TCP chain's proxy, and the same TLS. Envoy
+// matches the destination port before the ALPN, as the Go sidecar does.
+func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, httpChain, tcpChain *listenerv3.FilterChain) *listenerv3.Listener {
+	chains := make([]*listenerv3.FilterChain, 0, len(ports)+len(inbound.GetFilterChains()))
+	for _, p := range ports {
+		from := tcpChain
+		if p.HTTP {
+			from = httpChain
+		}
+		chains = append(chains, &listenerv3.FilterChain{
+			FilterChainMatch: &listenerv3.FilterChainMatch{
+				DestinationPort:   wrapperspb.UInt32(uint32(p.Port)),
+				TransportProtocol: "tls",
+			},
+			Filters:         from.GetFilters(),
+			TransportSocket: from.GetTransportSocket(),
+		})
+	}
+	chains = append(chains, inbound.GetFilterChains()...)
+	return &listenerv3.Listener{
+		Name:            inbound.GetName(),
+		Address:         inbound.GetAddress(),
+		ListenerFilters: inbound.GetListenerFilters(),
+		FilterChains:    chains,
+	}
+}
+
+// profileState is what a translation keeps of the pods' profiles.
+type profileState struct {
+	index *declIndex
+	maker profileMaker
+}
+
+// withProfiles adds to res the profiles of the pods the catalogs
+// declare ports for, as st last saw them, and their conflicts to
+// skipped (sorted, without duplicates; skipped itself is not
+// modified).
+func (st *profileState) withProfiles(res Resources, skipped []Skipped, local, inCluster []*catalog.Service) (Resources, []Skipped, error) {
+	if st.index == nil {
+		st.index = newDeclIndex()
+	}
+	st.index.read([2][]*catalog.Service{local, inCluster})
+	profiles, err := st.maker.profiles(st.index, res.Listeners[0], res.Listeners[1], res.ListenersVersion)
+	if err != nil {
+		return Resources{}, nil, err
+	}
+	res.Inbound = profiles
+	res.combine()
+	if more := st.index.skippedList(); len(more) > 0 {
+		skipped = slices.Concat(skipped, more)
+		slices.SortFunc(skipped, compareSkipped)
+		skipped = slices.Compact(skipped)
+	}
+	return res, skipped, nil
+}
+
+// withProfiles is profileState.withProfiles from nothing, for the
+// catalogs (nil ones are empty).
+func withProfiles(res Resources, skipped []Skipped, local, inCluster *catalog.Snapshot) (Resources, []Skipped, error) {
+	var st profileState
+	return st.withProfiles(res, skipped, servicesOf(local), servicesOf(inCluster))
+}
+
+// servicesOf are snap's services in key order; none for nil.
+func servicesOf(snap *catalog.Snapshot) []*catalog.Service {
+	if snap == nil {
+		return nil
+	}
+	out := make([]*catalog.Service, 0, snap.Len())
+	for svc := range snap.All() {
+		out = append(out, svc)
+	}
+	return out
+}
+
+// profiledSnapshot is the sidecars' snapshot: a pod with a profile is
+// served its profile's listeners (encodedCache asks variant), every
+// other type and pod the snapshot's own.
+type profiledSnapshot struct {
+	*cache.Snapshot
+	profiles *InboundProfiles
+	// listeners are each profile's listeners as the cache takes them.
+	listeners map[string]map[string]types.ResourceWithTTL
+}
+
+// profiled returns snap serving profiles; snap itself when there are
+// none.
+func profiled(snap *cache.Snapshot, profiles *InboundProfiles) cache.ResourceSnapshot {
+	if profiles == nil || len(profiles.byKey) == 0 {
+		return snap
+	}
+	s := &profiledSnapshot{Snapshot: snap, profiles: profiles, listeners: make(map[string]map[string]types.ResourceWithTTL, len(profiles.byKey))}
+	for k, pr := range profiles.byKey {
+		m := make(map[string]types.ResourceWithTTL, len(pr.listeners))
+		for _, l := range pr.listeners {
+			m[l.GetName()] = types.ResourceWithTTL{Resource: l}
+		}
+		s.listeners[k] = m
+	}
+	return s
+}
+
+// variant returns the listeners of node's profile, named by the
+// profile's key; ok is false for any other type, or a node whose pod
+// IP has no profile.
+func (s *profiledSnapshot) variant(node *corev3.Node, typeURL string) (name string, res map[string]types.ResourceWithTTL, version string, ok bool) {
+	if typeURL != resource.ListenerType {
+		return "", nil, "", false
+	}
+	ip, ok := nodeIP(node.GetId())
+	if !ok {
+		return "", nil, "", false
+	}
+	k, ok := s.profiles.Profile(ip)
+	if !ok {
+		return "", nil, "", false
+	}
+	return k, s.listeners[k], s.profiles.byKey[k].version, true
+}
+
+// hasVariant reports whether name is one of the snapshot's variants.
+func (s *profiledSnapshot) hasVariant(name string) bool {
+	_, ok := s.listeners[name]
+	return ok
+}
+
+// nodeIP is the pod IP field of a node ID (internal/nodeid's shape:
+// <role>~<ip>~…).
+func nodeIP(id string) (netip.Addr, bool) {
+	_, rest, ok := strings.Cut(id, "~")
+	if !ok {
+		return netip.Addr{}, false
+	}
+	s, _, ok := strings.Cut(rest, "~")
+	if !ok {
+		return netip.Addr{}, false
+	}
+	ip, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	return ip.Unmap(), true
+}
+
+// Make sure the cache sees the variants.
+var _ variedSnapshot = (*profiledSnapshot)(nil)
