@@ -26,6 +26,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/isthmus-mesh/isthmus/pkg/ca"
 	"github.com/isthmus-mesh/isthmus/pkg/xds"
 	"github.com/isthmus-mesh/isthmus/test/mesh"
 )
@@ -243,6 +244,44 @@ func TestMesh(t *testing.T) {
 		// The same pod answers the mesh all along.
 		r := callOK(t, clientA, mesh.Call{Proto: "http1", Target: echoHost + ":80"})
 		assert.Equal(t, target.Name(), r.Pod)
+	})
+
+	t.Run("a caller with a valid SVID cannot hand the app its own X-Forwarded-Client-Cert", func(t *testing.T) {
+		// An outsider holding a real SVID of a's trust domain speaks TLS
+		// itself and offers no HTTP ALPN: echo's Service declares 8080
+		// HTTP, so a's federator gives echo's sidecar an inbound chain
+		// for 8080 that is HTTP whatever the caller offers, and it
+		// replaces the header (docs/sidecar-xds.md, "Inbound profiles").
+		outsiderID := a.SPIFFEID("demo", "outsider")
+		cert := caSignedSVID(t, a, outsiderID)
+		target := echoA[0]
+		httpAddr := netip.AddrPortFrom(target.W.IP, mesh.EchoHTTPPort).String()
+		tcpAddr := netip.AddrPortFrom(target.W.IP, mesh.EchoTCPPort).String()
+		forged := "By=" + echoAID + ";Hash=00;URI=spiffe://a.mesh/ns/demo/sa/admin"
+		request := "GET / HTTP/1.1\r\nHost: echo\r\nX-Forwarded-Client-Cert: " + forged + "\r\nConnection: close\r\n\r\n"
+		attempt := func(alpn []string) string {
+			answer, _ := exchange(ctx, outsider, httpAddr, &tls.Config{InsecureSkipVerify: true, NextProtos: alpn, //nolint:gosec // the attacker verifies nothing
+				Certificates: []tls.Certificate{cert}}, request)
+			return answer
+		}
+		// Until echo's sidecar holds its profile (it has since echo's
+		// endpoints were published; this bounds a slow push).
+		require.NoError(t, mesh.Poll(ctx, meshWait, "echo's sidecar serves 8080 as HTTP", func(context.Context) (bool, string) {
+			answer := attempt([]string{"istio"})
+			return strings.Contains(answer, "HTTP/1.1 200") && !strings.Contains(answer, "sa/admin"), answer
+		}))
+		for _, alpn := range [][]string{{"istio"}, nil, {"h2", "http/1.1"}} {
+			answer := attempt(alpn)
+			require.Contains(t, answer, "HTTP/1.1 200", "ALPN %q", alpn)
+			assert.NotContains(t, answer, "sa/admin", "ALPN %q: the caller's XFCC reached the app", alpn)
+			assert.NotContains(t, answer, "Hash=00", "ALPN %q", alpn)
+			assert.Contains(t, answer, "URI="+outsiderID, "ALPN %q: the app was told who called", alpn)
+		}
+		// Echo's TCP port is declared TCP: bytes pass as sent, even
+		// when the caller offers an HTTP ALPN (echo greets at once).
+		answer, _ := exchange(ctx, outsider, tcpAddr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"istio-http/1.1"}, //nolint:gosec // as above
+			Certificates: []tls.Certificate{cert}}, "")
+		assert.Contains(t, answer, `"pod"`, "the TCP port's chain is TCP")
 	})
 
 	t.Run("explicit mode: the outbound port carries the pod's own requests, and nobody else's", func(t *testing.T) {
@@ -583,6 +622,36 @@ func exchange(ctx context.Context, p *mesh.Pod, addr string, cfg *tls.Config, re
 		err = fmt.Errorf("nothing within the deadline: %w", err)
 	}
 	return string(got), err
+}
+
+// caSignedSVID is a client certificate for id signed by c's CA, whose
+// key the test reads from the CA's Secret: what a workload of c's trust
+// domain holds, without a sidecar to speak for it.
+func caSignedSVID(t *testing.T, c *mesh.Cluster, id string) tls.Certificate {
+	t.Helper()
+	sec, err := c.K.Client().CoreV1().Secrets("isthmus-system").Get(t.Context(), ca.DefaultSecretName, metav1.GetOptions{})
+	require.NoError(t, err)
+	signer, err := tls.X509KeyPair(sec.Data[ca.KeyCACert], sec.Data[ca.KeyCAKey])
+	require.NoError(t, err)
+	caCert, err := x509.ParseCertificate(signer.Certificate[0])
+	require.NoError(t, err)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	u, err := url.Parse(id)
+	require.NoError(t, err)
+	serial, err := rand.Int(rand.Reader, big.NewInt(1<<62))
+	require.NoError(t, err)
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		URIs:         []*url.URL{u},
+		NotBefore:    time.Now().Add(-time.Minute),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, signer.PrivateKey)
+	require.NoError(t, err)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 }
 
 // selfSignedSVID is a certificate claiming id, signed by its own key: what
