@@ -221,15 +221,18 @@ func TestInboundPortChainSanitizesXFCCWhateverTheALPN(t *testing.T) {
 		require.Equal(t, []string{m.wantXFCC}, reply.XFCC)
 	})
 
-	// a's sidecar (ALPN istio-http/1.1, istio-h2) lands on the same
-	// chain.
+	// a's sidecar (ALPN istio-http/1.1, istio-h2; the chain lists none,
+	// so none is negotiated) lands on the same chain, in either version.
 	aLeaf := sha256.Sum256(m.a.svid.Certificates[0].Raw)
-	code, reply, body := m.a.get(t, false, "http://echo.demo.svc.clusterset.local/", http.Header{xfccHeader: {forgedXFCC}})
-	require.Equal(t, http.StatusOK, code, body)
-	require.Equal(t, []string{"By=" + m.b.id.String() + ";Hash=" + hex.EncodeToString(aLeaf[:]) + ";URI=" + m.a.id.String()}, reply.XFCC)
+	for _, h2 := range []bool{false, true} {
+		code, reply, body := m.a.get(t, h2, "http://echo.demo.svc.clusterset.local/", http.Header{xfccHeader: {forgedXFCC}})
+		require.Equal(t, http.StatusOK, code, body)
+		require.Equal(t, map[bool]string{false: "HTTP/1.1", true: "HTTP/2.0"}[h2], reply.Proto)
+		require.Equal(t, []string{"By=" + m.b.id.String() + ";Hash=" + hex.EncodeToString(aLeaf[:]) + ";URI=" + m.a.id.String()}, reply.XFCC)
+	}
 
 	mt := m.b.scrape(t)
-	require.EqualValues(t, 6, metricValue(t, mt, "isthmus_sidecar_requests_total", "listener=inbound", "cluster=inbound-passthrough", "code=200"),
+	require.EqualValues(t, 7, metricValue(t, mt, "isthmus_sidecar_requests_total", "listener=inbound", "cluster=inbound-passthrough", "code=200"),
 		"every request went through b's HTTP manager")
 	require.EqualValues(t, -1, metricValue(t, mt, "isthmus_sidecar_refusals_total", "listener=inbound"))
 
