@@ -116,6 +116,7 @@ type (
 		Chains  []inboundChainDump `json:"filter_chains"`
 	}
 	inboundChainDump struct {
+		DestinationPort      uint16   `json:"destination_port,omitempty"`
 		ApplicationProtocols []string `json:"application_protocols,omitempty"`
 		CertSecret           string   `json:"tls_certificate_sds_secret"`
 		ValidationSecret     string   `json:"validation_context_sds_secret"`
@@ -230,7 +231,7 @@ func (p *Proxy) configDump() configDump {
 	}
 	in := inboundDump{Name: sc.Inbound.Name, Address: addrPort(sc.Inbound.Addr.String(), sc.Inbound.Port), Chains: []inboundChainDump{}}
 	for _, ch := range sc.Inbound.Chains {
-		in.Chains = append(in.Chains, inboundChainDump{ApplicationProtocols: ch.ALPN, CertSecret: ch.TLS.CertSecret,
+		in.Chains = append(in.Chains, inboundChainDump{DestinationPort: ch.Port, ApplicationProtocols: ch.ALPN, CertSecret: ch.TLS.CertSecret,
 			ValidationSecret: ch.TLS.ValidationSecret, HTTP: hcm(ch.HTTP), TCP: tcp(ch.TCP)})
 	}
 	d.Listeners = []any{out, in}

@@ -17,10 +17,19 @@
 //	    ├─ tcp_proxy to a service: mTLS with ALPN istio, copy both ways with half-close
 //	    └─ default chain: PassthroughCluster, the original destination as it is (splice)
 //
-//	peer ──iptables──► :15006 inbound ─ ClientHello ALPN picks the chain ─ TLS:
+//	peer ──iptables──► :15006 inbound ─ original destination port, then ClientHello ALPN, picks the chain ─ TLS:
 //	    caller's SVID required, verified against its own trust domain's bundle
-//	    ├─ istio-http/1.1, istio-h2: HTTP (codec by the bytes), XFCC set ──► 127.0.0.1:<port> (HTTP/1.1 or h2c)
-//	    └─ anything else: bytes ──► 127.0.0.1:<port>
+//	    ├─ a declared port's chain, whatever the ALPN: as its protocol says, HTTP or bytes (below)
+//	    ├─ any other port, istio-http/1.1, istio-h2: HTTP (codec by the bytes), XFCC set ──► 127.0.0.1:<port> (HTTP/1.1 or h2c)
+//	    └─ any other port, anything else: bytes ──► 127.0.0.1:<port>
+//
+// The inbound chain is chosen as Envoy chooses it: when a chain names the
+// connection's original destination port (filter_chain_match
+// .destination_port), only the chains of that port are considered, then
+// the ALPN among them; there is no going back to the chains of any port
+// if none of them matches (no_chain). So a caller cannot reach an HTTP
+// port's app as TCP, with an X-Forwarded-Client-Cert of its own making,
+// by offering ALPN istio or none.
 //
 // HTTP/1.1 is served on the connection's own goroutine by the sidecar's
 // codec (h1.go, h1parse.go): the head parsed strictly where it was read

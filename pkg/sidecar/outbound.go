@@ -203,17 +203,19 @@ func (p *Proxy) proxyTCP(down relay.Conn, st *state, tp *xdsclient.TCPProxy, lis
 	relay.Pipe(down, up, tp.IdleTimeout, bc.received.add, bc.sent.add)
 }
 
-// inConn carries the filter chain its ClientHello selected from
-// GetConfigForClient to the connection's goroutine.
+// inConn carries the original destination's port to GetConfigForClient,
+// and the filter chain it selected back to the connection's goroutine.
 type inConn struct {
 	tryConn
+	port  uint16
 	chain int
 }
 
 // serveInbound is one inbound connection's goroutine: original
-// destination, TLS with the filter chain the ClientHello's ALPN selects
-// (the caller's SVID required and verified against its own trust domain's
-// bundle), then an HTTP connection manager or a TCP proxy to the app.
+// destination, TLS with the filter chain the destination port and then
+// the ClientHello's ALPN select (the caller's SVID required and verified
+// against its own trust domain's bundle), then an HTTP connection manager
+// or a TCP proxy to the app.
 func (p *Proxy) serveInbound(c *net.TCPConn) {
 	defer p.connGoroutines.Done()
 	st := p.state.Load()
@@ -239,7 +241,7 @@ func (p *Proxy) serveInbound(c *net.TCPConn) {
 		p.release(listenerInbound)
 		return
 	}
-	ic := &inConn{chain: -1}
+	ic := &inConn{port: dst.Port(), chain: -1}
 	ic.init(c)
 	tc := tls.Server(ic, st.inboundDispatch())
 	_ = c.SetDeadline(time.Now().Add(p.cfg.HandshakeTimeout))
@@ -248,7 +250,7 @@ func (p *Proxy) serveInbound(c *net.TCPConn) {
 		if errors.Is(err, errNoChain) {
 			reason = ReasonNoChain
 		}
-		p.refuse(c, listenerInbound, reason, "error", err)
+		p.refuse(c, listenerInbound, reason, "destination", dst.String(), "error", err)
 		p.release(listenerInbound)
 		return
 	}
@@ -266,19 +268,27 @@ func (p *Proxy) serveInbound(c *net.TCPConn) {
 }
 
 // inboundDispatch is the TLS configuration that picks the inbound filter
-// chain by the ClientHello's ALPN, as Envoy's tls_inspector and filter
-// chain match do, and answers with that chain's TLS.
+// chain by the original destination port, then the ClientHello's ALPN,
+// as Envoy's filter chain match does (with original_dst and
+// tls_inspector), and answers with that chain's TLS. A ClientHello that
+// does not come through serveInbound's inConn (none does) would be
+// matched as on a port without chains.
 func (st *state) inboundDispatch() *tls.Config {
 	st.dispatchOnce.Do(func() {
 		chains := st.cfg.Sidecar.Inbound.Chains
 		st.dispatch = &tls.Config{GetConfigForClient: func(h *tls.ClientHelloInfo) (*tls.Config, error) {
-			ch := st.cfg.Sidecar.Inbound.Match(h.SupportedProtos)
+			ic, _ := h.Conn.(*inConn)
+			var port uint16
+			if ic != nil {
+				port = ic.port
+			}
+			ch := st.cfg.Sidecar.Inbound.Match(port, h.SupportedProtos)
 			if ch == nil {
 				return nil, errNoChain
 			}
 			for i := range chains {
 				if &chains[i] == ch {
-					if ic, ok := h.Conn.(*inConn); ok {
+					if ic != nil {
 						ic.chain = i
 					}
 					return st.inboundTLS[i], nil

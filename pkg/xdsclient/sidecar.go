@@ -228,9 +228,10 @@ type HTTPConnectionManager struct {
 
 // InboundListener is the listener named "inbound": listener_filters
 // [original_dst, tls_inspector] and filter chains that all match transport_protocol
-// "tls" and terminate it with a DownstreamTLS. The decoder guarantees: no
-// two chains list the same application protocol, at most one lists none,
-// and there is no default chain — a connection that is not TLS matches
+// "tls" and terminate it with a DownstreamTLS. The decoder guarantees:
+// among the chains of one destination port, and among those for any
+// port, no two list the same application protocol and at most one lists
+// none; there is no default chain — a connection that is not TLS matches
 // nothing and is closed.
 type InboundListener struct {
 	Name string
@@ -241,32 +242,55 @@ type InboundListener struct {
 	// Chains in the order the server sent them.
 	Chains []InboundChain
 
-	// byALPN indexes Chains by application protocol; anyALPN is the chain
-	// listing none, -1 when there is none.
-	byALPN  map[string]int32
-	anyALPN int32
+	// groups has an entry for every destination port some chain matches,
+	// 0 standing for the chains of any port: the index of the group's
+	// chain that lists no application protocol, -1 when none does.
+	// byALPN indexes Chains by (group, application protocol).
+	groups map[uint16]int32
+	byALPN map[inboundKey]int32
 }
 
-// Match is the filter chain for a TLS connection whose ClientHello offers
-// alpn (in the client's order), by Envoy's rules: the first offered
-// protocol that a chain lists picks that chain; otherwise the chain that
-// lists none. Nil when nothing matches: close the connection.
-func (l *InboundListener) Match(alpn []string) *InboundChain {
+// inboundKey is a chain's place in InboundListener.byALPN: its
+// destination port (0: any) and one application protocol it lists.
+type inboundKey struct {
+	port uint16
+	alpn string
+}
+
+// Match is the filter chain for a TLS connection to the original
+// destination port port whose ClientHello offers alpn (in the client's
+// order), by Envoy's rules, which match destination_port before
+// application_protocols and never go back: if a chain names port, only
+// the chains of port are considered, else only the chains of any port.
+// Among those, the first offered protocol that a chain lists picks that
+// chain; otherwise the chain that lists none. Nil when nothing matches:
+// close the connection.
+func (l *InboundListener) Match(port uint16, alpn []string) *InboundChain {
+	none, ok := l.groups[port]
+	if !ok {
+		port = 0
+		if none, ok = l.groups[0]; !ok {
+			return nil
+		}
+	}
 	for _, p := range alpn {
-		if i, ok := l.byALPN[p]; ok {
+		if i, ok := l.byALPN[inboundKey{port, p}]; ok {
 			return &l.Chains[i]
 		}
 	}
-	if l.anyALPN >= 0 {
-		return &l.Chains[l.anyALPN]
+	if none >= 0 {
+		return &l.Chains[none]
 	}
 	return nil
 }
 
 // InboundChain is one inbound filter chain: filter_chain_match
-// { transport_protocol: "tls", application_protocols }, the TLS it
-// terminates, and exactly one of HTTP and TCP.
+// { destination_port, transport_protocol: "tls", application_protocols },
+// the TLS it terminates, and exactly one of HTTP and TCP.
 type InboundChain struct {
+	// Port is filter_chain_match.destination_port, the original
+	// destination's port (the app's); 0 when unset: any port.
+	Port uint16
 	// ALPN is filter_chain_match.application_protocols; empty matches any
 	// protocol (or none).
 	ALPN []string
@@ -506,29 +530,35 @@ func (l *OutboundListener) index() error {
 	return errors.Join(errs...)
 }
 
-// index fills l's ALPN index; a protocol listed by two chains, or two
-// chains listing none, is an error.
+// index fills l's (port, ALPN) index; within the chains of one
+// destination port, or those of any port, a protocol listed by two
+// chains, or two chains listing none, is an error.
 func (l *InboundListener) index() error {
 	var errs []error
-	l.byALPN = make(map[string]int32)
-	l.anyALPN = -1
+	l.groups = make(map[uint16]int32)
+	l.byALPN = make(map[inboundKey]int32)
 	for i, ch := range l.Chains {
-		if len(ch.ALPN) == 0 {
-			if l.anyALPN >= 0 {
-				errs = append(errs, fieldErr("filter_chains["+itoa(i)+"].filter_chain_match.application_protocols",
-					"is empty, as in filter_chains["+itoa(int(l.anyALPN))+"]: two chains match the same connections"))
-				continue
-			}
-			l.anyALPN = int32(i)
-			continue
+		none, ok := l.groups[ch.Port]
+		if !ok {
+			none = -1
 		}
+		if len(ch.ALPN) == 0 {
+			if none >= 0 {
+				errs = append(errs, fieldErr("filter_chains["+itoa(i)+"].filter_chain_match.application_protocols",
+					"is empty, as in filter_chains["+itoa(int(none))+"]: two chains match the same connections"))
+			} else {
+				none = int32(i)
+			}
+		}
+		l.groups[ch.Port] = none
 		for k, p := range ch.ALPN {
-			if j, dup := l.byALPN[p]; dup {
+			key := inboundKey{ch.Port, p}
+			if j, dup := l.byALPN[key]; dup {
 				errs = append(errs, fieldErr("filter_chains["+itoa(i)+"].filter_chain_match.application_protocols["+itoa(k)+"]",
 					quote(p)+" is also matched by filter_chains["+itoa(int(j))+"]"))
 				continue
 			}
-			l.byALPN[p] = int32(i)
+			l.byALPN[key] = int32(i)
 		}
 	}
 	return errors.Join(errs...)

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	"github.com/stretchr/testify/require"
 )
 
@@ -58,6 +59,47 @@ func BenchmarkMatchOutbound(b *testing.B) {
 	i := 0
 	for b.Loop() {
 		if l.Match(dsts[i%len(dsts)]) == nil {
+			b.Fatal("no chain")
+		}
+		i++
+	}
+}
+
+// BenchmarkMatchInbound picks the inbound chain as a pod's sidecar does
+// per connection: a pod with 20 declared ports (one chain each,
+// HTTP or TCP) before the two chains by ALPN, dialled on declared ports
+// and on others, offering what a sidecar offers (istio-http/1.1 and
+// istio-h2, istio) or nothing.
+func BenchmarkMatchInbound(b *testing.B) {
+	m := newSidecarMutable(b)
+	var chains []*listenerv3.FilterChain
+	for i := range 20 {
+		fc := onPort(m.in.FilterChains[i%2], uint32(8000+i))
+		fc.FilterChainMatch.ApplicationProtocols = nil
+		chains = append(chains, fc)
+	}
+	m.in.FilterChains = append(chains, m.in.FilterChains...)
+	cfg, err := m.decode(b)
+	require.NoError(b, err)
+	l := cfg.Sidecar.Inbound
+	type conn struct {
+		port uint16
+		alpn []string
+	}
+	var conns []conn
+	for _, alpn := range [][]string{{"istio-http/1.1", "istio-h2"}, {"istio"}, nil} {
+		for _, port := range []uint16{8000, 8001, 8019, 9090} {
+			conns = append(conns, conn{port, alpn})
+		}
+	}
+	require.Same(b, &l.Chains[0], l.Match(8000, []string{"istio"}))
+	require.Same(b, &l.Chains[20], l.Match(9090, []string{"istio-h2"}))
+	require.Same(b, &l.Chains[21], l.Match(9090, nil))
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		c := conns[i%len(conns)]
+		if l.Match(c.port, c.alpn) == nil {
 			b.Fatal("no chain")
 		}
 		i++

@@ -61,7 +61,7 @@ var (
 	scDefaultChain       = allow[*listenerv3.FilterChain]("filters")
 	scInboundChain       = allow[*listenerv3.FilterChain]("filter_chain_match", "filters", "transport_socket")
 	scOutboundMatch      = allow[*listenerv3.FilterChainMatch]("destination_port", "prefix_ranges")
-	scInboundMatch       = allow[*listenerv3.FilterChainMatch]("transport_protocol", "application_protocols")
+	scInboundMatch       = allow[*listenerv3.FilterChainMatch]("destination_port", "transport_protocol", "application_protocols")
 	scCidrFields         = allow[*corev3.CidrRange]("address_prefix", "prefix_len")
 	scOutboundHCM        = allow[*hcmv3.HttpConnectionManager]("codec_type", "stat_prefix", "rds", "route_config", "http_filters")
 	scInboundHCM         = allow[*hcmv3.HttpConnectionManager]("codec_type", "stat_prefix", "route_config", "http_filters", "forward_client_cert_details", "set_current_client_cert_details")
@@ -382,7 +382,8 @@ func decodeInbound(m *listenerv3.Listener) (*InboundListener, error) {
 	errs = append(errs, err)
 
 	// original_dst, so that inbound-passthrough dials the port the caller
-	// dialled, and tls_inspector for the chains' ALPN match.
+	// dialled (and the chains' destination_port match), and tls_inspector
+	// for the chains' ALPN match.
 	var origDst, inspectors int
 	for i, f := range m.GetListenerFilters() {
 		var err error
@@ -435,6 +436,15 @@ func decodeInboundChain(fc *listenerv3.FilterChain) (InboundChain, error) {
 		errs = append(errs, fieldErr("filter_chain_match", `is missing: every inbound chain matches transport_protocol "tls"`))
 	} else {
 		errs = append(errs, within("filter_chain_match", scInboundMatch.check(match)))
+		// Unset: any port. Set: the app's port, which Envoy matches
+		// before the ALPN.
+		if dp := match.GetDestinationPort(); dp != nil {
+			if dp.GetValue() == 0 || dp.GetValue() > 65535 {
+				errs = append(errs, fieldErr("filter_chain_match.destination_port", fmt.Sprintf("%d is not a port", dp.GetValue())))
+			} else {
+				ch.Port = uint16(dp.GetValue())
+			}
+		}
 		if tp := match.GetTransportProtocol(); tp != "tls" {
 			errs = append(errs, fieldErr("filter_chain_match.transport_protocol", fmt.Sprintf(`%q is not supported: every inbound chain is mTLS ("tls")`, tp)))
 		}

@@ -150,8 +150,8 @@ func TestSidecarDecodeAccepts(t *testing.T) {
 	require.Equal(t, &Route{Prefix: "/", Cluster: InboundPassthroughCluster},
 		httpIn.HTTP.Routes.VirtualHost("echo.demo.svc.cluster.local:8080").Route("/"))
 	require.Equal(t, InboundChain{TLS: tlsCtx, TCP: tcp(InboundPassthroughCluster)}, in.Chains[1])
-	require.Same(t, &in.Chains[0], in.Match([]string{"istio-h2"}))
-	require.Same(t, &in.Chains[1], in.Match([]string{"istio"}))
+	require.Same(t, &in.Chains[0], in.Match(8080, []string{"istio-h2"}))
+	require.Same(t, &in.Chains[1], in.Match(8080, []string{"istio"}))
 
 	// Clusters.
 	require.Equal(t, Cluster{Name: PassthroughCluster, Type: OriginalDst, ConnectTimeout: time.Second}, cfg.Clusters[PassthroughCluster])
@@ -239,6 +239,57 @@ func TestSidecarDecodeAcceptsEnvoyDefaults(t *testing.T) {
 	require.Equal(t, Sanitize, cfg.Sidecar.Inbound.Chains[0].HTTP.ForwardClientCert)
 	require.False(t, cfg.Sidecar.Inbound.Chains[0].HTTP.SetClientCertURI)
 	require.Equal(t, 5*time.Second, cfg.Clusters[scGreeter.cluster(80)].ConnectTimeout)
+}
+
+// onPort is a copy of the inbound chain fc matching destination_port
+// port.
+func onPort(fc *listenerv3.FilterChain, port uint32) *listenerv3.FilterChain {
+	c := proto.Clone(fc).(*listenerv3.FilterChain)
+	c.FilterChainMatch.DestinationPort = wrapperspb.UInt32(port)
+	return c
+}
+
+// The inbound chains Istio sends per declared port, before the two
+// chains by ALPN: the port's own chain decides, whatever the ALPN.
+func TestSidecarDecodeInboundPortChains(t *testing.T) {
+	m := newSidecarMutable(t)
+	httpPort := onPort(m.in.FilterChains[0], 8080)
+	httpPort.FilterChainMatch.ApplicationProtocols = nil
+	m.in.FilterChains = append([]*listenerv3.FilterChain{httpPort, onPort(m.in.FilterChains[1], 9000)}, m.in.FilterChains...)
+	cfg, err := m.decode(t)
+	require.NoError(t, err)
+	requireSidecarConsistent(t, cfg)
+	in := cfg.Sidecar.Inbound
+	require.Len(t, in.Chains, 4)
+	for i, want := range []struct {
+		port uint16
+		alpn []string
+		http bool
+	}{{8080, nil, true}, {9000, nil, false}, {0, []string{"istio-http/1.1", "istio-h2"}, true}, {0, nil, false}} {
+		ch := in.Chains[i]
+		require.Equal(t, want.port, ch.Port, "chain %d", i)
+		require.Equal(t, want.alpn, ch.ALPN, "chain %d", i)
+		require.Equal(t, want.http, ch.HTTP != nil, "chain %d", i)
+		require.Equal(t, DownstreamTLS{CertSecret: "default", ValidationSecret: "ROOTCA"}, ch.TLS)
+	}
+	require.Equal(t, SanitizeSet, in.Chains[0].HTTP.ForwardClientCert)
+	require.Equal(t, InboundPassthroughCluster, in.Chains[1].TCP.Cluster)
+	for _, tc := range []struct {
+		port uint16
+		alpn []string
+		want int
+	}{
+		{8080, []string{"istio"}, 0},
+		{8080, nil, 0},
+		{8080, []string{"istio-h2"}, 0},
+		{9000, []string{"istio-http/1.1"}, 1},
+		{9000, nil, 1},
+		{8081, []string{"istio-http/1.1"}, 2},
+		{8081, []string{"istio"}, 3},
+		{8081, nil, 3},
+	} {
+		require.Same(t, &in.Chains[tc.want], in.Match(tc.port, tc.alpn), "port %d, ALPN %q", tc.port, tc.alpn)
+	}
 }
 
 func TestSidecarDecodeServiceWithoutEndpoints(t *testing.T) {
@@ -533,9 +584,21 @@ func TestSidecarDecodeRefusesWhatTheContractDoesNotDescribe(t *testing.T) {
 		{"raw_buffer chain", func(t *testing.T, m *scMutable) {
 			m.in.FilterChains[1].FilterChainMatch.TransportProtocol = "raw_buffer"
 		}, []string{in + `filter_chains[1].filter_chain_match.transport_protocol: "raw_buffer" is not supported: every inbound chain is mTLS ("tls")`}},
-		{"inbound match on port", func(t *testing.T, m *scMutable) {
-			m.in.FilterChains[1].FilterChainMatch.DestinationPort = wrapperspb.UInt32(8080)
-		}, []string{in + `filter_chains[1].filter_chain_match.destination_port: not supported`}},
+		{"inbound port 0", func(t *testing.T, m *scMutable) {
+			m.in.FilterChains[1].FilterChainMatch.DestinationPort = wrapperspb.UInt32(0)
+		}, []string{in + `filter_chains[1].filter_chain_match.destination_port: 0 is not a port`}},
+		{"inbound port above 65535", func(t *testing.T, m *scMutable) {
+			m.in.FilterChains[0].FilterChainMatch.DestinationPort = wrapperspb.UInt32(65536 + 8080)
+		}, []string{in + `filter_chains[0].filter_chain_match.destination_port: 73616 is not a port`}},
+		{"inbound match on a source", func(t *testing.T, m *scMutable) {
+			m.in.FilterChains[1].FilterChainMatch.SourcePorts = []uint32{8080}
+		}, []string{in + `filter_chains[1].filter_chain_match.source_ports: not supported`}},
+		{"one ALPN in two chains of a port", func(t *testing.T, m *scMutable) {
+			m.in.FilterChains = append(m.in.FilterChains, onPort(m.in.FilterChains[0], 8080), onPort(m.in.FilterChains[0], 8080))
+		}, []string{in + `filter_chains[3].filter_chain_match.application_protocols[0]: "istio-http/1.1" is also matched by filter_chains[2]`}},
+		{"two catch-all chains of a port", func(t *testing.T, m *scMutable) {
+			m.in.FilterChains = append(m.in.FilterChains, onPort(m.in.FilterChains[1], 9000), onPort(m.in.FilterChains[1], 9000))
+		}, []string{in + `filter_chains[3].filter_chain_match.application_protocols: is empty, as in filter_chains[2]: two chains match the same connections`}},
 		{"one ALPN in two chains", func(t *testing.T, m *scMutable) {
 			m.in.FilterChains[1].FilterChainMatch.ApplicationProtocols = []string{"istio", "istio-h2"}
 		}, []string{in + `filter_chains[1].filter_chain_match.application_protocols[1]: "istio-h2" is also matched by filter_chains[0]`}},

@@ -494,10 +494,10 @@ func requireSidecarConsistent(t testing.TB, cfg *Config) {
 			checkRoutes(ch.HTTP.Routes)
 		}
 		if len(ch.ALPN) == 0 {
-			require.Same(t, ch, sc.Inbound.Match(nil))
+			require.Same(t, ch, sc.Inbound.Match(ch.Port, nil))
 		}
 		for _, p := range ch.ALPN {
-			require.Same(t, ch, sc.Inbound.Match([]string{p}))
+			require.Same(t, ch, sc.Inbound.Match(ch.Port, []string{p}))
 		}
 	}
 	for name, c := range cfg.Clusters {

@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/protobuf/proto"
@@ -37,6 +38,18 @@ func sidecarFuzzSeeds(tb testing.TB) [][]byte {
 		func(m *scMutable) { delete(m.routes, "9090") },
 		func(m *scMutable) {
 			m.clusters[PassthroughCluster].ClusterDiscoveryType = &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS}
+		},
+		// Inbound chains per declared port, before the chains by ALPN
+		// (what the federator sends per pod), and near misses: a port
+		// out of range, two catch-all chains of one port.
+		func(m *scMutable) {
+			httpPort := onPort(m.in.FilterChains[0], 8080)
+			httpPort.FilterChainMatch.ApplicationProtocols = nil
+			m.in.FilterChains = append([]*listenerv3.FilterChain{httpPort, onPort(m.in.FilterChains[1], 9000)}, m.in.FilterChains...)
+		},
+		func(m *scMutable) { m.in.FilterChains[0].FilterChainMatch.DestinationPort = wrapperspb.UInt32(65536) },
+		func(m *scMutable) {
+			m.in.FilterChains = append(m.in.FilterChains, onPort(m.in.FilterChains[1], 9000), onPort(m.in.FilterChains[1], 9000))
 		},
 		// Two upstream HTTP versions on the wire, of which proto keeps
 		// the last.

@@ -80,13 +80,113 @@ func TestInboundMatch(t *testing.T) {
 		{TCP: &TCPProxy{Cluster: InboundPassthroughCluster}},
 	}}
 	require.NoError(t, l.index())
-	require.Same(t, &l.Chains[0], l.Match([]string{"istio-h2"}))
-	require.Same(t, &l.Chains[0], l.Match([]string{"h2", "istio-http/1.1"}))
-	require.Same(t, &l.Chains[1], l.Match([]string{"istio"}))
-	require.Same(t, &l.Chains[1], l.Match(nil))
+	require.Same(t, &l.Chains[0], l.Match(8080, []string{"istio-h2"}))
+	require.Same(t, &l.Chains[0], l.Match(8080, []string{"h2", "istio-http/1.1"}))
+	require.Same(t, &l.Chains[1], l.Match(8080, []string{"istio"}))
+	require.Same(t, &l.Chains[1], l.Match(8080, nil))
 	l.Chains = l.Chains[:1]
 	require.NoError(t, l.index())
-	require.Nil(t, l.Match([]string{"istio"}))
+	require.Nil(t, l.Match(8080, []string{"istio"}))
+}
+
+// Chains of a destination port are matched before the ALPN, as in
+// Envoy: a port with chains considers only those, whatever the client
+// offers, and never falls back to the chains of any port.
+func TestInboundMatchByPort(t *testing.T) {
+	hcm := &HTTPConnectionManager{StatPrefix: "inbound", ForwardClientCert: SanitizeSet}
+	tcp := &TCPProxy{Cluster: InboundPassthroughCluster}
+	l := &InboundListener{Chains: []InboundChain{
+		{Port: 8080, HTTP: hcm},
+		{Port: 9000, TCP: tcp},
+		{Port: 9443, ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: hcm},
+		{Port: 7000, ALPN: []string{"istio"}, TCP: tcp},
+		{Port: 7000, ALPN: []string{"istio-h2"}, HTTP: hcm},
+		{Port: 7000, HTTP: hcm},
+		{ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: hcm},
+		{TCP: tcp},
+	}}
+	require.NoError(t, l.index())
+	for _, tc := range []struct {
+		name string
+		port uint16
+		alpn []string
+		want int // -1: nil
+	}{
+		{"HTTP port, ALPN istio", 8080, []string{"istio"}, 0},
+		{"HTTP port, no ALPN", 8080, nil, 0},
+		{"HTTP port, ALPN istio-http/1.1", 8080, []string{"istio-http/1.1"}, 0},
+		{"TCP port, ALPN istio-http/1.1", 9000, []string{"istio-http/1.1"}, 1},
+		{"TCP port, ALPN istio-h2", 9000, []string{"istio-h2", "istio"}, 1},
+		{"port with an ALPN chain, offered", 9443, []string{"istio-h2"}, 2},
+		{"port with an ALPN chain, not offered: no fallback", 9443, []string{"istio"}, -1},
+		{"port with an ALPN chain, nothing offered: no fallback", 9443, nil, -1},
+		{"port's chains by ALPN, first offered wins", 7000, []string{"h2", "istio-h2", "istio"}, 4},
+		{"port's chains by ALPN", 7000, []string{"istio"}, 3},
+		{"port's chain listing none", 7000, []string{"istio-http/1.1"}, 5},
+		{"port's chain listing none, nothing offered", 7000, nil, 5},
+		{"undeclared port, istio-http/1.1", 8081, []string{"istio-http/1.1"}, 6},
+		{"undeclared port, istio", 8081, []string{"istio"}, 7},
+		{"undeclared port, nothing offered", 8081, nil, 7},
+		{"port 0 is any port's", 0, []string{"istio-h2"}, 6},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := l.Match(tc.port, tc.alpn)
+			if tc.want < 0 {
+				require.Nil(t, got)
+				return
+			}
+			require.Same(t, &l.Chains[tc.want], got)
+		})
+	}
+
+	// Without chains for any port, an undeclared port matches nothing.
+	l.Chains = l.Chains[:6]
+	require.NoError(t, l.index())
+	require.Same(t, &l.Chains[0], l.Match(8080, []string{"istio"}))
+	require.Nil(t, l.Match(8081, []string{"istio-http/1.1"}))
+	require.Nil(t, l.Match(8081, nil))
+
+	// The same protocol, or none, on two ports, or on a port and any
+	// port, is no conflict; on one port it is, named by both chains.
+	l.Chains = []InboundChain{
+		{Port: 8080, ALPN: []string{"istio-h2"}, HTTP: hcm},
+		{Port: 8081, ALPN: []string{"istio-h2"}, HTTP: hcm},
+		{ALPN: []string{"istio-h2"}, HTTP: hcm},
+		{Port: 8080, TCP: tcp},
+		{TCP: tcp},
+	}
+	require.NoError(t, l.index())
+	l.Chains = append(l.Chains,
+		InboundChain{Port: 8080, ALPN: []string{"istio", "istio-h2"}, TCP: tcp},
+		InboundChain{Port: 8080, HTTP: hcm},
+		InboundChain{ALPN: []string{"istio-h2"}, HTTP: hcm},
+		InboundChain{TCP: tcp},
+	)
+	require.EqualError(t, l.index(), `filter_chains[5].filter_chain_match.application_protocols[1]: "istio-h2" is also matched by filter_chains[0]`+"\n"+
+		"filter_chains[6].filter_chain_match.application_protocols: is empty, as in filter_chains[3]: two chains match the same connections\n"+
+		`filter_chains[7].filter_chain_match.application_protocols[0]: "istio-h2" is also matched by filter_chains[2]`+"\n"+
+		"filter_chains[8].filter_chain_match.application_protocols: is empty, as in filter_chains[4]: two chains match the same connections")
+}
+
+// Match is on every inbound connection's path: it allocates nothing.
+func TestInboundMatchAllocatesNothing(t *testing.T) {
+	l := &InboundListener{Chains: []InboundChain{
+		{Port: 8080, HTTP: &HTTPConnectionManager{}},
+		{ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: &HTTPConnectionManager{}},
+		{TCP: &TCPProxy{Cluster: InboundPassthroughCluster}},
+	}}
+	require.NoError(t, l.index())
+	offers := [][]string{{"istio"}, nil, {"h2", "istio-h2"}}
+	allocs := testing.AllocsPerRun(100, func() {
+		for _, port := range []uint16{8080, 8081} {
+			for _, alpn := range offers {
+				if l.Match(port, alpn) == nil {
+					panic("no chain")
+				}
+			}
+		}
+	})
+	require.Zero(t, allocs)
 }
 
 func TestNameTable(t *testing.T) {

@@ -158,14 +158,16 @@ func TestTranslateSidecarRoundTrip(t *testing.T) {
 	}, echo.TLS.SANs)
 	require.Equal(t, "outbound_.80_._.echo.demo.svc.cluster.local", echo.TLS.SNI)
 
-	// The inbound side.
+	// The inbound side, for a port without chains of its own: the
+	// chains picked by ALPN alone.
 	in := sc.Inbound
-	httpIn := in.Match([]string{"istio-http/1.1"})
+	const port = 7070
+	httpIn := in.Match(port, []string{"istio-http/1.1"})
 	require.NotNil(t, httpIn.HTTP)
 	require.Equal(t, SanitizeSet, httpIn.HTTP.ForwardClientCert)
 	require.True(t, httpIn.HTTP.SetClientCertURI)
 	require.Equal(t, InboundPassthroughCluster, httpIn.HTTP.Routes.VirtualHost("anything:8080").Route("/").Cluster)
-	require.Equal(t, InboundPassthroughCluster, in.Match([]string{"istio"}).TCP.Cluster)
+	require.Equal(t, InboundPassthroughCluster, in.Match(port, []string{"istio"}).TCP.Cluster)
 	require.Equal(t, UpstreamHTTPDownstream, cfg.Clusters[InboundPassthroughCluster].UpstreamHTTP, "the app gets the version the caller's sidecar chose")
 	require.Equal(t, UpstreamHTTPNone, cfg.Clusters[PassthroughCluster].UpstreamHTTP)
 }
