@@ -24,6 +24,16 @@
 // (15001) and "inbound" (15006) listeners, and the RDS route
 // configurations of the HTTP ports and of explicit mode.
 //
+// The inbound listener alone depends on the pod (sidecar_inbound.go): a
+// pod whose Services declare ports gets a chain per declared target
+// port, HTTP or TCP as declared, before the ALPN chains, so that a
+// caller cannot choose the TCP chain on an HTTP port. Pods that declare
+// the same ports share a profile. The sidecars' snapshot is one
+// (profiledSnapshot); the encodedCache asks it which listeners a node
+// gets, by the pod IP of its node ID, and encodes each profile's once.
+// The translator keeps which pod declares what service by service
+// (declIndex), so an endpoint turning ready costs nothing there.
+//
 // Every resource passes go-control-plane's own Validate() before it can be
 // served, and a snapshot is set only when it is consistent and its version
 // differs from the one being served. Each type is served at its own
