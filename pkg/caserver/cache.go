@@ -26,8 +26,8 @@ const (
 	// TokenReview every few seconds, short enough that a workload whose
 	// token was refused by mistake is not held up for long.
 	DefaultNegativeCacheTTL = 5 * time.Second
-	// DefaultCacheSize bounds the tokens remembered. An entry is about
-	// 100 bytes.
+	// DefaultCacheSize bounds the acceptances remembered, and apart from
+	// them the refusals. An entry is about 100 bytes.
 	DefaultCacheSize = 4096
 	// reviewTimeout bounds one review that several callers wait for.
 	reviewTimeout = 30 * time.Second
@@ -43,8 +43,9 @@ type CacheOptions struct {
 	// NegativeTTL is how long a refused token is remembered. Zero means
 	// DefaultNegativeCacheTTL; negative remembers no refusal.
 	NegativeTTL time.Duration
-	// Size bounds the tokens remembered, the least recently used leaving
-	// first. Zero or less means DefaultCacheSize.
+	// Size bounds the acceptances remembered, and apart from them the
+	// refusals, the least recently used leaving first: a flood of junk
+	// tokens evicts only refusals. Zero or less means DefaultCacheSize.
 	Size int
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
@@ -56,13 +57,16 @@ type CacheOptions struct {
 // share one review. A workload renewing with the same token, or a caller
 // repeating a junk one, then costs at most one review per token and TTL.
 // Answers that are neither an acceptance nor a refusal (the API server
-// could not decide) are not remembered.
+// could not decide) are not remembered. Acceptances and refusals are
+// kept apart, so that anyone able to reach the port, who can make up
+// tokens without end, evicts only refusals; an acceptance takes a token
+// the API server accepted.
 type CachingAuthenticator struct {
-	inner       Authenticator
-	ttl, negTTL time.Duration
-	now         func() time.Time
-	cache       *lru.Cache[[sha256.Size]byte, cachedAnswer]
-	inflight    singleflight.Group
+	inner             Authenticator
+	ttl, negTTL       time.Duration
+	now               func() time.Time
+	accepted, refused *lru.Cache[[sha256.Size]byte, cachedAnswer]
+	inflight          singleflight.Group
 }
 
 var _ Authenticator = (*CachingAuthenticator)(nil)
@@ -91,7 +95,8 @@ func NewCachingAuthenticator(inner Authenticator, opts CacheOptions) *CachingAut
 		size = DefaultCacheSize
 	}
 	// lru.New fails only for a size below one.
-	c.cache, _ = lru.New[[sha256.Size]byte, cachedAnswer](size)
+	c.accepted, _ = lru.New[[sha256.Size]byte, cachedAnswer](size)
+	c.refused, _ = lru.New[[sha256.Size]byte, cachedAnswer](size)
 	return c
 }
 
@@ -126,15 +131,18 @@ func (c *CachingAuthenticator) Authenticate(ctx context.Context, token string) (
 
 // lookup returns the answer remembered for key, if it is still current.
 func (c *CachingAuthenticator) lookup(key [sha256.Size]byte) (cachedAnswer, bool) {
-	a, ok := c.cache.Get(key)
-	if !ok {
-		return cachedAnswer{}, false
+	for _, cache := range []*lru.Cache[[sha256.Size]byte, cachedAnswer]{c.accepted, c.refused} {
+		a, ok := cache.Get(key)
+		if !ok {
+			continue
+		}
+		if !c.now().Before(a.expires) {
+			cache.Remove(key)
+			return cachedAnswer{}, false
+		}
+		return a, true
 	}
-	if !c.now().Before(a.expires) {
-		c.cache.Remove(key)
-		return cachedAnswer{}, false
-	}
-	return a, true
+	return cachedAnswer{}, false
 }
 
 func (c *CachingAuthenticator) remember(key [sha256.Size]byte, token string, caller Caller, err error) {
@@ -154,7 +162,11 @@ func (c *CachingAuthenticator) remember(key [sha256.Size]byte, token string, cal
 	if !now.Before(expires) {
 		return
 	}
-	c.cache.Add(key, cachedAnswer{caller: caller, err: err, expires: expires})
+	if err == nil {
+		c.accepted.Add(key, cachedAnswer{caller: caller, expires: expires})
+		return
+	}
+	c.refused.Add(key, cachedAnswer{err: err, expires: expires})
 }
 
 // maxClaimsBytes bounds the JWT payload tokenExpiry decodes.

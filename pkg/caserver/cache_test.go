@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -198,24 +199,44 @@ func TestCachingAuthenticatorLifetimes(t *testing.T) {
 	t.Run("bounded, least recently used leaves", func(t *testing.T) {
 		rc := newReviewCounter()
 		a := NewCachingAuthenticator(TokenReviewAuthenticator{Client: rc.cs}, CacheOptions{Now: clock.Now, Size: 2})
-		for _, tok := range []string{"web-token", "junk-1", "junk-2", "web-token"} {
+		for _, tok := range []string{"jwt.1", "jwt.2", "jwt.3", "jwt.1", "junk-1", "junk-2", "junk-3", "junk-1"} {
 			_, _ = a.Authenticate(ctx, tok)
 		}
-		require.Equal(t, int64(4), rc.reviews.Load(), "web-token was pushed out by two others")
-		require.Equal(t, 2, a.cache.Len())
+		require.Equal(t, int64(8), rc.reviews.Load(), "jwt.1 and junk-1 were each pushed out by two others of their kind")
+		require.Equal(t, 2, a.accepted.Len())
+		require.Equal(t, 2, a.refused.Len())
+	})
+	t.Run("junk tokens never push out an acceptance", func(t *testing.T) {
+		rc := newReviewCounter()
+		a := NewCachingAuthenticator(TokenReviewAuthenticator{Client: rc.cs}, CacheOptions{Now: clock.Now, Size: 16})
+		_, err := a.Authenticate(ctx, "web-token")
+		require.NoError(t, err)
+		for i := range 100 {
+			_, err := a.Authenticate(ctx, fmt.Sprintf("junk-%d", i))
+			require.ErrorIs(t, err, ErrUnauthenticated)
+		}
+		require.Equal(t, int64(101), rc.reviews.Load())
+		got, err := a.Authenticate(ctx, "web-token")
+		require.NoError(t, err)
+		require.Equal(t, web, got)
+		require.Equal(t, int64(101), rc.reviews.Load(), "the acceptance outlived a flood of junk tokens")
 	})
 	t.Run("keyed by a hash, never the token", func(t *testing.T) {
 		rc := newReviewCounter()
 		a := NewCachingAuthenticator(TokenReviewAuthenticator{Client: rc.cs}, CacheOptions{Now: clock.Now})
 		_, _ = a.Authenticate(ctx, "web-token")
 		_, _ = a.Authenticate(ctx, "junk")
-		for _, k := range a.cache.Keys() {
-			require.NotContains(t, string(k[:]), "web-token")
-			require.NotContains(t, string(k[:]), "junk")
-			v, _ := a.cache.Peek(k)
-			require.NotContains(t, fmt.Sprintf("%+v", v), "web-token")
+		for _, cache := range []*lru.Cache[[sha256.Size]byte, cachedAnswer]{a.accepted, a.refused} {
+			require.Equal(t, 1, cache.Len())
+			for _, k := range cache.Keys() {
+				require.NotContains(t, string(k[:]), "web-token")
+				require.NotContains(t, string(k[:]), "junk")
+				v, _ := cache.Peek(k)
+				require.NotContains(t, fmt.Sprintf("%+v", v), "web-token")
+			}
 		}
-		require.True(t, a.cache.Contains(sha256.Sum256([]byte("web-token"))))
+		require.True(t, a.accepted.Contains(sha256.Sum256([]byte("web-token"))))
+		require.True(t, a.refused.Contains(sha256.Sum256([]byte("junk"))))
 	})
 	t.Run("a waiting caller that gives up does not fail the others", func(t *testing.T) {
 		rc := newReviewCounter()
