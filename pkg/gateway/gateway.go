@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/net/netutil"
 	"golang.org/x/sync/errgroup"
 	"k8s.io/utils/clock"
 
@@ -56,6 +57,10 @@ type Gateway struct {
 	// httpIdleTimeout is the health and metrics servers' IdleTimeout:
 	// the constant of that name, which tests shorten.
 	httpIdleTimeout time.Duration
+	// httpMaxConns is how many connections each of the health and
+	// metrics servers holds at once: the constant of that name, which
+	// tests lower.
+	httpMaxConns int
 	// clock times the drain delay, the drain timeout and the route
 	// drain timeout: the real one, which tests replace to move time
 	// when they choose.
@@ -72,6 +77,12 @@ const (
 	httpReadTimeout       = 10 * time.Second
 	httpWriteTimeout      = 30 * time.Second // a scrape of every series
 	httpIdleTimeout       = 90 * time.Second
+	// httpMaxConns bounds each server's connections: the health port
+	// faces every peer, and a flood of idle connections there must not
+	// take the file descriptors the routed connections need. Beyond it,
+	// connections wait in the listen backlog until one ends; the
+	// kubelet, a few peers and Prometheus need a handful.
+	httpMaxConns = 128
 )
 
 // New validates cfg and binds the listeners; the gateway serves once Run
@@ -101,6 +112,7 @@ func New(cfg Config, src RouteSource, log *slog.Logger) (*Gateway, error) {
 		work:    make(chan *net.TCPConn),
 
 		httpIdleTimeout: httpIdleTimeout,
+		httpMaxConns:    httpMaxConns,
 		clock:           clock.RealClock{},
 	}
 	g.health.EjectFor = cfg.EjectionTime
@@ -193,8 +205,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 			},
 		}
 		servers = append(servers, srv)
+		limited := netutil.LimitListener(ln, g.httpMaxConns)
 		eg.Go(func() error {
-			if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			if err := srv.Serve(limited); !errors.Is(err, http.ErrServerClosed) {
 				return fmt.Errorf("%s server: %w", name, err)
 			}
 			return nil

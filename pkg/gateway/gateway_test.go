@@ -663,6 +663,50 @@ func TestRunLeavesNoHTTPConnection(t *testing.T) {
 	eventually(t, func() bool { return httpConnGoroutines(t) == 0 }, "the connection's goroutine ended")
 }
 
+// The health server holds at most httpMaxConns connections: a flood of
+// idle ones waits in the backlog instead of taking the gateway's file
+// descriptors, and a probe behind them is answered once one ends.
+func TestHealthConnectionsAreCapped(t *testing.T) {
+	const maxConns = 4
+	table := NewRouteTable(mustRoutes(t))
+	h := startGatewayOn(t, table, table, nil, func(g *Gateway) { g.httpMaxConns = maxConns })
+	addr := h.gw.HealthAddr().String()
+	var idle []net.Conn
+	for range maxConns {
+		c, err := net.Dial("tcp", addr)
+		require.NoError(t, err)
+		defer c.Close()
+		idle = append(idle, c)
+	}
+	eventually(t, func() bool { return httpConnGoroutines(t) == maxConns }, "the health server took the idle connections")
+
+	probe, err := net.Dial("tcp", addr)
+	require.NoError(t, err, "the kernel still accepts into the backlog")
+	defer probe.Close()
+	_, err = io.WriteString(probe, "GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+	require.NoError(t, err)
+	// Not served while the others hold every place (a broken cap would
+	// answer within this wait; a working one never does).
+	_ = probe.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	_, err = probe.Read(make([]byte, 1))
+	var ne net.Error
+	require.True(t, errors.As(err, &ne) && ne.Timeout(), "the probe was served beyond the cap: %v", err)
+	require.Equal(t, maxConns, httpConnGoroutines(t))
+
+	require.NoError(t, idle[0].Close())
+	_ = probe.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(probe), nil)
+	require.NoError(t, err, "served once a place was free")
+	_ = resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+
+	// Run ends with connections held and waiting.
+	late, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	defer late.Close()
+	require.NoError(t, h.stop())
+}
+
 // httpConnGoroutines counts the goroutines serving an HTTP connection.
 func httpConnGoroutines(t *testing.T) int {
 	var b strings.Builder

@@ -1,8 +1,11 @@
 package sidecar
 
 import (
+	"bufio"
 	"encoding/json"
+	"errors"
 	"io"
+	"net"
 	"net/http"
 	"runtime"
 	"strings"
@@ -222,4 +225,39 @@ func TestConnectionLimit(t *testing.T) {
 	}
 	require.ErrorContains(t, err, "reset", "reset, not read")
 	require.EqualValues(t, 1, metricValue(t, m.a.scrape(t), "isthmus_sidecar_refusals_total", "listener=outbound", "reason=over_limit"))
+}
+
+// The health server holds at most opsMaxConns connections: a flood of
+// idle ones waits in the backlog instead of taking the sidecar's file
+// descriptors, and a probe behind them is answered once one ends.
+func TestHealthConnectionsAreCapped(t *testing.T) {
+	const maxConns = 3
+	m := &mesh{alpha: newTestCA(t, "alpha.mesh"), xds: startXDSServer(t), hosts: hostsOf(echoSvc)}
+	m.a = startPod(t, "a", m.alpha, m.hosts, podOptions{xds: m.xds, prep: func(p *Proxy) { p.opsMaxConns = maxConns }})
+	addr := m.a.proxy.HealthAddr().String()
+	var idle []net.Conn
+	for range maxConns {
+		c, err := net.Dial("tcp", addr)
+		require.NoError(t, err)
+		defer c.Close()
+		idle = append(idle, c)
+	}
+	probe, err := net.Dial("tcp", addr)
+	require.NoError(t, err, "the kernel still accepts into the backlog")
+	defer probe.Close()
+	_, err = io.WriteString(probe, "GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+	require.NoError(t, err)
+	// Not served while the others hold every place (a broken cap would
+	// answer within this wait; a working one never does).
+	_ = probe.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	_, err = probe.Read(make([]byte, 1))
+	var ne net.Error
+	require.True(t, errors.As(err, &ne) && ne.Timeout(), "the probe was served beyond the cap: %v", err)
+
+	require.NoError(t, idle[0].Close())
+	_ = probe.SetReadDeadline(time.Now().Add(waitFor))
+	resp, err := http.ReadResponse(bufio.NewReader(probe), nil)
+	require.NoError(t, err, "served once a place was free")
+	_ = resp.Body.Close()
+	require.Equal(t, http.StatusServiceUnavailable, resp.StatusCode, "no xDS configuration yet")
 }

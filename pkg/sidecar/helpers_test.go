@@ -855,6 +855,8 @@ type podOptions struct {
 	edit   func(*Config)
 	// inboundPort binds the inbound listener there (0: any).
 	inboundPort uint16
+	// prep, if not nil, may change the Proxy before Run.
+	prep func(*Proxy)
 }
 
 func startPod(t testing.TB, name string, ca *testCA, hosts map[string]netip.Addr, o podOptions) *pod {
@@ -911,6 +913,9 @@ func startPod(t testing.TB, name string, ca *testCA, hosts map[string]netip.Addr
 	if client != nil {
 		clientDone = make(chan struct{})
 		go func() { defer close(clientDone); _ = client.Run(ctx) }()
+	}
+	if o.prep != nil {
+		o.prep(proxy)
 	}
 	go func() { p.done <- proxy.Run(ctx) }()
 	t.Cleanup(func() {

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/net/netutil"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/isthmus-mesh/isthmus/internal/outlier"
@@ -37,6 +38,9 @@ type Proxy struct {
 	// health is passive health, shared by every cluster's picker and
 	// kept across configurations.
 	health outlier.Ejections
+	// opsMaxConns bounds the connections each of the admin and health
+	// servers holds (opsMaxConns, the constant; tests lower it).
+	opsMaxConns int
 	// ifAddrs are this network namespace's addresses, for telling
 	// connections from this pod apart.
 	ifAddrs ifAddrs
@@ -121,6 +125,7 @@ func New(cfg Config, src ConfigSource, svid x509svid.Source, opts Options) (*Pro
 		return nil, err
 	}
 	p := &Proxy{
+		opsMaxConns: opsMaxConns,
 		cfg:         cfg,
 		src:         src,
 		svid:        svid,
@@ -238,6 +243,14 @@ func (p *Proxy) Ready() (bool, string) {
 	return true, ""
 }
 
+// opsMaxConns bounds the connections each of the admin and health
+// servers holds at once. The health port is outside the capture, so any
+// pod can reach it: a flood of idle connections there must not take the
+// file descriptors the proxied connections need. Beyond it, connections
+// wait in the listen backlog until one ends; the kubelet and Prometheus
+// need a handful.
+const opsMaxConns = 64
+
 // Run serves until ctx ends, then drains: it fails readiness and stops
 // accepting at once, lets requests and connections in flight finish for
 // up to Config.DrainTimeout, closes the rest, and returns nil once every
@@ -259,8 +272,9 @@ func (p *Proxy) Run(ctx context.Context) error {
 		srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: time.Minute,
 			ErrorLog: log.New(debugWriter{p.log}, "", 0)}
 		ops = append(ops, srv)
+		limited := netutil.LimitListener(ln, p.opsMaxConns)
 		eg.Go(func() error {
-			if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			if err := srv.Serve(limited); !errors.Is(err, http.ErrServerClosed) {
 				return fmt.Errorf("%s server: %w", name, err)
 			}
 			return nil
