@@ -86,6 +86,10 @@ type Config struct {
 	// ImportProblems, when set, names what the import writer could not
 	// write for a peer (shown in the ImportsWritten condition).
 	ImportProblems func(peer string) []string
+	// ImportsWriting, when set, says that the import writer is still
+	// writing a peer's imports (ImportsWritten is then False, reason
+	// Writing, until it is done).
+	ImportsWriting func(peer string) bool
 	// Clock is injectable for tests; nil means the real clock.
 	Clock  clock.WithTicker
 	Logger *slog.Logger

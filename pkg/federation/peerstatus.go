@@ -107,9 +107,12 @@ func (m *Manager) peerStatus(e *peerEntry, now time.Time) v1alpha1.FederationPee
 		set(v1alpha1.ConditionExportsAccepted, true, "Accepted", "the peer accepted the last update")
 	}
 	if m.cfg.ImportProblems != nil {
-		if problems := m.cfg.ImportProblems(e.p.name); len(problems) > 0 {
+		switch problems := m.cfg.ImportProblems(e.p.name); {
+		case len(problems) > 0:
 			set(v1alpha1.ConditionImportsWritten, false, "Skipped", summarize(problems, maxReasonBytes))
-		} else {
+		case m.cfg.ImportsWriting != nil && m.cfg.ImportsWriting(e.p.name):
+			set(v1alpha1.ConditionImportsWritten, false, "Writing", "the imports are still being written to this cluster")
+		default:
 			set(v1alpha1.ConditionImportsWritten, true, "Written", "every import is written to this cluster")
 		}
 	}

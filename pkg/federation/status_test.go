@@ -232,6 +232,39 @@ func TestConditionMessagesBounded(t *testing.T) {
 	require.Regexp(t, `^demo/x: é+… \(\d+ more bytes\)$`, refused.Message)
 }
 
+// ImportsWritten says Writing while the import writer is still writing
+// the peer's imports, Skipped (which takes precedence: it names what to
+// fix) when something could not be written, and Written otherwise.
+func TestImportsWrittenCondition(t *testing.T) {
+	var problems []string
+	writing := false
+	m := &Manager{cfg: Config{
+		ImportProblems: func(string) []string { return problems },
+		ImportsWriting: func(peer string) bool { return writing && peer == "a" },
+	}}
+	p := newPeer("a", spiffeid.RequireTrustDomainFromString("a.mesh"), spiffeid.RequireFromString("spiffe://a.mesh/fed"), clocktesting.NewFakeClock(statusNow), nil)
+	condition := func() (metav1.ConditionStatus, string) {
+		c := meta.FindStatusCondition(m.peerStatus(&peerEntry{p: p}, statusNow).Conditions, v1alpha1.ConditionImportsWritten)
+		return c.Status, c.Reason
+	}
+	for _, tc := range []struct {
+		writing  bool
+		problems []string
+		status   metav1.ConditionStatus
+		reason   string
+	}{
+		{false, nil, metav1.ConditionTrue, "Written"},
+		{true, nil, metav1.ConditionFalse, "Writing"},
+		{true, []string{"demo/x: namespace demo does not exist in this cluster"}, metav1.ConditionFalse, "Skipped"},
+		{false, []string{"demo/x: namespace demo does not exist in this cluster"}, metav1.ConditionFalse, "Skipped"},
+	} {
+		writing, problems = tc.writing, tc.problems
+		status, reason := condition()
+		require.Equal(t, tc.status, status, "writing %t, problems %v", tc.writing, tc.problems)
+		require.Equal(t, tc.reason, reason, "writing %t, problems %v", tc.writing, tc.problems)
+	}
+}
+
 // A FederationPeer stored before the CRD checked its durations does not
 // fail `federator status` for every peer: it is a row of its own, with
 // the field and its value named below the table and in the JSON, and the

@@ -150,6 +150,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 		Limits:        federation.Limits{MaxServices: cfg.MaxImportedServices},
 		EstablishRate: cfg.EstablishQPS, EstablishBurst: cfg.EstablishBurst,
 		ImportProblems: f.importProblems,
+		ImportsWriting: f.imports.Writing,
 		Logger:         log,
 	})
 	if err != nil {

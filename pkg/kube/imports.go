@@ -141,10 +141,22 @@ type ImportWriter struct {
 	// failed: failed writes, and objects of someone else's in the way.
 	retries map[objectRef]*retry
 
-	// mu guards skipped, the last published Skipped.
+	// progressEvery is how long a flush runs before it says which peers'
+	// imports it is still writing, and how often it says it again:
+	// progressEvery, the constant, which tests shorten.
+	progressEvery time.Duration
+
+	// mu guards skipped, the last published Skipped, and writing, the
+	// peers whose imports the flush under way has yet to write.
 	mu      sync.Mutex
 	skipped map[string][]SkippedImport
+	writing map[string]bool
 }
+
+// progressEvery: a flush that ends sooner (every flush but a first sync
+// or a large change, at the writer's QPS) never says it is writing, so
+// a peer's status does not flap at each one.
+const progressEvery = time.Second
 
 // importKind is one of the two kinds the writer keeps.
 type importKind struct {
@@ -231,7 +243,9 @@ func NewImportWriter(kube kubernetes.Interface, istio istioclient.Interface, mcs
 		dirty:    make(chan struct{}, 1),
 		updated:  make(chan struct{}, 1),
 		retries:  map[objectRef]*retry{},
-		skipped:  map[string][]SkippedImport{},
+
+		progressEvery: progressEvery,
+		skipped:       map[string][]SkippedImport{},
 	}
 	for _, ns := range opts.ReservedNamespaces {
 		w.reserved[ns] = true
@@ -294,8 +308,18 @@ func (w *ImportWriter) Skipped() map[string][]SkippedImport {
 	return out
 }
 
+// Writing reports whether the writer is still writing peer's imports: a
+// flush that has run for a second or more (a first sync of thousands of
+// imports takes minutes at the writer's QPS) has not reached every
+// service of that peer yet. Skipped is as of the last flush until then.
+func (w *ImportWriter) Writing(peer string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.writing[peer]
+}
+
 // Updated receives a value (capacity one, sends never block) whenever
-// Skipped changes; read Skipped after it.
+// Skipped or Writing changes; read them after it.
 func (w *ImportWriter) Updated() <-chan struct{} { return w.updated }
 
 func (w *ImportWriter) markDirty() {
@@ -468,12 +492,33 @@ func (w *ImportWriter) flush(ctx context.Context) time.Time {
 	plan := planImports(w.opts.ClusterName, snaps, w.namespaceProblem)
 	skipped := plan.skipped
 
+	// remaining counts, by peer, the services not yet begun; a long
+	// flush says which peers have some (Writing).
+	remaining := map[string]int{}
+	for _, svc := range plan.services {
+		for _, peer := range svc.peers {
+			remaining[peer]++
+		}
+	}
+	lastProgress := now
+	var begun *importedService
+
 	// planned holds both objects of every service in the plan, wanted
 	// those that are to exist (no conflict, kind usable).
 	planned, wanted := map[objectRef]bool{}, map[objectRef]bool{}
 	for _, svc := range plan.services {
 		if ctx.Err() != nil {
 			return time.Time{}
+		}
+		if begun != nil {
+			for _, peer := range begun.peers {
+				remaining[peer]--
+			}
+		}
+		begun = svc
+		if t := time.Now(); t.Sub(lastProgress) >= w.progressEvery {
+			lastProgress = t
+			w.publishWriting(remaining)
 		}
 		seRef := objectRef{kind: w.entries.kind, namespace: svc.se.Namespace, name: svc.se.Name}
 		siRef := objectRef{kind: w.imports.kind, namespace: svc.si.Namespace, name: svc.si.Name}
@@ -573,7 +618,33 @@ func (w *ImportWriter) flush(ctx context.Context) time.Time {
 		}
 	}
 	w.publish(skipped.normalize())
+	w.publishWriting(nil)
 	return next
+}
+
+// publishWriting makes Writing say the peers with a service remaining,
+// and signals Updated when that changed.
+func (w *ImportWriter) publishWriting(remaining map[string]int) {
+	writing := map[string]bool{}
+	for peer, n := range remaining {
+		if n > 0 {
+			writing[peer] = true
+		}
+	}
+	w.mu.Lock()
+	changed := !maps.Equal(w.writing, writing)
+	if changed {
+		w.writing = writing
+	}
+	w.mu.Unlock()
+	if !changed {
+		return
+	}
+	w.log.Debug("imports being written", "peers", len(writing))
+	select {
+	case w.updated <- struct{}{}:
+	default:
+	}
 }
 
 // conflict returns why someone else's object holds ref's name, or "". An

@@ -70,6 +70,8 @@ type writerSetup struct {
 	before func(*writerFixture)
 	// listTimeout becomes ImportOptions.ListTimeout when set.
 	listTimeout time.Duration
+	// progressEvery replaces the writer's progressEvery when set.
+	progressEvery time.Duration
 }
 
 func startWriter(t *testing.T, s writerSetup) *writerFixture {
@@ -94,6 +96,9 @@ func startWriter(t *testing.T, s writerSetup) *writerFixture {
 		Synced: s.synced, ListTimeout: s.listTimeout,
 	})
 	require.NoError(t, err)
+	if s.progressEvery != 0 {
+		f.w.progressEvery = s.progressEvery
+	}
 	runUntilCleanup(t, "import writer", f.w.Run)
 	return f
 }
@@ -417,6 +422,45 @@ func TestImportWriterReportsWritesThatKeepFailing(t *testing.T) {
 	down.Store(false)
 	f.eventuallySE(t, "written once the webhook is back", func(_ *networkingv1.ServiceEntry, ok bool) bool { return ok })
 	f.waitSkipped(t, "nothing reported once written", func(s map[string][]SkippedImport) bool { return len(s) == 0 })
+}
+
+// While a flush is still writing a peer's imports (a first sync of
+// thousands takes minutes), Writing says so for that peer, so that its
+// ImportsWritten condition does not read True with imports missing;
+// once every service is written, it says so no more.
+func TestImportWriterSaysWhileItIsWriting(t *testing.T) {
+	release := make(chan struct{})
+	var held atomic.Bool
+	f := startWriter(t, writerSetup{namespaces: []string{"demo"}, progressEvery: time.Nanosecond, before: func(f *writerFixture) {
+		f.istio.PrependReactor("create", "serviceentries", func(a k8stesting.Action) (bool, runtime.Object, error) {
+			if a.(k8stesting.CreateAction).GetObject().(metav1.Object).GetName() == "b2.clusterset.local" {
+				held.Store(true)
+				<-release
+			}
+			return false, nil, nil
+		})
+	}})
+	named := func(peer, name string) catalog.Service {
+		s := importSvc(peer, []string{"10.1.0.1:15443"}, loc("r1", "", "", 1, 0))
+		s.Name = name
+		return s
+	}
+	f.set(t, "b", named("b", "b1"), named("b", "b2"), named("b", "b3"))
+	f.set(t, "c", named("c", "c1"))
+	require.Eventually(t, held.Load, 10*time.Second, time.Millisecond, "the write of b2 started")
+	require.Eventually(t, func() bool { return f.w.Writing("b") && f.w.Writing("c") }, 10*time.Second, time.Millisecond,
+		"b's and c's imports are being written")
+	require.False(t, f.w.Writing("d"), "a peer with nothing to write")
+	require.Empty(t, f.w.Skipped())
+
+	close(release)
+	require.Eventually(t, func() bool { return !f.w.Writing("b") && !f.w.Writing("c") }, 10*time.Second, time.Millisecond,
+		"done writing")
+	for _, name := range []string{"b1", "b2", "b3", "c1"} {
+		_, err := f.istio.NetworkingV1().ServiceEntries("demo").Get(t.Context(), name+".clusterset.local", metav1.GetOptions{})
+		require.NoError(t, err, name)
+	}
+	require.Empty(t, f.w.Skipped())
 }
 
 // A kind the API server serves but whose objects the writer cannot list

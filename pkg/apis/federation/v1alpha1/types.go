@@ -114,8 +114,9 @@ const (
 	// False carries the peer's last NACK.
 	ConditionExportsAccepted = "ExportsAccepted"
 	// ConditionImportsWritten: every import was written to this cluster;
-	// False names what was skipped (no such namespace, a local object in
-	// the way).
+	// False names what was skipped (reason Skipped: no such namespace, a
+	// local object in the way), or says that a long write is under way
+	// (reason Writing).
 	ConditionImportsWritten = "ImportsWritten"
 )
 
