@@ -380,26 +380,38 @@ func (x *declIndex) skippedList() []Skipped {
 // profileMaker makes the profiles' listeners, keeping each while the
 // base listeners stay the same.
 type profileMaker struct {
-	base  string
-	made  map[string]*inboundProfile
-	pods  map[netip.Addr]string
-	last  *InboundProfiles
-	valid bool
+	base string
+	// outbound is the outbound listener the profiles in made serve: a
+	// translation may make it again with the same content (base).
+	outbound *listenerv3.Listener
+	made     map[string]*inboundProfile
+	pods     map[netip.Addr]string
+	last     *InboundProfiles
+	valid    bool
 }
 
 // profiles returns the profiles of x's pods for the base listeners
 // inbound and outbound at version base: the last ones when neither
 // changed.
 func (m *profileMaker) profiles(x *declIndex, inbound, outbound *listenerv3.Listener, base string) (*InboundProfiles, error) {
-	if m.valid && !x.changed && m.base == base {
+	if m.valid && !x.changed && m.base == base && m.outbound == outbound {
 		return m.last, nil
 	}
 	if len(x.keys) == 0 {
-		m.base, m.made, m.pods, m.last, m.valid, x.changed = base, nil, nil, nil, true, false
+		m.base, m.outbound, m.made, m.pods, m.last, m.valid, x.changed = base, outbound, nil, nil, nil, true, false
 		return nil, nil
 	}
-	if m.base != base || m.made == nil {
+	switch {
+	case m.base != base || m.made == nil:
 		m.made = map[string]*inboundProfile{}
+	case m.outbound != outbound:
+		// The same content made again: served as the one the other
+		// listeners name, not encoded again.
+		for k, pr := range m.made {
+			cp := *pr
+			cp.listeners = []*listenerv3.Listener{pr.listeners[0], outbound}
+			m.made[k] = &cp
+		}
 	}
 	httpChain, tcpChain, err := inboundTemplates(inbound)
 	if err != nil {
@@ -438,7 +450,7 @@ func (m *profileMaker) profiles(x *declIndex, inbound, outbound *listenerv3.List
 		}
 	}
 	p.Version = v.sum()
-	m.base, m.last, m.valid, x.changed = base, p, true, false
+	m.base, m.outbound, m.last, m.valid, x.changed = base, outbound, p, true, false
 	return p, nil
 }
 

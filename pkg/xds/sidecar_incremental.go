@@ -93,7 +93,10 @@ type SidecarTranslator struct {
 	// noInCluster stands for a missing in-cluster catalog.
 	noInCluster *catalog.Snapshot
 	last        Resources
+	// skipped is what the services skipped; lastSkipped the last result's
+	// list: skipped and what the profiles skipped.
 	skipped     []Skipped
+	lastSkipped []Skipped
 	// profiles are the pods' inbound profiles as last made.
 	profiles profileState
 	// checkpoints are the endpoints' hash before every claBlock-th
@@ -335,7 +338,7 @@ func (t *SidecarTranslator) Translate(in SidecarInput) (Resources, []Skipped, er
 	}
 	if t.last.Version != "" && len(dirty) == 0 && len(icDirty) == 0 {
 		t.sources, t.inCluster = sources, icState
-		return t.last, t.skipped, nil
+		return t.last, t.lastSkipped, nil
 	}
 
 	// Merge each dirty key's exporters again.
@@ -499,7 +502,7 @@ func (t *SidecarTranslator) Translate(in SidecarInput) (Resources, []Skipped, er
 	t.sources, t.hosts = sources, hosts
 	t.byName, t.tcp, t.explicit, t.http, t.explicitRoute = next.byName, next.tcp, next.explicit, next.http, next.explicitRoute
 	t.checkpoints = next.checkpoints
-	t.skipping, t.skipped, t.last = skipping, skipped, res
+	t.skipping, t.skipped, t.last, t.lastSkipped = skipping, skipped, res, withProfiled
 	return res, withProfiled, nil
 }
 

@@ -43,6 +43,17 @@ func requireSameSidecar(t testing.TB, want, got Resources, wantSkipped, gotSkipp
 	require.Equal(t, wantSkipped, gotSkipped, "%s: skipped", msg)
 	require.Equal(t, want.Version, got.Version, "%s: version", msg)
 	require.Equal(t, want.TypeVersions(), got.TypeVersions(), "%s: versions by type", msg)
+	// The pods' inbound profiles: which pod has which, and each one's
+	// listener.
+	require.Equal(t, want.Inbound == nil, got.Inbound == nil, "%s: profiles", msg)
+	if want.Inbound != nil {
+		require.Equal(t, want.Inbound.pods, got.Inbound.pods, "%s: pods' profiles", msg)
+		require.Equal(t, want.Inbound.Status(), got.Inbound.Status(), "%s: profiles", msg)
+		for k, pr := range want.Inbound.byKey {
+			same("profile "+k, pr.listeners[0], got.Inbound.byKey[k].listeners[0])
+			require.Same(t, got.Listeners[1], got.Inbound.byKey[k].listeners[1], "%s: profile %s serves the outbound listener", msg, k)
+		}
+	}
 }
 
 // The golden cases, each from a fresh translator, and all of them in
@@ -155,6 +166,9 @@ func (m *randomMesh) service(key catalog.ServiceKey, cluster string) catalog.Ser
 		// by its appProtocol alone.
 		{Name: "metrics", AppProtocol: []string{"http", "grpc", "tcp"}[r.IntN(3)], Port: 81},
 		{Name: "dns", Port: 53, Protocol: catalog.ProtocolUDP},
+		// The pod's 8080 again, as TCP: a conflict with "http", within
+		// the service or with another one selecting the same pods.
+		{Name: "tcp-raw", Port: 8081, TargetPort: 8080},
 	}
 	for _, p := range ports {
 		if r.IntN(3) == 0 {
@@ -298,9 +312,13 @@ func TestSidecarTranslatorRandomChanges(t *testing.T) {
 			tr, err := NewSidecarTranslator(opts)
 			require.NoError(t, err)
 			var prev Resources
+			var prevInbound *InboundProfiles
 			// What the in-cluster services made along the way: the
 			// sequence must have exercised them.
 			inClusterHTTP, inClusterTCP, inClusterSkipped := false, false, false
+			// What the profiles went through: some, a pod's profile
+			// changing, and conflicts.
+			profiles, profileChanged, conflicts := false, false, false
 			for i := range 250 {
 				what := m.step(t)
 				in := m.catalogs()
@@ -329,9 +347,22 @@ func TestSidecarTranslatorRandomChanges(t *testing.T) {
 				}
 				for _, sk := range gotSkipped {
 					inClusterSkipped = inClusterSkipped || strings.HasPrefix(sk.Reason, "in-cluster service:")
+					conflicts = conflicts || strings.Contains(sk.Reason, "inbound chain")
 				}
+				if got.Inbound != nil {
+					profiles = true
+					if prevInbound != nil {
+						for ip, k := range got.Inbound.pods {
+							if old, ok := prevInbound.pods[ip]; ok && old != k {
+								profileChanged = true
+							}
+						}
+					}
+				}
+				prevInbound = got.Inbound
 			}
 			require.True(t, inClusterHTTP && inClusterTCP && inClusterSkipped, "in-cluster HTTP %v, TCP %v, skipped %v", inClusterHTTP, inClusterTCP, inClusterSkipped)
+			require.True(t, profiles && profileChanged && conflicts, "profiles %v, a pod's changed %v, conflicts %v", profiles, profileChanged, conflicts)
 		})
 	}
 }
