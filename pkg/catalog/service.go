@@ -83,6 +83,10 @@ type LocalityEndpoints struct {
 type Address struct {
 	IP    string `json:"ip"`
 	Ready bool   `json:"ready"`
+	// Pod is, in DeclaredSource, the name of the pod behind the address
+	// (its EndpointSlice's targetRef), in the service's namespace; empty
+	// elsewhere, and for an address that is not a pod.
+	Pod string `json:"pod,omitempty"`
 }
 
 // ServiceKey names a service within a cluster.

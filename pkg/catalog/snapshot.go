@@ -236,10 +236,18 @@ func hashService(s *Service) [sha256.Size]byte {
 		num(int64(len(e.Addresses)))
 		for _, a := range e.Addresses {
 			str(a.IP)
+			// Bit 0 is Ready; bit 1 says a pod name follows (so that
+			// the services without one hash as they always did).
+			flags := int64(0)
 			if a.Ready {
-				num(1)
-			} else {
-				num(0)
+				flags = 1
+			}
+			if a.Pod != "" {
+				flags |= 2
+			}
+			num(flags)
+			if a.Pod != "" {
+				str(a.Pod)
 			}
 		}
 	}

@@ -17,6 +17,13 @@ const LocalSource = "local"
 // one the federation and the import writer read.
 const InClusterSource = "in-cluster"
 
+// DeclaredSource is the source name, in the in-cluster services' Store,
+// of every Service of the cluster that has endpoints, headless ones and
+// ones whose pods are not all meshed included: the ports each pod's
+// Services declare, which its sidecar's inbound chains follow
+// (docs/sidecar-xds.md, "Inbound profiles"). Nothing routes to them.
+const DeclaredSource = "declared"
+
 // Store holds the newest snapshot of each source and tells subscribers when
 // any of them changes. Notifications coalesce: a subscriber that is slow
 // sees one pending signal, however many changes happened, and then reads

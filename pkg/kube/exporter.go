@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -87,7 +88,9 @@ type Options struct {
 	// InCluster, when set, receives catalog.InClusterSource: every
 	// Service of the cluster, exported or not, that the sidecars carry
 	// over mTLS (a ClusterIP, a TCP port, and endpoints that are all
-	// meshed pods; docs/sidecar-xds.md). It needs TrustDomain.
+	// meshed pods; docs/sidecar-xds.md), and catalog.DeclaredSource:
+	// every Service with a TCP port and endpoints, for the ports they
+	// declare. It needs TrustDomain.
 	InCluster *catalog.Store
 }
 
@@ -134,11 +137,16 @@ type Exporter struct {
 	// the in-cluster services' (nil without Options.InCluster), with
 	// icOwner and icIP: which in-cluster service holds which ClusterIP,
 	// both ways.
+	// declared is every Service with endpoints (nil without
+	// Options.InCluster).
 	mu        sync.Mutex
 	builder   *catalog.Builder
 	inCluster *catalog.Builder
-	icOwner   map[string]catalog.ServiceKey
-	icIP      map[catalog.ServiceKey]string
+	declared  *catalog.Builder
+	// declKeys are the declared entries each Service made.
+	declKeys map[catalog.ServiceKey][]catalog.ServiceKey
+	icOwner  map[string]catalog.ServiceKey
+	icIP     map[catalog.ServiceKey]string
 }
 
 // NewExporter wires informers for the cluster behind kube and mcs; nothing
@@ -191,6 +199,8 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 	}
 	if opts.InCluster != nil {
 		e.inCluster = catalog.NewBuilder(catalog.InClusterSource)
+		e.declared = catalog.NewBuilder(catalog.DeclaredSource)
+		e.declKeys = map[catalog.ServiceKey][]catalog.ServiceKey{}
 		e.icOwner, e.icIP = map[string]catalog.ServiceKey{}, map[catalog.ServiceKey]string{}
 	}
 
@@ -474,13 +484,16 @@ func (e *Exporter) flusher(ctx context.Context) {
 func (e *Exporter) flush() {
 	e.mu.Lock()
 	snap := e.builder.Build()
-	var in *catalog.Snapshot
+	var in, declared *catalog.Snapshot
 	if e.inCluster != nil {
-		in = e.inCluster.Build()
+		in, declared = e.inCluster.Build(), e.declared.Build()
 	}
 	e.mu.Unlock()
 	// The in-cluster services first: the local catalog's subscribers
 	// then find them current when an export changes both.
+	if declared != nil && e.opts.InCluster.Set(declared) {
+		e.log.Debug("declared ports published", "version", declared.Version(), "services", declared.Len())
+	}
 	if in != nil && e.opts.InCluster.Set(in) {
 		e.log.Debug("in-cluster catalog published", "version", in.Version(), "services", in.Len())
 	}
@@ -519,7 +532,53 @@ func (e *Exporter) remove(key catalog.ServiceKey) {
 // the cluster, and queues the ServiceExport status that goes with it. It
 // reads only informer caches: it never waits for the API server.
 func (e *Exporter) reconcile(ctx context.Context, key catalog.ServiceKey) error {
-	return errors.Join(e.reconcileExport(ctx, key), e.reconcileInCluster(key))
+	return errors.Join(e.reconcileExport(ctx, key), e.reconcileInCluster(key), e.reconcileDeclared(key))
+}
+
+// reconcileDeclared keeps key's entries among the declared ports:
+// present when the Service has a TCP port and endpoints with an
+// address, whether or not it has a ClusterIP or its pods are meshed. A
+// pod's sidecar serves each port a Service selecting it declares with
+// the declared protocol, whatever a caller offers.
+func (e *Exporter) reconcileDeclared(key catalog.ServiceKey) error {
+	if e.declared == nil {
+		return nil
+	}
+	var entries []catalog.Service
+	svc, err := e.services.Services(key.Namespace).Get(key.Name)
+	switch {
+	case apierrors.IsNotFound(err):
+	case err != nil:
+		return err
+	case svc.Spec.Type != corev1.ServiceTypeExternalName && hasTCPPort(svc):
+		endpointSlices, err := e.slicesOf(key)
+		if err != nil {
+			return err
+		}
+		entries = declaredFromObjects(e.opts.ClusterName, svc, endpointSlices)
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	keep := map[catalog.ServiceKey]bool{}
+	for _, entry := range entries {
+		if err := e.declared.Put(entry); err != nil {
+			e.log.Warn("declared ports left out", "service", key, "entry", entry.Key(), "error", err)
+			continue
+		}
+		keep[entry.Key()] = true
+	}
+	for _, old := range e.declKeys[key] {
+		if !keep[old] {
+			e.declared.Delete(old)
+		}
+	}
+	if len(keep) == 0 {
+		delete(e.declKeys, key)
+	} else {
+		e.declKeys[key] = slices.Collect(maps.Keys(keep))
+	}
+	e.markDirty()
+	return nil
 }
 
 // reconcileInCluster keeps key's in-cluster entry: present when the

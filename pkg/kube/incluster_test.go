@@ -9,6 +9,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	kubefake "k8s.io/client-go/kubernetes/fake"
+	"k8s.io/utils/ptr"
 	mcsfake "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned/fake"
 
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
@@ -242,5 +243,85 @@ func TestInClusterPodOfAnotherNamespace(t *testing.T) {
 	f.eventually(t, "the label change reaches the Service in another namespace", func() bool {
 		_, ok := inCluster(in, "demo", "echo")
 		return ok
+	})
+}
+
+func declared(in *catalog.Store, ns, name string) (*catalog.Service, bool) {
+	return in.Get(catalog.DeclaredSource).Get(catalog.ServiceKey{Namespace: ns, Name: name})
+}
+
+// Every Service with a TCP port and endpoints declares its ports for the
+// pods behind it, headless, mixed (some pods not meshed) and unexported
+// ones included, with every address of both families and the pod behind
+// it; a named targetPort the pods resolve to different numbers makes an
+// entry per number, so that each pod declares the port it listens on.
+func TestDeclaredPorts(t *testing.T) {
+	http := corev1.ServicePort{Name: "http", Port: 80, Protocol: corev1.ProtocolTCP, AppProtocol: ptr.To("http")}
+	dualA := slice("demo", "dual", "dual-a", discoveryv1.AddressTypeIPv4, ep{"10.0.0.6", "n1", nil})
+	dualB := slice("demo", "dual", "dual-b", discoveryv1.AddressTypeIPv6, ep{"fd00::6", "n1", nil})
+	dualB.Endpoints[0].TargetRef.Name = "pod-10.0.0.6"
+	named9090 := slice("demo", "named", "named-b", discoveryv1.AddressTypeIPv4, ep{"10.0.0.8", "n1", nil})
+	named9090.Ports[0].Port = ptr.To(int32(9090))
+	f, in := startInCluster(t,
+		[]runtime.Object{
+			node("n1", "r1", "z1"),
+			clusterIPService("demo", "mixed", "10.96.0.11", http),
+			slice("demo", "mixed", "mixed-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.2", "n1", nil}, ep{"10.0.0.3", "n1", nil}),
+			meshedPod("demo", "pod-10.0.0.2", "mixed"),
+			pod("demo", "pod-10.0.0.3", "mixed"),
+			clusterIPService("demo", "headless", corev1.ClusterIPNone, http),
+			slice("demo", "headless", "headless-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.4", "n1", ptr.To(false)}),
+			meshedPod("demo", "pod-10.0.0.4", "headless"),
+			clusterIPService("demo", "dual", "10.96.0.14", http),
+			dualA, dualB,
+			clusterIPService("demo", "named", "10.96.0.15", http),
+			slice("demo", "named", "named-a", discoveryv1.AddressTypeIPv4, ep{"10.0.0.7", "n1", nil}),
+			named9090,
+			clusterIPService("demo", "udp", "10.96.0.12", corev1.ServicePort{Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}),
+			slice("demo", "udp", "udp-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.5", "n1", nil}),
+			clusterIPService("demo", "empty", "10.96.0.13", http),
+		},
+		nil)
+	f.eventually(t, "the declared ports are published", func() bool {
+		_, ok := declared(in, "demo", "named@9090")
+		return ok
+	})
+	addrs := func(name string) []catalog.Address {
+		t.Helper()
+		s, ok := declared(in, "demo", name)
+		require.True(t, ok, name)
+		require.Len(t, s.Endpoints, 1, name)
+		return s.Endpoints[0].Addresses
+	}
+	require.Equal(t, []catalog.Address{{IP: "10.0.0.2", Ready: true, Pod: "pod-10.0.0.2"}, {IP: "10.0.0.3", Ready: true, Pod: "pod-10.0.0.3"}},
+		addrs("mixed"), "a pod that is not meshed does not hide the others")
+	require.Equal(t, []catalog.Address{{IP: "10.0.0.4", Ready: false, Pod: "pod-10.0.0.4"}}, addrs("headless"), "headless, and not ready")
+	require.Equal(t, []catalog.Address{{IP: "10.0.0.6", Ready: true, Pod: "pod-10.0.0.6"}, {IP: "fd00::6", Ready: true, Pod: "pod-10.0.0.6"}},
+		addrs("dual"), "both families, one pod")
+	require.Equal(t, []catalog.Address{{IP: "10.0.0.7", Ready: true, Pod: "pod-10.0.0.7"}}, addrs("named"))
+	require.Equal(t, []catalog.Address{{IP: "10.0.0.8", Ready: true, Pod: "pod-10.0.0.8"}}, addrs("named@9090"))
+	s, _ := declared(in, "demo", "named")
+	require.Equal(t, int32(8080), s.Ports[0].TargetPort)
+	s, _ = declared(in, "demo", "named@9090")
+	require.Equal(t, int32(9090), s.Ports[0].TargetPort)
+	require.Equal(t, "http", s.Ports[0].AppProtocol)
+	for _, name := range []string{"udp", "empty"} {
+		_, ok := declared(in, "demo", name)
+		require.False(t, ok, "%s declares nothing", name)
+	}
+
+	// The pods that listened on 9090 are gone: so is their entry.
+	require.NoError(t, f.kube.DiscoveryV1().EndpointSlices("demo").Delete(t.Context(), "named-b", metav1.DeleteOptions{}))
+	f.eventually(t, "the entry of the other number goes with its slice", func() bool {
+		_, ok := declared(in, "demo", "named@9090")
+		return !ok
+	})
+	_, ok := declared(in, "demo", "named")
+	require.True(t, ok)
+	// The Service goes: so do its entries.
+	require.NoError(t, f.kube.CoreV1().Services("demo").Delete(t.Context(), "mixed", metav1.DeleteOptions{}))
+	f.eventually(t, "a deleted Service declares nothing", func() bool {
+		_, ok := declared(in, "demo", "mixed")
+		return !ok
 	})
 }

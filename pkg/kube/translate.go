@@ -242,3 +242,83 @@ func setTargetPorts(ports []catalog.Port, slices []*discoveryv1.EndpointSlice) {
 		}
 	}
 }
+
+// declaredFromObjects is a Service's entries among the declared ports
+// (catalog.DeclaredSource): its ports with their target ports, and
+// every address of its EndpointSlices, ready or not, of both families,
+// each with the pod behind it. The slices whose ports resolve alike
+// make one entry; a named targetPort that the pods resolve to different
+// numbers makes one entry per set of numbers, the first (in the slices'
+// name order) named as the Service and each other "<name>@<numbers>",
+// so that every pod declares the port it listens on. None when the
+// Service has no address.
+func declaredFromObjects(cluster string, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) []catalog.Service {
+	type group struct {
+		slices []*discoveryv1.EndpointSlice
+		entry  catalog.Service
+	}
+	var groups []*group
+	bySignature := map[string]*group{}
+	sorted := slices.SortedFunc(slices.Values(endpointSlices), func(a, b *discoveryv1.EndpointSlice) int {
+		return strings.Compare(a.Name, b.Name)
+	})
+	for _, es := range sorted {
+		if es.AddressType == discoveryv1.AddressTypeFQDN {
+			continue
+		}
+		ports := make([]catalog.Port, 0, len(svc.Spec.Ports))
+		for _, p := range svc.Spec.Ports {
+			port := catalog.Port{Name: p.Name, Port: p.Port, Protocol: catalog.Protocol(p.Protocol)}
+			if p.AppProtocol != nil {
+				port.AppProtocol = *p.AppProtocol
+			}
+			ports = append(ports, port)
+		}
+		setTargetPorts(ports, []*discoveryv1.EndpointSlice{es})
+		var sig strings.Builder
+		for i, p := range ports {
+			if i > 0 {
+				sig.WriteByte(',')
+			}
+			sig.WriteString(strconv.Itoa(int(p.TargetPort)))
+		}
+		g := bySignature[sig.String()]
+		if g == nil {
+			name := svc.Name
+			if len(groups) > 0 {
+				name += "@" + sig.String()
+			}
+			g = &group{entry: catalog.Service{Namespace: svc.Namespace, Name: name, Cluster: cluster, Ports: ports,
+				Endpoints: []catalog.LocalityEndpoints{{}}}}
+			bySignature[sig.String()] = g
+			groups = append(groups, g)
+		}
+		le := &g.entry.Endpoints[0]
+		for i := range es.Endpoints {
+			ep := &es.Endpoints[i]
+			pod := ""
+			if ref := ep.TargetRef; ref != nil && ref.Kind == "Pod" && (ref.Namespace == "" || ref.Namespace == svc.Namespace) {
+				pod = ref.Name
+			}
+			ready := ep.Conditions.Ready == nil || *ep.Conditions.Ready
+			for _, ip := range ep.Addresses {
+				if slices.ContainsFunc(le.Addresses, func(a catalog.Address) bool { return a.IP == ip }) {
+					continue
+				}
+				le.Addresses = append(le.Addresses, catalog.Address{IP: ip, Ready: ready, Pod: pod})
+				if ready {
+					le.Ready++
+				} else {
+					le.NotReady++
+				}
+			}
+		}
+	}
+	var out []catalog.Service
+	for _, g := range groups {
+		if len(g.entry.Endpoints[0].Addresses) > 0 {
+			out = append(out, g.entry)
+		}
+	}
+	return out
+}

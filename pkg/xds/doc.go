@@ -28,9 +28,12 @@
 // pod whose Services declare ports gets a chain per declared target
 // port, HTTP or TCP as declared, before the ALPN chains, so that a
 // caller cannot choose the TCP chain on an HTTP port. Pods that declare
-// the same ports share a profile. The sidecars' snapshot is one
+// the same ports share a profile. The ports come from the exporter's
+// declared ports (every Service with endpoints, headless and unmeshed
+// ones too, each address with its pod). The sidecars' snapshot is one
 // (profiledSnapshot); the encodedCache asks it which listeners a node
-// gets, by the pod IP of its node ID, and encodes each profile's once.
+// gets, by the pod (then the IP) of its node ID, and encodes each
+// profile's once.
 // The translator keeps which pod declares what service by service
 // (declIndex), so an endpoint turning ready costs nothing there.
 //

@@ -127,10 +127,8 @@ func (r Resources) TypeVersions() map[string]string {
 // one.
 func (r Resources) TypeVersionsFor(id string) map[string]string {
 	out := r.TypeVersions()
-	if ip, ok := nodeIP(id); ok {
-		if k, ok := r.Inbound.Profile(ip); ok {
-			out[resource.ListenerType] = r.Inbound.byKey[k].version
-		}
+	if k, ok := r.Inbound.nodeProfile(id); ok {
+		out[resource.ListenerType] = r.Inbound.byKey[k].version
 	}
 	return out
 }

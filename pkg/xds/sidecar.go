@@ -100,6 +100,10 @@ type SidecarInput struct {
 	InCluster *catalog.Snapshot
 	// Peers are the peers' imports, one catalog each, in any order.
 	Peers []*catalog.Snapshot
+	// Declared is every Service with endpoints and the pods behind them
+	// (catalog.DeclaredSource): when set, the pods' inbound profiles
+	// are read from it alone; else from Local and InCluster.
+	Declared *catalog.Snapshot
 }
 
 // SidecarOptions are the inputs of TranslateSidecar besides the catalog.
@@ -351,7 +355,7 @@ func TranslateSidecar(in SidecarInput, opts SidecarOptions) (Resources, []Skippe
 	slices.SortFunc(b.skipped, func(x, y Skipped) int {
 		return cmp.Or(strings.Compare(x.Service, y.Service), strings.Compare(x.Cluster, y.Cluster), strings.Compare(x.Reason, y.Reason))
 	})
-	return withProfiles(res, slices.Compact(b.skipped), in.Local, in.InCluster)
+	return withProfiles(res, slices.Compact(b.skipped), in.Local, in.InCluster, in.Declared)
 }
 
 func newSidecarBuilder(opts SidecarOptions) (*sidecarBuilder, error) {

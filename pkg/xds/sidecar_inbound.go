@@ -18,6 +18,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/isthmus-mesh/isthmus/internal/nodeid"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 )
 
@@ -31,10 +32,14 @@ import (
 // SVID that offers "istio" or none on an HTTP port would reach the app
 // with the header it wrote.
 //
-// The pods with the same declared ports share a profile: the same
-// inbound listener. Every sidecar of the cluster shares one snapshot;
-// its listeners are its profile's (profiledSnapshot), chosen by the pod
-// IP of the node ID, and the base Listeners when the pod declares none.
+// The ports come from the exporter's declared ports
+// (catalog.DeclaredSource: every Service with endpoints, each address
+// with its pod), or, without them, from the local and in-cluster
+// catalogs. The pods with the same declared ports share a profile: the
+// same inbound listener. Every sidecar of the cluster shares one
+// snapshot; its listeners are its profile's (profiledSnapshot), chosen
+// by the pod of the node ID (then its IP), and the base Listeners when
+// the pod declares none.
 
 // DeclaredPort is a port a pod's Services declare: the target port
 // number, HTTP or TCP (IsHTTPPort of the Service's port).
@@ -51,7 +56,7 @@ func (p DeclaredPort) String() string {
 // Immutable once made.
 type InboundProfiles struct {
 	// pods maps a pod IP to its profile's key.
-	pods map[netip.Addr]string
+	pods map[podRef]string
 	// byKey are the profiles by key.
 	byKey map[string]*inboundProfile
 	// Version is a hash of which pod has which profile and of every
@@ -79,14 +84,54 @@ type ProfileStatus struct {
 	Pods int `json:"pods"`
 }
 
-// Profile returns the key of the profile of the pod at ip ("8080/HTTP,
-// 9000/TCP": its declared ports), and whether it has one.
+// podRef names a pod: by namespace/name when its EndpointSlices say
+// which pod an address is (catalog.DeclaredSource), else by IP.
+type podRef struct {
+	pod string
+	ip  netip.Addr
+}
+
+func comparePodRefs(a, b podRef) int {
+	return cmp.Or(strings.Compare(a.pod, b.pod), a.ip.Compare(b.ip))
+}
+
+func (r podRef) String() string {
+	if r.pod != "" {
+		return r.pod
+	}
+	return r.ip.String()
+}
+
+// Profile returns the key of the profile of the pod at ip, known by its
+// address ("8080/HTTP,9000/TCP": its declared ports), and whether it has
+// one.
 func (p *InboundProfiles) Profile(ip netip.Addr) (string, bool) {
+	return p.profileOf(podRef{ip: ip.Unmap()})
+}
+
+func (p *InboundProfiles) profileOf(r podRef) (string, bool) {
 	if p == nil {
 		return "", false
 	}
-	k, ok := p.pods[ip.Unmap()]
+	k, ok := p.pods[r]
 	return k, ok
+}
+
+// nodeProfile is the profile of the node of ID id: its pod's by name
+// (pod and namespace of the node ID), else by its IP.
+func (p *InboundProfiles) nodeProfile(id string) (string, bool) {
+	if p == nil {
+		return "", false
+	}
+	if nid, err := nodeid.Parse(id); err == nil {
+		if k, ok := p.profileOf(podRef{pod: nid.Namespace + "/" + nid.Pod}); ok {
+			return k, true
+		}
+	}
+	if ip, ok := nodeIP(id); ok {
+		return p.Profile(ip)
+	}
+	return "", false
 }
 
 // Status describes every profile, by key.
@@ -101,10 +146,10 @@ func (p *InboundProfiles) Status() map[string]ProfileStatus {
 	return out
 }
 
-// Listeners returns the listeners the pod at ip is served: its
-// profile's, or nil when it has none (it gets the base ones).
-func (p *InboundProfiles) Listeners(ip netip.Addr) []*listenerv3.Listener {
-	k, ok := p.Profile(ip)
+// Listeners returns the listeners the node of ID id is served: its
+// pod's profile's, or nil when it has none (it gets the base ones).
+func (p *InboundProfiles) Listeners(id string) []*listenerv3.Listener {
+	k, ok := p.nodeProfile(id)
 	if !ok {
 		return nil
 	}
@@ -116,19 +161,20 @@ func (p *InboundProfiles) Listeners(ip netip.Addr) []*listenerv3.Listener {
 // that changes no pod's ports (a pod turning ready) nothing more.
 type declIndex struct {
 	// prev are each catalog's services as last read, in key order
-	// (catalog 0 is the local one, 1 the in-cluster one).
-	prev [2][]*catalog.Service
+	// (catalog 0 is the local one, 1 the in-cluster one, 2 the declared
+	// ports).
+	prev [3][]*catalog.Service
 	// services are the declarations of each service.
 	services map[declKey]*svcDecl
 	// selecting are, by pod IP, the services that declare ports for
 	// it, in declaration order (compareDeclKeys).
-	selecting map[netip.Addr][]declKey
+	selecting map[podRef][]declKey
 	// keys are each pod's profile key; counts how many pods have each.
-	keys   map[netip.Addr]string
+	keys   map[podRef]string
 	counts map[string]int
 	// conflicts are, by pod IP, the ports two of its services declare
 	// with different protocols.
-	conflicts map[netip.Addr][]Skipped
+	conflicts map[podRef][]Skipped
 	// sum is the sum of every pod's (IP, key) hash: it changes when a
 	// pod's profile does, at the cost of that pod alone.
 	sum [2]uint64
@@ -156,7 +202,7 @@ func compareDeclKeys(a, b declKey) int {
 // not (a pod's ports do not depend on its readiness).
 type svcDecl struct {
 	ports []DeclaredPort
-	ips   []netip.Addr
+	pods  []podRef
 	// skipped is a target port two of its own ports declare with
 	// different protocols.
 	skipped []Skipped
@@ -164,8 +210,8 @@ type svcDecl struct {
 
 func newDeclIndex() *declIndex {
 	return &declIndex{
-		services: map[declKey]*svcDecl{}, selecting: map[netip.Addr][]declKey{},
-		keys: map[netip.Addr]string{}, counts: map[string]int{}, conflicts: map[netip.Addr][]Skipped{},
+		services: map[declKey]*svcDecl{}, selecting: map[podRef][]declKey{},
+		keys: map[podRef]string{}, counts: map[string]int{}, conflicts: map[podRef][]Skipped{},
 	}
 }
 
@@ -193,13 +239,15 @@ func declOf(svc *catalog.Service) *svcDecl {
 	slices.SortFunc(d.ports, func(a, b DeclaredPort) int { return cmp.Compare(a.Port, b.Port) })
 	for _, le := range svc.Endpoints {
 		for _, a := range le.Addresses {
-			if ip, err := netip.ParseAddr(a.IP); err == nil {
-				d.ips = append(d.ips, ip.Unmap())
+			if a.Pod != "" {
+				d.pods = append(d.pods, podRef{pod: svc.Namespace + "/" + a.Pod})
+			} else if ip, err := netip.ParseAddr(a.IP); err == nil {
+				d.pods = append(d.pods, podRef{ip: ip.Unmap()})
 			}
 		}
 	}
-	slices.SortFunc(d.ips, netip.Addr.Compare)
-	d.ips = slices.Compact(d.ips)
+	slices.SortFunc(d.pods, comparePodRefs)
+	d.pods = slices.Compact(d.pods)
 	return d
 }
 
@@ -207,14 +255,14 @@ func (d *svcDecl) equal(e *svcDecl) bool {
 	if d == nil || e == nil {
 		return d == e
 	}
-	return slices.Equal(d.ports, e.ports) && slices.Equal(d.ips, e.ips) && slices.Equal(d.skipped, e.skipped)
+	return slices.Equal(d.ports, e.ports) && slices.Equal(d.pods, e.pods) && slices.Equal(d.skipped, e.skipped)
 }
 
 // read brings the index up to the catalogs' services (each in key
-// order; catalog 0 is the local one, 1 the in-cluster one): the
-// services whose entry changed since the last read are read again.
-func (x *declIndex) read(catalogs [2][]*catalog.Service) {
-	dirty := map[netip.Addr]bool{}
+// order; see prev): the services whose entry changed since the last
+// read are read again.
+func (x *declIndex) read(catalogs [3][]*catalog.Service) {
+	dirty := map[podRef]bool{}
 	for c, now := range catalogs {
 		prev := x.prev[c]
 		if len(prev) == len(now) && (len(now) == 0 || &prev[0] == &now[0]) {
@@ -251,7 +299,7 @@ func (x *declIndex) read(catalogs [2][]*catalog.Service) {
 
 // set makes d the declaration of k, marking in dirty the pods whose
 // services changed.
-func (x *declIndex) set(k declKey, d *svcDecl, dirty map[netip.Addr]bool) {
+func (x *declIndex) set(k declKey, d *svcDecl, dirty map[podRef]bool) {
 	old := x.services[k]
 	if old.equal(d) {
 		return
@@ -260,7 +308,7 @@ func (x *declIndex) set(k declKey, d *svcDecl, dirty map[netip.Addr]bool) {
 		if len(old.skipped) > 0 {
 			x.skippedChanged = true
 		}
-		for _, ip := range old.ips {
+		for _, ip := range old.pods {
 			x.selecting[ip] = slices.DeleteFunc(x.selecting[ip], func(o declKey) bool { return o == k })
 			dirty[ip] = true
 		}
@@ -273,7 +321,7 @@ func (x *declIndex) set(k declKey, d *svcDecl, dirty map[netip.Addr]bool) {
 		x.skippedChanged = true
 	}
 	x.services[k] = d
-	for _, ip := range d.ips {
+	for _, ip := range d.pods {
 		list := x.selecting[ip]
 		i, _ := slices.BinarySearchFunc(list, k, compareDeclKeys)
 		x.selecting[ip] = slices.Insert(list, i, k)
@@ -283,7 +331,7 @@ func (x *declIndex) set(k declKey, d *svcDecl, dirty map[netip.Addr]bool) {
 
 // redo computes the profile of the pod at ip from its services: each
 // port as the first service that declares it says.
-func (x *declIndex) redo(ip netip.Addr) {
+func (x *declIndex) redo(ip podRef) {
 	var ports []DeclaredPort
 	var by []catalog.ServiceKey
 	var conflicts []Skipped
@@ -344,10 +392,12 @@ func (x *declIndex) redo(ip netip.Addr) {
 }
 
 // addSum adds the pod's hash to sum, or takes it away.
-func (x *declIndex) addSum(ip netip.Addr, key string, add bool) {
+func (x *declIndex) addSum(ip podRef, key string, add bool) {
 	h := sha256.New()
-	addr, _ := ip.MarshalBinary()
+	addr, _ := ip.ip.MarshalBinary()
 	h.Write(addr)
+	h.Write([]byte{0})
+	h.Write([]byte(ip.pod))
 	h.Write([]byte{0})
 	h.Write([]byte(key))
 	var sum [sha256.Size]byte
@@ -385,7 +435,7 @@ type profileMaker struct {
 	// translation may make it again with the same content (base).
 	outbound *listenerv3.Listener
 	made     map[string]*inboundProfile
-	pods     map[netip.Addr]string
+	pods     map[podRef]string
 	last     *InboundProfiles
 	valid    bool
 }
@@ -526,17 +576,28 @@ func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, httpChai
 type profileState struct {
 	index *declIndex
 	maker profileMaker
+	// declared and declaredServices are the declared ports last read,
+	// and their services in key order.
+	declared         *catalog.Snapshot
+	declaredServices []*catalog.Service
 }
 
 // withProfiles adds to res the profiles of the pods the catalogs
 // declare ports for, as st last saw them, and their conflicts to
 // skipped (sorted, without duplicates; skipped itself is not
-// modified).
-func (st *profileState) withProfiles(res Resources, skipped []Skipped, local, inCluster []*catalog.Service) (Resources, []Skipped, error) {
+// modified). The declared ports, when given, are read alone: every
+// Service with endpoints is there, exported or in-cluster ones too.
+func (st *profileState) withProfiles(res Resources, skipped []Skipped, local, inCluster []*catalog.Service, declared *catalog.Snapshot) (Resources, []Skipped, error) {
 	if st.index == nil {
 		st.index = newDeclIndex()
 	}
-	st.index.read([2][]*catalog.Service{local, inCluster})
+	if declared != nil {
+		if declared != st.declared {
+			st.declared, st.declaredServices = declared, servicesOf(declared)
+		}
+		local, inCluster = nil, nil
+	}
+	st.index.read([3][]*catalog.Service{local, inCluster, st.declaredServices})
 	profiles, err := st.maker.profiles(st.index, res.Listeners[0], res.Listeners[1], res.ListenersVersion)
 	if err != nil {
 		return Resources{}, nil, err
@@ -553,9 +614,9 @@ func (st *profileState) withProfiles(res Resources, skipped []Skipped, local, in
 
 // withProfiles is profileState.withProfiles from nothing, for the
 // catalogs (nil ones are empty).
-func withProfiles(res Resources, skipped []Skipped, local, inCluster *catalog.Snapshot) (Resources, []Skipped, error) {
+func withProfiles(res Resources, skipped []Skipped, local, inCluster, declared *catalog.Snapshot) (Resources, []Skipped, error) {
 	var st profileState
-	return st.withProfiles(res, skipped, servicesOf(local), servicesOf(inCluster))
+	return st.withProfiles(res, skipped, servicesOf(local), servicesOf(inCluster), declared)
 }
 
 // servicesOf are snap's services in key order; none for nil.
@@ -604,11 +665,7 @@ func (s *profiledSnapshot) variant(node *corev3.Node, typeURL string) (name stri
 	if typeURL != resource.ListenerType {
 		return "", nil, "", false
 	}
-	ip, ok := nodeIP(node.GetId())
-	if !ok {
-		return "", nil, "", false
-	}
-	k, ok := s.profiles.Profile(ip)
+	k, ok := s.profiles.nodeProfile(node.GetId())
 	if !ok {
 		return "", nil, "", false
 	}

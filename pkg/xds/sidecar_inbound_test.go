@@ -2,7 +2,7 @@ package xds
 
 import (
 	"context"
-	"net/netip"
+	"strings"
 	"testing"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -89,10 +89,12 @@ func TestInboundProfiles(t *testing.T) {
 		}
 		return out
 	}())
-	ip := netip.MustParseAddr
-	require.Equal(t, []string{"8080/HTTP", "9090/HTTP", "alpn/HTTP", "any/TCP"}, chainPorts(t, res.Inbound.Listeners(ip("10.0.1.2"))[0]))
-	require.Equal(t, []string{"5432/TCP", "8080/HTTP", "9090/HTTP", "alpn/HTTP", "any/TCP"}, chainPorts(t, res.Inbound.Listeners(ip("10.0.1.3"))[0]))
-	require.Nil(t, res.Inbound.Listeners(ip("10.0.9.9")), "a pod no Service selects gets the base listeners")
+	at := func(ip string) string {
+		return nodeid.ID{Role: nodeid.RoleSidecar, IP: ip, Pod: "p", Namespace: "demo"}.String()
+	}
+	require.Equal(t, []string{"8080/HTTP", "9090/HTTP", "alpn/HTTP", "any/TCP"}, chainPorts(t, res.Inbound.Listeners(at("10.0.1.2"))[0]))
+	require.Equal(t, []string{"5432/TCP", "8080/HTTP", "9090/HTTP", "alpn/HTTP", "any/TCP"}, chainPorts(t, res.Inbound.Listeners(at("10.0.1.3"))[0]))
+	require.Nil(t, res.Inbound.Listeners(at("10.0.9.9")), "a pod no Service selects gets the base listeners")
 	require.Equal(t, []string{"alpn/HTTP", "any/TCP"}, chainPorts(t, res.Listeners[0]))
 
 	// The node ID's pod IP picks the profile; an IPv4-mapped one too.
@@ -243,4 +245,57 @@ func TestCacheServesEachPodItsProfile(t *testing.T) {
 	for key := range c.group(sidecarGroup).encoded {
 		require.NotContains(t, key, "5432/TCP", "the encodings of a profile gone")
 	}
+}
+
+// With the declared ports (every Service with endpoints, the pod behind
+// each address), a pod is found by its name, whatever address its node
+// ID carries: a single-stack IPv6 Service still protects pods whose
+// primary address is IPv4. Each entry of a Service declares the numbers
+// its own pods listen on. The local and in-cluster catalogs are then not
+// read: the declared ports hold their services too.
+func TestInboundProfilesFromTheDeclaredPorts(t *testing.T) {
+	entry := func(name string, port catalog.Port, addrs ...catalog.Address) catalog.Service {
+		return catalog.Service{Namespace: "demo", Name: name, Cluster: "a", Ports: []catalog.Port{port},
+			Endpoints: []catalog.LocalityEndpoints{{Ready: len(addrs), Addresses: addrs}}}
+	}
+	http := catalog.Port{Name: "http", Port: 80, AppProtocol: "http", TargetPort: 8080}
+	http9090 := http
+	http9090.TargetPort = 9090
+	decl, err := catalog.NewSnapshot(catalog.DeclaredSource, []catalog.Service{
+		entry("v6only", http, catalog.Address{IP: "fd00::2", Ready: true, Pod: "web-0"}),
+		entry("named", http, catalog.Address{IP: "10.0.1.7", Ready: true, Pod: "named-a"}),
+		entry("named@9090", http9090, catalog.Address{IP: "10.0.1.8", Ready: true, Pod: "named-b"}),
+		entry("headless", catalog.Port{Name: "tcp-db", Port: 5432, TargetPort: 5432}, catalog.Address{IP: "10.0.1.9", Pod: "db-0"}),
+	})
+	require.NoError(t, err)
+	// A local export the declared ports do not hold: not read.
+	res, _, err := TranslateSidecar(SidecarInput{Local: snapshotOf(t, localEcho()), Declared: decl}, SidecarOptions{Region: "r1"})
+	require.NoError(t, err)
+	node := func(ip, pod string) string {
+		return nodeid.ID{Role: nodeid.RoleSidecar, IP: ip, Pod: pod, Namespace: "demo"}.String()
+	}
+	for _, tc := range []struct {
+		id   string
+		want []string
+	}{
+		{node("10.0.1.2", "web-0"), []string{"8080/HTTP", "alpn/HTTP", "any/TCP"}},
+		{node("10.0.1.7", "named-a"), []string{"8080/HTTP", "alpn/HTTP", "any/TCP"}},
+		{node("10.0.1.8", "named-b"), []string{"9090/HTTP", "alpn/HTTP", "any/TCP"}},
+		{node("10.0.1.9", "db-0"), []string{"5432/TCP", "alpn/HTTP", "any/TCP"}},
+	} {
+		l := res.Inbound.Listeners(tc.id)
+		require.NotNil(t, l, tc.id)
+		require.Equal(t, tc.want, chainPorts(t, l[0]), tc.id)
+		require.Equal(t, res.Inbound.byKey[strings.Join(tc.want[:len(tc.want)-2], ",")].version, res.TypeVersionsFor(tc.id)[resource.ListenerType], tc.id)
+	}
+	// localEcho's pod 10.0.1.3, known only to the local catalog.
+	require.Nil(t, res.Inbound.Listeners(node("10.0.1.3", "echo-1")), "the local catalog is not read")
+
+	// The incremental translator agrees.
+	tr, err := NewSidecarTranslator(SidecarOptions{Region: "r1"})
+	require.NoError(t, err)
+	got, gotSkipped, err := tr.Translate(SidecarInput{Local: snapshotOf(t, localEcho()), Declared: decl})
+	require.NoError(t, err)
+	_, wantSkipped, _ := TranslateSidecar(SidecarInput{Local: snapshotOf(t, localEcho()), Declared: decl}, SidecarOptions{Region: "r1"})
+	requireSameSidecar(t, res, got, wantSkipped, gotSkipped, "declared")
 }

@@ -478,7 +478,7 @@ func (t *SidecarTranslator) Translate(in SidecarInput) (Resources, []Skipped, er
 		skipped = slices.Compact(skipped)
 	}
 
-	res, withProfiled, err := t.profiles.withProfiles(res, skipped, sources[catalog.LocalSource].services, icState.services)
+	res, withProfiled, err := t.profiles.withProfiles(res, skipped, sources[catalog.LocalSource].services, icState.services, in.Declared)
 	if err != nil {
 		return Resources{}, nil, err
 	}

@@ -109,6 +109,8 @@ type randomMesh struct {
 	gone map[string]bool
 	// inCluster are a's in-cluster services.
 	inCluster *catalog.Builder
+	// declared makes catalogs give the declared ports too.
+	declared bool
 }
 
 var meshPeers = []string{"b", "c", "d"}
@@ -297,7 +299,31 @@ func (m *randomMesh) catalogs() SidecarInput {
 		}
 	}
 	m.rng.Shuffle(len(peers), func(i, j int) { peers[i], peers[j] = peers[j], peers[i] })
-	return SidecarInput{Local: m.local.Build(), InCluster: m.inCluster.Build(), Peers: peers}
+	in := SidecarInput{Local: m.local.Build(), InCluster: m.inCluster.Build(), Peers: peers}
+	if m.declared {
+		// What the exporter declares: the local and in-cluster services,
+		// the in-cluster ones' addresses with the pod behind them.
+		b := catalog.NewBuilder(catalog.DeclaredSource)
+		for c, snap := range []*catalog.Snapshot{in.Local, in.InCluster} {
+			for svc := range snap.All() {
+				d := svc.Clone()
+				d.Name = fmt.Sprintf("%s-%d", d.Name, c)
+				d.Peers, d.ClusterIP = nil, ""
+				for i := range d.Endpoints {
+					for j := range d.Endpoints[i].Addresses {
+						if c == 1 {
+							d.Endpoints[i].Addresses[j].Pod = "pod-" + d.Endpoints[i].Addresses[j].IP
+						}
+					}
+				}
+				if err := b.Put(d); err != nil {
+					panic(err)
+				}
+			}
+		}
+		in.Declared = b.Build()
+	}
+	return in
 }
 
 // Random sequences of adds, changes and removals of local and imported
@@ -309,6 +335,7 @@ func TestSidecarTranslatorRandomChanges(t *testing.T) {
 		t.Run(fmt.Sprintf("seed=%d/region=%q", seed, region), func(t *testing.T) {
 			opts := SidecarOptions{Region: region}
 			m := newRandomMesh(seed)
+			m.declared = seed%2 == 1
 			tr, err := NewSidecarTranslator(opts)
 			require.NoError(t, err)
 			var prev Resources

@@ -131,6 +131,12 @@ func (s *Server) translateSidecar(local *catalog.Snapshot, peers []*catalog.Snap
 	in := SidecarInput{Local: local, Peers: peers}
 	if s.opts.InCluster != nil {
 		in.InCluster = s.opts.InCluster.Get(catalog.InClusterSource)
+		// The exporter publishes the declared ports with the in-cluster
+		// services; a store without them (tests) leaves the profiles to
+		// the local and in-cluster catalogs.
+		if slices.Contains(s.opts.InCluster.Sources(), catalog.DeclaredSource) {
+			in.Declared = s.opts.InCluster.Get(catalog.DeclaredSource)
+		}
 	}
 	return st.translator.Translate(in)
 }
