@@ -977,6 +977,13 @@ func (p *pod) get(t testing.TB, h2 bool, url string, header http.Header) (int, e
 	}
 	resp, err := p.nat.httpClient(h2).Do(req)
 	require.NoError(t, err)
+	return readEcho(t, resp)
+}
+
+// readEcho reads and closes resp: its status, the echo app's reply when
+// it is 200, and the body.
+func readEcho(t testing.TB, resp *http.Response) (int, echoReply, string) {
+	t.Helper()
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
 	require.NoError(t, err)

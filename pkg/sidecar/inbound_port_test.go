@@ -107,14 +107,8 @@ func getInbound(t testing.TB, addr string, cert tls.Certificate, h2 bool, alpn .
 	req.Header.Set(xfccHeader, forgedXFCC)
 	resp, err := tr.RoundTrip(req)
 	require.NoError(t, err)
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	require.NoError(t, err)
-	var reply echoReply
-	if resp.StatusCode == http.StatusOK {
-		require.NoError(t, json.Unmarshal(body, &reply), "body %q", body)
-	}
-	return resp.StatusCode, reply
+	code, reply, _ := readEcho(t, resp)
+	return code, reply
 }
 
 // rawGetInbound writes an HTTP/1.1 request with a forged XFCC on a TLS
@@ -130,14 +124,8 @@ func rawGetInbound(t testing.TB, addr string, cert tls.Certificate, alpn ...stri
 	require.NoError(t, err)
 	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
 	require.NoError(t, err)
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	require.NoError(t, err)
-	var reply echoReply
-	if resp.StatusCode == http.StatusOK {
-		require.NoError(t, json.Unmarshal(body, &reply), "body %q", body)
-	}
-	return resp.StatusCode, reply
+	code, reply, _ := readEcho(t, resp)
+	return code, reply
 }
 
 func alpnName(alpn []string) string {

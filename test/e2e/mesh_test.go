@@ -635,28 +635,19 @@ func caSignedSVID(t *testing.T, c *mesh.Cluster, id string) tls.Certificate {
 	require.NoError(t, err)
 	caCert, err := x509.ParseCertificate(signer.Certificate[0])
 	require.NoError(t, err)
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	require.NoError(t, err)
-	u, err := url.Parse(id)
-	require.NoError(t, err)
-	serial, err := rand.Int(rand.Reader, big.NewInt(1<<62))
-	require.NoError(t, err)
-	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		URIs:         []*url.URL{u},
-		NotBefore:    time.Now().Add(-time.Minute),
-		NotAfter:     time.Now().Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, signer.PrivateKey)
-	require.NoError(t, err)
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	return svidCert(t, id, caCert, signer.PrivateKey)
 }
 
 // selfSignedSVID is a certificate claiming id, signed by its own key: what
 // a workload outside the mesh could make.
 func selfSignedSVID(t *testing.T, id string) tls.Certificate {
+	t.Helper()
+	return svidCert(t, id, nil, nil)
+}
+
+// svidCert is a client certificate with id as its URI SAN, signed by
+// parent's key, or by its own when parent is nil.
+func svidCert(t *testing.T, id string, parent *x509.Certificate, parentKey any) tls.Certificate {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	require.NoError(t, err)
@@ -673,7 +664,10 @@ func selfSignedSVID(t *testing.T, id string) tls.Certificate {
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if parent == nil {
+		parent, parentKey = tmpl, key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
 	require.NoError(t, err)
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 }
