@@ -253,10 +253,7 @@ func setTargetPorts(ports []catalog.Port, slices []*discoveryv1.EndpointSlice) {
 // so that every pod declares the port it listens on. None when the
 // Service has no address.
 func declaredFromObjects(cluster string, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) []catalog.Service {
-	type group struct {
-		slices []*discoveryv1.EndpointSlice
-		entry  catalog.Service
-	}
+	type group struct{ entry catalog.Service }
 	var groups []*group
 	bySignature := map[string]*group{}
 	sorted := slices.SortedFunc(slices.Values(endpointSlices), func(a, b *discoveryv1.EndpointSlice) int {

@@ -67,8 +67,6 @@ type InboundProfiles struct {
 // inboundProfile is one set of declared ports and the listeners of the
 // pods that declare them.
 type inboundProfile struct {
-	key   string
-	ports []DeclaredPort
 	// listeners are the pods' listeners: the inbound one with a chain
 	// per port, and the shared outbound one; version is their version.
 	listeners []*listenerv3.Listener
@@ -524,7 +522,7 @@ func makeProfile(key string, inbound, outbound *listenerv3.Listener, base string
 	v.record(listenerTag, len(base))
 	v.writeString(base)
 	v.resource(listenerTag, enc)
-	return &inboundProfile{key: key, ports: ports, listeners: []*listenerv3.Listener{l, outbound}, version: v.sum()}, nil
+	return &inboundProfile{listeners: []*listenerv3.Listener{l, outbound}, version: v.sum()}, nil
 }
 
 // inboundTemplates finds the base inbound listener's HTTP chain (the one
