@@ -56,7 +56,9 @@ func TestParseFlagsRefusesListenPortsOutOfRange(t *testing.T) {
 func TestRouteSourceOutlivesTheDrain(t *testing.T) {
 	ctx, signal := context.WithCancel(t.Context())
 	var srcEnded atomic.Bool
+	var srcCtx context.Context
 	routes := func(ctx context.Context, g *errgroup.Group) (gateway.RouteSource, error) {
+		srcCtx = ctx
 		g.Go(func() error {
 			<-ctx.Done()
 			srcEnded.Store(true)
@@ -69,6 +71,11 @@ func TestRouteSourceOutlivesTheDrain(t *testing.T) {
 	go func() {
 		done <- serve(ctx, routes, func(ctx context.Context, _ gateway.RouteSource) error {
 			<-ctx.Done()
+			// A source context derived from the signal's is cancelled
+			// with it, before this line runs: no wait needed to see it.
+			if srcCtx.Err() != nil {
+				return errors.New("the route source's context ended with the signal")
+			}
 			<-drained // the drain, however long
 			if srcEnded.Load() {
 				return errors.New("the route source ended before the drain did")
@@ -77,7 +84,10 @@ func TestRouteSourceOutlivesTheDrain(t *testing.T) {
 		})
 	}()
 	signal()
-	time.Sleep(50 * time.Millisecond) // time for a source tied to the signal to end
+	// Time for a source tied to the signal some other way (a goroutine
+	// watching it) to end: a slow machine can only hide such a fault,
+	// never invent one.
+	time.Sleep(50 * time.Millisecond)
 	close(drained)
 	require.NoError(t, <-done)
 	require.True(t, srcEnded.Load(), "the source ends once the gateway returned")
