@@ -132,7 +132,10 @@
 // verify), no_chain, no_original_dst (an inbound connection that was not
 // redirected: no app port to go to), loop (outbound passthrough to the
 // sidecar itself), not_local (explicit mode from outside the pod),
-// no_endpoint, no_cluster.
+// no_endpoint, no_cluster, rbac (an inbound chain's RBAC filters deny the
+// caller's SPIFFE ID on that port; decided once, after the TLS handshake,
+// before a byte reaches the app, and logged at Debug with the caller and
+// port).
 //
 // Endpoints: the lowest priority with a healthy endpoint; within it a
 // locality with probability proportional to its weight; round robin

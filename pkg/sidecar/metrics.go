@@ -56,6 +56,10 @@ const (
 	ReasonNoEndpoint = "no_endpoint"
 	// ReasonNoCluster: a chain names a cluster the configuration lacks.
 	ReasonNoCluster = "no_cluster"
+	// ReasonRBAC: an inbound connection its chain's RBAC filters deny
+	// (envoy.filters.network.rbac), closed after the TLS handshake,
+	// before a byte reaches the app.
+	ReasonRBAC = "rbac"
 )
 
 // metrics are the sidecar's OpenTelemetry instruments, exported in

@@ -256,6 +256,16 @@ func (p *Proxy) serveInbound(c *net.TCPConn) {
 	}
 	_ = c.SetDeadline(time.Time{})
 	ch := &st.cfg.Sidecar.Inbound.Chains[ic.chain]
+	if ch.RBAC != nil {
+		// Decided once, the caller's identity known and nothing read
+		// from it yet, as Envoy's network RBAC filter on the first byte.
+		id := peerID(tc.ConnectionState())
+		if !ch.RBAC.Allows(id, dst.Port()) {
+			p.refuse(c, listenerInbound, ReasonRBAC, "caller", id, "port", dst.Port())
+			p.release(listenerInbound)
+			return
+		}
+	}
 	if ch.TCP != nil {
 		p.proxyTCP(tc, st, ch.TCP, listenerInbound, dst, true)
 		return
@@ -265,6 +275,19 @@ func (p *Proxy) serveInbound(c *net.TCPConn) {
 		info.xfcc = p.xfcc(tc.ConnectionState(), ch.HTTP.SetClientCertURI)
 	}
 	p.serveHTTPConn(p.inQueue, tc, info)
+}
+
+// peerID is the SPIFFE ID of a verified caller's certificate (its URI
+// SAN), what RBAC principal names match; empty when there is none.
+func peerID(cs tls.ConnectionState) string {
+	if len(cs.PeerCertificates) == 0 {
+		return ""
+	}
+	id, err := x509svid.IDFromCert(cs.PeerCertificates[0])
+	if err != nil {
+		return ""
+	}
+	return id.String()
 }
 
 // inboundDispatch is the TLS configuration that picks the inbound filter

@@ -286,7 +286,8 @@ func (l *InboundListener) Match(port uint16, alpn []string) *InboundChain {
 
 // InboundChain is one inbound filter chain: filter_chain_match
 // { destination_port, transport_protocol: "tls", application_protocols },
-// the TLS it terminates, and exactly one of HTTP and TCP.
+// the TLS it terminates, its RBAC filters if any, and exactly one of HTTP
+// and TCP.
 type InboundChain struct {
 	// Port is filter_chain_match.destination_port, the original
 	// destination's port (the app's); 0 when unset: any port.
@@ -300,6 +301,9 @@ type InboundChain struct {
 	HTTP *HTTPConnectionManager
 	// TCP is a tcp_proxy (to InboundPassthroughCluster).
 	TCP *TCPProxy
+	// RBAC is the envoy.filters.network.rbac filters before HTTP or TCP,
+	// decided once per connection; nil when there are none.
+	RBAC *NetworkRBAC
 }
 
 // DownstreamTLS is a DownstreamTlsContext whose certificates come from

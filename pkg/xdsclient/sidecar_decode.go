@@ -213,7 +213,7 @@ func decodeOutboundChain(fc *listenerv3.FilterChain) (OutboundChain, error) {
 		}
 	}
 	var err error
-	ch.HTTP, ch.TCP, err = decodeChainFilters(fc.GetFilters(), false)
+	ch.HTTP, ch.TCP, _, err = decodeChainFilters(fc.GetFilters(), false)
 	errs = append(errs, err)
 	if ch.HTTP != nil && ch.HTTP.Routes != nil && len(ch.VIPs) != 1 {
 		errs = append(errs, fieldErr("filters[0].typed_config.route_config", fmt.Sprintf("an inline route is for the chain of one address (an in-cluster service's port), not of %d", len(ch.VIPs))))
@@ -239,29 +239,71 @@ func decodeHostPrefix(r *corev3.CidrRange) (netip.Addr, error) {
 	return ip.Unmap(), nil
 }
 
-// decodeChainFilters decodes a chain's one network filter: an HTTP
-// connection manager (outbound: RDS; inbound: inline routes and XFCC) or
-// a tcp_proxy.
-func decodeChainFilters(filters []*listenerv3.Filter, inbound bool) (*HTTPConnectionManager, *TCPProxy, error) {
-	if n := len(filters); n != 1 {
-		return nil, nil, fieldErr("filters", "want exactly one "+hcmName+" or "+tcpProxyName+", got "+itoa(n)+" filters")
+// decodeChainFilters decodes a chain's network filters: on an inbound
+// chain, at most two envoy.filters.network.rbac (DENY, then ALLOW), then
+// its one terminal filter, an HTTP connection manager (outbound: RDS;
+// inbound: inline routes and XFCC) or a tcp_proxy. The outbound listener
+// has the terminal filter alone.
+func decodeChainFilters(filters []*listenerv3.Filter, inbound bool) (*HTTPConnectionManager, *TCPProxy, *NetworkRBAC, error) {
+	var errs []error
+	nRBAC := 0
+	for i, f := range filters {
+		if f.GetName() != rbacName {
+			continue
+		}
+		nRBAC++
+		switch {
+		case !inbound:
+			errs = append(errs, fieldErr("filters["+itoa(i)+"].name", rbacName+" is not supported on the outbound listener (inbound chains only)"))
+		case i != nRBAC-1:
+			errs = append(errs, fieldErr("filters["+itoa(i)+"].name", rbacName+" after the terminal filter: RBAC filters come before it"))
+		}
 	}
-	f := filters[0]
+	var rbac *NetworkRBAC
+	if inbound && nRBAC > 0 {
+		if nRBAC > 2 {
+			errs = append(errs, fieldErr("filters", "want at most two "+rbacName+" (DENY, then ALLOW), got "+itoa(nRBAC)))
+		}
+		var err error
+		lead := 0
+		for lead < len(filters) && filters[lead].GetName() == rbacName {
+			lead++
+		}
+		rbac, err = decodeRBACFilters(filters[:lead])
+		errs = append(errs, err)
+	}
+	if n := len(filters) - nRBAC; n != 1 {
+		errs = append(errs, fieldErr("filters", "want exactly one "+hcmName+" or "+tcpProxyName+", got "+itoa(n)+" filters"))
+		return nil, nil, nil, errors.Join(errs...)
+	}
+	t := 0
+	for filters[t].GetName() == rbacName {
+		t++
+	}
+	f := filters[t]
 	switch f.GetName() {
 	case hcmName:
 		h, err := decodeHCM(f, inbound)
-		return h, nil, withinIndex("filters", 0, err)
+		errs = append(errs, withinIndex("filters", t, err))
+		return h, nil, rbac, errors.Join(errs...)
 	case tcpProxyName:
 		tp, err := decodeNetworkFilter(f)
 		if err != nil {
-			return nil, nil, withinIndex("filters", 0, err)
+			errs = append(errs, withinIndex("filters", t, err))
+			return nil, nil, nil, errors.Join(errs...)
 		}
-		return nil, &TCPProxy{Cluster: tp.Cluster, StatPrefix: tp.StatPrefix, IdleTimeout: tp.IdleTimeout}, nil
+		return nil, &TCPProxy{Cluster: tp.Cluster, StatPrefix: tp.StatPrefix, IdleTimeout: tp.IdleTimeout}, rbac, errors.Join(errs...)
 	}
 	if err := filterFields.check(f); err != nil {
-		return nil, nil, withinIndex("filters", 0, err)
+		errs = append(errs, withinIndex("filters", t, err))
+		return nil, nil, nil, errors.Join(errs...)
 	}
-	return nil, nil, fieldErr("filters[0].name", fmt.Sprintf("unsupported network filter %q (only %s or %s)", f.GetName(), hcmName, tcpProxyName))
+	want := hcmName + " or " + tcpProxyName
+	if inbound {
+		want += ", after at most two " + rbacName
+	}
+	errs = append(errs, fieldErr("filters["+itoa(t)+"].name", fmt.Sprintf("unsupported network filter %q (only %s)", f.GetName(), want)))
+	return nil, nil, nil, errors.Join(errs...)
 }
 
 func decodeHCM(f *listenerv3.Filter, inbound bool) (*HTTPConnectionManager, error) {
@@ -464,7 +506,7 @@ func decodeInboundChain(fc *listenerv3.FilterChain) (InboundChain, error) {
 		errs = append(errs, within("transport_socket", err))
 	}
 	var err error
-	ch.HTTP, ch.TCP, err = decodeChainFilters(fc.GetFilters(), true)
+	ch.HTTP, ch.TCP, ch.RBAC, err = decodeChainFilters(fc.GetFilters(), true)
 	errs = append(errs, err)
 	return ch, errors.Join(errs...)
 }

@@ -6,6 +6,7 @@ import (
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/protobuf/proto"
@@ -50,6 +51,31 @@ func sidecarFuzzSeeds(tb testing.TB) [][]byte {
 		func(m *scMutable) { m.in.FilterChains[0].FilterChainMatch.DestinationPort = wrapperspb.UInt32(65536) },
 		func(m *scMutable) {
 			m.in.FilterChains = append(m.in.FilterChains, onPort(m.in.FilterChains[1], 9000), onPort(m.in.FilterChains[1], 9000))
+		},
+		// Network RBAC on the inbound chains, Istio's DENY then ALLOW,
+		// and near misses: after the terminal filter, on the outbound
+		// listener, a regex that does not compile, nesting too deep.
+		func(m *scMutable) {
+			withRBAC(m, 0,
+				rbacFilter(tb, rbacv3.RBAC_DENY, map[string]*rbacv3.Policy{"deny": rbacPolicy(perms(permOr(permPort(9000), permRange(15000, 15100))), prinNot(prinRegex(`spiffe://alpha/.*`)))}),
+				rbacFilter(tb, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"allow": rbacPolicy(perms(permAny()), prinOr(prinExact(idCaller), prinAny()))}))
+			withRBAC(m, 1, rbacFilter(tb, rbacv3.RBAC_ALLOW, nil))
+		},
+		func(m *scMutable) {
+			m.in.FilterChains[1].Filters = append(m.in.FilterChains[1].Filters, rbacFilter(tb, rbacv3.RBAC_DENY, nil))
+		},
+		func(m *scMutable) {
+			m.out.FilterChains[0].Filters = append([]*listenerv3.Filter{rbacFilter(tb, rbacv3.RBAC_ALLOW, nil)}, m.out.FilterChains[0].Filters...)
+		},
+		func(m *scMutable) {
+			withRBAC(m, 0, rbacFilter(tb, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"p": rbacPolicy(perms(permAny()), prinRegex(`(`))}))
+		},
+		func(m *scMutable) {
+			deep := permPort(80)
+			for range maxRBACDepth {
+				deep = permNot(deep)
+			}
+			withRBAC(m, 0, rbacFilter(tb, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"p": rbacPolicy(perms(deep), prinAny())}))
 		},
 		// Two upstream HTTP versions on the wire, of which proto keeps
 		// the last.
