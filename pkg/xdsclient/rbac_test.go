@@ -285,11 +285,7 @@ func TestSidecarDecodeRefusesRBAC(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			m := newSidecarMutable(t)
 			tc.mutate(t, m)
-			cfg, err := m.decode(t)
-			require.Nil(t, cfg)
-			require.Error(t, err)
-			require.NotErrorIs(t, err, ErrIncomplete)
-			require.Contains(t, nackMessage(err), tc.want)
+			requireNACK(t, m, tc.want)
 		})
 	}
 }

@@ -933,13 +933,7 @@ func TestSidecarDecodeRefusesWhatTheContractDoesNotDescribe(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			m := newSidecarMutable(t)
 			tc.mutate(t, m)
-			cfg, err := m.decode(t)
-			require.Nil(t, cfg)
-			require.Error(t, err)
-			require.NotErrorIs(t, err, ErrIncomplete)
-			for _, want := range tc.want {
-				require.Contains(t, nackMessage(err), want)
-			}
+			requireNACK(t, m, tc.want...)
 		})
 	}
 }
@@ -1047,4 +1041,17 @@ func TestGatewayRefusesSidecarResources(t *testing.T) {
 	require.ErrorContains(t, err, `listener "eastwest-gw": name: unsupported listener "eastwest-gw" (a sidecar has "outbound" and "inbound")`)
 	require.ErrorContains(t, err, `cluster "isthmus-federation": type: STATIC is not supported (EDS or ORIGINAL_DST)`)
 	require.ErrorContains(t, err, `metadata: is missing`)
+}
+
+// requireNACK decodes m and checks it is refused as a NACK (not as an
+// incomplete configuration) whose message holds every one of want.
+func requireNACK(t *testing.T, m *scMutable, want ...string) {
+	t.Helper()
+	cfg, err := m.decode(t)
+	require.Nil(t, cfg)
+	require.Error(t, err)
+	require.NotErrorIs(t, err, ErrIncomplete)
+	for _, w := range want {
+		require.Contains(t, nackMessage(err), w)
+	}
 }
