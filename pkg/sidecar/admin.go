@@ -120,8 +120,16 @@ type (
 		ApplicationProtocols []string `json:"application_protocols,omitempty"`
 		CertSecret           string   `json:"tls_certificate_sds_secret"`
 		ValidationSecret     string   `json:"validation_context_sds_secret"`
-		HTTP                 *hcmDump `json:"http_connection_manager,omitempty"`
-		TCP                  *tcpDump `json:"tcp_proxy,omitempty"`
+		// RBAC are the chain's envoy.filters.network.rbac filters, in
+		// order (DENY, then ALLOW), each with its policies' names.
+		RBAC []rbacDump `json:"network_rbac,omitempty"`
+		HTTP *hcmDump   `json:"http_connection_manager,omitempty"`
+		TCP  *tcpDump   `json:"tcp_proxy,omitempty"`
+	}
+	rbacDump struct {
+		Action     string   `json:"action"`
+		StatPrefix string   `json:"stat_prefix"`
+		Policies   []string `json:"policies"`
 	}
 	hcmDump struct {
 		StatPrefix        string     `json:"stat_prefix"`
@@ -232,7 +240,7 @@ func (p *Proxy) configDump() configDump {
 	in := inboundDump{Name: sc.Inbound.Name, Address: addrPort(sc.Inbound.Addr.String(), sc.Inbound.Port), Chains: []inboundChainDump{}}
 	for _, ch := range sc.Inbound.Chains {
 		in.Chains = append(in.Chains, inboundChainDump{DestinationPort: ch.Port, ApplicationProtocols: ch.ALPN, CertSecret: ch.TLS.CertSecret,
-			ValidationSecret: ch.TLS.ValidationSecret, HTTP: hcm(ch.HTTP), TCP: tcp(ch.TCP)})
+			ValidationSecret: ch.TLS.ValidationSecret, RBAC: networkRBAC(ch.RBAC), HTTP: hcm(ch.HTTP), TCP: tcp(ch.TCP)})
 	}
 	d.Listeners = []any{out, in}
 	for _, name := range slices.Sorted(maps.Keys(sc.Routes)) {
@@ -331,4 +339,27 @@ func routeConfig(rc *xdsclient.RouteConfig) routeDump {
 		d.VirtualHosts = append(d.VirtualHosts, v)
 	}
 	return d
+}
+
+// networkRBAC dumps a chain's RBAC filters: action, stat prefix and
+// policy names; nil without any.
+func networkRBAC(r *xdsclient.NetworkRBAC) []rbacDump {
+	if r == nil {
+		return nil
+	}
+	var out []rbacDump
+	for _, f := range []struct {
+		action string
+		rules  *xdsclient.RBACRules
+	}{{"DENY", r.Deny}, {"ALLOW", r.Allow}} {
+		if f.rules == nil {
+			continue
+		}
+		d := rbacDump{Action: f.action, StatPrefix: f.rules.StatPrefix, Policies: []string{}}
+		for _, p := range f.rules.Policies {
+			d.Policies = append(d.Policies, p.Name)
+		}
+		out = append(out, d)
+	}
+	return out
 }

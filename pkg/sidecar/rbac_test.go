@@ -2,6 +2,7 @@ package sidecar
 
 import (
 	"crypto/tls"
+	"encoding/json"
 	"io"
 	"net/http"
 	"slices"
@@ -203,4 +204,28 @@ func TestInboundRBACDenyThenAllow(t *testing.T) {
 	m.requireRBACRefusals(t, 3)
 	require.EqualValues(t, 1, m.b.http.requests.Load())
 	require.EqualValues(t, 2, m.b.tcp.accepted.Load())
+
+	// The config dump shows both filters of every inbound chain, in
+	// order, with their policies.
+	_, body := httpGet(t, "http://"+m.b.proxy.AdminAddr().String()+"/config_dump")
+	var dump struct {
+		Listeners []struct {
+			Chains []struct {
+				RBAC []struct {
+					Action     string   `json:"action"`
+					StatPrefix string   `json:"stat_prefix"`
+					Policies   []string `json:"policies"`
+				} `json:"network_rbac"`
+			} `json:"filter_chains"`
+		} `json:"listeners"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(body), &dump), body)
+	for i, ch := range dump.Listeners[1].Chains {
+		require.Len(t, ch.RBAC, 2, "chain %d", i)
+		require.Equal(t, "DENY", ch.RBAC[0].Action, "chain %d", i)
+		require.Equal(t, "ALLOW", ch.RBAC[1].Action, "chain %d", i)
+		require.NotEmpty(t, ch.RBAC[0].StatPrefix, "chain %d", i)
+		require.Equal(t, []string{"ns[demo]-policy[p]-rule[0]"}, ch.RBAC[0].Policies, "chain %d", i)
+		require.Equal(t, []string{"ns[demo]-policy[p]-rule[0]"}, ch.RBAC[1].Policies, "chain %d", i)
+	}
 }
