@@ -253,7 +253,11 @@ func setTargetPorts(ports []catalog.Port, slices []*discoveryv1.EndpointSlice) {
 // so that every pod declares the port it listens on. None when the
 // Service has no address.
 func declaredFromObjects(cluster string, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) []catalog.Service {
-	type group struct{ entry catalog.Service }
+	type group struct {
+		entry catalog.Service
+		// seen are the addresses entry holds.
+		seen map[string]bool
+	}
 	var groups []*group
 	bySignature := map[string]*group{}
 	sorted := slices.SortedFunc(slices.Values(endpointSlices), func(a, b *discoveryv1.EndpointSlice) int {
@@ -286,7 +290,7 @@ func declaredFromObjects(cluster string, svc *corev1.Service, endpointSlices []*
 				name += "@" + sig.String()
 			}
 			g = &group{entry: catalog.Service{Namespace: svc.Namespace, Name: name, Cluster: cluster, Ports: ports,
-				Endpoints: []catalog.LocalityEndpoints{{}}}}
+				Endpoints: []catalog.LocalityEndpoints{{}}}, seen: map[string]bool{}}
 			bySignature[sig.String()] = g
 			groups = append(groups, g)
 		}
@@ -299,9 +303,10 @@ func declaredFromObjects(cluster string, svc *corev1.Service, endpointSlices []*
 			}
 			ready := ep.Conditions.Ready == nil || *ep.Conditions.Ready
 			for _, ip := range ep.Addresses {
-				if slices.ContainsFunc(le.Addresses, func(a catalog.Address) bool { return a.IP == ip }) {
+				if g.seen[ip] {
 					continue
 				}
+				g.seen[ip] = true
 				le.Addresses = append(le.Addresses, catalog.Address{IP: ip, Ready: ready, Pod: pod})
 				if ready {
 					le.Ready++

@@ -298,26 +298,20 @@ func peerID(cs tls.ConnectionState) string {
 // matched as on a port without chains.
 func (st *state) inboundDispatch() *tls.Config {
 	st.dispatchOnce.Do(func() {
-		chains := st.cfg.Sidecar.Inbound.Chains
 		st.dispatch = &tls.Config{GetConfigForClient: func(h *tls.ClientHelloInfo) (*tls.Config, error) {
 			ic, _ := h.Conn.(*inConn)
 			var port uint16
 			if ic != nil {
 				port = ic.port
 			}
-			ch := st.cfg.Sidecar.Inbound.Match(port, h.SupportedProtos)
-			if ch == nil {
+			i := st.cfg.Sidecar.Inbound.MatchIndex(port, h.SupportedProtos)
+			if i < 0 {
 				return nil, errNoChain
 			}
-			for i := range chains {
-				if &chains[i] == ch {
-					if ic != nil {
-						ic.chain = i
-					}
-					return st.inboundTLS[i], nil
-				}
+			if ic != nil {
+				ic.chain = i
 			}
-			return nil, errNoChain
+			return st.inboundTLS[i], nil
 		}}
 	})
 	return st.dispatch

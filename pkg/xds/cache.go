@@ -236,7 +236,8 @@ func (g *cacheGroup) typ(typeURL string, node *corev3.Node) (*encodedType, error
 	var res map[string]types.ResourceWithTTL
 	var version string
 	varied := false
-	if v, ok := g.snap.(variedSnapshot); ok {
+	v, hasVariants := g.snap.(variedSnapshot)
+	if hasVariants {
 		var name string
 		if name, res, version, varied = v.variant(node, typeURL); varied {
 			key = typeURL + variantSep + name
@@ -245,7 +246,6 @@ func (g *cacheGroup) typ(typeURL string, node *corev3.Node) (*encodedType, error
 	if t, ok := g.types[key]; ok {
 		return t, nil
 	}
-	_, hasVariants := g.snap.(variedSnapshot)
 	if !varied {
 		res = g.snap.GetResourcesAndTTL(typeURL)
 		version = g.snap.GetVersion(typeURL)

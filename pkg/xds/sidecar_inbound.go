@@ -121,12 +121,14 @@ func (p *InboundProfiles) nodeProfile(id string) (string, bool) {
 	if p == nil {
 		return "", false
 	}
-	if nid, err := nodeid.Parse(id); err == nil {
-		if k, ok := p.profileOf(podRef{pod: nid.Namespace + "/" + nid.Pod}); ok {
-			return k, true
-		}
+	nid, err := nodeid.Parse(id)
+	if err != nil {
+		return "", false
 	}
-	if ip, ok := nodeIP(id); ok {
+	if k, ok := p.profileOf(podRef{pod: nid.Namespace + "/" + nid.Pod}); ok {
+		return k, true
+	}
+	if ip, err := netip.ParseAddr(nid.IP); err == nil {
 		return p.Profile(ip)
 	}
 	return "", false
@@ -674,24 +676,6 @@ func (s *profiledSnapshot) variant(node *corev3.Node, typeURL string) (name stri
 func (s *profiledSnapshot) hasVariant(name string) bool {
 	_, ok := s.listeners[name]
 	return ok
-}
-
-// nodeIP is the pod IP field of a node ID (internal/nodeid's shape:
-// <role>~<ip>~…).
-func nodeIP(id string) (netip.Addr, bool) {
-	_, rest, ok := strings.Cut(id, "~")
-	if !ok {
-		return netip.Addr{}, false
-	}
-	s, _, ok := strings.Cut(rest, "~")
-	if !ok {
-		return netip.Addr{}, false
-	}
-	ip, err := netip.ParseAddr(s)
-	if err != nil {
-		return netip.Addr{}, false
-	}
-	return ip.Unmap(), true
 }
 
 // Make sure the cache sees the variants.

@@ -115,9 +115,20 @@ func TestInboundProfiles(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, res.Version, got.Version)
 	require.Equal(t, renderSidecar(t, res, skipped), renderSidecar(t, got, gotSkipped))
+	// A pod turning not ready changes neither what the pods declare nor
+	// the listeners: the profiles' listeners are not made again.
+	webDown := web.Clone()
+	webDown.Endpoints[0].Addresses[0].Ready = false
+	webDown.Endpoints[0].Ready, webDown.Endpoints[0].NotReady = 1, 1
+	flip, _, err := tr.Translate(SidecarInput{InCluster: inClusterSnapshot(t, webDown, db, legacy)})
+	require.NoError(t, err)
+	require.NotEqual(t, got.EndpointsVersion, flip.EndpointsVersion)
+	require.Equal(t, got.Inbound.Version, flip.Inbound.Version)
+	for k, pr := range got.Inbound.byKey {
+		require.Same(t, pr.listeners[0], flip.Inbound.byKey[k].listeners[0], "profile %s", k)
+	}
 	again, _, err := tr.Translate(SidecarInput{InCluster: in.InCluster, Peers: []*catalog.Snapshot{peerSnapshot(t, "b", peerEcho("b", catalog.Locality{Region: "r1"}, 1, 0, "192.0.2.1:15443"))}})
 	require.NoError(t, err)
-	require.Same(t, got.Inbound.byKey["8080/HTTP,9090/HTTP"], got.Inbound.byKey["8080/HTTP,9090/HTTP"])
 	require.NotEqual(t, got.ListenersVersion, again.ListenersVersion, "the import adds an outbound chain")
 	require.NotEqual(t, got.Inbound.byKey["8080/HTTP,9090/HTTP"].version, again.Inbound.byKey["8080/HTTP,9090/HTTP"].version,
 		"a profile's version covers the outbound listener it serves")

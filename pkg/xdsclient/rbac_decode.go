@@ -194,15 +194,22 @@ func decodePermission(m *rbacv3.Permission, depth int) (Permission, error) {
 }
 
 func decodePermissionSet(m *rbacv3.Permission_Set, depth int) ([]Permission, error) {
-	errs := []error{scPermissionSet.check(m)}
-	if len(m.GetRules()) == 0 {
-		errs = append(errs, fieldErr("rules", "is empty"))
+	return decodeSet(scPermissionSet.check(m), "rules", m.GetRules(), depth, decodePermission)
+}
+
+// decodeSet decodes the members of an and/or set (the field named
+// field), each one level deeper, after the set's own check (checked):
+// an empty set is refused.
+func decodeSet[M any, T any](checked error, field string, members []M, depth int, decode func(M, int) (T, error)) ([]T, error) {
+	errs := []error{checked}
+	if len(members) == 0 {
+		errs = append(errs, fieldErr(field, "is empty"))
 	}
-	out := make([]Permission, 0, len(m.GetRules()))
-	for i, pm := range m.GetRules() {
-		p, err := decodePermission(pm, depth+1)
-		errs = append(errs, withinIndex("rules", i, err))
-		out = append(out, p)
+	out := make([]T, 0, len(members))
+	for i, m := range members {
+		v, err := decode(m, depth+1)
+		errs = append(errs, withinIndex(field, i, err))
+		out = append(out, v)
 	}
 	return out, errors.Join(errs...)
 }
@@ -244,17 +251,7 @@ func decodePrincipal(m *rbacv3.Principal, depth int) (Principal, error) {
 }
 
 func decodePrincipalSet(m *rbacv3.Principal_Set, depth int) ([]Principal, error) {
-	errs := []error{scPrincipalSet.check(m)}
-	if len(m.GetIds()) == 0 {
-		errs = append(errs, fieldErr("ids", "is empty"))
-	}
-	out := make([]Principal, 0, len(m.GetIds()))
-	for i, pm := range m.GetIds() {
-		p, err := decodePrincipal(pm, depth+1)
-		errs = append(errs, withinIndex("ids", i, err))
-		out = append(out, p)
-	}
-	return out, errors.Join(errs...)
+	return decodeSet(scPrincipalSet.check(m), "ids", m.GetIds(), depth, decodePrincipal)
 }
 
 // decodeNameMatcher decodes a principal_name: exact, prefix, suffix

@@ -266,22 +266,28 @@ type inboundKey struct {
 // chain; otherwise the chain that lists none. Nil when nothing matches:
 // close the connection.
 func (l *InboundListener) Match(port uint16, alpn []string) *InboundChain {
+	if i := l.MatchIndex(port, alpn); i >= 0 {
+		return &l.Chains[i]
+	}
+	return nil
+}
+
+// MatchIndex is Match's chain as its index in Chains; -1 when nothing
+// matches.
+func (l *InboundListener) MatchIndex(port uint16, alpn []string) int {
 	none, ok := l.groups[port]
 	if !ok {
 		port = 0
 		if none, ok = l.groups[0]; !ok {
-			return nil
+			return -1
 		}
 	}
 	for _, p := range alpn {
 		if i, ok := l.byALPN[inboundKey{port, p}]; ok {
-			return &l.Chains[i]
+			return int(i)
 		}
 	}
-	if none >= 0 {
-		return &l.Chains[none]
-	}
-	return nil
+	return int(none)
 }
 
 // InboundChain is one inbound filter chain: filter_chain_match
