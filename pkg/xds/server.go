@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/isthmus-mesh/isthmus/internal/nodeid"
+	"github.com/isthmus-mesh/isthmus/pkg/authz"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 )
 
@@ -62,6 +63,11 @@ type Options struct {
 	// InCluster, when set, holds catalog.InClusterSource, the cluster's
 	// in-cluster services (pkg/kube), which the sidecars are given too.
 	InCluster *catalog.Store
+	// Policies, when set, holds the cluster's AuthorizationPolicies and
+	// which pods they select (pkg/kube keeps it): each pod's sidecar
+	// enforces its own. The sidecars are served nothing until it has
+	// synced, so that none runs without a policy that exists.
+	Policies *authz.Store
 	// Coalesce is how long a catalog or trust bundle change waits for more
 	// before the translation runs; zero means DefaultCoalesce.
 	Coalesce time.Duration
