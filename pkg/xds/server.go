@@ -161,6 +161,9 @@ func NewServer(store *catalog.Store, td spiffeid.TrustDomain, bundles TrustBundl
 		log = slog.New(slog.DiscardHandler)
 	}
 	log = log.With("component", "xds")
+	if opts.Sidecar.TrustDomain == "" {
+		opts.Sidecar.TrustDomain = td.Name()
+	}
 	s := &Server{
 		store: store, td: td, bundles: bundles, opts: opts, log: log, gatewayTranslator: translator,
 		coalesce: opts.Coalesce,
@@ -248,6 +251,13 @@ func (s *Server) Run(ctx context.Context) error {
 		inClusterChanged, cancelInCluster = s.opts.InCluster.Subscribe()
 		defer cancelInCluster()
 	}
+	// Without policies, a channel that never signals.
+	var policiesChanged <-chan struct{}
+	if s.opts.Policies != nil {
+		var cancelPolicies func()
+		policiesChanged, cancelPolicies = s.opts.Policies.Subscribe()
+		defer cancelPolicies()
+	}
 	trustChanged, cancelTrust := s.bundles.Subscribe()
 	defer cancelTrust()
 	s.log.Info("xDS translation running", "federationUpstream", s.opts.Gateway.FederationUpstream, "region", s.opts.Sidecar.Region)
@@ -274,6 +284,7 @@ func (s *Server) Run(ctx context.Context) error {
 			return nil
 		case <-changed:
 		case <-inClusterChanged:
+		case <-policiesChanged:
 		case <-trustChanged:
 		case <-poll:
 			if s.sidecarsWait(ctx) {
@@ -298,6 +309,10 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 		select {
 		case <-inClusterChanged:
+		default:
+		}
+		select {
+		case <-policiesChanged:
 		default:
 		}
 		select {
@@ -341,9 +356,14 @@ func (s *Server) update(ctx context.Context) {
 	// cheap and incremental, and a new export must not wait for the
 	// sidecars' translation of every clusterset service. Nor for the
 	// peers' imports, which the sidecars may wait for.
-	if s.sidecarsWait(ctx) {
+	switch {
+	case s.sidecarsWait(ctx):
 		s.log.Debug("sidecar configuration waits for every peer's imports", "catalog", local.Version())
-	} else {
+	case s.opts.Policies != nil && !s.opts.Policies.Snapshot().Synced:
+		// A sidecar served before every policy is known would let
+		// through what a policy not read yet refuses.
+		s.log.Debug("sidecar configuration waits for the AuthorizationPolicies to sync", "catalog", local.Version())
+	default:
 		s.updateSidecar(ctx, local, secrets, secretsVersion, secErr == nil)
 	}
 	err := errors.Join(gwErr, secErr, setErr)

@@ -31,6 +31,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/isthmus-mesh/isthmus/pkg/authz"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 	"github.com/isthmus-mesh/isthmus/pkg/federation"
 )
@@ -104,6 +105,9 @@ type SidecarInput struct {
 	// (catalog.DeclaredSource): when set, the pods' inbound profiles
 	// are read from it alone; else from Local and InCluster.
 	Declared *catalog.Snapshot
+	// Policies are the cluster's AuthorizationPolicies and the pods they
+	// select: each such pod's inbound chains enforce its own. nil: none.
+	Policies *authz.Snapshot
 }
 
 // SidecarOptions are the inputs of TranslateSidecar besides the catalog.
@@ -112,6 +116,9 @@ type SidecarOptions struct {
 	// peers whose endpoints are in it are preferred to the others. Empty
 	// matches only peers whose region is empty too.
 	Region string
+	// TrustDomain is the local trust domain, which "cluster.local" in
+	// an AuthorizationPolicy's principals names too (as in Istio).
+	TrustDomain string
 }
 
 // Skipped is something the sidecar translation left out, and why: a
@@ -355,7 +362,7 @@ func TranslateSidecar(in SidecarInput, opts SidecarOptions) (Resources, []Skippe
 	slices.SortFunc(b.skipped, func(x, y Skipped) int {
 		return cmp.Or(strings.Compare(x.Service, y.Service), strings.Compare(x.Cluster, y.Cluster), strings.Compare(x.Reason, y.Reason))
 	})
-	return withProfiles(res, slices.Compact(b.skipped), in.Local, in.InCluster, in.Declared)
+	return withProfiles(res, slices.Compact(b.skipped), in.Local, in.InCluster, in.Declared, in.Policies, opts.TrustDomain)
 }
 
 func newSidecarBuilder(opts SidecarOptions) (*sidecarBuilder, error) {

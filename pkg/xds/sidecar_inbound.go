@@ -19,6 +19,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/isthmus-mesh/isthmus/internal/nodeid"
+	"github.com/isthmus-mesh/isthmus/pkg/authz"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 )
 
@@ -393,6 +394,12 @@ func (x *declIndex) redo(ip podRef) {
 
 // addSum adds the pod's hash to sum, or takes it away.
 func (x *declIndex) addSum(ip podRef, key string, add bool) {
+	x.sum = addPodSum(x.sum, ip, key, add)
+}
+
+// addPodSum is sum with the hash of the pod and key added, or taken
+// away.
+func addPodSum(sum [2]uint64, ip podRef, key string, add bool) [2]uint64 {
 	h := sha256.New()
 	addr, _ := ip.ip.MarshalBinary()
 	h.Write(addr)
@@ -400,14 +407,13 @@ func (x *declIndex) addSum(ip podRef, key string, add bool) {
 	h.Write([]byte(ip.pod))
 	h.Write([]byte{0})
 	h.Write([]byte(key))
-	var sum [sha256.Size]byte
-	h.Sum(sum[:0])
-	a, b := binary.BigEndian.Uint64(sum[0:8]), binary.BigEndian.Uint64(sum[8:16])
+	var hash [sha256.Size]byte
+	h.Sum(hash[:0])
+	a, b := binary.BigEndian.Uint64(hash[0:8]), binary.BigEndian.Uint64(hash[8:16])
 	if add {
-		x.sum[0], x.sum[1] = x.sum[0]+a, x.sum[1]+b
-	} else {
-		x.sum[0], x.sum[1] = x.sum[0]-a, x.sum[1]-b
+		return [2]uint64{sum[0] + a, sum[1] + b}
 	}
+	return [2]uint64{sum[0] - a, sum[1] - b}
 }
 
 // skippedList is every conflict, sorted, without duplicates.
@@ -436,20 +442,61 @@ type profileMaker struct {
 	outbound *listenerv3.Listener
 	made     map[string]*inboundProfile
 	pods     map[podRef]string
+	counts   map[string]int
 	last     *InboundProfiles
 	valid    bool
+	// policies are the AuthorizationPolicies the profiles were made
+	// with; rbac their translations by set key, and policySum the sum
+	// of every selected pod's (pod, set key) hash.
+	policies  *authz.Snapshot
+	localTD   string
+	rbac      map[string]*authz.Network
+	policySum [2]uint64
+	// notes are what the policies in use do not enforce as written.
+	notes []Skipped
 }
 
-// profiles returns the profiles of x's pods for the base listeners
-// inbound and outbound at version base: the last ones when neither
-// changed.
-func (m *profileMaker) profiles(x *declIndex, inbound, outbound *listenerv3.Listener, base string) (*InboundProfiles, error) {
-	if m.valid && !x.changed && m.base == base && m.outbound == outbound {
-		return m.last, nil
+// authzSep separates a profile key's declared ports from the key of
+// the pods' AuthorizationPolicies: "8080/HTTP;authz=<set>", or
+// "authz=<set>" for a pod that declares no port.
+const authzSep = "authz="
+
+// joinProfileKey is the key of a pod with declared ports ports (a
+// profile key) and the policy set set (empty when none selects it).
+func joinProfileKey(ports, set string) string {
+	switch {
+	case set == "":
+		return ports
+	case ports == "":
+		return authzSep + set
 	}
-	if len(x.keys) == 0 {
-		m.base, m.outbound, m.made, m.pods, m.last, m.valid, x.changed = base, outbound, nil, nil, nil, true, false
-		return nil, nil
+	return ports + ";" + authzSep + set
+}
+
+// splitProfileKey is joinProfileKey's inverse.
+func splitProfileKey(key string) (ports, set string) {
+	if rest, ok := strings.CutPrefix(key, authzSep); ok {
+		return "", rest
+	}
+	ports, set, _ = strings.Cut(key, ";"+authzSep)
+	return ports, set
+}
+
+// profiles returns the profiles of x's pods, and of the pods policies
+// selects (whose sidecars enforce them; localTD is the local trust
+// domain), for the base listeners inbound and outbound at version base:
+// the last ones when none of it changed. notes are what the policies do
+// not enforce as written.
+func (m *profileMaker) profiles(x *declIndex, policies *authz.Snapshot, localTD string, inbound, outbound *listenerv3.Listener, base string) (p *InboundProfiles, notes []Skipped, err error) {
+	if m.valid && !x.changed && m.base == base && m.outbound == outbound && m.policies == policies && m.localTD == localTD {
+		return m.last, m.notes, nil
+	}
+	if m.policies != policies || m.localTD != localTD || x.changed || m.pods == nil {
+		m.assign(x, policies, localTD)
+	}
+	if len(m.pods) == 0 {
+		m.base, m.outbound, m.made, m.last, m.valid, x.changed = base, outbound, nil, nil, true, false
+		return nil, m.notes, nil
 	}
 	switch {
 	case m.base != base || m.made == nil:
@@ -465,60 +512,120 @@ func (m *profileMaker) profiles(x *declIndex, inbound, outbound *listenerv3.List
 	}
 	httpChain, tcpChain, err := inboundTemplates(inbound)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	if x.changed || m.pods == nil {
-		m.pods = maps.Clone(x.keys)
-	}
-	p := &InboundProfiles{pods: m.pods, byKey: make(map[string]*inboundProfile, len(x.counts))}
+	p = &InboundProfiles{pods: m.pods, byKey: make(map[string]*inboundProfile, len(m.counts))}
 	v := newVersionHash()
-	var sum [16]byte
-	binary.BigEndian.PutUint64(sum[0:8], x.sum[0])
-	binary.BigEndian.PutUint64(sum[8:16], x.sum[1])
+	sum := binary.BigEndian.AppendUint64(nil, x.sum[0])
+	sum = binary.BigEndian.AppendUint64(sum, x.sum[1])
+	if m.policySum != [2]uint64{} {
+		// Which pod has which policies: only when some have any, so
+		// that the versions without policies stay what they were.
+		sum = binary.BigEndian.AppendUint64(sum, m.policySum[0])
+		sum = binary.BigEndian.AppendUint64(sum, m.policySum[1])
+	}
 	v.record("pods", len(sum))
-	v.write(sum[:])
-	for _, key := range slices.Sorted(maps.Keys(x.counts)) {
+	v.write(sum)
+	for _, key := range slices.Sorted(maps.Keys(m.counts)) {
 		pr := m.made[key]
 		if pr == nil {
-			pr, err = makeProfile(key, inbound, outbound, base, httpChain, tcpChain)
+			pr, err = m.makeProfile(key, inbound, outbound, base, httpChain, tcpChain)
 			if err != nil {
-				return nil, err
+				return nil, nil, err
 			}
 			m.made[key] = pr
 		}
 		// A profile is shared by every InboundProfiles made while the
 		// base listeners stay; only its count is each one's.
 		cp := *pr
-		cp.pods = x.counts[key]
+		cp.pods = m.counts[key]
 		p.byKey[key] = &cp
 		v.record(key, len(pr.version))
 		v.writeString(pr.version)
 	}
 	for key := range m.made {
-		if _, ok := x.counts[key]; !ok {
+		if _, ok := m.counts[key]; !ok {
 			delete(m.made, key)
 		}
 	}
 	p.Version = v.sum()
 	m.base, m.outbound, m.last, m.valid, x.changed = base, outbound, p, true, false
-	return p, nil
+	return p, m.notes, nil
+}
+
+// assign makes m.pods and m.counts each pod's profile key: its declared
+// ports' (x) joined with the key of the policies that select it, and
+// translates the policy sets in use.
+func (m *profileMaker) assign(x *declIndex, policies *authz.Snapshot, localTD string) {
+	if m.policies != policies || m.localTD != localTD {
+		m.policies, m.localTD = policies, localTD
+		m.policySum = [2]uint64{}
+		rbac := map[string]*authz.Network{}
+		for ref, set := range policies.Pods() {
+			m.policySum = addPodSum(m.policySum, podRef{pod: ref}, set.Key, true)
+			if _, ok := rbac[set.Key]; ok {
+				continue
+			}
+			if n := m.rbac[set.Key]; n != nil {
+				rbac[set.Key] = n
+			} else {
+				rbac[set.Key] = authz.TranslateNetwork(set, localTD)
+			}
+		}
+		m.rbac = rbac
+		m.notes = nil
+		for _, n := range rbac {
+			for _, note := range n.Notes {
+				m.notes = append(m.notes, Skipped{Service: "AuthorizationPolicy " + note.Policy, Reason: note.Reason})
+			}
+		}
+		slices.SortFunc(m.notes, compareSkipped)
+		m.notes = slices.Compact(m.notes)
+	}
+	if len(m.rbac) == 0 {
+		m.pods, m.counts = maps.Clone(x.keys), maps.Clone(x.counts)
+		return
+	}
+	m.pods = maps.Clone(x.keys)
+	for ref, set := range policies.Pods() {
+		r := podRef{pod: ref}
+		m.pods[r] = joinProfileKey(m.pods[r], set.Key)
+	}
+	m.counts = make(map[string]int, len(x.counts)+len(m.rbac))
+	for _, k := range m.pods {
+		m.counts[k]++
+	}
 }
 
 // makeProfile makes the listeners of the profile key.
-func makeProfile(key string, inbound, outbound *listenerv3.Listener, base string, httpChain, tcpChain *listenerv3.FilterChain) (*inboundProfile, error) {
+func (m *profileMaker) makeProfile(key string, inbound, outbound *listenerv3.Listener, base string, httpChain, tcpChain *listenerv3.FilterChain) (*inboundProfile, error) {
+	portsKey, setKey := splitProfileKey(key)
 	var ports []DeclaredPort
-	for _, f := range strings.Split(key, ",") {
-		n, proto, _ := strings.Cut(f, "/")
-		port, err := strconv.ParseUint(n, 10, 16)
-		if err != nil {
+	if portsKey != "" {
+		for _, f := range strings.Split(portsKey, ",") {
+			n, proto, _ := strings.Cut(f, "/")
+			port, err := strconv.ParseUint(n, 10, 16)
+			if err != nil {
+				return nil, fmt.Errorf("profile %q: %w", key, err)
+			}
+			ports = append(ports, DeclaredPort{Port: uint16(port), HTTP: proto == protocolName(true)})
+		}
+	}
+	var rbac []*listenerv3.Filter
+	if setKey != "" {
+		n := m.rbac[setKey]
+		if n == nil {
+			return nil, fmt.Errorf("profile %q: no policy set %q", key, setKey)
+		}
+		var err error
+		if rbac, err = n.Filters(); err != nil {
 			return nil, fmt.Errorf("profile %q: %w", key, err)
 		}
-		ports = append(ports, DeclaredPort{Port: uint16(port), HTTP: proto == protocolName(true)})
 	}
-	l := profileInbound(inbound, ports, httpChain, tcpChain)
+	l := profileInbound(inbound, ports, rbac, httpChain, tcpChain)
 	enc, err := encode(listenerTag, l.GetName(), l)
 	if err != nil {
-		return nil, fmt.Errorf("inbound listener of ports %s: %w", key, err)
+		return nil, fmt.Errorf("inbound listener of %s: %w", key, err)
 	}
 	v := newVersionHash()
 	v.record(listenerTag, len(base))
@@ -547,7 +654,9 @@ func inboundTemplates(inbound *listenerv3.Listener) (httpChain, tcpChain *listen
 // port: transport "tls" on that destination port, with the HTTP chain's
 // connection manager or the TCP chain's proxy, and the same TLS. Envoy
 // matches the destination port before the ALPN, as the Go sidecar does.
-func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, httpChain, tcpChain *listenerv3.FilterChain) *listenerv3.Listener {
+// Every chain starts with the rbac filters (the pod's
+// AuthorizationPolicies), when there are any.
+func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, rbac []*listenerv3.Filter, httpChain, tcpChain *listenerv3.FilterChain) *listenerv3.Listener {
 	chains := make([]*listenerv3.FilterChain, 0, len(ports)+len(inbound.GetFilterChains()))
 	for _, p := range ports {
 		from := tcpChain
@@ -559,17 +668,34 @@ func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, httpChai
 				DestinationPort:   wrapperspb.UInt32(uint32(p.Port)),
 				TransportProtocol: "tls",
 			},
-			Filters:         from.GetFilters(),
+			Filters:         withRBAC(rbac, from.GetFilters()),
 			TransportSocket: from.GetTransportSocket(),
 		})
 	}
-	chains = append(chains, inbound.GetFilterChains()...)
+	for _, fc := range inbound.GetFilterChains() {
+		if len(rbac) > 0 {
+			fc = &listenerv3.FilterChain{
+				FilterChainMatch: fc.GetFilterChainMatch(),
+				Filters:          withRBAC(rbac, fc.GetFilters()),
+				TransportSocket:  fc.GetTransportSocket(),
+			}
+		}
+		chains = append(chains, fc)
+	}
 	return &listenerv3.Listener{
 		Name:            inbound.GetName(),
 		Address:         inbound.GetAddress(),
 		ListenerFilters: inbound.GetListenerFilters(),
 		FilterChains:    chains,
 	}
+}
+
+// withRBAC is filters after rbac, in a new slice when rbac has any.
+func withRBAC(rbac, filters []*listenerv3.Filter) []*listenerv3.Filter {
+	if len(rbac) == 0 {
+		return filters
+	}
+	return slices.Concat(rbac, filters)
 }
 
 // profileState is what a translation keeps of the pods' profiles.
@@ -587,7 +713,7 @@ type profileState struct {
 // skipped (sorted, without duplicates; skipped itself is not
 // modified). The declared ports, when given, are read alone: every
 // Service with endpoints is there, exported or in-cluster ones too.
-func (st *profileState) withProfiles(res Resources, skipped []Skipped, local, inCluster []*catalog.Service, declared *catalog.Snapshot) (Resources, []Skipped, error) {
+func (st *profileState) withProfiles(res Resources, skipped []Skipped, local, inCluster []*catalog.Service, declared *catalog.Snapshot, policies *authz.Snapshot, localTD string) (Resources, []Skipped, error) {
 	if st.index == nil {
 		st.index = newDeclIndex()
 	}
@@ -598,14 +724,14 @@ func (st *profileState) withProfiles(res Resources, skipped []Skipped, local, in
 		local, inCluster = nil, nil
 	}
 	st.index.read([3][]*catalog.Service{local, inCluster, st.declaredServices})
-	profiles, err := st.maker.profiles(st.index, res.Listeners[0], res.Listeners[1], res.ListenersVersion)
+	profiles, notes, err := st.maker.profiles(st.index, policies, localTD, res.Listeners[0], res.Listeners[1], res.ListenersVersion)
 	if err != nil {
 		return Resources{}, nil, err
 	}
 	res.Inbound = profiles
 	res.combine()
-	if more := st.index.skippedList(); len(more) > 0 {
-		skipped = slices.Concat(skipped, more)
+	if more := st.index.skippedList(); len(more) > 0 || len(notes) > 0 {
+		skipped = slices.Concat(skipped, more, notes)
 		slices.SortFunc(skipped, compareSkipped)
 		skipped = slices.Compact(skipped)
 	}
@@ -614,9 +740,9 @@ func (st *profileState) withProfiles(res Resources, skipped []Skipped, local, in
 
 // withProfiles is profileState.withProfiles from nothing, for the
 // catalogs (nil ones are empty).
-func withProfiles(res Resources, skipped []Skipped, local, inCluster, declared *catalog.Snapshot) (Resources, []Skipped, error) {
+func withProfiles(res Resources, skipped []Skipped, local, inCluster, declared *catalog.Snapshot, policies *authz.Snapshot, localTD string) (Resources, []Skipped, error) {
 	var st profileState
-	return st.withProfiles(res, skipped, servicesOf(local), servicesOf(inCluster), declared)
+	return st.withProfiles(res, skipped, servicesOf(local), servicesOf(inCluster), declared, policies, localTD)
 }
 
 // servicesOf are snap's services in key order; none for nil.

@@ -337,8 +337,18 @@ func (t *SidecarTranslator) Translate(in SidecarInput) (Resources, []Skipped, er
 		}
 	}
 	if t.last.Version != "" && len(dirty) == 0 && len(icDirty) == 0 {
-		t.sources, t.inCluster = sources, icState
-		return t.last, t.lastSkipped, nil
+		// No service changed; the pods' declared ports or policies may
+		// have, which only the profiles follow.
+		if (in.Declared == nil || in.Declared == t.profiles.declared) && in.Policies == t.profiles.maker.policies {
+			t.sources, t.inCluster = sources, icState
+			return t.last, t.lastSkipped, nil
+		}
+		res, withProfiled, err := t.profiles.withProfiles(t.last, t.skipped, sources[catalog.LocalSource].services, icState.services, in.Declared, in.Policies, t.b.opts.TrustDomain)
+		if err != nil {
+			return Resources{}, nil, err
+		}
+		t.sources, t.inCluster, t.last, t.lastSkipped = sources, icState, res, withProfiled
+		return res, withProfiled, nil
 	}
 
 	// Merge each dirty key's exporters again.
@@ -478,7 +488,7 @@ func (t *SidecarTranslator) Translate(in SidecarInput) (Resources, []Skipped, er
 		skipped = slices.Compact(skipped)
 	}
 
-	res, withProfiled, err := t.profiles.withProfiles(res, skipped, sources[catalog.LocalSource].services, icState.services, in.Declared)
+	res, withProfiled, err := t.profiles.withProfiles(res, skipped, sources[catalog.LocalSource].services, icState.services, in.Declared, in.Policies, t.b.opts.TrustDomain)
 	if err != nil {
 		return Resources{}, nil, err
 	}

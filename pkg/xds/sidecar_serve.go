@@ -129,6 +129,9 @@ func (s *Server) translateSidecar(local *catalog.Snapshot, peers []*catalog.Snap
 		st.translator = t
 	}
 	in := SidecarInput{Local: local, Peers: peers}
+	if s.opts.Policies != nil {
+		in.Policies = s.opts.Policies.Snapshot()
+	}
 	if s.opts.InCluster != nil {
 		in.InCluster = s.opts.InCluster.Get(catalog.InClusterSource)
 		// The exporter publishes the declared ports with the in-cluster

@@ -1,0 +1,445 @@
+package authz
+
+import (
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	netrbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"google.golang.org/protobuf/types/known/anypb"
+	securityv1beta1 "istio.io/api/security/v1beta1"
+)
+
+// NetworkFilterName is the network RBAC filter's name.
+const NetworkFilterName = "envoy.filters.network.rbac"
+
+// networkStatPrefix is Istio's for the network RBAC filter.
+const networkStatPrefix = "tcp."
+
+// localAlias is the trust domain Istio's policies name the local one by.
+const localAlias = "cluster.local"
+
+// Note is something of a policy the sidecars do not enforce as written,
+// and what they do instead (always what denies more).
+type Note struct {
+	// Policy is "namespace/name".
+	Policy string
+	Reason string
+}
+
+// Network is the RBAC of a set of policies for a connection: the
+// policies that refuse it (from DENY policies, and CUSTOM ones, whose
+// external authorizer Isthmus cannot ask) and, when any ALLOW policy is
+// in the set, the ones that let it through. Immutable.
+type Network struct {
+	// Deny and Allow are the rules of the DENY and ALLOW filters; Allow
+	// is nil when no ALLOW policy applies (everything not denied is
+	// allowed), and may be empty (nothing is).
+	Deny, Allow map[string]*rbacv3.Policy
+	// Notes are what is not enforced as written, in policy order.
+	Notes []Note
+}
+
+// Filters are the RBAC filters of an inbound chain, DENY first, then
+// ALLOW (Istio's order); none when nothing is denied or required.
+func (n *Network) Filters() ([]*listenerv3.Filter, error) {
+	var out []*listenerv3.Filter
+	for _, f := range []struct {
+		action   rbacv3.RBAC_Action
+		policies map[string]*rbacv3.Policy
+	}{{rbacv3.RBAC_DENY, n.Deny}, {rbacv3.RBAC_ALLOW, n.Allow}} {
+		if f.policies == nil || (f.action == rbacv3.RBAC_DENY && len(f.policies) == 0) {
+			continue
+		}
+		cfg, err := anypb.New(&netrbacv3.RBAC{
+			StatPrefix: networkStatPrefix,
+			Rules:      &rbacv3.RBAC{Action: f.action, Policies: f.policies},
+		})
+		if err != nil {
+			return nil, fmt.Errorf("network RBAC %s: %w", f.action, err)
+		}
+		out = append(out, &listenerv3.Filter{Name: NetworkFilterName, ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: cfg}})
+	}
+	return out, nil
+}
+
+// TranslateNetwork is the connection RBAC of set, whose local trust
+// domain is localTD (Istio's "cluster.local" in a principal names it
+// too). A nil set is nil.
+func TranslateNetwork(set *Set, localTD string) *Network {
+	if set == nil {
+		return nil
+	}
+	n := &Network{Deny: map[string]*rbacv3.Policy{}}
+	for _, p := range set.Policies {
+		t := &translator{policy: p, localTD: localTD}
+		spec := p.Spec
+		var into map[string]*rbacv3.Policy
+		deny := true
+		switch spec.GetAction() {
+		case securityv1beta1.AuthorizationPolicy_ALLOW:
+			if n.Allow == nil {
+				n.Allow = map[string]*rbacv3.Policy{}
+			}
+			into, deny = n.Allow, false
+		case securityv1beta1.AuthorizationPolicy_DENY:
+			into = n.Deny
+		case securityv1beta1.AuthorizationPolicy_CUSTOM:
+			t.note("action CUSTOM needs an external authorizer, which Isthmus does not call: what its rules match is denied")
+			into = n.Deny
+		case securityv1beta1.AuthorizationPolicy_AUDIT:
+			t.note("action AUDIT is not audited: the policy has no effect")
+			n.Notes = append(n.Notes, t.notes...)
+			continue
+		default:
+			t.note(fmt.Sprintf("action %d is unknown: what its rules match is denied", spec.GetAction()))
+			into = n.Deny
+		}
+		for i, r := range spec.GetRules() {
+			rp, ok := t.rule(i, r, deny)
+			if ok {
+				into[fmt.Sprintf("ns[%s]-policy[%s]-rule[%d]", p.Namespace, p.Name, i)] = rp
+			}
+		}
+		n.Notes = append(n.Notes, t.notes...)
+	}
+	return n
+}
+
+// translator translates one policy's rules, noting what it cannot
+// enforce.
+type translator struct {
+	policy  Policy
+	localTD string
+	notes   []Note
+	// unenforced lists, for the rule being translated, the fields it
+	// cannot match on a connection.
+	unenforced []string
+}
+
+func (t *translator) note(reason string) {
+	t.notes = append(t.notes, Note{Policy: t.policy.Ref(), Reason: reason})
+}
+
+// rule is rule i; ok is false when it can never match (an ALLOW rule
+// with a field a connection cannot be matched on). In a DENY rule those
+// fields are left out, so the rule matches more: as Istio does for TCP.
+func (t *translator) rule(i int, r *securityv1beta1.Rule, deny bool) (*rbacv3.Policy, bool) {
+	t.unenforced = nil
+	var principals []*rbacv3.Principal
+	for _, f := range r.GetFrom() {
+		principals = append(principals, t.source(f.GetSource()))
+	}
+	var permissions []*rbacv3.Permission
+	for _, to := range r.GetTo() {
+		permissions = append(permissions, t.operation(to.GetOperation()))
+	}
+	var whenPrincipals []*rbacv3.Principal
+	var whenPermissions []*rbacv3.Permission
+	for _, c := range r.GetWhen() {
+		pr, pe := t.condition(c)
+		if pr != nil {
+			whenPrincipals = append(whenPrincipals, pr)
+		}
+		if pe != nil {
+			whenPermissions = append(whenPermissions, pe)
+		}
+	}
+	if len(t.unenforced) > 0 {
+		fields := strings.Join(t.unenforced, ", ")
+		if !deny {
+			t.note(fmt.Sprintf("rule %d never matches: the sidecar decides per connection and cannot match %s", i, fields))
+			return nil, false
+		}
+		t.note(fmt.Sprintf("rule %d matches without %s, which the sidecar cannot match per connection", i, fields))
+	}
+	principal := andPrincipals(append([]*rbacv3.Principal{orPrincipals(principals)}, whenPrincipals...))
+	permission := andPermissions(append([]*rbacv3.Permission{orPermissions(permissions)}, whenPermissions...))
+	return &rbacv3.Policy{Permissions: []*rbacv3.Permission{permission}, Principals: []*rbacv3.Principal{principal}}, true
+}
+
+// unsupported records a field the rule cannot match; the rule's
+// principal or permission goes on without it.
+func (t *translator) unsupported(field string) {
+	t.unenforced = append(t.unenforced, field)
+}
+
+// source is one "from" entry: every field it sets must match.
+func (t *translator) source(s *securityv1beta1.Source) *rbacv3.Principal {
+	var all []*rbacv3.Principal
+	add := func(values []string, not bool, one func(string) *rbacv3.Principal) {
+		if len(values) == 0 {
+			return
+		}
+		var any []*rbacv3.Principal
+		for _, v := range values {
+			any = append(any, one(v))
+		}
+		p := orPrincipals(any)
+		if not {
+			p = &rbacv3.Principal{Identifier: &rbacv3.Principal_NotId{NotId: p}}
+		}
+		all = append(all, p)
+	}
+	add(s.GetPrincipals(), false, t.principal)
+	add(s.GetNotPrincipals(), true, t.principal)
+	add(s.GetNamespaces(), false, namespacePrincipal)
+	add(s.GetNotNamespaces(), true, namespacePrincipal)
+	add(s.GetServiceAccounts(), false, t.serviceAccount)
+	add(s.GetNotServiceAccounts(), true, t.serviceAccount)
+	add(s.GetTrustDomains(), false, trustDomainPrincipal)
+	add(s.GetNotTrustDomains(), true, trustDomainPrincipal)
+	for _, f := range []struct {
+		name string
+		set  bool
+	}{
+		{"from.source.requestPrincipals", len(s.GetRequestPrincipals()) > 0},
+		{"from.source.notRequestPrincipals", len(s.GetNotRequestPrincipals()) > 0},
+		{"from.source.ipBlocks", len(s.GetIpBlocks()) > 0},
+		{"from.source.notIpBlocks", len(s.GetNotIpBlocks()) > 0},
+		{"from.source.remoteIpBlocks", len(s.GetRemoteIpBlocks()) > 0},
+		{"from.source.notRemoteIpBlocks", len(s.GetNotRemoteIpBlocks()) > 0},
+	} {
+		if f.set {
+			t.unsupported(f.name)
+		}
+	}
+	return andPrincipals(all)
+}
+
+// operation is one "to" entry: every field it sets must match.
+func (t *translator) operation(o *securityv1beta1.Operation) *rbacv3.Permission {
+	var all []*rbacv3.Permission
+	if p := t.ports("to.operation.ports", o.GetPorts()); p != nil {
+		all = append(all, p)
+	}
+	if p := t.ports("to.operation.notPorts", o.GetNotPorts()); p != nil {
+		all = append(all, &rbacv3.Permission{Rule: &rbacv3.Permission_NotRule{NotRule: p}})
+	}
+	for _, f := range []struct {
+		name string
+		set  bool
+	}{
+		{"to.operation.hosts", len(o.GetHosts()) > 0},
+		{"to.operation.notHosts", len(o.GetNotHosts()) > 0},
+		{"to.operation.methods", len(o.GetMethods()) > 0},
+		{"to.operation.notMethods", len(o.GetNotMethods()) > 0},
+		{"to.operation.paths", len(o.GetPaths()) > 0},
+		{"to.operation.notPaths", len(o.GetNotPaths()) > 0},
+	} {
+		if f.set {
+			t.unsupported(f.name)
+		}
+	}
+	return andPermissions(all)
+}
+
+// ports matches any of the port numbers ps; nil when ps is empty, or
+// when one of them is not a port number: then the whole field is one
+// the rule cannot match, and goes (a DENY rule without it matches more
+// than with the good values alone).
+func (t *translator) ports(field string, ps []string) *rbacv3.Permission {
+	if len(ps) == 0 {
+		return nil
+	}
+	var any []*rbacv3.Permission
+	for _, s := range ps {
+		n, err := strconv.ParseUint(s, 10, 16)
+		if err != nil || n == 0 {
+			t.unsupported(fmt.Sprintf("%s (%q is not a port number)", field, s))
+			return nil
+		}
+		any = append(any, &rbacv3.Permission{Rule: &rbacv3.Permission_DestinationPort{DestinationPort: uint32(n)}})
+	}
+	return orPermissions(any)
+}
+
+// condition is one "when" entry: a principal or a permission, or
+// neither when its key is not one a connection has.
+func (t *translator) condition(c *securityv1beta1.Condition) (*rbacv3.Principal, *rbacv3.Permission) {
+	key := c.GetKey()
+	field := fmt.Sprintf("when %q", key)
+	switch key {
+	case "source.principal", "source.namespace":
+		one := t.principal
+		if key == "source.namespace" {
+			one = namespacePrincipal
+		}
+		var all []*rbacv3.Principal
+		if vs := c.GetValues(); len(vs) > 0 {
+			var any []*rbacv3.Principal
+			for _, v := range vs {
+				any = append(any, one(v))
+			}
+			all = append(all, orPrincipals(any))
+		}
+		if vs := c.GetNotValues(); len(vs) > 0 {
+			var any []*rbacv3.Principal
+			for _, v := range vs {
+				any = append(any, one(v))
+			}
+			all = append(all, &rbacv3.Principal{Identifier: &rbacv3.Principal_NotId{NotId: orPrincipals(any)}})
+		}
+		return andPrincipals(all), nil
+	case "destination.port":
+		var all []*rbacv3.Permission
+		if p := t.ports(field+" values", c.GetValues()); p != nil {
+			all = append(all, p)
+		}
+		if p := t.ports(field+" notValues", c.GetNotValues()); p != nil {
+			all = append(all, &rbacv3.Permission{Rule: &rbacv3.Permission_NotRule{NotRule: p}})
+		}
+		return nil, andPermissions(all)
+	}
+	t.unsupported(field)
+	return nil, nil
+}
+
+// principal matches a principal as Istio writes it,
+// "<trust-domain>/ns/<namespace>/sa/<account>", with one "*" at either
+// end for a suffix or prefix, or "*" alone for any authenticated peer.
+// "cluster.local" as its trust domain also names the local one.
+func (t *translator) principal(v string) *rbacv3.Principal {
+	switch {
+	case v == "*":
+		return presentPrincipal()
+	case strings.HasPrefix(v, "*"):
+		return principalName(&matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Suffix{Suffix: v[1:]}})
+	case strings.HasSuffix(v, "*"):
+		return t.aliased(v[:len(v)-1], func(s string) *matcherv3.StringMatcher {
+			return &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: "spiffe://" + s}}
+		})
+	}
+	return t.aliased(v, func(s string) *matcherv3.StringMatcher {
+		return &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: "spiffe://" + s}}
+	})
+}
+
+// aliased is match(v), or, when v's trust domain is Istio's
+// "cluster.local", match of v or of v in the local trust domain.
+func (t *translator) aliased(v string, match func(string) *matcherv3.StringMatcher) *rbacv3.Principal {
+	rest, ok := strings.CutPrefix(v, localAlias+"/")
+	if !ok || t.localTD == "" || t.localTD == localAlias {
+		return principalName(match(v))
+	}
+	return orPrincipals([]*rbacv3.Principal{principalName(match(v)), principalName(match(t.localTD + "/" + rest))})
+}
+
+// serviceAccount matches "<namespace>/<account>", or "<account>" of the
+// policy's namespace, in any trust domain.
+func (t *translator) serviceAccount(v string) *rbacv3.Principal {
+	ns, sa, ok := strings.Cut(v, "/")
+	if !ok {
+		ns, sa = t.policy.Namespace, v
+	}
+	return principalRegex(`spiffe://[^/]+/ns/` + regexp.QuoteMeta(ns) + `/sa/` + regexp.QuoteMeta(sa))
+}
+
+// namespacePrincipal matches the peers of a namespace, with one "*" at
+// either end for a suffix or prefix, or "*" alone for any.
+func namespacePrincipal(v string) *rbacv3.Principal {
+	return principalRegex(`spiffe://[^/]+/ns/` + wildcardSegment(v) + `/sa/[^/]+`)
+}
+
+// trustDomainPrincipal matches the peers of a trust domain, with the
+// same wildcards.
+func trustDomainPrincipal(v string) *rbacv3.Principal {
+	return principalRegex(`spiffe://` + wildcardSegment(v) + `/.+`)
+}
+
+// wildcardSegment is a regular expression for one path segment written
+// with Istio's wildcards: "*", "prefix*", "*suffix", or exact.
+func wildcardSegment(v string) string {
+	switch {
+	case v == "*":
+		return `[^/]+`
+	case strings.HasPrefix(v, "*"):
+		return `[^/]*` + regexp.QuoteMeta(v[1:])
+	case strings.HasSuffix(v, "*"):
+		return regexp.QuoteMeta(v[:len(v)-1]) + `[^/]*`
+	}
+	return regexp.QuoteMeta(v)
+}
+
+func principalName(m *matcherv3.StringMatcher) *rbacv3.Principal {
+	return &rbacv3.Principal{Identifier: &rbacv3.Principal_Authenticated_{Authenticated: &rbacv3.Principal_Authenticated{PrincipalName: m}}}
+}
+
+func principalRegex(re string) *rbacv3.Principal {
+	return principalName(&matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: re}}})
+}
+
+// presentPrincipal matches any authenticated peer (Istio's "*").
+func presentPrincipal() *rbacv3.Principal { return principalRegex(`.+`) }
+
+func anyPrincipal() *rbacv3.Principal {
+	return &rbacv3.Principal{Identifier: &rbacv3.Principal_Any{Any: true}}
+}
+
+func anyPermission() *rbacv3.Permission {
+	return &rbacv3.Permission{Rule: &rbacv3.Permission_Any{Any: true}}
+}
+
+// orPrincipals matches when any of ps does; "any" when ps is empty (no
+// "from": every source).
+func orPrincipals(ps []*rbacv3.Principal) *rbacv3.Principal {
+	switch len(ps) {
+	case 0:
+		return anyPrincipal()
+	case 1:
+		return ps[0]
+	}
+	return &rbacv3.Principal{Identifier: &rbacv3.Principal_OrIds{OrIds: &rbacv3.Principal_Set{Ids: ps}}}
+}
+
+// andPrincipals matches when all of ps do; "any" when ps is empty.
+func andPrincipals(ps []*rbacv3.Principal) *rbacv3.Principal {
+	ps = dropAnyPrincipals(ps)
+	switch len(ps) {
+	case 0:
+		return anyPrincipal()
+	case 1:
+		return ps[0]
+	}
+	return &rbacv3.Principal{Identifier: &rbacv3.Principal_AndIds{AndIds: &rbacv3.Principal_Set{Ids: ps}}}
+}
+
+func dropAnyPrincipals(ps []*rbacv3.Principal) []*rbacv3.Principal {
+	var out []*rbacv3.Principal
+	for _, p := range ps {
+		if !p.GetAny() {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func orPermissions(ps []*rbacv3.Permission) *rbacv3.Permission {
+	switch len(ps) {
+	case 0:
+		return anyPermission()
+	case 1:
+		return ps[0]
+	}
+	return &rbacv3.Permission{Rule: &rbacv3.Permission_OrRules{OrRules: &rbacv3.Permission_Set{Rules: ps}}}
+}
+
+func andPermissions(ps []*rbacv3.Permission) *rbacv3.Permission {
+	var kept []*rbacv3.Permission
+	for _, p := range ps {
+		if !p.GetAny() {
+			kept = append(kept, p)
+		}
+	}
+	switch len(kept) {
+	case 0:
+		return anyPermission()
+	case 1:
+		return kept[0]
+	}
+	return &rbacv3.Permission{Rule: &rbacv3.Permission_AndRules{AndRules: &rbacv3.Permission_Set{Rules: kept}}}
+}

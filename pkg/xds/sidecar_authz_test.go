@@ -1,0 +1,351 @@
+package xds
+
+import (
+	"testing"
+
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+	securityv1beta1 "istio.io/api/security/v1beta1"
+	typev1beta1 "istio.io/api/type/v1beta1"
+
+	"github.com/isthmus-mesh/isthmus/internal/nodeid"
+	"github.com/isthmus-mesh/isthmus/pkg/authz"
+	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
+)
+
+// declaredPods is a declared-ports catalog of demo/name, whose pods
+// (name → IP) serve ports.
+func declaredPods(t testing.TB, name string, ports []catalog.Port, pods map[string]string, more ...catalog.Service) *catalog.Snapshot {
+	t.Helper()
+	s := catalog.Service{Namespace: "demo", Name: name, Cluster: "a", Ports: ports}
+	le := catalog.LocalityEndpoints{}
+	for pod, ip := range pods {
+		le.Addresses = append(le.Addresses, catalog.Address{IP: ip, Pod: pod, Ready: true})
+		le.Ready++
+	}
+	s.Endpoints = []catalog.LocalityEndpoints{le}
+	snap, err := catalog.NewSnapshot(catalog.DeclaredSource, append([]catalog.Service{s}, more...))
+	require.NoError(t, err)
+	return snap
+}
+
+// policy is an AuthorizationPolicy of namespace ns.
+func policy(ns, name string, spec *securityv1beta1.AuthorizationPolicy) authz.Policy {
+	return authz.Policy{Namespace: ns, Name: name, Spec: spec}
+}
+
+func selectApp(app string) *typev1beta1.WorkloadSelector {
+	return &typev1beta1.WorkloadSelector{MatchLabels: map[string]string{"app": app}}
+}
+
+// sidecarOf is the configuration the Go sidecar of pod demo/pod decodes
+// from res, as the federator would serve it.
+func sidecarOf(t testing.TB, res Resources, pod, ip string) *xdsclient.Config {
+	t.Helper()
+	id := nodeid.ID{Role: nodeid.RoleSidecar, IP: ip, Pod: pod, Namespace: "demo"}.String()
+	listeners := res.Inbound.Listeners(id)
+	if listeners == nil {
+		listeners = res.Listeners
+	}
+	var anys []*anypb.Any
+	add := func(m proto.Message) {
+		a, err := anypb.New(m)
+		require.NoError(t, err)
+		anys = append(anys, a)
+	}
+	for _, l := range listeners {
+		add(l)
+	}
+	for _, r := range res.Routes {
+		add(r)
+	}
+	for _, c := range res.Clusters {
+		add(c)
+	}
+	for _, e := range res.Endpoints {
+		add(e)
+	}
+	secrets, _, err := TranslateSecrets([]*x509bundle.Bundle{bundleOf(t, "a.mesh", "a.mesh"), bundleOf(t, "b.mesh", "b.mesh")})
+	require.NoError(t, err)
+	for _, s := range secrets {
+		add(s)
+	}
+	cfg, err := xdsclient.DecodeRole(xdsclient.RoleSidecar, anys...)
+	require.NoError(t, err, "the Go sidecar accepts what the federator sends")
+	return cfg
+}
+
+// allows says whether the sidecar lets a connection from caller to port
+// through, over the chain the caller's ALPN picks.
+func allows(t testing.TB, cfg *xdsclient.Config, caller string, port uint16, alpn ...string) bool {
+	t.Helper()
+	ch := cfg.Sidecar.Inbound.Match(port, alpn)
+	require.NotNil(t, ch, "a chain for port %d %v", port, alpn)
+	return ch.RBAC.Allows(caller, port)
+}
+
+// AuthorizationPolicies reach the sidecars of the pods they select as
+// network RBAC on every inbound chain, with Istio's meaning for a
+// connection: DENY first, then ALLOW when any ALLOW policy selects the
+// pod; HTTP-only fields make an ALLOW rule match nothing and are left out
+// of a DENY rule; the Go sidecar decodes and enforces what is sent.
+func TestSidecarEnforcesAuthorizationPolicies(t *testing.T) {
+	store := authz.NewStore("")
+	store.SetPod("demo", "web-0", map[string]string{"app": "web"})
+	store.SetPod("demo", "db-0", map[string]string{"app": "db"})
+	store.SetPod("demo", "free-0", map[string]string{"app": "free"})
+	store.SetPod("other", "x-0", map[string]string{"app": "web"})
+	store.SetPolicy(policy("demo", "web-allow", &securityv1beta1.AuthorizationPolicy{
+		Selector: selectApp("web"),
+		Rules: []*securityv1beta1.Rule{
+			// b's client on 8080; anyone of namespace ops on any port.
+			{
+				From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Principals: []string{"b.mesh/ns/demo/sa/client"}}}},
+				To:   []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{"8080"}}}},
+			},
+			{From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Namespaces: []string{"ops"}}}}},
+			// Needs a method: never matches a connection.
+			{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Methods: []string{"GET"}}}}},
+		},
+	}))
+	store.SetPolicy(policy("demo", "web-deny", &securityv1beta1.AuthorizationPolicy{
+		Selector: selectApp("web"),
+		Action:   securityv1beta1.AuthorizationPolicy_DENY,
+		Rules: []*securityv1beta1.Rule{{
+			From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Principals: []string{"cluster.local/ns/ops/sa/intruder"}}}},
+		}},
+	}))
+	// A mesh-wide DENY with a method: for a connection, it denies port
+	// 5432 to everyone.
+	store.SetPolicy(policy("istio-system", "no-db-writes", &securityv1beta1.AuthorizationPolicy{
+		Selector: selectApp("db"),
+		Action:   securityv1beta1.AuthorizationPolicy_DENY,
+		Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{
+			Methods: []string{"POST"}, Ports: []string{"5432"},
+		}}}}},
+	}))
+	store.SetSynced()
+	policies := store.Snapshot()
+
+	ports := []catalog.Port{{Name: "http", Port: 80, TargetPort: 8080}, {Name: "tcp-admin", Port: 9000, TargetPort: 9000}}
+	declared := declaredPods(t, "web", ports, map[string]string{"web-0": "10.0.1.2", "free-0": "10.0.1.4"},
+		catalog.Service{Namespace: "demo", Name: "db", Cluster: "a", Ports: []catalog.Port{{Name: "tcp", Port: 5432, TargetPort: 5432}, {Name: "tcp-m", Port: 9187, TargetPort: 9187}},
+			Endpoints: []catalog.LocalityEndpoints{{Addresses: []catalog.Address{{IP: "10.0.1.3", Pod: "db-0", Ready: true}}, Ready: 1}}})
+	in := SidecarInput{Declared: declared, Policies: policies}
+	opts := SidecarOptions{Region: "r1", TrustDomain: "a.mesh"}
+	res, skipped, err := TranslateSidecar(in, opts)
+	require.NoError(t, err)
+	require.Contains(t, skipped, Skipped{Service: "AuthorizationPolicy demo/web-allow", Reason: "rule 2 never matches: the sidecar decides per connection and cannot match to.operation.methods"})
+	require.Contains(t, skipped, Skipped{Service: "AuthorizationPolicy istio-system/no-db-writes", Reason: "rule 0 matches without to.operation.methods, which the sidecar cannot match per connection"})
+
+	const (
+		client   = "spiffe://b.mesh/ns/demo/sa/client"
+		other    = "spiffe://b.mesh/ns/demo/sa/other"
+		ops      = "spiffe://a.mesh/ns/ops/sa/tool"
+		intruder = "spiffe://a.mesh/ns/ops/sa/intruder"
+	)
+	web := sidecarOf(t, res, "web-0", "10.0.1.2")
+	for _, alpn := range [][]string{nil, {"istio"}, {"istio-http/1.1"}, {"h2"}} {
+		require.True(t, allows(t, web, client, 8080, alpn...), "client to 8080 %v", alpn)
+		require.False(t, allows(t, web, client, 9000, alpn...), "client to 9000 %v: only 8080 is allowed", alpn)
+		require.False(t, allows(t, web, other, 8080, alpn...), "another account of b %v", alpn)
+		require.True(t, allows(t, web, ops, 9000, alpn...), "namespace ops, any port %v", alpn)
+		require.True(t, allows(t, web, ops, 7777, alpn...), "namespace ops, an undeclared port %v", alpn)
+		require.False(t, allows(t, web, intruder, 8080, alpn...), "cluster.local names the local trust domain: denied %v", alpn)
+	}
+
+	db := sidecarOf(t, res, "db-0", "10.0.1.3")
+	require.False(t, allows(t, db, client, 5432), "the DENY rule without its method denies 5432")
+	require.True(t, allows(t, db, client, 9187), "and only 5432: there is no ALLOW policy")
+
+	free := sidecarOf(t, res, "free-0", "10.0.1.4")
+	require.True(t, allows(t, free, other, 8080), "a pod no policy selects allows every authenticated caller")
+	require.Nil(t, free.Sidecar.Inbound.Match(8080, nil).RBAC)
+
+	// The incremental translator makes the same, and follows a policy's
+	// change and removal.
+	tr, err := NewSidecarTranslator(opts)
+	require.NoError(t, err)
+	got, gotSkipped, err := tr.Translate(in)
+	require.NoError(t, err)
+	require.Equal(t, renderSidecar(t, res, skipped), renderSidecar(t, got, gotSkipped))
+
+	store.DeletePolicy("demo", "web-deny")
+	in.Policies = store.Snapshot()
+	got, _, err = tr.Translate(in)
+	require.NoError(t, err)
+	require.NotEqual(t, res.Version, got.Version)
+	require.True(t, allows(t, sidecarOf(t, got, "web-0", "10.0.1.2"), intruder, 8080), "the DENY policy is gone; the ALLOW one lets ops in")
+	require.False(t, allows(t, sidecarOf(t, got, "db-0", "10.0.1.3"), client, 5432), "db's policies did not change")
+	want, _, err := TranslateSidecar(in, opts)
+	require.NoError(t, err)
+	require.Equal(t, want.Version, got.Version)
+
+	store.SetPod("demo", "web-0", map[string]string{"app": "not-web"})
+	in.Policies = store.Snapshot()
+	got, _, err = tr.Translate(in)
+	require.NoError(t, err)
+	require.True(t, allows(t, sidecarOf(t, got, "web-0", "10.0.1.2"), other, 9000), "relabelled: no policy selects it")
+	require.Equal(t, got.Inbound.byKey["8080/HTTP,9000/TCP"].version, got.TypeVersionsFor(nodeid.ID{Role: nodeid.RoleSidecar, IP: "10.0.1.2", Pod: "web-0", Namespace: "demo"}.String())[resource.ListenerType])
+
+	// A change of the declared ports alone (no service the sidecars
+	// route to changed) reaches the profiles too.
+	in.Declared = declaredPods(t, "web", []catalog.Port{{Name: "http", Port: 80, TargetPort: 8080}, {Name: "http-admin", Port: 9000, TargetPort: 9000}},
+		map[string]string{"web-0": "10.0.1.2", "free-0": "10.0.1.4"})
+	got, _, err = tr.Translate(in)
+	require.NoError(t, err)
+	require.Contains(t, got.Inbound.Status(), "8080/HTTP,9000/HTTP")
+	want, _, err = TranslateSidecar(in, opts)
+	require.NoError(t, err)
+	require.Equal(t, want.Version, got.Version)
+}
+
+// An ALLOW policy whose rules all need HTTP attributes, or that has no
+// rules, lets no connection through; a pod that declares no port gets
+// its policies on the listener's own chains.
+func TestSidecarAllowWithoutConnectionRulesDeniesAll(t *testing.T) {
+	store := authz.NewStore("")
+	store.SetPod("demo", "web-0", map[string]string{"app": "web"})
+	store.SetPod("demo", "lone-0", map[string]string{"app": "lone"})
+	store.SetPolicy(policy("demo", "paths-only", &securityv1beta1.AuthorizationPolicy{
+		Selector: selectApp("web"),
+		Rules:    []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Paths: []string{"/healthz"}}}}}},
+	}))
+	store.SetPolicy(policy("demo", "nothing", &securityv1beta1.AuthorizationPolicy{Selector: selectApp("lone")}))
+	store.SetSynced()
+	declared := declaredPods(t, "web", []catalog.Port{{Name: "http", Port: 80, TargetPort: 8080}}, map[string]string{"web-0": "10.0.1.2"})
+	res, _, err := TranslateSidecar(SidecarInput{Declared: declared, Policies: store.Snapshot()}, SidecarOptions{TrustDomain: "a.mesh"})
+	require.NoError(t, err)
+
+	web := sidecarOf(t, res, "web-0", "10.0.1.2")
+	require.False(t, allows(t, web, "spiffe://a.mesh/ns/demo/sa/x", 8080, "istio-http/1.1"))
+	lone := sidecarOf(t, res, "lone-0", "10.0.1.9")
+	require.False(t, allows(t, lone, "spiffe://a.mesh/ns/demo/sa/x", 8080, "istio-http/1.1"))
+	require.False(t, allows(t, lone, "spiffe://a.mesh/ns/demo/sa/x", 9, "istio"))
+	require.Contains(t, res.Inbound.Status(), "authz="+mustSet(t, store, "demo/lone-0").Key)
+}
+
+func mustSet(t testing.TB, store *authz.Store, pod string) *authz.Set {
+	t.Helper()
+	set, ok := store.Snapshot().Pod(pod)
+	require.True(t, ok, pod)
+	return set
+}
+
+// Each field of an AuthorizationPolicy a connection has, as the Go
+// sidecar decides with what the federator sends: one policy selecting
+// the pod, a caller, a destination port.
+func TestAuthorizationPolicyFieldsForAConnection(t *testing.T) {
+	type call struct {
+		caller string
+		port   uint16
+		allow  bool
+	}
+	const (
+		client = "spiffe://b.mesh/ns/demo/sa/client"
+		local  = "spiffe://a.mesh/ns/demo/sa/client"
+		ops    = "spiffe://a.mesh/ns/ops/sa/tool"
+		ops2   = "spiffe://c.mesh/ns/ops-2/sa/tool"
+	)
+	from := func(s *securityv1beta1.Source) []*securityv1beta1.Rule {
+		return []*securityv1beta1.Rule{{From: []*securityv1beta1.Rule_From{{Source: s}}}}
+	}
+	for _, tc := range []struct {
+		name  string
+		spec  *securityv1beta1.AuthorizationPolicy
+		calls []call
+		note  string
+	}{
+		{"principals exact", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"b.mesh/ns/demo/sa/client"}})},
+			[]call{{client, 8080, true}, {local, 8080, false}}, ""},
+		{"principals prefix", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"b.mesh/ns/*"}})},
+			[]call{{client, 8080, true}, {local, 8080, false}}, ""},
+		{"principals suffix", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"*/sa/client"}})},
+			[]call{{client, 8080, true}, {local, 8080, true}, {ops, 8080, false}}, ""},
+		{"principals any authenticated", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"*"}})},
+			[]call{{client, 8080, true}, {ops2, 1, true}}, ""},
+		{"cluster.local is the local trust domain", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"cluster.local/ns/demo/sa/client"}})},
+			[]call{{local, 8080, true}, {client, 8080, false}}, ""},
+		{"notPrincipals", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{NotPrincipals: []string{"b.mesh/ns/demo/sa/client"}})},
+			[]call{{client, 8080, false}, {local, 8080, true}}, ""},
+		{"namespaces", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Namespaces: []string{"ops"}})},
+			[]call{{ops, 8080, true}, {ops2, 8080, false}, {client, 8080, false}}, ""},
+		{"namespaces prefix", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Namespaces: []string{"ops*"}})},
+			[]call{{ops, 8080, true}, {ops2, 8080, true}, {client, 8080, false}}, ""},
+		{"notNamespaces", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{NotNamespaces: []string{"demo"}})},
+			[]call{{ops, 8080, true}, {client, 8080, false}}, ""},
+		{"serviceAccounts of the policy's namespace and another", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{ServiceAccounts: []string{"client", "ops/tool"}})},
+			[]call{{client, 8080, true}, {local, 8080, true}, {ops, 8080, true}, {ops2, 8080, false}}, ""},
+		{"trustDomains", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{TrustDomains: []string{"b.mesh"}})},
+			[]call{{client, 8080, true}, {local, 8080, false}}, ""},
+		{"notTrustDomains suffix", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{NotTrustDomains: []string{"*.mesh"}})},
+			[]call{{client, 8080, false}, {local, 8080, false}}, ""},
+		{"ports and notPorts", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{
+			{Operation: &securityv1beta1.Operation{Ports: []string{"8080", "9000"}}},
+			{Operation: &securityv1beta1.Operation{NotPorts: []string{"8080", "9000", "5432"}}},
+		}}}}, []call{{client, 8080, true}, {client, 9000, true}, {client, 5432, false}, {client, 1, true}}, ""},
+		{"from and to both", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{
+			From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Namespaces: []string{"ops"}}}},
+			To:   []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{"9000"}}}},
+		}}}, []call{{ops, 9000, true}, {ops, 8080, false}, {client, 9000, false}}, ""},
+		{"when source.namespace and destination.port", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{When: []*securityv1beta1.Condition{
+			{Key: "source.namespace", Values: []string{"ops", "demo"}, NotValues: []string{"demo"}},
+			{Key: "destination.port", NotValues: []string{"5432"}},
+		}}}}, []call{{ops, 9000, true}, {ops, 5432, false}, {client, 9000, false}}, ""},
+		{"when source.principal", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{When: []*securityv1beta1.Condition{
+			{Key: "source.principal", Values: []string{"b.mesh/ns/demo/sa/client"}},
+		}}}}, []call{{client, 9000, true}, {local, 9000, false}}, ""},
+		{"an ALLOW rule with a request condition never matches", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{When: []*securityv1beta1.Condition{
+			{Key: "request.headers[x-user]", Values: []string{"admin"}},
+		}}}}, []call{{client, 8080, false}}, `rule 0 never matches: the sidecar decides per connection and cannot match when "request.headers[x-user]"`},
+		{"an ALLOW rule with ipBlocks never matches", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{IpBlocks: []string{"10.0.0.0/8"}})},
+			[]call{{client, 8080, false}}, "rule 0 never matches: the sidecar decides per connection and cannot match from.source.ipBlocks"},
+		{"a bad port makes an ALLOW rule match nothing", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{"8080", "http"}}}}}}},
+			[]call{{client, 8080, false}}, `rule 0 never matches: the sidecar decides per connection and cannot match to.operation.ports ("http" is not a port number)`},
+		{"a DENY rule with a bad notPort denies without it", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
+			Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{NotPorts: []string{"8080", "x"}}}}}}},
+			[]call{{client, 8080, false}, {client, 9000, false}}, `rule 0 matches without to.operation.notPorts ("x" is not a port number), which the sidecar cannot match per connection`},
+		{"a DENY rule with a path denies the port", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
+			Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Paths: []string{"/admin"}, Ports: []string{"9000"}}}}}}},
+			[]call{{client, 9000, false}, {client, 8080, true}}, "rule 0 matches without to.operation.paths, which the sidecar cannot match per connection"},
+		{"DENY without rules denies nothing", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY},
+			[]call{{client, 8080, true}}, ""},
+		{"ALLOW with an empty rule allows all", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{}}},
+			[]call{{client, 8080, true}, {ops2, 1, true}}, ""},
+		{"CUSTOM denies what it matches", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_CUSTOM,
+			Rules: from(&securityv1beta1.Source{Namespaces: []string{"ops"}})},
+			[]call{{ops, 8080, false}, {client, 8080, true}}, "action CUSTOM needs an external authorizer, which Isthmus does not call: what its rules match is denied"},
+		{"AUDIT has no effect", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_AUDIT, Rules: []*securityv1beta1.Rule{{}}},
+			[]call{{client, 8080, true}}, "action AUDIT is not audited: the policy has no effect"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			store := authz.NewStore("")
+			store.SetPod("demo", "web-0", map[string]string{"app": "web"})
+			tc.spec.Selector = selectApp("web")
+			store.SetPolicy(policy("demo", "p", tc.spec))
+			store.SetSynced()
+			declared := declaredPods(t, "web", []catalog.Port{{Name: "http", Port: 80, TargetPort: 8080}, {Name: "tcp", Port: 9000, TargetPort: 9000}}, map[string]string{"web-0": "10.0.1.2"})
+			res, skipped, err := TranslateSidecar(SidecarInput{Declared: declared, Policies: store.Snapshot()}, SidecarOptions{TrustDomain: "a.mesh"})
+			require.NoError(t, err)
+			var notes []string
+			for _, sk := range skipped {
+				if sk.Service == "AuthorizationPolicy demo/p" {
+					notes = append(notes, sk.Reason)
+				}
+			}
+			if tc.note == "" {
+				require.Empty(t, notes)
+			} else {
+				require.Equal(t, []string{tc.note}, notes)
+			}
+			cfg := sidecarOf(t, res, "web-0", "10.0.1.2")
+			for _, c := range tc.calls {
+				require.Equal(t, c.allow, allows(t, cfg, c.caller, c.port, "istio"), "%s to %d", c.caller, c.port)
+			}
+		})
+	}
+}
