@@ -10,6 +10,7 @@ import (
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	netrbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	securityv1beta1 "istio.io/api/security/v1beta1"
 )
@@ -55,10 +56,13 @@ func (n *Network) Filters() ([]*listenerv3.Filter, error) {
 		if f.policies == nil || (f.action == rbacv3.RBAC_DENY && len(f.policies) == 0) {
 			continue
 		}
-		cfg, err := anypb.New(&netrbacv3.RBAC{
+		// Deterministic: the policies are a map, and the same policies
+		// must encode to the same bytes (the listener's version).
+		cfg := new(anypb.Any)
+		err := anypb.MarshalFrom(cfg, &netrbacv3.RBAC{
 			StatPrefix: networkStatPrefix,
 			Rules:      &rbacv3.RBAC{Action: f.action, Policies: f.policies},
-		})
+		}, proto.MarshalOptions{Deterministic: true})
 		if err != nil {
 			return nil, fmt.Errorf("network RBAC %s: %w", f.action, err)
 		}

@@ -5,13 +5,17 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/isthmus-mesh/isthmus/pkg/authz"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	securityv1beta1 "istio.io/api/security/v1beta1"
+	typev1beta1 "istio.io/api/type/v1beta1"
 )
 
 // requireSameSidecar fails unless got is want byte for byte: the same
@@ -41,8 +45,6 @@ func requireSameSidecar(t testing.TB, want, got Resources, wantSkipped, gotSkipp
 		same("endpoints "+want.Endpoints[i].GetClusterName(), want.Endpoints[i], got.Endpoints[i])
 	}
 	require.Equal(t, wantSkipped, gotSkipped, "%s: skipped", msg)
-	require.Equal(t, want.Version, got.Version, "%s: version", msg)
-	require.Equal(t, want.TypeVersions(), got.TypeVersions(), "%s: versions by type", msg)
 	// The pods' inbound profiles: which pod has which, and each one's
 	// listener.
 	require.Equal(t, want.Inbound == nil, got.Inbound == nil, "%s: profiles", msg)
@@ -54,6 +56,8 @@ func requireSameSidecar(t testing.TB, want, got Resources, wantSkipped, gotSkipp
 			require.Same(t, got.Listeners[1], got.Inbound.byKey[k].listeners[1], "%s: profile %s serves the outbound listener", msg, k)
 		}
 	}
+	require.Equal(t, want.TypeVersions(), got.TypeVersions(), "%s: versions by type", msg)
+	require.Equal(t, want.Version, got.Version, "%s: version", msg)
 }
 
 // The golden cases, each from a fresh translator, and all of them in
@@ -346,9 +350,18 @@ func TestSidecarTranslatorRandomChanges(t *testing.T) {
 			// What the profiles went through: some, a pod's profile
 			// changing, and conflicts.
 			profiles, profileChanged, conflicts := false, false, false
+			// With declared ports, AuthorizationPolicies too: pods
+			// relabelled, policies set and deleted.
+			policies := authz.NewStore("")
+			policies.SetSynced()
+			withPolicies := false
 			for i := range 250 {
 				what := m.step(t)
 				in := m.catalogs()
+				if m.declared {
+					what += "; " + m.policyStep(policies, in.InCluster)
+					in.Policies = policies.Snapshot()
+				}
 				want, wantSkipped, err := TranslateSidecar(in, opts)
 				require.NoError(t, err)
 				got, gotSkipped, err := tr.Translate(in)
@@ -378,6 +391,9 @@ func TestSidecarTranslatorRandomChanges(t *testing.T) {
 				}
 				if got.Inbound != nil {
 					profiles = true
+					for k := range got.Inbound.byKey {
+						withPolicies = withPolicies || strings.Contains(k, authzSep)
+					}
 					if prevInbound != nil {
 						for ip, k := range got.Inbound.pods {
 							if old, ok := prevInbound.pods[ip]; ok && old != k {
@@ -390,8 +406,54 @@ func TestSidecarTranslatorRandomChanges(t *testing.T) {
 			}
 			require.True(t, inClusterHTTP && inClusterTCP && inClusterSkipped, "in-cluster HTTP %v, TCP %v, skipped %v", inClusterHTTP, inClusterTCP, inClusterSkipped)
 			require.True(t, profiles && profileChanged && conflicts, "profiles %v, a pod's changed %v, conflicts %v", profiles, profileChanged, conflicts)
+			require.Equal(t, m.declared, withPolicies, "profiles with policies")
 		})
 	}
+}
+
+// policyStep changes the AuthorizationPolicies or a pod's labels at
+// random (the pods are the in-cluster services', named as catalogs
+// declares them), and says what it did.
+func (m *randomMesh) policyStep(store *authz.Store, inCluster *catalog.Snapshot) string {
+	var pods []string
+	for svc := range inCluster.All() {
+		for _, le := range svc.Endpoints {
+			for _, a := range le.Addresses {
+				pods = append(pods, "pod-"+a.IP)
+			}
+		}
+	}
+	apps := []string{"x", "y"}
+	switch n := m.rng.IntN(8); {
+	case n < 3 && len(pods) > 0:
+		pod := pods[m.rng.IntN(len(pods))]
+		app := apps[m.rng.IntN(len(apps))]
+		store.SetPod("demo", pod, map[string]string{"app": app})
+		return "pod " + pod + " app=" + app
+	case n < 5:
+		name := fmt.Sprintf("p%d", m.rng.IntN(3))
+		spec := &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_Action(m.rng.IntN(2))}
+		if app := m.rng.IntN(3); app < len(apps) {
+			spec.Selector = &typev1beta1.WorkloadSelector{MatchLabels: map[string]string{"app": apps[app]}}
+		}
+		for range m.rng.IntN(3) {
+			spec.Rules = append(spec.Rules, &securityv1beta1.Rule{
+				From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Namespaces: []string{"demo", "ops"}[m.rng.IntN(2):]}}},
+				To:   []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{strconv.Itoa(8000 + m.rng.IntN(3))}, Methods: []string{"GET"}[m.rng.IntN(2):]}}},
+			})
+		}
+		store.SetPolicy(authz.Policy{Namespace: "demo", Name: name, Spec: spec})
+		return "policy " + name
+	case n < 6:
+		name := fmt.Sprintf("p%d", m.rng.IntN(3))
+		store.DeletePolicy("demo", name)
+		return "no policy " + name
+	case n < 7 && len(pods) > 0:
+		pod := pods[m.rng.IntN(len(pods))]
+		store.DeletePod("demo", pod)
+		return "pod " + pod + " gone"
+	}
+	return "policies unchanged"
 }
 
 // A change of one service's endpoints makes that service's load
