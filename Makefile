@@ -66,18 +66,29 @@ generate: generate-tools ## Regenerate checked-in generated files (federation AP
 	$(BIN)/controller-gen object paths=./pkg/apis/... crd:crdVersions=v1 output:crd:dir=./deploy/crds
 	cp "$$(go list -m -f '{{.Dir}}' sigs.k8s.io/mcs-api)"/config/crd/multicluster.x-k8s.io_service{exports,imports}.yaml deploy/crds/
 	chmod 644 deploy/crds/*.yaml
-	@# Istio's ServiceEntry CRD, only for tests: the import writer's output
-	@# must pass Istio's own schema on a real API server. Not installed by
-	@# deploy/: Istio's installation owns it in a real cluster.
-	{ echo "# Copied by 'make generate' from istio.io/api $$(go list -m -f '{{.Version}}' istio.io/api)"; \
-	  echo "# kubernetes/customresourcedefinitions.gen.yaml: the ServiceEntry CRD only."; \
-	  awk '/^---$$/ { if (keep) printf "%s", doc; doc = ""; keep = 0; next } \
+	@$(MAKE) --no-print-directory istio-crds
+
+.PHONY: istio-crds
+istio-crds: ## Copy Istio's ServiceEntry and AuthorizationPolicy CRDs from the istio.io/api module into test/install/istio (part of generate)
+	@# Only for tests: the import writer's output must pass Istio's own
+	@# ServiceEntry schema on a real API server, and the federator reads
+	@# AuthorizationPolicies as Istio's CRD serves them. Not installed by
+	@# deploy/: Istio's installation owns them in a real cluster.
+	dir="$$(go list -m -f '{{.Dir}}' istio.io/api)"; version="$$(go list -m -f '{{.Version}}' istio.io/api)"; \
+	for crd in ServiceEntry:networking.istio.io:serviceentries AuthorizationPolicy:security.istio.io:authorizationpolicies; do \
+	  IFS=: read -r kind group plural <<< "$$crd"; \
+	  out="test/install/istio/$${group}_$${plural}.yaml"; \
+	  { echo "# Copied by 'make generate' from istio.io/api $$version"; \
+	    echo "# kubernetes/customresourcedefinitions.gen.yaml: the $$kind CRD only."; \
+	    awk -v name="  name: $$plural.$$group" \
+	      '/^---$$/ { if (keep) printf "%s", doc; doc = ""; keep = 0; next } \
 	       { doc = doc $$0 "\n" } \
-	       /^  name: serviceentries\.networking\.istio\.io$$/ { keep = 1 } \
+	       $$0 == name { keep = 1 } \
 	       END { if (keep) printf "%s", doc }' \
-	    "$$(go list -m -f '{{.Dir}}' istio.io/api)"/kubernetes/customresourcedefinitions.gen.yaml; \
-	} > test/install/istio/networking.istio.io_serviceentries.yaml
-	@grep -q '^  name: serviceentries.networking.istio.io$$' test/install/istio/networking.istio.io_serviceentries.yaml
+	      "$$dir"/kubernetes/customresourcedefinitions.gen.yaml; \
+	  } > "$$out"; \
+	  grep -qx "  name: $$plural.$$group" "$$out"; \
+	done
 
 .PHONY: verify
 verify: generate lint ## Fail when generated files are stale or lint finds something

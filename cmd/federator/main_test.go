@@ -203,6 +203,16 @@ func TestRunRootPublishDelayFollowsMaxCertTTL(t *testing.T) {
 	require.Contains(t, out, "at least 0.55 x --max-cert-ttl, which is the default (26h24m0s with the default --max-cert-ttl)")
 }
 
+// --root-namespace defaults to Istio's and is checked as a namespace name,
+// before anything is dialled.
+func TestRunRootNamespace(t *testing.T) {
+	_, _, err := execute(t.Context(), "run", "--cluster-name=", "--root-namespace", "Istio_System")
+	require.ErrorContains(t, err, `--root-namespace "Istio_System" is not a DNS label`)
+	out, _, err := execute(t.Context(), "run", "--help")
+	require.NoError(t, err)
+	require.Regexp(t, `--root-namespace string +Istio's root namespace .*\(default "istio-system"\)`, out)
+}
+
 // join without --name says the flag is required, before it reads the
 // token or the cluster.
 func TestJoinWithoutName(t *testing.T) {

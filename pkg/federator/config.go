@@ -10,6 +10,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/isthmus-mesh/isthmus/internal/hostport"
+	"github.com/isthmus-mesh/isthmus/pkg/authz"
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
 	"github.com/isthmus-mesh/isthmus/pkg/federation"
 	"github.com/isthmus-mesh/isthmus/pkg/xds"
@@ -147,6 +148,10 @@ type Config struct {
 	// other peers (docs/sidecar-xds.md). Empty matches only peers whose
 	// region is empty too.
 	Region string
+	// RootNamespace is Istio's root namespace (meshConfig.rootNamespace):
+	// an AuthorizationPolicy in it applies to the pods of every
+	// namespace. It must be the one the cluster's Istio uses.
+	RootNamespace string
 }
 
 // DefaultConfig returns the defaults for everything but ClusterName.
@@ -176,6 +181,7 @@ func DefaultConfig() Config {
 		DrainFor:            time.Minute,
 		MaxImportedServices: 20000,
 		PeerSyncTimeout:     xds.DefaultPeersSyncTimeout,
+		RootNamespace:       authz.DefaultRootNamespace,
 	}
 }
 
@@ -195,7 +201,7 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("--trust-domain %q: %w", c.TrustDomain, err))
 		}
 	}
-	for _, f := range []struct{ flag, v string }{{"--namespace", c.Namespace}, {"--service-account", c.ServiceAccount}} {
+	for _, f := range []struct{ flag, v string }{{"--namespace", c.Namespace}, {"--service-account", c.ServiceAccount}, {"--root-namespace", c.RootNamespace}} {
 		flag, v := f.flag, f.v
 		if msgs := validation.IsDNS1123Label(v); len(msgs) > 0 {
 			errs = append(errs, fmt.Errorf("%s %q is not a DNS label: %v", flag, v, msgs))

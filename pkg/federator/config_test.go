@@ -12,6 +12,7 @@ func TestConfigValidate(t *testing.T) {
 	ok.ClusterName = "east"
 	require.NoError(t, ok.Validate())
 	require.Equal(t, "east.mesh", ok.TrustDomainName())
+	require.Equal(t, "istio-system", ok.RootNamespace, "Istio's default root namespace")
 	require.Equal(t, "isthmus-federator.isthmus-system.svc:15019", ok.FederationUpstream(),
 		"the gateway reaches the federator through its Service by default")
 	ok.Namespace, ok.FederationAddr = "mesh", "0.0.0.0:9019"
@@ -33,6 +34,7 @@ func TestConfigValidate(t *testing.T) {
 	bad.XDSPlaintextAddr = "15010"
 	bad.GatewayFederationUpstream = "federator"
 	bad.Region = "eu west"
+	bad.RootNamespace = "Istio_System"
 	bad.PeerSyncTimeout = 0
 	bad.ImportWriteQPS = 0
 	bad.TokenReviewBurst = -1
@@ -52,6 +54,7 @@ func TestConfigValidate(t *testing.T) {
 		`--xds-plaintext-addr "15010"`,
 		`--gateway-federation-upstream: address "federator"`,
 		`--region "eu west" is not a label value`,
+		`--root-namespace "Istio_System" is not a DNS label`,
 		"--peer-sync-timeout 0s must be positive",
 		"--import-write-qps 0 and --import-write-burst 40 must be positive",
 		"--token-review-qps 50 and --token-review-burst -1 must be positive",

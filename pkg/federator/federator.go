@@ -42,6 +42,7 @@ import (
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
 
+	"github.com/isthmus-mesh/isthmus/pkg/authz"
 	"github.com/isthmus-mesh/isthmus/pkg/ca"
 	"github.com/isthmus-mesh/isthmus/pkg/caserver"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
@@ -58,9 +59,12 @@ type Federator struct {
 	store *catalog.Store
 	// inCluster holds catalog.InClusterSource, for the sidecars only.
 	inCluster *catalog.Store
-	exporter  *kube.Exporter
-	registry  *prometheus.Registry
-	provider  *sdkmetric.MeterProvider
+	// policies holds the cluster's AuthorizationPolicies and which pods
+	// they select, for the sidecars only.
+	policies *authz.Store
+	exporter *kube.Exporter
+	registry *prometheus.Registry
+	provider *sdkmetric.MeterProvider
 
 	ca       *ca.CA
 	trust    *trust.Store
@@ -114,8 +118,12 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 	// The in-cluster services are the sidecars' alone: a Store of their
 	// own, which the federation and the import writer never read.
 	f.inCluster = catalog.NewStore()
+	// So are the AuthorizationPolicies, which the exporter reads along
+	// with the pods' labels.
+	f.policies = authz.NewStore(cfg.RootNamespace)
 	f.exporter, err = kube.NewExporter(kubeClient, mcs, f.store, kube.Options{
 		ClusterName: cfg.ClusterName, Logger: log, TrustDomain: cfg.TrustDomainName(), InCluster: f.inCluster,
+		Policies: f.policies, Istio: istio,
 	})
 	if err != nil {
 		return nil, err
@@ -164,6 +172,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 		Gateway:   xds.GatewayOptions{FederationUpstream: cfg.FederationUpstream(), Namespace: cfg.Namespace},
 		Sidecar:   xds.SidecarOptions{Region: cfg.Region},
 		InCluster: f.inCluster,
+		Policies:  f.policies,
 		// Sidecars keep their last configuration, imports included,
 		// rather than get one without imports while the peers resync.
 		PeersSynced:      func() bool { return f.federation.Synced() },

@@ -9,6 +9,13 @@
 //	Node ──────────┤ (locality labels only; the services with endpoints on it)             └─► status queue ─► ServiceExport status (Valid, Ready)
 //	Pod ───────────┘ (ServiceAccount only, with a trust domain: the services' SPIFFE IDs)
 //
+// With an authz.Store (Options.Policies), the exporter also mirrors the
+// cluster's Istio AuthorizationPolicies and every pod's labels into it,
+// for the sidecars (pkg/xds); the catalog never waits for them:
+//
+//	AuthorizationPolicy (security.istio.io/v1, once discovery finds it) ─┐
+//	Pod (labels) ────────────────────────────────────────────────────────┴─► authz.Store ─► synced once both are read
+//
 // The loop is level-triggered: every event only enqueues the key of the
 // exported service it may affect, and the worker reads the current state
 // from the informer caches, so missed or repeated events cannot leave the

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	istioclient "istio.io/client-go/pkg/clientset/versioned"
+	istioinformers "istio.io/client-go/pkg/informers/externalversions"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -31,6 +33,7 @@ import (
 	mcsinformers "sigs.k8s.io/mcs-api/pkg/client/informers/externalversions"
 	mcslisters "sigs.k8s.io/mcs-api/pkg/client/listers/apis/v1alpha1"
 
+	"github.com/isthmus-mesh/isthmus/pkg/authz"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
 )
 
@@ -92,6 +95,18 @@ type Options struct {
 	// every Service with a TCP port and endpoints, for the ports they
 	// declare. It needs TrustDomain.
 	InCluster *catalog.Store
+	// Policies, when set, receives the cluster's AuthorizationPolicies
+	// (security.istio.io/v1, every namespace) and the labels of every
+	// pod, and is marked synced once both are read; in a cluster that
+	// does not serve the kind (no Istio CRD), once the pods are, with no
+	// policy, and the kind is looked for again every minute. The catalog
+	// never waits for it. It needs TrustDomain, since the pods are
+	// watched only with one, and Istio; the pod cache then keeps every
+	// label of every pod.
+	Policies *authz.Store
+	// Istio is the client AuthorizationPolicies are read with; required
+	// with Policies, unused without.
+	Istio istioclient.Interface
 }
 
 // Exporter keeps catalog.LocalSource in a Store equal to the cluster's
@@ -112,6 +127,20 @@ type Exporter struct {
 	synced        []cache.InformerSynced
 	// accounts is nil unless Options.TrustDomain is set.
 	accounts *podAccounts
+	// podsSynced is the pod handler's HasSynced; nil without accounts.
+	podsSynced cache.InformerSynced
+
+	// istioInformers holds the AuthorizationPolicy informer, started
+	// once the API server serves the kind; nil without Options.Policies.
+	istioInformers istioinformers.SharedInformerFactory
+	// policiesSynced is the policy handler's HasSynced.
+	policiesSynced cache.InformerSynced
+	// policyListErr is the last error of the policy informer's list or
+	// watch, to say why it has not synced.
+	policyListErr atomic.Pointer[error]
+	// policyRecheck is how often discovery is asked again while the
+	// AuthorizationPolicy kind is not served.
+	policyRecheck time.Duration
 
 	// started is set once the initial build begins: before that, a pod
 	// event need not look for the services it affects, since the initial
@@ -171,6 +200,12 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 	if opts.InCluster != nil && opts.TrustDomain == "" {
 		return nil, errors.New("kube exporter: in-cluster services need a trust domain: their identities are their pods'")
 	}
+	if opts.Policies != nil && opts.TrustDomain == "" {
+		return nil, errors.New("kube exporter: authorization policies need a trust domain: pods, which policies select, are watched only with one")
+	}
+	if opts.Policies != nil && opts.Istio == nil {
+		return nil, errors.New("kube exporter: authorization policies need an Istio client")
+	}
 	if opts.TrustDomain != "" {
 		td, err := spiffeid.TrustDomainFromString(opts.TrustDomain)
 		if err != nil {
@@ -196,6 +231,8 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 		dirty:    make(chan struct{}, 1),
 		builder:  catalog.NewBuilder(catalog.LocalSource),
 		accounts: accounts,
+
+		policyRecheck: rediscoverEvery,
 	}
 	if opts.InCluster != nil {
 		e.inCluster = catalog.NewBuilder(catalog.InClusterSource)
@@ -267,6 +304,11 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 			return nil, err
 		}
 	}
+	if opts.Policies != nil {
+		if err := e.watchPolicies(); err != nil {
+			return nil, err
+		}
+	}
 	return e, nil
 }
 
@@ -274,25 +316,21 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 // re-enqueues the services whose endpoints point at a pod whose
 // ServiceAccount or meshed label became known, changed, or went away. Pod
 // updates that leave both alone (status, other labels: nearly all of
-// them) cost a map lookup.
+// them) cost a map lookup. With Options.Policies it also keeps the
+// store's pod labels.
 func (e *Exporter) watchPods() error {
 	podInf := e.kubeInformers.Core().V1().Pods().Informer()
-	if err := podInf.SetTransform(stripPod); err != nil {
+	strip := stripPod
+	if e.opts.Policies != nil {
+		strip = stripPodKeepLabels
+	}
+	if err := podInf.SetTransform(strip); err != nil {
 		return fmt.Errorf("kube exporter: strip pods: %w", err)
 	}
-	set := func(obj any) {
-		if p, ok := podFromEvent(obj); ok && e.accounts.set(p) {
-			e.enqueuePodServices(p.Namespace, p.Name)
-		}
-	}
 	reg, err := podInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    set,
-		UpdateFunc: func(_, obj any) { set(obj) },
-		DeleteFunc: func(obj any) {
-			if p, ok := podFromEvent(obj); ok && e.accounts.remove(p.Namespace, p.Name) {
-				e.enqueuePodServices(p.Namespace, p.Name)
-			}
-		},
+		AddFunc:    e.podSet,
+		UpdateFunc: func(_, obj any) { e.podSet(obj) },
+		DeleteFunc: e.podDeleted,
 	})
 	if err != nil {
 		return fmt.Errorf("kube exporter: add pod event handler: %w", err)
@@ -301,7 +339,39 @@ func (e *Exporter) watchPods() error {
 	// wait until the handler (not only the informer's cache) has seen
 	// every pod.
 	e.synced = append(e.synced, reg.HasSynced)
+	e.podsSynced = reg.HasSynced
 	return nil
+}
+
+// podSet handles a pod added or updated.
+func (e *Exporter) podSet(obj any) {
+	p, ok := podFromEvent(obj)
+	if !ok {
+		return
+	}
+	if e.opts.Policies != nil {
+		// The informer never modifies the labels it handed out (an
+		// update is a new object), so the store may keep them; it
+		// ignores labels that did not change, as in nearly every update.
+		e.opts.Policies.SetPod(p.Namespace, p.Name, p.Labels)
+	}
+	if e.accounts.set(p) {
+		e.enqueuePodServices(p.Namespace, p.Name)
+	}
+}
+
+// podDeleted handles a pod deleted, tombstones included.
+func (e *Exporter) podDeleted(obj any) {
+	p, ok := podFromEvent(obj)
+	if !ok {
+		return
+	}
+	if e.opts.Policies != nil {
+		e.opts.Policies.DeletePod(p.Namespace, p.Name)
+	}
+	if e.accounts.remove(p.Namespace, p.Name) {
+		e.enqueuePodServices(p.Namespace, p.Name)
+	}
 }
 
 // enqueuePodServices enqueues the services whose EndpointSlices point at
@@ -363,7 +433,8 @@ func slicesReferencePod(objs []any, namespace, pod string) bool {
 }
 
 // Ready reports whether the informers have synced and the first complete
-// catalog has been published.
+// catalog has been published. The AuthorizationPolicies are not waited
+// for: Options.Policies says itself when it has synced.
 func (e *Exporter) Ready() bool { return e.ready.Load() }
 
 // Run starts the informers, builds the full catalog once the caches are
@@ -376,10 +447,26 @@ func (e *Exporter) Run(ctx context.Context) error {
 	defer e.statusQueue.ShutDown()
 
 	e.log.Info("starting", "cluster", e.opts.ClusterName)
-	e.kubeInformers.Start(ctx.Done())
-	e.mcsInformers.Start(ctx.Done())
 	defer e.kubeInformers.Shutdown()
 	defer e.mcsInformers.Shutdown()
+	if e.istioInformers != nil {
+		defer e.istioInformers.Shutdown()
+	}
+	var background sync.WaitGroup
+	defer background.Wait()
+	// Cancelled first (defers run last-in first-out), so that what Run
+	// started has stopped before the Shutdowns above wait for it, on an
+	// error return too.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	e.kubeInformers.Start(ctx.Done())
+	e.mcsInformers.Start(ctx.Done())
+	if e.opts.Policies != nil {
+		// Apart from the catalog: the exports and the gateway never read
+		// the policies, so a policy list that fails (RBAC not upgraded
+		// yet) must not hold them up.
+		background.Go(func() { e.syncPolicies(ctx) })
+	}
 	if !cache.WaitForCacheSync(ctx.Done(), e.synced...) {
 		if ctx.Err() != nil {
 			return nil

@@ -28,18 +28,27 @@ const (
 // object before anyone else sees it, so it strips in place rather than
 // allocate again on every pod event. It is idempotent, as client-go asks,
 // and passes anything that is not a Pod through.
-func stripPod(obj any) (any, error) {
+func stripPod(obj any) (any, error) { return stripPodLabels(obj, false) }
+
+// stripPodKeepLabels is stripPod keeping every label: the pod's
+// AuthorizationPolicies are chosen by them (Options.Policies).
+func stripPodKeepLabels(obj any) (any, error) { return stripPodLabels(obj, true) }
+
+func stripPodLabels(obj any, all bool) (any, error) {
 	p, ok := obj.(*corev1.Pod)
 	if !ok {
 		return obj, nil
 	}
 	p.TypeMeta = metav1.TypeMeta{}
-	var labels map[string]string
-	if v, ok := p.Labels[TLSModeLabel]; ok {
-		if len(p.Labels) == 1 {
-			labels = p.Labels
-		} else {
-			labels = map[string]string{TLSModeLabel: v}
+	labels := p.Labels
+	if !all {
+		labels = nil
+		if v, ok := p.Labels[TLSModeLabel]; ok {
+			if len(p.Labels) == 1 {
+				labels = p.Labels
+			} else {
+				labels = map[string]string{TLSModeLabel: v}
+			}
 		}
 	}
 	p.ObjectMeta = metav1.ObjectMeta{

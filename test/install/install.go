@@ -38,6 +38,13 @@ const fieldManager = "isthmus-install"
 //go:embed istio/networking.istio.io_serviceentries.yaml
 var IstioServiceEntryCRD []byte
 
+// IstioAuthorizationPolicyCRD is Istio's own AuthorizationPolicy CRD,
+// copied the same way. The federator reads the policies (pkg/kube);
+// tests apply it wherever a cluster's Istio would have it.
+//
+//go:embed istio/security.istio.io_authorizationpolicies.yaml
+var IstioAuthorizationPolicyCRD []byte
+
 var crdGVR = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
 
 // Apply server-side-applies every object in the YAML documents, in order.

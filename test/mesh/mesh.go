@@ -280,10 +280,11 @@ func (c *Cluster) start(ctx context.Context) error {
 	if err := install.Isthmus(ictx, cfg, "system:isthmus:federator"); err != nil {
 		return fmt.Errorf("install Isthmus: %w", err)
 	}
-	// Istio's installation provides it in a real cluster; federators
-	// write what they import as ServiceEntries.
-	if err := install.Apply(ictx, cfg, install.IstioServiceEntryCRD); err != nil {
-		return fmt.Errorf("install Istio's ServiceEntry CRD: %w", err)
+	// Istio's installation provides them in a real cluster; federators
+	// write what they import as ServiceEntries and read the
+	// AuthorizationPolicies their sidecars enforce.
+	if err := install.Apply(ictx, cfg, install.IstioServiceEntryCRD, install.IstioAuthorizationPolicyCRD); err != nil {
+		return fmt.Errorf("install Istio's ServiceEntry and AuthorizationPolicy CRDs: %w", err)
 	}
 	if err := c.K.AllowPodEgress(ctx, GatewayPort); err != nil {
 		return err
