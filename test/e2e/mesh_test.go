@@ -284,6 +284,10 @@ func TestMesh(t *testing.T) {
 		assert.Contains(t, answer, `"pod"`, "the TCP port's chain is TCP")
 	})
 
+	t.Run("AuthorizationPolicy: a's sidecars let through only the callers a policy allows", func(t *testing.T) {
+		authorizationPolicies(t, a, clientA, clientB, privateA[0], callerB)
+	})
+
 	t.Run("explicit mode: the outbound port carries the pod's own requests, and nobody else's", func(t *testing.T) {
 		// No capture in this pod: its app sends to 127.0.0.1:15001 as to
 		// an HTTP proxy, and the outbound listener, bound to every
