@@ -288,10 +288,13 @@ func TestSidecarDecodeRefusesHTTPRBAC(t *testing.T) {
 		{"no match", withHeader(&routev3.HeaderMatcher{Name: "x"}), perm + `header: sets no match (want string_match or present_match)`},
 		{"present_match false", withHeader(&routev3.HeaderMatcher{Name: "x", HeaderMatchSpecifier: &routev3.HeaderMatcher_PresentMatch{}}),
 			perm + `header.present_match: false is not supported (true; with invert_match for an absent header)`},
+		//lint:ignore SA1019 the deprecated matcher is what must be refused
 		{"exact_match", withHeader(&routev3.HeaderMatcher{Name: "x", HeaderMatchSpecifier: &routev3.HeaderMatcher_ExactMatch{ExactMatch: "y"}}),
 			perm + `header.exact_match: not supported`},
+		//lint:ignore SA1019 the deprecated matcher is what must be refused
 		{"prefix_match", withHeader(&routev3.HeaderMatcher{Name: "x", HeaderMatchSpecifier: &routev3.HeaderMatcher_PrefixMatch{PrefixMatch: "y"}}),
 			perm + `header.prefix_match: not supported`},
+		//lint:ignore SA1019 the deprecated matcher is what must be refused
 		{"safe_regex_match", withHeader(&routev3.HeaderMatcher{Name: "x", HeaderMatchSpecifier: &routev3.HeaderMatcher_SafeRegexMatch{SafeRegexMatch: &matcherv3.RegexMatcher{Regex: "y"}}}),
 			perm + `header.safe_regex_match: not supported`},
 		{"range_match", withHeader(&routev3.HeaderMatcher{Name: "x", HeaderMatchSpecifier: &routev3.HeaderMatcher_RangeMatch{RangeMatch: &typev3.Int64Range{Start: 1, End: 2}}}),
