@@ -21,6 +21,9 @@ import (
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/net/http2/hpack"
+
+	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
 )
 
 // Envoy's HTTP RBAC filter in the inbound HTTP connection manager, as
@@ -370,5 +373,53 @@ func TestInboundHTTPRBACEmptyAllowAndDump(t *testing.T) {
 		if ch.HTTP != nil {
 			require.Empty(t, ch.HTTP.RBAC, "no RBAC outbound")
 		}
+	}
+}
+
+// Each HTTP path's view of a request's headers gives the RBAC matchers
+// what Envoy's header map gives them: names matched whatever their case,
+// a repeated header's values joined with "," in order (empty ones too),
+// cookie crumbs with "; ", nothing for an absent header.
+func TestRBACHeaderViews(t *testing.T) {
+	fields := [][2]string{{"X-A", "1"}, {"Accept", "*/*"}, {"x-a", ""}, {"X-A", "3"}, {"Cookie", "a=1"}, {"cookie", "b=2"}, {"X-One", "v"}}
+	raw := "GET / HTTP/1.1\r\nHost: h\r\n"
+	var h2 []hpack.HeaderField
+	nh := http.Header{}
+	for _, f := range fields {
+		raw += f[0] + ": " + f[1] + "\r\n"
+		h2 = append(h2, hpack.HeaderField{Name: strings.ToLower(f[0]), Value: f[1]})
+		nh.Add(f[0], f[1])
+	}
+	head := []byte(raw + "\r\n")
+	var h1 h1Head
+	require.NoError(t, parseRequestHead(head, &h1))
+	views := map[string]xdsclient.RBACHeaders{
+		"HTTP/1.1": &h1Fields{head: head, h: &h1},
+		"HTTP/2":   &h2Fields{fields: h2},
+		"net/http": netHTTPFields(nh),
+	}
+	for name, v := range views {
+		t.Run(name, func(t *testing.T) {
+			for _, c := range []struct {
+				name, want string
+				ok         bool
+			}{
+				{"x-a", "1,,3", true},
+				{"x-one", "v", true},
+				{"cookie", "a=1; b=2", true},
+				{"accept", "*/*", true},
+				{"x-none", "", false},
+			} {
+				for range 2 { // the join buffer is reused
+					got, ok := v.Lookup(c.name)
+					require.Equal(t, c.ok, ok, c.name)
+					require.Equal(t, c.want, got, c.name)
+				}
+			}
+			if name != "net/http" {
+				require.Zero(t, testing.AllocsPerRun(10, func() { v.Lookup("x-a"); v.Lookup("x-one"); v.Lookup("x-none") }),
+					"the codecs' views allocate nothing once their join buffer grew")
+			}
+		})
 	}
 }

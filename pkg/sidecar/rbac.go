@@ -44,10 +44,20 @@ func urlPath(path string) string {
 	return path
 }
 
+// valueSep is what the values of a repeated header are joined with for
+// the RBAC matchers: "," as Envoy's header map joins them, "; " for
+// cookie, as it joins cookie crumbs (RFC 9113 §8.2.3).
+func valueSep(name string) string {
+	if name == "cookie" {
+		return "; "
+	}
+	return ","
+}
+
 // h1Fields are an HTTP/1.1 request head's header fields as RBAC reads
 // them: a lone value as it is in the head, the values of a repeated
-// field joined with "," (empty ones included, as Envoy joins them) in
-// join. The connection's own, reused.
+// field joined (empty ones included, as Envoy joins them) in join. The
+// connection's own, reused.
 type h1Fields struct {
 	head []byte
 	h    *h1Head
@@ -69,9 +79,9 @@ func (v *h1Fields) Lookup(name string) (string, bool) {
 		case 1:
 			one = val
 		case 2:
-			v.join = append(append(append(v.join[:0], one...), ','), val...)
+			v.join = append(append(append(v.join[:0], one...), valueSep(name)...), val...)
 		default:
-			v.join = append(append(v.join, ','), val...)
+			v.join = append(append(v.join, valueSep(name)...), val...)
 		}
 	}
 	if n > 1 {
@@ -102,9 +112,9 @@ func (v *h2Fields) Lookup(name string) (string, bool) {
 		case 1:
 			one = f.Value
 		case 2:
-			v.join = append(append(append(v.join[:0], one...), ','), f.Value...)
+			v.join = append(append(append(v.join[:0], one...), valueSep(name)...), f.Value...)
 		default:
-			v.join = append(append(v.join, ','), f.Value...)
+			v.join = append(append(v.join, valueSep(name)...), f.Value...)
 		}
 	}
 	if n > 1 {
@@ -121,7 +131,7 @@ var _ xdsclient.RBACHeaders = netHTTPFields(nil)
 func (h netHTTPFields) Lookup(name string) (string, bool) {
 	for k, vs := range h {
 		if strings.EqualFold(k, name) && len(vs) > 0 {
-			return strings.Join(vs, ","), true
+			return strings.Join(vs, valueSep(name)), true
 		}
 	}
 	return "", false

@@ -98,10 +98,10 @@ type RBACRequest struct {
 // RBACHeaders are a request's header fields as an HTTP path holds them.
 type RBACHeaders interface {
 	// Lookup returns the values of the fields named name (lower case,
-	// never a pseudo-header), joined with "," in the order received, as
-	// Envoy's header map gives them to its matchers; false when the
-	// request has none. The string may be valid only until the next
-	// call.
+	// never a pseudo-header), joined with "," in the order received
+	// ("; " for cookie, whose crumbs Envoy's header map joins so), as
+	// Envoy gives them to its matchers; false when the request has none.
+	// The string may be valid only until the next call.
 	Lookup(name string) (string, bool)
 }
 
