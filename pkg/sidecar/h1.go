@@ -643,7 +643,7 @@ func (hc *h1Conn) denyRBAC(method, target string, hasBody bool) bool {
 	hc.count("", http.StatusForbidden)
 	skip := !hasBody || !h.chunked && h.contentLength <= int64(hc.in.w-hc.in.r)
 	keep := skip && !h.connClose
-	hc.writeReply(http.StatusForbidden, "Content-Type: text/plain", rbacDenied, !keep)
+	hc.writeReply(http.StatusForbidden, "Content-Type: text/plain", rbacDenied, !keep, hc.reqIsHead)
 	if !skip {
 		hc.linger()
 		return false
@@ -1176,12 +1176,13 @@ func (hc *h1Conn) answerError(cluster string, err error) {
 
 // writeError writes a plain-text response; close adds Connection: close.
 func (hc *h1Conn) writeError(code int, body string, close bool) {
-	hc.writeReply(code, "Content-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff", body, close)
+	hc.writeReply(code, "Content-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff", body, close, false)
 }
 
 // writeReply writes a response of the sidecar's own: code, fields (lines
-// without their last CRLF), the framing, body.
-func (hc *h1Conn) writeReply(code int, fields, body string, close bool) {
+// without their last CRLF), the framing, body; only the framing of the
+// body when it answers a HEAD request (head).
+func (hc *h1Conn) writeReply(code int, fields, body string, close, head bool) {
 	w := &hc.out
 	_ = w.str("HTTP/1.1 ")
 	_ = w.int(int64(code), 10)
@@ -1195,7 +1196,9 @@ func (hc *h1Conn) writeReply(code int, fields, body string, close bool) {
 		_ = w.str("\r\nConnection: close")
 	}
 	_ = w.str("\r\n\r\n")
-	_ = w.str(body)
+	if !head {
+		_ = w.str(body)
+	}
 	_ = w.flush()
 }
 

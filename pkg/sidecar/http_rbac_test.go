@@ -298,6 +298,18 @@ func TestInboundHTTPRBACBodies(t *testing.T) {
 	require.True(t, resp.Close)
 	h.requireClosed()
 
+	// A denied HEAD gets the answer's head alone, and the connection
+	// serves on.
+	h = dialH1Raw(t, m.httpAddr, cert)
+	_, err := io.WriteString(h.c, "HEAD /admin/x HTTP/1.1\r\n"+echoHostLine+"\r\n")
+	require.NoError(t, err)
+	resp, err = http.ReadResponse(h.r, &http.Request{Method: http.MethodHead})
+	require.NoError(t, err)
+	require.Equal(t, http.StatusForbidden, resp.StatusCode)
+	require.EqualValues(t, len("RBAC: access denied"), resp.ContentLength)
+	resp, body = h.roundTrip("GET /after-head HTTP/1.1\r\n" + echoHostLine + "\r\n")
+	requireServed(t, resp, body, "/after-head")
+
 	// A denied request that asked for the connection to close has it.
 	h = dialH1Raw(t, m.httpAddr, cert)
 	resp, body = h.roundTrip("GET /admin/x HTTP/1.1\r\n" + echoHostLine + "Connection: close\r\n\r\n")
@@ -305,8 +317,8 @@ func TestInboundHTTPRBACBodies(t *testing.T) {
 	require.True(t, resp.Close)
 	h.requireClosed()
 
-	require.EqualValues(t, 1, m.b.http.requests.Load(), "only GET /after reached the app")
-	m.requireRBACRefusals(t, 4)
+	require.EqualValues(t, 2, m.b.http.requests.Load(), "only GET /after and /after-head reached the app")
+	m.requireRBACRefusals(t, 5)
 }
 
 // A denied HTTP/2 request whose body is still coming is answered at
