@@ -127,8 +127,9 @@ type (
 		TCP  *tcpDump   `json:"tcp_proxy,omitempty"`
 	}
 	rbacDump struct {
-		Action     string   `json:"action"`
-		StatPrefix string   `json:"stat_prefix"`
+		Action string `json:"action"`
+		// StatPrefix is a network filter's; an HTTP filter has none.
+		StatPrefix string   `json:"stat_prefix,omitempty"`
 		Policies   []string `json:"policies"`
 	}
 	hcmDump struct {
@@ -137,6 +138,9 @@ type (
 		RouteConfig       *routeDump `json:"route_config,omitempty"`
 		ForwardClientCert string     `json:"forward_client_cert_details"`
 		SetClientCertURI  bool       `json:"set_current_client_cert_uri,omitempty"`
+		// RBAC are the manager's envoy.filters.http.rbac filters, in
+		// order (DENY, then ALLOW), each with its policies' names.
+		RBAC []rbacDump `json:"http_rbac,omitempty"`
 	}
 	tcpDump struct {
 		Cluster     string `json:"cluster"`
@@ -315,6 +319,9 @@ func hcm(h *xdsclient.HTTPConnectionManager) *hcmDump {
 	}
 	d := &hcmDump{StatPrefix: h.StatPrefix, RouteConfigName: h.RouteConfigName, ForwardClientCert: h.ForwardClientCert.String(),
 		SetClientCertURI: h.SetClientCertURI}
+	if h.RBAC != nil {
+		d.RBAC = rbacFilters(h.RBAC.Deny, h.RBAC.Allow)
+	}
 	if h.Routes != nil {
 		rc := routeConfig(h.Routes)
 		d.RouteConfig = &rc
@@ -347,11 +354,16 @@ func networkRBAC(r *xdsclient.NetworkRBAC) []rbacDump {
 	if r == nil {
 		return nil
 	}
+	return rbacFilters(r.Deny, r.Allow)
+}
+
+// rbacFilters dumps a DENY and an ALLOW filter, those there are.
+func rbacFilters(deny, allow *xdsclient.RBACRules) []rbacDump {
 	var out []rbacDump
 	for _, f := range []struct {
 		action string
 		rules  *xdsclient.RBACRules
-	}{{"DENY", r.Deny}, {"ALLOW", r.Allow}} {
+	}{{"DENY", deny}, {"ALLOW", allow}} {
 		if f.rules == nil {
 			continue
 		}

@@ -135,7 +135,13 @@
 // no_endpoint, no_cluster, rbac (an inbound chain's RBAC filters deny the
 // caller's SPIFFE ID on that port; decided once, after the TLS handshake,
 // before a byte reaches the app, and logged at Debug with the caller and
-// port).
+// port). rbac also counts the inbound HTTP requests an HTTP connection
+// manager's RBAC filters deny (rbac.go): decided per request on every
+// HTTP path once its head is read, against the caller, the port and the
+// request's method, authority, path and headers; answered 403 "RBAC:
+// access denied" (text/plain, Envoy's) and never sent to the app, the
+// connection kept for the next request (an HTTP/1.1 body not yet read
+// closes it), and logged at Debug with the caller, method and path.
 //
 // Endpoints: the lowest priority with a healthy endpoint; within it a
 // locality with probability proportional to its weight; round robin

@@ -503,6 +503,8 @@ type h1Conn struct {
 	// readAhead: downstreamGone read bytes after the request in flight,
 	// which may have overwritten its head: it cannot be sent again.
 	readAhead bool
+	// rbacFields is the request head as the HTTP RBAC filters read it.
+	rbacFields h1Fields
 }
 
 var h1Conns = sync.Pool{New: func() any { return new(h1Conn) }}
@@ -614,10 +616,49 @@ func (hc *h1Conn) serve() (fallback bool) {
 func (hc *h1Conn) refuse(e *h1Error) {
 	hc.tm.route = time.Time{}
 	hc.writeError(e.code, e.msg+"\n", true)
-	// Close only the write side, then read what the downstream still
-	// sends for a while, as net/http does: closing with unread bytes
-	// would reset the connection, and the reset can destroy the answer
-	// before the downstream reads it.
+	hc.linger()
+}
+
+// rbacAllows decides the request whose head is head by the connection
+// manager's HTTP RBAC filters, authority and path (the request target's
+// path and query) read from it.
+func (hc *h1Conn) rbacAllows(rb *xdsclient.HTTPRBAC, head []byte, authority, path string) bool {
+	hc.rbacFields.head, hc.rbacFields.h = head, &hc.req
+	ok := rb.Allows(&xdsclient.RBACRequest{ID: hc.info.caller, Port: hc.info.dst.Port(), Method: str(hc.req.method.of(head)),
+		Authority: authority, Path: path, Headers: &hc.rbacFields})
+	hc.rbacFields.head, hc.rbacFields.h = nil, nil
+	return ok
+}
+
+// denyRBAC answers a request the HTTP RBAC filters denied, 403 as Envoy
+// does, nothing of it sent upstream, and reports whether the connection
+// can serve another. A body already wholly in the buffer (the
+// Content-Length the head announced) is skipped; any other closes the
+// connection once the answer is out, as Envoy closes an HTTP/1.1
+// connection whose request it answered before reading it all, and
+// lingers so that the close does not reset the answer away.
+func (hc *h1Conn) denyRBAC(method, target string, hasBody bool) bool {
+	h := &hc.req
+	hc.p.rbacRefused(hc.info, method, target)
+	hc.count("", http.StatusForbidden)
+	skip := !hasBody || !h.chunked && h.contentLength <= int64(hc.in.w-hc.in.r)
+	keep := skip && !h.connClose
+	hc.writeReply(http.StatusForbidden, "Content-Type: text/plain", rbacDenied, !keep, hc.reqIsHead)
+	if !skip {
+		hc.linger()
+		return false
+	}
+	if hasBody {
+		hc.in.r += int(h.contentLength)
+	}
+	return keep
+}
+
+// linger closes the connection's write side, then reads what the
+// downstream still sends for a while, as net/http does: closing with
+// unread bytes would reset the connection, and the reset can destroy the
+// answer before the downstream reads it. The caller closes.
+func (hc *h1Conn) linger() {
 	if cw, ok := hc.c.(interface{ CloseWrite() error }); ok {
 		_ = cw.CloseWrite()
 	}
@@ -710,6 +751,9 @@ func (hc *h1Conn) serveRequest(head []byte) (keep, upgrade bool) {
 		authority = h.authority
 	}
 	path := h.path.of(head)
+	if rb := ci.hcm.RBAC; rb != nil && !hc.rbacAllows(rb, head, str(authority.of(head)), str(path)) {
+		return hc.denyRBAC(str(h.method.of(head)), str(path), hasBody), false
+	}
 	if i := bytes.IndexByte(path, '?'); i >= 0 {
 		path = path[:i]
 	}
@@ -1132,18 +1176,29 @@ func (hc *h1Conn) answerError(cluster string, err error) {
 
 // writeError writes a plain-text response; close adds Connection: close.
 func (hc *h1Conn) writeError(code int, body string, close bool) {
+	hc.writeReply(code, "Content-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff", body, close, false)
+}
+
+// writeReply writes a response of the sidecar's own: code, fields (lines
+// without their last CRLF), the framing, body; only the framing of the
+// body when it answers a HEAD request (head).
+func (hc *h1Conn) writeReply(code int, fields, body string, close, head bool) {
 	w := &hc.out
 	_ = w.str("HTTP/1.1 ")
 	_ = w.int(int64(code), 10)
 	_ = w.str(" ")
 	_ = w.str(http.StatusText(code))
-	_ = w.str("\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nContent-Length: ")
+	_ = w.str("\r\n")
+	_ = w.str(fields)
+	_ = w.str("\r\nContent-Length: ")
 	_ = w.int(int64(len(body)), 10)
 	if close || hc.p.draining.Load() {
 		_ = w.str("\r\nConnection: close")
 	}
 	_ = w.str("\r\n\r\n")
-	_ = w.str(body)
+	if !head {
+		_ = w.str(body)
+	}
 	_ = w.flush()
 }
 

@@ -120,6 +120,9 @@ type h2Conn struct {
 	info *connInfo
 	// xfcc is what a downstream connection's requests get added.
 	xfcc []hpack.HeaderField
+	// rbacFields is a downstream request's header block as the HTTP RBAC
+	// filters read it (the reader's own).
+	rbacFields h2Fields
 	// pool and ep are an upstream connection's pool and endpoint.
 	pool *pool
 	ep   netip.AddrPort

@@ -240,10 +240,22 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 	if authority == "" {
 		authority = host
 	}
+	ci := down.info
+	if rb := ci.hcm.RBAC; rb != nil {
+		v := &down.rbacFields
+		v.fields = f.Fields
+		ok := rb.Allows(&xdsclient.RBACRequest{ID: ci.caller, Port: ci.dst.Port(), Method: method, Authority: authority,
+			Path: path, Headers: v})
+		v.fields = nil
+		if !ok {
+			p.rbacRefused(ci, method, path)
+			s.answerWith("", http.StatusForbidden, h2RBACType, rbacDenied)
+			return
+		}
+	}
 	if i := strings.IndexByte(path, '?'); i >= 0 {
 		path = path[:i]
 	}
-	ci := down.info
 	d := routeTo(st, ci, method, authority, path)
 	s.upstream = d.up
 	if d.err != "" {
@@ -349,6 +361,20 @@ func (s *h2Stream) answer(code int, body string) {
 }
 
 func (s *h2Stream) answerCluster(cluster string, code int, body string) {
+	s.answerWith(cluster, code, h2ErrorType, body)
+}
+
+// The content type fields of the sidecar's own answers: its errors', and
+// Envoy's to a request HTTP RBAC denies (text/plain alone, as Envoy's).
+var (
+	h2ErrorType = []hpack.HeaderField{{Name: "content-type", Value: "text/plain; charset=utf-8"}, {Name: "x-content-type-options", Value: "nosniff"}}
+	h2RBACType  = []hpack.HeaderField{{Name: "content-type", Value: "text/plain"}}
+)
+
+// answerWith is answerCluster with the content type fields typ. A request
+// still sending its body is then stopped (maybeDone): RST_STREAM
+// NO_ERROR once the answer ended.
+func (s *h2Stream) answerWith(cluster string, code int, typ []hpack.HeaderField, body string) {
 	if s.answered || s.toDown.dstEnded {
 		return
 	}
@@ -358,12 +384,10 @@ func (s *h2Stream) answerCluster(cluster string, code int, body string) {
 	fl := &s.toDown
 	fl.src = nil
 	fl.srcEnded = true
-	fields := []hpack.HeaderField{
-		{Name: ":status", Value: statusValue(code)},
-		{Name: "content-type", Value: "text/plain; charset=utf-8"},
-		{Name: "x-content-type-options", Value: "nosniff"},
-		{Name: "content-length", Value: strconv.Itoa(len(body))},
-	}
+	fields := make([]hpack.HeaderField, 0, 2+len(typ))
+	fields = append(fields, hpack.HeaderField{Name: ":status", Value: statusValue(code)})
+	fields = append(fields, typ...)
+	fields = append(fields, hpack.HeaderField{Name: "content-length", Value: strconv.Itoa(len(body))})
 	down := s.down
 	down.mu.Lock()
 	down.writeHeaders(s.toDown.dstID, fields, nil, nil, s.head)

@@ -55,7 +55,7 @@ func upstreamProtocolError(err error) error {
 
 // connInfo is what a downstream HTTP connection brings to its requests:
 // its listener, HTTP connection manager and original destination, and
-// inbound, the XFCC value describing the caller.
+// inbound, the caller's SPIFFE ID and the XFCC value describing it.
 type connInfo struct {
 	listener string
 	hcm      *xdsclient.HTTPConnectionManager
@@ -66,6 +66,9 @@ type connInfo struct {
 	// xfcc is the X-Forwarded-Client-Cert value a SANITIZE_SET manager
 	// sets: By=<own ID>;Hash=<caller's leaf>;URI=<caller's ID>.
 	xfcc string
+	// caller is an inbound caller's SPIFFE ID, what the manager's HTTP
+	// RBAC filters match principals against; set when it has some.
+	caller string
 }
 
 // httpConn is a downstream connection handed to an HTTP server. It hides
@@ -194,6 +197,21 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	st := p.state.Load()
 	if ci == nil || st == nil {
 		http.Error(w, "isthmus sidecar: no configuration", http.StatusServiceUnavailable)
+		return
+	}
+	if rb := ci.hcm.RBAC; rb != nil && !rbacAllowsNetHTTP(rb, ci, r) {
+		// Envoy's answer. An HTTP/1.1 body the handler did not read,
+		// net/http reads and drops (up to 256 KiB) for the connection
+		// to be kept, or closes it: refuseLinger bounds the wait for a
+		// body the caller is slow to send. HTTP/2 resets the stream.
+		if r.ContentLength != 0 {
+			_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(refuseLinger))
+		}
+		p.rbacRefused(ci, r.Method, requestPath(r))
+		p.metrics.request(ci.listener, "", http.StatusForbidden)
+		w.Header().Set("Content-Type", "text/plain")
+		w.WriteHeader(http.StatusForbidden)
+		_, _ = io.WriteString(w, rbacDenied)
 		return
 	}
 	d := route(st, ci, r)

@@ -58,7 +58,11 @@ const (
 	ReasonNoCluster = "no_cluster"
 	// ReasonRBAC: an inbound connection its chain's RBAC filters deny
 	// (envoy.filters.network.rbac), closed after the TLS handshake,
-	// before a byte reaches the app.
+	// before a byte reaches the app; or an inbound HTTP request its
+	// connection manager's RBAC filters deny (envoy.filters.http.rbac),
+	// answered 403 "RBAC: access denied" before anything of it reaches
+	// the app, the connection kept. Counted once per connection or
+	// request.
 	ReasonRBAC = "rbac"
 )
 
@@ -142,7 +146,7 @@ func newMetrics() (*metrics, error) {
 	m.insts[instActive], errs[1] = m.meter.Int64ObservableUpDownCounter("isthmus_sidecar_connections_active",
 		metric.WithDescription("Downstream connections open now, by listener."))
 	m.insts[instRefusals], errs[2] = m.meter.Int64ObservableCounter("isthmus_sidecar_refusals",
-		metric.WithDescription("Downstream connections refused before reaching an upstream, by listener and reason."))
+		metric.WithDescription("Downstream connections (reason rbac: also HTTP requests) refused before reaching an upstream, by listener and reason."))
 	m.insts[instRequests], errs[3] = m.meter.Int64ObservableCounter("isthmus_sidecar_requests",
 		metric.WithDescription("HTTP requests answered, by listener, upstream cluster (empty: no route) and response code."))
 	m.insts[instConnectFailures], errs[4] = m.meter.Int64ObservableCounter("isthmus_sidecar_upstream_connect_failures",

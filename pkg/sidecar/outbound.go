@@ -256,10 +256,15 @@ func (p *Proxy) serveInbound(c *net.TCPConn) {
 	}
 	_ = c.SetDeadline(time.Time{})
 	ch := &st.cfg.Sidecar.Inbound.Chains[ic.chain]
+	// The caller's SPIFFE ID, read once for the chain's RBAC filters and
+	// its connection manager's, whose principals match it.
+	var id string
+	if ch.RBAC != nil || ch.HTTP != nil && ch.HTTP.RBAC != nil {
+		id = peerID(tc.ConnectionState())
+	}
 	if ch.RBAC != nil {
 		// Decided once, the caller's identity known and nothing read
 		// from it yet, as Envoy's network RBAC filter on the first byte.
-		id := peerID(tc.ConnectionState())
 		if !ch.RBAC.Allows(id, dst.Port()) {
 			p.refuse(c, listenerInbound, ReasonRBAC, "caller", id, "port", dst.Port())
 			p.release(listenerInbound)
@@ -270,7 +275,7 @@ func (p *Proxy) serveInbound(c *net.TCPConn) {
 		p.proxyTCP(tc, st, ch.TCP, listenerInbound, dst, true)
 		return
 	}
-	info := &connInfo{listener: listenerInbound, hcm: ch.HTTP, dst: dst, redirected: true}
+	info := &connInfo{listener: listenerInbound, hcm: ch.HTTP, dst: dst, redirected: true, caller: id}
 	if ch.HTTP.ForwardClientCert == xdsclient.SanitizeSet {
 		info.xfcc = p.xfcc(tc.ConnectionState(), ch.HTTP.SetClientCertURI)
 	}

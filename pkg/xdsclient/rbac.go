@@ -1,12 +1,17 @@
 package xdsclient
 
-import "regexp"
+import (
+	"regexp"
+	"strings"
+)
 
-// The inbound chains' envoy.filters.network.rbac filters, decoded into a
-// small tree evaluated once per connection, after the TLS handshake: by
-// the caller's SPIFFE ID and the connection's original destination port,
-// the only attributes a network filter of the contract's subset reads.
-// Regexes are compiled at decode time; evaluating allocates nothing.
+// The inbound side's RBAC filters, decoded into one small tree with one
+// evaluator: a chain's envoy.filters.network.rbac, decided once per
+// connection after the TLS handshake by the caller's SPIFFE ID and the
+// connection's original destination port; and an inbound HTTP
+// connection manager's envoy.filters.http.rbac, decided per request by
+// those and the request's method, authority, path and headers. Regexes
+// are compiled at decode time; evaluating allocates nothing.
 
 // maxRBACDepth bounds the nesting of and_rules, or_rules and not_rule
 // (and_ids, or_ids, not_id): a permission or principal at the top of a
@@ -33,43 +38,122 @@ func (r *NetworkRBAC) Allows(id string, port uint16) bool {
 	if r == nil {
 		return true
 	}
-	if r.Deny != nil && r.Deny.matches(id, port) {
+	return decide(r.Deny, r.Allow, &RBACRequest{ID: id, Port: port})
+}
+
+// HTTPRBAC is an inbound HTTP connection manager's envoy.filters.http.rbac
+// filters, before its router, in Istio's order: at most one with action
+// DENY, then at most one with action ALLOW. A connection manager without
+// them has a nil *HTTPRBAC.
+type HTTPRBAC struct {
+	// Deny is the DENY filter's rules; nil when there is none.
+	Deny *RBACRules
+	// Allow is the ALLOW filter's rules; nil when there is none.
+	Allow *RBACRules
+}
+
+// Allows reports whether the request req may go on, by Envoy's rules, as
+// NetworkRBAC.Allows does for a connection. A nil r allows everything.
+func (r *HTTPRBAC) Allows(req *RBACRequest) bool {
+	if r == nil {
+		return true
+	}
+	return decide(r.Deny, r.Allow, req)
+}
+
+// decide is Envoy's decision: denied when a DENY policy matches; then,
+// when there is an ALLOW filter, denied unless one of its policies
+// matches.
+func decide(deny, allow *RBACRules, req *RBACRequest) bool {
+	if deny != nil && deny.matches(req) {
 		return false
 	}
-	return r.Allow == nil || r.Allow.matches(id, port)
+	return allow == nil || allow.matches(req)
+}
+
+// RBACRequest is what an RBAC decision reads: a connection's caller and
+// original destination port and, for HTTP RBAC, one request's method,
+// authority, path and headers. Network RBAC sets only ID and Port; the
+// other fields are read only by HTTP rules, which a network filter
+// cannot have. Nothing of it is kept.
+type RBACRequest struct {
+	// ID is the caller's SPIFFE ID, the URI SAN of its verified SVID;
+	// empty when there is none.
+	ID string
+	// Port is the connection's original destination port.
+	Port uint16
+	// Method is :method (the HTTP/1.1 request line's method).
+	Method string
+	// Authority is :authority: the HTTP/1.1 Host, or the authority of an
+	// absolute-form request target; empty when there is none.
+	Authority string
+	// Path is :path as received, with its query: the HTTP/1.1 request
+	// target in origin form (the path and query of an absolute-form
+	// one). Empty when there is none (CONNECT).
+	Path string
+	// Headers are the request's other header fields; nil: none.
+	Headers RBACHeaders
+}
+
+// RBACHeaders are a request's header fields as an HTTP path holds them.
+type RBACHeaders interface {
+	// Lookup returns the values of the fields named name (lower case,
+	// never a pseudo-header), joined with "," in the order received
+	// ("; " for cookie, whose crumbs Envoy's header map joins so), as
+	// Envoy gives them to its matchers; false when the request has none.
+	// The string may be valid only until the next call.
+	Lookup(name string) (string, bool)
+}
+
+// header is the value of the request's field f, or of the header name
+// for HeaderOther.
+func (r *RBACRequest) header(f HeaderField, name string) (string, bool) {
+	switch f {
+	case HeaderMethod:
+		return r.Method, r.Method != ""
+	case HeaderAuthority:
+		return r.Authority, r.Authority != ""
+	case HeaderPath:
+		return r.Path, r.Path != ""
+	}
+	if r.Headers == nil {
+		return "", false
+	}
+	return r.Headers.Lookup(name)
 }
 
 // RBACRules is one RBAC filter: its stat_prefix and rules.policies.
 type RBACRules struct {
-	// StatPrefix is stat_prefix (required).
+	// StatPrefix is a network filter's stat_prefix (required); empty for
+	// an HTTP filter, which has none in the contract.
 	StatPrefix string
 	// Policies are rules.policies, sorted by name (a map on the wire).
 	// Empty: no policy matches.
 	Policies []RBACPolicy
 }
 
-func (r *RBACRules) matches(id string, port uint16) bool {
+func (r *RBACRules) matches(req *RBACRequest) bool {
 	for i := range r.Policies {
-		if r.Policies[i].matches(id, port) {
+		if r.Policies[i].matches(req) {
 			return true
 		}
 	}
 	return false
 }
 
-// RBACPolicy is one policy: it matches a connection when at least one of
-// its permissions and at least one of its principals match. The decoder
-// guarantees both lists are non-empty.
+// RBACPolicy is one policy: it matches a connection or request when at
+// least one of its permissions and at least one of its principals match.
+// The decoder guarantees both lists are non-empty.
 type RBACPolicy struct {
 	Name        string
 	Permissions []Permission
 	Principals  []Principal
 }
 
-func (p *RBACPolicy) matches(id string, port uint16) bool {
+func (p *RBACPolicy) matches(req *RBACRequest) bool {
 	perm := false
 	for i := range p.Permissions {
-		if p.Permissions[i].matches(port) {
+		if p.Permissions[i].matches(req) {
 			perm = true
 			break
 		}
@@ -78,7 +162,7 @@ func (p *RBACPolicy) matches(id string, port uint16) bool {
 		return false
 	}
 	for i := range p.Principals {
-		if p.Principals[i].matches(id) {
+		if p.Principals[i].matches(req.ID) {
 			return true
 		}
 	}
@@ -88,7 +172,7 @@ func (p *RBACPolicy) matches(id string, port uint16) bool {
 // PermissionKind is which rule of the contract's subset a Permission is.
 type PermissionKind uint8
 
-// The permission rules the network filter accepts.
+// The permission rules the network and HTTP filters accept.
 const (
 	// PermissionAny is any: true.
 	PermissionAny PermissionKind = iota + 1
@@ -101,6 +185,11 @@ const (
 	PermissionOr
 	// PermissionNot is not_rule: Rules[0] does not match.
 	PermissionNot
+	// PermissionHeader is header (HTTP filters only): Header matches.
+	PermissionHeader
+	// PermissionURLPath is url_path (HTTP filters only): URLPath matches
+	// the request's path without its query and fragment.
+	PermissionURLPath
 )
 
 // Permission is one RBAC permission of the contract's subset.
@@ -112,39 +201,108 @@ type Permission struct {
 	// Rules are the nested permissions of PermissionAnd, PermissionOr
 	// and PermissionNot (exactly one for the latter).
 	Rules []Permission
+	// Header is PermissionHeader's matcher.
+	Header *HeaderMatch
+	// URLPath is PermissionURLPath's url_path.path.
+	URLPath *StringMatch
 }
 
-func (p *Permission) matches(port uint16) bool {
+func (p *Permission) matches(req *RBACRequest) bool {
 	switch p.Kind {
 	case PermissionAny:
 		return true
 	case PermissionPorts:
-		return uint32(port) >= p.Lo && uint32(port) < p.Hi
+		return uint32(req.Port) >= p.Lo && uint32(req.Port) < p.Hi
 	case PermissionAnd:
 		for i := range p.Rules {
-			if !p.Rules[i].matches(port) {
+			if !p.Rules[i].matches(req) {
 				return false
 			}
 		}
 		return true
 	case PermissionOr:
 		for i := range p.Rules {
-			if p.Rules[i].matches(port) {
+			if p.Rules[i].matches(req) {
 				return true
 			}
 		}
 		return false
 	case PermissionNot:
-		return !p.Rules[0].matches(port)
+		return !p.Rules[0].matches(req)
+	case PermissionHeader:
+		return p.Header.matches(req)
+	case PermissionURLPath:
+		// Envoy's url_path: no :path matches nothing; else the path
+		// without its query and fragment.
+		if req.Path == "" {
+			return false
+		}
+		return p.URLPath.Matches(urlPath(req.Path))
 	}
 	return false
+}
+
+// urlPath is a :path without its query and fragment, as Envoy's
+// PathUtil::removeQueryAndFragment.
+func urlPath(path string) string {
+	if i := strings.IndexAny(path, "?#"); i >= 0 {
+		return path[:i]
+	}
+	return path
+}
+
+// HeaderField is which of a request's fields a HeaderMatch reads.
+type HeaderField uint8
+
+// The fields a header matcher can name: the pseudo-headers, which the
+// request view carries apart, or any other header.
+const (
+	// HeaderOther is the header fields named Name.
+	HeaderOther HeaderField = iota
+	// HeaderMethod is :method.
+	HeaderMethod
+	// HeaderAuthority is :authority, and host, which Envoy's header map
+	// keeps as :authority (HTTP/1.1's Host).
+	HeaderAuthority
+	// HeaderPath is :path, query included.
+	HeaderPath
+)
+
+// HeaderMatch is a HeaderMatcher of the contract's subset: a name with
+// string_match or present_match: true, and invert_match.
+type HeaderMatch struct {
+	// Name is name, lower-cased.
+	Name string
+	// Field is what Name names.
+	Field HeaderField
+	// Present is present_match: true: the header is there, whatever its
+	// value. Otherwise Value is string_match.
+	Present bool
+	Value   StringMatch
+	// Invert is invert_match.
+	Invert bool
+}
+
+// matches is Envoy's HeaderUtility: a header the request does not have
+// matches nothing, inverted or not, except present_match inverted
+// (absent is what it asks); one it has matches when its value (all its
+// values joined with ",") matches, or not when inverted.
+func (h *HeaderMatch) matches(req *RBACRequest) bool {
+	v, ok := req.header(h.Field, h.Name)
+	switch {
+	case !ok:
+		return h.Present && h.Invert
+	case h.Present:
+		return !h.Invert
+	}
+	return h.Value.Matches(v) != h.Invert
 }
 
 // PrincipalKind is which identifier of the contract's subset a Principal
 // is.
 type PrincipalKind uint8
 
-// The principal identifiers the network filter accepts.
+// The principal identifiers the network and HTTP filters accept.
 const (
 	// PrincipalAny is any: true.
 	PrincipalAny PrincipalKind = iota + 1
@@ -199,7 +357,8 @@ func (p *Principal) matches(id string) bool {
 // is.
 type StringMatchKind uint8
 
-// The StringMatcher patterns a principal_name may use.
+// The StringMatcher patterns the RBAC filters accept: a principal_name
+// all but MatchContains, a header's or a path's all.
 const (
 	MatchExact StringMatchKind = iota + 1
 	MatchPrefix
@@ -207,9 +366,12 @@ const (
 	// MatchRegex is safe_regex.regex: RE2 syntax (Go's regexp), matched
 	// against the whole string, as Envoy does.
 	MatchRegex
+	// MatchContains is contains: Value anywhere in the string.
+	MatchContains
 )
 
-// StringMatch is a StringMatcher of exact, prefix, suffix or safe_regex.
+// StringMatch is a StringMatcher of exact, prefix, suffix, contains or
+// safe_regex.
 type StringMatch struct {
 	Kind StringMatchKind
 	// Value is the exact string, prefix, suffix or regex as sent.
@@ -233,6 +395,15 @@ func (m *StringMatch) Matches(s string) bool {
 		return len(s) >= len(m.Value) && m.equal(s[len(s)-len(m.Value):], m.Value)
 	case MatchRegex:
 		return m.re.MatchString(s)
+	case MatchContains:
+		if !m.IgnoreCase {
+			return strings.Contains(s, m.Value)
+		}
+		for i := 0; i+len(m.Value) <= len(s); i++ {
+			if m.equal(s[i:i+len(m.Value)], m.Value) {
+				return true
+			}
+		}
 	}
 	return false
 }

@@ -4,36 +4,92 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"strings"
 
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	httprbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	netrbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 )
 
 const (
-	rbacName = "envoy.filters.network.rbac"
-	rbacType = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
+	rbacName     = "envoy.filters.network.rbac"
+	rbacType     = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
+	httpRBACName = "envoy.filters.http.rbac"
+	httpRBACType = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 )
 
-// The network RBAC subset of docs/sidecar-xds.md: the attributes a
-// network filter can see of a connection that are the caller's SPIFFE ID
-// and the destination port; everything else (HTTP attributes, IPs,
-// metadata, CEL, shadow rules) is refused by name.
+// The RBAC subsets of docs/sidecar-xds.md. A network filter sees of a
+// connection the caller's SPIFFE ID and the destination port; an HTTP
+// filter also each request's method, authority, path and headers.
+// Everything else (IPs, metadata, CEL, shadow rules, per-rule stats) is
+// refused by name.
 var (
-	scRBACFields       = allow[*netrbacv3.RBAC]("stat_prefix", "rules", "enforcement_type")
-	scRBACRulesFields  = allow[*rbacv3.RBAC]("action", "policies")
-	scRBACPolicyFields = allow[*rbacv3.Policy]("permissions", "principals")
-	scPermissionFields = allow[*rbacv3.Permission]("any", "destination_port", "destination_port_range", "and_rules", "or_rules", "not_rule")
-	scPermissionSet    = allow[*rbacv3.Permission_Set]("rules")
-	scPortRangeFields  = allow[*typev3.Int32Range]("start", "end")
-	scPrincipalFields  = allow[*rbacv3.Principal]("any", "authenticated", "and_ids", "or_ids", "not_id")
-	scPrincipalSet     = allow[*rbacv3.Principal_Set]("ids")
-	scAuthenticated    = allow[*rbacv3.Principal_Authenticated]("principal_name")
-	scNameMatcher      = allow[*matcherv3.StringMatcher]("exact", "prefix", "suffix", "safe_regex", "ignore_case")
-	scRegexFields      = allow[*matcherv3.RegexMatcher]("regex")
+	scRBACFields          = allow[*netrbacv3.RBAC]("stat_prefix", "rules", "enforcement_type")
+	scHTTPRBACFields      = allow[*httprbacv3.RBAC]("rules")
+	scRBACRulesFields     = allow[*rbacv3.RBAC]("action", "policies")
+	scRBACPolicyFields    = allow[*rbacv3.Policy]("permissions", "principals")
+	scPermissionFields    = allow[*rbacv3.Permission]("any", "destination_port", "destination_port_range", "and_rules", "or_rules", "not_rule")
+	scHTTPPermissionField = allow[*rbacv3.Permission]("any", "destination_port", "destination_port_range", "and_rules", "or_rules", "not_rule", "header", "url_path")
+	scPermissionSet       = allow[*rbacv3.Permission_Set]("rules")
+	scPortRangeFields     = allow[*typev3.Int32Range]("start", "end")
+	scHeaderMatcherFields = allow[*routev3.HeaderMatcher]("name", "string_match", "present_match", "invert_match")
+	scPathMatcherFields   = allow[*matcherv3.PathMatcher]("path")
+	scPrincipalFields     = allow[*rbacv3.Principal]("any", "authenticated", "and_ids", "or_ids", "not_id")
+	scPrincipalSet        = allow[*rbacv3.Principal_Set]("ids")
+	scAuthenticated       = allow[*rbacv3.Principal_Authenticated]("principal_name")
+	scNameMatcher         = allow[*matcherv3.StringMatcher]("exact", "prefix", "suffix", "safe_regex", "ignore_case")
+	scValueMatcher        = allow[*matcherv3.StringMatcher]("exact", "prefix", "suffix", "contains", "safe_regex", "ignore_case")
+	scRegexFields         = allow[*matcherv3.RegexMatcher]("regex")
 )
+
+// rbacDialect is what one kind of RBAC filter's permissions may say.
+type rbacDialect struct {
+	permissions *fieldSet[*rbacv3.Permission]
+	// rules names the permission rules, for a permission that sets none.
+	rules string
+}
+
+var (
+	networkRBAC = &rbacDialect{permissions: scPermissionFields,
+		rules: "any, destination_port, destination_port_range, and_rules, or_rules or not_rule"}
+	httpRBAC = &rbacDialect{permissions: scHTTPPermissionField,
+		rules: "any, destination_port, destination_port_range, header, url_path, and_rules, or_rules or not_rule"}
+)
+
+// rbacPlacement checks where the RBAC filters named name sit in a list of
+// n filters (field), nameOf giving each one's name: on an inbound chain
+// only, all before the list's one other filter (terminal names it), at
+// most two. It returns how many there are, how many lead the list (those
+// to decode), and the problems.
+func rbacPlacement(field, name, terminal string, n int, nameOf func(int) string, inbound bool) (count, lead int, errs []error) {
+	for i := range n {
+		if nameOf(i) != name {
+			continue
+		}
+		count++
+		switch {
+		case !inbound:
+			errs = append(errs, fieldErr(field+"["+itoa(i)+"].name", name+" is not supported on the outbound listener (inbound chains only)"))
+		case i != count-1:
+			errs = append(errs, fieldErr(field+"["+itoa(i)+"].name", name+" after "+terminal+": RBAC filters come before it"))
+		}
+	}
+	if !inbound || count == 0 {
+		return count, 0, errs
+	}
+	if count > 2 {
+		errs = append(errs, fieldErr(field, "want at most two "+name+" (DENY, then ALLOW), got "+itoa(count)))
+	}
+	for lead < n && nameOf(lead) == name {
+		lead++
+	}
+	return count, lead, errs
+}
 
 // decodeRBACFilters decodes an inbound chain's RBAC filters, those before
 // its terminal filter: at most one DENY, then at most one ALLOW. nil when
@@ -42,37 +98,59 @@ func decodeRBACFilters(filters []*listenerv3.Filter) (*NetworkRBAC, error) {
 	if len(filters) == 0 {
 		return nil, nil
 	}
+	deny, allow, err := decodeRBACOrder("filters", len(filters), func(i int) (*RBACRules, rbacv3.RBAC_Action, error) {
+		return decodeNetworkRBAC(filters[i])
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &NetworkRBAC{Deny: deny, Allow: allow}, nil
+}
+
+// decodeHTTPRBACFilters decodes an inbound HTTP connection manager's RBAC
+// filters, those before its router, as decodeRBACFilters.
+func decodeHTTPRBACFilters(filters []*hcmv3.HttpFilter) (*HTTPRBAC, error) {
+	if len(filters) == 0 {
+		return nil, nil
+	}
+	deny, allow, err := decodeRBACOrder("http_filters", len(filters), func(i int) (*RBACRules, rbacv3.RBAC_Action, error) {
+		return decodeHTTPRBAC(filters[i])
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &HTTPRBAC{Deny: deny, Allow: allow}, nil
+}
+
+// decodeRBACOrder decodes the n RBAC filters of the list field, decode
+// giving filter i's rules and action, in Istio's order: at most one DENY,
+// then at most one ALLOW.
+func decodeRBACOrder(field string, n int, decode func(i int) (*RBACRules, rbacv3.RBAC_Action, error)) (deny, allow *RBACRules, err error) {
 	var errs []error
-	r := new(NetworkRBAC)
-	for i, f := range filters {
-		rules, action, err := decodeNetworkRBAC(f)
+	for i := range n {
+		rules, action, err := decode(i)
 		if err != nil {
-			errs = append(errs, withinIndex("filters", i, err))
+			errs = append(errs, withinIndex(field, i, err))
 			continue
 		}
 		switch {
-		case action == rbacv3.RBAC_DENY && r.Deny == nil && r.Allow == nil:
-			r.Deny = rules
-		case action == rbacv3.RBAC_ALLOW && r.Allow == nil:
-			r.Allow = rules
+		case action == rbacv3.RBAC_DENY && deny == nil && allow == nil:
+			deny = rules
+		case action == rbacv3.RBAC_ALLOW && allow == nil:
+			allow = rules
 		default:
-			errs = append(errs, fieldErr("filters["+itoa(i)+"].typed_config.rules.action",
-				action.String()+" after "+prevAction(r)+" filter: want at most one DENY filter, then at most one ALLOW filter (Istio's order)"))
+			prev := "a DENY"
+			if allow != nil {
+				prev = "an ALLOW"
+			}
+			errs = append(errs, fieldErr(field+"["+itoa(i)+"].typed_config.rules.action",
+				action.String()+" after "+prev+" filter: want at most one DENY filter, then at most one ALLOW filter (Istio's order)"))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return r, nil
-}
-
-// prevAction names the RBAC filter already decoded, for decodeRBACFilters'
-// ordering error.
-func prevAction(r *NetworkRBAC) string {
-	if r.Allow != nil {
-		return "an ALLOW"
-	}
-	return "a DENY"
+	return deny, allow, nil
 }
 
 // decodeNetworkRBAC decodes one envoy.filters.network.rbac filter.
@@ -95,21 +173,48 @@ func decodeNetworkRBAC(f *listenerv3.Filter) (*RBACRules, rbacv3.RBAC_Action, er
 	if e := m.GetEnforcementType(); e != netrbacv3.RBAC_ONE_TIME_ON_FIRST_BYTE {
 		errs = append(errs, fieldErr("typed_config.enforcement_type", e.String()+" is not supported (ONE_TIME_ON_FIRST_BYTE: the sidecar decides once per connection)"))
 	}
-	rules := m.GetRules()
-	if rules == nil {
-		errs = append(errs, fieldErr("typed_config.rules", "is missing"))
-	} else {
-		var err error
-		r.Policies, err = decodeRBACRules(rules)
-		errs = append(errs, within("typed_config.rules", err))
-	}
+	var err error
+	r.Policies, err = decodeFilterRules(m.GetRules(), networkRBAC)
+	errs = append(errs, err)
 	if err := errors.Join(errs...); err != nil {
 		return nil, 0, err
 	}
-	return r, rules.GetAction(), within("typed_config", pgv(m))
+	return r, m.GetRules().GetAction(), within("typed_config", pgv(m))
 }
 
-func decodeRBACRules(m *rbacv3.RBAC) ([]RBACPolicy, error) {
+// decodeHTTPRBAC decodes one envoy.filters.http.rbac filter: rules, and
+// nothing else.
+func decodeHTTPRBAC(hf *hcmv3.HttpFilter) (*RBACRules, rbacv3.RBAC_Action, error) {
+	if err := scHTTPFilterFields.check(hf); err != nil {
+		return nil, 0, err
+	}
+	if hf.GetTypedConfig() == nil {
+		return nil, 0, fieldErr("typed_config", "is missing")
+	}
+	m := new(httprbacv3.RBAC)
+	if err := unpackTyped(hf.GetTypedConfig(), httpRBACType, m); err != nil {
+		return nil, 0, err
+	}
+	r := new(RBACRules)
+	var err error
+	r.Policies, err = decodeFilterRules(m.GetRules(), httpRBAC)
+	if err := errors.Join(within("typed_config", scHTTPRBACFields.check(m)), err); err != nil {
+		return nil, 0, err
+	}
+	return r, m.GetRules().GetAction(), within("typed_config", pgv(m))
+}
+
+// decodeFilterRules decodes a filter's rules (required) in dialect d;
+// problems are under typed_config.rules.
+func decodeFilterRules(rules *rbacv3.RBAC, d *rbacDialect) ([]RBACPolicy, error) {
+	if rules == nil {
+		return nil, fieldErr("typed_config.rules", "is missing")
+	}
+	policies, err := decodeRBACRules(rules, d)
+	return policies, within("typed_config.rules", err)
+}
+
+func decodeRBACRules(m *rbacv3.RBAC, d *rbacDialect) ([]RBACPolicy, error) {
 	errs := []error{scRBACRulesFields.check(m)}
 	switch a := m.GetAction(); a {
 	case rbacv3.RBAC_ALLOW, rbacv3.RBAC_DENY:
@@ -118,7 +223,7 @@ func decodeRBACRules(m *rbacv3.RBAC) ([]RBACPolicy, error) {
 	}
 	var policies []RBACPolicy
 	for _, name := range sortedNames(m.GetPolicies()) {
-		p, err := decodeRBACPolicy(m.GetPolicies()[name])
+		p, err := decodeRBACPolicy(m.GetPolicies()[name], d)
 		if err != nil {
 			errs = append(errs, within("policies["+quote(name)+"]", err))
 			continue
@@ -129,7 +234,7 @@ func decodeRBACRules(m *rbacv3.RBAC) ([]RBACPolicy, error) {
 	return policies, errors.Join(errs...)
 }
 
-func decodeRBACPolicy(m *rbacv3.Policy) (RBACPolicy, error) {
+func decodeRBACPolicy(m *rbacv3.Policy, d *rbacDialect) (RBACPolicy, error) {
 	var p RBACPolicy
 	errs := []error{scRBACPolicyFields.check(m)}
 	if len(m.GetPermissions()) == 0 {
@@ -139,7 +244,7 @@ func decodeRBACPolicy(m *rbacv3.Policy) (RBACPolicy, error) {
 		errs = append(errs, fieldErr("principals", "is empty"))
 	}
 	for i, pm := range m.GetPermissions() {
-		perm, err := decodePermission(pm, 1)
+		perm, err := decodePermission(pm, 1, d)
 		errs = append(errs, withinIndex("permissions", i, err))
 		p.Permissions = append(p.Permissions, perm)
 	}
@@ -153,11 +258,13 @@ func decodeRBACPolicy(m *rbacv3.Policy) (RBACPolicy, error) {
 
 var errTooDeep = fieldErr("", fmt.Sprintf("nested deeper than %d levels", maxRBACDepth))
 
-func decodePermission(m *rbacv3.Permission, depth int) (Permission, error) {
+func decodePermission(m *rbacv3.Permission, depth int, d *rbacDialect) (Permission, error) {
 	if depth > maxRBACDepth {
 		return Permission{}, errTooDeep
 	}
-	if err := scPermissionFields.check(m); err != nil {
+	// The dialect's allow-list refuses header and url_path on a network
+	// filter: only an HTTP filter's permissions reach their cases.
+	if err := d.permissions.check(m); err != nil {
 		return Permission{}, err
 	}
 	switch r := m.GetRule().(type) {
@@ -181,20 +288,78 @@ func decodePermission(m *rbacv3.Permission, depth int) (Permission, error) {
 		}
 		return Permission{Kind: PermissionPorts, Lo: uint32(rg.GetStart()), Hi: uint32(rg.GetEnd())}, nil
 	case *rbacv3.Permission_AndRules:
-		rules, err := decodePermissionSet(r.AndRules, depth)
+		rules, err := decodePermissionSet(r.AndRules, depth, d)
 		return Permission{Kind: PermissionAnd, Rules: rules}, within("and_rules", err)
 	case *rbacv3.Permission_OrRules:
-		rules, err := decodePermissionSet(r.OrRules, depth)
+		rules, err := decodePermissionSet(r.OrRules, depth, d)
 		return Permission{Kind: PermissionOr, Rules: rules}, within("or_rules", err)
 	case *rbacv3.Permission_NotRule:
-		p, err := decodePermission(r.NotRule, depth+1)
+		p, err := decodePermission(r.NotRule, depth+1, d)
 		return Permission{Kind: PermissionNot, Rules: []Permission{p}}, within("not_rule", err)
+	case *rbacv3.Permission_Header:
+		h, err := decodeHeaderMatcher(r.Header)
+		return Permission{Kind: PermissionHeader, Header: h}, within("header", err)
+	case *rbacv3.Permission_UrlPath:
+		sm, err := decodePathMatcher(r.UrlPath)
+		return Permission{Kind: PermissionURLPath, URLPath: sm}, within("url_path", err)
 	}
-	return Permission{}, fieldErr("", "sets no rule (want any, destination_port, destination_port_range, and_rules, or_rules or not_rule)")
+	return Permission{}, fieldErr("", "sets no rule (want "+d.rules+")")
 }
 
-func decodePermissionSet(m *rbacv3.Permission_Set, depth int) ([]Permission, error) {
-	return decodeSet(scPermissionSet.check(m), "rules", m.GetRules(), depth, decodePermission)
+func decodePermissionSet(m *rbacv3.Permission_Set, depth int, d *rbacDialect) ([]Permission, error) {
+	return decodeSet(scPermissionSet.check(m), "rules", m.GetRules(), depth, func(m *rbacv3.Permission, depth int) (Permission, error) {
+		return decodePermission(m, depth, d)
+	})
+}
+
+// decodeHeaderMatcher decodes a header permission: a name, lower-cased
+// as Envoy's header map keeps names (host is :authority there; of the
+// other pseudo-headers only :method and :path are read), with
+// string_match or present_match: true, and invert_match.
+func decodeHeaderMatcher(m *routev3.HeaderMatcher) (*HeaderMatch, error) {
+	if err := scHeaderMatcherFields.check(m); err != nil {
+		return nil, err
+	}
+	h := &HeaderMatch{Name: strings.ToLower(m.GetName()), Invert: m.GetInvertMatch()}
+	var errs []error
+	switch {
+	case h.Name == "":
+		errs = append(errs, fieldErr("name", "is empty"))
+	case h.Name == ":method":
+		h.Field = HeaderMethod
+	case h.Name == ":authority", h.Name == "host":
+		h.Field = HeaderAuthority
+	case h.Name == ":path":
+		h.Field = HeaderPath
+	case h.Name[0] == ':':
+		errs = append(errs, fieldErr("name", fmt.Sprintf("pseudo-header %q is not supported (:method, :authority or :path)", m.GetName())))
+	}
+	switch s := m.GetHeaderMatchSpecifier().(type) {
+	case *routev3.HeaderMatcher_StringMatch:
+		var err error
+		h.Value, err = decodeStringMatcher(s.StringMatch, scValueMatcher, valuePatterns)
+		errs = append(errs, within("string_match", err))
+	case *routev3.HeaderMatcher_PresentMatch:
+		if !s.PresentMatch {
+			errs = append(errs, fieldErr("present_match", "false is not supported (true; with invert_match for an absent header)"))
+		}
+		h.Present = true
+	default:
+		errs = append(errs, fieldErr("", "sets no match (want string_match or present_match)"))
+	}
+	return h, errors.Join(errs...)
+}
+
+// decodePathMatcher decodes a url_path: its path, a StringMatcher.
+func decodePathMatcher(m *matcherv3.PathMatcher) (*StringMatch, error) {
+	if err := scPathMatcherFields.check(m); err != nil {
+		return nil, err
+	}
+	if m.GetPath() == nil {
+		return nil, fieldErr("path", "is missing")
+	}
+	sm, err := decodeStringMatcher(m.GetPath(), scValueMatcher, valuePatterns)
+	return &sm, within("path", err)
 }
 
 // decodeSet decodes the members of an and/or set (the field named
@@ -235,7 +400,7 @@ func decodePrincipal(m *rbacv3.Principal, depth int) (Principal, error) {
 		if a.GetPrincipalName() == nil {
 			return Principal{}, fieldErr("authenticated.principal_name", "is missing")
 		}
-		sm, err := decodeNameMatcher(a.GetPrincipalName())
+		sm, err := decodeStringMatcher(a.GetPrincipalName(), scNameMatcher, namePatterns)
 		return Principal{Kind: PrincipalName, Name: sm}, within("authenticated.principal_name", err)
 	case *rbacv3.Principal_AndIds:
 		ids, err := decodePrincipalSet(id.AndIds, depth)
@@ -254,12 +419,18 @@ func decodePrincipalSet(m *rbacv3.Principal_Set, depth int) ([]Principal, error)
 	return decodeSet(scPrincipalSet.check(m), "ids", m.GetIds(), depth, decodePrincipal)
 }
 
-// decodeNameMatcher decodes a principal_name: exact, prefix, suffix
-// (each with ignore_case or not) or safe_regex, compiled here and
-// anchored at both ends, as Envoy matches a regex against the whole
-// string.
-func decodeNameMatcher(m *matcherv3.StringMatcher) (StringMatch, error) {
-	if err := scNameMatcher.check(m); err != nil {
+// The patterns a principal_name may use, and a header's or a path's.
+const (
+	namePatterns  = "exact, prefix, suffix or safe_regex"
+	valuePatterns = "exact, prefix, suffix, contains or safe_regex"
+)
+
+// decodeStringMatcher decodes a StringMatcher of the fields allows
+// (patterns names them): exact, prefix, suffix, contains (each with
+// ignore_case or not) or safe_regex, compiled here and anchored at both
+// ends, as Envoy matches a regex against the whole string.
+func decodeStringMatcher(m *matcherv3.StringMatcher, fields *fieldSet[*matcherv3.StringMatcher], patterns string) (StringMatch, error) {
+	if err := fields.check(m); err != nil {
 		return StringMatch{}, err
 	}
 	sm := StringMatch{IgnoreCase: m.GetIgnoreCase()}
@@ -270,6 +441,8 @@ func decodeNameMatcher(m *matcherv3.StringMatcher) (StringMatch, error) {
 		sm.Kind, sm.Value = MatchPrefix, p.Prefix
 	case *matcherv3.StringMatcher_Suffix:
 		sm.Kind, sm.Value = MatchSuffix, p.Suffix
+	case *matcherv3.StringMatcher_Contains:
+		sm.Kind, sm.Value = MatchContains, p.Contains
 	case *matcherv3.StringMatcher_SafeRegex:
 		if err := scRegexFields.check(p.SafeRegex); err != nil {
 			return StringMatch{}, within("safe_regex", err)
@@ -287,7 +460,7 @@ func decodeNameMatcher(m *matcherv3.StringMatcher) (StringMatch, error) {
 			return StringMatch{}, fieldErr("safe_regex.regex", fmt.Sprintf("%q does not compile: %v", sm.Value, err))
 		}
 	default:
-		return StringMatch{}, fieldErr("", "sets no pattern (want exact, prefix, suffix or safe_regex)")
+		return StringMatch{}, fieldErr("", "sets no pattern (want "+patterns+")")
 	}
 	return sm, nil
 }

@@ -209,7 +209,8 @@ func (f ForwardClientCert) String() string {
 
 // HTTPConnectionManager is an envoy.filters.network.http_connection_manager
 // with codec_type AUTO (HTTP/1.1, or HTTP/2 with prior knowledge, told
-// apart by the connection preface) and http_filters [router]. The decoder
+// apart by the connection preface) and http_filters [router], preceded on
+// an inbound chain by at most two envoy.filters.http.rbac. The decoder
 // guarantees exactly one of RouteConfigName and Routes is set.
 type HTTPConnectionManager struct {
 	// StatPrefix is stat_prefix: "outbound_<P>", "inbound".
@@ -224,6 +225,10 @@ type HTTPConnectionManager struct {
 	// SetClientCertURI is set_current_client_cert_details.uri: with
 	// SanitizeSet, the XFCC header also carries URI=<client's URI SAN>.
 	SetClientCertURI bool
+	// RBAC is the envoy.filters.http.rbac filters before the router, on
+	// an inbound chain only, decided per request; nil when there are
+	// none.
+	RBAC *HTTPRBAC
 }
 
 // InboundListener is the listener named "inbound": listener_filters

@@ -245,30 +245,11 @@ func decodeHostPrefix(r *corev3.CidrRange) (netip.Addr, error) {
 // inbound: inline routes and XFCC) or a tcp_proxy. The outbound listener
 // has the terminal filter alone.
 func decodeChainFilters(filters []*listenerv3.Filter, inbound bool) (*HTTPConnectionManager, *TCPProxy, *NetworkRBAC, error) {
-	var errs []error
-	nRBAC := 0
-	for i, f := range filters {
-		if f.GetName() != rbacName {
-			continue
-		}
-		nRBAC++
-		switch {
-		case !inbound:
-			errs = append(errs, fieldErr("filters["+itoa(i)+"].name", rbacName+" is not supported on the outbound listener (inbound chains only)"))
-		case i != nRBAC-1:
-			errs = append(errs, fieldErr("filters["+itoa(i)+"].name", rbacName+" after the terminal filter: RBAC filters come before it"))
-		}
-	}
+	nRBAC, lead, errs := rbacPlacement("filters", rbacName, "the terminal filter", len(filters),
+		func(i int) string { return filters[i].GetName() }, inbound)
 	var rbac *NetworkRBAC
-	if inbound && nRBAC > 0 {
-		if nRBAC > 2 {
-			errs = append(errs, fieldErr("filters", "want at most two "+rbacName+" (DENY, then ALLOW), got "+itoa(nRBAC)))
-		}
+	if lead > 0 {
 		var err error
-		lead := 0
-		for lead < len(filters) && filters[lead].GetName() == rbacName {
-			lead++
-		}
 		rbac, err = decodeRBACFilters(filters[:lead])
 		errs = append(errs, err)
 	}
@@ -329,11 +310,24 @@ func decodeHCM(f *listenerv3.Filter, inbound bool) (*HTTPConnectionManager, erro
 	if out.StatPrefix == "" {
 		errs = append(errs, fieldErr("stat_prefix", "is empty"))
 	}
-	if n := len(h.GetHttpFilters()); n != 1 {
+	// Inbound, at most two envoy.filters.http.rbac (DENY, then ALLOW)
+	// before the router.
+	hfs := h.GetHttpFilters()
+	nRBAC, lead, perrs := rbacPlacement("http_filters", httpRBACName, "the router", len(hfs),
+		func(i int) string { return hfs[i].GetName() }, inbound)
+	errs = append(errs, perrs...)
+	if lead > 0 {
+		var err error
+		out.RBAC, err = decodeHTTPRBACFilters(hfs[:lead])
+		errs = append(errs, err)
+	}
+	if n := len(hfs) - nRBAC; n != 1 {
 		errs = append(errs, fieldErr("http_filters", "want exactly one "+routerName+", got "+itoa(n)+" filters"))
 	}
-	for i, hf := range h.GetHttpFilters() {
-		errs = append(errs, withinIndex("http_filters", i, decodeRouter(hf)))
+	for i, hf := range hfs {
+		if hf.GetName() != httpRBACName {
+			errs = append(errs, withinIndex("http_filters", i, decodeRouter(hf, inbound)))
+		}
 	}
 	if !inbound {
 		// An in-cluster service's chain routes inline: its address
@@ -383,12 +377,16 @@ func decodeHCM(f *listenerv3.Filter, inbound bool) (*HTTPConnectionManager, erro
 	return out, within("typed_config", pgv(h))
 }
 
-func decodeRouter(hf *hcmv3.HttpFilter) error {
+func decodeRouter(hf *hcmv3.HttpFilter, inbound bool) error {
 	if err := scHTTPFilterFields.check(hf); err != nil {
 		return err
 	}
 	if hf.GetName() != routerName {
-		return fieldErr("name", fmt.Sprintf("unsupported HTTP filter %q (only %s)", hf.GetName(), routerName))
+		want := routerName
+		if inbound {
+			want += ", after at most two " + httpRBACName
+		}
+		return fieldErr("name", fmt.Sprintf("unsupported HTTP filter %q (only %s)", hf.GetName(), want))
 	}
 	if hf.GetTypedConfig() == nil {
 		return nil

@@ -7,6 +7,7 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/protobuf/proto"
@@ -77,6 +78,34 @@ func sidecarFuzzSeeds(tb testing.TB) [][]byte {
 			}
 			withRBAC(m, 0, rbacFilter(tb, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"p": rbacPolicy(perms(deep), prinAny())}))
 		},
+		// HTTP RBAC before the inbound router, Istio's DENY then ALLOW
+		// with the request's attributes, and near misses: after the
+		// router, on the outbound listener, a pseudo-header it does not
+		// read, a regex that does not compile.
+		func(m *scMutable) {
+			withHTTPRBAC(tb, m, 0,
+				httpRBACFilter(tb, rbacv3.RBAC_DENY, map[string]*rbacv3.Policy{"deny": rbacPolicy(perms(permAnd(
+					permHeader(":method", smExact("DELETE")), permPath(smPrefix("/admin/")), permNotHeader("x-a", ic(smContains("b"))))), prinAny())}),
+				httpRBACFilter(tb, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"allow": rbacPolicy(perms(permOr(
+					permHeader("host", smSuffix(".local")), permPresent("x-tenant", true), permPath(smRegex(`/v[0-9]+/.*`)))), prinExact(idCaller))}))
+			withRBAC(m, 1, rbacFilter(tb, rbacv3.RBAC_ALLOW, nil))
+		},
+		func(m *scMutable) {
+			editFilter(tb, m.in.FilterChains[0].Filters[0], func(h *hcmv3.HttpConnectionManager) {
+				h.HttpFilters = append(h.HttpFilters, httpRBACFilter(tb, rbacv3.RBAC_ALLOW, nil))
+			})
+		},
+		func(m *scMutable) {
+			editFilter(tb, m.out.FilterChains[0].Filters[0], func(h *hcmv3.HttpConnectionManager) {
+				h.HttpFilters = append([]*hcmv3.HttpFilter{httpRBACFilter(tb, rbacv3.RBAC_DENY, nil)}, h.HttpFilters...)
+			})
+		},
+		func(m *scMutable) {
+			withHTTPRBAC(tb, m, 0, httpRBACFilter(tb, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"p": rbacPolicy(perms(permHeader(":scheme", smExact("https"))), prinAny())}))
+		},
+		func(m *scMutable) {
+			withHTTPRBAC(tb, m, 0, httpRBACFilter(tb, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"p": rbacPolicy(perms(permPath(smRegex(`(`))), prinAny())}))
+		},
 		// Two upstream HTTP versions on the wire, of which proto keeps
 		// the last.
 		func(m *scMutable) {
@@ -115,6 +144,7 @@ func checkSidecarDecode(t *testing.T, data []byte, base *state) {
 		return
 	}
 	requireSidecarConsistent(t, cfg)
+	decideRBAC(cfg)
 	for name, c := range cfg.Clusters {
 		if c.Type != EDS {
 			continue
@@ -131,4 +161,26 @@ func checkSidecarDecode(t *testing.T, data []byte, base *state) {
 	cfgRest, againRest := *cfg, *again
 	cfgRest.Bundles, againRest.Bundles = nil, nil
 	require.Equal(t, cfgRest, againRest, "decoding is deterministic")
+}
+
+// fuzzRequests are requests an accepted configuration's RBAC filters
+// must decide without a panic: with and without the attributes an HTTP
+// rule reads.
+var fuzzRequests = []*RBACRequest{
+	{},
+	{ID: idCaller, Port: 8080, Method: "GET", Authority: "echo.demo:8080", Path: "/admin/x?y#z",
+		Headers: headerList{{"x-a", "b"}, {"x-tenant", "t"}, {"x-a", "c"}}},
+	{ID: idBeta, Port: 65535, Method: "CONNECT", Authority: "db:5432"},
+}
+
+// decideRBAC evaluates every RBAC filter of cfg's inbound chains.
+func decideRBAC(cfg *Config) {
+	for _, ch := range cfg.Sidecar.Inbound.Chains {
+		for _, req := range fuzzRequests {
+			ch.RBAC.Allows(req.ID, req.Port)
+			if ch.HTTP != nil {
+				ch.HTTP.RBAC.Allows(req)
+			}
+		}
+	}
 }

@@ -1,0 +1,161 @@
+package sidecar
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"strings"
+
+	"golang.org/x/net/http2/hpack"
+
+	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
+)
+
+// An inbound HTTP connection manager's envoy.filters.http.rbac, decided
+// per request on every HTTP path (the HTTP/1.1 codec, the HTTP/2 one,
+// net/http's server), once the request head is read and before anything
+// of it goes upstream: against the connection's caller (its verified
+// SPIFFE ID) and original destination port, and the request's method,
+// authority, path and headers, each path giving its own view of them.
+// A denied request is answered as Envoy answers it and never reaches the
+// app; the connection stays for the next request.
+
+// rbacDenied is the body of Envoy's answer to a request its HTTP RBAC
+// filter denies, with 403 and content-type text/plain.
+const rbacDenied = "RBAC: access denied"
+
+// rbacRefused counts a request the HTTP RBAC filters of ci's connection
+// manager denied, and logs it at Debug: the caller, method and path
+// (without the query, which may carry credentials), never a header.
+func (p *Proxy) rbacRefused(ci *connInfo, method, path string) {
+	p.metrics.refuse(ci.listener, ReasonRBAC)
+	if p.log.Enabled(context.Background(), slog.LevelDebug) {
+		// Copies: the HTTP/1.1 path's strings are its read buffer's.
+		p.log.Debug("refused", "listener", ci.listener, "reason", ReasonRBAC, "caller", ci.caller,
+			"port", ci.dst.Port(), "method", strings.Clone(method), "path", strings.Clone(urlPath(path)))
+	}
+}
+
+// urlPath is a request target without its query and fragment.
+func urlPath(path string) string {
+	if i := strings.IndexAny(path, "?#"); i >= 0 {
+		return path[:i]
+	}
+	return path
+}
+
+// valueSep is what the values of a repeated header are joined with for
+// the RBAC matchers: "," as Envoy's header map joins them, "; " for
+// cookie, as it joins cookie crumbs (RFC 9113 §8.2.3).
+func valueSep(name string) string {
+	if name == "cookie" {
+		return "; "
+	}
+	return ","
+}
+
+// h1Fields are an HTTP/1.1 request head's header fields as RBAC reads
+// them: a lone value as it is in the head, the values of a repeated
+// field joined (empty ones included, as Envoy joins them) in join. The
+// connection's own, reused.
+type h1Fields struct {
+	head []byte
+	h    *h1Head
+	join []byte
+}
+
+var _ xdsclient.RBACHeaders = (*h1Fields)(nil)
+
+func (v *h1Fields) Lookup(name string) (string, bool) {
+	var one string
+	n := 0
+	for i := range v.h.fields {
+		f := &v.h.fields[i]
+		if !strings.EqualFold(str(f.name.of(v.head)), name) {
+			continue
+		}
+		val := str(f.value.of(v.head))
+		switch n++; n {
+		case 1:
+			one = val
+		case 2:
+			v.join = append(append(append(v.join[:0], one...), valueSep(name)...), val...)
+		default:
+			v.join = append(append(v.join, valueSep(name)...), val...)
+		}
+	}
+	if n > 1 {
+		return str(v.join), true
+	}
+	return one, n == 1
+}
+
+// h2Fields are an HTTP/2 request's header block as RBAC reads it, as
+// h1Fields. The downstream connection's reader's own, reused.
+type h2Fields struct {
+	fields []hpack.HeaderField
+	join   []byte
+}
+
+var _ xdsclient.RBACHeaders = (*h2Fields)(nil)
+
+func (v *h2Fields) Lookup(name string) (string, bool) {
+	var one string
+	n := 0
+	for i := range v.fields {
+		f := &v.fields[i]
+		// HTTP/2 field names are lower case (the framer refuses others).
+		if f.Name != name {
+			continue
+		}
+		switch n++; n {
+		case 1:
+			one = f.Value
+		case 2:
+			v.join = append(append(append(v.join[:0], one...), valueSep(name)...), f.Value...)
+		default:
+			v.join = append(append(v.join, valueSep(name)...), f.Value...)
+		}
+	}
+	if n > 1 {
+		return str(v.join), true
+	}
+	return one, n == 1
+}
+
+// netHTTPFields are a net/http request's header as RBAC reads it.
+type netHTTPFields http.Header
+
+var _ xdsclient.RBACHeaders = netHTTPFields(nil)
+
+func (h netHTTPFields) Lookup(name string) (string, bool) {
+	for k, vs := range h {
+		if strings.EqualFold(k, name) && len(vs) > 0 {
+			return strings.Join(vs, valueSep(name)), true
+		}
+	}
+	return "", false
+}
+
+// rbacAllowsNetHTTP decides r on the net/http path: its request target
+// as :path (the path and query of an absolute-form one).
+func rbacAllowsNetHTTP(rb *xdsclient.HTTPRBAC, ci *connInfo, r *http.Request) bool {
+	return rb.Allows(&xdsclient.RBACRequest{ID: ci.caller, Port: ci.dst.Port(), Method: r.Method, Authority: r.Host,
+		Path: requestPath(r), Headers: netHTTPFields(r.Header)})
+}
+
+// requestPath is r's :path: the request target as received when it is
+// origin-form (or *), else its URL's path and query; empty for CONNECT.
+func requestPath(r *http.Request) string {
+	if strings.HasPrefix(r.RequestURI, "/") || r.RequestURI == "*" {
+		return r.RequestURI
+	}
+	if r.Method == http.MethodConnect {
+		return ""
+	}
+	p := r.URL.EscapedPath()
+	if r.URL.RawQuery != "" {
+		p += "?" + r.URL.RawQuery
+	}
+	return p
+}
