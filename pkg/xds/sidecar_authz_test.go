@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"cmp"
 	"testing"
 
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -79,13 +80,40 @@ func sidecarOf(t testing.TB, res Resources, pod, ip string) *xdsclient.Config {
 	return cfg
 }
 
-// allows says whether the sidecar lets a connection from caller to port
-// through, over the chain the caller's ALPN picks.
+// request is what an HTTP request shows the HTTP RBAC: GET / to web
+// unless said otherwise.
+type request struct {
+	method, host, path string
+	headers            map[string]string
+}
+
+type headerMap map[string]string
+
+func (h headerMap) Lookup(name string) (string, bool) {
+	v, ok := h[name]
+	return v, ok
+}
+
+// allows says whether the sidecar lets a caller through to port, over
+// the chain the caller's ALPN picks: the connection on a TCP chain, the
+// request (GET / by default) on an HTTP one, which then has no network
+// RBAC (a connection is never refused before its requests are seen).
 func allows(t testing.TB, cfg *xdsclient.Config, caller string, port uint16, alpn ...string) bool {
+	t.Helper()
+	return allowsRequest(t, cfg, caller, port, request{}, alpn...)
+}
+
+func allowsRequest(t testing.TB, cfg *xdsclient.Config, caller string, port uint16, r request, alpn ...string) bool {
 	t.Helper()
 	ch := cfg.Sidecar.Inbound.Match(port, alpn)
 	require.NotNil(t, ch, "a chain for port %d %v", port, alpn)
-	return ch.RBAC.Allows(caller, port)
+	if ch.HTTP == nil {
+		return ch.RBAC.Allows(caller, port)
+	}
+	require.Nil(t, ch.RBAC, "an HTTP chain has no network RBAC")
+	req := &xdsclient.RBACRequest{ID: caller, Port: port, Method: cmp.Or(r.method, "GET"), Authority: cmp.Or(r.host, "web"),
+		Path: cmp.Or(r.path, "/"), Headers: headerMap(r.headers)}
+	return ch.HTTP.RBAC.Allows(req)
 }
 
 // AuthorizationPolicies reach the sidecars of the pods they select as
@@ -108,8 +136,8 @@ func TestSidecarEnforcesAuthorizationPolicies(t *testing.T) {
 				To:   []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{"8080"}}}},
 			},
 			{From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Namespaces: []string{"ops"}}}}},
-			// Needs a method: never matches a connection.
-			{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Methods: []string{"GET"}}}}},
+			// Anyone may DELETE, over HTTP: never matches a connection.
+			{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Methods: []string{"DELETE"}}}}},
 		},
 	}))
 	store.SetPolicy(policy("demo", "web-deny", &securityv1beta1.AuthorizationPolicy{
@@ -139,8 +167,8 @@ func TestSidecarEnforcesAuthorizationPolicies(t *testing.T) {
 	opts := SidecarOptions{Region: "r1", TrustDomain: "a.mesh"}
 	res, skipped, err := TranslateSidecar(in, opts)
 	require.NoError(t, err)
-	require.Contains(t, skipped, Skipped{Service: "AuthorizationPolicy demo/web-allow", Reason: "rule 2 never matches: the sidecar decides per connection and cannot match to.operation.methods"})
-	require.Contains(t, skipped, Skipped{Service: "AuthorizationPolicy istio-system/no-db-writes", Reason: "rule 0 matches without to.operation.methods, which the sidecar cannot match per connection"})
+	require.Contains(t, skipped, Skipped{Service: "AuthorizationPolicy demo/web-allow", Reason: "on TCP ports, rule 2 never matches: to.operation.methods (not in a connection)"})
+	require.Contains(t, skipped, Skipped{Service: "AuthorizationPolicy istio-system/no-db-writes", Reason: "on TCP ports, rule 0 is applied without to.operation.methods (not in a connection)"})
 
 	const (
 		client   = "spiffe://b.mesh/ns/demo/sa/client"
@@ -149,14 +177,24 @@ func TestSidecarEnforcesAuthorizationPolicies(t *testing.T) {
 		intruder = "spiffe://a.mesh/ns/ops/sa/intruder"
 	)
 	web := sidecarOf(t, res, "web-0", "10.0.1.2")
+	del := request{method: "DELETE"}
 	for _, alpn := range [][]string{nil, {"istio"}, {"istio-http/1.1"}, {"h2"}} {
+		// 8080 is declared HTTP: decided per request whatever the ALPN.
 		require.True(t, allows(t, web, client, 8080, alpn...), "client to 8080 %v", alpn)
-		require.False(t, allows(t, web, client, 9000, alpn...), "client to 9000 %v: only 8080 is allowed", alpn)
 		require.False(t, allows(t, web, other, 8080, alpn...), "another account of b %v", alpn)
+		require.True(t, allowsRequest(t, web, other, 8080, del, alpn...), "anyone may DELETE %v", alpn)
+		require.False(t, allowsRequest(t, web, intruder, 8080, del, alpn...), "but the DENY policy comes first %v", alpn)
+		// 9000 is declared TCP: per connection.
+		require.False(t, allows(t, web, client, 9000, alpn...), "client to 9000 %v: only 8080 is allowed", alpn)
 		require.True(t, allows(t, web, ops, 9000, alpn...), "namespace ops, any port %v", alpn)
+		require.False(t, allows(t, web, other, 9000, alpn...), "the DELETE rule never matches a connection %v", alpn)
 		require.True(t, allows(t, web, ops, 7777, alpn...), "namespace ops, an undeclared port %v", alpn)
 		require.False(t, allows(t, web, intruder, 8080, alpn...), "cluster.local names the local trust domain: denied %v", alpn)
+		require.False(t, allows(t, web, intruder, 9000, alpn...), "denied %v", alpn)
 	}
+	// An undeclared port: the ALPN picks the level.
+	require.True(t, allowsRequest(t, web, other, 7777, del, "istio-http/1.1"), "DELETE over HTTP on an undeclared port")
+	require.False(t, allows(t, web, other, 7777, "istio"), "a connection on an undeclared port")
 
 	db := sidecarOf(t, res, "db-0", "10.0.1.3")
 	require.False(t, allows(t, db, client, 5432), "the DENY rule without its method denies 5432")
@@ -223,6 +261,8 @@ func TestSidecarAllowWithoutConnectionRulesDeniesAll(t *testing.T) {
 
 	web := sidecarOf(t, res, "web-0", "10.0.1.2")
 	require.False(t, allows(t, web, "spiffe://a.mesh/ns/demo/sa/x", 8080, "istio-http/1.1"))
+	require.True(t, allowsRequest(t, web, "spiffe://a.mesh/ns/demo/sa/x", 8080, request{path: "/healthz"}, "istio-http/1.1"), "the path the policy allows")
+	require.False(t, allows(t, web, "spiffe://a.mesh/ns/demo/sa/x", 8080, "istio"), "a TCP connection: the paths rule never matches")
 	lone := sidecarOf(t, res, "lone-0", "10.0.1.9")
 	require.False(t, allows(t, lone, "spiffe://a.mesh/ns/demo/sa/x", 8080, "istio-http/1.1"))
 	require.False(t, allows(t, lone, "spiffe://a.mesh/ns/demo/sa/x", 9, "istio"))
@@ -258,69 +298,69 @@ func TestAuthorizationPolicyFieldsForAConnection(t *testing.T) {
 		name  string
 		spec  *securityv1beta1.AuthorizationPolicy
 		calls []call
-		note  string
+		notes []string
 	}{
 		{"principals exact", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"b.mesh/ns/demo/sa/client"}})},
-			[]call{{client, 8080, true}, {local, 8080, false}}, ""},
+			[]call{{client, 8080, true}, {local, 8080, false}}, nil},
 		{"principals prefix", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"b.mesh/ns/*"}})},
-			[]call{{client, 8080, true}, {local, 8080, false}}, ""},
+			[]call{{client, 8080, true}, {local, 8080, false}}, nil},
 		{"principals suffix", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"*/sa/client"}})},
-			[]call{{client, 8080, true}, {local, 8080, true}, {ops, 8080, false}}, ""},
+			[]call{{client, 8080, true}, {local, 8080, true}, {ops, 8080, false}}, nil},
 		{"principals any authenticated", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"*"}})},
-			[]call{{client, 8080, true}, {ops2, 1, true}}, ""},
+			[]call{{client, 8080, true}, {ops2, 1, true}}, nil},
 		{"cluster.local is the local trust domain", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"cluster.local/ns/demo/sa/client"}})},
-			[]call{{local, 8080, true}, {client, 8080, false}}, ""},
+			[]call{{local, 8080, true}, {client, 8080, false}}, nil},
 		{"notPrincipals", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{NotPrincipals: []string{"b.mesh/ns/demo/sa/client"}})},
-			[]call{{client, 8080, false}, {local, 8080, true}}, ""},
+			[]call{{client, 8080, false}, {local, 8080, true}}, nil},
 		{"namespaces", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Namespaces: []string{"ops"}})},
-			[]call{{ops, 8080, true}, {ops2, 8080, false}, {client, 8080, false}}, ""},
+			[]call{{ops, 8080, true}, {ops2, 8080, false}, {client, 8080, false}}, nil},
 		{"namespaces prefix", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Namespaces: []string{"ops*"}})},
-			[]call{{ops, 8080, true}, {ops2, 8080, true}, {client, 8080, false}}, ""},
+			[]call{{ops, 8080, true}, {ops2, 8080, true}, {client, 8080, false}}, nil},
 		{"notNamespaces", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{NotNamespaces: []string{"demo"}})},
-			[]call{{ops, 8080, true}, {client, 8080, false}}, ""},
+			[]call{{ops, 8080, true}, {client, 8080, false}}, nil},
 		{"serviceAccounts of the policy's namespace and another", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{ServiceAccounts: []string{"client", "ops/tool"}})},
-			[]call{{client, 8080, true}, {local, 8080, true}, {ops, 8080, true}, {ops2, 8080, false}}, ""},
+			[]call{{client, 8080, true}, {local, 8080, true}, {ops, 8080, true}, {ops2, 8080, false}}, nil},
 		{"trustDomains", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{TrustDomains: []string{"b.mesh"}})},
-			[]call{{client, 8080, true}, {local, 8080, false}}, ""},
+			[]call{{client, 8080, true}, {local, 8080, false}}, nil},
 		{"notTrustDomains suffix", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{NotTrustDomains: []string{"*.mesh"}})},
-			[]call{{client, 8080, false}, {local, 8080, false}}, ""},
+			[]call{{client, 8080, false}, {local, 8080, false}}, nil},
 		{"ports and notPorts", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{
 			{Operation: &securityv1beta1.Operation{Ports: []string{"8080", "9000"}}},
 			{Operation: &securityv1beta1.Operation{NotPorts: []string{"8080", "9000", "5432"}}},
-		}}}}, []call{{client, 8080, true}, {client, 9000, true}, {client, 5432, false}, {client, 1, true}}, ""},
+		}}}}, []call{{client, 8080, true}, {client, 9000, true}, {client, 5432, false}, {client, 1, true}}, nil},
 		{"from and to both", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{
 			From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Namespaces: []string{"ops"}}}},
 			To:   []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{"9000"}}}},
-		}}}, []call{{ops, 9000, true}, {ops, 8080, false}, {client, 9000, false}}, ""},
+		}}}, []call{{ops, 9000, true}, {ops, 8080, false}, {client, 9000, false}}, nil},
 		{"when source.namespace and destination.port", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{When: []*securityv1beta1.Condition{
 			{Key: "source.namespace", Values: []string{"ops", "demo"}, NotValues: []string{"demo"}},
 			{Key: "destination.port", NotValues: []string{"5432"}},
-		}}}}, []call{{ops, 9000, true}, {ops, 5432, false}, {client, 9000, false}}, ""},
+		}}}}, []call{{ops, 9000, true}, {ops, 5432, false}, {client, 9000, false}}, nil},
 		{"when source.principal", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{When: []*securityv1beta1.Condition{
 			{Key: "source.principal", Values: []string{"b.mesh/ns/demo/sa/client"}},
-		}}}}, []call{{client, 9000, true}, {local, 9000, false}}, ""},
+		}}}}, []call{{client, 9000, true}, {local, 9000, false}}, nil},
 		{"an ALLOW rule with a request condition never matches", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{When: []*securityv1beta1.Condition{
 			{Key: "request.headers[x-user]", Values: []string{"admin"}},
-		}}}}, []call{{client, 8080, false}}, `rule 0 never matches: the sidecar decides per connection and cannot match when "request.headers[x-user]"`},
+		}}}}, []call{{client, 8080, false}, {client, 9000, false}}, []string{`on TCP ports, rule 0 never matches: when "request.headers[x-user]" (not in a connection)`}},
 		{"an ALLOW rule with ipBlocks never matches", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{IpBlocks: []string{"10.0.0.0/8"}})},
-			[]call{{client, 8080, false}}, "rule 0 never matches: the sidecar decides per connection and cannot match from.source.ipBlocks"},
+			[]call{{client, 8080, false}, {client, 9000, false}}, []string{"rule 0 never matches: from.source.ipBlocks (not enforced)"}},
 		{"a bad port makes an ALLOW rule match nothing", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{"8080", "http"}}}}}}},
-			[]call{{client, 8080, false}}, `rule 0 never matches: the sidecar decides per connection and cannot match to.operation.ports ("http" is not a port number)`},
+			[]call{{client, 8080, false}, {client, 9000, false}}, []string{`rule 0 never matches: to.operation.ports ("http" is not a port number)`}},
 		{"a DENY rule with a bad notPort denies without it", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
 			Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{NotPorts: []string{"8080", "x"}}}}}}},
-			[]call{{client, 8080, false}, {client, 9000, false}}, `rule 0 matches without to.operation.notPorts ("x" is not a port number), which the sidecar cannot match per connection`},
+			[]call{{client, 8080, false}, {client, 9000, false}}, []string{`rule 0 is applied without to.operation.notPorts ("x" is not a port number)`}},
 		{"a DENY rule with a path denies the port", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
 			Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Paths: []string{"/admin"}, Ports: []string{"9000"}}}}}}},
-			[]call{{client, 9000, false}, {client, 8080, true}}, "rule 0 matches without to.operation.paths, which the sidecar cannot match per connection"},
+			[]call{{client, 9000, false}, {client, 8080, true}}, []string{"on TCP ports, rule 0 is applied without to.operation.paths (not in a connection)"}},
 		{"DENY without rules denies nothing", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY},
-			[]call{{client, 8080, true}}, ""},
+			[]call{{client, 8080, true}}, nil},
 		{"ALLOW with an empty rule allows all", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{}}},
-			[]call{{client, 8080, true}, {ops2, 1, true}}, ""},
+			[]call{{client, 8080, true}, {ops2, 1, true}}, nil},
 		{"CUSTOM denies what it matches", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_CUSTOM,
 			Rules: from(&securityv1beta1.Source{Namespaces: []string{"ops"}})},
-			[]call{{ops, 8080, false}, {client, 8080, true}}, "action CUSTOM needs an external authorizer, which Isthmus does not call: what its rules match is denied"},
+			[]call{{ops, 8080, false}, {client, 8080, true}}, []string{"action CUSTOM needs an external authorizer, which Isthmus does not call: what its rules match is denied"}},
 		{"AUDIT has no effect", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_AUDIT, Rules: []*securityv1beta1.Rule{{}}},
-			[]call{{client, 8080, true}}, "action AUDIT is not audited: the policy has no effect"},
+			[]call{{client, 8080, true}}, []string{"action AUDIT is not audited: the policy has no effect"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			store := authz.NewStore("")
@@ -337,14 +377,78 @@ func TestAuthorizationPolicyFieldsForAConnection(t *testing.T) {
 					notes = append(notes, sk.Reason)
 				}
 			}
-			if tc.note == "" {
-				require.Empty(t, notes)
-			} else {
-				require.Equal(t, []string{tc.note}, notes)
-			}
+			require.Equal(t, tc.notes, notes)
 			cfg := sidecarOf(t, res, "web-0", "10.0.1.2")
 			for _, c := range tc.calls {
 				require.Equal(t, c.allow, allows(t, cfg, c.caller, c.port, "istio"), "%s to %d", c.caller, c.port)
+			}
+		})
+	}
+}
+
+// Each HTTP field of an AuthorizationPolicy, as the Go sidecar decides
+// a request on a port declared HTTP with what the federator sends.
+func TestAuthorizationPolicyFieldsForARequest(t *testing.T) {
+	const caller = "spiffe://b.mesh/ns/demo/sa/client"
+	type call struct {
+		r     request
+		allow bool
+	}
+	to := func(o *securityv1beta1.Operation) []*securityv1beta1.Rule {
+		return []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{{Operation: o}}}}
+	}
+	for _, tc := range []struct {
+		name  string
+		spec  *securityv1beta1.AuthorizationPolicy
+		calls []call
+	}{
+		{"methods", &securityv1beta1.AuthorizationPolicy{Rules: to(&securityv1beta1.Operation{Methods: []string{"GET", "HEAD"}})},
+			[]call{{request{}, true}, {request{method: "HEAD"}, true}, {request{method: "POST"}, false}, {request{method: "get"}, false}}},
+		{"notMethods", &securityv1beta1.AuthorizationPolicy{Rules: to(&securityv1beta1.Operation{NotMethods: []string{"DELETE"}})},
+			[]call{{request{}, true}, {request{method: "DELETE"}, false}}},
+		{"paths exact, prefix and suffix, without the query", &securityv1beta1.AuthorizationPolicy{Rules: to(&securityv1beta1.Operation{Paths: []string{"/healthz", "/api/*", "*.css"}})},
+			[]call{{request{path: "/healthz"}, true}, {request{path: "/healthz?full=1"}, true}, {request{path: "/healthz/x"}, false},
+				{request{path: "/api/v1"}, true}, {request{path: "/api"}, false}, {request{path: "/s/site.css"}, true}, {request{}, false}}},
+		{"notPaths", &securityv1beta1.AuthorizationPolicy{Rules: to(&securityv1beta1.Operation{NotPaths: []string{"/admin*"}})},
+			[]call{{request{}, true}, {request{path: "/admin/users"}, false}}},
+		{"hosts: any case, with or without a port, wildcards", &securityv1beta1.AuthorizationPolicy{Rules: to(&securityv1beta1.Operation{Hosts: []string{"web.demo", "*.example.com"}})},
+			[]call{{request{host: "web.demo"}, true}, {request{host: "WEB.demo:8080"}, true}, {request{host: "web.demo.evil"}, false},
+				{request{host: "a.example.com"}, true}, {request{host: "a.example.com:443"}, true}, {request{host: "example.com"}, false}}},
+		{"notHosts", &securityv1beta1.AuthorizationPolicy{Rules: to(&securityv1beta1.Operation{NotHosts: []string{"internal*"}})},
+			[]call{{request{host: "web"}, true}, {request{host: "internal.demo"}, false}}},
+		{"request headers: a value, a prefix, present, and notValues", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{When: []*securityv1beta1.Condition{
+			{Key: "request.headers[X-User]", Values: []string{"admin", "ops-*"}},
+			{Key: "request.headers[x-trace]", Values: []string{"*"}},
+			{Key: "request.headers[x-env]", NotValues: []string{"prod"}},
+		}}}}, []call{
+			{request{headers: map[string]string{"x-user": "admin", "x-trace": "1"}}, true},
+			{request{headers: map[string]string{"x-user": "ops-7", "x-trace": "", "x-env": "dev"}}, true},
+			{request{headers: map[string]string{"x-user": "admin"}}, false},
+			{request{headers: map[string]string{"x-user": "root", "x-trace": "1"}}, false},
+			{request{headers: map[string]string{"x-user": "admin", "x-trace": "1", "x-env": "prod"}}, false},
+		}},
+		{"a DENY policy on a method denies only that method", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
+			Rules: to(&securityv1beta1.Operation{Methods: []string{"DELETE"}, Paths: []string{"/data/*"}})},
+			[]call{{request{}, true}, {request{method: "DELETE", path: "/data/1"}, false}, {request{method: "DELETE", path: "/other"}, true}}},
+		{"a rule on a request principal never matches", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{
+			{From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{RequestPrincipals: []string{"*"}}}}},
+			{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Paths: []string{"/public"}}}}},
+		}}, []call{{request{}, false}, {request{path: "/public"}, true}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			store := authz.NewStore("")
+			store.SetPod("demo", "web-0", map[string]string{"app": "web"})
+			tc.spec.Selector = selectApp("web")
+			store.SetPolicy(policy("demo", "p", tc.spec))
+			store.SetSynced()
+			declared := declaredPods(t, "web", []catalog.Port{{Name: "http", Port: 80, TargetPort: 8080}}, map[string]string{"web-0": "10.0.1.2"})
+			res, _, err := TranslateSidecar(SidecarInput{Declared: declared, Policies: store.Snapshot()}, SidecarOptions{TrustDomain: "a.mesh"})
+			require.NoError(t, err)
+			cfg := sidecarOf(t, res, "web-0", "10.0.1.2")
+			for _, c := range tc.calls {
+				for _, alpn := range []string{"istio-http/1.1", "istio-h2", "istio"} {
+					require.Equal(t, c.allow, allowsRequest(t, cfg, caller, 8080, c.r, alpn), "%+v over %s", c.r, alpn)
+				}
 			}
 		})
 	}

@@ -13,9 +13,13 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/isthmus-mesh/isthmus/internal/nodeid"
@@ -450,10 +454,16 @@ type profileMaker struct {
 	// of every selected pod's (pod, set key) hash.
 	policies  *authz.Snapshot
 	localTD   string
-	rbac      map[string]*authz.Network
+	rbac      map[string]*setRBAC
 	policySum [2]uint64
 	// notes are what the policies in use do not enforce as written.
 	notes []Skipped
+}
+
+// setRBAC is a policy set's RBAC for TCP chains (per connection) and
+// for HTTP chains (per request).
+type setRBAC struct {
+	conn, req *authz.RBAC
 }
 
 // authzSep separates a profile key's declared ports from the key of
@@ -560,7 +570,7 @@ func (m *profileMaker) assign(x *declIndex, policies *authz.Snapshot, localTD st
 	if m.policies != policies || m.localTD != localTD {
 		m.policies, m.localTD = policies, localTD
 		m.policySum = [2]uint64{}
-		rbac := map[string]*authz.Network{}
+		rbac := map[string]*setRBAC{}
 		for ref, set := range policies.Pods() {
 			m.policySum = addPodSum(m.policySum, podRef{pod: ref}, set.Key, true)
 			if _, ok := rbac[set.Key]; ok {
@@ -569,13 +579,13 @@ func (m *profileMaker) assign(x *declIndex, policies *authz.Snapshot, localTD st
 			if n := m.rbac[set.Key]; n != nil {
 				rbac[set.Key] = n
 			} else {
-				rbac[set.Key] = authz.TranslateNetwork(set, localTD)
+				rbac[set.Key] = &setRBAC{conn: authz.Translate(set, localTD, authz.Connection), req: authz.Translate(set, localTD, authz.Request)}
 			}
 		}
 		m.rbac = rbac
 		m.notes = nil
 		for _, n := range rbac {
-			for _, note := range n.Notes {
+			for _, note := range slices.Concat(n.conn.Notes, n.req.Notes) {
 				m.notes = append(m.notes, Skipped{Service: "AuthorizationPolicy " + note.Policy, Reason: note.Reason})
 			}
 		}
@@ -611,18 +621,24 @@ func (m *profileMaker) makeProfile(key string, inbound, outbound *listenerv3.Lis
 			ports = append(ports, DeclaredPort{Port: uint16(port), HTTP: proto == protocolName(true)})
 		}
 	}
-	var rbac []*listenerv3.Filter
+	var rbac chainRBAC
 	if setKey != "" {
 		n := m.rbac[setKey]
 		if n == nil {
 			return nil, fmt.Errorf("profile %q: no policy set %q", key, setKey)
 		}
 		var err error
-		if rbac, err = n.Filters(); err != nil {
+		if rbac.tcp, err = n.conn.Filters(); err != nil {
+			return nil, fmt.Errorf("profile %q: %w", key, err)
+		}
+		if rbac.http, err = n.req.HTTPFilters(); err != nil {
 			return nil, fmt.Errorf("profile %q: %w", key, err)
 		}
 	}
-	l := profileInbound(inbound, ports, rbac, httpChain, tcpChain)
+	l, err := profileInbound(inbound, ports, rbac, httpChain, tcpChain)
+	if err != nil {
+		return nil, fmt.Errorf("profile %q: %w", key, err)
+	}
 	enc, err := encode(listenerTag, l.GetName(), l)
 	if err != nil {
 		return nil, fmt.Errorf("inbound listener of %s: %w", key, err)
@@ -650,13 +666,33 @@ func inboundTemplates(inbound *listenerv3.Listener) (httpChain, tcpChain *listen
 	return httpChain, tcpChain, nil
 }
 
+// chainRBAC are a pod's RBAC filters: the network ones of its TCP
+// chains, and the HTTP ones of its HTTP chains' connection manager.
+type chainRBAC struct {
+	tcp  []*listenerv3.Filter
+	http []*hcmv3.HttpFilter
+}
+
 // profileInbound is inbound with, before its own chains, a chain per
 // port: transport "tls" on that destination port, with the HTTP chain's
 // connection manager or the TCP chain's proxy, and the same TLS. Envoy
 // matches the destination port before the ALPN, as the Go sidecar does.
-// Every chain starts with the rbac filters (the pod's
-// AuthorizationPolicies), when there are any.
-func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, rbac []*listenerv3.Filter, httpChain, tcpChain *listenerv3.FilterChain) *listenerv3.Listener {
+// Every chain enforces the rbac filters (the pod's
+// AuthorizationPolicies), when there are any: a TCP chain's start its
+// filters, an HTTP chain's its connection manager's HTTP filters.
+func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, rbac chainRBAC, httpChain, tcpChain *listenerv3.FilterChain) (*listenerv3.Listener, error) {
+	// The templates' filters, with the RBAC filters, made once.
+	tcpFilters := withRBAC(rbac.tcp, tcpChain.GetFilters())
+	httpFilters, err := withHTTPRBAC(rbac.http, httpChain.GetFilters())
+	if err != nil {
+		return nil, err
+	}
+	filtersOf := func(fc *listenerv3.FilterChain) []*listenerv3.Filter {
+		if fc == httpChain {
+			return httpFilters
+		}
+		return tcpFilters
+	}
 	chains := make([]*listenerv3.FilterChain, 0, len(ports)+len(inbound.GetFilterChains()))
 	for _, p := range ports {
 		from := tcpChain
@@ -668,15 +704,15 @@ func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, rbac []*
 				DestinationPort:   wrapperspb.UInt32(uint32(p.Port)),
 				TransportProtocol: "tls",
 			},
-			Filters:         withRBAC(rbac, from.GetFilters()),
+			Filters:         filtersOf(from),
 			TransportSocket: from.GetTransportSocket(),
 		})
 	}
 	for _, fc := range inbound.GetFilterChains() {
-		if len(rbac) > 0 {
+		if len(rbac.tcp) > 0 || len(rbac.http) > 0 {
 			fc = &listenerv3.FilterChain{
 				FilterChainMatch: fc.GetFilterChainMatch(),
-				Filters:          withRBAC(rbac, fc.GetFilters()),
+				Filters:          filtersOf(fc),
 				TransportSocket:  fc.GetTransportSocket(),
 			}
 		}
@@ -687,7 +723,7 @@ func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, rbac []*
 		Address:         inbound.GetAddress(),
 		ListenerFilters: inbound.GetListenerFilters(),
 		FilterChains:    chains,
-	}
+	}, nil
 }
 
 // withRBAC is filters after rbac, in a new slice when rbac has any.
@@ -696,6 +732,33 @@ func withRBAC(rbac, filters []*listenerv3.Filter) []*listenerv3.Filter {
 		return filters
 	}
 	return slices.Concat(rbac, filters)
+}
+
+// withHTTPRBAC is filters (an HTTP chain's: its connection manager)
+// with rbac before the connection manager's own HTTP filters; filters
+// itself when rbac is empty.
+func withHTTPRBAC(rbac []*hcmv3.HttpFilter, filters []*listenerv3.Filter) ([]*listenerv3.Filter, error) {
+	if len(rbac) == 0 {
+		return filters, nil
+	}
+	out := slices.Clone(filters)
+	for i, f := range out {
+		if f.GetName() != wellknown.HTTPConnectionManager {
+			continue
+		}
+		hcm := new(hcmv3.HttpConnectionManager)
+		if err := f.GetTypedConfig().UnmarshalTo(hcm); err != nil {
+			return nil, fmt.Errorf("inbound HTTP connection manager: %w", err)
+		}
+		hcm.HttpFilters = slices.Concat(rbac, hcm.GetHttpFilters())
+		cfg := new(anypb.Any)
+		if err := anypb.MarshalFrom(cfg, hcm, proto.MarshalOptions{Deterministic: true}); err != nil {
+			return nil, fmt.Errorf("inbound HTTP connection manager: %w", err)
+		}
+		out[i] = &listenerv3.Filter{Name: f.GetName(), ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: cfg}}
+		return out, nil
+	}
+	return nil, fmt.Errorf("inbound HTTP chain without %s", wellknown.HTTPConnectionManager)
 }
 
 // profileState is what a translation keeps of the pods' profiles.

@@ -3,11 +3,15 @@ package authz
 import (
 	"fmt"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	httprbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	netrbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/proto"
@@ -15,8 +19,11 @@ import (
 	securityv1beta1 "istio.io/api/security/v1beta1"
 )
 
-// NetworkFilterName is the network RBAC filter's name.
-const NetworkFilterName = "envoy.filters.network.rbac"
+// NetworkFilterName and HTTPFilterName are the RBAC filters' names.
+const (
+	NetworkFilterName = "envoy.filters.network.rbac"
+	HTTPFilterName    = "envoy.filters.http.rbac"
+)
 
 // networkStatPrefix is Istio's for the network RBAC filter.
 const networkStatPrefix = "tcp."
@@ -32,11 +39,25 @@ type Note struct {
 	Reason string
 }
 
-// Network is the RBAC of a set of policies for a connection: the
-// policies that refuse it (from DENY policies, and CUSTOM ones, whose
-// external authorizer Isthmus cannot ask) and, when any ALLOW policy is
-// in the set, the ones that let it through. Immutable.
-type Network struct {
+// Level is what a sidecar decides on: a connection (TCP chains) or a
+// request (HTTP chains).
+type Level int
+
+const (
+	// Connection is decided once per connection, from the caller's
+	// SPIFFE ID and the destination port: envoy.filters.network.rbac.
+	Connection Level = iota
+	// Request is decided per HTTP request, from those and the
+	// request's method, host, path and headers: envoy.filters.http.rbac.
+	Request
+)
+
+// RBAC is the RBAC of a set of policies at one level: the policies
+// that refuse (from DENY policies, and CUSTOM ones, whose external
+// authorizer Isthmus cannot ask) and, when any ALLOW policy is in the
+// set, the ones that let through. Immutable.
+type RBAC struct {
+	Level Level
 	// Deny and Allow are the rules of the DENY and ALLOW filters; Allow
 	// is nil when no ALLOW policy applies (everything not denied is
 	// allowed), and may be empty (nothing is).
@@ -45,42 +66,64 @@ type Network struct {
 	Notes []Note
 }
 
-// Filters are the RBAC filters of an inbound chain, DENY first, then
-// ALLOW (Istio's order); none when nothing is denied or required.
-func (n *Network) Filters() ([]*listenerv3.Filter, error) {
+// rules are the filters' rules, DENY first, then ALLOW (Istio's order);
+// none when nothing is denied or required.
+func (r *RBAC) rules() []*rbacv3.RBAC {
+	var out []*rbacv3.RBAC
+	if len(r.Deny) > 0 {
+		out = append(out, &rbacv3.RBAC{Action: rbacv3.RBAC_DENY, Policies: r.Deny})
+	}
+	if r.Allow != nil {
+		out = append(out, &rbacv3.RBAC{Action: rbacv3.RBAC_ALLOW, Policies: r.Allow})
+	}
+	return out
+}
+
+// typed encodes m deterministically: the policies are a map, and the
+// same policies must encode to the same bytes (the listener's version).
+func typed(m proto.Message) (*anypb.Any, error) {
+	a := new(anypb.Any)
+	return a, anypb.MarshalFrom(a, m, proto.MarshalOptions{Deterministic: true})
+}
+
+// Filters are the network RBAC filters of a TCP chain (r at level
+// Connection).
+func (r *RBAC) Filters() ([]*listenerv3.Filter, error) {
 	var out []*listenerv3.Filter
-	for _, f := range []struct {
-		action   rbacv3.RBAC_Action
-		policies map[string]*rbacv3.Policy
-	}{{rbacv3.RBAC_DENY, n.Deny}, {rbacv3.RBAC_ALLOW, n.Allow}} {
-		if f.policies == nil || (f.action == rbacv3.RBAC_DENY && len(f.policies) == 0) {
-			continue
-		}
-		// Deterministic: the policies are a map, and the same policies
-		// must encode to the same bytes (the listener's version).
-		cfg := new(anypb.Any)
-		err := anypb.MarshalFrom(cfg, &netrbacv3.RBAC{
-			StatPrefix: networkStatPrefix,
-			Rules:      &rbacv3.RBAC{Action: f.action, Policies: f.policies},
-		}, proto.MarshalOptions{Deterministic: true})
+	for _, rules := range r.rules() {
+		cfg, err := typed(&netrbacv3.RBAC{StatPrefix: networkStatPrefix, Rules: rules})
 		if err != nil {
-			return nil, fmt.Errorf("network RBAC %s: %w", f.action, err)
+			return nil, fmt.Errorf("network RBAC %s: %w", rules.GetAction(), err)
 		}
 		out = append(out, &listenerv3.Filter{Name: NetworkFilterName, ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: cfg}})
 	}
 	return out, nil
 }
 
-// TranslateNetwork is the connection RBAC of set, whose local trust
-// domain is localTD (Istio's "cluster.local" in a principal names it
-// too). A nil set is nil.
-func TranslateNetwork(set *Set, localTD string) *Network {
+// HTTPFilters are the HTTP RBAC filters of an HTTP chain's connection
+// manager, before its router (r at level Request).
+func (r *RBAC) HTTPFilters() ([]*hcmv3.HttpFilter, error) {
+	var out []*hcmv3.HttpFilter
+	for _, rules := range r.rules() {
+		cfg, err := typed(&httprbacv3.RBAC{Rules: rules})
+		if err != nil {
+			return nil, fmt.Errorf("HTTP RBAC %s: %w", rules.GetAction(), err)
+		}
+		out = append(out, &hcmv3.HttpFilter{Name: HTTPFilterName, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: cfg}})
+	}
+	return out, nil
+}
+
+// Translate is the RBAC of set at level, whose local trust domain is
+// localTD (Istio's "cluster.local" in a principal names it too). A nil
+// set is nil.
+func Translate(set *Set, localTD string, level Level) *RBAC {
 	if set == nil {
 		return nil
 	}
-	n := &Network{Deny: map[string]*rbacv3.Policy{}}
+	n := &RBAC{Level: level, Deny: map[string]*rbacv3.Policy{}}
 	for _, p := range set.Policies {
-		t := &translator{policy: p, localTD: localTD}
+		t := &translator{policy: p, localTD: localTD, level: level}
 		spec := p.Spec
 		var into map[string]*rbacv3.Policy
 		deny := true
@@ -119,9 +162,10 @@ func TranslateNetwork(set *Set, localTD string) *Network {
 type translator struct {
 	policy  Policy
 	localTD string
+	level   Level
 	notes   []Note
 	// unenforced lists, for the rule being translated, the fields it
-	// cannot match on a connection.
+	// cannot match at its level.
 	unenforced []string
 }
 
@@ -154,22 +198,34 @@ func (t *translator) rule(i int, r *securityv1beta1.Rule, deny bool) (*rbacv3.Po
 		}
 	}
 	if len(t.unenforced) > 0 {
+		// Said the same way at both levels unless a connection is why,
+		// so that the same reason is one note.
+		where := ""
+		if slices.ContainsFunc(t.unenforced, func(s string) bool { return strings.HasSuffix(s, "("+notInConnection+")") }) {
+			where = "on TCP ports, "
+		}
 		fields := strings.Join(t.unenforced, ", ")
 		if !deny {
-			t.note(fmt.Sprintf("rule %d never matches: the sidecar decides per connection and cannot match %s", i, fields))
+			t.note(fmt.Sprintf("%srule %d never matches: %s", where, i, fields))
 			return nil, false
 		}
-		t.note(fmt.Sprintf("rule %d matches without %s, which the sidecar cannot match per connection", i, fields))
+		t.note(fmt.Sprintf("%srule %d is applied without %s", where, i, fields))
 	}
 	principal := andPrincipals(append([]*rbacv3.Principal{orPrincipals(principals)}, whenPrincipals...))
 	permission := andPermissions(append([]*rbacv3.Permission{orPermissions(permissions)}, whenPermissions...))
 	return &rbacv3.Policy{Permissions: []*rbacv3.Permission{permission}, Principals: []*rbacv3.Principal{principal}}, true
 }
 
-// unsupported records a field the rule cannot match; the rule's
-// principal or permission goes on without it.
-func (t *translator) unsupported(field string) {
-	t.unenforced = append(t.unenforced, field)
+// Why a field is not enforced.
+const (
+	notInConnection = "not in a connection"
+	notEnforced     = "not enforced"
+)
+
+// unsupported records a field the rule cannot match, and why; the
+// rule's principal or permission goes on without it.
+func (t *translator) unsupported(field, why string) {
+	t.unenforced = append(t.unenforced, field+" ("+why+")")
 }
 
 // source is one "from" entry: every field it sets must match.
@@ -209,7 +265,7 @@ func (t *translator) source(s *securityv1beta1.Source) *rbacv3.Principal {
 		{"from.source.notRemoteIpBlocks", len(s.GetNotRemoteIpBlocks()) > 0},
 	} {
 		if f.set {
-			t.unsupported(f.name)
+			t.unsupported(f.name, notEnforced)
 		}
 	}
 	return andPrincipals(all)
@@ -225,21 +281,114 @@ func (t *translator) operation(o *securityv1beta1.Operation) *rbacv3.Permission 
 		all = append(all, &rbacv3.Permission{Rule: &rbacv3.Permission_NotRule{NotRule: p}})
 	}
 	for _, f := range []struct {
-		name string
-		set  bool
+		name   string
+		values []string
+		not    bool
+		one    func(string) *rbacv3.Permission
 	}{
-		{"to.operation.hosts", len(o.GetHosts()) > 0},
-		{"to.operation.notHosts", len(o.GetNotHosts()) > 0},
-		{"to.operation.methods", len(o.GetMethods()) > 0},
-		{"to.operation.notMethods", len(o.GetNotMethods()) > 0},
-		{"to.operation.paths", len(o.GetPaths()) > 0},
-		{"to.operation.notPaths", len(o.GetNotPaths()) > 0},
+		{"to.operation.hosts", o.GetHosts(), false, hostPermission},
+		{"to.operation.notHosts", o.GetNotHosts(), true, hostPermission},
+		{"to.operation.methods", o.GetMethods(), false, methodPermission},
+		{"to.operation.notMethods", o.GetNotMethods(), true, methodPermission},
+		{"to.operation.paths", o.GetPaths(), false, pathPermission},
+		{"to.operation.notPaths", o.GetNotPaths(), true, pathPermission},
 	} {
-		if f.set {
-			t.unsupported(f.name)
+		if len(f.values) == 0 {
+			continue
 		}
+		if t.level != Request {
+			t.unsupported(f.name, notInConnection)
+			continue
+		}
+		if f.name == "to.operation.paths" || f.name == "to.operation.notPaths" {
+			if i := slices.IndexFunc(f.values, func(v string) bool { return strings.ContainsAny(v, "{}") }); i >= 0 {
+				t.unsupported(f.name, fmt.Sprintf("%q: path templates are not enforced", f.values[i]))
+				continue
+			}
+		}
+		var any []*rbacv3.Permission
+		for _, v := range f.values {
+			any = append(any, f.one(v))
+		}
+		p := orPermissions(any)
+		if f.not {
+			p = &rbacv3.Permission{Rule: &rbacv3.Permission_NotRule{NotRule: p}}
+		}
+		all = append(all, p)
 	}
 	return andPermissions(all)
+}
+
+// methodPermission matches a request's method, exactly (Istio's
+// methods are case-sensitive); "*" any.
+func methodPermission(v string) *rbacv3.Permission {
+	if v == "*" {
+		return anyPermission()
+	}
+	return headerPermission(":method", &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: v}})
+}
+
+// pathPermission matches a request's path (without its query), with
+// Istio's wildcards: "prefix*", "*suffix", "*" any.
+func pathPermission(v string) *rbacv3.Permission {
+	if v == "*" {
+		return anyPermission()
+	}
+	return &rbacv3.Permission{Rule: &rbacv3.Permission_UrlPath{UrlPath: &matcherv3.PathMatcher{
+		Rule: &matcherv3.PathMatcher_Path{Path: wildcardMatcher(v)},
+	}}}
+}
+
+// hostPermission matches a request's host (":authority", HTTP/1.1's
+// Host), case-insensitively as Istio does, with or without a port, with
+// Istio's wildcards.
+func hostPermission(v string) *rbacv3.Permission {
+	if v == "*" {
+		return anyPermission()
+	}
+	var re string
+	switch {
+	case strings.HasPrefix(v, "*"):
+		re = `.*` + regexp.QuoteMeta(v[1:])
+	case strings.HasSuffix(v, "*"):
+		re = regexp.QuoteMeta(v[:len(v)-1]) + `[^:]*`
+	default:
+		re = regexp.QuoteMeta(v)
+	}
+	return headerPermission(":authority", &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_SafeRegex{
+		SafeRegex: &matcherv3.RegexMatcher{Regex: `(?i)` + re + `(:[0-9]+)?`},
+	}})
+}
+
+// headerPermission matches when the request's header name has a value m
+// matches.
+func headerPermission(name string, m *matcherv3.StringMatcher) *rbacv3.Permission {
+	return &rbacv3.Permission{Rule: &rbacv3.Permission_Header{Header: &routev3.HeaderMatcher{
+		Name: name, HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: m},
+	}}}
+}
+
+// headerValuePermission matches a header's value with Istio's
+// wildcards; "*" is any value, the header present.
+func headerValuePermission(name, v string) *rbacv3.Permission {
+	if v == "*" {
+		return &rbacv3.Permission{Rule: &rbacv3.Permission_Header{Header: &routev3.HeaderMatcher{
+			Name: name, HeaderMatchSpecifier: &routev3.HeaderMatcher_PresentMatch{PresentMatch: true},
+		}}}
+	}
+	return headerPermission(name, wildcardMatcher(v))
+}
+
+// wildcardMatcher is v with Istio's wildcards: "prefix*" a prefix,
+// "*suffix" a suffix, else exact.
+func wildcardMatcher(v string) *matcherv3.StringMatcher {
+	switch {
+	case strings.HasSuffix(v, "*"):
+		return &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: v[:len(v)-1]}}
+	case strings.HasPrefix(v, "*"):
+		return &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Suffix{Suffix: v[1:]}}
+	}
+	return &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: v}}
 }
 
 // ports matches any of the port numbers ps; nil when ps is empty, or
@@ -254,7 +403,7 @@ func (t *translator) ports(field string, ps []string) *rbacv3.Permission {
 	for _, s := range ps {
 		n, err := strconv.ParseUint(s, 10, 16)
 		if err != nil || n == 0 {
-			t.unsupported(fmt.Sprintf("%s (%q is not a port number)", field, s))
+			t.unsupported(field, fmt.Sprintf("%q is not a port number", s))
 			return nil
 		}
 		any = append(any, &rbacv3.Permission{Rule: &rbacv3.Permission_DestinationPort{DestinationPort: uint32(n)}})
@@ -299,8 +448,44 @@ func (t *translator) condition(c *securityv1beta1.Condition) (*rbacv3.Principal,
 		}
 		return nil, andPermissions(all)
 	}
-	t.unsupported(field)
+	if name, ok := requestHeader(key); ok && t.level == Request {
+		var all []*rbacv3.Permission
+		if vs := c.GetValues(); len(vs) > 0 {
+			var any []*rbacv3.Permission
+			for _, v := range vs {
+				any = append(any, headerValuePermission(name, v))
+			}
+			all = append(all, orPermissions(any))
+		}
+		if vs := c.GetNotValues(); len(vs) > 0 {
+			var any []*rbacv3.Permission
+			for _, v := range vs {
+				any = append(any, headerValuePermission(name, v))
+			}
+			all = append(all, &rbacv3.Permission{Rule: &rbacv3.Permission_NotRule{NotRule: orPermissions(any)}})
+		}
+		return nil, andPermissions(all)
+	}
+	if _, ok := requestHeader(key); ok {
+		t.unsupported(field, notInConnection)
+	} else {
+		t.unsupported(field, notEnforced)
+	}
 	return nil, nil
+}
+
+// requestHeader is the header name of a "request.headers[<name>]"
+// condition key, lower-cased.
+func requestHeader(key string) (string, bool) {
+	name, ok := strings.CutPrefix(key, "request.headers[")
+	if !ok {
+		return "", false
+	}
+	name, ok = strings.CutSuffix(name, "]")
+	if !ok || name == "" || strings.ContainsAny(name, "[]") {
+		return "", false
+	}
+	return strings.ToLower(name), true
 }
 
 // principal matches a principal as Istio writes it,
