@@ -597,9 +597,17 @@ func (m *profileMaker) assign(x *declIndex, policies *authz.Snapshot, localTD st
 		return
 	}
 	m.pods = maps.Clone(x.keys)
+	// Few distinct keys, many pods: each joined key is made once.
+	joined := map[[2]string]string{}
 	for ref, set := range policies.Pods() {
 		r := podRef{pod: ref}
-		m.pods[r] = joinProfileKey(m.pods[r], set.Key)
+		pair := [2]string{m.pods[r], set.Key}
+		k, ok := joined[pair]
+		if !ok {
+			k = joinProfileKey(pair[0], pair[1])
+			joined[pair] = k
+		}
+		m.pods[r] = k
 	}
 	m.counts = make(map[string]int, len(x.counts)+len(m.rbac))
 	for _, k := range m.pods {
