@@ -364,27 +364,36 @@ func TestAuthorizationPolicyFieldsForAConnection(t *testing.T) {
 			[]call{{client, 8080, true}}, []string{"action AUDIT is not audited: the policy has no effect"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			store := authz.NewStore("")
-			store.SetPod("demo", "web-0", map[string]string{"app": "web"})
-			tc.spec.Selector = selectApp("web")
-			store.SetPolicy(policy("demo", "p", tc.spec))
-			store.SetSynced()
-			declared := declaredPods(t, "web", []catalog.Port{{Name: "http", Port: 80, TargetPort: 8080}, {Name: "tcp", Port: 9000, TargetPort: 9000}}, map[string]string{"web-0": "10.0.1.2"})
-			res, skipped, err := TranslateSidecar(SidecarInput{Declared: declared, Policies: store.Snapshot()}, SidecarOptions{TrustDomain: "a.mesh"})
-			require.NoError(t, err)
-			var notes []string
-			for _, sk := range skipped {
-				if sk.Service == "AuthorizationPolicy demo/p" {
-					notes = append(notes, sk.Reason)
-				}
-			}
+			cfg, notes := webWithPolicy(t, tc.spec)
 			require.Equal(t, tc.notes, notes)
-			cfg := sidecarOf(t, res, "web-0", "10.0.1.2")
 			for _, c := range tc.calls {
 				require.Equal(t, c.allow, allows(t, cfg, c.caller, c.port, "istio"), "%s to %d", c.caller, c.port)
 			}
 		})
 	}
+}
+
+// webWithPolicy is the Go sidecar configuration of pod demo/web-0
+// (10.0.1.2; its Service declares 8080 HTTP and 9000 TCP) when spec,
+// selecting it, is the one AuthorizationPolicy (demo/p), and what the
+// translation notes of it.
+func webWithPolicy(t *testing.T, spec *securityv1beta1.AuthorizationPolicy) (*xdsclient.Config, []string) {
+	t.Helper()
+	store := authz.NewStore("")
+	store.SetPod("demo", "web-0", map[string]string{"app": "web"})
+	spec.Selector = selectApp("web")
+	store.SetPolicy(policy("demo", "p", spec))
+	store.SetSynced()
+	declared := declaredPods(t, "web", []catalog.Port{{Name: "http", Port: 80, TargetPort: 8080}, {Name: "tcp", Port: 9000, TargetPort: 9000}}, map[string]string{"web-0": "10.0.1.2"})
+	res, skipped, err := TranslateSidecar(SidecarInput{Declared: declared, Policies: store.Snapshot()}, SidecarOptions{TrustDomain: "a.mesh"})
+	require.NoError(t, err)
+	var notes []string
+	for _, sk := range skipped {
+		if sk.Service == "AuthorizationPolicy demo/p" {
+			notes = append(notes, sk.Reason)
+		}
+	}
+	return sidecarOf(t, res, "web-0", "10.0.1.2"), notes
 }
 
 // Each HTTP field of an AuthorizationPolicy, as the Go sidecar decides
@@ -437,15 +446,7 @@ func TestAuthorizationPolicyFieldsForARequest(t *testing.T) {
 		}}, []call{{request{}, false}, {request{path: "/public"}, true}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			store := authz.NewStore("")
-			store.SetPod("demo", "web-0", map[string]string{"app": "web"})
-			tc.spec.Selector = selectApp("web")
-			store.SetPolicy(policy("demo", "p", tc.spec))
-			store.SetSynced()
-			declared := declaredPods(t, "web", []catalog.Port{{Name: "http", Port: 80, TargetPort: 8080}}, map[string]string{"web-0": "10.0.1.2"})
-			res, _, err := TranslateSidecar(SidecarInput{Declared: declared, Policies: store.Snapshot()}, SidecarOptions{TrustDomain: "a.mesh"})
-			require.NoError(t, err)
-			cfg := sidecarOf(t, res, "web-0", "10.0.1.2")
+			cfg, _ := webWithPolicy(t, tc.spec)
 			for _, c := range tc.calls {
 				for _, alpn := range []string{"istio-http/1.1", "istio-h2", "istio"} {
 					require.Equal(t, c.allow, allowsRequest(t, cfg, caller, 8080, c.r, alpn), "%+v over %s", c.r, alpn)
