@@ -141,7 +141,14 @@
 // request's method, authority, path and headers; answered 403 "RBAC:
 // access denied" (text/plain, Envoy's) and never sent to the app, the
 // connection kept for the next request (an HTTP/1.1 body not yet read
-// closes it), and logged at Debug with the caller, method and path.
+// closes it), and logged at Debug with the caller, method and path. Both
+// follow the configuration current now, not the one a connection was
+// accepted under (revoke.go): a request is decided by the filters of the
+// chain the current inbound listener matches for its connection, and
+// each adopted configuration re-decides the connections open, closing
+// those its network RBAC now denies (rbac) and the TCP ones it has no
+// TCP chain for (no_chain); an HTTP connection whose chain is gone
+// closes after its request in flight, as a drain closes it.
 //
 // Endpoints: the lowest priority with a healthy endpoint; within it a
 // locality with probability proportional to its weight; round robin

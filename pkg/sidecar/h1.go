@@ -546,7 +546,7 @@ func (p *Proxy) serveH1(q *connQueue, c net.Conn, info *connInfo) {
 		p.pushHTTPConn(q, nc, info)
 	} else {
 		_ = c.Close()
-		p.release(info.listener)
+		p.releaseHTTP(info)
 	}
 	hc.in.free()
 	hc.out.free()
@@ -573,11 +573,10 @@ func (c *prefixConn) Read(b []byte) (int, error) {
 // serve is the connection's request loop; true hands the connection to
 // net/http.
 func (hc *h1Conn) serve() (fallback bool) {
-	p := hc.p
 	for first := true; ; first = false {
 		n, err := hc.readHead(first)
 		if !hc.state.CompareAndSwap(h1Idle, h1Busy) {
-			return false // the drain closed it while idle
+			return false // the drain or retireIdle closed it while idle
 		}
 		switch {
 		case errors.Is(err, errH1Fallback):
@@ -604,11 +603,20 @@ func (hc *h1Conn) serve() (fallback bool) {
 			hc.in.r -= n // the head, still in the buffer, goes to net/http
 			return true
 		}
-		if !keep || p.draining.Load() {
+		if !keep || hc.closing() {
 			return false
 		}
 		hc.in.shrink()
 	}
+}
+
+// closing reports whether the connection closes after the request in
+// flight: the sidecar drains, or its chain is gone from the current
+// configuration (revoke.go). readHead reads it after marking the
+// connection idle, and the drain and retireIdle set theirs before they
+// look for idle connections: one of the two sees the other.
+func (hc *h1Conn) closing() bool {
+	return hc.p.draining.Load() || hc.info.retiring()
 }
 
 // refuse answers a request the codec cannot read, and the connection
@@ -685,7 +693,7 @@ func (hc *h1Conn) readHead(first bool) (int, error) {
 		deadline = time.Now().Add(p.cfg.ReadHeaderTimeout)
 	}
 	hc.state.Store(h1Idle)
-	if p.draining.Load() {
+	if hc.closing() {
 		return 0, net.ErrClosed
 	}
 	scanned := 0
@@ -751,7 +759,7 @@ func (hc *h1Conn) serveRequest(head []byte) (keep, upgrade bool) {
 		authority = h.authority
 	}
 	path := h.path.of(head)
-	if rb := ci.hcm.RBAC; rb != nil && !hc.rbacAllows(rb, head, str(authority.of(head)), str(path)) {
+	if nw, rb := p.rbacNow(ci); !rbacAllowsNetwork(nw, ci) || rb != nil && !hc.rbacAllows(rb, head, str(authority.of(head)), str(path)) {
 		return hc.denyRBAC(str(h.method.of(head)), str(path), hasBody), false
 	}
 	if i := bytes.IndexByte(path, '?'); i >= 0 {
@@ -1079,7 +1087,7 @@ func (hc *h1Conn) writeResponse(up *h1Up, cluster string, headLen int, received 
 	head := in.buf[in.r : in.r+headLen]
 	in.r += headLen
 	noBody, toClose, upKeep := rh.responseBody(hc.reqIsHead)
-	downKeep := !hc.req.connClose && !p.draining.Load()
+	downKeep := !hc.req.connClose && !hc.closing()
 
 	_ = w.str("HTTP/1.1 ")
 	_ = w.write(rh.reason.of(head))
@@ -1192,7 +1200,7 @@ func (hc *h1Conn) writeReply(code int, fields, body string, close, head bool) {
 	_ = w.str(fields)
 	_ = w.str("\r\nContent-Length: ")
 	_ = w.int(int64(len(body)), 10)
-	if close || hc.p.draining.Load() {
+	if close || hc.closing() {
 		_ = w.str("\r\nConnection: close")
 	}
 	_ = w.str("\r\n\r\n")

@@ -26,7 +26,7 @@ func isH2Preface(b []byte) bool {
 // serveH2 serves a downstream HTTP/2 connection until it closes; c
 // replays the bytes already read. It runs on the connection's goroutine.
 func (p *Proxy) serveH2(c net.Conn, info *connInfo) {
-	defer p.release(info.listener)
+	defer p.releaseHTTP(info)
 	hc := newH2Conn(p, c, false)
 	hc.info = info
 	hc.xfcc = xfccFields(info)

@@ -241,17 +241,24 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 		authority = host
 	}
 	ci := down.info
-	if rb := ci.hcm.RBAC; rb != nil {
+	nw, rb := p.rbacNow(ci)
+	if ci.retiring() {
+		// Its chain is gone from the configuration: no stream after
+		// this one.
+		down.goAwayNow()
+	}
+	ok = rbacAllowsNetwork(nw, ci)
+	if ok && rb != nil {
 		v := &down.rbacFields
 		v.fields = f.Fields
-		ok := rb.Allows(&xdsclient.RBACRequest{ID: ci.caller, Port: ci.dst.Port(), Method: method, Authority: authority,
+		ok = rb.Allows(&xdsclient.RBACRequest{ID: ci.caller, Port: ci.dst.Port(), Method: method, Authority: authority,
 			Path: path, Headers: v})
 		v.fields = nil
-		if !ok {
-			p.rbacRefused(ci, method, path)
-			s.answerWith("", http.StatusForbidden, h2RBACType, rbacDenied)
-			return
-		}
+	}
+	if !ok {
+		p.rbacRefused(ci, method, path)
+		s.answerWith("", http.StatusForbidden, h2RBACType, rbacDenied)
+		return
 	}
 	if i := strings.IndexByte(path, '?'); i >= 0 {
 		path = path[:i]

@@ -66,9 +66,12 @@ type connInfo struct {
 	// xfcc is the X-Forwarded-Client-Cert value a SANITIZE_SET manager
 	// sets: By=<own ID>;Hash=<caller's leaf>;URI=<caller's ID>.
 	xfcc string
-	// caller is an inbound caller's SPIFFE ID, what the manager's HTTP
-	// RBAC filters match principals against; set when it has some.
+	// caller is an inbound caller's SPIFFE ID, what the HTTP RBAC
+	// filters match principals against.
 	caller string
+	// in is an inbound connection as new configurations re-decide it
+	// (revoke.go); nil outbound.
+	in *inboundConn
 }
 
 // httpConn is a downstream connection handed to an HTTP server. It hides
@@ -80,6 +83,9 @@ type httpConn struct {
 	info     *connInfo
 	released atomic.Bool
 	release  func()
+	// idle: the server waits for the connection's next request (HTTP/1.1)
+	// or has no stream open on it (HTTP/2).
+	idle atomic.Bool
 }
 
 func (c *httpConn) Close() error {
@@ -171,12 +177,20 @@ func (p *Proxy) newHTTPServer(h http.Handler) *http.Server {
 			}
 			return ctx
 		},
-		ConnState: func(_ net.Conn, s http.ConnState) {
+		ConnState: func(c net.Conn, s http.ConnState) {
 			switch s {
 			case http.StateNew:
 				p.httpConns.Add(1)
 			case http.StateClosed, http.StateHijacked:
 				p.httpConns.Done()
+			}
+			if hc, ok := c.(*httpConn); ok && hc.info.in != nil {
+				// A retiring connection closes once idle; the pass that
+				// retires it closes it if it is idle already.
+				hc.idle.Store(s == http.StateIdle)
+				if s == http.StateIdle && hc.info.retiring() {
+					_ = hc.Close()
+				}
 			}
 		},
 	}
@@ -199,7 +213,13 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "isthmus sidecar: no configuration", http.StatusServiceUnavailable)
 		return
 	}
-	if rb := ci.hcm.RBAC; rb != nil && !rbacAllowsNetHTTP(rb, ci, r) {
+	nw, rb := p.rbacNow(ci)
+	if ci.retiring() {
+		// Its chain is gone from the configuration: this answer is its
+		// last (HTTP/2: a GOAWAY).
+		w.Header().Set("Connection", "close")
+	}
+	if !rbacAllowsNetwork(nw, ci) || rb != nil && !rbacAllowsNetHTTP(rb, ci, r) {
 		// Envoy's answer. An HTTP/1.1 body the handler did not read,
 		// net/http reads and drops (up to 256 KiB) for the connection
 		// to be kept, or closes it: refuseLinger bounds the wait for a
@@ -416,6 +436,11 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 		}
 	}
 	f := forwardOf(resp.Request.Context())
+	if f.ci.retiring() && resp.StatusCode != http.StatusSwitchingProtocols {
+		// Its chain went while the request was in flight (ReverseProxy
+		// removed the upstream's hop-by-hop fields already).
+		resp.Header.Set("Connection", "close")
+	}
 	p.metrics.request(f.ci.listener, f.up.name, resp.StatusCode)
 	f.responded.Store(true)
 	f.touch()
@@ -516,6 +541,9 @@ func (p *Proxy) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		code, msg = failureCode(err), failureMessage(err)
 	}
 	p.metrics.request(f.ci.listener, f.up.name, code)
+	if f.ci.retiring() {
+		w.Header().Set("Connection", "close")
+	}
 	if p.log.Enabled(r.Context(), slog.LevelDebug) {
 		p.log.Debug("request failed", "listener", f.ci.listener, "cluster", f.up.name, "code", code, "error", err)
 	}

@@ -37,7 +37,9 @@ const (
 	// no client certificate, or one that does not verify against the
 	// bundle of its trust domain; or an upstream's TLS failed.
 	ReasonHandshake = "handshake"
-	// ReasonNoChain: an inbound ClientHello no filter chain matches.
+	// ReasonNoChain: an inbound ClientHello no filter chain matches; or
+	// an open inbound TCP connection a new configuration has no TCP
+	// chain for, closed.
 	ReasonNoChain = "no_chain"
 	// ReasonNoOriginalDst: an inbound connection that was not redirected
 	// (its destination is the inbound listener itself), or whose original
@@ -58,7 +60,8 @@ const (
 	ReasonNoCluster = "no_cluster"
 	// ReasonRBAC: an inbound connection its chain's RBAC filters deny
 	// (envoy.filters.network.rbac), closed after the TLS handshake,
-	// before a byte reaches the app; or an inbound HTTP request its
+	// before a byte reaches the app, or, open, by the filters of a new
+	// configuration's chain for it; or an inbound HTTP request its
 	// connection manager's RBAC filters deny (envoy.filters.http.rbac),
 	// answered 403 "RBAC: access denied" before anything of it reaches
 	// the app, the connection kept. Counted once per connection or

@@ -164,10 +164,22 @@ func (p *Proxy) serveHTTPConn(q *connQueue, c net.Conn, info *connInfo) {
 // pushHTTPConn hands c to an HTTP server; it is released when the server
 // closes it.
 func (p *Proxy) pushHTTPConn(q *connQueue, c net.Conn, info *connInfo) {
-	hc := &httpConn{Conn: c, info: info, release: func() { p.release(info.listener) }}
+	hc := &httpConn{Conn: c, info: info, release: func() { p.releaseHTTP(info) }}
+	if info.in != nil {
+		info.in.nh.Store(hc)
+	}
 	if !q.push(hc) {
 		_ = hc.Close()
 	}
+}
+
+// releaseHTTP is the end of an HTTP connection: it no longer counts
+// against MaxConnections, nor is it re-decided (inbound).
+func (p *Proxy) releaseHTTP(info *connInfo) {
+	if info.in != nil {
+		p.unregister(info.in)
+	}
+	p.release(info.listener)
 }
 
 // proxyTCP is Envoy's tcp_proxy: connect to the cluster, then copy both
@@ -256,28 +268,33 @@ func (p *Proxy) serveInbound(c *net.TCPConn) {
 	}
 	_ = c.SetDeadline(time.Time{})
 	ch := &st.cfg.Sidecar.Inbound.Chains[ic.chain]
-	// The caller's SPIFFE ID, read once for the chain's RBAC filters and
-	// its connection manager's, whose principals match it.
-	var id string
-	if ch.RBAC != nil || ch.HTTP != nil && ch.HTTP.RBAC != nil {
-		id = peerID(tc.ConnectionState())
+	// The caller's SPIFFE ID, read once for the RBAC filters of this
+	// chain and of the chains later configurations match for the
+	// connection, whose principals match it.
+	cs := tc.ConnectionState()
+	id := peerID(cs)
+	// Decided once, the caller's identity known and nothing read from it
+	// yet, as Envoy's network RBAC filter on the first byte; again with
+	// each new configuration (revoke.go).
+	if !ch.RBAC.Allows(id, dst.Port()) {
+		p.refuse(c, listenerInbound, ReasonRBAC, "caller", id, "port", dst.Port())
+		p.release(listenerInbound)
+		return
 	}
-	if ch.RBAC != nil {
-		// Decided once, the caller's identity known and nothing read
-		// from it yet, as Envoy's network RBAC filter on the first byte.
-		if !ch.RBAC.Allows(id, dst.Port()) {
-			p.refuse(c, listenerInbound, ReasonRBAC, "caller", id, "port", dst.Port())
-			p.release(listenerInbound)
-			return
-		}
+	in := newInboundConn(c, st, ch, id, dst.Port(), cs.NegotiatedProtocol)
+	if !p.register(in) {
+		p.unregister(in)
+		p.release(listenerInbound)
+		return
 	}
 	if ch.TCP != nil {
 		p.proxyTCP(tc, st, ch.TCP, listenerInbound, dst, true)
+		p.unregister(in)
 		return
 	}
-	info := &connInfo{listener: listenerInbound, hcm: ch.HTTP, dst: dst, redirected: true, caller: id}
+	info := &connInfo{listener: listenerInbound, hcm: ch.HTTP, dst: dst, redirected: true, caller: id, in: in}
 	if ch.HTTP.ForwardClientCert == xdsclient.SanitizeSet {
-		info.xfcc = p.xfcc(tc.ConnectionState(), ch.HTTP.SetClientCertURI)
+		info.xfcc = p.xfcc(cs, ch.HTTP.SetClientCertURI)
 	}
 	p.serveHTTPConn(p.inQueue, tc, info)
 }

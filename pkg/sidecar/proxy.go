@@ -69,8 +69,16 @@ type Proxy struct {
 	cutDials context.CancelFunc
 
 	// state is the configuration adopted last and what was built from
-	// it; nil until the first.
+	// it; nil until the first. gens numbers them (state.gen).
 	state atomic.Pointer[state]
+	gens  atomic.Uint64
+
+	// inMu guards inConns: the inbound connections open, which each
+	// adopted configuration re-decides (revoke.go). revoke wakes
+	// revokeLoop, which does (capacity one: requests coalesce).
+	inMu    sync.Mutex
+	inConns map[*inboundConn]struct{}
+	revoke  chan struct{}
 
 	// poolsMu guards pools and retired: the upstream connection pools
 	// by cluster name, kept across configurations while the cluster's
@@ -137,6 +145,8 @@ func New(cfg Config, src ConfigSource, svid x509svid.Source, opts Options) (*Pro
 		tcpConns:    map[net.Conn]struct{}{},
 		h1Conns:     map[*h1Conn]struct{}{},
 		h2Conns:     map[*h2Conn]struct{}{},
+		inConns:     map[*inboundConn]struct{}{},
+		revoke:      make(chan struct{}, 1),
 		bridgeWork:  make(chan *h1Bridge),
 		bridgeStop:  make(chan struct{}),
 	}
@@ -284,6 +294,10 @@ func (p *Proxy) Run(ctx context.Context) error {
 	serve("health", p.healthLn, p.healthHandler())
 	configDone := make(chan struct{})
 	eg.Go(func() error { defer close(configDone); p.watchConfig(ectx); return nil })
+	// Re-decides the inbound connections open after every configuration
+	// until none can be adopted any more (configDone).
+	revokeStop := make(chan struct{})
+	eg.Go(func() error { p.revokeLoop(revokeStop); return nil })
 	for _, s := range []struct {
 		srv *http.Server
 		q   *connQueue
@@ -315,6 +329,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	<-acceptDone // no connection goroutine starts after this
 	p.drain()
 	<-configDone
+	close(revokeStop)
 	p.closePools()
 	close(p.bridgeStop) // no exchange is bridged after closePools
 	p.bridgeWorkers.Wait()
@@ -428,7 +443,9 @@ func (p *Proxy) adopt(cfg *xdsclient.Config) {
 		return
 	}
 	st := p.buildState(cfg)
+	st.gen = p.gens.Add(1)
 	p.state.Store(st)
+	p.requestRevokes()
 	p.log.Info("configuration adopted", "versions", cfg.Versions, "clusters", len(cfg.Clusters),
 		"outbound_chains", len(cfg.Sidecar.Outbound.Chains), "routes", len(cfg.Sidecar.Routes), "hosts", cfg.Sidecar.Hosts())
 	if p.onConfig != nil {

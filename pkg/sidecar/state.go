@@ -27,6 +27,8 @@ const (
 // once and then only read.
 type state struct {
 	cfg *xdsclient.Config
+	// gen orders the configurations: a later one has a higher gen.
+	gen uint64
 	// adopted is when the proxy adopted cfg.
 	adopted time.Time
 	// clusters are the upstreams by cluster name.
