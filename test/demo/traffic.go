@@ -4,8 +4,9 @@ package main
 // echo.demo.svc.clusterset.local by name over HTTP/1.1, h2c (to a port
 // declared http and one declared http2), gRPC and raw TCP, and prints
 // who answered and the caller identity the answering sidecar verified; then a's echo pod goes unready and c answers, until
-// a's pod is ready again; then it calls a Service of its own cluster that
-// nobody exported, over mTLS too.
+// a's pod is ready again; then an AuthorizationPolicy in a lets b's
+// client in only with a header; last, it calls a Service of its own
+// cluster that nobody exported, over mTLS too.
 
 import (
 	"context"
@@ -14,6 +15,11 @@ import (
 	"strings"
 	"time"
 
+	istioclient "istio.io/client-go/pkg/clientset/versioned"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/isthmus-mesh/isthmus/test/install"
+	"github.com/isthmus-mesh/isthmus/test/localcluster"
 	"github.com/isthmus-mesh/isthmus/test/mesh"
 )
 
@@ -108,6 +114,10 @@ func showTraffic(ctx context.Context, a, b, c *mesh.Cluster, echoPods []*mesh.Po
 	}
 	fmt.Printf("  a answers again %s after its pod became ready\n", time.Since(t0).Round(10*time.Millisecond))
 
+	if err := showPolicy(ctx, a, client); err != nil {
+		return err
+	}
+
 	step("cluster b: Service demo/local, which nobody exported, with a meshed pod of b behind it")
 	if _, err := b.ServeEcho(ctx, "demo", "local", 1); err != nil {
 		return err
@@ -168,4 +178,58 @@ func gatewayRouted(ctx context.Context, clusters ...*mesh.Cluster) map[string]in
 		}
 	}
 	return counts
+}
+
+// showPolicy applies, in a, an AuthorizationPolicy on demo/echo that
+// lets b's client in only when it sends x-team: blue, shows a call
+// without the header refused and one with it answered, and deletes it.
+func showPolicy(ctx context.Context, a *mesh.Cluster, client *mesh.Pod) error {
+	step("cluster a: an AuthorizationPolicy on demo/echo lets b's client in, with header x-team: blue only")
+	const policy = `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: echo-callers, namespace: demo}
+spec:
+  selector: {matchLabels: {app: echo}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["b.mesh/ns/demo/sa/client"]}}]
+    when: [{key: "request.headers[x-team]", values: ["blue"]}]
+`
+	indent(policy, "    ")
+	cfg, err := a.K.RESTConfig(localcluster.UserAdmin)
+	if err != nil {
+		return err
+	}
+	if err := install.Apply(ctx, cfg, []byte(policy)); err != nil {
+		return fmt.Errorf("apply the AuthorizationPolicy: %w", err)
+	}
+	fmt.Println("  a's federator gives echo's sidecar the policy, which names b's client by b's trust domain")
+	call := mesh.Call{Proto: "http1", Target: echoHost + ":80"}
+	fmt.Printf("\n  [%s/%s/%s]$ echo %s\n", client.Cluster.Name(), client.Spec.Namespace, client.Name(), strings.Join(call.Args(), " "))
+	var refusal string
+	err = mesh.Poll(ctx, trafficTimeout, "a's echo to refuse b's call without the header", func(ctx context.Context) (bool, string) {
+		_, err := client.Call(ctx, call)
+		if err == nil {
+			return false, "still answered"
+		}
+		refusal = err.Error()
+		return strings.Contains(refusal, "403"), refusal
+	})
+	if err != nil {
+		return err
+	}
+	fmt.Printf("    refused by a's echo sidecar: %s\n", refusal[strings.Index(refusal, "HTTP/1.1 403"):])
+	call.Headers = []string{"x-team: blue"}
+	if _, err := callUntil(ctx, client, call, "a"); err != nil {
+		return err
+	}
+	ic, err := istioclient.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	if err := ic.SecurityV1().AuthorizationPolicies("demo").Delete(ctx, "echo-callers", metav1.DeleteOptions{}); err != nil {
+		return fmt.Errorf("delete the AuthorizationPolicy: %w", err)
+	}
+	fmt.Println("\n  policy deleted: echo takes every caller with a certificate again")
+	return nil
 }
