@@ -125,6 +125,16 @@ func Translate(set *Set, localTD string, level Level) *RBAC {
 	for _, p := range set.Policies {
 		t := &translator{policy: p, localTD: localTD, level: level}
 		spec := p.Spec
+		if _, err := proto.Marshal(spec); err != nil {
+			// Nothing the API server stores, but a policy that cannot be
+			// read is one whose meaning is unknown: it denies everything.
+			t.note(fmt.Sprintf("cannot be read (%v): it denies every caller", err))
+			n.Deny[fmt.Sprintf("ns[%s]-policy[%s]-invalid", p.Namespace, p.Name)] = &rbacv3.Policy{
+				Permissions: []*rbacv3.Permission{anyPermission()}, Principals: []*rbacv3.Principal{anyPrincipal()},
+			}
+			n.Notes = append(n.Notes, t.notes...)
+			continue
+		}
 		var into map[string]*rbacv3.Policy
 		deny := true
 		switch spec.GetAction() {
@@ -213,7 +223,28 @@ func (t *translator) rule(i int, r *securityv1beta1.Rule, deny bool) (*rbacv3.Po
 	}
 	principal := andPrincipals(append([]*rbacv3.Principal{orPrincipals(principals)}, whenPrincipals...))
 	permission := andPermissions(append([]*rbacv3.Permission{orPermissions(permissions)}, whenPermissions...))
-	return &rbacv3.Policy{Permissions: []*rbacv3.Permission{permission}, Principals: []*rbacv3.Principal{principal}}, true
+	policy := &rbacv3.Policy{Permissions: []*rbacv3.Permission{permission}, Principals: []*rbacv3.Principal{principal}}
+	if err := policy.Validate(); err != nil {
+		// A value Envoy's RBAC cannot hold (a header name with a NUL,
+		// say): the rule cannot be sent as written, and a listener
+		// the sidecars refused would leave them on their last one.
+		reason := clip(err.Error(), 200)
+		if !deny {
+			t.note(fmt.Sprintf("rule %d never matches: it has a value the sidecar cannot match (%s)", i, reason))
+			return nil, false
+		}
+		t.note(fmt.Sprintf("rule %d denies every caller: it has a value the sidecar cannot match (%s)", i, reason))
+		return &rbacv3.Policy{Permissions: []*rbacv3.Permission{anyPermission()}, Principals: []*rbacv3.Principal{anyPrincipal()}}, true
+	}
+	return policy, true
+}
+
+// clip is s cut to n bytes, with an ellipsis when cut.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return strings.ToValidUTF8(s[:n], "") + "…"
 }
 
 // Why a field is not enforced.
@@ -485,7 +516,13 @@ func requestHeader(key string) (string, bool) {
 	if !ok || name == "" || strings.ContainsAny(name, "[]") {
 		return "", false
 	}
-	return strings.ToLower(name), true
+	name = strings.ToLower(name)
+	if strings.HasPrefix(name, ":") && name != ":method" && name != ":authority" && name != ":path" {
+		// The sidecar's RBAC knows these pseudo-headers only: another
+		// (:scheme, say) is a field it cannot match, not one to send.
+		return "", false
+	}
+	return name, true
 }
 
 // principal matches a principal as Istio writes it,

@@ -437,6 +437,15 @@ func TestAuthorizationPolicyFieldsForARequest(t *testing.T) {
 			{request{headers: map[string]string{"x-user": "root", "x-trace": "1"}}, false},
 			{request{headers: map[string]string{"x-user": "admin", "x-trace": "1", "x-env": "prod"}}, false},
 		}},
+		{"a pseudo-header the sidecar has not: the DENY rule applies without it", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
+			Rules: []*securityv1beta1.Rule{{
+				To:   []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Paths: []string{"/x"}}}},
+				When: []*securityv1beta1.Condition{{Key: "request.headers[:scheme]", Values: []string{"http"}}},
+			}}},
+			[]call{{request{}, true}, {request{path: "/x"}, false}}},
+		{"a request header on :authority", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{When: []*securityv1beta1.Condition{
+			{Key: "request.headers[:authority]", Values: []string{"web*"}},
+		}}}}, []call{{request{}, true}, {request{host: "other"}, false}}},
 		{"a DENY policy on a method denies only that method", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
 			Rules: to(&securityv1beta1.Operation{Methods: []string{"DELETE"}, Paths: []string{"/data/*"}})},
 			[]call{{request{}, true}, {request{method: "DELETE", path: "/data/1"}, false}, {request{method: "DELETE", path: "/other"}, true}}},
@@ -515,4 +524,33 @@ func BenchmarkPolicyChange(b *testing.B) {
 			cpu.report(b)
 		})
 	}
+}
+
+// FuzzAuthorizationPolicyDecodes checks that whatever an
+// AuthorizationPolicy holds (the API server checks little of it), the
+// federator sends the sidecars something they accept: a listener the
+// Go sidecar refused would leave the pod on its last configuration,
+// with none of the policy changes after it.
+func FuzzAuthorizationPolicyDecodes(f *testing.F) {
+	f.Add(uint8(0), "b.mesh/ns/demo/sa/client", "ops", "x-user", "admin", "/admin*", "*.example.com", "GET", "8080")
+	f.Add(uint8(1), "*", "*", ":scheme", "*", "{*}", "web:80", "*", "http")
+	f.Add(uint8(2), "cluster.local/ns/*", "team-*-prod", "X Bad", "a\x00b", "", "*", "", "0")
+	f.Fuzz(func(t *testing.T, action uint8, principal, namespace, header, value, path, host, method, port string) {
+		rule := &securityv1beta1.Rule{
+			From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{
+				Principals: []string{principal}, NotNamespaces: []string{namespace},
+				ServiceAccounts: []string{namespace + "/" + principal}, TrustDomains: []string{namespace},
+			}}},
+			To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{
+				Paths: []string{path}, NotHosts: []string{host}, Methods: []string{method}, Ports: []string{port},
+			}}},
+			When: []*securityv1beta1.Condition{
+				{Key: "request.headers[" + header + "]", Values: []string{value}, NotValues: []string{path}},
+				{Key: "destination.port", NotValues: []string{port}},
+				{Key: header, Values: []string{value}},
+			},
+		}
+		spec := &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_Action(action % 5), Rules: []*securityv1beta1.Rule{rule, {}}}
+		webWithPolicy(t, spec)
+	})
 }
