@@ -114,6 +114,12 @@ func (r *RBAC) HTTPFilters() ([]*hcmv3.HttpFilter, error) {
 	return out, nil
 }
 
+// DenyAll is the RBAC at level that lets nobody through: an ALLOW
+// filter without policies.
+func DenyAll(level Level) *RBAC {
+	return &RBAC{Level: level, Allow: map[string]*rbacv3.Policy{}}
+}
+
 // Translate is the RBAC of set at level, whose local trust domain is
 // localTD (Istio's "cluster.local" in a principal names it too). A nil
 // set is nil.

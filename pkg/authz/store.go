@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
+	"hash/fnv"
 	"iter"
 	"maps"
 	"slices"
@@ -71,6 +72,8 @@ type policy struct {
 }
 
 type pod struct {
+	// ref is "namespace/name", made once.
+	ref    string
 	labels map[string]string
 	// set is the key of its set; empty when no policy selects it.
 	set string
@@ -117,6 +120,8 @@ func (s *Store) SetPolicy(p Policy) {
 	}
 	byName[p.Name] = np
 	s.policyChanged(p.Namespace)
+	// Which namespaces policies cover may have changed too.
+	s.changed()
 }
 
 // DeletePolicy forgets the policy namespace/name.
@@ -132,6 +137,7 @@ func (s *Store) DeletePolicy(namespace, name string) {
 		delete(s.policies, namespace)
 	}
 	s.policyChanged(namespace)
+	s.changed()
 }
 
 // SetPod records the labels of the pod namespace/name. The store keeps
@@ -149,12 +155,21 @@ func (s *Store) SetPod(namespace, name string, labels map[string]string) {
 		s.pods[namespace] = byName
 	}
 	if p == nil {
-		p = &pod{}
+		p = &pod{ref: namespace + "/" + name}
 		byName[name] = p
+		if s.mayApply(namespace) {
+			// Known now: a snapshot says so (Snapshot.Unknown).
+			defer s.changed()
+		}
 	}
 	p.labels = labels
 	s.redo(namespace, p)
-	// A new pod without policies changes nothing a snapshot says.
+}
+
+// mayApply reports whether some policy may select pods of namespace:
+// one of the namespace's or of the root namespace.
+func (s *Store) mayApply(namespace string) bool {
+	return len(s.policies[namespace]) > 0 || len(s.policies[s.root]) > 0
 }
 
 // DeletePod forgets the pod namespace/name.
@@ -170,6 +185,9 @@ func (s *Store) DeletePod(namespace, name string) {
 	delete(byName, name)
 	if len(byName) == 0 {
 		delete(s.pods, namespace)
+	}
+	if s.mayApply(namespace) {
+		s.changed()
 	}
 }
 
@@ -285,6 +303,12 @@ type Snapshot struct {
 	// policy selects.
 	pods map[string]string
 	sets map[string]*Set
+	// known are the pods of the namespaces covered: those the
+	// namespace's or the root namespace's policies for sidecars may
+	// select.
+	known, covered map[string]bool
+	root           string
+	knownSum       uint64
 	// Version changes whenever the store changed.
 	Version uint64
 	// Synced is Store.SetSynced's.
@@ -298,16 +322,59 @@ func (s *Store) Snapshot() *Snapshot {
 	if s.snap != nil {
 		return s.snap
 	}
-	snap := &Snapshot{pods: map[string]string{}, sets: maps.Clone(s.sets), Version: s.seq, Synced: s.synced}
-	for ns, byName := range s.pods {
-		for name, p := range byName {
-			if p.set != "" {
-				snap.pods[ns+"/"+name] = p.set
+	snap := &Snapshot{pods: map[string]string{}, sets: maps.Clone(s.sets), known: map[string]bool{}, covered: map[string]bool{},
+		Version: s.seq, Synced: s.synced}
+	for ns, byName := range s.policies {
+		for _, p := range byName {
+			if p.Spec.GetTargetRef() == nil && len(p.Spec.GetTargetRefs()) == 0 {
+				snap.covered[ns] = true
+				break
 			}
 		}
 	}
+	for ns, byName := range s.pods {
+		for _, p := range byName {
+			if p.set != "" {
+				snap.pods[p.ref] = p.set
+			}
+			if snap.covered[ns] || snap.covered[s.root] {
+				snap.known[p.ref] = true
+			}
+		}
+	}
+	snap.root = s.root
+	h := fnv.New64a()
+	for ref := range snap.known {
+		h.Reset()
+		h.Write([]byte(ref))
+		snap.knownSum += h.Sum64()
+	}
 	s.snap = snap
 	return snap
+}
+
+// Covers reports whether policies for sidecars exist in some namespace.
+func (s *Snapshot) Covers() bool { return s != nil && len(s.covered) > 0 }
+
+// KnownSum is a sum of the pods Unknown says are known: it changes when
+// one of them comes or goes.
+func (s *Snapshot) KnownSum() uint64 {
+	if s == nil {
+		return 0
+	}
+	return s.knownSum
+}
+
+// Unknown reports whether the pod "namespace/name" is one the store
+// has not seen in a namespace some policy may cover (its own or the
+// root namespace has a policy for sidecars): its labels, so its
+// policies, are unknown, and its sidecar should let nobody in until
+// they are. False for a nil snapshot.
+func (s *Snapshot) Unknown(namespace, name string) bool {
+	if s == nil || (!s.covered[namespace] && !s.covered[s.root]) {
+		return false
+	}
+	return !s.known[namespace+"/"+name]
 }
 
 // Pod returns the policies that select the pod "namespace/name"; false

@@ -554,3 +554,67 @@ func FuzzAuthorizationPolicyDecodes(f *testing.F) {
 		webWithPolicy(t, spec)
 	})
 }
+
+// A pod the federator has not seen, in a namespace policies cover, lets
+// nobody in until it has: its labels, so its policies, are unknown. Once
+// seen it gets its own profile; a namespace no policy covers is as
+// before.
+func TestUnknownPodLetsNobodyIn(t *testing.T) {
+	store := authz.NewStore("")
+	store.SetPod("demo", "web-0", map[string]string{"app": "web"})
+	store.SetPolicy(policy("demo", "web-only", &securityv1beta1.AuthorizationPolicy{Selector: selectApp("web"), Rules: []*securityv1beta1.Rule{{}}}))
+	store.SetSynced()
+	declared := declaredPods(t, "web", []catalog.Port{{Name: "http", Port: 80, TargetPort: 8080}}, map[string]string{"web-0": "10.0.1.2", "web-1": "10.0.1.3"})
+	opts := SidecarOptions{TrustDomain: "a.mesh"}
+	tr, err := NewSidecarTranslator(opts)
+	require.NoError(t, err)
+	in := SidecarInput{Declared: declared, Policies: store.Snapshot()}
+	res, _, err := tr.Translate(in)
+	require.NoError(t, err)
+	const caller = "spiffe://a.mesh/ns/demo/sa/x"
+	require.True(t, allows(t, sidecarOf(t, res, "web-0", "10.0.1.2"), caller, 8080, "istio"))
+	unknown := sidecarOf(t, res, "web-1", "10.0.1.3")
+	require.False(t, allows(t, unknown, caller, 8080, "istio"), "web-1 is not known yet")
+	require.False(t, allows(t, unknown, caller, 9, "istio"), "on any port")
+	require.False(t, allows(t, unknown, caller, 9, "istio-http/1.1"), "over HTTP too")
+	require.False(t, allows(t, sidecarOf(t, res, "x-0", "10.0.9.9"), caller, 9, "istio"), "a pod no Service names, unknown too")
+
+	// Seen, with labels no policy selects: its declared ports, no RBAC.
+	store.SetPod("demo", "web-1", map[string]string{"app": "other"})
+	in.Policies = store.Snapshot()
+	got, _, err := tr.Translate(in)
+	require.NoError(t, err)
+	require.NotEqual(t, res.Version, got.Version, "a pod becoming known changes what its sidecar is served")
+	known := sidecarOf(t, got, "web-1", "10.0.1.3")
+	require.True(t, allows(t, known, caller, 8080, "istio"))
+	require.NotNil(t, known.Sidecar.Inbound.Match(8080, []string{"istio"}).HTTP, "its declared HTTP port")
+	want, _, err := TranslateSidecar(in, opts)
+	require.NoError(t, err)
+	require.Equal(t, want.Version, got.Version)
+
+	// A namespace no policy covers: an unknown pod there is as before.
+	other := nodeid.ID{Role: nodeid.RoleSidecar, IP: "10.0.5.5", Pod: "y-0", Namespace: "other"}.String()
+	require.Nil(t, got.Inbound.Listeners(other))
+}
+
+// A pod whose Service's EndpointSlice gives only its IP (no pod name)
+// keeps its declared-port chains when a policy, known by its name,
+// selects it: its sidecar gets both.
+func TestPoliciesByNameDeclaredPortsByIP(t *testing.T) {
+	store := authz.NewStore("")
+	store.SetPod("demo", "web-0", map[string]string{"app": "web"})
+	store.SetPolicy(policy("demo", "no-ops", &securityv1beta1.AuthorizationPolicy{Selector: selectApp("web"), Action: securityv1beta1.AuthorizationPolicy_DENY,
+		Rules: []*securityv1beta1.Rule{{From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Namespaces: []string{"ops"}}}}}}}))
+	store.SetSynced()
+	svc := catalog.Service{Namespace: "demo", Name: "web", Cluster: "a", Ports: []catalog.Port{{Name: "http", Port: 80, TargetPort: 8080}},
+		Endpoints: []catalog.LocalityEndpoints{{Addresses: []catalog.Address{{IP: "10.0.1.2", Ready: true}}, Ready: 1}}}
+	declared, err := catalog.NewSnapshot(catalog.DeclaredSource, []catalog.Service{svc})
+	require.NoError(t, err)
+	res, _, err := TranslateSidecar(SidecarInput{Declared: declared, Policies: store.Snapshot()}, SidecarOptions{TrustDomain: "a.mesh"})
+	require.NoError(t, err)
+	cfg := sidecarOf(t, res, "web-0", "10.0.1.2")
+	ch := cfg.Sidecar.Inbound.Match(8080, []string{"istio"})
+	require.NotNil(t, ch.HTTP, "port 8080 is declared HTTP, whatever the caller's ALPN")
+	require.False(t, allows(t, cfg, "spiffe://a.mesh/ns/ops/sa/x", 8080, "istio"), "and the policy applies")
+	require.True(t, allows(t, cfg, "spiffe://a.mesh/ns/demo/sa/x", 8080, "istio"))
+}

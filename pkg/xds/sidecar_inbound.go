@@ -64,6 +64,9 @@ type InboundProfiles struct {
 	pods map[podRef]string
 	// byKey are the profiles by key.
 	byKey map[string]*inboundProfile
+	// policies say which pods the federator has not seen but policies
+	// may cover (nodeProfile).
+	policies *authz.Snapshot
 	// Version is a hash of which pod has which profile and of every
 	// profile's listeners; it changes when any of them does.
 	Version string
@@ -130,14 +133,40 @@ func (p *InboundProfiles) nodeProfile(id string) (string, bool) {
 	if err != nil {
 		return "", false
 	}
+	if p.policies.Unknown(nid.Namespace, nid.Pod) {
+		// Policies may select it, and which is unknown until the
+		// federator has seen its pod (its Service's endpoints may
+		// name it before): nobody gets in until then.
+		return unknownPodKey, true
+	}
+	ip, ipErr := netip.ParseAddr(nid.IP)
 	if k, ok := p.profileOf(podRef{pod: nid.Namespace + "/" + nid.Pod}); ok {
+		ports, set := splitProfileKey(k)
+		if ports == "" && ipErr == nil {
+			// Its policies by name, its declared ports by IP (an
+			// address its EndpointSlice names no pod for): the profile
+			// with both is made for every such pair.
+			if ipKey, ok := p.Profile(ip); ok {
+				if both := joinProfileKey(ipKey, set); p.byKey[both] != nil {
+					return both, true
+				}
+			}
+		}
 		return k, true
 	}
-	if ip, err := netip.ParseAddr(nid.IP); err == nil {
+	if ipErr == nil {
 		return p.Profile(ip)
 	}
 	return "", false
 }
+
+// unknownPodKey is the profile of a pod the policies may cover but that
+// the federator has not seen: its inbound chains let nobody in.
+var unknownPodKey = joinProfileKey("", unknownPodSet)
+
+// unknownPodSet is the policy set of unknownPodKey; a set's key is
+// otherwise hexadecimal.
+const unknownPodSet = "unknown-pod"
 
 // Status describes every profile, by key.
 func (p *InboundProfiles) Status() map[string]ProfileStatus {
@@ -504,7 +533,7 @@ func (m *profileMaker) profiles(x *declIndex, policies *authz.Snapshot, localTD 
 	if m.policies != policies || m.localTD != localTD || x.changed || m.pods == nil {
 		m.assign(x, policies, localTD)
 	}
-	if len(m.pods) == 0 {
+	if len(m.counts) == 0 {
 		m.base, m.outbound, m.made, m.last, m.valid, x.changed = base, outbound, nil, nil, true, false
 		return nil, m.notes, nil
 	}
@@ -524,15 +553,17 @@ func (m *profileMaker) profiles(x *declIndex, policies *authz.Snapshot, localTD 
 	if err != nil {
 		return nil, nil, err
 	}
-	p = &InboundProfiles{pods: m.pods, byKey: make(map[string]*inboundProfile, len(m.counts))}
+	p = &InboundProfiles{pods: m.pods, byKey: make(map[string]*inboundProfile, len(m.counts)), policies: policies}
 	v := newVersionHash()
 	sum := binary.BigEndian.AppendUint64(nil, x.sum[0])
 	sum = binary.BigEndian.AppendUint64(sum, x.sum[1])
-	if m.policySum != [2]uint64{} {
-		// Which pod has which policies: only when some have any, so
-		// that the versions without policies stay what they were.
+	if m.policySum != [2]uint64{} || policies.Covers() {
+		// Which pod has which policies, and which pods are known:
+		// only when policies cover some, so that the versions without
+		// policies stay what they were.
 		sum = binary.BigEndian.AppendUint64(sum, m.policySum[0])
 		sum = binary.BigEndian.AppendUint64(sum, m.policySum[1])
+		sum = binary.BigEndian.AppendUint64(sum, policies.KnownSum())
 	}
 	v.record("pods", len(sum))
 	v.write(sum)
@@ -582,6 +613,9 @@ func (m *profileMaker) assign(x *declIndex, policies *authz.Snapshot, localTD st
 				rbac[set.Key] = &setRBAC{conn: authz.Translate(set, localTD, authz.Connection), req: authz.Translate(set, localTD, authz.Request)}
 			}
 		}
+		if policies.Covers() {
+			rbac[unknownPodSet] = &setRBAC{conn: authz.DenyAll(authz.Connection), req: authz.DenyAll(authz.Request)}
+		}
 		m.rbac = rbac
 		m.notes = nil
 		for _, n := range rbac {
@@ -596,6 +630,24 @@ func (m *profileMaker) assign(x *declIndex, policies *authz.Snapshot, localTD st
 		m.pods, m.counts = maps.Clone(x.keys), maps.Clone(x.counts)
 		return
 	}
+	defer func() {
+		// The profiles a pod may be served without a pod of its own:
+		// an unknown pod's, and each policy set with each declared
+		// ports of pods known by IP only (nodeProfile).
+		if policies.Covers() {
+			m.counts[unknownPodKey] += 0
+		}
+		for r, ports := range x.keys {
+			if r.pod != "" {
+				continue
+			}
+			for set := range m.rbac {
+				if set != unknownPodSet {
+					m.counts[joinProfileKey(ports, set)] += 0
+				}
+			}
+		}
+	}()
 	m.pods = maps.Clone(x.keys)
 	// Few distinct keys, many pods: each joined key is made once.
 	joined := map[[2]string]string{}
