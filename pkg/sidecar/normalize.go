@@ -74,18 +74,18 @@ func pathClean(p string) bool {
 	return true
 }
 
-// normalizePath normalizes the request path p (its query, after the first
-// '?', is kept as it is). A p that does not start with '/' is refused,
-// except "" (a request without a path, CONNECT) and "*" (OPTIONS *), which
-// are left alone. When the normalized path differs from p, it is written
-// over buf[:0] and returned with changed set (the caller makes a string of
-// it if it keeps it); when it does not, nothing is written: a path with
-// nothing to normalize costs a scan and no allocation.
-func normalizePath(buf []byte, p string) (out []byte, changed, ok bool) {
-	if p == "" || p == "*" {
+// normalizePath normalizes the path p of a method request (its query,
+// after the first '?', is kept as it is). A p that does not start with '/'
+// is refused, except for the requests that have no path: CONNECT's "" and
+// OPTIONS's "*", left alone. When the normalized path differs from p, it
+// is written over buf[:0] and returned with changed set (the caller makes
+// a string of it if it keeps it); when it does not, nothing is written: a
+// path with nothing to normalize costs a scan and no allocation.
+func normalizePath(buf []byte, method, p string) (out []byte, changed, ok bool) {
+	if p == "" && method == "CONNECT" || p == "*" && method == "OPTIONS" {
 		return buf[:0], false, true
 	}
-	if p[0] != '/' {
+	if p == "" || p[0] != '/' {
 		return buf[:0], false, false
 	}
 	path, query := p, ""
