@@ -138,6 +138,9 @@ type (
 		RouteConfig       *routeDump `json:"route_config,omitempty"`
 		ForwardClientCert string     `json:"forward_client_cert_details"`
 		SetClientCertURI  bool       `json:"set_current_client_cert_uri,omitempty"`
+		// NormalizePath is normalize_path: the inbound request's path is
+		// normalized before HTTP RBAC and the app see it.
+		NormalizePath bool `json:"normalize_path,omitempty"`
 		// RBAC are the manager's envoy.filters.http.rbac filters, in
 		// order (DENY, then ALLOW), each with its policies' names.
 		RBAC []rbacDump `json:"http_rbac,omitempty"`
@@ -318,7 +321,7 @@ func hcm(h *xdsclient.HTTPConnectionManager) *hcmDump {
 		return nil
 	}
 	d := &hcmDump{StatPrefix: h.StatPrefix, RouteConfigName: h.RouteConfigName, ForwardClientCert: h.ForwardClientCert.String(),
-		SetClientCertURI: h.SetClientCertURI}
+		SetClientCertURI: h.SetClientCertURI, NormalizePath: h.NormalizePath}
 	if h.RBAC != nil {
 		d.RBAC = rbacFilters(h.RBAC.Deny, h.RBAC.Allow)
 	}

@@ -505,6 +505,11 @@ type h1Conn struct {
 	readAhead bool
 	// rbacFields is the request head as the HTTP RBAC filters read it.
 	rbacFields h1Fields
+	// normPath is the request in flight's path and query as normalize_path
+	// made them, when that changed them (normalized); then they, not the
+	// head's, are what RBAC, routing and the upstream see. Reused.
+	normPath   []byte
+	normalized bool
 }
 
 var h1Conns = sync.Pool{New: func() any { return new(h1Conn) }}
@@ -625,6 +630,30 @@ func (hc *h1Conn) refuse(e *h1Error) {
 	hc.tm.route = time.Time{}
 	hc.writeError(e.code, e.msg+"\n", true)
 	hc.linger()
+}
+
+// normalizePath is path (the request target's path and query)
+// normalized, as the inbound connection manager's normalize_path asks;
+// path itself when that changes nothing. An absolute-form target without
+// a path has "/". ok is false for a path that cannot be (answered 400).
+func (hc *h1Conn) normalizePath(head, path []byte) ([]byte, bool) {
+	target := str(path)
+	if hc.req.absolute && (len(path) == 0 || path[0] == '?') {
+		target = "/" + target // rare: a copy
+	}
+	out, changed, ok := normalizePath(hc.normPath, str(hc.req.method.of(head)), target)
+	switch {
+	case !ok:
+		return path, false
+	case changed:
+		hc.normPath = out
+	case len(target) != len(path):
+		hc.normPath = append(out[:0], target...)
+	default:
+		return path, true
+	}
+	hc.normalized = true
+	return hc.normPath, true
 }
 
 // rbacAllows decides the request whose head is head by the connection
@@ -759,7 +788,17 @@ func (hc *h1Conn) serveRequest(head []byte) (keep, upgrade bool) {
 		authority = h.authority
 	}
 	path := h.path.of(head)
-	if nw, rb := p.rbacNow(ci); !rbacAllowsNetwork(nw, ci) || rb != nil && !hc.rbacAllows(rb, head, str(authority.of(head)), str(path)) {
+	nw, hcm := p.rbacNow(ci)
+	hc.normalized = false
+	if hcm.NormalizePath {
+		var ok bool
+		if path, ok = hc.normalizePath(head, path); !ok {
+			hc.count("", http.StatusBadRequest)
+			hc.writeError(http.StatusBadRequest, "isthmus sidecar: path cannot be normalized\n", hasBody)
+			return !hasBody, false
+		}
+	}
+	if rb := hcm.RBAC; !rbacAllowsNetwork(nw, ci) || rb != nil && !hc.rbacAllows(rb, head, str(authority.of(head)), str(path)) {
 		return hc.denyRBAC(str(h.method.of(head)), str(path), hasBody), false
 	}
 	if i := bytes.IndexByte(path, '?'); i >= 0 {
@@ -943,8 +982,11 @@ func (hc *h1Conn) sendRequest(up *h1Up, head []byte) (int64, error) {
 	w.tm = &hc.tm
 	up.in.tm, up.in.down = &hc.tm, hc
 	w.b = w.b[:0]
-	if h.absolute {
+	if h.absolute || hc.normalized {
 		path := h.path.of(head)
+		if hc.normalized {
+			path = hc.normPath
+		}
 		_ = w.write(h.method.of(head))
 		_ = w.str(" ")
 		if len(path) == 0 {
@@ -952,9 +994,12 @@ func (hc *h1Conn) sendRequest(up *h1Up, head []byte) (int64, error) {
 		} else {
 			_ = w.write(path)
 		}
-		_ = w.str(" HTTP/1.1\r\nHost: ")
-		_ = w.write(h.authority.of(head))
-		_ = w.str("\r\n")
+		_ = w.str(" HTTP/1.1\r\n")
+		if h.absolute {
+			_ = w.str("Host: ")
+			_ = w.write(h.authority.of(head))
+			_ = w.str("\r\n")
+		}
 	} else {
 		_ = w.write(head[:h.target.e])
 		_ = w.str(" HTTP/1.1\r\n")

@@ -241,14 +241,20 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 		authority = host
 	}
 	ci := down.info
-	nw, rb := p.rbacNow(ci)
+	nw, hcm := p.rbacNow(ci)
 	if ci.retiring() {
 		// Its chain is gone from the configuration: no stream after
 		// this one.
 		down.goAwayNow()
 	}
+	if hcm.NormalizePath {
+		if path, ok = normalizeH2Path(f.Fields, method, path); !ok {
+			s.answer(http.StatusBadRequest, "isthmus sidecar: path cannot be normalized\n")
+			return
+		}
+	}
 	ok = rbacAllowsNetwork(nw, ci)
-	if ok && rb != nil {
+	if rb := hcm.RBAC; ok && rb != nil {
 		v := &down.rbacFields
 		v.fields = f.Fields
 		ok = rb.Allows(&xdsclient.RBACRequest{ID: ci.caller, Port: ci.dst.Port(), Method: method, Authority: authority,
@@ -284,6 +290,23 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 		return
 	}
 	s.connect()
+}
+
+// normalizeH2Path normalizes path, the :path of the method request whose header
+// block is fields, and when that changes it, writes the result over the
+// block's :path: RBAC, routing and the upstream all see it.
+func normalizeH2Path(fields []hpack.HeaderField, method, path string) (string, bool) {
+	out, changed, ok := normalizePath(nil, method, path)
+	if !ok || !changed {
+		return path, ok
+	}
+	path = str(out) // out is the path's own
+	for i := range fields {
+		if fields[i].Name == ":path" {
+			fields[i].Value = path
+		}
+	}
+	return path, true
 }
 
 // connect opens the stream on a connection to an endpoint of its

@@ -673,6 +673,9 @@ type echoReply struct {
 type backend struct {
 	addr     netip.AddrPort
 	requests atomic.Int64
+	// lastTarget is the request target of the last request the app
+	// received, before its ServeMux cleans or redirects it.
+	lastTarget atomic.Pointer[string]
 }
 
 func startHTTPBackend(t testing.TB, pod string) *backend {
@@ -716,7 +719,10 @@ func startHTTPBackend(t testing.TB, pod string) *backend {
 		case <-r.Context().Done():
 		}
 	})
-	b.addr = serveApp(t, mux)
+	b.addr = serveApp(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b.lastTarget.Store(&r.RequestURI)
+		mux.ServeHTTP(w, r)
+	}))
 	return b
 }
 

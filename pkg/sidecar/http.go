@@ -213,13 +213,18 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "isthmus sidecar: no configuration", http.StatusServiceUnavailable)
 		return
 	}
-	nw, rb := p.rbacNow(ci)
+	nw, hcm := p.rbacNow(ci)
 	if ci.retiring() {
 		// Its chain is gone from the configuration: this answer is its
 		// last (HTTP/2: a GOAWAY).
 		w.Header().Set("Connection", "close")
 	}
-	if !rbacAllowsNetwork(nw, ci) || rb != nil && !rbacAllowsNetHTTP(rb, ci, r) {
+	if hcm.NormalizePath && !normalizeRequestPath(r) {
+		p.metrics.request(ci.listener, "", http.StatusBadRequest)
+		http.Error(w, "isthmus sidecar: path cannot be normalized", http.StatusBadRequest)
+		return
+	}
+	if rb := hcm.RBAC; !rbacAllowsNetwork(nw, ci) || rb != nil && !rbacAllowsNetHTTP(rb, ci, r) {
 		// Envoy's answer. An HTTP/1.1 body the handler did not read,
 		// net/http reads and drops (up to 256 KiB) for the connection
 		// to be kept, or closes it: refuseLinger bounds the wait for a

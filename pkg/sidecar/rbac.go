@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strings"
 
 	"golang.org/x/net/http2/hpack"
@@ -158,4 +159,36 @@ func requestPath(r *http.Request) string {
 		p += "?" + r.URL.RawQuery
 	}
 	return p
+}
+
+// normalizeRequestPath normalizes r's path as normalize_path asks, and
+// reports whether it could be. A changed path replaces r's RequestURI
+// (RBAC's :path) and its URL's path (what ReverseProxy sends upstream):
+// RawPath keeps the encodings the normalization kept, %2F among them.
+func normalizeRequestPath(r *http.Request) bool {
+	if r.Method == http.MethodConnect {
+		return true
+	}
+	p := requestPath(r)
+	if p == "" {
+		p = "/" // an absolute-form target without a path
+	}
+	out, changed, ok := normalizePath(nil, r.Method, p)
+	if !ok {
+		return false
+	}
+	if !changed && p == r.RequestURI {
+		return true
+	}
+	if changed {
+		p = str(out) // out is the path's own
+	}
+	path, _, _ := strings.Cut(p, "?")
+	u, err := url.ParseRequestURI(path)
+	if err != nil {
+		return false
+	}
+	r.URL.Path, r.URL.RawPath = u.Path, u.RawPath
+	r.RequestURI = p
+	return true
 }

@@ -156,18 +156,20 @@ var cutState = &state{gen: math.MaxUint64}
 // rbacNow is what decides a request on ci's connection now: the network
 // RBAC of its chain in the current configuration when the connection was
 // not decided against that configuration yet (nil otherwise), and the
-// HTTP RBAC of that chain; of the chain it was accepted under when the
-// current configuration has no HTTP chain for it (the connection is
-// then retiring: its last request). Outbound, the connection manager's
-// (none).
-func (p *Proxy) rbacNow(ci *connInfo) (*xdsclient.NetworkRBAC, *xdsclient.HTTPRBAC) {
+// connection manager of that chain, whose HTTP RBAC and path
+// normalization apply (together: a policy never meets a path normalized
+// under another configuration's rules); of the chain it was accepted
+// under when the current configuration has no HTTP chain for it (the
+// connection is then retiring: its last request). Outbound, the
+// connection's own manager (no RBAC, no normalization).
+func (p *Proxy) rbacNow(ci *connInfo) (*xdsclient.NetworkRBAC, *xdsclient.HTTPConnectionManager) {
 	in := ci.in
 	if in == nil {
-		return nil, ci.hcm.RBAC
+		return nil, ci.hcm
 	}
 	st := p.state.Load()
 	if st == in.st {
-		return nil, ci.hcm.RBAC
+		return nil, ci.hcm
 	}
 	var nw *xdsclient.NetworkRBAC
 	l := st.cfg.Sidecar.Inbound
@@ -177,13 +179,13 @@ func (p *Proxy) rbacNow(ci *connInfo) (*xdsclient.NetworkRBAC, *xdsclient.HTTPRB
 			nw = ch.RBAC
 		}
 		if ch.HTTP != nil {
-			return nw, ch.HTTP.RBAC
+			return nw, ch.HTTP
 		}
 	}
 	if !in.retiring.Load() {
 		in.retiring.Store(true)
 	}
-	return nw, ci.hcm.RBAC
+	return nw, ci.hcm
 }
 
 // rbacAllowsNetwork reports whether nw (nil: none) lets ci's connection

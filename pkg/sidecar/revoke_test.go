@@ -317,7 +317,7 @@ func BenchmarkRBACNow(b *testing.B) {
 			in.checked.Store(tc.st)
 			b.ReportAllocs()
 			for b.Loop() {
-				if nw, rb := p.rbacNow(ci); nw != nil || rb == nil {
+				if nw, h := p.rbacNow(ci); nw != nil || h.RBAC == nil {
 					b.Fatal("not the chain's HTTP RBAC")
 				}
 			}

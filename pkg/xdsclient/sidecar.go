@@ -229,6 +229,11 @@ type HTTPConnectionManager struct {
 	// an inbound chain only, decided per request; nil when there are
 	// none.
 	RBAC *HTTPRBAC
+	// NormalizePath is normalize_path, on an inbound chain only: the
+	// request's path is normalized as Envoy normalizes it before HTTP
+	// RBAC reads it and the app receives it, and a path that cannot be
+	// is answered 400.
+	NormalizePath bool
 }
 
 // InboundListener is the listener named "inbound": listener_filters

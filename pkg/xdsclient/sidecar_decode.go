@@ -64,7 +64,7 @@ var (
 	scInboundMatch       = allow[*listenerv3.FilterChainMatch]("destination_port", "transport_protocol", "application_protocols")
 	scCidrFields         = allow[*corev3.CidrRange]("address_prefix", "prefix_len")
 	scOutboundHCM        = allow[*hcmv3.HttpConnectionManager]("codec_type", "stat_prefix", "rds", "route_config", "http_filters")
-	scInboundHCM         = allow[*hcmv3.HttpConnectionManager]("codec_type", "stat_prefix", "route_config", "http_filters", "forward_client_cert_details", "set_current_client_cert_details")
+	scInboundHCM         = allow[*hcmv3.HttpConnectionManager]("codec_type", "stat_prefix", "route_config", "http_filters", "forward_client_cert_details", "set_current_client_cert_details", "normalize_path")
 	scRdsFields          = allow[*hcmv3.Rds]("config_source", "route_config_name")
 	scHTTPFilterFields   = allow[*hcmv3.HttpFilter]("name", "typed_config")
 	scRouterFields       = allow[*routerv3.Router]()
@@ -370,6 +370,9 @@ func decodeHCM(f *listenerv3.Filter, inbound bool) (*HTTPConnectionManager, erro
 			}
 			out.SetClientCertURI = d.GetUri()
 		}
+		// Istio's pathNormalization BASE; merge_slashes and
+		// path_with_escaped_slashes_action stay refused by name.
+		out.NormalizePath = h.GetNormalizePath().GetValue()
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, within("typed_config", err)

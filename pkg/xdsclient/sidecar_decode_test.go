@@ -654,6 +654,21 @@ func TestSidecarDecodeRefusesWhatTheContractDoesNotDescribe(t *testing.T) {
 		{"XFCC subject", func(t *testing.T, m *scMutable) {
 			inHCM(t, m, func(h *hcmv3.HttpConnectionManager) { h.SetCurrentClientCertDetails.Subject = wrapperspb.Bool(true) })
 		}, []string{in + hcm + `set_current_client_cert_details.subject: not supported`}},
+		{"normalize_path outbound", func(t *testing.T, m *scMutable) {
+			outHCM(t, m, func(h *hcmv3.HttpConnectionManager) { h.NormalizePath = wrapperspb.Bool(true) })
+		}, []string{out + hcm + `normalize_path: not supported`}},
+		{"merge_slashes inbound", func(t *testing.T, m *scMutable) {
+			inHCM(t, m, func(h *hcmv3.HttpConnectionManager) {
+				h.NormalizePath = wrapperspb.Bool(true)
+				h.MergeSlashes = true
+			})
+		}, []string{in + hcm + `merge_slashes: not supported`}},
+		{"escaped slashes action inbound", func(t *testing.T, m *scMutable) {
+			inHCM(t, m, func(h *hcmv3.HttpConnectionManager) {
+				h.NormalizePath = wrapperspb.Bool(true)
+				h.PathWithEscapedSlashesAction = hcmv3.HttpConnectionManager_UNESCAPE_AND_REDIRECT
+			})
+		}, []string{in + hcm + `path_with_escaped_slashes_action: not supported`}},
 		{"inbound over RDS", func(t *testing.T, m *scMutable) {
 			inHCM(t, m, func(h *hcmv3.HttpConnectionManager) {
 				h.RouteSpecifier = &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{RouteConfigName: "inbound", ConfigSource: adsSource}}
