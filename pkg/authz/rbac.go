@@ -268,9 +268,18 @@ func (t *translator) unsupported(field, why string) {
 // source is one "from" entry: every field it sets must match.
 func (t *translator) source(s *securityv1beta1.Source) *rbacv3.Principal {
 	var all []*rbacv3.Principal
-	add := func(values []string, not bool, one func(string) *rbacv3.Principal) {
+	add := func(field string, values []string, not bool, one func(string) *rbacv3.Principal) {
 		if len(values) == 0 {
 			return
+		}
+		// Istio's wildcards are a "*" at either end, or alone; one
+		// inside a value is not enforced (the field goes, failing
+		// closed as every other).
+		for _, v := range values {
+			if len(v) > 2 && strings.Contains(v[1:len(v)-1], "*") {
+				t.unsupported(field, fmt.Sprintf("%q: a * inside a value is not enforced", v))
+				return
+			}
 		}
 		var any []*rbacv3.Principal
 		for _, v := range values {
@@ -282,14 +291,14 @@ func (t *translator) source(s *securityv1beta1.Source) *rbacv3.Principal {
 		}
 		all = append(all, p)
 	}
-	add(s.GetPrincipals(), false, t.principal)
-	add(s.GetNotPrincipals(), true, t.principal)
-	add(s.GetNamespaces(), false, namespacePrincipal)
-	add(s.GetNotNamespaces(), true, namespacePrincipal)
-	add(s.GetServiceAccounts(), false, t.serviceAccount)
-	add(s.GetNotServiceAccounts(), true, t.serviceAccount)
-	add(s.GetTrustDomains(), false, trustDomainPrincipal)
-	add(s.GetNotTrustDomains(), true, trustDomainPrincipal)
+	add("from.source.principals", s.GetPrincipals(), false, t.principal)
+	add("from.source.notPrincipals", s.GetNotPrincipals(), true, t.principal)
+	add("from.source.namespaces", s.GetNamespaces(), false, namespacePrincipal)
+	add("from.source.notNamespaces", s.GetNotNamespaces(), true, namespacePrincipal)
+	add("from.source.serviceAccounts", s.GetServiceAccounts(), false, t.serviceAccount)
+	add("from.source.notServiceAccounts", s.GetNotServiceAccounts(), true, t.serviceAccount)
+	add("from.source.trustDomains", s.GetTrustDomains(), false, trustDomainPrincipal)
+	add("from.source.notTrustDomains", s.GetNotTrustDomains(), true, trustDomainPrincipal)
 	for _, f := range []struct {
 		name string
 		set  bool

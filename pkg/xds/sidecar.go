@@ -1157,6 +1157,10 @@ func (b *sidecarBuilder) inbound() (*listenerv3.Listener, error) {
 		HttpFilters:                 []*hcmv3.HttpFilter{b.routerFilter()},
 		ForwardClientCertDetails:    hcmv3.HttpConnectionManager_SANITIZE_SET,
 		SetCurrentClientCertDetails: &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true},
+		// Istio's default (pathNormalization BASE): the app and the
+		// HTTP RBAC see one path, so /public/../admin cannot pass a
+		// DENY on /admin that the app would then serve.
+		NormalizePath: wrapperspb.Bool(true),
 	})
 	if err != nil {
 		return fail(err)

@@ -193,6 +193,9 @@ func TestSidecarEnforcesAuthorizationPolicies(t *testing.T) {
 		require.False(t, allows(t, web, intruder, 8080, alpn...), "cluster.local names the local trust domain: denied %v", alpn)
 		require.False(t, allows(t, web, intruder, 9000, alpn...), "denied %v", alpn)
 	}
+	// Istio's default path normalization, so RBAC and the app see one
+	// path (pkg/sidecar normalizes and tests the bypasses).
+	require.True(t, web.Sidecar.Inbound.Match(8080, nil).HTTP.NormalizePath, "inbound paths are normalized")
 	// An undeclared port: the ALPN picks the level.
 	require.True(t, allowsRequest(t, web, other, 7777, del, "istio-http/1.1"), "DELETE over HTTP on an undeclared port")
 	require.False(t, allows(t, web, other, 7777, "istio"), "a connection on an undeclared port")
@@ -353,6 +356,12 @@ func TestAuthorizationPolicyFieldsForAConnection(t *testing.T) {
 		{"a DENY rule with a path denies the port", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
 			Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Paths: []string{"/admin"}, Ports: []string{"9000"}}}}}}},
 			[]call{{client, 9000, false}, {client, 8080, true}}, []string{"on TCP ports, rule 0 is applied without to.operation.paths (not in a connection)"}},
+		{"a * inside a namespace: the DENY rule applies without it", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
+			Rules: []*securityv1beta1.Rule{{
+				From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Namespaces: []string{"team-*-prod"}}}},
+				To:   []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{"9000"}}}},
+			}}},
+			[]call{{ops, 9000, false}, {client, 9000, false}, {client, 8080, true}}, []string{`rule 0 is applied without from.source.namespaces ("team-*-prod": a * inside a value is not enforced)`}},
 		{"DENY without rules denies nothing", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY},
 			[]call{{client, 8080, true}}, nil},
 		{"ALLOW with an empty rule allows all", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{}}},
