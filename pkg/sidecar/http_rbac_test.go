@@ -174,6 +174,20 @@ func requireServed(t *testing.T, resp *http.Response, body, path string) {
 	require.Equal(t, path, reply.Path)
 }
 
+// inboundHTTPPaths are the sidecar's inbound HTTP paths: its own
+// HTTP/1.1 and HTTP/2 codecs, and net/http's server for each
+// (Config.NetHTTP1, NetHTTP2).
+var inboundHTTPPaths = []struct {
+	name string
+	h2   bool
+	edit func(*Config)
+}{
+	{"HTTP/1.1", false, nil},
+	{"HTTP/2", true, nil},
+	{"HTTP/1.1 on net/http", false, func(c *Config) { c.NetHTTP1 = true }},
+	{"HTTP/2 on net/http", true, func(c *Config) { c.NetHTTP2 = true }},
+}
+
 // Each caller's requests are decided one by one over one connection, on
 // both protocols and on both of each one's paths (the sidecar's codec,
 // net/http's server): the DENY first (DELETE, /admin/ are denied even to
@@ -182,16 +196,7 @@ func requireServed(t *testing.T, resp *http.Response, body, path string) {
 // the authority). Only what is allowed reaches the app, each refusal is
 // counted, and the connection serves on after a 403.
 func TestInboundHTTPRBAC(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		h2   bool
-		edit func(*Config)
-	}{
-		{"HTTP/1.1", false, nil},
-		{"HTTP/2", true, nil},
-		{"HTTP/1.1 on net/http", false, func(c *Config) { c.NetHTTP1 = true }},
-		{"HTTP/2 on net/http", true, func(c *Config) { c.NetHTTP2 = true }},
-	} {
+	for _, tc := range inboundHTTPPaths {
 		t.Run(tc.name, func(t *testing.T) {
 			m := startHTTPRBACMesh(t, tc.edit, istioHTTPPolicies)
 			callerCert, _ := m.caller(t, "caller")

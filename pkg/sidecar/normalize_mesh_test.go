@@ -70,16 +70,7 @@ func startNormalizeMesh(t testing.TB, edit func(*Config), normalize bool) *rbacM
 // sent (and the DENY is bypassed: the reason for normalize_path).
 func TestInboundNormalizePath(t *testing.T) {
 	bypasses := []string{"/public/../admin", "/./admin", "/%61dmin", "/%2e%2e/admin", "/public/%2E%2E/admin/x", "/x/../secret?a=1"}
-	for _, tc := range []struct {
-		name string
-		h2   bool
-		edit func(*Config)
-	}{
-		{"HTTP/1.1", false, nil},
-		{"HTTP/2", true, nil},
-		{"HTTP/1.1 on net/http", false, func(c *Config) { c.NetHTTP1 = true }},
-		{"HTTP/2 on net/http", true, func(c *Config) { c.NetHTTP2 = true }},
-	} {
+	for _, tc := range inboundHTTPPaths {
 		t.Run(tc.name, func(t *testing.T) {
 			m := startNormalizeMesh(t, tc.edit, true)
 			cert, _ := m.caller(t, "caller")

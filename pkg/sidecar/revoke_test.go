@@ -110,16 +110,7 @@ func echoOn(t *testing.T, c *tls.Conn, payload string) {
 // connection once a new configuration's ALLOW no longer names the
 // caller, then allowed again, without reconnecting.
 func TestRevokeHTTPRBACOnOpenConnections(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		h2   bool
-		edit func(*Config)
-	}{
-		{"HTTP/1.1", false, nil},
-		{"HTTP/2", true, nil},
-		{"HTTP/1.1 on net/http", false, func(c *Config) { c.NetHTTP1 = true }},
-		{"HTTP/2 on net/http", true, func(c *Config) { c.NetHTTP2 = true }},
-	} {
+	for _, tc := range inboundHTTPPaths {
 		t.Run(tc.name, func(t *testing.T) {
 			m := startRevokeMesh(t, tc.edit)
 			cert, id := m.caller(t, "caller")
