@@ -223,10 +223,21 @@ func TestHTTPConnectionsUseRawIO(t *testing.T) {
 		require.Equal(t, http.StatusOK, resp.StatusCode)
 	}
 	// Both requests' connections are still open: the client's and the
-	// pools' keep-alive.
+	// pools' keep-alive. An upstream HTTP/1.1 connection is back in its
+	// pool's idle list only once the sidecar has relayed the whole
+	// response, which can be just after the client has read it.
 	for _, pd := range []*pod{m.a, m.b} {
-		for kind, conns := range pd.proxy.socketsByKind() {
-			require.NotEmpty(t, conns, "pod %s: no %s connection", pd.name, kind)
+		var byKind map[string][]net.Conn
+		require.Eventually(t, func() bool {
+			byKind = pd.proxy.socketsByKind()
+			for _, conns := range byKind {
+				if len(conns) == 0 {
+					return false
+				}
+			}
+			return true
+		}, 5*time.Second, 10*time.Millisecond, "pod %s: a kind of connection is missing", pd.name)
+		for kind, conns := range byKind {
 			for _, c := range conns {
 				tc := tryConnUnder(c)
 				require.True(t, tc != nil && tc.raw != nil, "pod %s: a %s connection (%T) reads and writes through net.Conn", pd.name, kind, c)
