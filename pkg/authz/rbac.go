@@ -272,14 +272,8 @@ func (t *translator) source(s *securityv1beta1.Source) *rbacv3.Principal {
 		if len(values) == 0 {
 			return
 		}
-		// Istio's wildcards are a "*" at either end, or alone; one
-		// inside a value is not enforced (the field goes, failing
-		// closed as every other).
-		for _, v := range values {
-			if len(v) > 2 && strings.Contains(v[1:len(v)-1], "*") {
-				t.unsupported(field, fmt.Sprintf("%q: a * inside a value is not enforced", v))
-				return
-			}
+		if t.innerStar(field, values) {
+			return
 		}
 		var any []*rbacv3.Principal
 		for _, v := range values {
@@ -293,8 +287,10 @@ func (t *translator) source(s *securityv1beta1.Source) *rbacv3.Principal {
 	}
 	add("from.source.principals", s.GetPrincipals(), false, t.principal)
 	add("from.source.notPrincipals", s.GetNotPrincipals(), true, t.principal)
-	add("from.source.namespaces", s.GetNamespaces(), false, namespacePrincipal)
-	add("from.source.notNamespaces", s.GetNotNamespaces(), true, namespacePrincipal)
+	// Namespaces take a * anywhere, as Istio's (every * is a run of
+	// characters); the other fields only at either end.
+	add("", s.GetNamespaces(), false, namespacePrincipal)
+	add("", s.GetNotNamespaces(), true, namespacePrincipal)
 	add("from.source.serviceAccounts", s.GetServiceAccounts(), false, t.serviceAccount)
 	add("from.source.notServiceAccounts", s.GetNotServiceAccounts(), true, t.serviceAccount)
 	add("from.source.trustDomains", s.GetTrustDomains(), false, trustDomainPrincipal)
@@ -467,6 +463,8 @@ func (t *translator) condition(c *securityv1beta1.Condition) (*rbacv3.Principal,
 		one := t.principal
 		if key == "source.namespace" {
 			one = namespacePrincipal
+		} else if t.innerStar(field, slices.Concat(c.GetValues(), c.GetNotValues())) {
+			return nil, nil
 		}
 		var all []*rbacv3.Principal
 		if vs := c.GetValues(); len(vs) > 0 {
@@ -580,16 +578,42 @@ func (t *translator) serviceAccount(v string) *rbacv3.Principal {
 	return principalRegex(`spiffe://[^/]+/ns/` + regexp.QuoteMeta(ns) + `/sa/` + regexp.QuoteMeta(sa))
 }
 
-// namespacePrincipal matches the peers of a namespace, with one "*" at
-// either end for a suffix or prefix, or "*" alone for any.
+// namespacePrincipal matches the peers of a namespace, where each "*"
+// stands for any characters of the name, as Istio's namespaces do; "*"
+// alone for any namespace.
 func namespacePrincipal(v string) *rbacv3.Principal {
-	return principalRegex(`spiffe://[^/]+/ns/` + wildcardSegment(v) + `/sa/[^/]+`)
+	seg := `[^/]+`
+	if v != "*" {
+		parts := strings.Split(v, "*")
+		for i, p := range parts {
+			parts[i] = regexp.QuoteMeta(p)
+		}
+		seg = strings.Join(parts, `[^/]*`)
+	}
+	return principalRegex(`spiffe://[^/]+/ns/` + seg + `/sa/[^/]+`)
 }
 
 // trustDomainPrincipal matches the peers of a trust domain, with the
 // same wildcards.
 func trustDomainPrincipal(v string) *rbacv3.Principal {
 	return principalRegex(`spiffe://` + wildcardSegment(v) + `/.+`)
+}
+
+// innerStar reports whether a value of field (not "": a field whose
+// values take a * anywhere) has a * other than Istio's wildcards, one
+// at either end or alone, and if so records the field as one the rule
+// cannot match: it goes, failing closed as every other.
+func (t *translator) innerStar(field string, values []string) bool {
+	if field == "" {
+		return false
+	}
+	for _, v := range values {
+		if len(v) > 2 && strings.Contains(v[1:len(v)-1], "*") {
+			t.unsupported(field, fmt.Sprintf("%q: a * inside a value is not enforced", v))
+			return true
+		}
+	}
+	return false
 }
 
 // wildcardSegment is a regular expression for one path segment written

@@ -349,6 +349,14 @@ func (s *Store) Snapshot() *Snapshot {
 		h.Write([]byte(ref))
 		snap.knownSum += h.Sum64()
 	}
+	// Which namespaces are covered decides which unknown pods let
+	// nobody in: it counts too, apart from the pods.
+	for ns := range snap.covered {
+		h.Reset()
+		h.Write([]byte{0})
+		h.Write([]byte(ns))
+		snap.knownSum += h.Sum64()
+	}
 	s.snap = snap
 	return snap
 }
@@ -356,8 +364,9 @@ func (s *Store) Snapshot() *Snapshot {
 // Covers reports whether policies for sidecars exist in some namespace.
 func (s *Snapshot) Covers() bool { return s != nil && len(s.covered) > 0 }
 
-// KnownSum is a sum of the pods Unknown says are known: it changes when
-// one of them comes or goes.
+// KnownSum is a sum of the pods Unknown says are known and of the
+// namespaces policies cover: it changes when one of them comes or goes,
+// so whenever Unknown's answer for some pod does.
 func (s *Snapshot) KnownSum() uint64 {
 	if s == nil {
 		return 0

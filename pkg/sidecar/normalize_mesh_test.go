@@ -142,6 +142,30 @@ func TestInboundNormalizePathH1Raw(t *testing.T) {
 	require.EqualValues(t, 1, m.b.http.requests.Load())
 }
 
+// An absolute-form target with a query and no path is "/" with that
+// query (RFC 9112 3.2.2) on every HTTP/1.x path: the sidecar's own
+// codec, its HTTP/1.0 fallback to net/http, and net/http's server.
+func TestInboundNormalizeAbsoluteFormWithOnlyAQuery(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		version string
+		edit    func(*Config)
+	}{
+		{"own codec", "HTTP/1.1", nil},
+		{"HTTP/1.0 through net/http", "HTTP/1.0", nil},
+		{"net/http", "HTTP/1.1", func(c *Config) { c.NetHTTP1 = true }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := startNormalizeMesh(t, tc.edit, true)
+			cert, _ := m.caller(t, "caller")
+			h := dialH1Raw(t, m.httpAddr, cert)
+			resp, body := h.roundTrip("GET http://echo.demo.svc.cluster.local?x=1 " + tc.version + "\r\n" + echoHostLine + "\r\n")
+			requireServed(t, resp, body, "/")
+			require.Equal(t, "/?x=1", *m.b.http.lastTarget.Load())
+		})
+	}
+}
+
 // BenchmarkInboundNormalizePath is a caller's requests straight to b's
 // inbound listener (mTLS, HTTP RBAC's DENY on /admin) with normalize_path
 // off and on, for a path with nothing to normalize and (on) one with dot

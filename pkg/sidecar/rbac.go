@@ -170,8 +170,8 @@ func normalizeRequestPath(r *http.Request) bool {
 		return true
 	}
 	p := requestPath(r)
-	if p == "" {
-		p = "/" // an absolute-form target without a path
+	if p == "" || p[0] == '?' {
+		p = "/" + p // an absolute-form target without a path (RFC 9112 3.2.2)
 	}
 	out, changed, ok := normalizePath(nil, r.Method, p)
 	if !ok {

@@ -290,10 +290,11 @@ func TestAuthorizationPolicyFieldsForAConnection(t *testing.T) {
 		allow  bool
 	}
 	const (
-		client = "spiffe://b.mesh/ns/demo/sa/client"
-		local  = "spiffe://a.mesh/ns/demo/sa/client"
-		ops    = "spiffe://a.mesh/ns/ops/sa/tool"
-		ops2   = "spiffe://c.mesh/ns/ops-2/sa/tool"
+		client   = "spiffe://b.mesh/ns/demo/sa/client"
+		local    = "spiffe://a.mesh/ns/demo/sa/client"
+		ops      = "spiffe://a.mesh/ns/ops/sa/tool"
+		ops2     = "spiffe://c.mesh/ns/ops-2/sa/tool"
+		teamProd = "spiffe://a.mesh/ns/team-a-prod/sa/x"
 	)
 	from := func(s *securityv1beta1.Source) []*securityv1beta1.Rule {
 		return []*securityv1beta1.Rule{{From: []*securityv1beta1.Rule_From{{Source: s}}}}
@@ -356,12 +357,27 @@ func TestAuthorizationPolicyFieldsForAConnection(t *testing.T) {
 		{"a DENY rule with a path denies the port", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
 			Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Paths: []string{"/admin"}, Ports: []string{"9000"}}}}}}},
 			[]call{{client, 9000, false}, {client, 8080, true}}, []string{"on TCP ports, rule 0 is applied without to.operation.paths (not in a connection)"}},
-		{"a * inside a namespace: the DENY rule applies without it", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
-			Rules: []*securityv1beta1.Rule{{
-				From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Namespaces: []string{"team-*-prod"}}}},
-				To:   []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{"9000"}}}},
-			}}},
-			[]call{{ops, 9000, false}, {client, 9000, false}, {client, 8080, true}}, []string{`rule 0 is applied without from.source.namespaces ("team-*-prod": a * inside a value is not enforced)`}},
+		{"a * inside a namespace stands for any characters, as in Istio", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
+			Rules: []*securityv1beta1.Rule{
+				{From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Namespaces: []string{"team-*-prod"}}}}},
+				{When: []*securityv1beta1.Condition{{Key: "source.namespace", Values: []string{"o*s"}}}},
+			}},
+			[]call{{teamProd, 9000, false}, {teamProd, 8080, false}, {ops, 9000, false}, {client, 9000, true}, {ops2, 9000, true}}, nil},
+		{"a * inside a principal: the DENY rule applies without it", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
+			Rules: []*securityv1beta1.Rule{
+				{
+					From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Principals: []string{"b.mesh/ns/*/sa/client"}}}},
+					To:   []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{"9000"}}}},
+				},
+				{
+					When: []*securityv1beta1.Condition{{Key: "source.principal", Values: []string{"a.mesh/*/x"}}},
+					To:   []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{"9001"}}}},
+				},
+			}},
+			[]call{{client, 9000, false}, {ops, 9000, false}, {ops, 9001, false}, {client, 8080, true}}, []string{
+				`rule 0 is applied without from.source.principals ("b.mesh/ns/*/sa/client": a * inside a value is not enforced)`,
+				`rule 1 is applied without when "source.principal" ("a.mesh/*/x": a * inside a value is not enforced)`,
+			}},
 		{"DENY without rules denies nothing", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY},
 			[]call{{client, 8080, true}}, nil},
 		{"ALLOW with an empty rule allows all", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{}}},
@@ -604,6 +620,22 @@ func TestUnknownPodLetsNobodyIn(t *testing.T) {
 	// A namespace no policy covers: an unknown pod there is as before.
 	other := nodeid.ID{Role: nodeid.RoleSidecar, IP: "10.0.5.5", Pod: "y-0", Namespace: "other"}.String()
 	require.Nil(t, got.Inbound.Listeners(other))
+
+	// A first policy in it, with no pod of it known: its unknown pods
+	// let nobody in, and the version says so (the cache pushes on it).
+	store.SetPolicy(policy("other", "all", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{}}}))
+	in.Policies = store.Snapshot()
+	covered, _, err := tr.Translate(in)
+	require.NoError(t, err)
+	require.NotEqual(t, got.Version, covered.Version)
+	require.NotNil(t, covered.Inbound.Listeners(other))
+	// And the other way.
+	store.DeletePolicy("other", "all")
+	in.Policies = store.Snapshot()
+	uncovered, _, err := tr.Translate(in)
+	require.NoError(t, err)
+	require.NotEqual(t, covered.Version, uncovered.Version)
+	require.Nil(t, uncovered.Inbound.Listeners(other))
 }
 
 // A pod whose Service's EndpointSlice gives only its IP (no pod name)
