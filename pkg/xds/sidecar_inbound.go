@@ -637,10 +637,13 @@ func (m *profileMaker) assign(x *declIndex, policies *authz.Snapshot, localTD st
 		if policies.Covers() {
 			m.counts[unknownPodKey] += 0
 		}
+		byIP := map[string]bool{}
 		for r, ports := range x.keys {
-			if r.pod != "" {
-				continue
+			if r.pod == "" {
+				byIP[ports] = true
 			}
+		}
+		for ports := range byIP {
 			for set := range m.rbac {
 				if set != unknownPodSet {
 					m.counts[joinProfileKey(ports, set)] += 0
