@@ -133,8 +133,11 @@ type Exporter struct {
 	// istioInformers holds the AuthorizationPolicy informer, started
 	// once the API server serves the kind; nil without Options.Policies.
 	istioInformers istioinformers.SharedInformerFactory
-	// policiesSynced is the policy handler's HasSynced.
-	policiesSynced cache.InformerSynced
+	// policyHandlerSynced is the policy handler's HasSynced, and
+	// policyInformer its informer, once syncPolicies has started it
+	// (policiesSynced reads the first from any goroutine).
+	policyHandlerSynced atomic.Pointer[cache.InformerSynced]
+	policyInformer      cache.SharedIndexInformer
 	// policyListErr is the last error of the policy informer's list or
 	// watch, to say why it has not synced.
 	policyListErr atomic.Pointer[error]

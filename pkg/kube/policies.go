@@ -8,6 +8,7 @@ import (
 	"time"
 
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
+	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
 	istioinformers "istio.io/client-go/pkg/informers/externalversions"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -35,14 +36,25 @@ const (
 // Istio's CRD stores, served since Istio 1.22.
 var policyGV = securityv1.SchemeGroupVersion.String()
 
-// watchPolicies wires the AuthorizationPolicy informer, all namespaces,
-// whose handler keeps Options.Policies equal to the cluster's policies.
-// syncPolicies starts it once the API server serves the kind.
+// watchPolicies makes the informer factory of the AuthorizationPolicies;
+// syncPolicies adds the informer, in the version the API server serves,
+// and starts it.
 func (e *Exporter) watchPolicies() error {
 	// No resync: the handler mirrors each object into the store, which
 	// would only find it unchanged.
 	e.istioInformers = istioinformers.NewSharedInformerFactory(e.opts.Istio, 0)
+	return nil
+}
+
+// startPolicyInformer wires the AuthorizationPolicy informer, all
+// namespaces, in security.istio.io/v1 or, legacy, v1beta1 (the same
+// spec), whose handler keeps Options.Policies equal to the cluster's
+// policies, and starts it.
+func (e *Exporter) startPolicyInformer(ctx context.Context, legacy bool) error {
 	inf := e.istioInformers.Security().V1().AuthorizationPolicies().Informer()
+	if legacy {
+		inf = e.istioInformers.Security().V1beta1().AuthorizationPolicies().Informer()
+	}
 	if err := inf.SetTransform(stripPolicy); err != nil {
 		return fmt.Errorf("kube exporter: strip authorization policies: %w", err)
 	}
@@ -63,16 +75,22 @@ func (e *Exporter) watchPolicies() error {
 	}
 	// As for pods: synced once the handler has put every policy of the
 	// first list in the store, not only once the cache holds them.
-	e.policiesSynced = reg.HasSynced
+	synced := cache.InformerSynced(reg.HasSynced)
+	e.policyHandlerSynced.Store(&synced)
+	e.policyInformer = inf
+	e.istioInformers.Start(ctx.Done())
 	return nil
 }
 
 // policySet handles an AuthorizationPolicy added or updated.
 func (e *Exporter) policySet(obj any) {
-	if p, ok := obj.(*securityv1.AuthorizationPolicy); ok {
-		// The informer's own object: nothing modifies it after the
-		// transform (an update is a new object), so the store may keep
-		// its spec.
+	// The informer's own object: nothing modifies it after the
+	// transform (an update is a new object), so the store may keep its
+	// spec.
+	switch p := obj.(type) {
+	case *securityv1.AuthorizationPolicy:
+		e.opts.Policies.SetPolicy(authz.Policy{Namespace: p.Namespace, Name: p.Name, Spec: &p.Spec})
+	case *securityv1beta1.AuthorizationPolicy:
 		e.opts.Policies.SetPolicy(authz.Policy{Namespace: p.Namespace, Name: p.Name, Spec: &p.Spec})
 	}
 }
@@ -126,18 +144,24 @@ func (e *Exporter) syncPolicies(ctx context.Context) {
 			if absent {
 				e.log.Info("AuthorizationPolicy now served by the API server: reading the policies", "groupVersion", policyGV)
 			}
-			e.istioInformers.Start(ctx.Done())
-			e.waitPoliciesSynced(ctx)
+			e.startAndWait(ctx, false)
 			return
 		case !absent:
 			absent, failures = true, 0
-			if legacy, _ := e.serves(ctx, policyGVLegacy); legacy {
-				e.log.Warn("AuthorizationPolicies are served only as "+policyGVLegacy+" (Istio's CRDs before 1.22): Isthmus reads "+policyGV+" and enforces none of them; upgrade Istio's CRDs, and they are read at the next recheck",
-					"recheck", e.policyRecheck)
-			} else {
-				e.log.Info("no AuthorizationPolicy in this cluster: the API server does not serve "+policyResource+"."+policyGV+" (Istio's CRD is not installed), so sidecars enforce none; a CRD installed later is found at the next recheck, without a restart",
-					"recheck", e.policyRecheck)
+			legacy, err := e.serves(ctx, policyGVLegacy)
+			if err != nil {
+				// Decide nothing: asked again, sooner.
+				absent, retry = false, min(retry, policyDiscoveryRetry)
+				break
 			}
+			if legacy {
+				e.log.Info("AuthorizationPolicies are served only as "+policyGVLegacy+" (Istio's CRDs before 1.22): reading them there, the same spec",
+					"groupVersion", policyGVLegacy)
+				e.startAndWait(ctx, true)
+				return
+			}
+			e.log.Info("no AuthorizationPolicy in this cluster: the API server does not serve "+policyResource+"."+policyGV+" (Istio's CRD is not installed), so sidecars enforce none; a CRD installed later is found at the next recheck, without a restart",
+				"recheck", e.policyRecheck)
 			if !cache.WaitForCacheSync(ctx.Done(), e.podsSynced) {
 				return
 			}
@@ -151,6 +175,25 @@ func (e *Exporter) syncPolicies(ctx context.Context) {
 		case <-time.After(retry):
 		}
 	}
+}
+
+// policiesSynced reports whether the policy handler has seen every
+// policy of the first list; false before the informer is started.
+func (e *Exporter) policiesSynced() bool {
+	f := e.policyHandlerSynced.Load()
+	return f != nil && (*f)()
+}
+
+// startAndWait starts the policy informer (legacy: in v1beta1) and
+// waits for it as waitPoliciesSynced does.
+func (e *Exporter) startAndWait(ctx context.Context, legacy bool) {
+	if err := e.startPolicyInformer(ctx, legacy); err != nil {
+		// Only a programming error (a transform set twice); the store
+		// stays unsynced, so the sidecars are held back, and says why.
+		e.log.Error("AuthorizationPolicy informer not started: sidecars are held back", "error", err)
+		return
+	}
+	e.waitPoliciesSynced(ctx)
 }
 
 // waitPoliciesSynced marks Options.Policies synced once the policy and
@@ -178,7 +221,7 @@ func (e *Exporter) waitPoliciesSynced(ctx context.Context) {
 		}
 	}
 	e.opts.Policies.SetSynced()
-	n := len(e.istioInformers.Security().V1().AuthorizationPolicies().Informer().GetStore().ListKeys())
+	n := len(e.policyInformer.GetStore().ListKeys())
 	e.log.Info("authorization policies synced", "policies", n)
 }
 
@@ -201,17 +244,18 @@ func (e *Exporter) serves(ctx context.Context, gv string) (bool, error) {
 // last-applied-configuration, labels) and the status. Like stripPod it
 // strips in place, is idempotent, and passes anything else through.
 func stripPolicy(obj any) (any, error) {
-	p, ok := obj.(*securityv1.AuthorizationPolicy)
-	if !ok {
-		return obj, nil
+	strip := func(m *metav1.ObjectMeta) {
+		*m = metav1.ObjectMeta{Namespace: m.Namespace, Name: m.Name, UID: m.UID, ResourceVersion: m.ResourceVersion}
 	}
-	p.TypeMeta = metav1.TypeMeta{}
-	p.ObjectMeta = metav1.ObjectMeta{
-		Namespace:       p.Namespace,
-		Name:            p.Name,
-		UID:             p.UID,
-		ResourceVersion: p.ResourceVersion,
+	switch p := obj.(type) {
+	case *securityv1.AuthorizationPolicy:
+		p.TypeMeta = metav1.TypeMeta{}
+		strip(&p.ObjectMeta)
+		p.Status.Reset()
+	case *securityv1beta1.AuthorizationPolicy:
+		p.TypeMeta = metav1.TypeMeta{}
+		strip(&p.ObjectMeta)
+		p.Status.Reset()
 	}
-	p.Status.Reset()
-	return p, nil
+	return obj, nil
 }

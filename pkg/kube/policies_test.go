@@ -15,6 +15,7 @@ import (
 	securityapi "istio.io/api/security/v1beta1"
 	typeapi "istio.io/api/type/v1beta1"
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
+	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
 	istioclient "istio.io/client-go/pkg/clientset/versioned"
 	istiofake "istio.io/client-go/pkg/clientset/versioned/fake"
 	authorizationv1 "k8s.io/api/authorization/v1"
@@ -482,6 +483,17 @@ func TestPolicyAndPodTombstones(t *testing.T) {
 	require.Nil(t, policyRefs(store.Snapshot(), "demo/db"), "a policy's tombstone")
 }
 
+func TestStripLegacyPolicy(t *testing.T) {
+	ap := &securityv1beta1.AuthorizationPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "demo", Name: "p", UID: "u", ResourceVersion: "7",
+		Annotations: map[string]string{"a": "b"}, ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "kubectl"}}}}
+	ap.Spec.Action = 1
+	stripped, err := stripPolicy(ap)
+	require.NoError(t, err)
+	got := stripped.(*securityv1beta1.AuthorizationPolicy)
+	require.Equal(t, metav1.ObjectMeta{Namespace: "demo", Name: "p", UID: "u", ResourceVersion: "7"}, got.ObjectMeta)
+	require.EqualValues(t, 1, got.Spec.Action, "spec kept")
+}
+
 func TestStripPolicy(t *testing.T) {
 	spec := denyPort(selectorOf("app", "db"), "5432")
 	ap := authorizationPolicy("demo", "deny-db", spec)
@@ -529,4 +541,28 @@ func TestStripPodKeepLabels(t *testing.T) {
 	again, err := stripPodKeepLabels(stripped)
 	require.NoError(t, err)
 	require.Equal(t, want, again, "idempotent")
+}
+
+// A cluster whose Istio CRDs predate 1.22 serves AuthorizationPolicy as
+// security.istio.io/v1beta1 only: its policies are read there (the same
+// spec), not left unenforced.
+func TestPoliciesFromALegacyCRD(t *testing.T) {
+	pe := startPolicyEnv(t, false)
+	crd := string(install.IstioAuthorizationPolicyCRD)
+	// v1 neither served nor stored; v1beta1 both, as before Istio 1.22.
+	crd = strings.Replace(crd, "    served: true\n    storage: true\n", "    served: false\n    storage: false\n", 1)
+	crd = strings.Replace(crd, "    served: true\n    storage: false\n", "    served: true\n    storage: true\n", 1)
+	require.NoError(t, install.Apply(t.Context(), pe.adminCfg, []byte(crd)))
+	pe.createPods(t, labelledPod("demo", "web", "app", "web"))
+	legacy := &securityv1beta1.AuthorizationPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "demo", Name: "allow-web"}}
+	proto.Merge(&legacy.Spec, allowFrom(selectorOf("app", "web"), "cluster.local/ns/demo/sa/client"))
+	require.Eventually(t, func() bool {
+		_, err := pe.istio.SecurityV1beta1().AuthorizationPolicies("demo").Create(t.Context(), legacy, metav1.CreateOptions{})
+		return err == nil
+	}, 30*time.Second, 100*time.Millisecond, "the v1beta1 CRD serves")
+
+	r := pe.startExporter(t, time.Minute)
+	snap := r.synced(t)
+	require.Equal(t, []string{"demo/allow-web"}, policyRefs(snap, "demo/web"))
+	require.True(t, r.logs.logged("served only as security.istio.io/v1beta1"), "the log says where the policies are read")
 }
