@@ -269,21 +269,9 @@ func (t *translator) unsupported(field, why string) {
 func (t *translator) source(s *securityv1beta1.Source) *rbacv3.Principal {
 	var all []*rbacv3.Principal
 	add := func(field string, values []string, not bool, one func(string) *rbacv3.Principal) {
-		if len(values) == 0 {
-			return
+		if !t.innerStar(field, values) {
+			all = appendPrincipal(all, principalOf(values, not, one))
 		}
-		if t.innerStar(field, values) {
-			return
-		}
-		var any []*rbacv3.Principal
-		for _, v := range values {
-			any = append(any, one(v))
-		}
-		p := orPrincipals(any)
-		if not {
-			p = &rbacv3.Principal{Identifier: &rbacv3.Principal_NotId{NotId: p}}
-		}
-		all = append(all, p)
 	}
 	add("from.source.principals", s.GetPrincipals(), false, t.principal)
 	add("from.source.notPrincipals", s.GetNotPrincipals(), true, t.principal)
@@ -315,10 +303,7 @@ func (t *translator) source(s *securityv1beta1.Source) *rbacv3.Principal {
 
 // operation is one "to" entry: every field it sets must match.
 func (t *translator) operation(o *securityv1beta1.Operation) *rbacv3.Permission {
-	var all []*rbacv3.Permission
-	if p := t.ports("to.operation.ports", o.GetPorts()); p != nil {
-		all = append(all, p)
-	}
+	all := appendPermission(nil, t.ports("to.operation.ports", o.GetPorts()))
 	if p := t.ports("to.operation.notPorts", o.GetNotPorts()); p != nil {
 		all = append(all, &rbacv3.Permission{Rule: &rbacv3.Permission_NotRule{NotRule: p}})
 	}
@@ -348,15 +333,7 @@ func (t *translator) operation(o *securityv1beta1.Operation) *rbacv3.Permission 
 				continue
 			}
 		}
-		var any []*rbacv3.Permission
-		for _, v := range f.values {
-			any = append(any, f.one(v))
-		}
-		p := orPermissions(any)
-		if f.not {
-			p = &rbacv3.Permission{Rule: &rbacv3.Permission_NotRule{NotRule: p}}
-		}
-		all = append(all, p)
+		all = appendPermission(all, permissionOf(f.values, f.not, f.one))
 	}
 	return andPermissions(all)
 }
@@ -466,22 +443,8 @@ func (t *translator) condition(c *securityv1beta1.Condition) (*rbacv3.Principal,
 		} else if t.innerStar(field, slices.Concat(c.GetValues(), c.GetNotValues())) {
 			return nil, nil
 		}
-		var all []*rbacv3.Principal
-		if vs := c.GetValues(); len(vs) > 0 {
-			var any []*rbacv3.Principal
-			for _, v := range vs {
-				any = append(any, one(v))
-			}
-			all = append(all, orPrincipals(any))
-		}
-		if vs := c.GetNotValues(); len(vs) > 0 {
-			var any []*rbacv3.Principal
-			for _, v := range vs {
-				any = append(any, one(v))
-			}
-			all = append(all, &rbacv3.Principal{Identifier: &rbacv3.Principal_NotId{NotId: orPrincipals(any)}})
-		}
-		return andPrincipals(all), nil
+		all := appendPrincipal(nil, principalOf(c.GetValues(), false, one))
+		return andPrincipals(appendPrincipal(all, principalOf(c.GetNotValues(), true, one))), nil
 	case "destination.port":
 		var all []*rbacv3.Permission
 		if p := t.ports(field+" values", c.GetValues()); p != nil {
@@ -492,30 +455,66 @@ func (t *translator) condition(c *securityv1beta1.Condition) (*rbacv3.Principal,
 		}
 		return nil, andPermissions(all)
 	}
-	if name, ok := requestHeader(key); ok && t.level == Request {
-		var all []*rbacv3.Permission
-		if vs := c.GetValues(); len(vs) > 0 {
-			var any []*rbacv3.Permission
-			for _, v := range vs {
-				any = append(any, headerValuePermission(name, v))
-			}
-			all = append(all, orPermissions(any))
-		}
-		if vs := c.GetNotValues(); len(vs) > 0 {
-			var any []*rbacv3.Permission
-			for _, v := range vs {
-				any = append(any, headerValuePermission(name, v))
-			}
-			all = append(all, &rbacv3.Permission{Rule: &rbacv3.Permission_NotRule{NotRule: orPermissions(any)}})
-		}
-		return nil, andPermissions(all)
-	}
-	if _, ok := requestHeader(key); ok {
+	name, ok := requestHeader(key)
+	switch {
+	case ok && t.level == Request:
+		one := func(v string) *rbacv3.Permission { return headerValuePermission(name, v) }
+		all := appendPermission(nil, permissionOf(c.GetValues(), false, one))
+		return nil, andPermissions(appendPermission(all, permissionOf(c.GetNotValues(), true, one)))
+	case ok:
 		t.unsupported(field, notInConnection)
-	} else {
+	default:
 		t.unsupported(field, notEnforced)
 	}
 	return nil, nil
+}
+
+// principalOf matches when one(v) matches for any of values, or, not,
+// for none of them; nil when values is empty (the field is not set).
+func principalOf(values []string, not bool, one func(string) *rbacv3.Principal) *rbacv3.Principal {
+	if len(values) == 0 {
+		return nil
+	}
+	any := make([]*rbacv3.Principal, len(values))
+	for i, v := range values {
+		any[i] = one(v)
+	}
+	p := orPrincipals(any)
+	if not {
+		p = &rbacv3.Principal{Identifier: &rbacv3.Principal_NotId{NotId: p}}
+	}
+	return p
+}
+
+// permissionOf is principalOf for permissions.
+func permissionOf(values []string, not bool, one func(string) *rbacv3.Permission) *rbacv3.Permission {
+	if len(values) == 0 {
+		return nil
+	}
+	any := make([]*rbacv3.Permission, len(values))
+	for i, v := range values {
+		any[i] = one(v)
+	}
+	p := orPermissions(any)
+	if not {
+		p = &rbacv3.Permission{Rule: &rbacv3.Permission_NotRule{NotRule: p}}
+	}
+	return p
+}
+
+// appendPrincipal and appendPermission append p unless it is nil.
+func appendPrincipal(all []*rbacv3.Principal, p *rbacv3.Principal) []*rbacv3.Principal {
+	if p == nil {
+		return all
+	}
+	return append(all, p)
+}
+
+func appendPermission(all []*rbacv3.Permission, p *rbacv3.Permission) []*rbacv3.Permission {
+	if p == nil {
+		return all
+	}
+	return append(all, p)
 }
 
 // requestHeader is the header name of a "request.headers[<name>]"

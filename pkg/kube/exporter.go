@@ -133,11 +133,10 @@ type Exporter struct {
 	// istioInformers holds the AuthorizationPolicy informer, started
 	// once the API server serves the kind; nil without Options.Policies.
 	istioInformers istioinformers.SharedInformerFactory
-	// policyHandlerSynced is the policy handler's HasSynced, and
-	// policyInformer its informer, once syncPolicies has started it
-	// (policiesSynced reads the first from any goroutine).
+	// policyHandlerSynced is the policy handler's HasSynced, once
+	// syncPolicies has started its informer (policiesSynced reads it
+	// from any goroutine).
 	policyHandlerSynced atomic.Pointer[cache.InformerSynced]
-	policyInformer      cache.SharedIndexInformer
 	// policyListErr is the last error of the policy informer's list or
 	// watch, to say why it has not synced.
 	policyListErr atomic.Pointer[error]
@@ -308,9 +307,10 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 		}
 	}
 	if opts.Policies != nil {
-		if err := e.watchPolicies(); err != nil {
-			return nil, err
-		}
+		// syncPolicies adds the informer, in the version the API server
+		// serves. No resync: the handler mirrors each object into the
+		// store, which would only find it unchanged.
+		e.istioInformers = istioinformers.NewSharedInformerFactory(opts.Istio, 0)
 	}
 	return e, nil
 }

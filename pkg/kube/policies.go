@@ -9,7 +9,6 @@ import (
 
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
-	istioinformers "istio.io/client-go/pkg/informers/externalversions"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/discovery"
@@ -36,34 +35,24 @@ const (
 // Istio's CRD stores, served since Istio 1.22.
 var policyGV = securityv1.SchemeGroupVersion.String()
 
-// watchPolicies makes the informer factory of the AuthorizationPolicies;
-// syncPolicies adds the informer, in the version the API server serves,
-// and starts it.
-func (e *Exporter) watchPolicies() error {
-	// No resync: the handler mirrors each object into the store, which
-	// would only find it unchanged.
-	e.istioInformers = istioinformers.NewSharedInformerFactory(e.opts.Istio, 0)
-	return nil
-}
-
 // startPolicyInformer wires the AuthorizationPolicy informer, all
 // namespaces, in security.istio.io/v1 or, legacy, v1beta1 (the same
 // spec), whose handler keeps Options.Policies equal to the cluster's
 // policies, and starts it.
-func (e *Exporter) startPolicyInformer(ctx context.Context, legacy bool) error {
+func (e *Exporter) startPolicyInformer(ctx context.Context, legacy bool) (cache.SharedIndexInformer, error) {
 	inf := e.istioInformers.Security().V1().AuthorizationPolicies().Informer()
 	if legacy {
 		inf = e.istioInformers.Security().V1beta1().AuthorizationPolicies().Informer()
 	}
 	if err := inf.SetTransform(stripPolicy); err != nil {
-		return fmt.Errorf("kube exporter: strip authorization policies: %w", err)
+		return nil, fmt.Errorf("kube exporter: strip authorization policies: %w", err)
 	}
 	err := inf.SetWatchErrorHandlerWithContext(func(ctx context.Context, r *cache.Reflector, err error) {
 		e.policyListErr.Store(&err)
 		cache.DefaultWatchErrorHandler(ctx, r, err)
 	})
 	if err != nil {
-		return fmt.Errorf("kube exporter: authorization policy watch error handler: %w", err)
+		return nil, fmt.Errorf("kube exporter: authorization policy watch error handler: %w", err)
 	}
 	reg, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    e.policySet,
@@ -71,15 +60,14 @@ func (e *Exporter) startPolicyInformer(ctx context.Context, legacy bool) error {
 		DeleteFunc: e.policyDeleted,
 	})
 	if err != nil {
-		return fmt.Errorf("kube exporter: add authorization policy event handler: %w", err)
+		return nil, fmt.Errorf("kube exporter: add authorization policy event handler: %w", err)
 	}
 	// As for pods: synced once the handler has put every policy of the
 	// first list in the store, not only once the cache holds them.
 	synced := cache.InformerSynced(reg.HasSynced)
 	e.policyHandlerSynced.Store(&synced)
-	e.policyInformer = inf
 	e.istioInformers.Start(ctx.Done())
-	return nil
+	return inf, nil
 }
 
 // policySet handles an AuthorizationPolicy added or updated.
@@ -187,19 +175,20 @@ func (e *Exporter) policiesSynced() bool {
 // startAndWait starts the policy informer (legacy: in v1beta1) and
 // waits for it as waitPoliciesSynced does.
 func (e *Exporter) startAndWait(ctx context.Context, legacy bool) {
-	if err := e.startPolicyInformer(ctx, legacy); err != nil {
+	inf, err := e.startPolicyInformer(ctx, legacy)
+	if err != nil {
 		// Only a programming error (a transform set twice); the store
 		// stays unsynced, so the sidecars are held back, and says why.
 		e.log.Error("AuthorizationPolicy informer not started: sidecars are held back", "error", err)
 		return
 	}
-	e.waitPoliciesSynced(ctx)
+	e.waitPoliciesSynced(ctx, inf)
 }
 
 // waitPoliciesSynced marks Options.Policies synced once the policy and
 // pod handlers have seen every object, and warns, with the last list
 // error, when the policies take longer than policySyncWarnAfter.
-func (e *Exporter) waitPoliciesSynced(ctx context.Context) {
+func (e *Exporter) waitPoliciesSynced(ctx context.Context, inf cache.SharedIndexInformer) {
 	synced := []cache.InformerSynced{e.podsSynced, e.policiesSynced}
 	wctx, cancel := context.WithTimeout(ctx, policySyncWarnAfter)
 	ok := cache.WaitForCacheSync(wctx.Done(), synced...)
@@ -221,7 +210,7 @@ func (e *Exporter) waitPoliciesSynced(ctx context.Context) {
 		}
 	}
 	e.opts.Policies.SetSynced()
-	n := len(e.policyInformer.GetStore().ListKeys())
+	n := len(inf.GetStore().ListKeys())
 	e.log.Info("authorization policies synced", "policies", n)
 }
 

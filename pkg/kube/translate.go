@@ -116,15 +116,8 @@ func serviceFromObjects(cluster string, svc *corev1.Service, endpointSlices []*d
 		Namespace: svc.Namespace,
 		Name:      svc.Name,
 		Cluster:   cluster,
-		Ports:     make([]catalog.Port, 0, len(svc.Spec.Ports)),
+		Ports:     servicePorts(svc),
 		Peers:     peers,
-	}
-	for _, p := range svc.Spec.Ports {
-		port := catalog.Port{Name: p.Name, Port: p.Port, Protocol: catalog.Protocol(p.Protocol)}
-		if p.AppProtocol != nil {
-			port.AppProtocol = *p.AppProtocol
-		}
-		out.Ports = append(out.Ports, port)
 	}
 
 	// Services have endpoints in a handful of localities, so a short slice
@@ -267,14 +260,7 @@ func declaredFromObjects(cluster string, svc *corev1.Service, endpointSlices []*
 		if es.AddressType == discoveryv1.AddressTypeFQDN {
 			continue
 		}
-		ports := make([]catalog.Port, 0, len(svc.Spec.Ports))
-		for _, p := range svc.Spec.Ports {
-			port := catalog.Port{Name: p.Name, Port: p.Port, Protocol: catalog.Protocol(p.Protocol)}
-			if p.AppProtocol != nil {
-				port.AppProtocol = *p.AppProtocol
-			}
-			ports = append(ports, port)
-		}
+		ports := servicePorts(svc)
 		setTargetPorts(ports, []*discoveryv1.EndpointSlice{es})
 		var sig strings.Builder
 		for i, p := range ports {
@@ -321,6 +307,20 @@ func declaredFromObjects(cluster string, svc *corev1.Service, endpointSlices []*
 		if len(g.entry.Endpoints[0].Addresses) > 0 {
 			out = append(out, g.entry)
 		}
+	}
+	return out
+}
+
+// servicePorts are svc's ports as the catalog has them, without their
+// target ports (setTargetPorts).
+func servicePorts(svc *corev1.Service) []catalog.Port {
+	out := make([]catalog.Port, 0, len(svc.Spec.Ports))
+	for _, p := range svc.Spec.Ports {
+		port := catalog.Port{Name: p.Name, Port: p.Port, Protocol: catalog.Protocol(p.Protocol)}
+		if p.AppProtocol != nil {
+			port.AppProtocol = *p.AppProtocol
+		}
+		out = append(out, port)
 	}
 	return out
 }

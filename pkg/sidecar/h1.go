@@ -798,7 +798,7 @@ func (hc *h1Conn) serveRequest(head []byte) (keep, upgrade bool) {
 			return !hasBody, false
 		}
 	}
-	if rb := hcm.RBAC; !rbacAllowsNetwork(nw, ci) || rb != nil && !hc.rbacAllows(rb, head, str(authority.of(head)), str(path)) {
+	if rb := hcm.RBAC; !nw.Allows(ci.caller, ci.dst.Port()) || rb != nil && !hc.rbacAllows(rb, head, str(authority.of(head)), str(path)) {
 		return hc.denyRBAC(str(h.method.of(head)), str(path), hasBody), false
 	}
 	if i := bytes.IndexByte(path, '?'); i >= 0 {

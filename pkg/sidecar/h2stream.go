@@ -253,7 +253,7 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 			return
 		}
 	}
-	ok = rbacAllowsNetwork(nw, ci)
+	ok = nw.Allows(ci.caller, ci.dst.Port())
 	if rb := hcm.RBAC; ok && rb != nil {
 		v := &down.rbacFields
 		v.fields = f.Fields

@@ -224,7 +224,7 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "isthmus sidecar: path cannot be normalized", http.StatusBadRequest)
 		return
 	}
-	if rb := hcm.RBAC; !rbacAllowsNetwork(nw, ci) || rb != nil && !rbacAllowsNetHTTP(rb, ci, r) {
+	if rb := hcm.RBAC; !nw.Allows(ci.caller, ci.dst.Port()) || rb != nil && !rbacAllowsNetHTTP(rb, ci, r) {
 		// Envoy's answer. An HTTP/1.1 body the handler did not read,
 		// net/http reads and drops (up to 256 KiB) for the connection
 		// to be kept, or closes it: refuseLinger bounds the wait for a

@@ -374,10 +374,12 @@ func TestInboundHTTPRBACEmptyAllowAndDump(t *testing.T) {
 		} `json:"listeners"`
 	}
 	require.NoError(t, json.Unmarshal([]byte(body), &dump), body)
+	httpChains := 0
 	for i, ch := range dump.Listeners[1].Chains {
 		if ch.HTTP == nil {
 			continue
 		}
+		httpChains++
 		require.Len(t, ch.HTTP.RBAC, 2, "chain %d", i)
 		require.Equal(t, "DENY", ch.HTTP.RBAC[0].Action)
 		require.Equal(t, []string{"ns[demo]-policy[no-admin]-rule[0]"}, ch.HTTP.RBAC[0].Policies)
@@ -386,6 +388,7 @@ func TestInboundHTTPRBACEmptyAllowAndDump(t *testing.T) {
 		require.NotNil(t, ch.HTTP.RBAC[1].Policies, "an empty list, not null")
 		require.Empty(t, ch.HTTP.RBAC[0].StatPrefix, "an HTTP filter has none")
 	}
+	require.NotZero(t, httpChains, "the inbound HTTP chains are dumped")
 	for _, ch := range dump.Listeners[0].Chains {
 		if ch.HTTP != nil {
 			require.Empty(t, ch.HTTP.RBAC, "no RBAC outbound")

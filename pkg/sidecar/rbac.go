@@ -33,16 +33,8 @@ func (p *Proxy) rbacRefused(ci *connInfo, method, path string) {
 	if p.log.Enabled(context.Background(), slog.LevelDebug) {
 		// Copies: the HTTP/1.1 path's strings are its read buffer's.
 		p.log.Debug("refused", "listener", ci.listener, "reason", ReasonRBAC, "caller", ci.caller,
-			"port", ci.dst.Port(), "method", strings.Clone(method), "path", strings.Clone(urlPath(path)))
+			"port", ci.dst.Port(), "method", strings.Clone(method), "path", strings.Clone(xdsclient.URLPath(path)))
 	}
-}
-
-// urlPath is a request target without its query and fragment.
-func urlPath(path string) string {
-	if i := strings.IndexAny(path, "?#"); i >= 0 {
-		return path[:i]
-	}
-	return path
 }
 
 // valueSep is what the values of a repeated header are joined with for
@@ -55,73 +47,74 @@ func valueSep(name string) string {
 	return ","
 }
 
+// joiner joins the values of a repeated header field as Envoy's header
+// map does (valueSep; empty ones included) for RBAC's matchers: a lone
+// value as it is, several in buf, reused from request to request.
+type joiner struct {
+	one string
+	n   int
+	buf []byte
+}
+
+func (j *joiner) reset() { j.one, j.n = "", 0 }
+
+func (j *joiner) add(name, val string) {
+	switch j.n++; j.n {
+	case 1:
+		j.one = val
+	case 2:
+		j.buf = append(append(append(j.buf[:0], j.one...), valueSep(name)...), val...)
+	default:
+		j.buf = append(append(j.buf, valueSep(name)...), val...)
+	}
+}
+
+func (j *joiner) result() (string, bool) {
+	if j.n > 1 {
+		return str(j.buf), true
+	}
+	return j.one, j.n == 1
+}
+
 // h1Fields are an HTTP/1.1 request head's header fields as RBAC reads
-// them: a lone value as it is in the head, the values of a repeated
-// field joined (empty ones included, as Envoy joins them) in join. The
-// connection's own, reused.
+// them. The connection's own, reused.
 type h1Fields struct {
 	head []byte
 	h    *h1Head
-	join []byte
+	join joiner
 }
 
 var _ xdsclient.RBACHeaders = (*h1Fields)(nil)
 
 func (v *h1Fields) Lookup(name string) (string, bool) {
-	var one string
-	n := 0
+	v.join.reset()
 	for i := range v.h.fields {
 		f := &v.h.fields[i]
-		if !strings.EqualFold(str(f.name.of(v.head)), name) {
-			continue
-		}
-		val := str(f.value.of(v.head))
-		switch n++; n {
-		case 1:
-			one = val
-		case 2:
-			v.join = append(append(append(v.join[:0], one...), valueSep(name)...), val...)
-		default:
-			v.join = append(append(v.join, valueSep(name)...), val...)
+		if strings.EqualFold(str(f.name.of(v.head)), name) {
+			v.join.add(name, str(f.value.of(v.head)))
 		}
 	}
-	if n > 1 {
-		return str(v.join), true
-	}
-	return one, n == 1
+	return v.join.result()
 }
 
 // h2Fields are an HTTP/2 request's header block as RBAC reads it, as
 // h1Fields. The downstream connection's reader's own, reused.
 type h2Fields struct {
 	fields []hpack.HeaderField
-	join   []byte
+	join   joiner
 }
 
 var _ xdsclient.RBACHeaders = (*h2Fields)(nil)
 
 func (v *h2Fields) Lookup(name string) (string, bool) {
-	var one string
-	n := 0
+	v.join.reset()
 	for i := range v.fields {
-		f := &v.fields[i]
 		// HTTP/2 field names are lower case (the framer refuses others).
-		if f.Name != name {
-			continue
-		}
-		switch n++; n {
-		case 1:
-			one = f.Value
-		case 2:
-			v.join = append(append(append(v.join[:0], one...), valueSep(name)...), f.Value...)
-		default:
-			v.join = append(append(v.join, valueSep(name)...), f.Value...)
+		if f := &v.fields[i]; f.Name == name {
+			v.join.add(name, f.Value)
 		}
 	}
-	if n > 1 {
-		return str(v.join), true
-	}
-	return one, n == 1
+	return v.join.result()
 }
 
 // netHTTPFields are a net/http request's header as RBAC reads it.
@@ -130,12 +123,12 @@ type netHTTPFields http.Header
 var _ xdsclient.RBACHeaders = netHTTPFields(nil)
 
 func (h netHTTPFields) Lookup(name string) (string, bool) {
-	for k, vs := range h {
-		if strings.EqualFold(k, name) && len(vs) > 0 {
-			return strings.Join(vs, valueSep(name)), true
-		}
+	// net/http's server keeps header keys in canonical form.
+	vs := http.Header(h).Values(name)
+	if len(vs) == 0 {
+		return "", false
 	}
-	return "", false
+	return strings.Join(vs, valueSep(name)), true
 }
 
 // rbacAllowsNetHTTP decides r on the net/http path: its request target

@@ -220,6 +220,7 @@ func TestInboundRBACDenyThenAllow(t *testing.T) {
 		} `json:"listeners"`
 	}
 	require.NoError(t, json.Unmarshal([]byte(body), &dump), body)
+	require.NotEmpty(t, dump.Listeners[1].Chains, "the inbound chains are dumped")
 	for i, ch := range dump.Listeners[1].Chains {
 		require.Len(t, ch.RBAC, 2, "chain %d", i)
 		require.Equal(t, "DENY", ch.RBAC[0].Action, "chain %d", i)

@@ -188,12 +188,6 @@ func (p *Proxy) rbacNow(ci *connInfo) (*xdsclient.NetworkRBAC, *xdsclient.HTTPCo
 	return nw, ci.hcm
 }
 
-// rbacAllowsNetwork reports whether nw (nil: none) lets ci's connection
-// go on.
-func rbacAllowsNetwork(nw *xdsclient.NetworkRBAC, ci *connInfo) bool {
-	return nw == nil || nw.Allows(ci.caller, ci.dst.Port())
-}
-
 // retiring reports whether ci's connection closes after its request in
 // flight: the current configuration has no HTTP chain for it.
 func (ci *connInfo) retiring() bool {

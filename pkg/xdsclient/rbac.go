@@ -237,14 +237,14 @@ func (p *Permission) matches(req *RBACRequest) bool {
 		if req.Path == "" {
 			return false
 		}
-		return p.URLPath.Matches(urlPath(req.Path))
+		return p.URLPath.Matches(URLPath(req.Path))
 	}
 	return false
 }
 
-// urlPath is a :path without its query and fragment, as Envoy's
+// URLPath is a :path without its query and fragment, as Envoy's
 // PathUtil::removeQueryAndFragment.
-func urlPath(path string) string {
+func URLPath(path string) string {
 	if i := strings.IndexAny(path, "?#"); i >= 0 {
 		return path[:i]
 	}
