@@ -262,6 +262,9 @@ func TestDeclaredPorts(t *testing.T) {
 	dualB.Endpoints[0].TargetRef.Name = "pod-10.0.0.6"
 	named9090 := slice("demo", "named", "named-b", discoveryv1.AddressTypeIPv4, ep{"10.0.0.8", "n1", nil})
 	named9090.Ports[0].Port = ptr.To(int32(9090))
+	// An address no pod is named for (an EndpointSlice written by hand).
+	noRef := slice("demo", "noref", "noref-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.10", "n1", nil})
+	noRef.Endpoints[0].TargetRef = nil
 	f, in := startInCluster(t,
 		[]runtime.Object{
 			node("n1", "r1", "z1"),
@@ -280,6 +283,12 @@ func TestDeclaredPorts(t *testing.T) {
 			clusterIPService("demo", "udp", "10.96.0.12", corev1.ServicePort{Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}),
 			slice("demo", "udp", "udp-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.5", "n1", nil}),
 			clusterIPService("demo", "empty", "10.96.0.13", http),
+			// One address in two slices of the same ports: listed once.
+			clusterIPService("demo", "dup", "10.96.0.16", http),
+			slice("demo", "dup", "dup-1", discoveryv1.AddressTypeIPv4, ep{"10.0.0.9", "n1", nil}),
+			slice("demo", "dup", "dup-2", discoveryv1.AddressTypeIPv4, ep{"10.0.0.9", "n1", nil}),
+			clusterIPService("demo", "noref", "10.96.0.17", http),
+			noRef,
 		},
 		nil)
 	f.eventually(t, "the declared ports are published", func() bool {
@@ -300,6 +309,8 @@ func TestDeclaredPorts(t *testing.T) {
 		addrs("dual"), "both families, one pod")
 	require.Equal(t, []catalog.Address{{IP: "10.0.0.7", Ready: true, Pod: "pod-10.0.0.7"}}, addrs("named"))
 	require.Equal(t, []catalog.Address{{IP: "10.0.0.8", Ready: true, Pod: "pod-10.0.0.8"}}, addrs("named@9090"))
+	require.Equal(t, []catalog.Address{{IP: "10.0.0.9", Ready: true, Pod: "pod-10.0.0.9"}}, addrs("dup"), "an address in two slices, once")
+	require.Equal(t, []catalog.Address{{IP: "10.0.0.10", Ready: true}}, addrs("noref"), "no pod named: known by its IP only")
 	s, _ := declared(in, "demo", "named")
 	require.Equal(t, int32(8080), s.Ports[0].TargetPort)
 	s, _ = declared(in, "demo", "named@9090")
