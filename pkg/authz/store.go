@@ -38,13 +38,17 @@ type Set struct {
 	// same Key have the same policies.
 	Key      string
 	Policies []Policy
+	// MTLS is what the pods' PeerAuthentications say; the zero value
+	// (Strict everywhere) when none does more.
+	MTLS MTLS
 }
 
-// Store keeps the cluster's AuthorizationPolicies and the labels of its
-// pods, and which policies select each pod (Istio's rules: a policy
-// applies to the pods of its namespace its selector's matchLabels match,
-// every pod of the namespace without a selector; one in the root
-// namespace to the pods of every namespace). Safe for concurrent use;
+// Store keeps the cluster's AuthorizationPolicies and PeerAuthentications
+// and the labels of its pods, and which AuthorizationPolicies select each
+// pod (Istio's rules: a policy applies to the pods of its namespace its
+// selector's matchLabels match, every pod of the namespace without a
+// selector; one in the root namespace to the pods of every namespace)
+// and what mutual TLS its PeerAuthentications say (mtlsOf). Safe for concurrent use;
 // subscribers are told, coalesced, when anything changed, and then read a
 // Snapshot. The zero value is not usable; use NewStore.
 type Store struct {
@@ -54,7 +58,8 @@ type Store struct {
 	// mu guards every field below.
 	mu       sync.Mutex
 	policies map[string]map[string]*policy // by namespace, by name
-	pods     map[string]map[string]*pod    // by namespace, by name
+	peers    map[string]map[string]*peerPolicy
+	pods     map[string]map[string]*pod // by namespace, by name
 	// sets are the sets some pod has, by key, each with how many pods.
 	sets   map[string]*Set
 	counts map[string]int
@@ -85,6 +90,7 @@ func NewStore(root string) *Store {
 	return &Store{
 		root:     cmp.Or(root, DefaultRootNamespace),
 		policies: map[string]map[string]*policy{},
+		peers:    map[string]map[string]*peerPolicy{},
 		pods:     map[string]map[string]*pod{},
 		sets:     map[string]*Set{},
 		counts:   map[string]int{},
@@ -181,7 +187,7 @@ func (s *Store) DeletePod(namespace, name string) {
 	if p == nil {
 		return
 	}
-	s.assign(p, "", nil)
+	s.assign(p, "", nil, MTLS{})
 	delete(byName, name)
 	if len(byName) == 0 {
 		delete(s.pods, namespace)
@@ -219,8 +225,10 @@ func (s *Store) policyChanged(namespace string) {
 	}
 }
 
-// redo recomputes which policies select p, a pod of namespace.
+// redo recomputes which policies select p, a pod of namespace, and its
+// mutual TLS.
 func (s *Store) redo(namespace string, p *pod) {
+	mtls := s.mtlsOf(namespace, p.labels)
 	var sel []*policy
 	for _, ns := range []string{s.root, namespace} {
 		for _, pol := range s.policies[ns] {
@@ -232,8 +240,8 @@ func (s *Store) redo(namespace string, p *pod) {
 			break
 		}
 	}
-	if len(sel) == 0 {
-		s.assign(p, "", nil)
+	if len(sel) == 0 && mtls == (MTLS{}) {
+		s.assign(p, "", nil, mtls)
 		return
 	}
 	slices.SortFunc(sel, func(a, b *policy) int {
@@ -247,13 +255,16 @@ func (s *Store) redo(namespace string, p *pod) {
 		h.Write([]byte{0})
 		h.Write(pol.hash[:])
 	}
+	if mtls != (MTLS{}) {
+		h.Write([]byte("\x00mtls\x00" + mtls.String()))
+	}
 	key := hex.EncodeToString(h.Sum(nil)[:8])
-	s.assign(p, key, sel)
+	s.assign(p, key, sel, mtls)
 }
 
-// assign gives p the set key (of the policies sel), keeping the sets
-// and their counts.
-func (s *Store) assign(p *pod, key string, sel []*policy) {
+// assign gives p the set key (of the policies sel and mtls), keeping
+// the sets and their counts.
+func (s *Store) assign(p *pod, key string, sel []*policy, mtls MTLS) {
 	if p.set == key {
 		return
 	}
@@ -266,7 +277,7 @@ func (s *Store) assign(p *pod, key string, sel []*policy) {
 	p.set = key
 	if key != "" {
 		if s.counts[key]++; s.counts[key] == 1 {
-			set := &Set{Key: key, Policies: make([]Policy, len(sel))}
+			set := &Set{Key: key, Policies: make([]Policy, len(sel)), MTLS: mtls}
 			for i, pol := range sel {
 				set.Policies[i] = pol.Policy
 			}
@@ -289,12 +300,7 @@ func selects(spec *securityv1beta1.AuthorizationPolicy, labels map[string]string
 	if spec.GetTargetRef() != nil || len(spec.GetTargetRefs()) > 0 {
 		return false
 	}
-	for k, v := range spec.GetSelector().GetMatchLabels() {
-		if got, ok := labels[k]; !ok || got != v {
-			return false
-		}
-	}
-	return true
+	return selectsLabels(spec.GetSelector().GetMatchLabels(), labels)
 }
 
 // Snapshot is which policies select each pod, at one moment. Immutable.
@@ -309,6 +315,9 @@ type Snapshot struct {
 	known, covered map[string]bool
 	root           string
 	knownSum       uint64
+	// PeerNotes are what Isthmus reads differently from Istio in the
+	// PeerAuthentications, or ignores as Istio does.
+	PeerNotes []Note
 	// Version changes whenever the store changed.
 	Version uint64
 	// Synced is Store.SetSynced's.
@@ -343,6 +352,7 @@ func (s *Store) Snapshot() *Snapshot {
 		}
 	}
 	snap.root = s.root
+	snap.PeerNotes = s.peerNotes()
 	h := fnv.New64a()
 	for ref := range snap.known {
 		h.Reset()
