@@ -93,7 +93,7 @@ func TestPeerAuthenticationComposes(t *testing.T) {
 	c, _ := s.Snapshot().Pod("other/web-0")
 	require.NotEqual(t, a.Key, c.Key)
 
-	notes := s.Snapshot().PeerNotes
+	notes := s.Snapshot().PeerNotes()
 	var refs []string
 	for _, n := range notes {
 		refs = append(refs, n.Policy+": "+n.Reason)

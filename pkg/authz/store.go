@@ -315,9 +315,8 @@ type Snapshot struct {
 	known, covered map[string]bool
 	root           string
 	knownSum       uint64
-	// PeerNotes are what Isthmus reads differently from Istio in the
-	// PeerAuthentications, or ignores as Istio does.
-	PeerNotes []Note
+	// peerNotes are PeerNotes'.
+	peerNotes []Note
 	// Version changes whenever the store changed.
 	Version uint64
 	// Synced is Store.SetSynced's.
@@ -352,7 +351,7 @@ func (s *Store) Snapshot() *Snapshot {
 		}
 	}
 	snap.root = s.root
-	snap.PeerNotes = s.peerNotes()
+	snap.peerNotes = s.peerNotes()
 	h := fnv.New64a()
 	for ref := range snap.known {
 		h.Reset()
@@ -369,6 +368,16 @@ func (s *Store) Snapshot() *Snapshot {
 	}
 	s.snap = snap
 	return snap
+}
+
+// PeerNotes are what Isthmus reads differently from Istio in the
+// PeerAuthentications, or ignores as Istio does, sorted; none for a nil
+// snapshot.
+func (s *Snapshot) PeerNotes() []Note {
+	if s == nil {
+		return nil
+	}
+	return s.peerNotes
 }
 
 // Covers reports whether policies for sidecars exist in some namespace.
