@@ -490,9 +490,11 @@ type profileMaker struct {
 }
 
 // setRBAC is a policy set's RBAC for TCP chains (per connection) and
-// for HTTP chains (per request).
+// for HTTP chains (per request), and its pods' mutual TLS (the ports
+// that take plaintext too).
 type setRBAC struct {
 	conn, req *authz.RBAC
+	mtls      authz.MTLS
 }
 
 // authzSep separates a profile key's declared ports from the key of
@@ -610,7 +612,7 @@ func (m *profileMaker) assign(x *declIndex, policies *authz.Snapshot, localTD st
 			if n := m.rbac[set.Key]; n != nil {
 				rbac[set.Key] = n
 			} else {
-				rbac[set.Key] = &setRBAC{conn: authz.Translate(set, localTD, authz.Connection), req: authz.Translate(set, localTD, authz.Request)}
+				rbac[set.Key] = &setRBAC{conn: authz.Translate(set, localTD, authz.Connection), req: authz.Translate(set, localTD, authz.Request), mtls: set.MTLS}
 			}
 		}
 		if policies.Covers() {
@@ -622,6 +624,9 @@ func (m *profileMaker) assign(x *declIndex, policies *authz.Snapshot, localTD st
 			for _, note := range slices.Concat(n.conn.Notes, n.req.Notes) {
 				m.notes = append(m.notes, Skipped{Service: "AuthorizationPolicy " + note.Policy, Reason: note.Reason})
 			}
+		}
+		for _, note := range policies.PeerNotes() {
+			m.notes = append(m.notes, Skipped{Service: "PeerAuthentication " + note.Policy, Reason: note.Reason})
 		}
 		slices.SortFunc(m.notes, compareSkipped)
 		m.notes = slices.Compact(m.notes)
@@ -685,6 +690,7 @@ func (m *profileMaker) makeProfile(key string, inbound, outbound *listenerv3.Lis
 		}
 	}
 	var rbac chainRBAC
+	var mtls authz.MTLS
 	if setKey != "" {
 		n := m.rbac[setKey]
 		if n == nil {
@@ -697,8 +703,9 @@ func (m *profileMaker) makeProfile(key string, inbound, outbound *listenerv3.Lis
 		if rbac.http, err = n.req.HTTPFilters(); err != nil {
 			return nil, fmt.Errorf("profile %q: %w", key, err)
 		}
+		mtls = n.mtls
 	}
-	l, err := profileInbound(inbound, ports, rbac, httpChain, tcpChain)
+	l, err := profileInbound(inbound, ports, rbac, mtls, httpChain, tcpChain)
 	if err != nil {
 		return nil, fmt.Errorf("profile %q: %w", key, err)
 	}
@@ -743,7 +750,17 @@ type chainRBAC struct {
 // Every chain enforces the rbac filters (the pod's
 // AuthorizationPolicies), when there are any: a TCP chain's start its
 // filters, an HTTP chain's its connection manager's HTTP filters.
-func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, rbac chainRBAC, httpChain, tcpChain *listenerv3.FilterChain) (*listenerv3.Listener, error) {
+//
+// Where mtls (the pod's PeerAuthentications) makes a port PERMISSIVE,
+// its group of chains gains a plaintext one, as Istio's inbound listener
+// has: transport "raw_buffer", the same filters, no TLS. Envoy matches
+// the transport after the destination port, so a STRICT port's group,
+// which has none, refuses plaintext whatever the other ports take. A
+// port whose mode differs from the pod's and that no Service declares
+// gets a group of its own: the base chains on that port. Plaintext on a
+// port no Service declares is proxied as TCP: the HTTP chains are chosen
+// by the ALPN a plaintext caller does not send (Istio would sniff HTTP).
+func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, rbac chainRBAC, mtls authz.MTLS, httpChain, tcpChain *listenerv3.FilterChain) (*listenerv3.Listener, error) {
 	// The templates' filters, with the RBAC filters, made once.
 	tcpFilters := withRBAC(rbac.tcp, tcpChain.GetFilters())
 	httpFilters, err := withHTTPRBAC(rbac.http, httpChain.GetFilters())
@@ -756,8 +773,17 @@ func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, rbac cha
 		}
 		return tcpFilters
 	}
-	chains := make([]*listenerv3.FilterChain, 0, len(ports)+len(inbound.GetFilterChains()))
+	plaintext := func(port uint16, from *listenerv3.FilterChain) *listenerv3.FilterChain {
+		match := &listenerv3.FilterChainMatch{TransportProtocol: rawBufferTransport}
+		if port != 0 {
+			match.DestinationPort = wrapperspb.UInt32(uint32(port))
+		}
+		return &listenerv3.FilterChain{FilterChainMatch: match, Filters: filtersOf(from)}
+	}
+	chains := make([]*listenerv3.FilterChain, 0, 2*len(ports)+len(inbound.GetFilterChains())+1)
+	declared := make(map[uint16]bool, len(ports))
 	for _, p := range ports {
+		declared[p.Port] = true
 		from := tcpChain
 		if p.HTTP {
 			from = httpChain
@@ -770,6 +796,22 @@ func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, rbac cha
 			Filters:         filtersOf(from),
 			TransportSocket: from.GetTransportSocket(),
 		})
+		if mtls.PortMode(p.Port) == authz.Permissive {
+			chains = append(chains, plaintext(p.Port, from))
+		}
+	}
+	for _, port := range mtls.Ports() {
+		if declared[port] {
+			continue
+		}
+		for _, fc := range inbound.GetFilterChains() {
+			match := proto.Clone(fc.GetFilterChainMatch()).(*listenerv3.FilterChainMatch)
+			match.DestinationPort = wrapperspb.UInt32(uint32(port))
+			chains = append(chains, &listenerv3.FilterChain{FilterChainMatch: match, Filters: filtersOf(fc), TransportSocket: fc.GetTransportSocket()})
+		}
+		if mtls.PortMode(port) == authz.Permissive {
+			chains = append(chains, plaintext(port, tcpChain))
+		}
 	}
 	for _, fc := range inbound.GetFilterChains() {
 		if len(rbac.tcp) > 0 || len(rbac.http) > 0 {
@@ -781,6 +823,9 @@ func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, rbac cha
 		}
 		chains = append(chains, fc)
 	}
+	if mtls.Mode == authz.Permissive {
+		chains = append(chains, plaintext(0, tcpChain))
+	}
 	return &listenerv3.Listener{
 		Name:            inbound.GetName(),
 		Address:         inbound.GetAddress(),
@@ -788,6 +833,10 @@ func profileInbound(inbound *listenerv3.Listener, ports []DeclaredPort, rbac cha
 		FilterChains:    chains,
 	}, nil
 }
+
+// rawBufferTransport is the transport_protocol Envoy's tls_inspector
+// gives a connection that does not start with a TLS ClientHello.
+const rawBufferTransport = "raw_buffer"
 
 // withRBAC is filters after rbac, in a new slice when rbac has any.
 func withRBAC(rbac, filters []*listenerv3.Filter) []*listenerv3.Filter {
