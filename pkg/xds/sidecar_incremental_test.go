@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 	"google.golang.org/protobuf/proto"
@@ -354,7 +355,7 @@ func TestSidecarTranslatorRandomChanges(t *testing.T) {
 			// relabelled, policies set and deleted.
 			policies := authz.NewStore("")
 			policies.SetSynced()
-			withPolicies := false
+			withPolicies, withPlaintext := false, false
 			for i := range 250 {
 				what := m.step(t)
 				in := m.catalogs()
@@ -391,8 +392,11 @@ func TestSidecarTranslatorRandomChanges(t *testing.T) {
 				}
 				if got.Inbound != nil {
 					profiles = true
-					for k := range got.Inbound.byKey {
+					for k, pr := range got.Inbound.byKey {
 						withPolicies = withPolicies || strings.Contains(k, authzSep)
+						for _, fc := range pr.listeners[0].GetFilterChains() {
+							withPlaintext = withPlaintext || fc.GetFilterChainMatch().GetTransportProtocol() == rawBufferTransport
+						}
 					}
 					if prevInbound != nil {
 						for ip, k := range got.Inbound.pods {
@@ -407,6 +411,7 @@ func TestSidecarTranslatorRandomChanges(t *testing.T) {
 			require.True(t, inClusterHTTP && inClusterTCP && inClusterSkipped, "in-cluster HTTP %v, TCP %v, skipped %v", inClusterHTTP, inClusterTCP, inClusterSkipped)
 			require.True(t, profiles && profileChanged && conflicts, "profiles %v, a pod's changed %v, conflicts %v", profiles, profileChanged, conflicts)
 			require.Equal(t, m.declared, withPolicies, "profiles with policies")
+			require.Equal(t, m.declared, withPlaintext, "profiles with plaintext chains")
 		})
 	}
 }
@@ -424,7 +429,7 @@ func (m *randomMesh) policyStep(store *authz.Store, inCluster *catalog.Snapshot)
 		}
 	}
 	apps := []string{"x", "y"}
-	switch n := m.rng.IntN(8); {
+	switch n := m.rng.IntN(10); {
 	case n < 3 && len(pods) > 0:
 		pod := pods[m.rng.IntN(len(pods))]
 		app := apps[m.rng.IntN(len(apps))]
@@ -452,6 +457,25 @@ func (m *randomMesh) policyStep(store *authz.Store, inCluster *catalog.Snapshot)
 		pod := pods[m.rng.IntN(len(pods))]
 		store.DeletePod("demo", pod)
 		return "pod " + pod + " gone"
+	case n < 8:
+		name := fmt.Sprintf("pa%d", m.rng.IntN(2))
+		mode := func() *securityv1beta1.PeerAuthentication_MutualTLS {
+			return &securityv1beta1.PeerAuthentication_MutualTLS{Mode: securityv1beta1.PeerAuthentication_MutualTLS_Mode(m.rng.IntN(4))}
+		}
+		spec := &securityv1beta1.PeerAuthentication{Mtls: mode()}
+		if app := m.rng.IntN(3); app < len(apps) {
+			spec.Selector = &typev1beta1.WorkloadSelector{MatchLabels: map[string]string{"app": apps[app]}}
+			spec.PortLevelMtls = map[uint32]*securityv1beta1.PeerAuthentication_MutualTLS{}
+			for range m.rng.IntN(3) {
+				spec.PortLevelMtls[uint32(8000+m.rng.IntN(4))] = mode()
+			}
+		}
+		store.SetPeerAuthentication(authz.PeerPolicy{Namespace: "demo", Name: name, Created: time.Unix(int64(m.rng.IntN(2)), 0), Spec: spec})
+		return "peer authentication " + name
+	case n < 9:
+		name := fmt.Sprintf("pa%d", m.rng.IntN(2))
+		store.DeletePeerAuthentication("demo", name)
+		return "no peer authentication " + name
 	}
 	return "policies unchanged"
 }
