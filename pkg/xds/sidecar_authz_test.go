@@ -490,11 +490,12 @@ func TestAuthorizationPolicyFieldsForARequest(t *testing.T) {
 	}
 }
 
-// BenchmarkPolicyChange is the sidecars' translation when an
-// AuthorizationPolicy changes, at 1,000 and 10,000 services whose pods
-// all have policies (an ALLOW policy in each of the 10 namespaces): a
-// DENY policy of one namespace added and removed in turn, which gives a
-// tenth of the pods another policy set. Run with
+// BenchmarkPolicyChange is the sidecars' translation when a policy
+// changes, at 1,000 and 10,000 services whose pods all have policies (an
+// ALLOW AuthorizationPolicy in each of the 10 namespaces): a DENY policy
+// of one namespace (deny), or a namespace-wide PERMISSIVE
+// PeerAuthentication (permissive), added and removed in turn, which
+// gives a tenth of the pods another policy set. Run with
 //
 //	go test -run '^$' -bench PolicyChange -benchmem ./pkg/xds/
 func BenchmarkPolicyChange(b *testing.B) {
@@ -527,28 +528,44 @@ func BenchmarkPolicyChange(b *testing.B) {
 		without := store.Snapshot()
 		store.SetPolicy(policy("ns-00", "deny", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
 			Rules: []*securityv1beta1.Rule{{From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Principals: []string{"b.mesh/ns/x/sa/y"}}}}}}}))
-		with := store.Snapshot()
-		b.Run(fmt.Sprintf("services=%d/pods=%d", n, pods), func(b *testing.B) {
-			tr, err := NewSidecarTranslator(opts)
-			require.NoError(b, err)
-			in := SidecarInput{Local: local, Peers: peers, Declared: declared, Policies: without}
-			_, _, err = tr.Translate(in)
-			require.NoError(b, err)
-			i := 0
-			cpu := startCPU()
-			for b.Loop() {
-				in.Policies = without
-				if i%2 == 0 {
-					in.Policies = with
-				}
-				if _, _, err := tr.Translate(in); err != nil {
-					b.Fatal(err)
-				}
-				i++
-			}
-			cpu.report(b)
-		})
+		withDeny := store.Snapshot()
+		store.DeletePolicy("ns-00", "deny")
+		store.SetPeerAuthentication(authz.PeerPolicy{Namespace: "ns-00", Name: "default", Spec: &securityv1beta1.PeerAuthentication{
+			Mtls: &securityv1beta1.PeerAuthentication_MutualTLS{Mode: securityv1beta1.PeerAuthentication_MutualTLS_PERMISSIVE}}})
+		withPermissive := store.Snapshot()
+		for _, change := range []struct {
+			name string
+			with *authz.Snapshot
+		}{{"deny", withDeny}, {"permissive", withPermissive}} {
+			benchPolicyChange(b, fmt.Sprintf("services=%d/pods=%d/%s", n, pods, change.name), opts,
+				SidecarInput{Local: local, Peers: peers, Declared: declared}, without, change.with)
+		}
 	}
+}
+
+// benchPolicyChange measures translating in with the policies without
+// and with in turn.
+func benchPolicyChange(b *testing.B, name string, opts SidecarOptions, in SidecarInput, without, with *authz.Snapshot) {
+	b.Run(name, func(b *testing.B) {
+		tr, err := NewSidecarTranslator(opts)
+		require.NoError(b, err)
+		in.Policies = without
+		_, _, err = tr.Translate(in)
+		require.NoError(b, err)
+		i := 0
+		cpu := startCPU()
+		for b.Loop() {
+			in.Policies = without
+			if i%2 == 0 {
+				in.Policies = with
+			}
+			if _, _, err := tr.Translate(in); err != nil {
+				b.Fatal(err)
+			}
+			i++
+		}
+		cpu.report(b)
+	})
 }
 
 // FuzzAuthorizationPolicyDecodes checks that whatever an
