@@ -69,13 +69,14 @@ generate: generate-tools ## Regenerate checked-in generated files (federation AP
 	@$(MAKE) --no-print-directory istio-crds
 
 .PHONY: istio-crds
-istio-crds: ## Copy Istio's ServiceEntry and AuthorizationPolicy CRDs from the istio.io/api module into test/install/istio (part of generate)
+istio-crds: ## Copy Istio's ServiceEntry, AuthorizationPolicy and PeerAuthentication CRDs from the istio.io/api module into test/install/istio (part of generate)
 	@# Only for tests: the import writer's output must pass Istio's own
 	@# ServiceEntry schema on a real API server, and the federator reads
-	@# AuthorizationPolicies as Istio's CRD serves them. Not installed by
-	@# deploy/: Istio's installation owns them in a real cluster.
+	@# AuthorizationPolicies and PeerAuthentications as Istio's CRDs serve
+	@# them. Not installed by deploy/: Istio's installation owns them in a
+	@# real cluster.
 	dir="$$(go list -m -f '{{.Dir}}' istio.io/api)"; version="$$(go list -m -f '{{.Version}}' istio.io/api)"; \
-	for crd in ServiceEntry:networking.istio.io:serviceentries AuthorizationPolicy:security.istio.io:authorizationpolicies; do \
+	for crd in ServiceEntry:networking.istio.io:serviceentries AuthorizationPolicy:security.istio.io:authorizationpolicies PeerAuthentication:security.istio.io:peerauthentications; do \
 	  IFS=: read -r kind group plural <<< "$$crd"; \
 	  out="test/install/istio/$${group}_$${plural}.yaml"; \
 	  { echo "# Copied by 'make generate' from istio.io/api $$version"; \

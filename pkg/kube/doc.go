@@ -10,11 +10,21 @@
 //	Pod ───────────┘ (ServiceAccount only, with a trust domain: the services' SPIFFE IDs)
 //
 // With an authz.Store (Options.Policies), the exporter also mirrors the
-// cluster's Istio AuthorizationPolicies and every pod's labels into it,
-// for the sidecars (pkg/xds); the catalog never waits for them:
+// cluster's Istio AuthorizationPolicies and PeerAuthentications and
+// every pod's labels into it, for the sidecars (pkg/xds); the catalog
+// never waits for them:
 //
 //	AuthorizationPolicy (security.istio.io/v1, once discovery finds it) ─┐
-//	Pod (labels) ────────────────────────────────────────────────────────┴─► authz.Store ─► synced once both are read
+//	PeerAuthentication  (security.istio.io/v1, once discovery finds it) ─┼─► authz.Store ─► synced once all three are read
+//	Pod (labels) ────────────────────────────────────────────────────────┘
+//
+// Each policy kind is discovered, started and waited for on its own: a
+// cluster may have one kind's CRD and not the other's, or serve a kind
+// only in v1beta1 (Istio's CRDs before 1.22), where it is read. A kind
+// the API server does not serve counts as read, with none, so that the
+// sidecars are not held back forever, and is looked for again every
+// minute. The PeerAuthentications keep their creationTimestamp: of two
+// at one level, the older decides.
 //
 // The loop is level-triggered: every event only enqueues the key of the
 // exported service it may affect, and the worker reads the current state

@@ -96,16 +96,17 @@ type Options struct {
 	// declare. It needs TrustDomain.
 	InCluster *catalog.Store
 	// Policies, when set, receives the cluster's AuthorizationPolicies
-	// (security.istio.io/v1, every namespace) and the labels of every
-	// pod, and is marked synced once both are read; in a cluster that
-	// does not serve the kind (no Istio CRD), once the pods are, with no
-	// policy, and the kind is looked for again every minute. The catalog
-	// never waits for it. It needs TrustDomain, since the pods are
-	// watched only with one, and Istio; the pod cache then keeps every
-	// label of every pod.
+	// and PeerAuthentications (security.istio.io/v1, every namespace)
+	// and the labels of every pod, and is marked synced once the pods
+	// and both kinds are read. A kind the cluster does not serve (its
+	// Istio CRD is not installed) counts as read, with none, and is
+	// looked for again every minute. The catalog never waits for it. It
+	// needs TrustDomain, since the pods are watched only with one, and
+	// Istio; the pod cache then keeps every label of every pod.
 	Policies *authz.Store
-	// Istio is the client AuthorizationPolicies are read with; required
-	// with Policies, unused without.
+	// Istio is the client the AuthorizationPolicies and
+	// PeerAuthentications are read with; required with Policies, unused
+	// without.
 	Istio istioclient.Interface
 }
 
@@ -130,19 +131,21 @@ type Exporter struct {
 	// podsSynced is the pod handler's HasSynced; nil without accounts.
 	podsSynced cache.InformerSynced
 
-	// istioInformers holds the AuthorizationPolicy informer, started
-	// once the API server serves the kind; nil without Options.Policies.
+	// istioInformers holds the informers of policyKinds, each started
+	// once the API server serves its kind; nil without Options.Policies.
 	istioInformers istioinformers.SharedInformerFactory
-	// policyHandlerSynced is the policy handler's HasSynced, once
-	// syncPolicies has started its informer (policiesSynced reads it
-	// from any goroutine).
-	policyHandlerSynced atomic.Pointer[cache.InformerSynced]
-	// policyListErr is the last error of the policy informer's list or
-	// watch, to say why it has not synced.
-	policyListErr atomic.Pointer[error]
-	// policyRecheck is how often discovery is asked again while the
-	// AuthorizationPolicy kind is not served.
+	// istioStartMu serializes the wiring and start of the istioInformers
+	// (startKind).
+	istioStartMu sync.Mutex
+	// policyKinds are the kinds mirrored into Options.Policies
+	// (AuthorizationPolicy, PeerAuthentication); nil without it.
+	policyKinds []*policyKind
+	// policyRecheck is how often discovery is asked again while a policy
+	// kind is not served.
 	policyRecheck time.Duration
+	// policyWarnAfter is how long a policy kind may take to be listed
+	// before a warning says why it is not.
+	policyWarnAfter time.Duration
 
 	// started is set once the initial build begins: before that, a pod
 	// event need not look for the services it affects, since the initial
@@ -234,7 +237,8 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 		builder:  catalog.NewBuilder(catalog.LocalSource),
 		accounts: accounts,
 
-		policyRecheck: rediscoverEvery,
+		policyRecheck:   rediscoverEvery,
+		policyWarnAfter: policySyncWarnAfter,
 	}
 	if opts.InCluster != nil {
 		e.inCluster = catalog.NewBuilder(catalog.InClusterSource)
@@ -307,10 +311,11 @@ func NewExporter(kube kubernetes.Interface, mcs mcsclient.Interface, store *cata
 		}
 	}
 	if opts.Policies != nil {
-		// syncPolicies adds the informer, in the version the API server
-		// serves. No resync: the handler mirrors each object into the
+		// syncPolicies adds the informers, in the version the API server
+		// serves. No resync: the handlers mirror each object into the
 		// store, which would only find it unchanged.
 		e.istioInformers = istioinformers.NewSharedInformerFactory(opts.Istio, 0)
+		e.policyKinds = newPolicyKinds(e)
 	}
 	return e, nil
 }
@@ -436,7 +441,7 @@ func slicesReferencePod(objs []any, namespace, pod string) bool {
 }
 
 // Ready reports whether the informers have synced and the first complete
-// catalog has been published. The AuthorizationPolicies are not waited
+// catalog has been published. The Istio policies are not waited
 // for: Options.Policies says itself when it has synced.
 func (e *Exporter) Ready() bool { return e.ready.Load() }
 

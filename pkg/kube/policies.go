@@ -5,10 +5,13 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	securityv1 "istio.io/client-go/pkg/apis/security/v1"
 	securityv1beta1 "istio.io/client-go/pkg/apis/security/v1beta1"
+	istioinformers "istio.io/client-go/pkg/informers/externalversions"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/discovery"
@@ -18,13 +21,11 @@ import (
 )
 
 const (
-	// policyResource is the AuthorizationPolicy's resource name, in
-	// policyGV and in the legacy v1beta1.
-	policyResource = "authorizationpolicies"
-	// policyGVLegacy is the only version Istio's CRD served before 1.22.
+	// policyGVLegacy is the only version Istio's security CRDs served
+	// before 1.22.
 	policyGVLegacy = "security.istio.io/v1beta1"
-	// policySyncWarnAfter is how long the policies may take to be listed
-	// before a warning says why they are not.
+	// policySyncWarnAfter is how long a policy kind may take to be
+	// listed before a warning says why it is not.
 	policySyncWarnAfter = 30 * time.Second
 	// policyDiscoveryRetry bounds how soon a discovery that failed is
 	// asked again.
@@ -32,40 +33,111 @@ const (
 )
 
 // policyGV is the group/version the policies are read in: the one
-// Istio's CRD stores, served since Istio 1.22.
+// Istio's CRDs store, served since Istio 1.22.
 var policyGV = securityv1.SchemeGroupVersion.String()
 
-// startPolicyInformer wires the AuthorizationPolicy informer, all
-// namespaces, in security.istio.io/v1 or, legacy, v1beta1 (the same
-// spec), whose handler keeps Options.Policies equal to the cluster's
-// policies, and starts it.
-func (e *Exporter) startPolicyInformer(ctx context.Context, legacy bool) (cache.SharedIndexInformer, error) {
-	inf := e.istioInformers.Security().V1().AuthorizationPolicies().Informer()
-	if legacy {
-		inf = e.istioInformers.Security().V1beta1().AuthorizationPolicies().Informer()
-	}
+// policyKind is one of the Istio kinds the exporter mirrors into
+// Options.Policies: how it is read, and how far. Each kind is
+// discovered, started and waited for on its own (syncKind), since a
+// cluster may have one kind's CRD and not the other's, or serve one only
+// in v1beta1.
+type policyKind struct {
+	// kind and plural name it in the logs: "AuthorizationPolicy",
+	// "AuthorizationPolicies".
+	kind, plural string
+	// resource is its resource name, in policyGV and policyGVLegacy.
+	resource string
+	// without says, for the log, what the sidecars do in a cluster
+	// without the kind.
+	without string
+	// informer is the kind's informer in f, in policyGV or (legacy)
+	// policyGVLegacy: made on the first call, the same one after.
+	informer func(f istioinformers.SharedInformerFactory, legacy bool) cache.SharedIndexInformer
+	// set handles an object added or updated; deleted, one deleted,
+	// tombstones included.
+	set, deleted func(obj any)
+
+	// handlerSynced is the handler's HasSynced, once syncKind has
+	// started the informer (listed reads it from any goroutine).
+	handlerSynced atomic.Pointer[cache.InformerSynced]
+	// absent is set once discovery found the kind not served: it then
+	// counts as read, with no object, for good.
+	absent atomic.Bool
+	// listErr is the last error of the informer's list or watch, to say
+	// why it has not synced.
+	listErr atomic.Pointer[error]
+}
+
+// listed reports whether the kind's handler has seen every object of
+// the first list; false before the informer is started.
+func (k *policyKind) listed() bool {
+	f := k.handlerSynced.Load()
+	return f != nil && (*f)()
+}
+
+// read reports whether the store may count the kind as read: listed, or
+// found not served.
+func (k *policyKind) read() bool { return k.absent.Load() || k.listed() }
+
+// newPolicyKinds is what e mirrors into Options.Policies: the
+// AuthorizationPolicies and the PeerAuthentications.
+func newPolicyKinds(e *Exporter) []*policyKind {
+	return []*policyKind{{
+		kind: "AuthorizationPolicy", plural: "AuthorizationPolicies", resource: "authorizationpolicies",
+		without: "sidecars enforce none",
+		informer: func(f istioinformers.SharedInformerFactory, legacy bool) cache.SharedIndexInformer {
+			if legacy {
+				return f.Security().V1beta1().AuthorizationPolicies().Informer()
+			}
+			return f.Security().V1().AuthorizationPolicies().Informer()
+		},
+		set: e.policySet, deleted: e.policyDeleted,
+	}, {
+		kind: "PeerAuthentication", plural: "PeerAuthentications", resource: "peerauthentications",
+		without: "sidecars accept mutual TLS only (STRICT, Isthmus's default)",
+		informer: func(f istioinformers.SharedInformerFactory, legacy bool) cache.SharedIndexInformer {
+			if legacy {
+				return f.Security().V1beta1().PeerAuthentications().Informer()
+			}
+			return f.Security().V1().PeerAuthentications().Informer()
+		},
+		set: e.peerAuthenticationSet, deleted: e.peerAuthenticationDeleted,
+	}}
+}
+
+// startKind wires k's informer, all namespaces, in security.istio.io/v1
+// or, legacy, v1beta1 (the same spec), whose handler keeps
+// Options.Policies equal to the cluster's objects of the kind, and
+// starts it.
+func (e *Exporter) startKind(ctx context.Context, k *policyKind, legacy bool) (cache.SharedIndexInformer, error) {
+	// The factory's Start starts every informer it holds: another
+	// kind's, made but not yet given its transform and handler, would
+	// refuse them once started.
+	e.istioStartMu.Lock()
+	defer e.istioStartMu.Unlock()
+	inf := k.informer(e.istioInformers, legacy)
 	if err := inf.SetTransform(stripPolicy); err != nil {
-		return nil, fmt.Errorf("kube exporter: strip authorization policies: %w", err)
+		return nil, fmt.Errorf("kube exporter: strip %s: %w", k.resource, err)
 	}
 	err := inf.SetWatchErrorHandlerWithContext(func(ctx context.Context, r *cache.Reflector, err error) {
-		e.policyListErr.Store(&err)
+		k.listErr.Store(&err)
 		cache.DefaultWatchErrorHandler(ctx, r, err)
 	})
 	if err != nil {
-		return nil, fmt.Errorf("kube exporter: authorization policy watch error handler: %w", err)
+		return nil, fmt.Errorf("kube exporter: %s watch error handler: %w", k.resource, err)
 	}
 	reg, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    e.policySet,
-		UpdateFunc: func(_, obj any) { e.policySet(obj) },
-		DeleteFunc: e.policyDeleted,
+		AddFunc:    k.set,
+		UpdateFunc: func(_, obj any) { k.set(obj) },
+		DeleteFunc: k.deleted,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("kube exporter: add authorization policy event handler: %w", err)
+		return nil, fmt.Errorf("kube exporter: add %s event handler: %w", k.resource, err)
 	}
-	// As for pods: synced once the handler has put every policy of the
+	// As for pods: synced once the handler has put every object of the
 	// first list in the store, not only once the cache holds them.
 	synced := cache.InformerSynced(reg.HasSynced)
-	e.policyHandlerSynced.Store(&synced)
+	k.handlerSynced.Store(&synced)
 	e.istioInformers.Start(ctx.Done())
 	return inf, nil
 }
@@ -91,16 +163,62 @@ func (e *Exporter) policyDeleted(obj any) {
 	}
 }
 
-// syncPolicies starts the AuthorizationPolicy informer once the API
-// server serves the kind, and marks Options.Policies synced once the
-// policy and pod handlers have both seen every object. It returns when
-// that is done or ctx ends.
+// peerAuthenticationSet handles a PeerAuthentication added or updated.
+// Its creationTimestamp goes along: of two policies at one level, the
+// older decides.
+func (e *Exporter) peerAuthenticationSet(obj any) {
+	// As in policySet, the store may keep the informer's spec.
+	switch p := obj.(type) {
+	case *securityv1.PeerAuthentication:
+		e.opts.Policies.SetPeerAuthentication(authz.PeerPolicy{Namespace: p.Namespace, Name: p.Name, Created: p.CreationTimestamp.Time, Spec: &p.Spec})
+	case *securityv1beta1.PeerAuthentication:
+		e.opts.Policies.SetPeerAuthentication(authz.PeerPolicy{Namespace: p.Namespace, Name: p.Name, Created: p.CreationTimestamp.Time, Spec: &p.Spec})
+	}
+}
+
+// peerAuthenticationDeleted handles a PeerAuthentication deleted,
+// tombstones included: only its name counts.
+func (e *Exporter) peerAuthenticationDeleted(obj any) {
+	if key, ok := objectKey(obj); ok {
+		e.opts.Policies.DeletePeerAuthentication(key.Namespace, key.Name)
+	}
+}
+
+// syncPolicies reads every policy kind into Options.Policies, each on
+// its own (syncKind), and marks the store synced once the pod handler
+// has seen every pod and every kind has been listed or found not
+// served: the sidecars, served nothing until then, never get a store
+// that lacks a policy the cluster holds. It returns once every kind's
+// informer is started and listed, or ctx ends.
+func (e *Exporter) syncPolicies(ctx context.Context) {
+	var kinds sync.WaitGroup
+	read := []cache.InformerSynced{e.podsSynced}
+	for _, k := range e.policyKinds {
+		kinds.Go(func() { e.syncKind(ctx, k) })
+		read = append(read, k.read)
+	}
+	if cache.WaitForCacheSync(ctx.Done(), read...) {
+		e.opts.Policies.SetSynced()
+		var absent []string
+		for _, k := range e.policyKinds {
+			if !k.listed() {
+				absent = append(absent, k.kind)
+			}
+		}
+		e.log.Info("policy store synced: the sidecars are served", "notServed", absent)
+	}
+	kinds.Wait()
+}
+
+// syncKind starts k's informer once the API server serves the kind, and
+// returns once its handler has seen every object (waitKindListed) or ctx
+// ends.
 //
-// A cluster without Istio's AuthorizationPolicy CRD has no policy, and
-// an informer on a kind that is not served never syncs: the sidecars,
+// A cluster without Istio's CRD of the kind has none of it, and an
+// informer on a kind that is not served never syncs: the sidecars,
 // which are served nothing until the store is synced, would wait
-// forever. So when discovery says the kind is not served, the store is
-// marked synced with no policy (once the pods are read), much as
+// forever. So when discovery says the kind is not served in v1 nor in
+// the legacy v1beta1, it counts as read with none (k.absent), much as
 // istiod's informers on a missing CRD count as synced; and discovery is
 // asked again every policyRecheck (a minute), so that installing the
 // CRD later needs no restart. The cost: a policy created in the minute
@@ -108,13 +226,14 @@ func (e *Exporter) policyDeleted(obj any) {
 // the kind and lists it; the store cannot become unsynced again, and
 // holding every sidecar back until then would be worse. Discovery
 // needs no RBAC, where watching CRDs as istiod does would. A discovery
-// that fails decides nothing: the store stays unsynced, and it is asked
+// that fails decides nothing: the kind stays unread, and it is asked
 // again.
-func (e *Exporter) syncPolicies(ctx context.Context) {
-	absent, failures := false, 0
+func (e *Exporter) syncKind(ctx context.Context, k *policyKind) {
+	failures := 0
 	for {
+		absent := k.absent.Load()
 		retry := e.policyRecheck
-		served, err := e.serves(ctx, policyGV)
+		served, err := e.serves(ctx, policyGV, k.resource)
 		switch {
 		case err != nil:
 			if ctx.Err() != nil {
@@ -125,37 +244,34 @@ func (e *Exporter) syncPolicies(ctx context.Context) {
 			if failures == workerFailuresLogged {
 				level = slog.LevelWarn
 			}
-			e.log.Log(ctx, level, "discovery of AuthorizationPolicy failed, will retry; the policies are not synced until it answers",
+			e.log.Log(ctx, level, "discovery of "+k.kind+" failed, will retry; the policies are not synced until it answers",
 				"groupVersion", policyGV, "failures", failures, "error", err)
 			retry = min(retry, policyDiscoveryRetry)
 		case served:
 			if absent {
-				e.log.Info("AuthorizationPolicy now served by the API server: reading the policies", "groupVersion", policyGV)
+				e.log.Info(k.kind+" now served by the API server: reading them", "groupVersion", policyGV)
 			}
-			e.startAndWait(ctx, false)
+			e.startAndWait(ctx, k, false)
 			return
-		case !absent:
-			absent, failures = true, 0
-			legacy, err := e.serves(ctx, policyGVLegacy)
+		default:
+			failures = 0
+			legacy, err := e.serves(ctx, policyGVLegacy, k.resource)
 			if err != nil {
 				// Decide nothing: asked again, sooner.
-				absent, retry = false, min(retry, policyDiscoveryRetry)
+				retry = min(retry, policyDiscoveryRetry)
 				break
 			}
 			if legacy {
-				e.log.Info("AuthorizationPolicies are served only as "+policyGVLegacy+" (Istio's CRDs before 1.22): reading them there, the same spec",
+				e.log.Info(k.plural+" are served only as "+policyGVLegacy+" (Istio's CRDs before 1.22): reading them there, the same spec",
 					"groupVersion", policyGVLegacy)
-				e.startAndWait(ctx, true)
+				e.startAndWait(ctx, k, true)
 				return
 			}
-			e.log.Info("no AuthorizationPolicy in this cluster: the API server does not serve "+policyResource+"."+policyGV+" (Istio's CRD is not installed), so sidecars enforce none; a CRD installed later is found at the next recheck, without a restart",
-				"recheck", e.policyRecheck)
-			if !cache.WaitForCacheSync(ctx.Done(), e.podsSynced) {
-				return
+			if !absent {
+				e.log.Info("no "+k.kind+" in this cluster: the API server does not serve "+k.resource+"."+policyGV+" (Istio's CRD is not installed), so "+k.without+"; a CRD installed later is found at the next recheck, without a restart",
+					"recheck", e.policyRecheck)
+				k.absent.Store(true)
 			}
-			e.opts.Policies.SetSynced()
-		default:
-			failures = 0
 		}
 		select {
 		case <-ctx.Done():
@@ -165,58 +281,62 @@ func (e *Exporter) syncPolicies(ctx context.Context) {
 	}
 }
 
-// policiesSynced reports whether the policy handler has seen every
-// policy of the first list; false before the informer is started.
-func (e *Exporter) policiesSynced() bool {
-	f := e.policyHandlerSynced.Load()
-	return f != nil && (*f)()
-}
-
-// startAndWait starts the policy informer (legacy: in v1beta1) and
-// waits for it as waitPoliciesSynced does.
-func (e *Exporter) startAndWait(ctx context.Context, legacy bool) {
-	inf, err := e.startPolicyInformer(ctx, legacy)
+// startAndWait starts k's informer (legacy: in v1beta1) and waits for
+// it as waitKindListed does.
+func (e *Exporter) startAndWait(ctx context.Context, k *policyKind, legacy bool) {
+	inf, err := e.startKind(ctx, k, legacy)
 	if err != nil {
-		// Only a programming error (a transform set twice); the store
-		// stays unsynced, so the sidecars are held back, and says why.
-		e.log.Error("AuthorizationPolicy informer not started: sidecars are held back", "error", err)
+		// Only a programming error (a transform set twice); the kind
+		// stays unread, so the sidecars are held back, and says why.
+		e.log.Error(k.kind+" informer not started: sidecars are held back", "error", err)
 		return
 	}
-	e.waitPoliciesSynced(ctx, inf)
+	e.waitKindListed(ctx, k, inf)
 }
 
-// waitPoliciesSynced marks Options.Policies synced once the policy and
-// pod handlers have seen every object, and warns, with the last list
-// error, when the policies take longer than policySyncWarnAfter.
-func (e *Exporter) waitPoliciesSynced(ctx context.Context, inf cache.SharedIndexInformer) {
-	synced := []cache.InformerSynced{e.podsSynced, e.policiesSynced}
-	wctx, cancel := context.WithTimeout(ctx, policySyncWarnAfter)
-	ok := cache.WaitForCacheSync(wctx.Done(), synced...)
+// waitKindListed returns once k's handler has seen every object of the
+// first list, or ctx ends, and warns, with the last list error, when
+// that takes longer than policyWarnAfter (policySyncWarnAfter).
+func (e *Exporter) waitKindListed(ctx context.Context, k *policyKind, inf cache.SharedIndexInformer) {
+	wctx, cancel := context.WithTimeout(ctx, e.policyWarnAfter)
+	ok := cache.WaitForCacheSync(wctx.Done(), k.listed)
 	cancel()
 	if !ok {
 		if ctx.Err() != nil {
 			return
 		}
-		if !e.policiesSynced() {
-			why := "no answer yet"
-			if err := e.policyListErr.Load(); err != nil {
-				why = (*err).Error()
-			}
-			e.log.Warn("AuthorizationPolicies not listed yet: the policy store stays unsynced, so sidecars are held back, until they are; the federator needs list and watch on "+policyResource+".security.istio.io",
-				"waited", policySyncWarnAfter, "lastError", why)
+		why := "no answer yet"
+		if err := k.listErr.Load(); err != nil {
+			why = (*err).Error()
 		}
-		if !cache.WaitForCacheSync(ctx.Done(), synced...) {
+		held := "the policy store stays unsynced, so sidecars are held back, until they are"
+		if k.absent.Load() {
+			// The store already counted the kind as read, with none.
+			held = "the store holds none of them until they are"
+		}
+		e.log.Warn(k.plural+" not listed yet: "+held+"; the federator needs list and watch on "+k.resource+".security.istio.io",
+			"waited", e.policyWarnAfter, "lastError", why)
+		if !cache.WaitForCacheSync(ctx.Done(), k.listed) {
 			return
 		}
 	}
-	e.opts.Policies.SetSynced()
-	n := len(inf.GetStore().ListKeys())
-	e.log.Info("authorization policies synced", "policies", n)
+	e.log.Info(k.plural+" listed", "count", len(inf.GetStore().ListKeys()))
 }
 
-// serves asks discovery whether the API server serves AuthorizationPolicy
-// in gv; a group/version it does not serve at all is false, not an error.
-func (e *Exporter) serves(ctx context.Context, gv string) (bool, error) {
+// policiesSynced reports whether every policy kind has been listed;
+// false before their informers are started.
+func (e *Exporter) policiesSynced() bool {
+	for _, k := range e.policyKinds {
+		if !k.listed() {
+			return false
+		}
+	}
+	return true
+}
+
+// serves asks discovery whether the API server serves resource in gv; a
+// group/version it does not serve at all is false, not an error.
+func (e *Exporter) serves(ctx context.Context, gv, resource string) (bool, error) {
 	list, err := discovery.ToServerResourcesInterfaceWithContext(e.kube.Discovery()).ServerResourcesForGroupVersionWithContext(ctx, gv)
 	if apierrors.IsNotFound(err) {
 		return false, nil
@@ -224,26 +344,34 @@ func (e *Exporter) serves(ctx context.Context, gv string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	return slices.ContainsFunc(list.APIResources, func(r metav1.APIResource) bool { return r.Name == policyResource }), nil
+	return slices.ContainsFunc(list.APIResources, func(r metav1.APIResource) bool { return r.Name == resource }), nil
 }
 
-// stripPolicy is the AuthorizationPolicy informer's transform: it keeps
-// the namespace, name, uid, resourceVersion and spec, and drops the rest
-// of the metadata (managedFields, annotations such as kubectl's
-// last-applied-configuration, labels) and the status. Like stripPod it
-// strips in place, is idempotent, and passes anything else through.
+// stripPolicy is the policy informers' transform: it keeps the
+// namespace, name, uid, resourceVersion, creationTimestamp (of two
+// PeerAuthentications at one level, the older decides) and spec, and
+// drops the rest of the metadata (managedFields, annotations such as
+// kubectl's last-applied-configuration, labels) and the status. Like
+// stripPod it strips in place, is idempotent, and passes anything else
+// through.
 func stripPolicy(obj any) (any, error) {
-	strip := func(m *metav1.ObjectMeta) {
-		*m = metav1.ObjectMeta{Namespace: m.Namespace, Name: m.Name, UID: m.UID, ResourceVersion: m.ResourceVersion}
+	strip := func(t *metav1.TypeMeta, m *metav1.ObjectMeta) {
+		*t = metav1.TypeMeta{}
+		*m = metav1.ObjectMeta{Namespace: m.Namespace, Name: m.Name, UID: m.UID, ResourceVersion: m.ResourceVersion,
+			CreationTimestamp: m.CreationTimestamp}
 	}
 	switch p := obj.(type) {
 	case *securityv1.AuthorizationPolicy:
-		p.TypeMeta = metav1.TypeMeta{}
-		strip(&p.ObjectMeta)
+		strip(&p.TypeMeta, &p.ObjectMeta)
 		p.Status.Reset()
 	case *securityv1beta1.AuthorizationPolicy:
-		p.TypeMeta = metav1.TypeMeta{}
-		strip(&p.ObjectMeta)
+		strip(&p.TypeMeta, &p.ObjectMeta)
+		p.Status.Reset()
+	case *securityv1.PeerAuthentication:
+		strip(&p.TypeMeta, &p.ObjectMeta)
+		p.Status.Reset()
+	case *securityv1beta1.PeerAuthentication:
+		strip(&p.TypeMeta, &p.ObjectMeta)
 		p.Status.Reset()
 	}
 	return obj, nil

@@ -76,6 +76,33 @@ func authorizationPolicy(ns, name string, spec *securityapi.AuthorizationPolicy)
 	return ap
 }
 
+func peerAuthentication(ns, name string, spec *securityapi.PeerAuthentication) *securityv1.PeerAuthentication {
+	pa := &securityv1.PeerAuthentication{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
+	spec.DeepCopyInto(&pa.Spec)
+	return pa
+}
+
+// peerMode is a PeerAuthentication's mtls of mode.
+func peerMode(mode securityapi.PeerAuthentication_MutualTLS_Mode) *securityapi.PeerAuthentication_MutualTLS {
+	return &securityapi.PeerAuthentication_MutualTLS{Mode: mode}
+}
+
+// namespaceMTLS is a namespace-wide PeerAuthentication of mode.
+func namespaceMTLS(mode securityapi.PeerAuthentication_MutualTLS_Mode) *securityapi.PeerAuthentication {
+	return &securityapi.PeerAuthentication{Mtls: peerMode(mode)}
+}
+
+// podMTLS is the mutual TLS the snapshot gives pod, as a string
+// (authz.MTLS's), or "none" when the pod has no set (Strict on every
+// port, and no AuthorizationPolicy).
+func podMTLS(snap *authz.Snapshot, pod string) string {
+	set, ok := snap.Pod(pod)
+	if !ok {
+		return "none"
+	}
+	return set.MTLS.String()
+}
+
 func labelledPod(ns, name string, kv ...string) *corev1.Pod {
 	p := pod(ns, name, "")
 	p.Labels = selectorOf(kv...).MatchLabels
@@ -134,8 +161,8 @@ func (s seenLogs) logged(part string) bool {
 }
 
 // policyEnv is a real kube-apiserver with deploy/'s CRDs and RBAC,
-// namespaces istio-system (the root namespace), demo and other, and,
-// unless it was started without, Istio's AuthorizationPolicy CRD.
+// namespaces istio-system (the root namespace), demo and other, and the
+// Istio CRDs it was started with.
 type policyEnv struct {
 	cluster  *localcluster.Cluster
 	adminCfg *rest.Config
@@ -143,7 +170,10 @@ type policyEnv struct {
 	istio    istioclient.Interface
 }
 
-func startPolicyEnv(t *testing.T, withCRD bool) *policyEnv {
+// istioCRDs are the CRDs of both kinds the exporter reads.
+var istioCRDs = [][]byte{install.IstioAuthorizationPolicyCRD, install.IstioPeerAuthenticationCRD}
+
+func startPolicyEnv(t *testing.T, crds ...[]byte) *policyEnv {
 	t.Helper()
 	env := localcluster.StartT(t, "a")
 	a := env.Cluster("a")
@@ -151,8 +181,8 @@ func startPolicyEnv(t *testing.T, withCRD bool) *policyEnv {
 	adminCfg, err := a.RESTConfig(localcluster.UserAdmin)
 	require.NoError(t, err)
 	require.NoError(t, install.Isthmus(ctx, adminCfg, federatorUser))
-	if withCRD {
-		require.NoError(t, install.Apply(ctx, adminCfg, install.IstioAuthorizationPolicyCRD))
+	if len(crds) > 0 {
+		require.NoError(t, install.Apply(ctx, adminCfg, crds...))
 	}
 	pe := &policyEnv{cluster: a, adminCfg: adminCfg, admin: a.Client()}
 	pe.istio, err = istioclient.NewForConfig(adminCfg)
@@ -182,6 +212,14 @@ func (pe *policyEnv) createPolicies(t *testing.T, aps ...*securityv1.Authorizati
 	t.Helper()
 	for _, ap := range aps {
 		_, err := pe.istio.SecurityV1().AuthorizationPolicies(ap.Namespace).Create(t.Context(), ap, metav1.CreateOptions{})
+		require.NoError(t, err)
+	}
+}
+
+func (pe *policyEnv) createPeerAuthentications(t *testing.T, pas ...*securityv1.PeerAuthentication) {
+	t.Helper()
+	for _, pa := range pas {
+		_, err := pe.istio.SecurityV1().PeerAuthentications(pa.Namespace).Create(t.Context(), pa, metav1.CreateOptions{})
 		require.NoError(t, err)
 	}
 }
@@ -240,8 +278,8 @@ type policyRun struct {
 }
 
 // startExporter runs an Exporter as the federator's user, its policies
-// rechecked every recheck when not zero.
-func (pe *policyEnv) startExporter(t *testing.T, recheck time.Duration) *policyRun {
+// rechecked every recheck when not zero, after tweaks.
+func (pe *policyEnv) startExporter(t *testing.T, recheck time.Duration, tweaks ...func(*Exporter)) *policyRun {
 	t.Helper()
 	cfg, err := pe.cluster.RESTConfig(localcluster.UserFederator)
 	require.NoError(t, err)
@@ -259,6 +297,9 @@ func (pe *policyEnv) startExporter(t *testing.T, recheck time.Duration) *policyR
 	require.NoError(t, err)
 	if recheck != 0 {
 		r.exp.policyRecheck = recheck
+	}
+	for _, tweak := range tweaks {
+		tweak(r.exp)
 	}
 	runUntilCleanup(t, "exporter", r.exp.Run)
 	return r
@@ -293,7 +334,7 @@ func (r *policyRun) eventually(t *testing.T, what string, cond func(*authz.Snaps
 // labels change, a pod created late, a root policy whose selector
 // changes, a policy and a pod deleted, a policy created late.
 func TestPoliciesSelectPods(t *testing.T) {
-	pe := startPolicyEnv(t, true)
+	pe := startPolicyEnv(t, istioCRDs...)
 	root := authz.DefaultRootNamespace
 	allowWeb := allowFrom(selectorOf("app", "web"), "cluster.local/ns/demo/sa/client")
 	denyDB := denyPort(nil, "5432")
@@ -394,14 +435,16 @@ func TestPoliciesSelectPods(t *testing.T) {
 	require.True(t, r.store.Snapshot().Synced)
 }
 
-// The store is synced only once both the pods and the policies are read:
-// with either list refused by RBAC the store stays unsynced (and the
-// catalog, which needs no policy, gets ready all the same), and once the
+// The store is synced only once the pods and both policy kinds are read:
+// with any of the three lists refused by RBAC the store stays unsynced
+// (and the catalog, which needs no policy, gets ready all the same; a
+// refused kind holds back neither the other nor the pods), and once the
 // RBAC is back the first synced snapshot holds every pod and policy.
 func TestPoliciesSyncedOnlyOncePodsAndPoliciesAreRead(t *testing.T) {
-	pe := startPolicyEnv(t, true)
+	pe := startPolicyEnv(t, istioCRDs...)
 	pe.createPods(t, labelledPod("demo", "web", "app", "web"))
 	pe.createPolicies(t, authorizationPolicy("demo", "allow-web", allowFrom(selectorOf("app", "web"), "cluster.local/ns/demo/sa/client")))
+	pe.createPeerAuthentications(t, peerAuthentication("demo", "permissive", namespaceMTLS(securityapi.PeerAuthentication_MutualTLS_PERMISSIVE)))
 
 	t.Run("policies refused", func(t *testing.T) {
 		pe.withoutRule(t, "security.istio.io", "authorizationpolicies")
@@ -410,10 +453,28 @@ func TestPoliciesSyncedOnlyOncePodsAndPoliciesAreRead(t *testing.T) {
 			"the catalog and the pods do not wait for the policies")
 		snap := r.store.Snapshot()
 		require.False(t, snap.Synced, "synced before the policies were read")
-		require.Nil(t, policyRefs(snap, "demo/web"))
+		require.Empty(t, policyRefs(snap, "demo/web"))
 
 		pe.restoreRBAC(t, "security.istio.io", "authorizationpolicies")
 		require.Equal(t, []string{"demo/allow-web"}, policyRefs(r.synced(t), "demo/web"))
+	})
+
+	t.Run("peer authentications refused", func(t *testing.T) {
+		pe.withoutRule(t, "security.istio.io", "peerauthentications")
+		r := pe.startExporter(t, 0, func(e *Exporter) { e.policyWarnAfter = 500 * time.Millisecond })
+		ap := r.exp.policyKinds[0]
+		require.Equal(t, "AuthorizationPolicy", ap.kind)
+		require.Eventually(t, func() bool { return r.exp.Ready() && r.exp.podsSynced() && ap.listed() }, 30*time.Second, 10*time.Millisecond,
+			"the catalog, the pods and the AuthorizationPolicies do not wait for the PeerAuthentications")
+		require.Eventually(t, func() bool {
+			return r.logs.logged("PeerAuthentications not listed yet: the policy store stays unsynced, so sidecars are held back, until they are; the federator needs list and watch on peerauthentications.security.istio.io")
+		}, 30*time.Second, 10*time.Millisecond, "the warning names the kind's resource and the RBAC it needs")
+		snap := r.store.Snapshot()
+		require.False(t, snap.Synced, "synced before the PeerAuthentications were read")
+		require.False(t, r.logs.logged("AuthorizationPolicies not listed yet"), "the AuthorizationPolicies are listed")
+
+		pe.restoreRBAC(t, "security.istio.io", "peerauthentications")
+		require.Equal(t, "PERMISSIVE", podMTLS(r.synced(t), "demo/web"), "the first synced snapshot has the PeerAuthentication")
 	})
 
 	t.Run("pods refused", func(t *testing.T) {
@@ -422,7 +483,7 @@ func TestPoliciesSyncedOnlyOncePodsAndPoliciesAreRead(t *testing.T) {
 		require.Eventually(t, r.exp.policiesSynced, 30*time.Second, 10*time.Millisecond, "the policies are read")
 		snap := r.store.Snapshot()
 		require.False(t, snap.Synced, "synced before the pods were read")
-		require.Nil(t, policyRefs(snap, "demo/web"))
+		require.Empty(t, policyRefs(snap, "demo/web"))
 		require.False(t, r.exp.Ready(), "the catalog waits for the pods")
 
 		pe.restoreRBAC(t, "", "pods")
@@ -435,7 +496,7 @@ func TestPoliciesSyncedOnlyOncePodsAndPoliciesAreRead(t *testing.T) {
 // log says so, and a CRD installed later is found by the next look,
 // without a restart.
 func TestPoliciesWithoutTheCRD(t *testing.T) {
-	pe := startPolicyEnv(t, false)
+	pe := startPolicyEnv(t)
 	pe.createPods(t, labelledPod("demo", "web", "app", "web"))
 	r := pe.startExporter(t, 200*time.Millisecond)
 
@@ -499,6 +560,7 @@ func TestStripPolicy(t *testing.T) {
 	ap := authorizationPolicy("demo", "deny-db", spec)
 	ap.TypeMeta = metav1.TypeMeta{APIVersion: "security.istio.io/v1", Kind: "AuthorizationPolicy"}
 	ap.UID, ap.ResourceVersion, ap.Generation = "uid-1", "42", 3
+	ap.CreationTimestamp = metav1.NewTime(time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC))
 	ap.Annotations = map[string]string{"kubectl.kubernetes.io/last-applied-configuration": "{}"}
 	ap.Labels = map[string]string{"team": "db"}
 	ap.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubectl"}}
@@ -508,7 +570,7 @@ func TestStripPolicy(t *testing.T) {
 		t.Helper()
 		got := obj.(*securityv1.AuthorizationPolicy)
 		require.Equal(t, metav1.TypeMeta{}, got.TypeMeta)
-		require.Equal(t, metav1.ObjectMeta{Namespace: "demo", Name: "deny-db", UID: "uid-1", ResourceVersion: "42"}, got.ObjectMeta)
+		require.Equal(t, metav1.ObjectMeta{Namespace: "demo", Name: "deny-db", UID: "uid-1", ResourceVersion: "42", CreationTimestamp: ap.CreationTimestamp}, got.ObjectMeta)
 		require.True(t, proto.Equal(&metaapi.IstioStatus{}, &got.Status), "status dropped: %v", &got.Status)
 		require.True(t, proto.Equal(spec, &got.Spec), "spec kept: %v", &got.Spec)
 	}
@@ -547,7 +609,7 @@ func TestStripPodKeepLabels(t *testing.T) {
 // security.istio.io/v1beta1 only: its policies are read there (the same
 // spec), not left unenforced.
 func TestPoliciesFromALegacyCRD(t *testing.T) {
-	pe := startPolicyEnv(t, false)
+	pe := startPolicyEnv(t)
 	crd := string(install.IstioAuthorizationPolicyCRD)
 	// v1 neither served nor stored; v1beta1 both, as before Istio 1.22.
 	crd = strings.Replace(crd, "    served: true\n    storage: true\n", "    served: false\n    storage: false\n", 1)
@@ -565,4 +627,197 @@ func TestPoliciesFromALegacyCRD(t *testing.T) {
 	snap := r.synced(t)
 	require.Equal(t, []string{"demo/allow-web"}, policyRefs(snap, "demo/web"))
 	require.True(t, r.logs.logged("served only as security.istio.io/v1beta1"), "the log says where the policies are read")
+}
+
+// TestPeerAuthenticationsSetPodsMTLS runs the exporter as the
+// federator's user against a real kube-apiserver with both of Istio's
+// CRDs and follows each pod's mutual TLS through PeerAuthentications
+// created, updated and deleted: the namespace-wide policy that decides
+// is the older one (so the creationTimestamp reached the store), a
+// workload policy's portLevelMtls applies to its pods' ports, and a pod
+// whose policies are all gone has no set again.
+func TestPeerAuthenticationsSetPodsMTLS(t *testing.T) {
+	pe := startPolicyEnv(t, istioCRDs...)
+	pe.createPods(t,
+		labelledPod("demo", "web", "app", "web"),
+		labelledPod("demo", "db", "app", "db"),
+		labelledPod("other", "web", "app", "web"))
+	// The older of two namespace-wide policies decides. Its name sorts
+	// last, so only its creationTimestamp (whole seconds) makes it win.
+	older := peerAuthentication("demo", "z-older", namespaceMTLS(securityapi.PeerAuthentication_MutualTLS_STRICT))
+	older.Annotations = map[string]string{"kubectl.kubernetes.io/last-applied-configuration": strings.Repeat("x", 1024)}
+	older.Labels = map[string]string{"team": "web"}
+	pe.createPeerAuthentications(t, older)
+	time.Sleep(1100 * time.Millisecond)
+	pe.createPeerAuthentications(t,
+		peerAuthentication("demo", "a-newer", namespaceMTLS(securityapi.PeerAuthentication_MutualTLS_PERMISSIVE)),
+		peerAuthentication("demo", "db-port", &securityapi.PeerAuthentication{
+			Selector:      selectorOf("app", "db"),
+			PortLevelMtls: map[uint32]*securityapi.PeerAuthentication_MutualTLS{8080: peerMode(securityapi.PeerAuthentication_MutualTLS_PERMISSIVE)},
+		}))
+	r := pe.startExporter(t, 0)
+
+	snap := r.synced(t)
+	require.Equal(t, "none", podMTLS(snap, "demo/web"), "the older, STRICT, decides: Strict everywhere is no set")
+	require.Equal(t, "STRICT,8080=PERMISSIVE", podMTLS(snap, "demo/db"))
+	require.Equal(t, "none", podMTLS(snap, "other/web"))
+	require.Contains(t, snap.PeerNotes, authz.Note{Policy: "demo/a-newer",
+		Reason: "demo/z-older, older, is the namespace-wide policy of demo (as in Istio, the oldest decides): ignored"})
+	// The informer's cache keeps the spec, the names and the
+	// creationTimestamp, nothing else.
+	obj, ok, err := r.exp.istioInformers.Security().V1().PeerAuthentications().Informer().GetStore().GetByKey("demo/z-older")
+	require.NoError(t, err)
+	require.True(t, ok)
+	cached := obj.(*securityv1.PeerAuthentication)
+	require.Empty(t, cached.Annotations)
+	require.Empty(t, cached.Labels)
+	require.Empty(t, cached.ManagedFields)
+	require.NotEmpty(t, cached.ResourceVersion)
+	require.False(t, cached.CreationTimestamp.IsZero())
+
+	// The older one deleted, the newer decides.
+	require.NoError(t, pe.istio.SecurityV1().PeerAuthentications("demo").Delete(t.Context(), "z-older", metav1.DeleteOptions{}))
+	r.eventually(t, "the remaining namespace-wide policy decides", func(s *authz.Snapshot) bool {
+		// db's port 8080 is PERMISSIVE like the rest: no port differs.
+		return podMTLS(s, "demo/web") == "PERMISSIVE" && podMTLS(s, "demo/db") == "PERMISSIVE" && len(s.PeerNotes) == 0
+	})
+
+	// Updated to STRICT, it returns web to no set and leaves db's port.
+	newer, err := pe.istio.SecurityV1().PeerAuthentications("demo").Get(t.Context(), "a-newer", metav1.GetOptions{})
+	require.NoError(t, err)
+	newer.Spec.Mtls = peerMode(securityapi.PeerAuthentication_MutualTLS_STRICT)
+	_, err = pe.istio.SecurityV1().PeerAuthentications("demo").Update(t.Context(), newer, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	r.eventually(t, "an updated policy", func(s *authz.Snapshot) bool {
+		return podMTLS(s, "demo/web") == "none" && podMTLS(s, "demo/db") == "STRICT,8080=PERMISSIVE"
+	})
+
+	// Created later, in another namespace.
+	pe.createPeerAuthentications(t, peerAuthentication("other", "permissive", namespaceMTLS(securityapi.PeerAuthentication_MutualTLS_PERMISSIVE)))
+	r.eventually(t, "a new policy applies", func(s *authz.Snapshot) bool { return podMTLS(s, "other/web") == "PERMISSIVE" })
+
+	// Every policy deleted: no pod has a set.
+	for _, ref := range []string{"demo/a-newer", "demo/db-port", "other/permissive"} {
+		ns, name, _ := strings.Cut(ref, "/")
+		require.NoError(t, pe.istio.SecurityV1().PeerAuthentications(ns).Delete(t.Context(), name, metav1.DeleteOptions{}))
+	}
+	r.eventually(t, "no policy, no set", func(s *authz.Snapshot) bool {
+		for range s.Pods() {
+			return false
+		}
+		return true
+	})
+	require.True(t, r.store.Snapshot().Synced)
+}
+
+// A cluster with Istio's AuthorizationPolicy CRD and not the
+// PeerAuthentication one: the store syncs with the policies, the log
+// says no PeerAuthentication is read, and a PeerAuthentication CRD
+// installed later is found by the next look, without a restart.
+func TestPeerAuthenticationsWithoutTheirCRD(t *testing.T) {
+	pe := startPolicyEnv(t, install.IstioAuthorizationPolicyCRD)
+	pe.createPods(t, labelledPod("demo", "web", "app", "web"))
+	pe.createPolicies(t, authorizationPolicy("demo", "allow-web", allowFrom(selectorOf("app", "web"), "cluster.local/ns/demo/sa/client")))
+	r := pe.startExporter(t, 200*time.Millisecond)
+
+	snap := r.synced(t)
+	require.Equal(t, []string{"demo/allow-web"}, policyRefs(snap, "demo/web"))
+	require.Equal(t, "STRICT", podMTLS(snap, "demo/web"))
+	require.True(t, r.logs.logged("no PeerAuthentication in this cluster"), "the log says why no PeerAuthentication is read")
+	require.False(t, r.logs.logged("no AuthorizationPolicy in this cluster"))
+
+	require.NoError(t, install.Apply(t.Context(), pe.adminCfg, install.IstioPeerAuthenticationCRD))
+	pe.createPeerAuthentications(t, peerAuthentication("demo", "permissive", namespaceMTLS(securityapi.PeerAuthentication_MutualTLS_PERMISSIVE)))
+	r.eventually(t, "a PeerAuthentication created after the CRD is read", func(s *authz.Snapshot) bool {
+		return s.Synced && podMTLS(s, "demo/web") == "PERMISSIVE" && slices.Equal(policyRefs(s, "demo/web"), []string{"demo/allow-web"})
+	})
+	require.True(t, r.logs.logged("PeerAuthentication now served"))
+}
+
+// A cluster whose PeerAuthentication CRD serves only v1beta1 (Istio's
+// before 1.22), beside a current AuthorizationPolicy one: the
+// PeerAuthentications are read there, with their creationTimestamp.
+func TestPeerAuthenticationsFromALegacyCRD(t *testing.T) {
+	pe := startPolicyEnv(t, install.IstioAuthorizationPolicyCRD)
+	crd := string(install.IstioPeerAuthenticationCRD)
+	// v1 neither served nor stored; v1beta1 both, as before Istio 1.22.
+	crd = strings.Replace(crd, "    served: true\n    storage: true\n", "    served: false\n    storage: false\n", 1)
+	crd = strings.Replace(crd, "    served: true\n    storage: false\n", "    served: true\n    storage: true\n", 1)
+	require.NoError(t, install.Apply(t.Context(), pe.adminCfg, []byte(crd)))
+	pe.createPods(t, labelledPod("demo", "web", "app", "web"))
+	create := func(name string, mode securityapi.PeerAuthentication_MutualTLS_Mode) {
+		t.Helper()
+		legacy := &securityv1beta1.PeerAuthentication{ObjectMeta: metav1.ObjectMeta{Namespace: "demo", Name: name}}
+		namespaceMTLS(mode).DeepCopyInto(&legacy.Spec)
+		require.Eventually(t, func() bool {
+			_, err := pe.istio.SecurityV1beta1().PeerAuthentications("demo").Create(t.Context(), legacy, metav1.CreateOptions{})
+			return err == nil
+		}, 30*time.Second, 100*time.Millisecond, "the v1beta1 CRD serves")
+	}
+	// The older decides, though its name sorts last.
+	create("z-older", securityapi.PeerAuthentication_MutualTLS_PERMISSIVE)
+	time.Sleep(1100 * time.Millisecond)
+	create("a-newer", securityapi.PeerAuthentication_MutualTLS_STRICT)
+
+	r := pe.startExporter(t, time.Minute)
+	snap := r.synced(t)
+	require.Equal(t, "PERMISSIVE", podMTLS(snap, "demo/web"))
+	require.True(t, r.logs.logged("PeerAuthentications are served only as security.istio.io/v1beta1"), "the log says where they are read")
+	require.False(t, r.logs.logged("AuthorizationPolicies are served only as"), "the AuthorizationPolicies are read in v1")
+}
+
+// Deletions the informer missed arrive as tombstones for
+// PeerAuthentications too; the store forgets them all the same.
+func TestPeerAuthenticationTombstone(t *testing.T) {
+	store := authz.NewStore("")
+	e, err := NewExporter(kubefake.NewClientset(), mcsfake.NewSimpleClientset(), catalog.NewStore(),
+		Options{ClusterName: "a", TrustDomain: "a.mesh", Policies: store, Istio: istiofake.NewSimpleClientset()})
+	require.NoError(t, err)
+	e.podSet(labelledPod("demo", "web", "app", "web"))
+	pa := peerAuthentication("demo", "permissive", namespaceMTLS(securityapi.PeerAuthentication_MutualTLS_PERMISSIVE))
+	e.peerAuthenticationSet(pa)
+	require.Equal(t, "PERMISSIVE", podMTLS(store.Snapshot(), "demo/web"))
+	e.peerAuthenticationDeleted(cache.DeletedFinalStateUnknown{Key: "demo/permissive", Obj: pa})
+	require.Equal(t, "none", podMTLS(store.Snapshot(), "demo/web"), "a PeerAuthentication's tombstone")
+}
+
+func TestStripPeerAuthentication(t *testing.T) {
+	created := metav1.NewTime(time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC))
+	noisy := metav1.ObjectMeta{Namespace: "demo", Name: "p", UID: "u", ResourceVersion: "7", Generation: 2, CreationTimestamp: created,
+		Annotations: map[string]string{"kubectl.kubernetes.io/last-applied-configuration": "{}"}, Labels: map[string]string{"team": "web"},
+		ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "kubectl"}}}
+	want := metav1.ObjectMeta{Namespace: "demo", Name: "p", UID: "u", ResourceVersion: "7", CreationTimestamp: created}
+	spec := &securityapi.PeerAuthentication{
+		Selector:      selectorOf("app", "db"),
+		Mtls:          peerMode(securityapi.PeerAuthentication_MutualTLS_STRICT),
+		PortLevelMtls: map[uint32]*securityapi.PeerAuthentication_MutualTLS{8080: peerMode(securityapi.PeerAuthentication_MutualTLS_PERMISSIVE)},
+	}
+
+	t.Run("v1", func(t *testing.T) {
+		pa := &securityv1.PeerAuthentication{TypeMeta: metav1.TypeMeta{APIVersion: "security.istio.io/v1", Kind: "PeerAuthentication"}, ObjectMeta: *noisy.DeepCopy()}
+		spec.DeepCopyInto(&pa.Spec)
+		(&metaapi.IstioStatus{ObservedGeneration: 2}).DeepCopyInto(&pa.Status)
+		for range 2 { // idempotent
+			stripped, err := stripPolicy(pa)
+			require.NoError(t, err)
+			got := stripped.(*securityv1.PeerAuthentication)
+			require.Equal(t, metav1.TypeMeta{}, got.TypeMeta)
+			require.Equal(t, want, got.ObjectMeta)
+			require.True(t, proto.Equal(&metaapi.IstioStatus{}, &got.Status), "status dropped: %v", &got.Status)
+			require.True(t, proto.Equal(spec, &got.Spec), "spec kept: %v", &got.Spec)
+			pa = got
+		}
+	})
+	t.Run("v1beta1", func(t *testing.T) {
+		pa := &securityv1beta1.PeerAuthentication{TypeMeta: metav1.TypeMeta{APIVersion: "security.istio.io/v1beta1", Kind: "PeerAuthentication"}, ObjectMeta: *noisy.DeepCopy()}
+		spec.DeepCopyInto(&pa.Spec)
+		(&metaapi.IstioStatus{ObservedGeneration: 2}).DeepCopyInto(&pa.Status)
+		stripped, err := stripPolicy(pa)
+		require.NoError(t, err)
+		got := stripped.(*securityv1beta1.PeerAuthentication)
+		require.Equal(t, metav1.TypeMeta{}, got.TypeMeta)
+		require.Equal(t, want, got.ObjectMeta)
+		require.True(t, proto.Equal(&metaapi.IstioStatus{}, &got.Status), "status dropped: %v", &got.Status)
+		require.True(t, proto.Equal(spec, &got.Spec), "spec kept: %v", &got.Spec)
+	})
 }

@@ -45,6 +45,13 @@ var IstioServiceEntryCRD []byte
 //go:embed istio/security.istio.io_authorizationpolicies.yaml
 var IstioAuthorizationPolicyCRD []byte
 
+// IstioPeerAuthenticationCRD is Istio's own PeerAuthentication CRD,
+// copied the same way. The federator reads the policies (pkg/kube);
+// tests apply it wherever a cluster's Istio would have it.
+//
+//go:embed istio/security.istio.io_peerauthentications.yaml
+var IstioPeerAuthenticationCRD []byte
+
 var crdGVR = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
 
 // Apply server-side-applies every object in the YAML documents, in order.

@@ -282,9 +282,9 @@ func (c *Cluster) start(ctx context.Context) error {
 	}
 	// Istio's installation provides them in a real cluster; federators
 	// write what they import as ServiceEntries and read the
-	// AuthorizationPolicies their sidecars enforce.
-	if err := install.Apply(ictx, cfg, install.IstioServiceEntryCRD, install.IstioAuthorizationPolicyCRD); err != nil {
-		return fmt.Errorf("install Istio's ServiceEntry and AuthorizationPolicy CRDs: %w", err)
+	// AuthorizationPolicies and PeerAuthentications their sidecars enforce.
+	if err := install.Apply(ictx, cfg, install.IstioServiceEntryCRD, install.IstioAuthorizationPolicyCRD, install.IstioPeerAuthenticationCRD); err != nil {
+		return fmt.Errorf("install Istio's ServiceEntry, AuthorizationPolicy and PeerAuthentication CRDs: %w", err)
 	}
 	if err := c.K.AllowPodEgress(ctx, GatewayPort); err != nil {
 		return err

@@ -49,8 +49,8 @@ func newMember(ctx context.Context, c *localcluster.Cluster, binDir string, args
 	if err := install.Isthmus(ctx, cfg, "system:isthmus:federator"); err != nil {
 		return nil, fmt.Errorf("install Isthmus into %s: %w", c.Name(), err)
 	}
-	if err := install.Apply(ctx, cfg, install.IstioServiceEntryCRD, install.IstioAuthorizationPolicyCRD); err != nil {
-		return nil, fmt.Errorf("install Istio's ServiceEntry and AuthorizationPolicy CRDs into %s: %w", c.Name(), err)
+	if err := install.Apply(ctx, cfg, install.IstioServiceEntryCRD, install.IstioAuthorizationPolicyCRD, install.IstioPeerAuthenticationCRD); err != nil {
+		return nil, fmt.Errorf("install Istio's ServiceEntry, AuthorizationPolicy and PeerAuthentication CRDs into %s: %w", c.Name(), err)
 	}
 	cfg.QPS, cfg.Burst = 5000, 10000
 	host, err := fedproc.HostAddr(c)
