@@ -117,7 +117,7 @@ func newRunCommand() *cobra.Command {
 	fl.DurationVar(&cfg.PeerSyncTimeout, "peer-sync-timeout", cfg.PeerSyncTimeout, "after a start, how long at most sidecars are served nothing (keeping their last configuration) until every peer has resent its exports; then they get what is known")
 	fl.StringVar(&cfg.XDSPlaintextAddr, "xds-plaintext-addr", "", "TESTS ONLY: also serve xDS here in plaintext, with NO authentication (anyone who reaches it reads every exported service's endpoints); empty disables it. xDS over TLS is always served on --ca-addr")
 	fl.StringVar(&cfg.Region, "region", "", "this cluster's region (topology.kubernetes.io/region): sidecars prefer peers in it to the others; empty matches only peers without a region")
-	fl.StringVar(&cfg.RootNamespace, "root-namespace", cfg.RootNamespace, "Istio's root namespace (meshConfig.rootNamespace): an AuthorizationPolicy in it applies to the pods of every namespace; set it to the one the cluster's Istio uses")
+	fl.StringVar(&cfg.RootNamespace, "root-namespace", cfg.RootNamespace, "Istio's root namespace (meshConfig.rootNamespace): an AuthorizationPolicy in it applies to the pods of every namespace, and a PeerAuthentication in it without a selector is the mesh-wide one; set it to the one the cluster's Istio uses")
 	fl.StringVar(&cfg.GatewayFederationUpstream, "gateway-federation-upstream", "", "host:port the east-west gateway forwards federation traffic to (default isthmus-federator.<namespace>.svc:<federation port>)")
 	fl.TextVar(&logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn or error")
 	fl.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")

@@ -150,7 +150,8 @@ type Config struct {
 	Region string
 	// RootNamespace is Istio's root namespace (meshConfig.rootNamespace):
 	// an AuthorizationPolicy in it applies to the pods of every
-	// namespace. It must be the one the cluster's Istio uses.
+	// namespace, and a PeerAuthentication in it without a selector is
+	// the mesh's. It must be the one the cluster's Istio uses.
 	RootNamespace string
 }
 

@@ -59,8 +59,9 @@ type Federator struct {
 	store *catalog.Store
 	// inCluster holds catalog.InClusterSource, for the sidecars only.
 	inCluster *catalog.Store
-	// policies holds the cluster's AuthorizationPolicies and which pods
-	// they select, for the sidecars only.
+	// policies holds the cluster's AuthorizationPolicies and
+	// PeerAuthentications and what they say of each pod, for the
+	// sidecars only.
 	policies *authz.Store
 	exporter *kube.Exporter
 	registry *prometheus.Registry
@@ -118,8 +119,8 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Federator, error) 
 	// The in-cluster services are the sidecars' alone: a Store of their
 	// own, which the federation and the import writer never read.
 	f.inCluster = catalog.NewStore()
-	// So are the AuthorizationPolicies, which the exporter reads along
-	// with the pods' labels.
+	// So are the AuthorizationPolicies and PeerAuthentications, which
+	// the exporter reads along with the pods' labels.
 	f.policies = authz.NewStore(cfg.RootNamespace)
 	f.exporter, err = kube.NewExporter(kubeClient, mcs, f.store, kube.Options{
 		ClusterName: cfg.ClusterName, Logger: log, TrustDomain: cfg.TrustDomainName(), InCluster: f.inCluster,

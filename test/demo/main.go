@@ -79,9 +79,9 @@ func run(ctx context.Context, log *slog.Logger, binDir string, keepRunning bool,
 	}
 
 	step("starting clusters a, b and c: a real etcd, kube-apiserver and kube-controller-manager each")
-	fmt.Println("  then Isthmus from deploy/ (CRDs, namespace, least-privilege RBAC) and Istio's ServiceEntry and")
-	fmt.Println("  AuthorizationPolicy CRDs, which Istio's own installation provides in a real cluster, in each; then a federator and an")
-	fmt.Println("  east-west gateway per cluster. a and b are in region r1, c in r2.")
+	fmt.Println("  then Isthmus from deploy/ (CRDs, namespace, least-privilege RBAC) and Istio's ServiceEntry,")
+	fmt.Println("  AuthorizationPolicy and PeerAuthentication CRDs, which Istio's own installation provides in a real")
+	fmt.Println("  cluster, in each; then a federator and an east-west gateway per cluster. a and b are in region r1, c in r2.")
 	m, err := mesh.Start(ctx, mesh.Options{
 		BinDir:        binDir,
 		Clusters:      []mesh.ClusterSpec{{Name: "a", Region: "r1"}, {Name: "b", Region: "r1"}, {Name: "c", Region: "r2"}},

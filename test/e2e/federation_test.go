@@ -48,7 +48,7 @@ func newMember(t *testing.T, c *localcluster.Cluster, args ...string) *member {
 	m.mcs, err = mcsclient.NewForConfig(cfg)
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
-	require.NoError(t, install.Apply(ctx, cfg, install.IstioServiceEntryCRD, install.IstioAuthorizationPolicyCRD))
+	require.NoError(t, install.Apply(ctx, cfg, install.IstioServiceEntryCRD, install.IstioAuthorizationPolicyCRD, install.IstioPeerAuthenticationCRD))
 	cancel()
 	m.start()
 	return m

@@ -73,7 +73,7 @@ func TestImportWriterObjectsPassIstioSchema(t *testing.T) {
 	adminCfg, err := a.RESTConfig(localcluster.UserAdmin)
 	require.NoError(t, err)
 	applyCtx, cancel := context.WithTimeout(ctx, time.Minute)
-	require.NoError(t, install.Apply(applyCtx, adminCfg, install.IstioServiceEntryCRD, install.IstioAuthorizationPolicyCRD, []byte(importWriterRBAC)))
+	require.NoError(t, install.Apply(applyCtx, adminCfg, install.IstioServiceEntryCRD, install.IstioAuthorizationPolicyCRD, install.IstioPeerAuthenticationCRD, []byte(importWriterRBAC)))
 	cancel()
 	for _, ns := range []string{"demo"} {
 		_, err := a.Client().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{})
