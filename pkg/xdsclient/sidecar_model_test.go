@@ -74,19 +74,23 @@ func TestVirtualHostLookup(t *testing.T) {
 	require.EqualError(t, rc.index(), `virtual_hosts[1].domains[2]: "240.240.1.1" is also a domain of virtual_hosts[0]`)
 }
 
+// mtlsCtx is an inbound chain's TLS: the chains of the tests below are
+// mTLS unless they say otherwise.
+var mtlsCtx = &DownstreamTLS{CertSecret: CertSecretName, ValidationSecret: RootCASecretName}
+
 func TestInboundMatch(t *testing.T) {
 	l := &InboundListener{Chains: []InboundChain{
-		{ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: &HTTPConnectionManager{StatPrefix: "inbound"}},
-		{TCP: &TCPProxy{Cluster: InboundPassthroughCluster}},
+		{TLS: mtlsCtx, ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: &HTTPConnectionManager{StatPrefix: "inbound"}},
+		{TLS: mtlsCtx, TCP: &TCPProxy{Cluster: InboundPassthroughCluster}},
 	}}
 	require.NoError(t, l.index())
-	require.Same(t, &l.Chains[0], l.Match(8080, []string{"istio-h2"}))
-	require.Same(t, &l.Chains[0], l.Match(8080, []string{"h2", "istio-http/1.1"}))
-	require.Same(t, &l.Chains[1], l.Match(8080, []string{"istio"}))
-	require.Same(t, &l.Chains[1], l.Match(8080, nil))
+	require.Same(t, &l.Chains[0], l.Match(8080, TransportTLS, []string{"istio-h2"}))
+	require.Same(t, &l.Chains[0], l.Match(8080, TransportTLS, []string{"h2", "istio-http/1.1"}))
+	require.Same(t, &l.Chains[1], l.Match(8080, TransportTLS, []string{"istio"}))
+	require.Same(t, &l.Chains[1], l.Match(8080, TransportTLS, nil))
 	l.Chains = l.Chains[:1]
 	require.NoError(t, l.index())
-	require.Nil(t, l.Match(8080, []string{"istio"}))
+	require.Nil(t, l.Match(8080, TransportTLS, []string{"istio"}))
 }
 
 // Chains of a destination port are matched before the ALPN, as in
@@ -96,14 +100,14 @@ func TestInboundMatchByPort(t *testing.T) {
 	hcm := &HTTPConnectionManager{StatPrefix: "inbound", ForwardClientCert: SanitizeSet}
 	tcp := &TCPProxy{Cluster: InboundPassthroughCluster}
 	l := &InboundListener{Chains: []InboundChain{
-		{Port: 8080, HTTP: hcm},
-		{Port: 9000, TCP: tcp},
-		{Port: 9443, ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: hcm},
-		{Port: 7000, ALPN: []string{"istio"}, TCP: tcp},
-		{Port: 7000, ALPN: []string{"istio-h2"}, HTTP: hcm},
-		{Port: 7000, HTTP: hcm},
-		{ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: hcm},
-		{TCP: tcp},
+		{TLS: mtlsCtx, Port: 8080, HTTP: hcm},
+		{TLS: mtlsCtx, Port: 9000, TCP: tcp},
+		{TLS: mtlsCtx, Port: 9443, ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: hcm},
+		{TLS: mtlsCtx, Port: 7000, ALPN: []string{"istio"}, TCP: tcp},
+		{TLS: mtlsCtx, Port: 7000, ALPN: []string{"istio-h2"}, HTTP: hcm},
+		{TLS: mtlsCtx, Port: 7000, HTTP: hcm},
+		{TLS: mtlsCtx, ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: hcm},
+		{TLS: mtlsCtx, TCP: tcp},
 	}}
 	require.NoError(t, l.index())
 	for _, tc := range []struct {
@@ -130,7 +134,7 @@ func TestInboundMatchByPort(t *testing.T) {
 		{"port 0 is any port's", 0, []string{"istio-h2"}, 6},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got := l.Match(tc.port, tc.alpn)
+			got := l.Match(tc.port, TransportTLS, tc.alpn)
 			if tc.want < 0 {
 				require.Nil(t, got)
 				return
@@ -142,25 +146,25 @@ func TestInboundMatchByPort(t *testing.T) {
 	// Without chains for any port, an undeclared port matches nothing.
 	l.Chains = l.Chains[:6]
 	require.NoError(t, l.index())
-	require.Same(t, &l.Chains[0], l.Match(8080, []string{"istio"}))
-	require.Nil(t, l.Match(8081, []string{"istio-http/1.1"}))
-	require.Nil(t, l.Match(8081, nil))
+	require.Same(t, &l.Chains[0], l.Match(8080, TransportTLS, []string{"istio"}))
+	require.Nil(t, l.Match(8081, TransportTLS, []string{"istio-http/1.1"}))
+	require.Nil(t, l.Match(8081, TransportTLS, nil))
 
 	// The same protocol, or none, on two ports, or on a port and any
 	// port, is no conflict; on one port it is, named by both chains.
 	l.Chains = []InboundChain{
-		{Port: 8080, ALPN: []string{"istio-h2"}, HTTP: hcm},
-		{Port: 8081, ALPN: []string{"istio-h2"}, HTTP: hcm},
-		{ALPN: []string{"istio-h2"}, HTTP: hcm},
-		{Port: 8080, TCP: tcp},
-		{TCP: tcp},
+		{TLS: mtlsCtx, Port: 8080, ALPN: []string{"istio-h2"}, HTTP: hcm},
+		{TLS: mtlsCtx, Port: 8081, ALPN: []string{"istio-h2"}, HTTP: hcm},
+		{TLS: mtlsCtx, ALPN: []string{"istio-h2"}, HTTP: hcm},
+		{TLS: mtlsCtx, Port: 8080, TCP: tcp},
+		{TLS: mtlsCtx, TCP: tcp},
 	}
 	require.NoError(t, l.index())
 	l.Chains = append(l.Chains,
-		InboundChain{Port: 8080, ALPN: []string{"istio", "istio-h2"}, TCP: tcp},
-		InboundChain{Port: 8080, HTTP: hcm},
-		InboundChain{ALPN: []string{"istio-h2"}, HTTP: hcm},
-		InboundChain{TCP: tcp},
+		InboundChain{TLS: mtlsCtx, Port: 8080, ALPN: []string{"istio", "istio-h2"}, TCP: tcp},
+		InboundChain{TLS: mtlsCtx, Port: 8080, HTTP: hcm},
+		InboundChain{TLS: mtlsCtx, ALPN: []string{"istio-h2"}, HTTP: hcm},
+		InboundChain{TLS: mtlsCtx, TCP: tcp},
 	)
 	require.EqualError(t, l.index(), `filter_chains[5].filter_chain_match.application_protocols[1]: "istio-h2" is also matched by filter_chains[0]`+"\n"+
 		"filter_chains[6].filter_chain_match.application_protocols: is empty, as in filter_chains[3]: two chains match the same connections\n"+
@@ -171,16 +175,16 @@ func TestInboundMatchByPort(t *testing.T) {
 // Match is on every inbound connection's path: it allocates nothing.
 func TestInboundMatchAllocatesNothing(t *testing.T) {
 	l := &InboundListener{Chains: []InboundChain{
-		{Port: 8080, HTTP: &HTTPConnectionManager{}},
-		{ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: &HTTPConnectionManager{}},
-		{TCP: &TCPProxy{Cluster: InboundPassthroughCluster}},
+		{TLS: mtlsCtx, Port: 8080, HTTP: &HTTPConnectionManager{}},
+		{TLS: mtlsCtx, ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: &HTTPConnectionManager{}},
+		{TLS: mtlsCtx, TCP: &TCPProxy{Cluster: InboundPassthroughCluster}},
 	}}
 	require.NoError(t, l.index())
 	offers := [][]string{{"istio"}, nil, {"h2", "istio-h2"}}
 	allocs := testing.AllocsPerRun(100, func() {
 		for _, port := range []uint16{8080, 8081} {
 			for _, alpn := range offers {
-				if l.Match(port, alpn) == nil {
+				if l.Match(port, TransportTLS, alpn) == nil {
 					panic("no chain")
 				}
 			}
