@@ -307,25 +307,38 @@ func (t Transport) String() string {
 // as TLS, and one that is not fails its handshake.
 func (l *InboundListener) Plaintext() bool { return l.plaintext }
 
-// Match is the filter chain for a connection to the original destination
-// port port, of transport t, whose ClientHello offers alpn (in the
-// client's order; nil for raw_buffer), by Envoy's rules, which match
-// destination_port, then transport_protocol, then application_protocols,
-// and never go back: if a chain names port, only the chains of port are
-// considered, else only the chains of any port. Among those, a
-// raw_buffer connection gets the raw_buffer chain; a TLS one the TLS
-// chain listing the first offered protocol that one lists, otherwise the
-// TLS chain that lists none. Nil when nothing matches: close the
-// connection.
-func (l *InboundListener) Match(port uint16, t Transport, alpn []string) *InboundChain {
-	if i := l.MatchIndex(port, t, alpn); i >= 0 {
-		return &l.Chains[i]
-	}
-	return nil
+// Match is the filter chain for a TLS connection to the original
+// destination port port whose ClientHello offers alpn (in the client's
+// order): MatchIndex's with TransportTLS. Nil when nothing matches:
+// close the connection.
+func (l *InboundListener) Match(port uint16, alpn []string) *InboundChain {
+	return l.chain(l.MatchIndex(port, TransportTLS, alpn))
 }
 
-// MatchIndex is Match's chain as its index in Chains; -1 when nothing
-// matches.
+// MatchPlaintext is the filter chain for a plaintext connection to the
+// original destination port port: MatchIndex's with TransportRaw. Nil
+// when nothing matches (port is STRICT): close the connection.
+func (l *InboundListener) MatchPlaintext(port uint16) *InboundChain {
+	return l.chain(l.MatchIndex(port, TransportRaw, nil))
+}
+
+func (l *InboundListener) chain(i int) *InboundChain {
+	if i < 0 {
+		return nil
+	}
+	return &l.Chains[i]
+}
+
+// MatchIndex is the index in Chains of the filter chain for a
+// connection to the original destination port port, of transport t,
+// whose ClientHello offers alpn (in the client's order; nil for
+// raw_buffer), by Envoy's rules, which match destination_port, then
+// transport_protocol, then application_protocols, and never go back: if
+// a chain names port, only the chains of port are considered, else only
+// the chains of any port. Among those, a raw_buffer connection gets the
+// raw_buffer chain; a TLS one the TLS chain listing the first offered
+// protocol that one lists, otherwise the TLS chain that lists none. -1
+// when nothing matches: close the connection.
 func (l *InboundListener) MatchIndex(port uint16, t Transport, alpn []string) int {
 	g, ok := l.groups[port]
 	if !ok {

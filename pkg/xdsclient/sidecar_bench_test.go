@@ -92,14 +92,14 @@ func BenchmarkMatchInbound(b *testing.B) {
 			conns = append(conns, conn{port, alpn})
 		}
 	}
-	require.Same(b, &l.Chains[0], l.Match(8000, TransportTLS, []string{"istio"}))
-	require.Same(b, &l.Chains[20], l.Match(9090, TransportTLS, []string{"istio-h2"}))
-	require.Same(b, &l.Chains[21], l.Match(9090, TransportTLS, nil))
+	require.Same(b, &l.Chains[0], l.Match(8000, []string{"istio"}))
+	require.Same(b, &l.Chains[20], l.Match(9090, []string{"istio-h2"}))
+	require.Same(b, &l.Chains[21], l.Match(9090, nil))
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
 		c := conns[i%len(conns)]
-		if l.Match(c.port, TransportTLS, c.alpn) == nil {
+		if l.Match(c.port, c.alpn) == nil {
 			b.Fatal("no chain")
 		}
 		i++

@@ -150,8 +150,8 @@ func TestSidecarDecodeAccepts(t *testing.T) {
 	require.Equal(t, &Route{Prefix: "/", Cluster: InboundPassthroughCluster},
 		httpIn.HTTP.Routes.VirtualHost("echo.demo.svc.cluster.local:8080").Route("/"))
 	require.Equal(t, InboundChain{TLS: tlsCtx, TCP: tcp(InboundPassthroughCluster)}, in.Chains[1])
-	require.Same(t, &in.Chains[0], in.Match(8080, TransportTLS, []string{"istio-h2"}))
-	require.Same(t, &in.Chains[1], in.Match(8080, TransportTLS, []string{"istio"}))
+	require.Same(t, &in.Chains[0], in.Match(8080, []string{"istio-h2"}))
+	require.Same(t, &in.Chains[1], in.Match(8080, []string{"istio"}))
 
 	// Clusters.
 	require.Equal(t, Cluster{Name: PassthroughCluster, Type: OriginalDst, ConnectTimeout: time.Second}, cfg.Clusters[PassthroughCluster])
@@ -288,7 +288,7 @@ func TestSidecarDecodeInboundPortChains(t *testing.T) {
 		{8081, []string{"istio"}, 3},
 		{8081, nil, 3},
 	} {
-		require.Same(t, &in.Chains[tc.want], in.Match(tc.port, TransportTLS, tc.alpn), "port %d, ALPN %q", tc.port, tc.alpn)
+		require.Same(t, &in.Chains[tc.want], in.Match(tc.port, tc.alpn), "port %d, ALPN %q", tc.port, tc.alpn)
 	}
 }
 
@@ -358,6 +358,10 @@ func TestSidecarDecodeInboundPlaintextChains(t *testing.T) {
 		got := in.MatchIndex(tc.port, tc.t, tc.alpn)
 		require.Equal(t, tc.want, got, tc.name)
 	}
+
+	require.Same(t, &in.Chains[1], in.MatchPlaintext(8080))
+	require.Nil(t, in.MatchPlaintext(9000))
+	require.Same(t, &in.Chains[0], in.Match(8080, nil), "Match is a TLS connection's")
 
 	// Without a plaintext chain of any port, an undeclared port is
 	// STRICT.

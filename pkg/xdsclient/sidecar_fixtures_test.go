@@ -488,7 +488,7 @@ func requireSidecarConsistent(t testing.TB, cfg *Config) {
 			require.Equal(t, TransportRaw, ch.Transport())
 			require.Empty(t, ch.ALPN, "inbound chain %d: a raw_buffer chain lists no ALPN", i)
 			require.True(t, sc.Inbound.Plaintext())
-			require.Same(t, ch, sc.Inbound.Match(ch.Port, TransportRaw, nil))
+			require.Same(t, ch, sc.Inbound.MatchPlaintext(ch.Port))
 		} else {
 			require.Equal(t, CertSecretName, ch.TLS.CertSecret)
 			require.Equal(t, RootCASecretName, ch.TLS.ValidationSecret)
@@ -501,10 +501,10 @@ func requireSidecarConsistent(t testing.TB, cfg *Config) {
 			checkRoutes(ch.HTTP.Routes)
 		}
 		if ch.TLS != nil && len(ch.ALPN) == 0 {
-			require.Same(t, ch, sc.Inbound.Match(ch.Port, TransportTLS, nil))
+			require.Same(t, ch, sc.Inbound.Match(ch.Port, nil))
 		}
 		for _, p := range ch.ALPN {
-			require.Same(t, ch, sc.Inbound.Match(ch.Port, TransportTLS, []string{p}))
+			require.Same(t, ch, sc.Inbound.Match(ch.Port, []string{p}))
 		}
 	}
 	require.Equal(t, slices.ContainsFunc(sc.Inbound.Chains, func(ch InboundChain) bool { return ch.TLS == nil }), sc.Inbound.Plaintext())

@@ -84,13 +84,13 @@ func TestInboundMatch(t *testing.T) {
 		{TLS: mtlsCtx, TCP: &TCPProxy{Cluster: InboundPassthroughCluster}},
 	}}
 	require.NoError(t, l.index())
-	require.Same(t, &l.Chains[0], l.Match(8080, TransportTLS, []string{"istio-h2"}))
-	require.Same(t, &l.Chains[0], l.Match(8080, TransportTLS, []string{"h2", "istio-http/1.1"}))
-	require.Same(t, &l.Chains[1], l.Match(8080, TransportTLS, []string{"istio"}))
-	require.Same(t, &l.Chains[1], l.Match(8080, TransportTLS, nil))
+	require.Same(t, &l.Chains[0], l.Match(8080, []string{"istio-h2"}))
+	require.Same(t, &l.Chains[0], l.Match(8080, []string{"h2", "istio-http/1.1"}))
+	require.Same(t, &l.Chains[1], l.Match(8080, []string{"istio"}))
+	require.Same(t, &l.Chains[1], l.Match(8080, nil))
 	l.Chains = l.Chains[:1]
 	require.NoError(t, l.index())
-	require.Nil(t, l.Match(8080, TransportTLS, []string{"istio"}))
+	require.Nil(t, l.Match(8080, []string{"istio"}))
 }
 
 // Chains of a destination port are matched before the ALPN, as in
@@ -134,7 +134,7 @@ func TestInboundMatchByPort(t *testing.T) {
 		{"port 0 is any port's", 0, []string{"istio-h2"}, 6},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got := l.Match(tc.port, TransportTLS, tc.alpn)
+			got := l.Match(tc.port, tc.alpn)
 			if tc.want < 0 {
 				require.Nil(t, got)
 				return
@@ -146,9 +146,9 @@ func TestInboundMatchByPort(t *testing.T) {
 	// Without chains for any port, an undeclared port matches nothing.
 	l.Chains = l.Chains[:6]
 	require.NoError(t, l.index())
-	require.Same(t, &l.Chains[0], l.Match(8080, TransportTLS, []string{"istio"}))
-	require.Nil(t, l.Match(8081, TransportTLS, []string{"istio-http/1.1"}))
-	require.Nil(t, l.Match(8081, TransportTLS, nil))
+	require.Same(t, &l.Chains[0], l.Match(8080, []string{"istio"}))
+	require.Nil(t, l.Match(8081, []string{"istio-http/1.1"}))
+	require.Nil(t, l.Match(8081, nil))
 
 	// The same protocol, or none, on two ports, or on a port and any
 	// port, is no conflict; on one port it is, named by both chains.
@@ -178,15 +178,20 @@ func TestInboundMatchAllocatesNothing(t *testing.T) {
 		{TLS: mtlsCtx, Port: 8080, HTTP: &HTTPConnectionManager{}},
 		{TLS: mtlsCtx, ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: &HTTPConnectionManager{}},
 		{TLS: mtlsCtx, TCP: &TCPProxy{Cluster: InboundPassthroughCluster}},
+		{Port: 8080, HTTP: &HTTPConnectionManager{}}, // plaintext
+		{TCP: &TCPProxy{Cluster: InboundPassthroughCluster}},
 	}}
 	require.NoError(t, l.index())
 	offers := [][]string{{"istio"}, nil, {"h2", "istio-h2"}}
 	allocs := testing.AllocsPerRun(100, func() {
 		for _, port := range []uint16{8080, 8081} {
 			for _, alpn := range offers {
-				if l.Match(port, TransportTLS, alpn) == nil {
+				if l.Match(port, alpn) == nil {
 					panic("no chain")
 				}
+			}
+			if l.MatchPlaintext(port) == nil {
+				panic("no plaintext chain")
 			}
 		}
 	})

@@ -162,12 +162,12 @@ func TestTranslateSidecarRoundTrip(t *testing.T) {
 	// chains picked by ALPN alone.
 	in := sc.Inbound
 	const port = 7070
-	httpIn := in.Match(port, TransportTLS, []string{"istio-http/1.1"})
+	httpIn := in.Match(port, []string{"istio-http/1.1"})
 	require.NotNil(t, httpIn.HTTP)
 	require.Equal(t, SanitizeSet, httpIn.HTTP.ForwardClientCert)
 	require.True(t, httpIn.HTTP.SetClientCertURI)
 	require.Equal(t, InboundPassthroughCluster, httpIn.HTTP.Routes.VirtualHost("anything:8080").Route("/").Cluster)
-	require.Equal(t, InboundPassthroughCluster, in.Match(port, TransportTLS, []string{"istio"}).TCP.Cluster)
+	require.Equal(t, InboundPassthroughCluster, in.Match(port, []string{"istio"}).TCP.Cluster)
 	require.Equal(t, UpstreamHTTPDownstream, cfg.Clusters[InboundPassthroughCluster].UpstreamHTTP, "the app gets the version the caller's sidecar chose")
 	require.Equal(t, UpstreamHTTPNone, cfg.Clusters[PassthroughCluster].UpstreamHTTP)
 }
