@@ -116,10 +116,13 @@ type (
 		Chains  []inboundChainDump `json:"filter_chains"`
 	}
 	inboundChainDump struct {
-		DestinationPort      uint16   `json:"destination_port,omitempty"`
+		DestinationPort uint16 `json:"destination_port,omitempty"`
+		// TransportProtocol is "tls" or "raw_buffer" (plaintext: no
+		// secrets).
+		TransportProtocol    string   `json:"transport_protocol"`
 		ApplicationProtocols []string `json:"application_protocols,omitempty"`
-		CertSecret           string   `json:"tls_certificate_sds_secret"`
-		ValidationSecret     string   `json:"validation_context_sds_secret"`
+		CertSecret           string   `json:"tls_certificate_sds_secret,omitempty"`
+		ValidationSecret     string   `json:"validation_context_sds_secret,omitempty"`
 		// RBAC are the chain's envoy.filters.network.rbac filters, in
 		// order (DENY, then ALLOW), each with its policies' names.
 		RBAC []rbacDump `json:"network_rbac,omitempty"`
@@ -246,8 +249,12 @@ func (p *Proxy) configDump() configDump {
 	}
 	in := inboundDump{Name: sc.Inbound.Name, Address: addrPort(sc.Inbound.Addr.String(), sc.Inbound.Port), Chains: []inboundChainDump{}}
 	for _, ch := range sc.Inbound.Chains {
-		in.Chains = append(in.Chains, inboundChainDump{DestinationPort: ch.Port, ApplicationProtocols: ch.ALPN, CertSecret: ch.TLS.CertSecret,
-			ValidationSecret: ch.TLS.ValidationSecret, RBAC: networkRBAC(ch.RBAC), HTTP: hcm(ch.HTTP), TCP: tcp(ch.TCP)})
+		d := inboundChainDump{DestinationPort: ch.Port, TransportProtocol: ch.Transport().String(), ApplicationProtocols: ch.ALPN,
+			RBAC: networkRBAC(ch.RBAC), HTTP: hcm(ch.HTTP), TCP: tcp(ch.TCP)}
+		if ch.TLS != nil {
+			d.CertSecret, d.ValidationSecret = ch.TLS.CertSecret, ch.TLS.ValidationSecret
+		}
+		in.Chains = append(in.Chains, d)
 	}
 	d.Listeners = []any{out, in}
 	for _, name := range slices.Sorted(maps.Keys(sc.Routes)) {

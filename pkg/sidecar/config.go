@@ -38,7 +38,11 @@ type Config struct {
 	// byte is read.
 	MaxConnections int
 	// HandshakeTimeout bounds a TLS handshake: an inbound caller's, and
-	// the sidecar's own with an upstream (after ConnectTimeout).
+	// the sidecar's own with an upstream (after ConnectTimeout). Where
+	// the inbound listener has plaintext (raw_buffer) chains, it also
+	// bounds the wait for an inbound caller's first byte, which tells
+	// TLS from plaintext: a caller that sends nothing first is refused
+	// when it passes.
 	HandshakeTimeout time.Duration
 	// ReadHeaderTimeout bounds reading an HTTP/1.1 request's headers.
 	ReadHeaderTimeout time.Duration

@@ -22,6 +22,8 @@
 //	    ├─ a declared port's chain, whatever the ALPN: as its protocol says, HTTP or bytes (below)
 //	    ├─ any other port, istio-http/1.1, istio-h2: HTTP (codec by the bytes), XFCC set ──► 127.0.0.1:<port> (HTTP/1.1 or h2c)
 //	    └─ any other port, anything else: bytes ──► 127.0.0.1:<port>
+//	    (PERMISSIVE ports: with a raw_buffer chain in the listener, the first byte, peeked, tells TLS (0x16)
+//	     from plaintext, matched after the port: HTTP (h1 or h2c) or bytes, no caller identity, no XFCC)
 //
 // The inbound chain is chosen as Envoy chooses it: when a chain names the
 // connection's original destination port (filter_chain_match
@@ -29,7 +31,11 @@
 // the ALPN among them; there is no going back to the chains of any port
 // if none of them matches (no_chain). So a caller cannot reach an HTTP
 // port's app as TCP, with an X-Forwarded-Client-Cert of its own making,
-// by offering ALPN istio or none.
+// by offering ALPN istio or none. Between the port and the ALPN comes the
+// transport (tls or raw_buffer), decided only when some chain is
+// raw_buffer (a PeerAuthentication PERMISSIVE): a plaintext caller gets
+// its port's raw_buffer chain, or nothing when the port has only TLS
+// chains (STRICT), and is unauthenticated to RBAC.
 //
 // HTTP/1.1 is served on the connection's own goroutine by the sidecar's
 // codec (h1.go, h1parse.go): the head parsed strictly where it was read

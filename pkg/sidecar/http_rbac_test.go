@@ -243,7 +243,7 @@ func TestInboundHTTPRBAC(t *testing.T) {
 // bytes, read answer by answer.
 type h1Raw struct {
 	t *testing.T
-	c *tls.Conn
+	c net.Conn // TLS, or plaintext (dialPlainH1Raw)
 	r *bufio.Reader
 }
 

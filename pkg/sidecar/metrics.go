@@ -33,13 +33,17 @@ const (
 	ReasonOverLimit = "over_limit"
 	// ReasonNoConfig: no xDS configuration yet; closed.
 	ReasonNoConfig = "no_config"
-	// ReasonHandshake: an inbound caller that does not speak TLS, sent
-	// no client certificate, or one that does not verify against the
-	// bundle of its trust domain; or an upstream's TLS failed.
+	// ReasonHandshake: an inbound caller that does not speak TLS (where
+	// the listener has no plaintext chain), sent no client certificate,
+	// or one that does not verify against the bundle of its trust
+	// domain, or sent nothing before the handshake timeout (on a
+	// listener with plaintext chains too: a server-first protocol); or
+	// an upstream's TLS failed.
 	ReasonHandshake = "handshake"
-	// ReasonNoChain: an inbound ClientHello no filter chain matches; or
-	// an open inbound TCP connection a new configuration has no TCP
-	// chain for, closed.
+	// ReasonNoChain: an inbound ClientHello no filter chain matches, or
+	// a plaintext inbound connection to a port without a raw_buffer
+	// chain (STRICT); or an open inbound TCP connection a new
+	// configuration has no TCP chain of its transport for, closed.
 	ReasonNoChain = "no_chain"
 	// ReasonNoOriginalDst: an inbound connection that was not redirected
 	// (its destination is the inbound listener itself), or whose original

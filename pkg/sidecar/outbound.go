@@ -20,7 +20,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
 )
 
-var errNoChain = errors.New("no inbound filter chain matches the ClientHello")
+var errNoChain = errors.New("no inbound TLS filter chain matches the ClientHello")
 
 // destination is where c was going: its original destination when
 // iptables redirected it, else (redirected false) its own local address.
@@ -223,11 +223,36 @@ type inConn struct {
 	chain int
 }
 
+// tlsHandshakeRecord is the first byte of a TLS connection: the content
+// type of the record carrying its ClientHello.
+const tlsHandshakeRecord = 0x16
+
+// sniff is Envoy's tls_inspector deciding transport_protocol: "tls" when
+// the connection opens with a TLS handshake record, "raw_buffer" for
+// anything else. It waits, under the connection's deadline, for the
+// caller's first byte, and leaves it unread (MSG_PEEK): crypto/tls, the
+// HTTP codecs or the tcp_proxy's splice read it as if nothing had looked.
+// A caller that sends nothing first (a server-first protocol) is not
+// told apart: it waits until the handshake timeout, as a TLS caller
+// that stalls does.
+func (c *inConn) sniff() (xdsclient.Transport, error) {
+	b, err := c.peekByte()
+	if err != nil {
+		return 0, err
+	}
+	if b == tlsHandshakeRecord {
+		return xdsclient.TransportTLS, nil
+	}
+	return xdsclient.TransportRaw, nil
+}
+
 // serveInbound is one inbound connection's goroutine: original
-// destination, TLS with the filter chain the destination port and then
-// the ClientHello's ALPN select (the caller's SVID required and verified
-// against its own trust domain's bundle), then an HTTP connection manager
-// or a TCP proxy to the app.
+// destination; when the configuration has plaintext chains, the
+// transport (sniff); for TLS, the handshake with the filter chain the
+// destination port and then the ClientHello's ALPN select (the caller's
+// SVID required and verified against its own trust domain's bundle);
+// for plaintext, the destination port's raw_buffer chain; then an HTTP
+// connection manager or a TCP proxy to the app.
 func (p *Proxy) serveInbound(c *net.TCPConn) {
 	defer p.connGoroutines.Done()
 	st := p.state.Load()
@@ -255,8 +280,23 @@ func (p *Proxy) serveInbound(c *net.TCPConn) {
 	}
 	ic := &inConn{port: dst.Port(), chain: -1}
 	ic.init(c)
-	tc := tls.Server(ic, st.inboundDispatch())
 	_ = c.SetDeadline(time.Now().Add(p.cfg.HandshakeTimeout))
+	l := st.cfg.Sidecar.Inbound
+	// Only a configuration with plaintext chains looks before the
+	// handshake: STRICT everywhere, every connection is TLS.
+	if l.Plaintext() {
+		t, err := ic.sniff()
+		if err != nil {
+			p.refuse(c, listenerInbound, ReasonHandshake, "destination", dst.String(), "error", err)
+			p.release(listenerInbound)
+			return
+		}
+		if t == xdsclient.TransportRaw {
+			p.servePlaintextInbound(c, ic, st, dst)
+			return
+		}
+	}
+	tc := tls.Server(ic, st.inboundDispatch())
 	if err := tc.Handshake(); err != nil {
 		reason := ReasonHandshake
 		if errors.Is(err, errNoChain) {
@@ -267,36 +307,71 @@ func (p *Proxy) serveInbound(c *net.TCPConn) {
 		return
 	}
 	_ = c.SetDeadline(time.Time{})
-	ch := &st.cfg.Sidecar.Inbound.Chains[ic.chain]
+	ch := &l.Chains[ic.chain]
 	// The caller's SPIFFE ID, read once for the RBAC filters of this
 	// chain and of the chains later configurations match for the
 	// connection, whose principals match it.
 	cs := tc.ConnectionState()
-	id := peerID(cs)
-	// Decided once, the caller's identity known and nothing read from it
-	// yet, as Envoy's network RBAC filter on the first byte; again with
-	// each new configuration (revoke.go).
-	if !ch.RBAC.Allows(id, dst.Port()) {
-		p.refuse(c, listenerInbound, ReasonRBAC, "caller", id, "port", dst.Port())
+	var xfcc string
+	if ch.HTTP != nil && ch.HTTP.ForwardClientCert == xdsclient.SanitizeSet {
+		xfcc = p.xfcc(cs, ch.HTTP.SetClientCertURI)
+	}
+	p.serveInboundChain(c, tc, st, ch, dst, peerID(cs), cs.NegotiatedProtocol, xfcc)
+}
+
+// servePlaintextInbound serves a connection that did not open with TLS:
+// on the raw_buffer chain of its destination port's chains (of any
+// port's when its port has none), or, when those have none (the port is
+// STRICT), nowhere: closed, no_chain. Its caller has no identity.
+func (p *Proxy) servePlaintextInbound(c *net.TCPConn, ic *inConn, st *state, dst netip.AddrPort) {
+	l := st.cfg.Sidecar.Inbound
+	i := l.MatchIndex(dst.Port(), xdsclient.TransportRaw, nil)
+	if i < 0 {
+		p.refuse(c, listenerInbound, ReasonNoChain, "destination", dst.String(), "transport", xdsclient.TransportRaw.String())
 		p.release(listenerInbound)
 		return
 	}
-	in := newInboundConn(c, st, ch, id, dst.Port(), cs.NegotiatedProtocol)
+	_ = c.SetDeadline(time.Time{})
+	ch := &l.Chains[i]
+	// The tcp_proxy gets the socket itself, which splices; the HTTP
+	// codecs its inConn, for the raw I/O and the HTTP/2 path's
+	// non-blocking writes.
+	var down net.Conn = ic
+	if ch.TCP != nil {
+		down = c
+	}
+	p.serveInboundChain(c, down, st, ch, dst, "", "", "")
+}
+
+// serveInboundChain serves an inbound connection on its chain ch of st:
+// its network RBAC decided, then its tcp_proxy or HTTP connection
+// manager on down (what the caller's bytes are read from: the TLS
+// connection, or a plaintext one's socket or inConn). c is the socket,
+// caller the caller's SPIFFE ID ("" over plaintext), alpn the protocol
+// the handshake negotiated and xfcc the X-Forwarded-Client-Cert value a
+// SANITIZE_SET manager sets ("" over plaintext: none).
+func (p *Proxy) serveInboundChain(c *net.TCPConn, down net.Conn, st *state, ch *xdsclient.InboundChain, dst netip.AddrPort, caller, alpn, xfcc string) {
+	// Decided once, the caller's identity known and nothing read from it
+	// yet, as Envoy's network RBAC filter on the first byte; again with
+	// each new configuration (revoke.go).
+	if !ch.RBAC.Allows(caller, dst.Port()) {
+		p.refuse(c, listenerInbound, ReasonRBAC, "caller", caller, "port", dst.Port(), "transport", ch.Transport().String())
+		p.release(listenerInbound)
+		return
+	}
+	in := newInboundConn(c, st, ch, caller, dst.Port(), alpn)
 	if !p.register(in) {
 		p.unregister(in)
 		p.release(listenerInbound)
 		return
 	}
 	if ch.TCP != nil {
-		p.proxyTCP(tc, st, ch.TCP, listenerInbound, dst, true)
+		p.proxyTCP(down.(relay.Conn), st, ch.TCP, listenerInbound, dst, true)
 		p.unregister(in)
 		return
 	}
-	info := &connInfo{listener: listenerInbound, hcm: ch.HTTP, dst: dst, redirected: true, caller: id, in: in}
-	if ch.HTTP.ForwardClientCert == xdsclient.SanitizeSet {
-		info.xfcc = p.xfcc(cs, ch.HTTP.SetClientCertURI)
-	}
-	p.serveHTTPConn(p.inQueue, tc, info)
+	info := &connInfo{listener: listenerInbound, hcm: ch.HTTP, dst: dst, redirected: true, caller: caller, in: in, xfcc: xfcc}
+	p.serveHTTPConn(p.inQueue, down, info)
 }
 
 // peerID is the SPIFFE ID of a verified caller's certificate (its URI
@@ -326,7 +401,7 @@ func (st *state) inboundDispatch() *tls.Config {
 			if ic != nil {
 				port = ic.port
 			}
-			i := st.cfg.Sidecar.Inbound.MatchIndex(port, h.SupportedProtos)
+			i := st.cfg.Sidecar.Inbound.MatchIndex(port, xdsclient.TransportTLS, h.SupportedProtos)
 			if i < 0 {
 				return nil, errNoChain
 			}

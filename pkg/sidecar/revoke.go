@@ -14,9 +14,14 @@ import (
 // caller's sidecar pools its connections for as long as they last.
 //
 // An inbound connection is matched again, in the configuration current
-// now, by what it already knows: its original destination port and the
-// protocol its TLS handshake negotiated (MatchIndex(port, [alpn])), which
-// in the configuration it was accepted under gives back its own chain.
+// now, by what it already knows: its original destination port, its
+// transport (TLS, or plaintext on a raw_buffer chain) and the protocol
+// its TLS handshake negotiated (MatchIndex(port, transport, [alpn])),
+// which in the configuration it was accepted under gives back its own
+// chain. A plaintext connection's caller is "" (unauthenticated) for the
+// network RBAC of every configuration; a port that a new configuration
+// makes STRICT has no raw_buffer chain for it, and the connection is
+// then one whose chain is gone.
 //
 //   - HTTP requests: each is decided by the HTTP RBAC of the current
 //     chain (rbacNow): one atomic load and a pointer comparison while the
@@ -45,12 +50,15 @@ import (
 // it. Everything but checked and retiring is set before it is
 // registered and then only read.
 type inboundConn struct {
-	// caller is the SPIFFE ID of the caller's verified SVID.
+	// caller is the SPIFFE ID of the caller's verified SVID; "" over
+	// plaintext.
 	caller string
-	// port is the original destination port, alpn the protocol the TLS
-	// handshake negotiated (nil: none), as MatchIndex takes them.
-	port uint16
-	alpn []string
+	// port is the original destination port, transport the chain's
+	// transport_protocol and alpn the protocol the TLS handshake
+	// negotiated (nil: none), as MatchIndex takes them.
+	port      uint16
+	transport xdsclient.Transport
+	alpn      []string
 	// st is the configuration the connection was accepted under, and
 	// http whether its chain there is an HTTP connection manager.
 	st   *state
@@ -72,7 +80,7 @@ type inboundConn struct {
 // newInboundConn is a connection accepted under st, on chain ch, from
 // caller to port, c its socket and alpn its negotiated protocol.
 func newInboundConn(c net.Conn, st *state, ch *xdsclient.InboundChain, caller string, port uint16, alpn string) *inboundConn {
-	in := &inboundConn{caller: caller, port: port, st: st, http: ch.HTTP != nil, sock: c}
+	in := &inboundConn{caller: caller, port: port, transport: ch.Transport(), st: st, http: ch.HTTP != nil, sock: c}
 	if alpn != "" {
 		in.alpn = []string{alpn}
 	}
@@ -126,7 +134,7 @@ func (p *Proxy) recheck(in *inboundConn, st *state) verdict {
 	}
 	l := st.cfg.Sidecar.Inbound
 	var ch *xdsclient.InboundChain
-	if i := l.MatchIndex(in.port, in.alpn); i >= 0 {
+	if i := l.MatchIndex(in.port, in.transport, in.alpn); i >= 0 {
 		ch = &l.Chains[i]
 	}
 	reason := ReasonRBAC
@@ -145,7 +153,7 @@ func (p *Proxy) recheck(in *inboundConn, st *state) verdict {
 	if !in.checked.CompareAndSwap(st, cutState) {
 		return verdictKeep
 	}
-	p.refuse(in.sock, listenerInbound, reason, "caller", in.caller, "port", in.port, "open", true)
+	p.refuse(in.sock, listenerInbound, reason, "caller", in.caller, "port", in.port, "transport", in.transport.String(), "open", true)
 	return verdictCut
 }
 
@@ -173,7 +181,7 @@ func (p *Proxy) rbacNow(ci *connInfo) (*xdsclient.NetworkRBAC, *xdsclient.HTTPCo
 	}
 	var nw *xdsclient.NetworkRBAC
 	l := st.cfg.Sidecar.Inbound
-	if i := l.MatchIndex(in.port, in.alpn); i >= 0 {
+	if i := l.MatchIndex(in.port, in.transport, in.alpn); i >= 0 {
 		ch := &l.Chains[i]
 		if ch.RBAC != nil && in.checked.Load() != st {
 			nw = ch.RBAC

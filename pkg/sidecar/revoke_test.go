@@ -19,6 +19,8 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+
+	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
 )
 
 // A new configuration's RBAC reaches the inbound connections already
@@ -295,7 +297,7 @@ func revokeBenchProxy(b *testing.B) (p *Proxy, st1, st2 *state) {
 func BenchmarkRBACNow(b *testing.B) {
 	p, st1, st2 := revokeBenchProxy(b)
 	l := st1.cfg.Sidecar.Inbound
-	i := l.MatchIndex(8010, nil)
+	i := l.MatchIndex(8010, xdsclient.TransportTLS, nil)
 	ch := &l.Chains[i]
 	in := newInboundConn(nil, st1, ch, "spiffe://alpha.mesh/ns/demo/sa/caller", 8010, "")
 	ci := &connInfo{listener: listenerInbound, hcm: ch.HTTP, caller: in.caller, in: in}
@@ -325,7 +327,7 @@ func BenchmarkRevokePass(b *testing.B) {
 	l := st1.cfg.Sidecar.Inbound
 	for n := range 10000 {
 		port := uint16(8000 + n%20)
-		in := newInboundConn(nil, st1, &l.Chains[l.MatchIndex(port, nil)], "spiffe://alpha.mesh/ns/demo/sa/caller-"+strconv.Itoa(n%50), port, "")
+		in := newInboundConn(nil, st1, &l.Chains[l.MatchIndex(port, xdsclient.TransportTLS, nil)], "spiffe://alpha.mesh/ns/demo/sa/caller-"+strconv.Itoa(n%50), port, "")
 		p.inConns[in] = struct{}{}
 	}
 	var buf []*inboundConn

@@ -35,7 +35,8 @@ type state struct {
 	clusters map[string]*upstream
 	// inboundTLS are the TLS server configurations of the inbound
 	// chains, by index: the chain's ALPN, the SVID, client certificates
-	// required and verified against their own trust domain's bundle.
+	// required and verified against their own trust domain's bundle;
+	// nil for a raw_buffer chain.
 	inboundTLS []*tls.Config
 	// dispatch is the inbound listener's TLS configuration, made once
 	// (inboundDispatch).
@@ -122,6 +123,10 @@ func (p *Proxy) buildState(cfg *xdsclient.Config) *state {
 	base := tlsconfig.MTLSServerConfig(p.svid, p.bundles, tlsconfig.AuthorizeAny())
 	base.SessionTicketsDisabled = true // every connection verifies its caller afresh
 	for _, ch := range cfg.Sidecar.Inbound.Chains {
+		if ch.TLS == nil {
+			st.inboundTLS = append(st.inboundTLS, nil) // plaintext: no handshake picks it
+			continue
+		}
 		c := base.Clone()
 		c.NextProtos = slices.Clone(ch.ALPN)
 		st.inboundTLS = append(st.inboundTLS, c)

@@ -112,6 +112,41 @@ func (c *tryConn) closedWhileIdle() (closed, ok bool) {
 	return peekSaysClosed(r.perr), true
 }
 
+// peekByte waits, under the read deadline, for the first byte the peer
+// sends, and returns it without reading it (MSG_PEEK): the next Read, or
+// a splice of the socket, still gets it. io.EOF if the peer closed
+// first.
+func (c *tryConn) peekByte() (byte, error) {
+	r := c.raw
+	if r == nil {
+		return peekByte(c.TCPConn)
+	}
+	r.readMu.Lock()
+	defer r.readMu.Unlock()
+	var n uintptr
+	// Once per connection, and only on a listener with plaintext chains:
+	// the closure is made here, not in newRawIO, so that the listeners
+	// without pay nothing.
+	err := r.rc.Read(func(fd uintptr) bool {
+		for {
+			n, _, r.perr = syscall.RawSyscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&r.pb[0])), 1,
+				syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+			if r.perr != syscall.EINTR {
+				return r.perr != syscall.EAGAIN
+			}
+		}
+	})
+	switch {
+	case err != nil:
+		return 0, c.opError("read", err)
+	case r.perr != 0:
+		return 0, c.opError("read", os.NewSyscallError("recvfrom", r.perr))
+	case n == 0:
+		return 0, io.EOF
+	}
+	return r.pb[0], nil
+}
+
 // Read reads like net.TCPConn's Read, with errors in the same shape.
 func (c *tryConn) Read(b []byte) (int, error) {
 	r := c.raw

@@ -23,3 +23,7 @@ func (c *tryConn) write(b []byte, try bool) (int, error) {
 // closedWhileIdle has no raw I/O to peek with here (h1_unix.go peeks
 // through the net package).
 func (c *tryConn) closedWhileIdle() (closed, ok bool) { return false, false }
+
+// peekByte waits for the peer's first byte and returns it unread
+// (sniff_unix.go).
+func (c *tryConn) peekByte() (byte, error) { return peekByte(c.TCPConn) }

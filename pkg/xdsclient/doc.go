@@ -28,7 +28,8 @@
 // The sidecar's subset is docs/sidecar-xds.md (DecodeRole, RoleSidecar;
 // the client follows the role of its Node): the outbound listener's
 // chains by destination port and VIP, the inbound listener's mTLS chains
-// by ALPN, route configurations over RDS, EDS and ORIGINAL_DST clusters
+// (and plaintext raw_buffer ones, for PERMISSIVE ports) by destination
+// port, transport and ALPN, route configurations over RDS, EDS and ORIGINAL_DST clusters
 // with upstream mTLS and the service metadata, and assignments with
 // priorities and locality weights. Config.Sidecar carries it, with the
 // lookups a proxy makes per connection or request (Match, VirtualHost,

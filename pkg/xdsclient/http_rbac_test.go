@@ -497,3 +497,33 @@ func BenchmarkHTTPRBACAllows(b *testing.B) {
 		b.Fatalf("%v allocations per decision", a)
 	}
 }
+
+// HTTP RBAC decides a plaintext caller's requests (ID "") as network
+// RBAC decides its connection: no authenticated principal matches it,
+// not_id of one does, and the request's own attributes still count.
+func TestHTTPRBACUnauthenticated(t *testing.T) {
+	policy := func(perm *rbacv3.Permission, prin *rbacv3.Principal) map[string]*rbacv3.Policy {
+		return map[string]*rbacv3.Policy{"p": rbacPolicy(perms(perm), prin)}
+	}
+	plain := &RBACRequest{Port: 8080, Method: "GET", Authority: "echo.demo:8080", Path: "/admin/x"}
+	mtls := *plain
+	mtls.ID = idCaller
+
+	allowNS := &HTTPRBAC{Allow: httpRules(t, rbacv3.RBAC_ALLOW, policy(permAny(), prinRegex(`.*/ns/demo/.*`)))}
+	require.False(t, allowNS.Allows(plain))
+	require.True(t, allowNS.Allows(&mtls))
+
+	allowAnyString := &HTTPRBAC{Allow: httpRules(t, rbacv3.RBAC_ALLOW, policy(permAny(), prinName(smRegex(`.*`))))}
+	require.False(t, allowAnyString.Allows(plain), "authenticated with a pattern matching \"\" still needs a certificate")
+
+	denyNotPrincipals := &HTTPRBAC{Deny: httpRules(t, rbacv3.RBAC_DENY, policy(permPath(smPrefix("/admin/")), prinNot(prinRegex(`.+`))))}
+	require.False(t, denyNotPrincipals.Allows(plain), "notPrincipals [*] on /admin/ refuses the plaintext caller")
+	require.True(t, denyNotPrincipals.Allows(&mtls))
+	other := *plain
+	other.Path = "/public"
+	require.True(t, denyNotPrincipals.Allows(&other), "the rule's path still decides")
+
+	allowNotID := &HTTPRBAC{Allow: httpRules(t, rbacv3.RBAC_ALLOW, policy(permHeader(":method", smExact("GET")), prinNot(prinExact(idCaller))))}
+	require.True(t, allowNotID.Allows(plain))
+	require.False(t, allowNotID.Allows(&mtls))
+}

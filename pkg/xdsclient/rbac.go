@@ -78,7 +78,9 @@ func decide(deny, allow *RBACRules, req *RBACRequest) bool {
 // cannot have. Nothing of it is kept.
 type RBACRequest struct {
 	// ID is the caller's SPIFFE ID, the URI SAN of its verified SVID;
-	// empty when there is none.
+	// empty when there is none (a plaintext connection on a raw_buffer
+	// chain): unauthenticated, which no authenticated principal matches
+	// and the not_id of one does.
 	ID string
 	// Port is the connection's original destination port.
 	Port uint16
@@ -307,7 +309,8 @@ const (
 	// PrincipalAny is any: true.
 	PrincipalAny PrincipalKind = iota + 1
 	// PrincipalName is authenticated.principal_name: Name matches the
-	// caller's SPIFFE ID, the URI SAN of its certificate.
+	// caller's SPIFFE ID, the URI SAN of its certificate; never a caller
+	// without one (plaintext).
 	PrincipalName
 	// PrincipalAnd is and_ids: every one of IDs matches.
 	PrincipalAnd
@@ -332,7 +335,11 @@ func (p *Principal) matches(id string) bool {
 	case PrincipalAny:
 		return true
 	case PrincipalName:
-		return p.Name.Matches(id)
+		// Envoy's authenticated matcher never matches a connection
+		// without a peer certificate (a plaintext caller, id ""),
+		// whatever its principal_name: not even a pattern that matches
+		// the empty string (safe_regex ".*", prefix "").
+		return id != "" && p.Name.Matches(id)
 	case PrincipalAnd:
 		for i := range p.IDs {
 			if !p.IDs[i].matches(id) {

@@ -425,3 +425,56 @@ func BenchmarkNetworkRBACAllows(b *testing.B) {
 		b.Fatalf("%v allocations per decision", a)
 	}
 }
+
+// A plaintext caller (a raw_buffer chain) has no certificate: its ID is
+// "". Envoy's authenticated matcher never matches a connection without
+// a peer certificate, whatever its principal_name, and a not_id of one
+// does; any matches it. So an ALLOW naming principals, namespaces or
+// trust domains refuses it, a DENY naming them lets it through, and
+// Istio's notPrincipals (not_id) catches it. Istio's principal patterns:
+// an exact ID, a namespace (safe_regex ".*/ns/<ns>/.*"), a trust domain
+// (prefix "spiffe://<td>/"), "*" (safe_regex ".+" or prefix "spiffe://");
+// and a pattern that matches "" (safe_regex ".*"), which matches no
+// plaintext caller either.
+func TestNetworkRBACUnauthenticated(t *testing.T) {
+	one := func(prin *rbacv3.Principal) map[string]*rbacv3.Policy {
+		return map[string]*rbacv3.Policy{"p": rbacPolicy(perms(permAny()), prin)}
+	}
+	prefix := func(s string) *rbacv3.Principal {
+		return prinMatch(false, func(m *matcherv3.StringMatcher) { m.MatchPattern = &matcherv3.StringMatcher_Prefix{Prefix: s} })
+	}
+	suffix := func(s string) *rbacv3.Principal {
+		return prinMatch(false, func(m *matcherv3.StringMatcher) { m.MatchPattern = &matcherv3.StringMatcher_Suffix{Suffix: s} })
+	}
+	authenticated := map[string]*rbacv3.Principal{
+		"exact":                 prinExact(idCaller),
+		"namespace regex":       prinRegex(`.*/ns/demo/.*`),
+		"trust domain prefix":   prefix("spiffe://alpha/"),
+		"any ID, regex .+":      prinRegex(`.+`),
+		"regex matching empty":  prinRegex(`.*`),
+		"suffix":                suffix("/sa/caller"),
+		"or of authenticated":   prinOr(prinExact(idCaller), prinRegex(`.*`)),
+		"and with any":          prinAnd(prinAny(), prinRegex(`.*`)),
+		"not of not of an ID":   prinNot(prinNot(prinRegex(`.*`))),
+		"and of an ID, not one": prinAnd(prinRegex(`.*`), prinNot(prinExact(idBeta))),
+	}
+	for name, prin := range authenticated {
+		t.Run(name, func(t *testing.T) {
+			allow := &NetworkRBAC{Allow: rbacRules(t, rbacv3.RBAC_ALLOW, one(prin))}
+			deny := &NetworkRBAC{Deny: rbacRules(t, rbacv3.RBAC_DENY, one(prin))}
+			require.False(t, allow.Allows("", 8080), "an ALLOW of authenticated callers refuses a plaintext one")
+			require.True(t, deny.Allows("", 8080), "a DENY of authenticated callers lets a plaintext one through")
+			notAllow := &NetworkRBAC{Allow: rbacRules(t, rbacv3.RBAC_ALLOW, one(prinNot(prin)))}
+			notDeny := &NetworkRBAC{Deny: rbacRules(t, rbacv3.RBAC_DENY, one(prinNot(prin)))}
+			require.True(t, notAllow.Allows("", 8080), "not_id of an authenticated matcher matches a plaintext caller")
+			require.False(t, notDeny.Allows("", 8080), "Istio's notPrincipals DENY refuses a plaintext caller")
+		})
+	}
+	// What Istio writes for a DENY of requests from unauthenticated
+	// callers (notPrincipals: ["*"]) and an ALLOW of anyone.
+	denyPlain := &NetworkRBAC{Deny: rbacRules(t, rbacv3.RBAC_DENY, one(prinNot(prinRegex(`.+`))))}
+	require.False(t, denyPlain.Allows("", 80))
+	require.True(t, denyPlain.Allows(idCaller, 80))
+	anyone := &NetworkRBAC{Allow: rbacRules(t, rbacv3.RBAC_ALLOW, one(prinAny()))}
+	require.True(t, anyone.Allows("", 80))
+}

@@ -237,12 +237,14 @@ type HTTPConnectionManager struct {
 }
 
 // InboundListener is the listener named "inbound": listener_filters
-// [original_dst, tls_inspector] and filter chains that all match transport_protocol
-// "tls" and terminate it with a DownstreamTLS. The decoder guarantees:
-// among the chains of one destination port, and among those for any
-// port, no two list the same application protocol and at most one lists
-// none; there is no default chain — a connection that is not TLS matches
-// nothing and is closed.
+// [original_dst, tls_inspector] and filter chains that match
+// transport_protocol "tls", terminating it with a DownstreamTLS, or
+// "raw_buffer": plaintext, the PERMISSIVE ports of an Istio
+// PeerAuthentication. The decoder guarantees: among the chains of one
+// destination port, and among those for any port, no two TLS chains list
+// the same application protocol, at most one TLS chain lists none, and
+// at most one chain is raw_buffer; there is no default chain — a
+// connection that no chain matches is closed.
 type InboundListener struct {
 	Name string
 	// Addr and Port are the listener's socket_address (0.0.0.0:15006),
@@ -253,11 +255,20 @@ type InboundListener struct {
 	Chains []InboundChain
 
 	// groups has an entry for every destination port some chain matches,
-	// 0 standing for the chains of any port: the index of the group's
-	// chain that lists no application protocol, -1 when none does.
-	// byALPN indexes Chains by (group, application protocol).
-	groups map[uint16]int32
+	// 0 standing for the chains of any port. byALPN indexes the TLS
+	// chains by (group, application protocol).
+	groups map[uint16]inboundGroup
 	byALPN map[inboundKey]int32
+	// plaintext: some chain is raw_buffer.
+	plaintext bool
+}
+
+// inboundGroup is the chains of one destination port (or of any port)
+// that no application protocol picks: the index of the TLS chain that
+// lists none and of the raw_buffer chain, -1 for either when there is
+// none.
+type inboundGroup struct {
+	tlsAny, raw int32
 }
 
 // inboundKey is a chain's place in InboundListener.byALPN: its
@@ -267,52 +278,104 @@ type inboundKey struct {
 	alpn string
 }
 
-// Match is the filter chain for a TLS connection to the original
-// destination port port whose ClientHello offers alpn (in the client's
-// order), by Envoy's rules, which match destination_port before
-// application_protocols and never go back: if a chain names port, only
-// the chains of port are considered, else only the chains of any port.
-// Among those, the first offered protocol that a chain lists picks that
-// chain; otherwise the chain that lists none. Nil when nothing matches:
-// close the connection.
-func (l *InboundListener) Match(port uint16, alpn []string) *InboundChain {
-	if i := l.MatchIndex(port, alpn); i >= 0 {
-		return &l.Chains[i]
+// Transport is filter_chain_match.transport_protocol of an inbound chain,
+// and what Envoy's tls_inspector makes of a connection: TLS when it
+// opens with a TLS handshake record, else raw_buffer.
+type Transport uint8
+
+// The inbound transport protocols.
+const (
+	// TransportTLS is "tls": the chain terminates mTLS.
+	TransportTLS Transport = iota
+	// TransportRaw is "raw_buffer": plaintext, no caller identity.
+	TransportRaw
+)
+
+func (t Transport) String() string {
+	switch t {
+	case TransportTLS:
+		return "tls"
+	case TransportRaw:
+		return "raw_buffer"
 	}
-	return nil
+	return "Transport(" + strconv.Itoa(int(t)) + ")"
 }
 
-// MatchIndex is Match's chain as its index in Chains; -1 when nothing
-// matches.
-func (l *InboundListener) MatchIndex(port uint16, alpn []string) int {
-	none, ok := l.groups[port]
+// Plaintext reports whether some chain matches transport_protocol
+// "raw_buffer": only then must the listener tell a TLS connection from a
+// plaintext one before matching; without it every connection is taken
+// as TLS, and one that is not fails its handshake.
+func (l *InboundListener) Plaintext() bool { return l.plaintext }
+
+// Match is the filter chain for a TLS connection to the original
+// destination port port whose ClientHello offers alpn (in the client's
+// order): MatchIndex's with TransportTLS. Nil when nothing matches:
+// close the connection.
+func (l *InboundListener) Match(port uint16, alpn []string) *InboundChain {
+	return l.chain(l.MatchIndex(port, TransportTLS, alpn))
+}
+
+// MatchPlaintext is the filter chain for a plaintext connection to the
+// original destination port port: MatchIndex's with TransportRaw. Nil
+// when nothing matches (port is STRICT): close the connection.
+func (l *InboundListener) MatchPlaintext(port uint16) *InboundChain {
+	return l.chain(l.MatchIndex(port, TransportRaw, nil))
+}
+
+func (l *InboundListener) chain(i int) *InboundChain {
+	if i < 0 {
+		return nil
+	}
+	return &l.Chains[i]
+}
+
+// MatchIndex is the index in Chains of the filter chain for a
+// connection to the original destination port port, of transport t,
+// whose ClientHello offers alpn (in the client's order; nil for
+// raw_buffer), by Envoy's rules, which match destination_port, then
+// transport_protocol, then application_protocols, and never go back: if
+// a chain names port, only the chains of port are considered, else only
+// the chains of any port. Among those, a raw_buffer connection gets the
+// raw_buffer chain; a TLS one the TLS chain listing the first offered
+// protocol that one lists, otherwise the TLS chain that lists none. -1
+// when nothing matches: close the connection.
+func (l *InboundListener) MatchIndex(port uint16, t Transport, alpn []string) int {
+	g, ok := l.groups[port]
 	if !ok {
 		port = 0
-		if none, ok = l.groups[0]; !ok {
+		if g, ok = l.groups[0]; !ok {
 			return -1
 		}
+	}
+	if t == TransportRaw {
+		return int(g.raw)
 	}
 	for _, p := range alpn {
 		if i, ok := l.byALPN[inboundKey{port, p}]; ok {
 			return int(i)
 		}
 	}
-	return int(none)
+	return int(g.tlsAny)
 }
 
 // InboundChain is one inbound filter chain: filter_chain_match
-// { destination_port, transport_protocol: "tls", application_protocols },
-// the TLS it terminates, its RBAC filters if any, and exactly one of HTTP
-// and TCP.
+// { destination_port, transport_protocol, application_protocols }, the
+// TLS it terminates (none for raw_buffer), its RBAC filters if any, and
+// exactly one of HTTP and TCP.
 type InboundChain struct {
 	// Port is filter_chain_match.destination_port, the original
 	// destination's port (the app's); 0 when unset: any port.
 	Port uint16
 	// ALPN is filter_chain_match.application_protocols; empty matches any
-	// protocol (or none).
+	// protocol (or none). Always empty on a raw_buffer chain.
 	ALPN []string
-	// TLS is the chain's transport_socket, envoy.transport_sockets.tls.
-	TLS DownstreamTLS
+	// TLS is the chain's transport_socket, envoy.transport_sockets.tls,
+	// on a chain of transport_protocol "tls". Nil on a "raw_buffer"
+	// chain, which has no transport_socket: its connections are
+	// plaintext, their caller unauthenticated (RBAC reads its ID as
+	// empty, which no authenticated principal matches) and their HTTP
+	// requests get no X-Forwarded-Client-Cert.
+	TLS *DownstreamTLS
 	// HTTP is an HTTP connection manager with an inline route_config.
 	HTTP *HTTPConnectionManager
 	// TCP is a tcp_proxy (to InboundPassthroughCluster).
@@ -322,10 +385,19 @@ type InboundChain struct {
 	RBAC *NetworkRBAC
 }
 
+// Transport is the chain's filter_chain_match.transport_protocol.
+func (ch *InboundChain) Transport() Transport {
+	if ch.TLS == nil {
+		return TransportRaw
+	}
+	return TransportTLS
+}
+
 // DownstreamTLS is a DownstreamTlsContext whose certificates come from
 // SDS. The decoder guarantees both names are set and that a client
 // certificate is required (require_client_certificate: true): there is
-// no plaintext or one-way TLS inbound.
+// no one-way TLS inbound. (Plaintext is a chain without TLS, matching
+// transport_protocol "raw_buffer".)
 type DownstreamTLS struct {
 	// CertSecret is common_tls_context.tls_certificate_sds_secret_configs
 	// [0].name: "default", the sidecar's own SVID (made locally, never
@@ -550,27 +622,38 @@ func (l *OutboundListener) index() error {
 	return errors.Join(errs...)
 }
 
-// index fills l's (port, ALPN) index; within the chains of one
-// destination port, or those of any port, a protocol listed by two
-// chains, or two chains listing none, is an error.
+// index fills l's (port, transport, ALPN) index; within the chains of
+// one destination port, or those of any port, a protocol listed by two
+// TLS chains, two TLS chains listing none, or two raw_buffer chains, is
+// an error.
 func (l *InboundListener) index() error {
 	var errs []error
-	l.groups = make(map[uint16]int32)
+	l.groups = make(map[uint16]inboundGroup)
 	l.byALPN = make(map[inboundKey]int32)
+	l.plaintext = false
 	for i, ch := range l.Chains {
-		none, ok := l.groups[ch.Port]
+		g, ok := l.groups[ch.Port]
 		if !ok {
-			none = -1
+			g = inboundGroup{tlsAny: -1, raw: -1}
 		}
-		if len(ch.ALPN) == 0 {
-			if none >= 0 {
-				errs = append(errs, fieldErr("filter_chains["+itoa(i)+"].filter_chain_match.application_protocols",
-					"is empty, as in filter_chains["+itoa(int(none))+"]: two chains match the same connections"))
+		switch {
+		case ch.TLS == nil:
+			l.plaintext = true
+			if g.raw >= 0 {
+				errs = append(errs, fieldErr("filter_chains["+itoa(i)+"].filter_chain_match.transport_protocol",
+					`"raw_buffer" is also matched by filter_chains[`+itoa(int(g.raw))+"] of the same destination port: two chains match the same connections"))
 			} else {
-				none = int32(i)
+				g.raw = int32(i)
+			}
+		case len(ch.ALPN) == 0:
+			if g.tlsAny >= 0 {
+				errs = append(errs, fieldErr("filter_chains["+itoa(i)+"].filter_chain_match.application_protocols",
+					"is empty, as in filter_chains["+itoa(int(g.tlsAny))+"]: two chains match the same connections"))
+			} else {
+				g.tlsAny = int32(i)
 			}
 		}
-		l.groups[ch.Port] = none
+		l.groups[ch.Port] = g
 		for k, p := range ch.ALPN {
 			key := inboundKey{ch.Port, p}
 			if j, dup := l.byALPN[key]; dup {

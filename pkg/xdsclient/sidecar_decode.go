@@ -426,7 +426,7 @@ func decodeInbound(m *listenerv3.Listener) (*InboundListener, error) {
 
 	// original_dst, so that inbound-passthrough dials the port the caller
 	// dialled (and the chains' destination_port match), and tls_inspector
-	// for the chains' ALPN match.
+	// for the chains' transport_protocol and ALPN match.
 	var origDst, inspectors int
 	for i, f := range m.GetListenerFilters() {
 		var err error
@@ -471,16 +471,24 @@ func decodeInbound(m *listenerv3.Listener) (*InboundListener, error) {
 	return l, pgv(m)
 }
 
+// decodeInboundChain decodes one inbound chain: mTLS (transport_protocol
+// "tls", a DownstreamTlsContext requiring a client certificate), or
+// plaintext (transport_protocol "raw_buffer", a PERMISSIVE port: no
+// transport_socket, no application_protocols, since a plaintext
+// connection offers none); either with the same filters.
 func decodeInboundChain(fc *listenerv3.FilterChain) (InboundChain, error) {
 	errs := []error{scInboundChain.check(fc)}
 	var ch InboundChain
+	// raw: a "raw_buffer" chain; unknown: a transport_protocol refused,
+	// whose transport_socket is not judged.
+	raw, unknown := false, false
 	match := fc.GetFilterChainMatch()
 	if match == nil {
-		errs = append(errs, fieldErr("filter_chain_match", `is missing: every inbound chain matches transport_protocol "tls"`))
+		errs = append(errs, fieldErr("filter_chain_match", `is missing: every inbound chain matches transport_protocol "tls" or "raw_buffer"`))
 	} else {
 		errs = append(errs, within("filter_chain_match", scInboundMatch.check(match)))
 		// Unset: any port. Set: the app's port, which Envoy matches
-		// before the ALPN.
+		// before the transport and the ALPN.
 		if dp := match.GetDestinationPort(); dp != nil {
 			if dp.GetValue() == 0 || dp.GetValue() > 65535 {
 				errs = append(errs, fieldErr("filter_chain_match.destination_port", fmt.Sprintf("%d is not a port", dp.GetValue())))
@@ -488,23 +496,40 @@ func decodeInboundChain(fc *listenerv3.FilterChain) (InboundChain, error) {
 				ch.Port = uint16(dp.GetValue())
 			}
 		}
-		if tp := match.GetTransportProtocol(); tp != "tls" {
-			errs = append(errs, fieldErr("filter_chain_match.transport_protocol", fmt.Sprintf(`%q is not supported: every inbound chain is mTLS ("tls")`, tp)))
-		}
-		for i, p := range match.GetApplicationProtocols() {
-			if p == "" {
-				errs = append(errs, fieldErr("filter_chain_match.application_protocols["+itoa(i)+"]", "is empty"))
-				continue
+		switch tp := match.GetTransportProtocol(); tp {
+		case "tls":
+		case "raw_buffer":
+			raw = true
+			if len(match.GetApplicationProtocols()) > 0 {
+				errs = append(errs, fieldErr("filter_chain_match.application_protocols",
+					`is set on a "raw_buffer" chain: a plaintext connection offers no application protocol`))
 			}
-			ch.ALPN = append(ch.ALPN, p)
+		default:
+			unknown = true
+			errs = append(errs, fieldErr("filter_chain_match.transport_protocol",
+				fmt.Sprintf(`%q is not supported: an inbound chain is mTLS ("tls") or plaintext ("raw_buffer")`, tp)))
+		}
+		if !raw {
+			for i, p := range match.GetApplicationProtocols() {
+				if p == "" {
+					errs = append(errs, fieldErr("filter_chain_match.application_protocols["+itoa(i)+"]", "is empty"))
+					continue
+				}
+				ch.ALPN = append(ch.ALPN, p)
+			}
 		}
 	}
-	if ts := fc.GetTransportSocket(); ts == nil {
-		errs = append(errs, fieldErr("transport_socket", "is missing: inbound connections are mTLS"))
-	} else {
-		var err error
-		ch.TLS, err = decodeDownstreamTLS(ts)
+	switch ts := fc.GetTransportSocket(); {
+	case unknown:
+	case raw && ts != nil:
+		errs = append(errs, fieldErr("transport_socket", `is set on a "raw_buffer" chain: its connections are plaintext`))
+	case raw:
+	case ts == nil:
+		errs = append(errs, fieldErr("transport_socket", `is missing: a "tls" chain terminates mTLS`))
+	default:
+		t, err := decodeDownstreamTLS(ts)
 		errs = append(errs, within("transport_socket", err))
+		ch.TLS = &t
 	}
 	var err error
 	ch.HTTP, ch.TCP, ch.RBAC, err = decodeChainFilters(fc.GetFilters(), true)

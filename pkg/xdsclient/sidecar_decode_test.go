@@ -139,7 +139,7 @@ func TestSidecarDecodeAccepts(t *testing.T) {
 	// The inbound listener.
 	in := sc.Inbound
 	require.EqualValues(t, 15006, in.Port)
-	tlsCtx := DownstreamTLS{CertSecret: "default", ValidationSecret: "ROOTCA"}
+	tlsCtx := &DownstreamTLS{CertSecret: "default", ValidationSecret: "ROOTCA"}
 	require.Len(t, in.Chains, 2)
 	httpIn := in.Chains[0]
 	require.Equal(t, []string{"istio-http/1.1", "istio-h2"}, httpIn.ALPN)
@@ -270,7 +270,7 @@ func TestSidecarDecodeInboundPortChains(t *testing.T) {
 		require.Equal(t, want.port, ch.Port, "chain %d", i)
 		require.Equal(t, want.alpn, ch.ALPN, "chain %d", i)
 		require.Equal(t, want.http, ch.HTTP != nil, "chain %d", i)
-		require.Equal(t, DownstreamTLS{CertSecret: "default", ValidationSecret: "ROOTCA"}, ch.TLS)
+		require.Equal(t, &DownstreamTLS{CertSecret: "default", ValidationSecret: "ROOTCA"}, ch.TLS)
 	}
 	require.Equal(t, SanitizeSet, in.Chains[0].HTTP.ForwardClientCert)
 	require.Equal(t, InboundPassthroughCluster, in.Chains[1].TCP.Cluster)
@@ -290,6 +290,86 @@ func TestSidecarDecodeInboundPortChains(t *testing.T) {
 	} {
 		require.Same(t, &in.Chains[tc.want], in.Match(tc.port, tc.alpn), "port %d, ALPN %q", tc.port, tc.alpn)
 	}
+}
+
+// rawChain is a copy of the inbound chain fc made plaintext, as Istio
+// sends it for a PERMISSIVE port: transport_protocol "raw_buffer", no
+// application_protocols, no transport_socket, the same filters.
+func rawChain(fc *listenerv3.FilterChain) *listenerv3.FilterChain {
+	c := proto.Clone(fc).(*listenerv3.FilterChain)
+	c.FilterChainMatch.TransportProtocol = "raw_buffer"
+	c.FilterChainMatch.ApplicationProtocols = nil
+	c.TransportSocket = nil
+	return c
+}
+
+// The plaintext chains a PeerAuthentication PERMISSIVE adds beside the
+// TLS ones: matched by destination_port first, then transport_protocol,
+// never going back to the chains of any port.
+func TestSidecarDecodeInboundPlaintextChains(t *testing.T) {
+	m := newSidecarMutable(t)
+	require.False(t, func() bool { cfg, err := m.decode(t); require.NoError(t, err); return cfg.Sidecar.Inbound.Plaintext() }(),
+		"the contract's chains are all TLS")
+	httpTLS, tcpTLS := m.in.FilterChains[0], m.in.FilterChains[1]
+	httpPort := onPort(httpTLS, 8080)
+	httpPort.FilterChainMatch.ApplicationProtocols = nil
+	m.in.FilterChains = []*listenerv3.FilterChain{
+		httpPort,                        // 0: 8080, TLS
+		onPort(rawChain(httpTLS), 8080), // 1: 8080, plaintext HTTP
+		onPort(tcpTLS, 9000),            // 2: 9000, TLS only (STRICT)
+		onPort(rawChain(tcpTLS), 9001),  // 3: 9001, plaintext only
+		httpTLS,                         // 4: any port, TLS by ALPN
+		tcpTLS,                          // 5: any port, TLS
+		rawChain(tcpTLS),                // 6: any port, plaintext TCP
+	}
+	cfg, err := m.decode(t)
+	require.NoError(t, err)
+	requireSidecarConsistent(t, cfg)
+	in := cfg.Sidecar.Inbound
+	require.True(t, in.Plaintext())
+	require.Len(t, in.Chains, 7)
+	for i, want := range []Transport{TransportTLS, TransportRaw, TransportTLS, TransportRaw, TransportTLS, TransportTLS, TransportRaw} {
+		require.Equal(t, want, in.Chains[i].Transport(), "chain %d", i)
+		require.Equal(t, want == TransportRaw, in.Chains[i].TLS == nil, "chain %d", i)
+	}
+	require.Equal(t, "raw_buffer", TransportRaw.String())
+	raw := in.Chains[1]
+	require.Empty(t, raw.ALPN)
+	require.Equal(t, SanitizeSet, raw.HTTP.ForwardClientCert, "the same manager as on the TLS chain")
+	require.True(t, raw.HTTP.SetClientCertURI)
+	require.Equal(t, InboundPassthroughCluster, in.Chains[6].TCP.Cluster)
+	for _, tc := range []struct {
+		name string
+		port uint16
+		t    Transport
+		alpn []string
+		want int // -1: nothing
+	}{
+		{"permissive port, plaintext", 8080, TransportRaw, nil, 1},
+		{"permissive port, TLS", 8080, TransportTLS, []string{"istio-http/1.1"}, 0},
+		{"strict port, plaintext: no fallback to any port's", 9000, TransportRaw, nil, -1},
+		{"strict port, TLS", 9000, TransportTLS, nil, 2},
+		{"plaintext-only port, TLS: no fallback", 9001, TransportTLS, []string{"istio"}, -1},
+		{"plaintext-only port, plaintext", 9001, TransportRaw, nil, 3},
+		{"undeclared port, plaintext", 8081, TransportRaw, nil, 6},
+		{"undeclared port, TLS HTTP", 8081, TransportTLS, []string{"istio-h2"}, 4},
+		{"undeclared port, TLS", 8081, TransportTLS, nil, 5},
+	} {
+		got := in.MatchIndex(tc.port, tc.t, tc.alpn)
+		require.Equal(t, tc.want, got, tc.name)
+	}
+
+	require.Same(t, &in.Chains[1], in.MatchPlaintext(8080))
+	require.Nil(t, in.MatchPlaintext(9000))
+	require.Same(t, &in.Chains[0], in.Match(8080, nil), "Match is a TLS connection's")
+
+	// Without a plaintext chain of any port, an undeclared port is
+	// STRICT.
+	m.in.FilterChains = m.in.FilterChains[:6]
+	cfg, err = m.decode(t)
+	require.NoError(t, err)
+	require.Equal(t, -1, cfg.Sidecar.Inbound.MatchIndex(8081, TransportRaw, nil))
+	require.True(t, cfg.Sidecar.Inbound.Plaintext())
 }
 
 func TestSidecarDecodeServiceWithoutEndpoints(t *testing.T) {
@@ -578,12 +658,32 @@ func TestSidecarDecodeRefusesWhatTheContractDoesNotDescribe(t *testing.T) {
 		{"no inbound chains", func(t *testing.T, m *scMutable) {
 			m.in.FilterChains = nil
 		}, []string{in + `filter_chains: is empty`}},
-		{"plaintext inbound chain", func(t *testing.T, m *scMutable) {
+		{"tls chain without TLS", func(t *testing.T, m *scMutable) {
 			m.in.FilterChains[1].TransportSocket = nil
-		}, []string{in + `filter_chains[1].transport_socket: is missing: inbound connections are mTLS`}},
-		{"raw_buffer chain", func(t *testing.T, m *scMutable) {
+		}, []string{in + `filter_chains[1].transport_socket: is missing: a "tls" chain terminates mTLS`}},
+		{"raw_buffer chain with TLS", func(t *testing.T, m *scMutable) {
 			m.in.FilterChains[1].FilterChainMatch.TransportProtocol = "raw_buffer"
-		}, []string{in + `filter_chains[1].filter_chain_match.transport_protocol: "raw_buffer" is not supported: every inbound chain is mTLS ("tls")`}},
+		}, []string{in + `filter_chains[1].transport_socket: is set on a "raw_buffer" chain: its connections are plaintext`}},
+		{"raw_buffer chain with ALPN", func(t *testing.T, m *scMutable) {
+			m.in.FilterChains[0].FilterChainMatch.TransportProtocol = "raw_buffer"
+			m.in.FilterChains[0].TransportSocket = nil
+		}, []string{in + `filter_chains[0].filter_chain_match.application_protocols: is set on a "raw_buffer" chain: a plaintext connection offers no application protocol`}},
+		{"two raw_buffer chains of a port", func(t *testing.T, m *scMutable) {
+			m.in.FilterChains = append(m.in.FilterChains, onPort(rawChain(m.in.FilterChains[1]), 9000), onPort(rawChain(m.in.FilterChains[0]), 9000))
+		}, []string{in + `filter_chains[3].filter_chain_match.transport_protocol: "raw_buffer" is also matched by filter_chains[2] of the same destination port: two chains match the same connections`}},
+		{"two raw_buffer chains of any port", func(t *testing.T, m *scMutable) {
+			m.in.FilterChains = append(m.in.FilterChains, rawChain(m.in.FilterChains[1]), rawChain(m.in.FilterChains[0]))
+		}, []string{in + `filter_chains[3].filter_chain_match.transport_protocol: "raw_buffer" is also matched by filter_chains[2] of the same destination port: two chains match the same connections`}},
+		{"no transport_protocol", func(t *testing.T, m *scMutable) {
+			m.in.FilterChains[1].FilterChainMatch.TransportProtocol = ""
+		}, []string{in + `filter_chains[1].filter_chain_match.transport_protocol: "" is not supported: an inbound chain is mTLS ("tls") or plaintext ("raw_buffer")`}},
+		{"another transport_protocol", func(t *testing.T, m *scMutable) {
+			m.in.FilterChains[1].FilterChainMatch.TransportProtocol = "quic"
+		}, []string{in + `filter_chains[1].filter_chain_match.transport_protocol: "quic" is not supported: an inbound chain is mTLS ("tls") or plaintext ("raw_buffer")`}},
+		{"client certificate optional beside a raw_buffer chain", func(t *testing.T, m *scMutable) {
+			m.in.FilterChains = append(m.in.FilterChains, rawChain(m.in.FilterChains[1]))
+			inTLSCtx(t, m, func(d *tlsv3.DownstreamTlsContext) { d.RequireClientCertificate = nil })
+		}, []string{in + inTLS + `require_client_certificate: must be true: every caller presents its SVID`}},
 		{"inbound port 0", func(t *testing.T, m *scMutable) {
 			m.in.FilterChains[1].FilterChainMatch.DestinationPort = wrapperspb.UInt32(0)
 		}, []string{in + `filter_chains[1].filter_chain_match.destination_port: 0 is not a port`}},

@@ -484,8 +484,15 @@ func requireSidecarConsistent(t testing.TB, cfg *Config) {
 	require.NotEmpty(t, sc.Inbound.Chains)
 	for i := range sc.Inbound.Chains {
 		ch := &sc.Inbound.Chains[i]
-		require.Equal(t, CertSecretName, ch.TLS.CertSecret)
-		require.Equal(t, RootCASecretName, ch.TLS.ValidationSecret)
+		if ch.TLS == nil {
+			require.Equal(t, TransportRaw, ch.Transport())
+			require.Empty(t, ch.ALPN, "inbound chain %d: a raw_buffer chain lists no ALPN", i)
+			require.True(t, sc.Inbound.Plaintext())
+			require.Same(t, ch, sc.Inbound.MatchPlaintext(ch.Port))
+		} else {
+			require.Equal(t, CertSecretName, ch.TLS.CertSecret)
+			require.Equal(t, RootCASecretName, ch.TLS.ValidationSecret)
+		}
 		require.True(t, (ch.HTTP == nil) != (ch.TCP == nil), "inbound chain %d: exactly one filter", i)
 		if ch.TCP != nil {
 			hasCluster(ch.TCP.Cluster)
@@ -493,13 +500,14 @@ func requireSidecarConsistent(t testing.TB, cfg *Config) {
 			require.Empty(t, ch.HTTP.RouteConfigName)
 			checkRoutes(ch.HTTP.Routes)
 		}
-		if len(ch.ALPN) == 0 {
+		if ch.TLS != nil && len(ch.ALPN) == 0 {
 			require.Same(t, ch, sc.Inbound.Match(ch.Port, nil))
 		}
 		for _, p := range ch.ALPN {
 			require.Same(t, ch, sc.Inbound.Match(ch.Port, []string{p}))
 		}
 	}
+	require.Equal(t, slices.ContainsFunc(sc.Inbound.Chains, func(ch InboundChain) bool { return ch.TLS == nil }), sc.Inbound.Plaintext())
 	for name, c := range cfg.Clusters {
 		require.Equal(t, name, c.Name)
 		require.Positive(t, c.ConnectTimeout)

@@ -53,6 +53,25 @@ func sidecarFuzzSeeds(tb testing.TB) [][]byte {
 		func(m *scMutable) {
 			m.in.FilterChains = append(m.in.FilterChains, onPort(m.in.FilterChains[1], 9000), onPort(m.in.FilterChains[1], 9000))
 		},
+		// Plaintext chains beside the TLS ones (PERMISSIVE ports, and
+		// any port), and near misses: a raw_buffer chain with TLS, with
+		// ALPN, two of one port, another transport_protocol.
+		func(m *scMutable) {
+			httpPort := onPort(m.in.FilterChains[0], 8080)
+			httpPort.FilterChainMatch.ApplicationProtocols = nil
+			m.in.FilterChains = append([]*listenerv3.FilterChain{httpPort, onPort(rawChain(httpPort), 8080), onPort(m.in.FilterChains[1], 9000)},
+				append(m.in.FilterChains, rawChain(m.in.FilterChains[1]))...)
+		},
+		func(m *scMutable) { m.in.FilterChains[1].FilterChainMatch.TransportProtocol = "raw_buffer" },
+		func(m *scMutable) {
+			raw := rawChain(m.in.FilterChains[0])
+			raw.FilterChainMatch.ApplicationProtocols = []string{"istio-http/1.1"}
+			m.in.FilterChains = append(m.in.FilterChains, raw)
+		},
+		func(m *scMutable) {
+			m.in.FilterChains = append(m.in.FilterChains, onPort(rawChain(m.in.FilterChains[0]), 8080), onPort(rawChain(m.in.FilterChains[1]), 8080))
+		},
+		func(m *scMutable) { m.in.FilterChains[1].FilterChainMatch.TransportProtocol = "quic" },
 		// Network RBAC on the inbound chains, Istio's DENY then ALLOW,
 		// and near misses: after the terminal filter, on the outbound
 		// listener, a regex that does not compile, nesting too deep.
@@ -168,6 +187,7 @@ func checkSidecarDecode(t *testing.T, data []byte, base *state) {
 // rule reads.
 var fuzzRequests = []*RBACRequest{
 	{},
+	{Port: 8080, Method: "GET", Authority: "echo.demo:8080", Path: "/"}, // plaintext: no ID
 	{ID: idCaller, Port: 8080, Method: "GET", Authority: "echo.demo:8080", Path: "/admin/x?y#z",
 		Headers: headerList{{"x-a", "b"}, {"x-tenant", "t"}, {"x-a", "c"}}},
 	{ID: idBeta, Port: 65535, Method: "CONNECT", Authority: "db:5432"},

@@ -74,10 +74,14 @@ func TestVirtualHostLookup(t *testing.T) {
 	require.EqualError(t, rc.index(), `virtual_hosts[1].domains[2]: "240.240.1.1" is also a domain of virtual_hosts[0]`)
 }
 
+// mtlsCtx is an inbound chain's TLS: the chains of the tests below are
+// mTLS unless they say otherwise.
+var mtlsCtx = &DownstreamTLS{CertSecret: CertSecretName, ValidationSecret: RootCASecretName}
+
 func TestInboundMatch(t *testing.T) {
 	l := &InboundListener{Chains: []InboundChain{
-		{ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: &HTTPConnectionManager{StatPrefix: "inbound"}},
-		{TCP: &TCPProxy{Cluster: InboundPassthroughCluster}},
+		{TLS: mtlsCtx, ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: &HTTPConnectionManager{StatPrefix: "inbound"}},
+		{TLS: mtlsCtx, TCP: &TCPProxy{Cluster: InboundPassthroughCluster}},
 	}}
 	require.NoError(t, l.index())
 	require.Same(t, &l.Chains[0], l.Match(8080, []string{"istio-h2"}))
@@ -96,14 +100,14 @@ func TestInboundMatchByPort(t *testing.T) {
 	hcm := &HTTPConnectionManager{StatPrefix: "inbound", ForwardClientCert: SanitizeSet}
 	tcp := &TCPProxy{Cluster: InboundPassthroughCluster}
 	l := &InboundListener{Chains: []InboundChain{
-		{Port: 8080, HTTP: hcm},
-		{Port: 9000, TCP: tcp},
-		{Port: 9443, ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: hcm},
-		{Port: 7000, ALPN: []string{"istio"}, TCP: tcp},
-		{Port: 7000, ALPN: []string{"istio-h2"}, HTTP: hcm},
-		{Port: 7000, HTTP: hcm},
-		{ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: hcm},
-		{TCP: tcp},
+		{TLS: mtlsCtx, Port: 8080, HTTP: hcm},
+		{TLS: mtlsCtx, Port: 9000, TCP: tcp},
+		{TLS: mtlsCtx, Port: 9443, ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: hcm},
+		{TLS: mtlsCtx, Port: 7000, ALPN: []string{"istio"}, TCP: tcp},
+		{TLS: mtlsCtx, Port: 7000, ALPN: []string{"istio-h2"}, HTTP: hcm},
+		{TLS: mtlsCtx, Port: 7000, HTTP: hcm},
+		{TLS: mtlsCtx, ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: hcm},
+		{TLS: mtlsCtx, TCP: tcp},
 	}}
 	require.NoError(t, l.index())
 	for _, tc := range []struct {
@@ -149,18 +153,18 @@ func TestInboundMatchByPort(t *testing.T) {
 	// The same protocol, or none, on two ports, or on a port and any
 	// port, is no conflict; on one port it is, named by both chains.
 	l.Chains = []InboundChain{
-		{Port: 8080, ALPN: []string{"istio-h2"}, HTTP: hcm},
-		{Port: 8081, ALPN: []string{"istio-h2"}, HTTP: hcm},
-		{ALPN: []string{"istio-h2"}, HTTP: hcm},
-		{Port: 8080, TCP: tcp},
-		{TCP: tcp},
+		{TLS: mtlsCtx, Port: 8080, ALPN: []string{"istio-h2"}, HTTP: hcm},
+		{TLS: mtlsCtx, Port: 8081, ALPN: []string{"istio-h2"}, HTTP: hcm},
+		{TLS: mtlsCtx, ALPN: []string{"istio-h2"}, HTTP: hcm},
+		{TLS: mtlsCtx, Port: 8080, TCP: tcp},
+		{TLS: mtlsCtx, TCP: tcp},
 	}
 	require.NoError(t, l.index())
 	l.Chains = append(l.Chains,
-		InboundChain{Port: 8080, ALPN: []string{"istio", "istio-h2"}, TCP: tcp},
-		InboundChain{Port: 8080, HTTP: hcm},
-		InboundChain{ALPN: []string{"istio-h2"}, HTTP: hcm},
-		InboundChain{TCP: tcp},
+		InboundChain{TLS: mtlsCtx, Port: 8080, ALPN: []string{"istio", "istio-h2"}, TCP: tcp},
+		InboundChain{TLS: mtlsCtx, Port: 8080, HTTP: hcm},
+		InboundChain{TLS: mtlsCtx, ALPN: []string{"istio-h2"}, HTTP: hcm},
+		InboundChain{TLS: mtlsCtx, TCP: tcp},
 	)
 	require.EqualError(t, l.index(), `filter_chains[5].filter_chain_match.application_protocols[1]: "istio-h2" is also matched by filter_chains[0]`+"\n"+
 		"filter_chains[6].filter_chain_match.application_protocols: is empty, as in filter_chains[3]: two chains match the same connections\n"+
@@ -171,8 +175,10 @@ func TestInboundMatchByPort(t *testing.T) {
 // Match is on every inbound connection's path: it allocates nothing.
 func TestInboundMatchAllocatesNothing(t *testing.T) {
 	l := &InboundListener{Chains: []InboundChain{
-		{Port: 8080, HTTP: &HTTPConnectionManager{}},
-		{ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: &HTTPConnectionManager{}},
+		{TLS: mtlsCtx, Port: 8080, HTTP: &HTTPConnectionManager{}},
+		{TLS: mtlsCtx, ALPN: []string{"istio-http/1.1", "istio-h2"}, HTTP: &HTTPConnectionManager{}},
+		{TLS: mtlsCtx, TCP: &TCPProxy{Cluster: InboundPassthroughCluster}},
+		{Port: 8080, HTTP: &HTTPConnectionManager{}}, // plaintext
 		{TCP: &TCPProxy{Cluster: InboundPassthroughCluster}},
 	}}
 	require.NoError(t, l.index())
@@ -183,6 +189,9 @@ func TestInboundMatchAllocatesNothing(t *testing.T) {
 				if l.Match(port, alpn) == nil {
 					panic("no chain")
 				}
+			}
+			if l.MatchPlaintext(port) == nil {
+				panic("no plaintext chain")
 			}
 		}
 	})
