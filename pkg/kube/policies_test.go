@@ -679,7 +679,7 @@ func TestPeerAuthenticationsSetPodsMTLS(t *testing.T) {
 	require.NoError(t, pe.istio.SecurityV1().PeerAuthentications("demo").Delete(t.Context(), "z-older", metav1.DeleteOptions{}))
 	r.eventually(t, "the remaining namespace-wide policy decides", func(s *authz.Snapshot) bool {
 		// db's port 8080 is PERMISSIVE like the rest: no port differs.
-		return podMTLS(s, "demo/web") == "PERMISSIVE" && podMTLS(s, "demo/db") == "PERMISSIVE" && len(s.PeerNotes) == 0
+		return podMTLS(s, "demo/web") == "PERMISSIVE" && podMTLS(s, "demo/db") == "PERMISSIVE" && len(s.PeerNotes()) == 0
 	})
 
 	// Updated to STRICT, it returns web to no set and leaves db's port.
