@@ -129,6 +129,34 @@ func TestPeerAuthenticationPlaintextChains(t *testing.T) {
 		"* tls istio-http/1.1,istio-h2 http", "* tls  tcp", "* raw_buffer  tcp",
 	}, inboundChains(t, res, "free-0", "10.0.1.4"), "PERMISSIVE: the namespace's")
 
+	// The Go sidecar accepts them and matches as Envoy does: a STRICT
+	// port's group has no plaintext chain, whatever the any-port group
+	// has; a plaintext caller has no identity for the RBAC.
+	web := sidecarOf(t, res, "web-0", "10.0.1.2").Sidecar.Inbound
+	require.Nil(t, web.MatchPlaintext(8080), "8080 is STRICT")
+	require.NotNil(t, web.MatchPlaintext(9000).TCP)
+	require.NotNil(t, web.MatchPlaintext(7070).TCP, "an undeclared port's plaintext is TCP")
+	require.NotNil(t, web.Match(7070, []string{"istio-http/1.1"}).HTTP, "and its mutual TLS as on any port")
+	require.Nil(t, web.MatchPlaintext(5555), "the pod is STRICT")
+	db := sidecarOf(t, res, "db-0", "10.0.1.3").Sidecar.Inbound
+	require.Nil(t, db.MatchPlaintext(5432), "5432 is STRICT by port")
+	require.True(t, db.MatchPlaintext(9187).RBAC.Allows("", 9187), "rules: [{}] allows anyone, plaintext too")
+	require.True(t, db.MatchPlaintext(5555).RBAC.Allows("", 5555))
+	free := sidecarOf(t, res, "free-0", "10.0.1.4").Sidecar.Inbound
+	require.NotNil(t, free.MatchPlaintext(8080).HTTP, "a port declared HTTP: its connection manager, plaintext too")
+	require.NotNil(t, free.MatchPlaintext(5555).TCP)
+
+	// An ALLOW policy that names its callers keeps plaintext out.
+	store.SetPolicy(policy("demo", "db-allow", &securityv1beta1.AuthorizationPolicy{Selector: selectApp("db"), Rules: []*securityv1beta1.Rule{{
+		From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Principals: []string{"*"}}}},
+	}}}))
+	in.Policies = store.Snapshot()
+	res, skipped, err = TranslateSidecar(in, opts)
+	require.NoError(t, err)
+	db = sidecarOf(t, res, "db-0", "10.0.1.3").Sidecar.Inbound
+	require.False(t, db.MatchPlaintext(9187).RBAC.Allows("", 9187), "principals: [*] is any authenticated caller")
+	require.True(t, db.Match(9187, nil).RBAC.Allows("spiffe://b.mesh/ns/demo/sa/client", 9187))
+
 	// The incremental translator follows, and the default comes back.
 	tr, err := NewSidecarTranslator(opts)
 	require.NoError(t, err)
