@@ -288,6 +288,10 @@ func TestMesh(t *testing.T) {
 		authorizationPolicies(t, a, clientA, clientB, privateA[0], callerB)
 	})
 
+	t.Run("PeerAuthentication: PERMISSIVE opens a pod's ports to plaintext callers, and only those", func(t *testing.T) {
+		peerAuthentication(t, a, clientA, outsider, privateA[0])
+	})
+
 	t.Run("explicit mode: the outbound port carries the pod's own requests, and nobody else's", func(t *testing.T) {
 		// No capture in this pod: its app sends to 127.0.0.1:15001 as to
 		// an HTTP proxy, and the outbound listener, bound to every
