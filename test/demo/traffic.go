@@ -5,12 +5,16 @@ package main
 // declared http and one declared http2), gRPC and raw TCP, and prints
 // who answered and the caller identity the answering sidecar verified; then a's echo pod goes unready and c answers, until
 // a's pod is ready again; then an AuthorizationPolicy in a lets b's
-// client in only with a header; last, it calls a Service of its own
+// client in only with a header; a pod of a outside the mesh calls echo's
+// pod in plaintext, refused until a PeerAuthentication makes it
+// PERMISSIVE; last, it calls a Service of its own
 // cluster that nobody exported, over mTLS too.
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"net/netip"
 	"strings"
 	"time"
@@ -115,6 +119,9 @@ func showTraffic(ctx context.Context, a, b, c *mesh.Cluster, echoPods []*mesh.Po
 	fmt.Printf("  a answers again %s after its pod became ready\n", time.Since(t0).Round(10*time.Millisecond))
 
 	if err := showPolicy(ctx, a, client); err != nil {
+		return err
+	}
+	if err := showPeerAuthentication(ctx, a, podsOfA[0]); err != nil {
 		return err
 	}
 
@@ -232,4 +239,84 @@ spec:
 	}
 	fmt.Println("\n  policy deleted: echo takes every caller with a certificate again")
 	return nil
+}
+
+// showPeerAuthentication runs, in a, a pod outside the mesh (no sidecar,
+// no certificate) that calls echo's pod in plaintext: refused, STRICT
+// being the default; then a PeerAuthentication makes echo PERMISSIVE and
+// the call is answered, with no caller identity; then it is deleted.
+func showPeerAuthentication(ctx context.Context, a *mesh.Cluster, echo *mesh.Pod) error {
+	step("cluster a: a pod outside the mesh calls echo's pod in plaintext; a PeerAuthentication lets it in")
+	outsider, err := a.RunPod(ctx, mesh.PodSpec{Name: "outsider", NoSidecar: true})
+	if err != nil {
+		return err
+	}
+	addr := netip.AddrPortFrom(echo.W.IP, mesh.EchoHTTPPort).String()
+	fmt.Printf("  pod demo/outsider at %s has no sidecar and no certificate\n", outsider.W.IP)
+	fmt.Printf("\n  [a/demo/outsider]$ curl http://%s/\n", addr)
+	status, _ := plainGet(ctx, outsider, addr)
+	if status != "" {
+		return fmt.Errorf("echo's STRICT sidecar answered plaintext: %s", status)
+	}
+	fmt.Println("    refused: echo's sidecar takes only mutual TLS (STRICT, Isthmus's default)")
+
+	const policy = `apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: echo-permissive, namespace: demo}
+spec:
+  selector: {matchLabels: {app: echo}}
+  mtls: {mode: PERMISSIVE}
+`
+	fmt.Println()
+	indent(policy, "    ")
+	cfg, err := a.K.RESTConfig(localcluster.UserAdmin)
+	if err != nil {
+		return err
+	}
+	if err := install.Apply(ctx, cfg, []byte(policy)); err != nil {
+		return fmt.Errorf("apply the PeerAuthentication: %w", err)
+	}
+	var reply mesh.Reply
+	err = mesh.Poll(ctx, trafficTimeout, "a's echo to answer plaintext", func(ctx context.Context) (bool, string) {
+		status, body := plainGet(ctx, outsider, addr)
+		if !strings.HasPrefix(status, "HTTP/1.1 200") {
+			return false, status
+		}
+		return json.Unmarshal([]byte(body), &reply) == nil, body
+	})
+	if err != nil {
+		return err
+	}
+	fmt.Printf("\n  [a/demo/outsider]$ curl http://%s/\n", addr)
+	fmt.Printf("    answered by pod %s, caller identity %q: a plaintext caller has none, so an\n", reply.Pod, reply.CallerIdentity)
+	fmt.Println("    AuthorizationPolicy that names its callers still keeps it out; the mesh keeps using mutual TLS")
+	ic, err := istioclient.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	if err := ic.SecurityV1().PeerAuthentications("demo").Delete(ctx, "echo-permissive", metav1.DeleteOptions{}); err != nil {
+		return fmt.Errorf("delete the PeerAuthentication: %w", err)
+	}
+	fmt.Println("\n  PeerAuthentication deleted: echo is STRICT again")
+	return nil
+}
+
+// plainGet sends GET / in plaintext from p to addr and returns the
+// answer's status line and body; an empty status when nothing came.
+func plainGet(ctx context.Context, p *mesh.Pod, addr string) (status, body string) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	conn, err := p.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return "", ""
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := io.WriteString(conn, "GET / HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n"); err != nil {
+		return "", ""
+	}
+	got, _ := io.ReadAll(io.LimitReader(conn, 64<<10))
+	head, body, _ := strings.Cut(string(got), "\r\n\r\n")
+	status, _, _ = strings.Cut(head, "\r\n")
+	return status, body
 }
