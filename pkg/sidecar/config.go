@@ -77,7 +77,8 @@ type Config struct {
 	NetHTTP2 bool
 	// DrainTimeout bounds a graceful shutdown: after the listeners close,
 	// requests and connections in flight have this long to finish before
-	// they are closed.
+	// they are closed. It bounds, the same way, an inbound HTTP
+	// connection whose chain a new configuration removed (revoke.go).
 	DrainTimeout time.Duration
 }
 

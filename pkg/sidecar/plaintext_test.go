@@ -489,3 +489,34 @@ func TestPlaintextInboundConfigDump(t *testing.T) {
 	require.Equal(t, m.b.http.addr.Port(), in[1].DestinationPort)
 	require.NotNil(t, in[1].HTTP)
 }
+
+// A request in flight when its chain goes (its port made STRICT) may
+// finish, but not forever: as Envoy's drain time ends a drain, the
+// connection is closed Config.DrainTimeout after the change (no_chain),
+// a streaming response cut with it.
+func TestRetiringConnectionClosedAfterDrainTimeout(t *testing.T) {
+	const drain = 300 * time.Millisecond
+	m := startPermissiveMesh(t, func(c *Config) { c.DrainTimeout = drain })
+	c := dialPlain(t, m.httpAddr)
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	_, err := io.WriteString(c, "GET /stream?n=500&every=20ms HTTP/1.1\r\n"+echoHostLine+"\r\n")
+	require.NoError(t, err)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	require.NoError(t, err)
+	rd := bufio.NewReader(resp.Body)
+	_, err = rd.ReadString('\n')
+	require.NoError(t, err, "the stream started")
+
+	chains := m.permissiveChains(t, nil, nil, true)
+	m.setInbound(t, "v2", chains[0], chains[2], chains[4], chains[5], chains[6])
+	strictAt := time.Now()
+	for time.Since(strictAt) < 10*time.Second {
+		if _, err = rd.ReadString('\n'); err != nil {
+			break
+		}
+	}
+	require.Error(t, err, "the stream was cut")
+	require.Less(t, time.Since(strictAt), 5*time.Second, "cut at the drain timeout (%v), not when the stream ended (10 s)", drain)
+	require.Eventually(t, func() bool { return m.refusals(t, ReasonNoChain) == 1 }, waitFor, 10*time.Millisecond,
+		"counted once, no_chain")
+}

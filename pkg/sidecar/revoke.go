@@ -40,7 +40,11 @@ import (
 //     closes it (HTTP/1.1 "connection: close", or closed while idle;
 //     HTTP/2 GOAWAY), its last requests decided by the HTTP RBAC it was
 //     accepted under and the current chain's network RBAC, if any, as
-//     Envoy drains the connections of a filter chain an update removed. A
+//     Envoy drains the connections of a filter chain an update removed;
+//     and as Envoy's drain time ends such a drain, one still open
+//     Config.DrainTimeout later (a stream, a long poll, an upgraded
+//     connection) is closed then (no_chain), so that a port made STRICT
+//     or a chain removed stops every caller within that bound. A
 //     TCP connection cannot be closed gracefully and has no request to
 //     decide: it is closed (no_chain; rbac if the current chain's network
 //     RBAC denies it), since the configuration would no longer let its
@@ -70,8 +74,10 @@ type inboundConn struct {
 	// last; never an older one than before (state.gen).
 	checked atomic.Pointer[state]
 	// retiring: the current configuration has no chain of its kind for
-	// it; an HTTP connection closes after the request in flight.
+	// it; an HTTP connection closes after the request in flight, or when
+	// drain fires (retireConn).
 	retiring atomic.Bool
+	drain    atomic.Pointer[time.Timer]
 	// nh is the connection once net/http's server serves it, for closing
 	// it while idle.
 	nh atomic.Pointer[httpConn]
@@ -107,6 +113,27 @@ func (p *Proxy) unregister(in *inboundConn) {
 	p.inMu.Lock()
 	delete(p.inConns, in)
 	p.inMu.Unlock()
+	if t := in.drain.Load(); t != nil {
+		t.Stop()
+	}
+}
+
+// retireConn marks in retiring, the first time only arming its drain: the
+// connection is closed (no_chain) if it is still open
+// Config.DrainTimeout from now.
+func (p *Proxy) retireConn(in *inboundConn) {
+	if !in.retiring.CompareAndSwap(false, true) {
+		return
+	}
+	in.drain.Store(time.AfterFunc(p.cfg.DrainTimeout, func() {
+		p.inMu.Lock()
+		_, open := p.inConns[in]
+		p.inMu.Unlock()
+		if open {
+			p.refuse(in.sock, listenerInbound, ReasonNoChain, "caller", in.caller, "port", in.port,
+				"transport", in.transport.String(), "open", true, "drained", p.cfg.DrainTimeout)
+		}
+	}))
 }
 
 // verdict is what a new configuration makes of an open connection.
@@ -143,7 +170,7 @@ func (p *Proxy) recheck(in *inboundConn, st *state) verdict {
 	case ch != nil && (ch.HTTP != nil) == in.http:
 		return verdictKeep
 	case in.http:
-		in.retiring.Store(true)
+		p.retireConn(in)
 		return verdictRetire
 	default:
 		reason = ReasonNoChain
@@ -190,9 +217,7 @@ func (p *Proxy) rbacNow(ci *connInfo) (*xdsclient.NetworkRBAC, *xdsclient.HTTPCo
 			return nw, ch.HTTP
 		}
 	}
-	if !in.retiring.Load() {
-		in.retiring.Store(true)
-	}
+	p.retireConn(in)
 	return nw, ci.hcm
 }
 
