@@ -13,8 +13,10 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"strings"
 	"time"
@@ -254,11 +256,14 @@ func showPeerAuthentication(ctx context.Context, a *mesh.Cluster, echo *mesh.Pod
 	addr := netip.AddrPortFrom(echo.W.IP, mesh.EchoHTTPPort).String()
 	fmt.Printf("  pod demo/outsider at %s has no sidecar and no certificate\n", outsider.W.IP)
 	fmt.Printf("\n  [a/demo/outsider]$ curl http://%s/\n", addr)
-	status, _ := plainGet(ctx, outsider, addr)
-	if status != "" {
+	status, _, err := plainGet(ctx, outsider, addr)
+	switch {
+	case err != nil:
+		return fmt.Errorf("plaintext call to echo's pod: %w", err)
+	case status != "":
 		return fmt.Errorf("echo's STRICT sidecar answered plaintext: %s", status)
 	}
-	fmt.Println("    refused: echo's sidecar takes only mutual TLS (STRICT, Isthmus's default)")
+	fmt.Println("    refused: echo's sidecar closed the connection; it takes only mutual TLS (STRICT, Isthmus's default)")
 
 	const policy = `apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -278,9 +283,9 @@ spec:
 	}
 	var reply mesh.Reply
 	err = mesh.Poll(ctx, trafficTimeout, "a's echo to answer plaintext", func(ctx context.Context) (bool, string) {
-		status, body := plainGet(ctx, outsider, addr)
-		if !strings.HasPrefix(status, "HTTP/1.1 200") {
-			return false, status
+		status, body, err := plainGet(ctx, outsider, addr)
+		if err != nil || !strings.HasPrefix(status, "HTTP/1.1 200") {
+			return false, fmt.Sprint(status, err)
 		}
 		return json.Unmarshal([]byte(body), &reply) == nil, body
 	})
@@ -297,26 +302,42 @@ spec:
 	if err := ic.SecurityV1().PeerAuthentications("demo").Delete(ctx, "echo-permissive", metav1.DeleteOptions{}); err != nil {
 		return fmt.Errorf("delete the PeerAuthentication: %w", err)
 	}
-	fmt.Println("\n  PeerAuthentication deleted: echo is STRICT again")
+	err = mesh.Poll(ctx, trafficTimeout, "a's echo to refuse plaintext again", func(ctx context.Context) (bool, string) {
+		status, _, err := plainGet(ctx, outsider, addr)
+		return err == nil && status == "", fmt.Sprint(status, err)
+	})
+	if err != nil {
+		return err
+	}
+	fmt.Println("\n  PeerAuthentication deleted: echo is STRICT again, and refuses the outsider's plaintext call")
 	return nil
 }
 
 // plainGet sends GET / in plaintext from p to addr and returns the
-// answer's status line and body; an empty status when nothing came.
-func plainGet(ctx context.Context, p *mesh.Pod, addr string) (status, body string) {
+// answer's status line and body. A connection the sidecar closed with
+// nothing answered is an empty status and no error; one that could not
+// be opened or written to is an error.
+func plainGet(ctx context.Context, p *mesh.Pod, addr string) (status, body string, err error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	conn, err := p.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return "", ""
+		return "", "", err
 	}
 	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(3 * time.Second))
-	if _, err := io.WriteString(conn, "GET / HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n"); err != nil {
-		return "", ""
+	if err := conn.SetDeadline(time.Now().Add(3 * time.Second)); err != nil {
+		return "", "", err
 	}
-	got, _ := io.ReadAll(io.LimitReader(conn, 64<<10))
+	if _, err := io.WriteString(conn, "GET / HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n"); err != nil {
+		return "", "", fmt.Errorf("write: %w", err)
+	}
+	got, err := io.ReadAll(io.LimitReader(conn, 64<<10))
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		// Neither answered nor closed: not a refusal.
+		return "", "", fmt.Errorf("nothing within the deadline: %w", err)
+	}
 	head, body, _ := strings.Cut(string(got), "\r\n\r\n")
 	status, _, _ = strings.Cut(head, "\r\n")
-	return status, body
+	return status, body, nil
 }
