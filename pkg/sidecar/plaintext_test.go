@@ -352,22 +352,9 @@ func TestPlaintextInboundNetworkRBAC(t *testing.T) {
 	m.setInbound(t, "v4", m.permissiveChains(t, notOther, nil, true)...)
 	requirePlainEcho(t, m.httpAddr, false, "/not-principals")
 	c := dialPlain(t, m.tcpAddr)
-	echoPlain(t, c, "allowed")
+	echoOn(t, c, "allowed")
 	m.requireRBACRefusals(t, 3)
 	require.EqualValues(t, 2, m.b.tcp.accepted.Load())
-}
-
-// echoPlain sends a payload on c, open to the TCP app, and requires its
-// echo.
-func echoPlain(t *testing.T, c net.Conn, payload string) {
-	t.Helper()
-	_ = c.SetDeadline(time.Now().Add(waitFor))
-	_, err := io.WriteString(c, payload)
-	require.NoError(t, err)
-	got := make([]byte, len(payload))
-	_, err = io.ReadFull(c, got)
-	require.NoError(t, err)
-	require.Equal(t, payload, string(got))
 }
 
 // HTTP RBAC decides a plaintext caller's requests as an unauthenticated
@@ -412,7 +399,7 @@ func TestPlaintextInboundHTTPRBAC(t *testing.T) {
 func TestPlaintextInboundRevoked(t *testing.T) {
 	m := startPermissiveMesh(t, nil)
 	tcpPlain := dialPlain(t, m.tcpAddr)
-	echoPlain(t, tcpPlain, "before")
+	echoOn(t, tcpPlain, "before")
 	httpPlain := dialPlainH1Raw(t, m.httpAddr)
 	resp, body := httpPlain.roundTrip("GET /before HTTP/1.1\r\n" + echoHostLine + "\r\n")
 	requireServed(t, resp, body, "/before")
@@ -425,7 +412,7 @@ func TestPlaintextInboundRevoked(t *testing.T) {
 	// strict port's is gone) keeps them.
 	chains := m.permissiveChains(t, nil, nil, true)
 	m.setInbound(t, "v2", chains[0], chains[1], chains[2], chains[3], chains[5], chains[6], chains[7])
-	echoPlain(t, tcpPlain, "kept")
+	echoOn(t, tcpPlain, "kept")
 	resp, body = httpPlain.roundTrip("GET /kept HTTP/1.1\r\n" + echoHostLine + "\r\n")
 	requireServed(t, resp, body, "/kept")
 
@@ -444,7 +431,7 @@ func TestPlaintextInboundRevoked(t *testing.T) {
 	// plaintext connection is cut (rbac); the named mTLS caller's stays.
 	m.setInbound(t, "v4", m.permissiveChains(t, nil, nil, true)...)
 	tcpPlain = dialPlain(t, m.tcpAddr)
-	echoPlain(t, tcpPlain, "again")
+	echoOn(t, tcpPlain, "again")
 	_, callerID := m.caller(t, "caller")
 	m.setInbound(t, "v5", m.permissiveChains(t, allowNetwork(t, callerID), nil, true)...)
 	requireCutPlain(t, tcpPlain)

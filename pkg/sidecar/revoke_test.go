@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"strconv"
@@ -94,8 +95,9 @@ func requireCut(t *testing.T, c *tls.Conn) {
 	require.False(t, errors.Is(err, os.ErrDeadlineExceeded), "the connection is closed, not left open")
 }
 
-// echoOn sends a payload on c, open to the TCP app, and requires its echo.
-func echoOn(t *testing.T, c *tls.Conn, payload string) {
+// echoOn sends a payload on c (TLS or plaintext), open to the TCP app,
+// and requires its echo.
+func echoOn(t *testing.T, c net.Conn, payload string) {
 	t.Helper()
 	_ = c.SetDeadline(time.Now().Add(waitFor))
 	_, err := io.WriteString(c, payload)
