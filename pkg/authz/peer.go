@@ -9,7 +9,6 @@ import (
 	"strings"
 	"time"
 
-	"google.golang.org/protobuf/proto"
 	securityv1beta1 "istio.io/api/security/v1beta1"
 )
 
@@ -120,26 +119,14 @@ func older(a, b *peerPolicy) int {
 // SetPeerAuthentication adds p or replaces the PeerAuthentication of its
 // name.
 func (s *Store) SetPeerAuthentication(p PeerPolicy) {
-	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(p.Spec)
-	if err != nil {
-		b = []byte(err.Error())
-	}
-	b = binary.BigEndian.AppendUint64(b, uint64(p.Created.UnixNano()))
-	np := &peerPolicy{PeerPolicy: p, hash: sha256.Sum256(b)}
+	np := &peerPolicy{PeerPolicy: p, hash: specHash(p.Spec, binary.BigEndian.AppendUint64(nil, uint64(p.Created.UnixNano())))}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	byName := s.peers[p.Namespace]
-	if old := byName[p.Name]; old != nil && old.hash == np.hash {
-		return
+	if put(s.peers, p.Namespace, p.Name, np) {
+		s.policyChanged(p.Namespace)
+		// Its notes may have changed.
+		s.changed()
 	}
-	if byName == nil {
-		byName = map[string]*peerPolicy{}
-		s.peers[p.Namespace] = byName
-	}
-	byName[p.Name] = np
-	s.policyChanged(p.Namespace)
-	// Its notes may have changed.
-	s.changed()
 }
 
 // DeletePeerAuthentication forgets the PeerAuthentication
@@ -147,16 +134,10 @@ func (s *Store) SetPeerAuthentication(p PeerPolicy) {
 func (s *Store) DeletePeerAuthentication(namespace, name string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	byName := s.peers[namespace]
-	if _, ok := byName[name]; !ok {
-		return
+	if remove(s.peers, namespace, name) {
+		s.policyChanged(namespace)
+		s.changed()
 	}
-	delete(byName, name)
-	if len(byName) == 0 {
-		delete(s.peers, namespace)
-	}
-	s.policyChanged(namespace)
-	s.changed()
 }
 
 // mtlsOf is the inbound mutual TLS of a pod of namespace with labels, by

@@ -107,43 +107,70 @@ func (s *Store) Subscribe() (<-chan struct{}, func()) { return s.hub.Subscribe(t
 
 // SetPolicy adds p or replaces the policy of its name.
 func (s *Store) SetPolicy(p Policy) {
-	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(p.Spec)
-	if err != nil {
-		// A message that does not encode cannot be told apart from the
-		// next one: it is never equal to any.
-		b = []byte(err.Error())
-	}
-	np := &policy{Policy: p, hash: sha256.Sum256(b)}
+	np := &policy{Policy: p, hash: specHash(p.Spec, nil)}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	byName := s.policies[p.Namespace]
-	if old := byName[p.Name]; old != nil && old.hash == np.hash {
-		return
+	if put(s.policies, p.Namespace, p.Name, np) {
+		s.policyChanged(p.Namespace)
+		// Which namespaces policies cover may have changed too.
+		s.changed()
 	}
-	if byName == nil {
-		byName = map[string]*policy{}
-		s.policies[p.Namespace] = byName
-	}
-	byName[p.Name] = np
-	s.policyChanged(p.Namespace)
-	// Which namespaces policies cover may have changed too.
-	s.changed()
 }
 
 // DeletePolicy forgets the policy namespace/name.
 func (s *Store) DeletePolicy(namespace, name string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	byName := s.policies[namespace]
+	if remove(s.policies, namespace, name) {
+		s.policyChanged(namespace)
+		s.changed()
+	}
+}
+
+// specHash is the hash of spec's deterministic encoding followed by
+// extra. A message that does not encode cannot be told apart from the
+// next one: it hashes its error, never equal to a good one's.
+func specHash(spec proto.Message, extra []byte) [sha256.Size]byte {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(spec)
+	if err != nil {
+		b = []byte(err.Error())
+	}
+	return sha256.Sum256(append(b, extra...))
+}
+
+// hashed is a policy that knows the hash of what it says.
+type hashed interface{ contentHash() [sha256.Size]byte }
+
+func (p *policy) contentHash() [sha256.Size]byte     { return p.hash }
+func (p *peerPolicy) contentHash() [sha256.Size]byte { return p.hash }
+
+// put makes v the policy namespace/name of byNS, reporting false when
+// the one there already says the same.
+func put[T hashed](byNS map[string]map[string]T, namespace, name string, v T) bool {
+	byName := byNS[namespace]
+	if old, ok := byName[name]; ok && old.contentHash() == v.contentHash() {
+		return false
+	}
+	if byName == nil {
+		byName = map[string]T{}
+		byNS[namespace] = byName
+	}
+	byName[name] = v
+	return true
+}
+
+// remove deletes the policy namespace/name of byNS, reporting false when
+// there was none.
+func remove[T any](byNS map[string]map[string]T, namespace, name string) bool {
+	byName := byNS[namespace]
 	if _, ok := byName[name]; !ok {
-		return
+		return false
 	}
 	delete(byName, name)
 	if len(byName) == 0 {
-		delete(s.policies, namespace)
+		delete(byNS, namespace)
 	}
-	s.policyChanged(namespace)
-	s.changed()
+	return true
 }
 
 // SetPod records the labels of the pod namespace/name. The store keeps

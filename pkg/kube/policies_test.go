@@ -661,7 +661,7 @@ func TestPeerAuthenticationsSetPodsMTLS(t *testing.T) {
 	require.Equal(t, "none", podMTLS(snap, "demo/web"), "the older, STRICT, decides: Strict everywhere is no set")
 	require.Equal(t, "STRICT,8080=PERMISSIVE", podMTLS(snap, "demo/db"))
 	require.Equal(t, "none", podMTLS(snap, "other/web"))
-	require.Contains(t, snap.PeerNotes, authz.Note{Policy: "demo/a-newer",
+	require.Contains(t, snap.PeerNotes(), authz.Note{Policy: "demo/a-newer",
 		Reason: "demo/z-older, older, is the namespace-wide policy of demo (as in Istio, the oldest decides): ignored"})
 	// The informer's cache keeps the spec, the names and the
 	// creationTimestamp, nothing else.
