@@ -27,6 +27,12 @@ func prinRemoteIP(addr string, bits uint32) *rbacv3.Principal {
 	return &rbacv3.Principal{Identifier: &rbacv3.Principal_RemoteIp{RemoteIp: cidr(addr, bits)}}
 }
 
+// prinSourceIP is the deprecated source_ip, which the decoder refuses.
+func prinSourceIP(addr string, bits uint32) *rbacv3.Principal {
+	//lint:ignore SA1019 the deprecated principal is what must be refused
+	return &rbacv3.Principal{Identifier: &rbacv3.Principal_SourceIp{SourceIp: cidr(addr, bits)}}
+}
+
 func permDestIP(addr string, bits uint32) *rbacv3.Permission {
 	return &rbacv3.Permission{Rule: &rbacv3.Permission_DestinationIp{DestinationIp: cidr(addr, bits)}}
 }
@@ -94,9 +100,9 @@ func TestSidecarDecodeRefusesRBACAddresses(t *testing.T) {
 		{"destination_ip", permDestIP("10.0.0.x", 32), nil, `permissions[0].destination_ip.address_prefix: "10.0.0.x" is not an IP address`},
 		{"destination_ip /33 in and_rules", permAnd(permAny(), permDestIP("10.0.0.1", 33)), nil,
 			`permissions[0].and_rules.rules[1].destination_ip.prefix_len: 33 is more than the 32 bits of an IPv4 address_prefix`},
-		{"source_ip", nil, &rbacv3.Principal{Identifier: &rbacv3.Principal_SourceIp{SourceIp: cidr("10.0.0.0", 8)}},
+		{"source_ip", nil, prinSourceIP("10.0.0.0", 8),
 			`principals[0].source_ip: is deprecated and not supported (use direct_remote_ip)`},
-		{"source_ip in and_ids", nil, prinAnd(prinAny(), &rbacv3.Principal{Identifier: &rbacv3.Principal_SourceIp{SourceIp: cidr("10.0.0.0", 8)}}),
+		{"source_ip in and_ids", nil, prinAnd(prinAny(), prinSourceIP("10.0.0.0", 8)),
 			`principals[0].and_ids.ids[1].source_ip: is deprecated and not supported (use direct_remote_ip)`},
 	} {
 		perm, prin := tc.perm, tc.prin

@@ -144,8 +144,7 @@ func sidecarFuzzSeeds(tb testing.TB) [][]byte {
 			withHTTPRBAC(tb, m, 0, httpRBACFilter(tb, rbacv3.RBAC_DENY, map[string]*rbacv3.Policy{"p": rbacPolicy(perms(permDestIP("10.0.0.1", 33)), prinAny())}))
 		},
 		func(m *scMutable) {
-			withRBAC(m, 0, rbacFilter(tb, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"p": rbacPolicy(perms(permAny()),
-				&rbacv3.Principal{Identifier: &rbacv3.Principal_SourceIp{SourceIp: cidr("10.0.0.0", 8)}})}))
+			withRBAC(m, 0, rbacFilter(tb, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"p": rbacPolicy(perms(permAny()), prinSourceIP("10.0.0.0", 8))}))
 		},
 		// Two upstream HTTP versions on the wire, of which proto keeps
 		// the last.
