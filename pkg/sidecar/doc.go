@@ -139,12 +139,17 @@
 // redirected: no app port to go to), loop (outbound passthrough to the
 // sidecar itself), not_local (explicit mode from outside the pod),
 // no_endpoint, no_cluster, rbac (an inbound chain's RBAC filters deny the
-// caller's SPIFFE ID on that port; decided once, after the TLS handshake,
-// before a byte reaches the app, and logged at Debug with the caller and
-// port). rbac also counts the inbound HTTP requests an HTTP connection
-// manager's RBAC filters deny (rbac.go): decided per request on every
-// HTTP path once its head is read, against the caller, the port and the
-// request's method, authority, path and headers; answered 403 "RBAC:
+// connection: the caller's SPIFFE ID, its peer address (the inbound
+// socket's remote address: direct_remote_ip and remote_ip; a caller from
+// another cluster arrives through the east-west gateway, with its
+// address) and the original destination address and port
+// (destination_ip, destination_port); decided once, after the TLS
+// handshake, before a byte reaches the app, and logged at Debug with the
+// caller, peer address and port). rbac also counts the inbound HTTP
+// requests an HTTP connection manager's RBAC filters deny (rbac.go):
+// decided per request on every HTTP path once its head is read, against
+// the caller, the addresses, the port and the request's method,
+// authority, path and headers; answered 403 "RBAC:
 // access denied" (text/plain, Envoy's) and never sent to the app, the
 // connection kept for the next request (an HTTP/1.1 body not yet read
 // closes it), and logged at Debug with the caller, method and path. Both

@@ -661,8 +661,9 @@ func (hc *h1Conn) normalizePath(head, path []byte) ([]byte, bool) {
 // path and query) read from it.
 func (hc *h1Conn) rbacAllows(rb *xdsclient.HTTPRBAC, head []byte, authority, path string) bool {
 	hc.rbacFields.head, hc.rbacFields.h = head, &hc.req
-	ok := rb.Allows(&xdsclient.RBACRequest{ID: hc.info.caller, Port: hc.info.dst.Port(), Method: str(hc.req.method.of(head)),
-		Authority: authority, Path: path, Headers: &hc.rbacFields})
+	req := hc.info.rbacConn()
+	req.Method, req.Authority, req.Path, req.Headers = str(hc.req.method.of(head)), authority, path, &hc.rbacFields
+	ok := rb.Allows(&req)
 	hc.rbacFields.head, hc.rbacFields.h = nil, nil
 	return ok
 }
@@ -798,7 +799,7 @@ func (hc *h1Conn) serveRequest(head []byte) (keep, upgrade bool) {
 			return !hasBody, false
 		}
 	}
-	if rb := hcm.RBAC; !nw.Allows(ci.caller, ci.dst.Port()) || rb != nil && !hc.rbacAllows(rb, head, str(authority.of(head)), str(path)) {
+	if rb := hcm.RBAC; !ci.allowedBy(nw) || rb != nil && !hc.rbacAllows(rb, head, str(authority.of(head)), str(path)) {
 		return hc.denyRBAC(str(h.method.of(head)), str(path), hasBody), false
 	}
 	if i := bytes.IndexByte(path, '?'); i >= 0 {

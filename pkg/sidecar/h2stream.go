@@ -253,12 +253,13 @@ func (p *Proxy) h2Open(down *h2Conn, f *http2.MetaHeadersFrame) {
 			return
 		}
 	}
-	ok = nw.Allows(ci.caller, ci.dst.Port())
+	ok = ci.allowedBy(nw)
 	if rb := hcm.RBAC; ok && rb != nil {
 		v := &down.rbacFields
 		v.fields = f.Fields
-		ok = rb.Allows(&xdsclient.RBACRequest{ID: ci.caller, Port: ci.dst.Port(), Method: method, Authority: authority,
-			Path: path, Headers: v})
+		req := ci.rbacConn()
+		req.Method, req.Authority, req.Path, req.Headers = method, authority, path, v
+		ok = rb.Allows(&req)
 		v.fields = nil
 	}
 	if !ok {

@@ -69,6 +69,9 @@ type connInfo struct {
 	// caller is an inbound caller's SPIFFE ID, what the HTTP RBAC
 	// filters match principals against.
 	caller string
+	// peer is an inbound connection's peer address, IPv4 unmapped, what
+	// RBAC's direct_remote_ip and remote_ip match.
+	peer netip.Addr
 	// in is an inbound connection as new configurations re-decide it
 	// (revoke.go); nil outbound.
 	in *inboundConn
@@ -224,7 +227,7 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "isthmus sidecar: path cannot be normalized", http.StatusBadRequest)
 		return
 	}
-	if rb := hcm.RBAC; !nw.Allows(ci.caller, ci.dst.Port()) || rb != nil && !rbacAllowsNetHTTP(rb, ci, r) {
+	if rb := hcm.RBAC; !ci.allowedBy(nw) || rb != nil && !rbacAllowsNetHTTP(rb, ci, r) {
 		// Envoy's answer. An HTTP/1.1 body the handler did not read,
 		// net/http reads and drops (up to 256 KiB) for the connection
 		// to be kept, or closes it: refuseLinger bounds the wait for a

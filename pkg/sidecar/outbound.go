@@ -40,8 +40,7 @@ func (p *Proxy) destination(c *net.TCPConn) (dst netip.AddrPort, redirected bool
 // fromThisPod reports whether c comes from a process of this pod (this
 // network namespace).
 func (p *Proxy) fromThisPod(c *net.TCPConn) bool {
-	remote := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
-	return isLocalSource(remote, localAddr(c).Addr(), p.ifAddrs.has)
+	return isLocalSource(remoteIP(c), localAddr(c).Addr(), p.ifAddrs.has)
 }
 
 // isLocalSource reports whether a connection from remote to local came
@@ -110,6 +109,11 @@ func interfaceAddrs() ([]netip.Addr, error) {
 func localAddr(c *net.TCPConn) netip.AddrPort {
 	a := c.LocalAddr().(*net.TCPAddr).AddrPort()
 	return netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
+}
+
+// remoteIP is c's peer address, IPv4 unmapped.
+func remoteIP(c *net.TCPConn) netip.Addr {
+	return c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
 }
 
 // serveOutbound is one outbound connection's goroutine: original
@@ -350,16 +354,23 @@ func (p *Proxy) servePlaintextInbound(c *net.TCPConn, ic *inConn, st *state, dst
 // caller the caller's SPIFFE ID ("" over plaintext), alpn the protocol
 // the handshake negotiated and xfcc the X-Forwarded-Client-Cert value a
 // SANITIZE_SET manager sets ("" over plaintext: none).
+//
+// RBAC's address matchers read c's peer address (direct_remote_ip, and
+// remote_ip: the connection managers trust no X-Forwarded-For hop) and
+// dst's address (destination_ip). A caller in another cluster arrives
+// through the east-west gateway: its peer address is the gateway's, as
+// in Istio across networks.
 func (p *Proxy) serveInboundChain(c *net.TCPConn, down net.Conn, st *state, ch *xdsclient.InboundChain, dst netip.AddrPort, caller, alpn, xfcc string) {
+	peer := remoteIP(c)
 	// Decided once, the caller's identity known and nothing read from it
 	// yet, as Envoy's network RBAC filter on the first byte; again with
 	// each new configuration (revoke.go).
-	if !ch.RBAC.Allows(caller, dst.Port()) {
-		p.refuse(c, listenerInbound, ReasonRBAC, "caller", caller, "port", dst.Port(), "transport", ch.Transport().String())
+	if !ch.RBAC.AllowsConn(&xdsclient.RBACRequest{ID: caller, Port: dst.Port(), PeerIP: peer, DestinationIP: dst.Addr()}) {
+		p.refuse(c, listenerInbound, ReasonRBAC, "caller", caller, "peer", peer, "port", dst.Port(), "transport", ch.Transport().String())
 		p.release(listenerInbound)
 		return
 	}
-	in := newInboundConn(c, st, ch, caller, dst.Port(), alpn)
+	in := newInboundConn(c, st, ch, caller, peer, dst, alpn)
 	if !p.register(in) {
 		p.unregister(in)
 		p.release(listenerInbound)
@@ -370,7 +381,7 @@ func (p *Proxy) serveInboundChain(c *net.TCPConn, down net.Conn, st *state, ch *
 		p.unregister(in)
 		return
 	}
-	info := &connInfo{listener: listenerInbound, hcm: ch.HTTP, dst: dst, redirected: true, caller: caller, in: in, xfcc: xfcc}
+	info := &connInfo{listener: listenerInbound, hcm: ch.HTTP, dst: dst, redirected: true, caller: caller, peer: peer, in: in, xfcc: xfcc}
 	p.serveHTTPConn(p.inQueue, down, info)
 }
 

@@ -16,10 +16,13 @@ import (
 // per request on every HTTP path (the HTTP/1.1 codec, the HTTP/2 one,
 // net/http's server), once the request head is read and before anything
 // of it goes upstream: against the connection's caller (its verified
-// SPIFFE ID) and original destination port, and the request's method,
-// authority, path and headers, each path giving its own view of them.
-// A denied request is answered as Envoy answers it and never reaches the
-// app; the connection stays for the next request.
+// SPIFFE ID), peer address and original destination address and port,
+// and the request's method, authority, path and headers, each path
+// giving its own view of them. remote_ip is the peer address too: the
+// inbound connection managers trust no X-Forwarded-For hop
+// (xff_num_trusted_hops 0, Istio's default), so a header a caller sends
+// cannot choose it. A denied request is answered as Envoy answers it and
+// never reaches the app; the connection stays for the next request.
 
 // rbacDenied is the body of Envoy's answer to a request its HTTP RBAC
 // filter denies, with 403 and content-type text/plain.
@@ -131,11 +134,29 @@ func (h netHTTPFields) Lookup(name string) (string, bool) {
 	return strings.Join(vs, valueSep(name)), true
 }
 
+// rbacConn is the connection's part of an RBAC request: its caller,
+// peer address and original destination.
+func (ci *connInfo) rbacConn() xdsclient.RBACRequest {
+	return xdsclient.RBACRequest{ID: ci.caller, Port: ci.dst.Port(), PeerIP: ci.peer, DestinationIP: ci.dst.Addr()}
+}
+
+// allowedBy reports whether the network RBAC nw (rbacNow's: nil unless
+// a new configuration's chain has not decided the connection yet)
+// allows ci's connection.
+func (ci *connInfo) allowedBy(nw *xdsclient.NetworkRBAC) bool {
+	if nw == nil {
+		return true
+	}
+	req := ci.rbacConn()
+	return nw.AllowsConn(&req)
+}
+
 // rbacAllowsNetHTTP decides r on the net/http path: its request target
 // as :path (the path and query of an absolute-form one).
 func rbacAllowsNetHTTP(rb *xdsclient.HTTPRBAC, ci *connInfo, r *http.Request) bool {
-	return rb.Allows(&xdsclient.RBACRequest{ID: ci.caller, Port: ci.dst.Port(), Method: r.Method, Authority: r.Host,
-		Path: requestPath(r), Headers: netHTTPFields(r.Header)})
+	req := ci.rbacConn()
+	req.Method, req.Authority, req.Path, req.Headers = r.Method, r.Host, requestPath(r), netHTTPFields(r.Header)
+	return rb.Allows(&req)
 }
 
 // requestPath is r's :path: the request target as received when it is

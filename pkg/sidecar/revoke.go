@@ -3,6 +3,7 @@ package sidecar
 import (
 	"math"
 	"net"
+	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -18,7 +19,9 @@ import (
 // transport (TLS, or plaintext on a raw_buffer chain) and the protocol
 // its TLS handshake negotiated (MatchIndex(port, transport, [alpn])),
 // which in the configuration it was accepted under gives back its own
-// chain. A plaintext connection's caller is "" (unauthenticated) for the
+// chain; its network RBAC reads the caller, the peer address and the
+// original destination address and port it was accepted with. A
+// plaintext connection's caller is "" (unauthenticated) for the
 // network RBAC of every configuration; a port that a new configuration
 // makes STRICT has no raw_buffer chain for it, and the connection is
 // then one whose chain is gone.
@@ -57,6 +60,9 @@ type inboundConn struct {
 	// caller is the SPIFFE ID of the caller's verified SVID; "" over
 	// plaintext.
 	caller string
+	// peer is the socket's remote address and dstIP the original
+	// destination address, IPv4 unmapped, for RBAC's address matchers.
+	peer, dstIP netip.Addr
 	// port is the original destination port, transport the chain's
 	// transport_protocol and alpn the protocol the TLS handshake
 	// negotiated (nil: none), as MatchIndex takes them.
@@ -84,9 +90,9 @@ type inboundConn struct {
 }
 
 // newInboundConn is a connection accepted under st, on chain ch, from
-// caller to port, c its socket and alpn its negotiated protocol.
-func newInboundConn(c net.Conn, st *state, ch *xdsclient.InboundChain, caller string, port uint16, alpn string) *inboundConn {
-	in := &inboundConn{caller: caller, port: port, transport: ch.Transport(), st: st, http: ch.HTTP != nil, sock: c}
+// caller at peer to dst, c its socket and alpn its negotiated protocol.
+func newInboundConn(c net.Conn, st *state, ch *xdsclient.InboundChain, caller string, peer netip.Addr, dst netip.AddrPort, alpn string) *inboundConn {
+	in := &inboundConn{caller: caller, peer: peer, dstIP: dst.Addr(), port: dst.Port(), transport: ch.Transport(), st: st, http: ch.HTTP != nil, sock: c}
 	if alpn != "" {
 		in.alpn = []string{alpn}
 	}
@@ -166,7 +172,7 @@ func (p *Proxy) recheck(in *inboundConn, st *state) verdict {
 	}
 	reason := ReasonRBAC
 	switch {
-	case ch != nil && !ch.RBAC.Allows(in.caller, in.port):
+	case ch != nil && !ch.RBAC.AllowsConn(&xdsclient.RBACRequest{ID: in.caller, Port: in.port, PeerIP: in.peer, DestinationIP: in.dstIP}):
 	case ch != nil && (ch.HTTP != nil) == in.http:
 		return verdictKeep
 	case in.http:
@@ -180,7 +186,7 @@ func (p *Proxy) recheck(in *inboundConn, st *state) verdict {
 	if !in.checked.CompareAndSwap(st, cutState) {
 		return verdictKeep
 	}
-	p.refuse(in.sock, listenerInbound, reason, "caller", in.caller, "port", in.port, "transport", in.transport.String(), "open", true)
+	p.refuse(in.sock, listenerInbound, reason, "caller", in.caller, "peer", in.peer, "port", in.port, "transport", in.transport.String(), "open", true)
 	return verdictCut
 }
 

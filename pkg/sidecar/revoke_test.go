@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -293,6 +294,13 @@ func revokeBenchProxy(b *testing.B) (p *Proxy, st1, st2 *state) {
 	return p, &state{cfg: cfg, gen: 1}, &state{cfg: cfg, gen: 2}
 }
 
+// The peer and original destination addresses of the benchmarks'
+// connections.
+var (
+	benchPeer = netip.MustParseAddr("10.1.2.3")
+	benchDst  = netip.MustParseAddr("10.0.0.1")
+)
+
 // BenchmarkRBACNow is what an inbound HTTP request pays to find the
 // RBAC that decides it: under the configuration its connection was
 // accepted under, and under a newer one (the chain matched again).
@@ -301,8 +309,8 @@ func BenchmarkRBACNow(b *testing.B) {
 	l := st1.cfg.Sidecar.Inbound
 	i := l.MatchIndex(8010, xdsclient.TransportTLS, nil)
 	ch := &l.Chains[i]
-	in := newInboundConn(nil, st1, ch, "spiffe://alpha.mesh/ns/demo/sa/caller", 8010, "")
-	ci := &connInfo{listener: listenerInbound, hcm: ch.HTTP, caller: in.caller, in: in}
+	in := newInboundConn(nil, st1, ch, "spiffe://alpha.mesh/ns/demo/sa/caller", benchPeer, netip.AddrPortFrom(benchDst, 8010), "")
+	ci := &connInfo{listener: listenerInbound, hcm: ch.HTTP, caller: in.caller, peer: in.peer, in: in}
 	for _, tc := range []struct {
 		name string
 		st   *state
@@ -329,7 +337,8 @@ func BenchmarkRevokePass(b *testing.B) {
 	l := st1.cfg.Sidecar.Inbound
 	for n := range 10000 {
 		port := uint16(8000 + n%20)
-		in := newInboundConn(nil, st1, &l.Chains[l.MatchIndex(port, xdsclient.TransportTLS, nil)], "spiffe://alpha.mesh/ns/demo/sa/caller-"+strconv.Itoa(n%50), port, "")
+		in := newInboundConn(nil, st1, &l.Chains[l.MatchIndex(port, xdsclient.TransportTLS, nil)], "spiffe://alpha.mesh/ns/demo/sa/caller-"+strconv.Itoa(n%50),
+			benchPeer, netip.AddrPortFrom(benchDst, port), "")
 		p.inConns[in] = struct{}{}
 	}
 	var buf []*inboundConn

@@ -273,8 +273,9 @@ func TestSidecarDecodeRefusesHTTPRBAC(t *testing.T) {
 
 		// Permissions: the network ones, header and url_path.
 		{"no rule", withPerm(&rbacv3.Permission{}),
-			perm[:len(perm)-1] + `: sets no rule (want any, destination_port, destination_port_range, header, url_path, and_rules, or_rules or not_rule)`},
-		{"destination_ip", withPerm(&rbacv3.Permission{Rule: &rbacv3.Permission_DestinationIp{DestinationIp: &corev3.CidrRange{}}}), perm + `destination_ip: not supported`},
+			perm[:len(perm)-1] + `: sets no rule (want any, destination_port, destination_port_range, destination_ip, header, url_path, and_rules, or_rules or not_rule)`},
+		{"destination_ip without address", withPerm(&rbacv3.Permission{Rule: &rbacv3.Permission_DestinationIp{DestinationIp: &corev3.CidrRange{}}}),
+			perm + `destination_ip.address_prefix: "" is not an IP address`},
 		{"requested_server_name", withPerm(&rbacv3.Permission{Rule: &rbacv3.Permission_RequestedServerName{RequestedServerName: smExact("x")}}),
 			perm + `requested_server_name: not supported`},
 		{"port 0", withPerm(permPort(0)), perm + `destination_port: 0 is not a port`},

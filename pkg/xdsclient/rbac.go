@@ -1,17 +1,19 @@
 package xdsclient
 
 import (
+	"net/netip"
 	"regexp"
 	"strings"
 )
 
 // The inbound side's RBAC filters, decoded into one small tree with one
 // evaluator: a chain's envoy.filters.network.rbac, decided once per
-// connection after the TLS handshake by the caller's SPIFFE ID and the
-// connection's original destination port; and an inbound HTTP
-// connection manager's envoy.filters.http.rbac, decided per request by
-// those and the request's method, authority, path and headers. Regexes
-// are compiled at decode time; evaluating allocates nothing.
+// connection after the TLS handshake by the caller's SPIFFE ID, the
+// connection's peer address and its original destination address and
+// port; and an inbound HTTP connection manager's envoy.filters.http.rbac,
+// decided per request by those and the request's method, authority, path
+// and headers. Regexes are compiled and address ranges parsed at decode
+// time; evaluating allocates nothing.
 
 // maxRBACDepth bounds the nesting of and_rules, or_rules and not_rule
 // (and_ids, or_ids, not_id): a permission or principal at the top of a
@@ -29,16 +31,25 @@ type NetworkRBAC struct {
 	Allow *RBACRules
 }
 
-// Allows reports whether a connection from the caller whose SPIFFE ID is
-// id to the original destination port port may go on, by Envoy's rules:
-// denied when a DENY policy matches; then, when there is an ALLOW filter,
-// denied unless one of its policies matches (an ALLOW filter without
-// policies denies everything). A nil r allows everything.
-func (r *NetworkRBAC) Allows(id string, port uint16) bool {
+// AllowsConn reports whether the connection c may go on, by Envoy's
+// rules: denied when a DENY policy matches; then, when there is an ALLOW
+// filter, denied unless one of its policies matches (an ALLOW filter
+// without policies denies everything). It reads c's ID, Port, PeerIP and
+// DestinationIP. A nil r allows everything.
+func (r *NetworkRBAC) AllowsConn(c *RBACRequest) bool {
 	if r == nil {
 		return true
 	}
-	return decide(r.Deny, r.Allow, &RBACRequest{ID: id, Port: port})
+	return decide(r.Deny, r.Allow, c)
+}
+
+// Allows is AllowsConn for a connection from the caller whose SPIFFE ID
+// is id to the original destination port port, its addresses unknown:
+// no address range matches it (so a DENY of one never refuses it, an
+// ALLOW of one never admits it, and a not_id of one matches it). The
+// sidecar knows the addresses and calls AllowsConn.
+func (r *NetworkRBAC) Allows(id string, port uint16) bool {
+	return r.AllowsConn(&RBACRequest{ID: id, Port: port})
 }
 
 // HTTPRBAC is an inbound HTTP connection manager's envoy.filters.http.rbac
@@ -71,11 +82,12 @@ func decide(deny, allow *RBACRules, req *RBACRequest) bool {
 	return allow == nil || allow.matches(req)
 }
 
-// RBACRequest is what an RBAC decision reads: a connection's caller and
-// original destination port and, for HTTP RBAC, one request's method,
-// authority, path and headers. Network RBAC sets only ID and Port; the
-// other fields are read only by HTTP rules, which a network filter
-// cannot have. Nothing of it is kept.
+// RBACRequest is what an RBAC decision reads: a connection's caller, peer
+// address and original destination address and port and, for HTTP RBAC,
+// one request's method, authority, path and headers. Network RBAC sets
+// only ID, Port, PeerIP and DestinationIP; the other fields are read
+// only by HTTP rules, which a network filter cannot have. Nothing of it
+// is kept.
 type RBACRequest struct {
 	// ID is the caller's SPIFFE ID, the URI SAN of its verified SVID;
 	// empty when there is none (a plaintext connection on a raw_buffer
@@ -84,6 +96,17 @@ type RBACRequest struct {
 	ID string
 	// Port is the connection's original destination port.
 	Port uint16
+	// PeerIP is the connection's peer address, the downstream socket's
+	// remote address: what direct_remote_ip and remote_ip match (the
+	// sidecar's connection managers trust no X-Forwarded-For hop, so
+	// Envoy's remote address is the peer's too). A caller from another
+	// cluster arrives through the east-west gateway, whose address this
+	// then is. The zero Addr (unknown) matches no range.
+	PeerIP netip.Addr
+	// DestinationIP is the connection's original destination address,
+	// the address the caller dialled (SO_ORIGINAL_DST): what
+	// destination_ip matches. The zero Addr (unknown) matches no range.
+	DestinationIP netip.Addr
 	// Method is :method (the HTTP/1.1 request line's method).
 	Method string
 	// Authority is :authority: the HTTP/1.1 Host, or the authority of an
@@ -164,7 +187,7 @@ func (p *RBACPolicy) matches(req *RBACRequest) bool {
 		return false
 	}
 	for i := range p.Principals {
-		if p.Principals[i].matches(req.ID) {
+		if p.Principals[i].matches(req) {
 			return true
 		}
 	}
@@ -192,6 +215,9 @@ const (
 	// PermissionURLPath is url_path (HTTP filters only): URLPath matches
 	// the request's path without its query and fragment.
 	PermissionURLPath
+	// PermissionDestinationIP is destination_ip: the connection's
+	// original destination address is in CIDR.
+	PermissionDestinationIP
 )
 
 // Permission is one RBAC permission of the contract's subset.
@@ -207,6 +233,8 @@ type Permission struct {
 	Header *HeaderMatch
 	// URLPath is PermissionURLPath's url_path.path.
 	URLPath *StringMatch
+	// CIDR is PermissionDestinationIP's range, masked.
+	CIDR netip.Prefix
 }
 
 func (p *Permission) matches(req *RBACRequest) bool {
@@ -240,8 +268,17 @@ func (p *Permission) matches(req *RBACRequest) bool {
 			return false
 		}
 		return p.URLPath.Matches(URLPath(req.Path))
+	case PermissionDestinationIP:
+		return inRange(p.CIDR, req.DestinationIP)
 	}
 	return false
+}
+
+// inRange is Envoy's CidrRange.isInRange: a, IPv4-mapped IPv6 unmapped
+// and its zone dropped, is in r, an IPv4 range never matching an IPv6
+// address nor the other way round. The zero Addr is in no range.
+func inRange(r netip.Prefix, a netip.Addr) bool {
+	return r.Contains(a.Unmap().WithZone(""))
 }
 
 // URLPath is a :path without its query and fragment, as Envoy's
@@ -318,6 +355,15 @@ const (
 	PrincipalOr
 	// PrincipalNot is not_id: IDs[0] does not match.
 	PrincipalNot
+	// PrincipalDirectRemoteIP is direct_remote_ip (Istio's source.ip,
+	// ipBlocks): the connection's peer address is in CIDR.
+	PrincipalDirectRemoteIP
+	// PrincipalRemoteIP is remote_ip (Istio's remote.ip,
+	// remoteIpBlocks): Envoy's remote address, the original client's by
+	// X-Forwarded-For when the connection manager trusts hops. The
+	// sidecar's trust none (xff_num_trusted_hops 0, Istio's default),
+	// so it is the peer address, as for PrincipalDirectRemoteIP.
+	PrincipalRemoteIP
 )
 
 // Principal is one RBAC principal of the contract's subset.
@@ -328,9 +374,12 @@ type Principal struct {
 	// IDs are the nested principals of PrincipalAnd, PrincipalOr and
 	// PrincipalNot (exactly one for the latter).
 	IDs []Principal
+	// CIDR is the range of PrincipalDirectRemoteIP and
+	// PrincipalRemoteIP, masked.
+	CIDR netip.Prefix
 }
 
-func (p *Principal) matches(id string) bool {
+func (p *Principal) matches(req *RBACRequest) bool {
 	switch p.Kind {
 	case PrincipalAny:
 		return true
@@ -339,23 +388,25 @@ func (p *Principal) matches(id string) bool {
 		// without a peer certificate (a plaintext caller, id ""),
 		// whatever its principal_name: not even a pattern that matches
 		// the empty string (safe_regex ".*", prefix "").
-		return id != "" && p.Name.Matches(id)
+		return req.ID != "" && p.Name.Matches(req.ID)
 	case PrincipalAnd:
 		for i := range p.IDs {
-			if !p.IDs[i].matches(id) {
+			if !p.IDs[i].matches(req) {
 				return false
 			}
 		}
 		return true
 	case PrincipalOr:
 		for i := range p.IDs {
-			if p.IDs[i].matches(id) {
+			if p.IDs[i].matches(req) {
 				return true
 			}
 		}
 		return false
 	case PrincipalNot:
-		return !p.IDs[0].matches(id)
+		return !p.IDs[0].matches(req)
+	case PrincipalDirectRemoteIP, PrincipalRemoteIP:
+		return inRange(p.CIDR, req.PeerIP)
 	}
 	return false
 }

@@ -3,9 +3,11 @@ package xdsclient
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"regexp"
 	"strings"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
@@ -24,22 +26,24 @@ const (
 )
 
 // The RBAC subsets of docs/sidecar-xds.md. A network filter sees of a
-// connection the caller's SPIFFE ID and the destination port; an HTTP
-// filter also each request's method, authority, path and headers.
-// Everything else (IPs, metadata, CEL, shadow rules, per-rule stats) is
-// refused by name.
+// connection the caller's SPIFFE ID, its peer address and its original
+// destination address and port; an HTTP filter also each request's
+// method, authority, path and headers. Everything else (the deprecated
+// source_ip, metadata, CEL, shadow rules, per-rule stats, …) is refused
+// by name.
 var (
 	scRBACFields          = allow[*netrbacv3.RBAC]("stat_prefix", "rules", "enforcement_type")
 	scHTTPRBACFields      = allow[*httprbacv3.RBAC]("rules")
 	scRBACRulesFields     = allow[*rbacv3.RBAC]("action", "policies")
 	scRBACPolicyFields    = allow[*rbacv3.Policy]("permissions", "principals")
-	scPermissionFields    = allow[*rbacv3.Permission]("any", "destination_port", "destination_port_range", "and_rules", "or_rules", "not_rule")
-	scHTTPPermissionField = allow[*rbacv3.Permission]("any", "destination_port", "destination_port_range", "and_rules", "or_rules", "not_rule", "header", "url_path")
+	scPermissionFields    = allow[*rbacv3.Permission]("any", "destination_port", "destination_port_range", "destination_ip", "and_rules", "or_rules", "not_rule")
+	scHTTPPermissionField = allow[*rbacv3.Permission]("any", "destination_port", "destination_port_range", "destination_ip", "and_rules", "or_rules", "not_rule", "header", "url_path")
 	scPermissionSet       = allow[*rbacv3.Permission_Set]("rules")
 	scPortRangeFields     = allow[*typev3.Int32Range]("start", "end")
 	scHeaderMatcherFields = allow[*routev3.HeaderMatcher]("name", "string_match", "present_match", "invert_match")
 	scPathMatcherFields   = allow[*matcherv3.PathMatcher]("path")
-	scPrincipalFields     = allow[*rbacv3.Principal]("any", "authenticated", "and_ids", "or_ids", "not_id")
+	scPrincipalFields     = allow[*rbacv3.Principal]("any", "authenticated", "direct_remote_ip", "remote_ip", "and_ids", "or_ids", "not_id")
+	scCIDRFields          = allow[*corev3.CidrRange]("address_prefix", "prefix_len")
 	scPrincipalSet        = allow[*rbacv3.Principal_Set]("ids")
 	scAuthenticated       = allow[*rbacv3.Principal_Authenticated]("principal_name")
 	scNameMatcher         = allow[*matcherv3.StringMatcher]("exact", "prefix", "suffix", "safe_regex", "ignore_case")
@@ -56,9 +60,9 @@ type rbacDialect struct {
 
 var (
 	networkRBAC = &rbacDialect{permissions: scPermissionFields,
-		rules: "any, destination_port, destination_port_range, and_rules, or_rules or not_rule"}
+		rules: "any, destination_port, destination_port_range, destination_ip, and_rules, or_rules or not_rule"}
 	httpRBAC = &rbacDialect{permissions: scHTTPPermissionField,
-		rules: "any, destination_port, destination_port_range, header, url_path, and_rules, or_rules or not_rule"}
+		rules: "any, destination_port, destination_port_range, destination_ip, header, url_path, and_rules, or_rules or not_rule"}
 )
 
 // rbacPlacement checks where the RBAC filters named name sit in a list of
@@ -287,6 +291,9 @@ func decodePermission(m *rbacv3.Permission, depth int, d *rbacDialect) (Permissi
 			return Permission{}, fieldErr("destination_port_range", fmt.Sprintf("[%d, %d) is not a range of ports (0 <= start < end <= 65536, end exclusive)", s, e))
 		}
 		return Permission{Kind: PermissionPorts, Lo: uint32(rg.GetStart()), Hi: uint32(rg.GetEnd())}, nil
+	case *rbacv3.Permission_DestinationIp:
+		cidr, err := decodeCIDR(r.DestinationIp)
+		return Permission{Kind: PermissionDestinationIP, CIDR: cidr}, within("destination_ip", err)
 	case *rbacv3.Permission_AndRules:
 		rules, err := decodePermissionSet(r.AndRules, depth, d)
 		return Permission{Kind: PermissionAnd, Rules: rules}, within("and_rules", err)
@@ -383,6 +390,11 @@ func decodePrincipal(m *rbacv3.Principal, depth int) (Principal, error) {
 	if depth > maxRBACDepth {
 		return Principal{}, errTooDeep
 	}
+	if _, ok := m.GetIdentifier().(*rbacv3.Principal_SourceIp); ok {
+		// Deprecated in Envoy's API for direct_remote_ip and remote_ip,
+		// which Istio sends.
+		return Principal{}, fieldErr("source_ip", "is deprecated and not supported (use direct_remote_ip)")
+	}
 	if err := scPrincipalFields.check(m); err != nil {
 		return Principal{}, err
 	}
@@ -402,6 +414,12 @@ func decodePrincipal(m *rbacv3.Principal, depth int) (Principal, error) {
 		}
 		sm, err := decodeStringMatcher(a.GetPrincipalName(), scNameMatcher, namePatterns)
 		return Principal{Kind: PrincipalName, Name: sm}, within("authenticated.principal_name", err)
+	case *rbacv3.Principal_DirectRemoteIp:
+		cidr, err := decodeCIDR(id.DirectRemoteIp)
+		return Principal{Kind: PrincipalDirectRemoteIP, CIDR: cidr}, within("direct_remote_ip", err)
+	case *rbacv3.Principal_RemoteIp:
+		cidr, err := decodeCIDR(id.RemoteIp)
+		return Principal{Kind: PrincipalRemoteIP, CIDR: cidr}, within("remote_ip", err)
 	case *rbacv3.Principal_AndIds:
 		ids, err := decodePrincipalSet(id.AndIds, depth)
 		return Principal{Kind: PrincipalAnd, IDs: ids}, within("and_ids", err)
@@ -412,7 +430,36 @@ func decodePrincipal(m *rbacv3.Principal, depth int) (Principal, error) {
 		p, err := decodePrincipal(id.NotId, depth+1)
 		return Principal{Kind: PrincipalNot, IDs: []Principal{p}}, within("not_id", err)
 	}
-	return Principal{}, fieldErr("", "sets no identifier (want any, authenticated, and_ids, or_ids or not_id)")
+	return Principal{}, fieldErr("", "sets no identifier (want any, authenticated, direct_remote_ip, remote_ip, and_ids, or_ids or not_id)")
+}
+
+// decodeCIDR decodes a CidrRange as Envoy's CidrRange::create does: an
+// IP address (no zone, no "/len") and prefix_len (absent: 0, as in
+// Envoy), at most the address's bits, the address masked to it. An
+// IPv4-mapped IPv6 address_prefix with prefix_len 96 or more is the IPv4
+// range it maps (prefix_len-96), as peer addresses are compared
+// unmapped; with less it stays an IPv6 range, which no IPv4 address is
+// in.
+func decodeCIDR(m *corev3.CidrRange) (netip.Prefix, error) {
+	if err := scCIDRFields.check(m); err != nil {
+		return netip.Prefix{}, err
+	}
+	a, err := netip.ParseAddr(m.GetAddressPrefix())
+	if err != nil || a.Zone() != "" {
+		return netip.Prefix{}, fieldErr("address_prefix", fmt.Sprintf("%q is not an IP address", m.GetAddressPrefix()))
+	}
+	bits := m.GetPrefixLen().GetValue()
+	if max := uint32(a.BitLen()); bits > max {
+		family := "IPv4"
+		if a.Is6() {
+			family = "IPv6"
+		}
+		return netip.Prefix{}, fieldErr("prefix_len", fmt.Sprintf("%d is more than the %d bits of an %s address_prefix", bits, max, family))
+	}
+	if a.Is4In6() && bits >= 96 {
+		a, bits = a.Unmap(), bits-96
+	}
+	return netip.PrefixFrom(a, int(bits)).Masked(), nil
 }
 
 func decodePrincipalSet(m *rbacv3.Principal_Set, depth int) ([]Principal, error) {

@@ -263,12 +263,12 @@ func TestSidecarDecodeRefusesRBAC(t *testing.T) {
 		{"range past 65536", withPerm(permRange(80, 65537)), policy + `permissions[0].destination_port_range: [80, 65537) is not a range of ports`},
 		{"negative range", withPerm(permRange(-1, 80)), policy + `permissions[0].destination_port_range: [-1, 80) is not a range of ports`},
 		{"empty and_rules", withPerm(permAnd()), policy + `permissions[0].and_rules.rules: is empty`},
-		{"nested header", withPerm(permOr(permAny(), permNot(&rbacv3.Permission{Rule: &rbacv3.Permission_DestinationIp{}}))),
-			policy + `permissions[0].or_rules.rules[1].not_rule.destination_ip: not supported`},
+		{"nested requested_server_name", withPerm(permOr(permAny(), permNot(&rbacv3.Permission{Rule: &rbacv3.Permission_RequestedServerName{RequestedServerName: &matcherv3.StringMatcher{}}}))),
+			policy + `permissions[0].or_rules.rules[1].not_rule.requested_server_name: not supported`},
 		{"too deep", withPerm(tooDeep), policy + `permissions[0]` + strings.Repeat(".not_rule", maxRBACDepth) + `: nested deeper than 16 levels`},
 
 		// Principals.
-		{"source_ip", withPrin(&rbacv3.Principal{Identifier: &rbacv3.Principal_SourceIp{}}), policy + `principals[0].source_ip: not supported`},
+		{"source_ip", withPrin(&rbacv3.Principal{Identifier: &rbacv3.Principal_SourceIp{}}), policy + `principals[0].source_ip: is deprecated and not supported (use direct_remote_ip)`},
 		{"principal header", withPrin(&rbacv3.Principal{Identifier: &rbacv3.Principal_Header{Header: &routev3.HeaderMatcher{Name: "x"}}}), policy + `principals[0].header: not supported`},
 		{"principal any false", withPrin(&rbacv3.Principal{Identifier: &rbacv3.Principal_Any{}}), policy + `principals[0].any: false is not supported (true)`},
 		{"no principal_name", withPrin(&rbacv3.Principal{Identifier: &rbacv3.Principal_Authenticated_{Authenticated: &rbacv3.Principal_Authenticated{}}}),

@@ -125,6 +125,27 @@ func sidecarFuzzSeeds(tb testing.TB) [][]byte {
 		func(m *scMutable) {
 			withHTTPRBAC(tb, m, 0, httpRBACFilter(tb, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"p": rbacPolicy(perms(permPath(smRegex(`(`))), prinAny())}))
 		},
+		// Addresses, as Istio writes ipBlocks, remoteIpBlocks and
+		// destination.ip, in both kinds of filter and nested; and near
+		// misses: a CIDR string as address_prefix, a prefix_len too long
+		// for IPv4, the deprecated source_ip.
+		func(m *scMutable) {
+			withRBAC(m, 1,
+				rbacFilter(tb, rbacv3.RBAC_DENY, map[string]*rbacv3.Policy{"deny": rbacPolicy(perms(permAny()), prinOr(prinRemoteIP("192.168.0.0", 16), prinRemoteIP("fd00::", 8)))}),
+				rbacFilter(tb, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"allow": rbacPolicy(perms(permAnd(permPort(8080), permNot(permDestIP("10.0.0.2", 32)))),
+					prinAnd(prinExact(idCaller), prinNot(prinDirectIP("::ffff:172.16.0.0", 108))))}))
+			withHTTPRBAC(tb, m, 0, httpRBACFilter(tb, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"p": rbacPolicy(perms(permOr(permDestIP("10.0.0.1", 32), permDestIP("::", 0))),
+				prinOr(prinDirectIP("127.0.0.0", 8), prinRemoteIP("0.0.0.0", 0)))}))
+		},
+		func(m *scMutable) {
+			withRBAC(m, 0, rbacFilter(tb, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"p": rbacPolicy(perms(permAny()), prinDirectIP("10.0.0.0/8", 8))}))
+		},
+		func(m *scMutable) {
+			withHTTPRBAC(tb, m, 0, httpRBACFilter(tb, rbacv3.RBAC_DENY, map[string]*rbacv3.Policy{"p": rbacPolicy(perms(permDestIP("10.0.0.1", 33)), prinAny())}))
+		},
+		func(m *scMutable) {
+			withRBAC(m, 0, rbacFilter(tb, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"p": rbacPolicy(perms(permAny()), prinSourceIP("10.0.0.0", 8))}))
+		},
 		// Two upstream HTTP versions on the wire, of which proto keeps
 		// the last.
 		func(m *scMutable) {
@@ -187,16 +208,19 @@ func checkSidecarDecode(t *testing.T, data []byte, base *state) {
 // rule reads.
 var fuzzRequests = []*RBACRequest{
 	{},
-	{Port: 8080, Method: "GET", Authority: "echo.demo:8080", Path: "/"}, // plaintext: no ID
+	{Port: 8080, Method: "GET", Authority: "echo.demo:8080", Path: "/", PeerIP: netip.MustParseAddr("127.0.0.1")}, // plaintext: no ID
 	{ID: idCaller, Port: 8080, Method: "GET", Authority: "echo.demo:8080", Path: "/admin/x?y#z",
-		Headers: headerList{{"x-a", "b"}, {"x-tenant", "t"}, {"x-a", "c"}}},
-	{ID: idBeta, Port: 65535, Method: "CONNECT", Authority: "db:5432"},
+		Headers: headerList{{"x-a", "b"}, {"x-tenant", "t"}, {"x-a", "c"}},
+		PeerIP:  netip.MustParseAddr("::ffff:10.1.2.3"), DestinationIP: netip.MustParseAddr("10.0.0.1")},
+	{ID: idBeta, Port: 65535, Method: "CONNECT", Authority: "db:5432",
+		PeerIP: netip.MustParseAddr("fe80::1%eth0"), DestinationIP: netip.MustParseAddr("fd00::1")},
 }
 
 // decideRBAC evaluates every RBAC filter of cfg's inbound chains.
 func decideRBAC(cfg *Config) {
 	for _, ch := range cfg.Sidecar.Inbound.Chains {
 		for _, req := range fuzzRequests {
+			ch.RBAC.AllowsConn(req)
 			ch.RBAC.Allows(req.ID, req.Port)
 			if ch.HTTP != nil {
 				ch.HTTP.RBAC.Allows(req)
