@@ -255,7 +255,7 @@ func TestPlaintextInboundRBACByAddress(t *testing.T) {
 	c, err := dialerFrom(srcIn).Dial("tcp", m.tcpAddr)
 	require.NoError(t, err)
 	defer c.Close()
-	echoPlain(t, c, "plaintext, in range")
+	echoOn(t, c, "plaintext, in range")
 
 	refused, err := dialerFrom(srcOut).Dial("tcp", m.tcpAddr)
 	require.NoError(t, err)
