@@ -2,11 +2,13 @@ package authz
 
 import (
 	"fmt"
+	"net/netip"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
@@ -16,6 +18,7 @@ import (
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 	securityv1beta1 "istio.io/api/security/v1beta1"
 )
 
@@ -283,16 +286,16 @@ func (t *translator) source(s *securityv1beta1.Source) *rbacv3.Principal {
 	add("from.source.notServiceAccounts", s.GetNotServiceAccounts(), true, t.serviceAccount)
 	add("from.source.trustDomains", s.GetTrustDomains(), false, trustDomainPrincipal)
 	add("from.source.notTrustDomains", s.GetNotTrustDomains(), true, trustDomainPrincipal)
+	all = appendPrincipal(all, t.addresses("from.source.ipBlocks", s.GetIpBlocks(), false, directRemoteIP))
+	all = appendPrincipal(all, t.addresses("from.source.notIpBlocks", s.GetNotIpBlocks(), true, directRemoteIP))
+	all = appendPrincipal(all, t.addresses("from.source.remoteIpBlocks", s.GetRemoteIpBlocks(), false, remoteIP))
+	all = appendPrincipal(all, t.addresses("from.source.notRemoteIpBlocks", s.GetNotRemoteIpBlocks(), true, remoteIP))
 	for _, f := range []struct {
 		name string
 		set  bool
 	}{
 		{"from.source.requestPrincipals", len(s.GetRequestPrincipals()) > 0},
 		{"from.source.notRequestPrincipals", len(s.GetNotRequestPrincipals()) > 0},
-		{"from.source.ipBlocks", len(s.GetIpBlocks()) > 0},
-		{"from.source.notIpBlocks", len(s.GetNotIpBlocks()) > 0},
-		{"from.source.remoteIpBlocks", len(s.GetRemoteIpBlocks()) > 0},
-		{"from.source.notRemoteIpBlocks", len(s.GetNotRemoteIpBlocks()) > 0},
 	} {
 		if f.set {
 			t.unsupported(f.name, notEnforced)
@@ -445,6 +448,35 @@ func (t *translator) condition(c *securityv1beta1.Condition) (*rbacv3.Principal,
 		}
 		all := appendPrincipal(nil, principalOf(c.GetValues(), false, one))
 		return andPrincipals(appendPrincipal(all, principalOf(c.GetNotValues(), true, one))), nil
+	case "source.ip", "remote.ip":
+		one := directRemoteIP
+		if key == "remote.ip" {
+			one = remoteIP
+		}
+		all := appendPrincipal(nil, t.addresses(field+" values", c.GetValues(), false, one))
+		return andPrincipals(appendPrincipal(all, t.addresses(field+" notValues", c.GetNotValues(), true, one))), nil
+	case "destination.ip":
+		var all []*rbacv3.Permission
+		for _, f := range []struct {
+			values []string
+			not    bool
+			name   string
+		}{{c.GetValues(), false, " values"}, {c.GetNotValues(), true, " notValues"}} {
+			ranges, ok := t.cidrs(field+f.name, f.values)
+			if !ok || len(ranges) == 0 {
+				continue
+			}
+			any := make([]*rbacv3.Permission, len(ranges))
+			for i, r := range ranges {
+				any[i] = &rbacv3.Permission{Rule: &rbacv3.Permission_DestinationIp{DestinationIp: r}}
+			}
+			p := orPermissions(any)
+			if f.not {
+				p = &rbacv3.Permission{Rule: &rbacv3.Permission_NotRule{NotRule: p}}
+			}
+			all = append(all, p)
+		}
+		return nil, andPermissions(all)
 	case "destination.port":
 		var all []*rbacv3.Permission
 		if p := t.ports(field+" values", c.GetValues()); p != nil {
@@ -467,6 +499,64 @@ func (t *translator) condition(c *securityv1beta1.Condition) (*rbacv3.Principal,
 		t.unsupported(field, notEnforced)
 	}
 	return nil, nil
+}
+
+// addresses matches a caller whose address is in any of the ranges
+// values (Istio's "1.2.3.4" or "10.0.0.0/16", IPv4 or IPv6), or, not,
+// in none; nil when values is empty, or when one of them is not an
+// address or range: then the whole field goes, as a bad port does.
+func (t *translator) addresses(field string, values []string, not bool, one func(*corev3.CidrRange) *rbacv3.Principal) *rbacv3.Principal {
+	ranges, ok := t.cidrs(field, values)
+	if !ok || len(ranges) == 0 {
+		return nil
+	}
+	any := make([]*rbacv3.Principal, len(ranges))
+	for i, r := range ranges {
+		any[i] = one(r)
+	}
+	p := orPrincipals(any)
+	if not {
+		p = &rbacv3.Principal{Identifier: &rbacv3.Principal_NotId{NotId: p}}
+	}
+	return p
+}
+
+// cidrs are values as Envoy's CIDR ranges (a lone address is a range of
+// itself); ok is false, the field recorded as one the rule cannot
+// match, when one of them is neither an address nor a range.
+func (t *translator) cidrs(field string, values []string) (ranges []*corev3.CidrRange, ok bool) {
+	for _, v := range values {
+		p, err := netip.ParsePrefix(v)
+		if err != nil {
+			a, aerr := netip.ParseAddr(v)
+			if aerr != nil || a.Zone() != "" {
+				t.unsupported(field, fmt.Sprintf("%q is not an IP address or CIDR range", v))
+				return nil, false
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		if p.Addr().Is4In6() && p.Bits() >= 96 {
+			// An IPv4 range written IPv4-mapped: the sidecar sees IPv4
+			// callers as IPv4.
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		p = p.Masked()
+		ranges = append(ranges, &corev3.CidrRange{AddressPrefix: p.Addr().String(), PrefixLen: wrapperspb.UInt32(uint32(p.Bits()))})
+	}
+	return ranges, true
+}
+
+// directRemoteIP matches the connection's peer (Istio's ipBlocks and
+// source.ip): for a caller in another cluster, its east-west gateway.
+func directRemoteIP(r *corev3.CidrRange) *rbacv3.Principal {
+	return &rbacv3.Principal{Identifier: &rbacv3.Principal_DirectRemoteIp{DirectRemoteIp: r}}
+}
+
+// remoteIP matches the original client (Istio's remoteIpBlocks and
+// remote.ip): the peer too, since the sidecars trust no
+// X-Forwarded-For hop, as Istio's default.
+func remoteIP(r *corev3.CidrRange) *rbacv3.Principal {
+	return &rbacv3.Principal{Identifier: &rbacv3.Principal_RemoteIp{RemoteIp: r}}
 }
 
 // principalOf matches when one(v) matches for any of values, or, not,

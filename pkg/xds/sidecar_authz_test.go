@@ -3,6 +3,7 @@ package xds
 import (
 	"cmp"
 	"fmt"
+	"net/netip"
 	"testing"
 
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -86,6 +87,9 @@ func sidecarOf(t testing.TB, res Resources, pod, ip string) *xdsclient.Config {
 type request struct {
 	method, host, path string
 	headers            map[string]string
+	// peer and dst are the caller's address and the original
+	// destination's; unset, they match no range.
+	peer, dst netip.Addr
 }
 
 type headerMap map[string]string
@@ -109,11 +113,11 @@ func allowsRequest(t testing.TB, cfg *xdsclient.Config, caller string, port uint
 	ch := cfg.Sidecar.Inbound.Match(port, alpn)
 	require.NotNil(t, ch, "a chain for port %d %v", port, alpn)
 	if ch.HTTP == nil {
-		return ch.RBAC.Allows(caller, port)
+		return ch.RBAC.AllowsConn(&xdsclient.RBACRequest{ID: caller, Port: port, PeerIP: r.peer, DestinationIP: r.dst})
 	}
 	require.Nil(t, ch.RBAC, "an HTTP chain has no network RBAC")
 	req := &xdsclient.RBACRequest{ID: caller, Port: port, Method: cmp.Or(r.method, "GET"), Authority: cmp.Or(r.host, "web"),
-		Path: cmp.Or(r.path, "/"), Headers: headerMap(r.headers)}
+		Path: cmp.Or(r.path, "/"), Headers: headerMap(r.headers), PeerIP: r.peer, DestinationIP: r.dst}
 	return ch.HTTP.RBAC.Allows(req)
 }
 
@@ -288,6 +292,8 @@ func TestAuthorizationPolicyFieldsForAConnection(t *testing.T) {
 		caller string
 		port   uint16
 		allow  bool
+		// peer is the caller's address; none when empty.
+		peer string
 	}
 	const (
 		client   = "spiffe://b.mesh/ns/demo/sa/client"
@@ -306,63 +312,74 @@ func TestAuthorizationPolicyFieldsForAConnection(t *testing.T) {
 		notes []string
 	}{
 		{"principals exact", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"b.mesh/ns/demo/sa/client"}})},
-			[]call{{client, 8080, true}, {local, 8080, false}}, nil},
+			[]call{{client, 8080, true, ""}, {local, 8080, false, ""}}, nil},
 		{"principals prefix", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"b.mesh/ns/*"}})},
-			[]call{{client, 8080, true}, {local, 8080, false}}, nil},
+			[]call{{client, 8080, true, ""}, {local, 8080, false, ""}}, nil},
 		{"principals suffix", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"*/sa/client"}})},
-			[]call{{client, 8080, true}, {local, 8080, true}, {ops, 8080, false}}, nil},
+			[]call{{client, 8080, true, ""}, {local, 8080, true, ""}, {ops, 8080, false, ""}}, nil},
 		{"principals any authenticated", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"*"}})},
-			[]call{{client, 8080, true}, {ops2, 1, true}}, nil},
+			[]call{{client, 8080, true, ""}, {ops2, 1, true, ""}}, nil},
 		{"cluster.local is the local trust domain", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Principals: []string{"cluster.local/ns/demo/sa/client"}})},
-			[]call{{local, 8080, true}, {client, 8080, false}}, nil},
+			[]call{{local, 8080, true, ""}, {client, 8080, false, ""}}, nil},
 		{"notPrincipals", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{NotPrincipals: []string{"b.mesh/ns/demo/sa/client"}})},
-			[]call{{client, 8080, false}, {local, 8080, true}}, nil},
+			[]call{{client, 8080, false, ""}, {local, 8080, true, ""}}, nil},
 		{"namespaces", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Namespaces: []string{"ops"}})},
-			[]call{{ops, 8080, true}, {ops2, 8080, false}, {client, 8080, false}}, nil},
+			[]call{{ops, 8080, true, ""}, {ops2, 8080, false, ""}, {client, 8080, false, ""}}, nil},
 		{"namespaces prefix", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{Namespaces: []string{"ops*"}})},
-			[]call{{ops, 8080, true}, {ops2, 8080, true}, {client, 8080, false}}, nil},
+			[]call{{ops, 8080, true, ""}, {ops2, 8080, true, ""}, {client, 8080, false, ""}}, nil},
 		{"notNamespaces", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{NotNamespaces: []string{"demo"}})},
-			[]call{{ops, 8080, true}, {client, 8080, false}}, nil},
+			[]call{{ops, 8080, true, ""}, {client, 8080, false, ""}}, nil},
 		{"serviceAccounts of the policy's namespace and another", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{ServiceAccounts: []string{"client", "ops/tool"}})},
-			[]call{{client, 8080, true}, {local, 8080, true}, {ops, 8080, true}, {ops2, 8080, false}}, nil},
+			[]call{{client, 8080, true, ""}, {local, 8080, true, ""}, {ops, 8080, true, ""}, {ops2, 8080, false, ""}}, nil},
 		{"trustDomains", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{TrustDomains: []string{"b.mesh"}})},
-			[]call{{client, 8080, true}, {local, 8080, false}}, nil},
+			[]call{{client, 8080, true, ""}, {local, 8080, false, ""}}, nil},
 		{"notTrustDomains suffix", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{NotTrustDomains: []string{"*.mesh"}})},
-			[]call{{client, 8080, false}, {local, 8080, false}}, nil},
+			[]call{{client, 8080, false, ""}, {local, 8080, false, ""}}, nil},
 		{"ports and notPorts", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{
 			{Operation: &securityv1beta1.Operation{Ports: []string{"8080", "9000"}}},
 			{Operation: &securityv1beta1.Operation{NotPorts: []string{"8080", "9000", "5432"}}},
-		}}}}, []call{{client, 8080, true}, {client, 9000, true}, {client, 5432, false}, {client, 1, true}}, nil},
+		}}}}, []call{{client, 8080, true, ""}, {client, 9000, true, ""}, {client, 5432, false, ""}, {client, 1, true, ""}}, nil},
 		{"from and to both", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{
 			From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Namespaces: []string{"ops"}}}},
 			To:   []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{"9000"}}}},
-		}}}, []call{{ops, 9000, true}, {ops, 8080, false}, {client, 9000, false}}, nil},
+		}}}, []call{{ops, 9000, true, ""}, {ops, 8080, false, ""}, {client, 9000, false, ""}}, nil},
 		{"when source.namespace and destination.port", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{When: []*securityv1beta1.Condition{
 			{Key: "source.namespace", Values: []string{"ops", "demo"}, NotValues: []string{"demo"}},
 			{Key: "destination.port", NotValues: []string{"5432"}},
-		}}}}, []call{{ops, 9000, true}, {ops, 5432, false}, {client, 9000, false}}, nil},
+		}}}}, []call{{ops, 9000, true, ""}, {ops, 5432, false, ""}, {client, 9000, false, ""}}, nil},
 		{"when source.principal", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{When: []*securityv1beta1.Condition{
 			{Key: "source.principal", Values: []string{"b.mesh/ns/demo/sa/client"}},
-		}}}}, []call{{client, 9000, true}, {local, 9000, false}}, nil},
+		}}}}, []call{{client, 9000, true, ""}, {local, 9000, false, ""}}, nil},
 		{"an ALLOW rule with a request condition never matches", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{When: []*securityv1beta1.Condition{
 			{Key: "request.headers[x-user]", Values: []string{"admin"}},
-		}}}}, []call{{client, 8080, false}, {client, 9000, false}}, []string{`on TCP ports, rule 0 never matches: when "request.headers[x-user]" (not in a connection)`}},
-		{"an ALLOW rule with ipBlocks never matches", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{IpBlocks: []string{"10.0.0.0/8"}})},
-			[]call{{client, 8080, false}, {client, 9000, false}}, []string{"rule 0 never matches: from.source.ipBlocks (not enforced)"}},
+		}}}}, []call{{client, 8080, false, ""}, {client, 9000, false, ""}}, []string{`on TCP ports, rule 0 never matches: when "request.headers[x-user]" (not in a connection)`}},
+		{"ipBlocks: the caller's address", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{IpBlocks: []string{"10.0.2.0/24", "10.9.9.9"}})},
+			[]call{{client, 8080, true, "10.0.2.7"}, {client, 9000, true, "10.9.9.9"}, {client, 9000, false, "10.0.3.1"}, {"", 9000, true, "10.0.2.7"}, {client, 9000, false, ""}}, nil},
+		{"notIpBlocks and remoteIpBlocks", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{
+			NotIpBlocks: []string{"10.0.2.7"}, RemoteIpBlocks: []string{"10.0.0.0/8"}})},
+			[]call{{client, 9000, true, "10.0.2.8"}, {client, 9000, false, "10.0.2.7"}, {client, 9000, false, "192.0.2.1"}}, nil},
+		{"when source.ip and destination.ip", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{When: []*securityv1beta1.Condition{
+			{Key: "source.ip", Values: []string{"10.0.2.0/24"}},
+			{Key: "destination.ip", Values: []string{"10.0.1.2"}},
+		}}}}, []call{{client, 9000, true, "10.0.2.1"}, {client, 8080, true, "10.0.2.1"}, {client, 9000, false, "10.0.3.1"}}, nil},
+		{"an ALLOW rule with a bad ipBlock never matches", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{IpBlocks: []string{"10.0.0.0/8", "10.0.0.0/33"}})},
+			[]call{{client, 8080, false, ""}, {client, 9000, false, ""}}, []string{`rule 0 never matches: from.source.ipBlocks ("10.0.0.0/33" is not an IP address or CIDR range)`}},
+		{"an ALLOW rule with requestPrincipals never matches", &securityv1beta1.AuthorizationPolicy{Rules: from(&securityv1beta1.Source{RequestPrincipals: []string{"*"}})},
+			[]call{{client, 8080, false, ""}, {client, 9000, false, ""}}, []string{"rule 0 never matches: from.source.requestPrincipals (not enforced)"}},
 		{"a bad port makes an ALLOW rule match nothing", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{"8080", "http"}}}}}}},
-			[]call{{client, 8080, false}, {client, 9000, false}}, []string{`rule 0 never matches: to.operation.ports ("http" is not a port number)`}},
+			[]call{{client, 8080, false, ""}, {client, 9000, false, ""}}, []string{`rule 0 never matches: to.operation.ports ("http" is not a port number)`}},
 		{"a DENY rule with a bad notPort denies without it", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
 			Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{NotPorts: []string{"8080", "x"}}}}}}},
-			[]call{{client, 8080, false}, {client, 9000, false}}, []string{`rule 0 is applied without to.operation.notPorts ("x" is not a port number)`}},
+			[]call{{client, 8080, false, ""}, {client, 9000, false, ""}}, []string{`rule 0 is applied without to.operation.notPorts ("x" is not a port number)`}},
 		{"a DENY rule with a path denies the port", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
 			Rules: []*securityv1beta1.Rule{{To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Paths: []string{"/admin"}, Ports: []string{"9000"}}}}}}},
-			[]call{{client, 9000, false}, {client, 8080, true}}, []string{"on TCP ports, rule 0 is applied without to.operation.paths (not in a connection)"}},
+			[]call{{client, 9000, false, ""}, {client, 8080, true, ""}}, []string{"on TCP ports, rule 0 is applied without to.operation.paths (not in a connection)"}},
 		{"a * inside a namespace stands for any characters, as in Istio", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
 			Rules: []*securityv1beta1.Rule{
 				{From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{Namespaces: []string{"team-*-prod"}}}}},
 				{When: []*securityv1beta1.Condition{{Key: "source.namespace", Values: []string{"o*s"}}}},
 			}},
-			[]call{{teamProd, 9000, false}, {teamProd, 8080, false}, {ops, 9000, false}, {client, 9000, true}, {ops2, 9000, true}}, nil},
+			[]call{{teamProd, 9000, false, ""}, {teamProd, 8080, false, ""}, {ops, 9000, false, ""}, {client, 9000, true, ""}, {ops2, 9000, true, ""}}, nil},
 		{"a * inside a principal: the DENY rule applies without it", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY,
 			Rules: []*securityv1beta1.Rule{
 				{
@@ -374,25 +391,29 @@ func TestAuthorizationPolicyFieldsForAConnection(t *testing.T) {
 					To:   []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{Ports: []string{"9001"}}}},
 				},
 			}},
-			[]call{{client, 9000, false}, {ops, 9000, false}, {ops, 9001, false}, {client, 8080, true}}, []string{
+			[]call{{client, 9000, false, ""}, {ops, 9000, false, ""}, {ops, 9001, false, ""}, {client, 8080, true, ""}}, []string{
 				`rule 0 is applied without from.source.principals ("b.mesh/ns/*/sa/client": a * inside a value is not enforced)`,
 				`rule 1 is applied without when "source.principal" ("a.mesh/*/x": a * inside a value is not enforced)`,
 			}},
 		{"DENY without rules denies nothing", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_DENY},
-			[]call{{client, 8080, true}}, nil},
+			[]call{{client, 8080, true, ""}}, nil},
 		{"ALLOW with an empty rule allows all", &securityv1beta1.AuthorizationPolicy{Rules: []*securityv1beta1.Rule{{}}},
-			[]call{{client, 8080, true}, {ops2, 1, true}}, nil},
+			[]call{{client, 8080, true, ""}, {ops2, 1, true, ""}}, nil},
 		{"CUSTOM denies what it matches", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_CUSTOM,
 			Rules: from(&securityv1beta1.Source{Namespaces: []string{"ops"}})},
-			[]call{{ops, 8080, false}, {client, 8080, true}}, []string{"action CUSTOM needs an external authorizer, which Isthmus does not call: what its rules match is denied"}},
+			[]call{{ops, 8080, false, ""}, {client, 8080, true, ""}}, []string{"action CUSTOM needs an external authorizer, which Isthmus does not call: what its rules match is denied"}},
 		{"AUDIT has no effect", &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_AUDIT, Rules: []*securityv1beta1.Rule{{}}},
-			[]call{{client, 8080, true}}, []string{"action AUDIT is not audited: the policy has no effect"}},
+			[]call{{client, 8080, true, ""}}, []string{"action AUDIT is not audited: the policy has no effect"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg, notes := webWithPolicy(t, tc.spec)
 			require.Equal(t, tc.notes, notes)
 			for _, c := range tc.calls {
-				require.Equal(t, c.allow, allows(t, cfg, c.caller, c.port, "istio"), "%s to %d", c.caller, c.port)
+				r := request{dst: netip.MustParseAddr("10.0.1.2")}
+				if c.peer != "" {
+					r.peer = netip.MustParseAddr(c.peer)
+				}
+				require.Equal(t, c.allow, allowsRequest(t, cfg, c.caller, c.port, r, "istio"), "%s from %q to %d", c.caller, c.peer, c.port)
 			}
 		})
 	}
@@ -577,11 +598,14 @@ func FuzzAuthorizationPolicyDecodes(f *testing.F) {
 	f.Add(uint8(0), "b.mesh/ns/demo/sa/client", "ops", "x-user", "admin", "/admin*", "*.example.com", "GET", "8080")
 	f.Add(uint8(1), "*", "*", ":scheme", "*", "{*}", "web:80", "*", "http")
 	f.Add(uint8(2), "cluster.local/ns/*", "team-*-prod", "X Bad", "a\x00b", "", "*", "", "0")
+	f.Add(uint8(3), "*", "ops", "source.ip", "10.0.0.0/8", "/", "::ffff:10.1.2.3", "GET", "9000")
+	f.Add(uint8(0), "*", "ops", "remote.ip", "10.1.2.3/40", "/", "fe80::1%eth0", "GET", "9000")
 	f.Fuzz(func(t *testing.T, action uint8, principal, namespace, header, value, path, host, method, port string) {
 		rule := &securityv1beta1.Rule{
 			From: []*securityv1beta1.Rule_From{{Source: &securityv1beta1.Source{
 				Principals: []string{principal}, NotNamespaces: []string{namespace},
 				ServiceAccounts: []string{namespace + "/" + principal}, TrustDomains: []string{namespace},
+				IpBlocks: []string{value}, NotRemoteIpBlocks: []string{host},
 			}}},
 			To: []*securityv1beta1.Rule_To{{Operation: &securityv1beta1.Operation{
 				Paths: []string{path}, NotHosts: []string{host}, Methods: []string{method}, Ports: []string{port},
@@ -590,6 +614,7 @@ func FuzzAuthorizationPolicyDecodes(f *testing.F) {
 				{Key: "request.headers[" + header + "]", Values: []string{value}, NotValues: []string{path}},
 				{Key: "destination.port", NotValues: []string{port}},
 				{Key: header, Values: []string{value}},
+				{Key: "destination.ip", NotValues: []string{host}},
 			},
 		}
 		spec := &securityv1beta1.AuthorizationPolicy{Action: securityv1beta1.AuthorizationPolicy_Action(action % 5), Rules: []*securityv1beta1.Rule{rule, {}}}
