@@ -22,7 +22,8 @@ import (
 // opens a pod's ports to plaintext callers outside the mesh where it
 // says PERMISSIVE, and only there: outsider (a pod without a sidecar)
 // calls private's pod directly, and a's client keeps calling it with
-// mutual TLS.
+// mutual TLS. An AuthorizationPolicy that names its callers keeps
+// plaintext out, unless a rule lets it in by its address (ipBlocks).
 func peerAuthentication(t *testing.T, a *mesh.Cluster, clientA, outsider, private *mesh.Pod) {
 	ctx := t.Context()
 	cfg, err := a.K.RESTConfig(localcluster.UserAdmin)
@@ -93,6 +94,28 @@ func peerAuthentication(t *testing.T, a *mesh.Cluster, clientA, outsider, privat
 	require.NoError(t, mesh.Poll(ctx, meshWait, "a plaintext caller is refused by RBAC", func(context.Context) (bool, string) {
 		answer := plainHTTP()
 		return strings.Contains(answer, "403") && strings.Contains(answer, "RBAC: access denied"), answer
+	}))
+	meshCall()
+
+	// Unless a rule lets it in by its address, as a health checker is:
+	// ipBlocks is the caller's address as the pod sees it.
+	ap, err = policies.Get(ctx, "private-mesh-only", metav1.GetOptions{})
+	require.NoError(t, err)
+	byAddress := &securityapi.Rule{From: []*securityapi.Rule_From{{Source: &securityapi.Source{IpBlocks: []string{outsider.W.IP.String()}}}}}
+	ap.Spec.Rules = append(ap.Spec.Rules, byAddress)
+	ap, err = policies.Update(ctx, ap, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	require.NoError(t, mesh.Poll(ctx, meshWait, "the outsider's address lets it in", func(context.Context) (bool, string) {
+		answer := plainHTTP()
+		return strings.Contains(answer, "HTTP/1.1 200"), answer
+	}))
+	byAddress.From[0].Source.IpBlocks = []string{"192.0.2.0/24"}
+	ap.Spec.Rules[1] = byAddress
+	_, err = policies.Update(ctx, ap, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	require.NoError(t, mesh.Poll(ctx, meshWait, "another range does not", func(context.Context) (bool, string) {
+		answer := plainHTTP()
+		return strings.Contains(answer, "403"), answer
 	}))
 	meshCall()
 	require.NoError(t, policies.Delete(ctx, "private-mesh-only", metav1.DeleteOptions{}))
