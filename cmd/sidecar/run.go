@@ -82,7 +82,7 @@ finish for --drain-timeout, and exits.`,
 	fl.IntVar(&cfg.MaxIdlePerEndpoint, "max-idle-per-endpoint", cfg.MaxIdlePerEndpoint, "idle HTTP/1.1 connections kept per upstream endpoint")
 	fl.IntVar(&cfg.MaxConnectAttempts, "max-connect-attempts", cfg.MaxConnectAttempts, "endpoints a connection or request tries before it fails")
 	fl.DurationVar(&cfg.EjectionTime, "ejection-time", cfg.EjectionTime, "how long an endpoint that failed to connect is skipped")
-	fl.DurationVar(&cfg.DrainTimeout, "drain-timeout", cfg.DrainTimeout, "on SIGTERM, how long requests and connections in flight may finish")
+	fl.DurationVar(&cfg.DrainTimeout, "drain-timeout", cfg.DrainTimeout, "on SIGTERM, how long requests and connections in flight may finish; also how long an inbound HTTP connection whose chain a new configuration removed (a policy change) may finish its request before it is closed")
 	fl.StringVar(&dnsCfg.ListenAddr, "dns-addr", dnsCfg.ListenAddr, "the DNS proxy (UDP and TCP), where 'sidecar iptables' sends the app's queries; empty disables it")
 	fl.BoolVar(&dnsCfg.IPv6Loopback, "dns-ipv6-loopback", dnsCfg.IPv6Loopback, "with --dns-addr on 127.0.0.1, serve [::1] at the same port too, where 'sidecar iptables --ipv6' sends IPv6 queries")
 	fl.StringVar(&dnsCfg.ResolvConf, "dns-resolv-conf", dnsCfg.ResolvConf, "resolv.conf whose nameservers and search list the DNS proxy forwards to and expands")

@@ -48,7 +48,8 @@ type Level int
 
 const (
 	// Connection is decided once per connection, from the caller's
-	// SPIFFE ID and the destination port: envoy.filters.network.rbac.
+	// SPIFFE ID and address and the destination address and port:
+	// envoy.filters.network.rbac.
 	Connection Level = iota
 	// Request is decided per HTTP request, from those and the
 	// request's method, host, path and headers: envoy.filters.http.rbac.

@@ -135,11 +135,26 @@ func (p *Proxy) retireConn(in *inboundConn) {
 		p.inMu.Lock()
 		_, open := p.inConns[in]
 		p.inMu.Unlock()
-		if open {
-			p.refuse(in.sock, listenerInbound, ReasonNoChain, "caller", in.caller, "port", in.port,
+		if open && in.cut() {
+			p.refuse(in.sock, listenerInbound, ReasonNoChain, "caller", in.caller, "peer", in.peer, "port", in.port,
 				"transport", in.transport.String(), "open", true, "drained", p.cfg.DrainTimeout)
 		}
 	}))
+}
+
+// cut claims in as closed by a decision (checked becomes cutState),
+// reporting false when one already did: a connection is refused, and
+// counted, once.
+func (in *inboundConn) cut() bool {
+	for {
+		prev := in.checked.Load()
+		if prev == cutState {
+			return false
+		}
+		if in.checked.CompareAndSwap(prev, cutState) {
+			return true
+		}
+	}
 }
 
 // verdict is what a new configuration makes of an open connection.
@@ -185,6 +200,9 @@ func (p *Proxy) recheck(in *inboundConn, st *state) verdict {
 	// newer configuration was decided meanwhile: that decision stands.
 	if !in.checked.CompareAndSwap(st, cutState) {
 		return verdictKeep
+	}
+	if t := in.drain.Load(); t != nil {
+		t.Stop()
 	}
 	p.refuse(in.sock, listenerInbound, reason, "caller", in.caller, "peer", in.peer, "port", in.port, "transport", in.transport.String(), "open", true)
 	return verdictCut

@@ -3,6 +3,7 @@ package sidecar
 import (
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -351,5 +352,34 @@ func BenchmarkRevokePass(b *testing.B) {
 	}
 	for in := range p.inConns {
 		require.False(b, in.retiring.Load())
+	}
+}
+
+// A connection retired by one configuration and cut by the next (or by
+// its drain timer, then a configuration) is refused, and counted, once.
+func TestRetiredThenCutCountedOnce(t *testing.T) {
+	for _, timerFirst := range []bool{false, true} {
+		t.Run(fmt.Sprintf("timer first %v", timerFirst), func(t *testing.T) {
+			m := startRevokeMesh(t, func(c *Config) { c.DrainTimeout = 300 * time.Millisecond })
+			cert, _ := m.caller(t, "caller")
+			busy := dialH1Raw(t, m.httpAddr, cert)
+			_, err := io.WriteString(busy.c, "GET /slow?d=3s HTTP/1.1\r\n"+echoHostLine+"\r\n")
+			require.NoError(t, err)
+			require.Eventually(t, func() bool { return m.b.http.requests.Load() == 1 }, waitFor, 5*time.Millisecond)
+			// v2 turns the HTTP port's chain into a TCP one: retired.
+			m.setInbound(t, "v2", inboundChain(t, m.b.http.addr.Port(), false), inboundChain(t, m.b.tcp.addr.Port(), true),
+				inboundChain(t, 0, true, alpnHTTP1, alpnHTTP2), inboundChain(t, 0, false))
+			if timerFirst {
+				time.Sleep(600 * time.Millisecond)
+			}
+			// v3's network RBAC denies it: cut.
+			m.setInbound(t, "v3", withRBACFilters(inboundChain(t, m.b.http.addr.Port(), false), allowNetwork(t, "spiffe://alpha.mesh/ns/x/sa/nobody")),
+				inboundChain(t, m.b.tcp.addr.Port(), true), inboundChain(t, 0, true, alpnHTTP1, alpnHTTP2), inboundChain(t, 0, false))
+			time.Sleep(time.Second)
+			metrics := m.b.scrape(t)
+			rbac := metricValue(t, metrics, "isthmus_sidecar_refusals_total", "listener=inbound", "reason=rbac")
+			noChain := metricValue(t, metrics, "isthmus_sidecar_refusals_total", "listener=inbound", "reason=no_chain")
+			require.Equal(t, 1.0, max(rbac, 0)+max(noChain, 0), "one connection, one refusal (rbac %v, no_chain %v)", rbac, noChain)
+		})
 	}
 }
