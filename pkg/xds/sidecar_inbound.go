@@ -80,6 +80,11 @@ type inboundProfile struct {
 	listeners []*listenerv3.Listener
 	version   string
 	pods      int
+	// mtls and policies are its pods' policy set's, for /debug/xds:
+	// their mutual TLS and AuthorizationPolicies ("" and none without
+	// a set).
+	mtls     string
+	policies []string
 }
 
 // ProfileStatus describes one profile in /debug/xds.
@@ -88,6 +93,12 @@ type ProfileStatus struct {
 	ListenersVersion string `json:"listenersVersion"`
 	// Pods counts the pod IPs that have it.
 	Pods int `json:"pods"`
+	// MTLS is its pods' inbound mutual TLS as their PeerAuthentications
+	// say ("STRICT", "PERMISSIVE,9000=STRICT", …), and Policies the
+	// AuthorizationPolicies that select them ("namespace/name"); both
+	// empty for a profile of declared ports alone.
+	MTLS     string   `json:"mtls,omitempty"`
+	Policies []string `json:"policies,omitempty"`
 }
 
 // podRef names a pod: by namespace/name when its EndpointSlices say
@@ -175,7 +186,7 @@ func (p *InboundProfiles) Status() map[string]ProfileStatus {
 	}
 	out := make(map[string]ProfileStatus, len(p.byKey))
 	for k, pr := range p.byKey {
-		out[k] = ProfileStatus{ListenersVersion: pr.version, Pods: pr.pods}
+		out[k] = ProfileStatus{ListenersVersion: pr.version, Pods: pr.pods, MTLS: pr.mtls, Policies: pr.policies}
 	}
 	return out
 }
@@ -495,6 +506,8 @@ type profileMaker struct {
 type setRBAC struct {
 	conn, req *authz.RBAC
 	mtls      authz.MTLS
+	// policies name the set's AuthorizationPolicies, for /debug/xds.
+	policies []string
 }
 
 // authzSep separates a profile key's declared ports from the key of
@@ -612,7 +625,11 @@ func (m *profileMaker) assign(x *declIndex, policies *authz.Snapshot, localTD st
 			if n := m.rbac[set.Key]; n != nil {
 				rbac[set.Key] = n
 			} else {
-				rbac[set.Key] = &setRBAC{conn: authz.Translate(set, localTD, authz.Connection), req: authz.Translate(set, localTD, authz.Request), mtls: set.MTLS}
+				n := &setRBAC{conn: authz.Translate(set, localTD, authz.Connection), req: authz.Translate(set, localTD, authz.Request), mtls: set.MTLS}
+				for _, p := range set.Policies {
+					n.policies = append(n.policies, p.Ref())
+				}
+				rbac[set.Key] = n
 			}
 		}
 		if policies.Covers() {
@@ -691,6 +708,7 @@ func (m *profileMaker) makeProfile(key string, inbound, outbound *listenerv3.Lis
 	}
 	var rbac chainRBAC
 	var mtls authz.MTLS
+	var policies []string
 	if setKey != "" {
 		n := m.rbac[setKey]
 		if n == nil {
@@ -703,7 +721,7 @@ func (m *profileMaker) makeProfile(key string, inbound, outbound *listenerv3.Lis
 		if rbac.http, err = n.req.HTTPFilters(); err != nil {
 			return nil, fmt.Errorf("profile %q: %w", key, err)
 		}
-		mtls = n.mtls
+		mtls, policies = n.mtls, n.policies
 	}
 	l, err := profileInbound(inbound, ports, rbac, mtls, httpChain, tcpChain)
 	if err != nil {
@@ -717,7 +735,11 @@ func (m *profileMaker) makeProfile(key string, inbound, outbound *listenerv3.Lis
 	v.record(listenerTag, len(base))
 	v.writeString(base)
 	v.resource(listenerTag, enc)
-	return &inboundProfile{listeners: []*listenerv3.Listener{l, outbound}, version: v.sum()}, nil
+	pr := &inboundProfile{listeners: []*listenerv3.Listener{l, outbound}, version: v.sum(), policies: policies}
+	if setKey != "" {
+		pr.mtls = mtls.String()
+	}
+	return pr, nil
 }
 
 // inboundTemplates finds the base inbound listener's HTTP chain (the one

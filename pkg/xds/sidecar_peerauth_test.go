@@ -129,6 +129,15 @@ func TestPeerAuthenticationPlaintextChains(t *testing.T) {
 		"* tls istio-http/1.1,istio-h2 http", "* tls  tcp", "* raw_buffer  tcp",
 	}, inboundChains(t, res, "free-0", "10.0.1.4"), "PERMISSIVE: the namespace's")
 
+	// /debug/xds says which mode and policies each profile's pods have.
+	status := res.Inbound.Status()
+	webKey, _ := res.Inbound.nodeProfile(nodeid.ID{Role: nodeid.RoleSidecar, IP: "10.0.1.2", Pod: "web-0", Namespace: "demo"}.String())
+	require.Equal(t, "STRICT,7070=PERMISSIVE,9000=PERMISSIVE", status[webKey].MTLS)
+	require.Empty(t, status[webKey].Policies)
+	dbKey, _ := res.Inbound.nodeProfile(nodeid.ID{Role: nodeid.RoleSidecar, IP: "10.0.1.3", Pod: "db-0", Namespace: "demo"}.String())
+	require.Equal(t, "PERMISSIVE,5432=STRICT", status[dbKey].MTLS)
+	require.Equal(t, []string{"demo/db-allow"}, status[dbKey].Policies)
+
 	// The Go sidecar accepts them and matches as Envoy does: a STRICT
 	// port's group has no plaintext chain, whatever the any-port group
 	// has; a plaintext caller has no identity for the RBAC.
