@@ -365,7 +365,7 @@ func (p *Proxy) serveInboundChain(c *net.TCPConn, down net.Conn, st *state, ch *
 	// Decided once, the caller's identity known and nothing read from it
 	// yet, as Envoy's network RBAC filter on the first byte; again with
 	// each new configuration (revoke.go).
-	if !ch.RBAC.AllowsConn(&xdsclient.RBACRequest{ID: caller, Port: dst.Port(), PeerIP: peer, DestinationIP: dst.Addr()}) {
+	if !ch.RBAC.Allows(&xdsclient.RBACRequest{ID: caller, Port: dst.Port(), PeerIP: peer, DestinationIP: dst.Addr()}) {
 		p.refuse(c, listenerInbound, ReasonRBAC, "caller", caller, "peer", peer, "port", dst.Port(), "transport", ch.Transport().String())
 		p.release(listenerInbound)
 		return

@@ -148,7 +148,7 @@ func (ci *connInfo) allowedBy(nw *xdsclient.NetworkRBAC) bool {
 		return true
 	}
 	req := ci.rbacConn()
-	return nw.AllowsConn(&req)
+	return nw.Allows(&req)
 }
 
 // rbacAllowsNetHTTP decides r on the net/http path: its request target

@@ -187,7 +187,7 @@ func (p *Proxy) recheck(in *inboundConn, st *state) verdict {
 	}
 	reason := ReasonRBAC
 	switch {
-	case ch != nil && !ch.RBAC.AllowsConn(&xdsclient.RBACRequest{ID: in.caller, Port: in.port, PeerIP: in.peer, DestinationIP: in.dstIP}):
+	case ch != nil && !ch.RBAC.Allows(&xdsclient.RBACRequest{ID: in.caller, Port: in.port, PeerIP: in.peer, DestinationIP: in.dstIP}):
 	case ch != nil && (ch.HTTP != nil) == in.http:
 		return verdictKeep
 	case in.http:

@@ -113,7 +113,7 @@ func allowsRequest(t testing.TB, cfg *xdsclient.Config, caller string, port uint
 	ch := cfg.Sidecar.Inbound.Match(port, alpn)
 	require.NotNil(t, ch, "a chain for port %d %v", port, alpn)
 	if ch.HTTP == nil {
-		return ch.RBAC.AllowsConn(&xdsclient.RBACRequest{ID: caller, Port: port, PeerIP: r.peer, DestinationIP: r.dst})
+		return ch.RBAC.Allows(&xdsclient.RBACRequest{ID: caller, Port: port, PeerIP: r.peer, DestinationIP: r.dst})
 	}
 	require.Nil(t, ch.RBAC, "an HTTP chain has no network RBAC")
 	req := &xdsclient.RBACRequest{ID: caller, Port: port, Method: cmp.Or(r.method, "GET"), Authority: cmp.Or(r.host, "web"),

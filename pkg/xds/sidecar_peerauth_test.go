@@ -12,6 +12,7 @@ import (
 	"github.com/isthmus-mesh/isthmus/internal/nodeid"
 	"github.com/isthmus-mesh/isthmus/pkg/authz"
 	"github.com/isthmus-mesh/isthmus/pkg/catalog"
+	"github.com/isthmus-mesh/isthmus/pkg/xdsclient"
 )
 
 func peerAuth(ns, name string, spec *securityv1beta1.PeerAuthentication) authz.PeerPolicy {
@@ -149,8 +150,8 @@ func TestPeerAuthenticationPlaintextChains(t *testing.T) {
 	require.Nil(t, web.MatchPlaintext(5555), "the pod is STRICT")
 	db := sidecarOf(t, res, "db-0", "10.0.1.3").Sidecar.Inbound
 	require.Nil(t, db.MatchPlaintext(5432), "5432 is STRICT by port")
-	require.True(t, db.MatchPlaintext(9187).RBAC.Allows("", 9187), "rules: [{}] allows anyone, plaintext too")
-	require.True(t, db.MatchPlaintext(5555).RBAC.Allows("", 5555))
+	require.True(t, db.MatchPlaintext(9187).RBAC.Allows(&xdsclient.RBACRequest{ID: "", Port: 9187}), "rules: [{}] allows anyone, plaintext too")
+	require.True(t, db.MatchPlaintext(5555).RBAC.Allows(&xdsclient.RBACRequest{ID: "", Port: 5555}))
 	free := sidecarOf(t, res, "free-0", "10.0.1.4").Sidecar.Inbound
 	require.NotNil(t, free.MatchPlaintext(8080).HTTP, "a port declared HTTP: its connection manager, plaintext too")
 	require.NotNil(t, free.MatchPlaintext(5555).TCP)
@@ -163,8 +164,8 @@ func TestPeerAuthenticationPlaintextChains(t *testing.T) {
 	res, skipped, err = TranslateSidecar(in, opts)
 	require.NoError(t, err)
 	db = sidecarOf(t, res, "db-0", "10.0.1.3").Sidecar.Inbound
-	require.False(t, db.MatchPlaintext(9187).RBAC.Allows("", 9187), "principals: [*] is any authenticated caller")
-	require.True(t, db.Match(9187, nil).RBAC.Allows("spiffe://b.mesh/ns/demo/sa/client", 9187))
+	require.False(t, db.MatchPlaintext(9187).RBAC.Allows(&xdsclient.RBACRequest{ID: "", Port: 9187}), "principals: [*] is any authenticated caller")
+	require.True(t, db.Match(9187, nil).RBAC.Allows(&xdsclient.RBACRequest{ID: "spiffe://b.mesh/ns/demo/sa/client", Port: 9187}))
 
 	// The incremental translator follows, and the default comes back.
 	tr, err := NewSidecarTranslator(opts)

@@ -31,25 +31,16 @@ type NetworkRBAC struct {
 	Allow *RBACRules
 }
 
-// AllowsConn reports whether the connection c may go on, by Envoy's
+// Allows reports whether the connection c may go on, by Envoy's
 // rules: denied when a DENY policy matches; then, when there is an ALLOW
 // filter, denied unless one of its policies matches (an ALLOW filter
 // without policies denies everything). It reads c's ID, Port, PeerIP and
 // DestinationIP. A nil r allows everything.
-func (r *NetworkRBAC) AllowsConn(c *RBACRequest) bool {
+func (r *NetworkRBAC) Allows(c *RBACRequest) bool {
 	if r == nil {
 		return true
 	}
 	return decide(r.Deny, r.Allow, c)
-}
-
-// Allows is AllowsConn for a connection from the caller whose SPIFFE ID
-// is id to the original destination port port, its addresses unknown:
-// no address range matches it (so a DENY of one never refuses it, an
-// ALLOW of one never admits it, and a not_id of one matches it). The
-// sidecar knows the addresses and calls AllowsConn.
-func (r *NetworkRBAC) Allows(id string, port uint16) bool {
-	return r.AllowsConn(&RBACRequest{ID: id, Port: port})
 }
 
 // HTTPRBAC is an inbound HTTP connection manager's envoy.filters.http.rbac

@@ -158,25 +158,25 @@ func TestRBACAddressMatching(t *testing.T) {
 			notDirect := &NetworkRBAC{Allow: rbacRules(t, rbacv3.RBAC_ALLOW, map[string]*rbacv3.Policy{"p": rbacPolicy(perms(permAny()), prinNot(prinDirectIP(tc.addr, tc.bits)))})}
 			for _, s := range tc.in {
 				a := addr(s)
-				require.True(t, direct.AllowsConn(&RBACRequest{PeerIP: a}), "direct_remote_ip %s/%d has %s", tc.addr, tc.bits, s)
-				require.True(t, remote.AllowsConn(&RBACRequest{PeerIP: a}), "remote_ip %s/%d has %s", tc.addr, tc.bits, s)
-				require.True(t, dest.AllowsConn(&RBACRequest{DestinationIP: a}), "destination_ip %s/%d has %s", tc.addr, tc.bits, s)
-				require.False(t, dest.AllowsConn(&RBACRequest{PeerIP: a}), "destination_ip reads the destination, not the peer")
-				require.False(t, direct.AllowsConn(&RBACRequest{DestinationIP: a}), "direct_remote_ip reads the peer, not the destination")
-				require.False(t, notDirect.AllowsConn(&RBACRequest{PeerIP: a}))
+				require.True(t, direct.Allows(&RBACRequest{PeerIP: a}), "direct_remote_ip %s/%d has %s", tc.addr, tc.bits, s)
+				require.True(t, remote.Allows(&RBACRequest{PeerIP: a}), "remote_ip %s/%d has %s", tc.addr, tc.bits, s)
+				require.True(t, dest.Allows(&RBACRequest{DestinationIP: a}), "destination_ip %s/%d has %s", tc.addr, tc.bits, s)
+				require.False(t, dest.Allows(&RBACRequest{PeerIP: a}), "destination_ip reads the destination, not the peer")
+				require.False(t, direct.Allows(&RBACRequest{DestinationIP: a}), "direct_remote_ip reads the peer, not the destination")
+				require.False(t, notDirect.Allows(&RBACRequest{PeerIP: a}))
 			}
 			for _, s := range tc.out {
 				a := addr(s)
-				require.False(t, direct.AllowsConn(&RBACRequest{PeerIP: a}), "direct_remote_ip %s/%d has not %s", tc.addr, tc.bits, s)
-				require.False(t, remote.AllowsConn(&RBACRequest{PeerIP: a}), "remote_ip %s/%d has not %s", tc.addr, tc.bits, s)
-				require.False(t, dest.AllowsConn(&RBACRequest{DestinationIP: a}), "destination_ip %s/%d has not %s", tc.addr, tc.bits, s)
-				require.True(t, notDirect.AllowsConn(&RBACRequest{PeerIP: a}), "not_id of the range has %s", s)
+				require.False(t, direct.Allows(&RBACRequest{PeerIP: a}), "direct_remote_ip %s/%d has not %s", tc.addr, tc.bits, s)
+				require.False(t, remote.Allows(&RBACRequest{PeerIP: a}), "remote_ip %s/%d has not %s", tc.addr, tc.bits, s)
+				require.False(t, dest.Allows(&RBACRequest{DestinationIP: a}), "destination_ip %s/%d has not %s", tc.addr, tc.bits, s)
+				require.True(t, notDirect.Allows(&RBACRequest{PeerIP: a}), "not_id of the range has %s", s)
 			}
 			// An unknown address (the old Allows) is in no range.
-			require.False(t, direct.AllowsConn(&RBACRequest{}))
-			require.False(t, direct.Allows(idCaller, 80))
-			require.False(t, dest.Allows(idCaller, 80))
-			require.True(t, notDirect.Allows(idCaller, 80))
+			require.False(t, direct.Allows(&RBACRequest{}))
+			require.False(t, direct.Allows(&RBACRequest{ID: idCaller, Port: 80}))
+			require.False(t, dest.Allows(&RBACRequest{ID: idCaller, Port: 80}))
+			require.True(t, notDirect.Allows(&RBACRequest{ID: idCaller, Port: 80}))
 		})
 	}
 }
@@ -216,7 +216,7 @@ func TestRBACAddressesInRules(t *testing.T) {
 		{&RBACRequest{ID: idBeta, Port: 9001, PeerIP: netip.MustParseAddr(lb), DestinationIP: netip.MustParseAddr("10.0.0.1")}, false},
 		{&RBACRequest{Port: 9000, DestinationIP: netip.MustParseAddr("10.0.0.1")}, true}, // unknown peer: not in 172.16/12
 	} {
-		require.Equal(t, c.want, r.AllowsConn(c.req), "%s from %v to %v:%d", c.req.ID, c.req.PeerIP, c.req.DestinationIP, c.req.Port)
+		require.Equal(t, c.want, r.Allows(c.req), "%s from %v to %v:%d", c.req.ID, c.req.PeerIP, c.req.DestinationIP, c.req.Port)
 	}
 
 	h, _, err := decodeHTTPRBAC(httpRBACFilter(t, rbacv3.RBAC_DENY, map[string]*rbacv3.Policy{
@@ -246,15 +246,15 @@ func BenchmarkNetworkRBACAllowsAddresses(b *testing.B) {
 	}
 	in := &RBACRequest{ID: idCaller, Port: 8080, PeerIP: netip.MustParseAddr("::ffff:10.2.3.4"), DestinationIP: netip.MustParseAddr("10.0.0.1")}
 	out := &RBACRequest{ID: idCaller, Port: 8080, PeerIP: netip.MustParseAddr("192.168.1.1"), DestinationIP: netip.MustParseAddr("10.0.0.1")}
-	require.True(b, r.AllowsConn(in))
-	require.False(b, r.AllowsConn(out))
+	require.True(b, r.Allows(in))
+	require.False(b, r.Allows(out))
 	b.ReportAllocs()
 	for b.Loop() {
-		if r.AllowsConn(in) == r.AllowsConn(out) {
+		if r.Allows(in) == r.Allows(out) {
 			b.Fatal("the two decisions are the same")
 		}
 	}
-	if a := testing.AllocsPerRun(100, func() { r.AllowsConn(in); r.AllowsConn(out) }); a != 0 {
+	if a := testing.AllocsPerRun(100, func() { r.Allows(in); r.Allows(out) }); a != 0 {
 		b.Fatalf("%v allocations per decision", a)
 	}
 }

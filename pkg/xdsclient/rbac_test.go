@@ -154,8 +154,8 @@ func TestSidecarDecodeInboundRBAC(t *testing.T) {
 		{idWeb + "x", 8000, false}, // the regex is anchored
 		{"x" + idWeb, 8000, false},
 	} {
-		require.Equal(t, tc.want, in.Chains[0].RBAC.Allows(tc.id, tc.port), "%s:%d", tc.id, tc.port)
-		require.False(t, in.Chains[1].RBAC.Allows(tc.id, tc.port), "an ALLOW without policies denies all")
+		require.Equal(t, tc.want, in.Chains[0].RBAC.Allows(&RBACRequest{ID: tc.id, Port: tc.port}), "%s:%d", tc.id, tc.port)
+		require.False(t, in.Chains[1].RBAC.Allows(&RBACRequest{ID: tc.id, Port: tc.port}), "an ALLOW without policies denies all")
 	}
 
 	// A chain without RBAC filters has none.
@@ -163,7 +163,7 @@ func TestSidecarDecodeInboundRBAC(t *testing.T) {
 	cfg, err = m.decode(t)
 	require.NoError(t, err)
 	require.Nil(t, cfg.Sidecar.Inbound.Chains[0].RBAC)
-	require.True(t, cfg.Sidecar.Inbound.Chains[0].RBAC.Allows("", 1))
+	require.True(t, cfg.Sidecar.Inbound.Chains[0].RBAC.Allows(&RBACRequest{ID: "", Port: 1}))
 }
 
 func TestSidecarDecodeRefusesRBAC(t *testing.T) {
@@ -391,7 +391,7 @@ func TestNetworkRBACAllows(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			for _, c := range tc.calls {
-				require.Equal(t, c.want, tc.r.Allows(c.id, c.port), "%q port %d", c.id, c.port)
+				require.Equal(t, c.want, tc.r.Allows(&RBACRequest{ID: c.id, Port: c.port}), "%q port %d", c.id, c.port)
 			}
 		})
 	}
@@ -410,18 +410,21 @@ func BenchmarkNetworkRBACAllows(b *testing.B) {
 			"ns[demo]-policy[allow-caller]-rule[0]": rbacPolicy(perms(permAny()), prinName(&matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Suffix{Suffix: "/SA/CALLER"}, IgnoreCase: true})),
 		}),
 	}
-	require.True(b, r.Allows(idCaller, 8080))
-	require.False(b, r.Allows(idBeta, 9000))
-	require.False(b, r.Allows("spiffe://alpha/ns/untrusted/sa/caller", 15001))
+	require.True(b, r.Allows(&RBACRequest{ID: idCaller, Port: 8080}))
+	require.False(b, r.Allows(&RBACRequest{ID: idBeta, Port: 9000}))
+	require.False(b, r.Allows(&RBACRequest{ID: "spiffe://alpha/ns/untrusted/sa/caller", Port: 15001}))
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
 		i++
-		if r.Allows(idCaller, uint16(8000+i%200)) == r.Allows(idBeta, 9000) {
+		if r.Allows(&RBACRequest{ID: idCaller, Port: uint16(8000 + i%200)}) == r.Allows(&RBACRequest{ID: idBeta, Port: 9000}) {
 			b.Fatal("the two decisions differ")
 		}
 	}
-	if a := testing.AllocsPerRun(100, func() { r.Allows(idCaller, 8080); r.Allows(idBeta, 9000) }); a != 0 {
+	if a := testing.AllocsPerRun(100, func() {
+		r.Allows(&RBACRequest{ID: idCaller, Port: 8080})
+		r.Allows(&RBACRequest{ID: idBeta, Port: 9000})
+	}); a != 0 {
 		b.Fatalf("%v allocations per decision", a)
 	}
 }
@@ -462,19 +465,19 @@ func TestNetworkRBACUnauthenticated(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			allow := &NetworkRBAC{Allow: rbacRules(t, rbacv3.RBAC_ALLOW, one(prin))}
 			deny := &NetworkRBAC{Deny: rbacRules(t, rbacv3.RBAC_DENY, one(prin))}
-			require.False(t, allow.Allows("", 8080), "an ALLOW of authenticated callers refuses a plaintext one")
-			require.True(t, deny.Allows("", 8080), "a DENY of authenticated callers lets a plaintext one through")
+			require.False(t, allow.Allows(&RBACRequest{ID: "", Port: 8080}), "an ALLOW of authenticated callers refuses a plaintext one")
+			require.True(t, deny.Allows(&RBACRequest{ID: "", Port: 8080}), "a DENY of authenticated callers lets a plaintext one through")
 			notAllow := &NetworkRBAC{Allow: rbacRules(t, rbacv3.RBAC_ALLOW, one(prinNot(prin)))}
 			notDeny := &NetworkRBAC{Deny: rbacRules(t, rbacv3.RBAC_DENY, one(prinNot(prin)))}
-			require.True(t, notAllow.Allows("", 8080), "not_id of an authenticated matcher matches a plaintext caller")
-			require.False(t, notDeny.Allows("", 8080), "Istio's notPrincipals DENY refuses a plaintext caller")
+			require.True(t, notAllow.Allows(&RBACRequest{ID: "", Port: 8080}), "not_id of an authenticated matcher matches a plaintext caller")
+			require.False(t, notDeny.Allows(&RBACRequest{ID: "", Port: 8080}), "Istio's notPrincipals DENY refuses a plaintext caller")
 		})
 	}
 	// What Istio writes for a DENY of requests from unauthenticated
 	// callers (notPrincipals: ["*"]) and an ALLOW of anyone.
 	denyPlain := &NetworkRBAC{Deny: rbacRules(t, rbacv3.RBAC_DENY, one(prinNot(prinRegex(`.+`))))}
-	require.False(t, denyPlain.Allows("", 80))
-	require.True(t, denyPlain.Allows(idCaller, 80))
+	require.False(t, denyPlain.Allows(&RBACRequest{ID: "", Port: 80}))
+	require.True(t, denyPlain.Allows(&RBACRequest{ID: idCaller, Port: 80}))
 	anyone := &NetworkRBAC{Allow: rbacRules(t, rbacv3.RBAC_ALLOW, one(prinAny()))}
-	require.True(t, anyone.Allows("", 80))
+	require.True(t, anyone.Allows(&RBACRequest{ID: "", Port: 80}))
 }

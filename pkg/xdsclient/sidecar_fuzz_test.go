@@ -220,8 +220,7 @@ var fuzzRequests = []*RBACRequest{
 func decideRBAC(cfg *Config) {
 	for _, ch := range cfg.Sidecar.Inbound.Chains {
 		for _, req := range fuzzRequests {
-			ch.RBAC.AllowsConn(req)
-			ch.RBAC.Allows(req.ID, req.Port)
+			ch.RBAC.Allows(req)
 			if ch.HTTP != nil {
 				ch.HTTP.RBAC.Allows(req)
 			}
