@@ -66,14 +66,9 @@ type connInfo struct {
 	// xfcc is the X-Forwarded-Client-Cert value a SANITIZE_SET manager
 	// sets: By=<own ID>;Hash=<caller's leaf>;URI=<caller's ID>.
 	xfcc string
-	// caller is an inbound caller's SPIFFE ID, what the HTTP RBAC
-	// filters match principals against.
-	caller string
-	// peer is an inbound connection's peer address, IPv4 unmapped, what
-	// RBAC's direct_remote_ip and remote_ip match.
-	peer netip.Addr
 	// in is an inbound connection as new configurations re-decide it
-	// (revoke.go); nil outbound.
+	// (revoke.go), with its caller and addresses, what RBAC reads; nil
+	// outbound.
 	in *inboundConn
 }
 

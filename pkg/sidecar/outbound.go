@@ -361,16 +361,15 @@ func (p *Proxy) servePlaintextInbound(c *net.TCPConn, ic *inConn, st *state, dst
 // through the east-west gateway: its peer address is the gateway's, as
 // in Istio across networks.
 func (p *Proxy) serveInboundChain(c *net.TCPConn, down net.Conn, st *state, ch *xdsclient.InboundChain, dst netip.AddrPort, caller, alpn, xfcc string) {
-	peer := remoteIP(c)
+	in := newInboundConn(c, st, ch, caller, remoteIP(c), dst, alpn)
 	// Decided once, the caller's identity known and nothing read from it
 	// yet, as Envoy's network RBAC filter on the first byte; again with
 	// each new configuration (revoke.go).
-	if !ch.RBAC.Allows(&xdsclient.RBACRequest{ID: caller, Port: dst.Port(), PeerIP: peer, DestinationIP: dst.Addr()}) {
-		p.refuse(c, listenerInbound, ReasonRBAC, "caller", caller, "peer", peer, "port", dst.Port(), "transport", ch.Transport().String())
+	if req := in.rbacRequest(); !ch.RBAC.Allows(&req) {
+		p.refuse(c, listenerInbound, ReasonRBAC, "caller", caller, "peer", in.peer, "port", dst.Port(), "transport", ch.Transport().String())
 		p.release(listenerInbound)
 		return
 	}
-	in := newInboundConn(c, st, ch, caller, peer, dst, alpn)
 	if !p.register(in) {
 		p.unregister(in)
 		p.release(listenerInbound)
@@ -381,7 +380,7 @@ func (p *Proxy) serveInboundChain(c *net.TCPConn, down net.Conn, st *state, ch *
 		p.unregister(in)
 		return
 	}
-	info := &connInfo{listener: listenerInbound, hcm: ch.HTTP, dst: dst, redirected: true, caller: caller, peer: peer, in: in, xfcc: xfcc}
+	info := &connInfo{listener: listenerInbound, hcm: ch.HTTP, dst: dst, redirected: true, in: in, xfcc: xfcc}
 	p.serveHTTPConn(p.inQueue, down, info)
 }
 

@@ -35,7 +35,7 @@ func (p *Proxy) rbacRefused(ci *connInfo, method, path string) {
 	p.metrics.refuse(ci.listener, ReasonRBAC)
 	if p.log.Enabled(context.Background(), slog.LevelDebug) {
 		// Copies: the HTTP/1.1 path's strings are its read buffer's.
-		p.log.Debug("refused", "listener", ci.listener, "reason", ReasonRBAC, "caller", ci.caller,
+		p.log.Debug("refused", "listener", ci.listener, "reason", ReasonRBAC, "caller", ci.in.caller,
 			"port", ci.dst.Port(), "method", strings.Clone(method), "path", strings.Clone(xdsclient.URLPath(path)))
 	}
 }
@@ -135,10 +135,8 @@ func (h netHTTPFields) Lookup(name string) (string, bool) {
 }
 
 // rbacConn is the connection's part of an RBAC request: its caller,
-// peer address and original destination.
-func (ci *connInfo) rbacConn() xdsclient.RBACRequest {
-	return xdsclient.RBACRequest{ID: ci.caller, Port: ci.dst.Port(), PeerIP: ci.peer, DestinationIP: ci.dst.Addr()}
-}
+// peer address and original destination. Inbound only: RBAC is.
+func (ci *connInfo) rbacConn() xdsclient.RBACRequest { return ci.in.rbacRequest() }
 
 // allowedBy reports whether the network RBAC nw (rbacNow's: nil unless
 // a new configuration's chain has not decided the connection yet)

@@ -89,6 +89,12 @@ type inboundConn struct {
 	nh atomic.Pointer[httpConn]
 }
 
+// rbacRequest is what RBAC reads of the connection: its caller, peer
+// address and original destination.
+func (in *inboundConn) rbacRequest() xdsclient.RBACRequest {
+	return xdsclient.RBACRequest{ID: in.caller, Port: in.port, PeerIP: in.peer, DestinationIP: in.dstIP}
+}
+
 // newInboundConn is a connection accepted under st, on chain ch, from
 // caller at peer to dst, c its socket and alpn its negotiated protocol.
 func newInboundConn(c net.Conn, st *state, ch *xdsclient.InboundChain, caller string, peer netip.Addr, dst netip.AddrPort, alpn string) *inboundConn {
@@ -186,8 +192,9 @@ func (p *Proxy) recheck(in *inboundConn, st *state) verdict {
 		ch = &l.Chains[i]
 	}
 	reason := ReasonRBAC
+	req := in.rbacRequest()
 	switch {
-	case ch != nil && !ch.RBAC.Allows(&xdsclient.RBACRequest{ID: in.caller, Port: in.port, PeerIP: in.peer, DestinationIP: in.dstIP}):
+	case ch != nil && !ch.RBAC.Allows(&req):
 	case ch != nil && (ch.HTTP != nil) == in.http:
 		return verdictKeep
 	case in.http:

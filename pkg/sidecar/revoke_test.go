@@ -311,7 +311,7 @@ func BenchmarkRBACNow(b *testing.B) {
 	i := l.MatchIndex(8010, xdsclient.TransportTLS, nil)
 	ch := &l.Chains[i]
 	in := newInboundConn(nil, st1, ch, "spiffe://alpha.mesh/ns/demo/sa/caller", benchPeer, netip.AddrPortFrom(benchDst, 8010), "")
-	ci := &connInfo{listener: listenerInbound, hcm: ch.HTTP, caller: in.caller, peer: in.peer, in: in}
+	ci := &connInfo{listener: listenerInbound, hcm: ch.HTTP, in: in}
 	for _, tc := range []struct {
 		name string
 		st   *state
