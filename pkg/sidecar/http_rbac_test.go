@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -121,20 +122,7 @@ type inboundClient struct {
 }
 
 func newInboundClient(t *testing.T, addr string, cert tls.Certificate, h2 bool) *inboundClient {
-	c := &inboundClient{t: t}
-	var protos http.Protocols
-	if h2 {
-		protos.SetUnencryptedHTTP2(true)
-	} else {
-		protos.SetHTTP1(true)
-	}
-	c.tr = &http.Transport{Protocols: &protos, MaxConnsPerHost: 1,
-		DialContext: func(context.Context, string, string) (net.Conn, error) {
-			c.dials.Add(1)
-			return dialInbound(t, addr, cert)
-		}}
-	t.Cleanup(c.tr.CloseIdleConnections)
-	return c
+	return newInboundClientFrom(t, netip.Addr{}, addr, cert, h2)
 }
 
 // do sends a request for target with body (nil: none) and header, and

@@ -76,13 +76,7 @@ func withInbound(tb testing.TB, snap *cache.Snapshot, chains ...*listenerv3.Filt
 // holding cert that offers alpn (none when empty).
 func dialInbound(t testing.TB, addr string, cert tls.Certificate, alpn ...string) (*tls.Conn, error) {
 	t.Helper()
-	c, err := tls.DialWithDialer(&net.Dialer{Timeout: waitFor}, "tcp", addr, &tls.Config{
-		InsecureSkipVerify: true, Certificates: []tls.Certificate{cert}, NextProtos: alpn})
-	if err != nil {
-		return nil, err
-	}
-	_ = c.SetDeadline(time.Now().Add(waitFor))
-	return c, nil
+	return dialInboundFrom(t, netip.Addr{}, addr, cert, alpn...)
 }
 
 // getInbound sends one GET for / with a forged XFCC, over HTTP/1.1 or

@@ -59,13 +59,18 @@ func allowFrom(t *testing.T, addr string, bits uint32) []*listenerv3.Filter {
 
 // dialerFrom dials from src.
 func dialerFrom(src netip.Addr) *net.Dialer {
+	if !src.IsValid() {
+		return &net.Dialer{Timeout: waitFor}
+	}
 	return &net.Dialer{Timeout: waitFor, LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))}
 }
 
-// dialInboundFrom is dialInbound from the source address src.
-func dialInboundFrom(t testing.TB, src netip.Addr, addr string, cert tls.Certificate) (*tls.Conn, error) {
+// dialInboundFrom is dialInbound from the source address src (any,
+// when src is the zero Addr).
+func dialInboundFrom(t testing.TB, src netip.Addr, addr string, cert tls.Certificate, alpn ...string) (*tls.Conn, error) {
 	t.Helper()
-	c, err := tls.DialWithDialer(dialerFrom(src), "tcp", addr, &tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{cert}})
+	c, err := tls.DialWithDialer(dialerFrom(src), "tcp", addr, &tls.Config{
+		InsecureSkipVerify: true, Certificates: []tls.Certificate{cert}, NextProtos: alpn})
 	if err != nil {
 		return nil, err
 	}
@@ -96,7 +101,8 @@ func requireRBACRefusedFrom(t *testing.T, src netip.Addr, addr string, cert tls.
 	require.Error(t, err)
 }
 
-// newInboundClientFrom is newInboundClient from src.
+// newInboundClientFrom is newInboundClient from src (any, when src is
+// the zero Addr).
 func newInboundClientFrom(t *testing.T, src netip.Addr, addr string, cert tls.Certificate, h2 bool) *inboundClient {
 	c := &inboundClient{t: t}
 	var protos http.Protocols
